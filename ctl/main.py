@@ -1,0 +1,44 @@
+"""The ``zlayerctl`` command group and its error handling."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ctl.spec_cmd import spec, validate
+from shared import __version__
+
+DEBUG_ENV = "ZLAYER_DEBUG"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zlayerctl")
+def cli() -> None:
+    """ZLayer: container orchestration as simple as docker compose."""
+
+
+cli.add_command(validate)
+cli.add_command(spec)
+
+
+def main() -> None:
+    """Run zlayerctl; any failure becomes one sentence on stderr and exit 1."""
+    from ctl.errors import explain
+
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        from ctl.output import fail
+
+        fail(explain(exc))

@@ -1,0 +1,1 @@
+"""The six ZLayer daemons, one package each; they share only ``shared``."""
