@@ -7,7 +7,9 @@ import sys
 
 import click
 
+from ctl.daemon_cmd import daemon
 from ctl.spec_cmd import spec, validate
+from ctl.status_cmd import status
 from shared import __version__
 
 DEBUG_ENV = "ZLAYER_DEBUG"
@@ -19,6 +21,8 @@ def cli() -> None:
     """ZLayer: container orchestration as simple as docker compose."""
 
 
+cli.add_command(daemon)
+cli.add_command(status)
 cli.add_command(validate)
 cli.add_command(spec)
 

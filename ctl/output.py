@@ -10,6 +10,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 format_option = click.option(
     "--format",
@@ -28,16 +29,26 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def print_table(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], styles: dict[int, str] | None = None
-) -> None:
-    """A table when a terminal is attached; plain aligned columns otherwise."""
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(cell) for cell in row))
-    console.print(table)
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A coloured table on a terminal; plain aligned, never truncated columns otherwise.
+
+    Cells may carry rich markup (``[green]running[/]``); it is dropped when
+    the output is not a terminal.
+    """
+    cells = [[str(cell) for cell in row] for row in rows]
+    if console.is_terminal:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in columns:
+            table.add_column(column)
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+        return
+    plain = [list(columns)] + [[Text.from_markup(cell).plain for cell in row] for row in cells]
+    widths = [max(len(row[i]) for row in plain) for i in range(len(columns))]
+    for row in plain:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        sys.stdout.write(line.rstrip() + "\n")
 
 
 def fail(message: str, code: int = 1) -> None:

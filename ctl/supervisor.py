@@ -1,0 +1,378 @@
+"""The built-in supervisor behind ``zlayerctl daemon run``, for hosts without systemd.
+
+It starts a private dbus-daemon and the six daemons as children, speaks the
+sd_notify protocol with them (``NOTIFY_SOCKET``: readiness and watchdog
+pings, exactly as under systemd), restarts a child that dies or stops pinging
+with exponential backoff, and on SIGTERM or Ctrl-C stops them all and removes
+everything it created. Its view of the children is kept in
+``/run/zlayer/supervisor.json`` for ``zlayerctl status`` and ``daemon stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from shared.bus import BUS_ADDRESS_ENV, DAEMONS, DaemonInfo
+from shared.busdaemon import PrivateBus
+from shared.daemon import SUPERVISOR_ENV
+from shared.paths import Paths
+
+log = logging.getLogger("zlayer.supervisor")
+
+WATCHDOG_SEC = 30.0
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # a child running this long has its backoff reset
+LOG_ROTATE_BYTES = 10 * 1024 * 1024
+PR_SET_PDEATHSIG = 1
+
+
+class ChildState(BaseModel):
+    """One supervised daemon, as written to supervisor.json."""
+
+    name: str
+    pid: int = 0
+    state: str = "starting"  # starting | running | restarting | stopped | failed
+    restarts: int = 0
+    last_exit: int | None = None
+    next_start_at: float | None = None
+    log_file: str = ""
+
+
+class SupervisorState(BaseModel):
+    """The supervisor's record of itself and its children."""
+
+    pid: int
+    started_at: float
+    bus_address: str
+    bus_pid: int
+    ready: bool = False
+    daemons: dict[str, ChildState]
+
+    @classmethod
+    def read(cls, paths: Paths) -> SupervisorState | None:
+        """The running supervisor's state, or None when none runs."""
+        try:
+            state = cls.model_validate_json(paths.supervisor_state.read_text())
+        except (OSError, ValueError):
+            return None
+        return state if _alive(state.pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the supervisor itself dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def find_executable(name: str) -> str:
+    """A console script: beside our interpreter first (a venv), then on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed; reinstall ZLayer")
+    return found
+
+
+@dataclass
+class _Child:
+    info: DaemonInfo
+    record: ChildState
+    process: asyncio.subprocess.Process | None = None
+    started: float = 0.0
+    last_ping: float = 0.0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    backoff: float = BACKOFF_FIRST
+
+
+class Supervisor:
+    """Runs the private bus and the six daemons until asked to stop."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        daemons: tuple[DaemonInfo, ...] = DAEMONS,
+        announce: Callable[[str], None] = print,
+    ) -> None:
+        self.paths = paths
+        self.announce = announce
+        self.bus = PrivateBus(paths.bus_socket)
+        self.notify_path = paths.run_dir / "notify.sock"
+        self.children = {
+            info.name: _Child(info, ChildState(name=info.name, log_file=str(self._log_file(info))))
+            for info in daemons
+        }
+        self._stopping = asyncio.Event()
+        self._notify_sock: socket.socket | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._started_at = time.time()
+
+    def _log_file(self, info: DaemonInfo) -> Path:
+        return self.paths.log_dir / f"{info.name}.log"
+
+    # ------------------------------------------------------------ state file
+
+    def _write_state(self, ready: bool = False) -> None:
+        state = SupervisorState(
+            pid=os.getpid(),
+            started_at=self._started_at,
+            bus_address=self.bus.address,
+            bus_pid=self.bus.pid,
+            ready=ready,
+            daemons={name: child.record for name, child in self.children.items()},
+        )
+        tmp = self.paths.supervisor_state.with_suffix(".tmp")
+        tmp.write_text(state.model_dump_json(indent=2))
+        tmp.replace(self.paths.supervisor_state)
+
+    # ------------------------------------------------------------ notify socket
+
+    def _open_notify_socket(self) -> None:
+        self.notify_path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(str(self.notify_path))
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_notify)
+        self._notify_sock = sock
+
+    def _on_notify(self) -> None:
+        assert self._notify_sock is not None
+        creds_size = struct.calcsize("3i")
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self._notify_sock.recvmsg(
+                    4096, socket.CMSG_SPACE(creds_size)
+                )
+            except BlockingIOError:
+                return
+            pid = 0
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("3i", payload[:creds_size])[0]
+            child = self._child_by_pid(pid)
+            if child is None:
+                continue
+            for line in data.decode(errors="replace").splitlines():
+                if line == "READY=1":
+                    child.record.state = "running"
+                    child.ready.set()
+                    self._write_state(ready=self._all_ready())
+                elif line == "WATCHDOG=1":
+                    child.last_ping = time.monotonic()
+
+    def _child_by_pid(self, pid: int) -> _Child | None:
+        for child in self.children.values():
+            if child.process is not None and child.process.pid == pid:
+                return child
+        return None
+
+    def _all_ready(self) -> bool:
+        return all(child.record.state == "running" for child in self.children.values())
+
+    # ------------------------------------------------------------ children
+
+    async def _spawn(self, child: _Child) -> None:
+        log_file = self._log_file(child.info)
+        if log_file.exists() and log_file.stat().st_size > LOG_ROTATE_BYTES:
+            log_file.replace(log_file.with_suffix(".log.1"))
+        env = dict(os.environ)
+        env.update(
+            {
+                BUS_ADDRESS_ENV: self.bus.address,
+                "NOTIFY_SOCKET": str(self.notify_path),
+                "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1_000_000)),
+                SUPERVISOR_ENV: str(os.getpid()),
+            }
+        )
+        for systemd_var in ("INVOCATION_ID", "JOURNAL_STREAM", "WATCHDOG_PID", "LISTEN_FDS"):
+            env.pop(systemd_var, None)
+        with log_file.open("ab") as output:
+            child.process = await asyncio.create_subprocess_exec(
+                find_executable(child.info.executable),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        child.started = child.last_ping = time.monotonic()
+        child.ready.clear()
+        child.record.pid = child.process.pid
+        child.record.state = "starting"
+        child.record.next_start_at = None
+        self._write_state()
+
+    async def _watch(self, child: _Child) -> None:
+        """Keep one daemon running: restart it with backoff whenever it ends."""
+        while not self._stopping.is_set():
+            await self._spawn(child)
+            assert child.process is not None
+            code = await self._wait_or_watchdog(child)
+            if self._stopping.is_set():
+                return
+            ran_for = time.monotonic() - child.started
+            if ran_for >= STABLE_AFTER:
+                child.backoff = BACKOFF_FIRST
+            child.record.last_exit = code
+            child.record.restarts += 1
+            child.record.state = "restarting"
+            child.record.pid = 0
+            child.record.next_start_at = time.time() + child.backoff
+            self._write_state()
+            self.announce(
+                f"{child.info.executable} exited with code {code}; "
+                f"restarting in {child.backoff:.1f}s (log: {self._log_file(child.info)})"
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), child.backoff)
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+
+    async def _wait_or_watchdog(self, child: _Child) -> int:
+        assert child.process is not None
+        wait = asyncio.ensure_future(child.process.wait())
+        while True:
+            done, _ = await asyncio.wait({wait}, timeout=WATCHDOG_SEC / 3)
+            if done:
+                return wait.result()
+            silent = time.monotonic() - child.last_ping
+            if child.ready.is_set() and silent > WATCHDOG_SEC:
+                self.announce(
+                    f"{child.info.executable} sent no watchdog ping for {silent:.0f}s; killing it"
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGABRT)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(wait), STOP_TIMEOUT)
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+                return await wait
+
+    async def _watch_bus(self) -> None:
+        """Restart the private bus if it dies; the daemons reconnect by restarting."""
+        while not self._stopping.is_set():
+            process = self.bus.process
+            assert process is not None
+            code = await asyncio.to_thread(process.wait)
+            if self._stopping.is_set():
+                return
+            self.announce(f"dbus-daemon exited with code {code}; restarting it")
+            await asyncio.to_thread(self.bus.stop)
+            await asyncio.to_thread(self.bus.start)
+            self._write_state()
+
+    async def _stop_children(self) -> None:
+        running = [c.process for c in self.children.values() if c.process is not None]
+        for process in running:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+        waits = [asyncio.wait_for(p.wait(), STOP_TIMEOUT) for p in running]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        for process, result in zip(running, results, strict=True):
+            if isinstance(result, asyncio.TimeoutError):
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for child in self.children.values():
+            child.record.state = "stopped"
+            child.record.pid = 0
+
+    # ------------------------------------------------------------ main
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Run until SIGTERM/SIGINT; return the exit code."""
+        existing = SupervisorState.read(self.paths)
+        if existing is not None:
+            self.announce(
+                f"ZLayer is already running under zlayerctl (supervisor pid {existing.pid})"
+            )
+            return 1
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.request_stop)
+        for directory in (self.paths.run_dir, self.paths.log_dir, self.paths.state_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(self.bus.start)
+            self.paths.bus_address_file.write_text(self.bus.address + "\n")
+            self._open_notify_socket()
+            self._write_state()
+            self._tasks = [asyncio.create_task(self._watch(c)) for c in self.children.values()]
+            self._tasks.append(asyncio.create_task(self._watch_bus()))
+            ready = asyncio.gather(*(c.ready.wait() for c in self.children.values()))
+            stopped = asyncio.ensure_future(self._stopping.wait())
+            done, _ = await asyncio.wait(
+                {ready, stopped}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            if ready in done:
+                self._write_state(ready=True)
+                if on_ready is not None:
+                    on_ready()
+            elif stopped not in done:
+                late = [c.info.executable for c in self.children.values() if not c.ready.is_set()]
+                self.announce(
+                    f"not ready after {READY_TIMEOUT:.0f}s: {', '.join(late)}; "
+                    "still trying (see their logs)"
+                )
+            ready.cancel()
+            await self._stopping.wait()
+            stopped.cancel()
+            return 0
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._stop_children()
+        if self._notify_sock is not None:
+            asyncio.get_running_loop().remove_reader(self._notify_sock.fileno())
+            self._notify_sock.close()
+        self.notify_path.unlink(missing_ok=True)
+        await asyncio.to_thread(self.bus.stop)
+        self.paths.bus_address_file.unlink(missing_ok=True)
+        self.paths.supervisor_state.unlink(missing_ok=True)
+        self.paths.supervisor_state.with_suffix(".tmp").unlink(missing_ok=True)
+
+
+def state_summary(state: SupervisorState) -> dict[str, Any]:
+    """What ``zlayerctl status --format json`` shows about the supervisor."""
+    return json.loads(state.model_dump_json())
