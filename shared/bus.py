@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from sdbus import (
     DbusFailedError,
     DbusInterfaceCommonAsync,
+    DbusPropertyConstFlag,
     DbusUnprivilegedFlag,
     dbus_method_async,
     dbus_property_async,
@@ -143,7 +144,7 @@ def _daemon_members() -> tuple[Any, Any]:
     each interface needs its own pair; this keeps their contract in one place.
     """
 
-    @dbus_property_async("s")
+    @dbus_property_async("s", flags=DbusPropertyConstFlag)
     def version(self: Any) -> str:
         """The daemon's version."""
         raise NotImplementedError

@@ -22,7 +22,7 @@ def setup_logging(identifier: str, level: str = "info") -> None:
     if os.environ.get("JOURNAL_STREAM"):
         from cysystemd.journal import JournaldLogHandler
 
-        root.addHandler(JournaldLogHandler(identifier=identifier))
+        root.addHandler(JournaldLogHandler(identifier=identifier))  # type: ignore[no-untyped-call]
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
