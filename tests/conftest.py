@@ -1,0 +1,112 @@
+"""Fixtures shared by every test layer.
+
+- ``zlayer_prefix``: a private path prefix per test (config, state, run and
+  log dirs under tmp), with every daemon's ports set to "pick a free one",
+  so tests never see each other's state or collide on ports.
+- ``private_bus``: a real dbus-daemon of the test's own.
+- ``leak_check``: fails an integration or end-to-end test that leaves a
+  process, mount, link, network namespace, nft table or cgroup behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from shared.bus import DAEMONS
+from shared.busdaemon import PrivateBus
+from shared.paths import PREFIX_ENV, Paths
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_test_config(paths: Paths) -> None:
+    """Free ports for every daemon, so parallel runs never collide."""
+    paths.config_dir.mkdir(parents=True, exist_ok=True)
+    for info in DAEMONS:
+        extra = "http_port = 0\n" if info.name == "apid" else ""
+        paths.daemon_config(info.name).write_text(f"metrics_port = 0\n{extra}")
+
+
+@pytest.fixture
+def zlayer_prefix(monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
+    # Unix socket paths are limited to 108 bytes: keep the prefix short.
+    prefix = Path(f"/tmp/zlt-{os.getpid()}-{time.monotonic_ns() % 10**9}")
+    prefix.mkdir()
+    paths = Paths(prefix)
+    write_test_config(paths)
+    monkeypatch.setenv(PREFIX_ENV, str(prefix))
+    monkeypatch.delenv("ZLAYER_BUS_ADDRESS", raising=False)
+    yield paths
+    left = [f"{p.pid} {' '.join(p.cmdline())}" for p in prefix_processes(prefix)]
+    kill_prefix_processes(prefix)
+    shutil.rmtree(prefix, ignore_errors=True)
+    assert not left, f"the test left these processes running: {left}"
+
+
+def prefix_processes(prefix: Path) -> list[psutil.Process]:
+    """Processes started for this prefix: they carry ZLAYER_PREFIX=<prefix>."""
+    wanted = f"{PREFIX_ENV}={prefix}".encode()
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as handle:
+                if wanted in handle.read().split(b"\0"):
+                    found.append(proc)
+        except OSError:
+            continue
+    return [p for p in found if p.pid != os.getpid()]
+
+
+def kill_prefix_processes(prefix: Path) -> None:
+    """Last-resort cleanup by PID of whatever a failed test left running."""
+    for proc in prefix_processes(prefix):
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture
+def private_bus() -> Iterator[PrivateBus]:
+    bus = PrivateBus(Path(f"/tmp/zlb-{os.getpid()}-{time.monotonic_ns() % 10**9}.sock"))
+    bus.start()
+    yield bus
+    bus.stop()
+
+
+def _snapshot() -> dict[str, set[str]]:
+    snap: dict[str, set[str]] = {}
+    with open("/proc/self/mountinfo") as handle:
+        snap["mounts"] = {line.split()[4] for line in handle}
+    snap["links"] = set(os.listdir("/sys/class/net"))
+    netns = Path("/run/netns")
+    snap["netns"] = set(os.listdir(netns)) if netns.is_dir() else set()
+    if shutil.which("nft"):
+        out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        snap["nft tables"] = set(out.stdout.splitlines())
+    cgroups: set[str] = set()
+    for root in Path("/sys/fs/cgroup").glob("*"):
+        if root.is_dir():
+            cgroups.update(str(p) for p in root.glob("**/*zlayer*") if p.is_dir())
+    snap["cgroups"] = cgroups
+    return snap
+
+
+@pytest.fixture
+def leak_check() -> Iterator[None]:
+    """Mounts, links, netns, nft tables and cgroups; processes are checked by
+    ``zlayer_prefix``, which knows exactly which ones a test started."""
+    before = _snapshot()
+    yield
+    after = _snapshot()
+    leaks = {kind: sorted(after[kind] - before.get(kind, set())) for kind in after}
+    leaks = {kind: items for kind, items in leaks.items() if items}
+    assert not leaks, f"the test left these behind: {leaks}"
