@@ -45,7 +45,7 @@ async def collect(paths: Paths) -> list[dict[str, Any]]:
     try:
         bus = open_bus(address)
     except Exception:  # no system bus and no private bus
-        fail(NOT_RUNNING)
+        fail(NOT_RUNNING, EXIT_NOT_ALL_RUNNING)
     supervised = SupervisorState.read(paths)
     answers = await asyncio.gather(*(_query(info, bus) for info in DAEMONS))
     rows: list[dict[str, Any]] = []
@@ -84,6 +84,8 @@ _STATE_STYLE = {"running": "green", "starting": "yellow", "restarting": "yellow"
 def status(output_format: str) -> None:
     """Show each daemon's state, version, pid and supervisor."""
     rows = asyncio.run(collect(Paths.from_env()))
+    if all(row["state"] == "not running" for row in rows):
+        fail(NOT_RUNNING, EXIT_NOT_ALL_RUNNING)
     if output_format == "json":
         print_json(rows)
     else:
