@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The Debian packages ZLayer needs, installed only where missing.
+#
+#   apt-deps.sh run    what running ZLayer needs
+#   apt-deps.sh test   that, plus what the tests drive for real
+set -euo pipefail
+
+run_packages=(python3 python3-venv dbus-daemon)
+# busctl and systemd-analyze (tests check units and talk to the bus with them)
+test_packages=(systemd)
+
+wanted=("${run_packages[@]}")
+[ "${1:-run}" = test ] && wanted+=("${test_packages[@]}")
+
+# python3 may come from elsewhere (pyenv, a container image): a working venv module will do.
+have_python=false
+python3 -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 11)' 2>/dev/null && have_python=true
+
+missing=()
+for pkg in "${wanted[@]}"; do
+    case "$pkg" in python3|python3-venv) $have_python && continue ;; esac
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${missing[*]}; install them with: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+fi
+echo "==> apt-get install ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"

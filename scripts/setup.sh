@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install ZLayer from this checkout and start it on this node.
+#
+#   sudo ./scripts/setup.sh
+#
+# Installs the Debian packages ZLayer needs, puts ZLayer into its own virtual
+# environment (ZLAYER_HOME, default /opt/zlayer), links zlayerctl and the six
+# daemons into /usr/local/bin, then starts the daemons: under systemd where
+# systemd runs (units, D-Bus policy, zlayer.target), with the built-in
+# supervisor (`zlayerctl daemon run --detach`) everywhere else, and shows
+# `zlayerctl status`. Safe to run again: it upgrades in place.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+home=${ZLAYER_HOME:-/opt/zlayer}
+bindir=/usr/local/bin
+daemons=(schedd agentd registryd overlayd proxyd apid)
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh installs system packages and services: run it as root (sudo $0)" >&2
+    exit 1
+fi
+
+"$here/scripts/apt-deps.sh" run
+
+echo "==> installing ZLayer into $home"
+python3 -m venv "$home"
+"$home/bin/pip" install --quiet --upgrade pip
+"$home/bin/pip" install --quiet "$here"
+for name in zlayerctl "${daemons[@]/#/zlayer-}"; do
+    ln -sf "$home/bin/$name" "$bindir/$name"
+done
+
+if [ -d /run/systemd/system ]; then
+    echo "==> installing systemd units and the D-Bus policy"
+    for unit in "$here"/units/*.service "$here"/units/zlayer.target; do
+        sed "s#/usr/bin/zlayer-#$bindir/zlayer-#" "$unit" > "/etc/systemd/system/$(basename "$unit")"
+    done
+    install -m 0644 "$here/units/dbus/org.zlayer.conf" /etc/dbus-1/system.d/org.zlayer.conf
+    install -d /usr/share/dbus-1/interfaces
+    install -m 0644 "$here"/units/dbus/org.zlayer.*1.xml /usr/share/dbus-1/interfaces/
+    systemctl reload dbus || true
+    systemctl daemon-reload
+    systemctl enable --now zlayer.target
+else
+    echo "==> no systemd here: starting the built-in supervisor"
+    if ! "$bindir/zlayerctl" status >/dev/null 2>&1; then
+        "$bindir/zlayerctl" daemon run --detach
+    fi
+fi
+
+"$bindir/zlayerctl" status

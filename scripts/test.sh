@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what the tests need and run them: lint, types, unit, integration, end to end.
+#
+#   sudo ./scripts/test.sh [pytest args...]
+#
+# The tests drive real parts (dbus-daemon, systemd-analyze, ...); many need root.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+
+"$here/scripts/apt-deps.sh" test
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet -e '.[test]'
+
+echo "==> ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check --quiet .
+echo "==> mypy --strict shared"
+.venv/bin/mypy --strict shared
+echo "==> pytest"
+.venv/bin/python -m pytest "$@"
