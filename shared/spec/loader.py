@@ -1,0 +1,639 @@
+"""Reading a ``*.zlayer.yml`` file into a :class:`DeploymentSpec`, or into located errors.
+
+Owns everything between the bytes on disk and the validated model: decoding,
+YAML parsing with node marks kept (so every problem has a line and column),
+turning pydantic's errors into plain sentences with a field path and, for an
+unknown key, a did-you-mean (with pointed hints for docker-compose habits),
+and printing a spec back out (YAML, JSON) or its JSON Schema.
+
+Nothing here raises anything but :class:`SpecError` for a bad spec: a broken
+encoding, invalid YAML, two documents or an empty file all become located
+issues.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from shared.spec.checks import PathSegment, Problem, format_path, semantic_problems
+from shared.spec.errors import SpecError, SpecIssue
+from shared.spec.models import KEY_ALIASES, DeploymentSpec, ServiceSpec
+
+__all__ = [
+    "dump_spec",
+    "load_spec",
+    "parse_spec",
+    "spec_json_schema",
+    "spec_to_data",
+]
+
+Path_ = tuple[PathSegment, ...]
+Mark = tuple[int, int]  # 1-based line and column
+
+# Enough for any real spec; stops alias bombs ("billion laughs") and runaway nesting.
+_MAX_NODES = 200_000
+_MAX_DEPTH = 100
+
+# docker-compose keys people carry over, and where ZLayer keeps the same idea.
+_SERVICE_HINTS: dict[str, str] = {
+    "volumes": "storage",
+    "ports": "endpoints",
+    "environment": "env",
+    "depends_on": "depends",
+    "healthcheck": "health",
+    "restart": "restart_policy",
+    "networks": "network",
+    "container_name": "hostname",
+    "entrypoint": "command",
+    "working_dir": "command",
+    "read_only": "read_only_root_fs",
+}
+_VALUE_HINTS: dict[str, str] = {
+    "exec": "command",
+    "cmd": "command",
+    "volume": "named",
+    "init.exec": "init.run",
+}
+
+
+class _Abort(Exception):
+    """Stop converting a document that is too large or too deep."""
+
+
+# ---------------------------------------------------------------- public API
+
+
+def load_spec(path: str | os.PathLike[str]) -> DeploymentSpec:
+    """Read and validate the spec at ``path``; raise :class:`SpecError` with every issue."""
+    filename = os.fspath(path)
+    display = os.path.basename(filename) or filename
+    try:
+        raw = Path(filename).read_bytes()
+    except IsADirectoryError:
+        raise SpecError([SpecIssue(display, 0, 0, "", "is a directory, not a spec file")]) from None
+    except FileNotFoundError:
+        raise SpecError([SpecIssue(display, 0, 0, "", "no such file")]) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise SpecError([SpecIssue(display, 0, 0, "", f"cannot read: {reason}")]) from None
+    return parse_spec(raw, display)
+
+
+def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
+    """Validate spec ``text`` (str, or bytes still to decode); ``filename`` labels issues."""
+    if isinstance(text, bytes):
+        text = _decode(text, filename)
+    document = _Document(filename)
+    data = document.load(text)
+    issues = document.issues
+    if not issues:
+        if not isinstance(data, dict):
+            issues.append(
+                document.issue(
+                    (),
+                    "the top level must be a mapping with `version`, `deployment` and "
+                    f"`services`, not {_kind(data)}",
+                )
+            )
+        else:
+            return document.validate(data)
+    raise SpecError(sorted(issues, key=lambda i: (i.line, i.column)))
+
+
+def spec_to_data(spec: DeploymentSpec) -> dict[str, Any]:
+    """The spec as plain JSON-able data, defaults filled in, durations and sizes
+    written back as ``30s`` and ``512Mi``."""
+    return spec.model_dump(mode="json", by_alias=True)
+
+
+def dump_spec(spec: DeploymentSpec, fmt: Literal["yaml", "json"] = "yaml") -> str:
+    """The normalised spec as YAML or JSON text."""
+    data = spec_to_data(spec)
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the input format, for editors and CI."""
+    schema = DeploymentSpec.model_json_schema(mode="validation", by_alias=True)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://zlayer.dev/schema/deployment-v1.json",
+        "title": "ZLayer deployment spec (v1)",
+        **{k: v for k, v in schema.items() if k != "title"},
+    }
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decode(raw: bytes, filename: str) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SpecError(
+            [SpecIssue(filename, 1, 1, "", "the file is UTF-16; save it as UTF-8 text")]
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        byte = raw[exc.start]
+        raise SpecError(
+            [
+                SpecIssue(
+                    filename,
+                    line,
+                    column,
+                    "",
+                    f"the file is not UTF-8 text (byte 0x{byte:02x}); save it as UTF-8",
+                )
+            ]
+        ) from None
+
+
+# ---------------------------------------------------------------- YAML with marks
+
+
+class _Document:
+    """One spec file being read: its plain data, where each node sits, its issues."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.issues: list[SpecIssue] = []
+        self.marks: dict[Path_, Mark] = {}
+        self.key_marks: dict[Path_, Mark] = {}
+        self._nodes = 0
+
+    def issue(self, path: Path_, message: str, at_key: bool = False) -> SpecIssue:
+        line, column = self._mark_for(path, at_key)
+        return SpecIssue(self.filename, line, column, format_path(path), message)
+
+    def _mark_for(self, path: Path_, at_key: bool) -> Mark:
+        if at_key and path in self.key_marks:
+            return self.key_marks[path]
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.marks:
+                return self.marks[path[:end]]
+        return (1, 1)
+
+    def _yaml_issue(self, exc: yaml.YAMLError) -> SpecIssue:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None)
+        context = getattr(exc, "context", None)
+        if isinstance(exc, yaml.reader.ReaderError):
+            return SpecIssue(
+                self.filename,
+                0,
+                0,
+                "",
+                f"the file holds a character YAML does not allow ({exc.character!r} "
+                f"at offset {exc.position})",
+            )
+        text = " ".join(str(part) for part in (context, problem) if part) or str(exc)
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+        return SpecIssue(self.filename, line, column, "", f"invalid YAML: {text}")
+
+    def load(self, text: str) -> Any:
+        """Parse the single YAML document in ``text`` into plain data, recording marks."""
+        loader = yaml.SafeLoader(text)
+        try:
+            try:
+                if not loader.check_node():
+                    self.issues.append(
+                        SpecIssue(
+                            self.filename,
+                            0,
+                            0,
+                            "",
+                            "the file is empty; a deployment spec starts with `version: v1`",
+                        )
+                    )
+                    return None
+                root = loader.get_node()
+                assert root is not None  # check_node() said there is one
+                if loader.check_node():
+                    start = loader.peek_event().start_mark  # type: ignore[no-untyped-call]
+                    self.issues.append(
+                        SpecIssue(
+                            self.filename,
+                            start.line + 1,
+                            start.column + 1,
+                            "",
+                            "a second YAML document starts here; a deployment spec is one "
+                            "document: remove this `---` and what follows (or split the file)",
+                        )
+                    )
+                    return None
+            except yaml.YAMLError as exc:
+                self.issues.append(self._yaml_issue(exc))
+                return None
+            except RecursionError:
+                self.issues.append(
+                    SpecIssue(self.filename, 0, 0, "", "the YAML is nested too deeply")
+                )
+                return None
+            try:
+                return self._convert(loader, root, (), [])
+            except _Abort:
+                return None
+        finally:
+            loader.dispose()
+
+    def _convert(
+        self, loader: yaml.SafeLoader, node: yaml.Node, path: Path_, stack: list[int]
+    ) -> Any:
+        self._nodes += 1
+        if self._nodes > _MAX_NODES or len(stack) > _MAX_DEPTH:
+            self.issues.append(
+                self._at(node, path, "the document is too large or too deeply nested")
+            )
+            raise _Abort
+        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if id(node) in stack:
+            self.issues.append(self._at(node, path, "an alias refers to itself"))
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return loader.construct_object(node, deep=True)
+            except Exception as exc:  # a bad !!tag or malformed !!int: still just a bad value
+                problem = getattr(exc, "problem", None) or str(exc)
+                self.issues.append(self._at(node, path, f"cannot read this value: {problem}"))
+                return None
+        if not node.tag.startswith("tag:yaml.org,2002:"):
+            self.issues.append(self._at(node, path, f"unsupported YAML tag `{node.tag}`"))
+            return None
+        stack.append(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [
+                    self._convert(loader, item, (*path, index), stack)
+                    for index, item in enumerate(node.value)
+                ]
+            assert isinstance(node, yaml.MappingNode)
+            return self._convert_mapping(loader, node, path, stack)
+        finally:
+            stack.pop()
+
+    def _convert_mapping(
+        self, loader: yaml.SafeLoader, node: yaml.MappingNode, path: Path_, stack: list[int]
+    ) -> dict[str, Any]:
+        try:
+            loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
+        except yaml.YAMLError as exc:
+            self.issues.append(self._yaml_issue(exc))
+            return {}
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key_mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.issues.append(
+                    SpecIssue(
+                        self.filename,
+                        *key_mark,
+                        format_path(path),
+                        "a key must be a plain name, not a list or mapping",
+                    )
+                )
+                continue
+            # Keys are names: take them as written, so `on:` or `1:` stay strings.
+            key = str(key_node.value)
+            child = (*path, key)
+            if key in result:
+                first = self.key_marks[child]
+                self.issues.append(
+                    SpecIssue(
+                        self.filename,
+                        *key_mark,
+                        format_path(child),
+                        f"duplicate key `{key}` (first given at line {first[0]})",
+                    )
+                )
+                continue
+            self.key_marks[child] = key_mark
+            result[key] = self._convert(loader, value_node, child, stack)
+        return result
+
+    def _at(self, node: yaml.Node, path: Path_, message: str) -> SpecIssue:
+        mark = node.start_mark
+        return SpecIssue(self.filename, mark.line + 1, mark.column + 1, format_path(path), message)
+
+    # ------------------------------------------------------------ validation
+
+    def validate(self, data: dict[str, Any]) -> DeploymentSpec:
+        issues: list[SpecIssue] = []
+        for problem in semantic_problems(data):
+            issues.append(self._problem_issue(problem))
+        spec: DeploymentSpec | None = None
+        try:
+            spec = DeploymentSpec.model_validate(data, context={"semantics_checked": True})
+        except ValidationError as exc:
+            issues += _merge(self._error_issue(error, data) for error in exc.errors())
+        if issues or spec is None:
+            unique = sorted(set(issues), key=lambda i: (i.line, i.column, i.path, i.message))
+            raise SpecError(unique)
+        return spec
+
+    def _problem_issue(self, problem: Problem) -> SpecIssue:
+        return self.issue(problem.path, problem.message, problem.at_key)
+
+    def _error_issue(self, error: ErrorDetails, data: Any) -> _Located:
+        path, unresolved, _ = _locate(error["loc"], data)
+        kind = error["type"]
+        ctx = error.get("ctx") or {}
+        value = error.get("input")
+        if kind == "missing" and unresolved:
+            field = unresolved[-1]
+            line, column = self._mark_for(path, False)
+            full = (*path, field) if isinstance(field, str) else path
+            return _Located(
+                SpecIssue(
+                    self.filename, line, column, format_path(full), "required field is missing"
+                ),
+                kind,
+            )
+        if kind == "extra_forbidden":
+            return _Located(self.issue(path, _unknown_key(path, data), at_key=True), kind)
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            discriminator = str(ctx.get("discriminator", "")).strip("'")
+            tags = _quoted(str(ctx.get("expected_tags", ""))) or _tags_at(path, data)
+            if kind == "union_tag_not_found":
+                message = (
+                    f"`{discriminator}` is missing: say which kind this is ({', '.join(tags)})"
+                )
+                return _Located(self.issue((*path, discriminator), message), kind)
+            tag = str(ctx.get("tag", ""))
+            message = f"`{tag}` is not a known {discriminator}; expected one of {', '.join(tags)}"
+            message += _suggest(tag, tags)
+            return _Located(self.issue((*path, discriminator), message), kind)
+        return _Located(self.issue(path, _message(kind, error["msg"], ctx, value)), kind)
+
+
+class _Located(typing.NamedTuple):
+    issue: SpecIssue
+    kind: str
+
+
+_TYPE_NOUNS: dict[str, str] = {
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "int_parsing": "a whole number",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+    "none_required": "nothing",
+}
+
+
+def _merge(located: Iterator[_Located]) -> list[SpecIssue]:
+    """Union members each report a type mismatch at the same place; say it once."""
+    result: list[SpecIssue] = []
+    nouns: dict[tuple[int, int, str], tuple[int, list[str], str]] = {}
+    for item in located:
+        issue = item.issue
+        if item.kind in _TYPE_NOUNS:
+            key = (issue.line, issue.column, issue.path)
+            got = issue.message.split(", got ", 1)[-1]
+            if key in nouns:
+                index, words, _ = nouns[key]
+                if _TYPE_NOUNS[item.kind] not in words:
+                    words.append(_TYPE_NOUNS[item.kind])
+                result[index] = SpecIssue(
+                    issue.file,
+                    issue.line,
+                    issue.column,
+                    issue.path,
+                    f"expected {' or '.join(words)}, got {got}",
+                )
+                continue
+            nouns[key] = (len(result), [_TYPE_NOUNS[item.kind]], got)
+        result.append(issue)
+    return result
+
+
+def _message(kind: str, msg: str, ctx: dict[str, Any], value: Any) -> str:
+    if kind in _TYPE_NOUNS:
+        return f"expected {_TYPE_NOUNS[kind]}, got {_kind(value)}"
+    if kind == "literal_error":
+        choices = _quoted(str(ctx.get("expected", "")))
+        shown = value if isinstance(value, str) else _kind(value)
+        message = f"`{shown}` is not one of {', '.join(choices)}"
+        if isinstance(value, str):
+            message += _suggest(value, choices)
+        return message
+    if kind in ("value_error", "assertion_error"):
+        return re.sub(r"^(Value|Assertion) error, ", "", msg)
+    bounds = {
+        "greater_than_equal": ("at least", "ge"),
+        "greater_than": ("greater than", "gt"),
+        "less_than_equal": ("at most", "le"),
+        "less_than": ("less than", "lt"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"must be {words} {ctx.get(key)}, got {value!r}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "finite_number":
+        return "must be a finite number"
+    return msg[:1].lower() + msg[1:]
+
+
+def _quoted(text: str) -> list[str]:
+    return re.findall(r"'([^']*)'", text)
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    hint = _VALUE_HINTS.get(word)
+    if hint in choices:
+        return f" (did you mean `{hint}`?)"
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+# ---------------------------------------------------------------- locating errors
+
+
+def _locate(loc: tuple[int | str, ...], data: Any) -> tuple[Path_, tuple[int | str, ...], bool]:
+    """Map a pydantic error location onto the document.
+
+    Pydantic adds segments of its own (the tag of a discriminated union, the
+    name of a union member) and sees folded aliases under their field name;
+    walk the raw data, keep the segments that exist there, translate the rest
+    where possible, and return what could not be placed.
+    """
+    path: list[PathSegment] = []
+    unresolved: list[int | str] = []
+    at_key = False
+    current = data
+    for segment in loc:
+        if segment == "[key]":
+            at_key = True
+            continue
+        if isinstance(current, dict):
+            if segment in current:
+                path.append(segment)
+                current = current[segment]
+                continue
+            alias = next((a for a, f in KEY_ALIASES.items() if f == segment and a in current), None)
+            if alias is not None:
+                path.append(alias)
+                current = current[alias]
+                continue
+        elif isinstance(current, list):
+            if isinstance(segment, int) and 0 <= segment < len(current):
+                path.append(segment)
+                current = current[segment]
+                continue
+            # env in list form is validated as a map: find the item by name
+            if isinstance(segment, str) and path and path[-1] == "env":
+                index = next(
+                    (
+                        i
+                        for i, item in enumerate(current)
+                        if isinstance(item, dict) and item.get("name") == segment
+                    ),
+                    None,
+                )
+                if index is not None:
+                    path += [index, "value"]
+                    current = current[index].get("value")
+                    continue
+        unresolved.append(segment)
+    return tuple(path), tuple(unresolved), at_key
+
+
+def _annotation_at(path: Path_, data: Any) -> Any:
+    """The declared type of the field at ``path``, following the data through unions."""
+    annotation: Any = DeploymentSpec
+    current = data
+    for segment in path:
+        annotation = _pick(annotation, current)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            name = KEY_ALIASES.get(str(segment), str(segment))
+            field = next(
+                (f for n, f in annotation.model_fields.items() if (f.alias or n) == name), None
+            )
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        elif get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
+        else:
+            return None
+        try:
+            current = current[segment]
+        except (KeyError, IndexError, TypeError):
+            current = None
+    return _pick(annotation, current)
+
+
+def _pick(annotation: Any, value: Any) -> Any:
+    """Strip Annotated/Optional; from a union take the model the data names by tag."""
+    while get_origin(annotation) is typing.Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [_pick(m, value) for m in get_args(annotation) if m is not type(None)]
+        models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if isinstance(value, dict) and models:
+            for model in models:
+                for tag_field in ("type", "mode"):
+                    field = model.model_fields.get(tag_field)
+                    if (
+                        field is not None
+                        and get_origin(field.annotation) is Literal
+                        and value.get(tag_field, field.default) in get_args(field.annotation)
+                    ):
+                        return model
+            return models[0]
+        return members[0] if len(members) == 1 else None
+    return annotation
+
+
+def _known_keys(annotation: Any) -> list[str]:
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return []
+    keys = [field.alias or name for name, field in annotation.model_fields.items()]
+    if annotation is ServiceSpec:
+        keys += [*KEY_ALIASES, "host_network"]
+    return keys
+
+
+def _tags_at(path: Path_, data: Any) -> list[str]:
+    annotation = _annotation_at(path, data)
+    while get_origin(annotation) is typing.Annotated:
+        annotation = get_args(annotation)[0]
+    tags: list[str] = []
+    for member in get_args(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            for tag_field in ("type", "mode"):
+                field = member.model_fields.get(tag_field)
+                if field is not None and get_origin(field.annotation) is Literal:
+                    tags += [str(t) for t in get_args(field.annotation)]
+    return tags
+
+
+def _unknown_key(path: Path_, data: Any) -> str:
+    key = str(path[-1]) if path else ""
+    parent = _annotation_at(path[:-1], data)
+    message = f"unknown key `{key}`"
+    if parent is ServiceSpec:
+        if key == "deploy":
+            replicas = _deploy_replicas(path, data)
+            return (
+                f"{message}: ZLayer has no `deploy`; for a replica count write "
+                f"`scale: {{mode: fixed, replicas: {replicas}}}`"
+            )
+        if key == "runtime":
+            return (
+                f"{message}: WebAssembly settings go in `wasm` (with `service_type: wasm_http`); "
+                "the runtime is chosen from the image"
+            )
+        if key in _SERVICE_HINTS:
+            return f"{message} (did you mean `{_SERVICE_HINTS[key]}`?)"
+    close = difflib.get_close_matches(key, _known_keys(parent), n=1, cutoff=0.6)
+    return message + (f" (did you mean `{close[0]}`?)" if close else "")
+
+
+def _deploy_replicas(path: Path_, data: Any) -> str:
+    current = data
+    for segment in path:
+        current = current[segment]
+    if isinstance(current, dict) and isinstance(current.get("replicas"), int):
+        return str(current["replicas"])
+    return "N"
