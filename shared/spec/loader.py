@@ -78,7 +78,7 @@ class _Abort(Exception):
 def load_spec(path: str | os.PathLike[str]) -> DeploymentSpec:
     """Read and validate the spec at ``path``; raise :class:`SpecError` with every issue."""
     filename = os.fspath(path)
-    display = os.path.basename(filename) or filename
+    display = filename  # as the user wrote it, so editors can jump to file:line:col
     try:
         raw = Path(filename).read_bytes()
     except IsADirectoryError:
@@ -114,8 +114,8 @@ def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
 
 def spec_to_data(spec: DeploymentSpec) -> dict[str, Any]:
     """The spec as plain JSON-able data, defaults filled in, durations and sizes
-    written back as ``30s`` and ``512Mi``."""
-    return spec.model_dump(mode="json", by_alias=True)
+    written back as ``30s`` and ``512Mi``; unset optional fields are left out."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def dump_spec(spec: DeploymentSpec, fmt: Literal["yaml", "json"] = "yaml") -> str:
