@@ -29,6 +29,7 @@ from sdbus import (
     DbusUnprivilegedFlag,
     dbus_method_async,
     dbus_property_async,
+    dbus_signal_async,
 )
 
 from shared.paths import Paths
@@ -161,10 +162,102 @@ def _daemon_members() -> tuple[Any, Any]:
     return version, status
 
 
+# Rich values travel as JSON text of the models in shared.models (named in
+# each member's docstring). Methods that change state are privileged: on the
+# system bus only root may call them (units/dbus/org.zlayer.conf).
+
+
 class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1"):
     """zlayer-schedd: desired state, reconcile loop, placement, rollouts."""
 
     version, status = _daemon_members()
+
+    @dbus_method_async(
+        input_signature="ssa{ss}",
+        result_signature="s",
+        input_args_names=("spec_text", "filename", "host_env"),
+        result_args_names=("deployment",),
+    )
+    async def deploy(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
+        """Store a new revision and start converging to it; returns DeploymentStatus.
+
+        ``host_env`` holds the deploying host's values for the ``$E:`` references.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ssa{ss}",
+        result_signature="s",
+        input_args_names=("spec_text", "filename", "host_env"),
+        result_args_names=("plan",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
+        """What Deploy would do, nothing run; returns DeployPlan."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="s", input_args_names=("deployment",))
+    async def down(self, deployment: str) -> None:
+        """Remove a deployment: every replica, volume-less trace and revision."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ssdb", input_args_names=("deployment", "service", "timeout_sec", "force")
+    )
+    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
+        """Stop a deployment's replicas (one service if ``service`` is not empty), keep it."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ssu", input_args_names=("deployment", "service", "replicas")
+    )
+    async def scale(self, deployment: str, service: str, replicas: int) -> None:
+        """Hold a service at ``replicas`` until the next deploy or scale."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("deployments",), flags=DbusUnprivilegedFlag
+    )
+    async def list_deployments(self) -> str:
+        """list[DeploymentStatus]."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("deployment",),
+        result_args_names=("status",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def get_deployment(self, deployment: str) -> str:
+        """DeploymentStatus."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("deployment", "service"),
+        result_args_names=("run",),
+    )
+    async def trigger_job(self, deployment: str, service: str) -> str:
+        """Start a run of a job or cron service now; returns JobRun."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("deployment",),
+        result_args_names=("schedules",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def list_cron(self, deployment: str) -> str:
+        """JSON list of {deployment, service, schedule, next_run, last_run}."""
+        raise NotImplementedError
+
+    @dbus_signal_async("s", signal_args_names=("event",))
+    def event_emitted(self) -> str:
+        """An Event: something happened to a deployment."""
+        raise NotImplementedError
 
 
 class Agent1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Agent1"):
@@ -172,17 +265,181 @@ class Agent1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Agent1"):
 
     version, status = _daemon_members()
 
+    @dbus_method_async(input_signature="s", input_args_names=("assignment",))
+    async def apply_service(self, assignment: str) -> None:
+        """ServiceAssignment: converge this node's replicas of a service to it."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ssdb", input_args_names=("deployment", "service", "timeout_sec", "force")
+    )
+    async def remove_service(
+        self, deployment: str, service: str, timeout_sec: float, force: bool
+    ) -> None:
+        """Stop (signal, grace, KILL) and delete a service's replicas; "" = every service."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("deployment", "service"),
+        result_args_names=("replicas",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def list_replicas(self, deployment: str, service: str) -> str:
+        """list[ReplicaInfo]; empty strings match everything."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="as",
+        input_args_names=("replica",),
+        result_args_names=("paths",),
+    )
+    async def log_paths(self, replica: str) -> list[str]:
+        """A replica's log files (k8s-file format), oldest first."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="sasbhhh",
+        result_signature="i",
+        input_args_names=("replica", "argv", "tty", "stdin", "stdout", "stderr"),
+        result_args_names=("exit_code",),
+    )
+    async def exec(
+        self, replica: str, argv: list[str], tty: bool, stdin: int, stdout: int, stderr: int
+    ) -> int:
+        """Run ``argv`` in a replica with the caller's file descriptors; its exit code."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("replica",),
+        result_args_names=("stats",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def stats(self, replica: str) -> str:
+        """ReplicaStats."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="sss",
+        result_signature="s",
+        input_args_names=("deployment", "service", "trigger"),
+        result_args_names=("run",),
+    )
+    async def run_job(self, deployment: str, service: str, trigger: str) -> str:
+        """Start one run of an assigned job or cron service; JobRun."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("deployment", "service"),
+        result_args_names=("runs",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def list_job_runs(self, deployment: str, service: str) -> str:
+        """list[JobRun], newest first."""
+        raise NotImplementedError
+
+    @dbus_signal_async("s", signal_args_names=("replica",))
+    def replica_changed(self) -> str:
+        """ReplicaInfo of a replica whose state or health changed."""
+        raise NotImplementedError
+
 
 class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1"):
     """zlayer-registryd: images, blobs, layers, builds."""
 
     version, status = _daemon_members()
 
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("path", "name"),
+        result_args_names=("image",),
+    )
+    async def import_image(self, path: str, name: str) -> str:
+        """Import an OCI layout dir, oci-archive or docker-save tar; ImageInfo."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("images",), flags=DbusUnprivilegedFlag
+    )
+    async def list_images(self) -> str:
+        """list[ImageInfo]."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("reference",),
+        result_args_names=("detail",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def inspect_image(self, reference: str) -> str:
+        """ImageDetail."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="sb",
+        result_signature="as",
+        input_args_names=("reference", "force"),
+        result_args_names=("removed",),
+    )
+    async def remove_image(self, reference: str, force: bool) -> list[str]:
+        """Untag, and delete what nothing else references; what was removed."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("reference", "pull_policy"),
+        result_args_names=("rootfs",),
+    )
+    async def ensure_image(self, reference: str, pull_policy: str) -> str:
+        """Make an image's layers available unpacked; ImageRootfs."""
+        raise NotImplementedError
+
 
 class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
     """zlayer-overlayd: bridge, IPAM, service DNS, port publishing, mesh."""
 
     version, status = _daemon_members()
+
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("container_id", "hostname"),
+        result_args_names=("attachment",),
+    )
+    async def attach(self, container_id: str, hostname: str) -> str:
+        """Create a network namespace on the node bridge with its own address; Attachment.
+
+        Idempotent: attaching an attached container returns its attachment.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="s", input_args_names=("container_id",))
+    async def detach(self, container_id: str) -> None:
+        """Remove the namespace, veth and address of a container; no error if gone."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("attachments",), flags=DbusUnprivilegedFlag
+    )
+    async def list_attachments(self) -> str:
+        """list[Attachment]."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("network",), flags=DbusUnprivilegedFlag
+    )
+    async def get_network(self) -> str:
+        """NetworkInfo."""
+        raise NotImplementedError
 
 
 class Proxy1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Proxy1"):
