@@ -63,9 +63,17 @@ _SERVICE_HINTS: dict[str, str] = {
 _VALUE_HINTS: dict[str, str] = {
     "exec": "command",
     "cmd": "command",
-    "volume": "named",
     "init.exec": "init.run",
+    "auto": "adaptive",
+    "static": "fixed",
+    "replicated": "fixed",
+    "volume": "named",
 }
+
+
+_COLLECTION_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("map", "omap", "pairs", "set", "seq")
+)
 
 
 class _Abort(Exception):
@@ -272,7 +280,7 @@ class _Document:
                 problem = getattr(exc, "problem", None) or str(exc)
                 self.issues.append(self._at(node, path, f"cannot read this value: {problem}"))
                 return None
-        if not node.tag.startswith("tag:yaml.org,2002:"):
+        if node.tag not in _COLLECTION_TAGS:
             self.issues.append(self._at(node, path, f"unsupported YAML tag `{node.tag}`"))
             return None
         stack.append(id(node))
@@ -536,7 +544,7 @@ def _locate(loc: tuple[int | str, ...], data: Any) -> tuple[Path_, tuple[int | s
     return tuple(path), tuple(unresolved), at_key
 
 
-def _annotation_at(path: Path_, data: Any) -> Any:
+def _annotation_at(path: Path_, data: Any, pick_last: bool = True) -> Any:
     """The declared type of the field at ``path``, following the data through unions."""
     annotation: Any = DeploymentSpec
     current = data
@@ -560,7 +568,7 @@ def _annotation_at(path: Path_, data: Any) -> Any:
             current = current[segment]
         except (KeyError, IndexError, TypeError):
             current = None
-    return _pick(annotation, current)
+    return _pick(annotation, current) if pick_last else annotation
 
 
 def _pick(annotation: Any, value: Any) -> Any:
@@ -595,17 +603,24 @@ def _known_keys(annotation: Any) -> list[str]:
 
 
 def _tags_at(path: Path_, data: Any) -> list[str]:
-    annotation = _annotation_at(path, data)
+    """The tags a discriminated union at ``path`` accepts, in declaration order."""
+    tags: list[str] = []
+    for member in _members(_annotation_at(path, data, pick_last=False)):
+        for tag_field in ("type", "mode"):
+            field = member.model_fields.get(tag_field)
+            if field is not None and get_origin(field.annotation) is Literal:
+                tags += [str(t) for t in get_args(field.annotation)]
+    return tags
+
+
+def _members(annotation: Any) -> list[type[BaseModel]]:
     while get_origin(annotation) is typing.Annotated:
         annotation = get_args(annotation)[0]
-    tags: list[str] = []
-    for member in get_args(annotation):
-        if isinstance(member, type) and issubclass(member, BaseModel):
-            for tag_field in ("type", "mode"):
-                field = member.model_fields.get(tag_field)
-                if field is not None and get_origin(field.annotation) is Literal:
-                    tags += [str(t) for t in get_args(field.annotation)]
-    return tags
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for arg in get_args(annotation) for m in _members(arg)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
 
 
 def _unknown_key(path: Path_, data: Any) -> str:
