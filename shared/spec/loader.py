@@ -181,6 +181,7 @@ class _Document:
     def __init__(self, filename: str) -> None:
         self.filename = filename
         self.issues: list[SpecIssue] = []
+        self._text = ""
         self.marks: dict[Path_, Mark] = {}
         self.key_marks: dict[Path_, Mark] = {}
         self._nodes = 0
@@ -202,13 +203,15 @@ class _Document:
         problem = getattr(exc, "problem", None)
         context = getattr(exc, "context", None)
         if isinstance(exc, yaml.reader.ReaderError):
+            before = self._text[: exc.position]
+            line = before.count("\n") + 1
+            column = exc.position - (before.rfind("\n") + 1) + 1
             return SpecIssue(
                 self.filename,
-                0,
-                0,
+                line,
+                column,
                 "",
-                f"the file holds a character YAML does not allow ({exc.character!r} "
-                f"at offset {exc.position})",
+                f"the file holds a control character YAML does not allow (U+{exc.character:04X})",
             )
         text = " ".join(str(part) for part in (context, problem) if part) or str(exc)
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
@@ -216,7 +219,13 @@ class _Document:
 
     def load(self, text: str) -> Any:
         """Parse the single YAML document in ``text`` into plain data, recording marks."""
-        loader = yaml.SafeLoader(text)
+        self._text = text
+        try:
+            # The reader checks the first chunk for unprintable characters at once.
+            loader = yaml.SafeLoader(text)
+        except yaml.YAMLError as exc:
+            self.issues.append(self._yaml_issue(exc))
+            return None
         try:
             try:
                 if not loader.check_node():
