@@ -104,19 +104,28 @@ def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
     if isinstance(text, bytes):
         text = _decode(text, filename)
     document = _Document(filename)
-    data = document.load(text)
-    issues = document.issues
-    if not issues:
-        if not isinstance(data, dict):
-            issues.append(
-                document.issue(
-                    (),
-                    "the top level must be a mapping with `version`, `deployment` and "
-                    f"`services`, not {_kind(data)}",
-                )
+    data, readable = document.load(text)
+    issues = list(document.issues)
+    if readable and not isinstance(data, dict):
+        issues.append(
+            document.issue(
+                (),
+                "the top level must be a mapping with `version`, `deployment` and "
+                f"`services`, not {_kind(data)}",
             )
+        )
+    elif readable:
+        # Validate even when reading found problems (a second document, a
+        # duplicate key), so the file's other errors are reported in the same run;
+        # a value already reported as unreadable is not reported again.
+        try:
+            spec = document.validate(data)
+        except SpecError as exc:
+            seen = {(i.line, i.column) for i in issues}
+            issues += [i for i in exc.issues if (i.line, i.column) not in seen]
         else:
-            return document.validate(data)
+            if not issues:
+                return spec
     raise SpecError(sorted(issues, key=lambda i: (i.line, i.column)))
 
 
@@ -217,15 +226,18 @@ class _Document:
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
         return SpecIssue(self.filename, line, column, "", f"invalid YAML: {text}")
 
-    def load(self, text: str) -> Any:
-        """Parse the single YAML document in ``text`` into plain data, recording marks."""
+    def load(self, text: str) -> tuple[Any, bool]:
+        """Parse the first YAML document in ``text`` into plain data, recording marks.
+
+        The flag says whether there is a document to validate at all.
+        """
         self._text = text
         try:
             # The reader checks the first chunk for unprintable characters at once.
             loader = yaml.SafeLoader(text)
         except yaml.YAMLError as exc:
             self.issues.append(self._yaml_issue(exc))
-            return None
+            return None, False
         try:
             try:
                 if not loader.check_node():
@@ -238,7 +250,7 @@ class _Document:
                             "the file is empty; a deployment spec starts with `version: v1`",
                         )
                     )
-                    return None
+                    return None, False
                 root = loader.get_node()
                 assert root is not None  # check_node() said there is one
                 if loader.check_node():
@@ -253,19 +265,18 @@ class _Document:
                             "document: remove this `---` and what follows (or split the file)",
                         )
                     )
-                    return None
             except yaml.YAMLError as exc:
                 self.issues.append(self._yaml_issue(exc))
-                return None
+                return None, False
             except RecursionError:
                 self.issues.append(
                     SpecIssue(self.filename, 0, 0, "", "the YAML is nested too deeply")
                 )
-                return None
+                return None, False
             try:
-                return self._convert(loader, root, (), [])
+                return self._convert(loader, root, (), []), True
             except _Abort:
-                return None
+                return None, False
         finally:
             loader.dispose()
 

@@ -165,8 +165,14 @@ def _scalar_to_str(value: Any) -> Any:
     return value
 
 
-EnvValue = Annotated[str, BeforeValidator(_scalar_to_str), AfterValidator(check_value_refs)]
-LabelValue = Annotated[str, BeforeValidator(_scalar_to_str)]
+_SCALAR_SCHEMA: JsonDict = {"type": ["string", "number", "boolean"]}
+EnvValue = Annotated[
+    str,
+    BeforeValidator(_scalar_to_str),
+    AfterValidator(check_value_refs),
+    WithJsonSchema(_SCALAR_SCHEMA),
+]
+LabelValue = Annotated[str, BeforeValidator(_scalar_to_str), WithJsonSchema(_SCALAR_SCHEMA)]
 
 
 def _env_list_to_map(value: Any) -> Any:
@@ -628,7 +634,7 @@ def _service_schema_extra(schema: JsonDict, cls: type[Any]) -> None:
         "type": "array",
         "items": {
             "type": "object",
-            "properties": {"name": {"type": "string"}, "value": {}},
+            "properties": {"name": {"type": "string"}, "value": _SCALAR_SCHEMA},
             "required": ["name"],
             "additionalProperties": False,
         },
@@ -680,7 +686,7 @@ class ServiceSpec(SpecModel):
     extra_hosts: list[str] = Field(default_factory=list)
     restart_policy: RestartPolicy | None = None
     labels: dict[str, LabelValue] = Field(default_factory=dict)
-    user: Annotated[str, BeforeValidator(_scalar_to_str)] | None = None
+    user: LabelValue | None = None
     stop_signal: str | None = None
     stop_grace_period: Duration | None = None
     sysctls: dict[str, LabelValue] = Field(default_factory=dict)

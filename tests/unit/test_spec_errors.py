@@ -713,6 +713,13 @@ def test_every_error_in_the_file_is_reported() -> None:
     } <= paths
 
 
+def test_reading_problems_and_validation_problems_come_together() -> None:
+    text = "version: v1\ndeployment: a\ndeployment: b\nservices: {w: {image: x, imag: y}}\n"
+    messages = [i.message for i in issues_of(text)]
+    assert any("duplicate key `deployment`" in m for m in messages)
+    assert any("did you mean `image`?" in m for m in messages)
+
+
 def test_issues_come_in_file_order() -> None:
     text = HEAD + "  b:\n    image: x\n    bogus: 1\n  a:\n    imag: y\n"
     issues = issues_of(text)
