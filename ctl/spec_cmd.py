@@ -57,6 +57,8 @@ def _load_or_report(file: str, as_json: bool) -> DeploymentSpec:
         if as_json:
             print_json({"file": file, "valid": False, "issues": [i.as_dict() for i in exc.issues]})
             raise SystemExit(EXIT_INVALID) from None
+        if len(exc.issues) == 1 and not exc.issues[0].line:
+            _fail(str(exc.issues[0]))  # about the whole file (missing, empty): one sentence
         for issue in exc.issues:
             click.echo(str(issue), err=True)
         count = len(exc.issues)
