@@ -1,0 +1,240 @@
+"""schedd's desired state in SQLite: deployments, their revisions, scale holds, events.
+
+Every write is one transaction with ``synchronous=FULL``, so a schedd killed
+at any moment restarts with either the old or the new desired state, never a
+mix. Calls are synchronous and quick; the daemon runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.models import Event
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    name TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    stopped INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    deployment TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    spec_json TEXT NOT NULL,
+    spec_text TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (deployment, revision)
+);
+CREATE TABLE IF NOT EXISTS scale_holds (
+    deployment TEXT NOT NULL,
+    service TEXT NOT NULL,
+    replicas INTEGER NOT NULL,
+    PRIMARY KEY (deployment, service)
+);
+CREATE TABLE IF NOT EXISTS stopped_services (
+    deployment TEXT NOT NULL,
+    service TEXT NOT NULL,
+    PRIMARY KEY (deployment, service)
+);
+CREATE TABLE IF NOT EXISTS cron_runs (
+    deployment TEXT NOT NULL,
+    service TEXT NOT NULL,
+    last_run REAL NOT NULL,
+    PRIMARY KEY (deployment, service)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    deployment TEXT NOT NULL,
+    service TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_deployment ON events (deployment, id);
+"""
+
+EVENTS_KEPT = 2000  # per deployment
+
+
+@dataclass(frozen=True)
+class StoredDeployment:
+    name: str
+    revision: int
+    stopped: bool
+    created_at: float
+    updated_at: float
+    spec_json: str
+    spec_text: str
+    filename: str
+
+
+class Store:
+    """The SQLite database at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------ deployments
+
+    def next_revision(self, name: str) -> int:
+        row = self._db.execute(
+            "SELECT MAX(revision) FROM revisions WHERE deployment = ?", (name,)
+        ).fetchone()
+        return int(row[0] or 0) + 1
+
+    def add_revision(self, name: str, spec_json: str, spec_text: str, filename: str) -> int:
+        """Store a new revision and make it current; clears scale holds and stops."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT MAX(revision) FROM revisions WHERE deployment = ?", (name,)
+            ).fetchone()
+            revision = int(row[0] or 0) + 1
+            db.execute(
+                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
+                (name, revision, spec_json, spec_text, filename, now),
+            )
+            db.execute(
+                "INSERT INTO deployments (name, revision, stopped, created_at, updated_at) "
+                "VALUES (?, ?, 0, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "revision = excluded.revision, stopped = 0, updated_at = excluded.updated_at",
+                (name, revision, now, now),
+            )
+            db.execute("DELETE FROM scale_holds WHERE deployment = ?", (name,))
+            db.execute("DELETE FROM stopped_services WHERE deployment = ?", (name,))
+        return revision
+
+    def get(self, name: str) -> StoredDeployment | None:
+        row = self._db.execute(
+            "SELECT d.name, d.revision, d.stopped, d.created_at, d.updated_at, "
+            "r.spec_json, r.spec_text, r.filename FROM deployments d JOIN revisions r "
+            "ON r.deployment = d.name AND r.revision = d.revision WHERE d.name = ?",
+            (name,),
+        ).fetchone()
+        return StoredDeployment(*row[:2], bool(row[2]), *row[3:]) if row else None
+
+    def names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM deployments ORDER BY name")]
+
+    def remove(self, name: str) -> None:
+        with self._tx() as db:
+            for table in ("deployments",):
+                db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
+            for table in ("revisions", "scale_holds", "stopped_services", "cron_runs", "events"):
+                db.execute(f"DELETE FROM {table} WHERE deployment = ?", (name,))
+
+    def set_stopped(self, name: str, service: str, stopped: bool) -> None:
+        with self._tx() as db:
+            if service:
+                if stopped:
+                    db.execute(
+                        "INSERT OR IGNORE INTO stopped_services VALUES (?, ?)", (name, service)
+                    )
+                else:
+                    db.execute(
+                        "DELETE FROM stopped_services WHERE deployment = ? AND service = ?",
+                        (name, service),
+                    )
+            else:
+                db.execute(
+                    "UPDATE deployments SET stopped = ?, updated_at = ? WHERE name = ?",
+                    (int(stopped), time.time(), name),
+                )
+
+    def stopped_services(self, name: str) -> set[str]:
+        rows = self._db.execute(
+            "SELECT service FROM stopped_services WHERE deployment = ?", (name,)
+        )
+        return {r[0] for r in rows}
+
+    # ------------------------------------------------------------ scale holds
+
+    def hold_scale(self, name: str, service: str, replicas: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO scale_holds VALUES (?, ?, ?) ON CONFLICT(deployment, service) "
+                "DO UPDATE SET replicas = excluded.replicas",
+                (name, service, replicas),
+            )
+
+    def scale_holds(self, name: str) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT service, replicas FROM scale_holds WHERE deployment = ?", (name,)
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    # ------------------------------------------------------------ cron
+
+    def last_cron_run(self, name: str, service: str) -> float | None:
+        row = self._db.execute(
+            "SELECT last_run FROM cron_runs WHERE deployment = ? AND service = ?", (name, service)
+        ).fetchone()
+        return float(row[0]) if row else None
+
+    def record_cron_run(self, name: str, service: str, when: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO cron_runs VALUES (?, ?, ?) ON CONFLICT(deployment, service) "
+                "DO UPDATE SET last_run = excluded.last_run",
+                (name, service, when),
+            )
+
+    # ------------------------------------------------------------ events
+
+    def add_event(self, event: Event) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO events (time, deployment, service, replica, kind, message) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    event.time,
+                    event.deployment,
+                    event.service,
+                    event.replica,
+                    event.kind,
+                    event.message,
+                ),
+            )
+            db.execute(
+                "DELETE FROM events WHERE deployment = ? AND id <= (SELECT MAX(id) FROM events "
+                "WHERE deployment = ?) - ?",
+                (event.deployment, event.deployment, EVENTS_KEPT),
+            )
+
+    def events(self, name: str, limit: int = 50) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT time, deployment, service, replica, kind, message FROM events "
+            "WHERE deployment = ? ORDER BY id DESC LIMIT ?",
+            (name, limit),
+        ).fetchall()
+        fields = ("time", "deployment", "service", "replica", "kind", "message")
+        return [Event.model_validate(dict(zip(fields, r, strict=True))) for r in reversed(rows)]

@@ -1,0 +1,70 @@
+"""Resolving ``$E:`` (deploying host environment) and ``$S:`` (secret) references.
+
+zlayerctl collects the host variables a spec names (:func:`host_env_names`)
+and sends their values with the deploy; schedd substitutes them
+(:func:`resolve_env`) before anything runs, so a replica never sees a
+reference. Secrets do not exist yet: a ``$S:`` reference is refused with a
+sentence that says so.
+"""
+
+from __future__ import annotations
+
+import re
+
+from shared.spec.models import DeploymentSpec
+
+_REFERENCE = re.compile(r"\$([ES]):(@?[A-Za-z0-9_][A-Za-z0-9_./-]*)")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class UnresolvedReferenceError(ValueError):
+    """A reference that cannot be resolved; the message names the field."""
+
+
+def host_env_names(spec: DeploymentSpec) -> set[str]:
+    """Every ``$E:VAR`` the spec's env values name."""
+    names: set[str] = set()
+    for service in spec.services.values():
+        for value in service.env.values():
+            for kind, name in _REFERENCE.findall(value):
+                if kind == "E":
+                    match = _ENV_NAME.match(name)
+                    if match:
+                        names.add(match.group(0))
+    return names
+
+
+def resolve_value(value: str, host_env: dict[str, str], where: str) -> str:
+    """``value`` with its references replaced; raises UnresolvedReferenceError naming ``where``."""
+
+    def substitute(match: re.Match[str]) -> str:
+        kind, name = match.group(1), match.group(2)
+        if kind == "S":
+            raise UnresolvedReferenceError(
+                f"{where}: `$S:{name}` names a secret, but secrets are not configured on this "
+                "node yet; use a literal value or `$E:VAR` for now"
+            )
+        env_name = _ENV_NAME.match(name)
+        assert env_name is not None  # the spec validator refused malformed references
+        rest = name[env_name.end() :]
+        if env_name.group(0) not in host_env:
+            raise UnresolvedReferenceError(
+                f"{where}: `$E:{env_name.group(0)}` is not set in the environment of "
+                "zlayerctl; export it before deploying"
+            )
+        return host_env[env_name.group(0)] + rest
+
+    return _REFERENCE.sub(substitute, value)
+
+
+def resolve_env(spec: DeploymentSpec, host_env: dict[str, str]) -> list[str]:
+    """Substitute every env reference in place; return the problems, one sentence each."""
+    problems: list[str] = []
+    for service_name, service in spec.services.items():
+        for key, value in list(service.env.items()):
+            where = f"services.{service_name}.env.{key}"
+            try:
+                service.env[key] = resolve_value(value, host_env, where)
+            except UnresolvedReferenceError as exc:
+                problems.append(str(exc))
+    return problems
