@@ -1,0 +1,168 @@
+"""Idle memory of the six daemons, next to the bare processes they are built from.
+
+Starts the six daemons with ``zlayerctl daemon run --detach`` under a fresh
+temporary prefix (free ports, its own private dbus-daemon), lets them idle
+for a few seconds after ready, then reads with psutil, by the PIDs that
+``zlayerctl status --format json`` reports:
+
+- each daemon's RSS and USS (memory only that process holds), and the total;
+- the private dbus-daemon's and the supervisor's (``zlayerctl daemon run``),
+  shown apart from the total;
+- the peers, started by this benchmark and killed by their PIDs: a bare
+  interpreter (``python -c "import time; time.sleep(60)"``, the same
+  interpreter the daemons run on) and a bare sdbus + asyncio process holding
+  a name on the same bus and idling.
+
+The ratio printed is the six daemons' total RSS against six of the bare
+sdbus + asyncio process: what the scaffold and each daemon's own code add on
+top of "a Python process on the bus". RSS counts shared library pages in
+every process, so the RSS sum overstates what six processes really take;
+the USS sum understates it.
+
+Run: ``.venv/bin/python bench/idle_rss.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cluster import Cluster, print_table, running_daemons
+
+from shared.bus import DAEMONS
+
+MIB = 1024 * 1024
+
+BARE_PYTHON = "import time; time.sleep(60)"
+
+# Only asyncio and sdbus: the floor every daemon stands on.
+BARE_SDBUS = """
+import asyncio, os, sys
+import sdbus
+
+async def main() -> None:
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = sys.argv[1]
+    sdbus.set_default_bus(sdbus.sd_bus_open_system())
+    await sdbus.request_default_bus_name_async("org.zlayer.BenchIdle")
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def _memory(pid: int) -> tuple[float, float]:
+    """RSS and USS of ``pid`` in MiB."""
+    info = psutil.Process(pid).memory_full_info()
+    return info.rss / MIB, info.uss / MIB
+
+
+def _daemon_pids(cluster: Cluster) -> dict[str, int]:
+    result = cluster.zlayerctl("status", "--format", "json")
+    if result.returncode != 0:
+        raise RuntimeError(f"zlayerctl status failed ({result.returncode}): {result.stderr}")
+    rows = json.loads(result.stdout)
+    pids = {row["name"]: int(row["pid"]) for row in rows if row["state"] == "running"}
+    missing = [info.name for info in DAEMONS if not pids.get(info.name)]
+    if missing:
+        raise RuntimeError(f"not running: {', '.join(missing)}")
+    return pids
+
+
+@contextlib.contextmanager
+def _peers(address: str) -> Iterator[tuple[int, int]]:
+    """The bare interpreter and the bare sdbus process, ready; killed by PID on exit."""
+    started: list[subprocess.Popen[str]] = []
+    try:
+        bare = subprocess.Popen(
+            [sys.executable, "-c", BARE_PYTHON], stdin=subprocess.DEVNULL, text=True
+        )
+        started.append(bare)
+        on_bus = subprocess.Popen(
+            [sys.executable, "-c", BARE_SDBUS, address],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(on_bus)
+        assert on_bus.stdout is not None
+        # "ready" once it holds its name; an empty line if it died first.
+        if on_bus.stdout.readline().strip() != "ready":
+            raise RuntimeError("the bare sdbus process did not get on the bus")
+        yield bare.pid, on_bus.pid
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+def run(cluster: Cluster, idle: float) -> None:
+    with _peers(cluster.bus_address) as (bare_pid, on_bus_pid):
+        print(f"idling {idle:.0f}s after ready ...", file=sys.stderr)
+        time.sleep(idle)
+        pids = _daemon_pids(cluster)
+        daemons = {name: _memory(pid) for name, pid in pids.items()}
+        dbus_daemon = _memory(cluster.state.bus_pid)
+        supervisor = _memory(cluster.state.pid)
+        bare = _memory(bare_pid)
+        on_bus = _memory(on_bus_pid)
+
+    total_rss = sum(rss for rss, _ in daemons.values())
+    total_uss = sum(uss for _, uss in daemons.values())
+    rows = [[f"zlayer-{n}", str(pids[n]), f"{r:.1f}", f"{u:.1f}"] for n, (r, u) in daemons.items()]
+    rows.append(["total, six daemons", "", f"{total_rss:.1f}", f"{total_uss:.1f}"])
+    rows.append(["private dbus-daemon", str(cluster.state.bus_pid), *_mib(dbus_daemon)])
+    rows.append(["supervisor (zlayerctl daemon run)", str(cluster.state.pid), *_mib(supervisor)])
+    rows.append(["peer: bare python, time.sleep", str(bare_pid), *_mib(bare)])
+    rows.append(["peer: bare sdbus + asyncio on the bus", str(on_bus_pid), *_mib(on_bus)])
+    print(f"idle memory after {idle:.0f}s, MiB")
+    print_table(["process", "pid", "RSS MiB", "USS MiB"], rows)
+    print()
+    print_table(
+        ["ratio", "RSS", "USS"],
+        [
+            [
+                "six daemons vs 6x bare sdbus + asyncio",
+                f"{total_rss / (6 * on_bus[0]):.2f}x",
+                f"{total_uss / (6 * on_bus[1]):.2f}x",
+            ],
+            [
+                "six daemons vs 6x bare python",
+                f"{total_rss / (6 * bare[0]):.2f}x",
+                f"{total_uss / (6 * bare[1]):.2f}x",
+            ],
+        ],
+    )
+
+
+def _mib(memory: tuple[float, float]) -> list[str]:
+    return [f"{memory[0]:.1f}", f"{memory[1]:.1f}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--idle", type=float, default=5.0, help="seconds to idle after ready")
+    args = parser.parse_args()
+    try:
+        with running_daemons() as cluster:
+            run(cluster, args.idle)
+    except KeyboardInterrupt:
+        print("interrupted; daemons stopped", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/bin/sh
+# Run every ZLayer benchmark in turn; each starts and stops its own daemons
+# under a temporary prefix. Uses the repository's .venv unless PYTHON is set.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+python=${PYTHON:-"$here/../.venv/bin/python"}
+echo "== bus round trip"
+"$python" "$here/bus_roundtrip.py"
+echo
+echo "== idle memory"
+"$python" "$here/idle_rss.py"
