@@ -8,6 +8,7 @@ import sys
 import click
 
 from ctl.daemon_cmd import daemon
+from ctl.deploy_cmd import deploy, down, job, ps, scale, stop, up
 from ctl.spec_cmd import spec, validate
 from ctl.status_cmd import status
 from shared import __version__
@@ -22,6 +23,8 @@ def cli() -> None:
 
 
 cli.add_command(daemon)
+for command in (up, down, deploy, ps, stop, scale, job):
+    cli.add_command(command)
 cli.add_command(status)
 cli.add_command(validate)
 cli.add_command(spec)

@@ -30,26 +30,26 @@ def _fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
     raise SystemExit(code)  # fail() always exits; this tells the type checker
 
 
-def find_spec_file(directory: Path) -> Path:
+def find_spec_file(directory: Path, command: str = "validate") -> Path:
     """The one ``*.zlayer.yml``/``*.zlayer.yaml`` in ``directory``; exits when none or several."""
     found = sorted({p for pattern in SPEC_PATTERNS for p in directory.glob(pattern) if p.is_file()})
     if not found:
         _fail(
             "no *.zlayer.yml or *.zlayer.yaml file in the current directory; "
-            "name the spec file: zlayerctl validate FILE",
+            f"name the spec file: zlayerctl {command} FILE",
             EXIT_NO_FILE,
         )
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         _fail(
             f"several spec files in the current directory ({names}); "
-            "name the one to use: zlayerctl validate FILE",
+            f"name the one to use: zlayerctl {command} FILE",
             EXIT_NO_FILE,
         )
     return found[0]
 
 
-def _load_or_report(file: str, as_json: bool) -> DeploymentSpec:
+def load_or_report(file: str, as_json: bool) -> DeploymentSpec:
     """The validated spec, or every issue printed and exit 1."""
     try:
         return load_spec(file)
@@ -103,7 +103,7 @@ def validate(file: str | None, output_format: str) -> None:
     """
     path = file if file is not None else str(find_spec_file(Path.cwd()).name)
     as_json = output_format == "json"
-    spec = _load_or_report(path, as_json)
+    spec = load_or_report(path, as_json)
     services = spec.services
     if as_json:
         print_json(
@@ -156,7 +156,7 @@ def spec() -> None:
 )
 def dump(file: str, output_format: str) -> None:
     """Print FILE normalised, with every default filled in."""
-    loaded = _load_or_report(file, as_json=False)
+    loaded = load_or_report(file, as_json=False)
     click.echo(dump_spec(loaded, "json" if output_format == "json" else "yaml"), nl=False)
 
 

@@ -1,0 +1,482 @@
+"""Deployment commands: up, down, deploy, ps, stop, scale, job.
+
+They read the spec locally first (so a bad file is reported with locations
+before anything is sent), send it to schedd with the values of the ``$E:``
+variables it names, and show what schedd and agentd report back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ctl.client import Client, resolve_deployment
+from ctl.output import err_console, fail, format_option, print_json, print_table
+from ctl.spec_cmd import find_spec_file, load_or_report
+from shared.models import DeploymentStatus, DeployPlan, Event, JobRun, ReplicaInfo
+from shared.spec.refs import host_env_names
+
+DEFAULT_WAIT = 600.0
+
+_STATE_COLOUR = {
+    "running": "green",
+    "healthy": "green",
+    "succeeded": "green",
+    "starting": "yellow",
+    "deploying": "yellow",
+    "waiting": "yellow",
+    "pending": "yellow",
+    "initializing": "yellow",
+    "creating": "yellow",
+    "restarting": "yellow",
+    "stopped": "dim",
+    "exited": "dim",
+    "none": "dim",
+}
+
+
+def _coloured(state: str) -> str:
+    return f"[{_STATE_COLOUR.get(state, 'red')}]{state}[/]"
+
+
+def _spec_path(file: str | None, command: str) -> Path:
+    return Path(file) if file else find_spec_file(Path.cwd(), command)
+
+
+def _read_spec(file: str | None, command: str) -> tuple[str, str, dict[str, str], str]:
+    """(spec text, file name, host env values, deployment name), or exit with every issue."""
+    path = _spec_path(file, command)
+    spec = load_or_report(str(path), as_json=False)
+    host_env = {name: os.environ[name] for name in host_env_names(spec) if name in os.environ}
+    return path.read_text(), str(path), host_env, spec.deployment
+
+
+def _stamp(when: float) -> str:
+    return datetime.fromtimestamp(when).strftime("%H:%M:%S")
+
+
+def _print_event(event: Event) -> None:
+    where = f"{event.service}: " if event.service else ""
+    err_console.print(f"[dim]{_stamp(event.time)}[/] {where}{event.message}", highlight=False)
+
+
+def _status_lines(status: DeploymentStatus) -> None:
+    for svc in status.services:
+        count = f"{svc.healthy}/{svc.desired} healthy" if svc.rtype == "service" else svc.rtype
+        note = f" - {svc.message}" if svc.message else ""
+        err_console.print(f"  {svc.name}: {_coloured(svc.state)} {count}{note}", highlight=False)
+
+
+async def _wait_healthy(client: Client, name: str, timeout: float) -> DeploymentStatus:
+    """Until every service runs healthy; fail with the reason when one fails or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = DeploymentStatus.model_validate_json(await client.schedd.get_deployment(name))
+        failed = [s for s in status.services if s.state == "failed"]
+        if failed:
+            _status_lines(status)
+            fail(f"{name} failed: {failed[0].name}: {failed[0].message or 'see zlayerctl ps'}")
+        if status.state == "running":
+            return status
+        if time.monotonic() > deadline:
+            _status_lines(status)
+            fail(
+                f"{name} was not healthy after {timeout:.0f}s; "
+                "see `zlayerctl ps` and `zlayerctl logs`"
+            )
+        await asyncio.sleep(0.5)
+
+
+async def _follow_events(client: Client, name: str, stop: asyncio.Event) -> None:
+    """Print the deployment's events until ``stop`` is set."""
+    schedd = client.schedd
+
+    async def printer() -> None:
+        async for raw in schedd.event_emitted:
+            event = Event.model_validate_json(raw)
+            if event.deployment == name:
+                _print_event(event)
+
+    task = asyncio.create_task(printer())
+    last_line = ""
+    try:
+        while not stop.is_set():
+            status = DeploymentStatus.model_validate_json(await schedd.get_deployment(name))
+            line = ", ".join(
+                f"{s.name} {s.state} {s.healthy}/{s.desired}"
+                for s in status.services
+                if s.rtype == "service"
+            )
+            if line != last_line:
+                err_console.print(
+                    f"[dim]{_stamp(time.time())}[/] [bold]{name}[/] {status.state}: {line}",
+                    highlight=False,
+                )
+                last_line = line
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+@click.command()
+@click.argument("file", required=False)
+@click.option("-b", "background", is_flag=True, help="return as soon as the deployment is stored")
+@click.option(
+    "-d",
+    "detach",
+    is_flag=True,
+    help="return once every service is healthy (or fail with the reason)",
+)
+@click.option(
+    "--timeout", type=float, default=DEFAULT_WAIT, show_default=True, help="seconds -d waits"
+)
+def up(file: str | None, background: bool, detach: bool, timeout: float) -> None:
+    """Deploy FILE and follow it; Ctrl-C tears the deployment down (-b/-d return instead)."""
+    text, filename, host_env, name = _read_spec(file, "up")
+
+    async def run() -> None:
+        client = Client()
+        status = DeploymentStatus.model_validate_json(
+            await client.schedd.deploy(text, filename, host_env)
+        )
+        err_console.print(
+            f"deployed revision {status.revision} of [bold]{name}[/]", highlight=False
+        )
+        if background:
+            return
+        if detach:
+            status = await _wait_healthy(client, name, timeout)
+            _status_lines(status)
+            err_console.print(f"[green]{name} is running[/]", highlight=False)
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        err_console.print(
+            "following events; Ctrl-C stops and removes the deployment", highlight=False
+        )
+        await _follow_events(client, name, stop)
+        err_console.print(f"removing {name} ...", highlight=False)
+        await client.schedd.down(name)
+        err_console.print(f"{name} removed", highlight=False)
+
+    asyncio.run(run())
+
+
+@click.command()
+@click.argument("name", required=False)
+def down(name: str | None) -> None:
+    """Remove a deployment and everything it runs (named volumes are kept)."""
+
+    async def run() -> None:
+        client = Client()
+        target = await resolve_deployment(client, name)
+        await client.schedd.down(target)
+        err_console.print(f"{target} removed", highlight=False)
+
+    asyncio.run(run())
+
+
+@click.command()
+@click.argument("file", required=False)
+@click.option("--dry-run", is_flag=True, help="show the plan; run nothing")
+@format_option
+def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
+    """Deploy FILE and return (or show the plan with --dry-run)."""
+    text, filename, host_env, name = _read_spec(file, "deploy")
+
+    async def run() -> None:
+        client = Client()
+        if dry_run:
+            plan = DeployPlan.model_validate_json(
+                await client.schedd.plan(text, filename, host_env)
+            )
+            if output_format == "json":
+                print_json(plan.model_dump(mode="json"))
+                return
+            click.echo(f"revision {plan.revision} of {plan.deployment} would:")
+            for action in plan.actions:
+                click.echo(f"  {action}")
+            return
+        status = DeploymentStatus.model_validate_json(
+            await client.schedd.deploy(text, filename, host_env)
+        )
+        if output_format == "json":
+            print_json(status.model_dump(mode="json"))
+        else:
+            err_console.print(
+                f"deployed revision {status.revision} of [bold]{name}[/]", highlight=False
+            )
+
+    asyncio.run(run())
+
+
+def _uptime(started: float | None) -> str:
+    if not started:
+        return ""
+    seconds = int(time.time() - started)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+@click.command()
+@click.option("--containers", is_flag=True, help="one row per replica instead of per service")
+@click.option("-d", "--deployment", help="only this deployment")
+@format_option
+def ps(containers: bool, deployment: str | None, output_format: str) -> None:
+    """Show deployments and their services (or replicas with --containers)."""
+
+    async def run() -> None:
+        client = Client()
+        if containers:
+            raw = await client.agentd.list_replicas(deployment or "", "")
+            replicas = [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+            if output_format == "json":
+                print_json([r.model_dump(mode="json") for r in replicas])
+                return
+            print_table(
+                [
+                    "REPLICA",
+                    "DEPLOYMENT",
+                    "SERVICE",
+                    "STATE",
+                    "HEALTH",
+                    "ADDRESS",
+                    "PID",
+                    "EXIT",
+                    "RESTARTS",
+                    "UPTIME",
+                    "MESSAGE",
+                ],
+                [
+                    [
+                        r.id,
+                        r.deployment,
+                        r.service,
+                        _coloured(r.state),
+                        _coloured(r.health),
+                        r.address,
+                        r.pid or "",
+                        ""
+                        if r.exit_code is None
+                        else (f"{r.exit_code} (OOM)" if r.oom_killed else r.exit_code),
+                        r.restarts,
+                        _uptime(r.started_at) if r.state == "running" else "",
+                        r.message,
+                    ]
+                    for r in replicas
+                ],
+            )
+            return
+        statuses = [
+            DeploymentStatus.model_validate(d)
+            for d in json.loads(await client.schedd.list_deployments())
+        ]
+        if deployment:
+            statuses = [s for s in statuses if s.name == deployment]
+        if output_format == "json":
+            print_json([s.model_dump(mode="json") for s in statuses])
+            return
+        if not statuses:
+            err_console.print("no deployments; start one with `zlayerctl up FILE`", highlight=False)
+            return
+        rows = []
+        for status in statuses:
+            for svc in status.services:
+                replicas = f"{svc.running}/{svc.desired}" if svc.rtype == "service" else "-"
+                healthy = f"{svc.healthy}/{svc.desired}" if svc.rtype == "service" else "-"
+                rows.append(
+                    [
+                        status.name,
+                        status.revision,
+                        svc.name,
+                        svc.rtype,
+                        svc.image,
+                        replicas,
+                        healthy,
+                        _coloured(svc.state),
+                        svc.message,
+                    ]
+                )
+        print_table(
+            [
+                "DEPLOYMENT",
+                "REV",
+                "SERVICE",
+                "TYPE",
+                "IMAGE",
+                "RUNNING",
+                "HEALTHY",
+                "STATE",
+                "MESSAGE",
+            ],
+            rows,
+        )
+
+    asyncio.run(run())
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--service", "-s", default="", help="only this service")
+@click.option(
+    "--timeout",
+    "-t",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="seconds between the stop signal and KILL",
+)
+@click.option("--force", is_flag=True, help="KILL at once")
+def stop(name: str | None, service: str, timeout: float, force: bool) -> None:
+    """Stop a deployment's replicas (or one service's) and keep the deployment."""
+
+    async def run() -> None:
+        client = Client()
+        target = await resolve_deployment(client, name)
+        await client.schedd.stop(target, service, timeout, force)
+        err_console.print(f"stopped {service + ' of ' if service else ''}{target}", highlight=False)
+
+    asyncio.run(run())
+
+
+@click.command()
+@click.argument("service")
+@click.argument("replicas", type=click.IntRange(0, 1000))
+@click.option("-d", "--deployment", help="the deployment (default: the spec here, or the only one)")
+def scale(service: str, replicas: int, deployment: str | None) -> None:
+    """Hold SERVICE at REPLICAS replicas until the next deploy."""
+
+    async def run() -> None:
+        client = Client()
+        target = await resolve_deployment(client, deployment)
+        await client.schedd.scale(target, service, replicas)
+        err_console.print(f"scaled {service} of {target} to {replicas}", highlight=False)
+
+    asyncio.run(run())
+
+
+@click.group()
+def job() -> None:
+    """Run jobs and see their runs and cron schedules."""
+
+
+@job.command("trigger")
+@click.argument("service")
+@click.option("-d", "--deployment", help="the deployment (default: the spec here, or the only one)")
+@click.option("--wait", "-w", is_flag=True, help="wait for the run to end; exit with its exit code")
+@format_option
+def job_trigger(service: str, deployment: str | None, wait: bool, output_format: str) -> None:
+    """Start a run of a job (or cron job) now."""
+
+    async def run() -> None:
+        client = Client()
+        target = await resolve_deployment(client, deployment)
+        started = JobRun.model_validate_json(await client.schedd.trigger_job(target, service))
+        result = started
+        while wait and result.state == "running":
+            await asyncio.sleep(0.3)
+            runs = [
+                JobRun.model_validate(r)
+                for r in json.loads(await client.agentd.list_job_runs(target, service))
+            ]
+            result = next((r for r in runs if r.id == started.id), result)
+        if output_format == "json":
+            print_json(result.model_dump(mode="json"))
+        else:
+            exit_note = f", exit code {result.exit_code}" if result.exit_code is not None else ""
+            err_console.print(
+                f"run {result.id} of {service}: {_coloured(result.state)}{exit_note}",
+                highlight=False,
+            )
+        if wait and result.exit_code:
+            raise SystemExit(result.exit_code)
+
+    asyncio.run(run())
+
+
+@job.command("status")
+@click.argument("service", required=False, default="")
+@click.option("-d", "--deployment", help="the deployment (default: the spec here, or the only one)")
+@format_option
+def job_status(service: str, deployment: str | None, output_format: str) -> None:
+    """Show the runs of jobs and cron jobs, newest first."""
+
+    async def run() -> None:
+        client = Client()
+        target = await resolve_deployment(client, deployment)
+        runs = [
+            JobRun.model_validate(r)
+            for r in json.loads(await client.agentd.list_job_runs(target, service))
+        ]
+        if output_format == "json":
+            print_json([r.model_dump(mode="json") for r in runs])
+            return
+        print_table(
+            ["RUN", "SERVICE", "TRIGGER", "STATE", "EXIT", "STARTED", "DURATION", "MESSAGE"],
+            [
+                [
+                    r.id,
+                    r.service,
+                    r.trigger,
+                    _coloured(r.state),
+                    "" if r.exit_code is None else r.exit_code,
+                    _stamp(r.started_at),
+                    f"{(r.finished_at or time.time()) - r.started_at:.1f}s",
+                    r.message,
+                ]
+                for r in runs
+            ],
+        )
+
+    asyncio.run(run())
+
+
+@job.group("cron")
+def cron() -> None:
+    """Cron jobs."""
+
+
+@cron.command("ls")
+@click.option("-d", "--deployment", default="", help="only this deployment")
+@format_option
+def cron_ls(deployment: str, output_format: str) -> None:
+    """List cron jobs with their schedule and next run."""
+
+    async def run() -> None:
+        client = Client()
+        rows: list[dict[str, Any]] = json.loads(await client.schedd.list_cron(deployment))
+        if output_format == "json":
+            print_json(rows)
+            return
+        print_table(
+            ["DEPLOYMENT", "SERVICE", "SCHEDULE", "NEXT RUN", "LAST RUN"],
+            [
+                [
+                    r["deployment"],
+                    r["service"],
+                    r["schedule"],
+                    _stamp(r["next_run"]) if r["next_run"] else "",
+                    _stamp(r["last_run"]) if r["last_run"] else "",
+                ]
+                for r in rows
+            ],
+        )
+
+    asyncio.run(run())
