@@ -9,6 +9,7 @@ import click
 
 from ctl.daemon_cmd import daemon
 from ctl.deploy_cmd import deploy, down, job, ps, scale, stop, up
+from ctl.replica_cmd import exec_, logs
 from ctl.spec_cmd import spec, validate
 from ctl.status_cmd import status
 from shared import __version__
@@ -23,7 +24,7 @@ def cli() -> None:
 
 
 cli.add_command(daemon)
-for command in (up, down, deploy, ps, stop, scale, job):
+for command in (up, down, deploy, ps, stop, scale, job, logs, exec_):
     cli.add_command(command)
 cli.add_command(status)
 cli.add_command(validate)

@@ -1,0 +1,154 @@
+"""``zlayerctl logs`` and ``zlayerctl exec``: reaching into a service's replicas.
+
+Logs are read straight from the files agentd names (``LogPaths``), so
+following a busy replica never floods the bus; ``exec`` hands agentd this
+terminal's file descriptors and exits with the command's exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from ctl.client import Client, resolve_deployment
+from ctl.output import fail
+from shared.k8slog import LogLine, parse_lines
+from shared.models import ReplicaInfo
+
+FOLLOW_POLL = 0.2
+
+
+async def _replicas(client: Client, deployment: str, service: str) -> list[ReplicaInfo]:
+    raw = await client.agentd.list_replicas(deployment, service)
+    replicas = [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+    if not replicas:
+        fail(f"service {service} of {deployment} has no replicas on this node")
+    newest = max(r.revision for r in replicas)
+    return sorted((r for r in replicas if r.revision == newest), key=lambda r: r.instance)
+
+
+def _pick(replicas: list[ReplicaInfo], instance: int | None, service: str) -> list[ReplicaInfo]:
+    if instance is None:
+        return replicas
+    chosen = [r for r in replicas if r.instance == instance]
+    if not chosen:
+        have = ", ".join(str(r.instance) for r in replicas)
+        fail(f"{service} has no replica {instance} (replicas: {have})")
+    return chosen
+
+
+def _read_all(paths: list[str]) -> Iterator[str]:
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                yield from handle
+        except FileNotFoundError:
+            continue  # rotated away between listing and reading
+
+
+def _emit(line: LogLine, prefix: str, timestamps: bool) -> None:
+    stamp = f"{line.time.isoformat(timespec='milliseconds')} " if timestamps and line.time else ""
+    out = sys.stderr if line.stream == "stderr" else sys.stdout
+    out.write(f"{prefix}{stamp}{line.text}\n")
+    out.flush()
+
+
+async def _follow(path: str, prefix: str, timestamps: bool, offset: int) -> None:
+    """Print what is appended to ``path``; reopen when it is rotated or truncated."""
+    position = offset
+    inode = os.stat(path).st_ino if os.path.exists(path) else 0
+    partial = ""
+    while True:
+        await asyncio.sleep(FOLLOW_POLL)
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if info.st_ino != inode or info.st_size < position:
+            inode, position = info.st_ino, 0
+        if info.st_size == position:
+            continue
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            handle.seek(position)
+            chunk = handle.read()
+            position = handle.tell()
+        records = (partial + chunk).split("\n")
+        partial = records.pop()
+        for line in parse_lines(r for r in records if r):
+            _emit(line, prefix, timestamps)
+
+
+@click.command()
+@click.argument("service")
+@click.option("-d", "--deployment", help="the deployment (default: the spec here, or the only one)")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
+@click.option("-n", "--tail", "tail", type=int, default=None, help="only the last N lines")
+@click.option("--instance", type=int, default=None, help="only this replica (1, 2, ...)")
+@click.option("-t", "--timestamps", is_flag=True, help="show when each line was written")
+def logs(
+    service: str,
+    deployment: str | None,
+    follow: bool,
+    tail: int | None,
+    instance: int | None,
+    timestamps: bool,
+) -> None:
+    """Print a service's logs (every replica, or one with --instance)."""
+
+    async def run() -> None:
+        client = Client()
+        target = await resolve_deployment(client, deployment)
+        chosen = _pick(await _replicas(client, target, service), instance, service)
+        followers = []
+        for replica in chosen:
+            paths = list(await client.agentd.log_paths(replica.id))
+            prefix = f"{service}-{replica.instance} | " if len(chosen) > 1 else ""
+            lines = list(parse_lines(_read_all(paths)))
+            for line in lines[-tail:] if tail is not None else lines:
+                _emit(line, prefix, timestamps)
+            if follow and paths:
+                current = paths[-1]
+                size = Path(current).stat().st_size if Path(current).exists() else 0
+                followers.append(_follow(current, prefix, timestamps, size))
+        if followers:
+            await asyncio.gather(*followers)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("service")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-d", "--deployment", help="the deployment (default: the spec here, or the only one)")
+@click.option(
+    "--replica", "instance", type=int, default=None, help="which replica (default: the first)"
+)
+@click.option("-t", "--tty", is_flag=True, help="give the command a terminal")
+def exec_(
+    service: str, command: tuple[str, ...], deployment: str | None, instance: int | None, tty: bool
+) -> None:
+    """Run COMMAND in a replica of SERVICE: zlayerctl exec web -- ls /"""
+
+    async def run() -> int:
+        client = Client()
+        target = await resolve_deployment(client, deployment)
+        replicas = _pick(await _replicas(client, target, service), instance, service)
+        running = [r for r in replicas if r.state == "running"]
+        if not running:
+            fail(f"no replica of {service} is running; see `zlayerctl ps --containers`")
+        code: int = await client.agentd.exec(running[0].id, list(command), tty, 0, 1, 2)
+        return code
+
+    sys.stdout.flush()
+    raise SystemExit(asyncio.run(run()))
+
+
+exec_.name = "exec"
