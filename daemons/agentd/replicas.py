@@ -1,0 +1,616 @@
+"""This node's replicas: keeping each assigned service at its replica count.
+
+schedd assigns services (``ApplyService``); for each replica this module runs
+one lifecycle task: image from registryd, network from overlayd, init steps,
+start through the container runtime, health checks, and on exit the restart
+policy with exponential backoff. Every replica's record is persisted in
+agentd's state directory, so a restarted agentd adopts the containers conmon
+kept running and learns the exit codes of those that ended while it was down.
+
+The runtime sits behind :class:`Launcher`, so this module decides *when*
+and *why*; the runtime knows *how*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from daemons.agentd import probes
+from shared.bus import NotFoundError, ZLayerError
+from shared.models import (
+    Attachment,
+    HealthState,
+    ImageRootfs,
+    JobRun,
+    ReplicaInfo,
+    ReplicaState,
+    ServiceAssignment,
+)
+from shared.spec import ServiceSpec
+
+log = logging.getLogger("zlayer.agentd")
+
+BACKOFF_BASE = 1.0
+BACKOFF_MAX = 60.0
+STABLE_RUN = 30.0  # a replica that ran this long starts its backoff afresh
+DEFAULT_GRACE = 10.0
+JOB_RUNS_KEPT = 20
+
+
+class Launcher(Protocol):
+    """What the replica lifecycle needs from the container runtime."""
+
+    async def start(
+        self,
+        container_id: str,
+        service: ServiceSpec,
+        rootfs: ImageRootfs,
+        attachment: Attachment | None,
+        args: list[str] | None,
+    ) -> int:
+        """Create and start a container; return its pid. ``args`` overrides the command."""
+
+    async def wait(self, container_id: str) -> tuple[int, bool]:
+        """Until the container ends: (exit code, OOM-killed)."""
+
+    async def running_pid(self, container_id: str) -> int | None:
+        """The pid of a running container, None when it is not running."""
+
+    async def stop(self, container_id: str, signal: str, grace: float) -> None:
+        """Signal, wait up to ``grace`` seconds, then KILL."""
+
+    async def remove(self, container_id: str) -> None:
+        """Delete the container and its file system (named volumes stay)."""
+
+    async def exec(
+        self, container_id: str, argv: list[str], tty: bool, stdin: int, stdout: int, stderr: int
+    ) -> int:
+        """Run ``argv`` inside the container; its exit code."""
+
+    def log_paths(self, container_id: str) -> list[str]:
+        """Log files, oldest first."""
+
+
+class Neighbours(Protocol):
+    """The other daemons a replica needs."""
+
+    async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs: ...
+
+    async def attach(self, container_id: str, hostname: str) -> Attachment: ...
+
+    async def detach(self, container_id: str) -> None: ...
+
+
+class ReplicaRecord(BaseModel):
+    """A replica as persisted; the bus sees it as ReplicaInfo."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    deployment: str
+    service: str
+    instance: int
+    revision: int
+    rtype: str = "service"
+    image: str
+    state: ReplicaState = "creating"
+    health: HealthState = "none"
+    pid: int = 0
+    address: str = ""
+    exit_code: int | None = None
+    oom_killed: bool = False
+    restarts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    message: str = ""
+    job_run: str | None = None
+    trigger: str = ""
+
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo.model_validate(
+            self.model_dump(exclude={"job_run", "trigger"}) | {"rtype": self.rtype}
+        )
+
+
+@dataclass
+class Replica:
+    record: ReplicaRecord
+    spec: ServiceSpec
+    task: asyncio.Task[None] | None = None
+    restart_requested: str = ""
+    stopping: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RestartDecision:
+    """Whether and when a replica that ended starts again."""
+
+    @staticmethod
+    def should_restart(spec: ServiceSpec, exit_code: int, attempts: int, unhealthy: bool) -> bool:
+        policy = spec.restart_policy
+        if policy is not None:
+            if policy.max_attempts is not None and attempts >= policy.max_attempts:
+                return False
+            if policy.kind == "no":
+                return unhealthy and spec.rtype == "service"
+            if policy.kind == "on_failure":
+                return exit_code != 0 or unhealthy
+            return True
+        if spec.rtype != "service":
+            return False  # a job run is done when it ends
+        return spec.errors.on_panic.action == "restart"
+
+    @staticmethod
+    def delay(spec: ServiceSpec, attempts: int) -> float:
+        base = BACKOFF_BASE
+        if spec.restart_policy is not None and spec.restart_policy.delay is not None:
+            base = spec.restart_policy.delay.total_seconds()
+        return float(min(base * 2 ** max(0, attempts - 1), BACKOFF_MAX))
+
+
+def container_id(deployment: str, service: str, instance: int, revision: int) -> str:
+    return f"{deployment}-{service}-{instance}-r{revision}"
+
+
+class Node:
+    """Every assignment and replica on this node."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        launcher: Launcher,
+        neighbours: Neighbours,
+        changed: Callable[[ReplicaInfo], None],
+    ) -> None:
+        self.state_dir = state_dir
+        self.assign_dir = state_dir / "assignments"
+        self.record_dir = state_dir / "replicas"
+        self.runs_dir = state_dir / "job-runs"
+        for directory in (self.assign_dir, self.record_dir, self.runs_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.launcher = launcher
+        self.neighbours = neighbours
+        self.changed = changed
+        self.assignments: dict[tuple[str, str], ServiceAssignment] = {}
+        self.replicas: dict[str, Replica] = {}
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ persistence
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    def _save(self, replica: Replica) -> None:
+        self._write(self.record_dir / f"{replica.record.id}.json", replica.record.model_dump_json())
+
+    def _update(self, replica: Replica, **changes: Any) -> None:
+        record = replica.record
+        before = (record.state, record.health, record.message)
+        for key, value in changes.items():
+            setattr(record, key, value)
+        self._save(replica)
+        if (record.state, record.health, record.message) != before:
+            self.changed(record.info())
+
+    async def load(self) -> None:
+        """Read assignments and records; adopt the containers that still exist."""
+        for path in sorted(self.assign_dir.glob("*.json")):
+            assignment = ServiceAssignment.model_validate_json(path.read_text())
+            self.assignments[(assignment.deployment, assignment.service)] = assignment
+        for path in sorted(self.record_dir.glob("*.json")):
+            record = ReplicaRecord.model_validate_json(path.read_text())
+            assignment = self.assignments.get((record.deployment, record.service))
+            if assignment is None:
+                log.warning("replica %s has no assignment any more; removing it", record.id)
+                spec = ServiceSpec.model_validate({"image": record.image})
+                replica = Replica(record, spec)
+                await self._teardown(replica, 0.0)
+                continue
+            replica = Replica(record, ServiceSpec.model_validate(assignment.spec))
+            self.replicas[record.id] = replica
+            if record.state in ("stopped", "failed", "exited") and record.rtype != "service":
+                continue
+            if record.state == "stopped":
+                continue
+            pid = await self.launcher.running_pid(record.id)
+            log.info(
+                "adopting %s (%s)",
+                record.id,
+                f"running, pid {pid}" if pid else "ended while agentd was down",
+            )
+            replica.task = asyncio.create_task(self._lifecycle(replica, adopt=True))
+        for assignment in list(self.assignments.values()):
+            await self._converge(assignment)
+
+    # ------------------------------------------------------------ assignments
+
+    async def apply(self, assignment: ServiceAssignment) -> None:
+        async with self._lock:
+            key = (assignment.deployment, assignment.service)
+            self.assignments[key] = assignment
+            name = f"{assignment.deployment}--{assignment.service}.json"
+            self._write(self.assign_dir / name, assignment.model_dump_json())
+            await self._converge(assignment)
+
+    async def _converge(self, assignment: ServiceAssignment) -> None:
+        spec = ServiceSpec.model_validate(assignment.spec)
+        mine = [
+            r
+            for r in self.replicas.values()
+            if r.record.deployment == assignment.deployment
+            and r.record.service == assignment.service
+            and r.record.rtype == "service"
+        ]
+        for replica in mine:
+            outdated = replica.record.revision != assignment.revision
+            surplus = replica.record.instance > assignment.replicas
+            if outdated or surplus:
+                await self._remove(replica, _grace(replica.spec))
+        present = {
+            r.record.instance
+            for r in self.replicas.values()
+            if r.record.deployment == assignment.deployment
+            and r.record.service == assignment.service
+            and r.record.revision == assignment.revision
+            and r.record.rtype == "service"
+        }
+        if spec.rtype != "service":
+            return
+        for instance in range(1, assignment.replicas + 1):
+            if instance not in present:
+                self._create(assignment, spec, instance)
+
+    def _create(
+        self,
+        assignment: ServiceAssignment,
+        spec: ServiceSpec,
+        instance: int,
+        job_run: str | None = None,
+        trigger: str = "",
+    ) -> Replica:
+        cid = (
+            f"{assignment.deployment}-{assignment.service}-{job_run}"
+            if job_run
+            else container_id(
+                assignment.deployment, assignment.service, instance, assignment.revision
+            )
+        )
+        record = ReplicaRecord(
+            id=cid,
+            deployment=assignment.deployment,
+            service=assignment.service,
+            instance=instance,
+            revision=assignment.revision,
+            rtype=spec.rtype,
+            image=spec.image.name,
+            job_run=job_run,
+            trigger=trigger,
+        )
+        replica = Replica(record, spec)
+        self.replicas[cid] = replica
+        self._save(replica)
+        self.changed(record.info())
+        replica.task = asyncio.create_task(self._lifecycle(replica, adopt=False))
+        return replica
+
+    async def remove_service(
+        self, deployment: str, service: str, timeout: float, force: bool
+    ) -> None:
+        async with self._lock:
+            grace = 0.0 if force else timeout
+            victims = [
+                r
+                for r in self.replicas.values()
+                if r.record.deployment == deployment
+                and (not service or r.record.service == service)
+            ]
+            await asyncio.gather(*(self._remove(r, grace) for r in victims))
+            for key in [
+                k
+                for k in self.assignments
+                if k[0] == deployment and (not service or k[1] == service)
+            ]:
+                del self.assignments[key]
+                (self.assign_dir / f"{key[0]}--{key[1]}.json").unlink(missing_ok=True)
+            for path in self.runs_dir.glob(f"{deployment}--*.json"):
+                if not service or path.name == f"{deployment}--{service}.json":
+                    path.unlink(missing_ok=True)
+
+    async def _remove(self, replica: Replica, grace: float) -> None:
+        replica.stopping = True
+        if replica.task is not None and not replica.task.done():
+            replica.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await replica.task
+        await self._teardown(replica, grace)
+        self.replicas.pop(replica.record.id, None)
+        (self.record_dir / f"{replica.record.id}.json").unlink(missing_ok=True)
+        replica.record.state = "stopped"
+        self.changed(replica.record.info())
+
+    async def _teardown(self, replica: Replica, grace: float) -> None:
+        cid = replica.record.id
+        try:
+            if await self.launcher.running_pid(cid):
+                await self.launcher.stop(cid, replica.spec.stop_signal or "SIGTERM", grace)
+            await self.launcher.remove(cid)
+        except Exception as exc:
+            log.error("could not remove container %s cleanly: %s", cid, exc)
+        try:
+            await self.neighbours.detach(cid)
+        except Exception as exc:
+            log.error("could not release the network of %s: %s", cid, exc)
+        (self.record_dir / f"{cid}.json").unlink(missing_ok=True)
+
+    async def shutdown(self) -> None:
+        """agentd is stopping: leave containers running (conmon holds them)."""
+        tasks = [r.task for r in self.replicas.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ------------------------------------------------------------ queries
+
+    def list(self, deployment: str, service: str) -> list[ReplicaInfo]:
+        return sorted(
+            (
+                r.record.info()
+                for r in self.replicas.values()
+                if (not deployment or r.record.deployment == deployment)
+                and (not service or r.record.service == service)
+                and r.record.rtype == "service"
+            ),
+            key=lambda i: (i.deployment, i.service, i.revision, i.instance),
+        )
+
+    def find(self, replica_id: str) -> Replica:
+        replica = self.replicas.get(replica_id)
+        if replica is None:
+            raise NotFoundError(
+                f"there is no replica {replica_id} on this node; see `zlayerctl ps --containers`"
+            )
+        return replica
+
+    # ------------------------------------------------------------ jobs
+
+    def _runs_file(self, deployment: str, service: str) -> Path:
+        return self.runs_dir / f"{deployment}--{service}.json"
+
+    def job_runs(self, deployment: str, service: str) -> list[JobRun]:
+        runs: list[JobRun] = []
+        pattern = f"{deployment}--{service}.json" if service else f"{deployment}--*.json"
+        for path in self.runs_dir.glob(pattern):
+            runs += [JobRun.model_validate(r) for r in json.loads(path.read_text())]
+        return sorted(runs, key=lambda r: r.started_at, reverse=True)
+
+    def _record_run(self, run: JobRun) -> None:
+        path = self._runs_file(run.deployment, run.service)
+        runs = [r for r in self.job_runs(run.deployment, run.service) if r.id != run.id]
+        runs = [run, *runs][:JOB_RUNS_KEPT]
+        self._write(path, json.dumps([r.model_dump(mode="json") for r in runs]))
+
+    async def run_job(self, deployment: str, service: str, trigger: str) -> JobRun:
+        assignment = self.assignments.get((deployment, service))
+        if assignment is None:
+            raise NotFoundError(f"{service} of {deployment} is not assigned to this node")
+        spec = ServiceSpec.model_validate(assignment.spec)
+        started = time.time()
+        run_id = f"run{int(started * 1000)}"
+        run = JobRun(
+            id=run_id,
+            deployment=deployment,
+            service=service,
+            trigger=trigger,  # type: ignore[arg-type]
+            state="running",
+            started_at=started,
+        )
+        self._record_run(run)
+        self._create(assignment, spec, 1, job_run=run_id, trigger=trigger)
+        return run
+
+    def _finish_run(self, replica: Replica) -> None:
+        record = replica.record
+        if record.job_run is None:
+            return
+        ok = record.exit_code == 0
+        run = JobRun(
+            id=record.job_run,
+            deployment=record.deployment,
+            service=record.service,
+            trigger=record.trigger or "manual",  # type: ignore[arg-type]
+            state="succeeded" if ok else "failed",
+            exit_code=record.exit_code,
+            started_at=record.started_at or time.time(),
+            finished_at=time.time(),
+            message=record.message,
+        )
+        self._record_run(run)
+
+    # ------------------------------------------------------------ the lifecycle
+
+    async def _prepare_and_start(self, replica: Replica) -> None:
+        record, spec = replica.record, replica.spec
+        self._update(replica, state="creating", message="", health="none")
+        rootfs = await self.neighbours.ensure_image(spec.image.name, spec.image.pull_policy)
+        attachment = None
+        if spec.network_mode != "host":
+            hostname = spec.hostname or f"{record.service}-{record.instance}"
+            attachment = await self.neighbours.attach(record.id, hostname)
+            self._update(replica, address=attachment.address)
+        if spec.init.steps:
+            self._update(replica, state="initializing", message="running init steps")
+            await probes.run_init(
+                spec.init.steps,
+                record.address,
+                lambda argv, timeout: self._one_shot(replica, rootfs, attachment, argv, timeout),
+                lambda note: log.info("%s: %s", record.id, note),
+            )
+        pid = await self.launcher.start(record.id, spec, rootfs, attachment, None)
+        self._update(
+            replica,
+            state="running",
+            pid=pid,
+            started_at=time.time(),
+            finished_at=None,
+            exit_code=None,
+            oom_killed=False,
+            message="",
+            health="starting" if probes.has_probe(spec) and record.rtype == "service" else "none",
+        )
+
+    async def _one_shot(
+        self,
+        replica: Replica,
+        rootfs: ImageRootfs,
+        attachment: Attachment | None,
+        argv: list[str],
+        timeout: float,
+    ) -> int:
+        """An init.run step: the command in a container of the replica's image and network."""
+        cid = f"{replica.record.id}-init"
+        with contextlib.suppress(Exception):
+            await self.launcher.remove(cid)
+        await self.launcher.start(cid, replica.spec, rootfs, attachment, argv)
+        try:
+            code, _oom = await asyncio.wait_for(self.launcher.wait(cid), timeout)
+            return code
+        except TimeoutError:
+            await self.launcher.stop(cid, "SIGKILL", 0)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await self.launcher.remove(cid)
+
+    async def _watch_health(self, replica: Replica) -> None:
+        record, spec = replica.record, replica.spec
+
+        def report(result: probes.HealthResult) -> None:
+            if result.healthy:
+                self._update(replica, health="healthy", message="")
+            else:
+                self._update(replica, health="unhealthy", message=f"unhealthy: {result.reason}")
+                replica.restart_requested = f"unhealthy: {result.reason}"
+                asyncio.get_running_loop().create_task(
+                    self.launcher.stop(record.id, spec.stop_signal or "SIGTERM", _grace(spec))
+                )
+
+        async def run(argv: list[str], timeout: float) -> int:
+            return await self.launcher.exec(record.id, argv, False, -1, -1, -1)
+
+        await probes.monitor(spec, record.address, run, report)
+
+    async def _lifecycle(self, replica: Replica, adopt: bool) -> None:
+        record, spec = replica.record, replica.spec
+        attempts = record.restarts
+        while True:
+            started = time.monotonic()
+            if not adopt:
+                try:
+                    await self._prepare_and_start(replica)
+                except asyncio.CancelledError:
+                    raise
+                except probes.InitFailed as exc:
+                    if not await self._after_failed_start(
+                        replica, str(exc), spec.errors.on_init_failure.action
+                    ):
+                        return
+                    attempts += 1
+                    continue
+                except Exception as exc:
+                    reason = exc.args[0] if isinstance(exc, ZLayerError) and exc.args else str(exc)
+                    if not await self._after_failed_start(replica, reason, "backoff"):
+                        return
+                    attempts += 1
+                    continue
+            elif record.state == "running" and probes.has_probe(spec) and record.health == "none":
+                self._update(replica, health="starting")
+            adopt = False
+            health = None
+            if record.rtype == "service" and probes.has_probe(spec):
+                health = asyncio.create_task(self._watch_health(replica))
+            try:
+                code, oom = await self.launcher.wait(record.id)
+            finally:
+                if health is not None:
+                    health.cancel()
+            ran = time.monotonic() - started
+            unhealthy = replica.restart_requested
+            replica.restart_requested = ""
+            why = unhealthy or (f"OOM-killed (exit {code})" if oom else f"exited with code {code}")
+            self._update(
+                replica,
+                state="exited",
+                pid=0,
+                exit_code=code,
+                oom_killed=oom,
+                finished_at=time.time(),
+                health="none",
+                message=why,
+            )
+            if record.job_run is not None:
+                self._finish_run(replica)
+            if ran >= STABLE_RUN:
+                attempts = 0
+            if replica.stopping or not RestartDecision.should_restart(
+                spec, code, attempts, bool(unhealthy)
+            ):
+                if record.job_run is not None:
+                    with contextlib.suppress(Exception):
+                        await self.launcher.remove(record.id)
+                    with contextlib.suppress(Exception):
+                        await self.neighbours.detach(record.id)
+                return
+            attempts += 1
+            delay = RestartDecision.delay(spec, attempts)
+            self._update(
+                replica,
+                state="restarting",
+                restarts=record.restarts + 1,
+                message=f"{why}; restarting in {delay:.0f}s",
+            )
+            await asyncio.sleep(delay)
+            await self.launcher.remove(record.id)
+
+    async def _after_failed_start(self, replica: Replica, reason: str, action: str) -> bool:
+        """Record a start that failed; True when the replica should try again (after a pause)."""
+        log.warning("%s did not start: %s", replica.record.id, reason)
+        with contextlib.suppress(Exception):
+            await self.launcher.remove(replica.record.id)
+        if action == "fail" or replica.record.job_run is not None:
+            self._update(replica, state="failed", message=reason, pid=0)
+            if replica.record.job_run is not None:
+                replica.record.exit_code = (
+                    replica.record.exit_code if replica.record.exit_code is not None else -1
+                )
+                self._finish_run(replica)
+            return False
+        attempts = replica.record.restarts + 1
+        delay = 1.0 if action == "restart" else RestartDecision.delay(replica.spec, attempts)
+        self._update(
+            replica,
+            state="failed",
+            message=f"{reason}; retrying in {delay:.0f}s",
+            restarts=attempts,
+            pid=0,
+        )
+        await asyncio.sleep(delay)
+        return True
+
+
+def _grace(spec: ServiceSpec) -> float:
+    return spec.stop_grace_period.total_seconds() if spec.stop_grace_period else DEFAULT_GRACE
