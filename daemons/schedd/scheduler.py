@@ -24,6 +24,7 @@ from croniter import croniter
 from daemons.schedd.store import Store, StoredDeployment
 from shared.bus import (
     DAEMONS_BY_NAME,
+    ConflictError,
     InvalidSpecError,
     NotFoundError,
     UnavailableError,
@@ -81,6 +82,17 @@ def start_order(spec: DeploymentSpec) -> list[str]:
     for name in spec.services:
         visit(name)
     return order
+
+
+def _public_ports(spec: DeploymentSpec) -> dict[tuple[int, str], str]:
+    """(port, transport) -> "service web endpoint http" for every public endpoint."""
+    ports: dict[tuple[int, str], str] = {}
+    for name, service in spec.services.items():
+        for endpoint in service.endpoints:
+            if endpoint.expose == "public":
+                transport = "udp" if endpoint.protocol == "udp" else "tcp"
+                ports[(endpoint.port, transport)] = f"service {name} endpoint {endpoint.name}"
+    return ports
 
 
 def next_cron_time(schedule: str, after: float) -> float:
@@ -157,6 +169,7 @@ class Scheduler:
         self, spec_text: str, filename: str, host_env: dict[str, str]
     ) -> DeploymentStatus:
         spec = self._parse(spec_text, filename, host_env)
+        self._check_ports(spec)
         spec_json = spec.model_dump_json(by_alias=True)
         revision = await asyncio.to_thread(
             self.store.add_revision, spec.deployment, spec_json, spec_text, filename
@@ -164,6 +177,24 @@ class Scheduler:
         self.event(spec.deployment, "deploy", f"revision {revision} of {spec.deployment} deployed")
         self.wake()
         return await self.status(spec.deployment)
+
+    def _check_ports(self, spec: DeploymentSpec) -> None:
+        """A public port belongs to one deployment on this node."""
+        mine = _public_ports(spec)
+        for other in self.store.names():
+            if other == spec.deployment:
+                continue
+            stored = self.store.get(other)
+            if stored is None:
+                continue
+            taken = _public_ports(DeploymentSpec.model_validate_json(stored.spec_json))
+            for port_proto, where in mine.items():
+                if port_proto in taken:
+                    raise ConflictError(
+                        f"{where} wants public port {port_proto[0]}/{port_proto[1]}, which "
+                        f"{taken[port_proto]} of deployment {other} already uses; pick another "
+                        "port or `zlayerctl down " + other + "` first"
+                    )
 
     async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> DeployPlan:
         spec = self._parse(spec_text, filename, host_env)
@@ -321,6 +352,9 @@ class Scheduler:
                 state = "running" if running else "pending"
             elif key in self._failed:
                 state = "failed"
+            elif mine and all(r.state == "failed" for r in mine):
+                state = "failed"  # every replica failed to start; agentd keeps retrying
+                message = mine[0].message
             elif stored.stopped or svc_name in stopped:
                 state = "stopped"
             elif key in self._waiting:
