@@ -296,14 +296,31 @@ def test_policy_is_well_formed() -> None:
         assert denied, f"{name}: everything must be denied to other users first"
         allowed = [e for e in default.iter("allow") if e.get("send_destination") == name]
         assert allowed
+        own_members = set()
         for rule in allowed:
             interface, member = rule.get("send_interface"), rule.get("send_member")
             if interface == name:
-                assert member == "Status", f"{name}: only Status is read-only"
+                own_members.add(member)
             else:
                 assert interface in READ_ONLY_INTERFACES, ET.tostring(rule)
                 members = READ_ONLY_INTERFACES[interface]
                 assert members is None or member in members, ET.tostring(rule)
+        assert own_members == _unprivileged_members(name), (
+            f"{name}: other users may call exactly the members shared.bus marks unprivileged"
+        )
+
+
+def _unprivileged_members(bus_name: str) -> set[str]:
+    """Read-only methods: those shared.bus flags with DbusUnprivilegedFlag."""
+    import sdbus
+    from sdbus.dbus_proxy_async_method import DbusMethodAsync
+
+    interface = next(d.interface for d in DAEMONS if d.bus_name == bus_name)
+    return {
+        m.method_name
+        for m in vars(interface).values()
+        if isinstance(m, DbusMethodAsync) and m.flags & sdbus.DbusUnprivilegedFlag
+    }
 
 
 _BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
