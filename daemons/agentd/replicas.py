@@ -373,7 +373,6 @@ class Node:
                 for r in self.replicas.values()
                 if (not deployment or r.record.deployment == deployment)
                 and (not service or r.record.service == service)
-                and r.record.rtype == "service"
             ),
             key=lambda i: (i.deployment, i.service, i.revision, i.instance),
         )
@@ -570,10 +569,9 @@ class Node:
                 spec, code, attempts, bool(unhealthy)
             ):
                 if record.job_run is not None:
-                    with contextlib.suppress(Exception):
-                        await self.launcher.remove(record.id)
-                    with contextlib.suppress(Exception):
-                        await self.neighbours.detach(record.id)
+                    # The run's outcome lives on in the job history; the container goes.
+                    await self._teardown(replica, 0.0)
+                    self.replicas.pop(record.id, None)
                 return
             attempts += 1
             delay = RestartDecision.delay(spec, attempts)
