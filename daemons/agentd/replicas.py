@@ -592,10 +592,9 @@ class Node:
         if action == "fail" or replica.record.job_run is not None:
             self._update(replica, state="failed", message=reason, pid=0)
             if replica.record.job_run is not None:
-                replica.record.exit_code = (
-                    replica.record.exit_code if replica.record.exit_code is not None else -1
-                )
                 self._finish_run(replica)
+                await self._teardown(replica, 0.0)
+                self.replicas.pop(replica.record.id, None)
             return False
         attempts = replica.record.restarts + 1
         delay = 1.0 if action == "restart" else RestartDecision.delay(replica.spec, attempts)
