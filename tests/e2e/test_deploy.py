@@ -1,0 +1,350 @@
+"""A deployment on one node, driven only through zlayerctl, checked as a user would.
+
+One set of daemons (its own prefix, bridge and subnet) serves the module; each
+test brings its deployment up and takes it down again, and the leak check
+around every test proves ``down`` leaves no mount, link, netns or cgroup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from ctl.supervisor import find_executable
+from shared.busybox_image import busybox_image, write_oci_layout
+from shared.paths import PREFIX_ENV, Paths
+from tests.conftest import kill_prefix_processes, prefix_processes, write_test_config
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
+
+IMAGE = "zlayer/busybox:latest"
+
+
+class Node:
+    """The daemons of this module and a way to run zlayerctl against them."""
+
+    def __init__(self, paths: Paths, workdir: Path) -> None:
+        self.paths = paths
+        self.workdir = workdir
+        self.env = dict(os.environ, **{PREFIX_ENV: str(paths.prefix)})
+        self.env.pop("ZLAYER_BUS_ADDRESS", None)
+
+    def ctl(
+        self, *args: str, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [find_executable("zlayerctl"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.workdir,
+        )
+        assert "Traceback" not in result.stderr, result.stderr
+        if check:
+            assert result.returncode == 0, f"zlayerctl {' '.join(args)}: {result.stderr}"
+        return result
+
+    def spec(self, name: str, body: str) -> Path:
+        path = self.workdir / f"{name}.zlayer.yml"
+        path.write_text(textwrap.dedent(body))
+        return path
+
+    def replicas(self, deployment: str) -> list[dict[str, Any]]:
+        out = self.ctl("ps", "--containers", "-d", deployment, "--format", "json", check=True)
+        return [r for r in json.loads(out.stdout) if r["deployment"] == deployment]
+
+    def services(self, deployment: str) -> dict[str, dict[str, Any]]:
+        out = self.ctl("ps", "-d", deployment, "--format", "json", check=True)
+        statuses = json.loads(out.stdout)
+        return {s["name"]: s for d in statuses for s in d["services"]}
+
+    def daemon_pid(self, name: str) -> int:
+        rows = json.loads(self.ctl("status", "--format", "json").stdout)
+        return int(next(r["pid"] for r in rows if r["name"] == name))
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.2)
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    prefix = Path(f"/tmp/zle-{os.getpid()}")
+    prefix.mkdir()
+    paths = Paths(prefix)
+    write_test_config(paths)
+    tag = os.getpid() % 200 + 20
+    with paths.daemon_config("overlayd").open("a") as handle:
+        handle.write(f'bridge = "zle{os.getpid() % 100000}"\nsubnet = "10.{tag}.0.0/24"\n')
+    node = Node(paths, tmp_path_factory.mktemp("work"))
+    image_dir = write_oci_layout(busybox_image(), tmp_path_factory.mktemp("image") / "oci")
+    try:
+        node.ctl("daemon", "run", "--detach", check=True)
+        node.ctl("image", "import", str(image_dir), "--name", IMAGE, check=True)
+        yield node
+    finally:
+        node.ctl("daemon", "stop")
+        subprocess.run(
+            [find_executable("zlayer-overlayd"), "--remove-network"],
+            env=node.env,
+            capture_output=True,
+            timeout=60,
+        )
+        left = prefix_processes(prefix)
+        kill_prefix_processes(prefix)
+        subprocess.run(["rm", "-rf", str(prefix)], check=False)
+        assert not left, f"processes left running: {left}"
+
+
+WEB = """
+version: v1
+deployment: {name}
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - mkdir -p /www && echo hello-$(hostname) > /www/index.html &&
+          exec httpd -f -p 8080 -h /www
+    endpoints: [{{name: http, protocol: http, port: 8080}}]
+    scale: {{mode: fixed, replicas: {replicas}}}
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: http, url: /index.html}}
+"""
+
+
+def test_web_deployment_serves_heals_and_goes_away(node: Node) -> None:
+    spec = node.spec("web", WEB.format(name="web", replicas=3))
+    node.ctl("up", "-d", str(spec), "--timeout", "90", check=True)
+
+    services = node.services("web")
+    assert services["web"]["healthy"] == 3 and services["web"]["state"] == "running"
+    replicas = node.replicas("web")
+    assert len(replicas) == 3 and all(r["health"] == "healthy" for r in replicas)
+    pages = {http_get(f"http://{r['address']}:8080/index.html").strip() for r in replicas}
+    assert len(pages) == 3 and all(p.startswith("hello-") for p in pages)
+
+    # Replicas reach each other by IP.
+    other = replicas[1]["address"]
+    reach = node.ctl(
+        "exec",
+        "web",
+        "-d",
+        "web",
+        "--replica",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        f"printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc {other} 8080",
+    )
+    assert reach.returncode == 0 and "200 OK" in reach.stdout
+
+    # A killed replica comes back.
+    victim = replicas[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def healed() -> bool:
+        now = {r["id"]: r for r in node.replicas("web")}
+        again = now.get(victim["id"])
+        return bool(
+            again
+            and again["state"] == "running"
+            and again["pid"] != victim["pid"]
+            and again["restarts"] >= 1
+            and again["health"] == "healthy"
+        )
+
+    wait_until(healed, 60, "the killed replica to run healthy again")
+
+    # Logs of a replica are there.
+    logs = node.ctl("logs", "web", "-d", "web", "--instance", "2", "-n", "5")
+    assert logs.returncode == 0
+
+    # agentd killed by PID and restarted: replicas keep running and serving.
+    pids = {r["id"]: r["pid"] for r in node.replicas("web")}
+    os.kill(node.daemon_pid("agentd"), signal.SIGKILL)
+    wait_until(lambda: node.ctl("status").returncode == 0, 60, "agentd to be restarted")
+    after = wait_until(lambda: node.replicas("web"), 30, "ps to answer")
+    assert {r["id"]: r["pid"] for r in after} == pids
+    for r in after:
+        assert http_get(f"http://{r['address']}:8080/index.html").startswith("hello-")
+
+    node.ctl("down", "web", check=True)
+    assert node.replicas("web") == []
+    for pid in pids.values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_named_volume_keeps_data_across_down_and_up(node: Node) -> None:
+    body = """
+    version: v1
+    deployment: vol
+    services:
+      keeper:
+        image: zlayer/busybox:latest
+        command:
+          entrypoint: ["sh", "-c"]
+          args: ["echo run >> /data/runs && exec sleep 1000"]
+        storage:
+          - {type: named, name: zle-keep, target: /data}
+          - {type: tmpfs, target: /scratch}
+        scale: {mode: fixed, replicas: 1}
+    """
+    spec = node.spec("vol", body)
+    for expected in (1, 2):
+        node.ctl("up", "-d", str(spec), check=True)
+        out = node.ctl(
+            "exec", "keeper", "-d", "vol", "--", "sh", "-c", "wc -l < /data/runs", check=True
+        )
+        assert out.stdout.strip() == str(expected)
+        node.ctl("down", "vol", check=True)
+
+
+def test_memory_limit_is_enforced(node: Node) -> None:
+    body = """
+    version: v1
+    deployment: oom
+    services:
+      hog:
+        image: zlayer/busybox:latest
+        command:
+          entrypoint: ["sh", "-c"]
+          args: ["x=$(head -c 200000000 /dev/zero | tr '\\\\0' a); sleep 1000"]
+        resources: {memory: 16Mi}
+        restart_policy: {kind: "no"}
+        scale: {mode: fixed, replicas: 1}
+    """
+    node.ctl("up", "-b", str(node.spec("oom", body)), check=True)
+    hog = wait_until(
+        lambda: next((r for r in node.replicas("oom") if r["exit_code"] is not None), None),
+        60,
+        "the hog to be killed",
+    )
+    assert hog["exit_code"] == 137 and hog["oom_killed"] is True
+    assert "OOM" in node.ctl("ps", "--containers", "-d", "oom").stdout
+    node.ctl("down", "oom", check=True)
+
+
+def test_depends_order_and_jobs(node: Node) -> None:
+    body = """
+    version: v1
+    deployment: order
+    services:
+      db:
+        image: zlayer/busybox:latest
+        command:
+          entrypoint: ["sh", "-c"]
+          args: ["sleep 2 && exec nc -lk -p 5432 -e cat"]
+        endpoints: [{name: pg, protocol: tcp, port: 5432}]
+        health: {interval: 500ms, timeout: 1s, check: {type: tcp}}
+        scale: {mode: fixed, replicas: 1}
+      app:
+        image: zlayer/busybox:latest
+        command: {entrypoint: ["sleep", "1000"]}
+        depends: [{service: db, condition: healthy, timeout: 60s}]
+        scale: {mode: fixed, replicas: 1}
+      fail3:
+        rtype: job
+        image: zlayer/busybox:latest
+        command: {entrypoint: ["sh", "-c", "echo working; exit 3"]}
+      tick:
+        rtype: cron
+        schedule: "*/2 * * * * *"
+        image: zlayer/busybox:latest
+        command: {entrypoint: ["true"]}
+    """
+    node.ctl("up", "-d", str(node.spec("order", body)), "--timeout", "90", check=True)
+    replicas = {r["service"]: r for r in node.replicas("order")}
+    assert replicas["app"]["started_at"] > replicas["db"]["started_at"] + 1.5
+
+    run = node.ctl("job", "trigger", "fail3", "-d", "order", "--wait")
+    assert run.returncode == 3
+    status = json.loads(
+        node.ctl("job", "status", "fail3", "-d", "order", "--format", "json").stdout
+    )
+    assert status[0]["exit_code"] == 3 and status[0]["state"] == "failed"
+
+    def cron_ran() -> bool:
+        runs = json.loads(
+            node.ctl("job", "status", "tick", "-d", "order", "--format", "json").stdout
+        )
+        return any(r["trigger"] == "schedule" and r["state"] == "succeeded" for r in runs)
+
+    wait_until(cron_ran, 30, "the cron job to fire")
+    assert "tick" in node.ctl("job", "cron", "ls", "-d", "order").stdout
+    node.ctl("down", "order", check=True)
+
+
+def test_clear_sentences_for_user_mistakes(node: Node) -> None:
+    missing = node.spec(
+        "missing",
+        """
+    version: v1
+    deployment: missing
+    services:
+      ghost:
+        image: nope/never:1
+        scale: {mode: fixed, replicas: 1}
+    """,
+    )
+    result = node.ctl("up", "-d", str(missing), "--timeout", "60")
+    assert result.returncode == 1
+    assert "nope/never:1" in result.stderr and "import" in result.stderr
+    node.ctl("down", "missing", check=True)
+
+    bad = node.spec(
+        "bad",
+        """
+    version: v1
+    deployment: bad
+    services:
+      web:
+        image: zlayer/busybox:latest
+        ports: [80]
+    """,
+    )
+    result = node.ctl("up", str(bad))
+    assert result.returncode == 1
+    assert "endpoints" in result.stderr and ":7:" in result.stderr
+
+    first = node.spec(
+        "first",
+        WEB.format(name="first", replicas=1).replace("port: 8080}", "port: 8080, expose: public}"),
+    )
+    second = node.spec(
+        "second",
+        WEB.format(name="second", replicas=1).replace("port: 8080}", "port: 8080, expose: public}"),
+    )
+    node.ctl("up", "-b", str(first), check=True)
+    clash = node.ctl("up", "-b", str(second))
+    assert clash.returncode == 1
+    assert "8080" in clash.stderr and "first" in clash.stderr
+    node.ctl("down", "first", check=True)
