@@ -9,6 +9,7 @@ import click
 
 from ctl.daemon_cmd import daemon
 from ctl.deploy_cmd import deploy, down, job, ps, scale, stop, up
+from ctl.image_cmd import image
 from ctl.replica_cmd import exec_, logs
 from ctl.spec_cmd import spec, validate
 from ctl.status_cmd import status
@@ -29,6 +30,7 @@ for command in (up, down, deploy, ps, stop, scale, job, logs, exec_):
 cli.add_command(status)
 cli.add_command(validate)
 cli.add_command(spec)
+cli.add_command(image)
 
 
 def main() -> None:

@@ -163,8 +163,11 @@ class _TarFiles(_Files):
         try:
             self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
             members = self.tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ArchiveError(f"{path} is not a readable tar archive ({exc})") from None
+        except (tarfile.TarError, EOFError, OSError):
+            raise ArchiveError(
+                f"{path} is not an image: not a tar archive (oci-archive or docker save) "
+                "and not an OCI layout directory"
+            ) from None
         self.members: dict[str, tarfile.TarInfo] = {}
         for member in members:
             clean = _clean(member.name)

@@ -1,0 +1,199 @@
+"""``zlayerctl image``: import, ls, inspect and rm of the images registryd stores on this node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from datetime import datetime
+from typing import Any
+
+import click
+
+from ctl.client import Client
+from ctl.output import fail, format_option, print_json, print_table
+from shared.models import ImageDetail, ImageInfo
+
+IMPORT_CALL_USEC = 60 * 60 * 1_000_000  # a multi-gigabyte archive is hashed and unpacked
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def short_id(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def _created(value: str) -> str:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return value
+
+
+@click.group()
+def image() -> None:
+    """Images on this node: import archives, list, inspect, remove."""
+
+
+@image.command("import")
+@click.argument("path", type=click.Path(exists=True, file_okay=True, dir_okay=True))
+@click.option("--name", "-n", default="", help="name the image (added to the names it carries)")
+@format_option
+def import_(path: str, name: str, output_format: str) -> None:
+    """Import an OCI layout directory, an oci-archive or a `docker save` tar."""
+
+    async def run() -> ImageInfo:
+        client = Client()
+        client.bus.method_call_timeout_usec = IMPORT_CALL_USEC
+        try:
+            raw = await client.registryd.import_image(os.path.abspath(path), name)
+        finally:
+            client.close()
+        return ImageInfo.model_validate_json(raw)
+
+    info = asyncio.run(run())
+    if output_format == "json":
+        print_json(info.model_dump(mode="json"))
+        return
+    names = ", ".join(info.names) if info.names else "no name (give one with --name)"
+    click.echo(f"imported {names}: {short_id(info.id)}, {human_size(info.size)}")
+
+
+@image.command("ls")
+@format_option
+@click.option("--quiet", "-q", is_flag=True, help="only image ids")
+def ls(output_format: str, quiet: bool) -> None:
+    """List the images on this node."""
+
+    async def run() -> list[ImageInfo]:
+        client = Client()
+        try:
+            raw = await client.registryd.list_images()
+        finally:
+            client.close()
+        return [ImageInfo.model_validate(item) for item in json.loads(raw)]
+
+    images = asyncio.run(run())
+    if output_format == "json":
+        print_json([i.model_dump(mode="json") for i in images])
+        return
+    if quiet:
+        for info in images:
+            click.echo(short_id(info.id))
+        return
+    rows: list[list[Any]] = []
+    for info in images:
+        for name in info.names or ["<none>"]:
+            rows.append(
+                [
+                    name,
+                    short_id(info.id),
+                    human_size(info.size),
+                    len(info.layers),
+                    _created(info.created),
+                    f"{info.os}/{info.architecture}".strip("/"),
+                ]
+            )
+    print_table(["NAME", "ID", "SIZE", "LAYERS", "CREATED", "PLATFORM"], rows)
+
+
+@image.command("inspect")
+@click.argument("reference")
+@format_option
+def inspect(reference: str, output_format: str) -> None:
+    """Show an image: names, digests, layers and the config a container starts with."""
+
+    async def run() -> ImageDetail:
+        client = Client()
+        try:
+            raw = await client.registryd.inspect_image(reference)
+        finally:
+            client.close()
+        return ImageDetail.model_validate_json(raw)
+
+    detail = asyncio.run(run())
+    if output_format == "json":
+        print_json(detail.model_dump(mode="json"))
+        return
+    info, config = detail.image, detail.config
+    fields: list[tuple[str, str]] = [
+        ("Id", info.id),
+        ("Names", ", ".join(info.names) or "<none>"),
+        ("Manifest", info.manifest_digest),
+        ("Platform", f"{info.os}/{info.architecture}"),
+        ("Created", info.created),
+        ("Size", human_size(info.size)),
+        ("Entrypoint", json.dumps(config.entrypoint) if config.entrypoint else ""),
+        ("Cmd", json.dumps(config.cmd) if config.cmd else ""),
+        ("Workdir", config.workdir),
+        ("User", config.user),
+        ("Ports", ", ".join(config.exposed_ports)),
+        ("Stop signal", config.stop_signal),
+    ]
+    width = max(len(key) for key, _ in fields) + 1
+    for key, value in fields:
+        if value:
+            click.echo(f"{key + ':':<{width}} {value}")
+    for heading, values in (
+        ("Env", config.env),
+        ("Labels", [f"{k}={v}" for k, v in sorted(config.labels.items())]),
+        ("Layers", info.layers),
+    ):
+        if values:
+            click.echo(f"{heading}:")
+            for value in values:
+                click.echo(f"  {value}")
+
+
+@image.command("rm")
+@click.argument("references", nargs=-1, required=True)
+@click.option("--force", "-f", is_flag=True, help="remove every name of an id, even in use")
+@format_option
+def rm(references: tuple[str, ...], force: bool, output_format: str) -> None:
+    """Remove images by name or id; layers other images use are kept."""
+
+    async def run() -> list[tuple[str, list[str] | str]]:
+        client = Client()
+        results: list[tuple[str, list[str] | str]] = []
+        try:
+            for reference in references:
+                try:
+                    removed = await client.registryd.remove_image(reference, force)
+                except Exception as exc:  # each reference is reported, then the exit code
+                    from ctl.errors import explain
+
+                    results.append((reference, explain(exc)))
+                    continue
+                results.append((reference, list(removed)))
+        finally:
+            client.close()
+        return results
+
+    results = asyncio.run(run())
+    errors = [(ref, outcome) for ref, outcome in results if isinstance(outcome, str)]
+    if output_format == "json":
+        print_json(
+            [
+                {"reference": ref, "error": outcome}
+                if isinstance(outcome, str)
+                else {"reference": ref, "removed": outcome}
+                for ref, outcome in results
+            ]
+        )
+    else:
+        for _ref, outcome in results:
+            if isinstance(outcome, str):
+                continue
+            for item in outcome:
+                click.echo(f"deleted {item}" if item.startswith("sha256:") else f"untagged {item}")
+    if len(errors) == 1:
+        fail(errors[0][1])
+    if errors:
+        fail("; ".join(message for _, message in errors))
