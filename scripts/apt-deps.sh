@@ -5,7 +5,8 @@
 #   apt-deps.sh test   that, plus what the tests drive for real
 set -euo pipefail
 
-run_packages=(python3 python3-venv dbus-daemon)
+# busybox-static: the busybox test image (shared/busybox_image.py) is built from it
+run_packages=(python3 python3-venv dbus-daemon busybox-static)
 # busctl and systemd-analyze (tests check units and talk to the bus with them)
 test_packages=(systemd)
 

@@ -49,4 +49,11 @@ else
     fi
 fi
 
+# The busybox test image, where zlayer-registryd can read it (its unit has a
+# private /tmp and no /home).
+echo "==> importing the busybox test image as zlayer/busybox:latest"
+"$home/bin/python" -m shared.busybox_image "$home/share/images/busybox" >/dev/null
+"$bindir/zlayerctl" image import "$home/share/images/busybox/oci" --name zlayer/busybox:latest ||
+    echo "warning: could not import the busybox test image; see \`zlayerctl status\`" >&2
+
 "$bindir/zlayerctl" status
