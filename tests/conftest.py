@@ -110,3 +110,18 @@ def leak_check() -> Iterator[None]:
     leaks = {kind: sorted(after[kind] - before.get(kind, set())) for kind in after}
     leaks = {kind: items for kind, items in leaks.items() if items}
     assert not leaks, f"the test left these behind: {leaks}"
+
+
+@pytest.fixture(scope="session")
+def busybox_image() -> Iterator[dict[str, Path]]:
+    """The busybox test image, built once: paths of its ``oci`` layout directory,
+    its ``oci-archive`` and its ``docker-archive`` (``docker save``) tar."""
+    from shared import busybox_image as builder
+
+    if not builder.BUSYBOX.is_file():
+        pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
+    out = Path(f"/tmp/zlimg-{os.getpid()}-{time.monotonic_ns() % 10**9}")
+    try:
+        yield builder.write_all(builder.busybox_image(), out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""registryd's layer unpacker on real tar files: file kinds, whiteouts, and refused escapes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemons.registryd.unpack import OPAQUE_XATTR, unpack_layer
+from shared.bus import InvalidArgumentError
+from shared.busybox_image import Compression, Entry, compress, make_tar
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="owners, devices and whiteouts need root")
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="zlunpack-") as name:
+        yield Path(name)
+
+
+def unpack(workdir: Path, entries: list[Entry], compression: Compression = "none") -> Path:
+    data = make_tar(entries)
+    blob = workdir / "blob"
+    blob.write_bytes(compress(data, compression))
+    dest = workdir / "layer"
+    unpack_layer(blob, dest, "sha256:test", "sha256:" + hashlib.sha256(data).hexdigest())
+    return dest
+
+
+def refused(workdir: Path, entries: list[Entry]) -> str:
+    with pytest.raises(InvalidArgumentError) as caught:
+        unpack(workdir, entries)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_files_dirs_links_in_any_compression(workdir: Path, compression: Compression) -> None:
+    dest = unpack(
+        workdir,
+        [
+            Entry("./", "dir", mode=0o755),
+            Entry("bin", "dir", mode=0o755),
+            Entry("bin/tool", "file", b"#!/bin/sh\n", mode=0o755),
+            Entry("bin/alias", "symlink", target="tool"),
+            Entry("bin/abs", "symlink", target="/etc/shadow"),
+            Entry("bin/same", "hardlink", target="bin/tool"),
+            Entry("deep/er/file", "file", b"x"),  # parents implied, not listed
+            Entry("ro", "dir", mode=0o555),
+            Entry("ro/inside", "file", b"y", mode=0o400),
+        ],
+        compression,
+    )
+    assert (dest / "bin/tool").read_bytes() == b"#!/bin/sh\n"
+    assert stat.S_IMODE(os.stat(dest / "bin/tool").st_mode) == 0o755
+    assert os.readlink(dest / "bin/alias") == "tool"
+    # Absolute symlinks are kept as they are: they resolve inside the container.
+    assert os.readlink(dest / "bin/abs") == "/etc/shadow"
+    assert os.stat(dest / "bin/same").st_ino == os.stat(dest / "bin/tool").st_ino
+    assert (dest / "deep/er/file").read_bytes() == b"x"
+    assert stat.S_IMODE(os.stat(dest / "deep").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(dest / "ro").st_mode) == 0o555
+    assert (dest / "ro/inside").read_bytes() == b"y"
+    assert os.stat(dest / "bin").st_mtime == os.stat(dest / "ro").st_mtime
+
+
+@root_only
+def test_owners_modes_devices_and_xattrs(workdir: Path) -> None:
+    dest = unpack(
+        workdir,
+        [
+            Entry("su", "file", b"s", mode=0o4755, uid=1000, gid=1000),
+            Entry("home", "dir", mode=0o750, uid=1000, gid=100),
+            Entry("link", "symlink", target="su", uid=7, gid=8),
+            Entry("null", "char", mode=0o666, devmajor=1, devminor=3),
+            Entry("loop", "block", mode=0o660, devmajor=7, devminor=0),
+            Entry("pipe", "fifo", mode=0o644),
+            Entry("cap", "file", b"c", xattrs={"user.zlayer": "yes"}),
+            Entry("sneaky", "dir", xattrs={"trusted.overlay.redirect": "/etc"}),
+        ],
+    )
+    su = os.stat(dest / "su")
+    assert (su.st_uid, su.st_gid, stat.S_IMODE(su.st_mode)) == (1000, 1000, 0o4755)
+    home = os.stat(dest / "home")
+    assert (home.st_uid, home.st_gid, stat.S_IMODE(home.st_mode)) == (1000, 100, 0o750)
+    link = os.lstat(dest / "link")
+    assert (link.st_uid, link.st_gid) == (7, 8)
+    null = os.stat(dest / "null")
+    assert stat.S_ISCHR(null.st_mode) and os.major(null.st_rdev) == 1
+    assert os.minor(null.st_rdev) == 3 and stat.S_IMODE(null.st_mode) == 0o666
+    assert stat.S_ISBLK(os.stat(dest / "loop").st_mode)
+    assert stat.S_ISFIFO(os.stat(dest / "pipe").st_mode)
+    assert os.getxattr(dest / "cap", "user.zlayer") == b"yes"
+    # overlayfs metadata may only come from whiteouts, never from the archive.
+    assert "trusted.overlay.redirect" not in os.listxattr(dest / "sneaky")
+
+
+@root_only
+def test_whiteouts_become_overlayfs_whiteouts(workdir: Path) -> None:
+    dest = unpack(
+        workdir,
+        [
+            Entry("etc", "dir", mode=0o755),
+            Entry("etc/.wh.motd", "file"),
+            Entry("var", "dir", mode=0o755),
+            Entry("var/cache", "dir", mode=0o755),
+            Entry("var/cache/.wh..wh..opq", "file"),
+            Entry("var/cache/kept", "file", b"k"),
+            Entry("gone/.wh.deeper", "file"),  # parent implied
+            Entry(".wh..wh.plnk", "dir"),  # AUFS hard-link store: no overlayfs meaning
+        ],
+    )
+    motd = os.lstat(dest / "etc/motd")
+    assert stat.S_ISCHR(motd.st_mode) and motd.st_rdev == os.makedev(0, 0)
+    assert not (dest / "etc/.wh.motd").exists()
+    assert os.getxattr(dest / "var/cache", OPAQUE_XATTR) == b"y"
+    assert not os.path.lexists(dest / "var/cache/.wh..wh..opq")
+    assert (dest / "var/cache/kept").read_bytes() == b"k"
+    assert stat.S_ISCHR(os.lstat(dest / "gone/deeper").st_mode)
+    assert not os.path.lexists(dest / ".wh..wh.plnk")
+
+
+def test_later_entries_replace_earlier_ones(workdir: Path) -> None:
+    dest = unpack(
+        workdir,
+        [
+            Entry("a", "symlink", target="/etc/passwd"),
+            Entry("a", "file", b"plain"),  # must replace the link, not write through it
+            Entry("d", "dir"),
+            Entry("d/x", "file", b"x"),
+            Entry("d", "file", b"now a file"),
+        ],
+    )
+    assert not os.path.islink(dest / "a") and (dest / "a").read_bytes() == b"plain"
+    assert (dest / "d").read_bytes() == b"now a file"
+
+
+@pytest.mark.parametrize(
+    ("entries", "says"),
+    [
+        ([Entry("/etc/passwd", "file", b"x")], "absolute path"),
+        ([Entry("../escape", "file", b"x")], "'..'"),
+        ([Entry("a/../../escape", "file", b"x")], "'..'"),
+        ([Entry("link", "hardlink", target="/etc/passwd")], "absolute path"),
+        ([Entry("link", "hardlink", target="../../etc/passwd")], "'..'"),
+        ([Entry("link", "hardlink", target="missing")], "not in the layer"),
+        (
+            [Entry("out", "symlink", target="/etc"), Entry("out/passwd", "file", b"x")],
+            "through a symbolic link",
+        ),
+        (
+            [Entry("out", "symlink", target="/etc"), Entry("h", "hardlink", target="out/passwd")],
+            "not in the layer",
+        ),
+        ([Entry("out", "symlink", target="/tmp"), Entry("out/.wh.x", "file")], "symbolic link"),
+    ],
+)
+def test_refuses_to_write_outside_the_layer(workdir: Path, entries: list[Entry], says: str) -> None:
+    outside_before = set(os.listdir(workdir))
+    message = refused(workdir, entries)
+    assert says in message and "sha256:test" in message
+    assert set(os.listdir(workdir)) - outside_before <= {"layer", "blob"}
+
+
+def test_a_layer_that_does_not_match_its_diff_id_is_refused(workdir: Path) -> None:
+    blob = workdir / "blob"
+    blob.write_bytes(make_tar([Entry("f", "file", b"x")]))
+    with pytest.raises(InvalidArgumentError, match="archive is corrupt"):
+        unpack_layer(blob, workdir / "layer", "sha256:test", "sha256:" + "0" * 64)
+
+
+def test_a_blob_that_is_not_a_tar_is_refused(workdir: Path) -> None:
+    blob = workdir / "blob"
+    blob.write_bytes(b"\x1f\x8b" + b"not really gzip" * 40)
+    with pytest.raises(InvalidArgumentError, match="not a readable tar"):
+        unpack_layer(blob, workdir / "layer", "sha256:test", None)
