@@ -1,0 +1,316 @@
+"""Cgroups as agentd meets them: the host's layout, its readiness, and a replica's cgroup.
+
+Owns four things:
+
+- the layout of ``/sys/fs/cgroup`` (v1, v2 or the v1/v2 hybrid) and the
+  hybrid state crun refuses (``hugetlb`` attached to the v2 hierarchy), which
+  :func:`ensure_ready` repairs by mounting hugetlb as a v1 hierarchy, or
+  explains with the exact command to run when it cannot;
+- the choice of cgroup manager (systemd's where systemd is PID 1, cgroupfs
+  otherwise) and the cgroups path of a replica under a ``zlayer`` parent, so
+  everything ZLayer creates is findable and removable;
+- a replica's resource use (:func:`read_stats` into ``ReplicaStats``);
+- whether a replica was OOM-killed, read before its cgroup is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from daemons.agentd.errors import CgroupError
+from shared.models import ReplicaStats
+
+log = logging.getLogger("zlayer.agentd.cgroups")
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PARENT = "zlayer"
+# A v1 memory or pids limit this large (or "max") means "no limit".
+UNLIMITED_V1 = 1 << 62
+
+_V1_NOT_CONTROLLERS = frozenset(
+    {"rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode", "none"}
+)
+
+CgroupManager = Literal["cgroupfs", "systemd"]
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Where each controller lives on this host."""
+
+    mode: Literal["v1", "v2", "hybrid"]
+    root: Path
+    v1: dict[str, Path] = field(default_factory=dict)  # controller -> hierarchy mount point
+    unified: Path | None = None  # the v2 hierarchy, when mounted
+    unified_controllers: frozenset[str] = frozenset()
+
+    @property
+    def hugetlb_on_v2(self) -> bool:
+        """The hybrid state crun refuses: hugetlb held by v2 and no v1 hugetlb hierarchy."""
+        return (
+            self.mode == "hybrid"
+            and "hugetlb" in self.unified_controllers
+            and "hugetlb" not in self.v1
+        )
+
+    def has_file(self, controller: str, name: str) -> bool:
+        """Whether the root of ``controller``'s hierarchy offers ``name`` (e.g. memsw files)."""
+        base = self.unified if self.mode == "v2" else self.v1.get(controller)
+        return base is not None and (base / name).exists()
+
+
+def _unescape(value: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        value = value.replace(code, char)
+    return value
+
+
+def detect_layout(
+    root: Path = CGROUP_ROOT, mountinfo: Path = Path("/proc/self/mountinfo")
+) -> CgroupLayout:
+    """Read which cgroup hierarchies are mounted under ``root``."""
+    v1: dict[str, Path] = {}
+    unified: Path | None = None
+    for line in mountinfo.read_text().splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index("-")
+        except ValueError:
+            continue
+        mount_point = Path(_unescape(fields[4]))
+        fstype = fields[sep + 1]
+        super_opts = fields[sep + 3].split(",") if len(fields) > sep + 3 else []
+        if mount_point != root and root not in mount_point.parents:
+            continue
+        if fstype == "cgroup2":
+            unified = mount_point
+        elif fstype == "cgroup":
+            for opt in super_opts:
+                if opt in _V1_NOT_CONTROLLERS or ("=" in opt and not opt.startswith("name=")):
+                    continue
+                v1.setdefault(opt, mount_point)
+    controllers: frozenset[str] = frozenset()
+    if unified is not None:
+        with contextlib.suppress(OSError):
+            controllers = frozenset((unified / "cgroup.controllers").read_text().split())
+    if unified is not None and not v1:
+        mode: Literal["v1", "v2", "hybrid"] = "v2"
+    elif unified is not None:
+        mode = "hybrid"
+    else:
+        mode = "v1"
+    return CgroupLayout(mode, root, v1, unified, controllers)
+
+
+def hugetlb_fix_command(root: Path = CGROUP_ROOT) -> str:
+    """The command that moves hugetlb to a v1 hierarchy (needed after every boot)."""
+    target = root / "hugetlb"
+    return f"mkdir -p {target} && mount -t cgroup -o hugetlb cgroup {target}"
+
+
+def _mount_hugetlb(root: Path) -> str:
+    target = root / "hugetlb"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    done = subprocess.run(
+        ["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", str(target)],
+        capture_output=True,
+        text=True,
+    )
+    return "" if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
+
+
+async def ensure_ready(root: Path = CGROUP_ROOT) -> CgroupLayout:
+    """The host's layout, after repairing the hybrid hugetlb state crun refuses.
+
+    Raises :class:`CgroupError` with the command to run when the repair fails.
+    """
+    layout = await asyncio.to_thread(detect_layout, root)
+    if not layout.hugetlb_on_v2:
+        return layout
+    log.warning(
+        "cgroups are in the v1/v2 hybrid state crun refuses (hugetlb on v2); "
+        "mounting hugetlb as a v1 hierarchy"
+    )
+    failure = await asyncio.to_thread(_mount_hugetlb, root)
+    layout = await asyncio.to_thread(detect_layout, root)
+    if layout.hugetlb_on_v2:
+        raise CgroupError(
+            "containers cannot run while the hugetlb cgroup controller sits on cgroup v2 "
+            f"in a v1/v2 hybrid ({failure or 'the mount did not take'}); run as root: "
+            f"{hugetlb_fix_command(root)}"
+        )
+    return layout
+
+
+def cgroup_manager(proc1_comm: Path = Path("/proc/1/comm")) -> CgroupManager:
+    """systemd's manager where systemd is PID 1, cgroupfs otherwise."""
+    try:
+        return "systemd" if proc1_comm.read_text().strip() == "systemd" else "cgroupfs"
+    except OSError:
+        return "cgroupfs"
+
+
+def cgroups_path(container_id: str, manager: CgroupManager) -> str:
+    """The OCI ``linux.cgroupsPath`` of a replica, always under the ``zlayer`` parent."""
+    if manager == "systemd":
+        return f"{PARENT}.slice:{PARENT}:{container_id}"
+    return f"/{PARENT}/{container_id}"
+
+
+def relative_dir(path: str, manager: CgroupManager) -> str:
+    """The directory (relative to a hierarchy's root) that ``cgroups_path`` names."""
+    if manager == "systemd":
+        slice_, prefix, name = path.split(":")
+        return f"{slice_}/{prefix}-{name}.scope"
+    return path.lstrip("/")
+
+
+def container_dirs(layout: CgroupLayout, rel: str) -> dict[str, Path]:
+    """The replica's directory in each hierarchy that holds a controller we read."""
+    if layout.mode == "v2":
+        assert layout.unified is not None
+        return {name: layout.unified / rel for name in ("cpu", "memory", "pids")}
+    found: dict[str, Path] = {}
+    for name in ("cpuacct", "memory", "pids"):
+        base = layout.v1.get(name)
+        if base is not None:
+            found[name] = base / rel
+    return found
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return values
+    for line in lines:
+        key, _, value = line.partition(" ")
+        try:
+            values[key] = int(value)
+        except ValueError:
+            continue
+    return values
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    usage_usec: int
+    at: float  # time.monotonic()
+
+
+def read_cpu_usec(layout: CgroupLayout, rel: str) -> int | None:
+    """Total CPU time of the cgroup in microseconds, None when it is gone."""
+    dirs = container_dirs(layout, rel)
+    if layout.mode == "v2":
+        stat = _read_keyed(dirs["cpu"] / "cpu.stat")
+        return stat.get("usage_usec")
+    if "cpuacct" not in dirs:
+        return None
+    nanos = _read_int(dirs["cpuacct"] / "cpuacct.usage")
+    return None if nanos is None else nanos // 1000
+
+
+def read_stats(
+    container_id: str, layout: CgroupLayout, rel: str, previous: CpuSample | None
+) -> tuple[ReplicaStats, CpuSample]:
+    """The replica's resource use; CPU percent is measured since ``previous``.
+
+    Raises FileNotFoundError when the cgroup does not exist.
+    """
+    dirs = container_dirs(layout, rel)
+    if not any(d.is_dir() for d in dirs.values()):
+        raise FileNotFoundError(str(rel))
+    usage = read_cpu_usec(layout, rel) or 0
+    now = CpuSample(usage, time.monotonic())
+    percent = 0.0
+    if previous is not None and now.at > previous.at:
+        percent = max(0.0, (usage - previous.usage_usec) / ((now.at - previous.at) * 1e6) * 100)
+    if layout.mode == "v2":
+        memory = _read_int(dirs["memory"] / "memory.current") or 0
+        stat = _read_keyed(dirs["memory"] / "memory.stat")
+        # Page cache that can be dropped is not the replica's own use.
+        memory = max(0, memory - stat.get("inactive_file", 0))
+        limit = _read_int(dirs["memory"] / "memory.max")
+        pids = _read_int(dirs["pids"] / "pids.current") or 0
+        pids_limit = _read_int(dirs["pids"] / "pids.max")
+    else:
+        mem = dirs.get("memory")
+        memory = (_read_int(mem / "memory.usage_in_bytes") or 0) if mem else 0
+        if mem is not None:
+            stat = _read_keyed(mem / "memory.stat")
+            memory = max(0, memory - stat.get("total_inactive_file", 0))
+        limit = _read_int(mem / "memory.limit_in_bytes") if mem else None
+        if limit is not None and limit >= UNLIMITED_V1:
+            limit = None
+        pdir = dirs.get("pids")
+        pids = (_read_int(pdir / "pids.current") or 0) if pdir else 0
+        pids_limit = _read_int(pdir / "pids.max") if pdir else None
+    stats = ReplicaStats(
+        id=container_id,
+        cpu_usage_usec=usage,
+        cpu_percent=round(percent, 2),
+        memory_bytes=memory,
+        memory_limit_bytes=limit,
+        pids=pids,
+        pids_limit=pids_limit,
+    )
+    return stats, now
+
+
+def oom_killed(layout: CgroupLayout, rel: str) -> bool:
+    """Whether the kernel's OOM killer struck inside the replica's cgroup."""
+    if layout.mode == "v2":
+        assert layout.unified is not None
+        events = _read_keyed(layout.unified / rel / "memory.events")
+        return events.get("oom_kill", 0) > 0
+    base = layout.v1.get("memory")
+    if base is None:
+        return False
+    control = _read_keyed(base / rel / "memory.oom_control")
+    if "oom_kill" in control:
+        return control["oom_kill"] > 0 or control.get("under_oom", 0) > 0
+    # Kernels before 4.13 have no oom_kill counter: a hit limit is the best evidence.
+    return (_read_int(base / rel / "memory.failcnt") or 0) > 0
+
+
+def remove_empty_parents(layout: CgroupLayout, manager: CgroupManager) -> None:
+    """Remove the ``zlayer`` parent cgroup in every hierarchy once it holds no replica."""
+    if manager == "systemd":
+        return  # systemd owns its slices
+    bases = [layout.unified] if layout.mode == "v2" else list({*layout.v1.values()})
+    if layout.mode == "hybrid" and layout.unified is not None:
+        bases.append(layout.unified)
+    for base in bases:
+        if base is None:
+            continue
+        parent = base / PARENT
+        try:
+            os.rmdir(parent)
+        except OSError:
+            continue  # absent, or still holding a replica
