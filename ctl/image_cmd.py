@@ -12,6 +12,7 @@ import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
+from shared.bus import NotFoundError
 from shared.models import ImageDetail, ImageInfo
 
 IMPORT_CALL_USEC = 60 * 60 * 1_000_000  # a multi-gigabyte archive is hashed and unpacked
@@ -49,11 +50,22 @@ def image() -> None:
 def import_(path: str, name: str, output_format: str) -> None:
     """Import an OCI layout directory, an oci-archive or a `docker save` tar."""
 
+    absolute = os.path.abspath(path)
+
     async def run() -> ImageInfo:
         client = Client()
         client.bus.method_call_timeout_usec = IMPORT_CALL_USEC
         try:
-            raw = await client.registryd.import_image(os.path.abspath(path), name)
+            raw = await client.registryd.import_image(absolute, name)
+        except NotFoundError:
+            # The daemon reads the path itself; under systemd its unit gives
+            # it a private /tmp and hides /home, so it may not see our file.
+            if not os.path.exists(absolute):
+                raise
+            fail(
+                f"zlayer-registryd cannot see {absolute} (under systemd it has its own /tmp "
+                "and no /home); move it elsewhere, for example under /srv, and import it from there"
+            )
         finally:
             client.close()
         return ImageInfo.model_validate_json(raw)

@@ -48,6 +48,7 @@ def test_normalises(text: str, normal: str) -> None:
         ("zlayer/Busybox", "must be lowercase"),
         ("busybox:", "tag"),
         ("busybox:-x", "tag"),
+        ("busybox:\u00fc", "tag"),
         ("busybox:" + "a" * 129, "tag"),
         ("busybox@sha256:abc", "digest"),
         ("a//b", "name component"),
