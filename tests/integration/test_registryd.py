@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,14 @@ import pytest
 
 from ctl.supervisor import find_executable
 from shared import busybox_image as builder
-from shared.bus import DAEMONS_BY_NAME, InvalidArgumentError, NotFoundError, open_bus, proxy
+from shared.bus import (
+    DAEMONS_BY_NAME,
+    DaemonStatus,
+    InvalidArgumentError,
+    NotFoundError,
+    open_bus,
+    proxy,
+)
 from shared.busdaemon import PrivateBus
 from shared.busybox_image import Entry, make_image, make_tar
 from shared.models import ImageInfo, ImageRootfs
@@ -461,3 +470,56 @@ def test_cli_without_daemons_says_so(zlayer_prefix: Paths) -> None:
     )
     assert result.returncode == 1
     assert "daemons are not running" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_registryd_killed_mid_import_leaves_nothing_half_done(
+    registryd: Registryd, workdir: Path
+) -> None:
+    big = make_tar(
+        [Entry("data", "dir", mode=0o755)]
+        + [Entry(f"data/{i}", "file", os.urandom(1 << 20)) for i in range(96)]
+    )
+    archive = builder.write_docker_archive(
+        make_image([busybox_layer(), big], "localhost/big:1"), workdir / "big.tar"
+    )
+    assert registryd.process is not None
+    environ = dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address)
+    importer = subprocess.Popen(
+        [find_executable("zlayerctl"), "image", "import", str(archive)],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        tmp = registryd.store / "tmp"
+        deadline = time.monotonic() + 30
+        while not any(name.startswith("unpack-") for name in os.listdir(tmp)):
+            assert time.monotonic() < deadline, "the import never started unpacking"
+            time.sleep(0.005)
+        registryd.process.kill()
+        registryd.process.communicate(timeout=10)
+        registryd.process = None
+        _, err = importer.communicate(timeout=30)
+        assert importer.returncode == 1 and "Traceback" not in err
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+            importer.communicate()
+    registryd.start()
+    registryd.assert_empty()
+
+
+def test_metrics_count_images_and_bytes(
+    registryd: Registryd, busybox_image: dict[str, Path]
+) -> None:
+    registryd.import_(busybox_image["oci"])
+    status = DaemonStatus.from_dbus(registryd.call("status"))
+    assert status.detail == "1 image"
+    with urllib.request.urlopen(status.metrics_url, timeout=5) as response:
+        body = response.read().decode()
+    assert "zlayer_registry_images 1.0" in body
+    assert "zlayer_registry_unpacked_layers 1.0" in body
+    assert 'zlayer_registry_imports_total{result="ok"} 1.0' in body
+    size = next(line for line in body.splitlines() if line.startswith("zlayer_registry_blob_bytes"))
+    assert float(size.split()[1]) > 500_000
