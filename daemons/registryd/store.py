@@ -248,25 +248,30 @@ class ImageStore:
         text = reference.strip()
         if not text:
             raise InvalidArgumentError("give an image name or id")
+        bare = text.removeprefix("sha256:")
+        looks_like_id = _ID_PREFIX_RE.fullmatch(bare) is not None
         with self._lock:
-            bare = text.removeprefix("sha256:")
-            if text.startswith("sha256:") or _ID_PREFIX_RE.fullmatch(bare):
-                by_id = self._by_id_prefix(bare, text)
-                if by_id is not None or text.startswith("sha256:"):
-                    return (by_id, False) if by_id is not None else None
+            if text.startswith("sha256:"):
+                by_id = self._by_id_prefix(bare, text) if looks_like_id else None
+                return (by_id, False) if by_id is not None else None
             try:
                 parsed = parse_reference(text)
             except InvalidReferenceError as exc:
-                raise InvalidArgumentError(str(exc)) from None
-            for record in self.images.values():
-                if parsed.digest is not None:
+                if not looks_like_id:
+                    raise InvalidArgumentError(str(exc)) from None
+            else:
+                # A name wins over an id prefix that happens to read the same (as in Docker).
+                for record in self.images.values():
+                    if parsed.digest is None and str(parsed) in record.names:
+                        return record, True
                     if parsed.digest in (record.manifest_digest, record.id) and any(
-                        n.rpartition(":")[0] == parsed.repository or n == parsed.repository
-                        for n in record.names
+                        parse_reference(n).repository == parsed.repository for n in record.names
                     ):
                         return record, False
-                elif str(parsed) in record.names:
-                    return record, True
+            if looks_like_id:
+                by_id = self._by_id_prefix(bare, text)
+                if by_id is not None:
+                    return by_id, False
         return None
 
     def _by_id_prefix(self, prefix: str, text: str) -> ImageRecord | None:

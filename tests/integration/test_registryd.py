@@ -239,7 +239,15 @@ def test_inspect_by_name_id_and_prefix_then_remove(
     registryd: Registryd, busybox_image: dict[str, Path]
 ) -> None:
     info = registryd.import_(busybox_image["oci"], "--name", "localhost/x:1")
-    for reference in ("zlayer/busybox", BUSYBOX, info.id, info.id[7:19], "localhost/x:1"):
+    by_digest = f"zlayer/busybox@{info.manifest_digest}"
+    for reference in (
+        "zlayer/busybox",
+        BUSYBOX,
+        info.id,
+        info.id[7:19],
+        "localhost/x:1",
+        by_digest,
+    ):
         detail = json.loads(registryd.ok("image", "inspect", reference, "--format", "json"))
         assert detail["image"]["id"] == info.id
     text = registryd.ok("image", "inspect", "zlayer/busybox")
