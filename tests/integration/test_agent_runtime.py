@@ -329,7 +329,7 @@ def test_exec_returns_the_exit_code_and_writes_to_the_passed_descriptors(
         assert out_path.read_text() == "from stdin\nout t-exec\n"
         assert err_path.read_text() == "err\n"
         assert await runtime.exec("t-exec", ["true"]) == 0
-        assert await runtime.exec("t-exec", ["no-such-command"]) != 0
+        assert await runtime.exec("t-exec", ["no-such-command"]) == 127
         await runtime.stop("t-exec", grace=0)
         with pytest.raises(ContainerError, match="not running"):
             await runtime.exec("t-exec", ["true"])
