@@ -6,7 +6,8 @@
 set -euo pipefail
 
 # busybox-static: the busybox test image (shared/busybox_image.py) is built from it
-run_packages=(python3 python3-venv dbus-daemon busybox-static)
+# crun (runc where crun cannot run) and conmon: agentd's container runtime
+run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon)
 # busctl and systemd-analyze (tests check units and talk to the bus with them)
 test_packages=(systemd)
 
