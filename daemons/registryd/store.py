@@ -155,6 +155,10 @@ class ImageStore:
 
     def open(self) -> None:
         """Load the index and drop whatever an interrupted run left behind."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Layers hold set-user-ID files owned by root: other users must not
+        # reach them (overlayfs looks lower dirs up as the mounter, root).
+        os.chmod(self.root, 0o700)
         for directory in (self.blob_dir, self.layer_dir):
             directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

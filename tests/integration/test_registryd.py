@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -171,6 +172,7 @@ def test_imports_each_format(
     assert [image["id"] for image in registryd.images()] == [info.id]
     # manifest, config, layer; one unpacked layer
     assert len(registryd.blobs()) == 3 and len(registryd.layers()) == 1
+    assert stat.S_IMODE(os.stat(registryd.store).st_mode) == 0o700
 
     detail = json.loads(registryd.ok("image", "inspect", "zlayer/busybox", "--format", "json"))
     assert detail["config"]["cmd"] == ["sh"]
