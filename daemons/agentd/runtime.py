@@ -12,7 +12,7 @@ Directories (``state_dir`` persists, ``run_dir`` is volatile)::
 
     state_dir/bundles/<id>/   config.json rootfs/ upper/ work/ ctr.log* meta.json exit.json
     state_dir/volumes/<name>/ named volumes, kept across replicas and redeploys
-    run_dir/crun/             the OCI runtime's --root
+    run_dir/crun/ (or runc/)  the OCI runtime's --root
     run_dir/exits/<id>        conmon's exit files
     run_dir/sock/             conmon's attach sockets
 
@@ -236,7 +236,6 @@ class ContainerRuntime:
         self.run_dir = run_dir
         self.bundles_dir = state_dir / "bundles"
         self.volumes_dir = state_dir / "volumes"
-        self.crun_root = run_dir / "crun"
         self.exit_dir = run_dir / "exits"
         self.socket_dir = run_dir / "sock"
         self.runtime_path = runtime_path or ""
@@ -279,7 +278,6 @@ class ContainerRuntime:
         for directory in (
             self.bundles_dir,
             self.volumes_dir,
-            self.crun_root,
             self.exit_dir,
             self.socket_dir,
         ):
@@ -316,16 +314,32 @@ class ContainerRuntime:
             meta = {}
         return meta
 
-    def _runtime_args(self) -> list[str]:
-        args = [f"--root={self.crun_root}"]
+    def state_root(self, runtime_path: str) -> Path:
+        """The OCI runtime's ``--root``: one per runtime, whose state formats differ."""
+        return self.run_dir / Path(runtime_path).name
+
+    def _runtime_of(self, container_id: str) -> str:
+        """The runtime that created the container (a fallback may have changed since)."""
+        with contextlib.suppress(ContainerError):
+            recorded = str(self._meta(container_id).get("runtime", ""))
+            if recorded and os.access(recorded, os.X_OK):
+                return recorded
+        return self.runtime_path
+
+    def _runtime_args(self, runtime_path: str) -> list[str]:
+        args = [f"--root={self.state_root(runtime_path)}"]
         if self.manager == "systemd":
             args.append("--systemd-cgroup")
         return args
 
-    async def _runtime(self, *args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    async def _runtime(
+        self, container_id: str, *args: str, timeout: float = 30.0
+    ) -> tuple[int, str, str]:
+        """Run the container's OCI runtime with ``args``: (exit code, stdout, stderr)."""
+        runtime = self._runtime_of(container_id)
         proc = await asyncio.create_subprocess_exec(
-            self.runtime_path,
-            *self._runtime_args(),
+            runtime,
+            *self._runtime_args(runtime),
             *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -337,7 +351,7 @@ class ContainerRuntime:
             proc.kill()
             await proc.wait()
             raise ContainerError(
-                f"{self.runtime_name} {args[0]} did not answer within {timeout:.0f}s"
+                f"{Path(runtime).name} {args[0]} did not answer within {timeout:.0f}s"
             ) from None
         return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
@@ -446,7 +460,8 @@ class ContainerRuntime:
             # sync(2) of every file system at each exit costs seconds on a busy host.
             "--no-sync-log",
         ]  # fmt: skip
-        for arg in self._runtime_args():
+        self.state_root(self.runtime_path).mkdir(parents=True, exist_ok=True)
+        for arg in self._runtime_args(self.runtime_path):
             argv += ["--runtime-arg", arg]
         if self.syslog:
             argv.append("--syslog")
@@ -490,7 +505,7 @@ class ContainerRuntime:
     async def start(self, container_id: str) -> int:
         """Start a created container; its PID 1's host pid."""
         self._meta(container_id)
-        code, _out, err = await self._runtime("start", container_id)
+        code, _out, err = await self._runtime(container_id, "start", container_id)
         if code != 0:
             raise ContainerError(f"container {container_id} could not start: {explain(err)}")
         info = await self._info(container_id)
@@ -518,7 +533,7 @@ class ContainerRuntime:
     # ------------------------------------------------------------ state
 
     async def _runtime_state(self, container_id: str) -> dict[str, Any] | None:
-        code, out, _err = await self._runtime("state", container_id)
+        code, out, _err = await self._runtime(container_id, "state", container_id)
         if code != 0:
             return None
         try:
@@ -630,7 +645,7 @@ class ContainerRuntime:
     async def kill(self, container_id: str, sig: str | int = "SIGKILL") -> None:
         """Signal the container's PID 1; nothing when it is not running."""
         number = _signal_number(sig)
-        code, _out, err = await self._runtime("kill", container_id, str(number))
+        code, _out, err = await self._runtime(container_id, "kill", container_id, str(number))
         if code != 0 and "not running" not in err and "does not exist" not in err:
             info = await self._info(container_id)
             if info.status in ("created", "running", "paused"):
@@ -674,7 +689,7 @@ class ContainerRuntime:
 
     async def _cleanup(self, container_id: str) -> None:
         bundle_dir = self.bundle_dir(container_id)
-        code, _out, err = await self._runtime("delete", "--force", container_id)
+        code, _out, err = await self._runtime(container_id, "delete", "--force", container_id)
         if code != 0 and "does not exist" not in err and "not exist" not in err:
             log.warning("%s delete %s: %s", self.runtime_name, container_id, explain(err))
         conmon_pid = _read_pidfile(bundle_dir / "conmon.pid")
@@ -740,9 +755,10 @@ class ContainerRuntime:
         def fd(value: int) -> int:
             return value if value >= 0 else asyncio.subprocess.DEVNULL
 
+        runtime = self._runtime_of(container_id)
         proc = await asyncio.create_subprocess_exec(
-            self.runtime_path,
-            *self._runtime_args(),
+            runtime,
+            *self._runtime_args(runtime),
             *args,
             stdin=fd(stdin_fd),
             stdout=fd(stdout_fd),

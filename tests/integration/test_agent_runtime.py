@@ -434,3 +434,19 @@ def test_cgroups_are_ready_for_crun() -> None:
     layout = cgroups.detect_layout()
     assert not layout.hugetlb_on_v2
     assert cgroups.cgroup_manager() in ("cgroupfs", "systemd")
+
+
+@pytest.mark.skipif(not shutil.which("runc"), reason="runc is not installed")
+def test_runc_as_the_fallback_runtime(rt: Harness, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        runtime = await rt.ready(runtime_path="runc")
+        assert runtime.runtime_name == "runc"
+        code, oom, text = await run_to_end(runtime, rt.rootfs, "t-runc", sh("echo hi; exit 4"))
+        assert (code, oom, text) == (4, False, "hi")
+        await runtime.run("t-runc2", spec(command={"args": ["sleep", "1000"]}), rt.rootfs, None, {})
+        with open(tmp_path / "out", "wb") as out:
+            assert await runtime.exec("t-runc2", ["hostname"], stdout_fd=out.fileno()) == 0
+        assert (tmp_path / "out").read_text() == "t-runc2\n"
+        assert (await runtime.stop("t-runc2", grace=0.5)).code == 137
+
+    asyncio.run(scenario())
