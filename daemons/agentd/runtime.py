@@ -422,8 +422,13 @@ class ContainerRuntime:
                     (bundle_dir / name).mkdir()
                 for name, content in plan.files.items():
                     (bundle_dir / name).write_text(content)
+                user = plan.config["process"]["user"]
                 for directory in plan.directories:
-                    directory.mkdir(parents=True, exist_ok=True)
+                    if not directory.exists():
+                        directory.mkdir(parents=True)
+                        # A fresh volume belongs to the container's user, so a
+                        # non-root process can write to it (as Docker does).
+                        os.chown(directory, user["uid"], user["gid"])
                 (bundle_dir / "config.json").write_text(json.dumps(plan.config, indent=1))
                 _mount_overlay(
                     rootfs.lower_dirs,

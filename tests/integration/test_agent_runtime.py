@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import pty
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,14 @@ def test_named_volume_outlives_the_container_and_anonymous_goes_with_it(rt: Harn
             runtime, rt.rootfs, "t-vol2", sh("cat /data/f; ls /cache | wc -l", storage=storage)
         )
         assert (code, text) == (0, "one\n0")
+        fresh = [{"type": "named", "name": "mine", "target": "/data"}]
+        code, _, text = await run_to_end(
+            runtime,
+            rt.rootfs,
+            "t-vol3",
+            sh("echo hi > /data/f && id -u", user="nobody", storage=fresh),
+        )
+        assert (code, text) == (0, "65534")
 
     asyncio.run(scenario())
 
@@ -329,6 +338,13 @@ def test_exec_returns_the_exit_code_and_writes_to_the_passed_descriptors(
         assert out_path.read_text() == "from stdin\nout t-exec\n"
         assert err_path.read_text() == "err\n"
         assert await runtime.exec("t-exec", ["true"]) == 0
+        primary, secondary = pty.openpty()
+        code = await runtime.exec(
+            "t-exec", ["sh", "-c", "tty"], True, secondary, secondary, secondary
+        )
+        os.close(secondary)
+        assert code == 0 and os.read(primary, 100).startswith(b"/dev/pts/")
+        os.close(primary)
         assert await runtime.exec("t-exec", ["no-such-command"]) == 127
         await runtime.stop("t-exec", grace=0)
         with pytest.raises(ContainerError, match="not running"):
