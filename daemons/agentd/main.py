@@ -107,6 +107,7 @@ class AgentDaemon(Daemon):
 
     async def stop(self) -> None:
         await self.node.shutdown()
+        await self.runtime.close()
 
 
 def main() -> None:

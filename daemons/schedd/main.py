@@ -2,23 +2,88 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+
+from sdbus import dbus_method_async_override
+
+from daemons.schedd.scheduler import Scheduler
+from daemons.schedd.store import Store
 from shared.bus import DAEMONS_BY_NAME, Scheduler1
 from shared.daemon import Daemon, daemon_members, main_for
+from shared.models import Event
 
 
 class SchedulerService(Scheduler1):
     version, status = daemon_members()
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: SchedulerDaemon) -> None:
         super().__init__()
         self.daemon = daemon
+
+    @property
+    def _scheduler(self) -> Scheduler:
+        return self.daemon.scheduler
+
+    @dbus_method_async_override()
+    async def deploy(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
+        return (await self._scheduler.deploy(spec_text, filename, host_env)).model_dump_json()
+
+    @dbus_method_async_override()
+    async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
+        return (await self._scheduler.plan(spec_text, filename, host_env)).model_dump_json()
+
+    @dbus_method_async_override()
+    async def down(self, deployment: str) -> None:
+        await self._scheduler.down(deployment)
+
+    @dbus_method_async_override()
+    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
+        await self._scheduler.stop(deployment, service, timeout_sec, force)
+
+    @dbus_method_async_override()
+    async def scale(self, deployment: str, service: str, replicas: int) -> None:
+        await self._scheduler.scale(deployment, service, replicas)
+
+    @dbus_method_async_override()
+    async def list_deployments(self) -> str:
+        statuses = await self._scheduler.list_status()
+        return json.dumps([s.model_dump(mode="json") for s in statuses])
+
+    @dbus_method_async_override()
+    async def get_deployment(self, deployment: str) -> str:
+        return (await self._scheduler.status(deployment)).model_dump_json()
+
+    @dbus_method_async_override()
+    async def trigger_job(self, deployment: str, service: str) -> str:
+        return (await self._scheduler.trigger_job(deployment, service)).model_dump_json()
+
+    @dbus_method_async_override()
+    async def list_cron(self, deployment: str) -> str:
+        return json.dumps(self._scheduler.cron_schedules(deployment))
 
 
 class SchedulerDaemon(Daemon):
     info = DAEMONS_BY_NAME["schedd"]
 
     def make_service(self) -> SchedulerService:
-        return SchedulerService(self)
+        self.service = SchedulerService(self)
+        return self.service
+
+    async def start(self) -> None:
+        self.store = Store(self.paths.daemon_state("schedd") / "state.db")
+        self.scheduler = Scheduler(self.store, self.bus, self._emit)
+        self._loop_task = asyncio.create_task(self.scheduler.run(), name="reconcile")
+
+    def _emit(self, event: Event) -> None:
+        self.service.event_emitted.emit(event.model_dump_json())
+
+    async def stop(self) -> None:
+        self._loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._loop_task
+        self.store.close()
 
 
 def main() -> None:
