@@ -216,6 +216,25 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+# Variables of agentd's own supervisor: crun would take NOTIFY_SOCKET as a
+# request to wait for READY=1 from the container, and `crun start` would hang.
+_SUPERVISOR_VARS = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """The environment for conmon and the OCI runtime."""
+    env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_VARS}
+    env.update(extra)
+    return env
+
+
 class ContainerRuntime:
     """Containers on this node, driven through conmon and crun (or runc)."""
 
@@ -344,6 +363,7 @@ class ContainerRuntime:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env=_child_env(),
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -472,7 +492,7 @@ class ContainerRuntime:
             argv.append("--syslog")
         if self.manager == "systemd":
             argv.append("--systemd-cgroup")
-        env = dict(os.environ, _OCI_SYNCPIPE=str(write_fd))
+        env = _child_env(_OCI_SYNCPIPE=str(write_fd))
         try:
             with open(bundle_dir / "conmon.err", "wb") as errors:
                 proc = await asyncio.create_subprocess_exec(
@@ -768,6 +788,7 @@ class ContainerRuntime:
             stdin=fd(stdin_fd),
             stdout=fd(stdout_fd),
             stderr=fd(stderr_fd) if stderr_fd >= 0 else asyncio.subprocess.PIPE,
+            env=_child_env(),
         )
         _out, err = await proc.communicate()
         code = proc.returncode if proc.returncode is not None else UNKNOWN_EXIT
