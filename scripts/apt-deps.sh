@@ -7,7 +7,7 @@ set -euo pipefail
 
 # busybox-static: the busybox test image (shared/busybox_image.py) is built from it
 # crun (runc where crun cannot run) and conmon: agentd's container runtime
-run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon)
+run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl)
 # busctl and systemd-analyze (tests check units and talk to the bus with them)
 test_packages=(systemd)
 

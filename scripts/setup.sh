@@ -8,7 +8,9 @@
 # daemons into /usr/local/bin, then starts the daemons: under systemd where
 # systemd runs (units, D-Bus policy, zlayer.target), with the built-in
 # supervisor (`zlayerctl daemon run --detach`) everywhere else, and shows
-# `zlayerctl status`. Safe to run again: it upgrades in place.
+# `zlayerctl status`, then brings up the example web deployment (three busybox
+# httpd replicas) and fetches a page from one of them. Safe to run again: it
+# upgrades in place and redeploys.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,3 +59,13 @@ echo "==> importing the busybox test image as zlayer/busybox:latest"
     echo "warning: could not import the busybox test image; see \`zlayerctl status\`" >&2
 
 "$bindir/zlayerctl" status
+
+# The main job: the example web deployment (busybox httpd, 3 replicas) on this node.
+echo "==> deploying examples/static-web.zlayer.yml"
+"$bindir/zlayerctl" up -d "$here/examples/static-web.zlayer.yml"
+"$bindir/zlayerctl" ps
+"$bindir/zlayerctl" ps --containers
+address=$("$bindir/zlayerctl" ps --containers --format json |
+    "$home/bin/python" -c 'import json, sys; print(json.load(sys.stdin)[0]["address"])')
+echo "==> curl http://$address:8080/"
+curl -fsS "http://$address:8080/" || wget -qO- "http://$address:8080/"
