@@ -1,25 +1,189 @@
-"""Entry point and bus object of zlayer-overlayd."""
+"""Entry point and bus object of zlayer-overlayd.
+
+The bus members translate between D-Bus and
+:class:`~daemons.overlayd.network.NodeNetwork`, which does the netlink and
+nft work in a worker thread, one operation at a time.
+
+``zlayer-overlayd --remove-network`` (with the daemon stopped) removes what
+overlayd made on this node: every attachment, the nft table and the bridge.
+"""
 
 from __future__ import annotations
 
-from shared.bus import DAEMONS_BY_NAME, Overlay1
-from shared.daemon import Daemon, daemon_members, main_for
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from prometheus_client import Counter, Gauge
+from sdbus import dbus_method_async_override
+
+from daemons.overlayd.ipam import IpamError
+from daemons.overlayd.network import AttachError, NodeNetwork, SetupError
+from daemons.overlayd.settings import OverlaySettings
+from shared.bus import DAEMONS_BY_NAME, InvalidArgumentError, Overlay1, UnavailableError
+from shared.config import ConfigError
+from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
+from shared.logs import setup_logging
+from shared.paths import Paths
+
+ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
+ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["result"])
+DETACHES = Counter("zlayer_overlay_detaches", "Detach calls that removed a network.")
+
+T = TypeVar("T")
 
 
 class OverlayService(Overlay1):
     version, status = daemon_members()
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: OverlayDaemon) -> None:
         super().__init__()
         self.daemon = daemon
+
+    @dbus_method_async_override()
+    async def attach(self, container_id: str, hostname: str) -> str:
+        if not container_id:
+            raise InvalidArgumentError("a container id is needed to attach a network")
+        try:
+            attachment = await self.daemon.work(self.daemon.network.attach, container_id, hostname)
+        except AttachError as exc:
+            ATTACHES.labels(result="failed").inc()
+            raise UnavailableError(str(exc)) from None
+        except Exception as exc:
+            ATTACHES.labels(result="failed").inc()
+            self.daemon.log.exception("attaching %s failed", container_id)
+            raise UnavailableError(f"cannot attach {container_id} to the network: {exc}") from None
+        ATTACHES.labels(result="ok").inc()
+        return attachment.model_dump_json()
+
+    @dbus_method_async_override()
+    async def detach(self, container_id: str) -> None:
+        try:
+            removed = await self.daemon.work(self.daemon.network.detach, container_id)
+        except Exception as exc:
+            self.daemon.log.exception("detaching %s failed", container_id)
+            raise UnavailableError(f"cannot detach {container_id}: {exc}") from None
+        if removed:
+            DETACHES.inc()
+            self.daemon.log.info("detached %s", container_id)
+
+    @dbus_method_async_override()
+    async def list_attachments(self) -> str:
+        attachments = self.daemon.network.attachments()
+        return json.dumps([a.model_dump(mode="json") for a in attachments])
+
+    @dbus_method_async_override()
+    async def get_network(self) -> str:
+        return self.daemon.network.info().model_dump_json()
 
 
 class OverlayDaemon(Daemon):
     info = DAEMONS_BY_NAME["overlayd"]
+    settings_class = OverlaySettings
+
+    def __init__(self, settings: OverlaySettings, paths: Paths) -> None:
+        super().__init__(settings, paths)
+        # pyroute2 logs every netlink message at debug level: too much even for debugging.
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
+        self.network = NodeNetwork(
+            settings, paths.daemon_state(self.info.name), on_change=self._update_metrics
+        )
+        self._lock = asyncio.Lock()
 
     def make_service(self) -> OverlayService:
         return OverlayService(self)
 
+    async def work(self, func: Callable[..., T], *args: object) -> T:
+        """Run blocking network work in a thread, one operation at a time."""
+        async with self._lock:
+            return await asyncio.to_thread(func, *args)
+
+    async def start(self) -> None:
+        network = self.network
+        try:
+            await self.work(network.load)
+            for step in await self.work(network.setup):
+                self.log.info("%s", step)
+            repaired = await self.work(network.reconcile)
+        except SetupError as exc:
+            self.log.error("%s", exc)
+            raise SystemExit(EX_CONFIG if exc.config else 1) from None
+        except IpamError as exc:
+            self.log.error("%s; move it aside to start with no allocations", exc)
+            raise SystemExit(1) from None
+        for line in repaired:
+            self.log.warning("%s", line)
+        self.detail = (
+            f"bridge {network.bridge} {network.gateway}/{network.subnet.prefixlen}, "
+            f"{len(network.ipam)} attached"
+        )
+        self.log.info(
+            "node network: bridge %s, subnet %s, gateway %s, nft table ip %s, "
+            "%d attachments (%d repaired), resolvers %s",
+            network.bridge,
+            network.subnet,
+            network.gateway,
+            network.table,
+            len(network.ipam),
+            len(repaired),
+            ", ".join(network.dns) or "none",
+        )
+
+    async def stop(self) -> None:
+        # Attachments, the bridge and the table stay: replicas keep their
+        # network while overlayd restarts.
+        async with self._lock:
+            pass
+
+    def _update_metrics(self) -> None:
+        count = len(self.network.ipam)
+        ALLOCATIONS.set(count)
+        network = self.network
+        self.detail = (
+            f"bridge {network.bridge} {network.gateway}/{network.subnet.prefixlen}, "
+            f"{count} attached"
+        )
+
+
+def remove_network(paths: Paths) -> int:
+    """``--remove-network``: tear down what overlayd made; the exit code."""
+    log = logging.getLogger("zlayer.overlayd")
+    try:
+        settings = OverlaySettings.load("overlayd", paths)
+    except ConfigError as exc:
+        setup_logging("zlayer-overlayd")
+        log.error("%s", exc)
+        return EX_CONFIG
+    setup_logging("zlayer-overlayd", settings.log_level)
+    network = NodeNetwork(settings, paths.daemon_state("overlayd"))
+    try:
+        network.load()
+    except IpamError as exc:
+        log.warning("%s; removing only the bridge and table", exc)
+    try:
+        removed = network.remove_all()
+    except Exception as exc:
+        log.error("could not remove the node network: %s", exc)
+        return 1
+    log.info("removed %s", ", ".join(removed) if removed else "nothing (no network was there)")
+    return 0
+
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="zlayer-overlayd", description="ZLayer node networking daemon (org.zlayer.Overlay1)."
+    )
+    parser.add_argument(
+        "--remove-network",
+        action="store_true",
+        help="remove every attachment, the nft table and the bridge, then exit "
+        "(stop the daemon first)",
+    )
+    args = parser.parse_args()
+    if args.remove_network:
+        sys.exit(remove_network(Paths.from_env()))
     main_for(OverlayDaemon)

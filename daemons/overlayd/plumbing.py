@@ -1,0 +1,383 @@
+"""Netlink work for overlayd: the bridge, named network namespaces, veth pairs.
+
+Everything here is blocking (pyroute2 over netlink) and meant to run in a
+worker thread, one operation at a time. Each function is idempotent: it
+looks at what is there and does only what is missing, so overlayd can
+repeat any of them after a crash or a restart.
+
+Names are derived from the bridge and the container id, so they can always
+be found again: the namespace ``zl-<hash>`` (namespace names are global to
+the machine, and the bridge in the hash keeps two overlayd instances apart)
+and the host end of the veth ``zlv<hash>`` (15 characters, the kernel's
+limit). The peer is created as ``zlp<hash>`` inside the namespace and
+renamed ``eth0`` there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, NetlinkError
+
+NETNS_DIR = Path("/run/netns")
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+IFACE = "eth0"
+HASH_LEN = 12
+
+MS_REC = 16384
+MS_BIND = 4096
+MS_SHARED = 1 << 20
+MNT_DETACH = 2
+CLONE_NEWNET = 0x40000000
+THREAD_NETNS = "/proc/thread-self/ns/net"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class PlumbingError(Exception):
+    """Network setup that failed, in one sentence."""
+
+
+@dataclass(frozen=True)
+class Names:
+    """The derived names of one container's network."""
+
+    netns: str
+    host_veth: str
+    peer: str
+
+    @property
+    def netns_path(self) -> Path:
+        return NETNS_DIR / self.netns
+
+
+def names_for(bridge: str, container_id: str) -> Names:
+    digest = hashlib.sha256(f"{bridge}/{container_id}".encode()).hexdigest()[:HASH_LEN]
+    return Names(netns=f"zl-{digest}", host_veth=f"zlv{digest}", peer=f"zlp{digest}")
+
+
+def mac_for(address: IPv4Address) -> str:
+    """The replica's MAC address, derived from its IP address (locally administered).
+
+    A replica whose interface is recreated (repair, restart) keeps its MAC,
+    so its neighbours' ARP caches stay right and traffic does not stall
+    until they expire.
+    """
+    return "02:5a:" + ":".join(f"{byte:02x}" for byte in address.packed)
+
+
+@dataclass(frozen=True)
+class Plumbed:
+    """What one container's network looks like now."""
+
+    netns: bool  # the named namespace exists
+    veth: bool  # the host end exists
+    on_bridge: bool  # ... is a port of the bridge and up
+    inside: bool  # eth0 inside has the address, is up, and the default route is there
+
+    @property
+    def healthy(self) -> bool:
+        return self.netns and self.veth and self.on_bridge and self.inside
+
+
+# ---------------------------------------------------------------- host-wide
+
+
+def prepare_netns_dir() -> None:
+    """Make /run/netns a shared mount of its own, as ``ip netns add`` does.
+
+    Doing it once at start, rather than on the first Attach, means the
+    mount exists before any replica does (and is not mistaken for one's).
+    """
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    target = str(NETNS_DIR).encode()
+    if _libc.mount(b"none", target, b"none", MS_SHARED | MS_REC, None) == 0:
+        return
+    # Not a mount point yet: bind it onto itself, then share it.
+    if _libc.mount(target, target, b"none", MS_BIND | MS_REC, None) != 0:
+        err = ctypes.get_errno()
+        raise PlumbingError(f"cannot bind-mount {NETNS_DIR} ({os.strerror(err)})")
+    if _libc.mount(b"none", target, b"none", MS_SHARED | MS_REC, None) != 0:
+        err = ctypes.get_errno()
+        raise PlumbingError(f"cannot make {NETNS_DIR} a shared mount ({os.strerror(err)})")
+
+
+def enable_forwarding() -> bool:
+    """Turn IPv4 forwarding on; True if it was off."""
+    if IP_FORWARD.read_text().strip() == "1":
+        return False
+    IP_FORWARD.write_text("1\n")
+    return True
+
+
+def conflicting_addresses(subnet: IPv4Network, bridge: str) -> list[str]:
+    """Addresses on other interfaces that overlap ``subnet``, as "addr/len on dev"."""
+    found: list[str] = []
+    with IPRoute() as ip:
+        names = {link["index"]: link.get("ifname") for link in ip.get_links()}
+        for record in ip.get_addr(family=2):
+            owner = names.get(record["index"], "?")
+            if owner == bridge:
+                continue
+            iface = IPv4Interface(f"{record.get('address')}/{record['prefixlen']}")
+            if iface.network.overlaps(subnet):
+                found.append(f"{iface} on {owner}")
+    return found
+
+
+def ensure_bridge(bridge: str, gateway: IPv4Address, prefixlen: int) -> list[str]:
+    """The bridge, up, with the gateway address; what had to be done, for the log."""
+    done: list[str] = []
+    with IPRoute() as ip:
+        index = _lookup(ip, bridge)
+        if index is None:
+            ip.link("add", ifname=bridge, kind="bridge")
+            done.append(f"created the bridge {bridge}")
+            index = _must_lookup(ip, bridge)
+        elif _link(ip, index).get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "bridge":
+            raise PlumbingError(f"{bridge} exists and is not a bridge; choose another name")
+        have = {(r.get("address"), r["prefixlen"]) for r in ip.get_addr(family=2, index=index)}
+        if (str(gateway), prefixlen) not in have:
+            ip.addr("add", index=index, address=str(gateway), prefixlen=prefixlen)
+            done.append(f"gave {bridge} the address {gateway}/{prefixlen}")
+        if not _is_up(_link(ip, index)):
+            ip.link("set", index=index, state="up")
+            done.append(f"brought {bridge} up")
+    return done
+
+
+def remove_bridge(bridge: str) -> bool:
+    """Delete the bridge; False if it was not there."""
+    with IPRoute() as ip:
+        index = _lookup(ip, bridge)
+        if index is None:
+            return False
+        ip.link("del", index=index)
+    return True
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    with IPRoute() as ip:
+        index = _lookup(ip, bridge)
+        if index is None:
+            return []
+        return [str(link.get("ifname")) for link in ip.get_links() if link.get("master") == index]
+
+
+# ---------------------------------------------------------------- one container
+
+
+def inspect(names: Names, bridge: str, address: IPv4Address, prefixlen: int) -> Plumbed:
+    has_netns = names.netns_path.exists()
+    veth = on_bridge = inside = False
+    with IPRoute() as ip:
+        index = _lookup(ip, names.host_veth)
+        if index is not None:
+            veth = True
+            link = _link(ip, index)
+            bridge_index = _lookup(ip, bridge)
+            on_bridge = bridge_index is not None and link.get("master") == bridge_index
+            on_bridge = on_bridge and _is_up(link)
+    if has_netns and veth:
+        inside = _inside_ok(names, address, prefixlen)
+    return Plumbed(has_netns, veth, on_bridge, inside)
+
+
+def plumb(
+    names: Names, bridge: str, address: IPv4Address, prefixlen: int, gateway: IPv4Address
+) -> list[str]:
+    """Namespace, veth pair, addresses and route for one container; what was done."""
+    done: list[str] = []
+    if not names.netns_path.exists():
+        create_netns(names.netns_path)
+        done.append(f"created the namespace {names.netns}")
+    with IPRoute() as ip:
+        bridge_index = _lookup(ip, bridge)
+        if bridge_index is None:
+            raise PlumbingError(f"the bridge {bridge} is gone; restart zlayer-overlayd")
+        index = _lookup(ip, names.host_veth)
+        if index is not None and not _inside_ok(names, address, prefixlen):
+            # Half made (a crash between steps): start the pair over.
+            ip.link("del", index=index)
+            done.append(f"removed the incomplete {names.host_veth}")
+            index = None
+        if index is None:
+            with _in_netns(names.netns) as inner:
+                for stale in (names.peer, IFACE):
+                    stale_index = _lookup(inner, stale)
+                    if stale_index is not None:
+                        inner.link("del", index=stale_index)
+            netns_fd = os.open(names.netns_path, os.O_RDONLY)
+            try:
+                ip.link(
+                    "add",
+                    ifname=names.host_veth,
+                    kind="veth",
+                    peer={
+                        "ifname": names.peer,
+                        "address": mac_for(address),
+                        "net_ns_fd": netns_fd,
+                    },
+                )
+            finally:
+                os.close(netns_fd)
+            index = _must_lookup(ip, names.host_veth)
+            with _in_netns(names.netns) as inner:
+                peer = _must_lookup(inner, names.peer)
+                inner.link("set", index=peer, ifname=IFACE)
+                inner.addr("add", index=peer, address=str(address), prefixlen=prefixlen)
+                inner.link("set", index=peer, state="up")
+                loopback = _must_lookup(inner, "lo")
+                inner.link("set", index=loopback, state="up")
+                inner.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+            done.append(f"connected {names.netns} to {bridge} through {names.host_veth}")
+        link = _link(ip, index)
+        if link.get("master") != bridge_index or not _is_up(link):
+            ip.link("set", index=index, master=bridge_index, state="up")
+            if not done:
+                done.append(f"put {names.host_veth} back on {bridge}")
+    return done
+
+
+def unplumb(names: Names) -> list[str]:
+    """Remove the veth pair and the namespace; what was removed."""
+    done: list[str] = []
+    with IPRoute() as ip:
+        index = _lookup(ip, names.host_veth)
+        if index is not None:
+            with contextlib.suppress(NetlinkError):
+                ip.link("del", index=index)
+            done.append(names.host_veth)
+    if names.netns_path.exists():
+        remove_netns(names.netns_path)
+        done.append(names.netns)
+    return done
+
+
+# ---------------------------------------------------------------- namespaces
+#
+# Done in the calling thread with unshare/setns instead of pyroute2's
+# helpers, which fork: a forked child of an asyncio daemon inherits its
+# signal wakeup fd, and the SIGTERM pyroute2 sends the child then reaches
+# the daemon's loop as if the daemon had been asked to stop. A network
+# namespace switch is per thread, so the worker thread enters and leaves
+# while the rest of the process stays put.
+
+
+def create_netns(path: Path) -> None:
+    """A new network namespace, kept alive by a bind mount at ``path``."""
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    try:
+        home = os.open(THREAD_NETNS, os.O_RDONLY)
+        try:
+            _call(_libc.unshare(CLONE_NEWNET), "unshare")
+            try:
+                _call(
+                    _libc.mount(THREAD_NETNS.encode(), str(path).encode(), b"none", MS_BIND, None),
+                    f"mount {path}",
+                )
+            finally:
+                _return_home(home)
+        finally:
+            os.close(home)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def remove_netns(path: Path) -> None:
+    """Unmount and delete a named namespace (it lives on while processes are in it)."""
+    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not mounted any more
+            raise OSError(err, f"umount {path}: {os.strerror(err)}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def _in_netns(name: str) -> Iterator[IPRoute]:
+    """A netlink socket inside the named namespace (a socket stays in the namespace it
+    was opened in, so only its creation needs the thread to be there)."""
+    target = os.open(NETNS_DIR / name, os.O_RDONLY)
+    try:
+        home = os.open(THREAD_NETNS, os.O_RDONLY)
+        try:
+            _call(_libc.setns(target, CLONE_NEWNET), f"setns {name}")
+            try:
+                inner = IPRoute()
+            finally:
+                _return_home(home)
+        finally:
+            os.close(home)
+    finally:
+        os.close(target)
+    try:
+        yield inner
+    finally:
+        inner.close()
+
+
+def _return_home(home: int) -> None:
+    if _libc.setns(home, CLONE_NEWNET) != 0:
+        # A worker thread left in a replica's namespace would do the next
+        # job in the wrong place: better to stop and be restarted.
+        os.write(2, b"zlayer-overlayd: cannot return a thread to its network namespace\n")
+        os._exit(70)
+
+
+def _call(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _inside_ok(names: Names, address: IPv4Address, prefixlen: int) -> bool:
+    try:
+        with _in_netns(names.netns) as inner:
+            index = _lookup(inner, IFACE)
+            if index is None or not _is_up(_link(inner, index)):
+                return False
+            addresses = {
+                (r.get("address"), r["prefixlen"]) for r in inner.get_addr(family=2, index=index)
+            }
+            if (str(address), prefixlen) not in addresses:
+                return False
+            defaults = [r for r in inner.get_routes(family=2) if r["dst_len"] == 0]
+            return any(r.get("oif") == index for r in defaults)
+    except (NetlinkError, OSError):
+        return False
+
+
+def _lookup(ip: IPRoute, name: str) -> int | None:
+    found = ip.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def _must_lookup(ip: IPRoute, name: str) -> int:
+    index = _lookup(ip, name)
+    if index is None:
+        raise PlumbingError(f"the interface {name} vanished while it was being set up")
+    return index
+
+
+def _link(ip: IPRoute, index: int) -> Any:
+    return ip.get_links(index)[0]
+
+
+def _is_up(link: Any) -> bool:
+    return bool(link["flags"] & 1)  # IFF_UP

@@ -1,0 +1,114 @@
+"""zlayer-overlayd's settings: ``/etc/zlayer/overlayd.toml`` and ``ZLAYER_OVERLAYD_*``.
+
+Keys (besides the ones every daemon has):
+
+``bridge``          the node bridge, default ``zlayer0``
+``subnet``          the replicas' IPv4 range, default ``10.213.0.0/16``; the
+                    first address is the bridge's (the replicas' gateway).
+                    Podman and buildah default to 10.88.0.0/16, so ZLayer
+                    stays clear of it.
+``nameservers``     resolvers written into replicas' resolv.conf; unset means
+                    the host's, from /etc/resolv.conf, less loopback ones
+``search_domains``  search list for replicas; unset means the host's
+``nft_table``       the nftables table (family ``ip``) holding the NAT and
+                    forward rules; unset means ``zlayer`` for the default
+                    bridge and ``zlayer_<bridge>`` for any other, so two
+                    overlayd instances (tests) never share a table
+"""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Network, IPv6Address, ip_address
+
+from pydantic import Field, field_validator
+
+from shared.config import DaemonSettings
+
+DEFAULT_BRIDGE = "zlayer0"
+DEFAULT_SUBNET = IPv4Network("10.213.0.0/16")
+DEFAULT_TABLE = "zlayer"
+
+# Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no slash or space.
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_NFT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class OverlaySettings(DaemonSettings):
+    bridge: str = Field(DEFAULT_BRIDGE, description="the node bridge's interface name")
+    subnet: IPv4Network = Field(DEFAULT_SUBNET, description="the replicas' IPv4 range")
+    nameservers: list[str] | None = Field(
+        None, description="replicas' resolvers; unset means the host's non-loopback ones"
+    )
+    search_domains: list[str] | None = Field(
+        None, description="replicas' DNS search list; unset means the host's"
+    )
+    nft_table: str = Field("", description="nftables table name; unset derives it from bridge")
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge_name(cls, value: str) -> str:
+        if not _IFNAME.match(value):
+            raise ValueError(
+                "an interface name is 1 to 15 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("subnet")
+    @classmethod
+    def _room_for_one(cls, value: IPv4Network) -> IPv4Network:
+        if value.prefixlen > 30:
+            raise ValueError("the subnet needs room for a gateway and a replica: /30 or larger")
+        return value
+
+    @field_validator("nameservers")
+    @classmethod
+    def _addresses(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        return [str(ip_address(item)) for item in value]
+
+    @field_validator("nft_table")
+    @classmethod
+    def _table_name(cls, value: str) -> str:
+        if value and not _NFT_NAME.match(value):
+            raise ValueError("a table name is letters, digits and '_', starting with a letter")
+        return value
+
+    @property
+    def table(self) -> str:
+        """The nftables table overlayd owns (family ``ip``)."""
+        if self.nft_table:
+            return self.nft_table
+        if self.bridge == DEFAULT_BRIDGE:
+            return DEFAULT_TABLE
+        return DEFAULT_TABLE + "_" + re.sub(r"[^A-Za-z0-9_]", "_", self.bridge)
+
+
+def host_resolvers(text: str) -> tuple[list[str], list[str], list[str]]:
+    """(usable nameservers, skipped loopback nameservers, search domains) of a resolv.conf.
+
+    A replica has its own loopback, so a resolver on the host's 127.0.0.0/8
+    (systemd-resolved, dnsmasq) cannot be reached from inside it.
+    """
+    usable: list[str] = []
+    skipped: list[str] = []
+    search: list[str] = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) < 2:
+            continue
+        if words[0] == "nameserver":
+            try:
+                address = ip_address(words[1].split("%", 1)[0])
+            except ValueError:
+                continue
+            if address.is_loopback or (isinstance(address, IPv6Address) and address.is_link_local):
+                skipped.append(str(address))
+            else:
+                usable.append(str(address))
+        elif words[0] in ("search", "domain"):
+            # The last search or domain line wins, as in resolv.conf(5).
+            search = words[1:]
+    return usable, skipped, search
