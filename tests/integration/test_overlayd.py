@@ -9,7 +9,6 @@ no link, namespace, nft table or mount.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -71,9 +70,7 @@ class Overlayd:
         self.table = "zlayer_" + self.bridge
         self.process: subprocess.Popen[str] | None = None
         with paths.daemon_config("overlayd").open("a") as handle:
-            handle.write(
-                f'bridge = "{self.bridge}"\nsubnet = "{self.subnet}"\n'
-            )
+            handle.write(f'bridge = "{self.bridge}"\nsubnet = "{self.subnet}"\n')
         self.logs = ""
 
     @property
@@ -294,12 +291,8 @@ def test_replicas_reach_outside_through_nat(overlayd: Overlayd) -> None:
             ["ip", "-n", upstream, "link", "set", far_end, "up"],
         ):
             subprocess.run(argv, check=True, capture_output=True)
+        # upstream has no route to the subnet: only masqueraded packets get an answer.
         assert ping(a, far_ip), "the replica cannot reach a host beyond the node"
-        # Seen from upstream, the replica's packets come from the node's address.
-        conntrack = subprocess.run(
-            ["nft", "list", "table", "ip", overlayd.table], capture_output=True, text=True
-        ).stdout
-        assert "masquerade" in conntrack
     finally:
         subprocess.run(["ip", "link", "del", host_end], capture_output=True)
         subprocess.run(["ip", "netns", "del", upstream], capture_output=True)
@@ -355,7 +348,7 @@ def test_detach_removes_veth_namespace_and_allocation(overlayd: Overlayd) -> Non
 
 
 def test_full_subnet_is_one_clear_sentence(make_overlayd: Any) -> None:
-    bridge, base = _network_for_test()
+    _, base = _network_for_test()
     tiny = f"10.233.{base.network_address.packed[2]}.0/30"
     overlayd: Overlayd = make_overlayd(tiny)
     overlayd.start()
