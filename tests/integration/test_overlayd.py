@@ -402,3 +402,29 @@ def test_bad_settings_exit_78(
     code, err = stop(start("overlayd", private_bus, None), signal_first=False)
     assert code == 78, err
     assert "overlayd.toml" in err and key in err and "Traceback" not in err
+
+
+def test_concurrent_attaches_get_distinct_addresses_and_status_keeps_answering(
+    overlayd: Overlayd,
+) -> None:
+    ids = [f"many-{i}" for i in range(12)]
+
+    async def run() -> tuple[list[str], list[Any]]:
+        bus = open_bus(overlayd.bus.address)
+        try:
+            daemon = proxy(DAEMONS_BY_NAME["overlayd"], bus)
+            attaches = asyncio.gather(*(daemon.attach(cid, cid) for cid in ids))
+            # The bus is served while netlink work runs in a thread.
+            statuses = asyncio.gather(*(daemon.status() for _ in range(5)))
+            return await attaches, await statuses
+        finally:
+            bus.close()
+
+    raw, statuses = asyncio.run(run())
+    attached = [Attachment.model_validate_json(text) for text in raw]
+    assert len({a.address for a in attached}) == len(ids)
+    assert all(DaemonStatus.from_dbus(s).state == "running" for s in statuses)
+    assert ping(attached[0], attached[-1].address)
+    for cid in ids:
+        overlayd.detach(cid)
+    assert overlayd.network().allocations == 0
