@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -62,12 +62,16 @@ class Cluster:
         )
 
 
-def write_bench_config(paths: Paths) -> None:
-    """Free ports for every daemon; the same settings as ``tests/conftest.py``."""
+def write_bench_config(paths: Paths, extra: Mapping[str, str] | None = None) -> None:
+    """Free ports for every daemon; the same settings as ``tests/conftest.py``.
+
+    ``extra`` maps a daemon's name to more TOML lines for its file.
+    """
     paths.config_dir.mkdir(parents=True, exist_ok=True)
     for info in DAEMONS:
-        extra = "http_port = 0\n" if info.name == "apid" else ""
-        paths.daemon_config(info.name).write_text(f"metrics_port = 0\n{extra}")
+        more = "http_port = 0\n" if info.name == "apid" else ""
+        more += (extra or {}).get(info.name, "")
+        paths.daemon_config(info.name).write_text(f"metrics_port = 0\n{more}")
 
 
 def _sigterm_to_interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -143,8 +147,16 @@ def _stop(paths: Paths, env: dict[str, str], known: SupervisorState | None) -> N
 
 
 @contextlib.contextmanager
-def running_daemons() -> Iterator[Cluster]:
-    """The six daemons ready on a private bus under a fresh prefix; always cleaned up."""
+def running_daemons(
+    config: Mapping[str, str] | None = None,
+    after_stop: Callable[[Paths, dict[str, str]], None] | None = None,
+) -> Iterator[Cluster]:
+    """The six daemons ready on a private bus under a fresh prefix; always cleaned up.
+
+    ``config`` adds TOML lines to daemons' files (by daemon name);
+    ``after_stop(paths, env)`` runs once the daemons are stopped, before the
+    prefix is removed, with Ctrl-C and SIGTERM ignored.
+    """
     previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     # A Unix socket path must fit in 108 bytes, so keep the prefix short.
     prefix = Path(tempfile.mkdtemp(prefix="zlbench-", dir="/tmp"))
@@ -153,7 +165,7 @@ def running_daemons() -> Iterator[Cluster]:
     env[PREFIX_ENV] = str(prefix)
     state: SupervisorState | None = None
     try:
-        write_bench_config(paths)
+        write_bench_config(paths, config)
         started = time.monotonic()
         result = subprocess.run(
             [find_executable("zlayerctl"), "daemon", "run", "--detach"],
@@ -181,6 +193,11 @@ def running_daemons() -> Iterator[Cluster]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             _stop(paths, env, state)
+            if after_stop is not None:
+                try:
+                    after_stop(paths, env)
+                except Exception as exc:  # cleanup goes on; say what was left
+                    print(f"cleanup after stop failed: {exc}", file=sys.stderr)
             shutil.rmtree(prefix, ignore_errors=True)
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
