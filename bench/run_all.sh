@@ -9,3 +9,6 @@ echo "== bus round trip"
 echo
 echo "== idle memory"
 "$python" "$here/idle_rss.py"
+echo
+echo "== replica start (root: runs containers)"
+"$python" "$here/replica_start.py"
