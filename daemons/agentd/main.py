@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from typing import Any
 
 from sdbus import dbus_method_async_override
@@ -67,7 +69,14 @@ class AgentService(Agent1):
         self, replica: str, argv: list[str], tty: bool, stdin: int, stdout: int, stderr: int
     ) -> int:
         self._node.find(replica)
-        return await self._node.launcher.exec(replica, argv, tty, stdin, stdout, stderr)
+        try:
+            return await self._node.launcher.exec(replica, argv, tty, stdin, stdout, stderr)
+        finally:
+            # The descriptors are ours once received: a caller waiting for EOF on
+            # its stdout would hang while agentd still held a copy.
+            for fd in {stdin, stdout, stderr}:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     @dbus_method_async_override()
     async def stats(self, replica: str) -> str:

@@ -96,9 +96,11 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     prefix.mkdir()
     paths = Paths(prefix)
     write_test_config(paths)
-    tag = os.getpid() % 200 + 20
+    # Never 10.88/16 (podman's and buildah's default).
     with paths.daemon_config("overlayd").open("a") as handle:
-        handle.write(f'bridge = "zle{os.getpid() % 100000}"\nsubnet = "10.{tag}.0.0/24"\n')
+        handle.write(
+            f'bridge = "zle{os.getpid() % 100000}"\nsubnet = "10.241.{os.getpid() % 250}.0/24"\n'
+        )
     node = Node(paths, tmp_path_factory.mktemp("work"))
     image_dir = write_oci_layout(busybox_image(), tmp_path_factory.mktemp("image") / "oci")
     try:
