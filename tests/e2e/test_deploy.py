@@ -121,6 +121,16 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         assert not left, f"processes left running: {left}"
 
 
+@pytest.fixture(autouse=True)
+def _down_everything(node: Node) -> Iterator[None]:
+    """Whatever a test leaves deployed (a failed assertion, say) goes before the leak check."""
+    yield
+    listed = node.ctl("ps", "--format", "json")
+    if listed.returncode == 0:
+        for deployment in json.loads(listed.stdout):
+            node.ctl("down", deployment["name"])
+
+
 WEB = """
 version: v1
 deployment: {name}
@@ -264,9 +274,9 @@ def test_depends_order_and_jobs(node: Node) -> None:
         image: zlayer/busybox:latest
         command:
           entrypoint: ["sh", "-c"]
-          args: ["sleep 2 && exec nc -lk -p 5432 -e cat"]
+          args: ["sleep 2 && exec httpd -f -p 5432"]
         endpoints: [{name: pg, protocol: tcp, port: 5432}]
-        health: {interval: 500ms, timeout: 1s, check: {type: tcp}}
+        health: {start_grace: 10s, interval: 500ms, timeout: 1s, check: {type: tcp}}
         scale: {mode: fixed, replicas: 1}
       app:
         image: zlayer/busybox:latest
