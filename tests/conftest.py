@@ -29,12 +29,34 @@ from shared.paths import PREFIX_ENV, Paths
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_test_config(paths: Paths) -> None:
-    """Free ports for every daemon, so parallel runs never collide."""
+def write_test_config(paths: Paths, *, network_tag: str = "zlt") -> None:
+    """Free ports for every daemon, so parallel runs never collide, and a node
+    network of the test's own: never the real ``zlayer0`` and never 10.88/16
+    (podman's and buildah's default)."""
     paths.config_dir.mkdir(parents=True, exist_ok=True)
     for info in DAEMONS:
         extra = "http_port = 0\n" if info.name == "apid" else ""
+        if info.name == "overlayd":
+            pid = os.getpid()
+            third = 241 if network_tag == "zle" else 242
+            extra = (
+                f'bridge = "{network_tag}{pid % 100000}"\n'
+                f'subnet = "10.{third}.{pid % 250}.0/24"\n'
+            )
         paths.daemon_config(info.name).write_text(f"metrics_port = 0\n{extra}")
+
+
+def remove_test_network(paths: Paths) -> None:
+    """Take down the bridge, nft table and IPAM an overlayd of this prefix made."""
+    from ctl.supervisor import find_executable
+
+    subprocess.run(
+        [find_executable("zlayer-overlayd"), "--remove-network"],
+        env={**os.environ, PREFIX_ENV: str(paths.prefix)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -49,6 +71,7 @@ def zlayer_prefix(monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
     yield paths
     left = [f"{p.pid} {' '.join(p.cmdline())}" for p in prefix_processes(prefix)]
     kill_prefix_processes(prefix)
+    remove_test_network(paths)
     shutil.rmtree(prefix, ignore_errors=True)
     assert not left, f"the test left these processes running: {left}"
 

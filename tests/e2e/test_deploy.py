@@ -24,7 +24,12 @@ import pytest
 from ctl.supervisor import find_executable
 from shared.busybox_image import busybox_image, write_oci_layout
 from shared.paths import PREFIX_ENV, Paths
-from tests.conftest import kill_prefix_processes, prefix_processes, write_test_config
+from tests.conftest import (
+    kill_prefix_processes,
+    prefix_processes,
+    remove_test_network,
+    write_test_config,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
 
@@ -95,12 +100,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     prefix = Path(f"/tmp/zle-{os.getpid()}")
     prefix.mkdir()
     paths = Paths(prefix)
-    write_test_config(paths)
-    # Never 10.88/16 (podman's and buildah's default).
-    with paths.daemon_config("overlayd").open("a") as handle:
-        handle.write(
-            f'bridge = "zle{os.getpid() % 100000}"\nsubnet = "10.241.{os.getpid() % 250}.0/24"\n'
-        )
+    write_test_config(paths, network_tag="zle")
     node = Node(paths, tmp_path_factory.mktemp("work"))
     image_dir = write_oci_layout(busybox_image(), tmp_path_factory.mktemp("image") / "oci")
     try:
@@ -109,12 +109,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         yield node
     finally:
         node.ctl("daemon", "stop")
-        subprocess.run(
-            [find_executable("zlayer-overlayd"), "--remove-network"],
-            env=node.env,
-            capture_output=True,
-            timeout=60,
-        )
+        remove_test_network(paths)
         left = prefix_processes(prefix)
         kill_prefix_processes(prefix)
         subprocess.run(["rm", "-rf", str(prefix)], check=False)

@@ -69,8 +69,9 @@ class Overlayd:
         self.subnet = subnet or default_subnet
         self.table = "zlayer_" + self.bridge
         self.process: subprocess.Popen[str] | None = None
-        with paths.daemon_config("overlayd").open("a") as handle:
-            handle.write(f'bridge = "{self.bridge}"\nsubnet = "{self.subnet}"\n')
+        paths.daemon_config("overlayd").write_text(
+            f'metrics_port = 0\nbridge = "{self.bridge}"\nsubnet = "{self.subnet}"\n'
+        )
         self.logs = ""
 
     @property
