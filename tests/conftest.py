@@ -40,8 +40,7 @@ def write_test_config(paths: Paths, *, network_tag: str = "zlt") -> None:
             pid = os.getpid()
             third = 241 if network_tag == "zle" else 242
             extra = (
-                f'bridge = "{network_tag}{pid % 100000}"\n'
-                f'subnet = "10.{third}.{pid % 250}.0/24"\n'
+                f'bridge = "{network_tag}{pid % 100000}"\nsubnet = "10.{third}.{pid % 250}.0/24"\n'
             )
         paths.daemon_config(info.name).write_text(f"metrics_port = 0\n{extra}")
 
