@@ -254,6 +254,16 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """JSON list of {deployment, service, schedule, next_run, last_run}."""
         raise NotImplementedError
 
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="i",
+        input_args_names=("deployment",),
+        result_args_names=("revision",),
+    )
+    async def rollback(self, deployment: str) -> int:
+        """Deploy the previous revision's spec again as a new revision; its number."""
+        raise NotImplementedError
+
     @dbus_signal_async("s", signal_args_names=("event",))
     def event_emitted(self) -> str:
         """An Event: something happened to a deployment."""
@@ -441,11 +451,50 @@ class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
         """NetworkInfo."""
         raise NotImplementedError
 
+    @dbus_method_async(input_signature="ss", input_args_names=("deployment", "traffic"))
+    async def set_traffic(self, deployment: str, traffic: str) -> None:
+        """Replace a deployment's service DNS records and kernel-path published ports.
+
+        ``traffic`` is a shared.traffic.DeploymentTraffic; one with no
+        services removes the deployment's records and ports.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("records",), flags=DbusUnprivilegedFlag
+    )
+    async def list_records(self) -> str:
+        """list[shared.traffic.DnsRecord]: every name the service DNS answers."""
+        raise NotImplementedError
+
 
 class Proxy1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Proxy1"):
     """zlayer-proxyd: L4/L7 ingress and load balancing."""
 
     version, status = _daemon_members()
+
+    @dbus_method_async(input_signature="ss", input_args_names=("deployment", "traffic"))
+    async def set_traffic(self, deployment: str, traffic: str) -> None:
+        """Replace a deployment's routes and backends (a shared.traffic.DeploymentTraffic).
+
+        Established connections are kept: a backend that leaves rotation gets
+        no new requests, and its open connections finish or time out.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("routes",), flags=DbusUnprivilegedFlag
+    )
+    async def list_routes(self) -> str:
+        """list[shared.traffic.RouteInfo]: every listener and route with its backends."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("stats",), flags=DbusUnprivilegedFlag
+    )
+    async def service_stats(self) -> str:
+        """list[shared.traffic.ServiceStats]: request counters per service, for autoscaling."""
+        raise NotImplementedError
 
 
 class Api1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Api1"):

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from daemons.agentd.errors import BundleError
+from shared import netfiles
 from shared.models import Attachment, ImageRootfs
 from shared.spec import ServiceSpec
 from shared.spec.models import (
@@ -434,30 +435,6 @@ def storage_mounts(
     return mounts, dirs, named
 
 
-def hosts_file(hostname: str, address: str, extra_hosts: list[str]) -> str:
-    """The replica's /etc/hosts: localhost, itself, and ``extra_hosts`` ("name:ip")."""
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    lines.append(f"{address or '127.0.1.1'}\t{hostname}")
-    for entry in extra_hosts:
-        name, sep, ip = entry.partition(":")
-        if not sep:
-            name, _, ip = entry.partition("=")
-        if name and ip:
-            lines.append(f"{ip.strip()}\t{name.strip()}")
-    return "\n".join(lines) + "\n"
-
-
-def resolv_conf(attachment: Attachment | None, dns: list[str], host_resolv: str = "") -> str:
-    """Nameservers from the spec's ``dns``, else the attachment's, else the host's file."""
-    servers = dns or (attachment.dns if attachment else [])
-    if not servers:
-        return host_resolv or "nameserver 127.0.0.1\n"
-    lines = [f"nameserver {server}" for server in servers]
-    if attachment and attachment.search:
-        lines.append("search " + " ".join(attachment.search))
-    return "\n".join(lines) + "\n"
-
-
 def _devices(spec: ServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     devices: list[dict[str, Any]] = []
     rules: list[dict[str, Any]] = []
@@ -627,11 +604,19 @@ def build_bundle(
         "linux": linux,
         "annotations": annotations,
     }
-    files = {
-        "hosts": hosts_file(hostname, attachment.address if attachment else "", spec.extra_hosts),
-        "resolv.conf": resolv_conf(attachment, spec.dns, host_resolv),
-        "hostname": hostname + "\n",
-    }
+    try:
+        files = {
+            "hosts": netfiles.hosts_file(attachment, hostname, spec.extra_hosts),
+            # On the host network the replica resolves as the host does.
+            "resolv.conf": (
+                netfiles.resolv_conf(attachment, spec.dns)
+                if attachment is not None
+                else host_resolv or "nameserver 127.0.0.1\n"
+            ),
+            "hostname": hostname + "\n",
+        }
+    except netfiles.NetFileError as exc:
+        raise BundleError(str(exc)) from None
     for warning in warnings:
         log.warning("%s: %s", ids.container_id, warning)
     return Bundle(config, files, directories, named, warnings)
