@@ -413,6 +413,43 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         """Make an image's layers available unpacked; ImageRootfs."""
         raise NotImplementedError
 
+    # --- jobs: long operations (pull, push, build) return a job id at once;
+    # see shared/jobs.py.
+
+    @dbus_method_async(
+        input_signature="t",
+        result_signature="s",
+        input_args_names=("job_id",),
+        result_args_names=("job",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def get_job(self, job_id: int) -> str:
+        """shared.jobs.JobInfo of a running or recently finished job."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("jobs",), flags=DbusUnprivilegedFlag
+    )
+    async def list_jobs(self) -> str:
+        """list[shared.jobs.JobInfo]."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="t", input_args_names=("job_id",))
+    async def cancel_job(self, job_id: int) -> None:
+        """Cancel a running job; NotFound if it is not running."""
+        raise NotImplementedError
+
+    @dbus_signal_async("ts", signal_args_names=("job_id", "job"))
+    def job_removed(self) -> tuple[int, str]:
+        """A job ended (done, failed or cancelled); its final JobInfo."""
+        raise NotImplementedError
+
+    # --- registry client (pull, push, login): below this line
+
+    # --- builds: below this line
+
+    # --- wasm artifacts: below this line
+
 
 class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
     """zlayer-overlayd: bridge, IPAM, service DNS, port publishing, mesh."""
