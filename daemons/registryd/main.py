@@ -27,6 +27,7 @@ from shared.bus import (
 )
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
+from shared.jobs import JobTable
 from shared.models import ReplicaInfo
 from shared.paths import Paths
 from shared.reference import InvalidReferenceError, normalize_reference
@@ -107,6 +108,33 @@ class RegistryService(Registry1):
         await self.daemon.update_metrics()
         return rootfs.model_dump_json()
 
+    # --- jobs (shared/jobs.py)
+
+    @dbus_method_async_override()
+    async def get_job(self, job_id: int) -> str:
+        info = self.daemon.jobs.get(job_id)
+        if info is None:
+            raise NotFoundError(
+                f"job {job_id} is not known to zlayer-registryd (it ended long ago, "
+                "or the daemon restarted since)"
+            )
+        return info.model_dump_json()
+
+    @dbus_method_async_override()
+    async def list_jobs(self) -> str:
+        return json.dumps([info.model_dump(mode="json") for info in self.daemon.jobs.list()])
+
+    @dbus_method_async_override()
+    async def cancel_job(self, job_id: int) -> None:
+        if not self.daemon.jobs.cancel(job_id):
+            raise NotFoundError(f"job {job_id} is not running")
+
+    # --- registry client (pull, push, login): below this line
+
+    # --- builds: below this line
+
+    # --- wasm artifacts: below this line
+
 
 class RegistryDaemon(Daemon):
     info = DAEMONS_BY_NAME["registryd"]
@@ -115,9 +143,19 @@ class RegistryDaemon(Daemon):
         super().__init__(settings, paths)
         self.store = ImageStore(paths.daemon_state(self.info.name))
         self.store_problem = ""
+        self.jobs = JobTable(self._job_removed)
+        self.service: RegistryService | None = None
 
     def make_service(self) -> RegistryService:
-        return RegistryService(self)
+        self.service = RegistryService(self)
+        return self.service
+
+    async def stop(self) -> None:
+        await self.jobs.close()
+
+    def _job_removed(self, job_id: int, info: str) -> None:
+        if self.service is not None:
+            self.service.job_removed.emit((job_id, info))
 
     async def start(self) -> None:
         try:
