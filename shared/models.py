@@ -98,14 +98,27 @@ ReplicaState = Literal[
 HealthState = Literal["none", "starting", "healthy", "unhealthy"]
 
 
+class RevisionReplicas(Wire):
+    """An older revision of a service that keeps ``replicas`` copies during a rollout."""
+
+    revision: int
+    spec: dict[str, Any]
+    replicas: int
+
+
 class ServiceAssignment(Wire):
-    """schedd -> agentd: run ``replicas`` copies of this service at this revision."""
+    """schedd -> agentd: run ``replicas`` copies of this service at this revision.
+
+    During a rollout ``previous`` names the older revisions that keep running
+    (instances 1..replicas of each); every other revision's replicas go.
+    """
 
     deployment: str
     service: str
     revision: int
     spec: dict[str, Any]  # ServiceSpec in JSON mode, with $E: references resolved
     replicas: int
+    previous: list[RevisionReplicas] = Field(default_factory=list)
 
 
 class ReplicaInfo(Wire):

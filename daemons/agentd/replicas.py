@@ -219,7 +219,11 @@ class Node:
                 replica = Replica(record, spec)
                 await self._teardown(replica, 0.0)
                 continue
-            replica = Replica(record, ServiceSpec.model_validate(assignment.spec))
+            spec_json = next(
+                (old.spec for old in assignment.previous if old.revision == record.revision),
+                assignment.spec,
+            )
+            replica = Replica(record, ServiceSpec.model_validate(spec_json))
             self.replicas[record.id] = replica
             if record.state in ("stopped", "failed", "exited") and record.rtype != "service":
                 continue
@@ -247,6 +251,9 @@ class Node:
 
     async def _converge(self, assignment: ServiceAssignment) -> None:
         spec = ServiceSpec.model_validate(assignment.spec)
+        # revision -> how many replicas of it may stay (instances 1..n)
+        keep = {old.revision: old.replicas for old in assignment.previous}
+        keep[assignment.revision] = assignment.replicas
         mine = [
             r
             for r in self.replicas.values()
@@ -255,23 +262,29 @@ class Node:
             and r.record.rtype == "service"
         ]
         for replica in mine:
-            outdated = replica.record.revision != assignment.revision
-            surplus = replica.record.instance > assignment.replicas
-            if outdated or surplus:
+            allowed = keep.get(replica.record.revision, 0)
+            if replica.record.instance > allowed:
                 await self._remove(replica, _grace(replica.spec))
-        present = {
-            r.record.instance
-            for r in self.replicas.values()
-            if r.record.deployment == assignment.deployment
-            and r.record.service == assignment.service
-            and r.record.revision == assignment.revision
-            and r.record.rtype == "service"
-        }
         if spec.rtype != "service":
             return
-        for instance in range(1, assignment.replicas + 1):
-            if instance not in present:
-                self._create(assignment, spec, instance)
+        for revision_spec, revision, count in [
+            (spec, assignment.revision, assignment.replicas),
+            *(
+                (ServiceSpec.model_validate(old.spec), old.revision, old.replicas)
+                for old in assignment.previous
+            ),
+        ]:
+            present = {
+                r.record.instance
+                for r in self.replicas.values()
+                if r.record.deployment == assignment.deployment
+                and r.record.service == assignment.service
+                and r.record.revision == revision
+                and r.record.rtype == "service"
+            }
+            for instance in range(1, count + 1):
+                if instance not in present:
+                    self._create(assignment, revision_spec, instance, revision=revision)
 
     def _create(
         self,
@@ -280,20 +293,20 @@ class Node:
         instance: int,
         job_run: str | None = None,
         trigger: str = "",
+        revision: int | None = None,
     ) -> Replica:
+        revision = assignment.revision if revision is None else revision
         cid = (
             f"{assignment.deployment}-{assignment.service}-{job_run}"
             if job_run
-            else container_id(
-                assignment.deployment, assignment.service, instance, assignment.revision
-            )
+            else container_id(assignment.deployment, assignment.service, instance, revision)
         )
         record = ReplicaRecord(
             id=cid,
             deployment=assignment.deployment,
             service=assignment.service,
             instance=instance,
-            revision=assignment.revision,
+            revision=revision,
             rtype=spec.rtype,
             image=spec.image.name,
             job_run=job_run,
