@@ -97,7 +97,7 @@ class ClientConnection(asyncio.Protocol):
             if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
                 from daemons.proxyd.http2 import Http2Connection
 
-                self.h2 = Http2Connection(self.listener, transport, self.client_address)
+                self.h2 = Http2Connection(self.listener, self.transport, self.client_address)
                 self.h2.start()
                 return
         self.listener.connections.add(self)

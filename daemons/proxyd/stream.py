@@ -332,7 +332,7 @@ class UdpSession(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
         for data in self.pending:
-            transport.sendto(data)
+            self.transport.sendto(data)
         self.pending = []
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
