@@ -13,6 +13,7 @@ from ctl.image_cmd import image
 from ctl.replica_cmd import exec_, logs
 from ctl.spec_cmd import spec, validate
 from ctl.status_cmd import status
+from ctl.wasm_cmd import wasm
 from shared import __version__
 
 DEBUG_ENV = "ZLAYER_DEBUG"
@@ -31,6 +32,7 @@ cli.add_command(status)
 cli.add_command(validate)
 cli.add_command(spec)
 cli.add_command(image)
+cli.add_command(wasm)
 
 
 def main() -> None:

@@ -450,6 +450,34 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
 
     # --- wasm artifacts: below this line
 
+    @dbus_method_async(
+        input_signature="ssss",
+        result_signature="s",
+        input_args_names=("path", "name", "output", "author"),
+        result_args_names=("artifact",),
+    )
+    async def export_wasm(self, path: str, name: str, output: str, author: str) -> str:
+        """Pack the WebAssembly binary at ``path`` as an OCI layout at ``output``.
+
+        The CNCF Wasm layout (config ``application/vnd.wasm.config.v0+json``,
+        one ``application/wasm`` layer), named ``name``; shared.wasm.WasmArtifact.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="sssb",
+        result_signature="t",
+        input_args_names=("path", "reference", "auth", "tls_verify"),
+        result_args_names=("job_id",),
+    )
+    async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
+        """Push the binary at ``path`` as a Wasm artifact to ``reference``, as a job.
+
+        ``auth`` as for Pull ("" uses registryd's own credentials); the job's
+        result is a shared.wasm.WasmArtifact whose location is the reference.
+        """
+        raise NotImplementedError
+
 
 class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
     """zlayer-overlayd: bridge, IPAM, service DNS, port publishing, mesh."""

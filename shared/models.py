@@ -47,6 +47,7 @@ class ImageInfo(Wire):
     architecture: str = ""
     os: str = ""
     is_wasm: bool = False
+    runtime: Literal["oci", "wasm"] = "oci"  # which runtime runs it: crun, or wasmtime
 
 
 class ImageDetail(Wire):

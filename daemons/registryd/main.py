@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from prometheus_client import Counter, Gauge
 from sdbus import dbus_method_async_override
 
+from daemons.registryd import wasm
 from daemons.registryd.store import ImageStore, StoreError
 from shared.bus import (
     DAEMONS_BY_NAME,
@@ -134,6 +135,26 @@ class RegistryService(Registry1):
     # --- builds: below this line
 
     # --- wasm artifacts: below this line
+
+    @dbus_method_async_override()
+    async def export_wasm(self, path: str, name: str, output: str, author: str) -> str:
+        artifact = await self.daemon.work(wasm.export_layout, path, name, output, author)
+        self.daemon.log.info("exported %s as %s to %s", path, artifact.name, output)
+        return artifact.model_dump_json()
+
+    @dbus_method_async_override()
+    async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
+        # Checked before the job starts, so a bad file or name fails the call itself.
+        data = await self.daemon.work(wasm.read_binary, path)
+        artifact = await self.daemon.work(wasm.build_artifact, data, path, reference)
+        store = self.daemon.store
+        return self.daemon.jobs.start(
+            "push",
+            artifact.name,
+            lambda job: wasm.push_job(
+                job, artifact, store.tmp_dir, store.root / "auth.json", auth, tls_verify
+            ),
+        )
 
 
 class RegistryDaemon(Daemon):

@@ -34,12 +34,13 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemons.registryd.sources import ArchiveError, Source, SourceBlob, SourceImage, sha256_hex_of
 from daemons.registryd.unpack import GZIP_MAGIC, ZSTD_MAGIC, unpack_layer
+from daemons.registryd.wasm import image_runtime, is_wasm_blob, unpack_wasm_layer
 from shared.bus import (
     ConflictError,
     InvalidArgumentError,
@@ -78,6 +79,7 @@ class ImageRecord(BaseModel):
     architecture: str = ""
     os: str = ""
     is_wasm: bool = False
+    runtime: Literal["oci", "wasm"] = "oci"
     imported_at: float = 0.0
 
     def info(self) -> ImageInfo:
@@ -91,6 +93,7 @@ class ImageRecord(BaseModel):
             architecture=self.architecture,
             os=self.os,
             is_wasm=self.is_wasm,
+            runtime=self.runtime,
         )
 
 
@@ -377,6 +380,10 @@ class ImageStore:
             raise ArchiveError(f"the image config {image_id} in {path} is not a JSON object")
         rootfs = document.get("rootfs") or {}
         diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        # A WASM artifact's config has no rootfs: its raw layers are their own diff ids.
+        runtime, wasm_diff_ids = image_runtime(image, document, path)
+        if wasm_diff_ids is not None:
+            diff_ids = wasm_diff_ids
         if not isinstance(diff_ids, list) or len(diff_ids) != len(image.layers):
             raise ArchiveError(
                 f"the image config {image_id} in {path} lists {len(diff_ids or [])} layer "
@@ -420,7 +427,8 @@ class ImageStore:
             created=str(document.get("created") or ""),
             architecture=architecture,
             os=os_name,
-            is_wasm=architecture == "wasm" or os_name in ("wasi", "wasip1", "wasip2"),
+            is_wasm=runtime == "wasm",
+            runtime=runtime,
             imported_at=time.time(),
         )
         if existing is not None:
@@ -564,7 +572,10 @@ class ImageStore:
             work = self.tmp_dir / f"unpack-{uuid.uuid4().hex}"
             try:
                 started = time.monotonic()
-                unpack_layer(blob, work, digest, diff_id)
+                if is_wasm_blob(blob):
+                    unpack_wasm_layer(blob, work)
+                else:
+                    unpack_layer(blob, work, digest, diff_id)
                 # The rename is what makes the layer trusted: its files must
                 # be on disk first, or a crash could expose a hollow layer.
                 os.sync()

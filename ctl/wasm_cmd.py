@@ -1,0 +1,230 @@
+"""``zlayerctl wasm``: validate and inspect WebAssembly binaries, export and push them as artifacts.
+
+``validate`` and ``info`` read the file here, with no daemon (like
+``zlayerctl validate`` for specs); ``export`` and ``push`` ask registryd,
+which owns image formats and registry traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ctl.client import Client
+from ctl.output import fail, format_option, print_json, print_table
+from shared.bus import NotFoundError
+from shared.jobs import JobInfo
+from shared.wasm import (
+    WasmArtifact,
+    WasmError,
+    WasmInfo,
+    WasmKind,
+    inspect_file,
+    read_file,
+    validate,
+)
+
+JOB_POLL_SEC = 0.1
+PUSH_WAIT_SEC = 30 * 60.0
+
+
+def _validated(path: str, kind: str | None) -> WasmInfo:
+    expect: WasmKind | None = None
+    if kind == "module":
+        expect = "module"
+    elif kind == "component":
+        expect = "component"
+    try:
+        return validate(read_file(Path(path)), path, expect)
+    except WasmError as exc:
+        fail(str(exc))
+
+
+@click.group()
+def wasm() -> None:
+    """WebAssembly binaries: validate, inspect, export and push as OCI artifacts."""
+
+
+@wasm.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--kind",
+    type=click.Choice(["module", "component"]),
+    default=None,
+    help="fail unless FILE is this kind",
+)
+@format_option
+def validate_(file: str, kind: str | None, output_format: str) -> None:
+    """Check that FILE is valid WebAssembly (wasmtime validates it)."""
+    info = _validated(file, kind)
+    if output_format == "json":
+        print_json({"file": file, "valid": True, **info.model_dump(mode="json")})
+        return
+    click.echo(f"{file}: valid {info.summary()}")
+
+
+@wasm.command("info")
+@click.argument("file", type=click.Path(dir_okay=False))
+@format_option
+def info(file: str, output_format: str) -> None:
+    """Show what FILE is: module or component, its imports and exports, its WASI version."""
+    try:
+        found = inspect_file(Path(file))
+    except WasmError as exc:
+        fail(str(exc))
+    if output_format == "json":
+        print_json({"file": file, **found.model_dump(mode="json")})
+        return
+    wasi = (
+        found.wasi if found.wasi == "none" else f"{found.wasi} ({', '.join(found.wasi_interfaces)})"
+    )
+    fields = [
+        ("File", file),
+        ("Kind", f"{found.kind} (binary version {found.binary_version})"),
+        ("Size", f"{found.size} bytes"),
+        ("Digest", found.digest),
+        ("WASI", wasi),
+    ]
+    if found.kind == "module":
+        fields.append(("Functions", str(found.functions)))
+    else:
+        fields.append(("Core modules", str(found.core_modules)))
+    if found.custom_sections:
+        fields.append(("Custom", ", ".join(found.custom_sections)))
+    width = max(len(key) for key, _ in fields) + 1
+    for key, value in fields:
+        click.echo(f"{key + ':':<{width}} {value}")
+    rows: list[list[Any]] = []
+    for item in found.imports:
+        name = f"{item.module}.{item.name}" if item.module else item.name
+        rows.append(["import", name, item.kind, item.type])
+    for export in found.exports:
+        rows.append(["export", export.name, export.kind, export.type])
+    if rows:
+        click.echo("")
+        print_table(["DIRECTION", "NAME", "KIND", "TYPE"], rows)
+
+
+def _absolute_existing(path: str) -> str:
+    absolute = os.path.abspath(path)
+    if not os.path.isfile(absolute):
+        fail(f"{path} does not exist" if not os.path.exists(absolute) else f"{path} is not a file")
+    return absolute
+
+
+def _hidden_from_daemon(absolute: str) -> None:
+    # The daemon reads the path itself; under systemd its unit gives it a
+    # private /tmp and hides /home, so it may not see our file.
+    fail(
+        f"zlayer-registryd cannot see {absolute} (under systemd it has its own /tmp and no "
+        "/home); move it elsewhere, for example under /srv, and try again from there"
+    )
+
+
+def _default_output(file: str) -> str:
+    stem = Path(file).name.removesuffix(".wasm") or "artifact"
+    return f"{stem}.oci"
+
+
+@wasm.command("export")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", "-n", required=True, help="the image name, e.g. registry.example/hello:1")
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    help="the OCI layout directory to write (absent or empty) [default: FILE's name + .oci]",
+)
+@click.option("--author", default="", help="the config's author field")
+@format_option
+def export(file: str, name: str, output: str | None, author: str, output_format: str) -> None:
+    """Pack FILE as an OCI artifact (CNCF Wasm layout) in an OCI layout directory.
+
+    The directory imports with `zlayerctl image import DIR`, and any OCI tool
+    (skopeo, oras) can copy it to a registry.
+    """
+    absolute = _absolute_existing(file)
+    target = os.path.abspath(output or _default_output(file))
+
+    async def run() -> WasmArtifact:
+        client = Client()
+        try:
+            raw = await client.registryd.export_wasm(absolute, name, target, author)
+        except NotFoundError:
+            if not os.path.exists(absolute):
+                raise
+            _hidden_from_daemon(absolute)
+        finally:
+            client.close()
+        return WasmArtifact.model_validate_json(raw)
+
+    artifact = asyncio.run(run())
+    if output_format == "json":
+        print_json(artifact.model_dump(mode="json"))
+        return
+    click.echo(
+        f"exported {artifact.name} ({artifact.kind}, {artifact.os}) to {artifact.location}: "
+        f"manifest {artifact.manifest_digest}"
+    )
+
+
+async def _wait_job(client: Client, job_id: int, timeout: float) -> JobInfo:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = JobInfo.model_validate_json(await client.registryd.get_job(job_id))
+        except NotFoundError:
+            fail(f"zlayer-registryd restarted while job {job_id} ran; run the command again")
+        if info.state != "running":
+            return info
+        if time.monotonic() > deadline:
+            fail(f"job {job_id} did not finish in {timeout:.0f} seconds; it goes on in registryd")
+        await asyncio.sleep(JOB_POLL_SEC)
+
+
+@wasm.command("push")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("reference")
+@click.option(
+    "--tls-verify/--no-tls-verify",
+    default=True,
+    show_default=True,
+    help="require HTTPS with a trusted certificate (--no-tls-verify for a plain-HTTP registry)",
+)
+@format_option
+def push(file: str, reference: str, tls_verify: bool, output_format: str) -> None:
+    """Push FILE to a registry as a Wasm OCI artifact named REFERENCE."""
+    absolute = _absolute_existing(file)
+
+    async def run() -> JobInfo:
+        client = Client()
+        try:
+            try:
+                job_id = await client.registryd.push_wasm(absolute, reference, "", tls_verify)
+            except NotFoundError:
+                if not os.path.exists(absolute):
+                    raise
+                _hidden_from_daemon(absolute)
+            try:
+                return await _wait_job(client, job_id, PUSH_WAIT_SEC)
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                await client.registryd.cancel_job(job_id)
+                raise
+        finally:
+            client.close()
+
+    job = asyncio.run(run())
+    if job.state != "done":
+        fail(job.error or f"the push {job.state}")
+    artifact = WasmArtifact.model_validate_json(job.result)
+    if output_format == "json":
+        print_json(artifact.model_dump(mode="json"))
+        return
+    click.echo(
+        f"pushed {artifact.location} ({artifact.kind}, {artifact.os}): {artifact.manifest_digest}"
+    )

@@ -1,0 +1,396 @@
+"""WebAssembly images in zlayer-registryd: recognising them, exporting and pushing artifacts.
+
+A WASM image is told from a container image, in this order, by the
+manifest's ``artifactType``, the config's media type
+(``application/vnd.wasm.config.v0+json``, the CNCF TAG Runtime layout), or a
+layer typed ``application/wasm`` (or ``*+wasm``); its layers must then be
+raw WebAssembly (the ``\\0asm`` magic). Such a layer is "unpacked" as one
+file, :data:`WASM_FILE`, in its layer directory, so ``EnsureImage`` hands
+agentd a directory holding the binary. Images whose platform is wasm/wasi
+but whose layers are tars (the runwasi style) are WASM images too, unpacked
+as usual.
+
+Export writes a binary as an OCI image layout in the CNCF layout: one
+``application/wasm`` layer and a config with created, author, architecture
+``wasm``, os ``wasip1`` or ``wasip2``, ``layerDigests`` and, for a
+component, its imports and exports. Push copies that layout to a registry
+with skopeo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from daemons.registryd.sources import ArchiveError, SourceImage
+from shared.bus import InvalidArgumentError, NotFoundError, UnavailableError, ZLayerError
+from shared.jobs import Job
+from shared.reference import InvalidReferenceError, parse_reference
+from shared.wasm import MAGIC, WasmArtifact, WasmError, WasmInfo, validate
+
+log = logging.getLogger("zlayer.registryd.wasm")
+
+Runtime = Literal["oci", "wasm"]
+
+WASM_CONFIG_MEDIA_TYPE = "application/vnd.wasm.config.v0+json"
+WASM_LAYER_MEDIA_TYPE = "application/wasm"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+WASM_ARTIFACT_TYPES = {WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE}
+WASM_PLATFORM_OS = ("wasi", "wasip1", "wasip2")
+WASM_FILE = "app.wasm"  # the binary's name inside its unpacked layer directory
+SKOPEO = "skopeo"
+PUSH_TIMEOUT = 30 * 60.0
+
+
+def _is_wasm_media_type(media_type: str) -> bool:
+    return media_type == WASM_LAYER_MEDIA_TYPE or media_type.endswith("+wasm")
+
+
+# ---------------------------------------------------------------- recognising
+
+
+def image_runtime(
+    image: SourceImage, document: dict[str, Any], path: str
+) -> tuple[Runtime, list[str] | None]:
+    """Which runtime an image is for, and the layer diff ids of a raw-wasm artifact.
+
+    ("wasm", digests) for an artifact whose layers are WebAssembly binaries
+    (their diff ids are their digests: they are not compressed); ("wasm",
+    None) for a wasm-platform image of tar layers; ("oci", None) otherwise.
+    """
+    manifest: Any = {}
+    if image.manifest is not None:
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            manifest = json.loads(image.manifest)
+    artifact_type = str(manifest.get("artifactType") or "") if isinstance(manifest, dict) else ""
+    typed_layers = [_is_wasm_media_type(layer.media_type) for layer in image.layers]
+    if (
+        artifact_type in WASM_ARTIFACT_TYPES
+        or _is_wasm_media_type(artifact_type)
+        or image.config.media_type == WASM_CONFIG_MEDIA_TYPE
+        or any(typed_layers)
+    ):
+        return "wasm", _wasm_layer_digests(image, path)
+    architecture = str(document.get("architecture") or "")
+    if architecture == "wasm" or str(document.get("os") or "") in WASM_PLATFORM_OS:
+        return "wasm", None
+    return "oci", None
+
+
+def _wasm_layer_digests(image: SourceImage, path: str) -> list[str]:
+    if not image.layers:
+        raise ArchiveError(f"the WASM artifact in {path} has no layers")
+    digests: list[str] = []
+    for number, layer in enumerate(image.layers, start=1):
+        with layer.open() as handle:
+            head = handle.read(len(MAGIC))
+        if head != MAGIC:
+            shown = layer.media_type or "no media type"
+            raise ArchiveError(
+                f"layer {number} of the WASM artifact in {path} ({shown}) is not a WebAssembly "
+                "binary: it does not start with the \\0asm magic"
+            )
+        if layer.digest is None:
+            raise ArchiveError(f"layer {number} of the WASM artifact in {path} has no digest")
+        digests.append(layer.digest)
+    return digests
+
+
+def is_wasm_blob(blob: Path) -> bool:
+    with open(blob, "rb") as handle:
+        return handle.read(len(MAGIC)) == MAGIC
+
+
+def unpack_wasm_layer(blob: Path, work: Path) -> None:
+    """A raw-wasm layer's directory: the binary alone, as :data:`WASM_FILE`."""
+    work.mkdir(mode=0o755)
+    target = work / WASM_FILE
+    shutil.copyfile(blob, target)
+    os.chmod(target, 0o644)
+    with open(target, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """The blobs of one binary packed in the CNCF Wasm layout."""
+
+    name: str  # normalised reference
+    info: WasmInfo
+    layer: bytes
+    config: bytes
+    manifest: bytes
+
+    @property
+    def manifest_digest(self) -> str:
+        return _digest(self.manifest)
+
+    @property
+    def config_digest(self) -> str:
+        return _digest(self.config)
+
+    def describe(self, location: str) -> WasmArtifact:
+        return WasmArtifact(
+            name=self.name,
+            location=location,
+            manifest_digest=self.manifest_digest,
+            config_digest=self.config_digest,
+            layer_digest=self.info.digest,
+            size=len(self.layer),
+            kind=self.info.kind,
+            os=self.info.os,
+            wasi=self.info.wasi,
+        )
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def artifact_name(name: str) -> str:
+    """The normalised reference an artifact is named by; a digest is refused."""
+    try:
+        reference = parse_reference(name.strip())
+    except InvalidReferenceError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    if reference.digest is not None:
+        raise InvalidArgumentError(
+            f"{name} names a digest; an artifact is named by a repository and tag"
+        )
+    return str(reference)
+
+
+def build_artifact(
+    data: bytes, label: str, name: str, author: str = "", created: datetime | None = None
+) -> Artifact:
+    """Validate ``data`` (wasmtime) and pack it; ``label`` names it in errors."""
+    try:
+        info = validate(data, label)
+    except WasmError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    reference = artifact_name(name)
+    when = (created or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    config: dict[str, Any] = {
+        "created": when,
+        "architecture": "wasm",
+        "os": info.os,
+        "layerDigests": [info.digest],
+    }
+    if author:
+        config["author"] = author
+    if info.kind == "component":
+        config["component"] = {
+            "imports": [i.name for i in info.imports],
+            "exports": [e.name for e in info.exports],
+        }
+    config_bytes = _json(config)
+    title = Path(label).name if label.endswith(".wasm") else WASM_FILE
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": WASM_CONFIG_MEDIA_TYPE,
+            "digest": _digest(config_bytes),
+            "size": len(config_bytes),
+        },
+        "layers": [
+            {
+                "mediaType": WASM_LAYER_MEDIA_TYPE,
+                "digest": info.digest,
+                "size": len(data),
+                "annotations": {"org.opencontainers.image.title": title},
+            }
+        ],
+        "annotations": {"org.opencontainers.image.created": when},
+    }
+    return Artifact(reference, info, data, config_bytes, _json(manifest))
+
+
+def write_layout(artifact: Artifact, directory: Path) -> None:
+    """Write ``artifact`` as an OCI image layout at ``directory`` (absent or empty).
+
+    It is assembled beside the target and renamed into place, so a failure
+    leaves nothing half-written.
+    """
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise InvalidArgumentError(
+            f"{directory} already exists and is not an empty directory; choose another output"
+        )
+    if not directory.parent.is_dir():
+        raise InvalidArgumentError(f"{directory.parent} does not exist")
+    tag = parse_reference(artifact.name).tag or "latest"
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": artifact.manifest_digest,
+                "size": len(artifact.manifest),
+                "annotations": {
+                    "io.containerd.image.name": artifact.name,
+                    "org.opencontainers.image.ref.name": tag,
+                },
+            }
+        ],
+    }
+    work = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:12]}"
+    try:
+        blobs = work / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        (work / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}\n')
+        (work / "index.json").write_bytes(_json(index))
+        for blob in (artifact.layer, artifact.config, artifact.manifest):
+            (blobs / _digest(blob).removeprefix("sha256:")).write_bytes(blob)
+        if directory.exists():
+            directory.rmdir()
+        os.rename(work, directory)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def read_binary(path: str) -> bytes:
+    """The bytes of the file at ``path`` (absolute, as the daemon sees it)."""
+    file = Path(path)
+    if not file.is_absolute():
+        raise InvalidArgumentError(f"{path} is not an absolute path")
+    try:
+        return file.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidArgumentError(f"{path} is a directory, not a WebAssembly file") from None
+
+
+def export_layout(path: str, name: str, output: str, author: str) -> WasmArtifact:
+    """``ExportWasm``: the binary at ``path`` as an OCI layout at ``output``."""
+    if not Path(output).is_absolute():
+        raise InvalidArgumentError(f"{output} is not an absolute path")
+    artifact = build_artifact(read_binary(path), path, name, author)
+    write_layout(artifact, Path(output))
+    return artifact.describe(output)
+
+
+# ---------------------------------------------------------------- push
+
+_SKOPEO_MESSAGE = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+
+
+def skopeo_failure(output: str, destination: str) -> str:
+    """skopeo's error output as one sentence a person can act on."""
+    found = _SKOPEO_MESSAGE.findall(output)
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    text = found[-1].replace('\\"', '"') if found else (lines[-1] if lines else "no reason given")
+    host = destination.split("/", 1)[0]
+    if "server gave HTTP response to HTTPS client" in text:
+        return f"the registry {host} speaks plain HTTP; push with --no-tls-verify to use it"
+    if "connection refused" in text:
+        return f"cannot reach the registry {host}: connection refused"
+    if "unauthorized" in text.lower() or "authentication required" in text.lower():
+        return f"the registry {host} refused the push: authentication required (zlayerctl login)"
+    if "certificate" in text or "x509" in text:
+        return f"the registry {host} has a TLS certificate this node does not trust ({text})"
+    return f"pushing to {destination} failed: {text}"
+
+
+async def push_layout(
+    layout: Path,
+    destination: str,
+    tls_verify: bool,
+    authfile: Path | None,
+    progress: Callable[[str], None],
+) -> str:
+    """Copy the OCI layout to ``docker://destination`` with skopeo; the pushed manifest digest."""
+    if shutil.which(SKOPEO) is None:
+        raise UnavailableError("skopeo is not installed; pushing WASM artifacts needs it")
+    digest_file = layout.parent / f"{layout.name}.digest"
+    argv = [
+        SKOPEO,
+        "copy",
+        "--quiet",
+        f"--dest-tls-verify={'true' if tls_verify else 'false'}",
+        "--digestfile",
+        str(digest_file),
+    ]
+    if authfile is not None and authfile.is_file():
+        argv += ["--dest-authfile", str(authfile)]
+    argv += [f"oci:{layout}", f"docker://{destination}"]
+    progress("uploading")
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), PUSH_TIMEOUT)
+    except (asyncio.CancelledError, TimeoutError):
+        # Ours alone, by its PID: a cancelled job leaves no skopeo behind.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
+    try:
+        if process.returncode != 0:
+            raise ZLayerError(skopeo_failure(output.decode(errors="replace"), destination))
+        digest = digest_file.read_text().strip()
+    finally:
+        digest_file.unlink(missing_ok=True)
+    progress("done")
+    return digest
+
+
+async def push_job(
+    job: Job, artifact: Artifact, work_dir: Path, authfile: Path, auth: str, tls_verify: bool
+) -> str:
+    """The work of a ``PushWasm`` job: write the layout, push it, clean up; a WasmArtifact.
+
+    ``auth`` (a Docker-config ``auth`` value from the caller) goes to skopeo
+    in an auth file of the job's own; without it, registryd's ``authfile``.
+    """
+    layout = work_dir / f"wasm-push-{uuid.uuid4().hex}"
+    job_authfile = work_dir / f"{layout.name}.auth.json"
+
+    def progress(state: str) -> None:
+        job.progress(
+            artifact.name,
+            done=0 if state != "done" else len(artifact.layer),
+            total=len(artifact.layer),
+            state=state,
+        )
+
+    try:
+        if auth:
+            host = parse_reference(artifact.name).domain
+            fd = os.open(job_authfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"auths": {host: {"auth": auth}}}, handle)
+            authfile = job_authfile
+        await asyncio.to_thread(write_layout, artifact, layout)
+        digest = await push_layout(layout, artifact.name, tls_verify, authfile, progress)
+    finally:
+        job_authfile.unlink(missing_ok=True)
+        await asyncio.to_thread(shutil.rmtree, layout, True)
+    log.info("pushed %s (%s) to %s", artifact.info.digest, artifact.info.kind, artifact.name)
+    described = artifact.describe(artifact.name)
+    return described.model_copy(update={"manifest_digest": digest}).model_dump_json()
