@@ -2,10 +2,14 @@
 
 The bus members translate between D-Bus and
 :class:`~daemons.overlayd.network.NodeNetwork`, which does the netlink and
-nft work in a worker thread, one operation at a time.
+nft work in a worker thread, one operation at a time. The daemon also
+serves service DNS (:mod:`daemons.overlayd.dns`) on the gateway address and
+probes kernel-path backends that have a stream health check
+(:mod:`daemons.overlayd.publish`).
 
 ``zlayer-overlayd --remove-network`` (with the daemon stopped) removes what
-overlayd made on this node: every attachment, the nft table and the bridge.
+overlayd made on this node: every attachment, the nft table with its
+published ports, the persisted traffic and the bridge.
 """
 
 from __future__ import annotations
@@ -21,10 +25,26 @@ from typing import TypeVar
 from prometheus_client import Counter, Gauge
 from sdbus import dbus_method_async_override
 
+from daemons.overlayd import nft
+from daemons.overlayd.dns import DnsServer, Zone
 from daemons.overlayd.ipam import IpamError
 from daemons.overlayd.network import AttachError, NodeNetwork, SetupError
+from daemons.overlayd.publish import (
+    PortConflictError,
+    ProbeKey,
+    Prober,
+    TrafficError,
+    parse_traffic,
+    published_ports,
+)
 from daemons.overlayd.settings import OverlaySettings
-from shared.bus import DAEMONS_BY_NAME, InvalidArgumentError, Overlay1, UnavailableError
+from shared.bus import (
+    DAEMONS_BY_NAME,
+    ConflictError,
+    InvalidArgumentError,
+    Overlay1,
+    UnavailableError,
+)
 from shared.config import ConfigError
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
 from shared.logs import setup_logging
@@ -33,6 +53,8 @@ from shared.paths import Paths
 ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
 ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["result"])
 DETACHES = Counter("zlayer_overlay_detaches", "Detach calls that removed a network.")
+PUBLISHED = Gauge("zlayer_overlay_published_ports", "Node ports on the kernel L4 path.")
+PUSHES = Counter("zlayer_overlay_traffic_pushes", "SetTraffic calls, by result.", ["result"])
 
 T = TypeVar("T")
 
@@ -80,6 +102,29 @@ class OverlayService(Overlay1):
     async def get_network(self) -> str:
         return self.daemon.network.info().model_dump_json()
 
+    @dbus_method_async_override()
+    async def set_traffic(self, deployment: str, traffic: str) -> None:
+        try:
+            await self.daemon.set_traffic(deployment, traffic)
+        except PortConflictError as exc:
+            PUSHES.labels(result="conflict").inc()
+            raise ConflictError(str(exc)) from None
+        except TrafficError as exc:
+            PUSHES.labels(result="invalid").inc()
+            raise InvalidArgumentError(str(exc)) from None
+        except nft.NftError as exc:
+            PUSHES.labels(result="failed").inc()
+            raise UnavailableError(f"cannot publish the ports of {deployment}: {exc}") from None
+        except OSError as exc:
+            PUSHES.labels(result="failed").inc()
+            self.daemon.log.exception("keeping the traffic of %s failed", deployment)
+            raise UnavailableError(f"cannot keep the traffic of {deployment}: {exc}") from None
+        PUSHES.labels(result="ok").inc()
+
+    @dbus_method_async_override()
+    async def list_records(self) -> str:
+        return json.dumps([r.model_dump(mode="json") for r in self.daemon.zone.records()])
+
 
 class OverlayDaemon(Daemon):
     info = DAEMONS_BY_NAME["overlayd"]
@@ -93,6 +138,10 @@ class OverlayDaemon(Daemon):
             settings, paths.daemon_state(self.info.name), on_change=self._update_metrics
         )
         self._lock = asyncio.Lock()
+        self._traffic_lock = asyncio.Lock()
+        self.zone = Zone()
+        self.dns_server: DnsServer | None = None
+        self.prober = Prober(settings.stream_probe_interval, self._backends_changed)
 
     def make_service(self) -> OverlayService:
         return OverlayService(self)
@@ -117,25 +166,84 @@ class OverlayDaemon(Daemon):
             raise SystemExit(1) from None
         for line in repaired:
             self.log.warning("%s", line)
+        for traffic in network.traffic.values():
+            self.zone.set(traffic)
+        for deployment, ports in network.published.items():
+            self.prober.set_ports(deployment, ports)
+        PUBLISHED.set(len(network.published_ports()))
+        dns_port = self.settings_dns_port
+        self.dns_server = DnsServer(self.zone, network.upstreams)
+        try:
+            await self.dns_server.start(str(network.gateway), dns_port)
+        except OSError as exc:
+            self.log.error(
+                "cannot serve service DNS on %s port %d (%s); free the port or set dns_port in %s",
+                network.gateway,
+                dns_port,
+                exc.strerror or exc,
+                self.paths.daemon_config(self.info.name),
+            )
+            raise SystemExit(1) from None
+        self.prober.start()
         self.detail = (
             f"bridge {network.bridge} {network.gateway}/{network.subnet.prefixlen}, "
             f"{len(network.ipam)} attached"
         )
         self.log.info(
             "node network: bridge %s, subnet %s, gateway %s, nft table ip %s, "
-            "%d attachments (%d repaired), resolvers %s",
+            "%d attachments (%d repaired), service DNS on port %d forwarding to %s, "
+            "%d deployments' traffic, %d published ports",
             network.bridge,
             network.subnet,
             network.gateway,
             network.table,
             len(network.ipam),
             len(repaired),
-            ", ".join(network.dns) or "none",
+            dns_port,
+            ", ".join(str(u) for u in network.upstreams) or "nothing",
+            len(network.traffic),
+            len(network.published_ports()),
         )
+
+    @property
+    def settings_dns_port(self) -> int:
+        settings = self.settings
+        assert isinstance(settings, OverlaySettings)
+        return settings.dns_port
+
+    async def set_traffic(self, deployment: str, text: str) -> None:
+        """Validate, publish, persist, then answer DNS from a push (one push at a time)."""
+        traffic = parse_traffic(deployment, text)
+        ports = published_ports(traffic)
+        async with self._traffic_lock:
+            await self.work(self.network.set_traffic, traffic, ports)
+            self.zone.set(traffic)
+            self.prober.set_ports(deployment, ports if traffic.services else [])
+        PUBLISHED.set(len(self.network.published_ports()))
+        names = sum(len(s.backends) for s in traffic.services)
+        self.log.info(
+            "traffic of %s: %d services, %d backends, %s",
+            deployment,
+            len(traffic.services),
+            names,
+            ", ".join(f"{p.describe()} -> {len(p.targets)}" for p in ports) or "no published port",
+        )
+
+    async def _backends_changed(self, deployment: str, down: frozenset[ProbeKey]) -> None:
+        async with self._traffic_lock:
+            if deployment not in self.network.published:
+                return
+            try:
+                await self.work(self.network.set_down, deployment, down)
+            except nft.NftError as exc:
+                self.log.error("cannot update the published ports of %s: %s", deployment, exc)
 
     async def stop(self) -> None:
         # Attachments, the bridge and the table stay: replicas keep their
-        # network while overlayd restarts.
+        # network (and published ports their rules) while overlayd restarts.
+        await self.prober.stop()
+        if self.dns_server is not None:
+            await self.dns_server.stop()
         async with self._lock:
             pass
 

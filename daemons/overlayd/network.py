@@ -1,28 +1,43 @@
-"""The node network as one object: settings, IPAM, bridge, nftables and attachments.
+"""The node network as one object: settings, IPAM, bridge, nftables, attachments, ports.
 
 :class:`NodeNetwork` is blocking and not thread-safe by design: the daemon
 runs each call in a worker thread, one at a time (an asyncio lock), so the
 event loop keeps serving the bus while netlink and nft work.
 
-It persists only the allocations (``allocations.json`` in overlayd's state
-directory); everything else (bridge, table, namespaces, veths) is rebuilt
-or repaired from them on start, which is what lets overlayd restart while
-replicas keep running.
+It persists the allocations (``allocations.json`` in overlayd's state
+directory) and the last traffic pushed for each deployment
+(``traffic/<deployment>.json``); everything else (bridge, table with its
+published ports, namespaces, veths) is rebuilt or repaired from them on
+start, which is what lets overlayd restart while replicas keep running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from daemons.overlayd import nft, plumbing
+from daemons.overlayd.dns import DOMAIN, Upstream, parse_upstream
 from daemons.overlayd.ipam import Allocation, ExhaustedError, Ipam
 from daemons.overlayd.plumbing import IFACE, Names
+from daemons.overlayd.publish import (
+    ProbeKey,
+    PublishedPort,
+    TrafficError,
+    check_conflicts,
+    published_ports,
+)
 from daemons.overlayd.settings import OverlaySettings, host_resolvers
 from shared.models import Attachment, NetworkInfo
+from shared.traffic import DeploymentTraffic
 
 STATE_FILE = "allocations.json"
+TRAFFIC_DIR = "traffic"
 HOST_RESOLV = Path("/etc/resolv.conf")
 
 log = logging.getLogger("zlayer.overlayd")
@@ -65,18 +80,48 @@ class NodeNetwork:
         self.subnet = settings.subnet
         self.table = settings.table
         self.state_path = state_dir / STATE_FILE
+        self.traffic_dir = state_dir / TRAFFIC_DIR
         self.resolv_conf = resolv_conf
         self.ipam = Ipam(self.subnet)
         self.gateway = self.ipam.gateway
-        self.dns: list[str] = []
-        self.search: list[str] = []
+        # Replicas resolve through the service DNS on the gateway; it
+        # forwards other names to ``upstreams``.
+        self.dns: list[str] = [str(self.gateway)]
+        self.search: list[str] = [DOMAIN]
+        self.upstreams: list[Upstream] = []
+        self.traffic: dict[str, DeploymentTraffic] = {}
+        self.published: dict[str, list[PublishedPort]] = {}
+        self.down: dict[str, frozenset[ProbeKey]] = {}
         self._on_change = on_change or (lambda: None)
 
     # ------------------------------------------------------------ start
 
     def load(self) -> None:
-        """Read the persisted allocations."""
+        """Read the persisted allocations, then the persisted traffic."""
         self.ipam = Ipam.load(self.subnet, self.state_path)
+        self.load_traffic()
+
+    def load_traffic(self) -> list[str]:
+        """Read each deployment's last pushed traffic; what was skipped, for the log."""
+        skipped: list[str] = []
+        self.traffic.clear()
+        self.published.clear()
+        if not self.traffic_dir.is_dir():
+            return skipped
+        for path in sorted(self.traffic_dir.glob("*.json")):
+            try:
+                traffic = DeploymentTraffic.model_validate_json(path.read_text())
+                ports = published_ports(traffic)
+                check_conflicts(traffic.deployment, ports, self.published)
+            except (OSError, ValidationError, TrafficError) as exc:
+                line = " ".join(str(exc).split())[:200]
+                skipped.append(f"skipped {path.name} ({line}); the next push replaces it")
+                log.warning("%s", skipped[-1])
+                continue
+            self.traffic[traffic.deployment] = traffic
+            if ports:
+                self.published[traffic.deployment] = ports
+        return skipped
 
     def setup(self) -> list[str]:
         """Bridge, forwarding and NAT; the resolvers replicas get. What was done, for the log."""
@@ -96,11 +141,26 @@ class NodeNetwork:
             raise SetupError(str(exc), config=True) from None
         if plumbing.enable_forwarding():
             done.append("turned IPv4 forwarding on")
+        # The node's own connections to 127.0.0.1:<published port> are
+        # DNATed onto the bridge; the kernel drops 127/8 there unless told.
+        if plumbing.enable_route_localnet(self.bridge):
+            done.append(f"let {self.bridge} carry 127.0.0.0/8 (published ports on localhost)")
         try:
-            nft.apply(self.table, self.bridge, self.subnet)
+            self._apply_table()
         except nft.NftError as exc:
             raise SetupError(str(exc)) from None
         return done
+
+    def _apply_table(self) -> None:
+        nft.apply(
+            self.table,
+            self.bridge,
+            self.subnet,
+            gateway=self.gateway,
+            dns_port=self.settings.dns_port,
+            published=self.published,
+            down=self.down,
+        )
 
     def _read_resolvers(self) -> None:
         host: tuple[list[str], list[str], list[str]] = ([], [], [])
@@ -111,22 +171,25 @@ class NodeNetwork:
                 log.warning("cannot read %s (%s); replicas get no resolvers", self.resolv_conf, exc)
         usable, skipped, search = host
         if self.settings.nameservers is None:
-            self.dns = usable
-            if skipped:
-                log.warning(
-                    "not giving replicas the host's loopback resolvers %s (a replica cannot "
-                    "reach the host's loopback); set nameservers in overlayd.toml to choose",
-                    ", ".join(skipped),
-                )
-            if not usable:
-                log.warning(
-                    "the host has no resolver replicas can reach; set nameservers in overlayd.toml"
-                )
+            # overlayd forwards from the host's own namespace, so the host's
+            # loopback resolvers (systemd-resolved, dnsmasq) serve too;
+            # link-local ones would need an interface, which resolv.conf
+            # does not say.
+            loopback = [a for a in skipped if not a.lower().startswith("fe80")]
+            texts = loopback + usable
         else:
-            self.dns = list(self.settings.nameservers)
-        self.search = (
-            search if self.settings.search_domains is None else list(self.settings.search_domains)
-        )
+            texts = list(self.settings.nameservers)
+        upstreams = [parse_upstream(text) for text in texts]
+        own = Upstream(str(self.gateway), self.settings.dns_port)
+        self.upstreams = [u for u in upstreams if u != own]
+        if not self.upstreams:
+            log.warning(
+                "the host has no resolver to forward names outside %s to; "
+                "set nameservers in overlayd.toml",
+                DOMAIN,
+            )
+        domains = search if self.settings.search_domains is None else self.settings.search_domains
+        self.search = [DOMAIN] + [d for d in domains if d.rstrip(".").lower() != DOMAIN]
 
     def reconcile(self) -> list[str]:
         """Match the persisted allocations with what exists; what was repaired."""
@@ -227,6 +290,88 @@ class NodeNetwork:
             bridge=self.bridge,
         )
 
+    # ------------------------------------------------------------ traffic
+
+    def set_traffic(self, traffic: DeploymentTraffic, ports: list[PublishedPort]) -> None:
+        """Publish one deployment's kernel-path ports and keep its traffic.
+
+        Raises PortConflictError (nothing changed) for a port another
+        deployment holds, NftError if nft refused.
+        """
+        deployment = traffic.deployment
+        check_conflicts(deployment, ports, self.published)
+        published = dict(self.published)
+        if traffic.services and ports:
+            published[deployment] = ports
+        else:
+            published.pop(deployment, None)
+        before_published = self.published.get(deployment)
+        if ports or before_published is not None:
+            self._apply_deployment(deployment, published, self.down)
+        self.published = published
+        if traffic.services:
+            self._save_traffic(traffic)
+            self.traffic[deployment] = traffic
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (self.traffic_dir / f"{deployment}.json").unlink()
+            self.traffic.pop(deployment, None)
+            self.down.pop(deployment, None)
+
+    def set_down(self, deployment: str, down: frozenset[ProbeKey]) -> None:
+        """Take failing backends (by health probe) out of a deployment's maps."""
+        wanted = dict(self.down)
+        if down:
+            wanted[deployment] = down
+        else:
+            wanted.pop(deployment, None)
+        if deployment in self.published:
+            self._apply_deployment(deployment, self.published, wanted)
+        self.down = wanted
+
+    def _apply_deployment(
+        self,
+        deployment: str,
+        published: dict[str, list[PublishedPort]],
+        down: dict[str, frozenset[ProbeKey]],
+    ) -> None:
+        text = nft.deployment_update(
+            self.table,
+            deployment,
+            gateway=self.gateway,
+            dns_port=self.settings.dns_port,
+            published=published,
+            down=down,
+        )
+        try:
+            nft.run_transaction(text)
+        except nft.NftError as exc:
+            # The table was changed or removed behind overlayd's back:
+            # rebuild all of it (one transaction too) from what it holds.
+            log.warning("%s; rebuilding the table %s", exc, self.table)
+            nft.apply(
+                self.table,
+                self.bridge,
+                self.subnet,
+                gateway=self.gateway,
+                dns_port=self.settings.dns_port,
+                published=published,
+                down=down,
+            )
+
+    def _save_traffic(self, traffic: DeploymentTraffic) -> None:
+        self.traffic_dir.mkdir(parents=True, exist_ok=True)
+        path = self.traffic_dir / f"{traffic.deployment}.json"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            handle.write(traffic.model_dump_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+
+    def published_ports(self) -> list[PublishedPort]:
+        return [port for ports in self.published.values() for port in ports]
+
     # ------------------------------------------------------------ removal
 
     def remove_all(self) -> list[str]:
@@ -246,6 +391,14 @@ class NodeNetwork:
             self.ipam.save()
         if nft.remove(self.table):
             removed.append(f"nft table ip {self.table}")
+        if self.traffic_dir.is_dir():
+            for path in self.traffic_dir.iterdir():
+                path.unlink()
+            self.traffic_dir.rmdir()
+            if self.traffic:
+                removed.append(f"the traffic of {len(self.traffic)} deployments")
+        self.traffic.clear()
+        self.published.clear()
         if plumbing.remove_bridge(self.bridge):
             removed.append(f"bridge {self.bridge}")
         self._on_change()

@@ -1,9 +1,28 @@
-"""overlayd's nftables table: outbound NAT for the subnet and forwarding for the bridge.
+"""overlayd's nftables table: NAT and forwarding for the bridge, and published ports.
 
 ZLayer keeps its rules in one table of its own (family ``ip``), never in
-someone else's, and replaces the whole table in one ``nft -f`` transaction,
-so applying is idempotent and a reader never sees half a ruleset. The
-``nft`` command is the interface nftables documents and keeps stable.
+someone else's. The ``nft`` command is the interface nftables documents and
+keeps stable; every change is one ``nft -f`` transaction, so a reader (and a
+packet) never sees half a ruleset.
+
+The table:
+
+- ``postrouting``: masquerade for replicas reaching out, for the node's own
+  connections to a published port (127.0.0.1 sources) and for replicas
+  reaching a published port that lands back on the bridge (hairpin);
+- ``forward``: the bridge's traffic;
+- ``prerouting`` and ``output``: packets to one of the node's own addresses
+  go through ``published``, which jumps to one chain per deployment,
+  ``pub_<deployment>``, holding a DNAT rule per published port (round robin
+  over the backends with ``numgen inc``);
+- ``closed``: on input, a published port with no backend in rotation
+  rejects (tcp reset, icmp port unreachable) instead of swallowing packets;
+- ``ct timeout udp_<N>s`` objects: a udp endpoint's ``session_timeout``.
+
+The table is rebuilt whole on start (:func:`ruleset`); a push rewrites one
+deployment's chain plus the small ``published`` and ``closed`` chains
+(:func:`deployment_update`). NAT decisions live in conntrack, so existing
+connections keep their backend either way.
 """
 
 from __future__ import annotations
@@ -11,34 +30,205 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from ipaddress import IPv4Network
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Network
+
+from daemons.overlayd.publish import ProbeKey, PublishedPort, live_targets
+
+Published = Mapping[str, list[PublishedPort]]
+Down = Mapping[str, frozenset[ProbeKey]]
 
 
 class NftError(Exception):
     """nft refused or is missing, in one sentence."""
 
 
-def ruleset(table: str, bridge: str, subnet: IPv4Network) -> str:
-    """The table, as a file for ``nft -f``: declared, emptied, then filled."""
+def ruleset(
+    table: str,
+    bridge: str,
+    subnet: IPv4Network,
+    *,
+    gateway: IPv4Address | None = None,
+    dns_port: int = 53,
+    published: Published | None = None,
+    down: Down | None = None,
+) -> str:
+    """The whole table, as a file for ``nft -f``: declared, deleted, then filled."""
+    published = published or {}
+    down = down or {}
+    gateway = gateway or next(subnet.hosts())
+    objects = "".join(f"    {line}\n" for line in _timeout_objects(published))
+    chains = "".join(
+        _chain_block(_deployment_chain(name), _port_rules(ports, down.get(name, frozenset())))
+        for name, ports in sorted(published.items())
+    )
     return f"""\
 table ip {table} {{}}
 delete table ip {table}
 table ip {table} {{
-    chain postrouting {{
+{objects}    chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         ip saddr {subnet} oifname != "{bridge}" masquerade comment "replicas reach out"
+        oifname "{bridge}" ct status dnat ip saddr 127.0.0.0/8 masquerade comment "from localhost"
+        oifname "{bridge}" ct status dnat ip saddr {subnet} masquerade comment "hairpin"
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
         iifname "{bridge}" accept comment "replicas reach out"
         oifname "{bridge}" ct state established,related accept comment "and get answers"
     }}
-}}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        fib daddr type local jump published
+    }}
+    chain output {{
+        type nat hook output priority -100; policy accept;
+        fib daddr type local jump published
+    }}
+{_chain_block("published", _dispatch_rules(published, gateway, dns_port))}\
+    chain closed {{
+        type filter hook input priority filter; policy accept;
+{_indent(_closed_rules(published, down, gateway, dns_port))}\
+    }}
+{chains}}}
 """
 
 
-def apply(table: str, bridge: str, subnet: IPv4Network) -> None:
-    _nft(["-f", "-"], ruleset(table, bridge, subnet))
+def deployment_update(
+    table: str,
+    deployment: str,
+    *,
+    gateway: IPv4Address,
+    dns_port: int,
+    published: Published,
+    down: Down,
+) -> str:
+    """A transaction that makes one deployment's chain match ``published`` (removing
+    it if the deployment is not there) and rewrites the dispatch and reject chains."""
+    lines = [f"add {obj}" for obj in _timeout_objects(published, table)]
+    chain = _deployment_chain(deployment)
+    lines.append(f"add chain ip {table} {chain}")
+    lines.append(f"flush chain ip {table} {chain}")
+    ports = published.get(deployment)
+    if ports is not None:
+        for rule in _port_rules(ports, down.get(deployment, frozenset())):
+            lines.append(f"add rule ip {table} {chain} {rule}")
+    lines.append(f"flush chain ip {table} published")
+    for rule in _dispatch_rules(published, gateway, dns_port):
+        lines.append(f"add rule ip {table} published {rule}")
+    lines.append(f"flush chain ip {table} closed")
+    for rule in _closed_rules(published, down, gateway, dns_port):
+        lines.append(f"add rule ip {table} closed {rule}")
+    if ports is None:
+        # After the jump to it is gone, in the same transaction.
+        lines.append(f"delete chain ip {table} {chain}")
+    return "\n".join(lines) + "\n"
+
+
+def _deployment_chain(deployment: str) -> str:
+    return f"pub_{deployment}"
+
+
+def _timeout_name(seconds: int) -> str:
+    return f"udp_{seconds}s"
+
+
+def _timeout_objects(published: Published, table: str = "") -> list[str]:
+    seconds = sorted(
+        {p.session_timeout for ports in published.values() for p in ports if p.session_timeout}
+    )
+    where = f"ip {table} " if table else ""
+    return [
+        f"ct timeout {where}{_timeout_name(s)} {{ protocol udp; l3proto ip; "
+        f"policy = {{ unreplied: {s}, replied: {s} }}; }}"
+        for s in seconds
+    ]
+
+
+def _dispatch_rules(published: Published, gateway: IPv4Address, dns_port: int) -> list[str]:
+    rules = [
+        f'ip daddr {gateway} {proto} dport {dns_port} return comment "service DNS"'
+        for proto in ("udp", "tcp")
+    ]
+    rules += [f"jump {_deployment_chain(name)}" for name in sorted(published)]
+    return rules
+
+
+def _port_rules(ports: list[PublishedPort], down: frozenset[ProbeKey]) -> list[str]:
+    rules: list[str] = []
+    for port in ports:
+        targets = live_targets(port, down)
+        if not targets:
+            continue  # the closed chain rejects it
+        match = f"{port.protocol} dport {port.port}"
+        comment = f'comment "{port.service}/{_safe(port.endpoint)}"'
+        if port.session_timeout:
+            rules.append(f'{match} ct timeout set "{_timeout_name(port.session_timeout)}"')
+        if len(targets) == 1:
+            rules.append(f"{match} dnat to {targets[0]} {comment}")
+            continue
+        mapping = ", ".join(f"{i} : {t.address} . {t.port}" for i, t in enumerate(targets))
+        rules.append(f"{match} dnat to numgen inc mod {len(targets)} map {{ {mapping} }} {comment}")
+    return rules
+
+
+def _closed_rules(
+    published: Published, down: Down, gateway: IPv4Address, dns_port: int
+) -> list[str]:
+    rules: list[str] = []
+    for name, ports in sorted(published.items()):
+        for port in ports:
+            if live_targets(port, down.get(name, frozenset())):
+                continue
+            guard = ""
+            if port.port == dns_port:
+                guard = f"ip daddr != {gateway} "
+            verdict = "reject with tcp reset" if port.protocol == "tcp" else "reject"
+            rules.append(
+                f"{guard}{port.protocol} dport {port.port} {verdict} "
+                f'comment "{name}/{port.service}: no backend in rotation"'
+            )
+    return rules
+
+
+def _chain_block(name: str, rules: list[str]) -> str:
+    return f"    chain {name} {{\n{_indent(rules)}    }}\n"
+
+
+def _indent(rules: list[str]) -> str:
+    return "".join(f"        {rule}\n" for rule in rules)
+
+
+def _safe(text: str) -> str:
+    """Text for an nft comment: no quotes or anything the parser would read."""
+    return "".join(c if c.isalnum() or c in "-_./" else "_" for c in text)[:64]
+
+
+def apply(
+    table: str,
+    bridge: str,
+    subnet: IPv4Network,
+    *,
+    gateway: IPv4Address | None = None,
+    dns_port: int = 53,
+    published: Published | None = None,
+    down: Down | None = None,
+) -> None:
+    text = ruleset(
+        table,
+        bridge,
+        subnet,
+        gateway=gateway,
+        dns_port=dns_port,
+        published=published,
+        down=down,
+    )
+    _nft(["-f", "-"], text)
+
+
+def run_transaction(text: str) -> None:
+    """Apply a generated transaction (all of it or none of it)."""
+    _nft(["-f", "-"], text)
 
 
 def remove(table: str) -> bool:

@@ -120,6 +120,19 @@ def enable_forwarding() -> bool:
     return True
 
 
+def enable_route_localnet(bridge: str) -> bool:
+    """Let the bridge carry 127.0.0.0/8 sources and destinations; True if it was off.
+
+    Only on the bridge (the setting is the OR of ``all`` and the device's),
+    so the rest of the host keeps treating 127/8 off loopback as martian.
+    """
+    path = Path(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet")
+    if path.read_text().strip() == "1":
+        return False
+    path.write_text("1\n")
+    return True
+
+
 def conflicting_addresses(subnet: IPv4Network, bridge: str) -> list[str]:
     """Addresses on other interfaces that overlap ``subnet``, as "addr/len on dev"."""
     found: list[str] = []
@@ -187,7 +200,7 @@ def inspect(names: Names, bridge: str, address: IPv4Address, prefixlen: int) -> 
             link = _link(ip, index)
             bridge_index = _lookup(ip, bridge)
             on_bridge = bridge_index is not None and link.get("master") == bridge_index
-            on_bridge = on_bridge and _is_up(link)
+            on_bridge = on_bridge and _is_up(link) and _hairpin(names.host_veth)
     if has_netns and veth:
         inside = _inside_ok(names, address, prefixlen)
     return Plumbed(has_netns, veth, on_bridge, inside)
@@ -246,7 +259,19 @@ def plumb(
             ip.link("set", index=index, master=bridge_index, state="up")
             if not done:
                 done.append(f"put {names.host_veth} back on {bridge}")
+        if not _hairpin(names.host_veth):
+            # A replica reaching a published port whose backend is itself.
+            ip.link("set", index=index, kind="bridge_slave", mode=1)
+            if not done:
+                done.append(f"turned hairpin on for {names.host_veth}")
     return done
+
+
+def _hairpin(port: str) -> bool:
+    try:
+        return Path(f"/sys/class/net/{port}/brport/hairpin_mode").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def unplumb(names: Names) -> list[str]:

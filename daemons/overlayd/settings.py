@@ -7,9 +7,16 @@ Keys (besides the ones every daemon has):
                     first address is the bridge's (the replicas' gateway).
                     Podman and buildah default to 10.88.0.0/16, so ZLayer
                     stays clear of it.
-``nameservers``     resolvers written into replicas' resolv.conf; unset means
-                    the host's, from /etc/resolv.conf, less loopback ones
-``search_domains``  search list for replicas; unset means the host's
+``nameservers``     resolvers the service DNS forwards names outside
+                    ``service.local`` to (``address`` or ``address:port``);
+                    unset means the host's, from /etc/resolv.conf
+``search_domains``  search list for replicas after ``service.local``; unset
+                    means the host's
+``dns_port``        where the service DNS listens on the gateway address
+                    (UDP and TCP), default 53; replicas' resolv.conf names
+                    the gateway, so only 53 serves them
+``stream_probe_interval``  seconds between probes of kernel-path backends
+                    with a ``stream.health_check``, default 5
 ``nft_table``       the nftables table (family ``ip``) holding the NAT and
                     forward rules; unset means ``zlayer`` for the default
                     bridge and ``zlayer_<bridge>`` for any other, so two
@@ -23,6 +30,7 @@ from ipaddress import IPv4Network, IPv6Address, ip_address
 
 from pydantic import Field, field_validator
 
+from daemons.overlayd.dns import parse_upstream
 from shared.config import DaemonSettings
 
 DEFAULT_BRIDGE = "zlayer0"
@@ -38,12 +46,16 @@ class OverlaySettings(DaemonSettings):
     bridge: str = Field(DEFAULT_BRIDGE, description="the node bridge's interface name")
     subnet: IPv4Network = Field(DEFAULT_SUBNET, description="the replicas' IPv4 range")
     nameservers: list[str] | None = Field(
-        None, description="replicas' resolvers; unset means the host's non-loopback ones"
+        None, description="resolvers other names are forwarded to; unset means the host's"
     )
     search_domains: list[str] | None = Field(
         None, description="replicas' DNS search list; unset means the host's"
     )
     nft_table: str = Field("", description="nftables table name; unset derives it from bridge")
+    dns_port: int = Field(53, ge=1, le=65535, description="the service DNS port on the gateway")
+    stream_probe_interval: float = Field(
+        5.0, gt=0, le=3600, description="seconds between stream health probes"
+    )
 
     @field_validator("bridge")
     @classmethod
@@ -67,7 +79,7 @@ class OverlaySettings(DaemonSettings):
     def _addresses(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        return [str(ip_address(item)) for item in value]
+        return [str(parse_upstream(item)) for item in value]
 
     @field_validator("nft_table")
     @classmethod

@@ -1,0 +1,388 @@
+"""Service DNS: the names under ``service.local`` and a forwarder for every other name.
+
+Every replica's resolv.conf names the node bridge's gateway address, where
+overlayd answers on UDP and TCP (port ``dns_port``):
+
+- ``{service}.service.local``: every in-rotation replica of that service,
+  of every deployment that has a service of that name;
+  ``{service}.{deployment}.service.local``: one deployment's;
+- ``{service}-{instance}.{service}.service.local`` and
+  ``{instance}.{service}.service.local``: one replica (during a rollout two
+  revisions share an instance number, so both answer); the same under
+  ``{service}.{deployment}.service.local``;
+- any other name under ``service.local`` is NXDOMAIN; a known name asked
+  for another type than A (AAAA...) is NOERROR with no answers;
+- everything else goes to the host's resolvers over UDP (TCP when the
+  answer is truncated), and SERVFAIL when none answers in time.
+
+:class:`Zone` holds the names, rebuilt from the pushed
+:class:`~shared.traffic.DeploymentTraffic`; :class:`DnsServer` serves them
+with asyncio. dnslib only parses and builds packets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any
+
+from dnslib import QTYPE, RCODE, RR, SOA, A, DNSError, DNSHeader, DNSRecord
+from prometheus_client import Counter
+
+from shared.traffic import DeploymentTraffic, DnsRecord
+
+log = logging.getLogger("zlayer.overlayd")
+
+DOMAIN = "service.local"
+TTL = 5  # seconds: records follow health, so resolvers must not hold them long
+UPSTREAM_TIMEOUT = 2.0  # per upstream and attempt
+TCP_IDLE_TIMEOUT = 10.0
+UDP_PAYLOAD = 512  # without EDNS0
+
+QUERIES = Counter(
+    "zlayer_overlay_dns_queries",
+    "Service DNS queries by result: answer, nodata, nxdomain, forwarded, servfail, bad.",
+    ["result"],
+)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A resolver other names are forwarded to."""
+
+    host: str
+    port: int = 53
+
+    def __str__(self) -> str:
+        """The form :func:`parse_upstream` reads: the port only when it is not 53."""
+        if self.port == 53:
+            return self.host
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_upstream(text: str) -> Upstream:
+    """``1.2.3.4``, ``1.2.3.4:5353``, ``::1`` or ``[::1]:5353``; ValueError otherwise."""
+    text = text.strip()
+    port = 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r} is not an address or address:port")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text)
+    else:
+        host = text
+    if not 0 < port < 65536:
+        raise ValueError(f"the port of {text!r} is not between 1 and 65535")
+    return Upstream(str(ip_address(host)), port)
+
+
+# ---------------------------------------------------------------- the zone
+
+
+class Zone:
+    """The names under ``service.local`` and their addresses, per deployment."""
+
+    def __init__(self) -> None:
+        self._traffic: dict[str, DeploymentTraffic] = {}
+        self._records: list[DnsRecord] = []
+        self._names: dict[str, list[str]] = {}
+
+    def set(self, traffic: DeploymentTraffic) -> None:
+        """Replace one deployment's names (none if it has no services)."""
+        if traffic.services:
+            self._traffic[traffic.deployment] = traffic
+        else:
+            self._traffic.pop(traffic.deployment, None)
+        self._rebuild()
+
+    def remove_all(self) -> None:
+        self._traffic.clear()
+        self._rebuild()
+
+    def lookup(self, name: str) -> list[str] | None:
+        """The addresses of a name (lowercase, no trailing dot); None if it is unknown."""
+        return self._names.get(name)
+
+    def records(self) -> list[DnsRecord]:
+        """Every name, sorted by name then deployment."""
+        return list(self._records)
+
+    def _rebuild(self) -> None:
+        by_key: dict[tuple[str, str, str], list[str]] = {}
+
+        def add(name: str, deployment: str, service: str, addresses: Iterable[str]) -> None:
+            held = by_key.setdefault((name, deployment, service), [])
+            held += [a for a in addresses if a not in held]
+
+        for deployment, traffic in self._traffic.items():
+            for service in traffic.services:
+                name = service.service
+                everyone = [b.address for b in service.backends]
+                for suffix in (DOMAIN, f"{deployment}.{DOMAIN}"):
+                    add(f"{name}.{suffix}", deployment, name, everyone)
+                    for backend in service.backends:
+                        for replica in (f"{name}-{backend.instance}", str(backend.instance)):
+                            add(f"{replica}.{name}.{suffix}", deployment, name, [backend.address])
+        self._records = [
+            DnsRecord(name=name, addresses=addresses, deployment=deployment, service=service)
+            for (name, deployment, service), addresses in sorted(by_key.items())
+        ]
+        names: dict[str, list[str]] = {}
+        for record in self._records:
+            held = names.setdefault(record.name, [])
+            held += [a for a in record.addresses if a not in held]
+        self._names = names
+
+
+# ---------------------------------------------------------------- the server
+
+
+class DnsServer:
+    """Answers service names from a :class:`Zone` and forwards the rest, over UDP and TCP."""
+
+    def __init__(self, zone: Zone, upstreams: list[Upstream]) -> None:
+        self.zone = zone
+        self.upstreams = upstreams
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port``; OSError if the port is taken."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), local_addr=(host, port)
+        )
+        self._udp = transport
+        try:
+            self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
+        except OSError:
+            transport.close()
+            raise
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ------------------------------------------------------------ transports
+
+    def _spawn_udp(self, data: bytes, addr: Any) -> None:
+        task = asyncio.create_task(self._answer_udp(data, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer_udp(self, data: bytes, addr: Any) -> None:
+        reply = await self.resolve(data, tcp=False)
+        if reply is not None and self._udp is not None and not self._udp.is_closing():
+            self._udp.sendto(reply, addr)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            while True:
+                header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                (length,) = struct.unpack("!H", header)
+                data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
+                reply = await self.resolve(data, tcp=True)
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            if task is not None:
+                self._tasks.discard(task)
+
+    # ------------------------------------------------------------ answers
+
+    async def resolve(self, data: bytes, tcp: bool) -> bytes | None:
+        """The reply to one query packet; None to drop it (not even a header to answer)."""
+        try:
+            query = DNSRecord.parse(data)
+        except (DNSError, struct.error, IndexError, ValueError):
+            QUERIES.labels(result="bad").inc()
+            if len(data) < 12:
+                return None
+            header = DNSHeader(id=int.from_bytes(data[:2], "big"), qr=1, rcode=RCODE.FORMERR)
+            return bytes(DNSRecord(header).pack())
+        if query.header.qr or query.header.opcode != 0 or len(query.questions) != 1:
+            QUERIES.labels(result="bad").inc()
+            reply = query.reply()
+            reply.header.rcode = RCODE.NOTIMP if query.header.opcode != 0 else RCODE.FORMERR
+            return bytes(reply.pack())
+        question = query.q
+        name = str(question.qname).rstrip(".").lower()
+        limit = _udp_limit(query) if not tcp else 65535
+        if name == DOMAIN or name.endswith("." + DOMAIN):
+            return _fit(self._local(query, name), limit)
+        return await self._forward(query, data, tcp, limit)
+
+    def _local(self, query: DNSRecord, name: str) -> DNSRecord:
+        reply = query.reply(ra=1, aa=1)
+        qtype = query.q.qtype
+        addresses = [] if name == DOMAIN else self.zone.lookup(name)
+        if addresses is None:
+            reply.header.rcode = RCODE.NXDOMAIN
+            reply.add_auth(_soa())
+            QUERIES.labels(result="nxdomain").inc()
+            return reply
+        if qtype in (QTYPE.A, QTYPE.ANY) and addresses:
+            for address in addresses:
+                reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(address), ttl=TTL))
+            QUERIES.labels(result="answer").inc()
+            return reply
+        if name == DOMAIN and qtype in (QTYPE.SOA, QTYPE.ANY):
+            reply.add_answer(_soa())
+            QUERIES.labels(result="answer").inc()
+            return reply
+        reply.add_auth(_soa())
+        QUERIES.labels(result="nodata").inc()
+        return reply
+
+    async def _forward(self, query: DNSRecord, data: bytes, tcp: bool, limit: int) -> bytes:
+        # A fresh id per upstream query: an answer must match it (and the
+        # question) to be taken, which a blind spoofer has to guess.
+        for upstream in self.upstreams:
+            upstream_id = secrets.randbelow(65536)
+            packet = upstream_id.to_bytes(2, "big") + data[2:]
+            try:
+                if tcp:
+                    answer = await _ask_tcp(upstream, packet)
+                else:
+                    answer = await _ask_udp(upstream, packet)
+                    if _truncated(answer):
+                        answer = await _ask_tcp(upstream, packet)
+                parsed = DNSRecord.parse(answer)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                log.debug("the resolver %s did not answer (%s)", upstream, exc)
+                continue
+            except (DNSError, struct.error, IndexError, ValueError):
+                log.debug("the resolver %s sent a packet that is not DNS", upstream)
+                continue
+            if parsed.header.id != upstream_id or parsed.questions != query.questions:
+                log.debug("the resolver %s answered another question", upstream)
+                continue
+            QUERIES.labels(result="forwarded").inc()
+            answer = data[:2] + answer[2:]
+            if len(answer) > limit:
+                return _truncated_reply(query)
+            return answer
+        QUERIES.labels(result="servfail").inc()
+        reply = query.reply(ra=1, aa=0)
+        reply.header.rcode = RCODE.SERVFAIL
+        return bytes(reply.pack())
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DnsServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.server._spawn_udp(data, addr)
+
+
+def _soa() -> RR:
+    return RR(
+        DOMAIN,
+        QTYPE.SOA,
+        ttl=TTL,
+        rdata=SOA(f"ns.{DOMAIN}", f"hostmaster.{DOMAIN}", (1, 60, 10, 3600, TTL)),
+    )
+
+
+def _udp_limit(query: DNSRecord) -> int:
+    """The reply size a UDP client takes: 512, or its EDNS0 payload size."""
+    for rr in query.ar:
+        if rr.rtype == QTYPE.OPT:
+            return max(UDP_PAYLOAD, min(int(rr.rclass), 4096))
+    return UDP_PAYLOAD
+
+
+def _truncated_reply(query: DNSRecord) -> bytes:
+    reply = query.reply(ra=1, aa=0)
+    reply.header.tc = 1
+    return bytes(reply.pack())
+
+
+def _fit(reply: DNSRecord, limit: int) -> bytes:
+    packed: bytes = reply.pack()
+    if len(packed) <= limit:
+        return packed
+    # Keep as many answers as fit and say the rest was cut: the client asks over TCP.
+    answers = list(reply.rr)
+    while answers and len(packed) > limit:
+        answers.pop()
+        reply.rr = answers
+        reply.auth = []
+        reply.header.tc = 1
+        packed = reply.pack()
+    return packed
+
+
+def _truncated(answer: bytes) -> bool:
+    return len(answer) >= 3 and bool(answer[2] & 0x02)
+
+
+async def _ask_udp(upstream: Upstream, packet: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        _UpstreamProtocol, remote_addr=(upstream.host, upstream.port)
+    )
+    try:
+        transport.sendto(packet)
+        return await asyncio.wait_for(protocol.answer, UPSTREAM_TIMEOUT)
+    finally:
+        transport.close()
+
+
+async def _ask_tcp(upstream: Upstream, packet: bytes) -> bytes:
+    async def exchange() -> bytes:
+        reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+        try:
+            writer.write(struct.pack("!H", len(packet)) + packet)
+            await writer.drain()
+            (length,) = struct.unpack("!H", await reader.readexactly(2))
+            return await reader.readexactly(length)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    return await asyncio.wait_for(exchange(), UPSTREAM_TIMEOUT)
+
+
+class _UpstreamProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if not self.answer.done():
+            self.answer.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(exc)
