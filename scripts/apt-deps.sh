@@ -7,9 +7,11 @@ set -euo pipefail
 
 # busybox-static: the busybox test image (shared/busybox_image.py) is built from it
 # crun (runc where crun cannot run) and conmon: agentd's container runtime
-run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl)
+# skopeo: registryd pushes WASM artifacts with it
+run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl skopeo)
 # busctl and systemd-analyze (tests check units and talk to the bus with them)
-test_packages=(systemd)
+# docker-registry: a real registry the WASM push tests start
+test_packages=(systemd docker-registry)
 
 wanted=("${run_packages[@]}")
 [ "${1:-run}" = test ] && wanted+=("${test_packages[@]}")
