@@ -1,0 +1,406 @@
+"""``zlayerctl build``, ``zlayerctl pipeline`` and ``zlayerctl runtimes``.
+
+A build is a zlayer-registryd job (``Registry1.Build``): this command sends
+the request, then follows the job's log file like ``tail -f`` until the job
+ends, and prints the stored image's id or the failure's one sentence. The
+daemon reads the context and files itself, so paths are sent absolute and
+must be visible to it (under systemd it has its own /tmp and no /home).
+
+A pipeline is read and checked here (variables, dependencies, files) before
+anything builds; its images are then built wave by wave, the images of a
+wave in parallel, their log lines prefixed with the image's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from ctl.client import Client
+from ctl.output import fail, format_option, print_json, print_table
+from daemons.registryd.build import runtimes
+from daemons.registryd.build.located import BuildFileError
+from daemons.registryd.build.pipeline import Pipeline, PlannedImage, load_pipeline
+from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
+from shared.bus import NotFoundError
+from shared.jobs import JobInfo
+from shared.reference import InvalidReferenceError, parse_reference
+
+POLL_SECONDS = 0.2
+PIPELINE_FILES = ("ZPipeline.yaml", "ZPipeline.yml")
+
+
+def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            fail(f"{option} {value}: write it as KEY=VALUE")
+        result[key] = rest
+    return result
+
+
+def _short(image_id: str) -> str:
+    return image_id.removeprefix("sha256:")[:12]
+
+
+# ---------------------------------------------------------------- following jobs
+
+
+@dataclass
+class _Followed:
+    """A build job being followed: where its log has been read to."""
+
+    job_id: int
+    prefix: str = ""
+    position: int = 0
+    partial: bytes = b""
+    info: JobInfo | None = None
+    log_path: str = ""
+    done: bool = field(default=False)
+
+    def drain(self, out: IO[str], final: bool) -> None:
+        if not self.log_path:
+            return
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(self.position)
+                data = handle.read()
+        except OSError:
+            return
+        self.position += len(data)
+        data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = b"" if final else lines.pop()
+        for line in lines:
+            if line or not final:
+                out.write(self.prefix + line.decode(errors="replace") + "\n")
+        out.flush()
+
+
+async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -> list[JobInfo]:
+    """Print each job's log as it grows until every job ends; Ctrl-C cancels them."""
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    try:
+        while True:
+            for job in followed:
+                if job.done:
+                    continue
+                try:
+                    raw = await client.registryd.get_job(job.job_id)
+                except NotFoundError:
+                    fail("zlayer-registryd restarted during the build; run the command again")
+                job.info = JobInfo.model_validate_json(raw)
+                job.log_path = job.info.log_path
+                finished = job.info.state != "running"
+                job.drain(out, final=finished)
+                job.done = finished
+            if all(job.done for job in followed):
+                return [job.info for job in followed if job.info is not None]
+            if interrupted.is_set():
+                for job in followed:
+                    if not job.done:
+                        with contextlib.suppress(Exception):
+                            await client.registryd.cancel_job(job.job_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupted.wait(), POLL_SECONDS)
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+
+
+def _outcome(info: JobInfo, what: str) -> BuildResult | str:
+    if info.state == "done":
+        return BuildResult.model_validate_json(info.result)
+    if info.state == "cancelled":
+        return f"the build of {what} was cancelled"
+    return info.error or f"the build of {what} failed"
+
+
+async def _start_build(client: Client, request: BuildRequest) -> int:
+    try:
+        job_id: int = await client.registryd.build(request.model_dump_json())
+    except NotFoundError:
+        # The daemon reads the paths itself; under systemd it has its own /tmp and no /home.
+        if os.path.isdir(request.context):
+            fail(
+                f"zlayer-registryd cannot see {request.context} (under systemd it has its own "
+                "/tmp and no /home); build from a directory it can read, for example under /srv"
+            )
+        raise
+    return job_id
+
+
+# ---------------------------------------------------------------- pushing
+
+
+async def _push_all(client: Client, tags: list[str], out: IO[str]) -> list[dict[str, Any]]:
+    """Push each tag with registryd's registry client; stop at the first failure."""
+    from daemons.registryd.auth import user_credential
+
+    pushed: list[dict[str, Any]] = []
+    for tag in tags:
+        out.write(f"pushing {tag}\n")
+        auth = user_credential(parse_reference(tag).domain)
+        job_id: int = await client.registryd.push(tag, "", auth)
+        (info,) = await follow_jobs(client, [_Followed(job_id)], out)
+        if info.state != "done":
+            fail(info.error or f"the push of {tag} failed")
+        pushed.append(json.loads(info.result))
+    return pushed
+
+
+def _check_tags(tags: list[str], push: bool) -> None:
+    for tag in tags:
+        try:
+            parse_reference(tag)
+        except InvalidReferenceError as exc:
+            fail(str(exc))
+    if push and not tags:
+        fail("--push needs a name to push to; give one with -t")
+
+
+# ---------------------------------------------------------------- build
+
+
+@click.command("build")
+@click.argument("context", default=".", type=click.Path(file_okay=False))
+@click.option("-t", "--tag", "tags", multiple=True, help="name the image (repeatable)")
+@click.option("-f", "--file", "dockerfile", default="", help="the Dockerfile to build")
+@click.option("-z", "--zimagefile", default="", help="the ZImagefile to build")
+@click.option("--build-arg", "build_args", multiple=True, help="KEY=VALUE (repeatable)")
+@click.option("--target", default="", help="build up to this stage")
+@click.option("--runtime", default="", help="build with a runtime template (see `runtimes`)")
+@click.option("--runtime-auto", is_flag=True, help="pick a runtime template from the files")
+@click.option("--no-cache", is_flag=True, help="rebuild every step")
+@click.option(
+    "--image-format",
+    type=click.Choice(["oci", "docker"]),
+    default="oci",
+    show_default=True,
+    help="docker keeps HEALTHCHECK",
+)
+@click.option("--push", is_flag=True, help="push each tag after the build")
+@format_option
+def build(
+    context: str,
+    tags: tuple[str, ...],
+    dockerfile: str,
+    zimagefile: str,
+    build_args: tuple[str, ...],
+    target: str,
+    runtime: str,
+    runtime_auto: bool,
+    no_cache: bool,
+    image_format: str,
+    push: bool,
+    output_format: str,
+) -> None:
+    """Build an image from CONTEXT (default: here) and store it under each -t name.
+
+    What is built: --runtime/--runtime-auto, else -z, else -f, else the
+    context's ZImagefile, else its Dockerfile.
+    """
+    if runtime and runtime_auto:
+        fail("use --runtime NAME or --runtime-auto, not both")
+    if not os.path.isdir(context):
+        fail(f"the build context {context} is not a directory")
+    for path, what in ((dockerfile, "Dockerfile"), (zimagefile, "ZImagefile")):
+        if path and not os.path.isfile(path):
+            fail(f"there is no {what} {path}")
+    _check_tags(list(tags), push)
+    request = BuildRequest(
+        context=os.path.abspath(context),
+        dockerfile=os.path.abspath(dockerfile) if dockerfile else "",
+        zimagefile=os.path.abspath(zimagefile) if zimagefile else "",
+        runtime=RUNTIME_AUTO if runtime_auto else runtime,
+        tags=list(tags),
+        build_args=_pairs(build_args, "--build-arg"),
+        target=target,
+        no_cache=no_cache,
+        format="docker" if image_format == "docker" else "oci",
+    )
+    # The log is for people: on stderr when stdout carries JSON.
+    out = sys.stderr if output_format == "json" else sys.stdout
+
+    async def run() -> tuple[BuildResult | str, list[dict[str, Any]]]:
+        client = Client()
+        try:
+            job_id = await _start_build(client, request)
+            (info,) = await follow_jobs(client, [_Followed(job_id)], out)
+            outcome = _outcome(info, ", ".join(tags) or context)
+            pushed = (
+                await _push_all(client, list(tags), out)
+                if push and isinstance(outcome, BuildResult)
+                else []
+            )
+            return outcome, pushed
+        finally:
+            client.close()
+
+    outcome, pushed = asyncio.run(run())
+    if isinstance(outcome, str):
+        fail(outcome)
+    if output_format == "json":
+        print_json({**outcome.model_dump(mode="json"), "pushed": pushed})
+        return
+    names = ", ".join(outcome.names) or "no name (give one with -t)"
+    click.echo(f"built {names}: {_short(outcome.id)} in {outcome.seconds:.1f}s")
+
+
+# ---------------------------------------------------------------- runtimes
+
+
+@click.command("runtimes")
+@click.argument("name", required=False)
+@format_option
+def runtimes_(name: str | None, output_format: str) -> None:
+    """List the runtime templates, or print the Dockerfile of template NAME."""
+    if name:
+        if name not in runtimes.TEMPLATES:
+            from daemons.registryd.build.located import suggestion
+
+            fail(
+                f"there is no runtime template `{name}`; one of {', '.join(runtimes.names())}"
+                + suggestion(name, runtimes.names())
+            )
+        text = runtimes.render(name, Path.cwd())
+        if output_format == "json":
+            print_json({"name": name, "dockerfile": text})
+        else:
+            click.echo(text, nl=False)
+        return
+    templates = list(runtimes.TEMPLATES.values())
+    if output_format == "json":
+        print_json(
+            [
+                {
+                    "name": t.name,
+                    "base": t.base,
+                    "detected_by": t.detected_by,
+                    "description": t.description,
+                }
+                for t in templates
+            ]
+        )
+        return
+    print_table(
+        ["NAME", "RUNS ON", "DETECTED FROM", "DESCRIPTION"],
+        [[t.name, t.base, t.detected_by, t.description] for t in templates],
+    )
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def _pipeline_file(path: str | None) -> str:
+    if path:
+        return path
+    for name in PIPELINE_FILES:
+        if os.path.isfile(name):
+            return name
+    fail("there is no ZPipeline.yaml here; name one with -f")
+
+
+def _request(image: PlannedImage) -> BuildRequest:
+    return BuildRequest(
+        context=str(image.context),
+        dockerfile="" if image.is_zimagefile else str(image.file),
+        zimagefile=str(image.file) if image.is_zimagefile else "",
+        tags=image.tags,
+        build_args=image.build_args,
+        target=image.target or "",
+        no_cache=image.no_cache,
+        format=image.format,
+    )
+
+
+async def _build_waves(
+    client: Client, pipeline: Pipeline, waves: list[list[str]], out: IO[str]
+) -> tuple[dict[str, BuildResult], str]:
+    """Build wave after wave; the first failure's sentence stops later waves."""
+    results: dict[str, BuildResult] = {}
+    width = max(len(name) for wave in waves for name in wave)
+    for number, wave in enumerate(waves):
+        out.write(f"wave {number}: {', '.join(wave)}\n")
+        followed = []
+        for name in wave:
+            job_id = await _start_build(client, _request(pipeline.images[name]))
+            followed.append(_Followed(job_id, prefix=f"[{name:<{width}}] "))
+        infos = await follow_jobs(client, followed, out)
+        failures = []
+        for name, info in zip(wave, infos, strict=True):
+            outcome = _outcome(info, name)
+            if isinstance(outcome, str):
+                failures.append(f"image `{name}`: {outcome}")
+            else:
+                results[name] = outcome
+        if failures:
+            return results, "; ".join(failures)
+    return results, ""
+
+
+@click.command("pipeline")
+@click.option("-f", "--file", "path", default=None, help="the ZPipeline (default ZPipeline.yaml)")
+@click.option("--set", "overrides", multiple=True, help="VAR=VALUE, over the file's vars")
+@click.option("--only", default="", help="build only these images (a,b) and what they need")
+@click.option("--push", is_flag=True, help="push every tag after all images are built")
+@format_option
+def pipeline(
+    path: str | None, overrides: tuple[str, ...], only: str, push: bool, output_format: str
+) -> None:
+    """Build the images of a ZPipeline in dependency order."""
+    filename = _pipeline_file(path)
+    try:
+        loaded = load_pipeline(filename, _pairs(overrides, "--set"))
+        selected = loaded.select([n.strip() for n in only.split(",") if n.strip()])
+    except BuildFileError as exc:
+        fail(str(exc))
+    waves = loaded.waves(selected)
+    push = push or loaded.push_after_all
+    tags = [tag for name in selected for tag in loaded.images[name].tags]
+    _check_tags(tags, False)
+    out = sys.stderr if output_format == "json" else sys.stdout
+
+    async def run() -> tuple[dict[str, BuildResult], str, list[dict[str, Any]]]:
+        client = Client()
+        try:
+            results, failure = await _build_waves(client, loaded, waves, out)
+            pushed = await _push_all(client, tags, out) if push and not failure else []
+            return results, failure, pushed
+        finally:
+            client.close()
+
+    results, failure, pushed = asyncio.run(run())
+    if output_format == "json":
+        print_json(
+            {
+                "images": [
+                    {"name": name, **result.model_dump(mode="json")}
+                    for name, result in results.items()
+                ],
+                "pushed": pushed,
+                "error": failure,
+            }
+        )
+    else:
+        rows = [
+            [name, _short(r.id), ", ".join(r.names) or "-", f"{r.seconds:.1f}s"]
+            for name, r in results.items()
+        ]
+        if rows:
+            print_table(["IMAGE", "ID", "NAMES", "TIME"], rows)
+    if failure:
+        fail(failure)

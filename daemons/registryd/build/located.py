@@ -1,0 +1,250 @@
+"""Build files (ZImagefile, ZPipeline) read from YAML with every problem located.
+
+Owns reading YAML into plain data while keeping each node's line and column,
+the :class:`Strict` model base (an unknown key is an error with a
+did-you-mean), turning pydantic's errors into :class:`~shared.spec.SpecIssue`
+s, and :class:`BuildFileError`, whose text is one sentence: the first problem
+with its file, line and column, and how many more there are.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from shared.spec.checks import format_path
+from shared.spec.errors import SpecIssue
+
+PathKey = tuple[str | int, ...]
+Mark = tuple[int, int]  # 1-based line and column
+
+_MAX_BYTES = 1 << 20  # a build file larger than this is not one
+
+
+class BuildFileError(ValueError):
+    """A build file that cannot be used; its text is one sentence."""
+
+    def __init__(self, issues: Sequence[SpecIssue]) -> None:
+        self.issues = sorted(issues, key=lambda i: (i.line, i.column))
+        super().__init__(self.sentence())
+
+    def sentence(self) -> str:
+        first = str(self.issues[0])
+        more = len(self.issues) - 1
+        if more:
+            first += f" (and {more} more problem{'s' if more > 1 else ''})"
+        return first
+
+    def __str__(self) -> str:
+        return self.sentence()
+
+
+def file_error(filename: str, message: str, line: int = 0, column: int = 0) -> BuildFileError:
+    return BuildFileError([SpecIssue(filename, line, column, "", message)])
+
+
+def suggestion(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean `x`?)`` for the closest of ``choices``, or nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+class Strict(BaseModel):
+    """A model of a build file: unknown keys are refused with the closest known one."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = [field.alias or name for name, field in cls.model_fields.items()]
+            for key in data:
+                if key not in known:
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key `{key}`{hint}",
+                        {"key": str(key), "hint": suggestion(str(key), known)},
+                    )
+        return data
+
+
+class Document:
+    """One YAML build file: its plain data and where each value and key sits."""
+
+    def __init__(self, filename: str, what: str) -> None:
+        self.filename = filename
+        self.what = what  # "ZImagefile", "ZPipeline", for messages
+        self.marks: dict[PathKey, Mark] = {}
+        self.key_marks: dict[PathKey, Mark] = {}
+        self._scalars: yaml.SafeLoader | None = None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], what: str) -> tuple[Document, Any]:
+        filename = os.fspath(path)
+        try:
+            with open(filename, "rb") as handle:
+                raw = handle.read(_MAX_BYTES + 1)
+        except FileNotFoundError:
+            raise file_error(filename, f"no such {what}") from None
+        except IsADirectoryError:
+            raise file_error(filename, f"is a directory, not a {what}") from None
+        except OSError as exc:
+            raise file_error(filename, f"cannot read it: {exc.strerror or exc}") from None
+        if len(raw) > _MAX_BYTES:
+            raise file_error(filename, f"is too large to be a {what}")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise file_error(filename, "is not UTF-8 text") from None
+        document = cls(filename, what)
+        return document, document.parse(text)
+
+    def parse(self, text: str) -> Any:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            problem = " ".join(
+                str(part)
+                for part in (getattr(exc, "context", ""), getattr(exc, "problem", ""))
+                if part
+            )
+            line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+            raise file_error(
+                self.filename, f"invalid YAML: {problem or exc}", line, column
+            ) from None
+        if root is None:
+            raise file_error(self.filename, f"the {self.what} is empty")
+        self._scalars = yaml.SafeLoader("")
+        try:
+            return self._convert(root, ())
+        finally:
+            self._scalars.dispose()
+
+    def _convert(self, node: yaml.Node, path: PathKey) -> Any:
+        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.SequenceNode):
+            return [self._convert(item, (*path, i)) for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode):
+            result: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                key_mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                if key in result:
+                    raise self.error_at((*path, key), f"duplicate key `{key}`", at_key=True)
+                self.key_marks[(*path, key)] = key_mark
+                result[key] = self._convert(value_node, (*path, key))
+            return result
+        assert self._scalars is not None
+        try:
+            return self._scalars.construct_object(node)
+        except yaml.YAMLError as exc:
+            raise self.error_at(path, f"cannot read this value: {exc}") from None
+
+    def mark(self, path: PathKey, at_key: bool = False) -> Mark:
+        if at_key and path in self.key_marks:
+            return self.key_marks[path]
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.marks:
+                return self.marks[path[:end]]
+        return (0, 0)
+
+    def issue(self, path: PathKey, message: str, at_key: bool = False) -> SpecIssue:
+        line, column = self.mark(path, at_key)
+        return SpecIssue(self.filename, line, column, format_path(path), message)
+
+    def error_at(self, path: PathKey, message: str, at_key: bool = False) -> BuildFileError:
+        return BuildFileError([self.issue(path, message, at_key)])
+
+    def validation_error(self, exc: ValidationError, data: Any) -> BuildFileError:
+        """Each pydantic error as a located sentence; a union's alternatives said once."""
+        seen: dict[PathKey, int] = {}
+        issues: list[SpecIssue] = []
+        for error in exc.errors():
+            path, _ = _locate(error["loc"], data)
+            ctx = error.get("ctx") or {}
+            if error["type"] == "unknown_key":
+                path = (*path, str(ctx["key"]))
+                issue = self.issue(path, error["msg"], at_key=True)
+            elif error["type"] == "missing":
+                field = error["loc"][-1]
+                line, column = self.mark(path)
+                shown = format_path((*path, field))
+                issue = SpecIssue(self.filename, line, column, shown, "required key is missing")
+            else:
+                issue = self.issue(path, _message(error["type"], error["msg"], error["input"]))
+            if path in seen:
+                continue  # the other members of a union failing at the same place
+            seen[path] = len(issues)
+            issues.append(issue)
+        return BuildFileError(issues)
+
+
+def _locate(loc: tuple[int | str, ...], data: Any) -> tuple[PathKey, list[int | str]]:
+    """The part of pydantic's location that exists in the data (union member names dropped)."""
+    path: list[str | int] = []
+    rest: list[int | str] = []
+    current = data
+    for segment in loc:
+        in_dict = isinstance(current, dict) and segment in current
+        in_list = isinstance(current, list) and isinstance(segment, int) and segment < len(current)
+        if in_dict or in_list:
+            path.append(segment)
+            current = current[segment]
+        else:
+            rest.append(segment)
+    return tuple(path), rest
+
+
+_NOUNS = {
+    "string_type": "a string",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "bool_type": "true or false",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+}
+
+
+def _message(kind: str, msg: str, value: Any) -> str:
+    if kind in _NOUNS:
+        return f"expected {_NOUNS[kind]}, got {describe(value)}"
+    if kind in ("value_error", "assertion_error"):
+        return msg.split(", ", 1)[1] if msg.startswith(("Value error, ", "Assertion")) else msg
+    return msg[:1].lower() + msg[1:]
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def display_path(path: Path, base: Path | None = None) -> str:
+    """``path`` relative to ``base`` when inside it, for shorter messages."""
+    if base is not None:
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            pass
+    return str(path)
