@@ -1,0 +1,680 @@
+"""zlayer-proxyd on a real private bus, with real backends and real clients.
+
+Backends are aiohttp apps (one event loop in a thread) listening on the
+same port on several loopback addresses (127.0.0.2, 127.0.0.3 ...), so
+each is a distinct ``Backend.address`` as replicas are. Each answers with
+the address it was reached on and counts the connections it accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from shared.bus import (
+    DAEMONS_BY_NAME,
+    ConflictError,
+    DaemonStatus,
+    InvalidArgumentError,
+    open_bus,
+    proxy,
+)
+from shared.busdaemon import PrivateBus
+from shared.paths import Paths
+from tests.integration.test_daemon import NotifyListener, start, stop
+
+T = TypeVar("T")
+
+
+def free_port(address: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def common_free_port(addresses: list[str]) -> int:
+    """A port free on every one of ``addresses``."""
+    for _ in range(50):
+        port = free_port(addresses[0])
+        try:
+            for address in addresses[1:]:
+                with socket.socket() as sock:
+                    sock.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no common free port")
+
+
+class LoopThread:
+    """An event loop in a thread, for servers the test talks to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Backends:
+    """aiohttp backends on several addresses and one port, in a thread."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        self.port = common_free_port(addresses)
+        self.hits: Counter[str] = Counter()
+        self.connections: dict[str, set[int]] = {a: set() for a in addresses}
+        self.seen_headers: list[dict[str, str]] = []
+        self.loops = LoopThread()
+        self.runner: web.AppRunner | None = None
+        self.sites: dict[str, web.TCPSite] = {}
+        self.loops.run(self._start())
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/ws", self._websocket)
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        for address in self.addresses:
+            site = web.TCPSite(self.runner, address, self.port, reuse_address=True)
+            await site.start()
+            self.sites[address] = site
+
+    async def _any(self, request: web.Request) -> web.StreamResponse:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        address = str(sockname[0]) if sockname else "?"
+        self.hits[address] += 1
+        if peer:
+            self.connections.setdefault(address, set()).add(int(peer[1]))
+        self.seen_headers.append(dict(request.headers))
+        seconds = float(request.query.get("sleep", "0"))
+        if seconds:
+            await asyncio.sleep(seconds)
+        body = await request.read()
+        text = f"{address} {request.method} {request.path_qs} {len(body)}\n"
+        return web.Response(text=text, headers={"X-Backend": address})
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str("echo " + message.data)
+            elif message.type == WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+        return ws
+
+    def stop_address(self, address: str) -> None:
+        site = self.sites.pop(address)
+        self.loops.run(site.stop())
+
+    def close(self) -> None:
+        if self.runner is not None:
+            with contextlib.suppress(Exception):
+                self.loops.run(self.runner.cleanup())
+        self.loops.close()
+
+
+def service(
+    name: str,
+    endpoints: list[dict[str, Any]],
+    addresses: list[str],
+    deployment: str = "demo",
+    health_interval: float = 0.0,
+) -> dict[str, Any]:
+    return {
+        "deployment": deployment,
+        "service": name,
+        "endpoints": endpoints,
+        "backends": [
+            {"replica": f"{deployment}-{name}-{i}-r1", "instance": i, "revision": 1, "address": a}
+            for i, a in enumerate(addresses, start=1)
+        ],
+        "health_interval": health_interval,
+    }
+
+
+def http_endpoint(port: int, **extra: Any) -> dict[str, Any]:
+    return {"name": "http", "protocol": "http", "port": port, "expose": "public", **extra}
+
+
+class Proxyd:
+    """One zlayer-proxyd of the test's own prefix and bus."""
+
+    def __init__(self, paths: Paths, bus: PrivateBus, notify: NotifyListener) -> None:
+        self.paths = paths
+        self.bus = bus
+        self.notify = notify
+        self.process: subprocess.Popen[str] | None = None
+        self.http_port = 0
+        self.https_port = 0
+        self.logs = ""
+        self.configure()
+
+    def configure(self, **settings: Any) -> None:
+        lines = [
+            "metrics_port = 0",
+            "http_port = 0",
+            "https_port = 0",
+            'listen_addresses = ["127.0.0.1"]',
+        ]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+        self.paths.daemon_config("proxyd").write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        self.notify.messages.clear()
+        self.process = start("proxyd", self.bus, self.notify)
+        self.notify.wait_for("READY=1")
+        detail = self.status().detail
+        # "http 127.0.0.1:PORT, https 127.0.0.1:PORT, ..."
+        words = detail.replace(",", " ").split()
+        self.http_port = int(words[words.index("http") + 1].rsplit(":", 1)[1])
+        self.https_port = int(words[words.index("https") + 1].rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.process is not None:
+            code, err = stop(self.process)
+            self.process = None
+            self.logs += err
+            assert code == 0, err
+            assert "Traceback" not in err, err
+
+    def call(self, method: str, *args: Any) -> Any:
+        async def run() -> Any:
+            bus = open_bus(self.bus.address)
+            try:
+                return await getattr(proxy(DAEMONS_BY_NAME["proxyd"], bus), method)(*args)
+            finally:
+                bus.close()
+
+        return asyncio.run(run())
+
+    def status(self) -> DaemonStatus:
+        return DaemonStatus.from_dbus(self.call("status"))
+
+    def push(self, deployment: str, services: list[dict[str, Any]]) -> None:
+        self.call(
+            "set_traffic", deployment, json.dumps({"deployment": deployment, "services": services})
+        )
+
+    def routes(self) -> list[dict[str, Any]]:
+        routes: list[dict[str, Any]] = json.loads(self.call("list_routes"))
+        return routes
+
+    def stats(self) -> list[dict[str, Any]]:
+        stats: list[dict[str, Any]] = json.loads(self.call("service_stats"))
+        return stats
+
+    def metrics(self) -> str:
+        url = self.status().metrics_url
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text: str = response.read().decode()
+        return text
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+def run(coro_factory: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(coro_factory())  # type: ignore[arg-type]
+
+
+def state_dir(paths: Paths) -> Path:
+    return paths.daemon_state("proxyd")
+
+
+# ---------------------------------------------------------------- fixtures
+
+BACKENDS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+
+@pytest.fixture
+def backends() -> Any:
+    servers = Backends(BACKENDS)
+    try:
+        yield servers
+    finally:
+        servers.close()
+
+
+@pytest.fixture
+def proxyd(zlayer_prefix: Paths, private_bus: PrivateBus) -> Any:
+    listener = NotifyListener(zlayer_prefix.prefix / "notify.sock")
+    daemon = Proxyd(zlayer_prefix, private_bus, listener)
+    try:
+        yield daemon
+        daemon.stop()
+    finally:
+        if daemon.process is not None:
+            stop(daemon.process)
+        listener.close()
+
+
+async def fetch(
+    session: aiohttp.ClientSession, url: str, **kwargs: Any
+) -> tuple[int, str, dict[str, str]]:
+    async with session.request(kwargs.pop("method", "GET"), url, **kwargs) as response:
+        return response.status, await response.text(), dict(response.headers)
+
+
+def one_connection() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, force_close=False))
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_round_robin_keep_alive_forwarded_headers_stats_and_metrics(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    proxyd.start()
+    proxyd.push("demo", [service("web", [http_endpoint(backends.port)], BACKENDS[:2])])
+    (route,) = proxyd.routes()
+    assert route["listen"] == f"127.0.0.1:{proxyd.http_port}"
+    assert route["backends"] == [f"{a}:{backends.port}" for a in BACKENDS[:2]]
+
+    async def scenario() -> list[tuple[int, str, dict[str, str]]]:
+        async with one_connection() as session:
+            return [
+                await fetch(session, f"{proxyd.base}/page?n={i}", headers={"Host": "web.test"})
+                for i in range(20)
+            ]
+
+    answers = run(scenario)
+    assert all(status == 200 for status, _, _ in answers)
+    served = [body.split()[0] for _, body, _ in answers]
+    assert served.count("127.0.0.2") == 10 and served.count("127.0.0.3") == 10
+    assert served[:4] in (["127.0.0.2", "127.0.0.3"] * 2, ["127.0.0.3", "127.0.0.2"] * 2)
+    # Keep-alive both ways: 20 requests on one client connection took one
+    # pooled connection per backend.
+    assert len(backends.connections["127.0.0.2"]) == 1
+    assert len(backends.connections["127.0.0.3"]) == 1
+    headers = backends.seen_headers[-1]
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Forwarded-Host"] == "web.test"
+    assert headers["Host"] == "web.test"
+
+    (stats,) = proxyd.stats()
+    assert (stats["deployment"], stats["service"]) == ("demo", "web")
+    assert stats["requests_total"] == 20 and stats["active_connections"] == 0
+    metrics = proxyd.metrics()
+    labels = 'code="2xx",deployment="demo",endpoint="http",service="web"'
+    assert re.search(r"zlayer_proxy_requests_total\{" + labels + r"\} 20\.0", metrics), metrics
+    assert 'zlayer_proxy_request_duration_seconds_count{deployment="demo"' in metrics
+
+
+def test_least_connections_prefers_the_idle_backend(proxyd: Proxyd, backends: Backends) -> None:
+    proxyd.configure(balancing="least_connections")
+    proxyd.start()
+    proxyd.push("demo", [service("web", [http_endpoint(backends.port)], BACKENDS[:2])])
+
+    async def scenario() -> tuple[str, list[str]]:
+        async with aiohttp.ClientSession() as session:
+            slow = asyncio.create_task(fetch(session, f"{proxyd.base}/slow?sleep=1.5"))
+            while sum(backends.hits.values()) < 1:
+                await asyncio.sleep(0.01)
+            quick = [(await fetch(session, f"{proxyd.base}/quick"))[1].split()[0] for _ in range(6)]
+            _, body, _ = await slow
+            return body.split()[0], quick
+
+    busy, quick = run(scenario)
+    idle = "127.0.0.3" if busy == "127.0.0.2" else "127.0.0.2"
+    assert quick == [idle] * 6
+
+
+def test_a_dropped_backend_gets_no_new_requests_and_finishes_its_own(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    proxyd.start()
+    endpoint = [http_endpoint(backends.port)]
+    proxyd.push("demo", [service("web", endpoint, BACKENDS[:2])])
+
+    async def scenario() -> tuple[tuple[int, str, dict[str, str]], list[str]]:
+        async with aiohttp.ClientSession() as session:
+            slow = asyncio.create_task(fetch(session, f"{proxyd.base}/long?sleep=1.5"))
+            while sum(backends.hits.values()) < 1:
+                await asyncio.sleep(0.01)
+            (busy,) = [a for a, n in backends.hits.items() if n]
+            keep = "127.0.0.3" if busy == "127.0.0.2" else "127.0.0.2"
+            await asyncio.to_thread(proxyd.push, "demo", [service("web", endpoint, [keep])])
+            after = [(await fetch(session, f"{proxyd.base}/x"))[1].split()[0] for _ in range(6)]
+            return await slow, [busy, *after]
+
+    (status, body, _), served = run(scenario)
+    busy, *after = served
+    assert status == 200 and body.startswith(busy)  # the long request finished where it ran
+    assert busy not in after and len(set(after)) == 1
+
+
+def test_retry_on_a_dead_backend_and_the_error_statuses(proxyd: Proxyd, backends: Backends) -> None:
+    proxyd.configure(response_header_timeout=1.0, access_log=True)
+    proxyd.start()
+    backends.stop_address("127.0.0.4")  # nothing listens there any more: refused
+    endpoint = [http_endpoint(backends.port, host="app.test")]
+
+    async def get_all(count: int, path: str = "/") -> list[tuple[int, str, dict[str, str]]]:
+        async with aiohttp.ClientSession() as session:
+            return [
+                await fetch(session, f"{proxyd.base}{path}", headers={"Host": "app.test"})
+                for _ in range(count)
+            ]
+
+    proxyd.push("demo", [service("web", endpoint, ["127.0.0.4", "127.0.0.2"])])
+    answers = run(lambda: get_all(4))
+    assert [a[0] for a in answers] == [200] * 4
+    assert {a[1].split()[0] for a in answers} == {"127.0.0.2"}
+
+    proxyd.push("demo", [service("web", endpoint, ["127.0.0.4"])])
+    ((status, body, headers),) = run(lambda: get_all(1))
+    assert status == 502 and headers["Content-Type"].startswith("text/plain")
+    assert "backend" in body and body.count("\n") == 1
+
+    proxyd.push("demo", [service("web", endpoint, [])])
+    ((status, body, _),) = run(lambda: get_all(1))
+    assert status == 503 and "no backend" in body
+
+    proxyd.push("demo", [service("web", endpoint, ["127.0.0.2"])])
+    started = time.monotonic()
+    ((status, body, _),) = run(lambda: get_all(1, "/hang?sleep=5"))
+    assert status == 504 and time.monotonic() - started < 4
+    assert run(lambda: get_all(1))[0][0] == 200  # and it serves on
+
+    async def unrouted() -> int:
+        async with aiohttp.ClientSession() as session:
+            return (await fetch(session, proxyd.base, headers={"Host": "other.test"}))[0]
+
+    assert run(unrouted) == 404
+    proxyd.stop()
+    assert re.search(r'127\.0\.0\.1 app\.test "GET /" 200 \d+ [\d.]+ms 127\.0\.0\.2:', proxyd.logs)
+    assert '"GET /hang?sleep=5" 504' in proxyd.logs
+
+
+def test_routing_by_host_and_longest_path_prefix(proxyd: Proxyd, backends: Backends) -> None:
+    proxyd.start()
+    port = backends.port
+    proxyd.push(
+        "demo",
+        [
+            service(
+                "api", [http_endpoint(port, host="api.example.com", path="/v1")], ["127.0.0.2"]
+            ),
+            service(
+                "admin",
+                [http_endpoint(port, host="api.example.com", path="/v1/admin")],
+                ["127.0.0.3"],
+            ),
+            service("www", [http_endpoint(port, host="*.example.com")], ["127.0.0.4"]),
+        ],
+    )
+    proxyd.push("other", [service("root", [http_endpoint(port)], ["127.0.0.3"], "other")])
+
+    cases = [
+        ("api.example.com", "/v1/users", "127.0.0.2"),
+        ("API.example.com:80", "/v1", "127.0.0.2"),
+        ("api.example.com", "/v1/admin/x", "127.0.0.3"),
+        ("api.example.com", "/v1admin", "127.0.0.4"),  # not a path segment: falls to *.example.com
+        ("shop.example.com", "/v1/users", "127.0.0.4"),
+        ("example.org", "/anything", "127.0.0.3"),  # the other deployment's catch-all
+    ]
+
+    async def scenario() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            return [
+                (await fetch(session, f"{proxyd.base}{path}", headers={"Host": host}))[1].split()[0]
+                for host, path, _ in cases
+            ]
+
+    assert run(scenario) == [expected for _, _, expected in cases]
+
+
+def make_certificate(directory: Path, name: str) -> None:
+    """A self-signed certificate for ``name`` as ``<name>.crt`` / ``<name>.key``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def peer_common_name(port: int, server_name: str, alpn: list[str]) -> tuple[str, str | None]:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(alpn)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        cert = x509.load_der_x509_certificate(der)
+        name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        return str(name), tls.selected_alpn_protocol()
+
+
+def h2_get(port: int, server_name: str, path: str) -> tuple[int, bytes]:
+    """One GET over HTTP/2 with the h2 library on a TLS socket (ALPN h2)."""
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream,
+            [
+                (":method", "GET"),
+                (":path", path),
+                (":scheme", "https"),
+                (":authority", server_name),
+            ],
+            end_stream=True,
+        )
+        tls.sendall(conn.data_to_send())
+        status = 0
+        body = b""
+        ended = False
+        while not ended:
+            data = tls.recv(65536)
+            assert data, "the proxy closed the HTTP/2 connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            tls.sendall(conn.data_to_send())
+        return status, body
+
+
+def test_tls_sni_picks_the_certificate_and_serves_http2_and_http1(
+    proxyd: Proxyd, backends: Backends, zlayer_prefix: Paths
+) -> None:
+    certs = zlayer_prefix.prefix / "certs"
+    certs.mkdir()
+    make_certificate(certs, "a.test")
+    make_certificate(certs, "*.b.test")
+    proxyd.configure(tls_cert_dir=str(certs))
+    proxyd.start()
+    https = {"name": "https", "protocol": "https", "port": backends.port, "expose": "public"}
+    proxyd.push(
+        "demo",
+        [
+            service("a", [{**https, "host": "a.test"}], ["127.0.0.2"]),
+            service("b", [{**https, "host": "*.b.test"}], ["127.0.0.3"]),
+        ],
+    )
+    assert peer_common_name(proxyd.https_port, "a.test", ["http/1.1"]) == ("a.test", "http/1.1")
+    assert peer_common_name(proxyd.https_port, "x.b.test", ["h2"]) == ("*.b.test", "h2")
+
+    status, body = h2_get(proxyd.https_port, "x.b.test", "/over/h2?q=1")
+    assert status == 200 and body == b"127.0.0.3 GET /over/h2?q=1 0\n"
+    assert backends.seen_headers[-1]["X-Forwarded-Proto"] == "https"
+    assert h2_get(proxyd.https_port, "nowhere.test", "/")[0] == 404
+
+    async def over_http1() -> tuple[int, str, dict[str, str]]:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        async with aiohttp.ClientSession() as session:
+            return await fetch(
+                session,
+                f"https://127.0.0.1:{proxyd.https_port}/h1",
+                headers={"Host": "a.test"},
+                server_hostname="a.test",
+                ssl=context,
+            )
+
+    status, text, _ = run(over_http1)
+    assert status == 200 and text == "127.0.0.2 GET /h1 0\n"
+    # https routes are not on the plain listener
+    assert run(lambda: _plain_get(proxyd, "a.test")) == 404
+
+
+async def _plain_get(proxyd: Proxyd, host: str) -> int:
+    async with aiohttp.ClientSession() as session:
+        return (await fetch(session, proxyd.base, headers={"Host": host}))[0]
+
+
+def test_websocket_passes_through_and_posts_stream(proxyd: Proxyd, backends: Backends) -> None:
+    proxyd.start()
+    ws = {"name": "ws", "protocol": "websocket", "port": backends.port, "expose": "public"}
+    proxyd.push("demo", [service("chat", [ws], ["127.0.0.2"])])
+
+    async def scenario() -> tuple[str, bytes, int, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"ws://127.0.0.1:{proxyd.http_port}/ws") as sock:
+                await sock.send_str("hello")
+                text = await sock.receive_str(timeout=5)
+                await sock.send_bytes(b"abc")
+                data = await sock.receive_bytes(timeout=5)
+
+            # A chunked upload (no length) goes through whole.
+            async def chunks() -> Any:
+                for _ in range(8):
+                    yield b"x" * 100_000
+
+            status, body, _ = await fetch(
+                session, f"{proxyd.base}/up", method="POST", data=chunks()
+            )
+            return text, data, status, body
+
+    text, data, status, body = run(scenario)
+    assert text == "echo hello" and data == b"cba"
+    assert status == 200 and body == "127.0.0.2 POST /up 800000\n"
+    assert [s["active_connections"] for s in proxyd.stats()] == [0]
+
+
+def test_restart_serves_saved_routes_and_bad_pushes_are_named_errors(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    proxyd.start()
+    proxyd.push("demo", [service("web", [http_endpoint(backends.port)], ["127.0.0.2"])])
+
+    bad = [
+        ("demo", "not json", InvalidArgumentError, "not a DeploymentTraffic"),
+        ("demo", json.dumps({"deployment": "else", "services": []}), InvalidArgumentError, "else"),
+        (
+            "demo",
+            json.dumps(
+                {
+                    "deployment": "demo",
+                    "services": [
+                        service("web", [{"name": "x", "protocol": "gopher", "port": 1}], [])
+                    ],
+                }
+            ),
+            InvalidArgumentError,
+            "protocol",
+        ),
+        (
+            "rival",
+            json.dumps(
+                {
+                    "deployment": "rival",
+                    "services": [service("w", [http_endpoint(1)], ["127.0.0.3"], "rival")],
+                }
+            ),
+            ConflictError,
+            "demo/web",
+        ),
+    ]
+    for deployment, payload, error, words in bad:
+        with pytest.raises(error) as caught:
+            proxyd.call("set_traffic", deployment, payload)
+        message = str(caught.value)
+        assert words in message and "\n" not in message and "Traceback" not in message
+
+    proxyd.stop()
+    proxyd.start()  # new ports: they are 0 in the test configuration
+    assert [r["service"] for r in proxyd.routes()] == ["web"]
+    assert run(lambda: _plain_get(proxyd, "any.test")) == 200
+    # An empty push removes the deployment, also from disk.
+    proxyd.push("demo", [])
+    assert proxyd.routes() == []
+    assert not list((state_dir(proxyd.paths) / "traffic").glob("*.json"))
