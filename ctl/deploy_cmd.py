@@ -32,6 +32,7 @@ _STATE_COLOUR = {
     "healthy": "green",
     "succeeded": "green",
     "starting": "yellow",
+    "updating": "yellow",
     "deploying": "yellow",
     "waiting": "yellow",
     "pending": "yellow",
@@ -219,6 +220,28 @@ def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
         else:
             err_console.print(
                 f"deployed revision {status.revision} of [bold]{name}[/]", highlight=False
+            )
+
+    asyncio.run(run())
+
+
+@click.command()
+@click.argument("name", required=False)
+@format_option
+def rollback(name: str | None, output_format: str) -> None:
+    """Return a deployment to its previous revision (rolled out like any deploy)."""
+
+    async def run() -> None:
+        client = Client()
+        target = await resolve_deployment(client, name)
+        revision = await client.schedd.rollback(target)
+        if output_format == "json":
+            print_json({"deployment": target, "revision": revision})
+        else:
+            err_console.print(
+                f"rolling {target} back: revision {revision} has the previous spec; "
+                "`zlayerctl ps` shows the progress",
+                highlight=False,
             )
 
     asyncio.run(run())

@@ -7,9 +7,11 @@ import sys
 
 import click
 
+from ctl.build_cmd import build, pipeline, runtimes_
 from ctl.daemon_cmd import daemon
-from ctl.deploy_cmd import deploy, down, job, ps, scale, stop, up
+from ctl.deploy_cmd import deploy, down, job, ps, rollback, scale, stop, up
 from ctl.image_cmd import image
+from ctl.registry_cmd import export, login, logout, pull, system
 from ctl.replica_cmd import exec_, logs
 from ctl.spec_cmd import spec, validate
 from ctl.status_cmd import status
@@ -26,13 +28,20 @@ def cli() -> None:
 
 
 cli.add_command(daemon)
-for command in (up, down, deploy, ps, stop, scale, job, logs, exec_):
+for command in (up, down, deploy, rollback, ps, stop, scale, job, logs, exec_):
     cli.add_command(command)
 cli.add_command(status)
 cli.add_command(validate)
 cli.add_command(spec)
 cli.add_command(image)
 cli.add_command(wasm)
+cli.add_command(pull)
+cli.add_command(login)
+cli.add_command(logout)
+cli.add_command(export)
+cli.add_command(system)
+for command in (build, pipeline, runtimes_):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -180,8 +180,12 @@ class ServiceStatus(Wire):
     desired: int
     running: int
     healthy: int
-    state: Literal["pending", "waiting", "starting", "running", "degraded", "failed", "stopped"]
+    state: Literal[
+        "pending", "waiting", "starting", "updating", "running", "degraded", "failed", "stopped"
+    ]
     message: str = ""
+    revision: int = 0  # the revision whose replicas serve
+    rollout: Literal["", "running", "failed"] = ""  # the last rollout, if it has not finished
 
 
 class DeploymentStatus(Wire):

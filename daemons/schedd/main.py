@@ -10,7 +10,7 @@ from sdbus import dbus_method_async_override
 
 from daemons.schedd.scheduler import Scheduler
 from daemons.schedd.store import Store
-from shared.bus import DAEMONS_BY_NAME, Scheduler1
+from shared.bus import DAEMONS_BY_NAME, Scheduler1, proxy
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.models import Event
 
@@ -63,6 +63,10 @@ class SchedulerService(Scheduler1):
     async def list_cron(self, deployment: str) -> str:
         return json.dumps(self._scheduler.cron_schedules(deployment))
 
+    @dbus_method_async_override()
+    async def rollback(self, deployment: str) -> int:
+        return await self._scheduler.rollback(deployment)
+
 
 class SchedulerDaemon(Daemon):
     info = DAEMONS_BY_NAME["schedd"]
@@ -75,14 +79,29 @@ class SchedulerDaemon(Daemon):
         self.store = Store(self.paths.daemon_state("schedd") / "state.db")
         self.scheduler = Scheduler(self.store, self.bus, self._emit)
         self._loop_task = asyncio.create_task(self.scheduler.run(), name="reconcile")
+        self._watch_task = asyncio.create_task(self._watch_replicas(), name="watch-replicas")
+
+    async def _watch_replicas(self) -> None:
+        """Reconcile at once when a replica changes, so traffic follows health closely."""
+        agent = proxy(DAEMONS_BY_NAME["agentd"], self.bus)
+        while True:
+            try:
+                async for _ in agent.replica_changed.catch():
+                    self.scheduler.wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the bus hiccupped: the 1 s loop still runs
+                self.log.debug("replica signal watch ended: %s", exc)
+                await asyncio.sleep(1.0)
 
     def _emit(self, event: Event) -> None:
         self.service.event_emitted.emit(event.model_dump_json())
 
     async def stop(self) -> None:
-        self._loop_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._loop_task
+        for task in (self._watch_task, self._loop_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self.store.close()
 
 

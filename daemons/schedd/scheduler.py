@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from typing import Any
 
 from croniter import croniter
 
-from daemons.schedd.store import Store, StoredDeployment
+from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
+from daemons.schedd.store import ServiceState, Store, StoredDeployment
 from shared.bus import (
     DAEMONS_BY_NAME,
     ConflictError,
@@ -37,21 +39,30 @@ from shared.models import (
     Event,
     JobRun,
     ReplicaInfo,
+    ReplicaStats,
+    RevisionReplicas,
     ServiceAssignment,
     ServiceStatus,
 )
 from shared.spec import DeploymentSpec, ServiceSpec, SpecError, parse_spec
 from shared.spec.models import AdaptiveScale, FixedScale
 from shared.spec.refs import resolve_env
+from shared.traffic import Backend, DeploymentTraffic, ServiceStats, ServiceTraffic
 
 log = logging.getLogger("zlayer.schedd")
 
 PASS_INTERVAL = 1.0  # seconds between reconcile passes
 REAPPLY_INTERVAL = 30.0  # re-send unchanged assignments, in case agentd lost them
 AGENT_TIMEOUT = 20.0
+TRAFFIC_TIMEOUT = 5.0
+TRAFFIC_REPUSH = 10.0  # re-send an unchanged traffic view, for a restarted overlayd/proxyd
+DRAIN_SECONDS = 2.0  # old replicas leave rotation this long before they are stopped
+ROLLOUT_MAX_RESTARTS = 3  # a new replica restarting this often fails the rollout
+AUTOSCALE_INTERVAL = 5.0  # seconds between load samples
+IN_ROTATION = ("healthy", "none")
 
 
-def desired_replicas(service: ServiceSpec, hold: int | None) -> int:
+def desired_replicas(service: ServiceSpec, hold: int | None, adaptive: int | None = None) -> int:
     """How many replicas a service wants: a manual hold wins, then the scale mode."""
     if service.rtype != "service":
         return 0  # jobs and cron jobs run on demand, not as standing replicas
@@ -61,7 +72,10 @@ def desired_replicas(service: ServiceSpec, hold: int | None) -> int:
     if isinstance(scale, FixedScale):
         return scale.replicas
     if isinstance(scale, AdaptiveScale):
-        return scale.min  # the autoscaler (a later capability) moves it within min..max
+        # The autoscaler's last decision, kept within the spec's current bounds.
+        if adaptive is None:
+            return scale.min
+        return min(max(adaptive, scale.min), max(scale.min, scale.max))
     return 1  # manual: one until `zlayerctl scale` says otherwise
 
 
@@ -84,15 +98,25 @@ def start_order(spec: DeploymentSpec) -> list[str]:
     return order
 
 
-def _public_ports(spec: DeploymentSpec) -> dict[tuple[int, str], str]:
-    """(port, transport) -> "service web endpoint http" for every public endpoint."""
-    ports: dict[tuple[int, str], str] = {}
+def _public_ports(spec: DeploymentSpec) -> dict[tuple[str, str], str]:
+    """What each public endpoint claims on the node -> "service web endpoint http".
+
+    tcp and udp endpoints claim their port; http, https and websocket ones share
+    proxyd's listeners and claim their (scheme, host, path) route.
+    """
+    claims: dict[tuple[str, str], str] = {}
     for name, service in spec.services.items():
         for endpoint in service.endpoints:
-            if endpoint.expose == "public":
-                transport = "udp" if endpoint.protocol == "udp" else "tcp"
-                ports[(endpoint.port, transport)] = f"service {name} endpoint {endpoint.name}"
-    return ports
+            if endpoint.expose != "public":
+                continue
+            where = f"service {name} endpoint {endpoint.name}"
+            if endpoint.protocol in ("tcp", "udp"):
+                claims[(f"port {endpoint.port}/{endpoint.protocol}", "")] = where
+            else:
+                scheme = "https" if endpoint.protocol == "https" else "http"
+                route = f"{scheme}://{endpoint.host or '*'}{endpoint.path or '/'}"
+                claims[(f"route {route}", "")] = where
+    return claims
 
 
 def next_cron_time(schedule: str, after: float) -> float:
@@ -110,6 +134,25 @@ def condition_met(condition: str, replicas: list[ReplicaInfo], jobs: list[JobRun
     if condition == "started":
         return bool(running)
     return bool(running) and all(r.health in ("healthy", "none") for r in running)
+
+
+def _rollout_failure(fresh: list[ReplicaInfo], spec: ServiceSpec, waited: float) -> str:
+    """Why the new replicas of a rollout will not do, or "" while they still may."""
+    for replica in fresh:
+        if replica.state == "failed":
+            return f"replica {replica.id} failed: {replica.message or 'it could not start'}"
+        if replica.restarts >= ROLLOUT_MAX_RESTARTS:
+            exit_code = f" (exit code {replica.exit_code})" if replica.exit_code is not None else ""
+            return f"replica {replica.id} restarted {replica.restarts} times{exit_code}"
+    health = spec.health
+    grace = health.start_grace.total_seconds() if health.start_grace else 5.0
+    interval = health.interval.total_seconds() if health.interval else 10.0
+    deadline = max(60.0, grace + interval * (health.retries + 2))
+    if waited > deadline and not all(
+        r.state == "running" and r.health in IN_ROTATION for r in fresh
+    ):
+        return f"the new replicas were not healthy within {deadline:.0f}s"
+    return ""
 
 
 @dataclass
@@ -131,6 +174,14 @@ class Scheduler:
         self._failed: dict[tuple[str, int, str], str] = {}
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
         self._cron_next: dict[tuple[str, str], float] = {}
+        self._specs: dict[tuple[str, int], DeploymentSpec] = {}
+        # (deployment, service) -> (replica ids leaving rotation, since when)
+        self._draining: dict[tuple[str, str], tuple[set[str], float]] = {}
+        # (daemon, deployment) -> (traffic JSON last pushed, when)
+        self._pushed: dict[tuple[str, str], tuple[str, float]] = {}
+        self._push_failed: set[str] = set()
+        self._sampler = Sampler()
+        self._sampled_at: dict[str, float] = {}
 
     @property
     def agent(self) -> Any:
@@ -170,13 +221,110 @@ class Scheduler:
     ) -> DeploymentStatus:
         spec = self._parse(spec_text, filename, host_env)
         self._check_ports(spec)
+        return await self._store_revision(spec, spec_text, filename, "deployed")
+
+    async def _store_revision(
+        self, spec: DeploymentSpec, spec_text: str, filename: str, verb: str
+    ) -> DeploymentStatus:
+        name = spec.deployment
         spec_json = spec.model_dump_json(by_alias=True)
+        replicas: list[ReplicaInfo] = []
+        if self.store.get(name) is not None:
+            with contextlib.suppress(UnavailableError):
+                replicas = await self._replicas(name)
         revision = await asyncio.to_thread(
-            self.store.add_revision, spec.deployment, spec_json, spec_text, filename
+            self.store.add_revision, name, spec_json, spec_text, filename
         )
-        self.event(spec.deployment, "deploy", f"revision {revision} of {spec.deployment} deployed")
+        self._plan_rollouts(name, spec, revision, replicas)
+        self.event(name, "deploy", f"revision {revision} of {name} {verb}")
         self.wake()
-        return await self.status(spec.deployment)
+        return await self.status(name)
+
+    def _plan_rollouts(
+        self, name: str, spec: DeploymentSpec, revision: int, replicas: list[ReplicaInfo]
+    ) -> None:
+        """Per service: keep its serving revision if unchanged, else roll out ``revision``.
+
+        A service with nothing running (new, stopped, a job) switches at once;
+        one with replicas serving rolls out start-first, batch by batch.
+        """
+        states = self.store.service_states(name)
+        now = time.time()
+        for svc_name, svc in spec.services.items():
+            state = states.get(svc_name)
+            if state is not None:
+                serving = self._service_spec(name, state.serving, svc_name)
+                if serving == svc:
+                    if state.target != state.serving:
+                        self.event(
+                            name,
+                            "rollout-cancelled",
+                            f"{svc_name} stays at revision {state.serving}: the new spec "
+                            "is the one it already runs",
+                            service=svc_name,
+                        )
+                    state.target, state.rollout, state.message = state.serving, "", ""
+                    state.new_count = state.old_count = 0
+                    self.store.put_service_state(name, svc_name, state)
+                    continue
+            serving_replicas = [
+                r
+                for r in replicas
+                if r.service == svc_name
+                and r.rtype == "service"
+                and state is not None
+                and r.revision == state.serving
+                and r.state == "running"
+            ]
+            if state is None or svc.rtype != "service" or not serving_replicas:
+                adaptive = state.adaptive if state else None
+                self.store.put_service_state(
+                    name, svc_name, ServiceState(revision, revision, adaptive=adaptive)
+                )
+                continue
+            state.target, state.rollout, state.step_at = revision, "running", now
+            state.new_count, state.old_count = 0, len(serving_replicas)
+            state.message = f"rolling out revision {revision}"
+            self.store.put_service_state(name, svc_name, state)
+            self.event(
+                name,
+                "rollout",
+                f"rolling out {svc_name} from revision {state.serving} to {revision}",
+                service=svc_name,
+            )
+        self.store.drop_service_states(name, set(spec.services))
+
+    def _spec(self, name: str, revision: int) -> DeploymentSpec | None:
+        key = (name, revision)
+        if key not in self._specs:
+            text = self.store.revision_spec(name, revision)
+            if text is None:
+                return None
+            self._specs[key] = DeploymentSpec.model_validate_json(text)
+        return self._specs[key]
+
+    def _service_spec(self, name: str, revision: int, service: str) -> ServiceSpec | None:
+        spec = self._spec(name, revision)
+        return spec.services.get(service) if spec else None
+
+    async def rollback(self, name: str) -> int:
+        """Deploy the revision before the current one again, as a new revision."""
+        stored = self._require(name)
+        earlier = [r for r in self.store.revisions(name) if r < stored.revision]
+        if not earlier:
+            raise NotFoundError(
+                f"deployment {name} has no revision before {stored.revision} to roll back to"
+            )
+        previous = earlier[-1]
+        spec = self._spec(name, previous)
+        source = self.store.revision_source(name, previous)
+        if spec is None or source is None:  # pragma: no cover - listed above
+            raise NotFoundError(f"revision {previous} of {name} is gone")
+        self._check_ports(spec)
+        status = await self._store_revision(
+            spec, source[0], source[1], f"rolled back to revision {previous}"
+        )
+        return status.revision
 
     def _check_ports(self, spec: DeploymentSpec) -> None:
         """A public port belongs to one deployment on this node."""
@@ -188,11 +336,11 @@ class Scheduler:
             if stored is None:
                 continue
             taken = _public_ports(DeploymentSpec.model_validate_json(stored.spec_json))
-            for port_proto, where in mine.items():
-                if port_proto in taken:
+            for claim, where in mine.items():
+                if claim in taken:
                     raise ConflictError(
-                        f"{where} wants public port {port_proto[0]}/{port_proto[1]}, which "
-                        f"{taken[port_proto]} of deployment {other} already uses; pick another "
+                        f"{where} wants public {claim[0]}, which "
+                        f"{taken[claim]} of deployment {other} already uses; pick another "
                         "port or `zlayerctl down " + other + "` first"
                     )
 
@@ -234,10 +382,19 @@ class Scheduler:
 
     async def down(self, name: str) -> None:
         self._require(name)
+        # Out of rotation first, so no request is sent to a replica being stopped.
+        await self._push_traffic(name, DeploymentTraffic(deployment=name), force=True)
         await self._agent_call(self.agent.remove_service(name, "", 10.0, False), timeout=120)
         await asyncio.to_thread(self.store.remove, name)
         for key in [k for k in self._applied if k[0] == name]:
             del self._applied[key]
+        for key in [k for k in self._pushed if k[1] == name]:
+            del self._pushed[key]
+        for draining in [k for k in self._draining if k[0] == name]:
+            del self._draining[draining]
+        for cached in [k for k in self._specs if k[0] == name]:
+            del self._specs[cached]
+        self._sampler.forget(f"{name}/")
         log.info("%s: removed", name)
 
     async def stop(self, name: str, service: str, timeout_sec: float, force: bool) -> None:
@@ -333,21 +490,25 @@ class Scheduler:
             replicas = []
         holds = self.store.scale_holds(name)
         stopped = self.store.stopped_services(name)
+        states = self.store.service_states(name)
         services = []
         for svc_name in start_order(spec):
             svc = spec.services[svc_name]
-            mine = [r for r in replicas if r.service == svc_name and r.revision == stored.revision]
+            st = states.get(svc_name) or ServiceState(stored.revision, stored.revision)
+            # The revision that serves: the new one once its rollout is done.
+            current = st.serving if st.rollout else st.target
+            mine = [r for r in replicas if r.service == svc_name and r.revision == current]
             desired = (
                 0
                 if (stored.stopped or svc_name in stopped)
-                else desired_replicas(svc, holds.get(svc_name))
+                else desired_replicas(svc, holds.get(svc_name), st.adaptive)
             )
             running = sum(1 for r in mine if r.state == "running")
             healthy = sum(
                 1 for r in mine if r.state == "running" and r.health in ("healthy", "none")
             )
             key = (name, stored.revision, svc_name)
-            message = self._failed.get(key, "")
+            message = self._failed.get(key, "") or st.message
             if svc.rtype != "service":
                 state = "running" if running else "pending"
             elif key in self._failed:
@@ -361,6 +522,20 @@ class Scheduler:
                 state = "waiting"
                 deps = ", ".join(f"{d.service} ({d.condition})" for d in svc.depends)
                 message = message or f"waiting for {deps}"
+            elif st.rollout == "running":
+                state = "updating"
+                fresh = [
+                    r
+                    for r in replicas
+                    if r.service == svc_name
+                    and r.revision == st.target
+                    and r.state == "running"
+                    and r.health in IN_ROTATION
+                ]
+                message = (
+                    f"rolling out revision {st.target}: {len(fresh)} of {desired} new "
+                    f"replicas healthy, revision {st.serving} serving"
+                )
             elif healthy >= desired and running == desired:
                 state = "running"
             elif running == 0:
@@ -379,6 +554,8 @@ class Scheduler:
                     healthy=healthy,
                     state=state,
                     message=message,
+                    revision=current,
+                    rollout=st.rollout,
                 )
             )
         if stored.stopped:
@@ -387,7 +564,7 @@ class Scheduler:
             overall = "failed"
         elif all(s.state in ("running", "pending", "stopped") for s in services):
             overall = "running"
-        elif any(s.state in ("waiting", "starting") for s in services):
+        elif any(s.state in ("waiting", "starting", "updating") for s in services):
             overall = "deploying"
         else:
             overall = "degraded"
@@ -425,9 +602,12 @@ class Scheduler:
         stored = self.store.get(name)
         if stored is None:
             return
-        spec = DeploymentSpec.model_validate_json(stored.spec_json)
+        spec = self._spec(name, stored.revision)
+        if spec is None:  # pragma: no cover - a stored deployment has its revision
+            return
         holds = self.store.scale_holds(name)
         stopped = self.store.stopped_services(name)
+        states = self.store.service_states(name)
         replicas = await self._replicas(name)
         present = {r.service for r in replicas}
         for gone in sorted(present - set(spec.services)):
@@ -436,6 +616,11 @@ class Scheduler:
             self.event(name, "removed", f"removed {gone}: no longer in the spec", service=gone)
         for svc_name in start_order(spec):
             svc = spec.services[svc_name]
+            state = states.get(svc_name)
+            if state is None:  # a deployment stored before per-service revisions
+                state = ServiceState(stored.revision, stored.revision)
+                self.store.put_service_state(name, svc_name, state)
+                states[svc_name] = state
             key = (name, stored.revision, svc_name)
             if key in self._failed:
                 continue
@@ -443,13 +628,274 @@ class Scheduler:
                 continue
             if not await self._depends_ready(name, stored.revision, svc_name, svc, replicas):
                 continue
-            want = desired_replicas(svc, holds.get(svc_name))
-            await self._apply(name, stored.revision, svc_name, svc, want)
+            want = desired_replicas(svc, holds.get(svc_name), state.adaptive)
+            if state.rollout == "running":
+                await self._rollout_step(name, svc_name, state, want, replicas)
+            else:
+                revision = state.serving if state.rollout == "failed" else state.target
+                await self._apply(
+                    name,
+                    revision,
+                    svc_name,
+                    self._service_spec(name, revision, svc_name) or svc,
+                    want,
+                )
             if svc.rtype == "job" and key not in self._deploy_jobs_done:
                 self._deploy_jobs_done.add(key)
                 await self.trigger_job(name, svc_name, "deploy")
             if svc.rtype == "cron" and svc.schedule:
                 await self._cron_tick(name, svc_name, svc.schedule, stored.created_at)
+        if not stored.stopped:
+            await self._autoscale(name, spec, states, holds, replicas)
+        await self._push_traffic(name, self._traffic(name, spec, states, replicas))
+
+    # ------------------------------------------------------------ rollouts
+
+    async def _rollout_step(
+        self,
+        name: str,
+        svc_name: str,
+        state: ServiceState,
+        want: int,
+        replicas: list[ReplicaInfo],
+    ) -> None:
+        """One step of a start-first rollout; called every pass until it ends.
+
+        New replicas start a batch at a time; once a batch is healthy (and so
+        in rotation) as many old replicas leave rotation, drain for
+        ``DRAIN_SECONDS`` and stop. New replicas that fail, restart too often or
+        stay unhealthy past the deadline stop the rollout, and the old
+        revision is restored to full strength.
+        """
+        new_spec = self._service_spec(name, state.target, svc_name)
+        old_spec = self._service_spec(name, state.serving, svc_name)
+        if new_spec is None or old_spec is None:  # pragma: no cover - revisions are kept
+            state.serving, state.rollout = state.target, ""
+            self.store.put_service_state(name, svc_name, state)
+            return
+        now = time.time()
+        batch = max(1, math.ceil(want / 4))
+        mine = [r for r in replicas if r.service == svc_name and r.rtype == "service"]
+        fresh = [r for r in mine if r.revision == state.target and r.instance <= state.new_count]
+        in_rotation = [r for r in fresh if r.state == "running" and r.health in IN_ROTATION]
+        changed = False
+        if state.new_count == 0:
+            state.new_count, state.step_at, changed = min(batch, want), now, True
+        failure = _rollout_failure(fresh, new_spec, now - state.step_at)
+        if failure:
+            state.rollout = "failed"
+            state.message = (
+                f"rollout of revision {state.target} stopped: {failure}; "
+                f"revision {state.serving} keeps serving"
+            )
+            state.new_count = state.old_count = 0
+            self.store.put_service_state(name, svc_name, state)
+            self._draining.pop((name, svc_name), None)
+            self.event(name, "rollout-failed", f"{svc_name}: {state.message}", service=svc_name)
+            await self._apply(name, state.serving, svc_name, old_spec, want)
+            return
+        if len(in_rotation) >= state.new_count and not changed:
+            surplus = state.old_count - max(0, want - len(in_rotation))
+            if surplus > 0:
+                keep = state.old_count - surplus
+                leaving = {r.id for r in mine if r.revision == state.serving and r.instance > keep}
+                draining = self._draining.get((name, svc_name))
+                if draining is None or draining[0] != leaving:
+                    self._draining[(name, svc_name)] = (leaving, now)
+                elif now - draining[1] >= DRAIN_SECONDS:
+                    state.old_count, state.step_at, changed = keep, now, True
+                    self._draining.pop((name, svc_name), None)
+            elif state.new_count < want:
+                state.new_count, state.step_at, changed = (
+                    min(want, state.new_count + batch),
+                    now,
+                    True,
+                )
+            else:
+                state.serving, state.rollout, state.message = state.target, "", ""
+                state.new_count = state.old_count = 0
+                self.store.put_service_state(name, svc_name, state)
+                self._draining.pop((name, svc_name), None)
+                self.event(
+                    name,
+                    "rolled-out",
+                    f"{svc_name} now runs revision {state.target} ({want} replicas)",
+                    service=svc_name,
+                )
+                await self._apply(name, state.target, svc_name, new_spec, want)
+                return
+        if changed:
+            self.store.put_service_state(name, svc_name, state)
+        await self._apply(
+            name,
+            state.target,
+            svc_name,
+            new_spec,
+            state.new_count,
+            previous=[
+                RevisionReplicas(
+                    revision=state.serving,
+                    spec=old_spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+                    replicas=state.old_count,
+                )
+            ],
+        )
+
+    # ------------------------------------------------------------ traffic
+
+    def _traffic(
+        self,
+        name: str,
+        spec: DeploymentSpec,
+        states: dict[str, ServiceState],
+        replicas: list[ReplicaInfo],
+    ) -> DeploymentTraffic:
+        """Every service's endpoints and the replicas that may take traffic now."""
+        services = []
+        for svc_name, svc in spec.services.items():
+            if svc.rtype != "service":
+                continue
+            state = states.get(svc_name)
+            revisions = {state.serving, state.target} if state else set()
+            draining = self._draining.get((name, svc_name), (set(), 0.0))[0]
+            backends = [
+                Backend(replica=r.id, instance=r.instance, revision=r.revision, address=r.address)
+                for r in sorted(replicas, key=lambda r: (r.revision, r.instance))
+                if r.service == svc_name
+                and r.rtype == "service"
+                and r.state == "running"
+                and r.health in IN_ROTATION
+                and r.address
+                and r.revision in revisions
+                and r.id not in draining
+            ]
+            interval = svc.health.interval.total_seconds() if svc.health.interval else 0.0
+            services.append(
+                ServiceTraffic(
+                    deployment=name,
+                    service=svc_name,
+                    endpoints=[
+                        e.model_dump(mode="json", by_alias=True, exclude_none=True)
+                        for e in svc.endpoints
+                    ],
+                    backends=backends,
+                    health_interval=interval,
+                )
+            )
+        return DeploymentTraffic(deployment=name, services=services)
+
+    async def _push_traffic(
+        self, name: str, traffic: DeploymentTraffic, force: bool = False
+    ) -> None:
+        """Hand the view to overlayd (DNS, kernel L4) and proxyd (L7, userspace L4)."""
+        text = traffic.model_dump_json()
+        now = time.monotonic()
+        for daemon in ("overlayd", "proxyd"):
+            last = self._pushed.get((daemon, name))
+            if not force and last and last[0] == text and now - last[1] < TRAFFIC_REPUSH:
+                continue
+            target = proxy(DAEMONS_BY_NAME[daemon], self.bus)
+            try:
+                await asyncio.wait_for(target.set_traffic(name, text), TRAFFIC_TIMEOUT)
+            except ZLayerError as exc:
+                log.warning("%s refused the traffic view of %s: %s", daemon, name, exc)
+                self._pushed[(daemon, name)] = (text, now)  # do not repeat it every pass
+                continue
+            except Exception as exc:  # not running, or restarting: the next pass retries
+                if daemon not in self._push_failed:
+                    log.warning("cannot reach zlayer-%s to route %s: %s", daemon, name, exc)
+                    self._push_failed.add(daemon)
+                continue
+            self._push_failed.discard(daemon)
+            self._pushed[(daemon, name)] = (text, now)
+
+    # ------------------------------------------------------------ autoscaling
+
+    async def _autoscale(
+        self,
+        name: str,
+        spec: DeploymentSpec,
+        states: dict[str, ServiceState],
+        holds: dict[str, int],
+        replicas: list[ReplicaInfo],
+    ) -> None:
+        adaptive = {
+            svc_name: svc
+            for svc_name, svc in spec.services.items()
+            if svc.rtype == "service"
+            and isinstance(svc.scale, AdaptiveScale)
+            and svc_name not in holds
+            and svc_name in states
+            and states[svc_name].rollout != "running"
+        }
+        if not adaptive:
+            return
+        now = time.monotonic()
+        if now - self._sampled_at.get(name, 0.0) < AUTOSCALE_INTERVAL:
+            return
+        self._sampled_at[name] = now
+        rps = await self._request_rates(name)
+        for svc_name, svc in adaptive.items():
+            assert isinstance(svc.scale, AdaptiveScale)
+            state = states[svc_name]
+            current = desired_replicas(svc, None, state.adaptive)
+            running = [
+                r
+                for r in replicas
+                if r.service == svc_name and r.state == "running" and r.revision == state.serving
+            ]
+            stats = await self._stats(running)
+            cores = svc.resources.cpu if svc.resources else None
+            load = replica_load(stats, cores)
+            load = Load(load.cpu_percent, load.memory_percent, rps.get(svc_name))
+            decision = decide(current, svc.scale, load)
+            if decision.replicas == current:
+                if state.adaptive is None:
+                    state.adaptive = current
+                    self.store.put_service_state(name, svc_name, state)
+                continue
+            cooldown = svc.scale.cooldown.total_seconds()
+            if state.scaled_at and time.time() - state.scaled_at < cooldown:
+                continue
+            state.adaptive, state.scaled_at = decision.replicas, time.time()
+            self.store.put_service_state(name, svc_name, state)
+            self.event(
+                name,
+                "scaled",
+                f"scaled {svc_name} {current} -> {decision.replicas}: {decision.reason}",
+                service=svc_name,
+            )
+            self.wake()
+
+    async def _stats(self, replicas: list[ReplicaInfo]) -> list[ReplicaStats]:
+        found = []
+        for replica in replicas:
+            try:
+                raw = await self._agent_call(self.agent.stats(replica.id))
+            except ZLayerError:
+                continue  # it ended between the listing and now
+            found.append(ReplicaStats.model_validate_json(raw))
+        return found
+
+    async def _request_rates(self, name: str) -> dict[str, float]:
+        """Requests per second per service of ``name`` since the last sample, from proxyd."""
+        try:
+            raw = await asyncio.wait_for(
+                proxy(DAEMONS_BY_NAME["proxyd"], self.bus).service_stats(), TRAFFIC_TIMEOUT
+            )
+            stats = [ServiceStats.model_validate(s) for s in json.loads(raw)]
+        except Exception as exc:  # proxyd down: scale on cgroup figures alone
+            log.debug("no request rates from proxyd: %s", exc)
+            return {}
+        rates = {}
+        for item in stats:
+            if item.deployment != name:
+                continue
+            key = f"{name}/{item.service}@{item.started_at}"
+            rate = self._sampler.rate(key, item.requests_total)
+            if rate is not None:
+                rates[item.service] = rate
+        return rates
 
     async def _depends_ready(
         self, name: str, revision: int, svc_name: str, svc: ServiceSpec, replicas: list[ReplicaInfo]
@@ -492,6 +938,7 @@ class Scheduler:
         svc: ServiceSpec,
         want: int,
         force: bool = False,
+        previous: list[RevisionReplicas] | None = None,
     ) -> None:
         assignment = ServiceAssignment(
             deployment=name,
@@ -499,6 +946,7 @@ class Scheduler:
             revision=revision,
             spec=svc.model_dump(mode="json", by_alias=True, exclude_none=True),
             replicas=want,
+            previous=previous or [],
         )
         text = assignment.model_dump_json()
         last = self._applied.get((name, svc_name))

@@ -7,6 +7,7 @@ mix. Calls are synchronous and quick; the daemon runs them in a thread.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -61,9 +62,38 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_deployment ON events (deployment, id);
+CREATE TABLE IF NOT EXISTS services (
+    deployment TEXT NOT NULL,
+    service TEXT NOT NULL,
+    serving INTEGER NOT NULL,      -- the revision whose replicas serve now
+    target INTEGER NOT NULL,       -- the revision being rolled out (= serving when none)
+    rollout TEXT NOT NULL DEFAULT '',  -- '', 'running', 'failed'
+    message TEXT NOT NULL DEFAULT '',
+    new_count INTEGER NOT NULL DEFAULT 0,
+    old_count INTEGER NOT NULL DEFAULT 0,
+    step_at REAL NOT NULL DEFAULT 0,   -- when the rollout last made progress
+    adaptive INTEGER,              -- the autoscaler's replica count, if it decided one
+    scaled_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (deployment, service)
+);
 """
 
 EVENTS_KEPT = 2000  # per deployment
+
+
+@dataclass
+class ServiceState:
+    """Where a service's rollout and autoscaling stand; survives a schedd restart."""
+
+    serving: int
+    target: int
+    rollout: str = ""  # "", "running", "failed"
+    message: str = ""
+    new_count: int = 0
+    old_count: int = 0
+    step_at: float = 0.0
+    adaptive: int | None = None
+    scaled_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -149,7 +179,14 @@ class Store:
         with self._tx() as db:
             for table in ("deployments",):
                 db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
-            for table in ("revisions", "scale_holds", "stopped_services", "cron_runs", "events"):
+            for table in (
+                "revisions",
+                "scale_holds",
+                "stopped_services",
+                "cron_runs",
+                "events",
+                "services",
+            ):
                 db.execute(f"DELETE FROM {table} WHERE deployment = ?", (name,))
 
     def set_stopped(self, name: str, service: str, stopped: bool) -> None:
@@ -175,6 +212,61 @@ class Store:
             "SELECT service FROM stopped_services WHERE deployment = ?", (name,)
         )
         return {r[0] for r in rows}
+
+    def revision_spec(self, name: str, revision: int) -> str | None:
+        """The spec JSON of one stored revision."""
+        row = self._db.execute(
+            "SELECT spec_json FROM revisions WHERE deployment = ? AND revision = ?",
+            (name, revision),
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def revision_source(self, name: str, revision: int) -> tuple[str, str] | None:
+        """The spec text and file name a revision was deployed from."""
+        row = self._db.execute(
+            "SELECT spec_text, filename FROM revisions WHERE deployment = ? AND revision = ?",
+            (name, revision),
+        ).fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def revisions(self, name: str) -> list[int]:
+        rows = self._db.execute(
+            "SELECT revision FROM revisions WHERE deployment = ? ORDER BY revision", (name,)
+        )
+        return [int(r[0]) for r in rows]
+
+    # ------------------------------------------------------------ per-service state
+
+    def service_states(self, name: str) -> dict[str, ServiceState]:
+        rows = self._db.execute(
+            "SELECT service, serving, target, rollout, message, new_count, old_count, "
+            "step_at, adaptive, scaled_at FROM services WHERE deployment = ?",
+            (name,),
+        )
+        return {r[0]: ServiceState(*r[1:]) for r in rows}
+
+    def put_service_state(self, name: str, service: str, state: ServiceState) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO services VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(deployment, service) DO UPDATE SET serving = excluded.serving, "
+                "target = excluded.target, rollout = excluded.rollout, "
+                "message = excluded.message, new_count = excluded.new_count, "
+                "old_count = excluded.old_count, step_at = excluded.step_at, "
+                "adaptive = excluded.adaptive, scaled_at = excluded.scaled_at",
+                (name, service, *dataclasses.astuple(state)),
+            )
+
+    def drop_service_states(self, name: str, keep: set[str]) -> None:
+        with self._tx() as db:
+            for (service,) in db.execute(
+                "SELECT service FROM services WHERE deployment = ?", (name,)
+            ).fetchall():
+                if service not in keep:
+                    db.execute(
+                        "DELETE FROM services WHERE deployment = ? AND service = ?",
+                        (name, service),
+                    )
 
     # ------------------------------------------------------------ scale holds
 
