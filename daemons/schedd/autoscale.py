@@ -47,58 +47,43 @@ def _fmt(value: float) -> str:
 def decide(current: int, scale: AdaptiveScale, load: Load) -> Decision:
     """The replica count ``load`` calls for, with the reason; ``current`` if none."""
     low, high = scale.min, max(scale.min, scale.max)
-    current_or_one = max(current, 1)
-    wants: list[tuple[int, str, bool]] = []  # (replicas, reason, over target)
-    targets = scale.targets
-    if targets.cpu is not None and load.cpu_percent is not None:
-        used = load.cpu_percent * current_or_one
-        need = math.ceil(used / targets.cpu)
-        over = load.cpu_percent > targets.cpu
-        wants.append(
-            (
-                need,
-                f"cpu {_fmt(load.cpu_percent)}% {'>' if over else '<'} target {_fmt(targets.cpu)}%",
-                over,
-            )
-        )
-    if targets.memory is not None and load.memory_percent is not None:
-        used = load.memory_percent * current_or_one
-        need = math.ceil(used / targets.memory)
-        over = load.memory_percent > targets.memory
-        wants.append(
-            (
-                need,
-                f"memory {_fmt(load.memory_percent)}% {'>' if over else '<'} "
-                f"target {_fmt(targets.memory)}%",
-                over,
-            )
-        )
-    if targets.rps is not None and load.rps is not None:
-        need = math.ceil(load.rps / targets.rps)
-        over = load.rps > targets.rps * current_or_one
-        wants.append(
-            (
-                need,
-                f"rps {_fmt(load.rps)} {'>' if over else '<'} target {targets.rps} x {current}",
-                over,
-            )
-        )
     if current < low:
         return Decision(low, f"below min {low}")
     if current > high:
         return Decision(high, f"above max {high}")
-    if not wants:
+    # (work to place, what one replica should carry, the reason, over target)
+    measures: list[tuple[float, float, str, bool]] = []
+    targets = scale.targets
+    replicas = max(current, 1)
+    if targets.cpu is not None and load.cpu_percent is not None:
+        over = load.cpu_percent > targets.cpu
+        sign = ">" if over else "<"
+        reason = f"cpu {_fmt(load.cpu_percent)}% {sign} target {_fmt(targets.cpu)}%"
+        measures.append((load.cpu_percent * replicas, targets.cpu, reason, over))
+    if targets.memory is not None and load.memory_percent is not None:
+        over = load.memory_percent > targets.memory
+        sign = ">" if over else "<"
+        reason = f"memory {_fmt(load.memory_percent)}% {sign} target {_fmt(targets.memory)}%"
+        measures.append((load.memory_percent * replicas, targets.memory, reason, over))
+    if targets.rps is not None and load.rps is not None:
+        over = load.rps > targets.rps * replicas
+        sign = ">" if over else "<"
+        reason = f"rps {_fmt(load.rps)} {sign} target {targets.rps} x {current}"
+        measures.append((load.rps, float(targets.rps), reason, over))
+    if not measures:
         return Decision(current, "no load measured")
-    above = [w for w in wants if w[2]]
+    above = [m for m in measures if m[3]]
     if above:
-        need, reason, _ = max(above)
+        need, reason = max((math.ceil(work / capacity), why) for work, capacity, why, _ in above)
         return Decision(min(high, max(low, need, current)), reason)
     # Every measured metric is under target: shrink to what fits with headroom.
-    need = max(math.ceil(w[0] / SCALE_DOWN_MARGIN) if w[0] else 0 for w in wants)
+    need = max(
+        math.ceil(work / (capacity * SCALE_DOWN_MARGIN)) for work, capacity, _, _ in measures
+    )
     need = min(high, max(low, need))
     if need >= current:
         return Decision(current, "within targets")
-    return Decision(need, "; ".join(w[1] for w in wants))
+    return Decision(need, "; ".join(m[2] for m in measures))
 
 
 @dataclass
