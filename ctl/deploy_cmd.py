@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from ctl.client import Client, resolve_deployment
-from ctl.output import err_console, fail, format_option, print_json, print_table
+from ctl.output import console, err_console, fail, format_option, print_json, print_table
 from ctl.spec_cmd import find_spec_file, load_or_report
 from shared.models import DeploymentStatus, DeployPlan, Event, JobRun, ReplicaInfo
 from shared.spec.refs import host_env_names
@@ -223,6 +223,50 @@ def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
             )
 
     asyncio.run(run())
+
+
+@click.command()
+@click.option("-d", "--deployment", help="only this deployment")
+@click.option("-n", "--lines", "limit", type=click.IntRange(1, 2000), default=50, show_default=True)
+@click.option("-f", "--follow", is_flag=True, help="keep printing new events until Ctrl-C")
+@format_option
+def events(deployment: str | None, limit: int, follow: bool, output_format: str) -> None:
+    """What happened to deployments: deploys, rollouts, scaling decisions, failures."""
+
+    async def run() -> None:
+        client = Client()
+        raw = await client.schedd.list_events(deployment or "", limit)
+        found = [Event.model_validate(e) for e in json.loads(raw)]
+        if output_format == "json":
+            print_json([e.model_dump(mode="json") for e in found])
+            if not follow:
+                return
+        else:
+            for event in found:
+                where = "" if deployment else f"[bold]{event.deployment}[/] "
+                service = f"{event.service}: " if event.service else ""
+                console.print(
+                    f"[dim]{_stamp(event.time)}[/] {where}{service}{event.message}",
+                    highlight=False,
+                )
+        if not follow:
+            return
+        async for text in client.schedd.event_emitted:
+            event = Event.model_validate_json(text)
+            if deployment and event.deployment != deployment:
+                continue
+            if output_format == "json":
+                click.echo(event.model_dump_json())
+            else:
+                service = f"{event.service}: " if event.service else ""
+                console.print(
+                    f"[dim]{_stamp(event.time)}[/] [bold]{event.deployment}[/] "
+                    f"{service}{event.message}",
+                    highlight=False,
+                )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
 
 
 @click.command()

@@ -9,7 +9,7 @@ import click
 
 from ctl.build_cmd import build, pipeline, runtimes_
 from ctl.daemon_cmd import daemon
-from ctl.deploy_cmd import deploy, down, job, ps, rollback, scale, stop, up
+from ctl.deploy_cmd import deploy, down, events, job, ps, rollback, scale, stop, up
 from ctl.image_cmd import image
 from ctl.registry_cmd import export, login, logout, pull, system
 from ctl.replica_cmd import exec_, logs
@@ -28,7 +28,7 @@ def cli() -> None:
 
 
 cli.add_command(daemon)
-for command in (up, down, deploy, rollback, ps, stop, scale, job, logs, exec_):
+for command in (up, down, deploy, rollback, ps, events, stop, scale, job, logs, exec_):
     cli.add_command(command)
 cli.add_command(status)
 cli.add_command(validate)

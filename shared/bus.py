@@ -264,6 +264,17 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """Deploy the previous revision's spec again as a new revision; its number."""
         raise NotImplementedError
 
+    @dbus_method_async(
+        input_signature="su",
+        result_signature="s",
+        input_args_names=("deployment", "limit"),
+        result_args_names=("events",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def list_events(self, deployment: str, limit: int) -> str:
+        """list[Event], oldest first: the last ``limit`` of a deployment ("" for all)."""
+        raise NotImplementedError
+
     @dbus_signal_async("s", signal_args_names=("event",))
     def event_emitted(self) -> str:
         """An Event: something happened to a deployment."""
@@ -446,7 +457,78 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
 
     # --- registry client (pull, push, login): below this line
 
+    @dbus_method_async(
+        input_signature="sss",
+        result_signature="t",
+        input_args_names=("reference", "pull_policy", "auth"),
+        result_args_names=("job_id",),
+    )
+    async def pull(self, reference: str, pull_policy: str, auth: str) -> int:
+        """Pull an image from its registry as a job; its result is ImageInfo.
+
+        ``auth``: a Docker-config ``auth`` value (base64 user:password) the
+        caller found in its user's auth files, or "" to use registryd's own.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="sss",
+        result_signature="t",
+        input_args_names=("reference", "destination", "auth"),
+        result_args_names=("job_id",),
+    )
+    async def push(self, reference: str, destination: str, auth: str) -> int:
+        """Push a stored image to ``destination`` (or its own name) as a job."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="sss",
+        result_signature="s",
+        input_args_names=("registry", "username", "password"),
+        result_args_names=("registry",),
+    )
+    async def login(self, registry: str, username: str, password: str) -> str:
+        """Check credentials against a registry and keep them; the registry's name."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="b",
+        input_args_names=("registry",),
+        result_args_names=("removed",),
+    )
+    async def logout(self, registry: str) -> bool:
+        """Forget the credentials kept for a registry; whether there were any."""
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", result_args_names=("pruned",))
+    async def prune(self) -> str:
+        """Remove images no replica uses, then blobs and layers no image references;
+        JSON {"images": [...], "blobs": [...], "bytes": N}."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="shb",
+        result_signature="t",
+        input_args_names=("reference", "fd", "gzip"),
+        result_args_names=("job_id",),
+    )
+    async def export_image(self, reference: str, fd: int, gzip: bool) -> int:
+        """Write an image as an oci-archive to ``fd`` as a job; its result is ImageInfo."""
+        raise NotImplementedError
+
     # --- builds: below this line
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="t",
+        input_args_names=("request",),
+        result_args_names=("job_id",),
+    )
+    async def build(self, request: str) -> int:
+        """Start building an image (BuildRequest JSON, see daemons/registryd/build/request.py);
+        the job's log_path receives buildah's output, its result is BuildResult JSON."""
+        raise NotImplementedError
 
     # --- wasm artifacts: below this line
 

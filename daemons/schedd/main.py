@@ -67,6 +67,11 @@ class SchedulerService(Scheduler1):
     async def rollback(self, deployment: str) -> int:
         return await self._scheduler.rollback(deployment)
 
+    @dbus_method_async_override()
+    async def list_events(self, deployment: str, limit: int) -> str:
+        events = await self._scheduler.events(deployment, limit or 50)
+        return json.dumps([e.model_dump(mode="json") for e in events])
+
 
 class SchedulerDaemon(Daemon):
     info = DAEMONS_BY_NAME["schedd"]

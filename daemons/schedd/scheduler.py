@@ -450,6 +450,13 @@ class Scheduler:
         )
         return run
 
+    async def events(self, name: str, limit: int) -> list[Event]:
+        names = [self._require(name).name] if name else self.store.names()
+        found: list[Event] = []
+        for dep in names:
+            found += await asyncio.to_thread(self.store.events, dep, limit)
+        return sorted(found, key=lambda e: e.time)[-limit:]
+
     def cron_schedules(self, name: str) -> list[dict[str, Any]]:
         names = [name] if name else self.store.names()
         rows = []

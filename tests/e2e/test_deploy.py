@@ -10,121 +10,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import textwrap
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
-from ctl.supervisor import find_executable
-from shared.busybox_image import busybox_image, write_oci_layout
-from shared.paths import PREFIX_ENV, Paths
-from tests.conftest import (
-    kill_prefix_processes,
-    prefix_processes,
-    remove_test_network,
-    write_test_config,
-)
+from tests.e2e.node import Node, http_get, wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
-
-IMAGE = "zlayer/busybox:latest"
-
-
-class Node:
-    """The daemons of this module and a way to run zlayerctl against them."""
-
-    def __init__(self, paths: Paths, workdir: Path) -> None:
-        self.paths = paths
-        self.workdir = workdir
-        self.env = dict(os.environ, **{PREFIX_ENV: str(paths.prefix)})
-        self.env.pop("ZLAYER_BUS_ADDRESS", None)
-
-    def ctl(
-        self, *args: str, timeout: float = 120, check: bool = False
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [find_executable("zlayerctl"), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            cwd=self.workdir,
-        )
-        assert "Traceback" not in result.stderr, result.stderr
-        if check:
-            assert result.returncode == 0, f"zlayerctl {' '.join(args)}: {result.stderr}"
-        return result
-
-    def spec(self, name: str, body: str) -> Path:
-        path = self.workdir / f"{name}.zlayer.yml"
-        path.write_text(textwrap.dedent(body))
-        return path
-
-    def replicas(self, deployment: str) -> list[dict[str, Any]]:
-        out = self.ctl("ps", "--containers", "-d", deployment, "--format", "json", check=True)
-        return [r for r in json.loads(out.stdout) if r["deployment"] == deployment]
-
-    def services(self, deployment: str) -> dict[str, dict[str, Any]]:
-        out = self.ctl("ps", "-d", deployment, "--format", "json", check=True)
-        statuses = json.loads(out.stdout)
-        return {s["name"]: s for d in statuses for s in d["services"]}
-
-    def daemon_pid(self, name: str) -> int:
-        rows = json.loads(self.ctl("status", "--format", "json").stdout)
-        return int(next(r["pid"] for r in rows if r["name"] == name))
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.2)
-
-
-def http_get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    prefix = Path(f"/tmp/zle-{os.getpid()}")
-    prefix.mkdir()
-    paths = Paths(prefix)
-    write_test_config(paths, network_tag="zle")
-    node = Node(paths, tmp_path_factory.mktemp("work"))
-    image_dir = write_oci_layout(busybox_image(), tmp_path_factory.mktemp("image") / "oci")
-    try:
-        node.ctl("daemon", "run", "--detach", check=True)
-        node.ctl("image", "import", str(image_dir), "--name", IMAGE, check=True)
-        yield node
-    finally:
-        node.ctl("daemon", "stop")
-        remove_test_network(paths)
-        left = prefix_processes(prefix)
-        kill_prefix_processes(prefix)
-        subprocess.run(["rm", "-rf", str(prefix)], check=False)
-        assert not left, f"processes left running: {left}"
-
-
-@pytest.fixture(autouse=True)
-def _down_everything(node: Node) -> Iterator[None]:
-    """Whatever a test leaves deployed (a failed assertion, say) goes before the leak check."""
-    yield
-    listed = node.ctl("ps", "--format", "json")
-    if listed.returncode == 0:
-        for deployment in json.loads(listed.stdout):
-            node.ctl("down", deployment["name"])
-
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root"),
+    pytest.mark.usefixtures("down_everything"),
+]
 
 WEB = """
 version: v1
