@@ -192,6 +192,10 @@ class _Reader:
         return value
 
     def unsigned(self, bits: int = 32) -> int:
+        pos = self.pos
+        if pos < self.end and self.data[pos] < 0x80:  # most numbers fit in one byte
+            self.pos = pos + 1
+            return self.data[pos]
         result = shift = 0
         for _ in range((bits + 6) // 7):
             value = self.byte()
