@@ -90,6 +90,7 @@ class _Followed:
 async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -> list[JobInfo]:
     """Print each job's log as it grows until every job ends; Ctrl-C cancels them."""
     interrupted = asyncio.Event()
+    cancelled = False
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, interrupted.set)
@@ -109,7 +110,8 @@ async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -
                 job.done = finished
             if all(job.done for job in followed):
                 return [job.info for job in followed if job.info is not None]
-            if interrupted.is_set():
+            if interrupted.is_set() and not cancelled:
+                cancelled = True
                 for job in followed:
                     if not job.done:
                         with contextlib.suppress(Exception):

@@ -36,6 +36,7 @@ from daemons.registryd.build.located import BuildFileError
 from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from daemons.registryd.build.zimagefile import Dockerfile, load_zimagefile, to_dockerfile
 from shared.bus import (
+    ERROR_PREFIX,
     InvalidArgumentError,
     InvalidSpecError,
     NotFoundError,
@@ -58,6 +59,8 @@ _STEP_ERROR = re.compile(r'building at STEP "(?P<step>.*?)": (?P<reason>.*)$')
 
 class BuildFailedError(ZLayerError):
     """A build that ran and failed; the message names the step and why."""
+
+    dbus_error_name = ERROR_PREFIX + "BuildFailed"
 
 
 @dataclass
@@ -126,6 +129,7 @@ class Builder:
             return
         self._recovered = True
         await asyncio.to_thread(shutil.rmtree, self.root / "work", True)
+        await asyncio.to_thread(lambda: (self.root / "tmp").mkdir(parents=True, exist_ok=True))
         if (self.root / "storage").is_dir():
             await self._run_quietly("rm", "--all")
 
@@ -342,11 +346,11 @@ class Builder:
             ).model_dump_json()
         finally:
             self._running -= 1
-            await asyncio.to_thread(shutil.rmtree, prepared.work_dir, True)
+            await _to_the_end(asyncio.to_thread(shutil.rmtree, prepared.work_dir, True))
             if failed and self._running == 0:
                 # A killed or failed buildah may leave working containers (and their
                 # mounts); with no other build running, none of them is in use.
-                await asyncio.shield(self._run_quietly("rm", "--all"))
+                await _to_the_end(self._run_quietly("rm", "--all"))
 
     async def _logged(self, log_path: Path, command: list[str]) -> int:
         """Run ``command`` with its output appended to the log; stop it if cancelled."""
@@ -362,7 +366,7 @@ class Builder:
         try:
             return await process.wait()
         except asyncio.CancelledError:
-            await asyncio.shield(_stop(process))
+            await _to_the_end(_stop(process))
             with contextlib.suppress(OSError):
                 _append(log_path, "the build was cancelled\n")
             raise
@@ -392,6 +396,19 @@ class Builder:
         else:
             why = f"failed: {reason}"
         return f"the step `{step}`{where} {why} (log: {log_path})"
+
+
+async def _to_the_end(work: Awaitable[object]) -> None:
+    """Finish clean-up even if the job is cancelled again meanwhile; then pass that on."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:

@@ -139,7 +139,17 @@ class Document:
                 key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
                 key_mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 if key in result:
-                    raise self.error_at((*path, key), f"duplicate key `{key}`", at_key=True)
+                    first = self.key_marks[(*path, key)][0]
+                    raise BuildFileError(
+                        [
+                            SpecIssue(
+                                self.filename,
+                                *key_mark,
+                                format_path((*path, key)),
+                                f"duplicate key `{key}` (first at line {first})",
+                            )
+                        ]
+                    )
                 self.key_marks[(*path, key)] = key_mark
                 result[key] = self._convert(value_node, (*path, key))
             return result
