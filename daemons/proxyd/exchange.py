@@ -94,6 +94,9 @@ class Downstream(Protocol):
 
     def pause_reading(self, paused: bool) -> None: ...
 
+    def flush(self) -> None:
+        """Send what the last events wrote."""
+
 
 def build_request_head(
     method: bytes,

@@ -79,6 +79,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: Exchange | None = None
         self.tunnel_pending: list[bytes] = []
         self.chunked_out = False
+        self.out: list[bytes] = []
         self.closing = False
         self.last_active = time.monotonic()
         self.h2: Http2Connection | None = None
@@ -164,6 +165,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
@@ -300,6 +302,7 @@ class ClientConnection(asyncio.Protocol):
     def response_abort(self, exchange: Exchange) -> None:
         # Part of a response was sent: the client must see it end early.
         self.current = None
+        self.flush()
         self.close()
 
     def local_response(self, exchange: Exchange | LocalReply, status: int, message: str) -> None:
@@ -317,6 +320,7 @@ class ClientConnection(asyncio.Protocol):
                 body,
             )
         )
+        self.flush()
         self._done(exchange)
 
     def tunnel_start(self, exchange: Exchange, rest: bytes) -> None:
@@ -330,6 +334,7 @@ class ClientConnection(asyncio.Protocol):
 
     def tunnel_data(self, data: bytes) -> None:
         self._write(data)
+        self.flush()
 
     def pause_reading(self, paused: bool) -> None:
         if self.transport is None or self.closing:
@@ -342,8 +347,16 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------ internals
 
     def _write(self, data: bytes) -> None:
+        # Collected and sent by flush(): a response's head and body in one send.
+        self.out.append(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if not out:
+            return
+        self.out = []
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _done(self, work: Work) -> None:
         if work is not self.current:

@@ -122,6 +122,9 @@ class Http2Stream:
     def pause_reading(self, paused: bool) -> None:
         pass  # the stream's flow-control window holds the client back
 
+    def flush(self) -> None:
+        pass  # every event is flushed through the connection's h2 buffer
+
     # ------------------------------------------------------------ flow control
 
     def send_pending(self) -> None:

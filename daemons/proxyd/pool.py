@@ -63,6 +63,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange = None
             self.close()
             exchange.upstream_failed("invalid", "the backend sent an invalid response")
+        # Everything this read produced for the client goes out in one send.
+        exchange.downstream.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
