@@ -215,10 +215,13 @@ class OverlayDaemon(Daemon):
         """Validate, publish, persist, then answer DNS from a push (one push at a time)."""
         traffic = parse_traffic(deployment, text)
         ports = published_ports(traffic)
+        if not traffic.services:
+            ports = []
         async with self._traffic_lock:
-            await self.work(self.network.set_traffic, traffic, ports)
+            down = self.prober.down_for(deployment, ports)
+            await self.work(self.network.set_traffic, traffic, ports, down)
+            self.prober.set_ports(deployment, ports)
             self.zone.set(traffic)
-            self.prober.set_ports(deployment, ports if traffic.services else [])
         PUBLISHED.set(len(self.network.published_ports()))
         names = sum(len(s.backends) for s in traffic.services)
         self.log.info(
@@ -229,10 +232,12 @@ class OverlayDaemon(Daemon):
             ", ".join(f"{p.describe()} -> {len(p.targets)}" for p in ports) or "no published port",
         )
 
-    async def _backends_changed(self, deployment: str, down: frozenset[ProbeKey]) -> None:
+    async def _backends_changed(self, deployment: str, _down: frozenset[ProbeKey]) -> None:
         async with self._traffic_lock:
             if deployment not in self.network.published:
                 return
+            # Read again under the lock: a push may have changed it meanwhile.
+            down = self.prober.down.get(deployment, frozenset())
             try:
                 await self.work(self.network.set_down, deployment, down)
             except nft.NftError as exc:

@@ -292,8 +292,13 @@ class NodeNetwork:
 
     # ------------------------------------------------------------ traffic
 
-    def set_traffic(self, traffic: DeploymentTraffic, ports: list[PublishedPort]) -> None:
-        """Publish one deployment's kernel-path ports and keep its traffic.
+    def set_traffic(
+        self,
+        traffic: DeploymentTraffic,
+        ports: list[PublishedPort],
+        down: frozenset[ProbeKey] = frozenset(),
+    ) -> None:
+        """Publish one deployment's kernel-path ports (less ``down``) and keep its traffic.
 
         Raises PortConflictError (nothing changed) for a port another
         deployment holds, NftError if nft refused.
@@ -301,14 +306,19 @@ class NodeNetwork:
         deployment = traffic.deployment
         check_conflicts(deployment, ports, self.published)
         published = dict(self.published)
+        wanted_down = dict(self.down)
         if traffic.services and ports:
             published[deployment] = ports
         else:
             published.pop(deployment, None)
-        before_published = self.published.get(deployment)
-        if ports or before_published is not None:
-            self._apply_deployment(deployment, published, self.down)
+        if down and deployment in published:
+            wanted_down[deployment] = down
+        else:
+            wanted_down.pop(deployment, None)
+        if deployment in published or deployment in self.published:
+            self._apply_deployment(deployment, published, wanted_down)
         self.published = published
+        self.down = wanted_down
         if traffic.services:
             self._save_traffic(traffic)
             self.traffic[deployment] = traffic
@@ -316,7 +326,6 @@ class NodeNetwork:
             with contextlib.suppress(FileNotFoundError):
                 (self.traffic_dir / f"{deployment}.json").unlink()
             self.traffic.pop(deployment, None)
-            self.down.pop(deployment, None)
 
     def set_down(self, deployment: str, down: frozenset[ProbeKey]) -> None:
         """Take failing backends (by health probe) out of a deployment's maps."""

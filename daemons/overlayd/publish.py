@@ -163,18 +163,12 @@ def check_conflicts(
     deployment: str,
     ports: Iterable[PublishedPort],
     held: Mapping[str, list[PublishedPort]],
-    reserved: Mapping[tuple[str, int], str] | None = None,
 ) -> None:
-    """Refuse a port another deployment publishes, or one the node keeps for itself."""
+    """Refuse a port another deployment publishes."""
     owners = {
         port.key: port for other, list_ in held.items() if other != deployment for port in list_
     }
     for port in ports:
-        if reserved and port.key in reserved:
-            raise PortConflictError(
-                f"{port.describe()} of {port.service}/{port.endpoint} is taken by "
-                f"{reserved[port.key]}; give the endpoint another port"
-            )
         other_port = owners.get(port.key)
         if other_port is not None:
             raise PortConflictError(
@@ -262,7 +256,14 @@ class Prober:
         self.down: dict[str, frozenset[ProbeKey]] = {}
         self._task: asyncio.Task[None] | None = None
 
+    def down_for(self, deployment: str, ports: list[PublishedPort]) -> frozenset[ProbeKey]:
+        """What stays out of rotation if ``ports`` replace the deployment's: those of
+        its backends already found failing (a new backend counts as up until probed)."""
+        keys = {probe_key(p, t) for p in ports if p.health_check is not None for t in p.targets}
+        return self.down.get(deployment, frozenset()) & keys
+
     def set_ports(self, deployment: str, ports: list[PublishedPort]) -> None:
+        down = self.down_for(deployment, ports)
         checked = [p for p in ports if p.health_check is not None]
         if checked:
             self._ports[deployment] = checked
@@ -271,9 +272,8 @@ class Prober:
         keys = {probe_key(p, t) for p in checked for t in p.targets}
         for key in [k for k in self._failures if k[0] == deployment and k not in keys]:
             del self._failures[key]
-        down = self.down.get(deployment, frozenset()) & keys
         if down:
-            self.down[deployment] = frozenset(down)
+            self.down[deployment] = down
         else:
             self.down.pop(deployment, None)
 
