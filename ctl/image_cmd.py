@@ -209,3 +209,9 @@ def rm(references: tuple[str, ...], force: bool, output_format: str) -> None:
         fail(errors[0][1])
     if errors:
         fail("; ".join(message for _, message in errors))
+
+
+# `image push` lives with the other registry commands; it is registered here.
+from ctl.registry_cmd import push  # noqa: E402
+
+image.add_command(push)

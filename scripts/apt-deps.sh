@@ -8,10 +8,11 @@ set -euo pipefail
 # busybox-static: the busybox test image (shared/busybox_image.py) is built from it
 # crun (runc where crun cannot run) and conmon: agentd's container runtime
 # skopeo: registryd pushes WASM artifacts with it
-run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl skopeo)
+run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl skopeo buildah)
 # busctl and systemd-analyze (tests check units and talk to the bus with them)
-# docker-registry: a real registry the WASM push tests start
-test_packages=(systemd docker-registry)
+# docker-registry: a real registry the WASM push and registry client tests start
+# apache2-utils: htpasswd, for the registry with basic auth
+test_packages=(systemd docker-registry apache2-utils)
 
 wanted=("${run_packages[@]}")
 [ "${1:-run}" = test ] && wanted+=("${test_packages[@]}")

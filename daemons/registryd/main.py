@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,6 +16,10 @@ from prometheus_client import Counter, Gauge
 from sdbus import dbus_method_async_override
 
 from daemons.registryd import wasm
+from daemons.registryd.auth import CredentialStore
+from daemons.registryd.build.builder import Builder
+from daemons.registryd.pull import RegistryClient, parse_user_reference
+from daemons.registryd.settings import RegistrySettings
 from daemons.registryd.store import ImageStore, StoreError
 from shared.bus import (
     DAEMONS_BY_NAME,
@@ -28,8 +33,8 @@ from shared.bus import (
 )
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
-from shared.jobs import JobTable
-from shared.models import ReplicaInfo
+from shared.jobs import Job, JobTable
+from shared.models import ImageInfo, ImageRootfs, ReplicaInfo
 from shared.paths import Paths
 from shared.reference import InvalidReferenceError, normalize_reference
 
@@ -41,6 +46,8 @@ IMAGES = Gauge("zlayer_registry_images", "Images stored on this node.")
 BLOB_BYTES = Gauge("zlayer_registry_blob_bytes", "Bytes of blobs (manifests, configs, layers).")
 LAYERS = Gauge("zlayer_registry_unpacked_layers", "Layers unpacked for overlayfs.")
 IMPORTS = Counter("zlayer_registry_imports", "Image imports, by result.", ["result"])
+BUILDS = Counter("zlayer_registry_builds", "Image builds, by result.", ["result"])
+PULLS = Counter("zlayer_registry_pulls", "Registry pulls, by result.", ["result"])
 
 T = TypeVar("T")
 
@@ -96,16 +103,7 @@ class RegistryService(Registry1):
             raise InvalidArgumentError(
                 f"pull policy {pull_policy!r} is not one of {', '.join(PULL_POLICIES)}"
             )
-        rootfs = await self.daemon.work(self.daemon.store.rootfs, reference)
-        if rootfs is None:
-            try:
-                shown = normalize_reference(reference)
-            except InvalidReferenceError as exc:
-                raise InvalidArgumentError(str(exc)) from None
-            raise NotFoundError(
-                f"image {shown} is not on this node; import it with `zlayerctl image import PATH` "
-                "(registry pulls are not available yet)"
-            )
+        rootfs = await self.daemon.ensure(reference, pull_policy or "if_not_present")
         await self.daemon.update_metrics()
         return rootfs.model_dump_json()
 
@@ -132,7 +130,105 @@ class RegistryService(Registry1):
 
     # --- registry client (pull, push, login): below this line
 
+    @dbus_method_async_override()
+    async def pull(self, reference: str, pull_policy: str, auth: str) -> int:
+        if pull_policy and pull_policy not in PULL_POLICIES:
+            raise InvalidArgumentError(
+                f"pull policy {pull_policy!r} is not one of {', '.join(PULL_POLICIES)}"
+            )
+        self.daemon.check_store()
+        ref = parse_user_reference(reference)
+        policy = pull_policy or "always"
+        client = self.daemon.registry
+
+        async def work(job: Job) -> str:
+            if policy in ("never", "if_not_present"):
+                found = await self.daemon.work(self.daemon.store.find, str(ref))
+                if found is not None:
+                    return found[0].info().model_dump_json()
+                if policy == "never":
+                    raise NotFoundError(
+                        f"image {ref} is not on this node and the pull policy is never"
+                    )
+            try:
+                result = await client.pull_job(job, str(ref), auth)
+            except BaseException:
+                PULLS.labels(result="failed").inc()
+                raise
+            PULLS.labels(result="ok").inc()
+            await self.daemon.update_metrics()
+            return result
+
+        return self.daemon.jobs.start("pull", str(ref), work)
+
+    @dbus_method_async_override()
+    async def push(self, reference: str, destination: str, auth: str) -> int:
+        self.daemon.check_store()
+        await self.daemon.work(self.daemon.store.resolve, reference)
+        if destination:
+            parse_user_reference(destination)
+        client = self.daemon.registry
+
+        async def work(job: Job) -> str:
+            return await client.push_job(job, reference, destination, auth)
+
+        return self.daemon.jobs.start("push", destination or reference, work)
+
+    @dbus_method_async_override()
+    async def login(self, registry: str, username: str, password: str) -> str:
+        host = await self.daemon.registry.login(registry, username, password)
+        self.daemon.log.info("logged in to %s as %s", host, username)
+        return host
+
+    @dbus_method_async_override()
+    async def logout(self, registry: str) -> bool:
+        return await self.daemon.registry.logout(registry)
+
+    @dbus_method_async_override()
+    async def prune(self) -> str:
+        in_use = await self.daemon.images_in_use()
+        _, before, _ = await self.daemon.work(self.daemon.store.stats)
+        images, blobs = await self.daemon.work(
+            self.daemon.store.prune, in_use, set(self.daemon.registry.busy_partials)
+        )
+        _, after, _ = await self.daemon.work(self.daemon.store.stats)
+        await self.daemon.update_metrics()
+        self.daemon.log.info("pruned %d images and %d blobs", len(images), len(blobs))
+        return json.dumps({"images": images, "blobs": blobs, "bytes": max(before - after, 0)})
+
+    @dbus_method_async_override()
+    async def export_image(self, reference: str, fd: int, gzip: bool) -> int:
+        try:
+            self.daemon.check_store()
+            await self.daemon.work(self.daemon.store.resolve, reference)
+        except BaseException:
+            os.close(fd)
+            raise
+        out = os.fdopen(fd, "wb")
+
+        async def work(job: Job) -> str:
+            job.progress("archive", state="writing")
+            try:
+                info = await self.daemon.work(self.daemon.store.export, reference, out, gzip)
+            finally:
+                # The descriptor is ours: the caller waits for EOF-free completion via the job.
+                await asyncio.to_thread(out.close)
+            job.progress("archive", state="done")
+            return info.model_dump_json()
+
+        return self.daemon.jobs.start("export", reference, work)
+
     # --- builds: below this line
+
+    @dbus_method_async_override()
+    async def build(self, request: str) -> int:
+        try:
+            job_id = await self.daemon.builder.start(request)
+        except BaseException:
+            BUILDS.labels(result="refused").inc()
+            raise
+        self.daemon.log.info("build job %d started", job_id)
+        return job_id
 
     # --- wasm artifacts: below this line
 
@@ -159,13 +255,27 @@ class RegistryService(Registry1):
 
 class RegistryDaemon(Daemon):
     info = DAEMONS_BY_NAME["registryd"]
+    settings_class = RegistrySettings
 
     def __init__(self, settings: DaemonSettings, paths: Paths) -> None:
         super().__init__(settings, paths)
         self.store = ImageStore(paths.daemon_state(self.info.name))
+        registry_settings = (
+            settings if isinstance(settings, RegistrySettings) else RegistrySettings()
+        )
+        self.registry = RegistryClient(
+            self.store,
+            registry_settings,
+            CredentialStore(paths.daemon_state(self.info.name) / "auth.json"),
+            self.work,
+        )
         self.store_problem = ""
         self.jobs = JobTable(self._job_removed)
         self.service: RegistryService | None = None
+        # builds: buildah under the state dir, results imported into the store
+        self.builder = Builder(
+            paths.daemon_state(self.info.name), self.jobs, self._import_built, self.log
+        )
 
     def make_service(self) -> RegistryService:
         self.service = RegistryService(self)
@@ -173,10 +283,19 @@ class RegistryDaemon(Daemon):
 
     async def stop(self) -> None:
         await self.jobs.close()
+        await self.registry.close()
 
     def _job_removed(self, job_id: int, info: str) -> None:
         if self.service is not None:
             self.service.job_removed.emit((job_id, info))
+        if '"kind":"build"' in info:
+            BUILDS.labels(result=json.loads(info)["state"]).inc()
+
+    async def _import_built(self, path: str, name: str) -> list[ImageInfo]:
+        """builds: store a finished build's OCI layout under ``name``."""
+        images = await self.work(self.store.import_path, path, name)
+        await self.update_metrics()
+        return images
 
     async def start(self) -> None:
         try:
@@ -190,6 +309,77 @@ class RegistryDaemon(Daemon):
         await self.update_metrics()
         images = len(self.store.images)
         self.detail = f"{images} image{'s' if images != 1 else ''}"
+
+    def check_store(self) -> None:
+        if self.store_problem:
+            raise UnavailableError(f"the image store cannot be used: {self.store_problem}")
+
+    async def ensure(self, reference: str, policy: str) -> ImageRootfs:
+        """The image's unpacked layers, pulled first as ``policy`` says.
+
+        never: only what is here. if_not_present: pull when missing. always:
+        ask the registry every time (the blobs already here are not fetched
+        again). newer: like always, but a registry that cannot be reached
+        leaves the image here in use.
+        """
+        if policy in ("never", "if_not_present"):
+            rootfs = await self.work(self.store.rootfs, reference)
+            if rootfs is not None:
+                return rootfs
+            if policy == "never":
+                try:
+                    shown = normalize_reference(reference)
+                except InvalidReferenceError as exc:
+                    raise InvalidArgumentError(str(exc)) from None
+                raise NotFoundError(
+                    f"image {shown} is not on this node and its pull policy is never; "
+                    "pull it with `zlayerctl pull` or import it with `zlayerctl image import`"
+                )
+        try:
+            normalize_reference(reference)
+        except InvalidReferenceError as exc:
+            rootfs = await self.work(self.store.rootfs, reference)
+            if rootfs is not None:  # an image id: nothing to pull
+                return rootfs
+            raise InvalidArgumentError(str(exc)) from None
+        task, _ = self.registry.pull_task(reference, "")
+        try:
+            info = await asyncio.shield(task)
+        except UnavailableError as exc:
+            rootfs = await self.work(self.store.rootfs, reference)
+            if policy != "newer" or rootfs is None:
+                raise
+            self.log.warning("using the local %s: %s", reference, exc.args[0])
+            return rootfs
+        PULLS.labels(result="ok").inc()
+        rootfs = await self.work(self.store.rootfs, info.id)
+        if rootfs is None:
+            raise UnavailableError(f"image {reference} was removed right after its pull")
+        return rootfs
+
+    async def images_in_use(self) -> set[str]:
+        """Ids of the images agentd's replicas were made from; prune must know them all."""
+        if self.bus is None:
+            raise UnavailableError("zlayer-registryd is not on the bus")
+        try:
+            agent = proxy(DAEMONS_BY_NAME["agentd"], self.bus)
+            raw = await asyncio.wait_for(agent.list_replicas("", ""), AGENT_TIMEOUT)
+            replicas = [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+        except Exception as exc:  # without agentd's answer, no image can be called unused
+            self.log.debug("cannot ask agentd which replicas use images: %s", exc)
+            raise UnavailableError(
+                "cannot tell which images replicas use: zlayer-agentd does not answer; "
+                "start it (`zlayerctl status` shows it) and prune again"
+            ) from None
+        used: set[str] = set()
+        for replica in replicas:
+            try:
+                found = await self.work(self.store.find, replica.image)
+            except ZLayerError:
+                continue
+            if found is not None:
+                used.add(found[0].id)
+        return used
 
     async def work(self, function: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call in a thread; any failure becomes a sentence."""

@@ -6,6 +6,8 @@ Layout under the daemon's state directory::
     layers/<diff-id hex>   each layer unpacked once, usable as an overlayfs lower dir
     index.json             image id -> manifest, layers, names (written by tmp + rename)
     tmp/                   work in progress; emptied on start
+    partial/<hex>          registry downloads in progress, kept across restarts so a
+                           pull resumes; moved into blobs/ only once their digest matched
 
 Nothing becomes visible before it is complete: a blob is hashed into
 ``tmp/`` and renamed into place only when its digest matches, a layer is
@@ -23,18 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import tarfile
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -148,6 +152,7 @@ class ImageStore:
         self.blob_dir = root / "blobs" / "sha256"
         self.layer_dir = root / "layers"
         self.tmp_dir = root / "tmp"
+        self.partial_dir = root / "partial"
         self.index_path = root / "index.json"
         self.images: dict[str, ImageRecord] = {}
         self._lock = threading.RLock()  # the index, the pins and the key locks
@@ -162,7 +167,7 @@ class ImageStore:
         # Layers hold set-user-ID files owned by root: other users must not
         # reach them (overlayfs looks lower dirs up as the mounter, root).
         os.chmod(self.root, 0o700)
-        for directory in (self.blob_dir, self.layer_dir):
+        for directory in (self.blob_dir, self.layer_dir, self.partial_dir):
             directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir()
@@ -655,3 +660,161 @@ class ImageStore:
                     os.rename(entry.path, trash)
                     shutil.rmtree(trash, ignore_errors=True)
         return deleted
+
+    # ------------------------------------------------------------ registry pulls and pushes
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def partial_path(self, digest: str) -> Path:
+        return self.partial_dir / _hex(digest)
+
+    def pin(self, *keys: str) -> list[str]:
+        """Keep blobs and layers safe from clean-ups until :meth:`unpin` (a pull or push)."""
+        pinned: list[str] = []
+        self._pin(pinned, *keys)
+        return pinned
+
+    def unpin(self, pinned: list[str]) -> None:
+        self._unpin(pinned)
+
+    def record_for_pull(self, digest: str) -> ImageRecord | None:
+        """The stored image whose manifest is ``digest``, if all its parts are here."""
+        with self._lock:
+            for record in self.images.values():
+                if record.manifest_digest == digest and self._complete(record):
+                    return record
+        return None
+
+    def tag(self, record_id: str, name: str) -> ImageInfo:
+        """Add ``name`` to a stored image (a pull of what is already here)."""
+        with self._lock:
+            record = self.images[record_id]
+            return self._commit(record, [name])
+
+    def commit_pull(
+        self,
+        name: str,
+        manifest: bytes,
+        manifest_digest: str,
+        config: bytes,
+        layers: list[tuple[str, int]],
+    ) -> ImageInfo:
+        """Store a pulled image: its verified downloads move from partial/ into blobs/,
+        its layers are unpacked, and ``name`` points at it."""
+        for digest, _size in layers:
+            final = self.blob_path(digest)
+            partial = self.partial_path(digest)
+            with self._key_lock(digest):
+                if final.is_file():
+                    partial.unlink(missing_ok=True)
+                elif partial.is_file():
+                    with open(partial, "rb") as handle:
+                        os.fsync(handle.fileno())
+                    os.rename(partial, final)
+                else:
+                    raise UnavailableError(
+                        f"the download of layer {digest} vanished before it was stored; pull again"
+                    )
+
+        def from_store(digest: str) -> SourceBlob:
+            path = self.blob_path(digest)
+            return SourceBlob(open=lambda: open(path, "rb"), digest=digest, size=None)
+
+        image = SourceImage(
+            names=[],
+            config=SourceBlob(open=lambda: io.BytesIO(config), digest=_digest(config)),
+            layers=[from_store(digest) for digest, _ in layers],
+            manifest=manifest,
+            manifest_digest=manifest_digest,
+        )
+        return self._import_one(image, name, name)
+
+    def read_blob(self, digest: str) -> bytes:
+        try:
+            with open(self.blob_path(digest), "rb") as handle:
+                return handle.read(MAX_CONFIG + 1)
+        except FileNotFoundError:
+            raise UnavailableError(
+                f"blob {digest} is missing from the store; pull or import the image again"
+            ) from None
+
+    def manifest_of(self, record: ImageRecord) -> tuple[bytes, dict[str, Any]]:
+        data = self.read_blob(record.manifest_digest)
+        try:
+            document = json.loads(data)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise UnavailableError(f"the manifest of image {record.id} in the store is unreadable")
+        return data, document
+
+    # ------------------------------------------------------------ prune
+
+    def prune(self, in_use: set[str], busy_partials: set[str]) -> tuple[list[str], list[str]]:
+        """Remove images whose id is not in ``in_use``, then what no image references.
+
+        Returns (names or ids of the images removed, digests of the blobs
+        deleted). Downloads left in partial/ go too, unless a pull is using them.
+        """
+        with self._lock:
+            removed_images: list[str] = []
+            for record in list(self.images.values()):
+                if record.id in in_use or record.id in self._pins:
+                    continue
+                del self.images[record.id]
+                removed_images.extend(record.names or [record.id])
+            if removed_images:
+                self._save_index()
+            deleted = self._collect_garbage()
+        for entry in list(os.scandir(self.partial_dir)):
+            if f"sha256:{entry.name}" not in busy_partials:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        return removed_images, deleted
+
+    # ------------------------------------------------------------ export
+
+    def export(self, reference: str, out: IO[bytes], compress: bool) -> ImageInfo:
+        """Write the image as an oci-archive (gzipped as a whole with ``compress``) to ``out``."""
+        record, _ = self.resolve(reference)
+        pinned = self.pin(record.id, record.manifest_digest, *record.layers)
+        try:
+            manifest, document = self.manifest_of(record)
+            media_type = str(document.get("mediaType") or OCI_MANIFEST)
+            descriptor: dict[str, Any] = {
+                "mediaType": media_type,
+                "digest": record.manifest_digest,
+                "size": len(manifest),
+            }
+            if record.names:
+                name = parse_reference(record.names[0])
+                descriptor["annotations"] = {
+                    "io.containerd.image.name": record.names[0],
+                    "org.opencontainers.image.ref.name": name.tag or "latest",
+                }
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor]}
+            mode = "w|gz" if compress else "w|"
+            with tarfile.open(fileobj=out, mode=mode) as tar:  # type: ignore[call-overload]
+                _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+                _add_bytes(tar, "index.json", json.dumps(index).encode())
+                for digest in dict.fromkeys([record.manifest_digest, record.id, *record.layers]):
+                    path = self.blob_path(digest)
+                    info = tarfile.TarInfo(f"blobs/sha256/{_hex(digest)}")
+                    info.size = path.stat().st_size
+                    info.mode = 0o644
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, handle)
+            return record.info()
+        finally:
+            self.unpin(pinned)
+
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))

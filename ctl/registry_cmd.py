@@ -1,0 +1,290 @@
+"""``zlayerctl pull``, ``image push``, ``login``, ``logout``, ``export`` and ``system prune``.
+
+Pulls, pushes and exports are registryd jobs: the command starts one, then
+polls ``GetJob`` and draws a progress bar per layer (rich) until it ends.
+zlayerctl runs as the user, so it is what can read the user's Docker and
+Podman auth files; it passes registryd only the entry for the registry at
+hand (see daemons/registryd/auth.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+
+from ctl.client import Client
+from ctl.output import err_console, fail, format_option, print_json
+from daemons.registryd.auth import user_credential
+from shared.bus import NotFoundError
+from shared.jobs import JobInfo
+from shared.models import ImageInfo
+from shared.reference import InvalidReferenceError, parse_reference
+
+POLL_SECONDS = 0.2
+POLICIES = ("always", "newer", "if_not_present", "never")
+
+
+def _auth_for(reference: str) -> str:
+    try:
+        registry = parse_reference(reference.strip()).domain
+    except InvalidReferenceError as exc:
+        fail(str(exc))
+    return user_credential(registry)
+
+
+async def wait_job(client: Client, job_id: int, what: str, show: bool) -> JobInfo:
+    """Poll the job until it ends, with a bar per item on a terminal; its final info."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[state]}"),
+        console=err_console,
+        disable=not (show and err_console.is_terminal),
+        transient=False,
+    )
+    bars: dict[str, TaskID] = {}
+    with progress:
+        while True:
+            try:
+                raw = await client.registryd.get_job(job_id)
+            except NotFoundError:
+                fail(
+                    f"zlayer-registryd restarted during the {what}; run the command again "
+                    "(a pull resumes where it stopped)"
+                )
+            info = JobInfo.model_validate_json(raw)
+            for item in info.items:
+                if item.name not in bars:
+                    bars[item.name] = progress.add_task(
+                        item.name, total=item.total or None, state=item.state
+                    )
+                progress.update(
+                    bars[item.name],
+                    completed=item.done,
+                    total=item.total or None,
+                    state=item.state,
+                )
+            if info.state != "running":
+                return info
+            await asyncio.sleep(POLL_SECONDS)
+
+
+def _finish(info: JobInfo) -> str:
+    if info.state == "done":
+        return info.result
+    if info.state == "cancelled":
+        fail(f"the {info.kind} of {info.target} was cancelled")
+    fail(info.error or f"the {info.kind} of {info.target} failed")
+
+
+async def _run_job(start: Any, what: str, show: bool) -> str:
+    client = Client()
+    try:
+        job_id = await start(client)
+        try:
+            info = await wait_job(client, job_id, what, show)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            with contextlib.suppress(Exception):
+                await client.registryd.cancel_job(job_id)
+            raise
+    finally:
+        client.close()
+    return _finish(info)
+
+
+# ---------------------------------------------------------------- pull and push
+
+
+@click.command()
+@click.argument("image_name", metavar="IMAGE")
+@click.option(
+    "--policy",
+    type=click.Choice(POLICIES),
+    default="always",
+    show_default=True,
+    help="always ask the registry; newer: keep the local copy if the registry is down; "
+    "if_not_present; never",
+)
+@format_option
+def pull(image_name: str, policy: str, output_format: str) -> None:
+    """Pull IMAGE from its registry (`nginx` means docker.io/library/nginx:latest)."""
+    auth = _auth_for(image_name)
+
+    async def start(client: Client) -> int:
+        job_id: int = await client.registryd.pull(image_name, policy, auth)
+        return job_id
+
+    result = asyncio.run(_run_job(start, "pull", output_format != "json"))
+    info = ImageInfo.model_validate_json(result)
+    if output_format == "json":
+        print_json(info.model_dump(mode="json"))
+        return
+    name = info.names[0] if info.names else image_name
+    click.echo(f"pulled {name}: {info.id}")
+
+
+@click.command()
+@click.argument("image_name", metavar="NAME")
+@click.argument("destination", metavar="[DEST]", required=False, default="")
+@format_option
+def push(image_name: str, destination: str, output_format: str) -> None:
+    """Push the image NAME to its registry, or to DEST (registry/repository:tag)."""
+    auth = _auth_for(destination or image_name) if (destination or "/" in image_name) else ""
+
+    async def start(client: Client) -> int:
+        job_id: int = await client.registryd.push(image_name, destination, auth)
+        return job_id
+
+    result = json.loads(asyncio.run(_run_job(start, "push", output_format != "json")))
+    if output_format == "json":
+        print_json(result)
+        return
+    click.echo(f"pushed {result['reference']}: {result['digest']}")
+
+
+# ---------------------------------------------------------------- login and logout
+
+
+@click.command()
+@click.argument("registry")
+@click.option("--username", "-u", default="", help="the user name (asked for when not given)")
+@click.option("--password", "-p", default="", help="the password (visible to `ps`; prefer stdin)")
+@click.option("--password-stdin", is_flag=True, help="read the password from standard input")
+def login(registry: str, username: str, password: str, password_stdin: bool) -> None:
+    """Check credentials for REGISTRY and keep them in registryd (a 0600 file)."""
+    if password_stdin:
+        if password:
+            fail("give the password either with --password or on stdin, not both")
+        password = sys.stdin.read().rstrip("\r\n")
+        if not username:
+            fail("--password-stdin needs --username")
+    if not username:
+        username = click.prompt("Username", err=True)
+    if not password:
+        password = click.prompt("Password", hide_input=True, err=True)
+
+    async def run() -> str:
+        client = Client()
+        try:
+            host: str = await client.registryd.login(registry, username, password)
+            return host
+        finally:
+            client.close()
+
+    host = asyncio.run(run())
+    click.echo(f"logged in to {host} as {username}")
+
+
+@click.command()
+@click.argument("registry")
+def logout(registry: str) -> None:
+    """Forget the credentials registryd keeps for REGISTRY."""
+
+    async def run() -> bool:
+        client = Client()
+        try:
+            removed: bool = await client.registryd.logout(registry)
+            return removed
+        finally:
+            client.close()
+
+    if asyncio.run(run()):
+        click.echo(f"logged out of {registry}")
+    else:
+        click.echo(f"no credentials were kept for {registry}")
+
+
+# ---------------------------------------------------------------- export
+
+
+@click.command()
+@click.argument("image_name", metavar="IMAGE")
+@click.option("--output", "-o", "output", required=True, help="the archive file to write")
+@click.option("--gzip", "compress", is_flag=True, help="gzip the whole archive")
+def export(image_name: str, output: str, compress: bool) -> None:
+    """Write IMAGE to FILE as an oci-archive (`image import` reads it back)."""
+    target = Path(output).absolute()
+    if target.is_dir():
+        fail(f"{target} is a directory; give a file name with -o")
+    # Written beside the target and renamed at the end: a failure leaves no half archive.
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror}")
+    try:
+
+        async def start(client: Client) -> int:
+            try:
+                job_id: int = await client.registryd.export_image(image_name, fd, compress)
+            finally:
+                os.close(fd)  # the daemon holds its own copy
+            return job_id
+
+        result = asyncio.run(_run_job(start, "export", False))
+        os.rename(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    info = ImageInfo.model_validate_json(result)
+    click.echo(f"exported {', '.join(info.names) or info.id} to {target}")
+
+
+# ---------------------------------------------------------------- system prune
+
+
+@click.group()
+def system() -> None:
+    """Node-wide housekeeping."""
+
+
+@system.command("prune")
+@click.option("--force", "-f", is_flag=True, help="do not ask for confirmation")
+@format_option
+def prune(force: bool, output_format: str) -> None:
+    """Remove images no replica uses, and blobs and layers no image references."""
+    if not force:
+        click.confirm(
+            "This removes every image no replica uses, and their blobs and layers. Continue?",
+            abort=True,
+            err=True,
+        )
+
+    async def run() -> dict[str, Any]:
+        client = Client()
+        try:
+            raw: str = await client.registryd.prune()
+        finally:
+            client.close()
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    result = asyncio.run(run())
+    if output_format == "json":
+        print_json(result)
+        return
+    from ctl.image_cmd import human_size
+
+    for name in result["images"]:
+        click.echo(f"removed {name}")
+    click.echo(
+        f"pruned {len(result['images'])} images and {len(result['blobs'])} blobs, "
+        f"{human_size(int(result['bytes']))} freed"
+    )

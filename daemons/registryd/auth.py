@@ -1,0 +1,241 @@
+"""Registry credentials and bearer tokens: what registryd presents to a registry.
+
+Where credentials come from, in order:
+
+1. The credential zlayerctl passes along with a pull or push. zlayerctl runs
+   as the user, registryd as root (or a system user under systemd), so only
+   zlayerctl can read the auth files that user already has from Docker or
+   Podman: ``$REGISTRY_AUTH_FILE``, ``${XDG_RUNTIME_DIR}/containers/auth.json``,
+   ``~/.docker/config.json`` (:func:`user_credential` reads them). It passes
+   the one entry for the registry in question, nothing else.
+2. registryd's own file, written by ``zlayerctl login``: ``auth.json`` in its
+   state directory, mode 0600, in the same format as Docker's
+   ``config.json`` (``{"auths": {"registry": {"auth": base64("user:pass")}}}``),
+   so an operator can also copy one in.
+3. The system-wide ``/etc/containers/auth.json``.
+
+Bearer tokens obtained from a registry's token realm are cached per
+(realm, service, scope) and reused until shortly before they expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.reference import DEFAULT_DOMAIN
+
+SYSTEM_AUTH_FILE = Path("/etc/containers/auth.json")
+# Docker Hub appears under several spellings in people's auth files.
+DOCKER_HUB_KEYS = (
+    "docker.io",
+    "https://index.docker.io/v1/",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "https://registry-1.docker.io",
+)
+TOKEN_SLACK = 10.0  # seconds before expiry a token is no longer handed out
+DEFAULT_TOKEN_LIFETIME = 60.0  # the token spec's default for a missing expires_in
+
+
+@dataclass(frozen=True)
+class Credential:
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        """The value of an ``Authorization: Basic`` header."""
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def encoded(self) -> str:
+        """The ``auth`` field of a Docker config entry."""
+        return base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+    @classmethod
+    def decode(cls, auth: str) -> Credential | None:
+        """The credential in a Docker config ``auth`` field; None if it is not one."""
+        try:
+            text = base64.b64decode(auth, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        username, colon, password = text.partition(":")
+        return cls(username, password) if colon and username else None
+
+
+def registry_keys(registry: str) -> tuple[str, ...]:
+    """The keys a registry may have in an auth file."""
+    if registry == DEFAULT_DOMAIN:
+        return DOCKER_HUB_KEYS
+    return (registry, f"https://{registry}", f"http://{registry}")
+
+
+def _entry_from_file(path: Path, registry: str) -> Credential | None:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    auths = document.get("auths") if isinstance(document, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    normalised = {str(key).rstrip("/"): value for key, value in auths.items()}
+    for key in registry_keys(registry):
+        entry = auths.get(key) or normalised.get(key.rstrip("/"))
+        if isinstance(entry, dict):
+            auth = entry.get("auth")
+            if isinstance(auth, str) and auth:
+                return Credential.decode(auth)
+            username, password = entry.get("username"), entry.get("password")
+            if isinstance(username, str) and isinstance(password, str) and username:
+                return Credential(username, password)
+    return None
+
+
+def user_auth_files(environ: dict[str, str] | None = None) -> list[Path]:
+    """The auth files of the user running zlayerctl, most specific first."""
+    env = os.environ if environ is None else environ
+    files: list[Path] = []
+    if env.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(env["REGISTRY_AUTH_FILE"]))
+    if env.get("XDG_RUNTIME_DIR"):
+        files.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    docker_config = env.get("DOCKER_CONFIG")
+    if docker_config:
+        files.append(Path(docker_config) / "config.json")
+    elif env.get("HOME"):
+        files.append(Path(env["HOME"]) / ".docker" / "config.json")
+    return files
+
+
+def user_credential(registry: str, environ: dict[str, str] | None = None) -> str:
+    """The user's Docker/Podman credential for ``registry``, encoded; "" if none."""
+    for path in user_auth_files(environ):
+        found = _entry_from_file(path, registry)
+        if found is not None:
+            return found.encoded()
+    return ""
+
+
+class CredentialStore:
+    """registryd's own credentials (``zlayerctl login``), in a 0600 Docker-format file."""
+
+    def __init__(self, path: Path, system_file: Path = SYSTEM_AUTH_FILE) -> None:
+        self.path = path
+        self.system_file = system_file
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            document = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"auths": {}}
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {"auths": {}}
+        if not isinstance(document, dict) or not isinstance(document.get("auths"), dict):
+            return {"auths": {}}
+        return document
+
+    def _write(self, document: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex}"
+        # Created 0600 from the start: a password never sits in a readable file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(document, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def get(self, registry: str) -> Credential | None:
+        found = _entry_from_file(self.path, registry)
+        if found is None:
+            found = _entry_from_file(self.system_file, registry)
+        return found
+
+    def set(self, registry: str, credential: Credential) -> None:
+        document = self._read()
+        document["auths"][registry] = {"auth": credential.encoded()}
+        self._write(document)
+
+    def remove(self, registry: str) -> bool:
+        document = self._read()
+        removed = False
+        for key in registry_keys(registry):
+            if document["auths"].pop(key, None) is not None:
+                removed = True
+        if removed:
+            self._write(document)
+        return removed
+
+
+# ---------------------------------------------------------------- challenges and tokens
+
+_PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A ``WWW-Authenticate`` challenge: ``Basic realm=...`` or ``Bearer realm=,service=``."""
+
+    scheme: str  # "basic" or "bearer", lowercase
+    params: dict[str, str]
+
+    @property
+    def realm(self) -> str:
+        return self.params.get("realm", "")
+
+    @property
+    def service(self) -> str:
+        return self.params.get("service", "")
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """The first challenge in a ``WWW-Authenticate`` header; None if it has none."""
+    text = header.strip()
+    if not text:
+        return None
+    scheme, _, rest = text.partition(" ")
+    params = {
+        match.group(1).lower(): (
+            match.group(2).replace('\\"', '"') if match.group(2) is not None else match.group(3)
+        )
+        for match in _PARAM_RE.finditer(rest)
+    }
+    return Challenge(scheme.lower(), params)
+
+
+class TokenCache:
+    """Bearer tokens by (realm, service, scope), kept until just before they expire."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[str, str, str, str], tuple[str, float]] = {}
+
+    def get(self, realm: str, service: str, scope: str, who: str) -> str | None:
+        found = self._tokens.get((realm, service, scope, who))
+        if found is None:
+            return None
+        token, expires = found
+        if time.monotonic() >= expires - TOKEN_SLACK:
+            del self._tokens[(realm, service, scope, who)]
+            return None
+        return token
+
+    def put(
+        self, realm: str, service: str, scope: str, who: str, token: str, lifetime: float
+    ) -> None:
+        self._tokens[(realm, service, scope, who)] = (token, time.monotonic() + lifetime)
+
+    def forget(self, realm: str, service: str, scope: str, who: str) -> None:
+        self._tokens.pop((realm, service, scope, who), None)

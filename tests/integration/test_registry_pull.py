@@ -1,0 +1,456 @@
+"""zlayer-registryd pulling from a real registry (Debian's docker-registry), through zlayerctl.
+
+The registries hold images skopeo put there. Faults come from a small proxy
+in front of the registry (tampered blob, a connection cut half way, a slow
+blob) and from killing registryd by PID mid-pull.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctl.supervisor import find_executable
+from shared import busybox_image as builder
+from shared.bus import NotFoundError, UnavailableError
+from tests.integration.test_registryd import Registryd
+from tests.integration.test_registryd import registryd as registryd
+from tests.registry_fixture import (
+    PASSWORD,
+    USER,
+    Registry,
+    TokenServer,
+    fault_proxy,
+    free_port,
+    htpasswd_auth,
+    oci_manifest_digest,
+    put_manifest,
+    skopeo_copy,
+    start_registry,
+)
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+@pytest.fixture(scope="module")
+def registry(busybox_image: dict[str, Path]) -> Iterator[Registry]:
+    """An anonymous registry holding busybox:1 (pushed by skopeo)."""
+    server = start_registry()
+    try:
+        skopeo_copy(f"oci:{busybox_image['oci']}", f"docker://{server.host}/busybox:1")
+        yield server
+    finally:
+        server.stop()
+
+
+def pulled(registryd: Registryd, reference: str, *extra: str) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(registryd.ok("pull", reference, "--format", "json", *extra))
+    return info
+
+
+def ctl_with_stdin(registryd: Registryd, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [find_executable("zlayerctl"), *args],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address),
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def assert_no_partials(registryd: Registryd) -> None:
+    assert os.listdir(registryd.store / "partial") == []
+    assert os.listdir(registryd.store / "tmp") == []
+
+
+# ---------------------------------------------------------------- anonymous pull
+
+
+def test_anonymous_pull_stores_unpacks_and_shares_blobs_with_imports(
+    registryd: Registryd, registry: Registry, busybox_image: dict[str, Path]
+) -> None:
+    out = registryd.ok("pull", f"{registry.host}/busybox:1")
+    name = f"{registry.host}/busybox:1"
+    info = registryd.images()[0]
+    assert out.strip() == f"pulled {name}: {info['id']}"
+    assert info["names"] == [name]
+    assert info["manifest_digest"] == oci_manifest_digest(busybox_image["oci"])
+    assert len(registryd.blobs()) == 3 and len(registryd.layers()) == 1
+    rootfs = registryd.ensure(name, "never")
+    assert os.access(Path(rootfs.lower_dirs[0]) / "bin/busybox", os.X_OK)
+    assert rootfs.config.cmd == ["sh"]
+    assert_no_partials(registryd)
+
+    # The import of the same image finds every blob and layer already there.
+    blobs, layers = registryd.blobs(), registryd.layers()
+    imported = registryd.import_(busybox_image["oci"])
+    assert imported.id == info["id"] and registryd.blobs() == blobs
+    assert registryd.layers() == layers
+
+    # A second pull asks the registry, finds the same manifest, fetches nothing.
+    again = pulled(registryd, name)
+    assert again["id"] == info["id"]
+    jobs = json.loads(registryd.call("list_jobs"))
+    assert [job["kind"] for job in jobs] == ["pull", "pull"]
+    assert all(job["state"] == "done" for job in jobs)
+    assert [item["state"] for item in jobs[-1]["items"]] == ["exists"]
+    assert jobs[0]["items"][0]["total"] == jobs[0]["items"][0]["done"] > 100_000
+
+
+def test_multi_platform_index_picks_this_node(
+    registryd: Registryd, registry: Registry, workdir: Path
+) -> None:
+    native = builder.busybox_image("localhost/multi:native")
+    foreign = builder.make_image(
+        [builder.make_tar([builder.Entry("foreign", "file", b"not for this node")])],
+        "localhost/multi:foreign",
+    )
+    foreign.config["architecture"] = "s390x" if native.config["architecture"] != "s390x" else "arm"
+    for tag, image in (("native", native), ("foreign", foreign)):
+        layout = builder.write_oci_layout(image, workdir / tag)
+        skopeo_copy(f"oci:{layout}", f"docker://{registry.host}/multi:{tag}")
+    descriptors = []
+    for tag, image in (("foreign", foreign), ("native", native)):
+        _, digest = _head_manifest(registry, "multi", tag)
+        size = len(_get_manifest(registry, "multi", digest))
+        descriptors.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest,
+                "size": size,
+                "platform": {"os": "linux", "architecture": image.config["architecture"]},
+            }
+        )
+    inner = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+    inner_digest = put_manifest(registry, "multi", "inner", inner)
+    outer = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": OCI_INDEX,
+                "digest": inner_digest,
+                "size": len(json.dumps(inner).encode()),
+            }
+        ],
+    }
+    put_manifest(registry, "multi", "1", outer)
+
+    info = pulled(registryd, f"{registry.host}/multi:1")
+    assert info["architecture"] == native.config["architecture"]
+    assert info["manifest_digest"] == descriptors[1]["digest"]
+    (layer,) = registryd.ensure(f"{registry.host}/multi:1", "never").lower_dirs
+    assert (Path(layer) / "bin/busybox").is_file()
+
+    # An index with nothing for this node says what it has.
+    only_foreign = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors[:1]}
+    put_manifest(registry, "multi", "foreign-only", only_foreign)
+    message = registryd.failure("pull", f"{registry.host}/multi:foreign-only")
+    assert "has no image for this node's platform linux/" in message
+    assert foreign.config["architecture"] in message
+
+
+def _get_manifest(registry: Registry, repository: str, reference: str) -> bytes:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{registry.url}/v2/{repository}/manifests/{reference}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return bytes(response.read())
+
+
+def _head_manifest(registry: Registry, repository: str, reference: str) -> tuple[int, str]:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{registry.url}/v2/{repository}/manifests/{reference}",
+        method="HEAD",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, str(response.headers["Docker-Content-Digest"])
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+# ---------------------------------------------------------------- auth
+
+
+@pytest.fixture(scope="module")
+def basic_registry(
+    busybox_image: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Registry]:
+    server = start_registry(htpasswd_auth(tmp_path_factory.mktemp("htpasswd")))
+    try:
+        skopeo_copy(
+            f"oci:{busybox_image['oci']}",
+            f"docker://{server.host}/private/busybox:1",
+            f"--dest-creds={USER}:{PASSWORD}",
+        )
+        yield server
+    finally:
+        server.stop()
+
+
+def test_basic_auth_login_logout_and_the_users_own_auth_file(
+    registryd: Registryd, basic_registry: Registry, tmp_path: Path
+) -> None:
+    image = f"{basic_registry.host}/private/busybox:1"
+    message = registryd.failure("pull", image)
+    assert message == (
+        f"error: the registry {basic_registry.host} wants credentials for private/busybox; "
+        f"run `zlayerctl login {basic_registry.host}`"
+    )
+    wrong = ctl_with_stdin(
+        registryd, "wrong\n", "login", basic_registry.host, "-u", USER, "--password-stdin"
+    )
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip() == (
+        f"error: the registry refused the credentials for {basic_registry.host} (user {USER}); "
+        f"run `zlayerctl login {basic_registry.host}`"
+    )
+    assert not (registryd.store / "auth.json").exists()
+
+    done = ctl_with_stdin(
+        registryd, PASSWORD + "\n", "login", basic_registry.host, "-u", USER, "--password-stdin"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"logged in to {basic_registry.host} as {USER}"
+    auth_file = registryd.store / "auth.json"
+    assert stat.S_IMODE(auth_file.stat().st_mode) == 0o600
+    assert PASSWORD not in auth_file.read_text()  # base64, as Docker keeps it
+    assert pulled(registryd, image)["names"] == [image]
+
+    assert registryd.ok("logout", basic_registry.host).strip() == (
+        f"logged out of {basic_registry.host}"
+    )
+    assert "wants credentials" in registryd.failure("pull", image)
+
+    # A Docker config.json the user already has is enough, with no login.
+    docker_config = tmp_path / "docker"
+    docker_config.mkdir()
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    (docker_config / "config.json").write_text(
+        json.dumps({"auths": {basic_registry.host: {"auth": token}}})
+    )
+    ok = registryd.ctl("pull", image, env={"DOCKER_CONFIG": str(docker_config)})
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_bearer_token_flow_against_a_test_token_realm(
+    registryd: Registryd, busybox_image: dict[str, Path], tmp_path: Path
+) -> None:
+    """The registry itself runs token auth, trusting the test's signing certificate."""
+    tokens = TokenServer(tmp_path)
+    server = start_registry(tokens.registry_auth())
+    try:
+        skopeo_copy(
+            f"oci:{busybox_image['oci']}",
+            f"docker://{server.host}/team/busybox:1",
+            f"--dest-creds={USER}:{PASSWORD}",
+        )
+        tokens.requests.clear()
+        image = f"{server.host}/team/busybox:1"
+        assert "wants credentials" in registryd.failure("pull", image)
+        assert tokens.requests[-1] == {
+            "scopes": ["repository:team/busybox:pull"],
+            "authorized": False,
+        }
+
+        registryd.ok("login", server.host, "-u", USER, "-p", PASSWORD)
+        tokens.requests.clear()
+        info = pulled(registryd, image)
+        assert info["names"] == [image]
+        # One token for the repository's pull scope, reused for the manifest and every blob.
+        assert tokens.requests == [{"scopes": ["repository:team/busybox:pull"], "authorized": True}]
+        pulled(registryd, image)
+        assert len(tokens.requests) == 1  # still valid: reused by the next pull
+
+        message = registryd.failure("login", server.host, "-u", USER, "-p", "nope")
+        assert "the registry refused the credentials for" in message
+    finally:
+        server.stop()
+        tokens.close()
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_a_corrupted_blob_is_rejected_and_nothing_corrupt_is_kept(
+    registryd: Registryd, registry: Registry, busybox_image: dict[str, Path]
+) -> None:
+    layer = _layer_digest(busybox_image)
+    with fault_proxy(registry.url) as proxy:
+        proxy.tamper.add(layer)
+        message = registryd.failure("pull", f"{proxy.host}/busybox:1")
+    assert "does not match its digest" in message and "nothing was kept" in message
+    registryd.assert_empty()
+    assert_no_partials(registryd)
+
+
+def test_an_interrupted_download_resumes_with_a_range_request(
+    registryd: Registryd, registry: Registry, busybox_image: dict[str, Path]
+) -> None:
+    layer = _layer_digest(busybox_image)
+    with fault_proxy(registry.url) as proxy:
+        proxy.cut_once.add(layer)
+        info = pulled(registryd, f"{proxy.host}/busybox:1")
+        ranges = [header for digest, header in proxy.ranges if digest == layer]
+    assert ranges[0] == "" and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+    assert info["layers"] == [layer]
+    assert registryd.ensure(info["id"], "never").lower_dirs
+    assert_no_partials(registryd)
+
+
+def test_registryd_killed_mid_pull_resumes_after_restart(
+    registryd: Registryd, registry: Registry, busybox_image: dict[str, Path]
+) -> None:
+    layer = _layer_digest(busybox_image)
+    partial = registryd.store / "partial" / layer.removeprefix("sha256:")
+    with fault_proxy(registry.url) as proxy:
+        proxy.slow = True
+        image = f"{proxy.host}/busybox:1"
+        puller = subprocess.Popen(
+            [find_executable("zlayerctl"), "pull", image],
+            env=dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (partial.exists() and partial.stat().st_size > 200_000):
+                assert time.monotonic() < deadline, "the download never got going"
+                time.sleep(0.02)
+            assert registryd.process is not None
+            registryd.process.send_signal(signal.SIGKILL)
+            registryd.process.communicate(timeout=10)
+            registryd.process = None
+            _, err = puller.communicate(timeout=30)
+        finally:
+            if puller.poll() is None:
+                puller.kill()
+                puller.communicate()
+        assert puller.returncode == 1 and "Traceback" not in err
+        kept = partial.stat().st_size
+        assert kept > 200_000
+
+        registryd.start()
+        assert registryd.images() == []
+        proxy.slow = False
+        proxy.ranges.clear()
+        info = pulled(registryd, image)
+        assert (layer, f"bytes={kept}-") in proxy.ranges
+    assert registryd.ensure(info["id"], "never").lower_dirs
+    assert_no_partials(registryd)
+
+
+def test_clear_sentences_for_a_wrong_tag_and_an_unreachable_registry(
+    registryd: Registryd, registry: Registry
+) -> None:
+    assert registryd.failure("pull", f"{registry.host}/busybox:v9") == (
+        "error: the registry has no tag v9 for busybox"
+    )
+    assert registryd.failure("pull", f"{registry.host}/nothing/here:1") == (
+        f"error: the registry {registry.host} has no repository nothing/here"
+    )
+    closed = f"127.0.0.1:{free_port()}"
+    assert registryd.failure("pull", f"{closed}/busybox:1") == (
+        f"error: cannot reach registry {closed}: connection refused"
+    )
+    assert "lowercase" in registryd.failure("pull", "Busybox")
+    registryd.assert_empty()
+
+
+def test_a_registry_that_dies_mid_pull_is_one_sentence(
+    registryd: Registryd, registry: Registry
+) -> None:
+    """The proxy is the registry registryd talks to: it goes away mid-blob."""
+    with fault_proxy(registry.url) as proxy:
+        proxy.slow = True
+        puller = subprocess.Popen(
+            [find_executable("zlayerctl"), "pull", f"{proxy.host}/busybox:1"],
+            env=dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            partial_dir = registryd.store / "partial"
+            deadline = time.monotonic() + 30
+            while not any(p.stat().st_size > 100_000 for p in partial_dir.iterdir()):
+                assert time.monotonic() < deadline, "the download never got going"
+                time.sleep(0.02)
+            proxy.die()
+            _, err = puller.communicate(timeout=60)
+        finally:
+            if puller.poll() is None:
+                puller.kill()
+                puller.communicate()
+    assert puller.returncode == 1
+    assert err.strip() == f"error: cannot reach registry {proxy.host}: connection refused"
+    assert registryd.images() == [] and registryd.blobs() == set()
+
+
+def test_mirrors_are_tried_in_order_before_the_registry(
+    registryd: Registryd, registry: Registry
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = registryd.paths.daemon_config("registryd")
+    config.write_text(
+        config.read_text() + f'[mirrors]\n"mirror-only.invalid" = ["{dead}", "{registry.url}"]\n'
+    )
+    registryd.stop()
+    registryd.start()
+    info = pulled(registryd, "mirror-only.invalid/busybox:1")
+    assert info["names"] == ["mirror-only.invalid/busybox:1"]
+
+
+# ---------------------------------------------------------------- EnsureImage and policies
+
+
+def test_ensure_image_pulls_as_the_pull_policy_says(
+    registryd: Registryd, registry: Registry
+) -> None:
+    image = f"{registry.host}/busybox:1"
+    with pytest.raises(NotFoundError, match="pull policy is never"):
+        registryd.ensure(image, "never")
+    rootfs = registryd.ensure(image, "if_not_present")  # not here: pulled
+    assert rootfs.image.names == [image]
+    assert (Path(rootfs.lower_dirs[0]) / "bin/busybox").is_file()
+    assert registryd.ensure(image, "never").image.id == rootfs.image.id
+    assert registryd.ensure(image, "always").image.id == rootfs.image.id
+
+    # newer keeps the local copy when the registry cannot be reached; always does not.
+    with fault_proxy(registry.url) as proxy:
+        through_proxy = f"{proxy.host}/busybox:1"
+        registryd.ensure(through_proxy, "always")
+    assert registryd.ensure(through_proxy, "newer").image.id == rootfs.image.id
+    with pytest.raises(UnavailableError, match=f"cannot reach registry {proxy.host}"):
+        registryd.ensure(through_proxy, "always")
+    assert registryd.ensure(through_proxy, "if_not_present").image.id == rootfs.image.id
+
+
+def _layer_digest(busybox_image: dict[str, Path]) -> str:
+    layout = busybox_image["oci"]
+    manifest_hex = oci_manifest_digest(layout).removeprefix("sha256:")
+    manifest = json.loads((layout / "blobs/sha256" / manifest_hex).read_text())
+    return str(manifest["layers"][0]["digest"])
