@@ -14,6 +14,7 @@ the file, fit to show a person as it is.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 from pathlib import Path
 from typing import Literal
@@ -527,7 +528,10 @@ def _wasmtime_engine() -> object:
     if _engine is None:
         import wasmtime
 
-        _engine = wasmtime.Engine()
+        engine = wasmtime.Engine()
+        # Closed before interpreter shutdown tears down the bindings its finaliser needs.
+        atexit.register(engine.close)
+        _engine = engine
     return _engine
 
 
