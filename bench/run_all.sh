@@ -12,3 +12,6 @@ echo "== idle memory"
 echo
 echo "== replica start (root: runs containers)"
 "$python" "$here/replica_start.py"
+echo
+echo "== kernel L4 path (root: namespaces, nftables; wrk)"
+"$python" "$here/l4_kernel.py"
