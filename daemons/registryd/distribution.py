@@ -709,7 +709,7 @@ class Repository:
                 ) as response:
                     await self._expect_created(response, digest)
             finally:
-                await asyncio.to_thread(_close, handle)
+                handle.close()  # aiohttp may have closed it already; closing twice is fine
             on_progress(size)
             return
         offset = 0
@@ -738,7 +738,7 @@ class Repository:
                 offset = end + 1
                 on_progress(offset)
         finally:
-            await asyncio.to_thread(_close, handle)
+            handle.close()
         async with self.request(
             "PUT",
             location.update_query({"digest": digest}),
