@@ -51,7 +51,7 @@ def wasm() -> None:
 
 
 @wasm.command("validate")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option(
     "--kind",
     type=click.Choice(["module", "component"]),
@@ -69,7 +69,7 @@ def validate_(file: str, kind: str | None, output_format: str) -> None:
 
 
 @wasm.command("info")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @format_option
 def info(file: str, output_format: str) -> None:
     """Show what FILE is: module or component, its imports and exports, its WASI version."""
@@ -132,7 +132,7 @@ def _default_output(file: str) -> str:
 
 
 @wasm.command("export")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--name", "-n", required=True, help="the image name, e.g. registry.example/hello:1")
 @click.option(
     "--output",
@@ -188,7 +188,7 @@ async def _wait_job(client: Client, job_id: int, timeout: float) -> JobInfo:
 
 
 @wasm.command("push")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("reference")
 @click.option(
     "--tls-verify/--no-tls-verify",

@@ -119,6 +119,10 @@ def test_bad_binaries_get_one_sentence(binaries: dict[str, Path]) -> None:
     )
     missing = str(binaries["dir"] / "missing.wasm")
     assert one_sentence(zlayerctl("wasm", "info", missing)) == f"{missing} does not exist"
+    folder = str(binaries["dir"])
+    assert one_sentence(zlayerctl("wasm", "validate", folder)) == (
+        f"{folder} is a directory, not a WebAssembly file"
+    )
 
 
 # ---------------------------------------------------------------- registryd
