@@ -33,8 +33,10 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     paths = Paths(prefix)
     write_test_config(paths, network_tag="zle")
     http_port = free_port()
-    with paths.daemon_config("proxyd").open("a") as handle:
-        handle.write(f"http_port = {http_port}\nhttps_port = {free_port()}\naccess_log = false\n")
+    paths.daemon_config("proxyd").write_text(
+        f"metrics_port = 0\nhttp_port = {http_port}\nhttps_port = {free_port()}\n"
+        "access_log = false\n"
+    )
     node = Node(paths, tmp_path_factory.mktemp("work"), http_port)
     image_dir = write_oci_layout(busybox_image(), tmp_path_factory.mktemp("image") / "oci")
     try:
