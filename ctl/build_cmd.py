@@ -21,19 +21,22 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
-from daemons.registryd.build import runtimes
-from daemons.registryd.build.located import BuildFileError
-from daemons.registryd.build.pipeline import Pipeline, PlannedImage, load_pipeline
 from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from shared.bus import NotFoundError
 from shared.jobs import JobInfo
 from shared.reference import InvalidReferenceError, parse_reference
+
+if TYPE_CHECKING:
+    from daemons.registryd.build.pipeline import Pipeline, PlannedImage
+
+# The format modules (YAML, the spec's error types) load only when a command
+# needs them, so every other zlayerctl command starts as fast as before.
 
 POLL_SECONDS = 0.2
 PIPELINE_FILES = ("ZPipeline.yaml", "ZPipeline.yml")
@@ -270,6 +273,8 @@ def build(
 @format_option
 def runtimes_(name: str | None, output_format: str) -> None:
     """List the runtime templates, or print the Dockerfile of template NAME."""
+    from daemons.registryd.build import runtimes
+
     if name:
         if name not in runtimes.TEMPLATES:
             from daemons.registryd.build.located import suggestion
@@ -364,6 +369,9 @@ def pipeline(
     path: str | None, overrides: tuple[str, ...], only: str, push: bool, output_format: str
 ) -> None:
     """Build the images of a ZPipeline in dependency order."""
+    from daemons.registryd.build.located import BuildFileError
+    from daemons.registryd.build.pipeline import load_pipeline
+
     filename = _pipeline_file(path)
     try:
         loaded = load_pipeline(filename, _pairs(overrides, "--set"))
