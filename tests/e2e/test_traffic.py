@@ -129,6 +129,12 @@ def test_discovery_proxy_and_kernel_path_follow_health(node: Node) -> None:
         "web.service.local to answer the three replicas",
     )
     assert resolve_inside(node, "web-2.web.service.local") <= set(replicas)
+    records = json.loads(node.ctl("dns", "-d", "shop", "--format", "json", check=True).stdout)
+    by_name = {r["name"]: set(r["addresses"]) for r in records}
+    assert by_name["web.service.local"] == set(replicas)
+    routes = json.loads(node.ctl("routes", "-d", "shop", "--format", "json", check=True).stdout)
+    http_route = next(r for r in routes if r["protocol"] == "http")
+    assert {b.split(":")[0] for b in http_route["backends"]} == set(replicas)
     fetched = node.ctl(
         "exec", "web", "-d", "shop", "--", "wget", "-qO-", "http://web.service.local:8080/"
     )
