@@ -15,6 +15,7 @@ from ctl.registry_cmd import export, login, logout, pull, system
 from ctl.replica_cmd import exec_, logs
 from ctl.spec_cmd import spec, validate
 from ctl.status_cmd import status
+from ctl.traffic_cmd import dns, routes
 from ctl.wasm_cmd import wasm
 from shared import __version__
 
@@ -31,6 +32,8 @@ cli.add_command(daemon)
 for command in (up, down, deploy, rollback, ps, events, stop, scale, job, logs, exec_):
     cli.add_command(command)
 cli.add_command(status)
+cli.add_command(routes)
+cli.add_command(dns)
 cli.add_command(validate)
 cli.add_command(spec)
 cli.add_command(image)
