@@ -36,7 +36,7 @@ from shared.jobs import JobInfo
 from shared.models import ImageInfo
 from shared.reference import InvalidReferenceError, parse_reference
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.2)  # quick first looks: a warm pull ends in ms
 POLICIES = ("always", "newer", "if_not_present", "never")
 
 
@@ -61,6 +61,7 @@ async def wait_job(client: Client, job_id: int, what: str, show: bool) -> JobInf
         transient=False,
     )
     bars: dict[str, TaskID] = {}
+    polls = 0
     with progress:
         while True:
             try:
@@ -84,7 +85,8 @@ async def wait_job(client: Client, job_id: int, what: str, show: bool) -> JobInf
                 )
             if info.state != "running":
                 return info
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(POLL_SECONDS[min(polls, len(POLL_SECONDS) - 1)])
+            polls += 1
 
 
 def _finish(info: JobInfo) -> str:

@@ -1,0 +1,123 @@
+"""Pull of a multi-layer image from a local registry: ZLayer against skopeo, same run.
+
+The bench starts Debian's docker-registry on a free port and pushes into it
+(with skopeo) an image of ``--layers`` layers, each ``--layer-mb`` MB of
+random data (gzip cannot shrink it) on top of busybox. Then, ``--runs``
+times, taking turns:
+
+cold   ZLayer: ``zlayerctl pull IMAGE`` into an empty store (the image was
+       removed with ``image rm`` first, which deletes its blobs and layers):
+       manifest, blobs downloaded and verified, layers unpacked, image named.
+       skopeo: ``skopeo copy docker://IMAGE oci:DIR`` into an empty DIR:
+       manifest and blobs downloaded and verified, nothing unpacked.
+warm   ZLayer: the same ``zlayerctl pull`` again with the image stored: the
+       registry is asked for the manifest, every blob is found in the store.
+       skopeo: the same copy again into the DIR that already holds every blob
+       (skopeo reuses blobs the destination has).
+
+Both are timed as whole processes, as a user runs them. The figure is the
+median; the ratio is ZLayer's over skopeo's (below 1: ZLayer is faster).
+
+    .venv/bin/python bench/pull.py [--runs N] [--layers N] [--layer-mb MB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._cluster import Cluster, print_table, running_daemons
+from shared import busybox_image as builder
+from tests.registry_fixture import skopeo_copy, start_registry
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} failed: {result.stderr.strip()}")
+    return elapsed
+
+
+def make_layers(count: int, size_mb: int) -> list[bytes]:
+    layers = [builder.make_tar(builder.busybox_entries())]
+    for number in range(count):
+        layers.append(
+            builder.make_tar(
+                [builder.Entry(f"data{number}", "file", os.urandom(size_mb << 20), mode=0o644)]
+            )
+        )
+    return layers
+
+
+def measure(cluster: Cluster, image: str, work: Path, runs: int) -> None:
+    ctl = [shutil.which("zlayerctl") or str(Path(sys.executable).parent / "zlayerctl")]
+    skopeo = ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "--quiet"]
+    results: dict[str, list[float]] = {k: [] for k in ("zc", "sc", "zw", "sw")}
+    for run in range(runs):
+        cluster.zlayerctl("image", "rm", "--force", image)
+        target = work / f"oci-{run}"
+        results["zc"].append(timed([*ctl, "pull", image, "--format", "json"], cluster.env))
+        results["sc"].append(timed([*skopeo, f"docker://{image}", f"oci:{target}"]))
+        results["zw"].append(timed([*ctl, "pull", image, "--format", "json"], cluster.env))
+        results["sw"].append(timed([*skopeo, f"docker://{image}", f"oci:{target}"]))
+        shutil.rmtree(target, ignore_errors=True)
+        print(f"run {run + 1}/{runs} done", file=sys.stderr)
+
+    def row(what: str, ours: list[float], peer: list[float]) -> list[str]:
+        a, b = statistics.median(ours), statistics.median(peer)
+        return [what, f"{a * 1000:.0f} ms", f"{b * 1000:.0f} ms", f"{a / b:.2f}"]
+
+    print_table(
+        ["pull", "zlayer (median)", "skopeo (median)", "ratio zlayer/skopeo"],
+        [
+            row("cold: empty store / empty dir", results["zc"], results["sc"]),
+            row("warm: every blob already here", results["zw"], results["sw"]),
+        ],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=5)
+    parser.add_argument("--layer-mb", type=int, default=4)
+    args = parser.parse_args()
+    for tool in ("skopeo", "docker-registry"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed (apt-get install {tool})")
+    work = Path(tempfile.mkdtemp(prefix="zlbench-pull-"))
+    registry = None
+    try:
+        layers = make_layers(args.layers, args.layer_mb)
+        layout = builder.write_oci_layout(
+            builder.make_image(layers, "localhost/bench:1"), work / "layout"
+        )
+        registry = start_registry()
+        image = f"{registry.host}/bench/layers:1"
+        skopeo_copy(f"oci:{layout}", f"docker://{image}")
+        total = sum(len(layer) for layer in layers) / 1e6
+        print(
+            f"image: {len(layers)} layers, {total:.0f} MB uncompressed, "
+            f"from a local docker-registry; {args.runs} runs each",
+        )
+        with running_daemons() as cluster:
+            measure(cluster, image, work, args.runs)
+    finally:
+        if registry is not None:
+            registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
