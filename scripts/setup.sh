@@ -67,5 +67,18 @@ echo "==> deploying examples/static-web.zlayer.yml"
 "$bindir/zlayerctl" ps --containers
 address=$("$bindir/zlayerctl" ps --containers --format json |
     "$home/bin/python" -c 'import json, sys; print(json.load(sys.stdin)[0]["address"])')
-echo "==> curl http://$address:8080/"
-curl -fsS "http://$address:8080/" || wget -qO- "http://$address:8080/"
+echo "==> curl http://$address:8080/ (one replica, on the node network)"
+curl -fsS "http://$address:8080/"
+
+# The same page through the node's front door: proxyd on port 80, and the
+# tcp endpoint on 9080 by nftables DNAT. Routes follow within a second.
+for url in http://127.0.0.1/ http://127.0.0.1:9080/; do
+    echo "==> curl $url"
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        curl -fsS "$url" && break
+        sleep 1
+    done
+done
+"$bindir/zlayerctl" routes
+echo "==> a replica resolves web.service.local (the service DNS)"
+"$bindir/zlayerctl" exec web -d static-web -- nslookup web.service.local

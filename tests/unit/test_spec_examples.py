@@ -75,7 +75,7 @@ def test_static_web_example_is_what_it_says() -> None:
     web = spec.services["web"]
     assert web.image.name == "zlayer/busybox:latest"
     assert spec_to_data(spec)["services"]["web"]["scale"] == {"mode": "fixed", "replicas": 3}
-    assert [e.protocol for e in web.endpoints] == ["http"]
+    assert [e.protocol for e in web.endpoints] == ["http", "tcp"]
 
 
 @pytest.mark.parametrize("name", UPSTREAM_VALID)
