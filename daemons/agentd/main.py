@@ -14,6 +14,8 @@ from shared.bus import DAEMONS_BY_NAME, Agent1, proxy
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.models import Attachment, ImageRootfs, ReplicaInfo, ServiceAssignment
 
+NEIGHBOUR_CALL_USEC = 30 * 60 * 1_000_000
+
 
 class BusNeighbours:
     """registryd and overlayd, reached over the bus."""
@@ -106,6 +108,9 @@ class AgentDaemon(Daemon):
 
         self.runtime = RuntimeLauncher(self.paths)
         await self.runtime.prepare()
+        # EnsureImage may pull a large image; the bus default (25 s) would cut it short.
+        if self.bus is not None:
+            self.bus.method_call_timeout_usec = NEIGHBOUR_CALL_USEC
         self.node = Node(
             self.paths.daemon_state("agentd"), self.runtime, BusNeighbours(self.bus), self._changed
         )

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from daemons.agentd import probes
-from shared.bus import NotFoundError, ZLayerError
+from shared.bus import NotFoundError, NotSupportedError, ZLayerError
 from shared.models import (
     Attachment,
     HealthState,
@@ -459,6 +459,11 @@ class Node:
         record, spec = replica.record, replica.spec
         self._update(replica, state="creating", message="", health="none")
         rootfs = await self.neighbours.ensure_image(spec.image.name, spec.image.pull_policy)
+        if rootfs.image.runtime == "wasm":
+            raise NotSupportedError(
+                f"{spec.image.name} is a WebAssembly artifact, and this node has no WASM "
+                "runtime yet; deploy an OCI image instead"
+            )
         attachment = None
         if spec.network_mode != "host":
             hostname = spec.hostname or f"{record.service}-{record.instance}"

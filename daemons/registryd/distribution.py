@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import platform
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -189,6 +190,8 @@ def _reason(exc: BaseException, timeout: float) -> str:
         )
     if isinstance(exc, aiohttp.ClientConnectorError):
         error = exc.os_error
+        if isinstance(error, socket.gaierror):
+            return "its name does not resolve (check the name, DNS and the network)"
         if error.errno:
             return os.strerror(error.errno).lower()
         return str(error.strerror or error).lower() or "connection failed"

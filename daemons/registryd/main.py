@@ -347,7 +347,12 @@ class RegistryDaemon(Daemon):
             info = await asyncio.shield(task)
         except UnavailableError as exc:
             rootfs = await self.work(self.store.rootfs, reference)
-            if policy != "newer" or rootfs is None:
+            if rootfs is None:
+                raise UnavailableError(
+                    f"{exc.args[0]}; the image is not on this node either: import it with "
+                    "`zlayerctl image import PATH`, or fix the registry and deploy again"
+                ) from None
+            if policy != "newer":
                 raise
             self.log.warning("using the local %s: %s", reference, exc.args[0])
             return rootfs

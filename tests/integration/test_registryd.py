@@ -30,6 +30,7 @@ from shared.bus import (
     DaemonStatus,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
     open_bus,
     proxy,
 )
@@ -439,12 +440,17 @@ def test_ensure_image_lower_dirs_make_the_image_under_overlayfs(
 
 
 def test_ensure_image_of_a_missing_image_says_how_to_get_it(registryd: Registryd) -> None:
-    with pytest.raises(NotFoundError) as caught:
-        registryd.ensure("nginx:1")
+    # .invalid never resolves (RFC 2606), so this holds with or without a network.
+    with pytest.raises(UnavailableError) as caught:
+        registryd.ensure("registry.invalid/nginx:1")
     assert str(caught.value.args[0]) == (
-        "image docker.io/library/nginx:1 is not on this node; import it with "
-        "`zlayerctl image import PATH` (registry pulls are not available yet)"
+        "cannot reach registry registry.invalid: its name does not resolve (check the name, "
+        "DNS and the network); the image is not on this node either: import it with "
+        "`zlayerctl image import PATH`, or fix the registry and deploy again"
     )
+    with pytest.raises(NotFoundError) as never:
+        registryd.ensure("registry.invalid/nginx:1", "never")
+    assert "its pull policy is never" in str(never.value.args[0])
     with pytest.raises(InvalidArgumentError, match="pull policy"):
         registryd.ensure("nginx:1", "sometimes")
     with pytest.raises(InvalidArgumentError, match="lowercase"):
