@@ -130,6 +130,9 @@ class Replica:
     restart_requested: str = ""
     stopping: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set while the replica is being stopped and removed in the background.
+    removal: asyncio.Task[None] | None = None
+    removed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class RestartDecision:
@@ -264,7 +267,7 @@ class Node:
         for replica in mine:
             allowed = keep.get(replica.record.revision, 0)
             if replica.record.instance > allowed:
-                await self._remove(replica, _grace(replica.spec))
+                self._remove_later(replica, _grace(replica.spec))
         if spec.rtype != "service":
             return
         for revision_spec, revision, count in [
@@ -319,6 +322,29 @@ class Node:
         replica.task = asyncio.create_task(self._lifecycle(replica, adopt=False))
         return replica
 
+    def _remove_later(self, replica: Replica, grace: float) -> None:
+        """Stop and remove a replica without making the caller wait for its grace period.
+
+        The replica shows as stopping at once; when it is gone its service
+        converges again, so a replica of the same id can take its place.
+        """
+        if replica.removal is not None:
+            return
+        self._update(replica, state="stopping", message="stopping: no longer wanted")
+        key = (replica.record.deployment, replica.record.service)
+
+        async def remove() -> None:
+            try:
+                await self._remove(replica, grace)
+            finally:
+                replica.removed.set()
+            async with self._lock:
+                assignment = self.assignments.get(key)
+                if assignment is not None:
+                    await self._converge(assignment)
+
+        replica.removal = asyncio.create_task(remove(), name=f"remove-{replica.record.id}")
+
     async def remove_service(
         self, deployment: str, service: str, timeout: float, force: bool
     ) -> None:
@@ -330,7 +356,12 @@ class Node:
                 if r.record.deployment == deployment
                 and (not service or r.record.service == service)
             ]
-            await asyncio.gather(*(self._remove(r, grace) for r in victims))
+            await asyncio.gather(
+                *(
+                    r.removed.wait() if r.removal is not None else self._remove(r, grace)
+                    for r in victims
+                )
+            )
             for key in [
                 k
                 for k in self.assignments
@@ -369,8 +400,14 @@ class Node:
         (self.record_dir / f"{cid}.json").unlink(missing_ok=True)
 
     async def shutdown(self) -> None:
-        """agentd is stopping: leave containers running (conmon holds them)."""
-        tasks = [r.task for r in self.replicas.values() if r.task is not None]
+        """agentd is stopping: leave containers running (conmon holds them).
+
+        A removal cut short here finishes after the restart: the replica's
+        record is still there, and converging removes it again.
+        """
+        tasks = [
+            task for r in self.replicas.values() for task in (r.task, r.removal) if task is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:

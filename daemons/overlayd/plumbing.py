@@ -159,6 +159,12 @@ def ensure_bridge(bridge: str, gateway: IPv4Address, prefixlen: int) -> list[str
             index = _must_lookup(ip, bridge)
         elif _link(ip, index).get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "bridge":
             raise PlumbingError(f"{bridge} exists and is not a bridge; choose another name")
+        if not _mac_is_fixed(bridge):
+            # A bridge with a random MAC takes its lowest port's: every new
+            # replica could change the gateway's MAC under the others, whose
+            # ARP entries then point nowhere for seconds (lost SYNs, stalls).
+            ip.link("set", index=index, address=bridge_mac(bridge))
+            done.append(f"fixed the MAC address of {bridge}")
         have = {(r.get("address"), r["prefixlen"]) for r in ip.get_addr(family=2, index=index)}
         if (str(gateway), prefixlen) not in have:
             ip.addr("add", index=index, address=str(gateway), prefixlen=prefixlen)
@@ -167,6 +173,20 @@ def ensure_bridge(bridge: str, gateway: IPv4Address, prefixlen: int) -> list[str
             ip.link("set", index=index, state="up")
             done.append(f"brought {bridge} up")
     return done
+
+
+def bridge_mac(bridge: str) -> str:
+    """A stable, locally administered unicast MAC for the bridge, from its name."""
+    digest = hashlib.sha256(f"zlayer-bridge/{bridge}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+def _mac_is_fixed(bridge: str) -> bool:
+    """Whether the bridge's MAC was set (NET_ADDR_SET), so ports cannot change it."""
+    try:
+        return Path(f"/sys/class/net/{bridge}/addr_assign_type").read_text().strip() == "3"
+    except OSError:
+        return False
 
 
 def remove_bridge(bridge: str) -> bool:

@@ -349,8 +349,9 @@ class RegistryDaemon(Daemon):
             rootfs = await self.work(self.store.rootfs, reference)
             if rootfs is None:
                 raise UnavailableError(
-                    f"{exc.args[0]}; the image is not on this node either: import it with "
-                    "`zlayerctl image import PATH`, or fix the registry and deploy again"
+                    f"cannot pull {normalize_reference(reference)}: {exc.args[0]}; it is not "
+                    "on this node either: import it with `zlayerctl image import PATH`, or fix "
+                    "the registry and deploy again"
                 ) from None
             if policy != "newer":
                 raise

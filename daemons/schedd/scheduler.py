@@ -59,6 +59,7 @@ TRAFFIC_REPUSH = 10.0  # re-send an unchanged traffic view, for a restarted over
 DRAIN_SECONDS = 2.0  # old replicas leave rotation this long before they are stopped
 ROLLOUT_MAX_RESTARTS = 3  # a new replica restarting this often fails the rollout
 AUTOSCALE_INTERVAL = 5.0  # seconds between load samples
+SLOW_PASS = 3.0  # a reconcile pass slower than this is logged: a neighbour is slow
 IN_ROTATION = ("healthy", "none")
 
 
@@ -596,7 +597,11 @@ class Scheduler:
         while True:
             try:
                 for name in self.store.names():
+                    started = time.monotonic()
                     await self._reconcile(name)
+                    took = time.monotonic() - started
+                    if took > SLOW_PASS:
+                        log.warning("reconciling %s took %.1fs", name, took)
             except UnavailableError as exc:
                 log.warning("reconcile paused: %s", exc)
             except Exception:
@@ -654,6 +659,9 @@ class Scheduler:
                 await self._cron_tick(name, svc_name, svc.schedule, stored.created_at)
         if not stored.stopped:
             await self._autoscale(name, spec, states, holds, replicas)
+        # Afresh: this pass may have stopped replicas, and a stale view would
+        # send requests to an address that is gone.
+        replicas = await self._replicas(name)
         await self._push_traffic(name, self._traffic(name, spec, states, replicas))
 
     # ------------------------------------------------------------ rollouts

@@ -213,13 +213,14 @@ def test_clear_sentences_for_user_mistakes(node: Node) -> None:
     deployment: missing
     services:
       ghost:
-        image: nope/never:1
+        image: registry.invalid/nope/never:1
         scale: {mode: fixed, replicas: 1}
     """,
     )
     result = node.ctl("up", "-d", str(missing), "--timeout", "60")
     assert result.returncode == 1
-    assert "nope/never:1" in result.stderr and "import" in result.stderr
+    assert "cannot pull registry.invalid/nope/never:1" in result.stderr
+    assert "import it with `zlayerctl image import PATH`" in result.stderr
     node.ctl("down", "missing", check=True)
 
     bad = node.spec(

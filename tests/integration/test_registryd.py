@@ -444,9 +444,10 @@ def test_ensure_image_of_a_missing_image_says_how_to_get_it(registryd: Registryd
     with pytest.raises(UnavailableError) as caught:
         registryd.ensure("registry.invalid/nginx:1")
     assert str(caught.value.args[0]) == (
-        "cannot reach registry registry.invalid: its name does not resolve (check the name, "
-        "DNS and the network); the image is not on this node either: import it with "
-        "`zlayerctl image import PATH`, or fix the registry and deploy again"
+        "cannot pull registry.invalid/nginx:1: cannot reach registry registry.invalid:443: its "
+        "name does not resolve (check the name, DNS and the network); it is not on this node "
+        "either: import it with `zlayerctl image import PATH`, or fix the registry and deploy "
+        "again"
     )
     with pytest.raises(NotFoundError) as never:
         registryd.ensure("registry.invalid/nginx:1", "never")
