@@ -5,8 +5,10 @@ Where credentials come from, in order:
 1. The credential zlayerctl passes along with a pull or push. zlayerctl runs
    as the user, registryd as root (or a system user under systemd), so only
    zlayerctl can read the auth files that user already has from Docker or
-   Podman: ``$REGISTRY_AUTH_FILE``, ``${XDG_RUNTIME_DIR}/containers/auth.json``,
-   ``~/.docker/config.json`` (:func:`user_credential` reads them). It passes
+   Podman: ``$REGISTRY_AUTH_FILE``, ``${XDG_RUNTIME_DIR}/containers/auth.json``
+   (``/run/containers/0/auth.json`` for root without one),
+   ``~/.config/containers/auth.json``, ``~/.docker/config.json``
+   (:func:`user_credential` reads them). It passes
    the one entry for the registry in question, nothing else.
 2. registryd's own file, written by ``zlayerctl login``: ``auth.json`` in its
    state directory, mode 0600, in the same format as Docker's
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.bus import InvalidArgumentError
 from shared.reference import DEFAULT_DOMAIN
 
 SYSTEM_AUTH_FILE = Path("/etc/containers/auth.json")
@@ -79,6 +82,27 @@ def registry_keys(registry: str) -> tuple[str, ...]:
     return (registry, f"https://{registry}", f"http://{registry}")
 
 
+def auth_key_host(key: str) -> str:
+    """The registry an auth file key names: ``https://host:5000/v1/`` -> ``host:5000``."""
+    host = key.strip().removeprefix("https://").removeprefix("http://").split("/")[0]
+    return DEFAULT_DOMAIN if host in DOCKER_HUB_KEYS else host
+
+
+def _entry_credential(entry: Any) -> Credential | None:
+    """The credential of one ``auths`` entry: ``auth`` (base64), else username/password."""
+    if not isinstance(entry, dict):
+        return None
+    auth = entry.get("auth")
+    if isinstance(auth, str) and auth:
+        found = Credential.decode(auth)
+        if found is not None:
+            return found
+    username, password = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and isinstance(password, str) and username:
+        return Credential(username, password)
+    return None
+
+
 def _entry_from_file(path: Path, registry: str) -> Credential | None:
     try:
         document = json.loads(path.read_text())
@@ -87,27 +111,37 @@ def _entry_from_file(path: Path, registry: str) -> Credential | None:
     auths = document.get("auths") if isinstance(document, dict) else None
     if not isinstance(auths, dict):
         return None
-    normalised = {str(key).rstrip("/"): value for key, value in auths.items()}
+    # The exact spellings first, then any key naming the same host (with a
+    # scheme or a path, as `docker login` wrote them in older versions).
     for key in registry_keys(registry):
-        entry = auths.get(key) or normalised.get(key.rstrip("/"))
-        if isinstance(entry, dict):
-            auth = entry.get("auth")
-            if isinstance(auth, str) and auth:
-                return Credential.decode(auth)
-            username, password = entry.get("username"), entry.get("password")
-            if isinstance(username, str) and isinstance(password, str) and username:
-                return Credential(username, password)
+        found = _entry_credential(auths.get(key))
+        if found is not None:
+            return found
+    wanted = auth_key_host(registry)
+    for key, entry in auths.items():
+        if auth_key_host(str(key)) == wanted:
+            found = _entry_credential(entry)
+            if found is not None:
+                return found
     return None
 
 
-def user_auth_files(environ: dict[str, str] | None = None) -> list[Path]:
-    """The auth files of the user running zlayerctl, most specific first."""
+def user_auth_files(environ: dict[str, str] | None = None, uid: int | None = None) -> list[Path]:
+    """The auth files of the user running zlayerctl, in the order Podman reads them."""
     env = os.environ if environ is None else environ
+    user = os.getuid() if uid is None else uid
     files: list[Path] = []
     if env.get("REGISTRY_AUTH_FILE"):
         files.append(Path(env["REGISTRY_AUTH_FILE"]))
     if env.get("XDG_RUNTIME_DIR"):
         files.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    elif user == 0:
+        # `podman login` as root without a runtime directory writes here.
+        files.append(Path(f"/run/containers/{user}/auth.json"))
+    if env.get("XDG_CONFIG_HOME"):
+        files.append(Path(env["XDG_CONFIG_HOME"]) / "containers" / "auth.json")
+    elif env.get("HOME"):
+        files.append(Path(env["HOME"]) / ".config" / "containers" / "auth.json")
     docker_config = env.get("DOCKER_CONFIG")
     if docker_config:
         files.append(Path(docker_config) / "config.json")
@@ -133,14 +167,24 @@ class CredentialStore:
         self.system_file = system_file
 
     def _read(self) -> dict[str, Any]:
+        """The file's document, to change; one that cannot be read is never overwritten."""
         try:
             document = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {"auths": {}}
-        except (OSError, ValueError, UnicodeDecodeError):
-            return {"auths": {}}
-        if not isinstance(document, dict) or not isinstance(document.get("auths"), dict):
-            return {"auths": {}}
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not valid JSON"
+            raise InvalidArgumentError(
+                f"the credential file {self.path} cannot be read ({reason}); fix it or move it "
+                "aside, then log in again"
+            ) from None
+        if not isinstance(document, dict):
+            raise InvalidArgumentError(
+                f"the credential file {self.path} is not a JSON object; fix it or move it "
+                "aside, then log in again"
+            )
+        if not isinstance(document.get("auths"), dict):
+            document["auths"] = {}
         return document
 
     def _write(self, document: dict[str, Any]) -> None:
@@ -171,9 +215,11 @@ class CredentialStore:
 
     def remove(self, registry: str) -> bool:
         document = self._read()
+        wanted = auth_key_host(registry)
         removed = False
-        for key in registry_keys(registry):
-            if document["auths"].pop(key, None) is not None:
+        for key in list(document["auths"]):
+            if key in registry_keys(registry) or auth_key_host(str(key)) == wanted:
+                del document["auths"][key]
                 removed = True
         if removed:
             self._write(document)
@@ -182,7 +228,9 @@ class CredentialStore:
 
 # ---------------------------------------------------------------- challenges and tokens
 
-_PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_TOKEN_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*(?:,|$)')
+_ESCAPE_RE = re.compile(r"\\(.)")
 
 
 @dataclass(frozen=True)
@@ -200,19 +248,33 @@ class Challenge:
     def service(self) -> str:
         return self.params.get("service", "")
 
+    @property
+    def scope(self) -> str:
+        return self.params.get("scope", "")
+
 
 def parse_challenge(header: str) -> Challenge | None:
-    """The first challenge in a ``WWW-Authenticate`` header; None if it has none."""
+    """The first challenge in a ``WWW-Authenticate`` header; None if it has none.
+
+    A header may carry several challenges (``Basic realm="a", Bearer
+    realm="b"``): the parameters of the first end where the next scheme
+    starts. A header that does not start with a scheme is no challenge.
+    """
     text = header.strip()
-    if not text:
-        return None
     scheme, _, rest = text.partition(" ")
-    params = {
-        match.group(1).lower(): (
-            match.group(2).replace('\\"', '"') if match.group(2) is not None else match.group(3)
-        )
-        for match in _PARAM_RE.finditer(rest)
-    }
+    if not _TOKEN_RE.fullmatch(scheme):
+        return None
+    params: dict[str, str] = {}
+    position = 0
+    rest = rest.strip()
+    while position < len(rest):
+        match = _PARAM_RE.match(rest, position)
+        if match is None:
+            break  # the next challenge's scheme, or something this is not
+        quoted, plain = match.group(2), match.group(3)
+        value = _ESCAPE_RE.sub(r"\1", quoted) if quoted is not None else plain
+        params.setdefault(match.group(1).lower(), value)
+        position = match.end()
     return Challenge(scheme.lower(), params)
 
 

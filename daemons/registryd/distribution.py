@@ -106,13 +106,25 @@ def node_platform() -> Platform:
     return Platform("linux", architecture, variant)
 
 
+# Variants a CPU runs besides its own, best first (what containerd's matcher accepts).
+_COMPATIBLE_VARIANTS = {
+    ("arm", "v8"): ("v7", "v6", "v5"),
+    ("arm", "v7"): ("v6", "v5"),
+    ("arm", "v6"): ("v5",),
+    ("amd64", ""): ("v1",),
+}
+
+
 def select_manifest(index: dict[str, Any], wanted: Platform) -> dict[str, Any] | None:
     """The descriptor in an image index for ``wanted``; None if it has none.
 
     An entry without a platform matches any (nested indexes often omit it);
     among matches, the exact variant wins over an entry without a variant
-    (``arm64`` images usually carry none), and the first listed wins a tie.
+    (``arm64`` images usually carry none), that over an older variant the
+    CPU also runs (``arm/v6`` on an ``arm/v7`` node), and the first listed
+    wins a tie.
     """
+    compatible = _COMPATIBLE_VARIANTS.get((wanted.architecture, wanted.variant), ())
     best: tuple[int, dict[str, Any]] | None = None
     for descriptor in index.get("manifests") or []:
         if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
@@ -125,9 +137,11 @@ def select_manifest(index: dict[str, Any], wanted: Platform) -> dict[str, Any] |
                 continue
             variant = str(found.get("variant") or "")
             if variant == wanted.variant:
-                score = 3
+                score = 100
             elif not variant:
-                score = 2
+                score = 99
+            elif variant in compatible:
+                score = 98 - compatible.index(variant)
             else:
                 continue
         if best is None or score > best[0]:
@@ -136,21 +150,35 @@ def select_manifest(index: dict[str, Any], wanted: Platform) -> dict[str, Any] |
 
 
 def index_platforms(index: dict[str, Any]) -> list[str]:
-    """The platforms an index offers, for an error message."""
-    found = []
+    """The platforms an index offers, once each, for an error message."""
+    found: list[str] = []
     for descriptor in index.get("manifests") or []:
         plat = descriptor.get("platform") if isinstance(descriptor, dict) else None
         if isinstance(plat, dict) and plat.get("os") != "unknown":
-            found.append(
-                str(
-                    Platform(
-                        str(plat.get("os")),
-                        str(plat.get("architecture")),
-                        str(plat.get("variant") or ""),
-                    )
+            text = str(
+                Platform(
+                    str(plat.get("os")),
+                    str(plat.get("architecture")),
+                    str(plat.get("variant") or ""),
                 )
             )
+            if text not in found:
+                found.append(text)
     return found
+
+
+def choose_manifest(index: dict[str, Any], wanted: Platform, name: str) -> str:
+    """The digest of the entry of ``index`` (an image of ``name``) to use on ``wanted``.
+
+    Raises NotFoundError with a sentence listing what the index offers.
+    """
+    chosen = select_manifest(index, wanted)
+    if chosen is None:
+        offered = ", ".join(index_platforms(index)) or "no platform at all"
+        raise NotFoundError(
+            f"{name} has no image for this node's platform {wanted} (it has: {offered})"
+        )
+    return str(chosen["digest"])
 
 
 # ---------------------------------------------------------------- endpoints

@@ -32,10 +32,9 @@ from daemons.registryd.distribution import (
     Platform,
     Repository,
     bus_error,
-    index_platforms,
+    choose_manifest,
     node_platform,
     registry_url,
-    select_manifest,
 )
 from daemons.registryd.settings import RegistrySettings
 from daemons.registryd.store import MAX_CONFIG, ImageStore
@@ -177,14 +176,8 @@ class RegistryClient:
             document = json.loads(body)
             if media_type not in INDEX_TYPES:
                 return Resolved(repository, body, digest, document)
-            chosen = select_manifest(document, self.platform)
-            if chosen is None:
-                offered = ", ".join(index_platforms(document)) or "none"
-                raise NotFoundError(
-                    f"{ref.familiar()} has no image for this node's platform {self.platform} "
-                    f"(it has: {offered})"
-                )
-            body, media_type, digest = await repository.get_manifest(str(chosen["digest"]))
+            chosen = choose_manifest(document, self.platform, ref.familiar())
+            body, media_type, digest = await repository.get_manifest(chosen)
         raise ZLayerError(f"the image index of {ref.familiar()} nests too deeply")
 
     # ------------------------------------------------------------ pull
