@@ -140,6 +140,7 @@ def inspect(reference: str, output_format: str) -> None:
         ("Names", ", ".join(info.names) or "<none>"),
         ("Manifest", info.manifest_digest),
         ("Platform", f"{info.os}/{info.architecture}"),
+        ("Runtime", info.runtime),
         ("Created", info.created),
         ("Size", human_size(info.size)),
         ("Entrypoint", json.dumps(config.entrypoint) if config.entrypoint else ""),
