@@ -21,9 +21,7 @@ import click
 
 from ctl.client import Client, resolve_deployment
 from ctl.output import console, err_console, fail, format_option, print_json, print_table
-from ctl.spec_cmd import find_spec_file, load_or_report
 from shared.models import DeploymentStatus, DeployPlan, Event, JobRun, ReplicaInfo
-from shared.spec.refs import host_env_names
 
 DEFAULT_WAIT = 600.0
 
@@ -50,11 +48,16 @@ def _coloured(state: str) -> str:
 
 
 def _spec_path(file: str | None, command: str) -> Path:
+    from ctl.spec_cmd import find_spec_file
+
     return Path(file) if file else find_spec_file(Path.cwd(), command)
 
 
 def _read_spec(file: str | None, command: str) -> tuple[str, str, dict[str, str], str]:
     """(spec text, file name, host env values, deployment name), or exit with every issue."""
+    from ctl.spec_cmd import load_or_report
+    from shared.spec.refs import host_env_names
+
     path = _spec_path(file, command)
     spec = load_or_report(str(path), as_json=False)
     host_env = {name: os.environ[name] for name in host_env_names(spec) if name in os.environ}

@@ -19,18 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TransferSpeedColumn,
-)
 
 from ctl.client import Client
 from ctl.output import err_console, fail, format_option, print_json
-from daemons.registryd.auth import user_credential
 from shared.bus import NotFoundError
 from shared.jobs import JobInfo
 from shared.models import ImageInfo
@@ -41,6 +32,8 @@ POLICIES = ("always", "newer", "if_not_present", "never")
 
 
 def _auth_for(reference: str) -> str:
+    from daemons.registryd.auth import user_credential
+
     try:
         registry = parse_reference(reference.strip()).domain
     except InvalidReferenceError as exc:
@@ -50,6 +43,15 @@ def _auth_for(reference: str) -> str:
 
 async def wait_job(client: Client, job_id: int, what: str, show: bool) -> JobInfo:
     """Poll the job until it ends, with a bar per item on a terminal; its final info."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -10,7 +10,6 @@ import click
 
 from ctl.errors import NOT_RUNNING
 from ctl.output import fail, format_option, print_json, print_table
-from ctl.supervisor import SupervisorState
 from shared.bus import DAEMONS, DaemonInfo, DaemonStatus, open_bus, proxy, resolve_bus_address
 from shared.paths import Paths
 
@@ -46,6 +45,8 @@ async def collect(paths: Paths) -> list[dict[str, Any]]:
         bus = open_bus(address)
     except Exception:  # no system bus and no private bus
         fail(NOT_RUNNING, EXIT_NOT_ALL_RUNNING)
+    from ctl.supervisor import SupervisorState
+
     supervised = SupervisorState.read(paths)
     answers = await asyncio.gather(*(_query(info, bus) for info in DAEMONS))
     rows: list[dict[str, Any]] = []
