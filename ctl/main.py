@@ -159,6 +159,19 @@ class LazyGroup(click.Group):
             self.add_command(self._load(cmd_name), cmd_name)
         return super().get_command(ctx, cmd_name)
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            # click >= 8.4 suggests "Did you mean 'status'?" from the loaded commands only;
+            # suggest from every command
+            name = getattr(exc, "command_name", None)
+            if name is None:
+                raise
+            raise type(exc)(name, possibilities=self.list_commands(ctx), ctx=ctx) from None  # type: ignore[call-arg]
+
     def _load(self, cmd_name: str) -> click.Command:
         target, _ = self.lazy_commands[cmd_name]
         module_name, attribute = target.split(":", 1)
