@@ -1,0 +1,153 @@
+"""zlayerctl loads a command's module only when that command runs.
+
+`zlayerctl --help` must still list every command with its one-line help, and
+starting zlayerctl must not import the build formats, wasmtime, aiohttp or
+the bus stack for commands that do not need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from ctl.main import LAZY_COMMANDS, cli
+from ctl.supervisor import find_executable
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = (
+    "wasmtime",
+    "aiohttp",
+    "daemons.registryd.build",
+    "daemons.registryd.auth",
+    "shared.spec",
+    "shared.bus",
+    "sdbus",
+    "pydantic",
+    "rich.progress",
+)
+EVERY_COMMAND = {
+    "build",
+    "daemon",
+    "deploy",
+    "dns",
+    "down",
+    "events",
+    "exec",
+    "export",
+    "image",
+    "job",
+    "login",
+    "logout",
+    "logs",
+    "pipeline",
+    "ps",
+    "pull",
+    "rollback",
+    "routes",
+    "runtimes",
+    "scale",
+    "spec",
+    "status",
+    "stop",
+    "system",
+    "up",
+    "validate",
+    "wasm",
+}
+
+
+def _loaded_after(code: str, *argv: str) -> set[str]:
+    """The modules a fresh interpreter holds after running code (argv as sys.argv[1:])."""
+    probe = (
+        "import json, sys\n"
+        f"sys.argv = ['zlayerctl', *{list(argv)!r}]\n"
+        f"{code}\n"
+        "sys.stderr.flush()\n"
+        "print('\\nMODULES ' + json.dumps(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    marker = result.stdout.rfind("MODULES ")
+    assert marker >= 0, result.stdout + result.stderr
+    return set(json.loads(result.stdout[marker + len("MODULES ") :]))
+
+
+def _heavy(modules: set[str]) -> list[str]:
+    return sorted(name for name in HEAVY if name in modules)
+
+
+def test_help_lists_every_command_with_its_short_help() -> None:
+    result = subprocess.run(
+        [find_executable("zlayerctl"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(None, 1) for line in result.stdout.split("Commands:\n", 1)[1].splitlines()]
+    listed = {row[0]: row[1] for row in rows if len(row) == 2}
+    assert set(listed) == EVERY_COMMAND
+    for name, shown in listed.items():
+        # click cuts a long line at a word and ends it with "..."
+        full = LAZY_COMMANDS[name][1]
+        assert shown == full or (shown.endswith("...") and full.startswith(shown[:-3])), name
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_COMMAND))
+def test_each_listed_command_is_the_command_that_runs(name: str) -> None:
+    """The table's module and short help are those of the real command."""
+    ctx = click.Context(cli)
+    command = cli.get_command(ctx, name)
+    assert command is not None
+    assert command.name == name
+    assert command.get_short_help_str(limit=500) == LAZY_COMMANDS[name][1]
+
+
+def test_importing_zlayerctl_imports_no_command() -> None:
+    modules = _loaded_after("import ctl.main")
+    assert _heavy(modules) == []
+    assert not any(name.endswith("_cmd") for name in modules)
+
+
+def test_help_imports_no_command() -> None:
+    modules = _loaded_after("from ctl.main import main\nmain()", "--help")
+    assert _heavy(modules) == []
+    assert not any(name.endswith("_cmd") for name in modules)
+
+
+def test_validate_imports_the_spec_and_nothing_for_images_or_the_bus() -> None:
+    modules = _loaded_after(
+        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        "validate",
+        "examples/static-web.zlayer.yml",
+    )
+    assert "shared.spec" in modules
+    assert "ctl.spec_cmd" in modules
+    assert _heavy(modules) == ["pydantic", "shared.spec"]
+    assert not {"ctl.build_cmd", "ctl.deploy_cmd", "ctl.wasm_cmd"} & modules
+
+
+def test_status_imports_nothing_for_specs_builds_or_wasm(tmp_path: Path) -> None:
+    modules = _loaded_after(
+        "import os\n"
+        f"os.environ['ZLAYER_PREFIX'] = {str(tmp_path)!r}\n"
+        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        "status",
+    )
+    assert "ctl.status_cmd" in modules
+    assert not {"wasmtime", "aiohttp", "daemons.registryd.build", "shared.spec"} & modules
+    assert not {"ctl.build_cmd", "ctl.deploy_cmd", "ctl.wasm_cmd", "ctl.registry_cmd"} & modules
