@@ -68,6 +68,14 @@ CAPABILITIES = {
         "CAP_MKNOD",
         "CAP_SETFCAP",
         "CAP_SYS_ADMIN",
+        # What buildah needs for builds (chroot isolation, steps as USER, the
+        # default capabilities of a step); see the unit.
+        "CAP_SYS_CHROOT",
+        "CAP_SETUID",
+        "CAP_SETGID",
+        "CAP_SETPCAP",
+        "CAP_KILL",
+        "CAP_NET_BIND_SERVICE",
     },
 }
 
