@@ -369,7 +369,7 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
         rows = []
         for status in statuses:
             for svc in status.services:
-                replicas = f"{svc.running}/{svc.desired}" if svc.rtype == "service" else "-"
+                running = f"{svc.running}/{svc.desired}" if svc.rtype == "service" else "-"
                 healthy = f"{svc.healthy}/{svc.desired}" if svc.rtype == "service" else "-"
                 rows.append(
                     [
@@ -378,7 +378,7 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
                         svc.name,
                         svc.rtype,
                         svc.image,
-                        replicas,
+                        running,
                         healthy,
                         _coloured(svc.state),
                         svc.message,

@@ -333,8 +333,10 @@ class Supervisor:
             self._write_state()
             self._tasks = [asyncio.create_task(self._watch(c)) for c in self.children.values()]
             self._tasks.append(asyncio.create_task(self._watch_bus()))
-            ready = asyncio.gather(*(c.ready.wait() for c in self.children.values()))
-            stopped = asyncio.ensure_future(self._stopping.wait())
+            ready: asyncio.Future[Any] = asyncio.gather(
+                *(c.ready.wait() for c in self.children.values())
+            )
+            stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
             done, _ = await asyncio.wait(
                 {ready, stopped}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
@@ -375,4 +377,5 @@ class Supervisor:
 
 def state_summary(state: SupervisorState) -> dict[str, Any]:
     """What ``zlayerctl status --format json`` shows about the supervisor."""
-    return json.loads(state.model_dump_json())
+    summary: dict[str, Any] = json.loads(state.model_dump_json())
+    return summary

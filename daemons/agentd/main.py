@@ -59,7 +59,8 @@ class AgentService(Agent1):
 
     @dbus_method_async_override()
     async def list_replicas(self, deployment: str, service: str) -> str:
-        return json.dumps([r.model_dump(mode="json") for r in self._node.list(deployment, service)])
+        infos = self._node.infos(deployment, service)
+        return json.dumps([r.model_dump(mode="json") for r in infos])
 
     @dbus_method_async_override()
     async def log_paths(self, replica: str) -> list[str]:

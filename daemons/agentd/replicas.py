@@ -215,16 +215,16 @@ class Node:
             self.assignments[(assignment.deployment, assignment.service)] = assignment
         for path in sorted(self.record_dir.glob("*.json")):
             record = ReplicaRecord.model_validate_json(path.read_text())
-            assignment = self.assignments.get((record.deployment, record.service))
-            if assignment is None:
+            owner = self.assignments.get((record.deployment, record.service))
+            if owner is None:
                 log.warning("replica %s has no assignment any more; removing it", record.id)
                 spec = ServiceSpec.model_validate({"image": record.image})
                 replica = Replica(record, spec)
                 await self._teardown(replica, 0.0)
                 continue
             spec_json = next(
-                (old.spec for old in assignment.previous if old.revision == record.revision),
-                assignment.spec,
+                (old.spec for old in owner.previous if old.revision == record.revision),
+                owner.spec,
             )
             replica = Replica(record, ServiceSpec.model_validate(spec_json))
             self.replicas[record.id] = replica
@@ -416,7 +416,7 @@ class Node:
 
     # ------------------------------------------------------------ queries
 
-    def list(self, deployment: str, service: str) -> list[ReplicaInfo]:
+    def infos(self, deployment: str, service: str) -> list[ReplicaInfo]:
         return sorted(
             (
                 r.record.info()
@@ -464,7 +464,7 @@ class Node:
             id=run_id,
             deployment=deployment,
             service=service,
-            trigger=trigger,  # type: ignore[arg-type]
+            trigger=trigger,
             state="running",
             started_at=started,
         )
@@ -481,7 +481,7 @@ class Node:
             id=record.job_run,
             deployment=record.deployment,
             service=record.service,
-            trigger=record.trigger or "manual",  # type: ignore[arg-type]
+            trigger=record.trigger or "manual",
             state="succeeded" if ok else "failed",
             exit_code=record.exit_code,
             started_at=record.started_at or time.time(),

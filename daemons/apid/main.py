@@ -74,6 +74,8 @@ class ApiDaemon(Daemon):
     async def _probe(self, name: str) -> tuple[str, str]:
         if name == self.info.name:
             return name, self.state
+        if self.bus is None:
+            return name, "unreachable"
         try:
             raw = await asyncio.wait_for(
                 proxy(DAEMONS_BY_NAME[name], self.bus).status(), PROBE_TIMEOUT

@@ -88,6 +88,7 @@ class SchedulerDaemon(Daemon):
 
     async def _watch_replicas(self) -> None:
         """Reconcile at once when a replica changes, so traffic follows health closely."""
+        assert self.bus is not None  # start() runs once the bus is open
         agent = proxy(DAEMONS_BY_NAME["agentd"], self.bus)
         while True:
             try:

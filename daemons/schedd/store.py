@@ -170,7 +170,12 @@ class Store:
             "ON r.deployment = d.name AND r.revision = d.revision WHERE d.name = ?",
             (name,),
         ).fetchone()
-        return StoredDeployment(*row[:2], bool(row[2]), *row[3:]) if row else None
+        if row is None:
+            return None
+        name, revision, stopped, created, updated, spec_json, spec_text, filename = row
+        return StoredDeployment(
+            name, revision, bool(stopped), created, updated, spec_json, spec_text, filename
+        )
 
     def names(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM deployments ORDER BY name")]

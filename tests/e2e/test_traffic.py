@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -201,6 +202,11 @@ def test_rollout_under_load_loses_nothing_and_a_broken_one_keeps_the_old(node: N
     loop.start()
     try:
         node.ctl("deploy", str(shop(node, "2", 2, tcp_port)), check=True)
+        # schedd killed mid-rollout: proxyd keeps serving what it has, and the
+        # restarted schedd carries the rollout on from its database.
+        wait_until(lambda: service(node)["state"] == "updating", 30, "the rollout to start")
+        os.kill(node.daemon_pid("schedd"), signal.SIGKILL)
+        wait_until(lambda: node.ctl("status").returncode == 0, 60, "schedd to be restarted")
         wait_until(
             lambda: service(node)["state"] == "running" and service(node)["revision"] == 2,
             120,
