@@ -1,0 +1,150 @@
+"""zlayerctl's start-up time against podman's (or docker's) in the same run.
+
+Times three whole processes, as a user runs them, on the same machine in the
+same run:
+
+- ``zlayerctl --help``: the interpreter, click and the command table, no
+  command module loaded (commands load lazily); the floor of every command;
+- ``zlayerctl validate FILE``: a real command, which also loads the
+  deployment spec models (pydantic) and the YAML loader, and reads FILE;
+- the peer, ``podman --version`` (``docker --version`` where podman is not
+  installed): a Go binary doing the least a CLI can do.
+
+With hyperfine on PATH (``apt-get install hyperfine``) it runs them with
+``hyperfine -N`` (no shell between), ``--warmup`` runs first; without it, a
+Python loop spawns each process in turn (the ways taking turns, so background
+load lands on all of them alike). Prints the median and p90 in milliseconds
+of each and the ratio of each median to the peer's.
+
+    .venv/bin/python bench/startup.py [--runs N] [--warmup N] [--file SPEC] [--no-hyperfine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cluster import percentile, print_table
+
+from ctl.supervisor import find_executable
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SPEC = REPO / "examples" / "static-web.zlayer.yml"
+
+
+def peer_command() -> list[str]:
+    """``podman --version``, else ``docker --version``."""
+    for name in ("podman", "docker"):
+        found = shutil.which(name)
+        if found:
+            return [found, "--version"]
+    raise SystemExit("neither podman nor docker is installed: there is no peer to compare with")
+
+
+def check(commands: dict[str, list[str]]) -> None:
+    """Run each command once; stop with its output if one fails."""
+    for name, command in commands.items():
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            said = (result.stderr or result.stdout).strip()
+            raise SystemExit(f"{name} exited with {result.returncode}: {said}")
+
+
+def with_hyperfine(
+    hyperfine: str, commands: dict[str, list[str]], runs: int, warmup: int
+) -> dict[str, list[float]]:
+    """Samples in ms per command, from ``hyperfine -N --export-json``."""
+    with tempfile.TemporaryDirectory(prefix="zlstartup-bench-") as directory:
+        report = Path(directory) / "hyperfine.json"
+        subprocess.run(
+            [
+                hyperfine,
+                "-N",
+                "--style",
+                "none",
+                "--warmup",
+                str(warmup),
+                "--runs",
+                str(runs),
+                "--export-json",
+                str(report),
+                *(shlex.join(command) for command in commands.values()),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        results = json.loads(report.read_text())["results"]
+    return {
+        name: [seconds * 1000 for seconds in result["times"]]
+        for name, result in zip(commands, results, strict=True)
+    }
+
+
+def with_loop(commands: dict[str, list[str]], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Samples in ms per command, spawning each in turn."""
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    for index in range(warmup + runs):
+        for name, command in commands.items():
+            started = time.perf_counter()
+            subprocess.run(command, capture_output=True, check=True)
+            if index >= warmup:
+                samples[name].append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="timed runs of each command")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs of each first")
+    parser.add_argument("--file", default=str(DEFAULT_SPEC), help="the spec `validate` reads")
+    parser.add_argument(
+        "--no-hyperfine", action="store_true", help="time with a Python loop even if hyperfine is"
+    )
+    args = parser.parse_args()
+
+    zlayerctl = find_executable("zlayerctl")
+    peer = peer_command()
+    peer_name = f"{Path(peer[0]).name} --version (peer)"
+    commands = {
+        "zlayerctl --help": [zlayerctl, "--help"],
+        "zlayerctl validate FILE": [zlayerctl, "validate", args.file],
+        peer_name: peer,
+    }
+    check(commands)
+    hyperfine = None if args.no_hyperfine else shutil.which("hyperfine")
+    if hyperfine:
+        samples = with_hyperfine(hyperfine, commands, args.runs, args.warmup)
+    else:
+        samples = with_loop(commands, args.runs, args.warmup)
+
+    print(f"timed with {'hyperfine -N' if hyperfine else 'a Python loop of subprocess runs'}")
+    spec = Path(args.file).resolve()
+    print(f"FILE = {spec.relative_to(REPO) if spec.is_relative_to(REPO) else spec}")
+    peer_median = statistics.median(samples[peer_name])
+    rows = []
+    for name, values in samples.items():
+        median = statistics.median(values)
+        rows.append(
+            [
+                name,
+                str(len(values)),
+                f"{median:.1f}",
+                f"{percentile(values, 90):.1f}",
+                f"{median / peer_median:.1f}x",
+            ]
+        )
+    print_table(["what", "runs", "median ms", "p90 ms", "vs peer"], rows)
+
+
+if __name__ == "__main__":
+    main()
