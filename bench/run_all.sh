@@ -1,17 +1,64 @@
 #!/bin/sh
-# Run every ZLayer benchmark in turn; each starts and stops its own daemons
-# under a temporary prefix. Uses the repository's .venv unless PYTHON is set.
-set -eu
+# Run every ZLayer benchmark in turn (see bench/README.md); each that needs the
+# daemons starts and stops its own under a temporary prefix. A benchmark that
+# fails (a missing tool, not root, an error) does not stop the others: the
+# list of those that failed, with their exit codes, is printed at the end and
+# the script then exits 1.
+#
+#   bench/run_all.sh                     # all of them
+#   bench/run_all.sh startup pull        # only these, in this order
+#
+# Uses the repository's .venv unless PYTHON is set.
+set -u
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-"$here/../.venv/bin/python"}
-echo "== bus round trip"
-"$python" "$here/bus_roundtrip.py"
-echo
-echo "== idle memory"
-"$python" "$here/idle_rss.py"
-echo
-echo "== replica start (root: runs containers)"
-"$python" "$here/replica_start.py"
-echo
-echo "== kernel L4 path (root: namespaces, nftables; wrk)"
-"$python" "$here/l4_kernel.py"
+
+all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http pull build"
+if [ "$#" -gt 0 ]; then
+    selected="$*"
+else
+    selected=$all
+fi
+
+describe() {
+    case "$1" in
+        startup) echo "zlayerctl start-up against podman --version" ;;
+        bus_roundtrip) echo "bus round trip" ;;
+        idle_rss) echo "idle memory of the six daemons" ;;
+        wasm_inspect) echo "wasm info against wasmtime's compile" ;;
+        replica_start) echo "replica start (root: runs containers)" ;;
+        l4_kernel) echo "kernel L4 path (root: namespaces, nftables; wrk)" ;;
+        proxy_http) echo "HTTP proxy against nginx (wrk, nginx)" ;;
+        pull) echo "image pull against skopeo (root: docker-registry, skopeo)" ;;
+        build) echo "image build against buildah bud (root: buildah)" ;;
+        *) echo "$1" ;;
+    esac
+}
+
+failed=""
+ran=0
+for name in $selected; do
+    script="$here/$name.py"
+    echo "== $name: $(describe "$name")"
+    if [ ! -f "$script" ]; then
+        echo "no benchmark named $name (known: $all)"
+        failed="$failed $name(unknown)"
+        echo
+        continue
+    fi
+    ran=$((ran + 1))
+    if "$python" "$script"; then
+        :
+    else
+        code=$?
+        echo "-- $name failed with exit code $code; going on with the next"
+        failed="$failed $name(exit $code)"
+    fi
+    echo
+done
+
+if [ -n "$failed" ]; then
+    echo "== done: $ran ran; failed:$failed"
+    exit 1
+fi
+echo "== done: all $ran benchmarks ran"
