@@ -12,6 +12,9 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-"$here/../.venv/bin/python"}
+# this checkout's zlayerctl and daemons before any installed elsewhere on PATH
+PATH="$(dirname "$python"):$PATH"
+export PATH
 
 all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http pull build"
 if [ "$#" -gt 0 ]; then
@@ -29,7 +32,7 @@ describe() {
         replica_start) echo "replica start (root: runs containers)" ;;
         l4_kernel) echo "kernel L4 path (root: namespaces, nftables; wrk)" ;;
         proxy_http) echo "HTTP proxy against nginx (wrk, nginx)" ;;
-        pull) echo "image pull against skopeo (root: docker-registry, skopeo)" ;;
+        pull) echo "image pull against skopeo (docker-registry, skopeo)" ;;
         build) echo "image build against buildah bud (root: buildah)" ;;
         *) echo "$1" ;;
     esac

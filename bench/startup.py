@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs of each first")
     parser.add_argument("--file", default=str(DEFAULT_SPEC), help="the spec `validate` reads")
     parser.add_argument(
-        "--no-hyperfine", action="store_true", help="time with a Python loop even if hyperfine is"
+        "--no-hyperfine", action="store_true", help="time with a Python loop even with hyperfine"
     )
     args = parser.parse_args()
 
