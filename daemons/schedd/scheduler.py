@@ -339,10 +339,14 @@ class Scheduler:
             taken = _public_ports(DeploymentSpec.model_validate_json(stored.spec_json))
             for claim, where in mine.items():
                 if claim in taken:
+                    fix = (
+                        "pick another port"
+                        if claim[0].startswith("port")
+                        else "give it another host or path"
+                    )
                     raise ConflictError(
-                        f"{where} wants public {claim[0]}, which "
-                        f"{taken[claim]} of deployment {other} already uses; pick another "
-                        "port or `zlayerctl down " + other + "` first"
+                        f"{where} wants public {claim[0]}, which {taken[claim]} of deployment "
+                        f"{other} already uses; {fix}, or `zlayerctl down {other}` first"
                     )
 
     async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> DeployPlan:

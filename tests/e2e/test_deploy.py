@@ -14,7 +14,7 @@ import signal
 import psutil
 import pytest
 
-from tests.e2e.node import Node, http_get, wait_until
+from tests.e2e.node import Node, free_port, http_get, wait_until
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root"),
@@ -238,16 +238,30 @@ def test_clear_sentences_for_user_mistakes(node: Node) -> None:
     assert result.returncode == 1
     assert "endpoints" in result.stderr and ":7:" in result.stderr
 
+    # A tcp port belongs to one deployment; so does an http route (host and path).
+    port = free_port()
+    public_tcp = f"port: 8080, expose: public}}, {{name: raw, protocol: tcp, port: {port}, "
+    public_tcp += "target_port: 8080, expose: public}"
     first = node.spec(
-        "first",
-        WEB.format(name="first", replicas=1).replace("port: 8080}", "port: 8080, expose: public}"),
+        "first", WEB.format(name="first", replicas=1).replace("port: 8080}", public_tcp)
     )
     second = node.spec(
         "second",
-        WEB.format(name="second", replicas=1).replace("port: 8080}", "port: 8080, expose: public}"),
+        WEB.format(name="second", replicas=1)
+        .replace("port: 8080}", f"port: 8080}}, {{name: raw, protocol: tcp, port: {port}}}")
+        .replace("protocol: tcp, port", "protocol: tcp, expose: public, port"),
     )
     node.ctl("up", "-b", str(first), check=True)
     clash = node.ctl("up", "-b", str(second))
     assert clash.returncode == 1
-    assert "8080" in clash.stderr and "first" in clash.stderr
+    assert f"wants public port {port}/tcp" in clash.stderr
+    assert "deployment first already uses; pick another port" in clash.stderr
+    third = node.spec(
+        "third",
+        WEB.format(name="third", replicas=1).replace("port: 8080}", "port: 8080, expose: public}"),
+    )
+    route = node.ctl("up", "-b", str(third))
+    assert route.returncode == 1
+    assert "wants public route http://*/" in route.stderr
+    assert "give it another host or path" in route.stderr
     node.ctl("down", "first", check=True)
