@@ -341,6 +341,10 @@ class FaultProxy:
             if digest in self.cut_once:
                 self.cut_once.discard(digest)
                 await response.write(data[: len(data) // 2])
+                # A link that dies after the first half has arrived: the client
+                # reads it first (a break in the same instant loses what the
+                # HTTP client still buffered, and the resume starts earlier).
+                await asyncio.sleep(0.3)
                 assert request.transport is not None
                 request.transport.close()
                 return response
