@@ -18,9 +18,9 @@ from pathlib import Path
 import click
 
 from ctl.client import Client, resolve_deployment
-from ctl.output import fail
+from ctl.output import err_console, fail
 from shared.k8slog import LogLine, parse_lines
-from shared.models import ReplicaInfo
+from shared.models import JobRun, ReplicaInfo
 
 FOLLOW_POLL = 0.2
 
@@ -32,6 +32,32 @@ async def _replicas(client: Client, deployment: str, service: str) -> list[Repli
         fail(f"service {service} of {deployment} has no replicas on this node")
     newest = max(r.revision for r in replicas)
     return sorted((r for r in replicas if r.revision == newest), key=lambda r: r.instance)
+
+
+async def _print_last_run(
+    client: Client, deployment: str, service: str, tail: int | None, timestamps: bool
+) -> bool:
+    """A job with no run going: print its last run's kept output; False otherwise."""
+    raw = await client.agentd.list_replicas(deployment, service)
+    if json.loads(raw):
+        return False
+    runs = [
+        JobRun.model_validate(r)
+        for r in json.loads(await client.agentd.list_job_runs(deployment, service))
+    ]
+    if not runs:
+        return False
+    last = runs[0]  # newest first
+    paths = list(await client.agentd.log_paths(f"{deployment}-{service}-{last.id}"))
+    err_console.print(
+        f"[dim]run {last.id} ({last.trigger}, {last.state}"
+        f"{'' if last.exit_code is None else f', exit code {last.exit_code}'})[/]",
+        highlight=False,
+    )
+    lines = list(parse_lines(_read_all(paths)))
+    for line in lines[-tail:] if tail is not None else lines:
+        _emit(line, "", timestamps)
+    return True
 
 
 def _pick(replicas: list[ReplicaInfo], instance: int | None, service: str) -> list[ReplicaInfo]:
@@ -105,6 +131,8 @@ def logs(
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, deployment)
+        if await _print_last_run(client, target, service, tail, timestamps):
+            return
         chosen = _pick(await _replicas(client, target, service), instance, service)
         followers = []
         for replica in chosen:

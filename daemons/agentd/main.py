@@ -64,8 +64,7 @@ class AgentService(Agent1):
 
     @dbus_method_async_override()
     async def log_paths(self, replica: str) -> list[str]:
-        self._node.find(replica)
-        return self._node.launcher.log_paths(replica)
+        return self._node.log_paths(replica)
 
     @dbus_method_async_override()
     async def exec(

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -372,6 +373,9 @@ class Node:
             for path in self.runs_dir.glob(f"{deployment}--*.json"):
                 if not service or path.name == f"{deployment}--{service}.json":
                     path.unlink(missing_ok=True)
+            kept = f"{deployment}-{service}-run*.log" if service else f"{deployment}-*-run*.log"
+            for path in self.run_logs_dir.glob(kept):
+                path.unlink(missing_ok=True)
 
     async def _remove(self, replica: Replica, grace: float) -> None:
         replica.stopping = True
@@ -446,6 +450,35 @@ class Node:
         for path in self.runs_dir.glob(pattern):
             runs += [JobRun.model_validate(r) for r in json.loads(path.read_text())]
         return sorted(runs, key=lambda r: r.started_at, reverse=True)
+
+    @property
+    def run_logs_dir(self) -> Path:
+        return self.runs_dir / "logs"
+
+    def _keep_run_log(self, container_id: str) -> None:
+        """Keep a finished run's output after its container goes; the newest runs only."""
+        self.run_logs_dir.mkdir(exist_ok=True)
+        kept = self.run_logs_dir / f"{container_id}.log"
+        with open(kept, "wb") as out:
+            for path in self.launcher.log_paths(container_id):
+                with contextlib.suppress(FileNotFoundError), open(path, "rb") as part:
+                    shutil.copyfileobj(part, out)
+        prefix = container_id.rsplit("-run", 1)[0] + "-run"
+        mine = sorted(
+            (p for p in self.run_logs_dir.glob(f"{prefix}*.log")),
+            key=lambda p: p.stat().st_mtime,
+        )
+        for old in mine[:-JOB_RUNS_KEPT]:
+            old.unlink(missing_ok=True)
+
+    def log_paths(self, replica_id: str) -> list[str]:
+        """A replica's log files, or the kept output of a finished job run."""
+        if replica_id in self.replicas:
+            return self.launcher.log_paths(replica_id)
+        kept = self.run_logs_dir / f"{replica_id}.log"
+        if kept.is_file():
+            return [str(kept)]
+        raise NotFoundError(f"there is no replica or job run {replica_id} on this node")
 
     def _record_run(self, run: JobRun) -> None:
         path = self._runs_file(run.deployment, run.service)
@@ -624,7 +657,9 @@ class Node:
                 spec, code, attempts, bool(unhealthy)
             ):
                 if record.job_run is not None:
-                    # The run's outcome lives on in the job history; the container goes.
+                    # The run's outcome lives on in the job history, its output in
+                    # the kept log; the container goes.
+                    await asyncio.to_thread(self._keep_run_log, record.id)
                     await self._teardown(replica, 0.0)
                     self.replicas.pop(record.id, None)
                 return
@@ -648,6 +683,7 @@ class Node:
             self._update(replica, state="failed", message=reason, pid=0)
             if replica.record.job_run is not None:
                 self._finish_run(replica)
+                await asyncio.to_thread(self._keep_run_log, replica.record.id)
                 await self._teardown(replica, 0.0)
                 self.replicas.pop(replica.record.id, None)
             return False
