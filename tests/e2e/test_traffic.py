@@ -289,3 +289,63 @@ def test_load_scales_up_and_idleness_back_to_min(node: Node, tmp_path: Path) -> 
     assert any(re.search(r"scaled burner 1 -> [23]: cpu \d+% > target 50%", r) for r in reasons)
     assert any(re.search(r"scaled burner [23] -> 1: cpu", r) for r in reasons), reasons
     node.ctl("down", "burn", check=True)
+
+
+PAGES = """
+version: v1
+deployment: pages
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args: ["mkdir -p /www && echo page > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    endpoints: [{name: http, protocol: http, port: 8080, expose: public, host: pages.test}]
+    scale: {mode: adaptive, min: 1, max: 3, cooldown: 2s, targets: {rps: 20}}
+    health: {interval: 1s, timeout: 1s, retries: 1, check: {type: http, url: /index.html}}
+"""
+
+
+def test_request_rate_through_proxyd_scales_up_and_back(node: Node) -> None:
+    """proxyd's request counters reach schedd: a burst over the rps target adds
+    replicas, and quiet brings the service back to min."""
+    node.ctl("up", "-d", str(node.spec("pages", PAGES)), "--timeout", "60", check=True)
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def burst() -> None:
+        while not stop.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=5)
+            try:
+                conn.request("GET", "/index.html", headers={"Host": "pages.test"})
+                answered.append(conn.getresponse().status)
+            except OSError:
+                answered.append(0)
+            finally:
+                conn.close()
+            time.sleep(0.005)
+
+    loader = threading.Thread(target=burst, daemon=True)
+    loader.start()
+    try:
+        wait_until(
+            lambda: node.services("pages")["web"]["desired"] == 3,
+            90,
+            "the request burst to scale web to max",
+        )
+    finally:
+        stop.set()
+        loader.join(10)
+    assert answered and answered.count(200) == len(answered), Counter(answered)
+    wait_until(
+        lambda: node.services("pages")["web"]["desired"] == 1,
+        90,
+        "quiet to scale web back to min",
+    )
+    events = json.loads(node.ctl("events", "-d", "pages", "--format", "json", check=True).stdout)
+    reasons = [e["message"] for e in events if e["kind"] == "scaled"]
+    assert any(re.search(r"scaled web 1 -> [23]: rps \d+ > target 20 x 1", r) for r in reasons), (
+        reasons
+    )
+    assert any(re.search(r"scaled web [23] -> 1: rps", r) for r in reasons), reasons
+    node.ctl("down", "pages", check=True)
