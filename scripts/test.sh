@@ -20,7 +20,7 @@ fi
 echo "==> ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check --quiet .
-echo "==> mypy --strict shared"
-.venv/bin/mypy --strict shared
+echo "==> mypy --strict shared daemons ctl"
+.venv/bin/mypy --strict shared daemons ctl
 echo "==> pytest"
 .venv/bin/python -m pytest "$@"
