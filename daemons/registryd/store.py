@@ -417,8 +417,12 @@ class ImageStore:
             manifest_digest = _digest(manifest)
         self._pin(pinned, manifest_digest)
         self._write_blob_bytes(manifest, pinned)
-        for (digest, _size), diff_id in zip(layers, diff_ids, strict=True):
-            self._ensure_layer(digest, str(diff_id))
+        self._ensure_layers(
+            [
+                (digest, str(diff_id))
+                for (digest, _size), diff_id in zip(layers, diff_ids, strict=True)
+            ]
+        )
 
         architecture = str(document.get("architecture") or "")
         os_name = str(document.get("os") or "")
@@ -563,33 +567,48 @@ class ImageStore:
             tmp.unlink(missing_ok=True)
         return digest, size
 
-    def _ensure_layer(self, digest: str, diff_id: str) -> Path:
-        """The unpacked directory of a layer, unpacking its blob if it is not there yet."""
-        final = self.layer_path(diff_id)
-        with self._key_lock("layer:" + diff_id):
-            if final.is_dir():
-                return final
-            blob = self.blob_path(digest)
-            if not blob.is_file():
-                raise UnavailableError(
-                    f"the blob of layer {digest} is missing from the store; import the image again"
-                )
-            work = self.tmp_dir / f"unpack-{uuid.uuid4().hex}"
+    def _ensure_layers(self, layers: list[tuple[str, str]]) -> list[Path]:
+        """The unpacked directories of (blob digest, diff id) pairs, in order.
+
+        Missing layers are unpacked into work directories first, then made
+        durable with one sync for all of them, then renamed into place: the
+        rename is what makes a layer trusted, so its files must be on disk
+        before it, or a crash could expose a hollow layer. One sync for the
+        image instead of one per layer: a sync flushes the whole machine.
+        """
+        keys = sorted({"layer:" + diff_id for _, diff_id in layers})
+        with contextlib.ExitStack() as stack:
+            for key in keys:  # always in the same order: no deadlock between pulls
+                stack.enter_context(self._key_lock(key))
+            pending: dict[Path, Path] = {}  # final -> work
             try:
-                started = time.monotonic()
-                if is_wasm_blob(blob):
-                    unpack_wasm_layer(blob, work)
-                else:
-                    unpack_layer(blob, work, digest, diff_id)
-                # The rename is what makes the layer trusted: its files must
-                # be on disk first, or a crash could expose a hollow layer.
-                os.sync()
-                os.rename(work, final)
-                log.info("unpacked layer %s in %.2fs", diff_id, time.monotonic() - started)
+                for digest, diff_id in layers:
+                    final = self.layer_path(diff_id)
+                    if final.is_dir() or final in pending:
+                        continue
+                    blob = self.blob_path(digest)
+                    if not blob.is_file():
+                        raise UnavailableError(
+                            f"the blob of layer {digest} is missing from the store; "
+                            "import the image again"
+                        )
+                    work = self.tmp_dir / f"unpack-{uuid.uuid4().hex}"
+                    pending[final] = work
+                    started = time.monotonic()
+                    if is_wasm_blob(blob):
+                        unpack_wasm_layer(blob, work)
+                    else:
+                        unpack_layer(blob, work, digest, diff_id)
+                    log.info("unpacked layer %s in %.2fs", diff_id, time.monotonic() - started)
+                if pending:
+                    os.sync()
+                    for final, work in pending.items():
+                        os.rename(work, final)
             finally:
-                if work.exists():
-                    shutil.rmtree(work, ignore_errors=True)
-        return final
+                for work in pending.values():
+                    if work.exists():
+                        shutil.rmtree(work, ignore_errors=True)
+        return [self.layer_path(diff_id) for _, diff_id in layers]
 
     # ------------------------------------------------------------ ensure
 
@@ -603,8 +622,10 @@ class ImageStore:
         try:
             self._pin(pinned, *record.layers, *record.diff_ids)
             lower = [
-                str(self._ensure_layer(digest, diff_id))
-                for digest, diff_id in zip(record.layers, record.diff_ids, strict=True)
+                str(path)
+                for path in self._ensure_layers(
+                    list(zip(record.layers, record.diff_ids, strict=True))
+                )
             ]
         finally:
             self._unpin(pinned)
