@@ -70,7 +70,14 @@ def write_bench_config(paths: Paths, extra: Mapping[str, str] | None = None) -> 
     paths.config_dir.mkdir(parents=True, exist_ok=True)
     for info in DAEMONS:
         more = "http_port = 0\n" if info.name == "apid" else ""
-        more += (extra or {}).get(info.name, "")
+        given = (extra or {}).get(info.name, "")
+        if info.name == "overlayd" and "bridge" not in given:
+            # A network of the benchmark's own, never the node's zlayer0.
+            pid = os.getpid()
+            more += f'bridge = "zlq{pid % 100000}"\nsubnet = "10.248.{pid % 250}.0/24"\n'
+        if info.name == "proxyd" and "http_port" not in given:
+            more += "http_port = 0\nhttps_port = 0\n"
+        more += given
         paths.daemon_config(info.name).write_text(f"metrics_port = 0\n{more}")
 
 
@@ -193,6 +200,14 @@ def running_daemons(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             _stop(paths, env, state)
+            # The bridge, nft table and addresses overlayd made for this prefix.
+            subprocess.run(
+                [find_executable("zlayer-overlayd"), "--remove-network"],
+                env=env,
+                capture_output=True,
+                timeout=STOP_TIMEOUT,
+                check=False,
+            )
             if after_stop is not None:
                 try:
                     after_stop(paths, env)
