@@ -277,11 +277,11 @@ def runtimes_(name: str | None, output_format: str) -> None:
 
     if name:
         if name not in runtimes.TEMPLATES:
-            from daemons.registryd.build.located import suggestion
+            from shared.spec.errors import did_you_mean
 
             fail(
                 f"there is no runtime template `{name}`; one of {', '.join(runtimes.names())}"
-                + suggestion(name, runtimes.names())
+                + did_you_mean(name, runtimes.names())
             )
         text = runtimes.render(name, Path.cwd())
         if output_format == "json":

@@ -29,9 +29,10 @@ Where an endpoint is served (:func:`endpoint_path`):
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 TrafficPath = Literal["l7", "l4-kernel", "l4-proxy", "internal"]
 
@@ -101,6 +102,49 @@ class RouteInfo(_Wire):
     host: str = ""  # "" matches any host
     path: str = "/"
     backends: list[str] = Field(default_factory=list)  # "10.213.0.5:8080"
+
+
+class TrafficError(ValueError):
+    """A pushed traffic view that cannot be applied, in one sentence."""
+
+
+def parse_traffic(deployment: str, text: str) -> DeploymentTraffic:
+    """A push as a DeploymentTraffic, checked the way every receiver needs it.
+
+    The document must validate, name ``deployment`` at the top and on every
+    service, and give every backend an IPv4 address (the receivers put
+    addresses into nft rules and DNS answers). Raises :class:`TrafficError`.
+    """
+    if not deployment:
+        raise TrafficError("a deployment name is needed")
+    try:
+        traffic = DeploymentTraffic.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the document"
+        raise TrafficError(
+            f"the traffic for {deployment!r} is not a DeploymentTraffic ({where}: {first['msg']})"
+        ) from None
+    if traffic.deployment != deployment:
+        raise TrafficError(
+            f"the traffic names the deployment {traffic.deployment!r}, "
+            f"but it was pushed for {deployment!r}"
+        )
+    for service in traffic.services:
+        if service.deployment != deployment:
+            raise TrafficError(
+                f"the service {service.service!r} belongs to {service.deployment!r}, "
+                f"not to {deployment!r}"
+            )
+        for backend in service.backends:
+            try:
+                IPv4Address(backend.address)
+            except ValueError:
+                raise TrafficError(
+                    f"the backend {backend.replica!r} of {service.service!r} has the address "
+                    f"{backend.address!r}, which is not an IPv4 address"
+                ) from None
+    return traffic
 
 
 def endpoint_path(endpoint: dict[str, Any]) -> TrafficPath:

@@ -33,7 +33,6 @@ from daemons.overlayd.publish import (
     PortConflictError,
     ProbeKey,
     Prober,
-    TrafficError,
     parse_traffic,
     published_ports,
 )
@@ -49,6 +48,7 @@ from shared.config import ConfigError
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
 from shared.logs import setup_logging
 from shared.paths import Paths
+from shared.traffic import TrafficError
 
 ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
 ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["result"])

@@ -28,13 +28,12 @@ from daemons.overlayd.plumbing import IFACE, Names
 from daemons.overlayd.publish import (
     ProbeKey,
     PublishedPort,
-    TrafficError,
     check_conflicts,
     published_ports,
 )
 from daemons.overlayd.settings import OverlaySettings, host_resolvers
 from shared.models import Attachment, NetworkInfo
-from shared.traffic import DeploymentTraffic
+from shared.traffic import DeploymentTraffic, TrafficError
 
 STATE_FILE = "allocations.json"
 TRAFFIC_DIR = "traffic"

@@ -24,8 +24,9 @@ from typing import Literal
 
 from pydantic import ValidationError
 
+from shared import traffic as shared_traffic
 from shared.spec.models import EndpointSpec, StreamHealthCheck, UdpProbe
-from shared.traffic import DeploymentTraffic, backend_port, endpoint_path
+from shared.traffic import DeploymentTraffic, TrafficError, backend_port, endpoint_path
 
 log = logging.getLogger("zlayer.overlayd")
 
@@ -36,10 +37,6 @@ PROBE_TIMEOUT = 2.0
 PROBE_FAILURES_TO_DROP = 2
 
 L4Protocol = Literal["tcp", "udp"]
-
-
-class TrafficError(ValueError):
-    """A push that cannot be applied, in one sentence."""
 
 
 class PortConflictError(TrafficError):
@@ -80,38 +77,17 @@ class PublishedPort:
 
 
 def parse_traffic(deployment: str, text: str) -> DeploymentTraffic:
-    """The pushed JSON as a DeploymentTraffic, or a TrafficError saying what is wrong."""
-    try:
-        traffic = DeploymentTraffic.model_validate_json(text)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "the document"
-        raise TrafficError(
-            f"the traffic for {deployment!r} is not a DeploymentTraffic ({where}: {first['msg']})"
-        ) from None
-    if traffic.deployment != deployment:
-        raise TrafficError(
-            f"the traffic names the deployment {traffic.deployment!r}, "
-            f"but it was pushed for {deployment!r}"
-        )
+    """The pushed JSON as a DeploymentTraffic, or a TrafficError saying what is wrong.
+
+    On top of the checks every receiver makes, names must be DNS labels here:
+    they become service DNS names.
+    """
+    traffic = shared_traffic.parse_traffic(deployment, text)
     if not DNS_LABEL.match(deployment):
         raise TrafficError(f"{deployment!r} is not a DNS-safe deployment name")
     for service in traffic.services:
-        if service.deployment != deployment:
-            raise TrafficError(
-                f"the service {service.service!r} belongs to {service.deployment!r}, "
-                f"not to {deployment!r}"
-            )
         if not DNS_LABEL.match(service.service):
             raise TrafficError(f"{service.service!r} is not a DNS-safe service name")
-        for backend in service.backends:
-            try:
-                IPv4Address(backend.address)
-            except ValueError:
-                raise TrafficError(
-                    f"the backend {backend.replica!r} of {service.service!r} has the address "
-                    f"{backend.address!r}, which is not an IPv4 address"
-                ) from None
     return traffic
 
 

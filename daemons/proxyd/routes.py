@@ -18,7 +18,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,10 @@ from shared.traffic import (
     RouteInfo,
     ServiceStats,
     ServiceTraffic,
+    TrafficError,
     backend_port,
     endpoint_path,
+    parse_traffic,
 )
 
 DEFAULT_SESSION_TIMEOUT = 60.0
@@ -187,35 +188,11 @@ class Routes:
     @staticmethod
     def parse(deployment: str, traffic_json: str) -> DeploymentTraffic:
         """Validate a push; RouteError says what is wrong with it."""
-        if not deployment:
-            raise RouteError("a deployment name is needed")
         try:
-            traffic = DeploymentTraffic.model_validate_json(traffic_json)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "the top level"
-            raise RouteError(
-                f"the traffic for {deployment} is not a DeploymentTraffic: {where}: {first['msg']}"
-            ) from None
-        if traffic.deployment != deployment:
-            raise RouteError(
-                f"the traffic names deployment {traffic.deployment!r}, "
-                f"but it was sent for {deployment!r}"
-            )
+            traffic = parse_traffic(deployment, traffic_json)
+        except TrafficError as exc:
+            raise RouteError(str(exc)) from None
         for service in traffic.services:
-            if service.deployment != deployment:
-                raise RouteError(
-                    f"service {service.service} names deployment {service.deployment!r}, "
-                    f"not {deployment!r}"
-                )
-            for backend in service.backends:
-                try:
-                    ip_address(backend.address)
-                except ValueError:
-                    raise RouteError(
-                        f"backend {backend.replica} of {deployment}/{service.service} has "
-                        f"address {backend.address!r}, which is not an IP address"
-                    ) from None
             for index, endpoint in enumerate(service.endpoints):
                 try:
                     EndpointSpec.model_validate(endpoint)

@@ -6,10 +6,12 @@ and :class:`SpecError` (every issue found in one file).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["SpecError", "SpecIssue"]
+__all__ = ["SpecError", "SpecIssue", "describe_value", "did_you_mean"]
 
 
 @dataclass(frozen=True, order=True)
@@ -55,3 +57,30 @@ class SpecError(ValueError):
 
     def __str__(self) -> str:
         return "\n".join(str(issue) for issue in self.issues)
+
+
+def describe_value(value: Any) -> str:
+    """A YAML value as a sentence names it: "the number 3", "a mapping", "nothing"."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def did_you_mean(word: str, choices: Sequence[str], hints: Mapping[str, str] | None = None) -> str:
+    """`` (did you mean `x`?)`` for a known synonym or the closest choice, or nothing."""
+    hint = (hints or {}).get(word)
+    if hint is not None and hint in choices:
+        return f" (did you mean `{hint}`?)"
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""

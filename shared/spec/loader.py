@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from shared.spec.checks import PathSegment, Problem, format_path, semantic_problems
-from shared.spec.errors import SpecError, SpecIssue
+from shared.spec.errors import SpecError, SpecIssue, describe_value, did_you_mean
 from shared.spec.models import KEY_ALIASES, DeploymentSpec, ServiceSpec
 
 __all__ = [
@@ -111,7 +111,7 @@ def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
             document.issue(
                 (),
                 "the top level must be a mapping with `version`, `deployment` and "
-                f"`services`, not {_kind(data)}",
+                f"`services`, not {describe_value(data)}",
             )
         )
     elif readable:
@@ -404,7 +404,7 @@ class _Document:
                 return _Located(self.issue((*path, discriminator), message), kind)
             tag = str(ctx.get("tag", ""))
             message = f"`{tag}` is not a known {discriminator}; expected one of {', '.join(tags)}"
-            message += _suggest(tag, tags)
+            message += did_you_mean(tag, tags, _VALUE_HINTS)
             return _Located(self.issue((*path, discriminator), message), kind)
         return _Located(self.issue(path, _message(kind, error["msg"], ctx, value)), kind)
 
@@ -457,13 +457,13 @@ def _merge(located: Iterator[_Located]) -> list[SpecIssue]:
 
 def _message(kind: str, msg: str, ctx: dict[str, Any], value: Any) -> str:
     if kind in _TYPE_NOUNS:
-        return f"expected {_TYPE_NOUNS[kind]}, got {_kind(value)}"
+        return f"expected {_TYPE_NOUNS[kind]}, got {describe_value(value)}"
     if kind == "literal_error":
         choices = _quoted(str(ctx.get("expected", "")))
-        shown = value if isinstance(value, str) else _kind(value)
+        shown = value if isinstance(value, str) else describe_value(value)
         message = f"`{shown}` is not one of {', '.join(choices)}"
         if isinstance(value, str):
-            message += _suggest(value, choices)
+            message += did_you_mean(value, choices, _VALUE_HINTS)
         return message
     if kind in ("value_error", "assertion_error"):
         return re.sub(r"^(Value|Assertion) error, ", "", msg)
@@ -485,31 +485,6 @@ def _message(kind: str, msg: str, ctx: dict[str, Any], value: Any) -> str:
 
 def _quoted(text: str) -> list[str]:
     return re.findall(r"'([^']*)'", text)
-
-
-def _suggest(word: str, choices: list[str]) -> str:
-    hint = _VALUE_HINTS.get(word)
-    if hint in choices:
-        return f" (did you mean `{hint}`?)"
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean `{close[0]}`?)" if close else ""
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"the string {shown!r}"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
 
 
 # ---------------------------------------------------------------- locating errors

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
+from shared.spec.errors import describe_value
+
 __all__ = [
     "DURATION_PATTERN",
     "SIZE_PATTERN",
@@ -66,7 +68,7 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"expected a duration such as 30s or 5m, got {_kind(value)}")
+        raise ValueError(f"expected a duration such as 30s or 5m, got {describe_value(value)}")
     if isinstance(value, int | float):
         raise ValueError(f"a duration needs a unit: write {value}s, {value}m or {value}ms")
     text = value.strip()
@@ -113,7 +115,7 @@ def parse_size(value: Any) -> int:
     if isinstance(value, float):
         raise ValueError(f"a size needs a unit or whole bytes: write {value}Gi or {int(value)}")
     if not isinstance(value, str):
-        raise ValueError(f"expected a size such as 512Mi or 1Gi, got {_kind(value)}")
+        raise ValueError(f"expected a size such as 512Mi or 1Gi, got {describe_value(value)}")
     match = _SIZE_RE.match(value)
     if match is None:
         raise ValueError(f"{value!r} is not a size; write e.g. 512Mi, 1Gi, 500M or a byte count")
@@ -128,16 +130,6 @@ def format_size(value: int) -> str | int:
         if value and value % size == 0:
             return f"{value // size}{unit}"
     return value
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"{type(value).__name__} {value!r}"
 
 
 Duration = Annotated[

@@ -74,8 +74,8 @@ def test_matching_by_host_then_wildcard_then_any_with_longest_prefix(tmp_path: P
     ("deployment", "payload", "words"),
     [
         ("d", "{", "not a DeploymentTraffic"),
-        ("d", push("e", []), "sent for 'd'"),
-        ("d", push("d", [web("w", [http()], ["not-an-ip"])]), "not an IP address"),
+        ("d", push("e", []), "pushed for 'd'"),
+        ("d", push("d", [web("w", [http()], ["not-an-ip"])]), "not an IPv4 address"),
         ("d", push("d", [web("w", [http(port=0)], [])]), "endpoint 0 of d/w"),
         ("d", push("d", [web("w", [http(host="a.*.com")], [])]), "wildcard"),
         ("d", push("d", [web("w", [http(path="api")], [])]), "starts with /"),

@@ -205,12 +205,12 @@ class Builder:
                     )
                 name = found[0]
             elif name not in runtimes.TEMPLATES:
-                from daemons.registryd.build.located import suggestion
+                from shared.spec.errors import did_you_mean
 
                 names = runtimes.names()
                 raise InvalidArgumentError(
                     f"there is no runtime template `{name}`; one of {', '.join(names)}"
-                    + suggestion(name, names)
+                    + did_you_mean(name, names)
                 )
             text = runtimes.render(name, context)
             origins = _dockerfile_origins(text, f"runtime template {name}")
@@ -431,14 +431,14 @@ def _append(path: Path, text: str) -> None:
 
 
 def _no_stage(target: str, file: Path, stages: list[str]) -> str:
-    from daemons.registryd.build.located import suggestion
+    from shared.spec.errors import did_you_mean
 
     named = [s for s in stages if s]
     if not named:
         return f"--target {target}: {file} has no named stages"
     return (
         f"--target {target}: {file} has no stage `{target}` (stages: {', '.join(named)})"
-        + suggestion(target, named)
+        + did_you_mean(target, named)
     )
 
 

@@ -9,7 +9,6 @@ with its file, line and column, and how many more there are.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from shared.spec.checks import format_path
-from shared.spec.errors import SpecIssue
+from shared.spec.errors import SpecIssue, describe_value, did_you_mean
 
 PathKey = tuple[str | int, ...]
 Mark = tuple[int, int]  # 1-based line and column
@@ -50,12 +49,6 @@ def file_error(filename: str, message: str, line: int = 0, column: int = 0) -> B
     return BuildFileError([SpecIssue(filename, line, column, "", message)])
 
 
-def suggestion(word: str, choices: Sequence[str]) -> str:
-    """`` (did you mean `x`?)`` for the closest of ``choices``, or nothing."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean `{close[0]}`?)" if close else ""
-
-
 class Strict(BaseModel):
     """A model of a build file: unknown keys are refused with the closest known one."""
 
@@ -71,7 +64,7 @@ class Strict(BaseModel):
                     raise PydanticCustomError(
                         "unknown_key",
                         "unknown key `{key}`{hint}",
-                        {"key": str(key), "hint": suggestion(str(key), known)},
+                        {"key": str(key), "hint": did_you_mean(str(key), known)},
                     )
         return data
 
@@ -228,26 +221,10 @@ _NOUNS = {
 
 def _message(kind: str, msg: str, value: Any) -> str:
     if kind in _NOUNS:
-        return f"expected {_NOUNS[kind]}, got {describe(value)}"
+        return f"expected {_NOUNS[kind]}, got {describe_value(value)}"
     if kind in ("value_error", "assertion_error"):
         return msg.split(", ", 1)[1] if msg.startswith(("Value error, ", "Assertion")) else msg
     return msg[:1].lower() + msg[1:]
-
-
-def describe(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, str):
-        return f"the string {value[:40]!r}"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
 
 
 def display_path(path: Path, base: Path | None = None) -> str:

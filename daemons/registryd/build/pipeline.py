@@ -23,10 +23,9 @@ from daemons.registryd.build.located import (
     Document,
     PathKey,
     Strict,
-    describe,
     file_error,
-    suggestion,
 )
+from shared.spec.errors import describe_value, did_you_mean
 
 Scalar = str | int | float | bool
 ImageFormat = Literal["oci", "docker"]
@@ -116,7 +115,7 @@ class Pipeline:
                 raise file_error(
                     self.filename,
                     f"--only names `{name}`, which is not an image of this pipeline "
-                    f"({', '.join(self.images)}){suggestion(name, list(self.images))}",
+                    f"({', '.join(self.images)}){did_you_mean(name, list(self.images))}",
                 )
         wanted: set[str] = set()
         pending = list(only)
@@ -150,7 +149,9 @@ def load_pipeline(path: str | Path, overrides: dict[str, str] | None = None) -> 
     """Read, substitute, validate and check a ZPipeline; :class:`BuildFileError` if it is wrong."""
     document, data = Document.read(path, "ZPipeline")
     if not isinstance(data, dict):
-        raise document.error_at((), f"a ZPipeline is a mapping with `images`, not {describe(data)}")
+        raise document.error_at(
+            (), f"a ZPipeline is a mapping with `images`, not {describe_value(data)}"
+        )
     variables = _variables(document, data, overrides or {})
     substituted = {
         key: value if key == "vars" else _substitute(document, value, (key,), variables)
@@ -176,14 +177,14 @@ def _variables(
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise document.error_at(("vars",), f"expected a mapping, got {describe(raw)}")
+        raise document.error_at(("vars",), f"expected a mapping, got {describe_value(raw)}")
     variables: dict[str, str] = {}
     for key, value in raw.items():
         if not _VAR_NAME.match(key):
             raise document.error_at(("vars", key), f"`{key}` is not a variable name", at_key=True)
         if not isinstance(value, str | int | float | bool):
             raise document.error_at(
-                ("vars", key), f"a variable is a string or number, not {describe(value)}"
+                ("vars", key), f"a variable is a string or number, not {describe_value(value)}"
             )
         variables[key] = _text(value)
     variables.update(overrides)
@@ -197,7 +198,7 @@ def _substitute(document: Document, value: Any, path: PathKey, variables: dict[s
             name = match.group(1)
             if name not in variables:
                 known = sorted(variables)
-                hint = suggestion(name, known) or (
+                hint = did_you_mean(name, known) or (
                     f" (defined: {', '.join(known)})" if known else " (`vars` defines none)"
                 )
                 raise document.error_at(
@@ -254,7 +255,7 @@ def _check_dependencies(document: Document, images: dict[str, PlannedImage]) -> 
                 raise document.error_at(
                     where,
                     f"unknown image `{dependency}` (images: {', '.join(names)})"
-                    + suggestion(dependency, others),
+                    + did_you_mean(dependency, others),
                 )
     cycle = _find_cycle(images)
     if cycle:

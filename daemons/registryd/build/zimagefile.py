@@ -28,9 +28,8 @@ from daemons.registryd.build.located import (
     Document,
     PathKey,
     Strict,
-    describe,
-    suggestion,
 )
+from shared.spec.errors import describe_value, did_you_mean
 
 Scalar = str | int | float | bool
 StrOrList = str | list[str]
@@ -202,7 +201,7 @@ class RuntimeFile(FileHeader):
             names = list(runtimes.TEMPLATES)
             raise ValueError(
                 f"`{value}` is not a runtime template; one of {', '.join(names)}"
-                + suggestion(value, names)
+                + did_you_mean(value, names)
             )
         return value
 
@@ -289,7 +288,8 @@ def parse_zimagefile(text: str, filename: str = "ZImagefile") -> LoadedZImagefil
 def validate_zimagefile(document: Document, data: Any) -> ZImagefile:
     if not isinstance(data, dict):
         raise document.error_at(
-            (), f"a ZImagefile is a mapping with one of {_keys_sentence()}, not {describe(data)}"
+            (),
+            f"a ZImagefile is a mapping with one of {_keys_sentence()}, not {describe_value(data)}",
         )
     modes = [key for key in MODE_KEYS if key in data]
     if len(modes) > 1:
@@ -304,7 +304,7 @@ def validate_zimagefile(document: Document, data: Any) -> ZImagefile:
             if key not in known:
                 raise document.error_at(
                     (key,),
-                    f"unknown key `{key}`{suggestion(key, sorted(known))}",
+                    f"unknown key `{key}`{did_you_mean(key, sorted(known))}",
                     at_key=True,
                 )
         raise document.error_at((), f"a ZImagefile needs one of {_keys_sentence()}")
@@ -417,7 +417,7 @@ def _unknown_stage(name: str, earlier: list[str], every: list[str]) -> str:
         return f"there is no stage `{name}`: no stage is defined before this one"
     return (
         f"there is no stage `{name}` before this one (stages so far: {', '.join(earlier)})"
-        + suggestion(name, earlier)
+        + did_you_mean(name, earlier)
     )
 
 
