@@ -42,17 +42,6 @@ from tests.registry_fixture import (
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
-@pytest.fixture(scope="module")
-def registry(busybox_image: dict[str, Path]) -> Iterator[Registry]:
-    """An anonymous registry holding busybox:1 (pushed by skopeo)."""
-    server = start_registry()
-    try:
-        skopeo_copy(f"oci:{busybox_image['oci']}", f"docker://{server.host}/busybox:1")
-        yield server
-    finally:
-        server.stop()
-
-
 def pulled(registryd: Registryd, reference: str, *extra: str) -> dict[str, Any]:
     info: dict[str, Any] = json.loads(registryd.ok("pull", reference, "--format", "json", *extra))
     return info

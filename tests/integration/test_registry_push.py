@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from shared.busybox_image import Entry, make_image, make_tar, write_oci_layout
 from tests.integration.test_daemon import start, stop
@@ -23,20 +20,9 @@ from tests.registry_fixture import (
     need_tools,
     oci_manifest_digest,
     skopeo_copy,
-    start_registry,
 )
 
 BUSYBOX = "docker.io/zlayer/busybox:latest"
-
-
-@pytest.fixture(scope="module")
-def registry(busybox_image: dict[str, Path]) -> Iterator[Registry]:
-    server = start_registry()
-    try:
-        skopeo_copy(f"oci:{busybox_image['oci']}", f"docker://{server.host}/busybox:1")
-        yield server
-    finally:
-        server.stop()
 
 
 def push_json(registryd: Registryd, *args: str) -> dict[str, str]:
