@@ -7,12 +7,13 @@ set -euo pipefail
 
 # busybox-static: the busybox test image (shared/busybox_image.py) is built from it
 # crun (runc where crun cannot run) and conmon: agentd's container runtime
-# skopeo: registryd pushes WASM artifacts with it
-run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl skopeo buildah)
+# buildah: registryd builds images with it
+run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl buildah)
 # busctl and systemd-analyze (tests check units and talk to the bus with them)
 # docker-registry: a real registry the WASM push and registry client tests start
 # apache2-utils: htpasswd, for the registry with basic auth
-test_packages=(systemd docker-registry apache2-utils)
+# skopeo: the tests check what ZLayer pushes and pulls against skopeo's copies
+test_packages=(systemd docker-registry apache2-utils skopeo)
 
 wanted=("${run_packages[@]}")
 [ "${1:-run}" = test ] && wanted+=("${test_packages[@]}")

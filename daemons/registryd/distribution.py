@@ -54,6 +54,16 @@ MAX_REDIRECTS = 5
 USER_AGENT = "zlayer-registryd"
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One blob a push sends: its digest, size, progress label and file."""
+
+    digest: str
+    size: int
+    label: str
+    path: Path
+
+
 class CorruptBlobError(Exception):
     """A blob whose content is not its digest; the message says nothing was kept.
 

@@ -248,7 +248,7 @@ class RegistryService(Registry1):
             "push",
             artifact.name,
             lambda job: wasm.push_job(
-                job, artifact, store.tmp_dir, store.root / "auth.json", auth, tls_verify
+                job, artifact, store.tmp_dir, self.daemon.registry, auth, tls_verify
             ),
         )
 

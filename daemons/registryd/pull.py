@@ -31,6 +31,7 @@ from daemons.registryd.distribution import (
     InterruptedTransferError,
     Platform,
     Repository,
+    Upload,
     bus_error,
     choose_manifest,
     node_platform,
@@ -133,8 +134,10 @@ class RegistryClient:
         auth: str,
         base_url: str | None = None,
         extra_scopes: tuple[str, ...] = (),
+        plain_http: bool = False,
     ) -> Repository:
-        base = base_url or registry_url(ref.domain, self.settings.insecure_registries)
+        insecure = [*self.settings.insecure_registries, *([ref.domain] if plain_http else [])]
+        base = base_url or registry_url(ref.domain, insecure)
         registry = ref.domain
         credential_host = registry if base_url is None else base.split("://", 1)[1]
         return Repository(
@@ -347,46 +350,17 @@ class RegistryClient:
             for parsed in map(parse_reference, record.names)
             if parsed.domain == dest.domain and parsed.path != dest.path
         ]
-        repository = self.repository(
-            dest, "pull,push", auth, extra_scopes=tuple(f"repository:{p}:pull" for p in mount_from)
-        )
         pinned = self.store.pin(record.manifest_digest, *(d for d, _, _ in blobs))
-        limit = asyncio.Semaphore(self.settings.max_concurrent_uploads)
-
-        async def send(digest: str, size: int, label: str) -> None:
-            async with limit:
-                job.progress(label, done=0, total=size, state="checking")
-                if await repository.blob_exists(digest):
-                    job.progress(label, done=size, state="exists")
-                    return
-                location = None
-                for source_path in mount_from:
-                    location = await repository.mount_blob(digest, source_path)
-                    if location is None:
-                        job.progress(label, done=size, state="mounted")
-                        return
-                if location is None:
-                    location = await repository.start_upload()
-                job.progress(label, state="uploading")
-                await repository.upload_blob(
-                    location,
-                    self.store.blob_path(digest),
-                    digest,
-                    size,
-                    self.settings.chunk_size,
-                    lambda done: job.progress(label, done=done),
-                )
-                job.progress(label, done=size, state="pushed")
-
         try:
-            async with asyncio.TaskGroup() as group:
-                for digest, size, label in blobs:
-                    group.create_task(send(digest, size, label))
-            pushed = await repository.put_manifest(
-                dest.digest or dest.tag or "latest", manifest, media_type
+            pushed = await self.upload(
+                job,
+                dest,
+                auth,
+                [Upload(d, size, label, self.store.blob_path(d)) for d, size, label in blobs],
+                manifest,
+                media_type,
+                mount_from=mount_from,
             )
-        except* Exception as group:
-            raise group.exceptions[0] from None
         finally:
             self.store.unpin(pinned)
         if pushed and pushed != record.manifest_digest:
@@ -398,6 +372,73 @@ class RegistryClient:
         return json.dumps(
             {"reference": str(dest), "digest": record.manifest_digest, "id": record.id}
         )
+
+    async def upload(
+        self,
+        job: Job,
+        dest: Reference,
+        auth: str,
+        blobs: list[Upload],
+        manifest: bytes,
+        media_type: str,
+        *,
+        mount_from: list[str] | None = None,
+        plain_http: bool = False,
+    ) -> str:
+        """Send ``blobs`` (those the registry lacks) then ``manifest`` to ``dest``.
+
+        Blobs go concurrently, each checked first (``exists``), mounted from
+        another repository of the same registry where one of ``mount_from``
+        holds it, uploaded otherwise. The manifest goes last, under the tag
+        or digest of ``dest``; the digest the registry reports is returned.
+        """
+        sources = mount_from or []
+        repository = self.repository(
+            dest,
+            "pull,push",
+            auth,
+            extra_scopes=tuple(f"repository:{p}:pull" for p in sources),
+            plain_http=plain_http,
+        )
+        limit = asyncio.Semaphore(self.settings.max_concurrent_uploads)
+
+        async def send(blob: Upload) -> None:
+            async with limit:
+                job.progress(blob.label, done=0, total=blob.size, state="checking")
+                if await repository.blob_exists(blob.digest):
+                    job.progress(blob.label, done=blob.size, state="exists")
+                    return
+                location = None
+                for source_path in sources:
+                    location = await repository.mount_blob(blob.digest, source_path)
+                    if location is None:
+                        job.progress(blob.label, done=blob.size, state="mounted")
+                        return
+                if location is None:
+                    location = await repository.start_upload()
+                job.progress(blob.label, state="uploading")
+                await repository.upload_blob(
+                    location,
+                    blob.path,
+                    blob.digest,
+                    blob.size,
+                    self.settings.chunk_size,
+                    lambda done: job.progress(blob.label, done=done),
+                )
+                job.progress(blob.label, done=blob.size, state="pushed")
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for blob in blobs:
+                    group.create_task(send(blob))
+            return await repository.put_manifest(
+                dest.digest or dest.tag or "latest", manifest, media_type
+            )
+        except* Exception as group:
+            first = group.exceptions[0]
+            if isinstance(first, InterruptedTransferError | CorruptBlobError):
+                raise bus_error(first) from None
+            raise first from None
 
     # ------------------------------------------------------------ login
 

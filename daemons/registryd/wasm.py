@@ -13,8 +13,8 @@ as usual.
 Export writes a binary as an OCI image layout in the CNCF layout: one
 ``application/wasm`` layer and a config with created, author, architecture
 ``wasm``, os ``wasip1`` or ``wasip2``, ``layerDigests`` and, for a
-component, its imports and exports. Push copies that layout to a registry
-with skopeo.
+component, its imports and exports. Push sends the same blobs and manifest
+with registryd's own distribution client (:meth:`.pull.RegistryClient.upload`).
 """
 
 from __future__ import annotations
@@ -25,20 +25,22 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from daemons.registryd.distribution import Upload
 from daemons.registryd.sources import ArchiveError, SourceImage
-from shared.bus import InvalidArgumentError, NotFoundError, UnavailableError, ZLayerError
+from shared.bus import InvalidArgumentError, NotFoundError, ZLayerError
 from shared.jobs import Job
 from shared.reference import InvalidReferenceError, parse_reference
 from shared.wasm import MAGIC, WasmArtifact, WasmError, WasmInfo, validate
+
+if TYPE_CHECKING:  # pull imports the store, which imports this module
+    from daemons.registryd.pull import RegistryClient
 
 log = logging.getLogger("zlayer.registryd.wasm")
 
@@ -51,8 +53,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 WASM_ARTIFACT_TYPES = {WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE}
 WASM_PLATFORM_OS = ("wasi", "wasip1", "wasip2")
 WASM_FILE = "app.wasm"  # the binary's name inside its unpacked layer directory
-SKOPEO = "skopeo"
-PUSH_TIMEOUT = 30 * 60.0
 
 
 def _is_wasm_media_type(media_type: str) -> bool:
@@ -293,104 +293,50 @@ def export_layout(path: str, name: str, output: str, author: str) -> WasmArtifac
 
 # ---------------------------------------------------------------- push
 
-_SKOPEO_MESSAGE = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
-
-
-def skopeo_failure(output: str, destination: str) -> str:
-    """skopeo's error output as one sentence a person can act on."""
-    found = _SKOPEO_MESSAGE.findall(output)
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    text = found[-1].replace('\\"', '"') if found else (lines[-1] if lines else "no reason given")
-    host = destination.split("/", 1)[0]
-    if "server gave HTTP response to HTTPS client" in text:
-        return f"the registry {host} speaks plain HTTP; push with --no-tls-verify to use it"
-    if "connection refused" in text:
-        return f"cannot reach the registry {host}: connection refused"
-    if "unauthorized" in text.lower() or "authentication required" in text.lower():
-        return f"the registry {host} refused the push: authentication required (zlayerctl login)"
-    if "certificate" in text or "x509" in text:
-        return f"the registry {host} has a TLS certificate this node does not trust ({text})"
-    return f"pushing to {destination} failed: {text}"
-
-
-async def push_layout(
-    layout: Path,
-    destination: str,
-    tls_verify: bool,
-    authfile: Path | None,
-    progress: Callable[[str], None],
-) -> str:
-    """Copy the OCI layout to ``docker://destination`` with skopeo; the pushed manifest digest."""
-    if shutil.which(SKOPEO) is None:
-        raise UnavailableError("skopeo is not installed; pushing WASM artifacts needs it")
-    digest_file = layout.parent / f"{layout.name}.digest"
-    argv = [
-        SKOPEO,
-        "copy",
-        "--quiet",
-        f"--dest-tls-verify={'true' if tls_verify else 'false'}",
-        "--digestfile",
-        str(digest_file),
-    ]
-    if authfile is not None and authfile.is_file():
-        argv += ["--dest-authfile", str(authfile)]
-    argv += [f"oci:{layout}", f"docker://{destination}"]
-    progress("uploading")
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), PUSH_TIMEOUT)
-    except (asyncio.CancelledError, TimeoutError):
-        # Ours alone, by its PID: a cancelled job leaves no skopeo behind.
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        raise
-    try:
-        if process.returncode != 0:
-            raise ZLayerError(skopeo_failure(output.decode(errors="replace"), destination))
-        digest = digest_file.read_text().strip()
-    finally:
-        digest_file.unlink(missing_ok=True)
-    progress("done")
-    return digest
-
 
 async def push_job(
-    job: Job, artifact: Artifact, work_dir: Path, authfile: Path, auth: str, tls_verify: bool
+    job: Job,
+    artifact: Artifact,
+    work_dir: Path,
+    client: RegistryClient,
+    auth: str,
+    tls_verify: bool,
 ) -> str:
-    """The work of a ``PushWasm`` job: write the layout, push it, clean up; a WasmArtifact.
+    """The work of a ``PushWasm`` job: the artifact's blobs and manifest to its registry.
 
-    ``auth`` (a Docker-config ``auth`` value from the caller) goes to skopeo
-    in an auth file of the job's own; without it, registryd's ``authfile``.
+    The blobs are written to a directory of the job's own and sent by
+    registryd's own distribution client, so credentials from ``zlayerctl
+    login`` (or ``auth`` from the caller), insecure-registry settings and
+    token reuse are the same as for any image push. ``tls_verify=False``
+    speaks plain HTTP to the registry.
     """
-    layout = work_dir / f"wasm-push-{uuid.uuid4().hex}"
-    job_authfile = work_dir / f"{layout.name}.auth.json"
+    dest = parse_reference(artifact.name)
+    blob_dir = work_dir / f"wasm-push-{uuid.uuid4().hex}"
 
-    def progress(state: str) -> None:
-        job.progress(
-            artifact.name,
-            done=0 if state != "done" else len(artifact.layer),
-            total=len(artifact.layer),
-            state=state,
-        )
+    def write_blobs() -> list[Upload]:
+        blob_dir.mkdir(parents=True)
+        uploads = []
+        for blob, label in ((artifact.config, "config"), (artifact.layer, "wasm")):
+            digest = _digest(blob)
+            path = blob_dir / digest.removeprefix("sha256:")
+            path.write_bytes(blob)
+            uploads.append(Upload(digest, len(blob), label, path))
+        return uploads
 
     try:
-        if auth:
-            host = parse_reference(artifact.name).domain
-            fd = os.open(job_authfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"auths": {host: {"auth": auth}}}, handle)
-            authfile = job_authfile
-        await asyncio.to_thread(write_layout, artifact, layout)
-        digest = await push_layout(layout, artifact.name, tls_verify, authfile, progress)
+        uploads = await asyncio.to_thread(write_blobs)
+        digest = await client.upload(
+            job, dest, auth, uploads, artifact.manifest, OCI_MANIFEST, plain_http=not tls_verify
+        )
     finally:
-        job_authfile.unlink(missing_ok=True)
-        await asyncio.to_thread(shutil.rmtree, layout, True)
+        await asyncio.to_thread(shutil.rmtree, blob_dir, True)
+    if digest and digest != artifact.manifest_digest:
+        raise ZLayerError(
+            f"the registry {dest.domain} stored the manifest as {digest}, not "
+            f"{artifact.manifest_digest}"
+        )
     log.info("pushed %s (%s) to %s", artifact.info.digest, artifact.info.kind, artifact.name)
     described = artifact.describe(artifact.name)
-    return described.model_copy(update={"manifest_digest": digest}).model_dump_json()
+    return described.model_copy(
+        update={"manifest_digest": digest or artifact.manifest_digest}
+    ).model_dump_json()

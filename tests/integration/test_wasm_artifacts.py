@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,9 +25,15 @@ from shared.paths import Paths
 from shared.wasm import WasmArtifact
 from tests.integration.test_daemon import NotifyListener, stop
 from tests.integration.test_registryd import Registryd
+from tests.registry_fixture import (
+    PASSWORD,
+    USER,
+    free_port,
+    htpasswd_auth,
+    need_tools,
+    start_registry,
+)
 from tests.unit.test_wasm import COMPONENT_WAT, HELLO_MODULE_WAT, ILL_TYPED_WAT, compile_wat
-
-REGISTRY_START_SEC = 10.0
 
 
 @pytest.fixture
@@ -221,53 +222,26 @@ def test_export_refusals_are_sentences_and_leave_nothing(
 # ---------------------------------------------------------------- push
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def local_registry() -> Iterator[str]:
     """A Distribution registry on 127.0.0.1, plain HTTP; its host:port."""
-    for tool in ("docker-registry", "skopeo"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install docker-registry skopeo)")
-    root = Path(tempfile.mkdtemp(prefix="zlregistry-"))
-    port = free_port()
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: error\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    process = subprocess.Popen(
-        ["docker-registry", "serve", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    need_tools("skopeo")
+    server = start_registry()
     try:
-        deadline = time.monotonic() + REGISTRY_START_SEC
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                assert process.poll() is None, f"docker-registry exited: {process.stderr}"
-                assert time.monotonic() < deadline, "docker-registry did not answer /v2/"
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        yield server.host
     finally:
-        # Ours alone, by its PID.
-        process.terminate()
+        server.stop()
+
+
+@pytest.fixture
+def basic_registry() -> Iterator[str]:
+    """A registry asking for a user name and password (htpasswd); its host:port."""
+    with tempfile.TemporaryDirectory(prefix="zlhtpasswd-") as name:
+        server = start_registry(htpasswd_auth(Path(name)))
         try:
-            process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-        shutil.rmtree(root, ignore_errors=True)
+            yield server.host
+        finally:
+            server.stop()
 
 
 def skopeo_json(*args: str) -> Any:
@@ -314,17 +288,35 @@ def test_push_to_a_real_registry_and_back(
 
 
 def test_push_failures_are_sentences(
-    registryd: Registryd, binaries: dict[str, Path], local_registry: str
+    registryd: Registryd, binaries: dict[str, Path], basic_registry: str
 ) -> None:
     module = str(binaries["module"])
-    assert one_sentence(
-        zlayerctl("wasm", "push", module, f"{local_registry}/hello:1", bus=registryd.bus)
-    ) == (f"the registry {local_registry} speaks plain HTTP; push with --no-tls-verify to use it")
     closed = f"127.0.0.1:{free_port()}"
+    assert (
+        one_sentence(
+            zlayerctl(
+                "wasm", "push", module, f"{closed}/hello:1", "--no-tls-verify", bus=registryd.bus
+            )
+        )
+        == f"cannot reach registry {closed}: connection refused"
+    )
     assert one_sentence(
-        zlayerctl("wasm", "push", module, f"{closed}/hello:1", "--no-tls-verify", bus=registryd.bus)
-    ) == (f"cannot reach the registry {closed}: connection refused")
-    assert one_sentence(
-        zlayerctl("wasm", "push", str(binaries["text"]), f"{local_registry}/x:1", bus=registryd.bus)
+        zlayerctl("wasm", "push", str(binaries["text"]), f"{basic_registry}/x:1", bus=registryd.bus)
     ).endswith("does not start with the \\0asm magic")
+    refused = one_sentence(
+        zlayerctl("wasm", "push", module, f"{basic_registry}/hello:1", bus=registryd.bus)
+    )
+    assert basic_registry in refused and "zlayerctl login" in refused
     assert os.listdir(registryd.store / "tmp") == []
+
+
+def test_push_uses_the_credentials_of_zlayerctl_login(
+    registryd: Registryd, binaries: dict[str, Path], basic_registry: str
+) -> None:
+    registryd.ok("login", basic_registry, "-u", USER, "-p", PASSWORD)
+    reference = f"{basic_registry}/wasm/hello:2"
+    pushed = registryd.ok("wasm", "push", str(binaries["module"]), reference, "--format", "json")
+    artifact = WasmArtifact.model_validate_json(pushed)
+    manifest = skopeo_json("--raw", "--creds", f"{USER}:{PASSWORD}", f"docker://{reference}")
+    assert manifest["layers"][0]["digest"] == artifact.layer_digest
+    assert artifact.os == "wasip1"

@@ -28,7 +28,6 @@ from daemons.registryd.wasm import (
     artifact_name,
     build_artifact,
     image_runtime,
-    skopeo_failure,
     write_layout,
 )
 from shared.bus import InvalidArgumentError
@@ -323,19 +322,3 @@ def test_a_layer_claiming_wasm_must_be_wasm() -> None:
     liar = _image([(b"\x1f\x8b gzip, not wasm", WASM_LAYER_MEDIA_TYPE)], OCI_CONFIG, None)
     with pytest.raises(InvalidArgumentError, match=r"layer 1 of the WASM artifact in p"):
         image_runtime(liar, {}, "p")
-
-
-def test_skopeo_failures_become_sentences() -> None:
-    http = (
-        'time="x" level=fatal msg="trying to reuse blob sha256:ab at destination: pinging '
-        'container registry 127.0.0.1:5000: Get \\"https://127.0.0.1:5000/v2/\\": http: server '
-        'gave HTTP response to HTTPS client"'
-    )
-    assert skopeo_failure(http, "127.0.0.1:5000/a:1") == (
-        "the registry 127.0.0.1:5000 speaks plain HTTP; push with --no-tls-verify to use it"
-    )
-    refused = 'level=fatal msg="dial tcp 127.0.0.1:9: connect: connection refused"'
-    assert skopeo_failure(refused, "127.0.0.1:9/a:1") == (
-        "cannot reach the registry 127.0.0.1:9: connection refused"
-    )
-    assert skopeo_failure("something odd\n", "r/a:1") == "pushing to r/a:1 failed: something odd"
