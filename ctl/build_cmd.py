@@ -3,8 +3,9 @@
 A build is a zlayer-registryd job (``Registry1.Build``): this command sends
 the request, then follows the job's log file like ``tail -f`` until the job
 ends, and prints the stored image's id or the failure's one sentence. The
-daemon reads the context and files itself, so paths are sent absolute and
-must be visible to it (under systemd it has its own /tmp and no /home).
+daemon reads the context and files itself where it can see them; where it
+cannot (under systemd it has its own /tmp and no /home) they are sent to it
+first (ctl/transfer.py).
 
 A pipeline is read and checked here (variables, dependencies, files) before
 anything builds; its images are then built wave by wave, the images of a
@@ -27,8 +28,9 @@ import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
+from ctl.transfer import SendError, Sent, path_for_registryd
 from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
-from shared.bus import NotFoundError
+from shared.bus import NotFoundError, ZLayerError
 from shared.jobs import JobInfo
 from shared.reference import InvalidReferenceError, parse_reference
 
@@ -70,6 +72,7 @@ class _Followed:
     info: JobInfo | None = None
     log_path: str = ""
     done: bool = field(default=False)
+    sent: Sent = field(default_factory=Sent)  # registryd's copies of our paths, if any
 
     def drain(self, out: IO[str], final: bool) -> None:
         if not self.log_path:
@@ -86,7 +89,7 @@ class _Followed:
         self.partial = b"" if final else lines.pop()
         for line in lines:
             if line or not final:
-                out.write(self.prefix + line.decode(errors="replace") + "\n")
+                out.write(self.prefix + self.sent.ours(line.decode(errors="replace")) + "\n")
         out.flush()
 
 
@@ -126,26 +129,32 @@ async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -
             loop.remove_signal_handler(signal.SIGINT)
 
 
-def _outcome(info: JobInfo, what: str) -> BuildResult | str:
+def _outcome(info: JobInfo, what: str, sent: Sent) -> BuildResult | str:
     if info.state == "done":
         return BuildResult.model_validate_json(info.result)
     if info.state == "cancelled":
         return f"the build of {what} was cancelled"
-    return info.error or f"the build of {what} failed"
+    return sent.ours(info.error) or f"the build of {what} failed"
 
 
-async def _start_build(client: Client, request: BuildRequest) -> int:
+async def _start_build(client: Client, request: BuildRequest, prefix: str = "") -> _Followed:
+    """Start the build, first sending registryd the paths it cannot see (ctl/transfer.py)."""
+    sent = Sent()
+    registryd = client.registryd
     try:
-        job_id: int = await client.registryd.build(request.model_dump_json())
-    except NotFoundError:
-        # The daemon reads the paths itself; under systemd it has its own /tmp and no /home.
-        if os.path.isdir(request.context):
-            fail(
-                f"zlayer-registryd cannot see {request.context} (under systemd it has its own "
-                "/tmp and no /home); build from a directory it can read, for example under /srv"
-            )
-        raise
-    return job_id
+        request = request.model_copy(
+            update={
+                key: await path_for_registryd(registryd, value, sent)
+                for key in ("context", "dockerfile", "zimagefile")
+                if (value := getattr(request, key))
+            }
+        )
+        job_id: int = await registryd.build(request.model_dump_json())
+    except ZLayerError as exc:
+        raise sent.error(exc) from None
+    except SendError as exc:
+        fail(str(exc))
+    return _Followed(job_id, prefix=prefix, sent=sent)
 
 
 # ---------------------------------------------------------------- pushing
@@ -243,9 +252,9 @@ def build(
     async def run() -> tuple[BuildResult | str, list[dict[str, Any]]]:
         client = Client()
         try:
-            job_id = await _start_build(client, request)
-            (info,) = await follow_jobs(client, [_Followed(job_id)], out)
-            outcome = _outcome(info, ", ".join(tags) or context)
+            followed = await _start_build(client, request)
+            (info,) = await follow_jobs(client, [followed], out)
+            outcome = _outcome(info, ", ".join(tags) or context, followed.sent)
             pushed = (
                 await _push_all(client, list(tags), out)
                 if push and isinstance(outcome, BuildResult)
@@ -344,12 +353,15 @@ async def _build_waves(
         out.write(f"wave {number}: {', '.join(wave)}\n")
         followed = []
         for name in wave:
-            job_id = await _start_build(client, _request(pipeline.images[name]))
-            followed.append(_Followed(job_id, prefix=f"[{name:<{width}}] "))
+            followed.append(
+                await _start_build(
+                    client, _request(pipeline.images[name]), prefix=f"[{name:<{width}}] "
+                )
+            )
         infos = await follow_jobs(client, followed, out)
         failures = []
-        for name, info in zip(wave, infos, strict=True):
-            outcome = _outcome(info, name)
+        for name, info, job in zip(wave, infos, followed, strict=True):
+            outcome = _outcome(info, name, job.sent)
             if isinstance(outcome, str):
                 failures.append(f"image `{name}`: {outcome}")
             else:

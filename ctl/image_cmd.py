@@ -12,7 +12,8 @@ import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
-from shared.bus import NotFoundError
+from ctl.transfer import SendError, Sent, path_for_registryd
+from shared.bus import ZLayerError
 from shared.models import ImageDetail, ImageInfo
 
 IMPORT_CALL_USEC = 60 * 60 * 1_000_000  # a multi-gigabyte archive is hashed and unpacked
@@ -55,17 +56,15 @@ def import_(path: str, name: str, output_format: str) -> None:
     async def run() -> ImageInfo:
         client = Client()
         client.bus.method_call_timeout_usec = IMPORT_CALL_USEC
+        sent = Sent()
         try:
-            raw = await client.registryd.import_image(absolute, name)
-        except NotFoundError:
-            # The daemon reads the path itself; under systemd its unit gives
-            # it a private /tmp and hides /home, so it may not see our file.
-            if not os.path.exists(absolute):
-                raise
-            fail(
-                f"zlayer-registryd cannot see {absolute} (under systemd it has its own /tmp "
-                "and no /home); move it elsewhere, for example under /srv, and import it from there"
-            )
+            # Under systemd registryd has its own /tmp and no /home: it may need a copy.
+            theirs = await path_for_registryd(client.registryd, absolute, sent)
+            raw = await client.registryd.import_image(theirs, name)
+        except ZLayerError as exc:
+            raise sent.error(exc) from None
+        except SendError as exc:
+            fail(str(exc))
         finally:
             client.close()
         return ImageInfo.model_validate_json(raw)

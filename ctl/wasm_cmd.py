@@ -1,8 +1,8 @@
 """``zlayerctl wasm``: validate and inspect WebAssembly binaries, export and push them as artifacts.
 
-``validate`` and ``info`` read the file here, with no daemon (like
-``zlayerctl validate`` for specs); ``export`` and ``push`` ask registryd,
-which owns image formats and registry traffic.
+``validate``, ``info`` and ``export`` work on the file here, with no daemon
+(like ``zlayerctl validate`` for specs), and ``export`` writes as the user;
+``push`` asks registryd, which owns registry traffic and credentials.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
-from shared.bus import NotFoundError
+from ctl.transfer import SendError, Sent, path_for_registryd
+from shared.bus import NotFoundError, ZLayerError
 from shared.jobs import JobInfo
 from shared.wasm import (
     WasmArtifact,
@@ -117,15 +118,6 @@ def _absolute_existing(path: str) -> str:
     return absolute
 
 
-def _hidden_from_daemon(absolute: str) -> None:
-    # The daemon reads the path itself; under systemd its unit gives it a
-    # private /tmp and hides /home, so it may not see our file.
-    fail(
-        f"zlayer-registryd cannot see {absolute} (under systemd it has its own /tmp and no "
-        "/home); move it elsewhere, for example under /srv, and try again from there"
-    )
-
-
 def _default_output(file: str) -> str:
     stem = Path(file).name.removesuffix(".wasm") or "artifact"
     return f"{stem}.oci"
@@ -148,22 +140,16 @@ def export(file: str, name: str, output: str | None, author: str, output_format:
     The directory imports with `zlayerctl image import DIR`, and any OCI tool
     (skopeo, oras) can copy it to a registry.
     """
+    from daemons.registryd.wasm import export_layout
+
     absolute = _absolute_existing(file)
     target = os.path.abspath(output or _default_output(file))
-
-    async def run() -> WasmArtifact:
-        client = Client()
-        try:
-            raw = await client.registryd.export_wasm(absolute, name, target, author)
-        except NotFoundError:
-            if not os.path.exists(absolute):
-                raise
-            _hidden_from_daemon(absolute)
-        finally:
-            client.close()
-        return WasmArtifact.model_validate_json(raw)
-
-    artifact = asyncio.run(run())
+    try:
+        artifact = export_layout(absolute, name, target, author)
+    except ZLayerError as exc:
+        fail(str(exc.args[0]) if exc.args else str(exc))
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror or exc}")
     if output_format == "json":
         print_json(artifact.model_dump(mode="json"))
         return
@@ -204,12 +190,15 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
     async def run() -> JobInfo:
         client = Client()
         try:
+            sent = Sent()
             try:
-                job_id = await client.registryd.push_wasm(absolute, reference, "", tls_verify)
-            except NotFoundError:
-                if not os.path.exists(absolute):
-                    raise
-                _hidden_from_daemon(absolute)
+                # Under systemd registryd has its own /tmp and no /home: it may need a copy.
+                theirs = await path_for_registryd(client.registryd, absolute, sent)
+                job_id = await client.registryd.push_wasm(theirs, reference, "", tls_verify)
+            except ZLayerError as exc:
+                raise sent.error(exc) from None
+            except SendError as exc:
+                fail(str(exc))
             try:
                 return await _wait_job(client, job_id, PUSH_WAIT_SEC)
             except (KeyboardInterrupt, asyncio.CancelledError):

@@ -387,6 +387,37 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         raise NotImplementedError
 
     @dbus_method_async(
+        input_signature="stt",
+        result_signature="b",
+        input_args_names=("path", "device", "inode"),
+        result_args_names=("visible",),
+    )
+    async def path_visible(self, path: str, device: int, inode: int) -> bool:
+        """Whether ``path`` names, for registryd, the file whose stat() gave device and inode.
+
+        Under systemd registryd has its own /tmp and no /home; a client whose
+        path is not visible sends it with Receive instead.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="h",
+        result_signature="s",
+        input_args_names=("fd",),
+        result_args_names=("path",),
+    )
+    async def receive(self, fd: int) -> str:
+        """Read a tar stream of one file or directory from ``fd``; where registryd put it.
+
+        The tar is followed by SEND_COMPLETE; a stream without it was cut
+        short and is refused.
+
+        The path stands in for the client's own in the next call (ImportImage,
+        Build, PushWasm) and is removed when that call or job ends.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
         result_signature="s", result_args_names=("images",), flags=DbusUnprivilegedFlag
     )
     async def list_images(self) -> str:
@@ -531,20 +562,6 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         raise NotImplementedError
 
     # --- wasm artifacts: below this line
-
-    @dbus_method_async(
-        input_signature="ssss",
-        result_signature="s",
-        input_args_names=("path", "name", "output", "author"),
-        result_args_names=("artifact",),
-    )
-    async def export_wasm(self, path: str, name: str, output: str, author: str) -> str:
-        """Pack the WebAssembly binary at ``path`` as an OCI layout at ``output``.
-
-        The CNCF Wasm layout (config ``application/vnd.wasm.config.v0+json``,
-        one ``application/wasm`` layer), named ``name``; shared.wasm.WasmArtifact.
-        """
-        raise NotImplementedError
 
     @dbus_method_async(
         input_signature="sssb",
@@ -718,3 +735,7 @@ def proxy(info: DaemonInfo, bus: sdbus.SdBus) -> Any:
     """A client proxy for the daemon ``info`` on ``bus``."""
     make: Callable[..., Any] = info.interface.new_proxy
     return make(info.bus_name, info.object_path, bus)
+
+
+# Registry1.Receive: what follows a tar stream the sender finished.
+SEND_COMPLETE = b"ZLAYER-SEND-COMPLETE\n"

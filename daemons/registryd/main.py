@@ -19,6 +19,7 @@ from daemons.registryd import wasm
 from daemons.registryd.auth import CredentialStore
 from daemons.registryd.build.builder import Builder
 from daemons.registryd.pull import RegistryClient, parse_user_reference
+from daemons.registryd.received import ReceivedFiles
 from daemons.registryd.settings import RegistrySettings
 from daemons.registryd.store import ImageStore, StoreError
 from shared.bus import (
@@ -61,16 +62,29 @@ class RegistryService(Registry1):
 
     @dbus_method_async_override()
     async def import_image(self, path: str, name: str) -> str:
+        received = self.daemon.received
+        received.claim(path)
         try:
             images = await self.daemon.work(self.daemon.store.import_path, path, name)
         except BaseException:
             IMPORTS.labels(result="failed").inc()
             raise
+        finally:
+            await self.daemon.work(received.release, path)
         IMPORTS.labels(result="ok").inc()
         await self.daemon.update_metrics()
         for image in images:
             self.daemon.log.info("imported %s as %s", image.id, ", ".join(image.names) or "-")
         return images[0].model_dump_json()
+
+    @dbus_method_async_override()
+    async def path_visible(self, path: str, device: int, inode: int) -> bool:
+        return await self.daemon.work(ReceivedFiles.visible, path, device, inode)
+
+    @dbus_method_async_override()
+    async def receive(self, fd: int) -> str:
+        path = await self.daemon.work(self.daemon.received.receive, fd)
+        return path
 
     @dbus_method_async_override()
     async def list_images(self) -> str:
@@ -222,10 +236,18 @@ class RegistryService(Registry1):
 
     @dbus_method_async_override()
     async def build(self, request: str) -> int:
+        received = self.daemon.received
+        paths = _request_paths(request)
+        received.claim(*paths)
+
+        def release() -> None:
+            received.release(*paths)
+
         try:
-            job_id = await self.daemon.builder.start(request)
+            job_id = await self.daemon.builder.start(request, release)
         except BaseException:
             BUILDS.labels(result="refused").inc()
+            await self.daemon.work(release)
             raise
         self.daemon.log.info("build job %d started", job_id)
         return job_id
@@ -233,15 +255,14 @@ class RegistryService(Registry1):
     # --- wasm artifacts: below this line
 
     @dbus_method_async_override()
-    async def export_wasm(self, path: str, name: str, output: str, author: str) -> str:
-        artifact = await self.daemon.work(wasm.export_layout, path, name, output, author)
-        self.daemon.log.info("exported %s as %s to %s", path, artifact.name, output)
-        return artifact.model_dump_json()
-
-    @dbus_method_async_override()
     async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
         # Checked before the job starts, so a bad file or name fails the call itself.
-        data = await self.daemon.work(wasm.read_binary, path)
+        received = self.daemon.received
+        received.claim(path)
+        try:
+            data = await self.daemon.work(wasm.read_binary, path)
+        finally:
+            await self.daemon.work(received.release, path)
         artifact = await self.daemon.work(wasm.build_artifact, data, path, reference)
         store = self.daemon.store
         return self.daemon.jobs.start(
@@ -251,6 +272,17 @@ class RegistryService(Registry1):
                 job, artifact, store.tmp_dir, self.daemon.registry, auth, tls_verify
             ),
         )
+
+
+def _request_paths(request: str) -> list[str]:
+    """The paths a BuildRequest names (context, -f, -z); none when it is malformed."""
+    try:
+        fields = json.loads(request)
+    except ValueError:
+        return []
+    if not isinstance(fields, dict):
+        return []
+    return [str(fields.get(key) or "") for key in ("context", "dockerfile", "zimagefile")]
 
 
 class RegistryDaemon(Daemon):
@@ -270,6 +302,7 @@ class RegistryDaemon(Daemon):
             self.work,
         )
         self.store_problem = ""
+        self.received = ReceivedFiles(paths.daemon_state(self.info.name) / "received")
         self.jobs = JobTable(self._job_removed)
         self.service: RegistryService | None = None
         # builds: buildah under the state dir, results imported into the store
@@ -299,6 +332,7 @@ class RegistryDaemon(Daemon):
 
     async def start(self) -> None:
         try:
+            await asyncio.to_thread(self.received.reset)
             await asyncio.to_thread(self.store.open)
         except (StoreError, OSError) as exc:
             self.store_problem = str(exc)

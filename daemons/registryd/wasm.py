@@ -283,7 +283,11 @@ def read_binary(path: str) -> bytes:
 
 
 def export_layout(path: str, name: str, output: str, author: str) -> WasmArtifact:
-    """``ExportWasm``: the binary at ``path`` as an OCI layout at ``output``."""
+    """``zlayerctl wasm export``: the binary at ``path`` as an OCI layout at ``output``.
+
+    It runs in zlayerctl itself, as the user: it needs no daemon and writes
+    where the user can (registryd under systemd can write only its own state).
+    """
     if not Path(output).is_absolute():
         raise InvalidArgumentError(f"{output} is not an absolute path")
     artifact = build_artifact(read_binary(path), path, name, author)

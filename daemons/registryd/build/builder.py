@@ -135,8 +135,11 @@ class Builder:
 
     # ------------------------------------------------------------ starting a build
 
-    async def start(self, request_json: str) -> int:
-        """Check the request, then start its job; a bad request fails here, as one sentence."""
+    async def start(self, request_json: str, finished: Callable[[], None] | None = None) -> int:
+        """Check the request, then start its job; a bad request fails here, as one sentence.
+
+        ``finished`` runs (in a thread) when the job has ended, however it ended.
+        """
         if shutil.which(BUILDAH) is None:
             raise UnavailableError(
                 "buildah is not installed on this node; install it with `apt-get install buildah`"
@@ -153,7 +156,11 @@ class Builder:
         target = ", ".join(prepared.tags) or str(prepared.context)
 
         async def work(job: Job) -> str:
-            return await self._build(job, prepared, log_path)
+            try:
+                return await self._build(job, prepared, log_path)
+            finally:
+                if finished is not None:
+                    await asyncio.to_thread(finished)
 
         return self.jobs.start("build", target, work, str(log_path))
 
