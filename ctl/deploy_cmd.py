@@ -57,9 +57,13 @@ def _read_spec(file: str | None, command: str) -> tuple[str, str, dict[str, str]
     """(spec text, file name, host env values, deployment name), or exit with every issue."""
     from ctl.spec_cmd import load_or_report
     from shared.spec.refs import host_env_names
+    from shared.spec.support import node_support
 
     path = _spec_path(file, command)
     spec = load_or_report(str(path), as_json=False)
+    # Refusals come back from schedd as its error; warnings are said here, before anything runs.
+    for text in node_support(spec).warnings:
+        err_console.print(f"[yellow]warning:[/] {text}", highlight=False)
     host_env = {name: os.environ[name] for name in host_env_names(spec) if name in os.environ}
     return path.read_text(), str(path), host_env, spec.deployment
 

@@ -17,6 +17,7 @@ from rich.markup import escape
 from ctl.output import fail, format_option, print_json, print_table
 from shared.spec import DeploymentSpec, SpecError, dump_spec, load_spec, spec_json_schema
 from shared.spec.models import AdaptiveScale, FixedScale, ServiceSpec
+from shared.spec.support import node_support
 
 SPEC_PATTERNS = ("*.zlayer.yml", "*.zlayer.yaml")
 
@@ -104,12 +105,25 @@ def validate(file: str | None, output_format: str) -> None:
     path = file if file is not None else str(find_spec_file(Path.cwd()).name)
     as_json = output_format == "json"
     spec = load_or_report(path, as_json)
+    support = node_support(spec)
+    if support.refusals:
+        if as_json:
+            issues = [{"message": text} for text in support.refusals]
+            print_json({"file": path, "valid": False, "issues": issues})
+            raise SystemExit(EXIT_INVALID)
+        for text in support.refusals:
+            click.echo(f"{path}: {text}", err=True)
+        count = len(support.refusals)
+        _fail(f"{path} asks for what this node cannot run ({count} problem{'s' * (count != 1)})")
+    for text in support.warnings if not as_json else []:
+        click.echo(f"warning: {text}", err=True)
     services = spec.services
     if as_json:
         print_json(
             {
                 "file": path,
                 "valid": True,
+                "warnings": support.warnings,
                 "deployment": spec.deployment,
                 "services": [
                     {

@@ -8,7 +8,8 @@ set -euo pipefail
 # busybox-static: the busybox test image (shared/busybox_image.py) is built from it
 # crun (runc where crun cannot run) and conmon: agentd's container runtime
 # buildah: registryd builds images with it
-run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl buildah)
+# tini: the static init a service with init_container: true runs as PID 1
+run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl buildah tini)
 # busctl and systemd-analyze (tests check units and talk to the bus with them)
 # docker-registry: a real registry the WASM push and registry client tests start
 # apache2-utils: htpasswd, for the registry with basic auth

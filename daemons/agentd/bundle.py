@@ -42,11 +42,15 @@ from shared.spec.models import (
     TmpfsStorage,
     Ulimit,
 )
+from shared.spec.support import no_new_privileges
 
 log = logging.getLogger("zlayer.agentd.bundle")
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Static, so it runs in any image; bind-mounted read-only where no image has a file.
+INIT_BINARIES = (Path("/usr/bin/tini-static"), Path("/usr/bin/catatonit"))
+INIT_TARGET = "/run/zlayer-init"
 RLIM_INFINITY = 2**64 - 1  # the OCI config's spelling of "unlimited"
 CPU_PERIOD = 100_000  # microseconds, the kernel's default CFS period
 
@@ -261,6 +265,32 @@ def resolve_user(user: str, lower_dirs: list[str]) -> ResolvedUser:
         - {gid}
     )
     return ResolvedUser(uid, gid, tuple(member_of), home or "/")
+
+
+def extra_gids(groups: list[str], lower_dirs: list[str]) -> list[int]:
+    """``extra_groups`` (names from the image's /etc/group, or numbers) -> gids."""
+    table = _table(_image_file(lower_dirs, "etc/group"))
+    found: list[int] = []
+    for group in groups:
+        group = group.strip()
+        if group.isdigit():
+            found.append(int(group))
+            continue
+        match = next((g for g in table if g and g[0] == group), None)
+        if match is None or len(match) < 3 or not match[2].isdigit():
+            raise BundleError(f'the extra group "{group}" is not in the image\'s /etc/group')
+        found.append(int(match[2]))
+    return found
+
+
+def init_binary() -> Path:
+    """The static init that ``init_container`` runs as PID 1 (tini, like Docker's --init)."""
+    for candidate in INIT_BINARIES:
+        if candidate.is_file():
+            return candidate
+    raise BundleError(
+        "init_container needs tini on this node; install it with `apt-get install tini`"
+    )
 
 
 def _cap_name(value: str) -> str:
@@ -504,10 +534,16 @@ def build_bundle(
     cwd = spec.command.workdir or rootfs.config.workdir or "/"
     if not cwd.startswith("/"):
         raise BundleError(f'the working directory "{cwd}" must be an absolute path')
+    argv = process_args(spec, rootfs, args)
+    init = init_binary() if spec.init_container else None
+    if init is not None:
+        # tini as PID 1 reaps zombies and forwards signals; "-s" lets it reap as a
+        # subreaper too, "-g" sends a signal to the whole process group.
+        argv = [INIT_TARGET, "-s", "-g", "--", *argv]
     process: dict[str, Any] = {
         "terminal": False,
         "user": {"uid": user.uid, "gid": user.gid},
-        "args": process_args(spec, rootfs, args),
+        "args": argv,
         "env": merge_env(
             rootfs.config.env,
             env,
@@ -519,14 +555,25 @@ def build_bundle(
             "effective": caps,
             "permitted": caps,
         },
-        "noNewPrivileges": not spec.privileged,
+        "noNewPrivileges": no_new_privileges(spec),
     }
-    if user.additional_gids:
-        process["user"]["additionalGids"] = list(user.additional_gids)
+    gids = [*user.additional_gids]
+    gids += [g for g in extra_gids(spec.extra_groups, rootfs.lower_dirs) if g not in gids]
+    if gids:
+        process["user"]["additionalGids"] = gids
     if limits:
         process["rlimits"] = limits
 
     mounts = _base_mounts(attachment is not None)
+    if init is not None:
+        mounts.append(
+            {
+                "destination": INIT_TARGET,
+                "type": "bind",
+                "source": str(init),
+                "options": ["bind", "ro", "nosuid", "nodev"],
+            }
+        )
     for name, target in (
         ("hosts", "/etc/hosts"),
         ("resolv.conf", "/etc/resolv.conf"),
@@ -562,11 +609,16 @@ def build_bundle(
     else:
         resources["devices"] = [*DEFAULT_DEVICE_RULES, *device_rules]
 
+    # pid_mode/ipc_mode host: the host's namespace, so no namespace of its own.
     namespaces: list[dict[str, Any]] = [
-        {"type": "pid"},
-        {"type": "mount"},
-        {"type": "ipc"},
-        {"type": "uts"},
+        {"type": kind}
+        for kind, own in (
+            ("pid", spec.pid_mode != "host"),
+            ("mount", True),
+            ("ipc", spec.ipc_mode != "host"),
+            ("uts", True),
+        )
+        if own
     ]
     if attachment is not None:
         namespaces.append({"type": "network", "path": attachment.netns})

@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from daemons.agentd.errors import CgroupError
+from daemons.agentd.errors import BundleError
 from shared.models import ReplicaStats
 
 log = logging.getLogger("zlayer.agentd.cgroups")
@@ -146,7 +147,7 @@ async def ensure_ready(root: Path = CGROUP_ROOT) -> CgroupLayout:
     failure = await asyncio.to_thread(_mount_hugetlb, root)
     layout = await asyncio.to_thread(detect_layout, root)
     if layout.hugetlb_on_v2:
-        raise CgroupError(
+        raise BundleError(
             "containers cannot run while the hugetlb cgroup controller sits on cgroup v2 "
             f"in a v1/v2 hybrid ({failure or 'the mount did not take'}); run as root: "
             f"{hugetlb_fix_command(root)}"
@@ -162,18 +163,47 @@ def cgroup_manager(proc1_comm: Path = Path("/proc/1/comm")) -> CgroupManager:
         return "cgroupfs"
 
 
-def cgroups_path(container_id: str, manager: CgroupManager) -> str:
-    """The OCI ``linux.cgroupsPath`` of a replica, always under the ``zlayer`` parent."""
+SLICE = re.compile(r"^[A-Za-z0-9_.@-]+\.slice$")
+CGROUP_PART = re.compile(r"^[A-Za-z0-9_.@:-]+$")
+
+
+def cgroups_path(container_id: str, manager: CgroupManager, parent: str | None = None) -> str:
+    """The OCI ``linux.cgroupsPath`` of a replica: under ``zlayer``, or ``cgroup_parent``.
+
+    With systemd managing cgroups the parent is a slice (``batch.slice``,
+    ``zlayer-batch.slice``); with cgroupfs it is a path (``/batch``).
+    """
     if manager == "systemd":
-        return f"{PARENT}.slice:{PARENT}:{container_id}"
-    return f"/{PARENT}/{container_id}"
+        slice_ = parent or f"{PARENT}.slice"
+        if not SLICE.match(slice_) or slice_.startswith("-") or "--" in slice_:
+            raise BundleError(
+                f'cgroup_parent "{parent}" is not a systemd slice name; systemd manages cgroups '
+                "on this node, so name a slice, like zlayer-batch.slice"
+            )
+        return f"{slice_}:{PARENT}:{container_id}"
+    if parent is None:
+        return f"/{PARENT}/{container_id}"
+    parts = [part for part in parent.split("/") if part]
+    if not parts or any(part in (".", "..") or not CGROUP_PART.match(part) for part in parts):
+        raise BundleError(
+            f'cgroup_parent "{parent}" is not a cgroup path; give one like /batch or '
+            "/teams/web (letters, digits, '.', '_', '-', '@')"
+        )
+    return "/" + "/".join([*parts, container_id])
+
+
+def _slice_dir(slice_: str) -> str:
+    """systemd's directory of a slice: ``a-b.slice`` lives in ``a.slice/a-b.slice``."""
+    name = slice_.removesuffix(".slice")
+    pieces = name.split("-")
+    return "/".join("-".join(pieces[: i + 1]) + ".slice" for i in range(len(pieces)))
 
 
 def relative_dir(path: str, manager: CgroupManager) -> str:
     """The directory (relative to a hierarchy's root) that ``cgroups_path`` names."""
     if manager == "systemd":
         slice_, prefix, name = path.split(":")
-        return f"{slice_}/{prefix}-{name}.scope"
+        return f"{_slice_dir(slice_)}/{prefix}-{name}.scope"
     return path.lstrip("/")
 
 

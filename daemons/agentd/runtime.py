@@ -405,11 +405,11 @@ class ContainerRuntime:
             if bundle_dir.exists():
                 raise ContainerError(f"container {container_id} already exists on this node")
             layout = self._layout()
-            host = HostFacts.current(
-                cgroups.cgroups_path(container_id, self.manager),
-                layout.has_file("memory", "memory.memsw.limit_in_bytes") or layout.mode == "v2",
-            )
             try:
+                host = HostFacts.current(
+                    cgroups.cgroups_path(container_id, self.manager, spec.cgroup_parent or None),
+                    layout.has_file("memory", "memory.memsw.limit_in_bytes") or layout.mode == "v2",
+                )
                 plan = await asyncio.to_thread(
                     build_bundle,
                     spec,

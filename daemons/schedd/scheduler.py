@@ -47,6 +47,7 @@ from shared.models import (
 from shared.spec import DeploymentSpec, ServiceSpec, SpecError, parse_spec
 from shared.spec.models import AdaptiveScale, FixedScale
 from shared.spec.refs import resolve_env
+from shared.spec.support import node_support
 from shared.traffic import Backend, DeploymentTraffic, ServiceStats, ServiceTraffic
 
 log = logging.getLogger("zlayer.schedd")
@@ -213,6 +214,7 @@ class Scheduler:
         except SpecError as exc:
             raise InvalidSpecError("\n".join(str(i) for i in exc.issues)) from None
         problems = resolve_env(spec, host_env)
+        problems += node_support(spec).refusals
         if problems:
             raise InvalidSpecError("\n".join(problems))
         return spec
@@ -222,7 +224,10 @@ class Scheduler:
     ) -> DeploymentStatus:
         spec = self._parse(spec_text, filename, host_env)
         self._check_ports(spec)
-        return await self._store_revision(spec, spec_text, filename, "deployed")
+        status = await self._store_revision(spec, spec_text, filename, "deployed")
+        for text in node_support(spec).warnings:
+            self.event(spec.deployment, "warning", text)
+        return status
 
     async def _store_revision(
         self, spec: DeploymentSpec, spec_text: str, filename: str, verb: str

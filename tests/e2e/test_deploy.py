@@ -238,6 +238,46 @@ def test_clear_sentences_for_user_mistakes(node: Node) -> None:
     assert result.returncode == 1
     assert "endpoints" in result.stderr and ":7:" in result.stderr
 
+    # What this node would not honour is refused before anything runs, with the fix;
+    # what has no effect on one node is a warning, and the deployment goes ahead.
+    shared_pid = node.spec(
+        "sharedpid",
+        """
+    version: v1
+    deployment: sharedpid
+    services:
+      web:
+        image: zlayer/busybox:latest
+        command: {entrypoint: [sleep, "600"]}
+        pid_mode: container:db
+    """,
+    )
+    result = node.ctl("up", "-b", str(shared_pid))
+    assert result.returncode == 1
+    assert "pid_mode 'container:db' is not supported; use private" in result.stderr
+    assert "sharedpid" not in node.ctl("ps", "--format", "json", check=True).stdout
+    placed = node.spec(
+        "placed",
+        """
+    version: v1
+    deployment: placed
+    services:
+      web:
+        image: zlayer/busybox:latest
+        command: {entrypoint: [sleep, "600"]}
+        scale: {mode: fixed, replicas: 1}
+        node_selector: {labels: {zone: a}}
+        init_container: true
+        pid_mode: host
+    """,
+    )
+    result = node.ctl("up", "-d", str(placed), "--timeout", "60")
+    assert result.returncode == 0, result.stderr
+    assert "warning: service web: node_selector places replicas across a cluster" in (result.stderr)
+    events = node.ctl("events", "-d", "placed", check=True).stdout
+    assert "node_selector places replicas across a cluster" in events
+    node.ctl("down", "placed", check=True)
+
     # A tcp port belongs to one deployment; so does an http route (host and path).
     port = free_port()
     public_tcp = f"port: 8080, expose: public}}, {{name: raw, protocol: tcp, port: {port}, "

@@ -8,6 +8,7 @@ object, so a failing test leaves no mount, cgroup or process behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import pty
@@ -464,5 +465,71 @@ def test_runc_as_the_fallback_runtime(rt: Harness, tmp_path: Path) -> None:
             assert await runtime.exec("t-runc2", ["hostname"], stdout_fd=out.fileno()) == 0
         assert (tmp_path / "out").read_text() == "t-runc2\n"
         assert (await runtime.stop("t-runc2", grace=0.5)).code == 137
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def cgroup_parent() -> Iterator[str]:
+    """A cgroup parent for one test, removed in every hierarchy after its containers.
+
+    crun removes a replica's cgroup, never the parent it was asked to create.
+    Asked for before ``rt``, so it is torn down after ``rt`` removed the containers.
+    """
+    parent = f"/zlayer-test-parent-{os.getpid()}"  # the leak check looks for "zlayer"
+    yield parent
+    for root in [Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").iterdir()]:
+        with contextlib.suppress(OSError):
+            (root / parent.lstrip("/")).rmdir()
+
+
+def test_host_namespaces_extra_groups_init_and_cgroup_parent(
+    cgroup_parent: str, rt: Harness
+) -> None:
+    """pid_mode/ipc_mode host, extra_groups, no-new-privileges off, tini as PID 1 and a
+    cgroup parent of the service's own, each seen from inside a real container."""
+    parent = cgroup_parent
+
+    async def scenario() -> None:
+        runtime = await rt.ready()
+        host_ipc = os.readlink("/proc/self/ns/ipc")
+        _, _, text = await run_to_end(
+            runtime,
+            rt.rootfs,
+            "t-hostns",
+            sh("cat /proc/1/comm; readlink /proc/self/ns/ipc", pid_mode="host", ipc_mode="host"),
+        )
+        pid1 = Path("/proc/1/comm").read_text().strip()
+        assert text.splitlines() == [pid1, host_ipc]
+        _, _, text = await run_to_end(
+            runtime, rt.rootfs, "t-ownns", sh("cat /proc/1/comm; readlink /proc/self/ns/ipc")
+        )
+        assert text.splitlines()[1] != host_ipc and text.splitlines()[0] == "sh"
+
+        _, _, text = await run_to_end(
+            runtime,
+            rt.rootfs,
+            "t-groups",
+            sh(
+                "id -G; grep NoNewPrivs /proc/self/status",
+                user="nobody",
+                extra_groups=["4242", "root"],
+                security_opt=["no-new-privileges:false"],
+            ),
+        )
+        groups, nnp = text.splitlines()
+        assert set(groups.split()) == {"65534", "4242", "0"}
+        assert nnp.split() == ["NoNewPrivs:", "0"]
+
+        _, _, text = await run_to_end(
+            runtime,
+            rt.rootfs,
+            "t-init",
+            sh("cat /proc/1/comm; echo $$; cat /proc/self/cgroup", init_container=True,
+               cgroup_parent=parent),
+        )  # fmt: skip
+        comm, own_pid, *cgroup_lines = text.splitlines()
+        assert comm == "zlayer-init" and own_pid != "1"
+        assert any(f"{parent}/t-init" in line for line in cgroup_lines), cgroup_lines
 
     asyncio.run(scenario())

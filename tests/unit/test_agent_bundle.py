@@ -444,3 +444,58 @@ def test_cgroup_stats_and_oom_from_v1_files(tmp_path: Path) -> None:
     assert cgroups.oom_killed(layout, rel)
     with pytest.raises(FileNotFoundError):
         cgroups.read_stats("gone", layout, "zlayer/gone", None)
+
+
+# ---------------------------------------------------------------- namespaces, groups, init
+
+
+def _namespaces(made: bundle.Bundle) -> set[str]:
+    return {ns["type"] for ns in made.config["linux"]["namespaces"]}
+
+
+def test_pid_and_ipc_modes_choose_the_namespaces(layers: list[str]) -> None:
+    assert {"pid", "ipc", "mount", "uts"} <= _namespaces(build(layers, spec()))
+    host_pid = _namespaces(build(layers, spec(pid_mode="host")))
+    assert "pid" not in host_pid and "ipc" in host_pid
+    host_ipc = _namespaces(build(layers, spec(ipc_mode="host", pid_mode="private")))
+    assert "ipc" not in host_ipc and "pid" in host_ipc
+
+
+def test_extra_groups_by_name_and_number_join_the_users_own(layers: list[str]) -> None:
+    made = build(layers, spec(user="app", extra_groups=["audio", "4242", "wheel"]))
+    # app is in wheel and audio by /etc/group already; each gid once.
+    assert made.config["process"]["user"]["additionalGids"] == [10, 29, 4242]
+    with pytest.raises(BundleError, match='the extra group "video" is not in the image'):
+        build(layers, spec(extra_groups=["video"]))
+
+
+def test_no_new_privileges_follows_privileged_and_security_opt(layers: list[str]) -> None:
+    assert build(layers, spec()).config["process"]["noNewPrivileges"] is True
+    assert build(layers, spec(privileged=True)).config["process"]["noNewPrivileges"] is False
+    off = spec(security_opt=["no-new-privileges:false"])
+    assert build(layers, off).config["process"]["noNewPrivileges"] is False
+
+
+def test_init_container_runs_tini_as_pid_1(layers: list[str]) -> None:
+    if bundle.INIT_BINARIES[0].is_file() is False and not bundle.INIT_BINARIES[1].is_file():
+        with pytest.raises(BundleError, match="apt-get install tini"):
+            build(layers, spec(init_container=True))
+        return
+    made = build(layers, spec(init_container=True, command={"args": ["serve"]}))
+    args = made.config["process"]["args"]
+    assert args[0] == bundle.INIT_TARGET and args[-2:] == ["--", "serve"]
+    (mount,) = [m for m in made.config["mounts"] if m["destination"] == bundle.INIT_TARGET]
+    assert "ro" in mount["options"] and Path(mount["source"]).is_file()
+
+
+def test_cgroup_parent_per_manager() -> None:
+    assert cgroups.cgroups_path("w-1", "cgroupfs", "/batch/x") == "/batch/x/w-1"
+    path = cgroups.cgroups_path("w-1", "systemd", "zlayer-batch.slice")
+    assert path == "zlayer-batch.slice:zlayer:w-1"
+    assert (
+        cgroups.relative_dir(path, "systemd") == "zlayer.slice/zlayer-batch.slice/zlayer-w-1.scope"
+    )
+    with pytest.raises(BundleError, match="not a systemd slice name"):
+        cgroups.cgroups_path("w-1", "systemd", "/batch")
+    with pytest.raises(BundleError, match="not a cgroup path"):
+        cgroups.cgroups_path("w-1", "cgroupfs", "/../etc")
