@@ -70,6 +70,11 @@ def service_support(name: str, service: ServiceSpec) -> NodeSupport:
             "seccomp, AppArmor or SELinux profiles are loaded); remove it, or use "
             "no-new-privileges"
         )
+    if service.resources.gpu is not None:
+        refuse(
+            f"service {name}: resources.gpu asks for GPUs, which this node does not hand out "
+            "yet; remove it, or pass a device through with devices"
+        )
     if service.tty or service.stdin_open:
         which = " and ".join(
             key for key, on in (("tty", service.tty), ("stdin_open", service.stdin_open)) if on
@@ -93,6 +98,9 @@ def service_support(name: str, service: ServiceSpec) -> NodeSupport:
         if value not in (default, None, [], {}):
             effect = "places replicas across a cluster; on one node it has no effect"
             warn(f"service {name}: {key} {effect}")
+    for key in ("lifecycle", "isolation", "logs", "overlay", "localhost_reachability", "platform"):
+        if getattr(service, key) is not None:
+            warn(f"service {name}: {key} is accepted but not applied by this version of ZLayer")
     return found
 
 
