@@ -49,18 +49,59 @@ class Sent:
         return renamed
 
 
-def _write_tar(path: str, write_fd: int, failure: list[BaseException]) -> None:
+class _Stopped(Exception):
+    """The reader is gone: stop writing."""
+
+
+class _PipeWriter:
+    """The pipe's write end for tarfile, giving up once ``stop`` is set."""
+
+    def __init__(self, fd: int, stop: threading.Event) -> None:
+        self.fd = fd
+        self.stop = stop
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            if self.stop.is_set():
+                raise _Stopped
+            view = view[os.write(self.fd, view) :]
+        return len(data)
+
+
+def _write_tar(
+    path: str, write_fd: int, failure: list[BaseException], stop: threading.Event
+) -> None:
+    pipe = _PipeWriter(write_fd, stop)
     try:
-        with os.fdopen(write_fd, "wb") as pipe:
-            with tarfile.open(fileobj=pipe, mode="w|") as tar:
-                tar.add(path, arcname=os.path.basename(path.rstrip("/")) or "root")
-            # Only a stream read to its end carries this: registryd keeps nothing
-            # of one cut short by a file we could not read.
-            pipe.write(SEND_COMPLETE)
-    except BrokenPipeError:
+        with tarfile.open(fileobj=pipe, mode="w|") as tar:  # type: ignore[call-overload]
+            tar.add(path, arcname=os.path.basename(path.rstrip("/")) or "root")
+        # Only a stream read to its end carries this: registryd keeps nothing
+        # of one cut short by a file we could not read.
+        pipe.write(SEND_COMPLETE)
+    except (BrokenPipeError, _Stopped):
         pass  # registryd stopped reading; its reply says why
     except OSError as exc:
         failure.append(exc)
+    finally:
+        os.close(write_fd)
+
+
+async def _drain_until_done(read_fd: int, writer: threading.Thread) -> None:
+    """Let a writer registryd stopped reading from see ``stop`` and end.
+
+    The bus message that carried the pipe may still hold a duplicate of the
+    read end in this process, so closing ours would not wake a writer
+    blocked on a full pipe; reading a little does.
+    """
+    os.set_blocking(read_fd, False)
+    while writer.is_alive():
+        try:
+            if not os.read(read_fd, 1 << 16):
+                break
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+    await asyncio.to_thread(writer.join)
 
 
 async def path_for_registryd(registryd: Any, path: str, sent: Sent) -> str:
@@ -73,15 +114,17 @@ async def path_for_registryd(registryd: Any, path: str, sent: Sent) -> str:
         return path
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
-    writer = threading.Thread(target=_write_tar, args=(path, write_fd, failure), daemon=True)
+    stop = threading.Event()
+    writer = threading.Thread(target=_write_tar, args=(path, write_fd, failure, stop), daemon=True)
     writer.start()
     try:
         theirs: str = await registryd.receive(read_fd)
     finally:
-        os.close(read_fd)  # the bus sent a duplicate
-        # A refused stream leaves the writer blocked on a full pipe no more:
-        # closing our read end makes its next write fail with EPIPE.
-        await asyncio.to_thread(writer.join)
+        stop.set()  # registryd has answered: whatever is still unwritten is not wanted
+        try:
+            await _drain_until_done(read_fd, writer)
+        finally:
+            os.close(read_fd)
     if failure:
         raise SendError(f"cannot read {path} to send it to zlayer-registryd: {failure[0]}")
     sent.record(path, theirs)

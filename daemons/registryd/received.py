@@ -23,7 +23,7 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from shared.bus import SEND_COMPLETE, InvalidArgumentError, UnavailableError
 
@@ -48,19 +48,49 @@ class _TailReader:
         return data
 
 
-def _member_filter(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo | None:
-    """tarfile's "tar" filter (nothing written outside the entry, no set-id bits), and
-    no devices or named pipes. Symbolic links stay as they are, absolute ones too:
-    a project's links (a virtualenv's python, say) are the project's to copy."""
+class RefusedMember(Exception):
+    """A member of the stream registryd will not write; the sentence says why."""
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _check_member(member: tarfile.TarInfo, root: str) -> None:
+    """Nothing written outside the entry, no devices or named pipes.
+
+    Checked here rather than with tarfile's extraction filters, which the
+    Python 3.11 that Debian 12 ships predates. Symbolic links stay as they
+    are, absolute ones too: a project's links (a virtualenv's python, say)
+    are the project's to copy; what matters is that no member is written
+    through one to outside the entry, which the real path of each member's
+    parent (links already extracted followed) shows.
+    """
     if member.ischr() or member.isblk() or member.isfifo():
-        raise tarfile.SpecialFileError(member)
+        raise RefusedMember(f"{member.name} is a device or a named pipe")
+    name = member.name.lstrip("/")
+    parent = os.path.realpath(os.path.join(root, os.path.dirname(name)))
+    target = os.path.join(parent, os.path.basename(name))
+    if os.path.isabs(member.name) or not _inside(target, root) or target == root:
+        raise RefusedMember(f"{member.name} points outside what was sent")
     if member.islnk():
-        target = os.path.realpath(os.path.join(destination, member.linkname))
-        if os.path.commonpath([target, os.path.realpath(destination)]) != os.path.realpath(
-            destination
-        ):
-            raise tarfile.LinkOutsideDestinationError(member, target)
-    return tarfile.tar_filter(member, destination)
+        linked = os.path.realpath(os.path.join(root, member.linkname))
+        if not _inside(linked, root):
+            raise RefusedMember(f"{member.name} points outside what was sent")
+
+
+def _extract(tar: tarfile.TarFile, root: str) -> None:
+    for member in tar:
+        _check_member(member, root)
+        # No set-id or sticky bits from what a client sent; owners as they were sent.
+        member.mode &= 0o777
+        tar.extract(member, root, numeric_owner=True, **_NO_FILTER)
+
+
+# tarfile's own filters where it has them: ours above did the checking.
+_NO_FILTER: dict[str, Any] = (
+    {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+)
 
 
 class ReceivedFiles:
@@ -98,7 +128,7 @@ class ReceivedFiles:
             with os.fdopen(fd, "rb") as raw:
                 stream = _TailReader(raw)
                 with tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
-                    tar.extractall(entry, filter=_member_filter)
+                    _extract(tar, str(entry.resolve()))
                 while stream.read(1 << 16):
                     pass  # to the end: the mark follows the tar's zero blocks
                 if not stream.tail.rstrip(b"\0").endswith(SEND_COMPLETE):
@@ -111,19 +141,10 @@ class ReceivedFiles:
                 raise InvalidArgumentError(
                     f"what was sent holds {len(tops)} top-level entries, not one"
                 )
-        except tarfile.FilterError as exc:
+        except RefusedMember as exc:
             shutil.rmtree(entry, ignore_errors=True)
-            what = (
-                "is a device or a named pipe"
-                if isinstance(exc, tarfile.SpecialFileError)
-                else "points outside what was sent"
-                if isinstance(
-                    exc, tarfile.LinkOutsideDestinationError | tarfile.OutsideDestinationError
-                )
-                else f"cannot be taken ({exc})"
-            )
             raise InvalidArgumentError(
-                f"{exc.tarinfo.name} {what}; move it out of the directory and try again"
+                f"{exc}; move it out of the directory and try again"
             ) from None
         except (tarfile.TarError, EOFError) as exc:
             shutil.rmtree(entry, ignore_errors=True)

@@ -166,8 +166,10 @@ def test_build_from_a_hidden_context(
         f"error: {empty} has no ZImagefile or Dockerfile; name one with -f or -z, "
         "or use --runtime or --runtime-auto"
     )
-    # A context holding what registryd will not take (a named pipe) is refused, whole.
+    # A context holding what registryd will not take (a named pipe) is refused, whole,
+    # and zlayerctl stops sending the megabytes after it at once.
     os.mkfifo(project / "pipe")
+    (project / "zz-big.bin").write_bytes(os.urandom(8 << 20))
     message = daemon.failure("build", str(project), "-f", str(dockerfile), "-t", "hidden/app:2")
     assert message == (
         "error: project/pipe is a device or a named pipe; move it out of the directory and "

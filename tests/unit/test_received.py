@@ -28,7 +28,9 @@ def send(received: ReceivedFiles, path: Path) -> str:
     """What zlayerctl does, through a real pipe; registryd's path."""
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
-    writer = threading.Thread(target=_write_tar, args=(str(path), write_fd, failure))
+    writer = threading.Thread(
+        target=_write_tar, args=(str(path), write_fd, failure, threading.Event())
+    )
     writer.start()
     try:
         return received.receive(read_fd)
@@ -111,6 +113,17 @@ def test_hostile_members_are_refused(received: ReceivedFiles, tmp_path: Path) ->
     escape = _file("../escape", b"x")
     with pytest.raises(InvalidArgumentError, match="points outside what was sent"):
         send_bytes(received, _tar(escape) + SEND_COMPLETE)
+    through = tarfile.TarInfo("project/etc")
+    through.type = tarfile.SYMTYPE
+    through.linkname = str(tmp_path)
+    written_through = _tar((through, None), _file("project/etc/planted", b"x")) + SEND_COMPLETE
+    with pytest.raises(InvalidArgumentError, match="project/etc/planted points outside"):
+        send_bytes(received, written_through)
+    assert not (tmp_path / "planted").exists()
+    fifo = tarfile.TarInfo("project/pipe")
+    fifo.type = tarfile.FIFOTYPE
+    with pytest.raises(InvalidArgumentError, match="project/pipe is a device or a named pipe"):
+        send_bytes(received, _tar((fifo, None)) + SEND_COMPLETE)
     two = _tar(_file("one", b"1"), _file("two", b"2")) + SEND_COMPLETE
     with pytest.raises(InvalidArgumentError, match="2 top-level entries, not one"):
         send_bytes(received, two)
