@@ -261,6 +261,9 @@ class ContainerRuntime:
         self.conmon_path = conmon_path or ""
         self.manager: cgroups.CgroupManager = manager or cgroups.cgroup_manager()
         self.syslog = self.manager == "systemd" if syslog is None else syslog
+        # A session keyring per container, as Docker gives; off once the node refuses
+        # keyctl (inside a container such as systemd-nspawn, whose filter blocks it).
+        self.new_keyring = True
         self.log_size_max = log_size_max
         self.log_files_kept = log_files_kept
         self.cgroup_root = cgroup_root
@@ -492,6 +495,8 @@ class ContainerRuntime:
             argv.append("--syslog")
         if self.manager == "systemd":
             argv.append("--systemd-cgroup")
+        if not self.new_keyring:
+            argv.append("--no-new-keyring")
         env = _child_env(_OCI_SYNCPIPE=str(write_fd))
         try:
             with open(bundle_dir / "conmon.err", "wb") as errors:
@@ -525,6 +530,14 @@ class ContainerRuntime:
                 message = (bundle_dir / "conmon.err").read_text()
         if not raw and not message:
             message = f"conmon gave no answer within {CREATE_TIMEOUT:.0f}s"
+        if self.new_keyring and "keyring" in message and "not permitted" in message:
+            self.new_keyring = False
+            log.warning(
+                "this node refuses session keyrings (keyctl is blocked, as inside a "
+                "container): replicas share agentd's keyring from now on"
+            )
+            await self._runtime(container_id, "delete", "--force", container_id)
+            return await self._spawn_conmon(container_id, bundle_dir)
         raise ContainerError(f"container {container_id} could not start: {explain(message)}")
 
     async def start(self, container_id: str) -> int:

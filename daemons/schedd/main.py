@@ -14,6 +14,8 @@ from shared.bus import DAEMONS_BY_NAME, Scheduler1, proxy
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.models import Event
 
+OUTBOUND_CALL_USEC = 30 * 60 * 1_000_000
+
 
 class SchedulerService(Scheduler1):
     version, status = daemon_members()
@@ -81,6 +83,10 @@ class SchedulerDaemon(Daemon):
         return self.service
 
     async def start(self) -> None:
+        # Every call schedd makes carries its own asyncio timeout (a down waits for
+        # each replica's stop grace); the bus's 25 s default would cut those short.
+        if self.bus is not None:
+            self.bus.method_call_timeout_usec = OUTBOUND_CALL_USEC
         self.store = Store(self.paths.daemon_state("schedd") / "state.db")
         self.scheduler = Scheduler(self.store, self.bus, self._emit)
         self._loop_task = asyncio.create_task(self.scheduler.run(), name="reconcile")
