@@ -15,7 +15,8 @@ run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon i
 # apache2-utils: htpasswd, for the registry with basic auth
 # skopeo: the tests check what ZLayer pushes and pulls against skopeo's copies
 # debootstrap, systemd-container (systemd-nspawn): a fresh Debian with its own systemd for the package tests
-test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container)
+# rpm, cpio: build the .rpm and look inside it
+test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container rpm cpio)
 
 wanted=("${run_packages[@]}")
 [ "${1:-run}" = test ] && wanted+=("${test_packages[@]}")

@@ -25,6 +25,12 @@ PACKAGES = (
     "systemd,systemd-sysv,dbus,python3,crun,conmon,iproute2,nftables,busybox-static,tini,curl"
 )
 BOOT_TIMEOUT = 90.0
+# A root shell's environment inside, not the test run's (ZLAYER_PREFIX and the like).
+MACHINE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+}
 SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 
 
@@ -114,7 +120,7 @@ class Machine:
         result = subprocess.run(
             ["nsenter", "-t", str(self.leader), "-a", "sh", "-c", 'cd "$0" && exec "$@"', cwd,
              *argv],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True, text=True, timeout=timeout, env=MACHINE_ENV,
         )  # fmt: skip
         if check and result.returncode != 0:
             raise AssertionError(

@@ -90,9 +90,16 @@ def test_installed_daemons_run_under_systemd_and_come_back(machine: Machine) -> 
     assert machine.run("systemctl", "is-active", "zlayer.target").stdout.strip() == "active"
     assert machine.run("systemctl", "is-enabled", "zlayer.target").stdout.strip() == "enabled"
 
-    wait_until("six running daemons", lambda: all(
-        d["state"] == "running" for d in status(machine).values()
-    ) and len(status(machine)) == 6)  # fmt: skip
+    def six_running() -> bool:
+        daemons = status(machine)
+        return len(daemons) == 6 and all(d["state"] == "running" for d in daemons.values())
+
+    try:
+        wait_until("six running daemons", six_running)
+    except AssertionError:
+        said = machine.run("zlayerctl", "status", check=False)
+        units = machine.run("systemctl", "--no-pager", "status", "zlayer-*", check=False)
+        raise AssertionError(f"{said.stdout}{said.stderr}\n{units.stdout}") from None
     daemons = status(machine)
     assert sorted(daemons) == sorted(DAEMONS)
     assert {d["supervisor"] for d in daemons.values()} == {"systemd"}

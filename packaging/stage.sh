@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Lay out an installed ZLayer under ROOT, as both packages ship it.
+#
+#   packaging/stage.sh ROOT PYTHON UNITDIR
+#
+# ROOT     the package's root (a staging directory, or rpmbuild's buildroot)
+# PYTHON   the distribution's own python3, which the package will depend on
+# UNITDIR  where the distribution keeps systemd units (/lib/systemd/system on
+#          Debian, /usr/lib/systemd/system on Fedora)
+#
+# ZLayer goes into a virtual environment in /opt/zlayer made with PYTHON;
+# zlayerctl and the daemons are linked into /usr/bin, where the units expect
+# them; the units, the D-Bus policy and interface XML, the README and the
+# helper the maintainer scripts share (stop-deployments) go where the
+# distribution looks for them.
+set -euo pipefail
+
+root=${1:?ROOT}
+python=${2:?PYTHON}
+unitdir=${3:?UNITDIR}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+prefix=/opt/zlayer
+daemons=(schedd agentd registryd overlayd proxyd apid)
+
+echo "==> virtual environment in $prefix ($("$python" --version))"
+"$python" -m venv "$root$prefix"
+"$root$prefix/bin/pip" install --quiet --disable-pip-version-check --no-compile "$here"
+"$root$prefix/bin/pip" uninstall --quiet --yes pip
+# The environment was made under ROOT: point every script at where it will live.
+grep -rlI --null "$root" "$root$prefix/bin" "$root$prefix/pyvenv.cfg" | xargs -0 -r sed -i "s#$root##g"
+find "$root$prefix" -name '__pycache__' -type d -prune -exec rm -rf {} +
+rm -rf "$root$prefix"/lib/python*/site-packages/*.dist-info/RECORD
+
+echo "==> commands, units, bus policy"
+install -d "$root/usr/bin" "$root$prefix/libexec"
+for name in zlayerctl "${daemons[@]/#/zlayer-}"; do
+    ln -s "$prefix/bin/$name" "$root/usr/bin/$name"
+done
+install -m 0755 "$here/packaging/stop-deployments" "$root$prefix/libexec/stop-deployments"
+install -d "$root$unitdir"
+install -m 0644 "$here"/units/*.service "$here/units/zlayer.target" "$root$unitdir/"
+install -d "$root/usr/share/dbus-1/system.d" "$root/usr/share/dbus-1/interfaces"
+install -m 0644 "$here/units/dbus/org.zlayer.conf" "$root/usr/share/dbus-1/system.d/"
+install -m 0644 "$here"/units/dbus/org.zlayer.*1.xml "$root/usr/share/dbus-1/interfaces/"
+install -d "$root/usr/share/doc/zlayer-node"
+install -m 0644 "$here/README.md" "$root/usr/share/doc/zlayer-node/"
+install -d "$root/etc/zlayer"
