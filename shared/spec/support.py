@@ -70,6 +70,18 @@ def service_support(name: str, service: ServiceSpec) -> NodeSupport:
             "seccomp, AppArmor or SELinux profiles are loaded); remove it, or use "
             "no-new-privileges"
         )
+    for step in service.init.steps:
+        if step.uses in ("init.s3_pull", "init.s3_push"):
+            refuse(
+                f"service {name}: init step {step.id} uses {step.uses}, which this node does "
+                "not run yet; fetch the files with an init.run step instead"
+            )
+    for item in service.storage:
+        if item.type == "s3":
+            refuse(
+                f"service {name}: s3 storage ({item.bucket} at {item.target}) is not supported "
+                "on this node yet; use a named volume"
+            )
     if service.resources.gpu is not None:
         refuse(
             f"service {name}: resources.gpu asks for GPUs, which this node does not hand out "

@@ -45,7 +45,9 @@ def test_what_would_run_differently_is_named_with_the_fix(tmp_path: Path) -> Non
     path = spec_file(
         tmp_path,
         "pid_mode: container:db\nipc_mode: container:db\nuserns_mode: keep-id\n"
-        "security_opt: [apparmor=docker-default]\nresources: {gpu: {count: 1}}",
+        "security_opt: [apparmor=docker-default]\nresources: {gpu: {count: 1}}\n"
+        "init: {steps: [{id: seed, uses: init.s3_pull, with: {bucket: b}}]}\n"
+        "storage: [{type: s3, bucket: data, target: /data}]",
     )
     # The file is a valid spec: validate says what `up` would refuse here, and passes.
     result = validate(path)
@@ -61,11 +63,15 @@ def test_what_would_run_differently_is_named_with_the_fix(tmp_path: Path) -> Non
         "warning: service web: security_opt 'apparmor=docker-default' would not be applied on "
         "this node (no seccomp, AppArmor or SELinux profiles are loaded); remove it, or use "
         "no-new-privileges" + refused,
+        "warning: service web: init step seed uses init.s3_pull, which this node does not run "
+        "yet; fetch the files with an init.run step instead" + refused,
+        "warning: service web: s3 storage (data at /data) is not supported on this node yet; "
+        "use a named volume" + refused,
         "warning: service web: resources.gpu asks for GPUs, which this node does not hand out "
         "yet; remove it, or pass a device through with devices" + refused,
     ]
     as_json = json.loads(validate(path, "--format", "json").stdout)
-    assert as_json["valid"] is True and len(as_json["refused_here"]) == 5
+    assert as_json["valid"] is True and len(as_json["refused_here"]) == 7
 
 
 def test_what_has_no_effect_here_is_a_warning(tmp_path: Path) -> None:
