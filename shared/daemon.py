@@ -80,6 +80,7 @@ class Daemon(ABC):
         self.metrics_port = 0
         self.bus: sdbus.SdBus | None = None
         self._stop = asyncio.Event()
+        self._reloads: set[asyncio.Task[None]] = set()  # kept referenced until done
 
     # ------------------------------------------------------------ hooks
 
@@ -125,12 +126,26 @@ class Daemon(ABC):
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _request_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> None:
+        """SIGHUP (``systemctl reload``): re-read what can change while running.
+
+        Most daemons have nothing of the kind and only say so; proxyd reads
+        its TLS certificates again.
+        """
+        self.log.info("nothing to reload; restart the daemon to apply new settings")
+
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
 
         address = resolve_bus_address(self.paths)
         try:

@@ -24,7 +24,7 @@ from daemons.proxyd.http1 import ClientConnection, Listener
 from daemons.proxyd.routes import Route, RouteError, Routes
 from daemons.proxyd.settings import ProxySettings
 from daemons.proxyd.stream import TcpEndpoint, UdpEndpoint, health_loop
-from daemons.proxyd.tls import L7_ALPN, CertificateStore, TlsConfigError
+from daemons.proxyd.tls import L7_ALPN, CertificateStore, ServerTls, TlsConfigError
 from shared.bus import (
     DAEMONS_BY_NAME,
     ConflictError,
@@ -84,8 +84,8 @@ class ProxyDaemon(Daemon):
         self.tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self.core: ProxyCore | None = None
-        self.l7_tls: ssl.SSLContext | None = None
-        self.l4_tls: ssl.SSLContext | None = None
+        self.l7_tls: ServerTls | None = None
+        self.l4_tls: ServerTls | None = None
         self.plain: Listener | None = None
         self.secure: Listener | None = None
 
@@ -167,12 +167,37 @@ class ProxyDaemon(Daemon):
             return ""
         return ",".join(f"{address}:{port}" for address in self.settings.listen_addresses)
 
+    async def reload(self) -> None:
+        """SIGHUP (``systemctl reload zlayer-proxyd``): read the certificates again.
+
+        New handshakes get the new ones; established connections keep theirs.
+        Files that cannot be used leave the old certificates serving.
+        """
+        settings = self.settings
+        state_dir = self.paths.daemon_state(self.info.name)
+        try:
+            certificates = await asyncio.to_thread(CertificateStore.load, settings, state_dir)
+            for tls in (self.l7_tls, self.l4_tls):
+                if tls is not None:
+                    await asyncio.to_thread(tls.reload, certificates)
+        except (TlsConfigError, ssl.SSLError, OSError) as exc:
+            self.log.error("certificates not reloaded, the old ones still serve: %s", exc)
+            return
+        names = sorted({n for _, _, found in certificates.pairs for n in found})
+        self.log.info(
+            "reloaded %d certificate%s (%s)",
+            len(certificates.pairs),
+            "" if len(certificates.pairs) == 1 else "s",
+            ", ".join(names) or "no names",
+        )
+
     async def _bind_listeners(self) -> None:
         settings = self.settings
         if not self.servers["http"]:
             self.http_port = await self._bind("http", settings.http_port, None)
         if not self.servers["https"]:
-            self.https_port = await self._bind("https", settings.https_port, self.l7_tls)
+            assert self.l7_tls is not None  # start() made it
+            self.https_port = await self._bind("https", settings.https_port, self.l7_tls.context)
 
     async def _bind(self, name: str, port: int, tls: ssl.SSLContext | None) -> int:
         loop = asyncio.get_running_loop()
@@ -306,7 +331,9 @@ class ProxyDaemon(Daemon):
                 continue
             endpoint = TcpEndpoint(route, self.settings.connect_timeout)
             try:
-                await endpoint.listen(self.settings.listen_addresses, self.l4_tls)
+                await endpoint.listen(
+                    self.settings.listen_addresses, self.l4_tls.context if self.l4_tls else None
+                )
             except OSError as exc:
                 endpoint.close()
                 for other in opened:

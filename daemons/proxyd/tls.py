@@ -76,24 +76,50 @@ class CertificateStore:
         _context(cert, key, None)
         self.pairs.append((cert, key, names))
 
-    def server_context(self, alpn: list[str] | None) -> ssl.SSLContext:
-        """The listener's context: the first certificate, switched by SNI."""
-        contexts = [(_context(c, k, alpn), names) for c, k, names in self.pairs]
+    def server_context(self, alpn: list[str] | None) -> ServerTls:
+        """The listener's TLS: the first certificate, switched by SNI."""
+        return ServerTls(self, alpn)
+
+
+class ServerTls:
+    """One listener's SSL context, whose certificates can be replaced while it serves.
+
+    The listener keeps this one context object for its lifetime: a reload
+    loads the new default certificate into it and swaps the SNI table the
+    callback reads, so new handshakes get the new certificates and
+    established connections keep theirs.
+    """
+
+    def __init__(self, store: CertificateStore, alpn: list[str] | None) -> None:
+        self.alpn = alpn
+        self.by_name: dict[str, ssl.SSLContext] = {}
+        cert, key, _ = store.pairs[0]
+        self.context = _context(cert, key, alpn)
+        self.context.sni_callback = _sni_chooser(self)
+        self._fill(store)
+
+    def reload(self, store: CertificateStore) -> None:
+        """Serve ``store``'s certificates from the next handshake on."""
+        cert, key, _ = store.pairs[0]
+        self.context.load_cert_chain(cert, key)
+        self._fill(store)
+
+    def _fill(self, store: CertificateStore) -> None:
         by_name: dict[str, ssl.SSLContext] = {}
-        for context, names in contexts:
+        for cert, key, names in store.pairs:
+            context = _context(cert, key, self.alpn)
             for name in names:
                 by_name.setdefault(name.lower(), context)
-        default = contexts[0][0]
-        default.sni_callback = _sni_chooser(by_name)
-        return default
+        self.by_name = by_name  # one assignment: a handshake sees the old table or the new
 
 
 def _sni_chooser(
-    by_name: dict[str, ssl.SSLContext],
+    tls: ServerTls,
 ) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]:
     def choose(ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
         if not server_name:
             return None
+        by_name = tls.by_name
         name = server_name.lower().rstrip(".")
         context = by_name.get(name)
         if context is None and "." in name:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -594,6 +595,83 @@ def test_tls_sni_picks_the_certificate_and_serves_http2_and_http1(
     assert status == 200 and text == "127.0.0.2 GET /h1 0\n"
     # https routes are not on the plain listener
     assert run(lambda: _plain_get(proxyd, "a.test")) == 404
+
+
+def peer_serial(port: int, server_name: str) -> int:
+    from cryptography import x509
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_certificates_reload_on_sighup_and_connections_stay(
+    proxyd: Proxyd, backends: Backends, zlayer_prefix: Paths
+) -> None:
+    certs = zlayer_prefix.prefix / "certs"
+    certs.mkdir()
+    make_certificate(certs, "a.test")
+    proxyd.configure(tls_cert_dir=str(certs))
+    proxyd.start()
+    https = {"name": "https", "protocol": "https", "port": backends.port, "expose": "public"}
+    proxyd.push("demo", [service("a", [{**https, "host": "a.test"}], ["127.0.0.2"])])
+    old = peer_serial(proxyd.https_port, "a.test")
+
+    # A keep-alive connection made before the reload.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", proxyd.https_port), timeout=5)
+    kept = context.wrap_socket(raw, server_hostname="a.test")
+    request = b"GET /kept HTTP/1.1\r\nHost: a.test\r\n\r\n"
+
+    def ask() -> bytes:
+        """One request on the kept connection; the whole response (Content-Length framed)."""
+        kept.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = kept.recv(65536)
+            assert chunk, "the proxy closed the kept connection"
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            chunk = kept.recv(65536)
+            assert chunk, "the proxy closed the kept connection"
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+    try:
+        assert ask().startswith(b"HTTP/1.1 200")
+        make_certificate(certs, "a.test")  # renewed: a new key and serial
+        make_certificate(certs, "c.test")
+        assert proxyd.process is not None
+        proxyd.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while peer_serial(proxyd.https_port, "a.test") == old:
+            assert time.monotonic() < deadline, "the renewed certificate was not served"
+            time.sleep(0.1)
+        assert peer_common_name(proxyd.https_port, "c.test", ["http/1.1"])[0] == "c.test"
+        assert ask().startswith(b"HTTP/1.1 200")  # the old connection goes on
+    finally:
+        kept.close()
+
+    # Files that cannot be used leave the certificates serving as they were.
+    renewed = peer_serial(proxyd.https_port, "a.test")
+    (certs / "a.test.key").write_text("not a key\n")
+    proxyd.process.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert peer_serial(proxyd.https_port, "a.test") == renewed
+    proxyd.stop()
+    assert "certificates not reloaded, the old ones still serve" in proxyd.logs
+    assert "reloaded 2 certificates (a.test, c.test)" in proxyd.logs
 
 
 async def _plain_get(proxyd: Proxyd, host: str) -> int:
