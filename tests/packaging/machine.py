@@ -21,9 +21,10 @@ from pathlib import Path
 
 SUITE = "bookworm"
 # What the package depends on or the tests use inside, installed by debootstrap.
-PACKAGES = (
-    "systemd,systemd-sysv,dbus,python3,crun,conmon,iproute2,nftables,busybox-static,tini,curl"
-)
+PACKAGES = ",".join(
+    ("systemd", "systemd-sysv", "dbus", "python3", "crun", "conmon", "iproute2", "nftables",
+     "procps", "busybox-static", "tini", "curl")
+)  # fmt: skip
 BOOT_TIMEOUT = 90.0
 # A root shell's environment inside, not the test run's (ZLAYER_PREFIX and the like).
 MACHINE_ENV = {
