@@ -1,7 +1,8 @@
 """A Debian 12 machine with a real systemd, booted with systemd-nspawn, for package tests.
 
 The root file system is made by debootstrap (minbase, with what the package
-depends on already included, so the package installs with no network), then
+depends on already included, so the package installs with no network; buildah
+is added with apt-get in a chroot, as debootstrap cannot configure it), then
 booted with ``systemd-nspawn -b`` in a network namespace of its own. Commands
 run inside with ``nsenter`` into the machine's PID 1. Everything is undone
 when it stops: the machine is powered off (SIGTERM to nspawn, which asks
@@ -25,6 +26,8 @@ PACKAGES = ",".join(
     ("systemd", "systemd-sysv", "dbus", "python3", "crun", "conmon", "iproute2", "nftables",
      "procps", "busybox-static", "tini", "curl")
 )  # fmt: skip
+# Installed with apt-get in a chroot before boot: debootstrap cannot configure these.
+LATER_PACKAGES = ("buildah",)
 BOOT_TIMEOUT = 90.0
 # A root shell's environment inside, not the test run's (ZLAYER_PREFIX and the like).
 MACHINE_ENV = {
@@ -76,6 +79,16 @@ class Machine:
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
+        later = subprocess.run(
+            ["chroot", str(root), "apt-get", "install", "-y", "-q", "--no-install-recommends",
+             *LATER_PACKAGES],
+            capture_output=True, text=True, timeout=600,
+            env={**MACHINE_ENV, "DEBIAN_FRONTEND": "noninteractive"},
+        )  # fmt: skip
+        if later.returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            wanted = " ".join(LATER_PACKAGES)
+            raise RuntimeError(f"apt-get install {wanted}: {later.stderr[-2000:]}")
         log = root.parent / f"{root.name}.log"
         nspawn = subprocess.Popen(
             ["systemd-nspawn", "--register=no", "--keep-unit", "--private-network",

@@ -155,6 +155,36 @@ def test_the_main_job_under_the_packaged_units(machine: Machine) -> None:
     assert machine.run("zlayerctl", "ps", "--format", "json").stdout.strip() == "[]"
 
 
+def test_a_build_under_the_packaged_registryd(machine: Machine) -> None:
+    """buildah inside registryd's sandbox (the loosened bounding set, the mount and UTS
+    namespaces, chroot isolation), from a context in /root that registryd cannot see."""
+    machine.run("/opt/zlayer/bin/python", "-m", "shared.busybox_image", "/srv/image")
+    context = machine.root / "root" / "ctx"
+    context.mkdir()
+    (context / "hello.txt").write_text("hello from a packaged build\n")
+    (context / "Dockerfile").write_text(
+        "FROM oci-archive:/srv/image/oci-archive.tar\n"
+        "RUN echo built > /built\n"
+        "COPY hello.txt /hello.txt\n"
+    )
+    built = machine.run("zlayerctl", "build", "/root/ctx", "-t", "hello:1", timeout=300)
+    assert "in /root/ctx" in built.stdout and "received" not in built.stdout
+    assert built.stdout.strip().splitlines()[-1].startswith("built docker.io/library/hello:1: ")
+    assert machine.run("ls", "/var/lib/zlayer/registryd/received").stdout == ""
+    # The image runs: a job that prints what the build put in it.
+    (machine.root / "root" / "ctx" / "job.zlayer.yml").write_text(
+        "version: v1\ndeployment: built\nservices:\n  show:\n    rtype: job\n"
+        "    image: hello:1\n"
+        "    command: {entrypoint: [sh, -c], args: ['cat /built /hello.txt']}\n"
+    )
+    machine.run("zlayerctl", "up", "-b", "job.zlayer.yml", cwd="/root/ctx")
+    ran = machine.run("zlayerctl", "job", "trigger", "show", "-d", "built", "--wait", check=False)
+    assert ran.returncode == 0, ran.stderr
+    logs = machine.run("zlayerctl", "logs", "-d", "built", "show").stdout
+    assert "built" in logs and "hello from a packaged build" in logs
+    machine.run("zlayerctl", "down", "built", timeout=120)
+
+
 def test_remove_stops_everything_and_purge_leaves_no_state(machine: Machine) -> None:
     # A stop whose grace outlasts the bus's 25 s default call timeout (httpd as PID 1
     # ignores SIGTERM, so each replica waits out the grace, then gets KILL).
