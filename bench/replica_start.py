@@ -840,6 +840,9 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted; cleaned up", file=sys.stderr)
         code = 130
+    except FileNotFoundError as exc:  # a peer tool is missing: one sentence, not a traceback
+        print(f"replica_start: {exc}", file=sys.stderr)
+        code = 1
     finally:
         with signals_ignored():
             peers.cleanup()

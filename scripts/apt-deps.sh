@@ -3,6 +3,7 @@
 #
 #   apt-deps.sh run    what running ZLayer needs
 #   apt-deps.sh test   that, plus what the tests drive for real
+#   apt-deps.sh bench  that for running, plus the peers the benchmarks measure against
 set -euo pipefail
 
 # busybox-static: the busybox test image (shared/busybox_image.py) is built from it
@@ -18,8 +19,12 @@ run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon i
 # rpm, cpio: build the .rpm and look inside it
 test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container rpm cpio)
 
+# The peers bench/ measures against (bench/README.md): wrk, nginx, podman, hyperfine.
+bench_packages=(wrk nginx-light podman hyperfine skopeo)
+
 wanted=("${run_packages[@]}")
 [ "${1:-run}" = test ] && wanted+=("${test_packages[@]}")
+[ "${1:-run}" = bench ] && wanted+=("${bench_packages[@]}")
 
 # python3 may come from elsewhere (pyenv, a container image): a working venv module will do.
 have_python=false
