@@ -18,6 +18,8 @@ python=/usr/bin/python3   # Debian's, not whatever python3 is first on PATH
 for tool in "$python" dpkg-deb dpkg; do
     command -v "$tool" >/dev/null || { echo "build-deb.sh needs $tool" >&2; exit 1; }
 done
+"$python" -c 'import venv, ensurepip' 2>/dev/null ||
+    { echo "build-deb.sh needs Debian's python3-venv (apt-get install python3-venv)" >&2; exit 1; }
 version=$("$python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$here/pyproject.toml")
 pyver=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 pynext=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')

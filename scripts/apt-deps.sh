@@ -32,7 +32,9 @@ python3 -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 11)' 2>/
 
 missing=()
 for pkg in "${wanted[@]}"; do
-    case "$pkg" in python3|python3-venv) $have_python && continue ;; esac
+    # The tests also build the .deb, whose environment is made with Debian's own
+    # python3 (packaging/build-deb.sh): there, Debian's python3-venv is needed too.
+    case "$pkg" in python3|python3-venv) $have_python && [ "${1:-run}" = run ] && continue ;; esac
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
