@@ -28,9 +28,9 @@ import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
-from ctl.transfer import SendError, Sent, path_for_registryd
+from ctl.transfer import Sent
 from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
-from shared.bus import NotFoundError, ZLayerError
+from shared.bus import NotFoundError
 from shared.jobs import JobInfo
 from shared.reference import InvalidReferenceError, parse_reference
 
@@ -72,7 +72,7 @@ class _Followed:
     info: JobInfo | None = None
     log_path: str = ""
     done: bool = field(default=False)
-    sent: Sent = field(default_factory=Sent)  # registryd's copies of our paths, if any
+    sent: Sent | None = None  # registryd's copies of our paths, if any
 
     def drain(self, out: IO[str], final: bool) -> None:
         if not self.log_path:
@@ -89,7 +89,8 @@ class _Followed:
         self.partial = b"" if final else lines.pop()
         for line in lines:
             if line or not final:
-                out.write(self.prefix + self.sent.ours(line.decode(errors="replace")) + "\n")
+                text = line.decode(errors="replace")
+                out.write(self.prefix + (self.sent.ours(text) if self.sent else text) + "\n")
         out.flush()
 
 
@@ -129,31 +130,27 @@ async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -
             loop.remove_signal_handler(signal.SIGINT)
 
 
-def _outcome(info: JobInfo, what: str, sent: Sent) -> BuildResult | str:
+def _outcome(info: JobInfo, what: str, sent: Sent | None) -> BuildResult | str:
     if info.state == "done":
         return BuildResult.model_validate_json(info.result)
     if info.state == "cancelled":
         return f"the build of {what} was cancelled"
-    return sent.ours(info.error) or f"the build of {what} failed"
+    error = sent.ours(info.error) if sent else info.error
+    return error or f"the build of {what} failed"
 
 
 async def _start_build(client: Client, request: BuildRequest, prefix: str = "") -> _Followed:
     """Start the build, first sending registryd the paths it cannot see (ctl/transfer.py)."""
-    sent = Sent()
-    registryd = client.registryd
-    try:
+    sent = Sent(client.registryd)
+    with sent.speaking_our_paths():
         request = request.model_copy(
             update={
-                key: await path_for_registryd(registryd, value, sent)
+                key: await sent.path(value)
                 for key in ("context", "dockerfile", "zimagefile")
                 if (value := getattr(request, key))
             }
         )
-        job_id: int = await registryd.build(request.model_dump_json())
-    except ZLayerError as exc:
-        raise sent.error(exc) from None
-    except SendError as exc:
-        fail(str(exc))
+        job_id: int = await client.registryd.build(request.model_dump_json())
     return _Followed(job_id, prefix=prefix, sent=sent)
 
 

@@ -12,8 +12,7 @@ import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
-from ctl.transfer import SendError, Sent, path_for_registryd
-from shared.bus import ZLayerError
+from ctl.transfer import Sent
 from shared.models import ImageDetail, ImageInfo
 
 IMPORT_CALL_USEC = 60 * 60 * 1_000_000  # a multi-gigabyte archive is hashed and unpacked
@@ -56,15 +55,11 @@ def import_(path: str, name: str, output_format: str) -> None:
     async def run() -> ImageInfo:
         client = Client()
         client.bus.method_call_timeout_usec = IMPORT_CALL_USEC
-        sent = Sent()
+        # Under systemd registryd has its own /tmp and no /home: it may need a copy.
+        sent = Sent(client.registryd)
         try:
-            # Under systemd registryd has its own /tmp and no /home: it may need a copy.
-            theirs = await path_for_registryd(client.registryd, absolute, sent)
-            raw = await client.registryd.import_image(theirs, name)
-        except ZLayerError as exc:
-            raise sent.error(exc) from None
-        except SendError as exc:
-            fail(str(exc))
+            with sent.speaking_our_paths():
+                raw = await client.registryd.import_image(await sent.path(absolute), name)
         finally:
             client.close()
         return ImageInfo.model_validate_json(raw)

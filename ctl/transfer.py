@@ -2,7 +2,7 @@
 
 Under systemd, registryd has its own /tmp and no /home, so a build context
 in a home directory or an archive in /tmp is out of its reach. Each path a
-command gives registryd goes through :func:`path_for_registryd`: when
+command gives registryd goes through :meth:`Sent.path`: when
 registryd sees the same file (``Registry1.PathVisible`` compares device and
 inode), the path itself is used and nothing is copied; otherwise the file
 or directory is streamed to it as a tar through a pipe (``Registry1.Receive``)
@@ -13,27 +13,34 @@ used it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tarfile
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from shared.bus import SEND_COMPLETE, ZLayerError
 
 
-class SendError(Exception):
-    """The file or directory could not be read to be sent."""
-
-
 class Sent:
-    """Paths as registryd knows them, and the way back for its messages."""
+    """What one command sent registryd, and the way back for its messages.
 
-    def __init__(self) -> None:
+    :meth:`path` is the path registryd should use for one of ours; inside
+    :meth:`speaking_our_paths`, an error registryd returns names our paths,
+    not its copies.
+    """
+
+    def __init__(self, registryd: Any) -> None:
+        self.registryd = registryd
         self._theirs: dict[str, str] = {}  # registryd's path -> ours
 
-    def record(self, ours: str, theirs: str) -> None:
-        if ours != theirs:
-            self._theirs[theirs] = ours
+    async def path(self, path: str) -> str:
+        """``path`` (absolute) if registryd sees it as we do, else a copy's path there."""
+        theirs = await _path_for_registryd(self.registryd, path)
+        if theirs != path:
+            self._theirs[theirs] = path
+        return theirs
 
     def ours(self, text: str) -> str:
         """``text`` with registryd's copies named by the user's own paths."""
@@ -41,12 +48,14 @@ class Sent:
             text = text.replace(theirs, ours)
         return text
 
-    def error(self, exc: ZLayerError) -> ZLayerError:
-        """The same error with the user's paths in its sentence."""
-        if not self._theirs or not exc.args:
-            return exc
-        renamed = type(exc)(self.ours(str(exc.args[0])))
-        return renamed
+    @contextlib.contextmanager
+    def speaking_our_paths(self) -> Iterator[None]:
+        try:
+            yield
+        except ZLayerError as exc:
+            if not self._theirs or not exc.args:
+                raise
+            raise type(exc)(self.ours(str(exc.args[0]))) from None
 
 
 class _Stopped(Exception):
@@ -104,8 +113,7 @@ async def _drain_until_done(read_fd: int, writer: threading.Thread) -> None:
     await asyncio.to_thread(writer.join)
 
 
-async def path_for_registryd(registryd: Any, path: str, sent: Sent) -> str:
-    """``path`` (absolute) if registryd sees it as we do, else the path of a copy sent to it."""
+async def _path_for_registryd(registryd: Any, path: str) -> str:
     try:
         status = os.stat(path)
     except OSError:
@@ -126,6 +134,6 @@ async def path_for_registryd(registryd: Any, path: str, sent: Sent) -> str:
         finally:
             os.close(read_fd)
     if failure:
-        raise SendError(f"cannot read {path} to send it to zlayer-registryd: {failure[0]}")
-    sent.record(path, theirs)
+        # A sentence like registryd's own, so zlayerctl reports both alike.
+        raise ZLayerError(f"cannot read {path} to send it to zlayer-registryd: {failure[0]}")
     return theirs

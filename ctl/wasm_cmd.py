@@ -17,8 +17,8 @@ import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
-from ctl.transfer import SendError, Sent, path_for_registryd
-from shared.bus import NotFoundError, ZLayerError
+from ctl.transfer import Sent
+from shared.bus import NotFoundError
 from shared.jobs import JobInfo
 from shared.wasm import (
     WasmArtifact,
@@ -146,8 +146,6 @@ def export(file: str, name: str, output: str | None, author: str, output_format:
     target = os.path.abspath(output or _default_output(file))
     try:
         artifact = export_layout(absolute, name, target, author)
-    except ZLayerError as exc:
-        fail(str(exc.args[0]) if exc.args else str(exc))
     except OSError as exc:
         fail(f"cannot write {target}: {exc.strerror or exc}")
     if output_format == "json":
@@ -190,15 +188,11 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
     async def run() -> JobInfo:
         client = Client()
         try:
-            sent = Sent()
-            try:
-                # Under systemd registryd has its own /tmp and no /home: it may need a copy.
-                theirs = await path_for_registryd(client.registryd, absolute, sent)
+            # Under systemd registryd has its own /tmp and no /home: it may need a copy.
+            sent = Sent(client.registryd)
+            with sent.speaking_our_paths():
+                theirs = await sent.path(absolute)
                 job_id = await client.registryd.push_wasm(theirs, reference, "", tls_verify)
-            except ZLayerError as exc:
-                raise sent.error(exc) from None
-            except SendError as exc:
-                fail(str(exc))
             try:
                 return await _wait_job(client, job_id, PUSH_WAIT_SEC)
             except (KeyboardInterrupt, asyncio.CancelledError):

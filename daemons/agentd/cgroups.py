@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from daemons.agentd.errors import BundleError
+from daemons.agentd.errors import BundleError, CgroupError
 from shared.models import ReplicaStats
 
 log = logging.getLogger("zlayer.agentd.cgroups")
@@ -147,7 +147,7 @@ async def ensure_ready(root: Path = CGROUP_ROOT) -> CgroupLayout:
     failure = await asyncio.to_thread(_mount_hugetlb, root)
     layout = await asyncio.to_thread(detect_layout, root)
     if layout.hugetlb_on_v2:
-        raise BundleError(
+        raise CgroupError(
             "containers cannot run while the hugetlb cgroup controller sits on cgroup v2 "
             f"in a v1/v2 hybrid ({failure or 'the mount did not take'}); run as root: "
             f"{hugetlb_fix_command(root)}"

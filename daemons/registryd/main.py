@@ -62,15 +62,12 @@ class RegistryService(Registry1):
 
     @dbus_method_async_override()
     async def import_image(self, path: str, name: str) -> str:
-        received = self.daemon.received
-        received.claim(path)
         try:
-            images = await self.daemon.work(self.daemon.store.import_path, path, name)
+            async with self.daemon.received.using(path):
+                images = await self.daemon.work(self.daemon.store.import_path, path, name)
         except BaseException:
             IMPORTS.labels(result="failed").inc()
             raise
-        finally:
-            await self.daemon.work(received.release, path)
         IMPORTS.labels(result="ok").inc()
         await self.daemon.update_metrics()
         for image in images:
@@ -236,18 +233,10 @@ class RegistryService(Registry1):
 
     @dbus_method_async_override()
     async def build(self, request: str) -> int:
-        received = self.daemon.received
-        paths = _request_paths(request)
-        received.claim(*paths)
-
-        def release() -> None:
-            received.release(*paths)
-
         try:
-            job_id = await self.daemon.builder.start(request, release)
+            job_id = await self.daemon.builder.start(request)
         except BaseException:
             BUILDS.labels(result="refused").inc()
-            await self.daemon.work(release)
             raise
         self.daemon.log.info("build job %d started", job_id)
         return job_id
@@ -257,12 +246,8 @@ class RegistryService(Registry1):
     @dbus_method_async_override()
     async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
         # Checked before the job starts, so a bad file or name fails the call itself.
-        received = self.daemon.received
-        received.claim(path)
-        try:
+        async with self.daemon.received.using(path):
             data = await self.daemon.work(wasm.read_binary, path)
-        finally:
-            await self.daemon.work(received.release, path)
         artifact = await self.daemon.work(wasm.build_artifact, data, path, reference)
         store = self.daemon.store
         return self.daemon.jobs.start(
@@ -272,17 +257,6 @@ class RegistryService(Registry1):
                 job, artifact, store.tmp_dir, self.daemon.registry, auth, tls_verify
             ),
         )
-
-
-def _request_paths(request: str) -> list[str]:
-    """The paths a BuildRequest names (context, -f, -z); none when it is malformed."""
-    try:
-        fields = json.loads(request)
-    except ValueError:
-        return []
-    if not isinstance(fields, dict):
-        return []
-    return [str(fields.get(key) or "") for key in ("context", "dockerfile", "zimagefile")]
 
 
 class RegistryDaemon(Daemon):
@@ -307,7 +281,11 @@ class RegistryDaemon(Daemon):
         self.service: RegistryService | None = None
         # builds: buildah under the state dir, results imported into the store
         self.builder = Builder(
-            paths.daemon_state(self.info.name), self.jobs, self._import_built, self.log
+            paths.daemon_state(self.info.name),
+            self.jobs,
+            self._import_built,
+            self.received,
+            self.log,
         )
 
     def make_service(self) -> RegistryService:

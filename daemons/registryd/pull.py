@@ -352,22 +352,18 @@ class RegistryClient:
         ]
         pinned = self.store.pin(record.manifest_digest, *(d for d, _, _ in blobs))
         try:
-            pushed = await self.upload(
+            await self.upload(
                 job,
                 dest,
                 auth,
                 [Upload(d, size, label, self.store.blob_path(d)) for d, size, label in blobs],
                 manifest,
                 media_type,
+                record.manifest_digest,
                 mount_from=mount_from,
             )
         finally:
             self.store.unpin(pinned)
-        if pushed and pushed != record.manifest_digest:
-            raise ZLayerError(
-                f"the registry {dest.domain} stored the manifest as {pushed}, not "
-                f"{record.manifest_digest}"
-            )
         log.info("pushed %s as %s", record.id, dest)
         return json.dumps(
             {"reference": str(dest), "digest": record.manifest_digest, "id": record.id}
@@ -381,16 +377,18 @@ class RegistryClient:
         blobs: list[Upload],
         manifest: bytes,
         media_type: str,
+        manifest_digest: str,
         *,
         mount_from: list[str] | None = None,
         plain_http: bool = False,
-    ) -> str:
+    ) -> None:
         """Send ``blobs`` (those the registry lacks) then ``manifest`` to ``dest``.
 
         Blobs go concurrently, each checked first (``exists``), mounted from
         another repository of the same registry where one of ``mount_from``
         holds it, uploaded otherwise. The manifest goes last, under the tag
-        or digest of ``dest``; the digest the registry reports is returned.
+        or digest of ``dest``; a registry that reports another digest for it
+        than ``manifest_digest`` is an error.
         """
         sources = mount_from or []
         repository = self.repository(
@@ -431,7 +429,7 @@ class RegistryClient:
             async with asyncio.TaskGroup() as group:
                 for blob in blobs:
                     group.create_task(send(blob))
-            return await repository.put_manifest(
+            pushed = await repository.put_manifest(
                 dest.digest or dest.tag or "latest", manifest, media_type
             )
         except* Exception as group:
@@ -439,6 +437,10 @@ class RegistryClient:
             if isinstance(first, InterruptedTransferError | CorruptBlobError):
                 raise bus_error(first) from None
             raise first from None
+        if pushed and pushed != manifest_digest:
+            raise ZLayerError(
+                f"the registry {dest.domain} stored the manifest as {pushed}, not {manifest_digest}"
+            )
 
     # ------------------------------------------------------------ login
 

@@ -15,6 +15,8 @@ them within :data:`UNUSED_TTL_SEC`, and all at once when registryd starts.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -22,6 +24,7 @@ import shutil
 import tarfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -171,6 +174,15 @@ class ReceivedFiles:
             return None
         parts = Path(path).relative_to(self.root).parts
         return parts[0] if parts else None
+
+    @contextlib.asynccontextmanager
+    async def using(self, *paths: str) -> AsyncIterator[None]:
+        """For one call: the received entries among ``paths`` are kept, then removed."""
+        self.claim(*paths)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.release, *paths)
 
     def claim(self, *paths: str) -> None:
         """Mark the received entries among ``paths`` as in use until :meth:`release`."""

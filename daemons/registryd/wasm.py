@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from daemons.registryd.distribution import Upload
 from daemons.registryd.sources import ArchiveError, SourceImage
-from shared.bus import InvalidArgumentError, NotFoundError, ZLayerError
+from shared.bus import InvalidArgumentError, NotFoundError
 from shared.jobs import Job
 from shared.reference import InvalidReferenceError, parse_reference
 from shared.wasm import MAGIC, WasmArtifact, WasmError, WasmInfo, validate
@@ -329,18 +329,17 @@ async def push_job(
 
     try:
         uploads = await asyncio.to_thread(write_blobs)
-        digest = await client.upload(
-            job, dest, auth, uploads, artifact.manifest, OCI_MANIFEST, plain_http=not tls_verify
+        await client.upload(
+            job,
+            dest,
+            auth,
+            uploads,
+            artifact.manifest,
+            OCI_MANIFEST,
+            artifact.manifest_digest,
+            plain_http=not tls_verify,
         )
     finally:
         await asyncio.to_thread(shutil.rmtree, blob_dir, True)
-    if digest and digest != artifact.manifest_digest:
-        raise ZLayerError(
-            f"the registry {dest.domain} stored the manifest as {digest}, not "
-            f"{artifact.manifest_digest}"
-        )
     log.info("pushed %s (%s) to %s", artifact.info.digest, artifact.info.kind, artifact.name)
-    described = artifact.describe(artifact.name)
-    return described.model_copy(
-        update={"manifest_digest": digest or artifact.manifest_digest}
-    ).model_dump_json()
+    return artifact.describe(artifact.name).model_dump_json()

@@ -52,13 +52,22 @@ def notify_listener(zlayer_prefix: Paths) -> Iterator[NotifyListener]:
 
 
 def start(
-    name: str, bus: PrivateBus, notify: NotifyListener | None, **env: str
+    name: str,
+    bus: PrivateBus,
+    notify: NotifyListener | None,
+    *,
+    wrapper: tuple[str, ...] = (),
+    **env: str,
 ) -> subprocess.Popen[str]:
+    """The daemon as a child; ``wrapper`` runs it (and must exec it, keeping its PID)."""
     environ = dict(os.environ, ZLAYER_BUS_ADDRESS=bus.address, **env)
     if notify is not None:
         environ["NOTIFY_SOCKET"] = str(notify.path)
     return subprocess.Popen(
-        [find_executable(f"zlayer-{name}")], env=environ, stderr=subprocess.PIPE, text=True
+        [*wrapper, find_executable(f"zlayer-{name}")],
+        env=environ,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -488,14 +488,21 @@ def make_certificate(directory: Path, name: str) -> None:
     )
 
 
+def client_tls(alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A client context that takes any certificate: the tests look at which one came."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
 def peer_common_name(port: int, server_name: str, alpn: list[str]) -> tuple[str, str | None]:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(alpn)
+    context = client_tls(alpn)
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname=server_name) as tls,
@@ -512,10 +519,7 @@ def h2_get(port: int, server_name: str, path: str) -> tuple[int, bytes]:
     import h2.connection
     import h2.events
 
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
+    context = client_tls(["h2"])
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname=server_name) as tls,
@@ -579,9 +583,7 @@ def test_tls_sni_picks_the_certificate_and_serves_http2_and_http1(
     assert h2_get(proxyd.https_port, "nowhere.test", "/")[0] == 404
 
     async def over_http1() -> tuple[int, str, dict[str, str]]:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        context = client_tls()
         async with aiohttp.ClientSession() as session:
             return await fetch(
                 session,
@@ -600,9 +602,7 @@ def test_tls_sni_picks_the_certificate_and_serves_http2_and_http1(
 def peer_serial(port: int, server_name: str) -> int:
     from cryptography import x509
 
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = client_tls()
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname=server_name) as tls,
@@ -625,11 +625,12 @@ def test_certificates_reload_on_sighup_and_connections_stay(
     old = peer_serial(proxyd.https_port, "a.test")
 
     # A keep-alive connection made before the reload.
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
     raw = socket.create_connection(("127.0.0.1", proxyd.https_port), timeout=5)
-    kept = context.wrap_socket(raw, server_hostname="a.test")
+    try:
+        kept = client_tls().wrap_socket(raw, server_hostname="a.test")
+    except BaseException:
+        raw.close()
+        raise
     request = b"GET /kept HTTP/1.1\r\nHost: a.test\r\n\r\n"
 
     def ask() -> bytes:

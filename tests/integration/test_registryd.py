@@ -52,10 +52,11 @@ class Registryd:
         self.notify = notify
         self.store = paths.daemon_state("registryd")
         self.process: subprocess.Popen[str] | None = None
+        self.wrapper: tuple[str, ...] = ()  # what the daemon runs under, if anything
 
     def start(self) -> None:
         self.notify.messages.clear()
-        self.process = start("registryd", self.bus, self.notify)
+        self.process = start("registryd", self.bus, self.notify, wrapper=self.wrapper)
         self.notify.wait_for("READY=1")
 
     def stop(self) -> None:

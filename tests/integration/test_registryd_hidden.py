@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import textwrap
 from collections.abc import Iterator
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from ctl.supervisor import find_executable
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
 from shared.wasm import WasmArtifact
@@ -44,21 +42,11 @@ class HiddenRegistryd(Registryd):
 
     def __init__(self, paths: Paths, bus: PrivateBus, notify: NotifyListener, hidden: Path):
         super().__init__(paths, bus, notify)
-        self.hidden = hidden
-
-    def start(self) -> None:
-        self.notify.messages.clear()
-        environ = dict(
-            os.environ, ZLAYER_BUS_ADDRESS=self.bus.address, NOTIFY_SOCKET=str(self.notify.path)
-        )
         # unshare and sh exec in place: the PID we hold is registryd's own.
-        self.process = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--",
-             "sh", "-c", HIDE_THEN_EXEC, "sh", str(self.hidden),
-             find_executable("zlayer-registryd")],
-            env=environ, stderr=subprocess.PIPE, text=True,
+        self.wrapper = (
+            "unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", HIDE_THEN_EXEC, "sh", str(hidden),
         )  # fmt: skip
-        self.notify.wait_for("READY=1")
 
     def received(self) -> list[str]:
         return os.listdir(self.store / "received")

@@ -35,6 +35,7 @@ from daemons.registryd.build import runtimes
 from daemons.registryd.build.located import BuildFileError
 from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from daemons.registryd.build.zimagefile import Dockerfile, load_zimagefile, to_dockerfile
+from daemons.registryd.received import ReceivedFiles
 from shared.bus import (
     ERROR_PREFIX,
     InvalidArgumentError,
@@ -81,11 +82,17 @@ class Builder:
     """Starts build jobs and runs buildah for them."""
 
     def __init__(
-        self, state_dir: Path, jobs: JobTable, store_import: StoreImport, log: logging.Logger
+        self,
+        state_dir: Path,
+        jobs: JobTable,
+        store_import: StoreImport,
+        received: ReceivedFiles,
+        log: logging.Logger,
     ) -> None:
         self.root = state_dir / "build"
         self.jobs = jobs
         self.store_import = store_import
+        self.received = received  # contexts and files clients sent: kept while their build runs
         self.log = log
         self._sequence = itertools.count(1)
         self._running = 0
@@ -135,32 +142,39 @@ class Builder:
 
     # ------------------------------------------------------------ starting a build
 
-    async def start(self, request_json: str, finished: Callable[[], None] | None = None) -> int:
+    async def start(self, request_json: str) -> int:
         """Check the request, then start its job; a bad request fails here, as one sentence.
 
-        ``finished`` runs (in a thread) when the job has ended, however it ended.
+        Paths a client sent (:mod:`..received`) are kept until the job ends,
+        or removed at once when the request is refused.
         """
-        if shutil.which(BUILDAH) is None:
-            raise UnavailableError(
-                "buildah is not installed on this node; install it with `apt-get install buildah`"
-            )
         try:
             request = BuildRequest.model_validate_json(request_json)
         except ValidationError as exc:
             message = exc.errors()[0]["msg"]
             raise InvalidArgumentError(f"the build request is malformed: {message}") from None
-        await self._recover()
-        number = next(self._sequence)
-        prepared = await asyncio.to_thread(self._prepare, request, number)
-        log_path = await asyncio.to_thread(self._new_log, number, prepared)
+        sent = (request.context, request.dockerfile, request.zimagefile)
+        self.received.claim(*sent)
+        try:
+            if shutil.which(BUILDAH) is None:
+                raise UnavailableError(
+                    "buildah is not installed on this node; install it with "
+                    "`apt-get install buildah`"
+                )
+            await self._recover()
+            number = next(self._sequence)
+            prepared = await asyncio.to_thread(self._prepare, request, number)
+            log_path = await asyncio.to_thread(self._new_log, number, prepared)
+        except BaseException:
+            await asyncio.to_thread(self.received.release, *sent)
+            raise
         target = ", ".join(prepared.tags) or str(prepared.context)
 
         async def work(job: Job) -> str:
             try:
                 return await self._build(job, prepared, log_path)
             finally:
-                if finished is not None:
-                    await asyncio.to_thread(finished)
+                await asyncio.to_thread(self.received.release, *sent)
 
         return self.jobs.start("build", target, work, str(log_path))
 
