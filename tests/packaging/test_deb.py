@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,9 +77,9 @@ def status(machine: Machine) -> dict[str, dict[str, object]]:
     return {d["name"]: d for d in json.loads(out or "[]")}
 
 
-def wait_until(what: str, check: object, timeout: float = 30) -> None:
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen in {timeout:.0f}s")
         time.sleep(0.2)
