@@ -198,14 +198,23 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
 
     @dbus_method_async(input_signature="s", input_args_names=("deployment",))
     async def down(self, deployment: str) -> None:
-        """Remove a deployment: every replica, volume-less trace and revision."""
+        """Remove a deployment: every replica, volume-less trace and revision.
+
+        Returns once the intent is stored; the deployment shows as
+        ``removing`` until its replicas are gone, then GetDeployment says
+        NotFound. A removal cut short by a stop finishes at the next start.
+        """
         raise NotImplementedError
 
     @dbus_method_async(
         input_signature="ssdb", input_args_names=("deployment", "service", "timeout_sec", "force")
     )
     async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
-        """Stop a deployment's replicas (one service if ``service`` is not empty), keep it."""
+        """Stop a deployment's replicas (one service if ``service`` is not empty), keep it.
+
+        Returns once stored; the services' running counts fall to 0 as their
+        replicas end (GetDeployment shows it).
+        """
         raise NotImplementedError
 
     @dbus_method_async(
@@ -275,6 +284,12 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """list[Event], oldest first: the last ``limit`` of a deployment ("" for all)."""
         raise NotImplementedError
 
+    @dbus_method_async(input_signature="s", input_args_names=("daemon",))
+    async def resync(self, daemon: str) -> None:
+        """A daemon that holds a view (agentd, overlayd, proxyd) has started: send it the
+        complete view now. ``daemon`` is its short name; "" resyncs every one."""
+        raise NotImplementedError
+
     @dbus_signal_async("s", signal_args_names=("event",))
     def event_emitted(self) -> str:
         """An Event: something happened to a deployment."""
@@ -289,6 +304,21 @@ class Agent1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Agent1"):
     @dbus_method_async(input_signature="s", input_args_names=("assignment",))
     async def apply_service(self, assignment: str) -> None:
         """ServiceAssignment: converge this node's replicas of a service to it."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("assignments",),
+        result_args_names=("result",),
+    )
+    async def sync_assignments(self, assignments: str) -> str:
+        """NodeAssignments: everything this node should run; SyncResult.
+
+        Replaces every assignment; the replicas of services it does not name
+        are stopped (with their grace period) and removed. Refused, not an
+        error, when older than the view held.
+        """
         raise NotImplementedError
 
     @dbus_method_async(
@@ -615,6 +645,21 @@ class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
         """NetworkInfo."""
         raise NotImplementedError
 
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("views",),
+        result_args_names=("result",),
+    )
+    async def sync_traffic(self, views: str) -> str:
+        """shared.traffic.TrafficViews: every deployment's traffic; SyncResult.
+
+        Replaces what is held; deployments the views do not name are removed.
+        A deployment whose part cannot be applied is named in ``refusals``
+        and keeps what it had; the rest apply. Older views are refused.
+        """
+        raise NotImplementedError
+
     @dbus_method_async(input_signature="ss", input_args_names=("deployment", "traffic"))
     async def set_traffic(self, deployment: str, traffic: str) -> None:
         """Replace a deployment's service DNS records and kernel-path published ports.
@@ -636,6 +681,21 @@ class Proxy1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Proxy1"):
     """zlayer-proxyd: L4/L7 ingress and load balancing."""
 
     version, status = _daemon_members()
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("views",),
+        result_args_names=("result",),
+    )
+    async def sync_traffic(self, views: str) -> str:
+        """shared.traffic.TrafficViews: every deployment's traffic; SyncResult.
+
+        Replaces what is held; deployments the views do not name are removed.
+        A deployment whose part cannot be applied is named in ``refusals``
+        and keeps what it had; the rest apply. Older views are refused.
+        """
+        raise NotImplementedError
 
     @dbus_method_async(input_signature="ss", input_args_names=("deployment", "traffic"))
     async def set_traffic(self, deployment: str, traffic: str) -> None:

@@ -24,6 +24,7 @@ from sdbus import DbusInterfaceCommonAsync, dbus_method_async_override, dbus_pro
 
 from shared import __version__, notify
 from shared.bus import (
+    DAEMONS_BY_NAME,
     DaemonInfo,
     DaemonState,
     DaemonStatus,
@@ -41,6 +42,7 @@ from shared.paths import Paths
 SUPERVISOR_ENV = "ZLAYER_SUPERVISOR_PID"
 EX_CONFIG = 78  # sysexits.h: the configuration is wrong; restarting will not help
 BUS_LIVENESS_INTERVAL = 5.0
+RESYNC_ASK_TIMEOUT = 5.0
 
 log = logging.getLogger("zlayer.daemon")
 
@@ -69,6 +71,10 @@ class Daemon(ABC):
 
     info: ClassVar[DaemonInfo]
     settings_class: ClassVar[type[DaemonSettings]] = DaemonSettings
+    # Daemons that hold a copy of schedd's view (agentd, overlayd, proxyd) ask
+    # schedd for the complete view once they serve, instead of waiting for
+    # its next periodic resync.
+    holds_view: ClassVar[bool] = False
 
     def __init__(self, settings: DaemonSettings, paths: Paths) -> None:
         self.settings = settings
@@ -185,6 +191,8 @@ class Daemon(ABC):
         await self.start()
         self.state = "running"
         notify.ready(f"serving {self.info.bus_name}")
+        if self.holds_view:
+            self._ask_resync()
         self.log.info(
             "ready on %s, metrics on port %d", address or "the system bus", self.metrics_port
         )
@@ -208,6 +216,19 @@ class Daemon(ABC):
         await self.stop()
         self.bus.close()
         return exit_code
+
+    def _ask_resync(self) -> None:
+        async def ask() -> None:
+            assert self.bus is not None
+            scheduler = proxy(DAEMONS_BY_NAME["schedd"], self.bus)
+            try:
+                await asyncio.wait_for(scheduler.resync(self.info.name), RESYNC_ASK_TIMEOUT)
+            except Exception as exc:  # schedd not up yet: it sends every view when it starts
+                self.log.debug("could not ask schedd for a resync: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(ask(), name="ask-resync")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -120,6 +120,40 @@ class ServiceAssignment(Wire):
     spec: dict[str, Any]  # ServiceSpec in JSON mode, with $E: references resolved
     replicas: int
     previous: list[RevisionReplicas] = Field(default_factory=list)
+    # Bumped by every deploy: a replica waiting out a failed start's backoff
+    # tries again at once when it changes (the user fixed the cause and redeployed).
+    retry: int = 0
+    # ``zlayerctl stop --timeout/--force``: the stop grace for replicas this
+    # assignment removes, instead of the spec's stop_grace_period.
+    grace: float | None = None
+
+
+class NodeAssignments(Wire):
+    """``SyncAssignments``: everything this node should run, from schedd.
+
+    A complete view, never a delta: agentd replaces its assignments with
+    these and removes the replicas of every service the view does not name.
+    A view older than the one agentd holds (a lower ``generation``) is refused.
+    """
+
+    generation: int
+    assignments: list[ServiceAssignment] = Field(default_factory=list)
+
+
+class SyncResult(Wire):
+    """The answer to a full-view sync (agentd's assignments, overlayd's and proxyd's traffic).
+
+    ``generation`` is what the receiver holds after the call: the view's when
+    ``accepted``, a newer one otherwise (the sender then moves past it).
+    ``refusals`` maps a deployment to the sentence saying why its part of the
+    view could not be applied; ``removed`` says what was removed because the
+    view no longer names it, one sentence each, for schedd's events.
+    """
+
+    generation: int
+    accepted: bool
+    refusals: dict[str, str] = Field(default_factory=dict)
+    removed: list[tuple[str, str]] = Field(default_factory=list)  # (deployment, sentence)
 
 
 class ReplicaInfo(Wire):
@@ -191,7 +225,8 @@ class ServiceStatus(Wire):
 class DeploymentStatus(Wire):
     name: str
     revision: int
-    state: Literal["deploying", "running", "degraded", "failed", "stopped"]
+    # "removing": `down` was asked and its replicas are still stopping.
+    state: Literal["deploying", "running", "degraded", "failed", "stopped", "removing"]
     services: list[ServiceStatus]
     created_at: float
     updated_at: float

@@ -1,8 +1,8 @@
 """The traffic view: which replicas of a service receive traffic, and on which endpoints.
 
 schedd owns the desired state and sees every replica's health, so it computes
-this view and pushes it, one deployment at a time, to the two daemons that
-move packets:
+this view and sends it, every deployment at once (:class:`TrafficViews`,
+``SyncTraffic``), to the two daemons that move packets:
 
 - overlayd answers service DNS from it (``web.service.local`` -> every
   in-rotation replica, ``web-2.web.service.local`` / ``2.web.service.local``
@@ -11,10 +11,13 @@ move packets:
 - proxyd serves the L7 endpoints (http, https, websocket) and the L4
   endpoints that need userspace (``stream.tls`` or ``stream.proxy_protocol``).
 
-A push replaces everything the receiver held for that deployment (an empty
-list removes the deployment), so the call is idempotent and a restarted
-receiver is made whole by the next push; receivers also persist the last
-view so they serve at once after a restart.
+A sync replaces everything the receiver held (a deployment it does not name
+is removed), so the call is idempotent and a restarted receiver is made
+whole by the next sync; schedd sends one on every start of a receiver
+(``Scheduler1.Resync``), whenever the view changes and periodically.
+Receivers persist the last view with its generation so they serve at once
+after a restart, and refuse a view older than the one they hold.
+``SetTraffic`` (one deployment) stays for tools and tests.
 
 Where an endpoint is served (:func:`endpoint_path`):
 
@@ -70,6 +73,18 @@ class DeploymentTraffic(_Wire):
 
     deployment: str
     services: list[ServiceTraffic] = Field(default_factory=list)
+
+
+class TrafficViews(_Wire):
+    """``SyncTraffic``: every deployment's traffic, from schedd, as one complete view.
+
+    The receiver replaces what it holds with these and removes the routes,
+    records and ports of every deployment the view does not name; a view
+    older than the one it holds (a lower ``generation``) is refused.
+    """
+
+    generation: int
+    deployments: list[DeploymentTraffic] = Field(default_factory=list)
 
 
 class ServiceStats(_Wire):

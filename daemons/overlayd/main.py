@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
 from sdbus import dbus_method_async_override
 
 from daemons.overlayd import nft
@@ -47,8 +48,10 @@ from shared.bus import (
 from shared.config import ConfigError
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
 from shared.logs import setup_logging
+from shared.models import SyncResult
 from shared.paths import Paths
-from shared.traffic import TrafficError
+from shared.traffic import DeploymentTraffic, TrafficError, TrafficViews
+from shared.views import HeldGeneration, apply_views, refused
 
 ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
 ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["result"])
@@ -57,6 +60,15 @@ PUBLISHED = Gauge("zlayer_overlay_published_ports", "Node ports on the kernel L4
 PUSHES = Counter("zlayer_overlay_traffic_pushes", "SetTraffic calls, by result.", ["result"])
 
 T = TypeVar("T")
+
+
+def parse_bus_traffic(deployment: str, text: str) -> DeploymentTraffic:
+    """A pushed view, or the bus error that says why it is not one."""
+    try:
+        return parse_traffic(deployment, text)
+    except TrafficError as exc:
+        PUSHES.labels(result="invalid").inc()
+        raise InvalidArgumentError(str(exc)) from None
 
 
 class OverlayService(Overlay1):
@@ -104,22 +116,11 @@ class OverlayService(Overlay1):
 
     @dbus_method_async_override()
     async def set_traffic(self, deployment: str, traffic: str) -> None:
-        try:
-            await self.daemon.set_traffic(deployment, traffic)
-        except PortConflictError as exc:
-            PUSHES.labels(result="conflict").inc()
-            raise ConflictError(str(exc)) from None
-        except TrafficError as exc:
-            PUSHES.labels(result="invalid").inc()
-            raise InvalidArgumentError(str(exc)) from None
-        except nft.NftError as exc:
-            PUSHES.labels(result="failed").inc()
-            raise UnavailableError(f"cannot publish the ports of {deployment}: {exc}") from None
-        except OSError as exc:
-            PUSHES.labels(result="failed").inc()
-            self.daemon.log.exception("keeping the traffic of %s failed", deployment)
-            raise UnavailableError(f"cannot keep the traffic of {deployment}: {exc}") from None
-        PUSHES.labels(result="ok").inc()
+        await self.daemon.push_traffic(parse_bus_traffic(deployment, traffic))
+
+    @dbus_method_async_override()
+    async def sync_traffic(self, views: str) -> str:
+        return (await self.daemon.sync_traffic(views)).model_dump_json()
 
     @dbus_method_async_override()
     async def list_records(self) -> str:
@@ -129,6 +130,7 @@ class OverlayService(Overlay1):
 class OverlayDaemon(Daemon):
     info = DAEMONS_BY_NAME["overlayd"]
     settings_class = OverlaySettings
+    holds_view = True
 
     def __init__(self, settings: OverlaySettings, paths: Paths) -> None:
         super().__init__(settings, paths)
@@ -139,6 +141,8 @@ class OverlayDaemon(Daemon):
         )
         self._lock = asyncio.Lock()
         self._traffic_lock = asyncio.Lock()
+        self._sync_lock = asyncio.Lock()
+        self.held = HeldGeneration(paths.daemon_state(self.info.name))
         self.zone = Zone()
         self.dns_server: DnsServer | None = None
         self.prober = Prober(settings.stream_probe_interval, self._backends_changed)
@@ -211,9 +215,54 @@ class OverlayDaemon(Daemon):
         assert isinstance(settings, OverlaySettings)
         return settings.dns_port
 
-    async def set_traffic(self, deployment: str, text: str) -> None:
-        """Validate, publish, persist, then answer DNS from a push (one push at a time)."""
-        traffic = parse_traffic(deployment, text)
+    async def push_traffic(self, traffic: DeploymentTraffic) -> None:
+        """Publish, persist, then answer DNS from one deployment's view (one at a time).
+
+        Raises the bus error that names why the view cannot be applied.
+        """
+        deployment = traffic.deployment
+        try:
+            await self._apply_traffic(traffic)
+        except PortConflictError as exc:
+            PUSHES.labels(result="conflict").inc()
+            raise ConflictError(str(exc)) from None
+        except nft.NftError as exc:
+            PUSHES.labels(result="failed").inc()
+            raise UnavailableError(f"cannot publish the ports of {deployment}: {exc}") from None
+        except OSError as exc:
+            PUSHES.labels(result="failed").inc()
+            self.log.exception("keeping the traffic of %s failed", deployment)
+            raise UnavailableError(f"cannot keep the traffic of {deployment}: {exc}") from None
+        PUSHES.labels(result="ok").inc()
+
+    async def sync_traffic(self, text: str) -> SyncResult:
+        """schedd's complete view: apply every deployment, remove the ones it no longer names."""
+        try:
+            views = TrafficViews.model_validate_json(text)
+        except ValidationError as exc:
+            raise InvalidArgumentError(f"the traffic views are not a TrafficViews: {exc}") from None
+        async with self._sync_lock:
+            if not self.held.accepts(views.generation):
+                self.log.info(
+                    "ignored traffic views of generation %d: generation %d is newer",
+                    views.generation,
+                    self.held.value,
+                )
+                return refused(self.held)
+
+            async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
+                await self.push_traffic(parse_bus_traffic(deployment, view.model_dump_json()))
+
+            result = await apply_views(views, list(self.network.traffic), apply_one)
+            await asyncio.to_thread(self.held.hold, views.generation)
+        for deployment, sentence in result.refusals.items():
+            self.log.warning("traffic of %s refused: %s", deployment, sentence)
+        for _deployment, sentence in result.removed:
+            self.log.info("%s", sentence)
+        return result
+
+    async def _apply_traffic(self, traffic: DeploymentTraffic) -> None:
+        deployment = traffic.deployment
         ports = published_ports(traffic)
         if not traffic.services:
             ports = []

@@ -17,6 +17,7 @@ import json
 import logging
 import ssl
 
+from pydantic import ValidationError
 from sdbus import dbus_method_async_override
 
 from daemons.proxyd.exchange import ProxyCore
@@ -33,7 +34,10 @@ from shared.bus import (
     UnavailableError,
 )
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
+from shared.models import SyncResult
 from shared.paths import Paths
+from shared.traffic import DeploymentTraffic, TrafficViews
+from shared.views import HeldGeneration, apply_views, refused
 
 REBIND_INTERVAL = 5.0
 SWEEP_INTERVAL = 1.0
@@ -52,6 +56,10 @@ class ProxyService(Proxy1):
         await self.daemon.set_traffic(deployment, traffic)
 
     @dbus_method_async_override()
+    async def sync_traffic(self, views: str) -> str:
+        return (await self.daemon.sync_traffic(views)).model_dump_json()
+
+    @dbus_method_async_override()
     async def list_routes(self) -> str:
         daemon = self.daemon
         infos = daemon.routes.route_infos(
@@ -68,12 +76,15 @@ class ProxyService(Proxy1):
 
 class ProxyDaemon(Daemon):
     info = DAEMONS_BY_NAME["proxyd"]
+    holds_view = True
     settings_class = ProxySettings
     settings: ProxySettings
 
     def __init__(self, settings: ProxySettings, paths: Paths) -> None:
         super().__init__(settings, paths)
         self.routes = Routes(paths.daemon_state(self.info.name))
+        self.held = HeldGeneration(paths.daemon_state(self.info.name))
+        self._sync_lock = asyncio.Lock()
         self.http_port = 0
         self.https_port = 0
         self.servers: dict[str, list[asyncio.Server]] = {"http": [], "https": []}
@@ -271,6 +282,32 @@ class ProxyDaemon(Daemon):
                     udp.sweep()
 
     # ------------------------------------------------------------ pushes
+
+    async def sync_traffic(self, text: str) -> SyncResult:
+        """schedd's complete view: apply every deployment, remove the ones it no longer names."""
+        try:
+            views = TrafficViews.model_validate_json(text)
+        except ValidationError as exc:
+            raise InvalidArgumentError(f"the traffic views are not a TrafficViews: {exc}") from None
+        async with self._sync_lock:
+            if not self.held.accepts(views.generation):
+                self.log.info(
+                    "ignored traffic views of generation %d: generation %d is newer",
+                    views.generation,
+                    self.held.value,
+                )
+                return refused(self.held)
+
+            async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
+                await self.set_traffic(deployment, view.model_dump_json())
+
+            result = await apply_views(views, list(self.routes.deployments), apply_one)
+            await asyncio.to_thread(self.held.hold, views.generation)
+        for deployment, sentence in result.refusals.items():
+            self.log.warning("routes of %s refused: %s", deployment, sentence)
+        for _deployment, sentence in result.removed:
+            self.log.info("%s", sentence)
+        return result
 
     async def set_traffic(self, deployment: str, traffic_json: str) -> None:
         try:

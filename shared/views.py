@@ -1,0 +1,96 @@
+"""Full views and their generations: how a daemon holding a copy of the truth takes a new one.
+
+schedd's store is the only desired state. agentd (assignments), overlayd and
+proxyd (traffic) keep a cache of it, and schedd sends each of them the
+*complete* view, stamped with a generation that only grows. A receiver:
+
+- refuses a view older than the one it holds (:class:`HeldGeneration`), so a
+  view computed before a ``down`` can never bring the deployment back;
+- applies every deployment the view names and removes every one it holds
+  that the view does not name (:func:`apply_views`), reporting per
+  deployment what it could not apply instead of failing the whole view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from shared.bus import ZLayerError
+from shared.models import SyncResult
+from shared.traffic import DeploymentTraffic, TrafficViews
+
+log = logging.getLogger("zlayer.views")
+
+GENERATION_FILE = "generation"
+
+
+class HeldGeneration:
+    """The generation of the view a daemon holds, kept in its state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / GENERATION_FILE
+        self.value = 0
+        with contextlib.suppress(FileNotFoundError):
+            text = self.path.read_text().strip()
+            try:
+                self.value = int(text)
+            except ValueError:
+                # Unreadable: hold nothing, so schedd's next view (any generation) is taken.
+                log.warning("%s holds %r, not a generation; taking the next view", self.path, text)
+
+    def accepts(self, generation: int) -> bool:
+        """Whether a view of ``generation`` may replace the one held (not older)."""
+        return generation >= self.value
+
+    def hold(self, generation: int) -> None:
+        """Remember ``generation`` durably (fsync, then rename)."""
+        if generation == self.value and self.path.exists():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as handle:
+            handle.write(f"{generation}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.path)
+        self.value = generation
+
+
+def refused(held: HeldGeneration) -> SyncResult:
+    """The answer to a view older than the one held."""
+    return SyncResult(generation=held.value, accepted=False)
+
+
+async def apply_views(
+    views: TrafficViews,
+    held_deployments: Iterable[str],
+    apply_one: Callable[[str, DeploymentTraffic], Awaitable[None]],
+) -> SyncResult:
+    """Apply each deployment's traffic, then an empty view for each one no longer named.
+
+    ``apply_one`` is the receiver's own per-deployment push (what
+    ``SetTraffic`` does); a :class:`ZLayerError` from it is that
+    deployment's refusal and the others still apply.
+    """
+    refusals: dict[str, str] = {}
+    removed: list[tuple[str, str]] = []
+    named = {view.deployment for view in views.deployments}
+    for view in views.deployments:
+        try:
+            await apply_one(view.deployment, view)
+        except ZLayerError as exc:
+            refusals[view.deployment] = exc.args[0] if exc.args else str(exc)
+    for gone in sorted(set(held_deployments) - named):
+        try:
+            await apply_one(gone, DeploymentTraffic(deployment=gone))
+        except ZLayerError as exc:  # pragma: no cover - removing never conflicts
+            refusals[gone] = exc.args[0] if exc.args else str(exc)
+            continue
+        removed.append((gone, f"removed the traffic of {gone}: the deployment no longer exists"))
+    return SyncResult(
+        generation=views.generation, accepted=True, refusals=refusals, removed=removed
+    )
