@@ -6,6 +6,12 @@ pings, exactly as under systemd), restarts a child that dies or stops pinging
 with exponential backoff, and on SIGTERM or Ctrl-C stops them all and removes
 everything it created. Its view of the children is kept in
 ``/run/zlayer/supervisor.json`` for ``zlayerctl status`` and ``daemon stop``.
+
+Like systemd it keeps the descriptors a child stores (``FDSTORE=1``, see
+:mod:`ctl.fdstore`) and passes them to the child's next process with
+``LISTEN_FDS``, so a listening socket outlives a crash or a restart; they are
+closed only when the supervisor stops. It starts the daemons in the order of
+the packaged units (:data:`START_AFTER`, their ``After=``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ctl.fdstore import ChildStart, FdStore, receive
 from shared.bus import BUS_ADDRESS_ENV, DAEMONS, DaemonInfo
 from shared.busdaemon import PrivateBus
 from shared.daemon import SUPERVISOR_ENV
@@ -45,6 +51,18 @@ STABLE_AFTER = 60.0  # a child running this long has its backoff reset
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 PR_SET_PDEATHSIG = 1
 
+# Who waits for whom at the first start, as the units' After= (tests check
+# that the two agree): agentd adopts containers whose images registryd holds
+# and whose networks overlayd holds; schedd drives agentd. A daemon waits
+# until those it comes after are ready, or READY_TIMEOUT, then starts anyway
+# (an order, not a requirement: each waits on the bus for what it calls).
+START_AFTER: dict[str, tuple[str, ...]] = {
+    "agentd": ("registryd", "overlayd"),
+    "schedd": ("agentd",),
+}
+# Variables that describe our own invocation, not the child's.
+_NOT_INHERITED = ("INVOCATION_ID", "JOURNAL_STREAM", "WATCHDOG_PID", "NOTIFY_SOCKET")
+
 
 class ChildState(BaseModel):
     """One supervised daemon, as written to supervisor.json."""
@@ -56,6 +74,7 @@ class ChildState(BaseModel):
     last_exit: int | None = None
     next_start_at: float | None = None
     log_file: str = ""
+    fd_store: list[str] = []  # names of the descriptors it keeps with us
 
 
 class SupervisorState(BaseModel):
@@ -114,6 +133,7 @@ class _Child:
     last_ping: float = 0.0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     backoff: float = BACKOFF_FIRST
+    fd_store: FdStore = field(default_factory=FdStore)
 
 
 class Supervisor:
@@ -168,28 +188,28 @@ class Supervisor:
 
     def _on_notify(self) -> None:
         assert self._notify_sock is not None
-        creds_size = struct.calcsize("3i")
         while True:
-            try:
-                data, ancdata, _flags, _addr = self._notify_sock.recvmsg(
-                    4096, socket.CMSG_SPACE(creds_size)
-                )
-            except BlockingIOError:
+            message = receive(self._notify_sock)
+            if message is None:
                 return
-            pid = 0
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("3i", payload[:creds_size])[0]
-            child = self._child_by_pid(pid)
+            # Only a child's main process speaks for it (systemd's NotifyAccess=main).
+            child = self._child_by_pid(message.pid)
             if child is None:
+                message.close_fds()
                 continue
-            for line in data.decode(errors="replace").splitlines():
+            for line in message.lines:
                 if line == "READY=1":
                     child.record.state = "running"
                     child.ready.set()
                     self._write_state(ready=self._all_ready())
                 elif line == "WATCHDOG=1":
                     child.last_ping = time.monotonic()
+            refused = child.fd_store.apply(message)
+            if refused is not None:
+                self.announce(f"{child.info.executable}: {refused}")
+            if child.record.fd_store != child.fd_store.names():
+                child.record.fd_store = child.fd_store.names()
+                self._write_state(ready=self._all_ready())
 
     def _child_by_pid(self, pid: int) -> _Child | None:
         for child in self.children.values():
@@ -206,25 +226,28 @@ class Supervisor:
         log_file = self._log_file(child.info)
         if log_file.exists() and log_file.stat().st_size > LOG_ROTATE_BYTES:
             log_file.replace(log_file.with_suffix(".log.1"))
-        env = dict(os.environ)
-        env.update(
-            {
+        start = ChildStart(
+            env={
                 BUS_ADDRESS_ENV: self.bus.address,
                 "NOTIFY_SOCKET": str(self.notify_path),
                 "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1_000_000)),
                 SUPERVISOR_ENV: str(os.getpid()),
-            }
+            },
+            unset=_NOT_INHERITED,
+            passed=child.fd_store.passed(),
+            before=_die_with_parent,
         )
-        for systemd_var in ("INVOCATION_ID", "JOURNAL_STREAM", "WATCHDOG_PID", "LISTEN_FDS"):
-            env.pop(systemd_var, None)
-        with log_file.open("ab") as output:
+        executable = find_executable(child.info.executable)
+        # env=None: the child sets its environment itself (LISTEN_PID is its own PID).
+        with log_file.open("ab") as output, start.reserved():
             child.process = await asyncio.create_subprocess_exec(
-                find_executable(child.info.executable),
+                executable,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
-                env=env,
-                preexec_fn=_die_with_parent,
+                env=None,
+                pass_fds=start.pass_fds,
+                preexec_fn=start.preexec,
             )
         child.started = child.last_ping = time.monotonic()
         child.ready.clear()
@@ -233,8 +256,27 @@ class Supervisor:
         child.record.next_start_at = None
         self._write_state()
 
+    async def _after(self, child: _Child) -> None:
+        """Wait until the daemons ``child`` starts after are ready (START_AFTER)."""
+        before = [
+            self.children[n] for n in START_AFTER.get(child.info.name, ()) if n in self.children
+        ]
+        if not before:
+            return
+        ready: asyncio.Future[Any] = asyncio.gather(*(c.ready.wait() for c in before))
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait(
+            {ready, stopped}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        ready.cancel()
+        stopped.cancel()
+        if not done:
+            late = ", ".join(c.info.executable for c in before if not c.ready.is_set())
+            self.announce(f"starting {child.info.executable} without waiting longer for {late}")
+
     async def _watch(self, child: _Child) -> None:
         """Keep one daemon running: restart it with backoff whenever it ends."""
+        await self._after(child)
         while not self._stopping.is_set():
             await self._spawn(child)
             assert child.process is not None
@@ -365,6 +407,10 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._stop_children()
+        # Stopping for good: nothing will be passed on any more.
+        for child in self.children.values():
+            child.fd_store.close()
+            child.record.fd_store = []
         if self._notify_sock is not None:
             asyncio.get_running_loop().remove_reader(self._notify_sock.fileno())
             self._notify_sock.close()
