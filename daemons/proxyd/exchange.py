@@ -58,6 +58,7 @@ class ProxyCore:
         self.access_log = settings.access_log
         self.loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.node_address = ""  # the node network's address, once overlayd has said it
 
     def spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = self.loop.create_task(coro)  # type: ignore[arg-type]

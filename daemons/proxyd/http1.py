@@ -2,7 +2,7 @@
 
 One :class:`ClientConnection` per client connection parses requests with
 httptools and runs them one after another as :class:`Exchange` objects
-(pipelined requests wait their turn with reading paused). On the TLS
+(pipelined requests wait their turn with reading paused). On a TLS
 listener a client that chose ``h2`` by ALPN is handed to
 :class:`~daemons.proxyd.http2.Http2Connection` instead.
 """
@@ -18,7 +18,7 @@ import httptools
 
 from daemons.proxyd.exchange import Exchange, LocalReply, ProxyCore, build_request_head
 from daemons.proxyd.metrics import UNROUTED
-from daemons.proxyd.routes import normalize_host
+from daemons.proxyd.routes import Route, normalize_host
 
 if TYPE_CHECKING:
     from daemons.proxyd.http2 import Http2Connection
@@ -48,12 +48,26 @@ Work = Exchange | LocalReply
 class Listener:
     """What a client connection needs to know about the listener that accepted it."""
 
-    def __init__(self, core: ProxyCore, secure: bool) -> None:
+    def __init__(self, core: ProxyCore, secure: bool, port: int) -> None:
         self.core = core
         self.secure = secure
+        self.port = port
         self.scheme = b"https" if secure else b"http"
         self.name = "https" if secure else "http"
         self.connections: set[ClientConnection | Http2Connection] = set()
+
+    def on_node(self, transport: asyncio.BaseTransport) -> bool:
+        """Whether the connection came to the node network's address (internal routes too)."""
+        local = transport.get_extra_info("sockname")
+        node = self.core.node_address
+        return bool(node and local and local[0] == node)
+
+    def match(self, on_node: bool, host: str, path: str) -> Route | None:
+        """The route of this port for a request, or None."""
+        ports = self.core.routes.table.ports.get(self.port)
+        if ports is None or ports.secure != self.secure:
+            return None  # the port is going away, or turning from plain to TLS
+        return ports.match(on_node, host, path)
 
     def sweep(self, idle_timeout: float) -> None:
         """Close keep-alive connections that have had nothing to do for ``idle_timeout``."""
@@ -84,6 +98,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.h2: Http2Connection | None = None
         self.upgrading = False
+        self.on_node = False
 
     # ------------------------------------------------------------ transport
 
@@ -93,12 +108,15 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_address = str(peer[0])
+        self.on_node = self.listener.on_node(transport)
         if self.listener.secure:
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
                 from daemons.proxyd.http2 import Http2Connection
 
-                self.h2 = Http2Connection(self.listener, self.transport, self.client_address)
+                self.h2 = Http2Connection(
+                    self.listener, self.transport, self.client_address, self.on_node
+                )
                 self.h2.start()
                 return
         self.listener.connections.add(self)
@@ -212,8 +230,7 @@ class ClientConnection(asyncio.Protocol):
         query = url.find(b"?")
         path = (url if query == -1 else url[:query]).decode("latin-1")
         listener = self.listener
-        table = listener.core.routes.table
-        route = (table.secure if listener.secure else table.plain).match(host_name, path)
+        route = listener.match(self.on_node, host_name, path)
         work: Work
         if route is None:
             UNROUTED.labels(listener.name).inc()

@@ -176,9 +176,10 @@ class Http2Connection:
     """One client's HTTP/2 connection on the TLS listener."""
 
     def __init__(
-        self, listener: Listener, transport: asyncio.Transport, client_address: str
+        self, listener: Listener, transport: asyncio.Transport, client_address: str, on_node: bool
     ) -> None:
         self.listener = listener
+        self.on_node = on_node
         self.core = listener.core
         self.transport = transport
         self.client_address = client_address
@@ -300,7 +301,7 @@ class Http2Connection:
         host_name = normalize_host(authority.decode("latin-1"))
         query = path.find(b"?")
         match_path = (path if query == -1 else path[:query]).decode("latin-1")
-        route = self.core.routes.table.secure.match(host_name, match_path)
+        route = self.listener.match(self.on_node, host_name, match_path)
         work: Exchange | LocalReply
         if route is None:
             UNROUTED.labels(self.listener.name).inc()

@@ -1,25 +1,34 @@
 """Entry point and bus object of zlayer-proxyd.
 
-The daemon opens the HTTP and HTTPS listeners on start (serving the routes
-it persisted, so a restart serves at once), applies schedd's pushes
-(``SetTraffic``), opens and closes the L4 listeners those name, runs the L4
-health checks, and sweeps idle connections once a second.
+The daemon serves the routes it persisted at once on start, applies
+schedd's pushes (``SetTraffic``), opens and closes the listeners those
+name, runs the L4 health checks, and sweeps idle connections once a second.
 
-A listener that cannot bind (the port is taken) does not stop the daemon:
-it reports ``degraded`` with the reason and tries again every few seconds.
+An http/https/websocket endpoint is served on its own ``port``: one
+listener per (address, port), shared by every route on that port and
+routed by host and path. Public routes listen on every listen address,
+internal ones on the node network's address, which overlayd says
+(``GetNetwork``). A port that cannot be bound refuses the push that asked
+for it; one that was served before and cannot be bound again after a
+restart leaves the daemon ``degraded`` with the reason, retrying every few
+seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import math
 import ssl
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 from sdbus import dbus_method_async_override
 
+from daemons.proxyd import sockets
 from daemons.proxyd.exchange import ProxyCore
 from daemons.proxyd.http1 import ClientConnection, Listener
 from daemons.proxyd.routes import Route, RouteError, Routes
@@ -32,16 +41,29 @@ from shared.bus import (
     InvalidArgumentError,
     Proxy1,
     UnavailableError,
+    proxy,
 )
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
-from shared.models import SyncResult
+from shared.models import NetworkInfo, SyncResult
 from shared.paths import Paths
 from shared.traffic import DeploymentTraffic, TrafficViews
 from shared.views import HeldGeneration, apply_views, refused
 
 REBIND_INTERVAL = 5.0
 SWEEP_INTERVAL = 1.0
-BACKLOG = 1024
+NETWORK_TIMEOUT = 5.0
+DRAIN_TIMEOUT = 20.0  # within the unit's TimeoutStopSec
+DRAIN_POLL = 0.05
+
+ListenKey = tuple[str, int]  # (address, port)
+
+
+@dataclass
+class Bound:
+    """One L7 listener: its server and what its connections share."""
+
+    server: asyncio.Server
+    listener: Listener
 
 
 class ProxyService(Proxy1):
@@ -62,11 +84,7 @@ class ProxyService(Proxy1):
     @dbus_method_async_override()
     async def list_routes(self) -> str:
         daemon = self.daemon
-        infos = daemon.routes.route_infos(
-            daemon.listen_string(daemon.http_port),
-            daemon.listen_string(daemon.https_port),
-            daemon.settings.listen_addresses,
-        )
+        infos = daemon.routes.route_infos(daemon.settings.listen_addresses, daemon.node_address)
         return json.dumps([info.model_dump(mode="json") for info in infos])
 
     @dbus_method_async_override()
@@ -85,10 +103,11 @@ class ProxyDaemon(Daemon):
         self.routes = Routes(paths.daemon_state(self.info.name))
         self.held = HeldGeneration(paths.daemon_state(self.info.name))
         self._sync_lock = asyncio.Lock()
-        self.http_port = 0
-        self.https_port = 0
-        self.servers: dict[str, list[asyncio.Server]] = {"http": [], "https": []}
-        self.bind_errors: dict[str, str] = {}
+        self.l7: dict[ListenKey, Bound] = {}
+        self.retired: list[Listener] = []  # closed listeners whose connections finish their work
+        self.bind_errors: dict[ListenKey, str] = {}
+        self.node_address = ""
+        self.node_error = ""
         self.tcp: dict[int, TcpEndpoint] = {}
         self.udp: dict[int, list[UdpEndpoint]] = {}
         self.health: dict[tuple[str, str, str], asyncio.Task[None]] = {}
@@ -97,8 +116,6 @@ class ProxyDaemon(Daemon):
         self.core: ProxyCore | None = None
         self.l7_tls: ServerTls | None = None
         self.l4_tls: ServerTls | None = None
-        self.plain: Listener | None = None
-        self.secure: Listener | None = None
 
     def make_service(self) -> ProxyService:
         return ProxyService(self)
@@ -125,23 +142,29 @@ class ProxyDaemon(Daemon):
             self.log.warning("%s", warning)
         if not settings.access_log:
             logging.getLogger("zlayer.proxyd.access").disabled = True
+        for key in ("http_port", "https_port"):
+            if key in settings.model_fields_set:
+                self.log.warning(
+                    "%s in %s has no effect any more: each endpoint is served on its own port; "
+                    "remove it",
+                    key,
+                    self.paths.daemon_config(self.info.name),
+                )
         self.core = ProxyCore(settings, self.routes)
-        self.plain = Listener(self.core, secure=False)
-        self.secure = Listener(self.core, secure=True)
-        await self._bind_listeners()
+        if self._has_internal():
+            await self._learn_node_address()
+        await self._sync_l7(strict=set())
         try:
             await self._sync_streams()
         except OSError as exc:
             self.log.error("%s", exc)
         self._restart_health_checks()
         self.tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
-        if self.bind_errors:
-            self.tasks.append(asyncio.create_task(self._rebind(), name="rebind"))
+        self.tasks.append(asyncio.create_task(self._rebind(), name="rebind"))
         asyncio.get_running_loop().call_soon(self._refresh_status)
         self.log.info(
-            "listening: http on %s, https on %s; %d routes from %d saved deployments",
-            self.listen_string(self.http_port) or "(not bound)",
-            self.listen_string(self.https_port) or "(not bound)",
+            "listening on %s; %d routes from %d saved deployments",
+            self._listening() or "no port yet",
             len(self.routes.table.l7) + len(self.routes.table.l4),
             len(self.routes.deployments),
         )
@@ -151,13 +174,14 @@ class ProxyDaemon(Daemon):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for servers in self.servers.values():
-            for server in servers:
-                server.close()
-        for listener in (self.plain, self.secure):
-            if listener is not None:
-                for connection in list(listener.connections):
-                    connection.close()
+        # Stop accepting; the supervisor keeps the sockets, so new connections
+        # wait in the kernel for the next process. Requests in flight finish.
+        for bound in self.l7.values():
+            bound.server.close()
+        await self._drain(DRAIN_TIMEOUT)
+        for listener in self._listeners():
+            for connection in list(listener.connections):
+                connection.close()
         for endpoint in self.tcp.values():
             endpoint.close()
             endpoint.abort_all()
@@ -172,11 +196,6 @@ class ProxyDaemon(Daemon):
         await asyncio.sleep(0)
 
     # ------------------------------------------------------------ listeners
-
-    def listen_string(self, port: int) -> str:
-        if not port:
-            return ""
-        return ",".join(f"{address}:{port}" for address in self.settings.listen_addresses)
 
     async def reload(self) -> None:
         """SIGHUP (``systemctl reload zlayer-proxyd``): read the certificates again.
@@ -202,69 +221,187 @@ class ProxyDaemon(Daemon):
             ", ".join(names) or "no names",
         )
 
-    async def _bind_listeners(self) -> None:
-        settings = self.settings
-        if not self.servers["http"]:
-            self.http_port = await self._bind("http", settings.http_port, None)
-        if not self.servers["https"]:
-            assert self.l7_tls is not None  # start() made it
-            self.https_port = await self._bind("https", settings.https_port, self.l7_tls.context)
-
-    async def _bind(self, name: str, port: int, tls: ssl.SSLContext | None) -> int:
+    async def _drain(self, timeout: float) -> None:
+        """Close client connections as they become idle, until none is left or ``timeout``."""
         loop = asyncio.get_running_loop()
-        listener = self.secure if tls is not None else self.plain
-        assert listener is not None
-        servers: list[asyncio.Server] = []
+        deadline = loop.time() + timeout
+        while True:
+            busy = 0
+            for listener in self._listeners():
+                for connection in list(listener.connections):
+                    if connection.idle_since(math.inf):
+                        connection.close()
+                    else:
+                        busy += 1
+            if not busy or loop.time() >= deadline:
+                if busy:
+                    self.log.warning("stopping with %d requests still in flight", busy)
+                return
+            await asyncio.sleep(DRAIN_POLL)
+
+    def _listeners(self) -> list[Listener]:
+        return [bound.listener for bound in self.l7.values()] + self.retired
+
+    def _listening(self) -> str:
+        """``http 0.0.0.0:80, https 0.0.0.0:443`` for the status line and the log."""
+        return ", ".join(
+            f"{b.listener.name} {a}:{p}"
+            for (a, p), b in sorted(self.l7.items(), key=lambda i: i[0][1])
+        )
+
+    def _has_internal(self) -> bool:
+        return any(ports.has_internal for ports in self.routes.table.ports.values())
+
+    async def _learn_node_address(self) -> None:
+        """Ask overlayd for the node network's address (internal endpoints listen there)."""
+        if self.node_address or self.bus is None:
+            return
+        overlay = proxy(DAEMONS_BY_NAME["overlayd"], self.bus)
         try:
-            for address in self.settings.listen_addresses:
-                server = await loop.create_server(
-                    lambda: ClientConnection(listener),
-                    address,
-                    port,
-                    ssl=tls,
-                    reuse_address=True,
-                    backlog=BACKLOG,
-                )
-                servers.append(server)
-                if port == 0:
-                    # The first address chose a free port; the others share it.
-                    port = int(server.sockets[0].getsockname()[1])
-        except OSError as exc:
-            for server in servers:
-                server.close()
-            self.bind_errors[name] = (
-                f"cannot listen for {name} on port {port} ({exc.strerror or exc}); "
-                f"free the port or set {name}_port in {self.paths.daemon_config(self.info.name)}"
+            text = await asyncio.wait_for(overlay.get_network(), NETWORK_TIMEOUT)
+            self.node_address = NetworkInfo.model_validate_json(text).gateway
+        except Exception as exc:  # not running yet, or restarting: the rebind loop asks again
+            message = (
+                "internal endpoints wait for the node network's address: "
+                f"zlayer-overlayd did not give it ({exc})"
             )
-            self.log.error("%s", self.bind_errors[name])
-            return 0
-        self.bind_errors.pop(name, None)
-        self.servers[name] = servers
-        return port
+            if message != self.node_error:
+                self.log.warning("%s", message)
+            self.node_error = message
+            return
+        self.node_error = ""
+        assert self.core is not None
+        self.core.node_address = self.node_address
+        self.log.info(
+            "internal endpoints listen on the node network's address %s", self.node_address
+        )
+
+    def _wanted_l7(self) -> dict[ListenKey, bool]:
+        """Every (address, port) the L7 routes need, and whether it is TLS."""
+        wanted: dict[ListenKey, bool] = {}
+        public = self.settings.listen_addresses
+        node = self.node_address
+        for port, ports in self.routes.table.ports.items():
+            addresses = list(public) if ports.has_public else []
+            covered = node in addresses or (ports.has_public and "0.0.0.0" in public)
+            if ports.has_internal and node and not covered:
+                addresses.append(node)
+            for address in addresses:
+                wanted[(address, port)] = ports.secure
+        return wanted
+
+    async def _open_l7(self, key: ListenKey, secure: bool) -> Bound:
+        """A listener on (address, port); OSError when the port cannot be had."""
+        assert self.core is not None and self.l7_tls is not None  # start() made them
+        address, port = key
+        sock = sockets.take(address, port)
+        listener = Listener(self.core, secure, port)
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                lambda: ClientConnection(listener),
+                sock=sock,
+                ssl=self.l7_tls.context if secure else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return Bound(server, listener)
+
+    def _close_l7(self, key: ListenKey) -> None:
+        """Stop listening on (address, port) for good; its connections finish their work."""
+        bound = self.l7.pop(key)
+        bound.server.close()
+        sockets.release(*key)
+        if bound.listener.connections:
+            self.retired.append(bound.listener)
+
+    def _bind_sentence(self, key: ListenKey, exc: OSError) -> str:
+        """Why (address, port) cannot be listened on and what to do, in one sentence."""
+        address, port = key
+        ports = self.routes.table.ports.get(port)
+        routes = list(ports.owners.values()) if ports else []
+        public = [r for r in routes if not r.internal]
+        route = (public or routes)[0] if routes else None
+        what = f" for {route.where}" if route else ""
+        if exc.errno == errno.EADDRINUSE:
+            fix = "another program is listening there; stop it or give the endpoint another port"
+        elif exc.errno == errno.EACCES:
+            fix = (
+                "ports below 1024 need the CAP_NET_BIND_SERVICE capability, which zlayer-proxyd "
+                "does not have; grant it or give the endpoint a port from 1024 up"
+            )
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = f"{address} is not an address of this host; check listen_addresses in " + str(
+                self.paths.daemon_config(self.info.name)
+            )
+        else:
+            fix = f"{exc.strerror or exc}; give the endpoint another port"
+        return f"cannot listen on {address}:{port}{what}: {fix}"
+
+    async def _sync_l7(self, strict: set[ListenKey]) -> None:
+        """Open the listeners the routes need and close the others.
+
+        A listener in ``strict`` that cannot be opened raises OSError (with
+        the sentence) after closing the ones this call opened; any other is
+        kept in ``bind_errors`` for the rebind loop.
+        """
+        wanted = self._wanted_l7()
+        for key, bound in list(self.l7.items()):
+            if wanted.get(key) != bound.listener.secure:
+                self._close_l7(key)
+        opened: list[ListenKey] = []
+        for key, secure in sorted(wanted.items()):
+            if key in self.l7:
+                continue
+            try:
+                self.l7[key] = await self._open_l7(key, secure)
+            except OSError as exc:
+                sentence = self._bind_sentence(key, exc)
+                if key in strict:
+                    for done in opened:
+                        self._close_l7(done)
+                    raise OSError(exc.errno, sentence) from None
+                if self.bind_errors.get(key) != sentence:
+                    self.log.error("%s", sentence)
+                self.bind_errors[key] = sentence
+                continue
+            opened.append(key)
+            if self.bind_errors.pop(key, None):
+                self.log.info("listening on %s:%d again", *key)
+        for key in [k for k in self.bind_errors if k not in wanted]:
+            del self.bind_errors[key]
+        if self.node_address or not self._has_internal():
+            # Every listener the routes need is known: kept sockets of ports
+            # the routes dropped while we were down are not needed.
+            for name in sockets.release_leftovers():
+                self.log.info("closed the kept socket %s: no route uses its port", name)
 
     async def _rebind(self) -> None:
-        while self.bind_errors:
+        """Retry what start-up could not do: ports still held, overlayd not there yet."""
+        while True:
             await asyncio.sleep(REBIND_INTERVAL)
-            await self._bind_listeners()
-            self._refresh_status()
-        self.log.info(
-            "listening: http on %s, https on %s",
-            self.listen_string(self.http_port),
-            self.listen_string(self.https_port),
-        )
+            if not self.bind_errors and (self.node_address or not self._has_internal()):
+                continue
+            async with self._lock:
+                if self._has_internal():
+                    await self._learn_node_address()
+                await self._sync_l7(strict=set())
+                self._refresh_status()
 
     def _refresh_status(self) -> None:
         table = self.routes.table
         parts = [
-            f"http {self.listen_string(self.http_port) or 'unbound'}",
-            f"https {self.listen_string(self.https_port) or 'unbound'}",
+            self._listening() or "no listeners",
             f"{len(table.l7)} http routes",
             f"{len(table.l4)} stream routes",
         ]
-        self.detail = ", ".join(parts)
-        if self.bind_errors:
+        self.detail = "; ".join(parts)
+        problems = list(self.bind_errors.values())
+        if self.node_error and self._has_internal():
+            problems.append(self.node_error)
+        if problems:
             self.state = "degraded"
-            self.detail += "; " + "; ".join(self.bind_errors.values())
+            self.detail += "; " + "; ".join(problems)
         elif self.state == "degraded":
             self.state = "running"
 
@@ -274,9 +411,9 @@ class ProxyDaemon(Daemon):
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.core.pool.sweep(idle)
-            for listener in (self.plain, self.secure):
-                if listener is not None:
-                    listener.sweep(idle)
+            for listener in self._listeners():
+                listener.sweep(idle)
+            self.retired = [r for r in self.retired if r.connections]
             for endpoints in self.udp.values():
                 for udp in endpoints:
                     udp.sweep()
@@ -315,28 +452,47 @@ class ProxyDaemon(Daemon):
         except RouteError as exc:
             raise InvalidArgumentError(str(exc)) from None
         async with self._lock:
-            try:
-                self.routes.apply(traffic)
-            except RouteError as exc:
-                raise (ConflictError if exc.conflict else InvalidArgumentError)(str(exc)) from None
-            try:
-                await self._sync_streams()
-            except OSError as exc:
-                self.routes.undo()
-                await self._sync_streams()
-                raise UnavailableError(str(exc)) from None
-            try:
-                await asyncio.to_thread(self.routes.save, traffic)
-            except OSError as exc:
-                self.log.warning(
-                    "could not save the routes of %s (%s); a restart will wait for the next push",
-                    deployment,
-                    exc.strerror,
-                )
-            self._restart_health_checks()
-            assert self.core is not None
-            self.core.pool.close_backends(self.routes.forget_unused())
+            await self.apply_traffic(traffic)
+
+    async def apply_traffic(self, traffic: DeploymentTraffic) -> None:
+        """Replace one deployment's routes (none: remove it), open and close listeners, save.
+
+        Call with ``_lock`` held. Raises the bus error a refusal is, leaving
+        the routes and listeners as they were.
+        """
+        deployment = traffic.deployment
+        before = set(self._wanted_l7())
+        try:
+            self.routes.apply(traffic)
+        except RouteError as exc:
+            raise (ConflictError if exc.conflict else InvalidArgumentError)(str(exc)) from None
+        if self._has_internal():
+            await self._learn_node_address()
+        try:
+            await self._sync_l7(strict=set(self._wanted_l7()) - before)
+            await self._sync_streams()
+        except OSError as exc:
+            self.routes.undo()
+            await self._sync_l7(strict=set())
+            await self._sync_streams()
             self._refresh_status()
+            error = ConflictError if exc.errno == errno.EADDRINUSE else UnavailableError
+            raise error(str(exc.strerror or exc)) from None
+        try:
+            await asyncio.to_thread(self.routes.save, traffic)
+        except OSError as exc:
+            self.log.warning(
+                "could not save the routes of %s (%s); a restart will wait for the next push",
+                deployment,
+                exc.strerror,
+            )
+        self._restart_health_checks()
+        assert self.core is not None
+        self.core.pool.close_backends(self.routes.forget_unused())
+        self._refresh_status()
+        for route, why in self.routes.table.shadowed:
+            if route.deployment == deployment:
+                self.log.warning("not served on the node address: %s", why)
         routes = [r for r in (*self.routes.table.l7, *self.routes.table.l4.values())]
         mine = [r for r in routes if r.deployment == deployment]
         self.log.info(

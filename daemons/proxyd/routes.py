@@ -6,9 +6,17 @@ per-backend state (requests in flight, health) and the per-service counters
 live in registries keyed by address and name, so they carry across pushes:
 a request in flight keeps its backend, and least-connections still sees it.
 
-L7 routes match by host (exact, then ``*.example.com``, then any host) and
+L7 routes (http, https, websocket) are grouped by their endpoint's ``port``,
+where proxyd listens for them: ``expose: public`` ones on every listen
+address, ``expose: internal`` ones on the node network's address only. On a
+port they match by host (exact, then ``*.example.com``, then any host) and
 the longest path prefix, on path-segment boundaries (``/api`` matches
-``/api`` and ``/api/x``, not ``/apix``).
+``/api`` and ``/api/x``, not ``/apix``). A port is plain or TLS, never both.
+
+A public route that would be ambiguous is refused (a conflict when another
+deployment has the spot). An internal one is only shadowed: it stays
+reachable by service DNS, the route that holds the spot keeps it, and the
+table says so in :attr:`RouteTable.shadowed`.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from shared.traffic import (
 )
 
 DEFAULT_SESSION_TIMEOUT = 60.0
+L7_PROTOCOLS = frozenset({"http", "https", "websocket"})
 
 
 class RouteError(Exception):
@@ -79,10 +88,11 @@ class Route:
     backends: list[BackendState]
     counters: ServiceCounters
     metrics: RouteMetrics
+    port: int = 0  # where proxyd listens (the endpoint's port)
     host: str = ""  # L7 only; "" matches any host
     path: str = "/"  # L7 only
+    internal: bool = False  # L7 only: served on the node network's address alone
     # L4 only
-    port: int = 0
     tls: bool = False
     proxy_protocol: bool = False
     session_timeout: float = DEFAULT_SESSION_TIMEOUT
@@ -96,8 +106,17 @@ class Route:
 
     @property
     def secure(self) -> bool:
-        """Served on the TLS listener."""
+        """Served on a TLS listener."""
         return self.protocol == "https"
+
+    @property
+    def l7(self) -> bool:
+        return self.protocol in L7_PROTOCOLS
+
+    @property
+    def where(self) -> str:
+        """``demo/web endpoint http`` for sentences."""
+        return f"{self.deployment}/{self.service} endpoint {self.endpoint}"
 
     def path_matches(self, path: str) -> bool:
         prefix = self.path
@@ -161,13 +180,34 @@ def normalize_host(value: str) -> str:
 
 
 @dataclass
+class PortRoutes:
+    """The L7 routes of one port.
+
+    ``public`` answers connections that arrived on any other address than
+    the node network's; ``node`` (public and internal routes) the ones that
+    arrived on it.
+    """
+
+    port: int
+    secure: bool
+    public: HostIndex = field(default_factory=HostIndex)
+    node: HostIndex = field(default_factory=HostIndex)
+    has_public: bool = False
+    has_internal: bool = False
+    owners: dict[tuple[str, str], Route] = field(default_factory=dict)  # (host, path)
+
+    def match(self, on_node: bool, host: str, path: str) -> Route | None:
+        return (self.node if on_node else self.public).match(host, path)
+
+
+@dataclass
 class RouteTable:
     """Every route proxyd serves, built from the deployments' last pushes."""
 
-    plain: HostIndex = field(default_factory=HostIndex)
-    secure: HostIndex = field(default_factory=HostIndex)
+    ports: dict[int, PortRoutes] = field(default_factory=dict)  # L7, by listening port
     l7: list[Route] = field(default_factory=list)
     l4: dict[tuple[str, int], Route] = field(default_factory=dict)  # (tcp|udp, port)
+    shadowed: list[tuple[Route, str]] = field(default_factory=list)  # internal, and why not
 
 
 class Routes:
@@ -228,32 +268,76 @@ class Routes:
 
     def _build(self, deployments: dict[str, DeploymentTraffic], changed: str) -> RouteTable:
         table = RouteTable()
-        l7_owner: dict[tuple[bool, str, str], Route] = {}
+        l7: list[Route] = []
+        # public plain tcp ports (overlayd's DNAT takes them): port -> (deployment, where)
+        kernel_tcp: dict[int, tuple[str, str]] = {}
         # The changed deployment last, so a clash is reported against the one already served.
         order = sorted(deployments, key=lambda name: (name == changed, name))
         for name in order:
             for service in deployments[name].services:
                 for raw in service.endpoints:
+                    if endpoint_path(raw) == "l4-kernel" and raw.get("protocol") == "tcp":
+                        where = f"{name}/{service.service} endpoint {raw.get('name')}"
+                        kernel_tcp.setdefault(int(raw["port"]), (name, where))
                     route = self._route(name, service.service, raw, service)
                     if route is None:
                         continue
-                    if route.port:
+                    if route.l7:
+                        l7.append(route)
+                    else:
                         self._add_l4(table, route, changed)
-                        continue
-                    spot = (route.secure, route.host, route.path)
-                    other = l7_owner.get(spot)
-                    if other is not None:
-                        raise RouteError(
-                            f"{name}/{route.service} endpoint {route.endpoint} routes "
-                            f"host {route.host or '*'} path {route.path}, which "
-                            f"{other.deployment}/{other.service} endpoint {other.endpoint} "
-                            "already routes; give one of them another host or path",
-                            conflict=other.deployment != name,
-                        )
-                    l7_owner[spot] = route
-                    table.l7.append(route)
-                    (table.secure if route.secure else table.plain).add(route)
+        # Public routes first: they are refused on a clash, internal ones only shadowed.
+        for route in sorted(l7, key=lambda r: r.internal):
+            self._add_l7(table, route, kernel_tcp)
         return table
+
+    @staticmethod
+    def _add_l7(table: RouteTable, route: Route, kernel_tcp: dict[int, tuple[str, str]]) -> None:
+        port = route.port
+        scheme = "https" if route.secure else "http"
+        why = ""
+        holder = ""  # the deployment that has the spot
+        stream = table.l4.get(("tcp", port))
+        ports = table.ports.get(port)
+        if stream is not None or port in kernel_tcp:
+            holder, where = (
+                (stream.deployment, stream.where) if stream is not None else kernel_tcp[port]
+            )
+            why = (
+                f"{route.where} serves {scheme} on port {port}, where {where} is a tcp "
+                "endpoint; choose another port for one of them"
+            )
+        elif ports is not None and ports.secure != route.secure:
+            other = next(iter(ports.owners.values()))
+            holder = other.deployment
+            why = (
+                f"{route.where} serves {scheme} on port {port}, where {other.where} serves "
+                f"{'https' if other.secure else 'http'}; a port is plain or TLS, so choose "
+                "another port for one of them"
+            )
+        elif ports is not None and (route.host, route.path) in ports.owners:
+            other = ports.owners[(route.host, route.path)]
+            holder = other.deployment
+            why = (
+                f"{route.where} routes host {route.host or '*'} path {route.path} on port "
+                f"{port}, which {other.where} already routes; give one of them another host "
+                "or path"
+            )
+        if why:
+            if route.internal:
+                table.shadowed.append((route, why))
+                return
+            raise RouteError(why, conflict=holder != route.deployment)
+        if ports is None:
+            ports = table.ports[port] = PortRoutes(port, route.secure)
+        ports.owners[(route.host, route.path)] = route
+        ports.node.add(route)
+        if route.internal:
+            ports.has_internal = True
+        else:
+            ports.public.add(route)
+            ports.has_public = True
+        table.l7.append(route)
 
     @staticmethod
     def _add_l4(table: RouteTable, route: Route, changed: str) -> None:
@@ -272,7 +356,8 @@ class Routes:
         self, deployment: str, service: str, raw: dict[str, Any], traffic: ServiceTraffic
     ) -> Route | None:
         kind = endpoint_path(raw)
-        if kind not in ("l7", "l4-proxy"):
+        l7 = raw.get("protocol") in L7_PROTOCOLS  # internal ones too: the node address serves them
+        if not l7 and kind != "l4-proxy":
             return None
         spec = EndpointSpec.model_validate(raw)
         port = backend_port(raw)
@@ -290,12 +375,13 @@ class Routes:
             backends=backends,
             counters=counters,
             metrics=metrics,
+            port=spec.port,
             health_interval=traffic.health_interval,
         )
         previous = self._previous(route.key)
         if previous is not None:
             route.rr_next = previous.rr_next
-        if kind == "l7":
+        if l7:
             host = normalize_host(spec.host or "")
             if host == "*":
                 host = ""
@@ -312,6 +398,7 @@ class Routes:
                 )
             route.host = host
             route.path = path
+            route.internal = kind == "internal"
             return route
         stream = spec.stream
         assert stream is not None  # l4-proxy means stream.tls or stream.proxy_protocol
@@ -320,7 +407,6 @@ class Routes:
                 f"{deployment}/{service} endpoint {spec.name} asks for stream.tls on udp, "
                 "which proxyd does not offer (no DTLS); use tcp or drop stream.tls"
             )
-        route.port = spec.port
         route.tls = stream.tls
         route.proxy_protocol = stream.proxy_protocol
         if isinstance(stream.session_timeout, timedelta):
@@ -357,18 +443,19 @@ class Routes:
 
     # ------------------------------------------------------------ reports
 
-    def route_infos(
-        self, http_listen: str, https_listen: str, addresses: list[str]
-    ) -> list[RouteInfo]:
+    def route_infos(self, addresses: list[str], node_address: str) -> list[RouteInfo]:
+        """What `zlayerctl routes` shows; ``node_address`` is "" while it is not known."""
         infos: list[RouteInfo] = []
+        node = node_address or "(node address)"
         for route in self.table.l7:
+            bound = [node] if route.internal else addresses
             infos.append(
                 RouteInfo(
                     deployment=route.deployment,
                     service=route.service,
                     endpoint=route.endpoint,
                     protocol=route.protocol,
-                    listen=https_listen if route.secure else http_listen,
+                    listen=",".join(f"{a}:{route.port}" for a in bound),
                     host=route.host,
                     path=route.path,
                     backends=[b.key for b in route.backends],

@@ -2,9 +2,12 @@
 
 Keys (besides the ones every daemon has):
 
-``http_port``                plain HTTP (http and websocket routes), default 80; 0: a free port
-``https_port``               TLS (https routes, HTTP/2 by ALPN), default 443; 0: a free port
-``listen_addresses``         what every listener binds (L4 ones too), default ``["0.0.0.0"]``
+``listen_addresses``         what public endpoints' listeners bind (L4 ones too), default
+                             ``["0.0.0.0"]``; internal endpoints listen on the node
+                             network's address alone
+``http_port``, ``https_port`` no effect any more (accepted, with a warning, so an old file
+                             still starts): each http/https/websocket endpoint is
+                             served on its own ``port``, which the spec requires
 ``balancing``                ``round_robin`` (default) or ``least_connections``
 ``connect_timeout``          seconds to connect to a backend, default 5
 ``response_header_timeout``  seconds from a request sent to its response's headers, default 60
@@ -38,10 +41,11 @@ class CertificatePair(BaseModel):
 
 
 class ProxySettings(DaemonSettings):
-    http_port: int = Field(80, ge=0, le=65535, description="plain HTTP port; 0 picks a free one")
-    https_port: int = Field(443, ge=0, le=65535, description="TLS port; 0 picks a free one")
+    # Endpoints carry their own port; these two only keep old files loading.
+    http_port: int = Field(80, ge=0, le=65535, description="no effect: endpoints have ports")
+    https_port: int = Field(443, ge=0, le=65535, description="no effect: endpoints have ports")
     listen_addresses: list[str] = Field(
-        default_factory=lambda: ["0.0.0.0"], description="addresses the listeners bind"
+        default_factory=lambda: ["0.0.0.0"], description="addresses public listeners bind"
     )
     balancing: Balancing = Field("round_robin", description="how a backend is chosen")
     connect_timeout: float = Field(5.0, gt=0, description="seconds to connect to a backend")

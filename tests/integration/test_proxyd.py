@@ -160,8 +160,16 @@ def service(
     }
 
 
-def http_endpoint(port: int, **extra: Any) -> dict[str, Any]:
-    return {"name": "http", "protocol": "http", "port": port, "expose": "public", **extra}
+def http_endpoint(port: int, target: int, **extra: Any) -> dict[str, Any]:
+    """A public http endpoint proxyd serves on ``port``, replicas listening on ``target``."""
+    return {
+        "name": "http",
+        "protocol": "http",
+        "port": port,
+        "target_port": target,
+        "expose": "public",
+        **extra,
+    }
 
 
 class Proxyd:
@@ -172,16 +180,22 @@ class Proxyd:
         self.bus = bus
         self.notify = notify
         self.process: subprocess.Popen[str] | None = None
-        self.http_port = 0
-        self.https_port = 0
+        # Endpoints are served on their own ports: the tests' http and https ones.
+        self.http_port = free_port()
+        self.https_port = free_port()
         self.logs = ""
         self.configure()
+
+    def http(self, target: int, **extra: Any) -> dict[str, Any]:
+        """A public http endpoint on this proxyd's test port, replicas on ``target``."""
+        return http_endpoint(self.http_port, target, **extra)
+
+    def https(self, target: int, **extra: Any) -> dict[str, Any]:
+        return {**http_endpoint(self.https_port, target, **extra), "protocol": "https"}
 
     def configure(self, **settings: Any) -> None:
         lines = [
             "metrics_port = 0",
-            "http_port = 0",
-            "https_port = 0",
             'listen_addresses = ["127.0.0.1"]',
         ]
         lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
@@ -191,11 +205,6 @@ class Proxyd:
         self.notify.messages.clear()
         self.process = start("proxyd", self.bus, self.notify)
         self.notify.wait_for("READY=1")
-        detail = self.status().detail
-        # "http 127.0.0.1:PORT, https 127.0.0.1:PORT, ..."
-        words = detail.replace(",", " ").split()
-        self.http_port = int(words[words.index("http") + 1].rsplit(":", 1)[1])
-        self.https_port = int(words[words.index("https") + 1].rsplit(":", 1)[1])
 
     def stop(self) -> None:
         if self.process is not None:
@@ -295,7 +304,7 @@ def test_round_robin_keep_alive_forwarded_headers_stats_and_metrics(
     proxyd: Proxyd, backends: Backends
 ) -> None:
     proxyd.start()
-    proxyd.push("demo", [service("web", [http_endpoint(backends.port)], BACKENDS[:2])])
+    proxyd.push("demo", [service("web", [proxyd.http(backends.port)], BACKENDS[:2])])
     (route,) = proxyd.routes()
     assert route["listen"] == f"127.0.0.1:{proxyd.http_port}"
     assert route["backends"] == [f"{a}:{backends.port}" for a in BACKENDS[:2]]
@@ -334,7 +343,7 @@ def test_round_robin_keep_alive_forwarded_headers_stats_and_metrics(
 def test_least_connections_prefers_the_idle_backend(proxyd: Proxyd, backends: Backends) -> None:
     proxyd.configure(balancing="least_connections")
     proxyd.start()
-    proxyd.push("demo", [service("web", [http_endpoint(backends.port)], BACKENDS[:2])])
+    proxyd.push("demo", [service("web", [proxyd.http(backends.port)], BACKENDS[:2])])
 
     async def scenario() -> tuple[str, list[str]]:
         async with aiohttp.ClientSession() as session:
@@ -354,7 +363,7 @@ def test_a_dropped_backend_gets_no_new_requests_and_finishes_its_own(
     proxyd: Proxyd, backends: Backends
 ) -> None:
     proxyd.start()
-    endpoint = [http_endpoint(backends.port)]
+    endpoint = [proxyd.http(backends.port)]
     proxyd.push("demo", [service("web", endpoint, BACKENDS[:2])])
 
     async def scenario() -> tuple[tuple[int, str, dict[str, str]], list[str]]:
@@ -378,7 +387,7 @@ def test_retry_on_a_dead_backend_and_the_error_statuses(proxyd: Proxyd, backends
     proxyd.configure(response_header_timeout=1.0, access_log=True)
     proxyd.start()
     backends.stop_address("127.0.0.4")  # nothing listens there any more: refused
-    endpoint = [http_endpoint(backends.port, host="app.test")]
+    endpoint = [proxyd.http(backends.port, host="app.test")]
 
     async def get_all(count: int, path: str = "/") -> list[tuple[int, str, dict[str, str]]]:
         async with aiohttp.ClientSession() as session:
@@ -423,18 +432,16 @@ def test_routing_by_host_and_longest_path_prefix(proxyd: Proxyd, backends: Backe
     proxyd.push(
         "demo",
         [
-            service(
-                "api", [http_endpoint(port, host="api.example.com", path="/v1")], ["127.0.0.2"]
-            ),
+            service("api", [proxyd.http(port, host="api.example.com", path="/v1")], ["127.0.0.2"]),
             service(
                 "admin",
-                [http_endpoint(port, host="api.example.com", path="/v1/admin")],
+                [proxyd.http(port, host="api.example.com", path="/v1/admin")],
                 ["127.0.0.3"],
             ),
-            service("www", [http_endpoint(port, host="*.example.com")], ["127.0.0.4"]),
+            service("www", [proxyd.http(port, host="*.example.com")], ["127.0.0.4"]),
         ],
     )
-    proxyd.push("other", [service("root", [http_endpoint(port)], ["127.0.0.3"], "other")])
+    proxyd.push("other", [service("root", [proxyd.http(port)], ["127.0.0.3"], "other")])
 
     cases = [
         ("api.example.com", "/v1/users", "127.0.0.2"),
@@ -566,12 +573,13 @@ def test_tls_sni_picks_the_certificate_and_serves_http2_and_http1(
     make_certificate(certs, "*.b.test")
     proxyd.configure(tls_cert_dir=str(certs))
     proxyd.start()
-    https = {"name": "https", "protocol": "https", "port": backends.port, "expose": "public"}
+    https = proxyd.https(backends.port)
     proxyd.push(
         "demo",
         [
             service("a", [{**https, "host": "a.test"}], ["127.0.0.2"]),
             service("b", [{**https, "host": "*.b.test"}], ["127.0.0.3"]),
+            service("plain", [proxyd.http(backends.port, host="other.test")], ["127.0.0.4"]),
         ],
     )
     assert peer_common_name(proxyd.https_port, "a.test", ["http/1.1"]) == ("a.test", "http/1.1")
@@ -595,7 +603,7 @@ def test_tls_sni_picks_the_certificate_and_serves_http2_and_http1(
 
     status, text, _ = run(over_http1)
     assert status == 200 and text == "127.0.0.2 GET /h1 0\n"
-    # https routes are not on the plain listener
+    # https routes are not on the plain port
     assert run(lambda: _plain_get(proxyd, "a.test")) == 404
 
 
@@ -620,7 +628,7 @@ def test_certificates_reload_on_sighup_and_connections_stay(
     make_certificate(certs, "a.test")
     proxyd.configure(tls_cert_dir=str(certs))
     proxyd.start()
-    https = {"name": "https", "protocol": "https", "port": backends.port, "expose": "public"}
+    https = proxyd.https(backends.port)
     proxyd.push("demo", [service("a", [{**https, "host": "a.test"}], ["127.0.0.2"])])
     old = peer_serial(proxyd.https_port, "a.test")
 
@@ -682,7 +690,7 @@ async def _plain_get(proxyd: Proxyd, host: str) -> int:
 
 def test_websocket_passes_through_and_posts_stream(proxyd: Proxyd, backends: Backends) -> None:
     proxyd.start()
-    ws = {"name": "ws", "protocol": "websocket", "port": backends.port, "expose": "public"}
+    ws = {**proxyd.http(backends.port), "name": "ws", "protocol": "websocket"}
     proxyd.push("demo", [service("chat", [ws], ["127.0.0.2"])])
 
     async def scenario() -> tuple[str, bytes, int, str]:
@@ -713,7 +721,7 @@ def test_restart_serves_saved_routes_and_bad_pushes_are_named_errors(
     proxyd: Proxyd, backends: Backends
 ) -> None:
     proxyd.start()
-    proxyd.push("demo", [service("web", [http_endpoint(backends.port)], ["127.0.0.2"])])
+    proxyd.push("demo", [service("web", [proxyd.http(backends.port)], ["127.0.0.2"])])
 
     bad = [
         ("demo", "not json", InvalidArgumentError, "not a DeploymentTraffic"),
@@ -736,7 +744,7 @@ def test_restart_serves_saved_routes_and_bad_pushes_are_named_errors(
             json.dumps(
                 {
                     "deployment": "rival",
-                    "services": [service("w", [http_endpoint(1)], ["127.0.0.3"], "rival")],
+                    "services": [service("w", [proxyd.http(1)], ["127.0.0.3"], "rival")],
                 }
             ),
             ConflictError,
@@ -750,7 +758,7 @@ def test_restart_serves_saved_routes_and_bad_pushes_are_named_errors(
         assert words in message and "\n" not in message and "Traceback" not in message
 
     proxyd.stop()
-    proxyd.start()  # new ports: they are 0 in the test configuration
+    proxyd.start()
     assert [r["service"] for r in proxyd.routes()] == ["web"]
     assert run(lambda: _plain_get(proxyd, "any.test")) == 200
     # An empty push removes the deployment, also from disk.

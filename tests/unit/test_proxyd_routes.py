@@ -51,10 +51,14 @@ def test_matching_by_host_then_wildcard_then_any_with_longest_prefix(tmp_path: P
             web("deep", [http(host="api.example.com", path="/v1/admin/")], ["10.0.0.2"]),
             web("wild", [http(host="*.example.com")], ["10.0.0.3"]),
             web("any", [http(path="/static")], ["10.0.0.4"]),
-            web("tls", [http(name="s", protocol="https", host="api.example.com")], ["10.0.0.5"]),
+            web(
+                "tls",
+                [http(name="s", protocol="https", port=8443, host="api.example.com")],
+                ["10.0.0.5"],
+            ),
         ],
     )
-    plain = routes.table.plain
+    plain = routes.table.ports[8080].public
 
     def served(host: str, path: str) -> str | None:
         route = plain.match(normalize_host(host), path)
@@ -67,7 +71,8 @@ def test_matching_by_host_then_wildcard_then_any_with_longest_prefix(tmp_path: P
     assert served("a.b.example.com", "/") == "wild"
     assert served("example.com", "/static/app.js") == "any"
     assert served("example.com", "/") is None
-    assert routes.table.secure.match("api.example.com", "/").service == "tls"  # type: ignore[union-attr]
+    tls = routes.table.ports[8443]
+    assert tls.secure and tls.public.match("api.example.com", "/").service == "tls"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -127,16 +132,62 @@ def test_a_clash_with_another_deployment_is_a_conflict_and_changes_nothing(
     assert routes.table.l7 == [] and routes.deployments == {}
 
 
-def test_saved_pushes_load_back_and_a_broken_file_is_skipped(tmp_path: Path) -> None:
+def test_ports_are_plain_or_tls_and_tcp_ports_are_not_shared(tmp_path: Path) -> None:
+    routes = Routes(tmp_path)
+    apply(routes, "one", [web("w", [http(host="a.test")], ["10.0.0.1"], "one")])
+    # Another deployment on the same port, another host: one listener, routed by host.
+    apply(routes, "two", [web("w", [http(host="b.test")], ["10.0.0.2"], "two")])
+    ports = routes.table.ports[8080]
+    served = [ports.public.match(host, "/") for host in ("a.test", "b.test")]
+    assert [r.deployment if r else None for r in served] == ["one", "two"]
+    https = http(name="s", protocol="https", host="c.test")
+    with pytest.raises(RouteError) as caught:
+        apply(routes, "three", [web("w", [https], [], "three")])
+    assert caught.value.conflict
+    assert "a port is plain or TLS" in str(caught.value) and "port 8080" in str(caught.value)
+    tcp = {"name": "raw", "protocol": "tcp", "port": 8080, "expose": "public"}
+    with pytest.raises(RouteError) as caught:
+        apply(routes, "three", [web("w", [tcp], [], "three")])
+    assert "three/w endpoint raw is a tcp endpoint" in str(caught.value)
+    assert [r.deployment for r in routes.table.l7] == ["one", "two"]
+
+
+def test_internal_routes_are_served_on_the_node_address_and_only_shadowed(
+    tmp_path: Path,
+) -> None:
+    routes = Routes(tmp_path)
+    internal = http(expose="internal")
+    apply(
+        routes,
+        "one",
+        [
+            web("pub", [http(host="a.test")], ["10.0.0.1"], "one"),
+            web("api", [internal], ["10.0.0.2"], "one"),
+            web("also", [internal], ["10.0.0.3"], "one"),  # the same spot: shadowed
+        ],
+    )
+    ports = routes.table.ports[8080]
+    assert ports.has_public and ports.has_internal
+    assert ports.match(False, "x.test", "/") is None  # internal routes: not off the node address
+    assert ports.match(True, "x.test", "/").service == "api"  # type: ignore[union-attr]
+    assert ports.match(True, "a.test", "/").service == "pub"  # type: ignore[union-attr]
+    ((shadowed, why),) = routes.table.shadowed
+    assert shadowed.service == "also" and "one/api endpoint http already routes" in why
+
+
+def test_saved_pushes_load_back_and_a_broken_file_is_moved_aside(tmp_path: Path) -> None:
     routes = Routes(tmp_path)
     traffic = Routes.parse("d", push("d", [web("w", [http()], ["10.0.0.1"])]))
     routes.apply(traffic)
     routes.save(traffic)
     (tmp_path / "traffic" / "broken.json").write_text("{nope")
+    (tmp_path / "traffic" / "wrong.json").write_text('{"deployment": "x", "services": 3}')
     again = Routes(tmp_path)
-    warnings = again.load()
+    assert again.load() == []  # each move is logged where it happens
     assert [r.service for r in again.table.l7] == ["w"]
-    assert len(warnings) == 1 and "broken.json" in warnings[0]
+    left = sorted(p.name.split(".corrupt-")[0] for p in (tmp_path / "traffic").iterdir())
+    assert left == ["broken.json", "d.json", "wrong.json"]
+    assert not (tmp_path / "traffic" / "broken.json").exists()
 
 
 def test_balancing_round_robin_least_connections_and_exclusion(tmp_path: Path) -> None:
