@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +29,14 @@ def _integration_leak_check(leak_check: None) -> None:
     """Every end-to-end test runs under the leak check."""
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    prefix = Path(f"/tmp/zle-{os.getpid()}")
+@contextlib.contextmanager
+def running_node(prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """Six daemons under ``zlayerctl daemon run`` in ``prefix``, the busybox image imported.
+
+    On the way out the daemons stop, and whatever a failed test left on the
+    node (containers under agentd's runtime root, their mounts and network
+    namespaces) goes with the node network.
+    """
     prefix.mkdir()
     paths = Paths(prefix)
     write_test_config(paths, network_tag="zle")
@@ -45,11 +53,72 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         yield node
     finally:
         node.ctl("daemon", "stop")
+        remove_leftover_containers(paths)
         remove_test_network(paths)
         left = prefix_processes(prefix)
         kill_prefix_processes(prefix)
         subprocess.run(["rm", "-rf", str(prefix)], check=False)
         assert not left, f"processes left running: {left}"
+
+
+def remove_leftover_containers(paths: Paths) -> list[str]:
+    """With the daemons stopped: remove the containers agentd's runtime root still
+    holds, unmount what is mounted under the prefix, and take down the network
+    namespaces and veths of every container id the node's state names (those the
+    node network's own clean-up no longer knows). What was removed, for the log."""
+    from daemons.overlayd import plumbing
+    from daemons.overlayd.settings import OverlaySettings
+
+    removed: list[str] = []
+    ids: set[str] = set()
+    for runtime in ("crun", "runc"):
+        root = paths.run_dir / "agentd" / runtime
+        if not root.is_dir() or shutil.which(runtime) is None:
+            continue
+        listed = subprocess.run(
+            [runtime, f"--root={root}", "list", "-q"], capture_output=True, text=True, check=False
+        )
+        for cid in listed.stdout.split():
+            ids.add(cid)
+            subprocess.run(
+                [runtime, f"--root={root}", "delete", "-f", cid], capture_output=True, check=False
+            )
+            removed.append(f"container {cid}")
+    bundles = paths.daemon_state("agentd") / "bundles"
+    if bundles.is_dir():
+        ids.update(p.name for p in bundles.iterdir())
+    with contextlib.suppress(OSError, ValueError):
+        held = json.loads((paths.daemon_state("overlayd") / "allocations.json").read_text())
+        ids.update(held.get("allocations", {}))
+    with open("/proc/self/mountinfo") as handle:
+        points = [line.split()[4] for line in handle]
+    for point in sorted(points, key=len, reverse=True):
+        if point.startswith(f"{paths.prefix}/"):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+            removed.append(f"mount {point}")
+    try:
+        bridge = OverlaySettings.load("overlayd", paths).bridge
+    except Exception:  # no readable settings: nothing of ours to name
+        return removed
+    for cid in sorted(ids):
+        removed += plumbing.unplumb(plumbing.names_for(bridge, cid))
+    return removed
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    with running_node(Path(f"/tmp/zle-{os.getpid()}"), tmp_path_factory) as started:
+        yield started
+
+
+@pytest.fixture
+def own_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A node of the test's own, for tests that stop, restart or break the daemons."""
+    prefix = Path(f"/tmp/zle-{os.getpid()}-{time.monotonic_ns() % 10**6}")
+    with running_node(prefix, tmp_path_factory) as started:
+        yield started
+        for deployment in json.loads(started.ctl("ps", "--format", "json").stdout or "[]"):
+            started.ctl("down", deployment["name"])
 
 
 @pytest.fixture
