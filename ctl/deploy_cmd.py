@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,55 @@ async def _wait_healthy(client: Client, name: str, timeout: float) -> Deployment
         await asyncio.sleep(0.5)
 
 
+async def _status_or_none(client: Client, name: str) -> DeploymentStatus | None:
+    from shared.bus import NotFoundError
+
+    try:
+        return DeploymentStatus.model_validate_json(await client.schedd.get_deployment(name))
+    except NotFoundError:
+        return None
+
+
+async def _wait_until(
+    client: Client,
+    name: str,
+    progress: Callable[[DeploymentStatus | None], str | None],
+    timeout: float,
+) -> None:
+    """Poll ``name`` until ``progress`` says done (None); show what it says meanwhile.
+
+    On a terminal the line is a spinner that changes in place; elsewhere each
+    new line is printed once. Past ``timeout`` the command fails with the last line.
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    with contextlib.ExitStack() as stack:
+        spinner = stack.enter_context(err_console.status("")) if err_console.is_terminal else None
+        while True:
+            line = progress(await _status_or_none(client, name))
+            if line is None:
+                return
+            if line != last:
+                if spinner is not None:
+                    spinner.update(line)
+                else:
+                    err_console.print(f"[dim]{_stamp(time.time())}[/] {line}", highlight=False)
+                last = line
+            if time.monotonic() > deadline:
+                fail(f"{last}, still after {timeout:.0f}s; see `zlayerctl ps --containers`")
+            await asyncio.sleep(0.25)
+
+
+def _stopping_line(status: DeploymentStatus, services: set[str], target: int) -> str | None:
+    """None once each named service runs ``target`` replicas at most; else how far it is."""
+    left = sum(
+        s.stopping + max(0, s.running - target) for s in status.services if s.name in services
+    )
+    if left == 0:
+        return None
+    return f"waiting for {left} replica{'s' if left != 1 else ''} of {status.name} to stop"
+
+
 async def _follow_events(client: Client, name: str, stop: asyncio.Event) -> None:
     """Print the deployment's events until ``stop`` is set."""
     schedd = client.schedd
@@ -179,20 +229,38 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
         await _follow_events(client, name, stop)
         err_console.print(f"removing {name} ...", highlight=False)
         await client.schedd.down(name)
+        await _wait_until(client, name, _removal_line, DEFAULT_WAIT)
         err_console.print(f"{name} removed", highlight=False)
 
     asyncio.run(run())
 
 
+def _removal_line(status: DeploymentStatus | None) -> str | None:
+    if status is None:
+        return None
+    return f"removing {status.name}: {status.message or 'stopping its replicas'}"
+
+
 @click.command()
 @click.argument("name", required=False)
-def down(name: str | None) -> None:
-    """Remove a deployment and everything it runs (named volumes are kept)."""
+@click.option("--no-wait", is_flag=True, help="return at once; the replicas stop in the background")
+@click.option(
+    "--timeout", type=float, default=DEFAULT_WAIT, show_default=True, help="seconds to wait"
+)
+def down(name: str | None, no_wait: bool, timeout: float) -> None:
+    """Remove a deployment and everything it runs (named volumes are kept).
+
+    Waits until its replicas are gone, each after its stop grace period.
+    """
 
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, name)
         await client.schedd.down(target)
+        if no_wait:
+            err_console.print(f"removing {target}", highlight=False)
+            return
+        await _wait_until(client, target, _removal_line, timeout)
         err_console.print(f"{target} removed", highlight=False)
 
     asyncio.run(run())
@@ -418,14 +486,27 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
     help="seconds between the stop signal and KILL",
 )
 @click.option("--force", is_flag=True, help="KILL at once")
-def stop(name: str | None, service: str, timeout: float, force: bool) -> None:
+@click.option("--no-wait", is_flag=True, help="return at once; the replicas stop in the background")
+def stop(name: str | None, service: str, timeout: float, force: bool, no_wait: bool) -> None:
     """Stop a deployment's replicas (or one service's) and keep the deployment."""
 
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, name)
         await client.schedd.stop(target, service, timeout, force)
-        err_console.print(f"stopped {service + ' of ' if service else ''}{target}", highlight=False)
+        what = f"{service + ' of ' if service else ''}{target}"
+        if no_wait:
+            err_console.print(f"stopping {what}", highlight=False)
+            return
+        status = await _status_or_none(client, target)
+        names = {service} if service else {s.name for s in status.services} if status else set()
+        await _wait_until(
+            client,
+            target,
+            lambda st: None if st is None else _stopping_line(st, names, 0),
+            timeout + DEFAULT_WAIT,
+        )
+        err_console.print(f"stopped {what}", highlight=False)
 
     asyncio.run(run())
 
@@ -434,13 +515,26 @@ def stop(name: str | None, service: str, timeout: float, force: bool) -> None:
 @click.argument("service")
 @click.argument("replicas", type=click.IntRange(0, 1000))
 @click.option("-d", "--deployment", help="the deployment (default: the spec here, or the only one)")
-def scale(service: str, replicas: int, deployment: str | None) -> None:
-    """Hold SERVICE at REPLICAS replicas until the next deploy."""
+@click.option(
+    "--no-wait", is_flag=True, help="return at once; replicas start or stop in the background"
+)
+def scale(service: str, replicas: int, deployment: str | None, no_wait: bool) -> None:
+    """Hold SERVICE at REPLICAS replicas until the next deploy.
+
+    Waits until the surplus replicas of a scale-down have stopped.
+    """
 
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, deployment)
         await client.schedd.scale(target, service, replicas)
+        if not no_wait:
+            await _wait_until(
+                client,
+                target,
+                lambda st: None if st is None else _stopping_line(st, {service}, replicas),
+                DEFAULT_WAIT,
+            )
         err_console.print(f"scaled {service} of {target} to {replicas}", highlight=False)
 
     asyncio.run(run())
@@ -479,8 +573,11 @@ def job_trigger(service: str, deployment: str | None, wait: bool, output_format:
                 f"run {result.id} of {service}: {_coloured(result.state)}{exit_note}",
                 highlight=False,
             )
-        if wait and result.exit_code:
-            raise SystemExit(result.exit_code)
+        if wait and result.state == "failed":
+            if result.exit_code is None:
+                # It never ran: the reason is the run's message (no image, init failed, ...).
+                fail(f"run {result.id} of {service} did not start: {result.message}")
+            raise SystemExit(result.exit_code or 1)
 
     asyncio.run(run())
 

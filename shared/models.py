@@ -218,6 +218,7 @@ class ServiceStatus(Wire):
         "pending", "waiting", "starting", "updating", "running", "degraded", "failed", "stopped"
     ]
     message: str = ""
+    stopping: int = 0  # replicas that were told to stop and have not ended yet
     revision: int = 0  # the revision whose replicas serve
     rollout: Literal["", "running", "failed"] = ""  # the last rollout, if it has not finished
 

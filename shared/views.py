@@ -13,14 +13,13 @@ proxyd (traffic) keep a cache of it, and schedd sends each of them the
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from shared.bus import ZLayerError
 from shared.models import SyncResult
+from shared.statefile import read_state, write_atomically
 from shared.traffic import DeploymentTraffic, TrafficViews
 
 log = logging.getLogger("zlayer.views")
@@ -33,30 +32,19 @@ class HeldGeneration:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / GENERATION_FILE
-        self.value = 0
-        with contextlib.suppress(FileNotFoundError):
-            text = self.path.read_text().strip()
-            try:
-                self.value = int(text)
-            except ValueError:
-                # Unreadable: hold nothing, so schedd's next view (any generation) is taken.
-                log.warning("%s holds %r, not a generation; taking the next view", self.path, text)
+        # Unreadable: moved aside, and nothing is held, so schedd's next view is taken.
+        held = read_state(self.path, int, "taking the next view schedd sends", log)
+        self.value = held if held is not None else 0
 
     def accepts(self, generation: int) -> bool:
         """Whether a view of ``generation`` may replace the one held (not older)."""
         return generation >= self.value
 
     def hold(self, generation: int) -> None:
-        """Remember ``generation`` durably (fsync, then rename)."""
+        """Remember ``generation`` durably."""
         if generation == self.value and self.path.exists():
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(f"{generation}\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(self.path)
+        write_atomically(self.path, f"{generation}\n")
         self.value = generation
 
 

@@ -113,5 +113,8 @@ class RuntimeLauncher:
     def log_paths(self, container_id: str) -> list[str]:
         return [str(p) for p in self.runtime.log_paths(container_id)]
 
+    async def container_ids(self) -> list[str]:
+        return [path.name for path in await asyncio.to_thread(self.runtime.bundle_dirs)]
+
     async def stats(self, container_id: str) -> ReplicaStats:
         return await self.runtime.stats(container_id)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict
 
 from daemons.agentd import probes
@@ -33,13 +34,33 @@ from shared.models import (
     HealthState,
     ImageRootfs,
     JobRun,
+    NodeAssignments,
     ReplicaInfo,
     ReplicaState,
     ServiceAssignment,
+    SyncResult,
 )
 from shared.spec import ServiceSpec
+from shared.statefile import read_state, write_atomically
+from shared.views import HeldGeneration
 
 log = logging.getLogger("zlayer.agentd")
+
+GARBAGE = Counter(
+    "zlayer_agent_garbage_removed",
+    "Containers and network attachments removed because no replica owned them.",
+    ["kind"],
+)
+RESTARTS = Counter(
+    "zlayer_agent_replica_restarts",
+    "Replicas started again after they ended or failed to start, by service.",
+    ["deployment", "service"],
+)
+HEALTH_FAILURES = Counter(
+    "zlayer_agent_health_check_failures",
+    "Replicas found unhealthy by their health check, by service.",
+    ["deployment", "service"],
+)
 
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 60.0
@@ -81,6 +102,9 @@ class Launcher(Protocol):
     def log_paths(self, container_id: str) -> list[str]:
         """Log files, oldest first."""
 
+    async def container_ids(self) -> list[str]:
+        """Every container this node's runtime root holds, running or not."""
+
 
 class Neighbours(Protocol):
     """The other daemons a replica needs."""
@@ -90,6 +114,10 @@ class Neighbours(Protocol):
     async def attach(self, container_id: str, hostname: str) -> Attachment: ...
 
     async def detach(self, container_id: str) -> None: ...
+
+    async def attached(self) -> list[str]:
+        """The container ids that hold an attachment on the node network."""
+        ...
 
 
 class ReplicaRecord(BaseModel):
@@ -134,6 +162,8 @@ class Replica:
     # Set while the replica is being stopped and removed in the background.
     removal: asyncio.Task[None] | None = None
     removed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by a deploy: a replica waiting out a backoff tries again at once.
+    retry_now: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class RestartDecision:
@@ -187,15 +217,21 @@ class Node:
         self.changed = changed
         self.assignments: dict[tuple[str, str], ServiceAssignment] = {}
         self.replicas: dict[str, Replica] = {}
+        self.held = HeldGeneration(state_dir)
+        # What was removed as garbage since schedd last asked, for its events.
+        self.removed_notes: list[tuple[str, str]] = []
+        self._collecting: set[str] = set()  # container ids being removed as garbage
         self._lock = asyncio.Lock()
+        # Nothing that changes replicas runs before the containers that are
+        # there have been adopted: a start of an id that runs would fail and
+        # its clean-up would kill the running container.
+        self.loaded = asyncio.Event()
 
     # ------------------------------------------------------------ persistence
 
     @staticmethod
     def _write(path: Path, text: str) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomically(path, text)
 
     def _save(self, replica: Replica) -> None:
         self._write(self.record_dir / f"{replica.record.id}.json", replica.record.model_dump_json())
@@ -210,18 +246,41 @@ class Node:
             self.changed(record.info())
 
     async def load(self) -> None:
-        """Read assignments and records; adopt the containers that still exist."""
+        """Read assignments and records; adopt the containers that still exist.
+
+        Replicas whose service is no longer assigned, and containers no record
+        names, are removed (with a grace period) as garbage.
+        """
+        async with self._lock:
+            try:
+                await self._load()
+            finally:
+                self.loaded.set()
+        await self.collect_garbage()
+
+    async def _load(self) -> None:
         for path in sorted(self.assign_dir.glob("*.json")):
-            assignment = ServiceAssignment.model_validate_json(path.read_text())
-            self.assignments[(assignment.deployment, assignment.service)] = assignment
+            assignment = read_state(
+                path, ServiceAssignment.model_validate_json, "until schedd sends it again", log
+            )
+            if assignment is not None:
+                self.assignments[(assignment.deployment, assignment.service)] = assignment
+        orphans: list[Replica] = []
         for path in sorted(self.record_dir.glob("*.json")):
-            record = ReplicaRecord.model_validate_json(path.read_text())
+            record = read_state(
+                path,
+                ReplicaRecord.model_validate_json,
+                "its container, if any, is removed as garbage",
+                log,
+            )
+            if record is None:
+                continue
             owner = self.assignments.get((record.deployment, record.service))
             if owner is None:
-                log.warning("replica %s has no assignment any more; removing it", record.id)
                 spec = ServiceSpec.model_validate({"image": record.image})
                 replica = Replica(record, spec)
-                await self._teardown(replica, 0.0)
+                self.replicas[record.id] = replica
+                orphans.append(replica)
                 continue
             spec_json = next(
                 (old.spec for old in owner.previous if old.revision == record.revision),
@@ -234,24 +293,159 @@ class Node:
             if record.state == "stopped":
                 continue
             pid = await self.launcher.running_pid(record.id)
-            log.info(
-                "adopting %s (%s)",
-                record.id,
-                f"running, pid {pid}" if pid else "ended while agentd was down",
-            )
+            if pid:
+                log.info("adopting %s (running, pid %d)", record.id, pid)
+                if record.state != "running" or record.pid != pid:
+                    # It was starting when agentd stopped, and it started.
+                    self._update(replica, state="running", pid=pid, message="")
+            else:
+                log.info("adopting %s (ended while agentd was down)", record.id)
             replica.task = asyncio.create_task(self._lifecycle(replica, adopt=True))
+        for replica in orphans:
+            self._note(
+                replica.record.deployment,
+                f"removing replica {replica.record.id}: "
+                "its service is no longer assigned to this node",
+            )
+            self._remove_later(replica, DEFAULT_GRACE, "its service is no longer assigned")
         for assignment in list(self.assignments.values()):
             await self._converge(assignment)
+
+    def _note(self, deployment: str, sentence: str) -> None:
+        """Log a removal of garbage and keep it for schedd, which makes it an event."""
+        log.info("%s", sentence)
+        self.removed_notes.append((deployment, sentence))
+        del self.removed_notes[:-100]  # schedd takes them every sync; never grow unbounded
+
+    async def collect_garbage(self) -> list[str]:
+        """Remove containers and network attachments that no replica of this node owns.
+
+        Containers are stopped with the default grace period, in the
+        background; what was removed is logged and noted for schedd's events.
+        """
+        await self.loaded.wait()
+        found: list[str] = []
+        live = set(self.replicas)
+        initializing = {f"{cid}-init" for cid, r in self.replicas.items()}
+        for cid in await self.launcher.container_ids():
+            if cid in live or cid in initializing or cid in self._collecting:
+                continue
+            found.append(cid)
+            self._collecting.add(cid)
+            asyncio.get_running_loop().create_task(self._remove_container(cid))
+        try:
+            attached = await self.neighbours.attached()
+        except Exception as exc:  # overlayd down: the next sweep looks again
+            log.debug("cannot list network attachments: %s", exc)
+            attached = []
+        for cid in attached:
+            if cid in self.replicas or cid in self._collecting:
+                continue
+            try:
+                await self.neighbours.detach(cid)
+            except Exception as exc:
+                log.warning("could not release the network of %s: %s", cid, exc)
+                continue
+            GARBAGE.labels(kind="attachment").inc()
+            log.info("released the network of %s: no replica of this node uses it", cid)
+            self._note(
+                self._deployment_of(cid), f"released the network of {cid}: no replica uses it"
+            )
+        return found
+
+    def _deployment_of(self, container_id: str) -> str:
+        """The deployment a container id (<deployment>-<service>-...) belongs to, if known."""
+        known = {d for d, _s in self.assignments} | {
+            r.record.deployment for r in self.replicas.values()
+        }
+        owners = [d for d in known if container_id.startswith(f"{d}-")]
+        return max(owners, key=len, default="")
+
+    async def _remove_container(self, cid: str) -> None:
+        try:
+            if await self.launcher.running_pid(cid):
+                await self.launcher.stop(cid, "SIGTERM", DEFAULT_GRACE)
+            await self.launcher.remove(cid)
+            with contextlib.suppress(Exception):
+                await self.neighbours.detach(cid)
+        except Exception as exc:
+            log.error("could not remove container %s: %s", cid, exc)
+            return
+        finally:
+            self._collecting.discard(cid)
+        GARBAGE.labels(kind="container").inc()
+        log.info("removed container %s: no replica of this node owns it", cid)
+        self._note(
+            self._deployment_of(cid), f"removed container {cid}: no replica of this node owns it"
+        )
 
     # ------------------------------------------------------------ assignments
 
     async def apply(self, assignment: ServiceAssignment) -> None:
+        await self.loaded.wait()
         async with self._lock:
-            key = (assignment.deployment, assignment.service)
-            self.assignments[key] = assignment
-            name = f"{assignment.deployment}--{assignment.service}.json"
-            self._write(self.assign_dir / name, assignment.model_dump_json())
+            self._assign(assignment)
             await self._converge(assignment)
+
+    def _assign(self, assignment: ServiceAssignment) -> None:
+        key = (assignment.deployment, assignment.service)
+        before = self.assignments.get(key)
+        self.assignments[key] = assignment
+        if before is not None and before == assignment:
+            return
+        name = f"{assignment.deployment}--{assignment.service}.json"
+        self._write(self.assign_dir / name, assignment.model_dump_json())
+        if before is not None and assignment.retry > before.retry:
+            self._retry_failed(assignment)
+
+    def _retry_failed(self, assignment: ServiceAssignment) -> None:
+        """A deploy came: replicas that failed to start or wait out a backoff try again now."""
+        for replica in self.replicas.values():
+            record = replica.record
+            if (record.deployment, record.service) != (assignment.deployment, assignment.service):
+                continue
+            if record.state not in ("failed", "restarting") or replica.removal is not None:
+                continue
+            if replica.task is None or replica.task.done():
+                log.info("%s: starting it again after a deploy", record.id)
+                replica.task = asyncio.create_task(self._lifecycle(replica, adopt=False))
+            else:
+                replica.retry_now.set()
+
+    async def sync(self, view: NodeAssignments) -> SyncResult:
+        """schedd's complete view: take every assignment, drop and clear what it no longer names."""
+        await self.loaded.wait()
+        async with self._lock:
+            if not self.held.accepts(view.generation):
+                log.info(
+                    "ignored assignments of generation %d: generation %d is newer",
+                    view.generation,
+                    self.held.value,
+                )
+                return SyncResult(generation=self.held.value, accepted=False)
+            named = {(a.deployment, a.service) for a in view.assignments}
+            for key in [k for k in self.assignments if k not in named]:
+                self._unassign(*key)
+            for replica in list(self.replicas.values()):
+                record = replica.record
+                if (record.deployment, record.service) not in named and replica.removal is None:
+                    self._remove_later(replica, _grace(replica.spec), "no longer assigned")
+            for assignment in view.assignments:
+                self._assign(assignment)
+                await self._converge(assignment)
+            await asyncio.to_thread(self.held.hold, view.generation)
+        await self.collect_garbage()
+        notes, self.removed_notes = self.removed_notes, []
+        return SyncResult(generation=view.generation, accepted=True, removed=notes)
+
+    def _unassign(self, deployment: str, service: str) -> None:
+        """Forget an assignment and the job history of its service."""
+        del self.assignments[(deployment, service)]
+        (self.assign_dir / f"{deployment}--{service}.json").unlink(missing_ok=True)
+        self._runs_file(deployment, service).unlink(missing_ok=True)
+        for path in self.run_logs_dir.glob(f"{deployment}-{service}-run*.log"):
+            path.unlink(missing_ok=True)
+        log.info("%s of %s is no longer assigned to this node", service, deployment)
 
     async def _converge(self, assignment: ServiceAssignment) -> None:
         spec = ServiceSpec.model_validate(assignment.spec)
@@ -268,7 +462,8 @@ class Node:
         for replica in mine:
             allowed = keep.get(replica.record.revision, 0)
             if replica.record.instance > allowed:
-                self._remove_later(replica, _grace(replica.spec))
+                grace = assignment.grace if assignment.grace is not None else _grace(replica.spec)
+                self._remove_later(replica, grace, "no longer wanted")
         if spec.rtype != "service":
             return
         for revision_spec, revision, count in [
@@ -305,6 +500,9 @@ class Node:
             if job_run
             else container_id(assignment.deployment, assignment.service, instance, revision)
         )
+        existing = self.replicas.get(cid)
+        if existing is not None:  # pragma: no cover - callers look first; never two lifecycles
+            return existing
         record = ReplicaRecord(
             id=cid,
             deployment=assignment.deployment,
@@ -323,7 +521,7 @@ class Node:
         replica.task = asyncio.create_task(self._lifecycle(replica, adopt=False))
         return replica
 
-    def _remove_later(self, replica: Replica, grace: float) -> None:
+    def _remove_later(self, replica: Replica, grace: float, why: str = "no longer wanted") -> None:
         """Stop and remove a replica without making the caller wait for its grace period.
 
         The replica shows as stopping at once; when it is gone its service
@@ -331,7 +529,7 @@ class Node:
         """
         if replica.removal is not None:
             return
-        self._update(replica, state="stopping", message="stopping: no longer wanted")
+        self._update(replica, state="stopping", message=f"stopping: {why}")
         key = (replica.record.deployment, replica.record.service)
 
         async def remove() -> None:
@@ -349,6 +547,7 @@ class Node:
     async def remove_service(
         self, deployment: str, service: str, timeout: float, force: bool
     ) -> None:
+        await self.loaded.wait()
         async with self._lock:
             grace = 0.0 if force else timeout
             victims = [
@@ -487,6 +686,7 @@ class Node:
         self._write(path, json.dumps([r.model_dump(mode="json") for r in runs]))
 
     async def run_job(self, deployment: str, service: str, trigger: str) -> JobRun:
+        await self.loaded.wait()
         assignment = self.assignments.get((deployment, service))
         if assignment is None:
             raise NotFoundError(f"{service} of {deployment} is not assigned to this node")
@@ -527,6 +727,15 @@ class Node:
 
     async def _prepare_and_start(self, replica: Replica) -> None:
         record, spec = replica.record, replica.spec
+        pid = await self.launcher.running_pid(record.id)
+        if pid:
+            # A container of this id runs (agentd stopped between its start and
+            # the record of it): it is this replica, adopted, never started twice.
+            log.info("%s is already running (pid %d); adopting it", record.id, pid)
+            self._update(replica, state="running", pid=pid, message="")
+            return
+        # A stopped leftover of this replica's id from an earlier life: ours to clear.
+        await self.launcher.remove(record.id)
         self._update(replica, state="creating", message="", health="none")
         rootfs = await self.neighbours.ensure_image(spec.image.name, spec.image.pull_policy)
         if rootfs.image.runtime == "wasm":
@@ -591,6 +800,7 @@ class Node:
                 self._update(replica, health="healthy", message="")
             else:
                 self._update(replica, health="unhealthy", message=f"unhealthy: {result.reason}")
+                HEALTH_FAILURES.labels(record.deployment, record.service).inc()
                 replica.restart_requested = f"unhealthy: {result.reason}"
                 asyncio.get_running_loop().create_task(
                     self.launcher.stop(record.id, spec.stop_signal or "SIGTERM", _grace(spec))
@@ -671,7 +881,8 @@ class Node:
                 restarts=record.restarts + 1,
                 message=f"{why}; restarting in {delay:.0f}s",
             )
-            await asyncio.sleep(delay)
+            RESTARTS.labels(record.deployment, record.service).inc()
+            await self._backoff(replica, delay)
             await self.launcher.remove(record.id)
 
     async def _after_failed_start(self, replica: Replica, reason: str, action: str) -> bool:
@@ -696,8 +907,16 @@ class Node:
             restarts=attempts,
             pid=0,
         )
-        await asyncio.sleep(delay)
+        RESTARTS.labels(replica.record.deployment, replica.record.service).inc()
+        await self._backoff(replica, delay)
         return True
+
+    @staticmethod
+    async def _backoff(replica: Replica, delay: float) -> None:
+        """Wait ``delay`` seconds, or less when a deploy asks for a retry now."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(replica.retry_now.wait(), delay)
+        replica.retry_now.clear()
 
 
 def _grace(spec: ServiceSpec) -> float:

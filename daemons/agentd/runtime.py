@@ -841,7 +841,7 @@ class ContainerRuntime:
         becomes ``ctr.log.1`` (older ones shift, the oldest goes) and conmon is told
         to reopen. conmon's own ``--log-size-max`` truncates any file that grows
         past the bound before this runs again."""
-        for bundle_dir in await asyncio.to_thread(self._bundle_dirs):
+        for bundle_dir in await asyncio.to_thread(self.bundle_dirs):
             container_id = bundle_dir.name
             current = bundle_dir / LOG_NAME
             try:
@@ -902,7 +902,7 @@ class ContainerRuntime:
 
     # ------------------------------------------------------------ adoption
 
-    def _bundle_dirs(self) -> list[Path]:
+    def bundle_dirs(self) -> list[Path]:
         if not self.bundles_dir.is_dir():
             return []
         return sorted(p for p in self.bundles_dir.iterdir() if (p / META).is_file())
@@ -910,7 +910,7 @@ class ContainerRuntime:
     async def list(self) -> builtins.list[ContainerInfo]:
         """Every container this node has, from the bundles and the runtime's state."""
         found = []
-        for bundle_dir in await asyncio.to_thread(self._bundle_dirs):
+        for bundle_dir in await asyncio.to_thread(self.bundle_dirs):
             with contextlib.suppress(ContainerNotFound):
                 found.append(await self._info(bundle_dir.name))
         return found

@@ -70,6 +70,10 @@ class SchedulerService(Scheduler1):
         return await self._scheduler.rollback(deployment)
 
     @dbus_method_async_override()
+    async def resync(self, daemon: str) -> None:
+        self._scheduler.resync(daemon)
+
+    @dbus_method_async_override()
     async def list_events(self, deployment: str, limit: int) -> str:
         events = await self._scheduler.events(deployment, limit or 50)
         return json.dumps([e.model_dump(mode="json") for e in events])

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from croniter import croniter
+from prometheus_client import Counter, Gauge, Histogram
 
 from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
 from daemons.schedd.store import ServiceState, Store, StoredDeployment
 from shared.bus import (
     DAEMONS_BY_NAME,
     ConflictError,
+    InvalidArgumentError,
     InvalidSpecError,
     NotFoundError,
     UnavailableError,
@@ -38,25 +40,59 @@ from shared.models import (
     DeployPlan,
     Event,
     JobRun,
+    NodeAssignments,
     ReplicaInfo,
     ReplicaStats,
     RevisionReplicas,
     ServiceAssignment,
     ServiceStatus,
+    SyncResult,
 )
 from shared.spec import DeploymentSpec, ServiceSpec, SpecError, parse_spec
 from shared.spec.models import AdaptiveScale, FixedScale
 from shared.spec.refs import resolve_env
 from shared.spec.support import node_support
-from shared.traffic import Backend, DeploymentTraffic, ServiceStats, ServiceTraffic
+from shared.traffic import (
+    Backend,
+    DeploymentTraffic,
+    ServiceStats,
+    ServiceTraffic,
+    TrafficViews,
+)
 
 log = logging.getLogger("zlayer.schedd")
 
+REPLICAS = Gauge(
+    "zlayer_scheduler_replicas",
+    "Replicas per service: desired, running, and healthy (in rotation).",
+    ["deployment", "service", "kind"],
+)
+PASS_SECONDS = Histogram(
+    "zlayer_scheduler_reconcile_seconds",
+    "How long one reconcile pass over every deployment took.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+PASS_ERRORS = Counter(
+    "zlayer_scheduler_reconcile_errors",
+    "Reconcile passes that could not finish, by reason.",
+    ["reason"],
+)
+VIEWS_SENT = Counter(
+    "zlayer_scheduler_views_sent",
+    "Full views sent to a daemon, by result (accepted, stale: it held a newer one, failed).",
+    ["daemon", "result"],
+)
+VIEWS_REFUSED = Counter(
+    "zlayer_scheduler_views_refused",
+    "Deployments whose part of a view a daemon refused (a port in use, a route clash).",
+    ["daemon"],
+)
+
 PASS_INTERVAL = 1.0  # seconds between reconcile passes
-REAPPLY_INTERVAL = 30.0  # re-send unchanged assignments, in case agentd lost them
+RESYNC_INTERVAL = 15.0  # re-send unchanged full views, in case a receiver lost them
 AGENT_TIMEOUT = 20.0
 TRAFFIC_TIMEOUT = 5.0
-TRAFFIC_REPUSH = 10.0  # re-send an unchanged traffic view, for a restarted overlayd/proxyd
+VIEW_HOLDERS = ("overlayd", "proxyd", "agentd")  # traffic first: out of rotation, then stopped
 DRAIN_SECONDS = 2.0  # old replicas leave rotation this long before they are stopped
 ROLLOUT_MAX_RESTARTS = 3  # a new replica restarting this often fails the rollout
 AUTOSCALE_INTERVAL = 5.0  # seconds between load samples
@@ -171,7 +207,17 @@ class Scheduler:
         self.bus = bus
         self.emit_signal = emit
         self._wake = asyncio.Event()
-        self._applied: dict[tuple[str, str], tuple[str, float]] = {}
+        # This pass's assignments, (deployment, service) -> what agentd should run.
+        self._desired: dict[tuple[str, str], ServiceAssignment] = {}
+        # Per view holder: the last view sent (without its generation), and when.
+        self._sent: dict[str, tuple[str, float]] = {}
+        self._resync: set[str] = set(VIEW_HOLDERS)  # holders owed a full view now
+        self._generation = 0
+        # Per traffic holder: deployment -> why it refused that deployment's view.
+        self._refused: dict[str, dict[str, str]] = {}
+        self._stop_grace: dict[tuple[str, str], float] = {}  # `stop --timeout/--force`
+        self._gone_services: set[tuple[str, str]] = set()  # services left out of the spec
+        self._unreachable: set[str] = set()  # holders whose last send failed, logged once
         self._waiting: dict[tuple[str, int, str], _Waiting] = {}
         self._failed: dict[tuple[str, int, str], str] = {}
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
@@ -179,9 +225,6 @@ class Scheduler:
         self._specs: dict[tuple[str, int], DeploymentSpec] = {}
         # (deployment, service) -> (replica ids leaving rotation, since when)
         self._draining: dict[tuple[str, str], tuple[set[str], float]] = {}
-        # (daemon, deployment) -> (traffic JSON last pushed, when)
-        self._pushed: dict[tuple[str, str], tuple[str, float]] = {}
-        self._push_failed: set[str] = set()
         self._sampler = Sampler()
         self._sampled_at: dict[str, float] = {}
 
@@ -224,6 +267,13 @@ class Scheduler:
     ) -> DeploymentStatus:
         spec = self._parse(spec_text, filename, host_env)
         self._check_ports(spec)
+        # A deploy is a fresh start for what failed: services that gave up on
+        # their dependencies wait again, and failed replicas retry at once
+        # (the assignment's ``retry`` changes with the revision).
+        for key in [k for k in self._failed if k[0] == spec.deployment]:
+            del self._failed[key]
+        for waiting in [k for k in self._waiting if k[0] == spec.deployment]:
+            del self._waiting[waiting]
         status = await self._store_revision(spec, spec_text, filename, "deployed")
         for text in node_support(spec).warnings:
             self.event(spec.deployment, "warning", text)
@@ -339,7 +389,7 @@ class Scheduler:
             if other == spec.deployment:
                 continue
             stored = self.store.get(other)
-            if stored is None:
+            if stored is None or stored.removing:  # its routes leave with the next view
                 continue
             taken = _public_ports(DeploymentSpec.model_validate_json(stored.spec_json))
             for claim, where in mine.items():
@@ -383,31 +433,56 @@ class Scheduler:
         revision = self.store.next_revision(spec.deployment)
         return DeployPlan(deployment=spec.deployment, revision=revision, actions=actions)
 
-    def _require(self, name: str) -> StoredDeployment:
+    def _require(self, name: str, removing_ok: bool = False) -> StoredDeployment:
         stored = self.store.get(name)
         if stored is None:
             known = ", ".join(self.store.names()) or "none"
             raise NotFoundError(f"there is no deployment named {name} (deployments: {known})")
+        if stored.removing and not removing_ok:
+            raise NotFoundError(
+                f"deployment {name} is being removed; `zlayerctl ps` shows its last replicas "
+                "stopping, then it is gone"
+            )
         return stored
 
     async def down(self, name: str) -> None:
-        self._require(name)
-        # Out of rotation first, so no request is sent to a replica being stopped.
-        await self._push_traffic(name, DeploymentTraffic(deployment=name), force=True)
-        await self._agent_call(self.agent.remove_service(name, "", 10.0, False), timeout=120)
+        """Keep the intent to remove ``name`` and let the loop carry it out.
+
+        The loop takes the deployment out of every traffic view first, then out
+        of agentd's assignments (its replicas stop with their grace period),
+        and forgets it once no replica is left. A stop of the daemons in
+        between changes nothing: the intent is in the store.
+        """
+        stored = self._require(name, removing_ok=True)
+        if stored.removing:
+            return
+        await asyncio.to_thread(self.store.set_removing, name)
+        self.event(name, "removing", f"removing {name}: its replicas stop, then it is gone")
+        self.wake()
+
+    async def _finish_removal(self, name: str) -> None:
+        """Every replica of a deployment being removed is gone: forget it."""
         await asyncio.to_thread(self.store.remove, name)
-        for key in [k for k in self._applied if k[0] == name]:
-            del self._applied[key]
-        for key in [k for k in self._pushed if k[1] == name]:
-            del self._pushed[key]
+        for key in [k for k in self._desired if k[0] == name]:
+            del self._desired[key]
         for draining in [k for k in self._draining if k[0] == name]:
             del self._draining[draining]
         for cached in [k for k in self._specs if k[0] == name]:
             del self._specs[cached]
+        for table in (self._failed, self._waiting):
+            for key3 in [k for k in table if k[0] == name]:
+                del table[key3]
+        for refusals in self._refused.values():
+            refusals.pop(name, None)
+        for key in [k for k in self._stop_grace if k[0] == name]:
+            del self._stop_grace[key]
+        self._gone_services = {k for k in self._gone_services if k[0] != name}
         self._sampler.forget(f"{name}/")
+        self._forget_metrics(name)
         log.info("%s: removed", name)
 
     async def stop(self, name: str, service: str, timeout_sec: float, force: bool) -> None:
+        """Keep a stop of ``service`` (or every service) and let the loop carry it out."""
         stored = self._require(name)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         if service and service not in spec.services:
@@ -415,10 +490,10 @@ class Scheduler:
                 f"deployment {name} has no service {service} (services: {', '.join(spec.services)})"
             )
         await asyncio.to_thread(self.store.set_stopped, name, service, True)
-        await self._agent_call(
-            self.agent.remove_service(name, service, timeout_sec, force), timeout=timeout_sec + 60
-        )
-        self.event(name, "stopped", f"stopped {service or 'every service'}", service=service)
+        grace = 0.0 if force else timeout_sec
+        for svc_name in [service] if service else list(spec.services):
+            self._stop_grace[(name, svc_name)] = grace
+        self.event(name, "stopped", f"stopping {service or 'every service'}", service=service)
         self.wake()
 
     async def scale(self, name: str, service: str, replicas: int) -> None:
@@ -461,7 +536,7 @@ class Scheduler:
         return run
 
     async def events(self, name: str, limit: int) -> list[Event]:
-        names = [self._require(name).name] if name else self.store.names()
+        names = [self._require(name, removing_ok=True).name] if name else self.store.names()
         found: list[Event] = []
         for dep in names:
             found += await asyncio.to_thread(self.store.events, dep, limit)
@@ -499,7 +574,7 @@ class Scheduler:
         return [JobRun.model_validate(r) for r in json.loads(raw)]
 
     async def status(self, name: str) -> DeploymentStatus:
-        stored = self._require(name)
+        stored = self._require(name, removing_ok=True)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         try:
             replicas = await self._replicas(name)
@@ -517,9 +592,12 @@ class Scheduler:
             mine = [r for r in replicas if r.service == svc_name and r.revision == current]
             desired = (
                 0
-                if (stored.stopped or svc_name in stopped)
+                if (stored.removing or stored.stopped or svc_name in stopped)
                 else desired_replicas(svc, holds.get(svc_name), st.adaptive)
             )
+            if stored.removing or stored.stopped or svc_name in stopped:
+                # What still runs of any revision, so `down` and `stop` can show it leaving.
+                mine = [r for r in replicas if r.service == svc_name]
             running = sum(1 for r in mine if r.state == "running")
             healthy = sum(
                 1 for r in mine if r.state == "running" and r.health in ("healthy", "none")
@@ -533,7 +611,7 @@ class Scheduler:
             elif mine and all(r.state == "failed" for r in mine):
                 state = "failed"  # every replica failed to start; agentd keeps retrying
                 message = mine[0].message
-            elif stored.stopped or svc_name in stopped:
+            elif stored.removing or stored.stopped or svc_name in stopped:
                 state = "stopped"
             elif key in self._waiting:
                 state = "waiting"
@@ -573,9 +651,21 @@ class Scheduler:
                     message=message,
                     revision=current,
                     rollout=st.rollout,
+                    stopping=sum(
+                        1 for r in replicas if r.service == svc_name and r.state == "stopping"
+                    ),
                 )
             )
-        if stored.stopped:
+        message = ""
+        refusal = self._refusal(name)
+        if stored.removing:
+            overall = "removing"
+            left = len({r.id for r in replicas})
+            message = f"{left} replica{'s' if left != 1 else ''} still stopping"
+        elif refusal:
+            overall = "failed"
+            message = refusal
+        elif stored.stopped:
             overall = "stopped"
         elif any(s.state == "failed" for s in services):
             overall = "failed"
@@ -592,7 +682,16 @@ class Scheduler:
             services=services,
             created_at=stored.created_at,
             updated_at=stored.updated_at,
+            message=message,
         )
+
+    def _refusal(self, name: str) -> str:
+        """Why overlayd or proxyd refused this deployment's traffic, "" when neither did."""
+        for daemon in ("overlayd", "proxyd"):
+            sentence = self._refused.get(daemon, {}).get(name)
+            if sentence:
+                return f"zlayer-{daemon} refused its traffic: {sentence}"
+        return ""
 
     async def list_status(self) -> list[DeploymentStatus]:
         return [await self.status(name) for name in self.store.names()]
@@ -602,39 +701,80 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def resync(self, daemon: str) -> None:
+        """``daemon`` (or every holder, for "") started: send it the complete view now."""
+        if daemon and daemon not in VIEW_HOLDERS:
+            raise InvalidArgumentError(
+                f"{daemon} holds no view; the daemons that do: {', '.join(VIEW_HOLDERS)}"
+            )
+        self._resync.update([daemon] if daemon else VIEW_HOLDERS)
+        self.wake()
+
     async def run(self) -> None:
         while True:
+            started = time.monotonic()
             try:
-                for name in self.store.names():
-                    started = time.monotonic()
-                    await self._reconcile(name)
-                    took = time.monotonic() - started
-                    if took > SLOW_PASS:
-                        log.warning("reconciling %s took %.1fs", name, took)
+                await self.reconcile_pass()
             except UnavailableError as exc:
+                PASS_ERRORS.labels(reason="unavailable").inc()
                 log.warning("reconcile paused: %s", exc)
             except Exception:
+                PASS_ERRORS.labels(reason="error").inc()
                 log.exception("reconcile pass failed; retrying")
+            took = time.monotonic() - started
+            PASS_SECONDS.observe(took)
+            if took > SLOW_PASS:
+                log.warning("a reconcile pass took %.1fs", took)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), PASS_INTERVAL)
             self._wake.clear()
 
-    async def _reconcile(self, name: str) -> None:
-        stored = self.store.get(name)
-        if stored is None:
-            return
+    async def reconcile_pass(self) -> None:
+        """One level-triggered pass: every deployment from the store, then full views out.
+
+        The traffic views go first, so a replica this pass stops is out of
+        rotation before agentd is told to stop it.
+        """
+        replicas = await self._replicas("")
+        previous, self._desired = self._desired, {}
+        views: list[DeploymentTraffic] = []
+        for name in self.store.names():
+            stored = self.store.get(name)
+            if stored is None:
+                continue
+            mine = [r for r in replicas if r.deployment == name]
+            if stored.removing:
+                if not mine:
+                    await self._finish_removal(name)
+                    self.event(name, "removed", f"{name} removed: every replica is gone")
+                continue
+            view = await self._reconcile(stored, mine, previous)
+            if view is not None:
+                views.append(view)
+        await self._sync_views(views)
+
+    async def _reconcile(
+        self,
+        stored: StoredDeployment,
+        replicas: list[ReplicaInfo],
+        previous: dict[tuple[str, str], ServiceAssignment],
+    ) -> DeploymentTraffic | None:
+        """Decide one deployment's assignments for this pass; its traffic view."""
+        name = stored.name
         spec = self._spec(name, stored.revision)
         if spec is None:  # pragma: no cover - a stored deployment has its revision
-            return
+            return None
         holds = self.store.scale_holds(name)
         stopped = self.store.stopped_services(name)
         states = self.store.service_states(name)
-        replicas = await self._replicas(name)
         present = {r.service for r in replicas}
         for gone in sorted(present - set(spec.services)):
-            await self._agent_call(self.agent.remove_service(name, gone, 10.0, False), timeout=120)
-            self._applied.pop((name, gone), None)
-            self.event(name, "removed", f"removed {gone}: no longer in the spec", service=gone)
+            if (name, gone) not in self._gone_services:
+                self._gone_services.add((name, gone))
+                self.event(name, "removed", f"removing {gone}: no longer in the spec", service=gone)
+        self._gone_services = {
+            k for k in self._gone_services if k[0] != name or k[1] in present - set(spec.services)
+        }
         for svc_name in start_order(spec):
             svc = spec.services[svc_name]
             state = states.get(svc_name)
@@ -643,17 +783,34 @@ class Scheduler:
                 self.store.put_service_state(name, svc_name, state)
                 states[svc_name] = state
             key = (name, stored.revision, svc_name)
+            revision = state.serving if state.rollout == "failed" else state.target
+            if stored.stopped or svc_name in stopped:
+                await self._apply(
+                    name,
+                    revision,
+                    svc_name,
+                    self._service_spec(name, revision, svc_name) or svc,
+                    0,
+                    grace=self._stop_grace.get((name, svc_name)),
+                )
+                self._observe(name, svc_name, 0, replicas)
+                continue
+            self._stop_grace.pop((name, svc_name), None)
             if key in self._failed:
                 continue
-            if stored.stopped or svc_name in stopped:
-                continue
-            if not await self._depends_ready(name, stored.revision, svc_name, svc, replicas):
+            started = any(r.service == svc_name for r in replicas)
+            # depends orders the first start; a service that runs keeps running
+            # while a dependency has a bad moment (and across schedd restarts).
+            if not started and not await self._depends_ready(
+                name, stored.revision, svc_name, svc, replicas
+            ):
+                if (name, svc_name) in previous:
+                    self._desired[(name, svc_name)] = previous[(name, svc_name)]
                 continue
             want = desired_replicas(svc, holds.get(svc_name), state.adaptive)
             if state.rollout == "running":
                 await self._rollout_step(name, svc_name, state, want, replicas)
             else:
-                revision = state.serving if state.rollout == "failed" else state.target
                 await self._apply(
                     name,
                     revision,
@@ -661,6 +818,7 @@ class Scheduler:
                     self._service_spec(name, revision, svc_name) or svc,
                     want,
                 )
+            self._observe(name, svc_name, want if svc.rtype == "service" else 0, replicas)
             if svc.rtype == "job" and key not in self._deploy_jobs_done:
                 self._deploy_jobs_done.add(key)
                 await self.trigger_job(name, svc_name, "deploy")
@@ -668,10 +826,20 @@ class Scheduler:
                 await self._cron_tick(name, svc_name, svc.schedule, stored.created_at)
         if not stored.stopped:
             await self._autoscale(name, spec, states, holds, replicas)
-        # Afresh: this pass may have stopped replicas, and a stale view would
-        # send requests to an address that is gone.
-        replicas = await self._replicas(name)
-        await self._push_traffic(name, self._traffic(name, spec, states, replicas))
+        return self._traffic(name, spec, states, replicas)
+
+    def _observe(self, name: str, service: str, desired: int, replicas: list[ReplicaInfo]) -> None:
+        """Export a service's desired, running and healthy replica counts."""
+        running = [r for r in replicas if r.service == service and r.state == "running"]
+        healthy = [r for r in running if r.health in IN_ROTATION]
+        REPLICAS.labels(name, service, "desired").set(desired)
+        REPLICAS.labels(name, service, "running").set(len(running))
+        REPLICAS.labels(name, service, "healthy").set(len(healthy))
+
+    def _forget_metrics(self, name: str) -> None:
+        for labels in list(REPLICAS._metrics):
+            if labels[0] == name:
+                REPLICAS.remove(*labels)
 
     # ------------------------------------------------------------ rollouts
 
@@ -767,6 +935,15 @@ class Scheduler:
 
     # ------------------------------------------------------------ traffic
 
+    def _stays(self, replica: ReplicaInfo) -> bool:
+        """Whether this pass keeps ``replica`` assigned (one it drops leaves rotation first)."""
+        assignment = self._desired.get((replica.deployment, replica.service))
+        if assignment is None:
+            return False
+        allowed = {old.revision: old.replicas for old in assignment.previous}
+        allowed[assignment.revision] = assignment.replicas
+        return replica.instance <= allowed.get(replica.revision, 0)
+
     def _traffic(
         self,
         name: str,
@@ -792,6 +969,7 @@ class Scheduler:
                 and r.address
                 and r.revision in revisions
                 and r.id not in draining
+                and self._stays(r)
             ]
             interval = svc.health.interval.total_seconds() if svc.health.interval else 0.0
             services.append(
@@ -808,30 +986,94 @@ class Scheduler:
             )
         return DeploymentTraffic(deployment=name, services=services)
 
-    async def _push_traffic(
-        self, name: str, traffic: DeploymentTraffic, force: bool = False
-    ) -> None:
-        """Hand the view to overlayd (DNS, kernel L4) and proxyd (L7, userspace L4)."""
-        text = traffic.model_dump_json()
+    async def _sync_views(self, traffic: list[DeploymentTraffic]) -> None:
+        """Send each view holder its complete view when it changed, was asked for, or is due.
+
+        One generation stamps every view sent together; it only grows, so a
+        holder never takes a view computed before one it already has.
+        """
+        assignments = sorted(self._desired.values(), key=lambda a: (a.deployment, a.service))
+        bodies = {
+            "overlayd": json.dumps([t.model_dump(mode="json") for t in traffic]),
+            "proxyd": "",
+            "agentd": json.dumps([a.model_dump(mode="json") for a in assignments]),
+        }
+        bodies["proxyd"] = bodies["overlayd"]
         now = time.monotonic()
-        for daemon in ("overlayd", "proxyd"):
-            last = self._pushed.get((daemon, name))
-            if not force and last and last[0] == text and now - last[1] < TRAFFIC_REPUSH:
+        due = [
+            daemon
+            for daemon in VIEW_HOLDERS
+            if daemon in self._resync
+            or self._sent.get(daemon, ("", 0.0))[0] != bodies[daemon]
+            or now - self._sent[daemon][1] >= RESYNC_INTERVAL
+        ]
+        if not due:
+            return
+        if self._generation == 0 or any(self._sent.get(d, ("", 0.0))[0] != bodies[d] for d in due):
+            self._generation = await asyncio.to_thread(self.store.next_generation)
+        for daemon in due:  # VIEW_HOLDERS order: traffic before assignments
+            if daemon == "agentd":
+                text = NodeAssignments(
+                    generation=self._generation, assignments=assignments
+                ).model_dump_json()
+            else:
+                text = TrafficViews(
+                    generation=self._generation, deployments=traffic
+                ).model_dump_json()
+            result = await self._send_view(daemon, text)
+            if result is None:
                 continue
-            target = proxy(DAEMONS_BY_NAME[daemon], self.bus)
-            try:
-                await asyncio.wait_for(target.set_traffic(name, text), TRAFFIC_TIMEOUT)
-            except ZLayerError as exc:
-                log.warning("%s refused the traffic view of %s: %s", daemon, name, exc)
-                self._pushed[(daemon, name)] = (text, now)  # do not repeat it every pass
+            if not result.accepted:
+                # It holds a newer generation (this store is older than its cache):
+                # move past it and send again at once.
+                VIEWS_SENT.labels(daemon, "stale").inc()
+                self._generation = await asyncio.to_thread(
+                    self.store.next_generation, result.generation
+                )
+                self._resync.add(daemon)
+                self.wake()
                 continue
-            except Exception as exc:  # not running, or restarting: the next pass retries
-                if daemon not in self._push_failed:
-                    log.warning("cannot reach zlayer-%s to route %s: %s", daemon, name, exc)
-                    self._push_failed.add(daemon)
-                continue
-            self._push_failed.discard(daemon)
-            self._pushed[(daemon, name)] = (text, now)
+            VIEWS_SENT.labels(daemon, "accepted").inc()
+            self._sent[daemon] = (bodies[daemon], now)
+            self._resync.discard(daemon)
+            self._take_result(daemon, result)
+
+    async def _send_view(self, daemon: str, text: str) -> SyncResult | None:
+        target = proxy(DAEMONS_BY_NAME[daemon], self.bus)
+        try:
+            if daemon == "agentd":
+                raw = await asyncio.wait_for(target.sync_assignments(text), AGENT_TIMEOUT)
+            else:
+                raw = await asyncio.wait_for(target.sync_traffic(text), TRAFFIC_TIMEOUT)
+        except Exception as exc:  # not running, or restarting: owed a full view when it is back
+            VIEWS_SENT.labels(daemon, "failed").inc()
+            self._resync.add(daemon)
+            if daemon not in self._unreachable:
+                log.warning("cannot send zlayer-%s its view: %s", daemon, exc)
+                self._unreachable.add(daemon)
+            return None
+        self._unreachable.discard(daemon)
+        return SyncResult.model_validate_json(raw)
+
+    def _take_result(self, daemon: str, result: SyncResult) -> None:
+        """Events for what a holder refused or removed; refusals show in the status."""
+        held = self._refused.setdefault(daemon, {})
+        for deployment, sentence in result.refusals.items():
+            if held.get(deployment) != sentence:
+                VIEWS_REFUSED.labels(daemon).inc()
+                self.event(
+                    deployment,
+                    "traffic-refused",
+                    f"zlayer-{daemon} refused the traffic of {deployment}: {sentence}",
+                )
+        for deployment in [d for d in held if d not in result.refusals]:
+            log.info("zlayer-%s now takes the traffic of %s", daemon, deployment)
+        self._refused[daemon] = dict(result.refusals)
+        for deployment, sentence in result.removed:
+            if deployment and self.store.get(deployment) is not None:
+                self.event(deployment, "garbage", sentence)
+            else:
+                log.info("zlayer-%s: %s", daemon, sentence)
 
     # ------------------------------------------------------------ autoscaling
 
@@ -963,7 +1205,14 @@ class Scheduler:
         want: int,
         force: bool = False,
         previous: list[RevisionReplicas] | None = None,
+        grace: float | None = None,
     ) -> None:
+        """Make ``want`` replicas of ``svc`` part of this pass's assignments.
+
+        They reach agentd with the pass's full view; ``force`` also sends this
+        one assignment at once (a job about to be run needs it there now).
+        """
+        stored = self.store.get(name)
         assignment = ServiceAssignment(
             deployment=name,
             service=svc_name,
@@ -971,20 +1220,15 @@ class Scheduler:
             spec=svc.model_dump(mode="json", by_alias=True, exclude_none=True),
             replicas=want,
             previous=previous or [],
+            retry=stored.revision if stored else 0,
+            grace=grace,
         )
-        text = assignment.model_dump_json()
-        last = self._applied.get((name, svc_name))
-        if (
-            not force
-            and last is not None
-            and last[0] == text
-            and time.monotonic() - last[1] < REAPPLY_INTERVAL
-        ):
-            return
-        await self._agent_call(self.agent.apply_service(text))
-        if last is None or last[0] != text:
-            log.info("%s: %s at revision %d: %d replicas", name, svc_name, revision, want)
-        self._applied[(name, svc_name)] = (text, time.monotonic())
+        before = self._desired.get((name, svc_name))
+        self._desired[(name, svc_name)] = assignment
+        if force:
+            await self._agent_call(self.agent.apply_service(assignment.model_dump_json()))
+        elif before is None or before.replicas != want or before.revision != revision:
+            log.debug("%s: %s at revision %d: %d replicas", name, svc_name, revision, want)
 
     async def _cron_tick(self, name: str, svc_name: str, schedule: str, created_at: float) -> None:
         key = (name, svc_name)

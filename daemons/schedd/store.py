@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_deployment ON events (deployment, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS services (
     deployment TEXT NOT NULL,
     service TEXT NOT NULL,
@@ -106,6 +110,9 @@ class StoredDeployment:
     spec_json: str
     spec_text: str
     filename: str
+    # `down` was asked: the intent is kept until the replicas are gone, so a
+    # removal cut short by a stop of the daemons finishes at the next start.
+    removing: bool = False
 
 
 class Store:
@@ -118,6 +125,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(deployments)")}
+        if "removing" not in columns:  # a store made before removals were persisted
+            self._db.execute(
+                "ALTER TABLE deployments ADD COLUMN removing INTEGER NOT NULL DEFAULT 0"
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -156,7 +168,8 @@ class Store:
             db.execute(
                 "INSERT INTO deployments (name, revision, stopped, created_at, updated_at) "
                 "VALUES (?, ?, 0, ?, ?) ON CONFLICT(name) DO UPDATE SET "
-                "revision = excluded.revision, stopped = 0, updated_at = excluded.updated_at",
+                "revision = excluded.revision, stopped = 0, removing = 0, "
+                "updated_at = excluded.updated_at",
                 (name, revision, now, now),
             )
             db.execute("DELETE FROM scale_holds WHERE deployment = ?", (name,))
@@ -166,16 +179,51 @@ class Store:
     def get(self, name: str) -> StoredDeployment | None:
         row = self._db.execute(
             "SELECT d.name, d.revision, d.stopped, d.created_at, d.updated_at, "
-            "r.spec_json, r.spec_text, r.filename FROM deployments d JOIN revisions r "
+            "r.spec_json, r.spec_text, r.filename, d.removing FROM deployments d JOIN revisions r "
             "ON r.deployment = d.name AND r.revision = d.revision WHERE d.name = ?",
             (name,),
         ).fetchone()
         if row is None:
             return None
-        name, revision, stopped, created, updated, spec_json, spec_text, filename = row
+        name, revision, stopped, created, updated, spec_json, spec_text, filename, removing = row
         return StoredDeployment(
-            name, revision, bool(stopped), created, updated, spec_json, spec_text, filename
+            name,
+            revision,
+            bool(stopped),
+            created,
+            updated,
+            spec_json,
+            spec_text,
+            filename,
+            bool(removing),
         )
+
+    def set_removing(self, name: str) -> None:
+        """Keep the intent to remove ``name``; the loop removes it once its replicas are gone."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deployments SET removing = 1, updated_at = ? WHERE name = ?",
+                (time.time(), name),
+            )
+
+    # ------------------------------------------------------------ generations
+
+    def generation(self) -> int:
+        """The generation of the last view schedd sent (0: none yet)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def next_generation(self, at_least: int = 0) -> int:
+        """A new generation, above every earlier one and above ``at_least``."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            value = max(int(row[0]) if row else 0, at_least) + 1
+            db.execute(
+                "INSERT INTO meta VALUES ('generation', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
+        return value
 
     def names(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM deployments ORDER BY name")]
