@@ -18,6 +18,12 @@ overlayd answers on UDP and TCP (port ``dns_port``):
 :class:`Zone` holds the names, rebuilt from the pushed
 :class:`~shared.traffic.DeploymentTraffic`; :class:`DnsServer` serves them
 with asyncio. dnslib only parses and builds packets.
+
+Its two sockets outlive overlayd: they are kept in the supervisor's file
+descriptor store (systemd's, or ``zlayerctl daemon run``'s) as ``dns-udp``
+and ``dns-tcp`` and taken back at the next start (:mod:`shared.notify`), so
+while overlayd restarts, queries wait in the kernel's queues instead of
+being refused, and the next process answers them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +42,7 @@ from typing import Any
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSError, DNSHeader, DNSRecord
 from prometheus_client import Counter
 
+from shared import notify
 from shared.traffic import DeploymentTraffic, DnsRecord
 
 log = logging.getLogger("zlayer.overlayd")
@@ -44,6 +52,8 @@ TTL = 5  # seconds: records follow health, so resolvers must not hold them long
 UPSTREAM_TIMEOUT = 2.0  # per upstream and attempt
 TCP_IDLE_TIMEOUT = 10.0
 UDP_PAYLOAD = 512  # without EDNS0
+UDP_SOCKET = "dns-udp"  # names in the file descriptor store
+TCP_SOCKET = "dns-tcp"
 
 QUERIES = Counter(
     "zlayer_overlay_dns_queries",
@@ -159,14 +169,14 @@ class DnsServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> None:
-        """Listen on ``host:port``; OSError if the port is taken."""
+        """Listen on ``host:port`` (the kept sockets if passed); OSError if the port is taken."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(host, port)
-        )
+        udp = notify.listening_socket(UDP_SOCKET, socket.SOCK_DGRAM, host, port)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp)
         self._udp = transport
         try:
-            self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
+            tcp = notify.listening_socket(TCP_SOCKET, socket.SOCK_STREAM, host, port)
+            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
         except OSError:
             transport.close()
             raise
