@@ -22,7 +22,6 @@ table says so in :attr:`RouteTable.shadowed`.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,6 +32,7 @@ from pydantic import ValidationError
 
 from daemons.proxyd.metrics import RouteMetrics
 from shared.spec.models import EndpointSpec
+from shared.statefile import StateFormatError, read_state, write_atomically
 from shared.traffic import (
     DeploymentTraffic,
     RouteInfo,
@@ -46,6 +46,17 @@ from shared.traffic import (
 
 DEFAULT_SESSION_TIMEOUT = 60.0
 L7_PROTOCOLS = frozenset({"http", "https", "websocket"})
+
+
+def _parse_saved(text: str) -> DeploymentTraffic:
+    """A saved push, validated as a push is; a ValueError for a file that is not one."""
+    raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise StateFormatError("it is not a saved push")
+    try:
+        return Routes.parse(str(raw.get("deployment", "")), text)
+    except RouteError as exc:
+        raise StateFormatError(str(exc)) from None
 
 
 class RouteError(Exception):
@@ -500,21 +511,24 @@ class Routes:
         if not traffic.services:
             path.unlink(missing_ok=True)
             return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(traffic.model_dump_json())
-        os.replace(tmp, path)
+        write_atomically(path, traffic.model_dump_json())
 
     def load(self) -> list[str]:
-        """Read every persisted push into the table; warnings for files that were skipped."""
+        """Read every persisted push into the table; warnings for files that were skipped.
+
+        A file that cannot be read or is not a valid push is moved aside
+        (logged): schedd's next view restores what it held.
+        """
         warnings: list[str] = []
         if not self._dir.is_dir():
             return warnings
         for path in sorted(self._dir.glob("*.json")):
+            traffic = read_state(path, _parse_saved, "the next push from schedd restores them")
+            if traffic is None:
+                continue
             try:
-                raw = json.loads(path.read_text())
-                traffic = self.parse(str(raw.get("deployment", "")), json.dumps(raw))
                 self.apply(traffic)
-            except (OSError, ValueError, AttributeError, RouteError) as exc:
+            except RouteError as exc:
                 warnings.append(
                     f"skipped the saved routes in {path} ({exc}); the next push restores them"
                 )

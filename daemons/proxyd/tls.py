@@ -11,7 +11,6 @@ made once (for development) and kept in the state directory.
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from daemons.proxyd.settings import ProxySettings
+from shared.statefile import write_atomically
 
 L7_ALPN = ["h2", "http/1.1"]
 SELF_SIGNED_NAME = "zlayer-proxyd"
@@ -194,9 +194,7 @@ def make_self_signed(directory: Path) -> tuple[Path, Path]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key_bytes)
-    os.replace(key_path.with_suffix(".tmp"), key_path)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    # The key first: the certificate's presence says the pair is complete.
+    write_atomically(key_path, key_bytes, mode=0o600)
+    write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path

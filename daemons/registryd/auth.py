@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.bus import InvalidArgumentError
 from shared.reference import DEFAULT_DOMAIN
+from shared.statefile import StateFormatError, read_state, write_atomically
 
 SYSTEM_AUTH_FILE = Path("/etc/containers/auth.json")
 # Docker Hub appears under several spellings in people's auth files.
@@ -159,6 +157,13 @@ def user_credential(registry: str, environ: dict[str, str] | None = None) -> str
     return ""
 
 
+def _parse_auth_file(text: str) -> dict[str, Any]:
+    document = json.loads(text)
+    if not isinstance(document, dict):
+        raise StateFormatError("it is not a JSON object")
+    return document
+
+
 class CredentialStore:
     """registryd's own credentials (``zlayerctl login``), in a 0600 Docker-format file."""
 
@@ -167,40 +172,17 @@ class CredentialStore:
         self.system_file = system_file
 
     def _read(self) -> dict[str, Any]:
-        """The file's document, to change; one that cannot be read is never overwritten."""
-        try:
-            document = json.loads(self.path.read_text())
-        except FileNotFoundError:
+        """The file's document, to change; one that cannot be used is moved aside (logged)."""
+        document = read_state(self.path, _parse_auth_file, "starting a new one")
+        if document is None:
             return {"auths": {}}
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "it is not valid JSON"
-            raise InvalidArgumentError(
-                f"the credential file {self.path} cannot be read ({reason}); fix it or move it "
-                "aside, then log in again"
-            ) from None
-        if not isinstance(document, dict):
-            raise InvalidArgumentError(
-                f"the credential file {self.path} is not a JSON object; fix it or move it "
-                "aside, then log in again"
-            )
         if not isinstance(document.get("auths"), dict):
             document["auths"] = {}
         return document
 
     def _write(self, document: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex}"
-        # Created 0600 from the start: a password never sits in a readable file.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(document, handle, indent=1)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.rename(tmp, self.path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        # 0600 from the start: a password never sits in a readable file.
+        write_atomically(self.path, json.dumps(document, indent=1), mode=0o600)
 
     def get(self, registry: str) -> Credential | None:
         found = _entry_from_file(self.path, registry)

@@ -40,9 +40,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from daemons.registryd.sources import ArchiveError, Source, SourceBlob, SourceImage, sha256_hex_of
+from daemons.registryd.sources import (
+    ArchiveError,
+    Opener,
+    Source,
+    SourceBlob,
+    SourceImage,
+    sha256_hex_of,
+)
 from daemons.registryd.unpack import GZIP_MAGIC, ZSTD_MAGIC, unpack_layer
 from daemons.registryd.wasm import image_runtime, is_wasm_blob, unpack_wasm_layer
 from shared.bus import (
@@ -53,6 +60,7 @@ from shared.bus import (
 )
 from shared.models import ImageConfig, ImageDetail, ImageInfo, ImageRootfs
 from shared.reference import InvalidReferenceError, parse_reference
+from shared.statefile import read_state, write_atomically
 
 log = logging.getLogger("zlayer.registryd.store")
 
@@ -117,6 +125,10 @@ def _hex(digest: str) -> str:
     return hex_part
 
 
+def _opener(path: Path) -> Opener:
+    return lambda: open(path, "rb")
+
+
 def _string_list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -171,7 +183,7 @@ class ImageStore:
             directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir()
-        for stale in self.root.glob(".index.json.*"):
+        for stale in self.root.glob(".index.json.*"):  # an older writer's temporary files
             stale.unlink(missing_ok=True)
         self.images = self._load_index()
         with self._lock:
@@ -180,33 +192,91 @@ class ImageStore:
             log.info("removed %d blobs no image references (an interrupted run)", len(removed))
 
     def _load_index(self) -> dict[str, ImageRecord]:
-        try:
-            text = self.index_path.read_text()
-        except FileNotFoundError:
-            return {}
-        try:
-            return IndexFile.model_validate_json(text).images
-        except ValidationError:
-            # Never start with an empty index over a full store: the clean-up
-            # would delete every blob. A person has to look at this.
-            raise StoreError(
-                f"the image index {self.index_path} is unreadable; move it aside to start "
-                "with an empty store (its blobs are then deleted)"
-            ) from None
+        index = read_state(
+            self.index_path,
+            IndexFile.model_validate_json,
+            "taking the images back from the manifests in the store (their names are lost: "
+            "pull or import them again to name them)",
+            log,
+        )
+        if index is not None:
+            return index.images
+        # No index (or an unusable one, moved aside): never start empty over a
+        # full store, whose clean-up would delete every blob and layer (some
+        # mounted by running replicas). Every complete image is taken back.
+        images = self._rebuild_index()
+        if images:
+            self.images = images
+            self._save_index()
+            log.warning("took back %d images from the blobs in %s", len(images), self.blob_dir)
+        return images
+
+    def _rebuild_index(self) -> dict[str, ImageRecord]:
+        """The images whose manifest, config, layer blobs and unpacked layers are all here."""
+        images: dict[str, ImageRecord] = {}
+        for entry in sorted(os.scandir(self.blob_dir), key=lambda e: e.name):
+            try:
+                if entry.stat().st_size > MAX_CONFIG:
+                    continue
+                with open(entry.path, "rb") as handle:
+                    if handle.read(1) != b"{":
+                        continue
+                    manifest = json.loads(b"{" + handle.read())
+                record = self._record_of_manifest(f"sha256:{entry.name}", manifest)
+            except (OSError, ValueError, TypeError, KeyError, ArchiveError):
+                continue
+            if record is not None and record.id not in images and self._complete(record):
+                images[record.id] = record
+        return images
+
+    def _record_of_manifest(self, digest: str, manifest: Any) -> ImageRecord | None:
+        if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
+            return None
+        config, layers = manifest.get("config"), manifest.get("layers")
+        if not isinstance(config, dict) or not isinstance(layers, list):
+            return None
+        config_path = self.blob_path(str(config["digest"]))
+        document = json.loads(config_path.read_bytes())
+        if not isinstance(document, dict):
+            return None
+        blobs = [
+            SourceBlob(
+                open=_opener(self.blob_path(str(layer["digest"]))),
+                digest=str(layer["digest"]),
+                size=int(layer.get("size", 0)),
+                media_type=str(layer.get("mediaType", "")),
+            )
+            for layer in layers
+        ]
+        config_blob = SourceBlob(
+            open=_opener(config_path),
+            digest=str(config["digest"]),
+            media_type=str(config.get("mediaType", "")),
+        )
+        image = SourceImage([], config_blob, blobs, json.dumps(manifest).encode(), digest)
+        runtime, wasm_diff_ids = image_runtime(image, document, str(self.blob_dir))
+        rootfs = document.get("rootfs") or {}
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if wasm_diff_ids is not None:
+            diff_ids = wasm_diff_ids
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(blobs):
+            return None
+        return ImageRecord(
+            id=str(config["digest"]),
+            manifest_digest=digest,
+            layers=[str(b.digest) for b in blobs],
+            diff_ids=[str(d) for d in diff_ids],
+            size=sum(b.size or 0 for b in blobs),
+            created=str(document.get("created") or ""),
+            architecture=str(document.get("architecture") or ""),
+            os=str(document.get("os") or ""),
+            is_wasm=runtime == "wasm",
+            runtime=runtime,
+            imported_at=time.time(),
+        )
 
     def _save_index(self) -> None:
-        data = IndexFile(images=self.images).model_dump_json(indent=1)
-        tmp = self.root / f".index.json.{uuid.uuid4().hex}"
-        with open(tmp, "w") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(tmp, self.index_path)
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomically(self.index_path, IndexFile(images=self.images).model_dump_json(indent=1))
 
     # ------------------------------------------------------------ locks and pins
 

@@ -237,16 +237,16 @@ def test_login_keeps_what_else_the_file_holds_and_logout_finds_old_spellings(
     assert store.get("other.example.com:5000") == Credential("carol", "pw")
 
 
-def test_an_unreadable_credential_file_is_never_overwritten(tmp_path: Path) -> None:
+def test_an_unreadable_credential_file_is_moved_aside_never_overwritten(tmp_path: Path) -> None:
     path = tmp_path / "auth.json"
     path.write_text('{"auths": {"a.example.com": ')
     store = CredentialStore(path, system_file=tmp_path / "none")
-    with pytest.raises(InvalidArgumentError) as caught:
-        store.set("b.example.com", Credential("u", "p"))
-    assert "is not valid JSON" in str(caught.value)
-    assert "\n" not in str(caught.value)
-    assert path.read_text() == '{"auths": {"a.example.com": '
     assert store.get("a.example.com") is None
+    store.set("b.example.com", Credential("u", "p"))  # a login works again
+    (aside,) = tmp_path.glob("auth.json.corrupt-*")
+    assert aside.read_text() == '{"auths": {"a.example.com": '  # kept as it was
+    assert store.get("b.example.com") == Credential("u", "p")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_the_system_file_is_read_after_registryds_own(tmp_path: Path) -> None:
@@ -463,3 +463,37 @@ def test_prune_keeps_what_a_pull_or_push_has_pinned_and_names_nameless_images_by
     assert images == ["example.com/pinned:1"]
     assert store.images == {}
     assert list(store.blob_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "deleted"])
+def test_an_unusable_index_is_moved_aside_and_the_images_taken_back_from_the_blobs(
+    store: ImageStore, tmp_path: Path, damage: str
+) -> None:
+    first = add(store, tmp_path, "example.com/first:1", layer("a", b"a"), layer("b", b"b"))
+    second = add(store, tmp_path, "example.com/second:1", layer("c", b"c"))
+    before = {k: v.model_copy(update={"imported_at": 0.0}) for k, v in store.images.items()}
+    text = store.index_path.read_bytes()
+    if damage == "truncated":
+        store.index_path.write_bytes(text[: len(text) // 2])
+    elif damage == "garbage":
+        store.index_path.write_bytes(b"\x00\xff not an index")
+    else:
+        store.index_path.unlink()
+
+    reopened = ImageStore(store.root)
+    reopened.open()  # starts, never deletes the blobs of images it cannot name
+
+    assert set(reopened.images) == {first, second}
+    for image_id, record in reopened.images.items():
+        assert record.names == []  # the names were only in the index
+        expected = before[image_id].model_copy(update={"names": []})
+        assert record.model_copy(update={"imported_at": 0.0}) == expected
+        assert reopened._complete(record)
+    aside = list(store.root.glob("index.json.corrupt-*"))
+    assert len(aside) == (0 if damage == "deleted" else 1)
+    # The rebuilt index is saved, and a pull or import names the image again.
+    assert ImageStore(store.root)._load_index().keys() == {first, second}
+    again = add(
+        reopened, tmp_path / "again", "example.com/first:1", layer("a", b"a"), layer("b", b"b")
+    )
+    assert again == first and reopened.find("example.com/first:1") is not None
