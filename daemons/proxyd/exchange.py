@@ -59,6 +59,7 @@ class ProxyCore:
         self.loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[None]] = set()
         self.node_address = ""  # the node network's address, once overlayd has said it
+        self.draining = False  # stopping: every answer closes its connection
 
     def spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = self.loop.create_task(coro)  # type: ignore[arg-type]

@@ -99,6 +99,9 @@ class ClientConnection(asyncio.Protocol):
         self.h2: Http2Connection | None = None
         self.upgrading = False
         self.on_node = False
+        self.opened = time.monotonic()
+        self.requests = 0  # begun on this connection
+        self.in_message = False  # a request is being read
 
     # ------------------------------------------------------------ transport
 
@@ -181,6 +184,17 @@ class ClientConnection(asyncio.Protocol):
             and self.last_active < deadline
         )
 
+    def drainable(self, first_request_wait: float) -> bool:
+        """Whether a stopping proxy may close this connection now.
+
+        Not while a request is under way, nor while a new connection may
+        still send its first one (it was accepted: it is owed an answer).
+        """
+        if self.h2 is not None or self.in_message:
+            return False
+        fresh = self.requests == 0 and time.monotonic() - self.opened < first_request_wait
+        return self.idle_since(float("inf")) and not fresh
+
     def close(self) -> None:
         self.closing = True
         self.flush()
@@ -190,6 +204,8 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------ httptools callbacks
 
     def on_message_begin(self) -> None:
+        self.requests += 1
+        self.in_message = True
         self.url = b""
         self.headers = []
 
@@ -271,6 +287,7 @@ class ClientConnection(asyncio.Protocol):
             self.parsing.request_body(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = False
         parsing = self.parsing
         if parsing is not None:
             self.parsing = None
@@ -299,7 +316,8 @@ class ClientConnection(asyncio.Protocol):
             parts.append(b"Transfer-Encoding: chunked\r\n")
         if status == 101:
             parts.append(b"Connection: Upgrade\r\n")
-        elif not exchange.client_keep_alive:
+        elif not exchange.client_keep_alive or self.core.draining:
+            exchange.client_keep_alive = False  # stopping: this answer is the connection's last
             parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")
         self._write(b"".join(parts))
@@ -324,7 +342,7 @@ class ClientConnection(asyncio.Protocol):
 
     def local_response(self, exchange: Exchange | LocalReply, status: int, message: str) -> None:
         body = message.encode() + b"\n"
-        keep = exchange.client_keep_alive and exchange.body_done
+        keep = exchange.client_keep_alive and exchange.body_done and not self.core.draining
         exchange.client_keep_alive = keep
         self._write(
             b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\n"

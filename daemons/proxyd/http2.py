@@ -200,6 +200,10 @@ class Http2Connection:
     def idle_since(self, deadline: float) -> bool:
         return not self.streams and self.last_active < deadline
 
+    def drainable(self, first_request_wait: float) -> bool:
+        """Whether a stopping proxy may close this connection now (no stream open)."""
+        return not self.streams
+
     def close(self) -> None:
         try:
             self.h2.close_connection()

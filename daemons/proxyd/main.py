@@ -21,7 +21,6 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import ssl
 from dataclasses import dataclass
 
@@ -54,6 +53,7 @@ SWEEP_INTERVAL = 1.0
 NETWORK_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 20.0  # within the unit's TimeoutStopSec
 DRAIN_POLL = 0.05
+FIRST_REQUEST_WAIT = 2.0  # an accepted connection's first request, when stopping
 
 ListenKey = tuple[str, int]  # (address, port)
 
@@ -225,11 +225,13 @@ class ProxyDaemon(Daemon):
         """Close client connections as they become idle, until none is left or ``timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if self.core is not None:
+            self.core.draining = True
         while True:
             busy = 0
             for listener in self._listeners():
                 for connection in list(listener.connections):
-                    if connection.idle_since(math.inf):
+                    if connection.drainable(FIRST_REQUEST_WAIT):
                         connection.close()
                     else:
                         busy += 1

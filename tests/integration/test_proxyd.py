@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -28,6 +29,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from ctl.fdstore import ChildStart, FdStore, receive
+from ctl.supervisor import find_executable
 from shared.bus import (
     DAEMONS_BY_NAME,
     ConflictError,
@@ -89,6 +92,7 @@ class Backends:
         self.hits: Counter[str] = Counter()
         self.connections: dict[str, set[int]] = {a: set() for a in addresses}
         self.seen_headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
         self.loops = LoopThread()
         self.runner: web.AppRunner | None = None
         self.sites: dict[str, web.TCPSite] = {}
@@ -113,6 +117,7 @@ class Backends:
         if peer:
             self.connections.setdefault(address, set()).add(int(peer[1]))
         self.seen_headers.append(dict(request.headers))
+        self.paths.append(request.path_qs)
         seconds = float(request.query.get("sleep", "0"))
         if seconds:
             await asyncio.sleep(seconds)
@@ -172,10 +177,80 @@ def http_endpoint(port: int, target: int, **extra: Any) -> dict[str, Any]:
     }
 
 
-class Proxyd:
-    """One zlayer-proxyd of the test's own prefix and bus."""
+class StoreKeeper:
+    """The supervisor's end of the notify socket: readiness lines and a file descriptor store.
 
-    def __init__(self, paths: Paths, bus: PrivateBus, notify: NotifyListener) -> None:
+    What systemd and ``zlayerctl daemon run`` do for proxyd: keep the
+    sockets it stores (``FDSTORE=1``), drop the ones it removes, and pass the
+    kept ones to the next process it starts (``LISTEN_FDS``). A thread reads
+    the socket all along, as a supervisor does.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.store = FdStore(limit=64)
+        self.messages: list[str] = []
+        self.lock = threading.Lock()
+        self.reading = True
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        import select
+
+        while self.reading:
+            ready, _, _ = select.select([self.sock], [], [], 0.05)
+            if not ready:
+                continue
+            while (message := receive(self.sock)) is not None:
+                with self.lock:
+                    self.messages.extend(message.lines)
+                    self.store.apply(message)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return self.store.names()
+
+    def wait_for(self, line: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if line in self.messages:
+                    return
+            assert time.monotonic() < deadline, f"no {line!r} within {timeout}s: {self.messages}"
+            time.sleep(0.02)
+
+    def start(self, name: str, bus: PrivateBus) -> subprocess.Popen[str]:
+        """The daemon as a child, given the kept sockets as systemd gives them."""
+        environ = {"ZLAYER_BUS_ADDRESS": bus.address, "NOTIFY_SOCKET": str(self.path)}
+        with self.lock:
+            child = ChildStart(environ, passed=self.store.passed())
+            self.messages.clear()
+        with child.reserved():
+            return subprocess.Popen(
+                [find_executable(f"zlayer-{name}")],
+                preexec_fn=child.preexec,
+                pass_fds=child.pass_fds,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+    def close(self) -> None:
+        self.reading = False
+        self.thread.join(5)
+        self.store.close()
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Proxyd:
+    """One zlayer-proxyd of the test's own prefix and bus, under a supervisor's notify socket."""
+
+    def __init__(self, paths: Paths, bus: PrivateBus, notify: StoreKeeper) -> None:
         self.paths = paths
         self.bus = bus
         self.notify = notify
@@ -202,8 +277,7 @@ class Proxyd:
         self.paths.daemon_config("proxyd").write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
-        self.notify.messages.clear()
-        self.process = start("proxyd", self.bus, self.notify)
+        self.process = self.notify.start("proxyd", self.bus)
         self.notify.wait_for("READY=1")
 
     def stop(self) -> None:
@@ -219,6 +293,16 @@ class Proxyd:
             bus = open_bus(self.bus.address)
             try:
                 return await getattr(proxy(DAEMONS_BY_NAME["proxyd"], bus), method)(*args)
+            finally:
+                bus.close()
+
+        return asyncio.run(run())
+
+    def call_overlayd(self, method: str, *args: Any) -> Any:
+        async def run() -> Any:
+            bus = open_bus(self.bus.address)
+            try:
+                return await getattr(proxy(DAEMONS_BY_NAME["overlayd"], bus), method)(*args)
             finally:
                 bus.close()
 
@@ -275,7 +359,7 @@ def backends() -> Any:
 
 @pytest.fixture
 def proxyd(zlayer_prefix: Paths, private_bus: PrivateBus) -> Any:
-    listener = NotifyListener(zlayer_prefix.prefix / "notify.sock")
+    listener = StoreKeeper(zlayer_prefix.prefix / "notify.sock")
     daemon = Proxyd(zlayer_prefix, private_bus, listener)
     try:
         yield daemon
@@ -758,6 +842,7 @@ def test_restart_serves_saved_routes_and_bad_pushes_are_named_errors(
         assert words in message and "\n" not in message and "Traceback" not in message
 
     proxyd.stop()
+    proxyd.configure(http_port=80)  # an old file: it still starts, and says the key is unused
     proxyd.start()
     assert [r["service"] for r in proxyd.routes()] == ["web"]
     assert run(lambda: _plain_get(proxyd, "any.test")) == 200
@@ -765,3 +850,252 @@ def test_restart_serves_saved_routes_and_bad_pushes_are_named_errors(
     proxyd.push("demo", [])
     assert proxyd.routes() == []
     assert not list((state_dir(proxyd.paths) / "traffic").glob("*.json"))
+    proxyd.stop()
+    assert "http_port in " in proxyd.logs and "has no effect any more" in proxyd.logs
+
+
+def refused(address: str, port: int) -> bool:
+    """Whether nothing listens on (address, port) now."""
+    try:
+        socket.create_connection((address, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def closes(address: str, port: int) -> bool:
+    """Whether (address, port) stops listening (the supervisor drops the kept socket)."""
+    deadline = time.monotonic() + 10
+    while not refused(address, port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+async def _get(url: str, host: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await fetch(session, url, headers={"Host": host})
+        return status, body
+
+
+def test_endpoints_listen_on_their_own_ports_shared_and_routed_by_host(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    proxyd.start()
+    shared, other = proxyd.http_port, free_port()
+    target = backends.port
+    proxyd.push(
+        "one",
+        [service("web", [http_endpoint(shared, target, host="a.test")], ["127.0.0.2"], "one")],
+    )
+    proxyd.push(
+        "two",
+        [
+            service("web", [http_endpoint(shared, target, host="b.test")], ["127.0.0.3"], "two"),
+            service("api", [http_endpoint(other, target)], ["127.0.0.4"], "two"),
+        ],
+    )
+    base = f"http://127.0.0.1:{shared}"
+    assert run(lambda: _get(base, "a.test"))[1].split()[0] == "127.0.0.2"
+    assert run(lambda: _get(base, "b.test"))[1].split()[0] == "127.0.0.3"
+    assert run(lambda: _get(base, "c.test"))[0] == 404
+    assert run(lambda: _get(f"http://127.0.0.1:{other}/x", "any.test"))[1].split()[0] == "127.0.0.4"
+    listens = {(r["deployment"], r["service"]): r["listen"] for r in proxyd.routes()}
+    assert listens == {
+        ("one", "web"): f"127.0.0.1:{shared}",
+        ("two", "web"): f"127.0.0.1:{shared}",
+        ("two", "api"): f"127.0.0.1:{other}",
+    }
+
+    # An https endpoint on a plain port is refused; so is a port another program holds.
+    https = {**http_endpoint(shared, target, host="d.test"), "protocol": "https"}
+    with pytest.raises(ConflictError, match="a port is plain or TLS"):
+        proxyd.push("three", [service("web", [https], ["127.0.0.2"], "three")])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        with pytest.raises(ConflictError) as caught:
+            proxyd.push(
+                "three", [service("web", [http_endpoint(taken, target)], ["127.0.0.2"], "three")]
+            )
+    message = str(caught.value)
+    assert message == (
+        f"cannot listen on 127.0.0.1:{taken} for three/web endpoint http: another program is "
+        "listening there; stop it or give the endpoint another port"
+    )
+    assert [r["deployment"] for r in proxyd.routes()].count("three") == 0
+    assert run(lambda: _get(base, "a.test"))[0] == 200  # the others serve on
+
+    # Each listening socket is kept by the supervisor, and dropped with its port:
+    # two's api goes, then one's and two's web.
+    kept = {f"proxyd-127.0.0.1-{shared}", f"proxyd-127.0.0.1-{other}"}
+    assert set(proxyd.notify.names()) == kept
+    proxyd.push(
+        "two",
+        [service("web", [http_endpoint(shared, target, host="b.test")], ["127.0.0.3"], "two")],
+    )
+    assert closes("127.0.0.1", other)
+    proxyd.push("two", [])
+    assert run(lambda: _get(base, "a.test"))[0] == 200
+    proxyd.push("one", [])
+    assert closes("127.0.0.1", shared)
+    assert proxyd.routes() == [] and proxyd.notify.names() == []
+
+
+class RequestLoop:
+    """One request after another, each on a new connection, counting how each ended."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.outcomes: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import http.client
+
+        while self.running:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                conn.request("GET", "/loop")
+                response = conn.getresponse()
+                response.read()
+                outcome = "ok" if response.status == 200 else f"status {response.status}"
+            except ConnectionRefusedError:
+                outcome = "refused"
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = "failed"
+                self.errors.append(repr(exc))
+            finally:
+                conn.close()
+            self.outcomes[outcome] += 1
+
+    def served(self) -> int:
+        return self.outcomes["ok"]
+
+    def wait_served(self, more: int) -> None:
+        """Until ``more`` further requests have been answered."""
+        target = self.served() + more
+        deadline = time.monotonic() + 30
+        while self.served() < target:
+            assert time.monotonic() < deadline, f"the loop stalled: {self.outcomes}"
+            time.sleep(0.02)
+
+    def stop(self) -> Counter[str]:
+        self.running = False
+        self.thread.join(60)
+        return self.outcomes
+
+
+def test_kill_9_refuses_no_connection_the_next_process_takes_the_kept_socket(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    proxyd.start()
+    proxyd.push("demo", [service("web", [proxyd.http(backends.port)], BACKENDS[:2])])
+    loop = RequestLoop(proxyd.http_port)
+    try:
+        loop.wait_served(20)
+        assert proxyd.process is not None
+        proxyd.process.kill()
+        _, err = proxyd.process.communicate(timeout=10)
+        proxyd.logs += err
+        proxyd.process = None
+        proxyd.start()  # as the supervisor restarts it, with the kept sockets
+        loop.wait_served(50)
+    finally:
+        outcomes = loop.stop()
+    # Connections made while no process ran waited in the kept socket's queue.
+    # Only a request the killed process had in hand at that instant may fail.
+    assert outcomes["refused"] == 0, outcomes
+    assert outcomes["failed"] <= 1, (outcomes, loop.errors)
+    assert set(outcomes) <= {"ok", "failed"}, outcomes
+    assert proxyd.notify.names() == [f"proxyd-127.0.0.1-{proxyd.http_port}"]
+
+
+def test_a_graceful_restart_finishes_what_it_has_and_fails_nothing(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    proxyd.start()
+    proxyd.push("demo", [service("web", [proxyd.http(backends.port)], BACKENDS[:2])])
+
+    async def slow() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            status, body, _ = await fetch(session, f"{proxyd.base}/slow?sleep=1.5")
+            return status, body
+
+    loop = RequestLoop(proxyd.http_port)
+    slow_thread = LoopThread()
+    try:
+        loop.wait_served(20)
+        in_flight = asyncio.run_coroutine_threadsafe(slow(), slow_thread.loop)
+        while "/slow?sleep=1.5" not in backends.paths:
+            time.sleep(0.01)
+        proxyd.stop()  # SIGTERM: stop accepting, finish in-flight requests, exit 0
+        proxyd.start()
+        loop.wait_served(50)
+        status, body = in_flight.result(30)
+    finally:
+        outcomes = loop.stop()
+        slow_thread.close()
+    assert status == 200 and "/slow?sleep=1.5" in body
+    assert outcomes == Counter(ok=outcomes["ok"]), (outcomes, loop.errors)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="overlayd's bridge needs root")
+def test_internal_endpoints_listen_on_the_node_address_only(
+    proxyd: Proxyd, backends: Backends, zlayer_prefix: Paths, private_bus: PrivateBus
+) -> None:
+    # The real overlayd of this prefix (its own bridge and subnet) says the node address.
+    overlay_notify = NotifyListener(zlayer_prefix.prefix / "overlayd-notify.sock")
+    overlayd = start("overlayd", private_bus, overlay_notify)
+    try:
+        overlay_notify.wait_for("READY=1", timeout=30)
+        gateway = json.loads(proxyd.call_overlayd("get_network"))["gateway"]
+        proxyd.start()
+        inner, mixed = proxyd.http_port, free_port()
+        internal = {**http_endpoint(inner, backends.port), "expose": "internal"}
+        proxyd.push(
+            "demo",
+            [
+                service("api", [internal], ["127.0.0.2"]),
+                service(
+                    "admin", [{**internal, "port": mixed, "host": "admin.test"}], ["127.0.0.3"]
+                ),
+                service("www", [http_endpoint(mixed, backends.port)], ["127.0.0.4"]),
+            ],
+        )
+        # Internal: the node address serves it, 127.0.0.1 (a listen address) does not.
+        assert refused("127.0.0.1", inner)
+        assert run(lambda: _get(f"http://{gateway}:{inner}/i", "any"))[1].split()[0] == "127.0.0.2"
+        # A port with both: public routes everywhere, internal ones on the node address only.
+        assert run(lambda: _get(f"http://127.0.0.1:{mixed}/", "admin.test"))[1].startswith(
+            "127.0.0.4"
+        )
+        assert run(lambda: _get(f"http://{gateway}:{mixed}/", "admin.test"))[1].startswith(
+            "127.0.0.3"
+        )
+        assert run(lambda: _get(f"http://{gateway}:{mixed}/", "www.test"))[1].startswith(
+            "127.0.0.4"
+        )
+        listens = {r["service"]: r["listen"] for r in proxyd.routes()}
+        assert listens == {
+            "api": f"{gateway}:{inner}",
+            "admin": f"{gateway}:{mixed}",
+            "www": f"127.0.0.1:{mixed}",
+        }
+        # A second internal endpoint on the same spot is only shadowed: the push is not refused.
+        proxyd.push("other", [service("api", [internal], ["127.0.0.3"], "other")])
+        assert run(lambda: _get(f"http://{gateway}:{inner}/i", "any"))[1].split()[0] == "127.0.0.2"
+        proxyd.push("demo", [])
+        proxyd.push("other", [])
+        assert closes(gateway, inner) and closes("127.0.0.1", mixed)
+    finally:
+        code, err = stop(overlayd)
+        overlay_notify.close()
+    assert code == 0 and "Traceback" not in err, err
+    proxyd.stop()
+    assert "other/api endpoint http routes host * path /" in proxyd.logs
