@@ -6,20 +6,22 @@ forward from the last address given, so a released address is reused only
 after the rest of the subnet has been, which keeps stale ARP entries of a
 removed replica from pointing at a new one.
 
-Every change is written to the state file atomically (temporary file,
-fsync, rename), so allocations survive a restart or a crash of overlayd.
+Every change is written to the state file atomically
+(:func:`shared.statefile.write_atomically`), so allocations survive a restart
+or a crash of overlayd. A state file that cannot be used is moved aside and
+the allocations start empty; overlayd then takes them back from the
+attachments that exist on the node (:meth:`Ipam.adopt`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
+
+from shared.statefile import StateFormatError, read_state, remove_leftovers, write_atomically
 
 STATE_VERSION = 1
 
@@ -116,6 +118,18 @@ class Ipam:
         self.save()
         return allocation
 
+    def adopt(self, allocation: Allocation) -> bool:
+        """Record an address found in use on the node; False if it is not this subnet's to
+        give or another container holds it."""
+        usable = self.first <= allocation.address <= self.last
+        if not usable or allocation.address in self._by_address:
+            return False
+        if allocation.container_id in self._by_id:
+            return False
+        self._add(allocation)
+        self.save()
+        return True
+
     def _add(self, allocation: Allocation) -> None:
         self._by_id[allocation.container_id] = allocation
         self._by_address[allocation.address] = allocation.container_id
@@ -154,56 +168,49 @@ class Ipam:
     def load(cls, subnet: IPv4Network, path: Path) -> Ipam:
         """The allocations saved at ``path`` (none if it does not exist yet).
 
-        Records whose address lies outside ``subnet`` (the subnet setting
-        changed) are left out and listed in ``dropped`` for the caller to
-        tear down.
+        A file that cannot be read or is not an allocations file is moved
+        aside (logged): the allocations start empty, for the caller to take
+        back from what exists on the node. Records whose address lies outside
+        ``subnet`` (the subnet setting changed) are left out and listed in
+        ``dropped`` for the caller to tear down.
         """
         ipam = cls(subnet, path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
+        remove_leftovers(path)
+        data = read_state(
+            path, _parse_state, "taking the allocations back from the attachments on this node"
+        )
+        if data is None:
             return ipam
-        except (OSError, ValueError) as exc:
-            raise IpamError(f"cannot read the allocations in {path} ({exc})") from None
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            raise IpamError(f"{path} is not an allocations file of this overlayd version")
-        for container_id, record in data.get("allocations", {}).items():
-            allocation = Allocation(
-                container_id=container_id,
-                address=IPv4Address(record["address"]),
-                hostname=record.get("hostname", ""),
-                netns=record.get("netns", ""),
-                host_veth=record.get("host_veth", ""),
-            )
+        for allocation in data[0]:
             usable = ipam.first <= allocation.address <= ipam.last
             if usable and allocation.address not in ipam._by_address:
                 ipam._add(allocation)
             else:
                 ipam.dropped.append(allocation)
-        try:
-            last = IPv4Address(data.get("last", ""))
-        except ValueError:
-            last = ipam.gateway
-        ipam._last = last if last in subnet else ipam.gateway
+        last = data[1]
+        ipam._last = last if last is not None and last in subnet else ipam.gateway
         return ipam
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so a reader sees the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _parse_state(text: str) -> tuple[list[Allocation], IPv4Address | None]:
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise StateFormatError("it is not an allocations file of this overlayd version")
+    records = data.get("allocations", {})
+    if not isinstance(records, dict):
+        raise StateFormatError("its allocations are not a JSON object")
+    allocations = [
+        Allocation(
+            container_id=container_id,
+            address=IPv4Address(record["address"]),
+            hostname=str(record.get("hostname", "")),
+            netns=str(record.get("netns", "")),
+            host_veth=str(record.get("host_veth", "")),
+        )
+        for container_id, record in records.items()
+    ]
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        last: IPv4Address | None = IPv4Address(data.get("last", ""))
+    except ValueError:
+        last = None
+    return allocations, last

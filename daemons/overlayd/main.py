@@ -9,7 +9,8 @@ probes kernel-path backends that have a stream health check
 
 ``zlayer-overlayd --remove-network`` (with the daemon stopped) removes what
 overlayd made on this node: every attachment, the nft table with its
-published ports, the persisted traffic and the bridge.
+published ports, the persisted traffic and the bridge, and puts back the
+host settings it changed (IPv4 forwarding) to the values it found.
 """
 
 from __future__ import annotations
@@ -165,9 +166,9 @@ class OverlayDaemon(Daemon):
         except SetupError as exc:
             self.log.error("%s", exc)
             raise SystemExit(EX_CONFIG if exc.config else 1) from None
-        except IpamError as exc:
-            self.log.error("%s; move it aside to start with no allocations", exc)
-            raise SystemExit(1) from None
+        except IpamError as exc:  # the subnet setting; an unreadable file is moved aside
+            self.log.error("%s", exc)
+            raise SystemExit(EX_CONFIG) from None
         for line in repaired:
             self.log.warning("%s", line)
         for traffic in network.traffic.values():
@@ -342,7 +343,8 @@ def main() -> None:
     parser.add_argument(
         "--remove-network",
         action="store_true",
-        help="remove every attachment, the nft table and the bridge, then exit "
+        help="remove every attachment, the nft table and the bridge, put back the host "
+        "settings overlayd changed, then exit "
         "(stop the daemon first)",
     )
     args = parser.parse_args()

@@ -9,17 +9,22 @@ directory) and the last traffic pushed for each deployment
 (``traffic/<deployment>.json``); everything else (bridge, table with its
 published ports, namespaces, veths) is rebuilt or repaired from them on
 start, which is what lets overlayd restart while replicas keep running.
+Each file is written with :mod:`shared.statefile`; one that cannot be read
+is moved aside, and the allocations are taken back from the attachments on
+the node (their veths are labelled with the container id).
+
+The host settings overlayd changes (IPv4 forwarding, the bridge's
+route_localnet) are recorded in ``sysctls.json`` with the value found before
+the first change, and :meth:`NodeNetwork.remove_all` puts them back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from daemons.overlayd import nft, plumbing
 from daemons.overlayd.dns import DOMAIN, Upstream, parse_upstream
@@ -33,10 +38,12 @@ from daemons.overlayd.publish import (
 )
 from daemons.overlayd.settings import OverlaySettings, host_resolvers
 from shared.models import Attachment, NetworkInfo
+from shared.statefile import StateFormatError, read_state, write_atomically
 from shared.traffic import DeploymentTraffic, TrafficError
 
 STATE_FILE = "allocations.json"
 TRAFFIC_DIR = "traffic"
+SYSCTL_FILE = "sysctls.json"
 HOST_RESOLV = Path("/etc/resolv.conf")
 
 log = logging.getLogger("zlayer.overlayd")
@@ -80,6 +87,7 @@ class NodeNetwork:
         self.table = settings.table
         self.state_path = state_dir / STATE_FILE
         self.traffic_dir = state_dir / TRAFFIC_DIR
+        self.sysctl_path = state_dir / SYSCTL_FILE
         self.resolv_conf = resolv_conf
         self.ipam = Ipam(self.subnet)
         self.gateway = self.ipam.gateway
@@ -108,11 +116,15 @@ class NodeNetwork:
         if not self.traffic_dir.is_dir():
             return skipped
         for path in sorted(self.traffic_dir.glob("*.json")):
+            traffic = read_state(
+                path, DeploymentTraffic.model_validate_json, "the next push replaces it", log
+            )
+            if traffic is None:
+                continue
             try:
-                traffic = DeploymentTraffic.model_validate_json(path.read_text())
                 ports = published_ports(traffic)
                 check_conflicts(traffic.deployment, ports, self.published)
-            except (OSError, ValidationError, TrafficError) as exc:
+            except TrafficError as exc:
                 line = " ".join(str(exc).split())[:200]
                 skipped.append(f"skipped {path.name} ({line}); the next push replaces it")
                 log.warning("%s", skipped[-1])
@@ -138,16 +150,61 @@ class NodeNetwork:
             done += plumbing.ensure_bridge(self.bridge, self.gateway, self.subnet.prefixlen)
         except plumbing.PlumbingError as exc:
             raise SetupError(str(exc), config=True) from None
-        if plumbing.enable_forwarding():
+        if self._set_sysctl(plumbing.IP_FORWARD, "1"):
             done.append("turned IPv4 forwarding on")
         # The node's own connections to 127.0.0.1:<published port> are
         # DNATed onto the bridge; the kernel drops 127/8 there unless told.
-        if plumbing.enable_route_localnet(self.bridge):
+        # Only on the bridge (the setting is the OR of ``all`` and the
+        # device's), so the rest of the host keeps treating 127/8 off
+        # loopback as martian.
+        if self._set_sysctl(plumbing.route_localnet(self.bridge), "1"):
             done.append(f"let {self.bridge} carry 127.0.0.0/8 (published ports on localhost)")
         try:
             self._apply_table()
         except nft.NftError as exc:
             raise SetupError(str(exc)) from None
+        return done
+
+    def _set_sysctl(self, key: str, value: str) -> bool:
+        """Set a host setting, first recording the value found (once); True if it changed."""
+        found = plumbing.read_sysctl(key)
+        if found == value:
+            return False
+        recorded = self._recorded_sysctls()
+        if key not in recorded:
+            # Before the change: a crash in between must not lose the old value,
+            # and a later start (which finds overlayd's own value) records nothing.
+            recorded[key] = found
+            write_atomically(self.sysctl_path, json.dumps(recorded, indent=1) + "\n")
+        plumbing.write_sysctl(key, value)
+        return True
+
+    def _recorded_sysctls(self) -> dict[str, str]:
+        found = read_state(
+            self.sysctl_path,
+            _parse_sysctls,
+            "the settings changed before are left as they are",
+            log,
+        )
+        return found if found is not None else {}
+
+    def restore_sysctls(self) -> list[str]:
+        """Put back the host settings overlayd changed; what was done, for the log."""
+        done: list[str] = []
+        recorded = self._recorded_sysctls()
+        others = plumbing.zlayer_bridges(exclude=self.bridge)
+        for key, value in recorded.items():
+            if not plumbing.sysctl_path(key).exists():
+                continue  # a setting of an interface that is gone
+            if key == plumbing.IP_FORWARD and others:
+                done.append(
+                    f"left {plumbing.sysctl_name(key)} on: the bridge {others[0]} still forwards"
+                )
+                continue
+            if plumbing.read_sysctl(key) != value:
+                plumbing.write_sysctl(key, value)
+                done.append(f"{plumbing.sysctl_name(key)} (set back to {value})")
+        self.sysctl_path.unlink(missing_ok=True)
         return done
 
     def _apply_table(self) -> None:
@@ -202,11 +259,13 @@ class NodeNetwork:
         if self.ipam.dropped:
             self.ipam.dropped.clear()
             self.ipam.save()
+        repaired += self._take_back_live()
         prefixlen = self.subnet.prefixlen
         for allocation in self.ipam.all():
             names = names_of(allocation, self.bridge)
             state = plumbing.inspect(names, self.bridge, allocation.address, prefixlen)
             if state.healthy:
+                plumbing.set_label(names, _label(allocation))
                 continue
             if not state.netns:
                 plumbing.unplumb(names)
@@ -216,10 +275,32 @@ class NodeNetwork:
                     f"its namespace {names.netns} is gone"
                 )
                 continue
-            steps = plumbing.plumb(names, self.bridge, allocation.address, prefixlen, self.gateway)
+            steps = plumbing.plumb(
+                names, self.bridge, allocation.address, prefixlen, self.gateway, _label(allocation)
+            )
             repaired.append(f"repaired {allocation.container_id}: {'; '.join(steps)}")
         self._on_change()
         return repaired
+
+    def _take_back_live(self) -> list[str]:
+        """Allocations for the attachments on the bridge that the state file does not hold
+        (it was lost or unreadable), so their replicas keep their addresses."""
+        taken: list[str] = []
+        for live in plumbing.live_attachments(self.bridge):
+            if not live.container_id or live.address is None:
+                continue
+            if self.ipam.get(live.container_id) is not None:
+                continue
+            allocation = Allocation(
+                live.container_id,
+                live.address,
+                live.hostname,
+                live.names.netns,
+                live.names.host_veth,
+            )
+            if self.ipam.adopt(allocation):
+                taken.append(f"took back {live.address} of {live.container_id} from its attachment")
+        return taken
 
     # ------------------------------------------------------------ attachments
 
@@ -228,6 +309,14 @@ class NodeNetwork:
             raise AttachError("a container id is needed to attach a network")
         allocation = self.ipam.get(container_id)
         fresh = allocation is None
+        if allocation is None:
+            names = plumbing.names_for(self.bridge, container_id)
+            # Its network outlived a lost allocation: it keeps its address.
+            found = plumbing.address_inside(names) if names.netns_path.exists() else None
+            if found is not None:
+                live = Allocation(container_id, found, hostname, names.netns, names.host_veth)
+                if self.ipam.adopt(live):
+                    allocation = live
         if allocation is None:
             names = plumbing.names_for(self.bridge, container_id)
             try:
@@ -241,7 +330,12 @@ class NodeNetwork:
         names = names_of(allocation, self.bridge)
         try:
             plumbing.plumb(
-                names, self.bridge, allocation.address, self.subnet.prefixlen, self.gateway
+                names,
+                self.bridge,
+                allocation.address,
+                self.subnet.prefixlen,
+                self.gateway,
+                _label(allocation),
             )
         except Exception:
             if fresh:
@@ -368,14 +462,7 @@ class NodeNetwork:
             )
 
     def _save_traffic(self, traffic: DeploymentTraffic) -> None:
-        self.traffic_dir.mkdir(parents=True, exist_ok=True)
-        path = self.traffic_dir / f"{traffic.deployment}.json"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(traffic.model_dump_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        write_atomically(self.traffic_dir / f"{traffic.deployment}.json", traffic.model_dump_json())
 
     def published_ports(self) -> list[PublishedPort]:
         return [port for ports in self.published.values() for port in ports]
@@ -397,6 +484,8 @@ class NodeNetwork:
         if self.ipam.dropped:
             self.ipam.dropped.clear()
             self.ipam.save()
+        for live in plumbing.live_attachments(self.bridge):  # whatever no allocation named
+            removed += plumbing.unplumb(live.names)
         if nft.remove(self.table):
             removed.append(f"nft table ip {self.table}")
         if self.traffic_dir.is_dir():
@@ -407,7 +496,21 @@ class NodeNetwork:
                 removed.append(f"the traffic of {len(self.traffic)} deployments")
         self.traffic.clear()
         self.published.clear()
+        removed += self.restore_sysctls()
         if plumbing.remove_bridge(self.bridge):
             removed.append(f"bridge {self.bridge}")
         self._on_change()
         return removed
+
+
+def _label(allocation: Allocation) -> str:
+    return plumbing.label(allocation.container_id, allocation.hostname)
+
+
+def _parse_sysctls(text: str) -> dict[str, str]:
+    data = json.loads(text)
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise StateFormatError("it is not a record of settings")
+    return data

@@ -10,7 +10,10 @@ be found again: the namespace ``zl-<hash>`` (namespace names are global to
 the machine, and the bridge in the hash keeps two overlayd instances apart)
 and the host end of the veth ``zlv<hash>`` (15 characters, the kernel's
 limit). The peer is created as ``zlp<hash>`` inside the namespace and
-renamed ``eth0`` there.
+renamed ``eth0`` there. The host end carries the container id in its alias
+(:func:`label`), so the attachments on a node can be listed without any file
+(:func:`live_attachments`): overlayd takes its allocations back from them when
+its state file is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +34,8 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError
 
 NETNS_DIR = Path("/run/netns")
-IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+SYSCTL_DIR = Path("/proc/sys")
+IP_FORWARD = "net/ipv4/ip_forward"  # a key: the path under /proc/sys
 IFACE = "eth0"
 HASH_LEN = 12
 
@@ -64,6 +69,82 @@ class Names:
 def names_for(bridge: str, container_id: str) -> Names:
     digest = hashlib.sha256(f"{bridge}/{container_id}".encode()).hexdigest()[:HASH_LEN]
     return Names(netns=f"zl-{digest}", host_veth=f"zlv{digest}", peer=f"zlp{digest}")
+
+
+def label(container_id: str, hostname: str = "") -> str:
+    """The alias of a container's host veth: who it belongs to (at most 255 bytes)."""
+    text = json.dumps({"container": container_id, "hostname": hostname}, separators=(",", ":"))
+    if len(text.encode()) > 255:
+        text = json.dumps({"container": container_id}, separators=(",", ":"))
+    return text if len(text.encode()) <= 255 else ""
+
+
+def _read_label(alias: str | None) -> tuple[str, str]:
+    try:
+        data = json.loads(alias or "")
+    except ValueError:
+        return "", ""
+    if not isinstance(data, dict) or not isinstance(data.get("container"), str):
+        return "", ""
+    return data["container"], str(data.get("hostname", ""))
+
+
+@dataclass(frozen=True)
+class LiveAttachment:
+    """A container network found on the node: a port of the bridge and its namespace."""
+
+    names: Names
+    container_id: str  # "" if the veth carries no label (made by an older overlayd)
+    hostname: str
+    address: IPv4Address | None  # eth0's inside the namespace, if it is there
+
+
+def live_attachments(bridge: str) -> list[LiveAttachment]:
+    """Every container network on ``bridge``: its ``zlv`` ports, with label and address."""
+    with IPRoute() as ip:
+        index = _lookup(ip, bridge)
+        if index is None:
+            return []
+        ports = [link for link in ip.get_links() if link.get("master") == index]
+    found: list[LiveAttachment] = []
+    for link in ports:
+        host_veth = str(link.get_attr("IFLA_IFNAME") or "")
+        if not host_veth.startswith("zlv"):
+            continue
+        digest = host_veth[3:]
+        names = Names(netns=f"zl-{digest}", host_veth=host_veth, peer=f"zlp{digest}")
+        container_id, hostname = _read_label(link.get_attr("IFLA_IFALIAS"))
+        if container_id and names_for(bridge, container_id) != names:
+            container_id = hostname = ""  # not this bridge's name for that container
+        address = address_inside(names) if names.netns_path.exists() else None
+        found.append(LiveAttachment(names, container_id, hostname, address))
+    return found
+
+
+def address_inside(names: Names) -> IPv4Address | None:
+    """The IPv4 address of eth0 in the container's namespace; None if there is none."""
+    try:
+        with _in_netns(names.netns) as inner:
+            index = _lookup(inner, IFACE)
+            if index is None:
+                return None
+            for record in inner.get_addr(family=2, index=index):
+                return IPv4Address(record.get_attr("IFA_ADDRESS"))
+    except (NetlinkError, OSError, ValueError):
+        return None
+    return None
+
+
+def set_label(names: Names, text: str) -> bool:
+    """Give the host veth its alias; True if it had another one."""
+    with IPRoute() as ip:
+        index = _lookup(ip, names.host_veth)
+        if index is None or not text:
+            return False
+        if _link(ip, index).get_attr("IFLA_IFALIAS") == text:
+            return False
+        ip.link("set", index=index, ifalias=text)
+    return True
 
 
 def mac_for(address: IPv4Address) -> str:
@@ -112,25 +193,39 @@ def prepare_netns_dir() -> None:
         raise PlumbingError(f"cannot make {NETNS_DIR} a shared mount ({os.strerror(err)})")
 
 
-def enable_forwarding() -> bool:
-    """Turn IPv4 forwarding on; True if it was off."""
-    if IP_FORWARD.read_text().strip() == "1":
-        return False
-    IP_FORWARD.write_text("1\n")
-    return True
+def route_localnet(bridge: str) -> str:
+    """The key of the bridge's route_localnet (127.0.0.0/8 carried on it)."""
+    return f"net/ipv4/conf/{bridge}/route_localnet"
 
 
-def enable_route_localnet(bridge: str) -> bool:
-    """Let the bridge carry 127.0.0.0/8 sources and destinations; True if it was off.
+def sysctl_path(key: str) -> Path:
+    return SYSCTL_DIR / key
 
-    Only on the bridge (the setting is the OR of ``all`` and the device's),
-    so the rest of the host keeps treating 127/8 off loopback as martian.
-    """
-    path = Path(f"/proc/sys/net/ipv4/conf/{bridge}/route_localnet")
-    if path.read_text().strip() == "1":
-        return False
-    path.write_text("1\n")
-    return True
+
+def sysctl_name(key: str) -> str:
+    """A key as ``sysctl`` names it (dots; a dot in an interface name becomes a slash)."""
+    return ".".join(part.replace(".", "/") for part in key.split("/"))
+
+
+def read_sysctl(key: str) -> str:
+    return sysctl_path(key).read_text().strip()
+
+
+def write_sysctl(key: str, value: str) -> None:
+    sysctl_path(key).write_text(value + "\n")
+
+
+def zlayer_bridges(exclude: str = "") -> list[str]:
+    """The bridges on this host that an overlayd made (their MAC is :func:`bridge_mac`'s)."""
+    found: list[str] = []
+    with IPRoute() as ip:
+        for link in ip.get_links():
+            name = str(link.get_attr("IFLA_IFNAME") or "")
+            if name == exclude or link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "bridge":
+                continue
+            if str(link.get_attr("IFLA_ADDRESS") or "").lower() == bridge_mac(name):
+                found.append(name)
+    return sorted(found)
 
 
 def conflicting_addresses(subnet: IPv4Network, bridge: str) -> list[str]:
@@ -227,9 +322,17 @@ def inspect(names: Names, bridge: str, address: IPv4Address, prefixlen: int) -> 
 
 
 def plumb(
-    names: Names, bridge: str, address: IPv4Address, prefixlen: int, gateway: IPv4Address
+    names: Names,
+    bridge: str,
+    address: IPv4Address,
+    prefixlen: int,
+    gateway: IPv4Address,
+    alias: str = "",
 ) -> list[str]:
-    """Namespace, veth pair, addresses and route for one container; what was done."""
+    """Namespace, veth pair, addresses and route for one container; what was done.
+
+    ``alias`` (:func:`label`) is set on the host veth.
+    """
     done: list[str] = []
     if not names.netns_path.exists():
         create_netns(names.netns_path)
@@ -265,6 +368,8 @@ def plumb(
             finally:
                 os.close(netns_fd)
             index = _must_lookup(ip, names.host_veth)
+            if alias:
+                ip.link("set", index=index, ifalias=alias)
             with _in_netns(names.netns) as inner:
                 peer = _must_lookup(inner, names.peer)
                 inner.link("set", index=peer, ifname=IFACE)

@@ -139,8 +139,10 @@ def start_order(spec: DeploymentSpec) -> list[str]:
 def _public_ports(spec: DeploymentSpec) -> dict[tuple[str, str], str]:
     """What each public endpoint claims on the node -> "service web endpoint http".
 
-    tcp and udp endpoints claim their port; http, https and websocket ones share
-    proxyd's listeners and claim their (scheme, host, path) route.
+    A claim is (what it is called, the node port it is on). tcp and udp
+    endpoints claim their whole port; http, https and websocket ones claim
+    one route on their port (proxyd listens on each endpoint's port), which
+    they share with other routes of their scheme: see :func:`_port_clash`.
     """
     claims: dict[tuple[str, str], str] = {}
     for name, service in spec.services.items():
@@ -148,13 +150,37 @@ def _public_ports(spec: DeploymentSpec) -> dict[tuple[str, str], str]:
             if endpoint.expose != "public":
                 continue
             where = f"service {name} endpoint {endpoint.name}"
+            transport = "udp" if endpoint.protocol == "udp" else "tcp"
+            port = f"{endpoint.port}/{transport}"
             if endpoint.protocol in ("tcp", "udp"):
-                claims[(f"port {endpoint.port}/{endpoint.protocol}", "")] = where
+                claims[(f"port {port}", port)] = where
             else:
                 scheme = "https" if endpoint.protocol == "https" else "http"
-                route = f"{scheme}://{endpoint.host or '*'}{endpoint.path or '/'}"
-                claims[(f"route {route}", "")] = where
+                host = endpoint.host or "*"
+                route = f"{scheme}://{host}:{endpoint.port}{endpoint.path or '/'}"
+                claims[(f"route {route}", port)] = where
     return claims
+
+
+def _port_clash(
+    claim: tuple[str, str], taken: dict[tuple[str, str], str]
+) -> tuple[str, str] | None:
+    """Who in ``taken`` cannot share the node with ``claim``, and the fix; None if nobody.
+
+    Two claims on one port clash unless both are routes of one scheme with
+    different hosts or paths (an http and an https route cannot share a port,
+    nor a route a tcp port).
+    """
+    label, port = claim
+    for other, where in taken.items():
+        if other[1] != port:
+            continue
+        if other[0] == label and label.startswith("route"):
+            return where, "give it another host or path"
+        routes = label.startswith("route") and other[0].startswith("route")
+        if not routes or label.split(":", 1)[0] != other[0].split(":", 1)[0]:
+            return (where if other[0] == label else f"{where} ({other[0]})"), "pick another port"
+    return None
 
 
 def next_cron_time(schedule: str, after: float) -> float:
@@ -393,14 +419,11 @@ class Scheduler:
                 continue
             taken = _public_ports(DeploymentSpec.model_validate_json(stored.spec_json))
             for claim, where in mine.items():
-                if claim in taken:
-                    fix = (
-                        "pick another port"
-                        if claim[0].startswith("port")
-                        else "give it another host or path"
-                    )
+                clash = _port_clash(claim, taken)
+                if clash is not None:
+                    theirs, fix = clash
                     raise ConflictError(
-                        f"{where} wants public {claim[0]}, which {taken[claim]} of deployment "
+                        f"{where} wants public {claim[0]}, which {theirs} of deployment "
                         f"{other} already uses; {fix}, or `zlayerctl down {other}` first"
                     )
 

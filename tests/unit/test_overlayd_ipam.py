@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemons.overlayd import nft
-from daemons.overlayd.ipam import ExhaustedError, Ipam, IpamError, capacity
+from daemons.overlayd.ipam import Allocation, ExhaustedError, Ipam, IpamError, capacity
 from daemons.overlayd.plumbing import mac_for, names_for
 from daemons.overlayd.settings import DEFAULT_SUBNET, OverlaySettings, host_resolvers
 from shared.config import ConfigError
@@ -146,14 +146,25 @@ def test_records_outside_a_changed_subnet_are_dropped(tmp_path: Path) -> None:
     assert len(new) == 0 and [d.container_id for d in new.dropped] == ["a"]
 
 
-def test_a_corrupt_state_file_is_a_sentence(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"version": 99}', '{"version": 1, "allocations": 3}']
+)
+def test_a_corrupt_state_file_is_moved_aside_and_allocations_start_empty(
+    tmp_path: Path, content: str
+) -> None:
     path = tmp_path / "allocations.json"
-    path.write_text("{not json")
-    with pytest.raises(IpamError, match="cannot read the allocations"):
-        Ipam.load(IPv4Network("10.231.0.0/24"), path)
-    path.write_text('{"version": 99}')
-    with pytest.raises(IpamError, match="not an allocations file"):
-        Ipam.load(IPv4Network("10.231.0.0/24"), path)
+    path.write_text(content)
+    ipam = Ipam.load(IPv4Network("10.231.0.0/24"), path)
+    assert len(ipam) == 0
+    (aside,) = tmp_path.glob("allocations.json.corrupt-*")
+    assert aside.read_text() == content
+    # What the node still runs is taken back, and saved in a good file again.
+    assert ipam.adopt(Allocation("a", IPv4Address("10.231.0.9"), "web"))
+    assert not ipam.adopt(Allocation("b", IPv4Address("10.231.0.9")))  # held by a
+    assert not ipam.adopt(Allocation("c", IPv4Address("10.231.7.9")))  # not this subnet
+    again = Ipam.load(IPv4Network("10.231.0.0/24"), path)
+    assert [(a.container_id, str(a.address)) for a in again.all()] == [("a", "10.231.0.9")]
+    assert again.allocate("d").address != IPv4Address("10.231.0.9")
 
 
 def test_without_a_path_nothing_is_written(tmp_path: Path) -> None:
