@@ -40,12 +40,9 @@ def running_node(prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     prefix.mkdir()
     paths = Paths(prefix)
     write_test_config(paths, network_tag="zle")
-    http_port = free_port()
-    paths.daemon_config("proxyd").write_text(
-        f"metrics_port = 0\nhttp_port = {http_port}\nhttps_port = {free_port()}\n"
-        "access_log = false\n"
-    )
-    node = Node(paths, tmp_path_factory.mktemp("work"), http_port)
+    paths.daemon_config("proxyd").write_text("metrics_port = 0\naccess_log = false\n")
+    # proxyd listens on each endpoint's port: the tests' public http endpoints use this one.
+    node = Node(paths, tmp_path_factory.mktemp("work"), free_port())
     image_dir = write_oci_layout(busybox_image(), tmp_path_factory.mktemp("image") / "oci")
     try:
         node.ctl("daemon", "run", "--detach", check=True)

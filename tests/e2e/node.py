@@ -25,7 +25,7 @@ class Node:
     def __init__(self, paths: Paths, workdir: Path, http_port: int = 0) -> None:
         self.paths = paths
         self.workdir = workdir
-        self.http_port = http_port  # proxyd's plain HTTP listener
+        self.http_port = http_port  # a free port for the tests' public http endpoints
         self.env = dict(os.environ, **{PREFIX_ENV: str(paths.prefix)})
         self.env.pop("ZLAYER_BUS_ADDRESS", None)
 

@@ -278,9 +278,10 @@ def test_clear_sentences_for_user_mistakes(node: Node) -> None:
     assert "node_selector places replicas across a cluster" in events
     node.ctl("down", "placed", check=True)
 
-    # A tcp port belongs to one deployment; so does an http route (host and path).
-    port = free_port()
-    public_tcp = f"port: 8080, expose: public}}, {{name: raw, protocol: tcp, port: {port}, "
+    # A tcp port belongs to one deployment; so does an http route (port, host and path).
+    port, web_port = free_port(), free_port()
+    public_http = f"port: {web_port}, target_port: 8080, expose: public}}"
+    public_tcp = f"{public_http}, {{name: raw, protocol: tcp, port: {port}, "
     public_tcp += "target_port: 8080, expose: public}"
     first = node.spec(
         "first", WEB.format(name="first", replicas=1).replace("port: 8080}", public_tcp)
@@ -298,10 +299,10 @@ def test_clear_sentences_for_user_mistakes(node: Node) -> None:
     assert "deployment first already uses; pick another port" in clash.stderr
     third = node.spec(
         "third",
-        WEB.format(name="third", replicas=1).replace("port: 8080}", "port: 8080, expose: public}"),
+        WEB.format(name="third", replicas=1).replace("port: 8080}", public_http),
     )
     route = node.ctl("up", "-b", str(third))
     assert route.returncode == 1
-    assert "wants public route http://*/" in route.stderr
+    assert f"wants public route http://*:{web_port}/" in route.stderr
     assert "give it another host or path" in route.stderr
     node.ctl("down", "first", check=True)

@@ -1,9 +1,9 @@
 """Traffic on one node, as a user meets it: service DNS, proxyd, the kernel L4 path,
 rollouts under load, rollback, and adaptive scaling.
 
-The daemons run under `zlayerctl daemon run` with proxyd's HTTP listener on a
-free port (``node.http_port``); every request here is a real one, from this
-test process or from inside a replica.
+The daemons run under `zlayerctl daemon run`; the public http endpoint is on a
+free port (``node.http_port``), where proxyd listens for it; every request here
+is a real one, from this test process or from inside a replica.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ services:
       args:
         - {script}
     endpoints:
-      - {{name: http, protocol: http, port: 8080, expose: public}}
+      - {{name: http, protocol: http, port: {http_port}, target_port: 8080, expose: public}}
       - {{name: raw, protocol: tcp, port: {tcp_port}, target_port: 8080, expose: public}}
     scale: {{mode: fixed, replicas: {replicas}}}
     health:
@@ -59,7 +59,13 @@ SERVE = (
 def shop(node: Node, version: str, replicas: int, tcp_port: int, script: str = SERVE) -> Path:
     return node.spec(
         "shop",
-        SHOP.format(version=version, replicas=replicas, tcp_port=tcp_port, script=script),
+        SHOP.format(
+            version=version,
+            replicas=replicas,
+            tcp_port=tcp_port,
+            http_port=node.http_port,
+            script=script,
+        ),
     )
 
 
@@ -300,16 +306,19 @@ services:
     command:
       entrypoint: ["sh", "-c"]
       args: ["mkdir -p /www && echo page > /www/index.html && exec httpd -f -p 8080 -h /www"]
-    endpoints: [{name: http, protocol: http, port: 8080, expose: public, host: pages.test}]
-    scale: {mode: adaptive, min: 1, max: 3, cooldown: 2s, targets: {rps: 20}}
-    health: {interval: 1s, timeout: 1s, retries: 1, check: {type: http, url: /index.html}}
+    endpoints:
+      - {{name: http, protocol: http, port: {http_port}, target_port: 8080, expose: public,
+          host: pages.test}}
+    scale: {{mode: adaptive, min: 1, max: 3, cooldown: 2s, targets: {{rps: 20}}}}
+    health: {{interval: 1s, timeout: 1s, retries: 1, check: {{type: http, url: /index.html}}}}
 """
 
 
 def test_request_rate_through_proxyd_scales_up_and_back(node: Node) -> None:
     """proxyd's request counters reach schedd: a burst over the rps target adds
     replicas, and quiet brings the service back to min."""
-    node.ctl("up", "-d", str(node.spec("pages", PAGES)), "--timeout", "60", check=True)
+    pages = node.spec("pages", PAGES.format(http_port=node.http_port))
+    node.ctl("up", "-d", str(pages), "--timeout", "60", check=True)
     stop = threading.Event()
     answered: list[int] = []
 
