@@ -75,8 +75,6 @@ def write_bench_config(paths: Paths, extra: Mapping[str, str] | None = None) -> 
             # A network of the benchmark's own, never the node's zlayer0.
             pid = os.getpid()
             more += f'bridge = "zlq{pid % 100000}"\nsubnet = "10.248.{pid % 250}.0/24"\n'
-        if info.name == "proxyd" and "http_port" not in given:
-            more += "http_port = 0\nhttps_port = 0\n"
         more += given
         paths.daemon_config(info.name).write_text(f"metrics_port = 0\n{more}")
 

@@ -113,13 +113,12 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def proxyd(root: Path) -> Iterator[tuple[PrivateBus, int]]:
+def proxyd(root: Path) -> Iterator[PrivateBus]:
     """zlayer-proxyd alone (the only daemon this measures) on a private bus."""
     paths = Paths(root / "prefix")
     paths.config_dir.mkdir(parents=True)
     paths.daemon_config("proxyd").write_text(
-        "metrics_port = 0\nhttp_port = 0\nhttps_port = 0\n"
-        'listen_addresses = ["127.0.0.1"]\naccess_log = false\n'
+        'metrics_port = 0\nlisten_addresses = ["127.0.0.1"]\naccess_log = false\n'
     )
     bus = PrivateBus(root / "bus.sock")
     bus.start()
@@ -133,8 +132,7 @@ def proxyd(root: Path) -> Iterator[tuple[PrivateBus, int]]:
         while status.state != "running" and time.monotonic() < deadline:
             time.sleep(0.1)
             status = DaemonStatus.from_dbus(call(bus, "status"))  # type: ignore[arg-type]
-        port = int(status.detail.split("http 127.0.0.1:", 1)[1].split(",", 1)[0])
-        yield bus, port
+        yield bus
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -236,8 +234,9 @@ def main() -> int:
         with (
             nginx(root / "backend", backend_body, backend_ports),
             nginx(root / "peer", proxy_body, [("127.0.0.1", nginx_port)]),
-            proxyd(root / "proxyd") as (bus, proxyd_port),
+            proxyd(root / "proxyd") as bus,
         ):
+            proxyd_port = free_port()  # proxyd listens on the endpoint's port
             traffic = {
                 "deployment": "bench",
                 "services": [
@@ -248,7 +247,8 @@ def main() -> int:
                             {
                                 "name": "http",
                                 "protocol": "http",
-                                "port": backend_port,
+                                "port": proxyd_port,
+                                "target_port": backend_port,
                                 "expose": "public",
                             }
                         ],

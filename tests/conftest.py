@@ -42,8 +42,6 @@ def write_test_config(paths: Paths, *, network_tag: str = "zlt") -> None:
             extra = (
                 f'bridge = "{network_tag}{pid % 100000}"\nsubnet = "10.{third}.{pid % 250}.0/24"\n'
             )
-        if info.name == "proxyd":
-            extra = "http_port = 0\nhttps_port = 0\n"  # never the node's real 80 and 443
         paths.daemon_config(info.name).write_text(f"metrics_port = 0\n{extra}")
 
 
