@@ -70,8 +70,9 @@ address=$("$bindir/zlayerctl" ps --containers --format json |
 echo "==> curl http://$address:8080/ (one replica, on the node network)"
 curl -fsS "http://$address:8080/"
 
-# The same page through the node's front door: proxyd on port 80, and the
-# tcp endpoint on 9080 by nftables DNAT. Routes follow within a second.
+# The same page through the node's front door: proxyd on the http endpoint's
+# port (80), and the tcp endpoint on 9080 by nftables DNAT. Routes follow
+# within a second.
 for url in http://127.0.0.1/ http://127.0.0.1:9080/; do
     echo "==> curl $url"
     for _ in 1 2 3 4 5 6 7 8 9 10; do
