@@ -1,13 +1,17 @@
 """schedd's desired state in SQLite: deployments, their revisions, scale holds, events.
 
-Every write is one transaction with ``synchronous=FULL``, so a schedd killed
-at any moment restarts with either the old or the new desired state, never a
-mix. Calls are synchronous and quick; the daemon runs them in a thread.
+Every write is one transaction in WAL mode with ``synchronous=FULL``, so a
+schedd killed at any moment (or a power cut) restarts with either the old or
+the new desired state, never a mix. A file that is not a usable database is
+moved aside (logged) and schedd starts with an empty store instead of failing
+at every start. Calls are synchronous and quick; the daemon runs them in a
+thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sqlite3
 import threading
 import time
@@ -17,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.models import Event
+from shared.statefile import move_aside
+
+log = logging.getLogger("zlayer.schedd.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -120,11 +127,23 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = _open(path)
+        except sqlite3.DatabaseError as exc:
+            aside = move_aside(path)
+            wal = path.with_name(path.name + "-wal")
+            if wal.exists():  # its log belongs to the bad file, not to a new one
+                move_aside(wal)
+            path.with_name(path.name + "-shm").unlink(missing_ok=True)
+            log.warning(
+                "%s is not a usable database (%s); moved it to %s and started an empty store: "
+                "deploy again",
+                path,
+                exc,
+                aside,
+            )
+            self._db = _open(path)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(deployments)")}
         if "removing" not in columns:  # a store made before removals were persisted
             self._db.execute(
@@ -383,3 +402,19 @@ class Store:
         ).fetchall()
         fields = ("time", "deployment", "service", "replica", "kind", "message")
         return [Event.model_validate(dict(zip(fields, r, strict=True))) for r in reversed(rows)]
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """The database at ``path``, checked; sqlite3.DatabaseError if it is not a usable one."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems[:3]))
+        db.executescript(SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
