@@ -25,7 +25,7 @@ from shared.notify import LISTEN_FDS_START, valid_fdname
 
 log = logging.getLogger("zlayer.supervisor")
 
-FD_STORE_MAX = 16  # per child, as FileDescriptorStoreMax= in the packaged units
+FD_STORE_MAX = 64  # per child: the most any packaged unit allows (FileDescriptorStoreMax=)
 MAX_FDS_PER_MESSAGE = 16
 NOTIFY_MESSAGE_MAX = 4096
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from ctl.fdstore import FD_STORE_MAX
+from ctl.supervisor import START_AFTER
 from shared.bus import DAEMONS, DAEMONS_BY_NAME, DaemonInfo
 from shared.paths import Paths
 
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "units"
 POLICY = UNITS / "dbus" / "org.zlayer.conf"
 TARGET = "zlayer.target"
+FAILED = "zlayer-failed@.service"  # a daemon's OnFailure=: stops the target alone
 NAMES = [d.name for d in DAEMONS]
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -184,6 +187,7 @@ def checked_units(tmp_path_factory: pytest.TempPathFactory) -> Path:
             text.replace(packaged, f"ExecStart={console_script(info)}\n")
         )
     shutil.copy(UNITS / TARGET, where / TARGET)
+    shutil.copy(UNITS / FAILED, where / FAILED)
     return where
 
 
@@ -259,14 +263,86 @@ def test_agentd_leaves_containers_alone() -> None:
 def test_target_wants_all_six() -> None:
     target = parse_unit(UNITS / TARGET)
     assert set(words(target["Unit"]["Wants"])) == {d.unit for d in DAEMONS}
+    # Reached when all six are ready, so `systemctl start zlayer.target` waits for them.
+    assert set(words(target["Unit"]["After"])) == {d.unit for d in DAEMONS}
+    # Either would carry one daemon's restart (even Restart= after a crash) to all six.
+    assert "Requires" not in target["Unit"] and "BindsTo" not in target["Unit"]
     assert target["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+# ---------------------------------------------------------------- order, limits, failure
+
+
+def zlayer_units(values: list[str]) -> set[str]:
+    return {w for w in words(values) if w.startswith("zlayer-")}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_start_order_is_the_supervisors(name: str) -> None:
+    """agentd after registryd and overlayd, schedd after agentd: in the units and
+    in `zlayerctl daemon run`, from one table (ctl.supervisor.START_AFTER)."""
+    u = parse_unit(unit_path(name))["Unit"]
+    after = {DAEMONS_BY_NAME[n].unit for n in START_AFTER.get(name, ())}
+    assert zlayer_units(u["After"]) == after
+    assert zlayer_units(u.get("Wants", [])) == after
+    # Never Requires=/BindsTo= between daemons: a restart of one would restart the other.
+    assert not zlayer_units(u.get("Requires", []) + u.get("BindsTo", []))
+
+
+def seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match, f"not a plain time span: {value}"
+    return int(match.group(1)) * (60 if match.group(2) == "min" else 1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_start_limits_suit_watchdog_restarts(name: str) -> None:
+    unit = parse_unit(unit_path(name))
+    u, s = unit["Unit"], unit["Service"]
+    interval = seconds(u["StartLimitIntervalSec"][-1])
+    burst = int(u["StartLimitBurst"][-1])
+    restart = seconds(s["RestartSec"][-1])
+    watchdog = seconds(s["WatchdogSec"][-1])
+    # A daemon the watchdog kills is never given up on: it cannot start
+    # `burst` times within one interval.
+    assert interval / (watchdog + restart) < burst - 1
+    # Restarts by hand or by upgrades, six a minute (observed: five target
+    # restarts within a minute failed all six with 5 in 60 s), never hit it.
+    assert 6 * interval / 60 + 1 < burst
+    # A daemon crashing at once is given up on: back-to-back restarts hit it.
+    assert burst * restart <= interval
+    # ... and then zlayer.target shows it.
+    assert u["OnFailure"] == ["zlayer-failed@%n.service"]
+
+
+def test_failure_stops_the_target_and_nothing_else() -> None:
+    s = parse_unit(UNITS / FAILED)["Service"]
+    assert s["Type"] == ["oneshot"]
+    stop = s["ExecStart"][0].split()
+    assert stop[0] == "/bin/systemctl" and stop[-2:] == ["stop", TARGET]
+    # Without this the stop would reach every daemon through PartOf=.
+    assert "--job-mode=ignore-dependencies" in stop and "--no-block" in stop
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_listening_sockets_are_kept_where_they_are_served(name: str) -> None:
+    s = parse_unit(unit_path(name))["Service"]
+    kept = int(s.get("FileDescriptorStoreMax", ["0"])[-1])
+    if name in ("proxyd", "overlayd"):
+        # overlayd keeps two (service DNS, UDP and TCP); proxyd one per listener.
+        assert 2 <= kept <= FD_STORE_MAX
+        assert s.get("NotifyAccess", ["main"]) == ["main"]
+    else:
+        assert kept == 0
 
 
 # ---------------------------------------------------------------- systemd-analyze
 
 
 @needs_analyze
-@pytest.mark.parametrize("unit", [*(d.unit for d in DAEMONS), TARGET])
+@pytest.mark.parametrize(
+    "unit", [*(d.unit for d in DAEMONS), TARGET, "zlayer-failed@zlayer-agentd.service"]
+)
 def test_systemd_analyze_verify(unit: str, checked_units: Path) -> None:
     result = analyze("verify", f"./{unit}", cwd=checked_units)
     assert result.returncode == 0, result.stderr
