@@ -78,9 +78,11 @@ class Overlayd:
     def env(self) -> dict[str, str]:
         return dict(os.environ, ZLAYER_BUS_ADDRESS=self.bus.address)
 
+    wrapper: tuple[str, ...] = ()  # what runs overlayd (and execs it), e.g. ip netns exec
+
     def start(self) -> None:
         self.notify.messages.clear()
-        self.process = start("overlayd", self.bus, self.notify)
+        self.process = start("overlayd", self.bus, self.notify, wrapper=self.wrapper)
         try:
             self.notify.wait_for("READY=1")
         except AssertionError:

@@ -24,7 +24,7 @@ import pytest
 from ctl.supervisor import find_executable
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
-from tests.integration.test_daemon import NotifyListener, start, stop
+from tests.integration.test_daemon import NotifyListener, stop
 from tests.integration.test_overlayd import (  # noqa: F401 (fixtures)
     Overlayd,
     _netns_dir,
@@ -102,18 +102,6 @@ class NamespacedOverlayd(Overlayd):
 
     netns = ""
 
-    def start(self) -> None:
-        self.notify.messages.clear()
-        self.process = start(
-            "overlayd", self.bus, self.notify, wrapper=("ip", "netns", "exec", self.netns)
-        )
-        try:
-            self.notify.wait_for("READY=1")
-        except AssertionError:
-            code, err = stop(self.process)
-            self.process = None
-            raise AssertionError(f"overlayd did not start (exit code {code}): {err}") from None
-
     def remove_network(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ip", "netns", "exec", self.netns, find_executable("zlayer-overlayd"),
@@ -139,6 +127,7 @@ def namespaced_overlayd(zlayer_prefix: Paths, private_bus: PrivateBus) -> Iterat
     listener = NotifyListener(zlayer_prefix.prefix / "notify.sock")
     daemon = NamespacedOverlayd(zlayer_prefix, private_bus, listener, None)
     daemon.netns = netns
+    daemon.wrapper = ("ip", "netns", "exec", netns)
     try:
         daemon.sh("ip link set lo up")
         yield daemon
