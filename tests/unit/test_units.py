@@ -312,7 +312,7 @@ def test_start_limits_suit_watchdog_restarts(name: str) -> None:
     # A daemon crashing at once is given up on: back-to-back restarts hit it.
     assert burst * restart <= interval
     # ... and then zlayer.target shows it.
-    assert u["OnFailure"] == ["zlayer-failed@%n.service"]
+    assert u["OnFailure"] == ["zlayer-failed@%N.service"]  # %N: the name without .service
 
 
 def test_failure_stops_the_target_and_nothing_else() -> None:
