@@ -27,6 +27,12 @@ from tests.packaging.machine import Machine, nspawn_cgroups, remove_cgroup_tree
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("schedd", "agentd", "registryd", "overlayd", "proxyd", "apid")
 CACHE = Path("/var/cache/zlayer-tests/debootstrap")  # packages kept between local runs
+# What removal must leave as it found it: the machine's network, before the first install.
+HOST_STATE = (
+    "cat /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/conf/all/route_localnet; "
+    "ls /sys/class/net; nft list tables"
+)
+BEFORE_INSTALL: dict[str, str] = {}
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="booting a machine needs root"),
@@ -56,6 +62,9 @@ def machine(deb: Path) -> Iterator[Machine]:
     try:
         machine = Machine.create(CACHE)
         shutil.copy(deb, machine.root / "var" / "tmp" / "zlayer-node.deb")
+        # Forwarding off, as on a fresh host: the package turns it on, removal turns it off.
+        machine.run("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
+        BEFORE_INSTALL["host"] = machine.run("sh", "-c", HOST_STATE).stdout
         yield machine
     finally:
         if machine is not None:
@@ -207,6 +216,12 @@ def test_remove_stops_everything_and_purge_leaves_no_state(machine: Machine) -> 
     assert mounts == "", said
     assert machine.run("ip", "netns", "list").stdout.strip() == "", said
     assert machine.run("test", "-d", "/var/lib/zlayer", check=False).returncode == 0  # kept
+    # The host as it was: no nft table (its input chain rejected published ports for
+    # every other program), no bridge, forwarding back off.
+    assert machine.run("sh", "-c", HOST_STATE).stdout == BEFORE_INSTALL["host"], said
     machine.run("dpkg", "--purge", "zlayer-node")
     assert machine.run("test", "-e", "/var/lib/zlayer", check=False).returncode != 0
     assert machine.run("test", "-e", "/etc/zlayer", check=False).returncode != 0
+    left = machine.run("sh", "-c", "find /opt/zlayer 2>/dev/null | head", check=False).stdout
+    assert left == "", f"left in /opt/zlayer: {left}"
+    assert machine.run("sh", "-c", HOST_STATE).stdout == BEFORE_INSTALL["host"]
