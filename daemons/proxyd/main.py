@@ -158,6 +158,7 @@ class ProxyDaemon(Daemon):
             await self._sync_streams()
         except OSError as exc:
             self.log.error("%s", exc)
+        self._release_leftovers()
         self._restart_health_checks()
         self.tasks.append(asyncio.create_task(self._sweep(), name="sweep"))
         self.tasks.append(asyncio.create_task(self._rebind(), name="rebind"))
@@ -183,7 +184,7 @@ class ProxyDaemon(Daemon):
             for connection in list(listener.connections):
                 connection.close()
         for endpoint in self.tcp.values():
-            endpoint.close()
+            endpoint.close(for_good=False)  # the supervisor keeps the sockets
             endpoint.abort_all()
         for endpoints in self.udp.values():
             for udp in endpoints:
@@ -372,9 +373,13 @@ class ProxyDaemon(Daemon):
                 self.log.info("listening on %s:%d again", *key)
         for key in [k for k in self.bind_errors if k not in wanted]:
             del self.bind_errors[key]
+
+    def _release_leftovers(self) -> None:
+        """Close kept sockets no route took (their routes went while proxyd was down).
+
+        Not while internal routes wait for the node address: theirs are among them.
+        """
         if self.node_address or not self._has_internal():
-            # Every listener the routes need is known: kept sockets of ports
-            # the routes dropped while we were down are not needed.
             for name in sockets.release_leftovers():
                 self.log.info("closed the kept socket %s: no route uses its port", name)
 
@@ -388,6 +393,7 @@ class ProxyDaemon(Daemon):
                 if self._has_internal():
                     await self._learn_node_address()
                 await self._sync_l7(strict=set())
+                self._release_leftovers()
                 self._refresh_status()
 
     def _refresh_status(self) -> None:
@@ -488,6 +494,7 @@ class ProxyDaemon(Daemon):
                 deployment,
                 exc.strerror,
             )
+        self._release_leftovers()
         self._restart_health_checks()
         assert self.core is not None
         self.core.pool.close_backends(self.routes.forget_unused())
@@ -545,6 +552,8 @@ class ProxyDaemon(Daemon):
         for port in [p for p in self.udp if ("udp", p) not in wanted]:
             for udp in self.udp.pop(port):
                 udp.close()
+            for address in self.settings.listen_addresses:
+                sockets.release(address, port, udp=True)
         for (protocol, port), route in wanted.items():
             if protocol != "udp":
                 continue
@@ -555,15 +564,21 @@ class ProxyDaemon(Daemon):
             endpoints: list[UdpEndpoint] = []
             try:
                 for address in self.settings.listen_addresses:
-                    _, udp = await loop.create_datagram_endpoint(
-                        lambda route=route: UdpEndpoint(route),  # type: ignore[misc]
-                        local_addr=(address, port),
-                        reuse_port=False,
-                    )
+                    sock = sockets.take(address, port, udp=True)  # the kept one after a restart
+                    try:
+                        _, udp = await loop.create_datagram_endpoint(
+                            lambda route=route: UdpEndpoint(route),  # type: ignore[misc]
+                            sock=sock,
+                        )
+                    except BaseException:
+                        sock.close()
+                        raise
                     endpoints.append(udp)
             except OSError as exc:
                 for udp in endpoints:
                     udp.close()
+                for address in self.settings.listen_addresses:
+                    sockets.release(address, port, udp=True)
                 raise OSError(
                     exc.errno,
                     f"cannot listen on udp port {port} for {route.deployment}/{route.service} "

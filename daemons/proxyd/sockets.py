@@ -1,7 +1,9 @@
-"""Listening sockets for proxyd's L7 listeners, one per (address, port), that outlive the process.
+"""proxyd's listening sockets, one per (address, port), that outlive the process.
 
 Each is kept in the supervisor's file descriptor store (systemd's, or
-``zlayerctl daemon run``'s) under a name like ``proxyd-0.0.0.0-8080``. After
+``zlayerctl daemon run``'s) under a name like ``proxyd-0.0.0.0-8080`` (tcp:
+http, https, websocket and tcp stream endpoints) or
+``proxyd-udp-0.0.0.0-5353``. After
 a restart, or a ``kill -9``, the next process takes the same socket back:
 connections that arrived in between waited in the kernel's queue instead of
 being refused. A socket is dropped from the store only when no route needs
@@ -18,24 +20,24 @@ BACKLOG = 1024
 PREFIX = "proxyd-"
 
 
-def socket_name(address: str, port: int) -> str:
+def socket_name(address: str, port: int, udp: bool = False) -> str:
     """``proxyd-0.0.0.0-8080``; a stored descriptor's name may not hold ':' (IPv6 gets '_')."""
-    return f"{PREFIX}{address.replace(':', '_')}-{port}"
+    return f"{PREFIX}{'udp-' if udp else ''}{address.replace(':', '_')}-{port}"
 
 
-def take(address: str, port: int) -> socket.socket:
-    """The listening socket for (address, port): the kept one, else a new one (then kept).
+def take(address: str, port: int, udp: bool = False) -> socket.socket:
+    """The socket for (address, port): the kept one, else a new one (then kept).
 
-    OSError when the port cannot be bound.
+    A tcp socket is listening. OSError when the port cannot be bound.
     """
-    return notify.listening_socket(
-        socket_name(address, port), socket.SOCK_STREAM, address, port, backlog=BACKLOG
-    )
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    name = socket_name(address, port, udp)
+    return notify.listening_socket(name, kind, address, port, backlog=BACKLOG)
 
 
-def release(address: str, port: int) -> None:
+def release(address: str, port: int, udp: bool = False) -> None:
     """No route needs (address, port) any more: the supervisor need not keep it."""
-    notify.remove_socket(socket_name(address, port))
+    notify.remove_socket(socket_name(address, port, udp))
 
 
 def release_leftovers() -> list[str]:

@@ -29,6 +29,7 @@ import time
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import cast
 
+from daemons.proxyd import sockets
 from daemons.proxyd.balancer import pick
 from daemons.proxyd.routes import BackendState, Route
 
@@ -279,6 +280,7 @@ class TcpEndpoint:
         self.route = route
         self.connect_timeout = connect_timeout
         self.servers: list[asyncio.Server] = []
+        self.addresses: list[str] = []
         self.clients: set[StreamClient] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.tls_on = route.tls
@@ -291,20 +293,30 @@ class TcpEndpoint:
     async def listen(self, addresses: list[str], tls: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
         for address in addresses:
-            server = await loop.create_server(
-                lambda: StreamClient(self),
-                address,
-                self.route.port,
-                ssl=tls if self.route.tls else None,
-                reuse_address=True,
-            )
+            sock = sockets.take(address, self.route.port)  # the kept one after a restart
+            try:
+                server = await loop.create_server(
+                    lambda: StreamClient(self), sock=sock, ssl=tls if self.route.tls else None
+                )
+            except BaseException:
+                sock.close()
+                raise
             self.servers.append(server)
+            self.addresses.append(address)
 
-    def close(self) -> None:
-        """Stop listening; connections in flight finish on their own."""
+    def close(self, for_good: bool = True) -> None:
+        """Stop listening; connections in flight finish on their own.
+
+        ``for_good``: no route needs the port any more, so the supervisor
+        need not keep its sockets (not when proxyd only stops).
+        """
         for server in self.servers:
             server.close()
+        if for_good:
+            for address in self.addresses:
+                sockets.release(address, self.route.port)
         self.servers = []
+        self.addresses = []
 
     def abort_all(self) -> None:
         for client in list(self.clients):
