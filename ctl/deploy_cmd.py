@@ -94,6 +94,9 @@ async def _wait_healthy(client: Client, name: str, timeout: float) -> Deployment
         if failed:
             _status_lines(status)
             fail(f"{name} failed: {failed[0].name}: {failed[0].message or 'see zlayerctl ps'}")
+        if status.state == "failed":  # the deployment as a whole: its traffic was refused
+            _status_lines(status)
+            fail(f"{name} failed: {status.message or 'see zlayerctl events'}")
         if status.state == "running":
             return status
         if time.monotonic() > deadline:

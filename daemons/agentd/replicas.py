@@ -220,7 +220,7 @@ class Node:
         self.held = HeldGeneration(state_dir)
         # What was removed as garbage since schedd last asked, for its events.
         self.removed_notes: list[tuple[str, str]] = []
-        self._collecting: set[str] = set()  # container ids being removed as garbage
+        self._collecting: dict[str, asyncio.Task[None]] = {}  # ids being removed as garbage
         self._lock = asyncio.Lock()
         # Nothing that changes replicas runs before the containers that are
         # there have been adopted: a start of an id that runs would fail and
@@ -254,9 +254,11 @@ class Node:
         async with self._lock:
             try:
                 await self._load()
+                # Before any request: a replica of the same id waits for its removal.
+                await self._collect_containers()
             finally:
                 self.loaded.set()
-        await self.collect_garbage()
+        await self._collect_attachments()
 
     async def _load(self) -> None:
         for path in sorted(self.assign_dir.glob("*.json")):
@@ -317,27 +319,31 @@ class Node:
         self.removed_notes.append((deployment, sentence))
         del self.removed_notes[:-100]  # schedd takes them every sync; never grow unbounded
 
-    async def collect_garbage(self) -> list[str]:
+    async def collect_garbage(self) -> None:
         """Remove containers and network attachments that no replica of this node owns.
 
         Containers are stopped with the default grace period, in the
         background; what was removed is logged and noted for schedd's events.
         """
         await self.loaded.wait()
-        found: list[str] = []
-        live = set(self.replicas)
-        initializing = {f"{cid}-init" for cid, r in self.replicas.items()}
+        async with self._lock:
+            await self._collect_containers()
+        await self._collect_attachments()
+
+    async def _collect_containers(self) -> None:
+        live = set(self.replicas) | {f"{cid}-init" for cid in self.replicas}
         for cid in await self.launcher.container_ids():
-            if cid in live or cid in initializing or cid in self._collecting:
+            if cid in live or cid in self._collecting:
                 continue
-            found.append(cid)
-            self._collecting.add(cid)
-            asyncio.get_running_loop().create_task(self._remove_container(cid))
+            task = asyncio.get_running_loop().create_task(self._remove_container(cid))
+            self._collecting[cid] = task
+
+    async def _collect_attachments(self) -> None:
         try:
             attached = await self.neighbours.attached()
         except Exception as exc:  # overlayd down: the next sweep looks again
             log.debug("cannot list network attachments: %s", exc)
-            attached = []
+            return
         for cid in attached:
             if cid in self.replicas or cid in self._collecting:
                 continue
@@ -347,11 +353,9 @@ class Node:
                 log.warning("could not release the network of %s: %s", cid, exc)
                 continue
             GARBAGE.labels(kind="attachment").inc()
-            log.info("released the network of %s: no replica of this node uses it", cid)
             self._note(
                 self._deployment_of(cid), f"released the network of {cid}: no replica uses it"
             )
-        return found
 
     def _deployment_of(self, container_id: str) -> str:
         """The deployment a container id (<deployment>-<service>-...) belongs to, if known."""
@@ -372,7 +376,7 @@ class Node:
             log.error("could not remove container %s: %s", cid, exc)
             return
         finally:
-            self._collecting.discard(cid)
+            self._collecting.pop(cid, None)
         GARBAGE.labels(kind="container").inc()
         log.info("removed container %s: no replica of this node owns it", cid)
         self._note(
@@ -727,6 +731,10 @@ class Node:
 
     async def _prepare_and_start(self, replica: Replica) -> None:
         record, spec = replica.record, replica.spec
+        collecting = self._collecting.get(record.id)
+        if collecting is not None:  # a container of this id, found unowned, is on its way out
+            self._update(replica, state="creating", message="waiting for an old container to go")
+            await asyncio.shield(collecting)
         pid = await self.launcher.running_pid(record.id)
         if pid:
             # A container of this id runs (agentd stopped between its start and

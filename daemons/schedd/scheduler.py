@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from croniter import croniter
 from prometheus_client import Counter, Gauge, Histogram
@@ -244,6 +244,8 @@ class Scheduler:
         self._stop_grace: dict[tuple[str, str], float] = {}  # `stop --timeout/--force`
         self._gone_services: set[tuple[str, str]] = set()  # services left out of the spec
         self._unreachable: set[str] = set()  # holders whose last send failed, logged once
+        # deployment -> replica ids both overlayd and proxyd route to, as they last took it
+        self._routed: dict[str, set[str]] = {}
         self._waiting: dict[tuple[str, int, str], _Waiting] = {}
         self._failed: dict[tuple[str, int, str], str] = {}
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
@@ -681,6 +683,7 @@ class Scheduler:
             )
         message = ""
         refusal = self._refusal(name)
+        overall: Literal["deploying", "running", "degraded", "failed", "stopped", "removing"]
         if stored.removing:
             overall = "removing"
             left = len({r.id for r in replicas})
@@ -694,6 +697,10 @@ class Scheduler:
             overall = "failed"
         elif all(s.state in ("running", "pending", "stopped") for s in services):
             overall = "running"
+            if self._unrouted(name, spec, replicas):
+                # Healthy, not yet in DNS and the proxy: a first request would miss.
+                overall = "deploying"
+                message = "routing traffic to the new replicas"
         elif any(s.state in ("waiting", "starting", "updating") for s in services):
             overall = "deploying"
         else:
@@ -706,6 +713,21 @@ class Scheduler:
             created_at=stored.created_at,
             updated_at=stored.updated_at,
             message=message,
+        )
+
+    def _unrouted(self, name: str, spec: DeploymentSpec, replicas: list[ReplicaInfo]) -> bool:
+        """Whether a replica in rotation is not yet in the traffic the daemons hold."""
+        routed = self._routed.get(name, set())
+        with_endpoints = {n for n, svc in spec.services.items() if svc.endpoints}
+        return any(
+            r.id not in routed
+            for r in replicas
+            if r.service in with_endpoints
+            and r.rtype == "service"
+            and r.state == "running"
+            and r.health in IN_ROTATION
+            and r.address
+            and self._stays(r)
         )
 
     def _refusal(self, name: str) -> str:
@@ -1060,6 +1082,11 @@ class Scheduler:
             self._sent[daemon] = (bodies[daemon], now)
             self._resync.discard(daemon)
             self._take_result(daemon, result)
+        if all(self._sent.get(d, ("", 0.0))[0] == bodies[d] for d in ("overlayd", "proxyd")):
+            self._routed = {
+                view.deployment: {b.replica for svc in view.services for b in svc.backends}
+                for view in traffic
+            }
 
     async def _send_view(self, daemon: str, text: str) -> SyncResult | None:
         target = proxy(DAEMONS_BY_NAME[daemon], self.bus)

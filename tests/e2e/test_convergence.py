@@ -1,0 +1,247 @@
+"""The daemons agree with schedd after stops, restarts and fixes, as a user meets them.
+
+Each test replays one of the ways the copies of the truth used to drift apart
+(issue 8's observations) through zlayerctl and checks what the user sees:
+``ps``, ``dns``, ``routes``, pages served, exit codes and sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.busybox_image import busybox_image, write_oci_layout
+from tests.e2e.node import IMAGE, Node, free_port, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
+
+WEB = """
+version: v1
+deployment: {name}
+services:
+  web:
+    image: {image}
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - mkdir -p /www && echo {page}-$(hostname) > /www/index.html &&
+          exec httpd -f -p 8080 -h /www
+    endpoints:
+      - {{name: http, protocol: http, port: {port}, target_port: 8080, host: {host}, expose: public}}
+    scale: {{mode: fixed, replicas: {replicas}}}
+    stop_grace_period: 2s
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: http, url: /index.html}}
+"""
+
+
+def web(
+    node: Node,
+    name: str,
+    port: int,
+    replicas: int = 2,
+    page: str = "hello",
+    image: str = IMAGE,
+    host: str = "shop.test",
+) -> Path:
+    body = WEB.format(name=name, port=port, replicas=replicas, page=page, image=image, host=host)
+    return node.spec(name, body)
+
+
+def get(port: int, host: str = "shop.test") -> str:
+    """A page through proxyd, by Host header."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET /index.html HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode(errors="replace")
+
+
+def dns_names(node: Node) -> dict[str, list[str]]:
+    rows = json.loads(node.ctl("dns", "--format", "json", check=True).stdout)
+    return {r["name"]: sorted(r["addresses"]) for r in rows}
+
+
+def routes_of(node: Node, deployment: str) -> list[dict[str, object]]:
+    rows = json.loads(node.ctl("routes", "--format", "json", check=True).stdout)
+    return [r for r in rows if r["deployment"] == deployment]
+
+
+def restart_all(node: Node) -> None:
+    node.ctl("daemon", "stop", check=True)
+    node.ctl("daemon", "run", "--detach", check=True)
+    wait_until(lambda: node.ctl("status").returncode == 0, 60, "all six daemons to run")
+
+
+def agentd_log(node: Node) -> str:
+    """What agentd wrote under the supervisor (its stderr goes to a file per daemon)."""
+    path = node.paths.log_dir / "agentd.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_a_removed_deployment_leaves_no_name_or_route_and_its_route_is_free_again(
+    own_node: Node,
+) -> None:
+    """Observation 2: up, down, stop and start the daemons; no DNS name or route of the
+    removed deployment is left, and a new deployment takes its host and path at once."""
+    node = own_node
+    port = free_port()
+    node.ctl("up", "-d", str(web(node, "web", port, page="old")), check=True)
+    assert "web.service.local" in dns_names(node)
+    assert get(port).endswith("\n") and "old-" in get(port)
+
+    down = node.ctl("down", "web", check=True)
+    assert "web removed" in down.stderr
+    # down waited: nothing of it runs, nothing routes to it.
+    assert node.ctl("ps", "--format", "json", check=True).stdout.strip() == "[]"
+    assert routes_of(node, "web") == []
+    assert "web.service.local" not in dns_names(node)
+
+    restart_all(node)
+    assert "web.service.local" not in dns_names(node)
+    assert routes_of(node, "web") == []
+
+    # Another deployment on the same host, path and port is served, not refused.
+    node.ctl("up", "-d", str(web(node, "shop", port, page="new")), check=True)
+    assert "new-" in get(port)
+    assert routes_of(node, "web") == []
+    node.ctl("down", "shop", check=True)
+
+
+def test_replicas_running_across_a_stop_and_start_of_every_daemon_are_adopted(
+    own_node: Node,
+) -> None:
+    """Observations 4 and 7: replicas keep their containers, PIDs and restart counts
+    across a stop and start of all six daemons, several times over, and serve throughout."""
+    node = own_node
+    port = free_port()
+    node.ctl("up", "-d", str(web(node, "web", port, replicas=3)), check=True)
+    before = {r["id"]: (r["pid"], r["restarts"]) for r in node.replicas("web")}
+    assert len(before) == 3
+
+    for _cycle in range(3):
+        restart_all(node)
+        node.ctl("up", "-d", str(web(node, "web", port, replicas=3)), check=True)
+        after = {r["id"]: (r["pid"], r["restarts"]) for r in node.replicas("web")}
+        assert after == before, "a running replica was started again instead of adopted"
+        assert "hello-" in get(port)
+
+    log = agentd_log(node)
+    assert "already exists" not in log
+    assert "did not start" not in log
+    node.ctl("down", "web", check=True)
+
+
+def test_a_replica_that_failed_for_a_missing_image_heals_on_the_next_up(
+    node: Node, tmp_path: Path
+) -> None:
+    """Observation 5: the image is missing, the user imports it and runs ``up -d`` with
+    the same spec: the replicas start at once, without waiting out their backoff."""
+    image = "zlayer/later:1"
+    port = free_port()
+    spec = web(node, "later", port, replicas=1, image=image)
+    failed = node.ctl("up", "-d", str(spec), "--timeout", "20")
+    assert failed.returncode != 0
+    assert image in failed.stderr
+    # Let the backoff grow past what the test would wait for.
+    wait_until(
+        lambda: any(r["restarts"] >= 3 for r in node.replicas("later")),
+        60,
+        "a few failed starts",
+    )
+
+    layout = write_oci_layout(busybox_image(), tmp_path / "oci")
+    node.ctl("image", "import", str(layout), "--name", image, check=True)
+    started = time.monotonic()
+    node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+    assert time.monotonic() - started < 30  # the backoff is 8 s and more by now
+    assert "hello-" in get(port)
+    node.ctl("down", "later", check=True)
+    node.ctl("image", "rm", image, check=True)
+
+
+def test_a_refused_route_fails_up_with_its_sentence(node: Node) -> None:
+    """A port proxyd cannot listen on fails ``up -d`` with proxyd's sentence, not "running"."""
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = node.ctl("up", "-d", str(web(node, "taken", port)), "--timeout", "60")
+        assert result.returncode != 0
+        assert "refused" in result.stderr and str(port) in result.stderr
+        events = node.ctl("events", "-d", "taken", check=True).stdout
+        assert "refused the traffic of taken" in events
+    finally:
+        holder.close()
+        node.ctl("down", "taken")
+
+
+def test_job_trigger_wait_fails_when_the_run_cannot_start(node: Node) -> None:
+    spec = node.spec(
+        "jobs",
+        """
+        version: v1
+        deployment: jobs
+        services:
+          once:
+            rtype: job
+            image: zlayer/not-here:1
+            command: {entrypoint: ["true"]}
+        """,
+    )
+    node.ctl("deploy", str(spec), check=True)
+    result = node.ctl("job", "trigger", "once", "-d", "jobs", "--wait", timeout=180)
+    assert result.returncode != 0
+    assert "did not start" in result.stderr and "zlayer/not-here:1" in result.stderr
+    node.ctl("down", "jobs", check=True)
+
+
+def test_containers_no_replica_owns_are_removed_and_replaced(own_node: Node) -> None:
+    """Garbage: agentd's records are lost while the daemons are stopped (a disk
+    problem, a hand that cleaned up). At the next start the containers nothing
+    owns are stopped and removed, saying so, and the replicas schedd wants run anew."""
+    node = own_node
+    port = free_port()
+    node.ctl("up", "-d", str(web(node, "web", port, replicas=2)), check=True)
+    old = {r["id"]: r["pid"] for r in node.replicas("web")}
+    node.ctl("daemon", "stop", check=True)
+    state = node.paths.daemon_state("agentd")
+    for directory in ("replicas", "assignments"):
+        for path in (state / directory).glob("*.json"):
+            path.unlink()
+    node.ctl("daemon", "run", "--detach", check=True)
+    wait_until(lambda: node.ctl("status").returncode == 0, 60, "all six daemons to run")
+
+    def replaced() -> bool:
+        now = {r["id"]: r for r in node.replicas("web")}
+        return set(now) == set(old) and all(
+            r["state"] == "running" and r["health"] == "healthy" and r["pid"] != old[cid]
+            for cid, r in now.items()
+        )
+
+    wait_until(replaced, 90, "the unowned containers to be replaced by new replicas")
+    assert not any(_pid_alive(pid) for pid in old.values())
+    log = agentd_log(node)
+    for cid in old:
+        assert f"removed container {cid}: no replica owns it" in log
+    assert "hello-" in get(port)
+    node.ctl("down", "web", check=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().split()[2] != "Z"
