@@ -37,6 +37,8 @@ _STATE_COLOUR = {
     "pending": "yellow",
     "initializing": "yellow",
     "creating": "yellow",
+    "removing": "yellow",
+    "stopping": "yellow",
     "restarting": "yellow",
     "stopped": "dim",
     "exited": "dim",

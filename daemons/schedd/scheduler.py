@@ -233,6 +233,7 @@ class Scheduler:
         self.bus = bus
         self.emit_signal = emit
         self._wake = asyncio.Event()
+        self._deploy_lock = asyncio.Lock()  # revision numbers are handed out one at a time
         # This pass's assignments, (deployment, service) -> what agentd should run.
         self._desired: dict[tuple[str, str], ServiceAssignment] = {}
         # Per view holder: the last view sent (without its generation), and when.
@@ -310,46 +311,57 @@ class Scheduler:
     async def _store_revision(
         self, spec: DeploymentSpec, spec_text: str, filename: str, verb: str
     ) -> DeploymentStatus:
+        """Store ``spec`` as the next revision with every service's rollout plan, in one
+        transaction: a schedd killed in the middle has the old deployment or the new."""
         name = spec.deployment
         spec_json = spec.model_dump_json(by_alias=True)
         replicas: list[ReplicaInfo] = []
         if self.store.get(name) is not None:
             with contextlib.suppress(UnavailableError):
                 replicas = await self._replicas(name)
-        revision = await asyncio.to_thread(
-            self.store.add_revision, name, spec_json, spec_text, filename
-        )
-        self._plan_rollouts(name, spec, revision, replicas)
+        async with self._deploy_lock:
+            revision = self.store.next_revision(name)
+            states, events = self._plan_rollouts(name, spec, revision, replicas)
+            await asyncio.to_thread(
+                self.store.add_revision, name, spec_json, spec_text, filename, states
+            )
+        for kind, service, message in events:
+            self.event(name, kind, message, service=service)
         self.event(name, "deploy", f"revision {revision} of {name} {verb}")
         self.wake()
         return await self.status(name)
 
     def _plan_rollouts(
         self, name: str, spec: DeploymentSpec, revision: int, replicas: list[ReplicaInfo]
-    ) -> None:
+    ) -> tuple[dict[str, ServiceState], list[tuple[str, str, str]]]:
         """Per service: keep its serving revision if unchanged, else roll out ``revision``.
 
         A service with nothing running (new, stopped, a job) switches at once;
-        one with replicas serving rolls out start-first, batch by batch.
+        one with replicas serving rolls out start-first, batch by batch. The
+        states to store (every service of ``spec``, no other) and the events
+        to emit once they are stored, as (kind, service, message).
         """
-        states = self.store.service_states(name)
+        current = self.store.service_states(name)
+        planned: dict[str, ServiceState] = {}
+        events: list[tuple[str, str, str]] = []
         now = time.time()
         for svc_name, svc in spec.services.items():
-            state = states.get(svc_name)
+            state = current.get(svc_name)
             if state is not None:
                 serving = self._service_spec(name, state.serving, svc_name)
                 if serving == svc:
                     if state.target != state.serving:
-                        self.event(
-                            name,
-                            "rollout-cancelled",
-                            f"{svc_name} stays at revision {state.serving}: the new spec "
-                            "is the one it already runs",
-                            service=svc_name,
+                        events.append(
+                            (
+                                "rollout-cancelled",
+                                svc_name,
+                                f"{svc_name} stays at revision {state.serving}: the new spec "
+                                "is the one it already runs",
+                            )
                         )
                     state.target, state.rollout, state.message = state.serving, "", ""
                     state.new_count = state.old_count = 0
-                    self.store.put_service_state(name, svc_name, state)
+                    planned[svc_name] = state
                     continue
             serving_replicas = [
                 r
@@ -362,21 +374,20 @@ class Scheduler:
             ]
             if state is None or svc.rtype != "service" or not serving_replicas:
                 adaptive = state.adaptive if state else None
-                self.store.put_service_state(
-                    name, svc_name, ServiceState(revision, revision, adaptive=adaptive)
-                )
+                planned[svc_name] = ServiceState(revision, revision, adaptive=adaptive)
                 continue
             state.target, state.rollout, state.step_at = revision, "running", now
             state.new_count, state.old_count = 0, len(serving_replicas)
             state.message = f"rolling out revision {revision}"
-            self.store.put_service_state(name, svc_name, state)
-            self.event(
-                name,
-                "rollout",
-                f"rolling out {svc_name} from revision {state.serving} to {revision}",
-                service=svc_name,
+            planned[svc_name] = state
+            events.append(
+                (
+                    "rollout",
+                    svc_name,
+                    f"rolling out {svc_name} from revision {state.serving} to {revision}",
+                )
             )
-        self.store.drop_service_states(name, set(spec.services))
+        return planned, events
 
     def _spec(self, name: str, revision: int) -> DeploymentSpec | None:
         key = (name, revision)

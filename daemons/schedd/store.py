@@ -172,8 +172,19 @@ class Store:
         ).fetchone()
         return int(row[0] or 0) + 1
 
-    def add_revision(self, name: str, spec_json: str, spec_text: str, filename: str) -> int:
-        """Store a new revision and make it current; clears scale holds and stops."""
+    def add_revision(
+        self,
+        name: str,
+        spec_json: str,
+        spec_text: str,
+        filename: str,
+        states: dict[str, ServiceState] | None = None,
+    ) -> int:
+        """Store a new revision and make it current, with its services' states, at once.
+
+        Clears scale holds and stops; ``states`` replaces every service's
+        rollout state (services it does not name are forgotten).
+        """
         now = time.time()
         with self._tx() as db:
             row = db.execute(
@@ -193,6 +204,13 @@ class Store:
             )
             db.execute("DELETE FROM scale_holds WHERE deployment = ?", (name,))
             db.execute("DELETE FROM stopped_services WHERE deployment = ?", (name,))
+            if states is not None:
+                db.execute("DELETE FROM services WHERE deployment = ?", (name,))
+                for service, state in states.items():
+                    db.execute(
+                        "INSERT INTO services VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (name, service, *dataclasses.astuple(state)),
+                    )
         return revision
 
     def get(self, name: str) -> StoredDeployment | None:
@@ -328,17 +346,6 @@ class Store:
                 "adaptive = excluded.adaptive, scaled_at = excluded.scaled_at",
                 (name, service, *dataclasses.astuple(state)),
             )
-
-    def drop_service_states(self, name: str, keep: set[str]) -> None:
-        with self._tx() as db:
-            for (service,) in db.execute(
-                "SELECT service FROM services WHERE deployment = ?", (name,)
-            ).fetchall():
-                if service not in keep:
-                    db.execute(
-                        "DELETE FROM services WHERE deployment = ? AND service = ?",
-                        (name, service),
-                    )
 
     # ------------------------------------------------------------ scale holds
 

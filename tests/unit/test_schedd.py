@@ -130,3 +130,55 @@ def test_restart_decisions() -> None:
     assert not RestartDecision.should_restart(svc(rtype="job"), 1, 0, False)
     assert [RestartDecision.delay(default, n) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
     assert RestartDecision.delay(default, 30) == 60.0
+
+
+def test_a_removal_and_the_generation_survive_a_restart(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    store.add_revision("shop", "{}", "text", "a.yml")
+    assert store.generation() == 0
+    assert store.next_generation() == 1
+    assert store.next_generation(at_least=41) == 42  # past a holder's newer view
+    store.set_removing("shop")
+    store.close()
+    reopened = Store(tmp_path / "state.db")
+    stored = reopened.get("shop")
+    assert stored is not None and stored.removing
+    assert reopened.generation() == 42 and reopened.next_generation() == 43
+    # A deploy of the same name while it is being removed takes it back.
+    reopened.add_revision("shop", "{}", "text2", "a.yml")
+    again = reopened.get("shop")
+    assert again is not None and not again.removing and again.revision == 2
+    reopened.close()
+
+
+def test_a_revision_and_its_service_states_are_stored_together(tmp_path: Path) -> None:
+    from daemons.schedd.store import ServiceState
+
+    store = Store(tmp_path / "state.db")
+    store.add_revision(
+        "shop", "{}", "t", "a.yml", {"web": ServiceState(1, 1), "db": ServiceState(1, 1)}
+    )
+    store.add_revision("shop", "{}", "t", "a.yml", {"web": ServiceState(1, 2, rollout="running")})
+    states = store.service_states("shop")
+    assert set(states) == {"web"}  # db left the spec with revision 2
+    assert states["web"].target == 2 and states["web"].rollout == "running"
+    store.close()
+
+
+def test_a_store_from_before_removals_were_kept_opens(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE deployments (name TEXT PRIMARY KEY, revision INTEGER NOT NULL, "
+        "stopped INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+    )
+    old.execute("INSERT INTO deployments VALUES ('shop', 1, 0, 0, 0)")
+    old.commit()
+    old.close()
+    store = Store(path)
+    store.add_revision("shop", "{}", "t", "a.yml")
+    stored = store.get("shop")
+    assert stored is not None and not stored.removing
+    store.close()
