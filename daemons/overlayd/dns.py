@@ -23,7 +23,8 @@ Its two sockets outlive overlayd: they are kept in the supervisor's file
 descriptor store (systemd's, or ``zlayerctl daemon run``'s) as ``dns-udp``
 and ``dns-tcp`` and taken back at the next start (:mod:`shared.notify`), so
 while overlayd restarts, queries wait in the kernel's queues instead of
-being refused, and the next process answers them.
+being refused, and the next process answers them. A graceful stop answers
+the queries it has already read before it closes (:meth:`DnsServer.stop`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ TCP_IDLE_TIMEOUT = 10.0
 UDP_PAYLOAD = 512  # without EDNS0
 UDP_SOCKET = "dns-udp"  # names in the file descriptor store
 TCP_SOCKET = "dns-tcp"
+STOP_GRACE = 2 * UPSTREAM_TIMEOUT  # for queries already read when overlayd stops
 
 QUERIES = Counter(
     "zlayer_overlay_dns_queries",
@@ -165,13 +167,22 @@ class DnsServer:
         self.zone = zone
         self.upstreams = upstreams
         self._udp: asyncio.DatagramTransport | None = None
+        self._reply: socket.socket | None = None  # UDP answers go out here, even while stopping
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # TCP connections waiting for their next query, after answering at least one
+        # (a client must expect those to close, RFC 7766); a new connection's first
+        # query is waited for when stopping, as it is already on its way.
+        self._idle: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (the kept sockets if passed); OSError if the port is taken."""
         loop = asyncio.get_running_loop()
         udp = notify.listening_socket(UDP_SOCKET, socket.SOCK_DGRAM, host, port)
+        # A second descriptor of the same socket: the transport's close stops
+        # reading, and the answers to what was read still go out through this.
+        self._reply = udp.dup()
         transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp)
         self._udp = transport
         try:
@@ -179,18 +190,32 @@ class DnsServer:
             self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
         except OSError:
             transport.close()
+            self._reply.close()
             raise
 
     async def stop(self) -> None:
+        """Read no more queries, answer those already read (up to STOP_GRACE), close.
+
+        What is not read yet stays queued in the sockets, which the supervisor
+        keeps: the next overlayd answers it.
+        """
+        self._stopping = True
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
             self._tcp.close()
+        for task in list(self._idle):
+            task.cancel()
+        busy = self._tasks - self._idle
+        if busy:
+            await asyncio.wait(busy, timeout=STOP_GRACE)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._reply is not None:
+            self._reply.close()
 
     # ------------------------------------------------------------ transports
 
@@ -201,16 +226,24 @@ class DnsServer:
 
     async def _answer_udp(self, data: bytes, addr: Any) -> None:
         reply = await self.resolve(data, tcp=False)
-        if reply is not None and self._udp is not None and not self._udp.is_closing():
-            self._udp.sendto(reply, addr)
+        if reply is not None and self._reply is not None and self._reply.fileno() >= 0:
+            with contextlib.suppress(OSError):  # a full send buffer drops it, as UDP may
+                self._reply.sendto(reply, addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        answered = 0
         try:
-            while True:
-                header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+            while not (answered and self._stopping):
+                if task is not None and answered:
+                    self._idle.add(task)
+                try:
+                    header = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                finally:
+                    if task is not None:
+                        self._idle.discard(task)
                 (length,) = struct.unpack("!H", header)
                 data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
                 reply = await self.resolve(data, tcp=True)
@@ -218,6 +251,7 @@ class DnsServer:
                     break
                 writer.write(struct.pack("!H", len(reply)) + reply)
                 await writer.drain()
+                answered += 1
         except (asyncio.IncompleteReadError, TimeoutError, OSError):
             pass
         finally:
