@@ -6,7 +6,10 @@ systemd with their sandboxing (Type=notify, watchdog, the capability bounding se
 ProtectHome=, PrivateTmp=), the D-Bus policy lets them own their names on the real
 system bus, a daemon killed by PID is restarted by systemd, the main job (an image
 import from a directory registryd cannot see, three replicas, the proxy) works under
-them, and removing the package stops everything and purging leaves no state.
+them, overlayd's service DNS refuses no query while systemd restarts it (the file
+descriptor store), five restarts of zlayer.target in a row end healthy, a daemon
+that fails for good shows in zlayer.target, and removing the package stops
+everything and purging leaves no state.
 """
 
 from __future__ import annotations
@@ -192,6 +195,171 @@ def test_a_build_under_the_packaged_registryd(machine: Machine) -> None:
     logs = machine.run("zlayerctl", "logs", "-d", "built", "show").stdout
     assert "built" in logs and "hello from a packaged build" in logs
     machine.run("zlayerctl", "down", "built", timeout=120)
+
+
+RESOLVER = """\
+version: v1
+deployment: resolver
+services:
+  web:
+    image: zlayer/busybox
+    command: {entrypoint: [sleep, "3600"]}
+    scale: {mode: fixed, replicas: 1}
+"""
+
+# Run inside the machine with the package's Python (dnslib is in its venv): asks
+# for web.service.local over UDP and TCP in turn, as a stub resolver does
+# (connected sockets, so a closed port is a refusal), until told to stop.
+DNS_LOOP = """\
+import json, socket, struct, sys, time
+from pathlib import Path
+from dnslib import QTYPE, DNSRecord
+
+server, out = sys.argv[1], Path(sys.argv[2])
+stop, progress = Path(sys.argv[2] + ".stop"), Path(sys.argv[2] + ".count")
+results, tcp = [], False
+while not stop.exists():
+    tcp = not tcp
+    asked = time.time()
+    query = DNSRecord.question("web.service.local", "A")
+    packet = bytes(query.pack())
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as s:
+            s.settimeout(30)
+            s.connect((server, 53))
+            if tcp:
+                s.sendall(struct.pack("!H", len(packet)) + packet)
+                with s.makefile("rb") as f:
+                    data = f.read(struct.unpack("!H", f.read(2))[0])
+            else:
+                s.send(packet)
+                data = s.recv(4096)
+        reply = DNSRecord.parse(data)
+        found = sorted(str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A)
+        outcome = "answer " + " ".join(found)
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except Exception as exc:
+        outcome = f"error {exc!r}"
+    results.append([asked, "tcp" if tcp else "udp", outcome])
+    progress.write_text(str(len(results)))
+out.write_text(json.dumps(results))
+"""
+
+
+def main_pid(machine: Machine, unit: str) -> int:
+    return int(machine.run("systemctl", "show", "-p", "MainPID", "--value", unit).stdout)
+
+
+def is_active(machine: Machine, unit: str) -> str:
+    return machine.run("systemctl", "is-active", unit, check=False).stdout.strip()
+
+
+def test_restarts_refuse_no_dns_query_and_end_healthy(machine: Machine) -> None:
+    """systemctl restart and kill -9 of overlayd, then five restarts of zlayer.target in
+    a row, under a DNS query loop: no query refused, only the one the killed process
+    had read may be lost, and the node ends healthy with its replica adopted (five
+    target restarts within a minute used to leave all six in start-limit-hit)."""
+    (machine.root / "root" / "dns").mkdir()
+    (machine.root / "root" / "dns" / "resolver.zlayer.yml").write_text(RESOLVER)
+    (machine.root / "root" / "dnsloop.py").write_text(DNS_LOOP)
+    machine.run("zlayerctl", "up", "-d", "--timeout", "120", cwd="/root/dns", timeout=200)
+    replicas = json.loads(
+        machine.run("zlayerctl", "ps", "--containers", "--format", "json", "-d", "resolver").stdout
+    )
+    address = replicas[0]["address"].split("/")[0]
+    resolv = machine.run("zlayerctl", "exec", "web", "-d", "resolver", "--", "cat",
+                         "/etc/resolv.conf").stdout  # fmt: skip
+    server = next(line.split()[1] for line in resolv.splitlines() if line.startswith("nameserver"))
+    machine.run("sh", "-c", f"/opt/zlayer/bin/python /root/dnsloop.py {server} /root/dns.json "
+                ">/root/dnsloop.log 2>&1 &")  # fmt: skip
+    count = machine.root / "root" / "dns.json.count"
+
+    def answered(more: int) -> Callable[[], bool]:
+        start = int(count.read_text()) if count.exists() else 0
+        return lambda: count.exists() and int(count.read_text()) >= start + more
+
+    try:
+        wait_until("the first answers", answered(5))
+        assert machine.run("systemctl", "show", "-p", "NFileDescriptorStore", "--value",
+                           "zlayer-overlayd").stdout.strip() == "2"  # fmt: skip
+        # A graceful restart, then a crash (Restart=on-failure brings it back).
+        old = main_pid(machine, "zlayer-overlayd")
+        machine.run("systemctl", "restart", "zlayer-overlayd")
+        assert main_pid(machine, "zlayer-overlayd") not in (0, old)
+        wait_until("answers after systemctl restart", answered(10))
+        old = main_pid(machine, "zlayer-overlayd")
+        killed_at = time.time()
+        machine.run("kill", "-9", str(old))
+        wait_until(
+            "overlayd restarted by systemd",
+            lambda: (
+                main_pid(machine, "zlayer-overlayd") not in (0, old)
+                and is_active(machine, "zlayer-overlayd") == "active"
+            ),
+            timeout=60,
+        )
+        wait_until("answers after kill -9", answered(10), timeout=60)
+        restarted_at = time.time()
+        for _ in range(5):
+            machine.run("systemctl", "restart", "zlayer.target", timeout=300)
+        wait_until("answers after the target restarts", answered(10), timeout=60)
+    finally:
+        (machine.root / "root" / "dns.json.stop").touch()
+        wait_until("the query loop to end", (machine.root / "root" / "dns.json").exists, 60)
+    results = json.loads((machine.root / "root" / "dns.json").read_text())
+    refused = [r for r in results if r[2] == "refused"]
+    assert refused == [], refused
+    lost = [r for r in results if not r[2].startswith("answer")]
+    # The loop asks one query at a time: only the one asked just before the
+    # kill can have been read by the killed process and lost with it.
+    assert len(lost) <= 1 and all(r[0] < killed_at for r in lost), lost
+    assert {r[2] for r in results} - {r[2] for r in lost} == {f"answer {address}"}
+    assert {r[1] for r in results if r[0] > restarted_at} == {"udp", "tcp"}
+
+    # Five target restarts in a row end healthy: every daemon active, none
+    # given up on, the target active, the replica adopted and still running.
+    assert is_active(machine, "zlayer.target") == "active"
+    for name in DAEMONS:
+        assert is_active(machine, f"zlayer-{name}") == "active", name
+        result = machine.run("systemctl", "show", "-p", "Result", "--value", f"zlayer-{name}")
+        assert result.stdout.strip() == "success", name
+    wait_until("six running daemons", lambda: len(status(machine)) == 6 and all(
+        d["state"] == "running" for d in status(machine).values()))  # fmt: skip
+    after = json.loads(
+        machine.run("zlayerctl", "ps", "--containers", "--format", "json", "-d", "resolver").stdout
+    )
+    # The same container, never restarted: adopted by each new agentd.
+    assert [(r["id"], r["state"], r["pid"]) for r in after] == [
+        (replicas[0]["id"], "running", replicas[0]["pid"])
+    ], after
+    machine.run("zlayerctl", "down", "resolver", timeout=120)
+
+
+def test_a_daemon_that_fails_for_good_shows_in_the_target(machine: Machine) -> None:
+    """A wrong configuration (exit 78: no restart) stops zlayer.target and only it."""
+    config = machine.root / "etc" / "zlayer" / "apid.toml"
+    kept = config.read_text() if config.exists() else None
+    config.write_text("metrics_port = 'not a port'\n")
+    try:
+        assert machine.run("systemctl", "restart", "zlayer-apid", check=False).returncode != 0
+        wait_until("zlayer.target to stop", lambda: is_active(machine, "zlayer.target") != "active")
+        assert is_active(machine, "zlayer-apid") == "failed"
+        for name in ("schedd", "agentd", "registryd", "overlayd", "proxyd"):
+            assert is_active(machine, f"zlayer-{name}") == "active", name
+        said = machine.run(
+            "journalctl", "--no-pager", "-q", "-u", "zlayer-failed@zlayer-apid"
+        ).stdout
+        assert "zlayer-apid has failed, so zlayer.target is stopped" in said, said
+    finally:
+        if kept is None:
+            config.unlink()
+        else:
+            config.write_text(kept)
+    machine.run("systemctl", "reset-failed", "zlayer-apid")
+    machine.run("systemctl", "start", "zlayer.target", timeout=120)
+    assert is_active(machine, "zlayer.target") == "active"
+    assert is_active(machine, "zlayer-apid") == "active"
 
 
 def test_remove_stops_everything_and_purge_leaves_no_state(machine: Machine) -> None:
