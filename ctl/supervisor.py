@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,8 +144,10 @@ class Supervisor:
         paths: Paths,
         daemons: tuple[DaemonInfo, ...] = DAEMONS,
         announce: Callable[[str], None] = print,
+        after: Mapping[str, tuple[str, ...]] = START_AFTER,
     ) -> None:
         self.paths = paths
+        self.after = after
         self.announce = announce
         self.bus = PrivateBus(paths.bus_socket)
         self.notify_path = paths.run_dir / "notify.sock"
@@ -257,9 +259,9 @@ class Supervisor:
         self._write_state()
 
     async def _after(self, child: _Child) -> None:
-        """Wait until the daemons ``child`` starts after are ready (START_AFTER)."""
+        """Wait until the daemons ``child`` starts after are ready (``after``)."""
         before = [
-            self.children[n] for n in START_AFTER.get(child.info.name, ()) if n in self.children
+            self.children[n] for n in self.after.get(child.info.name, ()) if n in self.children
         ]
         if not before:
             return

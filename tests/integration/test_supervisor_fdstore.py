@@ -1,4 +1,5 @@
-"""The built-in supervisor keeps a child's listening socket across a ``kill -9``.
+"""The built-in supervisor keeps a child's listening socket across a ``kill -9``,
+and starts a child only once those it comes after are ready.
 
 A small child (a console script on PATH, as the daemons are) binds a TCP
 listener through :func:`shared.notify.listening_socket`, which stores it with
@@ -7,16 +8,20 @@ the real supervisor (its own private dbus-daemon and notify socket, run as
 child is killed with SIGKILL by its PID: no connection is refused, the
 restarted child answers on the same socket, and once the supervisor stops
 for good the port is closed.
+
+The start order (``START_AFTER``: agentd after registryd and overlayd, schedd
+after agentd, as the units' ``After=``) is checked with two small children,
+the second ordered after the first, which is slow to become ready.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,14 +54,43 @@ while True:
     conn.close()
 """
 
+# Slow to be ready; says so in a file just before it is.
+FIRST = """\
+#!{python}
+import sys, time
+from pathlib import Path
+from shared import notify
+
+time.sleep(1)
+Path(sys.argv[0] + ".ready").touch()
+notify.ready()
+time.sleep(3600)
+"""
+
+# Records whether the first was ready when it started.
+SECOND = """\
+#!{python}
+import sys, time
+from pathlib import Path
+from shared import notify
+
+first = Path(sys.argv[0]).with_name("zlayer-first.ready")
+Path(sys.argv[0] + ".saw").write_text("ready" if first.exists() else "not ready")
+notify.ready()
+time.sleep(3600)
+"""
+
+# argv: the children's names, then "name:after,after" orderings.
 SUPERVISOR = """\
-import asyncio
+import asyncio, sys
 from ctl.supervisor import Supervisor
 from shared.bus import DaemonInfo, Proxy1
 from shared.paths import Paths
 
-info = DaemonInfo("fdecho", "org.zlayer.FdEcho1", Proxy1, 0)
-raise SystemExit(asyncio.run(Supervisor(Paths.from_env(), daemons=(info,)).run()))
+names = [a for a in sys.argv[1:] if ":" not in a]
+after = {a.split(":")[0]: tuple(a.split(":")[1].split(",")) for a in sys.argv[1:] if ":" in a}
+infos = tuple(DaemonInfo(n, f"org.zlayer.{n.title()}1", Proxy1, 0) for n in names)
+raise SystemExit(asyncio.run(Supervisor(Paths.from_env(), daemons=infos, after=after).run()))
 """
 
 
@@ -115,20 +149,24 @@ class Supervised:
         return self.process.wait(timeout=30)
 
 
-@pytest.fixture
-def supervisor(zlayer_prefix: Paths, monkeypatch: pytest.MonkeyPatch) -> Iterator[Supervised]:
-    bin_dir = zlayer_prefix.prefix / "bin"
+@contextlib.contextmanager
+def supervising(
+    paths: Paths, monkeypatch: pytest.MonkeyPatch, children: dict[str, str], *orders: str
+) -> Iterator[Supervised]:
+    """The real supervisor, in a process of its own, over ``children`` (name: script)."""
+    bin_dir = paths.prefix / "bin"
     bin_dir.mkdir()
-    script = bin_dir / "zlayer-fdecho"
-    script.write_text(CHILD.format(python=sys.executable))
-    script.chmod(0o755)
+    for name, text in children.items():
+        script = bin_dir / f"zlayer-{name}"
+        script.write_text(text.format(python=sys.executable))
+        script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    log = (zlayer_prefix.prefix / "supervisor.out").open("wb")
+    log = (paths.prefix / "supervisor.out").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SUPERVISOR)], stdout=log, stderr=log
+        [sys.executable, "-c", SUPERVISOR, *children, *orders], stdout=log, stderr=log
     )
-    supervised = Supervised(zlayer_prefix, process)
+    supervised = Supervised(paths, process)
     try:
         yield supervised
     finally:
@@ -139,6 +177,12 @@ def supervisor(zlayer_prefix: Paths, monkeypatch: pytest.MonkeyPatch) -> Iterato
                 process.kill()
                 process.wait()
             log.close()
+
+
+@pytest.fixture
+def supervisor(zlayer_prefix: Paths, monkeypatch: pytest.MonkeyPatch) -> Iterator[Supervised]:
+    with supervising(zlayer_prefix, monkeypatch, {"fdecho": CHILD}) as supervised:
+        yield supervised
 
 
 def child_state(paths: Paths) -> tuple[int, list[str]]:
@@ -182,3 +226,15 @@ def test_the_socket_closes_when_the_supervisor_stops_for_good(supervisor: Superv
     assert supervisor.stop() == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_child_starts_only_once_those_it_comes_after_are_ready(
+    zlayer_prefix: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    children = {"second": SECOND, "first": FIRST}
+    with supervising(zlayer_prefix, monkeypatch, children, "second:first") as supervisor:
+        saw = supervisor.paths.prefix / "bin" / "zlayer-second.saw"
+        wait_until(saw.exists, 30, "the second child to start")
+        assert saw.read_text() == "ready"
+        state = SupervisorState.read(supervisor.paths)
+        assert state is not None and state.daemons["first"].state == "running"
