@@ -17,7 +17,8 @@ run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon i
 # skopeo: the tests check what ZLayer pushes and pulls against skopeo's copies
 # debootstrap, systemd-container (systemd-nspawn): a fresh Debian with its own systemd for the package tests
 # rpm, cpio: build the .rpm and look inside it
-test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container rpm cpio)
+# prometheus: a real Prometheus scrapes the daemons' metrics, promtool lints them
+test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container rpm cpio prometheus)
 
 # The peers bench/ measures against (bench/README.md): wrk, nginx, podman, hyperfine.
 bench_packages=(wrk nginx-light podman hyperfine skopeo)
