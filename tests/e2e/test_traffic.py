@@ -358,3 +358,34 @@ def test_request_rate_through_proxyd_scales_up_and_back(node: Node) -> None:
     )
     assert any(re.search(r"scaled web [23] -> 1: rps", r) for r in reasons), reasons
     node.ctl("down", "pages", check=True)
+
+
+def test_kill_9_of_proxyd_under_load_refuses_no_connection(node: Node) -> None:
+    """proxyd's listening socket is kept by `zlayerctl daemon run`: while a new
+    proxyd starts, connections wait in the kernel's queue instead of being refused."""
+    tcp_port = free_port()
+    node.ctl("up", "-d", str(shop(node, "1", 2, tcp_port)), "--timeout", "90", check=True)
+    wait_until(lambda: len(bodies(node.http_port, 10)) == 2, 20, "both replicas in rotation")
+    loop = RequestLoop(node.http_port)
+    loop.start()
+    try:
+        wait_until(lambda: len(loop.outcomes) >= 20, 20, "requests through proxyd")
+        killed = node.daemon_pid("proxyd")
+        os.kill(killed, signal.SIGKILL)
+
+        def new_pid() -> bool:
+            try:
+                return node.daemon_pid("proxyd") not in (killed, 0)
+            except (StopIteration, ValueError, TypeError):
+                return False  # not listed while it restarts
+
+        wait_until(new_pid, 30, "a new proxyd")
+        served = len(loop.outcomes)
+        wait_until(lambda: len(loop.outcomes) >= served + 50, 60, "requests through the new one")
+    finally:
+        outcomes = loop.stop()
+    refused = [o for o in outcomes if "refused" in o.lower()]
+    assert not refused, Counter(outcomes)
+    # Only a request the killed proxyd had in hand at that instant may fail.
+    assert sum(1 for o in outcomes if o != "v1") <= 1, Counter(outcomes)
+    node.ctl("down", "shop", check=True)
