@@ -1,14 +1,18 @@
 """Chaos: a seeded random sequence of what users and crashes do to a node, under load.
 
-One deployment (busybox httpd replicas behind an http endpoint through proxyd
-and a public tcp endpoint on the kernel path) goes through ``up``, ``deploy``
-of a new revision, ``scale``, ``rollback``, ``down`` and ``stop``, interleaved
-with ``kill -9`` of a random daemon (by the PID ``zlayerctl status`` reports)
-and with a stop and start of all six daemons, while a request loop runs
-through proxyd. Some steps follow the one before at once, without waiting
-for the node to settle: the bugs live in those races. After every settled
-step the invariants (:mod:`tests.e2e.invariants`) must hold and the
-deployment must serve the revision it should.
+Two deployments (busybox httpd replicas behind an http endpoint through proxyd
+and a public tcp endpoint on the kernel path) go through ``up``, ``deploy`` of
+a new revision (a changed env var), ``scale``, ``rollback``, ``down`` and
+``stop``, each step acting on one of them, interleaved with ``kill -9`` of a
+random daemon (by the PID ``zlayerctl status`` reports) and with a stop and
+start of all six, while a request loop runs through proxyd to both. About one
+step in four is followed by the next at once, without waiting for the node to
+settle: the bugs live in those races. After every settled step the invariants
+(:mod:`tests.e2e.invariants`) must hold, each deployment must serve the
+revision it should (through proxyd and through its published tcp port), and
+replicas that ran before a crash or restart of daemons must run on as the same
+processes. At the end, proxyd must not have refused a connection in a step
+that a deployment served through (a stop of all six aside).
 
 The seed comes from ``ZLAYER_CHAOS_SEED`` (random otherwise) and is printed
 at the start and in every failure, so a run replays exactly::
@@ -19,7 +23,8 @@ at the start and in every failure, so a run replays exactly::
 ``ZLAYER_CHAOS_SECONDS`` run it longer; ``ZLAYER_CHAOS_KEEP_GOING=1`` goes on
 after a step that does not settle and reports every one at the end.
 
-The explicit sequences of issue 8's observations are tests of their own below.
+The explicit sequences of issue 8's observations (1, 3, 4/7 and 8) are tests
+of their own below.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pytest
@@ -117,27 +124,30 @@ def deployment_name(tag: str) -> str:
 
 
 class RequestLoop(threading.Thread):
-    """One request after another through proxyd; each outcome counted under the step
-    that was running, refused connections apart from other failures."""
+    """Requests through proxyd, one after another, to each deployment's http port in
+    turn; each outcome counted under the step that was running and the deployment,
+    refused connections apart from other failures."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, targets: dict[str, int]) -> None:
         super().__init__(daemon=True)
-        self.port = port
+        self.targets = targets  # deployment -> proxyd's port for it
         self.step = "start"
         self.counts: dict[str, Counter[str]] = {}
-        self.must_listen: set[str] = set()  # steps in which proxyd had to keep listening
+        self.must_listen: set[str] = set()  # "step [deployment]" that had to be served
         self.stopping = threading.Event()
         self.lock = threading.Lock()
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            outcome = self.once()
-            with self.lock:
-                self.counts.setdefault(self.step, Counter())[outcome] += 1
+            for name, port in self.targets.items():
+                outcome = self.once(port)
+                with self.lock:
+                    self.counts.setdefault(f"{self.step} [{name}]", Counter())[outcome] += 1
             time.sleep(0.02)
 
-    def once(self) -> str:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+    @staticmethod
+    def once(port: int) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             conn.request("GET", "/index.html")
             response = conn.getresponse()
@@ -150,11 +160,11 @@ class RequestLoop(threading.Thread):
         finally:
             conn.close()
 
-    def at(self, step: str, must_listen: bool = False) -> None:
+    def at(self, step: str, serving: Iterable[str] = ()) -> None:
+        """From now on, count under ``step``; proxyd must keep listening for ``serving``."""
         with self.lock:
             self.step = step
-            if must_listen:
-                self.must_listen.add(step)
+            self.must_listen.update(f"{step} [{name}]" for name in serving)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -205,7 +215,7 @@ def raw_fetch(port: int) -> str:
 
 @dataclass
 class Model:
-    """What the user asked for, as far as the outcome is certain."""
+    """What the user asked of one deployment, as far as the outcome is certain."""
 
     name: str
     ports: Ports
@@ -227,18 +237,39 @@ class Model:
 
 
 class Chaos:
-    """The node, the model, the checker and the request loop of one run."""
+    """The node, two deployments' models, the checker and the request loop of one run.
 
-    def __init__(self, node: Node, seed: int, name: str) -> None:
+    Each user step acts on one of the two deployments, chosen at random, so that
+    a full view that removes one must keep the other."""
+
+    STEPS = {
+        "up": 3,
+        "deploy": 3,
+        "scale": 3,
+        "rollback": 2,
+        "down": 2,
+        "stop": 1,
+        "kill9": 4,
+        "restart_all": 2,
+    }
+    NODE_WIDE = ("kill9", "restart_all")
+
+    def __init__(self, node: Node, seed: int, names: list[str]) -> None:
         self.node = node
         self.seed = seed
         self.rng = random.Random(seed)
-        self.model = Model(name, Ports.free())
+        self.models = [Model(name, Ports.free()) for name in names]
+        self.model = self.models[0]
         self.invariants = Invariants(node)
-        self.invariants.expect(name, endpoints(self.model.ports))
-        self.loop = RequestLoop(self.model.ports.http)
+        for model in self.models:
+            self.invariants.expect(model.name, endpoints(model.ports))
+        self.loop = RequestLoop({m.name: m.ports.http for m in self.models})
         self.log: list[str] = []
         self.problems: list[str] = []
+        self.pids_before: dict[str, int] = {}  # replicas' PIDs before a crash or restart
+
+    def serving(self) -> list[str]:
+        return [m.name for m in self.models if m.serving]
 
     # -- the steps
 
@@ -253,9 +284,7 @@ class Chaos:
         result = self.node.ctl("up", "-d", self.write(version, replicas), "--timeout", "90")
         self.model.versions.append(version)
         self.model.replicas, self.model.stopped = replicas, False
-        return f"up (VERSION {version}, {replicas} replicas) -> exit {result.returncode}" + (
-            f": {_one_line(result.stderr)}" if result.returncode else ""
-        )
+        return f"up {self.model.name} (VERSION {version}, {replicas} replicas)" + _exit(result)
 
     def deploy(self) -> str:
         if not self.model.deployed:
@@ -265,7 +294,7 @@ class Chaos:
         result = self.node.ctl("deploy", self.write(version, self.model.replicas))
         self.model.versions.append(version)
         self.model.stopped = False
-        return f"deploy VERSION {version} -> exit {result.returncode}"
+        return f"deploy {self.model.name} VERSION {version}" + _exit(result)
 
     def scale(self) -> str:
         if not self.model.deployed:
@@ -273,27 +302,25 @@ class Chaos:
         replicas = self.rng.choice([0, 1, 2, 3, 4, 5])
         result = self.node.ctl("scale", "web", str(replicas), "-d", self.model.name)
         self.model.replicas, self.model.stopped = replicas, False
-        return f"scale web {replicas} -> exit {result.returncode}"
+        return f"scale web {replicas} -d {self.model.name}" + _exit(result)
 
     def rollback(self) -> str:
         result = self.node.ctl("rollback", self.model.name)
         if len(self.model.versions) >= 2:
             self.model.versions.append(self.model.versions[-2])
             self.model.stopped = False
-        return f"rollback -> exit {result.returncode}" + (
-            f": {_one_line(result.stderr)}" if result.returncode else ""
-        )
+        return f"rollback {self.model.name}" + _exit(result)
 
     def down(self) -> str:
         result = self.node.ctl("down", self.model.name)
         self.model.versions.clear()
-        return f"down -> exit {result.returncode}"
+        return f"down {self.model.name}" + _exit(result)
 
     def stop(self) -> str:
         result = self.node.ctl("stop", self.model.name)
         if self.model.deployed:
             self.model.stopped = True
-        return f"stop -> exit {result.returncode}"
+        return f"stop {self.model.name}" + _exit(result)
 
     def kill9(self) -> str:
         daemon = self.rng.choice(["schedd", "agentd", "registryd", "overlayd", "proxyd", "apid"])
@@ -306,60 +333,71 @@ class Chaos:
     def restart_all(self) -> str:
         stopped = self.node.ctl("daemon", "stop")
         started = self.node.ctl("daemon", "run", "--detach")
-        return (
-            f"restart all: daemon stop -> exit {stopped.returncode}, "
-            f"daemon run --detach -> exit {started.returncode}"
-        )
+        return f"restart all: daemon stop{_exit(stopped)}, daemon run --detach{_exit(started)}"
 
     def _pid(self, daemon: str) -> int:
         result = self.node.ctl("status", "--format", "json")
         rows = json.loads(result.stdout or "[]")
         return int(next((r["pid"] for r in rows if r["name"] == daemon), 0) or 0)
 
-    STEPS = {
-        "up": 3,
-        "deploy": 3,
-        "scale": 3,
-        "rollback": 2,
-        "down": 2,
-        "stop": 1,
-        "kill9": 4,
-        "restart_all": 2,
-    }
-
     def pick(self) -> str:
         names = list(self.STEPS)
-        return self.rng.choices(names, weights=[self.STEPS[n] for n in names])[0]
+        kind = self.rng.choices(names, weights=[self.STEPS[n] for n in names])[0]
+        if kind not in self.NODE_WIDE:
+            self.model = self.rng.choice(self.models)
+        return kind
 
     # -- settling
 
+    def running_pids(self) -> dict[str, int]:
+        rows = json.loads(self.node.ctl("ps", "--containers", "--format", "json").stdout or "[]")
+        return {r["id"]: r["pid"] for r in rows if r["state"] == "running" and r["pid"]}
+
+    def adopted(self) -> list[str]:
+        """Replicas that ran before a crash or a restart of daemons and are still
+        wanted run with the same PID: adopted, not restarted."""
+        if not self.pids_before:
+            return []
+        now = self.running_pids()
+        return [
+            f"{cid} ran as pid {pid} before and runs as pid {now[cid]} now: restarted, not adopted"
+            for cid, pid in sorted(self.pids_before.items())
+            if cid in now and now[cid] != pid
+        ]
+
     def served(self) -> list[str]:
-        """The revision the model says serves is what a client gets, both ways in."""
-        version = self.model.serving_version()
-        if version is None:
-            return []
-        services = self.node.services(self.model.name)
-        if not services or services["web"]["desired"] == 0:
-            return []
+        """The revision a model says serves is what a client gets, both ways in."""
         problems = []
-        bodies = Counter()
-        for _ in range(6):
-            try:
-                status, body = fetch(self.model.ports.http)
-            except OSError as exc:
-                problems.append(f"a request through proxyd failed: {exc}")
+        for model in self.models:
+            version = model.serving_version()
+            if version is None:
                 continue
-            bodies[body.split("-", 1)[0] if status == 200 else f"HTTP {status}"] += 1
-        if set(bodies) != {f"v{version}"}:
-            problems.append(f"through proxyd: {dict(bodies)}; want only v{version}")
-        kernel = Counter()
-        for _ in range(4):
-            try:
-                kernel[raw_fetch(self.model.ports.tcp).split("-", 1)[0]] += 1
-            except OSError as exc:
-                kernel[f"error {exc}"] += 1
-        if set(kernel) != {f"v{version}"}:
-            problems.append(f"through tcp {self.model.ports.tcp}: {dict(kernel)}; want v{version}")
+            services = self.node.services(model.name)
+            if not services or services["web"]["desired"] == 0:
+                continue
+            bodies: Counter[str] = Counter()
+            for _ in range(6):
+                try:
+                    status, body = fetch(model.ports.http)
+                except OSError as exc:
+                    bodies[f"error {exc}"] += 1
+                    continue
+                bodies[body.split("-", 1)[0] if status == 200 else f"HTTP {status}"] += 1
+            if set(bodies) != {f"v{version}"}:
+                problems.append(
+                    f"{model.name} through proxyd: {dict(bodies)}; want only v{version}"
+                )
+            kernel: Counter[str] = Counter()
+            for _ in range(4):
+                try:
+                    kernel[raw_fetch(model.ports.tcp).split("-", 1)[0]] += 1
+                except OSError as exc:
+                    kernel[f"error {exc}"] += 1
+            if set(kernel) != {f"v{version}"}:
+                problems.append(
+                    f"{model.name} through tcp {model.ports.tcp}: {dict(kernel)}; "
+                    f"want only v{version}"
+                )
         return problems
 
     def settle(self, what: str) -> float:
@@ -368,7 +406,7 @@ class Chaos:
         while True:
             found = self.invariants.differences()
             if not found:
-                found = self.served()
+                found = self.served() + self.adopted()
             if not found:
                 return time.monotonic() - started
             if time.monotonic() >= deadline:
@@ -376,7 +414,7 @@ class Chaos:
             time.sleep(1.0)
 
     def failure(self, message: str) -> str:
-        words = [self.model.name, "Traceback", "already", "refus", "adopt"]
+        words = [m.name for m in self.models] + ["Traceback", "already", "refus", "adopt"]
         logs = "\n".join(f"    {line}" for line in log_lines(self.node, words, 30))
         steps = "\n".join(f"    {line}" for line in self.log)
         return (
@@ -384,6 +422,11 @@ class Chaos:
             f"  steps:\n{steps}\n  requests through proxyd:\n{self.loop.summary()}\n"
             f"  daemon log lines:\n{logs}"
         )
+
+
+def _exit(result: subprocess.CompletedProcess[str]) -> str:
+    said = f" -> exit {result.returncode}"
+    return said + (f": {_one_line(result.stderr)}" if result.returncode else "")
 
 
 def _one_line(text: str) -> str:
@@ -402,38 +445,45 @@ def test_random_sequence_keeps_the_invariants(own_node: Node) -> None:
         steps = DEFAULT_STEPS
     keep_going = os.environ.get("ZLAYER_CHAOS_KEEP_GOING") == "1"
     print(f"\nchaos seed {seed} (replay: ZLAYER_CHAOS_SEED={seed})", flush=True)
-    chaos = Chaos(own_node, seed, deployment_name("chaos"))
+    chaos = Chaos(own_node, seed, [deployment_name("chaosa"), deployment_name("chaosb")])
     chaos.loop.start()
     started = time.monotonic()
     number = 0
+    settled = True  # the node settled after the step before
     try:
         while (not steps or number < steps) and (
             not seconds or time.monotonic() - started < seconds
         ):
             number += 1
             kind = chaos.pick()
-            serving = chaos.model.serving
+            serving = chaos.serving()
             chaos.loop.at(f"{number} {kind}")
+            # Running replicas must survive a crash or restart of daemons as they are.
+            crash = kind in Chaos.NODE_WIDE and settled
+            chaos.pids_before = chaos.running_pids() if crash else {}
             said = getattr(chaos, kind)()
-            # proxyd keeps its listener while the deployment serves, whatever crashes.
-            listen = serving and chaos.model.serving and kind != "restart_all"
+            # proxyd keeps its listener while a deployment serves, whatever crashes.
+            listen = [] if kind == "restart_all" else set(serving) & set(chaos.serving())
             label = f"{number} {said.split(' ->')[0]}"
-            chaos.loop.at(label, must_listen=listen)
+            chaos.loop.at(label, listen)
             # About one step in four is followed by the next at once, unsettled.
             if chaos.rng.random() < 0.25 and (not steps or number < steps):
                 chaos.log.append(f"{number}. {said} (not settled: the next follows at once)")
                 print(f"  {chaos.log[-1]}", flush=True)
+                settled = False
                 continue
-            chaos.loop.at(f"{label}, settling", must_listen=listen)
+            chaos.loop.at(f"{label}, settling", listen)
             try:
                 took = chaos.settle(f"step {number} ({said})")
             except AssertionError as exc:
                 chaos.log.append(f"{number}. {said}: did NOT settle")
                 print(f"  {chaos.log[-1]}", flush=True)
                 chaos.problems.append(str(exc))
+                settled = False
                 if not keep_going:
                     break
                 continue
+            settled = True
             chaos.log.append(f"{number}. {said}: settled in {took:.1f}s")
             print(f"  {chaos.log[-1]}", flush=True)
     finally:
@@ -442,7 +492,8 @@ def test_random_sequence_keeps_the_invariants(own_node: Node) -> None:
     refused = chaos.loop.refused_where_forbidden()
     if refused:
         chaos.problems.append(
-            "proxyd refused connections outside a stop of all daemons: " + "; ".join(refused)
+            "proxyd refused connections while a deployment served (no stop of all daemons): "
+            + "; ".join(refused)
         )
     assert not chaos.problems, chaos.failure("\n".join(chaos.problems))
 
@@ -512,3 +563,26 @@ def test_down_with_daemons_running_then_restart_leaves_no_traffic(own_node: Node
     except ConnectionRefusedError:
         return  # nothing listens on the removed deployment's port: as it should be
     assert status in (404, 503), f"proxyd answered {status} for a removed deployment"
+
+
+def test_restart_with_replicas_running_adopts_them(own_node: Node) -> None:
+    """Observations 4 and 7: the daemons stopped and started again with replicas
+    running, twice in a row: every replica is adopted (same PID, no restart), none
+    is torn down or started twice, and all of them serve again."""
+    node = own_node
+    name = deployment_name("adopt")
+    ports = Ports.free()
+    invariants = Invariants(node)
+    invariants.expect(name, endpoints(ports))
+    node.ctl("up", "-d", str(node.spec(name, spec_text(name, 1, 3, ports))), check=True)
+    invariants.settle("up")
+    before = {r["id"]: (r["pid"], r["restarts"]) for r in node.replicas(name)}
+    for cycle in (1, 2):
+        node.ctl("daemon", "stop", check=True)
+        node.ctl("daemon", "run", "--detach", check=True)
+        _wait_running(node)
+        invariants.settle(f"daemon stop and daemon run, cycle {cycle}")
+        after = {r["id"]: (r["pid"], r["restarts"]) for r in node.replicas(name)}
+        assert after == before, f"cycle {cycle}: replicas (pid, restarts) {before} -> {after}"
+    events = node.ctl("events", "-d", name, "-n", "200").stdout
+    assert "already exists" not in events, events
