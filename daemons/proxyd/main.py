@@ -21,6 +21,7 @@ import contextlib
 import errno
 import json
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class Bound:
 
     server: asyncio.Server
     listener: Listener
+    sock: socket.socket  # what the server listens on (the store keeps its twin)
 
 
 class ProxyService(Proxy1):
@@ -308,13 +310,19 @@ class ProxyDaemon(Daemon):
         except BaseException:
             sock.close()
             raise
-        return Bound(server, listener)
+        return Bound(server, listener, sock)
 
-    def _close_l7(self, key: ListenKey) -> None:
-        """Stop listening on (address, port) for good; its connections finish their work."""
+    def _close_l7(self, key: ListenKey, for_good: bool = True) -> None:
+        """Stop listening on (address, port); its connections finish their work.
+
+        Not ``for_good``: a listener of the other scheme takes the same socket.
+        """
         bound = self.l7.pop(key)
+        if for_good:
+            sockets.release(*key)
+        else:
+            sockets.park(*key, bound.sock)
         bound.server.close()
-        sockets.release(*key)
         if bound.listener.connections:
             self.retired.append(bound.listener)
 
@@ -351,7 +359,7 @@ class ProxyDaemon(Daemon):
         wanted = self._wanted_l7()
         for key, bound in list(self.l7.items()):
             if wanted.get(key) != bound.listener.secure:
-                self._close_l7(key)
+                self._close_l7(key, for_good=key not in wanted)
         opened: list[ListenKey] = []
         for key, secure in sorted(wanted.items()):
             if key in self.l7:
@@ -522,7 +530,10 @@ class ProxyDaemon(Daemon):
             for p in self.tcp
             if ("tcp", p) not in wanted or wanted[("tcp", p)].tls != self.tcp[p].tls_on
         ]:
-            self.tcp.pop(port).close()
+            going = self.tcp.pop(port)
+            if ("tcp", port) in wanted:  # tls turned on or off: the same sockets serve on
+                going.park()
+            going.close(for_good=("tcp", port) not in wanted)
         opened: list[TcpEndpoint] = []
         for (protocol, port), route in wanted.items():
             if protocol != "tcp":

@@ -281,6 +281,7 @@ class TcpEndpoint:
         self.connect_timeout = connect_timeout
         self.servers: list[asyncio.Server] = []
         self.addresses: list[str] = []
+        self.socks: list[socket.socket] = []
         self.clients: set[StreamClient] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.tls_on = route.tls
@@ -303,6 +304,12 @@ class TcpEndpoint:
                 raise
             self.servers.append(server)
             self.addresses.append(address)
+            self.socks.append(sock)
+
+    def park(self) -> None:
+        """Keep the sockets for the next :meth:`listen` on this port (``close(for_good=False)``)."""
+        for address, sock in zip(self.addresses, self.socks, strict=True):
+            sockets.park(address, self.route.port, sock)
 
     def close(self, for_good: bool = True) -> None:
         """Stop listening; connections in flight finish on their own.
@@ -317,6 +324,7 @@ class TcpEndpoint:
                 sockets.release(address, self.route.port)
         self.servers = []
         self.addresses = []
+        self.socks = []
 
     def abort_all(self) -> None:
         for client in list(self.clients):

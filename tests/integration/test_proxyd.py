@@ -928,6 +928,21 @@ def test_endpoints_listen_on_their_own_ports_shared_and_routed_by_host(
     assert [r["deployment"] for r in proxyd.routes()].count("three") == 0
     assert run(lambda: _get(base, "a.test"))[0] == 200  # the others serve on
 
+    # A port turns from plain to TLS in one push: the same socket serves on.
+    api_tls = {**http_endpoint(other, target), "protocol": "https"}
+    web = service("web", [http_endpoint(shared, target, host="b.test")], ["127.0.0.3"], "two")
+    proxyd.push("two", [web, service("api", [api_tls], ["127.0.0.4"], "two")])
+
+    async def over_tls() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            url = f"https://127.0.0.1:{other}/tls"
+            status, body, _ = await fetch(session, url, ssl=client_tls())
+            return status, body
+
+    assert run(over_tls) == (200, "127.0.0.4 GET /tls 0\n")
+    proxyd.push("two", [web, service("api", [http_endpoint(other, target)], ["127.0.0.4"], "two")])
+    assert run(lambda: _get(f"http://127.0.0.1:{other}/x", "any.test"))[1].split()[0] == "127.0.0.4"
+
     # Each listening socket is kept by the supervisor, and dropped with its port:
     # two's api goes, then one's and two's web.
     kept = {f"proxyd-127.0.0.1-{shared}", f"proxyd-127.0.0.1-{other}"}
