@@ -16,7 +16,7 @@ python=${PYTHON:-"$here/../.venv/bin/python"}
 PATH="$(dirname "$python"):$PATH"
 export PATH
 
-all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http pull build"
+all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull build"
 if [ "$#" -gt 0 ]; then
     selected="$*"
 else
@@ -32,6 +32,7 @@ describe() {
         replica_start) echo "replica start (root: runs containers)" ;;
         l4_kernel) echo "kernel L4 path (root: namespaces, nftables; wrk)" ;;
         proxy_http) echo "HTTP proxy against nginx (wrk, nginx)" ;;
+        restart) echo "requests lost to daemon restarts against nginx -s reload (root, nginx)" ;;
         pull) echo "image pull against skopeo (docker-registry, skopeo)" ;;
         build) echo "image build against buildah bud (root: buildah)" ;;
         *) echo "$1" ;;
