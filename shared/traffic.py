@@ -21,13 +21,16 @@ after a restart, and refuse a view older than the one they hold.
 
 Where an endpoint is served (:func:`endpoint_path`):
 
-- ``http`` / ``websocket`` public endpoints are routed by ``host`` and
-  ``path`` prefix on proxyd's HTTP listener (``http_port``, 80 by default);
-  ``https`` ones on its TLS listener (``https_port``, 443). The backend port
-  is ``target_port`` or else ``port``.
+- ``http`` / ``https`` / ``websocket`` endpoints are served by proxyd on the
+  endpoint's own ``port`` (as upstream's proxy manager binds it), routed by
+  ``host`` and ``path`` prefix among the routes that share the port:
+  ``expose: public`` ones on every listen address, ``internal`` ones on the
+  node network's address only. The backend port is ``target_port`` or else
+  ``port``.
 - ``tcp`` / ``udp`` public endpoints listen on the node at ``port`` and go to
   the backend's ``target_port`` or else ``port``.
-- ``internal`` endpoints are reached by service DNS and replica addresses only.
+- ``internal`` tcp and udp endpoints are reached by service DNS and replica
+  addresses only.
 """
 
 from __future__ import annotations
