@@ -242,7 +242,8 @@ while not stop.exists():
     except Exception as exc:
         outcome = f"error {exc!r}"
     results.append([asked, "tcp" if tcp else "udp", outcome])
-    progress.write_text(str(len(results)))
+    Path(sys.argv[2] + ".tmp").write_text(str(len(results)))
+    Path(sys.argv[2] + ".tmp").replace(progress)  # whole, never half-written
 out.write_text(json.dumps(results))
 """
 
@@ -264,76 +265,84 @@ def test_restarts_refuse_no_dns_query_and_end_healthy(machine: Machine) -> None:
     (machine.root / "root" / "dns" / "resolver.zlayer.yml").write_text(RESOLVER)
     (machine.root / "root" / "dnsloop.py").write_text(DNS_LOOP)
     machine.run("zlayerctl", "up", "-d", "--timeout", "120", cwd="/root/dns", timeout=200)
-    replicas = json.loads(
-        machine.run("zlayerctl", "ps", "--containers", "--format", "json", "-d", "resolver").stdout
-    )
-    address = replicas[0]["address"].split("/")[0]
-    resolv = machine.run("zlayerctl", "exec", "web", "-d", "resolver", "--", "cat",
-                         "/etc/resolv.conf").stdout  # fmt: skip
-    server = next(line.split()[1] for line in resolv.splitlines() if line.startswith("nameserver"))
-    machine.run("sh", "-c", f"/opt/zlayer/bin/python /root/dnsloop.py {server} /root/dns.json "
-                ">/root/dnsloop.log 2>&1 &")  # fmt: skip
-    count = machine.root / "root" / "dns.json.count"
-
-    def answered(more: int) -> Callable[[], bool]:
-        start = int(count.read_text()) if count.exists() else 0
-        return lambda: count.exists() and int(count.read_text()) >= start + more
-
     try:
-        wait_until("the first answers", answered(5))
-        assert machine.run("systemctl", "show", "-p", "NFileDescriptorStore", "--value",
-                           "zlayer-overlayd").stdout.strip() == "2"  # fmt: skip
-        # A graceful restart, then a crash (Restart=on-failure brings it back).
-        old = main_pid(machine, "zlayer-overlayd")
-        machine.run("systemctl", "restart", "zlayer-overlayd")
-        assert main_pid(machine, "zlayer-overlayd") not in (0, old)
-        wait_until("answers after systemctl restart", answered(10))
-        old = main_pid(machine, "zlayer-overlayd")
-        killed_at = time.time()
-        machine.run("kill", "-9", str(old))
-        wait_until(
-            "overlayd restarted by systemd",
-            lambda: (
-                main_pid(machine, "zlayer-overlayd") not in (0, old)
-                and is_active(machine, "zlayer-overlayd") == "active"
-            ),
-            timeout=60,
+        replicas = json.loads(
+            machine.run(
+                "zlayerctl", "ps", "--containers", "--format", "json", "-d", "resolver"
+            ).stdout
         )
-        wait_until("answers after kill -9", answered(10), timeout=60)
-        restarted_at = time.time()
-        for _ in range(5):
-            machine.run("systemctl", "restart", "zlayer.target", timeout=300)
-        wait_until("answers after the target restarts", answered(10), timeout=60)
-    finally:
-        (machine.root / "root" / "dns.json.stop").touch()
-        wait_until("the query loop to end", (machine.root / "root" / "dns.json").exists, 60)
-    results = json.loads((machine.root / "root" / "dns.json").read_text())
-    refused = [r for r in results if r[2] == "refused"]
-    assert refused == [], refused
-    lost = [r for r in results if not r[2].startswith("answer")]
-    # The loop asks one query at a time: only the one asked just before the
-    # kill can have been read by the killed process and lost with it.
-    assert len(lost) <= 1 and all(r[0] < killed_at for r in lost), lost
-    assert {r[2] for r in results} - {r[2] for r in lost} == {f"answer {address}"}
-    assert {r[1] for r in results if r[0] > restarted_at} == {"udp", "tcp"}
+        address = replicas[0]["address"].split("/")[0]
+        resolv = machine.run("zlayerctl", "exec", "web", "-d", "resolver", "--", "cat",
+                             "/etc/resolv.conf").stdout  # fmt: skip
+        server = next(
+            line.split()[1] for line in resolv.splitlines() if line.startswith("nameserver")
+        )
+        machine.run("sh", "-c", f"/opt/zlayer/bin/python /root/dnsloop.py {server} /root/dns.json "
+                    ">/root/dnsloop.log 2>&1 &")  # fmt: skip
+        count = machine.root / "root" / "dns.json.count"
 
-    # Five target restarts in a row end healthy: every daemon active, none
-    # given up on, the target active, the replica adopted and still running.
-    assert is_active(machine, "zlayer.target") == "active"
-    for name in DAEMONS:
-        assert is_active(machine, f"zlayer-{name}") == "active", name
-        result = machine.run("systemctl", "show", "-p", "Result", "--value", f"zlayer-{name}")
-        assert result.stdout.strip() == "success", name
-    wait_until("six running daemons", lambda: len(status(machine)) == 6 and all(
-        d["state"] == "running" for d in status(machine).values()))  # fmt: skip
-    after = json.loads(
-        machine.run("zlayerctl", "ps", "--containers", "--format", "json", "-d", "resolver").stdout
-    )
-    # The same container, never restarted: adopted by each new agentd.
-    assert [(r["id"], r["state"], r["pid"]) for r in after] == [
-        (replicas[0]["id"], "running", replicas[0]["pid"])
-    ], after
-    machine.run("zlayerctl", "down", "resolver", timeout=120)
+        def answered(more: int) -> Callable[[], bool]:
+            start = int(count.read_text()) if count.exists() else 0
+            return lambda: count.exists() and int(count.read_text()) >= start + more
+
+        try:
+            wait_until("the first answers", answered(5))
+            assert machine.run("systemctl", "show", "-p", "NFileDescriptorStore", "--value",
+                               "zlayer-overlayd").stdout.strip() == "2"  # fmt: skip
+            # A graceful restart, then a crash (Restart=on-failure brings it back).
+            old = main_pid(machine, "zlayer-overlayd")
+            machine.run("systemctl", "restart", "zlayer-overlayd")
+            assert main_pid(machine, "zlayer-overlayd") not in (0, old)
+            wait_until("answers after systemctl restart", answered(10))
+            old = main_pid(machine, "zlayer-overlayd")
+            killed_at = time.time()
+            machine.run("kill", "-9", str(old))
+            wait_until(
+                "overlayd restarted by systemd",
+                lambda: (
+                    main_pid(machine, "zlayer-overlayd") not in (0, old)
+                    and is_active(machine, "zlayer-overlayd") == "active"
+                ),
+                timeout=60,
+            )
+            wait_until("answers after kill -9", answered(10), timeout=60)
+            restarted_at = time.time()
+            for _ in range(5):
+                machine.run("systemctl", "restart", "zlayer.target", timeout=300)
+            wait_until("answers after the target restarts", answered(10), timeout=60)
+        finally:
+            (machine.root / "root" / "dns.json.stop").touch()
+            wait_until("the query loop to end", (machine.root / "root" / "dns.json").exists, 60)
+        results = json.loads((machine.root / "root" / "dns.json").read_text())
+        refused = [r for r in results if r[2] == "refused"]
+        assert refused == [], refused
+        lost = [r for r in results if not r[2].startswith("answer")]
+        # The loop asks one query at a time: only the one asked just before the
+        # kill can have been read by the killed process and lost with it.
+        assert len(lost) <= 1 and all(r[0] < killed_at for r in lost), lost
+        assert {r[2] for r in results} - {r[2] for r in lost} == {f"answer {address}"}
+        assert {r[1] for r in results if r[0] > restarted_at} == {"udp", "tcp"}
+
+        # Five target restarts in a row end healthy: every daemon active, none
+        # given up on, the target active, the replica adopted and still running.
+        assert is_active(machine, "zlayer.target") == "active"
+        for name in DAEMONS:
+            assert is_active(machine, f"zlayer-{name}") == "active", name
+            result = machine.run("systemctl", "show", "-p", "Result", "--value", f"zlayer-{name}")
+            assert result.stdout.strip() == "success", name
+        wait_until("six running daemons", lambda: len(status(machine)) == 6 and all(
+            d["state"] == "running" for d in status(machine).values()))  # fmt: skip
+        after = json.loads(
+            machine.run(
+                "zlayerctl", "ps", "--containers", "--format", "json", "-d", "resolver"
+            ).stdout
+        )
+        # The same container, never restarted: adopted by each new agentd.
+        assert [(r["id"], r["state"], r["pid"]) for r in after] == [
+            (replicas[0]["id"], "running", replicas[0]["pid"])
+        ], after
+    finally:  # even when a check failed: nothing left running for the next test
+        machine.run("zlayerctl", "down", "resolver", timeout=120, check=False)
 
 
 def test_a_daemon_that_fails_for_good_shows_in_the_target(machine: Machine) -> None:
