@@ -162,6 +162,27 @@ def _daemon_members() -> tuple[Any, Any]:
     return version, status
 
 
+def _sync_traffic_member() -> Any:
+    """A fresh ``SyncTraffic`` for each interface that holds traffic (overlayd, proxyd)."""
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("views",),
+        result_args_names=("result",),
+    )
+    async def sync_traffic(self: Any, views: str) -> str:
+        """shared.traffic.TrafficViews: every deployment's traffic; SyncResult.
+
+        Replaces what is held; deployments the views do not name are removed.
+        A deployment whose part cannot be applied is named in ``refusals``
+        and keeps what it had; the rest apply. Older views are refused.
+        """
+        raise NotImplementedError
+
+    return sync_traffic
+
+
 # Rich values travel as JSON text of the models in shared.models (named in
 # each member's docstring). Methods that change state are privileged: on the
 # system bus only root may call them (units/dbus/org.zlayer.conf).
@@ -645,20 +666,7 @@ class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
         """NetworkInfo."""
         raise NotImplementedError
 
-    @dbus_method_async(
-        input_signature="s",
-        result_signature="s",
-        input_args_names=("views",),
-        result_args_names=("result",),
-    )
-    async def sync_traffic(self, views: str) -> str:
-        """shared.traffic.TrafficViews: every deployment's traffic; SyncResult.
-
-        Replaces what is held; deployments the views do not name are removed.
-        A deployment whose part cannot be applied is named in ``refusals``
-        and keeps what it had; the rest apply. Older views are refused.
-        """
-        raise NotImplementedError
+    sync_traffic = _sync_traffic_member()
 
     @dbus_method_async(input_signature="ss", input_args_names=("deployment", "traffic"))
     async def set_traffic(self, deployment: str, traffic: str) -> None:
@@ -682,20 +690,7 @@ class Proxy1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Proxy1"):
 
     version, status = _daemon_members()
 
-    @dbus_method_async(
-        input_signature="s",
-        result_signature="s",
-        input_args_names=("views",),
-        result_args_names=("result",),
-    )
-    async def sync_traffic(self, views: str) -> str:
-        """shared.traffic.TrafficViews: every deployment's traffic; SyncResult.
-
-        Replaces what is held; deployments the views do not name are removed.
-        A deployment whose part cannot be applied is named in ``refusals``
-        and keeps what it had; the rest apply. Older views are refused.
-        """
-        raise NotImplementedError
+    sync_traffic = _sync_traffic_member()
 
     @dbus_method_async(input_signature="ss", input_args_names=("deployment", "traffic"))
     async def set_traffic(self, deployment: str, traffic: str) -> None:

@@ -13,11 +13,14 @@ proxyd (traffic) keep a cache of it, and schedd sends each of them the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
-from shared.bus import ZLayerError
+from pydantic import ValidationError
+
+from shared.bus import InvalidArgumentError, ZLayerError
 from shared.models import SyncResult
 from shared.statefile import read_state, write_atomically
 from shared.traffic import DeploymentTraffic, TrafficViews
@@ -82,3 +85,40 @@ async def apply_views(
     return SyncResult(
         generation=views.generation, accepted=True, refusals=refusals, removed=removed
     )
+
+
+class TrafficHolder:
+    """A traffic daemon's side of ``SyncTraffic`` (overlayd, proxyd): one sync at a time,
+    the generation it holds, and its log lines."""
+
+    def __init__(self, state_dir: Path, daemon_log: logging.Logger) -> None:
+        self.held = HeldGeneration(state_dir)
+        self.log = daemon_log
+        self._lock = asyncio.Lock()
+
+    async def sync(
+        self,
+        text: str,
+        held_deployments: Callable[[], Iterable[str]],
+        apply_one: Callable[[str, DeploymentTraffic], Awaitable[None]],
+    ) -> SyncResult:
+        """Apply the views in ``text`` (a TrafficViews) unless they are older than held."""
+        try:
+            views = TrafficViews.model_validate_json(text)
+        except ValidationError as exc:
+            raise InvalidArgumentError(f"the traffic views are not a TrafficViews: {exc}") from None
+        async with self._lock:
+            if not self.held.accepts(views.generation):
+                self.log.info(
+                    "ignored traffic views of generation %d: generation %d is newer",
+                    views.generation,
+                    self.held.value,
+                )
+                return refused(self.held)
+            result = await apply_views(views, list(held_deployments()), apply_one)
+            await asyncio.to_thread(self.held.hold, views.generation)
+        for deployment, sentence in result.refusals.items():
+            self.log.warning("traffic of %s refused: %s", deployment, sentence)
+        for _deployment, sentence in result.removed:
+            self.log.info("%s", sentence)
+        return result

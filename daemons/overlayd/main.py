@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from prometheus_client import Counter, Gauge
-from pydantic import ValidationError
 from sdbus import dbus_method_async_override
 
 from daemons.overlayd import nft
@@ -51,8 +50,8 @@ from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
 from shared.logs import setup_logging
 from shared.models import SyncResult
 from shared.paths import Paths
-from shared.traffic import DeploymentTraffic, TrafficError, TrafficViews
-from shared.views import HeldGeneration, apply_views, refused
+from shared.traffic import DeploymentTraffic, TrafficError
+from shared.views import TrafficHolder
 
 ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
 ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["result"])
@@ -142,8 +141,7 @@ class OverlayDaemon(Daemon):
         )
         self._lock = asyncio.Lock()
         self._traffic_lock = asyncio.Lock()
-        self._sync_lock = asyncio.Lock()
-        self.held = HeldGeneration(paths.daemon_state(self.info.name))
+        self.views = TrafficHolder(paths.daemon_state(self.info.name), self.log)
         self.zone = Zone()
         self.dns_server: DnsServer | None = None
         self.prober = Prober(settings.stream_probe_interval, self._backends_changed)
@@ -238,29 +236,11 @@ class OverlayDaemon(Daemon):
 
     async def sync_traffic(self, text: str) -> SyncResult:
         """schedd's complete view: apply every deployment, remove the ones it no longer names."""
-        try:
-            views = TrafficViews.model_validate_json(text)
-        except ValidationError as exc:
-            raise InvalidArgumentError(f"the traffic views are not a TrafficViews: {exc}") from None
-        async with self._sync_lock:
-            if not self.held.accepts(views.generation):
-                self.log.info(
-                    "ignored traffic views of generation %d: generation %d is newer",
-                    views.generation,
-                    self.held.value,
-                )
-                return refused(self.held)
 
-            async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
-                await self.push_traffic(parse_bus_traffic(deployment, view.model_dump_json()))
+        async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
+            await self.push_traffic(parse_bus_traffic(deployment, view.model_dump_json()))
 
-            result = await apply_views(views, list(self.network.traffic), apply_one)
-            await asyncio.to_thread(self.held.hold, views.generation)
-        for deployment, sentence in result.refusals.items():
-            self.log.warning("traffic of %s refused: %s", deployment, sentence)
-        for _deployment, sentence in result.removed:
-            self.log.info("%s", sentence)
-        return result
+        return await self.views.sync(text, lambda: self.network.traffic, apply_one)
 
     async def _apply_traffic(self, traffic: DeploymentTraffic) -> None:
         deployment = traffic.deployment

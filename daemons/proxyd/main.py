@@ -25,7 +25,6 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from pydantic import ValidationError
 from sdbus import dbus_method_async_override
 
 from daemons.proxyd import sockets
@@ -46,8 +45,8 @@ from shared.bus import (
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
 from shared.models import NetworkInfo, SyncResult
 from shared.paths import Paths
-from shared.traffic import DeploymentTraffic, TrafficViews
-from shared.views import HeldGeneration, apply_views, refused
+from shared.traffic import DeploymentTraffic
+from shared.views import TrafficHolder
 
 REBIND_INTERVAL = 5.0
 SWEEP_INTERVAL = 1.0
@@ -103,8 +102,7 @@ class ProxyDaemon(Daemon):
     def __init__(self, settings: ProxySettings, paths: Paths) -> None:
         super().__init__(settings, paths)
         self.routes = Routes(paths.daemon_state(self.info.name))
-        self.held = HeldGeneration(paths.daemon_state(self.info.name))
-        self._sync_lock = asyncio.Lock()
+        self.views = TrafficHolder(paths.daemon_state(self.info.name), self.log)
         self.l7: dict[ListenKey, Bound] = {}
         self.retired: list[Listener] = []  # closed listeners whose connections finish their work
         self.bind_errors: dict[ListenKey, str] = {}
@@ -438,29 +436,11 @@ class ProxyDaemon(Daemon):
 
     async def sync_traffic(self, text: str) -> SyncResult:
         """schedd's complete view: apply every deployment, remove the ones it no longer names."""
-        try:
-            views = TrafficViews.model_validate_json(text)
-        except ValidationError as exc:
-            raise InvalidArgumentError(f"the traffic views are not a TrafficViews: {exc}") from None
-        async with self._sync_lock:
-            if not self.held.accepts(views.generation):
-                self.log.info(
-                    "ignored traffic views of generation %d: generation %d is newer",
-                    views.generation,
-                    self.held.value,
-                )
-                return refused(self.held)
 
-            async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
-                await self.set_traffic(deployment, view.model_dump_json())
+        async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
+            await self.set_traffic(deployment, view.model_dump_json())
 
-            result = await apply_views(views, list(self.routes.deployments), apply_one)
-            await asyncio.to_thread(self.held.hold, views.generation)
-        for deployment, sentence in result.refusals.items():
-            self.log.warning("routes of %s refused: %s", deployment, sentence)
-        for _deployment, sentence in result.removed:
-            self.log.info("%s", sentence)
-        return result
+        return await self.views.sync(text, lambda: self.routes.deployments, apply_one)
 
     async def set_traffic(self, deployment: str, traffic_json: str) -> None:
         try:
