@@ -309,6 +309,18 @@ class Chaos:
         result = self.node.ctl(*args)
         self.model.replicas, self.model.stopped = replicas, False
         said = " ".join(args) + _exit(result)
+        if result.returncode == 0:
+            # The user was told "scaled web of NAME to N": schedd wants N now.
+            listed = self.node.ctl("ps", "-d", self.model.name, "--format", "json")
+            for deployment in json.loads(listed.stdout or "[]"):
+                web = next(s for s in deployment["services"] if s["name"] == "web")
+                if web["desired"] != replicas:
+                    self.model.stopped = deployment["state"] == "stopped"
+                    self.problems.append(
+                        f"`{' '.join(args)}` exited 0 ({_one_line(result.stderr)}), yet schedd "
+                        f"wants {web['desired']} replicas of web (deployment "
+                        f"{deployment['state']}, service {web['state']})"
+                    )
         if result.returncode == 0 and "--no-wait" not in args:
             surplus = [r["id"] for r in self._listed() if r["instance"] > replicas]
             self._waited(said, surplus, "the surplus replicas")
