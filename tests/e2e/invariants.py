@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -176,7 +177,10 @@ class Invariants:
         found += self._dns(snap, desired, healthy)
         found += self._routes(snap, desired, healthy)
         found += self._published(snap, desired, healthy)
-        found += self._orphans(snap, desired, wanted, healthy)
+        try:
+            found += self._orphans(snap, desired, wanted, healthy)
+        except OSError as exc:  # something vanished while it was read: read again
+            found.append(f"reading the node's leftovers failed ({exc}); not settled yet")
         return found
 
     def settle(self, what: str, timeout: float = 60.0) -> float:
@@ -691,9 +695,7 @@ def _saved_views(state_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     under its state directory, however the file nests them."""
     if not state_dir.is_dir():
         return
-    for path in sorted(state_dir.rglob("*.json")):
-        if "bundles" in path.parts or "job-runs" in path.parts or "replicas" in path.parts:
-            continue
+    for path in _json_files(state_dir, skip={"bundles", "job-runs", "replicas", "volumes"}):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -704,6 +706,16 @@ def _saved_views(state_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
             if marker not in seen:
                 seen.add(marker)
                 yield path, view
+
+
+def _json_files(root: Path, skip: set[str]) -> list[Path]:
+    """The JSON files under ``root``, not descending into ``skip``; files and
+    directories that vanish while walked (a daemon removing them) are left out."""
+    found = []
+    for directory, subdirs, files in os.walk(root, onerror=lambda _error: None):
+        subdirs[:] = [d for d in subdirs if d not in skip]
+        found += [Path(directory) / f for f in files if f.endswith(".json")]
+    return sorted(found)
 
 
 def _views_in(data: Any) -> Iterator[dict[str, Any]]:
