@@ -8,7 +8,8 @@ saved):
 
 - the containers that run are schedd's desired replicas (deployment, service,
   instance, revision; as many as desired), each with a PID that exists;
-- the service DNS answers each name with exactly the healthy replicas' addresses;
+- the service DNS answers each name with exactly the healthy replicas' addresses
+  (in ``zlayerctl dns`` and in a real query to the DNS server on the bridge);
 - proxyd's routes and overlayd's published ports are the desired endpoints,
   each with exactly the healthy replicas as backends;
 - nothing is orphaned: no container, bundle, mount, network namespace, veth,
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
@@ -100,6 +102,7 @@ class Invariants:
         settings = OverlaySettings.load("overlayd", self.paths)
         self.bridge = settings.bridge
         self.table = settings.table
+        self.dns_server = (str(settings.subnet.network_address + 1), settings.dns_port)
 
     def expect(self, deployment: str, endpoints: Iterable[Endpoint]) -> None:
         """The endpoints ``deployment``'s spec declares (replaces what was given before)."""
@@ -175,6 +178,7 @@ class Invariants:
         healthy = self._replicas(snap, wanted, found)
         found += self._runtime(snap, wanted)
         found += self._dns(snap, desired, healthy)
+        found += self._dns_served(desired, healthy)
         found += self._routes(snap, desired, healthy)
         found += self._published(snap, desired, healthy)
         try:
@@ -361,6 +365,27 @@ class Invariants:
             else:
                 found.append(
                     f"DNS answers {name} ({deployment}) with {_list(have)}; "
+                    f"the healthy replicas are {_list(want)}"
+                )
+        return found
+
+    def _dns_served(
+        self, desired: dict[str, dict[str, dict[str, Any]]], healthy: dict[Key, str]
+    ) -> list[str]:
+        """What the service DNS itself answers for ``{service}.service.local``: every
+        deployment's healthy replicas of that service, no other address."""
+        services = {svc for services in desired.values() for svc in services}
+        services |= {e.service for endpoints in self.endpoints.values() for e in endpoints}
+        found = []
+        for service in sorted(services):
+            name = f"{service}.{DOMAIN}"
+            want = {a for k, a in healthy.items() if k[1] == service}
+            have = _resolve(self.dns_server, name)
+            if have is None:
+                found.append(f"the service DNS on {self.dns_server[0]} did not answer {name}")
+            elif have != want:
+                found.append(
+                    f"the service DNS answers {name} with {_list(have)}; "
                     f"the healthy replicas are {_list(want)}"
                 )
         return found
@@ -590,6 +615,24 @@ def _pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _resolve(server: tuple[str, int], name: str) -> set[str] | None:
+    """The A records a DNS server gives for ``name`` (empty for NXDOMAIN); None if
+    it does not answer twice in a row."""
+    from dnslib import QTYPE, DNSRecord
+
+    query = DNSRecord.question(name).pack()
+    for _ in range(2):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2.0)
+            try:
+                sock.sendto(query, server)
+                reply = DNSRecord.parse(sock.recvfrom(4096)[0])
+            except OSError:
+                continue
+        return {str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A}
+    return None
 
 
 def _list(items: Iterable[str]) -> str:
