@@ -93,6 +93,14 @@ def test_an_unreadable_allocations_file_is_moved_aside_and_replicas_keep_their_a
     overlayd.stop()
     assert "cannot be used" not in overlayd.logs[seen:]
 
+    # Removal with the allocations lost still finds every attachment on the bridge.
+    allocations.unlink()
+    removed = overlayd.remove_network()
+    assert removed.returncode == 0, removed.stderr
+    for attachment in (a, b, c, fresh):
+        assert not Path("/sys/class/net", attachment.host_veth).exists()
+        assert not Path(attachment.netns).exists()
+
 
 # ---------------------------------------------------------------- removal
 
