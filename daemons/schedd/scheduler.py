@@ -544,6 +544,13 @@ class Scheduler:
                 f"{service} is a {spec.services[service].rtype}; only services scale"
             )
         await asyncio.to_thread(self.store.hold_scale, name, service, replicas)
+        if stored.stopped:
+            # The whole deployment was stopped: scaling one service starts that
+            # service alone, the others stay stopped.
+            for other in spec.services:
+                if other != service:
+                    await asyncio.to_thread(self.store.set_stopped, name, other, True)
+            await asyncio.to_thread(self.store.set_stopped, name, "", False)
         await asyncio.to_thread(self.store.set_stopped, name, service, False)
         self.event(
             name,
@@ -839,6 +846,19 @@ class Scheduler:
                 self.store.put_service_state(name, svc_name, state)
                 states[svc_name] = state
             key = (name, stored.revision, svc_name)
+            if (stored.stopped or svc_name in stopped) and state.rollout == "running":
+                # Nothing of it runs any more: the new revision is what starts next time.
+                state.serving, state.rollout, state.message = state.target, "", ""
+                state.new_count = state.old_count = 0
+                self.store.put_service_state(name, svc_name, state)
+                self._draining.pop((name, svc_name), None)
+                self.event(
+                    name,
+                    "rollout-ended",
+                    f"{svc_name} was stopped during its rollout; it starts at revision "
+                    f"{state.target} next time",
+                    service=svc_name,
+                )
             revision = state.serving if state.rollout == "failed" else state.target
             if stored.stopped or svc_name in stopped:
                 await self._apply(
