@@ -143,15 +143,19 @@ def move_aside(path: Path) -> Path:
 
 
 def remove_leftovers(path: Path) -> list[Path]:
-    """Delete the temporary files a writer of ``path`` left when it died; what was removed.
+    """Delete the temporary files writers of ``path`` left when they died; what was removed.
 
-    Only for a start, before anything writes ``path``: a write in flight has
-    one of these too.
+    ``path`` is a state file, or a directory of them (every writer's leftovers
+    in it). Only for a start, before anything writes there: a write in flight
+    has one of these too.
     """
+    directory, pattern = (path, f".*{TEMP_SUFFIX}")
+    if not path.is_dir():
+        directory, pattern = (path.parent, f".{path.name}.*{TEMP_SUFFIX}")
     removed: list[Path] = []
-    if not path.parent.is_dir():
+    if not directory.is_dir():
         return removed
-    for temp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+    for temp in directory.glob(pattern):
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
             removed.append(temp)

@@ -38,7 +38,7 @@ from daemons.overlayd.publish import (
 )
 from daemons.overlayd.settings import OverlaySettings, host_resolvers
 from shared.models import Attachment, NetworkInfo
-from shared.statefile import StateFormatError, read_state, write_atomically
+from shared.statefile import StateFormatError, read_state, remove_leftovers, write_atomically
 from shared.traffic import DeploymentTraffic, TrafficError
 
 STATE_FILE = "allocations.json"
@@ -115,6 +115,7 @@ class NodeNetwork:
         self.published.clear()
         if not self.traffic_dir.is_dir():
             return skipped
+        remove_leftovers(self.traffic_dir)  # writes cut short by a crash
         for path in sorted(self.traffic_dir.glob("*.json")):
             traffic = read_state(
                 path, DeploymentTraffic.model_validate_json, "the next push replaces it", log

@@ -69,6 +69,12 @@ def test_a_crash_between_write_and_rename_leaves_the_old_file(tmp_path: Path) ->
     assert read_state(path, parse_allocations) == {"version": 1, "n": "old"}
     assert remove_leftovers(path) == leftovers
     assert list(tmp_path.iterdir()) == [path]
+    # A directory of state files: every writer's leftovers in it, nothing else.
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
+    other = tmp_path / "other.json"
+    write_atomically(other, "{}")
+    assert len(remove_leftovers(tmp_path)) == 1
+    assert sorted(tmp_path.iterdir()) == [path, other]
 
 
 @pytest.mark.parametrize(
