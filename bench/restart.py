@@ -331,6 +331,10 @@ def nginx_reload_window(conf: Path, loop: Loop, settle: float) -> Window:
 # ---------------------------------------------------------------- part 2: adoption
 
 
+def _ratio(value: float) -> str:
+    return f"{value:.1f}x" if value < 10 else f"{value:.0f}x"
+
+
 class AdoptionError(RuntimeError):
     """A replica that was running came back as a new process."""
 
@@ -499,7 +503,7 @@ def measure(cluster: Cluster, work: Path, args: argparse.Namespace) -> None:
         total = sum(http_counts.values())
         rate = http_counts["ok"] / total if total else 1.0
         cells.append(f"{rate / peer_rate:.2f}x" if peer_rate else "-")
-        cells.append(f"{window.longest / peer_longest:.0f}x" if peer_longest else "-")
+        cells.append(_ratio(window.longest / peer_longest) if peer_longest else "-")
         rows.append(cells)
     print_table(
         [
