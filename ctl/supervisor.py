@@ -39,6 +39,7 @@ from shared.bus import BUS_ADDRESS_ENV, DAEMONS, DaemonInfo
 from shared.busdaemon import PrivateBus
 from shared.daemon import SUPERVISOR_ENV
 from shared.paths import Paths
+from shared.statefile import write_atomically
 
 log = logging.getLogger("zlayer.supervisor")
 
@@ -174,9 +175,7 @@ class Supervisor:
             ready=ready,
             daemons={name: child.record for name, child in self.children.items()},
         )
-        tmp = self.paths.supervisor_state.with_suffix(".tmp")
-        tmp.write_text(state.model_dump_json(indent=2))
-        tmp.replace(self.paths.supervisor_state)
+        write_atomically(self.paths.supervisor_state, state.model_dump_json(indent=2))
 
     # ------------------------------------------------------------ notify socket
 
@@ -420,7 +419,6 @@ class Supervisor:
         await asyncio.to_thread(self.bus.stop)
         self.paths.bus_address_file.unlink(missing_ok=True)
         self.paths.supervisor_state.unlink(missing_ok=True)
-        self.paths.supervisor_state.with_suffix(".tmp").unlink(missing_ok=True)
 
 
 def state_summary(state: SupervisorState) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from daemons.agentd.errors import BundleError, CgroupError, ContainerError, Cont
 from shared import k8slog
 from shared.models import Attachment, ImageRootfs, ReplicaStats
 from shared.spec import ServiceSpec
+from shared.statefile import write_atomically
 
 log = logging.getLogger("zlayer.agentd.runtime")
 
@@ -208,12 +209,6 @@ def _is_mounted(target: Path) -> bool:
     wanted = str(target)
     with open("/proc/self/mountinfo") as handle:
         return any(line.split()[4] == wanted for line in handle)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # Variables of agentd's own supervisor: crun would take NOTIFY_SOCKET as a
@@ -440,7 +435,7 @@ class ContainerRuntime:
 
             def lay_out() -> None:
                 bundle_dir.mkdir(parents=True)
-                _write_atomic(bundle_dir / META, json.dumps(meta))
+                write_atomically(bundle_dir / META, json.dumps(meta))
                 for name in ("rootfs", "upper", "work"):
                     (bundle_dir / name).mkdir()
                 for name, content in plan.files.items():
@@ -639,7 +634,7 @@ class ContainerRuntime:
         result = ExitStatus(code, oom, finished)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(
-                _write_atomic,
+                write_atomically,
                 bundle_dir / EXIT,
                 json.dumps({"code": code, "oom_killed": oom, "finished_at": finished}),
             )

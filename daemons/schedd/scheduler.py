@@ -245,6 +245,7 @@ class Scheduler:
         self._stop_grace: dict[tuple[str, str], float] = {}  # `stop --timeout/--force`
         self._gone_services: set[tuple[str, str]] = set()  # services left out of the spec
         self._unreachable: set[str] = set()  # holders whose last send failed, logged once
+        self._held_back = False  # views held back after the store was rebuilt empty
         # deployment -> replica ids both overlayd and proxyd route to, as they last took it
         self._routed: dict[str, set[str]] = {}
         self._waiting: dict[tuple[str, int, str], _Waiting] = {}
@@ -1068,6 +1069,17 @@ class Scheduler:
         One generation stamps every view sent together; it only grows, so a
         holder never takes a view computed before one it already has.
         """
+        if self.store.recovered and not self.store.names():
+            # An empty store after an unreadable one is not "run nothing": leave
+            # what runs alone until the user deploys again.
+            if not self._held_back:
+                self._held_back = True
+                log.warning(
+                    "the store was unreadable and starts empty: the replicas on this node "
+                    "keep running, unmanaged, until their deployments are deployed again "
+                    "(`zlayerctl up` each one)"
+                )
+            return
         assignments = sorted(self._desired.values(), key=lambda a: (a.deployment, a.service))
         bodies = {
             "overlayd": json.dumps([t.model_dump(mode="json") for t in traffic]),

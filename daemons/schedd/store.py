@@ -128,6 +128,9 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # The file was unusable and this store starts empty (see the scheduler:
+        # it sends no view until something is deployed again).
+        self.recovered = False
         try:
             self._db = _open(path)
         except sqlite3.DatabaseError as exc:
@@ -144,6 +147,7 @@ class Store:
                 aside,
             )
             self._db = _open(path)
+            self.recovered = True
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(deployments)")}
         if "removing" not in columns:  # a store made before removals were persisted
             self._db.execute(
