@@ -286,9 +286,11 @@ class Chaos:
         version = self.model.next_version
         self.model.next_version += 1
         replicas = self.rng.randint(1, 4)
+        before = self._revision(wait=False)
         result = self.node.ctl("up", "-d", self.write(version, replicas), "--timeout", "90")
-        self.model.versions.append(version)
-        self.model.replicas, self.model.stopped = replicas, False
+        if self._stored(result, before):
+            self.model.versions.append(version)
+            self.model.replicas, self.model.stopped = replicas, False
         return f"up {self.model.name} (VERSION {version}, {replicas} replicas)" + _exit(result)
 
     def deploy(self) -> str:
@@ -296,9 +298,11 @@ class Chaos:
             return self.up()
         version = self.model.next_version
         self.model.next_version += 1
+        before = self._revision(wait=False)
         result = self.node.ctl("deploy", self.write(version, self.model.replicas))
-        self.model.versions.append(version)
-        self.model.stopped = False
+        if self._stored(result, before):
+            self.model.versions.append(version)
+            self.model.stopped = False
         return f"deploy {self.model.name} VERSION {version}" + _exit(result)
 
     def scale(self) -> str:
@@ -307,28 +311,30 @@ class Chaos:
         replicas = self.rng.choice([0, 1, 2, 3, 4, 5])
         args = ["scale", "web", str(replicas), "-d", self.model.name, *self._no_wait()]
         result = self.node.ctl(*args)
-        self.model.replicas, self.model.stopped = replicas, False
         said = " ".join(args) + _exit(result)
-        if result.returncode == 0:
-            # The user was told "scaled web of NAME to N": schedd wants N now.
-            listed = self.node.ctl("ps", "-d", self.model.name, "--format", "json")
-            for deployment in json.loads(listed.stdout or "[]"):
-                web = next(s for s in deployment["services"] if s["name"] == "web")
-                if web["desired"] != replicas:
-                    self.model.stopped = deployment["state"] == "stopped"
-                    self.problems.append(
-                        f"`{' '.join(args)}` exited 0 ({_one_line(result.stderr)}), yet schedd "
-                        f"wants {web['desired']} replicas of web (deployment "
-                        f"{deployment['state']}, service {web['state']})"
-                    )
-        if result.returncode == 0 and "--no-wait" not in args:
+        if result.returncode != 0:
+            return said
+        self.model.replicas, self.model.stopped = replicas, False
+        # The user was told "scaled web of NAME to N": schedd wants N now.
+        listed = self.node.ctl("ps", "-d", self.model.name, "--format", "json")
+        for deployment in json.loads(listed.stdout or "[]") if listed.returncode == 0 else []:
+            web = next(s for s in deployment["services"] if s["name"] == "web")
+            if web["desired"] != replicas:
+                self.model.stopped = deployment["state"] == "stopped"
+                self.problems.append(
+                    f"`{' '.join(args)}` exited 0 ({_one_line(result.stderr)}), yet schedd "
+                    f"wants {web['desired']} replicas of web (deployment "
+                    f"{deployment['state']}, service {web['state']})"
+                )
+        if "--no-wait" not in args:
             surplus = [r["id"] for r in self._listed() if r["instance"] > replicas]
             self._waited(said, surplus, "the surplus replicas")
         return said
 
     def rollback(self) -> str:
+        before = self._revision(wait=False)
         result = self.node.ctl("rollback", self.model.name)
-        if len(self.model.versions) >= 2:
+        if self._stored(result, before) and len(self.model.versions) >= 2:
             self.model.versions.append(self.model.versions[-2])
             self.model.stopped = False
         return f"rollback {self.model.name}" + _exit(result)
@@ -336,8 +342,9 @@ class Chaos:
     def down(self) -> str:
         args = ["down", self.model.name, *self._no_wait()]
         result = self.node.ctl(*args)
-        self.model.versions.clear()
         said = " ".join(args) + _exit(result)
+        if result.returncode == 0 or self._revision() is None:
+            self.model.versions.clear()
         if result.returncode == 0 and "--no-wait" not in args:
             self._waited(said, [r["id"] for r in self._listed()], "its replicas")
         return said
@@ -345,13 +352,38 @@ class Chaos:
     def stop(self) -> str:
         args = ["stop", self.model.name, *self._no_wait()]
         result = self.node.ctl(*args)
+        said = " ".join(args) + _exit(result)
+        if result.returncode != 0:
+            return said
         if self.model.deployed:
             self.model.stopped = True
-        said = " ".join(args) + _exit(result)
-        if result.returncode == 0 and "--no-wait" not in args:
+        if "--no-wait" not in args:
             running = [r["id"] for r in self._listed() if r["state"] == "running"]
             self._waited(said, running, "its replicas")
         return said
+
+    def _revision(self, wait: bool = True) -> int | None:
+        """The deployment's stored revision as schedd has it (None: no such deployment).
+        If schedd does not answer (it is being restarted): wait for it, or, with
+        ``wait=False``, the revision the model counts since the last ``down``."""
+        deadline = time.monotonic() + 30
+        while True:
+            listed = self.node.ctl("ps", "-d", self.model.name, "--format", "json")
+            if listed.returncode == 0:
+                rows = json.loads(listed.stdout or "[]")
+                return int(rows[0]["revision"]) if rows else None
+            if not wait:
+                return len(self.model.versions) or None
+            assert time.monotonic() < deadline, f"schedd did not answer: {listed.stderr}"
+            time.sleep(0.5)
+
+    def _stored(self, result: subprocess.CompletedProcess[str], before: int | None) -> bool:
+        """Whether a deploy, up or rollback stored a new revision: it said so, or it
+        failed after storing one (up -d that timed out waiting, say)."""
+        if result.returncode == 0:
+            return True
+        after = self._revision()
+        return after is not None and after != before
 
     def _no_wait(self) -> list[str]:
         """Half the time the user does not wait for the replicas to stop."""
