@@ -40,7 +40,7 @@ bridge and nft table removed, temporary directories. Nothing is killed by name.
 
 Needs root (containers), crun, conmon, busybox-static and nginx.
 
-Run: ``.venv/bin/python bench/restart.py`` (about 4 minutes; ``--settle S``,
+Run: ``.venv/bin/python bench/restart.py`` (about 5 minutes; ``--settle S``,
 ``--adopt-runs N``, ``--replicas N``).
 """
 
