@@ -32,7 +32,12 @@ services:
         - mkdir -p /www && echo {page}-$(hostname) > /www/index.html &&
           exec httpd -f -p 8080 -h /www
     endpoints:
-      - {{name: http, protocol: http, port: {port}, target_port: 8080, host: {host}, expose: public}}
+      - name: http
+        protocol: http
+        port: {port}
+        target_port: 8080
+        host: {host}
+        expose: public
     scale: {{mode: fixed, replicas: {replicas}}}
     stop_grace_period: 2s
     health:
