@@ -326,6 +326,9 @@ class Scheduler:
             await asyncio.to_thread(
                 self.store.add_revision, name, spec_json, spec_text, filename, states
             )
+        for svc_name, state in states.items():
+            if state.rollout != "running":
+                self._draining.pop((name, svc_name), None)
         for kind, service, message in events:
             self.event(name, kind, message, service=service)
         self.event(name, "deploy", f"revision {revision} of {name} {verb}")
@@ -1035,7 +1038,12 @@ class Scheduler:
                 continue
             state = states.get(svc_name)
             revisions = {state.serving, state.target} if state else set()
-            draining = self._draining.get((name, svc_name), (set(), 0.0))[0]
+            # Only a running rollout drains: a cancelled one leaves no replica out.
+            draining = (
+                self._draining.get((name, svc_name), (set(), 0.0))[0]
+                if state is not None and state.rollout == "running"
+                else set()
+            )
             backends = [
                 Backend(replica=r.id, instance=r.instance, revision=r.revision, address=r.address)
                 for r in sorted(replicas, key=lambda r: (r.revision, r.instance))

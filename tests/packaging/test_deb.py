@@ -317,9 +317,10 @@ def test_restarts_refuse_no_dns_query_and_end_healthy(machine: Machine) -> None:
         refused = [r for r in results if r[2] == "refused"]
         assert refused == [], refused
         lost = [r for r in results if not r[2].startswith("answer")]
-        # The loop asks one query at a time: only the one asked just before the
-        # kill can have been read by the killed process and lost with it.
-        assert len(lost) <= 1 and all(r[0] < killed_at for r in lost), lost
+        # The loop asks one query at a time: only the one in flight at the kill
+        # can have been read by the killed process and lost with it (its time is
+        # when the loop saw it fail, a moment after the kill).
+        assert len(lost) <= 1 and all(abs(r[0] - killed_at) < 5 for r in lost), lost
         assert {r[2] for r in results} - {r[2] for r in lost} == {f"answer {address}"}
         assert {r[1] for r in results if r[0] > restarted_at} == {"udp", "tcp"}
 
