@@ -378,7 +378,6 @@ class Node:
         finally:
             self._collecting.pop(cid, None)
         GARBAGE.labels(kind="container").inc()
-        log.info("removed container %s: no replica of this node owns it", cid)
         self._note(
             self._deployment_of(cid), f"removed container {cid}: no replica of this node owns it"
         )

@@ -30,7 +30,9 @@ def _integration_leak_check(leak_check: None) -> None:
 
 
 @contextlib.contextmanager
-def running_node(prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+def running_node(
+    prefix: Path, tmp_path_factory: pytest.TempPathFactory, network_tag: str = "zle"
+) -> Iterator[Node]:
     """Six daemons under ``zlayerctl daemon run`` in ``prefix``, the busybox image imported.
 
     On the way out the daemons stop, and whatever a failed test left on the
@@ -39,7 +41,7 @@ def running_node(prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """
     prefix.mkdir()
     paths = Paths(prefix)
-    write_test_config(paths, network_tag="zle")
+    write_test_config(paths, network_tag=network_tag)
     paths.daemon_config("proxyd").write_text("metrics_port = 0\naccess_log = false\n")
     # proxyd listens on each endpoint's port: the tests' public http endpoints use this one.
     node = Node(paths, tmp_path_factory.mktemp("work"), free_port())
@@ -112,7 +114,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 def own_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """A node of the test's own, for tests that stop, restart or break the daemons."""
     prefix = Path(f"/tmp/zle-{os.getpid()}-{time.monotonic_ns() % 10**6}")
-    with running_node(prefix, tmp_path_factory) as started:
+    with running_node(prefix, tmp_path_factory, network_tag="zln") as started:
         yield started
         for deployment in json.loads(started.ctl("ps", "--format", "json").stdout or "[]"):
             started.ctl("down", deployment["name"])

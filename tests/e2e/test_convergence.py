@@ -239,7 +239,7 @@ def test_containers_no_replica_owns_are_removed_and_replaced(own_node: Node) -> 
     assert not any(_pid_alive(pid) for pid in old.values())
     log = agentd_log(node)
     for cid in old:
-        assert f"removed container {cid}: no replica owns it" in log
+        assert f"removed container {cid}: no replica of this node owns it" in log
     assert "hello-" in get(port)
     node.ctl("down", "web", check=True)
 
