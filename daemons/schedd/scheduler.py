@@ -852,16 +852,13 @@ class Scheduler:
             key = (name, stored.revision, svc_name)
             if (stored.stopped or svc_name in stopped) and state.rollout == "running":
                 # Nothing of it runs any more: the new revision is what starts next time.
-                state.serving, state.rollout, state.message = state.target, "", ""
-                state.new_count = state.old_count = 0
-                self.store.put_service_state(name, svc_name, state)
-                self._draining.pop((name, svc_name), None)
-                self.event(
+                self._end_rollout(
                     name,
+                    svc_name,
+                    state,
                     "rollout-ended",
                     f"{svc_name} was stopped during its rollout; it starts at revision "
                     f"{state.target} next time",
-                    service=svc_name,
                 )
             revision = state.serving if state.rollout == "failed" else state.target
             if stored.stopped or svc_name in stopped:
@@ -984,15 +981,12 @@ class Scheduler:
                     True,
                 )
             else:
-                state.serving, state.rollout, state.message = state.target, "", ""
-                state.new_count = state.old_count = 0
-                self.store.put_service_state(name, svc_name, state)
-                self._draining.pop((name, svc_name), None)
-                self.event(
+                self._end_rollout(
                     name,
+                    svc_name,
+                    state,
                     "rolled-out",
                     f"{svc_name} now runs revision {state.target} ({want} replicas)",
-                    service=svc_name,
                 )
                 await self._apply(name, state.target, svc_name, new_spec, want)
                 return
@@ -1012,6 +1006,16 @@ class Scheduler:
                 )
             ],
         )
+
+    def _end_rollout(
+        self, name: str, svc_name: str, state: ServiceState, kind: str, message: str
+    ) -> None:
+        """The target revision is now the serving one: store it, stop draining, say so."""
+        state.serving, state.rollout, state.message = state.target, "", ""
+        state.new_count = state.old_count = 0
+        self.store.put_service_state(name, svc_name, state)
+        self._draining.pop((name, svc_name), None)
+        self.event(name, kind, message, service=svc_name)
 
     # ------------------------------------------------------------ traffic
 
