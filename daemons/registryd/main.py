@@ -18,7 +18,7 @@ from sdbus import dbus_method_async_override
 from daemons.registryd import wasm
 from daemons.registryd.auth import CredentialStore
 from daemons.registryd.build.builder import Builder
-from daemons.registryd.pull import RegistryClient, parse_user_reference
+from daemons.registryd.client import RegistryClient, parse_user_reference
 from daemons.registryd.received import ReceivedFiles
 from daemons.registryd.settings import RegistrySettings
 from daemons.registryd.store import ImageStore, StoreError

@@ -39,8 +39,8 @@ from shared.jobs import Job
 from shared.reference import InvalidReferenceError, parse_reference
 from shared.wasm import MAGIC, WasmArtifact, WasmError, WasmInfo, validate
 
-if TYPE_CHECKING:  # pull imports the store, which imports this module
-    from daemons.registryd.pull import RegistryClient
+if TYPE_CHECKING:  # the client imports the store, which imports this module
+    from daemons.registryd.client import RegistryClient
 
 log = logging.getLogger("zlayer.registryd.wasm")
 

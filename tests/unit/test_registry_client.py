@@ -20,13 +20,13 @@ from daemons.registryd.auth import (
     user_auth_files,
     user_credential,
 )
+from daemons.registryd.client import normalise_registry, parse_user_reference
 from daemons.registryd.distribution import (
     Platform,
     choose_manifest,
     registry_url,
     select_manifest,
 )
-from daemons.registryd.pull import normalise_registry, parse_user_reference
 from daemons.registryd.store import ImageStore
 from shared.bus import InvalidArgumentError, NotFoundError
 from shared.busybox_image import Entry, make_image, make_tar, write_oci_layout

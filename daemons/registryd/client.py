@@ -44,7 +44,7 @@ from shared.jobs import Job
 from shared.models import ImageInfo
 from shared.reference import DEFAULT_DOMAIN, InvalidReferenceError, Reference, parse_reference
 
-log = logging.getLogger("zlayer.registryd.pull")
+log = logging.getLogger("zlayer.registryd.client")
 
 BLOB_ATTEMPTS = 4  # a blob whose connection breaks is resumed this many times in one pull
 MAX_INDEX_DEPTH = 4
