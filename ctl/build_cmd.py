@@ -31,6 +31,7 @@ from ctl.output import fail, format_option, print_json, print_table
 from ctl.transfer import Sent
 from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from shared.bus import NotFoundError
+from shared.credentials import user_credential
 from shared.jobs import JobInfo
 from shared.reference import InvalidReferenceError, parse_reference
 
@@ -159,8 +160,6 @@ async def _start_build(client: Client, request: BuildRequest, prefix: str = "") 
 
 async def _push_all(client: Client, tags: list[str], out: IO[str]) -> list[dict[str, Any]]:
     """Push each tag with registryd's registry client; stop at the first failure."""
-    from daemons.registryd.auth import user_credential
-
     pushed: list[dict[str, Any]] = []
     for tag in tags:
         out.write(f"pushing {tag}\n")

@@ -4,7 +4,7 @@ Pulls, pushes and exports are registryd jobs: the command starts one, then
 polls ``GetJob`` and draws a progress bar per layer (rich) until it ends.
 zlayerctl runs as the user, so it is what can read the user's Docker and
 Podman auth files; it passes registryd only the entry for the registry at
-hand (see daemons/registryd/auth.py).
+hand (see shared/credentials.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import click
 from ctl.client import Client
 from ctl.output import err_console, fail, format_option, print_json
 from shared.bus import NotFoundError
+from shared.credentials import user_credential
 from shared.jobs import JobInfo
 from shared.models import ImageInfo
 from shared.reference import InvalidReferenceError, parse_reference
@@ -32,8 +33,6 @@ POLICIES = ("always", "newer", "if_not_present", "never")
 
 
 def _auth_for(reference: str) -> str:
-    from daemons.registryd.auth import user_credential
-
     try:
         registry = parse_reference(reference.strip()).domain
     except InvalidReferenceError as exc:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from daemons.registryd.auth import Credential, CredentialStore, TokenCache
+from daemons.registryd.auth import CredentialStore, TokenCache
 from daemons.registryd.distribution import (
     INDEX_TYPES,
     OCI_MANIFEST,
@@ -40,6 +40,7 @@ from daemons.registryd.distribution import (
 from daemons.registryd.settings import RegistrySettings
 from daemons.registryd.store import MAX_CONFIG, ImageStore
 from shared.bus import InvalidArgumentError, NotFoundError, UnavailableError, ZLayerError
+from shared.credentials import Credential
 from shared.jobs import Job
 from shared.models import ImageInfo
 from shared.reference import DEFAULT_DOMAIN, InvalidReferenceError, Reference, parse_reference

@@ -32,13 +32,14 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from daemons.registryd.auth import Challenge, Credential, TokenCache, parse_challenge
+from daemons.registryd.auth import Challenge, TokenCache, parse_challenge
 from shared.bus import (
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
     ZLayerError,
 )
+from shared.credentials import Credential
 from shared.reference import DEFAULT_DOMAIN
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -24,7 +24,6 @@ HEAVY = (
     "wasmtime",
     "aiohttp",
     "daemons.registryd.build",
-    "daemons.registryd.auth",
     "shared.spec",
     "shared.bus",
     "sdbus",

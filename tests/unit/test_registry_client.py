@@ -13,13 +13,7 @@ from typing import Any
 
 import pytest
 
-from daemons.registryd.auth import (
-    Credential,
-    CredentialStore,
-    parse_challenge,
-    user_auth_files,
-    user_credential,
-)
+from daemons.registryd.auth import CredentialStore, parse_challenge
 from daemons.registryd.client import normalise_registry, parse_user_reference
 from daemons.registryd.distribution import (
     Platform,
@@ -30,6 +24,7 @@ from daemons.registryd.distribution import (
 from daemons.registryd.store import ImageStore
 from shared.bus import InvalidArgumentError, NotFoundError
 from shared.busybox_image import Entry, make_image, make_tar, write_oci_layout
+from shared.credentials import Credential, user_auth_files, user_credential
 
 AMD64 = Platform("linux", "amd64")
 ARM64 = Platform("linux", "arm64", "v8")

@@ -1,0 +1,144 @@
+"""Registry credentials in Docker and Podman auth files: their format, and the user's.
+
+Owns :class:`Credential`, reading the entry for one registry out of a file
+in the ``config.json`` / ``auth.json`` format (``{"auths": {"registry":
+{"auth": base64("user:pass")}}}``, with the spellings Docker Hub goes by),
+and finding the auth files of the user running zlayerctl, in the order
+Podman reads them: ``$REGISTRY_AUTH_FILE``,
+``${XDG_RUNTIME_DIR}/containers/auth.json`` (``/run/containers/0/auth.json``
+for root without one), ``~/.config/containers/auth.json``,
+``~/.docker/config.json``. zlayerctl passes registryd the one entry for the
+registry at hand (:func:`user_credential`); registryd keeps its own file in
+the same format (``daemons/registryd/auth.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.reference import DEFAULT_DOMAIN
+
+# Docker Hub appears under several spellings in people's auth files.
+DOCKER_HUB_KEYS = (
+    "docker.io",
+    "https://index.docker.io/v1/",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "https://registry-1.docker.io",
+)
+
+
+@dataclass(frozen=True)
+class Credential:
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        """The value of an ``Authorization: Basic`` header."""
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def encoded(self) -> str:
+        """The ``auth`` field of a Docker config entry."""
+        return base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+    @classmethod
+    def decode(cls, auth: str) -> Credential | None:
+        """The credential in a Docker config ``auth`` field; None if it is not one."""
+        try:
+            text = base64.b64decode(auth, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        username, colon, password = text.partition(":")
+        return cls(username, password) if colon and username else None
+
+
+def registry_keys(registry: str) -> tuple[str, ...]:
+    """The keys a registry may have in an auth file."""
+    if registry == DEFAULT_DOMAIN:
+        return DOCKER_HUB_KEYS
+    return (registry, f"https://{registry}", f"http://{registry}")
+
+
+def auth_key_host(key: str) -> str:
+    """The registry an auth file key names: ``https://host:5000/v1/`` -> ``host:5000``."""
+    host = key.strip().removeprefix("https://").removeprefix("http://").split("/")[0]
+    return DEFAULT_DOMAIN if host in DOCKER_HUB_KEYS else host
+
+
+def _entry_credential(entry: Any) -> Credential | None:
+    """The credential of one ``auths`` entry: ``auth`` (base64), else username/password."""
+    if not isinstance(entry, dict):
+        return None
+    auth = entry.get("auth")
+    if isinstance(auth, str) and auth:
+        found = Credential.decode(auth)
+        if found is not None:
+            return found
+    username, password = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and isinstance(password, str) and username:
+        return Credential(username, password)
+    return None
+
+
+def entry_from_file(path: Path, registry: str) -> Credential | None:
+    """The credential for ``registry`` in the auth file at ``path``; None if it has none."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    auths = document.get("auths") if isinstance(document, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    # The exact spellings first, then any key naming the same host (with a
+    # scheme or a path, as `docker login` wrote them in older versions).
+    for key in registry_keys(registry):
+        found = _entry_credential(auths.get(key))
+        if found is not None:
+            return found
+    wanted = auth_key_host(registry)
+    for key, entry in auths.items():
+        if auth_key_host(str(key)) == wanted:
+            found = _entry_credential(entry)
+            if found is not None:
+                return found
+    return None
+
+
+def user_auth_files(environ: dict[str, str] | None = None, uid: int | None = None) -> list[Path]:
+    """The auth files of the user running zlayerctl, in the order Podman reads them."""
+    env = os.environ if environ is None else environ
+    user = os.getuid() if uid is None else uid
+    files: list[Path] = []
+    if env.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(env["REGISTRY_AUTH_FILE"]))
+    if env.get("XDG_RUNTIME_DIR"):
+        files.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    elif user == 0:
+        # `podman login` as root without a runtime directory writes here.
+        files.append(Path(f"/run/containers/{user}/auth.json"))
+    if env.get("XDG_CONFIG_HOME"):
+        files.append(Path(env["XDG_CONFIG_HOME"]) / "containers" / "auth.json")
+    elif env.get("HOME"):
+        files.append(Path(env["HOME"]) / ".config" / "containers" / "auth.json")
+    docker_config = env.get("DOCKER_CONFIG")
+    if docker_config:
+        files.append(Path(docker_config) / "config.json")
+    elif env.get("HOME"):
+        files.append(Path(env["HOME"]) / ".docker" / "config.json")
+    return files
+
+
+def user_credential(registry: str, environ: dict[str, str] | None = None) -> str:
+    """The user's Docker/Podman credential for ``registry``, encoded; "" if none."""
+    for path in user_auth_files(environ):
+        found = entry_from_file(path, registry)
+        if found is not None:
+            return found.encoded()
+    return ""
