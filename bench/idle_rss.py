@@ -2,10 +2,10 @@
 
 Starts the six daemons with ``zlayerctl daemon run --detach`` under a fresh
 temporary prefix (free ports, its own private dbus-daemon), lets them idle
-for a few seconds after ready, then reads with psutil, by the PIDs that
-``zlayerctl status --format json`` reports:
+for a few seconds after ready, then reads ``/proc/PID/smaps_rollup`` of the
+PIDs that ``zlayerctl status --format json`` reports:
 
-- each daemon's RSS and USS (memory only that process holds), and the total;
+- each daemon's RSS, PSS and USS, and the total of each;
 - the private dbus-daemon's and the supervisor's (``zlayerctl daemon run``),
   shown apart from the total;
 - the peers, started by this benchmark and killed by their PIDs: a bare
@@ -13,11 +13,15 @@ for a few seconds after ready, then reads with psutil, by the PIDs that
   interpreter the daemons run on) and a bare sdbus + asyncio process holding
   a name on the same bus and idling.
 
-The ratio printed is the six daemons' total RSS against six of the bare
+The ratios printed are the six daemons' totals against six of the bare
 sdbus + asyncio process: what the scaffold and each daemon's own code add on
 top of "a Python process on the bus". RSS counts shared library pages in
 every process, so the RSS sum overstates what six processes really take;
-the USS sum understates it.
+USS (pages only that process maps) understates it. PSS (proportional set
+size: each shared page divided among the processes mapping it) adds up: the
+PSS sum is what the six take together, and the figure to read. The peers'
+PSS is measured while the daemons run, so their shared pages are divided
+among the daemons too.
 
 Run: ``.venv/bin/python bench/idle_rss.py``.
 """
@@ -33,15 +37,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cluster import Cluster, print_table, running_daemons
 
 from shared.bus import DAEMONS
 
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
 
 BARE_PYTHON = "import time; time.sleep(60)"
 
@@ -61,10 +64,16 @@ asyncio.run(main())
 """
 
 
-def _memory(pid: int) -> tuple[float, float]:
-    """RSS and USS of ``pid`` in MiB."""
-    info = psutil.Process(pid).memory_full_info()
-    return info.rss / MIB, info.uss / MIB
+def _memory(pid: int) -> tuple[float, float, float]:
+    """RSS, PSS and USS of ``pid`` in MiB, from ``/proc/PID/smaps_rollup``."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
+        for line in handle:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0].rstrip(":")] = int(parts[1]) * KIB
+    uss = fields["Private_Clean"] + fields["Private_Dirty"]
+    return fields["Rss"] / MIB, fields["Pss"] / MIB, uss / MIB
 
 
 def _daemon_pids(cluster: Cluster) -> dict[str, int]:
@@ -120,36 +129,31 @@ def run(cluster: Cluster, idle: float) -> None:
         bare = _memory(bare_pid)
         on_bus = _memory(on_bus_pid)
 
-    total_rss = sum(rss for rss, _ in daemons.values())
-    total_uss = sum(uss for _, uss in daemons.values())
-    rows = [[f"zlayer-{n}", str(pids[n]), f"{r:.1f}", f"{u:.1f}"] for n, (r, u) in daemons.items()]
-    rows.append(["total, six daemons", "", f"{total_rss:.1f}", f"{total_uss:.1f}"])
+    totals = tuple(sum(m[i] for m in daemons.values()) for i in range(3))
+    rows = [[f"zlayer-{n}", str(pids[n]), *_mib(m)] for n, m in daemons.items()]
+    rows.append(["total, six daemons", "", *_mib(totals)])
     rows.append(["private dbus-daemon", str(cluster.state.bus_pid), *_mib(dbus_daemon)])
     rows.append(["supervisor (zlayerctl daemon run)", str(cluster.state.pid), *_mib(supervisor)])
     rows.append(["peer: bare python, time.sleep", str(bare_pid), *_mib(bare)])
     rows.append(["peer: bare sdbus + asyncio on the bus", str(on_bus_pid), *_mib(on_bus)])
     print(f"idle memory after {idle:.0f}s, MiB")
-    print_table(["process", "pid", "RSS MiB", "USS MiB"], rows)
+    print_table(["process", "pid", "RSS MiB", "PSS MiB", "USS MiB"], rows)
     print()
     print_table(
-        ["ratio", "RSS", "USS"],
+        ["ratio", "RSS", "PSS", "USS"],
         [
-            [
-                "six daemons vs 6x bare sdbus + asyncio",
-                f"{total_rss / (6 * on_bus[0]):.2f}x",
-                f"{total_uss / (6 * on_bus[1]):.2f}x",
-            ],
-            [
-                "six daemons vs 6x bare python",
-                f"{total_rss / (6 * bare[0]):.2f}x",
-                f"{total_uss / (6 * bare[1]):.2f}x",
-            ],
+            ["six daemons vs 6x bare sdbus + asyncio", *_ratios(totals, on_bus)],
+            ["six daemons vs 6x bare python", *_ratios(totals, bare)],
         ],
     )
 
 
-def _mib(memory: tuple[float, float]) -> list[str]:
-    return [f"{memory[0]:.1f}", f"{memory[1]:.1f}"]
+def _mib(memory: tuple[float, ...]) -> list[str]:
+    return [f"{value:.1f}" for value in memory]
+
+
+def _ratios(totals: tuple[float, ...], peer: tuple[float, ...]) -> list[str]:
+    return [f"{total / (6 * one):.2f}x" for total, one in zip(totals, peer, strict=True)]
 
 
 def main() -> None:
