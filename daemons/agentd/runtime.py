@@ -16,6 +16,12 @@ Directories (``state_dir`` persists, ``run_dir`` is volatile)::
     run_dir/exits/<id>        conmon's exit files
     run_dir/sock/             conmon's attach sockets
 
+The pieces live beside it: the bundle's config in :mod:`daemons.agentd.bundle`,
+its files and overlayfs root in :mod:`daemons.agentd.bundle_files`, conmon and the
+OCI runtime as processes in :mod:`daemons.agentd.oci`, the logs in
+:mod:`daemons.agentd.logs` and cgroup reads in :mod:`daemons.agentd.cgroups`.
+This class holds them together and is the only public surface.
+
 Every failure is a :class:`~daemons.agentd.errors.ContainerError` whose
 message is one sentence, never the runtime's stderr alone.
 """
@@ -25,13 +31,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import ctypes
-import errno
 import json
 import logging
 import os
 import re
-import select
 import shutil
 import signal
 import time
@@ -40,27 +43,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from daemons.agentd import cgroups
+from daemons.agentd import bundle_files, cgroups, logs, oci
 from daemons.agentd.bundle import HostFacts, ReplicaIds, build_bundle
 from daemons.agentd.errors import BundleError, CgroupError, ContainerError, ContainerNotFound
-from shared import k8slog
 from shared.models import Attachment, ImageRootfs, ReplicaStats
 from shared.spec import ServiceSpec
 from shared.statefile import write_atomically
 
 log = logging.getLogger("zlayer.agentd.runtime")
 
-LOG_NAME = "ctr.log"
-META = "meta.json"
 EXIT = "exit.json"
-CREATE_TIMEOUT = 60.0
 KILL_TIMEOUT = 10.0
-UNKNOWN_EXIT = 255  # the code reported when a container ended with nobody to record it
-MAX_OVERLAY_OPTIONS = 4000  # the kernel takes one page of mount options
 
 ContainerStatus = Literal["created", "running", "paused", "stopped"]
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -85,149 +81,6 @@ class ContainerInfo:
     created_at: float
     exit: ExitStatus | None  # set once the container has ended
     annotations: dict[str, str] = field(default_factory=dict)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            # A zombie has ended; only its parent's wait() is missing.
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _read_pidfile(path: Path) -> int:
-    try:
-        return int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def _is_conmon_of(pid: int, container_id: str) -> bool:
-    """Whether ``pid`` is still the conmon of this container (pids get reused)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return bool(cmdline) and cmdline[0].endswith(b"conmon") and container_id.encode() in cmdline
-
-
-def _signal_number(name: str | int) -> int:
-    if isinstance(name, int):
-        return name
-    text = name.strip().upper()
-    if text.isdigit():
-        return int(text)
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return int(signal.Signals[text])
-    except KeyError:
-        raise ContainerError(f'"{name}" is not a signal name') from None
-
-
-def explain(raw: str) -> str:
-    """The runtime's error output as a short phrase a person can act on."""
-    text = raw.strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        with contextlib.suppress(ValueError, TypeError):
-            parsed = json.loads(line)
-            if isinstance(parsed, dict) and parsed.get("msg"):
-                lines = [str(parsed["msg"])]
-                break
-    joined = " ".join(lines)
-    found = re.search(r"executable file [`'\"]?([^`'\"\s]+)[`'\"]? not found", joined)
-    if found:
-        return f'exec: "{found.group(1)}": not found in the image'
-    found = re.search(r"exec(?:ve)? [`'\"]?([^`'\"\s:]+)[`'\"]?: Permission denied", joined)
-    if found:
-        return f'exec: "{found.group(1)}": permission denied'
-    if "hybrid mode" in joined:
-        return (
-            "the node's cgroups are in a v1/v2 hybrid the runtime refuses; run as root: "
-            + cgroups.hugetlb_fix_command()
-        )
-    if "setrlimit" in joined:
-        return "a resource limit (ulimit) is above what this node allows"
-    line = lines[-1] if lines else "the runtime gave no reason"
-    line = re.sub(r"^(crun|runc|Error|error)(: ?)", "", line).strip()
-    line = re.sub(r"^level=\w+ msg=", "", line).strip().strip('"')
-    return line or "the runtime gave no reason"
-
-
-def _read_sync(fd: int, timeout: float) -> bytes:
-    """conmon's answer on the sync pipe: one JSON object, or EOF."""
-    data = b""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return data
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return data
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return data
-        data += chunk
-        with contextlib.suppress(ValueError):
-            json.loads(data)
-            return data
-
-
-def _mount_overlay(lower_dirs: list[str], upper: Path, work: Path, target: Path) -> None:
-    options = f"lowerdir={':'.join(lower_dirs)},upperdir={upper},workdir={work}"
-    if len(options) > MAX_OVERLAY_OPTIONS:
-        raise BundleError(
-            f"the image has too many layers ({len(lower_dirs)}) for one overlay mount"
-        )
-    for lower in lower_dirs:
-        if not os.path.isdir(lower):
-            raise BundleError(f"the image layer directory {lower} is missing; pull the image again")
-    if _libc.mount(b"overlay", str(target).encode(), b"overlay", 0, options.encode()) != 0:
-        err = ctypes.get_errno()
-        raise ContainerError(f"the root file system could not be mounted: {os.strerror(err)}")
-
-
-def _unmount(target: Path) -> None:
-    if _libc.umount2(str(target).encode(), 0) == 0:
-        return
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):
-        return  # not mounted
-    # Busy: something still holds it open; detach now, the kernel frees it after.
-    if _libc.umount2(str(target).encode(), 2) != 0:  # MNT_DETACH
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            raise ContainerError(f"{target} could not be unmounted: {os.strerror(err)}")
-
-
-def _is_mounted(target: Path) -> bool:
-    wanted = str(target)
-    with open("/proc/self/mountinfo") as handle:
-        return any(line.split()[4] == wanted for line in handle)
-
-
-# Variables of agentd's own supervisor: crun would take NOTIFY_SOCKET as a
-# request to wait for READY=1 from the container, and `crun start` would hang.
-_SUPERVISOR_VARS = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-)
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    """The environment for conmon and the OCI runtime."""
-    env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_VARS}
-    env.update(extra)
-    return env
 
 
 class ContainerRuntime:
@@ -322,7 +175,7 @@ class ContainerRuntime:
         return self.bundles_dir / container_id
 
     def _meta(self, container_id: str) -> dict[str, Any]:
-        path = self.bundle_dir(container_id) / META
+        path = self.bundle_dir(container_id) / bundle_files.META
         try:
             meta: dict[str, Any] = json.loads(path.read_text())
         except FileNotFoundError:
@@ -361,7 +214,7 @@ class ContainerRuntime:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=_child_env(),
+            env=oci.child_env(),
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -433,30 +286,10 @@ class ContainerRuntime:
                 "annotations": plan.config.get("annotations", {}),
             }
 
-            def lay_out() -> None:
-                bundle_dir.mkdir(parents=True)
-                write_atomically(bundle_dir / META, json.dumps(meta))
-                for name in ("rootfs", "upper", "work"):
-                    (bundle_dir / name).mkdir()
-                for name, content in plan.files.items():
-                    (bundle_dir / name).write_text(content)
-                user = plan.config["process"]["user"]
-                for directory in plan.directories:
-                    if not directory.exists():
-                        directory.mkdir(parents=True)
-                        # A fresh volume belongs to the container's user, so a
-                        # non-root process can write to it (as Docker does).
-                        os.chown(directory, user["uid"], user["gid"])
-                (bundle_dir / "config.json").write_text(json.dumps(plan.config, indent=1))
-                _mount_overlay(
-                    rootfs.lower_dirs,
-                    bundle_dir / "upper",
-                    bundle_dir / "work",
-                    bundle_dir / "rootfs",
-                )
-
             try:
-                await asyncio.to_thread(lay_out)
+                await asyncio.to_thread(
+                    bundle_files.lay_out, bundle_dir, meta, plan, rootfs.lower_dirs
+                )
                 async with self._cgroup_lock:
                     await self._spawn_conmon(container_id, bundle_dir)
             except BaseException:
@@ -465,7 +298,6 @@ class ContainerRuntime:
             return await self._info(container_id)
 
     async def _spawn_conmon(self, container_id: str, bundle_dir: Path) -> None:
-        read_fd, write_fd = os.pipe()
         argv = [
             self.conmon_path,
             "--api-version", "1",
@@ -476,7 +308,7 @@ class ContainerRuntime:
             "-b", str(bundle_dir),
             "-p", str(bundle_dir / "ctr.pid"),
             "-P", str(bundle_dir / "conmon.pid"),
-            "-l", f"k8s-file:{bundle_dir / LOG_NAME}",
+            "-l", f"k8s-file:{bundle_dir / logs.LOG_NAME}",
             "--log-size-max", str(self.log_size_max),
             "--exit-dir", str(self.exit_dir),
             "--socket-dir-path", str(self.socket_dir),
@@ -492,39 +324,9 @@ class ContainerRuntime:
             argv.append("--systemd-cgroup")
         if not self.new_keyring:
             argv.append("--no-new-keyring")
-        env = _child_env(_OCI_SYNCPIPE=str(write_fd))
-        try:
-            with open(bundle_dir / "conmon.err", "wb") as errors:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=errors,
-                    pass_fds=(write_fd,),
-                    env=env,
-                    start_new_session=True,
-                )
-            os.close(write_fd)
-            write_fd = -1
-            raw = await asyncio.to_thread(_read_sync, read_fd, CREATE_TIMEOUT)
-            await proc.wait()
-        finally:
-            os.close(read_fd)
-            if write_fd >= 0:
-                os.close(write_fd)
-        try:
-            answer = json.loads(raw) if raw else {}
-        except ValueError:
-            answer = {}
-        pid = answer.get("data", -1) if isinstance(answer, dict) else -1
-        if isinstance(pid, int) and pid > 0:
+        message = await oci.launch_conmon(argv, bundle_dir)
+        if message is None:
             return
-        message = answer.get("message", "") if isinstance(answer, dict) else ""
-        if not message:
-            with contextlib.suppress(OSError):
-                message = (bundle_dir / "conmon.err").read_text()
-        if not raw and not message:
-            message = f"conmon gave no answer within {CREATE_TIMEOUT:.0f}s"
         if self.new_keyring and "keyring" in message and "not permitted" in message:
             self.new_keyring = False
             log.warning(
@@ -533,18 +335,18 @@ class ContainerRuntime:
             )
             await self._runtime(container_id, "delete", "--force", container_id)
             return await self._spawn_conmon(container_id, bundle_dir)
-        raise ContainerError(f"container {container_id} could not start: {explain(message)}")
+        raise ContainerError(f"container {container_id} could not start: {oci.explain(message)}")
 
     async def start(self, container_id: str) -> int:
         """Start a created container; its PID 1's host pid."""
         self._meta(container_id)
         code, _out, err = await self._runtime(container_id, "start", container_id)
         if code != 0:
-            raise ContainerError(f"container {container_id} could not start: {explain(err)}")
+            raise ContainerError(f"container {container_id} could not start: {oci.explain(err)}")
         info = await self._info(container_id)
         if info.pid:
             return info.pid
-        return _read_pidfile(self.bundle_dir(container_id) / "ctr.pid")
+        return oci.read_pidfile(self.bundle_dir(container_id) / "ctr.pid")
 
     async def run(
         self,
@@ -579,9 +381,7 @@ class ContainerRuntime:
         meta = self._meta(container_id)
         bundle_dir = self.bundle_dir(container_id)
         state = await self._runtime_state(container_id)
-        conmon_pid = _read_pidfile(bundle_dir / "conmon.pid")
-        if not (_pid_alive(conmon_pid) and _is_conmon_of(conmon_pid, container_id)):
-            conmon_pid = 0
+        conmon_pid = oci.live_conmon(bundle_dir, container_id)
         raw_status = str(state.get("status", "stopped")) if state else "stopped"
         status: ContainerStatus = (
             raw_status if raw_status in ("created", "running", "paused") else "stopped"  # type: ignore[assignment]
@@ -613,8 +413,7 @@ class ContainerRuntime:
             saved = json.loads((bundle_dir / EXIT).read_text())
             return ExitStatus(int(saved["code"]), bool(saved["oom_killed"]), saved["finished_at"])
         exit_file = self.exit_dir / container_id
-        conmon_pid = _read_pidfile(bundle_dir / "conmon.pid")
-        conmon_alive = _pid_alive(conmon_pid) and _is_conmon_of(conmon_pid, container_id)
+        conmon_alive = bool(oci.live_conmon(bundle_dir, container_id))
         try:
             text = await asyncio.to_thread(exit_file.read_text)
             code = int(text.strip())
@@ -626,7 +425,7 @@ class ContainerRuntime:
             if state is not None and state.get("status") in ("created", "running", "paused"):
                 return None
             # conmon is gone without writing an exit file (killed, or the node rebooted).
-            code, finished = UNKNOWN_EXIT, None
+            code, finished = oci.UNKNOWN_EXIT, None
         meta = self._meta(container_id)
         rel = cgroups.relative_dir(str(meta.get("cgroups_path", "")), self.manager)
         oom = await asyncio.to_thread(cgroups.oom_killed, self._layout(), rel) if rel else False
@@ -640,36 +439,16 @@ class ContainerRuntime:
             )
         return result
 
-    async def _wait_pid(self, pid: int, timeout: float | None = None) -> None:
-        """Until ``pid`` (not necessarily our child) ends."""
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def ended() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(fd, ended)
-        try:
-            await asyncio.wait_for(done, timeout)
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-
     async def wait(self, container_id: str) -> ExitStatus:
         """Until the container ends; how it ended."""
         while True:
             status = await self.exit_status(container_id)
             if status is not None:
                 return status
-            conmon_pid = _read_pidfile(self.bundle_dir(container_id) / "conmon.pid")
-            if _pid_alive(conmon_pid) and _is_conmon_of(conmon_pid, container_id):
+            conmon_pid = oci.live_conmon(self.bundle_dir(container_id), container_id)
+            if conmon_pid:
                 with contextlib.suppress(TimeoutError):
-                    await self._wait_pid(conmon_pid, 5.0)
+                    await oci.wait_pid(conmon_pid, 5.0)
             else:
                 await asyncio.sleep(0.05)
 
@@ -677,13 +456,13 @@ class ContainerRuntime:
 
     async def kill(self, container_id: str, sig: str | int = "SIGKILL") -> None:
         """Signal the container's PID 1; nothing when it is not running."""
-        number = _signal_number(sig)
+        number = oci.signal_number(sig)
         code, _out, err = await self._runtime(container_id, "kill", container_id, str(number))
         if code != 0 and "not running" not in err and "does not exist" not in err:
             info = await self._info(container_id)
             if info.status in ("created", "running", "paused"):
                 raise ContainerError(
-                    f"container {container_id} could not be signalled: {explain(err)}"
+                    f"container {container_id} could not be signalled: {oci.explain(err)}"
                 )
 
     async def stop(
@@ -724,29 +503,20 @@ class ContainerRuntime:
         bundle_dir = self.bundle_dir(container_id)
         code, _out, err = await self._runtime(container_id, "delete", "--force", container_id)
         if code != 0 and "does not exist" not in err and "not exist" not in err:
-            log.warning("%s delete %s: %s", self.runtime_name, container_id, explain(err))
-        conmon_pid = _read_pidfile(bundle_dir / "conmon.pid")
-        if _pid_alive(conmon_pid) and _is_conmon_of(conmon_pid, container_id):
+            log.warning("%s delete %s: %s", self.runtime_name, container_id, oci.explain(err))
+        conmon_pid = oci.live_conmon(bundle_dir, container_id)
+        if conmon_pid:
             with contextlib.suppress(TimeoutError):
-                await self._wait_pid(conmon_pid, 5.0)
-            if _pid_alive(conmon_pid) and _is_conmon_of(conmon_pid, container_id):
+                await oci.wait_pid(conmon_pid, 5.0)
+            if oci.is_conmon(conmon_pid, container_id):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(conmon_pid, signal.SIGKILL)
-
-        def remove_files() -> None:
-            rootfs = bundle_dir / "rootfs"
-            if _is_mounted(rootfs):
-                _unmount(rootfs)
-            with contextlib.suppress(FileNotFoundError):
-                (self.exit_dir / container_id).unlink()
-            sock = self.socket_dir / container_id
-            if sock.is_symlink() or sock.is_file():
-                sock.unlink()
-            elif sock.is_dir():
-                shutil.rmtree(sock, ignore_errors=True)
-            shutil.rmtree(bundle_dir, ignore_errors=True)
-
-        await asyncio.to_thread(remove_files)
+        await asyncio.to_thread(
+            bundle_files.remove,
+            bundle_dir,
+            self.exit_dir / container_id,
+            self.socket_dir / container_id,
+        )
         self._cpu.pop(container_id, None)
         self._locks.pop(container_id, None)
         async with self._cgroup_lock:
@@ -774,16 +544,7 @@ class ContainerRuntime:
             raise ContainerError(f"container {container_id} is not running")
         if not argv:
             raise ContainerError("exec needs a command")
-        args = ["exec"]
-        if tty:
-            args.append("--tty")
-        for name, value in (env or {}).items():
-            args += ["--env", f"{name}={value}"]
-        if user:
-            args += ["--user", user]
-        if cwd:
-            args += ["--cwd", cwd]
-        args += [container_id, *argv]
+        args = oci.exec_args(container_id, argv, tty, env, user, cwd)
 
         def fd(value: int) -> int:
             return value if value >= 0 else asyncio.subprocess.DEVNULL
@@ -796,73 +557,29 @@ class ContainerRuntime:
             stdin=fd(stdin_fd),
             stdout=fd(stdout_fd),
             stderr=fd(stderr_fd) if stderr_fd >= 0 else asyncio.subprocess.PIPE,
-            env=_child_env(),
+            env=oci.child_env(),
         )
         _out, err = await proc.communicate()
-        code = proc.returncode if proc.returncode is not None else UNKNOWN_EXIT
-        if code < 0:
-            code = 128 - code
-        if stderr_fd < 0 and code != 0 and err:
-            detail = explain(err.decode(errors="replace"))
-            # The shell's codes for "not found" and "not executable", as docker exec gives.
-            if "not found in the image" in detail:
-                code = 127
-            elif "permission denied" in detail:
-                code = 126
-        return code
+        return oci.exec_exit_code(proc.returncode, err)
 
     # ------------------------------------------------------------ logs
 
     def log_path(self, container_id: str) -> Path:
-        return self.bundle_dir(container_id) / LOG_NAME
+        return self.bundle_dir(container_id) / logs.LOG_NAME
 
     def log_paths(self, container_id: str) -> list[Path]:
         """The container's k8s-file logs, oldest first (rotated ones, then the current)."""
-        current = self.log_path(container_id)
-        rotated = [current.with_name(f"{LOG_NAME}.{n}") for n in range(self.log_files_kept, 0, -1)]
-        return [p for p in [*rotated, current] if p.exists()]
+        return logs.log_paths(self.bundle_dir(container_id), self.log_files_kept)
 
-    @staticmethod
-    def read_log(paths: list[Path]) -> list[k8slog.LogLine]:
-        """Logical lines of these k8s-file logs, in order."""
-        lines: list[str] = []
-        for path in paths:
-            with contextlib.suppress(OSError), open(path, errors="replace") as handle:
-                lines.extend(handle)
-        return list(k8slog.parse_lines(lines))
+    read_log = staticmethod(logs.read_log)
 
     async def rotate_logs(self, threshold: float = 0.5) -> None:
         """Rotate every log past ``threshold`` of the size bound: the current file
         becomes ``ctr.log.1`` (older ones shift, the oldest goes) and conmon is told
         to reopen. conmon's own ``--log-size-max`` truncates any file that grows
         past the bound before this runs again."""
-        for bundle_dir in await asyncio.to_thread(self.bundle_dirs):
-            container_id = bundle_dir.name
-            current = bundle_dir / LOG_NAME
-            try:
-                size = current.stat().st_size
-            except OSError:
-                continue
-            if size < self.log_size_max * threshold:
-                continue
-            conmon_pid = _read_pidfile(bundle_dir / "conmon.pid")
-            if not (_pid_alive(conmon_pid) and _is_conmon_of(conmon_pid, container_id)):
-                continue
-            await asyncio.to_thread(self._shift_logs, current)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(conmon_pid, signal.SIGUSR1)
-
-    def _shift_logs(self, current: Path) -> None:
-        for n in range(self.log_files_kept, 0, -1):
-            older = current.with_name(f"{LOG_NAME}.{n}")
-            if n == self.log_files_kept:
-                with contextlib.suppress(FileNotFoundError):
-                    older.unlink()
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    older.replace(current.with_name(f"{LOG_NAME}.{n + 1}"))
-        if self.log_files_kept > 0:
-            current.replace(current.with_name(f"{LOG_NAME}.1"))
+        bundle_dirs = await asyncio.to_thread(self.bundle_dirs)
+        await logs.rotate(bundle_dirs, self.log_size_max, self.log_files_kept, threshold)
 
     async def rotate_logs_forever(self, interval: float = 2.0) -> None:
         """Run :meth:`rotate_logs` every ``interval`` seconds (a daemon task)."""
@@ -900,7 +617,7 @@ class ContainerRuntime:
     def bundle_dirs(self) -> list[Path]:
         if not self.bundles_dir.is_dir():
             return []
-        return sorted(p for p in self.bundles_dir.iterdir() if (p / META).is_file())
+        return sorted(p for p in self.bundles_dir.iterdir() if (p / bundle_files.META).is_file())
 
     async def list(self) -> builtins.list[ContainerInfo]:
         """Every container this node has, from the bundles and the runtime's state."""

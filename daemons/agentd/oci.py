@@ -1,0 +1,248 @@
+"""conmon and the OCI runtime (crun or runc) as processes on this node.
+
+Owns what agentd needs to know about processes it starts but does not keep as
+children: the environment they get (without agentd's own supervisor
+variables), pids and pid files (and whether a pid is still the conmon of a
+container, since pids get reused), waiting on a pid that is not a child,
+conmon's launch and its answer on the sync pipe, the command line of an exec,
+signal names, and the runtime's error output turned into a phrase a person
+can act on.
+
+Nothing here knows about bundles or the runtime's state; that is
+:class:`~daemons.agentd.runtime.ContainerRuntime`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from daemons.agentd import cgroups
+from daemons.agentd.errors import ContainerError
+
+CREATE_TIMEOUT = 60.0
+UNKNOWN_EXIT = 255  # the code reported when a container ended with nobody to record it
+
+# Variables of agentd's own supervisor: crun would take NOTIFY_SOCKET as a
+# request to wait for READY=1 from the container, and `crun start` would hang.
+_SUPERVISOR_VARS = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for conmon and the OCI runtime."""
+    env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_VARS}
+    env.update(extra)
+    return env
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            # A zombie has ended; only its parent's wait() is missing.
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def read_pidfile(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def is_conmon(pid: int, container_id: str) -> bool:
+    """Whether ``pid`` is still the running conmon of this container (pids get reused)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"conmon") and container_id.encode() in cmdline
+
+
+def live_conmon(bundle_dir: Path, container_id: str) -> int:
+    """The pid of the container's conmon while it runs, else 0."""
+    pid = read_pidfile(bundle_dir / "conmon.pid")
+    return pid if is_conmon(pid, container_id) else 0
+
+
+async def wait_pid(pid: int, timeout: float | None = None) -> None:
+    """Until ``pid`` (not necessarily our child) ends."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def ended() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, ended)
+    try:
+        await asyncio.wait_for(done, timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def signal_number(name: str | int) -> int:
+    if isinstance(name, int):
+        return name
+    text = name.strip().upper()
+    if text.isdigit():
+        return int(text)
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        raise ContainerError(f'"{name}" is not a signal name') from None
+
+
+def explain(raw: str) -> str:
+    """The runtime's error output as a short phrase a person can act on."""
+    text = raw.strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError, TypeError):
+            parsed = json.loads(line)
+            if isinstance(parsed, dict) and parsed.get("msg"):
+                lines = [str(parsed["msg"])]
+                break
+    joined = " ".join(lines)
+    found = re.search(r"executable file [`'\"]?([^`'\"\s]+)[`'\"]? not found", joined)
+    if found:
+        return f'exec: "{found.group(1)}": not found in the image'
+    found = re.search(r"exec(?:ve)? [`'\"]?([^`'\"\s:]+)[`'\"]?: Permission denied", joined)
+    if found:
+        return f'exec: "{found.group(1)}": permission denied'
+    if "hybrid mode" in joined:
+        return (
+            "the node's cgroups are in a v1/v2 hybrid the runtime refuses; run as root: "
+            + cgroups.hugetlb_fix_command()
+        )
+    if "setrlimit" in joined:
+        return "a resource limit (ulimit) is above what this node allows"
+    line = lines[-1] if lines else "the runtime gave no reason"
+    line = re.sub(r"^(crun|runc|Error|error)(: ?)", "", line).strip()
+    line = re.sub(r"^level=\w+ msg=", "", line).strip().strip('"')
+    return line or "the runtime gave no reason"
+
+
+def _read_sync(fd: int, timeout: float) -> bytes:
+    """conmon's answer on the sync pipe: one JSON object, or EOF."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return data
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return data
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return data
+        data += chunk
+        with contextlib.suppress(ValueError):
+            json.loads(data)
+            return data
+
+
+async def launch_conmon(argv: list[str], bundle_dir: Path) -> str | None:
+    """Run conmon (``argv``) until it has created the container: None when it did,
+    else why not (conmon's message, its stderr, or that it gave no answer).
+    Its stderr goes to ``<bundle>/conmon.err``."""
+    read_fd, write_fd = os.pipe()
+    env = child_env(_OCI_SYNCPIPE=str(write_fd))
+    try:
+        with open(bundle_dir / "conmon.err", "wb") as errors:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=errors,
+                pass_fds=(write_fd,),
+                env=env,
+                start_new_session=True,
+            )
+        os.close(write_fd)
+        write_fd = -1
+        raw = await asyncio.to_thread(_read_sync, read_fd, CREATE_TIMEOUT)
+        await proc.wait()
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+    try:
+        answer = json.loads(raw) if raw else {}
+    except ValueError:
+        answer = {}
+    pid = answer.get("data", -1) if isinstance(answer, dict) else -1
+    if isinstance(pid, int) and pid > 0:
+        return None
+    message = answer.get("message", "") if isinstance(answer, dict) else ""
+    if not message:
+        with contextlib.suppress(OSError):
+            message = (bundle_dir / "conmon.err").read_text()
+    if not raw and not message:
+        message = f"conmon gave no answer within {CREATE_TIMEOUT:.0f}s"
+    return str(message)
+
+
+def exec_args(
+    container_id: str,
+    argv: list[str],
+    tty: bool,
+    env: Mapping[str, str] | None,
+    user: str | None,
+    cwd: str | None,
+) -> list[str]:
+    """The OCI runtime's arguments that run ``argv`` inside the container."""
+    args = ["exec"]
+    if tty:
+        args.append("--tty")
+    for name, value in (env or {}).items():
+        args += ["--env", f"{name}={value}"]
+    if user:
+        args += ["--user", user]
+    if cwd:
+        args += ["--cwd", cwd]
+    return [*args, container_id, *argv]
+
+
+def exec_exit_code(returncode: int | None, stderr: bytes | None) -> int:
+    """An exec's exit code as a shell gives it; ``stderr`` is the runtime's
+    output when the caller did not take it."""
+    code = returncode if returncode is not None else UNKNOWN_EXIT
+    if code < 0:
+        code = 128 - code
+    if stderr and code != 0:
+        detail = explain(stderr.decode(errors="replace"))
+        # The shell's codes for "not found" and "not executable", as docker exec gives.
+        if "not found in the image" in detail:
+            code = 127
+        elif "permission denied" in detail:
+            code = 126
+    return code
