@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cluster import Cluster, percentile, print_table, running_daemons
 
-from shared.bus import DAEMONS_BY_NAME, DaemonStatus, open_bus, proxy
+from shared.bus import DAEMONS_BY_NAME, open_bus, proxy
+from shared.wire.daemon import DaemonStatus
 
 SCHEDD = DAEMONS_BY_NAME["schedd"]
 WARMUP = 200

@@ -53,9 +53,9 @@ from replica_start import free_subnets
 
 from ctl.supervisor import find_executable
 from shared.bus import DAEMONS_BY_NAME, open_bus, proxy
-from shared.models import Attachment
 from shared.paths import Paths
-from shared.traffic import Backend, DeploymentTraffic, ServiceTraffic
+from shared.wire.overlay import Attachment
+from shared.wire.traffic import Backend, DeploymentTraffic, ServiceTraffic
 
 BACKEND_PORT = 8080
 SMALL = "small.html"

@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cluster import print_table
 
 from ctl.supervisor import find_executable
-from shared.bus import DAEMONS_BY_NAME, DaemonStatus, open_bus, proxy
+from shared.bus import DAEMONS_BY_NAME, open_bus, proxy
 from shared.busdaemon import PrivateBus
 from shared.paths import PREFIX_ENV, Paths
+from shared.wire.daemon import DaemonStatus
 
 BACKENDS = ["127.0.0.2", "127.0.0.3"]
 PAGE = b"<html><body>" + b"zlayer " * 80 + b"</body></html>\n"  # about 600 bytes

@@ -89,8 +89,8 @@ from _cluster import Cluster, percentile, print_table, running_daemons
 from ctl.supervisor import find_executable
 from shared.bus import DAEMONS_BY_NAME, open_bus, proxy
 from shared.busybox_image import busybox_image, write_docker_archive, write_oci_layout
-from shared.models import ReplicaInfo
 from shared.paths import Paths
+from shared.wire.agent import ReplicaInfo
 
 IMAGE = "zlayer/busybox:latest"
 BIG_REPLICAS = 20

@@ -32,8 +32,8 @@ from ctl.transfer import Sent
 from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from shared.bus import NotFoundError
 from shared.credentials import user_credential
-from shared.jobs import JobInfo
 from shared.reference import InvalidReferenceError, parse_reference
+from shared.wire.jobs import JobInfo
 
 if TYPE_CHECKING:
     from daemons.registryd.build.pipeline import Pipeline, PlannedImage

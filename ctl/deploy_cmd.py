@@ -22,7 +22,8 @@ import click
 
 from ctl.client import Client, resolve_deployment
 from ctl.output import console, err_console, fail, format_option, print_json, print_table
-from shared.models import DeploymentStatus, DeployPlan, Event, JobRun, ReplicaInfo
+from shared.wire.agent import JobRun, ReplicaInfo
+from shared.wire.scheduler import DeploymentStatus, DeployPlan, Event
 
 DEFAULT_WAIT = 600.0
 

@@ -13,7 +13,7 @@ import click
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
 from ctl.transfer import Sent
-from shared.models import ImageDetail, ImageInfo
+from shared.wire.registry import ImageDetail, ImageInfo
 
 IMPORT_CALL_USEC = 60 * 60 * 1_000_000  # a multi-gigabyte archive is hashed and unpacked
 

@@ -24,9 +24,9 @@ from ctl.client import Client
 from ctl.output import err_console, fail, format_option, print_json
 from shared.bus import NotFoundError
 from shared.credentials import user_credential
-from shared.jobs import JobInfo
-from shared.models import ImageInfo
 from shared.reference import InvalidReferenceError, parse_reference
+from shared.wire.jobs import JobInfo
+from shared.wire.registry import ImageInfo
 
 POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.2)  # quick first looks: a warm pull ends in ms
 POLICIES = ("always", "newer", "if_not_present", "never")

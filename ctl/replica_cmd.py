@@ -20,7 +20,7 @@ import click
 from ctl.client import Client, resolve_deployment
 from ctl.output import err_console, fail
 from shared.k8slog import LogLine, parse_lines
-from shared.models import JobRun, ReplicaInfo
+from shared.wire.agent import JobRun, ReplicaInfo
 
 FOLLOW_POLL = 0.2
 

@@ -10,8 +10,9 @@ import click
 
 from ctl.errors import NOT_RUNNING
 from ctl.output import fail, format_option, print_json, print_table
-from shared.bus import DAEMONS, DaemonInfo, DaemonStatus, open_bus, proxy, resolve_bus_address
+from shared.bus import DAEMONS, DaemonInfo, open_bus, proxy, resolve_bus_address
 from shared.paths import Paths
+from shared.wire.daemon import DaemonStatus
 
 CALL_TIMEOUT = 3.0
 EXIT_NOT_ALL_RUNNING = 3  # as `systemctl status` does for units not running

@@ -9,7 +9,7 @@ import click
 
 from ctl.client import Client
 from ctl.output import format_option, print_json, print_table
-from shared.traffic import DnsRecord, RouteInfo
+from shared.wire.traffic import DnsRecord, RouteInfo
 
 
 @click.command()

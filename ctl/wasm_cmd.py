@@ -19,7 +19,6 @@ from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
 from ctl.transfer import Sent
 from shared.bus import NotFoundError
-from shared.jobs import JobInfo
 from shared.wasm import (
     WasmArtifact,
     WasmError,
@@ -29,6 +28,7 @@ from shared.wasm import (
     read_file,
     validate,
 )
+from shared.wire.jobs import JobInfo
 
 JOB_POLL_SEC = 0.1
 PUSH_WAIT_SEC = 30 * 60.0

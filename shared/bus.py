@@ -18,10 +18,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import sdbus
-from pydantic import BaseModel, ConfigDict
 from sdbus import (
     DbusFailedError,
     DbusInterfaceCommonAsync,
@@ -33,6 +32,7 @@ from sdbus import (
 )
 
 from shared.paths import Paths
+from shared.wire.daemon import STATUS_SIGNATURE, StatusTuple
 
 BUS_ADDRESS_ENV = "ZLAYER_BUS_ADDRESS"
 ERROR_PREFIX = "org.zlayer.Error."
@@ -85,56 +85,6 @@ ERRORS: tuple[type[ZLayerError], ...] = (
     NotSupportedError,
 )
 
-# ---------------------------------------------------------------- status
-
-DaemonState = Literal["starting", "running", "degraded", "stopping"]
-Supervisor = Literal["systemd", "zlayerctl", "none"]
-
-STATUS_SIGNATURE = "(sssutsss)"
-StatusTuple = tuple[str, str, str, int, int, str, str, str]
-
-
-class DaemonStatus(BaseModel):
-    """A daemon's health summary, as ``Status`` returns it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    state: DaemonState
-    version: str
-    pid: int
-    started_at_usec: int
-    metrics_url: str
-    supervisor: Supervisor
-    detail: str = ""
-
-    def to_dbus(self) -> StatusTuple:
-        return (
-            self.name,
-            self.state,
-            self.version,
-            self.pid,
-            self.started_at_usec,
-            self.metrics_url,
-            self.supervisor,
-            self.detail,
-        )
-
-    @classmethod
-    def from_dbus(cls, value: StatusTuple) -> DaemonStatus:
-        fields = (
-            "name",
-            "state",
-            "version",
-            "pid",
-            "started_at_usec",
-            "metrics_url",
-            "supervisor",
-            "detail",
-        )
-        return cls.model_validate(dict(zip(fields, value, strict=True)))
-
-
 # ---------------------------------------------------------------- interfaces
 
 
@@ -183,7 +133,7 @@ def _sync_traffic_member() -> Any:
     return sync_traffic
 
 
-# Rich values travel as JSON text of the models in shared.models (named in
+# Rich values travel as JSON text of the Structs in shared.wire (named in
 # each member's docstring). Methods that change state are privileged: on the
 # system bus only root may call them (units/dbus/org.zlayer.conf).
 

@@ -23,21 +23,12 @@ import sdbus
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async_override, dbus_property_async_override
 
 from shared import __version__, notify
-from shared.bus import (
-    DAEMONS_BY_NAME,
-    DaemonInfo,
-    DaemonState,
-    DaemonStatus,
-    StatusTuple,
-    Supervisor,
-    open_bus,
-    proxy,
-    resolve_bus_address,
-)
+from shared.bus import DAEMONS_BY_NAME, DaemonInfo, open_bus, proxy, resolve_bus_address
 from shared.config import ConfigError, DaemonSettings
 from shared.logs import setup_logging, under_systemd
 from shared.metrics import serve_metrics
 from shared.paths import Paths
+from shared.wire.daemon import DaemonState, DaemonStatus, StatusTuple, Supervisor
 
 SUPERVISOR_ENV = "ZLAYER_SUPERVISOR_PID"
 EX_CONFIG = 78  # sysexits.h: the configuration is wrong; restarting will not help

@@ -21,44 +21,13 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from shared.wire import encode
+from shared.wire.jobs import JobInfo, ProgressItem
 
 log = logging.getLogger("zlayer.jobs")
 
-JobState = Literal["running", "done", "failed", "cancelled"]
-
 KEEP_FINISHED = 600.0  # seconds a finished job stays readable
-
-
-class ProgressItem(BaseModel):
-    """One unit of a job's work: a layer being downloaded, a build stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    done: int = 0  # bytes or steps done
-    total: int = 0  # 0 when unknown
-    state: str = "waiting"  # free text: waiting, downloading, verifying, done, exists
-
-
-class JobInfo(BaseModel):
-    """What ``GetJob`` returns."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: int
-    kind: str  # "pull", "push", "build", ...
-    target: str  # what it works on: an image reference, a build tag
-    state: JobState = "running"
-    started_at: float
-    finished_at: float | None = None
-    items: list[ProgressItem] = Field(default_factory=list)
-    log_path: str = ""  # a file the job appends its output to; "" if none
-    result: str = ""  # JSON of the job's result when done
-    error: str = ""  # a sentence when failed
-    error_name: str = ""  # the D-Bus error name when failed
 
 
 class Job:
@@ -123,7 +92,7 @@ class JobTable:
             info.finished_at = time.time()
             self._tasks.pop(info.id, None)
             with contextlib.suppress(Exception):
-                self._removed(info.id, info.model_dump_json())
+                self._removed(info.id, encode(info))
 
     def get(self, job_id: int) -> JobInfo | None:
         job = self._jobs.get(job_id)

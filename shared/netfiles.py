@@ -1,6 +1,6 @@
 """The name-resolution files of a replica: ``/etc/hosts`` and ``/etc/resolv.conf``.
 
-Pure functions of an :class:`~shared.models.Attachment` (what overlayd gave
+Pure functions of an :class:`~shared.wire.overlay.Attachment` (what overlayd gave
 the replica) and the spec's overrides; agentd writes their output into the
 replica's bundle. Entries that would break the file format (a newline in a
 name, an address that is not one) are refused with a sentence, since a
@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from ipaddress import ip_address
 
-from shared.models import Attachment
+from shared.wire.overlay import Attachment
 
 # glibc reads at most three nameserver lines (MAXNS); later ones are ignored.
 MAX_NAMESERVERS = 3

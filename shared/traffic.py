@@ -38,88 +38,10 @@ from __future__ import annotations
 from ipaddress import IPv4Address
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from shared.wire import WireError, decode
+from shared.wire.traffic import DeploymentTraffic
 
 TrafficPath = Literal["l7", "l4-kernel", "l4-proxy", "internal"]
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Backend(_Wire):
-    """One replica in rotation."""
-
-    replica: str  # container id, <deployment>-<service>-<instance>-r<revision>
-    instance: int
-    revision: int
-    address: str  # IPv4 on the node network
-
-
-class ServiceTraffic(_Wire):
-    """One service of a deployment: its endpoints and the replicas that serve them."""
-
-    deployment: str
-    service: str
-    # EndpointSpec in JSON mode (shared.spec.models.EndpointSpec); kept as
-    # plain dicts so the receivers validate with the spec's own model.
-    endpoints: list[dict[str, Any]] = Field(default_factory=list)
-    # Only replicas that may receive traffic: running, healthy (or with no
-    # health check), and not draining. Ordered by (revision, instance).
-    backends: list[Backend] = Field(default_factory=list)
-    # From the service's health check, so receivers know how stale is too stale.
-    health_interval: float = 0.0
-
-
-class DeploymentTraffic(_Wire):
-    """What one push carries: every service of one deployment."""
-
-    deployment: str
-    services: list[ServiceTraffic] = Field(default_factory=list)
-
-
-class TrafficViews(_Wire):
-    """``SyncTraffic``: every deployment's traffic, from schedd, as one complete view.
-
-    The receiver replaces what it holds with these and removes the routes,
-    records and ports of every deployment the view does not name; a view
-    older than the one it holds (a lower ``generation``) is refused.
-    """
-
-    generation: int
-    deployments: list[DeploymentTraffic] = Field(default_factory=list)
-
-
-class ServiceStats(_Wire):
-    """proxyd's counters for one service, read by schedd's autoscaler."""
-
-    deployment: str
-    service: str
-    requests_total: int  # monotonic since proxyd started
-    active_connections: int
-    started_at: float  # when proxyd started counting (a restart resets the totals)
-
-
-class DnsRecord(_Wire):
-    """One name overlayd's service DNS answers, with its addresses."""
-
-    name: str  # fully qualified, without the trailing dot: web.service.local
-    addresses: list[str]
-    deployment: str
-    service: str
-
-
-class RouteInfo(_Wire):
-    """One route proxyd serves, for `zlayerctl routes` and tests."""
-
-    deployment: str
-    service: str
-    endpoint: str
-    protocol: str
-    listen: str  # "0.0.0.0:80", "udp 0.0.0.0:5353"
-    host: str = ""  # "" matches any host
-    path: str = "/"
-    backends: list[str] = Field(default_factory=list)  # "10.213.0.5:8080"
 
 
 class TrafficError(ValueError):
@@ -136,13 +58,9 @@ def parse_traffic(deployment: str, text: str) -> DeploymentTraffic:
     if not deployment:
         raise TrafficError("a deployment name is needed")
     try:
-        traffic = DeploymentTraffic.model_validate_json(text)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "the document"
-        raise TrafficError(
-            f"the traffic for {deployment!r} is not a DeploymentTraffic ({where}: {first['msg']})"
-        ) from None
+        traffic = decode(text, DeploymentTraffic)
+    except WireError as exc:
+        raise TrafficError(f"the traffic for {deployment!r} is {exc}") from None
     if traffic.deployment != deployment:
         raise TrafficError(
             f"the traffic names the deployment {traffic.deployment!r}, "

@@ -18,12 +18,11 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from shared.bus import InvalidArgumentError, ZLayerError
-from shared.models import SyncResult
 from shared.statefile import read_state, write_atomically
-from shared.traffic import DeploymentTraffic, TrafficViews
+from shared.wire import WireError, decode
+from shared.wire.agent import SyncResult
+from shared.wire.traffic import DeploymentTraffic, TrafficViews
 
 log = logging.getLogger("zlayer.views")
 
@@ -104,9 +103,9 @@ class TrafficHolder:
     ) -> SyncResult:
         """Apply the views in ``text`` (a TrafficViews) unless they are older than held."""
         try:
-            views = TrafficViews.model_validate_json(text)
-        except ValidationError as exc:
-            raise InvalidArgumentError(f"the traffic views are not a TrafficViews: {exc}") from None
+            views = decode(text, TrafficViews)
+        except WireError as exc:
+            raise InvalidArgumentError(f"the traffic views are {exc}") from None
         async with self._lock:
             if not self.held.accepts(views.generation):
                 self.log.info(

@@ -32,7 +32,6 @@ from typing import Any
 
 from daemons.agentd.errors import BundleError
 from shared import netfiles
-from shared.models import Attachment, ImageRootfs
 from shared.spec import ServiceSpec
 from shared.spec.models import (
     AnonymousStorage,
@@ -43,6 +42,8 @@ from shared.spec.models import (
     Ulimit,
 )
 from shared.spec.support import no_new_privileges
+from shared.wire.overlay import Attachment
+from shared.wire.registry import ImageRootfs
 
 log = logging.getLogger("zlayer.agentd.bundle")
 

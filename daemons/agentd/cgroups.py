@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from daemons.agentd.errors import BundleError, CgroupError
-from shared.models import ReplicaStats
+from shared.wire.agent import ReplicaStats
 
 log = logging.getLogger("zlayer.agentd.cgroups")
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from daemons.agentd.bundle import ReplicaIds
 from daemons.agentd.runtime import ContainerRuntime
-from shared.models import Attachment, ImageRootfs, ReplicaStats
 from shared.paths import Paths
 from shared.spec import ServiceSpec
+from shared.wire.agent import ReplicaStats
+from shared.wire.overlay import Attachment
+from shared.wire.registry import ImageRootfs
 
 log = logging.getLogger("zlayer.agentd")
 

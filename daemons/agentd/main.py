@@ -28,14 +28,10 @@ from shared.bus import (
 )
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
-from shared.models import (
-    Attachment,
-    ImageRootfs,
-    NodeAssignments,
-    ReplicaInfo,
-    ServiceAssignment,
-)
 from shared.paths import Paths
+from shared.wire.agent import NodeAssignments, ReplicaInfo, ServiceAssignment
+from shared.wire.overlay import Attachment
+from shared.wire.registry import ImageRootfs
 
 NEIGHBOUR_CALL_USEC = 30 * 60 * 1_000_000
 NEIGHBOUR_WAIT = 120.0  # how long a replica waits for registryd or overlayd to come up

@@ -29,10 +29,11 @@ from pydantic import BaseModel, ConfigDict
 
 from daemons.agentd import probes
 from shared.bus import NotFoundError, NotSupportedError, ZLayerError
-from shared.models import (
-    Attachment,
+from shared.spec import ServiceSpec
+from shared.statefile import read_state, write_atomically
+from shared.views import HeldGeneration
+from shared.wire.agent import (
     HealthState,
-    ImageRootfs,
     JobRun,
     NodeAssignments,
     ReplicaInfo,
@@ -40,9 +41,8 @@ from shared.models import (
     ServiceAssignment,
     SyncResult,
 )
-from shared.spec import ServiceSpec
-from shared.statefile import read_state, write_atomically
-from shared.views import HeldGeneration
+from shared.wire.overlay import Attachment
+from shared.wire.registry import ImageRootfs
 
 log = logging.getLogger("zlayer.agentd")
 

@@ -46,9 +46,11 @@ from typing import Any, Literal
 from daemons.agentd import bundle_files, cgroups, logs, oci
 from daemons.agentd.bundle import HostFacts, ReplicaIds, build_bundle
 from daemons.agentd.errors import BundleError, CgroupError, ContainerError, ContainerNotFound
-from shared.models import Attachment, ImageRootfs, ReplicaStats
 from shared.spec import ServiceSpec
 from shared.statefile import write_atomically
+from shared.wire.agent import ReplicaStats
+from shared.wire.overlay import Attachment
+from shared.wire.registry import ImageRootfs
 
 log = logging.getLogger("zlayer.agentd.runtime")
 

@@ -12,9 +12,10 @@ import asyncio
 from aiohttp import web
 from pydantic import Field
 
-from shared.bus import DAEMONS, DAEMONS_BY_NAME, Api1, DaemonStatus, proxy
+from shared.bus import DAEMONS, DAEMONS_BY_NAME, Api1, proxy
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
+from shared.wire.daemon import DaemonStatus
 
 PROBE_TIMEOUT = 2.0
 

@@ -44,7 +44,7 @@ from dnslib import QTYPE, RCODE, RR, SOA, A, DNSError, DNSHeader, DNSRecord
 from prometheus_client import Counter
 
 from shared import notify
-from shared.traffic import DeploymentTraffic, DnsRecord
+from shared.wire.traffic import DeploymentTraffic, DnsRecord
 
 log = logging.getLogger("zlayer.overlayd")
 

@@ -48,10 +48,11 @@ from shared.bus import (
 from shared.config import ConfigError
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
 from shared.logs import setup_logging
-from shared.models import SyncResult
 from shared.paths import Paths
-from shared.traffic import DeploymentTraffic, TrafficError
+from shared.traffic import TrafficError
 from shared.views import TrafficHolder
+from shared.wire.agent import SyncResult
+from shared.wire.traffic import DeploymentTraffic
 
 ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
 ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["result"])

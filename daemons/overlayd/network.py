@@ -37,9 +37,10 @@ from daemons.overlayd.publish import (
     published_ports,
 )
 from daemons.overlayd.settings import OverlaySettings, host_resolvers
-from shared.models import Attachment, NetworkInfo
 from shared.statefile import StateFormatError, read_state, remove_leftovers, write_atomically
-from shared.traffic import DeploymentTraffic, TrafficError
+from shared.traffic import TrafficError
+from shared.wire.overlay import Attachment, NetworkInfo
+from shared.wire.traffic import DeploymentTraffic
 
 STATE_FILE = "allocations.json"
 TRAFFIC_DIR = "traffic"

@@ -26,7 +26,8 @@ from pydantic import ValidationError
 
 from shared import traffic as shared_traffic
 from shared.spec.models import EndpointSpec, StreamHealthCheck, UdpProbe
-from shared.traffic import DeploymentTraffic, TrafficError, backend_port, endpoint_path
+from shared.traffic import TrafficError, backend_port, endpoint_path
+from shared.wire.traffic import DeploymentTraffic
 
 log = logging.getLogger("zlayer.overlayd")
 

@@ -43,10 +43,11 @@ from shared.bus import (
     proxy,
 )
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
-from shared.models import NetworkInfo, SyncResult
 from shared.paths import Paths
-from shared.traffic import DeploymentTraffic
 from shared.views import TrafficHolder
+from shared.wire.agent import SyncResult
+from shared.wire.overlay import NetworkInfo
+from shared.wire.traffic import DeploymentTraffic
 
 REBIND_INTERVAL = 5.0
 SWEEP_INTERVAL = 1.0

@@ -33,16 +33,8 @@ from pydantic import ValidationError
 from daemons.proxyd.metrics import RouteMetrics
 from shared.spec.models import EndpointSpec
 from shared.statefile import StateFormatError, read_state, write_atomically
-from shared.traffic import (
-    DeploymentTraffic,
-    RouteInfo,
-    ServiceStats,
-    ServiceTraffic,
-    TrafficError,
-    backend_port,
-    endpoint_path,
-    parse_traffic,
-)
+from shared.traffic import TrafficError, backend_port, endpoint_path, parse_traffic
+from shared.wire.traffic import DeploymentTraffic, RouteInfo, ServiceStats, ServiceTraffic
 
 DEFAULT_SESSION_TIMEOUT = 60.0
 L7_PROTOCOLS = frozenset({"http", "https", "websocket"})

@@ -42,8 +42,8 @@ from daemons.registryd.store import MAX_CONFIG, ImageStore
 from shared.bus import InvalidArgumentError, NotFoundError, UnavailableError, ZLayerError
 from shared.credentials import Credential
 from shared.jobs import Job
-from shared.models import ImageInfo
 from shared.reference import DEFAULT_DOMAIN, InvalidReferenceError, Reference, parse_reference
+from shared.wire.registry import ImageInfo
 
 log = logging.getLogger("zlayer.registryd.client")
 

@@ -35,9 +35,10 @@ from shared.bus import (
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.jobs import Job, JobTable
-from shared.models import ImageInfo, ImageRootfs, ReplicaInfo
 from shared.paths import Paths
 from shared.reference import InvalidReferenceError, normalize_reference
+from shared.wire.agent import ReplicaInfo
+from shared.wire.registry import ImageInfo, ImageRootfs
 
 PULL_POLICIES = ("always", "newer", "if_not_present", "never")
 ACTIVE_REPLICA_STATES = ("creating", "initializing", "running", "restarting", "stopping")

@@ -58,9 +58,9 @@ from shared.bus import (
     NotFoundError,
     UnavailableError,
 )
-from shared.models import ImageConfig, ImageDetail, ImageInfo, ImageRootfs
 from shared.reference import InvalidReferenceError, parse_reference
 from shared.statefile import read_state, write_atomically
+from shared.wire.registry import ImageConfig, ImageDetail, ImageInfo, ImageRootfs
 
 log = logging.getLogger("zlayer.registryd.store")
 

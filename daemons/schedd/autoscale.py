@@ -17,8 +17,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from shared.models import ReplicaStats
 from shared.spec.models import AdaptiveScale
+from shared.wire.agent import ReplicaStats
 
 # Scale down only when the load would fit in fewer replicas with this much
 # headroom, so a service hovering at its target does not flap.

@@ -12,7 +12,7 @@ from daemons.schedd.scheduler import Scheduler
 from daemons.schedd.store import Store
 from shared.bus import DAEMONS_BY_NAME, Scheduler1, proxy
 from shared.daemon import Daemon, daemon_members, main_for
-from shared.models import Event
+from shared.wire.scheduler import Event
 
 OUTBOUND_CALL_USEC = 30 * 60 * 1_000_000
 

@@ -35,24 +35,21 @@ from shared.bus import (
     ZLayerError,
     proxy,
 )
-from shared.models import (
-    DeploymentStatus,
-    DeployPlan,
-    Event,
+from shared.spec import DeploymentSpec, ServiceSpec, SpecError, parse_spec
+from shared.spec.models import AdaptiveScale, FixedScale
+from shared.spec.refs import resolve_env
+from shared.spec.support import node_support
+from shared.wire.agent import (
     JobRun,
     NodeAssignments,
     ReplicaInfo,
     ReplicaStats,
     RevisionReplicas,
     ServiceAssignment,
-    ServiceStatus,
     SyncResult,
 )
-from shared.spec import DeploymentSpec, ServiceSpec, SpecError, parse_spec
-from shared.spec.models import AdaptiveScale, FixedScale
-from shared.spec.refs import resolve_env
-from shared.spec.support import node_support
-from shared.traffic import (
+from shared.wire.scheduler import DeploymentStatus, DeployPlan, Event, ServiceStatus
+from shared.wire.traffic import (
     Backend,
     DeploymentTraffic,
     ServiceStats,

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.models import Event
 from shared.statefile import move_aside
+from shared.wire.scheduler import Event
 
 log = logging.getLogger("zlayer.schedd.store")
 

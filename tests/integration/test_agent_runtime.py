@@ -27,9 +27,9 @@ from daemons.agentd import cgroups
 from daemons.agentd.errors import ContainerError
 from daemons.agentd.runtime import ContainerRuntime
 from shared.busybox_image import busybox_entries, make_tar
-from shared.models import ImageConfig, ImageInfo, ImageRootfs
 from shared.paths import Paths
 from shared.spec import ServiceSpec
+from shared.wire.registry import ImageConfig, ImageInfo, ImageRootfs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -375,7 +375,7 @@ CREATE_AND_LEAVE = """
 import asyncio, sys
 from pathlib import Path
 from daemons.agentd.runtime import ContainerRuntime
-from shared.models import ImageRootfs
+from shared.wire.registry import ImageRootfs
 from shared.spec import ServiceSpec
 
 async def main() -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from ctl.supervisor import find_executable
-from shared.models import ImageRootfs
 from shared.paths import Paths
+from shared.wire.registry import ImageRootfs
 from tests.integration.test_registryd import Registryd, registryd  # noqa: F401
 
 pytestmark = [

@@ -24,10 +24,11 @@ import pytest
 
 from ctl.supervisor import find_executable
 from daemons.overlayd import plumbing
-from shared.bus import DAEMONS_BY_NAME, DaemonStatus, UnavailableError, open_bus, proxy
+from shared.bus import DAEMONS_BY_NAME, UnavailableError, open_bus, proxy
 from shared.busdaemon import PrivateBus
-from shared.models import Attachment, NetworkInfo
 from shared.paths import Paths
+from shared.wire.daemon import DaemonStatus
+from shared.wire.overlay import Attachment, NetworkInfo
 from tests.integration.test_daemon import NotifyListener, start, stop
 
 _missing = [tool for tool in ("ip", "nft", "busybox") if shutil.which(tool) is None]

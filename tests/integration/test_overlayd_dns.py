@@ -23,9 +23,9 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 from shared.bus import InvalidArgumentError
-from shared.models import Attachment
 from shared.netfiles import resolv_conf
-from shared.traffic import Backend, DeploymentTraffic, DnsRecord, ServiceTraffic
+from shared.wire.overlay import Attachment
+from shared.wire.traffic import Backend, DeploymentTraffic, DnsRecord, ServiceTraffic
 from tests.integration import test_overlayd as base
 from tests.integration.test_overlayd import Overlayd, in_netns
 

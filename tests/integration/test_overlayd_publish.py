@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from shared.bus import ConflictError, InvalidArgumentError
-from shared.models import Attachment
-from shared.traffic import Backend, DeploymentTraffic, ServiceTraffic
+from shared.wire.overlay import Attachment
+from shared.wire.traffic import Backend, DeploymentTraffic, ServiceTraffic
 from tests.integration import test_overlayd as base
 from tests.integration.test_overlayd import Overlayd, in_netns
 

@@ -31,16 +31,10 @@ from aiohttp import WSMsgType, web
 
 from ctl.fdstore import ChildStart, FdStore, receive
 from ctl.supervisor import find_executable
-from shared.bus import (
-    DAEMONS_BY_NAME,
-    ConflictError,
-    DaemonStatus,
-    InvalidArgumentError,
-    open_bus,
-    proxy,
-)
+from shared.bus import DAEMONS_BY_NAME, ConflictError, InvalidArgumentError, open_bus, proxy
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
+from shared.wire.daemon import DaemonStatus
 from tests.integration.test_daemon import NotifyListener, start, stop
 
 T = TypeVar("T")

@@ -27,7 +27,6 @@ from ctl.supervisor import find_executable
 from shared import busybox_image as builder
 from shared.bus import (
     DAEMONS_BY_NAME,
-    DaemonStatus,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
@@ -36,8 +35,9 @@ from shared.bus import (
 )
 from shared.busdaemon import PrivateBus
 from shared.busybox_image import Entry, make_image, make_tar
-from shared.models import ImageInfo, ImageRootfs
 from shared.paths import Paths
+from shared.wire.daemon import DaemonStatus
+from shared.wire.registry import ImageInfo, ImageRootfs
 from tests.integration.test_daemon import NotifyListener, start, stop
 
 BUSYBOX = "docker.io/zlayer/busybox:latest"

@@ -10,8 +10,9 @@ import pytest
 from daemons.agentd import bundle, cgroups
 from daemons.agentd.bundle import HostFacts, ReplicaIds, build_bundle, resolve_user
 from daemons.agentd.errors import BundleError
-from shared.models import Attachment, ImageConfig, ImageInfo, ImageRootfs
 from shared.spec import ServiceSpec
+from shared.wire.overlay import Attachment
+from shared.wire.registry import ImageConfig, ImageInfo, ImageRootfs
 
 PASSWD = (
     "root:x:0:0:root:/root:/bin/sh\n"

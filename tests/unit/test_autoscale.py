@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
-from shared.models import ReplicaStats
 from shared.spec.models import AdaptiveScale, ScaleTargets
+from shared.wire.agent import ReplicaStats
 
 
 def scale(**targets: float) -> AdaptiveScale:

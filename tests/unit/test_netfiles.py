@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.models import Attachment
 from shared.netfiles import NetFileError, hosts_file, resolv_conf
+from shared.wire.overlay import Attachment
 
 ATT = Attachment(
     container_id="web-1",

@@ -19,7 +19,7 @@ from daemons.overlayd.publish import (
     probe_key,
     published_ports,
 )
-from shared.traffic import Backend, DeploymentTraffic, ServiceTraffic
+from shared.wire.traffic import Backend, DeploymentTraffic, ServiceTraffic
 
 
 def traffic(deployment: str, services: dict[str, tuple[list[dict[str, Any]], int]]) -> Any:

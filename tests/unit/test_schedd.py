@@ -11,8 +11,9 @@ import pytest
 from daemons.agentd.replicas import RestartDecision
 from daemons.schedd.scheduler import condition_met, desired_replicas, next_cron_time, start_order
 from daemons.schedd.store import Store
-from shared.models import Event, JobRun, ReplicaInfo
 from shared.spec import ServiceSpec, parse_spec
+from shared.wire.agent import JobRun, ReplicaInfo
+from shared.wire.scheduler import Event
 
 SPEC = """
 version: v1

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 from shared.bus import ConflictError
-from shared.traffic import DeploymentTraffic, TrafficViews
 from shared.views import HeldGeneration, apply_views
+from shared.wire.traffic import DeploymentTraffic, TrafficViews
 
 
 def test_an_older_generation_is_refused_and_the_held_one_survives_a_restart(

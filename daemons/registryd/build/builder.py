@@ -45,8 +45,8 @@ from shared.bus import (
     ZLayerError,
 )
 from shared.jobs import Job, JobTable
-from shared.models import ImageInfo
 from shared.reference import InvalidReferenceError, parse_reference
+from shared.wire.registry import ImageInfo
 
 BUILDAH = "buildah"
 STOP_GRACE = 10.0  # seconds buildah gets to stop on cancel before KILL

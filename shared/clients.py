@@ -1,0 +1,284 @@
+"""Typed clients of the six daemons' bus interfaces, for zlayerctl and the daemons alike.
+
+Each client wraps an sdbus proxy of its interface (``shared.bus``) and
+speaks the typed wire (``shared.wire``): arguments are Structs or plain
+values, replies come back decoded into their Structs, so a type checker
+checks every call end to end. Bus errors arrive as the ``ZLayerError``
+subclasses of ``shared.bus``; a reply that does not decode raises
+``shared.wire.WireError`` (a daemon of another version).
+
+    bus = open_bus(resolve_bus_address(paths))
+    deployments = await SchedulerClient(bus).list_deployments()
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Generic, TypeVar
+
+from sdbus import DbusInterfaceCommonAsync, SdBus
+
+from shared.bus import (
+    DAEMONS_BY_NAME,
+    Agent1,
+    Api1,
+    DaemonInfo,
+    Overlay1,
+    Proxy1,
+    Registry1,
+    Scheduler1,
+)
+from shared.wire import decode, encode
+from shared.wire.agent import (
+    JobRun,
+    NodeAssignments,
+    ReplicaInfo,
+    ReplicaStats,
+    ServiceAssignment,
+    SyncResult,
+)
+from shared.wire.daemon import DaemonStatus
+from shared.wire.jobs import JobInfo
+from shared.wire.overlay import Attachment, NetworkInfo
+from shared.wire.registry import ImageDetail, ImageInfo, ImageRootfs, PruneResult
+from shared.wire.scheduler import CronSchedule, DeploymentStatus, DeployPlan, Event
+from shared.wire.traffic import DeploymentTraffic, DnsRecord, RouteInfo, ServiceStats, TrafficViews
+
+I = TypeVar("I", bound=DbusInterfaceCommonAsync)  # noqa: E741  # the interface
+
+
+class DaemonClient(Generic[I]):
+    """What every daemon answers; the base of each typed client."""
+
+    def __init__(self, info: DaemonInfo, bus: SdBus) -> None:
+        self.info = info
+        self.proxy: I = info.interface.new_proxy(  # type: ignore[assignment]
+            info.bus_name, info.object_path, bus
+        )
+
+    async def status(self) -> DaemonStatus:
+        return DaemonStatus.from_dbus(await self.proxy.status())  # type: ignore[attr-defined]
+
+    async def ping(self) -> None:
+        """Return when the daemon's bus connection answers (org.freedesktop.DBus.Peer.Ping)."""
+        await self.proxy.dbus_ping()
+
+
+class SchedulerClient(DaemonClient[Scheduler1]):
+    """zlayer-schedd: desired state, rollouts, jobs and cron, events."""
+
+    def __init__(self, bus: SdBus) -> None:
+        super().__init__(DAEMONS_BY_NAME["schedd"], bus)
+
+    async def deploy(
+        self, spec_text: str, filename: str, host_env: Mapping[str, str]
+    ) -> DeploymentStatus:
+        reply = await self.proxy.deploy(spec_text, filename, dict(host_env))
+        return decode(reply, DeploymentStatus)
+
+    async def plan(self, spec_text: str, filename: str, host_env: Mapping[str, str]) -> DeployPlan:
+        return decode(await self.proxy.plan(spec_text, filename, dict(host_env)), DeployPlan)
+
+    async def down(self, deployment: str) -> None:
+        await self.proxy.down(deployment)
+
+    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
+        await self.proxy.stop(deployment, service, timeout_sec, force)
+
+    async def scale(self, deployment: str, service: str, replicas: int) -> None:
+        await self.proxy.scale(deployment, service, replicas)
+
+    async def list_deployments(self) -> list[DeploymentStatus]:
+        return decode(await self.proxy.list_deployments(), list[DeploymentStatus])
+
+    async def get_deployment(self, deployment: str) -> DeploymentStatus:
+        return decode(await self.proxy.get_deployment(deployment), DeploymentStatus)
+
+    async def trigger_job(self, deployment: str, service: str) -> JobRun:
+        return decode(await self.proxy.trigger_job(deployment, service), JobRun)
+
+    async def list_cron(self, deployment: str) -> list[CronSchedule]:
+        return decode(await self.proxy.list_cron(deployment), list[CronSchedule])
+
+    async def rollback(self, deployment: str) -> int:
+        return await self.proxy.rollback(deployment)
+
+    async def list_events(self, deployment: str, limit: int) -> list[Event]:
+        return decode(await self.proxy.list_events(deployment, limit), list[Event])
+
+    async def resync(self, daemon: str) -> None:
+        await self.proxy.resync(daemon)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every Event schedd emits from now on."""
+        async for text in self.proxy.event_emitted:
+            yield decode(text, Event)
+
+
+class AgentClient(DaemonClient[Agent1]):
+    """zlayer-agentd: this node's replicas, job runs, logs, exec."""
+
+    def __init__(self, bus: SdBus) -> None:
+        super().__init__(DAEMONS_BY_NAME["agentd"], bus)
+
+    async def apply_service(self, assignment: ServiceAssignment) -> None:
+        await self.proxy.apply_service(encode(assignment))
+
+    async def sync_assignments(self, assignments: NodeAssignments) -> SyncResult:
+        return decode(await self.proxy.sync_assignments(encode(assignments)), SyncResult)
+
+    async def remove_service(
+        self, deployment: str, service: str, timeout_sec: float, force: bool
+    ) -> None:
+        await self.proxy.remove_service(deployment, service, timeout_sec, force)
+
+    async def list_replicas(self, deployment: str = "", service: str = "") -> list[ReplicaInfo]:
+        return decode(await self.proxy.list_replicas(deployment, service), list[ReplicaInfo])
+
+    async def log_paths(self, replica: str) -> list[str]:
+        return await self.proxy.log_paths(replica)
+
+    async def exec(
+        self, replica: str, argv: list[str], tty: bool, stdin: int, stdout: int, stderr: int
+    ) -> int:
+        return await self.proxy.exec(replica, argv, tty, stdin, stdout, stderr)
+
+    async def stats(self, replica: str) -> ReplicaStats:
+        return decode(await self.proxy.stats(replica), ReplicaStats)
+
+    async def run_job(self, deployment: str, service: str, trigger: str) -> JobRun:
+        return decode(await self.proxy.run_job(deployment, service, trigger), JobRun)
+
+    async def list_job_runs(self, deployment: str, service: str) -> list[JobRun]:
+        return decode(await self.proxy.list_job_runs(deployment, service), list[JobRun])
+
+    async def replica_changes(self) -> AsyncIterator[ReplicaInfo]:
+        """Every replica whose state or health changes from now on."""
+        async for text in self.proxy.replica_changed:
+            yield decode(text, ReplicaInfo)
+
+
+class RegistryClient(DaemonClient[Registry1]):
+    """zlayer-registryd: images, pulls and pushes, builds, jobs."""
+
+    def __init__(self, bus: SdBus) -> None:
+        super().__init__(DAEMONS_BY_NAME["registryd"], bus)
+
+    async def import_image(self, path: str, name: str) -> ImageInfo:
+        return decode(await self.proxy.import_image(path, name), ImageInfo)
+
+    async def path_visible(self, path: str, device: int, inode: int) -> bool:
+        return await self.proxy.path_visible(path, device, inode)
+
+    async def receive(self, fd: int) -> str:
+        return await self.proxy.receive(fd)
+
+    async def list_images(self) -> list[ImageInfo]:
+        return decode(await self.proxy.list_images(), list[ImageInfo])
+
+    async def inspect_image(self, reference: str) -> ImageDetail:
+        return decode(await self.proxy.inspect_image(reference), ImageDetail)
+
+    async def remove_image(self, reference: str, force: bool) -> list[str]:
+        return await self.proxy.remove_image(reference, force)
+
+    async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs:
+        return decode(await self.proxy.ensure_image(reference, pull_policy), ImageRootfs)
+
+    async def get_job(self, job_id: int) -> JobInfo:
+        return decode(await self.proxy.get_job(job_id), JobInfo)
+
+    async def list_jobs(self) -> list[JobInfo]:
+        return decode(await self.proxy.list_jobs(), list[JobInfo])
+
+    async def cancel_job(self, job_id: int) -> None:
+        await self.proxy.cancel_job(job_id)
+
+    async def jobs_removed(self) -> AsyncIterator[JobInfo]:
+        """The final JobInfo of every job that ends from now on."""
+        async for _job_id, text in self.proxy.job_removed:
+            yield decode(text, JobInfo)
+
+    async def pull(self, reference: str, pull_policy: str, auth: str) -> int:
+        return await self.proxy.pull(reference, pull_policy, auth)
+
+    async def push(self, reference: str, destination: str, auth: str) -> int:
+        return await self.proxy.push(reference, destination, auth)
+
+    async def login(self, registry: str, username: str, password: str) -> str:
+        return await self.proxy.login(registry, username, password)
+
+    async def logout(self, registry: str) -> bool:
+        return await self.proxy.logout(registry)
+
+    async def prune(self) -> PruneResult:
+        return decode(await self.proxy.prune(), PruneResult)
+
+    async def export_image(self, reference: str, fd: int, gzip: bool) -> int:
+        return await self.proxy.export_image(reference, fd, gzip)
+
+    async def build(self, request: str) -> int:
+        """``request``: BuildRequest JSON (the build formats' model)."""
+        return await self.proxy.build(request)
+
+    async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
+        return await self.proxy.push_wasm(path, reference, auth, tls_verify)
+
+
+class OverlayClient(DaemonClient[Overlay1]):
+    """zlayer-overlayd: replica networks, service DNS, kernel-path ports."""
+
+    def __init__(self, bus: SdBus) -> None:
+        super().__init__(DAEMONS_BY_NAME["overlayd"], bus)
+
+    async def attach(self, container_id: str, hostname: str) -> Attachment:
+        return decode(await self.proxy.attach(container_id, hostname), Attachment)
+
+    async def detach(self, container_id: str) -> None:
+        await self.proxy.detach(container_id)
+
+    async def list_attachments(self) -> list[Attachment]:
+        return decode(await self.proxy.list_attachments(), list[Attachment])
+
+    async def get_network(self) -> NetworkInfo:
+        return decode(await self.proxy.get_network(), NetworkInfo)
+
+    async def sync_traffic(self, views: TrafficViews) -> SyncResult:
+        return decode(await self.proxy.sync_traffic(encode(views)), SyncResult)
+
+    async def set_traffic(self, deployment: str, traffic: DeploymentTraffic) -> None:
+        await self.proxy.set_traffic(deployment, encode(traffic))
+
+    async def list_records(self) -> list[DnsRecord]:
+        return decode(await self.proxy.list_records(), list[DnsRecord])
+
+
+class ProxyClient(DaemonClient[Proxy1]):
+    """zlayer-proxyd: L4/L7 routes and their counters."""
+
+    def __init__(self, bus: SdBus) -> None:
+        super().__init__(DAEMONS_BY_NAME["proxyd"], bus)
+
+    async def sync_traffic(self, views: TrafficViews) -> SyncResult:
+        return decode(await self.proxy.sync_traffic(encode(views)), SyncResult)
+
+    async def set_traffic(self, deployment: str, traffic: DeploymentTraffic) -> None:
+        await self.proxy.set_traffic(deployment, encode(traffic))
+
+    async def list_routes(self) -> list[RouteInfo]:
+        return decode(await self.proxy.list_routes(), list[RouteInfo])
+
+    async def service_stats(self) -> list[ServiceStats]:
+        return decode(await self.proxy.service_stats(), list[ServiceStats])
+
+
+class ApiClient(DaemonClient[Api1]):
+    """zlayer-apid: the REST gateway (on the bus only its status)."""
+
+    def __init__(self, bus: SdBus) -> None:
+        super().__init__(DAEMONS_BY_NAME["apid"], bus)
+
+
+def daemon_client(name: str, bus: SdBus) -> DaemonClient[DbusInterfaceCommonAsync]:
+    """A client of any daemon by short name, for what every daemon answers (status, ping)."""
+    return DaemonClient(DAEMONS_BY_NAME[name], bus)

@@ -1,0 +1,67 @@
+"""schedd's values: deployments and their services' status, plans, events, cron schedules."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from shared.wire import Wire
+from shared.wire.agent import ReplicaType
+
+ServiceState = Literal[
+    "pending", "waiting", "starting", "updating", "running", "degraded", "failed", "stopped"
+]
+# "removing": `down` was asked and the deployment's replicas are still stopping.
+DeploymentState = Literal["deploying", "running", "degraded", "failed", "stopped", "removing"]
+
+
+class ServiceStatus(Wire, frozen=True):
+    name: str
+    rtype: ReplicaType
+    image: str
+    desired: int
+    running: int
+    healthy: int
+    state: ServiceState
+    message: str = ""
+    stopping: int = 0  # replicas that were told to stop and have not ended yet
+    revision: int = 0  # the revision whose replicas serve
+    rollout: Literal["", "running", "failed"] = ""  # the last rollout, if it has not finished
+
+
+class DeploymentStatus(Wire, frozen=True):
+    name: str
+    revision: int
+    state: DeploymentState
+    services: list[ServiceStatus]
+    created_at: float
+    updated_at: float
+    message: str = ""
+
+
+class DeployPlan(Wire, frozen=True):
+    """``Plan``: what a deploy would do, nothing run."""
+
+    deployment: str
+    revision: int  # the revision a deploy would create
+    actions: list[str]  # one sentence each: "create web: 3 replicas of zlayer/busybox:latest"
+
+
+class Event(Wire, frozen=True, kw_only=True):
+    """Something that happened to a deployment, for `zlayerctl up` and status."""
+
+    time: float
+    deployment: str
+    service: str = ""
+    replica: str = ""
+    kind: str  # "replica-started", "replica-exited", "health", "scaled", "deploy", ...
+    message: str
+
+
+class CronSchedule(Wire, frozen=True):
+    """``ListCron``: one cron service's schedule and runs."""
+
+    deployment: str
+    service: str
+    schedule: str
+    next_run: float | None = None
+    last_run: float | None = None
