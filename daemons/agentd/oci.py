@@ -173,7 +173,9 @@ def _read_sync(fd: int, timeout: float) -> bytes:
 async def launch_conmon(argv: list[str], bundle_dir: Path) -> str | None:
     """Run conmon (``argv``) until it has created the container: None when it did,
     else why not (conmon's message, its stderr, or that it gave no answer).
-    Its stderr goes to ``<bundle>/conmon.err``."""
+    Its stderr goes to ``<bundle>/conmon.err``. conmon runs in the bundle
+    because it writes an empty file ``oom`` into its working directory when the
+    container hits its memory limit."""
     read_fd, write_fd = os.pipe()
     env = child_env(_OCI_SYNCPIPE=str(write_fd))
     try:
@@ -185,6 +187,7 @@ async def launch_conmon(argv: list[str], bundle_dir: Path) -> str | None:
                 stderr=errors,
                 pass_fds=(write_fd,),
                 env=env,
+                cwd=bundle_dir,
                 start_new_session=True,
             )
         os.close(write_fd)

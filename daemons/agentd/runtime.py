@@ -101,6 +101,9 @@ class ContainerRuntime:
         log_files_kept: int = 3,
         cgroup_root: Path = cgroups.CGROUP_ROOT,
     ) -> None:
+        # Absolute: conmon runs in the bundle, and gets these paths as arguments.
+        state_dir = state_dir.absolute()
+        run_dir = run_dir.absolute()
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.bundles_dir = state_dir / "bundles"
