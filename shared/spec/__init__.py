@@ -27,7 +27,7 @@ from shared.spec.models import (
     ManualScale,
     ServiceSpec,
 )
-from shared.spec.units import (
+from shared.spec.quantities import (
     Duration,
     Size,
     format_duration,

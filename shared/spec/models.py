@@ -36,7 +36,7 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonDict  # type: ignore[attr-defined]
 
-from shared.spec.units import Duration, Size
+from shared.spec.quantities import Duration, Size
 
 __all__ = [
     "SERVICE_KEYS",
