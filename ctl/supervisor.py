@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import shutil
@@ -419,9 +418,3 @@ class Supervisor:
         await asyncio.to_thread(self.bus.stop)
         self.paths.bus_address_file.unlink(missing_ok=True)
         self.paths.supervisor_state.unlink(missing_ok=True)
-
-
-def state_summary(state: SupervisorState) -> dict[str, Any]:
-    """What ``zlayerctl status --format json`` shows about the supervisor."""
-    summary: dict[str, Any] = json.loads(state.model_dump_json())
-    return summary

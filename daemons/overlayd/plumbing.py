@@ -294,14 +294,6 @@ def remove_bridge(bridge: str) -> bool:
     return True
 
 
-def bridge_ports(bridge: str) -> list[str]:
-    with IPRoute() as ip:
-        index = _lookup(ip, bridge)
-        if index is None:
-            return []
-        return [str(link.get("ifname")) for link in ip.get_links() if link.get("master") == index]
-
-
 # ---------------------------------------------------------------- one container
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -119,10 +119,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def reset_parser(self) -> None:
-        """A fresh parser: a response to HEAD ends with its headers, which httptools cannot know."""
-        self.parser = httptools.HttpResponseParser(self)
-
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -192,6 +188,3 @@ class UpstreamPool:
 
     def close_all(self) -> None:
         self.close_backends(list(self.idle))
-
-    def idle_count(self) -> dict[str, Any]:
-        return {key: len(conns) for key, conns in self.idle.items() if conns}
