@@ -1,7 +1,7 @@
 """zlayerctl's start-up time against podman's (or docker's) in the same run.
 
-Times three whole processes, as a user runs them, on the same machine in the
-same run:
+Times whole processes, as a user runs them, on the same machine in the same
+run, in two groups. Without daemons:
 
 - ``zlayerctl --help``: the interpreter, click and the command table, no
   command module loaded (commands load lazily); the floor of every command;
@@ -10,13 +10,25 @@ same run:
 - the peer, ``podman --version`` (``docker --version`` where podman is not
   installed): a Go binary doing the least a CLI can do.
 
+With the six daemons running (started by this benchmark under a throwaway
+prefix, see ``_cluster.py``), the read commands, each one bus round trip or a
+few and a table on stdout (piped, so plain text):
+
+- ``zlayerctl ps``, ``status``, ``routes``, ``dns``, ``image ls`` and
+  ``events -n 5``;
+- the peer, ``podman ps`` (``docker ps``): a Go client asking its own
+  store for the containers.
+
+``--no-daemons`` skips the second group.
+
 With hyperfine on PATH (``apt-get install hyperfine``) it runs them with
 ``hyperfine -N`` (no shell between), ``--warmup`` runs first; without it, a
 Python loop spawns each process in turn (the ways taking turns, so background
 load lands on all of them alike). Prints the median and p90 in milliseconds
-of each and the ratio of each median to the peer's.
+of each and the ratio of each median to its group's peer.
 
-    .venv/bin/python bench/startup.py [--runs N] [--warmup N] [--file SPEC] [--no-hyperfine]
+    .venv/bin/python bench/startup.py [--runs N] [--warmup N] [--file SPEC]
+                                      [--no-hyperfine] [--no-daemons]
 """
 
 from __future__ import annotations
@@ -30,11 +42,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import percentile, print_table
+from _cluster import percentile, print_table, running_daemons
 
 from ctl.supervisor import find_executable
 
@@ -42,26 +55,41 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO / "examples" / "static-web.zlayer.yml"
 
 
-def peer_command() -> list[str]:
-    """``podman --version``, else ``docker --version``."""
+# The read commands timed with the daemons running: (name, arguments).
+READ_COMMANDS: list[tuple[str, list[str]]] = [
+    ("zlayerctl ps", ["ps"]),
+    ("zlayerctl status", ["status"]),
+    ("zlayerctl routes", ["routes"]),
+    ("zlayerctl dns", ["dns"]),
+    ("zlayerctl image ls", ["image", "ls"]),
+    ("zlayerctl events -n 5", ["events", "-n", "5"]),
+]
+
+
+def peer_executable() -> str:
+    """podman, else docker."""
     for name in ("podman", "docker"):
         found = shutil.which(name)
         if found:
-            return [found, "--version"]
+            return found
     raise SystemExit("neither podman nor docker is installed: there is no peer to compare with")
 
 
-def check(commands: dict[str, list[str]]) -> None:
+def check(commands: dict[str, list[str]], env: Mapping[str, str] | None = None) -> None:
     """Run each command once; stop with its output if one fails."""
     for name, command in commands.items():
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if result.returncode != 0:
             said = (result.stderr or result.stdout).strip()
             raise SystemExit(f"{name} exited with {result.returncode}: {said}")
 
 
 def with_hyperfine(
-    hyperfine: str, commands: dict[str, list[str]], runs: int, warmup: int
+    hyperfine: str,
+    commands: dict[str, list[str]],
+    runs: int,
+    warmup: int,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, list[float]]:
     """Samples in ms per command, from ``hyperfine -N --export-json``."""
     with tempfile.TemporaryDirectory(prefix="zlstartup-bench-") as directory:
@@ -82,6 +110,7 @@ def with_hyperfine(
             ],
             check=True,
             stdout=subprocess.DEVNULL,
+            env=env,
         )
         results = json.loads(report.read_text())["results"]
     return {
@@ -90,46 +119,39 @@ def with_hyperfine(
     }
 
 
-def with_loop(commands: dict[str, list[str]], runs: int, warmup: int) -> dict[str, list[float]]:
+def with_loop(
+    commands: dict[str, list[str]],
+    runs: int,
+    warmup: int,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, list[float]]:
     """Samples in ms per command, spawning each in turn."""
     samples: dict[str, list[float]] = {name: [] for name in commands}
     for index in range(warmup + runs):
         for name, command in commands.items():
             started = time.perf_counter()
-            subprocess.run(command, capture_output=True, check=True)
+            subprocess.run(command, capture_output=True, check=True, env=env)
             if index >= warmup:
                 samples[name].append((time.perf_counter() - started) * 1000)
     return samples
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=20, help="timed runs of each command")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs of each first")
-    parser.add_argument("--file", default=str(DEFAULT_SPEC), help="the spec `validate` reads")
-    parser.add_argument(
-        "--no-hyperfine", action="store_true", help="time with a Python loop even with hyperfine"
-    )
-    args = parser.parse_args()
-
-    zlayerctl = find_executable("zlayerctl")
-    peer = peer_command()
-    peer_name = f"{Path(peer[0]).name} --version (peer)"
-    commands = {
-        "zlayerctl --help": [zlayerctl, "--help"],
-        "zlayerctl validate FILE": [zlayerctl, "validate", args.file],
-        peer_name: peer,
-    }
-    check(commands)
+def measure(
+    commands: dict[str, list[str]],
+    args: argparse.Namespace,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, list[float]]:
+    """Check, then time ``commands`` with hyperfine or the loop."""
+    check(commands, env)
     hyperfine = None if args.no_hyperfine else shutil.which("hyperfine")
     if hyperfine:
-        samples = with_hyperfine(hyperfine, commands, args.runs, args.warmup)
-    else:
-        samples = with_loop(commands, args.runs, args.warmup)
+        return with_hyperfine(hyperfine, commands, args.runs, args.warmup, env)
+    return with_loop(commands, args.runs, args.warmup, env)
 
-    print(f"timed with {'hyperfine -N' if hyperfine else 'a Python loop of subprocess runs'}")
-    spec = Path(args.file).resolve()
-    print(f"FILE = {spec.relative_to(REPO) if spec.is_relative_to(REPO) else spec}")
+
+def report(title: str, samples: dict[str, list[float]], peer_name: str) -> None:
+    """Median, p90 and the ratio of each median to the peer's."""
+    print(title)
     peer_median = statistics.median(samples[peer_name])
     rows = []
     for name, values in samples.items():
@@ -144,6 +166,51 @@ def main() -> None:
             ]
         )
     print_table(["what", "runs", "median ms", "p90 ms", "vs peer"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="timed runs of each command")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs of each first")
+    parser.add_argument("--file", default=str(DEFAULT_SPEC), help="the spec `validate` reads")
+    parser.add_argument(
+        "--no-hyperfine", action="store_true", help="time with a Python loop even with hyperfine"
+    )
+    parser.add_argument(
+        "--no-daemons", action="store_true", help="skip the read commands (they start the daemons)"
+    )
+    args = parser.parse_args()
+
+    zlayerctl = find_executable("zlayerctl")
+    peer = peer_executable()
+    peer_name = f"{Path(peer).name} --version (peer)"
+    commands = {
+        "zlayerctl --help": [zlayerctl, "--help"],
+        "zlayerctl validate FILE": [zlayerctl, "validate", args.file],
+        peer_name: [peer, "--version"],
+    }
+    samples = measure(commands, args)
+
+    read_samples: dict[str, list[float]] = {}
+    read_peer_name = f"{Path(peer).name} ps (peer)"
+    if not args.no_daemons:
+        try:
+            with running_daemons() as cluster:
+                reads = {name: [zlayerctl, *argv] for name, argv in READ_COMMANDS}
+                reads[read_peer_name] = [peer, "ps"]
+                read_samples = measure(reads, args, cluster.env)
+        except KeyboardInterrupt:
+            print("interrupted; daemons stopped", file=sys.stderr)
+            sys.exit(130)
+
+    hyperfine = not args.no_hyperfine and shutil.which("hyperfine")
+    print(f"timed with {'hyperfine -N' if hyperfine else 'a Python loop of subprocess runs'}")
+    spec = Path(args.file).resolve()
+    print(f"FILE = {spec.relative_to(REPO) if spec.is_relative_to(REPO) else spec}")
+    report("without daemons", samples, peer_name)
+    if read_samples:
+        print()
+        report("read commands, six daemons running", read_samples, read_peer_name)
 
 
 if __name__ == "__main__":
