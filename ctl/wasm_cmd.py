@@ -140,7 +140,7 @@ def export(file: str, name: str, output: str | None, author: str, output_format:
     The directory imports with `zlayerctl image import DIR`, and any OCI tool
     (skopeo, oras) can copy it to a registry.
     """
-    from daemons.registryd.wasm import export_layout
+    from shared.wasm_artifact import export_layout
 
     absolute = _absolute_existing(file)
     target = os.path.abspath(output or _default_output(file))

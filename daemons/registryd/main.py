@@ -37,6 +37,7 @@ from shared.daemon import Daemon, daemon_members, main_for
 from shared.jobs import Job, JobTable
 from shared.paths import Paths
 from shared.reference import InvalidReferenceError, normalize_reference
+from shared.wasm_artifact import build_artifact, read_binary
 from shared.wire.agent import ReplicaInfo
 from shared.wire.registry import ImageInfo, ImageRootfs
 
@@ -248,8 +249,8 @@ class RegistryService(Registry1):
     async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
         # Checked before the job starts, so a bad file or name fails the call itself.
         async with self.daemon.received.using(path):
-            data = await self.daemon.work(wasm.read_binary, path)
-        artifact = await self.daemon.work(wasm.build_artifact, data, path, reference)
+            data = await self.daemon.work(read_binary, path)
+        artifact = await self.daemon.work(build_artifact, data, path, reference)
         store = self.daemon.store
         return self.daemon.jobs.start(
             "push",

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from ctl.supervisor import find_executable
-from daemons.registryd.wasm import WASM_CONFIG_MEDIA_TYPE, WASM_FILE, WASM_LAYER_MEDIA_TYPE
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
 from shared.wasm import WasmArtifact
+from shared.wasm_artifact import WASM_CONFIG_MEDIA_TYPE, WASM_FILE, WASM_LAYER_MEDIA_TYPE
 from tests.integration.test_daemon import NotifyListener, stop
 from tests.integration.test_registryd import Registryd
 from tests.registry_fixture import (

@@ -22,16 +22,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemons.registryd.sources import Source, SourceBlob, SourceImage
-from daemons.registryd.wasm import (
+from daemons.registryd.wasm import image_runtime
+from shared.bus import InvalidArgumentError
+from shared.wasm import WasmError, inspect, validate
+from shared.wasm_artifact import (
     WASM_CONFIG_MEDIA_TYPE,
     WASM_LAYER_MEDIA_TYPE,
     artifact_name,
     build_artifact,
-    image_runtime,
     write_layout,
 )
-from shared.bus import InvalidArgumentError
-from shared.wasm import WasmError, inspect, validate
 
 # A WASI preview 1 "hello" command: fd_write of a static string to stdout.
 HELLO_MODULE_WAT = """
