@@ -11,6 +11,7 @@ ReplicaState = Literal[
 ]
 HealthState = Literal["none", "starting", "healthy", "unhealthy"]
 ReplicaType = Literal["service", "job", "cron"]
+JobTrigger = Literal["manual", "schedule", "deploy"]  # what started a job run
 
 
 class RevisionReplicas(Wire, frozen=True):
@@ -110,7 +111,7 @@ class JobRun(Wire, frozen=True, kw_only=True):
     id: str
     deployment: str
     service: str
-    trigger: Literal["manual", "schedule", "deploy"]
+    trigger: JobTrigger
     state: Literal["running", "succeeded", "failed"]
     exit_code: int | None = None
     started_at: float
