@@ -51,6 +51,14 @@ class ImageRootfs(Wire, frozen=True):
     lower_dirs: list[str]  # unpacked layer directories, topmost first (overlayfs order)
 
 
+class PushResult(Wire, frozen=True):
+    """A push job's result (``JobInfo.result``): where the image went."""
+
+    reference: str  # the destination, normalised: registry/repository:tag
+    digest: str  # the pushed manifest's digest
+    id: str  # the image's config blob digest
+
+
 class PruneResult(Wire, frozen=True):
     """``Prune``: what was removed and the bytes it freed."""
 
