@@ -29,14 +29,14 @@ import click
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table
 from ctl.transfer import Sent
-from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
+from shared.buildfile.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from shared.bus import NotFoundError
 from shared.credentials import user_credential
 from shared.reference import InvalidReferenceError, parse_reference
 from shared.wire.jobs import JobInfo
 
 if TYPE_CHECKING:
-    from daemons.registryd.build.pipeline import Pipeline, PlannedImage
+    from shared.buildfile.pipeline import Pipeline, PlannedImage
 
 # The format modules (YAML, the spec's error types) load only when a command
 # needs them, so every other zlayerctl command starts as fast as before.
@@ -278,7 +278,7 @@ def build(
 @format_option
 def runtimes_(name: str | None, output_format: str) -> None:
     """List the runtime templates, or print the Dockerfile of template NAME."""
-    from daemons.registryd.build import runtimes
+    from shared.buildfile import runtimes
 
     if name:
         if name not in runtimes.TEMPLATES:
@@ -377,8 +377,8 @@ def pipeline(
     path: str | None, overrides: tuple[str, ...], only: str, push: bool, output_format: str
 ) -> None:
     """Build the images of a ZPipeline in dependency order."""
-    from daemons.registryd.build.located import BuildFileError
-    from daemons.registryd.build.pipeline import load_pipeline
+    from shared.buildfile.located import BuildFileError
+    from shared.buildfile.pipeline import load_pipeline
 
     filename = _pipeline_file(path)
     try:

@@ -558,7 +558,7 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         result_args_names=("job_id",),
     )
     async def build(self, request: str) -> int:
-        """Start building an image (BuildRequest JSON, see daemons/registryd/build/request.py);
+        """Start building an image (BuildRequest JSON, see shared/buildfile/request.py);
         the job's log_path receives buildah's output, its result is BuildResult JSON."""
         raise NotImplementedError
 

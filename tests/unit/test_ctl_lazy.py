@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 HEAVY = (
     "wasmtime",
     "aiohttp",
-    "daemons.registryd.build",
+    "shared.buildfile",
     "shared.spec",
     "shared.bus",
     "sdbus",
@@ -148,5 +148,5 @@ def test_status_imports_nothing_for_specs_builds_or_wasm(tmp_path: Path) -> None
         "status",
     )
     assert "ctl.status_cmd" in modules
-    assert not {"wasmtime", "aiohttp", "daemons.registryd.build", "shared.spec"} & modules
+    assert not {"wasmtime", "aiohttp", "shared.buildfile", "shared.spec"} & modules
     assert not {"ctl.build_cmd", "ctl.deploy_cmd", "ctl.wasm_cmd", "ctl.registry_cmd"} & modules

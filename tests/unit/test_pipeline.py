@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from daemons.registryd.build.located import BuildFileError
-from daemons.registryd.build.pipeline import load_pipeline
+from shared.buildfile.located import BuildFileError
+from shared.buildfile.pipeline import load_pipeline
 
 
 @pytest.fixture

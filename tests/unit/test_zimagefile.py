@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemons.registryd.build import runtimes
-from daemons.registryd.build.located import BuildFileError
-from daemons.registryd.build.zimagefile import (
+from shared.buildfile import runtimes
+from shared.buildfile.located import BuildFileError
+from shared.buildfile.zimagefile import (
     MultiStageFile,
     RuntimeFile,
     SingleStageFile,

@@ -31,11 +31,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from daemons.registryd.build import runtimes
-from daemons.registryd.build.located import BuildFileError
-from daemons.registryd.build.request import RUNTIME_AUTO, BuildRequest, BuildResult
-from daemons.registryd.build.zimagefile import Dockerfile, load_zimagefile, to_dockerfile
 from daemons.registryd.received import ReceivedFiles
+from shared.buildfile import runtimes
+from shared.buildfile.located import BuildFileError
+from shared.buildfile.request import RUNTIME_AUTO, BuildRequest, BuildResult
+from shared.buildfile.zimagefile import Dockerfile, load_zimagefile, to_dockerfile
 from shared.bus import (
     ERROR_PREFIX,
     InvalidArgumentError,

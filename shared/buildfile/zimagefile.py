@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from daemons.registryd.build import runtimes
-from daemons.registryd.build.located import (
+from shared.buildfile import runtimes
+from shared.buildfile.located import (
     BuildFileError,
     Document,
     PathKey,

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from daemons.registryd.build.located import (
+from shared.buildfile.located import (
     Document,
     PathKey,
     Strict,
