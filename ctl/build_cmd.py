@@ -27,7 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from ctl.client import Client
-from ctl.output import fail, format_option, print_json, print_table
+from ctl.output import fail, format_option, print_json, print_table, short_id
 from ctl.transfer import Sent
 from shared.buildfile.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from shared.bus import NotFoundError
@@ -53,10 +53,6 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
             fail(f"{option} {value}: write it as KEY=VALUE")
         result[key] = rest
     return result
-
-
-def _short(image_id: str) -> str:
-    return image_id.removeprefix("sha256:")[:12]
 
 
 # ---------------------------------------------------------------- following jobs
@@ -267,7 +263,7 @@ def build(
         print_json({**outcome.model_dump(mode="json"), "pushed": pushed})
         return
     names = ", ".join(outcome.names) or "no name (give one with -t)"
-    click.echo(f"built {names}: {_short(outcome.id)} in {outcome.seconds:.1f}s")
+    click.echo(f"built {names}: {short_id(outcome.id)} in {outcome.seconds:.1f}s")
 
 
 # ---------------------------------------------------------------- runtimes
@@ -415,7 +411,7 @@ def pipeline(
         )
     else:
         rows = [
-            [name, _short(r.id), ", ".join(r.names) or "-", f"{r.seconds:.1f}s"]
+            [name, short_id(r.id), ", ".join(r.names) or "-", f"{r.seconds:.1f}s"]
             for name, r in results.items()
         ]
         if rows:

@@ -11,24 +11,12 @@ from typing import Any
 import click
 
 from ctl.client import Client
-from ctl.output import fail, format_option, print_json, print_table
+from ctl.output import fail, format_option, human_size, print_json, print_table, short_id
+from ctl.registry_cmd import push
 from ctl.transfer import Sent
 from shared.wire.registry import ImageDetail, ImageInfo
 
 IMPORT_CALL_USEC = 60 * 60 * 1_000_000  # a multi-gigabyte archive is hashed and unpacked
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
-
-
-def short_id(digest: str) -> str:
-    return digest.removeprefix("sha256:")[:12]
 
 
 def _created(value: str) -> str:
@@ -207,6 +195,4 @@ def rm(references: tuple[str, ...], force: bool, output_format: str) -> None:
 
 
 # `image push` lives with the other registry commands; it is registered here.
-from ctl.registry_cmd import push  # noqa: E402
-
 image.add_command(push)

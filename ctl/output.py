@@ -51,6 +51,21 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         sys.stdout.write(line.rstrip() + "\n")
 
 
+def human_size(size: int) -> str:
+    """A byte count as people read it: 512 B, 1.2 MB (powers of 1000)."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def short_id(digest: str) -> str:
+    """An image id or digest as shown in tables: 12 hex digits."""
+    return digest.removeprefix("sha256:")[:12]
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one sentence to stderr and exit."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)

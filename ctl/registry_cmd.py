@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from ctl.client import Client
-from ctl.output import err_console, fail, format_option, print_json
+from ctl.output import err_console, fail, format_option, human_size, print_json
 from shared.bus import NotFoundError
 from shared.credentials import user_credential
 from shared.reference import InvalidReferenceError, parse_reference
@@ -283,8 +283,6 @@ def prune(force: bool, output_format: str) -> None:
     if output_format == "json":
         print_json(result)
         return
-    from ctl.image_cmd import human_size
-
     for name in result["images"]:
         click.echo(f"removed {name}")
     click.echo(
