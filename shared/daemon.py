@@ -23,7 +23,8 @@ import sdbus
 from sdbus import DbusInterfaceCommonAsync, dbus_method_async_override, dbus_property_async_override
 
 from shared import __version__, notify
-from shared.bus import DAEMONS_BY_NAME, DaemonInfo, open_bus, proxy, resolve_bus_address
+from shared.bus import DaemonInfo, open_bus, resolve_bus_address
+from shared.clients import DaemonClient, SchedulerClient
 from shared.config import ConfigError, DaemonSettings
 from shared.logs import setup_logging, under_systemd
 from shared.metrics import serve_metrics
@@ -211,7 +212,7 @@ class Daemon(ABC):
     def _ask_resync(self) -> None:
         async def ask() -> None:
             assert self.bus is not None
-            scheduler = proxy(DAEMONS_BY_NAME["schedd"], self.bus)
+            scheduler = SchedulerClient(self.bus)
             try:
                 await asyncio.wait_for(scheduler.resync(self.info.name), RESYNC_ASK_TIMEOUT)
             except Exception as exc:  # schedd not up yet: it sends every view when it starts
@@ -228,11 +229,13 @@ class Daemon(ABC):
 
     async def _bus_liveness(self) -> None:
         """Return when the bus stops answering, so the supervisor restarts us."""
-        own = proxy(self.info, self.bus) if self.bus else None
+        own: DaemonClient[DbusInterfaceCommonAsync] | None = (
+            DaemonClient(self.info, self.bus) if self.bus else None
+        )
         while own is not None:
             await asyncio.sleep(BUS_LIVENESS_INTERVAL)
             try:
-                await asyncio.wait_for(own.dbus_ping(), timeout=BUS_LIVENESS_INTERVAL)
+                await asyncio.wait_for(own.ping(), timeout=BUS_LIVENESS_INTERVAL)
             except Exception as exc:  # any failure means the bus is unusable
                 self.log.error("lost the bus (%s); exiting so the supervisor restarts us", exc)
                 return

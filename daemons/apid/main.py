@@ -12,10 +12,10 @@ import asyncio
 from aiohttp import web
 from pydantic import Field
 
-from shared.bus import DAEMONS, DAEMONS_BY_NAME, Api1, proxy
+from shared.bus import DAEMONS, DAEMONS_BY_NAME, Api1
+from shared.clients import daemon_client
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
-from shared.wire.daemon import DaemonStatus
 
 PROBE_TIMEOUT = 2.0
 
@@ -78,12 +78,10 @@ class ApiDaemon(Daemon):
         if self.bus is None:
             return name, "unreachable"
         try:
-            raw = await asyncio.wait_for(
-                proxy(DAEMONS_BY_NAME[name], self.bus).status(), PROBE_TIMEOUT
-            )
+            status = await asyncio.wait_for(daemon_client(name, self.bus).status(), PROBE_TIMEOUT)
         except Exception:  # unreachable daemon: its name has no owner or it hangs
             return name, "unreachable"
-        return name, DaemonStatus.from_dbus(raw).state
+        return name, status.state
 
 
 def main() -> None:

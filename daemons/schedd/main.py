@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
 from sdbus import dbus_method_async_override
 
 from daemons.schedd.scheduler import Scheduler
 from daemons.schedd.store import Store
-from shared.bus import DAEMONS_BY_NAME, Scheduler1, proxy
+from shared.bus import DAEMONS_BY_NAME, Scheduler1
+from shared.clients import AgentClient
 from shared.daemon import Daemon, daemon_members, main_for
+from shared.wire import encode
 from shared.wire.scheduler import Event
 
 OUTBOUND_CALL_USEC = 30 * 60 * 1_000_000
@@ -30,11 +31,11 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def deploy(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
-        return (await self._scheduler.deploy(spec_text, filename, host_env)).model_dump_json()
+        return encode(await self._scheduler.deploy(spec_text, filename, host_env))
 
     @dbus_method_async_override()
     async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
-        return (await self._scheduler.plan(spec_text, filename, host_env)).model_dump_json()
+        return encode(await self._scheduler.plan(spec_text, filename, host_env))
 
     @dbus_method_async_override()
     async def down(self, deployment: str) -> None:
@@ -50,20 +51,19 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def list_deployments(self) -> str:
-        statuses = await self._scheduler.list_status()
-        return json.dumps([s.model_dump(mode="json") for s in statuses])
+        return encode(await self._scheduler.list_status())
 
     @dbus_method_async_override()
     async def get_deployment(self, deployment: str) -> str:
-        return (await self._scheduler.status(deployment)).model_dump_json()
+        return encode(await self._scheduler.status(deployment))
 
     @dbus_method_async_override()
     async def trigger_job(self, deployment: str, service: str) -> str:
-        return (await self._scheduler.trigger_job(deployment, service)).model_dump_json()
+        return encode(await self._scheduler.trigger_job(deployment, service))
 
     @dbus_method_async_override()
     async def list_cron(self, deployment: str) -> str:
-        return json.dumps(self._scheduler.cron_schedules(deployment))
+        return encode(self._scheduler.cron_schedules(deployment))
 
     @dbus_method_async_override()
     async def rollback(self, deployment: str) -> int:
@@ -75,8 +75,7 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def list_events(self, deployment: str, limit: int) -> str:
-        events = await self._scheduler.events(deployment, limit or 50)
-        return json.dumps([e.model_dump(mode="json") for e in events])
+        return encode(await self._scheduler.events(deployment, limit or 50))
 
 
 class SchedulerDaemon(Daemon):
@@ -89,8 +88,8 @@ class SchedulerDaemon(Daemon):
     async def start(self) -> None:
         # Every call schedd makes carries its own asyncio timeout (a down waits for
         # each replica's stop grace); the bus's 25 s default would cut those short.
-        if self.bus is not None:
-            self.bus.method_call_timeout_usec = OUTBOUND_CALL_USEC
+        assert self.bus is not None  # start() runs once the bus is open
+        self.bus.method_call_timeout_usec = OUTBOUND_CALL_USEC
         self.store = Store(self.paths.daemon_state("schedd") / "state.db")
         self.scheduler = Scheduler(self.store, self.bus, self._emit)
         self._loop_task = asyncio.create_task(self.scheduler.run(), name="reconcile")
@@ -99,10 +98,10 @@ class SchedulerDaemon(Daemon):
     async def _watch_replicas(self) -> None:
         """Reconcile at once when a replica changes, so traffic follows health closely."""
         assert self.bus is not None  # start() runs once the bus is open
-        agent = proxy(DAEMONS_BY_NAME["agentd"], self.bus)
+        agent = AgentClient(self.bus)
         while True:
             try:
-                async for _ in agent.replica_changed.catch():
+                async for _ in agent.replica_changes():
                     self.scheduler.wake()
             except asyncio.CancelledError:
                 raise
@@ -111,7 +110,7 @@ class SchedulerDaemon(Daemon):
                 await asyncio.sleep(1.0)
 
     def _emit(self, event: Event) -> None:
-        self.service.event_emitted.emit(event.model_dump_json())
+        self.service.event_emitted.emit(encode(event))
 
     async def stop(self) -> None:
         for task in (self._watch_task, self._loop_task):

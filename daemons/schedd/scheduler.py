@@ -12,33 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TypeVar
 
 from croniter import croniter
 from prometheus_client import Counter, Gauge, Histogram
+from sdbus import SdBus
 
 from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
 from daemons.schedd.store import ServiceState, Store, StoredDeployment
 from shared.bus import (
-    DAEMONS_BY_NAME,
     ConflictError,
     InvalidArgumentError,
     InvalidSpecError,
     NotFoundError,
     UnavailableError,
     ZLayerError,
-    proxy,
 )
+from shared.clients import AgentClient, OverlayClient, ProxyClient
 from shared.spec import DeploymentSpec, ServiceSpec, SpecError, parse_spec
 from shared.spec.models import AdaptiveScale, FixedScale
 from shared.spec.refs import resolve_env
 from shared.spec.support import node_support
+from shared.wire import WireError, encode
 from shared.wire.agent import (
     JobRun,
     NodeAssignments,
@@ -48,14 +48,23 @@ from shared.wire.agent import (
     ServiceAssignment,
     SyncResult,
 )
-from shared.wire.scheduler import DeploymentStatus, DeployPlan, Event, ServiceStatus
+from shared.wire.scheduler import (
+    CronSchedule,
+    DeploymentState,
+    DeploymentStatus,
+    DeployPlan,
+    Event,
+    ServiceStatus,
+)
+from shared.wire.scheduler import ServiceState as ServiceCondition
 from shared.wire.traffic import (
     Backend,
     DeploymentTraffic,
-    ServiceStats,
     ServiceTraffic,
     TrafficViews,
 )
+
+T = TypeVar("T")
 
 log = logging.getLogger("zlayer.schedd")
 
@@ -225,9 +234,12 @@ class _Waiting:
 class Scheduler:
     """Desired state, decisions, and the loop that hands them to agentd."""
 
-    def __init__(self, store: Store, bus: Any, emit: Callable[[Event], None]) -> None:
+    def __init__(self, store: Store, bus: SdBus, emit: Callable[[Event], None]) -> None:
         self.store = store
         self.bus = bus
+        self.agent = AgentClient(bus)
+        self.overlay = OverlayClient(bus)
+        self.proxyd = ProxyClient(bus)
         self.emit_signal = emit
         self._wake = asyncio.Event()
         self._deploy_lock = asyncio.Lock()  # revision numbers are handed out one at a time
@@ -254,10 +266,6 @@ class Scheduler:
         self._draining: dict[tuple[str, str], tuple[set[str], float]] = {}
         self._sampler = Sampler()
         self._sampled_at: dict[str, float] = {}
-
-    @property
-    def agent(self) -> Any:
-        return proxy(DAEMONS_BY_NAME["agentd"], self.bus)
 
     # ------------------------------------------------------------ events
 
@@ -572,8 +580,7 @@ class Scheduler:
                 f"(jobs: {', '.join(jobs) or 'none'})"
             )
         await self._apply(name, stored.revision, service, svc, 0, force=True)
-        raw = await self._agent_call(self.agent.run_job(name, service, trigger))
-        run = JobRun.model_validate_json(raw)
+        run = await self._agent_call(self.agent.run_job(name, service, trigger))
         self.event(
             name, "job-started", f"{trigger} run {run.id} of {service} started", service=service
         )
@@ -586,7 +593,7 @@ class Scheduler:
             found += await asyncio.to_thread(self.store.events, dep, limit)
         return sorted(found, key=lambda e: e.time)[-limit:]
 
-    def cron_schedules(self, name: str) -> list[dict[str, Any]]:
+    def cron_schedules(self, name: str) -> list[CronSchedule]:
         names = [name] if name else self.store.names()
         rows = []
         for dep in names:
@@ -597,25 +604,23 @@ class Scheduler:
             for svc_name, svc in spec.services.items():
                 if svc.rtype == "cron" and svc.schedule:
                     rows.append(
-                        {
-                            "deployment": dep,
-                            "service": svc_name,
-                            "schedule": svc.schedule,
-                            "next_run": self._cron_next.get((dep, svc_name)),
-                            "last_run": self.store.last_cron_run(dep, svc_name),
-                        }
+                        CronSchedule(
+                            deployment=dep,
+                            service=svc_name,
+                            schedule=svc.schedule,
+                            next_run=self._cron_next.get((dep, svc_name)),
+                            last_run=self.store.last_cron_run(dep, svc_name),
+                        )
                     )
         return rows
 
     # ------------------------------------------------------------ status
 
     async def _replicas(self, name: str) -> list[ReplicaInfo]:
-        raw = await self._agent_call(self.agent.list_replicas(name, ""))
-        return [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+        return await self._agent_call(self.agent.list_replicas(name, ""))
 
     async def _job_runs(self, name: str, service: str) -> list[JobRun]:
-        raw = await self._agent_call(self.agent.list_job_runs(name, service))
-        return [JobRun.model_validate(r) for r in json.loads(raw)]
+        return await self._agent_call(self.agent.list_job_runs(name, service))
 
     async def status(self, name: str) -> DeploymentStatus:
         stored = self._require(name, removing_ok=True)
@@ -648,6 +653,7 @@ class Scheduler:
             )
             key = (name, stored.revision, svc_name)
             message = self._failed.get(key, "") or st.message
+            state: ServiceCondition
             if svc.rtype != "service":
                 state = "running" if running else "pending"
             elif key in self._failed:
@@ -702,7 +708,7 @@ class Scheduler:
             )
         message = ""
         refusal = self._refusal(name)
-        overall: Literal["deploying", "running", "degraded", "failed", "stopped", "removing"]
+        overall: DeploymentState
         if stored.removing:
             overall = "removing"
             left = len({r.id for r in replicas})
@@ -1090,11 +1096,7 @@ class Scheduler:
                 )
             return
         assignments = sorted(self._desired.values(), key=lambda a: (a.deployment, a.service))
-        bodies = {
-            "overlayd": json.dumps([t.model_dump(mode="json") for t in traffic]),
-            "proxyd": "",
-            "agentd": json.dumps([a.model_dump(mode="json") for a in assignments]),
-        }
+        bodies = {"overlayd": encode(traffic), "proxyd": "", "agentd": encode(assignments)}
         bodies["proxyd"] = bodies["overlayd"]
         now = time.monotonic()
         due = [
@@ -1109,15 +1111,12 @@ class Scheduler:
         if self._generation == 0 or any(self._sent.get(d, ("", 0.0))[0] != bodies[d] for d in due):
             self._generation = await asyncio.to_thread(self.store.next_generation)
         for daemon in due:  # VIEW_HOLDERS order: traffic before assignments
+            view: NodeAssignments | TrafficViews
             if daemon == "agentd":
-                text = NodeAssignments(
-                    generation=self._generation, assignments=assignments
-                ).model_dump_json()
+                view = NodeAssignments(generation=self._generation, assignments=assignments)
             else:
-                text = TrafficViews(
-                    generation=self._generation, deployments=traffic
-                ).model_dump_json()
-            result = await self._send_view(daemon, text)
+                view = TrafficViews(generation=self._generation, deployments=traffic)
+            result = await self._send_view(daemon, view)
             if result is None:
                 continue
             if not result.accepted:
@@ -1140,13 +1139,15 @@ class Scheduler:
                 for view in traffic
             }
 
-    async def _send_view(self, daemon: str, text: str) -> SyncResult | None:
-        target = proxy(DAEMONS_BY_NAME[daemon], self.bus)
+    async def _send_view(
+        self, daemon: str, view: NodeAssignments | TrafficViews
+    ) -> SyncResult | None:
         try:
-            if daemon == "agentd":
-                raw = await asyncio.wait_for(target.sync_assignments(text), AGENT_TIMEOUT)
+            if isinstance(view, NodeAssignments):
+                result = await asyncio.wait_for(self.agent.sync_assignments(view), AGENT_TIMEOUT)
             else:
-                raw = await asyncio.wait_for(target.sync_traffic(text), TRAFFIC_TIMEOUT)
+                holder = self.overlay if daemon == "overlayd" else self.proxyd
+                result = await asyncio.wait_for(holder.sync_traffic(view), TRAFFIC_TIMEOUT)
         except Exception as exc:  # not running, or restarting: owed a full view when it is back
             VIEWS_SENT.labels(daemon, "failed").inc()
             self._resync.add(daemon)
@@ -1155,7 +1156,7 @@ class Scheduler:
                 self._unreachable.add(daemon)
             return None
         self._unreachable.discard(daemon)
-        return SyncResult.model_validate_json(raw)
+        return result
 
     def _take_result(self, daemon: str, result: SyncResult) -> None:
         """Events for what a holder refused or removed; refusals show in the status."""
@@ -1239,19 +1240,16 @@ class Scheduler:
         found = []
         for replica in replicas:
             try:
-                raw = await self._agent_call(self.agent.stats(replica.id))
+                stats = await self._agent_call(self.agent.stats(replica.id))
             except ZLayerError:
                 continue  # it ended between the listing and now
-            found.append(ReplicaStats.model_validate_json(raw))
+            found.append(stats)
         return found
 
     async def _request_rates(self, name: str) -> dict[str, float]:
         """Requests per second per service of ``name`` since the last sample, from proxyd."""
         try:
-            raw = await asyncio.wait_for(
-                proxy(DAEMONS_BY_NAME["proxyd"], self.bus).service_stats(), TRAFFIC_TIMEOUT
-            )
-            stats = [ServiceStats.model_validate(s) for s in json.loads(raw)]
+            stats = await asyncio.wait_for(self.proxyd.service_stats(), TRAFFIC_TIMEOUT)
         except Exception as exc:  # proxyd down: scale on cgroup figures alone
             log.debug("no request rates from proxyd: %s", exc)
             return {}
@@ -1328,7 +1326,7 @@ class Scheduler:
         before = self._desired.get((name, svc_name))
         self._desired[(name, svc_name)] = assignment
         if force:
-            await self._agent_call(self.agent.apply_service(assignment.model_dump_json()))
+            await self._agent_call(self.agent.apply_service(assignment))
         elif before is None or before.replicas != want or before.revision != revision:
             log.debug("%s: %s at revision %d: %d replicas", name, svc_name, revision, want)
 
@@ -1344,10 +1342,10 @@ class Scheduler:
             self._cron_next[key] = next_cron_time(schedule, max(fired, now))
             await self.trigger_job(name, svc_name, "schedule")
 
-    async def _agent_call(self, call: Any, timeout: float = AGENT_TIMEOUT) -> Any:
+    async def _agent_call(self, call: Awaitable[T], timeout: float = AGENT_TIMEOUT) -> T:
         try:
             return await asyncio.wait_for(call, timeout)
-        except ZLayerError:
+        except (ZLayerError, WireError):  # its own error, or a reply of another version
             raise
         except TimeoutError:
             raise UnavailableError(

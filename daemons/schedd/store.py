@@ -19,11 +19,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from shared.statefile import move_aside
 from shared.wire.scheduler import Event
 
 log = logging.getLogger("zlayer.schedd.store")
+
+# Where a service's last rollout stands: none (or finished), under way, stopped by a failure.
+Rollout = Literal["", "running", "failed"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -98,7 +102,7 @@ class ServiceState:
 
     serving: int
     target: int
-    rollout: str = ""  # "", "running", "failed"
+    rollout: Rollout = ""
     message: str = ""
     new_count: int = 0
     old_count: int = 0
@@ -411,8 +415,10 @@ class Store:
             "WHERE deployment = ? ORDER BY id DESC LIMIT ?",
             (name, limit),
         ).fetchall()
-        fields = ("time", "deployment", "service", "replica", "kind", "message")
-        return [Event.model_validate(dict(zip(fields, r, strict=True))) for r in reversed(rows)]
+        return [
+            Event(time=t, deployment=d, service=s, replica=r, kind=k, message=m)
+            for t, d, s, r, k, m in reversed(rows)
+        ]
 
 
 def _open(path: Path) -> sqlite3.Connection:
