@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 import click
 
@@ -33,7 +32,9 @@ from shared.buildfile.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from shared.bus import NotFoundError
 from shared.credentials import user_credential
 from shared.reference import InvalidReferenceError, parse_reference
+from shared.wire import decode, to_builtins
 from shared.wire.jobs import JobInfo
+from shared.wire.registry import PushResult
 
 if TYPE_CHECKING:
     from shared.buildfile.pipeline import Pipeline, PlannedImage
@@ -104,10 +105,9 @@ async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -
                 if job.done:
                     continue
                 try:
-                    raw = await client.registryd.get_job(job.job_id)
+                    job.info = await client.registry.get_job(job.job_id)
                 except NotFoundError:
                     fail("zlayer-registryd restarted during the build; run the command again")
-                job.info = JobInfo.model_validate_json(raw)
                 job.log_path = job.info.log_path
                 finished = job.info.state != "running"
                 job.drain(out, final=finished)
@@ -119,7 +119,7 @@ async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -
                 for job in followed:
                     if not job.done:
                         with contextlib.suppress(Exception):
-                            await client.registryd.cancel_job(job.job_id)
+                            await client.registry.cancel_job(job.job_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(interrupted.wait(), POLL_SECONDS)
     finally:
@@ -138,7 +138,7 @@ def _outcome(info: JobInfo, what: str, sent: Sent | None) -> BuildResult | str:
 
 async def _start_build(client: Client, request: BuildRequest, prefix: str = "") -> _Followed:
     """Start the build, first sending registryd the paths it cannot see (ctl/transfer.py)."""
-    sent = Sent(client.registryd)
+    sent = Sent(client.registry)
     with sent.speaking_our_paths():
         request = request.model_copy(
             update={
@@ -147,24 +147,24 @@ async def _start_build(client: Client, request: BuildRequest, prefix: str = "") 
                 if (value := getattr(request, key))
             }
         )
-        job_id: int = await client.registryd.build(request.model_dump_json())
+        job_id = await client.registry.build(request.model_dump_json())
     return _Followed(job_id, prefix=prefix, sent=sent)
 
 
 # ---------------------------------------------------------------- pushing
 
 
-async def _push_all(client: Client, tags: list[str], out: IO[str]) -> list[dict[str, Any]]:
+async def _push_all(client: Client, tags: list[str], out: IO[str]) -> list[PushResult]:
     """Push each tag with registryd's registry client; stop at the first failure."""
-    pushed: list[dict[str, Any]] = []
+    pushed: list[PushResult] = []
     for tag in tags:
         out.write(f"pushing {tag}\n")
         auth = user_credential(parse_reference(tag).domain)
-        job_id: int = await client.registryd.push(tag, "", auth)
+        job_id = await client.registry.push(tag, "", auth)
         (info,) = await follow_jobs(client, [_Followed(job_id)], out)
         if info.state != "done":
             fail(info.error or f"the push of {tag} failed")
-        pushed.append(json.loads(info.result))
+        pushed.append(decode(info.result, PushResult))
     return pushed
 
 
@@ -241,7 +241,7 @@ def build(
     # The log is for people: on stderr when stdout carries JSON.
     out = sys.stderr if output_format == "json" else sys.stdout
 
-    async def run() -> tuple[BuildResult | str, list[dict[str, Any]]]:
+    async def run() -> tuple[BuildResult | str, list[PushResult]]:
         client = Client()
         try:
             followed = await _start_build(client, request)
@@ -260,7 +260,7 @@ def build(
     if isinstance(outcome, str):
         fail(outcome)
     if output_format == "json":
-        print_json({**outcome.model_dump(mode="json"), "pushed": pushed})
+        print_json({**outcome.model_dump(mode="json"), "pushed": to_builtins(pushed)})
         return
     names = ", ".join(outcome.names) or "no name (give one with -t)"
     click.echo(f"built {names}: {short_id(outcome.id)} in {outcome.seconds:.1f}s")
@@ -388,7 +388,7 @@ def pipeline(
     _check_tags(tags, False)
     out = sys.stderr if output_format == "json" else sys.stdout
 
-    async def run() -> tuple[dict[str, BuildResult], str, list[dict[str, Any]]]:
+    async def run() -> tuple[dict[str, BuildResult], str, list[PushResult]]:
         client = Client()
         try:
             results, failure = await _build_waves(client, loaded, waves, out)
@@ -405,7 +405,7 @@ def pipeline(
                     {"name": name, **result.model_dump(mode="json")}
                     for name, result in results.items()
                 ],
-                "pushed": pushed,
+                "pushed": to_builtins(pushed),
                 "error": failure,
             }
         )

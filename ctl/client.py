@@ -1,27 +1,38 @@
 """zlayerctl's connection to the daemons, and finding what a command is about.
 
-Commands run one ``asyncio.run(...)`` each; inside it they ``connect()`` and
-call ``schedd()``/``agentd()``/... proxies. Failures surface as exceptions
-that ``ctl.main`` turns into one sentence.
+Commands run one ``asyncio.run(...)`` each; inside it they make a
+``Client()`` and call the typed clients of the daemons on its bus
+(``client.scheduler``, ``client.agent``, ... from ``shared.clients``).
+Failures surface as exceptions that ``ctl.main`` turns into one sentence.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+
+from sdbus import DbusInterfaceCommonAsync
 
 from ctl.errors import NOT_RUNNING
 from ctl.output import fail
-from shared.bus import DAEMONS_BY_NAME, open_bus, proxy, resolve_bus_address
+from shared.bus import open_bus, resolve_bus_address
+from shared.clients import (
+    AgentClient,
+    DaemonClient,
+    OverlayClient,
+    ProxyClient,
+    RegistryClient,
+    SchedulerClient,
+    daemon_client,
+)
 from shared.paths import Paths
 
 LONG_CALL_USEC = 10 * 60 * 1_000_000  # imports and teardowns may take minutes
 
 
 class Client:
-    """One bus connection and proxies of the daemons on it."""
+    """One bus connection and typed clients of the daemons on it, each made once."""
 
     def __init__(self, paths: Paths | None = None) -> None:
         self.paths = paths or Paths.from_env()
@@ -31,29 +42,41 @@ class Client:
         except Exception:  # no system bus and no private bus
             fail(NOT_RUNNING, 1)
         self.bus.method_call_timeout_usec = LONG_CALL_USEC
+        self._daemons: dict[str, DaemonClient[DbusInterfaceCommonAsync]] = {}
 
-    def daemon(self, name: str) -> Any:
-        return proxy(DAEMONS_BY_NAME[name], self.bus)
+    def daemon(self, name: str) -> DaemonClient[DbusInterfaceCommonAsync]:
+        """Any daemon by short name, for what every daemon answers (status, ping)."""
+        found = self._daemons.get(name)
+        if found is None:
+            found = self._daemons[name] = daemon_client(name, self.bus)
+        return found
 
-    @property
-    def schedd(self) -> Any:
-        return self.daemon("schedd")
+    @cached_property
+    def scheduler(self) -> SchedulerClient:
+        return SchedulerClient(self.bus)
 
-    @property
-    def agentd(self) -> Any:
-        return self.daemon("agentd")
+    @cached_property
+    def agent(self) -> AgentClient:
+        return AgentClient(self.bus)
 
-    @property
-    def registryd(self) -> Any:
-        return self.daemon("registryd")
+    @cached_property
+    def registry(self) -> RegistryClient:
+        return RegistryClient(self.bus)
+
+    @cached_property
+    def overlay(self) -> OverlayClient:
+        return OverlayClient(self.bus)
+
+    @cached_property
+    def proxy(self) -> ProxyClient:
+        return ProxyClient(self.bus)
 
     def close(self) -> None:
         self.bus.close()
 
 
 async def deployment_names(client: Client) -> list[str]:
-    raw = await client.schedd.list_deployments()
-    return [d["name"] for d in json.loads(raw)]
+    return [d.name for d in await client.scheduler.list_deployments()]
 
 
 async def resolve_deployment(client: Client, name: str | None) -> str:

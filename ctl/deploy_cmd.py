@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import click
 
 from ctl.client import Client, resolve_deployment
 from ctl.output import console, err_console, fail, format_option, print_json, print_table
-from shared.wire.agent import JobRun, ReplicaInfo
-from shared.wire.scheduler import DeploymentStatus, DeployPlan, Event
+from shared.wire import encode, to_builtins
+from shared.wire.scheduler import DeploymentStatus, Event
 
 DEFAULT_WAIT = 600.0
 
@@ -92,7 +90,7 @@ async def _wait_healthy(client: Client, name: str, timeout: float) -> Deployment
     """Until every service runs healthy; fail with the reason when one fails or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
-        status = DeploymentStatus.model_validate_json(await client.schedd.get_deployment(name))
+        status = await client.scheduler.get_deployment(name)
         failed = [s for s in status.services if s.state == "failed"]
         if failed:
             _status_lines(status)
@@ -115,7 +113,7 @@ async def _status_or_none(client: Client, name: str) -> DeploymentStatus | None:
     from shared.bus import NotFoundError
 
     try:
-        return DeploymentStatus.model_validate_json(await client.schedd.get_deployment(name))
+        return await client.scheduler.get_deployment(name)
     except NotFoundError:
         return None
 
@@ -162,11 +160,10 @@ def _stopping_line(status: DeploymentStatus, services: set[str], target: int) ->
 
 async def _follow_events(client: Client, name: str, stop: asyncio.Event) -> None:
     """Print the deployment's events until ``stop`` is set."""
-    schedd = client.schedd
+    scheduler = client.scheduler
 
     async def printer() -> None:
-        async for raw in schedd.event_emitted:
-            event = Event.model_validate_json(raw)
+        async for event in scheduler.events():
             if event.deployment == name:
                 _print_event(event)
 
@@ -174,7 +171,7 @@ async def _follow_events(client: Client, name: str, stop: asyncio.Event) -> None
     last_line = ""
     try:
         while not stop.is_set():
-            status = DeploymentStatus.model_validate_json(await schedd.get_deployment(name))
+            status = await scheduler.get_deployment(name)
             line = ", ".join(
                 f"{s.name} {s.state} {s.healthy}/{s.desired}"
                 for s in status.services
@@ -212,9 +209,7 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
 
     async def run() -> None:
         client = Client()
-        status = DeploymentStatus.model_validate_json(
-            await client.schedd.deploy(text, filename, host_env)
-        )
+        status = await client.scheduler.deploy(text, filename, host_env)
         err_console.print(
             f"deployed revision {status.revision} of [bold]{name}[/]", highlight=False
         )
@@ -234,7 +229,7 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
         )
         await _follow_events(client, name, stop)
         err_console.print(f"removing {name} ...", highlight=False)
-        await client.schedd.down(name)
+        await client.scheduler.down(name)
         await _wait_until(client, name, _removal_line, DEFAULT_WAIT)
         err_console.print(f"{name} removed", highlight=False)
 
@@ -262,7 +257,7 @@ def down(name: str | None, no_wait: bool, timeout: float) -> None:
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, name)
-        await client.schedd.down(target)
+        await client.scheduler.down(target)
         if no_wait:
             err_console.print(f"removing {target}", highlight=False)
             return
@@ -283,21 +278,17 @@ def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
     async def run() -> None:
         client = Client()
         if dry_run:
-            plan = DeployPlan.model_validate_json(
-                await client.schedd.plan(text, filename, host_env)
-            )
+            plan = await client.scheduler.plan(text, filename, host_env)
             if output_format == "json":
-                print_json(plan.model_dump(mode="json"))
+                print_json(to_builtins(plan))
                 return
             click.echo(f"revision {plan.revision} of {plan.deployment} would:")
             for action in plan.actions:
                 click.echo(f"  {action}")
             return
-        status = DeploymentStatus.model_validate_json(
-            await client.schedd.deploy(text, filename, host_env)
-        )
+        status = await client.scheduler.deploy(text, filename, host_env)
         if output_format == "json":
-            print_json(status.model_dump(mode="json"))
+            print_json(to_builtins(status))
         else:
             err_console.print(
                 f"deployed revision {status.revision} of [bold]{name}[/]", highlight=False
@@ -316,10 +307,9 @@ def events(deployment: str | None, limit: int, follow: bool, output_format: str)
 
     async def run() -> None:
         client = Client()
-        raw = await client.schedd.list_events(deployment or "", limit)
-        found = [Event.model_validate(e) for e in json.loads(raw)]
+        found = await client.scheduler.list_events(deployment or "", limit)
         if output_format == "json":
-            print_json([e.model_dump(mode="json") for e in found])
+            print_json(to_builtins(found))
             if not follow:
                 return
         else:
@@ -332,12 +322,11 @@ def events(deployment: str | None, limit: int, follow: bool, output_format: str)
                 )
         if not follow:
             return
-        async for text in client.schedd.event_emitted:
-            event = Event.model_validate_json(text)
+        async for event in client.scheduler.events():
             if deployment and event.deployment != deployment:
                 continue
             if output_format == "json":
-                click.echo(event.model_dump_json())
+                click.echo(encode(event))
             else:
                 service = f"{event.service}: " if event.service else ""
                 console.print(
@@ -359,7 +348,7 @@ def rollback(name: str | None, output_format: str) -> None:
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, name)
-        revision = await client.schedd.rollback(target)
+        revision = await client.scheduler.rollback(target)
         if output_format == "json":
             print_json({"deployment": target, "revision": revision})
         else:
@@ -393,10 +382,9 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
     async def run() -> None:
         client = Client()
         if containers:
-            raw = await client.agentd.list_replicas(deployment or "", "")
-            replicas = [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+            replicas = await client.agent.list_replicas(deployment or "", "")
             if output_format == "json":
-                print_json([r.model_dump(mode="json") for r in replicas])
+                print_json(to_builtins(replicas))
                 return
             print_table(
                 [
@@ -432,14 +420,11 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
                 ],
             )
             return
-        statuses = [
-            DeploymentStatus.model_validate(d)
-            for d in json.loads(await client.schedd.list_deployments())
-        ]
+        statuses = await client.scheduler.list_deployments()
         if deployment:
             statuses = [s for s in statuses if s.name == deployment]
         if output_format == "json":
-            print_json([s.model_dump(mode="json") for s in statuses])
+            print_json(to_builtins(statuses))
             return
         if not statuses:
             err_console.print("no deployments; start one with `zlayerctl up FILE`", highlight=False)
@@ -499,7 +484,7 @@ def stop(name: str | None, service: str, timeout: float, force: bool, no_wait: b
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, name)
-        await client.schedd.stop(target, service, timeout, force)
+        await client.scheduler.stop(target, service, timeout, force)
         what = f"{service + ' of ' if service else ''}{target}"
         if no_wait:
             err_console.print(f"stopping {what}", highlight=False)
@@ -533,7 +518,7 @@ def scale(service: str, replicas: int, deployment: str | None, no_wait: bool) ->
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, deployment)
-        await client.schedd.scale(target, service, replicas)
+        await client.scheduler.scale(target, service, replicas)
         if not no_wait:
             await _wait_until(
                 client,
@@ -562,17 +547,14 @@ def job_trigger(service: str, deployment: str | None, wait: bool, output_format:
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, deployment)
-        started = JobRun.model_validate_json(await client.schedd.trigger_job(target, service))
+        started = await client.scheduler.trigger_job(target, service)
         result = started
         while wait and result.state == "running":
             await asyncio.sleep(0.3)
-            runs = [
-                JobRun.model_validate(r)
-                for r in json.loads(await client.agentd.list_job_runs(target, service))
-            ]
+            runs = await client.agent.list_job_runs(target, service)
             result = next((r for r in runs if r.id == started.id), result)
         if output_format == "json":
-            print_json(result.model_dump(mode="json"))
+            print_json(to_builtins(result))
         else:
             exit_note = f", exit code {result.exit_code}" if result.exit_code is not None else ""
             err_console.print(
@@ -598,12 +580,9 @@ def job_status(service: str, deployment: str | None, output_format: str) -> None
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, deployment)
-        runs = [
-            JobRun.model_validate(r)
-            for r in json.loads(await client.agentd.list_job_runs(target, service))
-        ]
+        runs = await client.agent.list_job_runs(target, service)
         if output_format == "json":
-            print_json([r.model_dump(mode="json") for r in runs])
+            print_json(to_builtins(runs))
             return
         print_table(
             ["RUN", "SERVICE", "TRIGGER", "STATE", "EXIT", "STARTED", "DURATION", "MESSAGE"],
@@ -638,19 +617,19 @@ def cron_ls(deployment: str, output_format: str) -> None:
 
     async def run() -> None:
         client = Client()
-        rows: list[dict[str, Any]] = json.loads(await client.schedd.list_cron(deployment))
+        rows = await client.scheduler.list_cron(deployment)
         if output_format == "json":
-            print_json(rows)
+            print_json(to_builtins(rows))
             return
         print_table(
             ["DEPLOYMENT", "SERVICE", "SCHEDULE", "NEXT RUN", "LAST RUN"],
             [
                 [
-                    r["deployment"],
-                    r["service"],
-                    r["schedule"],
-                    _stamp(r["next_run"]) if r["next_run"] else "",
-                    _stamp(r["last_run"]) if r["last_run"] else "",
+                    r.deployment,
+                    r.service,
+                    r.schedule,
+                    _stamp(r.next_run) if r.next_run else "",
+                    _stamp(r.last_run) if r.last_run else "",
                 ]
                 for r in rows
             ],

@@ -14,6 +14,7 @@ from ctl.client import Client
 from ctl.output import fail, format_option, human_size, print_json, print_table, short_id
 from ctl.registry_cmd import push
 from ctl.transfer import Sent
+from shared.wire import to_builtins
 from shared.wire.registry import ImageDetail, ImageInfo
 
 IMPORT_CALL_USEC = 60 * 60 * 1_000_000  # a multi-gigabyte archive is hashed and unpacked
@@ -44,17 +45,16 @@ def import_(path: str, name: str, output_format: str) -> None:
         client = Client()
         client.bus.method_call_timeout_usec = IMPORT_CALL_USEC
         # Under systemd registryd has its own /tmp and no /home: it may need a copy.
-        sent = Sent(client.registryd)
+        sent = Sent(client.registry)
         try:
             with sent.speaking_our_paths():
-                raw = await client.registryd.import_image(await sent.path(absolute), name)
+                return await client.registry.import_image(await sent.path(absolute), name)
         finally:
             client.close()
-        return ImageInfo.model_validate_json(raw)
 
     info = asyncio.run(run())
     if output_format == "json":
-        print_json(info.model_dump(mode="json"))
+        print_json(to_builtins(info))
         return
     names = ", ".join(info.names) if info.names else "no name (give one with --name)"
     click.echo(f"imported {names}: {short_id(info.id)}, {human_size(info.size)}")
@@ -69,14 +69,13 @@ def ls(output_format: str, quiet: bool) -> None:
     async def run() -> list[ImageInfo]:
         client = Client()
         try:
-            raw = await client.registryd.list_images()
+            return await client.registry.list_images()
         finally:
             client.close()
-        return [ImageInfo.model_validate(item) for item in json.loads(raw)]
 
     images = asyncio.run(run())
     if output_format == "json":
-        print_json([i.model_dump(mode="json") for i in images])
+        print_json(to_builtins(images))
         return
     if quiet:
         for info in images:
@@ -107,14 +106,13 @@ def inspect(reference: str, output_format: str) -> None:
     async def run() -> ImageDetail:
         client = Client()
         try:
-            raw = await client.registryd.inspect_image(reference)
+            return await client.registry.inspect_image(reference)
         finally:
             client.close()
-        return ImageDetail.model_validate_json(raw)
 
     detail = asyncio.run(run())
     if output_format == "json":
-        print_json(detail.model_dump(mode="json"))
+        print_json(to_builtins(detail))
         return
     info, config = detail.image, detail.config
     fields: list[tuple[str, str]] = [
@@ -160,7 +158,7 @@ def rm(references: tuple[str, ...], force: bool, output_format: str) -> None:
         try:
             for reference in references:
                 try:
-                    removed = await client.registryd.remove_image(reference, force)
+                    removed = await client.registry.remove_image(reference, force)
                 except Exception as exc:  # each reference is reported, then the exit code
                     from ctl.errors import explain
 

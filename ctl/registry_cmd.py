@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -25,8 +24,9 @@ from ctl.output import err_console, fail, format_option, human_size, print_json
 from shared.bus import NotFoundError
 from shared.credentials import user_credential
 from shared.reference import InvalidReferenceError, parse_reference
+from shared.wire import decode, to_builtins
 from shared.wire.jobs import JobInfo
-from shared.wire.registry import ImageInfo
+from shared.wire.registry import ImageInfo, PruneResult, PushResult
 
 POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.2)  # quick first looks: a warm pull ends in ms
 POLICIES = ("always", "newer", "if_not_present", "never")
@@ -66,13 +66,12 @@ async def wait_job(client: Client, job_id: int, what: str, show: bool) -> JobInf
     with progress:
         while True:
             try:
-                raw = await client.registryd.get_job(job_id)
+                info = await client.registry.get_job(job_id)
             except NotFoundError:
                 fail(
                     f"zlayer-registryd restarted during the {what}; run the command again "
                     "(a pull resumes where it stopped)"
                 )
-            info = JobInfo.model_validate_json(raw)
             for item in info.items:
                 if item.name not in bars:
                     bars[item.name] = progress.add_task(
@@ -98,7 +97,7 @@ def _finish(info: JobInfo) -> str:
     fail(info.error or f"the {info.kind} of {info.target} failed")
 
 
-async def _run_job(start: Any, what: str, show: bool) -> str:
+async def _run_job(start: Callable[[Client], Awaitable[int]], what: str, show: bool) -> str:
     client = Client()
     try:
         job_id = await start(client)
@@ -106,7 +105,7 @@ async def _run_job(start: Any, what: str, show: bool) -> str:
             info = await wait_job(client, job_id, what, show)
         except (KeyboardInterrupt, asyncio.CancelledError):
             with contextlib.suppress(Exception):
-                await client.registryd.cancel_job(job_id)
+                await client.registry.cancel_job(job_id)
             raise
     finally:
         client.close()
@@ -132,13 +131,12 @@ def pull(image_name: str, policy: str, output_format: str) -> None:
     auth = _auth_for(image_name)
 
     async def start(client: Client) -> int:
-        job_id: int = await client.registryd.pull(image_name, policy, auth)
-        return job_id
+        return await client.registry.pull(image_name, policy, auth)
 
     result = asyncio.run(_run_job(start, "pull", output_format != "json"))
-    info = ImageInfo.model_validate_json(result)
+    info = decode(result, ImageInfo)
     if output_format == "json":
-        print_json(info.model_dump(mode="json"))
+        print_json(to_builtins(info))
         return
     name = info.names[0] if info.names else image_name
     click.echo(f"pulled {name}: {info.id}")
@@ -153,14 +151,13 @@ def push(image_name: str, destination: str, output_format: str) -> None:
     auth = _auth_for(destination or image_name) if (destination or "/" in image_name) else ""
 
     async def start(client: Client) -> int:
-        job_id: int = await client.registryd.push(image_name, destination, auth)
-        return job_id
+        return await client.registry.push(image_name, destination, auth)
 
-    result = json.loads(asyncio.run(_run_job(start, "push", output_format != "json")))
+    result = decode(asyncio.run(_run_job(start, "push", output_format != "json")), PushResult)
     if output_format == "json":
-        print_json(result)
+        print_json(to_builtins(result))
         return
-    click.echo(f"pushed {result['reference']}: {result['digest']}")
+    click.echo(f"pushed {result.reference}: {result.digest}")
 
 
 # ---------------------------------------------------------------- login and logout
@@ -187,8 +184,7 @@ def login(registry: str, username: str, password: str, password_stdin: bool) -> 
     async def run() -> str:
         client = Client()
         try:
-            host: str = await client.registryd.login(registry, username, password)
-            return host
+            return await client.registry.login(registry, username, password)
         finally:
             client.close()
 
@@ -204,8 +200,7 @@ def logout(registry: str) -> None:
     async def run() -> bool:
         client = Client()
         try:
-            removed: bool = await client.registryd.logout(registry)
-            return removed
+            return await client.registry.logout(registry)
         finally:
             client.close()
 
@@ -237,7 +232,7 @@ def export(image_name: str, output: str, compress: bool) -> None:
 
         async def start(client: Client) -> int:
             try:
-                job_id: int = await client.registryd.export_image(image_name, fd, compress)
+                job_id = await client.registry.export_image(image_name, fd, compress)
             finally:
                 os.close(fd)  # the daemon holds its own copy
             return job_id
@@ -246,7 +241,7 @@ def export(image_name: str, output: str, compress: bool) -> None:
         os.rename(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    info = ImageInfo.model_validate_json(result)
+    info = decode(result, ImageInfo)
     click.echo(f"exported {', '.join(info.names) or info.id} to {target}")
 
 
@@ -270,22 +265,20 @@ def prune(force: bool, output_format: str) -> None:
             err=True,
         )
 
-    async def run() -> dict[str, Any]:
+    async def run() -> PruneResult:
         client = Client()
         try:
-            raw: str = await client.registryd.prune()
+            return await client.registry.prune()
         finally:
             client.close()
-        result: dict[str, Any] = json.loads(raw)
-        return result
 
     result = asyncio.run(run())
     if output_format == "json":
-        print_json(result)
+        print_json(to_builtins(result))
         return
-    for name in result["images"]:
+    for name in result.images:
         click.echo(f"removed {name}")
     click.echo(
-        f"pruned {len(result['images'])} images and {len(result['blobs'])} blobs, "
-        f"{human_size(int(result['bytes']))} freed"
+        f"pruned {len(result.images)} images and {len(result.blobs)} blobs, "
+        f"{human_size(result.bytes)} freed"
     )

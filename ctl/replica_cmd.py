@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -20,14 +19,13 @@ import click
 from ctl.client import Client, resolve_deployment
 from ctl.output import err_console, fail
 from shared.k8slog import LogLine, parse_lines
-from shared.wire.agent import JobRun, ReplicaInfo
+from shared.wire.agent import ReplicaInfo
 
 FOLLOW_POLL = 0.2
 
 
 async def _replicas(client: Client, deployment: str, service: str) -> list[ReplicaInfo]:
-    raw = await client.agentd.list_replicas(deployment, service)
-    replicas = [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+    replicas = await client.agent.list_replicas(deployment, service)
     if not replicas:
         fail(f"service {service} of {deployment} has no replicas on this node")
     newest = max(r.revision for r in replicas)
@@ -38,17 +36,13 @@ async def _print_last_run(
     client: Client, deployment: str, service: str, tail: int | None, timestamps: bool
 ) -> bool:
     """A job with no run going: print its last run's kept output; False otherwise."""
-    raw = await client.agentd.list_replicas(deployment, service)
-    if json.loads(raw):
+    if await client.agent.list_replicas(deployment, service):
         return False
-    runs = [
-        JobRun.model_validate(r)
-        for r in json.loads(await client.agentd.list_job_runs(deployment, service))
-    ]
+    runs = await client.agent.list_job_runs(deployment, service)
     if not runs:
         return False
     last = runs[0]  # newest first
-    paths = list(await client.agentd.log_paths(f"{deployment}-{service}-{last.id}"))
+    paths = list(await client.agent.log_paths(f"{deployment}-{service}-{last.id}"))
     err_console.print(
         f"[dim]run {last.id} ({last.trigger}, {last.state}"
         f"{'' if last.exit_code is None else f', exit code {last.exit_code}'})[/]",
@@ -136,7 +130,7 @@ def logs(
         chosen = _pick(await _replicas(client, target, service), instance, service)
         followers = []
         for replica in chosen:
-            paths = list(await client.agentd.log_paths(replica.id))
+            paths = list(await client.agent.log_paths(replica.id))
             prefix = f"{service}-{replica.instance} | " if len(chosen) > 1 else ""
             lines = list(parse_lines(_read_all(paths)))
             for line in lines[-tail:] if tail is not None else lines:
@@ -172,8 +166,7 @@ def exec_(
         running = [r for r in replicas if r.state == "running"]
         if not running:
             fail(f"no replica of {service} is running; see `zlayerctl ps --containers`")
-        code: int = await client.agentd.exec(running[0].id, list(command), tty, 0, 1, 2)
-        return code
+        return await client.agent.exec(running[0].id, list(command), tty, 0, 1, 2)
 
     sys.stdout.flush()
     raise SystemExit(asyncio.run(run()))

@@ -7,11 +7,14 @@ import time
 from typing import Any
 
 import click
+from sdbus import SdBus
 
 from ctl.errors import NOT_RUNNING
 from ctl.output import fail, format_option, print_json, print_table
-from shared.bus import DAEMONS, DaemonInfo, open_bus, proxy, resolve_bus_address
+from shared.bus import DAEMONS, DaemonInfo, open_bus, resolve_bus_address
+from shared.clients import daemon_client
 from shared.paths import Paths
+from shared.wire import to_builtins
 from shared.wire.daemon import DaemonStatus
 
 CALL_TIMEOUT = 3.0
@@ -29,14 +32,13 @@ def _uptime(started_at_usec: int) -> str:
     return f"{secs}s"
 
 
-async def _query(info: DaemonInfo, bus: Any) -> DaemonStatus | str:
+async def _query(info: DaemonInfo, bus: SdBus) -> DaemonStatus | str:
     try:
-        raw = await asyncio.wait_for(proxy(info, bus).status(), CALL_TIMEOUT)
+        return await asyncio.wait_for(daemon_client(info.name, bus).status(), CALL_TIMEOUT)
     except TimeoutError:
         return "not answering"
     except Exception:  # the name has no owner: not running
         return "not running"
-    return DaemonStatus.from_dbus(raw)
 
 
 async def collect(paths: Paths) -> list[dict[str, Any]]:
@@ -53,7 +55,7 @@ async def collect(paths: Paths) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for info, answer in zip(DAEMONS, answers, strict=True):
         if isinstance(answer, DaemonStatus):
-            row = answer.model_dump()
+            row = to_builtins(answer)
             row["uptime"] = _uptime(answer.started_at_usec)
         else:
             row = {

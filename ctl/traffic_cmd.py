@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import click
 
 from ctl.client import Client
 from ctl.output import format_option, print_json, print_table
+from shared.wire import to_builtins
 from shared.wire.traffic import DnsRecord, RouteInfo
 
 
@@ -19,12 +19,11 @@ def routes(deployment: str | None, output_format: str) -> None:
     """The routes zlayer-proxyd serves: listener, host, path and the backends in rotation."""
 
     async def run() -> list[RouteInfo]:
-        raw = await Client().daemon("proxyd").list_routes()
-        return [RouteInfo.model_validate(r) for r in json.loads(raw)]
+        return await Client().proxy.list_routes()
 
     found = [r for r in asyncio.run(run()) if not deployment or r.deployment == deployment]
     if output_format == "json":
-        print_json([r.model_dump(mode="json") for r in found])
+        print_json(to_builtins(found))
         return
     print_table(
         ["DEPLOYMENT", "SERVICE", "ENDPOINT", "PROTOCOL", "LISTEN", "HOST", "PATH", "BACKENDS"],
@@ -51,12 +50,11 @@ def dns(deployment: str | None, output_format: str) -> None:
     """The names the service DNS answers (web.service.local, web-2.web.service.local, ...)."""
 
     async def run() -> list[DnsRecord]:
-        raw = await Client().daemon("overlayd").list_records()
-        return [DnsRecord.model_validate(r) for r in json.loads(raw)]
+        return await Client().overlay.list_records()
 
     found = [r for r in asyncio.run(run()) if not deployment or r.deployment == deployment]
     if output_format == "json":
-        print_json([r.model_dump(mode="json") for r in found])
+        print_json(to_builtins(found))
         return
     print_table(
         ["NAME", "ADDRESSES", "DEPLOYMENT", "SERVICE"],

@@ -18,9 +18,9 @@ import os
 import tarfile
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 from shared.bus import SEND_COMPLETE, ZLayerError
+from shared.clients import RegistryClient
 
 
 class Sent:
@@ -31,13 +31,13 @@ class Sent:
     not its copies.
     """
 
-    def __init__(self, registryd: Any) -> None:
-        self.registryd = registryd
+    def __init__(self, registry: RegistryClient) -> None:
+        self.registry = registry
         self._theirs: dict[str, str] = {}  # registryd's path -> ours
 
     async def path(self, path: str) -> str:
         """``path`` (absolute) if registryd sees it as we do, else a copy's path there."""
-        theirs = await _path_for_registryd(self.registryd, path)
+        theirs = await _path_for_registryd(self.registry, path)
         if theirs != path:
             self._theirs[theirs] = path
         return theirs
@@ -113,12 +113,12 @@ async def _drain_until_done(read_fd: int, writer: threading.Thread) -> None:
     await asyncio.to_thread(writer.join)
 
 
-async def _path_for_registryd(registryd: Any, path: str) -> str:
+async def _path_for_registryd(registry: RegistryClient, path: str) -> str:
     try:
         status = os.stat(path)
     except OSError:
         return path  # registryd's own check gives the sentence
-    if await registryd.path_visible(path, status.st_dev, status.st_ino):
+    if await registry.path_visible(path, status.st_dev, status.st_ino):
         return path
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
@@ -126,7 +126,7 @@ async def _path_for_registryd(registryd: Any, path: str) -> str:
     writer = threading.Thread(target=_write_tar, args=(path, write_fd, failure, stop), daemon=True)
     writer.start()
     try:
-        theirs: str = await registryd.receive(read_fd)
+        theirs = await registry.receive(read_fd)
     finally:
         stop.set()  # registryd has answered: whatever is still unwritten is not wanted
         try:

@@ -161,7 +161,7 @@ async def _wait_job(client: Client, job_id: int, timeout: float) -> JobInfo:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            info = JobInfo.model_validate_json(await client.registryd.get_job(job_id))
+            info = await client.registry.get_job(job_id)
         except NotFoundError:
             fail(f"zlayer-registryd restarted while job {job_id} ran; run the command again")
         if info.state != "running":
@@ -189,14 +189,14 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
         client = Client()
         try:
             # Under systemd registryd has its own /tmp and no /home: it may need a copy.
-            sent = Sent(client.registryd)
+            sent = Sent(client.registry)
             with sent.speaking_our_paths():
                 theirs = await sent.path(absolute)
-                job_id = await client.registryd.push_wasm(theirs, reference, "", tls_verify)
+                job_id = await client.registry.push_wasm(theirs, reference, "", tls_verify)
             try:
                 return await _wait_job(client, job_id, PUSH_WAIT_SEC)
             except (KeyboardInterrupt, asyncio.CancelledError):
-                await client.registryd.cancel_job(job_id)
+                await client.registry.cancel_job(job_id)
                 raise
         finally:
             client.close()
