@@ -25,6 +25,7 @@ from sdbus import (
     DbusFailedError,
     DbusInterfaceCommonAsync,
     DbusPropertyConstFlag,
+    DbusPropertyEmitsChangeFlag,
     DbusUnprivilegedFlag,
     dbus_method_async,
     dbus_property_async,
@@ -456,8 +457,8 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         """Make an image's layers available unpacked; ImageRootfs."""
         raise NotImplementedError
 
-    # --- jobs: long operations (pull, push, build) return a job id at once;
-    # see shared/jobs.py.
+    # --- jobs: long operations (pull, push, build, export) return a job id at
+    # once and run as Job1 objects under <this object>/job/<id>; see shared/jobs.py.
 
     @dbus_method_async(
         input_signature="t",
@@ -482,9 +483,14 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         """Cancel a running job; NotFound if it is not running."""
         raise NotImplementedError
 
-    @dbus_signal_async("ts", signal_args_names=("job_id", "job"))
-    def job_removed(self) -> tuple[int, str]:
-        """A job ended (done, failed or cancelled); its final JobInfo."""
+    @dbus_signal_async("tos", signal_args_names=("job_id", "job_path", "kind"))
+    def job_new(self) -> tuple[int, str, str]:
+        """A job started; its Job1 object is at ``job_path`` while it runs."""
+        raise NotImplementedError
+
+    @dbus_signal_async("tos", signal_args_names=("job_id", "job_path", "job"))
+    def job_removed(self) -> tuple[int, str, str]:
+        """A job ended (done, failed or cancelled) and its object is gone; its final JobInfo."""
         raise NotImplementedError
 
     # --- registry client (pull, push, login): below this line
@@ -663,6 +669,55 @@ class Proxy1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Proxy1"):
     )
     async def service_stats(self) -> str:
         """list[shared.traffic.ServiceStats]: request counters per service, for autoscaling."""
+        raise NotImplementedError
+
+
+class Job1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Job1"):
+    """One long operation of a daemon, as systemd's Job objects are.
+
+    Exported at ``<daemon object>/job/<id>`` from JobNew until JobRemoved;
+    State and Progress announce their changes (PropertiesChanged), so a
+    client follows a job by signals instead of asking again and again.
+    """
+
+    @dbus_property_async("t", flags=DbusPropertyConstFlag)
+    def id(self) -> int:
+        """The job's number, unique in its daemon until the daemon restarts."""
+        raise NotImplementedError
+
+    @dbus_property_async("s", flags=DbusPropertyConstFlag)
+    def kind(self) -> str:
+        """pull, push, build, export, push-wasm, ..."""
+        raise NotImplementedError
+
+    @dbus_property_async("s", flags=DbusPropertyConstFlag)
+    def target(self) -> str:
+        """What it works on: an image reference, a build tag."""
+        raise NotImplementedError
+
+    @dbus_property_async("s", flags=DbusPropertyConstFlag)
+    def log_path(self) -> str:
+        """A file the job appends its output to (a build's); "" if none."""
+        raise NotImplementedError
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag)
+    def state(self) -> str:
+        """running, then done, failed or cancelled."""
+        raise NotImplementedError
+
+    @dbus_property_async("s", flags=DbusPropertyEmitsChangeFlag)
+    def progress(self) -> str:
+        """list[shared.wire.jobs.ProgressItem]: one item per layer or stage."""
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", result_args_names=("job",), flags=DbusUnprivilegedFlag)
+    async def get_info(self) -> str:
+        """shared.wire.jobs.JobInfo: everything above in one reply."""
+        raise NotImplementedError
+
+    @dbus_method_async()
+    async def cancel(self) -> None:
+        """Stop the job; it ends as cancelled (JobRemoved says so)."""
         raise NotImplementedError
 
 

@@ -13,16 +13,19 @@ subclasses of ``shared.bus``; a reply that does not decode raises
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 from sdbus import DbusInterfaceCommonAsync, SdBus
+from sdbus.sd_bus_internals import SdBusMessage
 
 from shared.bus import (
     DAEMONS_BY_NAME,
     Agent1,
     Api1,
     DaemonInfo,
+    Job1,
     Overlay1,
     Proxy1,
     Registry1,
@@ -38,7 +41,7 @@ from shared.wire.agent import (
     SyncResult,
 )
 from shared.wire.daemon import DaemonStatus
-from shared.wire.jobs import JobInfo
+from shared.wire.jobs import JobInfo, ProgressItem
 from shared.wire.overlay import Attachment, NetworkInfo
 from shared.wire.registry import ImageDetail, ImageInfo, ImageRootfs, PruneResult
 from shared.wire.scheduler import CronSchedule, DeploymentStatus, DeployPlan, Event
@@ -46,12 +49,15 @@ from shared.wire.traffic import DeploymentTraffic, DnsRecord, RouteInfo, Service
 
 I = TypeVar("I", bound=DbusInterfaceCommonAsync)  # noqa: E741  # the interface
 
+FALLBACK_SECONDS = 2.0  # run_job asks GetJob after this long without a signal
+
 
 class DaemonClient(Generic[I]):
     """What every daemon answers; the base of each typed client."""
 
     def __init__(self, info: DaemonInfo, bus: SdBus) -> None:
         self.info = info
+        self._bus = bus
         self.proxy: I = info.interface.new_proxy(  # type: ignore[assignment]
             info.bus_name, info.object_path, bus
         )
@@ -62,6 +68,20 @@ class DaemonClient(Generic[I]):
     async def ping(self) -> None:
         """Return when the daemon's bus connection answers (org.freedesktop.DBus.Peer.Ping)."""
         await self.proxy.dbus_ping()
+
+
+class JobClient:
+    """One running job's Job1 object (shared/jobs.py): its info and Cancel."""
+
+    def __init__(self, bus_name: str, path: str, bus: SdBus) -> None:
+        self.path = path
+        self.proxy = Job1.new_proxy(bus_name, path, bus)
+
+    async def info(self) -> JobInfo:
+        return decode(await self.proxy.get_info(), JobInfo)
+
+    async def cancel(self) -> None:
+        await self.proxy.cancel()
 
 
 class SchedulerClient(DaemonClient[Scheduler1]):
@@ -196,8 +216,74 @@ class RegistryClient(DaemonClient[Registry1]):
 
     async def jobs_removed(self) -> AsyncIterator[JobInfo]:
         """The final JobInfo of every job that ends from now on."""
-        async for _job_id, text in self.proxy.job_removed:
+        async for _job_id, _path, text in self.proxy.job_removed:
             yield decode(text, JobInfo)
+
+    def job(self, job_id: int) -> JobClient:
+        """The Job1 object of a running job."""
+        return JobClient(self.info.bus_name, f"{self.info.object_path}/job/{job_id}", self._bus)
+
+    async def run_job(
+        self,
+        start: Callable[[], Awaitable[int]],
+        on_progress: Callable[[JobInfo], None] | None = None,
+    ) -> JobInfo:
+        """Start a job with ``start`` and wait for its end; its final JobInfo.
+
+        Subscribes to JobRemoved before the job starts, so an end that comes
+        at once is not missed, and follows the job's Progress property while
+        it runs (``on_progress`` gets the JobInfo each time it changes).
+        GetJob is asked only when no signal came for FALLBACK_SECONDS (a
+        bus that dropped a signal); a registryd restarted meanwhile makes it
+        raise NotFoundError. A failed job is returned, not raised: its
+        ``error`` and ``error_name`` say why.
+        """
+        ended: asyncio.Queue[tuple[int, str, str]] = asyncio.Queue()
+        removed_slot = await self._bus.match_signal_async(
+            self.info.bus_name,
+            self.info.object_path,
+            self.info.bus_name,
+            "JobRemoved",
+            lambda message: ended.put_nowait(message.get_contents()),  # type: ignore[arg-type]
+        )
+        progress_slot = None
+        try:
+            job_id = await start()
+            info = await self.get_job(job_id)
+            if on_progress is not None and info.state == "running":
+                job = self.job(job_id)
+
+                def changed(message: SdBusMessage) -> None:
+                    contents: tuple[str, dict[str, tuple[str, str]], list[str]]
+                    contents = message.get_contents()  # type: ignore[assignment]
+                    changed_values = contents[1]
+                    if "Progress" in changed_values:
+                        info.items = decode(changed_values["Progress"][1], list[ProgressItem])
+                        on_progress(info)
+
+                progress_slot = await self._bus.match_signal_async(
+                    self.info.bus_name,
+                    job.path,
+                    "org.freedesktop.DBus.Properties",
+                    "PropertiesChanged",
+                    changed,
+                )
+                on_progress(await self.get_job(job_id))  # what happened before the match
+            while info.state == "running":
+                try:
+                    ended_id, _path, text = await asyncio.wait_for(ended.get(), FALLBACK_SECONDS)
+                except TimeoutError:
+                    info = await self.get_job(job_id)
+                    continue
+                if ended_id == job_id:
+                    info = decode(text, JobInfo)
+            if on_progress is not None:
+                on_progress(info)
+            return info
+        finally:
+            removed_slot.close()
+            if progress_slot is not None:
+                progress_slot.close()
 
     async def pull(self, reference: str, pull_policy: str, auth: str) -> int:
         return await self.proxy.pull(reference, pull_policy, auth)

@@ -15,7 +15,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from shared.bus import DAEMONS, DaemonInfo, open_bus
+from shared.bus import DAEMONS, DaemonInfo, Job1, open_bus
 from shared.busdaemon import PrivateBus
 
 _HEADER = (
@@ -48,6 +48,12 @@ async def _introspect_all(address: str) -> dict[str, str]:
         remote = info.interface.new_proxy(info.bus_name, info.object_path, bus)
         xml = await remote.dbus_introspect()
         documents[f"{info.bus_name}.xml"] = _interface_only(xml, info.bus_name)
+    # Job objects are not a daemon's own: exported under a daemon's path per job.
+    job = Job1()
+    job.export_to_dbus("/org/zlayer/Job1", bus)
+    exported.append(job)
+    xml = await Job1.new_proxy(DAEMONS[0].bus_name, "/org/zlayer/Job1", bus).dbus_introspect()
+    documents["org.zlayer.Job1.xml"] = _interface_only(xml, "org.zlayer.Job1")
     bus.close()
     return documents
 

@@ -7,7 +7,6 @@ which does the work in a thread so that a long import never stalls the bus.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,16 +29,17 @@ from shared.bus import (
     Registry1,
     UnavailableError,
     ZLayerError,
-    proxy,
 )
+from shared.clients import AgentClient
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.jobs import Job, JobTable
 from shared.paths import Paths
 from shared.reference import InvalidReferenceError, normalize_reference
 from shared.wasm_artifact import build_artifact, read_binary
-from shared.wire.agent import ReplicaInfo
-from shared.wire.registry import ImageInfo, ImageRootfs
+from shared.wire import encode
+from shared.wire.jobs import JobInfo
+from shared.wire.registry import ImageInfo, ImageRootfs, PruneResult
 
 PULL_POLICIES = ("always", "newer", "if_not_present", "never")
 ACTIVE_REPLICA_STATES = ("creating", "initializing", "running", "restarting", "stopping")
@@ -74,7 +74,7 @@ class RegistryService(Registry1):
         await self.daemon.update_metrics()
         for image in images:
             self.daemon.log.info("imported %s as %s", image.id, ", ".join(image.names) or "-")
-        return images[0].model_dump_json()
+        return encode(images[0])
 
     @dbus_method_async_override()
     async def path_visible(self, path: str, device: int, inode: int) -> bool:
@@ -88,12 +88,12 @@ class RegistryService(Registry1):
     @dbus_method_async_override()
     async def list_images(self) -> str:
         images = await self.daemon.work(self.daemon.store.list_images)
-        return json.dumps([image.model_dump(mode="json") for image in images])
+        return encode(images)
 
     @dbus_method_async_override()
     async def inspect_image(self, reference: str) -> str:
         detail = await self.daemon.work(self.daemon.store.detail, reference)
-        return detail.model_dump_json()
+        return encode(detail)
 
     @dbus_method_async_override()
     async def remove_image(self, reference: str, force: bool) -> list[str]:
@@ -118,7 +118,7 @@ class RegistryService(Registry1):
             )
         rootfs = await self.daemon.ensure(reference, pull_policy or "if_not_present")
         await self.daemon.update_metrics()
-        return rootfs.model_dump_json()
+        return encode(rootfs)
 
     # --- jobs (shared/jobs.py)
 
@@ -130,11 +130,11 @@ class RegistryService(Registry1):
                 f"job {job_id} is not known to zlayer-registryd (it ended long ago, "
                 "or the daemon restarted since)"
             )
-        return info.model_dump_json()
+        return encode(info)
 
     @dbus_method_async_override()
     async def list_jobs(self) -> str:
-        return json.dumps([info.model_dump(mode="json") for info in self.daemon.jobs.list()])
+        return encode(self.daemon.jobs.list())
 
     @dbus_method_async_override()
     async def cancel_job(self, job_id: int) -> None:
@@ -158,7 +158,7 @@ class RegistryService(Registry1):
             if policy in ("never", "if_not_present"):
                 found = await self.daemon.work(self.daemon.store.find, str(ref))
                 if found is not None:
-                    return found[0].info().model_dump_json()
+                    return encode(found[0].info())
                 if policy == "never":
                     raise NotFoundError(
                         f"image {ref} is not on this node and the pull policy is never"
@@ -207,7 +207,7 @@ class RegistryService(Registry1):
         _, after, _ = await self.daemon.work(self.daemon.store.stats)
         await self.daemon.update_metrics()
         self.daemon.log.info("pruned %d images and %d blobs", len(images), len(blobs))
-        return json.dumps({"images": images, "blobs": blobs, "bytes": max(before - after, 0)})
+        return encode(PruneResult(images=images, blobs=blobs, bytes=max(before - after, 0)))
 
     @dbus_method_async_override()
     async def export_image(self, reference: str, fd: int, gzip: bool) -> int:
@@ -227,7 +227,7 @@ class RegistryService(Registry1):
                 # The descriptor is ours: the caller waits for EOF-free completion via the job.
                 await asyncio.to_thread(out.close)
             job.progress("archive", state="done")
-            return info.model_dump_json()
+            return encode(info)
 
         return self.daemon.jobs.start("export", reference, work)
 
@@ -279,7 +279,7 @@ class RegistryDaemon(Daemon):
         )
         self.store_problem = ""
         self.received = ReceivedFiles(paths.daemon_state(self.info.name) / "received")
-        self.jobs = JobTable(self._job_removed)
+        self.jobs = JobTable(self._job_removed, self._job_new)
         self.service: RegistryService | None = None
         # builds: buildah under the state dir, results imported into the store
         self.builder = Builder(
@@ -292,17 +292,24 @@ class RegistryDaemon(Daemon):
 
     def make_service(self) -> RegistryService:
         self.service = RegistryService(self)
+        if self.bus is not None:
+            self.jobs.attach(self.bus, self.info.object_path)
         return self.service
 
     async def stop(self) -> None:
         await self.jobs.close()
         await self.registry.close()
 
-    def _job_removed(self, job_id: int, info: str) -> None:
+    def _job_new(self, info: JobInfo, path: str) -> None:
+        if self.service is not None and path:
+            self.service.job_new.emit((info.id, path, info.kind))
+
+    def _job_removed(self, info: JobInfo, path: str) -> None:
         if self.service is not None:
-            self.service.job_removed.emit((job_id, info))
-        if '"kind":"build"' in info:
-            BUILDS.labels(result=json.loads(info)["state"]).inc()
+            # JobRemoved's path is an object path: "/" when the job was never exported.
+            self.service.job_removed.emit((info.id, path or "/", encode(info)))
+        if info.kind == "build":
+            BUILDS.labels(result=info.state).inc()
 
     async def _import_built(self, path: str, name: str) -> list[ImageInfo]:
         """builds: store a finished build's OCI layout under ``name``."""
@@ -382,9 +389,7 @@ class RegistryDaemon(Daemon):
         if self.bus is None:
             raise UnavailableError("zlayer-registryd is not on the bus")
         try:
-            agent = proxy(DAEMONS_BY_NAME["agentd"], self.bus)
-            raw = await asyncio.wait_for(agent.list_replicas("", ""), AGENT_TIMEOUT)
-            replicas = [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+            replicas = await asyncio.wait_for(AgentClient(self.bus).list_replicas(), AGENT_TIMEOUT)
         except Exception as exc:  # without agentd's answer, no image can be called unused
             self.log.debug("cannot ask agentd which replicas use images: %s", exc)
             raise UnavailableError(
@@ -429,9 +434,7 @@ class RegistryDaemon(Daemon):
         if not names or self.bus is None:
             return []
         try:
-            agent = proxy(DAEMONS_BY_NAME["agentd"], self.bus)
-            raw = await asyncio.wait_for(agent.list_replicas("", ""), AGENT_TIMEOUT)
-            replicas = [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+            replicas = await asyncio.wait_for(AgentClient(self.bus).list_replicas(), AGENT_TIMEOUT)
         except Exception as exc:  # agentd down or older: removal must still work
             self.log.debug("cannot ask agentd which replicas use an image: %s", exc)
             return []

@@ -7,6 +7,7 @@ import json
 
 from shared.bus import NotFoundError
 from shared.jobs import Job, JobTable
+from shared.wire import encode, to_builtins
 
 
 def test_job_reports_progress_and_its_result_once() -> None:
@@ -20,7 +21,7 @@ def test_job_reports_progress_and_its_result_once() -> None:
         return json.dumps({"digest": "sha256:aa"})
 
     async def run() -> None:
-        table = JobTable(lambda i, info: removed.append((i, json.loads(info))))
+        table = JobTable(lambda info, path: removed.append((info.id, to_builtins(info))))
         job_id = table.start("pull", "busybox:latest", work)
         await asyncio.sleep(0)
         running = table.get(job_id)
@@ -45,7 +46,7 @@ def test_a_failed_job_carries_the_sentence_and_error_name() -> None:
         raise NotFoundError("the image nope:1 does not exist in the registry")
 
     async def run() -> None:
-        table = JobTable(lambda i, info: removed.append(info))
+        table = JobTable(lambda info, path: removed.append(encode(info)))
         job_id = table.start("pull", "nope:1", work)
         for _ in range(5):
             await asyncio.sleep(0)
@@ -64,7 +65,7 @@ def test_cancel_ends_a_running_job() -> None:
         return ""
 
     async def run() -> None:
-        table = JobTable(lambda i, info: None)
+        table = JobTable(lambda info, path: None)
         job_id = table.start("build", "app:dev", work)
         await asyncio.sleep(0)
         assert table.cancel(job_id)

@@ -30,7 +30,7 @@ import pytest
 
 from ctl.fdstore import FD_STORE_MAX
 from ctl.supervisor import START_AFTER
-from shared.bus import DAEMONS, DAEMONS_BY_NAME, DaemonInfo
+from shared.bus import DAEMONS, DAEMONS_BY_NAME, DaemonInfo, Job1
 from shared.paths import Paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -410,6 +410,8 @@ def test_policy_is_well_formed() -> None:
             interface, member = rule.get("send_interface"), rule.get("send_member")
             if interface == name:
                 own_members.add(member)
+            elif interface == "org.zlayer.Job1":  # the job objects a daemon exports
+                assert member in _read_only_methods(Job1), ET.tostring(rule)
             else:
                 assert interface in READ_ONLY_INTERFACES, ET.tostring(rule)
                 members = READ_ONLY_INTERFACES[interface]
@@ -421,10 +423,14 @@ def test_policy_is_well_formed() -> None:
 
 def _unprivileged_members(bus_name: str) -> set[str]:
     """Read-only methods: those shared.bus flags with DbusUnprivilegedFlag."""
+
+    return _read_only_methods(next(d.interface for d in DAEMONS if d.bus_name == bus_name))
+
+
+def _read_only_methods(interface: type) -> set[str]:
     import sdbus
     from sdbus.dbus_proxy_async_method import DbusMethodAsync
 
-    interface = next(d.interface for d in DAEMONS if d.bus_name == bus_name)
     return {
         m.method_name
         for m in vars(interface).values()
