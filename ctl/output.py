@@ -1,16 +1,24 @@
-"""How zlayerctl prints: tables and colour for people, JSON for scripts."""
+"""How zlayerctl prints: tables and colour for people, JSON for scripts.
+
+rich is imported only when it is needed: for a terminal, for a table on a
+terminal, or for markup this module cannot render as plain text itself.
+Output to a pipe or a file (``--format json``, plain tables, one-line
+messages) never imports it, and reads exactly as rich would have written it.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 format_option = click.option(
     "--format",
@@ -21,8 +29,151 @@ format_option = click.option(
     help="table for people, json for scripts",
 )
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+# rich's console markup: a tag, with the backslashes that may escape it.
+_TAG = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")
+# rich's emoji codes (``:smile:``); text holding one goes through rich.
+_EMOJI = re.compile(r":(\S*?)(?:-(?:emoji|text))?:")
+# The codes in rich's table without a letter (the rest all have one).
+_EMOJI_WITHOUT_LETTER = frozenset({"100", "1234", "+1", "-1", "__1"})
+# rich's width for output that is not a terminal, unless COLUMNS says otherwise.
+_DEFAULT_WIDTH = 80
+
+
+def _may_be_emoji(text: str) -> bool:
+    for match in _EMOJI.finditer(text):
+        name = match.group(1)
+        if name in _EMOJI_WITHOUT_LETTER or any(c.isalpha() for c in name):
+            return True
+    return False
+
+
+def plain(markup: str) -> str | None:
+    """``markup`` without its tags, as ``rich.text.Text.from_markup(markup).plain``.
+
+    None when rich is needed to say: an emoji code, or a closing tag that
+    closes nothing (rich raises an error for that).
+    """
+    if _may_be_emoji(markup):
+        return None
+    if "[" not in markup:
+        return markup
+    parts: list[str] = []
+    opened: list[str] = []
+    position = 0
+    for match in _TAG.finditer(markup):
+        full, escapes, tag = match.groups()
+        start, end = match.span()
+        parts.append(markup[position:start])
+        position = end
+        if escapes:
+            backslashes, escaped = divmod(len(escapes), 2)
+            parts.append("\\" * backslashes)
+            if escaped:
+                parts.append(full[len(escapes) :])
+                continue
+        if tag.startswith("/"):
+            name = tag[1:].strip()
+            if name.startswith("@"):
+                return None
+            if name:
+                if name not in opened:
+                    return None
+                opened.reverse()
+                opened.remove(name)
+                opened.reverse()
+            elif opened:
+                opened.pop()
+            else:
+                return None
+        elif not tag.startswith("@"):
+            opened.append(tag.partition("=")[0])
+        else:
+            return None
+    parts.append(markup[position:])
+    return "".join(parts)
+
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use.
+
+    ``print`` of plain-renderable markup to a stream that is not a terminal
+    writes the text itself, without importing rich, when rich would not
+    wrap it either; everything else goes to the real console.
+    """
+
+    def __init__(self, *, stderr: bool = False, soft_wrap: bool = False) -> None:
+        self._stderr = stderr
+        self._soft_wrap = soft_wrap
+        self._console: Console | None = None
+
+    def _file(self) -> IO[str]:
+        return sys.stderr if self._stderr else sys.stdout
+
+    def _real(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, soft_wrap=self._soft_wrap)
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        """As rich's ``Console.is_terminal``, asking rich only when the environment forces it."""
+        if self._console is None and not _environment_decides():
+            try:
+                return self._file().isatty()
+            except ValueError:
+                return False
+        return self._real().is_terminal
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        text = self._plain_line(objects, options)
+        if text is None:
+            self._real().print(*objects, **options)
+            return
+        stream = self._file()
+        stream.write(text + "\n")
+        stream.flush()
+
+    def _plain_line(self, objects: tuple[Any, ...], options: dict[str, Any]) -> str | None:
+        """The line rich would write for ``print(*objects)``, if it can be had without rich."""
+        if self._console is not None or options.keys() - {"highlight"}:
+            return None
+        if options.get("highlight", True) or not all(isinstance(o, str) for o in objects):
+            return None
+        if self.is_terminal:
+            return None
+        rendered = [plain(o) for o in objects]
+        if any(r is None for r in rendered):
+            return None
+        text = " ".join(cast("list[str]", rendered))
+        if any(c < " " and c != "\n" for c in text):
+            return None  # tabs to expand, control codes to strip: rich's business
+        # rich wraps at the width, measuring wide characters as two cells
+        lines = text.split("\n")
+        if not self._soft_wrap and (not text.isascii() or any(len(x) > _width() for x in lines)):
+            return None
+        return text
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real(), name)
+
+
+def _environment_decides() -> bool:
+    """Whether rich's terminal detection would look past ``isatty()``."""
+    return any(os.environ.get(k) is not None for k in ("TTY_COMPATIBLE", "FORCE_COLOR")) or (
+        "ipykernel" in sys.modules
+    )
+
+
+def _width() -> int:
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else _DEFAULT_WIDTH
+
+
+# Typed as rich consoles; rich is imported on their first use.
+console = cast("Console", _LazyConsole())
+err_console = cast("Console", _LazyConsole(stderr=True, soft_wrap=True))
 
 
 def print_json(data: Any) -> None:
@@ -37,6 +188,8 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """
     cells = [[str(cell) for cell in row] for row in rows]
     if console.is_terminal:
+        from rich.table import Table
+
         table = Table(box=None, header_style="bold", pad_edge=False)
         for column in columns:
             table.add_column(column)
@@ -44,11 +197,20 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
             table.add_row(*row)
         console.print(table)
         return
-    plain = [list(columns)] + [[Text.from_markup(cell).plain for cell in row] for row in cells]
-    widths = [max(len(row[i]) for row in plain) for i in range(len(columns))]
-    for row in plain:
+    plain_rows = [list(columns)] + [[_plain_cell(cell) for cell in row] for row in cells]
+    widths = [max(len(row[i]) for row in plain_rows) for i in range(len(columns))]
+    for row in plain_rows:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         sys.stdout.write(line.rstrip() + "\n")
+
+
+def _plain_cell(cell: str) -> str:
+    text = plain(cell)
+    if text is None:
+        from rich.text import Text
+
+        text = Text.from_markup(cell).plain
+    return text
 
 
 def human_size(size: int) -> str:

@@ -150,3 +150,87 @@ def test_status_imports_nothing_for_specs_builds_or_wasm(tmp_path: Path) -> None
     assert "ctl.status_cmd" in modules
     assert not {"wasmtime", "aiohttp", "shared.buildfile", "shared.spec"} & modules
     assert not {"ctl.build_cmd", "ctl.deploy_cmd", "ctl.wasm_cmd", "ctl.registry_cmd"} & modules
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ps"],
+        ["ps", "--format", "json"],
+        ["status", "--format", "json"],
+        ["routes", "--format", "json"],
+        ["dns"],
+        ["image", "ls", "--format", "json"],
+        ["events", "-n", "5"],
+    ],
+    ids=" ".join,
+)
+def test_read_commands_to_a_pipe_do_not_import_rich(tmp_path: Path, argv: list[str]) -> None:
+    """No daemons here: each ends in the one-line error, which needs no rich either."""
+    modules = _loaded_after(
+        "import os\n"
+        f"os.environ['ZLAYER_PREFIX'] = {str(tmp_path)!r}\n"
+        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        *argv,
+    )
+    assert "ctl.output" in modules
+    assert "rich" not in modules
+
+
+def test_plain_tables_and_lines_to_a_pipe_do_not_import_rich() -> None:
+    code = (
+        "from ctl.output import console, err_console, print_table\n"
+        "print_table(['NAME', 'STATE'], [['web', '[green]running[/]'], ['db', 'stopped']])\n"
+        "console.print('[dim]12:00:00[/] [bold]web[/] started', highlight=False)\n"
+        "err_console.print('[yellow]warning:[/] ' + 'x' * 120, highlight=False)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code + "import sys; print('rich' in sys.modules)"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "NAME  STATE",
+        "web   running",
+        "db    stopped",
+        "12:00:00 web started",
+        "False",
+    ]
+    assert result.stderr == "warning: " + "x" * 120 + "\n"
+
+
+@pytest.mark.parametrize(
+    "markup",
+    [
+        "plain",
+        "[green]running[/]",
+        "[bold red]error:[/] it [broke]",
+        "\\[not a tag]",
+        "a\\\\[bold]b[/bold]",
+        "[link=https://example.com]here[/link]",
+        "[bold]a[italic]b[/bold]c[/italic]",
+        "10.0.0.1:80 at 12:34:56",
+        "list[str] and [1, 2]",
+        "x [/] y",
+        "[/bold]",
+        "a :smile: b",
+    ],
+)
+def test_plain_reads_markup_as_rich_does(markup: str) -> None:
+    from rich.errors import MarkupError
+    from rich.text import Text
+
+    from ctl.output import plain
+
+    try:
+        expected: str | None = Text.from_markup(markup).plain
+    except MarkupError:
+        expected = None
+    got = plain(markup)
+    # None: left to rich (an error to raise, an emoji to draw)
+    assert got == expected or got is None
