@@ -1,10 +1,11 @@
 """Build files (ZImagefile, ZPipeline) read from YAML with every problem located.
 
-Owns reading YAML into plain data while keeping each node's line and column,
-the :class:`Strict` model base (an unknown key is an error with a
-did-you-mean), turning pydantic's errors into :class:`~shared.spec.SpecIssue`
-s, and :class:`BuildFileError`, whose text is one sentence: the first problem
-with its file, line and column, and how many more there are.
+Owns reading a build file (its YAML read by :mod:`shared.spec.located_yaml`,
+which keeps each node's line and column), the :class:`Strict` model base (an
+unknown key is an error with a did-you-mean), turning pydantic's errors into
+:class:`~shared.spec.SpecIssue` s, and :class:`BuildFileError`, whose text is
+one sentence: the first problem with its file, line and column, and how many
+more there are.
 """
 
 from __future__ import annotations
@@ -14,15 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from shared.spec.checks import format_path
 from shared.spec.errors import SpecIssue, describe_value, did_you_mean
-
-PathKey = tuple[str | int, ...]
-Mark = tuple[int, int]  # 1-based line and column
+from shared.spec.located_yaml import LocatedYaml, PathKey
 
 _MAX_BYTES = 1 << 20  # a build file larger than this is not one
 
@@ -69,15 +67,11 @@ class Strict(BaseModel):
         return data
 
 
-class Document:
-    """One YAML build file: its plain data and where each value and key sits."""
+class Document(LocatedYaml):
+    """One YAML build file (:class:`LocatedYaml`); what it cannot read is a BuildFileError."""
 
     def __init__(self, filename: str, what: str) -> None:
-        self.filename = filename
-        self.what = what  # "ZImagefile", "ZPipeline", for messages
-        self.marks: dict[PathKey, Mark] = {}
-        self.key_marks: dict[PathKey, Mark] = {}
-        self._scalars: yaml.SafeLoader | None = None
+        super().__init__(filename, what, f"the {what} is empty")  # "ZImagefile", "ZPipeline"
 
     @classmethod
     def read(cls, path: str | os.PathLike[str], what: str) -> tuple[Document, Any]:
@@ -93,76 +87,18 @@ class Document:
             raise file_error(filename, f"cannot read it: {exc.strerror or exc}") from None
         if len(raw) > _MAX_BYTES:
             raise file_error(filename, f"is too large to be a {what}")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise file_error(filename, "is not UTF-8 text") from None
         document = cls(filename, what)
+        text = document.decode(raw)
+        if text is None:
+            raise BuildFileError(document.issues)
         return document, document.parse(text)
 
     def parse(self, text: str) -> Any:
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            problem = " ".join(
-                str(part)
-                for part in (getattr(exc, "context", ""), getattr(exc, "problem", ""))
-                if part
-            )
-            line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
-            raise file_error(
-                self.filename, f"invalid YAML: {problem or exc}", line, column
-            ) from None
-        if root is None:
-            raise file_error(self.filename, f"the {self.what} is empty")
-        self._scalars = yaml.SafeLoader("")
-        try:
-            return self._convert(root, ())
-        finally:
-            self._scalars.dispose()
-
-    def _convert(self, node: yaml.Node, path: PathKey) -> Any:
-        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-        if isinstance(node, yaml.SequenceNode):
-            return [self._convert(item, (*path, i)) for i, item in enumerate(node.value)]
-        if isinstance(node, yaml.MappingNode):
-            result: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-                key_mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                if key in result:
-                    first = self.key_marks[(*path, key)][0]
-                    raise BuildFileError(
-                        [
-                            SpecIssue(
-                                self.filename,
-                                *key_mark,
-                                format_path((*path, key)),
-                                f"duplicate key `{key}` (first at line {first})",
-                            )
-                        ]
-                    )
-                self.key_marks[(*path, key)] = key_mark
-                result[key] = self._convert(value_node, (*path, key))
-            return result
-        assert self._scalars is not None
-        try:
-            return self._scalars.construct_object(node)
-        except yaml.YAMLError as exc:
-            raise self.error_at(path, f"cannot read this value: {exc}") from None
-
-    def mark(self, path: PathKey, at_key: bool = False) -> Mark:
-        if at_key and path in self.key_marks:
-            return self.key_marks[path]
-        for end in range(len(path), -1, -1):
-            if path[:end] in self.marks:
-                return self.marks[path[:end]]
-        return (0, 0)
-
-    def issue(self, path: PathKey, message: str, at_key: bool = False) -> SpecIssue:
-        line, column = self.mark(path, at_key)
-        return SpecIssue(self.filename, line, column, format_path(path), message)
+        """The plain data of ``text``; a :class:`BuildFileError` if it is not readable YAML."""
+        data, readable = self.load(text)
+        if self.issues or not readable:
+            raise BuildFileError(self.issues)
+        return data
 
     def error_at(self, path: PathKey, message: str, at_key: bool = False) -> BuildFileError:
         return BuildFileError([self.issue(path, message, at_key)])

@@ -19,13 +19,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from shared.buildfile.located import (
-    Document,
-    PathKey,
-    Strict,
-    file_error,
-)
+from shared.buildfile.located import Document, Strict, file_error
 from shared.spec.errors import describe_value, did_you_mean
+from shared.spec.located_yaml import PathKey
 
 Scalar = str | int | float | bool
 ImageFormat = Literal["oci", "docker"]

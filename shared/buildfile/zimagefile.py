@@ -23,13 +23,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from shared.buildfile import runtimes
-from shared.buildfile.located import (
-    BuildFileError,
-    Document,
-    PathKey,
-    Strict,
-)
+from shared.buildfile.located import BuildFileError, Document, Strict
 from shared.spec.errors import describe_value, did_you_mean
+from shared.spec.located_yaml import PathKey
 
 Scalar = str | int | float | bool
 StrOrList = str | list[str]

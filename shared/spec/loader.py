@@ -1,10 +1,11 @@
 """Reading a ``*.zlayer.yml`` file into a :class:`DeploymentSpec`, or into located errors.
 
-Owns everything between the bytes on disk and the validated model: decoding,
-YAML parsing with node marks kept (so every problem has a line and column),
-turning pydantic's errors into plain sentences with a field path and, for an
-unknown key, a did-you-mean (with pointed hints for docker-compose habits),
-and printing a spec back out (YAML, JSON) or its JSON Schema.
+Owns everything between the bytes on disk and the validated model: reading
+the file (decoded and parsed by :mod:`shared.spec.located_yaml`, which keeps
+every node's line and column, so every problem has one), turning pydantic's
+errors into plain sentences with a field path and, for an unknown key, a
+did-you-mean (with pointed hints for docker-compose habits), and printing a
+spec back out (YAML, JSON) or its JSON Schema.
 
 Nothing here raises anything but :class:`SpecError` for a bad spec: a broken
 encoding, invalid YAML, two documents or an empty file all become located
@@ -29,6 +30,7 @@ from pydantic_core import ErrorDetails
 
 from shared.spec.checks import PathSegment, Problem, format_path, semantic_problems
 from shared.spec.errors import SpecError, SpecIssue, describe_value, did_you_mean
+from shared.spec.located_yaml import LocatedYaml, PathKey
 from shared.spec.models import KEY_ALIASES, DeploymentSpec, ServiceSpec
 
 __all__ = [
@@ -38,13 +40,6 @@ __all__ = [
     "spec_json_schema",
     "spec_to_data",
 ]
-
-Path_ = tuple[PathSegment, ...]
-Mark = tuple[int, int]  # 1-based line and column
-
-# Enough for any real spec; stops alias bombs ("billion laughs") and runaway nesting.
-_MAX_NODES = 200_000
-_MAX_DEPTH = 100
 
 # docker-compose keys people carry over, and where ZLayer keeps the same idea.
 _SERVICE_HINTS: dict[str, str] = {
@@ -71,15 +66,6 @@ _VALUE_HINTS: dict[str, str] = {
 }
 
 
-_COLLECTION_TAGS = frozenset(
-    f"tag:yaml.org,2002:{name}" for name in ("map", "omap", "pairs", "set", "seq")
-)
-
-
-class _Abort(Exception):
-    """Stop converting a document that is too large or too deep."""
-
-
 # ---------------------------------------------------------------- public API
 
 
@@ -101,10 +87,11 @@ def load_spec(path: str | os.PathLike[str]) -> DeploymentSpec:
 
 def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
     """Validate spec ``text`` (str, or bytes still to decode); ``filename`` labels issues."""
-    if isinstance(text, bytes):
-        text = _decode(text, filename)
     document = _Document(filename)
-    data, readable = document.load(text)
+    decoded = document.decode(text) if isinstance(text, bytes) else text
+    if decoded is None:
+        raise SpecError(document.issues)
+    data, readable = document.load(decoded)
     issues = list(document.issues)
     if readable and not isinstance(data, dict):
         issues.append(
@@ -154,211 +141,18 @@ def spec_json_schema() -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------- decoding
+# ---------------------------------------------------------------- validation
 
 
-def _decode(raw: bytes, filename: str) -> str:
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise SpecError(
-            [SpecIssue(filename, 1, 1, "", "the file is UTF-16; save it as UTF-8 text")]
-        )
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        byte = raw[exc.start]
-        raise SpecError(
-            [
-                SpecIssue(
-                    filename,
-                    line,
-                    column,
-                    "",
-                    f"the file is not UTF-8 text (byte 0x{byte:02x}); save it as UTF-8",
-                )
-            ]
-        ) from None
-
-
-# ---------------------------------------------------------------- YAML with marks
-
-
-class _Document:
-    """One spec file being read: its plain data, where each node sits, its issues."""
+class _Document(LocatedYaml):
+    """One spec file being read (:class:`LocatedYaml`), then validated with located issues."""
 
     def __init__(self, filename: str) -> None:
-        self.filename = filename
-        self.issues: list[SpecIssue] = []
-        self._text = ""
-        self.marks: dict[Path_, Mark] = {}
-        self.key_marks: dict[Path_, Mark] = {}
-        self._nodes = 0
-
-    def issue(self, path: Path_, message: str, at_key: bool = False) -> SpecIssue:
-        line, column = self._mark_for(path, at_key)
-        return SpecIssue(self.filename, line, column, format_path(path), message)
-
-    def _mark_for(self, path: Path_, at_key: bool) -> Mark:
-        if at_key and path in self.key_marks:
-            return self.key_marks[path]
-        for end in range(len(path), -1, -1):
-            if path[:end] in self.marks:
-                return self.marks[path[:end]]
-        return (1, 1)
-
-    def _yaml_issue(self, exc: yaml.YAMLError) -> SpecIssue:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        problem = getattr(exc, "problem", None)
-        context = getattr(exc, "context", None)
-        if isinstance(exc, yaml.reader.ReaderError):
-            before = self._text[: exc.position]
-            line = before.count("\n") + 1
-            column = exc.position - (before.rfind("\n") + 1) + 1
-            return SpecIssue(
-                self.filename,
-                line,
-                column,
-                "",
-                f"the file holds a control character YAML does not allow (U+{exc.character:04X})",
-            )
-        text = " ".join(str(part) for part in (context, problem) if part) or str(exc)
-        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
-        return SpecIssue(self.filename, line, column, "", f"invalid YAML: {text}")
-
-    def load(self, text: str) -> tuple[Any, bool]:
-        """Parse the first YAML document in ``text`` into plain data, recording marks.
-
-        The flag says whether there is a document to validate at all.
-        """
-        self._text = text
-        try:
-            # The reader checks the first chunk for unprintable characters at once.
-            loader = yaml.SafeLoader(text)
-        except yaml.YAMLError as exc:
-            self.issues.append(self._yaml_issue(exc))
-            return None, False
-        try:
-            try:
-                if not loader.check_node():
-                    self.issues.append(
-                        SpecIssue(
-                            self.filename,
-                            0,
-                            0,
-                            "",
-                            "the file is empty; a deployment spec starts with `version: v1`",
-                        )
-                    )
-                    return None, False
-                root = loader.get_node()
-                assert root is not None  # check_node() said there is one
-                if loader.check_node():
-                    start = loader.peek_event().start_mark  # type: ignore[no-untyped-call]
-                    self.issues.append(
-                        SpecIssue(
-                            self.filename,
-                            start.line + 1,
-                            start.column + 1,
-                            "",
-                            "a second YAML document starts here; a deployment spec is one "
-                            "document: remove this `---` and what follows (or split the file)",
-                        )
-                    )
-            except yaml.YAMLError as exc:
-                self.issues.append(self._yaml_issue(exc))
-                return None, False
-            except RecursionError:
-                self.issues.append(
-                    SpecIssue(self.filename, 0, 0, "", "the YAML is nested too deeply")
-                )
-                return None, False
-            try:
-                return self._convert(loader, root, (), []), True
-            except _Abort:
-                return None, False
-        finally:
-            loader.dispose()
-
-    def _convert(
-        self, loader: yaml.SafeLoader, node: yaml.Node, path: Path_, stack: list[int]
-    ) -> Any:
-        self._nodes += 1
-        if self._nodes > _MAX_NODES or len(stack) > _MAX_DEPTH:
-            self.issues.append(
-                self._at(node, path, "the document is too large or too deeply nested")
-            )
-            raise _Abort
-        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-        if id(node) in stack:
-            self.issues.append(self._at(node, path, "an alias refers to itself"))
-            return None
-        if isinstance(node, yaml.ScalarNode):
-            try:
-                return loader.construct_object(node, deep=True)
-            except Exception as exc:  # a bad !!tag or malformed !!int: still just a bad value
-                problem = getattr(exc, "problem", None) or str(exc)
-                self.issues.append(self._at(node, path, f"cannot read this value: {problem}"))
-                return None
-        if node.tag not in _COLLECTION_TAGS:
-            self.issues.append(self._at(node, path, f"unsupported YAML tag `{node.tag}`"))
-            return None
-        stack.append(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                return [
-                    self._convert(loader, item, (*path, index), stack)
-                    for index, item in enumerate(node.value)
-                ]
-            assert isinstance(node, yaml.MappingNode)
-            return self._convert_mapping(loader, node, path, stack)
-        finally:
-            stack.pop()
-
-    def _convert_mapping(
-        self, loader: yaml.SafeLoader, node: yaml.MappingNode, path: Path_, stack: list[int]
-    ) -> dict[str, Any]:
-        try:
-            loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
-        except yaml.YAMLError as exc:
-            self.issues.append(self._yaml_issue(exc))
-            return {}
-        result: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key_mark = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            if not isinstance(key_node, yaml.ScalarNode):
-                self.issues.append(
-                    SpecIssue(
-                        self.filename,
-                        *key_mark,
-                        format_path(path),
-                        "a key must be a plain name, not a list or mapping",
-                    )
-                )
-                continue
-            # Keys are names: take them as written, so `on:` or `1:` stay strings.
-            key = str(key_node.value)
-            child = (*path, key)
-            if key in result:
-                first = self.key_marks[child]
-                self.issues.append(
-                    SpecIssue(
-                        self.filename,
-                        *key_mark,
-                        format_path(child),
-                        f"duplicate key `{key}` (first given at line {first[0]})",
-                    )
-                )
-                continue
-            self.key_marks[child] = key_mark
-            result[key] = self._convert(loader, value_node, child, stack)
-        return result
-
-    def _at(self, node: yaml.Node, path: Path_, message: str) -> SpecIssue:
-        mark = node.start_mark
-        return SpecIssue(self.filename, mark.line + 1, mark.column + 1, format_path(path), message)
-
-    # ------------------------------------------------------------ validation
+        super().__init__(
+            filename,
+            "deployment spec",
+            "the file is empty; a deployment spec starts with `version: v1`",
+        )
 
     def validate(self, data: dict[str, Any]) -> DeploymentSpec:
         issues: list[SpecIssue] = []
@@ -384,7 +178,7 @@ class _Document:
         value = error.get("input")
         if kind == "missing" and unresolved:
             field = unresolved[-1]
-            line, column = self._mark_for(path, False)
+            line, column = self.mark(path)
             full = (*path, field) if isinstance(field, str) else path
             return _Located(
                 SpecIssue(
@@ -490,7 +284,7 @@ def _quoted(text: str) -> list[str]:
 # ---------------------------------------------------------------- locating errors
 
 
-def _locate(loc: tuple[int | str, ...], data: Any) -> tuple[Path_, tuple[int | str, ...], bool]:
+def _locate(loc: tuple[int | str, ...], data: Any) -> tuple[PathKey, tuple[int | str, ...], bool]:
     """Map a pydantic error location onto the document.
 
     Pydantic adds segments of its own (the tag of a discriminated union, the
@@ -539,7 +333,7 @@ def _locate(loc: tuple[int | str, ...], data: Any) -> tuple[Path_, tuple[int | s
     return tuple(path), tuple(unresolved), at_key
 
 
-def _annotation_at(path: Path_, data: Any, pick_last: bool = True) -> Any:
+def _annotation_at(path: PathKey, data: Any, pick_last: bool = True) -> Any:
     """The declared type of the field at ``path``, following the data through unions."""
     annotation: Any = DeploymentSpec
     current = data
@@ -597,7 +391,7 @@ def _known_keys(annotation: Any) -> list[str]:
     return keys
 
 
-def _tags_at(path: Path_, data: Any) -> list[str]:
+def _tags_at(path: PathKey, data: Any) -> list[str]:
     """The tags a discriminated union at ``path`` accepts, in declaration order."""
     tags: list[str] = []
     for member in _members(_annotation_at(path, data, pick_last=False)):
@@ -618,7 +412,7 @@ def _members(annotation: Any) -> list[type[BaseModel]]:
     return []
 
 
-def _unknown_key(path: Path_, data: Any) -> str:
+def _unknown_key(path: PathKey, data: Any) -> str:
     key = str(path[-1]) if path else ""
     parent = _annotation_at(path[:-1], data)
     message = f"unknown key `{key}`"
@@ -640,7 +434,7 @@ def _unknown_key(path: Path_, data: Any) -> str:
     return message + (f" (did you mean `{close[0]}`?)" if close else "")
 
 
-def _deploy_replicas(path: Path_, data: Any) -> str:
+def _deploy_replicas(path: PathKey, data: Any) -> str:
     current = data
     for segment in path:
         current = current[segment]
