@@ -13,6 +13,7 @@ from ctl.errors import explain
 from shared import bus as zbus
 from shared.busdaemon import PrivateBus
 from shared.introspect import render
+from shared.wire.daemon import DaemonStatus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,7 +79,7 @@ def test_busctl_sees_the_error_name(private_bus: PrivateBus) -> None:
 
 
 def test_status_round_trips() -> None:
-    status = zbus.DaemonStatus(
+    status = DaemonStatus(
         name="schedd",
         state="running",
         version="1",
@@ -88,7 +89,7 @@ def test_status_round_trips() -> None:
         supervisor="systemd",
         detail="ok",
     )
-    assert zbus.DaemonStatus.from_dbus(status.to_dbus()) == status
+    assert DaemonStatus.from_dbus(status.to_dbus()) == status
 
 
 def test_checked_in_introspection_matches_the_code() -> None:
