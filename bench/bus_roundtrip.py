@@ -4,7 +4,7 @@ Starts the six daemons with ``zlayerctl daemon run --detach`` under a fresh
 temporary prefix (free ports, its own private dbus-daemon), then times the
 same method call, client -> dbus-daemon -> zlayer-schedd -> back, four ways:
 
-- zlayer proxy: ``await proxy(schedd, bus).status()`` from asyncio, the way
+- zlayer client: ``await SchedulerClient(bus).status()`` from asyncio, the way
   zlayerctl calls it (sdbus, shared.bus.proxy); the figure under test.
 - raw sd-bus, async: ``bus.new_method_call_message`` + ``await
   bus.call_async(msg)`` + ``get_contents()`` on the same asyncio loop; sdbus's
@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cluster import Cluster, percentile, print_table, running_daemons
 
-from shared.bus import DAEMONS_BY_NAME, open_bus, proxy
+from shared.bus import DAEMONS_BY_NAME, open_bus
+from shared.clients import SchedulerClient
 from shared.wire.daemon import DaemonStatus
 
 SCHEDD = DAEMONS_BY_NAME["schedd"]
@@ -58,8 +59,8 @@ async def _in_process_calls(address: str, calls: int) -> dict[str, list[float]]:
     elsewhere on the machine lands on all of them rather than on one.
     """
     bus = open_bus(address)
-    client = proxy(SCHEDD, bus)
-    assert DaemonStatus.from_dbus(await client.status()).name == "schedd"
+    client = SchedulerClient(bus)
+    assert (await client.status()).name == "schedd"
     # A second connection for blocking calls: never block on the loop's own bus.
     blocking_bus = open_bus(address)
     contents: Any = blocking_bus.call(_message(blocking_bus)).get_contents()

@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cluster import print_table
 
 from ctl.supervisor import find_executable
-from shared.bus import DAEMONS_BY_NAME, open_bus, proxy
+from shared.bus import open_bus
 from shared.busdaemon import PrivateBus
+from shared.clients import ProxyClient
 from shared.paths import PREFIX_ENV, Paths
 from shared.wire.daemon import DaemonStatus
 
@@ -149,7 +150,7 @@ def call(bus: PrivateBus, method: str, *args: object, wait: float = 0.0) -> obje
     async def once() -> object:
         connection = open_bus(bus.address)
         try:
-            return await getattr(proxy(DAEMONS_BY_NAME["proxyd"], connection), method)(*args)
+            return await getattr(ProxyClient(connection).proxy, method)(*args)
         finally:
             connection.close()
 

@@ -87,8 +87,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cluster import Cluster, percentile, print_table, running_daemons
 
 from ctl.supervisor import find_executable
-from shared.bus import DAEMONS_BY_NAME, open_bus, proxy
+from shared.bus import open_bus
 from shared.busybox_image import busybox_image, write_docker_archive, write_oci_layout
+from shared.clients import AgentClient, SchedulerClient
 from shared.paths import Paths
 from shared.wire.agent import ReplicaInfo
 
@@ -488,8 +489,8 @@ class Agent:
 
     def __init__(self, address: str) -> None:
         self.bus = open_bus(address)
-        self.agent = proxy(DAEMONS_BY_NAME["agentd"], self.bus)
-        self.schedd = proxy(DAEMONS_BY_NAME["schedd"], self.bus)
+        self.agent = AgentClient(self.bus)
+        self.schedd = SchedulerClient(self.bus)
         self.replicas: dict[str, ReplicaInfo] = {}
         self.changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -499,14 +500,12 @@ class Agent:
         await asyncio.sleep(0.1)  # the match rule is in place
 
     async def _listen(self) -> None:
-        async for raw in self.agent.replica_changed:
-            info = ReplicaInfo.model_validate_json(raw)
+        async for info in self.agent.replica_changes():
             self.replicas[info.id] = info
             self.changed.set()
 
     async def poll(self, deployment: str) -> list[ReplicaInfo]:
-        raw = await self.agent.list_replicas(deployment, "")
-        now = [ReplicaInfo.model_validate(r) for r in json.loads(raw)]
+        now = await self.agent.list_replicas(deployment)
         for stale in [k for k, v in self.replicas.items() if v.deployment == deployment]:
             del self.replicas[stale]
         for info in now:

@@ -26,16 +26,16 @@ import pytest
 from ctl.supervisor import find_executable
 from shared import busybox_image as builder
 from shared.bus import (
-    DAEMONS_BY_NAME,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
     open_bus,
-    proxy,
 )
 from shared.busdaemon import PrivateBus
 from shared.busybox_image import Entry, make_image, make_tar
+from shared.clients import RegistryClient
 from shared.paths import Paths
+from shared.wire import decode
 from shared.wire.daemon import DaemonStatus
 from shared.wire.registry import ImageInfo, ImageRootfs
 from tests.integration.test_daemon import NotifyListener, start, stop
@@ -94,9 +94,7 @@ class Registryd:
         return message
 
     def import_(self, path: Path, *extra: str) -> ImageInfo:
-        return ImageInfo.model_validate_json(
-            self.ok("image", "import", str(path), "--format", "json", *extra)
-        )
+        return decode(self.ok("image", "import", str(path), "--format", "json", *extra), ImageInfo)
 
     def images(self) -> list[dict[str, Any]]:
         images: list[dict[str, Any]] = json.loads(self.ok("image", "ls", "--format", "json"))
@@ -106,14 +104,14 @@ class Registryd:
         async def run() -> Any:
             bus = open_bus(self.bus.address)
             try:
-                return await getattr(proxy(DAEMONS_BY_NAME["registryd"], bus), method)(*args)
+                return await getattr(RegistryClient(bus).proxy, method)(*args)
             finally:
                 bus.close()
 
         return asyncio.run(run())
 
     def ensure(self, reference: str, policy: str = "if_not_present") -> ImageRootfs:
-        return ImageRootfs.model_validate_json(self.call("ensure_image", reference, policy))
+        return decode(self.call("ensure_image", reference, policy), ImageRootfs)
 
     def blobs(self) -> set[str]:
         return set(os.listdir(self.store / "blobs" / "sha256"))
