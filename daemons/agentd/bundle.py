@@ -160,7 +160,6 @@ class Bundle:
     files: dict[str, str]  # bundle-relative name -> content (hosts, resolv.conf, hostname)
     directories: list[Path]  # to create before start: named and anonymous volume dirs
     named_volumes: list[Path]  # survive the replica
-    warnings: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- process
@@ -672,4 +671,4 @@ def build_bundle(
         raise BundleError(str(exc)) from None
     for warning in warnings:
         log.warning("%s: %s", ids.container_id, warning)
-    return Bundle(config, files, directories, named, warnings)
+    return Bundle(config, files, directories, named)

@@ -48,7 +48,6 @@ class CgroupLayout:
     """Where each controller lives on this host."""
 
     mode: Literal["v1", "v2", "hybrid"]
-    root: Path
     v1: dict[str, Path] = field(default_factory=dict)  # controller -> hierarchy mount point
     unified: Path | None = None  # the v2 hierarchy, when mounted
     unified_controllers: frozenset[str] = frozenset()
@@ -109,7 +108,7 @@ def detect_layout(
         mode = "hybrid"
     else:
         mode = "v1"
-    return CgroupLayout(mode, root, v1, unified, controllers)
+    return CgroupLayout(mode, v1, unified, controllers)
 
 
 def hugetlb_fix_command(root: Path = CGROUP_ROOT) -> str:

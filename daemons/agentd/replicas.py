@@ -158,7 +158,6 @@ class Replica:
     task: asyncio.Task[None] | None = None
     restart_requested: str = ""
     stopping: bool = False
-    done: asyncio.Event = field(default_factory=asyncio.Event)
     # Set while the replica is being stopped and removed in the background.
     removal: asyncio.Task[None] | None = None
     removed: asyncio.Event = field(default_factory=asyncio.Event)

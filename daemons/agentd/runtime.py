@@ -39,7 +39,7 @@ import shutil
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,7 +68,6 @@ class ExitStatus:
 
     code: int
     oom_killed: bool
-    finished_at: float | None  # Unix time, None when unknown
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,7 @@ class ContainerInfo:
     pid: int  # the container's PID 1 on the host, 0 when not running
     conmon_pid: int  # 0 when conmon is gone
     bundle: Path
-    created_at: float
     exit: ExitStatus | None  # set once the container has ended
-    annotations: dict[str, str] = field(default_factory=dict)
 
 
 class ContainerRuntime:
@@ -383,7 +380,7 @@ class ContainerRuntime:
         return state
 
     async def _info(self, container_id: str) -> ContainerInfo:
-        meta = self._meta(container_id)
+        self._meta(container_id)  # ContainerNotFound without a bundle
         bundle_dir = self.bundle_dir(container_id)
         state = await self._runtime_state(container_id)
         conmon_pid = oci.live_conmon(bundle_dir, container_id)
@@ -401,9 +398,7 @@ class ContainerRuntime:
             pid=pid,
             conmon_pid=conmon_pid,
             bundle=bundle_dir,
-            created_at=float(meta.get("created_at", 0.0)),
             exit=exit_status,
-            annotations=dict(meta.get("annotations", {})),
         )
 
     async def state(self, container_id: str) -> ContainerInfo:
@@ -416,13 +411,12 @@ class ContainerRuntime:
         bundle_dir = self.bundle_dir(container_id)
         with contextlib.suppress(OSError, ValueError, KeyError):
             saved = json.loads((bundle_dir / EXIT).read_text())
-            return ExitStatus(int(saved["code"]), bool(saved["oom_killed"]), saved["finished_at"])
+            return ExitStatus(int(saved["code"]), bool(saved["oom_killed"]))
         exit_file = self.exit_dir / container_id
         conmon_alive = bool(oci.live_conmon(bundle_dir, container_id))
         try:
             text = await asyncio.to_thread(exit_file.read_text)
             code = int(text.strip())
-            finished: float | None = exit_file.stat().st_mtime
         except (OSError, ValueError):
             if conmon_alive or not bundle_dir.exists():
                 return None
@@ -430,17 +424,17 @@ class ContainerRuntime:
             if state is not None and state.get("status") in ("created", "running", "paused"):
                 return None
             # conmon is gone without writing an exit file (killed, or the node rebooted).
-            code, finished = oci.UNKNOWN_EXIT, None
+            code = oci.UNKNOWN_EXIT
         meta = self._meta(container_id)
         rel = cgroups.relative_dir(str(meta.get("cgroups_path", "")), self.manager)
         oom = await asyncio.to_thread(cgroups.oom_killed, self._layout(), rel) if rel else False
         # The kernel's OOM kill is a SIGKILL; a code of 137 without it was someone's kill -9.
-        result = ExitStatus(code, oom, finished)
+        result = ExitStatus(code, oom)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(
                 write_atomically,
                 bundle_dir / EXIT,
-                json.dumps({"code": code, "oom_killed": oom, "finished_at": finished}),
+                json.dumps({"code": code, "oom_killed": oom}),
             )
         return result
 

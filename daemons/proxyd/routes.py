@@ -191,7 +191,6 @@ class PortRoutes:
     arrived on it.
     """
 
-    port: int
     secure: bool
     public: HostIndex = field(default_factory=HostIndex)
     node: HostIndex = field(default_factory=HostIndex)
@@ -332,7 +331,7 @@ class Routes:
                 return
             raise RouteError(why, conflict=holder != route.deployment)
         if ports is None:
-            ports = table.ports[port] = PortRoutes(port, route.secure)
+            ports = table.ports[port] = PortRoutes(route.secure)
         ports.owners[(route.host, route.path)] = route
         ports.node.add(route)
         if route.internal:

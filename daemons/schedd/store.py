@@ -120,7 +120,6 @@ class StoredDeployment:
     updated_at: float
     spec_json: str
     spec_text: str
-    filename: str
     # `down` was asked: the intent is kept until the replicas are gone, so a
     # removal cut short by a stop of the daemons finishes at the next start.
     removing: bool = False
@@ -224,13 +223,13 @@ class Store:
     def get(self, name: str) -> StoredDeployment | None:
         row = self._db.execute(
             "SELECT d.name, d.revision, d.stopped, d.created_at, d.updated_at, "
-            "r.spec_json, r.spec_text, r.filename, d.removing FROM deployments d JOIN revisions r "
+            "r.spec_json, r.spec_text, d.removing FROM deployments d JOIN revisions r "
             "ON r.deployment = d.name AND r.revision = d.revision WHERE d.name = ?",
             (name,),
         ).fetchone()
         if row is None:
             return None
-        name, revision, stopped, created, updated, spec_json, spec_text, filename, removing = row
+        name, revision, stopped, created, updated, spec_json, spec_text, removing = row
         return StoredDeployment(
             name,
             revision,
@@ -239,7 +238,6 @@ class Store:
             updated,
             spec_json,
             spec_text,
-            filename,
             bool(removing),
         )
 

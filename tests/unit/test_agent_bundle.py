@@ -415,7 +415,7 @@ def test_cgroups_layout_and_paths(tmp_path: Path) -> None:
 
 def test_cgroup_stats_and_oom_from_v1_files(tmp_path: Path) -> None:
     root = tmp_path / "cg"
-    layout = cgroups.CgroupLayout("v1", root, {n: root / n for n in ("cpuacct", "memory", "pids")})
+    layout = cgroups.CgroupLayout("v1", {n: root / n for n in ("cpuacct", "memory", "pids")})
     rel = "zlayer/web-1"
     for name, files in {
         "cpuacct": {"cpuacct.usage": "2500000\n"},
