@@ -8,9 +8,10 @@ or orchestrator asks: ``GET /health/live`` (the process serves HTTP) and
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 from aiohttp import web
-from pydantic import Field
+from msgspec import Meta
 
 from shared.bus import DAEMONS, DAEMONS_BY_NAME, Api1
 from shared.clients import daemon_client
@@ -20,9 +21,11 @@ from shared.daemon import Daemon, daemon_members, main_for
 PROBE_TIMEOUT = 2.0
 
 
-class ApiSettings(DaemonSettings):
-    http_bind: str = Field("0.0.0.0", description="address the REST API listens on")
-    http_port: int = Field(3669, ge=0, le=65535, description="REST API port; 0 picks a free one")
+class ApiSettings(DaemonSettings, kw_only=True):
+    # the address the REST API listens on
+    http_bind: str = "0.0.0.0"
+    # REST API port; 0 picks a free one
+    http_port: Annotated[int, Meta(ge=0, le=65535)] = 3669
 
 
 class ApiService(Api1):

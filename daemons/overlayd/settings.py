@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import re
 from ipaddress import IPv4Network, IPv6Address, ip_address
+from typing import Annotated
 
-from pydantic import Field, field_validator
+from msgspec import Meta
 
 from daemons.overlayd.dns import parse_upstream
-from shared.config import DaemonSettings
+from shared.config import DaemonSettings, invalid
 
 DEFAULT_BRIDGE = "zlayer0"
 DEFAULT_SUBNET = IPv4Network("10.213.0.0/16")
@@ -42,51 +43,42 @@ _IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _NFT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
-class OverlaySettings(DaemonSettings):
-    bridge: str = Field(DEFAULT_BRIDGE, description="the node bridge's interface name")
-    subnet: IPv4Network = Field(DEFAULT_SUBNET, description="the replicas' IPv4 range")
-    nameservers: list[str] | None = Field(
-        None, description="resolvers other names are forwarded to; unset means the host's"
-    )
-    search_domains: list[str] | None = Field(
-        None, description="replicas' DNS search list; unset means the host's"
-    )
-    nft_table: str = Field("", description="nftables table name; unset derives it from bridge")
-    dns_port: int = Field(53, ge=1, le=65535, description="the service DNS port on the gateway")
-    stream_probe_interval: float = Field(
-        5.0, gt=0, le=3600, description="seconds between stream health probes"
-    )
+class OverlaySettings(DaemonSettings, kw_only=True):
+    # the node bridge's interface name
+    bridge: str = DEFAULT_BRIDGE
+    # the replicas' IPv4 range
+    subnet: IPv4Network = DEFAULT_SUBNET
+    # resolvers other names are forwarded to; unset means the host's
+    nameservers: list[str] | None = None
+    # replicas' DNS search list; unset means the host's
+    search_domains: list[str] | None = None
+    # nftables table name; unset derives it from bridge
+    nft_table: str = ""
+    # the service DNS port on the gateway
+    dns_port: Annotated[int, Meta(ge=1, le=65535)] = 53
+    # seconds between stream health probes
+    stream_probe_interval: Annotated[float, Meta(gt=0, le=3600)] = 5.0
 
-    @field_validator("bridge")
-    @classmethod
-    def _bridge_name(cls, value: str) -> str:
-        if not _IFNAME.match(value):
-            raise ValueError(
+    def __post_init__(self) -> None:
+        if not _IFNAME.match(self.bridge):
+            raise invalid(
+                "bridge",
                 "an interface name is 1 to 15 letters, digits, '_', '.' or '-', "
-                "starting with a letter or digit"
+                "starting with a letter or digit",
             )
-        return value
-
-    @field_validator("subnet")
-    @classmethod
-    def _room_for_one(cls, value: IPv4Network) -> IPv4Network:
-        if value.prefixlen > 30:
-            raise ValueError("the subnet needs room for a gateway and a replica: /30 or larger")
-        return value
-
-    @field_validator("nameservers")
-    @classmethod
-    def _addresses(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        return [str(parse_upstream(item)) for item in value]
-
-    @field_validator("nft_table")
-    @classmethod
-    def _table_name(cls, value: str) -> str:
-        if value and not _NFT_NAME.match(value):
-            raise ValueError("a table name is letters, digits and '_', starting with a letter")
-        return value
+        if self.subnet.prefixlen > 30:
+            raise invalid(
+                "subnet", "the subnet needs room for a gateway and a replica: /30 or larger"
+            )
+        if self.nameservers is not None:
+            try:
+                self.nameservers = [str(parse_upstream(item)) for item in self.nameservers]
+            except ValueError as exc:
+                raise invalid("nameservers", str(exc)) from None
+        if self.nft_table and not _NFT_NAME.match(self.nft_table):
+            raise invalid(
+                "nft_table", "a table name is letters, digits and '_', starting with a letter"
+            )
 
     @property
     def table(self) -> str:

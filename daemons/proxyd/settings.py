@@ -22,47 +22,50 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import msgspec
+from msgspec import Meta
 
-from shared.config import DaemonSettings
+from shared.config import DaemonSettings, invalid
 
 Balancing = Literal["round_robin", "least_connections"]
 
 
-class CertificatePair(BaseModel):
+class CertificatePair(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One certificate chain and its private key, PEM files."""
-
-    model_config = ConfigDict(extra="forbid")
 
     cert: Path
     key: Path
 
 
-class ProxySettings(DaemonSettings):
+class ProxySettings(DaemonSettings, kw_only=True):
     # Endpoints carry their own port; these two only keep old files loading.
-    http_port: int = Field(80, ge=0, le=65535, description="no effect: endpoints have ports")
-    https_port: int = Field(443, ge=0, le=65535, description="no effect: endpoints have ports")
-    listen_addresses: list[str] = Field(
-        default_factory=lambda: ["0.0.0.0"], description="addresses public listeners bind"
-    )
-    balancing: Balancing = Field("round_robin", description="how a backend is chosen")
-    connect_timeout: float = Field(5.0, gt=0, description="seconds to connect to a backend")
-    response_header_timeout: float = Field(
-        60.0, gt=0, description="seconds a backend has to start its response"
-    )
-    idle_timeout: float = Field(60.0, gt=0, description="seconds an idle connection is kept")
-    tls_cert_dir: Path | None = Field(None, description="directory of <hostname>.crt/.key pairs")
-    tls_certificates: list[CertificatePair] = Field(
-        default_factory=list, description="certificate and key files"
-    )
-    access_log: bool = Field(True, description="log one line per request")
-    upstream_keepalive: int = Field(64, ge=0, description="idle connections kept per backend")
+    http_port: Annotated[int, Meta(ge=0, le=65535)] = 80
+    https_port: Annotated[int, Meta(ge=0, le=65535)] = 443
+    # addresses public listeners bind
+    listen_addresses: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0"])
+    # how a backend is chosen
+    balancing: Balancing = "round_robin"
+    # seconds to connect to a backend
+    connect_timeout: Annotated[float, Meta(gt=0)] = 5.0
+    # seconds a backend has to start its response
+    response_header_timeout: Annotated[float, Meta(gt=0)] = 60.0
+    # seconds an idle connection is kept
+    idle_timeout: Annotated[float, Meta(gt=0)] = 60.0
+    # directory of <hostname>.crt/.key pairs
+    tls_cert_dir: Path | None = None
+    # certificate and key files
+    tls_certificates: list[CertificatePair] = msgspec.field(default_factory=list)
+    # log one line per request
+    access_log: bool = True
+    # idle connections kept per backend
+    upstream_keepalive: Annotated[int, Meta(ge=0)] = 64
 
-    @field_validator("listen_addresses")
-    @classmethod
-    def _addresses(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("at least one address is needed")
-        return [str(ip_address(item)) for item in value]
+    def __post_init__(self) -> None:
+        if not self.listen_addresses:
+            raise invalid("listen_addresses", "at least one address is needed")
+        try:
+            self.listen_addresses = [str(ip_address(item)) for item in self.listen_addresses]
+        except ValueError as exc:
+            raise invalid("listen_addresses", str(exc)) from None

@@ -21,32 +21,38 @@ Keys (besides the ones every daemon has):
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Annotated
 
-from shared.config import DaemonSettings
+import msgspec
+from msgspec import Meta
+
+from shared.config import DaemonSettings, invalid
 
 DEFAULT_CHUNK = 16 << 20
 
 
-class RegistrySettings(DaemonSettings):
-    mirrors: dict[str, list[str]] = Field(
-        default_factory=dict, description="registry -> mirror URLs, tried in order"
-    )
-    insecure_registries: list[str] = Field(
-        default_factory=list, description="registries reached over plain HTTP"
-    )
-    max_concurrent_downloads: int = Field(3, ge=1, le=32, description="layers fetched at once")
-    max_concurrent_uploads: int = Field(3, ge=1, le=32, description="layers pushed at once")
-    chunk_size: int = Field(DEFAULT_CHUNK, ge=1 << 16, description="bytes per upload chunk")
-    request_timeout: float = Field(60.0, gt=0, description="seconds a stalled transfer waits")
+class RegistrySettings(DaemonSettings, kw_only=True):
+    # registry -> mirror URLs, tried in order
+    mirrors: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    # registries reached over plain HTTP
+    insecure_registries: list[str] = msgspec.field(default_factory=list)
+    # layers fetched at once
+    max_concurrent_downloads: Annotated[int, Meta(ge=1, le=32)] = 3
+    # layers pushed at once
+    max_concurrent_uploads: Annotated[int, Meta(ge=1, le=32)] = 3
+    # bytes per upload chunk
+    chunk_size: Annotated[int, Meta(ge=1 << 16)] = DEFAULT_CHUNK
+    # seconds a stalled transfer waits
+    request_timeout: Annotated[float, Meta(gt=0)] = 60.0
 
-    @field_validator("mirrors")
-    @classmethod
-    def _mirror_urls(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        for registry, urls in value.items():
+    def __post_init__(self) -> None:
+        for registry, urls in self.mirrors.items():
             for url in urls:
                 if not url.startswith(("http://", "https://")):
-                    raise ValueError(
-                        f"the mirror {url!r} of {registry} must start with http:// or https://"
+                    raise invalid(
+                        "mirrors",
+                        f"the mirror {url!r} of {registry} must start with http:// or https://",
                     )
-        return {registry: [u.rstrip("/") for u in urls] for registry, urls in value.items()}
+        self.mirrors = {
+            registry: [u.rstrip("/") for u in urls] for registry, urls in self.mirrors.items()
+        }
