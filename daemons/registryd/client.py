@@ -5,25 +5,34 @@ session, the bearer token cache, the credentials (:mod:`.auth`), the
 settings (mirrors, insecure registries, concurrency) and a lock per blob so
 two pulls never write the same partial file. A pull resolves the reference
 (mirrors first, then the registry; an index down to this node's platform),
-downloads the missing blobs concurrently into ``partial/`` (resumed with
-``Range`` after a broken connection, here or after a restart), then lets
-the store move them into ``blobs/``, unpack the layers and name the image.
+then downloads the missing layer blobs concurrently. Each blob streams
+through a thread of its own (:func:`.unpack.receive_blob`) that, in one
+pass, appends it to ``partial/``, hashes it and unpacks it into ``tmp/``;
+a broken connection is resumed with ``Range``, here or after a restart.
+A blob whose digest matches moves into ``blobs/``; once every layer is
+there, one sync makes the unpacked layers durable, they are renamed into
+``layers/``, and the store names the image. A warm pull is one manifest
+request and one look at the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 
-from daemons.registryd.auth import CredentialStore, TokenCache
+from daemons.registryd.auth import Challenge, CredentialStore, TokenCache
 from daemons.registryd.distribution import (
     INDEX_TYPES,
     OCI_MANIFEST,
@@ -31,6 +40,7 @@ from daemons.registryd.distribution import (
     InterruptedTransferError,
     Platform,
     Repository,
+    UnresumableTransferError,
     Upload,
     bus_error,
     choose_manifest,
@@ -38,7 +48,9 @@ from daemons.registryd.distribution import (
     registry_url,
 )
 from daemons.registryd.settings import RegistrySettings
+from daemons.registryd.sources import sha256_hex_of
 from daemons.registryd.store import MAX_CONFIG, ImageStore
+from daemons.registryd.unpack import Pipe, ReaderGoneError, receive_blob
 from shared.bus import InvalidArgumentError, NotFoundError, UnavailableError, ZLayerError
 from shared.credentials import Credential
 from shared.jobs import Job
@@ -48,6 +60,7 @@ from shared.wire.registry import ImageInfo
 log = logging.getLogger("zlayer.registryd.client")
 
 BLOB_ATTEMPTS = 4  # a blob whose connection breaks is resumed this many times in one pull
+RECEIVER_THREADS = 32  # blobs hashed and unpacked at once, over every pull
 MAX_INDEX_DEPTH = 4
 T = TypeVar("T")
 Work = Callable[..., Awaitable[Any]]
@@ -102,6 +115,8 @@ class RegistryClient:
         self._blob_locks: dict[str, asyncio.Lock] = {}
         self.busy_partials: set[str] = set()
         self._pulls: dict[str, tuple[asyncio.Task[ImageInfo], _Progress]] = {}
+        self._receiver_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._probes: dict[str, Challenge | None] = {}  # base URL -> what its /v2/ asked
         self.ranged_resumes = 0
 
     @property
@@ -114,8 +129,14 @@ class RegistryClient:
         return self._http
 
     async def close(self) -> None:
-        for task, _ in list(self._pulls.values()):
+        tasks = [task for task, _ in self._pulls.values()]
+        for task in tasks:
             task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self._receiver_pool is not None:
+            self._receiver_pool.shutdown(wait=False, cancel_futures=True)
         if self._http is not None:
             await self._http.close()
 
@@ -151,6 +172,7 @@ class RegistryClient:
             tokens=self.tokens,
             timeout=self.settings.request_timeout,
             extra_scopes=extra_scopes,
+            probes=self._probes if actions == "pull" else None,
         )
 
     def endpoints(self, ref: Reference) -> list[str | None]:
@@ -228,14 +250,14 @@ class RegistryClient:
         if not isinstance(config, dict) or not isinstance(layers, list):
             raise ZLayerError(f"the manifest of {ref.familiar()} has no config or layers")
         descriptors = [(str(d.get("digest")), int(d.get("size") or 0)) for d in layers]
-        existing = await self.work(self.store.record_for_pull, resolved.digest)
+        existing: ImageInfo | None = await self.work(self._name_stored, resolved.digest, name)
         if existing is not None:
             for number, (digest, size) in enumerate(descriptors, start=1):
                 progress.set(_label(number, digest), done=size, total=size, state="exists")
-            info: ImageInfo = await self.work(self.store.tag, existing.id, name)
-            return info
+            return existing
         config_digest = str(config.get("digest"))
         pinned = self.store.pin(resolved.digest, config_digest, *(d for d, _ in descriptors))
+        unpacked: list[tuple[str, Path]] = []  # (diff id, work directory) not yet adopted
         try:
             for number, (digest, size) in enumerate(descriptors, start=1):
                 progress.set(_label(number, digest), done=0, total=size, state="waiting")
@@ -243,20 +265,31 @@ class RegistryClient:
                 config_bytes = await self.work(self.store.read_blob, config_digest)
             else:
                 config_bytes = await resolved.repository.get_small_blob(config_digest, MAX_CONFIG)
+            diff_ids = _stream_diff_ids(manifest, config_bytes)
+            if diff_ids is not None:
+                pinned.extend(self.store.pin(*diff_ids))
             limit = asyncio.Semaphore(self.settings.max_concurrent_downloads)
+            labels: dict[str, list[str]] = {}  # a blob listed twice is fetched once
+            diff_of: dict[str, str | None] = {}
+            for number, (digest, _size) in enumerate(descriptors):
+                labels.setdefault(digest, []).append(_label(number + 1, digest))
+                diff_of.setdefault(digest, diff_ids[number] if diff_ids is not None else None)
 
-            async def fetch(number: int, digest: str, size: int) -> None:
+            async def fetch(digest: str, size: int) -> None:
                 async with limit:
-                    await self._fetch_blob(
-                        resolved.repository, digest, size, _label(number, digest), progress
+                    work = await self._fetch_blob(
+                        resolved.repository, digest, size, diff_of[digest], labels[digest], progress
                     )
+                if work is not None:
+                    unpacked.append((str(diff_of[digest]), work))
 
+            sizes = dict(descriptors)
             async with asyncio.TaskGroup() as group:
-                for number, (digest, size) in enumerate(descriptors, start=1):
-                    group.create_task(fetch(number, digest, size))
-            for number, (digest, size) in enumerate(descriptors, start=1):
-                progress.set(_label(number, digest), done=size, state="unpacking")
-            info = await self.work(
+                for digest in labels:
+                    group.create_task(fetch(digest, sizes[digest]))
+            await self.work(self.store.adopt_layers, unpacked)
+            unpacked.clear()
+            info: ImageInfo = await self.work(
                 self.store.commit_pull,
                 name,
                 resolved.manifest,
@@ -267,44 +300,162 @@ class RegistryClient:
         except* Exception as group:
             raise group.exceptions[0] from None
         finally:
+            if unpacked:
+                await asyncio.shield(asyncio.to_thread(_remove_trees, [w for _, w in unpacked]))
             self.store.unpin(pinned)
         for number, (digest, size) in enumerate(descriptors, start=1):
             progress.set(_label(number, digest), done=size, state="done")
         log.info("pulled %s (%s) in %.2fs", name, info.id, time.monotonic() - started)
         return info
 
+    def _name_stored(self, manifest_digest: str, name: str) -> ImageInfo | None:
+        """``name`` on the stored image of ``manifest_digest``, if it is all here (blocking)."""
+        record = self.store.record_for_pull(manifest_digest)
+        if record is None:
+            return None
+        info: ImageInfo = self.store.tag(record.id, name)
+        return info
+
     async def _fetch_blob(
-        self, repository: Repository, digest: str, size: int, label: str, progress: _Progress
-    ) -> None:
+        self,
+        repository: Repository,
+        digest: str,
+        size: int,
+        diff_id: str | None,
+        labels: list[str],
+        progress: _Progress,
+    ) -> Path | None:
+        """Download one layer blob into the store, unpacking it as it arrives.
+
+        The blob is checked against its digest as it streams and moved into
+        blobs/ only when it matches. With a ``diff_id`` whose layer is not
+        unpacked yet, it is unpacked in the same pass into a directory under
+        tmp/, returned for the caller to adopt once every layer is there.
+        """
         lock = self._blob_locks.setdefault(digest, asyncio.Lock())
         async with lock:
-            if await self.work(self.store.has_blob, digest):
-                progress.set(label, done=size, state="exists")
-                return
-            partial = self.store.partial_path(digest)
+            have_blob, have_layer = await self.work(self._stored, digest, diff_id)
+            if have_blob:
+                progress.set_all(labels, done=size, state="exists")
+                return None
             self.busy_partials.add(digest)
             try:
-                for attempt in range(1, BLOB_ATTEMPTS + 1):
-                    progress.set(label, state="downloading" if attempt == 1 else "resuming")
-                    try:
-                        ranged = await repository.download_blob(
-                            digest, size, partial, lambda done: progress.set(label, done=done)
-                        )
-                    except InterruptedTransferError as exc:
-                        if attempt == BLOB_ATTEMPTS:
-                            raise UnavailableError(
-                                f"{exc.args[0]} while pulling {repository.path}; run the pull "
-                                "again to resume it"
-                            ) from None
-                        log.warning("%s; resuming (attempt %d)", exc.args[0], attempt + 1)
-                        await asyncio.sleep(0.2 * attempt)
-                        continue
-                    if ranged:
-                        self.ranged_resumes += 1
-                    progress.set(label, done=size, state="downloaded")
-                    return
+                return await self._receive(
+                    repository, digest, size, None if have_layer else diff_id, labels, progress
+                )
             finally:
                 self.busy_partials.discard(digest)
+
+    def _stored(self, digest: str, diff_id: str | None) -> tuple[bool, bool]:
+        """(blob stored, layer unpacked) (blocking)."""
+        layer = diff_id is not None and self.store.layer_path(diff_id).is_dir()
+        return self.store.has_blob(digest), layer
+
+    async def _receive(
+        self,
+        repository: Repository,
+        digest: str,
+        size: int,
+        diff_id: str | None,
+        labels: list[str],
+        progress: _Progress,
+    ) -> Path | None:
+        partial = self.store.partial_path(digest)
+        for start in (1, 2):
+            try:
+                return await self._receive_once(
+                    repository, digest, size, diff_id, labels, progress, partial
+                )
+            except UnresumableTransferError as exc:
+                await asyncio.to_thread(partial.unlink, True)
+                if start == 2:
+                    raise
+                log.warning("%s; starting it again", exc.args[0])
+        raise AssertionError("unreachable")
+
+    async def _receive_once(
+        self,
+        repository: Repository,
+        digest: str,
+        size: int,
+        diff_id: str | None,
+        labels: list[str],
+        progress: _Progress,
+        partial: Path,
+    ) -> Path | None:
+        """One stream of a blob through a receiving thread, resumed as often as it breaks."""
+        prefix = await asyncio.to_thread(_partial_size, partial, size)
+        work = self.store.work_path() if diff_id is not None else None
+        pipe = Pipe()
+        receiver = asyncio.get_running_loop().run_in_executor(
+            self._receivers(), receive_blob, pipe, partial, prefix, (digest, size), work, diff_id
+        )
+        have = prefix
+
+        async def write(data: bytes) -> None:
+            nonlocal have
+            if size and have + len(data) > size:
+                raise CorruptBlobError(_corrupt(repository, digest))
+            try:
+                await pipe.write(data)
+            except ReaderGoneError:
+                await receiver  # raises the thread's own error
+                raise
+            have += len(data)
+            progress.set_all(labels, done=have)
+
+        try:
+            progress.set_all(labels, done=have, state="downloading")
+            attempt = 0
+            while have < size or not size:
+                attempt += 1
+                try:
+                    if await repository.download_blob(digest, have, write):
+                        self.ranged_resumes += 1
+                    if size and have < size:
+                        raise InterruptedTransferError(
+                            f"the registry {repository.host} ended blob {digest} after "
+                            f"{have} of {size} bytes"
+                        )
+                    break
+                except UnresumableTransferError:
+                    raise
+                except InterruptedTransferError as exc:
+                    if attempt >= BLOB_ATTEMPTS:
+                        raise UnavailableError(
+                            f"{exc.args[0]} while pulling {repository.path}; run the pull "
+                            "again to resume it"
+                        ) from None
+                    log.warning("%s; resuming (attempt %d)", exc.args[0], attempt + 1)
+                    progress.set_all(labels, state="resuming")
+                    await asyncio.sleep(0.2 * attempt)
+            pipe.end()
+            progress.set_all(labels, done=have, state="unpacking")
+            received = await receiver
+        except BaseException as exc:
+            pipe.abort()  # the thread stops; a broken download's partial file stays
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(receiver)
+            if isinstance(exc, CorruptBlobError):
+                await asyncio.to_thread(partial.unlink, True)
+            if isinstance(exc, OSError):
+                where = f" ({exc.filename})" if exc.filename else ""
+                log.exception("receiving blob %s failed", digest)
+                raise ZLayerError(f"the image store failed: {exc.strerror or exc}{where}") from None
+            raise
+        if received.digest != digest or (size and received.size != size):
+            raise CorruptBlobError(_corrupt(repository, digest))
+        await self.work(self.store.keep_download, digest)
+        progress.set_all(labels, done=have, state="unpacked" if received.unpacked else "stored")
+        return work if received.unpacked else None
+
+    def _receivers(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that take blobs as they arrive (never the loop's default pool)."""
+        if self._receiver_pool is None:
+            self._receiver_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=RECEIVER_THREADS, thread_name_prefix="receive"
+            )
+        return self._receiver_pool
 
     # ------------------------------------------------------------ push
 
@@ -477,6 +628,56 @@ def _label(number: int, digest: str) -> str:
     return f"layer {number} {short(digest)}"
 
 
+def _stream_diff_ids(manifest: dict[str, Any], config: bytes) -> list[str] | None:
+    """The diff ids to unpack an image's layers by as they download; None to unpack after.
+
+    Only tar layers (plain, gzip, zstd) are unpacked as they stream, and
+    only when the config lists a valid diff id for each; anything else (a
+    WebAssembly artifact, an odd config) takes the store's own path.
+    """
+    layers = manifest.get("layers") or []
+    config_type = str((manifest.get("config") or {}).get("mediaType") or "")
+    kinds = [str(layer.get("mediaType") or "") for layer in layers if isinstance(layer, dict)]
+    if len(kinds) != len(layers) or any("wasm" in k for k in (*kinds, config_type)):
+        return None
+    if "wasm" in str(manifest.get("artifactType") or "") or not all("tar" in k for k in kinds):
+        return None
+    try:
+        document = json.loads(config)
+        diff_ids = document["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        return None
+    if not all(isinstance(d, str) and sha256_hex_of(d) is not None for d in diff_ids):
+        return None
+    return [str(d) for d in diff_ids]
+
+
+def _partial_size(partial: Path, size: int) -> int:
+    """How much of a blob an earlier attempt left in ``partial`` (too much: none of it)."""
+    try:
+        have = os.stat(partial).st_size
+    except FileNotFoundError:
+        return 0
+    if size and have > size:
+        partial.unlink(missing_ok=True)
+        return 0
+    return have
+
+
+def _remove_trees(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _corrupt(repository: Repository, digest: str) -> str:
+    return (
+        f"the registry {repository.registry} sent blob {digest} of {repository.path} with "
+        "content that does not match its digest; it was thrown away and nothing was kept"
+    )
+
+
 class _Progress:
     """Per-layer progress of one pull, mirrored into every job that waits on it."""
 
@@ -489,6 +690,10 @@ class _Progress:
         current.update({k: v for k, v in values.items() if v is not None})
         for job in self.jobs:
             job.progress(label, **values)
+
+    def set_all(self, labels: list[str], **values: Any) -> None:
+        for label in labels:
+            self.set(label, **values)
 
     def replay(self, job: Job) -> None:
         for label, values in self.items.items():

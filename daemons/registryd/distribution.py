@@ -6,8 +6,8 @@ realm ``WWW-Authenticate`` names, with the repository's pull or push scope),
 manifests (the ``Accept`` list of OCI and Docker schema 2 types, the
 ``Content-Type`` checked against the document's ``mediaType``, the digest
 checked against ``Docker-Content-Digest`` and against a digest reference),
-blob downloads into a partial file hashed as they stream and resumed with
-``Range``, and uploads (existence check with HEAD, cross-repository mount,
+blob downloads streamed to the caller (which hashes and unpacks them as they
+arrive) and resumed with ``Range``, and uploads (existence check with HEAD, cross-repository mount,
 monolithic or chunked upload, manifest PUT).
 
 Every failure becomes a :class:`~shared.bus.ZLayerError` carrying one
@@ -23,7 +23,7 @@ import json
 import os
 import platform
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,7 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
 MAX_MANIFEST = 4 << 20  # the distribution spec's limit for a manifest
-WRITE_BUFFER = 256 << 10  # bytes gathered before a thread writes and hashes them
+READ_CHUNK = 1 << 18  # at most this much of a blob is handed on at a time
 MAX_REDIRECTS = 5
 USER_AGENT = "zlayer-registryd"
 
@@ -75,6 +75,10 @@ class CorruptBlobError(Exception):
 
 class InterruptedTransferError(Exception):
     """The connection broke mid-transfer; the partial file stays for a resume."""
+
+
+class UnresumableTransferError(InterruptedTransferError):
+    """The registry would not resume a blob where it broke off: start it again from zero."""
 
 
 def bus_error(exc: Exception) -> ZLayerError:
@@ -268,6 +272,7 @@ class Repository:
         tokens: TokenCache,
         timeout: float,
         extra_scopes: tuple[str, ...] = (),
+        probes: dict[str, Challenge | None] | None = None,
     ) -> None:
         self.http = http
         self.registry = registry  # the name people use, for messages and credentials
@@ -280,6 +285,9 @@ class Repository:
         self.scopes = (f"repository:{path}:{actions}", *extra_scopes)
         self.challenge: Challenge | None = None
         self.probed = False
+        # What each registry's /v2/ answered, kept by the client: one probe per
+        # registry, not one per pull (a changed challenge still comes as a 401).
+        self.probes = probes
 
     @property
     def host(self) -> str:
@@ -317,6 +325,10 @@ class Repository:
         """``GET /v2/``: is this a registry, and how does it want us to authenticate?"""
         if self.probed:
             return
+        if self.probes is not None and str(self.base) in self.probes:
+            self.challenge = self.probes[str(self.base)]
+            self.probed = True
+            return
         try:
             async with self.http.get(
                 self.base.with_path("/v2/"), timeout=self._timeout(), allow_redirects=False
@@ -335,6 +347,8 @@ class Repository:
         except TimeoutError as exc:
             raise self._unreachable(exc) from None
         self.probed = True
+        if self.probes is not None:
+            self.probes[str(self.base)] = self.challenge
 
     async def _authorization(self) -> str | None:
         challenge = self.challenge
@@ -455,6 +469,8 @@ class Repository:
                         scope = " ".join(self.scopes)
                         self.tokens.forget(challenge.realm, challenge.service, scope, self._who())
                     self.challenge = challenge or self.challenge
+                    if self.probes is not None:
+                        self.probes[str(self.base)] = self.challenge
                     continue
                 break
             assert response is not None
@@ -616,85 +632,56 @@ class Repository:
         return data
 
     async def download_blob(
-        self, digest: str, size: int, partial: Path, on_progress: Callable[[int], None]
+        self, digest: str, offset: int, write: Callable[[bytes], Awaitable[None]]
     ) -> bool:
-        """Fetch a blob into ``partial``, resuming what is there; True if a Range was used.
+        """Stream blob ``digest`` from byte ``offset`` on into ``write``; True if a Range was used.
 
-        The file is hashed as it is written; a wrong digest or size deletes
-        it and raises :class:`CorruptBlobError`. A broken connection leaves
-        it for the next attempt.
+        A registry that answers a Range with the whole blob has its first
+        ``offset`` bytes skipped. A broken connection raises
+        :class:`InterruptedTransferError`: what ``write`` was given is good,
+        and a resume starts after it. A registry that will not resume where
+        asked raises :class:`UnresumableTransferError`: start from zero.
+        Checking the digest is the caller's part, as the bytes stream past.
         """
-        hasher = hashlib.sha256()
-        have = await asyncio.to_thread(_hash_existing, partial, hasher, size)
-        on_progress(have)
-        if size and have == size:
-            if "sha256:" + hasher.hexdigest() == digest:
-                return False
-            await asyncio.to_thread(partial.unlink, True)
-            hasher, have = hashlib.sha256(), 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
         ranged = False
+        skip = 0
+        received = 0
         async with self.request("GET", self.url(f"blobs/{digest}"), headers=headers) as response:
             if response.status == 404:
                 raise NotFoundError(f"the registry {self.registry} has no blob {digest}")
-            if response.status == 416 or (have and response.status == 200):
-                # The registry cannot (or will not) resume: start again from zero.
-                if response.status == 416:
-                    await asyncio.to_thread(partial.unlink, True)
-                    raise InterruptedTransferError(
-                        f"the registry {self.registry} refused to resume blob {digest}"
-                    )
-                hasher, have = hashlib.sha256(), 0
-                await asyncio.to_thread(_truncate, partial)
-            elif response.status == 206:
-                ranged = True
-                if not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                    await asyncio.to_thread(partial.unlink, True)
-                    raise InterruptedTransferError(
+            if response.status == 416:
+                raise UnresumableTransferError(
+                    f"the registry {self.registry} refused to resume blob {digest}"
+                )
+            if response.status == 206:
+                if not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+                    raise UnresumableTransferError(
                         f"the registry {self.registry} resumed blob {digest} at the wrong offset"
                     )
-            elif response.status != 200:
+                ranged = True
+            elif response.status == 200:
+                skip = offset  # it cannot (or will not) resume: the first bytes are here already
+            else:
                 raise UnavailableError(
                     f"the registry {self.registry} answered HTTP {response.status} "
                     f"for blob {digest}"
                 )
-            handle = await asyncio.to_thread(open, partial, "ab")
             try:
-                buffer = bytearray()
-                async for chunk in response.content.iter_chunked(1 << 16):
-                    buffer.extend(chunk)
-                    if len(buffer) >= WRITE_BUFFER:
-                        await asyncio.to_thread(_write, handle, hasher, bytes(buffer))
-                        have += len(buffer)
-                        buffer.clear()
-                        on_progress(have)
-                        if size and have > size:
-                            break
-                if buffer:
-                    await asyncio.to_thread(_write, handle, hasher, bytes(buffer))
-                    have += len(buffer)
-                    buffer.clear()
-                    on_progress(have)
+                async for chunk in response.content.iter_chunked(READ_CHUNK):
+                    if skip:
+                        dropped = min(skip, len(chunk))
+                        skip -= dropped
+                        chunk = chunk[dropped:]
+                        if not chunk:
+                            continue
+                    received += len(chunk)
+                    await write(chunk)
             except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, TimeoutError) as exc:
                 raise InterruptedTransferError(
                     f"the registry {self.host} broke off blob {digest} after "
-                    f"{have + len(buffer)} bytes ({_reason(exc, self.timeout)})"
+                    f"{offset + received} bytes ({_reason(exc, self.timeout)})"
                 ) from None
-            finally:
-                # What arrived before a break is a valid prefix: keep it for the resume.
-                if buffer:
-                    await asyncio.to_thread(_write, handle, hasher, bytes(buffer))
-                await asyncio.to_thread(_close, handle)
-        if (size and have != size) or "sha256:" + hasher.hexdigest() != digest:
-            if size and have < size:
-                raise InterruptedTransferError(
-                    f"the registry {self.host} ended blob {digest} after {have} of {size} bytes"
-                )
-            await asyncio.to_thread(partial.unlink, True)
-            raise CorruptBlobError(
-                f"the registry {self.registry} sent blob {digest} of {self.path} with content "
-                "that does not match its digest; it was thrown away and nothing was kept"
-            )
         return ranged
 
     async def blob_exists(self, digest: str) -> bool:
@@ -796,36 +783,3 @@ class Repository:
                 f"the registry {self.registry} refused blob {digest} (HTTP {response.status}"
                 f"{': ' + _error_code(body) if _error_code(body) else ''})"
             )
-
-
-def _hash_existing(partial: Path, hasher: Any, size: int) -> int:
-    """Feed what ``partial`` already holds to ``hasher``; its length (0 if none)."""
-    try:
-        with open(partial, "rb") as handle:
-            if size and os.fstat(handle.fileno()).st_size > size:
-                handle.close()
-                partial.unlink()
-                return 0
-            have = 0
-            while chunk := handle.read(WRITE_BUFFER):
-                hasher.update(chunk)
-                have += len(chunk)
-            return have
-    except FileNotFoundError:
-        return 0
-
-
-def _write(handle: Any, hasher: Any, data: bytes) -> None:
-    handle.write(data)
-    hasher.update(data)
-
-
-def _close(handle: Any) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
-    handle.close()
-
-
-def _truncate(partial: Path) -> None:
-    with open(partial, "wb"):
-        pass

@@ -760,6 +760,38 @@ class ImageStore:
     def partial_path(self, digest: str) -> Path:
         return self.partial_dir / _hex(digest)
 
+    def work_path(self) -> Path:
+        """A fresh name under tmp/ for a layer unpacked as it downloads."""
+        return self.tmp_dir / f"unpack-{uuid.uuid4().hex}"
+
+    def keep_download(self, digest: str) -> None:
+        """Move a verified, durable download from partial/ into blobs/."""
+        final = self.blob_path(digest)
+        partial = self.partial_path(digest)
+        with self._key_lock(digest):
+            if final.is_file():
+                partial.unlink(missing_ok=True)
+            else:
+                os.rename(partial, final)
+
+    def adopt_layers(self, layers: list[tuple[str, Path]]) -> None:
+        """Make layers unpacked under tmp/ trusted: (diff id, work directory) pairs.
+
+        One sync for all of them (their files must be on disk before the
+        rename that makes them trusted), then each is renamed into layers/,
+        unless another import put it there first. Pin the diff ids first.
+        """
+        if not layers:
+            return
+        os.sync()
+        for diff_id, work in layers:
+            final = self.layer_path(diff_id)
+            with self._key_lock("layer:" + diff_id):
+                if final.is_dir():
+                    shutil.rmtree(work, ignore_errors=True)
+                else:
+                    os.rename(work, final)
+
     def pin(self, *keys: str) -> list[str]:
         """Keep blobs and layers safe from clean-ups until :meth:`unpin` (a pull or push)."""
         pinned: list[str] = []
@@ -781,6 +813,8 @@ class ImageStore:
         """Add ``name`` to a stored image (a pull of what is already here)."""
         with self._lock:
             record = self.images[record_id]
+            if name in record.names:  # names are unique: nothing changes, nothing to save
+                return record.info()
             return self._commit(record, [name])
 
     def commit_pull(

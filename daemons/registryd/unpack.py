@@ -14,7 +14,9 @@ created as they are, to be resolved later inside the container's root).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -23,8 +25,10 @@ import os
 import shutil
 import stat
 import tarfile
+import threading
 import urllib.parse
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -37,9 +41,11 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 CHUNK = 1 << 20
+PIPE_LIMIT = 4 << 20  # bytes of a blob waiting for its unpacking thread, at most
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+WASM_MAGIC = b"\x00asm"  # a WebAssembly binary: stored as it is, never untarred
 
 
 # sdbus maps each error class to one bus name, so this is an alias, not a subclass.
@@ -301,22 +307,29 @@ def unpack_layer(blob: Path, dest: Path, layer: str, diff_id: str | None) -> Non
     os.mkdir(dest, 0o755)
     with open(blob, "rb") as handle:
         stream = open_decompressed(handle)
-        hashing = _HashingReader(stream)
-        unpacker = _Unpacker(dest, layer)
-        try:
-            with tarfile.open(fileobj=hashing, mode="r|") as tar:
-                for member in tar:
-                    unpacker.entry(tar, member)
-            hashing.drain()
-        except (
-            tarfile.TarError,
-            EOFError,
-            zstandard.ZstdError,
-            gzip.BadGzipFile,
-            zlib.error,
-        ) as exc:
-            raise LayerError(f"layer {layer} is not a readable tar ({exc})") from None
-        unpacker.finish()
+        _unpack_tar(stream, dest, layer, diff_id)
+
+
+def _unpack_tar(
+    stream: IO[bytes] | gzip.GzipFile, dest: Path, layer: str, diff_id: str | None
+) -> None:
+    """Untar the uncompressed ``stream`` into ``dest``, reading it to its end, and check it."""
+    hashing = _HashingReader(stream)
+    unpacker = _Unpacker(dest, layer)
+    try:
+        with tarfile.open(fileobj=hashing, mode="r|") as tar:
+            for member in tar:
+                unpacker.entry(tar, member)
+        hashing.drain()
+    except (
+        tarfile.TarError,
+        EOFError,
+        zstandard.ZstdError,
+        gzip.BadGzipFile,
+        zlib.error,
+    ) as exc:
+        raise LayerError(f"layer {layer} is not a readable tar ({exc})") from None
+    unpacker.finish()
     if diff_id is not None:
         actual = "sha256:" + hashing.hash.hexdigest()
         if actual != diff_id:
@@ -324,3 +337,269 @@ def unpack_layer(blob: Path, dest: Path, layer: str, diff_id: str | None) -> Non
                 f"layer {layer} unpacks to {actual}, but the image config says {diff_id}; "
                 "the archive is corrupt"
             )
+
+
+# ---------------------------------------------------------------- blobs as they arrive
+
+
+class PipeAbortedError(Exception):
+    """The writer of a :class:`Pipe` gave up (a broken download, a cancelled pull)."""
+
+
+class ReaderGoneError(Exception):
+    """The thread reading a :class:`Pipe` stopped; its own error says why."""
+
+
+class Pipe:
+    """Bytes handed from the event loop to one worker thread, at most ``limit`` waiting.
+
+    The loop side awaits :meth:`write` (it waits while the buffer is full, so
+    memory stays bounded however fast the registry sends), then calls
+    :meth:`end` or :meth:`abort`; the thread side calls :meth:`read`, which
+    blocks until bytes arrive.
+    """
+
+    def __init__(self, limit: int = PIPE_LIMIT) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._ended = False
+        self._aborted = False
+        self._reader_gone = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ the event loop's side
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        while True:
+            with self._cond:
+                if self._reader_gone:
+                    raise ReaderGoneError
+                if self._aborted or self._ended:
+                    raise PipeAbortedError("the pipe is closed")
+                if self._buffered < self.limit:
+                    self._chunks.append(data)
+                    self._buffered += len(data)
+                    self._cond.notify()
+                    return
+                self._loop = asyncio.get_running_loop()
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+
+    def end(self) -> None:
+        """Everything was written: the reader sees the end once it has read it all."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify()
+
+    def abort(self) -> None:
+        """Stop the reader: its next :meth:`read` raises :class:`PipeAbortedError`."""
+        with self._cond:
+            self._aborted = True
+            self._chunks.clear()
+            self._buffered = 0
+            self._cond.notify()
+            self._wake_writer()
+
+    # ------------------------------------------------------------ the thread's side
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes, waiting for some; b"" at the end."""
+        with self._cond:
+            while not self._chunks and not self._ended and not self._aborted:
+                self._cond.wait()
+            if self._aborted:
+                raise PipeAbortedError("the download was abandoned")
+            if not self._chunks:
+                return b""
+            taken = [self._chunks.popleft()]
+            total = len(taken[0])
+            while self._chunks and total + len(self._chunks[0]) <= size:
+                total += len(self._chunks[0])
+                taken.append(self._chunks.popleft())
+            data = taken[0] if len(taken) == 1 else b"".join(taken)
+            if len(data) > size:
+                self._chunks.appendleft(data[size:])
+                data = data[:size]
+            self._buffered -= len(data)
+            self._wake_writer()
+            return data
+
+    def reader_gone(self) -> None:
+        with self._cond:
+            self._reader_gone = True
+            self._wake_writer(always=True)
+
+    def _wake_writer(self, always: bool = False) -> None:
+        """Release a writer waiting for room (the condition's lock is held)."""
+        waiter, loop = self._waiter, self._loop
+        if waiter is None or loop is None or not (always or self._buffered < self.limit):
+            return
+        self._waiter = None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(_release, waiter)
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Intake(io.RawIOBase):
+    """A blob's bytes: first what its partial file already holds, then what the pipe brings.
+
+    Everything read is hashed (the blob's digest); what comes from the pipe
+    is appended to the partial file first, so a broken pull resumes from it.
+    """
+
+    def __init__(self, pipe: Pipe, partial: Path, prefix: int) -> None:
+        self.pipe = pipe
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self._prefix_left = prefix
+        self._prefix = open(partial, "rb") if prefix else None  # noqa: SIM115
+        self._out = open(partial, "ab", buffering=0)  # noqa: SIM115
+        self._head = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._fill(view)
+
+    def _fill(self, view: memoryview) -> int:
+        if self._prefix is not None:
+            n = self._prefix.readinto(view[: min(len(view), self._prefix_left)])
+            if not n:
+                raise OSError(errno.EIO, "the partial download is shorter than it was")
+            self._prefix_left -= n
+            if not self._prefix_left:
+                self._prefix.close()
+                self._prefix = None
+            self.hash.update(view[:n])
+            self.size += n
+            return n
+        data = self.pipe.read(len(view))
+        n = len(data)
+        if n:
+            written = 0
+            while written < n:
+                written += self._out.write(data[written:]) or 0
+            self.hash.update(data)
+            self.size += n
+            view[:n] = data
+        return n
+
+    def head(self, count: int) -> bytes:
+        """The first ``count`` bytes (fewer at the end), which later reads give again."""
+        buffer = bytearray(count)
+        while len(self._head) < count:
+            n = self._fill(memoryview(buffer)[: count - len(self._head)])
+            if not n:
+                break
+            self._head += bytes(buffer[:n])
+        return self._head
+
+    def finish(self) -> None:
+        """The blob is whole: its partial file is made durable."""
+        self._out.flush()
+        os.fsync(self._out.fileno())
+
+    def close(self) -> None:
+        if self._prefix is not None:
+            self._prefix.close()
+        self._out.close()
+        super().close()
+
+
+@dataclass
+class Received:
+    """What :func:`receive_blob` made of a blob: its digest, size, and whether it is unpacked."""
+
+    digest: str
+    size: int
+    unpacked: bool
+
+
+def receive_blob(
+    pipe: Pipe,
+    partial: Path,
+    prefix: int,
+    expected: tuple[str, int],
+    dest: Path | None,
+    diff_id: str | None,
+) -> Received:
+    """Take a blob from ``pipe`` in one pass: append it to ``partial``, hash it, and unpack it.
+
+    ``partial`` already holds its first ``prefix`` bytes (a resumed
+    download): they are read again for the hash and the unpacking. With a
+    ``dest``, a tar layer (plain, gzip or zstd) is unpacked into that new
+    directory as it streams, and ``diff_id`` checked; a WebAssembly blob is
+    only stored. ``expected`` is the (digest, size) the manifest gives.
+
+    Blocking, for a worker thread. The digest is checked before anything
+    else: a blob whose content is not its digest raises CorruptBlobError
+    (from the caller's error types) even when it also fails to unpack, and
+    its partial file and ``dest`` are deleted. A pipe the loop aborts keeps
+    the partial file for a resume and deletes ``dest``.
+    """
+    digest, size = expected
+    unpacked = False
+    problem: Exception | None = None
+    try:
+        with _Intake(pipe, partial, prefix) as intake:
+            head = intake.head(len(WASM_MAGIC))
+            if dest is not None and head != WASM_MAGIC:
+                os.mkdir(dest, 0o755)
+                buffered = io.BufferedReader(intake, CHUNK)
+                try:
+                    _unpack_tar(_decompressed(buffered, head), dest, digest, diff_id)
+                    unpacked = True
+                except PipeAbortedError:
+                    raise
+                except Exception as exc:  # told only once the digest is known to match
+                    problem = exc
+                while buffered.read(CHUNK):  # the rest of the blob: its digest needs it all
+                    pass
+            else:
+                while intake.read(CHUNK):
+                    pass
+            actual = "sha256:" + intake.hash.hexdigest()
+            whole = intake.size
+            intact = actual == digest and (not size or whole == size)
+            if intact and problem is None:
+                intake.finish()
+    except BaseException:
+        pipe.reader_gone()
+        if dest is not None:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    pipe.reader_gone()
+    if not intact or problem is not None:
+        partial.unlink(missing_ok=True)
+        if dest is not None:
+            shutil.rmtree(dest, ignore_errors=True)
+        if intact and problem is not None:
+            raise problem
+    return Received(actual, whole, unpacked and intact)
+
+
+def _decompressed(buffered: BinaryIO, head: bytes) -> IO[bytes] | gzip.GzipFile:
+    if head.startswith(GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=buffered, mode="rb")
+    if head.startswith(ZSTD_MAGIC):
+        reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(
+            buffered, read_across_frames=True, closefd=False
+        )
+        return reader
+    return buffered
