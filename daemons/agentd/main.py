@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar, get_args
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import ValidationError
-from sdbus import dbus_method_async_override
+from sdbus import SdBus, dbus_method_async_override
 from sdbus.dbus_exceptions import DbusNameHasNoOwnerError, DbusServiceUnknownError
 
 from daemons.agentd.replicas import Node
-from shared.bus import (
-    DAEMONS_BY_NAME,
-    Agent1,
-    InvalidArgumentError,
-    UnavailableError,
-    proxy,
-)
+from shared.bus import DAEMONS_BY_NAME, Agent1, DaemonInfo, InvalidArgumentError, UnavailableError
+from shared.clients import OverlayClient, RegistryClient
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.paths import Paths
-from shared.wire.agent import NodeAssignments, ReplicaInfo, ServiceAssignment
+from shared.wire import WireError, decode, encode
+from shared.wire.agent import JobTrigger, NodeAssignments, ReplicaInfo, ServiceAssignment
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
 
@@ -48,15 +42,15 @@ class BusNeighbours:
     failing the replica that needs it.
     """
 
-    def __init__(self, bus: Any) -> None:
-        self.bus = bus
+    def __init__(self, bus: SdBus) -> None:
+        self.registry = RegistryClient(bus)
+        self.overlay = OverlayClient(bus)
 
-    async def _call(self, daemon: str, call: Callable[[Any], Awaitable[T]]) -> T:
-        info = DAEMONS_BY_NAME[daemon]
+    async def _call(self, info: DaemonInfo, call: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + NEIGHBOUR_WAIT
         while True:
             try:
-                return await call(proxy(info, self.bus))
+                return await call()
             except (DbusServiceUnknownError, DbusNameHasNoOwnerError):
                 if time.monotonic() > deadline:
                     raise UnavailableError(
@@ -66,21 +60,22 @@ class BusNeighbours:
                 await asyncio.sleep(NEIGHBOUR_POLL)
 
     async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs:
-        text = await self._call("registryd", lambda r: r.ensure_image(reference, pull_policy))
-        return ImageRootfs.model_validate_json(text)
+        registry = self.registry
+        return await self._call(
+            registry.info, lambda: registry.ensure_image(reference, pull_policy)
+        )
 
     async def attach(self, container_id: str, hostname: str) -> Attachment:
-        text = await self._call("overlayd", lambda o: o.attach(container_id, hostname))
-        return Attachment.model_validate_json(text)
+        overlay = self.overlay
+        return await self._call(overlay.info, lambda: overlay.attach(container_id, hostname))
 
     async def detach(self, container_id: str) -> None:
-        await self._call("overlayd", lambda o: o.detach(container_id))
+        overlay = self.overlay
+        await self._call(overlay.info, lambda: overlay.detach(container_id))
 
     async def attached(self) -> list[str]:
         # Not waited for: garbage collection looks again at the next sync.
-        overlay = proxy(DAEMONS_BY_NAME["overlayd"], self.bus)
-        raw = await overlay.list_attachments()
-        return [Attachment.model_validate(a).container_id for a in json.loads(raw)]
+        return [a.container_id for a in await self.overlay.list_attachments()]
 
 
 class ReplicaCollector(Collector):
@@ -141,17 +136,21 @@ class AgentService(Agent1):
 
     @dbus_method_async_override()
     async def apply_service(self, assignment: str) -> None:
+        try:
+            wanted = decode(assignment, ServiceAssignment)
+        except WireError as exc:
+            raise InvalidArgumentError(f"the assignment is {exc}") from None
         node = await self._ready_node()
-        await node.apply(ServiceAssignment.model_validate_json(assignment))
+        await node.apply(wanted)
 
     @dbus_method_async_override()
     async def sync_assignments(self, assignments: str) -> str:
         try:
-            view = NodeAssignments.model_validate_json(assignments)
-        except ValidationError as exc:
-            raise InvalidArgumentError(f"the assignments are not NodeAssignments: {exc}") from None
+            view = decode(assignments, NodeAssignments)
+        except WireError as exc:
+            raise InvalidArgumentError(f"the assignments are {exc}") from None
         node = await self._ready_node()
-        return (await node.sync(view)).model_dump_json()
+        return encode(await node.sync(view))
 
     @dbus_method_async_override()
     async def remove_service(
@@ -163,8 +162,7 @@ class AgentService(Agent1):
     @dbus_method_async_override()
     async def list_replicas(self, deployment: str, service: str) -> str:
         node = await self._ready_node()
-        infos = node.infos(deployment, service)
-        return json.dumps([r.model_dump(mode="json") for r in infos])
+        return encode(node.infos(deployment, service))
 
     @dbus_method_async_override()
     async def log_paths(self, replica: str) -> list[str]:
@@ -187,18 +185,25 @@ class AgentService(Agent1):
     @dbus_method_async_override()
     async def stats(self, replica: str) -> str:
         self._node.find(replica)
-        stats = await self.daemon.runtime.stats(replica)
-        return stats.model_dump_json()
+        return encode(await self.daemon.runtime.stats(replica))
 
     @dbus_method_async_override()
     async def run_job(self, deployment: str, service: str, trigger: str) -> str:
         node = await self._ready_node()
-        return (await node.run_job(deployment, service, trigger)).model_dump_json()
+        return encode(await node.run_job(deployment, service, _job_trigger(trigger)))
 
     @dbus_method_async_override()
     async def list_job_runs(self, deployment: str, service: str) -> str:
-        runs = self._node.job_runs(deployment, service)
-        return json.dumps([r.model_dump(mode="json") for r in runs])
+        return encode(self._node.job_runs(deployment, service))
+
+
+def _job_trigger(text: str) -> JobTrigger:
+    """A job run's trigger as the bus gave it, or InvalidArgument."""
+    triggers: tuple[JobTrigger, ...] = get_args(JobTrigger)
+    for trigger in triggers:
+        if text == trigger:
+            return trigger
+    raise InvalidArgumentError(f"a job run's trigger is {' or '.join(triggers)}, not {text!r}")
 
 
 class AgentDaemon(Daemon):
@@ -219,17 +224,18 @@ class AgentDaemon(Daemon):
 
         self.runtime = RuntimeLauncher(self.paths)
         await self.runtime.prepare()
+        bus = self.bus
+        assert bus is not None  # run() connects before start()
         # EnsureImage may pull a large image; the bus default (25 s) would cut it short.
-        if self.bus is not None:
-            self.bus.method_call_timeout_usec = NEIGHBOUR_CALL_USEC
+        bus.method_call_timeout_usec = NEIGHBOUR_CALL_USEC
         self.node = Node(
-            self.paths.daemon_state("agentd"), self.runtime, BusNeighbours(self.bus), self._changed
+            self.paths.daemon_state("agentd"), self.runtime, BusNeighbours(bus), self._changed
         )
         self.node_made.set()
         await self.node.load()
 
     def _changed(self, replica: ReplicaInfo) -> None:
-        self.service.replica_changed.emit(replica.model_dump_json())
+        self.service.replica_changed.emit(encode(replica))
 
     async def stop(self) -> None:
         await self.node.shutdown()

@@ -15,34 +15,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import msgspec
 from prometheus_client import Counter
-from pydantic import BaseModel, ConfigDict
 
 from daemons.agentd import probes
 from shared.bus import NotFoundError, NotSupportedError, ZLayerError
-from shared.spec import ServiceSpec
 from shared.statefile import read_state, write_atomically
 from shared.views import HeldGeneration
+from shared.wire import decode, encode
 from shared.wire.agent import (
     HealthState,
     JobRun,
+    JobTrigger,
     NodeAssignments,
     ReplicaInfo,
     ReplicaState,
+    ReplicaType,
     ServiceAssignment,
     SyncResult,
 )
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
+
+if TYPE_CHECKING:
+    from shared.spec import ServiceSpec
 
 log = logging.getLogger("zlayer.agentd")
 
@@ -120,17 +124,19 @@ class Neighbours(Protocol):
         ...
 
 
-class ReplicaRecord(BaseModel):
-    """A replica as persisted; the bus sees it as ReplicaInfo."""
+class ReplicaRecord(msgspec.Struct, kw_only=True):
+    """A replica as persisted; the bus sees it as ReplicaInfo.
 
-    model_config = ConfigDict(extra="ignore")
+    agentd's own file, not a bus value: the lifecycle changes it in place,
+    and fields it does not know (from another version) are ignored.
+    """
 
     id: str
     deployment: str
     service: str
     instance: int
     revision: int
-    rtype: str = "service"
+    rtype: ReplicaType = "service"
     image: str
     state: ReplicaState = "creating"
     health: HealthState = "none"
@@ -143,11 +149,27 @@ class ReplicaRecord(BaseModel):
     finished_at: float | None = None
     message: str = ""
     job_run: str | None = None
-    trigger: str = ""
+    trigger: JobTrigger | Literal[""] = ""
 
     def info(self) -> ReplicaInfo:
-        return ReplicaInfo.model_validate(
-            self.model_dump(exclude={"job_run", "trigger"}) | {"rtype": self.rtype}
+        return ReplicaInfo(
+            id=self.id,
+            deployment=self.deployment,
+            service=self.service,
+            instance=self.instance,
+            revision=self.revision,
+            rtype=self.rtype,
+            image=self.image,
+            state=self.state,
+            health=self.health,
+            pid=self.pid,
+            address=self.address,
+            exit_code=self.exit_code,
+            oom_killed=self.oom_killed,
+            restarts=self.restarts,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            message=self.message,
         )
 
 
@@ -233,7 +255,7 @@ class Node:
         write_atomically(path, text)
 
     def _save(self, replica: Replica) -> None:
-        self._write(self.record_dir / f"{replica.record.id}.json", replica.record.model_dump_json())
+        self._write(self.record_dir / f"{replica.record.id}.json", encode(replica.record))
 
     def _update(self, replica: Replica, **changes: Any) -> None:
         record = replica.record
@@ -262,7 +284,10 @@ class Node:
     async def _load(self) -> None:
         for path in sorted(self.assign_dir.glob("*.json")):
             assignment = read_state(
-                path, ServiceAssignment.model_validate_json, "until schedd sends it again", log
+                path,
+                lambda text: decode(text, ServiceAssignment),
+                "until schedd sends it again",
+                log,
             )
             if assignment is not None:
                 self.assignments[(assignment.deployment, assignment.service)] = assignment
@@ -270,12 +295,15 @@ class Node:
         for path in sorted(self.record_dir.glob("*.json")):
             record = read_state(
                 path,
-                ReplicaRecord.model_validate_json,
+                lambda text: decode(text, ReplicaRecord),
                 "its container, if any, is removed as garbage",
                 log,
             )
             if record is None:
                 continue
+            # pydantic and the spec models only once there is a replica
+            from shared.spec import ServiceSpec
+
             owner = self.assignments.get((record.deployment, record.service))
             if owner is None:
                 spec = ServiceSpec.model_validate({"image": record.image})
@@ -396,7 +424,7 @@ class Node:
         if before is not None and before == assignment:
             return
         name = f"{assignment.deployment}--{assignment.service}.json"
-        self._write(self.assign_dir / name, assignment.model_dump_json())
+        self._write(self.assign_dir / name, encode(assignment))
         if before is not None and assignment.retry > before.retry:
             self._retry_failed(assignment)
 
@@ -450,6 +478,8 @@ class Node:
         log.info("%s of %s is no longer assigned to this node", service, deployment)
 
     async def _converge(self, assignment: ServiceAssignment) -> None:
+        from shared.spec import ServiceSpec
+
         spec = ServiceSpec.model_validate(assignment.spec)
         # revision -> how many replicas of it may stay (instances 1..n)
         keep = {old.revision: old.replicas for old in assignment.previous}
@@ -493,7 +523,7 @@ class Node:
         spec: ServiceSpec,
         instance: int,
         job_run: str | None = None,
-        trigger: str = "",
+        trigger: JobTrigger | Literal[""] = "",
         revision: int | None = None,
     ) -> Replica:
         revision = assignment.revision if revision is None else revision
@@ -649,7 +679,7 @@ class Node:
         runs: list[JobRun] = []
         pattern = f"{deployment}--{service}.json" if service else f"{deployment}--*.json"
         for path in self.runs_dir.glob(pattern):
-            runs += [JobRun.model_validate(r) for r in json.loads(path.read_text())]
+            runs += decode(path.read_text(), list[JobRun])
         return sorted(runs, key=lambda r: r.started_at, reverse=True)
 
     @property
@@ -685,13 +715,15 @@ class Node:
         path = self._runs_file(run.deployment, run.service)
         runs = [r for r in self.job_runs(run.deployment, run.service) if r.id != run.id]
         runs = [run, *runs][:JOB_RUNS_KEPT]
-        self._write(path, json.dumps([r.model_dump(mode="json") for r in runs]))
+        self._write(path, encode(runs))
 
-    async def run_job(self, deployment: str, service: str, trigger: str) -> JobRun:
+    async def run_job(self, deployment: str, service: str, trigger: JobTrigger) -> JobRun:
         await self.loaded.wait()
         assignment = self.assignments.get((deployment, service))
         if assignment is None:
             raise NotFoundError(f"{service} of {deployment} is not assigned to this node")
+        from shared.spec import ServiceSpec
+
         spec = ServiceSpec.model_validate(assignment.spec)
         started = time.time()
         run_id = f"run{int(started * 1000)}"

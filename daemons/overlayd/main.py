@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from shared.logs import setup_logging
 from shared.paths import Paths
 from shared.traffic import TrafficError
 from shared.views import TrafficHolder
+from shared.wire import encode
 from shared.wire.agent import SyncResult
 from shared.wire.traffic import DeploymentTraffic
 
@@ -93,7 +93,7 @@ class OverlayService(Overlay1):
             self.daemon.log.exception("attaching %s failed", container_id)
             raise UnavailableError(f"cannot attach {container_id} to the network: {exc}") from None
         ATTACHES.labels(result="ok").inc()
-        return attachment.model_dump_json()
+        return encode(attachment)
 
     @dbus_method_async_override()
     async def detach(self, container_id: str) -> None:
@@ -108,12 +108,11 @@ class OverlayService(Overlay1):
 
     @dbus_method_async_override()
     async def list_attachments(self) -> str:
-        attachments = self.daemon.network.attachments()
-        return json.dumps([a.model_dump(mode="json") for a in attachments])
+        return encode(self.daemon.network.attachments())
 
     @dbus_method_async_override()
     async def get_network(self) -> str:
-        return self.daemon.network.info().model_dump_json()
+        return encode(self.daemon.network.info())
 
     @dbus_method_async_override()
     async def set_traffic(self, deployment: str, traffic: str) -> None:
@@ -121,11 +120,11 @@ class OverlayService(Overlay1):
 
     @dbus_method_async_override()
     async def sync_traffic(self, views: str) -> str:
-        return (await self.daemon.sync_traffic(views)).model_dump_json()
+        return encode(await self.daemon.sync_traffic(views))
 
     @dbus_method_async_override()
     async def list_records(self) -> str:
-        return json.dumps([r.model_dump(mode="json") for r in self.daemon.zone.records()])
+        return encode(self.daemon.zone.records())
 
 
 class OverlayDaemon(Daemon):
@@ -239,7 +238,7 @@ class OverlayDaemon(Daemon):
         """schedd's complete view: apply every deployment, remove the ones it no longer names."""
 
         async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
-            await self.push_traffic(parse_bus_traffic(deployment, view.model_dump_json()))
+            await self.push_traffic(parse_bus_traffic(deployment, encode(view)))
 
         return await self.views.sync(text, lambda: self.network.traffic, apply_one)
 

@@ -39,6 +39,7 @@ from daemons.overlayd.publish import (
 from daemons.overlayd.settings import OverlaySettings, host_resolvers
 from shared.statefile import StateFormatError, read_state, remove_leftovers, write_atomically
 from shared.traffic import TrafficError
+from shared.wire import decode, encode
 from shared.wire.overlay import Attachment, NetworkInfo
 from shared.wire.traffic import DeploymentTraffic
 
@@ -119,7 +120,7 @@ class NodeNetwork:
         remove_leftovers(self.traffic_dir)  # writes cut short by a crash
         for path in sorted(self.traffic_dir.glob("*.json")):
             traffic = read_state(
-                path, DeploymentTraffic.model_validate_json, "the next push replaces it", log
+                path, lambda text: decode(text, DeploymentTraffic), "the next push replaces it", log
             )
             if traffic is None:
                 continue
@@ -464,7 +465,7 @@ class NodeNetwork:
             )
 
     def _save_traffic(self, traffic: DeploymentTraffic) -> None:
-        write_atomically(self.traffic_dir / f"{traffic.deployment}.json", traffic.model_dump_json())
+        write_atomically(self.traffic_dir / f"{traffic.deployment}.json", encode(traffic))
 
     def published_ports(self) -> list[PublishedPort]:
         return [port for ports in self.published.values() for port in ports]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import socket
 import ssl
@@ -40,13 +39,13 @@ from shared.bus import (
     InvalidArgumentError,
     Proxy1,
     UnavailableError,
-    proxy,
 )
+from shared.clients import OverlayClient
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
 from shared.paths import Paths
 from shared.views import TrafficHolder
+from shared.wire import encode
 from shared.wire.agent import SyncResult
-from shared.wire.overlay import NetworkInfo
 from shared.wire.traffic import DeploymentTraffic
 
 REBIND_INTERVAL = 5.0
@@ -81,17 +80,17 @@ class ProxyService(Proxy1):
 
     @dbus_method_async_override()
     async def sync_traffic(self, views: str) -> str:
-        return (await self.daemon.sync_traffic(views)).model_dump_json()
+        return encode(await self.daemon.sync_traffic(views))
 
     @dbus_method_async_override()
     async def list_routes(self) -> str:
         daemon = self.daemon
         infos = daemon.routes.route_infos(daemon.settings.listen_addresses, daemon.node_address)
-        return json.dumps([info.model_dump(mode="json") for info in infos])
+        return encode(infos)
 
     @dbus_method_async_override()
     async def service_stats(self) -> str:
-        return json.dumps([s.model_dump(mode="json") for s in self.daemon.routes.stats()])
+        return encode(self.daemon.routes.stats())
 
 
 class ProxyDaemon(Daemon):
@@ -260,10 +259,10 @@ class ProxyDaemon(Daemon):
         """Ask overlayd for the node network's address (internal endpoints listen there)."""
         if self.node_address or self.bus is None:
             return
-        overlay = proxy(DAEMONS_BY_NAME["overlayd"], self.bus)
+        overlay = OverlayClient(self.bus)
         try:
-            text = await asyncio.wait_for(overlay.get_network(), NETWORK_TIMEOUT)
-            self.node_address = NetworkInfo.model_validate_json(text).gateway
+            network = await asyncio.wait_for(overlay.get_network(), NETWORK_TIMEOUT)
+            self.node_address = network.gateway
         except Exception as exc:  # not running yet, or restarting: the rebind loop asks again
             message = (
                 "internal endpoints wait for the node network's address: "
@@ -439,7 +438,7 @@ class ProxyDaemon(Daemon):
         """schedd's complete view: apply every deployment, remove the ones it no longer names."""
 
         async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
-            await self.set_traffic(deployment, view.model_dump_json())
+            await self.set_traffic(deployment, encode(view))
 
         return await self.views.sync(text, lambda: self.routes.deployments, apply_one)
 

@@ -28,12 +28,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from daemons.proxyd.metrics import RouteMetrics
-from shared.spec.models import EndpointSpec
 from shared.statefile import StateFormatError, read_state, write_atomically
 from shared.traffic import TrafficError, backend_port, endpoint_path, parse_traffic
+from shared.wire import encode
 from shared.wire.traffic import DeploymentTraffic, RouteInfo, ServiceStats, ServiceTraffic
 
 DEFAULT_SESSION_TIMEOUT = 60.0
@@ -234,6 +232,13 @@ class Routes:
             traffic = parse_traffic(deployment, traffic_json)
         except TrafficError as exc:
             raise RouteError(str(exc)) from None
+        if not any(service.endpoints for service in traffic.services):
+            return traffic
+        # pydantic and the spec models only once a deployment has endpoints
+        from pydantic import ValidationError
+
+        from shared.spec.models import EndpointSpec
+
         for service in traffic.services:
             for index, endpoint in enumerate(service.endpoints):
                 try:
@@ -361,6 +366,8 @@ class Routes:
         l7 = raw.get("protocol") in L7_PROTOCOLS  # internal ones too: the node address serves them
         if not l7 and kind != "l4-proxy":
             return None
+        from shared.spec.models import EndpointSpec
+
         spec = EndpointSpec.model_validate(raw)
         port = backend_port(raw)
         backends = [self._backend(b.address, port) for b in traffic.backends]
@@ -502,7 +509,7 @@ class Routes:
         if not traffic.services:
             path.unlink(missing_ok=True)
             return
-        write_atomically(path, traffic.model_dump_json())
+        write_atomically(path, encode(traffic))
 
     def load(self) -> list[str]:
         """Read every persisted push into the table; warnings for files that were skipped.
