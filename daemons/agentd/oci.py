@@ -50,7 +50,7 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
@@ -70,7 +70,7 @@ def read_pidfile(path: Path) -> int:
 
 def is_conmon(pid: int, container_id: str) -> bool:
     """Whether ``pid`` is still the running conmon of this container (pids get reused)."""
-    if not pid_alive(pid):
+    if not _pid_alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
