@@ -1,12 +1,12 @@
 """The container lifecycle of zlayer-agentd, through conmon and crun (runc as fallback).
 
-Owns everything between "run this replica" and a process in its cgroup:
-bundles (:mod:`daemons.agentd.bundle`) with their overlayfs root mounted at
-``<bundle>/rootfs``, conmon (which double-forks, so containers outlive
-agentd, and which writes k8s-file logs and the exit code), the OCI runtime's
-state, stop with a grace period, exec with the caller's descriptors, stats and
-OOM from the cgroup, log rotation, and adoption of the containers a previous
-agentd left running.
+Owns a container's life between "run this replica" and its removal: create
+(the bundle, its overlayfs root at ``<bundle>/rootfs``, conmon, which
+double-forks so containers outlive agentd and writes the k8s-file log and the
+exit code), start, state and exit status (with the OOM verdict read before the
+cgroup goes), stop with a grace period, exec with the caller's descriptors,
+stats, delete, log rotation, and adoption of the containers a previous agentd
+left running.
 
 Directories (``state_dir`` persists, ``run_dir`` is volatile)::
 
@@ -20,7 +20,7 @@ The pieces live beside it: the bundle's config in :mod:`daemons.agentd.bundle`,
 its files and overlayfs root in :mod:`daemons.agentd.bundle_files`, conmon and the
 OCI runtime as processes in :mod:`daemons.agentd.oci`, the logs in
 :mod:`daemons.agentd.logs` and cgroup reads in :mod:`daemons.agentd.cgroups`.
-This class holds them together and is the only public surface.
+:class:`ContainerRuntime` holds them together and is what the rest of agentd uses.
 
 Every failure is a :class:`~daemons.agentd.errors.ContainerError` whose
 message is one sentence, never the runtime's stderr alone.
