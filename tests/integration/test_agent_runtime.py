@@ -29,6 +29,7 @@ from daemons.agentd.runtime import ContainerRuntime
 from shared.busybox_image import busybox_entries, make_tar
 from shared.paths import Paths
 from shared.spec import ServiceSpec
+from shared.wire import encode, replace
 from shared.wire.registry import ImageConfig, ImageInfo, ImageRootfs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,15 +150,14 @@ def test_output_lands_in_the_k8s_file_log_and_the_exit_code_is_recorded(rt: Harn
 
 
 def test_image_command_env_and_workdir_reach_the_process(rt: Harness) -> None:
-    rootfs = rt.rootfs.model_copy(
-        update={
-            "config": ImageConfig(
-                entrypoint=["sh", "-c"],
-                cmd=['echo "$GREETING $WHO from $(pwd)"'],
-                env=["PATH=/bin", "GREETING=hi", "WHO=image"],
-                workdir="/etc",
-            )
-        }
+    rootfs = replace(
+        rt.rootfs,
+        config=ImageConfig(
+            entrypoint=["sh", "-c"],
+            cmd=['echo "$GREETING $WHO from $(pwd)"'],
+            env=["PATH=/bin", "GREETING=hi", "WHO=image"],
+            workdir="/etc",
+        ),
     )
 
     async def scenario() -> None:
@@ -375,13 +375,14 @@ CREATE_AND_LEAVE = """
 import asyncio, sys
 from pathlib import Path
 from daemons.agentd.runtime import ContainerRuntime
+from shared.wire import decode
 from shared.wire.registry import ImageRootfs
 from shared.spec import ServiceSpec
 
 async def main() -> None:
     runtime = ContainerRuntime(Path(sys.argv[1]), Path(sys.argv[2]))
     await runtime.prepare()
-    rootfs = ImageRootfs.model_validate_json(sys.argv[3])
+    rootfs = decode(sys.argv[3], ImageRootfs)
     for cid, script in (("t-survivor", "sleep 1; exit 5"), ("t-gone", "exit 9")):
         spec = ServiceSpec.model_validate(
             {"image": "busybox", "command": {"entrypoint": ["sh", "-c"], "args": [script]}}
@@ -400,7 +401,7 @@ def test_a_container_outlives_its_creator_and_is_adopted(rt: Harness) -> None:
             CREATE_AND_LEAVE,
             str(rt.state_dir),
             str(rt.run_dir),
-            rt.rootfs.model_dump_json(),
+            encode(rt.rootfs),
         ],
         cwd=REPO,
         check=True,

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from ctl.supervisor import find_executable
 from daemons.overlayd import plumbing
-from shared.bus import DAEMONS_BY_NAME, UnavailableError, open_bus, proxy
+from shared.bus import UnavailableError, open_bus
 from shared.busdaemon import PrivateBus
+from shared.clients import OverlayClient
 from shared.paths import Paths
 from shared.wire.daemon import DaemonStatus
 from shared.wire.overlay import Attachment, NetworkInfo
@@ -41,6 +41,7 @@ pytestmark = [
 ]
 
 _counter = itertools.count()
+T = TypeVar("T")
 
 
 def _network_for_test() -> tuple[str, IPv4Network]:
@@ -108,30 +109,37 @@ class Overlayd:
             env=self.env,
         )
 
-    def call(self, method: str, *args: Any) -> Any:
-        async def run() -> Any:
+    def ask(self, call: Callable[[OverlayClient], Awaitable[T]]) -> T:
+        """One call of overlayd's typed client, on a connection of its own."""
+
+        async def run() -> T:
             bus = open_bus(self.bus.address)
             try:
-                return await getattr(proxy(DAEMONS_BY_NAME["overlayd"], bus), method)(*args)
+                return await call(OverlayClient(bus))
             finally:
                 bus.close()
 
         return asyncio.run(run())
 
+    def call(self, method: str, *args: Any) -> Any:
+        """A member of Overlay1 with any arguments, malformed ones too (the typed client
+        sends only Structs)."""
+        return self.ask(lambda client: getattr(client.proxy, method)(*args))
+
     def attach(self, container_id: str, hostname: str = "") -> Attachment:
-        return Attachment.model_validate_json(self.call("attach", container_id, hostname))
+        return self.ask(lambda client: client.attach(container_id, hostname))
 
     def detach(self, container_id: str) -> None:
-        self.call("detach", container_id)
+        self.ask(lambda client: client.detach(container_id))
 
     def attachments(self) -> list[Attachment]:
-        return [Attachment.model_validate(a) for a in json.loads(self.call("list_attachments"))]
+        return self.ask(lambda client: client.list_attachments())
 
     def network(self) -> NetworkInfo:
-        return NetworkInfo.model_validate_json(self.call("get_network"))
+        return self.ask(lambda client: client.get_network())
 
     def metrics(self) -> str:
-        status = DaemonStatus.from_dbus(self.call("status"))
+        status = self.ask(lambda client: client.status())
         with urllib.request.urlopen(status.metrics_url, timeout=5) as response:
             return str(response.read().decode())
 
@@ -413,10 +421,10 @@ def test_concurrent_attaches_get_distinct_addresses_and_status_keeps_answering(
 ) -> None:
     ids = [f"many-{i}" for i in range(12)]
 
-    async def run() -> tuple[list[str], list[Any]]:
+    async def run() -> tuple[list[Attachment], list[DaemonStatus]]:
         bus = open_bus(overlayd.bus.address)
         try:
-            daemon = proxy(DAEMONS_BY_NAME["overlayd"], bus)
+            daemon = OverlayClient(bus)
             attaches = asyncio.gather(*(daemon.attach(cid, cid) for cid in ids))
             # The bus is served while netlink work runs in a thread.
             statuses = asyncio.gather(*(daemon.status() for _ in range(5)))
@@ -424,10 +432,9 @@ def test_concurrent_attaches_get_distinct_addresses_and_status_keeps_answering(
         finally:
             bus.close()
 
-    raw, statuses = asyncio.run(run())
-    attached = [Attachment.model_validate_json(text) for text in raw]
+    attached, statuses = asyncio.run(run())
     assert len({a.address for a in attached}) == len(ids)
-    assert all(DaemonStatus.from_dbus(s).state == "running" for s in statuses)
+    assert all(s.state == "running" for s in statuses)
     assert ping(attached[0], attached[-1].address)
     for cid in ids:
         overlayd.detach(cid)

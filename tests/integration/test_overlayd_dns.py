@@ -111,13 +111,11 @@ def push(overlayd: Overlayd, deployment: str, services: dict[str, list[Backend]]
             for name, backends in services.items()
         ],
     )
-    overlayd.call("set_traffic", deployment, traffic.model_dump_json())
+    overlayd.ask(lambda client: client.set_traffic(deployment, traffic))
 
 
 def records(overlayd: Overlayd) -> list[DnsRecord]:
-    import json
-
-    return [DnsRecord.model_validate(r) for r in json.loads(overlayd.call("list_records"))]
+    return overlayd.ask(lambda client: client.list_records())
 
 
 def test_service_and_replica_names_follow_the_pushes(make_overlayd: Any) -> None:

@@ -31,10 +31,14 @@ from aiohttp import WSMsgType, web
 
 from ctl.fdstore import ChildStart, FdStore, receive
 from ctl.supervisor import find_executable
-from shared.bus import DAEMONS_BY_NAME, ConflictError, InvalidArgumentError, open_bus, proxy
+from shared.bus import ConflictError, InvalidArgumentError, open_bus
 from shared.busdaemon import PrivateBus
+from shared.clients import OverlayClient, ProxyClient
 from shared.paths import Paths
+from shared.wire import convert
 from shared.wire.daemon import DaemonStatus
+from shared.wire.overlay import NetworkInfo
+from shared.wire.traffic import DeploymentTraffic, RouteInfo, ServiceStats
 from tests.integration.test_daemon import NotifyListener, start, stop
 
 T = TypeVar("T")
@@ -282,41 +286,46 @@ class Proxyd:
             assert code == 0, err
             assert "Traceback" not in err, err
 
-    def call(self, method: str, *args: Any) -> Any:
-        async def run() -> Any:
+    def ask(self, call: Callable[[ProxyClient], Awaitable[T]]) -> T:
+        """One call of proxyd's typed client, on a connection of its own."""
+
+        async def go() -> T:
             bus = open_bus(self.bus.address)
             try:
-                return await getattr(proxy(DAEMONS_BY_NAME["proxyd"], bus), method)(*args)
+                return await call(ProxyClient(bus))
             finally:
                 bus.close()
 
-        return asyncio.run(run())
+        return asyncio.run(go())
 
-    def call_overlayd(self, method: str, *args: Any) -> Any:
-        async def run() -> Any:
+    def push_text(self, deployment: str, text: str) -> None:
+        """SetTraffic with any text, a malformed one too (the typed client sends only Structs)."""
+        self.ask(lambda client: client.proxy.set_traffic(deployment, text))
+
+    def network(self) -> NetworkInfo:
+        """overlayd's GetNetwork."""
+
+        async def go() -> NetworkInfo:
             bus = open_bus(self.bus.address)
             try:
-                return await getattr(proxy(DAEMONS_BY_NAME["overlayd"], bus), method)(*args)
+                return await OverlayClient(bus).get_network()
             finally:
                 bus.close()
 
-        return asyncio.run(run())
+        return asyncio.run(go())
 
     def status(self) -> DaemonStatus:
-        return DaemonStatus.from_dbus(self.call("status"))
+        return self.ask(lambda client: client.status())
 
     def push(self, deployment: str, services: list[dict[str, Any]]) -> None:
-        self.call(
-            "set_traffic", deployment, json.dumps({"deployment": deployment, "services": services})
-        )
+        traffic = convert({"deployment": deployment, "services": services}, DeploymentTraffic)
+        self.ask(lambda client: client.set_traffic(deployment, traffic))
 
-    def routes(self) -> list[dict[str, Any]]:
-        routes: list[dict[str, Any]] = json.loads(self.call("list_routes"))
-        return routes
+    def routes(self) -> list[RouteInfo]:
+        return self.ask(lambda client: client.list_routes())
 
-    def stats(self) -> list[dict[str, Any]]:
-        stats: list[dict[str, Any]] = json.loads(self.call("service_stats"))
-        return stats
+    def stats(self) -> list[ServiceStats]:
+        return self.ask(lambda client: client.service_stats())
 
     def metrics(self) -> str:
         url = self.status().metrics_url
@@ -384,8 +393,8 @@ def test_round_robin_keep_alive_forwarded_headers_stats_and_metrics(
     proxyd.start()
     proxyd.push("demo", [service("web", [proxyd.http(backends.port)], BACKENDS[:2])])
     (route,) = proxyd.routes()
-    assert route["listen"] == f"127.0.0.1:{proxyd.http_port}"
-    assert route["backends"] == [f"{a}:{backends.port}" for a in BACKENDS[:2]]
+    assert route.listen == f"127.0.0.1:{proxyd.http_port}"
+    assert route.backends == [f"{a}:{backends.port}" for a in BACKENDS[:2]]
 
     async def scenario() -> list[tuple[int, str, dict[str, str]]]:
         async with one_connection() as session:
@@ -410,8 +419,8 @@ def test_round_robin_keep_alive_forwarded_headers_stats_and_metrics(
     assert headers["Host"] == "web.test"
 
     (stats,) = proxyd.stats()
-    assert (stats["deployment"], stats["service"]) == ("demo", "web")
-    assert stats["requests_total"] == 20 and stats["active_connections"] == 0
+    assert (stats.deployment, stats.service) == ("demo", "web")
+    assert stats.requests_total == 20 and stats.active_connections == 0
     metrics = proxyd.metrics()
     labels = 'code="2xx",deployment="demo",endpoint="http",service="web"'
     assert re.search(r"zlayer_proxy_requests_total\{" + labels + r"\} 20\.0", metrics), metrics
@@ -792,7 +801,7 @@ def test_websocket_passes_through_and_posts_stream(proxyd: Proxyd, backends: Bac
     text, data, status, body = run(scenario)
     assert text == "echo hello" and data == b"cba"
     assert status == 200 and body == "127.0.0.2 POST /up 800000\n"
-    assert [s["active_connections"] for s in proxyd.stats()] == [0]
+    assert [s.active_connections for s in proxyd.stats()] == [0]
 
 
 def test_restart_serves_saved_routes_and_bad_pushes_are_named_errors(
@@ -831,14 +840,14 @@ def test_restart_serves_saved_routes_and_bad_pushes_are_named_errors(
     ]
     for deployment, payload, error, words in bad:
         with pytest.raises(error) as caught:
-            proxyd.call("set_traffic", deployment, payload)
+            proxyd.push_text(deployment, payload)
         message = str(caught.value)
         assert words in message and "\n" not in message and "Traceback" not in message
 
     proxyd.stop()
     proxyd.configure(http_port=80)  # an old file: it still starts, and says the key is unused
     proxyd.start()
-    assert [r["service"] for r in proxyd.routes()] == ["web"]
+    assert [r.service for r in proxyd.routes()] == ["web"]
     assert run(lambda: _plain_get(proxyd, "any.test")) == 200
     # An empty push removes the deployment, also from disk.
     proxyd.push("demo", [])
@@ -895,7 +904,7 @@ def test_endpoints_listen_on_their_own_ports_shared_and_routed_by_host(
     assert run(lambda: _get(base, "b.test"))[1].split()[0] == "127.0.0.3"
     assert run(lambda: _get(base, "c.test"))[0] == 404
     assert run(lambda: _get(f"http://127.0.0.1:{other}/x", "any.test"))[1].split()[0] == "127.0.0.4"
-    listens = {(r["deployment"], r["service"]): r["listen"] for r in proxyd.routes()}
+    listens = {(r.deployment, r.service): r.listen for r in proxyd.routes()}
     assert listens == {
         ("one", "web"): f"127.0.0.1:{shared}",
         ("two", "web"): f"127.0.0.1:{shared}",
@@ -919,7 +928,7 @@ def test_endpoints_listen_on_their_own_ports_shared_and_routed_by_host(
         f"cannot listen on 127.0.0.1:{taken} for three/web endpoint http: another program is "
         "listening there; stop it or give the endpoint another port"
     )
-    assert [r["deployment"] for r in proxyd.routes()].count("three") == 0
+    assert [r.deployment for r in proxyd.routes()].count("three") == 0
     assert run(lambda: _get(base, "a.test"))[0] == 200  # the others serve on
 
     # A port turns from plain to TLS in one push: the same socket serves on.
@@ -1063,7 +1072,7 @@ def test_internal_endpoints_listen_on_the_node_address_only(
     overlayd = start("overlayd", private_bus, overlay_notify)
     try:
         overlay_notify.wait_for("READY=1", timeout=30)
-        gateway = json.loads(proxyd.call_overlayd("get_network"))["gateway"]
+        gateway = proxyd.network().gateway
         proxyd.start()
         inner, mixed = proxyd.http_port, free_port()
         internal = {**http_endpoint(inner, backends.port), "expose": "internal"}
@@ -1090,7 +1099,7 @@ def test_internal_endpoints_listen_on_the_node_address_only(
         assert run(lambda: _get(f"http://{gateway}:{mixed}/", "www.test"))[1].startswith(
             "127.0.0.4"
         )
-        listens = {r["service"]: r["listen"] for r in proxyd.routes()}
+        listens = {r.service: r.listen for r in proxyd.routes()}
         assert listens == {
             "api": f"{gateway}:{inner}",
             "admin": f"{gateway}:{mixed}",

@@ -46,7 +46,7 @@ def test_an_unreadable_saved_route_is_moved_aside_and_the_next_push_restores_it(
     saved.write_bytes(damaged)
 
     proxyd.start()  # it starts, with what it could read
-    assert [r["service"] for r in proxyd.routes()] == ["api"]
+    assert [r.service for r in proxyd.routes()] == ["api"]
     assert run(lambda: _plain_get(proxyd, "api.test")) == 200
     assert run(lambda: _plain_get(proxyd, "web.test")) == 404
     # schedd's next view brings the route back, and it is saved whole again.
@@ -59,6 +59,6 @@ def test_an_unreadable_saved_route_is_moved_aside_and_the_next_push_restores_it(
     assert f"{saved} cannot be used" in proxyd.logs and f"moved it to {aside}" in proxyd.logs
     seen = len(proxyd.logs)
     proxyd.start()
-    assert sorted(r["service"] for r in proxyd.routes()) == ["api", "web"]
+    assert sorted(r.service for r in proxyd.routes()) == ["api", "web"]
     proxyd.stop()
     assert "cannot be used" not in proxyd.logs[seen:]

@@ -155,7 +155,7 @@ def test_tcp_stream_tls_and_proxy_protocol(proxyd: Proxyd, echo: EchoServers) ->
             ),
         ],
     )
-    listens = {r["endpoint"]: r["listen"] for r in proxyd.routes()}
+    listens = {r.endpoint: r.listen for r in proxyd.routes()}
     assert listens == {"tls": f"127.0.0.1:{tls_port}", "pp": f"127.0.0.1:{pp_port}"}
 
     # TLS terminated by proxyd; plain bytes at the backend; round-robin over both.
@@ -224,14 +224,14 @@ def test_health_check_takes_a_failing_backend_out(proxyd: Proxyd, echo: EchoServ
         ],
     )
     # udp needs stream.tls or proxy_protocol to be proxyd's: this one is the kernel's.
-    assert {r["endpoint"] for r in proxyd.routes()} == {"db"}
+    assert {r.endpoint for r in proxyd.routes()} == {"db"}
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         (route,) = proxyd.routes()
-        if route["backends"] == [f"127.0.0.3:{echo.port}"]:
+        if route.backends == [f"127.0.0.3:{echo.port}"]:
             break
         time.sleep(0.1)
-    assert route["backends"] == [f"127.0.0.3:{echo.port}"]
+    assert route.backends == [f"127.0.0.3:{echo.port}"]
     answers = {tcp_exchange(tcp_port, b"q%d" % i).split()[0] for i in range(4)}
     assert answers == {b"127.0.0.3"}
 
@@ -259,7 +259,7 @@ def test_udp_sessions_with_proxy_protocol(proxyd: Proxyd, echo: EchoServers) -> 
         ],
     )
     (route,) = proxyd.routes()
-    assert route["listen"] == f"udp 127.0.0.1:{udp_port}"
+    assert route.listen == f"udp 127.0.0.1:{udp_port}"
     served = []
     for _ in range(2):  # two client sockets: two sessions, one per backend
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
@@ -276,9 +276,9 @@ def test_udp_sessions_with_proxy_protocol(proxyd: Proxyd, echo: EchoServers) -> 
         served.append(backend)
     assert sorted(served) == [b"127.0.0.2", b"127.0.0.3"]
     (stats,) = proxyd.stats()
-    assert stats["requests_total"] == 4 and stats["active_connections"] == 2
+    assert stats.requests_total == 4 and stats.active_connections == 2
     time.sleep(2.2)  # past the session timeout, swept once a second
-    assert proxyd.stats()[0]["active_connections"] == 0
+    assert proxyd.stats()[0].active_connections == 0
 
     # The udp socket outlives proxyd: kept by the supervisor, taken back by the
     # next process (a datagram sent while none runs waits for it), dropped

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.netfiles import NetFileError, hosts_file, resolv_conf
+from shared.wire import replace
 from shared.wire.overlay import Attachment
 
 ATT = Attachment(
@@ -72,7 +73,7 @@ def test_resolv_conf_keeps_three_nameservers_at_most() -> None:
 
 
 def test_resolv_conf_without_resolvers_says_so() -> None:
-    bare = ATT.model_copy(update={"dns": [], "search": []})
+    bare = replace(ATT, dns=[], search=[])
     text = resolv_conf(bare)
     assert all(line.startswith("#") for line in text.splitlines())
 

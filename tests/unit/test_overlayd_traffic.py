@@ -19,6 +19,7 @@ from daemons.overlayd.publish import (
     probe_key,
     published_ports,
 )
+from shared.wire import encode
 from shared.wire.traffic import Backend, DeploymentTraffic, ServiceTraffic
 
 
@@ -140,7 +141,7 @@ def test_conflicts_and_bad_pushes() -> None:
     with pytest.raises(TrafficError, match="both publish tcp port 80"):
         published_ports(traffic("a", {"s": (twice, 1)}))
     with pytest.raises(TrafficError, match="not a DNS-safe"):
-        parse_traffic("Bad_Name", DeploymentTraffic(deployment="Bad_Name").model_dump_json())
+        parse_traffic("Bad_Name", encode(DeploymentTraffic(deployment="Bad_Name")))
 
 
 def test_rules_round_robin_reject_and_health() -> None:
