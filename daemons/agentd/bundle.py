@@ -28,22 +28,17 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemons.agentd.errors import BundleError
 from shared import netfiles
-from shared.spec import ServiceSpec
-from shared.spec.models import (
-    AnonymousStorage,
-    BindStorage,
-    NamedStorage,
-    S3Storage,
-    TmpfsStorage,
-    Ulimit,
-)
-from shared.spec.support import no_new_privileges
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
+
+if TYPE_CHECKING:
+    # the spec models (pydantic) load with the first replica, not with agentd
+    from shared.spec import ServiceSpec
+    from shared.spec.models import Ulimit
 
 log = logging.getLogger("zlayer.agentd.bundle")
 
@@ -415,6 +410,14 @@ def storage_mounts(
     spec: ServiceSpec, bundle_dir: Path, volumes_dir: Path
 ) -> tuple[list[dict[str, Any]], list[Path], list[Path]]:
     """(mounts, directories to create, named volume directories) for ``spec.storage``."""
+    from shared.spec.models import (
+        AnonymousStorage,
+        BindStorage,
+        NamedStorage,
+        S3Storage,
+        TmpfsStorage,
+    )
+
     mounts: list[dict[str, Any]] = []
     dirs: list[Path] = []
     named: list[Path] = []
@@ -524,6 +527,8 @@ def build_bundle(
     resolved; ``args`` replaces the whole command (one-shot runs);
     ``attachment`` None runs in the host's network namespace.
     """
+    from shared.spec.support import no_new_privileges
+
     warnings: list[str] = []
     hostname = ids.hostname or spec.hostname or ids.container_id
     user = resolve_user(str(spec.user or rootfs.config.user or "0"), rootfs.lower_dirs)

@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemons.agentd.bundle import ReplicaIds
 from daemons.agentd.runtime import ContainerRuntime
 from shared.paths import Paths
-from shared.spec import ServiceSpec
 from shared.wire.agent import ReplicaStats
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
+
+if TYPE_CHECKING:
+    from shared.spec import ServiceSpec
 
 log = logging.getLogger("zlayer.agentd")
 

@@ -41,16 +41,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from daemons.agentd import bundle_files, cgroups, logs, oci
 from daemons.agentd.bundle import HostFacts, ReplicaIds, build_bundle
 from daemons.agentd.errors import BundleError, CgroupError, ContainerError, ContainerNotFound
-from shared.spec import ServiceSpec
 from shared.statefile import write_atomically
 from shared.wire.agent import ReplicaStats
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
+
+if TYPE_CHECKING:
+    from shared.spec import ServiceSpec
 
 log = logging.getLogger("zlayer.agentd.runtime")
 

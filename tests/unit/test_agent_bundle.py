@@ -11,6 +11,7 @@ from daemons.agentd import bundle, cgroups
 from daemons.agentd.bundle import HostFacts, ReplicaIds, build_bundle, resolve_user
 from daemons.agentd.errors import BundleError
 from shared.spec import ServiceSpec
+from shared.spec.models import Ulimit
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageConfig, ImageInfo, ImageRootfs
 
@@ -222,9 +223,9 @@ def test_capability_sets_and_no_new_privileges(layers: list[str]) -> None:
 def test_rlimits_are_clamped_to_the_hosts_hard_limits() -> None:
     limits, warnings = bundle.rlimits(
         {
-            "nofile": bundle.Ulimit(soft=1048576, hard=1048576),
+            "nofile": Ulimit(soft=1048576, hard=1048576),
             "nproc": 4096,
-            "core": bundle.Ulimit(soft=0, hard=-1),
+            "core": Ulimit(soft=0, hard=-1),
         },
         {"RLIMIT_NOFILE": 20000, "RLIMIT_NPROC": -1},
     )
