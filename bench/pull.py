@@ -17,6 +17,9 @@ warm   ZLayer: the same ``zlayerctl pull`` again with the image stored: the
 
 Both are timed as whole processes, as a user runs them. The figure is the
 median; the ratio is ZLayer's over skopeo's (below 1: ZLayer is faster).
+Two more rows say where ZLayer's time goes: registryd's part alone (each
+pull job's start to end, as the daemon recorded it) beside the same skopeo
+figures; the rest is zlayerctl starting and waiting for the job.
 
     .venv/bin/python bench/pull.py [--runs N] [--layers N] [--layer-mb MB]
 """
@@ -24,6 +27,8 @@ median; the ratio is ZLayer's over skopeo's (below 1: ZLayer is faster).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -37,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._cluster import Cluster, print_table, running_daemons
 from shared import busybox_image as builder
+from shared.bus import DAEMONS_BY_NAME, open_bus, proxy, resolve_bus_address
 from tests.registry_fixture import skopeo_copy, start_registry
 
 
@@ -73,6 +79,7 @@ def measure(cluster: Cluster, image: str, work: Path, runs: int) -> None:
         results["sw"].append(timed([*skopeo, f"docker://{image}", f"oci:{target}"]))
         shutil.rmtree(target, ignore_errors=True)
         print(f"run {run + 1}/{runs} done", file=sys.stderr)
+    jobs = pull_job_seconds(cluster)[-2 * runs :]  # cold, warm, cold, warm, ...
 
     def row(what: str, ours: list[float], peer: list[float]) -> list[str]:
         a, b = statistics.median(ours), statistics.median(peer)
@@ -83,8 +90,29 @@ def measure(cluster: Cluster, image: str, work: Path, runs: int) -> None:
         [
             row("cold: empty store / empty dir", results["zc"], results["sc"]),
             row("warm: every blob already here", results["zw"], results["sw"]),
+            row("  cold, registryd's job alone", jobs[0::2], results["sc"]),
+            row("  warm, registryd's job alone", jobs[1::2], results["sw"]),
         ],
     )
+
+
+def pull_job_seconds(cluster: Cluster) -> list[float]:
+    """How long each pull job registryd still remembers took, oldest first."""
+
+    async def listed() -> str:
+        bus = open_bus(resolve_bus_address(cluster.paths))
+        try:
+            text: str = await proxy(DAEMONS_BY_NAME["registryd"], bus).list_jobs()
+            return text
+        finally:
+            bus.close()
+
+    jobs = sorted(json.loads(asyncio.run(listed())), key=lambda job: job["id"])
+    return [
+        job["finished_at"] - job["started_at"]
+        for job in jobs
+        if job["kind"] == "pull" and job["finished_at"]
+    ]
 
 
 def main() -> None:

@@ -317,7 +317,7 @@ def _unpack_tar(
     hashing = _HashingReader(stream)
     unpacker = _Unpacker(dest, layer)
     try:
-        with tarfile.open(fileobj=hashing, mode="r|") as tar:
+        with tarfile.open(fileobj=hashing, mode="r|", bufsize=CHUNK) as tar:
             for member in tar:
                 unpacker.entry(tar, member)
         hashing.drain()

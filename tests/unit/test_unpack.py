@@ -1,7 +1,9 @@
-"""registryd's layer unpacker on real tar files: file kinds, whiteouts, and refused escapes."""
+"""registryd's layer unpacker on real tar files: file kinds, whiteouts, refused escapes, and
+blobs unpacked as they stream in (digest first, resumes, abandoned downloads)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import stat
@@ -11,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from daemons.registryd.unpack import OPAQUE_XATTR, unpack_layer
+from daemons.registryd.unpack import (
+    OPAQUE_XATTR,
+    Pipe,
+    PipeAbortedError,
+    ReaderGoneError,
+    Received,
+    receive_blob,
+    unpack_layer,
+)
 from shared.bus import InvalidArgumentError
 from shared.busybox_image import Compression, Entry, compress, make_tar
 
@@ -181,3 +191,170 @@ def test_a_blob_that_is_not_a_tar_is_refused(workdir: Path) -> None:
     blob.write_bytes(b"\x1f\x8b" + b"not really gzip" * 40)
     with pytest.raises(InvalidArgumentError, match="not a readable tar"):
         unpack_layer(blob, workdir / "layer", "sha256:test", None)
+
+
+# ---------------------------------------------------------------- blobs received as they stream
+
+
+def tree(root: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every path under ``root``: its mode and its content or link target."""
+    found: dict[str, tuple[int, bytes | str]] = {}
+    for path in sorted(root.rglob("*")):
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            content: bytes | str = os.readlink(path)
+        elif stat.S_ISREG(info.st_mode):
+            content = path.read_bytes()
+        else:
+            content = ""
+        found[str(path.relative_to(root))] = (info.st_mode, content)
+    return found
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+LAYER = [
+    Entry("bin", "dir", mode=0o755),
+    Entry("bin/tool", "file", os.urandom(3 << 20), mode=0o755),  # larger than the pipe's step
+    Entry("bin/alias", "symlink", target="tool"),
+    Entry("bin/same", "hardlink", target="bin/tool"),
+    Entry("etc/conf", "file", b"a=1\n"),
+]
+
+
+def stream(
+    blob: bytes,
+    partial: Path,
+    dest: Path | None,
+    diff_id: str | None,
+    *,
+    expected: str | None = None,
+    prefix: int = 0,
+    step: int = 50_000,
+    abort_after: int | None = None,
+) -> Received:
+    """Feed ``blob`` (from byte ``prefix`` on) through a Pipe to receive_blob in a thread."""
+
+    async def run() -> Received:
+        pipe = Pipe(limit=200_000)  # small, so the writer has to wait for the thread
+        received = asyncio.get_running_loop().run_in_executor(
+            None,
+            receive_blob,
+            pipe,
+            partial,
+            prefix,
+            (expected or sha256(blob), len(blob)),
+            dest,
+            diff_id,
+        )
+        try:
+            for offset in range(prefix, len(blob), step):
+                if abort_after is not None and offset >= abort_after:
+                    pipe.abort()
+                    break
+                await pipe.write(blob[offset : offset + step])
+            else:
+                pipe.end()
+        except ReaderGoneError:
+            pass
+        return await received
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_a_streamed_blob_is_stored_and_unpacked_like_a_stored_one(
+    workdir: Path, compression: Compression
+) -> None:
+    data = make_tar(LAYER)
+    blob = compress(data, compression)
+    partial = workdir / "partial"
+    received = stream(blob, partial, workdir / "streamed", sha256(data))
+    assert received == Received(sha256(blob), len(blob), True)
+    assert partial.read_bytes() == blob  # what goes into blobs/ once the caller keeps it
+    stored = workdir / "stored"
+    stored.write_bytes(blob)
+    unpack_layer(stored, workdir / "unpacked", "sha256:test", sha256(data))
+    assert tree(workdir / "streamed") == tree(workdir / "unpacked")
+
+
+def test_a_resumed_blob_reads_what_the_partial_file_holds_first(workdir: Path) -> None:
+    data = make_tar(LAYER)
+    blob = compress(data, "gzip")
+    partial = workdir / "partial"
+    half = len(blob) // 2
+    partial.write_bytes(blob[:half])  # an earlier pull broke off here
+    received = stream(blob, partial, workdir / "layer", sha256(data), prefix=half)
+    assert received == Received(sha256(blob), len(blob), True)
+    assert partial.read_bytes() == blob
+    assert (workdir / "layer/bin/tool").read_bytes() == LAYER[1].data
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "other blob"])
+def test_a_blob_that_is_not_its_digest_is_refused_and_nothing_is_kept(
+    workdir: Path, damage: str
+) -> None:
+    data = make_tar(LAYER)
+    blob = compress(data, "gzip")
+    if damage == "flipped byte":
+        sent = bytearray(blob)
+        sent[len(sent) // 2] ^= 0xFF  # it may also fail to inflate: the digest is told first
+        wrong = bytes(sent)
+    else:
+        wrong = compress(make_tar([Entry("f", "file", b"x" * len(blob))]), "none")[: len(blob)]
+    partial = workdir / "partial"
+    received = stream(wrong, partial, workdir / "layer", sha256(data), expected=sha256(blob))
+    assert received.digest != sha256(blob) and not received.unpacked
+    assert not partial.exists()
+    assert not (workdir / "layer").exists()
+
+
+def test_a_blob_that_matches_but_does_not_unpack_is_refused_and_nothing_is_kept(
+    workdir: Path,
+) -> None:
+    blob = compress(make_tar([Entry("../escape", "file", b"x")]), "gzip")
+    partial = workdir / "partial"
+    with pytest.raises(InvalidArgumentError, match="climbs out"):
+        stream(blob, partial, workdir / "layer", None)
+    assert not partial.exists() and not (workdir / "layer").exists()
+    assert not (workdir / "escape").exists()
+
+
+def test_an_abandoned_download_keeps_its_partial_file_and_drops_the_tree(workdir: Path) -> None:
+    blob = make_tar(LAYER)
+    partial = workdir / "partial"
+    with pytest.raises(PipeAbortedError):
+        stream(blob, partial, workdir / "layer", sha256(blob), abort_after=1_000_000)
+    kept = partial.read_bytes()
+    assert 0 < len(kept) <= 1_000_000 and blob.startswith(kept)  # a valid prefix to resume
+    assert not (workdir / "layer").exists()
+
+
+def test_a_blob_without_a_destination_is_only_stored(workdir: Path) -> None:
+    blob = b"\x00asm\x01\x00\x00\x00" + os.urandom(1000)  # WebAssembly: never untarred
+    partial = workdir / "partial"
+    assert stream(blob, partial, workdir / "layer", None) == Received(sha256(blob), 1008, False)
+    assert partial.read_bytes() == blob and not (workdir / "layer").exists()
+
+
+def test_the_pipe_holds_at_most_its_limit_until_the_reader_takes_some() -> None:
+    async def run() -> list[str]:
+        pipe = Pipe(limit=10)
+        events: list[str] = []
+        await pipe.write(b"0123456789")  # fills it
+        waiting = asyncio.create_task(pipe.write(b"more"))
+        await asyncio.sleep(0)
+        events.append("blocked" if not waiting.done() else "not blocked")
+        taken = await asyncio.to_thread(pipe.read, 4)
+        await waiting
+        events.append(f"took {taken.decode()}, then wrote")
+        pipe.end()
+        rest = b""
+        while chunk := await asyncio.to_thread(pipe.read, 100):
+            rest += chunk
+        events.append(rest.decode())
+        return events
+
+    assert asyncio.run(run()) == ["blocked", "took 0123, then wrote", "456789more"]
