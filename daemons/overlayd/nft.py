@@ -12,9 +12,11 @@ The table:
   reaching a published port that lands back on the bridge (hairpin);
 - ``forward``: the bridge's traffic;
 - ``prerouting`` and ``output``: packets to one of the node's own addresses
-  go through ``published``, which jumps to one chain per deployment,
-  ``pub_<deployment>``, holding a DNAT rule per published port (round robin
-  over the backends with ``numgen inc``);
+  go through ``published``, whose verdict map sends each published
+  (protocol, port) to its deployment's chain, ``pub_<deployment>``, holding a
+  DNAT rule per published port (round robin over the backends with
+  ``numgen inc``). Only a connection's first packet walks NAT chains; the
+  rest follow conntrack;
 - ``closed``: on input, a published port with no backend in rotation
   rejects (tcp reset, icmp port unreachable) instead of swallowing packets;
 - ``ct timeout udp_<N>s`` objects: a udp endpoint's ``session_timeout``.
@@ -146,11 +148,20 @@ def _timeout_objects(published: Published, table: str = "") -> list[str]:
 
 
 def _dispatch_rules(published: Published, gateway: IPv4Address, dns_port: int) -> list[str]:
+    """Service DNS first, then one verdict map from (protocol, port) to the deployment's
+    chain: a new connection costs one lookup however many deployments publish ports,
+    where a jump per deployment walked every chain before the right one."""
     rules = [
         f'ip daddr {gateway} {proto} dport {dns_port} return comment "service DNS"'
         for proto in ("udp", "tcp")
     ]
-    rules += [f"jump {_deployment_chain(name)}" for name in sorted(published)]
+    entries = [
+        f"{port.protocol} . {port.port} : jump {_deployment_chain(name)}"
+        for name, ports in sorted(published.items())
+        for port in sorted(ports, key=lambda p: p.key)
+    ]
+    if entries:
+        rules.append(f"meta l4proto . th dport vmap {{ {', '.join(entries)} }}")
     return rules
 
 

@@ -164,6 +164,13 @@ def test_rules_round_robin_reject_and_health() -> None:
         published={"app": ports},
     )
     assert "tcp dport 8080 dnat to numgen inc mod 3 map { 0 : 10.9.0.1 . 8080," in text
+    # One lookup dispatches a new connection, however many deployments there are.
+    dispatch = (
+        "meta l4proto . th dport vmap { tcp . 8080 : jump pub_app, "
+        "tcp . 9000 : jump pub_app, udp . 5353 : jump pub_app }"
+    )
+    assert dispatch in text
+    assert "\n        jump pub_app" not in text
     assert 'udp dport 5353 ct timeout set "udp_20s"' in text
     assert "ct timeout udp_20s { protocol udp;" in text
     assert "tcp dport 9000 reject with tcp reset" in text
@@ -180,8 +187,10 @@ def test_rules_round_robin_reject_and_health() -> None:
         down={"app": down},
     )
     assert "numgen inc mod 2 map { 0 : 10.9.0.2 . 8080, 1 : 10.9.0.3 . 8080 }" in update
+    assert f"add rule ip zl published {dispatch}" in update
     assert "delete chain" not in update
     removal = nft.deployment_update(
         "zl", "app", gateway=IPv4Address("10.9.0.1"), dns_port=53, published={}, down={}
     )
     assert removal.splitlines()[-1] == "delete chain ip zl pub_app"
+    assert "vmap" not in removal  # nothing left to dispatch: no empty map
