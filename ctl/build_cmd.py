@@ -2,10 +2,10 @@
 
 A build is a zlayer-registryd job (``Registry1.Build``): this command sends
 the request, then follows the job's log file like ``tail -f`` until the job
-ends, and prints the stored image's id or the failure's one sentence. The
-daemon reads the context and files itself where it can see them; where it
-cannot (under systemd it has its own /tmp and no /home) they are sent to it
-first (ctl/transfer.py).
+ends (its JobRemoved signal), and prints the stored image's id or the
+failure's one sentence. The daemon reads the context and files itself where
+it can see them; where it cannot (under systemd it has its own /tmp and no
+/home) they are sent to it first (ctl/transfer.py).
 
 A pipeline is read and checked here (variables, dependencies, files) before
 anything builds; its images are then built wave by wave, the images of a
@@ -19,9 +19,11 @@ import contextlib
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 # The format modules (YAML, the spec's error types) load only when a command
 # needs them, so every other zlayerctl command starts as fast as before.
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.2  # how often a running job's log file is read
 PIPELINE_FILES = ("ZPipeline.yaml", "ZPipeline.yml")
 
 
@@ -61,16 +63,22 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 @dataclass
 class _Followed:
-    """A build job being followed: where its log has been read to."""
+    """A job being followed: how it starts, and where its log has been read to."""
 
-    job_id: int
+    start: Callable[[], Awaitable[int]]  # starts the job; its id
     prefix: str = ""
+    job_id: int | None = None  # once started
     position: int = 0
     partial: bytes = b""
     info: JobInfo | None = None
     log_path: str = ""
-    done: bool = field(default=False)
+    done: bool = False
     sent: Sent | None = None  # registryd's copies of our paths, if any
+
+    def seen(self, info: JobInfo) -> None:
+        """What registryd says of the job (its log file among it)."""
+        self.info = info
+        self.log_path = info.log_path
 
     def drain(self, out: IO[str], final: bool) -> None:
         if not self.log_path:
@@ -92,39 +100,85 @@ class _Followed:
         out.flush()
 
 
-async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -> list[JobInfo]:
-    """Print each job's log as it grows until every job ends; Ctrl-C cancels them."""
-    interrupted = asyncio.Event()
-    cancelled = False
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+async def _start_in_turn(job: _Followed, started: asyncio.Event) -> int:
     try:
+        job.job_id = await job.start()
+    finally:
+        started.set()
+    return job.job_id
+
+
+async def _start_all(
+    client: Client, followed: list[_Followed], runs: list[asyncio.Task[JobInfo]]
+) -> None:
+    """Start the jobs one after the other, each waited on (in ``runs``) from before it starts.
+
+    ``RegistryClient.run_job`` subscribes to JobRemoved before it calls the
+    start, so a job that ends at once is not missed; a start that fails
+    raises here.
+    """
+    for job in followed:
+        started = asyncio.Event()
+        run = asyncio.create_task(
+            client.registry.run_job(partial(_start_in_turn, job, started), job.seen)
+        )
+        runs.append(run)
+        waiting = asyncio.create_task(started.wait())
+        try:
+            await asyncio.wait([run, waiting], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+        if job.job_id is None:  # the start failed (or the bus did, before it)
+            await run  # raises what failed
+
+
+async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -> list[JobInfo]:
+    """Start the jobs, print each one's log as it grows until every job ends; Ctrl-C cancels them.
+
+    A job's end comes with its JobRemoved signal; GetJob is asked only when
+    no signal comes (``RegistryClient.run_job``).
+    """
+    runs: list[asyncio.Task[JobInfo]] = []
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    interrupt = asyncio.create_task(interrupted.wait())
+    cancelled = False
+    try:
+        await _start_all(client, followed, runs)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, interrupted.set)
         while True:
-            for job in followed:
+            for job, run in zip(followed, runs, strict=True):
                 if job.done:
                     continue
-                try:
-                    job.info = await client.registry.get_job(job.job_id)
-                except NotFoundError:
-                    fail("zlayer-registryd restarted during the build; run the command again")
-                job.log_path = job.info.log_path
-                finished = job.info.state != "running"
-                job.drain(out, final=finished)
-                job.done = finished
+                if run.done():
+                    try:
+                        job.seen(run.result())
+                    except NotFoundError:
+                        fail("zlayer-registryd restarted during the build; run the command again")
+                    job.drain(out, final=True)
+                    job.done = True
+                else:
+                    job.drain(out, final=False)
             if all(job.done for job in followed):
                 return [job.info for job in followed if job.info is not None]
             if interrupted.is_set() and not cancelled:
                 cancelled = True
                 for job in followed:
-                    if not job.done:
+                    if not job.done and job.job_id is not None:
                         with contextlib.suppress(Exception):
                             await client.registry.cancel_job(job.job_id)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(interrupted.wait(), POLL_SECONDS)
+            waited: set[asyncio.Future[Any]] = {run for run in runs if not run.done()}
+            if not interrupted.is_set():
+                waited.add(interrupt)
+            await asyncio.wait(waited, timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
+        interrupt.cancel()
+        for run in runs:
+            run.cancel()  # only those still waiting: the command ends without them
+        await asyncio.gather(interrupt, *runs, return_exceptions=True)
 
 
 def _outcome(info: JobInfo, what: str, sent: Sent | None) -> BuildResult | str:
@@ -136,19 +190,22 @@ def _outcome(info: JobInfo, what: str, sent: Sent | None) -> BuildResult | str:
     return error or f"the build of {what} failed"
 
 
-async def _start_build(client: Client, request: BuildRequest, prefix: str = "") -> _Followed:
-    """Start the build, first sending registryd the paths it cannot see (ctl/transfer.py)."""
+def _build(client: Client, request: BuildRequest, prefix: str = "") -> _Followed:
+    """A build to start, first sending registryd the paths it cannot see (ctl/transfer.py)."""
     sent = Sent(client.registry)
-    with sent.speaking_our_paths():
-        request = request.model_copy(
-            update={
-                key: await sent.path(value)
-                for key in ("context", "dockerfile", "zimagefile")
-                if (value := getattr(request, key))
-            }
-        )
-        job_id = await client.registry.build(request.model_dump_json())
-    return _Followed(job_id, prefix=prefix, sent=sent)
+
+    async def start() -> int:
+        with sent.speaking_our_paths():
+            sendable = request.model_copy(
+                update={
+                    key: await sent.path(value)
+                    for key in ("context", "dockerfile", "zimagefile")
+                    if (value := getattr(request, key))
+                }
+            )
+            return await client.registry.build(sendable.model_dump_json())
+
+    return _Followed(start, prefix=prefix, sent=sent)
 
 
 # ---------------------------------------------------------------- pushing
@@ -160,8 +217,8 @@ async def _push_all(client: Client, tags: list[str], out: IO[str]) -> list[PushR
     for tag in tags:
         out.write(f"pushing {tag}\n")
         auth = user_credential(parse_reference(tag).domain)
-        job_id = await client.registry.push(tag, "", auth)
-        (info,) = await follow_jobs(client, [_Followed(job_id)], out)
+        start = partial(client.registry.push, tag, "", auth)
+        (info,) = await follow_jobs(client, [_Followed(start)], out)
         if info.state != "done":
             fail(info.error or f"the push of {tag} failed")
         pushed.append(decode(info.result, PushResult))
@@ -244,7 +301,7 @@ def build(
     async def run() -> tuple[BuildResult | str, list[PushResult]]:
         client = Client()
         try:
-            followed = await _start_build(client, request)
+            followed = _build(client, request)
             (info,) = await follow_jobs(client, [followed], out)
             outcome = _outcome(info, ", ".join(tags) or context, followed.sent)
             pushed = (
@@ -343,13 +400,10 @@ async def _build_waves(
     width = max(len(name) for wave in waves for name in wave)
     for number, wave in enumerate(waves):
         out.write(f"wave {number}: {', '.join(wave)}\n")
-        followed = []
-        for name in wave:
-            followed.append(
-                await _start_build(
-                    client, _request(pipeline.images[name]), prefix=f"[{name:<{width}}] "
-                )
-            )
+        followed = [
+            _build(client, _request(pipeline.images[name]), prefix=f"[{name:<{width}}] ")
+            for name in wave
+        ]
         infos = await follow_jobs(client, followed, out)
         failures = []
         for name, info, job in zip(wave, infos, followed, strict=True):

@@ -1,7 +1,8 @@
 """``zlayerctl pull``, ``image push``, ``login``, ``logout``, ``export`` and ``system prune``.
 
-Pulls, pushes and exports are registryd jobs: the command starts one, then
-polls ``GetJob`` and draws a progress bar per layer (rich) until it ends.
+Pulls, pushes and exports are registryd jobs: the command starts one and
+waits for its JobRemoved signal, drawing a progress bar per layer (rich)
+from the job's Progress meanwhile.
 zlayerctl runs as the user, so it is what can read the user's Docker and
 Podman auth files; it passes registryd only the entry for the registry at
 hand (see shared/credentials.py).
@@ -15,6 +16,7 @@ import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import click
@@ -28,7 +30,6 @@ from shared.wire import decode, to_builtins
 from shared.wire.jobs import JobInfo
 from shared.wire.registry import ImageInfo, PruneResult, PushResult
 
-POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.2)  # quick first looks: a warm pull ends in ms
 POLICIES = ("always", "newer", "if_not_present", "never")
 
 
@@ -40,8 +41,15 @@ def _auth_for(reference: str) -> str:
     return user_credential(registry)
 
 
-async def wait_job(client: Client, job_id: int, what: str, show: bool) -> JobInfo:
-    """Poll the job until it ends, with a bar per item on a terminal; its final info."""
+async def wait_job(
+    client: Client, start: Callable[[], Awaitable[int]], what: str, show: bool
+) -> JobInfo:
+    """Start a job and wait for its end, with a bar per item on a terminal; its final info.
+
+    ``RegistryClient.run_job`` subscribes to JobRemoved before ``start``
+    runs, so a job that ends at once (a warm pull) is not missed. Ctrl-C
+    cancels the job.
+    """
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -51,6 +59,7 @@ async def wait_job(client: Client, job_id: int, what: str, show: bool) -> JobInf
         TransferSpeedColumn,
     )
 
+    shown = show and err_console.is_terminal
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -58,35 +67,46 @@ async def wait_job(client: Client, job_id: int, what: str, show: bool) -> JobInf
         TransferSpeedColumn(),
         TextColumn("{task.fields[state]}"),
         console=err_console,
-        disable=not (show and err_console.is_terminal),
+        disable=not shown,
         transient=False,
     )
     bars: dict[str, TaskID] = {}
-    polls = 0
+
+    def draw(info: JobInfo) -> None:
+        for item in info.items:
+            if item.name not in bars:
+                bars[item.name] = progress.add_task(
+                    item.name, total=item.total or None, state=item.state
+                )
+            progress.update(
+                bars[item.name],
+                completed=item.done,
+                total=item.total or None,
+                state=item.state,
+            )
+
+    started: list[int] = []
+
+    async def start_job() -> int:
+        job_id = await start()
+        started.append(job_id)
+        return job_id
+
     with progress:
-        while True:
-            try:
-                info = await client.registry.get_job(job_id)
-            except NotFoundError:
-                fail(
-                    f"zlayer-registryd restarted during the {what}; run the command again "
-                    "(a pull resumes where it stopped)"
-                )
-            for item in info.items:
-                if item.name not in bars:
-                    bars[item.name] = progress.add_task(
-                        item.name, total=item.total or None, state=item.state
-                    )
-                progress.update(
-                    bars[item.name],
-                    completed=item.done,
-                    total=item.total or None,
-                    state=item.state,
-                )
-            if info.state != "running":
-                return info
-            await asyncio.sleep(POLL_SECONDS[min(polls, len(POLL_SECONDS) - 1)])
-            polls += 1
+        try:
+            return await client.registry.run_job(start_job, draw if shown else None)
+        except NotFoundError:
+            if not started:
+                raise  # the start's own refusal: no such image
+            fail(
+                f"zlayer-registryd restarted during the {what}; run the command again "
+                "(a pull resumes where it stopped)"
+            )
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            if started:
+                with contextlib.suppress(Exception):
+                    await client.registry.cancel_job(started[0])
+            raise
 
 
 def _finish(info: JobInfo) -> str:
@@ -100,13 +120,7 @@ def _finish(info: JobInfo) -> str:
 async def _run_job(start: Callable[[Client], Awaitable[int]], what: str, show: bool) -> str:
     client = Client()
     try:
-        job_id = await start(client)
-        try:
-            info = await wait_job(client, job_id, what, show)
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            with contextlib.suppress(Exception):
-                await client.registry.cancel_job(job_id)
-            raise
+        info = await wait_job(client, partial(start, client), what, show)
     finally:
         client.close()
     return _finish(info)

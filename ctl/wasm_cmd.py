@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from shared.wasm import (
 )
 from shared.wire.jobs import JobInfo
 
-JOB_POLL_SEC = 0.1
 PUSH_WAIT_SEC = 30 * 60.0
 
 
@@ -157,18 +156,33 @@ def export(file: str, name: str, output: str | None, author: str, output_format:
     )
 
 
-async def _wait_job(client: Client, job_id: int, timeout: float) -> JobInfo:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = await client.registry.get_job(job_id)
-        except NotFoundError:
-            fail(f"zlayer-registryd restarted while job {job_id} ran; run the command again")
-        if info.state != "running":
-            return info
-        if time.monotonic() > deadline:
-            fail(f"job {job_id} did not finish in {timeout:.0f} seconds; it goes on in registryd")
-        await asyncio.sleep(JOB_POLL_SEC)
+async def _run_job(client: Client, start: Callable[[], Awaitable[int]], timeout: float) -> JobInfo:
+    """Start a job and wait for its end; Ctrl-C cancels it.
+
+    ``RegistryClient.run_job`` subscribes to JobRemoved before ``start``
+    runs, so a job that ends at once is not missed.
+    """
+    started: list[int] = []
+
+    async def start_job() -> int:
+        job_id = await start()
+        started.append(job_id)
+        return job_id
+
+    try:
+        return await asyncio.wait_for(client.registry.run_job(start_job), timeout)
+    except NotFoundError:
+        if not started:
+            raise  # the start's own refusal
+        fail(f"zlayer-registryd restarted while job {started[0]} ran; run the command again")
+    except TimeoutError:
+        if not started:
+            raise
+        fail(f"job {started[0]} did not finish in {timeout:.0f} seconds; it goes on in registryd")
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if started:
+            await client.registry.cancel_job(started[0])
+        raise
 
 
 @wasm.command("push")
@@ -192,12 +206,12 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
             sent = Sent(client.registry)
             with sent.speaking_our_paths():
                 theirs = await sent.path(absolute)
-                job_id = await client.registry.push_wasm(theirs, reference, "", tls_verify)
-            try:
-                return await _wait_job(client, job_id, PUSH_WAIT_SEC)
-            except (KeyboardInterrupt, asyncio.CancelledError):
-                await client.registry.cancel_job(job_id)
-                raise
+
+            async def start() -> int:
+                with sent.speaking_our_paths():
+                    return await client.registry.push_wasm(theirs, reference, "", tls_verify)
+
+            return await _run_job(client, start, PUSH_WAIT_SEC)
         finally:
             client.close()
 
