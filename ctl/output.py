@@ -39,6 +39,22 @@ _EMOJI_WITHOUT_LETTER = frozenset({"100", "1234", "+1", "-1", "__1"})
 _DEFAULT_WIDTH = 80
 
 
+_ESCAPE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
+
+
+def escape(text: str) -> str:
+    """``text`` with its square brackets escaped, as ``rich.markup.escape`` (without rich)."""
+
+    def escape_backslashes(match: re.Match[str]) -> str:
+        backslashes, tag = match.groups()
+        return f"{backslashes}{backslashes}\\{tag}"
+
+    text = _ESCAPE.sub(escape_backslashes, text)
+    if text.endswith("\\") and not text.endswith("\\\\"):
+        return text + "\\"
+    return text
+
+
 def _may_be_emoji(text: str) -> bool:
     for match in _EMOJI.finditer(text):
         name = match.group(1)

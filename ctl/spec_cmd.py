@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import click
-from rich.markup import escape
 
-from ctl.output import fail, format_option, print_json, print_table
+from ctl.output import escape, fail, format_option, print_json, print_table
 from shared.spec import DeploymentSpec, SpecError, dump_spec, load_spec, spec_json_schema
 from shared.spec.models import AdaptiveScale, FixedScale, ServiceSpec
 from shared.spec.support import node_support

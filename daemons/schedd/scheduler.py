@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from croniter import croniter
 from prometheus_client import Counter, Gauge, Histogram
 from sdbus import SdBus
 
@@ -190,6 +189,8 @@ def _port_clash(
 
 
 def next_cron_time(schedule: str, after: float) -> float:
+    from croniter import croniter  # with the first cron job, not at start
+
     seconds_first = len(schedule.split()) > 5
     nxt: float = croniter(schedule, after, second_at_beginning=seconds_first).get_next(float)
     return nxt

@@ -23,7 +23,6 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from croniter import croniter
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -81,7 +80,7 @@ __all__ = [
 class SpecModel(BaseModel):
     """Base for every spec model: unknown keys are errors, types are not coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, defer_build=True)
 
 
 # ---------------------------------------------------------------- scalar types
@@ -218,6 +217,8 @@ def check_schedule(value: str) -> str:
             'e.g. "0 3 * * *" or upstream\'s "0 0 3 * * * *"'
         )
     seconds_first = len(fields) > 5
+    from croniter import croniter  # with the first cron schedule, not with the models
+
     try:
         valid = croniter.is_valid(value, second_at_beginning=seconds_first)
     except Exception:  # croniter raises a variety of types on odd input

@@ -138,6 +138,8 @@ def test_validate_imports_the_spec_and_nothing_for_images_or_the_bus() -> None:
     assert "ctl.spec_cmd" in modules
     assert _heavy(modules) == ["pydantic", "shared.spec"]
     assert not {"ctl.build_cmd", "ctl.deploy_cmd", "ctl.wasm_cmd"} & modules
+    # a spec without a cron job needs no croniter; a valid one printed to a pipe, no rich
+    assert not {"croniter", "rich"} & modules
 
 
 def test_status_imports_nothing_for_specs_builds_or_wasm(tmp_path: Path) -> None:

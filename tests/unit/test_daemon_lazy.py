@@ -1,0 +1,63 @@
+"""An idle daemon does not import what only some requests need.
+
+Each daemon's entry module and what it loads to start are imported in a
+fresh interpreter; the heavy packages a daemon uses only for a spec, an HTTP
+health check, a cron job or a TLS route must not be among them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _loaded_after(*modules: str) -> set[str]:
+    probe = (
+        "import importlib, json, sys\n"
+        f"for name in {list(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print('MODULES ' + json.dumps(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    marker = result.stdout.rfind("MODULES ")
+    assert marker >= 0, result.stdout + result.stderr
+    return set(json.loads(result.stdout[marker + len("MODULES ") :]))
+
+
+@pytest.mark.parametrize(
+    ("modules", "absent"),
+    [
+        # the scaffold and the settings every daemon loads
+        (["shared.daemon"], {"pydantic", "pydantic_settings", "shared.spec", "rich", "click"}),
+        # agentd, with what it imports to start (the launcher and the runtime)
+        (
+            ["daemons.agentd.main", "daemons.agentd.launcher"],
+            {"pydantic", "shared.spec", "aiohttp", "yaml", "croniter"},
+        ),
+        (["daemons.overlayd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
+        (["daemons.proxyd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
+        (["daemons.apid.main"], {"pydantic", "shared.spec"}),
+        # schedd validates specs, but needs croniter only for a cron job
+        (["daemons.schedd.main"], {"croniter"}),
+    ],
+    ids=lambda value: "+".join(value) if isinstance(value, list) else None,
+)
+def test_idle_daemon_does_not_import(modules: list[str], absent: set[str]) -> None:
+    loaded = _loaded_after(*modules)
+    assert set(modules) <= loaded
+    assert sorted(absent & loaded) == []
