@@ -436,6 +436,8 @@ class RegistryClient:
             pipe.abort()  # the thread stops; a broken download's partial file stays
             with contextlib.suppress(BaseException):
                 await asyncio.shield(receiver)
+            if work is not None:  # the thread may have finished it just before
+                await asyncio.shield(asyncio.to_thread(_remove_trees, [work]))
             if isinstance(exc, CorruptBlobError):
                 await asyncio.to_thread(partial.unlink, True)
             if isinstance(exc, OSError):
@@ -445,7 +447,12 @@ class RegistryClient:
             raise
         if received.digest != digest or (size and received.size != size):
             raise CorruptBlobError(_corrupt(repository, digest))
-        await self.work(self.store.keep_download, digest)
+        try:
+            await self.work(self.store.keep_download, digest)
+        except BaseException:  # cancelled too (another layer failed): the tree is nobody's
+            if work is not None and received.unpacked:
+                await asyncio.shield(asyncio.to_thread(_remove_trees, [work]))
+            raise
         progress.set_all(labels, done=have, state="unpacked" if received.unpacked else "stored")
         return work if received.unpacked else None
 

@@ -2,12 +2,14 @@
 
 The registries hold images skopeo put there. Faults come from a small proxy
 in front of the registry (tampered blob, a connection cut half way, a slow
-blob) and from killing registryd by PID mid-pull.
+blob) and from killing registryd by PID mid-pull. Layers are unpacked as
+they download: their trees must be those an import of the same image makes.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -23,6 +25,7 @@ import pytest
 from ctl.supervisor import find_executable
 from shared import busybox_image as builder
 from shared.bus import NotFoundError, UnavailableError
+from shared.busybox_image import Compression
 from tests.integration.test_registryd import Registryd
 from tests.integration.test_registryd import registryd as registryd
 from tests.registry_fixture import (
@@ -178,6 +181,111 @@ def _head_manifest(registry: Registry, repository: str, reference: str) -> tuple
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything overlayfs sees of a layer: kind, mode, owner, times, content, xattrs."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            content: Any = os.readlink(path)
+        elif stat.S_ISREG(info.st_mode):
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            content = info.st_rdev
+        xattrs = (
+            {}
+            if stat.S_ISLNK(info.st_mode)
+            else {name: os.getxattr(path, name) for name in os.listxattr(path)}
+        )
+        found[str(path.relative_to(root))] = (
+            info.st_mode,
+            info.st_uid,
+            info.st_gid,
+            # whiteouts are made when unpacked: only files and links carry the tar's time
+            int(info.st_mtime)
+            if stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)
+            else None,
+            info.st_nlink if stat.S_ISREG(info.st_mode) else None,
+            content,
+            xattrs,
+        )
+    return found
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_layers_unpacked_as_they_download_in_parallel_match_an_import(
+    registryd: Registryd, registry: Registry, workdir: Path, compression: Compression
+) -> None:
+    """Six layers, three at a time: the trees are those the store's own unpacking makes."""
+    empty = builder.make_tar([builder.Entry("marker", "dir", mode=0o755)])
+    image = builder.make_image(
+        [
+            builder.make_tar(builder.busybox_entries()),
+            empty,
+            builder.make_tar(
+                [
+                    builder.Entry("srv", "dir", mode=0o750, uid=33, gid=33),
+                    builder.Entry("srv/big", "file", os.urandom(5 << 20), mode=0o600, uid=33),
+                    builder.Entry("srv/same", "hardlink", target="srv/big"),
+                    builder.Entry("srv/link", "symlink", target="big"),
+                    builder.Entry("etc/app.conf", "file", b"a=1\n"),
+                ]
+            ),
+            builder.make_tar(
+                [
+                    builder.Entry("etc/.wh.app.conf", "file"),
+                    builder.Entry("var/cache/.wh..wh..opq", "file"),
+                    builder.Entry("var/cache/new", "file", b"n", mode=0o644),
+                ]
+            ),
+            empty,  # the same blob twice in one manifest: fetched once
+            builder.make_tar([builder.Entry("top", "file", os.urandom(1 << 20))]),
+        ],
+        "localhost/layers:1",
+    )
+    layout = builder.write_oci_layout(image, workdir / "layout", compression)
+    name = f"{registry.host}/layers:{compression}"
+    skopeo_copy(f"oci:{layout}", f"docker://{name}")
+
+    info = pulled(registryd, name)
+    assert len(info["layers"]) == 6 and info["layers"][1] == info["layers"][4]
+    streamed = [snapshot(Path(d)) for d in registryd.ensure(name, "never").lower_dirs]
+    assert_no_partials(registryd)
+
+    registryd.ok("image", "rm", "--force", name)
+    assert registryd.layers() == set()
+    imported = registryd.import_(layout, "--name", name)
+    assert imported.id == info["id"]
+    assert [snapshot(Path(d)) for d in registryd.ensure(name, "never").lower_dirs] == streamed
+    bottom_up = registryd.ensure(name, "never").lower_dirs[::-1]
+    assert (Path(bottom_up[2]) / "srv/big").stat().st_size == 5 << 20
+
+
+def test_a_corrupted_layer_among_several_leaves_no_layer_behind(
+    registryd: Registryd, registry: Registry, workdir: Path
+) -> None:
+    layers = [
+        builder.make_tar([builder.Entry(f"f{n}", "file", os.urandom(300_000))]) for n in range(4)
+    ]
+    image = builder.make_image(layers, "localhost/several:1")
+    layout = builder.write_oci_layout(image, workdir / "layout")
+    skopeo_copy(f"oci:{layout}", f"docker://{registry.host}/several:1")
+    manifest = json.loads(
+        (layout / "blobs/sha256" / oci_manifest_digest(layout).removeprefix("sha256:")).read_text()
+    )
+    tampered = manifest["layers"][2]["digest"]
+    with fault_proxy(registry.url) as proxy:
+        proxy.tamper.add(tampered)
+        message = registryd.failure("pull", f"{proxy.host}/several:1")
+    assert "does not match its digest" in message and "nothing was kept" in message
+    assert registryd.images() == []
+    assert registryd.layers() == set()  # none is trusted before every one is in
+    assert tampered.removeprefix("sha256:") not in registryd.blobs()
+    # Downloads the failure stopped keep what they had, for the next pull to resume.
+    assert tampered.removeprefix("sha256:") not in os.listdir(registryd.store / "partial")
+    assert os.listdir(registryd.store / "tmp") == []
 
 
 # ---------------------------------------------------------------- auth
