@@ -261,6 +261,28 @@ def test_tcp_port_spreads_over_backends_from_everywhere(make_overlayd: Any, repl
         greeting("127.0.0.1", port)
 
 
+def test_gateway_route_carries_the_bridge_mss(make_overlayd: Any) -> None:
+    """A node process reaching a published port on the gateway address takes the
+    gateway's local route: overlayd gives it the bridge's MSS, not loopback's."""
+    overlayd = start_overlayd(make_overlayd)
+    gateway = str(overlayd.subnet.network_address + 1)
+    mss = int(Path(f"/sys/class/net/{overlayd.bridge}/mtu").read_text()) - 40
+
+    def local_routes() -> list[str]:
+        shown = subprocess.run(
+            ["ip", "route", "show", "table", "local", f"{gateway}/32"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [line for line in shown.splitlines() if line.startswith("local ")]
+
+    assert [f"advmss {mss}" in line for line in local_routes()] == [True], local_routes()
+    overlayd.stop()
+    overlayd.start()  # found as it should be: left alone, not added twice
+    assert [f"advmss {mss}" in line for line in local_routes()] == [True], local_routes()
+
+
 def test_dropped_backend_gets_no_new_connections_and_keeps_established_ones(
     make_overlayd: Any, replicas: Any
 ) -> None:
