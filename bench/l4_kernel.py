@@ -19,7 +19,8 @@ ways ever present the same address and port pair to a backend:
 
 ``wrk`` (2 threads, ``--connections``, ``--duration`` seconds) measures each
 way in turn, ``--rounds`` times, the order reversed every other round;
-figures are medians over the rounds:
+figures are medians over the rounds, and each ratio is the median of the
+rounds' own ratios (a way against the peer in the same round):
 
 - **connection rate**: requests/s for the 64-byte page. busybox httpd
   answers one request per connection and closes it, so each request is a new
@@ -459,16 +460,21 @@ def measure(bus: str, work: Path, bridge: str, method: Method) -> list[Way]:
                 call(bus, "detach", attachment.container_id)
 
 
+def ratio(first: list[float], second: list[float]) -> float:
+    """The median over the rounds of second / first, each round's pair taken together
+    (they ran minutes apart at most, so a busy spell of the machine cancels out)."""
+    return statistics.median(b / a for a, b in zip(first, second, strict=True))
+
+
 def report(ways: list[Way], method: Method) -> None:
     med = statistics.median
     peer = ways[0]
-    rate0, conn0 = med(peer.rates), med(peer.conn_cpu)
-    bytes0, byte0 = med(peer.throughput), med(peer.byte_cpu)
     ports = "one backend port per way" if method.own_ports else "one backend port for all ways"
     stamps = "TCP timestamps on" if method.timestamps else "TCP timestamps off"
     print(
         f"\nwrk -t2 -c{method.connections} -d{method.duration}s, {method.rounds} rounds "
-        "(median; order reversed every other round); busybox httpd backends in replica "
+        "(medians; ratios are medians of each round's own; order reversed every other "
+        "round); busybox httpd backends in replica "
         f"namespaces on the node bridge, {ports}, {stamps} in the replicas"
     )
     print_table(
@@ -488,13 +494,13 @@ def report(ways: list[Way], method: Method) -> None:
             [
                 way.name,
                 f"{med(way.rates):.0f}",
-                f"{med(way.rates) / rate0:.2f}x",
+                f"{ratio(peer.rates, way.rates):.2f}x",
                 f"{med(way.conn_cpu) * 1e6:.0f}",
-                f"{med(way.conn_cpu) / conn0:.2f}x",
+                f"{ratio(peer.conn_cpu, way.conn_cpu):.2f}x",
                 f"{med(way.throughput) / 2**20:.0f}",
-                f"{med(way.throughput) / bytes0:.2f}x",
+                f"{ratio(peer.throughput, way.throughput):.2f}x",
                 f"{med(way.byte_cpu) * 100 * 2**20 * 1e3:.0f}",
-                f"{med(way.byte_cpu) / byte0:.2f}x",
+                f"{ratio(peer.byte_cpu, way.byte_cpu):.2f}x",
                 str(way.refused),
             ]
             for way in ways
@@ -527,10 +533,10 @@ def report(ways: list[Way], method: Method) -> None:
         [
             [
                 label,
-                f"{med(b.rates) / med(a.rates):.2f}x",
-                f"{med(b.conn_cpu) / med(a.conn_cpu):.2f}x",
-                f"{med(b.throughput) / med(a.throughput):.2f}x",
-                f"{med(b.byte_cpu) / med(a.byte_cpu):.2f}x",
+                f"{ratio(a.rates, b.rates):.2f}x",
+                f"{ratio(a.conn_cpu, b.conn_cpu):.2f}x",
+                f"{ratio(a.throughput, b.throughput):.2f}x",
+                f"{ratio(a.byte_cpu, b.byte_cpu):.2f}x",
             ]
             for label, a, b in steps
             if a is not None
