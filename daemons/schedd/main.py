@@ -10,7 +10,6 @@ from sdbus import dbus_method_async_override
 from daemons.schedd.scheduler import Scheduler
 from daemons.schedd.store import Store
 from shared.bus import DAEMONS_BY_NAME, Scheduler1
-from shared.clients import AgentClient
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.wire import encode
 from shared.wire.scheduler import Event
@@ -92,22 +91,12 @@ class SchedulerDaemon(Daemon):
         self.bus.method_call_timeout_usec = OUTBOUND_CALL_USEC
         self.store = Store(self.paths.daemon_state("schedd") / "state.db")
         self.scheduler = Scheduler(self.store, self.bus, self._emit)
+        # The replica signals first: they keep the scheduler's copy of the replica
+        # list current, and wake it at once so traffic follows health closely.
+        self._watch_task = asyncio.create_task(
+            self.scheduler.replica_cache.watch(), name="watch-replicas"
+        )
         self._loop_task = asyncio.create_task(self.scheduler.run(), name="reconcile")
-        self._watch_task = asyncio.create_task(self._watch_replicas(), name="watch-replicas")
-
-    async def _watch_replicas(self) -> None:
-        """Reconcile at once when a replica changes, so traffic follows health closely."""
-        assert self.bus is not None  # start() runs once the bus is open
-        agent = AgentClient(self.bus)
-        while True:
-            try:
-                async for _ in agent.replica_changes():
-                    self.scheduler.wake()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the bus hiccupped: the 1 s loop still runs
-                self.log.debug("replica signal watch ended: %s", exc)
-                await asyncio.sleep(1.0)
 
     def _emit(self, event: Event) -> None:
         self.service.event_emitted.emit(encode(event))

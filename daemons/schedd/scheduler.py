@@ -3,9 +3,10 @@
 schedd decides *what* should run (which revision, how many replicas of each
 service, in which order given ``depends``, when a cron job fires); agentd
 makes this node match and reports replicas back. The loop is level-driven:
-every pass reads the store and agentd's replicas afresh, so a restarted
-schedd (or agentd) converges again without remembering anything in memory
-but timers.
+every pass reads the store afresh, and agentd's replicas from a copy its
+signals keep current (:mod:`daemons.schedd.replicas`, read in full again
+when agentd restarts), so a restarted schedd (or agentd) converges again
+without remembering anything in memory but timers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sdbus import SdBus
 
 from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
+from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache, agent_call
 from daemons.schedd.store import ServiceState, Store, StoredDeployment
 from shared.bus import (
     ConflictError,
@@ -37,7 +39,7 @@ from shared.spec import DeploymentSpec, ServiceSpec, SpecError, parse_spec
 from shared.spec.models import AdaptiveScale, FixedScale
 from shared.spec.refs import resolve_env
 from shared.spec.support import node_support
-from shared.wire import WireError, encode
+from shared.wire import encode, replace
 from shared.wire.agent import (
     JobRun,
     NodeAssignments,
@@ -95,7 +97,6 @@ VIEWS_REFUSED = Counter(
 
 PASS_INTERVAL = 1.0  # seconds between reconcile passes
 RESYNC_INTERVAL = 15.0  # re-send unchanged full views, in case a receiver lost them
-AGENT_TIMEOUT = 20.0
 TRAFFIC_TIMEOUT = 5.0
 VIEW_HOLDERS = ("overlayd", "proxyd", "agentd")  # traffic first: out of rotation, then stopped
 DRAIN_SECONDS = 2.0  # old replicas leave rotation this long before they are stopped
@@ -239,6 +240,7 @@ class Scheduler:
         self.store = store
         self.bus = bus
         self.agent = AgentClient(bus)
+        self.replica_cache = ReplicaCache(self.agent, self.wake)
         self.overlay = OverlayClient(bus)
         self.proxyd = ProxyClient(bus)
         self.emit_signal = emit
@@ -248,6 +250,8 @@ class Scheduler:
         self._desired: dict[tuple[str, str], ServiceAssignment] = {}
         # Per view holder: the last view sent (without its generation), and when.
         self._sent: dict[str, tuple[str, float]] = {}
+        # The assignments agentd last took, by (deployment, service).
+        self._taken: dict[tuple[str, str], ServiceAssignment] = {}
         self._resync: set[str] = set(VIEW_HOLDERS)  # holders owed a full view now
         self._generation = 0
         # Per traffic holder: deployment -> why it refused that deployment's view.
@@ -267,6 +271,7 @@ class Scheduler:
         self._draining: dict[tuple[str, str], tuple[set[str], float]] = {}
         self._sampler = Sampler()
         self._sampled_at: dict[str, float] = {}
+        self._deployed_at: dict[str, float] = {}  # deployment -> its last deploy (monotonic)
 
     # ------------------------------------------------------------ events
 
@@ -332,6 +337,7 @@ class Scheduler:
             await asyncio.to_thread(
                 self.store.add_revision, name, spec_json, spec_text, filename, states
             )
+            self._deployed_at[name] = time.monotonic()
         for svc_name, state in states.items():
             if state.rollout != "running":
                 self._draining.pop((name, svc_name), None)
@@ -515,6 +521,7 @@ class Scheduler:
             del self._draining[draining]
         for cached in [k for k in self._specs if k[0] == name]:
             del self._specs[cached]
+        self._deployed_at.pop(name, None)
         for table in (self._failed, self._waiting):
             for key3 in [k for k in table if k[0] == name]:
                 del table[key3]
@@ -618,7 +625,7 @@ class Scheduler:
     # ------------------------------------------------------------ status
 
     async def _replicas(self, name: str) -> list[ReplicaInfo]:
-        return await self._agent_call(self.agent.list_replicas(name, ""))
+        return await self.replica_cache.replicas(name)
 
     async def _job_runs(self, name: str, service: str) -> list[JobRun]:
         return await self._agent_call(self.agent.list_job_runs(name, service))
@@ -659,7 +666,7 @@ class Scheduler:
                 state = "running" if running else "pending"
             elif key in self._failed:
                 state = "failed"
-            elif mine and all(r.state == "failed" for r in mine):
+            elif mine and all(self._failed_since_deploy(name, r) for r in mine):
                 state = "failed"  # every replica failed to start; agentd keeps retrying
                 message = mine[0].message
             elif stored.removing or stored.stopped or svc_name in stopped:
@@ -741,6 +748,16 @@ class Scheduler:
             message=message,
         )
 
+    def _failed_since_deploy(self, name: str, replica: ReplicaInfo) -> bool:
+        """Whether ``replica`` failed after the last deploy of ``name``.
+
+        A deploy makes agentd retry failed replicas at once (the assignments'
+        ``retry``); one whose failure it reported before is starting again,
+        not failed, until it reports otherwise.
+        """
+        deployed = self._deployed_at.get(name, -math.inf)
+        return replica.state == "failed" and self.replica_cache.since(replica.id) >= deployed
+
     def _unrouted(self, name: str, spec: DeploymentSpec, replicas: list[ReplicaInfo]) -> bool:
         """Whether a replica in rotation is not yet in the traffic the daemons hold."""
         routed = self._routed.get(name, set())
@@ -779,6 +796,8 @@ class Scheduler:
                 f"{daemon} holds no view; the daemons that do: {', '.join(VIEW_HOLDERS)}"
             )
         self._resync.update([daemon] if daemon else VIEW_HOLDERS)
+        if daemon in ("agentd", ""):
+            self.replica_cache.invalidate("resync")
         self.wake()
 
     async def run(self) -> None:
@@ -1111,7 +1130,8 @@ class Scheduler:
             return
         if self._generation == 0 or any(self._sent.get(d, ("", 0.0))[0] != bodies[d] for d in due):
             self._generation = await asyncio.to_thread(self.store.next_generation)
-        for daemon in due:  # VIEW_HOLDERS order: traffic before assignments
+
+        async def send(daemon: str) -> None:
             view: NodeAssignments | TrafficViews
             if daemon == "agentd":
                 view = NodeAssignments(generation=self._generation, assignments=assignments)
@@ -1119,7 +1139,7 @@ class Scheduler:
                 view = TrafficViews(generation=self._generation, deployments=traffic)
             result = await self._send_view(daemon, view)
             if result is None:
-                continue
+                return
             if not result.accepted:
                 # It holds a newer generation (this store is older than its cache):
                 # move past it and send again at once.
@@ -1129,16 +1149,41 @@ class Scheduler:
                 )
                 self._resync.add(daemon)
                 self.wake()
-                continue
+                return
             VIEWS_SENT.labels(daemon, "accepted").inc()
             self._sent[daemon] = (bodies[daemon], now)
+            if daemon == "agentd":
+                self._taken = {(a.deployment, a.service): a for a in assignments}
             self._resync.discard(daemon)
             self._take_result(daemon, result)
+
+        # Traffic before assignments, so a replica leaves rotation before it is
+        # stopped; when agentd is only to start more, the views all go at once.
+        first = [d for d in due if d != "agentd"]
+        if "agentd" in due and self._only_more(assignments):
+            first.append("agentd")
+        await asyncio.gather(*(send(d) for d in first))
+        if "agentd" in due and "agentd" not in first:
+            await send("agentd")
         if all(self._sent.get(d, ("", 0.0))[0] == bodies[d] for d in ("overlayd", "proxyd")):
             self._routed = {
                 view.deployment: {b.replica for svc in view.services for b in svc.backends}
                 for view in traffic
             }
+
+    def _only_more(self, assignments: list[ServiceAssignment]) -> bool:
+        """Whether agentd, taking ``assignments``, stops nothing it runs for the last ones
+        it took: each is still there, as it was or with more replicas of its revision."""
+        named = {(a.deployment, a.service): a for a in assignments}
+        for key, taken in self._taken.items():
+            now = named.get(key)
+            if now is None:
+                return False
+            if now != taken and (
+                now.replicas < taken.replicas or now != replace(taken, replicas=now.replicas)
+            ):
+                return False
+        return True
 
     async def _send_view(
         self, daemon: str, view: NodeAssignments | TrafficViews
@@ -1152,6 +1197,8 @@ class Scheduler:
         except Exception as exc:  # not running, or restarting: owed a full view when it is back
             VIEWS_SENT.labels(daemon, "failed").inc()
             self._resync.add(daemon)
+            if daemon == "agentd":
+                self.replica_cache.invalidate("agentd-unreachable")
             if daemon not in self._unreachable:
                 log.warning("cannot send zlayer-%s its view: %s", daemon, exc)
                 self._unreachable.add(daemon)
@@ -1344,15 +1391,4 @@ class Scheduler:
             await self.trigger_job(name, svc_name, "schedule")
 
     async def _agent_call(self, call: Awaitable[T], timeout: float = AGENT_TIMEOUT) -> T:
-        try:
-            return await asyncio.wait_for(call, timeout)
-        except (ZLayerError, WireError):  # its own error, or a reply of another version
-            raise
-        except TimeoutError:
-            raise UnavailableError(
-                "zlayer-agentd did not answer in time; check `zlayerctl status`"
-            ) from None
-        except Exception as exc:
-            raise UnavailableError(
-                f"zlayer-agentd is not reachable ({exc}); check `zlayerctl status`"
-            ) from None
+        return await agent_call(call, timeout)

@@ -14,7 +14,7 @@ from shared.wire.agent import ReplicaStats
 
 def scale(**targets: float) -> AdaptiveScale:
     return AdaptiveScale(
-        min=1, max=8, cooldown=timedelta(seconds=30), targets=ScaleTargets(**targets)
+        min=1, max=8, cooldown=timedelta(seconds=30), targets=ScaleTargets.model_validate(targets)
     )
 
 

@@ -1,18 +1,27 @@
-"""schedd's store and decisions: revisions, holds, events, order, replica counts, cron."""
+"""schedd's store and decisions: revisions, holds, events, order, replica counts, cron,
+and its copy of agentd's replicas."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from daemons.agentd.replicas import RestartDecision
+from daemons.schedd import replicas as replicas_module
+from daemons.schedd.replicas import ReplicaCache
 from daemons.schedd.scheduler import condition_met, desired_replicas, next_cron_time, start_order
 from daemons.schedd.store import Store
+from shared.clients import AgentClient
 from shared.spec import ServiceSpec, parse_spec
-from shared.wire.agent import JobRun, ReplicaInfo
+from shared.wire.agent import HealthState, JobRun, ReplicaInfo, ReplicaState, ReplicaType
+from shared.wire.daemon import DaemonStatus
 from shared.wire.scheduler import Event
 
 SPEC = """
@@ -50,7 +59,7 @@ def test_desired_replicas_by_mode_and_hold() -> None:
     assert desired_replicas(spec.services["migrate"], None) == 0
 
 
-def replica(state: str, health: str) -> ReplicaInfo:
+def replica(state: ReplicaState, health: HealthState) -> ReplicaInfo:
     return ReplicaInfo(
         id="x",
         deployment="d",
@@ -59,7 +68,7 @@ def replica(state: str, health: str) -> ReplicaInfo:
         revision=1,
         image="i",
         state=state,
-        health=health,  # type: ignore[arg-type]
+        health=health,
     )
 
 
@@ -183,3 +192,162 @@ def test_a_store_from_before_removals_were_kept_opens(tmp_path: Path) -> None:
     stored = store.get("shop")
     assert stored is not None and not stored.removing
     store.close()
+
+
+class FakeAgent:
+    """agentd as the replica cache sees it: Status, ListReplicas and ReplicaChanged."""
+
+    def __init__(self, replicas: list[ReplicaInfo]) -> None:
+        self.listed = list(replicas)
+        self.pid = 100
+        self.lists = 0
+        self.signals: asyncio.Queue[ReplicaInfo | Exception] = asyncio.Queue()
+        self.during_list: list[ReplicaInfo] = []  # signals taken while a list is on its way
+
+    async def status(self) -> DaemonStatus:
+        return DaemonStatus(
+            name="agentd",
+            state="running",
+            version="0",
+            pid=self.pid,
+            started_at_usec=self.pid,
+            metrics_url="",
+            supervisor="none",
+        )
+
+    async def list_replicas(self, deployment: str = "", service: str = "") -> list[ReplicaInfo]:
+        self.lists += 1
+        for info in self.during_list:
+            self.signals.put_nowait(info)
+        self.during_list = []
+        await asyncio.sleep(0.01)  # the signals arrive before the reply is read
+        return list(self.listed)
+
+    async def replica_changes(self) -> AsyncIterator[ReplicaInfo]:
+        while True:
+            item = await self.signals.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+def info(
+    rid: str, state: ReplicaState = "running", rtype: ReplicaType = "service", dep: str = "d"
+) -> ReplicaInfo:
+    return ReplicaInfo(
+        id=rid,
+        deployment=dep,
+        service="s",
+        instance=int(rid[-1]),
+        revision=1,
+        rtype=rtype,
+        image="i",
+        state=state,
+    )
+
+
+def run_with_cache(
+    agent: FakeAgent, body: Callable[[ReplicaCache, list[int]], Awaitable[None]]
+) -> list[int]:
+    """Run ``body`` with a cache of ``agent`` watching its signals; the wake-ups counted."""
+    wakes: list[int] = []
+
+    async def main() -> None:
+        cache = ReplicaCache(cast(AgentClient, agent), lambda: wakes.append(1))
+        watch = asyncio.create_task(cache.watch())
+        await asyncio.sleep(0)  # subscribed before the first read, as in schedd
+        try:
+            await body(cache, wakes)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    asyncio.run(main())
+    return wakes
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_the_replica_cache_lists_once_then_follows_the_signals() -> None:
+    agent = FakeAgent([info("r1"), info("r2"), info("o1", dep="other")])
+
+    async def body(cache: ReplicaCache, wakes: list[int]) -> None:
+        assert [r.id for r in await cache.replicas()] == ["r1", "r2", "o1"]  # agentd's order
+        assert [r.id for r in await cache.replicas("d")] == ["r1", "r2"]
+        agent.signals.put_nowait(info("r2", state="stopping"))
+        agent.signals.put_nowait(info("r1", state="stopped"))  # removed
+        agent.signals.put_nowait(info("r3", state="creating"))
+        agent.signals.put_nowait(info("j1", rtype="job"))
+        await settle()
+        assert [(r.id, r.state) for r in await cache.replicas("d")] == [
+            ("j1", "running"),
+            ("r2", "stopping"),
+            ("r3", "creating"),
+        ]
+        agent.signals.put_nowait(info("j1", state="exited", rtype="job"))  # a finished run goes
+        await settle()
+        assert [r.id for r in await cache.replicas("d")] == ["r2", "r3"]
+        assert len(wakes) == 5
+        assert agent.lists == 1
+
+    run_with_cache(agent, body)
+
+
+def test_the_replica_cache_lists_again_when_agentd_restarts_or_the_signals_break(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(replicas_module, "CHECK_INTERVAL", 0.0)
+    monkeypatch.setattr(replicas_module, "RESUBSCRIBE_DELAY", 0.0)
+    agent = FakeAgent([info("r1")])
+
+    async def body(cache: ReplicaCache, _wakes: list[int]) -> None:
+        await cache.replicas()
+        await cache.replicas()
+        assert agent.lists == 1
+        agent.pid = 200  # another agentd, which lost r1 while it was down
+        agent.listed = [info("r2")]
+        assert [r.id for r in await cache.replicas()] == ["r2"]
+        assert agent.lists == 2
+        agent.listed = [info("r3")]
+        agent.signals.put_nowait(ConnectionError("the bus went away"))
+        await settle()
+        assert [r.id for r in await cache.replicas()] == ["r3"]
+        assert agent.lists == 3
+        cache.invalidate("resync")
+        await cache.replicas()
+        assert agent.lists == 4
+
+    run_with_cache(agent, body)
+
+
+def test_a_signal_taken_while_the_list_is_on_its_way_wins_over_the_list() -> None:
+    agent = FakeAgent([info("r1"), info("r2")])
+    agent.during_list = [info("r1", state="stopped"), info("r2", state="stopping")]
+
+    async def body(cache: ReplicaCache, _wakes: list[int]) -> None:
+        assert [(r.id, r.state) for r in await cache.replicas()] == [("r2", "stopping")]
+
+    run_with_cache(agent, body)
+
+
+def test_the_replica_cache_knows_when_a_replica_last_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(replicas_module, "REFETCH_INTERVAL", 0.0)  # a full list at every read
+    agent = FakeAgent([info("r1", state="failed")])
+
+    async def body(cache: ReplicaCache, _wakes: list[int]) -> None:
+        await cache.replicas()
+        first = cache.since("r1")
+        await asyncio.sleep(0.01)
+        await cache.replicas()
+        assert cache.since("r1") == first  # listed again, unchanged
+        agent.signals.put_nowait(info("r1", state="creating"))
+        await settle()
+        assert cache.since("r1") > first
+
+    run_with_cache(agent, body)
