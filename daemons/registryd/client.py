@@ -28,9 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from daemons.registryd.auth import Challenge, CredentialStore, TokenCache
 from daemons.registryd.distribution import (
@@ -54,8 +52,15 @@ from daemons.registryd.unpack import Pipe, ReaderGoneError, receive_blob
 from shared.bus import InvalidArgumentError, NotFoundError, UnavailableError, ZLayerError
 from shared.credentials import Credential
 from shared.jobs import Job
+from shared.lazy import lazy_module
 from shared.reference import DEFAULT_DOMAIN, InvalidReferenceError, Reference, parse_reference
 from shared.wire.registry import ImageInfo
+
+if TYPE_CHECKING:
+    import aiohttp
+else:
+    # with the first pull or push, not at start
+    aiohttp = lazy_module("aiohttp")
 
 log = logging.getLogger("zlayer.registryd.client")
 

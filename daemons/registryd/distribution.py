@@ -27,9 +27,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from yarl import URL
 
 from daemons.registryd.auth import Challenge, TokenCache, parse_challenge
@@ -40,7 +39,14 @@ from shared.bus import (
     ZLayerError,
 )
 from shared.credentials import Credential
+from shared.lazy import lazy_module
 from shared.reference import DEFAULT_DOMAIN
+
+if TYPE_CHECKING:
+    import aiohttp
+else:
+    # with the first pull or push, not at start
+    aiohttp = lazy_module("aiohttp")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -7,16 +7,16 @@ which does the work in a thread so that a long import never stalls the bus.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter, Gauge
 from sdbus import dbus_method_async_override
 
 from daemons.registryd import wasm
 from daemons.registryd.auth import CredentialStore
-from daemons.registryd.build.builder import Builder
 from daemons.registryd.client import RegistryClient, parse_user_reference
 from daemons.registryd.received import ReceivedFiles
 from daemons.registryd.settings import RegistrySettings
@@ -40,6 +40,9 @@ from shared.wasm_artifact import build_artifact, read_binary
 from shared.wire import encode
 from shared.wire.jobs import JobInfo
 from shared.wire.registry import ImageInfo, ImageRootfs, PruneResult
+
+if TYPE_CHECKING:
+    from daemons.registryd.build.builder import Builder
 
 PULL_POLICIES = ("always", "newer", "if_not_present", "never")
 ACTIVE_REPLICA_STATES = ("creating", "initializing", "running", "restarting", "stopping")
@@ -281,9 +284,18 @@ class RegistryDaemon(Daemon):
         self.received = ReceivedFiles(paths.daemon_state(self.info.name) / "received")
         self.jobs = JobTable(self._job_removed, self._job_new)
         self.service: RegistryService | None = None
-        # builds: buildah under the state dir, results imported into the store
-        self.builder = Builder(
-            paths.daemon_state(self.info.name),
+
+    @functools.cached_property
+    def builder(self) -> Builder:
+        """Builds: buildah under the state dir, results imported into the store.
+
+        Made with the first build: the build formats and the spec models it
+        loads are not held by an idle registryd.
+        """
+        from daemons.registryd.build.builder import Builder
+
+        return Builder(
+            self.paths.daemon_state(self.info.name),
             self.jobs,
             self._import_built,
             self.received,

@@ -52,6 +52,11 @@ def _loaded_after(*modules: str) -> set[str]:
         (["daemons.overlayd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
         (["daemons.proxyd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
         (["daemons.apid.main"], {"pydantic", "shared.spec"}),
+        # registryd: aiohttp is bound lazily (its package runs with the first pull or push)
+        (
+            ["daemons.registryd.main"],
+            {"aiohttp.client", "shared.spec", "shared.buildfile", "yaml", "croniter"},
+        ),
         # schedd validates specs, but needs croniter only for a cron job
         (["daemons.schedd.main"], {"croniter"}),
     ],
