@@ -1,9 +1,10 @@
 """The kernel L4 path: a published tcp port against connecting to the backend directly.
 
-Starts the six daemons with ``zlayerctl daemon run --detach`` under a fresh
-temporary prefix (overlayd on a bridge and free /24 of its own), attaches
-two replica namespaces through overlayd's ``Attach`` and pushes one
-deployment with ``SetTraffic``. Each way below has a busybox ``httpd`` of its
+Starts zlayer-overlayd alone on a private bus under a fresh temporary prefix
+(on a bridge and free /24 of its own; with the other daemons, schedd's full
+views would take back traffic and namespaces pushed by hand), attaches two
+replica namespaces through ``Attach`` and pushes one deployment with
+``SetTraffic``. Each way below has a busybox ``httpd`` of its
 own (a 64-byte page and a 1 MiB file) on a backend port of its own, so no two
 ways ever present the same address and port pair to a backend:
 
@@ -16,6 +17,12 @@ ways ever present the same address and port pair to a backend:
   kernel's NAT costs with the smallest rule set there is;
 - **published port**: overlayd's table, on 127.0.0.1 and on the node's bridge
   address, and the port whose map round-robins over both replicas.
+
+A client on the node connecting to one of the node's own addresses gets a
+socket routed through loopback; on 127.0.0.1 that route is loopback's own
+(MSS 65483 against the bridge's 1460), which is what the 127.0.0.1 ways'
+CPU per MiB shows, hand-written or not. overlayd gives the bridge address's
+local route the bridge's MSS, so that way does not pay it.
 
 ``wrk`` (2 threads, ``--connections``, ``--duration`` seconds) measures each
 way in turn, ``--rounds`` times, the order reversed every other round;
@@ -48,11 +55,12 @@ Two things the benchmark avoids, because they are neither path's cost:
 
 Clean-up, also on an error, Ctrl-C or SIGTERM: the servers killed by their
 PIDs, the benchmark's nft table deleted, the deployment's traffic removed,
-the namespaces detached, then ``zlayer-overlayd --remove-network`` after the
-daemons stop.
+the namespaces detached, overlayd stopped by its PID, then
+``zlayer-overlayd --remove-network``, the bus stopped and the prefix removed.
 
 Needs root, wrk, nft and busybox-static. Run:
-``.venv/bin/python bench/l4_kernel.py`` (about 3 minutes).
+``.venv/bin/python bench/l4_kernel.py`` (about 3 minutes; ``--rounds 8`` for
+steadier rates on a busy machine).
 """
 
 from __future__ import annotations
