@@ -16,9 +16,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from shared.spec.models import AdaptiveScale
 from shared.wire.agent import ReplicaStats
+
+if TYPE_CHECKING:
+    from shared.spec.models import AdaptiveScale
 
 # Scale down only when the load would fit in fewer replicas with this much
 # headroom, so a service hovering at its target does not flap.

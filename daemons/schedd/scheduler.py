@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 from sdbus import SdBus
@@ -35,10 +35,6 @@ from shared.bus import (
     ZLayerError,
 )
 from shared.clients import AgentClient, OverlayClient, ProxyClient
-from shared.spec import DeploymentSpec, ServiceSpec, SpecError, parse_spec
-from shared.spec.models import AdaptiveScale, FixedScale
-from shared.spec.refs import resolve_env
-from shared.spec.support import node_support
 from shared.wire import encode, replace
 from shared.wire.agent import (
     JobRun,
@@ -64,6 +60,10 @@ from shared.wire.traffic import (
     ServiceTraffic,
     TrafficViews,
 )
+
+if TYPE_CHECKING:
+    # the spec models load with the first deployment, not at start
+    from shared.spec import DeploymentSpec, ServiceSpec
 
 T = TypeVar("T")
 
@@ -108,6 +108,8 @@ IN_ROTATION = ("healthy", "none")
 
 def desired_replicas(service: ServiceSpec, hold: int | None, adaptive: int | None = None) -> int:
     """How many replicas a service wants: a manual hold wins, then the scale mode."""
+    from shared.spec.models import AdaptiveScale, FixedScale
+
     if service.rtype != "service":
         return 0  # jobs and cron jobs run on demand, not as standing replicas
     if hold is not None:
@@ -293,6 +295,10 @@ class Scheduler:
     # ------------------------------------------------------------ requests
 
     def _parse(self, spec_text: str, filename: str, host_env: dict[str, str]) -> DeploymentSpec:
+        from shared.spec import SpecError, parse_spec
+        from shared.spec.refs import resolve_env
+        from shared.spec.support import node_support
+
         try:
             spec = parse_spec(spec_text, filename or "<spec>")
         except SpecError as exc:
@@ -306,6 +312,8 @@ class Scheduler:
     async def deploy(
         self, spec_text: str, filename: str, host_env: dict[str, str]
     ) -> DeploymentStatus:
+        from shared.spec.support import node_support
+
         spec = self._parse(spec_text, filename, host_env)
         self._check_ports(spec)
         # A deploy is a fresh start for what failed: services that gave up on
@@ -406,6 +414,8 @@ class Scheduler:
         return planned, events
 
     def _spec(self, name: str, revision: int) -> DeploymentSpec | None:
+        from shared.spec import DeploymentSpec
+
         key = (name, revision)
         if key not in self._specs:
             text = self.store.revision_spec(name, revision)
@@ -439,6 +449,8 @@ class Scheduler:
 
     def _check_ports(self, spec: DeploymentSpec) -> None:
         """A public port belongs to one deployment on this node."""
+        from shared.spec import DeploymentSpec
+
         mine = _public_ports(spec)
         for other in self.store.names():
             if other == spec.deployment:
@@ -457,6 +469,8 @@ class Scheduler:
                     )
 
     async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> DeployPlan:
+        from shared.spec import DeploymentSpec
+
         spec = self._parse(spec_text, filename, host_env)
         current = self.store.get(spec.deployment)
         old = DeploymentSpec.model_validate_json(current.spec_json) if current else None
@@ -536,6 +550,8 @@ class Scheduler:
 
     async def stop(self, name: str, service: str, timeout_sec: float, force: bool) -> None:
         """Keep a stop of ``service`` (or every service) and let the loop carry it out."""
+        from shared.spec import DeploymentSpec
+
         stored = self._require(name)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         if service and service not in spec.services:
@@ -550,6 +566,8 @@ class Scheduler:
         self.wake()
 
     async def scale(self, name: str, service: str, replicas: int) -> None:
+        from shared.spec import DeploymentSpec
+
         stored = self._require(name)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         if service not in spec.services:
@@ -578,6 +596,8 @@ class Scheduler:
         self.wake()
 
     async def trigger_job(self, name: str, service: str, trigger: str = "manual") -> JobRun:
+        from shared.spec import DeploymentSpec
+
         stored = self._require(name)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         svc = spec.services.get(service)
@@ -602,6 +622,8 @@ class Scheduler:
         return sorted(found, key=lambda e: e.time)[-limit:]
 
     def cron_schedules(self, name: str) -> list[CronSchedule]:
+        from shared.spec import DeploymentSpec
+
         names = [name] if name else self.store.names()
         rows = []
         for dep in names:
@@ -631,6 +653,8 @@ class Scheduler:
         return await self._agent_call(self.agent.list_job_runs(name, service))
 
     async def status(self, name: str) -> DeploymentStatus:
+        from shared.spec import DeploymentSpec
+
         stored = self._require(name, removing_ok=True)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         try:
@@ -1236,6 +1260,8 @@ class Scheduler:
         holds: dict[str, int],
         replicas: list[ReplicaInfo],
     ) -> None:
+        from shared.spec.models import AdaptiveScale
+
         adaptive = {
             svc_name: svc
             for svc_name, svc in spec.services.items()

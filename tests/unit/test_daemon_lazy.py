@@ -57,8 +57,8 @@ def _loaded_after(*modules: str) -> set[str]:
             ["daemons.registryd.main"],
             {"aiohttp.client", "shared.spec", "shared.buildfile", "yaml", "croniter"},
         ),
-        # schedd validates specs, but needs croniter only for a cron job
-        (["daemons.schedd.main"], {"croniter"}),
+        # schedd validates specs, with the first deploy; croniter with the first cron job
+        (["daemons.schedd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
     ],
     ids=lambda value: "+".join(value) if isinstance(value, list) else None,
 )
