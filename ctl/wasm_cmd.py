@@ -20,15 +20,15 @@ from ctl.output import fail, format_option, print_json, print_table
 from ctl.transfer import Sent
 from shared.bus import NotFoundError
 from shared.wasm import (
-    WasmArtifact,
     WasmError,
     WasmInfo,
-    WasmKind,
     inspect_file,
     read_file,
     validate,
 )
+from shared.wire import decode, to_builtins
 from shared.wire.jobs import JobInfo
+from shared.wire.registry import WasmArtifact, WasmKind
 
 PUSH_WAIT_SEC = 30 * 60.0
 
@@ -63,7 +63,7 @@ def validate_(file: str, kind: str | None, output_format: str) -> None:
     """Check that FILE is valid WebAssembly (wasmtime validates it)."""
     info = _validated(file, kind)
     if output_format == "json":
-        print_json({"file": file, "valid": True, **info.model_dump(mode="json")})
+        print_json({"file": file, "valid": True, **to_builtins(info)})
         return
     click.echo(f"{file}: valid {info.summary()}")
 
@@ -78,7 +78,7 @@ def info(file: str, output_format: str) -> None:
     except WasmError as exc:
         fail(str(exc))
     if output_format == "json":
-        print_json({"file": file, **found.model_dump(mode="json")})
+        print_json({"file": file, **to_builtins(found)})
         return
     wasi = (
         found.wasi if found.wasi == "none" else f"{found.wasi} ({', '.join(found.wasi_interfaces)})"
@@ -148,7 +148,7 @@ def export(file: str, name: str, output: str | None, author: str, output_format:
     except OSError as exc:
         fail(f"cannot write {target}: {exc.strerror or exc}")
     if output_format == "json":
-        print_json(artifact.model_dump(mode="json"))
+        print_json(to_builtins(artifact))
         return
     click.echo(
         f"exported {artifact.name} ({artifact.kind}, {artifact.os}) to {artifact.location}: "
@@ -218,9 +218,9 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
     job = asyncio.run(run())
     if job.state != "done":
         fail(job.error or f"the push {job.state}")
-    artifact = WasmArtifact.model_validate_json(job.result)
+    artifact = decode(job.result, WasmArtifact)
     if output_format == "json":
-        print_json(artifact.model_dump(mode="json"))
+        print_json(to_builtins(artifact))
         return
     click.echo(
         f"pushed {artifact.location} ({artifact.kind}, {artifact.os}): {artifact.manifest_digest}"

@@ -17,17 +17,15 @@ from __future__ import annotations
 import atexit
 import hashlib
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from shared.wire import Wire
+from shared.wire.registry import WasiVersion, WasmKind
 
 MAGIC = b"\0asm"
 MODULE_VERSION = 1  # bytes 4..8 of a core module: version 1, layer 0
 COMPONENT_LAYER = 1  # bytes 6..8 of a component: layer 1 (bytes 4..6 its version)
 WASI_PREVIEW1_MODULES = {"wasi_snapshot_preview1": "preview1", "wasi_unstable": "unstable"}
 
-WasmKind = Literal["module", "component"]
-WasiVersion = Literal["none", "unstable", "preview1", "preview2", "preview3"]
 
 MODULE_SECTIONS = {
     0: "custom",
@@ -94,37 +92,31 @@ class _Unsupported(Exception):
     """An encoding this reader does not decode (a newer proposal); not an error in the file."""
 
 
-class WasmImport(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class WasmImport(Wire, frozen=True, kw_only=True):
     module: str = ""  # core modules import "module" "name"; components only a name
     name: str
     kind: str  # func, memory, table, global, tag; instance, type, ... for components
     type: str = ""  # "func(i32, i32) -> i32", "memory 1..2", ... where known
 
 
-class WasmExport(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class WasmExport(Wire, frozen=True, kw_only=True):
     name: str
     kind: str
     type: str = ""
 
 
-class WasmInfo(BaseModel):
+class WasmInfo(Wire, frozen=True, kw_only=True):
     """What ``wasm info`` shows of one binary."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: WasmKind
     binary_version: int  # 1 for modules; the pre-standard encoding version for components
     size: int
     digest: str  # "sha256:..." of the whole file
     wasi: WasiVersion
-    wasi_interfaces: list[str] = Field(default_factory=list)  # what it imports from WASI
-    imports: list[WasmImport] = Field(default_factory=list)
-    exports: list[WasmExport] = Field(default_factory=list)
-    custom_sections: list[str] = Field(default_factory=list)
+    wasi_interfaces: list[str] = []  # what it imports from WASI
+    imports: list[WasmImport] = []
+    exports: list[WasmExport] = []
+    custom_sections: list[str] = []
     functions: int = 0  # functions a module defines (not imports)
     core_modules: int = 0  # core modules a component embeds at its top level
 
@@ -139,22 +131,6 @@ class WasmInfo(BaseModel):
             f"{self.kind}, {len(self.imports)} import{'s' if len(self.imports) != 1 else ''}, "
             f"{len(self.exports)} export{'s' if len(self.exports) != 1 else ''}, {wasi}"
         )
-
-
-class WasmArtifact(BaseModel):
-    """A binary packed as an OCI artifact (CNCF Wasm layout): exported to a directory or pushed."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str  # the normalised image reference
-    location: str  # the OCI layout directory, or the registry reference pushed to
-    manifest_digest: str
-    config_digest: str
-    layer_digest: str
-    size: int  # bytes of the wasm layer
-    kind: WasmKind
-    os: str  # wasip1 or wasip2
-    wasi: WasiVersion
 
 
 # ---------------------------------------------------------------- the reader

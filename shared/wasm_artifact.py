@@ -23,7 +23,8 @@ from typing import Any
 
 from shared.bus import InvalidArgumentError, NotFoundError
 from shared.reference import InvalidReferenceError, parse_reference
-from shared.wasm import WasmArtifact, WasmError, WasmInfo, validate
+from shared.wasm import WasmError, WasmInfo, validate
+from shared.wire.registry import WasmArtifact
 
 WASM_CONFIG_MEDIA_TYPE = "application/vnd.wasm.config.v0+json"
 WASM_LAYER_MEDIA_TYPE = "application/wasm"

@@ -41,6 +41,7 @@ from shared.wasm_artifact import (
     Artifact,
     digest,
 )
+from shared.wire import encode
 
 if TYPE_CHECKING:  # the client imports the store, which imports this module
     from daemons.registryd.client import RegistryClient
@@ -169,4 +170,4 @@ async def push_job(
     finally:
         await asyncio.to_thread(shutil.rmtree, blob_dir, True)
     log.info("pushed %s (%s) to %s", artifact.info.digest, artifact.info.kind, artifact.name)
-    return artifact.describe(artifact.name).model_dump_json()
+    return encode(artifact.describe(artifact.name))

@@ -59,6 +59,25 @@ class PushResult(Wire, frozen=True):
     id: str  # the image's config blob digest
 
 
+WasmKind = Literal["module", "component"]
+WasiVersion = Literal["none", "unstable", "preview1", "preview2", "preview3"]
+
+
+class WasmArtifact(Wire, frozen=True):
+    """A WebAssembly binary packed as an OCI artifact (CNCF Wasm layout): exported to a
+    directory or pushed (PushWasm's job result)."""
+
+    name: str  # the normalised image reference
+    location: str  # the OCI layout directory, or the registry reference pushed to
+    manifest_digest: str
+    config_digest: str
+    layer_digest: str
+    size: int  # bytes of the wasm layer
+    kind: WasmKind
+    os: str  # wasip1 or wasip2
+    wasi: WasiVersion
+
+
 class PruneResult(Wire, frozen=True):
     """``Prune``: what was removed and the bytes it freed."""
 

@@ -22,7 +22,8 @@ import pytest
 
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
-from shared.wasm import WasmArtifact
+from shared.wire import decode
+from shared.wire.registry import WasmArtifact
 from tests.integration.test_daemon import NotifyListener, stop
 from tests.integration.test_registryd import Registryd
 from tests.registry_fixture import start_registry
@@ -113,7 +114,7 @@ def test_import_and_wasm_push_from_a_hidden_directory(
     try:
         reference = f"{server.host}/wasm/hello:1"
         out = daemon.ok("wasm", "push", str(module), reference, "--format", "json")
-        assert WasmArtifact.model_validate_json(out).location == reference
+        assert decode(out, WasmArtifact).location == reference
     finally:
         server.stop()
     assert daemon.received() == []

@@ -21,8 +21,9 @@ import pytest
 from ctl.supervisor import find_executable
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
-from shared.wasm import WasmArtifact
 from shared.wasm_artifact import WASM_CONFIG_MEDIA_TYPE, WASM_FILE, WASM_LAYER_MEDIA_TYPE
+from shared.wire import decode
+from shared.wire.registry import WasmArtifact
 from tests.integration.test_daemon import NotifyListener, stop
 from tests.integration.test_registryd import Registryd
 from tests.registry_fixture import (
@@ -152,7 +153,7 @@ def test_export_import_and_ensure_say_runtime_wasm(
         "wasm", "export", str(binaries[kind]), "--name", "localhost/hello:1",
         "--output", str(layout), "--author", "tests", "--format", "json",
     )  # fmt: skip
-    artifact = WasmArtifact.model_validate_json(exported)
+    artifact = decode(exported, WasmArtifact)
     assert (artifact.kind, artifact.os, artifact.location) == (kind, os_name, str(layout))
     index = json.loads((layout / "index.json").read_text())
     manifest_hex = index["manifests"][0]["digest"].removeprefix("sha256:")
@@ -263,7 +264,7 @@ def test_push_to_a_real_registry_and_back(
         "wasm", "push", str(binaries["component"]), reference, "--no-tls-verify",
         "--format", "json",
     )  # fmt: skip
-    artifact = WasmArtifact.model_validate_json(pushed)
+    artifact = decode(pushed, WasmArtifact)
     assert artifact.location == reference and artifact.os == "wasip2"
 
     manifest = skopeo_json("--raw", f"docker://{reference}")
@@ -316,7 +317,7 @@ def test_push_uses_the_credentials_of_zlayerctl_login(
     registryd.ok("login", basic_registry, "-u", USER, "-p", PASSWORD)
     reference = f"{basic_registry}/wasm/hello:2"
     pushed = registryd.ok("wasm", "push", str(binaries["module"]), reference, "--format", "json")
-    artifact = WasmArtifact.model_validate_json(pushed)
+    artifact = decode(pushed, WasmArtifact)
     manifest = skopeo_json("--raw", "--creds", f"{USER}:{PASSWORD}", f"docker://{reference}")
     assert manifest["layers"][0]["digest"] == artifact.layer_digest
     assert artifact.os == "wasip1"
