@@ -137,9 +137,8 @@ class RegistryClient:
         tasks = [task for task, _ in self._pulls.values()]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # Each stops its receiving threads and removes its half-unpacked trees.
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._receiver_pool is not None:
             self._receiver_pool.shutdown(wait=False, cancel_futures=True)
         if self._http is not None:
