@@ -30,13 +30,12 @@ import click
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_table, short_id
 from ctl.transfer import Sent
-from shared.buildfile.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from shared.bus import NotFoundError
 from shared.credentials import user_credential
 from shared.reference import InvalidReferenceError, parse_reference
-from shared.wire import decode, to_builtins
+from shared.wire import decode, replace, to_builtins
 from shared.wire.jobs import JobInfo
-from shared.wire.registry import PushResult
+from shared.wire.registry import RUNTIME_AUTO, BuildRequest, BuildResult, PushResult
 
 if TYPE_CHECKING:
     from shared.buildfile.pipeline import Pipeline, PlannedImage
@@ -183,7 +182,7 @@ async def follow_jobs(client: Client, followed: list[_Followed], out: IO[str]) -
 
 def _outcome(info: JobInfo, what: str, sent: Sent | None) -> BuildResult | str:
     if info.state == "done":
-        return BuildResult.model_validate_json(info.result)
+        return decode(info.result, BuildResult)
     if info.state == "cancelled":
         return f"the build of {what} was cancelled"
     error = sent.ours(info.error) if sent else info.error
@@ -196,14 +195,15 @@ def _build(client: Client, request: BuildRequest, prefix: str = "") -> _Followed
 
     async def start() -> int:
         with sent.speaking_our_paths():
-            sendable = request.model_copy(
-                update={
+            sendable = replace(
+                request,
+                **{
                     key: await sent.path(value)
                     for key in ("context", "dockerfile", "zimagefile")
                     if (value := getattr(request, key))
-                }
+                },
             )
-            return await client.registry.build(sendable.model_dump_json())
+            return await client.registry.build(sendable)
 
     return _Followed(start, prefix=prefix, sent=sent)
 

@@ -564,8 +564,8 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         result_args_names=("job_id",),
     )
     async def build(self, request: str) -> int:
-        """Start building an image (BuildRequest JSON, see shared/buildfile/request.py);
-        the job's log_path receives buildah's output, its result is BuildResult JSON."""
+        """Start building an image (a shared.wire.registry.BuildRequest) as a job;
+        its log_path receives buildah's output, its result is a BuildResult."""
         raise NotImplementedError
 
     # --- wasm artifacts: below this line

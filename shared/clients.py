@@ -43,7 +43,13 @@ from shared.wire.agent import (
 from shared.wire.daemon import DaemonStatus
 from shared.wire.jobs import JobInfo, ProgressItem
 from shared.wire.overlay import Attachment, NetworkInfo
-from shared.wire.registry import ImageDetail, ImageInfo, ImageRootfs, PruneResult
+from shared.wire.registry import (
+    BuildRequest,
+    ImageDetail,
+    ImageInfo,
+    ImageRootfs,
+    PruneResult,
+)
 from shared.wire.scheduler import CronSchedule, DeploymentStatus, DeployPlan, Event
 from shared.wire.traffic import DeploymentTraffic, DnsRecord, RouteInfo, ServiceStats, TrafficViews
 
@@ -303,9 +309,8 @@ class RegistryClient(DaemonClient[Registry1]):
     async def export_image(self, reference: str, fd: int, gzip: bool) -> int:
         return await self.proxy.export_image(reference, fd, gzip)
 
-    async def build(self, request: str) -> int:
-        """``request``: BuildRequest JSON (the build formats' model)."""
-        return await self.proxy.build(request)
+    async def build(self, request: BuildRequest) -> int:
+        return await self.proxy.build(encode(request))
 
     async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
         return await self.proxy.push_wasm(path, reference, auth, tls_verify)

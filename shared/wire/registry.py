@@ -78,6 +78,38 @@ class WasmArtifact(Wire, frozen=True):
     wasi: WasiVersion
 
 
+RUNTIME_AUTO = "auto"  # BuildRequest.runtime: pick a template from the context's files
+
+
+class BuildRequest(Wire, frozen=True):
+    """``Build``: one image build. At most one of ``dockerfile``, ``zimagefile``,
+    ``runtime``; with none, the context's ZImagefile, else its Dockerfile, is built.
+
+    Paths are absolute and read by zlayer-registryd itself, so they must be
+    visible to it (under systemd it has a private ``/tmp`` and no ``/home``);
+    zlayerctl sends what is not (``Receive``) and names the received copy.
+    """
+
+    context: str
+    dockerfile: str = ""
+    zimagefile: str = ""
+    runtime: str = ""  # a template name, or RUNTIME_AUTO
+    tags: list[str] = []
+    build_args: dict[str, str] = {}
+    target: str = ""
+    no_cache: bool = False
+    format: Literal["oci", "docker"] = "oci"
+
+
+class BuildResult(Wire, frozen=True):
+    """A finished build job's result."""
+
+    id: str  # the image id in the store (sha256 of its config)
+    names: list[str]  # every name the stored image now has
+    source: str  # what was built: "Dockerfile", "ZImagefile", "runtime template node22"
+    seconds: float
+
+
 class PruneResult(Wire, frozen=True):
     """``Prune``: what was removed and the bytes it freed."""
 

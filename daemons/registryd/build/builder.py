@@ -29,12 +29,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from daemons.registryd.received import ReceivedFiles
 from shared.buildfile import runtimes
 from shared.buildfile.located import BuildFileError
-from shared.buildfile.request import RUNTIME_AUTO, BuildRequest, BuildResult
 from shared.buildfile.zimagefile import Dockerfile, load_zimagefile, to_dockerfile
 from shared.bus import (
     ERROR_PREFIX,
@@ -46,7 +43,8 @@ from shared.bus import (
 )
 from shared.jobs import Job, JobTable
 from shared.reference import InvalidReferenceError, parse_reference
-from shared.wire.registry import ImageInfo
+from shared.wire import WireError, decode, encode
+from shared.wire.registry import RUNTIME_AUTO, BuildRequest, BuildResult, ImageInfo
 
 BUILDAH = "buildah"
 STOP_GRACE = 10.0  # seconds buildah gets to stop on cancel before KILL
@@ -149,10 +147,9 @@ class Builder:
         or removed at once when the request is refused.
         """
         try:
-            request = BuildRequest.model_validate_json(request_json)
-        except ValidationError as exc:
-            message = exc.errors()[0]["msg"]
-            raise InvalidArgumentError(f"the build request is malformed: {message}") from None
+            request = decode(request_json, BuildRequest)
+        except WireError as exc:
+            raise InvalidArgumentError(f"the build request is malformed: {exc}") from None
         sent = (request.context, request.dockerfile, request.zimagefile)
         self.received.claim(*sent)
         try:
@@ -362,9 +359,11 @@ class Builder:
                 _append, log_path, f"stored {stored.id} as {', '.join(stored.names) or '-'}\n"
             )
             self.log.info("built %s as %s in %.1fs", stored.id, prepared.tags, seconds)
-            return BuildResult(
-                id=stored.id, names=stored.names, source=prepared.source, seconds=seconds
-            ).model_dump_json()
+            return encode(
+                BuildResult(
+                    id=stored.id, names=stored.names, source=prepared.source, seconds=seconds
+                )
+            )
         finally:
             self._running -= 1
             await _to_the_end(asyncio.to_thread(shutil.rmtree, prepared.work_dir, True))
