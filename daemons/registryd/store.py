@@ -765,14 +765,18 @@ class ImageStore:
         return self.tmp_dir / f"unpack-{uuid.uuid4().hex}"
 
     def keep_download(self, digest: str) -> None:
-        """Move a verified, durable download from partial/ into blobs/."""
+        """Put a verified, durable download from partial/ into blobs/.
+
+        A hard link, not a move: until the pull commits (which removes the
+        partial file), a daemon killed mid-pull, whose start-up clean-up
+        drops blobs no image references, still finds the whole download in
+        partial/ and needs to fetch nothing of it again.
+        """
         final = self.blob_path(digest)
         partial = self.partial_path(digest)
         with self._key_lock(digest):
-            if final.is_file():
-                partial.unlink(missing_ok=True)
-            else:
-                os.rename(partial, final)
+            if not final.is_file():
+                os.link(partial, final)
 
     def adopt_layers(self, layers: list[tuple[str, Path]]) -> None:
         """Make layers unpacked under tmp/ trusted: (diff id, work directory) pairs.

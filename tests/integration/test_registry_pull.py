@@ -460,6 +460,66 @@ def test_registryd_killed_mid_pull_resumes_after_restart(
     assert_no_partials(registryd)
 
 
+def test_layers_a_killed_pull_finished_are_not_fetched_again(
+    registryd: Registryd, registry: Registry, workdir: Path
+) -> None:
+    small = builder.make_tar([builder.Entry("small", "file", os.urandom(60_000))])
+    large = builder.make_tar([builder.Entry("large", "file", os.urandom(1_500_000))])
+    image = builder.make_image([small, large], "localhost/two:1")
+    layout = builder.write_oci_layout(image, workdir / "layout")
+    skopeo_copy(f"oci:{layout}", f"docker://{registry.host}/two:1")
+    manifest = json.loads(
+        (layout / "blobs/sha256" / oci_manifest_digest(layout).removeprefix("sha256:")).read_text()
+    )
+    done, going = (layer["digest"].removeprefix("sha256:") for layer in manifest["layers"])
+    partial_dir = registryd.store / "partial"
+    with fault_proxy(registry.url) as proxy:
+        proxy.slow = True
+        image_name = f"{proxy.host}/two:1"
+        puller = subprocess.Popen(
+            [find_executable("zlayerctl"), "pull", image_name],
+            env=dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (
+                done in registryd.blobs()
+                and (partial_dir / going).exists()
+                and (partial_dir / going).stat().st_size > 200_000
+            ):
+                assert time.monotonic() < deadline, (
+                    "the downloads never got going",
+                    registryd.blobs(),
+                    os.listdir(partial_dir),
+                    puller.poll(),
+                )
+                time.sleep(0.02)
+            assert registryd.process is not None
+            registryd.process.send_signal(signal.SIGKILL)
+            registryd.process.communicate(timeout=10)
+            registryd.process = None
+            puller.communicate(timeout=30)
+        finally:
+            if puller.poll() is None:
+                puller.kill()
+                puller.communicate()
+        registryd.start()  # its clean-up drops the blobs no image references
+        # the whole finished download is still there
+        assert (partial_dir / done).stat().st_size == manifest["layers"][0]["size"]
+        proxy.slow = False
+        proxy.ranges.clear()
+        info = pulled(registryd, image_name)
+        fetched = {digest.removeprefix("sha256:") for digest, _ in proxy.ranges}
+    assert done not in fetched and going in fetched
+    assert [Path(d).name for d in registryd.ensure(info["id"], "never").lower_dirs][::-1] == [
+        diff.removeprefix("sha256:") for diff in image.config["rootfs"]["diff_ids"]
+    ]
+    assert_no_partials(registryd)
+
+
 def test_clear_sentences_for_a_wrong_tag_and_an_unreachable_registry(
     registryd: Registryd, registry: Registry
 ) -> None:
