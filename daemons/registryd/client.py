@@ -9,7 +9,7 @@ then downloads the missing layer blobs concurrently. Each blob streams
 through a thread of its own (:func:`.unpack.receive_blob`) that, in one
 pass, appends it to ``partial/``, hashes it and unpacks it into ``tmp/``;
 a broken connection is resumed with ``Range``, here or after a restart.
-A blob whose digest matches moves into ``blobs/``; once every layer is
+A blob whose digest matches is linked into ``blobs/``; once every layer is
 there, one sync makes the unpacked layers durable, they are renamed into
 ``layers/``, and the store names the image. A warm pull is one manifest
 request and one look at the store.

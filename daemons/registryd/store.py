@@ -7,7 +7,8 @@ Layout under the daemon's state directory::
     index.json             image id -> manifest, layers, names (written by tmp + rename)
     tmp/                   work in progress; emptied on start
     partial/<hex>          registry downloads in progress, kept across restarts so a
-                           pull resumes; moved into blobs/ only once their digest matched
+                           pull resumes; linked into blobs/ only once their digest
+                           matched, removed when the pull commits
 
 Nothing becomes visible before it is complete: a blob is hashed into
 ``tmp/`` and renamed into place only when its digest matches, a layer is
