@@ -43,11 +43,20 @@ class StateFormatError(ValueError):
     """A state file that parsed but does not hold what it should; the reason, in one sentence."""
 
 
-def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> None:
+def write_atomically(
+    path: Path, data: str | bytes, mode: int | None = None, *, durable: bool = True
+) -> None:
     """Replace ``path`` with ``data``: the old file or the new one survives a crash, never half.
 
     ``mode`` is the file's permissions; None keeps those of the file being
     replaced (0644 for a new one). The parent directory is created if needed.
+
+    ``durable=False`` skips both fsyncs (each costs milliseconds, tens on a
+    busy disk): the rename is still atomic, so readers and a restart after a
+    daemon crash see the old content or the new, never a mix; only a power cut
+    or kernel crash may lose the last writes (an empty file is moved aside by
+    :func:`read_state`). For files that describe what runs on this node, which
+    a power cut takes with it, and that the owner rebuilds from what it finds.
     """
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,13 +75,15 @@ def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> 
             handle.flush()
             if mode != 0o600:
                 os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.rename(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
-    fsync_directory(directory)
+    if durable:
+        fsync_directory(directory)
 
 
 def fsync_directory(directory: Path) -> None:

@@ -251,11 +251,15 @@ class Node:
     # ------------------------------------------------------------ persistence
 
     @staticmethod
-    def _write(path: Path, text: str) -> None:
-        write_atomically(path, text)
+    def _write(path: Path, text: str, durable: bool = True) -> None:
+        write_atomically(path, text, durable=durable)
 
     def _save(self, replica: Replica) -> None:
-        self._write(self.record_dir / f"{replica.record.id}.json", encode(replica.record))
+        # Not fsynced: a record says what runs here, and a power cut stops it all;
+        # load() takes what is left, and schedd sends the assignments again.
+        self._write(
+            self.record_dir / f"{replica.record.id}.json", encode(replica.record), durable=False
+        )
 
     def _update(self, replica: Replica, **changes: Any) -> None:
         record = replica.record
@@ -424,7 +428,8 @@ class Node:
         if before is not None and before == assignment:
             return
         name = f"{assignment.deployment}--{assignment.service}.json"
-        self._write(self.assign_dir / name, encode(assignment))
+        # Not fsynced either: schedd sends its complete view again when agentd starts.
+        self._write(self.assign_dir / name, encode(assignment), durable=False)
         if before is not None and assignment.retry > before.retry:
             self._retry_failed(assignment)
 
@@ -775,17 +780,27 @@ class Node:
         # A stopped leftover of this replica's id from an earlier life: ours to clear.
         await self.launcher.remove(record.id)
         self._update(replica, state="creating", message="", health="none")
-        rootfs = await self.neighbours.ensure_image(spec.image.name, spec.image.pull_policy)
+        # The network is attached while the image is found: neither needs the other.
+        attaching: asyncio.Future[Attachment] | None = None
+        if spec.network_mode != "host":
+            hostname = spec.hostname or f"{record.service}-{record.instance}"
+            attaching = asyncio.ensure_future(self.neighbours.attach(record.id, hostname))
+        try:
+            rootfs = await self.neighbours.ensure_image(spec.image.name, spec.image.pull_policy)
+        except BaseException:
+            if attaching is not None:  # a retry or the removal deals with what it made
+                attaching.cancel()
+                await asyncio.gather(attaching, return_exceptions=True)
+            raise
+        attachment = None
+        if attaching is not None:
+            attachment = await attaching
+            self._update(replica, address=attachment.address)
         if rootfs.image.runtime == "wasm":
             raise NotSupportedError(
                 f"{spec.image.name} is a WebAssembly artifact, and this node has no WASM "
                 "runtime yet; deploy an OCI image instead"
             )
-        attachment = None
-        if spec.network_mode != "host":
-            hostname = spec.hostname or f"{record.service}-{record.instance}"
-            attachment = await self.neighbours.attach(record.id, hostname)
-            self._update(replica, address=attachment.address)
         if spec.init.steps:
             self._update(replica, state="initializing", message="running init steps")
             await probes.run_init(

@@ -299,7 +299,16 @@ class ContainerRuntime:
             except BaseException:
                 await self._cleanup(container_id)
                 raise
-            return await self._info(container_id)
+            # conmon answered with the pid: created, waiting for start. Said from
+            # its files, without one more run of the OCI runtime to ask.
+            return ContainerInfo(
+                id=container_id,
+                status="created",
+                pid=oci.read_pidfile(bundle_dir / "ctr.pid"),
+                conmon_pid=oci.live_conmon(bundle_dir, container_id),
+                bundle=bundle_dir,
+                exit=None,
+            )
 
     async def _spawn_conmon(self, container_id: str, bundle_dir: Path) -> None:
         argv = [
@@ -347,10 +356,11 @@ class ContainerRuntime:
         code, _out, err = await self._runtime(container_id, "start", container_id)
         if code != 0:
             raise ContainerError(f"container {container_id} could not start: {oci.explain(err)}")
-        info = await self._info(container_id)
-        if info.pid:
-            return info.pid
-        return oci.read_pidfile(self.bundle_dir(container_id) / "ctr.pid")
+        # The pid the runtime wrote at create (asking it for its state costs a run of it).
+        pid = oci.read_pidfile(self.bundle_dir(container_id) / "ctr.pid")
+        if pid:
+            return pid
+        return (await self._info(container_id)).pid
 
     async def run(
         self,

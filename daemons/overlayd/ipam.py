@@ -162,7 +162,13 @@ class Ipam:
     def save(self) -> None:
         if self.path is None:
             return
-        write_atomically(self.path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        # Not fsynced: an attachment's namespace and veth do not outlive a power
+        # cut, and a file lost to one is rebuilt from the attachments that exist.
+        write_atomically(
+            self.path,
+            json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n",
+            durable=False,
+        )
 
     @classmethod
     def load(cls, subnet: IPv4Network, path: Path) -> Ipam:

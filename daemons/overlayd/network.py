@@ -465,7 +465,10 @@ class NodeNetwork:
             )
 
     def _save_traffic(self, traffic: DeploymentTraffic) -> None:
-        write_atomically(self.traffic_dir / f"{traffic.deployment}.json", encode(traffic))
+        # Not fsynced: schedd sends every view again when overlayd starts.
+        write_atomically(
+            self.traffic_dir / f"{traffic.deployment}.json", encode(traffic), durable=False
+        )
 
     def published_ports(self) -> list[PublishedPort]:
         return [port for ports in self.published.values() for port in ports]
