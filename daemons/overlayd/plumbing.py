@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -37,6 +38,7 @@ NETNS_DIR = Path("/run/netns")
 SYSCTL_DIR = Path("/proc/sys")
 IP_FORWARD = "net/ipv4/ip_forward"  # a key: the path under /proc/sys
 IFACE = "eth0"
+LOOPBACK_INDEX = 1  # the kernel makes lo first in every new network namespace
 HASH_LEN = 12
 
 MS_REC = 16384
@@ -361,26 +363,31 @@ def plumb(
 
     ``alias`` (:func:`label`) is set on the host veth.
     """
+    # Each netlink request through pyroute2 costs milliseconds: names in this
+    # namespace are looked up with if_nametoindex, a fresh namespace is not
+    # searched for leftovers, and settings go together where the kernel takes them so.
     done: list[str] = []
-    if not names.netns_path.exists():
+    fresh = not names.netns_path.exists()
+    if fresh:
         create_netns(names.netns_path)
         done.append(f"created the namespace {names.netns}")
     with IPRoute() as ip:
-        bridge_index = _lookup(ip, bridge)
+        bridge_index = _index(bridge)
         if bridge_index is None:
             raise PlumbingError(f"the bridge {bridge} is gone; restart zlayer-overlayd")
-        index = _lookup(ip, names.host_veth)
+        index = _index(names.host_veth)
         if index is not None and not _inside_ok(names, address, prefixlen):
             # Half made (a crash between steps): start the pair over.
             ip.link("del", index=index)
             done.append(f"removed the incomplete {names.host_veth}")
             index = None
         if index is None:
-            with _in_netns(names.netns) as inner:
-                for stale in (names.peer, IFACE):
-                    stale_index = _lookup(inner, stale)
-                    if stale_index is not None:
-                        inner.link("del", index=stale_index)
+            if not fresh:
+                with _in_netns(names.netns) as inner:
+                    for stale in (names.peer, IFACE):
+                        stale_index = _lookup(inner, stale)
+                        if stale_index is not None:
+                            inner.link("del", index=stale_index)
             netns_fd = os.open(names.netns_path, os.O_RDONLY)
             try:
                 ip.link(
@@ -395,29 +402,46 @@ def plumb(
                 )
             finally:
                 os.close(netns_fd)
-            index = _must_lookup(ip, names.host_veth)
-            if alias:
-                ip.link("set", index=index, ifalias=alias)
+            index = _index(names.host_veth)
+            if index is None:
+                raise PlumbingError(
+                    f"the interface {names.host_veth} vanished while it was being set up"
+                )
             with _in_netns(names.netns) as inner:
                 peer = _must_lookup(inner, names.peer)
                 inner.link("set", index=peer, ifname=IFACE)
                 inner.addr("add", index=peer, address=str(address), prefixlen=prefixlen)
                 inner.link("set", index=peer, state="up")
-                loopback = _must_lookup(inner, "lo")
+                loopback = LOOPBACK_INDEX if fresh else _must_lookup(inner, "lo")
                 inner.link("set", index=loopback, state="up")
                 inner.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+            # Alias, bridge and up in one request.
+            ip.link("set", index=index, master=bridge_index, state="up", **_alias(alias))
             done.append(f"connected {names.netns} to {bridge} through {names.host_veth}")
-        link = _link(ip, index)
-        if link.get("master") != bridge_index or not _is_up(link):
-            ip.link("set", index=index, master=bridge_index, state="up")
-            if not done:
-                done.append(f"put {names.host_veth} back on {bridge}")
+        else:
+            link = _link(ip, index)
+            if link.get("master") != bridge_index or not _is_up(link):
+                ip.link("set", index=index, master=bridge_index, state="up")
+                if not done:
+                    done.append(f"put {names.host_veth} back on {bridge}")
         if not _hairpin(names.host_veth):
             # A replica reaching a published port whose backend is itself.
             ip.link("set", index=index, kind="bridge_slave", mode=1)
             if not done:
                 done.append(f"turned hairpin on for {names.host_veth}")
     return done
+
+
+def _alias(alias: str) -> dict[str, str]:
+    return {"ifalias": alias} if alias else {}
+
+
+def _index(name: str) -> int | None:
+    """The index of an interface in this thread's namespace; None if there is none."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
 def _hairpin(port: str) -> bool:
