@@ -1182,13 +1182,16 @@ class Scheduler:
             self._take_result(daemon, result)
 
         # Traffic before assignments, so a replica leaves rotation before it is
-        # stopped; when agentd is only to start more, the views all go at once.
-        first = [d for d in due if d != "agentd"]
+        # stopped. When agentd is only to start more, it goes first: the networks
+        # of its new replicas then come before the traffic in overlayd's queue.
+        traffic_due = [d for d in due if d != "agentd"]
         if "agentd" in due and self._only_more(assignments):
-            first.append("agentd")
-        await asyncio.gather(*(send(d) for d in first))
-        if "agentd" in due and "agentd" not in first:
             await send("agentd")
+            await asyncio.gather(*(send(d) for d in traffic_due))
+        else:
+            await asyncio.gather(*(send(d) for d in traffic_due))
+            if "agentd" in due:
+                await send("agentd")
         if all(self._sent.get(d, ("", 0.0))[0] == bodies[d] for d in ("overlayd", "proxyd")):
             self._routed = {
                 view.deployment: {b.replica for svc in view.services for b in svc.backends}
