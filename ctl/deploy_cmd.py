@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -50,9 +51,11 @@ def _coloured(state: str) -> str:
 
 
 def _spec_path(file: str | None, command: str) -> Path:
-    from ctl.spec_cmd import find_spec_file
+    if file:
+        return Path(file)
+    from ctl.spec_cmd import find_spec_file  # loads the spec models
 
-    return Path(file) if file else find_spec_file(Path.cwd(), command)
+    return find_spec_file(Path.cwd(), command)
 
 
 def _read_spec(file: str | None, command: str) -> tuple[str, str, dict[str, str], str]:
@@ -68,6 +71,38 @@ def _read_spec(file: str | None, command: str) -> tuple[str, str, dict[str, str]
         err_console.print(f"[yellow]warning:[/] {text}", highlight=False)
     host_env = {name: os.environ[name] for name in host_env_names(spec) if name in os.environ}
     return path.read_text(), str(path), host_env, spec.deployment
+
+
+# A ``$E:VAR`` reference as shared.spec.refs reads one (kept here: importing it loads the models).
+_HOST_ENV = re.compile(r"\$E:([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _spec_text(file: str | None, command: str) -> tuple[str, str, dict[str, str]]:
+    """(spec text, file name, host env values) without reading the spec: schedd does.
+
+    The values sent are those of every ``$E:`` name in the text (schedd
+    uses the ones the spec's env values name). A file that cannot be read is
+    reported as ``validate`` reports it.
+    """
+    path = _spec_path(file, command)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        _read_spec(file, command)
+        raise
+    names = set(_HOST_ENV.findall(text))
+    host_env = {name: os.environ[name] for name in names if name in os.environ}
+    return text, str(path), host_env
+
+
+async def _deploy_warnings(client: Client, status: DeploymentStatus) -> list[str]:
+    """What schedd warned about when it stored ``status``'s revision (its events)."""
+    found = await client.scheduler.list_events(status.name, 200)
+    deployed = f"revision {status.revision} of {status.name} deployed"
+    marks = [i for i, e in enumerate(found) if e.kind == "deploy" and e.message == deployed]
+    if not marks:
+        return []
+    return [e.message for e in found[marks[-1] + 1 :] if e.kind == "warning"]
 
 
 def _stamp(when: float) -> str:
@@ -205,11 +240,20 @@ async def _follow_events(client: Client, name: str, stop: asyncio.Event) -> None
 )
 def up(file: str | None, background: bool, detach: bool, timeout: float) -> None:
     """Deploy FILE and follow it; Ctrl-C tears the deployment down (-b/-d return instead)."""
-    text, filename, host_env, name = _read_spec(file, "up")
+    # The spec goes to schedd unread: loading the spec models here would take longer
+    # than the deploy. schedd's warnings come back as its events; when it refuses,
+    # the file is read here to say what is wrong with it where it is, as before.
+    text, filename, host_env = _spec_text(file, "up")
+    deployed = False
 
     async def run() -> None:
+        nonlocal deployed
         client = Client()
         status = await client.scheduler.deploy(text, filename, host_env)
+        deployed = True
+        name = status.name
+        for warning in await _deploy_warnings(client, status):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         err_console.print(
             f"deployed revision {status.revision} of [bold]{name}[/]", highlight=False
         )
@@ -233,7 +277,12 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
         await _wait_until(client, name, _removal_line, DEFAULT_WAIT)
         err_console.print(f"{name} removed", highlight=False)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except Exception:
+        if not deployed:
+            _read_spec(file, "up")  # the file's own problems, located; exits 1
+        raise
 
 
 def _removal_line(status: DeploymentStatus | None) -> str | None:
