@@ -10,7 +10,7 @@ Keys (besides the ones every daemon has):
 ``insecure_registries``   registries spoken to over plain HTTP (``"host:port"``);
                           ``localhost`` and ``127.0.0.1`` are always tried with
                           HTTPS first, then plain HTTP, as Docker does
-``max_concurrent_downloads``  layers fetched at once per pull, default 3
+``max_concurrent_downloads``  layers fetched at once per pull, default 6 (as skopeo)
 ``max_concurrent_uploads``    layers pushed at once per push, default 3
 ``chunk_size``            bytes per PATCH of a chunked upload; blobs larger than
                           this are uploaded in chunks, smaller ones in one PUT
@@ -37,7 +37,7 @@ class RegistrySettings(DaemonSettings, kw_only=True):
     # registries reached over plain HTTP
     insecure_registries: list[str] = msgspec.field(default_factory=list)
     # layers fetched at once
-    max_concurrent_downloads: Annotated[int, Meta(ge=1, le=32)] = 3
+    max_concurrent_downloads: Annotated[int, Meta(ge=1, le=32)] = 6
     # layers pushed at once
     max_concurrent_uploads: Annotated[int, Meta(ge=1, le=32)] = 3
     # bytes per upload chunk
