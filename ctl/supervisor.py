@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+import msgspec
 
 from ctl.fdstore import ChildStart, FdStore, receive
 from shared.bus import BUS_ADDRESS_ENV, DAEMONS, DaemonInfo
 from shared.busdaemon import PrivateBus
-from shared.daemon import SUPERVISOR_ENV
 from shared.paths import Paths
 from shared.statefile import write_atomically
 
@@ -64,7 +63,7 @@ START_AFTER: dict[str, tuple[str, ...]] = {
 _NOT_INHERITED = ("INVOCATION_ID", "JOURNAL_STREAM", "WATCHDOG_PID", "NOTIFY_SOCKET")
 
 
-class ChildState(BaseModel):
+class ChildState(msgspec.Struct, kw_only=True):
     """One supervised daemon, as written to supervisor.json."""
 
     name: str
@@ -77,7 +76,7 @@ class ChildState(BaseModel):
     fd_store: list[str] = []  # names of the descriptors it keeps with us
 
 
-class SupervisorState(BaseModel):
+class SupervisorState(msgspec.Struct, kw_only=True):
     """The supervisor's record of itself and its children."""
 
     pid: int
@@ -91,8 +90,8 @@ class SupervisorState(BaseModel):
     def read(cls, paths: Paths) -> SupervisorState | None:
         """The running supervisor's state, or None when none runs."""
         try:
-            state = cls.model_validate_json(paths.supervisor_state.read_text())
-        except (OSError, ValueError):
+            state = msgspec.json.decode(paths.supervisor_state.read_bytes(), type=cls)
+        except (OSError, ValueError, msgspec.DecodeError):
             return None
         return state if _alive(state.pid) else None
 
@@ -174,7 +173,8 @@ class Supervisor:
             ready=ready,
             daemons={name: child.record for name, child in self.children.items()},
         )
-        write_atomically(self.paths.supervisor_state, state.model_dump_json(indent=2))
+        text = msgspec.json.format(msgspec.json.encode(state), indent=2)
+        write_atomically(self.paths.supervisor_state, text)
 
     # ------------------------------------------------------------ notify socket
 
@@ -223,6 +223,8 @@ class Supervisor:
     # ------------------------------------------------------------ children
 
     async def _spawn(self, child: _Child) -> None:
+        from shared.daemon import SUPERVISOR_ENV  # the daemons' scaffold: not for `status`
+
         log_file = self._log_file(child.info)
         if log_file.exists() and log_file.stat().st_size > LOG_ROTATE_BYTES:
             log_file.replace(log_file.with_suffix(".log.1"))

@@ -151,6 +151,8 @@ def test_status_imports_nothing_for_specs_builds_or_wasm(tmp_path: Path) -> None
     )
     assert "ctl.status_cmd" in modules
     assert not {"wasmtime", "aiohttp", "shared.buildfile", "shared.spec"} & modules
+    # the supervisor's state file is read without pydantic or the daemons' scaffold
+    assert not {"pydantic", "prometheus_client", "shared.daemon"} & modules
     assert not {"ctl.build_cmd", "ctl.deploy_cmd", "ctl.wasm_cmd", "ctl.registry_cmd"} & modules
 
 
