@@ -91,8 +91,9 @@ from _cluster import print_table
 from replica_start import free_subnets
 
 from ctl.supervisor import find_executable
-from shared.bus import BUS_ADDRESS_ENV, DAEMONS_BY_NAME, open_bus, proxy
+from shared.bus import BUS_ADDRESS_ENV, open_bus
 from shared.busdaemon import PrivateBus
+from shared.clients import OverlayClient
 from shared.paths import PREFIX_ENV, Paths
 from shared.wire import decode, encode
 from shared.wire.overlay import Attachment
@@ -138,7 +139,7 @@ def call(bus_address: str, method: str, *args: Any) -> Any:
     async def run() -> Any:
         bus = open_bus(bus_address)
         try:
-            return await getattr(proxy(DAEMONS_BY_NAME["overlayd"], bus), method)(*args)
+            return await getattr(OverlayClient(bus).proxy, method)(*args)
         finally:
             bus.close()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -42,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._cluster import Cluster, print_table, running_daemons
 from shared import busybox_image as builder
-from shared.bus import DAEMONS_BY_NAME, open_bus, proxy, resolve_bus_address
+from shared.bus import open_bus, resolve_bus_address
+from shared.clients import RegistryClient
+from shared.wire.jobs import JobInfo
 from tests.registry_fixture import skopeo_copy, start_registry
 
 
@@ -99,19 +100,18 @@ def measure(cluster: Cluster, image: str, work: Path, runs: int) -> None:
 def pull_job_seconds(cluster: Cluster) -> list[float]:
     """How long each pull job registryd still remembers took, oldest first."""
 
-    async def listed() -> str:
+    async def listed() -> list[JobInfo]:
         bus = open_bus(resolve_bus_address(cluster.paths))
         try:
-            text: str = await proxy(DAEMONS_BY_NAME["registryd"], bus).list_jobs()
-            return text
+            return await RegistryClient(bus).list_jobs()
         finally:
             bus.close()
 
-    jobs = sorted(json.loads(asyncio.run(listed())), key=lambda job: job["id"])
+    jobs = sorted(asyncio.run(listed()), key=lambda job: job.id)
     return [
-        job["finished_at"] - job["started_at"]
+        job.finished_at - job.started_at
         for job in jobs
-        if job["kind"] == "pull" and job["finished_at"]
+        if job.kind == "pull" and job.finished_at is not None
     ]
 
 

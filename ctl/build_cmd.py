@@ -317,7 +317,7 @@ def build(
     if isinstance(outcome, str):
         fail(outcome)
     if output_format == "json":
-        print_json({**outcome.model_dump(mode="json"), "pushed": to_builtins(pushed)})
+        print_json({**to_builtins(outcome), "pushed": to_builtins(pushed)})
         return
     names = ", ".join(outcome.names) or "no name (give one with -t)"
     click.echo(f"built {names}: {short_id(outcome.id)} in {outcome.seconds:.1f}s")
@@ -456,7 +456,7 @@ def pipeline(
         print_json(
             {
                 "images": [
-                    {"name": name, **result.model_dump(mode="json")}
+                    {"name": name, **to_builtins(result)}
                     for name, result in results.items()
                 ],
                 "pushed": to_builtins(pushed),

@@ -16,7 +16,6 @@ The generated introspection XML of these interfaces is checked in under
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -789,12 +788,6 @@ def open_bus(address: str | None) -> sdbus.SdBus:
     # open time, so setting it for our own process is enough.
     os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
     return sdbus.sd_bus_open_system()
-
-
-def proxy(info: DaemonInfo, bus: sdbus.SdBus) -> Any:
-    """A client proxy for the daemon ``info`` on ``bus``."""
-    make: Callable[..., Any] = info.interface.new_proxy
-    return make(info.bus_name, info.object_path, bus)
 
 
 # Registry1.Receive: what follows a tar stream the sender finished.

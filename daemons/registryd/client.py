@@ -54,7 +54,8 @@ from shared.credentials import Credential
 from shared.jobs import Job
 from shared.lazy import lazy_module
 from shared.reference import DEFAULT_DOMAIN, InvalidReferenceError, Reference, parse_reference
-from shared.wire.registry import ImageInfo
+from shared.wire import encode
+from shared.wire.registry import ImageInfo, PushResult
 
 if TYPE_CHECKING:
     import aiohttp
@@ -236,7 +237,7 @@ class RegistryClient:
         progress.jobs.append(job)
         progress.replay(job)
         info = await task
-        return info.model_dump_json()
+        return encode(info)
 
     async def _pull(self, ref: Reference, auth: str, progress: _Progress) -> ImageInfo:
         try:
@@ -528,9 +529,7 @@ class RegistryClient:
         finally:
             self.store.unpin(pinned)
         log.info("pushed %s as %s", record.id, dest)
-        return json.dumps(
-            {"reference": str(dest), "digest": record.manifest_digest, "id": record.id}
-        )
+        return encode(PushResult(reference=str(dest), digest=record.manifest_digest, id=record.id))
 
     async def upload(
         self,

@@ -35,36 +35,7 @@ T = TypeVar("T")
 S = TypeVar("S", bound="Wire")
 
 
-class _PydanticSpelling:
-    """Transitional: pydantic's method names on wire values, for call sites not yet moved.
-
-    Removed once nothing calls them (``grep -rn "model_dump\\|model_validate\\|model_copy"``
-    over the wire's users finds nothing).
-    """
-
-    __slots__ = ()
-
-    def model_dump_json(self, **_: Any) -> str:
-        return encode(self)
-
-    def model_dump(self, **_: Any) -> Any:
-        return to_builtins(self)
-
-    def model_copy(self, update: dict[str, Any] | None = None) -> Any:
-        return msgspec.structs.replace(self, **(update or {}))  # type: ignore[type-var]
-
-    @classmethod
-    def model_validate_json(cls, text: str | bytes) -> Any:
-        return decode(text, cls)
-
-    @classmethod
-    def model_validate(cls, value: Any) -> Any:
-        return convert(value, cls)
-
-
-class Wire(
-    _PydanticSpelling, msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
-):
+class Wire(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base of every bus value: unknown fields refused, instances immutable.
 
     msgspec applies ``kw_only`` to the fields of the class that sets it, so a
@@ -73,7 +44,7 @@ class Wire(
     """
 
 
-class MutableWire(_PydanticSpelling, msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class MutableWire(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base of the few bus values a daemon updates in place (a running job's progress)."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from shared.bus import ConflictError, InvalidArgumentError
+from shared.wire import encode
 from shared.wire.overlay import Attachment
 from shared.wire.traffic import Backend, DeploymentTraffic, ServiceTraffic
 from tests.integration import test_overlayd as base
@@ -156,7 +157,7 @@ def service(
 
 def push(overlayd: Overlayd, deployment: str, *services: ServiceTraffic) -> None:
     traffic = DeploymentTraffic(deployment=deployment, services=list(services))
-    overlayd.call("set_traffic", deployment, traffic.model_dump_json())
+    overlayd.call("set_traffic", deployment, encode(traffic))
 
 
 def tcp_endpoint(port: int, **extra: Any) -> dict[str, Any]:
@@ -428,19 +429,23 @@ def test_port_conflicts_and_bad_pushes_are_refused_with_a_sentence(
 
     for deployment, text, words in [
         ("gamma", "{not json", "not a DeploymentTraffic"),
-        ("gamma", DeploymentTraffic(deployment="delta").model_dump_json(), "'delta'"),
+        ("gamma", encode(DeploymentTraffic(deployment="delta")), "'delta'"),
         (
             "gamma",
-            DeploymentTraffic(
-                deployment="gamma",
-                services=[
-                    ServiceTraffic(
-                        deployment="gamma",
-                        service="g",
-                        backends=[Backend(replica="g-1", instance=1, revision=1, address="x; y")],
-                    )
-                ],
-            ).model_dump_json(),
+            encode(
+                DeploymentTraffic(
+                    deployment="gamma",
+                    services=[
+                        ServiceTraffic(
+                            deployment="gamma",
+                            service="g",
+                            backends=[
+                                Backend(replica="g-1", instance=1, revision=1, address="x; y")
+                            ],
+                        )
+                    ],
+                )
+            ),
             "not an IPv4 address",
         ),
     ]:
