@@ -231,7 +231,7 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         flags=DbusUnprivilegedFlag,
     )
     async def list_cron(self, deployment: str) -> str:
-        """JSON list of {deployment, service, schedule, next_run, last_run}."""
+        """list[CronSchedule]: each cron service's schedule, next and last run."""
         raise NotImplementedError
 
     @dbus_method_async(
@@ -541,7 +541,7 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
     @dbus_method_async(result_signature="s", result_args_names=("pruned",))
     async def prune(self) -> str:
         """Remove images no replica uses, then blobs and layers no image references;
-        JSON {"images": [...], "blobs": [...], "bytes": N}."""
+        a PruneResult."""
         raise NotImplementedError
 
     @dbus_method_async(
