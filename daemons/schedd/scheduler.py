@@ -26,24 +26,21 @@ from sdbus import SdBus
 from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
 from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache, agent_call
 from daemons.schedd.store import ServiceState, Store, StoredDeployment
+from daemons.schedd.views import IN_ROTATION, TRAFFIC_TIMEOUT, ViewSync, deployment_traffic
 from shared.bus import (
     ConflictError,
-    InvalidArgumentError,
     InvalidSpecError,
     NotFoundError,
     UnavailableError,
     ZLayerError,
 )
 from shared.clients import AgentClient, OverlayClient, ProxyClient
-from shared.wire import encode, replace
 from shared.wire.agent import (
     JobRun,
-    NodeAssignments,
     ReplicaInfo,
     ReplicaStats,
     RevisionReplicas,
     ServiceAssignment,
-    SyncResult,
 )
 from shared.wire.scheduler import (
     CronSchedule,
@@ -55,10 +52,7 @@ from shared.wire.scheduler import (
 )
 from shared.wire.scheduler import ServiceState as ServiceCondition
 from shared.wire.traffic import (
-    Backend,
     DeploymentTraffic,
-    ServiceTraffic,
-    TrafficViews,
 )
 
 if TYPE_CHECKING:
@@ -84,26 +78,11 @@ PASS_ERRORS = Counter(
     "Reconcile passes that could not finish, by reason.",
     ["reason"],
 )
-VIEWS_SENT = Counter(
-    "zlayer_scheduler_views_sent",
-    "Full views sent to a daemon, by result (accepted, stale: it held a newer one, failed).",
-    ["daemon", "result"],
-)
-VIEWS_REFUSED = Counter(
-    "zlayer_scheduler_views_refused",
-    "Deployments whose part of a view a daemon refused (a port in use, a route clash).",
-    ["daemon"],
-)
-
 PASS_INTERVAL = 1.0  # seconds between reconcile passes
-RESYNC_INTERVAL = 15.0  # re-send unchanged full views, in case a receiver lost them
-TRAFFIC_TIMEOUT = 5.0
-VIEW_HOLDERS = ("overlayd", "proxyd", "agentd")  # traffic first: out of rotation, then stopped
 DRAIN_SECONDS = 2.0  # old replicas leave rotation this long before they are stopped
 ROLLOUT_MAX_RESTARTS = 3  # a new replica restarting this often fails the rollout
 AUTOSCALE_INTERVAL = 5.0  # seconds between load samples
 SLOW_PASS = 3.0  # a reconcile pass slower than this is logged: a neighbour is slow
-IN_ROTATION = ("healthy", "none")
 
 
 def desired_replicas(service: ServiceSpec, hold: int | None, adaptive: int | None = None) -> int:
@@ -250,20 +229,8 @@ class Scheduler:
         self._deploy_lock = asyncio.Lock()  # revision numbers are handed out one at a time
         # This pass's assignments, (deployment, service) -> what agentd should run.
         self._desired: dict[tuple[str, str], ServiceAssignment] = {}
-        # Per view holder: the last view sent (without its generation), and when.
-        self._sent: dict[str, tuple[str, float]] = {}
-        # The assignments agentd last took, by (deployment, service).
-        self._taken: dict[tuple[str, str], ServiceAssignment] = {}
-        self._resync: set[str] = set(VIEW_HOLDERS)  # holders owed a full view now
-        self._generation = 0
-        # Per traffic holder: deployment -> why it refused that deployment's view.
-        self._refused: dict[str, dict[str, str]] = {}
         self._stop_grace: dict[tuple[str, str], float] = {}  # `stop --timeout/--force`
         self._gone_services: set[tuple[str, str]] = set()  # services left out of the spec
-        self._unreachable: set[str] = set()  # holders whose last send failed, logged once
-        self._held_back = False  # views held back after the store was rebuilt empty
-        # deployment -> replica ids both overlayd and proxyd route to, as they last took it
-        self._routed: dict[str, set[str]] = {}
         self._waiting: dict[tuple[str, int, str], _Waiting] = {}
         self._failed: dict[tuple[str, int, str], str] = {}
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
@@ -274,6 +241,9 @@ class Scheduler:
         self._sampler = Sampler()
         self._sampled_at: dict[str, float] = {}
         self._deployed_at: dict[str, float] = {}  # deployment -> its last deploy (monotonic)
+        self.views = ViewSync(
+            store, self.agent, self.overlay, self.proxyd, self.replica_cache, self.event, self.wake
+        )
 
     # ------------------------------------------------------------ events
 
@@ -539,8 +509,7 @@ class Scheduler:
         for table in (self._failed, self._waiting):
             for key3 in [k for k in table if k[0] == name]:
                 del table[key3]
-        for refusals in self._refused.values():
-            refusals.pop(name, None)
+        self.views.forget(name)
         for key in [k for k in self._stop_grace if k[0] == name]:
             del self._stop_grace[key]
         self._gone_services = {k for k in self._gone_services if k[0] != name}
@@ -739,7 +708,7 @@ class Scheduler:
                 )
             )
         message = ""
-        refusal = self._refusal(name)
+        refusal = self.views.refusal(name)
         overall: DeploymentState
         if stored.removing:
             overall = "removing"
@@ -754,7 +723,7 @@ class Scheduler:
             overall = "failed"
         elif all(s.state in ("running", "pending", "stopped") for s in services):
             overall = "running"
-            if self._unrouted(name, spec, replicas):
+            if self.views.unrouted(name, spec, replicas, self._desired):
                 # Healthy, not yet in DNS and the proxy: a first request would miss.
                 overall = "deploying"
                 message = "routing traffic to the new replicas"
@@ -782,29 +751,6 @@ class Scheduler:
         deployed = self._deployed_at.get(name, -math.inf)
         return replica.state == "failed" and self.replica_cache.since(replica.id) >= deployed
 
-    def _unrouted(self, name: str, spec: DeploymentSpec, replicas: list[ReplicaInfo]) -> bool:
-        """Whether a replica in rotation is not yet in the traffic the daemons hold."""
-        routed = self._routed.get(name, set())
-        with_endpoints = {n for n, svc in spec.services.items() if svc.endpoints}
-        return any(
-            r.id not in routed
-            for r in replicas
-            if r.service in with_endpoints
-            and r.rtype == "service"
-            and r.state == "running"
-            and r.health in IN_ROTATION
-            and r.address
-            and self._stays(r)
-        )
-
-    def _refusal(self, name: str) -> str:
-        """Why overlayd or proxyd refused this deployment's traffic, "" when neither did."""
-        for daemon in ("overlayd", "proxyd"):
-            sentence = self._refused.get(daemon, {}).get(name)
-            if sentence:
-                return f"zlayer-{daemon} refused its traffic: {sentence}"
-        return ""
-
     async def list_status(self) -> list[DeploymentStatus]:
         return [await self.status(name) for name in self.store.names()]
 
@@ -815,14 +761,7 @@ class Scheduler:
 
     def resync(self, daemon: str) -> None:
         """``daemon`` (or every holder, for "") started: send it the complete view now."""
-        if daemon and daemon not in VIEW_HOLDERS:
-            raise InvalidArgumentError(
-                f"{daemon} holds no view; the daemons that do: {', '.join(VIEW_HOLDERS)}"
-            )
-        self._resync.update([daemon] if daemon else VIEW_HOLDERS)
-        if daemon in ("agentd", ""):
-            self.replica_cache.invalidate("resync")
-        self.wake()
+        self.views.resync(daemon)
 
     async def run(self) -> None:
         while True:
@@ -865,7 +804,7 @@ class Scheduler:
             view = await self._reconcile(stored, mine, previous)
             if view is not None:
                 views.append(view)
-        await self._sync_views(views)
+        await self.views.sync(views, self._desired)
 
     async def _reconcile(
         self,
@@ -950,7 +889,7 @@ class Scheduler:
                 await self._cron_tick(name, svc_name, svc.schedule, stored.created_at)
         if not stored.stopped:
             await self._autoscale(name, spec, states, holds, replicas)
-        return self._traffic(name, spec, states, replicas)
+        return deployment_traffic(name, spec, states, replicas, self._draining, self._desired)
 
     def _observe(self, name: str, service: str, desired: int, replicas: list[ReplicaInfo]) -> None:
         """Export a service's desired, running and healthy replica counts."""
@@ -1063,195 +1002,6 @@ class Scheduler:
         self.store.put_service_state(name, svc_name, state)
         self._draining.pop((name, svc_name), None)
         self.event(name, kind, message, service=svc_name)
-
-    # ------------------------------------------------------------ traffic
-
-    def _stays(self, replica: ReplicaInfo) -> bool:
-        """Whether this pass keeps ``replica`` assigned (one it drops leaves rotation first)."""
-        assignment = self._desired.get((replica.deployment, replica.service))
-        if assignment is None:
-            return False
-        allowed = {old.revision: old.replicas for old in assignment.previous}
-        allowed[assignment.revision] = assignment.replicas
-        return replica.instance <= allowed.get(replica.revision, 0)
-
-    def _traffic(
-        self,
-        name: str,
-        spec: DeploymentSpec,
-        states: dict[str, ServiceState],
-        replicas: list[ReplicaInfo],
-    ) -> DeploymentTraffic:
-        """Every service's endpoints and the replicas that may take traffic now."""
-        services = []
-        for svc_name, svc in spec.services.items():
-            if svc.rtype != "service":
-                continue
-            state = states.get(svc_name)
-            revisions = {state.serving, state.target} if state else set()
-            # Only a running rollout drains: a cancelled one leaves no replica out.
-            draining = (
-                self._draining.get((name, svc_name), (set(), 0.0))[0]
-                if state is not None and state.rollout == "running"
-                else set()
-            )
-            backends = [
-                Backend(replica=r.id, instance=r.instance, revision=r.revision, address=r.address)
-                for r in sorted(replicas, key=lambda r: (r.revision, r.instance))
-                if r.service == svc_name
-                and r.rtype == "service"
-                and r.state == "running"
-                and r.health in IN_ROTATION
-                and r.address
-                and r.revision in revisions
-                and r.id not in draining
-                and self._stays(r)
-            ]
-            interval = svc.health.interval.total_seconds() if svc.health.interval else 0.0
-            services.append(
-                ServiceTraffic(
-                    deployment=name,
-                    service=svc_name,
-                    endpoints=[
-                        e.model_dump(mode="json", by_alias=True, exclude_none=True)
-                        for e in svc.endpoints
-                    ],
-                    backends=backends,
-                    health_interval=interval,
-                )
-            )
-        return DeploymentTraffic(deployment=name, services=services)
-
-    async def _sync_views(self, traffic: list[DeploymentTraffic]) -> None:
-        """Send each view holder its complete view when it changed, was asked for, or is due.
-
-        One generation stamps every view sent together; it only grows, so a
-        holder never takes a view computed before one it already has.
-        """
-        if self.store.recovered and not self.store.names():
-            # An empty store after an unreadable one is not "run nothing": leave
-            # what runs alone until the user deploys again.
-            if not self._held_back:
-                self._held_back = True
-                log.warning(
-                    "the store was unreadable and starts empty: the replicas on this node "
-                    "keep running, unmanaged, until their deployments are deployed again "
-                    "(`zlayerctl up` each one)"
-                )
-            return
-        assignments = sorted(self._desired.values(), key=lambda a: (a.deployment, a.service))
-        bodies = {"overlayd": encode(traffic), "proxyd": "", "agentd": encode(assignments)}
-        bodies["proxyd"] = bodies["overlayd"]
-        now = time.monotonic()
-        due = [
-            daemon
-            for daemon in VIEW_HOLDERS
-            if daemon in self._resync
-            or self._sent.get(daemon, ("", 0.0))[0] != bodies[daemon]
-            or now - self._sent[daemon][1] >= RESYNC_INTERVAL
-        ]
-        if not due:
-            return
-        if self._generation == 0 or any(self._sent.get(d, ("", 0.0))[0] != bodies[d] for d in due):
-            self._generation = await asyncio.to_thread(self.store.next_generation)
-
-        async def send(daemon: str) -> None:
-            view: NodeAssignments | TrafficViews
-            if daemon == "agentd":
-                view = NodeAssignments(generation=self._generation, assignments=assignments)
-            else:
-                view = TrafficViews(generation=self._generation, deployments=traffic)
-            result = await self._send_view(daemon, view)
-            if result is None:
-                return
-            if not result.accepted:
-                # It holds a newer generation (this store is older than its cache):
-                # move past it and send again at once.
-                VIEWS_SENT.labels(daemon, "stale").inc()
-                self._generation = await asyncio.to_thread(
-                    self.store.next_generation, result.generation
-                )
-                self._resync.add(daemon)
-                self.wake()
-                return
-            VIEWS_SENT.labels(daemon, "accepted").inc()
-            self._sent[daemon] = (bodies[daemon], now)
-            if daemon == "agentd":
-                self._taken = {(a.deployment, a.service): a for a in assignments}
-            self._resync.discard(daemon)
-            self._take_result(daemon, result)
-
-        # Traffic before assignments, so a replica leaves rotation before it is
-        # stopped. When agentd is only to start more, it goes first: the networks
-        # of its new replicas then come before the traffic in overlayd's queue.
-        traffic_due = [d for d in due if d != "agentd"]
-        if "agentd" in due and self._only_more(assignments):
-            await send("agentd")
-            await asyncio.gather(*(send(d) for d in traffic_due))
-        else:
-            await asyncio.gather(*(send(d) for d in traffic_due))
-            if "agentd" in due:
-                await send("agentd")
-        if all(self._sent.get(d, ("", 0.0))[0] == bodies[d] for d in ("overlayd", "proxyd")):
-            self._routed = {
-                view.deployment: {b.replica for svc in view.services for b in svc.backends}
-                for view in traffic
-            }
-
-    def _only_more(self, assignments: list[ServiceAssignment]) -> bool:
-        """Whether agentd, taking ``assignments``, stops nothing it runs for the last ones
-        it took: each is still there, as it was or with more replicas of its revision."""
-        named = {(a.deployment, a.service): a for a in assignments}
-        for key, taken in self._taken.items():
-            now = named.get(key)
-            if now is None:
-                return False
-            if now != taken and (
-                now.replicas < taken.replicas or now != replace(taken, replicas=now.replicas)
-            ):
-                return False
-        return True
-
-    async def _send_view(
-        self, daemon: str, view: NodeAssignments | TrafficViews
-    ) -> SyncResult | None:
-        try:
-            if isinstance(view, NodeAssignments):
-                result = await asyncio.wait_for(self.agent.sync_assignments(view), AGENT_TIMEOUT)
-            else:
-                holder = self.overlay if daemon == "overlayd" else self.proxyd
-                result = await asyncio.wait_for(holder.sync_traffic(view), TRAFFIC_TIMEOUT)
-        except Exception as exc:  # not running, or restarting: owed a full view when it is back
-            VIEWS_SENT.labels(daemon, "failed").inc()
-            self._resync.add(daemon)
-            if daemon == "agentd":
-                self.replica_cache.invalidate("agentd-unreachable")
-            if daemon not in self._unreachable:
-                log.warning("cannot send zlayer-%s its view: %s", daemon, exc)
-                self._unreachable.add(daemon)
-            return None
-        self._unreachable.discard(daemon)
-        return result
-
-    def _take_result(self, daemon: str, result: SyncResult) -> None:
-        """Events for what a holder refused or removed; refusals show in the status."""
-        held = self._refused.setdefault(daemon, {})
-        for deployment, sentence in result.refusals.items():
-            if held.get(deployment) != sentence:
-                VIEWS_REFUSED.labels(daemon).inc()
-                self.event(
-                    deployment,
-                    "traffic-refused",
-                    f"zlayer-{daemon} refused the traffic of {deployment}: {sentence}",
-                )
-        for deployment in [d for d in held if d not in result.refusals]:
-            log.info("zlayer-%s now takes the traffic of %s", daemon, deployment)
-        self._refused[daemon] = dict(result.refusals)
-        for deployment, sentence in result.removed:
-            if deployment and self.store.get(deployment) is not None:
-                self.event(deployment, "garbage", sentence)
-            else:
-                log.info("zlayer-%s: %s", daemon, sentence)
 
     # ------------------------------------------------------------ autoscaling
 
