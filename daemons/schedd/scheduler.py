@@ -25,6 +25,7 @@ from sdbus import SdBus
 
 from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
 from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache, agent_call
+from daemons.schedd.status import deployment_status, desired_replicas, start_order
 from daemons.schedd.store import ServiceState, Store, StoredDeployment
 from daemons.schedd.views import IN_ROTATION, TRAFFIC_TIMEOUT, ViewSync, deployment_traffic
 from shared.bus import (
@@ -44,13 +45,10 @@ from shared.wire.agent import (
 )
 from shared.wire.scheduler import (
     CronSchedule,
-    DeploymentState,
     DeploymentStatus,
     DeployPlan,
     Event,
-    ServiceStatus,
 )
-from shared.wire.scheduler import ServiceState as ServiceCondition
 from shared.wire.traffic import (
     DeploymentTraffic,
 )
@@ -83,44 +81,6 @@ DRAIN_SECONDS = 2.0  # old replicas leave rotation this long before they are sto
 ROLLOUT_MAX_RESTARTS = 3  # a new replica restarting this often fails the rollout
 AUTOSCALE_INTERVAL = 5.0  # seconds between load samples
 SLOW_PASS = 3.0  # a reconcile pass slower than this is logged: a neighbour is slow
-
-
-def desired_replicas(service: ServiceSpec, hold: int | None, adaptive: int | None = None) -> int:
-    """How many replicas a service wants: a manual hold wins, then the scale mode."""
-    from shared.spec.models import AdaptiveScale, FixedScale
-
-    if service.rtype != "service":
-        return 0  # jobs and cron jobs run on demand, not as standing replicas
-    if hold is not None:
-        return hold
-    scale = service.scale
-    if isinstance(scale, FixedScale):
-        return scale.replicas
-    if isinstance(scale, AdaptiveScale):
-        # The autoscaler's last decision, kept within the spec's current bounds.
-        if adaptive is None:
-            return scale.min
-        return min(max(adaptive, scale.min), max(scale.min, scale.max))
-    return 1  # manual: one until `zlayerctl scale` says otherwise
-
-
-def start_order(spec: DeploymentSpec) -> list[str]:
-    """Services ordered so each comes after what it depends on (the spec has no cycles)."""
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        for dep in spec.services[name].depends:
-            if dep.service in spec.services:
-                visit(dep.service)
-        order.append(name)
-
-    for name in spec.services:
-        visit(name)
-    return order
 
 
 def _public_ports(spec: DeploymentSpec) -> dict[tuple[str, str], str]:
@@ -630,126 +590,19 @@ class Scheduler:
             replicas = await self._replicas(name)
         except UnavailableError:
             replicas = []
-        holds = self.store.scale_holds(name)
-        stopped = self.store.stopped_services(name)
-        states = self.store.service_states(name)
-        services = []
-        for svc_name in start_order(spec):
-            svc = spec.services[svc_name]
-            st = states.get(svc_name) or ServiceState(stored.revision, stored.revision)
-            # The revision that serves: the new one once its rollout is done.
-            current = st.serving if st.rollout else st.target
-            mine = [r for r in replicas if r.service == svc_name and r.revision == current]
-            desired = (
-                0
-                if (stored.removing or stored.stopped or svc_name in stopped)
-                else desired_replicas(svc, holds.get(svc_name), st.adaptive)
-            )
-            if stored.removing or stored.stopped or svc_name in stopped:
-                # What still runs of any revision, so `down` and `stop` can show it leaving.
-                mine = [r for r in replicas if r.service == svc_name]
-            running = sum(1 for r in mine if r.state == "running")
-            healthy = sum(
-                1 for r in mine if r.state == "running" and r.health in ("healthy", "none")
-            )
-            key = (name, stored.revision, svc_name)
-            message = self._failed.get(key, "") or st.message
-            state: ServiceCondition
-            if svc.rtype != "service":
-                state = "running" if running else "pending"
-            elif key in self._failed:
-                state = "failed"
-            elif mine and all(self._failed_since_deploy(name, r) for r in mine):
-                state = "failed"  # every replica failed to start; agentd keeps retrying
-                message = mine[0].message
-            elif stored.removing or stored.stopped or svc_name in stopped:
-                state = "stopped"
-            elif key in self._waiting:
-                state = "waiting"
-                deps = ", ".join(f"{d.service} ({d.condition})" for d in svc.depends)
-                message = message or f"waiting for {deps}"
-            elif st.rollout == "running":
-                state = "updating"
-                fresh = [
-                    r
-                    for r in replicas
-                    if r.service == svc_name
-                    and r.revision == st.target
-                    and r.state == "running"
-                    and r.health in IN_ROTATION
-                ]
-                message = (
-                    f"rolling out revision {st.target}: {len(fresh)} of {desired} new "
-                    f"replicas healthy, revision {st.serving} serving"
-                )
-            elif healthy >= desired and running == desired:
-                state = "running"
-            elif running == 0:
-                state = "starting"
-                message = message or next((r.message for r in mine if r.message), "")
-            else:
-                state = "degraded" if healthy < desired else "starting"
-                message = message or next((r.message for r in mine if r.message), "")
-            services.append(
-                ServiceStatus(
-                    name=svc_name,
-                    rtype=svc.rtype,
-                    image=svc.image.name,
-                    desired=desired,
-                    running=running,
-                    healthy=healthy,
-                    state=state,
-                    message=message,
-                    revision=current,
-                    rollout=st.rollout,
-                    stopping=sum(
-                        1 for r in replicas if r.service == svc_name and r.state == "stopping"
-                    ),
-                )
-            )
-        message = ""
-        refusal = self.views.refusal(name)
-        overall: DeploymentState
-        if stored.removing:
-            overall = "removing"
-            left = len({r.id for r in replicas})
-            message = f"{left} replica{'s' if left != 1 else ''} still stopping"
-        elif refusal:
-            overall = "failed"
-            message = refusal
-        elif stored.stopped:
-            overall = "stopped"
-        elif any(s.state == "failed" for s in services):
-            overall = "failed"
-        elif all(s.state in ("running", "pending", "stopped") for s in services):
-            overall = "running"
-            if self.views.unrouted(name, spec, replicas, self._desired):
-                # Healthy, not yet in DNS and the proxy: a first request would miss.
-                overall = "deploying"
-                message = "routing traffic to the new replicas"
-        elif any(s.state in ("waiting", "starting", "updating") for s in services):
-            overall = "deploying"
-        else:
-            overall = "degraded"
-        return DeploymentStatus(
-            name=name,
-            revision=stored.revision,
-            state=overall,
-            services=services,
-            created_at=stored.created_at,
-            updated_at=stored.updated_at,
-            message=message,
+        return deployment_status(
+            name,
+            self.store,
+            stored,
+            spec,
+            replicas,
+            failed=self._failed,
+            waiting=self._waiting,
+            deployed_at=self._deployed_at.get(name, -math.inf),
+            since=self.replica_cache.since,
+            refusal=self.views.refusal(name),
+            unrouted=lambda: self.views.unrouted(name, spec, replicas, self._desired),
         )
-
-    def _failed_since_deploy(self, name: str, replica: ReplicaInfo) -> bool:
-        """Whether ``replica`` failed after the last deploy of ``name``.
-
-        A deploy makes agentd retry failed replicas at once (the assignments'
-        ``retry``); one whose failure it reported before is starting again,
-        not failed, until it reports otherwise.
-        """
-        deployed = self._deployed_at.get(name, -math.inf)
-        return replica.state == "failed" and self.replica_cache.since(replica.id) >= deployed
 
     async def list_status(self) -> list[DeploymentStatus]:
         return [await self.status(name) for name in self.store.names()]

@@ -16,7 +16,8 @@ import pytest
 from daemons.agentd.replicas import RestartDecision
 from daemons.schedd import replicas as replicas_module
 from daemons.schedd.replicas import ReplicaCache
-from daemons.schedd.scheduler import condition_met, desired_replicas, next_cron_time, start_order
+from daemons.schedd.scheduler import condition_met, next_cron_time
+from daemons.schedd.status import desired_replicas, start_order
 from daemons.schedd.store import Store
 from shared.clients import AgentClient
 from shared.spec import ServiceSpec, parse_spec
