@@ -25,6 +25,7 @@ from sdbus import SdBus
 
 from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
 from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache, agent_call
+from daemons.schedd.rollouts import Rollouts
 from daemons.schedd.status import deployment_status, desired_replicas, start_order
 from daemons.schedd.store import ServiceState, Store, StoredDeployment
 from daemons.schedd.views import IN_ROTATION, TRAFFIC_TIMEOUT, ViewSync, deployment_traffic
@@ -77,8 +78,6 @@ PASS_ERRORS = Counter(
     ["reason"],
 )
 PASS_INTERVAL = 1.0  # seconds between reconcile passes
-DRAIN_SECONDS = 2.0  # old replicas leave rotation this long before they are stopped
-ROLLOUT_MAX_RESTARTS = 3  # a new replica restarting this often fails the rollout
 AUTOSCALE_INTERVAL = 5.0  # seconds between load samples
 SLOW_PASS = 3.0  # a reconcile pass slower than this is logged: a neighbour is slow
 
@@ -149,25 +148,6 @@ def condition_met(condition: str, replicas: list[ReplicaInfo], jobs: list[JobRun
     return bool(running) and all(r.health in ("healthy", "none") for r in running)
 
 
-def _rollout_failure(fresh: list[ReplicaInfo], spec: ServiceSpec, waited: float) -> str:
-    """Why the new replicas of a rollout will not do, or "" while they still may."""
-    for replica in fresh:
-        if replica.state == "failed":
-            return f"replica {replica.id} failed: {replica.message or 'it could not start'}"
-        if replica.restarts >= ROLLOUT_MAX_RESTARTS:
-            exit_code = f" (exit code {replica.exit_code})" if replica.exit_code is not None else ""
-            return f"replica {replica.id} restarted {replica.restarts} times{exit_code}"
-    health = spec.health
-    grace = health.start_grace.total_seconds() if health.start_grace else 5.0
-    interval = health.interval.total_seconds() if health.interval else 10.0
-    deadline = max(60.0, grace + interval * (health.retries + 2))
-    if waited > deadline and not all(
-        r.state == "running" and r.health in IN_ROTATION for r in fresh
-    ):
-        return f"the new replicas were not healthy within {deadline:.0f}s"
-    return ""
-
-
 @dataclass
 class _Waiting:
     since: float
@@ -196,11 +176,10 @@ class Scheduler:
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
         self._cron_next: dict[tuple[str, str], float] = {}
         self._specs: dict[tuple[str, int], DeploymentSpec] = {}
-        # (deployment, service) -> (replica ids leaving rotation, since when)
-        self._draining: dict[tuple[str, str], tuple[set[str], float]] = {}
         self._sampler = Sampler()
         self._sampled_at: dict[str, float] = {}
         self._deployed_at: dict[str, float] = {}  # deployment -> its last deploy (monotonic)
+        self.rollouts = Rollouts(store, self._service_spec, self.event, self._apply)
         self.views = ViewSync(
             store, self.agent, self.overlay, self.proxyd, self.replica_cache, self.event, self.wake
         )
@@ -271,77 +250,19 @@ class Scheduler:
                 replicas = await self._replicas(name)
         async with self._deploy_lock:
             revision = self.store.next_revision(name)
-            states, events = self._plan_rollouts(name, spec, revision, replicas)
+            states, events = self.rollouts.plan(name, spec, revision, replicas)
             await asyncio.to_thread(
                 self.store.add_revision, name, spec_json, spec_text, filename, states
             )
             self._deployed_at[name] = time.monotonic()
         for svc_name, state in states.items():
             if state.rollout != "running":
-                self._draining.pop((name, svc_name), None)
+                self.rollouts.draining.pop((name, svc_name), None)
         for kind, service, message in events:
             self.event(name, kind, message, service=service)
         self.event(name, "deploy", f"revision {revision} of {name} {verb}")
         self.wake()
         return await self.status(name)
-
-    def _plan_rollouts(
-        self, name: str, spec: DeploymentSpec, revision: int, replicas: list[ReplicaInfo]
-    ) -> tuple[dict[str, ServiceState], list[tuple[str, str, str]]]:
-        """Per service: keep its serving revision if unchanged, else roll out ``revision``.
-
-        A service with nothing running (new, stopped, a job) switches at once;
-        one with replicas serving rolls out start-first, batch by batch. The
-        states to store (every service of ``spec``, no other) and the events
-        to emit once they are stored, as (kind, service, message).
-        """
-        current = self.store.service_states(name)
-        planned: dict[str, ServiceState] = {}
-        events: list[tuple[str, str, str]] = []
-        now = time.time()
-        for svc_name, svc in spec.services.items():
-            state = current.get(svc_name)
-            if state is not None:
-                serving = self._service_spec(name, state.serving, svc_name)
-                if serving == svc:
-                    if state.target != state.serving:
-                        events.append(
-                            (
-                                "rollout-cancelled",
-                                svc_name,
-                                f"{svc_name} stays at revision {state.serving}: the new spec "
-                                "is the one it already runs",
-                            )
-                        )
-                    state.target, state.rollout, state.message = state.serving, "", ""
-                    state.new_count = state.old_count = 0
-                    planned[svc_name] = state
-                    continue
-            serving_replicas = [
-                r
-                for r in replicas
-                if r.service == svc_name
-                and r.rtype == "service"
-                and state is not None
-                and r.revision == state.serving
-                and r.state == "running"
-            ]
-            if state is None or svc.rtype != "service" or not serving_replicas:
-                adaptive = state.adaptive if state else None
-                planned[svc_name] = ServiceState(revision, revision, adaptive=adaptive)
-                continue
-            state.target, state.rollout, state.step_at = revision, "running", now
-            state.new_count, state.old_count = 0, len(serving_replicas)
-            state.message = f"rolling out revision {revision}"
-            planned[svc_name] = state
-            events.append(
-                (
-                    "rollout",
-                    svc_name,
-                    f"rolling out {svc_name} from revision {state.serving} to {revision}",
-                )
-            )
-        return planned, events
 
     def _spec(self, name: str, revision: int) -> DeploymentSpec | None:
         from shared.spec import DeploymentSpec
@@ -461,8 +382,7 @@ class Scheduler:
         await asyncio.to_thread(self.store.remove, name)
         for key in [k for k in self._desired if k[0] == name]:
             del self._desired[key]
-        for draining in [k for k in self._draining if k[0] == name]:
-            del self._draining[draining]
+        self.rollouts.forget(name)
         for cached in [k for k in self._specs if k[0] == name]:
             del self._specs[cached]
         self._deployed_at.pop(name, None)
@@ -691,7 +611,7 @@ class Scheduler:
             key = (name, stored.revision, svc_name)
             if (stored.stopped or svc_name in stopped) and state.rollout == "running":
                 # Nothing of it runs any more: the new revision is what starts next time.
-                self._end_rollout(
+                self.rollouts.end(
                     name,
                     svc_name,
                     state,
@@ -725,7 +645,7 @@ class Scheduler:
                 continue
             want = desired_replicas(svc, holds.get(svc_name), state.adaptive)
             if state.rollout == "running":
-                await self._rollout_step(name, svc_name, state, want, replicas)
+                await self.rollouts.step(name, svc_name, state, want, replicas)
             else:
                 await self._apply(
                     name,
@@ -742,7 +662,9 @@ class Scheduler:
                 await self._cron_tick(name, svc_name, svc.schedule, stored.created_at)
         if not stored.stopped:
             await self._autoscale(name, spec, states, holds, replicas)
-        return deployment_traffic(name, spec, states, replicas, self._draining, self._desired)
+        return deployment_traffic(
+            name, spec, states, replicas, self.rollouts.draining, self._desired
+        )
 
     def _observe(self, name: str, service: str, desired: int, replicas: list[ReplicaInfo]) -> None:
         """Export a service's desired, running and healthy replica counts."""
@@ -756,105 +678,6 @@ class Scheduler:
         for labels in list(REPLICAS._metrics):
             if labels[0] == name:
                 REPLICAS.remove(*labels)
-
-    # ------------------------------------------------------------ rollouts
-
-    async def _rollout_step(
-        self,
-        name: str,
-        svc_name: str,
-        state: ServiceState,
-        want: int,
-        replicas: list[ReplicaInfo],
-    ) -> None:
-        """One step of a start-first rollout; called every pass until it ends.
-
-        New replicas start a batch at a time; once a batch is healthy (and so
-        in rotation) as many old replicas leave rotation, drain for
-        ``DRAIN_SECONDS`` and stop. New replicas that fail, restart too often or
-        stay unhealthy past the deadline stop the rollout, and the old
-        revision is restored to full strength.
-        """
-        new_spec = self._service_spec(name, state.target, svc_name)
-        old_spec = self._service_spec(name, state.serving, svc_name)
-        if new_spec is None or old_spec is None:  # pragma: no cover - revisions are kept
-            state.serving, state.rollout = state.target, ""
-            self.store.put_service_state(name, svc_name, state)
-            return
-        now = time.time()
-        batch = max(1, math.ceil(want / 4))
-        mine = [r for r in replicas if r.service == svc_name and r.rtype == "service"]
-        fresh = [r for r in mine if r.revision == state.target and r.instance <= state.new_count]
-        in_rotation = [r for r in fresh if r.state == "running" and r.health in IN_ROTATION]
-        changed = False
-        if state.new_count == 0:
-            state.new_count, state.step_at, changed = min(batch, want), now, True
-        failure = _rollout_failure(fresh, new_spec, now - state.step_at)
-        if failure:
-            state.rollout = "failed"
-            state.message = (
-                f"rollout of revision {state.target} stopped: {failure}; "
-                f"revision {state.serving} keeps serving"
-            )
-            state.new_count = state.old_count = 0
-            self.store.put_service_state(name, svc_name, state)
-            self._draining.pop((name, svc_name), None)
-            self.event(name, "rollout-failed", f"{svc_name}: {state.message}", service=svc_name)
-            await self._apply(name, state.serving, svc_name, old_spec, want)
-            return
-        if len(in_rotation) >= state.new_count and not changed:
-            surplus = state.old_count - max(0, want - len(in_rotation))
-            if surplus > 0:
-                keep = state.old_count - surplus
-                leaving = {r.id for r in mine if r.revision == state.serving and r.instance > keep}
-                draining = self._draining.get((name, svc_name))
-                if draining is None or draining[0] != leaving:
-                    self._draining[(name, svc_name)] = (leaving, now)
-                elif now - draining[1] >= DRAIN_SECONDS:
-                    state.old_count, state.step_at, changed = keep, now, True
-                    self._draining.pop((name, svc_name), None)
-            elif state.new_count < want:
-                state.new_count, state.step_at, changed = (
-                    min(want, state.new_count + batch),
-                    now,
-                    True,
-                )
-            else:
-                self._end_rollout(
-                    name,
-                    svc_name,
-                    state,
-                    "rolled-out",
-                    f"{svc_name} now runs revision {state.target} ({want} replicas)",
-                )
-                await self._apply(name, state.target, svc_name, new_spec, want)
-                return
-        if changed:
-            self.store.put_service_state(name, svc_name, state)
-        await self._apply(
-            name,
-            state.target,
-            svc_name,
-            new_spec,
-            state.new_count,
-            previous=[
-                RevisionReplicas(
-                    revision=state.serving,
-                    spec=old_spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-                    replicas=state.old_count,
-                )
-            ],
-        )
-
-    def _end_rollout(
-        self, name: str, svc_name: str, state: ServiceState, kind: str, message: str
-    ) -> None:
-        """The target revision is now the serving one: store it, stop draining, say so."""
-        state.serving, state.rollout, state.message = state.target, "", ""
-        state.new_count = state.old_count = 0
-        self.store.put_service_state(name, svc_name, state)
-        self._draining.pop((name, svc_name), None)
-        self.event(name, kind, message, service=svc_name)
 
     # ------------------------------------------------------------ autoscaling
 
