@@ -14,8 +14,8 @@ in the same process on the same image content.
      reports the replica ``running`` (agentd's ``ReplicaChanged`` signal,
      with ``ListReplicas`` polled every 50 ms as a safety net). Once with
      ``network_mode: host`` and once on the node network (bridge and veth
-     from overlayd). The ``zlayerctl`` process's own start-up (about 0.4 s of
-     Python imports) is inside this figure.
+     from overlayd). The ``zlayerctl`` process's own start-up (Python, click
+     and the bus client; the spec goes to schedd unread) is inside this figure.
    - zlayer, ``Deploy`` on the bus: the same, but the spec goes straight to
      schedd's ``Deploy`` from this process, no CLI process: what the daemons
      themselves take.
@@ -57,7 +57,8 @@ Nothing is ever killed by name.
 
 Needs root (containers), crun, conmon, podman and Debian's busybox-static.
 
-Run: ``.venv/bin/python bench/replica_start.py`` (about 2 minutes).
+Run: ``.venv/bin/python bench/replica_start.py`` (about 2 minutes);
+``--big-runs 0`` measures part 1 only.
 """
 
 from __future__ import annotations
@@ -759,6 +760,8 @@ async def measure(cluster: Cluster, peers: Peers, work: Path, runs: int, big_run
             ],
         )
 
+        if big_runs < 1:
+            return
         print(f"\npart 2: {big_runs} runs of {BIG_REPLICAS} replicas", file=sys.stderr)
         big: dict[str, list[float]] = {}
         for attempt in range(big_runs):
@@ -816,7 +819,9 @@ async def measure(cluster: Cluster, peers: Peers, work: Path, runs: int, big_run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="one-replica runs per way")
-    parser.add_argument("--big-runs", type=int, default=3, help=f"{BIG_REPLICAS}-replica runs")
+    parser.add_argument(
+        "--big-runs", type=int, default=3, help=f"{BIG_REPLICAS}-replica runs (0: none)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("running containers needs root")
