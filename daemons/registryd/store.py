@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import msgspec
 
 from daemons.registryd.sources import (
     ArchiveError,
@@ -61,6 +61,7 @@ from shared.bus import (
 )
 from shared.reference import InvalidReferenceError, parse_reference
 from shared.statefile import read_state, write_atomically
+from shared.wire import decode
 from shared.wire.registry import ImageConfig, ImageDetail, ImageInfo, ImageRootfs
 
 log = logging.getLogger("zlayer.registryd.store")
@@ -77,14 +78,12 @@ class StoreError(Exception):
     """The store on disk is unusable (an unreadable index); the daemon cannot start."""
 
 
-class ImageRecord(BaseModel):
-    """One image in the index."""
-
-    model_config = ConfigDict(extra="ignore")
+class ImageRecord(msgspec.Struct, kw_only=True):
+    """One image in the index (unknown keys in the file are ignored)."""
 
     id: str
     manifest_digest: str
-    names: list[str] = Field(default_factory=list)
+    names: list[str] = msgspec.field(default_factory=list)
     layers: list[str]
     diff_ids: list[str]
     size: int
@@ -110,9 +109,9 @@ class ImageRecord(BaseModel):
         )
 
 
-class IndexFile(BaseModel):
+class IndexFile(msgspec.Struct, kw_only=True):
     version: int = 1
-    images: dict[str, ImageRecord] = Field(default_factory=dict)
+    images: dict[str, ImageRecord] = msgspec.field(default_factory=dict)
 
 
 def _digest(data: bytes) -> str:
@@ -195,7 +194,7 @@ class ImageStore:
     def _load_index(self) -> dict[str, ImageRecord]:
         index = read_state(
             self.index_path,
-            IndexFile.model_validate_json,
+            lambda text: decode(text, IndexFile),
             "taking the images back from the manifests in the store (their names are lost: "
             "pull or import them again to name them)",
             log,
@@ -277,7 +276,8 @@ class ImageStore:
         )
 
     def _save_index(self) -> None:
-        write_atomically(self.index_path, IndexFile(images=self.images).model_dump_json(indent=1))
+        text = msgspec.json.format(msgspec.json.encode(IndexFile(images=self.images)), indent=1)
+        write_atomically(self.index_path, text)
 
     # ------------------------------------------------------------ locks and pins
 
@@ -512,7 +512,7 @@ class ImageStore:
             imported_at=time.time(),
         )
         if existing is not None:
-            record = record.model_copy(update={"names": existing.names})
+            record = msgspec.structs.replace(record, names=existing.names)
         return self._commit(record, names)
 
     def _names(self, found: list[str], extra: str | None) -> list[str]:
@@ -534,8 +534,8 @@ class ImageStore:
             for other in list(self.images.values()):
                 if other.id != record.id and set(other.names) & set(names):
                     kept = [n for n in other.names if n not in names]
-                    self.images[other.id] = other.model_copy(update={"names": kept})
-            stored = record.model_copy(update={"names": merged})
+                    self.images[other.id] = msgspec.structs.replace(other, names=kept)
+            stored = msgspec.structs.replace(record, names=merged)
             self.images[record.id] = stored
             self._save_index()
             return stored.info()
@@ -719,7 +719,7 @@ class ImageStore:
             if by_name and len(record.names) > 1:
                 name = str(parse_reference(reference.strip()))
                 kept = [n for n in record.names if n != name]
-                self.images[record.id] = record.model_copy(update={"names": kept})
+                self.images[record.id] = msgspec.structs.replace(record, names=kept)
                 self._save_index()
                 return [name]
             if not by_name and len(record.names) > 1 and not force:

@@ -55,7 +55,7 @@ def _loaded_after(*modules: str) -> set[str]:
         # registryd: aiohttp is bound lazily (its package runs with the first pull or push)
         (
             ["daemons.registryd.main"],
-            {"aiohttp.client", "shared.spec", "shared.buildfile", "yaml", "croniter"},
+            {"aiohttp.client", "pydantic", "shared.spec", "shared.buildfile", "yaml", "croniter"},
         ),
         # schedd validates specs, with the first deploy; croniter with the first cron job
         (["daemons.schedd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),

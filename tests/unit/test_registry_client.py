@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from daemons.registryd.auth import CredentialStore, parse_challenge
@@ -446,7 +447,7 @@ def test_prune_keeps_what_a_pull_or_push_has_pinned_and_names_nameless_images_by
     store.remove("example.com/other:1", force=False)
     nameless = add(store, tmp_path, "example.com/other:1", layer("o", b"other"))
     assert nameless == other_id
-    store.images[other_id] = store.images[other_id].model_copy(update={"names": []})
+    store.images[other_id] = msgspec.structs.replace(store.images[other_id], names=[])
     pins = store.pin(pinned_id)
     try:
         images, _ = store.prune(set(), set())
@@ -466,7 +467,7 @@ def test_an_unusable_index_is_moved_aside_and_the_images_taken_back_from_the_blo
 ) -> None:
     first = add(store, tmp_path, "example.com/first:1", layer("a", b"a"), layer("b", b"b"))
     second = add(store, tmp_path, "example.com/second:1", layer("c", b"c"))
-    before = {k: v.model_copy(update={"imported_at": 0.0}) for k, v in store.images.items()}
+    before = {k: msgspec.structs.replace(v, imported_at=0.0) for k, v in store.images.items()}
     text = store.index_path.read_bytes()
     if damage == "truncated":
         store.index_path.write_bytes(text[: len(text) // 2])
@@ -481,8 +482,8 @@ def test_an_unusable_index_is_moved_aside_and_the_images_taken_back_from_the_blo
     assert set(reopened.images) == {first, second}
     for image_id, record in reopened.images.items():
         assert record.names == []  # the names were only in the index
-        expected = before[image_id].model_copy(update={"names": []})
-        assert record.model_copy(update={"imported_at": 0.0}) == expected
+        expected = msgspec.structs.replace(before[image_id], names=[])
+        assert msgspec.structs.replace(record, imported_at=0.0) == expected
         assert reopened._complete(record)
     aside = list(store.root.glob("index.json.corrupt-*"))
     assert len(aside) == (0 if damage == "deleted" else 1)
