@@ -7,6 +7,15 @@ every pass reads the store afresh, and agentd's replicas from a copy its
 signals keep current (:mod:`daemons.schedd.replicas`, read in full again
 when agentd restarts), so a restarted schedd (or agentd) converges again
 without remembering anything in memory but timers.
+
+This module owns the loop and the requests that feed it: deploy, plan and
+rollback (parsed, checked for public ports another deployment holds, stored
+as a revision), the intents ``down``, ``stop`` and ``scale`` that the loop
+carries out, the pass itself (each deployment's assignments in ``depends``
+order, removals, cron and deploy-time jobs, autoscaling), and the replica
+metrics. What a deployment's status shows is :mod:`daemons.schedd.status`,
+a revision's rollout :mod:`daemons.schedd.rollouts`, and the views sent to
+agentd, overlayd and proxyd :mod:`daemons.schedd.views`.
 """
 
 from __future__ import annotations
@@ -44,15 +53,8 @@ from shared.wire.agent import (
     RevisionReplicas,
     ServiceAssignment,
 )
-from shared.wire.scheduler import (
-    CronSchedule,
-    DeploymentStatus,
-    DeployPlan,
-    Event,
-)
-from shared.wire.traffic import (
-    DeploymentTraffic,
-)
+from shared.wire.scheduler import CronSchedule, DeploymentStatus, DeployPlan, Event
+from shared.wire.traffic import DeploymentTraffic
 
 if TYPE_CHECKING:
     # the spec models load with the first deployment, not at start
@@ -77,6 +79,7 @@ PASS_ERRORS = Counter(
     "Reconcile passes that could not finish, by reason.",
     ["reason"],
 )
+
 PASS_INTERVAL = 1.0  # seconds between reconcile passes
 AUTOSCALE_INTERVAL = 5.0  # seconds between load samples
 SLOW_PASS = 3.0  # a reconcile pass slower than this is logged: a neighbour is slow
