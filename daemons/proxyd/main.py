@@ -116,6 +116,7 @@ class ProxyDaemon(Daemon):
         self.core: ProxyCore | None = None
         self.l7_tls: ServerTls | None = None
         self.l4_tls: ServerTls | None = None
+        self._tls_lock = asyncio.Lock()
 
     def make_service(self) -> ProxyService:
         return ProxyService(self)
@@ -124,20 +125,13 @@ class ProxyDaemon(Daemon):
 
     async def start(self) -> None:
         settings = self.settings
-        state_dir = self.paths.daemon_state(self.info.name)
-        try:
-            certificates = await asyncio.to_thread(CertificateStore.load, settings, state_dir)
-        except TlsConfigError as exc:
-            self.log.error("%s", exc)
-            raise SystemExit(EX_CONFIG) from None
-        if certificates.self_signed:
-            self.log.info(
-                "no TLS certificate configured; serving a self-signed one for development "
-                "(set tls_cert_dir or tls_certificates in %s)",
-                self.paths.daemon_config(self.info.name),
-            )
-        self.l7_tls = certificates.server_context(L7_ALPN)
-        self.l4_tls = certificates.server_context(None)
+        if settings.tls_cert_dir is not None or settings.tls_certificates:
+            # configured certificates are checked at start: a bad one is a config error
+            try:
+                await self._load_tls()
+            except TlsConfigError as exc:
+                self.log.error("%s", exc)
+                raise SystemExit(EX_CONFIG) from None
         for warning in await asyncio.to_thread(self.routes.load):
             self.log.warning("%s", warning)
         if not settings.access_log:
@@ -197,6 +191,29 @@ class ProxyDaemon(Daemon):
         await asyncio.sleep(0)
 
     # ------------------------------------------------------------ listeners
+
+    async def _load_tls(self) -> None:
+        """Read the certificates (making the self-signed one if none is configured)."""
+        state_dir = self.paths.daemon_state(self.info.name)
+        certificates = await asyncio.to_thread(CertificateStore.load, self.settings, state_dir)
+        if certificates.self_signed:
+            self.log.info(
+                "no TLS certificate configured; serving a self-signed one for development "
+                "(set tls_cert_dir or tls_certificates in %s)",
+                self.paths.daemon_config(self.info.name),
+            )
+        self.l7_tls = certificates.server_context(L7_ALPN)
+        self.l4_tls = certificates.server_context(None)
+
+    async def _ensure_tls(self) -> None:
+        """The certificates, read with the first TLS listener (cryptography comes with them)."""
+        async with self._tls_lock:
+            if self.l7_tls is not None:
+                return
+            try:
+                await self._load_tls()
+            except TlsConfigError as exc:
+                raise OSError(str(exc)) from None
 
     async def reload(self) -> None:
         """SIGHUP (``systemctl reload zlayer-proxyd``): read the certificates again.
@@ -295,7 +312,10 @@ class ProxyDaemon(Daemon):
 
     async def _open_l7(self, key: ListenKey, secure: bool) -> Bound:
         """A listener on (address, port); OSError when the port cannot be had."""
-        assert self.core is not None and self.l7_tls is not None  # start() made them
+        assert self.core is not None  # start() made it
+        if secure:
+            await self._ensure_tls()
+            assert self.l7_tls is not None
         address, port = key
         sock = sockets.take(address, port)
         listener = Listener(self.core, secure, port)
@@ -303,7 +323,7 @@ class ProxyDaemon(Daemon):
             server = await asyncio.get_running_loop().create_server(
                 lambda: ClientConnection(listener),
                 sock=sock,
-                ssl=self.l7_tls.context if secure else None,
+                ssl=self.l7_tls.context if secure and self.l7_tls else None,
             )
         except BaseException:
             sock.close()
@@ -524,6 +544,8 @@ class ProxyDaemon(Daemon):
                 continue
             endpoint = TcpEndpoint(route, self.settings.connect_timeout)
             try:
+                if route.tls:
+                    await self._ensure_tls()
                 await endpoint.listen(
                     self.settings.listen_addresses, self.l4_tls.context if self.l4_tls else None
                 )

@@ -6,6 +6,10 @@ names in its subject alternative names (and its common name), wildcards
 included. SNI picks one: an exact name, then ``*.<parent>``, then the first
 certificate configured. With none configured, a self-signed certificate is
 made once (for development) and kept in the state directory.
+
+cryptography is imported to read or make a certificate, not with this module:
+proxyd reads its certificates with its first TLS listener, or at start when
+some are configured.
 """
 
 from __future__ import annotations
@@ -15,14 +19,13 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from daemons.proxyd.settings import ProxySettings
 from shared.statefile import write_atomically
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 L7_ALPN = ["h2", "http/1.1"]
 SELF_SIGNED_NAME = "zlayer-proxyd"
@@ -65,6 +68,8 @@ class CertificateStore:
         return store
 
     def add(self, cert: Path, key: Path) -> None:
+        from cryptography import x509
+
         try:
             loaded = x509.load_pem_x509_certificate(cert.read_bytes())
         except OSError as exc:
@@ -149,6 +154,9 @@ def _context(cert: Path, key: Path, alpn: list[str] | None) -> ssl.SSLContext:
 
 def certificate_names(certificate: x509.Certificate) -> list[str]:
     """DNS names a certificate answers for: its SANs, else its common name."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names: list[str] = san.value.get_values_for_type(x509.DNSName)
@@ -169,6 +177,11 @@ def make_self_signed(directory: Path) -> tuple[Path, Path]:
     if cert_path.is_file() and key_path.is_file():
         return cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     hostname = socket.gethostname()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SELF_SIGNED_NAME)])

@@ -50,7 +50,8 @@ def _loaded_after(*modules: str) -> set[str]:
             {"pydantic", "shared.spec", "aiohttp", "yaml", "croniter"},
         ),
         (["daemons.overlayd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
-        (["daemons.proxyd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
+        # proxyd reads its certificates with its first TLS listener
+        (["daemons.proxyd.main"], {"pydantic", "shared.spec", "yaml", "croniter", "cryptography"}),
         (["daemons.apid.main"], {"pydantic", "shared.spec"}),
         # registryd: aiohttp is bound lazily (its package runs with the first pull or push)
         (
