@@ -13,16 +13,21 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from ctl.client import Client, resolve_deployment
 from ctl.output import console, err_console, fail, format_option, print_json, print_table
-from shared.wire import encode, to_builtins
-from shared.wire.scheduler import DeploymentStatus, Event
+from shared.wire import decode, encode, to_builtins
+from shared.wire.jobs import JobInfo
+from shared.wire.scheduler import Deployed, DeploymentStatus, Event
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 DEFAULT_WAIT = 600.0
 
@@ -121,27 +126,119 @@ def _status_lines(status: DeploymentStatus) -> None:
         err_console.print(f"  {svc.name}: {_coloured(svc.state)} {count}{note}", highlight=False)
 
 
-async def _wait_healthy(client: Client, name: str, timeout: float) -> DeploymentStatus:
-    """Until every service runs healthy; fail with the reason when one fails or time runs out."""
+def _failed_sentence(status: DeploymentStatus) -> str | None:
+    """Why ``status`` failed, as schedd's deploy job says it too; None if it has not."""
+    name = status.name
+    failed = [s for s in status.services if s.state == "failed"]
+    if failed:
+        return f"{name} failed: {failed[0].name}: {failed[0].message or 'see zlayerctl ps'}"
+    if status.state == "failed":  # the deployment as a whole: its traffic was refused
+        return f"{name} failed: {status.message or 'see zlayerctl events'}"
+    return None
+
+
+def _not_healthy(status: DeploymentStatus, timeout: float) -> NoReturn:
+    _status_lines(status)
+    fail(
+        f"{status.name} was not healthy after {timeout:.0f}s; "
+        "see `zlayerctl ps` and `zlayerctl logs`"
+    )
+
+
+async def _poll_healthy(client: Client, name: str, timeout: float) -> DeploymentStatus:
+    """Poll until every service runs healthy: for a schedd that lost the deploy job."""
     deadline = time.monotonic() + timeout
     while True:
         status = await client.scheduler.get_deployment(name)
-        failed = [s for s in status.services if s.state == "failed"]
-        if failed:
+        sentence = _failed_sentence(status)
+        if sentence is not None:
             _status_lines(status)
-            fail(f"{name} failed: {failed[0].name}: {failed[0].message or 'see zlayerctl ps'}")
-        if status.state == "failed":  # the deployment as a whole: its traffic was refused
-            _status_lines(status)
-            fail(f"{name} failed: {status.message or 'see zlayerctl events'}")
+            fail(sentence)
         if status.state == "running":
             return status
         if time.monotonic() > deadline:
-            _status_lines(status)
-            fail(
-                f"{name} was not healthy after {timeout:.0f}s; "
-                "see `zlayerctl ps` and `zlayerctl logs`"
-            )
+            _not_healthy(status, timeout)
         await asyncio.sleep(0.5)
+
+
+async def _run_job(
+    client: Client,
+    start: Callable[[], Awaitable[int]],
+    timeout: float,
+    on_progress: Callable[[JobInfo], None] | None = None,
+) -> tuple[JobInfo | None, float]:
+    """Start a schedd job and wait for its end, ``timeout`` counted once it started.
+
+    (its final JobInfo, seconds left); (None, seconds left) when schedd
+    lost the job (it restarted: GetJob says NotFound) and the caller polls
+    instead. Past ``timeout`` the job is cancelled (that stops its waiting
+    only) and (None, 0) is returned.
+    """
+    scheduler = client.scheduler
+    started = asyncio.Event()
+    job_id = 0
+
+    async def begin() -> int:
+        nonlocal job_id
+        job_id = await start()
+        started.set()
+        return job_id
+
+    from shared.bus import NotFoundError
+
+    task = asyncio.create_task(scheduler.run_job(begin, on_progress))
+    starting = asyncio.create_task(started.wait())
+    try:
+        await asyncio.wait({task, starting}, return_when=asyncio.FIRST_COMPLETED)
+        deadline = time.monotonic() + timeout
+        if not task.done():
+            await asyncio.wait({task}, timeout=timeout)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            with contextlib.suppress(Exception):
+                await scheduler.cancel_job(job_id)
+            return None, 0.0
+        try:
+            info = task.result()
+        except NotFoundError:
+            if not job_id:
+                raise
+            return None, max(0.0, deadline - time.monotonic())
+        if info.state == "cancelled":  # somebody else stopped the waiting: poll instead
+            return None, max(0.0, deadline - time.monotonic())
+        return info, max(0.0, deadline - time.monotonic())
+    finally:
+        starting.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _wait_healthy(
+    client: Client, start: Callable[[], Awaitable[Deployed]], timeout: float
+) -> DeploymentStatus:
+    """Deploy with ``start`` and wait until every service runs healthy (schedd's deploy
+    job); fail with the reason when one fails or time runs out."""
+    name = ""
+
+    async def begin() -> int:
+        nonlocal name
+        deployed = await start()
+        name = deployed.status.name
+        return deployed.job
+
+    info, left = await _run_job(client, begin, timeout)
+    if info is None:
+        if left <= 0:
+            _not_healthy(await client.scheduler.get_deployment(name), timeout)
+        return await _poll_healthy(client, name, left)
+    if info.state == "done":
+        return decode(info.result, DeploymentStatus)
+    status = await _status_or_none(client, name)
+    if status is not None:
+        _status_lines(status)
+    fail(info.error)
 
 
 async def _status_or_none(client: Client, name: str) -> DeploymentStatus | None:
@@ -165,22 +262,66 @@ async def _wait_until(
     new line is printed once. Past ``timeout`` the command fails with the last line.
     """
     deadline = time.monotonic() + timeout
-    last = ""
-    with contextlib.ExitStack() as stack:
-        spinner = stack.enter_context(err_console.status("")) if err_console.is_terminal else None
+    with _progress_line() as show:
         while True:
             line = progress(await _status_or_none(client, name))
             if line is None:
                 return
-            if line != last:
-                if spinner is not None:
-                    spinner.update(line)
-                else:
-                    err_console.print(f"[dim]{_stamp(time.time())}[/] {line}", highlight=False)
-                last = line
+            show(line)
             if time.monotonic() > deadline:
-                fail(f"{last}, still after {timeout:.0f}s; see `zlayerctl ps --containers`")
+                _still(show.last, timeout)
             await asyncio.sleep(0.25)
+
+
+class _Line:
+    """Shows a changing line: a spinner on a terminal, else each new line once."""
+
+    def __init__(self, spinner: Status | None) -> None:
+        self.spinner = spinner
+        self.last = ""
+
+    def __call__(self, line: str) -> None:
+        if line == self.last:
+            return
+        if self.spinner is not None:
+            self.spinner.update(line)
+        else:
+            err_console.print(f"[dim]{_stamp(time.time())}[/] {line}", highlight=False)
+        self.last = line
+
+
+@contextlib.contextmanager
+def _progress_line() -> Iterator[_Line]:
+    with contextlib.ExitStack() as stack:
+        spinner = stack.enter_context(err_console.status("")) if err_console.is_terminal else None
+        yield _Line(spinner)
+
+
+def _still(last: str, timeout: float) -> NoReturn:
+    fail(f"{last}, still after {timeout:.0f}s; see `zlayerctl ps --containers`")
+
+
+async def _wait_removed(client: Client, name: str, timeout: float) -> None:
+    """Down ``name`` and wait until it is gone (schedd's down job), showing the replicas
+    left as :func:`_wait_until` does; past ``timeout`` fail with the last line."""
+    with _progress_line() as show:
+
+        def progress(info: JobInfo) -> None:
+            item = next((i for i in info.items if i.name == name), None)
+            if item is not None and item.state != "removed":
+                show(f"removing {name}: {item.state}")
+
+        info, left = await _run_job(client, lambda: client.scheduler.down(name), timeout, progress)
+        if info is None and left <= 0:
+            status = await _status_or_none(client, name)
+            if status is None:
+                return
+            show(_removal_line(status) or show.last)
+            _still(show.last, timeout)
+    if info is None:  # schedd restarted: poll
+        await _wait_until(client, name, _removal_line, left)
+    elif info.state != "done":
+        fail(info.error)
 
 
 def _stopping_line(status: DeploymentStatus, services: set[str], target: int) -> str | None:
@@ -247,22 +388,28 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
     deployed = False
 
     async def run() -> None:
-        nonlocal deployed
         client = Client()
-        status = await client.scheduler.deploy(text, filename, host_env)
-        deployed = True
-        name = status.name
-        for warning in await _deploy_warnings(client, status):
-            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-        err_console.print(
-            f"deployed revision {status.revision} of [bold]{name}[/]", highlight=False
-        )
-        if background:
-            return
-        if detach:
-            status = await _wait_healthy(client, name, timeout)
+
+        async def start() -> Deployed:
+            nonlocal deployed
+            result = await client.scheduler.deploy(text, filename, host_env)
+            deployed = True
+            for warning in await _deploy_warnings(client, result.status):
+                err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            err_console.print(
+                f"deployed revision {result.status.revision} of [bold]{result.status.name}[/]",
+                highlight=False,
+            )
+            return result
+
+        if detach and not background:
+            status = await _wait_healthy(client, start, timeout)
             _status_lines(status)
-            err_console.print(f"[green]{name} is running[/]", highlight=False)
+            err_console.print(f"[green]{status.name} is running[/]", highlight=False)
+            return
+        status = (await start()).status
+        name = status.name
+        if background:
             return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -273,8 +420,7 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
         )
         await _follow_events(client, name, stop)
         err_console.print(f"removing {name} ...", highlight=False)
-        await client.scheduler.down(name)
-        await _wait_until(client, name, _removal_line, DEFAULT_WAIT)
+        await _wait_removed(client, name, DEFAULT_WAIT)
         err_console.print(f"{name} removed", highlight=False)
 
     try:
@@ -306,11 +452,11 @@ def down(name: str | None, no_wait: bool, timeout: float) -> None:
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, name)
-        await client.scheduler.down(target)
         if no_wait:
+            await client.scheduler.down(target)
             err_console.print(f"removing {target}", highlight=False)
             return
-        await _wait_until(client, target, _removal_line, timeout)
+        await _wait_removed(client, target, timeout)
         err_console.print(f"{target} removed", highlight=False)
 
     asyncio.run(run())
@@ -335,7 +481,7 @@ def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
             for action in plan.actions:
                 click.echo(f"  {action}")
             return
-        status = await client.scheduler.deploy(text, filename, host_env)
+        status = (await client.scheduler.deploy(text, filename, host_env)).status
         if output_format == "json":
             print_json(to_builtins(status))
         else:

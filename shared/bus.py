@@ -150,9 +150,12 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         result_args_names=("deployment",),
     )
     async def deploy(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
-        """Store a new revision and start converging to it; returns DeploymentStatus.
+        """Store a new revision and start converging to it; returns Deployed.
 
         ``host_env`` holds the deploying host's values for the ``$E:`` references.
+        Deployed's job ends done (its result the final DeploymentStatus) once
+        every service runs, or failed with the reason a service or the
+        deployment failed; its progress has one item per service.
         """
         raise NotImplementedError
 
@@ -167,13 +170,19 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """What Deploy would do, nothing run; returns DeployPlan."""
         raise NotImplementedError
 
-    @dbus_method_async(input_signature="s", input_args_names=("deployment",))
-    async def down(self, deployment: str) -> None:
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="t",
+        input_args_names=("deployment",),
+        result_args_names=("job_id",),
+    )
+    async def down(self, deployment: str) -> int:
         """Remove a deployment: every replica, volume-less trace and revision.
 
-        Returns once the intent is stored; the deployment shows as
-        ``removing`` until its replicas are gone, then GetDeployment says
-        NotFound. A removal cut short by a stop finishes at the next start.
+        Returns once the intent is stored, with a job that ends when the
+        deployment is gone (its progress: the replicas left). The deployment
+        shows as ``removing`` until its replicas are gone, then GetDeployment
+        says NotFound. A removal cut short by a stop finishes at the next start.
         """
         raise NotImplementedError
 
@@ -264,6 +273,38 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
     @dbus_signal_async("s", signal_args_names=("event",))
     def event_emitted(self) -> str:
         """An Event: something happened to a deployment."""
+        raise NotImplementedError
+
+    # --- jobs: Deploy and Down return jobs that end when the deployment has
+    # converged or is gone, as Job1 objects under <this object>/job/<id>
+    # (shared/jobs.py). Cancelling one stops the waiting only: the desired
+    # state stays stored and the loop carries it out.
+
+    @dbus_method_async(
+        input_signature="t",
+        result_signature="s",
+        input_args_names=("job_id",),
+        result_args_names=("job",),
+        flags=DbusUnprivilegedFlag,
+    )
+    async def get_job(self, job_id: int) -> str:
+        """shared.jobs.JobInfo of a running or recently finished job."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="t", input_args_names=("job_id",))
+    async def cancel_job(self, job_id: int) -> None:
+        """Stop waiting on a running job (the deployment keeps its desired state);
+        NotFound if it is not running."""
+        raise NotImplementedError
+
+    @dbus_signal_async("tos", signal_args_names=("job_id", "job_path", "kind"))
+    def job_new(self) -> tuple[int, str, str]:
+        """A job started; its Job1 object is at ``job_path`` while it runs."""
+        raise NotImplementedError
+
+    @dbus_signal_async("tos", signal_args_names=("job_id", "job_path", "job"))
+    def job_removed(self) -> tuple[int, str, str]:
+        """A job ended (done, failed or cancelled) and its object is gone; its final JobInfo."""
         raise NotImplementedError
 
 

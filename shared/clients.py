@@ -50,7 +50,7 @@ from shared.wire.registry import (
     ImageRootfs,
     PruneResult,
 )
-from shared.wire.scheduler import CronSchedule, DeploymentStatus, DeployPlan, Event
+from shared.wire.scheduler import CronSchedule, Deployed, DeploymentStatus, DeployPlan, Event
 from shared.wire.traffic import DeploymentTraffic, DnsRecord, RouteInfo, ServiceStats, TrafficViews
 
 I = TypeVar("I", bound=DbusInterfaceCommonAsync)  # noqa: E741  # the interface
@@ -90,23 +90,106 @@ class JobClient:
         await self.proxy.cancel()
 
 
-class SchedulerClient(DaemonClient[Scheduler1]):
+class JobsDaemonClient(DaemonClient[I]):
+    """What a daemon that runs jobs (shared/jobs.py) answers: GetJob, CancelJob,
+    JobRemoved, and waiting for a job's end."""
+
+    async def get_job(self, job_id: int) -> JobInfo:
+        reply = await self.proxy.get_job(job_id)  # type: ignore[attr-defined]
+        return decode(reply, JobInfo)
+
+    async def cancel_job(self, job_id: int) -> None:
+        await self.proxy.cancel_job(job_id)  # type: ignore[attr-defined]
+
+    async def jobs_removed(self) -> AsyncIterator[JobInfo]:
+        """The final JobInfo of every job that ends from now on."""
+        async for _job_id, _path, text in self.proxy.job_removed:  # type: ignore[attr-defined]
+            yield decode(text, JobInfo)
+
+    def job(self, job_id: int) -> JobClient:
+        """The Job1 object of a running job."""
+        return JobClient(self.info.bus_name, f"{self.info.object_path}/job/{job_id}", self._bus)
+
+    async def run_job(
+        self,
+        start: Callable[[], Awaitable[int]],
+        on_progress: Callable[[JobInfo], None] | None = None,
+    ) -> JobInfo:
+        """Start a job with ``start`` and wait for its end; its final JobInfo.
+
+        Subscribes to JobRemoved before the job starts, so an end that comes
+        at once is not missed, and follows the job's Progress property while
+        it runs (``on_progress`` gets the JobInfo each time it changes).
+        GetJob is asked only when no signal came for FALLBACK_SECONDS (a
+        bus that dropped a signal); a daemon restarted meanwhile makes it
+        raise NotFoundError. A failed job is returned, not raised: its
+        ``error`` and ``error_name`` say why.
+        """
+        ended: asyncio.Queue[tuple[int, str, str]] = asyncio.Queue()
+        removed_slot = await self._bus.match_signal_async(
+            self.info.bus_name,
+            self.info.object_path,
+            self.info.bus_name,
+            "JobRemoved",
+            lambda message: ended.put_nowait(message.get_contents()),  # type: ignore[arg-type]
+        )
+        progress_slot = None
+        try:
+            job_id = await start()
+            info = await self.get_job(job_id)
+            if on_progress is not None and info.state == "running":
+                job = self.job(job_id)
+
+                def changed(message: SdBusMessage) -> None:
+                    contents: tuple[str, dict[str, tuple[str, str]], list[str]]
+                    contents = message.get_contents()  # type: ignore[assignment]
+                    changed_values = contents[1]
+                    if "Progress" in changed_values:
+                        info.items = decode(changed_values["Progress"][1], list[ProgressItem])
+                        on_progress(info)
+
+                progress_slot = await self._bus.match_signal_async(
+                    self.info.bus_name,
+                    job.path,
+                    "org.freedesktop.DBus.Properties",
+                    "PropertiesChanged",
+                    changed,
+                )
+                on_progress(await self.get_job(job_id))  # what happened before the match
+            while info.state == "running":
+                try:
+                    ended_id, _path, text = await asyncio.wait_for(ended.get(), FALLBACK_SECONDS)
+                except TimeoutError:
+                    info = await self.get_job(job_id)
+                    continue
+                if ended_id == job_id:
+                    info = decode(text, JobInfo)
+            if on_progress is not None:
+                on_progress(info)
+            return info
+        finally:
+            removed_slot.close()
+            if progress_slot is not None:
+                progress_slot.close()
+
+
+class SchedulerClient(JobsDaemonClient[Scheduler1]):
     """zlayer-schedd: desired state, rollouts, jobs and cron, events."""
 
     def __init__(self, bus: SdBus) -> None:
         super().__init__(DAEMONS_BY_NAME["schedd"], bus)
 
-    async def deploy(
-        self, spec_text: str, filename: str, host_env: Mapping[str, str]
-    ) -> DeploymentStatus:
+    async def deploy(self, spec_text: str, filename: str, host_env: Mapping[str, str]) -> Deployed:
+        """The stored revision's status and the job that ends once it has converged."""
         reply = await self.proxy.deploy(spec_text, filename, dict(host_env))
-        return decode(reply, DeploymentStatus)
+        return decode(reply, Deployed)
 
     async def plan(self, spec_text: str, filename: str, host_env: Mapping[str, str]) -> DeployPlan:
         return decode(await self.proxy.plan(spec_text, filename, dict(host_env)), DeployPlan)
 
-    async def down(self, deployment: str) -> None:
-        await self.proxy.down(deployment)
+    async def down(self, deployment: str) -> int:
+        """The id of the job that ends when the deployment is gone."""
+        return await self.proxy.down(deployment)
 
     async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
         await self.proxy.stop(deployment, service, timeout_sec, force)
@@ -184,7 +267,7 @@ class AgentClient(DaemonClient[Agent1]):
             yield decode(text, ReplicaInfo)
 
 
-class RegistryClient(DaemonClient[Registry1]):
+class RegistryClient(JobsDaemonClient[Registry1]):
     """zlayer-registryd: images, pulls and pushes, builds, jobs."""
 
     def __init__(self, bus: SdBus) -> None:
@@ -211,85 +294,8 @@ class RegistryClient(DaemonClient[Registry1]):
     async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs:
         return decode(await self.proxy.ensure_image(reference, pull_policy), ImageRootfs)
 
-    async def get_job(self, job_id: int) -> JobInfo:
-        return decode(await self.proxy.get_job(job_id), JobInfo)
-
     async def list_jobs(self) -> list[JobInfo]:
         return decode(await self.proxy.list_jobs(), list[JobInfo])
-
-    async def cancel_job(self, job_id: int) -> None:
-        await self.proxy.cancel_job(job_id)
-
-    async def jobs_removed(self) -> AsyncIterator[JobInfo]:
-        """The final JobInfo of every job that ends from now on."""
-        async for _job_id, _path, text in self.proxy.job_removed:
-            yield decode(text, JobInfo)
-
-    def job(self, job_id: int) -> JobClient:
-        """The Job1 object of a running job."""
-        return JobClient(self.info.bus_name, f"{self.info.object_path}/job/{job_id}", self._bus)
-
-    async def run_job(
-        self,
-        start: Callable[[], Awaitable[int]],
-        on_progress: Callable[[JobInfo], None] | None = None,
-    ) -> JobInfo:
-        """Start a job with ``start`` and wait for its end; its final JobInfo.
-
-        Subscribes to JobRemoved before the job starts, so an end that comes
-        at once is not missed, and follows the job's Progress property while
-        it runs (``on_progress`` gets the JobInfo each time it changes).
-        GetJob is asked only when no signal came for FALLBACK_SECONDS (a
-        bus that dropped a signal); a registryd restarted meanwhile makes it
-        raise NotFoundError. A failed job is returned, not raised: its
-        ``error`` and ``error_name`` say why.
-        """
-        ended: asyncio.Queue[tuple[int, str, str]] = asyncio.Queue()
-        removed_slot = await self._bus.match_signal_async(
-            self.info.bus_name,
-            self.info.object_path,
-            self.info.bus_name,
-            "JobRemoved",
-            lambda message: ended.put_nowait(message.get_contents()),  # type: ignore[arg-type]
-        )
-        progress_slot = None
-        try:
-            job_id = await start()
-            info = await self.get_job(job_id)
-            if on_progress is not None and info.state == "running":
-                job = self.job(job_id)
-
-                def changed(message: SdBusMessage) -> None:
-                    contents: tuple[str, dict[str, tuple[str, str]], list[str]]
-                    contents = message.get_contents()  # type: ignore[assignment]
-                    changed_values = contents[1]
-                    if "Progress" in changed_values:
-                        info.items = decode(changed_values["Progress"][1], list[ProgressItem])
-                        on_progress(info)
-
-                progress_slot = await self._bus.match_signal_async(
-                    self.info.bus_name,
-                    job.path,
-                    "org.freedesktop.DBus.Properties",
-                    "PropertiesChanged",
-                    changed,
-                )
-                on_progress(await self.get_job(job_id))  # what happened before the match
-            while info.state == "running":
-                try:
-                    ended_id, _path, text = await asyncio.wait_for(ended.get(), FALLBACK_SECONDS)
-                except TimeoutError:
-                    info = await self.get_job(job_id)
-                    continue
-                if ended_id == job_id:
-                    info = decode(text, JobInfo)
-            if on_progress is not None:
-                on_progress(info)
-            return info
-        finally:
-            removed_slot.close()
-            if progress_slot is not None:
-                progress_slot.close()
 
     async def pull(self, reference: str, pull_policy: str, auth: str) -> int:
         return await self.proxy.pull(reference, pull_policy, auth)

@@ -7,7 +7,9 @@ job's id. While it runs the job is a ``org.zlayer.Job1`` object (see
 ``Progress`` properties announce their changes; the daemon's ``JobNew``
 signal says a job started and ``JobRemoved`` carries its final JobInfo (the
 result, or the error's sentence and D-Bus name). A client subscribes, starts
-the job and waits for the signal (``shared.clients.RegistryClient.wait_job``).
+the job and waits for the signal (``shared.clients.JobsDaemonClient.run_job``).
+registryd's pulls, pushes, builds and exports are jobs, and so are schedd's
+deploys and downs, which wait for the deployment to converge or go.
 
 Finished jobs stay readable with ``GetJob`` for a while (``KEEP_FINISHED``)
 so a caller that missed the signal still sees the result. Jobs live in the

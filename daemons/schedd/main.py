@@ -9,10 +9,14 @@ from sdbus import dbus_method_async_override
 
 from daemons.schedd.scheduler import Scheduler
 from daemons.schedd.store import Store
-from shared.bus import DAEMONS_BY_NAME, Scheduler1
+from shared.bus import DAEMONS_BY_NAME, NotFoundError, Scheduler1
+from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
+from shared.jobs import JobTable
+from shared.paths import Paths
 from shared.wire import encode
-from shared.wire.scheduler import Event
+from shared.wire.jobs import JobInfo
+from shared.wire.scheduler import Deployed, Event
 
 OUTBOUND_CALL_USEC = 30 * 60 * 1_000_000
 
@@ -30,15 +34,23 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def deploy(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
-        return encode(await self._scheduler.deploy(spec_text, filename, host_env))
+        status = await self._scheduler.deploy(spec_text, filename, host_env)
+        name, revision = status.name, status.revision
+        job_id = self.daemon.jobs.start(
+            "deploy", name, lambda job: self._scheduler.converged(name, revision, job)
+        )
+        return encode(Deployed(status=status, job=job_id))
 
     @dbus_method_async_override()
     async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
         return encode(await self._scheduler.plan(spec_text, filename, host_env))
 
     @dbus_method_async_override()
-    async def down(self, deployment: str) -> None:
+    async def down(self, deployment: str) -> int:
         await self._scheduler.down(deployment)
+        return self.daemon.jobs.start(
+            "down", deployment, lambda job: self._scheduler.removed(deployment, job)
+        )
 
     @dbus_method_async_override()
     async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
@@ -76,13 +88,45 @@ class SchedulerService(Scheduler1):
     async def list_events(self, deployment: str, limit: int) -> str:
         return encode(await self._scheduler.events(deployment, limit or 50))
 
+    # --- jobs (shared/jobs.py): deploy and down wait for their deployment
+
+    @dbus_method_async_override()
+    async def get_job(self, job_id: int) -> str:
+        info = self.daemon.jobs.get(job_id)
+        if info is None:
+            raise NotFoundError(
+                f"job {job_id} is not known to zlayer-schedd (it ended long ago, "
+                "or the daemon restarted since)"
+            )
+        return encode(info)
+
+    @dbus_method_async_override()
+    async def cancel_job(self, job_id: int) -> None:
+        if not self.daemon.jobs.cancel(job_id):
+            raise NotFoundError(f"job {job_id} is not running")
+
 
 class SchedulerDaemon(Daemon):
     info = DAEMONS_BY_NAME["schedd"]
 
+    def __init__(self, settings: DaemonSettings, paths: Paths) -> None:
+        super().__init__(settings, paths)
+        # Deploy and down jobs: they wait in memory only; a restart forgets them.
+        self.jobs = JobTable(self._job_removed, self._job_new)
+
     def make_service(self) -> SchedulerService:
         self.service = SchedulerService(self)
+        if self.bus is not None:
+            self.jobs.attach(self.bus, self.info.object_path)
         return self.service
+
+    def _job_new(self, info: JobInfo, path: str) -> None:
+        if path:
+            self.service.job_new.emit((info.id, path, info.kind))
+
+    def _job_removed(self, info: JobInfo, path: str) -> None:
+        # JobRemoved's path is an object path: "/" when the job was never exported.
+        self.service.job_removed.emit((info.id, path or "/", encode(info)))
 
     async def start(self) -> None:
         # Every call schedd makes carries its own asyncio timeout (a down waits for
@@ -102,6 +146,7 @@ class SchedulerDaemon(Daemon):
         self.service.event_emitted.emit(encode(event))
 
     async def stop(self) -> None:
+        await self.jobs.close()
         for task in (self._watch_task, self._loop_task):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

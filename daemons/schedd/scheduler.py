@@ -12,10 +12,11 @@ This module owns the loop and the requests that feed it: deploy, plan and
 rollback (parsed, checked for public ports another deployment holds, stored
 as a revision), the intents ``down``, ``stop`` and ``scale`` that the loop
 carries out, the pass itself (each deployment's assignments in ``depends``
-order, removals, cron and deploy-time jobs, autoscaling), and the replica
-metrics. What a deployment's status shows is :mod:`daemons.schedd.status`,
-a revision's rollout :mod:`daemons.schedd.rollouts`, and the views sent to
-agentd, overlayd and proxyd :mod:`daemons.schedd.views`.
+order, removals, cron and deploy-time jobs, autoscaling), the waits of
+the Deploy and Down jobs (woken after each pass and with each replica
+signal), and the replica metrics. What a deployment's status shows is
+:mod:`daemons.schedd.status`, a revision's rollout :mod:`daemons.schedd.rollouts`,
+and the views sent to agentd, overlayd and proxyd :mod:`daemons.schedd.views`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from shared.bus import (
     ZLayerError,
 )
 from shared.clients import AgentClient, OverlayClient, ProxyClient
+from shared.jobs import Job
+from shared.wire import encode
 from shared.wire.agent import (
     JobRun,
     ReplicaInfo,
@@ -164,11 +167,14 @@ class Scheduler:
         self.store = store
         self.bus = bus
         self.agent = AgentClient(bus)
-        self.replica_cache = ReplicaCache(self.agent, self.wake)
+        self.replica_cache = ReplicaCache(self.agent, self._replicas_changed)
         self.overlay = OverlayClient(bus)
         self.proxyd = ProxyClient(bus)
         self.emit_signal = emit
         self._wake = asyncio.Event()
+        # Set (and replaced) whenever a deployment's status can have changed: after
+        # each pass and with each replica signal. Deploy and down jobs wait on it.
+        self._status_changed = asyncio.Event()
         self._deploy_lock = asyncio.Lock()  # revision numbers are handed out one at a time
         # This pass's assignments, (deployment, service) -> what agentd should run.
         self._desired: dict[tuple[str, str], ServiceAssignment] = {}
@@ -535,6 +541,77 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def _replicas_changed(self) -> None:
+        self.wake()
+        self._statuses_changed()
+
+    def _statuses_changed(self) -> None:
+        self._status_changed.set()
+        self._status_changed = asyncio.Event()
+
+    # ------------------------------------------------------------ jobs
+
+    async def converged(self, name: str, revision: int, job: Job) -> str:
+        """A deploy job's work: wait until every service of ``name`` runs.
+
+        Returns the final DeploymentStatus (JSON); raises with the sentence
+        `zlayerctl up -d` says when a service or the deployment fails, and
+        when the deployment is removed or stopped or a newer revision is
+        deployed meanwhile (that deploy has its own job). Woken by the loop
+        and the replica signals, not a timer. Cancelling it stops the
+        waiting only: the revision stays deployed.
+        """
+        while True:
+            changed = self._status_changed
+            try:
+                status = await self.status(name)
+            except NotFoundError:
+                raise NotFoundError(f"{name} was removed before it ran") from None
+            for svc in status.services:
+                job.progress(svc.name, done=svc.healthy, total=svc.desired, state=svc.state)
+            failed = [s for s in status.services if s.state == "failed"]
+            if failed:
+                reason = failed[0].message or "see zlayerctl ps"
+                raise ZLayerError(f"{name} failed: {failed[0].name}: {reason}")
+            if status.state == "failed":  # the deployment as a whole: its traffic was refused
+                raise ZLayerError(f"{name} failed: {status.message or 'see zlayerctl events'}")
+            if status.state in ("removing", "stopped"):
+                raise ZLayerError(
+                    f"{name} is {'being removed' if status.state == 'removing' else 'stopped'}"
+                )
+            if status.revision != revision:
+                raise ZLayerError(
+                    f"revision {revision} of {name} was replaced by revision {status.revision}"
+                )
+            if status.state == "running":
+                return encode(status)
+            await changed.wait()
+
+    async def removed(self, name: str, job: Job) -> str:
+        """A down job's work: wait until ``name`` is gone; its progress is the replicas
+        left (``state`` says how many still stop). Cancelling it stops the waiting only."""
+        total: int | None = None
+        while True:
+            changed = self._status_changed
+            try:
+                status = await self.status(name)
+            except NotFoundError:
+                job.progress(name, done=total or 0, total=total or 0, state="removed")
+                return ""
+            try:
+                left = len(await self._replicas(name))
+            except UnavailableError:
+                left = total or 0
+            if total is None or left > total:
+                total = left
+            job.progress(
+                name,
+                done=total - left,
+                total=total,
+                state=status.message or "stopping its replicas",
+            )
+            await changed.wait()
+
     def resync(self, daemon: str) -> None:
         """``daemon`` (or every holder, for "") started: send it the complete view now."""
         self.views.resync(daemon)
@@ -550,6 +627,7 @@ class Scheduler:
             except Exception:
                 PASS_ERRORS.labels(reason="error").inc()
                 log.exception("reconcile pass failed; retrying")
+            self._statuses_changed()
             took = time.monotonic() - started
             PASS_SECONDS.observe(took)
             if took > SLOW_PASS:

@@ -65,3 +65,11 @@ class CronSchedule(Wire, frozen=True):
     schedule: str
     next_run: float | None = None
     last_run: float | None = None
+
+
+class Deployed(Wire, frozen=True):
+    """``Deploy``: the stored revision's status, and the job that ends once it has
+    converged (done with the final DeploymentStatus, or failed with the reason)."""
+
+    status: DeploymentStatus
+    job: int

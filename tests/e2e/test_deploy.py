@@ -7,14 +7,25 @@ around every test proves ``down`` leaves no mount, link, netns or cgroup.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import psutil
 import pytest
 
+from shared.bus import NotFoundError, open_bus, resolve_bus_address
+from shared.clients import SchedulerClient
+from shared.wire import decode, encode
+from shared.wire.jobs import JobInfo
+from shared.wire.scheduler import Deployed, DeploymentStatus
 from tests.e2e.node import Node, free_port, http_get, wait_until
+
+T = TypeVar("T")
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root"),
@@ -306,3 +317,101 @@ def test_clear_sentences_for_user_mistakes(node: Node) -> None:
     assert f"wants public route http://*:{web_port}/" in route.stderr
     assert "give it another host or path" in route.stderr
     node.ctl("down", "first", check=True)
+
+
+def on_bus(node: Node, body: Callable[[SchedulerClient], Awaitable[T]]) -> T:
+    """``body`` with a SchedulerClient on the node's bus."""
+
+    async def run() -> T:
+        bus = open_bus(resolve_bus_address(node.paths))
+        try:
+            return await asyncio.wait_for(body(SchedulerClient(bus)), 120)
+        finally:
+            bus.close()
+
+    return asyncio.run(run())
+
+
+def deploy_job(
+    client: SchedulerClient, text: str, seen: list[JobInfo]
+) -> Awaitable[tuple[Deployed, JobInfo]]:
+    """Deploy ``text`` and wait for its job's JobRemoved (``seen`` gets its progress)."""
+    deployed: list[Deployed] = []
+
+    async def start() -> int:
+        deployed.append(await client.deploy(text, "spec.zlayer.yml", {}))
+        return deployed[0].job
+
+    async def run() -> tuple[Deployed, JobInfo]:
+        info = await client.run_job(start, lambda job: seen.append(decode_copy(job)))
+        return deployed[0], info
+
+    return run()
+
+
+def decode_copy(info: JobInfo) -> JobInfo:
+    return decode(encode(info), JobInfo)
+
+
+def test_deploy_and_down_are_jobs_that_end_by_signal(node: Node) -> None:
+    text = WEB.format(name="jobs", replicas=2)
+
+    async def body(client: SchedulerClient) -> None:
+        seen: list[JobInfo] = []
+        deployed, info = await deploy_job(client, text, seen)
+        assert deployed.status.name == "jobs" and deployed.job == info.id
+        assert info.kind == "deploy" and info.target == "jobs"
+        assert info.state == "done", info.error
+        final = decode(info.result, DeploymentStatus)
+        assert final.state == "running" and final.revision == deployed.status.revision
+        assert [(s.name, s.healthy, s.desired) for s in final.services] == [("web", 2, 2)]
+        assert any(i.name == "web" and i.total == 2 for job in seen for i in job.items)
+        assert [(i.name, i.done, i.total, i.state) for i in info.items] == [
+            ("web", 2, 2, "running")
+        ]
+        # A cancelled wait leaves the deployment as it is.
+        again = await client.deploy(text, "spec.zlayer.yml", {})
+        with contextlib.suppress(NotFoundError):  # it may have ended already: all runs
+            await client.cancel_job(again.job)
+        assert (await client.get_deployment("jobs")).revision == again.status.revision
+
+        removed = await client.run_job(lambda: client.down("jobs"))
+        assert removed.kind == "down" and removed.state == "done", removed.error
+        assert removed.items and removed.items[0].name == "jobs"
+        try:
+            await client.get_deployment("jobs")
+        except NotFoundError:
+            pass
+        else:
+            raise AssertionError("the deployment is still there after its down job ended")
+        assert (await client.get_job(again.job)).state in ("cancelled", "done")
+
+    on_bus(node, body)
+    assert node.replicas("jobs") == []
+
+
+def test_a_deploy_whose_command_cannot_run_fails_its_job_with_the_reason(node: Node) -> None:
+    text = """
+version: v1
+deployment: broken
+services:
+  main:
+    image: zlayer/busybox:latest
+    command: {entrypoint: ["/no/such/command"]}
+    scale: {mode: fixed, replicas: 1}
+"""
+
+    async def body(client: SchedulerClient) -> JobInfo:
+        deployed, info = await deploy_job(client, text, [])
+        assert info.id == deployed.job
+        return info
+
+    info = on_bus(node, body)
+    assert info.state == "failed"
+    assert info.error.startswith("broken failed: main: "), info.error
+    # zlayerctl up -d says the same sentence.
+    spec = node.spec("broken", text)
+    result = node.ctl("up", "-d", str(spec), "--timeout", "60")
+    assert result.returncode == 1
+    assert "error: broken failed: main: " in result.stderr
+    node.ctl("down", "broken", check=True)
