@@ -456,8 +456,7 @@ def pipeline(
         print_json(
             {
                 "images": [
-                    {"name": name, **to_builtins(result)}
-                    for name, result in results.items()
+                    {"name": name, **to_builtins(result)} for name, result in results.items()
                 ],
                 "pushed": to_builtins(pushed),
                 "error": failure,

@@ -38,9 +38,7 @@ def zimagefile_issues(text: str) -> list[str]:
         ("a: \x07\n", "file.yml:1:4: the file holds a control character YAML does not allow"),
     ],
 )
-def test_a_yaml_problem_reads_the_same_in_a_spec_and_a_build_file(
-    text: str, expected: str
-) -> None:
+def test_a_yaml_problem_reads_the_same_in_a_spec_and_a_build_file(text: str, expected: str) -> None:
     # The spec goes on to validate what it could read; a build file stops at reading.
     assert any(issue.startswith(expected) for issue in spec_issues(text))
     assert [issue for issue in zimagefile_issues(text) if issue.startswith(expected)]
