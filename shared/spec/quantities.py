@@ -8,6 +8,7 @@ bytes), plus the annotated pydantic types that read and print them.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any
@@ -77,8 +78,11 @@ def parse_duration(value: Any) -> timedelta:
             f"{value!r} is not a duration; write a number and a unit (ms, s, m, h, d), e.g. 30s"
         )
     total = timedelta()
-    for number, unit in _DURATION_PART.findall(text):
-        total += _DURATION_UNITS[unit] * float(number)
+    try:
+        for number, unit in _DURATION_PART.findall(text):
+            total += _DURATION_UNITS[unit] * float(number)
+    except OverflowError:
+        raise ValueError(f"{value!r} is longer than any duration can be") from None
     return total
 
 
@@ -113,6 +117,8 @@ def parse_size(value: Any) -> int:
             raise ValueError("a size cannot be negative")
         return value
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"a size must be a finite number, not {value}")
         raise ValueError(f"a size needs a unit or whole bytes: write {value}Gi or {int(value)}")
     if not isinstance(value, str):
         raise ValueError(f"expected a size such as 512Mi or 1Gi, got {describe_value(value)}")

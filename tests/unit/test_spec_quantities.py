@@ -27,7 +27,9 @@ def test_durations_parse(text: str, expected: timedelta) -> None:
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["30", 30, "", "s", "5 minutes", "-1s", "1x", True, None, [1]])
+@pytest.mark.parametrize(
+    "bad", ["30", 30, "", "s", "5 minutes", "-1s", "1x", True, None, [1], "99999999999999d"]
+)
 def test_durations_refuse_nonsense(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
@@ -57,7 +59,9 @@ def test_sizes_parse(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["lots", "1Q", "-1Mi", -5, 1.5, True, None, "Mi"])
+@pytest.mark.parametrize(
+    "bad", ["lots", "1Q", "-1Mi", -5, 1.5, True, None, "Mi", float("inf"), float("nan")]
+)
 def test_sizes_refuse_nonsense(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
