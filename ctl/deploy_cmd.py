@@ -23,8 +23,8 @@ import click
 from ctl.client import Client, resolve_deployment
 from ctl.output import console, err_console, fail, format_option, print_json, print_table
 from shared.wire import decode, encode, to_builtins
-from shared.wire.jobs import JobInfo
-from shared.wire.scheduler import Deployed, DeploymentStatus, Event
+from shared.wire.jobs import JobInfo, ProgressItem
+from shared.wire.scheduler import Deployed, DeploymentStatus, Event, replicas_over
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -301,37 +301,83 @@ def _still(last: str, timeout: float) -> NoReturn:
     fail(f"{last}, still after {timeout:.0f}s; see `zlayerctl ps --containers`")
 
 
-async def _wait_removed(client: Client, name: str, timeout: float) -> None:
-    """Down ``name`` and wait until it is gone (schedd's down job), showing the replicas
-    left as :func:`_wait_until` does; past ``timeout`` fail with the last line."""
+async def _wait_job(
+    client: Client,
+    name: str,
+    start: Callable[[], Awaitable[int]],
+    job_line: Callable[[ProgressItem], str | None],
+    poll_line: Callable[[DeploymentStatus | None], str | None],
+    timeout: float,
+) -> None:
+    """Start a schedd job on ``name`` and wait for its end, showing ``job_line`` of its
+    progress item as :func:`_wait_until` shows ``poll_line``; past ``timeout`` fail
+    with the last line. Polls with ``poll_line`` when schedd lost the job."""
     with _progress_line() as show:
 
         def progress(info: JobInfo) -> None:
             item = next((i for i in info.items if i.name == name), None)
-            if item is not None and item.state != "removed":
-                show(f"removing {name}: {item.state}")
+            line = None if item is None else job_line(item)
+            if line is not None:
+                show(line)
 
-        info, left = await _run_job(client, lambda: client.scheduler.down(name), timeout, progress)
+        info, left = await _run_job(client, start, timeout, progress)
         if info is None and left <= 0:
-            status = await _status_or_none(client, name)
-            if status is None:
+            line = poll_line(await _status_or_none(client, name))
+            if line is None:
                 return
-            show(_removal_line(status) or show.last)
+            show(line)
             _still(show.last, timeout)
     if info is None:  # schedd restarted: poll
-        await _wait_until(client, name, _removal_line, left)
+        await _wait_until(client, name, poll_line, left)
     elif info.state != "done":
         fail(info.error)
 
 
-def _stopping_line(status: DeploymentStatus, services: set[str], target: int) -> str | None:
-    """None once each named service runs ``target`` replicas at most; else how far it is."""
-    left = sum(
-        s.stopping + max(0, s.running - target) for s in status.services if s.name in services
+async def _wait_removed(client: Client, name: str, timeout: float) -> None:
+    """Down ``name`` and wait until it is gone (schedd's down job), showing the replicas
+    left as :func:`_wait_until` does; past ``timeout`` fail with the last line."""
+    await _wait_job(
+        client,
+        name,
+        lambda: client.scheduler.down(name),
+        lambda item: None if item.state == "removed" else f"removing {name}: {item.state}",
+        _removal_line,
+        timeout,
     )
+
+
+def _waiting_line(name: str, left: int) -> str | None:
     if left == 0:
         return None
-    return f"waiting for {left} replica{'s' if left != 1 else ''} of {status.name} to stop"
+    return f"waiting for {left} replica{'s' if left != 1 else ''} of {name} to stop"
+
+
+def _stopping_line(status: DeploymentStatus | None, services: set[str], target: int) -> str | None:
+    """None once each named service runs ``target`` replicas at most (or the deployment
+    is gone); else how far it is."""
+    if status is None:
+        return None
+    return _waiting_line(status.name, replicas_over(status, services, target))
+
+
+async def _wait_stopped(
+    client: Client,
+    name: str,
+    start: Callable[[], Awaitable[int]],
+    services: Callable[[DeploymentStatus | None], set[str]],
+    target: int,
+    timeout: float,
+) -> None:
+    """Stop or scale with ``start`` and wait for schedd's job: until each of ``services``
+    runs ``target`` replicas at most and none still stops, showing how many are left."""
+    await _wait_job(
+        client,
+        name,
+        start,
+        lambda item: _waiting_line(name, item.total - item.done),
+        lambda st: _stopping_line(st, services(st), target),
+        timeout,
+    )
 
 
 async def _follow_events(client: Client, name: str, stop: asyncio.Event) -> None:
@@ -679,17 +725,17 @@ def stop(name: str | None, service: str, timeout: float, force: bool, no_wait: b
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, name)
-        await client.scheduler.stop(target, service, timeout, force)
         what = f"{service + ' of ' if service else ''}{target}"
         if no_wait:
+            await client.scheduler.stop(target, service, timeout, force)
             err_console.print(f"stopping {what}", highlight=False)
             return
-        status = await _status_or_none(client, target)
-        names = {service} if service else {s.name for s in status.services} if status else set()
-        await _wait_until(
+        await _wait_stopped(
             client,
             target,
-            lambda st: None if st is None else _stopping_line(st, names, 0),
+            lambda: client.scheduler.stop(target, service, timeout, force),
+            lambda st: {service} if service else {s.name for s in st.services} if st else set(),
+            0,
             timeout + DEFAULT_WAIT,
         )
         err_console.print(f"stopped {what}", highlight=False)
@@ -713,12 +759,15 @@ def scale(service: str, replicas: int, deployment: str | None, no_wait: bool) ->
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, deployment)
-        await client.scheduler.scale(target, service, replicas)
-        if not no_wait:
-            await _wait_until(
+        if no_wait:
+            await client.scheduler.scale(target, service, replicas)
+        else:
+            await _wait_stopped(
                 client,
                 target,
-                lambda st: None if st is None else _stopping_line(st, {service}, replicas),
+                lambda: client.scheduler.scale(target, service, replicas),
+                lambda st: {service},
+                replicas,
                 DEFAULT_WAIT,
             )
         err_console.print(f"scaled {service} of {target} to {replicas}", highlight=False)

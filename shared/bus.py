@@ -187,21 +187,34 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         raise NotImplementedError
 
     @dbus_method_async(
-        input_signature="ssdb", input_args_names=("deployment", "service", "timeout_sec", "force")
+        input_signature="ssdb",
+        result_signature="t",
+        input_args_names=("deployment", "service", "timeout_sec", "force"),
+        result_args_names=("job_id",),
     )
-    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
+    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> int:
         """Stop a deployment's replicas (one service if ``service`` is not empty), keep it.
 
-        Returns once stored; the services' running counts fall to 0 as their
-        replicas end (GetDeployment shows it).
+        Returns once stored, with a job that ends when the services run no
+        replica and none still stops, or the deployment is gone (its
+        progress: the replicas stopped of those to stop). The services'
+        running counts fall to 0 as their replicas end (GetDeployment shows it).
         """
         raise NotImplementedError
 
     @dbus_method_async(
-        input_signature="ssu", input_args_names=("deployment", "service", "replicas")
+        input_signature="ssu",
+        result_signature="t",
+        input_args_names=("deployment", "service", "replicas"),
+        result_args_names=("job_id",),
     )
-    async def scale(self, deployment: str, service: str, replicas: int) -> None:
-        """Hold a service at ``replicas`` until the next deploy or scale."""
+    async def scale(self, deployment: str, service: str, replicas: int) -> int:
+        """Hold a service at ``replicas`` until the next deploy or scale.
+
+        Returns with a job that ends when the service runs ``replicas`` at
+        most and none still stops, or the deployment is gone: a scale-down
+        ends once the surplus has stopped, a scale-up at once.
+        """
         raise NotImplementedError
 
     @dbus_method_async(
@@ -275,10 +288,11 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """An Event: something happened to a deployment."""
         raise NotImplementedError
 
-    # --- jobs: Deploy and Down return jobs that end when the deployment has
-    # converged or is gone, as Job1 objects under <this object>/job/<id>
-    # (shared/jobs.py). Cancelling one stops the waiting only: the desired
-    # state stays stored and the loop carries it out.
+    # --- jobs: Deploy, Down, Stop and Scale return jobs that end when the
+    # deployment has converged, is gone or has stopped what it was to stop,
+    # as Job1 objects under <this object>/job/<id> (shared/jobs.py). Cancelling
+    # one stops the waiting only: the desired state stays stored and the loop
+    # carries it out.
 
     @dbus_method_async(
         input_signature="t",

@@ -191,11 +191,13 @@ class SchedulerClient(JobsDaemonClient[Scheduler1]):
         """The id of the job that ends when the deployment is gone."""
         return await self.proxy.down(deployment)
 
-    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
-        await self.proxy.stop(deployment, service, timeout_sec, force)
+    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> int:
+        """The id of the job that ends when the services' replicas have stopped."""
+        return await self.proxy.stop(deployment, service, timeout_sec, force)
 
-    async def scale(self, deployment: str, service: str, replicas: int) -> None:
-        await self.proxy.scale(deployment, service, replicas)
+    async def scale(self, deployment: str, service: str, replicas: int) -> int:
+        """The id of the job that ends when the service runs ``replicas`` at most."""
+        return await self.proxy.scale(deployment, service, replicas)
 
     async def list_deployments(self) -> list[DeploymentStatus]:
         return decode(await self.proxy.list_deployments(), list[DeploymentStatus])

@@ -53,12 +53,23 @@ class SchedulerService(Scheduler1):
         )
 
     @dbus_method_async_override()
-    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> None:
+    async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> int:
         await self._scheduler.stop(deployment, service, timeout_sec, force)
+        services = {service} if service else None
+        return self.daemon.jobs.start(
+            "stop",
+            deployment,
+            lambda job: self._scheduler.settled(deployment, services, 0, job),
+        )
 
     @dbus_method_async_override()
-    async def scale(self, deployment: str, service: str, replicas: int) -> None:
+    async def scale(self, deployment: str, service: str, replicas: int) -> int:
         await self._scheduler.scale(deployment, service, replicas)
+        return self.daemon.jobs.start(
+            "scale",
+            deployment,
+            lambda job: self._scheduler.settled(deployment, {service}, replicas, job),
+        )
 
     @dbus_method_async_override()
     async def list_deployments(self) -> str:
@@ -88,7 +99,7 @@ class SchedulerService(Scheduler1):
     async def list_events(self, deployment: str, limit: int) -> str:
         return encode(await self._scheduler.events(deployment, limit or 50))
 
-    # --- jobs (shared/jobs.py): deploy and down wait for their deployment
+    # --- jobs (shared/jobs.py): deploy, down, stop and scale wait for their deployment
 
     @dbus_method_async_override()
     async def get_job(self, job_id: int) -> str:
@@ -111,7 +122,7 @@ class SchedulerDaemon(Daemon):
 
     def __init__(self, settings: DaemonSettings, paths: Paths) -> None:
         super().__init__(settings, paths)
-        # Deploy and down jobs: they wait in memory only; a restart forgets them.
+        # Deploy, down, stop and scale jobs: they wait in memory only; a restart forgets them.
         self.jobs = JobTable(self._job_removed, self._job_new)
 
     def make_service(self) -> SchedulerService:

@@ -13,7 +13,7 @@ rollback (parsed, checked for public ports another deployment holds, stored
 as a revision), the intents ``down``, ``stop`` and ``scale`` that the loop
 carries out, the pass itself (each deployment's assignments in ``depends``
 order, removals, cron and deploy-time jobs, autoscaling), the waits of
-the Deploy and Down jobs (woken after each pass and with each replica
+the Deploy, Down, Stop and Scale jobs (woken after each pass and with each replica
 signal), and the replica metrics. What a deployment's status shows is
 :mod:`daemons.schedd.status`, a revision's rollout :mod:`daemons.schedd.rollouts`,
 and the views sent to agentd, overlayd and proxyd :mod:`daemons.schedd.views`.
@@ -56,7 +56,13 @@ from shared.wire.agent import (
     RevisionReplicas,
     ServiceAssignment,
 )
-from shared.wire.scheduler import CronSchedule, DeploymentStatus, DeployPlan, Event
+from shared.wire.scheduler import (
+    CronSchedule,
+    DeploymentStatus,
+    DeployPlan,
+    Event,
+    replicas_over,
+)
 from shared.wire.traffic import DeploymentTraffic
 
 if TYPE_CHECKING:
@@ -610,6 +616,30 @@ class Scheduler:
                 total=total,
                 state=status.message or "stopping its replicas",
             )
+            await changed.wait()
+
+    async def settled(self, name: str, services: set[str] | None, target: int, job: Job) -> str:
+        """A stop or scale job's work: wait until each of ``services`` (every service for
+        None) of ``name`` runs ``target`` replicas at most and none still stops, or
+        ``name`` is gone. Its progress is one item, ``name``: the replicas that had to
+        stop (``total``) and how many did (``done``). Cancelling it stops the waiting only.
+        """
+        total: int | None = None
+        while True:
+            changed = self._status_changed
+            try:
+                status = await self.status(name)
+            except NotFoundError:
+                job.progress(name, done=total or 0, total=total or 0, state="gone")
+                return ""
+            left = replicas_over(status, services, target)
+            if total is None or left > total:
+                total = left
+            job.progress(
+                name, done=total - left, total=total, state="stopping" if left else "stopped"
+            )
+            if not left:
+                return ""
             await changed.wait()
 
     def resync(self, daemon: str) -> None:

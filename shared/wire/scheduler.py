@@ -38,6 +38,16 @@ class DeploymentStatus(Wire, frozen=True):
     message: str = ""
 
 
+def replicas_over(status: DeploymentStatus, services: set[str] | None, target: int) -> int:
+    """Replicas of the named services (every service for None) that still stop or run
+    beyond ``target`` each: 0 once a stop or a scale-down to ``target`` is done."""
+    return sum(
+        s.stopping + max(0, s.running - target)
+        for s in status.services
+        if services is None or s.name in services
+    )
+
+
 class DeployPlan(Wire, frozen=True):
     """``Plan``: what a deploy would do, nothing run."""
 

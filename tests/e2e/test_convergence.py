@@ -7,14 +7,19 @@ Each test replays one of the ways the copies of the truth used to drift apart
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
 import pytest
 
+from shared.bus import open_bus, resolve_bus_address
 from shared.busybox_image import busybox_image, write_oci_layout
+from shared.clients import SchedulerClient
+from shared.wire.jobs import JobInfo
 from tests.e2e.node import IMAGE, Node, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
@@ -189,6 +194,68 @@ def test_a_refused_route_fails_up_with_its_sentence(node: Node) -> None:
     finally:
         holder.close()
         node.ctl("down", "taken")
+
+
+def _running(node: Node, name: str) -> dict[str, tuple[int, int]]:
+    """Each service's (running, stopping) replicas, as schedd counts them."""
+    return {s: (v["running"], v["stopping"]) for s, v in node.services(name).items()}
+
+
+def _waited(stderr: str, name: str, last: str) -> None:
+    """``stderr`` is the lines of a stop or scale that waited: how many replicas of
+    ``name`` were left, each new count once and stamped, then ``last``."""
+    lines = stderr.strip().splitlines()
+    assert lines[-1] == last, stderr
+    waiting = re.compile(rf"\d\d:\d\d:\d\d waiting for \d+ replicas? of {name} to stop")
+    assert all(waiting.fullmatch(line) for line in lines[:-1]), stderr
+    assert len(set(lines)) == len(lines), stderr
+
+
+@pytest.mark.usefixtures("down_everything")
+def test_stop_and_scale_down_end_by_job_and_zlayerctl_says_what_it_did(node: Node) -> None:
+    """Stop and a scale-down are schedd jobs that end once the replicas have stopped;
+    zlayerctl waits on them and says what it said when it polled."""
+    port = free_port()
+    node.ctl("up", "-d", str(web(node, "halt", port, replicas=3, host="halt.test")), check=True)
+
+    async def by_job() -> tuple[JobInfo, dict[str, tuple[int, int]], JobInfo]:
+        bus = open_bus(resolve_bus_address(node.paths))
+        try:
+            client = SchedulerClient(bus)
+            scaled = await client.run_job(lambda: client.scale("halt", "web", 1))
+            after_scale = _running(node, "halt")
+            stopped = await client.run_job(lambda: client.stop("halt", "", 10.0, False))
+            return scaled, after_scale, stopped
+        finally:
+            bus.close()
+
+    scaled, after_scale, stopped = asyncio.run(asyncio.wait_for(by_job(), 120))
+    assert scaled.kind == "scale" and scaled.target == "halt", scaled
+    assert scaled.state == "done", scaled.error
+    # The jobs ended with the replicas stopped, not before.
+    assert [(i.name, i.done == i.total) for i in scaled.items] == [("halt", True)]
+    assert after_scale == {"web": (1, 0)}
+    assert stopped.kind == "stop" and stopped.state == "done", stopped.error
+    assert [(i.name, i.done == i.total) for i in stopped.items] == [("halt", True)]
+    assert _running(node, "halt") == {"web": (0, 0)}
+    assert node.replicas("halt") == []
+
+    # zlayerctl: a scale-up ends at once, a scale-down and a stop once the replicas end.
+    up = node.ctl("scale", "web", "3", "-d", "halt", check=True)
+    assert up.stderr.strip() == "scaled web of halt to 3", up.stderr
+    wait_until(lambda: _running(node, "halt") == {"web": (3, 0)}, 60, "three replicas")
+    down = node.ctl("scale", "web", "1", "-d", "halt", check=True)
+    _waited(down.stderr, "halt", "scaled web of halt to 1")
+    assert _running(node, "halt") == {"web": (1, 0)}
+    stop = node.ctl("stop", "halt", "-s", "web", check=True)
+    _waited(stop.stderr, "halt", "stopped web of halt")
+    assert _running(node, "halt") == {"web": (0, 0)}
+    # Nothing left to stop: the job ends at once, the lines are the same.
+    again = node.ctl("stop", "halt", check=True)
+    assert again.stderr.strip() == "stopped halt", again.stderr
+    no_wait = node.ctl("stop", "halt", "--no-wait", check=True)
+    assert no_wait.stderr.strip() == "stopping halt", no_wait.stderr
+    node.ctl("down", "halt", check=True)
 
 
 @pytest.mark.usefixtures("down_everything")
