@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from rich.status import Status
 
 DEFAULT_WAIT = 600.0
+T = TypeVar("T")
 
 _STATE_COLOUR = {
     "running": "green",
@@ -145,11 +146,30 @@ def _not_healthy(status: DeploymentStatus, timeout: float) -> NoReturn:
     )
 
 
+def _schedd_away(exc: BaseException) -> bool:
+    """schedd is restarting: not on the bus yet, or it died before it answered."""
+    import sdbus
+
+    away = sdbus.DbusServiceUnknownError | sdbus.DbusNameHasNoOwnerError | sdbus.DbusNoReplyError
+    return isinstance(exc, away)
+
+
+async def _when_back(call: Callable[[], Awaitable[T]], deadline: float) -> T:
+    """``call``, asked again while schedd is restarting, until ``deadline``."""
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not _schedd_away(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.25)
+
+
 async def _poll_healthy(client: Client, name: str, timeout: float) -> DeploymentStatus:
     """Poll until every service runs healthy: for a schedd that lost the deploy job."""
     deadline = time.monotonic() + timeout
     while True:
-        status = await client.scheduler.get_deployment(name)
+        status = await _when_back(lambda: client.scheduler.get_deployment(name), deadline)
         sentence = _failed_sentence(status)
         if sentence is not None:
             _status_lines(status)
@@ -170,9 +190,9 @@ async def _run_job(
     """Start a schedd job and wait for its end, ``timeout`` counted once it started.
 
     (its final JobInfo, seconds left); (None, seconds left) when schedd
-    lost the job (it restarted: GetJob says NotFound) and the caller polls
-    instead. Past ``timeout`` the job is cancelled (that stops its waiting
-    only) and (None, 0) is returned.
+    lost the job (it restarted: GetJob says NotFound, or it is not back on the
+    bus yet) and the caller polls instead. Past ``timeout`` the job is cancelled
+    (that stops its waiting only) and (None, 0) is returned.
     """
     scheduler = client.scheduler
     started = asyncio.Event()
@@ -202,8 +222,8 @@ async def _run_job(
             return None, 0.0
         try:
             info = task.result()
-        except NotFoundError:
-            if not job_id:
+        except Exception as exc:
+            if not job_id or not (isinstance(exc, NotFoundError) or _schedd_away(exc)):
                 raise
             return None, max(0.0, deadline - time.monotonic())
         if info.state == "cancelled":  # somebody else stopped the waiting: poll instead
@@ -264,7 +284,7 @@ async def _wait_until(
     deadline = time.monotonic() + timeout
     with _progress_line() as show:
         while True:
-            line = progress(await _status_or_none(client, name))
+            line = progress(await _when_back(lambda: _status_or_none(client, name), deadline))
             if line is None:
                 return
             show(line)

@@ -12,12 +12,14 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import psutil
 import pytest
 
+from ctl.supervisor import find_executable
 from shared.bus import NotFoundError, open_bus, resolve_bus_address
 from shared.clients import SchedulerClient
 from shared.wire import decode, encode
@@ -415,3 +417,108 @@ services:
     assert result.returncode == 1
     assert "error: broken failed: main: " in result.stderr
     node.ctl("down", "broken", check=True)
+
+
+SLOW = """
+version: v1
+deployment: slow
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - sleep 15 && mkdir -p /www && echo hello > /www/index.html &&
+          exec httpd -f -p 8080 -h /www
+    endpoints: [{name: http, protocol: http, port: 8080}]
+    scale: {mode: fixed, replicas: 1}
+    health:
+      start_grace: 60s
+      interval: 500ms
+      timeout: 1s
+      retries: 1
+      check: {type: http, url: /index.html}
+  stubborn:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args: ["trap '' TERM; while :; do sleep 1; done"]
+    stop_grace_period: 6s
+    scale: {mode: fixed, replicas: 1}
+"""
+
+
+def ctl_in_background(node: Node, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [find_executable("zlayerctl"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=node.env,
+        cwd=node.workdir,
+    )
+
+
+def kill_schedd_and_finish(
+    node: Node, waiting: subprocess.Popen[str], times: int = 1
+) -> tuple[int, str]:
+    """SIGKILL schedd ``times`` times (each time it is back) while ``waiting`` still waits
+    on its job; then ``waiting``'s exit code and stderr."""
+    for _ in range(times):
+        assert waiting.poll() is None, waiting.communicate()
+        pid = wait_until(lambda: node.daemon_pid("schedd"), 60, "schedd to be back")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda old=pid: node.daemon_pid("schedd") != old, 60, "schedd to go")
+    try:
+        _, err = waiting.communicate(timeout=150)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
+    assert "Traceback" not in err, err
+    return waiting.returncode, err
+
+
+def test_up_and_down_wait_on_when_schedd_restarts_meanwhile(node: Node) -> None:
+    """up -d and down wait on when schedd restarts meanwhile (and so forgets their jobs)."""
+    try:
+        spec = node.spec("slow", SLOW)
+        up = ctl_in_background(node, "up", "-d", str(spec), "--timeout", "120")
+
+        def deployed_not_healthy() -> bool:
+            assert up.poll() is None, up.communicate()
+            listed = node.ctl("ps", "-d", "slow", "--format", "json")
+            if listed.returncode != 0 or "slow" not in listed.stdout:
+                return False
+            web = next(
+                s for d in json.loads(listed.stdout) for s in d["services"] if s["name"] == "web"
+            )
+            assert web["healthy"] == 0, "web became healthy before schedd was killed"
+            return True
+
+        wait_until(deployed_not_healthy, 60, "the slow deployment to be created")
+        # A crash loop: the supervisor's backoff grows, so by the third restart schedd
+        # stays away from the bus longer than the client waits between its questions.
+        code, err = kill_schedd_and_finish(node, up, times=3)
+        assert code == 0, err
+        assert "slow is running" in err
+        services = node.services("slow")
+        assert services["web"]["state"] == "running" and services["web"]["healthy"] == 1
+
+        down = ctl_in_background(node, "down", "slow", "--timeout", "120")
+
+        def removing() -> bool:
+            assert down.poll() is None, down.communicate()
+            listed = json.loads(node.ctl("ps", "-d", "slow", "--format", "json", check=True).stdout)
+            return any(d["name"] == "slow" and d["state"] == "removing" for d in listed)
+
+        wait_until(removing, 60, "down to start stopping the replicas")
+        code, err = kill_schedd_and_finish(node, down)
+        assert code == 0, err
+        assert "slow removed" in err
+        assert node.replicas("slow") == []
+        listed = json.loads(node.ctl("ps", "--format", "json", check=True).stdout)
+        assert all(d["name"] != "slow" for d in listed)
+    finally:  # a failure above may leave schedd restarting: down once it answers
+        wait_until(lambda: node.ctl("ps").returncode == 0, 60, "schedd to answer")
+        node.ctl("down", "slow")
