@@ -12,15 +12,12 @@ interpreter to see what actually loads.
 from __future__ import annotations
 
 import ast
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ctl.main import LAZY_COMMANDS
+from tests.fresh_interpreter import import_all, modules_after
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = {"ctl": ("daemons",), "shared": ("daemons", "ctl")}
@@ -97,28 +94,13 @@ def test_every_command_is_a_ctl_module() -> None:
 def test_importing_all_of_ctl_loads_nothing_from_daemons() -> None:
     """Every ctl module and every command, imported in a fresh interpreter."""
     modules = _modules("ctl")
-    probe = (
-        "import importlib, json, sys\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module(name)\n"
-        "import click\n"
+    loaded = modules_after(
+        import_all(*modules) + "import click\n"
         "from ctl.main import cli\n"
         "ctx = click.Context(cli)\n"
         "for name in cli.list_commands(ctx):\n"
-        "    assert cli.get_command(ctx, name) is not None, name\n"
-        "print('MODULES ' + json.dumps(sorted(sys.modules)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
+        "    assert cli.get_command(ctx, name) is not None, name\n",
         timeout=120,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr
-    marker = result.stdout.rfind("MODULES ")
-    loaded = set(json.loads(result.stdout[marker + len("MODULES ") :]))
     assert set(modules) <= loaded
     assert sorted(m for m in loaded if _is_under(m, ("daemons",))) == []

@@ -7,7 +7,6 @@ the bus stack for commands that do not need them.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 from ctl.main import LAZY_COMMANDS, cli
 from ctl.supervisor import find_executable
+from tests.fresh_interpreter import modules_after
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = (
@@ -61,29 +61,6 @@ EVERY_COMMAND = {
 }
 
 
-def _loaded_after(code: str, *argv: str) -> set[str]:
-    """The modules a fresh interpreter holds after running code (argv as sys.argv[1:])."""
-    probe = (
-        "import json, sys\n"
-        f"sys.argv = ['zlayerctl', *{list(argv)!r}]\n"
-        f"{code}\n"
-        "sys.stderr.flush()\n"
-        "print('\\nMODULES ' + json.dumps(sorted(sys.modules)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    marker = result.stdout.rfind("MODULES ")
-    assert marker >= 0, result.stdout + result.stderr
-    return set(json.loads(result.stdout[marker + len("MODULES ") :]))
-
-
 def _heavy(modules: set[str]) -> list[str]:
     return sorted(name for name in HEAVY if name in modules)
 
@@ -117,19 +94,19 @@ def test_each_listed_command_is_the_command_that_runs(name: str) -> None:
 
 
 def test_importing_zlayerctl_imports_no_command() -> None:
-    modules = _loaded_after("import ctl.main")
+    modules = modules_after("import ctl.main")
     assert _heavy(modules) == []
     assert not any(name.endswith("_cmd") for name in modules)
 
 
 def test_help_imports_no_command() -> None:
-    modules = _loaded_after("from ctl.main import main\nmain()", "--help")
+    modules = modules_after("from ctl.main import main\nmain()", "--help")
     assert _heavy(modules) == []
     assert not any(name.endswith("_cmd") for name in modules)
 
 
 def test_validate_imports_the_spec_and_nothing_for_images_or_the_bus() -> None:
-    modules = _loaded_after(
+    modules = modules_after(
         "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
         "validate",
         "examples/static-web.zlayer.yml",
@@ -143,7 +120,7 @@ def test_validate_imports_the_spec_and_nothing_for_images_or_the_bus() -> None:
 
 
 def test_status_imports_nothing_for_specs_builds_or_wasm(tmp_path: Path) -> None:
-    modules = _loaded_after(
+    modules = modules_after(
         "import os\n"
         f"os.environ['ZLAYER_PREFIX'] = {str(tmp_path)!r}\n"
         "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
@@ -171,7 +148,7 @@ def test_status_imports_nothing_for_specs_builds_or_wasm(tmp_path: Path) -> None
 )
 def test_read_commands_to_a_pipe_do_not_import_rich(tmp_path: Path, argv: list[str]) -> None:
     """No daemons here: each ends in the one-line error, which needs no rich either."""
-    modules = _loaded_after(
+    modules = modules_after(
         "import os\n"
         f"os.environ['ZLAYER_PREFIX'] = {str(tmp_path)!r}\n"
         "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",

@@ -7,36 +7,13 @@ health check, a cron job or a TLS route must not be among them.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fresh_interpreter import import_all, modules_after
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _loaded_after(*modules: str) -> set[str]:
-    probe = (
-        "import importlib, json, sys\n"
-        f"for name in {list(modules)!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print('MODULES ' + json.dumps(sorted(sys.modules)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    marker = result.stdout.rfind("MODULES ")
-    assert marker >= 0, result.stdout + result.stderr
-    return set(json.loads(result.stdout[marker + len("MODULES ") :]))
 
 
 @pytest.mark.parametrize(
@@ -64,6 +41,6 @@ def _loaded_after(*modules: str) -> set[str]:
     ids=lambda value: "+".join(value) if isinstance(value, list) else None,
 )
 def test_idle_daemon_does_not_import(modules: list[str], absent: set[str]) -> None:
-    loaded = _loaded_after(*modules)
+    loaded = modules_after(import_all(*modules))
     assert set(modules) <= loaded
     assert sorted(absent & loaded) == []
