@@ -7,13 +7,9 @@ health check, a cron job or a TLS route must not be among them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tests.fresh_interpreter import import_all, modules_after
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
