@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -243,6 +244,8 @@ class Daemon(ABC):
 
 def main_for(daemon_class: type[Daemon]) -> None:
     """Console-script entry point: configure, run, exit with the daemon's code."""
+    # A crash in a C extension (sd-bus) prints the Python stacks to stderr, the journal.
+    faulthandler.enable()
     paths = Paths.from_env()
     identifier = daemon_class.info.executable
     try:

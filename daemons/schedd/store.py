@@ -19,12 +19,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from shared.statefile import move_aside
 from shared.wire.scheduler import Event
 
 log = logging.getLogger("zlayer.schedd.store")
+
+
+class StoreClosedError(RuntimeError):
+    """A call after :meth:`Store.close` (schedd is stopping)."""
+
 
 # Where a service's last rollout stands: none (or finished), under way, stopped by a failure.
 Rollout = Literal["", "running", "failed"]
@@ -131,6 +136,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._closed = False
         # The file was unusable and this store starts empty (see the scheduler:
         # it sends no view until something is deployed again).
         self.recovered = False
@@ -158,12 +164,33 @@ class Store:
             )
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database once no thread is using it.
+
+        Calls run in worker threads that a cancelled task does not stop: closing
+        the connection under one of them crashes the process (in SQLite's C code),
+        so every call holds the lock and sees the store closed after this.
+        """
+        with self._lock:
+            self._closed = True
+            self._db.close()
+
+    def _open_db(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreClosedError("schedd's store is closed: schedd is stopping")
+        return self._db
+
+    def _rows(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._open_db().execute(sql, params).fetchall()
+
+    def _row(self, sql: str, params: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._open_db().execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
@@ -174,10 +201,8 @@ class Store:
     # ------------------------------------------------------------ deployments
 
     def next_revision(self, name: str) -> int:
-        row = self._db.execute(
-            "SELECT MAX(revision) FROM revisions WHERE deployment = ?", (name,)
-        ).fetchone()
-        return int(row[0] or 0) + 1
+        row = self._row("SELECT MAX(revision) FROM revisions WHERE deployment = ?", (name,))
+        return int(row[0] or 0) + 1 if row else 1
 
     def add_revision(
         self,
@@ -221,12 +246,12 @@ class Store:
         return revision
 
     def get(self, name: str) -> StoredDeployment | None:
-        row = self._db.execute(
+        row = self._row(
             "SELECT d.name, d.revision, d.stopped, d.created_at, d.updated_at, "
             "r.spec_json, r.spec_text, d.removing FROM deployments d JOIN revisions r "
             "ON r.deployment = d.name AND r.revision = d.revision WHERE d.name = ?",
             (name,),
-        ).fetchone()
+        )
         if row is None:
             return None
         name, revision, stopped, created, updated, spec_json, spec_text, removing = row
@@ -253,7 +278,7 @@ class Store:
 
     def generation(self) -> int:
         """The generation of the last view schedd sent (0: none yet)."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        row = self._row("SELECT value FROM meta WHERE key = 'generation'")
         return int(row[0]) if row else 0
 
     def next_generation(self, at_least: int = 0) -> int:
@@ -269,7 +294,7 @@ class Store:
         return value
 
     def names(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT name FROM deployments ORDER BY name")]
+        return [r[0] for r in self._rows("SELECT name FROM deployments ORDER BY name")]
 
     def remove(self, name: str) -> None:
         with self._tx() as db:
@@ -304,29 +329,27 @@ class Store:
                 )
 
     def stopped_services(self, name: str) -> set[str]:
-        rows = self._db.execute(
-            "SELECT service FROM stopped_services WHERE deployment = ?", (name,)
-        )
+        rows = self._rows("SELECT service FROM stopped_services WHERE deployment = ?", (name,))
         return {r[0] for r in rows}
 
     def revision_spec(self, name: str, revision: int) -> str | None:
         """The spec JSON of one stored revision."""
-        row = self._db.execute(
+        row = self._row(
             "SELECT spec_json FROM revisions WHERE deployment = ? AND revision = ?",
             (name, revision),
-        ).fetchone()
+        )
         return str(row[0]) if row else None
 
     def revision_source(self, name: str, revision: int) -> tuple[str, str] | None:
         """The spec text and file name a revision was deployed from."""
-        row = self._db.execute(
+        row = self._row(
             "SELECT spec_text, filename FROM revisions WHERE deployment = ? AND revision = ?",
             (name, revision),
-        ).fetchone()
+        )
         return (str(row[0]), str(row[1])) if row else None
 
     def revisions(self, name: str) -> list[int]:
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT revision FROM revisions WHERE deployment = ? ORDER BY revision", (name,)
         )
         return [int(r[0]) for r in rows]
@@ -334,7 +357,7 @@ class Store:
     # ------------------------------------------------------------ per-service state
 
     def service_states(self, name: str) -> dict[str, ServiceState]:
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT service, serving, target, rollout, message, new_count, old_count, "
             "step_at, adaptive, scaled_at FROM services WHERE deployment = ?",
             (name,),
@@ -364,17 +387,15 @@ class Store:
             )
 
     def scale_holds(self, name: str) -> dict[str, int]:
-        rows = self._db.execute(
-            "SELECT service, replicas FROM scale_holds WHERE deployment = ?", (name,)
-        )
+        rows = self._rows("SELECT service, replicas FROM scale_holds WHERE deployment = ?", (name,))
         return {r[0]: int(r[1]) for r in rows}
 
     # ------------------------------------------------------------ cron
 
     def last_cron_run(self, name: str, service: str) -> float | None:
-        row = self._db.execute(
+        row = self._row(
             "SELECT last_run FROM cron_runs WHERE deployment = ? AND service = ?", (name, service)
-        ).fetchone()
+        )
         return float(row[0]) if row else None
 
     def record_cron_run(self, name: str, service: str, when: float) -> None:
@@ -408,11 +429,11 @@ class Store:
             )
 
     def events(self, name: str, limit: int = 50) -> list[Event]:
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT time, deployment, service, replica, kind, message FROM events "
             "WHERE deployment = ? ORDER BY id DESC LIMIT ?",
             (name, limit),
-        ).fetchall()
+        )
         return [
             Event(time=t, deployment=d, service=s, replica=r, kind=k, message=m)
             for t, d, s, r, k, m in reversed(rows)

@@ -77,3 +77,44 @@ def test_a_file_that_is_not_a_usable_database_is_moved_aside(
     # What is there now is a sound database.
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+
+
+def test_closing_while_worker_threads_use_the_store_ends_cleanly(tmp_path: Path) -> None:
+    """schedd closes its store on SIGTERM while calls it ran in threads may still be going
+    (a cancelled task does not stop its thread): closing under them crashed schedd with a
+    segmentation fault in SQLite. Now close waits for the call in flight, and later calls
+    fail with StoreClosedError."""
+    script = textwrap.dedent(
+        f"""
+        import threading, time
+        from pathlib import Path
+        from daemons.schedd.store import Store, StoreClosedError
+        store = Store(Path({str(tmp_path / "state.db")!r}))
+        store.add_revision("app", "{{}}", "", "a.yml")
+        refused = []
+
+        def work():
+            try:
+                while True:
+                    store.next_generation()
+                    store.get("app")
+                    store.events("app")
+            except StoreClosedError as exc:
+                refused.append(str(exc))
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        store.close()
+        for thread in threads:
+            thread.join()
+        print(len(refused), refused[0])
+        """
+    )
+    for _ in range(5):
+        ran = subprocess.run(
+            [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip() == "4 schedd's store is closed: schedd is stopping"
