@@ -12,6 +12,9 @@ for it removed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import re
 import shutil
 import signal
@@ -161,6 +164,32 @@ def nspawn_cgroups() -> set[Path]:
 
 
 def remove_cgroup_tree(top: Path) -> None:
-    for path in sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True):
-        path.rmdir()
-    top.rmdir()
+    """Remove a machine's cgroups, deepest first.
+
+    A machine stopped in the middle of a failed test may leave a replica's processes
+    (started inside it, so ours) in a cgroup, or ones still being reaped: they are
+    killed by the PIDs the cgroup lists, and each removal is retried while the kernel
+    still calls the cgroup busy.
+    """
+    for path in [*sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True), top]:
+        deadline = time.monotonic() + 15
+        while True:
+            for pid in _cgroup_pids(path):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def _cgroup_pids(path: Path) -> list[int]:
+    try:
+        return [int(line) for line in (path / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
