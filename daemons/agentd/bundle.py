@@ -61,9 +61,12 @@ ALL_CAPS: tuple[str, ...] = (
     "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
 )  # fmt: skip
 
-# Docker's default set: enough for ordinary images, nothing that reaches the host.
+# Docker's default set less NET_RAW: enough for ordinary images, nothing that
+# reaches the host. NET_RAW would let a replica forge any packet on the node
+# bridge (other replicas' addresses, the node's 127.0.0.0/8); a service that
+# needs it (ping, packet capture) asks with ``capabilities: [NET_RAW]``.
 DEFAULT_CAPS: tuple[str, ...] = (
-    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
+    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "SETGID", "SETUID",
     "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
 )  # fmt: skip
 
