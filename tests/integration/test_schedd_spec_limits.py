@@ -1,0 +1,142 @@
+"""Specs that cross the bus, against the real zlayer-schedd on a private bus.
+
+- a spec over schedd's size limit is refused with one sentence, by Deploy
+  and Plan alike, before it is parsed;
+- a large spec is parsed off the event loop: schedd answers Status (and its
+  watchdog) while a Plan of it is still being parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ctl.supervisor import find_executable
+from daemons.schedd.scheduler import MAX_SPEC_BYTES
+from shared.bus import InvalidSpecError, open_bus
+from shared.busdaemon import PrivateBus
+from shared.clients import SchedulerClient
+from shared.paths import Paths
+
+SMALL = "version: v1\ndeployment: limits\nservices: {}\n"
+# Generous: one Status call on an idle schedd takes milliseconds; a spec parsed
+# on the event loop held it for seconds.
+ANSWER_WITHIN = 3.0
+
+
+@pytest.fixture
+def schedd(private_bus: PrivateBus, zlayer_prefix: Paths) -> Iterator[subprocess.Popen[bytes]]:
+    """The real zlayer-schedd on the private bus, once it answers Status."""
+    log = (zlayer_prefix.prefix / "schedd.log").open("wb")
+    env = {**os.environ, "ZLAYER_BUS_ADDRESS": private_bus.address}
+    process = subprocess.Popen(
+        [find_executable("zlayer-schedd")],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
+
+    async def ready() -> None:
+        bus = open_bus(private_bus.address)
+        client = SchedulerClient(bus)
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                try:
+                    await client.status()
+                    return
+                except Exception:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+        finally:
+            bus.close()
+
+    try:
+        asyncio.run(ready())
+        yield process
+        assert process.poll() is None, "zlayer-schedd died during the test"
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+
+
+def many_services(count: int) -> str:
+    lines = ["version: v1", "deployment: many", "services:"]
+    for i in range(count):
+        lines += [f"  s{i}:", "    image:", "      name: nginx:1", "    env:", f"      A: v{i}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_spec_over_the_limit_is_refused_before_parsing(
+    private_bus: PrivateBus, schedd: subprocess.Popen[bytes]
+) -> None:
+    # Valid YAML: a comment pads it past the limit, so only the size is wrong.
+    padding = "#" + "x" * 1023 + "\n"
+    big = SMALL + padding * (MAX_SPEC_BYTES // len(padding) + 1)
+    assert len(big.encode()) > MAX_SPEC_BYTES
+
+    async def scenario() -> None:
+        bus = open_bus(private_bus.address)
+        client = SchedulerClient(bus)
+        try:
+            for call in (client.plan, client.deploy):
+                with pytest.raises(InvalidSpecError) as refused:
+                    await call(big, "big.zlayer.yml", {})
+                message = str(refused.value)
+                assert "more than the 1 MiB schedd accepts" in message, message
+                assert "\n" not in message
+            # Just under the limit is parsed as usual.
+            plan = await client.plan(SMALL, "small.zlayer.yml", {})
+            assert plan.deployment == "limits"
+        finally:
+            bus.close()
+
+    asyncio.run(scenario())
+
+
+def test_schedd_answers_while_a_large_spec_is_parsed(
+    private_bus: PrivateBus, schedd: subprocess.Popen[bytes]
+) -> None:
+    # Half the limit; parsing it on the event loop held schedd for seconds.
+    spec = many_services(8000)
+    assert len(spec.encode()) <= MAX_SPEC_BYTES
+
+    async def scenario() -> None:
+        bus = open_bus(private_bus.address)
+        client = SchedulerClient(bus)
+        try:
+            plan = asyncio.ensure_future(client.plan(spec, "many.zlayer.yml", {}))
+            await asyncio.sleep(0.2)  # the call is on its way
+            answered = 0
+            while not plan.done():
+                started = time.monotonic()
+                status = await asyncio.wait_for(client.status(), 60)
+                took = time.monotonic() - started
+                assert took < ANSWER_WITHIN, f"Status took {took:.1f}s while a Plan was parsed"
+                assert status.state == "running"
+                answered += 1
+                await asyncio.sleep(0.2)
+            try:
+                result = plan.result()
+            except InvalidSpecError:  # a cap on the spec's size may refuse it instead
+                pass
+            else:
+                assert result.deployment == "many" and len(result.actions) == 8000
+            print(f"\nStatus answered {answered} times while the Plan was parsed")
+        finally:
+            bus.close()
+
+    asyncio.run(scenario())
