@@ -22,8 +22,10 @@ PROBE_TIMEOUT = 2.0
 
 
 class ApiSettings(DaemonSettings, kw_only=True):
-    # the address the REST API listens on
-    http_bind: str = "0.0.0.0"
+    # the address the REST API listens on: this node only, until the API has
+    # authentication and TLS (a bind to every address would let anyone who
+    # can reach the node call it)
+    http_bind: str = "127.0.0.1"
     # REST API port; 0 picks a free one
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 3669
 
