@@ -7,9 +7,14 @@ become overlayfs whiteouts: ``.wh.NAME`` a 0:0 character device ``NAME``,
 ``.wh..wh..opq`` the ``trusted.overlay.opaque=y`` xattr on its directory.
 
 Nothing in a layer can write outside the destination: absolute names,
-``..`` components and hard links outside the layer are refused, and no
-path is ever followed through a symlink while unpacking (symlinks are
-created as they are, to be resolved later inside the container's root).
+``..`` components, whiteouts naming ``.``, ``..`` or nothing, and hard links
+outside the layer are refused, and no path is ever followed through a
+symlink while unpacking (symlinks are created as they are, to be resolved
+later inside the container's root). What a layer unpacks to is bounded:
+its tar stream and the files written from it each stop at ``max_unpacked``
+bytes (a gzip or zstd bomb, a sparse file's holes), and a tar's special
+headers (PAX, GNU long names) at :data:`MAX_SPECIAL_HEADER`. Anything that
+cannot be unpacked is a :data:`LayerError` naming the layer and the entry.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import threading
 import urllib.parse
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -46,18 +52,48 @@ PIPE_LIMIT = 4 << 20  # bytes of a blob waiting for its unpacking thread, at mos
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WASM_MAGIC = b"\x00asm"  # a WebAssembly binary: stored as it is, never untarred
+DEFAULT_MAX_UNPACKED = 50 << 30  # bytes a layer's tar may hold: max_layer_unpacked_size
+# A PAX or GNU long-name header is read into memory whole: a real one is a
+# few hundred bytes (Go's archive/tar stops at 1 MiB too).
+MAX_SPECIAL_HEADER = 1 << 20
+# Errors of the disk the store is on, not of the layer: told as they are.
+_STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 # sdbus maps each error class to one bus name, so this is an alias, not a subclass.
 LayerError = InvalidArgumentError  # a layer that cannot be unpacked safely or is corrupt
 
 
-class _HashingReader(io.RawIOBase):
-    """Passes reads through and hashes what it passed (the layer's diff id)."""
+def human_size(size: int) -> str:
+    """A byte count for a sentence: 512 B, 3.2 MiB, 10 GiB."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    units = ("KiB", "MiB", "GiB", "TiB")
+    for unit in units:
+        value /= 1024
+        if value < 1024 or unit == units[-1]:
+            break
+    return f"{value:.1f} {unit}".replace(".0 ", " ")
 
-    def __init__(self, inner: IO[bytes] | gzip.GzipFile) -> None:
+
+def _too_large(layer: str, limit: int) -> LayerError:
+    return LayerError(
+        f"layer {layer} unpacks to more than {human_size(limit)}, the limit; raise "
+        "max_layer_unpacked_size in registryd.toml if the image is trusted"
+    )
+
+
+class _HashingReader(io.RawIOBase):
+    """Passes reads through, hashes what it passed (the layer's diff id) and
+    stops at ``limit`` bytes (a decompression bomb)."""
+
+    def __init__(self, inner: IO[bytes] | gzip.GzipFile, layer: str, limit: int) -> None:
         self.inner = inner
         self.hash = hashlib.sha256()
+        self.layer = layer
+        self.limit = limit
+        self.count = 0
 
     def readable(self) -> bool:
         return True
@@ -65,6 +101,9 @@ class _HashingReader(io.RawIOBase):
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         data = self.inner.read(len(buffer))
         n = len(data)
+        self.count += n
+        if self.count > self.limit:
+            raise _too_large(self.layer, self.limit)
         buffer[:n] = data
         self.hash.update(data)
         return n
@@ -85,14 +124,41 @@ def open_decompressed(handle: BinaryIO) -> IO[bytes] | gzip.GzipFile:
     return handle
 
 
+_SPECIAL_HEADERS = frozenset(
+    {
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    }
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose PAX or GNU long-name payload (read into memory whole) is bounded."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _SPECIAL_HEADERS and self.size > MAX_SPECIAL_HEADER:
+            raise tarfile.ReadError(
+                f"a header of {human_size(self.size)}, more than {human_size(MAX_SPECIAL_HEADER)}"
+            )
+        found: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]
+        return found
+
+
 def _parts(name: str, layer: str) -> list[str]:
     """The path components of a tar member name, or LayerError if it leaves the layer."""
+    if "\0" in name:
+        raise LayerError(f"layer {layer} has an entry whose name holds a NUL byte; refusing it")
     if name.startswith("/"):
-        raise LayerError(f"layer {layer} has an entry with an absolute path ({name}); refusing it")
+        raise LayerError(
+            f"layer {layer} has an entry with an absolute path ({name!r}); refusing it"
+        )
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise LayerError(
-            f"layer {layer} has an entry that climbs out with '..' ({name}); refusing it"
+            f"layer {layer} has an entry that climbs out with '..' ({name!r}); refusing it"
         )
     return parts
 
@@ -119,9 +185,11 @@ class _DirMeta:
 
 
 class _Unpacker:
-    def __init__(self, dest: Path, layer: str) -> None:
+    def __init__(self, dest: Path, layer: str, limit: int = DEFAULT_MAX_UNPACKED) -> None:
         self.dest = dest
         self.layer = layer
+        self.limit = limit  # bytes written to files, at most (a sparse file's holes count)
+        self.written = 0
         self.known_dirs: set[Path] = {dest}
         self.dir_meta: dict[Path, _DirMeta] = {}
 
@@ -142,11 +210,11 @@ class _Unpacker:
                 continue
             if stat.S_ISLNK(info.st_mode):
                 raise LayerError(
-                    f"layer {self.layer} writes {name} through a symbolic link; refusing it"
+                    f"layer {self.layer} writes {name!r} through a symbolic link; refusing it"
                 )
             if not stat.S_ISDIR(info.st_mode):
                 raise LayerError(
-                    f"layer {self.layer} writes {name} under a path that is not a directory"
+                    f"layer {self.layer} writes {name!r} under a path that is not a directory"
                 )
             self.known_dirs.add(current)
         return current
@@ -169,6 +237,28 @@ class _Unpacker:
     # ------------------------------------------------------------ entries
 
     def entry(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        """Unpack one member; what the layer's content makes fail is a LayerError naming it."""
+        with self._refusing(member.name):
+            self._entry(tar, member)
+
+    @contextlib.contextmanager
+    def _refusing(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in _STORE_ERRNOS:
+                raise  # the store's disk, not the layer: the caller tells it as such
+            raise LayerError(
+                f"layer {self.layer} has an entry {name!r} that cannot be unpacked "
+                f"({exc.strerror or exc}); refusing it"
+            ) from None
+        except (OverflowError, ValueError) as exc:  # owners, times, devices out of range
+            raise LayerError(
+                f"layer {self.layer} has an entry {name!r} with a value out of range "
+                f"({exc}); refusing it"
+            ) from None
+
+    def _entry(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         parts = _parts(member.name, self.layer)
         if not parts:  # the layer's root directory itself
             if member.isdir():
@@ -198,7 +288,7 @@ class _Unpacker:
             try:
                 with os.fdopen(fd, "wb", closefd=False) as out:
                     if source is not None:
-                        shutil.copyfileobj(source, out, CHUNK)
+                        self._copy(source, out)
                 # chown before chmod: chown clears setuid and setgid bits.
                 os.fchown(fd, member.uid, member.gid)
                 os.fchmod(fd, mode)
@@ -231,11 +321,18 @@ class _Unpacker:
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
         # Other member types (GNU volume headers and the like) carry no file.
 
+    def _copy(self, source: IO[bytes], out: IO[bytes]) -> None:
+        while chunk := source.read(CHUNK):
+            self.written += len(chunk)
+            if self.written > self.limit:
+                raise _too_large(self.layer, self.limit)
+            out.write(chunk)
+
     def _link_target(self, member: tarfile.TarInfo) -> Path:
         target_parts = _parts(member.linkname, self.layer)
         if not target_parts:
             raise LayerError(
-                f"layer {self.layer} hard-links {member.name} to the layer root; refusing it"
+                f"layer {self.layer} hard-links {member.name!r} to the layer root; refusing it"
             )
         current = self.dest
         for part in target_parts[:-1]:
@@ -244,7 +341,7 @@ class _Unpacker:
                 not os.path.isdir(current) or os.path.islink(current)
             ):
                 raise LayerError(
-                    f"layer {self.layer} hard-links {member.name} to {member.linkname}, "
+                    f"layer {self.layer} hard-links {member.name!r} to {member.linkname!r}, "
                     "which is not in the layer; refusing it"
                 )
         target = current / target_parts[-1]
@@ -252,12 +349,12 @@ class _Unpacker:
             info = os.lstat(target)
         except FileNotFoundError:
             raise LayerError(
-                f"layer {self.layer} hard-links {member.name} to {member.linkname}, "
+                f"layer {self.layer} hard-links {member.name!r} to {member.linkname!r}, "
                 "which is not in the layer; refusing it"
             ) from None
         if stat.S_ISDIR(info.st_mode):
             raise LayerError(
-                f"layer {self.layer} hard-links {member.name} to a directory; refusing it"
+                f"layer {self.layer} hard-links {member.name!r} to a directory; refusing it"
             )
         return target
 
@@ -269,7 +366,15 @@ class _Unpacker:
             return
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other AUFS metadata (.wh..wh.plnk, ...) has no overlayfs meaning
-        hidden = parent / base[len(WHITEOUT_PREFIX) :]
+        target = base[len(WHITEOUT_PREFIX) :]
+        # pathlib drops "." and "" and keeps "..": each would clear the layer
+        # directory or its parent, not an entry in it.
+        hidden = parent / target
+        if target in ("", ".", "..") or hidden.parent != parent or hidden == self.dest:
+            raise LayerError(
+                f"layer {self.layer} has a whiteout {name!r} that names no file in its "
+                "directory; refusing it"
+            )
         self._clear(hidden)
         try:
             os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0))
@@ -292,34 +397,52 @@ class _Unpacker:
     def finish(self) -> None:
         """Directory modes and times last: adding entries would change them again."""
         for meta in sorted(self.dir_meta.values(), key=lambda m: len(m.path.parts), reverse=True):
-            os.chmod(meta.path, meta.mode)
-            os.utime(meta.path, (meta.mtime, meta.mtime))
+            with self._refusing(str(meta.path.relative_to(self.dest))):
+                os.chmod(meta.path, meta.mode)
+                os.utime(meta.path, (meta.mtime, meta.mtime))
 
 
-def unpack_layer(blob: Path, dest: Path, layer: str, diff_id: str | None) -> None:
+def unpack_layer(
+    blob: Path,
+    dest: Path,
+    layer: str,
+    diff_id: str | None,
+    max_unpacked: int = DEFAULT_MAX_UNPACKED,
+) -> None:
     """Unpack the layer blob ``blob`` into the new directory ``dest``.
 
     ``diff_id`` (the digest of the uncompressed tar, from the image config)
-    is checked when given. On any failure ``dest`` may hold a partial tree:
-    the caller unpacks into a temporary directory and renames it when this
-    returns.
+    is checked when given; a tar larger than ``max_unpacked`` bytes is
+    refused. On any failure ``dest`` may hold a partial tree: the caller
+    unpacks into a temporary directory and renames it when this returns.
     """
     os.mkdir(dest, 0o755)
     with open(blob, "rb") as handle:
         stream = open_decompressed(handle)
-        _unpack_tar(stream, dest, layer, diff_id)
+        _unpack_tar(stream, dest, layer, diff_id, max_unpacked)
 
 
 def _unpack_tar(
-    stream: IO[bytes] | gzip.GzipFile, dest: Path, layer: str, diff_id: str | None
+    stream: IO[bytes] | gzip.GzipFile,
+    dest: Path,
+    layer: str,
+    diff_id: str | None,
+    max_unpacked: int = DEFAULT_MAX_UNPACKED,
 ) -> None:
     """Untar the uncompressed ``stream`` into ``dest``, reading it to its end, and check it."""
-    hashing = _HashingReader(stream)
-    unpacker = _Unpacker(dest, layer)
+    hashing = _HashingReader(stream, layer, max_unpacked)
+    unpacker = _Unpacker(dest, layer, max_unpacked)
     try:
-        with tarfile.open(fileobj=hashing, mode="r|", bufsize=CHUNK) as tar:
+        with tarfile.open(
+            fileobj=hashing, mode="r|", bufsize=CHUNK, tarinfo=_BoundedTarInfo
+        ) as tar:
+            # A stream's members are never looked up again (hard links are
+            # ours to resolve): the list tarfile keeps of them is emptied as
+            # it goes, not grown to millions of headers.
+            seen: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]
             for member in tar:
                 unpacker.entry(tar, member)
+                seen.clear()
         hashing.drain()
     except (
         tarfile.TarError,
@@ -327,6 +450,9 @@ def _unpack_tar(
         zstandard.ZstdError,
         gzip.BadGzipFile,
         zlib.error,
+        # tarfile's parsing of hostile PAX and sparse headers (numbers that are not)
+        ValueError,
+        OverflowError,
     ) as exc:
         raise LayerError(f"layer {layer} is not a readable tar ({exc})") from None
     unpacker.finish()
@@ -538,14 +664,16 @@ def receive_blob(
     expected: tuple[str, int],
     dest: Path | None,
     diff_id: str | None,
+    max_unpacked: int = DEFAULT_MAX_UNPACKED,
 ) -> Received:
     """Take a blob from ``pipe`` in one pass: append it to ``partial``, hash it, and unpack it.
 
     ``partial`` already holds its first ``prefix`` bytes (a resumed
     download): they are read again for the hash and the unpacking. With a
     ``dest``, a tar layer (plain, gzip or zstd) is unpacked into that new
-    directory as it streams, and ``diff_id`` checked; a WebAssembly blob is
-    only stored. ``expected`` is the (digest, size) the manifest gives.
+    directory as it streams, and ``diff_id`` checked (a tar larger than
+    ``max_unpacked`` bytes is refused); a WebAssembly blob is only stored.
+    ``expected`` is the (digest, size) the manifest gives.
 
     Blocking, for a worker thread. The digest is checked before anything
     else: a blob whose content is not its digest raises CorruptBlobError
@@ -563,7 +691,7 @@ def receive_blob(
                 os.mkdir(dest, 0o755)
                 buffered = io.BufferedReader(intake, CHUNK)
                 try:
-                    _unpack_tar(_decompressed(buffered, head), dest, digest, diff_id)
+                    _unpack_tar(_decompressed(buffered, head), dest, digest, diff_id, max_unpacked)
                     unpacked = True
                 except PipeAbortedError:
                     raise
