@@ -59,35 +59,82 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def _check_member(member: tarfile.TarInfo, root: str) -> None:
-    """Nothing written outside the entry, no devices or named pipes.
+def _shown(name: str) -> str:
+    """A member's name for a sentence: quoted when it is empty or holds control characters."""
+    return name if name and name.isprintable() and name.strip() == name else repr(name)
+
+
+def _check_member(member: tarfile.TarInfo, root: str) -> str:
+    """Where ``member`` goes under ``root``; RefusedMember if it leaves it or is a device.
 
     Checked here rather than with tarfile's extraction filters, which the
-    Python 3.11 that Debian 12 ships predates. Symbolic links stay as they
-    are, absolute ones too: a project's links (a virtualenv's python, say)
-    are the project's to copy; what matters is that no member is written
-    through one to outside the entry, which the real path of each member's
-    parent (links already extracted followed) shows.
+    Python 3.11 that Debian 12 ships predates. Every name is taken apart
+    as the kernel will resolve it: no absolute names, no ``..`` at all (a
+    link extracted earlier would make a lexical check of ``a/../b`` wrong),
+    nothing that is ``root`` itself, and the real path of the member's
+    parent (links already extracted followed) inside ``root``. Symbolic
+    links stay as they are, absolute ones too: a project's links (a
+    virtualenv's python, say) are the project's to copy; what matters is
+    that nothing is written through one, which the parent's real path and
+    :func:`_extract` (a link in the member's own place is removed first)
+    see to. A hard link's target must be inside ``root`` once resolved.
     """
+    name = member.name
+    shown = _shown(name)
     if member.ischr() or member.isblk() or member.isfifo():
-        raise RefusedMember(f"{member.name} is a device or a named pipe")
-    name = member.name.lstrip("/")
-    parent = os.path.realpath(os.path.join(root, os.path.dirname(name)))
-    target = os.path.join(parent, os.path.basename(name))
-    if os.path.isabs(member.name) or not _inside(target, root) or target == root:
-        raise RefusedMember(f"{member.name} points outside what was sent")
+        raise RefusedMember(f"{shown} is a device or a named pipe")
+    if "\0" in name or "\0" in member.linkname:
+        raise RefusedMember(f"{shown} has a NUL byte in its name or its link")
+    if not name or os.path.isabs(name):
+        raise RefusedMember(f"{shown} points outside what was sent (an absolute path)")
+    if ".." in name.split("/"):
+        raise RefusedMember(f"{shown} points outside what was sent ('..')")
+    relative = os.path.normpath(name)
+    if relative == ".":
+        raise RefusedMember(f"{shown} points outside what was sent (it names the top itself)")
+    parent = os.path.realpath(os.path.join(root, os.path.dirname(relative)))
+    target = os.path.join(parent, os.path.basename(relative))
+    if not _inside(target, root) or target == root:
+        raise RefusedMember(f"{shown} points outside what was sent")
     if member.islnk():
-        linked = os.path.realpath(os.path.join(root, member.linkname))
-        if not _inside(linked, root):
-            raise RefusedMember(f"{member.name} points outside what was sent")
+        link = member.linkname
+        linked = os.path.realpath(os.path.join(root, link))
+        if (
+            not link
+            or os.path.isabs(link)
+            or ".." in link.split("/")
+            or not _inside(linked, root)
+            or linked == root
+        ):
+            raise RefusedMember(
+                f"{shown} points outside what was sent (a hard link to {_shown(link)})"
+            )
+    return target
+
+
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 def _extract(tar: tarfile.TarFile, root: str) -> None:
     for member in tar:
-        _check_member(member, root)
+        target = _check_member(member, root)
         # No set-id or sticky bits from what a client sent; owners as they were sent.
         member.mode &= 0o777
-        tar.extract(member, root, numeric_owner=True, **_NO_FILTER)
+        try:
+            # tarfile writes a file, and sets a directory's mode and owner,
+            # through whatever is already in its place: a link sent earlier
+            # under the same name is replaced, never followed.
+            if os.path.islink(target):
+                os.unlink(target)
+            tar.extract(member, root, numeric_owner=True, **_NO_FILTER)
+        except OSError as exc:
+            if exc.errno in _DISK_ERRNOS:
+                raise
+            raise RefusedMember(
+                f"{_shown(member.name)} cannot be written ({exc.strerror or exc})"
+            ) from None
+        except (OverflowError, ValueError) as exc:  # owners or times out of range
+            raise RefusedMember(f"{_shown(member.name)} cannot be written ({exc})") from None
 
 
 # tarfile's own filters where it has them: ours above did the checking.
