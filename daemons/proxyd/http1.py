@@ -5,11 +5,27 @@ httptools and runs them one after another as :class:`Exchange` objects
 (pipelined requests wait their turn with reading paused). On a TLS
 listener a client that chose ``h2`` by ALPN is handed to
 :class:`~daemons.proxyd.http2.Http2Connection` instead.
+
+Hostile clients are refused, and what they send past a limit is never kept:
+
+- a request line and headers are fed to the parser at most ``max_head_size``
+  bytes at a time; a head that is not complete by then gets 431 (414 while
+  still in the request line), as does a request with more than
+  ``max_headers`` fields. The same byte budget bounds a chunked body's
+  framing and trailers between two pieces of body (past it: 400);
+- a head that is not complete ``request_head_timeout`` after its first byte
+  gets 408 (bytes trickling in do not extend it);
+- a listener with ``max_connections`` open closes new ones at once.
+
+Each of those answers closes the connection after a short linger, reading
+and dropping what the client still sends, so it reads the answer rather
+than a reset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
@@ -17,7 +33,8 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from daemons.proxyd.exchange import Exchange, LocalReply, ProxyCore, build_request_head
-from daemons.proxyd.metrics import UNROUTED
+from daemons.proxyd.limits import ConnectionLimit
+from daemons.proxyd.metrics import REQUESTS_REFUSED, UNROUTED
 from daemons.proxyd.routes import Route, normalize_host
 
 if TYPE_CHECKING:
@@ -37,12 +54,26 @@ _RESPONSE_HOP = frozenset(
 _REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
 
 Work = Exchange | LocalReply
+LINGER = 2.0  # seconds a refused client may go on sending before it is cut off
+
+
+class _Refused(Exception):
+    """Raised from a parser callback: stop parsing and answer ``status``."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
 
 
 class Listener:
@@ -55,6 +86,7 @@ class Listener:
         self.scheme = b"https" if secure else b"http"
         self.name = "https" if secure else "http"
         self.connections: set[ClientConnection | Http2Connection] = set()
+        self.limit = ConnectionLimit(self.name, port, core.settings.max_connections)
 
     def on_node(self, transport: asyncio.BaseTransport) -> bool:
         """Whether the connection came to the node network's address (internal routes too)."""
@@ -70,10 +102,15 @@ class Listener:
         return ports.match(on_node, host, path)
 
     def sweep(self, idle_timeout: float) -> None:
-        """Close keep-alive connections that have had nothing to do for ``idle_timeout``."""
-        deadline = time.monotonic() - idle_timeout
-        for connection in [c for c in self.connections if c.idle_since(deadline)]:
-            connection.close()
+        """Close keep-alive connections idle for ``idle_timeout``; answer overdue heads 408."""
+        now = time.monotonic()
+        deadline = now - idle_timeout
+        head_deadline = now - self.core.settings.request_head_timeout
+        for connection in list(self.connections):
+            if connection.head_overdue(head_deadline):
+                connection.head_timeout()
+            elif connection.idle_since(deadline):
+                connection.close()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -102,12 +139,24 @@ class ClientConnection(asyncio.Protocol):
         self.opened = time.monotonic()
         self.requests = 0  # begun on this connection
         self.in_message = False  # a request is being read
+        settings = self.core.settings
+        self.max_head = settings.max_head_size
+        self.max_headers = settings.max_headers
+        self.head_open = True  # waiting for (the rest of) a request head
+        self.head_bytes = 0  # fed to the parser since its last sign of progress
+        self.head_since: float | None = None  # the first byte of the head being read
+        self.line_ended = False  # the request line of the head being read has ended
+        self.header_count = 0
 
     # ------------------------------------------------------------ transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they behave as one.
         self.transport = cast(asyncio.Transport, transport)
+        if self.listener.limit.full(len(self.listener.connections)):
+            self.closing = True
+            transport.close()
+            return
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_address = str(peer[0])
@@ -128,24 +177,93 @@ class ClientConnection(asyncio.Protocol):
         if self.h2 is not None:
             self.h2.data_received(data)
             return
-        self.last_active = time.monotonic()
+        now = self.last_active = time.monotonic()
         if self.tunnel is not None:
             self.tunnel.tunnel_to_upstream(data)
             return
         if self.closing:
-            return
+            return  # refused or closing: what follows is dropped
         if self.upgrading:
             self.tunnel_pending.append(data)  # for the backend, once it switches protocols
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self.upgrading = True
-            rest = data[upgrade.args[0] :]
-            if rest:
-                self.tunnel_pending.append(rest)
-        except httptools.HttpParserError as exc:
-            self._bad_request(str(exc) or "it could not be parsed")
+        if self.head_open and self.head_since is None:
+            self.head_since = now
+        start = 0
+        size = len(data)
+        while start < size:
+            # At most the head budget left at a time: the parser keeps an
+            # unfinished header in memory, and must never keep more than that.
+            room = self.max_head - self.head_bytes
+            if room <= 0:
+                self._over_budget()
+                return
+            end = min(size, start + room)
+            piece = data if end - start == size else memoryview(data)[start:end]
+            if self.head_open and not self.line_ended and data.find(b"\n", start, end) != -1:
+                self.line_ended = True
+            self.head_bytes += end - start  # progress callbacks set it back to 0
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as upgrade:
+                self.upgrading = True
+                rest = data[start + upgrade.args[0] :]
+                if rest:
+                    self.tunnel_pending.append(rest)
+                return
+            except httptools.HttpParserCallbackError as exc:
+                refused = exc.__context__
+                if isinstance(refused, _Refused) and self.head_open:
+                    self._refuse(refused.status, refused.reason, refused.message)
+                elif isinstance(refused, _Refused):
+                    self._bad_request(refused.message)
+                else:
+                    self._bad_request(str(exc) or "it could not be parsed")
+                return
+            except httptools.HttpParserError as exc:
+                self._bad_request(str(exc) or "it could not be parsed")
+                return
+            if self.closing:
+                return
+            start = end
+
+    def _over_budget(self) -> None:
+        """``max_head_size`` bytes fed and the head (or a body's framing) still not done."""
+        limit = self.max_head
+        if not self.head_open:
+            self._bad_request(
+                f"a chunk header or the trailers of its body are longer than {limit} bytes"
+            )
+        elif not self.line_ended:
+            self._refuse(
+                414,
+                "request_line_too_long",
+                f"the request line is longer than {limit} bytes; use a shorter URL",
+            )
+        else:
+            self._refuse(
+                431,
+                "head_too_large",
+                f"the request's headers are larger than {limit} bytes; send smaller headers",
+            )
+
+    def head_overdue(self, deadline: float) -> bool:
+        """Whether the head being read began before ``deadline``."""
+        return self.head_since is not None and self.head_since < deadline
+
+    def head_timeout(self) -> None:
+        """``request_head_timeout`` passed and the head is not complete: 408."""
+        if self.current is not None or self.waiting:
+            # Earlier requests are still being answered, with reading paused
+            # for them: the head has its full time once they are done.
+            self.head_since = time.monotonic()
+            return
+        seconds = self.core.settings.request_head_timeout
+        self._refuse(
+            408,
+            "head_timeout",
+            f"the request's headers did not arrive within {seconds:g} seconds; "
+            "send the whole request at once",
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.h2 is not None:
@@ -208,14 +326,33 @@ class ClientConnection(asyncio.Protocol):
         self.in_message = True
         self.url = b""
         self.headers = []
+        self.header_count = 0
+        if self.head_since is None:
+            self.head_since = self.last_active  # pipelined: it began with the bytes just read
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1  # trailers count too
+        if self.header_count > self.max_headers:
+            raise _Refused(
+                431,
+                "too_many_headers",
+                f"the request has more than {self.max_headers} header fields; send fewer",
+            )
         self.headers.append((name, value))
 
+    def on_chunk_header(self) -> None:
+        self.head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self.head_bytes = 0
+
     def on_headers_complete(self) -> None:
+        self.head_open = False
+        self.head_bytes = 0
+        self.head_since = None
         parser = self.parser
         method = parser.get_method()
         url = self.url
@@ -283,11 +420,16 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self.head_bytes = 0
         if self.parsing is not None:
             self.parsing.request_body(body)
 
     def on_message_complete(self) -> None:
         self.in_message = False
+        self.head_open = True
+        self.head_bytes = 0
+        self.head_since = None
+        self.line_ended = False
         parsing = self.parsing
         if parsing is not None:
             self.parsing = None
@@ -398,7 +540,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.current = None
         if not work.client_keep_alive or not work.body_done or work.upgrade:
-            self.close()
+            if isinstance(work, LocalReply):
+                self._linger_close()
+            else:
+                self.close()
             return
         if self.waiting:
             following = self.waiting.popleft()
@@ -409,17 +554,53 @@ class ClientConnection(asyncio.Protocol):
 
     def _bad_request(self, why: str) -> None:
         if self.current is None:
-            reply = LocalReply(
-                self,
-                400,
-                f"the request is not valid HTTP/1.1 ({why})",
-                method=b"-",
-                path=b"-",
-                host="",
-                body_done=True,
-                log=self.core.access_log,
-            )
-            reply.client_keep_alive = False
+            self._refuse(400, "bad_request", f"the request is not valid HTTP/1.1 ({why})")
+        else:
+            REQUESTS_REFUSED.labels(self.listener.name, "bad_request").inc()
+            self.close()  # in the middle of a request: nothing can be answered
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        """Answer ``status`` once the requests before are answered, then close.
+
+        Nothing the client sends from now on is parsed or kept.
+        """
+        REQUESTS_REFUSED.labels(self.listener.name, reason).inc()
+        self.closing = True
+        self.head_since = None
+        reply = LocalReply(
+            self,
+            status,
+            message,
+            method=b"-",
+            path=b"-",
+            host="",
+            body_done=True,
+            log=self.core.access_log,
+        )
+        reply.client_keep_alive = False
+        if self.current is None:
             self.current = reply
             reply.start()
-        self.close()
+        else:
+            self.waiting.append(reply)
+
+    def _linger_close(self) -> None:
+        """Close after an error answer without losing it to a reset.
+
+        Closing with unread bytes from the client makes the kernel send a
+        reset, which can destroy the answer before the client reads it. So
+        the write side is shut, what arrives is dropped, and the connection
+        is cut once the client closes or after :data:`LINGER` seconds.
+        """
+        self.closing = True
+        self.flush()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()  # TLS: no half-close
+            return
+        transport.write_eof()
+        with contextlib.suppress(RuntimeError):
+            transport.resume_reading()  # paused for pipelined requests, perhaps
+        self.core.loop.call_later(LINGER, transport.abort)

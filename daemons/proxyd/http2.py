@@ -4,6 +4,10 @@ Each stream becomes an :class:`Exchange` to an HTTP/1.1 backend, run
 concurrently with the connection's other streams. Response bodies respect
 the client's flow-control windows: what does not fit waits for a
 WINDOW_UPDATE, and a stream holding too much pauses its backend.
+
+A request's header list is bounded by ``max_head_size`` (advertised as
+SETTINGS_MAX_HEADER_LIST_SIZE; a larger block ends the connection, as h2
+does) and its fields by ``max_headers`` (past it: 431 on the stream).
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import H2Error
+from h2.settings import SettingCodes, Settings
 
 from daemons.proxyd.exchange import Exchange, LocalReply, build_request_head
-from daemons.proxyd.metrics import UNROUTED
+from daemons.proxyd.metrics import REQUESTS_REFUSED, UNROUTED
 from daemons.proxyd.routes import normalize_host
 
 if TYPE_CHECKING:
@@ -184,6 +189,11 @@ class Http2Connection:
         self.transport = transport
         self.client_address = client_address
         self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        head_limit = self.core.settings.max_head_size
+        self.h2.local_settings = Settings(
+            client=False, initial_values={SettingCodes.MAX_HEADER_LIST_SIZE: head_limit}
+        )
+        self.h2.decoder.max_header_list_size = head_limit  # what the decoder enforces
         self.streams: dict[int, Http2Stream] = {}
         self.last_active = time.monotonic()
 
@@ -199,6 +209,12 @@ class Http2Connection:
 
     def idle_since(self, deadline: float) -> bool:
         return not self.streams and self.last_active < deadline
+
+    def head_overdue(self, deadline: float) -> bool:
+        return False  # h2 buffers a header block whole, bounded by its size limit
+
+    def head_timeout(self) -> None:
+        pass
 
     def drainable(self, first_request_wait: float) -> bool:
         """Whether a stopping proxy may close this connection now (no stream open)."""
@@ -268,6 +284,23 @@ class Http2Connection:
     def _request(self, event: RequestReceived) -> None:
         stream = Http2Stream(self, event.stream_id)
         self.streams[event.stream_id] = stream
+        max_headers = self.core.settings.max_headers
+        fields = sum(1 for name, _ in event.headers or () if not bytes(name).startswith(b":"))
+        if fields > max_headers:
+            REQUESTS_REFUSED.labels(self.listener.name, "too_many_headers").inc()
+            reply = LocalReply(
+                stream,
+                431,
+                f"the request has more than {max_headers} header fields; send fewer",
+                method=b"-",
+                path=b"-",
+                host="",
+                body_done=True,
+                log=self.core.access_log,
+            )
+            stream.work = reply
+            reply.start()
+            return
         method = b"GET"
         path = b"/"
         authority = b""

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import resource
 import socket
 import ssl
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from daemons.proxyd.exchange import ProxyCore
 from daemons.proxyd.http1 import ClientConnection, Listener
 from daemons.proxyd.routes import Route, RouteError, Routes
 from daemons.proxyd.settings import ProxySettings
-from daemons.proxyd.stream import TcpEndpoint, UdpEndpoint, health_loop
+from daemons.proxyd.stream import TcpEndpoint, UdpEndpoint, UdpSessions, health_loop
 from daemons.proxyd.tls import L7_ALPN, CertificateStore, ServerTls, TlsConfigError
 from shared.bus import (
     DAEMONS_BY_NAME,
@@ -54,6 +55,7 @@ NETWORK_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 20.0  # within the unit's TimeoutStopSec
 DRAIN_POLL = 0.05
 FIRST_REQUEST_WAIT = 2.0  # an accepted connection's first request, when stopping
+FD_RESERVE = 1024  # descriptors beside client connections: backends' pools, listeners, files
 
 ListenKey = tuple[str, int]  # (address, port)
 
@@ -144,6 +146,7 @@ class ProxyDaemon(Daemon):
                     key,
                     self.paths.daemon_config(self.info.name),
                 )
+        self._raise_fd_limit()
         self.core = ProxyCore(settings, self.routes)
         if self._has_internal():
             await self._learn_node_address()
@@ -189,6 +192,29 @@ class ProxyDaemon(Daemon):
             for task in list(self.core.tasks):
                 task.cancel()
         await asyncio.sleep(0)
+
+    def _raise_fd_limit(self) -> None:
+        """Take the hard limit of open files as the soft one, and say if it is still low.
+
+        The soft limit is 1024 by default (for select()); proxyd uses epoll.
+        Each client connection may hold a backend connection too: two each.
+        """
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+        wanted = 2 * self.settings.max_connections + FD_RESERVE
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            self.log.warning(
+                "the open file limit (%d) is below what one listener at max_connections (%d) "
+                "may need (%d); raise LimitNOFILE in zlayer-proxyd.service or lower "
+                "max_connections in %s",
+                soft,
+                self.settings.max_connections,
+                wanted,
+                self.paths.daemon_config(self.info.name),
+            )
 
     # ------------------------------------------------------------ listeners
 
@@ -324,6 +350,8 @@ class ProxyDaemon(Daemon):
                 lambda: ClientConnection(listener),
                 sock=sock,
                 ssl=self.l7_tls.context if secure and self.l7_tls else None,
+                # a handshake is part of the first request's head
+                ssl_handshake_timeout=self.settings.request_head_timeout if secure else None,
             )
         except BaseException:
             sock.close()
@@ -542,7 +570,9 @@ class ProxyDaemon(Daemon):
             if endpoint is not None:
                 endpoint.route = route
                 continue
-            endpoint = TcpEndpoint(route, self.settings.connect_timeout)
+            endpoint = TcpEndpoint(
+                route, self.settings.connect_timeout, self.settings.max_connections
+            )
             try:
                 if route.tls:
                     await self._ensure_tls()
@@ -575,12 +605,13 @@ class ProxyDaemon(Daemon):
                     udp.route = route
                 continue
             endpoints: list[UdpEndpoint] = []
+            table = UdpSessions(self.settings.udp_max_sessions)  # the route's, on every address
             try:
                 for address in self.settings.listen_addresses:
                     sock = sockets.take(address, port, udp=True)  # the kept one after a restart
                     try:
                         _, udp = await loop.create_datagram_endpoint(
-                            lambda route=route: UdpEndpoint(route),  # type: ignore[misc]
+                            lambda route=route, table=table: UdpEndpoint(route, table),  # type: ignore[misc]
                             sock=sock,
                         )
                     except BaseException:

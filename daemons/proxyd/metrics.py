@@ -31,6 +31,22 @@ UNROUTED = Counter(
     "Requests no route matched (answered 404), by listener.",
     ["listener"],
 )
+CONNECTIONS_REFUSED = Counter(
+    "zlayer_proxy_connections_refused",
+    "Client connections closed at once because their listener was at max_connections, "
+    "by listener kind, port and reason.",
+    ["listener", "port", "reason"],
+)
+REQUESTS_REFUSED = Counter(
+    "zlayer_proxy_requests_refused",
+    "Requests answered with an error before routing (400, 408, 414, 431), by listener and reason.",
+    ["listener", "reason"],
+)
+UDP_SESSIONS_EVICTED = Counter(
+    "zlayer_proxy_udp_sessions_evicted",
+    "udp sessions ended early to make room for a new client (udp_max_sessions), by route.",
+    _ROUTE,
+)
 BACKEND_FAILURES = Counter(
     "zlayer_proxy_backend_failures",
     "Backend connections that failed or timed out, by route and kind.",

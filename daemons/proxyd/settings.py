@@ -16,6 +16,19 @@ Keys (besides the ones every daemon has):
 ``tls_certificates``         a list of ``{cert = "...", key = "..."}`` tables
 ``access_log``               one log line per request, default true (turn off for benchmarks)
 ``upstream_keepalive``       idle connections kept per backend, default 64
+``max_head_size``            bytes of a request's line and headers (HTTP/1.1; the header list
+                             size for HTTP/2), default 65536: past it 431 (414 while still
+                             in the request line) and the connection closes
+``max_headers``              header fields in a request (trailers count too), default 100:
+                             past it 431
+``request_head_timeout``     seconds from a request's first byte to the end of its headers
+                             (and for a TLS handshake), default 10: past it 408 and close
+``max_connections``          client connections per listener (an address and port; each tcp
+                             stream endpoint too), default 10000: past it new ones are closed
+                             at once, counted in ``zlayer_proxy_connections_refused_total``
+``udp_max_sessions``         sessions per udp route, default 1024: a new client past it
+                             evicts the one idle longest, counted in
+                             ``zlayer_proxy_udp_sessions_evicted_total``
 """
 
 from __future__ import annotations
@@ -61,6 +74,16 @@ class ProxySettings(DaemonSettings, kw_only=True):
     access_log: bool = True
     # idle connections kept per backend
     upstream_keepalive: Annotated[int, Meta(ge=0)] = 64
+    # bytes of a request line and its headers
+    max_head_size: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    # header fields in a request
+    max_headers: Annotated[int, Meta(ge=1, le=100_000)] = 100
+    # seconds from a request's first byte to the end of its headers
+    request_head_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    # client connections per listener
+    max_connections: Annotated[int, Meta(ge=1)] = 10_000
+    # sessions per udp route
+    udp_max_sessions: Annotated[int, Meta(ge=1)] = 1024
 
     def __post_init__(self) -> None:
         if not self.listen_addresses:

@@ -8,13 +8,18 @@ Each such endpoint listens on its ``port`` on every listen address:
   forwards plain bytes; with ``stream.proxy_protocol`` a PROXY protocol
   **version 2** header (binary) goes to the backend before the client's bytes.
 - udp: a session per client address, to one backend, forgotten after
-  ``stream.session_timeout`` (60 s) without traffic; with
+  ``stream.session_timeout`` (60 s) without traffic, at most
+  ``udp_max_sessions`` per route (a new client past it ends the session
+  idle longest, counted in ``zlayer_proxy_udp_sessions_evicted_total``); with
   ``stream.proxy_protocol`` each datagram carries a v2 header. (There is no
   DTLS: ``stream.tls`` on udp is refused at the push.)
 
 ``stream.health_check`` (tcp_connect, or udp_probe with request/expect) is
 run by proxyd itself every ``health_interval`` (5 s when schedd sent none);
 a failing backend leaves rotation until it passes again.
+
+A tcp endpoint holds at most ``max_connections`` clients; past it a new one
+is closed at once (``zlayer_proxy_connections_refused_total``).
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ import socket
 import ssl
 import struct
 import time
+from collections import OrderedDict
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import cast
 
 from daemons.proxyd import sockets
 from daemons.proxyd.balancer import pick
+from daemons.proxyd.limits import ConnectionLimit
+from daemons.proxyd.metrics import UDP_SESSIONS_EVICTED
 from daemons.proxyd.routes import BackendState, Route
 
 log = logging.getLogger("zlayer.proxyd")
@@ -86,6 +94,10 @@ class StreamClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they behave as one.
         self.transport = cast(asyncio.Transport, transport)
+        if self.endpoint.limit.full(len(self.endpoint.clients)):
+            self.closed = True  # nothing was counted for it
+            transport.close()
+            return
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         if peer:
@@ -276,9 +288,10 @@ class StreamUpstream(asyncio.Protocol):
 class TcpEndpoint:
     """The listeners of one tcp stream endpoint; ``route`` is swapped on each push."""
 
-    def __init__(self, route: Route, connect_timeout: float) -> None:
+    def __init__(self, route: Route, connect_timeout: float, max_connections: int) -> None:
         self.route = route
         self.connect_timeout = connect_timeout
+        self.limit = ConnectionLimit("tcp", route.port, max_connections)
         self.servers: list[asyncio.Server] = []
         self.addresses: list[str] = []
         self.socks: list[socket.socket] = []
@@ -357,6 +370,7 @@ class UdpSession(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         self.last_active = time.monotonic()
+        self.endpoint.table.touch(self)
         self.endpoint.reply(data, self.client)
 
     def error_received(self, exc: Exception) -> None:
@@ -374,11 +388,31 @@ class UdpSession(asyncio.DatagramProtocol):
             self.transport.close()
 
 
+class UdpSessions:
+    """The sessions of one udp route on all its addresses, least recently active first."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.by_activity: OrderedDict[UdpSession, None] = OrderedDict()
+
+    def touch(self, session: UdpSession) -> None:
+        if session in self.by_activity:
+            self.by_activity.move_to_end(session)
+
+    def make_room(self, route: Route) -> None:
+        """At the limit: end the session idle longest (a new client is about to start one)."""
+        while len(self.by_activity) >= self.limit:
+            oldest = next(iter(self.by_activity))
+            oldest.endpoint.end(oldest)
+            UDP_SESSIONS_EVICTED.labels(route.deployment, route.service, route.endpoint).inc()
+
+
 class UdpEndpoint(asyncio.DatagramProtocol):
     """One udp stream endpoint on one address: sessions by client address."""
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, table: UdpSessions) -> None:
         self.route = route
+        self.table = table
         self.transport: asyncio.DatagramTransport | None = None
         self.sessions: dict[tuple[str, int], UdpSession] = {}
         self.local: tuple[str, int] = ("0.0.0.0", route.port)
@@ -398,14 +432,18 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             backend = pick(route, "round_robin")
             if backend is None:
                 return
+            self.table.make_room(route)
             session = UdpSession(self, client, backend)
             self.sessions[client] = session
+            self.table.by_activity[session] = None
             backend.active += 1
             route.counters.active += 1
             route.metrics.active.inc()
             task = asyncio.get_running_loop().create_task(self._open(session))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        else:
+            self.table.by_activity.move_to_end(session)
         route.counters.requests_total += 1
         route.metrics.bytes_in.inc(len(data))
         if route.proxy_protocol:
@@ -419,7 +457,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
                 lambda: session, remote_addr=(session.backend.address, session.backend.port)
             )
         except OSError:
-            self._end(session)
+            self.end(session)
 
     def reply(self, data: bytes, client: tuple[str, int]) -> None:
         if self.transport is not None:
@@ -429,11 +467,12 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def sweep(self) -> None:
         deadline = time.monotonic() - self.route.session_timeout
         for session in [s for s in self.sessions.values() if s.last_active < deadline]:
-            self._end(session)
+            self.end(session)
 
-    def _end(self, session: UdpSession) -> None:
+    def end(self, session: UdpSession) -> None:
         if self.sessions.pop(session.client, None) is None:
             return
+        self.table.by_activity.pop(session, None)
         session.close()
         session.backend.active -= 1
         self.route.counters.active -= 1
@@ -445,7 +484,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def abort_all(self) -> None:
         for session in list(self.sessions.values()):
-            self._end(session)
+            self.end(session)
         for task in self.tasks:
             task.cancel()
 
