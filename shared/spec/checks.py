@@ -15,12 +15,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from shared.spec.limits import MAX_DEPENDS_CHAIN
+
 __all__ = ["PathSegment", "Problem", "format_path", "semantic_problems"]
 
 PathSegment = str | int
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_@$-]+$")
-_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Used with fullmatch: `$` alone would let a trailing newline through.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_@$-]+")
+_SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# Did-you-mean hints compare a word with every service name: only for the first problems.
+_HINTED = 100
 
 
 def format_path(path: tuple[PathSegment, ...] | list[PathSegment]) -> str:
@@ -29,7 +34,7 @@ def format_path(path: tuple[PathSegment, ...] | list[PathSegment]) -> str:
     for segment in path:
         if isinstance(segment, int):
             out += f"[{segment}]"
-        elif _PLAIN_KEY.match(segment):
+        elif _PLAIN_KEY.fullmatch(segment):
             out += f".{segment}" if out else segment
         else:
             out += f'["{segment}"]'
@@ -68,7 +73,7 @@ def semantic_problems(data: Any) -> list[Problem]:
         if not isinstance(name, str):
             continue
         base: tuple[PathSegment, ...] = ("services", name)
-        if not _SERVICE_NAME.match(name):
+        if not _SERVICE_NAME.fullmatch(name):
             problems.append(
                 Problem(
                     base,
@@ -99,12 +104,17 @@ def semantic_problems(data: Any) -> list[Problem]:
                     Problem(
                         where,
                         f"there is no service `{target}` in this deployment"
-                        + _did_you_mean(target, [n for n in names if n != name]),
+                        + (
+                            _did_you_mean(target, [n for n in names if n != name])
+                            if len(problems) < _HINTED
+                            else ""
+                        ),
                     )
                 )
             else:
                 graph[name].append((index, target))
-    problems += _cycle_problems(graph)
+    cycles = _cycle_problems(graph)
+    problems += cycles or _chain_problems(graph)
     return problems
 
 
@@ -205,18 +215,32 @@ def _init_problems(base: tuple[PathSegment, ...], service: dict[Any, Any]) -> li
 
 
 def _cycle_problems(graph: dict[str, list[tuple[int, str]]]) -> list[Problem]:
-    """One problem per dependency cycle, at the `depends` entry that closes it."""
+    """One problem per dependency cycle, at the `depends` entry that closes it.
+
+    Walked with an explicit stack: a chain of thousands of services must not
+    exhaust Python's recursion limit.
+    """
     problems: list[Problem] = []
     state: dict[str, int] = {}  # 1: on the current path, 2: finished
-    stack: list[str] = []
+    path: list[str] = []
     reported: set[frozenset[str]] = set()
-
-    def visit(node: str) -> None:
-        state[node] = 1
-        stack.append(node)
-        for index, target in graph.get(node, []):
+    for root in graph:
+        if root in state:
+            continue
+        state[root] = 1
+        path.append(root)
+        pending = [iter(graph.get(root, []))]
+        while pending:
+            node = path[-1]
+            step = next(pending[-1], None)
+            if step is None:
+                pending.pop()
+                path.pop()
+                state[node] = 2
+                continue
+            index, target = step
             if state.get(target) == 1:
-                cycle = [*stack[stack.index(target) :], target]
+                cycle = [*path[path.index(target) :], target]
                 key = frozenset(cycle)
                 if key not in reported:
                     reported.add(key)
@@ -227,11 +251,41 @@ def _cycle_problems(graph: dict[str, list[tuple[int, str]]]) -> list[Problem]:
                         )
                     )
             elif target not in state:
-                visit(target)
-        stack.pop()
-        state[node] = 2
-
-    for node in graph:
-        if node not in state:
-            visit(node)
+                state[target] = 1
+                path.append(target)
+                pending.append(iter(graph.get(target, [])))
     return problems
+
+
+def _chain_problems(graph: dict[str, list[tuple[int, str]]]) -> list[Problem]:
+    """A problem when services wait on one another in a row past :data:`MAX_DEPENDS_CHAIN`.
+
+    The graph has no cycle here. The depth of each service (the longest chain
+    it waits on) comes from a topological order, so no recursion either.
+    """
+    waiting = {node: 0 for node in graph}
+    for targets in graph.values():
+        for _, target in targets:
+            if target in waiting:
+                waiting[target] += 1
+    order = [node for node, count in waiting.items() if count == 0]
+    for node in order:  # grows as it goes: Kahn's algorithm, dependants first
+        for _, target in graph.get(node, []):
+            if target in waiting:
+                waiting[target] -= 1
+                if waiting[target] == 0:
+                    order.append(target)
+    depth: dict[str, int] = {}
+    for node in reversed(order):  # dependencies first
+        depth[node] = 1 + max((depth.get(t, 0) for _, t in graph.get(node, [])), default=0)
+    deepest = max(depth, key=lambda n: depth[n], default=None)
+    if deepest is None or depth[deepest] <= MAX_DEPENDS_CHAIN:
+        return []
+    return [
+        Problem(
+            ("services", deepest, "depends"),
+            f"this service begins a chain of {depth[deepest]:,} services, each waiting on the "
+            f"next through `depends`; a chain may hold at most {MAX_DEPENDS_CHAIN} services",
+            at_key=True,
+        )
+    ]

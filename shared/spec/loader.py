@@ -21,7 +21,6 @@ import re
 import types
 import typing
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -30,6 +29,14 @@ from pydantic_core import ErrorDetails
 
 from shared.spec.checks import PathSegment, Problem, format_path, semantic_problems
 from shared.spec.errors import SpecError, SpecIssue, describe_value, did_you_mean
+from shared.spec.limits import (
+    MAX_ISSUES,
+    MAX_SERVICES,
+    MAX_SPEC_BYTES,
+    FileReadError,
+    format_bytes,
+    read_regular_file,
+)
 from shared.spec.located_yaml import LocatedYaml, PathKey
 from shared.spec.models import KEY_ALIASES, DeploymentSpec, ServiceSpec
 
@@ -74,20 +81,18 @@ def load_spec(path: str | os.PathLike[str]) -> DeploymentSpec:
     filename = os.fspath(path)
     display = filename  # as the user wrote it, so editors can jump to file:line:col
     try:
-        raw = Path(filename).read_bytes()
-    except IsADirectoryError:
-        raise SpecError([SpecIssue(display, 0, 0, "", "is a directory, not a spec file")]) from None
-    except FileNotFoundError:
-        raise SpecError([SpecIssue(display, 0, 0, "", "no such file")]) from None
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise SpecError([SpecIssue(display, 0, 0, "", f"cannot read: {reason}")]) from None
+        raw = read_regular_file(filename, MAX_SPEC_BYTES)
+    except FileReadError as exc:
+        raise SpecError([SpecIssue(display, 0, 0, "", str(exc))]) from None
     return parse_spec(raw, display)
 
 
 def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
     """Validate spec ``text`` (str, or bytes still to decode); ``filename`` labels issues."""
     document = _Document(filename)
+    too_large = _too_large(text, filename)
+    if too_large is not None:
+        raise SpecError([too_large])
     decoded = document.decode(text) if isinstance(text, bytes) else text
     if decoded is None:
         raise SpecError(document.issues)
@@ -99,6 +104,16 @@ def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
                 (),
                 "the top level must be a mapping with `version`, `deployment` and "
                 f"`services`, not {describe_value(data)}",
+            )
+        )
+    elif readable and _service_count(data) > MAX_SERVICES:
+        # Refused before validation, which would take seconds and much memory.
+        issues.append(
+            document.issue(
+                ("services",),
+                f"{_service_count(data):,} services; a deployment holds at most "
+                f"{MAX_SERVICES:,}: split it into several deployments",
+                at_key=True,
             )
         )
     elif readable:
@@ -113,7 +128,49 @@ def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
         else:
             if not issues:
                 return spec
-    raise SpecError(sorted(issues, key=lambda i: (i.line, i.column)))
+    raise SpecError(_at_most(issues, filename, document.unshown))
+
+
+def _service_count(data: dict[str, Any]) -> int:
+    services = data.get("services")
+    return len(services) if isinstance(services, dict) else 0
+
+
+def _at_most(issues: list[SpecIssue], filename: str, unshown: int) -> list[SpecIssue]:
+    """The issues in file order, at most :data:`MAX_ISSUES` of them and a count of the rest."""
+    # Issues about the whole file (line 0) stand alone, or last.
+    ordered = sorted(issues, key=lambda i: (i.line or 1 << 62, i.column))
+    unshown += max(0, len(ordered) - MAX_ISSUES)
+    shown = ordered[:MAX_ISSUES]
+    if unshown:
+        shown.append(
+            SpecIssue(
+                filename,
+                0,
+                0,
+                "",
+                f"{unshown:,} more problem{'s' * (unshown != 1)} not shown; fix these first",
+            )
+        )
+    return shown
+
+
+def _too_large(text: str | bytes, filename: str) -> SpecIssue | None:
+    """An issue when ``text`` is past :data:`MAX_SPEC_BYTES` (checked before any parsing)."""
+    size = len(text)
+    if isinstance(text, str) and size <= MAX_SPEC_BYTES < size * 4:
+        # A character is up to four bytes: count the bytes only when it matters.
+        size = len(text.encode("utf-8", "surrogatepass"))
+    if size <= MAX_SPEC_BYTES:
+        return None
+    return SpecIssue(
+        filename,
+        0,
+        0,
+        "",
+        f"the spec is larger than {format_bytes(MAX_SPEC_BYTES)}, the most a deployment spec "
+        "may hold; split it into several deployments",
+    )
 
 
 def spec_to_data(spec: DeploymentSpec) -> dict[str, Any]:
@@ -153,6 +210,7 @@ class _Document(LocatedYaml):
             "deployment spec",
             "the file is empty; a deployment spec starts with `version: v1`",
         )
+        self.unshown = 0  # problems found but not described, past MAX_ISSUES
 
     def validate(self, data: dict[str, Any]) -> DeploymentSpec:
         issues: list[SpecIssue] = []
@@ -162,7 +220,11 @@ class _Document(LocatedYaml):
         try:
             spec = DeploymentSpec.model_validate(data, context={"semantics_checked": True})
         except ValidationError as exc:
-            issues += _merge(self._error_issue(error, data) for error in exc.errors())
+            # Describing an error costs far more than finding it (a did-you-mean
+            # for each unknown key): describe the first ones and count the rest.
+            errors = exc.errors(include_url=False)
+            self.unshown += max(0, len(errors) - MAX_ISSUES)
+            issues += _merge(self._error_issue(error, data) for error in errors[:MAX_ISSUES])
         if issues or spec is None:
             unique = sorted(set(issues), key=lambda i: (i.line, i.column, i.path, i.message))
             raise SpecError(unique)

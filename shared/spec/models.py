@@ -35,7 +35,10 @@ from pydantic import (
 )
 from pydantic.json_schema import JsonDict  # type: ignore[attr-defined]
 
+from shared.spec.limits import MAX_REPLICAS, MAX_SERVICES
 from shared.spec.quantities import Duration, Size
+
+MAX_CPUS = 4096  # cores one replica may be limited to; a cgroup quota must stay finite
 
 __all__ = [
     "SERVICE_KEYS",
@@ -80,7 +83,13 @@ __all__ = [
 class SpecModel(BaseModel):
     """Base for every spec model: unknown keys are errors, types are not coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, defer_build=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        populate_by_name=True,
+        defer_build=True,
+        allow_inf_nan=False,
+    )
 
 
 # ---------------------------------------------------------------- scalar types
@@ -102,7 +111,7 @@ _DNS_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def _dns_name(value: str) -> str:
-    if not _DNS_NAME.match(value):
+    if not _DNS_NAME.fullmatch(value):  # not match: `$` would let a trailing newline through
         raise ValueError(
             f"{value!r} is not a DNS-safe name: use 1-63 lowercase letters, digits and "
             "hyphens, starting and ending with a letter or digit"
@@ -124,6 +133,11 @@ def _non_empty(value: str) -> str:
 
 
 NonEmptyStr = Annotated[str, AfterValidator(_non_empty), Field(min_length=1)]
+
+# Whole numbers the spec does not bound otherwise still fit the 64-bit integers
+# of the bus, the store and the kernel interfaces they end up in.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 # `$E:VAR` names a variable of the deploying host; `$S:name` or
 # `$S:@service/name` names a secret. Both may sit inside a longer value
@@ -276,7 +290,7 @@ def _command_shorthand(value: Any) -> Any:
 
 
 class GpuSpec(SpecModel):
-    count: Annotated[int, Field(ge=1)] = 1
+    count: Annotated[int, Field(ge=1, le=1024)] = 1
     vendor: str = "nvidia"
     mode: str | None = None
     model: str | None = None
@@ -287,10 +301,10 @@ class GpuSpec(SpecModel):
 class ResourcesSpec(SpecModel):
     """Upper limits for one replica."""
 
-    cpu: Annotated[float, Field(gt=0)] | None = None
+    cpu: Annotated[float, Field(gt=0, le=MAX_CPUS)] | None = None
     memory: Size | None = None
     gpu: GpuSpec | None = None
-    pids_limit: Annotated[int, Field(ge=1)] | None = None
+    pids_limit: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
 
 
 # ---------------------------------------------------------------- endpoints
@@ -373,15 +387,15 @@ class EndpointSpec(SpecModel):
 class ScaleTargets(SpecModel):
     cpu: Annotated[float, Field(gt=0, le=100)] | None = None
     memory: Annotated[float, Field(gt=0, le=100)] | None = None
-    rps: Annotated[int, Field(ge=1)] | None = None
+    rps: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
 
 
 class AdaptiveScale(SpecModel):
     """Between ``min`` and ``max`` replicas, driven by ``targets``."""
 
     mode: Literal["adaptive"] = "adaptive"
-    min: Annotated[int, Field(ge=0)] = 1
-    max: Annotated[int, Field(ge=1)] = 10
+    min: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 1
+    max: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 10
     cooldown: Duration = timedelta(seconds=30)
     targets: ScaleTargets = Field(default_factory=ScaleTargets)
 
@@ -394,7 +408,7 @@ class AdaptiveScale(SpecModel):
 
 class FixedScale(SpecModel):
     mode: Literal["fixed"]
-    replicas: Annotated[int, Field(ge=0)]
+    replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)]
 
 
 class ManualScale(SpecModel):
@@ -445,7 +459,7 @@ class HealthSpec(SpecModel):
     start_grace: Duration | None = None
     interval: Duration | None = None
     timeout: Duration | None = None
-    retries: Annotated[int, Field(ge=0)] = 3
+    retries: Count = 3
     check: HealthCheck
 
 
@@ -460,7 +474,7 @@ class InitStep(SpecModel):
     id: NonEmptyStr
     uses: Literal["init.wait_tcp", "init.wait_http", "init.run", "init.s3_pull", "init.s3_push"]
     with_: Opaque = Field(default_factory=dict, alias="with")
-    retry: Annotated[int, Field(ge=0)] | None = None
+    retry: Count | None = None
     timeout: Duration | None = None
     on_failure: Literal["fail", "warn", "continue"] = "fail"
 
@@ -491,7 +505,7 @@ class RestartPolicy(SpecModel):
     kind: Annotated[
         Literal["no", "always", "unless_stopped", "on_failure"], BeforeValidator(_yaml_no)
     ]
-    max_attempts: Annotated[int, Field(ge=0)] | None = None
+    max_attempts: Count | None = None
     delay: Duration | None = None
 
 
@@ -553,8 +567,8 @@ class DeviceSpec(SpecModel):
 
 
 class Ulimit(SpecModel):
-    soft: int
-    hard: int
+    soft: Int64
+    hard: Int64
 
 
 # ---------------------------------------------------------------- placement, network
@@ -610,12 +624,12 @@ class WasmPreopen(SpecModel):
 class WasmConfig(SpecModel):
     """Instance pooling and limits for WebAssembly services."""
 
-    min_instances: Annotated[int, Field(ge=0)] = 0
-    max_instances: Annotated[int, Field(ge=1)] = 10
+    min_instances: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 0
+    max_instances: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 10
     idle_timeout: Duration = timedelta(minutes=5)
     request_timeout: Duration = timedelta(seconds=30)
     max_memory: Size | None = None
-    max_fuel: Annotated[int, Field(ge=0)] | None = None
+    max_fuel: Count | None = None
     preopens: list[WasmPreopen] = Field(default_factory=list)
 
 
@@ -691,7 +705,7 @@ class ServiceSpec(SpecModel):
     stop_signal: str | None = None
     stop_grace_period: Duration | None = None
     sysctls: dict[str, LabelValue] = Field(default_factory=dict)
-    ulimits: dict[str, Ulimit | int] = Field(default_factory=dict)
+    ulimits: dict[str, Ulimit | Int64] = Field(default_factory=dict)
     security_opt: list[str] = Field(default_factory=list)
     pid_mode: str | None = None
     ipc_mode: str | None = None
@@ -765,7 +779,9 @@ class DeploymentSpec(SpecModel):
 
     version: Literal["v1"]
     deployment: DnsName
-    services: dict[str, ServiceSpec] = Field(default_factory=dict)
+    services: Annotated[dict[str, ServiceSpec], Field(max_length=MAX_SERVICES)] = Field(
+        default_factory=dict
+    )
     externals: Opaque = Field(default_factory=dict)
     tunnels: dict[str, TunnelDefinition] = Field(default_factory=dict)
     api: ApiSpec = Field(default_factory=ApiSpec)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 from shared.spec.errors import describe_value
+from shared.spec.limits import MAX_DURATION, MAX_SIZE
 
 __all__ = [
     "DURATION_PATTERN",
@@ -75,14 +76,20 @@ def parse_duration(value: Any) -> timedelta:
     text = value.strip()
     if not re.fullmatch(DURATION_PATTERN, text):
         raise ValueError(
-            f"{value!r} is not a duration; write a number and a unit (ms, s, m, h, d), e.g. 30s"
+            f"{_shown(value)} is not a duration; write a number and a unit (ms, s, m, h, d), "
+            "e.g. 30s"
         )
     total = timedelta()
     try:
         for number, unit in _DURATION_PART.findall(text):
             total += _DURATION_UNITS[unit] * float(number)
     except OverflowError:
-        raise ValueError(f"{value!r} is longer than any duration can be") from None
+        total = timedelta.max
+    if total > MAX_DURATION:
+        raise ValueError(
+            f"{_shown(value)} is longer than {format_duration(MAX_DURATION)}, the longest "
+            "duration a spec may hold"
+        )
     return total
 
 
@@ -115,6 +122,8 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
+        if value > MAX_SIZE:
+            raise _too_big(value)
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -122,11 +131,27 @@ def parse_size(value: Any) -> int:
         raise ValueError(f"a size needs a unit or whole bytes: write {value}Gi or {int(value)}")
     if not isinstance(value, str):
         raise ValueError(f"expected a size such as 512Mi or 1Gi, got {describe_value(value)}")
-    match = _SIZE_RE.match(value)
+    match = _SIZE_RE.fullmatch(value)
     if match is None:
-        raise ValueError(f"{value!r} is not a size; write e.g. 512Mi, 1Gi, 500M or a byte count")
+        raise ValueError(
+            f"{_shown(value)} is not a size; write e.g. 512Mi, 1Gi, 500M or a byte count"
+        )
     number, unit = match.groups()
-    return round(float(number) * _SIZE_UNITS[unit])
+    size = float(number) * _SIZE_UNITS[unit]
+    if not size <= MAX_SIZE:  # also catches a number too long to be finite
+        raise _too_big(value)
+    return round(size)
+
+
+def _too_big(value: Any) -> ValueError:
+    limit = format_size(MAX_SIZE)
+    return ValueError(f"{_shown(value)} is larger than {limit}, the largest size a spec may hold")
+
+
+def _shown(value: Any) -> str:
+    """A value quoted in a sentence, cut short when it is long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def format_size(value: int) -> str | int:
