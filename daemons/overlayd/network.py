@@ -153,13 +153,18 @@ class NodeNetwork:
             done += plumbing.ensure_bridge(self.bridge, self.gateway, self.subnet.prefixlen)
         except plumbing.PlumbingError as exc:
             raise SetupError(str(exc), config=True) from None
+        # Host-wide: the replicas' answers and published ports arrive on the
+        # uplinks too, so forwarding cannot be kept to the bridge; the table's
+        # forward chain drops what the node network does not allow.
         if self._set_sysctl(plumbing.IP_FORWARD, "1"):
             done.append("turned IPv4 forwarding on")
         # The node's own connections to 127.0.0.1:<published port> are
         # DNATed onto the bridge; the kernel drops 127/8 there unless told.
         # Only on the bridge (the setting is the OR of ``all`` and the
         # device's), so the rest of the host keeps treating 127/8 off
-        # loopback as martian.
+        # loopback as martian. The table's localnet chain drops whatever
+        # else comes from the bridge to 127/8, so replicas cannot reach
+        # services bound to the node's loopback (CVE-2020-8558).
         if self._set_sysctl(plumbing.route_localnet(self.bridge), "1"):
             done.append(f"let {self.bridge} carry 127.0.0.0/8 (published ports on localhost)")
         try:

@@ -10,7 +10,19 @@ The table:
 - ``postrouting``: masquerade for replicas reaching out, for the node's own
   connections to a published port (127.0.0.1 sources) and for replicas
   reaching a published port that lands back on the bridge (hairpin);
-- ``forward``: the bridge's traffic;
+- ``forward``: the bridge's traffic, dropped unless it is an answer, goes
+  from replica to replica, goes out from a replica (masqueraded), or was
+  DNATed to a published port. Traffic that neither enters nor leaves by
+  the bridge is left to the host's own rules: a drop in this table is final
+  for every table, so dropping it here would cut off the host's other
+  networks (and other ZLayer bridges). IPv4 forwarding is a host-wide
+  setting overlayd has to turn on (the uplinks carry the replicas' answers
+  and published ports too), so this chain, not the setting, is what guards
+  the node network;
+- ``localnet``: overlayd lets the bridge carry 127.0.0.0/8 (route_localnet)
+  so that the node's own connections to 127.0.0.1:<published port> work;
+  anything else from the bridge to 127.0.0.0/8 is dropped, or a replica
+  could reach every service bound to the node's loopback (CVE-2020-8558);
 - ``prerouting`` and ``output``: packets to one of the node's own addresses
   go through ``published``, whose verdict map sends each published
   (protocol, port) to its deployment's chain, ``pub_<deployment>``, holding a
@@ -75,9 +87,17 @@ table ip {table} {{
         oifname "{bridge}" ct status dnat ip saddr {subnet} masquerade comment "hairpin"
     }}
     chain forward {{
-        type filter hook forward priority filter; policy accept;
-        iifname "{bridge}" accept comment "replicas reach out"
-        oifname "{bridge}" ct state established,related accept comment "and get answers"
+        type filter hook forward priority filter; policy drop;
+        iifname != "{bridge}" oifname != "{bridge}" accept comment "not the node network"
+        ct state established,related accept comment "answers"
+        iifname "{bridge}" oifname "{bridge}" accept comment "replica to replica"
+        iifname "{bridge}" ip saddr {subnet} accept comment "replicas reach out"
+        oifname "{bridge}" ct status dnat accept comment "published ports"
+    }}
+    chain localnet {{
+        type filter hook input priority filter; policy accept;
+        iifname "{bridge}" ip daddr 127.0.0.0/8 ct status dnat accept comment "published ports"
+        iifname "{bridge}" ip daddr 127.0.0.0/8 drop comment "the node's loopback"
     }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;

@@ -216,7 +216,8 @@ def test_start_makes_bridge_table_and_forwarding(overlayd: Overlayd) -> None:
         ["nft", "list", "table", "ip", overlayd.table], capture_output=True, text=True, check=True
     ).stdout
     assert f"ip saddr {overlayd.subnet}" in rules and "masquerade" in rules
-    assert f'iifname "{overlayd.bridge}" accept' in rules
+    assert "hook forward priority filter; policy drop;" in rules
+    assert f'iifname "{overlayd.bridge}" ip daddr 127.0.0.0/8 drop' in rules
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
     network = overlayd.network()
     assert network == NetworkInfo(
