@@ -25,6 +25,18 @@ and ``dns-tcp`` and taken back at the next start (:mod:`shared.notify`), so
 while overlayd restarts, queries wait in the kernel's queues instead of
 being refused, and the next process answers them. A graceful stop answers
 the queries it has already read before it closes (:meth:`DnsServer.stop`).
+
+Bounds, since any replica (or anything on the bridge) can send datagrams
+as fast as it likes: names under ``service.local`` and malformed packets
+are answered at once, with no task and no socket. A forwarded query holds
+a task and one upstream socket (a fresh one per query, so its source port
+is random, which a blind spoofer has to guess) until the upstream answers
+or ``UPSTREAM_TIMEOUT`` passes, and at most ``max_in_flight`` are held at
+once. A query that would go past that is dropped (no answer, as a
+congested resolver does: the client asks again after its own timeout,
+where SERVFAIL would make it give up on the name), and so is a TCP
+connection past ``max_tcp_connections``; both are counted in
+``zlayer_overlay_dns_dropped_total{reason}``.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSError, DNSHeader, DNSRecord
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from shared import notify
 from shared.wire.traffic import DeploymentTraffic, DnsRecord
@@ -56,12 +68,21 @@ UDP_PAYLOAD = 512  # without EDNS0
 UDP_SOCKET = "dns-udp"  # names in the file descriptor store
 TCP_SOCKET = "dns-tcp"
 STOP_GRACE = 2 * UPSTREAM_TIMEOUT  # for queries already read when overlayd stops
+MAX_IN_FLIGHT = 256  # forwarded queries at once (overlayd.toml: dns_max_in_flight)
+MAX_TCP_CONNECTIONS = 64  # (overlayd.toml: dns_max_tcp_connections)
 
 QUERIES = Counter(
     "zlayer_overlay_dns_queries",
     "Service DNS queries by result: answer, nodata, nxdomain, forwarded, servfail, bad.",
     ["result"],
 )
+DROPPED = Counter(
+    "zlayer_overlay_dns_dropped",
+    "Service DNS queries and connections dropped unanswered, by reason: "
+    "busy (max_in_flight forwarded queries already waiting), tcp_connections.",
+    ["reason"],
+)
+IN_FLIGHT = Gauge("zlayer_overlay_dns_in_flight", "Forwarded service DNS queries waiting.")
 
 
 @dataclass(frozen=True)
@@ -163,9 +184,20 @@ class Zone:
 class DnsServer:
     """Answers service names from a :class:`Zone` and forwards the rest, over UDP and TCP."""
 
-    def __init__(self, zone: Zone, upstreams: list[Upstream]) -> None:
+    def __init__(
+        self,
+        zone: Zone,
+        upstreams: list[Upstream],
+        *,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+    ) -> None:
         self.zone = zone
         self.upstreams = upstreams
+        self.max_in_flight = max_in_flight
+        self.max_tcp_connections = max_tcp_connections
+        self.in_flight = 0  # forwarded queries waiting for an upstream
+        self._tcp_connections = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._reply: socket.socket | None = None  # UDP answers go out here, even while stopping
         self._tcp: asyncio.Server | None = None
@@ -219,18 +251,51 @@ class DnsServer:
 
     # ------------------------------------------------------------ transports
 
-    def _spawn_udp(self, data: bytes, addr: Any) -> None:
-        task = asyncio.create_task(self._answer_udp(data, addr))
+    def _datagram(self, data: bytes, addr: Any) -> None:
+        """Answer a datagram now, or forward it in a task of its own (if a slot is free)."""
+        answer = self._answer_now(data, tcp=False)
+        if not isinstance(answer, _Forward):
+            self._send(answer, addr)
+            return
+        if not self._take_slot():
+            return
+        task = asyncio.create_task(self._forward_udp(answer, data, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer_udp(self, data: bytes, addr: Any) -> None:
-        reply = await self.resolve(data, tcp=False)
+    async def _forward_udp(self, forward: _Forward, data: bytes, addr: Any) -> None:
+        try:
+            reply = await self._forward(forward.query, data, False, forward.limit)
+        except Exception:
+            log.debug("dropped a query that could not be forwarded", exc_info=True)
+            return
+        finally:
+            self._free_slot()
+        self._send(reply, addr)
+
+    def _send(self, reply: bytes | None, addr: Any) -> None:
         if reply is not None and self._reply is not None and self._reply.fileno() >= 0:
             with contextlib.suppress(OSError):  # a full send buffer drops it, as UDP may
                 self._reply.sendto(reply, addr)
 
+    def _take_slot(self) -> bool:
+        if self.in_flight >= self.max_in_flight:
+            DROPPED.labels(reason="busy").inc()
+            return False
+        self.in_flight += 1
+        IN_FLIGHT.inc()
+        return True
+
+    def _free_slot(self) -> None:
+        self.in_flight -= 1
+        IN_FLIGHT.dec()
+
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_connections >= self.max_tcp_connections:
+            DROPPED.labels(reason="tcp_connections").inc()
+            writer.close()
+            return
+        self._tcp_connections += 1
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -255,6 +320,7 @@ class DnsServer:
         except (asyncio.IncompleteReadError, TimeoutError, OSError):
             pass
         finally:
+            self._tcp_connections -= 1
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -264,7 +330,31 @@ class DnsServer:
     # ------------------------------------------------------------ answers
 
     async def resolve(self, data: bytes, tcp: bool) -> bytes | None:
-        """The reply to one query packet; None to drop it (not even a header to answer)."""
+        """The reply to one query packet; None to drop it (not even a header to answer,
+        or ``max_in_flight`` forwarded queries are already waiting)."""
+        answer = self._answer_now(data, tcp)
+        if not isinstance(answer, _Forward):
+            return answer
+        if not self._take_slot():
+            return None
+        try:
+            return await self._forward(answer.query, data, tcp, answer.limit)
+        finally:
+            self._free_slot()
+
+    def _answer_now(self, data: bytes, tcp: bool) -> bytes | _Forward | None:
+        """The reply when no upstream is needed (local names, malformed packets);
+        else what to forward; None to drop the packet."""
+        try:
+            return self._answer_or_forward(data, tcp)
+        except Exception:
+            # Raised out of a datagram callback, it would close the transport:
+            # one odd packet must not stop the service for everyone.
+            log.debug("dropped a query that could not be answered", exc_info=True)
+            QUERIES.labels(result="bad").inc()
+            return None
+
+    def _answer_or_forward(self, data: bytes, tcp: bool) -> bytes | _Forward | None:
         try:
             query = DNSRecord.parse(data)
         except (DNSError, struct.error, IndexError, ValueError):
@@ -283,7 +373,9 @@ class DnsServer:
         limit = _udp_limit(query) if not tcp else 65535
         if name == DOMAIN or name.endswith("." + DOMAIN):
             return _fit(self._local(query, name), limit)
-        return await self._forward(query, data, tcp, limit)
+        if not self.upstreams:
+            return self._servfail(query)
+        return _Forward(query, limit)
 
     def _local(self, query: DNSRecord, name: str) -> DNSRecord:
         reply = query.reply(ra=1, aa=1)
@@ -335,10 +427,21 @@ class DnsServer:
             if len(answer) > limit:
                 return _truncated_reply(query)
             return answer
+        return self._servfail(query)
+
+    def _servfail(self, query: DNSRecord) -> bytes:
         QUERIES.labels(result="servfail").inc()
         reply = query.reply(ra=1, aa=0)
         reply.header.rcode = RCODE.SERVFAIL
         return bytes(reply.pack())
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """A query for a name outside ``service.local``, to ask the upstreams."""
+
+    query: DNSRecord
+    limit: int  # the reply size the client takes
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -346,7 +449,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.server = server
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.server._spawn_udp(data, addr)
+        self.server._datagram(data, addr)
 
 
 def _soa() -> RR:

@@ -175,7 +175,14 @@ class OverlayDaemon(Daemon):
             self.prober.set_ports(deployment, ports)
         PUBLISHED.set(len(network.published_ports()))
         dns_port = self.settings_dns_port
-        self.dns_server = DnsServer(self.zone, network.upstreams)
+        settings = self.settings
+        assert isinstance(settings, OverlaySettings)
+        self.dns_server = DnsServer(
+            self.zone,
+            network.upstreams,
+            max_in_flight=settings.dns_max_in_flight,
+            max_tcp_connections=settings.dns_max_tcp_connections,
+        )
         try:
             await self.dns_server.start(str(network.gateway), dns_port)
         except OSError as exc:

@@ -15,6 +15,13 @@ Keys (besides the ones every daemon has):
 ``dns_port``        where the service DNS listens on the gateway address
                     (UDP and TCP), default 53; replicas' resolv.conf names
                     the gateway, so only 53 serves them
+``dns_max_in_flight``  forwarded service DNS queries (names outside
+                    ``service.local``) waiting for an upstream at once,
+                    default 256; past it a query is dropped unanswered and
+                    counted in ``zlayer_overlay_dns_dropped_total{reason="busy"}``
+``dns_max_tcp_connections``  service DNS TCP connections at once, default
+                    64; past it a new one is closed and counted
+                    (``reason="tcp_connections"``)
 ``stream_probe_interval``  seconds between probes of kernel-path backends
                     with a ``stream.health_check``, default 5
 ``nft_table``       the nftables table (family ``ip``) holding the NAT and
@@ -31,7 +38,7 @@ from typing import Annotated
 
 from msgspec import Meta
 
-from daemons.overlayd.dns import parse_upstream
+from daemons.overlayd.dns import MAX_IN_FLIGHT, MAX_TCP_CONNECTIONS, parse_upstream
 from shared.config import DaemonSettings, invalid
 
 DEFAULT_BRIDGE = "zlayer0"
@@ -56,6 +63,10 @@ class OverlaySettings(DaemonSettings, kw_only=True):
     nft_table: str = ""
     # the service DNS port on the gateway
     dns_port: Annotated[int, Meta(ge=1, le=65535)] = 53
+    # forwarded DNS queries waiting at once; more are dropped
+    dns_max_in_flight: Annotated[int, Meta(ge=1, le=65536)] = MAX_IN_FLIGHT
+    # DNS TCP connections at once; more are closed
+    dns_max_tcp_connections: Annotated[int, Meta(ge=1, le=65536)] = MAX_TCP_CONNECTIONS
     # seconds between stream health probes
     stream_probe_interval: Annotated[float, Meta(gt=0, le=3600)] = 5.0
 
