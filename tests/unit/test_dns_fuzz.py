@@ -17,14 +17,19 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from dnslib import QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from daemons.overlayd.dns import DnsServer, Upstream, Zone
+from daemons.overlayd.settings import OverlaySettings
+from shared.config import ConfigError
+from shared.paths import Paths
 from shared.wire.traffic import Backend, DeploymentTraffic, ServiceTraffic
 
 T = TypeVar("T")
@@ -160,6 +165,21 @@ def test_tcp_connections_past_the_limit_are_closed_and_counted() -> None:
                 conn.close()
         assert wait_for(lambda: server.tasks() == 0)
         assert not server.errors
+
+
+def test_the_bounds_are_settings(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    paths.config_dir.mkdir(parents=True)
+    config = paths.daemon_config("overlayd")
+    config.write_text("")
+    loaded = OverlaySettings.load("overlayd", paths)
+    assert (loaded.dns_max_in_flight, loaded.dns_max_tcp_connections) == (256, 64)
+    config.write_text("dns_max_in_flight = 1000\ndns_max_tcp_connections = 8\n")
+    loaded = OverlaySettings.load("overlayd", paths)
+    assert (loaded.dns_max_in_flight, loaded.dns_max_tcp_connections) == (1000, 8)
+    config.write_text("dns_max_in_flight = 0\n")
+    with pytest.raises(ConfigError, match="dns_max_in_flight"):
+        OverlaySettings.load("overlayd", paths)
 
 
 # ---------------------------------------------------------------- hostile datagrams
