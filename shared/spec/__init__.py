@@ -10,11 +10,13 @@ Public surface::
     SpecError (.issues: list[SpecIssue]), SpecIssue
     DeploymentSpec, ServiceSpec and the models in shared.spec.models
     parse_duration / format_duration / parse_size / format_size, Duration, Size
+    MAX_SPEC_BYTES and the other limits in shared.spec.limits
 """
 
 from __future__ import annotations
 
 from shared.spec.errors import SpecError, SpecIssue
+from shared.spec.limits import MAX_SPEC_BYTES
 from shared.spec.loader import dump_spec, load_spec, parse_spec, spec_json_schema, spec_to_data
 from shared.spec.models import (
     AdaptiveScale,
@@ -37,6 +39,7 @@ from shared.spec.quantities import (
 )
 
 __all__ = [
+    "MAX_SPEC_BYTES",
     "AdaptiveScale",
     "DependsSpec",
     "DeploymentSpec",

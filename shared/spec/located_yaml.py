@@ -41,6 +41,11 @@ _COLLECTION_TAGS = frozenset(
 )
 
 
+# Up to this size, a file libyaml refuses is read again by PyYAML for its wording.
+_REWORD_LIMIT = 16 * 1024
+_TOO_DEEP = f"the YAML is nested more than {MAX_DEPTH} levels deep"
+
+
 class _Abort(Exception):
     """Stop converting a document that is too large or too deep."""
 
@@ -101,10 +106,7 @@ class _Loader(Composer, SafeConstructor, Resolver):
         if isinstance(event, yaml.CollectionStartEvent):
             self.depth += 1
             if self.depth > MAX_DEPTH:
-                raise _TooLarge(
-                    event.start_mark,
-                    f"the YAML is nested more than {MAX_DEPTH} levels deep",
-                )
+                raise _TooLarge(event.start_mark, _TOO_DEEP)
         elif isinstance(event, yaml.CollectionEndEvent):
             self.depth -= 1
         return event
@@ -199,16 +201,19 @@ class LocatedYaml:
                 loader, root = self._compose(_FAST_PARSER, text)
             except _TooLarge:
                 raise
-            except yaml.YAMLError:
+            except yaml.YAMLError as exc:
                 if _FAST_PARSER is _PyParser:
                     raise
+                if "nesting depth" in str(getattr(exc, "problem", "")):
+                    # libyaml scans ahead and stops at 1,000 levels, before the count here.
+                    raise _TooLarge(getattr(exc, "problem_mark", None), _TOO_DEEP) from None
+                if len(text) > _REWORD_LIMIT:
+                    raise  # libyaml's own words: PyYAML would take seconds over a large file
                 # libyaml words some problems differently: PyYAML says it, and where.
                 loader, root = self._compose(_PyParser, text)
         except _TooLarge as exc:
-            mark = exc.mark
-            self.issues.append(
-                SpecIssue(self.filename, mark.line + 1, mark.column + 1, "", exc.message)
-            )
+            line, column = (exc.mark.line + 1, exc.mark.column + 1) if exc.mark else (0, 0)
+            self.issues.append(SpecIssue(self.filename, line, column, "", exc.message))
             return None, False
         except yaml.YAMLError as exc:
             self.issues.append(self._yaml_issue(exc))
