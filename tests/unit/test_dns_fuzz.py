@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from dnslib import QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
@@ -32,7 +32,6 @@ from shared.config import ConfigError
 from shared.paths import Paths
 from shared.wire.traffic import Backend, DeploymentTraffic, ServiceTraffic
 
-T = TypeVar("T")
 MAX_IN_FLIGHT = 8
 MAX_TCP = 4
 
