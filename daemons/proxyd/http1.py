@@ -553,11 +553,21 @@ class ClientConnection(asyncio.Protocol):
             following.start()
 
     def _bad_request(self, why: str) -> None:
-        if self.current is None:
+        broken = self.parsing
+        if broken is not None and broken is not self.current and broken in self.waiting:
+            self.waiting.remove(broken)  # never started: it gets the 400, after those before it
+            self.parsing = broken = None
+        elif (
+            isinstance(broken, Exchange) and broken is self.current and not broken.response_started
+        ):
+            broken.cancel()  # nothing of its answer was sent: the 400 takes its place
+            self.current = self.parsing = broken = None
+        if broken is None:
+            # The requests before it are answered first.
             self._refuse(400, "bad_request", f"the request is not valid HTTP/1.1 ({why})")
         else:
             REQUESTS_REFUSED.labels(self.listener.name, "bad_request").inc()
-            self.close()  # in the middle of a request: nothing can be answered
+            self.close()  # in a request's body: that request cannot be finished nor answered
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         """Answer ``status`` once the requests before are answered, then close.
