@@ -3,7 +3,8 @@
 - :func:`start_registry` runs one with its own storage directory and config:
   anonymous, with htpasswd basic auth, or with token auth whose realm is a
   :class:`TokenServer` the test serves itself (an aiohttp app issuing RS256
-  JWTs signed by a key whose self-signed certificate the registry trusts).
+  JWTs signed by a key whose self-signed certificate the registry trusts),
+  over plain HTTP or over HTTPS with a certificate of :func:`tls_files`.
 - :class:`FaultProxy` sits between registryd and a registry and can tamper
   with a blob, cut a blob's connection half way the first time, or serve
   blobs slowly; it records every request's Range header.
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -63,6 +65,7 @@ class Registry:
     root: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
 
     @property
     def host(self) -> str:
@@ -70,7 +73,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -84,10 +87,55 @@ class Registry:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_registry(auth: dict[str, Any] | None = None) -> Registry:
+def tls_files(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key: (certificate, key) files.
+
+    Whoever must trust it is given the certificate (``SSL_CERT_FILE``).
+    """
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "registry.pem", directory / "registry.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def start_registry(
+    auth: dict[str, Any] | None = None, tls: tuple[Path, Path] | None = None
+) -> Registry:
+    """A docker-registry; with ``tls`` (certificate, key) it speaks HTTPS only."""
     need_tools(REGISTRY_BINARY)
     root = Path(tempfile.mkdtemp(prefix="zlregistry-"))
-    registry = Registry(root, free_port())
+    registry = Registry(root, free_port(), scheme="https" if tls else "http")
     config = {
         "version": 0.1,
         "log": {"level": "error", "accesslog": {"disabled": True}},
@@ -99,6 +147,8 @@ def start_registry(auth: dict[str, Any] | None = None) -> Registry:
     }
     if auth:
         config["auth"] = auth
+    if tls:
+        config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}  # type: ignore[index]
     (root / "config.yml").write_text(json.dumps(config))  # JSON is YAML
     registry.process = subprocess.Popen(
         [REGISTRY_BINARY, "serve", str(root / "config.yml")],
@@ -106,9 +156,10 @@ def start_registry(auth: dict[str, Any] | None = None) -> Registry:
         stderr=open(root / "registry.log", "wb"),  # noqa: SIM115 - the child owns it
     )
     deadline = time.monotonic() + 10
+    unverified = ssl._create_unverified_context() if tls else None
     while True:
         try:
-            urllib.request.urlopen(registry.url + "/v2/", timeout=1).close()
+            urllib.request.urlopen(registry.url + "/v2/", timeout=1, context=unverified).close()
             break
         except urllib.error.HTTPError:
             break  # 401: up, and asking for credentials
@@ -164,11 +215,11 @@ class _Loop:
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
-    def serve(self, app: web.Application) -> int:
+    def serve(self, app: web.Application, host: str = "127.0.0.1") -> int:
         async def start() -> int:
             self.runner = web.AppRunner(app, access_log=None)
             await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            site = web.TCPSite(self.runner, host, 0)
             await site.start()
             server = site._server
             assert server is not None
@@ -193,9 +244,14 @@ def _b64url(data: bytes) -> str:
 
 
 class TokenServer:
-    """A token realm: checks basic credentials, issues JWTs the registry trusts."""
+    """A token realm: checks basic credentials, issues JWTs the registry trusts.
 
-    def __init__(self, directory: Path) -> None:
+    It listens on ``host``: another loopback address (127.0.0.2) stands for
+    another host than the registry's.
+    """
+
+    def __init__(self, directory: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
@@ -222,11 +278,11 @@ class TokenServer:
         self.loop = _Loop()
         app = web.Application()
         app.router.add_get("/token", self._token)
-        self.port = self.loop.serve(app)
+        self.port = self.loop.serve(app, host)
 
     @property
     def realm(self) -> str:
-        return f"http://127.0.0.1:{self.port}/token"
+        return f"http://{self.host}:{self.port}/token"
 
     def registry_auth(self) -> dict[str, Any]:
         return {

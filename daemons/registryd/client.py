@@ -48,7 +48,7 @@ from daemons.registryd.distribution import (
 from daemons.registryd.settings import RegistrySettings
 from daemons.registryd.sources import sha256_hex_of
 from daemons.registryd.store import MAX_CONFIG, ImageStore
-from daemons.registryd.unpack import Pipe, ReaderGoneError, receive_blob
+from daemons.registryd.unpack import Pipe, ReaderGoneError, human_size, receive_blob
 from shared.bus import InvalidArgumentError, NotFoundError, UnavailableError, ZLayerError
 from shared.credentials import Credential
 from shared.jobs import Job
@@ -124,6 +124,7 @@ class RegistryClient:
         self._receiver_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._probes: dict[str, Challenge | None] = {}  # base URL -> what its /v2/ asked
         self.ranged_resumes = 0
+        self._reserved = 0  # bytes downloads in progress still expect, over every pull
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -255,6 +256,7 @@ class RegistryClient:
         if not isinstance(config, dict) or not isinstance(layers, list):
             raise ZLayerError(f"the manifest of {ref.familiar()} has no config or layers")
         descriptors = [(str(d.get("digest")), int(d.get("size") or 0)) for d in layers]
+        self._check_sizes(ref, descriptors)
         existing: ImageInfo | None = await self.work(self._name_stored, resolved.digest, name)
         if existing is not None:
             for number, (digest, size) in enumerate(descriptors, start=1):
@@ -312,6 +314,33 @@ class RegistryClient:
             progress.set(_label(number, digest), done=size, state="done")
         log.info("pulled %s (%s) in %.2fs", name, info.id, time.monotonic() - started)
         return info
+
+    def _check_sizes(self, ref: Reference, descriptors: list[tuple[str, int]]) -> None:
+        """Refuse a layer the manifest declares larger than ``max_layer_size``."""
+        limit = self.settings.max_layer_size
+        for number, (digest, size) in enumerate(descriptors, start=1):
+            if size > limit:
+                raise ZLayerError(
+                    f"layer {number} ({short(digest)}) of {ref.familiar()} is "
+                    f"{human_size(size)}, more than max_layer_size ({human_size(limit)}); raise "
+                    "max_layer_size in registryd.toml if the image is trusted"
+                )
+
+    async def _reserve_space(self, digest: str, need: int) -> None:
+        """Refuse to start a download of ``need`` bytes the store's disk cannot hold.
+
+        What other downloads still expect is counted as taken: the check is
+        made as each starts, before the others have written their share.
+        """
+        usage = await asyncio.to_thread(shutil.disk_usage, self.store.partial_dir)
+        free = max(0, usage.free - self._reserved)
+        if need > free:
+            raise UnavailableError(
+                f"not enough space in {self.store.root}: layer {short(digest)} needs "
+                f"{human_size(need)}, {human_size(free)} free; free some space (zlayerctl "
+                "system prune) or move the store to a larger disk, then pull again"
+            )
+        self._reserved += need
 
     def _name_stored(self, manifest_digest: str, name: str) -> ImageInfo | None:
         """``name`` on the stored image of ``manifest_digest``, if it is all here (blocking)."""
@@ -390,17 +419,54 @@ class RegistryClient:
     ) -> Path | None:
         """One stream of a blob through a receiving thread, resumed as often as it breaks."""
         prefix = await asyncio.to_thread(_partial_size, partial, size)
+        reserved = max(0, size - prefix)
+        await self._reserve_space(digest, reserved)
+        try:
+            return await self._stream_blob(
+                repository, digest, size, diff_id, labels, progress, partial, prefix
+            )
+        finally:
+            self._reserved -= reserved
+
+    async def _stream_blob(
+        self,
+        repository: Repository,
+        digest: str,
+        size: int,
+        diff_id: str | None,
+        labels: list[str],
+        progress: _Progress,
+        partial: Path,
+        prefix: int,
+    ) -> Path | None:
         work = self.store.work_path() if diff_id is not None else None
         pipe = Pipe()
         receiver = asyncio.get_running_loop().run_in_executor(
-            self._receivers(), receive_blob, pipe, partial, prefix, (digest, size), work, diff_id
+            self._receivers(),
+            receive_blob,
+            pipe,
+            partial,
+            prefix,
+            (digest, size),
+            work,
+            diff_id,
+            self.settings.max_layer_unpacked_size,
         )
         have = prefix
+        limit = self.settings.max_layer_size
+        oversized = False
 
         async def write(data: bytes) -> None:
-            nonlocal have
+            nonlocal have, oversized
             if size and have + len(data) > size:
                 raise CorruptBlobError(_corrupt(repository, digest))
+            if have + len(data) > limit:  # only a blob of no declared size gets here
+                oversized = True
+                raise ZLayerError(
+                    f"the registry {repository.registry} sent more than max_layer_size "
+                    f"({human_size(limit)}) of blob {digest}, which declares no size; raise "
+                    "max_layer_size in registryd.toml if the image is trusted"
+                )
             try:
                 await pipe.write(data)
             except ReaderGoneError:
@@ -443,7 +509,7 @@ class RegistryClient:
                 await asyncio.shield(receiver)
             if work is not None:  # the thread may have finished it just before
                 await asyncio.shield(asyncio.to_thread(_remove_trees, [work]))
-            if isinstance(exc, CorruptBlobError):
+            if isinstance(exc, CorruptBlobError) or oversized:  # nothing to resume
                 await asyncio.to_thread(partial.unlink, True)
             if isinstance(exc, OSError):
                 where = f" ({exc.filename})" if exc.filename else ""

@@ -385,15 +385,23 @@ class Repository:
             query.append(("service", challenge.service))
         query.extend(("scope", s) for s in self.scopes)
         headers = {"User-Agent": USER_AGENT}
-        if self.credential is not None:
-            headers["Authorization"] = self.credential.basic()
         realm = URL(challenge.realm)
+        withheld = self._unsafe_realm(realm)
+        if self.credential is not None and not withheld:
+            headers["Authorization"] = self.credential.basic()
         try:
             async with self.http.get(
                 realm.update_query(query), headers=headers, timeout=self._timeout()
             ) as response:
                 body = await response.read()
                 if response.status in (401, 403):
+                    if self.credential is not None and withheld:
+                        raise ZLayerError(
+                            f"the registry {self.registry} wants credentials sent to its token "
+                            f"service {realm.origin()} over plain HTTP, {withheld}; ZLayer "
+                            "will not send them there: ask its operator to serve the token "
+                            "service over HTTPS"
+                        )
                     raise self.refused()
                 if response.status != 200:
                     raise UnavailableError(
@@ -415,6 +423,22 @@ class Repository:
             raise UnavailableError(f"the token service of {self.registry} gave no token")
         self.tokens.put(challenge.realm, challenge.service, scope, self._who(), token, lifetime)
         return token
+
+    def _unsafe_realm(self, realm: URL) -> str:
+        """Why credentials must not go to ``realm``; "" if they may.
+
+        A token realm over HTTPS may be any host (Docker Hub's is). Over plain
+        HTTP the password could be read on the way: only the registry's own
+        host, itself reached over plain HTTP (a loopback or insecure registry),
+        is trusted with it.
+        """
+        if realm.scheme == "https":
+            return ""
+        if self.base.scheme == "https":
+            return "while the registry itself uses HTTPS"
+        if realm.host != self.base.host:
+            return f"on another host than the registry's own ({self.base.host})"
+        return ""
 
     async def verify_login(self) -> None:
         """Check the credential against the registry (login): a token or a /v2/ answer."""

@@ -274,6 +274,7 @@ class RegistryDaemon(Daemon):
         registry_settings = (
             settings if isinstance(settings, RegistrySettings) else RegistrySettings()
         )
+        self.store.max_unpacked = registry_settings.max_layer_unpacked_size
         self.registry = RegistryClient(
             self.store,
             registry_settings,

@@ -17,6 +17,15 @@ Keys (besides the ones every daemon has):
                           (default 16 MiB)
 ``request_timeout``       seconds without a byte from a registry before a
                           transfer is given up, default 60
+``max_layer_size``        bytes one layer blob may have as downloaded
+                          (compressed), default 10 GiB (10737418240): a larger
+                          declared size is refused before the download, and a
+                          blob with no declared size is cut off there
+``max_layer_unpacked_size``  bytes one layer may unpack to (its tar, and the
+                          files written from it), default 50 GiB (53687091200)
+
+Before a layer downloads, the free space where the store lives must hold
+what the registry declares it to be (less what an earlier attempt left).
 """
 
 from __future__ import annotations
@@ -26,9 +35,11 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from daemons.registryd.unpack import DEFAULT_MAX_UNPACKED
 from shared.config import DaemonSettings, invalid
 
 DEFAULT_CHUNK = 16 << 20
+DEFAULT_MAX_LAYER = 10 << 30
 
 
 class RegistrySettings(DaemonSettings, kw_only=True):
@@ -44,6 +55,10 @@ class RegistrySettings(DaemonSettings, kw_only=True):
     chunk_size: Annotated[int, Meta(ge=1 << 16)] = DEFAULT_CHUNK
     # seconds a stalled transfer waits
     request_timeout: Annotated[float, Meta(gt=0)] = 60.0
+    # bytes of one layer blob as downloaded
+    max_layer_size: Annotated[int, Meta(ge=1)] = DEFAULT_MAX_LAYER
+    # bytes one layer may unpack to
+    max_layer_unpacked_size: Annotated[int, Meta(ge=1)] = DEFAULT_MAX_UNPACKED
 
     def __post_init__(self) -> None:
         for registry, urls in self.mirrors.items():

@@ -51,7 +51,12 @@ from daemons.registryd.sources import (
     SourceImage,
     sha256_hex_of,
 )
-from daemons.registryd.unpack import GZIP_MAGIC, ZSTD_MAGIC, unpack_layer
+from daemons.registryd.unpack import (
+    DEFAULT_MAX_UNPACKED,
+    GZIP_MAGIC,
+    ZSTD_MAGIC,
+    unpack_layer,
+)
 from daemons.registryd.wasm import image_runtime, is_wasm_blob, unpack_wasm_layer
 from shared.bus import (
     ConflictError,
@@ -170,6 +175,7 @@ class ImageStore:
         self._lock = threading.RLock()  # the index, the pins and the key locks
         self._key_locks: dict[str, threading.Lock] = {}
         self._pins: Counter[str] = Counter()
+        self.max_unpacked = DEFAULT_MAX_UNPACKED  # bytes a layer may unpack to (the settings')
 
     # ------------------------------------------------------------ start
 
@@ -669,7 +675,7 @@ class ImageStore:
                     if is_wasm_blob(blob):
                         unpack_wasm_layer(blob, work)
                     else:
-                        unpack_layer(blob, work, digest, diff_id)
+                        unpack_layer(blob, work, digest, diff_id, self.max_unpacked)
                     log.info("unpacked layer %s in %.2fs", diff_id, time.monotonic() - started)
                 if pending:
                     os.sync()

@@ -53,10 +53,11 @@ class Registryd:
         self.store = paths.daemon_state("registryd")
         self.process: subprocess.Popen[str] | None = None
         self.wrapper: tuple[str, ...] = ()  # what the daemon runs under, if anything
+        self.env: dict[str, str] = {}  # added to the daemon's environment
 
     def start(self) -> None:
         self.notify.messages.clear()
-        self.process = start("registryd", self.bus, self.notify, wrapper=self.wrapper)
+        self.process = start("registryd", self.bus, self.notify, wrapper=self.wrapper, **self.env)
         self.notify.wait_for("READY=1")
 
     def stop(self) -> None:
