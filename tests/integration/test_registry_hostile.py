@@ -141,6 +141,32 @@ def test_a_layer_that_does_not_fit_on_the_disk_is_refused_before_it_downloads(
         subprocess.run(["umount", str(store)], check=True)
 
 
+def test_max_layer_unpacked_size_bounds_pulled_and_imported_layers(
+    zlayer_prefix: Paths,
+    private_bus: PrivateBus,
+    registry: Registry,
+    busybox_image: dict[str, Path],
+) -> None:
+    """busybox's layer unpacks to about 2 MB: a limit of 1 MB refuses it, pulled or imported."""
+    layer = layer_of(registry, "busybox", "1")
+    with registryd_with(
+        zlayer_prefix, private_bus, "max_layer_unpacked_size = 1000000\n"
+    ) as daemon:
+        message = daemon.failure("pull", f"{registry.host}/busybox:1")
+        assert message == (
+            f"error: layer {layer['digest']} unpacks to more than 976.6 KiB, the limit; raise "
+            "max_layer_unpacked_size in registryd.toml if the image is trusted"
+        )
+        assert_nothing_kept(daemon)
+        # An import unpacks its layers at once, under the same limit.
+        message = daemon.failure("image", "import", str(busybox_image["oci"]))
+        assert message.startswith("error: layer sha256:") and message.endswith(
+            " unpacks to more than 976.6 KiB, the limit; raise max_layer_unpacked_size in "
+            "registryd.toml if the image is trusted"
+        )
+        assert daemon.images() == [] and os.listdir(daemon.store / "tmp") == []
+
+
 # ---------------------------------------------------------------- credentials
 
 
