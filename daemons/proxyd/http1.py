@@ -577,6 +577,7 @@ class ClientConnection(asyncio.Protocol):
         REQUESTS_REFUSED.labels(self.listener.name, reason).inc()
         self.closing = True
         self.head_since = None
+        self.in_message = False  # the rest of it is never read: a stop need not wait for it
         reply = LocalReply(
             self,
             status,

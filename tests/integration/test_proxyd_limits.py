@@ -259,3 +259,100 @@ def test_a_bad_limit_in_the_settings_is_a_one_sentence_error(proxyd: Proxyd, set
     _, err = process.communicate(timeout=20)
     assert process.returncode != 0
     assert setting.split()[0] in err and "Traceback" not in err, err
+
+
+def h2_request(port: int, headers: list[tuple[str, str]]) -> int | str:
+    """One GET over HTTP/2 with extra ``headers``: its status, or "closed" for a connection end."""
+    import ssl
+
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="x") as tls,
+    ):
+        assert tls.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        pseudo = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "x")]
+        conn.send_headers(stream, pseudo + headers, end_stream=True)
+        tls.sendall(conn.data_to_send())
+        while True:
+            try:
+                data = tls.recv(65536)
+            except (ConnectionResetError, ssl.SSLError):
+                return "closed"
+            if not data:
+                return "closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    return int(dict(event.headers)[b":status"])
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    return "closed"
+            tls.sendall(conn.data_to_send())
+
+
+def test_http2_heads_past_the_limits_are_refused(proxyd: Proxyd, backends: Backends) -> None:
+    proxyd.configure(max_head_size=16384)
+    proxyd.start()
+    proxyd.push("demo", [service("web", [proxyd.https(backends.port)], BACKENDS[:1])])
+    assert h2_request(proxyd.https_port, [("x-small", "v")]) == 200
+    many = [(f"x-h{i}", "v") for i in range(150)]
+    assert h2_request(proxyd.https_port, many) == 431
+    assert h2_request(proxyd.https_port, [("x-big", "b" * 32768)]) == "closed"
+
+
+def test_a_silent_tls_handshake_is_cut_off_at_the_head_deadline(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    proxyd.configure(request_head_timeout=1.0)
+    proxyd.start()
+    proxyd.push("demo", [service("web", [proxyd.https(backends.port)], BACKENDS[:1])])
+    with socket.create_connection(("127.0.0.1", proxyd.https_port), timeout=10) as sock:
+        started = time.monotonic()
+        assert read_answer(sock, timeout=10) == b""  # closed, having said nothing
+        assert time.monotonic() - started < 4.0
+
+
+def test_tcp_stream_connections_past_the_cap_are_closed(
+    proxyd: Proxyd,
+    echo: EchoServers,
+) -> None:
+    proxyd.configure(max_connections=2)
+    proxyd.start()
+    tcp_port = free_port()
+    endpoint = {
+        "name": "raw",
+        "protocol": "tcp",
+        "port": tcp_port,
+        "target_port": echo.port,
+        "expose": "public",
+        "stream": {"proxy_protocol": True},  # served by proxyd
+    }
+    proxyd.push("demo", [service("raw", [endpoint], ["127.0.0.2"])])
+    held = [socket.create_connection(("127.0.0.1", tcp_port), timeout=10) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(b"ping")
+            answer = b""
+            while not answer.endswith(b"ping"):
+                answer += sock.recv(65536)
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as extra:
+            with contextlib.suppress(OSError):
+                extra.sendall(b"ping")
+            assert read_answer(extra) == b""
+    finally:
+        for sock in held:
+            sock.close()
+    refused = re.search(
+        rf'zlayer_proxy_connections_refused_total\{{listener="tcp",port="{tcp_port}",'
+        rf'reason="limit"\}} (\S+)',
+        proxyd.metrics(),
+    )
+    assert refused and float(refused[1]) == 1.0
