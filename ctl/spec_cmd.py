@@ -14,7 +14,15 @@ from typing import NoReturn
 import click
 
 from ctl.output import escape, fail, format_option, print_json, print_table
-from shared.spec import DeploymentSpec, SpecError, dump_spec, load_spec, spec_json_schema
+from shared.spec import (
+    DeploymentSpec,
+    SpecError,
+    SpecIssue,
+    dump_spec,
+    parse_spec,
+    spec_json_schema,
+)
+from shared.spec.limits import FileReadError, read_regular_file
 from shared.spec.models import AdaptiveScale, FixedScale, ServiceSpec
 from shared.spec.support import node_support
 
@@ -51,8 +59,17 @@ def find_spec_file(directory: Path, command: str = "validate") -> Path:
 
 def load_or_report(file: str, as_json: bool) -> DeploymentSpec:
     """The validated spec, or every issue printed and exit 1."""
+    return _read_and_load(file, as_json)[0]
+
+
+def _read_and_load(file: str, as_json: bool) -> tuple[DeploymentSpec, bytes]:
+    """The validated spec and the file's bytes (to locate what a node would not do)."""
     try:
-        return load_spec(file)
+        try:
+            raw = read_regular_file(file)
+        except FileReadError as exc:
+            raise SpecError([SpecIssue(file, 0, 0, "", str(exc))]) from None
+        return parse_spec(raw, file), raw
     except SpecError as exc:
         if as_json:
             print_json({"file": file, "valid": False, "issues": [i.as_dict() for i in exc.issues]})
@@ -103,9 +120,9 @@ def validate(file: str | None, output_format: str) -> None:
     """
     path = file if file is not None else str(find_spec_file(Path.cwd()).name)
     as_json = output_format == "json"
-    spec = load_or_report(path, as_json)
+    spec, raw = _read_and_load(path, as_json)
     # The file is valid either way; what this node would refuse or ignore is said, not failed.
-    support = node_support(spec)
+    support = node_support(spec, raw, path)
     if not as_json:
         for text in support.refusals:
             click.echo(f"warning: {text} (up refuses it on this node)", err=True)

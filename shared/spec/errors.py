@@ -14,6 +14,12 @@ from typing import Any
 __all__ = ["SpecError", "SpecIssue", "describe_value", "did_you_mean"]
 
 
+_ESCAPES = {
+    code: ascii(chr(code))[1:-1]
+    for code in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, 0x85]
+}
+
+
 @dataclass(frozen=True, order=True)
 class SpecIssue:
     """One problem in a spec file; ``line`` and ``column`` count from 1 (0: unknown)."""
@@ -23,6 +29,13 @@ class SpecIssue:
     column: int
     path: str
     message: str
+
+    def __post_init__(self) -> None:
+        # A value quoted into a message may hold a newline: an issue stays one line.
+        for name in ("path", "message"):
+            text = getattr(self, name)
+            if not text.isprintable():
+                object.__setattr__(self, name, text.translate(_ESCAPES))
 
     def __str__(self) -> str:
         where = self.file

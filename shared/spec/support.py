@@ -13,14 +13,18 @@ dropped in silence. :func:`node_support` sorts them into
   ahead and the user is told, by ``zlayerctl validate``/``up``/``deploy`` and
   by an event.
 
-schedd, zlayerctl and agentd share this one list.
+schedd, zlayerctl and agentd share this one list. Each finding keeps the path
+of the key it is about, so that given the spec's text, :func:`node_support`
+names the file, line and column of that key too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.spec.models import DeploymentSpec, ServiceSpec
+from shared.spec.checks import PathSegment
+from shared.spec.models import DeploymentSpec, NetworkSpec, ServiceSpec
 
 PID_MODES = ("private", "host")
 IPC_MODES = ("private", "shareable", "host", "none")
@@ -31,10 +35,28 @@ NO_NEW_PRIVILEGES = ("no-new-privileges", "no-new-privileges:true", "no-new-priv
 NEW_PRIVILEGES = ("no-new-privileges:false", "no-new-privileges=false")
 
 
+Path = tuple[PathSegment, ...]
+
+
 @dataclass
 class NodeSupport:
     refusals: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # The key each sentence is about, for locating it in the file.
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def refuse(self, path: Path, message: str) -> None:
+        self.refusals.append(message)
+        self.paths[message] = path
+
+    def warn(self, path: Path, message: str) -> None:
+        self.warnings.append(message)
+        self.paths[message] = path
+
+    def extend(self, other: NodeSupport) -> None:
+        self.refusals += other.refusals
+        self.warnings += other.warnings
+        self.paths.update(other.paths)
 
 
 def no_new_privileges(service: ServiceSpec) -> bool:
@@ -46,60 +68,105 @@ def no_new_privileges(service: ServiceSpec) -> bool:
 
 def service_support(name: str, service: ServiceSpec) -> NodeSupport:
     found = NodeSupport()
-    refuse, warn = found.refusals.append, found.warnings.append
+    base: Path = ("services", name)
+
+    def refuse(key: Path, message: str) -> None:
+        found.refuse((*base, *key), f"service {name}: {message}")
+
+    def warn(key: Path, message: str) -> None:
+        found.warn((*base, *key), f"service {name}: {message}")
+
     if service.pid_mode not in (None, "", *PID_MODES):
         refuse(
-            f"service {name}: pid_mode {service.pid_mode!r} is not supported; use private "
-            "(the default) or host"
+            ("pid_mode",),
+            f"pid_mode {service.pid_mode!r} is not supported; use private (the default) or host",
         )
     if service.ipc_mode not in (None, "", *IPC_MODES):
         refuse(
-            f"service {name}: ipc_mode {service.ipc_mode!r} is not supported; use private "
-            "(the default), shareable, none or host"
+            ("ipc_mode",),
+            f"ipc_mode {service.ipc_mode!r} is not supported; use private "
+            "(the default), shareable, none or host",
         )
     if service.userns_mode not in (None, "", *USERNS_MODES):
         refuse(
-            f"service {name}: userns_mode {service.userns_mode!r} is not supported; replicas "
-            "run in the host's user namespace (leave it out, or host)"
+            ("userns_mode",),
+            f"userns_mode {service.userns_mode!r} is not supported; replicas "
+            "run in the host's user namespace (leave it out, or host)",
         )
-    for opt in service.security_opt:
+    for index, opt in enumerate(service.security_opt):
         if opt in UNCONFINED_OPTS or opt in NO_NEW_PRIVILEGES or opt in NEW_PRIVILEGES:
             continue
         refuse(
-            f"service {name}: security_opt {opt!r} would not be applied on this node (no "
+            ("security_opt", index),
+            f"security_opt {opt!r} would not be applied on this node (no "
             "seccomp, AppArmor or SELinux profiles are loaded); remove it, or use "
-            "no-new-privileges"
+            "no-new-privileges",
         )
-    for step in service.init.steps:
+    for index, step in enumerate(service.init.steps):
         if step.uses in ("init.s3_pull", "init.s3_push"):
             refuse(
-                f"service {name}: init step {step.id} uses {step.uses}, which this node does "
-                "not run yet; fetch the files with an init.run step instead"
+                ("init", "steps", index, "uses"),
+                f"init step {step.id} uses {step.uses}, which this node does "
+                "not run yet; fetch the files with an init.run step instead",
             )
-    for item in service.storage:
+    for index, item in enumerate(service.storage):
         if item.type == "s3":
             refuse(
-                f"service {name}: s3 storage ({item.bucket} at {item.target}) is not supported "
-                "on this node yet; use a named volume"
+                ("storage", index),
+                f"s3 storage ({item.bucket} at {item.target}) is not supported "
+                "on this node yet; use a named volume",
+            )
+        elif item.type in ("named", "anonymous") and item.tier != "local":
+            warn(
+                ("storage", index, "tier"),
+                f"storage tier {item.tier} ({item.target}) has no effect on one node; "
+                "the volume is a local directory",
             )
     if service.resources.gpu is not None:
         refuse(
-            f"service {name}: resources.gpu asks for GPUs, which this node does not hand out "
-            "yet; remove it, or pass a device through with devices"
+            ("resources", "gpu"),
+            "resources.gpu asks for GPUs, which this node does not hand out "
+            "yet; remove it, or pass a device through with devices",
+        )
+    for index, endpoint in enumerate(service.endpoints):
+        if endpoint.tunnel is not None and endpoint.tunnel.enabled:
+            refuse(
+                ("endpoints", index, "tunnel"),
+                f"endpoint {endpoint.name} asks for a tunnel, which this node does not "
+                "open; remove `tunnel` (expose: public publishes the port on this node)",
+            )
+    _network_support(service.network, refuse, warn)
+    if service.service_type.startswith("wasm_"):
+        refuse(
+            ("service_type",),
+            f"service_type {service.service_type} asks for a WebAssembly runtime, which this "
+            "node does not run yet; deploy an OCI image (service_type: standard)",
+        )
+    elif service.wasm is not None:
+        warn(
+            ("wasm",),
+            "wasm settings apply to WebAssembly services, which this node does not run "
+            "yet; they have no effect here",
+        )
+    if service.service_type == "job" and service.rtype != "job":
+        warn(
+            ("service_type",),
+            "service_type job is not applied; a service that runs to completion is `rtype: job`",
         )
     if service.tty or service.stdin_open:
         which = " and ".join(
             key for key, on in (("tty", service.tty), ("stdin_open", service.stdin_open)) if on
         )
         warn(
-            f"service {name}: {which} {'are' if ' and ' in which else 'is'} not supported; "
+            ("tty" if service.tty else "stdin_open",),
+            f"{which} {'are' if ' and ' in which else 'is'} not supported; "
             "the replica runs with no terminal and stdin closed "
-            "(`zlayerctl exec -t` gives a command one)"
+            "(`zlayerctl exec -t` gives a command one)",
         )
     if service.port_mappings:
         warn(
-            f"service {name}: port_mappings are not applied; publish a port with an endpoint "
-            "(expose: public)"
+            ("port_mappings",),
+            "port_mappings are not applied; publish a port with an endpoint (expose: public)",
         )
     for key, value, default in (
         ("node_mode", service.node_mode, "shared"),
@@ -108,19 +175,86 @@ def service_support(name: str, service: ServiceSpec) -> NodeSupport:
         ("replica_groups", service.replica_groups, None),
     ):
         if value not in (default, None, [], {}):
-            effect = "places replicas across a cluster; on one node it has no effect"
-            warn(f"service {name}: {key} {effect}")
+            warn((key,), f"{key} places replicas across a cluster; on one node it has no effect")
     for key in ("lifecycle", "isolation", "logs", "overlay", "localhost_reachability", "platform"):
         if getattr(service, key) is not None:
-            warn(f"service {name}: {key} is accepted but not applied by this version of ZLayer")
+            warn((key,), f"{key} is accepted but not applied by this version of ZLayer")
     return found
 
 
-def node_support(spec: DeploymentSpec) -> NodeSupport:
-    """Every refusal and warning of every service, in the spec's order."""
+Report = Callable[[Path, str], None]  # refuse(key, message) or warn(key, message)
+
+
+def _network_support(network: NetworkSpec, refuse: Report, warn: Report) -> None:
+    """Overlays and join policies: one node has one bridge network that every replica joins."""
+    shared = network.overlays.global_
+    if not shared.enabled or shared.isolated:
+        # Asked to be kept apart from the other services: on one bridge it would not be.
+        refuse(
+            ("network", "overlays", "global"),
+            "network.overlays.global asks to keep this service off the network every service "
+            "shares, but on this node all replicas share one bridge network; remove it",
+        )
+    elif network != NetworkSpec():
+        warn(
+            ("network",),
+            "network overlays and join policies connect nodes; on one node they have no "
+            "effect (every replica joins the node's bridge network)",
+        )
+
+
+def deployment_support(spec: DeploymentSpec) -> NodeSupport:
+    """What the top level asks (tunnels, api, externals) that a node does not do."""
     found = NodeSupport()
-    for name, service in spec.services.items():
-        one = service_support(name, service)
-        found.refusals += one.refusals
-        found.warnings += one.warnings
+    for name, tunnel in spec.tunnels.items():
+        found.refuse(
+            ("tunnels", name),
+            f"tunnel {name} ({tunnel.from_} to {tunnel.to}) connects nodes, which this node "
+            "does not do; remove it (an endpoint with expose: public publishes a port here)",
+        )
+    if "api" in spec.model_fields_set:
+        message = (
+            "api is not applied: this node's REST API is zlayer-apid, set by http_bind and "
+            "http_port in apid.toml"
+        )
+        if spec.api.jwt_secret:
+            message += "; apid has no authentication yet, so jwt_secret protects nothing"
+        found.warn(("api",), message)
+    if spec.externals:
+        found.warn(
+            ("externals",),
+            "externals is accepted but not applied by this version of ZLayer; give the "
+            "services that use one its address",
+        )
     return found
+
+
+def node_support(
+    spec: DeploymentSpec, text: str | bytes | None = None, filename: str = "<spec>"
+) -> NodeSupport:
+    """Every refusal and warning of the deployment and each service, in the spec's order.
+
+    Given the spec's ``text``, each sentence starts with the file, line and
+    column of the key it is about.
+    """
+    found = deployment_support(spec)
+    for name, service in spec.services.items():
+        found.extend(service_support(name, service))
+    if text is not None and (found.refusals or found.warnings):
+        found = _located(found, text, filename)
+    return found
+
+
+def _located(found: NodeSupport, text: str | bytes, filename: str) -> NodeSupport:
+    from shared.spec.located_yaml import LocatedYaml
+
+    document = LocatedYaml(filename, "deployment spec", "")
+    decoded = text.decode("utf-8-sig", "replace") if isinstance(text, bytes) else text
+    document.load(decoded)
+    located = NodeSupport()
+    for sentences, add in ((found.refusals, located.refuse), (found.warnings, located.warn)):
+        for sentence in sentences:
+            path = found.paths[sentence]
+            line, column = document.mark(path, at_key=True)
+            add(path, f"{filename}:{line}:{column}: {sentence}")
+    return located
