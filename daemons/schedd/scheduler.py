@@ -92,14 +92,14 @@ PASS_ERRORS = Counter(
 PASS_INTERVAL = 1.0  # seconds between reconcile passes
 AUTOSCALE_INTERVAL = 5.0  # seconds between load samples
 SLOW_PASS = 3.0  # a reconcile pass slower than this is logged: a neighbour is slow
-# The largest spec Deploy and Plan take, in bytes of UTF-8. Checked before
-# parsing: a 5 MB spec once took 50 s and 1.6 GiB to parse. The largest example
-# spec is a few KiB; a deployment of hundreds of services fits in far less.
-MAX_SPEC_BYTES = 1 << 20
 
 
 def check_spec_size(spec_text: str) -> None:
-    """Refuse a spec larger than MAX_SPEC_BYTES, with one sentence, before parsing it."""
+    """Refuse a spec larger than MAX_SPEC_BYTES, with one sentence, before parsing it
+    (a 5 MB spec once took 50 s and 1.6 GiB to parse)."""
+    # shared.spec loads the spec models: called in the worker thread, not at start.
+    from shared.spec.limits import MAX_SPEC_BYTES
+
     # A character is at most 4 bytes: most specs are decided without encoding.
     if len(spec_text) * 4 <= MAX_SPEC_BYTES:
         return
@@ -240,11 +240,11 @@ class Scheduler:
     ) -> DeploymentSpec:
         """The checked spec. Parsed in a worker thread: a large spec takes
         seconds, and the event loop must keep answering the bus and the watchdog."""
-        check_spec_size(spec_text)
         return await asyncio.to_thread(self._parse_now, spec_text, filename, host_env)
 
     @staticmethod
     def _parse_now(spec_text: str, filename: str, host_env: dict[str, str]) -> DeploymentSpec:
+        check_spec_size(spec_text)
         from shared.spec import SpecError, parse_spec
         from shared.spec.refs import resolve_env
         from shared.spec.support import node_support

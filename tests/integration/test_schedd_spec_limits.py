@@ -17,11 +17,11 @@ from collections.abc import Iterator
 import pytest
 
 from ctl.supervisor import find_executable
-from daemons.schedd.scheduler import MAX_SPEC_BYTES
 from shared.bus import InvalidSpecError, open_bus
 from shared.busdaemon import PrivateBus
 from shared.clients import SchedulerClient
 from shared.paths import Paths
+from shared.spec.limits import MAX_SPEC_BYTES
 
 SMALL = "version: v1\ndeployment: limits\nservices: {}\n"
 # Generous: one Status call on an idle schedd takes milliseconds; a spec parsed
