@@ -78,7 +78,7 @@ def _read_and_load(file: str, as_json: bool) -> tuple[DeploymentSpec, bytes]:
             _fail(str(exc.issues[0]))  # about the whole file (missing, empty): one sentence
         for issue in exc.issues:
             click.echo(str(issue), err=True)
-        count = len(exc.issues)
+        count = exc.total
         _fail(f"{file} is not a valid deployment spec ({count} problem{'s' * (count != 1)})")
 
 

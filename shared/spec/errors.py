@@ -58,12 +58,14 @@ class SpecIssue:
 class SpecError(ValueError):
     """A spec that cannot be accepted; ``issues`` holds every located problem."""
 
-    def __init__(self, issues: Sequence[SpecIssue]) -> None:
+    def __init__(self, issues: Sequence[SpecIssue], total: int | None = None) -> None:
         self.issues: list[SpecIssue] = list(issues)
+        # Past a limit the last issue only counts the rest: ``total`` counts them all.
+        self.total = len(self.issues) if total is None else total
         super().__init__(self.summary())
 
     def summary(self) -> str:
-        count = len(self.issues)
+        count = self.total
         noun = "problem" if count == 1 else "problems"
         head = f"{count} {noun} in the deployment spec"
         return "\n".join([head, *(str(issue) for issue in self.issues)])

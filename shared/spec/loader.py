@@ -128,7 +128,8 @@ def parse_spec(text: str | bytes, filename: str = "<spec>") -> DeploymentSpec:
         else:
             if not issues:
                 return spec
-    raise SpecError(_at_most(issues, filename, document.unshown))
+    shown = _at_most(issues, filename, document.unshown)
+    raise SpecError(shown, len(issues) + document.unshown)
 
 
 def _service_count(data: dict[str, Any]) -> int:
