@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -511,6 +512,12 @@ class RegistryClient:
                 await asyncio.shield(asyncio.to_thread(_remove_trees, [work]))
             if isinstance(exc, CorruptBlobError) or oversized:  # nothing to resume
                 await asyncio.to_thread(partial.unlink, True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise UnavailableError(
+                    f"not enough space in {self.store.root}: the disk filled while layer "
+                    f"{short(digest)} downloaded; free some space (zlayerctl system prune) or "
+                    "move the store to a larger disk, then pull again"
+                ) from None
             if isinstance(exc, OSError):
                 where = f" ({exc.filename})" if exc.filename else ""
                 log.exception("receiving blob %s failed", digest)

@@ -590,6 +590,9 @@ class _Intake(io.RawIOBase):
         self._prefix = open(partial, "rb") if prefix else None  # noqa: SIM115
         self._out = open(partial, "ab", buffering=0)  # noqa: SIM115
         self._head = b""
+        # A write to the partial file that failed (a full disk): a chunk is
+        # lost, so every later read fails too, however the unpacking took it.
+        self.failure: OSError | None = None
 
     def readable(self) -> bool:
         return True
@@ -604,6 +607,8 @@ class _Intake(io.RawIOBase):
         return self._fill(view)
 
     def _fill(self, view: memoryview) -> int:
+        if self.failure is not None:
+            raise self.failure
         if self._prefix is not None:
             n = self._prefix.readinto(view[: min(len(view), self._prefix_left)])
             if not n:
@@ -619,8 +624,12 @@ class _Intake(io.RawIOBase):
         n = len(data)
         if n:
             written = 0
-            while written < n:
-                written += self._out.write(data[written:]) or 0
+            try:
+                while written < n:
+                    written += self._out.write(data[written:]) or 0
+            except OSError as exc:
+                self.failure = exc
+                raise
             self.hash.update(data)
             self.size += n
             view[:n] = data
@@ -702,6 +711,8 @@ def receive_blob(
             else:
                 while intake.read(CHUNK):
                     pass
+            if intake.failure is not None:  # not the blob's fault: keep what is on disk
+                raise intake.failure
             actual = "sha256:" + intake.hash.hexdigest()
             whole = intake.size
             intact = actual == digest and (not size or whole == size)

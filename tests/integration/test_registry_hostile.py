@@ -141,6 +141,32 @@ def test_a_layer_that_does_not_fit_on_the_disk_is_refused_before_it_downloads(
         subprocess.run(["umount", str(store)], check=True)
 
 
+def test_a_disk_that_fills_during_a_download_of_no_declared_size_says_so(
+    zlayer_prefix: Paths, private_bus: PrivateBus, registry: Registry
+) -> None:
+    """No size to check first: the full disk is told as such, not as a corrupt blob."""
+    body, _ = manifest_of(registry, "busybox", "1")
+    manifest = json.loads(body)
+    digest = manifest["layers"][0]["digest"]
+    del manifest["layers"][0]["size"]
+    put_manifest(registry, "busybox", "nosize", manifest)
+    store = zlayer_prefix.daemon_state("registryd")
+    store.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(store)], check=True)
+    try:
+        with registryd_with(zlayer_prefix, private_bus) as daemon:
+            message = daemon.failure("pull", f"{registry.host}/busybox:nosize")
+            assert message == (
+                f"error: not enough space in {store}: the disk filled while layer "
+                f"{digest[7:19]} downloaded; free some space (zlayerctl system prune) or move "
+                "the store to a larger disk, then pull again"
+            )
+            assert os.listdir(daemon.store / "tmp") == []
+            assert daemon.images() == [] and daemon.layers() == set()
+    finally:
+        subprocess.run(["umount", str(store)], check=True)
+
+
 def test_max_layer_unpacked_size_bounds_pulled_and_imported_layers(
     zlayer_prefix: Paths,
     private_bus: PrivateBus,
