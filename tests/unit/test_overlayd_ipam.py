@@ -266,4 +266,5 @@ def test_ruleset_replaces_the_whole_table_and_masquerades_only_leaving_traffic()
         line.startswith('ip saddr 10.231.3.0/24 oifname != "zlt0" masquerade') for line in lines
     )
     assert "type nat hook postrouting priority srcnat; policy accept;" in lines
-    assert any(line.startswith('iifname "zlt0" accept') for line in lines)
+    assert "type filter hook forward priority filter; policy drop;" in lines
+    assert 'iifname "zlt0" ip daddr 127.0.0.0/8 drop comment "the node\'s loopback"' in lines
