@@ -247,7 +247,7 @@ def _cycle_problems(graph: dict[str, list[tuple[int, str]]]) -> list[Problem]:
                     problems.append(
                         Problem(
                             ("services", node, "depends", index, "service"),
-                            "dependency cycle: " + " -> ".join(cycle),
+                            "dependency cycle: " + _shown_cycle(cycle),
                         )
                     )
             elif target not in state:
@@ -255,6 +255,18 @@ def _cycle_problems(graph: dict[str, list[tuple[int, str]]]) -> list[Problem]:
                 path.append(target)
                 pending.append(iter(graph.get(target, [])))
     return problems
+
+
+def _shown_cycle(cycle: list[str]) -> str:
+    """``a -> b -> a``; a long cycle by its ends and its length."""
+    if len(cycle) <= 12:
+        return " -> ".join(cycle)
+    return (
+        " -> ".join(cycle[:5])
+        + " -> ... -> "
+        + " -> ".join(cycle[-3:])
+        + f" ({len(cycle) - 1:,} services)"
+    )
 
 
 def _chain_problems(graph: dict[str, list[tuple[int, str]]]) -> list[Problem]:
