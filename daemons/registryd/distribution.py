@@ -396,12 +396,7 @@ class Repository:
                 body = await response.read()
                 if response.status in (401, 403):
                     if self.credential is not None and withheld:
-                        raise ZLayerError(
-                            f"the registry {self.registry} wants credentials sent to its token "
-                            f"service {realm.origin()} over plain HTTP, {withheld}; ZLayer "
-                            "will not send them there: ask its operator to serve the token "
-                            "service over HTTPS"
-                        )
+                        raise self._withheld(realm, withheld)
                     raise self.refused()
                 if response.status != 200:
                     raise UnavailableError(
@@ -440,12 +435,23 @@ class Repository:
             return f"on another host than the registry's own ({self.base.host})"
         return ""
 
+    def _withheld(self, realm: URL, reason: str) -> ZLayerError:
+        return ZLayerError(
+            f"the registry {self.registry} wants credentials sent to its token service "
+            f"{realm.origin()} over plain HTTP, {reason}; ZLayer will not send them there: "
+            "ask its operator to serve the token service over HTTPS"
+        )
+
     async def verify_login(self) -> None:
         """Check the credential against the registry (login): a token or a /v2/ answer."""
         await self.probe()
         if self.challenge is None:
             return
         if self.challenge.scheme == "bearer":
+            realm = URL(self.challenge.realm)
+            withheld = self._unsafe_realm(realm) if realm.absolute else ""
+            if withheld:  # an anonymous token would prove nothing about the credentials
+                raise self._withheld(realm, withheld)
             self.scopes = ()
             await self._token(self.challenge)
             return

@@ -237,6 +237,24 @@ def test_credentials_never_go_to_a_plain_http_realm_on_another_host(
         tokens.close()
 
 
+def test_a_login_is_not_proven_by_an_anonymous_token_from_a_realm_it_may_not_use(
+    zlayer_prefix: Paths, private_bus: PrivateBus, tmp_path: Path
+) -> None:
+    """A realm on another host that hands anyone a token: the login must still fail, and
+    the credentials must not be kept, as a token got without them proves nothing."""
+    tokens = TokenServer(tmp_path, host="127.0.0.2", anonymous=True)
+    server = start_registry(tokens.registry_auth())
+    try:
+        with registryd_with(zlayer_prefix, private_bus) as daemon:
+            message = daemon.failure("login", server.host, "-u", USER, "-p", PASSWORD)
+            assert "ZLayer will not send them there" in message
+            assert not (daemon.store / "auth.json").exists()
+        assert not any(r["authorized"] for r in tokens.requests)
+    finally:
+        server.stop()
+        tokens.close()
+
+
 def test_credentials_for_an_https_registry_never_go_to_a_plain_http_realm(
     zlayer_prefix: Paths,
     private_bus: PrivateBus,
