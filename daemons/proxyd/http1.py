@@ -274,12 +274,11 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.tunnel_closed()
             self.tunnel = None
-        for work in (self.current, *self.waiting):
-            if work is not None:
-                work.cancel()
-        if self.parsing is not None and self.parsing.state == "new":
-            self.parsing.cancel()
-        self.current = None
+        if self.current is not None:
+            self.current.cancel()
+        # The waiting ones never started (nothing was counted for them), and
+        # the one being parsed is one of those two.
+        self.current = self.parsing = None
         self.waiting.clear()
 
     def pause_writing(self) -> None:

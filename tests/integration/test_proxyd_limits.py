@@ -8,6 +8,7 @@ import contextlib
 import re
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -356,3 +357,24 @@ def test_tcp_stream_connections_past_the_cap_are_closed(
         proxyd.metrics(),
     )
     assert refused and float(refused[1]) == 1.0
+
+
+def test_a_client_that_pipelines_and_leaves_is_forgotten(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    serve_web(proxyd, backends)
+    with connect(proxyd) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+        # The first request waits on its backend; the other two wait their turn.
+        sock.sendall(
+            b"GET /?sleep=0.5 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        deadline = time.monotonic() + 5
+        while backends.hits[BACKENDS[0]] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    time.sleep(1.0)
+    (stats,) = proxyd.stats()
+    assert stats.active_connections == 0, stats
+    assert "-1.0" not in proxyd.metrics().split("zlayer_proxy_active_connections{")[1][:200]
