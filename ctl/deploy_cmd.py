@@ -14,7 +14,6 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
@@ -22,6 +21,7 @@ import click
 
 from ctl.client import Client, resolve_deployment
 from ctl.output import console, err_console, fail, format_option, print_json, print_table
+from ctl.reads import coloured, print_events, stamp
 from shared.wire import decode, encode, to_builtins
 from shared.wire.jobs import JobInfo, ProgressItem
 from shared.wire.scheduler import Deployed, DeploymentStatus, Event, replicas_over
@@ -31,29 +31,6 @@ if TYPE_CHECKING:
 
 DEFAULT_WAIT = 600.0
 T = TypeVar("T")
-
-_STATE_COLOUR = {
-    "running": "green",
-    "healthy": "green",
-    "succeeded": "green",
-    "starting": "yellow",
-    "updating": "yellow",
-    "deploying": "yellow",
-    "waiting": "yellow",
-    "pending": "yellow",
-    "initializing": "yellow",
-    "creating": "yellow",
-    "removing": "yellow",
-    "stopping": "yellow",
-    "restarting": "yellow",
-    "stopped": "dim",
-    "exited": "dim",
-    "none": "dim",
-}
-
-
-def _coloured(state: str) -> str:
-    return f"[{_STATE_COLOUR.get(state, 'red')}]{state}[/]"
 
 
 def _spec_path(file: str | None, command: str) -> Path:
@@ -111,20 +88,16 @@ async def _deploy_warnings(client: Client, status: DeploymentStatus) -> list[str
     return [e.message for e in found[marks[-1] + 1 :] if e.kind == "warning"]
 
 
-def _stamp(when: float) -> str:
-    return datetime.fromtimestamp(when).strftime("%H:%M:%S")
-
-
 def _print_event(event: Event) -> None:
     where = f"{event.service}: " if event.service else ""
-    err_console.print(f"[dim]{_stamp(event.time)}[/] {where}{event.message}", highlight=False)
+    err_console.print(f"[dim]{stamp(event.time)}[/] {where}{event.message}", highlight=False)
 
 
 def _status_lines(status: DeploymentStatus) -> None:
     for svc in status.services:
         count = f"{svc.healthy}/{svc.desired} healthy" if svc.rtype == "service" else svc.rtype
         note = f" - {svc.message}" if svc.message else ""
-        err_console.print(f"  {svc.name}: {_coloured(svc.state)} {count}{note}", highlight=False)
+        err_console.print(f"  {svc.name}: {coloured(svc.state)} {count}{note}", highlight=False)
 
 
 def _failed_sentence(status: DeploymentStatus) -> str | None:
@@ -306,7 +279,7 @@ class _Line:
         if self.spinner is not None:
             self.spinner.update(line)
         else:
-            err_console.print(f"[dim]{_stamp(time.time())}[/] {line}", highlight=False)
+            err_console.print(f"[dim]{stamp(time.time())}[/] {line}", highlight=False)
         self.last = line
 
 
@@ -421,7 +394,7 @@ async def _follow_events(client: Client, name: str, stop: asyncio.Event) -> None
             )
             if line != last_line:
                 err_console.print(
-                    f"[dim]{_stamp(time.time())}[/] [bold]{name}[/] {status.state}: {line}",
+                    f"[dim]{stamp(time.time())}[/] [bold]{name}[/] {status.state}: {line}",
                     highlight=False,
                 )
                 last_line = line
@@ -565,24 +538,17 @@ def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
 @format_option
 def events(deployment: str | None, limit: int, follow: bool, output_format: str) -> None:
     """What happened to deployments: deploys, rollouts, scaling decisions, failures."""
+    if not follow:
+        from ctl import reads
+
+        reads.events(deployment, limit, output_format)
+        return
 
     async def run() -> None:
         client = Client()
-        found = await client.scheduler.list_events(deployment or "", limit)
-        if output_format == "json":
-            print_json(to_builtins(found))
-            if not follow:
-                return
-        else:
-            for event in found:
-                where = "" if deployment else f"[bold]{event.deployment}[/] "
-                service = f"{event.service}: " if event.service else ""
-                console.print(
-                    f"[dim]{_stamp(event.time)}[/] {where}{service}{event.message}",
-                    highlight=False,
-                )
-        if not follow:
-            return
+        print_events(
+            await client.scheduler.list_events(deployment or "", limit), deployment, output_format
+        )
         async for event in client.scheduler.events():
             if deployment and event.deployment != deployment:
                 continue
@@ -591,7 +557,7 @@ def events(deployment: str | None, limit: int, follow: bool, output_format: str)
             else:
                 service = f"{event.service}: " if event.service else ""
                 console.print(
-                    f"[dim]{_stamp(event.time)}[/] [bold]{event.deployment}[/] "
+                    f"[dim]{stamp(event.time)}[/] [bold]{event.deployment}[/] "
                     f"{service}{event.message}",
                     highlight=False,
                 )
@@ -622,108 +588,15 @@ def rollback(name: str | None, output_format: str) -> None:
     asyncio.run(run())
 
 
-def _uptime(started: float | None) -> str:
-    if not started:
-        return ""
-    seconds = int(time.time() - started)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
 @click.command()
 @click.option("--containers", is_flag=True, help="one row per replica instead of per service")
 @click.option("-d", "--deployment", help="only this deployment")
 @format_option
 def ps(containers: bool, deployment: str | None, output_format: str) -> None:
     """Show deployments and their services (or replicas with --containers)."""
+    from ctl import reads
 
-    async def run() -> None:
-        client = Client()
-        if containers:
-            replicas = await client.agent.list_replicas(deployment or "", "")
-            if output_format == "json":
-                print_json(to_builtins(replicas))
-                return
-            print_table(
-                [
-                    "REPLICA",
-                    "DEPLOYMENT",
-                    "SERVICE",
-                    "STATE",
-                    "HEALTH",
-                    "ADDRESS",
-                    "PID",
-                    "EXIT",
-                    "RESTARTS",
-                    "UPTIME",
-                    "MESSAGE",
-                ],
-                [
-                    [
-                        r.id,
-                        r.deployment,
-                        r.service,
-                        _coloured(r.state),
-                        _coloured(r.health),
-                        r.address,
-                        r.pid or "",
-                        ""
-                        if r.exit_code is None
-                        else (f"{r.exit_code} (OOM)" if r.oom_killed else r.exit_code),
-                        r.restarts,
-                        _uptime(r.started_at) if r.state == "running" else "",
-                        r.message,
-                    ]
-                    for r in replicas
-                ],
-            )
-            return
-        statuses = await client.scheduler.list_deployments()
-        if deployment:
-            statuses = [s for s in statuses if s.name == deployment]
-        if output_format == "json":
-            print_json(to_builtins(statuses))
-            return
-        if not statuses:
-            err_console.print("no deployments; start one with `zlayerctl up FILE`", highlight=False)
-            return
-        rows = []
-        for status in statuses:
-            for svc in status.services:
-                running = f"{svc.running}/{svc.desired}" if svc.rtype == "service" else "-"
-                healthy = f"{svc.healthy}/{svc.desired}" if svc.rtype == "service" else "-"
-                rows.append(
-                    [
-                        status.name,
-                        status.revision,
-                        svc.name,
-                        svc.rtype,
-                        svc.image,
-                        running,
-                        healthy,
-                        _coloured(svc.state),
-                        svc.message,
-                    ]
-                )
-        print_table(
-            [
-                "DEPLOYMENT",
-                "REV",
-                "SERVICE",
-                "TYPE",
-                "IMAGE",
-                "RUNNING",
-                "HEALTHY",
-                "STATE",
-                "MESSAGE",
-            ],
-            rows,
-        )
-
-    asyncio.run(run())
+    reads.ps(containers, deployment, output_format)
 
 
 @click.command()
@@ -822,7 +695,7 @@ def job_trigger(service: str, deployment: str | None, wait: bool, output_format:
         else:
             exit_note = f", exit code {result.exit_code}" if result.exit_code is not None else ""
             err_console.print(
-                f"run {result.id} of {service}: {_coloured(result.state)}{exit_note}",
+                f"run {result.id} of {service}: {coloured(result.state)}{exit_note}",
                 highlight=False,
             )
         if wait and result.state == "failed":
@@ -855,9 +728,9 @@ def job_status(service: str, deployment: str | None, output_format: str) -> None
                     r.id,
                     r.service,
                     r.trigger,
-                    _coloured(r.state),
+                    coloured(r.state),
                     "" if r.exit_code is None else r.exit_code,
-                    _stamp(r.started_at),
+                    stamp(r.started_at),
                     f"{(r.finished_at or time.time()) - r.started_at:.1f}s",
                     r.message,
                 ]
@@ -892,8 +765,8 @@ def cron_ls(deployment: str, output_format: str) -> None:
                     r.deployment,
                     r.service,
                     r.schedule,
-                    _stamp(r.next_run) if r.next_run else "",
-                    _stamp(r.last_run) if r.last_run else "",
+                    stamp(r.next_run) if r.next_run else "",
+                    stamp(r.last_run) if r.last_run else "",
                 ]
                 for r in rows
             ],

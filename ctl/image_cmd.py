@@ -5,26 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from datetime import datetime
-from typing import Any
 
 import click
 
 from ctl.client import Client
-from ctl.output import fail, format_option, human_size, print_json, print_table, short_id
+from ctl.output import fail, format_option, human_size, print_json, short_id
 from ctl.registry_cmd import push
 from ctl.transfer import Sent
 from shared.wire import to_builtins
 from shared.wire.registry import ImageDetail, ImageInfo
 
 IMPORT_CALL_USEC = 60 * 60 * 1_000_000  # a multi-gigabyte archive is hashed and unpacked
-
-
-def _created(value: str) -> str:
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return value
 
 
 @click.group()
@@ -65,36 +56,9 @@ def import_(path: str, name: str, output_format: str) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="only image ids")
 def ls(output_format: str, quiet: bool) -> None:
     """List the images on this node."""
+    from ctl import reads
 
-    async def run() -> list[ImageInfo]:
-        client = Client()
-        try:
-            return await client.registry.list_images()
-        finally:
-            client.close()
-
-    images = asyncio.run(run())
-    if output_format == "json":
-        print_json(to_builtins(images))
-        return
-    if quiet:
-        for info in images:
-            click.echo(short_id(info.id))
-        return
-    rows: list[list[Any]] = []
-    for info in images:
-        for name in info.names or ["<none>"]:
-            rows.append(
-                [
-                    name,
-                    short_id(info.id),
-                    human_size(info.size),
-                    len(info.layers),
-                    _created(info.created),
-                    f"{info.os}/{info.architecture}".strip("/"),
-                ]
-            )
-    print_table(["NAME", "ID", "SIZE", "LAYERS", "CREATED", "PLATFORM"], rows)
+    reads.image_ls(output_format, quiet)
 
 
 @image.command("inspect")

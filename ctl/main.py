@@ -1,21 +1,24 @@
-"""The ``zlayerctl`` command group and its error handling.
+"""zlayerctl's entry point, its command table and its error handling.
 
 Commands load lazily: ``zlayerctl status`` imports the status module and what
 it needs, not the build formats, wasmtime or the registry client. The table
 below names each command's module and its one-line help, so ``zlayerctl
---help`` lists every command without importing any of them.
+--help`` lists every command without importing any of them. The click group
+itself is ``ctl.cli.cli`` (``ctl.main.cli`` too): the read commands a
+command line of ``ctl.readargs`` names run without importing click at all.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import errno
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import click
-
-from shared import __version__
+if TYPE_CHECKING:
+    from ctl.cli import LazyGroup as LazyGroup
+    from ctl.cli import cli as cli
 
 DEBUG_ENV = "ZLAYER_DEBUG"
 
@@ -134,81 +137,40 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
-    """A group whose subcommands are imported only when one is run.
-
-    ``lazy_commands`` maps a command name to ``("module:attribute", short
-    help)``; ``--help`` lists the names with their short help and imports
-    nothing.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        lazy_commands: dict[str, tuple[str, str]] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.lazy_commands = dict(lazy_commands or {})
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy_commands})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.lazy_commands and cmd_name not in self.commands:
-            self.add_command(self._load(cmd_name), cmd_name)
-        return super().get_command(ctx, cmd_name)
-
-    def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
-        try:
-            return super().resolve_command(ctx, args)
-        except click.UsageError as exc:
-            # click >= 8.4 suggests "Did you mean 'status'?" from the loaded commands only;
-            # suggest from every command
-            name = getattr(exc, "command_name", None)
-            if name is None:
-                raise
-            raise type(exc)(name, possibilities=self.list_commands(ctx), ctx=ctx) from None  # type: ignore[call-arg]
-
-    def _load(self, cmd_name: str) -> click.Command:
-        target, _ = self.lazy_commands[cmd_name]
-        module_name, attribute = target.split(":", 1)
-        command = getattr(importlib.import_module(module_name), attribute)
-        if not isinstance(command, click.Command):
-            raise TypeError(f"{target} is not a click command")
-        return command
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        """List every command with its short help, importing only those not in the table."""
-        rows: list[tuple[str, click.Command]] = []
-        for name in self.list_commands(ctx):
-            if name in self.commands or name not in self.lazy_commands:
-                command = self.get_command(ctx, name)
-            else:
-                command = click.Command(name, help=self.lazy_commands[name][1])
-            if command is not None and not command.hidden:
-                rows.append((name, command))
-        if not rows:
-            return
-        limit = formatter.width - 6 - max(len(name) for name, _ in rows)
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in rows])
-
-
-@click.group(
-    cls=LazyGroup,
-    lazy_commands=LAZY_COMMANDS,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-@click.version_option(__version__, prog_name="zlayerctl")
-def cli() -> None:
-    """ZLayer: container orchestration as simple as docker compose."""
-
-
 def main() -> None:
-    """Run zlayerctl; any failure becomes one sentence on stderr and exit 1."""
+    """Run zlayerctl; any failure becomes one sentence on stderr and exit 1.
+
+    A read command whose command line ``ctl.readargs`` understands runs
+    straight away, without click; anything else goes through click.
+    """
+    from ctl.readargs import parse, runner
+
+    parsed = parse(sys.argv[1:])
+    if parsed is None:
+        _main_click()
+        return
+    command, options = parsed
+    try:
+        runner(command)(**options)
+    except KeyboardInterrupt:
+        # as click does for a command: a blank line closes the terminal's ^C, then 130
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+            _quiet_broken_pipe()
+            sys.exit(1)
+        _explain_and_exit(exc)
+
+
+def _main_click() -> None:
+    import click
+
+    from ctl.cli import cli
+
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -219,12 +181,33 @@ def main() -> None:
     except SystemExit:
         raise
     except BaseException as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        from ctl.errors import explain
-        from ctl.output import fail
+        _explain_and_exit(exc)
 
-        fail(explain(exc))
+
+def _explain_and_exit(exc: BaseException) -> NoReturn:
+    if os.environ.get(DEBUG_ENV):
+        raise exc
+    from ctl.errors import explain
+    from ctl.output import fail
+
+    fail(explain(exc))
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (``zlayerctl ps | head -1``): nothing more can be written, and
+    flushing at exit must not complain, as click quiets it for its commands."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("cli", "LazyGroup"):
+        import ctl.cli
+
+        return getattr(ctl.cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,54 @@
 """How zlayerctl prints: tables and colour for people, JSON for scripts.
 
-rich is imported only when it is needed: for a terminal, for a table on a
-terminal, or for markup this module cannot render as plain text itself.
+click is imported with the first use of ``format_option`` (a command's
+definition), so the read commands' bodies print without it; rich only when
+it is needed: for a terminal, for a table on a terminal, or for markup this
+module cannot render as plain text itself.
 Output to a pipe or a file (``--format json``, plain tables, one-line
 messages) never imports it, and reads exactly as rich would have written it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
-import click
-
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
 
-format_option = click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="table for people, json for scripts",
-)
+    # The --format option of the commands that print tables; made with click on first use
+    # (module __getattr__ below), so the read commands' bodies import no click.
+    format_option: Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _format_option() -> Any:
+    import click
+
+    return click.option(
+        "--format",
+        "output_format",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
+        help="table for people, json for scripts",
+    )
+
+
+_made: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "format_option":
+        if name not in _made:
+            _made[name] = _format_option()
+        return _made[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # rich's console markup: a tag, with the backslashes that may escape it.
 _TAG = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")
@@ -193,6 +214,8 @@ err_console = cast("Console", _LazyConsole(stderr=True, soft_wrap=True))
 
 
 def print_json(data: Any) -> None:
+    import json  # only for JSON output
+
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 

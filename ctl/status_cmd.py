@@ -1,21 +1,24 @@
-"""``zlayerctl status``: each daemon's state, version, pid and supervisor."""
+"""``zlayerctl status``: each daemon's state, version, pid and supervisor.
+
+The body, :func:`show`, imports neither click nor sdbus: ``ctl.main`` runs
+it straight from a command line ``ctl.readargs`` understands. The click
+command ``status`` (for ``--help`` and usage errors) is made on first
+access, through the module's ``__getattr__``.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any
-
-import click
-from sdbus import SdBus
+from typing import TYPE_CHECKING, Any
 
 from ctl.errors import NOT_RUNNING
-from ctl.output import fail, format_option, print_json, print_table
-from shared.bus import DAEMONS, DaemonInfo, open_bus, resolve_bus_address
-from shared.clients import daemon_client
-from shared.paths import Paths
+from ctl.output import fail, print_json, print_table
+from shared.busread import BUS_NAMES, BusReader, NoBusError, bus_address
 from shared.wire import to_builtins
 from shared.wire.daemon import DaemonStatus
+
+if TYPE_CHECKING:
+    import click
 
 CALL_TIMEOUT = 3.0
 EXIT_NOT_ALL_RUNNING = 3  # as `systemctl status` does for units not running
@@ -32,34 +35,39 @@ def _uptime(started_at_usec: int) -> str:
     return f"{secs}s"
 
 
-async def _query(info: DaemonInfo, bus: SdBus) -> DaemonStatus | str:
+def _answers() -> dict[str, DaemonStatus | str]:
+    """Each daemon's Status, or "not answering" / "not running", asked all at once."""
     try:
-        return await asyncio.wait_for(daemon_client(info.name, bus).status(), CALL_TIMEOUT)
-    except TimeoutError:
-        return "not answering"
-    except Exception:  # the name has no owner: not running
-        return "not running"
-
-
-async def collect(paths: Paths) -> list[dict[str, Any]]:
-    """One row per daemon, from the bus and the supervisor's record."""
-    address = resolve_bus_address(paths)
-    try:
-        bus = open_bus(address)
-    except Exception:  # no system bus and no private bus
+        bus = BusReader(bus_address())
+    except NoBusError:  # no system bus and no private bus
         fail(NOT_RUNNING, EXIT_NOT_ALL_RUNNING)
-    from ctl.supervisor import SupervisorState
+    with bus:
+        try:
+            found = bus.statuses(list(BUS_NAMES), CALL_TIMEOUT)
+        except NoBusError:
+            return dict.fromkeys(BUS_NAMES, "not running")
+    return {
+        name: answer
+        if isinstance(answer, DaemonStatus)
+        else ("not answering" if answer is None else "not running")
+        for name, answer in found.items()
+    }
 
-    supervised = SupervisorState.read(paths)
-    answers = await asyncio.gather(*(_query(info, bus) for info in DAEMONS))
+
+def collect() -> list[dict[str, Any]]:
+    """One row per daemon, from the bus and the supervisor's record."""
+    answers = _answers()
+    from ctl.supervisor_state import SupervisorState, state_file
+
+    supervised = SupervisorState.read_file(state_file())
     rows: list[dict[str, Any]] = []
-    for info, answer in zip(DAEMONS, answers, strict=True):
+    for name, answer in answers.items():
         if isinstance(answer, DaemonStatus):
             row = to_builtins(answer)
             row["uptime"] = _uptime(answer.started_at_usec)
         else:
             row = {
-                "name": info.name,
+                "name": name,
                 "state": answer,
                 "version": "",
                 "pid": 0,
@@ -68,26 +76,23 @@ async def collect(paths: Paths) -> list[dict[str, Any]]:
                 "uptime": "",
                 "detail": "",
             }
-            record = supervised.daemons.get(info.name) if supervised else None
+            record = supervised.daemons.get(name) if supervised else None
             if record is not None:
                 row["supervisor"] = "zlayerctl"
                 row["state"] = record.state
                 if record.last_exit is not None:
                     row["detail"] = f"last exit code {record.last_exit}, {record.restarts} restarts"
-        row["unit"] = info.unit
+        row["unit"] = f"zlayer-{name}.service"
         rows.append(row)
-    bus.close()
     return rows
 
 
 _STATE_STYLE = {"running": "green", "starting": "yellow", "restarting": "yellow"}
 
 
-@click.command()
-@format_option
-def status(output_format: str) -> None:
+def show(output_format: str) -> None:
     """Show each daemon's state, version, pid and supervisor."""
-    rows = asyncio.run(collect(Paths.from_env()))
+    rows = collect()
     if all(row["state"] == "not running" for row in rows):
         fail(NOT_RUNNING, EXIT_NOT_ALL_RUNNING)
     if output_format == "json":
@@ -111,3 +116,28 @@ def status(output_format: str) -> None:
         )
     if any(r["state"] != "running" for r in rows):
         raise SystemExit(EXIT_NOT_ALL_RUNNING)
+
+
+def _command() -> click.Command:
+    import click
+
+    from ctl.output import format_option
+
+    @click.command()
+    @format_option
+    def status(output_format: str) -> None:
+        """Show each daemon's state, version, pid and supervisor."""
+        show(output_format)
+
+    return status
+
+
+_made: dict[str, click.Command] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "status":
+        if name not in _made:
+            _made[name] = _command()
+        return _made[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

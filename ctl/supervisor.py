@@ -34,6 +34,8 @@ from typing import Any
 import msgspec
 
 from ctl.fdstore import ChildStart, FdStore, receive
+from ctl.supervisor_state import ChildState as ChildState  # re-exported
+from ctl.supervisor_state import SupervisorState as SupervisorState
 from shared.bus import BUS_ADDRESS_ENV, DAEMONS, DaemonInfo
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
@@ -61,49 +63,6 @@ START_AFTER: dict[str, tuple[str, ...]] = {
 }
 # Variables that describe our own invocation, not the child's.
 _NOT_INHERITED = ("INVOCATION_ID", "JOURNAL_STREAM", "WATCHDOG_PID", "NOTIFY_SOCKET")
-
-
-class ChildState(msgspec.Struct, kw_only=True):
-    """One supervised daemon, as written to supervisor.json."""
-
-    name: str
-    pid: int = 0
-    state: str = "starting"  # starting | running | restarting | stopped | failed
-    restarts: int = 0
-    last_exit: int | None = None
-    next_start_at: float | None = None
-    log_file: str = ""
-    fd_store: list[str] = []  # names of the descriptors it keeps with us
-
-
-class SupervisorState(msgspec.Struct, kw_only=True):
-    """The supervisor's record of itself and its children."""
-
-    pid: int
-    started_at: float
-    bus_address: str
-    bus_pid: int
-    ready: bool = False
-    daemons: dict[str, ChildState]
-
-    @classmethod
-    def read(cls, paths: Paths) -> SupervisorState | None:
-        """The running supervisor's state, or None when none runs."""
-        try:
-            state = msgspec.json.decode(paths.supervisor_state.read_bytes(), type=cls)
-        except (OSError, ValueError, msgspec.DecodeError):
-            return None
-        return state if _alive(state.pid) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,177 @@
+"""The read commands' arguments, parsed without click.
+
+``zlayerctl ps``, ``status``, ``routes``, ``dns``, ``image ls`` and ``events``
+are run many times a day and must start quickly; importing click costs more
+than the rest of such a command. :func:`parse` reads their command lines
+when every word is one this table knows, with the value click would give it;
+anything else (``--help``, a usage error, ``--follow``, an attached value
+such as ``-dweb``, shell completion) returns None and click runs the command
+as always, with its own messages. ``tests/unit/test_ctl_reads.py`` holds the
+table to the click commands' options.
+
+Importing this module imports nothing but ``os``, ``sys`` and ``typing`` (which click and
+the read path load anyway): not dataclasses, whose ``inspect`` the read path does not need.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+FLAG = "flag"
+TEXT = "text"
+FORMAT = "format"
+LINES = "lines"
+FORMATS = ("table", "json")
+LINES_RANGE = (1, 2000)  # events -n: click.IntRange(1, 2000)
+
+
+class ReadCommand:
+    """One read command: its words, options and defaults, and where its body lives."""
+
+    __slots__ = ("defaults", "options", "target", "words")
+
+    def __init__(
+        self,
+        words: tuple[str, ...],
+        target: str,
+        options: dict[str, tuple[str, str]],
+        defaults: dict[str, Any],
+    ) -> None:
+        self.words = words
+        self.target = target  # "module:function", called with the parsed options as keywords
+        self.options = options  # option -> (parameter, kind)
+        self.defaults = defaults
+
+
+_FORMAT_OPTION = {"--format": ("output_format", FORMAT)}
+_DEPLOYMENT_OPTION = {"-d": ("deployment", TEXT), "--deployment": ("deployment", TEXT)}
+
+READ_COMMANDS: tuple[ReadCommand, ...] = (
+    ReadCommand(
+        ("ps",),
+        "ctl.reads:ps",
+        {"--containers": ("containers", FLAG), **_DEPLOYMENT_OPTION, **_FORMAT_OPTION},
+        {"containers": False, "deployment": None, "output_format": "table"},
+    ),
+    ReadCommand(
+        ("status",),
+        "ctl.status_cmd:show",
+        dict(_FORMAT_OPTION),
+        {"output_format": "table"},
+    ),
+    ReadCommand(
+        ("routes",),
+        "ctl.reads:routes",
+        {**_DEPLOYMENT_OPTION, **_FORMAT_OPTION},
+        {"deployment": None, "output_format": "table"},
+    ),
+    ReadCommand(
+        ("dns",),
+        "ctl.reads:dns",
+        {**_DEPLOYMENT_OPTION, **_FORMAT_OPTION},
+        {"deployment": None, "output_format": "table"},
+    ),
+    ReadCommand(
+        ("image", "ls"),
+        "ctl.reads:image_ls",
+        {**_FORMAT_OPTION, "-q": ("quiet", FLAG), "--quiet": ("quiet", FLAG)},
+        {"output_format": "table", "quiet": False},
+    ),
+    ReadCommand(
+        ("events",),
+        "ctl.reads:events",
+        {
+            **_DEPLOYMENT_OPTION,
+            "-n": ("limit", LINES),
+            "--lines": ("limit", LINES),
+            **_FORMAT_OPTION,
+        },
+        {"deployment": None, "limit": 50, "output_format": "table"},
+    ),
+)
+
+
+def _value(kind: str, text: str) -> Any:
+    """The value click gives ``text`` for an option of ``kind``, or None to leave it to click."""
+    if text.startswith("-"):
+        return None  # click would take it as the value; rare enough to leave to click
+    if kind == FORMAT:
+        return text if text in FORMATS else None
+    if kind == LINES:
+        if not (text.isascii() and text.isdigit()):
+            return None
+        number = int(text)
+        low, high = LINES_RANGE
+        return number if low <= number <= high else None
+    return text
+
+
+def parse(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
+    """The read command ``argv`` runs and its options, or None to leave ``argv`` to click."""
+    if any(name.endswith("_COMPLETE") for name in os.environ):
+        return None  # click's shell completion
+    for command in READ_COMMANDS:
+        if tuple(argv[: len(command.words)]) == command.words:
+            break
+    else:
+        return None
+    values = dict(command.defaults)
+    rest = argv[len(command.words) :]
+    index = 0
+    while index < len(rest):
+        word = rest[index]
+        option, equals, attached = word.partition("=") if word.startswith("--") else (word, "", "")
+        spec = command.options.get(option)
+        if spec is None:
+            return None
+        parameter, kind = spec
+        if kind == FLAG:
+            if equals:
+                return None
+            values[parameter] = True
+            index += 1
+            continue
+        if equals:
+            text = attached
+            index += 1
+        elif index + 1 < len(rest):
+            text = rest[index + 1]
+            index += 2
+        else:
+            return None
+        value = _value(kind, text)
+        if value is None:
+            return None
+        values[parameter] = value
+    return command, values
+
+
+def runner(command: ReadCommand) -> Callable[..., None]:
+    """The function that runs ``command``'s body."""
+    import importlib
+
+    _import_msgspec_without_typing_extensions()
+    module, function = command.target.split(":", 1)
+    found: Callable[..., None] = getattr(importlib.import_module(module), function)
+    return found
+
+
+def _import_msgspec_without_typing_extensions() -> None:
+    """Import msgspec as it runs where typing_extensions is not installed.
+
+    msgspec imports typing_extensions when it finds it (pydantic installs
+    it), an optional import it does without; typing_extensions imports
+    ``inspect`` (ast, dis, tokenize): about 15 ms of a read command's start,
+    for nothing the wire Structs use. The module is hidden only while msgspec
+    imports; anything imported later finds it as usual.
+    """
+    if "msgspec" in sys.modules or "typing_extensions" in sys.modules:
+        return
+    sys.modules["typing_extensions"] = None  # type: ignore[assignment]  # import fails
+    try:
+        import msgspec  # noqa: F401
+    finally:
+        del sys.modules["typing_extensions"]

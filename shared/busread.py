@@ -1,0 +1,289 @@
+"""Blocking reads from the daemons over D-Bus, without asyncio or sdbus.
+
+zlayerctl's read commands (``ps``, ``status``, ``routes``, ``dns``, ``image
+ls``, ``events``) make one call, or one to each daemon, and print. Through
+sdbus they would pay for its C module, which imports asyncio (and asyncio
+ssl and concurrent.futures), before sending anything: most of their start-up.
+So they speak D-Bus through jeepney's blocking connection instead and decode
+each reply into the same wire Structs as the typed clients in
+``shared.clients`` do. Everything that changes state, waits on jobs or
+follows signals stays on sdbus.
+
+:data:`READS` is the one place that names each read's member and
+signatures; ``tests/unit/test_ctl_reads.py`` checks it, the bus names and
+the error names here against the sdbus interfaces in ``shared.bus``, so
+they cannot drift apart.
+
+Errors: a D-Bus error reply raises :class:`BusError` (its name and
+message); a bus that cannot be reached, or that hangs up, raises
+:class:`NoBusError`. ``ctl.errors.explain`` turns both into the sentences
+it gives for sdbus's exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jeepney.io.blocking import DBusConnection
+
+    from shared.wire.agent import ReplicaInfo
+    from shared.wire.daemon import DaemonStatus
+    from shared.wire.registry import ImageInfo
+    from shared.wire.scheduler import DeploymentStatus, Event
+    from shared.wire.traffic import DnsRecord, RouteInfo
+
+# As shared.bus and shared.paths (which import sdbus and pathlib); the tests hold them equal.
+BUS_ADDRESS_ENV = "ZLAYER_BUS_ADDRESS"
+PREFIX_ENV = "ZLAYER_PREFIX"
+# sd-bus's system bus, where the daemons run under systemd.
+SYSTEM_BUS_ENV = "DBUS_SYSTEM_BUS_ADDRESS"
+SYSTEM_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"
+
+# Each daemon's bus name, which is also its interface's name.
+BUS_NAMES: dict[str, str] = {
+    "schedd": "org.zlayer.Scheduler1",
+    "agentd": "org.zlayer.Agent1",
+    "registryd": "org.zlayer.Registry1",
+    "overlayd": "org.zlayer.Overlay1",
+    "proxyd": "org.zlayer.Proxy1",
+    "apid": "org.zlayer.Api1",
+}
+
+# The error names shared.bus raises as ZLayerError subclasses: their message is the sentence.
+ZLAYER_ERRORS = frozenset(
+    "org.zlayer.Error." + name
+    for name in (
+        "Failed",
+        "NotFound",
+        "InvalidSpec",
+        "InvalidArgument",
+        "AlreadyExists",
+        "Conflict",
+        "Unavailable",
+        "NotSupported",
+    )
+)
+NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+
+CALL_TIMEOUT = 10 * 60.0  # as zlayerctl's sdbus calls (ctl.client.LONG_CALL_USEC)
+AUTH_TIMEOUT = 5.0
+
+
+class Read:
+    """One read method: who answers it, its member name and its signatures.
+
+    A plain class: dataclasses and NamedTuple cost milliseconds to import or make.
+    """
+
+    __slots__ = ("daemon", "member", "result", "signature")
+
+    def __init__(self, daemon: str, member: str, signature: str, result: str) -> None:
+        self.daemon = daemon  # short name; "" for a member every daemon has
+        self.member = member
+        self.signature = signature  # the arguments'
+        self.result = result  # the reply's
+
+
+READS: dict[str, Read] = {
+    "list_deployments": Read("schedd", "ListDeployments", "", "s"),
+    "list_events": Read("schedd", "ListEvents", "su", "s"),
+    "list_replicas": Read("agentd", "ListReplicas", "ss", "s"),
+    "list_images": Read("registryd", "ListImages", "", "s"),
+    "list_records": Read("overlayd", "ListRecords", "", "s"),
+    "list_routes": Read("proxyd", "ListRoutes", "", "s"),
+    "status": Read("", "Status", "", "(sssutsss)"),
+}
+
+
+class BusError(Exception):
+    """An error reply from the bus or a daemon: its D-Bus error name and message."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(name, message)
+        self.name = name
+        self.message = message
+
+
+class NoBusError(Exception):
+    """The bus cannot be reached (no socket, refused, not authenticated) or hung up."""
+
+
+def bus_address(environ: os._Environ[str] | dict[str, str] | None = None) -> str | None:
+    """The daemons' bus: ``ZLAYER_BUS_ADDRESS``, the private bus's file, or None (system).
+
+    As ``shared.bus.resolve_bus_address(Paths.from_env())``, without pathlib.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(BUS_ADDRESS_ENV):
+        return env[BUS_ADDRESS_ENV]
+    prefix = env.get(PREFIX_ENV) or "/"
+    try:
+        with open(os.path.join(prefix, "run", "zlayer", "bus.address")) as handle:
+            address = handle.read().strip()
+    except OSError:
+        return None
+    return address or None
+
+
+def object_path(bus_name: str) -> str:
+    return "/" + bus_name.replace(".", "/")
+
+
+class BusReader:
+    """One blocking bus connection for the read methods in :data:`READS`."""
+
+    def __init__(self, address: str | None = None) -> None:
+        from jeepney.io.blocking import open_dbus_connection
+
+        if address is None:
+            address = os.environ.get(SYSTEM_BUS_ENV) or SYSTEM_BUS_ADDRESS
+        try:
+            self._connection: DBusConnection = open_dbus_connection(
+                address, auth_timeout=AUTH_TIMEOUT
+            )
+        except (OSError, RuntimeError, ValueError, KeyError, StopIteration) as exc:
+            # no socket, refused, an address jeepney cannot connect to, authentication refused
+            raise NoBusError(str(exc)) from exc
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> BusReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ calls
+
+    def _message(self, read: Read, daemon: str, args: tuple[Any, ...]) -> Any:
+        from jeepney import DBusAddress, new_method_call
+
+        bus_name = BUS_NAMES[daemon]
+        address = DBusAddress(object_path(bus_name), bus_name, bus_name)
+        return new_method_call(address, read.member, read.signature or None, args)
+
+    def call(self, name: str, *args: Any, daemon: str = "") -> tuple[Any, ...]:
+        """The body of the reply to read ``name`` (a key of READS); BusError for an error."""
+        read = READS[name]
+        message = self._message(read, daemon or read.daemon, args)
+        try:
+            reply = self._connection.send_and_get_reply(message, timeout=CALL_TIMEOUT)
+        except TimeoutError:
+            raise BusError(NO_REPLY, "Method call timed out") from None
+        except OSError as exc:
+            raise NoBusError(str(exc)) from exc
+        return _body(reply)
+
+    def call_each(
+        self, name: str, daemons: list[str], timeout: float
+    ) -> dict[str, tuple[Any, ...] | BusError | None]:
+        """Read ``name`` from every daemon at once: each reply's body, its error (a bus
+        that hung up too), or None for no reply within ``timeout`` seconds."""
+        import time
+
+        from jeepney.low_level import HeaderFields
+
+        read = READS[name]
+        serials: dict[int, str] = {}
+        for daemon in daemons:
+            serial = next(self._connection.outgoing_serial)
+            try:
+                self._connection.send(self._message(read, daemon, ()), serial=serial)
+            except OSError as exc:
+                raise NoBusError(str(exc)) from exc
+            serials[serial] = daemon
+        found: dict[str, tuple[Any, ...] | BusError | None] = dict.fromkeys(daemons)
+        waiting = set(serials)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            try:
+                message = self._connection.receive(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            except OSError as exc:  # the bus hung up: no answer will come
+                for daemon in daemons:
+                    if found[daemon] is None:
+                        found[daemon] = BusError("", str(exc))
+                break
+            serial = message.header.fields.get(HeaderFields.reply_serial, -1)
+            if serial in waiting:
+                waiting.discard(serial)
+                try:
+                    found[serials[serial]] = _body(message)
+                except BusError as exc:
+                    found[serials[serial]] = exc
+        return found
+
+    # ------------------------------------------------------------ typed reads
+    # Each returns what the typed client's method of the same name in
+    # shared.clients returns; the tests hold the two to the same type.
+
+    def list_deployments(self) -> list[DeploymentStatus]:
+        from shared.wire import decode
+        from shared.wire.scheduler import DeploymentStatus
+
+        return decode(self.call("list_deployments")[0], list[DeploymentStatus])
+
+    def list_events(self, deployment: str, limit: int) -> list[Event]:
+        from shared.wire import decode
+        from shared.wire.scheduler import Event
+
+        return decode(self.call("list_events", deployment, limit)[0], list[Event])
+
+    def list_replicas(self, deployment: str = "", service: str = "") -> list[ReplicaInfo]:
+        from shared.wire import decode
+        from shared.wire.agent import ReplicaInfo
+
+        return decode(self.call("list_replicas", deployment, service)[0], list[ReplicaInfo])
+
+    def list_images(self) -> list[ImageInfo]:
+        from shared.wire import decode
+        from shared.wire.registry import ImageInfo
+
+        return decode(self.call("list_images")[0], list[ImageInfo])
+
+    def list_records(self) -> list[DnsRecord]:
+        from shared.wire import decode
+        from shared.wire.traffic import DnsRecord
+
+        return decode(self.call("list_records")[0], list[DnsRecord])
+
+    def list_routes(self) -> list[RouteInfo]:
+        from shared.wire import decode
+        from shared.wire.traffic import RouteInfo
+
+        return decode(self.call("list_routes")[0], list[RouteInfo])
+
+    def statuses(
+        self, daemons: list[str], timeout: float
+    ) -> dict[str, DaemonStatus | BusError | None]:
+        """Every named daemon's Status at once: its DaemonStatus, the error it or the
+        bus answered, or None when it did not answer within ``timeout`` seconds."""
+        from shared.wire.daemon import DaemonStatus
+
+        found: dict[str, DaemonStatus | BusError | None] = {}
+        for daemon, body in self.call_each("status", daemons, timeout).items():
+            if isinstance(body, tuple):
+                try:
+                    found[daemon] = DaemonStatus.from_dbus(body[0])
+                except (TypeError, ValueError, IndexError) as exc:
+                    found[daemon] = BusError("", f"not a Status reply: {exc}")
+            else:
+                found[daemon] = body
+        return found
+
+
+def _body(message: Any) -> tuple[Any, ...]:
+    """A reply's body, or BusError for an error reply."""
+    from jeepney.low_level import HeaderFields, MessageType
+
+    if message.header.message_type is MessageType.error:
+        name = message.header.fields.get(HeaderFields.error_name, "")
+        body = message.body
+        text = body[0] if body and isinstance(body[0], str) else ""
+        raise BusError(name, text)
+    body = message.body
+    return tuple(body)
