@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import zstandard
 
@@ -56,6 +56,7 @@ DEFAULT_MAX_UNPACKED = 50 << 30  # bytes a layer's tar may hold: max_layer_unpac
 # A PAX or GNU long-name header is read into memory whole: a real one is a
 # few hundred bytes (Go's archive/tar stops at 1 MiB too).
 MAX_SPECIAL_HEADER = 1 << 20
+HEADER_BUDGET = 4 * MAX_SPECIAL_HEADER  # bytes read for one entry's headers, all kinds
 # Errors of the disk the store is on, not of the layer: told as they are.
 _STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
@@ -135,15 +136,47 @@ _SPECIAL_HEADERS = frozenset(
 )
 
 
+class _HeaderBudget:
+    """The archive's stream while tarfile reads one member's headers: at most ``budget`` bytes.
+
+    GNU sparse maps (old GNU extension blocks, the 1.0 map before the data)
+    are read into lists, one block after another, with no bound of their own.
+    """
+
+    def __init__(self, inner: Any, budget: int) -> None:  # tarfile's stream
+        self.inner = inner
+        self.budget = budget
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.inner.read(size)
+        self.budget -= len(data)
+        if self.budget < 0:
+            raise tarfile.ReadError(
+                f"headers of more than {human_size(HEADER_BUDGET)} for one entry "
+                "(a sparse file's map?)"
+            )
+        return data
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """A tar header whose PAX or GNU long-name payload (read into memory whole) is bounded."""
+    """A tar header whose PAX or GNU long-name payload (read into memory whole) is bounded,
+    as is everything read for one member's headers."""
 
     def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _SPECIAL_HEADERS and self.size > MAX_SPECIAL_HEADER:
             raise tarfile.ReadError(
                 f"a header of {human_size(self.size)}, more than {human_size(MAX_SPECIAL_HEADER)}"
             )
-        found: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]
+        stream = archive.fileobj
+        assert stream is not None
+        archive.fileobj = _HeaderBudget(stream, HEADER_BUDGET)  # type: ignore[assignment]
+        try:
+            found: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]
+        finally:
+            archive.fileobj = stream
         return found
 
 
@@ -450,9 +483,11 @@ def _unpack_tar(
         zstandard.ZstdError,
         gzip.BadGzipFile,
         zlib.error,
-        # tarfile's parsing of hostile PAX and sparse headers (numbers that are not)
+        # tarfile's parsing of hostile PAX and sparse headers (numbers that are not,
+        # a sparse map cut short)
         ValueError,
         OverflowError,
+        IndexError,
     ) as exc:
         raise LayerError(f"layer {layer} is not a readable tar ({exc})") from None
     unpacker.finish()

@@ -154,6 +154,50 @@ def test_a_huge_pax_header_is_refused_before_it_is_read(store_tmp: Path) -> None
         unpack_blob(store_tmp, out.getvalue())
 
 
+def _old_gnu_sparse_map(blocks: int) -> bytes:
+    """An old GNU sparse member whose map runs on for ``blocks`` extension blocks."""
+    info = tarfile.TarInfo("sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[482] = 1  # extension blocks follow
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    entry = b"%011o\0" % 1 + b"%011o\0" % 1
+    extension = bytearray(entry * 21 + bytes(512 - 21 * 24))
+    extension[504] = 1  # and another
+    return bytes(header) + bytes(extension) * blocks
+
+
+def _sparse_1_0_map(entries: int) -> bytes:
+    """A PAX GNU sparse 1.0 member whose map, before its data, lists ``entries`` pieces."""
+    data = b"%d\n" % entries + b"1\n1\n" * entries
+    info = tarfile.TarInfo("sparse")
+    info.size = len(data)
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "sparse",
+        "GNU.sparse.realsize": str(entries),
+    }
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [_old_gnu_sparse_map(40_000), _sparse_1_0_map(4_000_000)],
+    ids=["old GNU map", "GNU 1.0 map"],
+)
+def test_a_sparse_map_without_end_is_refused_before_it_fills_memory(
+    store_tmp: Path, blob: bytes
+) -> None:
+    """20 MB of map would be held as hundreds of MB of Python tuples: 4 MiB is the bound."""
+    with pytest.raises(LayerError, match=r"not a readable tar \(headers of more than 4 MiB"):
+        unpack_blob(store_tmp, gzip.compress(blob, 1))
+
+
 @root_only
 @pytest.mark.parametrize(
     ("pax", "says"),
@@ -237,10 +281,15 @@ def _bomb(limit: int) -> bytes:
     entries=hostile_entries(),
     compression=st.sampled_from(get_args(Compression)),
     cut=st.one_of(st.none(), st.integers(0, 4096)),
+    flips=st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)), max_size=4),
     bomb=st.booleans(),
 )
 def test_hostile_tar_streams_end_in_a_layer_error_or_a_tree_inside(
-    entries: list[Entry], compression: Compression, cut: int | None, bomb: bool
+    entries: list[Entry],
+    compression: Compression,
+    cut: int | None,
+    flips: list[tuple[int, int]],
+    bomb: bool,
 ) -> None:
     limit = 256 << 10
     with tempfile.TemporaryDirectory(prefix="zlfuzz-") as name:
@@ -256,6 +305,11 @@ def test_hostile_tar_streams_end_in_a_layer_error_or_a_tree_inside(
             return  # not even tarfile can write it
         if cut is not None:
             data = data[: min(cut, len(data))]
+        if flips and data:  # headers and maps damaged: what tarfile makes of them
+            damaged = bytearray(data)
+            for position, value in flips:
+                damaged[position % len(damaged)] = value
+            data = bytes(damaged)
         blob = _bomb(limit) if bomb else compress(data, compression)
         outcome: list[BaseException | None] = []
 
