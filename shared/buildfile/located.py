@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 from shared.spec.checks import format_path
 from shared.spec.errors import SpecIssue, describe_value, did_you_mean
 from shared.spec.located_yaml import LocatedYaml, PathKey
+from shared.userfile import FileReadError, read_regular_file
 
 _MAX_BYTES = 1 << 20  # a build file larger than this is not one
 
@@ -77,16 +78,13 @@ class Document(LocatedYaml):
     def read(cls, path: str | os.PathLike[str], what: str) -> tuple[Document, Any]:
         filename = os.fspath(path)
         try:
-            with open(filename, "rb") as handle:
-                raw = handle.read(_MAX_BYTES + 1)
-        except FileNotFoundError:
-            raise file_error(filename, f"no such {what}") from None
-        except IsADirectoryError:
-            raise file_error(filename, f"is a directory, not a {what}") from None
-        except OSError as exc:
-            raise file_error(filename, f"cannot read it: {exc.strerror or exc}") from None
-        if len(raw) > _MAX_BYTES:
-            raise file_error(filename, f"is too large to be a {what}")
+            # A FIFO, a device or a huge file is refused without blocking or reading it all.
+            raw = read_regular_file(filename, _MAX_BYTES, what)
+        except FileReadError as exc:
+            reason = str(exc)
+            raise file_error(
+                filename, f"no such {what}" if reason == "no such file" else reason
+            ) from None
         document = cls(filename, what)
         text = document.decode(raw)
         if text is None:

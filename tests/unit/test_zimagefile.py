@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -259,6 +260,22 @@ def test_several_problems_are_counted(tmp_path: Path) -> None:
 def test_a_missing_file_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(BuildFileError, match=r"ZImagefile: no such ZImagefile$"):
         load_zimagefile(tmp_path / "ZImagefile")
+
+
+def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO with no writer used to block the build forever; /dev/zero read without end."""
+    fifo = tmp_path / "ZImagefile"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(BuildFileError, match=r": is not a regular file \(a pipe, a device"):
+            load_zimagefile(path)
+
+
+def test_a_file_past_the_limit_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "ZImagefile"
+    big.write_text("# padding\n" * 200_000)
+    with pytest.raises(BuildFileError, match=r"is larger than 1 MiB, the most a ZImagefile may"):
+        load_zimagefile(big)
 
 
 # ---------------------------------------------------------------- runtime templates
