@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from daemons.registryd.unpack import BoundedTarInfo
 from shared.bus import SEND_COMPLETE, InvalidArgumentError, UnavailableError
 
 log = logging.getLogger("zlayer.registryd.received")
@@ -177,7 +178,9 @@ class ReceivedFiles:
         try:
             with os.fdopen(fd, "rb") as raw:
                 stream = _TailReader(raw)
-                with tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
+                with tarfile.open(
+                    fileobj=cast(BinaryIO, stream), mode="r|", tarinfo=BoundedTarInfo
+                ) as tar:
                     _extract(tar, str(entry.resolve()))
                 while stream.read(1 << 16):
                     pass  # to the end: the mark follows the tar's zero blocks
@@ -196,7 +199,8 @@ class ReceivedFiles:
             raise InvalidArgumentError(
                 f"{exc}; move it out of the directory and try again"
             ) from None
-        except (tarfile.TarError, EOFError) as exc:
+        # ValueError, OverflowError, IndexError: tarfile's parsing of hostile headers
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, IndexError) as exc:
             shutil.rmtree(entry, ignore_errors=True)
             raise InvalidArgumentError(
                 f"what was sent is not a complete tar stream ({exc})"

@@ -161,7 +161,7 @@ class _HeaderBudget:
         return getattr(self.inner, name)
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
+class BoundedTarInfo(tarfile.TarInfo):
     """A tar header whose PAX or GNU long-name payload (read into memory whole) is bounded,
     as is everything read for one member's headers."""
 
@@ -466,9 +466,7 @@ def _unpack_tar(
     hashing = _HashingReader(stream, layer, max_unpacked)
     unpacker = _Unpacker(dest, layer, max_unpacked)
     try:
-        with tarfile.open(
-            fileobj=hashing, mode="r|", bufsize=CHUNK, tarinfo=_BoundedTarInfo
-        ) as tar:
+        with tarfile.open(fileobj=hashing, mode="r|", bufsize=CHUNK, tarinfo=BoundedTarInfo) as tar:
             # A stream's members are never looked up again (hard links are
             # ours to resolve): the list tarfile keeps of them is emptied as
             # it goes, not grown to millions of headers.

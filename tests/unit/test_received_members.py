@@ -173,3 +173,19 @@ def test_links_inside_and_absolute_symlinks_are_kept(received: ReceivedFiles) ->
     assert os.lstat(path / "h").st_ino == os.lstat(path / "f").st_ino
     assert os.readlink(path / "python") == "/usr/bin/python3"
     assert (path / "g").read_bytes() == b"g"
+
+
+def test_hostile_headers_are_refused_without_filling_memory(received: ReceivedFiles) -> None:
+    huge = tarfile.TarInfo("p")
+    huge.pax_headers = {"comment": "x" * (2 << 20)}  # read into memory whole, unbounded
+    with pytest.raises(InvalidArgumentError, match=r"not a complete tar stream \(a header of 2"):
+        send_bytes(received, stream((huge, b"")))
+    sparse = tarfile.TarInfo("p")
+    sparse.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(sparse.tobuf(tarfile.GNU_FORMAT))
+    header[482] = 1  # a sparse map continues in the next block, which is missing
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    with pytest.raises(InvalidArgumentError, match="not a complete tar stream"):
+        send_bytes(received, bytes(header))
+    assert os.listdir(received.root) == []
