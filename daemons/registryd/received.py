@@ -194,6 +194,15 @@ class ReceivedFiles:
                 raise InvalidArgumentError(
                     f"what was sent holds {len(tops)} top-level entries, not one"
                 )
+            top = entry / tops[0]
+            if top.is_symlink():
+                # What registryd reads through it (a build context, an archive)
+                # would be whatever the link names, as root: the caller's own
+                # files are what it may send.
+                raise InvalidArgumentError(
+                    f"what was sent is a symbolic link ({_shown(tops[0])} -> "
+                    f"{_shown(os.readlink(top))}); send the file or directory it points to"
+                )
         except RefusedMember as exc:
             shutil.rmtree(entry, ignore_errors=True)
             raise InvalidArgumentError(

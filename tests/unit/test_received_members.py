@@ -189,3 +189,13 @@ def test_hostile_headers_are_refused_without_filling_memory(received: ReceivedFi
     with pytest.raises(InvalidArgumentError, match="not a complete tar stream"):
         send_bytes(received, bytes(header))
     assert os.listdir(received.root) == []
+
+
+def test_a_symbolic_link_as_the_top_entry_is_refused(received: ReceivedFiles) -> None:
+    """Received as a build context or an archive, it would make registryd read what it names."""
+    with pytest.raises(InvalidArgumentError) as caught:
+        send_bytes(received, stream(member("ctx", tarfile.SYMTYPE, link="/root")))
+    assert str(caught.value) == (
+        "what was sent is a symbolic link (ctx -> /root); send the file or directory it points to"
+    )
+    assert os.listdir(received.root) == []
