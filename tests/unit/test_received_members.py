@@ -9,10 +9,13 @@ import io
 import os
 import stat
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemons.registryd.received import ReceivedFiles
 from shared.bus import SEND_COMPLETE, InvalidArgumentError
@@ -199,3 +202,46 @@ def test_a_symbolic_link_as_the_top_entry_is_refused(received: ReceivedFiles) ->
         "what was sent is a symbolic link (ctx -> /root); send the file or directory it points to"
     )
     assert os.listdir(received.root) == []
+
+
+PARTS = st.sampled_from(["p", "q", "l", ".", "..", "", "victim"])
+NAMES = st.one_of(
+    st.lists(PARTS, min_size=1, max_size=4).map("/".join),
+    st.lists(PARTS, min_size=1, max_size=3).map(lambda p: "/" + "/".join(p)),
+)
+KINDS = st.sampled_from(
+    [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    members=st.lists(
+        st.tuples(NAMES, KINDS, st.one_of(NAMES, st.just("{victim}")), st.integers(0, 0o7777)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_hostile_streams_change_nothing_outside_the_entry(
+    members: list[tuple[str, bytes, str, int]],
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="zlrecv-") as name:
+        base = Path(name)
+        files = ReceivedFiles(base / "received")
+        files.reset()
+        victim = base / "victim"
+        victim.write_bytes(b"untouched")
+        victim.chmod(0o600)
+        before = state(files.root), state(victim), state(base), os.lstat(victim).st_nlink
+        sent = [
+            member(n, kind, b"data", link.format(victim=victim), mode)
+            for n, kind, link, mode in members
+        ]
+        try:
+            files.release(send_bytes(files, stream(*sent)))
+        except InvalidArgumentError as exc:
+            assert "\n" not in str(exc)
+        after = state(files.root), state(victim), state(base), os.lstat(victim).st_nlink
+        assert after == before and victim.read_bytes() == b"untouched"
+        assert sorted(os.listdir(base)) == ["received", "victim"]
+        assert os.listdir(files.root) == []
