@@ -21,6 +21,16 @@ few and a table on stdout (piped, so plain text):
 
 ``--no-daemons`` skips the second group.
 
+zlayerctl is timed as users run it: installed, not editable. The benchmark
+builds this tree's wheel (``pip wheel``, isolated, as ``packaging/stage.sh``'s
+``pip install`` builds it) and installs it, without dependencies, into a
+throwaway virtual environment of the same base interpreter, its modules
+byte-compiled (as they are once root has run them from the package); a ``.pth`` line
+there puts this interpreter's site-packages on the path for the
+dependencies, as a directory only, so the development checkout's
+editable-install finder (which imports pathlib, ~20 ms a start) is not
+loaded. ``--editable`` times the checkout's own ``zlayerctl`` instead.
+
 With hyperfine on PATH (``apt-get install hyperfine``) it runs them with
 ``hyperfine -N`` (no shell between), ``--warmup`` runs first; without it, a
 Python loop spawns each process in turn (the ways taking turns, so background
@@ -28,21 +38,23 @@ load lands on all of them alike). Prints the median and p90 in milliseconds
 of each and the ratio of each median to its group's peer.
 
     .venv/bin/python bench/startup.py [--runs N] [--warmup N] [--file SPEC]
-                                      [--no-hyperfine] [--no-daemons]
+                                      [--no-hyperfine] [--no-daemons] [--editable]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,6 +76,50 @@ READ_COMMANDS: list[tuple[str, list[str]]] = [
     ("zlayerctl image ls", ["image", "ls"]),
     ("zlayerctl events -n 5", ["events", "-n", "5"]),
 ]
+
+
+# What the wheel is built from: the project's metadata and its packages.
+SOURCES = ("pyproject.toml", "README.md", "shared", "daemons", "ctl")
+
+
+@contextlib.contextmanager
+def packaged_zlayerctl() -> Iterator[str]:
+    """``zlayerctl`` of this tree installed from its wheel into a throwaway venv."""
+    with tempfile.TemporaryDirectory(prefix="zlstartup-venv-") as directory:
+        root = Path(directory)
+        source = root / "src"
+        source.mkdir()
+        for name in SOURCES:
+            path = REPO / name
+            if path.is_dir():
+                shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(path, source / name)
+        quiet = ["--quiet", "--disable-pip-version-check"]
+        pip = [sys.executable, "-m", "pip", *quiet]
+        subprocess.run(
+            [*pip, "wheel", "--no-deps", "-w", str(root / "wheel"), str(source)], check=True
+        )
+        venv = root / "venv"
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
+        python = venv / "bin" / "python"
+        wheels = [str(w) for w in (root / "wheel").glob("*.whl")]
+        subprocess.run(
+            [*pip, "--python", str(python), "install", "--no-deps", *wheels],
+            check=True,
+        )
+        # The dependencies: this interpreter's site-packages as a plain directory (its .pth
+        # files, the editable finder among them, are not run).
+        found = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        ours = sysconfig.get_paths()["purelib"]
+        Path(found.stdout.strip(), "_zlayer_bench_dependencies.pth").write_text(ours + "\n")
+        yield str(venv / "bin" / "zlayerctl")
 
 
 def peer_executable() -> str:
@@ -168,20 +224,10 @@ def report(title: str, samples: dict[str, list[float]], peer_name: str) -> None:
     print_table(["what", "runs", "median ms", "p90 ms", "vs peer"], rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=20, help="timed runs of each command")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs of each first")
-    parser.add_argument("--file", default=str(DEFAULT_SPEC), help="the spec `validate` reads")
-    parser.add_argument(
-        "--no-hyperfine", action="store_true", help="time with a Python loop even with hyperfine"
-    )
-    parser.add_argument(
-        "--no-daemons", action="store_true", help="skip the read commands (they start the daemons)"
-    )
-    args = parser.parse_args()
-
-    zlayerctl = find_executable("zlayerctl")
+def run_all(
+    zlayerctl: str, args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, list[float]], str, str]:
+    """Both groups timed: (samples, read samples, the read peer's name, the peer's name)."""
     peer = peer_executable()
     peer_name = f"{Path(peer).name} --version (peer)"
     commands = {
@@ -202,9 +248,40 @@ def main() -> None:
         except KeyboardInterrupt:
             print("interrupted; daemons stopped", file=sys.stderr)
             sys.exit(130)
+    return samples, read_samples, read_peer_name, peer_name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="timed runs of each command")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs of each first")
+    parser.add_argument("--file", default=str(DEFAULT_SPEC), help="the spec `validate` reads")
+    parser.add_argument(
+        "--no-hyperfine", action="store_true", help="time with a Python loop even with hyperfine"
+    )
+    parser.add_argument(
+        "--no-daemons", action="store_true", help="skip the read commands (they start the daemons)"
+    )
+    parser.add_argument(
+        "--editable",
+        action="store_true",
+        help="time the checkout's editable zlayerctl, not an installed one",
+    )
+    args = parser.parse_args()
+
+    with contextlib.ExitStack() as stack:
+        if args.editable:
+            zlayerctl = find_executable("zlayerctl")
+        else:
+            zlayerctl = stack.enter_context(packaged_zlayerctl())
+        samples, read_samples, read_peer_name, peer_name = run_all(zlayerctl, args)
 
     hyperfine = not args.no_hyperfine and shutil.which("hyperfine")
     print(f"timed with {'hyperfine -N' if hyperfine else 'a Python loop of subprocess runs'}")
+    print(
+        "zlayerctl: "
+        + ("the checkout's editable install" if args.editable else "installed from its wheel")
+    )
     spec = Path(args.file).resolve()
     print(f"FILE = {spec.relative_to(REPO) if spec.is_relative_to(REPO) else spec}")
     report("without daemons", samples, peer_name)
