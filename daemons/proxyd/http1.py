@@ -248,7 +248,7 @@ class ClientConnection(asyncio.Protocol):
 
     def head_overdue(self, deadline: float) -> bool:
         """Whether the head being read began before ``deadline``."""
-        return self.head_since is not None and self.head_since < deadline
+        return self.head_since is not None and self.head_since < deadline and not self.closing
 
     def head_timeout(self) -> None:
         """``request_head_timeout`` passed and the head is not complete: 408."""
