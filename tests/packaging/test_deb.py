@@ -156,6 +156,7 @@ def test_the_main_job_under_the_packaged_units(machine: Machine) -> None:
     )
     running = [r for r in ps if r["health"] == "healthy"]
     assert len(running) == 3, ps
+    check_limits_with_replicas(machine, [int(r["pid"]) for r in running])
     address = running[0]["address"].split("/")[0]
     page = machine.run("curl", "-sf", f"http://{address}:8080/").stdout
     assert page
@@ -165,6 +166,33 @@ def test_the_main_job_under_the_packaged_units(machine: Machine) -> None:
     )
     machine.run("zlayerctl", "down", cwd="/root/app", timeout=120)
     assert machine.run("zlayerctl", "ps", "--format", "json").stdout.strip() == "[]"
+
+
+def check_limits_with_replicas(machine: Machine, replica_pids: list[int]) -> None:
+    """The units' memory, task and open file limits are in force, and the replicas
+    count against none of them: each is in its own scope, not in agentd's cgroup."""
+    agentd_cgroup = machine.run(
+        "systemctl", "show", "-P", "ControlGroup", "zlayer-agentd.service"
+    ).stdout.strip()
+    assert agentd_cgroup.endswith("/zlayer-agentd.service"), agentd_cgroup
+    for pid in replica_pids:
+        cgroups = machine.run("cat", f"/proc/{pid}/cgroup").stdout
+        assert "zlayer-agentd.service" not in cgroups, f"replica {pid} is in agentd's cgroup"
+    keys = ("MemoryHigh", "MemoryMax", "TasksMax", "LimitNOFILE", "MemoryCurrent", "TasksCurrent")
+    for name in DAEMONS:
+        shown = machine.run(
+            "systemctl", "show", *(f"-p{k}" for k in keys), f"zlayer-{name}.service"
+        ).stdout
+        props = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+        for key in ("MemoryHigh", "MemoryMax", "TasksMax"):
+            if name != "agentd":  # its cgroup holds the replicas' conmons: no limit
+                assert props[key] != "infinity", f"zlayer-{name}: {key} is not in force: {props}"
+        if name in ("proxyd", "overlayd"):
+            assert props["LimitNOFILE"] == "65536", props
+        # The figures busy (three replicas up, the proxy routing), for the units' comments.
+        memory = props["MemoryCurrent"]
+        memory = f"{int(memory) >> 20} MiB" if memory.isdigit() else memory
+        print(f"\nzlayer-{name}: memory {memory}, tasks {props['TasksCurrent']}")
 
 
 def test_a_build_under_the_packaged_registryd(machine: Machine) -> None:
