@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import time
 import uuid
@@ -65,8 +66,9 @@ def _shown(name: str) -> str:
     return name if name and name.isprintable() and name.strip() == name else repr(name)
 
 
-def _check_member(member: tarfile.TarInfo, root: str) -> str:
-    """Where ``member`` goes under ``root``; RefusedMember if it leaves it or is a device.
+def _check_member(member: tarfile.TarInfo, root: str) -> tuple[str, str]:
+    """Where ``member`` goes under ``root``, and the real path a hard link links to ("" for
+    other members); RefusedMember if either leaves ``root`` or the member is a device.
 
     Checked here rather than with tarfile's extraction filters, which the
     Python 3.11 that Debian 12 ships predates. Every name is taken apart
@@ -80,6 +82,7 @@ def _check_member(member: tarfile.TarInfo, root: str) -> str:
     :func:`_extract` (a link in the member's own place is removed first)
     see to. A hard link's target must be inside ``root`` once resolved.
     """
+    linked = ""
     name = member.name
     shown = _shown(name)
     if member.ischr() or member.isblk() or member.isfifo():
@@ -110,7 +113,7 @@ def _check_member(member: tarfile.TarInfo, root: str) -> str:
             raise RefusedMember(
                 f"{shown} points outside what was sent (a hard link to {_shown(link)})"
             )
-    return target
+    return target, linked
 
 
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
@@ -118,16 +121,11 @@ _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 def _extract(tar: tarfile.TarFile, root: str) -> None:
     for member in tar:
-        target = _check_member(member, root)
+        target, linked = _check_member(member, root)
         # No set-id or sticky bits from what a client sent; owners as they were sent.
         member.mode &= 0o777
         try:
-            # tarfile writes a file, and sets a directory's mode and owner,
-            # through whatever is already in its place: a link sent earlier
-            # under the same name is replaced, never followed.
-            if os.path.islink(target):
-                os.unlink(target)
-            tar.extract(member, root, numeric_owner=True, **_NO_FILTER)
+            _place(tar, member, root, target, linked)
         except OSError as exc:
             if exc.errno in _DISK_ERRNOS:
                 raise
@@ -136,6 +134,45 @@ def _extract(tar: tarfile.TarFile, root: str) -> None:
             ) from None
         except (OverflowError, ValueError) as exc:  # owners or times out of range
             raise RefusedMember(f"{_shown(member.name)} cannot be written ({exc})") from None
+
+
+def _place(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, root: str, target: str, linked: str
+) -> None:
+    """Write one checked member at ``target``, replacing what an earlier one left there.
+
+    Links are made here, not by tarfile: when making one fails, tarfile
+    falls back to extracting the member it names, which for odd names
+    (``a/.``) is the member itself, over and over.
+    """
+    try:
+        existing: os.stat_result | None = os.lstat(target)
+    except FileNotFoundError:
+        existing = None
+    if member.issym() or member.islnk():
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            raise RefusedMember(f"{_shown(member.name)} is sent as a directory and as a link")
+        if existing is not None:
+            os.unlink(target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if member.issym():
+            os.symlink(member.linkname, target)
+            os.lchown(target, member.uid, member.gid)
+        elif not os.path.lexists(linked):
+            raise RefusedMember(
+                f"{_shown(member.name)} is a hard link to {_shown(member.linkname)}, "
+                "which was not sent before it"
+            )
+        else:
+            os.link(linked, target, follow_symlinks=False)
+        return
+    # tarfile writes a file, and sets a directory's mode and owner, through
+    # whatever is already in its place: a link sent earlier under the same
+    # name is replaced, never followed.
+    if existing is not None and stat.S_ISLNK(existing.st_mode):
+        os.unlink(target)
+    member.name = os.path.relpath(target, root)  # where it was checked, links resolved
+    tar.extract(member, root, numeric_owner=True, **_NO_FILTER)
 
 
 # tarfile's own filters where it has them: ours above did the checking.

@@ -160,6 +160,24 @@ def test_a_hard_link_whose_target_leaves_is_refused(
     assert os.listdir(received.root) == []
 
 
+def test_a_link_that_cannot_be_made_is_refused_not_retried_forever(
+    received: ReceivedFiles,
+) -> None:
+    """``p/l/.`` is the directory ``p/l``: a link cannot take its place, and tarfile's
+    fallback (extracting the member the link names: this one) recursed until RecursionError."""
+    sent = stream(
+        member("p", tarfile.DIRTYPE),
+        member("p/l", tarfile.DIRTYPE),
+        member("p/l/.", tarfile.SYMTYPE, link="/."),
+    )
+    with pytest.raises(InvalidArgumentError) as caught:
+        send_bytes(received, sent)
+    assert str(caught.value) == (
+        "p/l/. is sent as a directory and as a link; move it out of the directory and try again"
+    )
+    assert os.listdir(received.root) == []
+
+
 def test_links_inside_and_absolute_symlinks_are_kept(received: ReceivedFiles) -> None:
     path = Path(
         send_bytes(
