@@ -185,8 +185,7 @@ def check_limits_with_replicas(machine: Machine, replica_pids: list[int]) -> Non
         ).stdout
         props = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
         for key in ("MemoryHigh", "MemoryMax", "TasksMax"):
-            if name != "agentd":  # its cgroup holds the replicas' conmons: no limit
-                assert props[key] != "infinity", f"zlayer-{name}: {key} is not in force: {props}"
+            assert props[key] != "infinity", f"zlayer-{name}: {key} is not in force: {props}"
         if name in ("proxyd", "overlayd"):
             assert props["LimitNOFILE"] == "65536", props
         # The figures busy (three replicas up, the proxy routing), for the units' comments.
