@@ -143,8 +143,9 @@ class BusReader:
             self._connection: DBusConnection = open_dbus_connection(
                 address, auth_timeout=AUTH_TIMEOUT
             )
-        except (OSError, RuntimeError, ValueError, KeyError, StopIteration) as exc:
-            # no socket, refused, an address jeepney cannot connect to, authentication refused
+        except Exception as exc:
+            # no socket, refused, an address jeepney cannot use, authentication or Hello
+            # refused: as any failure to open the bus through sdbus, the bus is not there
             raise NoBusError(str(exc)) from exc
 
     def close(self) -> None:
