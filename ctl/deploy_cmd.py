@@ -49,11 +49,13 @@ def _read_spec(file: str | None, command: str) -> tuple[str, str, dict[str, str]
 
     path = _spec_path(file, command)
     spec = load_or_report(str(path), as_json=False)
-    # Refusals come back from schedd as its error; warnings are said here, before anything runs.
-    for text in node_support(spec).warnings:
-        err_console.print(f"[yellow]warning:[/] {text}", highlight=False)
+    text = path.read_text()
+    # Refusals come back from schedd as its error; warnings are said here, before anything
+    # runs, each starting with the file, line and column of its key.
+    for warning in node_support(spec, text, str(path)).warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     host_env = {name: os.environ[name] for name in host_env_names(spec) if name in os.environ}
-    return path.read_text(), str(path), host_env, spec.deployment
+    return text, str(path), host_env, spec.deployment
 
 
 # A ``$E:VAR`` reference as shared.spec.refs reads one (kept here: importing it loads the models).

@@ -254,7 +254,8 @@ class Scheduler:
         except SpecError as exc:
             raise InvalidSpecError("\n".join(str(i) for i in exc.issues)) from None
         problems = resolve_env(spec, host_env)
-        problems += node_support(spec).refusals
+        # Each refusal names the file, line and column of its key, as validate does.
+        problems += node_support(spec, spec_text, filename or "<spec>").refusals
         if problems:
             raise InvalidSpecError("\n".join(problems))
         return spec
@@ -274,7 +275,7 @@ class Scheduler:
         for waiting in [k for k in self._waiting if k[0] == spec.deployment]:
             del self._waiting[waiting]
         status = await self._store_revision(spec, spec_text, filename, "deployed")
-        for text in node_support(spec).warnings:
+        for text in node_support(spec, spec_text, filename or "<spec>").warnings:
             self.event(spec.deployment, "warning", text)
         return status
 

@@ -286,7 +286,10 @@ def test_clear_sentences_for_user_mistakes(node: Node) -> None:
     )
     result = node.ctl("up", "-d", str(placed), "--timeout", "60")
     assert result.returncode == 0, result.stderr
-    assert "warning: service web: node_selector places replicas across a cluster" in (result.stderr)
+    assert (
+        f"warning: {placed}:9:5: service web: node_selector places replicas across a cluster"
+        in result.stderr
+    )
     events = node.ctl("events", "-d", "placed", check=True).stdout
     assert "node_selector places replicas across a cluster" in events
     node.ctl("down", "placed", check=True)
