@@ -84,7 +84,9 @@ def _write_tar(
     pipe = _PipeWriter(write_fd, stop)
     try:
         with tarfile.open(fileobj=pipe, mode="w|") as tar:  # type: ignore[call-overload]
-            tar.add(path, arcname=os.path.basename(path.rstrip("/")) or "root")
+            # What a symbolic link names is sent under the link's name: registryd refuses
+            # a link as the top entry, since it would read whatever the link points to.
+            tar.add(os.path.realpath(path), arcname=os.path.basename(path.rstrip("/")) or "root")
         # Only a stream read to its end carries this: registryd keeps nothing
         # of one cut short by a file we could not read.
         pipe.write(SEND_COMPLETE)

@@ -99,6 +99,11 @@ def test_import_and_wasm_push_from_a_hidden_directory(
     assert "docker.io/hidden/busybox:1" in info.names
     again = daemon.import_(layout, "--name", "hidden/busybox:2")
     assert again.id == info.id
+    # A symbolic link to the layout sends what it names (registryd refuses a link itself).
+    link = hidden / "current"
+    link.symlink_to(layout)
+    linked = daemon.import_(link, "--name", "hidden/busybox:3")
+    assert linked.id == info.id
     assert daemon.received() == []
 
     # A failure names the user's file, not registryd's copy of it.
