@@ -164,7 +164,6 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         result_signature="s",
         input_args_names=("spec_text", "filename", "host_env"),
         result_args_names=("plan",),
-        flags=DbusUnprivilegedFlag,
     )
     async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
         """What Deploy would do, nothing run; returns DeployPlan."""

@@ -135,11 +135,6 @@ MOUNT_NAMESPACE_OPTIONS = (
 )
 NO_MOUNT_NAMESPACE = {"overlayd"}
 
-# Members shared.bus still flags unprivileged that the policy keeps for root:
-# Plan compares a spec with the deployed one, environment values included, so
-# its "keep" or "replace" would tell any user whether a guessed value matches.
-ROOT_ONLY_BY_POLICY = {"org.zlayer.Scheduler1": {"Plan"}}
-
 READ_ONLY_INTERFACES = {
     "org.freedesktop.DBus.Introspectable": None,
     "org.freedesktop.DBus.Peer": None,
@@ -479,7 +474,7 @@ def test_policy_is_well_formed() -> None:
                 assert interface in READ_ONLY_INTERFACES, ET.tostring(rule)
                 members = READ_ONLY_INTERFACES[interface]
                 assert members is None or member in members, ET.tostring(rule)
-        unprivileged = _unprivileged_members(name) - ROOT_ONLY_BY_POLICY.get(name, set())
+        unprivileged = _unprivileged_members(name)
         assert own_members == unprivileged, (
             f"{name}: other users may call exactly the members shared.bus marks unprivileged"
         )
