@@ -15,6 +15,24 @@ from daemons.proxyd.metrics import CONNECTIONS_REFUSED
 log = logging.getLogger("zlayer.proxyd")
 
 WARN_EVERY = 60.0  # seconds between two warnings about one full listener
+FD_RESERVE = 1024  # descriptors beside client connections: backends' pools, listeners, files
+MIN_CONNECTIONS = 64  # the least max_connections the open file limit may lower it to
+
+
+def connections_that_fit(open_files: int, configured: int, explicit: bool) -> tuple[int, bool]:
+    """(max_connections to apply, whether the open file limit is too low for it).
+
+    Each client connection may hold a backend connection too: two descriptors.
+    The default (10000) is lowered to what ``open_files`` fits, so a host with
+    a low limit gets a working proxy and no warning; a value set in proxyd.toml
+    is kept, and said to be too high when it does not fit.
+    """
+    fits = max(MIN_CONNECTIONS, (open_files - FD_RESERVE) // 2)
+    if configured <= fits:
+        return configured, False
+    if explicit:
+        return configured, True
+    return fits, False
 
 
 class ConnectionLimit:

@@ -30,6 +30,7 @@ from sdbus import dbus_method_async_override
 from daemons.proxyd import sockets
 from daemons.proxyd.exchange import ProxyCore
 from daemons.proxyd.http1 import ClientConnection, Listener
+from daemons.proxyd.limits import FD_RESERVE, connections_that_fit
 from daemons.proxyd.routes import Route, RouteError, Routes
 from daemons.proxyd.settings import ProxySettings
 from daemons.proxyd.stream import TcpEndpoint, UdpEndpoint, UdpSessions, health_loop
@@ -55,7 +56,6 @@ NETWORK_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 20.0  # within the unit's TimeoutStopSec
 DRAIN_POLL = 0.05
 FIRST_REQUEST_WAIT = 2.0  # an accepted connection's first request, when stopping
-FD_RESERVE = 1024  # descriptors beside client connections: backends' pools, listeners, files
 
 ListenKey = tuple[str, int]  # (address, port)
 
@@ -204,17 +204,30 @@ class ProxyDaemon(Daemon):
             with contextlib.suppress(ValueError, OSError):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
                 soft = hard
-        wanted = 2 * self.settings.max_connections + FD_RESERVE
-        if soft != resource.RLIM_INFINITY and soft < wanted:
+        if soft == resource.RLIM_INFINITY:
+            return
+        configured = self.settings.max_connections
+        explicit = "max_connections" in self.settings.model_fields_set
+        applied, too_low = connections_that_fit(soft, configured, explicit)
+        if too_low:
             self.log.warning(
                 "the open file limit (%d) is below what one listener at max_connections (%d) "
                 "may need (%d); raise LimitNOFILE in zlayer-proxyd.service or lower "
                 "max_connections in %s",
                 soft,
-                self.settings.max_connections,
-                wanted,
+                configured,
+                2 * configured + FD_RESERVE,
                 self.paths.daemon_config(self.info.name),
             )
+        elif applied != configured:
+            self.log.info(
+                "max_connections is %d per listener, what the open file limit (%d) fits; "
+                "raise LimitNOFILE in zlayer-proxyd.service for up to %d",
+                applied,
+                soft,
+                configured,
+            )
+            self.settings.max_connections = applied
 
     # ------------------------------------------------------------ listeners
 

@@ -24,7 +24,8 @@ Keys (besides the ones every daemon has):
 ``request_head_timeout``     seconds from a request's first byte to the end of its headers
                              (and for a TLS handshake), default 10: past it 408 and close
 ``max_connections``          client connections per listener (an address and port; each tcp
-                             stream endpoint too), default 10000: past it new ones are closed
+                             stream endpoint too), default 10000 (lowered to what the open file
+                             limit fits unless set here): past it new ones are closed
                              at once, counted in ``zlayer_proxy_connections_refused_total``
 ``udp_max_sessions``         sessions per udp route, default 1024: a new client past it
                              evicts the one idle longest, counted in
