@@ -94,9 +94,8 @@ class Machine:
             raise RuntimeError(f"apt-get install {wanted}: {later.stderr[-2000:]}")
         log = root.parent / f"{root.name}.log"
         nspawn = subprocess.Popen(
-            # The units' LimitNOFILE= applies inside only up to the machine's own limit.
             ["systemd-nspawn", "--register=no", "--keep-unit", "--private-network",
-             "--console=passive", "--rlimit=RLIMIT_NOFILE=524288", "-D", str(root), "-b"],
+             "--console=passive", "-D", str(root), "-b"],
             stdin=subprocess.DEVNULL, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )  # fmt: skip
         machine = cls(root, nspawn, log)
