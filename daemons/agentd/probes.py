@@ -15,12 +15,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
-
-from shared.spec.models import CommandCheck, HealthSpec, HttpCheck, InitStep, ServiceSpec, TcpCheck
+if TYPE_CHECKING:
+    from shared.spec.models import HealthSpec, InitStep, ServiceSpec
 
 log = logging.getLogger("zlayer.agentd.probes")
 
@@ -60,6 +59,8 @@ async def check_tcp(host: str, port: int, timeout: float) -> str | None:
 
 async def check_http(url: str, expect_status: int, timeout: float) -> str | None:
     """None when GET ``url`` answers ``expect_status``, else why not."""
+    import aiohttp  # only once a service has an HTTP check
+
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
@@ -88,6 +89,8 @@ async def check_once(
     health: HealthSpec, service: ServiceSpec, address: str, run: RunCommand
 ) -> str | None:
     """Run the service's check once against a replica at ``address``."""
+    from shared.spec.models import CommandCheck, HttpCheck, TcpCheck
+
     timeout = _seconds(health.timeout, DEFAULT_TIMEOUT)
     check = health.check
     if isinstance(check, TcpCheck):
@@ -112,6 +115,8 @@ async def check_once(
 
 def has_probe(service: ServiceSpec) -> bool:
     """Whether the service has anything to check (the default TCP check needs an endpoint)."""
+    from shared.spec.models import TcpCheck
+
     check = service.health.check
     return not (isinstance(check, TcpCheck) and check.port is None and not service.endpoints)
 

@@ -20,14 +20,14 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Literal
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Literal
 
 from shared import traffic as shared_traffic
-from shared.spec.models import EndpointSpec, StreamHealthCheck, UdpProbe
 from shared.traffic import TrafficError, backend_port, endpoint_path
 from shared.wire.traffic import DeploymentTraffic
+
+if TYPE_CHECKING:
+    from shared.spec.models import StreamHealthCheck
 
 log = logging.getLogger("zlayer.overlayd")
 
@@ -94,6 +94,11 @@ def parse_traffic(deployment: str, text: str) -> DeploymentTraffic:
 
 def published_ports(traffic: DeploymentTraffic) -> list[PublishedPort]:
     """The kernel-path ports of one deployment, ordered by (protocol, port)."""
+    # pydantic and the spec models only once a deployment is pushed
+    from pydantic import ValidationError
+
+    from shared.spec.models import EndpointSpec
+
     ports: dict[tuple[str, int], PublishedPort] = {}
     for service in traffic.services:
         for raw in service.endpoints:
@@ -173,6 +178,8 @@ def live_targets(port: PublishedPort, down: frozenset[ProbeKey]) -> tuple[Target
 
 async def probe(check: StreamHealthCheck, target: Target) -> bool:
     """One probe of one backend: a TCP connect, or a UDP request and its answer."""
+    from shared.spec.models import UdpProbe
+
     host, port = str(target.address), target.port
     try:
         if isinstance(check, UdpProbe):
