@@ -342,6 +342,12 @@ def test_memory_and_task_limits(name: str) -> None:
     flood of connections, a build) is throttled, then killed and restarted,
     instead of taking the node's memory or PIDs from the replicas."""
     s = parse_unit(unit_path(name))["Service"]
+    if name == "agentd":
+        # Its cgroup holds one conmon per replica (the replicas are in zlayer.slice):
+        # a task limit with room for thousands, and no memory limit (see the unit).
+        assert "MemoryHigh" not in s and "MemoryMax" not in s
+        assert int(s["TasksMax"][-1]) >= 16384 and s["OOMPolicy"] == ["continue"]
+        return
     high, most = s["MemoryHigh"][-1], s["MemoryMax"][-1]
     if name == "registryd":  # its builds' steps run in its cgroup: a share of the node
         assert 0 < percent(high) < percent(most) < 100
@@ -350,11 +356,8 @@ def test_memory_and_task_limits(name: str) -> None:
         assert 256 << 20 <= size_bytes(high) < size_bytes(most)
     tasks = s["TasksMax"][-1]
     assert tasks.isdigit() and 256 <= int(tasks) <= 16384, tasks
-    if name == "agentd":
-        # Its cgroup holds one conmon per replica (the replicas are in zlayer.slice).
-        assert int(tasks) >= 16384 and size_bytes(most) >= 4 << 30
-    if name in ("agentd", "registryd"):
-        # A conmon or a build step the kernel kills must not take the daemon with it.
+    if name == "registryd":
+        # A build step the kernel kills must not take the daemon with it.
         assert s["OOMPolicy"] == ["continue"]
 
 
