@@ -100,6 +100,11 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 30) -> Non
 def test_installed_daemons_run_under_systemd_and_come_back(machine: Machine) -> None:
     machine.run("dpkg", "-i", "/var/tmp/zlayer-node.deb")
     assert machine.run("systemctl", "is-active", "zlayer.target").stdout.strip() == "active"
+    # Bytecode made at install: neither the sandboxed daemons nor other users can write it.
+    compiled = machine.run(
+        "find", "/opt/zlayer/lib", "-path", "*/ctl/__pycache__/main.*.pyc"
+    ).stdout
+    assert compiled.strip(), "zlayerctl's modules were not byte-compiled at install"
     assert machine.run("systemctl", "is-enabled", "zlayer.target").stdout.strip() == "enabled"
 
     def six_running() -> bool:
