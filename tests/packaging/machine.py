@@ -152,14 +152,15 @@ class Machine:
             try:
                 self.nspawn.wait(timeout=60)
             except subprocess.TimeoutExpired:
+                # nspawn killed alone would leave the machine's systemd running, reparented
+                # to ours: end it first by its PID (nspawn, its parent, still lives, so the
+                # PID is still its), the PID 1 of the machine's namespace, so everything
+                # inside goes with it.
+                if self.leader:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.leader, signal.SIGKILL)
                 self.nspawn.kill()
                 self.nspawn.wait()
-        # nspawn killed before its machine shut down leaves the machine's systemd running,
-        # reparented to ours: end it by its PID (the PID 1 of the machine's namespace, so
-        # everything inside goes with it).
-        if self.leader:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.leader, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
         self.log.unlink(missing_ok=True)
 
