@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from sdbus import SdBus, dbus_method_async_override, dbus_property_async_override
 from sdbus.dbus_proxy_async_interface_base import DbusExportHandle
 
-from shared.bus import Job1
+from shared.bus import Job1, NotFoundError
 from shared.wire import encode
 from shared.wire.jobs import JobInfo, JobState, ProgressItem
 
@@ -221,6 +221,21 @@ class JobTable:
     def get(self, job_id: int) -> JobInfo | None:
         job = self._jobs.get(job_id)
         return job.info if job else None
+
+    def require(self, job_id: int, daemon: str) -> JobInfo:
+        """``GetJob``: the job's info, or NotFound saying why ``daemon`` does not know it."""
+        info = self.get(job_id)
+        if info is None:
+            raise NotFoundError(
+                f"job {job_id} is not known to {daemon} (it ended long ago, "
+                "or the daemon restarted since)"
+            )
+        return info
+
+    def cancel_running(self, job_id: int) -> None:
+        """``CancelJob``: cancel the job, or NotFound if it is not running."""
+        if not self.cancel(job_id):
+            raise NotFoundError(f"job {job_id} is not running")
 
     def list(self) -> list[JobInfo]:
         return [job.info for job in self._jobs.values()]

@@ -127,13 +127,7 @@ class RegistryService(Registry1):
 
     @dbus_method_async_override()
     async def get_job(self, job_id: int) -> str:
-        info = self.daemon.jobs.get(job_id)
-        if info is None:
-            raise NotFoundError(
-                f"job {job_id} is not known to zlayer-registryd (it ended long ago, "
-                "or the daemon restarted since)"
-            )
-        return encode(info)
+        return encode(self.daemon.jobs.require(job_id, "zlayer-registryd"))
 
     @dbus_method_async_override()
     async def list_jobs(self) -> str:
@@ -141,8 +135,7 @@ class RegistryService(Registry1):
 
     @dbus_method_async_override()
     async def cancel_job(self, job_id: int) -> None:
-        if not self.daemon.jobs.cancel(job_id):
-            raise NotFoundError(f"job {job_id} is not running")
+        self.daemon.jobs.cancel_running(job_id)
 
     # --- registry client (pull, push, login): below this line
 

@@ -9,7 +9,7 @@ from sdbus import dbus_method_async_override
 
 from daemons.schedd.scheduler import Scheduler
 from daemons.schedd.store import Store
-from shared.bus import DAEMONS_BY_NAME, NotFoundError, Scheduler1
+from shared.bus import DAEMONS_BY_NAME, Scheduler1
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.jobs import JobTable
@@ -103,18 +103,11 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def get_job(self, job_id: int) -> str:
-        info = self.daemon.jobs.get(job_id)
-        if info is None:
-            raise NotFoundError(
-                f"job {job_id} is not known to zlayer-schedd (it ended long ago, "
-                "or the daemon restarted since)"
-            )
-        return encode(info)
+        return encode(self.daemon.jobs.require(job_id, "zlayer-schedd"))
 
     @dbus_method_async_override()
     async def cancel_job(self, job_id: int) -> None:
-        if not self.daemon.jobs.cancel(job_id):
-            raise NotFoundError(f"job {job_id} is not running")
+        self.daemon.jobs.cancel_running(job_id)
 
 
 class SchedulerDaemon(Daemon):
