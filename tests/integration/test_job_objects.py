@@ -15,7 +15,7 @@ from typing import TypeVar
 import pytest
 import sdbus
 
-from shared.bus import DAEMONS_BY_NAME, open_bus
+from shared.bus import DAEMONS_BY_NAME, NotFoundError, open_bus
 from shared.clients import RegistryClient
 from shared.wire import decode
 from shared.wire.jobs import JobInfo
@@ -98,6 +98,11 @@ def test_a_job_object_exists_while_it_runs_and_cancel_on_it_ends_the_job(
         with pytest.raises(sdbus.SdBusBaseError):
             await client.job(final.id).info()
         assert (await client.get_job(final.id)).state == "cancelled"  # still readable by id
+        # An ended job cannot be cancelled; an id never given out is not known.
+        with pytest.raises(NotFoundError, match=f"job {final.id} is not running"):
+            await client.cancel_job(final.id)
+        with pytest.raises(NotFoundError, match="job 99999 is not known to zlayer-registryd"):
+            await client.get_job(99999)
 
     on_bus(registryd, gone)
 
