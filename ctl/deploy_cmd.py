@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 import click
 
 from ctl.client import Client, resolve_deployment
-from ctl.output import console, err_console, fail, format_option, print_json, print_table
+from ctl.output import console, err_console, fail, format_option, print_json, print_rows
 from ctl.reads import coloured, print_events, stamp
 from shared.wire import decode, encode, to_builtins
 from shared.wire.jobs import JobInfo, ProgressItem
@@ -720,23 +720,19 @@ def job_status(service: str, deployment: str | None, output_format: str) -> None
         client = Client()
         target = await resolve_deployment(client, deployment)
         runs = await client.agent.list_job_runs(target, service)
-        if output_format == "json":
-            print_json(to_builtins(runs))
-            return
-        print_table(
+        print_rows(
+            output_format,
+            runs,
             ["RUN", "SERVICE", "TRIGGER", "STATE", "EXIT", "STARTED", "DURATION", "MESSAGE"],
-            [
-                [
-                    r.id,
-                    r.service,
-                    r.trigger,
-                    coloured(r.state),
-                    "" if r.exit_code is None else r.exit_code,
-                    stamp(r.started_at),
-                    f"{(r.finished_at or time.time()) - r.started_at:.1f}s",
-                    r.message,
-                ]
-                for r in runs
+            lambda r: [
+                r.id,
+                r.service,
+                r.trigger,
+                coloured(r.state),
+                "" if r.exit_code is None else r.exit_code,
+                stamp(r.started_at),
+                f"{(r.finished_at or time.time()) - r.started_at:.1f}s",
+                r.message,
             ],
         )
 
@@ -757,20 +753,16 @@ def cron_ls(deployment: str, output_format: str) -> None:
     async def run() -> None:
         client = Client()
         rows = await client.scheduler.list_cron(deployment)
-        if output_format == "json":
-            print_json(to_builtins(rows))
-            return
-        print_table(
+        print_rows(
+            output_format,
+            rows,
             ["DEPLOYMENT", "SERVICE", "SCHEDULE", "NEXT RUN", "LAST RUN"],
-            [
-                [
-                    r.deployment,
-                    r.service,
-                    r.schedule,
-                    stamp(r.next_run) if r.next_run else "",
-                    stamp(r.last_run) if r.last_run else "",
-                ]
-                for r in rows
+            lambda r: [
+                r.deployment,
+                r.service,
+                r.schedule,
+                stamp(r.next_run) if r.next_run else "",
+                stamp(r.last_run) if r.last_run else "",
             ],
         )
 

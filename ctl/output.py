@@ -13,12 +13,10 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
+from collections.abc import Callable, Sequence
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from rich.console import Console
 
     # The --format option of the commands that print tables; made with click on first use
@@ -40,6 +38,8 @@ def _format_option() -> Any:
 
 
 _made: dict[str, Any] = {}
+
+T = TypeVar("T")
 
 
 def __getattr__(name: str) -> Any:
@@ -217,6 +217,21 @@ def print_json(data: Any) -> None:
     import json  # only for JSON output
 
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_rows(
+    output_format: str,
+    items: Sequence[T],
+    columns: Sequence[str],
+    row: Callable[[T], Sequence[Any]],
+) -> None:
+    """``items`` as JSON for ``--format json``, else a table of ``row(item)`` under ``columns``."""
+    if output_format == "json":
+        from shared.wire import to_builtins  # only for JSON output
+
+        print_json(to_builtins(items))
+        return
+    print_table(columns, [row(item) for item in items])
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -17,7 +17,16 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ctl.output import console, err_console, fail, human_size, print_json, print_table, short_id
+from ctl.output import (
+    console,
+    err_console,
+    fail,
+    human_size,
+    print_json,
+    print_rows,
+    print_table,
+    short_id,
+)
 from shared.busread import BusReader, NoBusError, bus_address
 from shared.wire import to_builtins
 
@@ -81,10 +90,9 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
         else:
             statuses = bus.list_deployments()
     if containers:
-        if output_format == "json":
-            print_json(to_builtins(replicas))
-            return
-        print_table(
+        print_rows(
+            output_format,
+            replicas,
             [
                 "REPLICA",
                 "DEPLOYMENT",
@@ -98,23 +106,20 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
                 "UPTIME",
                 "MESSAGE",
             ],
-            [
-                [
-                    r.id,
-                    r.deployment,
-                    r.service,
-                    coloured(r.state),
-                    coloured(r.health),
-                    r.address,
-                    r.pid or "",
-                    ""
-                    if r.exit_code is None
-                    else (f"{r.exit_code} (OOM)" if r.oom_killed else r.exit_code),
-                    r.restarts,
-                    uptime(r.started_at) if r.state == "running" else "",
-                    r.message,
-                ]
-                for r in replicas
+            lambda r: [
+                r.id,
+                r.deployment,
+                r.service,
+                coloured(r.state),
+                coloured(r.health),
+                r.address,
+                r.pid or "",
+                ""
+                if r.exit_code is None
+                else (f"{r.exit_code} (OOM)" if r.oom_killed else r.exit_code),
+                r.restarts,
+                uptime(r.started_at) if r.state == "running" else "",
+                r.message,
             ],
         )
         return
@@ -154,23 +159,19 @@ def routes(deployment: str | None, output_format: str) -> None:
     """The routes proxyd serves."""
     with reader() as bus:
         found = [r for r in bus.list_routes() if not deployment or r.deployment == deployment]
-    if output_format == "json":
-        print_json(to_builtins(found))
-        return
-    print_table(
+    print_rows(
+        output_format,
+        found,
         ["DEPLOYMENT", "SERVICE", "ENDPOINT", "PROTOCOL", "LISTEN", "HOST", "PATH", "BACKENDS"],
-        [
-            [
-                r.deployment,
-                r.service,
-                r.endpoint,
-                r.protocol,
-                r.listen,
-                r.host or "*",
-                r.path,
-                ", ".join(r.backends) or "none (503)",
-            ]
-            for r in found
+        lambda r: [
+            r.deployment,
+            r.service,
+            r.endpoint,
+            r.protocol,
+            r.listen,
+            r.host or "*",
+            r.path,
+            ", ".join(r.backends) or "none (503)",
         ],
     )
 
@@ -179,12 +180,11 @@ def dns(deployment: str | None, output_format: str) -> None:
     """The names the service DNS answers."""
     with reader() as bus:
         found = [r for r in bus.list_records() if not deployment or r.deployment == deployment]
-    if output_format == "json":
-        print_json(to_builtins(found))
-        return
-    print_table(
+    print_rows(
+        output_format,
+        found,
         ["NAME", "ADDRESSES", "DEPLOYMENT", "SERVICE"],
-        [[r.name, ", ".join(r.addresses) or "-", r.deployment, r.service] for r in found],
+        lambda r: [r.name, ", ".join(r.addresses) or "-", r.deployment, r.service],
     )
 
 
