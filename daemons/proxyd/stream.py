@@ -395,9 +395,15 @@ class UdpSessions:
         self.limit = limit
         self.by_activity: OrderedDict[UdpSession, None] = OrderedDict()
 
+    def add(self, session: UdpSession) -> None:
+        self.by_activity[session] = None
+
     def touch(self, session: UdpSession) -> None:
-        if session in self.by_activity:
+        if session in self.by_activity:  # a backend's late reply may follow its end
             self.by_activity.move_to_end(session)
+
+    def discard(self, session: UdpSession) -> None:
+        self.by_activity.pop(session, None)
 
     def make_room(self, route: Route) -> None:
         """At the limit: end the session idle longest (a new client is about to start one)."""
@@ -435,7 +441,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             self.table.make_room(route)
             session = UdpSession(self, client, backend)
             self.sessions[client] = session
-            self.table.by_activity[session] = None
+            self.table.add(session)
             backend.active += 1
             route.counters.active += 1
             route.metrics.active.inc()
@@ -443,7 +449,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         else:
-            self.table.by_activity.move_to_end(session)
+            self.table.touch(session)
         route.counters.requests_total += 1
         route.metrics.bytes_in.inc(len(data))
         if route.proxy_protocol:
@@ -472,7 +478,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def end(self, session: UdpSession) -> None:
         if self.sessions.pop(session.client, None) is None:
             return
-        self.table.by_activity.pop(session, None)
+        self.table.discard(session)
         session.close()
         session.backend.active -= 1
         self.route.counters.active -= 1
