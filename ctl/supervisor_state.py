@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from shared.busread import PREFIX_ENV  # as shared.paths, without its pathlib
+
 if TYPE_CHECKING:
     from shared.paths import Paths
-
-PREFIX_ENV = "ZLAYER_PREFIX"  # as shared.paths (which imports pathlib); the tests hold them equal
 
 
 class ChildState(msgspec.Struct, kw_only=True):
