@@ -369,15 +369,14 @@ class UdpSession(asyncio.DatagramProtocol):
         self.pending = []
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        self.last_active = time.monotonic()
-        self.endpoint.table.touch(self)
+        self._active()
         self.endpoint.reply(data, self.client)
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP unreachable from the backend: the client will retry or give up
 
     def send(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        self._active()
         if self.transport is None:
             self.pending.append(data)
         else:
@@ -386,6 +385,11 @@ class UdpSession(asyncio.DatagramProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _active(self) -> None:
+        """Traffic either way: the idle sweep and the eviction order both follow it."""
+        self.last_active = time.monotonic()
+        self.endpoint.table.touch(self)
 
 
 class UdpSessions:
@@ -448,8 +452,6 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             task = asyncio.get_running_loop().create_task(self._open(session))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        else:
-            self.table.touch(session)
         route.counters.requests_total += 1
         route.metrics.bytes_in.inc(len(data))
         if route.proxy_protocol:
