@@ -627,27 +627,15 @@ class Scheduler:
     async def removed(self, name: str, job: Job) -> str:
         """A down job's work: wait until ``name`` is gone; its progress is the replicas
         left (``state`` says how many still stop). Cancelling it stops the waiting only."""
-        total: int | None = None
-        while True:
-            changed = self._status_changed
+
+        async def left(status: DeploymentStatus) -> tuple[int | None, str]:
             try:
-                status = await self.status(name)
-            except NotFoundError:
-                job.progress(name, done=total or 0, total=total or 0, state="removed")
-                return ""
-            try:
-                left = len(await self._replicas(name))
+                count: int | None = len(await self._replicas(name))
             except UnavailableError:
-                left = total or 0
-            if total is None or left > total:
-                total = left
-            job.progress(
-                name,
-                done=total - left,
-                total=total,
-                state=status.message or "stopping its replicas",
-            )
-            await changed.wait()
+                count = None  # agentd away: keep the last count
+            return count, status.message or "stopping its replicas"
+
+        return await self._count_down(name, job, "removed", left, until_zero=False)
 
     async def settled(self, name: str, services: set[str] | None, target: int, job: Job) -> str:
         """A stop or scale job's work: wait until each of ``services`` (every service for
@@ -655,21 +643,40 @@ class Scheduler:
         ``name`` is gone. Its progress is one item, ``name``: the replicas that had to
         stop (``total``) and how many did (``done``). Cancelling it stops the waiting only.
         """
+
+        async def left(status: DeploymentStatus) -> tuple[int | None, str]:
+            count = replicas_over(status, services, target)
+            return count, "stopping" if count else "stopped"
+
+        return await self._count_down(name, job, "gone", left, until_zero=True)
+
+    async def _count_down(
+        self,
+        name: str,
+        job: Job,
+        gone_state: str,
+        left: Callable[[DeploymentStatus], Awaitable[tuple[int | None, str]]],
+        *,
+        until_zero: bool,
+    ) -> str:
+        """Report ``name``'s replicas left to stop as ``job``'s progress, woken by every
+        status change, until the deployment is gone (or, ``until_zero``, none is left).
+        The total is the most seen, so ``done`` only grows."""
         total: int | None = None
+        count = 0
         while True:
             changed = self._status_changed
             try:
                 status = await self.status(name)
             except NotFoundError:
-                job.progress(name, done=total or 0, total=total or 0, state="gone")
+                job.progress(name, done=total or 0, total=total or 0, state=gone_state)
                 return ""
-            left = replicas_over(status, services, target)
-            if total is None or left > total:
-                total = left
-            job.progress(
-                name, done=total - left, total=total, state="stopping" if left else "stopped"
-            )
-            if not left:
+            found, state = await left(status)
+            count = count if found is None else found
+            if total is None or count > total:
+                total = count
+            job.progress(name, done=total - count, total=total, state=state)
+            if until_zero and not count:
                 return ""
             await changed.wait()
 
