@@ -6,10 +6,8 @@ The real apid on a private bus with its default ``http_bind``: it answers on
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,9 +15,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from ctl.supervisor import find_executable
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
+from tests.daemon_process import daemon_process
 
 REST_API = re.compile(r"REST API on (\S+):(\d+)")
 
@@ -39,19 +37,14 @@ def apid_port(private_bus: PrivateBus, zlayer_prefix: Paths) -> Iterator[int]:
     """The port of the real zlayer-apid, started with the default http_bind."""
     config = zlayer_prefix.daemon_config("apid").read_text()
     assert "http_bind" not in config  # the default is what is tested
-    log = (zlayer_prefix.prefix / "apid.log").open("wb")
-    env = {**os.environ, "ZLAYER_BUS_ADDRESS": private_bus.address}
-    process = subprocess.Popen(
-        [find_executable("zlayer-apid")], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-    )
-    try:
+    with daemon_process("apid", private_bus, zlayer_prefix) as (process, log):
         deadline = time.monotonic() + 30
         announced = None
         while announced is None:
-            assert process.poll() is None, (zlayer_prefix.prefix / "apid.log").read_text()
+            assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "zlayer-apid did not listen within 30 s"
             time.sleep(0.1)
-            announced = REST_API.search((zlayer_prefix.prefix / "apid.log").read_text())
+            announced = REST_API.search(log.read_text())
         port = int(announced.group(2))
         # Every socket on the API's port (its metrics port may listen everywhere).
         listening = [
@@ -61,15 +54,6 @@ def apid_port(private_bus: PrivateBus, zlayer_prefix: Paths) -> Iterator[int]:
         ]
         assert listening == ["127.0.0.1"], listening
         yield port
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
 
 
 def test_apid_listens_on_loopback_only_by_default(apid_port: int) -> None:

@@ -9,19 +9,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from ctl.supervisor import find_executable
 from shared.bus import InvalidSpecError, open_bus
 from shared.busdaemon import PrivateBus
 from shared.clients import SchedulerClient
 from shared.paths import Paths
 from shared.spec.limits import MAX_SPEC_BYTES
+from tests.daemon_process import daemon_process
 
 SMALL = "version: v1\ndeployment: limits\nservices: {}\n"
 # Generous: one Status call on an idle schedd takes milliseconds; a spec parsed
@@ -32,17 +31,8 @@ ANSWER_WITHIN = 2.0
 @pytest.fixture
 def schedd(private_bus: PrivateBus, zlayer_prefix: Paths) -> Iterator[subprocess.Popen[bytes]]:
     """The real zlayer-schedd on the private bus, once it answers Status."""
-    log = (zlayer_prefix.prefix / "schedd.log").open("wb")
-    env = {**os.environ, "ZLAYER_BUS_ADDRESS": private_bus.address}
-    process = subprocess.Popen(
-        [find_executable("zlayer-schedd")],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-    )
 
-    async def ready() -> None:
+    async def ready(process: subprocess.Popen[bytes]) -> None:
         bus = open_bus(private_bus.address)
         client = SchedulerClient(bus)
         deadline = time.monotonic() + 30
@@ -58,19 +48,10 @@ def schedd(private_bus: PrivateBus, zlayer_prefix: Paths) -> Iterator[subprocess
         finally:
             bus.close()
 
-    try:
-        asyncio.run(ready())
+    with daemon_process("schedd", private_bus, zlayer_prefix) as (process, _log):
+        asyncio.run(ready(process))
         yield process
         assert process.poll() is None, "zlayer-schedd died during the test"
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
 
 
 def many_services(count: int, variables: int) -> str:
