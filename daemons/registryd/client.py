@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -327,8 +327,9 @@ class RegistryClient:
                     "max_layer_size in registryd.toml if the image is trusted"
                 )
 
-    async def _reserve_space(self, digest: str, need: int) -> None:
-        """Refuse to start a download of ``need`` bytes the store's disk cannot hold.
+    @contextlib.asynccontextmanager
+    async def _space_for(self, digest: str, need: int) -> AsyncIterator[None]:
+        """Hold ``need`` bytes of the store's disk for a download; refuse if it cannot.
 
         What other downloads still expect is counted as taken: the check is
         made as each starts, before the others have written their share.
@@ -342,6 +343,10 @@ class RegistryClient:
                 "system prune) or move the store to a larger disk, then pull again"
             )
         self._reserved += need
+        try:
+            yield
+        finally:
+            self._reserved -= need
 
     def _name_stored(self, manifest_digest: str, name: str) -> ImageInfo | None:
         """``name`` on the stored image of ``manifest_digest``, if it is all here (blocking)."""
@@ -398,9 +403,11 @@ class RegistryClient:
         partial = self.store.partial_path(digest)
         for start in (1, 2):
             try:
-                return await self._receive_once(
-                    repository, digest, size, diff_id, labels, progress, partial
-                )
+                prefix = await asyncio.to_thread(_partial_size, partial, size)
+                async with self._space_for(digest, max(0, size - prefix)):
+                    return await self._receive_once(
+                        repository, digest, size, diff_id, labels, progress, partial, prefix
+                    )
             except UnresumableTransferError as exc:
                 await asyncio.to_thread(partial.unlink, True)
                 if start == 2:
@@ -417,29 +424,9 @@ class RegistryClient:
         labels: list[str],
         progress: _Progress,
         partial: Path,
-    ) -> Path | None:
-        """One stream of a blob through a receiving thread, resumed as often as it breaks."""
-        prefix = await asyncio.to_thread(_partial_size, partial, size)
-        reserved = max(0, size - prefix)
-        await self._reserve_space(digest, reserved)
-        try:
-            return await self._stream_blob(
-                repository, digest, size, diff_id, labels, progress, partial, prefix
-            )
-        finally:
-            self._reserved -= reserved
-
-    async def _stream_blob(
-        self,
-        repository: Repository,
-        digest: str,
-        size: int,
-        diff_id: str | None,
-        labels: list[str],
-        progress: _Progress,
-        partial: Path,
         prefix: int,
     ) -> Path | None:
+        """A blob from byte ``prefix`` through a receiving thread, resumed as often as it breaks."""
         work = self.store.work_path() if diff_id is not None else None
         pipe = Pipe()
         receiver = asyncio.get_running_loop().run_in_executor(
