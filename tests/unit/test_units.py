@@ -363,7 +363,7 @@ def test_memory_and_task_limits(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["proxyd", "overlayd"])
 def test_open_file_limit_fits_the_connection_cap(name: str) -> None:
-    from daemons.proxyd.main import FD_RESERVE
+    from daemons.proxyd.limits import FD_RESERVE
     from daemons.proxyd.settings import ProxySettings
 
     files = int(parse_unit(unit_path(name))["Service"]["LimitNOFILE"][-1])
