@@ -260,6 +260,10 @@ class ProxyDaemon(Daemon):
         New handshakes get the new ones; established connections keep theirs.
         Files that cannot be used leave the old certificates serving.
         """
+        if self.l7_tls is None:
+            # Nothing serves them yet: the first TLS listener reads them as they are then.
+            self.log.info("no TLS listener yet; certificates are read when the first one opens")
+            return
         settings = self.settings
         state_dir = self.paths.daemon_state(self.info.name)
         try:

@@ -770,6 +770,23 @@ def test_certificates_reload_on_sighup_and_connections_stay(
     assert "reloaded 2 certificates (a.test, c.test)" in proxyd.logs
 
 
+def test_a_reload_before_any_tls_listener_reads_no_certificates(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    proxyd.start()
+    self_signed = proxyd.paths.daemon_state("proxyd") / "tls" / "self-signed.crt"
+    assert proxyd.process is not None
+    proxyd.process.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert not self_signed.exists()  # nothing serves a certificate yet: none is made
+    # The first TLS listener still reads them (here: makes the self-signed one).
+    proxyd.push("demo", [service("a", [proxyd.https(backends.port)], ["127.0.0.2"])])
+    assert peer_common_name(proxyd.https_port, "x", ["http/1.1"])[0] == "zlayer-proxyd"
+    assert self_signed.exists()
+    proxyd.stop()
+    assert "no TLS listener yet; certificates are read when the first one opens" in proxyd.logs
+
+
 async def _plain_get(proxyd: Proxyd, host: str) -> int:
     async with aiohttp.ClientSession() as session:
         return (await fetch(session, proxyd.base, headers={"Host": host}))[0]
