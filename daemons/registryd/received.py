@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from daemons.registryd.unpack import BoundedTarInfo
+from daemons.registryd.unpack import STORE_ERRNOS, BoundedTarInfo
 from shared.bus import SEND_COMPLETE, InvalidArgumentError, UnavailableError
 
 log = logging.getLogger("zlayer.registryd.received")
@@ -116,9 +116,6 @@ def _check_member(member: tarfile.TarInfo, root: str) -> tuple[str, str]:
     return target, linked
 
 
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
-
-
 def _extract(tar: tarfile.TarFile, root: str) -> None:
     for member in tar:
         target, linked = _check_member(member, root)
@@ -127,7 +124,7 @@ def _extract(tar: tarfile.TarFile, root: str) -> None:
         try:
             _place(tar, member, root, target, linked)
         except OSError as exc:
-            if exc.errno in _DISK_ERRNOS:
+            if exc.errno in STORE_ERRNOS:
                 raise
             raise RefusedMember(
                 f"{_shown(member.name)} cannot be written ({exc.strerror or exc})"

@@ -58,7 +58,7 @@ DEFAULT_MAX_UNPACKED = 50 << 30  # bytes a layer's tar may hold: max_layer_unpac
 MAX_SPECIAL_HEADER = 1 << 20
 HEADER_BUDGET = 4 * MAX_SPECIAL_HEADER  # bytes read for one entry's headers, all kinds
 # Errors of the disk the store is on, not of the layer: told as they are.
-_STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
 # sdbus maps each error class to one bus name, so this is an alias, not a subclass.
@@ -279,7 +279,7 @@ class _Unpacker:
         try:
             yield
         except OSError as exc:
-            if exc.errno in _STORE_ERRNOS:
+            if exc.errno in STORE_ERRNOS:
                 raise  # the store's disk, not the layer: the caller tells it as such
             raise LayerError(
                 f"layer {self.layer} has an entry {name!r} that cannot be unpacked "
