@@ -190,17 +190,21 @@ class Outside:
         self.netns, self.host_end, far_end = f"zlout{tag}", f"zlo{tag}h", f"zlo{tag}p"
         third = (overlayd.subnet.network_address.packed[2] + 64) % 256
         self.node_address, far_ip = f"10.234.{third}.1", f"10.234.{third}.2"
-        for argv in (
-            ["ip", "netns", "add", self.netns],
-            ["ip", "link", "add", self.host_end, "type", "veth", "peer", "name", far_end],
-            ["ip", "link", "set", far_end, "netns", self.netns],
-            ["ip", "addr", "add", f"{self.node_address}/30", "dev", self.host_end],
-            ["ip", "link", "set", self.host_end, "up"],
-            ["ip", "-n", self.netns, "addr", "add", f"{far_ip}/30", "dev", far_end],
-            ["ip", "-n", self.netns, "link", "set", far_end, "up"],
-            ["ip", "-n", self.netns, "route", "add", "default", "via", self.node_address],
-        ):
-            subprocess.run(argv, check=True, capture_output=True)
+        try:
+            for argv in (
+                ["ip", "netns", "add", self.netns],
+                ["ip", "link", "add", self.host_end, "type", "veth", "peer", "name", far_end],
+                ["ip", "link", "set", far_end, "netns", self.netns],
+                ["ip", "addr", "add", f"{self.node_address}/30", "dev", self.host_end],
+                ["ip", "link", "set", self.host_end, "up"],
+                ["ip", "-n", self.netns, "addr", "add", f"{far_ip}/30", "dev", far_end],
+                ["ip", "-n", self.netns, "link", "set", far_end, "up"],
+                ["ip", "-n", self.netns, "route", "add", "default", "via", self.node_address],
+            ):
+                subprocess.run(argv, check=True, capture_output=True)
+        except BaseException:  # the caller's finally has no object to close yet
+            self.close()
+            raise
 
     def greeting(self, port: int) -> str:
         code = (
