@@ -16,7 +16,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +417,35 @@ def test_an_interrupted_download_resumes_with_a_range_request(
     assert_no_partials(registryd)
 
 
+def kill_registryd_during_pull(
+    registryd: Registryd, image: str, ready: Callable[[], bool], why: Callable[[], str]
+) -> None:
+    """Run ``zlayerctl pull image``, kill registryd by its PID once ``ready()``, and
+    check the pull ends with one sentence (exit 1, no traceback)."""
+    puller = subprocess.Popen(
+        [find_executable("zlayerctl"), "pull", image],
+        env=dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready():
+            assert time.monotonic() < deadline, (why(), puller.poll())
+            time.sleep(0.02)
+        assert registryd.process is not None
+        registryd.process.send_signal(signal.SIGKILL)
+        registryd.process.communicate(timeout=10)
+        registryd.process = None
+        _, err = puller.communicate(timeout=30)
+    finally:
+        if puller.poll() is None:
+            puller.kill()
+            puller.communicate()
+    assert puller.returncode == 1 and "Traceback" not in err, err
+
+
 def test_registryd_killed_mid_pull_resumes_after_restart(
     registryd: Registryd, registry: Registry, busybox_image: dict[str, Path]
 ) -> None:
@@ -425,28 +454,12 @@ def test_registryd_killed_mid_pull_resumes_after_restart(
     with fault_proxy(registry.url) as proxy:
         proxy.slow = True
         image = f"{proxy.host}/busybox:1"
-        puller = subprocess.Popen(
-            [find_executable("zlayerctl"), "pull", image],
-            env=dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        kill_registryd_during_pull(
+            registryd,
+            image,
+            lambda: partial.exists() and partial.stat().st_size > 200_000,
+            lambda: "the download never got going",
         )
-        try:
-            deadline = time.monotonic() + 30
-            while not (partial.exists() and partial.stat().st_size > 200_000):
-                assert time.monotonic() < deadline, "the download never got going"
-                time.sleep(0.02)
-            assert registryd.process is not None
-            registryd.process.send_signal(signal.SIGKILL)
-            registryd.process.communicate(timeout=10)
-            registryd.process = None
-            _, err = puller.communicate(timeout=30)
-        finally:
-            if puller.poll() is None:
-                puller.kill()
-                puller.communicate()
-        assert puller.returncode == 1 and "Traceback" not in err
         kept = partial.stat().st_size
         assert kept > 200_000
 
@@ -476,36 +489,18 @@ def test_layers_a_killed_pull_finished_are_not_fetched_again(
     with fault_proxy(registry.url) as proxy:
         proxy.slow = True
         image_name = f"{proxy.host}/two:1"
-        puller = subprocess.Popen(
-            [find_executable("zlayerctl"), "pull", image_name],
-            env=dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while not (
+        kill_registryd_during_pull(
+            registryd,
+            image_name,
+            lambda: (
                 done in registryd.blobs()
                 and (partial_dir / going).exists()
                 and (partial_dir / going).stat().st_size > 200_000
-            ):
-                assert time.monotonic() < deadline, (
-                    "the downloads never got going",
-                    registryd.blobs(),
-                    os.listdir(partial_dir),
-                    puller.poll(),
-                )
-                time.sleep(0.02)
-            assert registryd.process is not None
-            registryd.process.send_signal(signal.SIGKILL)
-            registryd.process.communicate(timeout=10)
-            registryd.process = None
-            puller.communicate(timeout=30)
-        finally:
-            if puller.poll() is None:
-                puller.kill()
-                puller.communicate()
+            ),
+            lambda: (
+                f"the downloads never got going: {registryd.blobs()}, {os.listdir(partial_dir)}"
+            ),
+        )
         registryd.start()  # its clean-up drops the blobs no image references
         # the whole finished download is still there
         assert (partial_dir / done).stat().st_size == manifest["layers"][0]["size"]
