@@ -1,0 +1,118 @@
+"""The node key: one secret per node, from which the API's signing key and the
+key that encrypts secrets at rest are derived.
+
+The key is 32 random bytes. Under systemd it arrives as the credential
+``node-key`` (``LoadCredentialEncrypted=`` in the units of apid and schedd,
+so it is stored encrypted by ``systemd-creds`` and readable only by those
+services); elsewhere it is the file ``/var/lib/zlayer/node.key`` (mode 0600),
+made by whichever daemon starts first. Each use derives its own key with
+HKDF-SHA256 and a distinct label, so a token signature can never be turned
+into a secret's key or the other way round.
+
+cryptography is imported on first use, not at import time: only apid and
+schedd ever need it, and only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.paths import Paths
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+KEY_BYTES = 32
+CREDENTIAL_NAME = "node-key"
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+FILE_NAME = "node.key"
+
+_SIGNING_LABEL = b"zlayer api token signing v1"
+_SECRETS_LABEL = b"zlayer secrets at rest v1"
+
+
+class NodeKeyError(RuntimeError):
+    """The node key exists but cannot be used, in one sentence."""
+
+
+def key_path(paths: Paths) -> Path:
+    return paths.state_dir / FILE_NAME
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """The node's secret and the keys derived from it."""
+
+    material: bytes
+
+    @classmethod
+    def load(cls, paths: Paths, environ: dict[str, str] | None = None) -> NodeKey:
+        """The systemd credential if the service has one, else the key file (made if missing)."""
+        env = os.environ if environ is None else environ
+        credentials = env.get(CREDENTIALS_ENV)
+        if credentials:
+            credential = Path(credentials) / CREDENTIAL_NAME
+            if credential.exists():
+                return cls(_checked(credential.read_bytes(), credential))
+        return cls(_checked(_read_or_create(key_path(paths)), key_path(paths)))
+
+    def derive(self, label: bytes) -> bytes:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(
+            self.material
+        )
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The Ed25519 key apid signs API tokens with."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return Ed25519PrivateKey.from_private_bytes(self.derive(_SIGNING_LABEL))
+
+    def verifying_key(self) -> Ed25519PublicKey:
+        return self.signing_key().public_key()
+
+    def secrets_key(self) -> bytes:
+        """The AES-256-GCM key schedd encrypts secrets at rest with."""
+        return self.derive(_SECRETS_LABEL)
+
+
+def _checked(material: bytes, where: Path) -> bytes:
+    if len(material) != KEY_BYTES:
+        raise NodeKeyError(
+            f"the node key {where} is {len(material)} bytes, not {KEY_BYTES}; "
+            "restore it from a backup (secrets stored with the old key cannot be read without it)"
+        )
+    return material
+
+
+def _read_or_create(path: Path) -> bytes:
+    """Read the key file; make it (0600, written whole, then linked in place) if absent.
+
+    Two daemons starting at once both try: the link is atomic and only one
+    wins, the other reads the winner's key.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(secrets.token_bytes(KEY_BYTES))
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path.read_bytes()
