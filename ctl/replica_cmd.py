@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import click
 
 from ctl.client import Client, resolve_deployment
 from ctl.output import err_console, fail
-from shared.k8slog import LogLine, parse_lines
+from shared import logread
+from shared.k8slog import LogLine
 from shared.wire.agent import ReplicaInfo
-
-FOLLOW_POLL = 0.2
 
 
 async def _replicas(client: Client, deployment: str, service: str) -> list[ReplicaInfo]:
@@ -48,8 +44,7 @@ async def _print_last_run(
         f"{'' if last.exit_code is None else f', exit code {last.exit_code}'})[/]",
         highlight=False,
     )
-    lines = list(parse_lines(_read_all(paths)))
-    for line in lines[-tail:] if tail is not None else lines:
+    for line in logread.read_lines(paths, tail):
         _emit(line, "", timestamps)
     return True
 
@@ -64,15 +59,6 @@ def _pick(replicas: list[ReplicaInfo], instance: int | None, service: str) -> li
     return chosen
 
 
-def _read_all(paths: list[str]) -> Iterator[str]:
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                yield from handle
-        except FileNotFoundError:
-            continue  # rotated away between listing and reading
-
-
 def _emit(line: LogLine, prefix: str, timestamps: bool) -> None:
     stamp = f"{line.time.isoformat(timespec='milliseconds')} " if timestamps and line.time else ""
     out = sys.stderr if line.stream == "stderr" else sys.stdout
@@ -81,28 +67,9 @@ def _emit(line: LogLine, prefix: str, timestamps: bool) -> None:
 
 
 async def _follow(path: str, prefix: str, timestamps: bool, offset: int) -> None:
-    """Print what is appended to ``path``; reopen when it is rotated or truncated."""
-    position = offset
-    inode = os.stat(path).st_ino if os.path.exists(path) else 0
-    partial = ""
-    while True:
-        await asyncio.sleep(FOLLOW_POLL)
-        try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            continue
-        if info.st_ino != inode or info.st_size < position:
-            inode, position = info.st_ino, 0
-        if info.st_size == position:
-            continue
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            handle.seek(position)
-            chunk = handle.read()
-            position = handle.tell()
-        records = (partial + chunk).split("\n")
-        partial = records.pop()
-        for line in parse_lines(r for r in records if r):
-            _emit(line, prefix, timestamps)
+    """Print what is appended to ``path`` (shared.logread follows rotations)."""
+    async for line in logread.follow(path, offset):
+        _emit(line, prefix, timestamps)
 
 
 @click.command()
@@ -132,13 +99,11 @@ def logs(
         for replica in chosen:
             paths = list(await client.agent.log_paths(replica.id))
             prefix = f"{service}-{replica.instance} | " if len(chosen) > 1 else ""
-            lines = list(parse_lines(_read_all(paths)))
-            for line in lines[-tail:] if tail is not None else lines:
+            for line in logread.read_lines(paths, tail):
                 _emit(line, prefix, timestamps)
             if follow and paths:
                 current = paths[-1]
-                size = Path(current).stat().st_size if Path(current).exists() else 0
-                followers.append(_follow(current, prefix, timestamps, size))
+                followers.append(_follow(current, prefix, timestamps, logread.end_offset(current)))
         if followers:
             await asyncio.gather(*followers)
 
