@@ -75,6 +75,7 @@ class CronSchedule(Wire, frozen=True):
     schedule: str
     next_run: float | None = None
     last_run: float | None = None
+    enabled: bool = True  # False: SetCronEnabled turned it off; it does not fire
 
 
 class Deployed(Wire, frozen=True):
