@@ -320,6 +320,52 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """A job ended (done, failed or cancelled) and its object is gone; its final JobInfo."""
         raise NotImplementedError
 
+    # --- secrets: kept encrypted in schedd's store, resolved into a replica's env
+    # (``$S:NAME``) only in what schedd sends agentd. Root only, as Plan is: no
+    # DbusUnprivilegedFlag, and the bus policy lets no other user call them.
+
+    @dbus_method_async(
+        input_signature="sss",
+        result_signature="s",
+        input_args_names=("name", "deployment", "value"),
+        result_args_names=("secret",),
+    )
+    async def set_secret(self, name: str, deployment: str, value: str) -> str:
+        """Set a secret (node-wide when ``deployment`` is ""); returns SecretInfo.
+
+        The services that use it roll, as with a deploy.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", result_args_names=("secrets",))
+    async def list_secrets(self) -> str:
+        """list[SecretInfo]: names, scopes and times, never a value."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("name", "deployment"),
+        result_args_names=("secret",),
+    )
+    async def get_secret(self, name: str, deployment: str) -> str:
+        """SecretValue: one secret's value."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="ss", input_args_names=("name", "deployment"))
+    async def remove_secret(self, name: str, deployment: str) -> None:
+        """Remove a secret; the services that used it roll to the node-wide one.
+
+        Refused (Conflict) while a deployment uses it and nothing else would resolve it.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="ssb", input_args_names=("deployment", "service", "enabled"))
+    async def set_cron_enabled(self, deployment: str, service: str, enabled: bool) -> None:
+        """Turn a cron service's schedule off (it does not fire) or on again; kept across
+        restarts and deploys."""
+        raise NotImplementedError
+
 
 class Agent1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Agent1"):
     """zlayer-agentd: containers, health checks, jobs on this node."""

@@ -40,6 +40,7 @@ from shared.wire.agent import (
     ServiceAssignment,
     SyncResult,
 )
+from shared.wire.api import SecretInfo, SecretValue
 from shared.wire.daemon import DaemonStatus
 from shared.wire.jobs import JobInfo, ProgressItem
 from shared.wire.overlay import Attachment, NetworkInfo
@@ -224,6 +225,21 @@ class SchedulerClient(JobsDaemonClient[Scheduler1]):
         """Every Event schedd emits from now on."""
         async for text in self.proxy.event_emitted:
             yield decode(text, Event)
+
+    async def set_secret(self, name: str, deployment: str, value: str) -> SecretInfo:
+        return decode(await self.proxy.set_secret(name, deployment, value), SecretInfo)
+
+    async def list_secrets(self) -> list[SecretInfo]:
+        return decode(await self.proxy.list_secrets(), list[SecretInfo])
+
+    async def get_secret(self, name: str, deployment: str) -> SecretValue:
+        return decode(await self.proxy.get_secret(name, deployment), SecretValue)
+
+    async def remove_secret(self, name: str, deployment: str) -> None:
+        await self.proxy.remove_secret(name, deployment)
+
+    async def set_cron_enabled(self, deployment: str, service: str, enabled: bool) -> None:
+        await self.proxy.set_cron_enabled(deployment, service, enabled)
 
 
 class AgentClient(DaemonClient[Agent1]):
