@@ -825,6 +825,34 @@ class Api1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Api1"):
 
     version, status = _daemon_members()
 
+    # The API's tokens: root's alone, listing included (the names and scopes
+    # of the tokens are a map of who may do what).
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("request",),
+        result_args_names=("issued",),
+    )
+    async def create_token(self, request: str) -> str:
+        """shared.wire.api.TokenCreate; TokenIssued, the only time the token's text is shown."""
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", result_args_names=("tokens",))
+    async def list_tokens(self) -> str:
+        """list[shared.wire.api.TokenInfo]: every token, revoked ones too; never their text."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("name",),
+        result_args_names=("token",),
+    )
+    async def revoke_token(self, name: str) -> str:
+        """Revoke the token ``name`` at once (its next request is refused); its TokenInfo."""
+        raise NotImplementedError
+
 
 # ---------------------------------------------------------------- the daemons
 

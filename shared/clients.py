@@ -40,7 +40,7 @@ from shared.wire.agent import (
     ServiceAssignment,
     SyncResult,
 )
-from shared.wire.api import SecretInfo, SecretValue
+from shared.wire.api import SecretInfo, SecretValue, TokenCreate, TokenInfo, TokenIssued
 from shared.wire.daemon import DaemonStatus
 from shared.wire.jobs import JobInfo, ProgressItem
 from shared.wire.overlay import Attachment, NetworkInfo
@@ -388,10 +388,19 @@ class ProxyClient(DaemonClient[Proxy1]):
 
 
 class ApiClient(DaemonClient[Api1]):
-    """zlayer-apid: the REST gateway (on the bus only its status)."""
+    """zlayer-apid: the REST gateway; on the bus, its tokens."""
 
     def __init__(self, bus: SdBus) -> None:
         super().__init__(DAEMONS_BY_NAME["apid"], bus)
+
+    async def create_token(self, request: TokenCreate) -> TokenIssued:
+        return decode(await self.proxy.create_token(encode(request)), TokenIssued)
+
+    async def list_tokens(self) -> list[TokenInfo]:
+        return decode(await self.proxy.list_tokens(), list[TokenInfo])
+
+    async def revoke_token(self, name: str) -> TokenInfo:
+        return decode(await self.proxy.revoke_token(name), TokenInfo)
 
 
 def daemon_client(name: str, bus: SdBus) -> DaemonClient[DbusInterfaceCommonAsync]:

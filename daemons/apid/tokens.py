@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from aiohttp import web
+from sdbus import dbus_method_async_override
 
-from shared.bus import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from shared.bus import (
+    AlreadyExistsError,
+    Api1,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from shared.statefile import read_state, write_atomically
 from shared.wire import WireError, decode, encode
 from shared.wire.api import TokenCreate, TokenInfo, TokenIssued
@@ -195,3 +202,34 @@ def _check(request: TokenCreate) -> None:
 
 
 TOKEN_STORE_KEY = web.AppKey("token_store", TokenStore)
+
+
+class TokenMethods(Api1):
+    """Api1's token members (CreateToken, ListTokens, RevokeToken) over a TokenStore.
+
+    apid's bus service derives from this and sets ``token_store`` once the
+    store is open; until then the members answer Unavailable.
+    """
+
+    token_store: TokenStore | None = None
+
+    def _store(self) -> TokenStore:
+        if self.token_store is None:
+            raise UnavailableError("zlayer-apid is starting; its tokens are not loaded yet")
+        return self.token_store
+
+    @dbus_method_async_override()
+    async def create_token(self, request: str) -> str:
+        try:
+            wanted = decode(request, TokenCreate)
+        except WireError as exc:
+            raise InvalidArgumentError(f"the token request is {exc}") from None
+        return encode(await self._store().create(wanted))
+
+    @dbus_method_async_override()
+    async def list_tokens(self) -> str:
+        return encode(self._store().list())
+
+    @dbus_method_async_override()
+    async def revoke_token(self, name: str) -> str:
+        return encode(await self._store().remove(name))
