@@ -122,6 +122,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ctl.registry_cmd:system",
         "Node-wide housekeeping.",
     ),
+    "token": (
+        "ctl.token_cmd:token",
+        "Bearer tokens of the REST API: create, list, revoke.",
+    ),
     "up": (
         "ctl.deploy_cmd:up",
         "Deploy FILE and follow it; Ctrl-C tears the deployment down (-b/-d return instead).",

@@ -55,6 +55,7 @@ EVERY_COMMAND = {
     "status",
     "stop",
     "system",
+    "token",
     "up",
     "validate",
     "wasm",
