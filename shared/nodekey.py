@@ -1,11 +1,16 @@
 """The node key: one secret per node, from which the API's signing key and the
 key that encrypts secrets at rest are derived.
 
-The key is 32 random bytes. Under systemd it arrives as the credential
-``node-key`` (``LoadCredentialEncrypted=`` in the units of apid and schedd,
-so it is stored encrypted by ``systemd-creds`` and readable only by those
-services); elsewhere it is the file ``/var/lib/zlayer/node.key`` (mode 0600),
-made by whichever daemon starts first. Each use derives its own key with
+The key is 32 random bytes. The package makes it at install: encrypted with
+``systemd-creds`` as ``/var/lib/zlayer/node-key.cred`` where the host can,
+which the units of apid and schedd load as the credential ``node-key``
+(``LoadCredentialEncrypted=``), so the key is in clear only in those
+services' memory; else the file ``/var/lib/zlayer/node.key`` (mode 0600).
+Without systemd (``zlayerctl daemon run``) whichever daemon starts first
+makes that file. A credential that cannot be decrypted (the TPM or the
+host's credential secret changed) stops the unit before the daemon runs:
+systemd says so in the journal, and the daemon never falls back to another
+key, which would make every token and secret unreadable. Each use derives its own key with
 HKDF-SHA256 and a distinct label, so a token signature can never be turned
 into a secret's key or the other way round.
 
@@ -60,9 +65,28 @@ class NodeKey:
         credentials = env.get(CREDENTIALS_ENV)
         if credentials:
             credential = Path(credentials) / CREDENTIAL_NAME
-            if credential.exists():
-                return cls(_checked(credential.read_bytes(), credential))
-        return cls(_checked(_read_or_create(key_path(paths)), key_path(paths)))
+            try:
+                material = credential.read_bytes()
+            except FileNotFoundError:
+                material = b""
+            except OSError as exc:
+                raise NodeKeyError(
+                    f"cannot read the node key credential {credential} ({exc.strerror}); "
+                    "check the service's LoadCredentialEncrypted= line"
+                ) from None
+            # empty: the units' SetCredential= fallback, when the host has no
+            # encrypted credential (systemd-creds could not make one): use the file
+            if material:
+                return cls(_checked(material, credential))
+        path = key_path(paths)
+        try:
+            material = _read_or_create(path)
+        except OSError as exc:
+            raise NodeKeyError(
+                f"cannot read or make the node key {path} ({exc.strerror}); "
+                "reinstall the package (it makes the key) or run the daemon as root"
+            ) from None
+        return cls(_checked(material, path))
 
     def derive(self, label: bytes) -> bytes:
         from cryptography.hazmat.primitives import hashes
