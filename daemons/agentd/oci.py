@@ -68,6 +68,29 @@ def read_pidfile(path: Path) -> int:
         return 0
 
 
+def release_created(state_root: Path, container_id: str) -> bool:
+    """Start a container crun created, as ``crun start`` does, without running crun:
+    the container's first process waits to read one byte from ``exec.fifo`` in
+    crun's state directory. True when it was told to go; False when there is no
+    waiting reader (started already, or the process died), for ``crun start`` to
+    say what is wrong. Only crun's state works this way (runc's fifo runs the other
+    way round), and only without poststart hooks, which ZLayer's bundles never have.
+    """
+    fifo = state_root / container_id / "exec.fifo"
+    try:
+        # Non-blocking: with no reader the open fails (ENXIO) instead of waiting.
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        # Gone before the write, as crun does: from then on the state reads "running".
+        os.unlink(fifo)
+        os.write(fd, b"\0")
+    finally:
+        os.close(fd)
+    return True
+
+
 def is_conmon(pid: int, container_id: str) -> bool:
     """Whether ``pid`` is still the running conmon of this container (pids get reused)."""
     if not _pid_alive(pid):

@@ -472,6 +472,34 @@ def test_runc_as_the_fallback_runtime(rt: Harness, tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_crun_containers_start_without_running_crun_start(rt: Harness, tmp_path: Path) -> None:
+    """The start of a crun container is its exec.fifo written by agentd: the process
+    runs, crun says so, and crun itself ran for the create alone."""
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "bin" / "crun"
+    wrapper.parent.mkdir()
+    real = shutil.which("crun")
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+
+    async def scenario() -> None:
+        runtime = await rt.ready(runtime_path=str(wrapper))
+        pid = await runtime.run("t-fifo", sh("echo started; exec sleep 1000"), rt.rootfs, None, {})
+        assert pid > 0
+        assert await wait_for_log(runtime, "t-fifo", "started")
+        info = await runtime.state("t-fifo")
+        assert (info.status, info.pid) == ("running", pid)
+        run = [line.split() for line in calls.read_text().splitlines()]
+        commands = [next(a for a in args if not a.startswith("--")) for args in run]
+        assert "create" in commands and "start" not in commands
+        # Started already: a second start is the runtime's refusal, in one sentence.
+        with pytest.raises(ContainerError, match="could not start"):
+            await runtime.start("t-fifo")
+        assert (await runtime.stop("t-fifo", grace=0.5)).code == 137
+
+    asyncio.run(scenario())
+
+
 @pytest.fixture
 def cgroup_parent() -> Iterator[str]:
     """A cgroup parent for one test, removed in every hierarchy after its containers.
