@@ -9,7 +9,7 @@ from sdbus import dbus_method_async_override
 
 from daemons.schedd.scheduler import Scheduler
 from daemons.schedd.store import Store
-from shared.bus import DAEMONS_BY_NAME, Scheduler1
+from shared.bus import DAEMONS_BY_NAME, Scheduler1, UnavailableError
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.jobs import JobTable
@@ -99,6 +99,28 @@ class SchedulerService(Scheduler1):
     async def list_events(self, deployment: str, limit: int) -> str:
         return encode(await self._scheduler.events(deployment, limit or 50))
 
+    # --- secrets (root only) and cron switches
+
+    @dbus_method_async_override()
+    async def set_secret(self, name: str, deployment: str, value: str) -> str:
+        return encode(await self._scheduler.set_secret(name, deployment, value))
+
+    @dbus_method_async_override()
+    async def list_secrets(self) -> str:
+        return encode(self._scheduler.list_secrets())
+
+    @dbus_method_async_override()
+    async def get_secret(self, name: str, deployment: str) -> str:
+        return encode(await self._scheduler.get_secret(name, deployment))
+
+    @dbus_method_async_override()
+    async def remove_secret(self, name: str, deployment: str) -> None:
+        await self._scheduler.remove_secret(name, deployment)
+
+    @dbus_method_async_override()
+    async def set_cron_enabled(self, deployment: str, service: str, enabled: bool) -> None:
+        await self._scheduler.set_cron_enabled(deployment, service, enabled)
+
     # --- jobs (shared/jobs.py): deploy, down, stop and scale wait for their deployment
 
     @dbus_method_async_override()
@@ -138,13 +160,22 @@ class SchedulerDaemon(Daemon):
         assert self.bus is not None  # start() runs once the bus is open
         self.bus.method_call_timeout_usec = OUTBOUND_CALL_USEC
         self.store = Store(self.paths.daemon_state("schedd") / "state.db")
-        self.scheduler = Scheduler(self.store, self.bus, self._emit)
+        self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key)
         # The replica signals first: they keep the scheduler's copy of the replica
         # list current, and wake it at once so traffic follows health closely.
         self._watch_task = asyncio.create_task(
             self.scheduler.replica_cache.watch(), name="watch-replicas"
         )
         self._loop_task = asyncio.create_task(self.scheduler.run(), name="reconcile")
+
+    def _secrets_key(self) -> bytes:
+        """The key secrets are sealed with, read at their first use (not at start)."""
+        from shared.nodekey import NodeKey, NodeKeyError
+
+        try:
+            return NodeKey.load(self.paths).secrets_key()
+        except (NodeKeyError, OSError) as exc:
+            raise UnavailableError(f"schedd cannot read the node key: {exc}") from None
 
     def _emit(self, event: Event) -> None:
         self.service.event_emitted.emit(encode(event))

@@ -70,9 +70,17 @@ class Rollouts:
             del self.draining[draining]
 
     def plan(
-        self, name: str, spec: DeploymentSpec, revision: int, replicas: list[ReplicaInfo]
+        self,
+        name: str,
+        spec: DeploymentSpec,
+        revision: int,
+        replicas: list[ReplicaInfo],
+        roll: frozenset[str] = frozenset(),
     ) -> tuple[dict[str, ServiceState], list[tuple[str, str, str]]]:
         """Per service: keep its serving revision if unchanged, else roll out ``revision``.
+
+        The services in ``roll`` roll out even with an unchanged spec: a secret
+        their env reads changed, and only new replicas get the new value.
 
         A service with nothing running (new, stopped, a job) switches at once;
         one with replicas serving rolls out start-first, batch by batch. The
@@ -87,7 +95,7 @@ class Rollouts:
             state = current.get(svc_name)
             if state is not None:
                 serving = self.service_spec(name, state.serving, svc_name)
-                if serving == svc:
+                if serving == svc and svc_name not in roll:
                     if state.target != state.serving:
                         events.append(
                             (

@@ -28,14 +28,16 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 from sdbus import SdBus
 
 from daemons.schedd.autoscale import Load, Sampler, decide, replica_load
 from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache, agent_call
 from daemons.schedd.rollouts import Rollouts
+from daemons.schedd.secrets import Secrets, SecretUnreadableError, info, missing, spec_references
 from daemons.schedd.status import deployment_status, desired_replicas, start_order
 from daemons.schedd.store import ServiceState, Store, StoredDeployment
 from daemons.schedd.views import IN_ROTATION, TRAFFIC_TIMEOUT, ViewSync, deployment_traffic
@@ -56,6 +58,7 @@ from shared.wire.agent import (
     RevisionReplicas,
     ServiceAssignment,
 )
+from shared.wire.api import SecretInfo, SecretValue
 from shared.wire.scheduler import (
     CronSchedule,
     DeploymentStatus,
@@ -70,6 +73,11 @@ if TYPE_CHECKING:
     from shared.spec import DeploymentSpec, ServiceSpec
 
 T = TypeVar("T")
+
+
+def _no_key() -> bytes:
+    raise UnavailableError("schedd was started without the node key; secrets cannot be read")
+
 
 log = logging.getLogger("zlayer.schedd")
 
@@ -186,8 +194,15 @@ class _Waiting:
 class Scheduler:
     """Desired state, decisions, and the loop that hands them to agentd."""
 
-    def __init__(self, store: Store, bus: SdBus, emit: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: SdBus,
+        emit: Callable[[Event], None],
+        secrets_key: Callable[[], bytes] = lambda: _no_key(),
+    ) -> None:
         self.store = store
+        self.secrets = Secrets(store, secrets_key)
         self.bus = bus
         self.agent = AgentClient(bus)
         self.replica_cache = ReplicaCache(self.agent, self._replicas_changed)
@@ -207,6 +222,7 @@ class Scheduler:
         self._failed: dict[tuple[str, int, str], str] = {}
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
         self._cron_next: dict[tuple[str, str], float] = {}
+        self._previous_desired: dict[tuple[str, str], ServiceAssignment] = {}
         self._specs: dict[tuple[str, int], DeploymentSpec] = {}
         self._sampler = Sampler()
         self._sampled_at: dict[str, float] = {}
@@ -267,6 +283,7 @@ class Scheduler:
 
         spec = await self._parse(spec_text, filename, host_env)
         self._check_ports(spec)
+        self._check_secrets(spec)
         # A deploy is a fresh start for what failed: services that gave up on
         # their dependencies wait again, and failed replicas retry at once
         # (the assignment's ``retry`` changes with the revision).
@@ -280,7 +297,12 @@ class Scheduler:
         return status
 
     async def _store_revision(
-        self, spec: DeploymentSpec, spec_text: str, filename: str, verb: str
+        self,
+        spec: DeploymentSpec,
+        spec_text: str,
+        filename: str,
+        verb: str,
+        roll: frozenset[str] = frozenset(),
     ) -> DeploymentStatus:
         """Store ``spec`` as the next revision with every service's rollout plan, in one
         transaction: a schedd killed in the middle has the old deployment or the new."""
@@ -292,7 +314,7 @@ class Scheduler:
                 replicas = await self._replicas(name)
         async with self._deploy_lock:
             revision = self.store.next_revision(name)
-            states, events = self.rollouts.plan(name, spec, revision, replicas)
+            states, events = self.rollouts.plan(name, spec, revision, replicas, roll)
             await asyncio.to_thread(
                 self.store.add_revision, name, spec_json, spec_text, filename, states
             )
@@ -335,6 +357,7 @@ class Scheduler:
         if spec is None or source is None:  # pragma: no cover - listed above
             raise NotFoundError(f"revision {previous} of {name} is gone")
         self._check_ports(spec)
+        self._check_secrets(spec)
         status = await self._store_revision(
             spec, source[0], source[1], f"rolled back to revision {previous}"
         )
@@ -365,6 +388,7 @@ class Scheduler:
         from shared.spec import DeploymentSpec
 
         spec = await self._parse(spec_text, filename, host_env)
+        self._check_secrets(spec)
         current = self.store.get(spec.deployment)
         old = (
             await asyncio.to_thread(DeploymentSpec.model_validate_json, current.spec_json)
@@ -526,6 +550,7 @@ class Scheduler:
             if stored is None:
                 continue
             spec = DeploymentSpec.model_validate_json(stored.spec_json)
+            off = self.store.cron_disabled(dep)
             for svc_name, svc in spec.services.items():
                 if svc.rtype == "cron" and svc.schedule:
                     rows.append(
@@ -533,11 +558,132 @@ class Scheduler:
                             deployment=dep,
                             service=svc_name,
                             schedule=svc.schedule,
-                            next_run=self._cron_next.get((dep, svc_name)),
+                            next_run=None
+                            if svc_name in off
+                            else self._cron_next.get((dep, svc_name)),
                             last_run=self.store.last_cron_run(dep, svc_name),
+                            enabled=svc_name not in off,
                         )
                     )
         return rows
+
+    async def set_cron_enabled(self, name: str, service: str, enabled: bool) -> None:
+        """Turn a cron service's schedule off or on; kept in the store across restarts."""
+        from shared.spec import DeploymentSpec
+
+        stored = self._require(name)
+        spec = DeploymentSpec.model_validate_json(stored.spec_json)
+        svc = spec.services.get(service)
+        if svc is None or svc.rtype != "cron":
+            crons = [n for n, s in spec.services.items() if s.rtype == "cron"]
+            raise NotFoundError(
+                f"deployment {name} has no cron job named {service} "
+                f"(cron jobs: {', '.join(crons) or 'none'})"
+            )
+        await asyncio.to_thread(self.store.set_cron_enabled, name, service, enabled)
+        # Enabled again: the next run is counted from now, not from before it was off.
+        self._cron_next.pop((name, service), None)
+        if enabled:
+            await asyncio.to_thread(self.store.record_cron_run, name, service, time.time())
+        word = "enabled" if enabled else "disabled: it does not fire until enabled again"
+        self.event(name, "cron", f"cron job {service} {word}", service=service)
+        self.wake()
+
+    # ------------------------------------------------------------ secrets
+
+    def _check_secrets(self, spec: DeploymentSpec) -> None:
+        problems = missing(spec, self.secrets)
+        if problems:
+            raise InvalidSpecError("\n".join(problems))
+
+    def _with_secrets(self, name: str, svc_name: str, dumped: dict[str, Any]) -> dict[str, Any]:
+        """A dumped ServiceSpec with its env's ``$S:`` references replaced by their values."""
+        env = dumped.get("env")
+        if not env or not any("$S:" in str(v) for v in env.values()):
+            return dumped
+        from shared.spec.refs import resolve_secrets
+
+        lookup = self.secrets.lookup(name)
+        return dumped | {
+            "env": {
+                key: resolve_secrets(str(value), lookup, f"services.{svc_name}.env.{key}")
+                for key, value in env.items()
+            }
+        }
+
+    def _users(self, secret: str, scope: str) -> dict[str, frozenset[str]]:
+        """Deployment -> its services whose ``$S:secret`` reads the one of ``scope``
+        (a deployment, or "" for node-wide: read where the deployment has none of its own)."""
+        from shared.spec import DeploymentSpec
+
+        users: dict[str, frozenset[str]] = {}
+        for dep in [scope] if scope else self.store.names():
+            stored = self.store.get(dep)
+            if stored is None or stored.removing:
+                continue
+            if not scope and self.store.secret(secret, dep) is not None:
+                continue  # its own secret of that name wins over the node-wide one
+            spec = DeploymentSpec.model_validate_json(stored.spec_json)
+            services = frozenset(
+                svc for svc, names in spec_references(spec).items() if secret in names
+            )
+            if services:
+                users[dep] = services
+        return users
+
+    async def _roll(self, users: dict[str, frozenset[str]], why: str) -> None:
+        """Roll each deployment's services that read a changed secret, as a deploy does:
+        the same spec as a new revision, those services replaced start-first."""
+        for dep, services in sorted(users.items()):
+            stored = self.store.get(dep)
+            spec = self._spec(dep, stored.revision) if stored else None
+            source = self.store.revision_source(dep, stored.revision) if stored else None
+            if stored is None or spec is None or source is None:
+                continue
+            for key in [k for k in self._failed if k[0] == dep and k[2] in services]:
+                del self._failed[key]
+            await self._store_revision(
+                spec,
+                source[0],
+                source[1],
+                f"rolled: {why} ({', '.join(sorted(services))})",
+                services,
+            )
+
+    async def set_secret(self, name: str, deployment: str, value: str) -> SecretInfo:
+        secret = await asyncio.to_thread(self.secrets.set, name, deployment, value)
+        what = "set" if secret.version == 1 else f"changed (version {secret.version})"
+        scope = f"deployment {deployment}" if deployment else "node-wide"
+        log.info("secret %s (%s) %s", name, scope, what)
+        await self._roll(self._users(name, deployment), f"secret {name} {what}")
+        return info(secret)
+
+    async def remove_secret(self, name: str, deployment: str) -> None:
+        self.secrets.require(name, deployment)
+        users = self._users(name, deployment)
+        # Without this one, do they still find a value (a deployment's own -> node-wide)?
+        stranded = sorted(dep for dep in users if not deployment or not self.secrets.find(name, ""))
+        if stranded:
+            raise ConflictError(
+                f"secret {name} is used by deployment {stranded[0]} "
+                f"({', '.join(sorted(users[stranded[0]]))}); remove `$S:{name}` from its spec "
+                f"and deploy, or `zlayerctl down {stranded[0]}`, first"
+            )
+        await asyncio.to_thread(self.store.remove_secret, name, deployment)
+        log.info(
+            "secret %s (%s) removed",
+            name,
+            f"deployment {deployment}" if deployment else "node-wide",
+        )
+        await self._roll(users, f"secret {name} of deployment {deployment} removed")
+
+    def list_secrets(self) -> list[SecretInfo]:
+        return [info(s) for s in self.store.secrets()]
+
+    async def get_secret(self, name: str, deployment: str) -> SecretValue:
+        secret = self.secrets.require(name, deployment)
+        value = await asyncio.to_thread(self.secrets.open, secret)
+        return SecretValue(name=name, deployment=deployment, value=value)
 
     # ------------------------------------------------------------ status
 
@@ -712,6 +858,7 @@ class Scheduler:
         """
         replicas = await self._replicas("")
         previous, self._desired = self._desired, {}
+        self._previous_desired = previous
         views: list[DeploymentTraffic] = []
         for name in self.store.names():
             stored = self.store.get(name)
@@ -741,6 +888,7 @@ class Scheduler:
             return None
         holds = self.store.scale_holds(name)
         stopped = self.store.stopped_services(name)
+        cron_off = self.store.cron_disabled(name)
         states = self.store.service_states(name)
         present = {r.service for r in replicas}
         for gone in sorted(present - set(spec.services)):
@@ -807,7 +955,7 @@ class Scheduler:
             if svc.rtype == "job" and key not in self._deploy_jobs_done:
                 self._deploy_jobs_done.add(key)
                 await self.trigger_job(name, svc_name, "deploy")
-            if svc.rtype == "cron" and svc.schedule:
+            if svc.rtype == "cron" and svc.schedule and svc_name not in cron_off:
                 await self._cron_tick(name, svc_name, svc.schedule, stored.created_at)
         if not stored.stopped:
             await self._autoscale(name, spec, states, holds, replicas)
@@ -964,14 +1112,36 @@ class Scheduler:
         They reach agentd with the pass's full view; ``force`` also sends this
         one assignment at once (a job about to be run needs it there now).
         """
+        from shared.spec.refs import UnresolvedReferenceError
+
         stored = self.store.get(name)
+        try:
+            resolved = self._with_secrets(
+                name, svc_name, svc.model_dump(mode="json", by_alias=True, exclude_none=True)
+            )
+            older = [
+                msgspec.structs.replace(old, spec=self._with_secrets(name, svc_name, old.spec))
+                for old in previous or []
+            ]
+        except (UnresolvedReferenceError, SecretUnreadableError) as exc:
+            if force:  # a job run asked for now: its caller hears why it cannot start
+                raise InvalidSpecError(str(exc)) from None
+            # Nothing of it can start: the service fails with the sentence (naming the
+            # secret, never a value), as `up` and `ps` show; replicas it runs keep running.
+            key = (name, stored.revision if stored else revision, svc_name)
+            if key not in self._failed:
+                self._failed[key] = str(exc)
+                self.event(name, "secret-missing", f"{svc_name} not started: {exc}", svc_name)
+            if (name, svc_name) in self._previous_desired:
+                self._desired[(name, svc_name)] = self._previous_desired[(name, svc_name)]
+            return
         assignment = ServiceAssignment(
             deployment=name,
             service=svc_name,
             revision=revision,
-            spec=svc.model_dump(mode="json", by_alias=True, exclude_none=True),
+            spec=resolved,
             replicas=want,
-            previous=previous or [],
+            previous=older,
             retry=stored.revision if stored else 0,
             grace=grace,
         )

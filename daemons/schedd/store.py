@@ -1,4 +1,5 @@
-"""schedd's desired state in SQLite: deployments, their revisions, scale holds, events.
+"""schedd's desired state in SQLite: deployments, their revisions, scale holds, events,
+secrets (sealed), cron services turned off.
 
 Every write is one transaction in WAL mode with ``synchronous=FULL``, so a
 schedd killed at any moment (or a power cut) restarts with either the old or
@@ -82,6 +83,24 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+-- A secret's value, AES-256-GCM sealed with the node's secrets key; the name and
+-- deployment are its associated data, so a row moved to another name fails to open.
+-- deployment '' is a node-wide secret.
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (name, deployment)
+);
+CREATE TABLE IF NOT EXISTS cron_disabled (
+    deployment TEXT NOT NULL,
+    service TEXT NOT NULL,
+    PRIMARY KEY (deployment, service)
+);
 CREATE TABLE IF NOT EXISTS services (
     deployment TEXT NOT NULL,
     service TEXT NOT NULL,
@@ -128,6 +147,22 @@ class StoredDeployment:
     # `down` was asked: the intent is kept until the replicas are gone, so a
     # removal cut short by a stop of the daemons finishes at the next start.
     removing: bool = False
+
+
+_SECRET_COLUMNS = "name, deployment, nonce, ciphertext, created_at, updated_at, version"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """One stored secret, its value still sealed."""
+
+    name: str
+    deployment: str  # "" for node-wide
+    nonce: bytes = dataclasses.field(repr=False)
+    ciphertext: bytes = dataclasses.field(repr=False)
+    created_at: float
+    updated_at: float
+    version: int
 
 
 class Store:
@@ -305,6 +340,7 @@ class Store:
                 "scale_holds",
                 "stopped_services",
                 "cron_runs",
+                "cron_disabled",
                 "events",
                 "services",
             ):
@@ -405,6 +441,58 @@ class Store:
                 "DO UPDATE SET last_run = excluded.last_run",
                 (name, service, when),
             )
+
+    def set_cron_enabled(self, name: str, service: str, enabled: bool) -> None:
+        with self._tx() as db:
+            if enabled:
+                db.execute(
+                    "DELETE FROM cron_disabled WHERE deployment = ? AND service = ?",
+                    (name, service),
+                )
+            else:
+                db.execute("INSERT OR IGNORE INTO cron_disabled VALUES (?, ?)", (name, service))
+
+    def cron_disabled(self, name: str) -> set[str]:
+        rows = self._rows("SELECT service FROM cron_disabled WHERE deployment = ?", (name,))
+        return {r[0] for r in rows}
+
+    # ------------------------------------------------------------ secrets
+
+    def put_secret(self, name: str, deployment: str, nonce: bytes, ciphertext: bytes) -> Secret:
+        """Store a sealed value; a new secret is version 1, each change one more."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO secrets VALUES (?, ?, ?, ?, ?, ?, 1) "
+                "ON CONFLICT(name, deployment) DO UPDATE SET nonce = excluded.nonce, "
+                "ciphertext = excluded.ciphertext, updated_at = excluded.updated_at, "
+                "version = version + 1",
+                (name, deployment, nonce, ciphertext, now, now),
+            )
+            row = db.execute(
+                f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE name = ? AND deployment = ?",
+                (name, deployment),
+            ).fetchone()
+        return Secret(*row)
+
+    def secret(self, name: str, deployment: str) -> Secret | None:
+        row = self._row(
+            f"SELECT {_SECRET_COLUMNS} FROM secrets WHERE name = ? AND deployment = ?",
+            (name, deployment),
+        )
+        return Secret(*row) if row else None
+
+    def secrets(self) -> list[Secret]:
+        rows = self._rows(f"SELECT {_SECRET_COLUMNS} FROM secrets ORDER BY deployment, name")
+        return [Secret(*r) for r in rows]
+
+    def remove_secret(self, name: str, deployment: str) -> bool:
+        """Forget a secret; whether there was one."""
+        with self._tx() as db:
+            gone = db.execute(
+                "DELETE FROM secrets WHERE name = ? AND deployment = ?", (name, deployment)
+            ).rowcount
+        return bool(gone)
 
     # ------------------------------------------------------------ events
 

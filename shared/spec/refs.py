@@ -3,13 +3,15 @@
 zlayerctl collects the host variables a spec names (:func:`host_env_names`)
 and sends their values with the deploy; schedd substitutes them
 (:func:`resolve_env`) before anything runs, so a replica never sees a
-reference. Secrets do not exist yet: a ``$S:`` reference is refused with a
-sentence that says so.
+reference. A ``$S:`` reference stays in the stored spec (so the spec never
+holds a secret's value): schedd substitutes it (:func:`resolve_secrets`) only
+in the assignment it sends agentd for a replica.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from shared.spec.models import DeploymentSpec
 
@@ -35,15 +37,13 @@ def host_env_names(spec: DeploymentSpec) -> set[str]:
 
 
 def resolve_value(value: str, host_env: dict[str, str], where: str) -> str:
-    """``value`` with its references replaced; raises UnresolvedReferenceError naming ``where``."""
+    """``value`` with its ``$E:`` references replaced (``$S:`` ones kept); raises
+    UnresolvedReferenceError naming ``where``."""
 
     def substitute(match: re.Match[str]) -> str:
         kind, name = match.group(1), match.group(2)
         if kind == "S":
-            raise UnresolvedReferenceError(
-                f"{where}: `$S:{name}` names a secret, but secrets are not configured on this "
-                "node yet; use a literal value or `$E:VAR` for now"
-            )
+            return match.group(0)  # resolved when a replica's assignment is made
         env_name = _ENV_NAME.match(name)
         assert env_name is not None  # the spec validator refused malformed references
         rest = name[env_name.end() :]
@@ -68,3 +68,38 @@ def resolve_env(spec: DeploymentSpec, host_env: dict[str, str]) -> list[str]:
             except UnresolvedReferenceError as exc:
                 problems.append(str(exc))
     return problems
+
+
+# A secret's name, as the spec validator reads one after `$S:` (models._SECRET_REF).
+_SECRET_REFERENCE = re.compile(
+    r"\$S:(@[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
+    r"|[A-Za-z0-9][A-Za-z0-9_.-]*)"
+)
+
+
+def secret_names(value: str) -> list[str]:
+    """The secrets ``value`` names, in order (``@service/name`` forms included as written)."""
+    return _SECRET_REFERENCE.findall(value)
+
+
+def resolve_secrets(value: str, lookup: Callable[[str], str | None], where: str) -> str:
+    """``value`` with each ``$S:NAME`` replaced by ``lookup(NAME)``; raises
+    UnresolvedReferenceError naming ``where`` and the secret (never a value)."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name.startswith("@"):
+            raise UnresolvedReferenceError(
+                f"{where}: `$S:{name}` names a secret of another service, which this node "
+                f"does not keep; use `$S:{name.split('/', 1)[1]}` and set it with "
+                "`zlayerctl secret set`"
+            )
+        found = lookup(name)
+        if found is None:
+            raise UnresolvedReferenceError(
+                f"{where}: secret {name} is not set; set it with "
+                f"`zlayerctl secret set {name}` (add --deployment for this deployment only)"
+            )
+        return found
+
+    return _SECRET_REFERENCE.sub(substitute, value)

@@ -1,0 +1,148 @@
+"""schedd's secrets at rest: sealed with the node key, bound to their name and deployment,
+resolved for `$S:` references; and a store from before secrets opens with them."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from daemons.schedd.secrets import Secrets, SecretUnreadableError, missing, spec_references
+from daemons.schedd.store import Store
+from shared.bus import InvalidArgumentError, NotFoundError
+from shared.nodekey import NodeKey
+from shared.paths import Paths
+from shared.spec import parse_spec
+from shared.spec.refs import UnresolvedReferenceError, resolve_env, resolve_secrets
+
+VALUE = "s3cr3t-VALUE-\u00e9-42"
+
+SPEC = """
+version: v1
+deployment: shop
+services:
+  web:
+    image: zlayer/busybox
+    env:
+      DB: "postgres://app:$S:db-password@db/app"
+      HOME_DIR: $E:HOME
+  api:
+    image: zlayer/busybox
+    env: {TOKEN: $S:api-token}
+  plain:
+    image: zlayer/busybox
+"""
+
+
+@pytest.fixture
+def secrets(tmp_path: Path) -> Secrets:
+    key = NodeKey.load(Paths(tmp_path / "prefix"), environ={}).secrets_key()
+    return Secrets(Store(tmp_path / "state.db"), lambda: key)
+
+
+def test_a_value_is_sealed_on_disk_and_opens_again(tmp_path: Path, secrets: Secrets) -> None:
+    first = secrets.set("db-password", "", VALUE)
+    assert (first.version, first.deployment) == (1, "")
+    assert VALUE not in repr(first)
+    second = secrets.set("db-password", "", VALUE + "2")
+    assert second.version == 2 and second.created_at == first.created_at
+    assert secrets.open(secrets.require("db-password", "")) == VALUE + "2"
+    secrets.store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
+    assert VALUE.encode() not in raw and (VALUE + "2").encode() not in raw
+
+
+def test_a_row_moved_to_another_name_or_deployment_does_not_open(secrets: Secrets) -> None:
+    secrets.set("a", "shop", VALUE)
+    row = secrets.require("a", "shop")
+    db = secrets.store._db
+    db.execute("UPDATE secrets SET deployment = 'other' WHERE name = 'a'")
+    with pytest.raises(SecretUnreadableError) as caught:
+        secrets.open(secrets.require("a", "other"))
+    assert VALUE not in str(caught.value) and "secret a of deployment other" in str(caught.value)
+    db.execute("UPDATE secrets SET deployment = 'shop', name = 'b' WHERE name = 'a'")
+    with pytest.raises(SecretUnreadableError):
+        secrets.open(secrets.require("b", "shop"))
+    assert row.ciphertext != VALUE.encode()
+
+
+def test_a_different_node_key_does_not_open_a_secret(tmp_path: Path, secrets: Secrets) -> None:
+    secrets.set("a", "", VALUE)
+    other = Secrets(secrets.store, lambda: b"\x01" * 32)
+    with pytest.raises(SecretUnreadableError, match="does not open with this node's key"):
+        other.open(other.require("a", ""))
+
+
+def test_the_deployments_own_secret_wins_over_the_node_wide_one(secrets: Secrets) -> None:
+    secrets.set("db-password", "", "node")
+    lookup = secrets.lookup("shop")
+    assert lookup("db-password") == "node"
+    secrets.set("db-password", "shop", "mine")
+    assert lookup("db-password") == "mine"
+    assert secrets.lookup("other")("db-password") == "node"
+    assert secrets.lookup("shop")("nothing") is None
+
+
+def test_names_and_sizes_are_checked_in_one_sentence(secrets: Secrets) -> None:
+    with pytest.raises(InvalidArgumentError, match="is not a secret name"):
+        secrets.set("../etc", "", "x")
+    with pytest.raises(InvalidArgumentError, match="more than the 64 KiB"):
+        secrets.set("big", "", "x" * (64 * 1024 + 1))
+    with pytest.raises(NotFoundError, match="there is no secret gone of deployment shop"):
+        secrets.require("gone", "shop")
+
+
+def test_a_spec_with_secret_references_parses_and_keeps_them() -> None:
+    spec = parse_spec(SPEC, "shop.yml")
+    assert resolve_env(spec, {"HOME": "/root"}) == []
+    assert spec.services["web"].env["DB"] == "postgres://app:$S:db-password@db/app"
+    assert spec.services["web"].env["HOME_DIR"] == "/root"
+    assert spec_references(spec) == {"web": {"db-password"}, "api": {"api-token"}}
+
+
+def test_missing_secrets_are_named_one_sentence_each(secrets: Secrets) -> None:
+    spec = parse_spec(SPEC, "shop.yml")
+    problems = missing(spec, secrets)
+    assert problems == [
+        "services.web.env.DB: secret db-password is not set; set it with "
+        "`zlayerctl secret set db-password` (add --deployment for this deployment only)",
+        "services.api.env.TOKEN: secret api-token is not set; set it with "
+        "`zlayerctl secret set api-token` (add --deployment for this deployment only)",
+    ]
+    secrets.set("db-password", "", VALUE)
+    secrets.set("api-token", "shop", VALUE)
+    assert missing(spec, secrets) == []
+
+
+def test_resolving_substitutes_inside_a_longer_value() -> None:
+    values = {"pw": VALUE}
+    resolved = resolve_secrets("a:$S:pw@b and $S:pw", values.get, "x")
+    assert resolved == f"a:{VALUE}@b and {VALUE}"
+    # A value that looks like a reference is not resolved again.
+    assert resolve_secrets("$S:pw", {"pw": "$S:pw"}.get, "x") == "$S:pw"
+    with pytest.raises(UnresolvedReferenceError, match="another service"):
+        resolve_secrets("$S:@api/pw", values.get, "x")
+
+
+def test_a_store_from_before_secrets_opens_with_them(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE deployments (name TEXT PRIMARY KEY, revision INTEGER NOT NULL, "
+        "stopped INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+    )
+    old.commit()
+    old.close()
+    store = Store(path)
+    secrets = Secrets(store, lambda: b"\x02" * 32)
+    secrets.set("a", "", VALUE)
+    store.set_cron_enabled("shop", "nightly", False)
+    assert store.cron_disabled("shop") == {"nightly"}
+    store.close()
+    store = Store(path)
+    assert [s.name for s in store.secrets()] == ["a"]
+    assert store.cron_disabled("shop") == {"nightly"}
+    store.set_cron_enabled("shop", "nightly", True)
+    assert store.cron_disabled("shop") == set()
+    store.close()
