@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from ctl.main import LAZY_COMMANDS
 from tests.conftest import _snapshot
 from tests.packaging.machine import Machine, nspawn_cgroups, remove_cgroup_tree
 
@@ -82,6 +83,16 @@ def machine(deb: Path) -> Iterator[Machine]:
         leaks = {kind: sorted(after[kind] - before.get(kind, set())) for kind in after}
         leaks = {kind: items for kind, items in leaks.items() if items}
         assert not leaks, f"the machine left these behind: {leaks}"
+
+
+def test_the_deb_ships_completions_and_man_pages(deb: Path) -> None:
+    files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True).stdout
+    paths = {line.split()[-1].removeprefix(".") for line in files.splitlines()}
+    assert "/usr/share/bash-completion/completions/zlayerctl" in paths
+    assert "/usr/share/zsh/vendor-completions/_zlayerctl" in paths
+    assert "/usr/share/fish/vendor_completions.d/zlayerctl.fish" in paths
+    for name in ("zlayerctl", *(f"zlayerctl-{command}" for command in LAZY_COMMANDS)):
+        assert f"/usr/share/man/man1/{name}.1.gz" in paths
 
 
 def status(machine: Machine) -> dict[str, dict[str, object]]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ctl.main import LAZY_COMMANDS
+
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("schedd", "agentd", "registryd", "overlayd", "proxyd", "apid")
 
@@ -48,6 +50,12 @@ def test_the_rpm_holds_what_the_deb_holds(tmp_path: Path) -> None:
     assert "/usr/lib/systemd/system/zlayer.target" in files
     assert "/usr/share/dbus-1/system.d/org.zlayer.conf" in files
     assert "/opt/zlayer/libexec/stop-deployments" in files
+    # shell completions where Fedora's shells look, a man page per command
+    assert "/usr/share/bash-completion/completions/zlayerctl" in files
+    assert "/usr/share/zsh/site-functions/_zlayerctl" in files
+    assert "/usr/share/fish/vendor_completions.d/zlayerctl.fish" in files
+    for name in ("zlayerctl", *(f"zlayerctl-{command}" for command in LAZY_COMMANDS)):
+        assert f"/usr/share/man/man1/{name}.1.gz" in files
 
     requires = rpm_query(package, "--requires")
     for needed in ("(crun or runc)", "conmon", "dbus", "nftables", "python3 >= 3.11"):
