@@ -1,0 +1,543 @@
+"""A service's replicas from outside: logs, exec, jobs and cron, as ``zlayerctl logs``,
+``exec``, ``job`` and ``job cron`` do them.
+
+Logs are read from the files agentd names (``LogPaths``) with the reader
+``zlayerctl logs`` uses (``shared.logread``) and stream as NDJSON, one
+``LogLine`` per line. Exec hands agentd pipes apid made and collects what
+comes out of them: bounded in size (``EXEC_OUTPUT_LIMIT``) and time
+(``?timeout=``) for the JSON route, relayed frame by frame over the
+WebSocket one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from typing import Literal
+
+from aiohttp import WSMsgType, web
+
+from daemons.apid.base import api, body_as, query_flag, query_int, reply
+from daemons.apid.problems import ApiProblem, problem_for
+from daemons.apid.routing import Role, can_see, route
+from shared import logread
+from shared.bus import NotFoundError
+from shared.clients import AgentClient
+from shared.k8slog import LogLine as FileLine
+from shared.wire import encode
+from shared.wire.agent import JobRun, ReplicaInfo
+from shared.wire.api import ExecRequest, ExecResult, LogLine
+from shared.wire.scheduler import CronSchedule
+
+NDJSON = "application/x-ndjson"
+WORKLOAD_TAGS = ("workloads",)
+JOB_TAGS = ("jobs",)
+
+MAX_TAIL = 1_000_000
+LIVENESS_CHECK = 5.0  # seconds between checks that a follower of a quiet log is still there
+
+EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024  # bytes of stdout and stderr together
+EXEC_TIMEOUT = 60  # seconds, unless ?timeout= says otherwise
+EXEC_MAX_TIMEOUT = 3600
+DRAIN_AFTER_EXIT = 2.0  # a background child may keep the output open after the command ends
+WS_EXIT_GRACE = 10.0  # after the client closed: how long the command has to end on its EOF
+READ_CHUNK = 64 * 1024
+
+
+# ---------------------------------------------------------------- replicas
+
+
+async def newest_replicas(agent: AgentClient, deployment: str, service: str) -> list[ReplicaInfo]:
+    """The service's replicas of its newest revision, by instance (as ``zlayerctl logs``)."""
+    replicas = await agent.list_replicas(deployment, service)
+    if not replicas:
+        raise NotFoundError(f"service {service} of {deployment} has no replicas on this node")
+    newest = max(r.revision for r in replicas)
+    return sorted((r for r in replicas if r.revision == newest), key=lambda r: r.instance)
+
+
+def pick(replicas: list[ReplicaInfo], which: str, service: str) -> list[ReplicaInfo]:
+    """The replica named by its id or its instance number; every one for ""."""
+    if not which:
+        return replicas
+    chosen = [r for r in replicas if which in (r.id, str(r.instance))]
+    if not chosen:
+        have = ", ".join(str(r.instance) for r in replicas)
+        raise NotFoundError(f"{service} has no replica {which} (replicas: {have})")
+    return chosen
+
+
+async def running_replica(
+    agent: AgentClient, deployment: str, service: str, which: str
+) -> ReplicaInfo:
+    replicas = pick(await newest_replicas(agent, deployment, service), which, service)
+    running = [r for r in replicas if r.state == "running"]
+    if not running:
+        raise ApiProblem(
+            409, f"no replica of {service} is running; see `zlayerctl ps --containers`"
+        )
+    return running[0]
+
+
+# ---------------------------------------------------------------- logs
+
+
+def _wire_line(replica: str, line: FileLine) -> LogLine:
+    stream: Literal["stdout", "stderr"] = "stderr" if line.stream == "stderr" else "stdout"
+    when = line.time.timestamp() if line.time else None
+    return LogLine(replica=replica, stream=stream, time=when, line=line.text)
+
+
+async def _log_sources(
+    agent: AgentClient, deployment: str, service: str, which: str
+) -> list[tuple[str, list[str]]]:
+    """(replica id, its log files) to read: the chosen replicas, or a job's last run when
+    no run is going (what ``zlayerctl logs JOB`` prints)."""
+    if not which and not await agent.list_replicas(deployment, service):
+        runs = await agent.list_job_runs(deployment, service)
+        if runs:
+            run_id = f"{deployment}-{service}-{runs[0].id}"  # newest first
+            return [(run_id, list(await agent.log_paths(run_id)))]
+    chosen = pick(await newest_replicas(agent, deployment, service), which, service)
+    return [(r.id, list(await agent.log_paths(r.id))) for r in chosen]
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _follow_all(
+    request: web.Request, response: web.StreamResponse, followed: list[tuple[str, str, int]]
+) -> None:
+    """Write what is appended to each (replica, file, offset) until the client leaves."""
+    queue: asyncio.Queue[LogLine] = asyncio.Queue(maxsize=10_000)
+
+    async def one(replica: str, path: str, offset: int) -> None:
+        async for line in logread.follow(path, offset):
+            await queue.put(_wire_line(replica, line))
+
+    tasks = [asyncio.create_task(one(*item)) for item in followed]
+    try:
+        while True:
+            try:
+                first = await asyncio.wait_for(queue.get(), LIVENESS_CHECK)
+            except TimeoutError:
+                if _client_gone(request):
+                    return
+                continue
+            batch = [first]
+            while not queue.empty() and len(batch) < 1000:
+                batch.append(queue.get_nowait())
+            await response.write("".join(encode(line) + "\n" for line in batch).encode())
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@route(
+    "GET",
+    "/deployments/{dep}/services/{svc}/logs",
+    role=Role.VIEWER,
+    summary="A service's logs as NDJSON, one LogLine per line (zlayerctl logs)",
+    deployment="dep",
+    returns=LogLine,
+    content=NDJSON,
+    query={
+        "tail": "only the last N lines of each replica",
+        "follow": "true: keep the stream open and send new lines as they are written",
+        "replica": "only this replica (its id, or its instance number 1, 2, ...)",
+    },
+    tags=WORKLOAD_TAGS,
+)
+async def service_logs(request: web.Request) -> web.StreamResponse:
+    deployment, service = request.match_info["dep"], request.match_info["svc"]
+    tail = None
+    if request.query.get("tail", "") != "":
+        tail = query_int(request, "tail", 0, 0, MAX_TAIL)
+    follow = query_flag(request, "follow")
+    sources = await _log_sources(
+        api(request).agent, deployment, service, request.query.get("replica", "")
+    )
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    followed: list[tuple[str, str, int]] = []
+    try:
+        for replica, paths in sources:
+            # where following starts is taken before the read, so nothing falls in between
+            if follow and paths:
+                followed.append((replica, paths[-1], logread.end_offset(paths[-1])))
+            lines = await asyncio.to_thread(logread.read_lines, paths, tail)
+            for start in range(0, len(lines), 1000):
+                chunk = lines[start : start + 1000]
+                await response.write(
+                    "".join(encode(_wire_line(replica, line)) + "\n" for line in chunk).encode()
+                )
+        if followed:
+            await _follow_all(request, response, followed)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client left
+    return response
+
+
+# ---------------------------------------------------------------- exec
+
+
+class _Collected:
+    """Reads two pipes into memory as their data comes, up to a shared limit."""
+
+    def __init__(self, fds: tuple[int, int], limit: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limit = limit
+        self.total = 0
+        self.data = {fd: bytearray() for fd in fds}
+        self.ended = {fd: asyncio.Event() for fd in fds}
+        self.over = asyncio.Event()
+        for fd in fds:
+            os.set_blocking(fd, False)
+            self.loop.add_reader(fd, self._readable, fd)
+
+    def _readable(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.loop.remove_reader(fd)
+            self.ended[fd].set()
+            return
+        self.data[fd] += chunk
+        self.total += len(chunk)
+        if self.total > self.limit:
+            self.over.set()
+            self.stop()
+
+    def stop(self) -> None:
+        for fd in self.data:
+            self.loop.remove_reader(fd)
+
+    async def until_ended(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                for event in self.ended.values():
+                    await event.wait()
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def run_collected(
+    agent: AgentClient, replica: str, command: list[str], timeout: float, limit: int
+) -> ExecResult:
+    """Run ``command`` in ``replica`` with pipes of ours; its exit code and output.
+
+    The command's stdin is empty (at its end at once). Our write ends stay
+    open until agentd answers, so an output the command's own children keep
+    open does not end the reading early; after the answer they close and
+    what is left is read for DRAIN_AFTER_EXIT at most.
+    """
+    stdin_r, stdin_w = os.pipe()
+    os.close(stdin_w)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    ours = [stdin_r, out_w, err_w]
+    collected = _Collected((out_r, err_r), limit)
+    call = asyncio.ensure_future(agent.exec(replica, command, False, stdin_r, out_w, err_w))
+    over = asyncio.ensure_future(collected.over.wait())
+    try:
+        done, _ = await asyncio.wait({call, over}, timeout=timeout, return_when="FIRST_COMPLETED")
+        if collected.over.is_set():
+            raise ApiProblem(
+                422,
+                f"the command wrote more than {limit // (1024 * 1024)} MiB; "
+                "use the exec WebSocket (exec/ws) for large output, or write it to a file",
+            )
+        if call not in done:
+            raise ApiProblem(
+                504,
+                f"the command did not end within {timeout:g} s and its output was dropped; "
+                f"raise ?timeout= (at most {EXEC_MAX_TIMEOUT}) or use the exec WebSocket (exec/ws)",
+            )
+        exit_code = call.result()
+        _close(ours)
+        ours = []
+        await collected.until_ended(DRAIN_AFTER_EXIT)
+        if collected.over.is_set():
+            raise ApiProblem(
+                422,
+                f"the command wrote more than {limit // (1024 * 1024)} MiB; "
+                "use the exec WebSocket (exec/ws) for large output, or write it to a file",
+            )
+        return ExecResult(
+            exit_code=exit_code,
+            stdout=collected.data[out_r].decode(errors="replace"),
+            stderr=collected.data[err_r].decode(errors="replace"),
+        )
+    finally:
+        collected.stop()
+        # Closing the read ends gives a command still writing EPIPE: it ends at its next write.
+        _close([*ours, out_r, err_r])
+        over.cancel()
+        if not call.done():
+            call.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(call, over, return_exceptions=True)
+
+
+@route(
+    "POST",
+    "/deployments/{dep}/services/{svc}/exec",
+    role=Role.OPERATOR,
+    summary="Run a command in a running replica; its exit code and output (zlayerctl exec)",
+    deployment="dep",
+    body=ExecRequest,
+    returns=ExecResult,
+    query={
+        "timeout": f"seconds the command may run (default {EXEC_TIMEOUT}, at most "
+        f"{EXEC_MAX_TIMEOUT}); 504 beyond. Output beyond {EXEC_OUTPUT_LIMIT // 1048576} MiB: 422",
+    },
+    tags=WORKLOAD_TAGS,
+)
+async def service_exec(request: web.Request) -> web.StreamResponse:
+    deployment, service = request.match_info["dep"], request.match_info["svc"]
+    asked: ExecRequest = await body_as(request, ExecRequest)
+    if not asked.command or not asked.command[0]:
+        raise ApiProblem(400, "the command is empty; send at least the program to run")
+    timeout = query_int(request, "timeout", EXEC_TIMEOUT, 1, EXEC_MAX_TIMEOUT)
+    agent = api(request).agent
+    replica = await running_replica(agent, deployment, service, asked.replica)
+    result = await run_collected(agent, replica.id, asked.command, timeout, EXEC_OUTPUT_LIMIT)
+    return reply(result)
+
+
+async def _pipe_reader(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=READ_CHUNK)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader
+
+
+async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0)
+    )
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+async def _relay_output(reader: asyncio.StreamReader, ws: web.WebSocketResponse) -> None:
+    with contextlib.suppress(OSError):  # a pty's near end reads EIO once its far end closes
+        while chunk := await reader.read(READ_CHUNK):
+            if ws.closed:
+                return
+            await ws.send_bytes(chunk)
+
+
+async def _relay_input(ws: web.WebSocketResponse, writer: asyncio.StreamWriter) -> None:
+    """The client's frames to the command's stdin; its end (or the socket's) closes stdin."""
+    try:
+        async for message in ws:
+            if message.type == WSMsgType.BINARY:
+                writer.write(message.data)
+            elif message.type == WSMsgType.TEXT:
+                writer.write(message.data.encode())
+            else:
+                break
+            await writer.drain()
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # the command closed its stdin or ended
+    finally:
+        writer.close()
+
+
+@route(
+    "GET",
+    "/deployments/{dep}/services/{svc}/exec/ws",
+    role=Role.OPERATOR,
+    summary="Run a command in a running replica over a WebSocket: binary frames are its "
+    'stdin and its output, a final text frame {"exit_code": N}',
+    deployment="dep",
+    content="websocket",
+    status=101,
+    query={
+        "command": "the program and its arguments, one ?command= each, in order",
+        "tty": "1: give the command a terminal",
+        "replica": "the replica (its id, or its instance number); default the first running",
+    },
+    tags=WORKLOAD_TAGS,
+)
+async def service_exec_ws(request: web.Request) -> web.StreamResponse:
+    deployment, service = request.match_info["dep"], request.match_info["svc"]
+    command = request.query.getall("command", [])
+    if not command or not command[0]:
+        raise ApiProblem(400, "?command= is missing; give the program and each argument as one")
+    tty = query_flag(request, "tty")
+    agent = api(request).agent
+    replica = await running_replica(agent, deployment, service, request.query.get("replica", ""))
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=READ_CHUNK * 16)
+    await ws.prepare(request)
+    if tty:
+        # The runtime wants a terminal on its side for --tty: a pty's far end is the
+        # command's stdin and output, its near end ours to read and write.
+        out_r, stdin_r = os.openpty()
+        stdin_w, out_w = os.dup(out_r), stdin_r
+        ours = [stdin_r]
+    else:
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        ours = [stdin_r, out_w]
+    call = asyncio.ensure_future(agent.exec(replica.id, command, tty, stdin_r, out_w, out_w))
+    reader = await _pipe_reader(out_r)
+    writer = await _pipe_writer(stdin_w)
+    output = asyncio.create_task(_relay_output(reader, ws))
+    relay_in = asyncio.create_task(_relay_input(ws, writer))
+    try:
+        await asyncio.wait({call, relay_in}, return_when="FIRST_COMPLETED")
+        if not call.done():  # the client closed: the command has its stdin's end
+            await asyncio.wait({call}, timeout=WS_EXIT_GRACE)
+        if call.done():
+            _close(ours)
+            ours = []
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(output), DRAIN_AFTER_EXIT)
+            if not ws.closed:
+                error = call.exception()
+                if error is None:
+                    await ws.send_str(json.dumps({"exit_code": call.result()}))
+                else:
+                    problem = problem_for(error)
+                    if problem is None:
+                        raise error
+                    await ws.send_str(problem.text or "{}")
+    finally:
+        for task in (output, relay_in):
+            task.cancel()
+        if not call.done():
+            call.cancel()
+        await asyncio.gather(output, relay_in, call, return_exceptions=True)
+        _close(ours)
+        reader_transport = getattr(reader, "_transport", None)
+        if reader_transport is not None:
+            reader_transport.close()
+        await ws.close()
+    return ws
+
+
+# ---------------------------------------------------------------- jobs and cron
+
+
+def _query_deployment(request: web.Request) -> str:
+    deployment = request.query.get("deployment", "")
+    if not deployment:
+        raise ApiProblem(400, "?deployment= is missing; name the deployment the service is in")
+    return deployment
+
+
+@route(
+    "POST",
+    "/jobs/{svc}/trigger",
+    role=Role.OPERATOR,
+    summary="Start a run of a job (or cron job) now (zlayerctl job trigger)",
+    deployment="?deployment",
+    returns=JobRun,
+    query={"deployment": "the deployment the job is in (required)"},
+    tags=JOB_TAGS,
+)
+async def job_trigger(request: web.Request) -> web.StreamResponse:
+    deployment = _query_deployment(request)
+    run = await api(request).scheduler.trigger_job(deployment, request.match_info["svc"])
+    return reply(run)
+
+
+@route(
+    "GET",
+    "/jobs/{svc}/executions",
+    role=Role.VIEWER,
+    summary="The runs of a job or cron job, newest first (zlayerctl job status)",
+    deployment="?deployment",
+    returns=list[JobRun],
+    query={"deployment": "the deployment the job is in (required)"},
+    tags=JOB_TAGS,
+)
+async def job_executions(request: web.Request) -> web.StreamResponse:
+    deployment = _query_deployment(request)
+    runs = await api(request).agent.list_job_runs(deployment, request.match_info["svc"])
+    return reply(runs)
+
+
+@route(
+    "GET",
+    "/cron",
+    role=Role.VIEWER,
+    summary="Cron jobs with their schedule, next and last run (zlayerctl job cron ls)",
+    returns=list[CronSchedule],
+    query={"deployment": "only this deployment"},
+    tags=JOB_TAGS,
+)
+async def cron_list(request: web.Request) -> web.StreamResponse:
+    schedules = await api(request).scheduler.list_cron(request.query.get("deployment", ""))
+    return reply([s for s in schedules if can_see(request, s.deployment)])
+
+
+@route(
+    "POST",
+    "/cron/{svc}/trigger",
+    role=Role.OPERATOR,
+    summary="Start a run of a cron job now, outside its schedule",
+    deployment="?deployment",
+    returns=JobRun,
+    query={"deployment": "the deployment the cron job is in (required)"},
+    tags=JOB_TAGS,
+)
+async def cron_trigger(request: web.Request) -> web.StreamResponse:
+    deployment = _query_deployment(request)
+    run = await api(request).scheduler.trigger_job(deployment, request.match_info["svc"])
+    return reply(run)
+
+
+async def _set_cron(request: web.Request, enabled: bool) -> web.StreamResponse:
+    deployment = _query_deployment(request)
+    service = request.match_info["svc"]
+    scheduler = api(request).scheduler
+    await scheduler.set_cron_enabled(deployment, service, enabled)
+    found = [s for s in await scheduler.list_cron(deployment) if s.service == service]
+    if not found:
+        raise NotFoundError(f"{service} is not a cron job of {deployment}")
+    return reply(found[0])
+
+
+@route(
+    "PUT",
+    "/cron/{svc}/enable",
+    role=Role.OPERATOR,
+    summary="Turn a cron job's schedule on again (SetCronEnabled); its schedule now",
+    deployment="?deployment",
+    returns=CronSchedule,
+    query={"deployment": "the deployment the cron job is in (required)"},
+    tags=JOB_TAGS,
+)
+async def cron_enable(request: web.Request) -> web.StreamResponse:
+    return await _set_cron(request, True)
+
+
+@route(
+    "PUT",
+    "/cron/{svc}/disable",
+    role=Role.OPERATOR,
+    summary="Turn a cron job's schedule off: it does not fire until enabled (SetCronEnabled)",
+    deployment="?deployment",
+    returns=CronSchedule,
+    query={"deployment": "the deployment the cron job is in (required)"},
+    tags=JOB_TAGS,
+)
+async def cron_disable(request: web.Request) -> web.StreamResponse:
+    return await _set_cron(request, False)

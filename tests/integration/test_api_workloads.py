@@ -1,0 +1,297 @@
+"""The REST API's workload routes against the real six daemons: logs, exec (JSON and
+WebSocket), jobs and cron, each answering what the bus answers and failing with the
+CLI's sentence as a problem document.
+
+apid runs with ``auth = "none"`` (every caller the admin "local", on 127.0.0.1
+only): who may call what is the auth tests' subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.e2e.conftest import running_node
+from tests.e2e.node import Node, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
+
+REST_API = re.compile(r"REST API on (\S+):(\d+)")
+DEPLOYMENT = "wl"
+SPEC = """
+version: v1
+deployment: wl
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args: ["echo out-one; echo err-one >&2; echo out-two; exec sleep 3600"]
+    scale: {mode: fixed, replicas: 2}
+  once:
+    rtype: job
+    image: zlayer/busybox:latest
+    command: {entrypoint: ["sh", "-c", "echo job-ran"]}
+  tick:
+    rtype: cron
+    schedule: "0 0 0 1 1 *"
+    image: zlayer/busybox:latest
+    command: {entrypoint: ["true"]}
+"""
+
+
+def apid_port(node: Node) -> int:
+    deadline = time.monotonic() + 30
+    while True:
+        rows = json.loads(node.ctl("status", "--format", "json").stdout or "[]")
+        for row in rows:
+            found = REST_API.search(row.get("detail", "")) if row["name"] == "apid" else None
+            if found:
+                return int(found.group(2))
+        assert time.monotonic() < deadline, "zlayer-apid did not say its port within 30 s"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """The six daemons with ``wl`` deployed: two replicas of web, a job and a cron job."""
+    prefix = Path(tempfile.gettempdir()) / f"zlw-{os.getpid()}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZLAYER_APID_AUTH", "none")
+        with running_node(prefix, tmp_path_factory, network_tag="zlw") as started:
+            spec = started.spec(DEPLOYMENT, SPEC)
+            try:
+                started.ctl("up", "-d", str(spec), "--timeout", "90", check=True)
+                yield started
+            finally:
+                started.ctl("down", DEPLOYMENT)
+
+
+@pytest.fixture(scope="module")
+def base(node: Node) -> str:
+    return f"http://127.0.0.1:{apid_port(node)}/api/v1"
+
+
+async def call(
+    method: str, url: str, *, body: Any = None, data: bytes | None = None, **kwargs: Any
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session,
+        session.request(method, url, json=body, data=data, **kwargs) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+def request(method: str, url: str, status: int, **kwargs: Any) -> Any:
+    got, headers, data = asyncio.run(call(method, url, **kwargs))
+    assert got == status, (got, data)
+    if headers.get("Content-Type", "").startswith(("application/json", "application/problem")):
+        return json.loads(data)
+    return data
+
+
+def problem(method: str, url: str, status: int, **kwargs: Any) -> str:
+    got, headers, data = asyncio.run(call(method, url, **kwargs))
+    assert got == status, (got, data)
+    assert headers["Content-Type"].startswith("application/problem+json"), headers
+    document = json.loads(data)
+    assert document["status"] == status and document["title"]
+    assert "Traceback" not in document["detail"] and "\n" not in document["detail"]
+    return str(document["detail"])
+
+
+def runs_left(node: Node, service: str) -> bool:
+    """Whether a container of ``service`` is still there (a run's goes after its end)."""
+    return any(r["service"] == service for r in node.replicas(DEPLOYMENT))
+
+
+def log_lines(url: str) -> list[dict[str, Any]]:
+    raw = request("GET", url, 200)
+    return [json.loads(line) for line in raw.decode().splitlines()]
+
+
+# ---------------------------------------------------------------- logs
+
+
+def test_logs_of_a_replica_its_tail_and_the_sentences_of_zlayerctl_logs(
+    node: Node, base: str
+) -> None:
+    logs = f"{base}/deployments/{DEPLOYMENT}/services/web/logs"
+    first = f"{DEPLOYMENT}-web-1-"
+
+    def three() -> list[dict[str, Any]]:
+        lines = log_lines(f"{logs}?replica=1")
+        return lines if len(lines) >= 3 else []
+
+    lines = wait_until(three, 30, "web-1 to write its three lines")
+    # stdout keeps its order; stderr comes through its own pipe, so its place may vary
+    assert [line["line"] for line in lines if line["stream"] == "stdout"] == ["out-one", "out-two"]
+    assert [line["line"] for line in lines if line["stream"] == "stderr"] == ["err-one"]
+    assert all(line["replica"].startswith(first) and line["time"] > 0 for line in lines)
+    assert log_lines(f"{logs}?replica=1&tail=1") == lines[-1:]
+    both = log_lines(f"{logs}?tail=1")
+    assert sorted(line["replica"].split("-")[2] for line in both) == ["1", "2"]
+
+    detail = problem("GET", f"{logs}?replica=9", 404)
+    assert detail == "web has no replica 9 (replicas: 1, 2)"
+    detail = problem("GET", f"{base}/deployments/{DEPLOYMENT}/services/nope/logs", 404)
+    assert detail == f"service nope of {DEPLOYMENT} has no replicas on this node"
+    assert "tail" in problem("GET", f"{logs}?tail=many", 400)
+
+
+def test_following_logs_streams_what_a_replica_writes_next(node: Node, base: str) -> None:
+    logs = f"{base}/deployments/{DEPLOYMENT}/services/web/logs?replica=2&follow=true&tail=0"
+    exec_url = f"{base}/deployments/{DEPLOYMENT}/services/web/exec"
+
+    async def follow() -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(logs, timeout=aiohttp.ClientTimeout(total=60)) as response,
+        ):
+            assert response.status == 200
+            assert response.headers["Content-Type"] == "application/x-ndjson"
+            await asyncio.sleep(0.5)  # the follower has taken the file's end
+            status, _headers, _data = await call(
+                "POST",
+                exec_url,
+                body={"command": ["sh", "-c", "echo later-line > /proc/1/fd/1"], "replica": "2"},
+            )
+            assert status == 200
+            async for raw in response.content:
+                seen.append(json.loads(raw))
+                if seen[-1]["line"] == "later-line":
+                    return seen
+        return seen
+
+    seen = asyncio.run(follow())
+    assert [line["line"] for line in seen] == ["later-line"]  # tail=0: nothing older
+    assert seen[0]["replica"].startswith(f"{DEPLOYMENT}-web-2-")
+
+
+# ---------------------------------------------------------------- exec
+
+
+def test_exec_answers_exit_code_and_both_outputs_and_bounds_them(node: Node, base: str) -> None:
+    exec_url = f"{base}/deployments/{DEPLOYMENT}/services/web/exec"
+    result = request(
+        "POST", exec_url, 200, body={"command": ["sh", "-c", "echo hi; echo oops >&2; exit 3"]}
+    )
+    assert result == {"exit_code": 3, "stdout": "hi\n", "stderr": "oops\n"}
+    hostname = request("POST", exec_url, 200, body={"command": ["hostname"], "replica": "2"})
+    assert hostname["exit_code"] == 0 and hostname["stdout"].strip()
+
+    too_much = problem(
+        "POST", exec_url, 422, body={"command": ["head", "-c", "17000000", "/dev/zero"]}
+    )
+    assert too_much.startswith("the command wrote more than 16 MiB")
+    slow = problem("POST", f"{exec_url}?timeout=1", 504, body={"command": ["sleep", "30"]})
+    assert slow.startswith("the command did not end within 1 s")
+    assert problem("POST", exec_url, 400, body={"command": []}).startswith("the command is empty")
+    assert "request body" in problem("POST", exec_url, 400, data=b"{not json")
+    assert problem("POST", exec_url, 404, body={"command": ["true"], "replica": "7"}) == (
+        "web has no replica 7 (replicas: 1, 2)"
+    )
+
+
+async def _ws_session(url: str, send: list[bytes], close_after: bytes | None) -> tuple[bytes, Any]:
+    """Send ``send`` as binary frames; collect output until the exit frame (or, with
+    ``close_after``, close the socket once that output is seen)."""
+    output = b""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=10)) as ws,
+    ):
+        for frame in send:
+            await ws.send_bytes(frame)
+        async with asyncio.timeout(30):
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    output += message.data
+                    if close_after is not None and close_after in output:
+                        await ws.close()
+                        return output, None
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    return output, json.loads(message.data)
+    return output, None
+
+
+def test_exec_over_a_websocket_relays_stdin_output_and_the_exit_code(node: Node, base: str) -> None:
+    ws = f"{base}/deployments/{DEPLOYMENT}/services/web/exec/ws".replace("http://", "ws://")
+    output, final = asyncio.run(
+        _ws_session(f"{ws}?command=sh", [b"echo via-ws\n", b"exit 7\n"], None)
+    )
+    assert output == b"via-ws\n" and final == {"exit_code": 7}
+
+    output, final = asyncio.run(
+        _ws_session(f"{ws}?command=sh&tty=1&replica=2", [b"echo $((6*7))\n", b"exit 5\n"], None)
+    )
+    assert b"42" in output and final == {"exit_code": 5}
+
+    # Closing the socket ends the command: cat reads its stdin's end, then says so.
+    script = "echo ready; cat; echo cat-ended-by-close > /proc/1/fd/1"
+    output, final = asyncio.run(
+        _ws_session(f"{ws}?command=sh&command=-c&command={script}", [], close_after=b"ready")
+    )
+    assert output == b"ready\n" and final is None
+
+    def ended() -> bool:
+        lines = log_lines(f"{base}/deployments/{DEPLOYMENT}/services/web/logs?replica=1")
+        return any(line["line"] == "cat-ended-by-close" for line in lines)
+
+    wait_until(ended, 20, "the command to end once the socket closed")
+    detail = problem("GET", ws.replace("ws://", "http://"), 400)
+    assert detail.startswith("?command= is missing")
+
+
+# ---------------------------------------------------------------- jobs and cron
+
+
+def test_jobs_trigger_executions_and_last_run_logs(node: Node, base: str) -> None:
+    run = request("POST", f"{base}/jobs/once/trigger?deployment={DEPLOYMENT}", 200)
+    assert run["service"] == "once" and run["trigger"] == "manual"
+
+    def finished() -> dict[str, Any] | None:
+        runs = request("GET", f"{base}/jobs/once/executions?deployment={DEPLOYMENT}", 200)
+        return next((r for r in runs if r["id"] == run["id"] and r["state"] != "running"), None)
+
+    done = wait_until(finished, 30, "the job run to end")
+    assert done["state"] == "succeeded" and done["exit_code"] == 0
+    wait_until(lambda: not runs_left(node, "once"), 30, "the run's container to go")
+    lines = log_lines(f"{base}/deployments/{DEPLOYMENT}/services/once/logs")
+    assert [line["line"] for line in lines] == ["job-ran"]
+    assert lines[0]["replica"] == f"{DEPLOYMENT}-once-{run['id']}"
+
+    missing = problem("POST", f"{base}/jobs/once/trigger", 400)
+    assert missing.startswith("?deployment= is missing")
+    assert problem("POST", f"{base}/jobs/ghost/trigger?deployment={DEPLOYMENT}", 404)
+
+
+def test_cron_list_disable_enable_and_trigger(node: Node, base: str) -> None:
+    (listed,) = [c for c in request("GET", f"{base}/cron", 200) if c["service"] == "tick"]
+    assert listed["deployment"] == DEPLOYMENT and listed["enabled"] is True
+    off = request("PUT", f"{base}/cron/tick/disable?deployment={DEPLOYMENT}", 200)
+    assert off["enabled"] is False
+    (listed,) = request("GET", f"{base}/cron?deployment={DEPLOYMENT}", 200)
+    assert listed["enabled"] is False
+    assert request("PUT", f"{base}/cron/tick/enable?deployment={DEPLOYMENT}", 200)["enabled"]
+    run = request("POST", f"{base}/cron/tick/trigger?deployment={DEPLOYMENT}", 200)
+    assert run["service"] == "tick" and run["trigger"] == "manual"
+
+    def finished() -> bool:
+        runs = request("GET", f"{base}/jobs/tick/executions?deployment={DEPLOYMENT}", 200)
+        return any(r["id"] == run["id"] and r["state"] == "succeeded" for r in runs)
+
+    wait_until(finished, 30, "the cron run to end")
+    wait_until(lambda: not runs_left(node, "tick"), 30, "the run's container to go")
+    assert problem("PUT", f"{base}/cron/web/disable?deployment={DEPLOYMENT}", 404)
