@@ -51,6 +51,7 @@ EVERY_COMMAND = {
     "routes",
     "runtimes",
     "scale",
+    "secret",
     "spec",
     "status",
     "stop",
