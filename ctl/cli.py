@@ -85,6 +85,16 @@ class LazyGroup(click.Group):
     lazy_commands=LAZY_COMMANDS,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+@click.option(
+    "--host",
+    metavar="URL",
+    help="send the command to this node's API (https://node:3669); "
+    "else ZLAYER_HOST, the current context, or this node's bus",
+)
 @click.version_option(__version__, prog_name="zlayerctl")
-def cli() -> None:
+def cli(host: str | None) -> None:
     """ZLayer: container orchestration as simple as docker compose."""
+    if host is not None:  # ctl.main takes it before click; this is for the group called directly
+        from ctl.contexts import set_host_option
+
+        set_host_option(host)

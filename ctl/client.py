@@ -1,8 +1,9 @@
 """zlayerctl's connection to the daemons, and finding what a command is about.
 
 Commands run one ``asyncio.run(...)`` each; inside it they make a
-``Client()`` and call the typed clients of the daemons on its bus
-(``client.scheduler``, ``client.agent``, ... from ``shared.clients``).
+``Client()`` and call the typed clients of the daemons: on this node's bus
+(``shared.clients``) or, with ``--host``, through a node's REST API
+(``ctl.remote``).
 Failures surface as exceptions that ``ctl.main`` turns into one sentence.
 """
 
@@ -12,10 +13,11 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from sdbus import DbusInterfaceCommonAsync
+from sdbus import DbusInterfaceCommonAsync, SdBus
 
 from ctl.errors import NOT_RUNNING
 from ctl.output import fail
+from ctl.protocols import AgentApi, DaemonApi, OverlayApi, ProxyApi, SchedulerApi
 from shared.bus import open_bus, resolve_bus_address
 from shared.clients import (
     AgentClient,
@@ -32,47 +34,113 @@ LONG_CALL_USEC = 10 * 60 * 1_000_000  # imports and teardowns may take minutes
 
 
 class Client:
-    """One bus connection and typed clients of the daemons on it, each made once."""
+    """What a command holds: the typed clients of the daemons, each made once.
+
+    ``Client()`` makes a :class:`LocalClient` (the daemons' bus here) or, when
+    ``--host``, ``ZLAYER_HOST`` or the current context names a node's API, a
+    ``ctl.remote.RemoteClient`` with the same attributes over HTTP; commands
+    call ``Client()`` and cannot tell them apart. Each attribute is typed by
+    a Protocol (``ctl.protocols``) both kinds of client meet.
+    """
+
+    def __new__(cls, paths: Paths | None = None) -> Client:
+        if cls is Client:
+            from ctl.contexts import TargetError, target
+
+            try:
+                remote = target()
+            except TargetError as exc:
+                fail(str(exc))
+            if remote is None:
+                cls = LocalClient
+            else:
+                from ctl.remote import RemoteClient
+
+                cls = RemoteClient
+        return object.__new__(cls)
+
+    def __init__(self, paths: Paths | None = None) -> None:
+        pass
+
+    def daemon(self, name: str) -> DaemonApi:
+        """Any daemon by short name, for what every daemon answers (status, ping)."""
+        raise NotImplementedError
+
+    @property
+    def bus(self) -> SdBus:
+        """The bus connection itself, for commands that hand the daemons local files."""
+        raise NotImplementedError
+
+    @property
+    def scheduler(self) -> SchedulerApi:
+        raise NotImplementedError
+
+    @property
+    def agent(self) -> AgentApi:
+        raise NotImplementedError
+
+    @property
+    def registry(self) -> RegistryClient:
+        # typed by its class: ctl.transfer takes a RegistryClient; the remote one subclasses it
+        raise NotImplementedError
+
+    @property
+    def overlay(self) -> OverlayApi:
+        raise NotImplementedError
+
+    @property
+    def proxy(self) -> ProxyApi:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalClient(Client):
+    """One connection to this node's bus and typed clients of the daemons on it."""
 
     def __init__(self, paths: Paths | None = None) -> None:
         self.paths = paths or Paths.from_env()
         address = resolve_bus_address(self.paths)
         try:
-            self.bus = open_bus(address)
+            self._bus = open_bus(address)
         except Exception:  # no system bus and no private bus
             fail(NOT_RUNNING, 1)
-        self.bus.method_call_timeout_usec = LONG_CALL_USEC
+        self._bus.method_call_timeout_usec = LONG_CALL_USEC
         self._daemons: dict[str, DaemonClient[DbusInterfaceCommonAsync]] = {}
 
+    @property
+    def bus(self) -> SdBus:
+        return self._bus
+
     def daemon(self, name: str) -> DaemonClient[DbusInterfaceCommonAsync]:
-        """Any daemon by short name, for what every daemon answers (status, ping)."""
         found = self._daemons.get(name)
         if found is None:
-            found = self._daemons[name] = daemon_client(name, self.bus)
+            found = self._daemons[name] = daemon_client(name, self._bus)
         return found
 
     @cached_property
     def scheduler(self) -> SchedulerClient:
-        return SchedulerClient(self.bus)
+        return SchedulerClient(self._bus)
 
     @cached_property
     def agent(self) -> AgentClient:
-        return AgentClient(self.bus)
+        return AgentClient(self._bus)
 
     @cached_property
     def registry(self) -> RegistryClient:
-        return RegistryClient(self.bus)
+        return RegistryClient(self._bus)
 
     @cached_property
     def overlay(self) -> OverlayClient:
-        return OverlayClient(self.bus)
+        return OverlayClient(self._bus)
 
     @cached_property
     def proxy(self) -> ProxyClient:
-        return ProxyClient(self.bus)
+        return ProxyClient(self._bus)
 
     def close(self) -> None:
-        self.bus.close()
+        self._bus.close()
 
 
 async def deployment_names(client: Client) -> list[str]:

@@ -30,6 +30,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ctl.build_cmd:build",
         "Build an image from CONTEXT (default: here) and store it under each -t name.",
     ),
+    "context": (
+        "ctl.context_cmd:context",
+        "Named nodes zlayerctl sends commands to: their API URL, token and CA.",
+    ),
     "daemon": (
         "ctl.daemon_cmd:daemon",
         "Run the six daemons under zlayerctl's own supervisor (hosts without systemd).",
@@ -63,7 +67,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "Images on this node: import archives, list, inspect, remove.",
     ),
     "job": (
-        "ctl.cron_cmd:job",
+        "ctl.deploy_cmd:job",
         "Run jobs and see their runs and cron schedules.",
     ),
     "login": (
@@ -106,10 +110,6 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ctl.deploy_cmd:scale",
         "Hold SERVICE at REPLICAS replicas until the next deploy.",
     ),
-    "secret": (
-        "ctl.secret_cmd:secret",
-        "Secrets for `$S:NAME` in a service's env: set, list, read, remove (root only).",
-    ),
     "spec": (
         "ctl.spec_cmd:spec",
         "Show a deployment spec normalised, or its JSON Schema.",
@@ -149,13 +149,16 @@ def main() -> None:
     """Run zlayerctl; any failure becomes one sentence on stderr and exit 1.
 
     A read command whose command line ``ctl.readargs`` understands runs
-    straight away, without click; anything else goes through click.
+    straight away, without click; anything else goes through click. A leading
+    ``--host URL`` is taken first, for both (``ctl.contexts``).
     """
+    from ctl.contexts import take_host_option
     from ctl.readargs import parse, runner
 
-    parsed = parse(sys.argv[1:])
+    argv = take_host_option(sys.argv[1:])
+    parsed = parse(argv)
     if parsed is None:
-        _main_click()
+        _main_click(argv)
         return
     command, options = parsed
     try:
@@ -174,13 +177,13 @@ def main() -> None:
         _explain_and_exit(exc)
 
 
-def _main_click() -> None:
+def _main_click(argv: list[str]) -> None:
     import click
 
     from ctl.cli import cli
 
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:
@@ -195,10 +198,11 @@ def _main_click() -> None:
 def _explain_and_exit(exc: BaseException) -> NoReturn:
     if os.environ.get(DEBUG_ENV):
         raise exc
+    from ctl.contexts import TargetError
     from ctl.errors import explain
     from ctl.output import fail
 
-    fail(explain(exc))
+    fail(str(exc) if isinstance(exc, TargetError) else explain(exc))
 
 
 def _quiet_broken_pipe() -> None:

@@ -31,7 +31,7 @@ LINES_RANGE = (1, 2000)  # events -n: click.IntRange(1, 2000)
 class ReadCommand:
     """One read command: its words, options and defaults, and where its body lives."""
 
-    __slots__ = ("defaults", "options", "target", "words")
+    __slots__ = ("defaults", "options", "remote_target", "target", "words")
 
     def __init__(
         self,
@@ -39,11 +39,14 @@ class ReadCommand:
         target: str,
         options: dict[str, tuple[str, str]],
         defaults: dict[str, Any],
+        remote_target: str = "",
     ) -> None:
         self.words = words
         self.target = target  # "module:function", called with the parsed options as keywords
         self.options = options  # option -> (parameter, kind)
         self.defaults = defaults
+        # the body when the command goes to a node's API, if not ``target`` itself
+        self.remote_target = remote_target
 
 
 _FORMAT_OPTION = {"--format": ("output_format", FORMAT)}
@@ -61,6 +64,7 @@ READ_COMMANDS: tuple[ReadCommand, ...] = (
         "ctl.status_cmd:show",
         dict(_FORMAT_OPTION),
         {"output_format": "table"},
+        remote_target="ctl.reads:remote_status",
     ),
     ReadCommand(
         ("routes",),
@@ -154,7 +158,13 @@ def runner(command: ReadCommand) -> Callable[..., None]:
     import importlib
 
     _import_msgspec_without_typing_extensions()
-    module, function = command.target.split(":", 1)
+    target = command.target
+    if command.remote_target:
+        from ctl.contexts import is_remote
+
+        if is_remote():
+            target = command.remote_target
+    module, function = target.split(":", 1)
     found: Callable[..., None] = getattr(importlib.import_module(module), function)
     return found
 

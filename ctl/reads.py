@@ -31,6 +31,7 @@ from shared.busread import BusReader, NoBusError, bus_address
 from shared.wire import to_builtins
 
 if TYPE_CHECKING:
+    from ctl.remote import RemoteReader
     from shared.wire.scheduler import Event
 
 _STATE_COLOUR = {
@@ -72,9 +73,16 @@ def uptime(started: float | None) -> str:
     return f"{seconds}s"
 
 
-def reader() -> BusReader:
-    """A connection to the daemons' bus, or exit with the sentence for daemons not running."""
+def reader() -> BusReader | RemoteReader:
+    """A connection to the daemons' bus, or exit with the sentence for daemons not running;
+    with ``--host`` (or ZLAYER_HOST, or a current context) the node's API instead."""
+    from ctl.contexts import is_remote
     from ctl.errors import NOT_RUNNING
+
+    if is_remote():
+        from ctl.remote import RemoteReader
+
+        return RemoteReader()
 
     try:
         return BusReader(bus_address())
@@ -251,3 +259,54 @@ def events(deployment: str | None, limit: int, output_format: str) -> None:
         print_events(found, deployment, output_format)
     except KeyboardInterrupt:
         pass  # as `events` always did: Ctrl-C ends it quietly
+
+
+def remote_status(output_format: str) -> None:
+    """``status`` through a node's API: its daemons as its apid finds them on its bus,
+    in the columns ``ctl.status_cmd.show`` prints."""
+    from ctl.remote import RemoteReader
+    from ctl.status_cmd import _STATE_STYLE, EXIT_NOT_ALL_RUNNING, _uptime
+    from shared.busread import BUS_NAMES
+
+    with RemoteReader() as api:
+        found = {d.name: d for d in api.daemons()}
+    rows: list[dict[str, Any]] = []
+    for name in BUS_NAMES:
+        answer = found.get(name)
+        if answer is None:
+            row: dict[str, Any] = {
+                "name": name,
+                "state": "not running",
+                "version": "",
+                "pid": 0,
+                "supervisor": "",
+                "metrics_url": "",
+                "uptime": "",
+                "detail": "",
+            }
+        else:
+            row = to_builtins(answer)
+            row["uptime"] = _uptime(answer.started_at_usec)
+        row["unit"] = f"zlayer-{name}.service"
+        rows.append(row)
+    if output_format == "json":
+        print_json(rows)
+    else:
+        print_table(
+            ["DAEMON", "STATE", "VERSION", "PID", "UPTIME", "SUPERVISOR", "METRICS", "DETAIL"],
+            [
+                [
+                    f"zlayer-{r['name']}",
+                    f"[{_STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
+                    r["version"],
+                    r["pid"] or "",
+                    r["uptime"],
+                    r["supervisor"],
+                    r["metrics_url"],
+                    r["detail"],
+                ]
+                for r in rows
+            ],
+        )
+    if any(r["state"] != "running" for r in rows):
+        raise SystemExit(EXIT_NOT_ALL_RUNNING)

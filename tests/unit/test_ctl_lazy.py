@@ -32,6 +32,7 @@ HEAVY = (
 )
 EVERY_COMMAND = {
     "build",
+    "context",
     "daemon",
     "deploy",
     "dns",
@@ -51,7 +52,6 @@ EVERY_COMMAND = {
     "routes",
     "runtimes",
     "scale",
-    "secret",
     "spec",
     "status",
     "stop",
