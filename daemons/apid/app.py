@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-# each routes module declares its handlers in routing.ROUTES when imported
-from daemons.apid import routes_deployments, routes_system  # noqa: F401
-from daemons.apid import routes_images, routes_workloads  # noqa: F401
+# each routes module declares its handlers in routing.ROUTES when imported (one line each)
+import daemons.apid.routes_deployments
+import daemons.apid.routes_images
+import daemons.apid.routes_system
+import daemons.apid.routes_workloads  # noqa: F401
 from daemons.apid.base import API_KEY, DEFAULT_MAX_BODY, Api
 from daemons.apid.problems import problem_middleware
 from daemons.apid.routing import PRINCIPAL_KEY, Handler, Principal, Role, add_routes

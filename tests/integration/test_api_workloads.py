@@ -9,9 +9,12 @@ only): who may call what is the auth tests' subject.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
+import shutil
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from shared.busybox_image import busybox_image, write_oci_archive
 from tests.e2e.conftest import running_node
 from tests.e2e.node import Node, wait_until
 
@@ -295,3 +299,130 @@ def test_cron_list_disable_enable_and_trigger(node: Node, base: str) -> None:
     wait_until(finished, 30, "the cron run to end")
     wait_until(lambda: not runs_left(node, "tick"), 30, "the run's container to go")
     assert problem("PUT", f"{base}/cron/web/disable?deployment={DEPLOYMENT}", 404)
+
+
+# ---------------------------------------------------------------- images and builds
+
+
+def follow_operation(base: str, location: str) -> dict[str, Any]:
+    origin = base.removesuffix("/api/v1")
+
+    def ended() -> dict[str, Any] | None:
+        info: dict[str, Any] = request("GET", origin + location, 200)
+        return info if info["state"] != "running" else None
+
+    found: dict[str, Any] = wait_until(ended, 60, f"{location} to end")
+    return found
+
+
+def test_images_list_inspect_pull_push_prune_and_logout(node: Node, base: str) -> None:
+    images = request("GET", f"{base}/images", 200)
+    assert any("docker.io/zlayer/busybox:latest" in i["names"] for i in images)
+    detail = request("GET", f"{base}/images/zlayer%2Fbusybox%3Alatest", 200)
+    assert "docker.io/zlayer/busybox:latest" in detail["image"]["names"]
+    assert problem("GET", f"{base}/images/zlayer%2Fnever%3A1", 404)
+
+    status, headers, data = asyncio.run(
+        call("POST", f"{base}/images/pull", body={"reference": "registry.invalid/nope:1"})
+    )
+    assert status == 202, data
+    ref = json.loads(data)
+    assert ref["daemon"] == "registry" and headers["Location"].endswith(f"/registry/{ref['id']}")
+    pulled = follow_operation(base, headers["Location"])
+    assert pulled["state"] == "failed" and "registry.invalid" in pulled["error"]
+
+    status, headers, data = asyncio.run(
+        call(
+            "POST",
+            f"{base}/images/push",
+            body={"reference": "zlayer/busybox:latest", "destination": "127.0.0.1:1/x/y:1"},
+        )
+    )
+    assert status == 202, data
+    assert follow_operation(base, headers["Location"])["state"] == "failed"
+    assert "request body" in problem("POST", f"{base}/images/pull", 400, body={"ref": "x"})
+
+    pruned = request("POST", f"{base}/system/prune", 200)  # busybox is in use by wl: it stays
+    assert set(pruned) == {"images", "blobs", "bytes"}
+    assert request("GET", f"{base}/images/zlayer%2Fbusybox%3Alatest", 200)
+
+    detail = problem("DELETE", f"{base}/registry/login/nowhere.invalid", 404)
+    assert detail == "no credentials were kept for nowhere.invalid"
+
+
+def context_tar(files: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            tar.addfile(info)
+    return out.getvalue()
+
+
+TAR = {"Content-Type": "application/x-tar"}
+
+
+@pytest.mark.skipif(shutil.which("buildah") is None, reason="apt-get install buildah")
+def test_build_from_an_uploaded_context_then_its_status_log_and_image(
+    node: Node, base: str, tmp_path: Path
+) -> None:
+    archive = write_oci_archive(busybox_image(), tmp_path / "busybox.tar")
+    zimagefile = (
+        f'base: "oci-archive:{archive}"\n'
+        "args: {RELEASE: dev}\n"
+        "steps:\n"
+        "  - copy: index.html\n"
+        "    to: /www/index.html\n"
+        '  - run: "echo release=$RELEASE >> /www/index.html"\n'
+    )
+    body = context_tar(
+        {"index.html": b"built through the api\n", "ZImagefile": zimagefile.encode()}
+    )
+    query = "tag=zlayer/api-built:1&build_arg=RELEASE=7"
+    status, headers, data = asyncio.run(
+        call("POST", f"{base}/build?{query}", data=body, headers=TAR)
+    )
+    assert status == 202, data
+    ref = json.loads(data)
+    assert ref["daemon"] == "registry" and headers["Location"] == f"/api/v1/build/{ref['id']}"
+
+    log = request("GET", f"{base}/build/{ref['id']}/logs?follow=true", 200).decode()
+    info = request("GET", f"{base}/build/{ref['id']}", 200)
+    assert info["state"] == "done", (info, log)
+    assert "release=" in log
+    assert "docker.io/zlayer/api-built:1" in json.loads(info["result"])["names"]
+
+    exec_url = f"{base}/deployments/{DEPLOYMENT}/services/web/exec"
+    assert request("POST", exec_url, 200, body={"command": ["true"]})["exit_code"] == 0
+    removed = request("DELETE", f"{base}/images/zlayer%2Fapi-built%3A1", 200)
+    assert removed
+    assert problem("GET", f"{base}/images/zlayer%2Fapi-built%3A1", 404)
+
+
+def test_build_refuses_hostile_or_malformed_contexts_with_a_sentence(node: Node, base: str) -> None:
+    dockerfile = {"Dockerfile": b"FROM scratch\n"}
+    device = tarfile.TarInfo("dev/tty")
+    device.type = tarfile.CHRTYPE
+    escaping = tarfile.TarInfo("../../etc/cron.d/evil")
+    refused = {
+        "../../etc/cron.d/evil points outside the context ('..')": context_tar(
+            dockerfile, [escaping]
+        ),
+        "dev/tty is a device or a named pipe": context_tar(dockerfile, [device]),
+        "the request body is not a complete tar archive": b"not a tar at all" * 100,
+        "the request body is empty": b"",
+    }
+    for sentence, body in refused.items():
+        detail = problem("POST", f"{base}/build?tag=zlayer/x:1", 400, data=body, headers=TAR)
+        assert detail.startswith(sentence), detail
+    tar = context_tar(dockerfile)
+    detail = problem("POST", f"{base}/build?file=../Dockerfile", 400, data=tar, headers=TAR)
+    assert detail == "?file= must name a file inside the context, not ../Dockerfile"
+    detail = problem("POST", f"{base}/build?tag=UPPER/Case", 400, data=tar, headers=TAR)
+    assert detail
+    detail = problem("POST", f"{base}/build", 415, data=tar, headers={"Content-Type": "text/x"})
+    assert detail.startswith("send the build context as application/x-tar")
+    assert problem("GET", f"{base}/build/999999", 404)
