@@ -67,7 +67,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "Images on this node: import archives, list, inspect, remove.",
     ),
     "job": (
-        "ctl.deploy_cmd:job",
+        "ctl.cron_cmd:job",
         "Run jobs and see their runs and cron schedules.",
     ),
     "login": (
@@ -109,6 +109,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "scale": (
         "ctl.deploy_cmd:scale",
         "Hold SERVICE at REPLICAS replicas until the next deploy.",
+    ),
+    "secret": (
+        "ctl.secret_cmd:secret",
+        "Secrets for `$S:NAME` in a service's env: set, list, read, remove (root only).",
     ),
     "spec": (
         "ctl.spec_cmd:spec",

@@ -52,6 +52,7 @@ EVERY_COMMAND = {
     "routes",
     "runtimes",
     "scale",
+    "secret",
     "spec",
     "status",
     "stop",
