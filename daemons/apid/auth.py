@@ -26,7 +26,6 @@ and the peer. Never the token nor the Authorization header.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -36,19 +35,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from daemons.apid.problems import problem_for, problem_response
 from daemons.apid.routing import PRINCIPAL_KEY, Principal, Role, RouteSpec, route_spec
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from daemons.apid.tokens import TokenStore
-    from shared.paths import Paths
 
 ALGORITHM = "EdDSA"
-ISSUER = "zlayer-apid"
 
 access_log = logging.getLogger("zlayer.apid.access")
-log = logging.getLogger("zlayer.apid")
 
 
 class TokenRecord(Protocol):
@@ -73,30 +69,17 @@ class TokenLookup(Protocol):
 class AuthError(Exception):
     """A request the middleware refuses: its status and the sentence for the caller."""
 
-    def __init__(self, status: int, title: str, detail: str, headers: Mapping[str, str] = {}):
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None):
         super().__init__(detail)
         self.status = status
-        self.title = title
         self.detail = detail
-        self.headers = dict(headers)
+        self.headers = dict(headers or {})
 
 
 def _unauthorized(detail: str, error: str = "invalid_token") -> AuthError:
     # RFC 6750: a request without credentials gets a bare challenge; a bad token names the error
     challenge = "Bearer" if not error else f'Bearer error="{error}"'
-    return AuthError(401, "Unauthorized", detail, {"WWW-Authenticate": challenge})
-
-
-def problem_response(
-    status: int, title: str, detail: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    """An RFC 9457 problem document."""
-    return web.json_response(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status=status,
-        headers=headers,
-        content_type="application/problem+json",
-    )
+    return AuthError(401, detail, {"WWW-Authenticate": challenge})
 
 
 @dataclass
@@ -222,7 +205,6 @@ class Authenticator:
         if wait > 0:
             raise AuthError(
                 429,
-                "Too Many Requests",
                 f"the token {name} has made more than {self.limiter.burst} requests in a burst "
                 f"(limit: {self.limiter.rate:g} a second); wait {math.ceil(wait)} s and retry",
                 {"Retry-After": str(max(1, math.ceil(wait)))},
@@ -234,14 +216,13 @@ def authorize(spec: RouteSpec, caller: Principal, request: web.Request) -> None:
     if caller.role < spec.role:
         raise AuthError(
             403,
-            "Forbidden",
             f"this needs the {spec.role.label} role; the token {caller.name} is "
             f"{caller.role.label}",
         )
     if spec.deployment and caller.deployments is not None:
         name = deployment_of(spec, request)
         if name is not None and not caller.may_see(name):
-            raise AuthError(404, "Not Found", f"there is no deployment named {name}")
+            raise AuthError(404, f"there is no deployment named {name}")
 
 
 def deployment_of(spec: RouteSpec, request: web.Request) -> str | None:
@@ -254,30 +235,6 @@ def deployment_of(spec: RouteSpec, request: web.Request) -> str | None:
 
 
 AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
-
-
-async def setup(app: web.Application, paths: Paths, settings: object = None) -> TokenStore:
-    """Load the node key and the token store, and put the middleware on ``app``.
-
-    The rate limit comes from the settings' ``rate_limit_per_second`` and
-    ``rate_limit_burst`` (50 and 100 when they have none). Raises
-    NodeKeyError, in one sentence, when the node key cannot be used.
-    """
-    from daemons.apid.tokens import TOKEN_STORE_KEY, TokenStore
-    from shared.nodekey import NodeKey
-
-    key = await asyncio.to_thread(NodeKey.load, paths)
-    signing = key.signing_key()
-    store = await asyncio.to_thread(TokenStore.open, paths.daemon_state("apid"), signing)
-    app[TOKEN_STORE_KEY] = store
-    authenticator = Authenticator(
-        signing.public_key(),
-        store,
-        rate_per_second=float(getattr(settings, "rate_limit_per_second", 50.0)),
-        burst=int(getattr(settings, "rate_limit_burst", 100)),
-    )
-    install(app, authenticator)
-    return store
 
 
 def install(app: web.Application, authenticator: Authenticator) -> None:
@@ -302,7 +259,6 @@ async def auth_middleware(
                 # never serve a route unauthenticated because the setup was skipped
                 raise AuthError(
                     503,
-                    "Service Unavailable",
                     "the API's authentication is not set up; restart zlayer-apid",
                 )
             caller, jti = authenticator.authenticate(request.headers.get("Authorization"))
@@ -315,9 +271,14 @@ async def auth_middleware(
         return response
     except AuthError as refused:
         status = refused.status
-        return problem_response(refused.status, refused.title, refused.detail, refused.headers)
+        return problem_response(refused.status, refused.detail, headers=refused.headers)
     except web.HTTPException as http:
         status = http.status
+        raise
+    except Exception as exc:
+        # the problem middleware outside answers it: log the status it will give
+        answer = problem_for(exc)
+        status = answer.status if answer is not None else 500
         raise
     finally:
         access_log.info(

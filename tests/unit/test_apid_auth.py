@@ -262,24 +262,13 @@ def test_bucket_refills_over_time() -> None:
     assert RateLimiter(rate=0, burst=1).wait("t") == 0
 
 
-def test_setup_makes_the_key_and_verifies_its_own_tokens(tmp_path: Path) -> None:
-    from daemons.apid.tokens import TOKEN_STORE_KEY
-    from shared.nodekey import key_path
-    from shared.paths import Paths
-
-    paths = Paths(tmp_path)
-
+def test_tokens_outlive_a_restart(tmp_path: Path) -> None:
     async def scenario() -> None:
-        app = web.Application()
-        store = await auth.setup(app, paths)
-        assert app[TOKEN_STORE_KEY] is store and app.middlewares[0] is auth.auth_middleware
+        store = TokenStore.open(tmp_path, KEY.signing_key())
         issued = await store.create(TokenCreate(name="a", role="admin"))
-        # a restart (a new setup over the same state) still accepts the token
-        again = web.Application()
-        await auth.setup(again, paths)
-        caller, _ = again[auth.AUTHENTICATOR_KEY].authenticate(f"Bearer {issued.token}")
+        # a restart: the store read back, the same node key
+        again = TokenStore.open(tmp_path, KEY.signing_key())
+        caller, _ = Authenticator(KEY.verifying_key(), again).authenticate(f"Bearer {issued.token}")
         assert caller == routing.Principal("a", routing.Role.ADMIN)
 
     run(scenario())
-    assert stat.S_IMODE(os.stat(key_path(paths)).st_mode) == 0o600
-    assert (paths.daemon_state("apid") / STATE_FILE).exists()
