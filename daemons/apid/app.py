@@ -16,7 +16,9 @@ from aiohttp import web
 # each routes module declares its handlers in routing.ROUTES when imported (one line each)
 import daemons.apid.routes_deployments
 import daemons.apid.routes_images
+import daemons.apid.routes_secrets
 import daemons.apid.routes_system
+import daemons.apid.routes_tokens
 import daemons.apid.routes_workloads  # noqa: F401
 from daemons.apid.base import API_KEY, DEFAULT_MAX_BODY, Api
 from daemons.apid.problems import problem_middleware

@@ -1,0 +1,112 @@
+"""The REST API's secrets routes against the real daemons: set, list (never a value),
+read back, remove, each error a problem document with the CLI's sentence and no value.
+
+apid runs with ``auth = "none"`` (every caller the admin "local", on 127.0.0.1 only);
+who may call which route is the auth tests' subject.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import running_node
+from tests.e2e.node import Node
+from tests.integration.test_apid_routes import Api, apid_port
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
+
+VALUE = "api-Secret-Value-5d1c0e"
+SPEC = """\
+version: v1
+deployment: vault
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args: ["exec sleep 3600"]
+    env: {TOKEN: $S:token}
+    scale: {mode: fixed, replicas: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def node_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Api]]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZLAYER_APID_AUTH", "none")
+        with running_node(Path(f"/tmp/zlk-{os.getpid()}"), tmp_path_factory) as node:
+            yield node, Api(apid_port(node))
+
+
+@pytest.fixture
+def api(node_api: tuple[Node, Api]) -> Iterator[Api]:
+    node, client = node_api
+    yield client
+    for deployment in client.json("GET", "/api/v1/deployments"):
+        node.ctl("down", deployment["name"])
+    for row in client.json("GET", "/api/v1/secrets"):
+        client.call("DELETE", f"/api/v1/secrets/{row['name']}?deployment={row['deployment']}")
+
+
+def test_secrets_through_the_api(api: Api) -> None:
+    missing = api.problem(
+        "POST", "/api/v1/deployments", 400, body=SPEC, headers={"Content-Type": "application/yaml"}
+    )
+    assert "secret token is not set" in missing["detail"]
+
+    stored = api.json("POST", "/api/v1/secrets", {"name": "token", "value": VALUE})
+    assert stored["name"] == "token" and stored["deployment"] == "" and stored["version"] == 1
+    assert "value" not in stored
+    again = api.json(
+        "POST", "/api/v1/secrets", {"name": "token", "value": VALUE + "x", "deployment": "vault"}
+    )
+    assert again["deployment"] == "vault"
+
+    status, _, raw = api.call("GET", "/api/v1/secrets")
+    assert status == 200 and VALUE.encode() not in raw
+    assert sorted((s["name"], s["deployment"]) for s in json.loads(raw)) == [
+        ("token", ""),
+        ("token", "vault"),
+    ]
+    assert api.json("GET", "/api/v1/secrets/token") == {
+        "name": "token",
+        "deployment": "",
+        "value": VALUE,
+    }
+    assert api.json("GET", "/api/v1/secrets/token?deployment=vault")["value"] == VALUE + "x"
+
+    status, _, _ = api.call(
+        "POST", "/api/v1/deployments", SPEC, {"Content-Type": "application/yaml"}
+    )
+    assert status == 202
+    # The deployment's own secret can go (the node-wide one takes over); the last one cannot.
+    assert api.call("DELETE", "/api/v1/secrets/token?deployment=vault")[0] == 204
+    refused = api.problem("DELETE", "/api/v1/secrets/token", 409)
+    assert "secret token is used by deployment vault (web)" in refused["detail"]
+
+    gone = api.problem("GET", "/api/v1/secrets/token?deployment=vault", 404)
+    assert gone["detail"].startswith("there is no secret token of deployment vault")
+    bad = api.problem(
+        "POST",
+        "/api/v1/secrets",
+        400,
+        body=json.dumps({"name": "../x", "value": VALUE}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert "is not a secret name" in bad["detail"]
+    api.problem(
+        "POST", "/api/v1/secrets", 400, body="{", headers={"Content-Type": "application/json"}
+    )
+
+    for path in ("/api/v1/deployments", "/api/v1/events?limit=500", "/api/v1/containers"):
+        assert VALUE.encode() not in api.call("GET", path)[2]
+    assert VALUE not in json.dumps([refused, gone, bad, missing])
+
+    document = api.json("GET", "/api/v1/openapi.json")
+    assert {"get", "post"} <= set(document["paths"]["/api/v1/secrets"])
+    assert {"get", "delete"} <= set(document["paths"]["/api/v1/secrets/{name}"])
