@@ -556,6 +556,17 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         """Make an image's layers available unpacked; ImageRootfs."""
         raise NotImplementedError
 
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="ts",
+        input_args_names=("reference", "pull_policy"),
+        result_args_names=("job_id", "rootfs"),
+    )
+    async def ensure_image_job(self, reference: str, pull_policy: str) -> tuple[int, str]:
+        """EnsureImage as a job: (0, ImageRootfs) at once when no pull is needed; else
+        (the id of the ``ensure-image`` job that pulls, ""), whose result is the ImageRootfs."""
+        raise NotImplementedError
+
     # --- jobs: long operations (pull, push, build, export) return a job id at
     # once and run as Job1 objects under <this object>/job/<id>; see shared/jobs.py.
 

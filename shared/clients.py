@@ -312,6 +312,30 @@ class RegistryClient(JobsDaemonClient[Registry1]):
     async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs:
         return decode(await self.proxy.ensure_image(reference, pull_policy), ImageRootfs)
 
+    async def ensure_image_job(
+        self,
+        reference: str,
+        pull_policy: str,
+        on_progress: Callable[[JobInfo], None] | None = None,
+    ) -> ImageRootfs:
+        """EnsureImageJob: the ImageRootfs at once when no pull is needed, else when the
+        pull job ends, waited for by its signal; a failed job raises its bus error."""
+        from shared.bus import ERRORS, ZLayerError
+
+        job_id, rootfs = await self.proxy.ensure_image_job(reference, pull_policy)
+        if job_id:
+
+            async def started() -> int:
+                return job_id
+
+            # run_job reads the job after subscribing: an end before that is not missed.
+            info = await self.run_job(started, on_progress)
+            if info.state != "done":
+                error = next((e for e in ERRORS if e.dbus_error_name == info.error_name), None)
+                raise (error or ZLayerError)(info.error or f"the pull of {reference} failed")
+            rootfs = info.result
+        return decode(rootfs, ImageRootfs)
+
     async def list_jobs(self) -> list[JobInfo]:
         return decode(await self.proxy.list_jobs(), list[JobInfo])
 

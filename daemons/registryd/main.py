@@ -123,6 +123,25 @@ class RegistryService(Registry1):
         await self.daemon.update_metrics()
         return encode(rootfs)
 
+    @dbus_method_async_override()
+    async def ensure_image_job(self, reference: str, pull_policy: str) -> tuple[int, str]:
+        if pull_policy and pull_policy not in PULL_POLICIES:
+            raise InvalidArgumentError(
+                f"pull policy {pull_policy!r} is not one of {', '.join(PULL_POLICIES)}"
+            )
+        policy = pull_policy or "if_not_present"
+        # The usual case, an image already here, answers in this one call.
+        rootfs = await self.daemon.ensure_local(reference, policy)
+        if rootfs is not None:
+            return 0, encode(rootfs)
+
+        async def work(job: Job) -> str:
+            pulled = await self.daemon.ensure(reference, policy, job)
+            await self.daemon.update_metrics()
+            return encode(pulled)
+
+        return self.daemon.jobs.start("ensure-image", reference, work), ""
+
     # --- jobs (shared/jobs.py)
 
     @dbus_method_async_override()
@@ -341,14 +360,46 @@ class RegistryDaemon(Daemon):
         if self.store_problem:
             raise UnavailableError(f"the image store cannot be used: {self.store_problem}")
 
-    async def ensure(self, reference: str, policy: str) -> ImageRootfs:
+    async def ensure(self, reference: str, policy: str, job: Job | None = None) -> ImageRootfs:
         """The image's unpacked layers, pulled first as ``policy`` says.
 
         never: only what is here. if_not_present: pull when missing. always:
         ask the registry every time (the blobs already here are not fetched
         again). newer: like always, but a registry that cannot be reached
-        leaves the image here in use.
+        leaves the image here in use. ``job`` gets the pull's progress, and
+        cancelling it cancels the pull.
         """
+        rootfs = await self.ensure_local(reference, policy)
+        if rootfs is not None:
+            return rootfs
+        task, progress = self.registry.pull_task(reference, "")
+        if job is not None:
+            progress.jobs.append(job)
+            progress.replay(job)
+        try:
+            # Without a job the pull outlives a caller that gave up (it may come back).
+            info = await (task if job is not None else asyncio.shield(task))
+        except UnavailableError as exc:
+            rootfs = await self.work(self.store.rootfs, reference)
+            if rootfs is None:
+                raise UnavailableError(
+                    f"cannot pull {normalize_reference(reference)}: {exc.args[0]}; it is not "
+                    "on this node either: import it with `zlayerctl image import PATH`, or fix "
+                    "the registry and deploy again"
+                ) from None
+            if policy != "newer":
+                raise
+            self.log.warning("using the local %s: %s", reference, exc.args[0])
+            return rootfs
+        PULLS.labels(result="ok").inc()
+        rootfs = await self.work(self.store.rootfs, info.id)
+        if rootfs is None:
+            raise UnavailableError(f"image {reference} was removed right after its pull")
+        return rootfs
+
+    async def ensure_local(self, reference: str, policy: str) -> ImageRootfs | None:
+        """What ``ensure`` answers without a pull: the image here when ``policy`` takes
+        it as it is (or ``reference`` is an image id), its errors; None when it pulls."""
         if policy in ("never", "if_not_present"):
             rootfs = await self.work(self.store.rootfs, reference)
             if rootfs is not None:
@@ -369,26 +420,7 @@ class RegistryDaemon(Daemon):
             if rootfs is not None:  # an image id: nothing to pull
                 return rootfs
             raise InvalidArgumentError(str(exc)) from None
-        task, _ = self.registry.pull_task(reference, "")
-        try:
-            info = await asyncio.shield(task)
-        except UnavailableError as exc:
-            rootfs = await self.work(self.store.rootfs, reference)
-            if rootfs is None:
-                raise UnavailableError(
-                    f"cannot pull {normalize_reference(reference)}: {exc.args[0]}; it is not "
-                    "on this node either: import it with `zlayerctl image import PATH`, or fix "
-                    "the registry and deploy again"
-                ) from None
-            if policy != "newer":
-                raise
-            self.log.warning("using the local %s: %s", reference, exc.args[0])
-            return rootfs
-        PULLS.labels(result="ok").inc()
-        rootfs = await self.work(self.store.rootfs, info.id)
-        if rootfs is None:
-            raise UnavailableError(f"image {reference} was removed right after its pull")
-        return rootfs
+        return None
 
     async def images_in_use(self) -> set[str]:
         """Ids of the images agentd's replicas were made from; prune must know them all."""

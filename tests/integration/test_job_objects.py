@@ -19,7 +19,7 @@ from shared.bus import DAEMONS_BY_NAME, NotFoundError, open_bus
 from shared.clients import RegistryClient
 from shared.wire import decode
 from shared.wire.jobs import JobInfo
-from shared.wire.registry import ImageInfo
+from shared.wire.registry import ImageInfo, ImageRootfs
 from tests.integration.test_registryd import Registryd
 from tests.integration.test_registryd import registryd as registryd
 from tests.registry_fixture import Registry, fault_proxy
@@ -118,3 +118,56 @@ def _encode(job: JobInfo) -> str:
     from shared.wire import encode
 
     return encode(job)
+
+
+def test_ensure_image_pulls_as_a_job_and_answers_at_once_once_the_image_is_here(
+    registryd: Registryd, registry: Registry
+) -> None:
+    image = f"{registry.host}/busybox:1"
+
+    async def body(client: RegistryClient) -> tuple[tuple[int, str], list[JobInfo], str, int]:
+        first = await client.proxy.ensure_image_job(image, "if_not_present")
+        seen: list[JobInfo] = []
+        pulled = await client.ensure_image_job(
+            image, "if_not_present", lambda job: seen.append(decode(_encode(job), JobInfo))
+        )
+        again_id, again = await client.proxy.ensure_image_job(image, "if_not_present")
+        assert decode(again, ImageRootfs).image.id == pulled.image.id
+        return first, seen, pulled.image.id, again_id
+
+    (job_id, rootfs), seen, image_id, again_id = on_bus(registryd, body)
+    # Not here: a job, whose result is the unpacked image; here: no job, the answer at once.
+    assert job_id > 0 and rootfs == ""
+    assert again_id == 0
+    final = on_bus(registryd, lambda client: client.get_job(job_id))
+    assert (final.kind, final.state, final.target) == ("ensure-image", "done", image)
+    assert decode(final.result, ImageRootfs).image.id == image_id
+    assert seen and all(item.state in ("done", "exists") for item in seen[-1].items)
+
+
+def test_an_ensure_image_job_is_cancelled_and_a_failed_one_raises_its_sentence(
+    registryd: Registryd, registry: Registry
+) -> None:
+    with fault_proxy(registry.url) as proxy:
+        proxy.slow = True
+
+        async def cancelled(client: RegistryClient) -> tuple[JobInfo, JobInfo]:
+            job_id, _ = await client.proxy.ensure_image_job(f"{proxy.host}/busybox:1", "always")
+            waiter = asyncio.ensure_future(client.run_job(_started(job_id)))
+            await asyncio.sleep(0.2)
+            running = await client.job(job_id).info()
+            await client.job(job_id).cancel()
+            return running, await asyncio.wait_for(waiter, 30)
+
+        running, final = on_bus(registryd, cancelled)
+    assert (running.kind, running.state) == ("ensure-image", "running")
+    assert final.state == "cancelled" and final.error == "the job was cancelled"
+
+    async def failing(client: RegistryClient) -> None:
+        with pytest.raises(NotFoundError, match="pull policy is never"):
+            await client.ensure_image_job(f"{registry.host}/busybox:nothing", "never")
+        with pytest.raises(NotFoundError, match="nothing") as caught:
+            await client.ensure_image_job(f"{registry.host}/busybox:nothing", "always")
+        assert "\n" not in str(caught.value)
+
+    on_bus(registryd, failing)
