@@ -24,6 +24,7 @@ from shared.daemon import Daemon, daemon_members, main_for
 from shared.paths import Paths
 from shared.wire import WireError, decode, encode
 from shared.wire.agent import JobTrigger, NodeAssignments, ReplicaInfo, ServiceAssignment
+from shared.wire.jobs import JobInfo
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
 
@@ -59,10 +60,23 @@ class BusNeighbours:
                     ) from None
                 await asyncio.sleep(NEIGHBOUR_POLL)
 
-    async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs:
+    async def ensure_image(
+        self,
+        reference: str,
+        pull_policy: str,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> ImageRootfs:
         registry = self.registry
+
+        def progress(job: JobInfo) -> None:
+            if on_progress is not None and job.state == "running" and job.items:
+                done = sum(item.state in ("done", "exists") for item in job.items)
+                on_progress(f"pulling {reference}: {done} of {len(job.items)} layers")
+
+        # A pull is a registryd job, waited for by its signal; an image already
+        # here is answered in the call itself.
         return await self._call(
-            registry.info, lambda: registry.ensure_image(reference, pull_policy)
+            registry.info, lambda: registry.ensure_image_job(reference, pull_policy, progress)
         )
 
     async def attach(self, container_id: str, hostname: str) -> Attachment:

@@ -113,7 +113,15 @@ class Launcher(Protocol):
 class Neighbours(Protocol):
     """The other daemons a replica needs."""
 
-    async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs: ...
+    async def ensure_image(
+        self,
+        reference: str,
+        pull_policy: str,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> ImageRootfs:
+        """The image's root file system, pulled first if need be; ``on_progress``
+        gets a sentence on how a pull goes."""
+        ...
 
     async def attach(self, container_id: str, hostname: str) -> Attachment: ...
 
@@ -786,7 +794,11 @@ class Node:
             hostname = spec.hostname or f"{record.service}-{record.instance}"
             attaching = asyncio.ensure_future(self.neighbours.attach(record.id, hostname))
         try:
-            rootfs = await self.neighbours.ensure_image(spec.image.name, spec.image.pull_policy)
+            rootfs = await self.neighbours.ensure_image(
+                spec.image.name,
+                spec.image.pull_policy,
+                lambda note: self._update(replica, message=note),
+            )
         except BaseException:
             if attaching is not None:  # a retry or the removal deals with what it made
                 attaching.cancel()

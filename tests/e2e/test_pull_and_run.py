@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import urllib.request
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from shared.bus import open_bus, resolve_bus_address
 from shared.busybox_image import busybox_image, write_oci_layout
+from shared.clients import RegistryClient
+from shared.wire.jobs import JobInfo
 from tests.e2e.node import Node
 from tests.registry_fixture import Registry, need_tools, skopeo_copy, start_registry
 
@@ -51,6 +55,17 @@ def image_names(node: Node) -> dict[str, str]:
     return {name: image["id"] for image in listed for name in image["names"]}
 
 
+def registry_jobs(node: Node) -> list[JobInfo]:
+    async def listed() -> list[JobInfo]:
+        bus = open_bus(resolve_bus_address(node.paths))
+        try:
+            return await RegistryClient(bus).list_jobs()
+        finally:
+            bus.close()
+
+    return asyncio.run(listed())
+
+
 def prune(node: Node) -> list[str]:
     out = node.ctl("system", "prune", "--force", "--format", "json", check=True)
     removed: list[str] = json.loads(out.stdout)["images"]
@@ -74,6 +89,9 @@ def test_a_pulled_image_runs_and_prune_keeps_it_only_while_used(
     assert replica["state"] == "running"
     with urllib.request.urlopen(f"http://{replica['address']}:8080/index.html", timeout=5) as page:
         assert page.read().decode() == "pulled\n"
+    # The pull a replica's start needed was a registryd job, ended with the image.
+    pulls = [job for job in registry_jobs(node) if job.kind == "ensure-image"]
+    assert [(job.target, job.state) for job in pulls] == [(reference, "done")]
     names = image_names(node)
     assert reference in names
     assert names[reference] != names.get("docker.io/zlayer/busybox:latest")
