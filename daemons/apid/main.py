@@ -69,10 +69,9 @@ class ApiDaemon(Daemon):
         settings = self.settings
         assert isinstance(settings, ApiSettings)
         assert self.bus is not None
-        store = None
-        if settings.auth == "token":
-            store = await asyncio.to_thread(self._open_tokens)
-            self.service.token_store = store
+        # the store serves the token routes and CreateToken in either auth mode
+        store = await asyncio.to_thread(self._open_tokens)
+        self.service.token_store = store
         state = Api(
             bus=self.bus,
             node_name=socket.gethostname(),
@@ -83,8 +82,6 @@ class ApiDaemon(Daemon):
         def setup_auth(app: web.Application) -> None:
             from daemons.apid import auth
 
-            assert store is not None
-            app[TOKEN_STORE_KEY] = store
             authenticator = auth.Authenticator(
                 store.signing_key.public_key(),
                 store,
@@ -100,6 +97,7 @@ class ApiDaemon(Daemon):
             setup_auth=setup_auth,
             readiness=self._ready,
         )
+        app[TOKEN_STORE_KEY] = store
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, settings.http_bind, settings.http_port)
