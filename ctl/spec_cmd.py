@@ -8,29 +8,28 @@ editors can validate against.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from ctl.output import escape, fail, format_option, print_json, print_table
-from shared.spec import (
-    DeploymentSpec,
-    SpecError,
-    SpecIssue,
-    dump_spec,
-    parse_spec,
-    spec_json_schema,
-)
-from shared.spec.limits import FileReadError, read_regular_file
-from shared.spec.models import AdaptiveScale, FixedScale, ServiceSpec
-from shared.spec.support import node_support
+
+if TYPE_CHECKING:
+    from shared.spec import DeploymentSpec
+    from shared.wire.scheduler import ServiceSummary, SpecCheck
 
 SPEC_PATTERNS = ("*.zlayer.yml", "*.zlayer.yaml")
 
 # Not finding which file to read is a usage problem, not an invalid spec.
 EXIT_INVALID = 1
 EXIT_NO_FILE = 2
+
+# schedd checks files up to shared.spec.limits.MAX_SPEC_BYTES (importing it loads the spec
+# models; a test holds the two equal); a larger one is checked here, which says why.
+SCHEDD_CHECKS_AT_MOST = 1024 * 1024
 
 
 def _fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
@@ -64,6 +63,9 @@ def load_or_report(file: str, as_json: bool) -> DeploymentSpec:
 
 def _read_and_load(file: str, as_json: bool) -> tuple[DeploymentSpec, bytes]:
     """The validated spec and the file's bytes (to locate what a node would not do)."""
+    from shared.spec import SpecError, SpecIssue, parse_spec
+    from shared.spec.limits import FileReadError, read_regular_file
+
     try:
         try:
             raw = read_regular_file(file)
@@ -71,39 +73,90 @@ def _read_and_load(file: str, as_json: bool) -> tuple[DeploymentSpec, bytes]:
             raise SpecError([SpecIssue(file, 0, 0, "", str(exc))]) from None
         return parse_spec(raw, file), raw
     except SpecError as exc:
-        if as_json:
-            print_json({"file": file, "valid": False, "issues": [i.as_dict() for i in exc.issues]})
-            raise SystemExit(EXIT_INVALID) from None
-        if len(exc.issues) == 1 and not exc.issues[0].line:
-            _fail(str(exc.issues[0]))  # about the whole file (missing, empty): one sentence
-        for issue in exc.issues:
-            click.echo(str(issue), err=True)
-        count = exc.total
-        _fail(f"{file} is not a valid deployment spec ({count} problem{'s' * (count != 1)})")
+        from shared.spec.check import problems_of
+
+        _report_invalid(problems_of(exc), file, as_json)
 
 
-def _endpoints(service: ServiceSpec) -> str:
+def _report_invalid(check: SpecCheck, file: str, as_json: bool) -> NoReturn:
+    """Every problem printed (or the JSON of them), then exit 1."""
+    from shared.wire import to_builtins
+
+    if as_json:
+        issues = [to_builtins(p) for p in check.problems]
+        print_json({"file": file, "valid": False, "issues": issues})
+        raise SystemExit(EXIT_INVALID)
+    if len(check.problems) == 1 and not check.problems[0].line:
+        _fail(str(check.problems[0]))  # about the whole file (missing, empty): one sentence
+    for problem in check.problems:
+        click.echo(str(problem), err=True)
+    total = check.total
+    _fail(f"{file} is not a valid deployment spec ({total} problem{'s' * (total != 1)})")
+
+
+def check_here(file: str) -> SpecCheck:
+    """The check of ``file`` made in this process (loads the spec models)."""
+    from shared.spec.check import check_spec, problems_of
+    from shared.spec.errors import SpecError, SpecIssue
+    from shared.spec.limits import FileReadError, read_regular_file
+
+    try:
+        raw = read_regular_file(file)
+    except FileReadError as exc:
+        return problems_of(SpecError([SpecIssue(file, 0, 0, "", str(exc))]))
+    return check_spec(raw, file)
+
+
+def check_by_schedd(file: str) -> SpecCheck | None:
+    """schedd's check of ``file``, or None when it is this process's to make.
+
+    schedd has the spec models loaded; loading them here costs more than the
+    round trip. Anything out of the ordinary (not root, whom ``Validate`` is
+    for; no bus or no schedd; a file that is not a small regular UTF-8 text)
+    is left to :func:`check_here`, which says what the local check says.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        # O_NONBLOCK: a FIFO must not hang here (check_here says what it is)
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > SCHEDD_CHECKS_AT_MOST:
+            return None
+        raw = os.read(fd, SCHEDD_CHECKS_AT_MOST + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if len(raw) > SCHEDD_CHECKS_AT_MOST or "\x00" in text:  # D-Bus strings hold no NUL
+        return None
+    from shared.busread import BusError, BusReader, NoBusError, bus_address
+
+    try:
+        with BusReader(bus_address()) as bus:
+            return bus.validate(text, file, {})
+    except (BusError, NoBusError, ValueError):  # ValueError: a reply of another shape
+        return None
+
+
+def _endpoints(service: ServiceSummary) -> str:
     return (
         ", ".join(
-            f"{e.name}:{e.port}/{e.protocol}" + (" public" if e.expose == "public" else "")
+            f"{e.name}:{e.port}/{e.protocol}" + (" public" if e.public else "")
             for e in service.endpoints
         )
         or "-"
     )
 
 
-def _scale(service: ServiceSpec) -> str:
-    if service.rtype != "service" and "scale" not in service.model_fields_set:
-        return "-"  # jobs and cron runs are started per trigger, not kept at a count
-    scale = service.scale
-    if isinstance(scale, FixedScale):
-        return f"fixed {scale.replicas}"
-    if isinstance(scale, AdaptiveScale):
-        return f"adaptive {scale.min}-{scale.max}"
-    return "manual"
-
-
-def _rtype(service: ServiceSpec) -> str:
+def _rtype(service: ServiceSummary) -> str:
     if service.rtype == "cron" and service.schedule:
         return f"cron ({service.schedule})"
     return service.rtype
@@ -120,48 +173,46 @@ def validate(file: str | None, output_format: str) -> None:
     """
     path = file if file is not None else str(find_spec_file(Path.cwd()).name)
     as_json = output_format == "json"
-    spec, raw = _read_and_load(path, as_json)
+    check = check_by_schedd(path) or check_here(path)
+    if not check.valid:
+        _report_invalid(check, path, as_json)
     # The file is valid either way; what this node would refuse or ignore is said, not failed.
-    support = node_support(spec, raw, path)
     if not as_json:
-        for text in support.refusals:
+        for text in check.refusals:
             click.echo(f"warning: {text} (up refuses it on this node)", err=True)
-        for text in support.warnings:
+        for text in check.warnings:
             click.echo(f"warning: {text}", err=True)
-    services = spec.services
+    services = check.services
     if as_json:
         print_json(
             {
                 "file": path,
                 "valid": True,
-                "refused_here": support.refusals,
-                "warnings": support.warnings,
-                "deployment": spec.deployment,
+                "refused_here": check.refusals,
+                "warnings": check.warnings,
+                "deployment": check.deployment,
                 "services": [
                     {
-                        "name": name,
+                        "name": s.name,
                         "rtype": s.rtype,
-                        "image": s.image.name,
+                        "image": s.image,
                         "endpoints": [
                             {"name": e.name, "protocol": e.protocol, "port": e.port}
                             for e in s.endpoints
                         ],
-                        "scale": _scale(s),
+                        "scale": s.scale,
                     }
-                    for name, s in services.items()
+                    for s in services
                 ],
             }
         )
         return
     noun = "service" if len(services) == 1 else "services"
-    click.echo(f"{path}: valid, deployment {spec.deployment}, {len(services)} {noun}")
+    click.echo(f"{path}: valid, deployment {check.deployment}, {len(services)} {noun}")
     if services:
         print_table(
             ["SERVICE", "RTYPE", "IMAGE", "ENDPOINTS", "SCALE"],
-            [
-                [name, _rtype(s), s.image.name, _endpoints(s), _scale(s)]
-                for name, s in services.items()
-            ],
+            [[s.name, _rtype(s), s.image, _endpoints(s), s.scale] for s in services],
         )
 
 
@@ -182,6 +233,8 @@ def spec() -> None:
 )
 def dump(file: str, output_format: str) -> None:
     """Print FILE normalised, with every default filled in."""
+    from shared.spec import dump_spec
+
     loaded = load_or_report(file, as_json=False)
     click.echo(dump_spec(loaded, "json" if output_format == "json" else "yaml"), nl=False)
 
@@ -189,4 +242,6 @@ def dump(file: str, output_format: str) -> None:
 @spec.command("schema")
 def schema() -> None:
     """Print the JSON Schema of deployment specs (for editors and CI)."""
+    from shared.spec import spec_json_schema
+
     print_json(spec_json_schema())

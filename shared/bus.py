@@ -170,6 +170,22 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         raise NotImplementedError
 
     @dbus_method_async(
+        input_signature="ssa{ss}",
+        result_signature="s",
+        input_args_names=("spec_text", "filename", "host_env"),
+        result_args_names=("check",),
+    )
+    async def validate(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
+        """Check a spec as ``zlayerctl validate`` does, nothing stored; returns SpecCheck.
+
+        Every located problem of an invalid spec, or a valid one's services and what
+        this node refuses or warns about. ``host_env`` as Deploy's; a check uses none
+        of its values. Root only, as Plan: the check is zlayerctl's, which falls back
+        to checking the file itself for other users.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
         input_signature="s",
         result_signature="t",
         input_args_names=("deployment",),

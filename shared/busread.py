@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from shared.wire.agent import ReplicaInfo
     from shared.wire.daemon import DaemonStatus
     from shared.wire.registry import ImageInfo
-    from shared.wire.scheduler import DeploymentStatus, Event
+    from shared.wire.scheduler import DeploymentStatus, Event, SpecCheck
     from shared.wire.traffic import DnsRecord, RouteInfo
 
 # As shared.bus and shared.paths (which import sdbus and pathlib); the tests hold them equal.
@@ -69,6 +69,7 @@ NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
 
 CALL_TIMEOUT = 10 * 60.0  # as zlayerctl's sdbus calls (ctl.client.LONG_CALL_USEC)
 AUTH_TIMEOUT = 5.0
+VALIDATE_TIMEOUT = 30.0
 
 
 class Read:
@@ -94,6 +95,8 @@ READS: dict[str, Read] = {
     "list_records": Read("overlayd", "ListRecords", "", "s"),
     "list_routes": Read("proxyd", "ListRoutes", "", "s"),
     "status": Read("", "Status", "", "(sssutsss)"),
+    # not a read, but as cheap to send this way: zlayerctl validate need not load the models
+    "validate": Read("schedd", "Validate", "ssa{ss}", "s"),
 }
 
 
@@ -166,12 +169,14 @@ class BusReader:
         address = DBusAddress(object_path(bus_name), bus_name, bus_name)
         return new_method_call(address, read.member, read.signature or None, args)
 
-    def call(self, name: str, *args: Any, daemon: str = "") -> tuple[Any, ...]:
+    def call(
+        self, name: str, *args: Any, daemon: str = "", timeout: float = CALL_TIMEOUT
+    ) -> tuple[Any, ...]:
         """The body of the reply to read ``name`` (a key of READS); BusError for an error."""
         read = READS[name]
         message = self._message(read, daemon or read.daemon, args)
         try:
-            reply = self._connection.send_and_get_reply(message, timeout=CALL_TIMEOUT)
+            reply = self._connection.send_and_get_reply(message, timeout=timeout)
         except TimeoutError:
             raise BusError(NO_REPLY, "Method call timed out") from None
         except OSError as exc:
@@ -257,6 +262,15 @@ class BusReader:
         from shared.wire.traffic import RouteInfo
 
         return decode(self.call("list_routes")[0], list[RouteInfo])
+
+    def validate(self, spec_text: str, filename: str, host_env: dict[str, str]) -> SpecCheck:
+        """As the typed client's; a schedd that does not answer in VALIDATE_TIMEOUT is
+        a NoReply BusError (zlayerctl then checks the file itself)."""
+        from shared.wire import decode
+        from shared.wire.scheduler import SpecCheck
+
+        reply = self.call("validate", spec_text, filename, host_env, timeout=VALIDATE_TIMEOUT)
+        return decode(reply[0], SpecCheck)
 
     def statuses(
         self, daemons: list[str], timeout: float

@@ -51,7 +51,14 @@ from shared.wire.registry import (
     ImageRootfs,
     PruneResult,
 )
-from shared.wire.scheduler import CronSchedule, Deployed, DeploymentStatus, DeployPlan, Event
+from shared.wire.scheduler import (
+    CronSchedule,
+    Deployed,
+    DeploymentStatus,
+    DeployPlan,
+    Event,
+    SpecCheck,
+)
 from shared.wire.traffic import DeploymentTraffic, DnsRecord, RouteInfo, ServiceStats, TrafficViews
 
 I = TypeVar("I", bound=DbusInterfaceCommonAsync)  # noqa: E741  # the interface
@@ -187,6 +194,11 @@ class SchedulerClient(JobsDaemonClient[Scheduler1]):
 
     async def plan(self, spec_text: str, filename: str, host_env: Mapping[str, str]) -> DeployPlan:
         return decode(await self.proxy.plan(spec_text, filename, dict(host_env)), DeployPlan)
+
+    async def validate(
+        self, spec_text: str, filename: str, host_env: Mapping[str, str]
+    ) -> SpecCheck:
+        return decode(await self.proxy.validate(spec_text, filename, dict(host_env)), SpecCheck)
 
     async def down(self, deployment: str) -> int:
         """The id of the job that ends when the deployment is gone."""

@@ -7,7 +7,7 @@ import contextlib
 
 from sdbus import dbus_method_async_override
 
-from daemons.schedd.scheduler import Scheduler
+from daemons.schedd.scheduler import Scheduler, check_spec_size
 from daemons.schedd.store import Store
 from shared.bus import DAEMONS_BY_NAME, Scheduler1, UnavailableError
 from shared.config import DaemonSettings
@@ -44,6 +44,18 @@ class SchedulerService(Scheduler1):
     @dbus_method_async_override()
     async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
         return encode(await self._scheduler.plan(spec_text, filename, host_env))
+
+    @dbus_method_async_override()
+    async def validate(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
+        def check() -> str:
+            check_spec_size(spec_text)  # refused before parsing, as Deploy's
+            from shared.spec.check import check_spec
+
+            # bytes, as zlayerctl reads the file: the same problems at the same places
+            return encode(check_spec(spec_text.encode(), filename or "<spec>"))
+
+        # in a worker thread, as Deploy's parse: the loop keeps answering meanwhile
+        return await asyncio.to_thread(check)
 
     @dbus_method_async_override()
     async def down(self, deployment: str) -> int:

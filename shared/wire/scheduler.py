@@ -84,3 +84,54 @@ class Deployed(Wire, frozen=True):
 
     status: DeploymentStatus
     job: int
+
+
+class SpecProblem(Wire, frozen=True):
+    """One problem in a spec file, as ``shared.spec.SpecIssue``; line and column count
+    from 1 (0: about the whole file)."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        # as SpecIssue's (the tests hold the two equal): shared.spec loads the spec models
+        where = self.file
+        if self.line:
+            where += f":{self.line}:{self.column}"
+        if self.path:
+            return f"{where}: {self.path}: {self.message}"
+        return f"{where}: {self.message}"
+
+
+class EndpointSummary(Wire, frozen=True):
+    name: str
+    protocol: str
+    port: int
+    public: bool
+
+
+class ServiceSummary(Wire, frozen=True):
+    """One service of a valid spec, as ``zlayerctl validate`` lists it."""
+
+    name: str
+    rtype: str
+    schedule: str  # a cron service's, else ""
+    image: str
+    endpoints: list[EndpointSummary]
+    scale: str  # "fixed 3", "adaptive 1-5", "manual", or "-" for jobs and cron
+
+
+class SpecCheck(Wire, frozen=True):
+    """``Validate``: every problem of an invalid spec (``total`` counts those past the
+    limit too), or what a valid one deploys and what this node refuses or warns about."""
+
+    valid: bool
+    problems: list[SpecProblem] = []
+    total: int = 0
+    deployment: str = ""
+    services: list[ServiceSummary] = []
+    refusals: list[str] = []
+    warnings: list[str] = []
