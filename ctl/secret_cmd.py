@@ -76,6 +76,11 @@ def read_value(name: str, from_file: Path | None) -> str:
         data = sys.stdin.buffer.read()
     if not data:
         fail(f"the value of secret {name} is empty; give it on stdin or with --from-file")
+    if b"\0" in data:
+        fail(
+            f"the value of secret {name} holds a NUL byte, which a secret cannot hold; "
+            "encode it first (base64 < FILE | zlayerctl secret set NAME)"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

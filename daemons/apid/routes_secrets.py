@@ -19,8 +19,20 @@ TAGS = ("secrets",)
 DEPLOYMENT_QUERY = {"deployment": "the deployment the secret belongs to (none: the node-wide one)"}
 
 
+def _bus_text(what: str, text: str) -> None:
+    """400 for text the bus cannot carry (a D-Bus string is UTF-8 without NUL)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiProblem(400, f"the {what} is not valid Unicode text") from None
+    if "\0" in text:
+        raise ApiProblem(400, f"the {what} holds a NUL character, which a secret cannot hold")
+
+
 def _reachable(request: web.Request, name: str, deployment: str) -> None:
     """404 for a secret outside the caller's token, as if there were none."""
+    _bus_text("secret's name", name)
+    _bus_text("deployment's name", deployment)
     if deployment and can_see(request, deployment):
         return
     if not deployment and principal(request).deployments is None:
@@ -56,6 +68,7 @@ async def list_secrets(request: web.Request) -> web.StreamResponse:
 )
 async def set_secret(request: web.Request) -> web.StreamResponse:
     wanted: SecretWrite = await body_as(request, SecretWrite)
+    _bus_text("secret's value", wanted.value)
     _reachable(request, wanted.name, wanted.deployment)
     stored = await api(request).scheduler.set_secret(wanted.name, wanted.deployment, wanted.value)
     return reply(stored)

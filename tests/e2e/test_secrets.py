@@ -157,6 +157,8 @@ def test_a_missing_secret_fails_the_deploy_with_one_sentence(node: Node) -> None
         assert "services.app.env.DB_PASSWORD: secret db-pass is not set" in failed.stderr
         assert "zlayerctl secret set db-pass" in failed.stderr
     assert "nosec" not in node.ctl("ps").stdout
+    nul = set_secret(node, "db-pass", "a\0b")
+    assert nul.returncode == 1 and "holds a NUL byte" in nul.stderr
     assert node.ctl("secret", "rm", "db-pass").returncode == 1
     assert "there is no node-wide secret db-pass" in node.ctl("secret", "rm", "db-pass").stderr
 

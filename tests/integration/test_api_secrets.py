@@ -103,6 +103,17 @@ def test_secrets_through_the_api(api: Api) -> None:
         "POST", "/api/v1/secrets", 400, body="{", headers={"Content-Type": "application/json"}
     )
 
+    # What the bus cannot carry is a 400 with a sentence, not a 500.
+    nul = api.problem(
+        "POST",
+        "/api/v1/secrets",
+        400,
+        body=json.dumps({"name": "n", "value": "a\u0000b"}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert "NUL character" in nul["detail"]
+    api.problem("GET", "/api/v1/secrets/a%00b", 400)
+
     for path in ("/api/v1/deployments", "/api/v1/events?limit=500", "/api/v1/containers"):
         assert VALUE.encode() not in api.call("GET", path)[2]
     assert VALUE not in json.dumps([refused, gone, bad, missing])
