@@ -39,6 +39,8 @@ KEY_BYTES = 32
 CREDENTIAL_NAME = "node-key"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 FILE_NAME = "node.key"
+# the units' SetCredential= fallback when the package made no encrypted credential
+NO_CREDENTIAL = b"none"
 
 _SIGNING_LABEL = b"zlayer api token signing v1"
 _SECRETS_LABEL = b"zlayer secrets at rest v1"
@@ -74,9 +76,8 @@ class NodeKey:
                     f"cannot read the node key credential {credential} ({exc.strerror}); "
                     "check the service's LoadCredentialEncrypted= line"
                 ) from None
-            # empty: the units' SetCredential= fallback, when the host has no
-            # encrypted credential (systemd-creds could not make one): use the file
-            if material:
+            # the units' fallback (the host could not encrypt one): use the file
+            if material not in (b"", NO_CREDENTIAL):
                 return cls(_checked(material, credential))
         path = key_path(paths)
         try:
@@ -140,3 +141,51 @@ def _read_or_create(path: Path) -> bytes:
     finally:
         temporary.unlink(missing_ok=True)
     return path.read_bytes()
+
+
+def credential_path(paths: Paths) -> Path:
+    """``/var/lib/zlayer/node-key.cred``: the key encrypted by systemd-creds (the units load it)."""
+    return paths.state_dir / (CREDENTIAL_NAME + ".cred")
+
+
+def install(paths: Paths, systemd_creds: str | None = None) -> str:
+    """Make the node key at package install, once; a sentence saying what was done.
+
+    Encrypted with ``systemd-creds`` (TPM2 and/or the host's credential
+    secret) as :func:`credential_path` when that works here; else the 0600
+    file :func:`key_path`. A key already made, either way, is kept: a new one
+    would make every token and secret unreadable.
+    """
+    import shutil
+    import subprocess
+
+    encrypted, plain = credential_path(paths), key_path(paths)
+    if encrypted.exists():
+        return f"keeping the node key credential {encrypted}"
+    if plain.exists():
+        return f"keeping the node key {plain}"
+    encrypted.parent.mkdir(parents=True, exist_ok=True)
+    tool = systemd_creds or shutil.which("systemd-creds")
+    if tool is not None:
+        temporary = encrypted.with_name(f".{encrypted.name}.{os.getpid()}")
+        made = subprocess.run(
+            [tool, "encrypt", f"--name={CREDENTIAL_NAME}", "-", str(temporary)],
+            input=secrets.token_bytes(KEY_BYTES),
+            capture_output=True,
+            check=False,
+        )
+        if made.returncode == 0:
+            os.chmod(temporary, 0o600)
+            os.rename(temporary, encrypted)
+            return f"made the node key, encrypted by systemd-creds, as {encrypted}"
+        temporary.unlink(missing_ok=True)
+    _read_or_create(plain)
+    return f"made the node key {plain} (mode 0600; systemd-creds cannot encrypt here)"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["install"]:
+        sys.exit("usage: python -m shared.nodekey install")
+    print(install(Paths.from_env()))

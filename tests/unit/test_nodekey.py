@@ -13,6 +13,7 @@ from shared.nodekey import (
     CREDENTIAL_NAME,
     CREDENTIALS_ENV,
     KEY_BYTES,
+    NO_CREDENTIAL,
     NodeKey,
     NodeKeyError,
     key_path,
@@ -45,8 +46,8 @@ def test_the_credential_wins_and_an_empty_one_means_the_file(tmp_path: Path) -> 
     (credentials / CREDENTIAL_NAME).write_bytes(b"c" * KEY_BYTES)
     assert NodeKey.load(paths, environ=env).material == b"c" * KEY_BYTES
     assert not key_path(paths).exists()
-    # the units' SetCredential= fallback: empty when the package made no encrypted credential
-    (credentials / CREDENTIAL_NAME).write_bytes(b"")
+    # the units' SetCredential= fallback, when the package made no encrypted credential
+    (credentials / CREDENTIAL_NAME).write_bytes(NO_CREDENTIAL)
     from_file = NodeKey.load(paths, environ=env)
     assert from_file.material == key_path(paths).read_bytes()
     (credentials / CREDENTIAL_NAME).unlink()
@@ -80,3 +81,17 @@ def test_derived_keys_are_distinct_and_the_signing_key_verifies(tmp_path: Path) 
     assert key.secrets_key() != NodeKey(b"y" * KEY_BYTES).secrets_key()
     signature = key.signing_key().sign(b"message")
     key.verifying_key().verify(signature, b"message")
+
+
+def test_install_falls_back_to_the_file_and_keeps_a_key_it_finds(tmp_path: Path) -> None:
+    from shared.nodekey import credential_path, install
+
+    paths = Paths(tmp_path)
+    said = install(paths, systemd_creds="/bin/false")  # systemd-creds that cannot encrypt here
+    assert said.startswith(f"made the node key {key_path(paths)} (mode 0600")
+    assert stat.S_IMODE(os.stat(key_path(paths)).st_mode) == 0o600
+    made = key_path(paths).read_bytes()
+    assert install(paths, systemd_creds="/bin/false") == f"keeping the node key {key_path(paths)}"
+    assert key_path(paths).read_bytes() == made
+    assert not credential_path(paths).exists()
+    assert sorted(p.name for p in key_path(paths).parent.iterdir()) == ["node.key"]
