@@ -95,6 +95,6 @@ class LazyGroup(click.Group):
 def cli(host: str | None) -> None:
     """ZLayer: container orchestration as simple as docker compose."""
     if host is not None:  # ctl.main takes it before click; this is for the group called directly
-        from ctl.contexts import set_host_option
+        from ctl.readargs import set_host_option
 
         set_host_option(host)

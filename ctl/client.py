@@ -45,12 +45,16 @@ class Client:
 
     def __new__(cls, paths: Paths | None = None) -> Client:
         if cls is Client:
-            from ctl.contexts import TargetError, target
+            from ctl.readargs import may_be_remote
 
-            try:
-                remote = target()
-            except TargetError as exc:
-                fail(str(exc))
+            remote = None
+            if may_be_remote():
+                from ctl.contexts import TargetError, target
+
+                try:
+                    remote = target()
+                except TargetError as exc:
+                    fail(str(exc))
             if remote is None:
                 cls = LocalClient
             else:
@@ -58,6 +62,8 @@ class Client:
 
                 cls = RemoteClient
         return object.__new__(cls)
+
+    remote = False  # True for a node's API (ctl.remote.RemoteClient)
 
     def __init__(self, paths: Paths | None = None) -> None:
         pass

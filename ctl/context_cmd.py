@@ -16,8 +16,9 @@ from typing import Any
 
 import click
 
-from ctl.contexts import TargetError, check_host, config_dir, contexts_path, read_contexts
+from ctl.contexts import TargetError, check_host, read_contexts
 from ctl.output import err_console, fail, format_option, print_rows
+from ctl.readargs import config_dir, contexts_path
 
 
 def _load() -> dict[str, Any]:

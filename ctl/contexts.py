@@ -6,8 +6,10 @@ In order: the global option ``--host URL`` (with ``ZLAYER_TOKEN``), else
 the local bus. A host given by option or environment takes the token and CA file
 of a context naming the same host when ``ZLAYER_TOKEN`` is not set.
 
-The local path pays one ``os.stat`` for this (no contexts file: no import), so
-the read commands start as fast as before; tomllib is imported only when a
+The option and the cheap test of whether any of these is set live in
+``ctl.readargs``, which the read commands import anyway: the local path pays
+one ``os.stat`` (no contexts file: this module is not even imported), so the
+read commands start as fast as before; tomllib is imported only when a
 contexts file exists.
 """
 
@@ -16,15 +18,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-HOST_ENV = "ZLAYER_HOST"
-TOKEN_ENV = "ZLAYER_TOKEN"
-HOST_OPTION = "--host"
-CONTEXTS_FILE = "contexts.toml"
+from ctl.readargs import HOST_ENV, TOKEN_ENV, contexts_path, host_option
+
 # plain http reaches only this node; anything else must be https (the API serves TLS there)
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
-
-# what `--host` said, set by ctl.main (or the click group) before any command runs
-_host_option: list[str] = []
 
 
 class TargetError(Exception):
@@ -44,36 +41,6 @@ class Target:
 
     def __repr__(self) -> str:  # never the token
         return f"Target({self.host!r}, context={self.context!r})"
-
-
-def set_host_option(host: str | None) -> None:
-    _host_option.clear()
-    if host is not None:
-        _host_option.append(host)
-
-
-def take_host_option(argv: list[str]) -> list[str]:
-    """``argv`` without a leading ``--host URL`` / ``--host=URL``, which is remembered.
-
-    Only before the command, as a global option is given: ``zlayerctl --host URL ps``.
-    A ``--host`` without its value is left to click, which says what is missing.
-    """
-    if argv and argv[0].startswith(HOST_OPTION + "="):
-        set_host_option(argv[0][len(HOST_OPTION) + 1 :])
-        return argv[1:]
-    if len(argv) >= 2 and argv[0] == HOST_OPTION:
-        set_host_option(argv[1])
-        return argv[2:]
-    return argv
-
-
-def config_dir() -> str:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(base, "zlayer")
-
-
-def contexts_path() -> str:
-    return os.path.join(config_dir(), CONTEXTS_FILE)
 
 
 def check_host(host: str) -> str:
@@ -134,8 +101,9 @@ def _context_target(name: str, entry: Any) -> Target:
 def target() -> Target | None:
     """Where this command goes: a node's API, or None for the local bus."""
     token = os.environ.get(TOKEN_ENV, "")
-    host = _host_option[0] if _host_option else os.environ.get(HOST_ENV, "")
-    if not host and not _host_option:
+    given = host_option()
+    host = given if given is not None else os.environ.get(HOST_ENV, "")
+    if not host and given is None:
         if not os.path.exists(contexts_path()):
             return None  # the common local case: one stat, no import
         table = read_contexts()
@@ -167,8 +135,3 @@ def target() -> Target | None:
                 token, ca_file = found.token, found.ca_file
                 break
     return Target(base, token, ca_file)
-
-
-def is_remote() -> bool:
-    """Whether commands go to a node's API (without reading its token)."""
-    return target() is not None

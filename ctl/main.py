@@ -156,8 +156,7 @@ def main() -> None:
     straight away, without click; anything else goes through click. A leading
     ``--host URL`` is taken first, for both (``ctl.contexts``).
     """
-    from ctl.contexts import take_host_option
-    from ctl.readargs import parse, runner
+    from ctl.readargs import parse, runner, take_host_option
 
     argv = take_host_option(sys.argv[1:])
     parsed = parse(argv)

@@ -113,6 +113,66 @@ def _value(kind: str, text: str) -> Any:
     return text
 
 
+# ---------------------------------------------------------------- where commands go
+# (ctl.contexts decides; these are here so that the local path imports nothing more)
+
+HOST_ENV = "ZLAYER_HOST"
+TOKEN_ENV = "ZLAYER_TOKEN"
+HOST_OPTION = "--host"
+CONTEXTS_FILE = "contexts.toml"
+
+_host_option: list[str] = []  # what a leading --host said
+
+
+def set_host_option(host: str | None) -> None:
+    _host_option.clear()
+    if host is not None:
+        _host_option.append(host)
+
+
+def host_option() -> str | None:
+    return _host_option[0] if _host_option else None
+
+
+def take_host_option(argv: list[str]) -> list[str]:
+    """``argv`` without a leading ``--host URL`` / ``--host=URL``, which is remembered.
+
+    Only before the command, as a global option is given: ``zlayerctl --host URL ps``.
+    A ``--host`` without its value is left to click, which says what is missing.
+    """
+    if argv and argv[0].startswith(HOST_OPTION + "="):
+        set_host_option(argv[0][len(HOST_OPTION) + 1 :])
+        return argv[1:]
+    if len(argv) >= 2 and argv[0] == HOST_OPTION:
+        set_host_option(argv[1])
+        return argv[2:]
+    return argv
+
+
+def config_dir() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "zlayer")
+
+
+def contexts_path() -> str:
+    return os.path.join(config_dir(), CONTEXTS_FILE)
+
+
+def may_be_remote() -> bool:
+    """Whether a command may go to a node's API: --host, ZLAYER_HOST or a contexts file.
+    False is final (the local bus); True asks ``ctl.contexts.target``."""
+    return bool(_host_option) or HOST_ENV in os.environ or os.path.exists(contexts_path())
+
+
+def is_remote() -> bool:
+    """Whether commands go to a node's API."""
+    if not may_be_remote():
+        return False
+    from ctl.contexts import target
+
+    return target() is not None
+
+
 def parse(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
     """The read command ``argv`` runs and its options, or None to leave ``argv`` to click."""
     if any(name.endswith("_COMPLETE") for name in os.environ):
@@ -159,11 +219,8 @@ def runner(command: ReadCommand) -> Callable[..., None]:
 
     _import_msgspec_without_typing_extensions()
     target = command.target
-    if command.remote_target:
-        from ctl.contexts import is_remote
-
-        if is_remote():
-            target = command.remote_target
+    if command.remote_target and is_remote():
+        target = command.remote_target
     module, function = target.split(":", 1)
     found: Callable[..., None] = getattr(importlib.import_module(module), function)
     return found

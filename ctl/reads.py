@@ -76,8 +76,8 @@ def uptime(started: float | None) -> str:
 def reader() -> BusReader | RemoteReader:
     """A connection to the daemons' bus, or exit with the sentence for daemons not running;
     with ``--host`` (or ZLAYER_HOST, or a current context) the node's API instead."""
-    from ctl.contexts import is_remote
     from ctl.errors import NOT_RUNNING
+    from ctl.readargs import is_remote
 
     if is_remote():
         from ctl.remote import RemoteReader

@@ -421,12 +421,14 @@ class RemoteAgent(RemoteDaemon):
         self._seen: dict[str, ReplicaInfo] = {}
 
     async def list_replicas(self, deployment: str = "", service: str = "") -> list[ReplicaInfo]:
-        if deployment and service:
-            path = _path("deployments", deployment, "services", service, "containers")
-            found = await self.http.get(path, list[ReplicaInfo])
-        else:
-            found = await self.http.get("/containers", list[ReplicaInfo])
-            found = [r for r in found if not deployment or r.deployment == deployment]
+        # every replica, filtered here: as agentd's ListReplicas, an unknown deployment or
+        # service has none (the service's own route would answer 404)
+        found = [
+            r
+            for r in await self.http.get("/containers", list[ReplicaInfo])
+            if (not deployment or r.deployment == deployment)
+            and (not service or r.service == service)
+        ]
         self._seen.update((r.id, r) for r in found)
         return found
 
@@ -724,6 +726,8 @@ class RemoteProxy(RemoteDaemon):
 
 class RemoteClient(Client):
     """The daemons of the node ``--host``, ``ZLAYER_HOST`` or the current context names."""
+
+    remote = True
 
     def __init__(self, paths: object = None, found: Target | None = None) -> None:
         if found is None:

@@ -2,7 +2,9 @@
 
 Logs are read straight from the files agentd names (``LogPaths``), so
 following a busy replica never floods the bus; ``exec`` hands agentd this
-terminal's file descriptors and exits with the command's exit code.
+terminal's file descriptors and exits with the command's exit code. Through a
+node's API (``--host``), logs come from its NDJSON logs stream and exec from
+its exec route (``ctl.remote``), with the same output and exit codes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from datetime import datetime
 
 import click
 
@@ -18,6 +21,7 @@ from ctl.output import err_console, fail
 from shared import logread
 from shared.k8slog import LogLine
 from shared.wire.agent import ReplicaInfo
+from shared.wire.api import LogLine as WireLogLine
 
 
 async def _replicas(client: Client, deployment: str, service: str) -> list[ReplicaInfo]:
@@ -72,6 +76,54 @@ async def _follow(path: str, prefix: str, timestamps: bool, offset: int) -> None
         _emit(line, prefix, timestamps)
 
 
+async def _remote_logs(
+    client: Client,
+    deployment: str,
+    service: str,
+    follow: bool,
+    tail: int | None,
+    instance: int | None,
+    timestamps: bool,
+) -> None:
+    """``logs`` through a node's API: each replica's lines as the local path prints them
+    (one replica after another), then, with ``follow``, new lines from all at once."""
+    from ctl.remote import RemoteClient
+
+    assert isinstance(client, RemoteClient)
+    agent = client.agent
+    if not await agent.list_replicas(deployment, service):
+        runs = await agent.list_job_runs(deployment, service)
+        if runs:  # a job with no run going: its last run's output (apid picks it too)
+            last = runs[0]
+            err_console.print(
+                f"[dim]run {last.id} ({last.trigger}, {last.state}"
+                f"{'' if last.exit_code is None else f', exit code {last.exit_code}'})[/]",
+                highlight=False,
+            )
+            async for line in agent.logs(deployment, service, tail=tail):
+                _emit(_as_local(line), "", timestamps)
+            return
+    chosen = _pick(await _replicas(client, deployment, service), instance, service)
+
+    async def show(replica: ReplicaInfo, lines: int | None, follow_it: bool) -> None:
+        prefix = f"{service}-{replica.instance} | " if len(chosen) > 1 else ""
+        async for line in agent.logs(
+            deployment, service, replica=replica.id, tail=lines, follow=follow_it
+        ):
+            _emit(_as_local(line), prefix, timestamps)
+
+    for replica in chosen:
+        await show(replica, tail, False)
+    if follow:
+        await asyncio.gather(*(show(replica, 0, True) for replica in chosen))
+
+
+def _as_local(line: WireLogLine) -> LogLine:
+    """A line of the API's logs stream as the log files give it (its time in this zone)."""
+    when = None if line.time is None else datetime.fromtimestamp(line.time).astimezone()
+    return LogLine(when, line.stream, line.line)
+
+
 @click.command()
 @click.argument("service")
 @click.option("-d", "--deployment", help="the deployment (default: the spec here, or the only one)")
@@ -92,6 +144,9 @@ def logs(
     async def run() -> None:
         client = Client()
         target = await resolve_deployment(client, deployment)
+        if client.remote:
+            await _remote_logs(client, target, service, follow, tail, instance, timestamps)
+            return
         if await _print_last_run(client, target, service, tail, timestamps):
             return
         chosen = _pick(await _replicas(client, target, service), instance, service)

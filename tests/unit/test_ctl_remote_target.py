@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ctl import contexts
-from ctl.contexts import Target, TargetError, check_host, take_host_option, target
+from ctl import contexts, readargs
+from ctl.contexts import Target, TargetError, check_host, target
+from ctl.readargs import set_host_option, take_host_option
 from ctl.remote import RemoteRegistry
 from shared.clients import RegistryClient
 
@@ -32,9 +33,9 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.delenv(contexts.HOST_ENV, raising=False)
     monkeypatch.delenv(contexts.TOKEN_ENV, raising=False)
-    contexts.set_host_option(None)
+    set_host_option(None)
     yield tmp_path / "config" / "zlayer"
-    contexts.set_host_option(None)
+    set_host_option(None)
 
 
 def _ctl(
@@ -67,7 +68,7 @@ def _closed_port() -> int:
 
 def _write_contexts(directory: Path, text: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / contexts.CONTEXTS_FILE).write_text(text)
+    (directory / readargs.CONTEXTS_FILE).write_text(text)
 
 
 # ---------------------------------------------------------------- the global option
@@ -86,7 +87,7 @@ def test_the_host_option_is_taken_before_the_command(
     config: Path, argv: list[str], rest: list[str], host: str | None
 ) -> None:
     assert take_host_option(argv) == rest
-    assert contexts._host_option == ([host] if host else [])
+    assert readargs._host_option == ([host] if host else [])
 
 
 # ---------------------------------------------------------------- precedence
@@ -129,7 +130,7 @@ def test_the_host_option_wins_over_zlayer_host(
     config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(contexts.HOST_ENV, "https://b:3669")
-    contexts.set_host_option("https://c:3669")
+    set_host_option("https://c:3669")
     found = target()
     assert found is not None and found.host == "https://c:3669"
 
@@ -142,7 +143,7 @@ def test_a_host_given_without_a_token_takes_the_token_of_its_context(
         '[contexts.a]\nhost = "https://a:3669"\ntoken = "tok-a"\nca_file = "/ca"\n'
         '[contexts.b]\nhost = "https://b:3669"\ntoken = "tok-b"\n',
     )
-    contexts.set_host_option("https://b:3669/")
+    set_host_option("https://b:3669/")
     found = target()
     assert found is not None and (found.token, found.ca_file) == ("tok-b", "")
     monkeypatch.setenv(contexts.TOKEN_ENV, "from-env")

@@ -1,0 +1,252 @@
+"""zlayerctl --host: the same commands through the node's REST API, the same results.
+
+One node serves the module; its zlayer-apid listens on 127.0.0.1 (plain http
+is allowed there) and an admin token is made with ``zlayerctl token create``,
+as a user would. Each remote command runs in an environment that names no
+prefix and no bus, so it can only reach the node through HTTP; its output and
+exit code are compared with the same command run locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctl.supervisor import find_executable
+from tests.e2e.node import Node, wait_until
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root"),
+    pytest.mark.usefixtures("down_everything"),
+]
+
+REST_API = re.compile(r"REST API on (\S+):(\d+)")
+
+SPEC = """
+version: v1
+deployment: remote
+services:
+  ticker:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - i=0; echo started $(hostname); echo warming >&2;
+          while true; do i=$((i+1)); echo tick $i; sleep 0.3; done
+    scale: {mode: fixed, replicas: 2}
+"""
+
+
+@dataclass
+class Remote:
+    """zlayerctl --host URL with a token, in an environment without the node's prefix."""
+
+    node: Node
+    url: str
+    token: str
+    home: Path
+
+    def env(self, token: str | None = None) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("ZLAYER_PREFIX", "ZLAYER_BUS_ADDRESS", "ZLAYER_HOST", "ZLAYER_TOKEN")
+        }
+        env["XDG_CONFIG_HOME"] = str(self.home)
+        env["ZLAYER_TOKEN"] = self.token if token is None else token
+        return env
+
+    def argv(self, *args: str) -> list[str]:
+        return [find_executable("zlayerctl"), "--host", self.url, *args]
+
+    def ctl(
+        self, *args: str, token: str | None = None, check: bool = False, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            self.argv(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env(token),
+            cwd=self.node.workdir,
+        )
+        assert "Traceback" not in result.stderr, result.stderr
+        if check:
+            assert result.returncode == 0, f"zlayerctl --host {' '.join(args)}: {result.stderr}"
+        return result
+
+
+@pytest.fixture(scope="module")
+def remote(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Remote:
+    status = json.loads(node.ctl("status", "--format", "json", check=True).stdout)
+    detail = next(row["detail"] for row in status if row["name"] == "apid")
+    found = REST_API.search(detail)
+    assert found, detail
+    host, port = found.groups()
+    assert host == "127.0.0.1"
+    token = node.ctl("token", "create", "e2e-remote", "--role", "admin", check=True).stdout.strip()
+    return Remote(node, f"http://127.0.0.1:{port}", token, tmp_path_factory.mktemp("config"))
+
+
+def _same(node: Node, remote: Remote, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` locally and remotely; both must print and exit alike."""
+    local = node.ctl(*args)
+    through = remote.ctl(*args)
+    assert (through.returncode, through.stdout, through.stderr) == (
+        local.returncode,
+        local.stdout,
+        local.stderr,
+    ), args
+    return through
+
+
+def _json_same(node: Node, remote: Remote, *args: str) -> Any:
+    """``args --format json`` alike locally and remotely (asked again while it changes)."""
+
+    def alike() -> tuple[Any] | None:
+        local = json.loads(node.ctl(*args, "--format", "json", check=True).stdout)
+        through = json.loads(remote.ctl(*args, "--format", "json", check=True).stdout)
+        return (local,) if local == through else None  # a tuple: [] is an answer too
+
+    return wait_until(alike, 30, f"{' '.join(args)} to read alike")[0]
+
+
+def test_deploy_ps_logs_exec_scale_and_down_through_the_api(node: Node, remote: Remote) -> None:
+    spec = node.spec("remote", SPEC)
+    up = remote.ctl("up", "-d", str(spec), "--timeout", "90", check=True)
+    assert "deployed revision 1 of remote" in up.stderr
+    assert "remote is running" in up.stderr
+
+    deployments = _json_same(node, remote, "ps")
+    assert [d["name"] for d in deployments] == ["remote"]
+    replicas = _json_same(node, remote, "ps", "--containers", "-d", "remote")
+    assert len(replicas) == 2
+    _same(node, remote, "ps", "-d", "remote")
+    _same(node, remote, "events", "-d", "remote", "-n", "5")
+
+    # logs: the history of one replica, of both (prefixed), and of the last lines
+    wait_until(
+        lambda: "tick 3" in node.ctl("logs", "ticker", "-d", "remote", "--instance", "2").stdout,
+        30,
+        "the ticker to tick",
+    )
+    remote_logs = remote.ctl("logs", "ticker", "-d", "remote", "--instance", "1", check=True)
+    assert remote_logs.stdout.startswith("started remote-ticker-1"), remote_logs.stdout
+    assert "warming" in remote_logs.stderr
+    lines = remote.ctl("logs", "ticker", "-d", "remote", "-n", "2", check=True).stdout.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["ticker-1"] * 2 + ["ticker-2"] * 2
+    assert all(re.fullmatch(r"ticker-\d \| tick \d+", line) for line in lines), lines
+    _same(node, remote, "logs", "nosuch", "-d", "remote")
+
+    # logs -f: new lines keep coming until Ctrl-C, which ends it quietly
+    follower = subprocess.Popen(
+        remote.argv("logs", "ticker", "-d", "remote", "--instance", "1", "-n", "1", "-f"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=remote.env(),
+    )
+    try:
+        assert follower.stdout is not None
+        first = follower.stdout.readline()
+        assert re.fullmatch(r"tick (\d+)\n", first), first
+        seen = [first]
+        deadline = time.monotonic() + 20
+        while len(seen) < 4 and time.monotonic() < deadline:
+            seen.append(follower.stdout.readline())
+        numbers = [int(line.split()[1]) for line in seen]
+        assert numbers == list(range(numbers[0], numbers[0] + 4)), seen
+        follower.send_signal(signal.SIGINT)
+        _, errors = follower.communicate(timeout=15)
+        assert follower.returncode == 0, errors
+        assert "Traceback" not in errors
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+
+    # exec: output and exit code as on the node, failures in the same sentence
+    ran = _same(
+        node,
+        remote,
+        "exec",
+        "ticker",
+        "-d",
+        "remote",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    )
+    assert (ran.returncode, ran.stdout, ran.stderr) == (3, "out\n", "err\n")
+    _same(node, remote, "exec", "ticker", "-d", "remote", "--replica", "2", "--", "hostname")
+    _same(node, remote, "exec", "ticker", "-d", "remote", "--replica", "7", "--", "true")
+    _same(node, remote, "exec", "ticker", "-d", "remote", "--", "/no/such/command")
+
+    # scale down waits until the surplus replica is gone, then up again
+    scaled = remote.ctl("scale", "ticker", "1", "-d", "remote", check=True)
+    assert scaled.stderr.endswith("scaled ticker of remote to 1\n"), scaled.stderr
+    assert len(_json_same(node, remote, "ps", "--containers", "-d", "remote")) == 1
+    remote.ctl("scale", "ticker", "2", "-d", "remote", check=True)
+
+    down = remote.ctl("down", "remote", check=True)
+    assert down.stderr.endswith("remote removed\n"), down.stderr
+    assert _json_same(node, remote, "ps") == []
+    _same(node, remote, "down", "remote")
+
+
+def test_status_reads_the_daemons_as_on_the_node(node: Node, remote: Remote) -> None:
+    keys = ("name", "state", "version", "pid", "unit")
+
+    def rows(result: subprocess.CompletedProcess[str]) -> list[tuple[Any, ...]]:
+        assert result.returncode == 0, result.stderr
+        return [tuple(row[k] for k in keys) for row in json.loads(result.stdout)]
+
+    assert rows(remote.ctl("status", "--format", "json")) == rows(
+        node.ctl("status", "--format", "json")
+    )
+    table = remote.ctl("status", check=True).stdout.splitlines()
+    assert table[0].split()[:3] == ["DAEMON", "STATE", "VERSION"]
+    assert [line.split()[:2] for line in table[1:]] == [
+        [f"zlayer-{name}", "running"]
+        for name in ("schedd", "agentd", "registryd", "overlayd", "proxyd", "apid")
+    ]
+
+
+def test_a_bad_or_missing_token_is_one_sentence(node: Node, remote: Remote) -> None:
+    refused = remote.ctl("ps", token="not-a-token")
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"error: the API at {remote.url} refused the token: it is expired or revoked; "
+        "make a new one with `zlayerctl token create`\n"
+    )
+    missing = remote.ctl("ps", token="")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith(f"error: the API at {remote.url} needs a token;")
+
+    viewer = node.ctl("token", "create", "e2e-viewer", "--role", "viewer", check=True).stdout
+    assert remote.ctl("ps", token=viewer.strip()).returncode == 0
+    denied = remote.ctl("down", "anything", token=viewer.strip())
+    assert denied.returncode == 1
+    assert denied.stderr.startswith(f"error: the API at {remote.url} refused this to the token's")
+    node.ctl("token", "revoke", "e2e-viewer", check=True)
+    revoked = remote.ctl("ps", token=viewer.strip())
+    assert "refused the token: it is expired or revoked" in revoked.stderr
+
+
+def test_commands_that_need_the_node_s_files_say_so(node: Node, remote: Remote) -> None:
+    archive = node.workdir / "nothing.tar"
+    archive.write_bytes(b"")
+    result = remote.ctl("image", "import", str(archive), "--name", "x:1")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "works only on the node itself" in result.stderr
