@@ -7,11 +7,9 @@ variables it names, and show what schedd and agentd report back.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,6 @@ from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
 
-from ctl.client import Client, resolve_deployment
 from ctl.output import console, err_console, fail, format_option, print_json, print_rows
 from ctl.reads import coloured, print_events, stamp
 from shared.wire import decode, encode, to_builtins
@@ -27,7 +24,14 @@ from shared.wire.jobs import JobInfo, ProgressItem
 from shared.wire.scheduler import Deployed, DeploymentStatus, Event, replicas_over
 
 if TYPE_CHECKING:
+    import asyncio
+
     from rich.status import Status
+
+    from ctl.client import Client
+
+# asyncio, sdbus and the bus clients load in the commands that use them: `up -b` sends
+# its two calls through the blocking bus reader and needs none of them.
 
 DEFAULT_WAIT = 600.0
 T = TypeVar("T")
@@ -82,7 +86,11 @@ def _spec_text(file: str | None, command: str) -> tuple[str, str, dict[str, str]
 
 async def _deploy_warnings(client: Client, status: DeploymentStatus) -> list[str]:
     """What schedd warned about when it stored ``status``'s revision (its events)."""
-    found = await client.scheduler.list_events(status.name, 200)
+    return _warnings_of(await client.scheduler.list_events(status.name, 200), status)
+
+
+def _warnings_of(found: list[Event], status: DeploymentStatus) -> list[str]:
+    """The warnings among ``found`` (a deployment's events) of ``status``'s revision."""
     deployed = f"revision {status.revision} of {status.name} deployed"
     marks = [i for i, e in enumerate(found) if e.kind == "deploy" and e.message == deployed]
     if not marks:
@@ -131,6 +139,8 @@ def _schedd_away(exc: BaseException) -> bool:
 
 async def _when_back(call: Callable[[], Awaitable[T]], deadline: float) -> T:
     """``call``, asked again while schedd is restarting, until ``deadline``."""
+    import asyncio
+
     while True:
         try:
             return await call()
@@ -142,6 +152,8 @@ async def _when_back(call: Callable[[], Awaitable[T]], deadline: float) -> T:
 
 async def _poll_healthy(client: Client, name: str, timeout: float) -> DeploymentStatus:
     """Poll until every service runs healthy: for a schedd that lost the deploy job."""
+    import asyncio
+
     deadline = time.monotonic() + timeout
     while True:
         status = await _when_back(lambda: client.scheduler.get_deployment(name), deadline)
@@ -169,6 +181,8 @@ async def _run_job(
     bus yet) and the caller polls instead. Past ``timeout`` the job is cancelled
     (that stops its waiting only) and (None, 0) is returned.
     """
+    import asyncio
+
     scheduler = client.scheduler
     started = asyncio.Event()
     job_id = 0
@@ -256,6 +270,8 @@ async def _wait_until(
     On a terminal the line is a spinner that changes in place; elsewhere each
     new line is printed once. Past ``timeout`` the command fails with the last line.
     """
+    import asyncio
+
     deadline = time.monotonic() + timeout
     with _progress_line() as show:
         while True:
@@ -377,6 +393,8 @@ async def _wait_stopped(
 
 async def _follow_events(client: Client, name: str, stop: asyncio.Event) -> None:
     """Print the deployment's events until ``stop`` is set."""
+    import asyncio
+
     scheduler = client.scheduler
 
     async def printer() -> None:
@@ -426,6 +444,17 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
     # than the deploy. schedd's warnings come back as its events; when it refuses,
     # the file is read here to say what is wrong with it where it is, as before.
     text, filename, host_env = _spec_text(file, "up")
+    if background:
+        from ctl.contexts import target
+
+        if target() is None:  # this node's bus, not a node's API (--host)
+            _up_in_background(file, text, filename, host_env)
+            return
+    import asyncio
+    import signal
+
+    from ctl.client import Client
+
     deployed = False
 
     async def run() -> None:
@@ -437,10 +466,7 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
             deployed = True
             for warning in await _deploy_warnings(client, result.status):
                 err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-            err_console.print(
-                f"deployed revision {result.status.revision} of [bold]{result.status.name}[/]",
-                highlight=False,
-            )
+            _deployed_line(result.status)
             return result
 
         if detach and not background:
@@ -472,6 +498,34 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
         raise
 
 
+def _deployed_line(status: DeploymentStatus) -> None:
+    err_console.print(
+        f"deployed revision {status.revision} of [bold]{status.name}[/]", highlight=False
+    )
+
+
+def _up_in_background(file: str | None, text: str, filename: str, host_env: dict[str, str]) -> None:
+    """``up -b`` on this node: Deploy, then the warnings it stored, as two calls through
+    the blocking bus reader (as the read commands make theirs): nothing else waits, so
+    asyncio, sdbus and the bus clients would be most of the command's time."""
+    from ctl.errors import NOT_RUNNING
+    from shared.busread import BusReader, NoBusError, bus_address
+
+    try:
+        bus = BusReader(bus_address())
+    except NoBusError:
+        fail(NOT_RUNNING, 1)
+    with bus:
+        try:
+            status = bus.deploy(text, filename, host_env).status
+        except Exception:
+            _read_spec(file, "up")  # the file's own problems, located; exits 1
+            raise
+        for warning in _warnings_of(bus.list_events(status.name, 200), status):
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    _deployed_line(status)
+
+
 def _removal_line(status: DeploymentStatus | None) -> str | None:
     if status is None:
         return None
@@ -489,6 +543,9 @@ def down(name: str | None, no_wait: bool, timeout: float) -> None:
 
     Waits until its replicas are gone, each after its stop grace period.
     """
+    import asyncio
+
+    from ctl.client import Client, resolve_deployment
 
     async def run() -> None:
         client = Client()
@@ -509,6 +566,10 @@ def down(name: str | None, no_wait: bool, timeout: float) -> None:
 @format_option
 def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
     """Deploy FILE and return (or show the plan with --dry-run)."""
+    import asyncio
+
+    from ctl.client import Client
+
     text, filename, host_env, name = _read_spec(file, "deploy")
 
     async def run() -> None:
@@ -540,6 +601,10 @@ def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
 @format_option
 def events(deployment: str | None, limit: int, follow: bool, output_format: str) -> None:
     """What happened to deployments: deploys, rollouts, scaling decisions, failures."""
+    import asyncio
+
+    from ctl.client import Client
+
     if not follow:
         from ctl import reads
 
@@ -573,6 +638,9 @@ def events(deployment: str | None, limit: int, follow: bool, output_format: str)
 @format_option
 def rollback(name: str | None, output_format: str) -> None:
     """Return a deployment to its previous revision (rolled out like any deploy)."""
+    import asyncio
+
+    from ctl.client import Client, resolve_deployment
 
     async def run() -> None:
         client = Client()
@@ -616,6 +684,9 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
 @click.option("--no-wait", is_flag=True, help="return at once; the replicas stop in the background")
 def stop(name: str | None, service: str, timeout: float, force: bool, no_wait: bool) -> None:
     """Stop a deployment's replicas (or one service's) and keep the deployment."""
+    import asyncio
+
+    from ctl.client import Client, resolve_deployment
 
     async def run() -> None:
         client = Client()
@@ -650,6 +721,9 @@ def scale(service: str, replicas: int, deployment: str | None, no_wait: bool) ->
 
     Waits until the surplus replicas of a scale-down have stopped.
     """
+    import asyncio
+
+    from ctl.client import Client, resolve_deployment
 
     async def run() -> None:
         client = Client()
@@ -682,6 +756,9 @@ def job() -> None:
 @format_option
 def job_trigger(service: str, deployment: str | None, wait: bool, output_format: str) -> None:
     """Start a run of a job (or cron job) now."""
+    import asyncio
+
+    from ctl.client import Client, resolve_deployment
 
     async def run() -> None:
         client = Client()
@@ -715,6 +792,9 @@ def job_trigger(service: str, deployment: str | None, wait: bool, output_format:
 @format_option
 def job_status(service: str, deployment: str | None, output_format: str) -> None:
     """Show the runs of jobs and cron jobs, newest first."""
+    import asyncio
+
+    from ctl.client import Client, resolve_deployment
 
     async def run() -> None:
         client = Client()
@@ -749,6 +829,9 @@ def cron() -> None:
 @format_option
 def cron_ls(deployment: str, output_format: str) -> None:
     """List cron jobs with their schedule and next run."""
+    import asyncio
+
+    from ctl.client import Client
 
     async def run() -> None:
         client = Client()

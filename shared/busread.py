@@ -6,8 +6,10 @@ sdbus they would pay for its C module, which imports asyncio (and asyncio
 ssl and concurrent.futures), before sending anything: most of their start-up.
 So they speak D-Bus through jeepney's blocking connection instead and decode
 each reply into the same wire Structs as the typed clients in
-``shared.clients`` do. Everything that changes state, waits on jobs or
-follows signals stays on sdbus.
+``shared.clients`` do. Two calls that are not reads go this way too, as
+cheap to send: ``Validate`` (``zlayerctl validate``) and ``Deploy`` for
+``zlayerctl up -b``, which waits on nothing after it. Everything else that
+changes state, waits on jobs or follows signals stays on sdbus.
 
 :data:`READS` is the one place that names each read's member and
 signatures; ``tests/unit/test_ctl_reads.py`` checks it, the bus names and
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from shared.wire.agent import ReplicaInfo
     from shared.wire.daemon import DaemonStatus
     from shared.wire.registry import ImageInfo
-    from shared.wire.scheduler import DeploymentStatus, Event, SpecCheck
+    from shared.wire.scheduler import Deployed, DeploymentStatus, Event, SpecCheck
     from shared.wire.traffic import DnsRecord, RouteInfo
 
 # As shared.bus and shared.paths (which import sdbus and pathlib); the tests hold them equal.
@@ -97,6 +99,8 @@ READS: dict[str, Read] = {
     "status": Read("", "Status", "", "(sssutsss)"),
     # not a read, but as cheap to send this way: zlayerctl validate need not load the models
     "validate": Read("schedd", "Validate", "ssa{ss}", "s"),
+    # `up -b`: one Deploy, whose job it does not wait on
+    "deploy": Read("schedd", "Deploy", "ssa{ss}", "s"),
 }
 
 
@@ -262,6 +266,12 @@ class BusReader:
         from shared.wire.traffic import RouteInfo
 
         return decode(self.call("list_routes")[0], list[RouteInfo])
+
+    def deploy(self, spec_text: str, filename: str, host_env: dict[str, str]) -> Deployed:
+        from shared.wire import decode
+        from shared.wire.scheduler import Deployed
+
+        return decode(self.call("deploy", spec_text, filename, host_env)[0], Deployed)
 
     def validate(self, spec_text: str, filename: str, host_env: dict[str, str]) -> SpecCheck:
         """As the typed client's; a schedd that does not answer in VALIDATE_TIMEOUT is

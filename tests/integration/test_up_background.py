@@ -1,0 +1,93 @@
+"""``zlayerctl up -b`` against the real zlayer-schedd on a private bus: one Deploy and the
+warnings schedd stored with it, sent through the blocking bus reader (no asyncio, no sdbus
+loaded), with the same lines, sentences and exit codes as before."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.busdaemon import PrivateBus
+from tests.integration.test_schedd_spec_limits import schedd  # noqa: F401 (a fixture)
+
+UP = [sys.executable, "-X", "importtime", "-c", "from ctl.main import main; main()", "up", "-b"]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="Deploy is root's")
+
+WARNED = """\
+version: v1
+deployment: warned
+services:
+  web:
+    image: zlayer/busybox:latest
+    scale: {mode: fixed, replicas: 1}
+    node_selector: {labels: {zone: a}}
+"""
+
+REFUSED = """\
+version: v1
+deployment: refused
+services:
+  db:
+    image: zlayer/busybox:latest
+  web:
+    image: zlayer/busybox:latest
+    pid_mode: "container:db"
+"""
+
+INVALID = """\
+version: v1
+deployment: bad
+services:
+  web:
+    image: zlayer/busybox:latest
+    ports: [80]
+"""
+
+
+def _up(env: dict[str, str], path: Path) -> tuple[int, list[str], str]:
+    """(exit code, what was said, the import trace)"""
+    done = subprocess.run([*UP, str(path)], capture_output=True, text=True, env=env, timeout=60)
+    trace = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    said = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    return done.returncode, said, "\n".join(trace)
+
+
+@pytest.mark.usefixtures("schedd")
+def test_up_b_deploys_warns_and_refuses_without_sdbus(
+    private_bus: PrivateBus, tmp_path: Path
+) -> None:
+    env = {**os.environ, "ZLAYER_BUS_ADDRESS": private_bus.address}
+    warned = tmp_path / "warned.zlayer.yml"
+    warned.write_text(WARNED)
+    code, said, trace = _up(env, warned)
+    assert code == 0, said
+    assert said[0].startswith(f"warning: {warned}:7:5: service web: node_selector places")
+    assert said[1:] == ["deployed revision 1 of warned"]
+    for heavy in ("sdbus", "asyncio", "shared.bus", "pydantic"):
+        assert f" {heavy}\n" not in trace + "\n", heavy
+    assert _up(env, warned)[1][1:] == ["deployed revision 2 of warned"]
+
+    refused = tmp_path / "refused.zlayer.yml"
+    refused.write_text(REFUSED)
+    code, said, _ = _up(env, refused)
+    assert code == 1
+    assert len(said) == 1 and "pid_mode 'container:db' is not supported; use private" in said[0]
+
+    invalid = tmp_path / "bad.zlayer.yml"
+    invalid.write_text(INVALID)
+    code, said, _ = _up(env, invalid)
+    assert code == 1 and any(":6:" in line and "ports" in line for line in said), said
+    assert said[-1].endswith("is not a valid deployment spec (1 problem)")
+
+
+def test_up_b_without_daemons_says_so(tmp_path: Path) -> None:
+    spec = tmp_path / "warned.zlayer.yml"
+    spec.write_text(WARNED)
+    env = {**os.environ, "ZLAYER_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}
+    code, said, _ = _up(env, spec)
+    assert code == 1 and len(said) == 1 and "not running" in said[0], said
