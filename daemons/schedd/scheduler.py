@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -223,6 +224,10 @@ class Scheduler:
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
         self._cron_next: dict[tuple[str, str], float] = {}
         self._previous_desired: dict[tuple[str, str], ServiceAssignment] = {}
+        # Held while a secret is set or removed and its services rolled, so the
+        # loop does not take the change for a roll that went missing.
+        self._secrets_lock = asyncio.Lock()
+        self._drifted: dict[str, set[str]] = {}  # this pass: services whose secrets changed
         self._specs: dict[tuple[str, int], DeploymentSpec] = {}
         self._sampler = Sampler()
         self._sampled_at: dict[str, float] = {}
@@ -314,7 +319,16 @@ class Scheduler:
                 replicas = await self._replicas(name)
         async with self._deploy_lock:
             revision = self.store.next_revision(name)
+            # A service whose secrets changed since its last roll rolls too, even
+            # with the same spec.
+            digests = {svc: self._secrets_digest(name, s) for svc, s in spec.services.items()}
+            before = self.store.service_states(name)
+            roll |= {
+                svc for svc, d in digests.items() if svc in before and before[svc].secrets != d
+            }
             states, events = self.rollouts.plan(name, spec, revision, replicas, roll)
+            for svc_name, state in states.items():
+                state.secrets = digests[svc_name]
             await asyncio.to_thread(
                 self.store.add_revision, name, spec_json, spec_text, filename, states
             )
@@ -650,12 +664,52 @@ class Scheduler:
                 services,
             )
 
+    def _secrets_digest(self, name: str, svc: ServiceSpec) -> str:
+        """Which stored version of each secret ``svc``'s env reads, as a short digest
+        ("" when it reads none): it changes with every set or removal that matters."""
+        from shared.spec.refs import secret_names
+
+        names = sorted({n for value in svc.env.values() for n in secret_names(value)})
+        if not names:
+            return ""
+        parts = []
+        for secret in names:
+            found = self.secrets.find(secret, name)
+            parts.append(
+                f"{secret}={found.deployment}:{found.version}:{found.updated_at!r}"
+                if found
+                else f"{secret}=-"
+            )
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def _still_drifted(self, drifted: dict[str, set[str]]) -> dict[str, frozenset[str]]:
+        """Those of ``drifted`` (deployment -> services) whose stored digest is still not
+        what their secrets give now (a set or removal may have rolled them meanwhile)."""
+        found: dict[str, frozenset[str]] = {}
+        for dep, services in drifted.items():
+            stored = self.store.get(dep)
+            spec = self._spec(dep, stored.revision) if stored else None
+            if stored is None or spec is None or stored.removing:
+                continue
+            states = self.store.service_states(dep)
+            left = frozenset(
+                svc
+                for svc in services
+                if svc in spec.services
+                and svc in states
+                and states[svc].secrets != self._secrets_digest(dep, spec.services[svc])
+            )
+            if left:
+                found[dep] = left
+        return found
+
     async def set_secret(self, name: str, deployment: str, value: str) -> SecretInfo:
-        secret = await asyncio.to_thread(self.secrets.set, name, deployment, value)
-        what = "set" if secret.version == 1 else f"changed (version {secret.version})"
-        scope = f"deployment {deployment}" if deployment else "node-wide"
-        log.info("secret %s (%s) %s", name, scope, what)
-        await self._roll(self._users(name, deployment), f"secret {name} {what}")
+        async with self._secrets_lock:
+            secret = await asyncio.to_thread(self.secrets.set, name, deployment, value)
+            what = "set" if secret.version == 1 else f"changed (version {secret.version})"
+            scope = f"deployment {deployment}" if deployment else "node-wide"
+            log.info("secret %s (%s) %s", name, scope, what)
+            await self._roll(self._users(name, deployment), f"secret {name} {what}")
         return info(secret)
 
     async def remove_secret(self, name: str, deployment: str) -> None:
@@ -669,13 +723,14 @@ class Scheduler:
                 f"({', '.join(sorted(users[stranded[0]]))}); remove `$S:{name}` from its spec "
                 f"and deploy, or `zlayerctl down {stranded[0]}`, first"
             )
-        await asyncio.to_thread(self.store.remove_secret, name, deployment)
+        async with self._secrets_lock:
+            await asyncio.to_thread(self.store.remove_secret, name, deployment)
+            await self._roll(users, f"secret {name} of deployment {deployment} removed")
         log.info(
             "secret %s (%s) removed",
             name,
             f"deployment {deployment}" if deployment else "node-wide",
         )
-        await self._roll(users, f"secret {name} of deployment {deployment} removed")
 
     def list_secrets(self) -> list[SecretInfo]:
         return [info(s) for s in self.store.secrets()]
@@ -874,6 +929,13 @@ class Scheduler:
             if view is not None:
                 views.append(view)
         await self.views.sync(views, self._desired)
+        drifted, self._drifted = self._drifted, {}
+        if drifted:
+            # A secret changed and its roll was not stored (schedd stopped in between).
+            async with self._secrets_lock:
+                await self._roll(
+                    self._still_drifted(drifted), "secrets changed since the last roll"
+                )
 
     async def _reconcile(
         self,
@@ -940,6 +1002,12 @@ class Scheduler:
                 if (name, svc_name) in previous:
                     self._desired[(name, svc_name)] = previous[(name, svc_name)]
                 continue
+            if (
+                state.rollout == ""
+                and not self._secrets_lock.locked()
+                and state.secrets != self._secrets_digest(name, svc)
+            ):
+                self._drifted.setdefault(name, set()).add(svc_name)
             want = desired_replicas(svc, holds.get(svc_name), state.adaptive)
             if state.rollout == "running":
                 await self.rollouts.step(name, svc_name, state, want, replicas)

@@ -113,6 +113,7 @@ CREATE TABLE IF NOT EXISTS services (
     step_at REAL NOT NULL DEFAULT 0,   -- when the rollout last made progress
     adaptive INTEGER,              -- the autoscaler's replica count, if it decided one
     scaled_at REAL NOT NULL DEFAULT 0,
+    secrets TEXT NOT NULL DEFAULT '',  -- digest of the secret versions its target reads
     PRIMARY KEY (deployment, service)
 );
 """
@@ -133,6 +134,10 @@ class ServiceState:
     step_at: float = 0.0
     adaptive: int | None = None
     scaled_at: float = 0.0
+    # Which versions of the secrets its env reads the target revision was rolled
+    # out with (a digest, "" for none): a different one now means a secret
+    # changed without a roll (schedd stopped in between), and the loop rolls it.
+    secrets: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,11 @@ class StoredDeployment:
     removing: bool = False
 
 
+# The services table's columns in ServiceState's order (after deployment and service).
+_SERVICE_COLUMNS = (
+    "deployment, service, serving, target, rollout, message, new_count, old_count, "
+    "step_at, adaptive, scaled_at, secrets"
+)
 _SECRET_COLUMNS = "name, deployment, nonce, ciphertext, created_at, updated_at, version"
 
 
@@ -197,6 +207,9 @@ class Store:
             self._db.execute(
                 "ALTER TABLE deployments ADD COLUMN removing INTEGER NOT NULL DEFAULT 0"
             )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(services)")}
+        if "secrets" not in columns:  # a store made before secrets
+            self._db.execute("ALTER TABLE services ADD COLUMN secrets TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         """Close the database once no thread is using it.
@@ -275,7 +288,8 @@ class Store:
                 db.execute("DELETE FROM services WHERE deployment = ?", (name,))
                 for service, state in states.items():
                     db.execute(
-                        "INSERT INTO services VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT INTO services ({_SERVICE_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (name, service, *dataclasses.astuple(state)),
                     )
         return revision
@@ -394,8 +408,8 @@ class Store:
 
     def service_states(self, name: str) -> dict[str, ServiceState]:
         rows = self._rows(
-            "SELECT service, serving, target, rollout, message, new_count, old_count, "
-            "step_at, adaptive, scaled_at FROM services WHERE deployment = ?",
+            f"SELECT {_SERVICE_COLUMNS.removeprefix('deployment, ')} FROM services "
+            "WHERE deployment = ?",
             (name,),
         )
         return {r[0]: ServiceState(*r[1:]) for r in rows}
@@ -403,12 +417,14 @@ class Store:
     def put_service_state(self, name: str, service: str, state: ServiceState) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO services VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO services ({_SERVICE_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(deployment, service) DO UPDATE SET serving = excluded.serving, "
                 "target = excluded.target, rollout = excluded.rollout, "
                 "message = excluded.message, new_count = excluded.new_count, "
                 "old_count = excluded.old_count, step_at = excluded.step_at, "
-                "adaptive = excluded.adaptive, scaled_at = excluded.scaled_at",
+                "adaptive = excluded.adaptive, scaled_at = excluded.scaled_at, "
+                "secrets = excluded.secrets",
                 (name, service, *dataclasses.astuple(state)),
             )
 

@@ -33,7 +33,8 @@ services:
     image: zlayer/busybox:latest
     command:
       entrypoint: ["sh", "-c"]
-      args: ["exec sleep 1000"]
+      args: ["trap 'exit 0' TERM; sleep 1000 & wait"]
+    stop_grace_period: 2s
     env:
       DB_PASSWORD: $S:db-pass
       DB_URL: "postgres://app:$S:db-pass@db:5432/app"
@@ -204,3 +205,26 @@ def test_a_disabled_cron_job_does_not_fire_until_enabled(node: Node) -> None:
     missing = node.ctl("job", "cron", "disable", "nope", "-d", "crony")
     assert missing.returncode == 1
     assert "deployment crony has no cron job named nope (cron jobs: tick)" in missing.stderr
+
+
+def test_a_secret_changed_without_its_roll_is_rolled_by_the_loop(node: Node) -> None:
+    """A set whose roll was never stored (schedd stopped between the two) is found by the
+    reconcile loop, which rolls the service as the set would have."""
+    from daemons.schedd.secrets import Secrets
+    from daemons.schedd.store import Store
+    from shared.nodekey import NodeKey
+
+    assert set_secret(node, "db-pass", FIRST).returncode == 0
+    spec = node.spec("drift", APP.format(name="drift"))
+    node.ctl("up", "-d", str(spec), "--timeout", "90", check=True)
+    first_revision = running_revision(node, "drift")
+
+    # Only the store changes, as a schedd killed right after the write would leave it.
+    store = Store(node.paths.daemon_state("schedd") / "state.db")
+    try:
+        Secrets(store, lambda: NodeKey.load(node.paths).secrets_key()).set("db-pass", "", SECOND)
+    finally:
+        store.close()
+    wait_until(lambda: running_revision(node, "drift") > first_revision, 60, "the loop's roll")
+    assert replica_env(node, "drift")["DB_PASSWORD"] == SECOND
+    assert "secrets changed since the last roll (app)" in node.ctl("events", "-d", "drift").stdout

@@ -146,3 +146,27 @@ def test_a_store_from_before_secrets_opens_with_them(tmp_path: Path) -> None:
     store.set_cron_enabled("shop", "nightly", True)
     assert store.cron_disabled("shop") == set()
     store.close()
+
+
+def test_a_services_table_from_before_secrets_gains_its_digest_column(tmp_path: Path) -> None:
+    from daemons.schedd.store import ServiceState
+
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE services (deployment TEXT NOT NULL, service TEXT NOT NULL, "
+        "serving INTEGER NOT NULL, target INTEGER NOT NULL, rollout TEXT NOT NULL DEFAULT '', "
+        "message TEXT NOT NULL DEFAULT '', new_count INTEGER NOT NULL DEFAULT 0, "
+        "old_count INTEGER NOT NULL DEFAULT 0, step_at REAL NOT NULL DEFAULT 0, "
+        "adaptive INTEGER, scaled_at REAL NOT NULL DEFAULT 0, PRIMARY KEY (deployment, service))"
+    )
+    old.execute(
+        "INSERT INTO services (deployment, service, serving, target) VALUES ('a', 'w', 1, 1)"
+    )
+    old.commit()
+    old.close()
+    store = Store(path)
+    assert store.service_states("a") == {"w": ServiceState(1, 1)}
+    store.put_service_state("a", "w", ServiceState(1, 2, rollout="running", secrets="abc"))
+    assert store.service_states("a")["w"].secrets == "abc"
+    store.close()
