@@ -203,6 +203,29 @@ def _jobs(request: web.Request) -> tuple[JobsDaemonClient, int]:  # type: ignore
     return client, int(request.match_info["id"])
 
 
+async def _visible_job(request: web.Request) -> tuple[JobsDaemonClient, JobInfo]:  # type: ignore[type-arg]
+    """The operation's client and JobInfo; 404 for a token scoped to other deployments.
+
+    schedd's jobs name their deployment as their target; registryd's (pulls,
+    pushes, builds) belong to no deployment, so a scoped token sees none.
+    """
+    client, job_id = _jobs(request)
+    info = await client.get_job(job_id)
+    caller = principal(request)
+    if caller.deployments is not None and (
+        request.match_info["daemon"] != "scheduler" or not caller.may_see(info.target)
+    ):
+        daemon = (
+            "zlayer-schedd" if request.match_info["daemon"] == "scheduler" else "zlayer-registryd"
+        )
+        raise ApiProblem(
+            404,
+            f"job {job_id} is not known to {daemon} (it ended long ago, "
+            "or the daemon restarted since)",
+        )
+    return client, info
+
+
 @route(
     "GET",
     OPERATION,
@@ -212,23 +235,22 @@ def _jobs(request: web.Request) -> tuple[JobsDaemonClient, int]:  # type: ignore
     tags=("operations",),
 )
 async def get_operation(request: web.Request) -> web.StreamResponse:
-    client, job_id = _jobs(request)
-    return reply(await client.get_job(job_id))
+    _client, info = await _visible_job(request)
+    return reply(info)
 
 
 @route(
     "GET",
     OPERATION + "/stream",
     role=Role.VIEWER,
-    summary="A server-sent event stream of the operation's JobInfo at each change, ending "
-    "with its final one",
+    summary="A server-sent event stream of the operation's JobInfo at each change (event "
+    "'progress'), ending with its final one (event 'done', 'failed' or 'cancelled')",
     returns=JobInfo,
     content="text/event-stream",
     tags=("operations",),
 )
 async def stream_operation(request: web.Request) -> web.StreamResponse:
-    client, job_id = _jobs(request)
-    first = await client.get_job(job_id)  # 404 before the stream opens
+    client, first = await _visible_job(request)  # 404 before the stream opens
 
     async def source() -> AsyncIterator[tuple[str, object]]:
         if first.state != "running":
@@ -237,12 +259,13 @@ async def stream_operation(request: web.Request) -> web.StreamResponse:
         changes: asyncio.Queue[str] = asyncio.Queue()
 
         async def started() -> int:
-            return job_id
+            return first.id
 
         # run_job updates one JobInfo in place: send a copy of each state
         follow = asyncio.create_task(
             client.run_job(started, on_progress=lambda info: changes.put_nowait(encode(info)))
         )
+        last = "running"
         try:
             while not follow.done() or not changes.empty():
                 getter = asyncio.create_task(changes.get())
@@ -251,9 +274,11 @@ async def stream_operation(request: web.Request) -> web.StreamResponse:
                     getter.cancel()
                     continue
                 info = decode(getter.result(), JobInfo)
+                last = info.state
                 yield info.state if info.state != "running" else "progress", info
             final = follow.result()
-            yield final.state, final
+            if last == "running":  # the final state was not among the changes
+                yield final.state, final
         finally:
             follow.cancel()
 
@@ -269,6 +294,6 @@ async def stream_operation(request: web.Request) -> web.StreamResponse:
     tags=("operations",),
 )
 async def cancel_operation(request: web.Request) -> web.StreamResponse:
-    client, job_id = _jobs(request)
-    await client.cancel_job(job_id)
+    client, info = await _visible_job(request)
+    await client.cancel_job(info.id)
     return web.Response(status=204)

@@ -41,8 +41,12 @@ services:
 class Api:
     """A plain HTTP client of one apid."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, token: str = "") -> None:
         self.port = port
+        self.token = token  # "" under auth = "none"
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def call(
         self,
@@ -54,7 +58,8 @@ class Api:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             data = body.encode() if isinstance(body, str) else body
-            connection.request(method, path, body=data, headers=headers or {})
+            sent = {**self.auth_headers(), **(headers or {})}
+            connection.request(method, path, body=data, headers=sent)
             response = connection.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -128,7 +133,7 @@ def follow(api: Api, location: str) -> list[tuple[str, Any]]:
     """Every event of an operation's stream until its final JobInfo."""
     connection = http.client.HTTPConnection("127.0.0.1", api.port, timeout=120)
     try:
-        connection.request("GET", location + "/stream")
+        connection.request("GET", location + "/stream", headers=api.auth_headers())
         response = connection.getresponse()
         assert response.status == 200
         assert response.getheader("Content-Type", "").startswith("text/event-stream")
