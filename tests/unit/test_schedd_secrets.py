@@ -3,6 +3,7 @@ resolved for `$S:` references; and a store from before secrets opens with them."
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -10,13 +11,21 @@ import pytest
 
 from daemons.schedd.secrets import Secrets, SecretUnreadableError, missing, spec_references
 from daemons.schedd.store import Store
-from shared.bus import InvalidArgumentError, NotFoundError
+from shared.bus import DAEMONS_BY_NAME, InvalidArgumentError, NotFoundError
 from shared.nodekey import NodeKey
 from shared.paths import Paths
 from shared.spec import parse_spec
 from shared.spec.refs import UnresolvedReferenceError, resolve_env, resolve_secrets
+from tests.unit.test_units import (  # the real bus policy and schedd, as Plan is tested
+    BUSCTL,
+    SETPRIV,
+    busctl,
+    running_schedd,
+    system_like_bus,  # noqa: F401 - a fixture
+)
 
 VALUE = "s3cr3t-VALUE-\u00e9-42"
+PLAIN = "plain-Secret-Value-9a0c"  # busctl prints non-ASCII escaped
 
 SPEC = """
 version: v1
@@ -170,3 +179,37 @@ def test_a_services_table_from_before_secrets_gains_its_digest_column(tmp_path: 
     store.put_service_state("a", "w", ServiceState(1, 2, rollout="running", secrets="abc"))
     assert store.service_states("a")["w"].secrets == "abc"
     store.close()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to call as another user")
+@pytest.mark.skipif(BUSCTL is None or SETPRIV is None, reason="needs busctl and setpriv")
+def test_only_root_may_call_the_secret_and_cron_methods(
+    system_like_bus: str,  # noqa: F811 - the fixture imported above
+    zlayer_prefix: Paths,
+) -> None:
+    """Another user cannot set, list, read or remove a secret, nor switch a cron job: the
+    bus refuses the call before schedd sees it; root gets through (schedd answers)."""
+    info_ = DAEMONS_BY_NAME["schedd"]
+    target = (info_.bus_name, info_.object_path, info_.bus_name)
+    calls = (
+        ("SetSecret", "sss", "pw", "", PLAIN),
+        ("ListSecrets",),
+        ("GetSecret", "ss", "pw", ""),
+        ("RemoveSecret", "ss", "pw", ""),
+        ("SetCronEnabled", "ssb", "shop", "nightly", "false"),
+    )
+    with running_schedd(system_like_bus, zlayer_prefix):
+        for method, *args in calls:
+            nobody = busctl(system_like_bus, "call", *target, method, *args, as_nobody=True)
+            assert nobody.returncode != 0 and "Access denied" in nobody.stderr, (method, nobody)
+            assert PLAIN not in nobody.stdout
+        stored = busctl(system_like_bus, "call", *target, "SetSecret", "sss", "pw", "", PLAIN)
+        assert stored.returncode == 0 and PLAIN not in stored.stdout, stored.stderr
+        got = busctl(system_like_bus, "call", *target, "GetSecret", "ss", "pw", "")
+        assert got.returncode == 0 and PLAIN in got.stdout, got.stderr
+        listed = busctl(system_like_bus, "call", *target, "ListSecrets")
+        assert listed.returncode == 0 and '\\"pw\\"' in listed.stdout
+        assert PLAIN not in listed.stdout
+        gone = busctl(system_like_bus, "call", *target, "RemoveSecret", "ss", "pw", "")
+        assert gone.returncode == 0, gone.stderr
