@@ -132,7 +132,14 @@ def _wrk_way(url: str, token: str, clients: int, seconds: float) -> tuple[float,
     """(p50 ms, p99 ms, requests/s, errors) from wrk."""
     wrk = shutil.which("wrk")
     assert wrk is not None
-    argv = [wrk, "-t2", f"-c{clients}", "--latency", "-H", f"Authorization: Bearer {token}"]
+    argv = [
+        wrk,
+        f"-t{min(2, clients)}",
+        f"-c{clients}",
+        "--latency",
+        "-H",
+        f"Authorization: Bearer {token}",
+    ]
     subprocess.run([*argv, "-d2s", url], capture_output=True, check=True)  # warm-up
     out = subprocess.run(
         [*argv, f"-d{int(seconds)}s", url], capture_output=True, text=True, check=True
