@@ -7,6 +7,9 @@ run, in two groups. Without daemons:
   command module loaded (commands load lazily); the floor of every command;
 - ``zlayerctl validate FILE``: a real command, which also loads the
   deployment spec models (pydantic) and the YAML loader, and reads FILE;
+  with the daemons running (below) it is timed again, where schedd, which
+  has the models loaded, checks FILE (``Scheduler1.Validate``), beside the
+  same command made to check it itself, and the peer, in the same run;
 - the peer, ``podman --version`` (``docker --version`` where podman is not
   installed): a Go binary doing the least a CLI can do.
 
@@ -226,8 +229,9 @@ def report(title: str, samples: dict[str, list[float]], peer_name: str) -> None:
 
 def run_all(
     zlayerctl: str, args: argparse.Namespace
-) -> tuple[dict[str, list[float]], dict[str, list[float]], str, str]:
-    """Both groups timed: (samples, read samples, the read peer's name, the peer's name)."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]], str, str]:
+    """Every group timed: (samples, read samples, validate's with the daemons running,
+    the read peer's name, the peer's name)."""
     peer = peer_executable()
     peer_name = f"{Path(peer).name} --version (peer)"
     commands = {
@@ -238,6 +242,7 @@ def run_all(
     samples = measure(commands, args)
 
     read_samples: dict[str, list[float]] = {}
+    check_samples: dict[str, list[float]] = {}
     read_peer_name = f"{Path(peer).name} ps (peer)"
     if not args.no_daemons:
         try:
@@ -245,10 +250,25 @@ def run_all(
                 reads = {name: [zlayerctl, *argv] for name, argv in READ_COMMANDS}
                 reads[read_peer_name] = [peer, "ps"]
                 read_samples = measure(reads, args, cluster.env)
+                # validate where schedd answers (root: it checks the spec), beside the
+                # same command checking the file itself (no bus), and the peer
+                nowhere = f"ZLAYER_BUS_ADDRESS=unix:path={cluster.paths.prefix}/no-bus"
+                checks = {
+                    "zlayerctl validate FILE, schedd checks": [zlayerctl, "validate", args.file],
+                    "zlayerctl validate FILE, checked here": [
+                        "env",
+                        nowhere,
+                        zlayerctl,
+                        "validate",
+                        args.file,
+                    ],
+                    peer_name: [peer, "--version"],
+                }
+                check_samples.update(measure(checks, args, cluster.env))
         except KeyboardInterrupt:
             print("interrupted; daemons stopped", file=sys.stderr)
             sys.exit(130)
-    return samples, read_samples, read_peer_name, peer_name
+    return samples, read_samples, check_samples, read_peer_name, peer_name
 
 
 def main() -> None:
@@ -274,7 +294,7 @@ def main() -> None:
             zlayerctl = find_executable("zlayerctl")
         else:
             zlayerctl = stack.enter_context(packaged_zlayerctl())
-        samples, read_samples, read_peer_name, peer_name = run_all(zlayerctl, args)
+        samples, read_samples, check_samples, read_peer_name, peer_name = run_all(zlayerctl, args)
 
     hyperfine = not args.no_hyperfine and shutil.which("hyperfine")
     print(f"timed with {'hyperfine -N' if hyperfine else 'a Python loop of subprocess runs'}")
@@ -288,6 +308,9 @@ def main() -> None:
     if read_samples:
         print()
         report("read commands, six daemons running", read_samples, read_peer_name)
+    if check_samples:
+        print()
+        report("validate, six daemons running", check_samples, peer_name)
 
 
 if __name__ == "__main__":
