@@ -86,6 +86,13 @@ class Secrets:
         """Seal and store ``value``; the stored row (without the value)."""
         check_name(name, deployment)
         data = value.encode("utf-8", "surrogatepass")
+        if "$S:" in value or "$E:" in value:
+            # agentd reads a replica's env as spec text: it would take these for
+            # references (and refuse or drop the value), so they cannot pass.
+            raise InvalidArgumentError(
+                f"the value of secret {name} contains `$S:` or `$E:`, which a service's env "
+                "would read as a reference; encode the value (base64, say) before setting it"
+            )
         if len(data) > MAX_VALUE_BYTES:
             raise InvalidArgumentError(
                 f"the value of secret {name} is {len(data)} bytes, more than the "

@@ -102,4 +102,11 @@ def resolve_secrets(value: str, lookup: Callable[[str], str | None], where: str)
             )
         return found
 
-    return _SECRET_REFERENCE.sub(substitute, value)
+    resolved = _SECRET_REFERENCE.sub(substitute, value)
+    if resolved != value and ("$S:" in resolved or "$E:" in resolved):
+        # Values side by side can spell a reference agentd would read as one.
+        raise UnresolvedReferenceError(
+            f"{where}: its secrets, put together, contain `$S:` or `$E:`, which the node "
+            "would read as a reference; set them without it"
+        )
+    return resolved

@@ -96,6 +96,9 @@ def test_the_deployments_own_secret_wins_over_the_node_wide_one(secrets: Secrets
 def test_names_and_sizes_are_checked_in_one_sentence(secrets: Secrets) -> None:
     with pytest.raises(InvalidArgumentError, match="is not a secret name"):
         secrets.set("../etc", "", "x")
+    for looks_like_a_reference in ("pa$S:x", "$E:HOME"):
+        with pytest.raises(InvalidArgumentError, match="would read as a reference"):
+            secrets.set("odd", "", looks_like_a_reference)
     with pytest.raises(InvalidArgumentError, match="more than the 64 KiB"):
         secrets.set("big", "", "x" * (64 * 1024 + 1))
     with pytest.raises(NotFoundError, match="there is no secret gone of deployment shop"):
@@ -128,8 +131,11 @@ def test_resolving_substitutes_inside_a_longer_value() -> None:
     values = {"pw": VALUE}
     resolved = resolve_secrets("a:$S:pw@b and $S:pw", values.get, "x")
     assert resolved == f"a:{VALUE}@b and {VALUE}"
-    # A value that looks like a reference is not resolved again.
-    assert resolve_secrets("$S:pw", {"pw": "$S:pw"}.get, "x") == "$S:pw"
+    # Values that, side by side, spell a reference are refused (agentd would read it as
+    # one), naming the field and not the values.
+    with pytest.raises(UnresolvedReferenceError, match="put together") as caught:
+        resolve_secrets("$S:a$S:b", {"a": "x$", "b": "E:HOME"}.get, "services.w.env.K")
+    assert str(caught.value).startswith("services.w.env.K:") and "x$" not in str(caught.value)
     with pytest.raises(UnresolvedReferenceError, match="another service"):
         resolve_secrets("$S:@api/pw", values.get, "x")
 
