@@ -16,7 +16,7 @@ python=${PYTHON:-"$here/../.venv/bin/python"}
 PATH="$(dirname "$python"):$PATH"
 export PATH
 
-all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull build"
+all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull api build"
 if [ "$#" -gt 0 ]; then
     selected="$*"
 else
@@ -34,6 +34,7 @@ describe() {
         proxy_http) echo "HTTP proxy against nginx (wrk, nginx)" ;;
         restart) echo "requests lost to daemon restarts against nginx -s reload (root, nginx)" ;;
         pull) echo "image pull against skopeo (docker-registry, skopeo)" ;;
+        api) echo "REST API against the bus call it makes" ;;
         build) echo "image build against buildah bud (root: buildah)" ;;
         *) echo "$1" ;;
     esac
