@@ -9,11 +9,11 @@ Names are derived from the bridge and the container id, so they can always
 be found again: the namespace ``zl-<hash>`` (namespace names are global to
 the machine, and the bridge in the hash keeps two overlayd instances apart)
 and the host end of the veth ``zlv<hash>`` (15 characters, the kernel's
-limit). The peer is created as ``zlp<hash>`` inside the namespace and
-renamed ``eth0`` there. The host end carries the container id in its alias
-(:func:`label`), so the attachments on a node can be listed without any file
-(:func:`live_attachments`): overlayd takes its allocations back from them when
-its state file is lost.
+limit). The peer is created as ``eth0`` right inside the namespace (a
+``zlp<hash>`` an older version left there is removed). The host end carries
+the container id in its alias (:func:`label`), so the attachments on a node
+can be listed without any file (:func:`live_attachments`): overlayd takes its
+allocations back from them when its state file is lost.
 """
 
 from __future__ import annotations
@@ -394,8 +394,10 @@ def plumb(
                     "add",
                     ifname=names.host_veth,
                     kind="veth",
+                    # Made as eth0 in its namespace at once: a rename there costs
+                    # one more request and the kernel's rename work.
                     peer={
-                        "ifname": names.peer,
+                        "ifname": IFACE,
                         "address": mac_for(address),
                         "net_ns_fd": netns_fd,
                     },
@@ -408,8 +410,7 @@ def plumb(
                     f"the interface {names.host_veth} vanished while it was being set up"
                 )
             with _in_netns(names.netns) as inner:
-                peer = _must_lookup(inner, names.peer)
-                inner.link("set", index=peer, ifname=IFACE)
+                peer = _must_lookup(inner, IFACE)
                 inner.addr("add", index=peer, address=str(address), prefixlen=prefixlen)
                 inner.link("set", index=peer, state="up")
                 loopback = LOOPBACK_INDEX if fresh else _must_lookup(inner, "lo")
