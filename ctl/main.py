@@ -180,8 +180,24 @@ def main() -> None:
         _explain_and_exit(exc)
 
 
+# commands that act on this machine itself, never on a node's API
+LOCAL_ONLY = frozenset({"daemon"})
+
+
 def _main_click(argv: list[str]) -> None:
     import click
+
+    if argv and argv[0] in LOCAL_ONLY:
+        from ctl.readargs import is_remote
+
+        if is_remote():
+            from ctl.output import fail
+
+            fail(
+                f"`zlayerctl {argv[0]}` runs the daemons of this machine and cannot go through "
+                "a node's API; run it on the node itself, without --host, ZLAYER_HOST or a "
+                "current context (`zlayerctl context use --local`)"
+            )
 
     from ctl.cli import cli
 

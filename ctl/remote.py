@@ -53,6 +53,9 @@ from shared.wire.api import (
     PushRequest,
     RegistryLogin,
     ScaleRequest,
+    SecretInfo,
+    SecretValue,
+    SecretWrite,
     StopRequest,
 )
 from shared.wire.daemon import DaemonStatus
@@ -263,6 +266,8 @@ class Http:
                 async for raw in response.content:
                     line = raw.rstrip(b"\r\n")
                     if not line:
+                        if kind == "error" and data:  # the source failed: its sentence
+                            raise ApiError(str(json.loads(b"\n".join(data))))
                         if data:
                             yield kind or "message", b"\n".join(data)
                         kind, data = "", list[bytes]()
@@ -414,6 +419,29 @@ class RemoteScheduler(RemoteJobs):
         async for _kind, data in self.http.events("/events"):
             yield decode(data, Event)
 
+    # secrets and cron switches (ctl.secret_cmd, ctl.cron_cmd call them by Protocol)
+
+    async def set_secret(self, name: str, deployment: str, value: str) -> SecretInfo:
+        request = SecretWrite(name=name, value=value, deployment=deployment)
+        return decode(await self.http.call("POST", "/secrets", body=request), SecretInfo)
+
+    async def list_secrets(self) -> list[SecretInfo]:
+        return await self.http.get("/secrets", list[SecretInfo])
+
+    async def get_secret(self, name: str, deployment: str) -> SecretValue:
+        return await self.http.get(
+            _path("secrets", name), SecretValue, params={"deployment": deployment}
+        )
+
+    async def remove_secret(self, name: str, deployment: str) -> None:
+        await self.http.call("DELETE", _path("secrets", name), params={"deployment": deployment})
+
+    async def set_cron_enabled(self, deployment: str, service: str, enabled: bool) -> None:
+        switch = "enable" if enabled else "disable"
+        await self.http.call(
+            "PUT", _path("cron", service, switch), params={"deployment": deployment}
+        )
+
 
 class RemoteAgent(RemoteDaemon):
     def __init__(self, http: Http) -> None:
@@ -548,8 +576,7 @@ async def exec_terminal(
                     if message.type == aiohttp.WSMsgType.BINARY:
                         _write_all(stdout, message.data)
                     elif message.type == aiohttp.WSMsgType.TEXT:
-                        with contextlib.suppress(ValueError, TypeError):
-                            exit_code = int(json.loads(message.data)["exit_code"])
+                        exit_code = _exit_code(http, message.data)
                         break
                     elif message.type == aiohttp.WSMsgType.ERROR:
                         break
@@ -568,6 +595,22 @@ async def exec_terminal(
     finally:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+
+
+def _exit_code(http: Http, text: str) -> int:
+    """The exit code the final text frame carries, or what its problem document means."""
+    try:
+        found = json.loads(text)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise ApiError(f"the API at {http.base} ended the terminal with {text[:200]!r}")
+    if isinstance(found.get("exit_code"), int):
+        return int(found["exit_code"])
+    status = found.get("status")
+    detail = str(found.get("detail") or found.get("title") or "the command failed")
+    error = _BY_STATUS.get(status, ApiError) if isinstance(status, int) else ApiError
+    raise error(detail)
 
 
 def _handshake_error(http: Http, exc: aiohttp.WSServerHandshakeError) -> ZLayerError:

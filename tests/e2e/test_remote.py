@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import time
@@ -46,6 +48,21 @@ services:
 """
 
 
+SHELL = """
+version: v1
+deployment: remote2
+services:
+  shell:
+    image: zlayer/busybox:latest
+    env:
+      GREETING: $E:GREETING
+      REVISION: "{revision}"
+    command:
+      entrypoint: ["sh", "-c"]
+      args: ["exec sleep 1000"]
+"""
+
+
 @dataclass
 class Remote:
     """zlayerctl --host URL with a token, in an environment without the node's prefix."""
@@ -55,7 +72,7 @@ class Remote:
     token: str
     home: Path
 
-    def env(self, token: str | None = None) -> dict[str, str]:
+    def env(self, token: str | None = None, **extra: str) -> dict[str, str]:
         env = {
             k: v
             for k, v in os.environ.items()
@@ -63,20 +80,26 @@ class Remote:
         }
         env["XDG_CONFIG_HOME"] = str(self.home)
         env["ZLAYER_TOKEN"] = self.token if token is None else token
+        env.update(extra)
         return env
 
     def argv(self, *args: str) -> list[str]:
         return [find_executable("zlayerctl"), "--host", self.url, *args]
 
     def ctl(
-        self, *args: str, token: str | None = None, check: bool = False, timeout: float = 120
+        self,
+        *args: str,
+        token: str | None = None,
+        check: bool = False,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             self.argv(*args),
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=self.env(token),
+            env=self.env(token, **(env or {})),
             cwd=self.node.workdir,
         )
         assert "Traceback" not in result.stderr, result.stderr
@@ -250,3 +273,104 @@ def test_commands_that_need_the_node_s_files_say_so(node: Node, remote: Remote) 
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "works only on the node itself" in result.stderr
+
+
+def _on_a_terminal(argv: list[str], env: dict[str, str], typed: bytes) -> tuple[int, str]:
+    """Run ``argv`` with a pseudo-terminal as its stdin, stdout and stderr; type ``typed``
+    into it once the shell's prompt shows (the runtime flushes what is typed before it
+    sets the terminal up); (exit code, what it printed) once it exits."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    printed = b""
+    pending = typed
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if pending and b"# " in printed:
+                os.write(master, pending)
+                pending = b""
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every holder of the terminal's other end is gone
+                break
+            if not chunk:
+                break
+            printed += chunk
+        return process.wait(timeout=30), printed.decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+
+
+def test_env_events_follow_and_a_terminal_through_the_api(node: Node, remote: Remote) -> None:
+    spec = node.spec("remote2", SHELL.format(revision=1))
+    # the $E: variable comes from the remote zlayerctl's environment, not the node's
+    remote.ctl("up", "-d", str(spec), "--timeout", "60", check=True, env={"GREETING": "hi-there"})
+    said = remote.ctl("exec", "shell", "-d", "remote2", "--", "sh", "-c", "echo $GREETING")
+    assert (said.returncode, said.stdout) == (0, "hi-there\n")
+
+    plan = remote.ctl(
+        "deploy",
+        "--dry-run",
+        str(node.spec("remote2", SHELL.format(revision=2))),
+        env={"GREETING": "hi-there"},
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.startswith("revision 2 of remote2 would:")
+
+    # events -f: a deploy made meanwhile shows up; Ctrl-C ends it quietly
+    follower = subprocess.Popen(
+        remote.argv("events", "-f", "-d", "remote2", "-n", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=remote.env(),
+    )
+    try:
+        assert follower.stdout is not None
+        follower.stdout.readline()  # the last event before following
+        remote.ctl("deploy", str(spec), check=True, env={"GREETING": "hi-there"})
+        deadline = time.monotonic() + 30
+        seen = ""
+        while "revision 2 of remote2 deployed" not in seen and time.monotonic() < deadline:
+            seen += follower.stdout.readline()
+        assert "revision 2 of remote2 deployed" in seen, seen
+        follower.send_signal(signal.SIGINT)
+        _, errors = follower.communicate(timeout=15)
+        assert follower.returncode == 0, errors
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+
+    # exec -t: a shell on the WebSocket, typed into, its exit code returned
+    wait_until(
+        lambda: all(
+            r["state"] == "running" and r["revision"] == 2
+            for r in json.loads(node.ctl("ps", "--containers", "--format", "json").stdout)
+            if r["deployment"] == "remote2"
+        ),
+        60,
+        "revision 2 to run",
+    )
+    code, printed = _on_a_terminal(
+        remote.argv("exec", "-t", "shell", "-d", "remote2", "--", "sh"),
+        remote.env(),
+        b"tty; echo typed-$((40+2)); exit 5\r",
+    )
+    assert code == 5, printed
+    assert "typed-42" in printed and "/dev/pts/" in printed, printed
+    local_code, _ = _on_a_terminal(
+        [find_executable("zlayerctl"), "exec", "-t", "shell", "-d", "remote2", "--", "sh"],
+        node.env,
+        b"tty; echo typed-$((40+2)); exit 5\r",
+    )
+    assert local_code == code
+
+    remote.ctl("down", "remote2", check=True)

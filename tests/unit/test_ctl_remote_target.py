@@ -245,6 +245,14 @@ def test_the_host_option_and_zlayer_host_reach_the_api_not_the_bus(tmp_path: Pat
     assert bad.stderr.startswith("error: plain http is allowed only to this node")
 
 
+def test_daemon_run_refuses_to_go_through_an_api(tmp_path: Path) -> None:
+    host = f"http://127.0.0.1:{_closed_port()}"
+    result = _ctl(tmp_path / "config", "--host", host, "daemon", "run", "--detach")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: `zlayerctl daemon` runs the daemons of this machine")
+    assert result.stderr.count("\n") == 1
+
+
 def test_the_remote_registry_answers_every_method_of_the_bus_client() -> None:
     """It subclasses the bus client for the commands' types; none may fall through to D-Bus."""
     public = {
