@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import AsyncGenerator
 from typing import Literal
 
 from aiohttp import WSMsgType, web
@@ -317,15 +318,6 @@ async def service_exec(request: web.Request) -> web.StreamResponse:
     return reply(result)
 
 
-async def _pipe_reader(fd: int) -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=READ_CHUNK)
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-    )
-    return reader
-
-
 async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.connect_write_pipe(
@@ -334,9 +326,31 @@ async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
     return asyncio.StreamWriter(transport, protocol, None, loop)
 
 
-async def _relay_output(reader: asyncio.StreamReader, ws: web.WebSocketResponse) -> None:
-    with contextlib.suppress(OSError):  # a pty's near end reads EIO once its far end closes
-        while chunk := await reader.read(READ_CHUNK):
+async def _chunks(fd: int) -> AsyncGenerator[bytes, None]:
+    """What can be read from the pipe ``fd`` as it comes, to its end."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                readable.clear()
+                await readable.wait()
+                continue
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _relay_output(fd: int, ws: web.WebSocketResponse) -> None:
+    # aclosing: the reader is removed from the loop here, before the fd is closed
+    async with contextlib.aclosing(_chunks(fd)) as chunks:
+        async for chunk in chunks:
             if ws.closed:
                 return
             await ws.send_bytes(chunk)
@@ -386,19 +400,17 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=READ_CHUNK * 16)
     await ws.prepare(request)
     if tty:
-        # The runtime wants a terminal on its side for --tty: a pty's far end is the
-        # command's stdin and output, its near end ours to read and write.
-        out_r, stdin_r = os.openpty()
-        stdin_w, out_w = os.dup(out_r), stdin_r
-        ours = [stdin_r]
+        # The runtime wants a terminal as its stdin for --tty (it sets it raw) and relays
+        # the command's terminal to its stdout: a pty's far end is its stdin, and the
+        # client's input goes to the near end; the output comes through a pipe.
+        stdin_w, stdin_r = os.openpty()
     else:
         stdin_r, stdin_w = os.pipe()
-        out_r, out_w = os.pipe()
-        ours = [stdin_r, out_w]
+    out_r, out_w = os.pipe()
+    ours = [stdin_r, out_w]
     call = asyncio.ensure_future(agent.exec(replica.id, command, tty, stdin_r, out_w, out_w))
-    reader = await _pipe_reader(out_r)
     writer = await _pipe_writer(stdin_w)
-    output = asyncio.create_task(_relay_output(reader, ws))
+    output = asyncio.create_task(_relay_output(out_r, ws))
     relay_in = asyncio.create_task(_relay_input(ws, writer))
     try:
         await asyncio.wait({call, relay_in}, return_when="FIRST_COMPLETED")
@@ -424,10 +436,7 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
         if not call.done():
             call.cancel()
         await asyncio.gather(output, relay_in, call, return_exceptions=True)
-        _close(ours)
-        reader_transport = getattr(reader, "_transport", None)
-        if reader_transport is not None:
-            reader_transport.close()
+        _close([*ours, out_r])
         await ws.close()
     return ws
 

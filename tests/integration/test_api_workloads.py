@@ -208,18 +208,26 @@ def test_exec_answers_exit_code_and_both_outputs_and_bounds_them(node: Node, bas
     )
 
 
-async def _ws_session(url: str, send: list[bytes], close_after: bytes | None) -> tuple[bytes, Any]:
-    """Send ``send`` as binary frames; collect output until the exit frame (or, with
-    ``close_after``, close the socket once that output is seen)."""
+async def _ws_session(
+    url: str, send: list[bytes], close_after: bytes | None = None, prompt: bytes = b""
+) -> tuple[bytes, Any]:
+    """Send ``send`` as binary frames (once ``prompt`` is seen in the output); collect output
+    until the exit frame (or, with ``close_after``, close the socket once that is seen)."""
     output = b""
+    pending = list(send)
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=10)) as ws,
     ):
-        for frame in send:
-            await ws.send_bytes(frame)
         async with asyncio.timeout(30):
-            async for message in ws:
+            while True:
+                if pending and prompt in output:
+                    for frame in pending:
+                        if prompt:  # a shell reading a terminal drops what it has not read yet
+                            await asyncio.sleep(0.5)  # when it switches modes: type slowly
+                        await ws.send_bytes(frame)
+                    pending = []
+                message = await ws.receive()
                 if message.type == aiohttp.WSMsgType.BINARY:
                     output += message.data
                     if close_after is not None and close_after in output:
@@ -227,20 +235,25 @@ async def _ws_session(url: str, send: list[bytes], close_after: bytes | None) ->
                         return output, None
                 elif message.type == aiohttp.WSMsgType.TEXT:
                     return output, json.loads(message.data)
-    return output, None
+                else:
+                    return output, None
 
 
 def test_exec_over_a_websocket_relays_stdin_output_and_the_exit_code(node: Node, base: str) -> None:
     ws = f"{base}/deployments/{DEPLOYMENT}/services/web/exec/ws".replace("http://", "ws://")
-    output, final = asyncio.run(
-        _ws_session(f"{ws}?command=sh", [b"echo via-ws\n", b"exit 7\n"], None)
-    )
+    output, final = asyncio.run(_ws_session(f"{ws}?command=sh", [b"echo via-ws\n", b"exit 7\n"]))
     assert output == b"via-ws\n" and final == {"exit_code": 7}
 
     output, final = asyncio.run(
-        _ws_session(f"{ws}?command=sh&tty=1&replica=2", [b"echo $((6*7))\n", b"exit 5\n"], None)
+        # The shell on a terminal asks where the cursor is after its prompt (ESC[6n):
+        # answer as a terminal would, then type.
+        _ws_session(
+            f"{ws}?command=sh&tty=1&replica=2",
+            [b"\x1b[1;5R", b"echo $((6*7))\r", b"exit 5\r"],
+            prompt=b"\x1b[6n",
+        )
     )
-    assert b"42" in output and final == {"exit_code": 5}
+    assert b"\r\n42\r\n" in output and final == {"exit_code": 5}
 
     # Closing the socket ends the command: cat reads its stdin's end, then says so.
     script = "echo ready; cat; echo cat-ended-by-close > /proc/1/fd/1"
