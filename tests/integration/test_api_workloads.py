@@ -143,6 +143,13 @@ def test_logs_of_a_replica_its_tail_and_the_sentences_of_zlayerctl_logs(
     assert [line["line"] for line in lines if line["stream"] == "stderr"] == ["err-one"]
     assert all(line["replica"].startswith(first) and line["time"] > 0 for line in lines)
     assert log_lines(f"{logs}?replica=1&tail=1") == lines[-1:]
+    # zlayerctl logs reads the same files with the same reader (shared.logread)
+    printed = node.ctl("logs", "web", "-d", DEPLOYMENT, "--instance", "1", check=True)
+    assert printed.stdout.split() == ["out-one", "out-two"] and printed.stderr.split() == [
+        "err-one"
+    ]
+    nothing = node.ctl("logs", "web", "-d", DEPLOYMENT, "--instance", "1", "-n", "0", check=True)
+    assert nothing.stdout == nothing.stderr == ""
     both = log_lines(f"{logs}?tail=1")
     assert sorted(line["replica"].split("-")[2] for line in both) == ["1", "2"]
 
