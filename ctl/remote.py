@@ -20,8 +20,10 @@ import contextlib
 import json
 import os
 import ssl
+import tarfile
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -666,7 +668,9 @@ class RemoteRegistry(RegistryClient):
         raise ApiError(ONLY_ON_THE_NODE.format(what="`zlayerctl image import` of a local path"))
 
     async def path_visible(self, path: str, device: int, inode: int) -> bool:
-        return False
+        # Nothing is handed over as a path: build sends its context itself (a tar), and
+        # the other commands that name local files say they run only on the node.
+        return True
 
     async def receive(self, fd: int) -> str:
         raise ApiError(ONLY_ON_THE_NODE.format(what="sending local files to registryd"))
@@ -735,10 +739,52 @@ class RemoteRegistry(RegistryClient):
         raise ApiError(ONLY_ON_THE_NODE.format(what="`zlayerctl export`"))
 
     async def build(self, request: BuildRequest) -> int:
-        raise ApiError(ONLY_ON_THE_NODE.format(what="a build of a context on the node's disk"))
+        """Send the context directory as a tar to ``POST /build`` with the request's
+        options; the build job's id (followed like any registryd job)."""
+        context = request.context
+        params: list[tuple[str, str]] = [("tag", tag) for tag in request.tags]
+        for key, value in (("file", request.dockerfile), ("zimagefile", request.zimagefile)):
+            if value:
+                relative = os.path.relpath(value, context)
+                if relative.startswith(".."):
+                    raise ApiError(
+                        f"{value} is outside the build context {context}; through the API the "
+                        "build file must be inside the context, which is all that is sent"
+                    )
+                params.append((key, relative))
+        params += [("build_arg", f"{k}={v}") for k, v in request.build_args.items()]
+        for key, value in (
+            ("runtime", request.runtime),
+            ("target", request.target),
+            ("format", request.format),
+        ):
+            if value:
+                params.append((key, value))
+        if request.no_cache:
+            params.append(("no_cache", "true"))
+        with tempfile.TemporaryFile() as archive:
+            await asyncio.to_thread(_tar_context, context, archive)
+            reply = await self.http.call(
+                "POST",
+                "/build",
+                params=params,
+                data=archive,
+                headers={"Content-Type": "application/x-tar"},
+            )
+        return decode(reply, OperationRef).id
 
     async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
         raise ApiError(ONLY_ON_THE_NODE.format(what="`zlayerctl wasm push`"))
+
+
+def _tar_context(context: str, archive: IO[bytes]) -> None:
+    """The context directory's contents as a tar in ``archive``, rewound to its start."""
+    try:
+        with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(context, arcname=".")
+    except OSError as exc:
+        raise ApiError(f"cannot read the build context: {exc.strerror} ({exc.filename})") from None
+    archive.seek(0)
 
 
 class _RegistryJobs(RemoteJobs):

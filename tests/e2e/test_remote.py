@@ -14,6 +14,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from ctl.supervisor import find_executable
+from shared.busybox_image import busybox_image, write_oci_archive
 from tests.e2e.node import Node, wait_until
 
 pytestmark = [
@@ -374,3 +376,34 @@ def test_env_events_follow_and_a_terminal_through_the_api(node: Node, remote: Re
     assert local_code == code
 
     remote.ctl("down", "remote2", check=True)
+
+
+@pytest.mark.skipif(shutil.which("buildah") is None, reason="apt-get install buildah")
+def test_build_sends_the_context_and_follows_the_build(
+    node: Node, remote: Remote, tmp_path: Path
+) -> None:
+    # the base is read by the node's builder: an archive on the node (here, the same machine)
+    archive = write_oci_archive(busybox_image(), tmp_path / "busybox.tar")
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "hello.txt").write_text("sent over http\n")
+    (context / "Dockerfile").write_text(
+        f"FROM oci-archive:{archive}\nARG WORD\nCOPY hello.txt /hello.txt\n"
+        "RUN echo $WORD >> /hello.txt\n"
+    )
+    built = remote.ctl(
+        "build", str(context), "-t", "zlayer/remote-built:1", "--build-arg", "WORD=argued",
+        timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    images = json.loads(node.ctl("image", "ls", "--format", "json", check=True).stdout)
+    assert any("zlayer/remote-built:1" in " ".join(i["names"]) for i in images), images
+    _same(node, remote, "image", "inspect", "zlayer/remote-built:1")
+
+    outside = tmp_path / "Dockerfile.outside"
+    outside.write_text("FROM zlayer/busybox:latest\n")
+    refused = remote.ctl("build", str(context), "-f", str(outside), "-t", "x:1")
+    assert refused.returncode == 1
+    assert "is outside the build context" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    node.ctl("image", "rm", "zlayer/remote-built:1", check=True)
