@@ -397,17 +397,26 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
     tty = query_flag(request, "tty")
     agent = api(request).agent
     replica = await running_replica(agent, deployment, service, request.query.get("replica", ""))
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=READ_CHUNK * 16)
-    await ws.prepare(request)
-    if tty:
-        # The runtime wants a terminal as its stdin for --tty (it sets it raw) and relays
-        # the command's terminal to its stdout: a pty's far end is its stdin, and the
-        # client's input goes to the near end; the output comes through a pipe.
-        stdin_w, stdin_r = os.openpty()
-    else:
-        stdin_r, stdin_w = os.pipe()
+    try:
+        if tty:
+            # The runtime wants a terminal as its stdin for --tty (it sets it raw) and
+            # relays the command's terminal to its stdout: a pty's far end is its stdin,
+            # the client's input goes to the near end; the output comes through a pipe.
+            stdin_w, stdin_r = os.openpty()
+        else:
+            stdin_r, stdin_w = os.pipe()
+    except OSError as exc:
+        raise ApiProblem(
+            503, f"apid cannot open a terminal for the command ({exc.strerror}); leave out tty=1"
+        ) from None
     out_r, out_w = os.pipe()
     ours = [stdin_r, out_w]
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=READ_CHUNK * 16)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        _close([*ours, stdin_w, out_r])
+        raise
     call = asyncio.ensure_future(agent.exec(replica.id, command, tty, stdin_r, out_w, out_w))
     writer = await _pipe_writer(stdin_w)
     output = asyncio.create_task(_relay_output(out_r, ws))
