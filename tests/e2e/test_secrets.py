@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -66,6 +67,20 @@ def set_secret(node: Node, name: str, value: str, *args: str) -> subprocess.Comp
     )
     assert "Traceback" not in result.stderr, result.stderr
     return result
+
+
+def read_some(fd: int) -> bytes:
+    """What a terminal's other end has to read within half a second."""
+    data = b""
+    while select.select([fd], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def replica_env(node: Node, deployment: str) -> dict[str, str]:
@@ -228,3 +243,42 @@ def test_a_secret_changed_without_its_roll_is_rolled_by_the_loop(node: Node) -> 
     wait_until(lambda: running_revision(node, "drift") > first_revision, 60, "the loop's roll")
     assert replica_env(node, "drift")["DB_PASSWORD"] == SECOND
     assert "secrets changed since the last roll (app)" in node.ctl("events", "-d", "drift").stdout
+
+
+def test_a_value_from_a_file_or_typed_at_a_terminal_without_echo(node: Node) -> None:
+    import pty
+
+    source = node.workdir / "token.txt"
+    source.write_text(FIRST + "\n")
+    node.ctl("secret", "set", "from-file", "--from-file", str(source), check=True)
+    assert node.ctl("secret", "get", "from-file", check=True).stdout == FIRST + "\n"
+
+    # At a terminal the value is asked for twice and never echoed.
+    controller, terminal = pty.openpty()
+    try:
+        typed = subprocess.Popen(
+            [find_executable("zlayerctl"), "secret", "set", "typed"],
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+            env=node.env,
+            cwd=node.workdir,
+            start_new_session=True,
+        )
+        shown = b""
+        for prompt in (b"(not shown): ", b"again: "):
+            deadline = time.monotonic() + 30
+            while prompt not in shown:
+                assert time.monotonic() < deadline, shown
+                shown += read_some(controller)
+            os.write(controller, SECOND.encode() + b"\n")
+        assert typed.wait(timeout=60) == 0
+        shown += read_some(controller)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert b"value of secret typed (not shown)" in shown
+    assert SECOND.encode() not in shown
+    assert node.ctl("secret", "get", "typed", check=True).stdout == SECOND
+    for name in ("from-file", "typed"):
+        node.ctl("secret", "rm", name, check=True)
