@@ -81,3 +81,19 @@ def test_apid_and_schedd_run_with_the_encrypted_node_key(machine: Machine) -> No
         f"Authorization: Bearer {token}", url,
     )  # fmt: skip
     assert again.stdout == "200"
+
+    # Where systemd-creds cannot encrypt, the package leaves the clear 0600 file and
+    # the units' fallback credential, "none", sends the daemon to it: the same key.
+    machine.run(
+        "sh", "-c",
+        f"systemd-creds decrypt --name=node-key {CREDENTIAL} /var/lib/zlayer/node.key"
+        f" && chmod 600 /var/lib/zlayer/node.key && rm {CREDENTIAL}",
+    )  # fmt: skip
+    machine.run("systemctl", "restart", "zlayer-apid")
+    fallback = machine.run("cat", "/run/credentials/zlayer-apid.service/node-key").stdout
+    assert fallback == "none"
+    from_file = machine.run(
+        "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+        f"Authorization: Bearer {token}", url,
+    )  # fmt: skip
+    assert from_file.stdout == "200"
