@@ -10,6 +10,8 @@ run, in two groups. Without daemons:
   with the daemons running (below) it is timed again, where schedd, which
   has the models loaded, checks FILE (``Scheduler1.Validate``), beside the
   same command made to check it itself, and the peer, in the same run;
+  ``zlayerctl up -b IDLE`` there too: the command's own cost (a spec of one
+  service of 0 replicas: each run stores a revision and nothing starts);
 - the peer, ``podman --version`` (``docker --version`` where podman is not
   installed): a Go binary doing the least a CLI can do.
 
@@ -80,6 +82,17 @@ READ_COMMANDS: list[tuple[str, list[str]]] = [
     ("zlayerctl events -n 5", ["events", "-n", "5"]),
 ]
 
+
+# `up -b` timed on its own: a revision stored, nothing to start (replica_start.py times
+# it to a running replica)
+IDLE_SPEC = """\
+version: v1
+deployment: idle
+services:
+  web:
+    image: zlayer/busybox:latest
+    scale: {mode: fixed, replicas: 0}
+"""
 
 # What the wheel is built from: the project's metadata and its packages.
 SOURCES = ("pyproject.toml", "README.md", "shared", "daemons", "ctl")
@@ -253,6 +266,9 @@ def run_all(
                 # validate where schedd answers (root: it checks the spec), beside the
                 # same command checking the file itself (no bus), and the peer
                 nowhere = f"ZLAYER_BUS_ADDRESS=unix:path={cluster.paths.prefix}/no-bus"
+                # up -b's own cost: each run stores a revision of a service of 0 replicas
+                idle = cluster.paths.prefix / "idle.zlayer.yml"
+                idle.write_text(IDLE_SPEC)
                 checks = {
                     "zlayerctl validate FILE, schedd checks": [zlayerctl, "validate", args.file],
                     "zlayerctl validate FILE, checked here": [
@@ -262,6 +278,7 @@ def run_all(
                         "validate",
                         args.file,
                     ],
+                    "zlayerctl up -b IDLE": [zlayerctl, "up", "-b", str(idle)],
                     peer_name: [peer, "--version"],
                 }
                 check_samples.update(measure(checks, args, cluster.env))
@@ -310,7 +327,7 @@ def main() -> None:
         report("read commands, six daemons running", read_samples, read_peer_name)
     if check_samples:
         print()
-        report("validate, six daemons running", check_samples, peer_name)
+        report("validate and up -b, six daemons running", check_samples, peer_name)
 
 
 if __name__ == "__main__":
