@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from shared.wire.api import TokenCreate
 from tests.e2e.conftest import running_node
 from tests.e2e.node import Node
 from tests.integration.test_apid_routes import Api, apid_port
+from tests.integration.test_apid_scope import make_token
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
 
@@ -121,3 +123,62 @@ def test_secrets_through_the_api(api: Api) -> None:
     document = api.json("GET", "/api/v1/openapi.json")
     assert {"get", "post"} <= set(document["paths"]["/api/v1/secrets"])
     assert {"get", "delete"} <= set(document["paths"]["/api/v1/secrets/{name}"])
+
+
+@pytest.fixture
+def token_node(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Node, int]]:
+    """The daemons with apid checking bearer tokens (not the module's auth = "none")."""
+    monkeypatch.delenv("ZLAYER_APID_AUTH", raising=False)
+    prefix = Path(f"/tmp/zlk-{os.getpid()}-t")
+    with running_node(prefix, tmp_path_factory, network_tag="zln") as node:
+        yield node, apid_port(node)
+
+
+def test_a_token_limited_to_deployments_reaches_only_their_secrets(
+    token_node: tuple[Node, int],
+) -> None:
+    node, port = token_node
+    admin = Api(port, make_token(node, TokenCreate(name="root", role="admin")))
+    for deployment in ("", "mine", "theirs"):
+        admin.json(
+            "POST", "/api/v1/secrets", {"name": "a", "value": VALUE, "deployment": deployment}
+        )
+
+    scoped = Api(port, make_token(node, TokenCreate(name="m", role="admin", deployments=["mine"])))
+    assert [(s["name"], s["deployment"]) for s in scoped.json("GET", "/api/v1/secrets")] == [
+        ("a", "mine")
+    ]
+    assert scoped.json("GET", "/api/v1/secrets/a?deployment=mine")["value"] == VALUE
+    for method, path in (
+        ("GET", "/api/v1/secrets/a?deployment=theirs"),
+        ("GET", "/api/v1/secrets/a"),
+        ("DELETE", "/api/v1/secrets/a?deployment=theirs"),
+        ("DELETE", "/api/v1/secrets/a"),
+    ):
+        hidden = scoped.problem(method, path, 404)
+        assert VALUE not in hidden["detail"]
+    for deployment in ("", "theirs"):
+        scoped.problem(
+            "POST",
+            "/api/v1/secrets",
+            404,
+            body=json.dumps({"name": "a", "value": "x", "deployment": deployment}),
+            headers={"Content-Type": "application/json"},
+        )
+    assert admin.json("GET", "/api/v1/secrets/a?deployment=theirs")["value"] == VALUE
+
+    operator = Api(port, make_token(node, TokenCreate(name="o", role="operator")))
+    status, _, raw = operator.call("GET", "/api/v1/secrets")
+    assert status == 200 and len(json.loads(raw)) == 3 and VALUE.encode() not in raw
+    operator.problem("GET", "/api/v1/secrets/a", 403)
+    operator.problem(
+        "POST",
+        "/api/v1/secrets",
+        403,
+        body=json.dumps({"name": "a", "value": "x"}),
+        headers={"Content-Type": "application/json"},
+    )
+    for deployment in ("", "mine", "theirs"):
+        admin.call("DELETE", f"/api/v1/secrets/a?deployment={deployment}")
