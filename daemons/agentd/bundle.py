@@ -530,6 +530,14 @@ def build_bundle(
     resolved; ``args`` replaces the whole command (one-shot runs);
     ``attachment`` None runs in the host's network namespace.
     """
+    if rootfs.image.runtime == "wasm":
+        # wasmtime in a minimal bundle of the module's layer
+        from daemons.agentd import wasm
+
+        return wasm.build_bundle(
+            spec, rootfs, attachment, env, ids, bundle_dir, volumes_dir, host,
+            args=args, host_resolv=host_resolv,
+        )  # fmt: skip
     from shared.spec.support import no_new_privileges
 
     warnings: list[str] = []

