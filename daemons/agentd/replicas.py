@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import msgspec
 from prometheus_client import Counter
 
-from daemons.agentd import probes
-from shared.bus import NotFoundError, NotSupportedError, ZLayerError
+from daemons.agentd import probes, wasm
+from shared.bus import NotFoundError, ZLayerError
 from shared.statefile import read_state, write_atomically
 from shared.views import HeldGeneration
 from shared.wire import decode, encode
@@ -808,11 +808,6 @@ class Node:
         if attaching is not None:
             attachment = await attaching
             self._update(replica, address=attachment.address)
-        if rootfs.image.runtime == "wasm":
-            raise NotSupportedError(
-                f"{spec.image.name} is a WebAssembly artifact, and this node has no WASM "
-                "runtime yet; deploy an OCI image instead"
-            )
         if spec.init.steps:
             self._update(replica, state="initializing", message="running init steps")
             await probes.run_init(
@@ -914,6 +909,9 @@ class Node:
             unhealthy = replica.restart_requested
             replica.restart_requested = ""
             why = unhealthy or (f"OOM-killed (exit {code})" if oom else f"exited with code {code}")
+            if code == wasm.TRAP_EXIT and spec.wasm is not None:  # a WebAssembly limit, named
+                paths = self.launcher.log_paths(record.id)
+                why = await asyncio.to_thread(wasm.limit_reason, spec, code, paths) or why
             self._update(
                 replica,
                 state="exited",

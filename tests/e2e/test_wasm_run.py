@@ -1,0 +1,239 @@
+"""WebAssembly replicas end to end: WASI commands as jobs and services under wasmtime.
+
+The modules are built here from WAT (``wasmtime.wat2wasm``), packed as artifacts
+with ``zlayerctl wasm export`` and imported; each runs as a replica through
+zlayerctl, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import wasmtime
+
+from tests.e2e.node import Node, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+# A WASIp1 command: writes its line to fd 1 (fd_write) and exits with 7 (proc_exit).
+HELLO = r"""
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello from wasm\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 16))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (call $proc_exit (i32.const 7))))
+"""
+
+# Spins forever: stopped only by its fuel, or by a stop.
+LOOP = r"""
+(module
+  (func (export "_start") (loop $l (br $l))))
+"""
+
+# Prints its first argument and $GREETING on one line, then lives until stopped:
+# args_get/environ_get into memory, written with fd_write; sleeps by poll_oneoff.
+ECHO = r"""
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff"
+    (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func $strlen (param $p i32) (result i32) (local $n i32)
+    (block $done (loop $l
+      (br_if $done (i32.eqz (i32.load8_u (i32.add (local.get $p) (local.get $n)))))
+      (local.set $n (i32.add (local.get $n) (i32.const 1)))
+      (br $l)))
+    (local.get $n))
+  (func $print (param $p i32)
+    (i32.store (i32.const 0) (local.get $p))
+    (i32.store (i32.const 4) (call $strlen (local.get $p)))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "_start")
+    (drop (call $args_get (i32.const 1024) (i32.const 2048)))
+    (call $print (i32.load (i32.const 1028)))
+    (i32.store8 (i32.const 64) (i32.const 32))
+    (call $print (i32.const 64))
+    (drop (call $environ_get (i32.const 8192) (i32.const 12288)))
+    (call $print (i32.load (i32.const 8192)))
+    (i32.store8 (i32.const 64) (i32.const 10))
+    (call $print (i32.const 64))
+    ;; a relative clock subscription of an hour, again and again
+    (i64.store (i32.const 128) (i64.const 0))
+    (i32.store8 (i32.const 136) (i32.const 0))
+    (i32.store (i32.const 144) (i32.const 1))
+    (i64.store (i32.const 152) (i64.const 3600000000000))
+    (i64.store (i32.const 160) (i64.const 0))
+    (i32.store16 (i32.const 168) (i32.const 0))
+    (loop $forever
+      (drop (call $poll_oneoff (i32.const 128) (i32.const 256) (i32.const 1) (i32.const 512)))
+      (br $forever))))
+"""
+
+
+def wasm_image(node: Node, name: str, wat: str) -> str:
+    """The module built from ``wat``, exported as an artifact and imported; its name."""
+    module = node.workdir / f"{name}.wasm"
+    module.write_bytes(wasmtime.wat2wasm(wat))
+    layout = node.workdir / f"{name}.oci"
+    reference = f"localhost/{name}:1"
+    node.ctl(
+        "wasm", "export", str(module), "--name", reference, "--output", str(layout), check=True
+    )
+    node.ctl("image", "import", str(layout), "--name", reference, check=True)
+    return reference
+
+
+def replica_of(node: Node, deployment: str, service: str) -> dict[str, object] | None:
+    return next((r for r in node.replicas(deployment) if r["service"] == service), None)
+
+
+def test_a_wasi_job_prints_to_its_logs_and_exits_with_its_code(node: Node) -> None:
+    image = wasm_image(node, "hello", HELLO)
+    spec = node.spec(
+        "wasmjob",
+        f"""
+        version: v1
+        deployment: wasmjob
+        services:
+          hello:
+            rtype: job
+            image: {image}
+        """,
+    )
+    node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+    try:
+        run = node.ctl("job", "trigger", "hello", "-d", "wasmjob", "--wait", timeout=60)
+        assert run.returncode == 7, run.stdout + run.stderr
+        status = json.loads(
+            node.ctl("job", "status", "hello", "-d", "wasmjob", "--format", "json").stdout
+        )
+        assert status[0]["exit_code"] == 7 and status[0]["state"] == "failed"
+        logs = node.ctl("logs", "hello", "-d", "wasmjob", "-n", "5", check=True)
+        assert "hello from wasm" in logs.stdout
+    finally:
+        node.ctl("down", "wasmjob")
+
+
+def test_a_wasi_service_gets_its_args_env_and_restarts_by_policy(node: Node) -> None:
+    image = wasm_image(node, "echo", ECHO)
+    spec = node.spec(
+        "wasmsvc",
+        f"""
+        version: v1
+        deployment: wasmsvc
+        services:
+          echo:
+            image: {image}
+            command: {{args: ["first-arg"]}}
+            env: {{GREETING: hi-there}}
+            restart_policy: {{kind: always, delay: 1s}}
+            scale: {{mode: fixed, replicas: 1}}
+        """,
+    )
+    node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+    try:
+        first = wait_until(
+            lambda: (r := replica_of(node, "wasmsvc", "echo")) and r["state"] == "running" and r,
+            30,
+            "the wasm service to run",
+        )
+        assert first["address"], first
+
+        def printed() -> bool:
+            out = node.ctl("logs", "echo", "-d", "wasmsvc", "-n", "5").stdout
+            return "first-arg GREETING=hi-there" in out
+
+        wait_until(printed, 15, "the module's line in its logs")
+        # Its process is wasmtime; killed, the policy starts it again.
+        os.kill(int(str(first["pid"])), signal.SIGKILL)
+        wait_until(
+            lambda: (
+                (r := replica_of(node, "wasmsvc", "echo"))
+                and r["state"] == "running"
+                and int(str(r["restarts"])) >= 1
+            ),
+            30,
+            "the wasm service to be restarted",
+        )
+    finally:
+        node.ctl("down", "wasmsvc")
+
+
+def test_a_fuel_overrun_is_stopped_with_a_message_naming_the_limit(node: Node) -> None:
+    image = wasm_image(node, "spin", LOOP)
+    spec = node.spec(
+        "wasmfuel",
+        f"""
+        version: v1
+        deployment: wasmfuel
+        services:
+          spin:
+            rtype: job
+            image: {image}
+            wasm: {{max_fuel: 1000000}}
+        """,
+    )
+    node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+    try:
+        run = node.ctl("job", "trigger", "spin", "-d", "wasmfuel", "--wait", timeout=60)
+        assert run.returncode != 0
+        status = json.loads(
+            node.ctl("job", "status", "spin", "-d", "wasmfuel", "--format", "json").stdout
+        )
+        assert status[0]["state"] == "failed"
+        assert "used its fuel of 1000000" in status[0]["message"], status[0]
+    finally:
+        node.ctl("down", "wasmfuel")
+
+
+def test_a_wasm_replica_keeps_running_while_agentd_restarts(own_node: Node) -> None:
+    node = own_node
+    image = wasm_image(node, "echo", ECHO)
+    spec = node.spec(
+        "wasmkeep",
+        f"""
+        version: v1
+        deployment: wasmkeep
+        services:
+          echo:
+            image: {image}
+            command: {{args: ["kept"]}}
+            scale: {{mode: fixed, replicas: 1}}
+        """,
+    )
+    node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+    before = wait_until(
+        lambda: (r := replica_of(node, "wasmkeep", "echo")) and r["state"] == "running" and r,
+        30,
+        "the wasm service to run",
+    )
+    agentd = node.daemon_pid("agentd")
+    os.kill(agentd, signal.SIGKILL)
+    wait_until(
+        lambda: (
+            node.ctl("status", "--format", "json").returncode == 0
+            and node.daemon_pid("agentd") not in (0, agentd)
+        ),
+        60,
+        "agentd to be started again",
+    )
+    time.sleep(1)
+    after = wait_until(
+        lambda: (r := replica_of(node, "wasmkeep", "echo")) and r["state"] == "running" and r,
+        30,
+        "the adopted replica",
+    )
+    assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
+    os.kill(int(str(before["pid"])), 0)  # the same wasmtime process, never stopped
+    node.ctl("down", "wasmkeep", check=True)
