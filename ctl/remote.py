@@ -22,7 +22,7 @@ import os
 import ssl
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import IO, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
@@ -258,7 +258,9 @@ class Http:
         """Start a long operation; its id (a 202 with an OperationRef)."""
         return decode(await self.call(method, path, **kwargs), OperationRef).id
 
-    async def events(self, path: str, params: Any = None) -> AsyncIterator[tuple[str, bytes]]:
+    async def events(
+        self, path: str, params: Any = None
+    ) -> AsyncGenerator[tuple[str, bytes], None]:
         """A server-sent event stream's events, as (kind, data)."""
         async with self.request(
             "GET", path, params=params, headers={"Accept": "text/event-stream"}
@@ -339,12 +341,13 @@ class RemoteJobs(RemoteDaemon):
             on_progress(info)
         path = _path("operations", self.operations, str(job_id), "stream")
         while info.state == "running":
-            async for _kind, data in self.http.events(path):
-                info = decode(data, JobInfo)
-                if info.state != "running":
-                    break
-                if on_progress is not None:
-                    on_progress(info)
+            async with contextlib.aclosing(self.http.events(path)) as stream:
+                async for _kind, data in stream:
+                    info = decode(data, JobInfo)
+                    if info.state != "running":
+                        break
+                    if on_progress is not None:
+                        on_progress(info)
             if info.state == "running":  # the stream ended early (apid restarted): ask
                 info = await self.get_job(job_id)
         if on_progress is not None:
