@@ -41,6 +41,18 @@ PROBLEMS = {
     "502": "a daemon answered what apid cannot read",
     "503": "a daemon is not running or did not answer",
 }
+# problems only some routes answer
+ROUTE_PROBLEMS: dict[tuple[str, str], dict[str, str]] = {
+    ("POST", "/build"): {"415": "the body is not a tar (application/x-tar, or gzip)"},
+    ("POST", "/deployments/{dep}/services/{svc}/exec"): {
+        "422": "the command wrote more than the output limit",
+        "504": "the command did not end within ?timeout=",
+    },
+}
+# how a route's query description marks a parameter it cannot do without
+REQUIRED = "(required)"
+# request bodies that are not a wire type's JSON: the bytes as sent
+BINARY = {"type": "string", "format": "binary"}
 # replies a route gives besides its main one
 OTHER_REPLIES: dict[tuple[str, str], dict[int, Any]] = {
     ("POST", "/deployments"): {200: DeployPlan},  # ?dry_run=true
@@ -76,7 +88,7 @@ def _types() -> list[Any]:
     found: list[Any] = [Problem]
     for spec in ROUTES:
         for value in (
-            spec.body,
+            None if spec.body is bytes else spec.body,  # sent as is: BINARY
             spec.returns,
             *OTHER_REPLIES.get((spec.method, spec.path), {}).values(),
         ):
@@ -101,7 +113,7 @@ def _operation(spec: RouteSpec, schemas: dict[Any, dict[str, Any]]) -> dict[str,
             {
                 "name": name,
                 "in": "query",
-                "required": False,
+                "required": description.endswith(REQUIRED),
                 "description": description,
                 "schema": QUERY_SCHEMAS.get(name, {"type": "string"}),
             }
@@ -126,7 +138,8 @@ def _operation(spec: RouteSpec, schemas: dict[Any, dict[str, Any]]) -> dict[str,
             "content": _content("application/json", schemas[value]),
         }
     problem = _content(PROBLEM_JSON, {"$ref": "#/components/schemas/Problem"})
-    for status, description in PROBLEMS.items():
+    own = ROUTE_PROBLEMS.get((spec.method, spec.path), {})
+    for status, description in sorted({**PROBLEMS, **own}.items()):
         responses.setdefault(status, {"description": description, "content": problem})
     operation: dict[str, Any] = {
         "operationId": _operation_id(spec),
@@ -142,6 +155,8 @@ def _operation(spec: RouteSpec, schemas: dict[Any, dict[str, Any]]) -> dict[str,
         for media in spec.body_content.split("|"):
             if media == "application/json":
                 content[media] = {"schema": schemas[spec.body]}
+            elif spec.body is bytes:
+                content[media] = {"schema": BINARY}
             else:
                 content[media] = {"schema": {"type": "string"}}
         operation["requestBody"] = {"required": True, "content": content}

@@ -294,7 +294,7 @@ def _build_request(request: web.Request) -> BuildRequest:
     role=Role.ADMIN,
     summary="Build an image from a context sent as a tar, as a registryd job (zlayerctl build)",
     body=bytes,
-    body_content="application/x-tar",
+    body_content="application/x-tar|application/gzip",
     returns=OperationRef,
     status=202,
     query={

@@ -49,3 +49,29 @@ def test_every_schema_in_the_document_is_valid_json_schema() -> None:
         assert value.get("type") == "object" or "anyOf" in value or "enum" in value, name
     problem = doc["components"]["schemas"]["Problem"]
     assert set(problem["required"]) == {"title", "status", "detail"}
+
+
+def test_route_only_problems_binary_build_body_and_required_deployment_query() -> None:
+    paths = json.loads(document())["paths"]
+    build = paths["/api/v1/build"]["post"]
+    assert "415" in build["responses"]
+    binary = {"type": "string", "format": "binary"}
+    assert build["requestBody"]["content"] == {
+        "application/x-tar": {"schema": binary},
+        "application/gzip": {"schema": binary},
+    }
+    exec_ = paths["/api/v1/deployments/{dep}/services/{svc}/exec"]["post"]["responses"]
+    assert {"422", "504"} <= set(exec_)
+    for path in (
+        "/api/v1/jobs/{svc}/trigger",
+        "/api/v1/jobs/{svc}/executions",
+        "/api/v1/cron/{svc}/trigger",
+        "/api/v1/cron/{svc}/enable",
+        "/api/v1/cron/{svc}/disable",
+    ):
+        for operation in paths[path].values():
+            (deployment,) = [p for p in operation["parameters"] if p["name"] == "deployment"]
+            assert deployment["required"] is True, path
+    # where the deployment may be left out, it is not required
+    (listing,) = [p for p in paths["/api/v1/cron"]["get"]["parameters"]]
+    assert listing["required"] is False
