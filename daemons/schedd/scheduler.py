@@ -656,13 +656,18 @@ class Scheduler:
                 continue
             for key in [k for k in self._failed if k[0] == dep and k[2] in services]:
                 del self._failed[key]
-            await self._store_revision(
+            status = await self._store_revision(
                 spec,
                 source[0],
                 source[1],
                 f"rolled: {why} ({', '.join(sorted(services))})",
                 services,
             )
+            # A deploy-time job runs again only if it reads the secret (a migration
+            # must not rerun because another service's password changed).
+            for svc_name, svc in spec.services.items():
+                if svc.rtype == "job" and svc_name not in services:
+                    self._deploy_jobs_done.add((dep, status.revision, svc_name))
 
     def _secrets_digest(self, name: str, svc: ServiceSpec) -> str:
         """Which stored version of each secret ``svc``'s env reads, as a short digest

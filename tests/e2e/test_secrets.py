@@ -40,6 +40,12 @@ services:
       DB_PASSWORD: $S:db-pass
       DB_URL: "postgres://app:$S:db-pass@db:5432/app"
     scale: {{mode: fixed, replicas: 1}}
+  migrate:
+    rtype: job
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args: ["echo migrated"]
 """
 
 
@@ -152,6 +158,10 @@ def test_a_secret_reaches_the_replica_rolls_on_change_and_shows_nowhere_else(nod
     refused = node.ctl("secret", "rm", "db-pass")
     assert refused.returncode == 1
     assert "secret db-pass is used by deployment sec (app)" in refused.stderr
+
+    # The job that reads no secret ran at the deploy only, not again with each roll.
+    out = node.ctl("job", "status", "migrate", "-d", "sec", "--format", "json", check=True)
+    assert [r["trigger"] for r in json.loads(out.stdout)] == ["deploy"]
 
     events = node.ctl("events", "-d", "sec").stdout
     assert "secret db-pass" in events
