@@ -200,7 +200,7 @@ class Scheduler:
         store: Store,
         bus: SdBus,
         emit: Callable[[Event], None],
-        secrets_key: Callable[[], bytes] = lambda: _no_key(),
+        secrets_key: Callable[[], bytes] = _no_key,
     ) -> None:
         self.store = store
         self.secrets = Secrets(store, secrets_key)
