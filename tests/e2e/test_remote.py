@@ -62,6 +62,10 @@ services:
     command:
       entrypoint: ["sh", "-c"]
       args: ["exec sleep 1000"]
+  fail3:
+    rtype: job
+    image: zlayer/busybox:latest
+    command: {{entrypoint: ["sh", "-c", "echo working; exit 3"]}}
 """
 
 
@@ -374,6 +378,18 @@ def test_env_events_follow_and_a_terminal_through_the_api(node: Node, remote: Re
         b"tty; echo typed-$((40+2)); exit 5\r",
     )
     assert local_code == code
+
+    # a job run through the API: its exit code, its runs and its output as on the node
+    ran = remote.ctl("job", "trigger", "fail3", "-d", "remote2", "--wait")
+    assert ran.returncode == 3, ran.stderr
+    assert re.fullmatch(r"run \S+ of fail3: failed, exit code 3\n", ran.stderr), ran.stderr
+    runs = _json_same(node, remote, "job", "status", "fail3", "-d", "remote2")
+    assert runs[0]["exit_code"] == 3  # newest first (each deploy ran it too)
+    _same(node, remote, "logs", "fail3", "-d", "remote2")
+
+    # rollback: the revision it makes, as on the node
+    rolled = remote.ctl("rollback", "remote2", check=True)
+    assert rolled.stderr.startswith("rolling remote2 back: revision 3 has the previous spec")
 
     remote.ctl("down", "remote2", check=True)
 
