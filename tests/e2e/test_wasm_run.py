@@ -81,6 +81,17 @@ ECHO = r"""
 """
 
 
+# A WASIp2 command component: exports wasi:cli/run whose run returns ok (0) or err (1).
+COMPONENT = r"""
+(component
+  (core module $m (func (export "run") (result i32) i32.const RESULT))
+  (core instance $i (instantiate $m))
+  (func $run (result (result)) (canon lift (core func $i "run")))
+  (instance $inst (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $inst)))
+"""
+
+
 def wasm_image(node: Node, name: str, wat: str) -> str:
     """The module built from ``wat``, exported as an artifact and imported; its name."""
     module = node.workdir / f"{name}.wasm"
@@ -123,6 +134,36 @@ def test_a_wasi_job_prints_to_its_logs_and_exits_with_its_code(node: Node) -> No
         assert "hello from wasm" in logs.stdout
     finally:
         node.ctl("down", "wasmjob")
+
+
+def test_wasip2_components_run_as_jobs_with_their_exit_codes(node: Node) -> None:
+    ok = wasm_image(node, "p2ok", COMPONENT.replace("RESULT", "0"))
+    err = wasm_image(node, "p2err", COMPONENT.replace("RESULT", "1"))
+    spec = node.spec(
+        "wasmp2",
+        f"""
+        version: v1
+        deployment: wasmp2
+        services:
+          ok:
+            rtype: job
+            image: {ok}
+          err:
+            rtype: job
+            image: {err}
+        """,
+    )
+    node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+    try:
+        for service, code, state in (("ok", 0, "succeeded"), ("err", 1, "failed")):
+            run = node.ctl("job", "trigger", service, "-d", "wasmp2", "--wait", timeout=60)
+            assert run.returncode == code, run.stdout + run.stderr
+            status = json.loads(
+                node.ctl("job", "status", service, "-d", "wasmp2", "--format", "json").stdout
+            )
+            assert (status[0]["exit_code"], status[0]["state"]) == (code, state), status[0]
+    finally:
+        node.ctl("down", "wasmp2")
 
 
 def test_a_wasi_service_gets_its_args_env_and_restarts_by_policy(node: Node) -> None:
