@@ -423,3 +423,32 @@ def test_build_sends_the_context_and_follows_the_build(
     assert "is outside the build context" in refused.stderr
     assert refused.stderr.count("\n") == 1
     node.ctl("image", "rm", "zlayer/remote-built:1", check=True)
+
+
+def test_up_follows_through_the_api_and_ctrl_c_takes_it_down(node: Node, remote: Remote) -> None:
+    spec = node.spec("remote3", SHELL.replace("remote2", "remote3").format(revision=1))
+    up = subprocess.Popen(
+        remote.argv("up", str(spec)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=remote.env(GREETING="x"),
+        cwd=node.workdir,
+    )
+    try:
+        assert up.stderr is not None
+        said = ""
+        deadline = time.monotonic() + 60
+        while "shell running 1/1" not in said and time.monotonic() < deadline:
+            said += up.stderr.readline()
+        assert "following events; Ctrl-C stops and removes the deployment" in said, said
+        assert "shell running 1/1" in said, said
+        up.send_signal(signal.SIGINT)
+        _, rest = up.communicate(timeout=120)
+        assert up.returncode == 0, said + rest
+        assert rest.endswith("remote3 removed\n"), rest
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert "remote3" not in node.ctl("ps", "--format", "json", check=True).stdout
