@@ -13,7 +13,9 @@ registryd extracts it with its own checks and removes it when the build ends.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import posixpath
+import re
 import tarfile
 import tempfile
 from typing import IO
@@ -36,10 +38,16 @@ IMAGE_TAGS = ("images",)
 BUILD_TAGS = ("builds",)
 TAR_TYPES = ("application/x-tar", "application/tar", "application/gzip", "application/x-gzip")
 
-BUILD_CONTEXT_LIMIT = 2 * 1024 * 1024 * 1024  # bytes, as sent and once unpacked
 CONTEXT_TOP = "context"  # the one top directory registryd's Receive wants
 UPLOAD_CHUNK = 1024 * 1024
+BUILD_CONTEXT_LIMIT = 2 * 1024 * 1024 * 1024  # bytes, as sent and once unpacked
 LOG_CHUNK = 64 * 1024
+_HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+# a DNS name or an [IPv6] address, and a port
+_REGISTRY_HOST = re.compile(
+    rf"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>{_HOST_LABEL}(?:\.{_HOST_LABEL})*))"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
 
 
 # ---------------------------------------------------------------- images
@@ -141,8 +149,32 @@ async def system_prune(request: web.Request) -> web.StreamResponse:
 )
 async def registry_login(request: web.Request) -> web.StreamResponse:
     asked: RegistryLogin = await body_as(request, RegistryLogin)
+    check_registry_host(asked.registry)
     host = await api(request).registry.login(asked.registry, asked.username, asked.password)
     return reply({"registry": host, "username": asked.username})
+
+
+def check_registry_host(registry: str) -> None:
+    """400 for a registry that names no host registryd could reach, before it tries (it
+    takes ``https://host/path`` as ``host``, as ``docker login`` does)."""
+    host = registry.strip().removeprefix("https://").removeprefix("http://").split("/")[0]
+    if not host:
+        raise ApiProblem(400, "give a registry host name, like registry.example.com")
+    found = _REGISTRY_HOST.fullmatch(host)
+    valid = found is not None and 0 < int(found["port"] or 443) < 65536
+    if found is not None and found["ip6"]:
+        try:
+            ipaddress.IPv6Address(found["ip6"])
+        except ValueError:
+            valid = False
+    elif found is not None:
+        valid = valid and len(found["name"]) <= 253
+    if not valid:
+        raise ApiProblem(
+            400,
+            f"{registry!r} is not a registry host name; give one like registry.example.com "
+            "or host:5000",
+        )
 
 
 @route(

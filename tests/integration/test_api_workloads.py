@@ -370,6 +370,21 @@ def test_images_list_inspect_pull_push_prune_and_logout(node: Node, base: str) -
     assert detail == "no credentials were kept for nowhere.invalid"
 
 
+def test_registry_login_refuses_what_is_no_host_name_before_reaching_out(
+    node: Node, base: str
+) -> None:
+    for registry in ("foo bar", "host:99999", "user@host", "[zz]:5000", "-a.example"):
+        login = {"registry": registry, "username": "u", "password": "p"}
+        detail = problem("POST", f"{base}/registry/login", 400, body=login)
+        assert detail == (
+            f"{registry!r} is not a registry host name; give one like registry.example.com "
+            "or host:5000"
+        )
+    empty = {"registry": "https://", "username": "u", "password": "p"}
+    detail = problem("POST", f"{base}/registry/login", 400, body=empty)
+    assert detail == "give a registry host name, like registry.example.com"
+
+
 def context_tar(files: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
