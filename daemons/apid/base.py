@@ -34,6 +34,8 @@ class Api:
     address: str
     # apid's own status (it does not call itself over the bus)
     own_status: Callable[[], DaemonStatus]
+    # bytes of a build context, as sent and once unpacked (settings: max_build_context_bytes)
+    max_build_context_bytes: int
     scheduler: SchedulerClient = field(init=False)
     agent: AgentClient = field(init=False)
     registry: RegistryClient = field(init=False)

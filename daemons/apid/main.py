@@ -37,6 +37,9 @@ class ApiSettings(DaemonSettings, kw_only=True):
     auth: Literal["token", "none"] = "token"
     # the largest request body read into memory (a spec, a JSON request)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
+    # the largest build context POST /build takes, as sent and once unpacked
+    # (spooled to apid's state directory, not held in memory)
+    max_build_context_bytes: Annotated[int, Meta(ge=1024 * 1024)] = 2 * 1024 * 1024 * 1024
     # requests a second each token may make on average, and in a burst (0: no limit)
     rate_per_second: Annotated[float, Meta(ge=0)] = 50.0
     rate_burst: Annotated[int, Meta(ge=1)] = 100
@@ -77,6 +80,7 @@ class ApiDaemon(Daemon):
             node_name=socket.gethostname(),
             address=settings.http_bind,
             own_status=self.status,
+            max_build_context_bytes=settings.max_build_context_bytes,
         )
 
         def setup_auth(app: web.Application) -> None:

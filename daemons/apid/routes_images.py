@@ -40,7 +40,6 @@ TAR_TYPES = ("application/x-tar", "application/tar", "application/gzip", "applic
 
 CONTEXT_TOP = "context"  # the one top directory registryd's Receive wants
 UPLOAD_CHUNK = 1024 * 1024
-BUILD_CONTEXT_LIMIT = 2 * 1024 * 1024 * 1024  # bytes, as sent and once unpacked
 LOG_CHUNK = 64 * 1024
 _HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 # a DNS name or an [IPv6] address, and a port
@@ -349,13 +348,13 @@ async def build_start(request: web.Request) -> web.StreamResponse:
             415, f"send the build context as application/x-tar, not {content_type or 'nothing'}"
         )
     build = _build_request(request)
-    registry = api(request).registry
-    upload = await _spool_body(request, BUILD_CONTEXT_LIMIT)
+    registry, limit = api(request).registry, api(request).max_build_context_bytes
+    upload = await _spool_body(request, limit)
     try:
         wrapped = await asyncio.to_thread(_temporary)
         try:
             try:
-                await asyncio.to_thread(wrap_context, upload, wrapped, BUILD_CONTEXT_LIMIT)
+                await asyncio.to_thread(wrap_context, upload, wrapped, limit)
             except _Refused as exc:
                 raise ApiProblem(400, str(exc)) from None
             upload.close()

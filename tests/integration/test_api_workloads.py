@@ -9,6 +9,7 @@ only): who may call what is the auth tests' subject.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from tests.e2e.node import Node, wait_until
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
 
 REST_API = re.compile(r"REST API on (\S+):(\d+)")
+BUILD_LIMIT = 4 * 1024 * 1024  # apid's max_build_context_bytes in this module
 DEPLOYMENT = "wl"
 SPEC = """
 version: v1
@@ -72,6 +74,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     prefix = Path(tempfile.gettempdir()) / f"zlw-{os.getpid()}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ZLAYER_APID_AUTH", "none")
+        patch.setenv("ZLAYER_APID_MAX_BUILD_CONTEXT_BYTES", str(BUILD_LIMIT))
         with running_node(prefix, tmp_path_factory, network_tag="zlw") as started:
             spec = started.spec(DEPLOYMENT, SPEC)
             try:
@@ -461,3 +464,20 @@ def test_build_refuses_hostile_or_malformed_contexts_with_a_sentence(node: Node,
     detail = problem("POST", f"{base}/build", 415, data=tar, headers={"Content-Type": "text/x"})
     assert detail.startswith("send the build context as application/x-tar")
     assert problem("GET", f"{base}/build/999999", 404)
+
+
+def test_build_context_beyond_max_build_context_bytes_is_refused(node: Node, base: str) -> None:
+    dockerfile = {"Dockerfile": b"FROM scratch\n"}
+    sent = context_tar({**dockerfile, "blob": os.urandom(BUILD_LIMIT)})
+    detail = problem("POST", f"{base}/build", 413, data=sent, headers=TAR)
+    assert detail == (
+        "the build context is larger than 4 MiB; leave out what the build does not need"
+    )
+    # small as sent, beyond the limit once unpacked
+    packed = gzip.compress(context_tar({**dockerfile, "zeros": bytes(BUILD_LIMIT)}))
+    assert len(packed) < BUILD_LIMIT // 100
+    gzipped = {"Content-Type": "application/gzip"}
+    detail = problem("POST", f"{base}/build", 400, data=packed, headers=gzipped)
+    assert detail == (
+        "the build context holds more than 4 MiB; leave out what the build does not need"
+    )
