@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from sdbus import DbusInterfaceCommonAsync, SdBus
 
 from ctl.errors import NOT_RUNNING
 from ctl.output import fail
-from ctl.protocols import AgentApi, DaemonApi, OverlayApi, ProxyApi, SchedulerApi
+from ctl.protocols import AgentApi, DaemonApi, OverlayApi, ProxyApi, SchedulerApi, TokensApi
 from shared.bus import open_bus, resolve_bus_address
 from shared.clients import (
     AgentClient,
+    ApiClient,
     DaemonClient,
     OverlayClient,
     ProxyClient,
@@ -43,7 +45,7 @@ class Client:
     a Protocol (``ctl.protocols``) both kinds of client meet.
     """
 
-    def __new__(cls, paths: Paths | None = None) -> Client:
+    def __new__(cls, *_args: Any, **_kwargs: Any) -> Client:
         if cls is Client:
             from ctl.readargs import may_be_remote
 
@@ -95,6 +97,11 @@ class Client:
         raise NotImplementedError
 
     @property
+    def api(self) -> TokensApi:
+        """zlayer-apid's own calls (its tokens)."""
+        raise NotImplementedError
+
+    @property
     def proxy(self) -> ProxyApi:
         raise NotImplementedError
 
@@ -140,6 +147,10 @@ class LocalClient(Client):
     @cached_property
     def overlay(self) -> OverlayClient:
         return OverlayClient(self._bus)
+
+    @cached_property
+    def api(self) -> ApiClient:
+        return ApiClient(self._bus)
 
     @cached_property
     def proxy(self) -> ProxyClient:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Protocol
 
 from shared.wire.agent import JobRun, ReplicaInfo
+from shared.wire.api import TokenCreate, TokenInfo, TokenIssued
 from shared.wire.daemon import DaemonStatus
 from shared.wire.jobs import JobInfo
 from shared.wire.overlay import NetworkInfo
@@ -94,3 +95,13 @@ class ProxyApi(DaemonApi, Protocol):
     async def list_routes(self) -> list[RouteInfo]: ...
 
     async def service_stats(self) -> list[ServiceStats]: ...
+
+
+class TokensApi(Protocol):
+    """The REST API's tokens: apid's Api1 on the node, ``/tokens`` through the API."""
+
+    async def create_token(self, request: TokenCreate) -> TokenIssued: ...
+
+    async def list_tokens(self) -> list[TokenInfo]: ...
+
+    async def revoke_token(self, name: str) -> TokenInfo: ...

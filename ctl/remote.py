@@ -59,6 +59,9 @@ from shared.wire.api import (
     SecretValue,
     SecretWrite,
     StopRequest,
+    TokenCreate,
+    TokenInfo,
+    TokenIssued,
 )
 from shared.wire.daemon import DaemonStatus
 from shared.wire.jobs import JobInfo
@@ -816,6 +819,22 @@ class RemoteProxy(RemoteDaemon):
         return await self.http.get("/proxy/stats", list[ServiceStats])
 
 
+class RemoteTokens:
+    """The API's tokens (``/tokens``), as ``shared.clients.ApiClient`` has them on the bus."""
+
+    def __init__(self, http: Http) -> None:
+        self.http = http
+
+    async def create_token(self, request: TokenCreate) -> TokenIssued:
+        return decode(await self.http.call("POST", "/tokens", body=request), TokenIssued)
+
+    async def list_tokens(self) -> list[TokenInfo]:
+        return await self.http.get("/tokens", list[TokenInfo])
+
+    async def revoke_token(self, name: str) -> TokenInfo:
+        return decode(await self.http.call("DELETE", _path("tokens", name)), TokenInfo)
+
+
 class RemoteClient(Client):
     """The daemons of the node ``--host``, ``ZLAYER_HOST`` or the current context names."""
 
@@ -862,6 +881,10 @@ class RemoteClient(Client):
     @property
     def overlay(self) -> RemoteOverlay:
         return self._overlay
+
+    @property
+    def api(self) -> RemoteTokens:
+        return RemoteTokens(self.http)
 
     @property
     def proxy(self) -> RemoteProxy:

@@ -8,13 +8,20 @@ gets one sentence naming the wait.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from ctl.contexts import Target
+from ctl.remote import RemoteClient
 from ctl.supervisor import find_executable
+from shared.bus import NotFoundError
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
+from shared.wire.api import TokenCreate
 from tests.api_client import mint_token, running_apid
 
 RATE = "rate_per_second = 0.2\nrate_burst = 3\n"
@@ -59,3 +66,26 @@ def test_missing_daemons_and_the_rate_limit_read_as_one_sentence(
             f"error: the API at {apid.url} is limiting this token's requests; try again in "
         )
         assert limited[0].stderr.count("\n") == 1
+
+
+def test_tokens_through_the_api_as_on_the_bus(
+    private_bus: PrivateBus, zlayer_prefix: Paths
+) -> None:
+    """``client.api`` through the API: the token calls ``zlayerctl token`` makes on the bus."""
+    with running_apid(private_bus, zlayer_prefix) as apid:
+        admin = mint_token(private_bus.address, "cli-admin", "admin")
+
+        async def calls() -> None:
+            client = RemoteClient(found=Target(apid.url, admin))
+            issued = await client.api.create_token(
+                TokenCreate(name="made-remotely", role="viewer", deployments=["web"])
+            )
+            assert issued.token and issued.info.role == "viewer"
+            listed = {t.name: t for t in await client.api.list_tokens()}
+            assert listed["made-remotely"].deployments == ["web"]
+            revoked = await client.api.revoke_token("made-remotely")
+            assert revoked.name == "made-remotely"
+            with pytest.raises(NotFoundError, match="there is no token named nosuch"):
+                await client.api.revoke_token("nosuch")
+
+        asyncio.run(calls())
