@@ -8,7 +8,9 @@ So they speak D-Bus through jeepney's blocking connection instead and decode
 each reply into the same wire Structs as the typed clients in
 ``shared.clients`` do. Two calls that are not reads go this way too, as
 cheap to send: ``Validate`` (``zlayerctl validate``) and ``Deploy`` for
-``zlayerctl up -b``, which waits on nothing after it. Everything else that
+``zlayerctl up -b``, which waits on nothing after it; and ``Pull`` and
+``Push``, whose registryd job ``zlayerctl pull`` and ``image push`` wait for
+by its JobRemoved signal (:meth:`BusReader.subscribe`). Everything else that
 changes state, waits on jobs or follows signals stays on sdbus.
 
 :data:`READS` is the one place that names each read's member and
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
     from shared.wire.agent import ReplicaInfo
     from shared.wire.daemon import DaemonStatus
+    from shared.wire.jobs import JobInfo
     from shared.wire.registry import ImageInfo
     from shared.wire.scheduler import Deployed, DeploymentStatus, Event, SpecCheck
     from shared.wire.traffic import DnsRecord, RouteInfo
@@ -101,7 +104,14 @@ READS: dict[str, Read] = {
     "validate": Read("schedd", "Validate", "ssa{ss}", "s"),
     # `up -b`: one Deploy, whose job it does not wait on
     "deploy": Read("schedd", "Deploy", "ssa{ss}", "s"),
+    # `pull` and `image push`: start a registryd job, then wait for its JobRemoved
+    "pull": Read("registryd", "Pull", "sss", "t"),
+    "push": Read("registryd", "Push", "sss", "t"),
+    "get_job": Read("registryd", "GetJob", "t", "s"),
+    "cancel_job": Read("registryd", "CancelJob", "t", ""),
 }
+# registryd's signal at a job's end: (job_id, job_path, JobInfo); a test holds it to shared.bus
+JOB_REMOVED = Read("registryd", "JobRemoved", "tos", "")
 
 
 class BusError(Exception):
@@ -281,6 +291,67 @@ class BusReader:
 
         reply = self.call("validate", spec_text, filename, host_env, timeout=VALIDATE_TIMEOUT)
         return decode(reply[0], SpecCheck)
+
+    def pull(self, reference: str, pull_policy: str, auth: str) -> int:
+        job_id: int = self.call("pull", reference, pull_policy, auth)[0]
+        return job_id
+
+    def push(self, reference: str, destination: str, auth: str) -> int:
+        job_id: int = self.call("push", reference, destination, auth)[0]
+        return job_id
+
+    def get_job(self, job_id: int) -> JobInfo:
+        from shared.wire import decode
+        from shared.wire.jobs import JobInfo
+
+        return decode(self.call("get_job", job_id)[0], JobInfo)
+
+    def cancel_job(self, job_id: int) -> None:
+        self.call("cancel_job", job_id)
+
+    def subscribe(
+        self, signal: Read, path: str = "", interface: str = "", queue: Any = None
+    ) -> Any:
+        """A deque (``queue``, or a new one) that the messages of ``signal`` (from its
+        daemon, at its object or ``path``, of its interface or ``interface``) land in while
+        :meth:`wait` or any call reads the connection; the bus sends them from when this
+        returns."""
+        from collections import deque
+
+        from jeepney import MatchRule
+        from jeepney.bus_messages import message_bus
+
+        bus_name = BUS_NAMES[signal.daemon]
+        rule = MatchRule(
+            type="signal",
+            sender=bus_name,
+            interface=interface or bus_name,
+            member=signal.member,
+            path=path or object_path(bus_name),
+        )
+        if queue is None:
+            queue = deque()
+        self._connection.filter(rule, queue=queue)
+        try:
+            _body(self._connection.send_and_get_reply(message_bus.AddMatch(rule), timeout=10.0))
+        except TimeoutError:
+            raise BusError(NO_REPLY, "Method call timed out") from None
+        except OSError as exc:
+            raise NoBusError(str(exc)) from exc
+        return queue
+
+    def wait(self, queue: Any, timeout: float) -> tuple[str, tuple[Any, ...]]:
+        """The member and body of the next message in a :meth:`subscribe` deque;
+        TimeoutError after ``timeout`` seconds without one."""
+        from jeepney.low_level import HeaderFields
+
+        try:
+            message = self._connection.recv_until_filtered(queue, timeout=timeout)
+        except TimeoutError:
+            raise  # the caller's to handle, not a bus that hung up
+        except OSError as exc:
+            raise NoBusError(str(exc)) from exc
+        return message.header.fields.get(HeaderFields.member, ""), tuple(message.body)
 
     def statuses(
         self, daemons: list[str], timeout: float

@@ -56,6 +56,12 @@ def test_each_read_is_the_interface_member_it_names(key: str) -> None:
         assert member.result_signature == read.result, info.name
 
 
+def test_the_job_removed_signal_is_registryds() -> None:
+    signal = vars(DAEMONS_BY_NAME[busread.JOB_REMOVED.daemon].interface)["job_removed"]
+    assert signal.signal_name == busread.JOB_REMOVED.member
+    assert signal.signal_signature == busread.JOB_REMOVED.signature
+
+
 def test_bus_names_errors_and_paths_are_those_of_shared_bus() -> None:
     assert {d.name: d.bus_name for d in DAEMONS} == busread.BUS_NAMES
     assert list(busread.BUS_NAMES) == [d.name for d in DAEMONS]  # status lists them in order
@@ -102,6 +108,7 @@ def _client_method(name: str) -> typing.Any:
 def test_each_typed_read_returns_what_the_sdbus_client_returns(key: str) -> None:
     # busread names the wire types for the type checker only (imported when a read runs)
     import shared.wire.agent
+    import shared.wire.jobs
     import shared.wire.registry
     import shared.wire.scheduler
     import shared.wire.traffic
@@ -109,6 +116,7 @@ def test_each_typed_read_returns_what_the_sdbus_client_returns(key: str) -> None
     names: dict[str, typing.Any] = {}
     for module in (
         shared.wire.agent,
+        shared.wire.jobs,
         shared.wire.registry,
         shared.wire.scheduler,
         shared.wire.traffic,
