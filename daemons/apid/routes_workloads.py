@@ -27,6 +27,7 @@ from shared import logread
 from shared.bus import NotFoundError
 from shared.clients import AgentClient
 from shared.k8slog import LogLine as FileLine
+from shared.replicas import select_replicas
 from shared.wire import encode
 from shared.wire.agent import JobRun, ReplicaInfo
 from shared.wire.api import ExecRequest, ExecResult, LogLine
@@ -50,30 +51,18 @@ READ_CHUNK = 64 * 1024
 # ---------------------------------------------------------------- replicas
 
 
-async def newest_replicas(agent: AgentClient, deployment: str, service: str) -> list[ReplicaInfo]:
-    """The service's replicas of its newest revision, by instance (as ``zlayerctl logs``)."""
+async def chosen_replicas(
+    agent: AgentClient, deployment: str, service: str, which: str
+) -> list[ReplicaInfo]:
+    """The replicas ``which`` names (every one for ""), as ``zlayerctl logs`` picks them."""
     replicas = await agent.list_replicas(deployment, service)
-    if not replicas:
-        raise NotFoundError(f"service {service} of {deployment} has no replicas on this node")
-    newest = max(r.revision for r in replicas)
-    return sorted((r for r in replicas if r.revision == newest), key=lambda r: r.instance)
-
-
-def pick(replicas: list[ReplicaInfo], which: str, service: str) -> list[ReplicaInfo]:
-    """The replica named by its id or its instance number; every one for ""."""
-    if not which:
-        return replicas
-    chosen = [r for r in replicas if which in (r.id, str(r.instance))]
-    if not chosen:
-        have = ", ".join(str(r.instance) for r in replicas)
-        raise NotFoundError(f"{service} has no replica {which} (replicas: {have})")
-    return chosen
+    return select_replicas(replicas, deployment, service, which)
 
 
 async def running_replica(
     agent: AgentClient, deployment: str, service: str, which: str
 ) -> ReplicaInfo:
-    replicas = pick(await newest_replicas(agent, deployment, service), which, service)
+    replicas = await chosen_replicas(agent, deployment, service, which)
     running = [r for r in replicas if r.state == "running"]
     if not running:
         raise ApiProblem(
@@ -101,7 +90,7 @@ async def _log_sources(
         if runs:
             run_id = f"{deployment}-{service}-{runs[0].id}"  # newest first
             return [(run_id, list(await agent.log_paths(run_id)))]
-    chosen = pick(await newest_replicas(agent, deployment, service), which, service)
+    chosen = await chosen_replicas(agent, deployment, service, which)
     return [(r.id, list(await agent.log_paths(r.id))) for r in chosen]
 
 
