@@ -251,6 +251,19 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         raise NotImplementedError
 
     @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("deployment",),
+        result_args_names=("spec_text",),
+    )
+    async def get_spec(self, deployment: str) -> str:
+        """The spec text of the deployment's current revision, as it was deployed.
+
+        Root only, like Plan: a spec names its environment values.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
         input_signature="ss",
         result_signature="s",
         input_args_names=("deployment", "service"),

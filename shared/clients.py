@@ -218,6 +218,9 @@ class SchedulerClient(JobsDaemonClient[Scheduler1]):
     async def get_deployment(self, deployment: str) -> DeploymentStatus:
         return decode(await self.proxy.get_deployment(deployment), DeploymentStatus)
 
+    async def get_spec(self, deployment: str) -> str:
+        return await self.proxy.get_spec(deployment)
+
     async def trigger_job(self, deployment: str, service: str) -> JobRun:
         return decode(await self.proxy.trigger_job(deployment, service), JobRun)
 

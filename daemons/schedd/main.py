@@ -92,6 +92,10 @@ class SchedulerService(Scheduler1):
         return encode(await self._scheduler.status(deployment))
 
     @dbus_method_async_override()
+    async def get_spec(self, deployment: str) -> str:
+        return self._scheduler.spec_text(deployment)
+
+    @dbus_method_async_override()
     async def trigger_job(self, deployment: str, service: str) -> str:
         return encode(await self._scheduler.trigger_job(deployment, service))
 

@@ -753,6 +753,10 @@ class Scheduler:
     async def _job_runs(self, name: str, service: str) -> list[JobRun]:
         return await self._agent_call(self.agent.list_job_runs(name, service))
 
+    def spec_text(self, name: str) -> str:
+        """The spec text of ``name``'s current revision, as it was deployed."""
+        return self._require(name, removing_ok=True).spec_text
+
     async def status(self, name: str) -> DeploymentStatus:
         from shared.spec import DeploymentSpec
 

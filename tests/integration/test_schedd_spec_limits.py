@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.bus import InvalidSpecError, open_bus
+from shared.bus import InvalidSpecError, NotFoundError, open_bus
 from shared.busdaemon import PrivateBus
 from shared.clients import SchedulerClient
 from shared.paths import Paths
@@ -126,3 +126,28 @@ def test_schedd_answers_while_a_large_spec_is_parsed(
             bus.close()
 
     asyncio.run(scenario())
+
+
+def test_get_spec_answers_the_deployed_text_and_names_an_unknown_deployment(
+    schedd: subprocess.Popen[bytes], private_bus: PrivateBus
+) -> None:
+    """GetSpec (the REST API's /deployments/{name}/spec) gives back the spec as deployed,
+    comments and layout kept; a deployment that does not exist is NotFoundError's sentence."""
+    text = "# kept as written\nversion: v1\ndeployment: limits\nservices: {}\n"
+
+    async def run() -> tuple[str, str]:
+        bus = open_bus(private_bus.address)
+        client = SchedulerClient(bus)
+        try:
+            await client.deploy(text, "limits.zlayer.yml", {})
+            stored = await client.get_spec("limits")
+            with pytest.raises(NotFoundError) as missing:
+                await client.get_spec("nosuch")
+            await client.down("limits")
+            return stored, str(missing.value.args[0])
+        finally:
+            bus.close()
+
+    stored, sentence = asyncio.run(run())
+    assert stored == text
+    assert sentence.startswith("there is no deployment named nosuch")
