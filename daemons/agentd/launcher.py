@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,6 @@ from shared.wire.registry import ImageRootfs
 if TYPE_CHECKING:
     from shared.spec import ServiceSpec
 
-log = logging.getLogger("zlayer.agentd")
 
 HOST_RESOLV = Path("/etc/resolv.conf")
 
@@ -38,16 +36,9 @@ def replica_ids(container_id: str, spec: ServiceSpec) -> ReplicaIds:
 
 
 def container_env(spec: ServiceSpec) -> dict[str, str]:
-    """The spec's env as strings. ``$S:`` secret references are not resolvable on
-    the node yet: they are left out, and said so, rather than passed as text."""
-    env: dict[str, str] = {}
-    for name, value in spec.env.items():
-        text = str(value)
-        if text.startswith("$S:"):
-            log.warning("env %s refers to a secret (%s), which this node cannot read", name, text)
-            continue
-        env[name] = text
-    return env
+    """The spec's env as strings. schedd has already put each ``$S:`` secret's value
+    in the assignment it sent, so nothing here is a reference any more."""
+    return {name: str(value) for name, value in spec.env.items()}
 
 
 class RuntimeLauncher:
