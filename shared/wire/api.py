@@ -123,6 +123,9 @@ class SecretWrite(Wire, frozen=True):
     value: str
     deployment: str = ""  # "" is a node-wide secret
 
+    def __repr__(self) -> str:  # a value must not reach a log line by accident
+        return f"SecretWrite(name={self.name!r}, deployment={self.deployment!r}, value=<hidden>)"
+
 
 class SecretInfo(Wire, frozen=True):
     name: str
@@ -136,3 +139,6 @@ class SecretValue(Wire, frozen=True):
     name: str
     deployment: str
     value: str
+
+    def __repr__(self) -> str:  # a value must not reach a log line by accident
+        return f"SecretValue(name={self.name!r}, deployment={self.deployment!r}, value=<hidden>)"
