@@ -21,6 +21,7 @@ import tempfile
 from typing import IO
 
 from aiohttp import web
+from msgspec import structs
 
 from daemons.apid.base import api, body_as, query_flag, reply
 from daemons.apid.problems import ApiProblem
@@ -279,11 +280,18 @@ async def _spool_body(request: web.Request, limit: int) -> IO[bytes]:
         raise
 
 
-def _context_path(context: str, relative: str, what: str) -> str:
-    """A file of the context named by the query (``file=``), as registryd sees it."""
+def _inside_context(relative: str, what: str) -> str:
+    """A file the query names (``file=``), checked to be inside the context; "" stays "".
+    Checked before the upload is read, so a wrong one costs neither spooling nor a
+    received context registryd would keep."""
     if relative.startswith("/") or ".." in relative.split("/") or "\0" in relative:
         raise ApiProblem(400, f"?{what}= must name a file inside the context, not {relative}")
-    return posixpath.join(context, posixpath.normpath(relative))
+    return posixpath.normpath(relative) if relative else ""
+
+
+def _in_received(context: str, relative: str) -> str:
+    """A checked relative file as registryd sees it, under the context it received."""
+    return posixpath.join(context, relative) if relative else ""
 
 
 def _build_request(request: web.Request) -> BuildRequest:
@@ -308,8 +316,8 @@ def _build_request(request: web.Request) -> BuildRequest:
         raise ApiProblem(400, f"?format= must be oci or docker, not {image_format}")
     return BuildRequest(
         context="",
-        dockerfile=query.get("file", ""),
-        zimagefile=query.get("zimagefile", ""),
+        dockerfile=_inside_context(query.get("file", ""), "file"),
+        zimagefile=_inside_context(query.get("zimagefile", ""), "zimagefile"),
         runtime=RUNTIME_AUTO if runtime == "auto" else runtime,
         tags=tags,
         build_args=build_args,
@@ -364,18 +372,11 @@ async def build_start(request: web.Request) -> web.StreamResponse:
             wrapped.close()
     finally:
         upload.close()
-    sendable = BuildRequest(
+    sendable = structs.replace(
+        build,
         context=context,
-        dockerfile=_context_path(context, build.dockerfile, "file") if build.dockerfile else "",
-        zimagefile=(
-            _context_path(context, build.zimagefile, "zimagefile") if build.zimagefile else ""
-        ),
-        runtime=build.runtime,
-        tags=build.tags,
-        build_args=build.build_args,
-        target=build.target,
-        no_cache=build.no_cache,
-        format=build.format,
+        dockerfile=_in_received(context, build.dockerfile),
+        zimagefile=_in_received(context, build.zimagefile),
     )
     job = await registry.build(sendable)
     response = operation("registry", job)

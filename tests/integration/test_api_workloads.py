@@ -459,6 +459,9 @@ def test_build_refuses_hostile_or_malformed_contexts_with_a_sentence(node: Node,
     tar = context_tar(dockerfile)
     detail = problem("POST", f"{base}/build?file=../Dockerfile", 400, data=tar, headers=TAR)
     assert detail == "?file= must name a file inside the context, not ../Dockerfile"
+    # checked before the upload is read: the sentence names the file, not the body
+    detail = problem("POST", f"{base}/build?zimagefile=/etc/x", 400, data=b"no tar", headers=TAR)
+    assert detail == "?zimagefile= must name a file inside the context, not /etc/x"
     detail = problem("POST", f"{base}/build?tag=UPPER/Case", 400, data=tar, headers=TAR)
     assert detail
     detail = problem("POST", f"{base}/build", 415, data=tar, headers={"Content-Type": "text/x"})
