@@ -9,6 +9,7 @@ bearer security scheme. The docs page is Swagger UI from the package's own
 
 from __future__ import annotations
 
+import asyncio
 import re
 from functools import cache
 from importlib import resources
@@ -253,8 +254,9 @@ async def _docs_file(request: web.Request) -> web.Response:
     if name not in DOCS_FILES:
         raise web.HTTPNotFound()
     suffix = name[name.rfind(".") :]
+    body = await asyncio.to_thread(_asset, name)  # the first read is from disk
     return web.Response(
-        body=_asset(name),
+        body=body,
         content_type=_MEDIA[suffix],
         headers={"Cache-Control": "public, max-age=86400"},
     )

@@ -94,6 +94,13 @@ async def _log_sources(
     return [(r.id, list(await agent.log_paths(r.id))) for r in chosen]
 
 
+def _history(paths: list[str], tail: int | None, follow: bool) -> tuple[int | None, list[FileLine]]:
+    """Where following the newest file starts (None: not followed) and the lines so far,
+    read off the event loop. The start is taken first, so no line falls in between."""
+    start = logread.end_offset(paths[-1]) if follow and paths else None
+    return start, logread.read_lines(paths, tail)
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -157,10 +164,9 @@ async def service_logs(request: web.Request) -> web.StreamResponse:
     followed: list[tuple[str, str, int]] = []
     try:
         for replica, paths in sources:
-            # where following starts is taken before the read, so nothing falls in between
-            if follow and paths:
-                followed.append((replica, paths[-1], logread.end_offset(paths[-1])))
-            lines = await asyncio.to_thread(logread.read_lines, paths, tail)
+            start, lines = await asyncio.to_thread(_history, paths, tail, follow)
+            if start is not None:
+                followed.append((replica, paths[-1], start))
             for start in range(0, len(lines), 1000):
                 chunk = lines[start : start + 1000]
                 await response.write(
