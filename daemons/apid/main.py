@@ -10,7 +10,9 @@ asks: ``GET /health/live`` (the process serves HTTP) and ``GET
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import ssl
 from typing import Annotated, Literal
 
 from aiohttp import web
@@ -20,16 +22,28 @@ from daemons.apid.tokens import TOKEN_STORE_KEY, TokenMethods, TokenStore
 from shared.bus import DAEMONS, DAEMONS_BY_NAME
 from shared.clients import daemon_client
 from shared.config import DaemonSettings, invalid
-from shared.daemon import Daemon, daemon_members, main_for
+from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
+from shared.nodekey import NodeKeyError
 
 PROBE_TIMEOUT = 2.0
+
+
+class TlsFilesError(RuntimeError):
+    """The configured certificate or key cannot be used, in one sentence."""
+
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class ApiSettings(DaemonSettings, kw_only=True):
-    # the address the REST API listens on: this node only, until the API has
-    # TLS (a bind to every address would send tokens in the clear)
+    # the address the REST API listens on. Plain HTTP is served on loopback
+    # only (tokens would cross the network in the clear); any other address
+    # needs tls_cert_file and tls_key_file.
     http_bind: str = "127.0.0.1"
+    # PEM files of the API's TLS certificate (chain) and its private key: with
+    # both set the API speaks HTTPS only
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     # REST API port; 0 picks a free one
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 3669
     # "token": every /api/v1 route needs a bearer token; "none" (tests only,
@@ -47,6 +61,20 @@ class ApiSettings(DaemonSettings, kw_only=True):
     def __post_init__(self) -> None:
         if self.auth == "none" and self.http_bind not in LOOPBACK:
             raise invalid("auth", '"none" is for tests on 127.0.0.1 only; set http_bind to it')
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise invalid(
+                "tls_cert_file", "set tls_cert_file and tls_key_file together, or neither"
+            )
+        if not self.tls_cert_file and self.http_bind not in LOOPBACK:
+            raise invalid(
+                "http_bind",
+                f"plain HTTP is served on 127.0.0.1 only; to serve the API on {self.http_bind}, "
+                "set tls_cert_file and tls_key_file to its certificate and key",
+            )
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
 
 class ApiService(TokenMethods):
@@ -73,7 +101,12 @@ class ApiDaemon(Daemon):
         assert isinstance(settings, ApiSettings)
         assert self.bus is not None
         # the store serves the token routes and CreateToken in either auth mode
-        store = await asyncio.to_thread(self._open_tokens)
+        try:
+            store = await asyncio.to_thread(self._open_tokens)
+            tls = await asyncio.to_thread(self._tls_context, settings) if settings.tls else None
+        except (NodeKeyError, TlsFilesError) as exc:
+            self.log.error("%s", exc)
+            raise SystemExit(EX_CONFIG) from None  # restarting will not help
         self.service.token_store = store
         state = Api(
             bus=self.bus,
@@ -104,12 +137,14 @@ class ApiDaemon(Daemon):
         app[TOKEN_STORE_KEY] = store
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, settings.http_bind, settings.http_port)
+        site = web.TCPSite(self._runner, settings.http_bind, settings.http_port, ssl_context=tls)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else settings.http_port
         self.detail = f"REST API on {settings.http_bind}:{self.http_port}"
+        if tls is not None:
+            self.detail += " (HTTPS)"
         if settings.auth == "none":
             self.log.warning("auth = none: every request is served as the admin 'local'")
         self.log.info("%s", self.detail)
@@ -121,6 +156,27 @@ class ApiDaemon(Daemon):
         state_dir = self.paths.daemon_state("apid")
         state_dir.mkdir(parents=True, exist_ok=True)
         return TokenStore.open(state_dir, key.signing_key())
+
+    @staticmethod
+    def _tls_context(settings: ApiSettings) -> ssl.SSLContext:
+        """The server context of the configured certificate and key (TLS 1.2 at least)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        for path in (settings.tls_cert_file, settings.tls_key_file):
+            if not os.path.exists(path):  # ssl's own error does not say which file
+                raise TlsFilesError(
+                    f"the API's TLS file {path} does not exist; "
+                    "fix tls_cert_file and tls_key_file in apid.toml"
+                )
+        try:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsFilesError(
+                f"cannot use the API's TLS certificate {settings.tls_cert_file} with the key "
+                f"{settings.tls_key_file} ({getattr(exc, 'strerror', None) or exc}); "
+                "check that both are PEM files and that the key is the certificate's"
+            ) from None
+        return context
 
     async def stop(self) -> None:
         await self._runner.cleanup()
