@@ -630,7 +630,19 @@ class WasmConfig(SpecModel):
     request_timeout: Duration = timedelta(seconds=30)
     max_memory: Size | None = None
     max_fuel: Count | None = None
+    epoch_interval: Duration | None = None
+    # Capabilities: every one off unless the spec grants it.
+    allow_http_outgoing: bool = False
+    allowed_hosts: list[NonEmptyStr] = Field(default_factory=list)
+    allow_tcp: bool = False
+    allow_udp: bool = False
     preopens: list[WasmPreopen] = Field(default_factory=list)
+    # Upstream's key-value store and secrets (refused at deploy: no store here).
+    kv_enabled: bool = False
+    kv_namespace: NonEmptyStr | None = None
+    kv_max_value_size: Count | None = None
+    secrets: list[NonEmptyStr] = Field(default_factory=list)
+    precompile: bool = True
 
 
 # ---------------------------------------------------------------- service

@@ -66,6 +66,84 @@ def no_new_privileges(service: ServiceSpec) -> bool:
     return not service.privileged
 
 
+# Upstream's service types that run a module inside its proxy, by what the module is there.
+WASM_PROXY_TYPES = {
+    "wasm_plugin": "a host plugin",
+    "wasm_transformer": "a request and response transformer",
+    "wasm_authenticator": "an authenticator of requests",
+    "wasm_rate_limiter": "a rate limiter of requests",
+    "wasm_middleware": "a middleware of requests",
+    "wasm_router": "a router of requests",
+}
+# wasm settings that shape wasm_http instance pools only.
+WASM_POOL_KEYS = ("min_instances", "max_instances", "idle_timeout", "request_timeout")
+
+
+def _wasm_support(
+    service: ServiceSpec,
+    refuse: Callable[[Path, str], None],
+    warn: Callable[[Path, str], None],
+) -> None:
+    """WebAssembly: WASI commands run (wasmtime run); what they cannot do is said."""
+    kind = service.service_type
+    if kind in WASM_PROXY_TYPES:
+        refuse(
+            ("service_type",),
+            f"service_type {kind} makes the module {WASM_PROXY_TYPES[kind]} inside "
+            "upstream's proxy, which this node's proxy does not load; run it as a WASI "
+            "command (service_type: standard) or a container",
+        )
+    elif kind == "wasm_http":
+        refuse(
+            ("service_type",),
+            "service_type wasm_http (a wasi:http component behind the proxy) is not run by "
+            "this node yet; run the module as a WASI command (service_type: standard)",
+        )
+    wasm = service.wasm
+    if wasm is None:
+        return
+    given = wasm.model_fields_set
+    kv = [key for key in ("kv_enabled", "kv_namespace", "kv_max_value_size") if key in given]
+    if wasm.kv_enabled or wasm.kv_namespace is not None or wasm.kv_max_value_size is not None:
+        refuse(
+            ("wasm", kv[0] if kv else "kv_enabled"),
+            f"wasm.{kv[0] if kv else 'kv_enabled'} asks for upstream's key-value store, which "
+            "this node does not have; remove the kv_ settings and keep the data in a volume",
+        )
+    if wasm.secrets:
+        refuse(
+            ("wasm", "secrets"),
+            "wasm.secrets asks for upstream's secrets interface, which this node does not "
+            "offer; remove it and pass each value to the module through env",
+        )
+    if wasm.allowed_hosts:
+        refuse(
+            ("wasm", "allowed_hosts"),
+            "wasm.allowed_hosts cannot be enforced here (wasmtime's outgoing HTTP keeps no "
+            "list of hosts); remove it, and leave allow_http_outgoing off to keep HTTP out",
+        )
+    if wasm.epoch_interval is not None:
+        warn(
+            ("wasm", "epoch_interval"),
+            "wasm.epoch_interval is not applied (wasmtime run keeps its own epoch ticks); "
+            "bound the module's work with max_fuel",
+        )
+    if not wasm.precompile:
+        warn(
+            ("wasm", "precompile"),
+            "wasm.precompile: false is not applied; each module is compiled once per digest "
+            "and replicas start from that code",
+        )
+    pool = [key for key in WASM_POOL_KEYS if key in given]
+    if pool and kind != "wasm_http":
+        one = len(pool) == 1
+        warn(
+            ("wasm", pool[0]),
+            f"wasm.{', '.join(pool)} {'shapes' if one else 'shape'} the instances of a "
+            f"wasm_http service; {'it has' if one else 'they have'} no effect on a WASI command",
+        )
+
+
 def service_support(name: str, service: ServiceSpec) -> NodeSupport:
     found = NodeSupport()
     base: Path = ("services", name)
@@ -136,18 +214,7 @@ def service_support(name: str, service: ServiceSpec) -> NodeSupport:
                 "open; remove `tunnel` (expose: public publishes the port on this node)",
             )
     _network_support(service.network, refuse, warn)
-    if service.service_type.startswith("wasm_"):
-        refuse(
-            ("service_type",),
-            f"service_type {service.service_type} asks for a WebAssembly runtime, which this "
-            "node does not run yet; deploy an OCI image (service_type: standard)",
-        )
-    elif service.wasm is not None:
-        warn(
-            ("wasm",),
-            "wasm settings apply to WebAssembly services, which this node does not run "
-            "yet; they have no effect here",
-        )
+    _wasm_support(service, refuse, warn)
     if service.service_type == "job" and service.rtype != "job":
         warn(
             ("service_type",),

@@ -157,9 +157,9 @@ def test_upstream_keys_are_never_dropped_in_silence(tmp_path: Path) -> None:
         "warning: shop.zlayer.yml:19:18: service edge: network.overlays.global asks to keep this "
         "service off the network every service shares, but on this node all replicas share one "
         "bridge network; remove it" + refused,
-        "warning: shop.zlayer.yml:22:5: service fn: service_type wasm_http asks for a WebAssembly "
-        "runtime, which this node does not run yet; deploy an OCI image (service_type: standard)"
-        + refused,
+        "warning: shop.zlayer.yml:22:5: service fn: service_type wasm_http (a wasi:http "
+        "component behind the proxy) is not run by this node yet; run the module as a WASI "
+        "command (service_type: standard)" + refused,
         "warning: shop.zlayer.yml:32:1: api is not applied: this node's REST API is zlayer-apid, "
         "set by http_bind and http_port in apid.toml; apid has no authentication yet, so "
         "jwt_secret protects nothing",
@@ -169,8 +169,8 @@ def test_upstream_keys_are_never_dropped_in_silence(tmp_path: Path) -> None:
         "on one node; the volume is a local directory",
         W + "14:5: service web: network overlays and join policies connect "
         "nodes; on one node they have no effect (every replica joins the node's bridge network)",
-        "warning: shop.zlayer.yml:25:5: service plain: wasm settings apply to WebAssembly "
-        "services, which this node does not run yet; they have no effect here",
+        "warning: shop.zlayer.yml:25:12: service plain: wasm.max_instances shapes the instances "
+        "of a wasm_http service; it has no effect on a WASI command",
     ]
     as_json = json.loads(validate(path, "--format", "json").stdout)
     assert len(as_json["refused_here"]) == 4 and len(as_json["warnings"]) == 5
