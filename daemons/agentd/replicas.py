@@ -909,7 +909,7 @@ class Node:
             unhealthy = replica.restart_requested
             replica.restart_requested = ""
             why = unhealthy or (f"OOM-killed (exit {code})" if oom else f"exited with code {code}")
-            if code == wasm.TRAP_EXIT and spec.wasm is not None:  # a WebAssembly limit, named
+            if code != 0 and spec.wasm is not None:  # a WebAssembly limit, named
                 paths = self.launcher.log_paths(record.id)
                 why = await asyncio.to_thread(wasm.limit_reason, spec, code, paths) or why
             self._update(

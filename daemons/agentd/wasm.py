@@ -50,6 +50,7 @@ TRAP_EXIT = 134
 # Traps that mean a limit was reached, as wasmtime words them on stderr.
 FUEL_TRAP = "all fuel consumed"
 INTERRUPT_TRAP = "wasm trap: interrupt"
+MEMORY_REFUSED = "exceeds memory limits"
 TAIL_BYTES = 16384
 # Replicas are built in threads: one copy of the binary and one compile per module at a time.
 _PREPARING = threading.Lock()
@@ -138,6 +139,38 @@ def limit_flags(spec: ServiceSpec) -> list[str]:
         if settings.max_fuel is not None:
             flags += ["-W", f"fuel={int(settings.max_fuel)}"]
     return flags
+
+
+def capability_flags(spec: ServiceSpec) -> list[str]:
+    """wasmtime's ``-S`` options: sockets and outgoing HTTP off unless the spec grants them."""
+    settings = spec.wasm
+    tcp = settings is not None and settings.allow_tcp
+    udp = settings is not None and settings.allow_udp
+    http = settings is not None and settings.allow_http_outgoing
+    options = [f"tcp={'y' if tcp else 'n'}", f"udp={'y' if udp else 'n'}"]
+    if tcp or udp:
+        # wasmtime refuses every address unless the guest inherits the network
+        # (the replica's own namespace, so its address and its firewall).
+        options += ["inherit-network=y", "allow-ip-name-lookup=y"]
+    if http:
+        options.append("http=y")
+    return ["-S", ",".join(options)]
+
+
+def preopen_mounts(spec: ServiceSpec) -> list[tuple[str, str, bool]]:
+    """``wasm.preopens`` as (host source, guest path, read-only)."""
+    if spec.wasm is None:
+        return []
+    found = []
+    for item in spec.wasm.preopens:
+        if not os.path.isabs(item.source) or not item.target.startswith("/"):
+            raise BundleError(
+                f'the preopen "{item.source}" -> "{item.target}" needs two absolute paths'
+            )
+        if ".." in Path(item.target).parts:
+            raise BundleError(f'the preopen target "{item.target}" may not hold ".."')
+        found.append((item.source, item.target, item.readonly))
+    return found
 
 
 def codegen_flags(flags: list[str]) -> list[str]:
@@ -272,8 +305,10 @@ def build_bundle(
     )
     names = [item.partition("=")[0] for item in rootfs.config.env] + list(env)
     argv = [WASMTIME_TARGET, "run", "-C", "cache=n", "--allow-precompiled", *flags]
-    for item in spec.storage:
-        target = getattr(item, "target", None)
+    argv += capability_flags(spec)
+    preopens = preopen_mounts(spec)
+    targets = [getattr(item, "target", "") for item in spec.storage]
+    for target in dict.fromkeys([*targets, *(guest for _src, guest, _ro in preopens)]):
         if target:
             argv.append(f"--dir={target}")
     for name in dict.fromkeys(names):
@@ -303,6 +338,11 @@ def build_bundle(
     mounts.append(_ro_bind(str(compiled), MODULE_TARGET))
     for library in shared_libraries(runtime.path):
         mounts.append(_ro_bind(library, library))
+    for source, guest, readonly in preopens:
+        if not os.path.isdir(source):
+            raise BundleError(f"the preopen source {source} is not a directory on this node")
+        options = ["rbind", "rprivate", *(["ro"] if readonly else [])]
+        mounts.append({"destination": guest, "type": "bind", "source": source, "options": options})
     config["annotations"]["org.zlayer.runtime"] = "wasm"
     return plan
 
@@ -313,7 +353,7 @@ def build_bundle(
 def limit_reason(spec: ServiceSpec, code: int, log_paths: list[str]) -> str:
     """The limit a module that trapped ran into, from wasmtime's words in the log;
     empty when it ended for another reason."""
-    if code != TRAP_EXIT or spec.wasm is None or not log_paths:
+    if code == 0 or spec.wasm is None or not log_paths:
         return ""
     try:
         with open(log_paths[-1], "rb") as handle:
@@ -326,4 +366,9 @@ def limit_reason(spec: ServiceSpec, code: int, log_paths: list[str]) -> str:
         return f"stopped: the module used its fuel of {int(spec.wasm.max_fuel)}"
     if INTERRUPT_TRAP in tail:
         return "stopped: the module ran past its time limit"
+    if MEMORY_REFUSED in tail and spec.wasm.max_memory is not None:
+        return (
+            "stopped: the module needs more memory than its max_memory of "
+            f"{int(spec.wasm.max_memory)} bytes"
+        )
     return ""

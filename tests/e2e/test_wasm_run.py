@@ -92,6 +92,12 @@ COMPONENT = r"""
 """
 
 
+# Asks for 100 pages (6.4 MB) of memory at instantiation.
+BIG_MEMORY = r"""
+(module (memory 100) (func (export "_start")))
+"""
+
+
 def wasm_image(node: Node, name: str, wat: str) -> str:
     """The module built from ``wat``, exported as an artifact and imported; its name."""
     module = node.workdir / f"{name}.wasm"
@@ -211,8 +217,9 @@ def test_a_wasi_service_gets_its_args_env_and_restarts_by_policy(node: Node) -> 
         node.ctl("down", "wasmsvc")
 
 
-def test_a_fuel_overrun_is_stopped_with_a_message_naming_the_limit(node: Node) -> None:
+def test_fuel_and_memory_overruns_are_stopped_with_a_message_naming_the_limit(node: Node) -> None:
     image = wasm_image(node, "spin", LOOP)
+    big = wasm_image(node, "big", BIG_MEMORY)
     spec = node.spec(
         "wasmfuel",
         f"""
@@ -223,6 +230,10 @@ def test_a_fuel_overrun_is_stopped_with_a_message_naming_the_limit(node: Node) -
             rtype: job
             image: {image}
             wasm: {{max_fuel: 1000000}}
+          big:
+            rtype: job
+            image: {big}
+            wasm: {{max_memory: 1Mi}}
         """,
     )
     node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
@@ -234,6 +245,12 @@ def test_a_fuel_overrun_is_stopped_with_a_message_naming_the_limit(node: Node) -
         )
         assert status[0]["state"] == "failed"
         assert "used its fuel of 1000000" in status[0]["message"], status[0]
+        run = node.ctl("job", "trigger", "big", "-d", "wasmfuel", "--wait", timeout=60)
+        assert run.returncode != 0
+        status = json.loads(
+            node.ctl("job", "status", "big", "-d", "wasmfuel", "--format", "json").stdout
+        )
+        assert "more memory than its max_memory of 1048576 bytes" in status[0]["message"]
     finally:
         node.ctl("down", "wasmfuel")
 
