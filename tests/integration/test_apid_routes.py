@@ -194,6 +194,11 @@ def test_a_deployment_through_the_api_from_deploy_to_down(api: Api) -> None:
     listed_events = api.json("GET", f"/api/v1/deployments/{name}/events?limit=5")
     assert 0 < len(listed_events) <= 5 and all(e["deployment"] == name for e in listed_events)
     assert api.json("GET", "/api/v1/events?limit=3")[-1]["deployment"] == name
+    # schedd cannot give a stored spec back yet: one sentence, never a 500
+    no_spec = api.problem("GET", f"/api/v1/deployments/{name}/spec", 501)
+    assert no_spec["detail"] == (
+        "this node's zlayer-schedd cannot return a stored spec yet; keep the spec file"
+    )
 
     scaled = api.json(
         "POST", f"/api/v1/deployments/{name}/services/web/scale", {"replicas": 1}, status=202
@@ -212,6 +217,7 @@ def test_errors_are_problem_documents_with_the_cli_sentence(api: Api) -> None:
     missing = api.problem("GET", "/api/v1/deployments/nosuch", 404)
     assert "nosuch" in missing["detail"]
     api.problem("GET", "/api/v1/deployments/nosuch/services/web", 404)
+    api.problem("GET", "/api/v1/deployments/nosuch/spec", 404)
     api.problem("DELETE", "/api/v1/deployments/nosuch", 404)
     api.problem("GET", "/api/v1/operations/scheduler/999999", 404)
     api.problem("GET", "/api/v1/operations/nowhere/1", 404)  # no such route: aiohttp's 404
