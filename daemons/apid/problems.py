@@ -55,11 +55,11 @@ def problem_response(
     type: str = "about:blank",
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
+    """The problem document for ``status`` with ``detail``, the one sentence the CLI prints."""
     body = Problem(type=type, title=_title(status), status=status, detail=detail)
-    response = web.Response(
+    return web.Response(
         text=encode(body), status=status, headers=headers, content_type=PROBLEM_JSON
     )
-    return response
 
 
 def _title(status: int) -> str:

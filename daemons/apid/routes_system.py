@@ -197,19 +197,19 @@ async def proxy_stats(request: web.Request) -> web.StreamResponse:
     return reply([s for s in found if can_see(request, s.deployment)])
 
 
-def _jobs(request: web.Request) -> tuple[JobsDaemonClient, int]:  # type: ignore[type-arg]
+def _operation_client(request: web.Request) -> tuple[JobsDaemonClient, int]:  # type: ignore[type-arg]
     state = api(request)
     client = state.scheduler if request.match_info["daemon"] == "scheduler" else state.registry
     return client, int(request.match_info["id"])
 
 
-async def _visible_job(request: web.Request) -> tuple[JobsDaemonClient, JobInfo]:  # type: ignore[type-arg]
+async def _visible_operation(request: web.Request) -> tuple[JobsDaemonClient, JobInfo]:  # type: ignore[type-arg]
     """The operation's client and JobInfo; 404 for a token scoped to other deployments.
 
     schedd's jobs name their deployment as their target; registryd's (pulls,
     pushes, builds) belong to no deployment, so a scoped token sees none.
     """
-    client, job_id = _jobs(request)
+    client, job_id = _operation_client(request)
     info = await client.get_job(job_id)
     caller = principal(request)
     if caller.deployments is not None and (
@@ -235,7 +235,7 @@ async def _visible_job(request: web.Request) -> tuple[JobsDaemonClient, JobInfo]
     tags=("operations",),
 )
 async def get_operation(request: web.Request) -> web.StreamResponse:
-    _client, info = await _visible_job(request)
+    _client, info = await _visible_operation(request)
     return reply(info)
 
 
@@ -250,7 +250,7 @@ async def get_operation(request: web.Request) -> web.StreamResponse:
     tags=("operations",),
 )
 async def stream_operation(request: web.Request) -> web.StreamResponse:
-    client, first = await _visible_job(request)  # 404 before the stream opens
+    client, first = await _visible_operation(request)  # 404 before the stream opens
 
     async def source() -> AsyncIterator[tuple[str, object]]:
         if first.state != "running":
@@ -294,6 +294,6 @@ async def stream_operation(request: web.Request) -> web.StreamResponse:
     tags=("operations",),
 )
 async def cancel_operation(request: web.Request) -> web.StreamResponse:
-    client, info = await _visible_job(request)
+    client, info = await _visible_operation(request)
     await client.cancel_job(info.id)
     return web.Response(status=204)
