@@ -98,6 +98,28 @@ BIG_MEMORY = r"""
 """
 
 
+# Writes "written by wasm" to out.txt in its first preopened directory (fd 3).
+WRITER = r"""
+(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "out.txt")
+  (data (i32.const 96) "written by wasm\n")
+  (func (export "_start") (local $err i32)
+    ;; path_open(dirfd 3, lookup 0, "out.txt", O_CREAT|O_TRUNC, rights all, inherit all, 0, &fd)
+    (local.set $err (call $path_open (i32.const 3) (i32.const 0) (i32.const 64) (i32.const 7)
+      (i32.const 9) (i64.const 0x1FFFFFFF) (i64.const 0x1FFFFFFF) (i32.const 0) (i32.const 128)))
+    (if (local.get $err) (then (call $proc_exit (i32.add (i32.const 10) (local.get $err)))))
+    (i32.store (i32.const 0) (i32.const 96))
+    (i32.store (i32.const 4) (i32.const 16))
+    (drop (call $fd_write (i32.load (i32.const 128)) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (call $proc_exit (i32.const 0))))
+"""
+
+
 def wasm_image(node: Node, name: str, wat: str) -> str:
     """The module built from ``wat``, exported as an artifact and imported; its name."""
     module = node.workdir / f"{name}.wasm"
@@ -140,6 +162,30 @@ def test_a_wasi_job_prints_to_its_logs_and_exits_with_its_code(node: Node) -> No
         assert "hello from wasm" in logs.stdout
     finally:
         node.ctl("down", "wasmjob")
+
+
+def test_storage_is_a_preopened_directory_of_the_module(node: Node) -> None:
+    image = wasm_image(node, "writer", WRITER)
+    spec = node.spec(
+        "wasmvol",
+        f"""
+        version: v1
+        deployment: wasmvol
+        services:
+          writer:
+            rtype: job
+            image: {image}
+            storage: [{{type: named, name: wasmvol-data, target: /data}}]
+        """,
+    )
+    node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+    try:
+        run = node.ctl("job", "trigger", "writer", "-d", "wasmvol", "--wait", timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        volume = node.paths.daemon_state("agentd") / "volumes" / "wasmvol-data"
+        assert (volume / "out.txt").read_text() == "written by wasm\n"
+    finally:
+        node.ctl("down", "wasmvol")
 
 
 def test_wasip2_components_run_as_jobs_with_their_exit_codes(node: Node) -> None:
