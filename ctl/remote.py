@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import ssl
 import tarfile
 import tempfile
@@ -27,6 +28,7 @@ from typing import IO, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+import sdbus
 
 from ctl.client import Client
 from ctl.contexts import Target, TargetError, target
@@ -42,6 +44,7 @@ from shared.bus import (
     UnavailableError,
     ZLayerError,
 )
+from shared.busread import BUS_NAMES
 from shared.clients import RegistryClient
 from shared.wire import decode, encode
 from shared.wire.agent import JobRun, ReplicaInfo
@@ -104,6 +107,10 @@ _BY_NAME: dict[str, type[ZLayerError]] = {
     "Unavailable": UnavailableError,
     "NotSupported": NotSupportedError,
 }
+
+
+# apid's detail for a daemon missing from its bus (ctl.errors' sentence for it)
+_NOT_ON_THE_BUS = re.compile(r"zlayer-(\w+) is not on the bus")
 
 
 def _ssl_context(found: Target) -> ssl.SSLContext | bool:
@@ -250,6 +257,13 @@ class Http:
             raise ApiError(
                 f"the API at {self.base} is limiting this token's requests; "
                 f"try again in {wait} seconds"
+            )
+        away = _NOT_ON_THE_BUS.match(detail) if status == 503 else None
+        if away is not None and away.group(1) in BUS_NAMES:
+            # as the bus client raises it, so that commands wait for a restarting daemon
+            # as they do on the node (ctl.errors says the same sentence for it)
+            raise sdbus.DbusServiceUnknownError(
+                f"The name {BUS_NAMES[away.group(1)]} was not provided by any .service files"
             )
         name = kind.rsplit(":", 1)[-1]
         error = _BY_NAME.get(name) or _BY_STATUS.get(status)

@@ -24,7 +24,7 @@ from shared.paths import Paths
 from shared.wire.api import TokenCreate
 from tests.api_client import mint_token, running_apid
 
-RATE = "rate_per_second = 0.2\nrate_burst = 3\n"
+RATE = "rate_per_second = 0.2\nrate_burst = 5\n"
 
 
 def _ctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -50,12 +50,17 @@ def test_missing_daemons_and_the_rate_limit_read_as_one_sentence(
         }
         remote_env.update(ZLAYER_TOKEN=token, XDG_CONFIG_HOME=str(tmp_path / "config"))
 
-        # schedd is not on the bus: the same sentence either way
-        local = _ctl("down", "web", env=local_env)
-        remote = _ctl("--host", apid.url, "down", "web", env=remote_env)
-        assert local.returncode == remote.returncode == 1
-        assert "zlayer-schedd is not on the bus" in local.stderr
-        assert remote.stderr == local.stderr
+        # schedd (agentd) is not on the bus: the same sentence either way
+        for argv, daemon in (
+            (["down", "web"], "schedd"),
+            (["ps"], "schedd"),
+            (["ps", "--containers"], "agentd"),
+        ):
+            local = _ctl(*argv, env=local_env)
+            remote = _ctl("--host", apid.url, *argv, env=remote_env)
+            assert local.returncode == remote.returncode == 1, argv
+            assert f"zlayer-{daemon} is not on the bus" in local.stderr, argv
+            assert remote.stderr == local.stderr, argv
 
         # the token's burst spent: 429 becomes a sentence with the wait in it
         answers = [_ctl("--host", apid.url, "ps", env=remote_env) for _ in range(5)]
