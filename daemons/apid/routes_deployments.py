@@ -18,6 +18,11 @@ TAGS = ("deployments",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
 EVENTS_LIMIT = 100
 MAX_EVENTS = 10_000
+# the query of both event routes (a deployment's, the node's)
+EVENTS_QUERY = {
+    "limit": f"how many of the last events (default {EVENTS_LIMIT})",
+    "follow": "true: a server-sent event stream of each new Event (also Accept: text/event-stream)",
+}
 
 
 def operation(daemon: str, job: int, value: object | None = None) -> web.Response:
@@ -25,6 +30,11 @@ def operation(daemon: str, job: int, value: object | None = None) -> web.Respons
     ref = OperationRef(daemon="scheduler" if daemon == "scheduler" else "registry", id=job)
     location = f"{API_PREFIX}/operations/{ref.daemon}/{ref.id}"
     return reply(ref if value is None else value, status=202, headers={"Location": location})
+
+
+def events_limit(request: web.Request) -> int:
+    """``?limit=`` of the event routes: how many of the last events to list."""
+    return query_int(request, "limit", EVENTS_LIMIT, 1, MAX_EVENTS)
 
 
 def no_deployment(name: str) -> ApiProblem:
@@ -136,11 +146,7 @@ async def get_spec(request: web.Request) -> web.StreamResponse:
     summary="A deployment's events: the last ones (ListEvents), or a stream (EventEmitted)",
     deployment="name",
     returns=list[Event],
-    query={
-        "limit": f"how many of the last events (default {EVENTS_LIMIT})",
-        "follow": "true: a server-sent event stream of each new Event (also Accept: "
-        "text/event-stream)",
-    },
+    query=EVENTS_QUERY,
     tags=TAGS,
 )
 async def deployment_events(request: web.Request) -> web.StreamResponse:
@@ -154,8 +160,7 @@ async def deployment_events(request: web.Request) -> web.StreamResponse:
                     yield event.kind, event
 
         return await send_events(request, events())
-    limit = query_int(request, "limit", EVENTS_LIMIT, 1, MAX_EVENTS)
-    return reply(await scheduler.list_events(name, limit))
+    return reply(await scheduler.list_events(name, events_limit(request)))
 
 
 @route(

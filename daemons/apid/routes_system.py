@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from daemons.apid.base import api, query_int, reply
+from daemons.apid.base import api, reply
 from daemons.apid.problems import ApiProblem
+from daemons.apid.routes_deployments import EVENTS_QUERY, events_limit
 from daemons.apid.routing import Role, can_see, principal, route
 from daemons.apid.streams import send_events, wants_stream
 from shared.bus import DAEMONS
@@ -28,8 +29,6 @@ from shared.wire.overlay import NetworkInfo
 from shared.wire.scheduler import Event
 from shared.wire.traffic import DnsRecord, RouteInfo, ServiceStats
 
-EVENTS_LIMIT = 100
-MAX_EVENTS = 10_000
 STATUS_TIMEOUT = 2.0
 OPERATION = "/operations/{daemon:scheduler|registry}/{id:[0-9]{1,19}}"
 
@@ -53,11 +52,7 @@ async def containers(request: web.Request) -> web.StreamResponse:
     role=Role.VIEWER,
     summary="The node's events: the last ones of each deployment (ListEvents), or a stream",
     returns=list[Event],
-    query={
-        "limit": f"how many of the last events (default {EVENTS_LIMIT})",
-        "follow": "true: a server-sent event stream of each new Event (also Accept: "
-        "text/event-stream)",
-    },
+    query=EVENTS_QUERY,
     tags=("events",),
 )
 async def events(request: web.Request) -> web.StreamResponse:
@@ -71,7 +66,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                     yield event.kind, event
 
         return await send_events(request, source())
-    limit = query_int(request, "limit", EVENTS_LIMIT, 1, MAX_EVENTS)
+    limit = events_limit(request)
     names = [d.name for d in await scheduler.list_deployments() if caller.may_see(d.name)]
     listed = await asyncio.gather(*(scheduler.list_events(name, limit) for name in names))
     merged = sorted((e for found in listed for e in found), key=lambda e: e.time)

@@ -466,6 +466,11 @@ def _query_deployment(request: web.Request) -> str:
     tags=JOB_TAGS,
 )
 async def job_trigger(request: web.Request) -> web.StreamResponse:
+    return await _trigger(request)
+
+
+async def _trigger(request: web.Request) -> web.StreamResponse:
+    """A run of the job or cron job now (TriggerJob); its JobRun."""
     deployment = _query_deployment(request)
     run = await api(request).scheduler.trigger_job(deployment, request.match_info["svc"])
     return reply(run)
@@ -512,9 +517,7 @@ async def cron_list(request: web.Request) -> web.StreamResponse:
     tags=JOB_TAGS,
 )
 async def cron_trigger(request: web.Request) -> web.StreamResponse:
-    deployment = _query_deployment(request)
-    run = await api(request).scheduler.trigger_job(deployment, request.match_info["svc"])
-    return reply(run)
+    return await _trigger(request)
 
 
 async def _set_cron(request: web.Request, enabled: bool) -> web.StreamResponse:

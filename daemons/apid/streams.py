@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from daemons.apid.base import query_flag
 from shared.wire import encode
 
 HEARTBEAT = 15.0
@@ -19,8 +20,7 @@ _END = object()
 
 def wants_stream(request: web.Request) -> bool:
     """``?follow=true`` or ``Accept: text/event-stream``."""
-    follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
-    return follow or EVENT_STREAM in request.headers.get("Accept", "")
+    return query_flag(request, "follow") or EVENT_STREAM in request.headers.get("Accept", "")
 
 
 async def send_events(
