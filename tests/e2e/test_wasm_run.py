@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import wasmtime
@@ -18,6 +19,8 @@ import wasmtime
 from tests.e2e.node import Node, wait_until
 
 pytestmark = pytest.mark.timeout(300)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # A WASIp1 command: writes its line to fd 1 (fd_write) and exits with 7 (proc_exit).
 HELLO = r"""
@@ -120,12 +123,12 @@ WRITER = r"""
 """
 
 
-def wasm_image(node: Node, name: str, wat: str) -> str:
+def wasm_image(node: Node, name: str, wat: str, reference: str = "") -> str:
     """The module built from ``wat``, exported as an artifact and imported; its name."""
     module = node.workdir / f"{name}.wasm"
     module.write_bytes(wasmtime.wat2wasm(wat))
     layout = node.workdir / f"{name}.oci"
-    reference = f"localhost/{name}:1"
+    reference = reference or f"localhost/{name}:1"
     node.ctl(
         "wasm", "export", str(module), "--name", reference, "--output", str(layout), check=True
     )
@@ -341,3 +344,20 @@ def test_a_wasm_replica_keeps_running_while_agentd_restarts(own_node: Node) -> N
     assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
     os.kill(int(str(before["pid"])), 0)  # the same wasmtime process, never stopped
     node.ctl("down", "wasmkeep", check=True)
+
+
+def test_the_wasm_job_example_runs_as_its_comments_say(node: Node) -> None:
+    wasm_image(
+        node, "example", (EXAMPLES / "wasm-job" / "hello.wat").read_text(), "localhost/wasm-hello:1"
+    )
+    spec = EXAMPLES / "wasm-job.zlayer.yml"
+    node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+    try:
+        run = node.ctl("job", "trigger", "hello", "-d", "wasm-hello", "--wait", timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        logs = node.ctl("logs", "hello", "-d", "wasm-hello", "-n", "5", check=True)
+        assert "world GREETING=hello" in logs.stdout
+        volume = node.paths.daemon_state("agentd") / "volumes" / "wasm-hello-out"
+        assert (volume / "out.txt").read_text() == "written by wasm\n"
+    finally:
+        node.ctl("down", "wasm-hello")
