@@ -108,8 +108,12 @@ def test_help_imports_no_command() -> None:
     assert not any(name.endswith("_cmd") for name in modules)
 
 
-def test_validate_imports_the_spec_and_nothing_for_images_or_the_bus() -> None:
+def test_validate_imports_the_spec_and_nothing_for_images_or_the_bus(tmp_path: Path) -> None:
+    # checked here: no schedd answers (where one does, it checks the spec and the models
+    # are not loaded at all: tests/integration/test_validate_schedd.py)
     modules = modules_after(
+        "import os\n"
+        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
         "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
         "validate",
         "examples/static-web.zlayer.yml",
