@@ -25,7 +25,7 @@ EVENTS_QUERY = {
 }
 
 
-def operation(daemon: str, job: int, value: object | None = None) -> web.Response:
+def operation_accepted(daemon: str, job: int, value: object | None = None) -> web.Response:
     """202 with the operation to follow (or ``value``) and its URL in Location."""
     ref = OperationRef(daemon="scheduler" if daemon == "scheduler" else "registry", id=job)
     location = f"{API_PREFIX}/operations/{ref.daemon}/{ref.id}"
@@ -90,7 +90,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
         if query_flag(request, "dry_run"):
             return reply(plan)
     deployed = await scheduler.deploy(wanted.spec, filename, wanted.env)
-    return operation("scheduler", deployed.job, deployed)
+    return operation_accepted("scheduler", deployed.job, deployed)
 
 
 @route(
@@ -118,7 +118,7 @@ async def get_deployment(request: web.Request) -> web.StreamResponse:
 )
 async def delete_deployment(request: web.Request) -> web.StreamResponse:
     job = await api(request).scheduler.down(request.match_info["name"])
-    return operation("scheduler", job)
+    return operation_accepted("scheduler", job)
 
 
 @route(
@@ -175,7 +175,7 @@ async def deployment_events(request: web.Request) -> web.StreamResponse:
 )
 async def rollback(request: web.Request) -> web.StreamResponse:
     job = await api(request).scheduler.rollback(request.match_info["name"])
-    return operation("scheduler", job)
+    return operation_accepted("scheduler", job)
 
 
 @route(
@@ -197,7 +197,7 @@ async def stop(request: web.Request) -> web.StreamResponse:
     job = await api(request).scheduler.stop(
         request.match_info["name"], wanted.service, wanted.timeout, wanted.force
     )
-    return operation("scheduler", job)
+    return operation_accepted("scheduler", job)
 
 
 async def _service(request: web.Request) -> ServiceStatus:
@@ -272,4 +272,4 @@ async def scale(request: web.Request) -> web.StreamResponse:
     job = await api(request).scheduler.scale(
         request.match_info["dep"], request.match_info["svc"], wanted.replicas
     )
-    return operation("scheduler", job)
+    return operation_accepted("scheduler", job)

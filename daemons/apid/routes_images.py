@@ -4,10 +4,12 @@
 Pulls, pushes and builds are registryd jobs: the route answers 202 with the
 operation to follow (``/operations/registry/{id}``, or ``/build/{id}`` for a
 build). A build's context comes as a tar in the request body: apid spools it
-to an unnamed file in its state directory (bounded in size), checks its
-members' names, and hands it to registryd with ``Receive`` under one top
-directory, as ``zlayerctl build`` sends a context registryd cannot see;
-registryd extracts it with its own checks and removes it when the build ends.
+to an unnamed file in its state directory (at most the setting
+``max_build_context_bytes``, as sent and once unpacked), checks its members'
+names, and hands it to registryd with ``Receive`` under one top directory, as
+``zlayerctl build`` sends a context registryd cannot see; registryd extracts
+it with its own checks and removes it when the build ends. A login's registry
+must be a host name before registryd is asked to reach it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from msgspec import structs
 
 from daemons.apid.base import api, body_as, query_flag, reply
 from daemons.apid.problems import ApiProblem
-from daemons.apid.routes_deployments import operation
+from daemons.apid.routes_deployments import operation_accepted
 from daemons.apid.routing import API_PREFIX, Role, route
 from shared import logread
 from shared.bus import SEND_COMPLETE
@@ -107,7 +109,7 @@ async def image_remove(request: web.Request) -> web.StreamResponse:
 async def image_pull(request: web.Request) -> web.StreamResponse:
     asked: PullRequest = await body_as(request, PullRequest)
     job = await api(request).registry.pull(asked.reference, asked.pull_policy, "")
-    return operation("registry", job)
+    return operation_accepted("registry", job)
 
 
 @route(
@@ -123,7 +125,7 @@ async def image_pull(request: web.Request) -> web.StreamResponse:
 async def image_push(request: web.Request) -> web.StreamResponse:
     asked: PushRequest = await body_as(request, PushRequest)
     job = await api(request).registry.push(asked.reference, asked.destination, "")
-    return operation("registry", job)
+    return operation_accepted("registry", job)
 
 
 @route(
@@ -379,7 +381,7 @@ async def build_start(request: web.Request) -> web.StreamResponse:
         zimagefile=_in_received(context, build.zimagefile),
     )
     job = await registry.build(sendable)
-    response = operation("registry", job)
+    response = operation_accepted("registry", job)
     response.headers["Location"] = f"{API_PREFIX}/build/{job}"
     return response
 
