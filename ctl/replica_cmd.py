@@ -20,16 +20,17 @@ from ctl.client import Client, resolve_deployment
 from ctl.output import err_console, fail
 from shared import logread
 from shared.k8slog import LogLine
+from shared.replicas import select_replicas
 from shared.wire.agent import ReplicaInfo
 from shared.wire.api import LogLine as WireLogLine
 
 
-async def _replicas(client: Client, deployment: str, service: str) -> list[ReplicaInfo]:
+async def _chosen(
+    client: Client, deployment: str, service: str, instance: int | None
+) -> list[ReplicaInfo]:
+    """The replicas the command means (shared.replicas: as the API's routes pick them)."""
     replicas = await client.agent.list_replicas(deployment, service)
-    if not replicas:
-        fail(f"service {service} of {deployment} has no replicas on this node")
-    newest = max(r.revision for r in replicas)
-    return sorted((r for r in replicas if r.revision == newest), key=lambda r: r.instance)
+    return select_replicas(replicas, deployment, service, instance)
 
 
 async def _print_last_run(
@@ -51,16 +52,6 @@ async def _print_last_run(
     for line in logread.read_lines(paths, tail):
         _emit(line, "", timestamps)
     return True
-
-
-def _pick(replicas: list[ReplicaInfo], instance: int | None, service: str) -> list[ReplicaInfo]:
-    if instance is None:
-        return replicas
-    chosen = [r for r in replicas if r.instance == instance]
-    if not chosen:
-        have = ", ".join(str(r.instance) for r in replicas)
-        fail(f"{service} has no replica {instance} (replicas: {have})")
-    return chosen
 
 
 def _emit(line: LogLine, prefix: str, timestamps: bool) -> None:
@@ -103,7 +94,7 @@ async def _remote_logs(
             async for line in agent.logs(deployment, service, tail=tail):
                 _emit(_as_local(line), "", timestamps)
             return
-    chosen = _pick(await _replicas(client, deployment, service), instance, service)
+    chosen = await _chosen(client, deployment, service, instance)
 
     async def show(replica: ReplicaInfo, lines: int | None, follow_it: bool) -> None:
         prefix = f"{service}-{replica.instance} | " if len(chosen) > 1 else ""
@@ -149,7 +140,7 @@ def logs(
             return
         if await _print_last_run(client, target, service, tail, timestamps):
             return
-        chosen = _pick(await _replicas(client, target, service), instance, service)
+        chosen = await _chosen(client, target, service, instance)
         followers = []
         for replica in chosen:
             paths = list(await client.agent.log_paths(replica.id))
@@ -182,7 +173,7 @@ def exec_(
     async def run() -> int:
         client = Client()
         target = await resolve_deployment(client, deployment)
-        replicas = _pick(await _replicas(client, target, service), instance, service)
+        replicas = await _chosen(client, target, service, instance)
         running = [r for r in replicas if r.state == "running"]
         if not running:
             fail(f"no replica of {service} is running; see `zlayerctl ps --containers`")
