@@ -839,11 +839,12 @@ def cron_ls(deployment: str, output_format: str) -> None:
         print_rows(
             output_format,
             rows,
-            ["DEPLOYMENT", "SERVICE", "SCHEDULE", "NEXT RUN", "LAST RUN"],
+            ["DEPLOYMENT", "SERVICE", "SCHEDULE", "ENABLED", "NEXT RUN", "LAST RUN"],
             lambda r: [
                 r.deployment,
                 r.service,
                 r.schedule,
+                "yes" if r.enabled else "no",
                 stamp(r.next_run) if r.next_run else "",
                 stamp(r.last_run) if r.last_run else "",
             ],

@@ -218,6 +218,8 @@ def test_a_disabled_cron_job_does_not_fire_until_enabled(node: Node) -> None:
     assert "cron job tick of crony disabled" in off.stderr
     (row,) = json.loads(node.ctl("job", "cron", "ls", "--format", "json", check=True).stdout)
     assert row["enabled"] is False and row["next_run"] is None
+    table = node.ctl("job", "cron", "ls", check=True).stdout.splitlines()
+    assert "ENABLED" in table[0] and table[1].split()[-2] == "no", table
     time.sleep(1.5)  # a run started as it was turned off may still be listed
     before = runs(node)
     time.sleep(3)
