@@ -3,14 +3,15 @@ request bodies and query parameters read with one sentence when they are wrong."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from sdbus import SdBus
 
 from daemons.apid.problems import ApiProblem
+from daemons.apid.routing import can_see
 from shared.clients import (
     AgentClient,
     OverlayClient,
@@ -55,6 +56,19 @@ API_KEY = web.AppKey("zlayer_api", Api)
 
 def api(request: web.Request) -> Api:
     return request.app[API_KEY]
+
+
+class _OfDeployment(Protocol):
+    @property
+    def deployment(self) -> str: ...
+
+
+OfDeployment = TypeVar("OfDeployment", bound=_OfDeployment)
+
+
+def visible(request: web.Request, found: Iterable[OfDeployment]) -> list[OfDeployment]:
+    """Those of ``found`` whose deployment the caller's token reaches (listings filter so)."""
+    return [item for item in found if can_see(request, item.deployment)]
 
 
 def reply(value: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

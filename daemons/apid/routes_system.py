@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from daemons.apid.base import api, reply
+from daemons.apid.base import api, reply, visible
 from daemons.apid.problems import ApiProblem
 from daemons.apid.routes_deployments import EVENTS_QUERY, events_limit
-from daemons.apid.routing import Role, can_see, principal, route
+from daemons.apid.routing import Role, principal, route
 from daemons.apid.streams import send_events, wants_stream
 from shared.bus import DAEMONS
 from shared.clients import JobsDaemonClient, daemon_client
@@ -43,7 +43,7 @@ OPERATION = "/operations/{daemon:scheduler|registry}/{id:[0-9]{1,19}}"
 )
 async def containers(request: web.Request) -> web.StreamResponse:
     found = await api(request).agent.list_replicas()
-    return reply([r for r in found if can_see(request, r.deployment)])
+    return reply(visible(request, found))
 
 
 @route(
@@ -163,7 +163,7 @@ async def overlay_status(request: web.Request) -> web.StreamResponse:
 )
 async def overlay_dns(request: web.Request) -> web.StreamResponse:
     found = await api(request).overlay.list_records()
-    return reply([r for r in found if can_see(request, r.deployment)])
+    return reply(visible(request, found))
 
 
 @route(
@@ -176,7 +176,7 @@ async def overlay_dns(request: web.Request) -> web.StreamResponse:
 )
 async def proxy_routes(request: web.Request) -> web.StreamResponse:
     found = await api(request).proxy.list_routes()
-    return reply([r for r in found if can_see(request, r.deployment)])
+    return reply(visible(request, found))
 
 
 @route(
@@ -189,7 +189,7 @@ async def proxy_routes(request: web.Request) -> web.StreamResponse:
 )
 async def proxy_stats(request: web.Request) -> web.StreamResponse:
     found = await api(request).proxy.service_stats()
-    return reply([s for s in found if can_see(request, s.deployment)])
+    return reply(visible(request, found))
 
 
 def _operation_client(request: web.Request) -> tuple[JobsDaemonClient, int]:  # type: ignore[type-arg]

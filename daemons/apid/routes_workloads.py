@@ -20,9 +20,9 @@ from typing import Literal
 
 from aiohttp import WSMsgType, web
 
-from daemons.apid.base import api, body_as, query_flag, query_int, reply
+from daemons.apid.base import api, body_as, query_flag, query_int, reply, visible
 from daemons.apid.problems import ApiProblem, problem_for
-from daemons.apid.routing import Role, can_see, route
+from daemons.apid.routing import Role, route
 from shared import logread
 from shared.bus import NotFoundError
 from shared.clients import AgentClient
@@ -503,7 +503,7 @@ async def job_executions(request: web.Request) -> web.StreamResponse:
 )
 async def cron_list(request: web.Request) -> web.StreamResponse:
     schedules = await api(request).scheduler.list_cron(request.query.get("deployment", ""))
-    return reply([s for s in schedules if can_see(request, s.deployment)])
+    return reply(visible(request, schedules))
 
 
 @route(
