@@ -2,7 +2,12 @@
 
 Pulls, pushes and exports are registryd jobs: the command starts one and
 waits for its JobRemoved signal, drawing a progress bar per layer (rich)
-from the job's Progress meanwhile.
+from the job's Progress meanwhile, on a terminal only.
+``pull`` and ``image push`` on this node's bus go through the blocking bus
+connection of ``shared.busread`` (no asyncio or sdbus, whose import was
+most of a warm pull's time); through a node's API (``--host``), and for
+``export`` (which hands registryd a file descriptor), the typed clients of
+``ctl.client`` wait instead, with the same output.
 zlayerctl runs as the user, so it is what can read the user's Docker and
 Podman auth files; it passes registryd only the entry for the registry at
 hand (see shared/credentials.py).
@@ -10,7 +15,6 @@ hand (see shared/credentials.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
@@ -18,22 +22,31 @@ import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from ctl.client import Client
 from ctl.output import err_console, fail, format_option, human_size, print_json
-from shared.bus import NotFoundError
-from shared.credentials import user_credential
-from shared.reference import InvalidReferenceError, parse_reference
 from shared.wire import decode, to_builtins
-from shared.wire.jobs import JobInfo
-from shared.wire.registry import ImageInfo, PruneResult, PushResult
+from shared.wire.registry import ImageInfo, PushResult
+
+if TYPE_CHECKING:
+    from ctl.client import Client
+    from shared.busread import BusReader
+    from shared.wire.jobs import JobInfo
+    from shared.wire.registry import PruneResult
 
 POLICIES = ("always", "newer", "if_not_present", "never")
+# as shared.clients.FALLBACK_SECONDS: GetJob after this long without a signal
+FALLBACK_SECONDS = 2.0
+NOT_FOUND = "org.zlayer.Error.NotFound"  # shared.bus.NotFoundError's name
+PROPERTIES = "org.freedesktop.DBus.Properties"
 
 
 def _auth_for(reference: str) -> str:
+    from shared.credentials import user_credential
+    from shared.reference import InvalidReferenceError, parse_reference
+
     try:
         registry = parse_reference(reference.strip()).domain
     except InvalidReferenceError as exc:
@@ -41,15 +54,14 @@ def _auth_for(reference: str) -> str:
     return user_credential(registry)
 
 
-async def wait_job(
-    client: Client, start: Callable[[], Awaitable[int]], what: str, show: bool
-) -> JobInfo:
-    """Start a job and wait for its end, with a bar per item on a terminal; its final info.
-
-    ``RegistryClient.run_job`` subscribes to JobRemoved before ``start``
-    runs, so a job that ends at once (a warm pull) is not missed. Ctrl-C
-    cancels the job.
-    """
+def _bars(
+    show: bool,
+) -> tuple[contextlib.AbstractContextManager[Any], Callable[[JobInfo], None] | None]:
+    """The progress display and what draws a job's items on it: rich's bars on a terminal
+    when ``show``; otherwise nothing, and rich is not imported."""
+    if not (show and err_console.is_terminal):
+        return contextlib.nullcontext(), None
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -59,15 +71,15 @@ async def wait_job(
         TransferSpeedColumn,
     )
 
-    shown = show and err_console.is_terminal
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TextColumn("{task.fields[state]}"),
-        console=err_console,
-        disable=not shown,
+        # a console of its own, as err_console's: the lazy one is no context manager, which Live
+        # needs; while the bars are shown Live redirects stderr, so err_console writes above them
+        console=Console(stderr=True, soft_wrap=True),
         transient=False,
     )
     bars: dict[str, TaskID] = {}
@@ -85,6 +97,30 @@ async def wait_job(
                 state=item.state,
             )
 
+    return progress, draw
+
+
+def _restarted(what: str) -> NoReturn:
+    fail(
+        f"zlayer-registryd restarted during the {what}; run the command again "
+        "(a pull resumes where it stopped)"
+    )
+
+
+async def wait_job(
+    client: Client, start: Callable[[], Awaitable[int]], what: str, show: bool
+) -> JobInfo:
+    """Start a job and wait for its end, with a bar per item on a terminal; its final info.
+
+    ``RegistryClient.run_job`` subscribes to JobRemoved before ``start``
+    runs, so a job that ends at once (a warm pull) is not missed. Ctrl-C
+    cancels the job.
+    """
+    import asyncio
+
+    from shared.bus import NotFoundError
+
+    display, draw = _bars(show)
     started: list[int] = []
 
     async def start_job() -> int:
@@ -92,20 +128,65 @@ async def wait_job(
         started.append(job_id)
         return job_id
 
-    with progress:
+    with display:
         try:
-            return await client.registry.run_job(start_job, draw if shown else None)
+            return await client.registry.run_job(start_job, draw)
         except NotFoundError:
             if not started:
                 raise  # the start's own refusal: no such image
-            fail(
-                f"zlayer-registryd restarted during the {what}; run the command again "
-                "(a pull resumes where it stopped)"
-            )
+            _restarted(what)
         except (KeyboardInterrupt, asyncio.CancelledError):
             if started:
                 with contextlib.suppress(Exception):
                     await client.registry.cancel_job(started[0])
+            raise
+
+
+def wait_bus_job(
+    bus: BusReader, start: Callable[[BusReader], int], what: str, show: bool
+) -> JobInfo:
+    """``wait_job`` on the blocking bus connection: subscribe to JobRemoved, start the job,
+    wait for its end (GetJob after FALLBACK_SECONDS without a signal, as
+    ``RegistryClient.run_job``), following its Progress while a bar is shown."""
+    from shared.busread import BUS_NAMES, JOB_REMOVED, BusError, Read, object_path
+    from shared.wire.jobs import JobInfo, ProgressItem
+
+    display, draw = _bars(show)
+    job_id: int | None = None
+    with display:
+        try:
+            # before the job starts: an end that comes at once (a warm pull) is not missed
+            signals = bus.subscribe(JOB_REMOVED)
+            job_id = start(bus)
+            info = bus.get_job(job_id)
+            if draw is not None and info.state == "running":
+                path = f"{object_path(BUS_NAMES[JOB_REMOVED.daemon])}/job/{job_id}"
+                changed = Read(JOB_REMOVED.daemon, "PropertiesChanged", "sa{sv}as", "")
+                bus.subscribe(changed, path=path, interface=PROPERTIES, queue=signals)
+                draw(bus.get_job(job_id))  # what happened before the match
+            while info.state == "running":
+                try:
+                    member, body = bus.wait(signals, FALLBACK_SECONDS)
+                except TimeoutError:
+                    info = bus.get_job(job_id)
+                    continue
+                if member == JOB_REMOVED.member:
+                    if body[0] == job_id:
+                        info = decode(body[2], JobInfo)
+                elif draw is not None and "Progress" in body[1]:
+                    info.items = decode(body[1]["Progress"][1], list[ProgressItem])
+                    draw(info)
+            if draw is not None:
+                draw(info)
+            return info
+        except BusError as exc:
+            if job_id is None or exc.name != NOT_FOUND:
+                raise  # the start's own refusal (no such image), or the bus's
+            _restarted(what)
+        except KeyboardInterrupt:
+            if job_id is not None:
+                with contextlib.suppress(Exception):
+                    bus.cancel_job(job_id)
             raise
 
 
@@ -117,12 +198,29 @@ def _finish(info: JobInfo) -> str:
     fail(info.error or f"the {info.kind} of {info.target} failed")
 
 
+def _on_bus() -> bool:
+    """Whether the command goes to this node's bus, not to a node's API."""
+    from ctl.readargs import is_remote
+
+    return not is_remote()
+
+
 async def _run_job(start: Callable[[Client], Awaitable[int]], what: str, show: bool) -> str:
+    from ctl.client import Client
+
     client = Client()
     try:
         info = await wait_job(client, partial(start, client), what, show)
     finally:
         client.close()
+    return _finish(info)
+
+
+def _run_bus_job(start: Callable[[BusReader], int], what: str, show: bool) -> str:
+    from shared.busread import BusReader, bus_address
+
+    with BusReader(bus_address()) as bus:
+        info = wait_bus_job(bus, start, what, show)
     return _finish(info)
 
 
@@ -143,11 +241,16 @@ async def _run_job(start: Callable[[Client], Awaitable[int]], what: str, show: b
 def pull(image_name: str, policy: str, output_format: str) -> None:
     """Pull IMAGE from its registry (`nginx` means docker.io/library/nginx:latest)."""
     auth = _auth_for(image_name)
+    show = output_format != "json"
+    if _on_bus():
+        result = _run_bus_job(lambda bus: bus.pull(image_name, policy, auth), "pull", show)
+    else:
+        import asyncio
 
-    async def start(client: Client) -> int:
-        return await client.registry.pull(image_name, policy, auth)
+        async def start(client: Client) -> int:
+            return await client.registry.pull(image_name, policy, auth)
 
-    result = asyncio.run(_run_job(start, "pull", output_format != "json"))
+        result = asyncio.run(_run_job(start, "pull", show))
     info = decode(result, ImageInfo)
     if output_format == "json":
         print_json(to_builtins(info))
@@ -164,10 +267,17 @@ def push(image_name: str, destination: str, output_format: str) -> None:
     """Push the image NAME to its registry, or to DEST (registry/repository:tag)."""
     auth = _auth_for(destination or image_name) if (destination or "/" in image_name) else ""
 
-    async def start(client: Client) -> int:
-        return await client.registry.push(image_name, destination, auth)
+    show = output_format != "json"
+    if _on_bus():
+        text = _run_bus_job(lambda bus: bus.push(image_name, destination, auth), "push", show)
+    else:
+        import asyncio
 
-    result = decode(asyncio.run(_run_job(start, "push", output_format != "json")), PushResult)
+        async def start(client: Client) -> int:
+            return await client.registry.push(image_name, destination, auth)
+
+        text = asyncio.run(_run_job(start, "push", show))
+    result = decode(text, PushResult)
     if output_format == "json":
         print_json(to_builtins(result))
         return
@@ -195,6 +305,10 @@ def login(registry: str, username: str, password: str, password_stdin: bool) -> 
     if not password:
         password = click.prompt("Password", hide_input=True, err=True)
 
+    import asyncio
+
+    from ctl.client import Client
+
     async def run() -> str:
         client = Client()
         try:
@@ -210,6 +324,10 @@ def login(registry: str, username: str, password: str, password_stdin: bool) -> 
 @click.argument("registry")
 def logout(registry: str) -> None:
     """Forget the credentials registryd keeps for REGISTRY."""
+
+    import asyncio
+
+    from ctl.client import Client
 
     async def run() -> bool:
         client = Client()
@@ -251,6 +369,8 @@ def export(image_name: str, output: str, compress: bool) -> None:
                 os.close(fd)  # the daemon holds its own copy
             return job_id
 
+        import asyncio
+
         result = asyncio.run(_run_job(start, "export", False))
         os.rename(partial, target)
     finally:
@@ -278,6 +398,10 @@ def prune(force: bool, output_format: str) -> None:
             abort=True,
             err=True,
         )
+
+    import asyncio
+
+    from ctl.client import Client
 
     async def run() -> PruneResult:
         client = Client()
