@@ -123,13 +123,15 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         headers = {k: v for k, v in http.headers.items() if k.lower() == "allow"}
         return problem_response(http.status, _http_detail(http, request), headers=headers)
     except Exception as exc:
-        response = problem_for(exc)
-        if response is not None:
-            return response
-        log.exception("%s %s failed", request.method, request.rel_url.raw_path)
-        return problem_response(
-            500, "apid failed to answer this request; its journal says why (zlayer-apid.service)"
-        )
+        return problem_for(exc) or unexpected_problem(request, exc)
+
+
+def unexpected_problem(request: web.Request, exc: BaseException) -> web.Response:
+    """An error no handler expected: its stack to the journal, one sentence to the caller."""
+    log.error("%s %s failed", request.method, request.rel_url.raw_path, exc_info=exc)
+    return problem_response(
+        500, "apid failed to answer this request; its journal says why (zlayer-apid.service)"
+    )
 
 
 def _http_detail(http: web.HTTPException, request: web.Request) -> str:

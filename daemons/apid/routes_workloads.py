@@ -21,7 +21,7 @@ from typing import Literal
 from aiohttp import WSMsgType, web
 
 from daemons.apid.base import api, body_as, query_flag, query_int, reply, visible
-from daemons.apid.problems import ApiProblem, problem_for
+from daemons.apid.problems import ApiProblem, problem_for, unexpected_problem
 from daemons.apid.routing import Role, route
 from shared import logread
 from shared.bus import NotFoundError
@@ -430,9 +430,8 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
                 if error is None:
                     await ws.send_str(json.dumps({"exit_code": call.result()}))
                 else:
-                    problem = problem_for(error)
-                    if problem is None:
-                        raise error
+                    # the socket is open: the problem document is its last text frame
+                    problem = problem_for(error) or unexpected_problem(request, error)
                     await ws.send_str(problem.text or "{}")
     finally:
         for task in (output, relay_in):
