@@ -322,16 +322,18 @@ class BusReader:
         from jeepney.bus_messages import message_bus
 
         bus_name = BUS_NAMES[signal.daemon]
-        rule = MatchRule(
-            type="signal",
-            sender=bus_name,
-            interface=interface or bus_name,
-            member=signal.member,
-            path=path or object_path(bus_name),
-        )
+        fields = {
+            "type": "signal",
+            "interface": interface or bus_name,
+            "member": signal.member,
+            "path": path or object_path(bus_name),
+        }
+        # The bus matches the sender by its well-known name; the messages carry the owner's
+        # unique name, so the filter here leaves the sender out.
+        rule = MatchRule(sender=bus_name, **fields)
         if queue is None:
             queue = deque()
-        self._connection.filter(rule, queue=queue)
+        self._connection.filter(MatchRule(**fields), queue=queue)
         try:
             _body(self._connection.send_and_get_reply(message_bus.AddMatch(rule), timeout=10.0))
         except TimeoutError:

@@ -316,6 +316,28 @@ def test_the_bus_round_trip_works_against_a_real_dbus_daemon(private_bus: Privat
         assert all(isinstance(answer, BusError) for answer in found.values())
 
 
+def test_a_signal_of_registryds_name_reaches_a_subscriber(private_bus: PrivateBus) -> None:
+    """The bus matches the sender by the well-known name; the signal carries the unique one."""
+    from jeepney import DBusAddress, new_signal
+    from jeepney.bus_messages import message_bus
+    from jeepney.io.blocking import open_dbus_connection
+
+    name = busread.BUS_NAMES["registryd"]
+    with (
+        open_dbus_connection(private_bus.address) as daemon,
+        BusReader(private_bus.address) as bus,
+    ):
+        daemon.send_and_get_reply(message_bus.RequestName(name))
+        signals = bus.subscribe(busread.JOB_REMOVED)
+        at = DBusAddress(busread.object_path(name), interface=name)
+        other = DBusAddress(busread.object_path(name) + "/job/7", interface=name)
+        daemon.send(new_signal(other, "JobRemoved", "tos", (7, "/x", "{}")))  # not its path
+        daemon.send(new_signal(at, "JobRemoved", "tos", (7, "/x", '{"id": 7}')))
+        assert bus.wait(signals, 10.0) == ("JobRemoved", (7, "/x", '{"id": 7}'))
+        with pytest.raises(TimeoutError):
+            bus.wait(signals, 0.2)
+
+
 @pytest.mark.parametrize(
     "argv",
     [["ps"], ["status"], ["routes", "--format", "json"], ["image", "ls"], ["events", "-n", "5"]],
