@@ -1,4 +1,5 @@
-"""``zlayerctl token``: make, list and revoke the REST API's bearer tokens (root, over the bus)."""
+"""``zlayerctl token``: make, list and revoke the REST API's bearer tokens: on the node
+over the bus (root), or through a node's API with an admin token (``--host``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import click
 
 from ctl.client import Client
 from ctl.output import fail, format_option, print_json, print_rows
-from shared.clients import ApiClient
+from ctl.protocols import TokensApi
 from shared.wire import to_builtins
 from shared.wire.api import TokenCreate, TokenInfo
 
@@ -19,11 +20,11 @@ T = TypeVar("T")
 ROLES = ("viewer", "operator", "admin")
 
 
-def _call(do: Callable[[ApiClient], Awaitable[T]]) -> T:
+def _call(do: Callable[[TokensApi], Awaitable[T]]) -> T:
     async def run() -> T:
         client = Client()
         try:
-            return await do(ApiClient(client.bus))
+            return await do(client.api)
         finally:
             client.close()
 

@@ -8,20 +8,14 @@ gets one sentence naming the wait.
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from ctl.contexts import Target
-from ctl.remote import RemoteClient
 from ctl.supervisor import find_executable
-from shared.bus import NotFoundError
 from shared.busdaemon import PrivateBus
 from shared.paths import Paths
-from shared.wire.api import TokenCreate
 from tests.api_client import mint_token, running_apid
 
 RATE = "rate_per_second = 0.2\nrate_burst = 5\n"
@@ -73,24 +67,51 @@ def test_missing_daemons_and_the_rate_limit_read_as_one_sentence(
         assert limited[0].stderr.count("\n") == 1
 
 
-def test_tokens_through_the_api_as_on_the_bus(
-    private_bus: PrivateBus, zlayer_prefix: Paths
+def test_token_create_ls_revoke_through_the_api(
+    private_bus: PrivateBus, zlayer_prefix: Paths, tmp_path: Path
 ) -> None:
-    """``client.api`` through the API: the token calls ``zlayerctl token`` makes on the bus."""
+    """``zlayerctl --host URL token ...`` with an admin token: made, listed and revoked by
+    the node's apid (the new token then works and, revoked, is refused), never the bus."""
     with running_apid(private_bus, zlayer_prefix) as apid:
         admin = mint_token(private_bus.address, "cli-admin", "admin")
+        env = {k: v for k, v in os.environ.items() if k not in ("ZLAYER_HOST", "ZLAYER_TOKEN")}
+        # no bus here: the commands can reach the node only through its API
+        env.update(
+            ZLAYER_TOKEN=admin,
+            XDG_CONFIG_HOME=str(tmp_path / "config"),
+            ZLAYER_BUS_ADDRESS="unix:path=/nonexistent/bus",
+            ZLAYER_PREFIX=str(tmp_path / "nowhere"),
+        )
 
-        async def calls() -> None:
-            client = RemoteClient(found=Target(apid.url, admin))
-            issued = await client.api.create_token(
-                TokenCreate(name="made-remotely", role="viewer", deployments=["web"])
-            )
-            assert issued.token and issued.info.role == "viewer"
-            listed = {t.name: t for t in await client.api.list_tokens()}
-            assert listed["made-remotely"].deployments == ["web"]
-            revoked = await client.api.revoke_token("made-remotely")
-            assert revoked.name == "made-remotely"
-            with pytest.raises(NotFoundError, match="there is no token named nosuch"):
-                await client.api.revoke_token("nosuch")
+        made = _ctl(
+            "--host", apid.url, "token", "create", "made-remotely", "--role", "viewer",
+            "--deployment", "web", env=env,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        viewer = made.stdout.strip()
+        assert "token made-remotely: viewer of web" in made.stderr
+        assert apid.call("GET", "/api/v1/deployments", viewer)[0] != 401
 
-        asyncio.run(calls())
+        listed = _ctl("--host", apid.url, "token", "ls", "--format", "json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        rows = {row["name"]: row for row in json.loads(listed.stdout)}
+        assert rows["made-remotely"]["deployments"] == ["web"]
+        assert rows["made-remotely"]["role"] == "viewer"
+        assert viewer not in listed.stdout
+
+        revoked = _ctl("--host", apid.url, "token", "revoke", "made-remotely", env=env)
+        assert (revoked.returncode, revoked.stdout) == (0, "revoked token made-remotely\n")
+        assert apid.call("GET", "/api/v1/deployments", viewer)[0] == 401
+
+        missing = _ctl("--host", apid.url, "token", "revoke", "nosuch", env=env)
+        assert missing.returncode == 1
+        assert "there is no token named nosuch" in missing.stderr
+        assert missing.stderr.count("\n") == 1
+
+        # a viewer's token may not make tokens: one sentence about the role
+        refused = _ctl(
+            "--host", apid.url, "token", "ls", env=dict(env, ZLAYER_TOKEN=mint_token(
+                private_bus.address, "cli-viewer", "viewer"))
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "refused this to the token's role" in refused.stderr
