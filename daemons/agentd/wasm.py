@@ -175,8 +175,34 @@ def preopen_mounts(spec: ServiceSpec) -> list[tuple[str, str, bool]]:
 
 def codegen_flags(flags: list[str]) -> list[str]:
     """The options that shape compiled code (a precompiled module loads only under
-    the same): fuel metering on or off. The amount is a run-time matter."""
-    return ["-W", "fuel=1"] if any(f.startswith("fuel=") for f in flags) else []
+    the same): fuel metering and epoch interruption (which a timeout uses) on or
+    off. Amounts are a run-time matter."""
+    shaping = []
+    if any(f.startswith("fuel=") for f in flags):
+        shaping.append("fuel=1")
+    if any(f.startswith("timeout=") for f in flags):
+        shaping.append("epoch-interruption=y")
+    return ["-W", ",".join(shaping)] if shaping else []
+
+
+def serve_port(spec: ServiceSpec) -> int:
+    """The port ``wasmtime serve`` listens on: the first endpoint's target port."""
+    if not spec.endpoints:
+        raise BundleError(
+            "a wasm_http service needs an endpoint: its target port is where the component "
+            "serves HTTP"
+        )
+    first = spec.endpoints[0]
+    return int(first.target_port or first.port)
+
+
+def serve_flags(spec: ServiceSpec) -> list[str]:
+    """``wasmtime serve``'s options: the address, and each request's time limit."""
+    from shared.spec.models import WasmConfig
+
+    settings = spec.wasm or WasmConfig()
+    timeout_ms = max(1, int(settings.request_timeout.total_seconds() * 1000))
+    return ["--addr", f"0.0.0.0:{serve_port(spec)}", "-W", f"timeout={timeout_ms}ms"]
 
 
 # ---------------------------------------------------------------- the compile cache
@@ -299,13 +325,20 @@ def build_bundle(
     # agentd's state directory: bundles/<id> lives in it, beside volumes/.
     state_dir = volumes_dir.parent
     runtime = wasmtime(state_dir / "wasm" / "bin")
+    serving = spec.service_type == "wasm_http" and args is None
     flags = limit_flags(spec)
+    if serving:
+        flags += serve_flags(spec)
     compiled = precompiled(
         runtime, module_path(rootfs), codegen_flags(flags), state_dir / "wasm" / "cache"
     )
     names = [item.partition("=")[0] for item in rootfs.config.env] + list(env)
-    argv = [WASMTIME_TARGET, "run", "-C", "cache=n", "--allow-precompiled", *flags]
-    argv += capability_flags(spec)
+    command = "serve" if serving else "run"
+    argv = [WASMTIME_TARGET, command, "-C", "cache=n", "--allow-precompiled", *flags]
+    capabilities = capability_flags(spec)
+    if serving:  # the component's stdout and stderr (wasi:cli) go to the replica's logs
+        capabilities[-1] += ",cli=y"
+    argv += capabilities
     preopens = preopen_mounts(spec)
     targets = [getattr(item, "target", "") for item in spec.storage]
     for target in dict.fromkeys([*targets, *(guest for _src, guest, _ro in preopens)]):
@@ -313,8 +346,11 @@ def build_bundle(
             argv.append(f"--dir={target}")
     for name in dict.fromkeys(names):
         argv += ["--env", name]
-    argv += ["--argv0", ids.service or spec.hostname or "module", MODULE_TARGET]
-    argv += guest_args(spec, rootfs, args)
+    if serving:
+        argv.append(MODULE_TARGET)
+    else:
+        argv += ["--argv0", ids.service or spec.hostname or "module", MODULE_TARGET]
+        argv += guest_args(spec, rootfs, args)
     as_oci = msgspec.structs.replace(
         rootfs, image=msgspec.structs.replace(rootfs.image, runtime="oci")
     )

@@ -93,11 +93,11 @@ def _wasm_support(
             "upstream's proxy, which this node's proxy does not load; run it as a WASI "
             "command (service_type: standard) or a container",
         )
-    elif kind == "wasm_http":
+    elif kind == "wasm_http" and not service.endpoints:
         refuse(
             ("service_type",),
-            "service_type wasm_http (a wasi:http component behind the proxy) is not run by "
-            "this node yet; run the module as a WASI command (service_type: standard)",
+            "service_type wasm_http serves HTTP on its first endpoint's target port, and "
+            "this service has no endpoint; add one (protocol: http)",
         )
     wasm = service.wasm
     if wasm is None:
@@ -135,7 +135,16 @@ def _wasm_support(
             "and replicas start from that code",
         )
     pool = [key for key in WASM_POOL_KEYS if key in given]
-    if pool and kind != "wasm_http":
+    instances = [key for key in pool if key != "request_timeout"]
+    if instances and kind == "wasm_http":
+        one = len(instances) == 1
+        warn(
+            ("wasm", instances[0]),
+            f"wasm.{', '.join(instances)} {'is' if one else 'are'} not applied: each replica "
+            "is one wasmtime serve that makes an instance per request; scale replicas with "
+            "scale",
+        )
+    elif pool and kind != "wasm_http":
         one = len(pool) == 1
         warn(
             ("wasm", pool[0]),

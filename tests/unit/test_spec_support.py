@@ -157,9 +157,9 @@ def test_upstream_keys_are_never_dropped_in_silence(tmp_path: Path) -> None:
         "warning: shop.zlayer.yml:19:18: service edge: network.overlays.global asks to keep this "
         "service off the network every service shares, but on this node all replicas share one "
         "bridge network; remove it" + refused,
-        "warning: shop.zlayer.yml:22:5: service fn: service_type wasm_http (a wasi:http "
-        "component behind the proxy) is not run by this node yet; run the module as a WASI "
-        "command (service_type: standard)" + refused,
+        "warning: shop.zlayer.yml:22:5: service fn: service_type wasm_http serves HTTP on its "
+        "first endpoint's target port, and this service has no endpoint; add one "
+        "(protocol: http)" + refused,
         "warning: shop.zlayer.yml:32:1: api is not applied: this node's REST API is zlayer-apid, "
         "set by http_bind and http_port in apid.toml; apid has no authentication yet, so "
         "jwt_secret protects nothing",
