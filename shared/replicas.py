@@ -3,7 +3,7 @@ as the REST API's logs and exec routes do, with the same sentences when none fit
 
 from __future__ import annotations
 
-from shared.bus import NotFoundError
+from shared.bus import ConflictError, NotFoundError
 from shared.wire.agent import ReplicaInfo
 
 
@@ -24,3 +24,11 @@ def select_replicas(
         have = ", ".join(str(r.instance) for r in current)
         raise NotFoundError(f"{service} has no replica {which} (replicas: {have})")
     return chosen
+
+
+def first_running(replicas: list[ReplicaInfo], service: str) -> ReplicaInfo:
+    """The first running one of ``replicas`` (where exec goes); ConflictError if none runs."""
+    for replica in replicas:
+        if replica.state == "running":
+            return replica
+    raise ConflictError(f"no replica of {service} is running; see `zlayerctl ps --containers`")

@@ -27,7 +27,7 @@ from shared import logread
 from shared.bus import NotFoundError
 from shared.clients import AgentClient
 from shared.k8slog import LogLine as FileLine
-from shared.replicas import select_replicas
+from shared.replicas import first_running, select_replicas
 from shared.wire import encode
 from shared.wire.agent import JobRun, ReplicaInfo
 from shared.wire.api import ExecRequest, ExecResult, LogLine
@@ -62,13 +62,7 @@ async def chosen_replicas(
 async def running_replica(
     agent: AgentClient, deployment: str, service: str, which: str
 ) -> ReplicaInfo:
-    replicas = await chosen_replicas(agent, deployment, service, which)
-    running = [r for r in replicas if r.state == "running"]
-    if not running:
-        raise ApiProblem(
-            409, f"no replica of {service} is running; see `zlayerctl ps --containers`"
-        )
-    return running[0]
+    return first_running(await chosen_replicas(agent, deployment, service, which), service)
 
 
 # ---------------------------------------------------------------- logs

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from shared.bus import NotFoundError
-from shared.replicas import select_replicas
-from shared.wire.agent import ReplicaInfo
+from shared.bus import ConflictError, NotFoundError
+from shared.replicas import first_running, select_replicas
+from shared.wire.agent import ReplicaInfo, ReplicaState
 
 
-def replica(instance: int, revision: int) -> ReplicaInfo:
+def replica(instance: int, revision: int, state: ReplicaState = "running") -> ReplicaInfo:
     return ReplicaInfo(
         id=f"d-web-{instance}-r{revision}",
         deployment="d",
@@ -18,7 +18,7 @@ def replica(instance: int, revision: int) -> ReplicaInfo:
         instance=instance,
         revision=revision,
         image="busybox",
-        state="running",
+        state=state,
     )
 
 
@@ -39,3 +39,12 @@ def test_the_sentences_when_nothing_fits() -> None:
         select_replicas([replica(1, 1), replica(1, 2), replica(2, 2)], "d", "web", "d-web-1-r1")
     with pytest.raises(NotFoundError, match=r"^web has no replica 9 \(replicas: 1\)$"):
         select_replicas([replica(1, 1)], "d", "web", 9)
+
+
+def test_exec_goes_to_the_first_running_one() -> None:
+    stopped, running = replica(1, 1, "exited"), replica(2, 1)
+    assert first_running([stopped, running], "web") is running
+    with pytest.raises(
+        ConflictError, match=r"^no replica of web is running; see `zlayerctl ps --containers`$"
+    ):
+        first_running([stopped], "web")
