@@ -79,3 +79,22 @@ def test_network_is_off_unless_granted_and_limits_become_wasmtime_options() -> N
         "-S", "tcp=y,udp=n,inherit-network=y,allow-ip-name-lookup=y,http=y",
     ]  # fmt: skip
     assert limit_flags(granted) == ["-W", "max-memory-size=1048576", "-W", "fuel=5"]
+
+
+def test_wasm_http_needs_an_endpoint_and_its_pool_settings_are_warned(tmp_path: Path) -> None:
+    refusals, _warnings = support_of(tmp_path, "service_type: wasm_http")
+    assert refusals == [
+        "service fn: service_type wasm_http serves HTTP on its first endpoint's target port, "
+        "and this service has no endpoint; add one (protocol: http)"
+    ]
+    refusals, warnings = support_of(
+        tmp_path,
+        "service_type: wasm_http\n"
+        "endpoints: [{name: http, protocol: http, port: 8080}]\n"
+        "wasm: {min_instances: 1, idle_timeout: 1m, request_timeout: 5s}",
+    )
+    assert refusals == []
+    assert warnings == [
+        "service fn: wasm.min_instances, idle_timeout are not applied: each replica is one "
+        "wasmtime serve that makes an instance per request; scale replicas with scale"
+    ]
