@@ -263,50 +263,15 @@ def events(deployment: str | None, limit: int, output_format: str) -> None:
 
 def remote_status(output_format: str) -> None:
     """``status`` through a node's API: its daemons as its apid finds them on its bus,
-    in the columns ``ctl.status_cmd.show`` prints."""
+    in the rows and columns ``ctl.status_cmd`` prints."""
     from ctl.remote import RemoteReader
-    from ctl.status_cmd import _STATE_STYLE, EXIT_NOT_ALL_RUNNING, _uptime
+    from ctl.status_cmd import answered, not_answering, print_status
     from shared.busread import BUS_NAMES
 
     with RemoteReader() as api:
         found = {d.name: d for d in api.daemons()}
-    rows: list[dict[str, Any]] = []
-    for name in BUS_NAMES:
-        answer = found.get(name)
-        if answer is None:
-            row: dict[str, Any] = {
-                "name": name,
-                "state": "not running",
-                "version": "",
-                "pid": 0,
-                "supervisor": "",
-                "metrics_url": "",
-                "uptime": "",
-                "detail": "",
-            }
-        else:
-            row = to_builtins(answer)
-            row["uptime"] = _uptime(answer.started_at_usec)
-        row["unit"] = f"zlayer-{name}.service"
-        rows.append(row)
-    if output_format == "json":
-        print_json(rows)
-    else:
-        print_table(
-            ["DAEMON", "STATE", "VERSION", "PID", "UPTIME", "SUPERVISOR", "METRICS", "DETAIL"],
-            [
-                [
-                    f"zlayer-{r['name']}",
-                    f"[{_STATE_STYLE.get(r['state'], 'red')}]{r['state']}[/]",
-                    r["version"],
-                    r["pid"] or "",
-                    r["uptime"],
-                    r["supervisor"],
-                    r["metrics_url"],
-                    r["detail"],
-                ]
-                for r in rows
-            ],
-        )
-    if any(r["state"] != "running" for r in rows):
-        raise SystemExit(EXIT_NOT_ALL_RUNNING)
+    rows = [
+        answered(found[name]) if name in found else not_answering(name, "not running")
+        for name in BUS_NAMES
+    ]
+    print_status(rows, output_format)

@@ -54,6 +54,29 @@ def _answers() -> dict[str, DaemonStatus | str]:
     }
 
 
+def not_answering(name: str, state: str) -> dict[str, Any]:
+    """The row of a daemon that gave no Status: ``state`` says why."""
+    return {
+        "name": name,
+        "state": state,
+        "version": "",
+        "pid": 0,
+        "supervisor": "",
+        "metrics_url": "",
+        "uptime": "",
+        "detail": "",
+        "unit": f"zlayer-{name}.service",
+    }
+
+
+def answered(status: DaemonStatus) -> dict[str, Any]:
+    """The row of a daemon from its Status."""
+    row: dict[str, Any] = to_builtins(status)
+    row["uptime"] = _uptime(status.started_at_usec)
+    row["unit"] = f"zlayer-{status.name}.service"
+    return row
+
+
 def collect() -> list[dict[str, Any]]:
     """One row per daemon, from the bus and the supervisor's record."""
     answers = _answers()
@@ -63,26 +86,15 @@ def collect() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, answer in answers.items():
         if isinstance(answer, DaemonStatus):
-            row = to_builtins(answer)
-            row["uptime"] = _uptime(answer.started_at_usec)
-        else:
-            row = {
-                "name": name,
-                "state": answer,
-                "version": "",
-                "pid": 0,
-                "supervisor": "",
-                "metrics_url": "",
-                "uptime": "",
-                "detail": "",
-            }
-            record = supervised.daemons.get(name) if supervised else None
-            if record is not None:
-                row["supervisor"] = "zlayerctl"
-                row["state"] = record.state
-                if record.last_exit is not None:
-                    row["detail"] = f"last exit code {record.last_exit}, {record.restarts} restarts"
-        row["unit"] = f"zlayer-{name}.service"
+            rows.append(answered(answer))
+            continue
+        row = not_answering(name, answer)
+        record = supervised.daemons.get(name) if supervised else None
+        if record is not None:
+            row["supervisor"] = "zlayerctl"
+            row["state"] = record.state
+            if record.last_exit is not None:
+                row["detail"] = f"last exit code {record.last_exit}, {record.restarts} restarts"
         rows.append(row)
     return rows
 
@@ -90,11 +102,8 @@ def collect() -> list[dict[str, Any]]:
 _STATE_STYLE = {"running": "green", "starting": "yellow", "restarting": "yellow"}
 
 
-def show(output_format: str) -> None:
-    """Show each daemon's state, version, pid and supervisor."""
-    rows = collect()
-    if all(row["state"] == "not running" for row in rows):
-        fail(NOT_RUNNING, EXIT_NOT_ALL_RUNNING)
+def print_status(rows: list[dict[str, Any]], output_format: str) -> None:
+    """Print the rows; exit 3 unless every daemon runs (as ``systemctl status``)."""
     if output_format == "json":
         print_json(rows)
     else:
@@ -116,6 +125,14 @@ def show(output_format: str) -> None:
         )
     if any(r["state"] != "running" for r in rows):
         raise SystemExit(EXIT_NOT_ALL_RUNNING)
+
+
+def show(output_format: str) -> None:
+    """Show each daemon's state, version, pid and supervisor."""
+    rows = collect()
+    if all(row["state"] == "not running" for row in rows):
+        fail(NOT_RUNNING, EXIT_NOT_ALL_RUNNING)
+    print_status(rows, output_format)
 
 
 def _command() -> click.Command:

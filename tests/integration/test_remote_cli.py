@@ -115,3 +115,29 @@ def test_token_create_ls_revoke_through_the_api(
         )  # fmt: skip
         assert refused.returncode == 1
         assert "refused this to the token's role" in refused.stderr
+
+
+def test_status_through_the_api_prints_the_rows_of_the_node(
+    private_bus: PrivateBus, zlayer_prefix: Paths, tmp_path: Path
+) -> None:
+    """``status`` through the API: the same rows (apid running, the others not) and exit 3."""
+    with running_apid(private_bus, zlayer_prefix) as apid:
+        token = mint_token(private_bus.address, "cli-status", "viewer")
+        local_env = dict(os.environ, ZLAYER_BUS_ADDRESS=private_bus.address)
+        remote_env = {
+            k: v for k, v in os.environ.items() if k not in ("ZLAYER_PREFIX", "ZLAYER_HOST")
+        }
+        remote_env.update(ZLAYER_TOKEN=token, XDG_CONFIG_HOME=str(tmp_path / "config"))
+        local = _ctl("status", "--format", "json", env=local_env)
+        remote = _ctl("--host", apid.url, "status", "--format", "json", env=remote_env)
+        assert local.returncode == remote.returncode == 3, (local.stderr, remote.stderr)
+        rows = [json.loads(r.stdout) for r in (local, remote)]
+        for found in rows:
+            for row in found:
+                row.pop("uptime")  # seconds may tick between the two
+        assert rows[0] == rows[1]
+        assert {r["name"]: r["state"] for r in rows[1]}["apid"] == "running"
+
+        table = _ctl("--host", apid.url, "status", env=remote_env)
+        assert table.returncode == 3
+        assert "zlayer-schedd" in table.stdout and "not running" in table.stdout
