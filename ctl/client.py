@@ -18,7 +18,15 @@ from sdbus import DbusInterfaceCommonAsync, SdBus
 
 from ctl.errors import NOT_RUNNING
 from ctl.output import fail
-from ctl.protocols import AgentApi, DaemonApi, OverlayApi, ProxyApi, SchedulerApi, TokensApi
+from ctl.protocols import (
+    AgentApi,
+    DaemonApi,
+    OverlayApi,
+    ProxyApi,
+    RegistryApi,
+    SchedulerApi,
+    TokensApi,
+)
 from shared.bus import open_bus, resolve_bus_address
 from shared.clients import (
     AgentClient,
@@ -88,8 +96,7 @@ class Client:
         raise NotImplementedError
 
     @property
-    def registry(self) -> RegistryClient:
-        # typed by its class: ctl.transfer takes a RegistryClient; the remote one subclasses it
+    def registry(self) -> RegistryApi:
         raise NotImplementedError
 
     @property

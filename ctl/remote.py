@@ -34,7 +34,6 @@ from ctl.client import Client
 from ctl.contexts import Target, TargetError, target
 from ctl.output import fail
 from shared.bus import (
-    DAEMONS_BY_NAME,
     AlreadyExistsError,
     ConflictError,
     InvalidArgumentError,
@@ -45,7 +44,6 @@ from shared.bus import (
     ZLayerError,
 )
 from shared.busread import BUS_NAMES
-from shared.clients import RegistryClient
 from shared.wire import decode, encode
 from shared.wire.agent import JobRun, ReplicaInfo
 from shared.wire.api import (
@@ -69,7 +67,7 @@ from shared.wire.api import (
 from shared.wire.daemon import DaemonStatus
 from shared.wire.jobs import JobInfo
 from shared.wire.overlay import NetworkInfo
-from shared.wire.registry import BuildRequest, ImageDetail, ImageInfo, ImageRootfs, PruneResult
+from shared.wire.registry import BuildRequest, ImageDetail, ImageInfo, PruneResult
 from shared.wire.scheduler import CronSchedule, Deployed, DeploymentStatus, DeployPlan, Event
 from shared.wire.traffic import DnsRecord, RouteInfo, ServiceStats
 
@@ -645,44 +643,14 @@ def _handshake_error(http: Http, exc: aiohttp.WSServerHandshakeError) -> ZLayerE
     return error(f"the API at {http.base} refused the terminal: {exc.message}")
 
 
-class RemoteRegistry(RegistryClient):
-    """registryd through the API. A subclass of the bus client only so that commands
-    typed against it run unchanged; every method it has is answered here (a unit test
-    checks none is left to the bus client)."""
+class RemoteRegistry(RemoteJobs):
+    """registryd through the API: its images, pulls, pushes and builds, followed as the
+    API's registry operations."""
 
-    def __init__(self, http: Http) -> None:  # no bus proxy: nothing goes over D-Bus
-        self.info = DAEMONS_BY_NAME["registryd"]
-        self.http = http
-        self._jobs = _RegistryJobs(http, "registryd")
+    operations = "registry"
 
-    async def status(self) -> DaemonStatus:
-        return await self._jobs.status()
-
-    async def ping(self) -> None:
-        await self._jobs.ping()
-
-    async def get_job(self, job_id: int) -> JobInfo:
-        return await self._jobs.get_job(job_id)
-
-    async def cancel_job(self, job_id: int) -> None:
-        await self._jobs.cancel_job(job_id)
-
-    async def run_job(
-        self,
-        start: Callable[[], Awaitable[int]],
-        on_progress: Callable[[JobInfo], None] | None = None,
-    ) -> JobInfo:
-        return await self._jobs.run_job(start, on_progress)
-
-    async def jobs_removed(self) -> AsyncIterator[JobInfo]:
-        raise ApiError("following every registry job is not offered by the API")
-        yield  # an async generator, as the bus client's
-
-    def job(self, job_id: int) -> Any:
-        raise ApiError("a registry job's bus object is not offered by the API")
-
-    async def list_jobs(self) -> list[JobInfo]:
-        raise ApiError("listing registry jobs is not offered by the API")
+    def __init__(self, http: Http) -> None:
+        super().__init__(http, "registryd")
 
     async def import_image(self, path: str, name: str) -> ImageInfo:
         raise ApiError(ONLY_ON_THE_NODE.format(what="`zlayerctl image import` of a local path"))
@@ -706,17 +674,6 @@ class RemoteRegistry(RegistryClient):
             "DELETE", _path("images", reference), params={"force": "true" if force else "false"}
         )
         return decode(reply, list[str])
-
-    async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs:
-        raise ApiError(ONLY_ON_THE_NODE.format(what="an image's root filesystem"))
-
-    async def ensure_image_job(
-        self,
-        reference: str,
-        pull_policy: str,
-        on_progress: Callable[[JobInfo], None] | None = None,
-    ) -> ImageRootfs:
-        raise ApiError(ONLY_ON_THE_NODE.format(what="an image's root filesystem"))
 
     async def pull(self, reference: str, pull_policy: str, auth: str) -> int:
         if auth:
@@ -805,10 +762,6 @@ def _tar_context(context: str, archive: IO[bytes]) -> None:
     except OSError as exc:
         raise ApiError(f"cannot read the build context: {exc.strerror} ({exc.filename})") from None
     archive.seek(0)
-
-
-class _RegistryJobs(RemoteJobs):
-    operations = "registry"
 
 
 class RemoteOverlay(RemoteDaemon):

@@ -19,8 +19,8 @@ import tarfile
 import threading
 from collections.abc import Iterator
 
+from ctl.protocols import PathsApi
 from shared.bus import SEND_COMPLETE, ZLayerError
-from shared.clients import RegistryClient
 
 
 class Sent:
@@ -31,7 +31,7 @@ class Sent:
     not its copies.
     """
 
-    def __init__(self, registry: RegistryClient) -> None:
+    def __init__(self, registry: PathsApi) -> None:
         self.registry = registry
         self._theirs: dict[str, str] = {}  # registryd's path -> ours
 
@@ -115,7 +115,7 @@ async def _drain_until_done(read_fd: int, writer: threading.Thread) -> None:
     await asyncio.to_thread(writer.join)
 
 
-async def _path_for_registryd(registry: RegistryClient, path: str) -> str:
+async def _path_for_registryd(registry: PathsApi, path: str) -> str:
     try:
         status = os.stat(path)
     except OSError:

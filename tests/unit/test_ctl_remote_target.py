@@ -23,8 +23,10 @@ import pytest
 
 from ctl import contexts, readargs
 from ctl.contexts import Target, TargetError, check_host, target
+from ctl.protocols import RegistryApi
 from ctl.readargs import set_host_option, take_host_option
-from ctl.remote import RemoteRegistry
+from ctl.remote import Http, RemoteRegistry
+from ctl.transfer import Sent
 from shared.clients import RegistryClient
 from tests.registry_fixture import tls_files
 
@@ -257,15 +259,26 @@ def test_daemon_run_refuses_to_go_through_an_api(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1
 
 
-def test_the_remote_registry_answers_every_method_of_the_bus_client() -> None:
-    """It subclasses the bus client for the commands' types; none may fall through to D-Bus."""
-    public = {
+def test_the_remote_registry_is_no_bus_client_and_answers_every_registry_call() -> None:
+    """It meets ``ctl.protocols.RegistryApi`` itself (mypy checks the types), with the bus
+    client's parameters, and holds nothing that could fall through to D-Bus."""
+    assert not issubclass(RemoteRegistry, RegistryClient)
+    wanted = [
         name
-        for name, member in inspect.getmembers(RegistryClient)
-        if not name.startswith("_") and callable(member)
-    }
-    missing = sorted(name for name in public if name not in vars(RemoteRegistry))
-    assert missing == []
+        for name in dir(RegistryApi)
+        if not name.startswith("_") and callable(getattr(RegistryApi, name))
+    ]
+    assert "build" in wanted and "receive" in wanted
+    for name in wanted:
+        ours = inspect.signature(getattr(RemoteRegistry, name))
+        theirs = inspect.signature(getattr(RegistryClient, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+
+
+def test_a_path_given_the_remote_registry_is_sent_as_it_is(tmp_path: Path) -> None:
+    """ctl.transfer takes the remote registry: nothing is piped to it (build sends its own tar)."""
+    registry = RemoteRegistry(Http(Target("http://127.0.0.1:1", "t")))
+    assert asyncio.run(Sent(registry).path(str(tmp_path))) == str(tmp_path)
 
 
 def test_a_target_never_shows_its_token() -> None:
