@@ -8,17 +8,19 @@ variables it names, and show what schedd and agentd report back.
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
 
 from ctl.output import console, err_console, fail, format_option, print_json, print_rows
 from ctl.reads import coloured, print_events, stamp
+from ctl.up_background import deployed_line as _deployed_line
+from ctl.up_background import read_spec as _read_spec
+from ctl.up_background import spec_text as _spec_text
+from ctl.up_background import up_in_background as _up_in_background
+from ctl.up_background import warnings_of as _warnings_of
 from shared.wire import decode, encode, to_builtins
 from shared.wire.jobs import JobInfo, ProgressItem
 from shared.wire.scheduler import Deployed, DeploymentStatus, Event, replicas_over
@@ -37,65 +39,9 @@ DEFAULT_WAIT = 600.0
 T = TypeVar("T")
 
 
-def _spec_path(file: str | None, command: str) -> Path:
-    if file:
-        return Path(file)
-    from ctl.spec_cmd import find_spec_file  # loads the spec models
-
-    return find_spec_file(Path.cwd(), command)
-
-
-def _read_spec(file: str | None, command: str) -> tuple[str, str, dict[str, str], str]:
-    """(spec text, file name, host env values, deployment name), or exit with every issue."""
-    from ctl.spec_cmd import load_or_report
-    from shared.spec.refs import host_env_names
-    from shared.spec.support import node_support
-
-    path = _spec_path(file, command)
-    spec = load_or_report(str(path), as_json=False)
-    text = path.read_text()
-    # Refusals come back from schedd as its error; warnings are said here, before anything
-    # runs, each starting with the file, line and column of its key.
-    for warning in node_support(spec, text, str(path)).warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    host_env = {name: os.environ[name] for name in host_env_names(spec) if name in os.environ}
-    return text, str(path), host_env, spec.deployment
-
-
-# A ``$E:VAR`` reference as shared.spec.refs reads one (kept here: importing it loads the models).
-_HOST_ENV = re.compile(r"\$E:([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def _spec_text(file: str | None, command: str) -> tuple[str, str, dict[str, str]]:
-    """(spec text, file name, host env values) without reading the spec: schedd does.
-
-    The values sent are those of every ``$E:`` name in the text (schedd
-    uses the ones the spec's env values name). A file that cannot be read is
-    reported as ``validate`` reports it.
-    """
-    path = _spec_path(file, command)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError):
-        _read_spec(file, command)
-        raise
-    names = set(_HOST_ENV.findall(text))
-    host_env = {name: os.environ[name] for name in names if name in os.environ}
-    return text, str(path), host_env
-
-
 async def _deploy_warnings(client: Client, status: DeploymentStatus) -> list[str]:
     """What schedd warned about when it stored ``status``'s revision (its events)."""
     return _warnings_of(await client.scheduler.list_events(status.name, 200), status)
-
-
-def _warnings_of(found: list[Event], status: DeploymentStatus) -> list[str]:
-    """The warnings among ``found`` (a deployment's events) of ``status``'s revision."""
-    deployed = f"revision {status.revision} of {status.name} deployed"
-    marks = [i for i, e in enumerate(found) if e.kind == "deploy" and e.message == deployed]
-    if not marks:
-        return []
-    return [e.message for e in found[marks[-1] + 1 :] if e.kind == "warning"]
 
 
 def _print_event(event: Event) -> None:
@@ -496,34 +442,6 @@ def up(file: str | None, background: bool, detach: bool, timeout: float) -> None
         if not deployed:
             _read_spec(file, "up")  # the file's own problems, located; exits 1
         raise
-
-
-def _deployed_line(status: DeploymentStatus) -> None:
-    err_console.print(
-        f"deployed revision {status.revision} of [bold]{status.name}[/]", highlight=False
-    )
-
-
-def _up_in_background(file: str | None, text: str, filename: str, host_env: dict[str, str]) -> None:
-    """``up -b`` on this node: Deploy, then the warnings it stored, as two calls through
-    the blocking bus reader (as the read commands make theirs): nothing else waits, so
-    asyncio, sdbus and the bus clients would be most of the command's time."""
-    from ctl.errors import NOT_RUNNING
-    from shared.busread import BusReader, NoBusError, bus_address
-
-    try:
-        bus = BusReader(bus_address())
-    except NoBusError:
-        fail(NOT_RUNNING, 1)
-    with bus:
-        try:
-            status = bus.deploy(text, filename, host_env).status
-        except Exception:
-            _read_spec(file, "up")  # the file's own problems, located; exits 1
-            raise
-        for warning in _warnings_of(bus.list_events(status.name, 200), status):
-            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    _deployed_line(status)
 
 
 def _removal_line(status: DeploymentStatus | None) -> str | None:

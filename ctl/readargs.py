@@ -7,7 +7,8 @@ when every word is one this table knows, with the value click would give it;
 anything else (``--help``, a usage error, ``--follow``, an attached value
 such as ``-dweb``, shell completion) returns None and click runs the command
 as always, with its own messages. ``tests/unit/test_ctl_reads.py`` holds the
-table to the click commands' options.
+table to the click commands' options. ``up -b [FILE]`` (``ctl.up_background``) is read
+here too, when it goes to this node's bus: ``tests/unit/test_ctl_up_fast.py``.
 
 Importing this module imports nothing but ``os``, ``sys`` and ``typing`` (which click and
 the read path load anyway): not dataclasses, whose ``inspect`` the read path does not need.
@@ -24,6 +25,7 @@ FLAG = "flag"
 TEXT = "text"
 FORMAT = "format"
 LINES = "lines"
+FLOAT = "float"
 FORMATS = ("table", "json")
 LINES_RANGE = (1, 2000)  # events -n: click.IntRange(1, 2000)
 
@@ -110,7 +112,73 @@ def _value(kind: str, text: str) -> Any:
         number = int(text)
         low, high = LINES_RANGE
         return number if low <= number <= high else None
+    if kind == FLOAT:
+        try:
+            return float(text)  # as click.FLOAT converts it
+        except ValueError:
+            return None
     return text
+
+
+# ``up -b [FILE]``: one Deploy through the blocking bus reader. Its other options
+# (-d, --timeout) change nothing once -b is given; they are read so that click
+# would take the same command line without an error.
+UP_BACKGROUND = ReadCommand(
+    ("up",),
+    "ctl.up_background:up_background",
+    {"-b": ("background", FLAG), "-d": ("detach", FLAG), "--timeout": ("timeout", FLOAT)},
+    {"file": None},
+)
+
+
+def parse_up_background(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
+    """``up -b [FILE]`` on this node's bus and its FILE, or None to leave ``argv`` to click:
+    no -b, a word click would read otherwise (``-bd``, ``--``, ``-``, a second FILE), or a
+    command that may go to a node's API (``ctl.deploy_cmd.up`` sends it there)."""
+    command = UP_BACKGROUND
+    values = dict(command.defaults)
+    background = False
+    rest = argv[len(command.words) :]
+    index = 0
+    while index < len(rest):
+        word = rest[index]
+        index += 1
+        if not word.startswith("-"):
+            if not word or values["file"] is not None:
+                return None  # an empty FILE or an extra argument: click's messages
+            values["file"] = word
+            continue
+        option, equals, attached = word.partition("=") if word.startswith("--") else (word, "", "")
+        spec = command.options.get(option)
+        if spec is None:
+            return None
+        parameter, kind = spec
+        if kind == FLAG:
+            if equals:
+                return None
+            background = background or parameter == "background"
+            continue
+        if equals:
+            text = attached
+        elif index < len(rest):
+            text = rest[index]
+            index += 1
+        else:
+            return None
+        if _value(kind, text) is None:
+            return None
+    if not background or _goes_to_an_api():
+        return None
+    return command, values
+
+
+def _goes_to_an_api() -> bool:
+    """Whether the command may go to a node's API; a context that cannot be read is left to
+    click too, which reads the file first, as before."""
+    try:
+        return is_remote()
+    except Exception:
+        return True
 
 
 # ---------------------------------------------------------------- where commands go
@@ -177,6 +245,8 @@ def parse(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
     """The read command ``argv`` runs and its options, or None to leave ``argv`` to click."""
     if any(name.endswith("_COMPLETE") for name in os.environ):
         return None  # click's shell completion
+    if argv[:1] == list(UP_BACKGROUND.words):
+        return parse_up_background(argv)
     for command in READ_COMMANDS:
         if tuple(argv[: len(command.words)]) == command.words:
             break

@@ -91,3 +91,38 @@ def test_up_b_without_daemons_says_so(tmp_path: Path) -> None:
     env = {**os.environ, "ZLAYER_BUS_ADDRESS": f"unix:path={tmp_path}/no-bus"}
     code, said, _ = _up(env, spec)
     assert code == 1 and len(said) == 1 and "not running" in said[0], said
+
+
+CLICK = [
+    sys.executable,
+    "-X",
+    "importtime",
+    "-c",
+    "import sys\nfrom ctl.main import _main_click\n_main_click(sys.argv[1:])",
+    "up",
+    "-b",
+]
+
+
+@pytest.mark.usefixtures("schedd")
+def test_up_b_without_click_says_what_the_click_command_says(
+    private_bus: PrivateBus, tmp_path: Path
+) -> None:
+    """The same spec through click and through ``ctl.up_background``: the same lines (the
+    revision one more), exit codes and refusals; a spec schedd takes loads no click."""
+    env = {**os.environ, "ZLAYER_BUS_ADDRESS": private_bus.address}
+    env.pop("ZLAYER_HOST", None)
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    for name, text in (("warned", WARNED), ("refused", REFUSED), ("bad", INVALID)):
+        path = tmp_path / f"{name}.zlayer.yml"
+        path.write_text(text)
+        slow = subprocess.run([*CLICK, str(path)], capture_output=True, text=True, env=env)
+        code, said, _ = _up(env, path)
+        said_slow = [x for x in slow.stderr.splitlines() if not x.startswith("import time:")]
+        if name == "warned":
+            assert said_slow[-1] == "deployed revision 1 of warned"
+            said_slow[-1] = "deployed revision 2 of warned"
+        assert (code, said) == (slow.returncode, said_slow), name
+        assert " click\n" in slow.stderr, name
+    # a refusal reads the file with the spec models (ctl.spec_cmd) to locate its problems
+    assert " click\n" not in _up(env, tmp_path / "warned.zlayer.yml")[2] + "\n"

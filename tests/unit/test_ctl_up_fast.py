@@ -1,0 +1,202 @@
+"""``zlayerctl up -b [FILE]`` runs without click (``ctl.readargs`` reads its command line,
+``ctl.up_background`` runs it) and says what the click command says, with the same exit
+codes; anything unusual, and a command for a node's API, still goes to click.
+
+The runs against schedd are in ``tests/integration/test_up_background.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from ctl import readargs
+from ctl.main import cli
+from tests.fresh_interpreter import modules_after
+
+REPO = Path(__file__).resolve().parents[2]
+
+# the same command line, once as zlayerctl runs it and once straight through click
+FAST = "from ctl.main import main; main()"
+CLICK = (
+    "import sys\nfrom ctl.main import _main_click\nfrom ctl.readargs import take_host_option\n"
+    "_main_click(take_host_option(sys.argv[1:]))"
+)
+
+SPEC = """\
+version: v1
+deployment: web
+services:
+  web:
+    image: zlayer/busybox:latest
+"""
+
+INVALID = """\
+version: v1
+deployment: bad
+services:
+  web:
+    image: zlayer/busybox:latest
+    ports: [80]
+"""
+
+
+def _up_click() -> click.Command:
+    command = cli.get_command(click.Context(cli), "up")
+    assert command is not None
+    return command
+
+
+PARSED = [
+    ["up", "-b"],
+    ["up", "-b", "web.zlayer.yml"],
+    ["up", "web.zlayer.yml", "-b"],
+    ["up", "-b", "-b", "a.yml"],
+    ["up", "-b", "-d", "a.yml"],
+    ["up", "-b", "--timeout", "5", "a.yml"],
+    ["up", "--timeout=2.5", "-b"],
+]
+
+
+@pytest.mark.parametrize("argv", PARSED, ids=" ".join)
+def test_an_up_b_command_line_parses_as_click_parses_it(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _local(monkeypatch, tmp_path)
+    parsed = readargs.parse(argv)
+    assert parsed is not None
+    command, values = parsed
+    assert command is readargs.UP_BACKGROUND
+    ctx = _up_click().make_context("up", argv[1:], parent=click.Context(cli))
+    assert ctx.params["background"] is True
+    assert values == {"file": ctx.params["file"]}
+
+
+LEFT_TO_CLICK = [
+    ["up"],
+    ["up", "a.yml"],
+    ["up", "-d", "a.yml"],
+    ["up", "-bd"],
+    ["up", "-b", "--help"],
+    ["up", "-b", "-h"],
+    ["up", "-b", "a.yml", "b.yml"],
+    ["up", "-b", "--", "a.yml"],
+    ["up", "-b", "-"],
+    ["up", "-b", ""],
+    ["up", "-b", "--timeout"],
+    ["up", "-b", "--timeout", "soon"],
+    ["up", "-b", "--timeout", "-1"],
+    ["up", "-b=1"],
+    ["up", "-b", "--detach"],
+    ["up", "-b", "-x"],
+]
+
+
+@pytest.mark.parametrize("argv", LEFT_TO_CLICK, ids=" ".join)
+def test_anything_else_of_up_is_left_to_click(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _local(monkeypatch, tmp_path)
+    assert readargs.parse(argv) is None
+
+
+def _local(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(readargs.HOST_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    readargs.set_host_option(None)
+
+
+def test_up_b_for_a_nodes_api_is_left_to_click(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _local(monkeypatch, tmp_path)
+    assert readargs.parse(["up", "-b", "a.yml"]) is not None
+    monkeypatch.setenv(readargs.HOST_ENV, "https://node.example:3669")
+    assert readargs.parse(["up", "-b", "a.yml"]) is None
+    monkeypatch.delenv(readargs.HOST_ENV)
+    readargs.set_host_option("https://node.example:3669")
+    try:
+        assert readargs.parse(["up", "-b", "a.yml"]) is None
+    finally:
+        readargs.set_host_option(None)
+    # a contexts file whose current context cannot be read: click's path says so
+    config = tmp_path / "config" / "zlayer"
+    config.mkdir(parents=True)
+    (config / readargs.CONTEXTS_FILE).write_text("current = [broken\n")
+    assert readargs.parse(["up", "-b", "a.yml"]) is None
+
+
+def _run(code: str, argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def _no_daemons(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != readargs.HOST_ENV}
+    env["ZLAYER_BUS_ADDRESS"] = f"unix:path={tmp_path}/no-bus"
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    return env
+
+
+CASES = {
+    "no daemons": (["up", "-b", "web.zlayer.yml"], 1),
+    "no daemons, no FILE": (["up", "-b"], 1),
+    "invalid file, no daemons": (["up", "-b", "bad.zlayer.yml"], 1),
+    "missing file": (["up", "-b", "gone.zlayer.yml"], 1),
+    "a directory": (["up", "-b", "."], 1),
+    "bad option": (["up", "-b", "--timeout", "soon", "web.zlayer.yml"], 2),
+    "extra argument": (["up", "-b", "web.zlayer.yml", "bad.zlayer.yml"], 2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_up_b_says_what_the_click_command_says(case: str, tmp_path: Path) -> None:
+    argv, code = CASES[case]
+    (tmp_path / "web.zlayer.yml").write_text(SPEC)
+    (tmp_path / "bad.zlayer.yml").write_text(INVALID)
+    if case == "no daemons, no FILE":
+        (tmp_path / "bad.zlayer.yml").unlink()
+    env = _no_daemons(tmp_path)
+    fast = _run(FAST, argv, tmp_path, env)
+    assert fast == _run(CLICK, argv, tmp_path, env)
+    assert fast[0] == code, fast
+    assert fast[2].count("\n") == 1 or code == 2, fast  # one sentence, never a traceback
+    assert "Traceback" not in fast[2]
+
+
+def test_no_file_in_the_directory_is_said_as_click_says_it(tmp_path: Path) -> None:
+    env = _no_daemons(tmp_path)
+    fast = _run(FAST, ["up", "-b"], tmp_path, env)
+    assert fast == _run(CLICK, ["up", "-b"], tmp_path, env)
+    assert fast[0] == 2 and "no *.zlayer.yml" in fast[2]
+
+
+def test_up_b_imports_no_click(tmp_path: Path) -> None:
+    """Up to the bus (here: none, so the daemons are said not to run) without click."""
+    spec = tmp_path / "web.zlayer.yml"
+    spec.write_text(SPEC)
+    modules = modules_after(
+        "import os\n"
+        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
+        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
+        "os.environ.pop('ZLAYER_HOST', None)\n"
+        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        "up",
+        "-b",
+        str(spec),
+    )
+    assert "ctl.up_background" in modules
+    heavy = {"click", "asyncio", "sdbus", "shared.bus", "pydantic", "rich", "ctl.deploy_cmd"}
+    assert sorted(heavy & modules) == []
