@@ -498,6 +498,12 @@ class RemoteAgent(RemoteDaemon):
         """Run ``argv`` in ``replica`` and return its exit code: with a terminal over the
         exec WebSocket (``stdin`` in raw mode), else one POST whose output is written to
         ``stdout`` and ``stderr``."""
+        if not tty and _has_input(stdin):
+            # the exec route's POST has no stdin, and its WebSocket no way to end one
+            raise ApiError(
+                "exec through the API does not forward standard input, and some was given; "
+                "run it on the node, or put the input in the command (sh -c '...')"
+            )
         info = await self._replica(replica)
         path = _path("deployments", info.deployment, "services", info.service, "exec")
         if tty:
@@ -547,6 +553,26 @@ class RemoteAgent(RemoteDaemon):
                         yield decode(raw, LogLine)
             except aiohttp.ClientError as exc:
                 raise self.http.unreachable(exc) from None
+
+
+def _has_input(fd: int, wait: float = 0.1) -> bool:
+    """Whether ``fd`` (not a terminal) holds input: a file with bytes left, or a pipe or
+    socket with data within ``wait`` seconds (one byte is read: it is not sent anyway)."""
+    import select
+    import stat
+
+    try:
+        found = os.fstat(fd)
+        if os.isatty(fd):
+            return False
+        if stat.S_ISREG(found.st_mode):
+            return found.st_size > os.lseek(fd, 0, os.SEEK_CUR)
+        if not (stat.S_ISFIFO(found.st_mode) or stat.S_ISSOCK(found.st_mode)):
+            return False  # /dev/null and other devices
+        readable, _, _ = select.select([fd], [], [], wait)
+        return bool(readable) and bool(os.read(fd, 1))
+    except OSError:
+        return False  # closed or unreadable: nothing to forward
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -99,9 +99,11 @@ class Remote:
         check: bool = False,
         timeout: float = 120,
         env: dict[str, str] | None = None,
+        stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             self.argv(*args),
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -220,6 +222,13 @@ def test_deploy_ps_logs_exec_scale_and_down_through_the_api(node: Node, remote: 
     _same(node, remote, "exec", "ticker", "-d", "remote", "--replica", "2", "--", "hostname")
     _same(node, remote, "exec", "ticker", "-d", "remote", "--replica", "7", "--", "true")
     _same(node, remote, "exec", "ticker", "-d", "remote", "--", "/no/such/command")
+    # piped input is not forwarded through the API: one sentence, nothing run
+    piped = remote.ctl("exec", "ticker", "-d", "remote", "--", "cat", stdin="hello\n")
+    assert (piped.returncode, piped.stdout) == (1, "")
+    assert piped.stderr.startswith("error: exec through the API does not forward standard input")
+    assert piped.stderr.count("\n") == 1
+    empty = remote.ctl("exec", "ticker", "-d", "remote", "--", "cat", stdin="")
+    assert (empty.returncode, empty.stdout, empty.stderr) == (0, "", "")
 
     # scale down waits until the surplus replica is gone, then up again
     scaled = remote.ctl("scale", "ticker", "1", "-d", "remote", check=True)
