@@ -3,11 +3,10 @@
 Pulls, pushes and exports are registryd jobs: the command starts one and
 waits for its JobRemoved signal, drawing a progress bar per layer (rich)
 from the job's Progress meanwhile, on a terminal only.
-``pull`` and ``image push`` on this node's bus go through the blocking bus
-connection of ``shared.busread`` (no asyncio or sdbus, whose import was
-most of a warm pull's time); through a node's API (``--host``), and for
-``export`` (which hands registryd a file descriptor), the typed clients of
-``ctl.client`` wait instead, with the same output.
+``pull``, ``image push`` and ``export`` on this node's bus go through the
+blocking bus connection of ``shared.busread`` (no asyncio or sdbus, whose
+import was most of a warm pull's time); through a node's API (``--host``)
+the typed clients of ``ctl.client`` wait instead, with the same output.
 zlayerctl runs as the user, so it is what can read the user's Docker and
 Podman auth files; it passes registryd only the entry for the registry at
 hand (see shared/credentials.py).
@@ -216,10 +215,12 @@ async def _run_job(start: Callable[[Client], Awaitable[int]], what: str, show: b
     return _finish(info)
 
 
-def _run_bus_job(start: Callable[[BusReader], int], what: str, show: bool) -> str:
+def _run_bus_job(
+    start: Callable[[BusReader], int], what: str, show: bool, fds: bool = False
+) -> str:
     from shared.busread import BusReader, bus_address
 
-    with BusReader(bus_address()) as bus:
+    with BusReader(bus_address(), enable_fds=fds) as bus:
         info = wait_bus_job(bus, start, what, show)
     return _finish(info)
 
@@ -361,17 +362,26 @@ def export(image_name: str, output: str, compress: bool) -> None:
     except OSError as exc:
         fail(f"cannot write {target}: {exc.strerror}")
     try:
+        if _on_bus():
 
-        async def start(client: Client) -> int:
-            try:
-                job_id = await client.registry.export_image(image_name, fd, compress)
-            finally:
-                os.close(fd)  # the daemon holds its own copy
-            return job_id
+            def start_on_bus(bus: BusReader) -> int:
+                try:
+                    return bus.export_image(image_name, fd, compress)
+                finally:
+                    os.close(fd)  # the daemon holds its own copy
 
-        import asyncio
+            result = _run_bus_job(start_on_bus, "export", False, fds=True)
+        else:
+            import asyncio
 
-        result = asyncio.run(_run_job(start, "export", False))
+            async def start(client: Client) -> int:
+                try:
+                    job_id = await client.registry.export_image(image_name, fd, compress)
+                finally:
+                    os.close(fd)  # the daemon holds its own copy
+                return job_id
+
+            result = asyncio.run(_run_job(start, "export", False))
         os.rename(partial, target)
     finally:
         partial.unlink(missing_ok=True)

@@ -8,10 +8,11 @@ So they speak D-Bus through jeepney's blocking connection instead and decode
 each reply into the same wire Structs as the typed clients in
 ``shared.clients`` do. Two calls that are not reads go this way too, as
 cheap to send: ``Validate`` (``zlayerctl validate``) and ``Deploy`` for
-``zlayerctl up -b``, which waits on nothing after it; and ``Pull`` and
-``Push``, whose registryd job ``zlayerctl pull`` and ``image push`` wait for
-by its JobRemoved signal (:meth:`BusReader.subscribe`). Everything else that
-changes state, waits on jobs or follows signals stays on sdbus.
+``zlayerctl up -b``, which waits on nothing after it; and ``Pull``, ``Push``
+and ``ExportImage``, whose registryd job ``zlayerctl pull``, ``image push``
+and ``export`` wait for by its JobRemoved signal (:meth:`BusReader.subscribe`).
+Everything else that changes state, waits on jobs or follows signals stays
+on sdbus.
 
 :data:`READS` is the one place that names each read's member and
 signatures; ``tests/unit/test_ctl_reads.py`` checks it, the bus names and
@@ -109,6 +110,8 @@ READS: dict[str, Read] = {
     "push": Read("registryd", "Push", "sss", "t"),
     "get_job": Read("registryd", "GetJob", "t", "s"),
     "cancel_job": Read("registryd", "CancelJob", "t", ""),
+    # `export`: the archive's fd goes with the call (a connection opened with enable_fds)
+    "export_image": Read("registryd", "ExportImage", "shb", "t"),
 }
 # registryd's signal at a job's end: (job_id, job_path, JobInfo); a test holds it to shared.bus
 JOB_REMOVED = Read("registryd", "JobRemoved", "tos", "")
@@ -151,14 +154,15 @@ def object_path(bus_name: str) -> str:
 class BusReader:
     """One blocking bus connection for the read methods in :data:`READS`."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, enable_fds: bool = False) -> None:
+        """``enable_fds`` for a call that hands the daemon a file descriptor (ExportImage)."""
         from jeepney.io.blocking import open_dbus_connection
 
         if address is None:
             address = os.environ.get(SYSTEM_BUS_ENV) or SYSTEM_BUS_ADDRESS
         try:
             self._connection: DBusConnection = open_dbus_connection(
-                address, auth_timeout=AUTH_TIMEOUT
+                address, enable_fds=enable_fds, auth_timeout=AUTH_TIMEOUT
             )
         except Exception as exc:
             # no socket, refused, an address jeepney cannot use, authentication or Hello
@@ -308,6 +312,10 @@ class BusReader:
 
     def cancel_job(self, job_id: int) -> None:
         self.call("cancel_job", job_id)
+
+    def export_image(self, reference: str, fd: int, gzip: bool) -> int:
+        job_id: int = self.call("export_image", reference, fd, gzip)[0]
+        return job_id
 
     def subscribe(
         self, signal: Read, path: str = "", interface: str = "", queue: Any = None

@@ -43,19 +43,10 @@ def _imported(stderr: str) -> set[str]:
     }
 
 
-def _pull_traced(registryd: Registryd, image: str) -> tuple[dict[str, object], set[str]]:
+def _traced(registryd: Registryd, *args: str) -> tuple[str, set[str]]:
+    """``zlayerctl ARGS``'s stdout and the modules it imported."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-c",
-            "from ctl.main import main; main()",
-            "pull",
-            image,
-            "--format",
-            "json",
-        ],
+        [sys.executable, "-X", "importtime", "-c", "from ctl.main import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -63,12 +54,17 @@ def _pull_traced(registryd: Registryd, image: str) -> tuple[dict[str, object], s
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    info: dict[str, object] = json.loads(result.stdout)
-    return info, _imported(result.stderr)
+    return result.stdout, _imported(result.stderr)
 
 
-def test_a_cold_and_a_warm_pull_load_no_sdbus_asyncio_or_progress_bars(
-    registryd: Registryd, registry: Registry
+def _pull_traced(registryd: Registryd, image: str) -> tuple[dict[str, object], set[str]]:
+    out, modules = _traced(registryd, "pull", image, "--format", "json")
+    info: dict[str, object] = json.loads(out)
+    return info, modules
+
+
+def test_a_cold_and_a_warm_pull_and_an_export_load_no_sdbus_asyncio_or_progress_bars(
+    registryd: Registryd, registry: Registry, tmp_path: Path
 ) -> None:
     image = f"{registry.host}/busybox:1"
     cold, modules = _pull_traced(registryd, image)
@@ -82,6 +78,13 @@ def test_a_cold_and_a_warm_pull_load_no_sdbus_asyncio_or_progress_bars(
     assert out == f"pulled {image}: {cold['id']}\n"
     jobs = json.loads(registryd.call("list_jobs"))
     assert [job["state"] for job in jobs] == ["done", "done", "done"]
+
+    # export hands registryd the archive's descriptor over the same connection
+    archive = tmp_path / "busybox.tar"
+    out, modules = _traced(registryd, "export", image, "-o", str(archive))
+    assert out == f"exported {image} to {archive}\n"
+    assert not set(SLOW) & modules, sorted(set(SLOW) & modules)
+    assert registryd.import_(archive).id == cold["id"]
 
 
 def test_ctrl_c_during_a_pull_cancels_its_job(registryd: Registryd, registry: Registry) -> None:
