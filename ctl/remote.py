@@ -702,20 +702,12 @@ class RemoteRegistry(RemoteJobs):
         return decode(reply, list[str])
 
     async def pull(self, reference: str, pull_policy: str, auth: str) -> int:
-        if auth:
-            raise ApiError(
-                "credentials given on the command line are not sent through the API; "
-                "`zlayerctl login` them on the node"
-            )
+        _no_credentials(auth)
         request = PullRequest(reference=reference, pull_policy=pull_policy)
         return await self.http.operation("POST", "/images/pull", body=request)
 
     async def push(self, reference: str, destination: str, auth: str) -> int:
-        if auth:
-            raise ApiError(
-                "credentials given on the command line are not sent through the API; "
-                "`zlayerctl login` them on the node"
-            )
+        _no_credentials(auth)
         request = PushRequest(reference=reference, destination=destination)
         return await self.http.operation("POST", "/images/push", body=request)
 
@@ -778,6 +770,15 @@ class RemoteRegistry(RemoteJobs):
 
     async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
         raise ApiError(ONLY_ON_THE_NODE.format(what="`zlayerctl wasm push`"))
+
+
+def _no_credentials(auth: str) -> None:
+    """Credentials for a registry stay on the node: they are never sent with a pull or push."""
+    if auth:
+        raise ApiError(
+            "credentials given on the command line are not sent through the API; "
+            "`zlayerctl login` them on the node"
+        )
 
 
 def _tar_context(context: str, archive: IO[bytes]) -> None:

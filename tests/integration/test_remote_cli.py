@@ -33,16 +33,25 @@ def _ctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def _remote_env(token: str, tmp_path: Path) -> dict[str, str]:
+    """zlayerctl's environment with ``token`` and no bus it could reach: only the API."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ZLAYER_HOST", "ZLAYER_TOKEN")}
+    env.update(
+        ZLAYER_TOKEN=token,
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        ZLAYER_BUS_ADDRESS="unix:path=/nonexistent/bus",
+        ZLAYER_PREFIX=str(tmp_path / "nowhere"),
+    )
+    return env
+
+
 def test_missing_daemons_and_the_rate_limit_read_as_one_sentence(
     private_bus: PrivateBus, zlayer_prefix: Paths, tmp_path: Path
 ) -> None:
     with running_apid(private_bus, zlayer_prefix, RATE) as apid:
         token = mint_token(private_bus.address, "cli", "admin")
         local_env = dict(os.environ, ZLAYER_BUS_ADDRESS=private_bus.address)
-        remote_env = {
-            k: v for k, v in os.environ.items() if k not in ("ZLAYER_PREFIX", "ZLAYER_HOST")
-        }
-        remote_env.update(ZLAYER_TOKEN=token, XDG_CONFIG_HOME=str(tmp_path / "config"))
+        remote_env = _remote_env(token, tmp_path)
 
         # schedd (agentd) is not on the bus: the same sentence either way
         for argv, daemon in (
@@ -74,14 +83,7 @@ def test_token_create_ls_revoke_through_the_api(
     the node's apid (the new token then works and, revoked, is refused), never the bus."""
     with running_apid(private_bus, zlayer_prefix) as apid:
         admin = mint_token(private_bus.address, "cli-admin", "admin")
-        env = {k: v for k, v in os.environ.items() if k not in ("ZLAYER_HOST", "ZLAYER_TOKEN")}
-        # no bus here: the commands can reach the node only through its API
-        env.update(
-            ZLAYER_TOKEN=admin,
-            XDG_CONFIG_HOME=str(tmp_path / "config"),
-            ZLAYER_BUS_ADDRESS="unix:path=/nonexistent/bus",
-            ZLAYER_PREFIX=str(tmp_path / "nowhere"),
-        )
+        env = _remote_env(admin, tmp_path)
 
         made = _ctl(
             "--host", apid.url, "token", "create", "made-remotely", "--role", "viewer",
@@ -124,10 +126,7 @@ def test_status_through_the_api_prints_the_rows_of_the_node(
     with running_apid(private_bus, zlayer_prefix) as apid:
         token = mint_token(private_bus.address, "cli-status", "viewer")
         local_env = dict(os.environ, ZLAYER_BUS_ADDRESS=private_bus.address)
-        remote_env = {
-            k: v for k, v in os.environ.items() if k not in ("ZLAYER_PREFIX", "ZLAYER_HOST")
-        }
-        remote_env.update(ZLAYER_TOKEN=token, XDG_CONFIG_HOME=str(tmp_path / "config"))
+        remote_env = _remote_env(token, tmp_path)
         local = _ctl("status", "--format", "json", env=local_env)
         remote = _ctl("--host", apid.url, "status", "--format", "json", env=remote_env)
         assert local.returncode == remote.returncode == 3, (local.stderr, remote.stderr)
