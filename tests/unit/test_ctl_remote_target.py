@@ -11,11 +11,9 @@ import asyncio
 import inspect
 import os
 import socket
-import ssl
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from ctl.readargs import set_host_option, take_host_option
 from ctl.remote import Http, RemoteRegistry
 from ctl.transfer import Sent
 from shared.clients import RegistryClient
-from tests.registry_fixture import tls_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -283,66 +280,3 @@ def test_a_path_given_the_remote_registry_is_sent_as_it_is(tmp_path: Path) -> No
 
 def test_a_target_never_shows_its_token() -> None:
     assert "hidden" not in repr(Target("https://n:3669", "hidden"))
-
-
-@pytest.fixture
-def tls_api(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """An HTTPS server with a self-signed certificate answering GET /api/v1/deployments
-    (apid serves no TLS yet; this is what zlayerctl meets when it does): (URL, its CA)."""
-    from aiohttp import web
-
-    certificate, key = tls_files(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certificate, key)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    port = _closed_port()
-
-    async def deployments(_request: web.Request) -> web.Response:
-        return web.json_response([])
-
-    async def serve() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_get("/api/v1/deployments", deployments)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
-        return runner
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        holder.append(loop.run_until_complete(serve()))
-        started.set()
-        loop.run_forever()
-
-    holder: list[web.AppRunner] = []
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
-        yield f"https://127.0.0.1:{port}", certificate
-    finally:
-        asyncio.run_coroutine_threadsafe(holder[0].cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-def test_https_needs_the_ca_the_context_names(tmp_path: Path, tls_api: tuple[str, Path]) -> None:
-    url, certificate = tls_api
-    home = tmp_path / "config"
-    untrusted = _ctl(home, "--host", url, "ps")
-    assert untrusted.returncode == 1
-    assert untrusted.stderr.startswith(f"error: the TLS certificate of {url} is not trusted")
-    assert "--ca-file" in untrusted.stderr and untrusted.stderr.count("\n") == 1
-
-    added = _ctl(
-        home, "context", "add", "tls", "--host", url, "--ca-file", str(certificate), "--use",
-        stdin="a-token\n",
-    )  # fmt: skip
-    assert added.returncode == 0, added.stderr
-    trusted = _ctl(home, "ps")
-    assert (trusted.returncode, trusted.stdout) == (0, ""), trusted.stderr
-    assert "no deployments" in trusted.stderr
-    # the host given again on the command line takes the context's CA (and token) with it
-    assert _ctl(home, "--host", url, "ps").returncode == 0
