@@ -24,12 +24,21 @@ if TYPE_CHECKING:
     from shared.wire.scheduler import DeploymentStatus, Event
 
 
+# ctl.spec_cmd.SPEC_PATTERNS (importing it loads click); a test holds the two equal
+SPEC_PATTERNS = ("*.zlayer.yml", "*.zlayer.yaml")
+
+
 def spec_path(file: str | None, command: str) -> Path:
+    """FILE, or the one spec file in the current directory (as ``validate`` finds it)."""
     if file:
         return Path(file)
-    from ctl.spec_cmd import find_spec_file  # the messages when none or several are found
+    here = Path.cwd()
+    found = {p for pattern in SPEC_PATTERNS for p in here.glob(pattern) if p.is_file()}
+    if len(found) == 1:
+        return found.pop()
+    from ctl.spec_cmd import find_spec_file  # its sentences for none or several
 
-    return find_spec_file(Path.cwd(), command)
+    return find_spec_file(here, command)
 
 
 def read_spec(file: str | None, command: str) -> tuple[str, str, dict[str, str], str]:

@@ -200,3 +200,38 @@ def test_up_b_imports_no_click(tmp_path: Path) -> None:
     assert "ctl.up_background" in modules
     heavy = {"click", "asyncio", "sdbus", "shared.bus", "pydantic", "rich", "ctl.deploy_cmd"}
     assert sorted(heavy & modules) == []
+
+
+def test_the_spec_file_patterns_are_validates() -> None:
+    from ctl import spec_cmd, up_background
+
+    assert up_background.SPEC_PATTERNS == spec_cmd.SPEC_PATTERNS
+
+
+@pytest.mark.parametrize("names", [[], ["a.zlayer.yml", "b.zlayer.yaml"], ["web.zlayer.yaml"]])
+def test_without_file_the_spec_in_the_directory_is_found_as_click_finds_it(
+    names: list[str], tmp_path: Path
+) -> None:
+    for name in names:
+        (tmp_path / name).write_text(SPEC)
+    (tmp_path / "dir.zlayer.yml").mkdir()  # a directory is no spec file
+    env = _no_daemons(tmp_path)
+    fast = _run(FAST, ["up", "-b"], tmp_path, env)
+    assert fast == _run(CLICK, ["up", "-b"], tmp_path, env)
+    assert fast[0] == (1 if len(names) == 1 else 2), fast
+    assert len(fast[2].splitlines()) == 1
+
+
+def test_up_b_without_file_imports_no_click(tmp_path: Path) -> None:
+    (tmp_path / "web.zlayer.yml").write_text(SPEC)
+    modules = modules_after(
+        "import os\n"
+        f"os.chdir({str(tmp_path)!r})\n"
+        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
+        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
+        "os.environ.pop('ZLAYER_HOST', None)\n"
+        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        "up",
+        "-b",
+    )
+    assert "ctl.up_background" in modules and "click" not in modules
