@@ -227,6 +227,11 @@ def module_path(rootfs: ImageRootfs) -> Path:
 
 
 def _digest(path: Path) -> str:
+    """What identifies the module: registryd's layer directories are named by their
+    content's digest (nothing to read then); any other file is hashed."""
+    for parent in path.parents:
+        if re.fullmatch(r"[0-9a-f]{64}", parent.name):
+            return f"{parent.name}/{path.relative_to(parent)}"
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
