@@ -9,6 +9,7 @@ exit code are compared with the same command run locally.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -18,9 +19,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -115,6 +117,29 @@ class Remote:
             assert result.returncode == 0, f"zlayerctl --host {' '.join(args)}: {result.stderr}"
         return result
 
+    @contextlib.contextmanager
+    def following(self, *args: str) -> Iterator[IO[str]]:
+        """``zlayerctl --host URL args -f`` running, its output to read; when the body is
+        done, Ctrl-C must end it quietly (exit 0, no traceback)."""
+        follower = subprocess.Popen(
+            self.argv(*args, "-f"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(),
+        )
+        try:
+            assert follower.stdout is not None
+            yield follower.stdout
+            follower.send_signal(signal.SIGINT)
+            _, errors = follower.communicate(timeout=15)
+            assert follower.returncode == 0, errors
+            assert "Traceback" not in errors
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+
 
 @pytest.fixture(scope="module")
 def remote(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Remote:
@@ -179,31 +204,15 @@ def test_deploy_ps_logs_exec_scale_and_down_through_the_api(node: Node, remote: 
     _same(node, remote, "logs", "nosuch", "-d", "remote")
 
     # logs -f: new lines keep coming until Ctrl-C, which ends it quietly
-    follower = subprocess.Popen(
-        remote.argv("logs", "ticker", "-d", "remote", "--instance", "1", "-n", "1", "-f"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=remote.env(),
-    )
-    try:
-        assert follower.stdout is not None
-        first = follower.stdout.readline()
+    with remote.following("logs", "ticker", "-d", "remote", "--instance", "1", "-n", "1") as out:
+        first = out.readline()
         assert re.fullmatch(r"tick (\d+)\n", first), first
         seen = [first]
         deadline = time.monotonic() + 20
         while len(seen) < 4 and time.monotonic() < deadline:
-            seen.append(follower.stdout.readline())
+            seen.append(out.readline())
         numbers = [int(line.split()[1]) for line in seen]
         assert numbers == list(range(numbers[0], numbers[0] + 4)), seen
-        follower.send_signal(signal.SIGINT)
-        _, errors = follower.communicate(timeout=15)
-        assert follower.returncode == 0, errors
-        assert "Traceback" not in errors
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
 
     # exec: output and exit code as on the node, failures in the same sentence
     ran = _same(
@@ -340,29 +349,14 @@ def test_env_events_follow_and_a_terminal_through_the_api(node: Node, remote: Re
     assert plan.stdout.startswith("revision 2 of remote2 would:")
 
     # events -f: a deploy made meanwhile shows up; Ctrl-C ends it quietly
-    follower = subprocess.Popen(
-        remote.argv("events", "-f", "-d", "remote2", "-n", "1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=remote.env(),
-    )
-    try:
-        assert follower.stdout is not None
-        follower.stdout.readline()  # the last event before following
+    with remote.following("events", "-d", "remote2", "-n", "1") as out:
+        out.readline()  # the last event before following
         remote.ctl("deploy", str(spec), check=True, env={"GREETING": "hi-there"})
         deadline = time.monotonic() + 30
         seen = ""
         while "revision 2 of remote2 deployed" not in seen and time.monotonic() < deadline:
-            seen += follower.stdout.readline()
+            seen += out.readline()
         assert "revision 2 of remote2 deployed" in seen, seen
-        follower.send_signal(signal.SIGINT)
-        _, errors = follower.communicate(timeout=15)
-        assert follower.returncode == 0, errors
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
 
     # exec -t: a shell on the WebSocket, typed into, its exit code returned
     wait_until(
