@@ -16,10 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ctl import registry_cmd
 from ctl.supervisor import find_executable
-from shared import clients
-from shared.bus import NotFoundError
 from tests.integration.test_registryd import Registryd
 from tests.integration.test_registryd import registryd as registryd
 from tests.registry_fixture import Registry, fault_proxy, free_port
@@ -27,11 +24,6 @@ from tests.registry_fixture import Registry, fault_proxy, free_port
 # What the pull must not load: sdbus and asyncio (the typed clients) and rich.progress
 # (the bars, only for a terminal).
 SLOW = ("sdbus", "asyncio", "shared.bus", "shared.clients", "rich.progress")
-
-
-def test_the_constants_are_those_of_the_typed_clients() -> None:
-    assert registry_cmd.FALLBACK_SECONDS == clients.FALLBACK_SECONDS
-    assert NotFoundError.dbus_error_name == registry_cmd.NOT_FOUND
 
 
 def _imported(stderr: str) -> set[str]:
