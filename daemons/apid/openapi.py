@@ -98,6 +98,31 @@ def _types() -> list[Any]:
     return found
 
 
+def _sse_event(data: dict[str, Any]) -> dict[str, Any]:
+    """One server-sent event, as OpenAPI 3.1 describes a stream (the schema of each event):
+    its kind and its data, a JSON text of ``data``'s schema."""
+    return {
+        "type": "object",
+        "properties": {
+            "event": {"type": "string"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": data,
+            },
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+        "required": ["data"],
+    }
+
+
+def _item(schema: dict[str, Any]) -> dict[str, Any]:
+    """What one event of a listing's stream carries: an item of the list."""
+    items = schema.get("items")
+    return items if schema.get("type") == "array" and isinstance(items, dict) else schema
+
+
 def _content(media: str, value_schema: dict[str, Any]) -> dict[str, Any]:
     return {media: {"schema": value_schema}}
 
@@ -124,7 +149,7 @@ def _operation(spec: RouteSpec, schemas: dict[Any, dict[str, Any]]) -> dict[str,
     if spec.returns is not None:
         returns = schemas[spec.returns]
         if spec.content == "text/event-stream":
-            main["content"] = _content(spec.content, {"type": "string"})
+            main["content"] = _content(spec.content, _sse_event(returns))
         elif spec.content == "application/json":
             main["content"] = _content(spec.content, returns)
         else:
@@ -132,7 +157,7 @@ def _operation(spec: RouteSpec, schemas: dict[Any, dict[str, Any]]) -> dict[str,
     responses[str(spec.status)] = main
     if spec.content == "application/json" and spec.returns is not None and "follow" in spec.query:
         # the same route streams when asked to
-        main["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        main["content"]["text/event-stream"] = {"schema": _sse_event(_item(returns))}
     for code, value in OTHER_REPLIES.get((spec.method, spec.path), {}).items():
         responses[str(code)] = {
             "description": value.__name__,

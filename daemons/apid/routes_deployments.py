@@ -132,11 +132,8 @@ async def delete_deployment(request: web.Request) -> web.StreamResponse:
     tags=TAGS,
 )
 async def get_spec(request: web.Request) -> web.StreamResponse:
-    await api(request).scheduler.get_deployment(request.match_info["name"])  # 404 if unknown
-    # schedd has no bus method that returns a stored spec's text yet
-    raise ApiProblem(
-        501, "this node's zlayer-schedd cannot return a stored spec yet; keep the spec file"
-    )
+    text = await api(request).scheduler.get_spec(request.match_info["name"])
+    return web.Response(text=text, content_type="application/yaml")
 
 
 @route(

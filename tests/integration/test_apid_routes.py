@@ -194,11 +194,10 @@ def test_a_deployment_through_the_api_from_deploy_to_down(api: Api) -> None:
     listed_events = api.json("GET", f"/api/v1/deployments/{name}/events?limit=5")
     assert 0 < len(listed_events) <= 5 and all(e["deployment"] == name for e in listed_events)
     assert api.json("GET", "/api/v1/events?limit=3")[-1]["deployment"] == name
-    # schedd cannot give a stored spec back yet: one sentence, never a 500
-    no_spec = api.problem("GET", f"/api/v1/deployments/{name}/spec", 501)
-    assert no_spec["detail"] == (
-        "this node's zlayer-schedd cannot return a stored spec yet; keep the spec file"
-    )
+    # the stored spec comes back as it was sent
+    status, headers, data = api.call("GET", f"/api/v1/deployments/{name}/spec")
+    assert status == 200 and headers["Content-Type"].startswith("application/yaml")
+    assert data.decode() == SPEC.format(name=name, replicas=2)
 
     scaled = api.json(
         "POST", f"/api/v1/deployments/{name}/services/web/scale", {"replicas": 1}, status=202
