@@ -24,7 +24,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ctl.output import err_console, fail, print_json
-from shared.wire import decode, to_builtins
+from ctl.readargs import _import_msgspec_without_typing_extensions
+
+# msgspec without typing_extensions (and its inspect), as the read commands load it
+_import_msgspec_without_typing_extensions()
+
+from shared.wire import decode, to_builtins  # noqa: E402
 
 if TYPE_CHECKING:
     from ctl.client import Client
