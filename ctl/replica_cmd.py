@@ -17,10 +17,10 @@ from datetime import datetime
 import click
 
 from ctl.client import Client, resolve_deployment
-from ctl.output import err_console, fail
+from ctl.output import err_console
 from shared import logread
 from shared.k8slog import LogLine
-from shared.replicas import select_replicas
+from shared.replicas import first_running, select_replicas
 from shared.wire.agent import ReplicaInfo
 from shared.wire.api import LogLine as WireLogLine
 
@@ -174,10 +174,8 @@ def exec_(
         client = Client()
         target = await resolve_deployment(client, deployment)
         replicas = await _chosen(client, target, service, instance)
-        running = [r for r in replicas if r.state == "running"]
-        if not running:
-            fail(f"no replica of {service} is running; see `zlayerctl ps --containers`")
-        return await client.agent.exec(running[0].id, list(command), tty, 0, 1, 2)
+        running = first_running(replicas, service)
+        return await client.agent.exec(running.id, list(command), tty, 0, 1, 2)
 
     sys.stdout.flush()
     raise SystemExit(asyncio.run(run()))
