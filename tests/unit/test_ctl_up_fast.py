@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ctl import readargs
 from ctl.main import cli
@@ -235,3 +237,13 @@ def test_up_b_without_file_imports_no_click(tmp_path: Path) -> None:
         "-b",
     )
     assert "ctl.up_background" in modules and "click" not in modules
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="/.ab", max_size=12))
+def test_the_name_sent_is_the_one_pathlib_gives(file: str) -> None:
+    from pathlib import PurePosixPath
+
+    from ctl.up_background import path_name
+
+    assert path_name(file) == str(PurePosixPath(file))
