@@ -11,7 +11,7 @@ from daemons.apid.problems import ApiProblem
 from daemons.apid.routing import API_PREFIX, Role, can_see, principal, route
 from daemons.apid.streams import send_events, wants_stream
 from shared.wire.agent import ReplicaInfo
-from shared.wire.api import DeployRequest, OperationRef, ScaleRequest, StopRequest
+from shared.wire.api import DeployRequest, OperationRef, RolledBack, ScaleRequest, StopRequest
 from shared.wire.scheduler import Deployed, DeploymentStatus, DeployPlan, Event, ServiceStatus
 
 TAGS = ("deployments",)
@@ -164,15 +164,18 @@ async def deployment_events(request: web.Request) -> web.StreamResponse:
     "POST",
     "/deployments/{name}/rollback",
     role=Role.OPERATOR,
-    summary="Roll back to the previous revision (Rollback)",
+    summary=(
+        "Roll back to the previous revision (Rollback): stores it again as a new revision and"
+        " answers that revision (200, no operation: the rollout shows in the deployment's status)"
+    ),
     deployment="name",
-    returns=OperationRef,
-    status=202,
+    returns=RolledBack,
     tags=TAGS,
 )
 async def rollback(request: web.Request) -> web.StreamResponse:
-    job = await api(request).scheduler.rollback(request.match_info["name"])
-    return operation_accepted("scheduler", job)
+    name = request.match_info["name"]
+    revision = await api(request).scheduler.rollback(name)
+    return reply(RolledBack(deployment=name, revision=revision))
 
 
 @route(

@@ -142,3 +142,11 @@ class SecretValue(Wire, frozen=True):
 
     def __repr__(self) -> str:  # a value must not reach a log line by accident
         return f"SecretValue(name={self.name!r}, deployment={self.deployment!r}, value=<hidden>)"
+
+
+class RolledBack(Wire, frozen=True):
+    """What a rollback did: the new revision holding the previous spec (no operation to
+    follow: the scheduler rolls it out as it does any new revision)."""
+
+    deployment: str
+    revision: int

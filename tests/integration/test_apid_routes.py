@@ -212,6 +212,30 @@ def test_a_deployment_through_the_api_from_deploy_to_down(api: Api) -> None:
     api.problem("GET", f"/api/v1/deployments/{name}", 404)
 
 
+def test_rollback_answers_the_revision_it_stored(api: Api) -> None:
+    """Rollback starts no operation: it answers the new revision, and no Location to follow."""
+    name = "rollme"
+    for replicas in (1, 2):
+        deployed = api.json(
+            "POST", "/api/v1/deployments", {"spec": SPEC.format(name=name, replicas=replicas)}, 202
+        )
+        location = f"/api/v1/operations/scheduler/{deployed['job']}"
+        assert follow(api, location)[-1][1]["state"] == "done"
+    before = api.json("GET", f"/api/v1/deployments/{name}")["revision"]
+
+    status, headers, data = api.call("POST", f"/api/v1/deployments/{name}/rollback")
+    assert status == 200, data
+    assert "Location" not in headers
+    assert json.loads(data) == {"deployment": name, "revision": before + 1}
+    got = api.json("GET", f"/api/v1/deployments/{name}")
+    assert got["revision"] == before + 1
+    assert api.call("GET", f"/api/v1/deployments/{name}/spec")[2].decode() == SPEC.format(
+        name=name, replicas=1
+    )
+    missing = api.problem("POST", "/api/v1/deployments/nosuch/rollback", 404)
+    assert "nosuch" in missing["detail"]
+
+
 def test_errors_are_problem_documents_with_the_cli_sentence(api: Api) -> None:
     missing = api.problem("GET", "/api/v1/deployments/nosuch", 404)
     assert "nosuch" in missing["detail"]
