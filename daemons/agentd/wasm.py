@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from daemons.agentd.errors import BundleError
+from shared import wasm_limits
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
 
@@ -404,12 +405,9 @@ def limit_reason(spec: ServiceSpec, code: int, log_paths: list[str]) -> str:
     except OSError:
         return ""
     if FUEL_TRAP in tail and spec.wasm.max_fuel is not None:
-        return f"stopped: the module used its fuel of {int(spec.wasm.max_fuel)}"
+        return wasm_limits.fuel(int(spec.wasm.max_fuel))
     if INTERRUPT_TRAP in tail:
-        return "stopped: the module ran past its time limit"
+        return wasm_limits.time_limit()
     if MEMORY_REFUSED in tail and spec.wasm.max_memory is not None:
-        return (
-            "stopped: the module needs more memory than its max_memory of "
-            f"{int(spec.wasm.max_memory)} bytes"
-        )
+        return wasm_limits.memory(int(spec.wasm.max_memory))
     return ""

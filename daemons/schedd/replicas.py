@@ -105,6 +105,8 @@ class ReplicaCache:
         # which are at least as new as the list for those replicas.
         self._during_fetch: dict[str, ReplicaInfo | None] | None = None
         self._lock = asyncio.Lock()
+        # Given each replica agentd reports changed (a job's last one too), for events.
+        self.noted: Callable[[ReplicaInfo], None] | None = None
 
     def invalidate(self, reason: str) -> None:
         """Ask for the full list at the next read."""
@@ -178,6 +180,8 @@ class ReplicaCache:
     def take(self, info: ReplicaInfo) -> None:
         """One ``ReplicaChanged``: the replica's entry replaced, or dropped when it is gone."""
         SIGNALS.inc()
+        if self.noted is not None:
+            self.noted(info)
         gone = _gone(info)
         if gone:
             self._replicas.pop(info.id, None)

@@ -51,6 +51,7 @@ from shared.bus import (
 )
 from shared.clients import AgentClient, OverlayClient, ProxyClient
 from shared.jobs import Job
+from shared.wasm_limits import PREFIX as WASM_LIMIT_PREFIX
 from shared.wire import encode
 from shared.wire.agent import (
     JobRun,
@@ -207,6 +208,7 @@ class Scheduler:
         self.bus = bus
         self.agent = AgentClient(bus)
         self.replica_cache = ReplicaCache(self.agent, self._replicas_changed)
+        self.replica_cache.noted = self._wasm_limit_event
         self.overlay = OverlayClient(bus)
         self.proxyd = ProxyClient(bus)
         self.emit_signal = emit
@@ -787,6 +789,17 @@ class Scheduler:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _wasm_limit_event(self, info: ReplicaInfo) -> None:
+        """A WebAssembly replica stopped by one of its limits: an event naming it."""
+        if info.state == "exited" and info.message.startswith(WASM_LIMIT_PREFIX):
+            self.event(
+                info.deployment,
+                "wasm-limit",
+                f"replica {info.id} {info.message}",
+                service=info.service,
+                replica=info.id,
+            )
 
     def _replicas_changed(self) -> None:
         self.wake()

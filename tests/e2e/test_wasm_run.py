@@ -266,7 +266,7 @@ def test_a_wasi_service_gets_its_args_env_and_restarts_by_policy(node: Node) -> 
         node.ctl("down", "wasmsvc")
 
 
-def test_fuel_and_memory_overruns_are_stopped_with_a_message_naming_the_limit(node: Node) -> None:
+def test_fuel_and_memory_overruns_are_stopped_with_an_event_naming_the_limit(node: Node) -> None:
     image = wasm_image(node, "spin", LOOP)
     big = wasm_image(node, "big", BIG_MEMORY)
     spec = node.spec(
@@ -294,6 +294,14 @@ def test_fuel_and_memory_overruns_are_stopped_with_a_message_naming_the_limit(no
         )
         assert status[0]["state"] == "failed"
         assert "used its fuel of 1000000" in status[0]["message"], status[0]
+        wait_until(
+            lambda: (
+                "used its fuel of 1000000"
+                in node.ctl("events", "-d", "wasmfuel", "--format", "json").stdout
+            ),
+            15,
+            "the event naming the fuel limit",
+        )
         run = node.ctl("job", "trigger", "big", "-d", "wasmfuel", "--wait", timeout=60)
         assert run.returncode != 0
         status = json.loads(
