@@ -28,7 +28,7 @@ from msgspec import structs
 from daemons.apid.base import api, body_as, query_flag, reply
 from daemons.apid.problems import ApiProblem
 from daemons.apid.routes_deployments import operation_accepted
-from daemons.apid.routing import API_PREFIX, Role, route
+from daemons.apid.routing import API_PREFIX, JOB_ID, Role, route
 from shared import logread
 from shared.bus import SEND_COMPLETE
 from shared.paths import Paths
@@ -387,10 +387,7 @@ async def build_start(request: web.Request) -> web.StreamResponse:
 
 
 async def _build_job(request: web.Request) -> JobInfo:
-    try:
-        job_id = int(request.match_info["id"])
-    except ValueError:
-        raise ApiProblem(404, f"there is no build {request.match_info['id']}") from None
+    job_id = int(request.match_info["id"])  # the route's pattern holds digits only
     info = await api(request).registry.get_job(job_id)
     if info.kind != "build":
         raise ApiProblem(404, f"there is no build {job_id} (job {job_id} is a {info.kind})")
@@ -399,7 +396,7 @@ async def _build_job(request: web.Request) -> JobInfo:
 
 @route(
     "GET",
-    "/build/{id}",
+    "/build/" + JOB_ID,
     role=Role.ADMIN,
     summary="A build's state, progress and result (GetJob)",
     returns=JobInfo,
@@ -420,7 +417,7 @@ def _read_log(path: str, position: int) -> bytes:
 
 @route(
     "GET",
-    "/build/{id}/logs",
+    "/build/" + JOB_ID + "/logs",
     role=Role.ADMIN,
     summary="A build's log as plain text; with follow, until the build ends",
     returns=str,

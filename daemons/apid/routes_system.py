@@ -16,7 +16,7 @@ from aiohttp import web
 from daemons.apid.base import api, reply, visible
 from daemons.apid.problems import ApiProblem
 from daemons.apid.routes_deployments import EVENTS_QUERY, events_limit
-from daemons.apid.routing import Role, principal, route
+from daemons.apid.routing import JOB_ID, Role, principal, route
 from daemons.apid.streams import send_events, wants_stream
 from shared.bus import DAEMONS
 from shared.clients import JobsDaemonClient, daemon_client
@@ -30,7 +30,7 @@ from shared.wire.scheduler import Event
 from shared.wire.traffic import DnsRecord, RouteInfo, ServiceStats
 
 STATUS_TIMEOUT = 2.0
-OPERATION = "/operations/{daemon:scheduler|registry}/{id:[0-9]{1,19}}"
+OPERATION = "/operations/{daemon:scheduler|registry}/" + JOB_ID
 
 
 @route(

@@ -24,6 +24,9 @@ from typing import Any, Literal
 from aiohttp import web
 
 API_PREFIX = "/api/v1"
+# a job id in a path: digits that fit the bus's unsigned 64 bits (an id out of that range
+# cannot be sent to the daemon, so it is no route: 404)
+JOB_ID = "{id:[0-9]{1,19}}"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Method = Literal["GET", "POST", "PUT", "DELETE"]

@@ -244,6 +244,11 @@ def test_errors_are_problem_documents_with_the_cli_sentence(api: Api) -> None:
     api.problem("DELETE", "/api/v1/deployments/nosuch", 404)
     api.problem("GET", "/api/v1/operations/scheduler/999999", 404)
     api.problem("GET", "/api/v1/operations/nowhere/1", 404)  # no such route: aiohttp's 404
+    # a job id the bus cannot carry (unsigned 64 bits) is no route, not an overflow's 500
+    for job in ("99999999999999999999", "-1", "1e3"):
+        api.problem("GET", f"/api/v1/operations/scheduler/{job}", 404)
+        api.problem("GET", f"/api/v1/build/{job}", 404)
+        api.problem("GET", f"/api/v1/build/{job}/logs", 404)
     api.problem("GET", "/api/v1/no/such/route", 404)
     wrong_method = api.problem("PUT", "/api/v1/deployments", 405)
     assert "PUT" in wrong_method["detail"]
