@@ -136,6 +136,18 @@ def wasm_image(node: Node, name: str, wat: str, reference: str = "") -> str:
     return reference
 
 
+def memory_limit(pid: int) -> int:
+    """The memory limit of the cgroup ``pid`` is in (cgroup v2 or v1)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        number, controllers, path = line.split(":", 2)
+        if number == "0" and (Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max").exists():
+            return int((Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max").read_text())
+        if "memory" in controllers.split(","):
+            limit = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+            return int(limit.read_text())
+    raise AssertionError(f"no memory cgroup for {pid}")
+
+
 def replica_of(node: Node, deployment: str, service: str) -> dict[str, object] | None:
     return next((r for r in node.replicas(deployment) if r["service"] == service), None)
 
@@ -234,6 +246,7 @@ def test_a_wasi_service_gets_its_args_env_and_restarts_by_policy(node: Node) -> 
             command: {{args: ["first-arg"]}}
             env: {{GREETING: hi-there}}
             restart_policy: {{kind: always, delay: 1s}}
+            resources: {{memory: 64Mi}}
             scale: {{mode: fixed, replicas: 1}}
         """,
     )
@@ -251,6 +264,8 @@ def test_a_wasi_service_gets_its_args_env_and_restarts_by_policy(node: Node) -> 
             return "first-arg GREETING=hi-there" in out
 
         wait_until(printed, 15, "the module's line in its logs")
+        # wasmtime runs in the replica's own memory cgroup, limited as the spec says.
+        assert memory_limit(int(str(first["pid"]))) == 64 * 1024 * 1024
         # Its process is wasmtime; killed, the policy starts it again.
         os.kill(int(str(first["pid"])), signal.SIGKILL)
         wait_until(
