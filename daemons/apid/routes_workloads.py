@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
+import struct
+import termios
 from collections.abc import AsyncGenerator
-from typing import Literal
+from typing import Any, Literal
 
 from aiohttp import WSMsgType, web
 
@@ -46,6 +49,12 @@ EXEC_MAX_TIMEOUT = 3600
 DRAIN_AFTER_EXIT = 2.0  # a background child may keep the output open after the command ends
 WS_EXIT_GRACE = 10.0  # after the client closed: how long the command has to end on its EOF
 READ_CHUNK = 64 * 1024
+MAX_TERMINAL_SIDE = 65535  # a terminal's columns and rows are unsigned shorts
+WS_UNSUPPORTED = 1003  # the close code of a frame the route does not take
+BAD_TEXT_FRAME = (
+    'a text frame must be {"resize": {"cols": C, "rows": R}} (1 to 65535 each); '
+    "send the command's input as binary frames"
+)
 
 
 # ---------------------------------------------------------------- replicas
@@ -345,14 +354,45 @@ async def _relay_output(fd: int, ws: web.WebSocketResponse) -> None:
             await ws.send_bytes(chunk)
 
 
-async def _relay_input(ws: web.WebSocketResponse, writer: asyncio.StreamWriter) -> None:
-    """The client's frames to the command's stdin; its end (or the socket's) closes stdin."""
+def _set_size(terminal: int, cols: int, rows: int) -> None:
+    """The terminal's size as the command sees it (``stty size``, $COLUMNS, SIGWINCH)."""
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _resize(text: str) -> tuple[int, int] | None:
+    """(cols, rows) of a ``{"resize": {"cols": C, "rows": R}}`` frame; None if it is not one."""
+    try:
+        sent: Any = json.loads(text)
+    except ValueError:
+        return None
+    size = sent.get("resize") if isinstance(sent, dict) else None
+    if not isinstance(size, dict):
+        return None
+    cols, rows = size.get("cols"), size.get("rows")
+    if type(cols) is not int or type(rows) is not int:  # not bool, float or text
+        return None
+    if not (1 <= cols <= MAX_TERMINAL_SIDE and 1 <= rows <= MAX_TERMINAL_SIDE):
+        return None
+    return cols, rows
+
+
+async def _relay_input(
+    ws: web.WebSocketResponse, writer: asyncio.StreamWriter, terminal: int | None
+) -> None:
+    """The client's binary frames to the command's stdin, its resize text frames to the
+    terminal (if it has one); the socket's end closes stdin."""
     try:
         async for message in ws:
             if message.type == WSMsgType.BINARY:
                 writer.write(message.data)
             elif message.type == WSMsgType.TEXT:
-                writer.write(message.data.encode())
+                size = _resize(message.data)
+                if size is None:
+                    await ws.close(code=WS_UNSUPPORTED, message=BAD_TEXT_FRAME.encode())
+                    break
+                if terminal is not None:
+                    _set_size(terminal, *size)
+                continue
             else:
                 break
             await writer.drain()
@@ -367,13 +407,17 @@ async def _relay_input(ws: web.WebSocketResponse, writer: asyncio.StreamWriter) 
     "/deployments/{dep}/services/{svc}/exec/ws",
     role=Role.OPERATOR,
     summary="Run a command in a running replica over a WebSocket: binary frames are its "
-    'stdin and its output, a final text frame {"exit_code": N}',
+    'stdin and its output, a final text frame {"exit_code": N}; the client\'s text frames '
+    'are {"resize": {"cols": C, "rows": R}}, the terminal\'s new size (with tty=1; any other '
+    "text frame closes the socket with code 1003)",
     deployment="dep",
     content="websocket",
     status=101,
     query={
         "command": "the program and its arguments, one ?command= each, in order",
         "tty": "1: give the command a terminal",
+        "cols": "with tty=1: the terminal's columns at the start (with rows)",
+        "rows": "with tty=1: the terminal's rows at the start (with cols)",
         "replica": "the replica (its id, or its instance number); default the first running",
     },
     tags=WORKLOAD_TAGS,
@@ -384,6 +428,10 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
     if not command or not command[0]:
         raise ApiProblem(400, "?command= is missing; give the program and each argument as one")
     tty = query_flag(request, "tty")
+    cols = query_int(request, "cols", 0, 1, MAX_TERMINAL_SIDE)
+    rows = query_int(request, "rows", 0, 1, MAX_TERMINAL_SIDE)
+    if bool(cols) != bool(rows):
+        raise ApiProblem(400, "give the terminal's size as both ?cols= and ?rows=, or neither")
     agent = api(request).agent
     replica = await running_replica(agent, deployment, service, request.query.get("replica", ""))
     try:
@@ -392,6 +440,8 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
             # relays the command's terminal to its stdout: a pty's far end is its stdin,
             # the client's input goes to the near end; the output comes through a pipe.
             stdin_w, stdin_r = os.openpty()
+            if cols:
+                _set_size(stdin_w, cols, rows)
         else:
             stdin_r, stdin_w = os.pipe()
     except OSError as exc:
@@ -409,7 +459,7 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
     call = asyncio.ensure_future(agent.exec(replica.id, command, tty, stdin_r, out_w, out_w))
     writer = await _pipe_writer(stdin_w)
     output = asyncio.create_task(_relay_output(out_r, ws))
-    relay_in = asyncio.create_task(_relay_input(ws, writer))
+    relay_in = asyncio.create_task(_relay_input(ws, writer, stdin_w if tty else None))
     try:
         await asyncio.wait({call, relay_in}, return_when="FIRST_COMPLETED")
         if not call.done():  # the client closed: the command has its stdin's end

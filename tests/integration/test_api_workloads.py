@@ -219,10 +219,11 @@ def test_exec_answers_exit_code_and_both_outputs_and_bounds_them(node: Node, bas
 
 
 async def _ws_session(
-    url: str, send: list[bytes], close_after: bytes | None = None, prompt: bytes = b""
+    url: str, send: list[bytes | str], close_after: bytes | None = None, prompt: bytes = b""
 ) -> tuple[bytes, Any]:
-    """Send ``send`` as binary frames (once ``prompt`` is seen in the output); collect output
-    until the exit frame (or, with ``close_after``, close the socket once that is seen)."""
+    """Send ``send`` as binary frames, text ones for str (once ``prompt`` is seen in the
+    output); collect output until the exit frame (or, with ``close_after``, close the
+    socket once that is seen). A socket the server closed: the output and its close code."""
     output = b""
     pending = list(send)
     async with (
@@ -235,7 +236,10 @@ async def _ws_session(
                     for frame in pending:
                         if prompt:  # a shell reading a terminal drops what it has not read yet
                             await asyncio.sleep(0.5)  # when it switches modes: type slowly
-                        await ws.send_bytes(frame)
+                        if isinstance(frame, str):
+                            await ws.send_str(frame)
+                        else:
+                            await ws.send_bytes(frame)
                     pending = []
                 message = await ws.receive()
                 if message.type == aiohttp.WSMsgType.BINARY:
@@ -246,7 +250,7 @@ async def _ws_session(
                 elif message.type == aiohttp.WSMsgType.TEXT:
                     return output, json.loads(message.data)
                 else:
-                    return output, None
+                    return output, ws.close_code
 
 
 def test_exec_over_a_websocket_relays_stdin_output_and_the_exit_code(node: Node, base: str) -> None:
@@ -279,6 +283,28 @@ def test_exec_over_a_websocket_relays_stdin_output_and_the_exit_code(node: Node,
     wait_until(ended, 20, "the command to end once the socket closed")
     detail = problem("GET", ws.replace("ws://", "http://"), 400)
     assert detail.startswith("?command= is missing")
+
+
+def test_exec_websocket_sizes_its_terminal_and_takes_resize_frames(node: Node, base: str) -> None:
+    ws = f"{base}/deployments/{DEPLOYMENT}/services/web/exec/ws".replace("http://", "ws://")
+    script = "stty size; read line; stty size"
+    output, final = asyncio.run(
+        _ws_session(
+            f"{ws}?command=sh&command=-c&command={script}&tty=1&cols=91&rows=27",
+            ['{"resize": {"cols": 100, "rows": 30}}', b"\r"],
+            prompt=b"27 91\r\n",
+        )
+    )
+    # the size asked for is the command's; a resize frame is the terminal's, never its input
+    # (the OCI runtime reads the size once, at the start: the second stty says the first size)
+    assert output.startswith(b"27 91\r\n") and b"resize" not in output, output
+    assert final == {"exit_code": 0}
+
+    # text frames are no longer stdin: anything but a resize closes the socket
+    output, final = asyncio.run(_ws_session(f"{ws}?command=cat", ["hello\n"], prompt=b""))
+    assert output == b"" and final == 1003
+    half = problem("GET", f"{ws.replace('ws://', 'http://')}?command=sh&tty=1&cols=80", 400)
+    assert half.startswith("give the terminal's size as both")
 
 
 # ---------------------------------------------------------------- jobs and cron
