@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ctl.supervisor import find_executable
 from shared.busdaemon import PrivateBus
+from shared.paths import Paths
+from tests.api_client import mint_token, running_apid
 from tests.integration.test_schedd_spec_limits import schedd  # noqa: F401 (a fixture)
 
 UP = [sys.executable, "-X", "importtime", "-c", "from ctl.main import main; main()", "up", "-b"]
@@ -128,3 +131,36 @@ def test_up_b_without_click_says_what_the_click_command_says(
         assert " click\n" in slow.stderr, name
     # a refusal reads the file with the spec models (ctl.spec_cmd) to locate its problems
     assert " click\n" not in _up(env, tmp_path / "warned.zlayer.yml")[2] + "\n"
+
+
+def test_up_b_for_a_nodes_api_goes_through_the_api(
+    private_bus: PrivateBus, zlayer_prefix: Paths, tmp_path: Path
+) -> None:
+    """--host and ZLAYER_HOST send up -b to apid (alone here: it says schedd is missing),
+    never to this machine's bus (none here: that would say the daemons are not running)."""
+    spec = tmp_path / "warned.zlayer.yml"
+    spec.write_text(WARNED)
+    with running_apid(private_bus, zlayer_prefix) as apid:
+        token = mint_token(private_bus.address, "cli", "admin")
+        env = {k: v for k, v in os.environ.items() if k not in ("ZLAYER_HOST", "ZLAYER_TOKEN")}
+        env.update(
+            ZLAYER_TOKEN=token,
+            XDG_CONFIG_HOME=str(tmp_path / "config"),
+            ZLAYER_BUS_ADDRESS=f"unix:path={tmp_path}/no-bus",
+        )
+        for argv, extra in (
+            (["--host", apid.url, "up", "-b", str(spec)], {}),
+            (["up", "-b", str(spec)], {"ZLAYER_HOST": apid.url}),
+        ):
+            done = subprocess.run(
+                [find_executable("zlayerctl"), *argv],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**env, **extra},
+            )
+            assert done.returncode == 1, done.stderr
+            said = done.stderr.splitlines()
+            assert said[0].startswith(f"warning: {spec}:7:5: "), said  # the file, read here
+            assert said[1:] == [x for x in said[1:] if "zlayer-schedd is not on the bus" in x]
+            assert len(said) == 2, said
