@@ -65,6 +65,9 @@ QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
     "force": {"type": "boolean"},
     "limit": {"type": "integer", "minimum": 1, "maximum": 10_000},
     "tail": {"type": "integer", "minimum": 0},
+    # a terminal's size (exec/ws): unsigned shorts
+    "cols": {"type": "integer", "minimum": 1, "maximum": 65535},
+    "rows": {"type": "integer", "minimum": 1, "maximum": 65535},
 }
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::((?:[^{}]|\{[^{}]*\})*))?\}")
 

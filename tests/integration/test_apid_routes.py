@@ -297,6 +297,17 @@ def test_openapi_document_and_docs_page_need_no_network(api: Api) -> None:
     paths = document["paths"]
     assert "/api/v1/deployments/{name}" in paths
     assert "/api/v1/operations/{daemon}/{id}/stream" in paths
+    # rollback answers its revision, no operation
+    rollback = paths["/api/v1/deployments/{name}/rollback"]["post"]["responses"]
+    assert "200" in rollback and "202" not in rollback
+    # a build's id is a number, as an operation's (no string the bus cannot carry)
+    build = paths["/api/v1/build/{id}"]["get"]["parameters"]
+    assert [p["schema"]["type"] for p in build if p["name"] == "id"] == ["integer"]
+    # the terminal's size of exec/ws
+    ws = paths["/api/v1/deployments/{dep}/services/{svc}/exec/ws"]["get"]["parameters"]
+    sizes = {p["name"]: p["schema"] for p in ws if p["name"] in ("cols", "rows")}
+    assert sizes == {n: {"type": "integer", "minimum": 1, "maximum": 65535} for n in sizes}
+    assert len(sizes) == 2
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     status, headers, page = api.call("GET", "/api/v1/docs")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
