@@ -16,7 +16,7 @@ python=${PYTHON:-"$here/../.venv/bin/python"}
 PATH="$(dirname "$python"):$PATH"
 export PATH
 
-all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull api build"
+all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull api wasm_run build"
 if [ "$#" -gt 0 ]; then
     selected="$*"
 else
@@ -35,6 +35,7 @@ describe() {
         restart) echo "requests lost to daemon restarts against nginx -s reload (root, nginx)" ;;
         pull) echo "image pull against skopeo (docker-registry, skopeo)" ;;
         api) echo "REST API against the bus call it makes" ;;
+        wasm_run) echo "WebAssembly replicas against wasmtime run/serve (root, wrk)" ;;
         build) echo "image build against buildah bud (root: buildah)" ;;
         *) echo "$1" ;;
     esac
