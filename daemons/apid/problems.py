@@ -113,8 +113,19 @@ def problem_for(exc: BaseException) -> web.Response | None:
     return None
 
 
+def _holds_nul(request: web.Request) -> bool:
+    """Whether a path parameter or a query value holds NUL: the bus would cut the text there
+    (``/deployments/app%00x`` would act on ``app``)."""
+    values = [*request.match_info.values(), *request.query.values()]
+    return any("\x00" in value for value in values)
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if _holds_nul(request):
+        return problem_response(
+            400, "the request's path or query holds a NUL character, which no name can hold"
+        )
     try:
         return await handler(request)
     except web.HTTPException as http:

@@ -222,6 +222,11 @@ def test_rollback_answers_the_revision_it_stored(api: Api) -> None:
         location = f"/api/v1/operations/scheduler/{deployed['job']}"
         assert follow(api, location)[-1][1]["state"] == "done"
     before = api.json("GET", f"/api/v1/deployments/{name}")["revision"]
+    # a NUL would cut the name on the bus, acting on this deployment: refused before that
+    cut = api.problem("POST", f"/api/v1/deployments/{name}%00x/rollback", 400)
+    assert "NUL character" in cut["detail"]
+    api.problem("GET", f"/api/v1/deployments/{name}/services/web/containers?replica=%00", 400)
+    assert api.json("GET", f"/api/v1/deployments/{name}")["revision"] == before
 
     status, headers, data = api.call("POST", f"/api/v1/deployments/{name}/rollback")
     assert status == 200, data
