@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import msgspec
 from aiohttp import web
 from sdbus import SdBus
 
@@ -76,13 +77,34 @@ def reply(value: object, status: int = 200, headers: dict[str, str] | None = Non
     return web.Response(text=encode(value), status=status, headers=headers, content_type=JSON)
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
+def refuse_nul(value: Any) -> None:
+    """400 for a body text holding NUL: the bus would cut it there (an exec of ``a\0b``
+    ran ``a``), so it is refused before any call."""
+    if _holds_nul(msgspec.to_builtins(value)):
+        raise ApiProblem(
+            400, "the request body holds a NUL character, which the daemons cannot take"
+        )
+
+
 async def body_as(request: web.Request, into: type[Any]) -> Any:
     """The request's JSON body as ``into``; 400 with the decoder's sentence if it is not one."""
     raw = await request.read()
     try:
-        return decode(raw, into)
+        value = decode(raw, into)
     except WireError as exc:
         raise ApiProblem(400, f"the request body is {exc}") from None
+    refuse_nul(value)
+    return value
 
 
 def query_flag(request: web.Request, name: str) -> bool:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from daemons.apid.base import api, body_as, query_flag, query_int, reply
+from daemons.apid.base import api, body_as, query_flag, query_int, refuse_nul, reply
 from daemons.apid.problems import ApiProblem
 from daemons.apid.routing import API_PREFIX, Role, can_see, principal, route
 from daemons.apid.streams import send_events, wants_stream
@@ -77,6 +77,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
         except UnicodeDecodeError:
             raise ApiProblem(400, "the spec is not UTF-8 text") from None
         wanted = DeployRequest(spec=text, filename=request.query.get("filename", ""))
+        refuse_nul(wanted)
     else:
         wanted = await body_as(request, DeployRequest)
     filename = wanted.filename or "zlayer.yml"

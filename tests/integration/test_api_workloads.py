@@ -212,6 +212,9 @@ def test_exec_answers_exit_code_and_both_outputs_and_bounds_them(node: Node, bas
     slow = problem("POST", f"{exec_url}?timeout=1", 504, body={"command": ["sleep", "30"]})
     assert slow.startswith("the command did not end within 1 s")
     assert problem("POST", exec_url, 400, body={"command": []}).startswith("the command is empty")
+    # the bus would cut an argument at a NUL (this ran "echo a"): refused before it
+    nul = problem("POST", exec_url, 400, body={"command": ["echo", "a\x00b"]})
+    assert "NUL character" in nul
     assert "request body" in problem("POST", exec_url, 400, data=b"{not json")
     assert problem("POST", exec_url, 404, body={"command": ["true"], "replica": "7"}) == (
         "web has no replica 7 (replicas: 1, 2)"
