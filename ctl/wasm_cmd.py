@@ -1,7 +1,8 @@
-"""``zlayerctl wasm``: validate and inspect WebAssembly binaries, export and push them as artifacts.
+"""``zlayerctl wasm``: build, validate and inspect WebAssembly binaries, export and push them.
 
 ``validate``, ``info`` and ``export`` work on the file here, with no daemon
 (like ``zlayerctl validate`` for specs), and ``export`` writes as the user;
+``build`` runs a toolchain here (componentize-py for Python) as the user;
 ``push`` asks registryd, which owns registry traffic and credentials.
 """
 
@@ -47,7 +48,7 @@ def _validated(path: str, kind: str | None) -> WasmInfo:
 
 @click.group()
 def wasm() -> None:
-    """WebAssembly binaries: validate, inspect, export and push as OCI artifacts."""
+    """WebAssembly binaries: build, validate, inspect, export and push as OCI artifacts."""
 
 
 @wasm.command("validate")
@@ -225,3 +226,42 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
     click.echo(
         f"pushed {artifact.location} ({artifact.kind}, {artifact.os}): {artifact.manifest_digest}"
     )
+
+
+@wasm.command("build")
+@click.argument("directory", default=".", type=click.Path())
+@click.option("--language", "-l", default=None, help="the sources' language (python)")
+@click.option("--world", "-w", default=None, help="the WIT world to build [default: the only one]")
+@click.option("--wit", default=None, help="the WIT directory [default: DIRECTORY/wit]")
+@click.option("--module", "-m", default=None, help="the Python module [default: app]")
+@click.option(
+    "--output", "-o", default=None, help="the file to write [default: DIRECTORY's name + .wasm]"
+)
+@format_option
+def build(
+    directory: str,
+    language: str | None,
+    world: str | None,
+    wit: str | None,
+    module: str | None,
+    output: str | None,
+    output_format: str,
+) -> None:
+    """Build the sources in DIRECTORY into a WebAssembly component.
+
+    Settings not given here come from a `wasm:` ZImagefile in DIRECTORY
+    (language, wit, output, target). Python builds with componentize-py.
+    """
+    from shared.buildfile.wasm import WasmBuildError, plan
+    from shared.buildfile.wasm import build as run_build
+
+    try:
+        built = run_build(plan(directory, language, world, wit, module, output))
+    except WasmBuildError as exc:
+        fail(str(exc))
+    found = _validated(str(built), None)
+    if output_format == "json":
+        print_json({"file": str(built), **to_builtins(found)})
+        return
+    exports = ", ".join(export.name for export in found.exports) or "nothing"
+    click.echo(f"built {built}: {found.summary()}; its exports: {exports}")

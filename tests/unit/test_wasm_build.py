@@ -1,0 +1,88 @@
+"""Planning ``zlayerctl wasm build``: defaults from the directory and its `wasm:` ZImagefile,
+and every refusal as one sentence (no toolchain is run here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.buildfile.wasm import WasmBuildError, plan, wit_worlds
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "wasm-http"
+
+
+def refusal(*args: str | None, **kwargs: str | None) -> str:
+    with pytest.raises(WasmBuildError) as caught:
+        plan(*args, **kwargs)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_the_example_plans_with_its_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    job = plan(str(EXAMPLE))
+    assert (job.language, job.target, job.world, job.module) == (
+        "python",
+        "preview2",
+        "proxy",
+        "app",
+    )
+    assert job.wit == EXAMPLE / "wit"
+    assert job.output == tmp_path / "wasm-http.wasm"
+    # `imports` is included by `proxy`, so it is not a world to build.
+    assert wit_worlds(EXAMPLE / "wit") == ["proxy"]
+
+
+def test_a_wasm_zimagefile_gives_the_settings(tmp_path: Path) -> None:
+    (tmp_path / "handler.py").write_text("")
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "w.wit").write_text("package a:b;\nworld one {\n}\nworld two {\n}\n")
+    (tmp_path / "ZImagefile").write_text(
+        "wasm:\n  language: python\n  wit: api\n  output: out/handler.wasm\n"
+    )
+    job = plan(str(tmp_path), world="two")
+    assert (job.module, job.world, job.wit) == ("handler", "two", tmp_path / "api")
+    assert job.output == tmp_path / "out" / "handler.wasm"
+    assert (
+        refusal(str(tmp_path))
+        == f"{tmp_path / 'api'} declares worlds one, two; choose one with --world"
+    )
+
+
+def test_refusals_are_one_sentence(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing")
+    assert refusal(missing) == f"{missing} does not exist; give the directory with the sources"
+    (tmp_path / "file").write_text("")
+    assert "is not a directory" in refusal(str(tmp_path / "file"))
+    assert refusal(str(EXAMPLE), language="rust") == (
+        "zlayerctl wasm build cannot build rust; the languages it knows are python"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (
+        refusal(str(empty)) == f"cannot tell the language of {empty}; say it with --language python"
+    )
+    assert refusal(str(empty), language="python").endswith(
+        "is not a directory of WIT files; give one with --wit or `wit:`"
+    )
+    (empty / "wit").mkdir()
+    assert (
+        refusal(str(empty), language="python", world="w")
+        == f"{empty} has no Python module to build; add app.py"
+    )
+
+
+def test_zimagefile_refusals(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("")
+    (tmp_path / "ZImagefile").write_text("wasm:\n  target: preview1\n")
+    assert refusal(str(tmp_path)) == (
+        "componentize-py builds WASI preview2 components only, not preview1; set `target: preview2`"
+    )
+    (tmp_path / "ZImagefile").write_text("runtime: python312\n")
+    assert "not a `wasm:` one; build it with `zlayerctl build`" in refusal(str(tmp_path))
+    (tmp_path / "ZImagefile").write_text("wasm: {target: preview9}\n")
+    assert "ZImagefile:1" in refusal(str(tmp_path))
