@@ -408,8 +408,9 @@ async def _relay_input(
     role=Role.OPERATOR,
     summary="Run a command in a running replica over a WebSocket: binary frames are its "
     'stdin and its output, a final text frame {"exit_code": N}; the client\'s text frames '
-    'are {"resize": {"cols": C, "rows": R}}, the terminal\'s new size (with tty=1; any other '
-    "text frame closes the socket with code 1003)",
+    'are {"resize": {"cols": C, "rows": R}}, the size of the terminal apid holds (with tty=1; '
+    "the OCI runtime's exec reads it at the start, so ?cols=&rows= are what the command "
+    "sees; any other text frame closes the socket with code 1003)",
     deployment="dep",
     content="websocket",
     status=101,
