@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from ctl.client import Client
-from ctl.output import fail, format_option, print_json, print_table
+from ctl.output import fail, format_option, print_json, print_table, short_id
 from ctl.transfer import Sent
 from shared.bus import NotFoundError
 from shared.wasm import (
@@ -29,7 +29,7 @@ from shared.wasm import (
 )
 from shared.wire import decode, to_builtins
 from shared.wire.jobs import JobInfo
-from shared.wire.registry import WasmArtifact, WasmKind
+from shared.wire.registry import ImageInfo, WasmArtifact, WasmKind
 
 PUSH_WAIT_SEC = 30 * 60.0
 
@@ -237,6 +237,23 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
 @click.option(
     "--output", "-o", default=None, help="the file to write [default: DIRECTORY's name + .wasm]"
 )
+@click.option(
+    "--export",
+    "image_name",
+    default=None,
+    help="also pack it as an OCI artifact with this image name, e.g. localhost/hello:1",
+)
+@click.option(
+    "--layout",
+    default=None,
+    help="with --export: the OCI layout directory to write [default: the output's name + .oci]",
+)
+@click.option(
+    "--import",
+    "import_image",
+    is_flag=True,
+    help="with --export: import the artifact into this node's images (no layout is kept)",
+)
 @format_option
 def build(
     directory: str,
@@ -245,23 +262,81 @@ def build(
     wit: str | None,
     module: str | None,
     output: str | None,
+    image_name: str | None,
+    layout: str | None,
+    import_image: bool,
     output_format: str,
 ) -> None:
     """Build the sources in DIRECTORY into a WebAssembly component.
 
     Settings not given here come from a `wasm:` ZImagefile in DIRECTORY
     (language, wit, output, target). Python builds with componentize-py.
+    With --export NAME it is also packed as `wasm export` does, and with
+    --import imported as `image import` does.
     """
     from shared.buildfile.wasm import WasmBuildError, plan
     from shared.buildfile.wasm import build as run_build
 
+    if (layout or import_image) and not image_name:
+        fail("--layout and --import go with --export NAME; add it")
+    if layout and import_image:
+        fail("--import keeps no layout; use --layout or --import, not both")
     try:
         built = run_build(plan(directory, language, world, wit, module, output))
     except WasmBuildError as exc:
         fail(str(exc))
     found = _validated(str(built), None)
-    if output_format == "json":
-        print_json({"file": str(built), **to_builtins(found)})
-        return
+    result: dict[str, Any] = {"file": str(built), **to_builtins(found)}
     exports = ", ".join(export.name for export in found.exports) or "nothing"
-    click.echo(f"built {built}: {found.summary()}; its exports: {exports}")
+    lines = [f"built {built}: {found.summary()}; its exports: {exports}"]
+    if image_name:
+        if import_image:
+            image = _import_built(str(built), image_name)
+            result["image"] = to_builtins(image)
+            lines.append(f"imported {', '.join(image.names)}: {short_id(image.id)}")
+        else:
+            target = os.path.abspath(layout or _default_output(str(built)))
+            artifact = _export_built(str(built), image_name, target)
+            result["artifact"] = to_builtins(artifact)
+            lines.append(
+                f"exported {artifact.name} to {artifact.location}: "
+                f"manifest {artifact.manifest_digest}"
+            )
+    if output_format == "json":
+        print_json(result)
+        return
+    for line in lines:
+        click.echo(line)
+
+
+def _export_built(file: str, name: str, target: str) -> WasmArtifact:
+    from shared.wasm_artifact import export_layout
+
+    try:
+        return export_layout(file, name, target, "")
+    except OSError as exc:
+        fail(f"cannot write {target}: {exc.strerror or exc}")
+
+
+def _import_built(file: str, name: str) -> ImageInfo:
+    """Pack into a layout of our own and import it, as `wasm export` + `image import`."""
+    import tempfile
+
+    from ctl.image_cmd import IMPORT_CALL_USEC
+
+    with tempfile.TemporaryDirectory(prefix="zlayer-wasm-") as work:
+        target = os.path.join(work, "layout")
+        _export_built(file, name, target)
+
+        async def run() -> ImageInfo:
+            client = Client()
+            client.bus.method_call_timeout_usec = IMPORT_CALL_USEC
+            try:
+                # Under systemd registryd has its own /tmp: Sent copies the layout when it must.
+                sent = Sent(client.registry)
+                with sent.speaking_our_paths():
+                    return await client.registry.import_image(await sent.path(target), name)
+            finally:
+                client.close()
+
+        return asyncio.run(run())

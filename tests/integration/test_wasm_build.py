@@ -1,5 +1,6 @@
 """``zlayerctl wasm build`` with the real toolchain: the wasi:http example's Python source
-becomes a component that ``zlayerctl wasm info`` reports as a wasi:http handler."""
+becomes a component that ``zlayerctl wasm info`` reports as a wasi:http handler, and
+``--export NAME --import`` puts it in a real registryd as a wasm image."""
 
 from __future__ import annotations
 
@@ -9,24 +10,38 @@ from pathlib import Path
 import pytest
 
 from shared.buildfile.wasm import find_componentize_py
-from tests.integration.test_wasm_artifacts import one_sentence, zlayerctl
+from tests.integration.test_registryd import Registryd
+from tests.integration.test_wasm_artifacts import one_sentence, registryd, zlayerctl
+
+__all__ = ["registryd"]  # the fixture, shared with the artifact tests
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "wasm-http"
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_the_wasi_http_example_builds_into_a_component(tmp_path: Path) -> None:
+def test_the_wasi_http_example_builds_into_a_component_and_imports(
+    registryd: Registryd, tmp_path: Path
+) -> None:
     if find_componentize_py() is None:
         pytest.skip("componentize-py is not installed (pip install componentize-py)")
-    built = zlayerctl("wasm", "build", str(EXAMPLE), "-o", "http.wasm", cwd=tmp_path)
-    assert built.returncode == 0, built.stderr
-    assert "wasi:http/incoming-handler" in built.stdout
-    info = zlayerctl("wasm", "info", str(tmp_path / "http.wasm"), "--format", "json")
+    module = tmp_path / "http.wasm"
+    reference = "localhost/wasm-http-built:1"
+    built = registryd.ok(
+        "wasm", "build", str(EXAMPLE), "-o", str(module), "--export", reference, "--import"
+    )
+    assert "wasi:http/incoming-handler" in built and f"imported {reference}" in built
+    info = zlayerctl("wasm", "info", str(module), "--format", "json")
     assert info.returncode == 0, info.stderr
     found = json.loads(info.stdout)
     assert found["kind"] == "component" and found["wasi"] == "preview2"
     assert any(e["name"].startswith("wasi:http/incoming-handler@") for e in found["exports"])
+    # The image is the component, as `wasm export` + `image import` would have made it.
+    detail = json.loads(registryd.ok("image", "inspect", reference, "--format", "json"))
+    assert detail["image"]["runtime"] == "wasm" and detail["image"]["os"] == "wasip2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["http.wasm"]  # no layout left behind
+    registryd.ok("image", "rm", reference)
+    registryd.assert_empty()
 
 
 def test_a_bad_build_is_one_sentence(tmp_path: Path) -> None:
@@ -36,6 +51,9 @@ def test_a_bad_build_is_one_sentence(tmp_path: Path) -> None:
     )
     assert one_sentence(zlayerctl("wasm", "build", str(EXAMPLE), "--language", "cobol")) == (
         "zlayerctl wasm build cannot build cobol; the languages it knows are python"
+    )
+    assert one_sentence(zlayerctl("wasm", "build", str(EXAMPLE), "--import")) == (
+        "--layout and --import go with --export NAME; add it"
     )
     # A handler that does not compile: componentize-py's reason, in one sentence, no file left.
     source = tmp_path / "src"
