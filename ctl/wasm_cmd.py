@@ -282,7 +282,10 @@ def build(
     if layout and import_image:
         fail("--import keeps no layout; use --layout or --import, not both")
     try:
-        built = run_build(plan(directory, language, world, wit, module, output))
+        job = plan(directory, language, world, wit, module, output)
+        for note in job.notes:
+            click.echo(f"note: {note}", err=True)
+        built = run_build(job)
     except WasmBuildError as exc:
         fail(str(exc))
     found = _validated(str(built), None)

@@ -43,6 +43,7 @@ class WasmBuild:
     world: str
     module: str
     output: Path
+    notes: tuple[str, ...] = ()
 
 
 def find_componentize_py() -> str | None:
@@ -136,13 +137,22 @@ def plan(
             raise WasmBuildError(f"{wit_dir} {found}; choose one with --world")
         world = worlds[0]
     chosen_module = module or _python_module(root)
+    if chosen_module in (world, "wit_world"):
+        # componentize-py generates a package of that name: the module would hide it.
+        raise WasmBuildError(
+            f"the module {chosen_module} has the name of the bindings componentize-py generates; "
+            "rename it"
+        )
+    notes: tuple[str, ...] = ()
+    if settings.optimize:
+        notes = ("`optimize` has no effect on a componentize-py build; the component is as built",)
     if output:
         target = Path(output).resolve()
     elif settings.output:
         target = root / settings.output
     else:
         target = Path.cwd() / f"{root.name or 'app'}.wasm"
-    return WasmBuild(root, chosen, settings.target, wit_dir, world, chosen_module, target)
+    return WasmBuild(root, chosen, settings.target, wit_dir, world, chosen_module, target, notes)
 
 
 def _last_line(text: str) -> str:

@@ -82,6 +82,13 @@ def test_zimagefile_refusals(tmp_path: Path) -> None:
     assert refusal(str(tmp_path)) == (
         "componentize-py builds WASI preview2 components only, not preview1; set `target: preview2`"
     )
+    (tmp_path / "ZImagefile").write_text("wasm:\n  optimize: true\n")
+    assert plan(str(tmp_path), world="w", wit=str(EXAMPLE / "wit")).notes == (
+        "`optimize` has no effect on a componentize-py build; the component is as built",
+    )
+    assert refusal(str(tmp_path), world="app", wit=str(EXAMPLE / "wit")) == (
+        "the module app has the name of the bindings componentize-py generates; rename it"
+    )
     (tmp_path / "ZImagefile").write_text("runtime: python312\n")
     assert "not a `wasm:` one; build it with `zlayerctl build`" in refusal(str(tmp_path))
     (tmp_path / "ZImagefile").write_text("wasm: {target: preview9}\n")
