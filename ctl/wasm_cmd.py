@@ -238,6 +238,12 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
     "--output", "-o", default=None, help="the file to write [default: DIRECTORY's name + .wasm]"
 )
 @click.option(
+    "--zimagefile",
+    "-z",
+    default=None,
+    help="a `wasm:` ZImagefile elsewhere [default: DIRECTORY/ZImagefile, if there is one]",
+)
+@click.option(
     "--export",
     "image_name",
     default=None,
@@ -262,6 +268,7 @@ def build(
     wit: str | None,
     module: str | None,
     output: str | None,
+    zimagefile: str | None,
     image_name: str | None,
     layout: str | None,
     import_image: bool,
@@ -282,7 +289,7 @@ def build(
     if layout and import_image:
         fail("--import keeps no layout; use --layout or --import, not both")
     try:
-        job = plan(directory, language, world, wit, module, output)
+        job = plan(directory, language, world, wit, module, output, zimagefile)
         for note in job.notes:
             click.echo(f"note: {note}", err=True)
         built = run_build(job)

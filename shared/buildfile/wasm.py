@@ -5,7 +5,9 @@ preview 2 component for a WIT world (``componentize-py -d WIT -w WORLD
 componentize MODULE -p DIR -o OUT``). Settings come from the command line
 first, then from a ``wasm:`` ZImagefile in the directory, then from the
 directory itself (``app.py`` or its only ``.py`` file, ``wit/``, the one WIT
-world no other world includes). Every failure is a :class:`WasmBuildError`
+world no other world includes). The ZImagefile's ``wit`` and ``output`` are
+relative to the directory (the build context), wherever the file is, as a
+Dockerfile's paths are with ``-f``. Every failure is a :class:`WasmBuildError`
 whose text is one sentence.
 """
 
@@ -54,8 +56,10 @@ def find_componentize_py() -> str | None:
     return shutil.which("componentize-py")
 
 
-def _zimagefile_settings(directory: Path) -> WasmSettings | None:
-    path = directory / "ZImagefile"
+def _zimagefile_settings(directory: Path, given: str | None) -> WasmSettings | None:
+    path = Path(given) if given else directory / "ZImagefile"
+    if given and not path.is_file():
+        raise WasmBuildError(f"{given} is not a file; give the ZImagefile's path with -z")
     if not path.is_file():
         return None
     try:
@@ -101,6 +105,7 @@ def plan(
     wit: str | None = None,
     module: str | None = None,
     output: str | None = None,
+    zimagefile: str | None = None,
 ) -> WasmBuild:
     """Resolve a build from options, the directory's ZImagefile and its files."""
     root = Path(directory).resolve()
@@ -108,7 +113,7 @@ def plan(
         raise WasmBuildError(f"{directory} does not exist; give the directory with the sources")
     if not root.is_dir():
         raise WasmBuildError(f"{directory} is not a directory; give the directory with the sources")
-    settings = _zimagefile_settings(root) or WasmSettings()
+    settings = _zimagefile_settings(root, zimagefile) or WasmSettings()
     chosen = language or settings.language or ("python" if any(root.glob("*.py")) else None)
     if chosen is None:
         raise WasmBuildError(

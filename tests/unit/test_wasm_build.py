@@ -93,3 +93,15 @@ def test_zimagefile_refusals(tmp_path: Path) -> None:
     assert "not a `wasm:` one; build it with `zlayerctl build`" in refusal(str(tmp_path))
     (tmp_path / "ZImagefile").write_text("wasm: {target: preview9}\n")
     assert "ZImagefile:1" in refusal(str(tmp_path))
+
+
+def test_a_zimagefile_elsewhere_with_z(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("")
+    other = tmp_path / "build.yml"
+    other.write_text(f"wasm:\n  wit: {EXAMPLE / 'wit'}\n  output: out.wasm\n")
+    job = plan(str(tmp_path), zimagefile=str(other))
+    assert (job.wit, job.world, job.output) == (EXAMPLE / "wit", "proxy", tmp_path / "out.wasm")
+    missing = str(tmp_path / "nope.yml")
+    assert refusal(str(tmp_path), zimagefile=missing) == (
+        f"{missing} is not a file; give the ZImagefile's path with -z"
+    )
