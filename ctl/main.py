@@ -144,7 +144,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "wasm": (
         "ctl.wasm_cmd:wasm",
-        "WebAssembly binaries: validate, inspect, export and push as OCI artifacts.",
+        "WebAssembly binaries: build, validate, inspect, export and push as OCI artifacts.",
     ),
 }
 
