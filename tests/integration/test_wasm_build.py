@@ -5,6 +5,11 @@ becomes a component that ``zlayerctl wasm info`` reports as a wasi:http handler,
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import site
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +71,33 @@ def test_a_bad_build_is_one_sentence(tmp_path: Path) -> None:
         )
         assert message.startswith("componentize-py could not build app: "), message
         assert not (tmp_path / "x.wasm").exists()
+
+
+def test_a_missing_toolchain_says_how_to_install_it(tmp_path: Path) -> None:
+    """The same interpreter and packages, run from a directory with no componentize-py
+    beside it and a PATH without one, as on a machine where it was never installed."""
+    bare_path = "/usr/bin:/bin"
+    if shutil.which("componentize-py", path=bare_path):
+        pytest.skip("componentize-py is installed system-wide here")
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.symlink_to(os.path.realpath(sys.executable))
+    repo = Path(__file__).resolve().parents[2]
+    environ = dict(
+        os.environ,
+        PATH=bare_path,
+        PYTHONPATH=os.pathsep.join([*site.getsitepackages(), str(repo)]),
+    )
+    result = subprocess.run(
+        [str(python), "-c", "from ctl.main import main; main()", "wasm", "build", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ,
+        cwd=tmp_path,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert one_sentence(result) == (
+        "componentize-py is not installed; install it with `pip install componentize-py`"
+    )
+    assert not list(tmp_path.glob("*.wasm"))
