@@ -591,6 +591,10 @@ async def exec_terminal(
 
     session = await http.session()
     params = [("command", word) for word in argv] + [("tty", "1"), ("replica", replica)]
+    # the size the command's terminal starts with (the runtime reads it once, at its start)
+    with contextlib.suppress(OSError):
+        size = os.get_terminal_size(stdout if os.isatty(stdout) else stdin)
+        params += [("cols", str(size.columns)), ("rows", str(size.lines))]
     loop = asyncio.get_running_loop()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     try:

@@ -10,6 +10,7 @@ exit code are compared with the same command run locally.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pty
@@ -17,7 +18,9 @@ import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -304,6 +307,8 @@ def _on_a_terminal(argv: list[str], env: dict[str, str], typed: bytes) -> tuple[
     into it once the shell's prompt shows (the runtime flushes what is typed before it
     sets the terminal up); (exit code, what it printed) once it exits."""
     master, slave = pty.openpty()
+    # a size no default has, so the command's `stty size` shows whether it travelled
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 111, 0, 0))
     process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     printed = b""
@@ -371,10 +376,11 @@ def test_env_events_follow_and_a_terminal_through_the_api(node: Node, remote: Re
     code, printed = _on_a_terminal(
         remote.argv("exec", "-t", "shell", "-d", "remote2", "--", "sh"),
         remote.env(),
-        b"tty; echo typed-$((40+2)); exit 5\r",
+        b"tty; stty size; echo typed-$((40+2)); exit 5\r",
     )
     assert code == 5, printed
     assert "typed-42" in printed and "/dev/pts/" in printed, printed
+    assert "37 111" in printed, printed  # the client's terminal size reached the command
     local_code, _ = _on_a_terminal(
         [find_executable("zlayerctl"), "exec", "-t", "shell", "-d", "remote2", "--", "sh"],
         node.env,
