@@ -220,6 +220,16 @@ def running_daemons(
 # ---------------------------------------------------------------- statistics
 
 
+def timed_calls(work: Callable[[], object], runs: int) -> list[float]:
+    """Milliseconds each of ``runs`` calls of ``work`` took."""
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        work()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
 def percentile(samples: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100), nearest-rank on the sorted samples."""
     ordered = sorted(samples)

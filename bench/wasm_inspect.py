@@ -25,13 +25,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import wasmtime
+from _cluster import timed_calls
 
 from ctl.supervisor import find_executable
 from shared.wasm import inspect
@@ -59,15 +60,6 @@ def generated_module(functions: int) -> bytes:
     return bytes(wasmtime.wat2wasm("\n".join(lines)))
 
 
-def timed(work: Callable[[], object], runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        work()
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
-
-
 def p90(samples: list[float]) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
@@ -92,14 +84,14 @@ def main() -> None:
     samples: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(args.rounds):
         for name, work in ways.items():
-            samples[name] += timed(work, args.runs)
+            samples[name] += timed_calls(work, args.runs)
 
     with tempfile.TemporaryDirectory(prefix="zlwasm-bench-") as directory:
         path = Path(directory) / "bench.wasm"
         path.write_bytes(data)
         command = [find_executable("zlayerctl"), "wasm", "info", str(path), "--format", "json"]
         subprocess.run(command, check=True, capture_output=True)
-        samples["zlayerctl wasm info (process)"] = timed(
+        samples["zlayerctl wasm info (process)"] = timed_calls(
             lambda: subprocess.run(command, check=True, capture_output=True), 5
         )
 

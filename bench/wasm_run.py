@@ -47,7 +47,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
@@ -55,7 +54,7 @@ import wasmtime
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _cluster import Cluster, percentile, print_table, running_daemons
+from _cluster import Cluster, percentile, print_table, running_daemons, timed_calls
 from proxy_http import free_port, wrk
 
 from daemons.agentd.wasm import wasmtime as wasmtime_binary
@@ -89,15 +88,6 @@ def generated_module(functions: int) -> bytes:
         )
     lines.append(")")
     return bytes(wasmtime.wat2wasm("\n".join(lines)))
-
-
-def timed(work: Callable[[], None], runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        work()
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
 
 
 def run_checked(argv: list[str]) -> None:
@@ -236,10 +226,10 @@ def main() -> None:
     print(f"module: {module.stat().st_size} bytes, {options.functions} functions", file=sys.stderr)
 
     rows: dict[str, list[float]] = {}
-    rows["wasmtime run (compiles each start)"] = timed(
+    rows["wasmtime run (compiles each start)"] = timed_calls(
         lambda: run_checked([binary, "run", "-C", "cache=n", str(module)]), options.runs
     )
-    rows["wasmtime run --allow-precompiled"] = timed(
+    rows["wasmtime run --allow-precompiled"] = timed_calls(
         lambda: run_checked([binary, "run", "--allow-precompiled", str(compiled)]), options.runs
     )
 
@@ -267,8 +257,8 @@ def main() -> None:
             if done.returncode != 0:
                 raise SystemExit(f"job trigger: {done.stderr.strip()}")
 
-        rows["zlayerctl job trigger --wait (cold cache)"] = timed(trigger, 1)
-        rows["zlayerctl job trigger --wait (warm)"] = timed(trigger, options.runs)
+        rows["zlayerctl job trigger --wait (cold cache)"] = timed_calls(trigger, 1)
+        rows["zlayerctl job trigger --wait (warm)"] = timed_calls(trigger, options.runs)
         cluster.zlayerctl("down", "benchwasm")
         if not options.no_http:
             http_part(cluster, work, binary, options)
