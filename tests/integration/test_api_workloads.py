@@ -13,11 +13,9 @@ import gzip
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +26,10 @@ import pytest
 from shared.busybox_image import busybox_image, write_oci_archive
 from tests.e2e.conftest import running_node
 from tests.e2e.node import Node, wait_until
+from tests.integration.test_apid_routes import apid_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
 
-REST_API = re.compile(r"REST API on (\S+):(\d+)")
 BUILD_LIMIT = 4 * 1024 * 1024  # apid's max_build_context_bytes in this module
 DEPLOYMENT = "wl"
 SPEC = """
@@ -54,18 +52,6 @@ services:
     image: zlayer/busybox:latest
     command: {entrypoint: ["true"]}
 """
-
-
-def apid_port(node: Node) -> int:
-    deadline = time.monotonic() + 30
-    while True:
-        rows = json.loads(node.ctl("status", "--format", "json").stdout or "[]")
-        for row in rows:
-            found = REST_API.search(row.get("detail", "")) if row["name"] == "apid" else None
-            if found:
-                return int(found.group(2))
-        assert time.monotonic() < deadline, "zlayer-apid did not say its port within 30 s"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +276,8 @@ def test_exec_over_a_websocket_relays_stdin_output_and_the_exit_code(node: Node,
 
 def test_exec_websocket_sizes_its_terminal_and_takes_resize_frames(node: Node, base: str) -> None:
     ws = f"{base}/deployments/{DEPLOYMENT}/services/web/exec/ws".replace("http://", "ws://")
-    script = "stty size; read line; stty size"
+    # crun exec --tty sizes the command's terminal just after starting it: ask until it has
+    script = "until stty size 2>/dev/null; do sleep 0.05; done; read line; stty size"
     output, final = asyncio.run(
         _ws_session(
             f"{ws}?command=sh&command=-c&command={script}&tty=1&cols=91&rows=27",
