@@ -420,13 +420,15 @@ def test_the_rest_api_under_the_packaged_apid(machine: Machine) -> None:
         assert "s3cret-value" not in journal
 
         # Remote mode as a user with no bus access: only the token and the URL.
-        machine.run("zlayerctl", "up", "-b", "/root/api.yml", check=False)
+        machine.run("sh", "-c", "printf s3cret-value | zlayerctl secret set greet")
+        machine.run("zlayerctl", "up", "-b", "/root/api.yml")
         remote = machine.run(
             "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env",
             f"ZLAYER_TOKEN={token}", "HOME=/tmp", "zlayerctl", "--host",
             "http://127.0.0.1:3669", "ps", check=False,
         )  # fmt: skip
         assert remote.returncode == 0, remote.stderr
+        assert "apiweb" in remote.stdout, remote.stdout
         bus_direct = machine.run(
             "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env",
             "HOME=/tmp", "zlayerctl", "ps", check=False,
