@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 
 HOST_RESOLV = Path("/etc/resolv.conf")
+log = logging.getLogger("zlayer.agentd")
 
 
 def replica_ids(container_id: str, spec: ServiceSpec) -> ReplicaIds:
@@ -51,7 +53,15 @@ class RuntimeLauncher:
     async def prepare(self) -> None:
         await self.runtime.prepare()
         await self.runtime.adopt()
+        if (self.runtime.state_dir / "wasm").is_dir():  # a node that never ran wasm skips it
+            await asyncio.to_thread(self._prune_wasm_cache)
         self._rotation = asyncio.create_task(self.runtime.rotate_logs_forever())
+
+    def _prune_wasm_cache(self) -> None:
+        from daemons.agentd import wasm
+
+        for path in wasm.prune_cache(self.runtime.state_dir):
+            log.info("removed %s: no replica has used it for a week, or it was cut short", path)
 
     async def close(self) -> None:
         if self._rotation is not None:

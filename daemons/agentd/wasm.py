@@ -18,6 +18,7 @@ Every failure is a :class:`~daemons.agentd.errors.BundleError` of one sentence.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -25,6 +26,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -53,6 +55,9 @@ FUEL_TRAP = "all fuel consumed"
 INTERRUPT_TRAP = "wasm trap: interrupt"
 MEMORY_REFUSED = "exceeds memory limits"
 TAIL_BYTES = 16384
+# A compiled module no replica has started from in this long is removed at agentd's start
+# (the cache is keyed by digest, so removed images and old wasmtime versions leave theirs).
+CACHE_KEEP_SECONDS = 7 * 24 * 3600
 # Replicas are built in threads: one copy of the binary and one compile per module at a time.
 _PREPARING = threading.Lock()
 
@@ -248,11 +253,39 @@ def precompiled(runtime: Wasmtime, module: Path, codegen: list[str], cache_dir: 
     ).hexdigest()
     target = cache_dir / f"{key}.cwasm"
     if target.is_file():
+        os.utime(target)  # used now: prune_cache keeps it
         return target
     with _PREPARING:
         if target.is_file():  # compiled meanwhile for another replica
             return target
         return _compile(runtime, module, codegen, target)
+
+
+def cache_dir(state_dir: Path) -> Path:
+    return state_dir / "wasm" / "cache"
+
+
+def prune_cache(state_dir: Path, now: float | None = None) -> list[Path]:
+    """Remove what no replica will start from: compiles or binary copies cut short (a
+    crash leaves ``*.partial``), and compiled modules unused for CACHE_KEEP_SECONDS
+    that no bundle on this node names. The paths removed."""
+    now = time.time() if now is None else now
+    named = ""
+    for config in (state_dir / "bundles").glob("*/config.json"):
+        with contextlib.suppress(OSError):
+            named += config.read_text()
+    removed: list[Path] = []
+    for path in [*(state_dir / "wasm").glob("*/*.partial"), *cache_dir(state_dir).glob("*.cwasm")]:
+        try:
+            stale = path.suffix == ".partial" or (
+                now - path.stat().st_mtime > CACHE_KEEP_SECONDS and str(path) not in named
+            )
+            if stale:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def _compile(runtime: Wasmtime, module: Path, codegen: list[str], target: Path) -> Path:
@@ -335,9 +368,7 @@ def build_bundle(
     flags = limit_flags(spec)
     if serving:
         flags += serve_flags(spec)
-    compiled = precompiled(
-        runtime, module_path(rootfs), codegen_flags(flags), state_dir / "wasm" / "cache"
-    )
+    compiled = precompiled(runtime, module_path(rootfs), codegen_flags(flags), cache_dir(state_dir))
     names = [item.partition("=")[0] for item in rootfs.config.env] + list(env)
     command = "serve" if serving else "run"
     argv = [WASMTIME_TARGET, command, "-C", "cache=n", "--allow-precompiled", *flags]
