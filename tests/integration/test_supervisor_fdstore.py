@@ -197,7 +197,13 @@ def test_a_killed_child_gets_its_socket_back_and_refuses_nothing(
     supervisor: Supervised,
 ) -> None:
     supervised = supervisor.paths
-    wait_until(lambda: child_state(supervised)[1] == ["echo"], 30, "the child to store its socket")
+    # The socket is stored before the child says it is ready, and the pid
+    # counts only once it is running: wait for both.
+    wait_until(
+        lambda: child_state(supervised)[0] != 0 and child_state(supervised)[1] == ["echo"],
+        30,
+        "the child to store its socket and be ready",
+    )
     first_pid = child_state(supervised)[0]
     port = int((supervised.prefix / "bin" / "zlayer-fdecho.port").read_text())
 
