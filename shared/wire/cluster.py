@@ -1,0 +1,73 @@
+"""A cluster's records, as they live in etcd and cross between nodes.
+
+- :class:`NodeRecord`: what a node publishes about itself under its lease
+  (``/zlayer/nodes/<id>``); a lapsed lease removes it, and the node is gone.
+- :class:`Placement` and :class:`NodeAssignments`: what the leading schedd
+  decides, one document per node (``/zlayer/assignments/<id>``), stamped with
+  a generation so a node that comes back stops what it no longer owns.
+
+The key layout under the cluster's prefix (``/zlayer/``) is in
+:data:`KEYS`; every module that reads or writes etcd takes its keys from there.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from shared.wire import Wire
+
+PREFIX = "/zlayer/"
+
+# Where each kind of record lives, under PREFIX. One place, so the store, the
+# membership, the placement writer and the tests agree.
+KEYS = {
+    "state": PREFIX + "state/",  # schedd's desired state (the etcd store backend)
+    "nodes": PREFIX + "nodes/",  # nodes/<id>: NodeRecord, bound to the node's lease
+    "leader": PREFIX + "leader",  # the placing schedd's election key, bound to its lease
+    "assignments": PREFIX + "assignments/",  # assignments/<id>: NodeAssignments
+    "subnets": PREFIX + "subnets/",  # subnets/<cidr>: the node id holding that block
+}
+
+NodeState = Literal["ready", "draining", "down"]
+
+
+class NodeCapacity(Wire, frozen=True, kw_only=True):
+    """What a node offers replicas: CPUs (fractions allowed) and memory in bytes."""
+
+    cpu: float
+    memory: int
+
+
+class NodeRecord(Wire, frozen=True, kw_only=True):
+    """One node as the cluster knows it."""
+
+    id: str  # stable, made at init/join (not the hostname: hostnames repeat)
+    name: str  # the hostname, for people
+    address: str  # the address other nodes reach it at (advertise address)
+    peer_port: int  # its gRPC port for calls between nodes
+    labels: dict[str, str] = {}
+    capacity: NodeCapacity
+    subnet: str = ""  # its block of the cluster subnet, "10.89.3.0/24"
+    state: NodeState = "ready"
+    wireguard_key: str = ""  # its WireGuard public key (base64), once the mesh is on
+    etcd_member: bool = False  # a voting etcd member, not only a client
+    started_at: float = 0.0
+
+
+class Placement(Wire, frozen=True, kw_only=True):
+    """One replica placed on a node."""
+
+    deployment: str
+    service: str
+    replica: str  # the replica's name, unique in the cluster ("app-web-3")
+    revision: int
+    cpu: float = 0.0  # what it reserves, from the service's resources
+    memory: int = 0
+
+
+class NodeAssignments(Wire, frozen=True, kw_only=True):
+    """Everything one node should run, as of a generation of the placement."""
+
+    node: str
+    generation: int
+    replicas: list[Placement] = []
