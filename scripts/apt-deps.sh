@@ -10,9 +10,7 @@ set -euo pipefail
 # crun (runc where crun cannot run) and conmon: agentd's container runtime
 # buildah: registryd builds images with it
 # tini: the static init a service with init_container: true runs as PID 1
-# etcd-server: a cluster's desired state (zlayerctl node init / join run a member)
-# wireguard-go: the encrypted mesh between nodes where the kernel has no WireGuard
-run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl buildah tini etcd-server wireguard-go)
+run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon iproute2 nftables curl buildah tini)
 # busctl and systemd-analyze (tests check units and talk to the bus with them)
 # docker-registry: a real registry the WASM push and registry client tests start
 # apache2-utils: htpasswd, for the registry with basic auth
@@ -20,9 +18,11 @@ run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon i
 # debootstrap, systemd-container (systemd-nspawn): a fresh Debian with its own systemd for the package tests
 # rpm, cpio: build the .rpm and look inside it
 # prometheus: a real Prometheus scrapes the daemons' metrics, promtool lints them
+# etcd-server, wireguard-go: a cluster's store and its mesh (zlayerctl node init / join need them;
+#   not in the run set: Debian's etcd-server starts an etcd of its own on install, unwanted on a lone node)
 # etcd-client: etcdctl, to check from outside what the cluster tests' members hold
 # clang, lld, wasi-libc, libclang-rt-dev-wasm32: `zlayerctl wasm build` of C sources to WASI
-test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container rpm cpio prometheus etcd-client clang lld wasi-libc libclang-rt-dev-wasm32)
+test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container rpm cpio prometheus etcd-server wireguard-go etcd-client clang lld wasi-libc libclang-rt-dev-wasm32)
 
 # The peers bench/ measures against (bench/README.md): wrk, nginx, podman, hyperfine.
 bench_packages=(wrk nginx-light podman hyperfine skopeo)
