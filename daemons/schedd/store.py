@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from shared.statefile import move_aside
 from shared.wire.scheduler import Event
@@ -173,6 +173,81 @@ class Secret:
     created_at: float
     updated_at: float
     version: int
+
+
+class DesiredStore(Protocol):
+    """What schedd reads and writes of its desired state, whichever backend keeps it:
+    :class:`Store` (SQLite, a lone node) or ``EtcdStore`` (etcd, a cluster).
+
+    Calls are synchronous; schedd runs the slow ones in a thread. Every write is
+    all or nothing. After :meth:`close`, calls raise :class:`StoreClosedError`.
+    """
+
+    # The backing state was unusable and the store started empty.
+    recovered: bool
+
+    def close(self) -> None: ...
+
+    def next_revision(self, name: str) -> int: ...
+
+    def add_revision(
+        self,
+        name: str,
+        spec_json: str,
+        spec_text: str,
+        filename: str,
+        states: dict[str, ServiceState] | None = None,
+    ) -> int: ...
+
+    def get(self, name: str) -> StoredDeployment | None: ...
+
+    def set_removing(self, name: str) -> None: ...
+
+    def generation(self) -> int: ...
+
+    def next_generation(self, at_least: int = 0) -> int: ...
+
+    def names(self) -> list[str]: ...
+
+    def remove(self, name: str) -> None: ...
+
+    def set_stopped(self, name: str, service: str, stopped: bool) -> None: ...
+
+    def stopped_services(self, name: str) -> set[str]: ...
+
+    def revision_spec(self, name: str, revision: int) -> str | None: ...
+
+    def revision_source(self, name: str, revision: int) -> tuple[str, str] | None: ...
+
+    def revisions(self, name: str) -> list[int]: ...
+
+    def service_states(self, name: str) -> dict[str, ServiceState]: ...
+
+    def put_service_state(self, name: str, service: str, state: ServiceState) -> None: ...
+
+    def hold_scale(self, name: str, service: str, replicas: int) -> None: ...
+
+    def scale_holds(self, name: str) -> dict[str, int]: ...
+
+    def last_cron_run(self, name: str, service: str) -> float | None: ...
+
+    def record_cron_run(self, name: str, service: str, when: float) -> None: ...
+
+    def set_cron_enabled(self, name: str, service: str, enabled: bool) -> None: ...
+
+    def cron_disabled(self, name: str) -> set[str]: ...
+
+    def put_secret(self, name: str, deployment: str, nonce: bytes, ciphertext: bytes) -> Secret: ...
+
+    def secret(self, name: str, deployment: str) -> Secret | None: ...
+
+    def secrets(self) -> list[Secret]: ...
+
+    def remove_secret(self, name: str, deployment: str) -> bool: ...
+
+    def add_event(self, event: Event) -> None: ...
+
+    def events(self, name: str, limit: int = 50) -> list[Event]: ...
 
 
 class Store:
@@ -542,6 +617,10 @@ class Store:
             Event(time=t, deployment=d, service=s, replica=r, kind=k, message=m)
             for t, d, s, r, k, m in reversed(rows)
         ]
+
+
+if TYPE_CHECKING:
+    _: type[DesiredStore] = Store  # the SQLite store meets the interface (mypy checks)
 
 
 def _open(path: Path) -> sqlite3.Connection:
