@@ -3,4 +3,6 @@
 - :mod:`shared.cluster.etcd`: an etcd member's command line (:class:`EtcdMember`),
   clients that reach several members with optional mutual TLS, and
   :func:`wait_healthy`.
+- :mod:`shared.cluster.pki`: the cluster CA, each node's key and certificate (ECDSA
+  P-256, for etcd and gRPC, server and client) and their 0600 files.
 """
