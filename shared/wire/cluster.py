@@ -26,6 +26,7 @@ KEYS = {
     "leader": PREFIX + "leader",  # the placing schedd's election key, bound to its lease
     "assignments": PREFIX + "assignments/",  # assignments/<id>: NodeAssignments
     "subnets": PREFIX + "subnets/",  # subnets/<cidr>: the node id holding that block
+    "join_tokens": PREFIX + "join-tokens/",  # join-tokens/<sha256 of secret>: JoinTokenRecord
 }
 
 NodeState = Literal["ready", "draining", "down"]
@@ -71,3 +72,38 @@ class NodeAssignments(Wire, frozen=True, kw_only=True):
     node: str
     generation: int
     replicas: list[Placement] = []
+
+
+class JoinTokenRecord(Wire, frozen=True, kw_only=True):
+    """A join token as the cluster keeps it: the SHA-256 of its secret, never the secret."""
+
+    secret_sha256: str  # lowercase hex; also the last part of its key
+    expires_at: float  # Unix time
+    created_at: float
+    created_by: str = ""  # the node id that made it
+
+
+class JoinRequest(Wire, frozen=True, kw_only=True):
+    """What a joining node sends the node in its token (gRPC ``zlayer.Node1/Join``)."""
+
+    secret: str  # the token's secret, as in the token
+    csr: str  # PEM certificate signing request: its node id (CN) and addresses
+    name: str = ""  # its hostname, for people
+
+
+class JoinReply(Wire, frozen=True, kw_only=True):
+    """The joined node's certificate, the cluster CA and where etcd answers."""
+
+    certificate: str  # PEM, signed by the CA
+    ca_certificate: str  # PEM
+    etcd_endpoints: list[str]  # client URLs (https://HOST:PORT)
+
+
+class PingRequest(Wire, frozen=True, kw_only=True):
+    """``zlayer.Node1/Ping``: is the node there, and who does it take the caller for."""
+
+
+class PingReply(Wire, frozen=True, kw_only=True):
+    node: str  # the answering node's id
+    peer: str  # the caller's node id, from its client certificate
+    time: float  # the answering node's clock (Unix time)
