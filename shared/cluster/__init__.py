@@ -5,4 +5,6 @@
   :func:`wait_healthy`.
 - :mod:`shared.cluster.pki`: the cluster CA, each node's key and certificate (ECDSA
   P-256, for etcd and gRPC, server and client) and their 0600 files.
+- :mod:`shared.cluster.jointoken`: join tokens (address, port, secret, CA fingerprint,
+  expiry in one line) and the record of a token the cluster keeps (its secret's hash).
 """
