@@ -11,10 +11,12 @@ schedules) live in :mod:`shared.spec.checks`; :class:`DeploymentSpec` runs them
 after validation so a spec built in Python is held to the same rules.
 
 A few service keys upstream accepts are not pinned down in SPEC-NOTES
-(``replica_groups``, ``lifecycle``, ``isolation``, ``affinity``, ``platform``,
-``logs``, ``overlay``, ``localhost_reachability``, ``port_mappings``, top-level
-``externals``): they are accepted with a loose JSON-like type and passed
-through, rather than guessed at.
+(``lifecycle``, ``isolation``, ``platform``, ``logs``, ``overlay``,
+``localhost_reachability``, ``port_mappings``, top-level ``externals``): they
+are accepted with a loose JSON-like type and passed through, rather than
+guessed at. ``affinity`` and ``replica_groups`` take upstream's shapes
+(``spread`` | ``pack`` | ``{pin: "key=value"}``; a list of ``{role, count,
+image, env, command, resources, affinity}``), as placement reads them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     WithJsonSchema,
     model_validator,
@@ -43,6 +47,8 @@ MAX_CPUS = 4096  # cores one replica may be limited to; a cgroup quota must stay
 __all__ = [
     "SERVICE_KEYS",
     "AdaptiveScale",
+    "Affinity",
+    "AffinityPin",
     "AnonymousStorage",
     "ApiSpec",
     "BindStorage",
@@ -65,6 +71,7 @@ __all__ = [
     "NamedStorage",
     "NetworkSpec",
     "NodeSelector",
+    "ReplicaGroup",
     "ResourcesSpec",
     "RestartPolicy",
     "S3Storage",
@@ -579,6 +586,65 @@ class NodeSelector(SpecModel):
     prefer_labels: dict[str, LabelValue] = Field(default_factory=dict)
 
 
+def _pin_selector(value: str) -> str:
+    key, eq, wanted = value.partition("=")
+    if not eq or not key.strip() or not wanted.strip():
+        raise ValueError(
+            f"{value!r} is not a pin: write `id=NODE` for one node or `key=value` for a label"
+        )
+    return value
+
+
+class AffinityPin(SpecModel):
+    """``affinity: {pin: "zone=eu"}``: only nodes with that label (or ``id=NODE``: that node)."""
+
+    pin: Annotated[str, AfterValidator(_pin_selector)]
+
+
+def _affinity_kind(value: Any) -> str:
+    return "pin" if isinstance(value, dict | AffinityPin) else "name"
+
+
+# Upstream's GroupAffinity: spread over nodes, pack onto the fewest, or pin. The
+# discriminator keeps a wrong value to one error, from the form it was written in.
+Affinity = Annotated[
+    Annotated[Literal["spread", "pack"], Tag("name")] | Annotated[AffinityPin, Tag("pin")],
+    Discriminator(_affinity_kind),
+]
+
+_ROLE = re.compile(r"^[a-z]([a-z0-9-]{0,28}[a-z0-9])?$")
+
+
+def _role_name(value: str) -> str:
+    if not _ROLE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a role name: use 1-30 lowercase letters, digits and hyphens, "
+            "starting with a letter and ending with a letter or digit"
+        )
+    return value
+
+
+class ReplicaGroup(SpecModel):
+    """One named group of a service's replicas, with its own count and overrides."""
+
+    role: Annotated[str, AfterValidator(_role_name)]
+    count: Annotated[int, Field(ge=1, le=MAX_REPLICAS)]
+    image: Annotated[ImageSpec, BeforeValidator(_image_shorthand)] | None = None
+    env: EnvMap = Field(default_factory=dict)  # merged over the service's env
+    command: Annotated[CommandSpec, BeforeValidator(_command_shorthand)] | None = None
+    resources: ResourcesSpec | None = None
+    affinity: Affinity = "spread"
+
+
+def _unique_roles(groups: list[ReplicaGroup] | None) -> list[ReplicaGroup] | None:
+    seen: set[str] = set()
+    for group in groups or ():
+        if group.role in seen:
+            raise ValueError(f"role `{group.role}` is used by two replica groups")
+        seen.add(group.role)
+    return groups
+
+
 class OverlaySettings(SpecModel):
     enabled: bool = True
     encrypted: bool = True
@@ -688,7 +754,7 @@ class ServiceSpec(SpecModel):
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     endpoints: list[EndpointSpec] = Field(default_factory=list)
     scale: ScaleSpec = Field(default_factory=AdaptiveScale)
-    replica_groups: list[JsonValue] | None = None
+    replica_groups: Annotated[list[ReplicaGroup] | None, AfterValidator(_unique_roles)] = None
     depends: list[DependsSpec] = Field(default_factory=list)
     health: HealthSpec = Field(default_factory=_default_health)
     init: InitSpec = Field(default_factory=InitSpec)
@@ -703,7 +769,7 @@ class ServiceSpec(SpecModel):
     privileged: bool = False
     node_mode: Literal["shared", "dedicated", "exclusive"] = "shared"
     node_selector: NodeSelector | None = None
-    affinity: JsonValue = None
+    affinity: Affinity | None = None
     platform: JsonValue = None
     service_type: ServiceType = "standard"
     wasm: WasmConfig | None = None
