@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from shared.spec import SpecError, parse_spec
-from shared.spec.models import AffinityPin, ReplicaGroup
+from shared.spec.models import AffinityPin, ReplicaGroup, ServiceSpec
 
 HEAD = """\
 version: v1
@@ -16,7 +16,7 @@ services:
 """
 
 
-def parse(services: str) -> dict[str, object]:
+def parse(services: str) -> dict[str, ServiceSpec]:
     spec = parse_spec(HEAD + textwrap.indent(textwrap.dedent(services), "  "), "app.zlayer.yml")
     return dict(spec.services)
 
@@ -36,7 +36,7 @@ def test_upstream_affinity_forms_are_read() -> None:
         d: {image: nginx}
         """
     )
-    assert [getattr(s, "affinity") for s in services.values()] == [
+    assert [s.affinity for s in services.values()] == [
         "spread",
         "pack",
         AffinityPin(pin="zone=eu"),
@@ -60,14 +60,16 @@ def test_replica_groups_are_typed_with_upstreams_defaults() -> None:
               affinity: pack
         """
     )
-    groups = getattr(services["db"], "replica_groups")
+    groups = services["db"].replica_groups
+    assert groups is not None
     assert [(g.role, g.count, g.affinity) for g in groups] == [
         ("primary", 1, "spread"),
         ("read", 2, "pack"),
     ]
     assert isinstance(groups[0], ReplicaGroup)
     assert groups[0].env == {"MODE": "primary", "PORT": "5432"}
-    assert groups[1].image.name == "postgres:16-alpine"
+    assert groups[1].image is not None and groups[1].image.name == "postgres:16-alpine"
+    assert groups[1].resources is not None
     assert groups[1].resources.memory == 256 * 1024 * 1024
 
 
