@@ -1,0 +1,582 @@
+"""schedd's desired state in etcd (a cluster): the same interface as the SQLite store.
+
+Everything lives under ``KEYS["state"]`` (``/zlayer/state/``), one key per row,
+names percent-quoted so a key's parts never contain ``/``::
+
+    deployments/<name>                 {revision, stopped, removing, created_at, updated_at}
+    revisions/<name>/<revision:012d>   {spec_json, spec_text, filename, created_at}
+    services/<name>/<service>          a ServiceState
+    holds/<name>/<service>             replicas held by `scale`
+    stopped/<name>/<service>           ""  (a stopped service)
+    cron_runs/<name>/<service>         the last run's time
+    cron_off/<name>/<service>          ""  (a cron service turned off)
+    secrets/<deployment>/<name>        {nonce, ciphertext (base64, sealed), versions, times}
+    events/<name>/<seq:020d>           an Event; the newest EVENTS_KEPT per deployment
+    eventseq/<name>                    the last event's seq
+    meta/generation                    the last view generation handed out
+
+Every change of several keys is one etcd transaction, guarded by compares on
+what it read (the keys' mod revisions), and tried again when another writer got
+there first: readers see the old or the new state, never a mix, and two
+schedds never hand out the same generation. Reads of several keys read one
+revision of the store.
+
+The interface is synchronous, like SQLite's: the store runs its own event loop
+in a private thread; each call submits a coroutine there and waits for it,
+bounded by ``timeout``. An etcd that does not answer in that time is an
+:class:`StoreUnavailableError` whose message says so in one sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote, unquote
+
+import aetcd  # type: ignore[import-untyped]
+import msgspec
+from aetcd import transactions as _tx
+
+from daemons.schedd.store import (
+    EVENTS_KEPT,
+    DesiredStore,
+    Secret,
+    ServiceState,
+    StoreClosedError,
+    StoredDeployment,
+)
+from shared.bus import UnavailableError
+from shared.cluster.etcd import TLSFiles, client, retrying
+from shared.wire.cluster import KEYS
+from shared.wire.scheduler import Event
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 10.0  # seconds a call waits for etcd, retries included
+
+
+# etcd did not answer in time (no quorum, unreachable, refused): schedd's
+# "unavailable" bus error, so a caller reads the sentence as is.
+StoreUnavailableError = UnavailableError
+
+
+class ConflictError(RuntimeError):
+    """A write lost to another writer more times than it retries."""
+
+
+def _q(part: str) -> str:
+    return quote(part, safe="")
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _loads(raw: bytes) -> Any:
+    return json.loads(raw)
+
+
+def _range_end(prefix: bytes) -> bytes:
+    return aetcd.utils.prefix_range_end(prefix)  # type: ignore[no-any-return]
+
+
+class EtcdStore:
+    """schedd's store in the etcd cluster at ``endpoints``."""
+
+    recovered = False  # etcd keeps its own data safe: never rebuilt empty here
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        tls: TLSFiles | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        prefix: str = KEYS["state"],
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self.prefix = prefix.encode()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="etcd-store", daemon=True
+        )
+        self._thread.start()
+        self._client = client(self.endpoints, tls, timeout=timeout)
+
+    # ------------------------------------------------------------ plumbing
+
+    def close(self) -> None:
+        """Close the connection and stop the store's thread; later calls raise
+        :class:`StoreClosedError`."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        future = asyncio.run_coroutine_threadsafe(self._client.close(), self._loop)
+        with contextlib.suppress(Exception):  # closing: nothing more to do with it
+            future.result(self.timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(self.timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def _call(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run ``make()`` on the store's loop (tried again while etcd is between
+        leaders) and wait for it, at most ``timeout`` seconds."""
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError("schedd's store is closed: schedd is stopping")
+            future = asyncio.run_coroutine_threadsafe(retrying(make, self.timeout), self._loop)
+        try:
+            return future.result(self.timeout + 1)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise self._unavailable("no answer in time") from None
+        except (aetcd.ClientError, concurrent.futures.CancelledError) as exc:
+            if self._closed:
+                raise StoreClosedError("schedd's store is closed: schedd is stopping") from None
+            raise self._unavailable(str(exc) or type(exc).__name__) from None
+
+    def _unavailable(self, why: str) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"the cluster's store (etcd at {', '.join(self.endpoints)}) does not answer: {why}; "
+            "check that etcd runs and that this node reaches it"
+        )
+
+    def _key(self, *parts: str) -> bytes:
+        return self.prefix + "/".join(parts).encode()
+
+    async def _range(
+        self,
+        key: bytes,
+        range_end: bytes | None = None,
+        *,
+        revision: int = 0,
+        limit: int = 0,
+        descend: bool = False,
+        keys_only: bool = False,
+    ) -> tuple[int, list[Any]]:
+        """(the store's revision, the key-values) of one read; aetcd's own reads
+        take no limit or revision, which events and snapshot reads need."""
+        await self._client.connect()
+        rpc = aetcd.rpc
+        request = rpc.RangeRequest(
+            key=key,
+            range_end=range_end or b"",
+            revision=revision,
+            limit=limit,
+            keys_only=keys_only,
+            sort_order=rpc.RangeRequest.DESCEND if descend else rpc.RangeRequest.NONE,
+            sort_target=rpc.RangeRequest.KEY,
+        )
+        try:
+            response = await self._client.kvstub.Range(
+                request, timeout=self.timeout, metadata=self._client.metadata
+            )
+        except rpc.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+        return int(response.header.revision), list(response.kvs)
+
+    async def _get(self, key: bytes, revision: int = 0) -> tuple[int, Any | None]:
+        header, kvs = await self._range(key, revision=revision)
+        return header, (kvs[0] if kvs else None)
+
+    async def _prefix(
+        self, prefix: bytes, revision: int = 0, **kwargs: Any
+    ) -> tuple[int, list[Any]]:
+        return await self._range(prefix, _range_end(prefix), revision=revision, **kwargs)
+
+    async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
+        succeeded, _ = await self._client.transaction(compare=compare, success=success, failure=[])
+        return bool(succeeded)
+
+    async def _until_committed(self, attempt: Callable[[], Awaitable[T | None]]) -> T:
+        """``attempt()`` reads, decides and commits guarded by compares; None means
+        another writer came first: read again."""
+        for _ in range(1000):
+            result = await attempt()
+            if result is not None:
+                return result
+            await asyncio.sleep(0)
+        raise ConflictError("schedd's store: too many concurrent writers on one key")
+
+    def _tail(self, kv: Any, prefix: bytes) -> list[str]:
+        return [unquote(p) for p in bytes(kv.key)[len(prefix) :].decode().split("/")]
+
+    # ------------------------------------------------------------ deployments
+
+    def next_revision(self, name: str) -> int:
+        return self._call(lambda: self._next_revision(name, 0))
+
+    async def _next_revision(self, name: str, revision: int) -> int:
+        prefix = self._key("revisions", _q(name), "")
+        _, kvs = await self._prefix(prefix, revision, limit=1, descend=True, keys_only=True)
+        return int(self._tail(kvs[0], prefix)[0]) + 1 if kvs else 1
+
+    def add_revision(
+        self,
+        name: str,
+        spec_json: str,
+        spec_text: str,
+        filename: str,
+        states: dict[str, ServiceState] | None = None,
+    ) -> int:
+        """Store a new revision and make it current, with its services' states, at once.
+
+        Clears scale holds and stops; ``states`` replaces every service's
+        rollout state (services it does not name are forgotten).
+        """
+        dep_key = self._key("deployments", _q(name))
+        services = self._key("services", _q(name), "")
+
+        async def attempt() -> int | None:
+            now = time.time()
+            header, dep = await self._get(dep_key)
+            revision = await self._next_revision(name, header)
+            rev_key = self._key("revisions", _q(name), f"{revision:012d}")
+            doc = _loads(dep.value) if dep is not None else {"created_at": now}
+            doc.update(revision=revision, stopped=False, removing=False, updated_at=now)
+            compare = [
+                _tx.Version(rev_key) == 0,
+                _tx.Mod(dep_key) == (dep.mod_revision if dep is not None else 0),
+            ]
+            ops = [
+                _tx.Put(
+                    rev_key,
+                    _dumps(
+                        {
+                            "spec_json": spec_json,
+                            "spec_text": spec_text,
+                            "filename": filename,
+                            "created_at": now,
+                        }
+                    ),
+                ),
+                _tx.Put(dep_key, _dumps(doc)),
+                _tx.Delete(
+                    self._key("holds", _q(name), ""), _range_end(self._key("holds", _q(name), ""))
+                ),
+                _tx.Delete(
+                    self._key("stopped", _q(name), ""),
+                    _range_end(self._key("stopped", _q(name), "")),
+                ),
+            ]
+            if states is not None:
+                # Replace the services' states: etcd takes no put inside a deleted
+                # range in one transaction, so delete the others one by one, and
+                # compare that none changed since this read.
+                _, current = await self._prefix(services, header, keys_only=True)
+                keep = {self._key("services", _q(name), _q(s)) for s in states}
+                ops += [_tx.Delete(bytes(kv.key)) for kv in current if bytes(kv.key) not in keep]
+                ops += [
+                    _tx.Put(self._key("services", _q(name), _q(s)), _dumps(dataclasses.asdict(st)))
+                    for s, st in states.items()
+                ]
+                compare.append(_tx.Mod(services, _range_end(services)) < header + 1)
+            return revision if await self._txn(compare, ops) else None
+
+        return self._call(lambda: self._until_committed(attempt))
+
+    def get(self, name: str) -> StoredDeployment | None:
+        async def read() -> StoredDeployment | None:
+            header, dep = await self._get(self._key("deployments", _q(name)))
+            if dep is None:
+                return None
+            doc = _loads(dep.value)
+            rev_key = self._key("revisions", _q(name), f"{doc['revision']:012d}")
+            _, rev = await self._get(rev_key, header)  # the same revision of the store
+            if rev is None:
+                return None
+            spec = _loads(rev.value)
+            return StoredDeployment(
+                name,
+                int(doc["revision"]),
+                bool(doc["stopped"]),
+                float(doc["created_at"]),
+                float(doc["updated_at"]),
+                spec["spec_json"],
+                spec["spec_text"],
+                bool(doc.get("removing", False)),
+            )
+
+        return self._call(read)
+
+    async def _update_deployment(self, name: str, change: dict[str, object]) -> bool:
+        """Change fields of a deployment's record, if it exists (compare-and-swap)."""
+        key = self._key("deployments", _q(name))
+
+        async def attempt() -> bool | None:
+            _, dep = await self._get(key)
+            if dep is None:
+                return False
+            doc = _loads(dep.value)
+            doc.update(change, updated_at=time.time())
+            ok = await self._txn([_tx.Mod(key) == dep.mod_revision], [_tx.Put(key, _dumps(doc))])
+            return True if ok else None
+
+        return await self._until_committed(attempt)
+
+    def set_removing(self, name: str) -> None:
+        """Keep the intent to remove ``name``; the loop removes it once its replicas are gone."""
+        self._call(lambda: self._update_deployment(name, {"removing": True}))
+
+    # ------------------------------------------------------------ generations
+
+    def generation(self) -> int:
+        """The generation of the last view schedd sent (0: none yet)."""
+
+        async def read() -> int:
+            _, kv = await self._get(self._key("meta", "generation"))
+            return int(kv.value) if kv is not None else 0
+
+        return self._call(read)
+
+    def next_generation(self, at_least: int = 0) -> int:
+        """A new generation, above every earlier one and above ``at_least``; two
+        stores asking at once get different ones (compare-and-swap)."""
+        key = self._key("meta", "generation")
+
+        async def attempt() -> int | None:
+            _, kv = await self._get(key)
+            value = max(int(kv.value) if kv is not None else 0, at_least) + 1
+            seen = kv.mod_revision if kv is not None else 0
+            ok = await self._txn([_tx.Mod(key) == seen], [_tx.Put(key, str(value).encode())])
+            return value if ok else None
+
+        return self._call(lambda: self._until_committed(attempt))
+
+    def names(self) -> list[str]:
+        async def read() -> list[str]:
+            prefix = self._key("deployments", "")
+            _, kvs = await self._prefix(prefix, keys_only=True)
+            return sorted(self._tail(kv, prefix)[0] for kv in kvs)
+
+        return self._call(read)
+
+    def remove(self, name: str) -> None:
+        ops = [_tx.Delete(self._key("deployments", _q(name)))]
+        ops.append(_tx.Delete(self._key("eventseq", _q(name))))
+        for kind in (
+            "revisions",
+            "holds",
+            "stopped",
+            "cron_runs",
+            "cron_off",
+            "events",
+            "services",
+        ):
+            prefix = self._key(kind, _q(name), "")
+            ops.append(_tx.Delete(prefix, _range_end(prefix)))
+        self._call(lambda: self._txn([], ops))
+
+    def set_stopped(self, name: str, service: str, stopped: bool) -> None:
+        if not service:
+            self._call(lambda: self._update_deployment(name, {"stopped": stopped}))
+            return
+        key = self._key("stopped", _q(name), _q(service))
+        self._call(lambda: self._client.put(key, b"") if stopped else self._client.delete(key))
+
+    def stopped_services(self, name: str) -> set[str]:
+        return set(self._call(lambda: self._members("stopped", name)))
+
+    async def _members(self, kind: str, name: str) -> list[str]:
+        prefix = self._key(kind, _q(name), "")
+        _, kvs = await self._prefix(prefix, keys_only=True)
+        return [self._tail(kv, prefix)[0] for kv in kvs]
+
+    async def _revision_doc(self, name: str, revision: int) -> Any | None:
+        _, kv = await self._get(self._key("revisions", _q(name), f"{revision:012d}"))
+        return _loads(kv.value) if kv is not None else None
+
+    def revision_spec(self, name: str, revision: int) -> str | None:
+        """The spec JSON of one stored revision."""
+        doc = self._call(lambda: self._revision_doc(name, revision))
+        return str(doc["spec_json"]) if doc is not None else None
+
+    def revision_source(self, name: str, revision: int) -> tuple[str, str] | None:
+        """The spec text and file name a revision was deployed from."""
+        doc = self._call(lambda: self._revision_doc(name, revision))
+        return (str(doc["spec_text"]), str(doc["filename"])) if doc is not None else None
+
+    def revisions(self, name: str) -> list[int]:
+        return sorted(int(r) for r in self._call(lambda: self._members("revisions", name)))
+
+    # ------------------------------------------------------------ per-service state
+
+    def service_states(self, name: str) -> dict[str, ServiceState]:
+        async def read() -> dict[str, ServiceState]:
+            prefix = self._key("services", _q(name), "")
+            _, kvs = await self._prefix(prefix)
+            return {self._tail(kv, prefix)[0]: ServiceState(**_loads(kv.value)) for kv in kvs}
+
+        return self._call(read)
+
+    def put_service_state(self, name: str, service: str, state: ServiceState) -> None:
+        key = self._key("services", _q(name), _q(service))
+        value = _dumps(dataclasses.asdict(state))
+        self._call(lambda: self._client.put(key, value))
+
+    # ------------------------------------------------------------ scale holds
+
+    def hold_scale(self, name: str, service: str, replicas: int) -> None:
+        key = self._key("holds", _q(name), _q(service))
+        self._call(lambda: self._client.put(key, str(int(replicas)).encode()))
+
+    def scale_holds(self, name: str) -> dict[str, int]:
+        async def read() -> dict[str, int]:
+            prefix = self._key("holds", _q(name), "")
+            _, kvs = await self._prefix(prefix)
+            return {self._tail(kv, prefix)[0]: int(kv.value) for kv in kvs}
+
+        return self._call(read)
+
+    # ------------------------------------------------------------ cron
+
+    def last_cron_run(self, name: str, service: str) -> float | None:
+        async def read() -> float | None:
+            _, kv = await self._get(self._key("cron_runs", _q(name), _q(service)))
+            return float(kv.value) if kv is not None else None
+
+        return self._call(read)
+
+    def record_cron_run(self, name: str, service: str, when: float) -> None:
+        key = self._key("cron_runs", _q(name), _q(service))
+        self._call(lambda: self._client.put(key, repr(float(when)).encode()))
+
+    def set_cron_enabled(self, name: str, service: str, enabled: bool) -> None:
+        key = self._key("cron_off", _q(name), _q(service))
+        self._call(lambda: self._client.delete(key) if enabled else self._client.put(key, b""))
+
+    def cron_disabled(self, name: str) -> set[str]:
+        return set(self._call(lambda: self._members("cron_off", name)))
+
+    # ------------------------------------------------------------ secrets
+
+    def _secret_key(self, name: str, deployment: str) -> bytes:
+        return self._key("secrets", _q(deployment), _q(name))
+
+    def put_secret(self, name: str, deployment: str, nonce: bytes, ciphertext: bytes) -> Secret:
+        """Store a sealed value; a new secret is version 1, each change one more."""
+        key = self._secret_key(name, deployment)
+
+        async def attempt() -> Secret | None:
+            now = time.time()
+            _, kv = await self._get(key)
+            old = _loads(kv.value) if kv is not None else None
+            secret = Secret(
+                name,
+                deployment,
+                nonce,
+                ciphertext,
+                float(old["created_at"]) if old else now,
+                now,
+                int(old["version"]) + 1 if old else 1,
+            )
+            seen = kv.mod_revision if kv is not None else 0
+            ok = await self._txn([_tx.Mod(key) == seen], [_tx.Put(key, _secret_value(secret))])
+            return secret if ok else None
+
+        return self._call(lambda: self._until_committed(attempt))
+
+    def secret(self, name: str, deployment: str) -> Secret | None:
+        async def read() -> Secret | None:
+            _, kv = await self._get(self._secret_key(name, deployment))
+            return _secret(name, deployment, kv.value) if kv is not None else None
+
+        return self._call(read)
+
+    def secrets(self) -> list[Secret]:
+        async def read() -> list[Secret]:
+            prefix = self._key("secrets", "")
+            _, kvs = await self._prefix(prefix)
+            found = []
+            for kv in kvs:
+                deployment, name = self._tail(kv, prefix)
+                found.append(_secret(name, deployment, kv.value))
+            return sorted(found, key=lambda s: (s.deployment, s.name))
+
+        return self._call(read)
+
+    def remove_secret(self, name: str, deployment: str) -> bool:
+        """Forget a secret; whether there was one."""
+        key = self._secret_key(name, deployment)
+
+        async def delete() -> bool:
+            return await self._client.delete(key) is not None  # None: there was none
+
+        return self._call(delete)
+
+    # ------------------------------------------------------------ events
+
+    def add_event(self, event: Event) -> None:
+        """Keep ``event``; a deployment keeps its newest EVENTS_KEPT."""
+        name = event.deployment
+        seq_key = self._key("eventseq", _q(name))
+        prefix = self._key("events", _q(name), "")
+
+        async def attempt() -> bool | None:
+            _, kv = await self._get(seq_key)
+            seq = int(kv.value) + 1 if kv is not None else 1
+            ops = [
+                _tx.Put(seq_key, str(seq).encode()),
+                _tx.Put(self._key("events", _q(name), f"{seq:020d}"), msgspec.json.encode(event)),
+            ]
+            if seq > EVENTS_KEPT:
+                oldest_kept = self._key("events", _q(name), f"{seq - EVENTS_KEPT + 1:020d}")
+                ops.append(_tx.Delete(prefix, oldest_kept))
+            seen = kv.mod_revision if kv is not None else 0
+            return True if await self._txn([_tx.Mod(seq_key) == seen], ops) else None
+
+        self._call(lambda: self._until_committed(attempt))
+
+    def events(self, name: str, limit: int = 50) -> list[Event]:
+        """The newest ``limit`` events of ``name``, oldest first (a negative limit: all)."""
+
+        async def read() -> list[Event]:
+            prefix = self._key("events", _q(name), "")
+            _, kvs = await self._prefix(prefix, limit=max(limit, 0), descend=True)
+            return [msgspec.json.decode(kv.value, type=Event) for kv in reversed(kvs)]
+
+        if limit == 0:  # as SQLite's LIMIT 0; etcd reads 0 as no limit
+            return []
+        return self._call(read)
+
+
+def _secret_value(secret: Secret) -> bytes:
+    """A secret as stored: the sealed value only (base64), never the plain one."""
+    return _dumps(
+        {
+            "nonce": base64.b64encode(secret.nonce).decode(),
+            "ciphertext": base64.b64encode(secret.ciphertext).decode(),
+            "created_at": secret.created_at,
+            "updated_at": secret.updated_at,
+            "version": secret.version,
+        }
+    )
+
+
+def _secret(name: str, deployment: str, raw: bytes) -> Secret:
+    doc = _loads(raw)
+    return Secret(
+        name,
+        deployment,
+        base64.b64decode(doc["nonce"]),
+        base64.b64decode(doc["ciphertext"]),
+        float(doc["created_at"]),
+        float(doc["updated_at"]),
+        int(doc["version"]),
+    )
+
+
+if TYPE_CHECKING:
+    _: type[DesiredStore] = EtcdStore  # the same interface as the SQLite store

@@ -1,0 +1,459 @@
+"""schedd's two store backends, one suite: SQLite in a file and etcd (real members).
+
+Every test runs against both: the same calls give the same answers, a
+multi-key change is seen whole or not at all, two stores sharing the state
+never hand out the same generation, events stay bounded, and a secret's
+plain value is nowhere in what is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemons.schedd.etcdstore import EtcdStore, StoreUnavailableError
+from daemons.schedd.secrets import Secrets
+from daemons.schedd.store import DesiredStore, ServiceState, Store, StoreClosedError
+from shared.cluster.etcd import client
+from shared.wire.cluster import KEYS
+from shared.wire.scheduler import Event
+from tests.etcd_fixture import EtcdCluster, etcd_cluster
+from tests.registry_fixture import free_port
+
+
+@pytest.fixture(scope="module")
+def etcd_once() -> Iterator[EtcdCluster]:
+    """One member for the module; each test has a key prefix of its own."""
+    with etcd_cluster(1) as cluster:
+        yield cluster
+
+
+@dataclass
+class Backend:
+    kind: str
+    make: Callable[[], DesiredStore]
+    # Every stored byte: the database files, or every key and value under the prefix.
+    raw: Callable[[], bytes]
+    # (deployment record's spec_json, {service: message}) read at one point in time.
+    snapshot: Callable[[str], tuple[str, dict[str, str]]]
+    opened: list[DesiredStore] = field(default_factory=list)
+
+    def store(self) -> DesiredStore:
+        store = self.make()
+        self.opened.append(store)
+        return store
+
+
+def _sqlite_backend(path: Path) -> Backend:
+    def raw() -> bytes:
+        return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+
+    def snapshot(name: str) -> tuple[str, dict[str, str]]:
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute("BEGIN")
+            row = db.execute(
+                "SELECT r.spec_json FROM deployments d JOIN revisions r "
+                "ON r.deployment = d.name AND r.revision = d.revision WHERE d.name = ?",
+                (name,),
+            ).fetchone()
+            states = db.execute(
+                "SELECT service, message FROM services WHERE deployment = ?", (name,)
+            ).fetchall()
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        return (row[0] if row else "", dict(states))
+
+    return Backend("sqlite", lambda: Store(path), raw, snapshot)
+
+
+def _etcd_backend(cluster: EtcdCluster) -> Backend:
+    prefix = f"/zlayer-test/{uuid.uuid4().hex}/state/"
+
+    async def dump() -> bytes:
+        async with client(cluster.endpoints, timeout=10) as c:
+            found = await c.get_prefix(prefix.encode())
+            return b"".join(kv.key + b"\0" + kv.value + b"\0" for kv in found)
+
+    def snapshot(name: str) -> tuple[str, dict[str, str]]:
+        async def read() -> tuple[str, dict[str, str]]:
+            import json
+
+            async with client(cluster.endpoints, timeout=10) as c:
+                # One transaction of gets: one revision of the store.
+                p = prefix.encode()
+                services = p + f"services/{name}/".encode()
+                _, (deps, revs, states) = await c.transaction(
+                    compare=[],
+                    success=[
+                        c.transactions.get(p + f"deployments/{name}".encode()),
+                        c.transactions.get(
+                            p + f"revisions/{name}/".encode(), p + f"revisions/{name}0".encode()
+                        ),
+                        c.transactions.get(services, services[:-1] + b"0"),
+                    ],
+                    failure=[],
+                )
+            if not deps:
+                return "", {}
+            revision = json.loads(deps[0][0])["revision"]
+            spec = {
+                int(meta.key.rsplit(b"/", 1)[1]): json.loads(value)["spec_json"]
+                for value, meta in revs
+            }[revision]
+            return spec, {
+                meta.key.rsplit(b"/", 1)[1].decode(): json.loads(value)["message"]
+                for value, meta in states
+            }
+
+        return asyncio.run(read())
+
+    return Backend(
+        "etcd",
+        lambda: EtcdStore(cluster.endpoints, prefix=prefix),
+        lambda: asyncio.run(dump()),
+        snapshot,
+    )
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        made = _sqlite_backend(tmp_path / "state.db")
+    else:
+        made = _etcd_backend(request.getfixturevalue("etcd_once"))
+    yield made
+    for store in made.opened:
+        store.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> DesiredStore:
+    return backend.store()
+
+
+def state(n: int, message: str = "") -> ServiceState:
+    return ServiceState(serving=n, target=n, message=message)
+
+
+def test_deployments_and_revisions_round_trip(store: DesiredStore) -> None:
+    assert store.get("app") is None and store.names() == [] and store.next_revision("app") == 1
+    assert store.add_revision("app", '{"v": 1}', "v: 1\n", "app.yml") == 1
+    first = store.get("app")
+    assert first is not None
+    assert (first.name, first.revision, first.stopped, first.removing) == ("app", 1, False, False)
+    assert (first.spec_json, first.spec_text) == ('{"v": 1}', "v: 1\n")
+    assert store.add_revision("app", '{"v": 2}', "v: 2\n", "other.yml") == 2
+    second = store.get("app")
+    assert second is not None and second.revision == 2 and second.spec_json == '{"v": 2}'
+    assert second.created_at == first.created_at and second.updated_at >= first.updated_at
+    assert store.revisions("app") == [1, 2] and store.next_revision("app") == 3
+    assert store.revision_spec("app", 1) == '{"v": 1}'
+    assert store.revision_source("app", 2) == ("v: 2\n", "other.yml")
+    assert store.revision_spec("app", 9) is None and store.revision_source("app", 9) is None
+    # A name that is a prefix of another, and one with characters keys treat specially.
+    store.add_revision("app2", "{}", "", "a.yml")
+    store.add_revision("odd/name%", "{}", "", "a.yml")
+    assert store.names() == ["app", "app2", "odd/name%"]
+    assert store.revisions("app") == [1, 2] and store.revisions("odd/name%") == [1]
+
+
+def test_a_new_revision_clears_holds_and_stops_and_replaces_service_states(
+    store: DesiredStore,
+) -> None:
+    store.add_revision("app", "{}", "", "a.yml", {"web": state(1), "db": state(1)})
+    store.hold_scale("app", "web", 3)
+    store.set_stopped("app", "db", True)
+    store.set_stopped("app", "", True)
+    store.set_removing("app")
+    got = store.get("app")
+    assert got is not None and got.stopped and got.removing
+    assert store.scale_holds("app") == {"web": 3} and store.stopped_services("app") == {"db"}
+    store.add_revision("app", "{}", "", "a.yml", {"web": state(2, "rolling")})
+    got = store.get("app")
+    assert got is not None and not got.stopped and not got.removing
+    assert store.scale_holds("app") == {} and store.stopped_services("app") == set()
+    assert store.service_states("app") == {"web": state(2, "rolling")}
+    # Without states, the services' states stay.
+    store.add_revision("app", "{}", "", "a.yml")
+    assert store.service_states("app") == {"web": state(2, "rolling")}
+
+
+def test_stops_holds_cron_and_service_states_round_trip(store: DesiredStore) -> None:
+    store.add_revision("app", "{}", "", "a.yml")
+    store.set_stopped("app", "web", True)
+    store.set_stopped("app", "api", True)
+    store.set_stopped("app", "api", False)
+    assert store.stopped_services("app") == {"web"}
+    store.set_stopped("app", "", True)
+    got = store.get("app")
+    assert got is not None and got.stopped
+    store.set_stopped("app", "", False)
+    got = store.get("app")
+    assert got is not None and not got.stopped
+    store.set_stopped("ghost", "", True)  # no such deployment: nothing happens
+    assert store.get("ghost") is None
+
+    store.hold_scale("app", "web", 4)
+    store.hold_scale("app", "web", 2)
+    store.hold_scale("app", "api", 0)
+    assert store.scale_holds("app") == {"web": 2, "api": 0}
+
+    full = ServiceState(
+        serving=1,
+        target=2,
+        rollout="running",
+        message="2 of 3 new",
+        new_count=2,
+        old_count=1,
+        step_at=1234.5,
+        adaptive=7,
+        scaled_at=99.25,
+        secrets="abc",
+    )
+    store.put_service_state("app", "web", full)
+    store.put_service_state("app", "api", state(1))
+    store.put_service_state("app", "api", state(3))
+    assert store.service_states("app") == {"web": full, "api": state(3)}
+
+    assert store.last_cron_run("app", "job") is None
+    store.record_cron_run("app", "job", 1700000000.125)
+    assert store.last_cron_run("app", "job") == 1700000000.125
+    store.set_cron_enabled("app", "job", False)
+    store.set_cron_enabled("app", "other", False)
+    store.set_cron_enabled("app", "other", True)
+    assert store.cron_disabled("app") == {"job"}
+
+
+def test_remove_forgets_a_deployment_but_not_its_secrets(store: DesiredStore) -> None:
+    for name in ("app", "app2"):
+        store.add_revision(name, "{}", "", "a.yml", {"web": state(1)})
+        store.hold_scale(name, "web", 2)
+        store.set_stopped(name, "web", True)
+        store.record_cron_run(name, "job", 5.0)
+        store.set_cron_enabled(name, "job", False)
+        store.add_event(Event(time=1.0, deployment=name, kind="deploy", message="hi"))
+    store.put_secret("token", "app", b"n" * 12, b"sealed")
+    store.remove("app")
+    assert store.names() == ["app2"] and store.get("app") is None
+    assert store.revisions("app") == [] and store.service_states("app") == {}
+    assert store.scale_holds("app") == {} and store.stopped_services("app") == set()
+    assert store.last_cron_run("app", "job") is None and store.cron_disabled("app") == set()
+    assert store.events("app") == []
+    assert store.next_revision("app") == 1
+    assert store.secret("token", "app") is not None
+    # The other deployment, whose name starts the same, is untouched.
+    assert store.revisions("app2") == [1] and store.scale_holds("app2") == {"web": 2}
+    assert len(store.events("app2")) == 1
+
+
+def test_secrets_round_trip_with_versions(store: DesiredStore) -> None:
+    assert store.secret("token", "") is None and store.secrets() == []
+    first = store.put_secret("token", "", b"1" * 12, b"sealed-1")
+    assert (first.version, first.nonce, first.ciphertext) == (1, b"1" * 12, b"sealed-1")
+    second = store.put_secret("token", "", b"2" * 12, b"sealed-2")
+    assert second.version == 2 and second.created_at == first.created_at
+    assert store.secret("token", "") == second
+    store.put_secret("token", "app", b"3" * 12, b"sealed-3")
+    store.put_secret("a-key", "app", b"4" * 12, b"sealed-4")
+    assert [(s.deployment, s.name) for s in store.secrets()] == [
+        ("", "token"),
+        ("app", "a-key"),
+        ("app", "token"),
+    ]
+    assert store.remove_secret("token", "app") is True
+    assert store.remove_secret("token", "app") is False
+    assert store.secret("token", "app") is None and store.secret("token", "") == second
+
+
+def test_events_keep_order_limit_and_bound(
+    store: DesiredStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("daemons.schedd.store.EVENTS_KEPT", 5)
+    monkeypatch.setattr("daemons.schedd.etcdstore.EVENTS_KEPT", 5)
+    for n in range(12):
+        store.add_event(
+            Event(time=float(n), deployment="app", service="web", kind="k", message=f"m{n}")
+        )
+    store.add_event(Event(time=0.5, deployment="other", replica="r1", kind="k", message="x"))
+    kept = store.events("app", 100)
+    assert [e.message for e in kept] == [f"m{n}" for n in range(7, 12)]
+    assert kept[-1] == Event(time=11.0, deployment="app", service="web", kind="k", message="m11")
+    assert [e.message for e in store.events("app", 2)] == ["m10", "m11"]
+    assert store.events("app", 0) == []
+    assert store.events("other") == [
+        Event(time=0.5, deployment="other", replica="r1", kind="k", message="x")
+    ]
+
+
+def test_generations_rise_and_follow_at_least(store: DesiredStore) -> None:
+    assert store.generation() == 0
+    assert store.next_generation() == 1
+    assert store.next_generation(at_least=10) == 11
+    assert store.next_generation(at_least=3) == 12
+    assert store.generation() == 12
+
+
+def test_two_stores_never_hand_out_the_same_generation(backend: Backend) -> None:
+    stores = [backend.store(), backend.store()]
+    got: list[list[int]] = [[], []]
+    errors: list[BaseException] = []
+
+    def take(index: int) -> None:
+        try:
+            for _ in range(40):
+                got[index].append(stores[index].next_generation())
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    both = got[0] + got[1]
+    assert sorted(both) == list(range(1, 81)), "a generation was handed out twice or lost"
+    assert stores[0].generation() == 80
+
+
+def test_two_stores_adding_revisions_at_once_number_them_without_a_gap(
+    backend: Backend,
+) -> None:
+    stores = [backend.store(), backend.store()]
+    got: list[list[int]] = [[], []]
+
+    def add(index: int) -> None:
+        for _ in range(15):
+            got[index].append(stores[index].add_revision("app", "{}", "", "a.yml"))
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(got[0] + got[1]) == list(range(1, 31))
+    assert stores[1].revisions("app") == list(range(1, 31))
+
+
+def test_a_new_revision_and_its_service_states_are_seen_together_or_not_at_all(
+    backend: Backend,
+) -> None:
+    """A reader at any moment sees a revision with its own services' states:
+    never the new spec with the old states, nor a mix of two writes' services."""
+    writer = backend.store()
+    writer.add_revision("app", '"w0"', "", "a.yml", {"a": state(1, "w0"), "b": state(1, "w0")})
+    done = threading.Event()
+    seen: list[tuple[str, dict[str, str]]] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                seen.append(backend.snapshot("app"))
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for n in range(1, 40):
+            mark = f"w{n}"
+            # Odd writes name other services than even ones: a mix would show both.
+            names = ("a", "b") if n % 2 == 0 else ("c",)
+            writer.add_revision("app", f'"{mark}"', "", "a.yml", {s: state(n, mark) for s in names})
+    finally:
+        done.set()
+        reader.join(60)
+    assert not errors and len(seen) > 5
+    for spec, messages in seen:
+        mark = spec.strip('"')
+        expected = {"a", "b"} if int(mark[1:]) % 2 == 0 else {"c"}
+        assert messages == dict.fromkeys(expected, mark), (spec, messages)
+
+
+def test_secrets_are_stored_sealed_never_plain(backend: Backend) -> None:
+    store = backend.store()
+    key = os.urandom(32)
+    plain = "correct-horse-battery-staple-" + uuid.uuid4().hex
+    Secrets(store, lambda: key).set("db-password", "app", plain)  # type: ignore[arg-type]
+    Secrets(store, lambda: key).set("node-wide", "", plain)  # type: ignore[arg-type]
+    stored = backend.raw()
+    assert b"db-password" in stored  # the name is there: the dump is the right one
+    for form in (plain.encode(), base64.b64encode(plain.encode()), plain.encode("utf-16-le")):
+        assert form not in stored
+    opened = Secrets(store, lambda: key)  # type: ignore[arg-type]
+    found = store.secret("db-password", "app")
+    assert found is not None and opened.open(found) == plain
+
+
+def test_calls_after_close_say_the_store_is_closed(backend: Backend) -> None:
+    store = backend.make()
+    store.add_revision("app", "{}", "", "a.yml")
+    store.close()
+    for call in (
+        lambda: store.names(),
+        lambda: store.get("app"),
+        lambda: store.add_revision("app", "{}", "", "a.yml"),
+        lambda: store.next_generation(),
+    ):
+        with pytest.raises(StoreClosedError):
+            call()
+
+
+# ------------------------------------------------------------ etcd only
+
+
+def test_an_unreachable_etcd_is_one_sentence_within_the_timeout() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store = EtcdStore([endpoint], timeout=1.5)
+    try:
+        with pytest.raises(StoreUnavailableError) as raised:
+            store.names()
+        message = str(raised.value)
+        assert message.startswith(f"the cluster's store (etcd at {endpoint}) does not answer")
+        assert "\n" not in message
+    finally:
+        store.close()
+
+
+def test_the_store_keeps_working_when_a_member_of_three_is_killed() -> None:
+    with etcd_cluster(3) as cluster:
+        store = EtcdStore(cluster.endpoints)
+        try:
+            store.add_revision("app", "{}", "", "a.yml")
+            generation = store.next_generation()
+            cluster.kill(0)  # the one a client reaches first
+            assert store.next_generation() == generation + 1
+            assert store.add_revision("app", "{}", "", "a.yml") == 2
+            assert store.names() == ["app"]
+        finally:
+            store.close()
+
+
+def test_the_default_layout_is_under_the_clusters_state_key(etcd_once: EtcdCluster) -> None:
+    store = EtcdStore(etcd_once.endpoints)
+    try:
+        store.add_revision("layout-check", "{}", "", "a.yml")
+
+        async def keys() -> list[bytes]:
+            async with client(etcd_once.endpoints, timeout=10) as c:
+                found: Any = await c.get_prefix(KEYS["state"].encode(), keys_only=True)
+                return [kv.key for kv in found]
+
+        found = asyncio.run(keys())
+        assert (KEYS["state"] + "deployments/layout-check").encode() in found
+    finally:
+        store.remove("layout-check")
+        store.close()
