@@ -7,4 +7,6 @@
   P-256, for etcd and gRPC, server and client) and their 0600 files.
 - :mod:`shared.cluster.jointoken`: join tokens (address, port, secret, CA fingerprint,
   expiry in one line) and the record of a token the cluster keeps (its secret's hash).
+- :mod:`shared.cluster.peer`: gRPC between nodes (``zlayer.Node1``: Join, Ping) with
+  mutual TLS from the cluster CA, msgspec JSON messages, no protoc.
 """

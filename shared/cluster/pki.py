@@ -156,6 +156,18 @@ def make_csr(
     )
 
 
+def csr_pem(csr: x509.CertificateSigningRequest) -> bytes:
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def node_id_of_request(csr: x509.CertificateSigningRequest) -> str:
+    """The node id a request asks a certificate for; PkiError if it names none or a bad one."""
+    common = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(common) != 1:
+        raise PkiError("the certificate request names no node id (its common name)")
+    return check_node_id(str(common[0].value))
+
+
 def node_id_of(certificate: x509.Certificate) -> str:
     """The node id a node certificate was issued to (its common name)."""
     names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -222,10 +234,7 @@ class Authority:
         public = csr.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
             raise PkiError("the certificate request's key is not ECDSA P-256")
-        common = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if len(common) != 1:
-            raise PkiError("the certificate request names no node id (its common name)")
-        node_id = check_node_id(str(common[0].value))
+        node_id = node_id_of_request(csr)
         addresses: list[str] = []
         try:
             requested = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -1,0 +1,460 @@
+"""gRPC between nodes: the ``zlayer.Node1`` service, its server and its clients.
+
+No protoc: the methods are grpcio generic handlers whose messages are the
+msgspec Structs of :mod:`shared.wire.cluster`, as JSON (``shared.wire``'s
+encode and decode). Everything is asynchronous (``grpc.aio``).
+
+A node's server listens on two ports, both TLS with the node's certificate:
+
+- the **peer port**, mutual TLS: a client must present a certificate the
+  cluster CA signed, or the handshake fails. Every method but Join needs this.
+- the **join port**, server TLS only: a node that joins has no certificate
+  yet. grpcio's server either requires and verifies client certificates or
+  does not ask for them (there is no "verify if presented"), so this one
+  port does not ask, and answers only Join; any other method there is
+  refused. It sends the CA certificate after its own, so a joining node can
+  check it against the token's fingerprint.
+
+``Join`` (:func:`join`): the new node opens TLS to the join port without
+trusting anything, takes the chain the server shows, and goes on only if it
+holds the CA whose SHA-256 the token carries. It then connects again with
+that CA as its only root (so the server must hold a certificate of that CA
+for the address in the token), sends the token's secret and a certificate
+request, and gets back its certificate, the CA certificate and the etcd
+endpoints. The secret never leaves before the server has proved itself.
+
+``Ping`` answers the node's id and the caller's id as its certificate says.
+
+Refusals are gRPC statuses whose details are one sentence; the clients here
+raise them as :class:`PeerError` with that sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc  # type: ignore[import-untyped]
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.cluster import jointoken, pki
+from shared.cluster.jointoken import JoinToken, JoinTokenError
+from shared.wire import Wire, WireError, decode, encode
+from shared.wire.cluster import JoinReply, JoinRequest, JoinTokenRecord, PingReply, PingRequest
+
+SERVICE = "zlayer.Node1"
+JOIN = f"/{SERVICE}/Join"
+PING = f"/{SERVICE}/Ping"
+DEFAULT_TIMEOUT = 10.0
+
+Request = TypeVar("Request", bound=Wire)
+Reply = TypeVar("Reply", bound=Wire)
+
+
+class PeerError(RuntimeError):
+    """A call to another node that failed, in one sentence."""
+
+
+class JoinRefusedError(Exception):
+    """Raised by a :class:`JoinDesk` to refuse a node; the message is the sentence it is told."""
+
+
+class JoinDesk(Protocol):
+    """What the node that answers joins asks the cluster (etcd, in a real cluster)."""
+
+    async def token(self, secret_sha256: str) -> JoinTokenRecord | None:
+        """The record under ``KEYS["join_tokens"] + secret_sha256``, if there is one."""
+
+    async def admit(self, node_id: str, request: JoinRequest) -> list[str]:
+        """Called with a good secret and a valid request, before signing: raise
+        :class:`JoinRefusedError` to refuse (an id already in the cluster); the etcd
+        client URLs to give the new node."""
+
+
+@dataclass(frozen=True)
+class NodeTls:
+    """PEM bytes of a node's TLS: the cluster CA, the node's key and certificate."""
+
+    ca: bytes
+    key: bytes
+    cert: bytes
+
+    @classmethod
+    def of(cls, files: pki.ClusterFiles) -> NodeTls:
+        """Blocking: reads the files."""
+        ca, key, cert = files.pems()
+        return cls(ca, key, cert)
+
+
+def target(address: str, port: int) -> str:
+    """``HOST:PORT`` for gRPC, an IPv6 address in brackets."""
+    host = address.strip("[]")
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"ipv6:[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
+def channel(
+    address: str,
+    port: int,
+    tls: NodeTls,
+    expect_node: str | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> Any:
+    """A mutual-TLS channel to another node's peer port, trusting the cluster CA only.
+
+    The server's certificate must name ``address``; with ``expect_node`` it
+    must instead name that node id, so a call meant for one node never
+    reaches another that took over its address.
+    """
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+    )
+    settings = list(options or [])
+    if expect_node is not None:
+        settings.append(("grpc.ssl_target_name_override", pki.check_node_id(expect_node)))
+    return grpc.aio.secure_channel(target(address, port), credentials, options=settings)
+
+
+def _caller(context: Any) -> str:
+    """The caller's node id: the common name of its verified client certificate, or ''."""
+    names = context.auth_context().get("x509_common_name") or []
+    return bytes(names[0]).decode() if names else ""
+
+
+def unary(
+    request_type: type[Request],
+    handle: Callable[[Request, str, Any], Awaitable[Wire]],
+    *,
+    needs_certificate: bool = True,
+) -> Any:
+    """A unary method handler: JSON bytes in and out; ``handle(request, caller, context)``.
+
+    ``caller`` is the calling node's id; with ``needs_certificate`` a call
+    without one (on the join port) is refused before ``handle`` runs.
+    """
+
+    async def method(raw: bytes, context: Any) -> bytes:
+        caller = _caller(context)
+        if needs_certificate and not caller:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this call needs a node certificate of the cluster: call the node's peer port "
+                "with the certificate the node got when it joined",
+            )
+        try:
+            request = decode(raw, request_type)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is {exc}")
+        reply = await handle(request, caller, context)
+        return encode(reply).encode()
+
+    return grpc.unary_unary_rpc_method_handler(method)
+
+
+class PeerServer:
+    """A node's ``zlayer.Node1`` server, on its peer port (mutual TLS) and join port."""
+
+    def __init__(
+        self,
+        node_id: str,
+        tls: NodeTls,
+        *,
+        authority: pki.Authority | None = None,
+        desk: JoinDesk | None = None,
+        methods: dict[str, Any] | None = None,
+    ) -> None:
+        """``authority`` and ``desk`` make this node answer joins (the node that signs);
+        ``methods`` adds handlers (from :func:`unary`) to the service by name."""
+        self.node_id = node_id
+        self.tls = tls
+        self.authority = authority
+        self.desk = desk
+        self.peer_port = 0
+        self.join_port = 0
+        handlers = {
+            "Join": unary(JoinRequest, self._join, needs_certificate=False),
+            "Ping": unary(PingRequest, self._ping),
+            **(methods or {}),
+        }
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+        )
+
+    async def start(self, host: str, peer_port: int = 0, join_port: int | None = 0) -> None:
+        """Listen (port 0: a free one, then read ``peer_port``/``join_port``); no join
+        port if ``join_port`` is None."""
+        mutual = grpc.ssl_server_credentials(
+            [(self.tls.key, self.tls.cert)],
+            root_certificates=self.tls.ca,
+            require_client_auth=True,
+        )
+        self.peer_port = self._listen(host, peer_port, mutual)
+        if join_port is not None:
+            # the CA after the node's certificate: what a joining node checks its token against
+            chain = self.tls.cert.rstrip(b"\n") + b"\n" + self.tls.ca
+            server_only = grpc.ssl_server_credentials([(self.tls.key, chain)])
+            self.join_port = self._listen(host, join_port, server_only)
+        await self._server.start()
+
+    def _listen(self, host: str, port: int, credentials: Any) -> int:
+        address = target(host, port).removeprefix("ipv6:")
+        bound = int(self._server.add_secure_port(address, credentials))
+        if bound == 0:
+            raise PeerError(
+                f"cannot listen on {address} for calls between nodes; "
+                "free the port or set another one"
+            )
+        return bound
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self._server.stop(grace)
+
+    async def _ping(self, _request: PingRequest, caller: str, _context: Any) -> PingReply:
+        return PingReply(node=self.node_id, peer=caller, time=time.time())
+
+    async def _join(self, request: JoinRequest, _caller: str, context: Any) -> JoinReply:
+        if self.authority is None or self.desk is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {self.node_id} does not sign joins; "
+                "make the token with zlayerctl node join-token on the node that does",
+            )
+        assert self.authority is not None and self.desk is not None
+        try:
+            record = await self.desk.token(jointoken.secret_sha256(request.secret))
+            jointoken.check(request.secret, record)
+        except JoinTokenError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        try:
+            csr = pki.load_csr(request.csr.encode())
+            node_id = pki.node_id_of_request(csr)
+            endpoints = await self.desk.admit(node_id, request)
+            certificate = await asyncio.to_thread(self.authority.sign, csr)
+        except pki.PkiError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except JoinRefusedError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return JoinReply(
+            certificate=pki.certificate_pem(certificate).decode(),
+            ca_certificate=pki.certificate_pem(self.authority.certificate).decode(),
+            etcd_endpoints=endpoints,
+        )
+
+
+async def call(
+    channel: Any,
+    method: str,
+    request: Wire,
+    reply_type: type[Reply],
+    timeout: float = DEFAULT_TIMEOUT,
+    where: str = "the other node",
+) -> Reply:
+    """One unary call on ``channel``; :class:`PeerError` with the server's sentence, or one
+    saying why the node (``where``, for the message) could not be reached."""
+    try:
+        raw = await channel.unary_unary(method)(encode(request).encode(), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise _peer_error(exc, where) from None
+    try:
+        return decode(raw, reply_type)
+    except WireError as exc:
+        raise PeerError(
+            f"{where} answered {method} with something else ({exc}); "
+            "check that both nodes run the same ZLayer version"
+        ) from None
+
+
+class Peer:
+    """Another node's peer port over mutual TLS: ``async with Peer(...) as node: await
+    node.ping()``."""
+
+    def __init__(
+        self, address: str, port: int, tls: NodeTls, expect_node: str | None = None
+    ) -> None:
+        self.where = f"the node at {target(address, port).removeprefix('ipv6:')}"
+        self.channel = channel(address, port, tls, expect_node)
+
+    async def call(
+        self, method: str, request: Wire, reply_type: type[Reply], timeout: float = DEFAULT_TIMEOUT
+    ) -> Reply:
+        return await call(self.channel, method, request, reply_type, timeout, self.where)
+
+    async def ping(self, timeout: float = DEFAULT_TIMEOUT) -> PingReply:
+        return await self.call(PING, PingRequest(), PingReply, timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> Peer:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+
+def _peer_error(exc: Any, where: str) -> PeerError:
+    code, details = exc.code(), (exc.details() or "").strip()
+    if code in (
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNAUTHENTICATED,
+    ):
+        return PeerError(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return PeerError(f"{where} did not answer in time; check that it is running")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return PeerError(
+            f"cannot reach {where} over TLS ({_reason(details)}); "
+            "check that it is running, that the address and port are right and that "
+            "both nodes hold certificates of the same cluster"
+        )
+    return PeerError(f"{where} failed the call ({code.name}: {_reason(details)})")
+
+
+# What gRPC's long status details mean, in a few words (checked in order).
+_REASONS = (
+    ("CERTIFICATE_VERIFY_FAILED", "a certificate is not one of this cluster's CA"),
+    ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "this side showed no certificate"),
+    ("Connection refused", "connection refused"),
+    ("Tls handshake failed", "the TLS handshake failed"),
+    ("Handshake", "the TLS handshake failed"),
+    ("Deadline", "no answer in time"),
+)
+
+
+def _reason(details: str) -> str:
+    for mark, reason in _REASONS:
+        if mark in details:
+            return reason
+    line = details.splitlines()[0] if details else "no reason given"
+    return line if len(line) <= 120 else line[:120].rsplit(" ", 1)[0] + " ..."
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What a node that joined keeps: its key and certificate, the CA, where etcd answers."""
+
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+    ca_certificate: x509.Certificate
+    etcd_endpoints: list[str]
+
+    def write(self, files: pki.ClusterFiles) -> None:
+        """Blocking: the CA certificate, then the node's key and certificate."""
+        files.write_ca_certificate(self.ca_certificate)
+        files.write_node(self.key, self.certificate)
+
+    def tls(self) -> NodeTls:
+        return NodeTls(
+            pki.certificate_pem(self.ca_certificate),
+            pki.key_pem(self.key),
+            pki.certificate_pem(self.certificate),
+        )
+
+
+def _shown_chain(address: str, port: int, timeout: float) -> list[bytes]:
+    """Blocking: the certificates (DER) the server at address:port shows, unverified."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # nothing to trust yet: the fingerprint decides
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    host = address.strip("[]")
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        # public from Python 3.13 (SSLSocket.get_unverified_chain, DER bytes);
+        # before, the same method of the C object, returning certificate objects
+        if hasattr(tls, "get_unverified_chain"):
+            return list(tls.get_unverified_chain())
+        chain = tls._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]
+        return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+
+
+async def pinned_ca(token: JoinToken, timeout: float = DEFAULT_TIMEOUT) -> x509.Certificate:
+    """The CA certificate the node in the token shows, if its SHA-256 is the token's."""
+    where = f"{token.address}:{token.port}"
+    try:
+        chain = await asyncio.to_thread(_shown_chain, token.address, token.port, timeout)
+    except (OSError, ssl.SSLError) as exc:
+        raise PeerError(
+            f"cannot open TLS to the node at {where} "
+            f"({getattr(exc, 'strerror', None) or exc}); check that the address in the token "
+            "is reachable from this node and that the cluster's node is running"
+        ) from None
+    for der in chain:
+        if hashlib.sha256(der).hexdigest() == token.ca_sha256:
+            return x509.load_der_x509_certificate(der)
+    raise PeerError(
+        f"the node at {where} does not show the CA whose fingerprint is in the token: "
+        "the token is for another cluster or something else answers at that address; "
+        "check the address and make a new token on a node of the cluster"
+    )
+
+
+async def join(
+    token: JoinToken,
+    node_id: str,
+    addresses: list[str],
+    *,
+    name: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Joined:
+    """Join the cluster of ``token`` as ``node_id`` reachable at ``addresses``."""
+    where = f"{token.address}:{token.port}"
+    ca = await pinned_ca(token, timeout)
+    key = pki.make_key()
+    csr = pki.make_csr(key, node_id, addresses)
+    ca_pem = pki.certificate_pem(ca)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    request = JoinRequest(
+        secret=token.secret, csr=pki.csr_pem(csr).decode(), name=name or socket.gethostname()
+    )
+    async with grpc.aio.secure_channel(target(token.address, token.port), credentials) as chan:
+        try:
+            raw = await chan.unary_unary(JOIN)(encode(request).encode(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and "andshake" in (exc.details() or ""):
+                raise PeerError(
+                    f"the node at {where} shows the cluster's CA but no certificate of that CA "
+                    f"for {token.address}: something else may answer at that address, or the "
+                    "node's certificate does not name it; check the address and make a new "
+                    "token on a node of the cluster"
+                ) from None
+            raise _peer_error(exc, f"the node at {where}") from None
+    try:
+        reply = decode(raw, JoinReply)
+    except WireError as exc:
+        raise PeerError(
+            f"the node at {where} answered the join with something else ({exc})"
+        ) from None
+    try:
+        certificate = pki.load_certificate(reply.certificate.encode())
+        returned_ca = pki.load_certificate(reply.ca_certificate.encode())
+    except pki.PkiError as exc:
+        raise PeerError(f"the node at {where} answered the join with {exc}") from None
+    if (
+        pki.fingerprint(returned_ca) != token.ca_sha256
+        or certificate.public_key() != key.public_key()
+        or not pki.issued_by(certificate, ca)
+    ):
+        raise PeerError(
+            f"the node at {where} answered the join with a certificate that is not this "
+            "node's or not signed by the cluster CA; make a new token and join again"
+        )
+    return Joined(key, certificate, ca, list(reply.etcd_endpoints))
