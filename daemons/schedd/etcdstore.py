@@ -34,6 +34,7 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import json
 import threading
 import time
@@ -50,6 +51,7 @@ from daemons.schedd.store import (
     DesiredStore,
     Secret,
     ServiceState,
+    Store,
     StoreClosedError,
     StoredDeployment,
 )
@@ -580,3 +582,131 @@ def _secret(name: str, deployment: str, raw: bytes) -> Secret:
 
 if TYPE_CHECKING:
     _: type[DesiredStore] = EtcdStore  # the same interface as the SQLite store
+
+
+# ------------------------------------------------------------ a lone node's state into etcd
+
+MOVED_KEY = "meta/moved"  # the digest of the state a move copied, written last
+
+
+class MoveRefusedError(RuntimeError):
+    """etcd holds schedd state that is not the one being moved; the message says what to do."""
+
+
+def _sqlite_state(store: Store) -> dict[str, bytes]:
+    """Every row of a SQLite store as the etcd store would keep it: key (under the
+    prefix) -> value. Read from the tables (through the store's lock): the
+    interface names no cron service nor orphaned rows, and a move takes all."""
+    rows = store._rows  # same package: the tables are this module's to copy
+    state: dict[str, bytes] = {}
+    for name, revision, stopped, created, updated, removing in rows(
+        "SELECT name, revision, stopped, created_at, updated_at, removing FROM deployments"
+    ):
+        state[f"deployments/{_q(name)}"] = _dumps(
+            {
+                "created_at": created,
+                "revision": revision,
+                "stopped": bool(stopped),
+                "removing": bool(removing),
+                "updated_at": updated,
+            }
+        )
+    for name, revision, spec_json, spec_text, filename, created in rows(
+        "SELECT deployment, revision, spec_json, spec_text, filename, created_at FROM revisions"
+    ):
+        state[f"revisions/{_q(name)}/{revision:012d}"] = _dumps(
+            {
+                "spec_json": spec_json,
+                "spec_text": spec_text,
+                "filename": filename,
+                "created_at": created,
+            }
+        )
+    for name, service, *fields in rows(
+        "SELECT deployment, service, serving, target, rollout, message, new_count, old_count, "
+        "step_at, adaptive, scaled_at, secrets FROM services"
+    ):
+        state[f"services/{_q(name)}/{_q(service)}"] = _dumps(
+            dataclasses.asdict(ServiceState(*fields))
+        )
+    for name, service, replicas in rows("SELECT deployment, service, replicas FROM scale_holds"):
+        state[f"holds/{_q(name)}/{_q(service)}"] = str(int(replicas)).encode()
+    for name, service in rows("SELECT deployment, service FROM stopped_services"):
+        state[f"stopped/{_q(name)}/{_q(service)}"] = b""
+    for name, service, last_run in rows("SELECT deployment, service, last_run FROM cron_runs"):
+        state[f"cron_runs/{_q(name)}/{_q(service)}"] = repr(float(last_run)).encode()
+    for name, service in rows("SELECT deployment, service FROM cron_disabled"):
+        state[f"cron_off/{_q(name)}/{_q(service)}"] = b""
+    for secret in store.secrets():
+        state[f"secrets/{_q(secret.deployment)}/{_q(secret.name)}"] = _secret_value(secret)
+    seqs: dict[str, int] = {}
+    for when, name, service, replica, kind, message in rows(
+        "SELECT time, deployment, service, replica, kind, message FROM events ORDER BY id"
+    ):
+        seq = seqs[name] = seqs.get(name, 0) + 1
+        event = Event(
+            time=when, deployment=name, service=service, replica=replica, kind=kind, message=message
+        )
+        state[f"events/{_q(name)}/{seq:020d}"] = msgspec.json.encode(event)
+    for name, seq in seqs.items():
+        state[f"eventseq/{_q(name)}"] = str(seq).encode()
+    if generation := store.generation():
+        state["meta/generation"] = str(generation).encode()
+    return state
+
+
+TXN_OPS = 100  # etcd takes at most 128 operations in one transaction (--max-txn-ops)
+
+
+def move_to_etcd(sqlite_store: Store, etcd_store: EtcdStore) -> int:
+    """Copy a lone node's whole desired state into etcd (``node init``); how many
+    keys it wrote.
+
+    Safe to run again: a move already done changes nothing, and one cut short
+    goes on where it stopped. Refused (:class:`MoveRefusedError`) when etcd
+    holds other state: another node's move, or state written since by a cluster.
+    schedd must not write to the SQLite store meanwhile.
+    """
+    wanted = _sqlite_state(sqlite_store)
+    digest = hashlib.sha256(
+        b"".join(k.encode() + b"\0" + v + b"\0" for k, v in sorted(wanted.items()))
+    ).hexdigest()
+    where = f"etcd at {', '.join(etcd_store.endpoints)}"
+    prefix = etcd_store.prefix
+    marker = prefix + MOVED_KEY.encode()
+
+    def refuse(why: str) -> MoveRefusedError:
+        return MoveRefusedError(
+            f"{where} already holds schedd state that is not this node's ({why}): "
+            "join that cluster instead, or point this node at an etcd of its own"
+        )
+
+    async def held() -> dict[str, bytes]:
+        _, kvs = await etcd_store._prefix(prefix)
+        return {bytes(kv.key)[len(prefix) :].decode(): bytes(kv.value) for kv in kvs}
+
+    current = etcd_store._call(held)
+    moved = current.pop(MOVED_KEY, None)
+    if moved is not None:
+        if moved.decode() == digest:
+            return 0  # this very state was moved before
+        raise refuse("another node's state was moved there")
+    differ = sorted(k for k, v in current.items() if wanted.get(k) != v)
+    if differ:
+        raise refuse(f"{len(differ)} keys differ, {differ[0]} first")
+    missing = [(k, v) for k, v in sorted(wanted.items()) if k not in current]
+
+    async def write(batch: list[tuple[str, bytes]]) -> bool:
+        ops = [_tx.Put(prefix + k.encode(), v) for k, v in batch]
+        return await etcd_store._txn([_tx.Version(marker) == 0], ops)
+
+    for start in range(0, len(missing), TXN_OPS):
+        batch = missing[start : start + TXN_OPS]
+        if not etcd_store._call(lambda b=batch: write(b)):  # type: ignore[misc]
+            raise refuse("another node's state was moved there meanwhile")
+    done = etcd_store._call(lambda: write([(MOVED_KEY, digest.encode())]))
+    if not done:
+        again = etcd_store._call(held).get(MOVED_KEY)
+        if again is None or again.decode() != digest:
+            raise refuse("another node's state was moved there meanwhile")
+    return len(missing)

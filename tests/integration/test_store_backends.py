@@ -21,7 +21,12 @@ from typing import Any
 
 import pytest
 
-from daemons.schedd.etcdstore import EtcdStore, StoreUnavailableError
+from daemons.schedd.etcdstore import (
+    EtcdStore,
+    MoveRefusedError,
+    StoreUnavailableError,
+    move_to_etcd,
+)
 from daemons.schedd.secrets import Secrets
 from daemons.schedd.store import DesiredStore, ServiceState, Store, StoreClosedError
 from shared.cluster.etcd import client
@@ -457,3 +462,131 @@ def test_the_default_layout_is_under_the_clusters_state_key(etcd_once: EtcdClust
     finally:
         store.remove("layout-check")
         store.close()
+
+
+# ------------------------------------------------------------ a lone node's state into etcd
+
+
+def _filled_sqlite(path: Path, tag: str = "") -> Store:
+    lone = Store(path)
+    for name in (f"web{tag}", "odd/name%"):
+        lone.add_revision(name, '{"v": 1}', "v: 1\n", "a.yml", {"web": state(1)})
+        lone.add_revision(name, '{"v": 2}', "v: 2\n", "b.yml", {"web": state(2, "rolling")})
+        lone.hold_scale(name, "web", 3)
+        lone.set_stopped(name, "api", True)
+        lone.record_cron_run(name, "job", 1700000000.5)
+        lone.set_cron_enabled(name, "job", False)
+        for n in range(3):
+            lone.add_event(Event(time=float(n), deployment=name, kind="k", message=f"{name} {n}"))
+    lone.set_stopped("odd/name%", "", True)
+    lone.set_removing(f"web{tag}")
+    lone.put_secret("token", "", b"1" * 12, b"sealed-node-wide")
+    lone.put_secret("token", f"web{tag}", b"2" * 12, b"sealed-web")
+    lone.next_generation(at_least=41)
+    return lone
+
+
+def _same_state(a: DesiredStore, b: DesiredStore) -> None:
+    assert a.names() == b.names()
+    for name in a.names():
+        assert a.get(name) == b.get(name)
+        assert a.revisions(name) == b.revisions(name)
+        for revision in a.revisions(name):
+            assert a.revision_spec(name, revision) == b.revision_spec(name, revision)
+            assert a.revision_source(name, revision) == b.revision_source(name, revision)
+        assert a.service_states(name) == b.service_states(name)
+        assert a.scale_holds(name) == b.scale_holds(name)
+        assert a.stopped_services(name) == b.stopped_services(name)
+        assert a.cron_disabled(name) == b.cron_disabled(name)
+        assert a.last_cron_run(name, "job") == b.last_cron_run(name, "job")
+        assert a.events(name, -1) == b.events(name, -1)
+    assert a.secrets() == b.secrets()
+    assert a.generation() == b.generation()
+
+
+@pytest.fixture
+def etcd_store(etcd_once: EtcdCluster) -> Iterator[EtcdStore]:
+    store = EtcdStore(etcd_once.endpoints, prefix=f"/zlayer-test/{uuid.uuid4().hex}/state/")
+    yield store
+    store.close()
+
+
+def test_a_lone_nodes_state_moves_whole_and_a_second_move_changes_nothing(
+    tmp_path: Path, etcd_store: EtcdStore
+) -> None:
+    lone = _filled_sqlite(tmp_path / "state.db")
+    try:
+        assert move_to_etcd(lone, etcd_store) > 20
+        _same_state(lone, etcd_store)
+        assert move_to_etcd(lone, etcd_store) == 0
+        _same_state(lone, etcd_store)
+        # The cluster goes on from the moved state: numbers continue, and a later
+        # move of the same node (init run again) still changes nothing.
+        assert etcd_store.add_revision("web", "{}", "", "c.yml") == 3
+        assert etcd_store.next_generation() == 43
+        assert len(etcd_store.events("web", -1)) == 3
+        etcd_store.add_event(Event(time=9.0, deployment="web", kind="k", message="after"))
+        assert [e.message for e in etcd_store.events("web", 2)] == ["web 2", "after"]
+        assert move_to_etcd(lone, etcd_store) == 0
+        assert etcd_store.revisions("web") == [1, 2, 3]
+    finally:
+        lone.close()
+
+
+def test_a_move_cut_short_goes_on_where_it_stopped(tmp_path: Path, etcd_store: EtcdStore) -> None:
+    from daemons.schedd.etcdstore import _sqlite_state
+
+    lone = _filled_sqlite(tmp_path / "state.db")
+    try:
+        every = sorted(_sqlite_state(lone).items())
+        half = every[: len(every) // 2]
+
+        async def put_half() -> None:
+            async with client(etcd_store.endpoints, timeout=10) as c:
+                for key, value in half:
+                    await c.put(etcd_store.prefix + key.encode(), value)
+
+        asyncio.run(put_half())
+        assert move_to_etcd(lone, etcd_store) == len(every) - len(half)
+        _same_state(lone, etcd_store)
+    finally:
+        lone.close()
+
+
+def test_a_move_into_another_clusters_state_is_refused_and_changes_nothing(
+    tmp_path: Path, etcd_store: EtcdStore
+) -> None:
+    first = _filled_sqlite(tmp_path / "first.db")
+    other = _filled_sqlite(tmp_path / "other.db", tag="-other")
+    try:
+        move_to_etcd(first, etcd_store)
+        with pytest.raises(MoveRefusedError) as raised:
+            move_to_etcd(other, etcd_store)
+        assert "already holds schedd state that is not this node's" in str(raised.value)
+        _same_state(first, etcd_store)
+    finally:
+        first.close()
+        other.close()
+
+
+def test_a_move_into_state_a_cluster_wrote_itself_is_refused(
+    tmp_path: Path, etcd_store: EtcdStore
+) -> None:
+    etcd_store.add_revision("theirs", "{}", "", "a.yml")
+    lone = _filled_sqlite(tmp_path / "state.db")
+    try:
+        with pytest.raises(MoveRefusedError, match="keys differ"):
+            move_to_etcd(lone, etcd_store)
+        assert etcd_store.names() == ["theirs"]
+    finally:
+        lone.close()
+
+
+def test_an_empty_lone_node_moves_into_an_empty_etcd(tmp_path: Path, etcd_store: EtcdStore) -> None:
+    lone = Store(tmp_path / "state.db")
+    try:
+        assert move_to_etcd(lone, etcd_store) == 0
+        assert etcd_store.names() == [] and etcd_store.generation() == 0
+        assert move_to_etcd(lone, etcd_store) == 0
+    finally:
+        lone.close()
