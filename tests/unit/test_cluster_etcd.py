@@ -1,0 +1,80 @@
+"""shared.cluster.etcd without a running etcd: a member's command line, the client's target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.cluster.etcd import EtcdMember, TLSFiles, _target
+
+
+def member(**changes: object) -> EtcdMember:
+    fields: dict[str, object] = {
+        "name": "n1",
+        "data_dir": Path("data"),
+        "client_urls": ("https://10.0.0.1:2379",),
+        "peer_urls": ("https://10.0.0.1:2380",),
+        "initial_cluster": {"n1": "https://10.0.0.1:2380", "n2": "https://10.0.0.2:2380"},
+    }
+    fields.update(changes)
+    return EtcdMember(**fields)  # type: ignore[arg-type]
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_a_members_command_line_names_its_cluster_and_urls() -> None:
+    argv = member(initial_state="existing").argv()
+    assert argv[0] == "etcd"
+    assert flag(argv, "--name") == "n1" and flag(argv, "--data-dir") == "data"
+    assert flag(argv, "--listen-client-urls") == "https://10.0.0.1:2379"
+    assert flag(argv, "--advertise-client-urls") == "https://10.0.0.1:2379"
+    assert flag(argv, "--initial-advertise-peer-urls") == "https://10.0.0.1:2380"
+    assert flag(argv, "--initial-cluster") == "n1=https://10.0.0.1:2380,n2=https://10.0.0.2:2380"
+    assert flag(argv, "--initial-cluster-state") == "existing"
+    assert "--client-cert-auth" not in argv and "--peer-client-cert-auth" not in argv
+
+
+def test_listening_on_every_address_advertises_the_reachable_one() -> None:
+    argv = member(
+        client_urls=("https://0.0.0.0:2379",),
+        advertise_client_urls=("https://10.0.0.1:2379",),
+    ).argv()
+    assert flag(argv, "--listen-client-urls") == "https://0.0.0.0:2379"
+    assert flag(argv, "--advertise-client-urls") == "https://10.0.0.1:2379"
+
+
+def test_tls_files_turn_on_certificate_checks_for_clients_and_peers() -> None:
+    client = TLSFiles(Path("ca.pem"), Path("c.pem"), Path("c.key"))
+    peer = TLSFiles(Path("pca.pem"), Path("p.pem"), Path("p.key"))
+    argv = member(client_tls=client, peer_tls=peer).argv()
+    assert flag(argv, "--trusted-ca-file") == "ca.pem" and flag(argv, "--key-file") == "c.key"
+    assert flag(argv, "--peer-trusted-ca-file") == "pca.pem"
+    assert flag(argv, "--peer-cert-file") == "p.pem"
+    assert "--client-cert-auth" in argv and "--peer-client-cert-auth" in argv
+
+
+def test_the_environment_drops_etcd_settings_of_ours() -> None:
+    env = member().env({"PATH": "/bin", "ETCD_NAME": "other", "ETCDCTL_API": "3"})
+    assert env == {"PATH": "/bin"}
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "target"),
+    [
+        (["http://127.0.0.1:2379"], "ipv4:127.0.0.1:2379"),
+        (["https://10.0.0.1:2379", "10.0.0.2:2479"], "ipv4:10.0.0.1:2379,10.0.0.2:2479"),
+        (["http://[::1]:2379", "http://[fd00::2]:2379"], "ipv6:[::1]:2379,[fd00::2]:2379"),
+        (["https://etcd.example:2379"], "dns:etcd.example:2379"),
+        (["http://10.0.0.1"], "ipv4:10.0.0.1:2379"),
+    ],
+)
+def test_endpoints_become_one_grpc_target(endpoints: list[str], target: str) -> None:
+    assert _target(endpoints) == target
+
+
+def test_no_endpoint_is_a_sentence() -> None:
+    with pytest.raises(ValueError, match="no etcd endpoint was given"):
+        _target([])
