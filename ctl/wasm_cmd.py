@@ -2,7 +2,8 @@
 
 ``validate``, ``info`` and ``export`` work on the file here, with no daemon
 (like ``zlayerctl validate`` for specs), and ``export`` writes as the user;
-``build`` runs a toolchain here (componentize-py for Python) as the user;
+``build`` runs a toolchain here (componentize-py for Python, clang with
+wasi-libc for C) as the user;
 ``push`` asks registryd, which owns registry traffic and credentials.
 """
 
@@ -230,10 +231,10 @@ def push(file: str, reference: str, tls_verify: bool, output_format: str) -> Non
 
 @wasm.command("build")
 @click.argument("directory", default=".", type=click.Path())
-@click.option("--language", "-l", default=None, help="the sources' language (python)")
-@click.option("--world", "-w", default=None, help="the WIT world to build [default: the only one]")
-@click.option("--wit", default=None, help="the WIT directory [default: DIRECTORY/wit]")
-@click.option("--module", "-m", default=None, help="the Python module [default: app]")
+@click.option("--language", "-l", default=None, help="python or c [default: from the files]")
+@click.option("--world", "-w", default=None, help="Python: the WIT world [default: the only one]")
+@click.option("--wit", default=None, help="Python: the WIT directory [default: DIRECTORY/wit]")
+@click.option("--module", "-m", default=None, help="Python: the module [default: app]")
 @click.option(
     "--output", "-o", default=None, help="the file to write [default: DIRECTORY's name + .wasm]"
 )
@@ -274,10 +275,12 @@ def build(
     import_image: bool,
     output_format: str,
 ) -> None:
-    """Build the sources in DIRECTORY into a WebAssembly component.
+    """Build the sources in DIRECTORY into a WebAssembly component or module.
 
     Settings not given here come from a `wasm:` ZImagefile in DIRECTORY
-    (language, wit, output, target). Python builds with componentize-py.
+    (language, wit, output, target). Python builds with componentize-py into
+    a WASI preview2 component; C (the directory's .c files) with clang and
+    wasi-libc into a WASI preview1 command module.
     With --export NAME it is also packed as `wasm export` does, and with
     --import imported as `image import` does.
     """

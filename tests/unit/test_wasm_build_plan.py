@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.buildfile.wasm import WasmBuildError, plan, wit_worlds
+from shared.buildfile.wasm import WasmBuildError, find_c_toolchain, plan, wit_worlds
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "wasm-http"
 
@@ -59,12 +59,13 @@ def test_refusals_are_one_sentence(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     assert "is not a directory" in refusal(str(tmp_path / "file"))
     assert refusal(str(EXAMPLE), language="rust") == (
-        "zlayerctl wasm build cannot build rust; the languages it knows are python"
+        "zlayerctl wasm build cannot build rust; the languages it knows are python and c"
     )
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (
-        refusal(str(empty)) == f"cannot tell the language of {empty}; say it with --language python"
+        refusal(str(empty))
+        == f"cannot tell the language of {empty}; say it with --language python or c"
     )
     assert refusal(str(empty), language="python").endswith(
         "is not a directory of WIT files; give one with --wit or `wit:`"
@@ -104,4 +105,70 @@ def test_a_zimagefile_elsewhere_with_z(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.yml")
     assert refusal(str(tmp_path), zimagefile=missing) == (
         f"{missing} is not a file; give the ZImagefile's path with -z"
+    )
+
+
+# ---------------------------------------------------------------- C
+
+
+C_EXAMPLE = EXAMPLE.parent / "wasm-c"
+
+
+def test_c_sources_plan_a_preview1_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    job = plan(str(C_EXAMPLE))
+    assert (job.language, job.target, job.sources, job.optimize) == (
+        "c",
+        "preview1",
+        ("hello.c",),
+        False,
+    )
+    assert job.output == tmp_path / "wasm-c.wasm"
+    # Detected from the files, with no ZImagefile; every .c file is compiled together.
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "main.c").write_text("int main(void) { return 0; }\n")
+    (source / "util.c").write_text("")
+    (source / "README").write_text("")
+    assert plan(str(source)).sources == ("main.c", "util.c")
+    (source / "ZImagefile").write_text("wasm:\n  optimize: true\n  wit: wit\n")
+    job = plan(str(source))
+    assert job.optimize and job.target == "preview1"
+    assert job.notes == ("`wit` has no effect on a C build; the module is a WASI preview1 command",)
+
+
+def test_c_refusals_are_one_sentence(tmp_path: Path) -> None:
+    (tmp_path / "main.c").write_text("")
+    (tmp_path / "ZImagefile").write_text("wasm:\n  target: preview2\n")
+    assert refusal(str(tmp_path)) == (
+        "clang with wasi-libc builds WASI preview1 modules only, not preview2; "
+        "set `target: preview1`"
+    )
+    (tmp_path / "ZImagefile").unlink()
+    assert refusal(str(tmp_path), world="proxy") == (
+        "--world, --wit and --module are for Python builds; a C build takes none of them"
+    )
+    (tmp_path / "app.py").write_text("")
+    assert refusal(str(tmp_path)) == (
+        f"{tmp_path} has both Python and C sources; say which to build with --language"
+    )
+    assert plan(str(tmp_path), language="C").language == "c"
+    (tmp_path / "main.c").unlink()
+    assert refusal(str(tmp_path), language="c") == (
+        f"{tmp_path} has no C source to build; add a .c file with main()"
+    )
+
+
+def test_a_missing_c_toolchain_names_the_debian_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sysroot with nothing in it and a PATH without clang: a machine where none of
+    the packages was installed."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(WasmBuildError) as caught:
+        find_c_toolchain(tmp_path)
+    assert str(caught.value) == (
+        "building C into WebAssembly needs clang, wasm-ld, wasi-libc and the wasm32 compiler "
+        "runtime, which this machine lacks; install them with "
+        "`apt-get install clang lld wasi-libc libclang-rt-dev-wasm32`"
     )
