@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,12 @@ DEFAULT_INTERVAL = 5.0
 DEFAULT_TIMEOUT = 3.0
 DEFAULT_STEP_TIMEOUT = 60.0
 WAIT_POLL = 0.25
+# Until a replica's first success: the first retry after a failed probe comes this
+# soon and each next one twice as late, up to STARTING_PACE (or the interval, if
+# shorter). A server that opens its port a moment after the first probe is then
+# found within milliseconds, not half a second later.
+FIRST_RETRY = 0.01
+STARTING_PACE = 0.5
 
 
 def _seconds(value: timedelta | None, default: float) -> float:
@@ -134,28 +141,44 @@ async def monitor(
     report: Callable[[HealthResult], None],
 ) -> None:
     """Check forever; report on every change: healthy after the first success,
-    unhealthy after ``retries`` consecutive failures once ``start_grace`` is over."""
+    unhealthy after ``retries`` consecutive failures once ``start_grace`` is over.
+
+    The first probe runs at once. Until the first success the next ones come
+    quickly (FIRST_RETRY, doubling up to STARTING_PACE), then every
+    ``interval``. A failure counts toward ``retries`` at most once per
+    STARTING_PACE (or per interval, if shorter), so the quick probes give a
+    slow starter no less time than probes at that pace would.
+    """
     health = service.health
     interval = _seconds(health.interval, DEFAULT_INTERVAL)
+    pace = min(interval, STARTING_PACE)
     grace_until = time.monotonic() + _seconds(health.start_grace, 0.0)
     failures = 0
+    counted_at = -math.inf  # when a failure last counted toward retries
+    retry = FIRST_RETRY
     state: bool | None = None
     while True:
         started = time.monotonic()
         reason = await check_once(health, service, address, run)
+        now = time.monotonic()
         if reason is None:
             failures = 0
             if state is not True:
                 state = True
                 report(HealthResult(True, "health check passed"))
         else:
-            failures += 1
-            in_grace = time.monotonic() < grace_until and state is not True
+            if state is True or now - counted_at >= pace:
+                failures += 1
+                counted_at = now
+            in_grace = now < grace_until and state is not True
             if not in_grace and failures > health.retries and state is not False:
                 state = False
                 report(HealthResult(False, reason))
-        # Until the first success, probe quickly so a fresh replica turns healthy fast.
-        pause = interval if state is True else min(interval, 0.5)
+        if state is True:
+            pause = interval
+        else:
+            pause = min(retry, pace)
+            retry *= 2
         await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))
 
 
