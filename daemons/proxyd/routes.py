@@ -222,6 +222,10 @@ class Routes:
         self.counters: dict[tuple[str, str], ServiceCounters] = {}
         self.metrics: dict[tuple[str, str, str], RouteMetrics] = {}
         self.started_at = time.time()
+        # deployment -> its push as last written to (or read from) disk: schedd sends
+        # every deployment with each view, and rewriting (fsync) the unchanged ones
+        # delayed the one that changed by milliseconds each.
+        self._saved: dict[str, str] = {}
 
     # ------------------------------------------------------------ pushes
 
@@ -258,6 +262,10 @@ class Routes:
         Raises RouteError, leaving everything as it was, when the result would
         be ambiguous or clash with another deployment.
         """
+        if traffic.services and self.deployments.get(traffic.deployment) == traffic:
+            # Unchanged (schedd's view names every deployment): the table stands.
+            self.previous = (self.deployments, self.table)
+            return self.table
         deployments = dict(self.deployments)
         if traffic.services:
             deployments[traffic.deployment] = traffic
@@ -504,12 +512,17 @@ class Routes:
 
     def save(self, traffic: DeploymentTraffic) -> None:
         """Write (or remove) one deployment's last push; blocking, run it in a thread."""
-        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._dir / f"{traffic.deployment}.json"
         if not traffic.services:
+            self._saved.pop(traffic.deployment, None)
             path.unlink(missing_ok=True)
             return
-        write_atomically(path, encode(traffic))
+        text = encode(traffic)
+        if self._saved.get(traffic.deployment) == text:
+            return
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomically(path, text)
+        self._saved[traffic.deployment] = text
 
     def load(self) -> list[str]:
         """Read every persisted push into the table; warnings for files that were skipped.
@@ -526,6 +539,7 @@ class Routes:
                 continue
             try:
                 self.apply(traffic)
+                self._saved[traffic.deployment] = encode(traffic)
             except RouteError as exc:
                 warnings.append(
                     f"skipped the saved routes in {path} ({exc}); the next push restores them"
