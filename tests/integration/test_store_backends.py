@@ -590,3 +590,32 @@ def test_an_empty_lone_node_moves_into_an_empty_etcd(tmp_path: Path, etcd_store:
         assert move_to_etcd(lone, etcd_store) == 0
     finally:
         lone.close()
+
+
+def test_a_cluster_section_with_tls_files_reaches_etcd_over_mutual_tls(tmp_path: Path) -> None:
+    from daemons.schedd.backend import ClusterSettings, open_store
+
+    with etcd_cluster(1, tls=True) as cluster:
+        assert cluster.tls is not None
+        settings = ClusterSettings(
+            etcd_endpoints=cluster.endpoints,
+            ca_file=str(cluster.tls.ca),
+            cert_file=str(cluster.tls.cert),
+            key_file=str(cluster.tls.key),
+            timeout=5,
+        )
+        store = open_store(settings, tmp_path / "state.db")
+        try:
+            assert isinstance(store, EtcdStore)
+            assert store.add_revision("app", "{}", "", "a.yml") == 1
+            assert store.names() == ["app"]
+        finally:
+            store.close()
+        # Without a client certificate etcd refuses: a sentence, not a hang.
+        bare = EtcdStore(cluster.endpoints, timeout=2)
+        try:
+            with pytest.raises(StoreUnavailableError, match="does not answer"):
+                bare.names()
+        finally:
+            bare.close()
+        assert not (tmp_path / "state.db").exists()
