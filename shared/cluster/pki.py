@@ -12,7 +12,8 @@ traffic and gRPC, as server and as client (both extended key usages).
   either.
 - A node's certificate names its id as common name and as a DNS name, so a
   peer can check it reached the node it meant, and the node's addresses as
-  IP and DNS names (loopback always, for its own etcd and daemons).
+  IP and DNS names (loopback always, for its own etcd and daemons), and
+  :data:`ANY_NODE`, the name a client of several nodes at once checks.
 - The authority is named by its fingerprint: SHA-256 of its certificate's
   DER, in lowercase hex (:func:`fingerprint`), which a join token carries.
 - The files (:class:`ClusterFiles`) are written 0600 in a 0700 directory,
@@ -48,6 +49,10 @@ BACKDATE = datetime.timedelta(minutes=5)
 # A request naming more is not a node's.
 MAX_NAMES = 32
 LOOPBACK: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
+# A DNS name every node certificate carries: a client of several nodes at once
+# (etcd's members behind one gRPC target) checks this name, as the target's
+# several addresses are no one name (grpc.ssl_target_name_override).
+ANY_NODE = "zlayer-cluster"
 # A node id is a DNS label, so it can be a certificate's DNS name.
 NODE_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -120,7 +125,7 @@ def _general_names(node_id: str, addresses: list[str]) -> list[x509.GeneralName]
     """The node id, its addresses and loopback, each once: IP addresses as such, names as DNS."""
     names: list[x509.GeneralName] = []
     seen: set[str] = set()
-    for address in [node_id, *addresses, *LOOPBACK]:
+    for address in [node_id, *addresses, *LOOPBACK, ANY_NODE]:
         text = address.strip().strip("[]")
         try:
             ip = ipaddress.ip_address(text)

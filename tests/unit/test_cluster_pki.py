@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.cluster.pki import (
+    ANY_NODE,
     Authority,
     ClusterFiles,
     PkiError,
@@ -60,7 +61,7 @@ def test_a_node_certificate_names_its_id_and_addresses_for_server_and_client(
     assert node_id_of(certificate) == "node-a1"
     ips, dns = _names(certificate)
     assert ips == {"192.0.2.10", "2001:db8::10", "127.0.0.1", "::1"}
-    assert dns == {"node-a1", "a1.example", "localhost"}
+    assert dns == {"node-a1", "a1.example", "localhost", ANY_NODE}
     usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(usage) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert not certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
