@@ -203,12 +203,29 @@ def serve_port(spec: ServiceSpec) -> int:
 
 
 def serve_flags(spec: ServiceSpec) -> list[str]:
-    """``wasmtime serve``'s options: the address, and each request's time limit."""
+    """``wasmtime serve``'s options: the address, each request's time limit (whose
+    epoch ticks are when a request yields to the others: ``epoch_interval``), and the
+    replica's instances: at most ``max_instances`` requests at once, each its own
+    instance (more wait their turn), and an instance kept for reuse up to
+    ``idle_timeout`` (a WASIp3 component's; a WASIp2 one gets one per request)."""
     from shared.spec.models import WasmConfig
 
     settings = spec.wasm or WasmConfig()
     timeout_ms = max(1, int(settings.request_timeout.total_seconds() * 1000))
-    return ["--addr", f"0.0.0.0:{serve_port(spec)}", "-W", f"timeout={timeout_ms}ms"]
+    idle_ms = int(settings.idle_timeout.total_seconds() * 1000)
+    return [
+        "--addr", f"0.0.0.0:{serve_port(spec)}",
+        "-W", f"timeout={timeout_ms}ms",
+        "--max-concurrent-requests", str(settings.max_instances),
+        "--idle-instance-timeout", f"{idle_ms}ms",
+    ]  # fmt: skip
+
+
+def refusal(spec: ServiceSpec) -> str:
+    """Why this service cannot run as a WebAssembly replica as its spec asks; empty if
+    it can. schedd refuses most at deploy from the spec alone; a service that does not
+    say it is WebAssembly (no service_type) is found here, once its image is."""
+    return wasm_limits.epoch_interval_refusal(spec) or wasm_limits.command_check_refusal(spec)
 
 
 # ---------------------------------------------------------------- the compile cache
@@ -361,6 +378,9 @@ def build_bundle(
     process is ``wasmtime run`` of the precompiled module."""
     from daemons.agentd import bundle
 
+    problem = refusal(spec)
+    if problem:
+        raise BundleError(problem)
     # agentd's state directory: bundles/<id> lives in it, beside volumes/.
     state_dir = volumes_dir.parent
     runtime = wasmtime(state_dir / "wasm" / "bin")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shared import wasm_limits
 from shared.spec.checks import PathSegment
 from shared.spec.models import DeploymentSpec, NetworkSpec, ServiceSpec
 
@@ -122,12 +123,9 @@ def _wasm_support(
             "wasm.allowed_hosts cannot be enforced here (wasmtime's outgoing HTTP keeps no "
             "list of hosts); remove it, and leave allow_http_outgoing off to keep HTTP out",
         )
-    if wasm.epoch_interval is not None:
-        warn(
-            ("wasm", "epoch_interval"),
-            "wasm.epoch_interval is not applied (wasmtime run keeps its own epoch ticks); "
-            "bound the module's work with max_fuel",
-        )
+    refusal = wasm_limits.epoch_interval_refusal(service)
+    if refusal:
+        refuse(("wasm", "epoch_interval"), refusal)
     if not wasm.precompile:
         warn(
             ("wasm", "precompile"),
@@ -135,21 +133,53 @@ def _wasm_support(
             "and replicas start from that code",
         )
     pool = [key for key in WASM_POOL_KEYS if key in given]
-    instances = [key for key in pool if key != "request_timeout"]
-    if instances and kind == "wasm_http":
-        one = len(instances) == 1
-        warn(
-            ("wasm", instances[0]),
-            f"wasm.{', '.join(instances)} {'is' if one else 'are'} not applied: each replica "
-            "is one wasmtime serve that makes an instance per request; scale replicas with "
-            "scale",
-        )
-    elif pool and kind != "wasm_http":
+    if kind == "wasm_http":
+        # max_instances and idle_timeout are wasmtime serve's own settings in each replica
+        # (--max-concurrent-requests, --idle-instance-timeout); what they cannot do is said.
+        if "min_instances" in given and wasm.min_instances > 0:
+            warn(
+                ("wasm", "min_instances"),
+                "wasm.min_instances is not applied: wasmtime serve keeps no instances "
+                "waiting, each replica loads and links the component before it listens and "
+                "makes an instance per request; keep replicas running with scale",
+            )
+        if "idle_timeout" in given:
+            warn(
+                ("wasm", "idle_timeout"),
+                "wasm.idle_timeout keeps an instance between requests only for a WASIp3 "
+                "component; wasmtime serve gives a WASIp2 component a new instance for each "
+                "request, so it has none to keep",
+            )
+    elif pool:
         one = len(pool) == 1
         warn(
             ("wasm", pool[0]),
             f"wasm.{', '.join(pool)} {'shapes' if one else 'shape'} the instances of a "
             f"wasm_http service; {'it has' if one else 'they have'} no effect on a WASI command",
+        )
+
+
+def _wasm_health_support(
+    service: ServiceSpec,
+    refuse: Callable[[Path, str], None],
+    warn: Callable[[Path, str], None],
+) -> None:
+    """A command health check execs in the replica, which a WebAssembly one cannot do.
+
+    A wasm_http service is WebAssembly: refused here. Another with wasm settings
+    probably is: warned here, and agentd refuses it when the image is a module.
+    """
+    refusal = wasm_limits.command_check_refusal(service)
+    if not refusal:
+        return
+    if service.service_type == "wasm_http":
+        refuse(("health", "check"), refusal)
+    elif service.wasm is not None:
+        warn(
+            ("health", "check"),
+            "if this service's image is a WebAssembly module, its command health check "
+            "cannot run and agentd refuses it (the replica's root holds the module and "
+            "wasmtime, with no commands to run); use an http or tcp check",
         )
 
 
@@ -224,6 +254,7 @@ def service_support(name: str, service: ServiceSpec) -> NodeSupport:
             )
     _network_support(service.network, refuse, warn)
     _wasm_support(service, refuse, warn)
+    _wasm_health_support(service, refuse, warn)
     if service.service_type == "job" and service.rtype != "job":
         warn(
             ("service_type",),
