@@ -241,8 +241,9 @@ class PeerServer:
         try:
             csr = pki.load_csr(request.csr.encode())
             node_id = pki.node_id_of_request(csr)
-            endpoints = await self.desk.admit(node_id, request)
+            # signed (the request checked) before it is admitted: admitted means it gets one
             certificate = await asyncio.to_thread(self.authority.sign, csr)
+            endpoints = await self.desk.admit(node_id, request)
         except pki.PkiError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except JoinRefusedError as exc:

@@ -72,7 +72,7 @@ class Cluster:
 
 @asynccontextmanager
 async def serving(
-    node_id: str, tls: NodeTls, cluster: Cluster | None = None
+    node_id: str, tls: NodeTls, cluster: Cluster | None = None, host: str = "127.0.0.1"
 ) -> AsyncIterator[PeerServer]:
     server = PeerServer(
         node_id,
@@ -80,7 +80,7 @@ async def serving(
         authority=cluster.authority if cluster else None,
         desk=cluster.desk if cluster else None,
     )
-    await server.start("127.0.0.1")
+    await server.start(host)
     try:
         yield server
     finally:
@@ -233,5 +233,21 @@ def test_a_node_that_does_not_sign_says_so(tmp_path: Path) -> None:
             token = cluster.token(server)
             with pytest.raises(PeerError, match=r"^node node-a does not sign joins; make the"):
                 await join(token, "node-b", ["127.0.0.1"])
+
+    run(scenario)
+
+
+def test_a_node_joins_and_pings_over_ipv6(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+
+    async def scenario() -> None:
+        async with serving("node-a", cluster.tls, cluster, host="::1") as server:
+            token, record = jointoken.make("::1", server.join_port, cluster.authority.fingerprint)
+            cluster.desk.records[record.secret_sha256] = record
+            joined = await join(jointoken.parse(token.text()), "node-b", ["::1"])
+            async with Peer("::1", server.peer_port, joined.tls()) as peer:
+                reply = await peer.ping()
+            assert (reply.node, reply.peer) == ("node-a", "node-b")
+            assert peer.where == f"the node at [::1]:{server.peer_port}"
 
     run(scenario)
