@@ -11,7 +11,8 @@ The cluster keeps only the SHA-256 of the secret, in a
 keyed by that hash (:func:`record_key`): anyone who reads etcd cannot join
 with what is stored. The secret is random, so one SHA-256 is enough; a slow
 hash would only protect guessable passwords. A token can be used until it
-expires, by as many nodes as need it.
+expires, by as many nodes as need it; :func:`save` binds its record to an etcd
+lease that ends with it, so etcd forgets it then.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import binascii
 import datetime
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
+from typing import Any
 
 import msgspec
 
@@ -168,3 +171,24 @@ def check(secret: str, record: JoinTokenRecord | None, now: float | None = None)
         )
     if (time.time() if now is None else now) >= record.expires_at:
         raise JoinTokenError(f"the join token expired at {_when(record.expires_at)}; {_RENEW}")
+
+
+async def save(client: Any, record: JoinTokenRecord, now: float | None = None) -> None:
+    """Store ``record`` with an aetcd ``client``, under a lease that ends when the token
+    does (rounded up to a second): an expired token leaves nothing behind."""
+    ttl = math.ceil(record.expires_at - (time.time() if now is None else now))
+    if ttl <= 0:
+        raise ValueError("the join token has already expired; there is nothing to store")
+    lease = await client.lease(ttl)
+    await client.put(record_key(record).encode(), encode(record).encode(), lease=lease)
+
+
+async def load(client: Any, secret_sha256_hex: str) -> JoinTokenRecord | None:
+    """The record stored for a secret's hash, if any (one that does not decode is none)."""
+    found = await client.get((KEYS["join_tokens"] + secret_sha256_hex).encode())
+    if found is None:
+        return None
+    try:
+        return decode(found.value, JoinTokenRecord)
+    except WireError:
+        return None

@@ -48,7 +48,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from shared.cluster import jointoken, pki
 from shared.cluster.jointoken import JoinToken, JoinTokenError
 from shared.wire import Wire, WireError, decode, encode
-from shared.wire.cluster import JoinReply, JoinRequest, JoinTokenRecord, PingReply, PingRequest
+from shared.wire.cluster import (
+    KEYS,
+    JoinReply,
+    JoinRequest,
+    JoinTokenRecord,
+    PingReply,
+    PingRequest,
+)
 
 SERVICE = "zlayer.Node1"
 JOIN = f"/{SERVICE}/Join"
@@ -77,6 +84,25 @@ class JoinDesk(Protocol):
         """Called with a good secret and a valid request, before signing: raise
         :class:`JoinRefusedError` to refuse (an id already in the cluster); the etcd
         client URLs to give the new node."""
+
+
+class EtcdJoinDesk:
+    """A :class:`JoinDesk` over etcd (an aetcd client): tokens from ``KEYS["join_tokens"]``,
+    an id already under ``KEYS["nodes"]`` refused, the members' client URLs given out."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def token(self, secret_sha256: str) -> JoinTokenRecord | None:
+        return await jointoken.load(self.client, secret_sha256)
+
+    async def admit(self, node_id: str, request: JoinRequest) -> list[str]:
+        if await self.client.get((KEYS["nodes"] + node_id).encode()) is not None:
+            raise JoinRefusedError(
+                f"a node with the id {node_id} is already in the cluster; remove it first "
+                f"(zlayerctl node rm {node_id}) or join under another id"
+            )
+        return [url async for member in self.client.members() for url in member.client_urls]
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,11 @@ import msgspec
 import pytest
 
 from shared.cluster import jointoken, pki
+from shared.cluster.etcd import client
 from shared.cluster.jointoken import JoinToken
 from shared.cluster.peer import (
     PING,
+    EtcdJoinDesk,
     JoinRefusedError,
     NodeTls,
     Peer,
@@ -28,7 +30,9 @@ from shared.cluster.peer import (
     call,
     join,
 )
-from shared.wire.cluster import JoinRequest, JoinTokenRecord, PingReply, PingRequest
+from shared.wire import decode
+from shared.wire.cluster import KEYS, JoinRequest, JoinTokenRecord, PingReply, PingRequest
+from tests.etcd_fixture import EtcdCluster, etcd1  # noqa: F401  (a fixture)
 
 ETCD = ["https://127.0.0.1:2379"]
 
@@ -249,5 +253,43 @@ def test_a_node_joins_and_pings_over_ipv6(tmp_path: Path) -> None:
                 reply = await peer.ping()
             assert (reply.node, reply.peer) == ("node-a", "node-b")
             assert peer.where == f"the node at [::1]:{server.peer_port}"
+
+    run(scenario)
+
+
+def test_joins_answered_from_etcd_the_token_stored_as_its_hash_under_a_lease(
+    tmp_path: Path,
+    etcd1: EtcdCluster,  # noqa: F811
+) -> None:
+    cluster = Cluster(tmp_path)
+
+    async def scenario() -> None:
+        async with client(etcd1.endpoints, timeout=10) as store:
+            server = PeerServer(
+                "node-a", cluster.tls, authority=cluster.authority, desk=EtcdJoinDesk(store)
+            )
+            await server.start("127.0.0.1")
+            try:
+                token, record = jointoken.make(
+                    "127.0.0.1", server.join_port, cluster.authority.fingerprint, ttl=600
+                )
+                await jointoken.save(store, record)
+                stored = await store.get(jointoken.record_key(record).encode())
+                assert stored is not None and stored.lease != 0
+                assert token.secret.encode() not in stored.value
+                assert decode(stored.value, JoinTokenRecord) == record
+                joined = await join(jointoken.parse(token.text()), "node-b", ["127.0.0.1"])
+                assert joined.etcd_endpoints == etcd1.endpoints
+                # an id the cluster already has is refused, the token still good
+                await store.put((KEYS["nodes"] + "node-c").encode(), b"{}")
+                with pytest.raises(PeerError, match=r"^a node with the id node-c is already in"):
+                    await join(token, "node-c", ["127.0.0.1"])
+                unknown, _ = jointoken.make(
+                    "127.0.0.1", server.join_port, cluster.authority.fingerprint
+                )
+                with pytest.raises(PeerError, match=r"^the join token is not one this cluster"):
+                    await join(unknown, "node-d", ["127.0.0.1"])
+            finally:
+                await server.stop(None)
 
     run(scenario)

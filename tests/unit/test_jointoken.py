@@ -3,6 +3,7 @@ every way a token can be wrong is one sentence."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -18,6 +19,7 @@ from shared.cluster.jointoken import (
     make,
     parse,
     record_key,
+    save,
     secret_sha256,
 )
 from shared.wire import encode
@@ -119,3 +121,6 @@ def test_make_refuses_what_would_make_a_useless_token() -> None:
         make("192.0.2.1", 0, FINGERPRINT)
     with pytest.raises(ValueError, match="positive"):
         make("192.0.2.1", 7946, FINGERPRINT, ttl=0)
+    _, record = make("192.0.2.1", 7946, FINGERPRINT, ttl=60, now=NOW)
+    with pytest.raises(ValueError, match="already expired"):
+        asyncio.run(save(None, record, now=NOW + 60))
