@@ -81,9 +81,9 @@ class JoinDesk(Protocol):
         """The record under ``KEYS["join_tokens"] + secret_sha256``, if there is one."""
 
     async def admit(self, node_id: str, request: JoinRequest) -> list[str]:
-        """Called with a good secret and a valid request, before signing: raise
-        :class:`JoinRefusedError` to refuse (an id already in the cluster); the etcd
-        client URLs to give the new node."""
+        """Called with a good secret, once the request is signed and before the
+        certificate is sent: raise :class:`JoinRefusedError` to refuse (an id already
+        in the cluster); the etcd client URLs to give the new node."""
 
 
 class EtcdJoinDesk:
