@@ -7,6 +7,11 @@ failure's one sentence. The daemon reads the context and files itself where
 it can see them; where it cannot (under systemd it has its own /tmp and no
 /home) they are sent to it first (ctl/transfer.py).
 
+A `wasm:` ZImagefile is built here instead, by the toolchain of
+``zlayerctl wasm build`` (it runs as the user, who installed it), and the
+module is imported into registryd's store under each tag, as ``zlayerctl
+wasm build --export NAME --import`` does.
+
 A pipeline is read and checked here (variables, dependencies, files) before
 anything builds; its images are then built wave by wave, the images of a
 wave in parallel, their log lines prefixed with the image's name.
@@ -17,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from dataclasses import replace as replace_dataclass
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -35,7 +42,13 @@ from shared.credentials import user_credential
 from shared.reference import InvalidReferenceError, parse_reference
 from shared.wire import decode, replace, to_builtins
 from shared.wire.jobs import JobInfo
-from shared.wire.registry import RUNTIME_AUTO, BuildRequest, BuildResult, PushResult
+from shared.wire.registry import (
+    RUNTIME_AUTO,
+    BuildRequest,
+    BuildResult,
+    ImageInfo,
+    PushResult,
+)
 
 if TYPE_CHECKING:
     from shared.buildfile.pipeline import Pipeline, PlannedImage
@@ -275,6 +288,8 @@ def build(
 
     What is built: --runtime/--runtime-auto, else -z, else -f, else the
     context's ZImagefile, else its Dockerfile.
+    A `wasm:` ZImagefile is compiled here (as `zlayerctl wasm build` does)
+    and stored as a WebAssembly image.
     """
     if runtime and runtime_auto:
         fail("use --runtime NAME or --runtime-auto, not both")
@@ -284,6 +299,13 @@ def build(
         if path and not os.path.isfile(path):
             fail(f"there is no {what} {path}")
     _check_tags(list(tags), push)
+    chosen = "" if runtime or runtime_auto else zimagefile or ("" if dockerfile else context)
+    wasm_file = _wasm_zimagefile(chosen)
+    if wasm_file:
+        if build_args or target:
+            fail("--build-arg and --target do not apply to a `wasm:` ZImagefile; leave them out")
+        _build_wasm(context, wasm_file, list(tags), push, output_format)
+        return
     request = BuildRequest(
         context=os.path.abspath(context),
         dockerfile=os.path.abspath(dockerfile) if dockerfile else "",
@@ -321,6 +343,92 @@ def build(
         return
     names = ", ".join(outcome.names) or "no name (give one with -t)"
     click.echo(f"built {names}: {short_id(outcome.id)} in {outcome.seconds:.1f}s")
+
+
+# ---------------------------------------------------------------- the wasm mode
+
+
+def _wasm_zimagefile(path: str) -> str:
+    """``path`` (a ZImagefile, or a context with one) if it is a `wasm:` ZImagefile, else "".
+
+    A look at the text, not a parse: other builds load no build format here.
+    """
+    if path and os.path.isdir(path):
+        path = os.path.join(path, "ZImagefile")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return ""
+    return path if re.search(r"^wasm\s*:", text, re.MULTILINE) else ""
+
+
+def _build_wasm(
+    context: str, zimagefile: str, tags: list[str], push: bool, output_format: str
+) -> None:
+    """Build a `wasm:` ZImagefile here, as `zlayerctl wasm build` does, and store the module
+    under each tag as `--export NAME --import` does."""
+    import tempfile
+    import time
+
+    from ctl.wasm_cmd import _export_built, _validated
+    from shared.buildfile.located import BuildFileError
+    from shared.buildfile.wasm import WasmBuildError, plan
+    from shared.buildfile.wasm import build as run_build
+    from shared.buildfile.zimagefile import WasmFile, load_zimagefile
+
+    if not tags:
+        fail("a `wasm:` ZImagefile's image needs a name; give one with -t")
+    out = sys.stderr if output_format == "json" else sys.stdout
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="zlayer-wasm-") as work:
+        try:
+            loaded = load_zimagefile(zimagefile)
+            job = plan(context, zimagefile=zimagefile)
+        except (BuildFileError, WasmBuildError) as exc:
+            fail(str(exc))
+        # The image is the result: the module is kept only where the ZImagefile says `output`.
+        written = isinstance(loaded.model, WasmFile) and loaded.model.wasm.output
+        if not written:
+            job = replace_dataclass(job, output=Path(work) / f"{job.directory.name or 'app'}.wasm")
+        for note in job.notes:
+            out.write(f"note: {note}\n")
+        out.write(f"building {job.directory} ({job.language}, WASI {job.target})\n")
+        out.flush()
+        try:
+            built = run_build(job)
+        except WasmBuildError as exc:
+            fail(str(exc))
+        found = _validated(str(built), None)
+        out.write(f"built {built if written else 'the module'}: {found.summary()}\n")
+        layout = os.path.join(work, "layout")
+        _export_built(str(built), tags[0], layout)
+
+        async def run() -> tuple[ImageInfo, list[PushResult]]:
+            from ctl.image_cmd import IMPORT_CALL_USEC
+
+            client = Client()
+            client.bus.method_call_timeout_usec = IMPORT_CALL_USEC
+            try:
+                # Under systemd registryd has its own /tmp: Sent copies the layout when it must.
+                sent = Sent(client.registry)
+                with sent.speaking_our_paths():
+                    theirs = await sent.path(layout)
+                    for tag in tags:  # each import adds its name to the one stored image
+                        image = await client.registry.import_image(theirs, tag)
+                pushed = await _push_all(client, tags, out) if push else []
+                return image, pushed
+            finally:
+                client.close()
+
+        image, pushed = asyncio.run(run())
+    result = BuildResult(
+        id=image.id, names=image.names, source="ZImagefile", seconds=time.monotonic() - started
+    )
+    if output_format == "json":
+        print_json({**to_builtins(result), "pushed": to_builtins(pushed)})
+        return
+    click.echo(f"built {', '.join(result.names)}: {short_id(result.id)} in {result.seconds:.1f}s")
 
 
 # ---------------------------------------------------------------- runtimes

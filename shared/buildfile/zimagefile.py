@@ -3,8 +3,8 @@
 A ZImagefile is YAML in one of four modes, told apart by a top-level key:
 ``runtime`` (a runtime template), ``base`` + ``steps`` (one stage), ``stages``
 (named stages in order, the last is the output) and ``wasm`` (built by
-``zlayerctl wasm build``, not here). :func:`load_zimagefile` reads and
-validates a file; :func:`to_dockerfile` translates it into a Dockerfile that
+zlayerctl itself, shared/buildfile/wasm.py, not here). :func:`load_zimagefile`
+reads and validates a file; :func:`to_dockerfile` translates it into a Dockerfile that
 buildah builds, remembering which ZImagefile line each instruction came from,
 so a failing step is reported at its place in the ZImagefile.
 

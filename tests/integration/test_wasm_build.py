@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from ctl.supervisor import find_executable
 from daemons.agentd.wasm import wasmtime
 from shared.buildfile.wasm import WasmBuildError, find_c_toolchain, find_componentize_py
+from shared.wasm_artifact import WASM_FILE
 from tests.integration.test_registryd import Registryd
 from tests.integration.test_wasm_artifacts import one_sentence, registryd, zlayerctl
 
@@ -211,3 +213,64 @@ def test_a_missing_c_toolchain_names_the_packages(tmp_path: Path) -> None:
         "; install them with `apt-get install clang lld wasi-libc libclang-rt-dev-wasm32`"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
+# ---------------------------------------------------------------- zlayerctl build
+
+
+def test_zlayerctl_build_of_a_wasm_zimagefile_stores_the_module_as_an_image(
+    registryd: Registryd, tmp_path: Path
+) -> None:
+    need_c_toolchain()
+    environ = dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address)
+    context = tmp_path / "wasm-c"
+    shutil.copytree(C_EXAMPLE, context)
+    here = tmp_path / "here"
+    here.mkdir()
+
+    def build(*args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [find_executable("zlayerctl"), "build", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=environ,
+            cwd=here,
+        )
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    assert one_sentence(build(str(context))) == (
+        "a `wasm:` ZImagefile's image needs a name; give one with -t"
+    )
+    built = build(
+        str(context), "-t", "localhost/wasm-c:1", "-t", "localhost/wasm-c:latest",
+        "--format", "json",
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    result = json.loads(built.stdout)
+    assert result["names"] == ["localhost/wasm-c:1", "localhost/wasm-c:latest"]
+    assert result["source"] == "ZImagefile" and result["pushed"] == []
+    assert "(c, WASI preview1)" in built.stderr  # the log, on stderr beside JSON
+    assert list(here.iterdir()) == []  # the module is in the image, not left here
+    detail = json.loads(registryd.ok("image", "inspect", "localhost/wasm-c:1", "--format", "json"))
+    assert detail["image"]["id"] == result["id"]
+    assert (detail["image"]["runtime"], detail["image"]["os"]) == ("wasm", "wasip1")
+    # What a replica would start from: the stored layer is the module, and it runs.
+    (layer,) = registryd.ensure("localhost/wasm-c:latest").lower_dirs
+    ran = run_wasmtime(Path(layer) / WASM_FILE, "store", "3", tools=tmp_path / "bin")
+    assert (ran.stdout, ran.returncode) == ("hello, store, from C\n", 3), ran.stderr
+
+    # -z names a `wasm:` ZImagefile elsewhere; its `output` keeps the module there too.
+    other = tmp_path / "wasm.yml"
+    other.write_text("wasm:\n  language: c\n  output: out/hello.wasm\n")
+    text = build(str(context), "-z", str(other), "-t", "localhost/wasm-c:2")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines()[-1].startswith("built localhost/wasm-c:2: ")
+    assert (context / "out" / "hello.wasm").is_file()
+    assert one_sentence(build(str(context), "-t", "x:1", "--build-arg", "A=1")) == (
+        "--build-arg and --target do not apply to a `wasm:` ZImagefile; leave them out"
+    )
+    for name in ("localhost/wasm-c:1", "localhost/wasm-c:latest", "localhost/wasm-c:2"):
+        registryd.ok("image", "rm", name)
+    registryd.assert_empty()
