@@ -2,7 +2,7 @@
 
 - :class:`NodeRecord`: what a node publishes about itself under its lease
   (``/zlayer/nodes/<id>``); a lapsed lease removes it, and the node is gone.
-- :class:`Placement` and :class:`NodeAssignments`: what the leading schedd
+- :class:`Placement` and :class:`NodePlacements`: what the leading schedd
   decides, one document per node (``/zlayer/assignments/<id>``), stamped with
   a generation so a node that comes back stops what it no longer owns.
 
@@ -24,7 +24,7 @@ KEYS = {
     "state": PREFIX + "state/",  # schedd's desired state (the etcd store backend)
     "nodes": PREFIX + "nodes/",  # nodes/<id>: NodeRecord, bound to the node's lease
     "leader": PREFIX + "leader",  # the placing schedd's election key, bound to its lease
-    "assignments": PREFIX + "assignments/",  # assignments/<id>: NodeAssignments
+    "assignments": PREFIX + "assignments/",  # assignments/<id>: NodePlacements
     "subnets": PREFIX + "subnets/",  # subnets/<cidr>: the node id holding that block
     "join_tokens": PREFIX + "join-tokens/",  # join-tokens/<sha256 of secret>: JoinTokenRecord
 }
@@ -66,7 +66,7 @@ class Placement(Wire, frozen=True, kw_only=True):
     memory: int = 0
 
 
-class NodeAssignments(Wire, frozen=True, kw_only=True):
+class NodePlacements(Wire, frozen=True, kw_only=True):
     """Everything one node should run, as of a generation of the placement."""
 
     node: str
