@@ -7,8 +7,8 @@ import contextlib
 
 from sdbus import dbus_method_async_override
 
+from daemons.schedd.backend import SchedSettings, open_store
 from daemons.schedd.scheduler import Scheduler, check_spec_size
-from daemons.schedd.store import Store
 from shared.bus import DAEMONS_BY_NAME, Scheduler1, UnavailableError
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
@@ -150,6 +150,7 @@ class SchedulerService(Scheduler1):
 
 class SchedulerDaemon(Daemon):
     info = DAEMONS_BY_NAME["schedd"]
+    settings_class = SchedSettings
 
     def __init__(self, settings: DaemonSettings, paths: Paths) -> None:
         super().__init__(settings, paths)
@@ -175,8 +176,13 @@ class SchedulerDaemon(Daemon):
         # each replica's stop grace); the bus's 25 s default would cut those short.
         assert self.bus is not None  # start() runs once the bus is open
         self.bus.method_call_timeout_usec = OUTBOUND_CALL_USEC
-        self.store = Store(self.paths.daemon_state("schedd") / "state.db")
-        self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key)
+        assert isinstance(self.settings, SchedSettings)
+        # SQLite on a lone node; etcd when the [cluster] section names endpoints.
+        self.store = open_store(
+            self.settings.cluster, self.paths.daemon_state("schedd") / "state.db"
+        )
+        # Scheduler is annotated with the SQLite Store; it uses only DesiredStore's calls.
+        self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key)  # type: ignore[arg-type]
         # The replica signals first: they keep the scheduler's copy of the replica
         # list current, and wake it at once so traffic follows health closely.
         self._watch_task = asyncio.create_task(

@@ -29,9 +29,14 @@ from daemons.schedd.etcdstore import (
 )
 from daemons.schedd.secrets import Secrets
 from daemons.schedd.store import DesiredStore, ServiceState, Store, StoreClosedError
+from shared.bus import open_bus
+from shared.busdaemon import PrivateBus
+from shared.clients import SchedulerClient
 from shared.cluster.etcd import client
+from shared.paths import Paths
 from shared.wire.cluster import KEYS
 from shared.wire.scheduler import Event
+from tests.daemon_process import daemon_process
 from tests.etcd_fixture import EtcdCluster, etcd_cluster
 from tests.registry_fixture import free_port
 
@@ -619,3 +624,55 @@ def test_a_cluster_section_with_tls_files_reaches_etcd_over_mutual_tls(tmp_path:
         finally:
             bare.close()
         assert not (tmp_path / "state.db").exists()
+
+
+def test_schedd_with_a_cluster_section_keeps_its_deployments_in_etcd(
+    private_bus: PrivateBus, zlayer_prefix: Paths, etcd_once: EtcdCluster
+) -> None:
+    """The real zlayer-schedd, its config naming the etcd: a deployment lands in etcd,
+    none in the SQLite file, and a restarted schedd lists it from there."""
+    config = zlayer_prefix.daemon_config("schedd")
+    endpoints = ", ".join(f'"{e}"' for e in etcd_once.endpoints)
+    config.write_text(config.read_text() + f"\n[cluster]\netcd_endpoints = [{endpoints}]\n")
+    name = f"etcd-{uuid.uuid4().hex[:8]}"
+    spec = f"version: v1\ndeployment: {name}\nservices: {{}}\n"
+
+    async def call(scenario: Callable[[SchedulerClient], Any]) -> Any:
+        bus = open_bus(private_bus.address)
+        client = SchedulerClient(bus)
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:  # until schedd answers
+                try:
+                    await client.status()
+                    break
+                except Exception:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            return await scenario(client)
+        finally:
+            bus.close()
+
+    async def deploy(client: SchedulerClient) -> None:
+        await client.deploy(spec, "etcd.zlayer.yml", {})
+
+    async def names(client: SchedulerClient) -> list[str]:
+        return [d.name for d in await client.list_deployments()]
+
+    try:
+        with daemon_process("schedd", private_bus, zlayer_prefix):
+            asyncio.run(call(deploy))
+        with daemon_process("schedd", private_bus, zlayer_prefix):
+            assert name in asyncio.run(call(names))
+        store = EtcdStore(etcd_once.endpoints)
+        try:
+            stored = store.get(name)
+            assert stored is not None and stored.spec_text == spec
+        finally:
+            store.remove(name)
+            store.close()
+        assert not (zlayer_prefix.daemon_state("schedd") / "state.db").exists()
+    finally:
+        log = zlayer_prefix.prefix / "schedd.log"
+        print(log.read_text(errors="replace")[-3000:] if log.exists() else "")
