@@ -1,0 +1,583 @@
+"""Several ZLayer nodes on one machine, for the cluster tests.
+
+A :class:`Cluster` of N nodes is a bridge on the host (the nodes' shared LAN,
+``zltc<tag>``) and, per node, a network namespace (``zlt-c<tag>-n<k>``) joined
+to it by a veth, with an address on the LAN (``172.31.0.<10+k>/24``), a prefix
+of its own (config, state, run and log dirs), an overlayd bridge and subnet
+block of its own (``zlb<tag>n<k>``, ``10.90.<k>.0/24``), and the six daemons
+with their private bus under ``zlayerctl daemon run``, started inside the
+namespace.
+
+Only the network namespace is entered (``nsenter --net``), not the mount
+namespace ``ip netns exec`` makes: that one remounts /sys and so hides
+/sys/fs/cgroup, which agentd and crun need. Every node therefore sees the
+host's mounts, /run/netns and cgroups, and the host's leak checks see what a
+node leaves there.
+
+:meth:`Node.kill` is a node dying outright: every process of the node is
+stopped and then killed by PID (those the harness started, those that carry
+the node's prefix in their environment, those inside its network namespace,
+and its replicas, found through their cgroups), its containers' runtime
+state, mounts, cgroups and replica namespaces are removed, its namespace is
+deleted and its run dir (a tmpfs on a real machine) is emptied; its config
+and state stay, as a disk does. :meth:`Node.restart` boots it again.
+:meth:`Cluster.close` kills every node and removes the bridge and the
+prefixes, whatever state a failed test left them in; :meth:`Cluster.leftovers`
+names anything of the cluster still on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+from pyroute2 import IPRoute, NetlinkError, netns
+
+from ctl.supervisor import find_executable
+from ctl.supervisor_state import SupervisorState
+from shared.bus import DAEMONS
+from shared.paths import PREFIX_ENV, Paths
+from tests.conftest import prefix_processes
+
+IMAGE = "zlayer/busybox:latest"
+LAN = IPv4Network("172.31.0.0/24")
+LAN_IFACE = "lan0"  # the node's end of its veth, inside its namespace
+READY_TIMEOUT = 90.0
+NETNS_DIR = Path("/run/netns")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+RUNTIMES = ("crun", "runc")
+
+_sequence = itertools.count()
+# Every cluster this process made, closed or not: the leak check asks each what is its.
+CLUSTERS: list[Cluster] = []
+
+
+def lan_address(index: int) -> IPv4Interface:
+    """Node ``index``'s (1-based) address on the test LAN."""
+    return IPv4Interface(f"{LAN.network_address + 10 + index}/{LAN.prefixlen}")
+
+
+def overlay_subnet(index: int) -> IPv4Network:
+    """Node ``index``'s block for its replicas."""
+    return IPv4Network(f"10.90.{index}.0/24")
+
+
+class NodeError(Exception):
+    """A node that did not come up, in one sentence with where to look."""
+
+
+class Node:
+    """One node of a :class:`Cluster`: its namespace, prefix and daemons."""
+
+    def __init__(self, cluster: Cluster, index: int) -> None:
+        tag = cluster.tag
+        self.cluster = cluster
+        self.index = index
+        self.name = f"n{index}"
+        self.netns = f"zlt-c{tag}-n{index}"
+        self.host_veth = f"zltc{tag}v{index}"
+        self.lan = lan_address(index)
+        self.bridge = f"zlb{tag}n{index}"
+        self.subnet = overlay_subnet(index)
+        self.mac = f"02:5a:4c:00:00:{index:02x}"  # unique on its cluster's LAN
+        self.paths = Paths(cluster.root / self.name)
+        self.workdir = cluster.root / f"{self.name}-work"
+        self.env = dict(os.environ, **{PREFIX_ENV: str(self.paths.prefix)})
+        self.env.pop("ZLAYER_BUS_ADDRESS", None)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.image_imported = False
+        self.seen_containers: set[str] = set()
+
+    @property
+    def netns_path(self) -> Path:
+        return NETNS_DIR / self.netns
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name} {self.lan.ip} {self.paths.prefix}>"
+
+    # ------------------------------------------------------------ commands
+
+    def inside(self, *command: str) -> list[str]:
+        """``command`` run inside this node's network namespace (and nothing else's)."""
+        return ["nsenter", f"--net={self.netns_path}", "--", *command]
+
+    def sh(
+        self, *command: str, timeout: float = 60, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Any command in this node's network namespace, with its prefix in the environment."""
+        result = subprocess.run(
+            self.inside(*command),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.workdir,
+            check=False,
+        )
+        if check:
+            assert result.returncode == 0, f"{self.name}: {' '.join(command)}: {result.stderr}"
+        return result
+
+    def run(
+        self, *args: str, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """``zlayerctl ARGS`` against this node (its prefix, so its bus), from inside it."""
+        result = self.sh(find_executable("zlayerctl"), *args, timeout=timeout)
+        assert "Traceback" not in result.stderr, result.stderr
+        if check:
+            assert result.returncode == 0, (
+                f"{self.name}: zlayerctl {' '.join(args)}: {result.stderr}"
+            )
+        return result
+
+    def ping(self, address: object) -> bool:
+        """Whether one ICMP echo from this node to ``address`` is answered within 2 s."""
+        from shared.busybox_image import BUSYBOX  # the host has no ping of its own
+
+        return self.sh(str(BUSYBOX), "ping", "-c1", "-W2", str(address)).returncode == 0
+
+    def deployment_name(self, base: str) -> str:
+        """A deployment name no other node on this machine uses.
+
+        agentd puts a replica's cgroup at ``/zlayer/<container id>`` on every node,
+        and the id comes from the deployment's name: two nodes on one machine that
+        ran the same deployment would share its replicas' cgroups (and a forced
+        delete on one would kill the other's)."""
+        return f"{base}-{self.cluster.tag}{self.name}"
+
+    def spec(self, name: str, body: str) -> Path:
+        path = self.workdir / f"{name}.zlayer.yml"
+        path.write_text(body)
+        return path
+
+    # ------------------------------------------------------------ life
+
+    def start(self) -> None:
+        """Boot the node: its namespace on the LAN, then its daemons, until all are ready."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Plug the node into the LAN and start its supervisor, without waiting."""
+        assert not self.alive, f"{self.name} is already running"
+        self._plug()
+        self._write_config()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.paths.log_dir.mkdir(parents=True, exist_ok=True)
+        with (self.paths.log_dir / "supervisor.log").open("ab") as log:
+            # Not --detach: the supervisor is then our own child, its PID known.
+            self.process = subprocess.Popen(
+                self.inside(find_executable("zlayerctl"), "daemon", "run"),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+
+    def wait_ready(self) -> None:
+        """Until the daemons are all ready; on the first boot, then import the test image."""
+        assert self.process is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise NodeError(
+                    f"{self.name}'s supervisor exited with code {self.process.returncode}; "
+                    f"see {self.paths.log_dir}"
+                )
+            state = SupervisorState.read(self.paths)
+            if state is not None and state.pid == self.process.pid and state.ready:
+                break
+            time.sleep(0.05)
+        else:
+            raise NodeError(
+                f"{self.name}'s daemons were not ready after {READY_TIMEOUT:.0f}s; "
+                f"see {self.paths.log_dir}"
+            )
+        if not self.image_imported:
+            self.run(
+                "image", "import", str(self.cluster.image_layout()), "--name", IMAGE, check=True
+            )
+            self.image_imported = True
+
+    def restart(self) -> None:
+        """A reboot: killed outright if still running, then started again on the same disk,
+        until ``zlayerctl status`` says every daemon runs."""
+        self.kill()
+        self.start()
+        self.wait_status()
+
+    def wait_status(self, timeout: float = 60) -> None:
+        """Until ``zlayerctl status`` exits 0: ready is not yet running everywhere (after a
+        reboot proxyd waits a moment for overlayd's bridge to listen on its address)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.run("status")
+            if done.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise NodeError(
+                    f"{self.name} is not all running after {timeout:.0f}s: {done.stdout}"
+                )
+            time.sleep(0.5)
+
+    def kill(self) -> list[str]:
+        """Kill the node outright and remove what it held on the machine; what was removed."""
+        removed: list[str] = []
+        failed: list[str] = []
+        # Each step runs even when one before it failed: clean-up must go as far as it can.
+        for step in (self._kill_processes, self._remove_containers, self._unplug):
+            try:
+                removed += step()
+            except Exception as exc:
+                failed.append(str(exc))
+        # /run is a tmpfs on a real machine: a dead node's runtime files die with it.
+        shutil.rmtree(self.paths.run_dir, ignore_errors=True)
+        if failed:
+            raise NodeError(f"{self.name} was not wholly removed: {'; '.join(failed)}")
+        return removed
+
+    # ------------------------------------------------------------ the LAN
+
+    def _plug(self) -> None:
+        """The namespace, its loopback up, and its veth on the cluster bridge with its address."""
+        if not self.netns_path.exists():
+            netns.create(self.netns)
+        with IPRoute() as ip:
+            if not ip.link_lookup(ifname=self.host_veth):
+                ip.link(
+                    "add",
+                    ifname=self.host_veth,
+                    kind="veth",
+                    # A NIC keeps its MAC across reboots: the other nodes' ARP caches
+                    # stay right when this node comes back.
+                    peer={"ifname": LAN_IFACE, "net_ns_fd": self.netns, "address": self.mac},
+                )
+            index = ip.link_lookup(ifname=self.host_veth)[0]
+            bridge = ip.link_lookup(ifname=self.cluster.bridge)[0]
+            ip.link("set", index=index, master=bridge, state="up")
+        with IPRoute(netns=self.netns) as inner:
+            inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
+            lan = inner.link_lookup(ifname=LAN_IFACE)[0]
+            with contextlib.suppress(NetlinkError):  # already there after a restart
+                inner.addr("add", index=lan, address=str(self.lan.ip), prefixlen=LAN.prefixlen)
+            inner.link("set", index=lan, state="up")
+
+    def _unplug(self) -> list[str]:
+        removed: list[str] = []
+        with IPRoute() as ip:
+            # Gone with the namespace too, but the kernel removes a namespace's
+            # links lazily: delete the pair now so no check sees it linger.
+            for index in ip.link_lookup(ifname=self.host_veth):
+                with contextlib.suppress(NetlinkError):
+                    ip.link("del", index=index)
+                    removed.append(f"link {self.host_veth}")
+        if self.netns_path.exists():
+            netns.remove(self.netns)
+            removed.append(f"netns {self.netns}")
+        return removed
+
+    def _write_config(self) -> None:
+        if self.paths.config_dir.is_dir():
+            return  # a restart keeps its configuration
+        self.paths.config_dir.mkdir(parents=True)
+        for info in DAEMONS:
+            self.paths.daemon_config(info.name).write_text("metrics_port = 0\n")
+        self.paths.daemon_config("overlayd").write_text(
+            f'metrics_port = 0\nbridge = "{self.bridge}"\nsubnet = "{self.subnet}"\n'
+        )
+        self.paths.daemon_config("proxyd").write_text("metrics_port = 0\naccess_log = false\n")
+
+    # ------------------------------------------------------------ processes
+
+    def containers(self) -> set[str]:
+        """Ids of the containers this node's agentd made, by its runtime root and bundles."""
+        ids: set[str] = set()
+        for runtime in RUNTIMES:
+            root = self.paths.run_dir / "agentd" / runtime
+            if root.is_dir() and shutil.which(runtime):
+                listed = subprocess.run(
+                    [runtime, f"--root={root}", "list", "-q"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                ids.update(listed.stdout.split())
+        bundles = self.paths.daemon_state("agentd") / "bundles"
+        if bundles.is_dir():
+            ids.update(p.name for p in bundles.iterdir())
+        self.seen_containers |= ids
+        return ids
+
+    def container_cgroups(self) -> list[Path]:
+        """The cgroup directories of this node's containers, in every hierarchy (by id
+        alone: see :meth:`deployment_name`)."""
+        found: list[Path] = []
+        for cid in sorted(self.containers() | self.seen_containers):
+            found += [d for d in CGROUP_ROOT.glob(f"*/zlayer/{cid}") if d.is_dir()]
+        return found
+
+    def pids(self) -> set[int]:
+        """Every process of this node: started by us, carrying its prefix in its
+        environment (supervisor, bus, daemons, conmon), inside its namespace, inside
+        one of its replicas' namespaces, or under one of its replicas' init.
+
+        Never through a replica's cgroup: agentd names it by the container id alone
+        (``/zlayer/<id>``), which another node on this machine may use as well."""
+        from daemons.overlayd import plumbing
+
+        pids: set[int] = set()
+        if self.process is not None and self.process.poll() is None:
+            pids.add(self.process.pid)
+        pids.update(p.pid for p in prefix_processes(self.paths.prefix))
+        containers = self.containers() | self.seen_containers
+        namespaces = [self.netns_path]
+        namespaces += [plumbing.names_for(self.bridge, cid).netns_path for cid in containers]
+        ours: set[int] = set()
+        for path in namespaces:
+            with contextlib.suppress(OSError):
+                ours.add(os.stat(path).st_ino)
+        if ours:
+            for proc in psutil.process_iter():
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{proc.pid}/ns/net").st_ino in ours:
+                        pids.add(proc.pid)
+        bundles = self.paths.daemon_state("agentd") / "bundles"
+        for cid in containers:
+            with contextlib.suppress(OSError, ValueError, psutil.Error):
+                init = psutil.Process(int((bundles / cid / "ctr.pid").read_text().strip()))
+                pids.update(p.pid for p in [init, *init.children(recursive=True)])
+        pids.discard(os.getpid())
+        return {pid for pid in pids if _running(pid)}
+
+    def memory(self) -> int:
+        """Bytes of memory the node's processes use (proportional set size)."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(psutil.Error):
+                total += psutil.Process(pid).memory_full_info().pss
+        return total
+
+    def _kill_processes(self) -> list[str]:
+        """Stop first, then kill: a daemon stopped cannot react to its parent's death
+        (the supervisor's children get SIGTERM when it goes) or fork a new process."""
+        removed: list[str] = []
+        for _ in range(20):
+            pids = self.pids()
+            if not pids:
+                break
+            procs = []
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(pid)
+                    proc.send_signal(signal.SIGSTOP)
+                    procs.append(proc)
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGKILL)
+                    removed.append(f"process {proc.pid}")
+            _wait_gone(procs, timeout=10)
+        else:
+            raise AssertionError(f"{self.name}: processes keep appearing: {sorted(self.pids())}")
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
+        return removed
+
+    def _remove_containers(self) -> list[str]:
+        """With nothing of the node running: its containers' runtime state, mounts,
+        cgroups and network namespaces."""
+        from daemons.overlayd import plumbing
+
+        removed: list[str] = []
+        ids = self.containers() | self.seen_containers
+        for runtime in RUNTIMES:
+            root = self.paths.run_dir / "agentd" / runtime
+            if not root.is_dir() or shutil.which(runtime) is None:
+                continue
+            for cid in sorted(ids):
+                done = subprocess.run(
+                    [runtime, f"--root={root}", "delete", "-f", cid],
+                    capture_output=True,
+                    check=False,
+                )
+                if done.returncode == 0:
+                    removed.append(f"container {cid}")
+        for point in self.cluster.mounts_under(self.paths.prefix):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+            removed.append(f"mount {point}")
+        for directory in self.container_cgroups():
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+                removed.append(f"cgroup {directory}")
+        for cid in sorted(ids):
+            removed += plumbing.unplumb(plumbing.names_for(self.bridge, cid))
+        return removed
+
+    def leftovers(self) -> list[str]:
+        """What of this node is still on the machine (its prefix on disk aside)."""
+        from daemons.overlayd import plumbing
+
+        left = [f"process {pid}" for pid in sorted(self.pids())]
+        left += [f"netns {self.netns}"] if self.netns_path.exists() else []
+        with IPRoute() as ip:
+            left += [f"link {self.host_veth}"] if ip.link_lookup(ifname=self.host_veth) else []
+        left += [f"mount {p}" for p in self.cluster.mounts_under(self.paths.prefix)]
+        left += [f"cgroup {d}" for d in self.container_cgroups()]
+        for cid in sorted(self.seen_containers):
+            names = plumbing.names_for(self.bridge, cid)
+            left += [f"netns {names.netns}"] if names.netns_path.exists() else []
+        return left
+
+
+def _running(pid: int) -> bool:
+    """Alive, not a zombie (one killed whose parent has not reaped it yet is gone)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
+    """Until each process has exited (a zombie counts: its parent reaps it)."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        while time.monotonic() < deadline:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
+
+
+class Cluster:
+    """N nodes on a shared test LAN; a context manager that always cleans up."""
+
+    def __init__(self, size: int) -> None:
+        assert 1 <= size <= 9, "the harness names nodes n1 to n9"
+        self.tag = f"{os.getpid() % 100000}{next(_sequence)}"
+        self.bridge = f"zltc{self.tag}"
+        self.root = Path(f"/tmp/zlt-c{self.tag}")
+        self.nodes = [Node(self, k) for k in range(1, size + 1)]
+        self.up_seconds = 0.0
+        self.down_seconds = 0.0
+        CLUSTERS.append(self)
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __getitem__(self, index: int) -> Node:
+        return self.nodes[index]
+
+    def start(self) -> None:
+        began = time.monotonic()
+        self.root.mkdir()
+        with IPRoute() as ip:
+            ip.link("add", ifname=self.bridge, kind="bridge")
+            ip.link("set", index=ip.link_lookup(ifname=self.bridge)[0], state="up")
+        self.image_layout()
+        # All at once: most of a node's start is its daemons' imports, spread over the cores.
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            node.wait_ready()
+        self.up_seconds = time.monotonic() - began
+
+    def image_layout(self) -> Path:
+        """The busybox test image as an OCI layout, written once for every node."""
+        from shared.busybox_image import busybox_image, write_oci_layout
+
+        layout = self.root / "image"
+        if not (layout / "index.json").is_file():
+            write_oci_layout(busybox_image(), layout)
+        return layout
+
+    def mounts_under(self, directory: Path) -> list[str]:
+        """Mount points under ``directory``, deepest first."""
+        with open("/proc/self/mountinfo") as handle:
+            points = [line.split()[4] for line in handle]
+        inside = [p for p in points if p.startswith(f"{directory}/")]
+        return sorted(inside, key=len, reverse=True)
+
+    def close(self) -> None:
+        """Kill every node and remove the bridge and the prefixes; never raises for a
+        node already gone."""
+        began = time.monotonic()
+        errors: list[str] = []
+        for node in self.nodes:
+            try:
+                node.kill()
+            except Exception as exc:  # the others must still go
+                errors.append(f"{node.name}: {exc}")
+        with IPRoute() as ip:
+            for index in ip.link_lookup(ifname=self.bridge):
+                with contextlib.suppress(NetlinkError):
+                    ip.link("del", index=index)
+        for point in self.mounts_under(self.root):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.down_seconds = time.monotonic() - began
+        assert not errors, f"cluster clean-up failed: {errors}"
+
+    def leftovers(self) -> list[str]:
+        """Anything of this cluster still on the machine; empty after :meth:`close`."""
+        left = [item for node in self.nodes for item in node.leftovers()]
+        with IPRoute() as ip:
+            for link in ip.get_links():
+                name = str(link.get_attr("IFLA_IFNAME"))
+                if name.startswith(f"zltc{self.tag}"):
+                    left.append(f"link {name}")
+        if NETNS_DIR.is_dir():
+            left += [
+                f"netns {n}" for n in os.listdir(NETNS_DIR) if n.startswith(f"zlt-c{self.tag}-")
+            ]
+        left += [f"mount {p}" for p in self.mounts_under(self.root)]
+        if self.root.exists():
+            left.append(f"directory {self.root}")
+        return sorted(set(left))
+
+    def owns(self, item: str) -> bool:
+        """Whether a resource named as the host's leak check names it (a link, a
+        namespace, an nft table line, a mount point, a cgroup directory) is this
+        cluster's: every name a node makes carries the cluster's tag, is under its
+        directory, or is derived from one of its replicas' ids."""
+        from daemons.overlayd import plumbing
+
+        if self.tag in item or item.startswith(f"{self.root}/"):
+            return True
+        for node in self.nodes:
+            for cid in node.seen_containers:
+                if item == plumbing.names_for(node.bridge, cid).netns or item.endswith(f"/{cid}"):
+                    return True
+        return False

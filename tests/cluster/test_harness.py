@@ -1,0 +1,132 @@
+"""The multi-node harness itself: three nodes on one machine, each a network
+namespace on a shared test LAN with its own prefix, bus, daemons and subnet
+block; a node killed outright leaves nothing behind; and a failed test's
+clean-up leaves nothing either.
+
+Where the cluster (issue 13) will change what is true today, the test says so
+at the assertion to turn around.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+
+from shared.bus import DAEMONS
+from tests.cluster.harness import LAN_IFACE, Cluster, Node
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+WEB = """
+version: v1
+deployment: {name}
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - mkdir -p /www && echo hello-{node} > /www/index.html &&
+          exec httpd -f -p 8080 -h /www
+    endpoints: [{{name: http, protocol: http, port: 8080}}]
+    scale: {{mode: fixed, replicas: 1}}
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: http, url: /index.html}}
+"""
+
+
+def deploy_web(node: Node, name: str) -> dict[str, Any]:
+    """One busybox httpd replica on ``node``, healthy: its row in ``ps --containers``."""
+    spec = node.spec(name, WEB.format(name=name, node=node.name))
+    node.run("up", "-d", str(spec), "--timeout", "90", check=True)
+    out = node.run("ps", "--containers", "-d", name, "--format", "json", check=True)
+    rows = [r for r in json.loads(out.stdout) if r["deployment"] == name]
+    assert len(rows) == 1 and rows[0]["health"] == "healthy", rows
+    return dict(rows[0])
+
+
+def fetch_from_replica(node: Node, deployment: str, address: str) -> tuple[int, str]:
+    """From inside ``node``'s replica: (exit code, output) of an HTTP GET to ``address``."""
+    probe = f"printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} 8080 2>&1"
+    done = node.run("exec", "web", "-d", deployment, "--", "sh", "-c", probe, timeout=60)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_three_nodes_come_up_each_with_its_daemons_on_a_shared_lan(cluster: Cluster) -> None:
+    names = {info.name for info in DAEMONS}
+    for node in cluster:
+        rows = json.loads(node.run("status", "--format", "json", check=True).stdout)
+        assert {r["name"]: r["state"] for r in rows} == dict.fromkeys(names, "running")
+        # Its daemons run inside its own namespace, not the host's.
+        assert {r["pid"] for r in rows} <= node.pids()
+        shown = node.sh("ip", "-o", "-4", "addr", "show", "dev", LAN_IFACE, check=True)
+        assert f"{node.lan.ip}/" in shown.stdout
+    # Every node reaches every other over the test LAN.
+    for node in cluster:
+        for other in cluster:
+            if other is not node:
+                assert node.ping(other.lan.ip), (node, other)
+    # Each node's private bus and prefix are its own.
+    assert len({n.paths.prefix for n in cluster}) == 3
+    assert len({n.bridge for n in cluster}) == 3
+
+
+def test_each_node_runs_its_own_replica_and_cross_node_traffic_waits_for_routes(
+    cluster: Cluster,
+) -> None:
+    names = {node.name: node.deployment_name("web") for node in cluster}
+    try:
+        replicas = {node.name: deploy_web(node, names[node.name]) for node in cluster}
+        for node in cluster:
+            address = IPv4Address(replicas[node.name]["address"])
+            assert address in node.subnet, (node, address)
+        n1 = cluster.nodes[0]
+        # Within a node, replicas reach each other (the probe itself works).
+        code, out = fetch_from_replica(n1, names["n1"], replicas["n1"]["address"])
+        assert code == 0 and "hello-n1" in out, out
+        # Across nodes: today a node has no route to another node's block.
+        # CLUSTER: once overlayd routes the other nodes' blocks over the LAN (and
+        # its forward chain lets them in), this reaches hello-n2 instead.
+        other = replicas["n2"]["address"]
+        route = n1.sh("ip", "route", "get", other)
+        assert route.returncode != 0 and "unreachable" in route.stderr, route
+        code, out = fetch_from_replica(n1, names["n1"], other)
+        assert code != 0 and "hello-n2" not in out, out
+    finally:
+        for node in cluster:
+            node.run("down", names[node.name], timeout=120)
+
+
+def test_a_killed_node_leaves_nothing_behind_and_boots_again(cluster: Cluster) -> None:
+    node = cluster.nodes[2]
+    victim = node.deployment_name("victim")
+    try:
+        deploy_web(node, victim)
+        assert node.containers()
+        removed = node.kill()
+        assert any(item.startswith("container ") for item in removed), removed
+        assert node.leftovers() == []
+        # The others carry on.
+        for other in cluster.nodes[:2]:
+            other.run("status", check=True)
+    finally:
+        node.restart()  # the cluster is whole again for the module's next test
+    rows = json.loads(node.run("status", "--format", "json", check=True).stdout)
+    assert all(r["state"] == "running" for r in rows), rows
+    # Its disk survived: the deployment is still there, and goes.
+    node.run("down", victim, timeout=120, check=True)
+    assert cluster.nodes[0].ping(node.lan.ip)
+
+
+def test_clean_up_after_a_failing_test_leaves_nothing() -> None:
+    with pytest.raises(RuntimeError, match="a test failed"), Cluster(1) as lone:
+        deploy_web(lone.nodes[0], lone.nodes[0].deployment_name("web"))
+        raise RuntimeError("a test failed with a replica running")
+    assert lone.leftovers() == []
