@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ctl.supervisor import _die_with_parent
 from shared.cluster.etcd import ETCD_BINARY, EtcdMember, TLSFiles, wait_healthy
 from tests.registry_fixture import free_port, tls_files
 
@@ -59,6 +60,8 @@ class EtcdCluster:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # a ^C to the tests does not reach it first
+                # A test process killed outright (a hard timeout) takes its members along.
+                preexec_fn=_die_with_parent,
             )
 
     def kill(self, index: int) -> None:
