@@ -4,7 +4,7 @@ Everything lives under ``KEYS["state"]`` (``/zlayer/state/``), one key per row,
 names percent-quoted so a key's parts never contain ``/``::
 
     deployments/<name>                 {revision, stopped, removing, created_at, updated_at}
-    revisions/<name>/<revision:012d>   {spec_json, spec_text, filename, created_at}
+    revisions/<name>/<revision:012d>   {spec_json, spec_text, filename, created_at}, zstd
     services/<name>/<service>          a ServiceState
     holds/<name>/<service>             replicas held by `scale`
     stopped/<name>/<service>           ""  (a stopped service)
@@ -44,6 +44,7 @@ from urllib.parse import quote, unquote
 
 import aetcd  # type: ignore[import-untyped]
 import msgspec
+import zstandard
 from aetcd import transactions as _tx
 
 from daemons.schedd.store import (
@@ -55,7 +56,7 @@ from daemons.schedd.store import (
     StoreClosedError,
     StoredDeployment,
 )
-from shared.bus import UnavailableError
+from shared.bus import InvalidArgumentError, UnavailableError
 from shared.cluster.etcd import TLSFiles, client, retrying
 from shared.wire.cluster import KEYS
 from shared.wire.scheduler import Event
@@ -145,6 +146,12 @@ class EtcdStore:
             future.cancel()
             raise self._unavailable("no answer in time") from None
         except (aetcd.ClientError, concurrent.futures.CancelledError) as exc:
+            # etcd's limit ("request is too large") or gRPC's below it ("larger than max")
+            if any(words in str(exc) for words in ("too large", "larger than max")):
+                raise InvalidArgumentError(
+                    f"the cluster's store refuses the change as too large ({exc}): "
+                    "make the deployment's spec smaller"
+                ) from None
             if self._closed:
                 raise StoreClosedError("schedd's store is closed: schedd is stopping") from None
             raise self._unavailable(str(exc) or type(exc).__name__) from None
@@ -253,17 +260,7 @@ class EtcdStore:
                 _tx.Mod(dep_key) == (dep.mod_revision if dep is not None else 0),
             ]
             ops = [
-                _tx.Put(
-                    rev_key,
-                    _dumps(
-                        {
-                            "spec_json": spec_json,
-                            "spec_text": spec_text,
-                            "filename": filename,
-                            "created_at": now,
-                        }
-                    ),
-                ),
+                _tx.Put(rev_key, _revision_value(spec_json, spec_text, filename, now)),
                 _tx.Put(dep_key, _dumps(doc)),
                 _tx.Delete(
                     self._key("holds", _q(name), ""), _range_end(self._key("holds", _q(name), ""))
@@ -299,7 +296,7 @@ class EtcdStore:
             _, rev = await self._get(rev_key, header)  # the same revision of the store
             if rev is None:
                 return None
-            spec = _loads(rev.value)
+            spec = _revision_doc(rev.value)
             return StoredDeployment(
                 name,
                 int(doc["revision"]),
@@ -398,7 +395,7 @@ class EtcdStore:
 
     async def _revision_doc(self, name: str, revision: int) -> Any | None:
         _, kv = await self._get(self._key("revisions", _q(name), f"{revision:012d}"))
-        return _loads(kv.value) if kv is not None else None
+        return _revision_doc(kv.value) if kv is not None else None
 
     def revision_spec(self, name: str, revision: int) -> str | None:
         """The spec JSON of one stored revision."""
@@ -554,6 +551,23 @@ class EtcdStore:
         return self._call(read)
 
 
+def _revision_value(spec_json: str, spec_text: str, filename: str, created_at: float) -> bytes:
+    """A revision as stored: zstd-compressed JSON. A spec may be 1 MiB of text and
+    as much again as JSON, over etcd's 1.5 MiB a request; compressed, specs fit
+    many times over, and every revision etcd keeps in its history is smaller."""
+    doc = {
+        "spec_json": spec_json,
+        "spec_text": spec_text,
+        "filename": filename,
+        "created_at": created_at,
+    }
+    return zstandard.ZstdCompressor(level=3).compress(_dumps(doc))
+
+
+def _revision_doc(raw: bytes) -> Any:
+    return _loads(zstandard.ZstdDecompressor().decompress(raw))
+
+
 def _secret_value(secret: Secret) -> bytes:
     """A secret as stored: the sealed value only (base64), never the plain one."""
     return _dumps(
@@ -614,13 +628,8 @@ def _sqlite_state(store: Store) -> dict[str, bytes]:
     for name, revision, spec_json, spec_text, filename, created in rows(
         "SELECT deployment, revision, spec_json, spec_text, filename, created_at FROM revisions"
     ):
-        state[f"revisions/{_q(name)}/{revision:012d}"] = _dumps(
-            {
-                "spec_json": spec_json,
-                "spec_text": spec_text,
-                "filename": filename,
-                "created_at": created,
-            }
+        state[f"revisions/{_q(name)}/{revision:012d}"] = _revision_value(
+            spec_json, spec_text, filename, created
         )
     for name, service, *fields in rows(
         "SELECT deployment, service, serving, target, rollout, message, new_count, old_count, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import sqlite3
 import threading
@@ -25,6 +26,7 @@ from daemons.schedd.etcdstore import (
     EtcdStore,
     MoveRefusedError,
     StoreUnavailableError,
+    _revision_doc,
     move_to_etcd,
 )
 from daemons.schedd.secrets import Secrets
@@ -98,8 +100,6 @@ def _etcd_backend(cluster: EtcdCluster) -> Backend:
 
     def snapshot(name: str) -> tuple[str, dict[str, str]]:
         async def read() -> tuple[str, dict[str, str]]:
-            import json
-
             async with client(cluster.endpoints, timeout=10) as c:
                 # One transaction of gets: one revision of the store.
                 p = prefix.encode()
@@ -119,7 +119,7 @@ def _etcd_backend(cluster: EtcdCluster) -> Backend:
                 return "", {}
             revision = json.loads(deps[0][0])["revision"]
             spec = {
-                int(meta.key.rsplit(b"/", 1)[1]): json.loads(value)["spec_json"]
+                int(meta.key.rsplit(b"/", 1)[1]): _revision_doc(value)["spec_json"]
                 for value, meta in revs
             }[revision]
             return spec, {
@@ -676,3 +676,24 @@ def test_schedd_with_a_cluster_section_keeps_its_deployments_in_etcd(
     finally:
         log = zlayer_prefix.prefix / "schedd.log"
         print(log.read_text(errors="replace")[-3000:] if log.exists() else "")
+
+
+def test_a_spec_as_large_as_schedd_takes_fits_and_a_larger_change_is_a_sentence(
+    etcd_store: EtcdStore,
+) -> None:
+    from shared.bus import InvalidArgumentError
+    from shared.spec.limits import MAX_SPEC_BYTES
+
+    # 1 MiB of spec text and its JSON: over etcd's 1.5 MiB a request, unless compressed.
+    lines = [f"  s{i}:\n    image:\n      name: nginx:1\n" for i in range(MAX_SPEC_BYTES // 40)]
+    text = ("services:\n" + "".join(lines))[:MAX_SPEC_BYTES]
+    as_json = json.dumps({"services": text.splitlines()})
+    assert etcd_store.add_revision("big", as_json, text, "big.yml") == 1
+    stored = etcd_store.get("big")
+    assert stored is not None and stored.spec_text == text and stored.spec_json == as_json
+    # What no compression brings under the limit is refused in one sentence.
+    noise = base64.b64encode(os.urandom(2 * MAX_SPEC_BYTES)).decode()
+    with pytest.raises(InvalidArgumentError) as raised:
+        etcd_store.add_revision("big", "{}", noise, "noise.yml")
+    assert "too large" in str(raised.value) and "\n" not in str(raised.value)
+    assert etcd_store.revisions("big") == [1]
