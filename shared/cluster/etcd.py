@@ -60,6 +60,9 @@ class EtcdMember:
     # Where other nodes reach it; the listen URLs when not set.
     advertise_client_urls: tuple[str, ...] = ()
     advertise_peer_urls: tuple[str, ...] = ()
+    # History older than this is compacted: etcd otherwise keeps every version of
+    # every key until its 2 GiB quota fills, and then refuses all writes.
+    compaction_retention: str = "1h"
     binary: str = ETCD_BINARY
     extra_args: tuple[str, ...] = field(default=())
 
@@ -85,6 +88,10 @@ class EtcdMember:
             self.initial_state,
             "--initial-cluster-token",
             self.cluster_token,
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            self.compaction_retention,
             "--logger",
             "zap",
             "--log-outputs",
@@ -169,7 +176,13 @@ class Client(aetcd.Client):  # type: ignore[misc]
             return
         try:
             self._is_connecting = True
-            options: list[tuple[str, Any]] = list(self._options.items())
+            # Pings find a member that vanished without closing the connection (a
+            # node cut off), so calls move on; etcd refuses pings under 5 s apart.
+            options: list[tuple[str, Any]] = [
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                *self._options.items(),
+            ]
             if self._tls is None:
                 self.channel = grpc.aio.insecure_channel(self._target, options=options)
             else:

@@ -35,6 +35,9 @@ def test_a_members_command_line_names_its_cluster_and_urls() -> None:
     assert flag(argv, "--initial-cluster") == "n1=https://10.0.0.1:2380,n2=https://10.0.0.2:2380"
     assert flag(argv, "--initial-cluster-state") == "existing"
     assert "--client-cert-auth" not in argv and "--peer-client-cert-auth" not in argv
+    # Old history is compacted, or etcd fills its quota and refuses every write.
+    assert flag(argv, "--auto-compaction-mode") == "periodic"
+    assert flag(argv, "--auto-compaction-retention") == "1h"
 
 
 def test_listening_on_every_address_advertises_the_reachable_one() -> None:
