@@ -338,6 +338,31 @@ def test_two_stores_never_hand_out_the_same_generation(backend: Backend) -> None
     assert stores[0].generation() == 80
 
 
+def test_one_store_called_from_several_threads_at_once(store: DesiredStore) -> None:
+    """schedd runs calls in worker threads: they share one store."""
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            for n in range(10):
+                got.append(store.next_generation())
+                store.put_service_state("app", f"s{index}", state(n))
+                store.add_event(Event(time=float(n), deployment="app", kind="k", message="m"))
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    assert sorted(got) == list(range(1, 41))
+    assert store.service_states("app") == {f"s{i}": state(9) for i in range(4)}
+    assert len(store.events("app", 100)) == 40
+
+
 def test_two_stores_adding_revisions_at_once_number_them_without_a_gap(
     backend: Backend,
 ) -> None:
