@@ -38,6 +38,7 @@ import hashlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, unquote
@@ -247,14 +248,21 @@ class EtcdStore:
         """
         dep_key = self._key("deployments", _q(name))
         services = self._key("services", _q(name), "")
+        # Marks this call's write: a commit whose answer was lost (a timeout, a
+        # leader change) is found on the next try instead of made twice.
+        write = uuid.uuid4().hex
 
         async def attempt() -> int | None:
             now = time.time()
             header, dep = await self._get(dep_key)
+            doc = _loads(dep.value) if dep is not None else {"created_at": now}
+            if doc.get("write") == write:
+                return int(doc["revision"])
             revision = await self._next_revision(name, header)
             rev_key = self._key("revisions", _q(name), f"{revision:012d}")
-            doc = _loads(dep.value) if dep is not None else {"created_at": now}
-            doc.update(revision=revision, stopped=False, removing=False, updated_at=now)
+            doc.update(
+                revision=revision, stopped=False, removing=False, updated_at=now, write=write
+            )
             compare = [
                 _tx.Version(rev_key) == 0,
                 _tx.Mod(dep_key) == (dep.mod_revision if dep is not None else 0),

@@ -722,3 +722,27 @@ def test_a_spec_as_large_as_schedd_takes_fits_and_a_larger_change_is_a_sentence(
         etcd_store.add_revision("big", "{}", noise, "noise.yml")
     assert "too large" in str(raised.value) and "\n" not in str(raised.value)
     assert etcd_store.revisions("big") == [1]
+
+
+def test_a_revision_whose_commit_answer_was_lost_is_not_added_twice(
+    etcd_store: EtcdStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd applied the transaction but the answer never came (a timeout, a leader
+    change): the call tries again, and finds its own write instead of adding another."""
+    import aetcd  # type: ignore[import-untyped]
+
+    real = etcd_store._txn
+    lost = []
+
+    async def commit_then_lose_the_answer(compare: list[Any], success: list[Any]) -> bool:
+        done = await real(compare, success)
+        if not lost:
+            lost.append(done)
+            raise aetcd.ConnectionTimeoutError("Deadline Exceeded")
+        return done
+
+    monkeypatch.setattr(etcd_store, "_txn", commit_then_lose_the_answer)
+    assert etcd_store.add_revision("app", "{}", "", "a.yml") == 1
+    assert lost == [True]
+    assert etcd_store.revisions("app") == [1]
+    assert etcd_store.add_revision("app", "{}", "", "a.yml") == 2
