@@ -1,0 +1,216 @@
+"""A cluster's figures, each beside a peer measured in the same run.
+
+placement: the leading schedd's placement (``daemons.schedd.placement.place``)
+of 10,000 replicas over 1,000 simulated nodes (records in memory, no etcd, no
+daemons), the goal being under 1 s. The input is made from a fixed seed:
+nodes of 8, 16 or 32 CPUs and 32, 64 or 128 GiB in three zones, a quarter of
+them labelled ``disk=ssd``; services of 1 to 50 replicas until there are
+10,000, reserving 0 to 1 CPU and 0 to 1 GiB each, most shared, some
+dedicated or exclusive, some with required or preferred labels, most spread,
+some packed or pinned to a zone. Timed, taking turns:
+
+- place onto empty nodes: every replica placed from nothing (the figure under test);
+- place again on its own output: the steady state, where nothing moves;
+- place after a node is lost: the plan in force, one node fewer;
+- the same rules ranking every node for each service: what the walks over
+  the nodes ordered by load save;
+- peer: a naive first fit over the same input: each replica to the first node,
+  in id order, with room and the required labels (no spreading, no node
+  modes, no preferences, nothing kept), the least a placement can do.
+
+Needs nothing running. Run: ``.venv/bin/python bench/cluster.py``
+(``--runs N``, ``--nodes N``, ``--replicas N``, ``--seed N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _cluster import percentile, timed_calls
+
+from daemons.schedd.placement import Demand, Group, NodeMode, Pin, Plan, _place, place
+from shared.wire.cluster import NodeCapacity, NodeRecord, Placement
+
+GIB = 1 << 30
+MIB = 1 << 20
+MODES: tuple[NodeMode, ...] = ("shared", "dedicated", "exclusive")
+
+
+def simulated_nodes(count: int, rng: random.Random) -> list[NodeRecord]:
+    nodes = []
+    for index in range(count):
+        labels = {"zone": f"zone-{index % 3}"}
+        if rng.random() < 0.25:
+            labels["disk"] = "ssd"
+        nodes.append(
+            NodeRecord(
+                id=f"node-{index:05d}",
+                name=f"host-{index}",
+                address=f"10.0.{index // 250}.{index % 250 + 1}",
+                peer_port=7443,
+                labels=labels,
+                capacity=NodeCapacity(
+                    cpu=rng.choice([8.0, 16.0, 32.0]), memory=rng.choice([32, 64, 128]) * GIB
+                ),
+            )
+        )
+    return nodes
+
+
+def simulated_wants(replicas: int, rng: random.Random) -> list[Demand]:
+    wants: list[Demand] = []
+    total = 0
+    while total < replicas:
+        index = len(wants)
+        mode = rng.choices(MODES, [90, 7, 3])[0]
+        count = min(rng.choice([1, 2, 3, 5, 10, 20, 50]), replicas - total)
+        if mode == "exclusive":
+            count = min(count, 3)
+        labels = {"zone": f"zone-{rng.randrange(3)}"} if rng.random() < 0.1 else {}
+        affinity: str | Pin = rng.choices(["spread", "pack", "pin"], [80, 15, 5])[0]
+        if affinity == "pin":
+            affinity = Pin("zone", labels.get("zone", f"zone-{rng.randrange(3)}"))
+        group = Group(
+            count=count,
+            cpu=rng.choice([0.0, 0.25, 0.5, 1.0]),
+            memory=rng.choice([0, 128 * MIB, 512 * MIB, GIB]),
+            affinity=affinity,  # type: ignore[arg-type]
+        )
+        wants.append(
+            Demand(
+                deployment=f"app{index % 40}",
+                service=f"svc{index}",
+                revision=1,
+                groups=(group,),
+                node_mode=mode,
+                labels=labels,
+                prefer_labels={"disk": "ssd"} if rng.random() < 0.1 else {},
+            )
+        )
+        total += count
+    return wants
+
+
+def first_fit(nodes: Sequence[NodeRecord], wants: Sequence[Demand]) -> dict[str, list[Placement]]:
+    """The peer: each replica to the first node in id order with room and the labels."""
+    order = sorted(nodes, key=lambda record: record.id)
+    cpu_free = [record.capacity.cpu for record in order]
+    memory_free = [record.capacity.memory for record in order]
+    result: dict[str, list[Placement]] = {record.id: [] for record in order}
+    for want in wants:
+        for name, group in want.replica_names():
+            for index, record in enumerate(order):
+                if (
+                    cpu_free[index] >= group.cpu
+                    and memory_free[index] >= group.memory
+                    and all(record.labels.get(k) == v for k, v in want.labels.items())
+                ):
+                    cpu_free[index] -= group.cpu
+                    memory_free[index] -= group.memory
+                    result[record.id].append(
+                        Placement(
+                            deployment=want.deployment,
+                            service=want.service,
+                            replica=name,
+                            revision=want.revision,
+                            cpu=group.cpu,
+                            memory=group.memory,
+                        )
+                    )
+                    break
+    return result
+
+
+def where(nodes: dict[str, list[Placement]]) -> dict[str, str]:
+    return {p.replica: node_id for node_id, placed in nodes.items() for p in placed}
+
+
+def most_on_one_node(nodes: dict[str, list[Placement]], services: set[str]) -> int:
+    """The most replicas of one of ``services`` that any node holds."""
+    return max(
+        (
+            count
+            for placed in nodes.values()
+            for count in Counter(p.service for p in placed if p.service in services).values()
+        ),
+        default=0,
+    )
+
+
+def placement(args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed)
+    nodes = simulated_nodes(args.nodes, rng)
+    wants = simulated_wants(args.replicas, rng)
+    fresh = place(nodes, wants, {})
+    lost_id = max(fresh.nodes, key=lambda node_id: len(fresh.nodes[node_id]))
+    fewer = [record for record in nodes if record.id != lost_id]
+    after_loss = place(fewer, wants, fresh.nodes)
+    peer_nodes = first_fit(nodes, wants)
+
+    ways: dict[str, Callable[[], object]] = {
+        "place onto empty nodes": lambda: place(nodes, wants, {}),
+        "place again on its own output": lambda: place(nodes, wants, fresh.nodes),
+        "place after a node is lost": lambda: place(fewer, wants, fresh.nodes),
+        "same rules, every node ranked": lambda: _place(nodes, wants, {}, walks=False),
+        "naive first fit (peer)": lambda: first_fit(nodes, wants),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(args.runs):  # taking turns, so background load lands on all alike
+        for name, work in ways.items():
+            samples[name] += timed_calls(work, 1)
+
+    again: Plan = place(nodes, wants, fresh.nodes)
+    # Services that asked to be spread, and could be: fewer replicas than nodes.
+    spread = {
+        w.service for w in wants if all(g.affinity == "spread" for g in w.groups) and not w.labels
+    }
+    before, after = where(fresh.nodes), where(after_loss.nodes)
+    moved = sum(1 for name, node_id in before.items() if after.get(name) != node_id)
+    print(
+        f"{len(nodes)} simulated nodes, {len(wants)} services, "
+        f"{sum(g.count for w in wants for g in w.groups)} replicas; {args.runs} runs each"
+    )
+    peer = statistics.median(samples["naive first fit (peer)"])
+    print(f"{'what':<32} {'median ms':>10} {'p90 ms':>8} {'vs peer':>8}")
+    for name, values in samples.items():
+        median = statistics.median(values)
+        print(f"{name:<32} {median:>10.1f} {percentile(values, 90):>8.1f} {median / peer:>7.2f}x")
+    print(
+        f"placed {fresh.placed()}, pending {len(fresh.pending)} "
+        f"(peer placed {sum(len(v) for v in peer_nodes.values())}); "
+        f"most replicas of one spread service on one node: {most_on_one_node(fresh.nodes, spread)} "
+        f"(peer {most_on_one_node(peer_nodes, spread)}); "
+        f"placing again moved {sum(1 for n, i in where(again.nodes).items() if before[n] != i)}; "
+        f"losing {lost_id} ({len(fresh.nodes[lost_id])} replicas) moved {moved}"
+    )
+
+
+PARTS: dict[str, Callable[[argparse.Namespace], None]] = {"placement": placement}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("parts", nargs="*", help=f"which figures: {', '.join(PARTS)} (all)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each way")
+    parser.add_argument("--nodes", type=int, default=1000, help="simulated nodes")
+    parser.add_argument("--replicas", type=int, default=10000, help="replicas to place")
+    parser.add_argument("--seed", type=int, default=13, help="seed of the simulated input")
+    args = parser.parse_args()
+    for name in args.parts:
+        if name not in PARTS:
+            parser.error(f"there is no part {name!r}; the parts are {', '.join(PARTS)}")
+    for name in args.parts or PARTS:
+        PARTS[name](args)
+
+
+if __name__ == "__main__":
+    main()
