@@ -1,10 +1,10 @@
 """Fixtures of the cluster tests: a leak check around each, and one cluster per module.
 
-A three-node cluster costs about 16 s to bring up (its nodes start at once:
-most of it is the daemons' start on two cores), 1 s to take down, and about
-165 MB of memory per node (the proportional set size of its supervisor, bus
-and six daemons): a module shares one, and a test that breaks a node puts it
-back before it ends.
+A three-node cluster costs about 12 to 16 s to bring up (its nodes start at
+once: most of it is the daemons' start on two cores), 1 s to take down, and
+about 185 MB of memory per node (the proportional set size of its supervisor,
+bus, six daemons and etcd member): a module shares one, and a test that breaks
+a node puts it back before it ends.
 """
 
 from __future__ import annotations

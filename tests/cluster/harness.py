@@ -1,12 +1,14 @@
 """Several ZLayer nodes on one machine, for the cluster tests.
 
 A :class:`Cluster` of N nodes is a bridge on the host (the nodes' shared LAN,
-``zltc<tag>``) and, per node, a network namespace (``zlt-c<tag>-n<k>``) joined
-to it by a veth, with an address on the LAN (``172.31.0.<10+k>/24``), a prefix
+``zltc<tag>``, a free /24 of 172.31.0.0/16 with the host on ``.1`` so tests
+reach every node) and, per node, a network namespace (``zlt-c<tag>-n<k>``)
+joined to it by a veth with a fixed MAC and the address ``.<10+k>``, a prefix
 of its own (config, state, run and log dirs), an overlayd bridge and subnet
-block of its own (``zlb<tag>n<k>``, ``10.90.<k>.0/24``), and the six daemons
-with their private bus under ``zlayerctl daemon run``, started inside the
-namespace.
+block of its own (``zlb<tag>n<k>``, ``10.90.<k>.0/24``), the six daemons with
+their private bus under ``zlayerctl daemon run``, and an etcd member (the
+members form one etcd on the LAN, ports 2379 and 2380), all started inside
+the namespace.
 
 Only the network namespace is entered (``nsenter --net``), not the mount
 namespace ``ip netns exec`` makes: that one remounts /sys and so hides
@@ -16,18 +18,22 @@ node leaves there.
 
 :meth:`Node.kill` is a node dying outright: every process of the node is
 stopped and then killed by PID (those the harness started, those that carry
-the node's prefix in their environment, those inside its network namespace,
-and its replicas, found through their cgroups), its containers' runtime
-state, mounts, cgroups and replica namespaces are removed, its namespace is
-deleted and its run dir (a tmpfs on a real machine) is emptied; its config
-and state stay, as a disk does. :meth:`Node.restart` boots it again.
-:meth:`Cluster.close` kills every node and removes the bridge and the
-prefixes, whatever state a failed test left them in; :meth:`Cluster.leftovers`
-names anything of the cluster still on the machine.
+the node's prefix in their environment, those inside its network namespace or
+its replicas'), its containers' runtime state, mounts, cgroups and replica
+namespaces are removed, its namespace is deleted and its run dir (a tmpfs on
+a real machine) is emptied; its config, state and etcd data stay, as a disk
+does. :meth:`Node.restart` boots it again. :meth:`Cluster.close` kills every
+node and removes the bridge and the prefixes, whatever state a failed test
+left them in; :meth:`Cluster.leftovers` names anything of the cluster still on
+the machine.
+
+Once ``zlayerctl node init``/``join`` start etcd themselves, ``Cluster(n,
+etcd=False)`` leaves the members to them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -39,6 +45,7 @@ from collections.abc import Iterator
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import psutil
 from pyroute2 import IPRoute, NetlinkError, netns
@@ -49,8 +56,11 @@ from shared.bus import DAEMONS
 from shared.paths import PREFIX_ENV, Paths
 from tests.conftest import prefix_processes
 
+if TYPE_CHECKING:
+    from shared.cluster.etcd import EtcdMember
+
 IMAGE = "zlayer/busybox:latest"
-LAN = IPv4Network("172.31.0.0/24")
+LANS = IPv4Network("172.31.0.0/16")  # each cluster's LAN is a free /24 in it
 LAN_IFACE = "lan0"  # the node's end of its veth, inside its namespace
 READY_TIMEOUT = 90.0
 NETNS_DIR = Path("/run/netns")
@@ -62,9 +72,29 @@ _sequence = itertools.count()
 CLUSTERS: list[Cluster] = []
 
 
-def lan_address(index: int) -> IPv4Interface:
-    """Node ``index``'s (1-based) address on the test LAN."""
-    return IPv4Interface(f"{LAN.network_address + 10 + index}/{LAN.prefixlen}")
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+ETCD_HEALTHY_WITHIN = 30.0
+
+
+def free_lan(tag: str) -> IPv4Network:
+    """A /24 of 172.31.0.0/16 that no address or route of the host overlaps."""
+    with IPRoute() as ip:
+        used = [
+            IPv4Network(f"{r.get('address')}/{r['prefixlen']}", strict=False)
+            for r in ip.get_addr(family=2)
+        ]
+        used += [
+            IPv4Network(f"{r.get('dst')}/{r['dst_len']}", strict=False)
+            for r in ip.get_routes(family=2)
+            if r.get("dst")
+        ]
+    blocks = list(LANS.subnets(new_prefix=24))
+    start = int(tag) % len(blocks)
+    for block in blocks[start:] + blocks[:start]:
+        if not any(block.overlaps(u) for u in used):
+            return block
+    raise NodeError(f"no /24 of {LANS} is free for a test LAN; remove stale zltc* bridges")
 
 
 def overlay_subnet(index: int) -> IPv4Network:
@@ -86,7 +116,7 @@ class Node:
         self.name = f"n{index}"
         self.netns = f"zlt-c{tag}-n{index}"
         self.host_veth = f"zltc{tag}v{index}"
-        self.lan = lan_address(index)
+        self.lan = IPv4Interface(f"{cluster.lan.network_address + 10 + index}/24")
         self.bridge = f"zlb{tag}n{index}"
         self.subnet = overlay_subnet(index)
         self.mac = f"02:5a:4c:00:00:{index:02x}"  # unique on its cluster's LAN
@@ -95,6 +125,7 @@ class Node:
         self.env = dict(os.environ, **{PREFIX_ENV: str(self.paths.prefix)})
         self.env.pop("ZLAYER_BUS_ADDRESS", None)
         self.process: subprocess.Popen[bytes] | None = None
+        self.etcd_process: subprocess.Popen[bytes] | None = None
         self.image_imported = False
         self.seen_containers: set[str] = set()
 
@@ -178,6 +209,18 @@ class Node:
         self._write_config()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.paths.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.cluster.etcd:
+            member = self.etcd_member()
+            with (self.paths.log_dir / "etcd.log").open("ab") as log:
+                # Its data survives a kill: started again, it rejoins as the same member.
+                self.etcd_process = subprocess.Popen(
+                    self.inside(*member.argv()),
+                    env=member.env(self.env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
         with (self.paths.log_dir / "supervisor.log").open("ab") as log:
             # Not --detach: the supervisor is then our own child, its PID known.
             self.process = subprocess.Popen(
@@ -188,6 +231,28 @@ class Node:
                 stderr=log,
                 start_new_session=True,
             )
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"http://{self.lan.ip}:{ETCD_CLIENT_PORT}"
+
+    def etcd_member(self) -> EtcdMember:
+        """This node's member of the cluster's etcd: on its LAN address (and its own
+        loopback, for its daemons), its data in its prefix."""
+        from shared.cluster.etcd import EtcdMember
+
+        initial = {
+            node.name: f"http://{node.lan.ip}:{ETCD_PEER_PORT}" for node in self.cluster.nodes
+        }
+        return EtcdMember(
+            name=self.name,
+            data_dir=self.paths.prefix / "etcd",
+            client_urls=(self.etcd_endpoint, f"http://127.0.0.1:{ETCD_CLIENT_PORT}"),
+            advertise_client_urls=(self.etcd_endpoint,),
+            peer_urls=(f"http://{self.lan.ip}:{ETCD_PEER_PORT}",),
+            initial_cluster=initial,
+            cluster_token=f"zlayer-test-{self.cluster.tag}",
+        )
 
     def wait_ready(self) -> None:
         """Until the daemons are all ready; on the first boot, then import the test image."""
@@ -220,6 +285,8 @@ class Node:
         self.kill()
         self.start()
         self.wait_status()
+        if self.cluster.etcd:
+            self.cluster.wait_etcd([self])
 
     def wait_status(self, timeout: float = 60) -> None:
         """Until ``zlayerctl status`` exits 0: ready is not yet running everywhere (after a
@@ -274,7 +341,7 @@ class Node:
             inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
             lan = inner.link_lookup(ifname=LAN_IFACE)[0]
             with contextlib.suppress(NetlinkError):  # already there after a restart
-                inner.addr("add", index=lan, address=str(self.lan.ip), prefixlen=LAN.prefixlen)
+                inner.addr("add", index=lan, address=str(self.lan.ip), prefixlen=24)
             inner.link("set", index=lan, state="up")
 
     def _unplug(self) -> list[str]:
@@ -341,8 +408,9 @@ class Node:
         from daemons.overlayd import plumbing
 
         pids: set[int] = set()
-        if self.process is not None and self.process.poll() is None:
-            pids.add(self.process.pid)
+        for started in (self.process, self.etcd_process):
+            if started is not None and started.poll() is None:
+                pids.add(started.pid)
         pids.update(p.pid for p in prefix_processes(self.paths.prefix))
         containers = self.containers() | self.seen_containers
         namespaces = [self.netns_path]
@@ -393,9 +461,10 @@ class Node:
             _wait_gone(procs, timeout=10)
         else:
             raise AssertionError(f"{self.name}: processes keep appearing: {sorted(self.pids())}")
-        if self.process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=5)
+        for started in (self.process, self.etcd_process):
+            if started is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    started.wait(timeout=5)
         return removed
 
     def _remove_containers(self) -> list[str]:
@@ -468,11 +537,15 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
 class Cluster:
     """N nodes on a shared test LAN; a context manager that always cleans up."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, etcd: bool = True) -> None:
         assert 1 <= size <= 9, "the harness names nodes n1 to n9"
         self.tag = f"{os.getpid() % 100000}{next(_sequence)}"
         self.bridge = f"zltc{self.tag}"
         self.root = Path(f"/tmp/zlt-c{self.tag}")
+        self.lan = free_lan(self.tag)
+        # The host's own address on the LAN: tests reach every node from here.
+        self.host_address = IPv4Interface(f"{self.lan.network_address + 1}/24")
+        self.etcd = etcd
         self.nodes = [Node(self, k) for k in range(1, size + 1)]
         self.up_seconds = 0.0
         self.down_seconds = 0.0
@@ -505,14 +578,30 @@ class Cluster:
         self.root.mkdir()
         with IPRoute() as ip:
             ip.link("add", ifname=self.bridge, kind="bridge")
-            ip.link("set", index=ip.link_lookup(ifname=self.bridge)[0], state="up")
+            index = ip.link_lookup(ifname=self.bridge)[0]
+            ip.addr("add", index=index, address=str(self.host_address.ip), prefixlen=24)
+            ip.link("set", index=index, state="up")
         self.image_layout()
         # All at once: most of a node's start is its daemons' imports, spread over the cores.
         for node in self.nodes:
             node.launch()
         for node in self.nodes:
             node.wait_ready()
+        if self.etcd:
+            self.wait_etcd()
         self.up_seconds = time.monotonic() - began
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """Every node's etcd client URL on the LAN."""
+        return [node.etcd_endpoint for node in self.nodes]
+
+    def wait_etcd(self, nodes: list[Node] | None = None) -> None:
+        """Until each node's etcd member (all by default) answers a linearizable read."""
+        from shared.cluster.etcd import wait_healthy
+
+        endpoints = [node.etcd_endpoint for node in nodes or self.nodes]
+        asyncio.run(wait_healthy(endpoints, ETCD_HEALTHY_WITHIN))
 
     def image_layout(self) -> Path:
         """The busybox test image as an OCI layout, written once for every node."""

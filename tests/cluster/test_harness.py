@@ -9,6 +9,7 @@ at the assertion to turn around.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from shared.bus import DAEMONS
+from shared.cluster import etcd
 from tests.cluster.harness import LAN_IFACE, Cluster, Node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -61,6 +63,27 @@ def fetch_from_replica(node: Node, deployment: str, address: str) -> tuple[int, 
     return done.returncode, done.stdout + done.stderr
 
 
+def etcd_put(node: Node, key: bytes, value: bytes) -> None:
+    """A write through ``node``'s member, retried while a new leader is elected."""
+
+    async def put() -> None:
+        async with etcd.client([node.etcd_endpoint], timeout=5) as store:
+            await etcd.retrying(lambda: store.put(key, value), timeout=30)
+
+    asyncio.run(put())
+
+
+def etcd_get(node: Node, key: bytes) -> bytes | None:
+    """A linearizable read through ``node``'s own member."""
+
+    async def get() -> bytes | None:
+        async with etcd.client([node.etcd_endpoint], timeout=5) as store:
+            found = await etcd.retrying(lambda: store.get(key), timeout=30)
+            return None if found is None else bytes(found.value)
+
+    return asyncio.run(get())
+
+
 def test_three_nodes_come_up_each_with_its_daemons_on_a_shared_lan(cluster: Cluster) -> None:
     names = {info.name for info in DAEMONS}
     for node in cluster:
@@ -78,6 +101,10 @@ def test_three_nodes_come_up_each_with_its_daemons_on_a_shared_lan(cluster: Clus
     # Each node's private bus and prefix are its own.
     assert len({n.paths.prefix for n in cluster}) == 3
     assert len({n.bridge for n in cluster}) == 3
+    # One etcd over the three members: a key written through one is read through each.
+    etcd_put(cluster.nodes[0], b"harness/hello", b"n1")
+    for node in cluster:
+        assert etcd_get(node, b"harness/hello") == b"n1"
 
 
 def test_each_node_runs_its_own_replica_and_cross_node_traffic_waits_for_routes(
@@ -121,16 +148,20 @@ def test_a_killed_node_leaves_nothing_behind_and_boots_again(cluster: Cluster) -
         removed = node.kill()
         assert any(item.startswith("container ") for item in removed), removed
         assert node.leftovers() == []
-        # The others carry on.
+        # The others carry on, and etcd keeps its quorum (two members of three).
         for other in cluster.nodes[:2]:
             other.run("status", check=True)
+        etcd_put(cluster.nodes[0], b"harness/while-n3-was-dead", b"yes")
     finally:
         node.restart()  # the cluster is whole again for the module's next test
+        # Its disk survived: the deployment is still there (its replica back), and goes.
+        down = node.run("down", victim, timeout=120)
+    assert down.returncode == 0, down.stderr
     rows = json.loads(node.run("status", "--format", "json", check=True).stdout)
     assert all(r["state"] == "running" for r in rows), rows
-    # Its disk survived: the deployment is still there, and goes.
-    node.run("down", victim, timeout=120, check=True)
     assert cluster.nodes[0].ping(node.lan.ip)
+    # Its etcd member came back on its data and caught up.
+    assert etcd_get(node, b"harness/while-n3-was-dead") == b"yes"
 
 
 def test_clean_up_after_a_failing_test_leaves_nothing() -> None:
