@@ -723,6 +723,14 @@ class Registry1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Registry1")
         """
         raise NotImplementedError
 
+    # --- the store's changes: below this line
+
+    @dbus_signal_async("s", signal_args_names=("image",))
+    def image_stored(self) -> str:
+        """ImageInfo of an image just stored or given another name (import, pull, build);
+        agentd compiles a WebAssembly one before a replica needs it."""
+        raise NotImplementedError
+
 
 class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
     """zlayer-overlayd: bridge, IPAM, service DNS, port publishing, mesh."""

@@ -309,6 +309,11 @@ class RegistryClient(JobsDaemonClient[Registry1]):
     async def import_image(self, path: str, name: str) -> ImageInfo:
         return decode(await self.proxy.import_image(path, name), ImageInfo)
 
+    async def images_stored(self) -> AsyncIterator[ImageInfo]:
+        """Every image registryd stores or names from now on (its ImageStored signal)."""
+        async for text in self.proxy.image_stored:
+            yield decode(text, ImageInfo)
+
     async def path_visible(self, path: str, device: int, inode: int) -> bool:
         return await self.proxy.path_visible(path, device, inode)
 

@@ -247,11 +247,17 @@ class AgentDaemon(Daemon):
         )
         self.node_made.set()
         await self.node.load()
+        # WebAssembly images compile as they arrive, not at their first replica's start.
+        from daemons.agentd.wasm_precompile import Precompiler
+
+        self.precompiler = Precompiler(self.paths.daemon_state("agentd"), RegistryClient(bus))
+        self.precompiler.start()
 
     def _changed(self, replica: ReplicaInfo) -> None:
         self.service.replica_changed.emit(encode(replica))
 
     async def stop(self) -> None:
+        await self.precompiler.close()
         await self.node.shutdown()
         await self.runtime.close()
 

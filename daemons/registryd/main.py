@@ -7,6 +7,7 @@ which does the work in a thread so that a long import never stalls the bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -336,6 +337,15 @@ class RegistryDaemon(Daemon):
         if info.kind == "build":
             BUILDS.labels(result=info.state).inc()
 
+    def _stored(self, info: ImageInfo) -> None:
+        """The store kept an image (import, pull, build): ImageStored, from the loop's thread."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: registryd is stopping
+            self.loop.call_soon_threadsafe(self._emit_stored, info)
+
+    def _emit_stored(self, info: ImageInfo) -> None:
+        if self.service is not None:
+            self.service.image_stored.emit(encode(info))
+
     async def _import_built(self, path: str, name: str) -> list[ImageInfo]:
         """builds: store a finished build's OCI layout under ``name``."""
         images = await self.work(self.store.import_path, path, name)
@@ -343,6 +353,8 @@ class RegistryDaemon(Daemon):
         return images
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.store.on_stored = self._stored
         try:
             await asyncio.to_thread(self.received.reset)
             await asyncio.to_thread(self.store.open)

@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -176,6 +176,8 @@ class ImageStore:
         self._key_locks: dict[str, threading.Lock] = {}
         self._pins: Counter[str] = Counter()
         self.max_unpacked = DEFAULT_MAX_UNPACKED  # bytes a layer may unpack to (the settings')
+        # Told of each image stored or newly named, from the storing thread (must not block).
+        self.on_stored: Callable[[ImageInfo], None] | None = None
 
     # ------------------------------------------------------------ start
 
@@ -544,7 +546,10 @@ class ImageStore:
             stored = msgspec.structs.replace(record, names=merged)
             self.images[record.id] = stored
             self._save_index()
-            return stored.info()
+            info = stored.info()
+        if self.on_stored is not None:
+            self.on_stored(info)
+        return info
 
     def _read_config(self, blob: SourceBlob, path: str) -> bytes:
         with blob.open() as handle:
