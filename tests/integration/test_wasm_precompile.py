@@ -23,6 +23,7 @@ import wasmtime
 from daemons.agentd import wasm
 from shared.busybox_image import Entry, make_image, make_tar, write_oci_layout
 from shared.paths import Paths
+from shared.spec import load_spec
 from tests.integration.test_daemon import NotifyListener, start, stop
 from tests.integration.test_registryd import Registryd
 from tests.integration.test_wasm_artifacts import registryd
@@ -31,6 +32,8 @@ from tests.registry_fixture import skopeo_copy, start_registry
 __all__ = ["registryd"]  # the fixture
 
 pytestmark = pytest.mark.timeout(180)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # A WASIp1 command: writes its line to fd 1 and exits with its code.
 COMMAND = r"""
@@ -130,6 +133,39 @@ def test_an_imported_wasm_image_is_compiled_with_no_deployment(
     assert agentd.cached() == {entry}
     registryd.ok("image", "rm", "localhost/ahead:1")
     registryd.ok("image", "rm", "localhost/ahead:2")
+
+
+# A component exporting wasi:http/incoming-handler (with nothing behind it: only its
+# shape matters here).
+HTTP_COMPONENT = r"""
+(component
+  (core module $m (func (export "handle")))
+  (core instance $i (instantiate $m))
+  (func $f (canon lift (core func $i "handle")))
+  (instance $h (export "handle" (func $f)))
+  (export "wasi:http/incoming-handler@0.2.0" (instance $h)))
+"""
+
+
+def test_a_wasi_http_component_compiles_as_its_service_will_start_it(
+    registryd: Registryd, agentd: Agentd, tmp_path: Path
+) -> None:
+    component = tmp_path / "http.wasm"
+    component.write_bytes(bytes(wasmtime.wat2wasm(HTTP_COMPONENT)))
+    registryd.ok("image", "import", str(export(registryd, component, "localhost/wasm-http:1")))
+    (entry,) = wait_until(agentd.cached, 60, "compiled component in agentd's cache")
+    # The example's wasm_http service (no fuel): the flags its replica's start compiles with.
+    spec = load_spec(EXAMPLES / "wasm-http.zlayer.yml").services["hello"]
+    flags = wasm.limit_flags(spec) + wasm.serve_flags(spec)
+    rootfs = registryd.ensure("localhost/wasm-http:1")
+    looked_up = wasm.precompiled(
+        wasm.wasmtime(tmp_path / "bin"),
+        wasm.module_path(rootfs),
+        wasm.codegen_flags(flags),
+        wasm.cache_dir(agentd.state),
+    )
+    assert looked_up == entry and agentd.cached() == {entry}
+    registryd.ok("image", "rm", "localhost/wasm-http:1")
 
 
 def wasm_platform_image(module: bytes, name: str, layout: Path) -> Path:
