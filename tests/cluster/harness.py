@@ -68,6 +68,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 RUNTIMES = ("crun", "runc")
 
 _sequence = itertools.count()
+ROOTS = Path("/tmp")
+ROOT_PREFIX = "zlt-c"
+OWNER = "owner"  # in a cluster's directory: "<pid> <start time>" of the process that made it
 # Every cluster this process made, closed or not: the leak check asks each what is its.
 CLUSTERS: list[Cluster] = []
 
@@ -537,11 +540,11 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
 class Cluster:
     """N nodes on a shared test LAN; a context manager that always cleans up."""
 
-    def __init__(self, size: int, *, etcd: bool = True) -> None:
+    def __init__(self, size: int, *, etcd: bool = True, tag: str = "") -> None:
         assert 1 <= size <= 9, "the harness names nodes n1 to n9"
-        self.tag = f"{os.getpid() % 100000}{next(_sequence)}"
+        self.tag = tag or f"{os.getpid() % 100000}{next(_sequence)}"
         self.bridge = f"zltc{self.tag}"
-        self.root = Path(f"/tmp/zlt-c{self.tag}")
+        self.root = ROOTS / f"{ROOT_PREFIX}{self.tag}"
         self.lan = free_lan(self.tag)
         # The host's own address on the LAN: tests reach every node from here.
         self.host_address = IPv4Interface(f"{self.lan.network_address + 1}/24")
@@ -575,7 +578,10 @@ class Cluster:
 
     def start(self) -> None:
         began = time.monotonic()
+        sweep_abandoned()
         self.root.mkdir()
+        me = psutil.Process()
+        (self.root / OWNER).write_text(f"{me.pid} {me.create_time()}\n")
         with IPRoute() as ip:
             ip.link("add", ifname=self.bridge, kind="bridge")
             index = ip.link_lookup(ifname=self.bridge)[0]
@@ -670,3 +676,26 @@ class Cluster:
                 if item == plumbing.names_for(node.bridge, cid).netns or item.endswith(f"/{cid}"):
                     return True
         return False
+
+
+def sweep_abandoned() -> list[str]:
+    """Remove every cluster whose test process died without closing it (killed by a
+    hard timeout, say): its directory names its owner, and the owner is gone. What
+    was removed."""
+    removed: list[str] = []
+    for root in sorted(ROOTS.glob(f"{ROOT_PREFIX}*")):
+        try:
+            pid_text, started = (root / OWNER).read_text().split()
+            owner = psutil.Process(int(pid_text))
+            if abs(owner.create_time() - float(started)) < 0.01:
+                continue  # alive: another test run's
+        except (OSError, ValueError):
+            continue  # not a cluster's directory, or still being made
+        except psutil.NoSuchProcess:
+            pass
+        size = len([d for d in root.iterdir() if d.is_dir() and d.name[1:].isdigit()])
+        abandoned = Cluster(max(size, 1), tag=root.name[len(ROOT_PREFIX) :])
+        with contextlib.suppress(Exception):  # another run may be sweeping it too
+            abandoned.close()
+        removed.append(str(root))
+    return removed

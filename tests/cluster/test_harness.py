@@ -12,15 +12,30 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shared.bus import DAEMONS
 from shared.cluster import etcd
-from tests.cluster.harness import LAN_IFACE, Cluster, Node
+from tests.cluster.harness import LAN_IFACE, Cluster, Node, sweep_abandoned
+
+REPO = Path(__file__).resolve().parents[2]
+# A test process that makes a cluster and then dies without closing it.
+ABANDONING = """
+import time
+from tests.cluster.harness import Cluster
+cluster = Cluster(1, etcd=False)
+cluster.start()
+print(cluster.tag, flush=True)
+time.sleep(600)
+"""
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -170,3 +185,22 @@ def test_clean_up_after_a_failing_test_leaves_nothing() -> None:
         assert len(lone.leftovers()) > 5  # processes, links, namespaces, mounts, the prefix
         raise RuntimeError("a test failed with a replica running")
     assert lone.leftovers() == []
+
+
+def test_a_cluster_whose_test_process_died_is_swept_by_the_next() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", ABANDONING], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        tag = child.stdout.readline().strip()
+        assert tag, "the child did not bring its cluster up"
+        ghost = Cluster(1, tag=tag)
+        assert ghost.leftovers()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert ghost.leftovers(), "its daemons outlive it until swept"
+    sweep_abandoned()
+    assert ghost.leftovers() == []
