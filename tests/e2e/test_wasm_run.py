@@ -327,6 +327,40 @@ def test_fuel_and_memory_overruns_are_stopped_with_an_event_naming_the_limit(nod
         node.ctl("down", "wasmfuel")
 
 
+def test_a_command_health_check_in_a_wasm_service_is_refused_with_one_sentence(
+    node: Node,
+) -> None:
+    # Nothing in the spec says the image is WebAssembly: agentd finds it and refuses.
+    image = wasm_image(node, "echo", ECHO)
+    spec = node.spec(
+        "wasmhc",
+        f"""
+        version: v1
+        deployment: wasmhc
+        services:
+          echo:
+            image: {image}
+            health: {{check: {{type: command, command: ["true"]}}}}
+            scale: {{mode: fixed, replicas: 1}}
+        """,
+    )
+    up = node.ctl("up", "-d", str(spec), "--timeout", "20")
+    try:
+        sentence = (
+            "a command health check cannot run in a WebAssembly replica (its root holds the "
+            "module and wasmtime, with no commands to run); use an http or tcp check"
+        )
+        assert up.returncode != 0 and sentence in up.stderr, up
+        (replica,) = wait_until(
+            lambda: [r for r in node.replicas("wasmhc") if sentence in str(r["message"])],
+            30,
+            "the refusal in the replica's message",
+        )
+        assert replica["state"] == "failed" and not replica["pid"], replica
+    finally:
+        node.ctl("down", "wasmhc")
+
+
 def test_a_wasm_replica_keeps_running_while_agentd_restarts(own_node: Node) -> None:
     node = own_node
     image = wasm_image(node, "echo", ECHO)
