@@ -71,6 +71,7 @@ _sequence = itertools.count()
 ROOTS = Path("/tmp")
 ROOT_PREFIX = "zlt-c"
 OWNER = "owner"  # in a cluster's directory: "<pid> <start time>" of the process that made it
+UNCLEAN = "unclean"  # in a cluster's directory: its clean-up failed, sweep it again
 # Every cluster this process made, closed or not: the leak check asks each what is its.
 CLUSTERS: list[Cluster] = []
 
@@ -641,7 +642,12 @@ class Cluster:
                     ip.link("del", index=index)
         for point in self.mounts_under(self.root):
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
+        if errors and self.root.is_dir():
+            # Keep the prefixes (they name the containers whose namespaces and cgroups
+            # are left) for the next sweep, which takes a cluster marked unclean.
+            (self.root / UNCLEAN).write_text("\n".join(errors) + "\n")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
         self.down_seconds = time.monotonic() - began
         assert not errors, f"cluster clean-up failed: {errors}"
 
@@ -680,15 +686,15 @@ class Cluster:
 
 def sweep_abandoned() -> list[str]:
     """Remove every cluster whose test process died without closing it (killed by a
-    hard timeout, say): its directory names its owner, and the owner is gone. What
-    was removed."""
+    hard timeout, say: its directory names its owner, and the owner is gone) or
+    whose clean-up failed. What was removed."""
     removed: list[str] = []
     for root in sorted(ROOTS.glob(f"{ROOT_PREFIX}*")):
         try:
             pid_text, started = (root / OWNER).read_text().split()
             owner = psutil.Process(int(pid_text))
-            if abs(owner.create_time() - float(started)) < 0.01:
-                continue  # alive: another test run's
+            if abs(owner.create_time() - float(started)) < 0.01 and not (root / UNCLEAN).exists():
+                continue  # alive: another test run's, or one still in use
         except (OSError, ValueError):
             continue  # not a cluster's directory, or still being made
         except psutil.NoSuchProcess:
