@@ -65,6 +65,10 @@ from shared.wire.scheduler import Event
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 10.0  # seconds a call waits for etcd, retries included
+# Seconds a call waits while etcd is known not to answer (the last call found
+# it so): schedd makes some calls on its event loop, which must not stop for
+# the whole timeout at every call of every pass while etcd is away.
+DOWN_TIMEOUT = 1.0
 
 
 # etcd did not answer in time (no quorum, unreachable, refused): schedd's
@@ -109,6 +113,7 @@ class EtcdStore:
         self.timeout = timeout
         self.prefix = prefix.encode()
         self._closed = False
+        self._down = False  # the last call found etcd not answering
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -136,16 +141,21 @@ class EtcdStore:
 
     def _call(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``make()`` on the store's loop (tried again while etcd is between
-        leaders) and wait for it, at most ``timeout`` seconds."""
+        leaders) and wait for it, at most ``timeout`` seconds (DOWN_TIMEOUT while
+        etcd is known not to answer)."""
+        budget = min(self.timeout, DOWN_TIMEOUT) if self._down else self.timeout
         with self._lock:
             if self._closed:
                 raise StoreClosedError("schedd's store is closed: schedd is stopping")
-            future = asyncio.run_coroutine_threadsafe(retrying(make, self.timeout), self._loop)
+            future = asyncio.run_coroutine_threadsafe(
+                asyncio.wait_for(retrying(make, budget), budget), self._loop
+            )
         try:
-            return future.result(self.timeout + 1)
-        except concurrent.futures.TimeoutError:
+            result = future.result(budget + 1)
+        except TimeoutError:  # the call's own deadline, or the wait's
             future.cancel()
-            raise self._unavailable("no answer in time") from None
+            self._down = True
+            raise self._unavailable(f"no answer within {budget:g} s") from None
         except (aetcd.ClientError, concurrent.futures.CancelledError) as exc:
             # etcd's limit ("request is too large") or gRPC's below it ("larger than max")
             if any(words in str(exc) for words in ("too large", "larger than max")):
@@ -155,7 +165,10 @@ class EtcdStore:
                 ) from None
             if self._closed:
                 raise StoreClosedError("schedd's store is closed: schedd is stopping") from None
+            self._down = True
             raise self._unavailable(str(exc) or type(exc).__name__) from None
+        self._down = False
+        return result
 
     def _unavailable(self, why: str) -> StoreUnavailableError:
         return StoreUnavailableError(

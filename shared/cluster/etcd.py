@@ -178,9 +178,14 @@ class Client(aetcd.Client):  # type: ignore[misc]
             self._is_connecting = True
             # Pings find a member that vanished without closing the connection (a
             # node cut off), so calls move on; etcd refuses pings under 5 s apart.
+            # gRPC waits up to 2 minutes between reconnects to a member that was
+            # away: a member back after a restart is tried again within 2 s.
             options: list[tuple[str, Any]] = [
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2_000),
                 *self._options.items(),
             ]
             if self._tls is None:

@@ -463,6 +463,32 @@ def test_an_unreachable_etcd_is_one_sentence_within_the_timeout() -> None:
         store.close()
 
 
+def test_while_etcd_is_away_calls_fail_fast_and_work_again_once_it_is_back() -> None:
+    """schedd makes some calls on its event loop: after one call found etcd away,
+    the next ones give up within DOWN_TIMEOUT, not the whole timeout each."""
+    import time
+
+    from daemons.schedd.etcdstore import DOWN_TIMEOUT
+
+    with etcd_cluster(1) as cluster:
+        store = EtcdStore(cluster.endpoints, timeout=5)
+        try:
+            store.add_revision("app", "{}", "", "a.yml")
+            cluster.kill(0)
+            with pytest.raises(StoreUnavailableError):
+                store.names()  # finds it away: up to the whole timeout
+            for _ in range(2):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailableError, match="does not answer"):
+                    store.get("app")
+                assert time.monotonic() - started < DOWN_TIMEOUT + 2.5  # not the 5 s timeout
+            cluster.restart(0)
+            assert store.names() == ["app"]
+            assert store.next_generation() == 1
+        finally:
+            store.close()
+
+
 def test_the_store_keeps_working_when_a_member_of_three_is_killed() -> None:
     with etcd_cluster(3) as cluster:
         store = EtcdStore(cluster.endpoints)
