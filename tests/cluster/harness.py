@@ -37,10 +37,12 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -94,7 +96,7 @@ def free_lan(tag: str) -> IPv4Network:
             if r.get("dst")
         ]
     blocks = list(LANS.subnets(new_prefix=24))
-    start = int(tag) % len(blocks)
+    start = zlib.crc32(tag.encode()) % len(blocks)
     for block in blocks[start:] + blocks[:start]:
         if not any(block.overlaps(u) for u in used):
             return block
@@ -543,7 +545,9 @@ class Cluster:
 
     def __init__(self, size: int, *, etcd: bool = True, tag: str = "") -> None:
         assert 1 <= size <= 9, "the harness names nodes n1 to n9"
-        self.tag = tag or f"{os.getpid() % 100000}{next(_sequence)}"
+        # "<pid>x<n>": the x ends the pid, so no tag is the start of another.
+        self.tag = tag or f"{os.getpid() % 100000}x{next(_sequence)}"
+        self._named = re.compile(rf"(zltc|zlt-c|zlb){re.escape(self.tag)}(?![0-9x])")
         self.bridge = f"zltc{self.tag}"
         self.root = ROOTS / f"{ROOT_PREFIX}{self.tag}"
         self.lan = free_lan(self.tag)
@@ -657,7 +661,7 @@ class Cluster:
         with IPRoute() as ip:
             for link in ip.get_links():
                 name = str(link.get_attr("IFLA_IFNAME"))
-                if name.startswith(f"zltc{self.tag}"):
+                if self._named.match(name):
                     left.append(f"link {name}")
         if NETNS_DIR.is_dir():
             left += [
@@ -675,7 +679,7 @@ class Cluster:
         directory, or is derived from one of its replicas' ids."""
         from daemons.overlayd import plumbing
 
-        if self.tag in item or item.startswith(f"{self.root}/"):
+        if self._named.search(item) or item.startswith(f"{self.root}/"):
             return True
         for node in self.nodes:
             for cid in node.seen_containers:
