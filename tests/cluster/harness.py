@@ -10,7 +10,8 @@ their private bus under ``zlayerctl daemon run``, and an etcd member (the
 members form one etcd on the LAN, ports 2379 and 2380), all started inside
 the namespace.
 
-Only the network namespace is entered (``nsenter --net``), not the mount
+Each node also has a UTS namespace of its own, so its hostname is its name
+(``n1``). Only these two are entered (``nsenter --net --uts``), not the mount
 namespace ``ip netns exec`` makes: that one remounts /sys and so hides
 /sys/fs/cgroup, which agentd and crun need. Every node therefore sees the
 host's mounts, /run/netns and cgroups, and the host's leak checks see what a
@@ -148,9 +149,15 @@ class Node:
 
     # ------------------------------------------------------------ commands
 
+    @property
+    def uts_path(self) -> Path:
+        """Where its UTS namespace (its hostname, the node's name) is kept: beside the
+        prefix, not in its run dir, since a hostname outlives a reboot."""
+        return self.cluster.root / f"{self.name}.uts"
+
     def inside(self, *command: str) -> list[str]:
-        """``command`` run inside this node's network namespace (and nothing else's)."""
-        return ["nsenter", f"--net={self.netns_path}", "--", *command]
+        """``command`` run inside this node's network and UTS namespaces (and no other)."""
+        return ["nsenter", f"--net={self.netns_path}", f"--uts={self.uts_path}", "--", *command]
 
     def sh(
         self, *command: str, timeout: float = 60, check: bool = False
@@ -330,6 +337,13 @@ class Node:
         """The namespace, its loopback up, and its veth on the cluster bridge with its address."""
         if not self.netns_path.exists():
             netns.create(self.netns)
+        if str(self.uts_path) not in self.cluster.mounts_under(self.cluster.root):
+            self.uts_path.touch()
+            subprocess.run(
+                ["unshare", f"--uts={self.uts_path}", "hostname", self.name],
+                capture_output=True,
+                check=True,
+            )
         with IPRoute() as ip:
             if not ip.link_lookup(ifname=self.host_veth):
                 ip.link(

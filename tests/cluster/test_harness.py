@@ -106,6 +106,7 @@ def test_three_nodes_come_up_each_with_its_daemons_on_a_shared_lan(cluster: Clus
         assert {r["name"]: r["state"] for r in rows} == dict.fromkeys(names, "running")
         # Its daemons run inside its own namespace, not the host's.
         assert {r["pid"] for r in rows} <= node.pids()
+        assert node.sh("hostname", check=True).stdout.strip() == node.name
         shown = node.sh("ip", "-o", "-4", "addr", "show", "dev", LAN_IFACE, check=True)
         assert f"{node.lan.ip}/" in shown.stdout
     # Every node reaches every other over the test LAN.
