@@ -247,3 +247,38 @@ def test_images_stored_while_agentd_was_down_compile_at_its_start(
         listener.close()
     registryd.ok("image", "rm", "localhost/early:1")
     assert os.listdir(registryd.store / "tmp") == []
+
+
+def compiling(cache: Path) -> list[str]:
+    """The command lines of running processes that write into ``cache``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(arg.startswith(str(cache)) for arg in argv):
+            found.append(" ".join(argv))
+    return found
+
+
+def test_agentd_stops_at_once_in_the_middle_of_a_compile(
+    registryd: Registryd, agentd: Agentd, tmp_path: Path
+) -> None:
+    """A large module compiles for many seconds: stopping agentd stops that compile
+    (its wasmtime child) instead of waiting for it."""
+    body = "(local.get 0) " + "(i32.const 7) (i32.mul) (i32.const 3) (i32.add) " * 200
+    functions = "\n".join(
+        f'(func (export "f{n}") (param i32) (result i32) {body})' for n in range(3000)
+    )
+    big = tmp_path / "big.wasm"
+    big.write_bytes(bytes(wasmtime.wat2wasm(f'(module (func (export "_start")) {functions})')))
+    registryd.ok("image", "import", str(export(registryd, big, "localhost/big:1")))
+    cache = wasm.cache_dir(agentd.state)
+    wait_until(lambda: compiling(cache), 60, "compile under way")
+    started = time.monotonic()
+    code, err = stop(agentd.process)
+    assert code == 0 and "Traceback" not in err, err
+    assert time.monotonic() - started < 8
+    assert compiling(cache) == [] and agentd.cached() == set()
+    registryd.ok("image", "rm", "localhost/big:1")
