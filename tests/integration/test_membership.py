@@ -15,7 +15,7 @@ import pytest
 from daemons.schedd.membership import Membership
 from shared.cluster.etcd import client
 from shared.wire.cluster import KEYS, NodeCapacity, NodeRecord
-from tests.etcd_fixture import EtcdCluster, etcd1  # noqa: F401  (a fixture)
+from tests.etcd_fixture import EtcdCluster, etcd1, etcd3  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 TTL = 5  # the default: a dead node's record and leadership go within it
@@ -186,5 +186,36 @@ def test_a_node_killed_outright_loses_its_record_and_leadership_within_the_lease
             assert time.monotonic() - killed <= TTL + 1
         finally:
             await survivor.stop()
+
+    asyncio.run(scenario())
+
+
+def test_membership_rides_out_the_loss_of_an_etcd_member(
+    etcd3: EtcdCluster,  # noqa: F811
+) -> None:
+    async def scenario() -> None:
+        a = Membership(record("a"), etcd3.endpoints)
+        b = Membership(record("b"), etcd3.endpoints)
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: len(leaders(a, b)) == 1 and set(a.nodes) == {"a", "b"}, 10, "up")
+            leader = leaders(a, b)[0]
+            lost_lease = False
+
+            def watch() -> None:
+                nonlocal lost_lease
+                lost_lease = lost_lease or a.lease is None or b.lease is None
+
+            a._on_change = b._on_change = watch
+            etcd3.kill(0)  # the two left keep quorum
+            # Two leases' time later, both nodes are still there, the same one leads.
+            await asyncio.sleep(2 * TTL)
+            assert set(a.nodes) == set(b.nodes) == {"a", "b"}
+            assert leaders(a, b) == [leader]
+            assert not lost_lease
+        finally:
+            await a.stop()
+            await b.stop()
 
     asyncio.run(scenario())

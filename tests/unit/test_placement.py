@@ -411,7 +411,7 @@ FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 
 @FUZZ
 @given(nodes=nodes_strategy, wants=demands_strategy(), before=nodes_strategy)
-def test_any_plan_keeps_every_rule_and_is_stable(
+def test_any_plan_keeps_every_rule_and_a_rerun_changes_nothing(
     nodes: list[NodeRecord], wants: list[Demand], before: list[NodeRecord]
 ) -> None:
     # What was in force: a plan made for another set of nodes (some gone,
