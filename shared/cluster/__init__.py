@@ -9,4 +9,6 @@
   expiry in one line) and the record of a token the cluster keeps (its secret's hash).
 - :mod:`shared.cluster.peer`: gRPC between nodes (``zlayer.Node1``: Join, Ping) with
   mutual TLS from the cluster CA, msgspec JSON messages, no protoc.
+- :mod:`shared.cluster.config`: a node's ``cluster.toml`` (its id, address, etcd
+  endpoints, the etcd member it runs); absent on a lone node.
 """

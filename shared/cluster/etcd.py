@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -264,3 +265,48 @@ async def retrying(call: Callable[[], Awaitable[T]], timeout: float) -> T:
                 raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)
+
+
+# ------------------------------------------------------------ the member as a service
+
+USAGE = "usage: python -m shared.cluster.etcd run|check"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``run``: exec this node's etcd member as its cluster.toml says (the unit's
+    ExecStart and the supervisor's child: etcd itself then tells either when it
+    is ready, over NOTIFY_SOCKET). ``check``: exit 0 if this node runs a member,
+    1 if it runs none (the unit's ExecCondition)."""
+    import sys
+
+    from shared.cluster import config
+    from shared.paths import Paths
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args not in (["run"], ["check"]):
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        found = config.load(Paths.from_env())
+    except config.ClusterConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 78  # EX_CONFIG: a restart will not help
+    member = config.member(found) if found is not None else None
+    if args == ["check"]:
+        return 0 if member is not None else 1
+    if member is None:
+        print(
+            "this node runs no etcd member (no [etcd] in its cluster.toml); "
+            "zlayerctl node init or node join makes one",
+            file=sys.stderr,
+        )
+        return 78
+    member.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv_ = member.argv()
+    binary = shutil.which(argv_[0]) or argv_[0]
+    os.execve(binary, argv_, member.env())
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
