@@ -27,6 +27,7 @@ KEYS = {
     "assignments": PREFIX + "assignments/",  # assignments/<id>: NodePlacements
     "subnets": PREFIX + "subnets/",  # subnets/<cidr>: the node id holding that block
     "join_tokens": PREFIX + "join-tokens/",  # join-tokens/<sha256 of secret>: JoinTokenRecord
+    "node_settings": PREFIX + "node-settings/",  # node-settings/<id>: NodeSettings, no lease
 }
 
 NodeState = Literal["ready", "draining", "down"]
@@ -107,3 +108,20 @@ class PingReply(Wire, frozen=True, kw_only=True):
     node: str  # the answering node's id
     peer: str  # the caller's node id, from its client certificate
     time: float  # the answering node's clock (Unix time)
+
+
+class NodeSettings(Wire, frozen=True, kw_only=True):
+    """What people set on a node from any node (``node label``, ``node drain``, ``node
+    rm``), kept without a lease; the node applies it to its own record."""
+
+    labels: dict[str, str] = {}
+    state: NodeState = "ready"
+    removed: bool = False  # taken out of the cluster: the node leaves
+
+
+class NodeList(Wire, frozen=True, kw_only=True):
+    """``Scheduler1.ListNodes``: the live nodes as the answering node sees them."""
+
+    nodes: list[NodeRecord]
+    leader: str = ""  # the id of the node that places replicas, "" while none does
+    this_node: str = ""  # the answering node's id
