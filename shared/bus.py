@@ -395,6 +395,73 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         restarts and deploys."""
         raise NotImplementedError
 
+    # --- the cluster (issue 13): root only, as the secrets are
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("advertise",),
+        result_args_names=("node",),
+    )
+    async def node_init(self, advertise: str) -> str:
+        """Make this lone node a one-node cluster: a cluster CA, cluster.toml, an etcd
+        member, the desired state moved into etcd; returns its NodeRecord.
+
+        ``advertise`` is the address other nodes reach it at ("" picks one).
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="d",
+        result_signature="s",
+        input_args_names=("ttl_sec",),
+        result_args_names=("token",),
+    )
+    async def node_join_token(self, ttl_sec: float) -> str:
+        """A join token (one line) valid for ``ttl_sec`` seconds (0: a day)."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("token", "advertise"),
+        result_args_names=("node",),
+    )
+    async def node_join(self, token: str, advertise: str) -> str:
+        """Join the cluster of ``token`` (an etcd voter while it has fewer than 3, a
+        client after); returns this node's NodeRecord."""
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", result_args_names=("nodes",))
+    async def list_nodes(self) -> str:
+        """NodeList: the cluster's live nodes and its leader."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="sa{ss}as",
+        result_signature="s",
+        input_args_names=("node", "labels", "remove"),
+        result_args_names=("settings",),
+    )
+    async def label_node(self, node: str, labels: dict[str, str], remove: list[str]) -> str:
+        """Set ``labels`` on a node and remove the keys in ``remove``; NodeSettings."""
+        raise NotImplementedError
+
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("node",),
+        result_args_names=("settings",),
+    )
+    async def drain_node(self, node: str) -> str:
+        """Mark a node draining: placement moves its replicas away; NodeSettings."""
+        raise NotImplementedError
+
+    @dbus_method_async(input_signature="s", input_args_names=("node",))
+    async def remove_node(self, node: str) -> None:
+        """Take another node out of the cluster: its record and its etcd member go."""
+        raise NotImplementedError
+
 
 class Agent1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Agent1"):
     """zlayer-agentd: containers, health checks, jobs on this node."""
