@@ -3,7 +3,7 @@
 Everything lives under ``KEYS["state"]`` (``/zlayer/state/``), one key per row,
 names percent-quoted so a key's parts never contain ``/``::
 
-    deployments/<name>                 {revision, stopped, removing, created_at, updated_at}
+    deployments/<name>                 {revision, stopped, removing, times, write id}
     revisions/<name>/<revision:012d>   {spec_json, spec_text, filename, created_at}, zstd
     services/<name>/<service>          a ServiceState
     holds/<name>/<service>             replicas held by `scale`
@@ -14,6 +14,7 @@ names percent-quoted so a key's parts never contain ``/``::
     events/<name>/<seq:020d>           an Event; the newest EVENTS_KEPT per deployment
     eventseq/<name>                    the last event's seq
     meta/generation                    the last view generation handed out
+    meta/moved                         the digest of a lone node's state moved in
 
 Every change of several keys is one etcd transaction, guarded by compares on
 what it read (the keys' mod revisions), and tried again when another writer got
@@ -23,8 +24,10 @@ revision of the store.
 
 The interface is synchronous, like SQLite's: the store runs its own event loop
 in a private thread; each call submits a coroutine there and waits for it,
-bounded by ``timeout``. An etcd that does not answer in that time is an
-:class:`StoreUnavailableError` whose message says so in one sentence.
+bounded by ``timeout``. An etcd that does not answer in that time is
+schedd's UnavailableError (``StoreUnavailableError``), one sentence.
+
+:func:`move_to_etcd` copies a lone node's SQLite state in (``node init``).
 """
 
 from __future__ import annotations
