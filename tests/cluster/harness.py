@@ -42,6 +42,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -69,19 +70,17 @@ READY_TIMEOUT = 90.0
 NETNS_DIR = Path("/run/netns")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 RUNTIMES = ("crun", "runc")
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+ETCD_HEALTHY_WITHIN = 30.0
 
 _sequence = itertools.count()
-ROOTS = Path("/tmp")
+ROOTS = Path(tempfile.gettempdir())  # short: unix socket paths end at 108 bytes
 ROOT_PREFIX = "zlt-c"
 OWNER = "owner"  # in a cluster's directory: "<pid> <start time>" of the process that made it
 UNCLEAN = "unclean"  # in a cluster's directory: its clean-up failed, sweep it again
 # Every cluster this process made, closed or not: the leak check asks each what is its.
 CLUSTERS: list[Cluster] = []
-
-
-ETCD_CLIENT_PORT = 2379
-ETCD_PEER_PORT = 2380
-ETCD_HEALTHY_WITHIN = 30.0
 
 
 def free_lan(tag: str) -> IPv4Network:
