@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from shared.wire.cluster import NodeRecord, Placement
+from shared.wire.cluster import NodePlacements, NodeRecord, Placement
 
 if TYPE_CHECKING:
     from shared.spec.models import Affinity as SpecAffinity
@@ -121,6 +121,13 @@ class Plan:
 
     def placed(self) -> int:
         return sum(len(replicas) for replicas in self.nodes.values())
+
+    def assignments(self, generation: int) -> list[NodePlacements]:
+        """One document per node, stamped with ``generation``, as the nodes read them."""
+        return [
+            NodePlacements(node=node_id, generation=generation, replicas=list(replicas))
+            for node_id, replicas in self.nodes.items()
+        ]
 
 
 def _affinity(value: SpecAffinity) -> Affinity:

@@ -237,6 +237,15 @@ def test_a_replica_that_no_longer_fits_moves_and_scaling_down_drops_the_last() -
     assert where(smaller) == {"app-web-1": where(first)["app-web-1"]}
 
 
+def test_a_plan_becomes_one_assignment_document_per_node() -> None:
+    plan = place([node("a"), node("b", state="draining")], [want("web", 2)], {})
+    documents = {doc.node: doc for doc in plan.assignments(generation=7)}
+    assert set(documents) == {"a", "b"}
+    assert {doc.generation for doc in documents.values()} == {7}
+    assert [p.replica for p in documents["a"].replicas] == ["app-web-1", "app-web-2"]
+    assert documents["b"].replicas == []
+
+
 def test_one_service_asked_for_twice_is_an_error() -> None:
     with pytest.raises(ValueError, match="app/web is asked for twice"):
         place([node("a")], [want("web", 1), want("web", 2)], {})
