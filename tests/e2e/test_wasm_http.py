@@ -9,9 +9,12 @@ and reached by its service name from a container replica.
 
 from __future__ import annotations
 
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,125 @@ def test_a_wasi_http_service_answers_through_proxyd_and_by_its_name(node: Node) 
         assert by_name.returncode == 0 and by_name.stdout == "hello from wasm\n", by_name
     finally:
         node.ctl("down", "wasmhttp")
+
+
+# A handler that reads the whole request body before it answers: a request whose body
+# has not all come holds its instance.
+HOLDING = """
+from componentize_py_types import Err, Ok
+from wit_world import exports
+from wit_world.imports.streams import StreamError_Closed
+from wit_world.imports.types import (
+    Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+)
+
+
+class IncomingHandler(exports.IncomingHandler):
+    def handle(self, request: IncomingRequest, response_out: ResponseOutparam) -> None:
+        size = 0
+        body = request.consume()
+        with body.stream() as stream:
+            try:
+                while True:
+                    size += len(stream.blocking_read(65536))
+            except Err as error:
+                if not isinstance(error.value, StreamError_Closed):
+                    raise
+        IncomingBody.finish(body)
+        response = OutgoingResponse(Fields.from_list([("content-type", b"text/plain")]))
+        out = response.body()
+        ResponseOutparam.set(response_out, Ok(response))
+        with out.write() as stream:
+            stream.blocking_write_and_flush(f"read {size} bytes".encode())
+        OutgoingBody.finish(out, None)
+"""
+
+
+def holding_component(node: Node) -> str:
+    """HOLDING built into a component and imported; its image name."""
+    source = node.workdir / "holding"
+    source.mkdir(exist_ok=True)
+    (source / "app.py").write_text(HOLDING)
+    module = node.workdir / "holding.wasm"
+    subprocess.run(
+        [componentize_py(), "-d", str(EXAMPLE / "wit"), "-w", "proxy", "componentize", "app",
+         "-p", str(source), "-o", str(module)],
+        check=True, capture_output=True, timeout=300, cwd=node.workdir,
+    )  # fmt: skip
+    reference = "localhost/wasm-holding:1"
+    layout = node.workdir / "holding.oci"
+    node.ctl(
+        "wasm", "export", str(module), "--name", reference, "--output", str(layout), check=True
+    )
+    node.ctl("image", "import", str(layout), "--name", reference, check=True)
+    return reference
+
+
+def post(address: str, body: bytes, length: int) -> socket.socket:
+    """A POST of ``length`` bytes whose first ``body`` are sent now."""
+    conn = socket.create_connection((address, 8080), timeout=10)
+    conn.sendall(
+        f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        .encode() + body
+    )  # fmt: skip
+    return conn
+
+
+def answer(conn: socket.socket, within: float) -> str:
+    """The body line of the response, or "" if none came ``within`` seconds."""
+    conn.settimeout(within)
+    got = b""
+    try:
+        while b"bytes" not in got:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    except TimeoutError:
+        return ""
+    found = re.search(r"read \d+ bytes", got.decode())
+    return found.group(0) if found else ""
+
+
+def test_max_instances_caps_the_requests_each_replica_runs_at_once(node: Node) -> None:
+    image = holding_component(node)
+    spec = node.spec(
+        "wasmcap",
+        f"""
+        version: v1
+        deployment: wasmcap
+        services:
+          one:
+            service_type: wasm_http
+            image: {image}
+            endpoints: [{{name: http, protocol: http, port: 8080}}]
+            scale: {{mode: fixed, replicas: 1}}
+            wasm: {{max_instances: 1}}
+          two:
+            service_type: wasm_http
+            image: {image}
+            endpoints: [{{name: http, protocol: http, port: 8080}}]
+            scale: {{mode: fixed, replicas: 1}}
+            wasm: {{max_instances: 2}}
+        """,
+    )
+    node.ctl("up", "-d", str(spec), "--timeout", "240", check=True, timeout=300)
+    try:
+        address = {r["service"]: str(r["address"]) for r in node.replicas("wasmcap")}
+        for service, waits in (("one", True), ("two", False)):
+            held = post(address[service], b"12345", 10)
+            with held:
+                # The held request is in its instance before the other one comes.
+                time.sleep(0.5)
+                with post(address[service], b"xyz", 3) as other:
+                    if waits:  # the one instance is busy: the other request waits its turn
+                        assert answer(other, 3) == ""
+                        held.sendall(b"67890")
+                        assert answer(held, 10) == "read 10 bytes"
+                        assert answer(other, 10) == "read 3 bytes"
+                    else:  # a second instance answers it meanwhile
+                        assert answer(other, 10) == "read 3 bytes"
+                        held.sendall(b"67890")
+                        assert answer(held, 10) == "read 10 bytes"
+    finally:
+        node.ctl("down", "wasmcap")
