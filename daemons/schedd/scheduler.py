@@ -196,6 +196,8 @@ class _Waiting:
 class Scheduler:
     """Desired state, decisions, and the loop that hands them to agentd."""
 
+    cluster: Any = None  # a ClusterContext (daemons/schedd/cluster.py) in a cluster, None alone
+
     def __init__(
         self,
         store: Store,
