@@ -10,9 +10,6 @@
   the same lease if no one holds it; the holder places replicas. The others
   watch the key and stand again when it goes, which is at the latest when the
   holder's lease lapses.
-- What people set on this node from any node (``node-settings/<id>``: labels,
-  drain) is applied to its record as it changes; ``removed`` sets
-  :attr:`Membership.removed` for the daemon to leave.
 - A leader steps down at once when it can no longer be sure of its lease: etcd
   says the lease is gone, or no refresh has been confirmed for most of the
   lease's time (etcd unreachable), so it stops leading before the lease can
@@ -32,8 +29,8 @@ import aetcd  # type: ignore[import-untyped]
 
 from shared.bus import UnavailableError
 from shared.cluster.etcd import TLSFiles, client, retrying
-from shared.wire import WireError, decode, encode, replace
-from shared.wire.cluster import KEYS, NodeRecord, NodeSettings
+from shared.wire import WireError, decode, encode
+from shared.wire.cluster import KEYS, NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +42,6 @@ ETCD_ERRORS = (aetcd.ClientError, OSError, TimeoutError)
 
 def _node_key(node_id: str) -> bytes:
     return (KEYS["nodes"] + node_id).encode()
-
-
-def _settings_key(node_id: str) -> bytes:
-    return (KEYS["node_settings"] + node_id).encode()
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -84,7 +77,6 @@ class Membership:
         self.nodes: dict[str, NodeRecord] = {}
         self.leader: str | None = None  # the holder of the election key, as last seen
         self.is_leader = False
-        self.removed = False  # taken out of the cluster (node rm): the daemon should leave
         self.lease: int | None = None  # the lease this node's keys are bound to now
         self._registered = asyncio.Event()
         self._deadline: asyncio.TimerHandle | None = None
@@ -105,7 +97,7 @@ class Membership:
                 f"the cluster's store (etcd at {', '.join(self.endpoints)}) does not answer: "
                 f"{exc or type(exc).__name__}; check that etcd runs and that this node reaches it"
             ) from None
-        for work in (self._keep, self._watch_nodes, self._elect, self._watch_settings):
+        for work in (self._keep, self._watch_nodes, self._elect):
             self._tasks.append(asyncio.create_task(work(), name=f"membership-{work.__name__}"))
 
     async def stop(self) -> None:
@@ -137,9 +129,6 @@ class Membership:
 
     async def _register(self) -> None:
         loop = asyncio.get_running_loop()
-        settings = await self._client.get(_settings_key(self.record.id))
-        if settings is not None:
-            self._settle(settings.value)
         sent = loop.time()
         granted = await self._client.lease(self.ttl)
         try:
@@ -237,39 +226,6 @@ class Membership:
             except ETCD_ERRORS as exc:
                 log.warning("watching the cluster's nodes broke (%s); reading them again", exc)
             await asyncio.sleep(RETRY)
-
-    async def _watch_settings(self) -> None:
-        key = _settings_key(self.record.id)
-        while True:
-            try:
-                # A read of the key (as a prefix: its answer carries the store's
-                # revision, to watch from, which a missing key's does not).
-                listed = await self._client.get_prefix(key)
-                found = next((kv.value for kv in listed if kv.key == key), None)
-                if found is not None and self._settle(found):
-                    await self.update(self.record)
-                start = listed.header.revision + 1
-                async for event in self._events(key, start, prefix=False):
-                    if event.kind == "PUT" and self._settle(event.kv.value):
-                        await self.update(self.record)
-            except ETCD_ERRORS as exc:
-                log.warning("watching this node's settings broke (%s); reading them again", exc)
-            await asyncio.sleep(RETRY)
-
-    def _settle(self, raw: bytes) -> bool:
-        """Apply stored settings to this node's record; whether the record changed."""
-        try:
-            settings = decode(raw, NodeSettings)
-        except WireError as exc:
-            log.warning("this node's settings in etcd do not decode, ignored: %s", exc)
-            return False
-        if settings.removed and not self.removed:
-            self.removed = True
-            self._notify()
-        if (settings.labels, settings.state) == (self.record.labels, self.record.state):
-            return False
-        self.record = replace(self.record, labels=dict(settings.labels), state=settings.state)
-        return True
 
     @staticmethod
     def _record(raw: bytes) -> NodeRecord | None:

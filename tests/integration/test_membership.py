@@ -14,8 +14,7 @@ import pytest
 
 from daemons.schedd.membership import Membership
 from shared.cluster.etcd import client
-from shared.wire import encode
-from shared.wire.cluster import KEYS, NodeCapacity, NodeRecord, NodeSettings
+from shared.wire.cluster import KEYS, NodeCapacity, NodeRecord
 from tests.etcd_fixture import EtcdCluster, etcd1, etcd3  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,41 +217,5 @@ def test_membership_rides_out_the_loss_of_an_etcd_member(
         finally:
             await a.stop()
             await b.stop()
-
-    asyncio.run(scenario())
-
-
-def test_settings_set_from_any_node_reach_the_nodes_record(
-    etcd1: EtcdCluster,  # noqa: F811
-) -> None:
-    async def scenario() -> None:
-        async with client(etcd1.endpoints, timeout=5) as etcd:
-            # Set before the node starts (a label given while it was away) ...
-            early = NodeSettings(labels={"disk": "ssd"})
-            await etcd.put((KEYS["node_settings"] + "c").encode(), encode(early).encode())
-            a = Membership(record("a"), etcd1.endpoints)
-            c = Membership(record("c", zone="eu"), etcd1.endpoints)
-            await a.start()
-            await c.start()
-            try:
-                await until(lambda: "c" in a.nodes, 10, "a sees c")
-                assert a.nodes["c"].labels == {"disk": "ssd"}
-                # ... and while it runs: drained and relabelled, then removed.
-                later = NodeSettings(labels={"zone": "ap"}, state="draining")
-                await etcd.put((KEYS["node_settings"] + "c").encode(), encode(later).encode())
-                await until(
-                    lambda: (
-                        (a.nodes["c"].labels, a.nodes["c"].state) == ({"zone": "ap"}, "draining")
-                    ),
-                    5,
-                    "a sees c drained and relabelled",
-                )
-                assert not c.removed
-                gone = NodeSettings(removed=True)
-                await etcd.put((KEYS["node_settings"] + "c").encode(), encode(gone).encode())
-                await until(lambda: c.removed, 5, "c learns it was removed")
-            finally:
-                await a.stop()
-                await c.stop()
 
     asyncio.run(scenario())
