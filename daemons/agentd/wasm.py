@@ -11,7 +11,10 @@ digest and set of code-shaping flags (``wasmtime compile``; replicas start with
 arguments, its ``env`` the module's environment (wasmtime inherits each name
 from its own process, so no value shows on a command line), its ``storage``
 targets preopened directories, and ``wasm.max_memory``/``max_fuel`` wasmtime's
-limits.
+limits. A wasm_http service runs ``wasmtime serve``: ``request_timeout`` bounds each
+request (whose epoch ticks are when it yields: ``epoch_interval``), ``max_instances``
+the requests at once and ``idle_timeout`` an instance kept for reuse, per replica.
+What the command line cannot honour is refused (:func:`refusal`).
 
 Every failure is a :class:`~daemons.agentd.errors.BundleError` of one sentence.
 """
