@@ -53,6 +53,7 @@ services:
     endpoints: [{{name: http, protocol: http, port: 8080}}]
     scale: {{mode: fixed, replicas: 1}}
     stop_grace_period: 1s
+    capabilities: [NET_RAW]  # busybox ping opens a raw socket
     health:
       interval: 1s
       timeout: 1s
@@ -69,6 +70,14 @@ def deploy_web(node: Node, name: str) -> dict[str, Any]:
     rows = [r for r in json.loads(out.stdout) if r["deployment"] == name]
     assert len(rows) == 1 and rows[0]["health"] == "healthy", rows
     return dict(rows[0])
+
+
+def ping_from_replica(node: Node, deployment: str, address: object) -> tuple[int, str]:
+    """From inside ``node``'s replica: (exit code, output) of one ping to ``address``."""
+    done = node.run(
+        "exec", "web", "-d", deployment, "--", "ping", "-c1", "-W2", str(address), timeout=60
+    )
+    return done.returncode, done.stdout + done.stderr
 
 
 def fetch_from_replica(node: Node, deployment: str, address: str) -> tuple[int, str]:
@@ -105,7 +114,8 @@ def test_three_nodes_come_up_each_with_its_daemons_on_a_shared_lan(cluster: Clus
         rows = json.loads(node.run("status", "--format", "json", check=True).stdout)
         assert {r["name"]: r["state"] for r in rows} == dict.fromkeys(names, "running")
         # Its daemons run inside its own namespace, not the host's.
-        assert {r["pid"] for r in rows} <= node.pids()
+        inode = os.stat(node.netns_path).st_ino
+        assert all(os.stat(f"/proc/{r['pid']}/ns/net").st_ino == inode for r in rows), rows
         assert node.sh("hostname", check=True).stdout.strip() == node.name
         shown = node.sh("ip", "-o", "-4", "addr", "show", "dev", LAN_IFACE, check=True)
         assert f"{node.lan.ip}/" in shown.stdout
@@ -134,18 +144,27 @@ def test_each_node_runs_its_own_replica_and_cross_node_traffic_waits_for_routes(
         for node in cluster:
             address = IPv4Address(replicas[node.name]["address"])
             assert address in node.subnet, (node, address)
-        n1 = cluster.nodes[0]
-        # Within a node, replicas reach each other (the probe itself works).
+        n1, n2, _ = cluster.nodes
+        # Within a node, replicas reach each other (the probes themselves work).
         code, out = fetch_from_replica(n1, names["n1"], replicas["n1"]["address"])
         assert code == 0 and "hello-n1" in out, out
-        # Across nodes: today a node has no route to another node's block.
+        code, out = ping_from_replica(n1, names["n1"], n1.subnet.network_address + 1)
+        assert code == 0, out
+        # A replica reaches the other nodes themselves over the LAN (masqueraded
+        # as its node), as it would any host outside.
+        code, out = ping_from_replica(n1, names["n1"], n2.lan.ip)
+        assert code == 0, out
+        # Across nodes, replica to replica: today a node has no route to another
+        # node's block, so neither a ping nor a connection gets through.
         # CLUSTER: once overlayd routes the other nodes' blocks over the LAN (and
-        # its forward chain lets them in), this reaches hello-n2 instead.
+        # its forward chain lets them in), both reach n2's replica (hello-n2).
         other = replicas["n2"]["address"]
         route = n1.sh("ip", "route", "get", other)
         assert route.returncode != 0 and "unreachable" in route.stderr, route
+        code, out = ping_from_replica(n1, names["n1"], other)
+        assert code != 0 and "0 packets received" in out, out
         code, out = fetch_from_replica(n1, names["n1"], other)
-        assert code != 0 and "hello-n2" not in out, out
+        assert code != 0 and "Network is unreachable" in out, out
     finally:
         with ThreadPoolExecutor(len(cluster.nodes)) as pool:
             list(pool.map(lambda n: n.run("down", names[n.name], timeout=120), cluster.nodes))
