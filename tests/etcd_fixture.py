@@ -17,7 +17,7 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +92,7 @@ class EtcdCluster:
         return "\n".join(out)
 
 
-def _members(root: Path, count: int, tls: TLSFiles | None) -> list[EtcdMember]:
+def _members(root: Path, count: int, tls: Callable[[str], TLSFiles] | None) -> list[EtcdMember]:
     scheme = "https" if tls else "http"
     ports = [(free_port(), free_port()) for _ in range(count)]
     names = [f"m{i}" for i in range(count)]
@@ -107,34 +107,47 @@ def _members(root: Path, count: int, tls: TLSFiles | None) -> list[EtcdMember]:
             peer_urls=(f"{scheme}://127.0.0.1:{peer}",),
             initial_cluster=initial,
             cluster_token=f"zlayer-test-{root.name}",
-            client_tls=tls,
-            peer_tls=tls,
+            client_tls=tls(name) if tls else None,
+            peer_tls=tls(name) if tls else None,
         )
         for name, (client, peer) in zip(names, ports, strict=True)
     ]
 
 
 @contextlib.contextmanager
-def etcd_cluster(members: int = 1, *, tls: bool = False) -> Iterator[EtcdCluster]:
+def etcd_cluster(
+    members: int = 1,
+    *,
+    tls: bool = False,
+    member_tls: Callable[[str], TLSFiles] | None = None,
+    client_tls: TLSFiles | None = None,
+) -> Iterator[EtcdCluster]:
     """``members`` real etcd members, healthy; killed and removed at the end.
 
     With ``tls`` they speak HTTPS with client certificates (client and peer),
     from one self-signed CA for 127.0.0.1 that is also the certificate of all.
+    With ``member_tls`` (member name ``m0``, ``m1``... -> its files) each member
+    has its own, and ``client_tls`` is what the fixture (and ``cluster.tls``)
+    reaches them with.
     """
     if shutil.which(ETCD_BINARY) is None:
         pytest.skip("etcd is not installed (apt-get install etcd-server)")
     # Short and of our own; never under a path another test removes.
     root = Path(tempfile.mkdtemp(prefix="zletcd-"))
-    files = None
-    if tls:
+    files = client_tls
+    if tls and member_tls is None:
         cert, key = tls_files(root)
-        files = TLSFiles(ca=cert, cert=cert, key=key)
+        files = shared = TLSFiles(ca=cert, cert=cert, key=key)
+
+        def member_tls(_name: str) -> TLSFiles:
+            return shared  # one set of files for all
+
     cluster = EtcdCluster(root, [], files)
     try:
         for attempt in range(STARTS):
             for member in cluster.members:
                 shutil.rmtree(member.data_dir, ignore_errors=True)
-            cluster.members = _members(root, members, files)
+            cluster.members = _members(root, members, member_tls)
             for member in cluster.members:
                 cluster.start(member)
             try:

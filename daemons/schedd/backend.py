@@ -1,6 +1,8 @@
 """Which store keeps schedd's desired state: SQLite on a lone node, etcd in a cluster.
 
-schedd's configuration picks it with a ``[cluster]`` section::
+schedd's configuration can name an etcd with a ``[cluster]`` section (``node
+init`` and ``node join`` write the node's etcd to ``cluster.toml`` instead, see
+:mod:`shared.cluster.config`)::
 
     [cluster]
     etcd_endpoints = ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
@@ -8,7 +10,7 @@ schedd's configuration picks it with a ``[cluster]`` section::
     cert_file = "/etc/zlayer/cluster/node.pem"  # this node's client certificate
     key_file = "/etc/zlayer/cluster/node.key"
 
-No endpoints (the default) is a lone node: the SQLite file. The etcd client is
+Neither (the default) is a lone node: the SQLite file. The etcd client is
 imported only when a cluster is configured, so a lone schedd starts without it.
 """
 
@@ -48,10 +50,10 @@ class ClusterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("TLS files are set but no etcd_endpoints")
 
     def tls(self) -> TLSFiles | None:
-        from shared.cluster.etcd import TLSFiles
-
         if not self.ca_file:
             return None
+        from shared.cluster.etcd import TLSFiles
+
         return TLSFiles(Path(self.ca_file), Path(self.cert_file), Path(self.key_file))
 
 

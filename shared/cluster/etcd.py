@@ -42,6 +42,10 @@ class TLSFiles:
     ca: Path
     cert: Path
     key: Path
+    # The name a client checks in the members' certificates instead of the
+    # target's: a target of several addresses is no one host name, so a name
+    # every member's certificate carries (the cluster's, see shared.cluster.pki).
+    server_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class Client(aetcd.Client):  # type: ignore[misc]
                 ("grpc.max_reconnect_backoff_ms", 2_000),
                 *self._options.items(),
             ]
+            if self._tls is not None and self._tls.server_name:
+                options.append(("grpc.ssl_target_name_override", self._tls.server_name))
             if self._tls is None:
                 self.channel = grpc.aio.insecure_channel(self._target, options=options)
             else:

@@ -34,7 +34,7 @@ from daemons.schedd.store import DesiredStore, ServiceState, Store, StoreClosedE
 from shared.bus import open_bus
 from shared.busdaemon import PrivateBus
 from shared.clients import SchedulerClient
-from shared.cluster.etcd import client
+from shared.cluster.etcd import TLSFiles, client
 from shared.paths import Paths
 from shared.wire.cluster import KEYS
 from shared.wire.scheduler import Event
@@ -772,3 +772,30 @@ def test_a_revision_whose_commit_answer_was_lost_is_not_added_twice(
     assert lost == [True]
     assert etcd_store.revisions("app") == [1]
     assert etcd_store.add_revision("app", "{}", "", "a.yml") == 2
+
+
+def test_three_members_with_the_cluster_cas_certificates_are_one_target(tmp_path: Path) -> None:
+    """Members and schedd's node each with a certificate from the cluster CA (as node
+    init and join leave them): the store reaches all three as one gRPC target, as
+    their certificates share the cluster's name, and goes on when the member it
+    used is killed."""
+    from shared.cluster import pki
+
+    authority = pki.Authority.make()
+
+    def node_tls(node_id: str, server_name: str | None = None) -> TLSFiles:
+        files = pki.ClusterFiles(tmp_path / "pki" / node_id)
+        files.write_ca_certificate(authority.certificate)
+        files.write_node(*authority.issue(node_id, ["127.0.0.1"]))
+        return TLSFiles(files.ca_cert, files.node_cert, files.node_key, server_name)
+
+    mine = node_tls("schedd-node", server_name=pki.ANY_NODE)
+    with etcd_cluster(3, member_tls=node_tls, client_tls=mine) as cluster:
+        store = EtcdStore(cluster.endpoints, mine)
+        try:
+            assert store.add_revision("app", "{}", "", "a.yml") == 1
+            cluster.kill(0)
+            assert store.add_revision("app", "{}", "", "a.yml") == 2
+            assert store.names() == ["app"]
+        finally:
+            store.close()
