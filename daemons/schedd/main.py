@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 from sdbus import dbus_method_async_override
 
 from daemons.schedd.backend import SchedSettings, open_store
 from daemons.schedd.scheduler import Scheduler, check_spec_size
+from daemons.schedd.store import DesiredStore, Store
 from shared.bus import DAEMONS_BY_NAME, Scheduler1, UnavailableError
 from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
@@ -17,6 +19,9 @@ from shared.paths import Paths
 from shared.wire import encode
 from shared.wire.jobs import JobInfo
 from shared.wire.scheduler import Deployed, Event
+
+if TYPE_CHECKING:
+    from daemons.schedd.cluster import ClusterContext
 
 OUTBOUND_CALL_USEC = 30 * 60 * 1_000_000
 
@@ -137,6 +142,36 @@ class SchedulerService(Scheduler1):
     async def set_cron_enabled(self, deployment: str, service: str, enabled: bool) -> None:
         await self._scheduler.set_cron_enabled(deployment, service, enabled)
 
+    # --- the cluster (daemons/schedd/cluster.py)
+
+    @dbus_method_async_override()
+    async def node_init(self, advertise: str) -> str:
+        return encode(await self.daemon.nodes.init(advertise))
+
+    @dbus_method_async_override()
+    async def node_join_token(self, ttl_sec: float) -> str:
+        return await self.daemon.nodes.join_token(ttl_sec)
+
+    @dbus_method_async_override()
+    async def node_join(self, token: str, advertise: str) -> str:
+        return encode(await self.daemon.nodes.join(token, advertise))
+
+    @dbus_method_async_override()
+    async def list_nodes(self) -> str:
+        return encode(self.daemon.nodes.list_nodes())
+
+    @dbus_method_async_override()
+    async def label_node(self, node: str, labels: dict[str, str], remove: list[str]) -> str:
+        return encode(await self.daemon.nodes.label(node, labels, remove))
+
+    @dbus_method_async_override()
+    async def drain_node(self, node: str) -> str:
+        return encode(await self.daemon.nodes.drain(node))
+
+    @dbus_method_async_override()
+    async def remove_node(self, node: str) -> None:
+        await self.daemon.nodes.remove(node)
+
     # --- jobs (shared/jobs.py): deploy, down, stop and scale wait for their deployment
 
     @dbus_method_async_override()
@@ -177,18 +212,48 @@ class SchedulerDaemon(Daemon):
         assert self.bus is not None  # start() runs once the bus is open
         self.bus.method_call_timeout_usec = OUTBOUND_CALL_USEC
         assert isinstance(self.settings, SchedSettings)
-        # SQLite on a lone node; etcd when the [cluster] section names endpoints.
-        self.store = open_store(
-            self.settings.cluster, self.paths.daemon_state("schedd") / "state.db"
-        )
+        from daemons.schedd.cluster import ClusterContext, NodeControl, load_config
+
+        self.nodes = NodeControl(self.paths, self)
+        self.cluster: ClusterContext | None = None
+        self.sqlite: Store | None = None
+        config = await load_config(self.paths)
+        if config is not None:  # cluster.toml: etcd, this node's record, its peer server
+            self.cluster = await ClusterContext.open(config, self.paths)
+            self.store: DesiredStore = self.cluster.store
+        else:  # SQLite on a lone node; etcd when the [cluster] section names endpoints.
+            self.store = open_store(
+                self.settings.cluster, self.paths.daemon_state("schedd") / "state.db"
+            )
+            self.sqlite = self.store if isinstance(self.store, Store) else None
+        self._run_scheduler()
+
+    def _run_scheduler(self) -> None:
         # Scheduler is annotated with the SQLite Store; it uses only DesiredStore's calls.
-        self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key)  # type: ignore[arg-type]
+        self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key)
+        self.scheduler.cluster = self.cluster
         # The replica signals first: they keep the scheduler's copy of the replica
         # list current, and wake it at once so traffic follows health closely.
         self._watch_task = asyncio.create_task(
             self.scheduler.replica_cache.watch(), name="watch-replicas"
         )
         self._loop_task = asyncio.create_task(self.scheduler.run(), name="reconcile")
+
+    async def pause(self) -> None:
+        """Stop the reconcile loop (node init and join change the store under it)."""
+        for task in (self._watch_task, self._loop_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def resume(self, cluster: ClusterContext | None) -> None:
+        """Run the loop again: over the cluster's store once this node joined one."""
+        if cluster is not None:
+            if self.sqlite is not None:
+                self.sqlite.close()
+                self.sqlite = None
+            self.cluster, self.store = cluster, cluster.store
+        self._run_scheduler()
 
     def _secrets_key(self) -> bytes:
         """The key secrets are sealed with, read at their first use (not at start)."""
@@ -204,11 +269,11 @@ class SchedulerDaemon(Daemon):
 
     async def stop(self) -> None:
         await self.jobs.close()
-        for task in (self._watch_task, self._loop_task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.store.close()
+        await self.pause()
+        if self.cluster is not None:
+            await self.cluster.close()  # leaves: its record and leadership go at once
+        else:
+            self.store.close()
 
 
 def main() -> None:

@@ -1,0 +1,687 @@
+"""schedd in a cluster: this node's membership, its peer server, and the node commands.
+
+With ``cluster.toml`` (:mod:`shared.cluster.config`) schedd keeps its desired
+state in etcd (:class:`~daemons.schedd.etcdstore.EtcdStore`) and opens a
+:class:`ClusterContext`: this node's record under a lease and the election
+(:class:`~daemons.schedd.membership.Membership`), its ``zlayer.Node1`` server
+(peer and join ports; it answers joins where it holds the CA key) and an etcd
+client. The scheduler reads it as ``scheduler.cluster`` (None on a lone node).
+
+:class:`NodeControl` answers Scheduler1's node methods:
+
+- ``NodeInit`` makes the CA and this node's certificate, writes cluster.toml
+  with an etcd member, has it started (``zlayerctl daemon run``'s supervisor is
+  sent SIGUSR1; under systemd ``zlayer-etcd.service`` is started), waits until
+  it answers, moves the SQLite state into it and switches schedd's store in
+  place (the reconcile loop is stopped meanwhile; no restart).
+- ``NodeJoin`` joins through the node in the token (:func:`peer.join`), and
+  adds an etcd member for this node while the cluster has fewer than
+  :data:`VOTERS` (etcd's ``member add``, then the member starts with the
+  initial cluster state ``existing``); a client of the members after that.
+  A lone node's own deployments are not carried into the cluster: it must
+  have none.
+- Labels, drain and removal are :class:`~shared.wire.cluster.NodeSettings`
+  under ``KEYS["node_settings"]``, kept without a lease and written from any
+  node; each node watches its own and applies it to its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import aetcd  # type: ignore[import-untyped]
+import msgspec
+
+from daemons.schedd.etcdstore import EtcdStore, MoveRefusedError, move_to_etcd
+from daemons.schedd.membership import ETCD_ERRORS, Membership
+from shared.bus import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+    ZLayerError,
+)
+from shared.cluster import config as cluster_config
+from shared.cluster import jointoken, peer, pki
+from shared.cluster.config import ClusterConfig, EtcdMemberConfig
+from shared.cluster.etcd import Client, TLSFiles, client, retrying, wait_healthy
+from shared.logs import under_systemd
+from shared.paths import Paths
+from shared.wire import WireError, decode, encode
+from shared.wire.cluster import KEYS, NodeCapacity, NodeList, NodeRecord, NodeSettings
+
+if TYPE_CHECKING:
+    from daemons.schedd.store import Store
+
+log = logging.getLogger("zlayer.schedd.cluster")
+T = TypeVar("T")
+
+VOTERS = 3  # etcd members at most: a joining node is a voter while there are fewer
+ETCD_START_TIMEOUT = 30.0
+MEMBER_ADD_TIMEOUT = 30.0  # etcd counts a new member after it has been connected 5 s
+CALL_TIMEOUT = 5.0
+ETCD_UNIT = "zlayer-etcd.service"
+SUPERVISOR_ENV = "ZLAYER_SUPERVISOR_PID"  # shared.daemon's: the supervisor's pid
+
+
+def _url(address: str, port: int) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"https://{host}:{port}"
+
+
+def _local_url(config: ClusterConfig) -> str:
+    loopback = "[::1]" if ":" in config.advertise else "127.0.0.1"
+    return f"https://{loopback}:{cluster_config.ETCD_CLIENT_PORT}"
+
+
+def tls_of(files: pki.ClusterFiles) -> TLSFiles:
+    return TLSFiles(ca=files.ca_cert, cert=files.node_cert, key=files.node_key)
+
+
+def _any_node(c: Any) -> Any:
+    """A client of several members checks the name every node certificate carries:
+    one gRPC target of several addresses is no one host name."""
+    c._options["grpc.ssl_target_name_override"] = pki.ANY_NODE
+    return c
+
+
+def cluster_client(endpoints: list[str], tls: TLSFiles, timeout: float = CALL_TIMEOUT) -> Client:
+    made = client(endpoints, tls, timeout)
+    _any_node(made)
+    return made
+
+
+def new_node_id() -> str:
+    """The hostname, made a DNS label, and a random suffix: hostnames repeat."""
+    base = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")[:48] or "node"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+def capacity() -> NodeCapacity:
+    """What this machine offers: the CPUs schedd may run on, all of its memory."""
+    cpus = float(len(os.sched_getaffinity(0)))
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return NodeCapacity(cpu=cpus, memory=int(memory))
+
+
+def default_address() -> str:
+    """Blocking: the first global IPv4 address of this node's interfaces."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ip:
+        for found in ip.get_addr(family=socket.AF_INET):
+            address = str(found.get_attr("IFA_ADDRESS"))
+            if not address.startswith("127."):
+                return address
+    raise InvalidArgumentError(
+        "this node has no IPv4 address other nodes could reach; give one with --advertise"
+    )
+
+
+def _settings_key(node_id: str) -> bytes:
+    return (KEYS["node_settings"] + node_id).encode()
+
+
+def _settings(raw: bytes | None) -> NodeSettings | None:
+    if raw is None:
+        return None
+    try:
+        return decode(raw, NodeSettings)
+    except WireError:
+        return None
+
+
+# ------------------------------------------------------------ the etcd member's process
+
+
+async def sync_member(paths: Paths) -> None:
+    """Have this node's etcd member run, or stop, as cluster.toml now says: the
+    supervisor re-reads it on SIGUSR1; systemd starts or stops the unit."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor:
+        try:
+            os.kill(int(supervisor), signal.SIGUSR1)
+        except (ValueError, ProcessLookupError, PermissionError) as exc:
+            raise UnavailableError(
+                f"schedd cannot reach its supervisor (pid {supervisor}: {exc}) to start etcd; "
+                "restart ZLayer with zlayerctl daemon run"
+            ) from None
+        return
+    if under_systemd():
+        found = cluster_config.load(paths)
+        verb = "start" if found is not None and found.etcd is not None else "stop"
+        process = await asyncio.create_subprocess_exec(
+            "systemctl",
+            verb,
+            "--no-block",
+            ETCD_UNIT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, error = await process.communicate()
+        if process.returncode != 0:
+            raise UnavailableError(
+                f"systemctl {verb} {ETCD_UNIT} failed ({error.decode().strip()}); "
+                "check that the unit is installed"
+            )
+        return
+    raise UnavailableError(
+        "schedd runs under neither systemd nor zlayerctl daemon run, so it cannot start an "
+        "etcd member; run ZLayer under one of them"
+    )
+
+
+# ------------------------------------------------------------ a node in its cluster
+
+
+@dataclass
+class ClusterContext:
+    """What schedd holds in a cluster; ``scheduler.cluster`` (placement reads it)."""
+
+    node_id: str
+    config: ClusterConfig
+    files: pki.ClusterFiles
+    client: Client  # an etcd client on schedd's event loop
+    store: EtcdStore
+    membership: Membership
+    peer: peer.PeerServer | None = None
+    paths: Paths | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def open(
+        cls,
+        config: ClusterConfig,
+        paths: Paths,
+        store: EtcdStore | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> ClusterContext:
+        """Join the live cluster as this node: record, election, peer server."""
+        files = pki.ClusterFiles(Path(config.files))
+        tls = tls_of(files)
+        endpoints = list(config.etcd_endpoints)
+        etcd = cluster_client(endpoints, tls)
+        if store is None:
+            store = EtcdStore(endpoints, tls)
+            _any_node(store._client)
+        try:
+            found = await retrying(lambda: etcd.get(_settings_key(config.node_id)), 10.0)
+        except ETCD_ERRORS as exc:
+            await etcd.close()
+            store.close()
+            raise UnavailableError(
+                f"the cluster's store (etcd at {', '.join(endpoints)}) does not answer: "
+                f"{exc or type(exc).__name__}; check that etcd runs and that this node reaches it"
+            ) from None
+        settings = _settings(found.value if found is not None else None)
+        record = NodeRecord(
+            id=config.node_id,
+            name=config.name or socket.gethostname(),
+            address=config.advertise,
+            peer_port=config.peer_port,
+            labels=dict(settings.labels if settings is not None else config.labels),
+            capacity=capacity(),
+            state=settings.state if settings is not None else "ready",
+            etcd_member=config.etcd is not None,
+            started_at=time.time(),
+        )
+        membership = Membership(record, endpoints, tls, on_change=on_change)
+        _any_node(membership._client)
+        context = cls(config.node_id, config, files, etcd, store, membership, paths=paths)
+        try:
+            await membership.start()
+            await context._serve()
+        except BaseException:
+            await context.close()
+            raise
+        context._tasks.append(asyncio.create_task(context._watch_settings(), name="node-settings"))
+        return context
+
+    async def _serve(self) -> None:
+        node_tls = await asyncio.to_thread(peer.NodeTls.of, self.files)
+        authority = None
+        if self.files.ca_key.exists():
+            authority = await asyncio.to_thread(self.files.authority)
+        self.peer = peer.PeerServer(
+            self.node_id, node_tls, authority=authority, desk=peer.EtcdJoinDesk(self.client)
+        )
+        try:
+            await self.peer.start(
+                self.config.advertise, self.config.peer_port, self.config.join_port
+            )
+        except peer.PeerError:
+            self.peer = None
+            raise
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        with contextlib.suppress(*ETCD_ERRORS):
+            await self.membership.stop()
+        if self.peer is not None:
+            await self.peer.stop(0.5)
+            self.peer = None
+        with contextlib.suppress(*ETCD_ERRORS):
+            await self.client.close()
+        await asyncio.to_thread(self.store.close)
+
+    # ------------------------------------------------------------ settings
+
+    async def _watch_settings(self) -> None:
+        """Apply this node's settings (labels, drain, removal) as they change."""
+        key = _settings_key(self.node_id)
+        while True:
+            try:
+                # the watch first: a change between it and the read is seen twice, not lost
+                watch = await self.client.watch(key)
+                try:
+                    found = await self.client.get(key)
+                    if found is not None and await self._apply(_settings(found.value)):
+                        return
+                    async for event in watch:
+                        if event.kind == "PUT" and await self._apply(_settings(event.kv.value)):
+                            return
+                finally:
+                    with contextlib.suppress(*ETCD_ERRORS):
+                        await watch.cancel()
+            except ETCD_ERRORS as exc:
+                log.warning("watching this node's settings broke (%s); reading them again", exc)
+            await asyncio.sleep(0.5)
+
+    async def _apply(self, settings: NodeSettings | None) -> bool:
+        """True once the node has been removed from the cluster."""
+        if settings is None:
+            return False
+        if settings.removed:
+            log.warning("node %s was removed from the cluster; it leaves", self.node_id)
+            with contextlib.suppress(*ETCD_ERRORS):
+                await self.membership.stop()
+            if self.paths is not None:
+                # lone at its next start; its etcd member (removed from etcd) stops
+                await asyncio.to_thread(cluster_config.remove, self.paths)
+                with contextlib.suppress(ZLayerError):
+                    await sync_member(self.paths)
+            return True
+        record = self.membership.record
+        changed = msgspec_replace(record, labels=dict(settings.labels), state=settings.state)
+        if changed != record:
+            await self.membership.update(changed)
+        return False
+
+    async def _change_settings(
+        self, node: str, change: Callable[[NodeSettings], NodeSettings]
+    ) -> NodeSettings:
+        """Read-modify-write a node's settings in one transaction (tried again on a race)."""
+        live = self.membership.live()
+        key = _settings_key(node)
+        tx = self.client.transactions
+        for _ in range(10):
+            found = await self.client.get(key)
+            current = _settings(found.value if found is not None else None)
+            if current is None:
+                if node not in live:
+                    raise NotFoundError(
+                        f"no node {node} is in the cluster; zlayerctl node ls lists them"
+                    )
+                record = live[node]
+                current = NodeSettings(labels=dict(record.labels), state=record.state)
+            wanted = change(current)
+            compare = (
+                [tx.mod(key) == found.mod_revision] if found is not None else [tx.create(key) == 0]
+            )
+            ok, _ = await self.client.transaction(
+                compare=compare, success=[tx.put(key, encode(wanted).encode())], failure=[]
+            )
+            if ok:
+                return wanted
+        raise UnavailableError(f"node {node}'s settings kept changing; try again")
+
+    async def _etcd(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except ETCD_ERRORS as exc:
+            raise UnavailableError(
+                f"the cluster's store (etcd at {', '.join(self.config.etcd_endpoints)}) does "
+                f"not answer: {exc or type(exc).__name__}; check that etcd runs"
+            ) from None
+
+    # ------------------------------------------------------------ node commands
+
+    def list_nodes(self) -> NodeList:
+        nodes = sorted(self.membership.live().values(), key=lambda r: (r.name, r.id))
+        return NodeList(nodes=nodes, leader=self.membership.leader or "", this_node=self.node_id)
+
+    async def join_token(self, ttl: float) -> str:
+        if self.peer is None or self.peer.authority is None:
+            raise InvalidArgumentError(
+                f"node {self.node_id} does not sign joins (it holds no cluster CA key); "
+                "make the token on the node that ran zlayerctl node init"
+            )
+        token, record = jointoken.make(
+            self.config.advertise,
+            self.peer.join_port,
+            self.peer.authority.fingerprint,
+            ttl or jointoken.DEFAULT_TTL,
+            created_by=self.node_id,
+        )
+        await self._etcd(lambda: jointoken.save(self.client, record))
+        return token.text()
+
+    async def label(self, node: str, labels: dict[str, str], remove: list[str]) -> NodeSettings:
+        for key in [*labels, *remove]:
+            if not key or "=" in key:
+                raise InvalidArgumentError(
+                    f"{key!r} is not a label key; write KEY=VALUE to set one and KEY- to remove it"
+                )
+
+        def change(settings: NodeSettings) -> NodeSettings:
+            merged = {k: v for k, v in settings.labels.items() if k not in remove}
+            merged.update(labels)
+            return msgspec_replace(settings, labels=merged)
+
+        result: NodeSettings = await self._etcd(lambda: self._change_settings(node, change))
+        return result
+
+    async def drain(self, node: str) -> NodeSettings:
+        def change(settings: NodeSettings) -> NodeSettings:
+            return msgspec_replace(settings, state="draining")
+
+        result: NodeSettings = await self._etcd(lambda: self._change_settings(node, change))
+        return result
+
+    async def remove(self, node: str) -> None:
+        if node == self.node_id:
+            raise InvalidArgumentError(
+                f"node {node} is this node; remove it from another node of the cluster"
+            )
+
+        async def run() -> None:
+            await self._change_settings(node, lambda s: msgspec_replace(s, removed=True))
+            async for member in self.client.members():
+                if member.name == node:
+                    await self.client.remove_member(member.id)
+            found = await self.client.get((KEYS["nodes"] + node).encode())
+            if found is not None and found.lease:
+                with contextlib.suppress(*ETCD_ERRORS):
+                    await self.client.revoke_lease(found.lease)
+            await self.client.delete((KEYS["nodes"] + node).encode())
+
+        await self._etcd(run)
+
+
+def msgspec_replace(value: T, **changes: Any) -> T:
+    return msgspec.structs.replace(value, **changes)  # type: ignore[type-var]
+
+
+# ------------------------------------------------------------ turning a lone node into a member
+
+
+class Switch(Protocol):
+    """What :class:`NodeControl` needs of the daemon: pause the reconcile loop and
+    hand it a new store and context."""
+
+    @property
+    def sqlite(self) -> Store | None: ...
+
+    @property
+    def cluster(self) -> ClusterContext | None: ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self, cluster: ClusterContext | None) -> None: ...
+
+
+class NodeControl:
+    """Scheduler1's node methods, over the daemon's :class:`Switch`."""
+
+    def __init__(self, paths: Paths, daemon: Switch) -> None:
+        self.paths = paths
+        self.daemon = daemon
+        self._busy = asyncio.Lock()
+
+    @property
+    def files(self) -> pki.ClusterFiles:
+        return pki.ClusterFiles.of(self.paths)
+
+    def _context(self) -> ClusterContext:
+        if self.daemon.cluster is None:
+            raise InvalidArgumentError(
+                "this node is not in a cluster; zlayerctl node init makes one, node join joins one"
+            )
+        return self.daemon.cluster
+
+    def _lone(self) -> None:
+        found = cluster_config.load(self.paths)
+        if found is not None or self.daemon.cluster is not None:
+            node = found.node_id if found is not None else self.daemon.cluster.node_id  # type: ignore[union-attr]
+            raise AlreadyExistsError(
+                f"this node is already in a cluster (as node {node}); "
+                "remove it from the cluster (zlayerctl node rm on another node) first"
+            )
+
+    def _fresh_start(self, member_dir: Path) -> None:
+        """Blocking: what a failed init or join before this one left (no cluster.toml
+        names it): its cluster files and its member's data, which would rejoin an
+        old cluster."""
+        shutil.rmtree(self.files.directory, ignore_errors=True)
+        shutil.rmtree(member_dir, ignore_errors=True)
+
+    def _member(
+        self, node_id: str, advertise: str, initial: dict[str, str], state: str
+    ) -> EtcdMemberConfig:
+        peer_url = _url(advertise, cluster_config.ETCD_PEER_PORT)
+        local = "[::1]" if ":" in advertise else "127.0.0.1"
+        return EtcdMemberConfig(
+            name=node_id,
+            data_dir=str(self.paths.state_dir / "etcd"),
+            client_urls=[
+                _url(advertise, cluster_config.ETCD_CLIENT_PORT),
+                f"https://{local}:{cluster_config.ETCD_CLIENT_PORT}",
+            ],
+            advertise_client_urls=[_url(advertise, cluster_config.ETCD_CLIENT_PORT)],
+            peer_urls=[peer_url],
+            initial_cluster={**initial, node_id: peer_url},
+            initial_state="new" if state == "new" else "existing",
+        )
+
+    async def _start_member(self, config: ClusterConfig) -> None:
+        await sync_member(self.paths)
+        await wait_healthy(
+            [_local_url(config)], ETCD_START_TIMEOUT, tls_of(pki.ClusterFiles(Path(config.files)))
+        )
+
+    async def _undo(self) -> None:
+        """A failed init or join: back to a lone node (its etcd member stopped)."""
+        await asyncio.to_thread(cluster_config.remove, self.paths)
+        with contextlib.suppress(ZLayerError):
+            await sync_member(self.paths)
+
+    async def _address(self, advertise: str) -> str:
+        return advertise.strip() or await asyncio.to_thread(default_address)
+
+    async def init(self, advertise: str) -> NodeRecord:
+        async with self._busy:
+            self._lone()
+            address = await self._address(advertise)
+            node_id = new_node_id()
+            member_dir = self.paths.state_dir / "etcd"
+            files = self.files
+
+            def make() -> None:
+                self._fresh_start(member_dir)
+                pki.init_cluster(files, node_id, [address])
+
+            try:
+                await asyncio.to_thread(make)
+            except pki.PkiError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+            member = self._member(node_id, address, {}, "new")
+            member = msgspec_replace(member, cluster_token=f"zlayer-{secrets.token_hex(8)}")
+            config = ClusterConfig(
+                node_id=node_id,
+                name=socket.gethostname(),
+                advertise=address,
+                etcd_endpoints=[_url(address, cluster_config.ETCD_CLIENT_PORT)],
+                files=str(files.directory),
+                etcd=member,
+            )
+            await asyncio.to_thread(cluster_config.save, self.paths, config)
+            paused = False
+            try:
+                await self._start_member(config)
+                await self.daemon.pause()
+                paused = True
+                store = EtcdStore(config.etcd_endpoints, tls_of(files))
+                _any_node(store._client)
+                sqlite = self.daemon.sqlite
+                try:
+                    if sqlite is not None:
+                        moved = await asyncio.to_thread(move_to_etcd, sqlite, store)
+                        log.info("node init moved %d keys of schedd's state into etcd", moved)
+                except BaseException:
+                    await asyncio.to_thread(store.close)
+                    raise
+                context = await ClusterContext.open(config, self.paths, store)
+            except MoveRefusedError as exc:
+                await self._failed(paused)
+                raise ZLayerError(str(exc)) from None
+            except BaseException:
+                await self._failed(paused)
+                raise
+            await self.daemon.resume(context)
+            return context.membership.record
+
+    async def _failed(self, paused: bool) -> None:
+        await self._undo()
+        if paused:
+            await self.daemon.resume(None)
+
+    async def join(self, token_text: str, advertise: str) -> NodeRecord:
+        async with self._busy:
+            self._lone()
+            try:
+                token = jointoken.parse(token_text)
+            except jointoken.JoinTokenError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+            sqlite = self.daemon.sqlite
+            names = await asyncio.to_thread(sqlite.names) if sqlite is not None else []
+            if names:
+                raise InvalidArgumentError(
+                    f"this node has deployments of its own ({', '.join(sorted(names))}); "
+                    "a node that joins takes the cluster's: remove them (zlayerctl down) first"
+                )
+            address = await self._address(advertise)
+            node_id = new_node_id()
+            member_dir = self.paths.state_dir / "etcd"
+            await asyncio.to_thread(self._fresh_start, member_dir)
+            try:
+                joined = await peer.join(token, node_id, [address])
+            except peer.PeerError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+            files = self.files
+            await asyncio.to_thread(joined.write, files)
+            tls = tls_of(files)
+            endpoints = list(joined.etcd_endpoints)
+            paused = False
+            try:
+                member, endpoints = await self._maybe_voter(node_id, address, endpoints, tls)
+                config = ClusterConfig(
+                    node_id=node_id,
+                    name=socket.gethostname(),
+                    advertise=address,
+                    etcd_endpoints=endpoints,
+                    files=str(files.directory),
+                    etcd=member,
+                )
+                await asyncio.to_thread(cluster_config.save, self.paths, config)
+                if member is not None:
+                    await self._start_member(config)
+                await self.daemon.pause()
+                paused = True
+                context = await ClusterContext.open(config, self.paths)
+            except BaseException:
+                await self._failed(paused)
+                raise
+            await self.daemon.resume(context)
+            return context.membership.record
+
+    async def _maybe_voter(
+        self, node_id: str, address: str, endpoints: list[str], tls: TLSFiles
+    ) -> tuple[EtcdMemberConfig | None, list[str]]:
+        """Add this node as an etcd member while the cluster has fewer than VOTERS:
+        its member config (None: a client only) and the endpoints to use."""
+        etcd = cluster_client(endpoints, tls, timeout=10.0)
+        try:
+            members = [m async for m in etcd.members()]
+            if len(members) >= VOTERS:
+                return None, endpoints
+            peer_url = _url(address, cluster_config.ETCD_PEER_PORT)
+            await self._add_member(etcd, peer_url)
+            initial = {m.name: ",".join(m.peer_urls) for m in members if m.name}
+            member = self._member(node_id, address, initial, "existing")
+            # the cluster's token is what its first member was started with; a member
+            # that joins an existing cluster ignores it, so any value will do
+            own = _url(address, cluster_config.ETCD_CLIENT_PORT)
+            return member, [*endpoints, own] if own not in endpoints else endpoints
+        except (aetcd.ClientError, OSError, TimeoutError) as exc:
+            raise UnavailableError(
+                f"cannot reach the cluster's etcd at {', '.join(endpoints)} "
+                f"({exc or type(exc).__name__}); check that this node reaches those addresses"
+            ) from None
+        finally:
+            with contextlib.suppress(*ETCD_ERRORS):
+                await etcd.close()
+
+    @staticmethod
+    async def _add_member(etcd: Client, peer_url: str) -> None:
+        """``member add``; etcd refuses one while a member it added is not yet connected
+        long enough to count ("unhealthy cluster"): tried again until then."""
+        deadline = time.monotonic() + MEMBER_ADD_TIMEOUT
+        while True:
+            try:
+                await etcd.add_member([peer_url])
+                return
+            except aetcd.ClientError as exc:
+                if "unhealthy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.5)
+
+    async def join_token(self, ttl: float) -> str:
+        return await self._context().join_token(ttl)
+
+    def list_nodes(self) -> NodeList:
+        return self._context().list_nodes()
+
+    async def label(self, node: str, labels: dict[str, str], remove: list[str]) -> NodeSettings:
+        return await self._context().label(node, labels, remove)
+
+    async def drain(self, node: str) -> NodeSettings:
+        return await self._context().drain(node)
+
+    async def remove(self, node: str) -> None:
+        await self._context().remove(node)
+
+
+async def load_config(paths: Paths) -> ClusterConfig | None:
+    """cluster.toml, read off the event loop; a bad one stops schedd with its sentence."""
+    try:
+        return await asyncio.to_thread(cluster_config.load, paths)
+    except cluster_config.ClusterConfigError as exc:
+        raise UnavailableError(str(exc)) from None
