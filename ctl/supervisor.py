@@ -82,9 +82,26 @@ def find_executable(name: str) -> str:
     return found
 
 
+@dataclass(frozen=True)
+class ChildInfo:
+    """A child that is not one of the six daemons (the etcd member)."""
+
+    name: str
+    executable: str  # its name in messages
+    command: tuple[str, ...]
+
+
+# This node's etcd member, when its cluster.toml names one (shared.cluster.config):
+# started before schedd, which keeps its state there; it sends READY=1 itself
+# (it execs etcd) but no watchdog pings.
+ETCD = ChildInfo(
+    name="etcd", executable="etcd", command=(sys.executable, "-m", "shared.cluster.etcd", "run")
+)
+
+
 @dataclass
 class _Child:
-    info: DaemonInfo
+    info: DaemonInfo | ChildInfo
     record: ChildState
     process: asyncio.subprocess.Process | None = None
     started: float = 0.0
@@ -92,6 +109,11 @@ class _Child:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     backoff: float = BACKOFF_FIRST
     fd_store: FdStore = field(default_factory=FdStore)
+    retired: bool = False  # taken out (the node left its cluster): not restarted
+
+    @property
+    def watchdog(self) -> bool:
+        return not isinstance(self.info, ChildInfo)
 
 
 class Supervisor:
@@ -113,12 +135,16 @@ class Supervisor:
             info.name: _Child(info, ChildState(name=info.name, log_file=str(self._log_file(info))))
             for info in daemons
         }
+        # schedd reads its state from this node's etcd member, when it runs one
+        self.after = {**after, "schedd": (*after.get("schedd", ()), ETCD.name)}
+        if daemons == DAEMONS and self._etcd_wanted():
+            self._add_etcd()
         self._stopping = asyncio.Event()
         self._notify_sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._started_at = time.time()
 
-    def _log_file(self, info: DaemonInfo) -> Path:
+    def _log_file(self, info: DaemonInfo | ChildInfo) -> Path:
         return self.paths.log_dir / f"{info.name}.log"
 
     # ------------------------------------------------------------ state file
@@ -198,11 +224,14 @@ class Supervisor:
             passed=child.fd_store.passed(),
             before=_die_with_parent,
         )
-        executable = find_executable(child.info.executable)
+        if isinstance(child.info, ChildInfo):
+            command = list(child.info.command)
+        else:
+            command = [find_executable(child.info.executable)]
         # env=None: the child sets its environment itself (LISTEN_PID is its own PID).
         with log_file.open("ab") as output, start.reserved():
             child.process = await asyncio.create_subprocess_exec(
-                executable,
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
@@ -238,11 +267,11 @@ class Supervisor:
     async def _watch(self, child: _Child) -> None:
         """Keep one daemon running: restart it with backoff whenever it ends."""
         await self._after(child)
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not child.retired:
             await self._spawn(child)
             assert child.process is not None
             code = await self._wait_or_watchdog(child)
-            if self._stopping.is_set():
+            if self._stopping.is_set() or child.retired:
                 return
             ran_for = time.monotonic() - child.started
             if ran_for >= STABLE_AFTER:
@@ -269,7 +298,7 @@ class Supervisor:
             if done:
                 return wait.result()
             silent = time.monotonic() - child.last_ping
-            if child.ready.is_set() and silent > WATCHDOG_SEC:
+            if child.watchdog and child.ready.is_set() and silent > WATCHDOG_SEC:
                 self.announce(
                     f"{child.info.executable} sent no watchdog ping for {silent:.0f}s; killing it"
                 )
@@ -311,6 +340,42 @@ class Supervisor:
             child.record.state = "stopped"
             child.record.pid = 0
 
+    # ------------------------------------------------------------ the etcd member
+
+    def _etcd_wanted(self) -> bool:
+        from shared.cluster import config
+
+        try:
+            found = config.load(self.paths)
+        except config.ClusterConfigError as exc:
+            self.announce(f"not starting etcd: {exc}")
+            return False
+        return found is not None and found.etcd is not None
+
+    def _add_etcd(self) -> _Child:
+        child = _Child(ETCD, ChildState(name=ETCD.name, log_file=str(self._log_file(ETCD))))
+        # first, so the children start in the order of their units
+        self.children = {ETCD.name: child, **self.children}
+        return child
+
+    def _sync_etcd(self) -> None:
+        """SIGUSR1 (schedd, at node init and join): run this node's etcd member or stop
+        it, as cluster.toml now says."""
+        wanted = self._etcd_wanted()
+        child = self.children.get(ETCD.name)
+        if wanted and child is None:
+            self.announce("starting this node's etcd member (cluster.toml names one)")
+            self._tasks.append(asyncio.create_task(self._watch(self._add_etcd())))
+            self._write_state()
+        elif not wanted and child is not None:
+            self.announce("stopping this node's etcd member (cluster.toml names none)")
+            child.retired = True
+            del self.children[ETCD.name]
+            if child.process is not None and child.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.terminate()
+            self._write_state(ready=self._all_ready())
+
     # ------------------------------------------------------------ main
 
     def request_stop(self) -> None:
@@ -327,6 +392,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, self._sync_etcd)
         for directory in (self.paths.run_dir, self.paths.log_dir, self.paths.state_dir):
             directory.mkdir(parents=True, exist_ok=True)
         try:
