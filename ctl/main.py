@@ -82,6 +82,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "ctl.replica_cmd:logs",
         "Print a service's logs (every replica, or one with --instance).",
     ),
+    "node": (
+        "ctl.node_cmd:node",
+        "This node in a cluster: init, join-token, join, ls, label, drain, rm.",
+    ),
     "pipeline": (
         "ctl.build_cmd:pipeline",
         "Build the images of a ZPipeline in dependency order.",

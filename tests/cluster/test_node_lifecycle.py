@@ -1,0 +1,154 @@
+"""A node's life in a cluster, on three nodes that start lone (SQLite, no etcd):
+``node init`` on the first (its state moves into an etcd member it starts),
+``node join`` on the others with a token (etcd voters, as the cluster has fewer
+than three members), then ``node ls``, ``node label`` and ``node drain`` as
+every node sees them, and the one sentence a bad token gets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import Cluster, Node
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+SETTLE = 20.0  # seconds for a change to reach every node's view (a watch, a lease)
+
+
+@pytest.fixture(scope="module")
+def lone() -> Iterator[Cluster]:
+    """Three lone nodes: the test makes them a cluster."""
+    with Cluster(3, etcd=False) as started:
+        yield started
+    left = started.leftovers()
+    assert not left, f"the cluster left these behind: {left}"
+
+
+def nodes_seen(node: Node) -> dict[str, Any]:
+    done = node.run("node", "ls", "--format", "json", check=True)
+    found: dict[str, Any] = json.loads(done.stdout)
+    return found
+
+
+def until(node: Node, check: Any, what: str) -> dict[str, Any]:
+    """``node ls`` on ``node`` until ``check(listing)`` holds (SETTLE seconds at most)."""
+    deadline = time.monotonic() + SETTLE
+    while True:
+        seen = nodes_seen(node)
+        if check(seen):
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node.name}: {what} not seen within {SETTLE:g} s: {seen}")
+        time.sleep(0.3)
+
+
+def one_sentence(text: str) -> None:
+    line = text.strip().removeprefix("error:").strip()
+    assert line and "\n" not in line and "Traceback" not in text, text
+
+
+@pytest.fixture(scope="module")
+def initialised(lone: Cluster) -> float:
+    """``node init`` on n1; how long it took."""
+    n1 = lone[0]
+    began = time.monotonic()
+    n1.run("node", "init", "--advertise", str(n1.lan.ip), check=True)
+    return time.monotonic() - began
+
+
+@pytest.fixture(scope="module")
+def formed(lone: Cluster, initialised: float) -> dict[str, str]:
+    """n2 and n3 joined with one token: node name -> node id."""
+    n1, n2, n3 = lone
+    token = n1.run("node", "join-token", "--ttl", "10m", check=True).stdout.strip()
+    for node in (n2, n3):
+        began = time.monotonic()
+        node.run("node", "join", token, "--advertise", str(node.lan.ip), check=True)
+        print(f"{node.name} joined in {time.monotonic() - began:.1f} s")
+    print(f"n1's init took {initialised:.1f} s")
+    return {node.name: nodes_seen(node)["this_node"] for node in lone}
+
+
+def test_bad_tokens_are_one_sentence(lone: Cluster, initialised: float) -> None:
+    """Before n2 joins: a damaged, an expired and a forged token are each refused with
+    one sentence, and n2 stays lone."""
+    from shared.cluster.jointoken import JoinToken, parse
+
+    n1, n2 = lone[0], lone[1]
+    expired = n1.run("node", "join-token", "--ttl", "1s", check=True).stdout.strip()
+    real = parse(n1.run("node", "join-token", check=True).stdout.strip())
+    # this cluster's address and CA, a secret it never stored
+    forged = JoinToken(
+        address=real.address,
+        port=real.port,
+        secret="A" * 43,
+        ca_sha256=real.ca_sha256,
+        expires_at=real.expires_at,
+    ).text()
+    time.sleep(1.5)
+    for token, words in (
+        ("not-a-token", "not a join token"),
+        (expired, "expired"),
+        (forged, "not one this cluster made"),
+    ):
+        done = n2.run("node", "join", token, "--advertise", str(n2.lan.ip))
+        assert done.returncode == 1, done.stdout
+        one_sentence(done.stderr)
+        assert words in done.stderr, done.stderr
+    done = n2.run("node", "ls")
+    assert done.returncode == 1 and "not in a cluster" in done.stderr, done.stderr
+
+
+def test_three_ready_nodes_and_one_leader_on_each(lone: Cluster, formed: dict[str, str]) -> None:
+    for node in lone:
+        seen = until(
+            node,
+            lambda s: len(s["nodes"]) == 3 and s["leader"] in {n["id"] for n in s["nodes"]},
+            "three nodes and a leader",
+        )
+        assert {n["id"] for n in seen["nodes"]} == set(formed.values())
+        assert all(n["state"] == "ready" for n in seen["nodes"])
+        assert all(n["etcd_member"] for n in seen["nodes"]), "fewer than 3 members: each votes"
+        by_id = {n["id"]: n for n in seen["nodes"]}
+        for other in lone:
+            assert by_id[formed[other.name]]["address"] == str(other.lan.ip)
+            assert by_id[formed[other.name]]["name"] == other.name
+        assert seen["this_node"] == formed[node.name]
+    leaders = {nodes_seen(node)["leader"] for node in lone}
+    assert len(leaders) == 1, leaders
+    table = lone[1].run("node", "ls", check=True).stdout
+    assert "leader" in table and table.count("voter") == 3, table
+
+
+def test_label_and_drain_show_on_every_node(lone: Cluster, formed: dict[str, str]) -> None:
+    n1, _, n3 = lone
+    target = formed["n2"]
+    n1.run("node", "label", target, "zone=a", "disk=ssd", check=True)
+    n3.run("node", "label", target, "disk-", check=True)
+    n3.run("node", "drain", target, check=True)
+
+    def changed(seen: dict[str, Any]) -> bool:
+        record = {n["id"]: n for n in seen["nodes"]}.get(target)
+        return bool(record) and record["labels"] == {"zone": "a"} and record["state"] == "draining"
+
+    for node in lone:
+        until(node, changed, "n2 labelled zone=a and draining")
+    table = n1.run("node", "ls", check=True).stdout
+    row = next(line for line in table.splitlines() if line.startswith(target))
+    assert "draining" in row and "zone=a" in row, table
+    others = [n for n in nodes_seen(n1)["nodes"] if n["id"] != target]
+    assert all(n["state"] == "ready" and n["labels"] == {} for n in others)
+
+
+def test_unknown_node_is_one_sentence(lone: Cluster, formed: dict[str, str]) -> None:
+    done = lone[0].run("node", "drain", "no-such-node")
+    assert done.returncode == 1
+    one_sentence(done.stderr)
+    assert "no node no-such-node" in done.stderr
