@@ -17,6 +17,9 @@ The rules, in the order they apply:
 - ``node_mode``: ``shared`` replicas go anywhere they fit; ``dedicated``: a node
   runs the replicas of that one service and nothing else (any number of
   them); ``exclusive``: a node runs that one replica and nothing else.
+  (Upstream's README words them otherwise: ``dedicated`` one replica per node,
+  others' replicas beside it; ``exclusive`` the service's nodes its own. Its
+  scheduler, like this one, keeps an exclusive replica alone on its node.)
 - Resources: ``resources.cpu`` and ``resources.memory`` are reserved; a node
   takes a replica only while the sum of its reservations stays within its
   capacity.
@@ -32,8 +35,11 @@ The rules, in the order they apply:
   counts in declaration order, each group placed with its own resources and
   affinity; spreading counts the whole service.
 
+Services are placed hardest first (exclusive, dedicated, with required labels
+or a pin, then the largest reservations), each one's replicas in name order.
 A replica that fits nowhere is :class:`Pending`, with one sentence saying why
-("no node has 4 CPUs free; the largest has 2.5").
+("no node has 4 CPUs free; the largest has 2.5"), said of the nodes as the
+placement leaves them.
 """
 
 from __future__ import annotations
