@@ -28,6 +28,9 @@ KEYS = {
     "subnets": PREFIX + "subnets/",  # subnets/<cidr>: the node id holding that block
     "join_tokens": PREFIX + "join-tokens/",  # join-tokens/<sha256 of secret>: JoinTokenRecord
     "node_settings": PREFIX + "node-settings/",  # node-settings/<id>: NodeSettings, no lease
+    # replicas/<node>/<replica id>: the ReplicaInfo of a replica that node runs, bound to
+    # its lease, so every node routes to every node's healthy replicas
+    "replicas": PREFIX + "replicas/",
 }
 
 NodeState = Literal["ready", "draining", "down"]
