@@ -76,11 +76,22 @@ def image_runtime(
             manifest = json.loads(image.manifest)
     artifact_type = str(manifest.get("artifactType") or "") if isinstance(manifest, dict) else ""
     typed_layers = [_is_wasm_media_type(layer.media_type) for layer in image.layers]
+    # A pulled image's stored blobs carry no media types: its manifest's do.
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    config_type = str(config.get("mediaType") or "") if isinstance(config, dict) else ""
+    listed = manifest.get("layers") if isinstance(manifest, dict) else None
+    listed_types = [
+        str(layer.get("mediaType") or "")
+        for layer in (listed if isinstance(listed, list) else [])
+        if isinstance(layer, dict)
+    ]
     if (
         artifact_type in WASM_ARTIFACT_TYPES
         or _is_wasm_media_type(artifact_type)
         or image.config.media_type == WASM_CONFIG_MEDIA_TYPE
+        or config_type == WASM_CONFIG_MEDIA_TYPE
         or any(typed_layers)
+        or any(_is_wasm_media_type(kind) for kind in listed_types)
     ):
         return "wasm", _wasm_layer_digests(image, path)
     architecture = str(document.get("architecture") or "")

@@ -199,10 +199,6 @@ def test_a_pulled_wasm_image_is_compiled_and_a_container_image_is_not(
         registryd.ok("image", "rm", image["id"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registryd's pull does not recognise a Wasm artifact: its config has no diff ids",
-)
 def test_a_pulled_wasm_artifact_is_compiled(
     registryd: Registryd, agentd: Agentd, tmp_path: Path
 ) -> None:
