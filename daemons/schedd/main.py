@@ -229,7 +229,7 @@ class SchedulerDaemon(Daemon):
         self._run_scheduler()
 
     def _run_scheduler(self) -> None:
-        # Scheduler is annotated with the SQLite Store; it uses only DesiredStore's calls.
+        assert self.bus is not None  # start() runs once the bus is open
         self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key)
         self.scheduler.cluster = self.cluster
         # The replica signals first: they keep the scheduler's copy of the replica

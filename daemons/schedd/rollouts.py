@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from daemons.schedd.store import ServiceState, Store
+from daemons.schedd.store import DesiredStore, ServiceState
 from daemons.schedd.views import IN_ROTATION
 from shared.wire.agent import ReplicaInfo, RevisionReplicas
 
@@ -52,7 +52,7 @@ class Rollouts:
 
     def __init__(
         self,
-        store: Store,
+        store: DesiredStore,
         service_spec: Callable[[str, int, str], ServiceSpec | None],
         event: Callable[..., None],
         apply: Callable[..., Awaitable[None]],

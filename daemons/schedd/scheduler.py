@@ -40,7 +40,7 @@ from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache, agent_call
 from daemons.schedd.rollouts import Rollouts
 from daemons.schedd.secrets import Secrets, SecretUnreadableError, info, missing, spec_references
 from daemons.schedd.status import deployment_status, desired_replicas, start_order
-from daemons.schedd.store import ServiceState, Store, StoredDeployment
+from daemons.schedd.store import DesiredStore, ServiceState, StoredDeployment
 from daemons.schedd.views import IN_ROTATION, TRAFFIC_TIMEOUT, ViewSync, deployment_traffic
 from shared.bus import (
     ConflictError,
@@ -187,6 +187,17 @@ def condition_met(condition: str, replicas: list[ReplicaInfo], jobs: list[JobRun
     return bool(running) and all(r.health in ("healthy", "none") for r in running)
 
 
+@dataclass(frozen=True, slots=True)
+class _Reads:
+    """One deployment's stored state as a pass reads it."""
+
+    stored: StoredDeployment
+    holds: dict[str, int]
+    stopped: set[str]
+    cron_off: set[str]
+    states: dict[str, ServiceState]
+
+
 @dataclass
 class _Waiting:
     since: float
@@ -200,7 +211,7 @@ class Scheduler:
 
     def __init__(
         self,
-        store: Store,
+        store: DesiredStore,
         bus: SdBus,
         emit: Callable[[Event], None],
         secrets_key: Callable[[], bytes] = _no_key,
@@ -228,6 +239,8 @@ class Scheduler:
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
         self._cron_next: dict[tuple[str, str], float] = {}
         self._previous_desired: dict[tuple[str, str], ServiceAssignment] = {}
+        # This pass's stored deployments, read once (off the event loop) per pass.
+        self._pass_stored: dict[str, StoredDeployment] = {}
         # Held while a secret is set or removed and its services rolled, so the
         # loop does not take the change for a roll that went missing.
         self._secrets_lock = asyncio.Lock()
@@ -318,15 +331,21 @@ class Scheduler:
         name = spec.deployment
         spec_json = spec.model_dump_json(by_alias=True)
         replicas: list[ReplicaInfo] = []
-        if self.store.get(name) is not None:
+        if await asyncio.to_thread(self.store.get, name) is not None:
             with contextlib.suppress(UnavailableError):
                 replicas = await self._replicas(name)
         async with self._deploy_lock:
-            revision = self.store.next_revision(name)
-            # A service whose secrets changed since its last roll rolls too, even
-            # with the same spec.
-            digests = {svc: self._secrets_digest(name, s) for svc, s in spec.services.items()}
-            before = self.store.service_states(name)
+
+            def read() -> tuple[int, dict[str, str], dict[str, ServiceState]]:
+                # A service whose secrets changed since its last roll rolls too, even
+                # with the same spec.
+                return (
+                    self.store.next_revision(name),
+                    {svc: self._secrets_digest(name, s) for svc, s in spec.services.items()},
+                    self.store.service_states(name),
+                )
+
+            revision, digests, before = await asyncio.to_thread(read)
             roll |= {
                 svc for svc, d in digests.items() if svc in before and before[svc].secrets != d
             }
@@ -936,22 +955,27 @@ class Scheduler:
         rotation before agentd is told to stop it.
         """
         replicas = await self._replicas("")
+        self._pass_stored = {}
         previous, self._desired = self._desired, {}
         self._previous_desired = previous
         views: list[DeploymentTraffic] = []
-        for name in self.store.names():
-            stored = self.store.get(name)
-            if stored is None:
+        for name in await asyncio.to_thread(self.store.names):
+            # One thread hop per deployment for its reads: on etcd each read is a
+            # round trip, which must not hold the event loop.
+            reads = await asyncio.to_thread(self._read_deployment, name)
+            if reads is None:
                 continue
+            stored = reads.stored
             mine = [r for r in replicas if r.deployment == name]
             if stored.removing:
                 if not mine:
                     await self._finish_removal(name)
                     self.event(name, "removed", f"{name} removed: every replica is gone")
                 continue
-            view = await self._reconcile(stored, mine, previous)
+            view = await self._reconcile(reads, mine, previous)
             if view is not None:
                 views.append(view)
+        self._pass_stored = {}  # outside a pass, _apply reads the store afresh
         await self.views.sync(views, self._desired)
         drifted, self._drifted = self._drifted, {}
         if drifted:
@@ -961,21 +985,35 @@ class Scheduler:
                     self._still_drifted(drifted), "secrets changed since the last roll"
                 )
 
+    def _read_deployment(self, name: str) -> _Reads | None:
+        """Blocking: what a pass reads of one deployment (None: it is gone)."""
+        stored = self.store.get(name)
+        if stored is None:
+            return None
+        if (name, stored.revision) not in self._specs:
+            self._spec(name, stored.revision)
+        return _Reads(
+            stored,
+            self.store.scale_holds(name),
+            self.store.stopped_services(name),
+            self.store.cron_disabled(name),
+            self.store.service_states(name),
+        )
+
     async def _reconcile(
         self,
-        stored: StoredDeployment,
+        reads: _Reads,
         replicas: list[ReplicaInfo],
         previous: dict[tuple[str, str], ServiceAssignment],
     ) -> DeploymentTraffic | None:
         """Decide one deployment's assignments for this pass; its traffic view."""
+        stored = reads.stored
         name = stored.name
         spec = self._spec(name, stored.revision)
         if spec is None:  # pragma: no cover - a stored deployment has its revision
             return None
-        holds = self.store.scale_holds(name)
-        stopped = self.store.stopped_services(name)
-        cron_off = self.store.cron_disabled(name)
-        states = self.store.service_states(name)
+        self._pass_stored[name] = stored
+        holds, stopped, cron_off, states = reads.holds, reads.stopped, reads.cron_off, reads.states
         present = {r.service for r in replicas}
         for gone in sorted(present - set(spec.services)):
             if (name, gone) not in self._gone_services:
@@ -1206,7 +1244,7 @@ class Scheduler:
         """
         from shared.spec.refs import UnresolvedReferenceError
 
-        stored = self.store.get(name)
+        stored = self._pass_stored.get(name) or self.store.get(name)
         try:
             resolved = self._with_secrets(
                 name, svc_name, svc.model_dump(mode="json", by_alias=True, exclude_none=True)

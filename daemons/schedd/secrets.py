@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from daemons.schedd.store import Secret, Store
+from daemons.schedd.store import DesiredStore, Secret
 from shared.bus import InvalidArgumentError, NotFoundError
 from shared.wire.api import SecretInfo
 
@@ -70,7 +70,7 @@ class Secrets:
     """The store's secrets, sealed and opened with the key ``load_key`` gives (read at
     first use: cryptography and the key file are not touched at schedd's start)."""
 
-    def __init__(self, store: Store, load_key: Callable[[], bytes]) -> None:
+    def __init__(self, store: DesiredStore, load_key: Callable[[], bytes]) -> None:
         self.store = store
         self._load_key = load_key
         self._key: bytes | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Mapping
 from typing import TYPE_CHECKING
 
-from daemons.schedd.store import ServiceState, Store, StoredDeployment
+from daemons.schedd.store import DesiredStore, ServiceState, StoredDeployment
 from daemons.schedd.views import IN_ROTATION
 from shared.wire.agent import ReplicaInfo
 from shared.wire.scheduler import DeploymentState, DeploymentStatus, ServiceStatus
@@ -78,7 +78,7 @@ def failed_since_deploy(
 
 def deployment_status(
     name: str,
-    store: Store,
+    store: DesiredStore,
     stored: StoredDeployment,
     spec: DeploymentSpec,
     replicas: list[ReplicaInfo],

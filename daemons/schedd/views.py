@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 
 from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache
-from daemons.schedd.store import ServiceState, Store
+from daemons.schedd.store import DesiredStore, ServiceState
 from shared.bus import InvalidArgumentError
 from shared.clients import AgentClient, OverlayClient, ProxyClient
 from shared.wire import encode, replace
@@ -119,7 +119,7 @@ class ViewSync:
 
     def __init__(
         self,
-        store: Store,
+        store: DesiredStore,
         agent: AgentClient,
         overlay: OverlayClient,
         proxyd: ProxyClient,
