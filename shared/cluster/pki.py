@@ -329,7 +329,8 @@ class ClusterFiles:
     """The PEM files of a node in a cluster, in one directory (``/var/lib/zlayer/cluster``).
 
     ``ca.crt`` on every node; ``ca.key`` only where the authority signs (the
-    node that ran init); ``node.crt`` and ``node.key`` the node's own.
+    node that ran init); ``node.crt`` and ``node.key`` the node's own;
+    ``secrets.key`` the cluster's secrets key, on every node.
     """
 
     directory: Path
@@ -353,6 +354,11 @@ class ClusterFiles:
     @property
     def node_key(self) -> Path:
         return self.directory / "node.key"
+
+    @property
+    def secrets_key(self) -> Path:
+        """The cluster's secrets key (:mod:`shared.cluster.secretkey`), on every node."""
+        return self.directory / "secrets.key"
 
     def _write(self, path: Path, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)

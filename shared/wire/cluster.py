@@ -96,11 +96,14 @@ class JoinRequest(Wire, frozen=True, kw_only=True):
 
 
 class JoinReply(Wire, frozen=True, kw_only=True):
-    """The joined node's certificate, the cluster CA and where etcd answers."""
+    """The joined node's certificate, the cluster CA, where etcd answers and the key
+    secrets are sealed with (sent only over TLS the joining node pinned by the token)."""
 
     certificate: str  # PEM, signed by the CA
     ca_certificate: str  # PEM
     etcd_endpoints: list[str]  # client URLs (https://HOST:PORT)
+    # the cluster's secrets key (shared.cluster.secretkey), base64; "" from a node without one
+    secrets_key: str = ""
 
 
 class PingRequest(Wire, frozen=True, kw_only=True):
