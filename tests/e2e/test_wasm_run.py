@@ -331,7 +331,7 @@ def test_a_command_health_check_in_a_wasm_service_is_refused_with_one_sentence(
     node: Node,
 ) -> None:
     # Nothing in the spec says the image is WebAssembly: agentd finds it and refuses.
-    image = wasm_image(node, "echo", ECHO)
+    image = wasm_image(node, "echohc", ECHO)
     spec = node.spec(
         "wasmhc",
         f"""
