@@ -361,6 +361,33 @@ def test_a_command_health_check_in_a_wasm_service_is_refused_with_one_sentence(
         node.ctl("down", "wasmhc")
 
 
+def test_an_epoch_interval_wasmtime_cannot_tick_at_is_refused_at_deploy(node: Node) -> None:
+    image = wasm_image(node, "spinepoch", LOOP)
+    spec = node.spec(
+        "wasmepoch",
+        f"""
+        version: v1
+        deployment: wasmepoch
+        services:
+          spin:
+            rtype: job
+            image: {image}
+            wasm: {{epoch_interval: 100ms}}
+        """,
+    )
+    sentence = (
+        "service spin: wasm.epoch_interval is how often a wasi:http request yields to the "
+        "others, and a WASI command runs alone under wasmtime run, which has no epoch ticks to "
+        "set; remove it and bound the module's work with max_fuel"
+    )
+    up = node.ctl("up", "-d", str(spec), "--timeout", "30")
+    try:
+        assert up.returncode != 0 and sentence in up.stderr, up
+        assert "wasmepoch" not in node.ctl("ps", "--format", "json").stdout
+    finally:
+        node.ctl("down", "wasmepoch")
+
+
 def test_a_wasm_replica_keeps_running_while_agentd_restarts(own_node: Node) -> None:
     node = own_node
     image = wasm_image(node, "echo", ECHO)
