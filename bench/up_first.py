@@ -22,9 +22,14 @@ a bridge network of its own (with a fixed address), and the time from its
 return to the first 200 from the container's address (no proxy in between:
 a floor). ``--no-podman`` skips it.
 
+``--wasm`` times ``examples/wasm-http`` (built with componentize-py) as a
+``service_type: wasm_http`` service instead; its first deployment, not
+counted, compiles the component into agentd's cache, so every timed run
+starts from precompiled code.
+
 Needs root, crun, conmon, busctl, busybox-static; podman for the peer.
 
-    .venv/bin/python bench/up_first.py [--runs N] [--timeline] [--no-podman]
+    .venv/bin/python bench/up_first.py [--runs N] [--timeline] [--no-podman] [--wasm]
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from shared.busybox_image import busybox_image, write_oci_layout
 IMAGE = "zlayer/busybox:latest"
 POLL = 0.002
 FIRST_200_TIMEOUT = 60.0
+COLD_TIMEOUT = 600.0  # the first wasm deployment compiles the component
 
 SPEC = """\
 version: v1
@@ -79,6 +85,19 @@ services:
     scale: {{mode: fixed, replicas: 1}}
     stop_signal: SIGKILL
 """
+
+WASM_IMAGE = "localhost/upfirst-http:1"
+WASM_SPEC = """\
+version: v1
+deployment: {name}
+services:
+  web:
+    service_type: wasm_http
+    image: {image}
+    endpoints: [{{name: http, protocol: http, port: {port}, target_port: 8080, expose: public}}]
+    scale: {{mode: fixed, replicas: 1}}
+"""
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "wasm-http"
 
 STEPS = (
     "agentd told (SyncAssignments)",
@@ -201,24 +220,57 @@ def timeline(run: Run, messages: list[dict[str, Any]]) -> dict[str, float]:
     return steps
 
 
-def zlayer_runs(cluster: Cluster, work: Path, runs: int) -> list[Run]:
+def zlayer_runs(
+    cluster: Cluster,
+    work: Path,
+    runs: int,
+    wasm: bool,
+    first: int = 0,
+    timeout: float = FIRST_200_TIMEOUT,
+) -> list[Run]:
     done = []
-    for number in range(runs):
+    for number in range(first, first + runs):
         name = f"upfirst{number}"
         port = free_port()
         spec = work / f"{name}.zlayer.yml"
-        spec.write_text(SPEC.format(name=name, image=IMAGE, httpd=HTTPD, port=port))
+        if wasm:
+            spec.write_text(WASM_SPEC.format(name=name, image=WASM_IMAGE, port=port))
+        else:
+            spec.write_text(SPEC.format(name=name, image=IMAGE, httpd=HTTPD, port=port))
         deployed = time.time()
         up = cluster.zlayerctl("up", "-b", str(spec))
         returned = time.time()
         if up.returncode != 0:
             raise RuntimeError(f"zlayerctl up -b: {up.stderr.strip()}")
-        answered = first_200(f"http://127.0.0.1:{port}/index.html")
+        path = "/" if wasm else "/index.html"
+        answered = first_200(f"http://127.0.0.1:{port}{path}", timeout)
         done.append(Run(name, deployed, returned, answered))
         down = cluster.zlayerctl("down", name, timeout=120)
         if down.returncode != 0:
             raise RuntimeError(f"zlayerctl down: {down.stderr.strip()}")
     return done
+
+
+def import_wasm_http(cluster: Cluster, work: Path) -> None:
+    """examples/wasm-http built into a component and imported as WASM_IMAGE."""
+    tool = Path(sys.executable).parent / "componentize-py"
+    found = str(tool) if tool.exists() else shutil.which("componentize-py")
+    if not found:
+        raise RuntimeError("componentize-py is not installed; --wasm needs it")
+    component = work / "http.wasm"
+    subprocess.run(
+        [found, "-d", str(EXAMPLE / "wit"), "-w", "proxy", "componentize", "app",
+         "-p", str(EXAMPLE), "-o", str(component)],
+        check=True, capture_output=True, cwd=work,
+    )  # fmt: skip
+    layout = work / "http.oci"
+    for args in (
+        ("wasm", "export", str(component), "--name", WASM_IMAGE, "--output", str(layout)),
+        ("image", "import", str(layout), "--name", WASM_IMAGE),
+    ):
+        done = cluster.zlayerctl(*args, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"zlayerctl {args[0]} {args[1]}: {done.stderr.strip()}")
 
 
 def podman_runs(peers: Peers, runs: int) -> list[tuple[float, float, float]]:
@@ -245,10 +297,12 @@ def podman_runs(peers: Peers, runs: int) -> list[tuple[float, float, float]]:
     return times
 
 
-def report(runs: list[Run], podman: list[tuple[float, float, float]], show_steps: bool) -> None:
+def report(
+    runs: list[Run], podman: list[tuple[float, float, float]], show_steps: bool, what: str
+) -> None:
     """Two tables: from the command's start and from its return to the first 200."""
     ours = [(r.deployed, r.returned, r.answered) for r in runs]
-    rows = [("zlayerctl up -b, busybox httpd through proxyd", ours)]
+    rows = [(f"zlayerctl up -b, {what} through proxyd", ours)]
     if podman:
         rows.append(("podman run -d, busybox httpd at its address (peer)", podman))
     for since, index in (("command started", 0), ("command returned", 1)):
@@ -299,6 +353,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--timeline", action="store_true", help="each step, from the bus")
     parser.add_argument("--no-podman", action="store_true", help="skip the podman peer")
+    parser.add_argument(
+        "--wasm", action="store_true", help="examples/wasm-http as wasm_http instead of busybox"
+    )
     options = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("running containers needs root")
@@ -318,17 +375,21 @@ def main() -> None:
             imported = cluster.zlayerctl("image", "import", str(oci), "--name", IMAGE)
             if imported.returncode != 0:
                 raise RuntimeError(f"zlayerctl image import: {imported.stderr.strip()}")
-            # One deployment first, not counted: the daemons load the spec models then.
-            zlayer_runs(cluster, work, 1)
+            if options.wasm:
+                import_wasm_http(cluster, work)
+            # One deployment first, not counted: the daemons load the spec models then,
+            # and a wasm component is compiled into agentd's cache.
+            zlayer_runs(cluster, work, 1, options.wasm, timeout=COLD_TIMEOUT)
             watch = BusWatch(cluster, work / "bus.json") if options.timeline else None
             try:
-                runs = zlayer_runs(cluster, work, options.runs)
+                runs = zlayer_runs(cluster, work, options.runs, options.wasm, first=1)
             finally:
                 messages = watch.stop() if watch is not None else []
             for run in runs:
                 run.steps = timeline(run, messages)
         podman = [] if options.no_podman else podman_runs(peers, options.runs)
-        report(runs, podman, options.timeline)
+        what = "wasm_http hello" if options.wasm else "busybox httpd"
+        report(runs, podman, options.timeline, what)
     except KeyboardInterrupt:
         print("interrupted; cleaned up", file=sys.stderr)
         code = 130
