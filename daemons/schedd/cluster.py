@@ -679,9 +679,9 @@ class NodeControl:
         await self._context().remove(node)
 
 
-async def load_config(paths: Paths) -> ClusterConfig | None:
-    """cluster.toml, read off the event loop; a bad one stops schedd with its sentence."""
+def load_config(paths: Paths) -> ClusterConfig | None:
+    """cluster.toml; a bad one stops schedd with its sentence."""
     try:
-        return await asyncio.to_thread(cluster_config.load, paths)
+        return cluster_config.load(paths)
     except cluster_config.ClusterConfigError as exc:
         raise UnavailableError(str(exc)) from None

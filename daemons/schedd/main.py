@@ -35,7 +35,10 @@ class SchedulerService(Scheduler1):
 
     @property
     def _scheduler(self) -> Scheduler:
-        return self.daemon.scheduler
+        scheduler: Scheduler | None = getattr(self.daemon, "scheduler", None)
+        if scheduler is None:  # in a cluster, start() waits for etcd with the name held
+            raise UnavailableError("schedd is starting (it waits for etcd); try again shortly")
+        return scheduler
 
     @dbus_method_async_override()
     async def deploy(self, spec_text: str, filename: str, host_env: dict[str, str]) -> str:
@@ -217,7 +220,7 @@ class SchedulerDaemon(Daemon):
         self.nodes = NodeControl(self.paths, self)
         self.cluster: ClusterContext | None = None
         self.sqlite: Store | None = None
-        config = await load_config(self.paths)
+        config = load_config(self.paths)  # a small file: read before anything is served
         if config is not None:  # cluster.toml: etcd, this node's record, its peer server
             self.cluster = await ClusterContext.open(config, self.paths)
             self.store: DesiredStore = self.cluster.store
