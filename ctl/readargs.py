@@ -8,7 +8,8 @@ anything else (``--help``, a usage error, ``--follow``, an attached value
 such as ``-dweb``, shell completion) returns None and click runs the command
 as always, with its own messages. ``tests/unit/test_ctl_reads.py`` holds the
 table to the click commands' options. ``up -b [FILE]`` (``ctl.up_background``) is read
-here too, when it goes to this node's bus: ``tests/unit/test_ctl_up_fast.py``.
+here too, when it goes to this node's bus: ``tests/unit/test_ctl_up_fast.py``; so is
+``pull IMAGE`` (``ctl.registry_jobs``): ``tests/unit/test_ctl_pull_fast.py``.
 
 Importing this module imports nothing but ``os``, ``sys`` and ``typing`` (which click and
 the read path load anyway): not dataclasses, whose ``inspect`` the read path does not need.
@@ -26,7 +27,9 @@ TEXT = "text"
 FORMAT = "format"
 LINES = "lines"
 FLOAT = "float"
+POLICY = "policy"
 FORMATS = ("table", "json")
+POLICIES = ("always", "newer", "if_not_present", "never")  # pull --policy
 LINES_RANGE = (1, 2000)  # events -n: click.IntRange(1, 2000)
 
 
@@ -106,6 +109,8 @@ def _value(kind: str, text: str) -> Any:
         return None  # click would take it as the value; rare enough to leave to click
     if kind == FORMAT:
         return text if text in FORMATS else None
+    if kind == POLICY:
+        return text if text in POLICIES else None
     if kind == LINES:
         if not (text.isascii() and text.isdigit()):
             return None
@@ -168,6 +173,52 @@ def parse_up_background(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] |
         if _value(kind, text) is None:
             return None
     if not background or _goes_to_an_api():
+        return None
+    return command, values
+
+
+# ``pull IMAGE [--policy P] [--format F]``: ``ctl.registry_jobs.pull`` is the whole command
+# after its arguments, on this node's bus or through a node's API alike (it asks which).
+PULL = ReadCommand(
+    ("pull",),
+    "ctl.registry_jobs:pull",
+    {"--policy": ("policy", POLICY), **_FORMAT_OPTION},
+    {"image_name": None, "policy": "always", "output_format": "table"},
+)
+
+
+def parse_pull(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
+    """``pull IMAGE``'s options, or None to leave ``argv`` to click: no IMAGE or a second
+    one, an empty one, ``--``, ``-h``/``--help`` or any other word it does not know."""
+    command = PULL
+    values = dict(command.defaults)
+    rest = argv[len(command.words) :]
+    index = 0
+    while index < len(rest):
+        word = rest[index]
+        index += 1
+        if not word.startswith("-"):
+            if not word or values["image_name"] is not None:
+                return None  # an empty IMAGE or an extra argument: click's messages
+            values["image_name"] = word
+            continue
+        option, equals, attached = word.partition("=") if word.startswith("--") else (word, "", "")
+        spec = command.options.get(option)
+        if spec is None:
+            return None
+        parameter, kind = spec
+        if equals:
+            text = attached
+        elif index < len(rest):
+            text = rest[index]
+            index += 1
+        else:
+            return None
+        value = _value(kind, text)
+        if value is None:
+            return None
+        values[parameter] = value
+    if values["image_name"] is None:
         return None
     return command, values
 
@@ -247,6 +298,8 @@ def parse(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
         return None  # click's shell completion
     if argv[:1] == list(UP_BACKGROUND.words):
         return parse_up_background(argv)
+    if argv[:1] == list(PULL.words):
+        return parse_pull(argv)
     for command in READ_COMMANDS:
         if tuple(argv[: len(command.words)]) == command.words:
             break

@@ -24,6 +24,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ctl.output import err_console, fail, print_json
+from ctl.readargs import POLICIES as POLICIES
 from ctl.readargs import _import_msgspec_without_typing_extensions
 
 # msgspec without typing_extensions (and its inspect), as the read commands load it
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from shared.busread import BusReader
     from shared.wire.jobs import JobInfo
 
-POLICIES = ("always", "newer", "if_not_present", "never")
 # as shared.clients.FALLBACK_SECONDS: GetJob after this long without a signal
 FALLBACK_SECONDS = 2.0
 NOT_FOUND = "org.zlayer.Error.NotFound"  # shared.bus.NotFoundError's name

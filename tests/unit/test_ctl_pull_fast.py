@@ -1,0 +1,155 @@
+"""``zlayerctl pull IMAGE`` runs without click (``ctl.readargs`` reads its command line,
+``ctl.registry_jobs.pull`` runs it) and says what the click command says, with the same
+exit codes; anything unusual (``--help``, a usage error) still goes to click.
+
+The pulls against a real registryd are in ``tests/integration/test_registry_pull.py``
+and ``tests/integration/test_ctl_pull_bus.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from ctl import readargs, registry_jobs
+from ctl.main import cli
+from tests.fresh_interpreter import modules_after
+
+REPO = Path(__file__).resolve().parents[2]
+
+# the same command line, once as zlayerctl runs it and once straight through click
+FAST = "from ctl.main import main; main()"
+CLICK = (
+    "import sys\nfrom ctl.main import _main_click\nfrom ctl.readargs import take_host_option\n"
+    "_main_click(take_host_option(sys.argv[1:]))"
+)
+
+
+def _pull_click() -> click.Command:
+    command = cli.get_command(click.Context(cli), "pull")
+    assert command is not None
+    return command
+
+
+PARSED = [
+    ["pull", "nginx"],
+    ["pull", "registry.example:5000/a/b:1", "--format", "json"],
+    ["pull", "--format=json", "nginx"],
+    ["pull", "--policy", "newer", "nginx"],
+    ["pull", "nginx", "--policy=if_not_present", "--format", "table"],
+    ["pull", "--policy", "never", "--policy", "always", "nginx"],
+    ["pull", "nginx@sha256:" + "a" * 64],
+]
+
+
+@pytest.mark.parametrize("argv", PARSED, ids=" ".join)
+def test_a_pull_command_line_parses_as_click_parses_it(argv: list[str]) -> None:
+    parsed = readargs.parse(argv)
+    assert parsed is not None
+    command, values = parsed
+    assert command is readargs.PULL
+    ctx = _pull_click().make_context("pull", argv[1:], parent=click.Context(cli))
+    assert values == ctx.params
+
+
+LEFT_TO_CLICK = [
+    ["pull"],
+    ["pull", ""],
+    ["pull", "a", "b"],
+    ["pull", "--help"],
+    ["pull", "-h"],
+    ["pull", "nginx", "--help"],
+    ["pull", "--", "nginx"],
+    ["pull", "-", "nginx"],
+    ["pull", "nginx", "--policy"],
+    ["pull", "nginx", "--policy", "sometimes"],
+    ["pull", "nginx", "--policy", "Always"],
+    ["pull", "nginx", "--policy=NEVER"],
+    ["pull", "nginx", "--format", "yaml"],
+    ["pull", "nginx", "--format", "-"],
+    ["pull", "nginx", "--pol", "newer"],
+    ["pull", "nginx", "-x"],
+]
+
+
+@pytest.mark.parametrize("argv", LEFT_TO_CLICK, ids=" ".join)
+def test_anything_else_of_pull_is_left_to_click(argv: list[str]) -> None:
+    assert readargs.parse(argv) is None
+
+
+def test_the_options_and_policies_are_those_of_the_click_command() -> None:
+    command = _pull_click()
+    options = {
+        name: param.name
+        for param in command.params
+        if isinstance(param, click.Option)
+        for name in param.opts
+    }
+    assert options == {option: spec[0] for option, spec in readargs.PULL.options.items()}
+    policy = next(p for p in command.params if p.name == "policy")
+    assert tuple(policy.type.choices) == readargs.POLICIES == registry_jobs.POLICIES  # type: ignore[attr-defined]
+    defaults = {p.name: p.default for p in command.params if isinstance(p, click.Option)}
+    assert defaults == {k: v for k, v in readargs.PULL.defaults.items() if k != "image_name"}
+
+
+def _run(code: str, argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def _no_daemons(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != readargs.HOST_ENV}
+    env["ZLAYER_BUS_ADDRESS"] = f"unix:path={tmp_path}/no-bus"
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    return env
+
+
+CASES = {
+    "no daemons": (["pull", "nginx"], 1),
+    "no daemons, json": (["pull", "--format", "json", "nginx"], 1),
+    "not a reference": (["pull", "Not A Name"], 1),
+    "bad policy": (["pull", "nginx", "--policy", "sometimes"], 2),
+    "extra argument": (["pull", "nginx", "busybox"], 2),
+    "no image": (["pull"], 2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pull_says_what_the_click_command_says(case: str, tmp_path: Path) -> None:
+    argv, code = CASES[case]
+    env = _no_daemons(tmp_path)
+    fast = _run(FAST, argv, env)
+    assert fast == _run(CLICK, argv, env)
+    assert fast[0] == code, fast
+    assert fast[2].count("\n") == 1 or code == 2, fast  # one sentence, never a traceback
+    assert "Traceback" not in fast[2]
+
+
+def test_pull_imports_no_click(tmp_path: Path) -> None:
+    """Up to the bus (here: none, so the daemons are said not to run) without click."""
+    modules = modules_after(
+        "import os\n"
+        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
+        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
+        "os.environ.pop('ZLAYER_HOST', None)\n"
+        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        "pull",
+        "busybox",
+        "--format",
+        "json",
+    )
+    assert "ctl.registry_jobs" in modules
+    heavy = {"click", "asyncio", "sdbus", "shared.bus", "pydantic", "rich", "ctl.registry_cmd"}
+    assert sorted(heavy & modules) == []
