@@ -11,4 +11,6 @@
   mutual TLS from the cluster CA, msgspec JSON messages, no protoc.
 - :mod:`shared.cluster.config`: a node's ``cluster.toml`` (its id, address, etcd
   endpoints, the etcd member it runs); absent on a lone node.
+- :mod:`shared.cluster.secretkey`: the key every node seals and opens secrets with,
+  made at init and handed to each joining node in Join's reply.
 """

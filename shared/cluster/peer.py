@@ -20,8 +20,10 @@ trusting anything, takes the chain the server shows, and goes on only if it
 holds the CA whose SHA-256 the token carries. It then connects again with
 that CA as its only root (so the server must hold a certificate of that CA
 for the address in the token), sends the token's secret and a certificate
-request, and gets back its certificate, the CA certificate and the etcd
-endpoints. The secret never leaves before the server has proved itself.
+request, and gets back its certificate, the CA certificate, the etcd
+endpoints and the cluster's secrets key (:mod:`shared.cluster.secretkey`).
+The secret never leaves before the server has proved itself, and the key
+never leaves the server before the token's secret was checked.
 
 ``Ping`` answers the node's id and the caller's id as its certificate says.
 
@@ -38,14 +40,14 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.cluster import jointoken, pki
+from shared.cluster import jointoken, pki, secretkey
 from shared.cluster.jointoken import JoinToken, JoinTokenError
 from shared.wire import Wire, WireError, decode, encode
 from shared.wire.cluster import (
@@ -200,13 +202,17 @@ class PeerServer:
         authority: pki.Authority | None = None,
         desk: JoinDesk | None = None,
         methods: dict[str, Any] | None = None,
+        secrets_key: bytes | None = None,
     ) -> None:
         """``authority`` and ``desk`` make this node answer joins (the node that signs);
-        ``methods`` adds handlers (from :func:`unary`) to the service by name."""
+        ``methods`` adds handlers (from :func:`unary`) to the service by name;
+        ``secrets_key`` is the cluster's secrets key a joining node is handed (none:
+        it gets none, and cannot open the cluster's secrets)."""
         self.node_id = node_id
         self.tls = tls
         self.authority = authority
         self.desk = desk
+        self._secrets_key = "" if secrets_key is None else secretkey.to_wire(secrets_key)
         self.peer_port = 0
         self.join_port = 0
         handlers = {
@@ -278,6 +284,7 @@ class PeerServer:
             certificate=pki.certificate_pem(certificate).decode(),
             ca_certificate=pki.certificate_pem(self.authority.certificate).decode(),
             etcd_endpoints=endpoints,
+            secrets_key=self._secrets_key,
         )
 
 
@@ -373,16 +380,21 @@ def _reason(details: str) -> str:
 
 @dataclass(frozen=True)
 class Joined:
-    """What a node that joined keeps: its key and certificate, the CA, where etcd answers."""
+    """What a node that joined keeps: its key and certificate, the CA, where etcd answers,
+    and the cluster's secrets key (None: the node it joined through has none to give)."""
 
     key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
     ca_certificate: x509.Certificate
     etcd_endpoints: list[str]
+    secrets_key: bytes | None = field(default=None, repr=False)
 
     def write(self, files: pki.ClusterFiles) -> None:
-        """Blocking: the CA certificate, then the node's key and certificate."""
+        """Blocking: the CA certificate, the secrets key, then the node's key and
+        certificate (last: a node with a certificate holds the rest)."""
         files.write_ca_certificate(self.ca_certificate)
+        if self.secrets_key is not None:
+            secretkey.write(files, self.secrets_key)
         files.write_node(self.key, self.certificate)
 
     def tls(self) -> NodeTls:
@@ -475,6 +487,10 @@ async def join(
         returned_ca = pki.load_certificate(reply.ca_certificate.encode())
     except pki.PkiError as exc:
         raise PeerError(f"the node at {where} answered the join with {exc}") from None
+    try:
+        secrets_key = secretkey.from_wire(reply.secrets_key)
+    except secretkey.SecretsKeyError as exc:
+        raise PeerError(str(exc)) from None
     if (
         pki.fingerprint(returned_ca) != token.ca_sha256
         or certificate.public_key() != key.public_key()
@@ -484,4 +500,4 @@ async def join(
             f"the node at {where} answered the join with a certificate that is not this "
             "node's or not signed by the cluster CA; make a new token and join again"
         )
-    return Joined(key, certificate, ca, list(reply.etcd_endpoints))
+    return Joined(key, certificate, ca, list(reply.etcd_endpoints), secrets_key)
