@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -152,3 +153,52 @@ def test_unknown_node_is_one_sentence(lone: Cluster, formed: dict[str, str]) -> 
     assert done.returncode == 1
     one_sentence(done.stderr)
     assert "no node no-such-node" in done.stderr
+
+
+def test_rm_takes_a_node_and_its_etcd_member_out(lone: Cluster, formed: dict[str, str]) -> None:
+    """Last (it shrinks the cluster): n3 removed from n1 is gone from every node's list
+    and from etcd's members, and stops its own member; removing oneself is refused."""
+    n1, n2, n3 = lone
+    done = n1.run("node", "rm", formed["n1"])
+    assert done.returncode == 1 and "another node" in done.stderr, done.stderr
+    one_sentence(done.stderr)
+    n1.run("node", "rm", formed["n3"], check=True)
+    for node in (n1, n2):
+        until(
+            node,
+            lambda s: {n["id"] for n in s["nodes"]} == {formed["n1"], formed["n2"]},
+            "n3 gone",
+        )
+    files = n1.paths.state_dir / "cluster"
+    listed = subprocess.run(
+        [
+            "etcdctl",
+            f"--endpoints=https://{n1.lan.ip}:2379",
+            f"--cacert={files / 'ca.crt'}",
+            f"--cert={files / 'node.crt'}",
+            f"--key={files / 'node.key'}",
+            "member",
+            "list",
+            "-w",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    members = {m.get("name", "") for m in json.loads(listed.stdout)["members"]}
+    assert members == {formed["n1"], formed["n2"]}, members
+    from shared.cluster.config import load
+
+    deadline = time.monotonic() + SETTLE
+    while load(n3.paths) is not None or etcd_running(n3):
+        assert time.monotonic() < deadline, "n3 kept its cluster.toml or its etcd member"
+        time.sleep(0.3)
+
+
+def etcd_running(node: Node) -> bool:
+    from ctl.supervisor_state import SupervisorState
+
+    state = SupervisorState.read(node.paths)
+    return state is not None and "etcd" in state.daemons
