@@ -504,9 +504,13 @@ class Node:
             and r.record.service == assignment.service
             and r.record.rtype == "service"
         ]
+        # In a cluster only the instances placed here run on this node.
+        placed = set(assignment.instances)
         for replica in mine:
             allowed = keep.get(replica.record.revision, 0)
-            if replica.record.instance > allowed:
+            if replica.record.instance > allowed or (
+                placed and replica.record.instance not in placed
+            ):
                 grace = assignment.grace if assignment.grace is not None else _grace(replica.spec)
                 self._remove_later(replica, grace, "no longer wanted")
         if spec.rtype != "service":
@@ -527,7 +531,7 @@ class Node:
                 and r.record.rtype == "service"
             }
             for instance in range(1, count + 1):
-                if instance not in present:
+                if instance not in present and (not placed or instance in placed):
                     self._create(assignment, revision_spec, instance, revision=revision)
 
     def _create(

@@ -71,6 +71,9 @@ from shared.wire.scheduler import (
 from shared.wire.traffic import DeploymentTraffic
 
 if TYPE_CHECKING:
+    from daemons.schedd.cluster_placement import ClusterPlacement
+    from daemons.schedd.placement import Demand
+
     # the spec models load with the first deployment, not at start
     from shared.spec import DeploymentSpec, ServiceSpec
 
@@ -208,6 +211,8 @@ class Scheduler:
     """Desired state, decisions, and the loop that hands them to agentd."""
 
     cluster: Any = None  # a ClusterContext (daemons/schedd/cluster.py) in a cluster, None alone
+    # In a cluster, while the loop runs: the placing, this node's share and the others' replicas.
+    placement: ClusterPlacement | None = None
 
     def __init__(
         self,
@@ -789,7 +794,9 @@ class Scheduler:
             replicas = await self._replicas(name)
         except UnavailableError:
             replicas = []
-        return deployment_status(
+        if self.placement is not None:
+            replicas = replicas + self.placement.remote_replicas(name)
+        status = deployment_status(
             name,
             self.store,
             stored,
@@ -802,6 +809,20 @@ class Scheduler:
             refusal=self.views.refusal(name),
             unrouted=lambda: self.views.unrouted(name, spec, replicas, self._desired),
         )
+        return self._with_pending(status)
+
+    def _with_pending(self, status: DeploymentStatus) -> DeploymentStatus:
+        """In a cluster: a service with replicas that fit on no node says why."""
+        placement = self.placement
+        if placement is None or not placement.pending:
+            return status
+        services = []
+        for svc in status.services:
+            reason = placement.pending_reason(status.name, svc.name)
+            if reason and not svc.message:
+                svc = msgspec.structs.replace(svc, message=reason)
+            services.append(svc)
+        return msgspec.structs.replace(status, services=services)
 
     async def list_status(self) -> list[DeploymentStatus]:
         return [await self.status(name) for name in self.store.names()]
@@ -810,6 +831,8 @@ class Scheduler:
 
     def wake(self) -> None:
         self._wake.set()
+        if self.placement is not None:
+            self.placement.kick()
 
     def _wasm_limit_event(self, info: ReplicaInfo) -> None:
         """A WebAssembly replica stopped by one of its limits: an event naming it."""
@@ -928,7 +951,41 @@ class Scheduler:
         """``daemon`` (or every holder, for "") started: send it the complete view now."""
         self.views.resync(daemon)
 
+    def _wanted(self) -> list[Demand]:
+        """Blocking: every deployment's replicas to place, from the desired state."""
+        from daemons.schedd.cluster_placement import wanted
+
+        return wanted(self.store, self._spec)
+
+    def _pending_event(self, deployment: str, kind: str, message: str, service: str) -> None:
+        if self.store.get(deployment) is not None:
+            self.event(deployment, kind, message, service=service)
+
+    def _runs_jobs(self) -> bool:
+        """Jobs and cron jobs run on one node: alone, this one; in a cluster, the leader."""
+        return self.cluster is None or bool(self.cluster.membership.is_leader)
+
     async def run(self) -> None:
+        if self.cluster is not None and self.placement is None:
+            # etcd's client comes with the cluster: a lone node never imports it
+            from daemons.schedd.cluster_placement import ClusterPlacement
+
+            self.placement = ClusterPlacement(
+                self.cluster.client,
+                self.cluster.membership,
+                self._wanted,
+                self.wake,
+                self._pending_event,
+            )
+            self.placement.start()
+        try:
+            await self._run()
+        finally:
+            if self.placement is not None:
+                placement, self.placement = self.placement, None
+                await placement.stop()
+
+    async def _run(self) -> None:
         while True:
             started = time.monotonic()
             try:
@@ -955,6 +1012,11 @@ class Scheduler:
         rotation before agentd is told to stop it.
         """
         replicas = await self._replicas("")
+        if self.placement is not None:
+            if not self.placement.known:
+                return  # what this node owns is not read yet: it neither starts nor stops
+            await self.placement.publish(replicas)
+            replicas = replicas + list(self.placement.remote.values())
         self._pass_stored = {}
         previous, self._desired = self._desired, {}
         self._previous_desired = previous
@@ -1082,6 +1144,8 @@ class Scheduler:
                     want,
                 )
             self._observe(name, svc_name, want if svc.rtype == "service" else 0, replicas)
+            if not self._runs_jobs():
+                continue
             if svc.rtype == "job" and key not in self._deploy_jobs_done:
                 self._deploy_jobs_done.add(key)
                 await self.trigger_job(name, svc_name, "deploy")
@@ -1089,8 +1153,13 @@ class Scheduler:
                 await self._cron_tick(name, svc_name, svc.schedule, stored.created_at)
         if not stored.stopped:
             await self._autoscale(name, spec, states, holds, replicas)
+        elsewhere = (
+            {r.id for r in self.placement.remote_replicas(name)}
+            if self.placement is not None
+            else set()
+        )
         return deployment_traffic(
-            name, spec, states, replicas, self.rollouts.draining, self._desired
+            name, spec, states, replicas, self.rollouts.draining, self._desired, elsewhere
         )
 
     def _observe(self, name: str, service: str, desired: int, replicas: list[ReplicaInfo]) -> None:
@@ -1275,6 +1344,13 @@ class Scheduler:
             retry=stored.revision if stored else 0,
             grace=grace,
         )
+        if self.placement is not None and want > 0 and svc.rtype == "service":
+            # In a cluster this node runs the instances placed on it, and no others.
+            placed = self.placement.instances(name, svc_name)
+            if not placed:
+                self._desired.pop((name, svc_name), None)
+                return
+            assignment = msgspec.structs.replace(assignment, instances=placed)
         before = self._desired.get((name, svc_name))
         self._desired[(name, svc_name)] = assignment
         if force:

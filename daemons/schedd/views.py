@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
@@ -62,6 +62,8 @@ def stays(desired: Assignments, replica: ReplicaInfo) -> bool:
         return False
     allowed = {old.revision: old.replicas for old in assignment.previous}
     allowed[assignment.revision] = assignment.replicas
+    if assignment.instances and replica.instance not in assignment.instances:
+        return False  # placed on another node now
     return replica.instance <= allowed.get(replica.revision, 0)
 
 
@@ -72,8 +74,12 @@ def deployment_traffic(
     replicas: list[ReplicaInfo],
     draining_now: dict[tuple[str, str], tuple[set[str], float]],
     desired: Assignments,
+    elsewhere: Container[str] = (),
 ) -> DeploymentTraffic:
-    """Every service's endpoints and the replicas that may take traffic now."""
+    """Every service's endpoints and the replicas that may take traffic now.
+
+    ``elsewhere`` names replicas other nodes of a cluster run (in ``replicas``, as
+    those nodes published them): their own node decides whether they stay."""
     services = []
     for svc_name, svc in spec.services.items():
         if svc.rtype != "service":
@@ -96,7 +102,7 @@ def deployment_traffic(
             and r.address
             and r.revision in revisions
             and r.id not in draining
-            and stays(desired, r)
+            and (r.id in elsewhere or stays(desired, r))
         ]
         interval = svc.health.interval.total_seconds() if svc.health.interval else 0.0
         services.append(

@@ -41,6 +41,9 @@ class ServiceAssignment(Wire, frozen=True):
     # ``zlayerctl stop --timeout/--force``: the stop grace for replicas this
     # assignment removes, instead of the spec's stop_grace_period.
     grace: float | None = None
+    # In a cluster, the instance numbers placed on this node (of every revision named
+    # here); empty: all of them, 1..replicas, as on a lone node.
+    instances: list[int] = []
 
 
 class NodeAssignments(Wire, frozen=True):
@@ -91,6 +94,7 @@ class ReplicaInfo(Wire, frozen=True, kw_only=True):
     started_at: float | None = None
     finished_at: float | None = None
     message: str = ""  # why it is in this state, for people
+    node: str = ""  # in a cluster, the id of the node that runs it
 
 
 class ReplicaStats(Wire, frozen=True):

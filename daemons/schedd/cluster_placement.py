@@ -1,0 +1,440 @@
+"""Replicas across a cluster: the leader places them, every node runs its own share.
+
+- **Placing** (the leading node only): a pass reads every deployment's wanted
+  replicas from the desired state (:func:`wanted`), the live nodes and the
+  placements in force, runs :func:`~daemons.schedd.placement.place` and writes
+  one :class:`NodePlacements` per node under ``KEYS["assignments"]``, all
+  with one new generation, in one etcd transaction that holds only while this
+  node still holds the election key it won (its create revision): a deposed
+  leader's write fails. A pass runs when the desired state or the node set
+  changes (:meth:`ClusterPlacement.kick`) and every :data:`PLACE_INTERVAL`.
+  Nothing is written when the placement is what is in force.
+- **Running** (every node): the node watches its own ``NodePlacements`` and
+  the reconcile loop runs only the instance numbers placed there
+  (:meth:`ClusterPlacement.instances`). A document of a lower generation than
+  the one held is ignored; until the first one is read the node sends agentd
+  nothing, so a node that comes back neither starts nor keeps anything
+  before it knows what it owns.
+- **Status**: each node publishes its replicas (``KEYS["replicas"]``, bound
+  to its lease, so they go with it) and reads every other node's, which the
+  traffic views carry as backends at their own addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import aetcd  # type: ignore[import-untyped]
+
+from daemons.schedd.membership import ETCD_ERRORS
+from daemons.schedd.placement import Demand, Pending, Plan, demand, place
+from daemons.schedd.status import desired_replicas
+from shared.wire import WireError, decode, encode, replace
+from shared.wire.agent import ReplicaInfo
+from shared.wire.cluster import KEYS, NodePlacements, NodeRecord, Placement
+
+if TYPE_CHECKING:
+    from daemons.schedd.membership import Membership
+    from daemons.schedd.store import DesiredStore
+    from shared.spec import DeploymentSpec
+
+log = logging.getLogger("zlayer.schedd.placement")
+
+PLACE_INTERVAL = 2.0  # seconds: the leader places again at least this often
+RETRY = 0.5  # seconds before a broken watch is made again
+CHECK = 0.25  # seconds: how often the leader looks whether the node set changed
+
+
+class NotLeaderError(RuntimeError):
+    """This node does not hold the election key (any more): its placement is not written."""
+
+
+def instance_of(replica: str) -> int:
+    """The instance number of a placed replica's name ("app-web-3" -> 3)."""
+    return int(replica.rsplit("-", 1)[1])
+
+
+def wanted(
+    store: DesiredStore, spec_of: Callable[[str, int], DeploymentSpec | None]
+) -> list[Demand]:
+    """Blocking: what every deployment wants placed, from the desired state: each running
+    service's replicas at its target revision (stopped, removing and job services: none)."""
+    wants: list[Demand] = []
+    for name in store.names():
+        stored = store.get(name)
+        if stored is None or stored.removing or stored.stopped:
+            continue
+        spec = spec_of(name, stored.revision)
+        if spec is None:
+            continue
+        holds = store.scale_holds(name)
+        stopped = store.stopped_services(name)
+        states = store.service_states(name)
+        for svc_name, svc in spec.services.items():
+            if svc.rtype != "service" or svc_name in stopped:
+                continue
+            state = states.get(svc_name)
+            adaptive = state.adaptive if state else None
+            revision = stored.revision
+            if state is not None:
+                revision = state.serving if state.rollout == "failed" else state.target
+            count = desired_replicas(svc, holds.get(svc_name), adaptive)
+            wants.append(demand(name, svc_name, svc, revision, count))
+    return wants
+
+
+def _decode_placements(raw: bytes) -> NodePlacements | None:
+    try:
+        return decode(raw, NodePlacements)
+    except WireError as exc:
+        log.warning("a node's placements in etcd do not decode, skipped: %s", exc)
+        return None
+
+
+async def current_placements(client: Any) -> dict[str, NodePlacements]:
+    """Every node's placements in force, by node id."""
+    prefix = KEYS["assignments"].encode()
+    found: dict[str, NodePlacements] = {}
+    for kv in await client.get_prefix(prefix):
+        doc = _decode_placements(kv.value)
+        if doc is not None:
+            found[doc.node] = doc
+    return found
+
+
+def _same(plan: Plan, current: Mapping[str, NodePlacements], live: Iterable[str]) -> bool:
+    """Whether writing ``plan`` would change nothing a node reads."""
+    ids = set(live)
+    if set(current) - ids:
+        return False  # a gone node's document is to be removed
+    for node_id, replicas in plan.nodes.items():
+        held = current.get(node_id)
+        if held is None or sorted(held.replicas, key=_key) != sorted(replicas, key=_key):
+            return False
+    return True
+
+
+def _key(placement: Placement) -> tuple[str, str, str]:
+    return (placement.deployment, placement.service, placement.replica)
+
+
+async def write_plan(
+    client: Any,
+    node_id: str,
+    lease: int | None,
+    plan: Plan,
+    current: Mapping[str, NodePlacements],
+) -> int:
+    """Write ``plan`` with a generation above every one in force, as the leader
+    ``node_id`` holding ``lease``; its generation. NotLeaderError when this node does
+    not hold the election key, or lost it before the transaction."""
+    leader_key = KEYS["leader"].encode()
+    held = await client.get(leader_key)
+    if held is None or held.value.decode() != node_id or lease is None or held.lease != lease:
+        raise NotLeaderError(f"node {node_id} does not hold the election key")
+    generation = max((doc.generation for doc in current.values()), default=0) + 1
+    tx = client.transactions
+    puts = [
+        tx.put((KEYS["assignments"] + doc.node).encode(), encode(doc).encode())
+        for doc in plan.assignments(generation)
+    ]
+    gone = [  # a gone node's document: it comes back owning nothing
+        tx.delete((KEYS["assignments"] + node).encode())
+        for node in current
+        if node not in plan.nodes
+    ]
+    ok, _ = await client.transaction(
+        # The key this node created when it won: replaced (another node won
+        # meanwhile) or gone, and the write fails.
+        compare=[
+            tx.create(leader_key) == held.create_revision,
+            tx.value(leader_key) == node_id.encode(),
+        ],
+        success=[*puts, *gone],
+        failure=[],
+    )
+    if not ok:
+        raise NotLeaderError(f"node {node_id} lost the election key before writing")
+    return generation
+
+
+async def placement_pass(
+    client: Any,
+    node_id: str,
+    lease: int | None,
+    nodes: Mapping[str, NodeRecord],
+    wants: list[Demand],
+) -> tuple[Plan, int | None]:
+    """One leader's pass: the plan, and the generation written (None: nothing changed)."""
+    current = await current_placements(client)
+    plan = place(
+        nodes.values(),
+        wants,
+        {node: doc.replicas for node, doc in current.items()},
+    )
+    if _same(plan, current, nodes):
+        return plan, None
+    return plan, await write_plan(client, node_id, lease, plan, current)
+
+
+class ClusterPlacement:
+    """The placing, this node's own placements and the replicas' status, for the scheduler.
+
+    ``wants`` reads the desired state (blocking, run in a thread); ``changed`` is
+    called when this node's placements or another node's replicas changed;
+    ``event`` gets (deployment, kind, message, service) for a pending replica.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        membership: Membership,
+        wants: Callable[[], list[Demand]],
+        changed: Callable[[], None],
+        event: Callable[[str, str, str, str], None],
+    ) -> None:
+        self.client = client
+        self.membership = membership
+        self.node_id = membership.record.id
+        self._wants = wants
+        self._changed = changed
+        self._event = event
+        self.owned: NodePlacements | None = None  # None until this node's are read
+        self.pending: dict[tuple[str, str], list[Pending]] = {}
+        self.remote: dict[str, ReplicaInfo] = {}  # key -> a replica another node runs
+        self._published: dict[str, str] = {}  # replica id -> what was put
+        self._published_lease: int | None = None
+        self._kick = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------ life
+
+    def start(self) -> None:
+        for work in (self._watch_own, self._watch_replicas, self._lead):
+            self._tasks.append(asyncio.create_task(work(), name=f"placement-{work.__name__}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def kick(self) -> None:
+        """The desired state may have changed: the leader places again now."""
+        self._kick.set()
+
+    # ------------------------------------------------------------ what this node runs
+
+    @property
+    def known(self) -> bool:
+        return self.owned is not None
+
+    def instances(self, deployment: str, service: str) -> list[int]:
+        """The instance numbers of a service placed on this node (empty: none)."""
+        if self.owned is None:
+            return []
+        return sorted(
+            instance_of(p.replica)
+            for p in self.owned.replicas
+            if p.deployment == deployment and p.service == service
+        )
+
+    def take(self, doc: NodePlacements | None) -> bool:
+        """This node's placements as read (None: the key is gone, so it owns nothing);
+        whether they replace what it held (an older generation does not)."""
+        held = self.owned
+        if doc is None:
+            doc = NodePlacements(node=self.node_id, generation=held.generation if held else 0)
+        elif held is not None and doc.generation < held.generation:
+            log.warning(
+                "placements of generation %d are older than the %d held; ignored",
+                doc.generation,
+                held.generation,
+            )
+            return False
+        if doc == held:
+            return False
+        self.owned = doc
+        log.info(
+            "node %s runs %d replicas as of generation %d",
+            self.node_id,
+            len(doc.replicas),
+            doc.generation,
+        )
+        self._changed()
+        return True
+
+    async def _watch_own(self) -> None:
+        key = (KEYS["assignments"] + self.node_id).encode()
+        while True:
+            try:
+                found = await self.client.get(key)
+                self.take(_decode_placements(found.value) if found is not None else None)
+                start = found.mod_revision + 1 if found is not None else None
+                watch = await self.client.watch(key, start_revision=start)
+                try:
+                    async for event in watch:
+                        if event.kind == "DELETE":
+                            self.take(None)
+                        else:
+                            doc = _decode_placements(event.kv.value)
+                            if doc is not None:
+                                self.take(doc)
+                finally:
+                    with contextlib.suppress(*ETCD_ERRORS):
+                        await watch.cancel()
+            except ETCD_ERRORS as exc:
+                log.warning("watching this node's placements broke (%s); reading them again", exc)
+            await asyncio.sleep(RETRY)
+
+    # ------------------------------------------------------------ placing
+
+    async def _lead(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_at = 0.0
+        last_nodes: Mapping[str, NodeRecord] = {}
+        while True:
+            # Woken by a kick; otherwise a look every CHECK: did the node set change?
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), CHECK)
+            nodes = self.membership.live()
+            if not self.membership.is_leader:
+                last_nodes = {}
+                continue
+            due = loop.time() - last_at >= PLACE_INTERVAL
+            if not (self._kick.is_set() or nodes != last_nodes or due):
+                continue
+            self._kick.clear()
+            last_at, last_nodes = loop.time(), nodes
+            try:
+                await self.place_once()
+            except NotLeaderError as exc:
+                log.info("%s; not placing", exc)
+            except ETCD_ERRORS as exc:
+                log.warning("a placement pass failed (%s); trying again", exc)
+            except Exception:
+                log.exception("a placement pass failed; trying again")
+
+    async def place_once(self) -> int | None:
+        """One placement pass as the leader; the generation written (None: unchanged)."""
+        wants = await asyncio.to_thread(self._wants)
+        plan, generation = await placement_pass(
+            self.client, self.node_id, self.membership.lease, self.membership.live(), wants
+        )
+        self._note_pending(plan.pending)
+        return generation
+
+    def _note_pending(self, pending: list[Pending]) -> None:
+        by_service: dict[tuple[str, str], list[Pending]] = {}
+        for item in pending:
+            by_service.setdefault((item.deployment, item.service), []).append(item)
+        for key, items in by_service.items():
+            before = self.pending.get(key)
+            if before is None or [p.reason for p in before] != [p.reason for p in items]:
+                count = len(items)
+                self._event(
+                    key[0],
+                    "pending",
+                    f"{count} replica{'s' if count != 1 else ''} of {key[1]} pending: "
+                    f"{items[0].reason}",
+                    key[1],
+                )
+        self.pending = by_service
+
+    def pending_reason(self, deployment: str, service: str) -> str:
+        """One sentence for ``ps`` when replicas of the service fit nowhere, else ""."""
+        items = self.pending.get((deployment, service))
+        if not items:
+            return ""
+        count = len(items)
+        return f"{count} replica{'s' if count != 1 else ''} pending: {items[0].reason}"
+
+    # ------------------------------------------------------------ replicas' status
+
+    async def publish(self, replicas: list[ReplicaInfo]) -> None:
+        """Put this node's replicas (the changed ones) under its lease; delete the gone.
+        etcd away: tried again at the next pass."""
+        try:
+            await self._publish(replicas)
+        except ETCD_ERRORS as exc:
+            log.warning("publishing this node's replicas failed (%s); trying again", exc)
+
+    async def _publish(self, replicas: list[ReplicaInfo]) -> None:
+        lease = self.membership.lease
+        if lease is None:
+            return
+        if lease != self._published_lease:
+            self._published, self._published_lease = {}, lease
+        prefix = KEYS["replicas"] + self.node_id + "/"
+        tx = self.client.transactions
+        now = {r.id: encode(replace(r, node=self.node_id)) for r in replicas}
+        ops = [
+            tx.put((prefix + rid).encode(), body.encode(), lease=lease)
+            for rid, body in now.items()
+            if self._published.get(rid) != body
+        ]
+        ops += [tx.delete((prefix + rid).encode()) for rid in self._published if rid not in now]
+        if not ops:
+            return
+        await self.client.transaction(compare=[], success=ops, failure=[])
+        self._published = now
+
+    async def _watch_replicas(self) -> None:
+        prefix = KEYS["replicas"].encode()
+        own = (KEYS["replicas"] + self.node_id + "/").encode()
+        while True:
+            try:
+                listed = await self.client.get_prefix(prefix)
+                found: dict[str, ReplicaInfo] = {}
+                for kv in listed:
+                    if not kv.key.startswith(own):
+                        info = _replica(kv.value)
+                        if info is not None:
+                            found[kv.key.decode()] = info
+                self.remote = found
+                self._changed()
+                watch = await self.client.watch(
+                    prefix,
+                    range_end=aetcd.utils.prefix_range_end(prefix),
+                    start_revision=listed.header.revision + 1,
+                )
+                try:
+                    async for event in watch:
+                        key = event.kv.key
+                        if key.startswith(own):
+                            continue
+                        if event.kind == "DELETE":
+                            self.remote.pop(key.decode(), None)
+                        else:
+                            info = _replica(event.kv.value)
+                            if info is None:
+                                continue
+                            self.remote[key.decode()] = info
+                        self._changed()
+                finally:
+                    with contextlib.suppress(*ETCD_ERRORS):
+                        await watch.cancel()
+            except ETCD_ERRORS as exc:
+                log.warning("watching the cluster's replicas broke (%s); reading them again", exc)
+            await asyncio.sleep(RETRY)
+
+    def remote_replicas(self, deployment: str) -> list[ReplicaInfo]:
+        """Other nodes' replicas of ``deployment``, as they published them."""
+        return [r for r in self.remote.values() if r.deployment == deployment]
+
+    def node_of(self, key: str) -> str:
+        """The node of a replica key (``/zlayer/replicas/<node>/<id>``)."""
+        return key[len(KEYS["replicas"]) :].split("/", 1)[0]
+
+
+def _replica(raw: bytes) -> ReplicaInfo | None:
+    try:
+        return decode(raw, ReplicaInfo)
+    except WireError:
+        return None
