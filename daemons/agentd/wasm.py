@@ -61,8 +61,16 @@ TAIL_BYTES = 16384
 # A compiled module no replica has started from in this long is removed at agentd's start
 # (the cache is keyed by digest, so removed images and old wasmtime versions leave theirs).
 CACHE_KEEP_SECONDS = 7 * 24 * 3600
-# Replicas are built in threads: one copy of the binary and one compile per module at a time.
+# Replicas are built in threads: one copy of the binary at a time, and one compile per
+# cache entry at a time (a lock each, so a long compile of one module, ahead of time
+# or for a replica, does not hold back a replica of another).
 _PREPARING = threading.Lock()
+_COMPILING: dict[Path, threading.Lock] = {}
+
+
+def _compile_lock(target: Path) -> threading.Lock:
+    with _PREPARING:
+        return _COMPILING.setdefault(target, threading.Lock())
 
 
 @dataclass(frozen=True)
@@ -275,7 +283,7 @@ def precompiled(runtime: Wasmtime, module: Path, codegen: list[str], cache_dir: 
     if target.is_file():
         os.utime(target)  # used now: prune_cache keeps it
         return target
-    with _PREPARING:
+    with _compile_lock(target):
         if target.is_file():  # compiled meanwhile for another replica
             return target
         return _compile(runtime, module, codegen, target)
