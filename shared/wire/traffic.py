@@ -42,6 +42,14 @@ class DeploymentTraffic(Wire, frozen=True):
     services: list[ServiceTraffic] = []
 
 
+class PeerBlock(Wire, frozen=True):
+    """Another node of the cluster: its replicas' block and the address it is reached at."""
+
+    node: str
+    subnet: str  # "10.89.3.0/24"
+    address: str  # the node's advertise address
+
+
 class TrafficViews(Wire, frozen=True):
     """``SyncTraffic``: every deployment's traffic, from schedd, as one complete view.
 
@@ -52,6 +60,9 @@ class TrafficViews(Wire, frozen=True):
 
     generation: int
     deployments: list[DeploymentTraffic] = []
+    # In a cluster, the other nodes' blocks: overlayd routes each via its node
+    # (proxyd ignores it). Empty on a lone node.
+    peers: list[PeerBlock] = []
 
 
 class ServiceStats(Wire, frozen=True):
