@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from ctl.supervisor import find_executable
 from tests.cluster.harness import Cluster, Node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -59,6 +60,10 @@ def one_sentence(text: str) -> None:
 def initialised(lone: Cluster) -> float:
     """``node init`` on n1; how long it took."""
     n1 = lone[0]
+    # state of the lone node, to be moved into etcd: a secret (no image needed)
+    n1.sh(
+        "sh", "-c", f"printf s3cret | {find_executable('zlayerctl')} secret set moved", check=True
+    )
     began = time.monotonic()
     n1.run("node", "init", "--advertise", str(n1.lan.ip), check=True)
     return time.monotonic() - began
@@ -126,6 +131,16 @@ def test_three_ready_nodes_and_one_leader_on_each(lone: Cluster, formed: dict[st
     assert len(leaders) == 1, leaders
     table = lone[1].run("node", "ls", check=True).stdout
     assert "leader" in table and table.count("voter") == 3, table
+
+
+def test_the_first_nodes_state_moved_into_the_cluster(
+    lone: Cluster, formed: dict[str, str]
+) -> None:
+    """n1's secret, set while it was lone, is in etcd: every node lists it."""
+    for node in lone:
+        listed = json.loads(node.run("secret", "ls", "--format", "json", check=True).stdout)
+        assert [s["name"] for s in listed] == ["moved"], (node.name, listed)
+    assert lone[0].run("secret", "get", "moved", check=True).stdout == "s3cret"
 
 
 def test_label_and_drain_show_on_every_node(lone: Cluster, formed: dict[str, str]) -> None:
