@@ -5,18 +5,38 @@ open through another node's Secrets."""
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from daemons.schedd.etcdstore import EtcdStore, move_to_etcd
+from daemons.schedd.secrets import (
+    CLUSTER_KEY,
+    SealingKey,
+    Secrets,
+    SecretUnreadableError,
+    reseal,
+    sealed_by,
+)
+from daemons.schedd.store import DesiredStore, Store
+from shared.bus import UnavailableError
 from shared.cluster import jointoken, secretkey
+from shared.cluster.etcd import client
 from shared.cluster.peer import NodeTls, PeerError, PeerServer, join
 from shared.cluster.pki import ClusterFiles
+from shared.cluster.secretkey import MISSING
+from shared.nodekey import NodeKey
+from shared.paths import Paths
+from tests.etcd_fixture import EtcdCluster, etcd1  # noqa: F401  (a fixture)
 from tests.integration.test_cluster_peer import Cluster
+
+VALUE = "s3cr3t-VALUE-\u00e9-42"
 
 
 @asynccontextmanager
@@ -102,3 +122,131 @@ def test_a_node_without_a_key_hands_none_and_the_joiner_writes_none(tmp_path: Pa
             secretkey.load(files)
 
     run(scenario)
+
+
+# ------------------------------------------------------------ secrets in etcd
+
+
+@contextmanager
+def etcd_store(cluster: EtcdCluster) -> Iterator[EtcdStore]:
+    store = EtcdStore(cluster.endpoints, timeout=10)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def node(store: DesiredStore, files: ClusterFiles | None) -> Secrets:
+    """A node's Secrets over ``store``: a node key of its own, and with ``files`` the
+    cluster's key from there."""
+    own = os.urandom(32)
+    if files is None:
+        return Secrets(store, lambda: own)
+    return Secrets(store, lambda: own, lambda: secretkey.load(files))
+
+
+def raw_values(cluster: EtcdCluster) -> bytes:
+    async def read() -> bytes:
+        async with client(cluster.endpoints, timeout=10) as etcd:
+            return b"".join(bytes(kv.value) for kv in await etcd.get_prefix(b"/zlayer/"))
+
+    return asyncio.run(read())
+
+
+def test_a_secret_set_on_one_node_opens_on_another(
+    tmp_path: Path,
+    etcd1: EtcdCluster,  # noqa: F811
+) -> None:
+    files_a, files_b = ClusterFiles(tmp_path / "a"), ClusterFiles(tmp_path / "b")
+    secretkey.write(files_b, secretkey.make(files_a))  # as a join hands it over
+    with etcd_store(etcd1) as store_a, etcd_store(etcd1) as store_b:
+        a, b = node(store_a, files_a), node(store_b, files_b)
+        a.set("db-password", "shop", VALUE)
+        b.set("api-token", "", VALUE + "-b")
+        assert b.open(b.require("db-password", "shop")) == VALUE
+        assert a.open(a.require("api-token", "")) == VALUE + "-b"
+        assert b.lookup("shop")("api-token") == VALUE + "-b"  # node-wide, from the other node
+        stored = store_a.secret("db-password", "shop")
+        assert stored is not None and sealed_by(stored)[0] == CLUSTER_KEY
+    assert VALUE.encode() not in raw_values(etcd1)
+
+
+def test_a_node_without_the_clusters_key_says_so_and_never_reads_garbage(
+    tmp_path: Path,
+    etcd1: EtcdCluster,  # noqa: F811
+) -> None:
+    files = ClusterFiles(tmp_path / "a")
+    secretkey.make(files)
+    keyless = ClusterFiles(tmp_path / "keyless")
+    other_cluster = ClusterFiles(tmp_path / "other")
+    secretkey.make(other_cluster)
+    with etcd_store(etcd1) as store:
+        node(store, files).set("db-password", "shop", VALUE)
+        secret = store.secret("db-password", "shop")
+        assert secret is not None
+        for reader in (node(store, keyless), node(store, None)):  # in a cluster, and lone
+            with pytest.raises(SecretUnreadableError) as caught:
+                reader.open(secret)
+            assert str(caught.value) == MISSING
+        with pytest.raises(UnavailableError) as refused:
+            node(store, keyless).set("other", "", VALUE)
+        assert str(refused.value) == MISSING
+        assert store.secret("other", "") is None
+        with pytest.raises(SecretUnreadableError) as caught:
+            node(store, other_cluster).open(secret)
+        assert str(caught.value) == (
+            "the secret db-password of deployment shop does not open with the cluster's "
+            "secrets key (the key changed, or the row was altered); set it again with "
+            "`zlayerctl secret set`"
+        )
+        assert VALUE not in str(caught.value)
+
+
+def test_reseal_at_init_keeps_every_value_version_and_time(
+    tmp_path: Path,
+    etcd1: EtcdCluster,  # noqa: F811
+) -> None:
+    node_key = NodeKey.load(Paths(tmp_path / "prefix"), environ={}).secrets_key()
+    lone = Store(tmp_path / "state.db")
+    try:
+        secrets = Secrets(lone, lambda: node_key)
+        values = {(f"s{i}", dep): f"{VALUE}-{i}-{dep}" for i in range(5) for dep in ("", "shop")}
+        for (name, dep), value in values.items():
+            secrets.set(name, dep, value)
+        secrets.set("s0", "", values[("s0", "")])  # version 2
+        # a value sealed before key ids: a bare 12-byte nonce, the node key's
+        legacy_nonce = os.urandom(12)
+        sealed = AESGCM(node_key).encrypt(legacy_nonce, b"legacy", b"old\0")
+        lone.put_secret("old", "", legacy_nonce, sealed)
+        values[("old", "")] = "legacy"
+        lone.put_secret("broken", "", b"\x01" + os.urandom(12), b"not sealed by any key")
+        before = {(s.name, s.deployment): s for s in lone.secrets()}
+        files = ClusterFiles(tmp_path / "cluster")
+        cluster_key = secretkey.make(files)
+        with etcd_store(etcd1) as store:
+            move_to_etcd(lone, store)
+            other = node(store, files)  # another node of the cluster
+            with pytest.raises(SecretUnreadableError, match="does not open with this node's"):
+                other.open(other.require("s1", ""))
+            done = reseal(store, SealingKey.node(node_key), SealingKey.cluster(cluster_key))
+            assert done == (len(values), ["node-wide secret broken"])
+            after = {(s.name, s.deployment): s for s in store.secrets()}
+            assert after.keys() == before.keys()
+            for (name, dep), value in values.items():
+                found = after[(name, dep)]
+                assert other.open(found) == value
+                assert sealed_by(found)[0] == CLUSTER_KEY
+                old = before[(name, dep)]
+                assert (found.version, found.created_at, found.updated_at) == (
+                    old.version,
+                    old.created_at,
+                    old.updated_at,
+                )
+            assert after[("broken", "")] == before[("broken", "")]  # left as it was
+            # run again (as after a cut-short init): nothing left to do
+            again = reseal(store, SealingKey.node(node_key), SealingKey.cluster(cluster_key))
+            assert again == (0, ["node-wide secret broken"])
+        # the lone node's own copy is untouched: a failed init leaves it readable
+        assert secrets.open(secrets.require("s1", "shop")) == values[("s1", "shop")]
+    finally:
+        lone.close()
