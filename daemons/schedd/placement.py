@@ -14,26 +14,33 @@ The rules, in the order they apply:
 - ``node_selector.labels`` must all match the node's labels; an affinity
   ``pin: "key=value"`` (or ``pin: "id=NODE"``) keeps the replicas to nodes
   with that label (that node).
-- ``node_mode``: ``shared`` replicas go anywhere they fit; ``dedicated``: a node
-  runs the replicas of that one service and nothing else (any number of
-  them); ``exclusive``: a node runs that one replica and nothing else.
-  (Upstream's README words them otherwise: ``dedicated`` one replica per node,
-  others' replicas beside it; ``exclusive`` the service's nodes its own. Its
-  scheduler, like this one, keeps an exclusive replica alone on its node.)
+- ``node_mode``, as upstream's scheduler means it: ``shared`` replicas go
+  anywhere they fit; ``dedicated``: at most one of the service's replicas on a
+  node (each replica a node of its own, upstream's "1:1"), while other
+  services' replicas may share that node, those already there and those
+  placed after;
+  ``exclusive``: a replica goes only onto a node with nothing on it, and
+  nothing else joins it there, so each replica is alone on its node.
+  (Upstream's scheduler checks for an empty node when it places an exclusive
+  replica; its README's "no other services" on that node holds here too for
+  what is placed after.)
 - Resources: ``resources.cpu`` and ``resources.memory`` are reserved; a node
   takes a replica only while the sum of its reservations stays within its
-  capacity.
+  capacity, in every mode (upstream checks this for shared replicas only).
 - Choice among the nodes that fit: more ``prefer_labels`` matched first; then,
-  with ``affinity: spread`` (the default here), the node with the fewest
-  replicas of that service, then the least loaded (the larger of its CPU and
-  memory shares in use, then the fewest replicas); with ``pack`` (and ``pin``)
-  the fullest node that still fits, so replicas fill one node before the next.
-  Upstream's default without an ``affinity`` is ``pack``; spreading is the
-  default here, because a lost node should take as few of a service's
-  replicas with it as it can.
+  for a dedicated or exclusive replica, the node with the fewest replicas (as
+  upstream's scheduler isolates them), then the least loaded, whatever the
+  affinity. A shared replica, with ``affinity: pack`` (the default when a
+  service names none, as upstream's is) or a ``pin``, goes to the fullest node
+  that still fits, so replicas fill one node before the next; with ``spread``,
+  to the node with the fewest replicas of that service, then the least loaded
+  (the larger of its CPU and memory shares in use, then the fewest replicas).
+  ``affinity: spread`` is what a service that must survive a node's loss asks
+  for: packed, all its replicas may be on the one node lost.
 - ``replica_groups`` (upstream's shape): the service's replicas are the groups'
   counts in declaration order, each group placed with its own resources and
-  affinity; spreading counts the whole service.
+  affinity (a group's default is ``spread``, as upstream's); spreading counts
+  the whole service.
 
 Services are placed hardest first (exclusive, dedicated, with required labels
 or a pin, then the largest reservations), each one's replicas in name order.
@@ -83,7 +90,7 @@ class Group:
     count: int
     cpu: float = 0.0
     memory: int = 0
-    affinity: Affinity = "spread"
+    affinity: Affinity = "pack"  # upstream's default for a service that names none
     role: str = ""
 
 
@@ -170,7 +177,7 @@ def demand(
                 count=replicas,
                 cpu=float(own.cpu or 0.0),
                 memory=int(own.memory or 0),
-                affinity="spread" if service.affinity is None else _affinity(service.affinity),
+                affinity="pack" if service.affinity is None else _affinity(service.affinity),
             ),
         )
     return Demand(
@@ -190,7 +197,6 @@ class _Node:
     __slots__ = (
         "cpu_cap",
         "cpu_free",
-        "dedicated_to",
         "exclusive",
         "id",
         "index",
@@ -212,28 +218,22 @@ class _Node:
         self.mem_free = self.mem_cap
         self.load = 0.0
         self.per_service: dict[tuple[str, str], int] = {}
-        self.dedicated_to: tuple[str, str] | None = None
-        self.exclusive = False
+        self.exclusive = False  # holds an exclusive replica: nothing else joins it
         self.placed: list[Placement] = []
 
     def fits(self, key: tuple[str, str], mode: NodeMode, cpu: float, memory: int) -> bool:
         if self.exclusive:
             return False
-        if self.dedicated_to is not None and self.dedicated_to != key:
+        if mode == "exclusive" and self.placed:
             return False
-        if self.placed:
-            if mode == "exclusive":
-                return False
-            if mode == "dedicated" and self.dedicated_to != key:
-                return False
+        if mode == "dedicated" and key in self.per_service:
+            return False
         return self.cpu_free + _CPU_SLACK >= cpu and self.mem_free >= memory
 
     def take(self, key: tuple[str, str], mode: NodeMode, placement: Placement) -> None:
         self.placed.append(placement)
         self.per_service[key] = self.per_service.get(key, 0) + 1
-        if mode == "dedicated":
-            self.dedicated_to = key
-        elif mode == "exclusive":
+        if mode == "exclusive":
             self.exclusive = True
         self.cpu_free -= placement.cpu
         self.mem_free -= placement.memory
@@ -280,19 +280,22 @@ class _Placer:
         self.by_id = {node.id: node for node in self.nodes}
         self._allowed: dict[tuple[frozenset[tuple[str, str]], Pin | None], set[int]] = {}
         self._preferences: dict[frozenset[tuple[str, str]], list[int]] = {}
-        # The open nodes (neither exclusive nor dedicated) by (load, replicas,
+        # The open nodes (without an exclusive replica) by (load, replicas,
         # index): a spreading service walks it from the front, a packing one
-        # from the back, instead of ranking every node for every service.
+        # from the back, an exclusive one its empty nodes at the front,
+        # instead of ranking every node for every service.
         self.order: list[tuple[float, int, int]] = []
+        # The same nodes by (replicas, load, index): a dedicated service
+        # walks it from the front.
+        self.crowd: list[tuple[int, float, int]] = []
         self.unplaced: list[tuple[Demand, Group, list[str]]] = []
 
     def start(self) -> None:
         """After the kept replicas are in: order the open nodes."""
         self.order = sorted(
-            (node.load, len(node.placed), node.index)
-            for node in self.nodes
-            if not node.exclusive and node.dedicated_to is None
+            (node.load, len(node.placed), node.index) for node in self.nodes if not node.exclusive
         )
+        self.crowd = sorted((count, load, index) for load, count, index in self.order)
 
     def preference(self, prefer: Mapping[str, str]) -> list[int]:
         """How many of ``prefer`` each node matches, by index (empty: nothing preferred)."""
@@ -322,13 +325,16 @@ class _Placer:
         return found
 
     def take(self, node: _Node, key: tuple[str, str], mode: NodeMode, placement: Placement) -> None:
-        was_open = not node.exclusive and node.dedicated_to is None
+        was_open = not node.exclusive
         before = (node.load, len(node.placed), node.index)
         node.take(key, mode, placement)
         if was_open:
+            load, count, index = before
             del self.order[bisect.bisect_left(self.order, before)]
-            if not node.exclusive and node.dedicated_to is None:
+            del self.crowd[bisect.bisect_left(self.crowd, (count, load, index))]
+            if not node.exclusive:
                 bisect.insort(self.order, (node.load, len(node.placed), node.index))
+                bisect.insort(self.crowd, (len(node.placed), node.load, node.index))
 
     def choose(self, want: Demand, group: Group, names: list[str]) -> None:
         """Place ``names`` (all of ``group``), best node first, each pick updating that node."""
@@ -349,19 +355,50 @@ class _Placer:
                 memory=memory,
             )
 
-        if self.walks and not want.prefer_labels and spread:
-            # The first round of a spread: open nodes without this service, least
-            # loaded first, one replica each (a dedicated or exclusive one: empty
-            # nodes only); the same picks the full ranking below would make.
+        if self.walks and not want.prefer_labels and mode == "exclusive":
+            # Empty nodes, which lead the order as (0.0, 0, index): by index,
+            # as the full ranking below orders nodes that all hold nothing.
             picks: list[_Node] = []
-            empty_only = mode != "shared"
             for _, count, index in self.order:
+                if count or len(picks) == len(todo):
+                    break
+                if allowed is not None and index not in allowed:
+                    continue
+                node = self.nodes[index]
+                if node.cpu_free + _CPU_SLACK >= cpu and node.mem_free >= memory:
+                    picks.append(node)
+            for node in picks:
+                self.take(node, key, mode, placement(todo.pop()))
+        elif self.walks and not want.prefer_labels and mode == "dedicated":
+            # One replica a node: the open nodes without this service, fewest
+            # replicas first, as the full ranking below orders them.
+            picks = []
+            for _, _, index in self.crowd:
                 if allowed is not None and index not in allowed:
                     continue
                 node = self.nodes[index]
                 if (
-                    (empty_only and count)
-                    or key in node.per_service
+                    key in node.per_service
+                    or node.cpu_free + _CPU_SLACK < cpu
+                    or node.mem_free < memory
+                ):
+                    continue
+                picks.append(node)
+                if len(picks) == len(todo):
+                    break
+            for node in picks:
+                self.take(node, key, mode, placement(todo.pop()))
+        elif self.walks and not want.prefer_labels and mode == "shared" and spread:
+            # The first round of a spread: open nodes without this service, least
+            # loaded first, one replica each; the same picks the full ranking
+            # below would make.
+            picks = []
+            for _, _, index in self.order:
+                if allowed is not None and index not in allowed:
+                    continue
+                node = self.nodes[index]
+                if (
+                    key in node.per_service
                     or node.cpu_free + _CPU_SLACK < cpu
                     or node.mem_free < memory
                 ):
@@ -405,6 +442,9 @@ class _Placer:
 
         def rank(node: _Node) -> tuple[int, float, float, int, int]:
             pref = -scores[node.index] if scores else 0
+            if mode != "shared":
+                # Upstream's isolation: the node with the fewest replicas.
+                return (pref, len(node.placed), node.load, 0, node.index)
             if spread:
                 return (pref, node.per_service.get(key, 0), node.load, len(node.placed), node.index)
             return (pref, 0, -node.load, -len(node.placed), -node.index)
@@ -445,11 +485,13 @@ class _Placer:
                     "needs a node with nothing else on it"
                 )
             if want.node_mode == "dedicated":
+                held = all(key in node.per_service for node in nodes)
                 return (
-                    "every node that could take it runs other services' replicas, and "
-                    "node_mode dedicated needs a node that runs only this service"
+                    "every node that could take it already runs one of its replicas"
+                    + ("" if held else " or an exclusive replica")
+                    + ", and node_mode dedicated needs a different node for each replica"
                 )
-            return "every node that could take it runs an exclusive or dedicated replica"
+            return "every node that could take it runs an exclusive replica"
         most_cpu = max(node.cpu_free for node in free)
         most_memory = max(node.mem_free for node in free)
         if most_cpu + _CPU_SLACK < group.cpu:

@@ -134,28 +134,51 @@ def test_preferred_labels_win_over_load() -> None:
     assert where(plan)["app-db-1"] == "a"
 
 
-def test_dedicated_nodes_run_one_service_any_number_of_its_replicas() -> None:
+def test_dedicated_puts_one_replica_a_node_and_shares_nodes_with_other_services() -> None:
     nodes = [node("a"), node("b"), node("c")]
-    plan = place(nodes, [want("db", 2, mode="dedicated"), want("web", 3)], {})
+    plan = place(nodes, [want("db", 3, mode="dedicated"), want("web", 3)], {})
     assert not plan.pending
-    for placed in plan.nodes.values():
-        assert len({p.service for p in placed}) == 1
+    assert per_node(plan, "db") == {"a": 1, "b": 1, "c": 1}
+    # Placed after it, another service's replicas join the dedicated ones' nodes.
+    assert per_node(plan, "web") == {"a": 1, "b": 1, "c": 1}
+    # Whatever the affinity: a packing dedicated service still takes a node a replica.
+    plan = place(nodes, [want("db", 2, mode="dedicated", affinity="pack")], {})
     assert sorted(per_node(plan, "db").values()) == [0, 1, 1]
-    assert sorted(per_node(plan, "web").values()) == [0, 0, 3]
-    plan = place(nodes[:2], [want("db", 5, mode="dedicated")], {})
-    assert sorted(per_node(plan, "db").values()) == [2, 3]
 
 
-def test_a_dedicated_service_finds_no_node_when_every_node_runs_others() -> None:
+def test_dedicated_replicas_join_nodes_that_already_run_other_services() -> None:
     nodes = [node("a"), node("b")]
-    plan = place(
-        nodes,
-        [want("web", 2), want("db", 1, mode="dedicated")],
-        place(nodes, [want("web", 2)], {}).nodes,
-    )
+    before = place(nodes, [want("web", 4)], {})
+    plan = place(nodes, [want("web", 4), want("db", 2, mode="dedicated")], before.nodes)
+    assert not plan.pending
+    assert per_node(plan, "db") == {"a": 1, "b": 1}
+    assert per_node(plan, "web") == per_node(before, "web")
+
+
+def test_a_dedicated_replica_goes_to_the_node_with_the_fewest_replicas() -> None:
+    nodes = [node("a"), node("b"), node("c")]
+    busy = place(nodes, [want("web", 3, affinity=Pin("id", "a")), want("api", 1)], {})
+    assert per_node(busy) == {"a": 3, "b": 1, "c": 0}
+    wants = [want("web", 3, affinity=Pin("id", "a")), want("api", 1)]
+    plan = place(nodes, [*wants, want("db", 1, mode="dedicated")], busy.nodes)
+    assert where(plan)["app-db-1"] == "c"
+    plan = place(nodes, [*wants, want("db", 2, mode="dedicated")], busy.nodes)
+    assert per_node(plan, "db") == {"a": 0, "b": 1, "c": 1}
+
+
+def test_more_dedicated_replicas_than_nodes_wait_with_the_reason() -> None:
+    nodes = [node("a"), node("b")]
+    plan = place(nodes, [want("db", 5, mode="dedicated")], {})
+    assert per_node(plan, "db") == {"a": 1, "b": 1}
+    assert [p.replica for p in plan.pending] == ["app-db-3", "app-db-4", "app-db-5"]
+    assert {p.reason for p in plan.pending} == {
+        "every node that could take it already runs one of its replicas, and node_mode "
+        "dedicated needs a different node for each replica"
+    }
+    plan = place(nodes, [want("cache", 1, mode="exclusive"), want("db", 2, mode="dedicated")], {})
     assert [p.reason for p in plan.pending] == [
-        "every node that could take it runs other services' replicas, and node_mode "
-        "dedicated needs a node that runs only this service"
+        "every node that could take it already runs one of its replicas or an exclusive "
+        "replica, and node_mode dedicated needs a different node for each replica"
     ]
 
 
@@ -166,9 +189,32 @@ def test_an_exclusive_replica_is_alone_on_its_node() -> None:
         if any(p.service == "db" for p in placed):
             assert len(placed) == 1
     assert sum(per_node(plan, "web").values()) == 4
+    # One replica a node, even of the same service.
     plan = place(nodes, [want("db", 4, mode="exclusive")], {})
     assert plan.placed() == 3
+    assert plan.pending[0].reason == (
+        "no node that could take it is empty, and node_mode exclusive needs a node "
+        "with nothing else on it"
+    )
+    # Nothing placed after joins it, shared or dedicated.
+    plan = place(nodes[:1], [want("db", 1, mode="exclusive"), want("web", 1)], {})
+    assert [p.reason for p in plan.pending] == [
+        "every node that could take it runs an exclusive replica"
+    ]
+    plan = place(nodes[:1], [want("db", 1, mode="exclusive"), want("api", 1, mode="dedicated")], {})
+    assert [p.replica for p in plan.pending] == ["app-api-1"]
+
+
+def test_an_exclusive_replica_needs_an_empty_node_not_one_with_shared_replicas() -> None:
+    nodes = [node("a"), node("b")]
+    before = place(nodes, [want("web", 2)], {})
+    plan = place(nodes, [want("web", 2), want("db", 1, mode="exclusive")], before.nodes)
+    assert where(plan) == where(before)
     assert plan.pending[0].reason.startswith("no node that could take it is empty")
+    plan = place(
+        [*nodes, node("c")], [want("web", 2), want("db", 1, mode="exclusive")], before.nodes
+    )
+    assert where(plan)["app-db-1"] == "c"
 
 
 def test_pack_fills_one_node_before_the_next() -> None:
@@ -286,6 +332,25 @@ services:
     assert web.groups == (Group(count=2, affinity="pack"),)
 
 
+def test_without_an_affinity_a_service_packs_and_spread_is_asked_for() -> None:
+    spec = parse_spec(
+        """\
+version: v1
+deployment: app
+services:
+  web: {image: nginx, resources: {cpu: 1}}
+  api: {image: nginx, resources: {cpu: 1}, affinity: spread}
+""",
+        "app.zlayer.yml",
+    )
+    web = demand("app", "web", spec.services["web"], revision=1, replicas=3)
+    api = demand("app", "api", spec.services["api"], revision=1, replicas=3)
+    assert web.groups == (Group(count=3, cpu=1.0, affinity="pack"),)
+    nodes = [node("a"), node("b"), node("c")]
+    assert sorted(per_node(place(nodes, [web], {})).values()) == [0, 0, 3]
+    assert per_node(place(nodes, [api], {})) == {"a": 1, "b": 1, "c": 1}
+
+
 # ---------------------------------------------------------------- properties
 
 LABELS = st.dictionaries(
@@ -374,8 +439,12 @@ def check_rules(nodes: Sequence[NodeRecord], wants: Sequence[Demand], plan: Plan
                 assert got == pin.value, "pin unmet"
         if "exclusive" in modes:
             assert len(placed) == 1, "an exclusive replica has company"
-        if "dedicated" in modes:
-            assert len({(p.deployment, p.service) for p in placed}) == 1, "dedicated node shared"
+        dedicated = Counter(
+            (p.deployment, p.service)
+            for p, mode in zip(placed, modes, strict=True)
+            if mode == "dedicated"
+        )
+        assert all(count == 1 for count in dedicated.values()), "two dedicated on one node"
     pending = Counter((p.deployment, p.service, p.replica) for p in plan.pending)
     assert seen + pending == Counter(by_replica.keys()), "each replica placed once or pending"
     for waiting in plan.pending:
@@ -404,11 +473,11 @@ def fits(
     own = (w.deployment, w.service)
     services = {(p.deployment, p.service) for p in placed}
     modes = {x.node_mode for x in wants if (x.deployment, x.service) in services}
+    if "exclusive" in modes:
+        return False
     if placed and w.node_mode == "exclusive":
         return False
-    if w.node_mode == "dedicated" and services - {own}:
-        return False
-    if "exclusive" in modes or ("dedicated" in modes and services != {own}):
+    if w.node_mode == "dedicated" and own in services:
         return False
     cpu_left = record.capacity.cpu - sum(p.cpu for p in placed)
     memory_left = record.capacity.memory - sum(p.memory for p in placed)
