@@ -250,3 +250,34 @@ def test_reseal_at_init_keeps_every_value_version_and_time(
         assert secrets.open(secrets.require("s1", "shop")) == values[("s1", "shop")]
     finally:
         lone.close()
+
+
+def test_a_secret_set_alone_opens_on_a_node_that_joins_after_init(
+    tmp_path: Path,
+    etcd1: EtcdCluster,  # noqa: F811
+) -> None:
+    """The whole way, as node init and node join go: a lone node's secret, moved and
+    resealed at init, opens on a node that joined over gRPC and got the key there."""
+    node_key = os.urandom(32)
+    lone = Store(tmp_path / "state.db")
+    try:
+        Secrets(lone, lambda: node_key).set("db-password", "shop", VALUE)
+        cluster = Cluster(tmp_path)  # init: the CA and this node's certificate ...
+        key = secretkey.make(cluster.files)  # ... and the secrets key
+        with etcd_store(etcd1) as store:
+            move_to_etcd(lone, store)
+            reseal(store, SealingKey.node(node_key), SealingKey.cluster(key))
+
+            async def joining() -> ClusterFiles:
+                async with serving("node-a", cluster.tls, cluster, key) as server:
+                    joined = await join(cluster.token(server), "node-b", ["127.0.0.1"])
+                files = ClusterFiles(tmp_path / "b")
+                await asyncio.to_thread(joined.write, files)
+                return files
+
+            files_b = asyncio.run(asyncio.wait_for(joining(), 60))
+            with etcd_store(etcd1) as store_b:
+                joined_node = node(store_b, files_b)
+                assert joined_node.lookup("shop")("db-password") == VALUE
+    finally:
+        lone.close()
