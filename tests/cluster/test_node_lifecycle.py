@@ -163,6 +163,30 @@ def test_label_and_drain_show_on_every_node(lone: Cluster, formed: dict[str, str
     assert all(n["state"] == "ready" and n["labels"] == {} for n in others)
 
 
+def test_a_restarted_node_comes_back_as_itself(lone: Cluster, formed: dict[str, str]) -> None:
+    """n2 killed outright and booted again: its supervisor starts its etcd member before
+    schedd, which takes its place again under the same id, labels and drain kept."""
+    n2 = lone[1]
+    began = time.monotonic()
+    n2.restart()
+    print(f"n2 restarted in {time.monotonic() - began:.1f} s")
+    state = n2.run("status", check=True)
+    assert state.returncode == 0
+
+    def back(seen: dict[str, Any]) -> bool:
+        record = {n["id"]: n for n in seen["nodes"]}.get(formed["n2"])
+        return (
+            len(seen["nodes"]) == 3
+            and bool(record)
+            and record["state"] == "draining"
+            and record["labels"] == {"zone": "a"}
+        )
+
+    for node in lone:
+        until(node, back, "n2 back, draining, zone=a")
+    assert nodes_seen(n2)["this_node"] == formed["n2"]
+
+
 def test_unknown_node_is_one_sentence(lone: Cluster, formed: dict[str, str]) -> None:
     done = lone[0].run("node", "drain", "no-such-node")
     assert done.returncode == 1
