@@ -149,19 +149,16 @@ class Secrets:
         self._keys: dict[int, bytes] = {}
 
     def _key(self, key_id: int) -> bytes:
-        """The key of ``key_id``; SecretsKeyError (a sentence) when this node has none."""
+        """The key of ``key_id`` (NODE_KEY or CLUSTER_KEY); SecretsKeyError (a sentence)
+        when this node has none."""
         found = self._keys.get(key_id)
         if found is None:
             if key_id == NODE_KEY:
                 found = self._load_key()
-            elif key_id == CLUSTER_KEY and self._load_cluster_key is not None:
+            elif self._load_cluster_key is not None:
                 found = self._load_cluster_key()
-            elif key_id == CLUSTER_KEY:
-                raise SecretsKeyError(MISSING)
             else:
-                raise SecretsKeyError(
-                    "it was sealed with a key this version of ZLayer does not know"
-                )
+                raise SecretsKeyError(MISSING)
             self._keys[key_id] = found
         return found
 
@@ -193,15 +190,15 @@ class Secrets:
 
     def open(self, secret: Secret) -> str:
         key_id, nonce = sealed_by(secret)
+        if key_id not in (NODE_KEY, CLUSTER_KEY):
+            raise SecretUnreadableError(
+                f"the {where(secret.name, secret.deployment)} was sealed with a key this "
+                "version of ZLayer does not know; set it again with `zlayerctl secret set`"
+            )
         try:
             key = self._key(key_id)
-        except SecretsKeyError as exc:
-            if str(exc) == MISSING:
-                raise SecretUnreadableError(MISSING) from None
-            raise SecretUnreadableError(
-                f"the {where(secret.name, secret.deployment)} does not open: {exc}; "
-                "set it again with `zlayerctl secret set`"
-            ) from None
+        except SecretsKeyError as exc:  # the key's fault, not the value's: its own sentence
+            raise SecretUnreadableError(str(exc)) from None
         data = _unseal(key, nonce, secret)
         if data is None:
             whose = "the cluster's secrets key" if key_id == CLUSTER_KEY else "this node's key"

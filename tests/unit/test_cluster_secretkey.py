@@ -1,13 +1,18 @@
 """The cluster's secrets key on disk and on the wire: made once at init (0600 in a 0700
-directory), read back as written, refused with a sentence when missing, short or garbled."""
+directory), read back as written, refused with a sentence when missing, short or garbled;
+and the key id each sealed value carries."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import stat
 from pathlib import Path
 
 import pytest
 
+from daemons.schedd.secrets import CLUSTER_KEY, NODE_KEY, Secrets, SecretUnreadableError
+from daemons.schedd.store import Store
 from shared.cluster import secretkey
 from shared.cluster.pki import ClusterFiles
 from shared.cluster.secretkey import SecretsKeyError
@@ -53,3 +58,29 @@ def test_the_key_crosses_the_wire_whole_and_a_garbled_one_is_refused() -> None:
         secretkey.from_wire("AAAA")
     with pytest.raises(SecretsKeyError):
         secretkey.to_wire(b"\0" * 31)
+
+
+def test_a_value_opens_only_with_the_key_its_id_names(tmp_path: Path) -> None:
+    """The key id a stored value carries picks the key; switched to another id, or one
+    this version does not know, the value does not open (a sentence, never garbage)."""
+    files = ClusterFiles(tmp_path / "cluster")
+    secretkey.make(files)
+    node_key = os.urandom(32)
+    store = Store(tmp_path / "state.db")
+    try:
+        secrets = Secrets(store, lambda: node_key, lambda: secretkey.load(files))
+        sealed = secrets.set("db-password", "", "hunter2")
+        assert sealed.nonce[0] == CLUSTER_KEY and len(sealed.nonce) == 13
+        assert secrets.open(sealed) == "hunter2"
+        as_node = dataclasses.replace(sealed, nonce=bytes([NODE_KEY]) + sealed.nonce[1:])
+        with pytest.raises(SecretUnreadableError, match="does not open with this node's key"):
+            secrets.open(as_node)
+        unknown = dataclasses.replace(sealed, nonce=b"\x07" + sealed.nonce[1:])
+        with pytest.raises(SecretUnreadableError, match="with a key this version of ZLayer"):
+            secrets.open(unknown)
+        # a lone node seals with its own key, and a node key's value still opens in a cluster
+        alone = Secrets(store, lambda: node_key).set("token", "", "t0k3n")
+        assert alone.nonce[0] == NODE_KEY
+        assert secrets.open(alone) == "t0k3n"
+    finally:
+        store.close()
