@@ -51,6 +51,8 @@ def remove_test_network(paths: Paths) -> None:
     """Take down the bridge, nft table and IPAM an overlayd of this prefix made."""
     from ctl.supervisor import find_executable
 
+    if not network_made(paths):
+        return
     subprocess.run(
         [find_executable("zlayer-overlayd"), "--remove-network"],
         env={**os.environ, PREFIX_ENV: str(paths.prefix)},
@@ -58,6 +60,22 @@ def remove_test_network(paths: Paths) -> None:
         timeout=60,
         check=False,
     )
+
+
+def network_made(paths: Paths) -> bool:
+    """Whether an overlayd of this prefix may have made a network: one that made
+    anything made its bridge first (the nft table, attachments and host settings come
+    after), or wrote its state directory. Most tests never start overlayd, and asking
+    ``--remove-network`` costs a daemon's start-up at each test's end."""
+    if paths.daemon_state("overlayd").exists():
+        return True
+    from daemons.overlayd.settings import OverlaySettings
+
+    try:
+        bridge = OverlaySettings.load("overlayd", paths).bridge
+    except Exception:  # a test's own broken settings: let overlayd itself decide
+        return True
+    return Path("/sys/class/net", bridge).exists()
 
 
 @pytest.fixture
