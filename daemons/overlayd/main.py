@@ -50,9 +50,9 @@ from shared.logs import setup_logging
 from shared.paths import Paths
 from shared.traffic import TrafficError
 from shared.views import TrafficHolder
-from shared.wire import encode
+from shared.wire import decode, encode
 from shared.wire.agent import SyncResult
-from shared.wire.traffic import DeploymentTraffic
+from shared.wire.traffic import DeploymentTraffic, PeerBlock, TrafficViews
 
 ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
 ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["result"])
@@ -247,7 +247,20 @@ class OverlayDaemon(Daemon):
         async def apply_one(deployment: str, view: DeploymentTraffic) -> None:
             await self.push_traffic(parse_bus_traffic(deployment, encode(view)))
 
-        return await self.views.sync(text, lambda: self.network.traffic, apply_one)
+        result = await self.views.sync(text, lambda: self.network.traffic, apply_one)
+        if result.accepted:
+            await self._set_peers(decode(text, TrafficViews).peers)
+        return result
+
+    async def _set_peers(self, peers: list[PeerBlock]) -> None:
+        """In a cluster: routes to the other nodes' blocks, and the bridge lets them in."""
+        try:
+            changed = await self.work(self.network.set_peers, peers)
+        except (nft.NftError, OSError) as exc:
+            self.log.error("cannot route to the cluster's other nodes: %s", exc)
+            return
+        for line in changed:
+            self.log.info("%s", line)
 
     async def _apply_traffic(self, traffic: DeploymentTraffic) -> None:
         deployment = traffic.deployment

@@ -41,7 +41,7 @@ from shared.statefile import StateFormatError, read_state, remove_leftovers, wri
 from shared.traffic import TrafficError
 from shared.wire import decode, encode
 from shared.wire.overlay import Attachment, NetworkInfo
-from shared.wire.traffic import DeploymentTraffic
+from shared.wire.traffic import DeploymentTraffic, PeerBlock
 
 STATE_FILE = "allocations.json"
 TRAFFIC_DIR = "traffic"
@@ -101,6 +101,9 @@ class NodeNetwork:
         self.traffic: dict[str, DeploymentTraffic] = {}
         self.published: dict[str, list[PublishedPort]] = {}
         self.down: dict[str, frozenset[ProbeKey]] = {}
+        # In a cluster: the other nodes' blocks, routed via those nodes (schedd's view).
+        self.peer_blocks: list[PeerBlock] = []
+        self.peers: nft.Peers = ((), ())
         self._on_change = on_change or (lambda: None)
 
     # ------------------------------------------------------------ start
@@ -224,6 +227,7 @@ class NodeNetwork:
             dns_port=self.settings.dns_port,
             published=self.published,
             down=self.down,
+            peers=self.peers,
         )
 
     def _read_resolvers(self) -> None:
@@ -467,6 +471,7 @@ class NodeNetwork:
                 dns_port=self.settings.dns_port,
                 published=published,
                 down=down,
+                peers=self.peers,
             )
 
     def _save_traffic(self, traffic: DeploymentTraffic) -> None:
@@ -507,11 +512,31 @@ class NodeNetwork:
                 removed.append(f"the traffic of {len(self.traffic)} deployments")
         self.traffic.clear()
         self.published.clear()
+        removed += plumbing.set_peer_routes({})
         removed += self.restore_sysctls()
         if plumbing.remove_bridge(self.bridge):
             removed.append(f"bridge {self.bridge}")
         self._on_change()
         return removed
+
+    # ------------------------------------------------------------ the cluster's other nodes
+
+    def set_peers(self, blocks: list[PeerBlock]) -> list[str]:
+        """Blocking: route each other node's block via that node and let them into the
+        bridge (the ``peers`` sets); routes to blocks no longer named go. What changed."""
+        if blocks == self.peer_blocks:
+            return []
+        wanted = {b.subnet: b.address for b in blocks if b.subnet != str(self.subnet)}
+        peers: nft.Peers = (
+            tuple(sorted({*wanted, *wanted.values()})),
+            tuple(sorted(wanted)),
+        )
+        if peers != self.peers:
+            nft.run_transaction(nft.peers_update(self.table, peers))
+            self.peers = peers
+        changed = plumbing.set_peer_routes(wanted)
+        self.peer_blocks = list(blocks)
+        return changed
 
 
 def _label(allocation: Allocation) -> str:

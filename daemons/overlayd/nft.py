@@ -31,7 +31,11 @@ The table:
   rest follow conntrack;
 - ``closed``: on input, a published port with no backend in rotation
   rejects (tcp reset, icmp port unreachable) instead of swallowing packets;
-- ``ct timeout udp_<N>s`` objects: a udp endpoint's ``session_timeout``.
+- ``ct timeout udp_<N>s`` objects: a udp endpoint's ``session_timeout``;
+- the sets ``peers`` (the other nodes of a cluster: their addresses and their
+  replicas' blocks, let into the bridge) and ``peer_blocks`` (their blocks,
+  reached unmasqueraded so a replica sees another node's replica's own
+  address): empty on a lone node, filled by :func:`peers_update`.
 
 The table is rebuilt whole on start (:func:`ruleset`); a push rewrites one
 deployment's chain plus the small ``published`` and ``closed`` chains
@@ -51,6 +55,8 @@ from daemons.overlayd.publish import ProbeKey, PublishedPort, live_targets
 
 Published = Mapping[str, list[PublishedPort]]
 Down = Mapping[str, frozenset[ProbeKey]]
+# The other nodes of a cluster: (their addresses and blocks, their blocks), as nft elements.
+Peers = tuple[tuple[str, ...], tuple[str, ...]]
 
 
 class NftError(Exception):
@@ -66,6 +72,7 @@ def ruleset(
     dns_port: int = 53,
     published: Published | None = None,
     down: Down | None = None,
+    peers: Peers = ((), ()),
 ) -> str:
     """The whole table, as a file for ``nft -f``: declared, deleted, then filled."""
     published = published or {}
@@ -80,8 +87,15 @@ def ruleset(
 table ip {table} {{}}
 delete table ip {table}
 table ip {table} {{
-{objects}    chain postrouting {{
+{objects}    set peers {{
+        type ipv4_addr; flags interval; auto-merge;{_elements(peers[0])}
+    }}
+    set peer_blocks {{
+        type ipv4_addr; flags interval; auto-merge;{_elements(peers[1])}
+    }}
+    chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {subnet} ip daddr @peer_blocks accept comment "other nodes' replicas"
         ip saddr {subnet} oifname != "{bridge}" masquerade comment "replicas reach out"
         oifname "{bridge}" ct status dnat ip saddr 127.0.0.0/8 masquerade comment "from localhost"
         oifname "{bridge}" ct status dnat ip saddr {subnet} masquerade comment "hairpin"
@@ -93,6 +107,7 @@ table ip {table} {{
         iifname "{bridge}" oifname "{bridge}" accept comment "replica to replica"
         iifname "{bridge}" ip saddr {subnet} accept comment "replicas reach out"
         oifname "{bridge}" ct status dnat accept comment "published ports"
+        oifname "{bridge}" ip saddr @peers accept comment "other nodes of the cluster"
     }}
     chain localnet {{
         type filter hook input priority filter; policy accept;
@@ -235,6 +250,20 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_./" else "_" for c in text)[:64]
 
 
+def _elements(items: tuple[str, ...] | list[str]) -> str:
+    return f" elements = {{ {', '.join(items)} }};" if items else ""
+
+
+def peers_update(table: str, peers: Peers) -> str:
+    """A transaction that sets the two peer sets to ``peers`` (addresses, blocks)."""
+    lines = []
+    for name, items in (("peers", peers[0]), ("peer_blocks", peers[1])):
+        lines.append(f"flush set ip {table} {name}")
+        if items:
+            lines.append(f"add element ip {table} {name} {{ {', '.join(items)} }}")
+    return "\n".join(lines) + "\n"
+
+
 def apply(
     table: str,
     bridge: str,
@@ -244,6 +273,7 @@ def apply(
     dns_port: int = 53,
     published: Published | None = None,
     down: Down | None = None,
+    peers: Peers = ((), ()),
 ) -> None:
     text = ruleset(
         table,
@@ -253,6 +283,7 @@ def apply(
         dns_port=dns_port,
         published=published,
         down=down,
+        peers=peers,
     )
     _nft(["-f", "-"], text)
 

@@ -584,3 +584,34 @@ def _link(ip: IPRoute, index: int) -> Any:
 
 def _is_up(link: Any) -> bool:
     return bool(link["flags"] & 1)  # IFF_UP
+
+
+# The protocol number overlayd's routes to other nodes' blocks carry, so it finds
+# (and removes) its own and no one else's, across restarts.
+PEER_ROUTE_PROTO = 90
+
+
+def set_peer_routes(wanted: dict[str, str]) -> list[str]:
+    """Routes to the cluster's other blocks (cidr -> the node address it goes via):
+    each one made or corrected, those overlayd made before and no longer wanted
+    removed. What changed, for the log."""
+    done: list[str] = []
+    with IPRoute() as ip:
+        held: dict[str, str] = {}
+        for route in ip.get_routes(family=socket.AF_INET, proto=PEER_ROUTE_PROTO):
+            dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
+            held[dst] = str(route.get_attr("RTA_GATEWAY") or "")
+        for dst in held:
+            if dst not in wanted:
+                with contextlib.suppress(NetlinkError):
+                    ip.route("del", dst=dst, proto=PEER_ROUTE_PROTO)
+                    done.append(f"route to {dst} removed")
+        for dst, via in sorted(wanted.items()):
+            if held.get(dst) == via:
+                continue
+            try:
+                ip.route("replace", dst=dst, gateway=via, proto=PEER_ROUTE_PROTO)
+                done.append(f"route to {dst} via {via}")
+            except NetlinkError as exc:  # the node's address not on a link of ours (yet)
+                done.append(f"no route to {dst} via {via}: {os.strerror(exc.code)}")
+    return done

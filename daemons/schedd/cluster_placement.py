@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aetcd  # type: ignore[import-untyped]
@@ -36,6 +36,7 @@ from daemons.schedd.status import desired_replicas
 from shared.wire import WireError, decode, encode, replace
 from shared.wire.agent import ReplicaInfo
 from shared.wire.cluster import KEYS, NodePlacements, NodeRecord, Placement
+from shared.wire.traffic import PeerBlock
 
 if TYPE_CHECKING:
     from daemons.schedd.membership import Membership
@@ -196,6 +197,7 @@ class ClusterPlacement:
         wants: Callable[[], list[Demand]],
         changed: Callable[[], None],
         event: Callable[[str, str, str, str], None],
+        subnet: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self.client = client
         self.membership = membership
@@ -203,6 +205,7 @@ class ClusterPlacement:
         self._wants = wants
         self._changed = changed
         self._event = event
+        self._subnet = subnet  # this node's replica block, as overlayd holds it
         self.owned: NodePlacements | None = None  # None until this node's are read
         self.pending: dict[tuple[str, str], list[Pending]] = {}
         self.remote: dict[str, ReplicaInfo] = {}  # key -> a replica another node runs
@@ -214,7 +217,10 @@ class ClusterPlacement:
     # ------------------------------------------------------------ life
 
     def start(self) -> None:
-        for work in (self._watch_own, self._watch_replicas, self._lead):
+        works = [self._watch_own, self._watch_replicas, self._lead]
+        if self._subnet is not None:
+            works.append(self._claim_subnet)
+        for work in works:
             self._tasks.append(asyncio.create_task(work(), name=f"placement-{work.__name__}"))
 
     async def stop(self) -> None:
@@ -424,6 +430,42 @@ class ClusterPlacement:
                 log.warning("watching the cluster's replicas broke (%s); reading them again", exc)
             await asyncio.sleep(RETRY)
 
+    # ------------------------------------------------------------ addresses
+
+    async def _claim_subnet(self) -> None:
+        """Claim this node's block in etcd (``KEYS["subnets"]``, one transaction: free or
+        already this node's) and put it in the node's record, for the others' routes."""
+        assert self._subnet is not None
+        while True:
+            try:
+                block = await self._subnet()
+                if await claim_subnet(self.client, self.node_id, block):
+                    record = self.membership.record
+                    if record.subnet != block:
+                        await self.membership.update(replace(record, subnet=block))
+                    log.info("node %s routes its replicas' block %s", self.node_id, block)
+                    return
+                log.error(
+                    "the replicas' block %s of node %s is another node's; give this node's "
+                    "zlayer-overlayd another subnet",
+                    block,
+                    self.node_id,
+                )
+                return
+            except ETCD_ERRORS as exc:
+                log.warning("cannot claim this node's block yet (%s)", exc)
+            except Exception as exc:  # overlayd not up yet: asked again
+                log.debug("no subnet from zlayer-overlayd yet: %s", exc)
+            await asyncio.sleep(2.0)
+
+    def peers(self) -> list[PeerBlock]:
+        """The other live nodes' blocks and addresses, for overlayd's routes."""
+        return [
+            PeerBlock(node=r.id, subnet=r.subnet, address=r.address)
+            for r in sorted(self.membership.live().values(), key=lambda r: r.id)
+            if r.id != self.node_id and r.subnet
+        ]
+
     def remote_replicas(self, deployment: str) -> list[ReplicaInfo]:
         """Other nodes' replicas of ``deployment``, as they published them."""
         return [r for r in self.remote.values() if r.deployment == deployment]
@@ -431,6 +473,21 @@ class ClusterPlacement:
     def node_of(self, key: str) -> str:
         """The node of a replica key (``/zlayer/replicas/<node>/<id>``)."""
         return key[len(KEYS["replicas"]) :].split("/", 1)[0]
+
+
+async def claim_subnet(client: Any, node_id: str, block: str) -> bool:
+    """Whether ``block`` is ``node_id``'s in etcd now: claimed while free, or already its."""
+    key = (KEYS["subnets"] + block).encode()
+    tx = client.transactions
+    ok, responses = await client.transaction(
+        compare=[tx.create(key) == 0],
+        success=[tx.put(key, node_id.encode())],
+        failure=[tx.get(key)],
+    )
+    if ok:
+        return True
+    found = responses[0]
+    return bool(found) and found[0][0].decode() == node_id
 
 
 def _replica(raw: bytes) -> ReplicaInfo | None:

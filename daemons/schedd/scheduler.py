@@ -961,6 +961,10 @@ class Scheduler:
         if self.store.get(deployment) is not None:
             self.event(deployment, kind, message, service=service)
 
+    async def _overlay_subnet(self) -> str:
+        network = await asyncio.wait_for(self.overlay.get_network(), TRAFFIC_TIMEOUT)
+        return network.subnet
+
     def _runs_jobs(self) -> bool:
         """Jobs and cron jobs run on one node: alone, this one; in a cluster, the leader."""
         return self.cluster is None or bool(self.cluster.membership.is_leader)
@@ -976,6 +980,7 @@ class Scheduler:
                 self._wanted,
                 self.wake,
                 self._pending_event,
+                self._overlay_subnet,
             )
             self.placement.start()
         try:
@@ -1038,7 +1043,8 @@ class Scheduler:
             if view is not None:
                 views.append(view)
         self._pass_stored = {}  # outside a pass, _apply reads the store afresh
-        await self.views.sync(views, self._desired)
+        peers = self.placement.peers() if self.placement is not None else None
+        await self.views.sync(views, self._desired, peers)
         drifted, self._drifted = self._drifted, {}
         if drifted:
             # A secret changed and its roll was not stored (schedd stopped in between).

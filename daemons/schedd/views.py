@@ -27,6 +27,7 @@ from shared.wire.agent import NodeAssignments, ReplicaInfo, ServiceAssignment, S
 from shared.wire.traffic import (
     Backend,
     DeploymentTraffic,
+    PeerBlock,
     ServiceTraffic,
     TrafficViews,
 )
@@ -194,7 +195,12 @@ class ViewSync:
                 return f"zlayer-{daemon} refused its traffic: {sentence}"
         return ""
 
-    async def sync(self, traffic: list[DeploymentTraffic], desired: Assignments) -> None:
+    async def sync(
+        self,
+        traffic: list[DeploymentTraffic],
+        desired: Assignments,
+        peers: list[PeerBlock] | None = None,
+    ) -> None:
         """Send each view holder its complete view when it changed, was asked for, or is due.
 
         One generation stamps every view sent together; it only grows, so a
@@ -212,8 +218,11 @@ class ViewSync:
                 )
             return
         assignments = sorted(desired.values(), key=lambda a: (a.deployment, a.service))
+        peers = peers or []
         bodies = {"overlayd": encode(traffic), "proxyd": "", "agentd": encode(assignments)}
         bodies["proxyd"] = bodies["overlayd"]
+        if peers:  # in a cluster, overlayd's view also routes the other nodes' blocks
+            bodies["overlayd"] += encode(peers)
         now = time.monotonic()
         due = [
             daemon
@@ -232,7 +241,11 @@ class ViewSync:
             if daemon == "agentd":
                 view = NodeAssignments(generation=self._generation, assignments=assignments)
             else:
-                view = TrafficViews(generation=self._generation, deployments=traffic)
+                view = TrafficViews(
+                    generation=self._generation,
+                    deployments=traffic,
+                    peers=peers if daemon == "overlayd" else [],
+                )
             result = await self._send_view(daemon, view)
             if result is None:
                 return

@@ -26,7 +26,8 @@ from tests.integration.test_membership import TTL, record, until
 
 
 def web(replicas: int, cpu: float = 0.0) -> Demand:
-    return Demand(deployment="app", service="web", revision=1, groups=(Group(replicas, cpu=cpu),))
+    group = Group(replicas, cpu=cpu, affinity="spread")
+    return Demand(deployment="app", service="web", revision=1, groups=(group,))
 
 
 async def leading(a: Membership, b: Membership) -> tuple[Membership, Membership]:
@@ -46,7 +47,7 @@ def test_the_leader_writes_one_placement_per_node_and_a_deposed_leader_cannot(
         try:
             leader, other = await leading(a, b)
             async with client(etcd1.endpoints, timeout=5) as etcd:
-                plan, generation = await placement_pass(
+                _, generation = await placement_pass(
                     etcd, leader.record.id, leader.lease, leader.live(), [web(4)]
                 )
                 assert generation == 1
@@ -164,9 +165,7 @@ def test_a_node_follows_its_own_placements_by_generation_and_sees_the_others_rep
         b = Membership(record("b"), etcd1.endpoints)
         await b.start()
         changes: list[int] = []
-        placement = ClusterPlacement(
-            b._client, b, list, lambda: changes.append(1), lambda *_: None
-        )
+        placement = ClusterPlacement(b._client, b, list, lambda: changes.append(1), lambda *_: None)
         placement.start()
         key = (KEYS["assignments"] + "b").encode()
         try:
@@ -225,3 +224,44 @@ def replica(rid: str, instance: int, address: str, **extra: Any) -> ReplicaInfo:
 def test_instance_numbers_come_from_the_placed_names() -> None:
     assert instance_of("app-web-3") == 3
     assert instance_of("my-app-api-12") == 12
+
+
+def test_a_block_is_claimed_by_one_node_and_published_in_its_record(
+    etcd1: EtcdCluster,  # noqa: F811
+) -> None:
+    async def scenario() -> None:
+        a = Membership(record("a"), etcd1.endpoints)
+        b = Membership(record("b"), etcd1.endpoints)
+        await a.start()
+        await b.start()
+        made: list[ClusterPlacement] = []
+
+        async def block_a() -> str:
+            return "10.90.1.0/24"
+
+        try:
+            from daemons.schedd.cluster_placement import claim_subnet
+
+            async with client(etcd1.endpoints, timeout=5) as etcd:
+                assert await claim_subnet(etcd, "b", "10.90.2.0/24")
+                assert await claim_subnet(etcd, "b", "10.90.2.0/24")  # its own again
+                assert not await claim_subnet(etcd, "a", "10.90.2.0/24")  # b's
+            placement = ClusterPlacement(
+                a._client, a, list, lambda: None, lambda *_: None, subnet=block_a
+            )
+            made.append(placement)
+            placement.start()
+            # a's record carries its block; b sees it as a peer to route via a's address.
+            await until(lambda: b.nodes.get("a", a.record).subnet == "10.90.1.0/24", 10, "a's")
+            other = ClusterPlacement(b._client, b, list, lambda: None, lambda *_: None)
+            peers = other.peers()
+            assert [(p.node, p.subnet, p.address) for p in peers] == [
+                ("a", "10.90.1.0/24", "127.0.0.1")
+            ]
+        finally:
+            for item in made:
+                await item.stop()
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
