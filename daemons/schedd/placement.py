@@ -286,16 +286,19 @@ class _Placer:
         # instead of ranking every node for every service.
         self.order: list[tuple[float, int, int]] = []
         # The same nodes by (replicas, load, index): a dedicated service
-        # walks it from the front.
-        self.crowd: list[tuple[int, float, int]] = []
+        # walks it from the front. Kept only while dedicated services are
+        # left to place (they come before the shared ones).
+        self.crowd: list[tuple[int, float, int]] | None = None
         self.unplaced: list[tuple[Demand, Group, list[str]]] = []
 
-    def start(self) -> None:
+    def start(self, *, dedicated: bool) -> None:
         """After the kept replicas are in: order the open nodes."""
         self.order = sorted(
             (node.load, len(node.placed), node.index) for node in self.nodes if not node.exclusive
         )
-        self.crowd = sorted((count, load, index) for load, count, index in self.order)
+        self.crowd = (
+            sorted((count, load, index) for load, count, index in self.order) if dedicated else None
+        )
 
     def preference(self, prefer: Mapping[str, str]) -> list[int]:
         """How many of ``prefer`` each node matches, by index (empty: nothing preferred)."""
@@ -331,10 +334,12 @@ class _Placer:
         if was_open:
             load, count, index = before
             del self.order[bisect.bisect_left(self.order, before)]
-            del self.crowd[bisect.bisect_left(self.crowd, (count, load, index))]
+            if self.crowd is not None:
+                del self.crowd[bisect.bisect_left(self.crowd, (count, load, index))]
             if not node.exclusive:
                 bisect.insort(self.order, (node.load, len(node.placed), node.index))
-                bisect.insort(self.crowd, (len(node.placed), node.load, node.index))
+                if self.crowd is not None:
+                    bisect.insort(self.crowd, (len(node.placed), node.load, node.index))
 
     def choose(self, want: Demand, group: Group, names: list[str]) -> None:
         """Place ``names`` (all of ``group``), best node first, each pick updating that node."""
@@ -369,7 +374,9 @@ class _Placer:
                     picks.append(node)
             for node in picks:
                 self.take(node, key, mode, placement(todo.pop()))
-        elif self.walks and not want.prefer_labels and mode == "dedicated":
+        elif (
+            self.walks and not want.prefer_labels and mode == "dedicated" and self.crowd is not None
+        ):
             # One replica a node: the open nodes without this service, fewest
             # replicas first, as the full ranking below orders them.
             picks = []
@@ -579,8 +586,12 @@ def _place(
             node.take(key, want.node_mode, old)
             kept.add(ident)
 
-    placer.start()
-    for want, names in runs:
+    modes = [want.node_mode for want, _ in runs]
+    last_dedicated = max((i for i, mode in enumerate(modes) if mode == "dedicated"), default=-1)
+    placer.start(dedicated=last_dedicated >= 0)
+    for number, (want, names) in enumerate(runs):
+        if number > last_dedicated:
+            placer.crowd = None
         # Each group's missing replicas, in order, placed together.
         todo: list[str] = []
         current_group: Group | None = None
