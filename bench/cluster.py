@@ -6,8 +6,9 @@ daemons), the goal being under 1 s. The input is made from a fixed seed:
 nodes of 8, 16 or 32 CPUs and 32, 64 or 128 GiB in three zones, a quarter of
 them labelled ``disk=ssd``; services of 1 to 50 replicas until there are
 10,000, reserving 0 to 1 CPU and 0 to 1 GiB each, most shared, some
-dedicated or exclusive, some with required or preferred labels, most spread,
-some packed or pinned to a zone. Timed, taking turns:
+dedicated (one replica a node) or exclusive (alone on a node), some with
+required or preferred labels, most spread, some packed or pinned to a zone.
+Timed, taking turns:
 
 - place onto empty nodes: every replica placed from nothing (the figure under test);
 - place again on its own output: the steady state, where nothing moves;
@@ -173,6 +174,7 @@ def placement(args: argparse.Namespace) -> None:
     spread = {
         w.service for w in wants if all(g.affinity == "spread" for g in w.groups) and not w.labels
     }
+    dedicated = {w.service for w in wants if w.node_mode == "dedicated"}
     before, after = where(fresh.nodes), where(after_loss.nodes)
     moved = sum(1 for name, node_id in before.items() if after.get(name) != node_id)
     print(
@@ -189,6 +191,8 @@ def placement(args: argparse.Namespace) -> None:
         f"(peer placed {sum(len(v) for v in peer_nodes.values())}); "
         f"most replicas of one spread service on one node: {most_on_one_node(fresh.nodes, spread)} "
         f"(peer {most_on_one_node(peer_nodes, spread)}); "
+        f"of one dedicated service: {most_on_one_node(fresh.nodes, dedicated)} "
+        f"(peer {most_on_one_node(peer_nodes, dedicated)}); "
         f"placing again moved {sum(1 for n, i in where(again.nodes).items() if before[n] != i)}; "
         f"losing {lost_id} ({len(fresh.nodes[lost_id])} replicas) moved {moved}"
     )

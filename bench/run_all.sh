@@ -16,7 +16,7 @@ python=${PYTHON:-"$here/../.venv/bin/python"}
 PATH="$(dirname "$python"):$PATH"
 export PATH
 
-all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull api wasm_run build"
+all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull api wasm_run build cluster"
 if [ "$#" -gt 0 ]; then
     selected="$*"
 else
