@@ -41,7 +41,13 @@ from daemons.schedd.rollouts import Rollouts
 from daemons.schedd.secrets import Secrets, SecretUnreadableError, info, missing, spec_references
 from daemons.schedd.status import deployment_status, desired_replicas, start_order
 from daemons.schedd.store import DesiredStore, ServiceState, StoredDeployment
-from daemons.schedd.views import IN_ROTATION, TRAFFIC_TIMEOUT, ViewSync, deployment_traffic
+from daemons.schedd.views import (
+    IN_ROTATION,
+    TRAFFIC_TIMEOUT,
+    ViewSync,
+    deployment_traffic,
+    owned_first,
+)
 from shared.bus import (
     ConflictError,
     InvalidSpecError,
@@ -1017,6 +1023,7 @@ class Scheduler:
         rotation before agentd is told to stop it.
         """
         replicas = await self._replicas("")
+        local = replicas
         if self.placement is not None:
             if not self.placement.known:
                 return  # what this node owns is not read yet: it neither starts nor stops
@@ -1044,7 +1051,10 @@ class Scheduler:
                 views.append(view)
         self._pass_stored = {}  # outside a pass, _apply reads the store afresh
         peers = self.placement.peers() if self.placement is not None else None
-        await self.views.sync(views, self._desired, peers)
+        desired = self._desired
+        if self.placement is not None:
+            desired = owned_first(local, desired)  # a node that comes back stops first
+        await self.views.sync(views, desired, peers)
         drifted, self._drifted = self._drifted, {}
         if drifted:
             # A secret changed and its roll was not stored (schedd stopped in between).

@@ -68,6 +68,35 @@ def stays(desired: Assignments, replica: ReplicaInfo) -> bool:
     return replica.instance <= allowed.get(replica.revision, 0)
 
 
+def owned_first(local: list[ReplicaInfo], desired: Assignments) -> Assignments:
+    """In a cluster: while this node runs a replica whose instance is no longer placed
+    here, the assignments without anything new (each keeps only the instances it runs),
+    so agentd stops what the node no longer owns before it starts anything; ``desired``
+    itself once nothing of that kind runs."""
+
+    def owned(replica: ReplicaInfo) -> bool:
+        assignment = desired.get((replica.deployment, replica.service))
+        if assignment is None:
+            return False
+        return not assignment.instances or replica.instance in assignment.instances
+
+    services = [r for r in local if r.rtype == "service"]
+    if all(owned(r) for r in services):
+        return desired
+    running: dict[tuple[str, str], set[int]] = {}
+    for replica in services:
+        running.setdefault((replica.deployment, replica.service), set()).add(replica.instance)
+    first: Assignments = {}
+    for key, assignment in desired.items():
+        if not assignment.instances:
+            first[key] = assignment
+            continue
+        kept = [i for i in assignment.instances if i in running.get(key, set())]
+        if kept:
+            first[key] = replace(assignment, instances=kept)
+    return first
+
+
 def deployment_traffic(
     name: str,
     spec: DeploymentSpec,

@@ -206,11 +206,13 @@ def test_a_node_follows_its_own_placements_by_generation_and_sees_the_others_rep
     asyncio.run(scenario())
 
 
-def replica(rid: str, instance: int, address: str, **extra: Any) -> ReplicaInfo:
+def replica(
+    rid: str, instance: int, address: str, service: str = "web", **extra: Any
+) -> ReplicaInfo:
     return ReplicaInfo(
         id=rid,
         deployment="app",
-        service="web",
+        service=service,
         instance=instance,
         revision=1,
         image="busybox",
@@ -265,3 +267,32 @@ def test_a_block_is_claimed_by_one_node_and_published_in_its_record(
             await b.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_node_stops_what_it_no_longer_owns_before_it_starts_anything() -> None:
+    from daemons.schedd.views import owned_first
+    from shared.wire.agent import ServiceAssignment
+
+    def assigned(service: str, *instances: int) -> ServiceAssignment:
+        return ServiceAssignment(
+            deployment="app",
+            service=service,
+            revision=1,
+            spec={},
+            replicas=4,
+            instances=list(instances),
+        )
+
+    # It runs web 1 and 2 and api 1; it now owns web 2 and 3, and api 4.
+    running = [
+        replica("app-web-1-r1", 1, "10.90.1.2"),
+        replica("app-web-2-r1", 2, "10.90.1.3"),
+        replica("app-api-1-r1", 1, "10.90.1.4", service="api"),
+    ]
+    desired = {("app", "web"): assigned("web", 2, 3), ("app", "api"): assigned("api", 4)}
+    first = owned_first(running, desired)
+    # First only what it runs and still owns: web 2; api and web 3 wait.
+    assert {k: a.instances for k, a in first.items()} == {("app", "web"): [2]}
+    # Once web 1 and api 1 are gone, the whole view.
+    assert owned_first(running[1:2], desired) == desired
+    assert owned_first([], desired) == desired

@@ -1,0 +1,113 @@
+"""Replicas across a three-node cluster: four replicas of one service spread over the
+nodes, each node runs what it was placed, and `up` from one node waits for the
+replicas on all of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import Cluster, Node
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+SETTLE = 30.0
+
+WEB = """
+version: v1
+deployment: {name}
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www
+    endpoints: [{{name: http, protocol: http, port: 8080, expose: public}}]
+    scale: {{mode: fixed, replicas: 4}}
+    affinity: spread  # packed (the default), all four could land on one node
+    stop_grace_period: 1s
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: http, url: /index.html}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Three nodes made one cluster by node init on n1 and node join on the others."""
+    with Cluster(3, etcd=False) as started:
+        n1, n2, n3 = started
+        n1.run("node", "init", "--advertise", str(n1.lan.ip), check=True)
+        token = n1.run("node", "join-token", "--ttl", "10m", check=True).stdout.strip()
+        for node in (n2, n3):
+            node.run("node", "join", token, "--advertise", str(node.lan.ip), check=True)
+        yield started
+    left = started.leftovers()
+    assert not left, f"the cluster left these behind: {left}"
+
+
+def local_replicas(node: Node, name: str) -> list[dict[str, Any]]:
+    out = node.run("ps", "--containers", "-d", name, "--format", "json", check=True)
+    return [r for r in json.loads(out.stdout) if r["deployment"] == name]
+
+
+def test_four_replicas_spread_over_three_nodes(cluster: Cluster) -> None:
+    n1 = cluster[0]
+    name = n1.deployment_name("spread")
+    spec = n1.spec(name, WEB.format(name=name))
+    try:
+        # `up` on one node waits until all four run healthy, wherever they were placed.
+        n1.run("up", "-d", str(spec), "--timeout", "120", check=True)
+        deadline = time.monotonic() + SETTLE
+        while True:
+            rows = {node.name: local_replicas(node, name) for node in cluster}
+            healthy = {
+                n: [r for r in found if r["health"] == "healthy"] for n, found in rows.items()
+            }
+            if sum(len(found) for found in healthy.values()) == 4:
+                break
+            assert time.monotonic() < deadline, f"not four healthy replicas: {rows}"
+            time.sleep(0.5)
+        # Spread: every node runs one or two, each instance number once in the cluster.
+        assert sorted(len(found) for found in healthy.values()) == [1, 1, 2], healthy
+        instances = Counter(r["instance"] for found in healthy.values() for r in found)
+        assert sorted(instances) == [1, 2, 3, 4] and set(instances.values()) == {1}
+        # Each replica's address is in its own node's block.
+        for node in cluster:
+            for row in healthy[node.name]:
+                assert row["address"].startswith(str(node.subnet.network_address)[:-1]), row
+        # The deployment's status, on any node, counts the replicas of every node.
+        for node in cluster:
+            out = node.run("ps", "--format", "json", check=True)
+            status = next(s for s in json.loads(out.stdout) if s["name"] == name)
+            web = status["services"][0]
+            assert (web["running"], web["healthy"], web["desired"]) == (4, 4, 4), status
+        # A request to any node's proxyd reaches the replicas of every node (each
+        # answers with its hostname, <deployment>-web-<instance>), at their own addresses.
+        for node in cluster:
+            seen = answers(f"http://{node.lan.ip}:8080/index.html", 40)
+            assert seen == {f"{name}-web-{i}" for i in range(1, 5)}, (node.name, seen)
+    finally:
+        n1.run("down", name, timeout=120)
+
+
+def answers(url: str, count: int) -> set[str]:
+    """The bodies of ``count`` GETs of ``url`` (a failed one counts as its error)."""
+    found = set()
+    for _ in range(count):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                found.add(reply.read().decode().strip())
+        except OSError as exc:
+            found.add(f"error: {exc}")
+    return found
