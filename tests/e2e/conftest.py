@@ -22,6 +22,9 @@ from tests.conftest import (
     write_test_config,
 )
 from tests.e2e.node import IMAGE, Node, free_port
+from tests.wasm_components import wasm_components
+
+__all__ = ["wasm_components"]  # the session's componentize-py builds, for the wasm tests
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,120 @@
+"""WebAssembly components built from Python source once per test run.
+
+componentize-py takes 20-60 s a build (it bundles CPython into each component),
+so a test never builds one itself: it asks the session's ``wasm_components`` for
+one of the components below, which is built the first time any test asks and
+handed to every later one as the same file. A build is kept under the run's
+pytest base temp, named by a digest of its sources, WIT files, world and
+componentize-py version: a changed source is a new build, never a stale one.
+
+Few components, on purpose: wasmtime compiles each distinct one again on every
+node (a minute or more on two cores), so a test that needs "a wasi:http handler"
+uses ``HTTP_TEST``, whose request path picks what it does.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.buildfile.wasm import find_componentize_py
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "wasm-http"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@dataclass(frozen=True)
+class Component:
+    """What componentize-py builds: ``module`` (found on ``paths``) for ``world`` of ``wit``."""
+
+    name: str
+    module: str
+    paths: tuple[Path, ...]
+    wit: Path
+    world: str
+
+
+# A wasi:http handler: ``/read`` reads the whole body, then answers "read N bytes"; any
+# other path is the example's handler ("hello from wasm").
+HTTP_TEST = Component(
+    "http-test", "testapp", (DATA / "wasm-http-test", EXAMPLE), EXAMPLE / "wit", "proxy"
+)
+# A WASI command that connects over TCP or sends over UDP (its docstring says how).
+NET_CLIENT = Component(
+    "netclient", "app", (DATA / "wasm-netclient",), EXAMPLE / "wit", "wasi:cli/command@0.2.8"
+)
+
+
+def componentize_py() -> str:
+    """componentize-py's path; the test is skipped where it is not installed."""
+    found = find_componentize_py()
+    if not found:
+        pytest.skip("componentize-py is not installed (pip install componentize-py)")
+    return found
+
+
+@functools.cache
+def componentize_py_version(tool: str) -> str:
+    done = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60)
+    return done.stdout.strip()
+
+
+def _files(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            yield path
+
+
+def build_key(component: Component, tool: str) -> str:
+    """A digest of everything the build reads: sources, WIT, world, module, tool version."""
+    hasher = hashlib.sha256()
+    for part in (component.module, component.world, componentize_py_version(tool)):
+        hasher.update(part.encode() + b"\0")
+    for root in (*component.paths, component.wit):
+        for path in _files(root):
+            hasher.update(f"{path.relative_to(root)}\0".encode())
+            hasher.update(hashlib.sha256(path.read_bytes()).digest())
+    return hasher.hexdigest()
+
+
+class WasmComponents:
+    """The run's components: built on first ask into ``root``, the same file after."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.builds: list[str] = []  # the components this run built, in order
+
+    def get(self, component: Component) -> Path:
+        tool = componentize_py()
+        key = build_key(component, tool)
+        target = self.root / f"{component.name}-{key[:16]}.wasm"
+        if target.is_file():
+            return target
+        self.root.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.partial")
+        command = [tool, "-d", str(component.wit), "-w", component.world, "componentize",
+                   component.module, *(a for p in component.paths for a in ("-p", str(p))),
+                   "-o", str(partial)]  # fmt: skip
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=300, cwd=self.root, check=False
+            )
+            assert done.returncode == 0, f"componentize-py could not build {component.name}: {done}"
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        self.builds.append(component.name)
+        return target
+
+
+@pytest.fixture(scope="session")
+def wasm_components(tmp_path_factory: pytest.TempPathFactory) -> WasmComponents:
+    return WasmComponents(tmp_path_factory.getbasetemp() / "wasm-components")
