@@ -197,7 +197,7 @@ class Invariants:
                 return time.monotonic() - started
             if time.monotonic() >= deadline:
                 raise AssertionError(self.describe(what, found, timeout))
-            time.sleep(1.0)
+            time.sleep(0.3)  # a poll of the node itself takes longer than this
 
     @staticmethod
     def describe(what: str, found: list[str], timeout: float) -> str:
