@@ -37,7 +37,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -199,7 +199,11 @@ class ClusterContext:
     membership: Membership
     peer: peer.PeerServer | None = None
     paths: Paths | None = None
+    # the daemon's: called once this node was removed from the cluster (it goes lone)
+    on_removed: Callable[[], Coroutine[Any, Any, None]] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _leaving: asyncio.Task[None] | None = None
+    _left: bool = False
 
     @classmethod
     async def open(
@@ -273,14 +277,21 @@ class ClusterContext:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        with contextlib.suppress(*ETCD_ERRORS):
-            await self.membership.stop()
+        await self._leave()
         if self.peer is not None:
             await self.peer.stop(0.5)
             self.peer = None
         with contextlib.suppress(*ETCD_ERRORS):
             await self.client.close()
         await asyncio.to_thread(self.store.close)
+
+    async def _leave(self) -> None:
+        """Stop the membership once: the lease is revoked, the record and leadership go."""
+        if self._left:
+            return
+        self._left = True
+        with contextlib.suppress(*ETCD_ERRORS):
+            await self.membership.stop()
 
     # ------------------------------------------------------------ settings
 
@@ -311,13 +322,16 @@ class ClusterContext:
             return False
         if settings.removed:
             log.warning("node %s was removed from the cluster; it leaves", self.node_id)
-            with contextlib.suppress(*ETCD_ERRORS):
-                await self.membership.stop()
+            await self._leave()  # its record goes now, whatever the daemon does next
             if self.paths is not None:
                 # lone at its next start; its etcd member (removed from etcd) stops
                 await asyncio.to_thread(cluster_config.remove, self.paths)
                 with contextlib.suppress(ZLayerError):
                     await sync_member(self.paths)
+            if self.on_removed is not None:
+                # its own task: leaving closes this context, and this watch with it
+                self._leaving = asyncio.create_task(self.on_removed(), name="leave-cluster")
+                self._leaving.add_done_callback(_log_failure)
             return True
         record = self.membership.record
         changed = msgspec_replace(record, labels=dict(settings.labels), state=settings.state)
@@ -677,6 +691,20 @@ class NodeControl:
 
     async def remove(self, node: str) -> None:
         await self._context().remove(node)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("leaving the cluster failed: %r", task.exception())
+
+
+def set_aside(path: Path) -> None:
+    """Blocking: a SQLite store (and its WAL files) renamed out of the way."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for suffix in ("", "-wal", "-shm"):
+        found = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            found.rename(found.with_name(f"{found.name}.before-cluster-{stamp}"))
 
 
 def load_config(paths: Paths) -> ClusterConfig | None:

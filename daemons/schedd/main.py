@@ -235,6 +235,8 @@ class SchedulerDaemon(Daemon):
         assert self.bus is not None  # start() runs once the bus is open
         self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key)
         self.scheduler.cluster = self.cluster
+        if self.cluster is not None:
+            self.cluster.on_removed = self.leave
         # The replica signals first: they keep the scheduler's copy of the replica
         # list current, and wake it at once so traffic follows health closely.
         self._watch_task = asyncio.create_task(
@@ -256,6 +258,20 @@ class SchedulerDaemon(Daemon):
                 self.sqlite.close()
                 self.sqlite = None
             self.cluster, self.store = cluster, cluster.store
+        self._run_scheduler()
+
+    async def leave(self) -> None:
+        """Removed from its cluster (node rm elsewhere): lone again, over a new SQLite
+        store; the one from before the cluster is kept aside, as its state went on in etcd."""
+        from daemons.schedd.cluster import set_aside
+
+        await self.pause()
+        if self.cluster is not None:
+            await self.cluster.close()
+            self.cluster = None
+        path = self.paths.daemon_state("schedd") / "state.db"
+        await asyncio.to_thread(set_aside, path)
+        self.store = self.sqlite = Store(path)
         self._run_scheduler()
 
     def _secrets_key(self) -> bytes:

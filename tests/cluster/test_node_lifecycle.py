@@ -196,18 +196,23 @@ def test_unknown_node_is_one_sentence(lone: Cluster, formed: dict[str, str]) -> 
 
 def test_rm_takes_a_node_and_its_etcd_member_out(lone: Cluster, formed: dict[str, str]) -> None:
     """Last (it shrinks the cluster): n3 removed from n1 is gone from every node's list
-    and from etcd's members, and stops its own member; removing oneself is refused."""
+    and from etcd's members, stops its own member and is lone again, so it can join
+    once more; removing oneself is refused."""
     n1, n2, n3 = lone
     done = n1.run("node", "rm", formed["n1"])
     assert done.returncode == 1 and "another node" in done.stderr, done.stderr
     one_sentence(done.stderr)
     n1.run("node", "rm", formed["n3"], check=True)
-    for node in (n1, n2):
-        until(
-            node,
-            lambda s: {n["id"] for n in s["nodes"]} == {formed["n1"], formed["n2"]},
-            "n3 gone",
-        )
+    try:
+        for node in (n1, n2):
+            until(
+                node,
+                lambda s: {n["id"] for n in s["nodes"]} == {formed["n1"], formed["n2"]},
+                "n3 gone",
+            )
+    except AssertionError:
+        print((n3.paths.log_dir / "schedd.log").read_text()[-6000:])
+        raise
     files = n1.paths.state_dir / "cluster"
     listed = subprocess.run(
         [
@@ -234,6 +239,20 @@ def test_rm_takes_a_node_and_its_etcd_member_out(lone: Cluster, formed: dict[str
     while load(n3.paths) is not None or etcd_running(n3):
         assert time.monotonic() < deadline, "n3 kept its cluster.toml or its etcd member"
         time.sleep(0.3)
+    # lone again, without a restart: it can join once more (as a voter: two members now)
+    deadline = time.monotonic() + SETTLE
+    while "not in a cluster" not in (done := n3.run("node", "ls")).stderr:
+        schedd = (n3.paths.log_dir / "schedd.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, f"n3 is not lone again: {done.stdout}\n{schedd}"
+        time.sleep(0.3)
+    token = n1.run("node", "join-token", "--ttl", "10m", check=True).stdout.strip()
+    n3.run("node", "join", token, "--advertise", str(n3.lan.ip), check=True)
+    again = nodes_seen(n3)["this_node"]
+    assert again != formed["n3"]
+    for node in lone:
+        seen = until(node, lambda s: len(s["nodes"]) == 3, "n3 back under a new id")
+        assert again in {n["id"] for n in seen["nodes"]}
+        assert all(n["etcd_member"] for n in seen["nodes"])
 
 
 def etcd_running(node: Node) -> bool:
