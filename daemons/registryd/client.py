@@ -9,9 +9,11 @@ then downloads the missing layer blobs concurrently. Each blob streams
 through a thread of its own (:func:`.unpack.receive_blob`) that, in one
 pass, appends it to ``partial/``, hashes it and unpacks it into ``tmp/``;
 a broken connection is resumed with ``Range``, here or after a restart.
-A blob whose digest matches is linked into ``blobs/``; once every layer is
-there, one sync makes the unpacked layers durable, they are renamed into
-``layers/``, and the store names the image. A warm pull is one manifest
+A blob whose digest matches is synced to disk with its unpacked tree (one
+sync of the store, shared by every blob that ended while the last one ran,
+rather than a flush per file) and only then linked into ``blobs/``; once
+every layer is there, the trees are renamed into ``layers/`` and the store
+names the image. A warm pull is one manifest
 request and one look at the store.
 """
 
@@ -125,6 +127,10 @@ class RegistryClient:
         self._receiver_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._probes: dict[str, Challenge | None] = {}  # base URL -> what its /v2/ asked
         self.ranged_resumes = 0
+        # syncs of the store shared by the blobs that end meanwhile (_sync_store)
+        self._sync_lock = asyncio.Lock()
+        self._sync_requested = 0
+        self._synced_upto = 0
         self._reserved = 0  # bytes downloads in progress still expect, over every pull
 
     @property
@@ -513,6 +519,8 @@ class RegistryClient:
         if received.digest != digest or (size and received.size != size):
             raise CorruptBlobError(_corrupt(repository, digest))
         try:
+            # on disk before it counts as stored: the blob, and the tree adopt_layers renames
+            await self._sync_store()
             await self.work(self.store.keep_download, digest)
         except BaseException:  # cancelled too (another layer failed): the tree is nobody's
             if work is not None and received.unpacked:
@@ -520,6 +528,23 @@ class RegistryClient:
             raise
         progress.set_all(labels, done=have, state="unpacked" if received.unpacked else "stored")
         return work if received.unpacked else None
+
+    async def _sync_store(self) -> None:
+        """Return once a sync of the store that began after this call has ended.
+
+        Blobs that end while a sync runs share the next one: a pull of six
+        layers syncs once or twice, not once per file and again per tree.
+        Each caller's files are written before it asks, so a sync that
+        starts after the ask covers them.
+        """
+        self._sync_requested += 1
+        ticket = self._sync_requested
+        async with self._sync_lock:
+            if self._synced_upto >= ticket:
+                return  # a sync that began after this ask has ended
+            upto = self._sync_requested
+            await asyncio.to_thread(self.store.sync)
+            self._synced_upto = max(self._synced_upto, upto)
 
     def _receivers(self) -> concurrent.futures.ThreadPoolExecutor:
         """The threads that take blobs as they arrive (never the loop's default pool)."""

@@ -790,16 +790,19 @@ class ImageStore:
             if not final.is_file():
                 os.link(partial, final)
 
+    def sync(self) -> None:
+        """Write everything the store holds to disk (blocking): what a pull received is
+        durable before it is linked into blobs/ or renamed into layers/."""
+        os.sync()
+
     def adopt_layers(self, layers: list[tuple[str, Path]]) -> None:
         """Make layers unpacked under tmp/ trusted: (diff id, work directory) pairs.
 
-        One sync for all of them (their files must be on disk before the
-        rename that makes them trusted), then each is renamed into layers/,
-        unless another import put it there first. Pin the diff ids first.
+        Their files must be on disk already (:meth:`sync` after they were
+        written: the pull syncs each blob with its tree before keeping it).
+        Each is renamed into layers/, unless another import put it there
+        first. Pin the diff ids first.
         """
-        if not layers:
-            return
-        os.sync()
         for diff_id, work in layers:
             final = self.layer_path(diff_id)
             with self._key_lock("layer:" + diff_id):

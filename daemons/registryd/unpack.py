@@ -679,9 +679,9 @@ class _Intake(io.RawIOBase):
         return self._head
 
     def finish(self) -> None:
-        """The blob is whole: its partial file is made durable."""
+        """The blob is whole. Its partial file is made durable by the caller's one sync of
+        the store (with the tree and the other blobs), before the blob counts as stored."""
         self._out.flush()
-        os.fsync(self._out.fileno())
 
     def close(self) -> None:
         if self._prefix is not None:

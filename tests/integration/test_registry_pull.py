@@ -36,6 +36,7 @@ from tests.registry_fixture import (
     fault_proxy,
     free_port,
     htpasswd_auth,
+    need_tools,
     oci_manifest_digest,
     put_manifest,
     skopeo_copy,
@@ -512,6 +513,90 @@ def test_layers_a_killed_pull_finished_are_not_fetched_again(
     assert [Path(d).name for d in registryd.ensure(info["id"], "never").lower_dirs][::-1] == [
         diff.removeprefix("sha256:") for diff in image.config["rootfs"]["diff_ids"]
     ]
+    assert_no_partials(registryd)
+
+
+def _traced_writes_and_syncs(trace: str) -> list[tuple[str, str]]:
+    """strace -f -y output as (event, path) in order: ("write", file), ("sync start", ""),
+    ("sync end", ""), ("fsync", file), ("link", new name), ("rename", (old, new) joined)."""
+    events: list[tuple[str, str]] = []
+    for line in trace.splitlines():
+        call = line.split(" ", 1)[1].strip() if " " in line else line
+        if call.startswith(("write(", "pwrite64(")):
+            events.append(("write", call.split("<", 1)[1].split(">", 1)[0]))
+        elif call.startswith("sync("):
+            events.append(("sync start", ""))
+            if "<unfinished" not in call:
+                events.append(("sync end", ""))
+        elif call.startswith("<... sync resumed>"):
+            events.append(("sync end", ""))
+        elif call.startswith(("fsync(", "fdatasync(")):
+            events.append(("fsync", call.split("<", 1)[1].split(">", 1)[0]))
+        elif call.startswith(("link(", "linkat(")):
+            events.append(("link", call.split('"')[3]))
+        elif call.startswith(("rename(", "renameat(", "renameat2(")):
+            names = call.split('"')
+            events.append(("rename", names[1] + " " + names[3]))
+    return events
+
+
+def test_a_pulled_blob_and_its_tree_are_on_disk_before_they_count_as_stored(
+    registryd: Registryd, registry: Registry, workdir: Path
+) -> None:
+    """What a pull writes is synced before the blob is linked into blobs/ and before its
+    tree is renamed into layers/; one sync of the store serves the blobs that end while it
+    runs, instead of one flush per downloaded file."""
+    need_tools("strace")
+    layers = [
+        builder.make_tar([builder.Entry(f"f{n}", "file", os.urandom(300_000))]) for n in range(6)
+    ]
+    layout = builder.write_oci_layout(builder.make_image(layers, "localhost/six:1"), workdir / "l")
+    name = f"{registry.host}/six:1"
+    skopeo_copy(f"oci:{layout}", f"docker://{name}")
+    assert registryd.process is not None
+    trace = workdir / "trace"
+    syscalls = "write,pwrite64,fsync,fdatasync,sync,link,linkat,rename,renameat,renameat2"
+    pid = str(registryd.process.pid)
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-y", "-e", f"trace={syscalls}", "-o", str(trace), "-p", pid],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "attached" not in (tracer.stderr.readline() if tracer.stderr else ""):
+            assert time.monotonic() < deadline and tracer.poll() is None, "strace did not attach"
+        info = pulled(registryd, name)
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detaches; registryd goes on
+        tracer.communicate(timeout=30)
+    assert len(info["layers"]) == 6
+    events = _traced_writes_and_syncs(trace.read_text())
+    store = str(registryd.store)
+
+    def synced_before(index: int, path: str) -> bool:
+        """Whether a sync started after the last write to ``path`` (a file, or a directory
+        ending in /: what is under it) and ended before event ``index``."""
+        writes = enumerate(events[:index])
+        last = max(i for i, (e, p) in writes if e == "write" and p.startswith(path))
+        started = [i for i, (e, _) in enumerate(events[:index]) if e == "sync start" and i > last]
+        return bool(started) and any(e == "sync end" for e, _ in events[started[0] : index])
+
+    links = [(i, p) for i, (e, p) in enumerate(events) if e == "link" and "/blobs/" in p]
+    assert len(links) == 6, events
+    for index, blob in links:
+        partial = f"{store}/partial/{Path(blob).name}"
+        assert synced_before(index, partial), blob
+    renames = [
+        (i, p.split()[0]) for i, (e, p) in enumerate(events) if e == "rename" and "/layers/" in p
+    ]
+    assert len(renames) == 6, events
+    for index, work in renames:
+        assert synced_before(index, work + "/"), work
+    # no flush of each downloaded file of its own
+    flushed = [p for e, p in events if e == "fsync" and ("/partial/" in p or "/unpack-" in p)]
+    assert flushed == []
     assert_no_partials(registryd)
 
 
