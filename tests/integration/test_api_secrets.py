@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from shared.wire.api import TokenCreate
-from tests.e2e.conftest import running_node
 from tests.e2e.node import Node
-from tests.integration.test_apid_routes import Api, apid_port
+from tests.integration.test_apid_routes import Api
 from tests.integration.test_apid_scope import make_token
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
@@ -38,11 +36,8 @@ services:
 
 
 @pytest.fixture(scope="module")
-def node_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Api]]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ZLAYER_APID_AUTH", "none")
-        with running_node(Path(f"/tmp/zlk-{os.getpid()}"), tmp_path_factory) as node:
-            yield node, Api(apid_port(node))
+def node_api(open_api_node: tuple[Node, Api]) -> tuple[Node, Api]:
+    return open_api_node
 
 
 @pytest.fixture
@@ -126,21 +121,17 @@ def test_secrets_through_the_api(api: Api) -> None:
 
 
 @pytest.fixture
-def token_node(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[Node, int]]:
+def token_node(token_api_node: tuple[Node, Api]) -> tuple[Node, int]:
     """The daemons with apid checking bearer tokens (not the module's auth = "none")."""
-    monkeypatch.delenv("ZLAYER_APID_AUTH", raising=False)
-    prefix = Path(f"/tmp/zlk-{os.getpid()}-t")
-    with running_node(prefix, tmp_path_factory, network_tag="zln") as node:
-        yield node, apid_port(node)
+    node, api = token_api_node
+    return node, api.port
 
 
 def test_a_token_limited_to_deployments_reaches_only_their_secrets(
     token_node: tuple[Node, int],
 ) -> None:
     node, port = token_node
-    admin = Api(port, make_token(node, TokenCreate(name="root", role="admin")))
+    admin = Api(port, make_token(node, TokenCreate(name="secrets-root", role="admin")))
     for deployment in ("", "mine", "theirs"):
         admin.json(
             "POST", "/api/v1/secrets", {"name": "a", "value": VALUE, "deployment": deployment}

@@ -14,12 +14,10 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import running_node
 from tests.e2e.node import Node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
@@ -96,13 +94,10 @@ def apid_port(node: Node) -> int:
 
 
 @pytest.fixture(scope="module")
-def node_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Api]]:
-    """The six daemons under zlayerctl, apid serving every caller as the admin "local"."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ZLAYER_APID_AUTH", "none")
-        prefix = Path(f"/tmp/zla-{os.getpid()}")
-        with running_node(prefix, tmp_path_factory) as node:
-            yield node, Api(apid_port(node))
+def node_api(open_api_node: tuple[Node, Api]) -> tuple[Node, Api]:
+    """The six daemons under zlayerctl, apid serving every caller as the admin "local"
+    (the node test_api_secrets uses too: see the integration tests' conftest)."""
+    return open_api_node
 
 
 @pytest.fixture

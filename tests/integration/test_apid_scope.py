@@ -8,16 +8,14 @@ import asyncio
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from shared.bus import open_bus, resolve_bus_address
 from shared.clients import ApiClient
 from shared.wire.api import TokenCreate
-from tests.e2e.conftest import running_node
 from tests.e2e.node import Node
-from tests.integration.test_apid_routes import SPEC, Api, apid_port, follow
+from tests.integration.test_apid_routes import SPEC, Api, follow
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
 
@@ -34,12 +32,11 @@ def make_token(node: Node, request: TokenCreate) -> str:
 
 
 @pytest.fixture
-def scoped_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, int]]:
-    prefix = Path(f"/tmp/zlc-{os.getpid()}")
-    with running_node(prefix, tmp_path_factory, network_tag="zln") as node:
-        yield node, apid_port(node)
-        for deployment in json.loads(node.ctl("ps", "--format", "json").stdout or "[]"):
-            node.ctl("down", deployment["name"])
+def scoped_node(token_api_node: tuple[Node, Api]) -> Iterator[tuple[Node, int]]:
+    node, api = token_api_node
+    yield node, api.port
+    for deployment in json.loads(node.ctl("ps", "--format", "json").stdout or "[]"):
+        node.ctl("down", deployment["name"])
 
 
 def test_a_scoped_token_sees_and_touches_only_its_deployments(
