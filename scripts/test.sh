@@ -23,4 +23,12 @@ echo "==> ruff"
 echo "==> mypy --strict shared daemons ctl"
 .venv/bin/mypy --strict shared daemons ctl
 echo "==> pytest"
-.venv/bin/python -m pytest "$@"
+if [ "$#" -gt 0 ] || ! .venv/bin/python -c "import xdist" 2>/dev/null; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+# The unit tests are pure and independent of each other: two workers (pytest-xdist) take
+# them; the integration and end-to-end tests share the machine's network and run in order.
+status=0
+.venv/bin/python -m pytest -n 2 tests/unit || status=$?
+.venv/bin/python -m pytest --ignore=tests/unit || status=$?
+exit "$status"
