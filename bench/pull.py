@@ -24,6 +24,10 @@ Two more rows say where ZLayer's time goes: registryd's part alone (each
 pull job's start to end, as the daemon recorded it) beside the same skopeo
 figures; the rest is zlayerctl starting and waiting for the job.
 
+A second table gives the CPU time each pull cost (user + system: zlayerctl's
+process and registryd's share, against skopeo's process), which other work
+on a busy machine moves far less than the wall time.
+
     .venv/bin/python bench/pull.py [--runs N] [--layers N] [--layer-mb MB]
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,13 +55,31 @@ from shared.wire.jobs import JobInfo
 from tests.registry_fixture import skopeo_copy, start_registry
 
 
-def timed(command: list[str], env: dict[str, str] | None = None) -> float:
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every child process waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(
+    command: list[str], env: dict[str, str] | None = None, also: int | None = None
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``command``; the CPU of process ``also`` added."""
+    cpu = children_cpu() + (process_cpu(also) if also else 0.0)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     elapsed = time.perf_counter() - started
+    cpu = children_cpu() + (process_cpu(also) if also else 0.0) - cpu
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed: {result.stderr.strip()}")
-    return elapsed
+    return elapsed, cpu
 
 
 def make_layers(count: int, size_mb: int) -> list[bytes]:
@@ -74,6 +97,8 @@ def measure(cluster: Cluster, image: str, work: Path, runs: int) -> None:
     ctl = [shutil.which("zlayerctl") or str(Path(sys.executable).parent / "zlayerctl")]
     skopeo = ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "--quiet"]
     results: dict[str, list[float]] = {k: [] for k in ("zc", "sc", "zw", "sw")}
+    cpu: dict[str, list[float]] = {k: [] for k in results}
+    registryd = cluster.state.daemons["registryd"].pid
     root = Path(__file__).resolve().parent.parent
     subprocess.run(
         [sys.executable, "-m", "compileall", "-q", str(root / "ctl"), str(root / "shared")],
@@ -82,10 +107,15 @@ def measure(cluster: Cluster, image: str, work: Path, runs: int) -> None:
     for run in range(runs):
         cluster.zlayerctl("image", "rm", "--force", image)
         target = work / f"oci-{run}"
-        results["zc"].append(timed([*ctl, "pull", image, "--format", "json"], cluster.env))
-        results["sc"].append(timed([*skopeo, f"docker://{image}", f"oci:{target}"]))
-        results["zw"].append(timed([*ctl, "pull", image, "--format", "json"], cluster.env))
-        results["sw"].append(timed([*skopeo, f"docker://{image}", f"oci:{target}"]))
+        for key, command, env, also in (
+            ("zc", [*ctl, "pull", image, "--format", "json"], cluster.env, registryd),
+            ("sc", [*skopeo, f"docker://{image}", f"oci:{target}"], None, None),
+            ("zw", [*ctl, "pull", image, "--format", "json"], cluster.env, registryd),
+            ("sw", [*skopeo, f"docker://{image}", f"oci:{target}"], None, None),
+        ):
+            wall, used = timed(command, env, also)
+            results[key].append(wall)
+            cpu[key].append(used)
         shutil.rmtree(target, ignore_errors=True)
         print(f"run {run + 1}/{runs} done", file=sys.stderr)
     jobs = pull_job_seconds(cluster)[-2 * runs :]  # cold, warm, cold, warm, ...
@@ -101,6 +131,14 @@ def measure(cluster: Cluster, image: str, work: Path, runs: int) -> None:
             row("warm: every blob already here", results["zw"], results["sw"]),
             row("  cold, registryd's job alone", jobs[0::2], results["sc"]),
             row("  warm, registryd's job alone", jobs[1::2], results["sw"]),
+        ],
+    )
+    print()
+    print_table(
+        ["CPU time", "zlayerctl + registryd", "skopeo", "ratio zlayer/skopeo"],
+        [
+            row("cold: empty store / empty dir", cpu["zc"], cpu["sc"]),
+            row("warm: every blob already here", cpu["zw"], cpu["sw"]),
         ],
     )
 
