@@ -40,7 +40,7 @@ def write_test_config(paths: Paths, *, network_tag: str = "zlt") -> None:
             pid = os.getpid()
             # One second octet per tag: a test's own node ("zln") runs beside the
             # module's ("zle") in the same process, and must not share its subnet.
-            third = {"zle": 241, "zln": 243}.get(network_tag, 242)
+            third = {"zle": 241, "zln": 243, "zlm": 244}.get(network_tag, 242)
             extra = (
                 f'bridge = "{network_tag}{pid % 100000}"\nsubnet = "10.{third}.{pid % 250}.0/24"\n'
             )

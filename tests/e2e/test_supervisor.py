@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ctl.supervisor import SupervisorState, find_executable
 from shared.bus import DAEMONS
-from shared.paths import Paths
+from shared.paths import PREFIX_ENV, Paths
+from tests.conftest import (
+    kill_prefix_processes,
+    prefix_processes,
+    remove_test_network,
+    write_test_config,
+)
 
 
 def zlayerctl(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -45,8 +53,42 @@ def http_get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+@pytest.fixture(scope="module")
+def left_running() -> Iterator[Paths]:
+    """Six daemons for the tests that only look at them (they kill and stop nothing),
+    started once for the module in a prefix of its own."""
+    prefix = Path(f"/tmp/zlt-{os.getpid()}-m")
+    prefix.mkdir()
+    paths = Paths(prefix)
+    write_test_config(paths, network_tag="zlm")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PREFIX_ENV, str(prefix))
+        patch.delenv("ZLAYER_BUS_ADDRESS", raising=False)
+        started = zlayerctl("daemon", "run", "--detach")
+        assert started.returncode == 0, started.stderr
+        try:
+            yield paths
+        finally:
+            stopped = zlayerctl("daemon", "stop")
+            left = [f"{p.pid} {' '.join(p.cmdline())}" for p in prefix_processes(prefix)]
+            kill_prefix_processes(prefix)
+            remove_test_network(paths)
+            shutil.rmtree(prefix, ignore_errors=True)
+            assert stopped.returncode == 0, stopped.stderr
+            assert not left, f"the module left these processes running: {left}"
+
+
+@pytest.fixture
+def looked_at(left_running: Paths, monkeypatch: pytest.MonkeyPatch) -> Paths:
+    """The module's daemons, zlayerctl pointed at them."""
+    monkeypatch.setenv(PREFIX_ENV, str(left_running.prefix))
+    monkeypatch.delenv("ZLAYER_BUS_ADDRESS", raising=False)
+    return left_running
+
+
 @pytest.fixture
 def running(zlayer_prefix: Paths) -> Iterator[Paths]:
+    """Six daemons of the test's own, for a test that kills them."""
     started = zlayerctl("daemon", "run", "--detach")
     assert started.returncode == 0, started.stderr
     try:
@@ -56,7 +98,7 @@ def running(zlayer_prefix: Paths) -> Iterator[Paths]:
         assert stopped.returncode == 0, stopped.stderr
 
 
-def test_six_daemons_run_and_answer(running: Paths) -> None:
+def test_six_daemons_run_and_answer(looked_at: Paths) -> None:
     result = zlayerctl("status")
     assert result.returncode == 0, result.stdout + result.stderr
     for info in DAEMONS:
@@ -72,7 +114,7 @@ def test_six_daemons_run_and_answer(running: Paths) -> None:
         assert code == 200
         assert f'zlayer_build_info{{daemon="{row["name"]}"' in body
 
-    address = (running.bus_address_file).read_text().strip()
+    address = (looked_at.bus_address_file).read_text().strip()
     tree = subprocess.run(
         ["busctl", f"--address={address}", "tree"], capture_output=True, text=True, check=True
     )
@@ -154,7 +196,7 @@ def test_foreground_run_stops_everything_on_ctrl_c(zlayer_prefix: Paths) -> None
     assert not zlayer_prefix.supervisor_state.exists()
 
 
-def test_second_run_is_refused(running: Paths) -> None:
+def test_second_run_is_refused(looked_at: Paths) -> None:
     again = zlayerctl("daemon", "run", "--detach")
     assert again.returncode == 1
     assert "already running" in again.stderr
