@@ -88,20 +88,15 @@ def _local_url(config: ClusterConfig) -> str:
 
 
 def tls_of(files: pki.ClusterFiles) -> TLSFiles:
-    return TLSFiles(ca=files.ca_cert, cert=files.node_cert, key=files.node_key)
-
-
-def _any_node(c: Any) -> Any:
-    """A client of several members checks the name every node certificate carries:
-    one gRPC target of several addresses is no one host name."""
-    c._options["grpc.ssl_target_name_override"] = pki.ANY_NODE
-    return c
+    """The node's files for etcd; a client of several members checks the name every node
+    certificate carries (one gRPC target of several addresses is no one host name)."""
+    return TLSFiles(
+        ca=files.ca_cert, cert=files.node_cert, key=files.node_key, server_name=pki.ANY_NODE
+    )
 
 
 def cluster_client(endpoints: list[str], tls: TLSFiles, timeout: float = CALL_TIMEOUT) -> Client:
-    made = client(endpoints, tls, timeout)
-    _any_node(made)
-    return made
+    return client(endpoints, tls, timeout)
 
 
 def new_node_id() -> str:
@@ -220,7 +215,6 @@ class ClusterContext:
         etcd = cluster_client(endpoints, tls)
         if store is None:
             store = EtcdStore(endpoints, tls)
-            _any_node(store._client)
         try:
             found = await retrying(lambda: etcd.get(_settings_key(config.node_id)), 10.0)
         except ETCD_ERRORS as exc:
@@ -243,7 +237,6 @@ class ClusterContext:
             started_at=time.time(),
         )
         membership = Membership(record, endpoints, tls, on_change=on_change)
-        _any_node(membership._client)
         context = cls(config.node_id, config, files, etcd, store, membership, paths=paths)
         try:
             await membership.start()
@@ -563,7 +556,6 @@ class NodeControl:
                 await self.daemon.pause()
                 paused = True
                 store = EtcdStore(config.etcd_endpoints, tls_of(files))
-                _any_node(store._client)
                 sqlite = self.daemon.sqlite
                 try:
                     if sqlite is not None:
