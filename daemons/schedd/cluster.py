@@ -55,7 +55,7 @@ from shared.bus import (
     ZLayerError,
 )
 from shared.cluster import config as cluster_config
-from shared.cluster import jointoken, peer, pki
+from shared.cluster import jointoken, peer, pki, secretkey
 from shared.cluster.config import ClusterConfig, EtcdMemberConfig
 from shared.cluster.etcd import Client, TLSFiles, client, retrying, wait_healthy
 from shared.logs import under_systemd
@@ -252,8 +252,14 @@ class ClusterContext:
         authority = None
         if self.files.ca_key.exists():
             authority = await asyncio.to_thread(self.files.authority)
+        # handed to each node that joins through this one
+        key = await asyncio.to_thread(secretkey.read, self.files)
         self.peer = peer.PeerServer(
-            self.node_id, node_tls, authority=authority, desk=peer.EtcdJoinDesk(self.client)
+            self.node_id,
+            node_tls,
+            authority=authority,
+            desk=peer.EtcdJoinDesk(self.client),
+            secrets_key=key,
         )
         try:
             await self.peer.start(
@@ -534,6 +540,7 @@ class NodeControl:
             def make() -> None:
                 self._fresh_start(member_dir)
                 pki.init_cluster(files, node_id, [address])
+                secretkey.make(files)  # what every node seals the cluster's secrets with
 
             try:
                 await asyncio.to_thread(make)

@@ -141,6 +141,9 @@ def test_the_first_nodes_state_moved_into_the_cluster(
         listed = json.loads(node.run("secret", "ls", "--format", "json", check=True).stdout)
         assert [s["name"] for s in listed] == ["moved"], (node.name, listed)
     assert lone[0].run("secret", "get", "moved", check=True).stdout == "s3cret"
+    # node init made the cluster's secrets key; each join handed it over
+    keys = {(node.paths.state_dir / "cluster" / "secrets.key").read_bytes() for node in lone}
+    assert len(keys) == 1 and len(keys.pop()) == 32
 
 
 def test_label_and_drain_show_on_every_node(lone: Cluster, formed: dict[str, str]) -> None:
