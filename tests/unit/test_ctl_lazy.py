@@ -43,6 +43,7 @@ EVERY_COMMAND = {
     "image",
     "job",
     "login",
+    "node",
     "logout",
     "logs",
     "pipeline",
