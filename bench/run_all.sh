@@ -16,7 +16,7 @@ python=${PYTHON:-"$here/../.venv/bin/python"}
 PATH="$(dirname "$python"):$PATH"
 export PATH
 
-all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull api wasm_run build cluster"
+all="startup bus_roundtrip idle_rss wasm_inspect replica_start l4_kernel proxy_http restart pull api wasm_run build cluster up_first"
 if [ "$#" -gt 0 ]; then
     selected="$*"
 else
@@ -37,6 +37,8 @@ describe() {
         api) echo "REST API against the bus call it makes" ;;
         wasm_run) echo "WebAssembly replicas against wasmtime run/serve (root, wrk)" ;;
         build) echo "image build against buildah bud (root: buildah)" ;;
+        cluster) echo "cluster placement against a naive first fit" ;;
+        up_first) echo "up -b to the first 200 against podman run -d (root)" ;;
         *) echo "$1" ;;
     esac
 }
