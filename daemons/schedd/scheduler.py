@@ -852,7 +852,7 @@ class Scheduler:
             )
 
     def _replicas_changed(self) -> None:
-        self.wake()
+        self._wake.set()  # a replica's state is no placement's business: no kick
         self._statuses_changed()
 
     def _statuses_changed(self) -> None:
@@ -984,7 +984,7 @@ class Scheduler:
                 self.cluster.client,
                 self.cluster.membership,
                 self._wanted,
-                self.wake,
+                self._wake.set,  # its news wakes the loop; it needs no placement
                 self._pending_event,
                 self._overlay_subnet,
             )
