@@ -7,14 +7,14 @@ two pulls never write the same partial file. A pull resolves the reference
 (mirrors first, then the registry; an index down to this node's platform),
 then downloads the missing layer blobs concurrently. Each blob streams
 through a thread of its own (:func:`.unpack.receive_blob`) that, in one
-pass, appends it to ``partial/``, hashes it and unpacks it into ``tmp/``;
+pass, appends it to ``partial/``, hashes it and unpacks it into ``tmp/``
+(one such thread per core works at a time; one waiting for bytes does not count);
 a broken connection is resumed with ``Range``, here or after a restart.
 A blob whose digest matches is synced to disk with its unpacked tree (one
 sync of the store, shared by every blob that ended while the last one ran,
 rather than a flush per file) and only then linked into ``blobs/``; once
 every layer is there, the trees are renamed into ``layers/`` and the store
-names the image. A warm pull is one manifest
-request and one look at the store.
+names the image. A warm pull is one manifest request and one look at the store.
 """
 
 from __future__ import annotations
