@@ -98,10 +98,13 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
         else:
             statuses = bus.list_deployments()
     if containers:
+        # In a cluster each replica names its node; alone, the column is left out.
+        nodes = any(r.node for r in replicas)
         print_rows(
             output_format,
             replicas,
             [
+                *(["NODE"] if nodes else []),
                 "REPLICA",
                 "DEPLOYMENT",
                 "SERVICE",
@@ -115,6 +118,7 @@ def ps(containers: bool, deployment: str | None, output_format: str) -> None:
                 "MESSAGE",
             ],
             lambda r: [
+                *([r.node] if nodes else []),
                 r.id,
                 r.deployment,
                 r.service,

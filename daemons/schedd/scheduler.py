@@ -781,6 +781,17 @@ class Scheduler:
 
     # ------------------------------------------------------------ status
 
+    async def cluster_replicas(self, name: str = "") -> list[ReplicaInfo]:
+        """Every replica of ``name`` ("" for all), each with its node: this node's and, in
+        a cluster, those the other nodes publish (what `ps --containers` shows)."""
+        local = await self._replicas(name)
+        if self.placement is None:
+            return local
+        node = self.placement.node_id
+        found = [msgspec.structs.replace(r, node=node) for r in local]
+        found += [r for r in self.placement.remote.values() if not name or r.deployment == name]
+        return sorted(found, key=lambda r: (r.deployment, r.service, r.revision, r.instance))
+
     async def _replicas(self, name: str) -> list[ReplicaInfo]:
         return await self.replica_cache.replicas(name)
 
