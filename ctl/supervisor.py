@@ -60,6 +60,8 @@ PR_SET_PDEATHSIG = 1
 START_AFTER: dict[str, tuple[str, ...]] = {
     "agentd": ("registryd", "overlayd"),
     "schedd": ("agentd",),
+    # the internal listeners bind the bridge address overlayd sets up
+    "proxyd": ("overlayd",),
 }
 # Variables that describe our own invocation, not the child's.
 _NOT_INHERITED = ("INVOCATION_ID", "JOURNAL_STREAM", "WATCHDOG_PID", "NOTIFY_SOCKET")
