@@ -9,7 +9,7 @@ import pytest
 from shared.spec import SpecError, dump_spec, load_spec, parse_spec, spec_to_data
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "examples").glob("*.zlayer.yml"))
+EXAMPLES = sorted((REPO / "examples").rglob("*.zlayer.yml"))
 UPSTREAM = REPO / "tests" / "data" / "upstream-examples"
 
 # Upstream files its own parser rejects, with the pointed message each must give.
