@@ -14,11 +14,7 @@ the same format (``daemons/registryd/auth.py``).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +30,63 @@ DOCKER_HUB_KEYS = (
 )
 
 
-@dataclass(frozen=True)
 class Credential:
+    """A registry user name and password; immutable and compared by value.
+
+    A plain class, not a dataclass, for zlayerctl's start-up (see
+    :class:`shared.reference.Reference`); its repr leaves the password out.
+    """
+
+    __slots__ = ("password", "username")
+    __match_args__ = ("username", "password")
     username: str
     password: str
 
+    def __init__(self, username: str, password: str) -> None:
+        object.__setattr__(self, "username", username)
+        object.__setattr__(self, "password", password)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Credential)
+        return (self.username, self.password) == (other.username, other.password)
+
+    def __hash__(self) -> int:
+        return hash((self.username, self.password))
+
+    def __repr__(self) -> str:
+        return f"Credential(username={self.username!r}, password='***')"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of an immutable Credential")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of an immutable Credential")
+
+    def __reduce__(self) -> tuple[type[Credential], tuple[str, str]]:
+        # through __init__: copy and pickle would otherwise set the slots with setattr
+        return (Credential, (self.username, self.password))
+
     def basic(self) -> str:
         """The value of an ``Authorization: Basic`` header."""
+        import base64
+
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
     def encoded(self) -> str:
         """The ``auth`` field of a Docker config entry."""
+        import base64
+
         return base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
 
     @classmethod
     def decode(cls, auth: str) -> Credential | None:
         """The credential in a Docker config ``auth`` field; None if it is not one."""
+        import base64
+        import binascii
+
         try:
             text = base64.b64decode(auth, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError, ValueError):
@@ -90,8 +126,14 @@ def _entry_credential(entry: Any) -> Credential | None:
 def entry_from_file(path: Path, registry: str) -> Credential | None:
     """The credential for ``registry`` in the auth file at ``path``; None if it has none."""
     try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    import json  # only for a file that is there: many users have none of the four
+
+    try:
+        document = json.loads(text)
+    except ValueError:
         return None
     auths = document.get("auths") if isinstance(document, dict) else None
     if not isinstance(auths, dict):

@@ -10,7 +10,7 @@ components, tag, digest); IPv6 literal domains are not supported.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_DOMAIN = "docker.io"
 OFFICIAL_NAMESPACE = "library"
@@ -30,14 +30,56 @@ class InvalidReferenceError(ValueError):
     """An image reference that does not parse; the message is one sentence."""
 
 
-@dataclass(frozen=True)
 class Reference:
-    """A normalised image reference: ``domain/path[:tag][@digest]``."""
+    """A normalised image reference: ``domain/path[:tag][@digest]``.
 
+    Immutable and compared by value, as a frozen dataclass would be; a plain
+    class because importing dataclasses (inspect, ast, dis) was a good part of
+    a warm ``zlayerctl pull``'s start-up.
+    """
+
+    __slots__ = ("digest", "domain", "path", "tag")
+    __match_args__ = ("domain", "path", "tag", "digest")
     domain: str
     path: str
-    tag: str | None = None
-    digest: str | None = None
+    tag: str | None
+    digest: str | None
+
+    def __init__(
+        self, domain: str, path: str, tag: str | None = None, digest: str | None = None
+    ) -> None:
+        object.__setattr__(self, "domain", domain)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "tag", tag)
+        object.__setattr__(self, "digest", digest)
+
+    def _fields(self) -> tuple[str, str, str | None, str | None]:
+        return (self.domain, self.path, self.tag, self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Reference)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"Reference(domain={self.domain!r}, path={self.path!r}, "
+            f"tag={self.tag!r}, digest={self.digest!r})"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of an immutable Reference")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of an immutable Reference")
+
+    def __reduce__(self) -> tuple[type[Reference], tuple[str, str, str | None, str | None]]:
+        # through __init__: copy and pickle would otherwise set the slots with setattr
+        return (Reference, self._fields())
 
     @property
     def repository(self) -> str:

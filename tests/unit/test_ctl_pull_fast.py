@@ -153,3 +153,36 @@ def test_pull_imports_no_click(tmp_path: Path) -> None:
     assert "ctl.registry_jobs" in modules
     heavy = {"click", "asyncio", "sdbus", "shared.bus", "pydantic", "rich", "ctl.registry_cmd"}
     assert sorted(heavy & modules) == []
+
+
+def test_pull_imports_no_inspect_or_dataclasses(tmp_path: Path) -> None:
+    """Reading the user's credential for the image's registry (an auth file that has one,
+    so json and base64 are used) leaves out dataclasses and the inspect, ast and dis it
+    imports: they were a good part of a warm pull's start-up."""
+    auth_file = tmp_path / "config" / "containers" / "auth.json"
+    auth_file.parent.mkdir(parents=True)
+    auth_file.write_text('{"auths": {"registry.example:5000": {"auth": "dTpw"}}}')  # u:p
+    modules = modules_after(
+        "import os\n"
+        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
+        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
+        "os.environ.pop('ZLAYER_HOST', None)\n"
+        "os.environ.pop('REGISTRY_AUTH_FILE', None)\n"
+        "os.environ.pop('XDG_RUNTIME_DIR', None)\n"
+        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        "pull",
+        "registry.example:5000/a/b:1",
+        "--format",
+        "json",
+    )
+    assert {"shared.credentials", "shared.reference", "json", "base64"} <= modules
+    assert sorted({"inspect", "dataclasses", "ast", "dis"} & modules) == []
+
+
+def test_auth_for_reads_the_users_credential_for_the_images_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text('{"auths": {"registry.example:5000": {"auth": "dTpw"}}}')  # u:p
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+    assert registry_jobs.auth_for("registry.example:5000/a/b:1") == "dTpw"
