@@ -462,6 +462,20 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """Take another node out of the cluster: its record and its etcd member go."""
         raise NotImplementedError
 
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("deployment",),
+        result_args_names=("replicas",),
+    )
+    async def list_replicas(self, deployment: str) -> str:
+        """list[ReplicaInfo] of ``deployment`` ("" for all) on every node, each naming its
+        node in a cluster: this node's from agentd and those the other nodes publish.
+
+        Root only until the system bus policy lets other users call it; zlayerctl
+        falls back to agentd's ListReplicas (this node's) when refused."""
+        raise NotImplementedError
+
 
 class Agent1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Agent1"):
     """zlayer-agentd: containers, health checks, jobs on this node."""

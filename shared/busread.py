@@ -76,6 +76,8 @@ NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
 CALL_TIMEOUT = 10 * 60.0  # as zlayerctl's sdbus calls (ctl.client.LONG_CALL_USEC)
 AUTH_TIMEOUT = 5.0
 VALIDATE_TIMEOUT = 30.0
+# schedd's replica list is a cache: a schedd that does not answer soon is left for agentd's
+CLUSTER_READ_TIMEOUT = 10.0
 
 
 class Read:
@@ -97,6 +99,8 @@ READS: dict[str, Read] = {
     "list_deployments": Read("schedd", "ListDeployments", "", "s"),
     "list_events": Read("schedd", "ListEvents", "su", "s"),
     "list_replicas": Read("agentd", "ListReplicas", "ss", "s"),
+    # `ps --containers`: every node's replicas, from schedd (agentd's list if it cannot say)
+    "cluster_replicas": Read("schedd", "ListReplicas", "s", "s"),
     "list_images": Read("registryd", "ListImages", "", "s"),
     "list_records": Read("overlayd", "ListRecords", "", "s"),
     "list_routes": Read("proxyd", "ListRoutes", "", "s"),
@@ -258,10 +262,23 @@ class BusReader:
         return decode(self.call("list_events", deployment, limit)[0], list[Event])
 
     def list_replicas(self, deployment: str = "", service: str = "") -> list[ReplicaInfo]:
+        """Every node's replicas (schedd's list), or this node's (agentd's) when schedd
+        cannot say: down, an older schedd without the method, or failing."""
         from shared.wire import decode
         from shared.wire.agent import ReplicaInfo
 
-        return decode(self.call("list_replicas", deployment, service)[0], list[ReplicaInfo])
+        try:
+            found = self.cluster_replicas(deployment)
+        except BusError:
+            return decode(self.call("list_replicas", deployment, service)[0], list[ReplicaInfo])
+        return [r for r in found if not service or r.service == service]
+
+    def cluster_replicas(self, deployment: str = "") -> list[ReplicaInfo]:
+        from shared.wire import decode
+        from shared.wire.agent import ReplicaInfo
+
+        reply = self.call("cluster_replicas", deployment, timeout=CLUSTER_READ_TIMEOUT)
+        return decode(reply[0], list[ReplicaInfo])
 
     def list_images(self) -> list[ImageInfo]:
         from shared.wire import decode

@@ -256,6 +256,10 @@ class SchedulerClient(JobsDaemonClient[Scheduler1]):
     async def set_cron_enabled(self, deployment: str, service: str, enabled: bool) -> None:
         await self.proxy.set_cron_enabled(deployment, service, enabled)
 
+    async def cluster_replicas(self, deployment: str = "") -> list[ReplicaInfo]:
+        """Every replica of ``deployment`` ("" for all) on every node of the cluster."""
+        return decode(await self.proxy.list_replicas(deployment), list[ReplicaInfo])
+
 
 class AgentClient(DaemonClient[Agent1]):
     """zlayer-agentd: this node's replicas, job runs, logs, exec."""

@@ -123,6 +123,10 @@ class SchedulerService(Scheduler1):
     async def list_events(self, deployment: str, limit: int) -> str:
         return encode(await self._scheduler.events(deployment, limit or 50))
 
+    @dbus_method_async_override()
+    async def list_replicas(self, deployment: str) -> str:
+        return encode(await self._scheduler.cluster_replicas(deployment))
+
     # --- secrets (root only) and cron switches
 
     @dbus_method_async_override()

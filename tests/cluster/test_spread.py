@@ -56,9 +56,21 @@ def cluster() -> Iterator[Cluster]:
     assert not left, f"the cluster left these behind: {left}"
 
 
-def local_replicas(node: Node, name: str) -> list[dict[str, Any]]:
+def all_replicas(node: Node, name: str) -> list[dict[str, Any]]:
+    """`ps --containers` on ``node``: the replicas of every node, each naming its node."""
     out = node.run("ps", "--containers", "-d", name, "--format", "json", check=True)
     return [r for r in json.loads(out.stdout) if r["deployment"] == name]
+
+
+def node_names(node: Node) -> dict[str, str]:
+    """Each node's id to its name (its hostname: n1, n2, n3), as ``node`` lists them."""
+    out = node.run("node", "ls", "--format", "json", check=True)
+    return {record["id"]: record["name"] for record in json.loads(out.stdout)["nodes"]}
+
+
+def local_replicas(node: Node, name: str) -> list[dict[str, Any]]:
+    names = node_names(node)
+    return [r for r in all_replicas(node, name) if names.get(r["node"]) == node.name]
 
 
 def test_four_replicas_spread_over_three_nodes(cluster: Cluster) -> None:
@@ -86,6 +98,15 @@ def test_four_replicas_spread_over_three_nodes(cluster: Cluster) -> None:
         for node in cluster:
             for row in healthy[node.name]:
                 assert row["address"].startswith(str(node.subnet.network_address)[:-1]), row
+        # `ps --containers` on any one node lists all four, each with the node that runs it.
+        where = {r["instance"]: n for n, found in healthy.items() for r in found}
+        names = node_names(n1)
+        for node in cluster:
+            rows = all_replicas(node, name)
+            assert {r["instance"]: names.get(r["node"]) for r in rows} == where, (node.name, rows)
+            table = node.run("ps", "--containers", "-d", name, check=True).stdout
+            assert "NODE" in table.splitlines()[0], table
+            assert all(r["node"] in table for r in rows), table
         # The deployment's status, on any node, counts the replicas of every node.
         for node in cluster:
             out = node.run("ps", "--format", "json", check=True)
