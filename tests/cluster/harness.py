@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -725,3 +726,24 @@ def sweep_abandoned() -> list[str]:
             abandoned.close()
         removed.append(str(root))
     return removed
+
+
+def form(cluster: Cluster) -> None:
+    """Make the cluster's nodes one ZLayer cluster: ``node init`` on the first, a join
+    token from it, ``node join`` on each other (each starts its own etcd member)."""
+    first, *others = cluster.nodes
+    first.run("node", "init", "--advertise", str(first.lan.ip), check=True)
+    token = first.run("node", "join-token", "--ttl", "10m", check=True).stdout.strip()
+    for node in others:
+        node.run("node", "join", token, "--advertise", str(node.lan.ip), check=True)
+
+
+def listed_nodes(node: Node) -> dict[str, str]:
+    """The cluster's live nodes as ``node`` lists them: name to state, the leader's
+    name under the key ``"leader"`` (a dead node's record goes with its lease)."""
+    out = node.run("node", "ls", "--format", "json", check=True)
+    found = json.loads(out.stdout)
+    names = {record["id"]: record["name"] for record in found["nodes"]}
+    listed = {record["name"]: record["state"] for record in found["nodes"]}
+    listed["leader"] = names.get(found.get("leader") or "", "")
+    return listed

@@ -1,0 +1,144 @@
+"""A node of a three-node cluster dies outright: its replica moves to the two
+survivors, the survivors' proxyd reaches only live replicas, and the node, booted
+again, rejoins without taking back (or keeping a copy of) what it lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import Cluster, Node, form, listed_nodes
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+FAILOVER_DEADLINE = 30.0  # generous: the goal is 10 s (lease 5 s, placement every 2 s)
+SETTLE = 60.0
+
+WEB = """
+version: v1
+deployment: {name}
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www
+    endpoints: [{{name: http, protocol: http, port: 8080, expose: public}}]
+    scale: {{mode: fixed, replicas: 3}}
+    affinity: spread
+    stop_grace_period: 1s
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: http, url: /index.html}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Three nodes made one cluster by node init on n1 and node join on the others."""
+    with Cluster(3, etcd=False) as started:
+        form(started)
+        yield started
+    left = started.leftovers()
+    assert not left, f"the cluster left these behind: {left}"
+
+
+def healthy_replicas(node: Node, name: str) -> list[dict[str, Any]]:
+    """The replicas of deployment ``name`` that ``node`` itself runs and finds healthy
+    (its listing names the other nodes' too, by node id: ``<name>-<suffix>``)."""
+    out = node.run("ps", "--containers", "-d", name, "--format", "json", check=True)
+    rows = json.loads(out.stdout)
+    return [
+        r
+        for r in rows
+        if r["deployment"] == name
+        and r["health"] == "healthy"
+        and r["node"].rpartition("-")[0] == node.name
+    ]
+
+
+def wait_healthy(nodes: list[Node], name: str, count: int, deadline: float) -> dict[str, Any]:
+    """Until ``nodes`` between them run ``count`` healthy replicas of ``name``; by node."""
+    while True:
+        rows = {node.name: healthy_replicas(node, name) for node in nodes}
+        if sum(len(found) for found in rows.values()) == count:
+            return rows
+        assert time.monotonic() < deadline, f"not {count} healthy replicas: {rows}"
+        time.sleep(0.25)
+
+
+def answers(url: str, count: int) -> list[str]:
+    """The bodies of ``count`` GETs of ``url`` (a failed one counts as its error)."""
+    found = []
+    for _ in range(count):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                found.append(reply.read().decode().strip())
+        except OSError as exc:
+            found.append(f"error: {exc}")
+    return found
+
+
+def test_a_dead_nodes_replica_moves_to_the_survivors(cluster: Cluster) -> None:
+    n1 = cluster[0]
+    name = n1.deployment_name("failover")
+    spec = n1.spec(name, WEB.format(name=name))
+    killed: Node | None = None
+    try:
+        n1.run("up", "-d", str(spec), "--timeout", "120", check=True)
+        before = wait_healthy(cluster.nodes, name, 3, time.monotonic() + SETTLE)
+        assert sorted(len(found) for found in before.values()) == [1, 1, 1], before
+        # The leader runs one too (spread): killing it is the harder case, the
+        # survivors must elect a new leader before anything is placed again.
+        leader = listed_nodes(n1)["leader"]
+        killed = next(node for node in cluster if node.name == leader)
+        survivors = [node for node in cluster if node is not killed]
+        lost = before[killed.name][0]["instance"]
+
+        began = time.monotonic()
+        killed.kill()
+        killed_in = time.monotonic() - began
+        after = wait_healthy(survivors, name, 3, began + FAILOVER_DEADLINE)
+        failover = time.monotonic() - began
+        print(
+            f"failover: {leader} (leader) killed, its replica healthy on a survivor "
+            f"{failover:.1f} s later (the kill itself took {killed_in:.1f} s)"
+        )
+        assert sorted(len(found) for found in after.values()) == [1, 2], after
+        live = {f"{name}-web-{r['instance']}" for found in after.values() for r in found}
+        assert len(live) == 3, after
+        # Through each survivor's proxyd: only the live replicas answer, none fails.
+        for node in survivors:
+            seen = answers(f"http://{node.lan.ip}:8080/index.html", 30)
+            assert set(seen) == live, (node.name, seen)
+
+        # Booted again, the node rejoins, and what it lost stays where it moved.
+        began = time.monotonic()
+        killed.restart()
+        deadline = time.monotonic() + SETTLE
+        while killed.name not in listed_nodes(survivors[0]):
+            assert time.monotonic() < deadline, f"{killed.name} did not rejoin"
+            time.sleep(0.5)
+        print(f"rejoin: {killed.name} listed again {time.monotonic() - began:.1f} s after boot")
+        # A few placement passes (every 2 s) with the node back: nothing moves to it.
+        time.sleep(6)
+        assert listed_nodes(killed)[killed.name] == "ready"
+        assert healthy_replicas(killed, name) == [], f"{killed.name} runs {name} again"
+        # Nothing orphaned: no container of the old generation left on its runtime.
+        assert killed.containers() == set(), killed.containers()
+        final = wait_healthy(survivors, name, 3, time.monotonic() + 10)
+        assert {f"{name}-web-{r['instance']}" for f in final.values() for r in f} == live
+        assert lost in {r["instance"] for found in final.values() for r in found}
+    finally:
+        if killed is not None and not killed.alive:
+            killed.restart()
+        n1.run("down", name, timeout=120)
