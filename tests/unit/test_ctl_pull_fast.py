@@ -186,3 +186,35 @@ def test_auth_for_reads_the_users_credential_for_the_images_registry(
     auth_file.write_text('{"auths": {"registry.example:5000": {"auth": "dTpw"}}}')  # u:p
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
     assert registry_jobs.auth_for("registry.example:5000/a/b:1") == "dTpw"
+
+
+def test_references_and_credentials_are_immutable_values() -> None:
+    """As the frozen dataclasses they replace: equal and hashed by value, immutable,
+    copied and pickled whole; a credential's repr keeps its password out of logs."""
+    import copy
+    import pickle
+
+    from shared.credentials import Credential
+    from shared.reference import Reference, parse_reference
+
+    ref = parse_reference("busybox")
+    assert ref == Reference("docker.io", "library/busybox", "latest")
+    assert ref != Reference("docker.io", "library/busybox", None)
+    assert ref != ("docker.io", "library/busybox", "latest", None)
+    assert len({ref, parse_reference("docker.io/library/busybox:latest")}) == 1
+    assert copy.deepcopy(ref) == ref == pickle.loads(pickle.dumps(ref))
+    assert repr(ref) == (
+        "Reference(domain='docker.io', path='library/busybox', tag='latest', digest=None)"
+    )
+    cred = Credential("alice", "s3cret")
+    assert cred == Credential("alice", "s3cret") != Credential("alice", "other")
+    assert hash(cred) == hash(Credential("alice", "s3cret"))
+    assert copy.copy(cred) == cred == pickle.loads(pickle.dumps(cred))
+    assert "s3cret" not in repr(cred)
+    assert "alice" in repr(cred)
+    for value, field in ((ref, "tag"), (cred, "password")):
+        with pytest.raises(AttributeError):
+            setattr(value, field, "x")
+        with pytest.raises(AttributeError):
+            delattr(value, field)
+    assert ref.tag == "latest" and cred.password == "s3cret"
