@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from ctl.supervisor import find_executable
 from shared.buildfile.wasm import find_componentize_py
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +114,29 @@ class WasmComponents:
         finally:
             partial.unlink(missing_ok=True)
         self.builds.append(component.name)
+        return target
+
+    def layout(self, component: Component, reference: str) -> Path:
+        """The component packed by ``zlayerctl wasm export`` as ``reference``: an OCI
+        layout to ``image import`` on any node. Packing reads the whole component
+        (tens of seconds on a busy machine), so it too is done once per run."""
+        module = self.get(component)
+        name = hashlib.sha256(reference.encode()).hexdigest()[:16]
+        target = module.with_name(f"{module.stem}-{name}.oci")
+        if (target / "index.json").is_file():
+            return target
+        partial = module.with_name(f"{target.name}.{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            done = subprocess.run(
+                [find_executable("zlayerctl"), "wasm", "export", str(module), "--name", reference,
+                 "--output", str(partial)],
+                capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, f"zlayerctl wasm export {component.name}: {done}"
+            os.replace(partial, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
         return target
 
 

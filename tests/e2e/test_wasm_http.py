@@ -1,8 +1,10 @@
 """wasi:http services end to end: a component under ``wasmtime serve`` behind proxyd.
 
-The component is built here from source (``examples/wasm-http/app.py`` through
-componentize-py, against the WIT files beside it), packed as an artifact and
-imported; it is served on its endpoint's target port in its replica's own
+The component is the tests' wasi:http handler (``tests/data/wasm-http-test``, built
+once per run through componentize-py against the WIT files of ``examples/wasm-http``):
+its ``/read`` reads the whole request body before it answers, and any other path is
+the example's own handler (``examples/wasm-http/app.py``). It is packed as an artifact
+and imported once; it is served on its endpoint's target port in its replica's own
 network namespace, routed by proxyd like any backend, health-checked over HTTP,
 and reached by its service name from a container replica.
 """
@@ -10,49 +12,37 @@ and reached by its service name from a container replica.
 from __future__ import annotations
 
 import re
-import shutil
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.node import Node, http_get, wait_until
+from tests.wasm_components import HTTP_TEST, Component, WasmComponents
 
 pytestmark = pytest.mark.timeout(400)
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "wasm-http"
 
-
-def componentize_py() -> str:
-    beside = Path(sys.executable).parent / "componentize-py"
-    found = str(beside) if beside.exists() else shutil.which("componentize-py")
-    if not found:
-        pytest.skip("componentize-py is not installed (pip install componentize-py)")
-    return found
-
-
-def http_component(node: Node) -> str:
-    """The example handler built into a component and imported; its image name."""
-    module = node.workdir / "http.wasm"
-    subprocess.run(
-        [componentize_py(), "-d", str(EXAMPLE / "wit"), "-w", "proxy", "componentize", "app",
-         "-p", str(EXAMPLE), "-o", str(module)],
-        check=True, capture_output=True, timeout=300, cwd=node.workdir,
-    )  # fmt: skip
-    reference = "localhost/wasm-http:1"
-    layout = node.workdir / "http.oci"
-    node.ctl(
-        "wasm", "export", str(module), "--name", reference, "--output", str(layout), check=True
-    )
-    node.ctl("image", "import", str(layout), "--name", reference, check=True)
+def import_component(
+    node: Node, components: WasmComponents, component: Component, reference: str
+) -> str:
+    """The component, packed once per run, imported into the node; its image name."""
+    layout = components.layout(component, reference)
+    node.ctl("image", "import", str(layout), "--name", reference, timeout=300, check=True)
     return reference
 
 
-def test_a_wasi_http_service_answers_through_proxyd_and_by_its_name(node: Node) -> None:
-    image = http_component(node)
+@pytest.fixture(scope="module")
+def http_image(node: Node, wasm_components: WasmComponents) -> str:
+    """The tests' handler, imported once: every test here runs the same image, which
+    agentd compiles once."""
+    return import_component(node, wasm_components, HTTP_TEST, "localhost/wasm-http-test:1")
+
+
+def test_a_wasi_http_service_answers_through_proxyd_and_by_its_name(
+    node: Node, http_image: str
+) -> None:
+    image = http_image
     spec = node.spec(
         "wasmhttp",
         f"""
@@ -101,63 +91,12 @@ def test_a_wasi_http_service_answers_through_proxyd_and_by_its_name(node: Node) 
         node.ctl("down", "wasmhttp")
 
 
-# A handler that reads the whole request body before it answers: a request whose body
-# has not all come holds its instance.
-HOLDING = """
-from componentize_py_types import Err, Ok
-from wit_world import exports
-from wit_world.imports.streams import StreamError_Closed
-from wit_world.imports.types import (
-    Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
-)
-
-
-class IncomingHandler(exports.IncomingHandler):
-    def handle(self, request: IncomingRequest, response_out: ResponseOutparam) -> None:
-        size = 0
-        body = request.consume()
-        with body.stream() as stream:
-            try:
-                while True:
-                    size += len(stream.blocking_read(65536))
-            except Err as error:
-                if not isinstance(error.value, StreamError_Closed):
-                    raise
-        IncomingBody.finish(body)
-        response = OutgoingResponse(Fields.from_list([("content-type", b"text/plain")]))
-        out = response.body()
-        ResponseOutparam.set(response_out, Ok(response))
-        with out.write() as stream:
-            stream.blocking_write_and_flush(f"read {size} bytes".encode())
-        OutgoingBody.finish(out, None)
-"""
-
-
-def holding_component(node: Node) -> str:
-    """HOLDING built into a component and imported; its image name."""
-    source = node.workdir / "holding"
-    source.mkdir(exist_ok=True)
-    (source / "app.py").write_text(HOLDING)
-    module = node.workdir / "holding.wasm"
-    subprocess.run(
-        [componentize_py(), "-d", str(EXAMPLE / "wit"), "-w", "proxy", "componentize", "app",
-         "-p", str(source), "-o", str(module)],
-        check=True, capture_output=True, timeout=300, cwd=node.workdir,
-    )  # fmt: skip
-    reference = "localhost/wasm-holding:1"
-    layout = node.workdir / "holding.oci"
-    node.ctl(
-        "wasm", "export", str(module), "--name", reference, "--output", str(layout), check=True
-    )
-    node.ctl("image", "import", str(layout), "--name", reference, check=True)
-    return reference
-
-
 def post(address: str, body: bytes, length: int) -> socket.socket:
-    """A POST of ``length`` bytes whose first ``body`` are sent now."""
+    """A POST to the handler's ``/read`` (it answers once it has read the whole body) of
+    ``length`` bytes, whose first ``body`` are sent now."""
     conn = socket.create_connection((address, 8080), timeout=10)
     conn.sendall(
-        f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        f"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
         .encode() + body
     )  # fmt: skip
     return conn
@@ -179,8 +118,10 @@ def answer(conn: socket.socket, within: float) -> str:
     return found.group(0) if found else ""
 
 
-def test_max_instances_caps_the_requests_each_replica_runs_at_once(node: Node) -> None:
-    image = holding_component(node)
+def test_max_instances_caps_the_requests_each_replica_runs_at_once(
+    node: Node, http_image: str
+) -> None:
+    image = http_image
     spec = node.spec(
         "wasmcap",
         f"""

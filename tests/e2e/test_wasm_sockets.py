@@ -1,10 +1,10 @@
 """A WebAssembly replica's sockets: off unless the spec grants them.
 
-The module is a WASI preview 2 command (preview 1 has no socket API) built here
-from Python source with componentize-py against the WASI WIT files of
-``examples/wasm-http``: given ``tcp HOST:PORT`` it connects, sends a line and
-prints the answer; given ``udp HOST:PORT`` it sends a datagram and prints the
-reply. A refused socket prints the error and exits non-zero. The listeners are
+The module is a WASI preview 2 command (preview 1 has no socket API) built once per
+run from Python source (``tests/data/wasm-netclient``) with componentize-py against
+the WASI WIT files of ``examples/wasm-http``: given ``tcp HOST:PORT`` it connects,
+sends a line and prints the answer; given ``udp HOST:PORT`` it sends a datagram and
+prints the reply. A refused socket prints the error and exits non-zero. The listeners are
 this test's own, on the node network's gateway address, so every connection
 that reaches them is counted.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,47 +21,10 @@ import pytest
 
 from daemons.overlayd.settings import OverlaySettings
 from tests.e2e.node import Node
-from tests.e2e.test_wasm_http import EXAMPLE, componentize_py
+from tests.e2e.test_wasm_http import import_component
+from tests.wasm_components import NET_CLIENT, WasmComponents
 
 pytestmark = pytest.mark.timeout(400)
-
-CLIENT = """
-import asyncio
-import socket
-import sys
-
-from wit_world import exports
-
-
-class Run(exports.Run):
-    def run(self) -> None:
-        kind, address, name = sys.argv[1], sys.argv[2], sys.argv[3]
-        host, port = address.rsplit(":", 1)
-        try:
-            if kind == "tcp":
-                asyncio.run(tcp(host, int(port), name))
-            else:
-                udp(host, int(port), name)
-        except OSError as exc:
-            print(f"{kind} failed: {exc!r}", flush=True)
-            sys.exit(3)
-
-
-async def tcp(host: str, port: int, name: str) -> None:
-    rx, tx = await asyncio.open_connection(host, port)
-    tx.write(f"{name} over tcp\\n".encode())
-    await tx.drain()
-    print(f"received {(await rx.readline()).decode().strip()}", flush=True)
-    tx.close()
-
-
-def udp(host: str, port: int, name: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(20)
-        sock.sendto(f"{name} over udp".encode(), (host, port))
-        data, _ = sock.recvfrom(100)
-        print(f"received {data.decode()}", flush=True)
-"""
 
 
 @dataclass
@@ -123,24 +85,10 @@ def listeners(node: Node) -> Iterator[Listeners]:
         found.close()
 
 
-def net_client(node: Node) -> str:
-    """The client component built from CLIENT and imported; its image name."""
-    source = node.workdir / "netclient"
-    source.mkdir(exist_ok=True)
-    (source / "app.py").write_text(CLIENT)
-    module = node.workdir / "netclient.wasm"
-    subprocess.run(
-        [componentize_py(), "-d", str(EXAMPLE / "wit"), "-w", "wasi:cli/command@0.2.8",
-         "componentize", "app", "-p", str(source), "-o", str(module)],
-        check=True, capture_output=True, timeout=300, cwd=node.workdir,
-    )  # fmt: skip
-    reference = "localhost/wasm-netclient:1"
-    layout = node.workdir / "netclient.oci"
-    node.ctl(
-        "wasm", "export", str(module), "--name", reference, "--output", str(layout), check=True
-    )
-    node.ctl("image", "import", str(layout), "--name", reference, check=True)
-    return reference
+@pytest.fixture(scope="module")
+def net_client(node: Node, wasm_components: WasmComponents) -> str:
+    """The client component, imported once; its image name."""
+    return import_component(node, wasm_components, NET_CLIENT, "localhost/wasm-netclient:1")
 
 
 def run_job(node: Node, service: str) -> tuple[int, str, dict[str, object]]:
@@ -154,9 +102,9 @@ def run_job(node: Node, service: str) -> tuple[int, str, dict[str, object]]:
 
 
 def test_sockets_are_refused_unless_the_spec_allows_tcp_or_udp(
-    node: Node, listeners: Listeners
+    node: Node, listeners: Listeners, net_client: str
 ) -> None:
-    image = net_client(node)
+    image = net_client
     jobs = {
         "tcp-off": ("tcp", ""),
         "udp-off": ("udp", "wasm: {allow_tcp: true}"),  # TCP granted is not UDP
