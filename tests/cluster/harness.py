@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from pyroute2 import IPRoute, NetlinkError, netns
@@ -728,14 +728,21 @@ def sweep_abandoned() -> list[str]:
     return removed
 
 
-def form(cluster: Cluster) -> None:
+def form(cluster: Cluster) -> dict[str, float]:
     """Make the cluster's nodes one ZLayer cluster: ``node init`` on the first, a join
-    token from it, ``node join`` on each other (each starts its own etcd member)."""
+    token from it, ``node join`` on each other (each starts its own etcd member).
+    The seconds each node's init or join took, by node name."""
     first, *others = cluster.nodes
+    took: dict[str, float] = {}
+    began = time.monotonic()
     first.run("node", "init", "--advertise", str(first.lan.ip), check=True)
+    took[first.name] = time.monotonic() - began
     token = first.run("node", "join-token", "--ttl", "10m", check=True).stdout.strip()
     for node in others:
+        began = time.monotonic()
         node.run("node", "join", token, "--advertise", str(node.lan.ip), check=True)
+        took[node.name] = time.monotonic() - began
+    return took
 
 
 def listed_nodes(node: Node) -> dict[str, str]:
@@ -747,3 +754,50 @@ def listed_nodes(node: Node) -> dict[str, str]:
     listed = {record["name"]: record["state"] for record in found["nodes"]}
     listed["leader"] = names.get(found.get("leader") or "", "")
     return listed
+
+
+def healthy_replicas(node: Node, name: str) -> list[dict[str, Any]]:
+    """The replicas of deployment ``name`` that ``node`` itself runs and finds healthy
+    (its listing names the other nodes' too, by node id: ``<name>-<suffix>``)."""
+    out = node.run("ps", "--containers", "-d", name, "--format", "json", check=True)
+    rows = json.loads(out.stdout)
+    return [
+        r
+        for r in rows
+        if r["deployment"] == name
+        and r["health"] == "healthy"
+        and r["node"].rpartition("-")[0] == node.name
+    ]
+
+
+def wait_healthy(nodes: list[Node], name: str, count: int, deadline: float) -> dict[str, Any]:
+    """Until ``nodes`` between them run ``count`` healthy replicas of ``name``; by node."""
+    while True:
+        rows = {node.name: healthy_replicas(node, name) for node in nodes}
+        if sum(len(found) for found in rows.values()) == count:
+            return rows
+        assert time.monotonic() < deadline, f"not {count} healthy replicas: {rows}"
+        time.sleep(0.25)
+
+
+# An http service whose replicas answer with their hostname, spread over the nodes.
+SPREAD_WEB = """
+version: v1
+deployment: {name}
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www
+    endpoints: [{{name: http, protocol: http, port: 8080, expose: public}}]
+    scale: {{mode: fixed, replicas: {replicas}}}
+    affinity: spread
+    stop_grace_period: 1s
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: http, url: /index.html}}
+"""

@@ -4,42 +4,27 @@ again, rejoins without taking back (or keeping a copy of) what it lost."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, Node, form, listed_nodes
+from tests.cluster.harness import (
+    SPREAD_WEB,
+    Cluster,
+    Node,
+    form,
+    healthy_replicas,
+    listed_nodes,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 FAILOVER_DEADLINE = 30.0  # generous: the goal is 10 s (lease 5 s, placement every 2 s)
 SETTLE = 60.0
-
-WEB = """
-version: v1
-deployment: {name}
-services:
-  web:
-    image: zlayer/busybox:latest
-    command:
-      entrypoint: ["sh", "-c"]
-      args:
-        - mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www
-    endpoints: [{{name: http, protocol: http, port: 8080, expose: public}}]
-    scale: {{mode: fixed, replicas: 3}}
-    affinity: spread
-    stop_grace_period: 1s
-    health:
-      interval: 1s
-      timeout: 1s
-      retries: 1
-      check: {{type: http, url: /index.html}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -50,30 +35,6 @@ def cluster() -> Iterator[Cluster]:
         yield started
     left = started.leftovers()
     assert not left, f"the cluster left these behind: {left}"
-
-
-def healthy_replicas(node: Node, name: str) -> list[dict[str, Any]]:
-    """The replicas of deployment ``name`` that ``node`` itself runs and finds healthy
-    (its listing names the other nodes' too, by node id: ``<name>-<suffix>``)."""
-    out = node.run("ps", "--containers", "-d", name, "--format", "json", check=True)
-    rows = json.loads(out.stdout)
-    return [
-        r
-        for r in rows
-        if r["deployment"] == name
-        and r["health"] == "healthy"
-        and r["node"].rpartition("-")[0] == node.name
-    ]
-
-
-def wait_healthy(nodes: list[Node], name: str, count: int, deadline: float) -> dict[str, Any]:
-    """Until ``nodes`` between them run ``count`` healthy replicas of ``name``; by node."""
-    while True:
-        rows = {node.name: healthy_replicas(node, name) for node in nodes}
-        if sum(len(found) for found in rows.values()) == count:
-            return rows
-        assert time.monotonic() < deadline, f"not {count} healthy replicas: {rows}"
-        time.sleep(0.25)
 
 
 def answers(url: str, count: int) -> list[str]:
@@ -91,7 +52,7 @@ def answers(url: str, count: int) -> list[str]:
 def test_a_dead_nodes_replica_moves_to_the_survivors(cluster: Cluster) -> None:
     n1 = cluster[0]
     name = n1.deployment_name("failover")
-    spec = n1.spec(name, WEB.format(name=name))
+    spec = n1.spec(name, SPREAD_WEB.format(name=name, replicas=3))
     killed: Node | None = None
     try:
         n1.run("up", "-d", str(spec), "--timeout", "120", check=True)
