@@ -47,6 +47,7 @@ import msgspec
 
 from daemons.schedd.etcdstore import EtcdStore, MoveRefusedError, move_to_etcd
 from daemons.schedd.membership import ETCD_ERRORS, Membership
+from daemons.schedd.secrets import SealingKey, reseal
 from shared.bus import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -59,6 +60,7 @@ from shared.cluster import jointoken, peer, pki, secretkey
 from shared.cluster.config import ClusterConfig, EtcdMemberConfig
 from shared.cluster.etcd import Client, TLSFiles, client, retrying, wait_healthy
 from shared.logs import under_systemd
+from shared.nodekey import NodeKey, NodeKeyError
 from shared.paths import Paths
 from shared.wire import WireError, decode, encode
 from shared.wire.cluster import KEYS, NodeCapacity, NodeList, NodeRecord, NodeSettings
@@ -544,7 +546,7 @@ class NodeControl:
 
             try:
                 await asyncio.to_thread(make)
-            except pki.PkiError as exc:
+            except (pki.PkiError, secretkey.SecretsKeyError) as exc:
                 raise InvalidArgumentError(str(exc)) from None
             member = self._member(node_id, address, {}, "new")
             member = msgspec_replace(member, cluster_token=f"zlayer-{secrets.token_hex(8)}")
@@ -568,11 +570,12 @@ class NodeControl:
                     if sqlite is not None:
                         moved = await asyncio.to_thread(move_to_etcd, sqlite, store)
                         log.info("node init moved %d keys of schedd's state into etcd", moved)
+                    await self._reseal(store)
                 except BaseException:
                     await asyncio.to_thread(store.close)
                     raise
                 context = await ClusterContext.open(config, self.paths, store)
-            except MoveRefusedError as exc:
+            except (MoveRefusedError, NodeKeyError, secretkey.SecretsKeyError) as exc:
                 await self._failed(paused)
                 raise ZLayerError(str(exc)) from None
             except BaseException:
@@ -580,6 +583,23 @@ class NodeControl:
                 raise
             await self.daemon.resume(context)
             return context.membership.record
+
+    async def _reseal(self, store: EtcdStore) -> None:
+        """The lone node's secrets, now in etcd, sealed again with the cluster's key, so
+        every node that joins opens them (the node's own key never leaves it)."""
+        node_key = await asyncio.to_thread(lambda: NodeKey.load(self.paths).secrets_key())
+        cluster_key = await asyncio.to_thread(secretkey.load, self.files)
+        done = await asyncio.to_thread(
+            reseal, store, SealingKey.node(node_key), SealingKey.cluster(cluster_key)
+        )
+        log.info("node init sealed %d secrets again with the cluster's key", done.resealed)
+        if done.left:
+            log.warning(
+                "node init left %d secrets that did not open with the node key (unreadable "
+                "before; set them again): %s",
+                len(done.left),
+                ", ".join(done.left),
+            )
 
     async def _failed(self, paused: bool) -> None:
         await self._undo()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import TYPE_CHECKING
 
 from sdbus import dbus_method_async_override
@@ -21,6 +22,8 @@ from shared.wire.jobs import JobInfo
 from shared.wire.scheduler import Deployed, Event
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from daemons.schedd.cluster import ClusterContext
 
 OUTBOUND_CALL_USEC = 30 * 60 * 1_000_000
@@ -237,7 +240,13 @@ class SchedulerDaemon(Daemon):
 
     def _run_scheduler(self) -> None:
         assert self.bus is not None  # start() runs once the bus is open
-        self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key)
+        cluster_key: Callable[[], bytes] | None = None
+        if self.cluster is not None:
+            # in a cluster, secrets are sealed with the key every node of it holds
+            from shared.cluster import secretkey
+
+            cluster_key = functools.partial(secretkey.load, self.cluster.files)
+        self.scheduler = Scheduler(self.store, self.bus, self._emit, self._secrets_key, cluster_key)
         self.scheduler.cluster = self.cluster
         if self.cluster is not None:
             self.cluster.on_removed = self.leave

@@ -226,9 +226,10 @@ class Scheduler:
         bus: SdBus,
         emit: Callable[[Event], None],
         secrets_key: Callable[[], bytes] = _no_key,
+        cluster_secrets_key: Callable[[], bytes] | None = None,
     ) -> None:
         self.store = store
-        self.secrets = Secrets(store, secrets_key)
+        self.secrets = Secrets(store, secrets_key, cluster_secrets_key)
         self.bus = bus
         self.agent = AgentClient(bus)
         self.replica_cache = ReplicaCache(self.agent, self._replicas_changed)

@@ -146,6 +146,20 @@ def test_the_first_nodes_state_moved_into_the_cluster(
     assert len(keys) == 1 and len(keys.pop()) == 32
 
 
+def test_secrets_open_on_every_node(lone: Cluster, formed: dict[str, str]) -> None:
+    """Sealed with the cluster's key: n1's secret from before init (sealed again at init)
+    opens on n2, and one n2 sets opens on n3."""
+    n1, n2, n3 = lone
+    assert n2.run("secret", "get", "moved", check=True).stdout == "s3cret"
+    zlayerctl = find_executable("zlayerctl")
+    n2.sh("sh", "-c", f"printf 'from n2' | {zlayerctl} secret set shared-key", check=True)
+    try:
+        assert n3.run("secret", "get", "shared-key", check=True).stdout == "from n2"
+        assert n1.run("secret", "get", "shared-key", check=True).stdout == "from n2"
+    finally:
+        n2.run("secret", "rm", "shared-key", check=True)
+
+
 def test_label_and_drain_show_on_every_node(lone: Cluster, formed: dict[str, str]) -> None:
     n1, _, n3 = lone
     target = formed["n2"]
