@@ -467,13 +467,12 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         result_signature="s",
         input_args_names=("deployment",),
         result_args_names=("replicas",),
+        flags=DbusUnprivilegedFlag,
     )
     async def list_replicas(self, deployment: str) -> str:
         """list[ReplicaInfo] of ``deployment`` ("" for all) on every node, each naming its
         node in a cluster: this node's from agentd and those the other nodes publish.
-
-        Root only until the system bus policy lets other users call it; zlayerctl
-        falls back to agentd's ListReplicas (this node's) when refused."""
+        zlayerctl falls back to agentd's ListReplicas (this node's) when schedd cannot say."""
         raise NotImplementedError
 
 

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from sdbus import DbusFailedError
 
 from daemons.apid.base import api, reply, visible
 from daemons.apid.problems import ApiProblem
@@ -42,7 +43,11 @@ OPERATION = "/operations/{daemon:scheduler|registry}/" + JOB_ID
     tags=("containers",),
 )
 async def containers(request: web.Request) -> web.StreamResponse:
-    found = await api(request).agent.list_replicas()
+    clients = api(request)
+    try:  # every node's replicas in a cluster, from schedd
+        found = await clients.scheduler.cluster_replicas()
+    except DbusFailedError:  # a schedd without the method, or down: this node's, from agentd
+        found = await clients.agent.list_replicas()
     return reply(visible(request, found))
 
 
