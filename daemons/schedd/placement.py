@@ -360,6 +360,26 @@ class _Placer:
                 memory=memory,
             )
 
+        def one_each(ranking: Sequence[tuple[float, float, int]]) -> None:
+            # One replica a node, in ranking order, on open nodes that fit and hold none of
+            # this service yet; the nodes are picked first because take() reorders the ranking.
+            picks: list[_Node] = []
+            for _, _, index in ranking:
+                if allowed is not None and index not in allowed:
+                    continue
+                node = self.nodes[index]
+                if (
+                    key in node.per_service
+                    or node.cpu_free + _CPU_SLACK < cpu
+                    or node.mem_free < memory
+                ):
+                    continue
+                picks.append(node)
+                if len(picks) == len(todo):
+                    break
+            for node in picks:
+                self.take(node, key, mode, placement(todo.pop()))
+
         if self.walks and not want.prefer_labels and mode == "exclusive":
             # Empty nodes, which lead the order as (0.0, 0, index): by index,
             # as the full ranking below orders nodes that all hold nothing.
@@ -379,42 +399,12 @@ class _Placer:
         ):
             # One replica a node: the open nodes without this service, fewest
             # replicas first, as the full ranking below orders them.
-            picks = []
-            for _, _, index in self.crowd:
-                if allowed is not None and index not in allowed:
-                    continue
-                node = self.nodes[index]
-                if (
-                    key in node.per_service
-                    or node.cpu_free + _CPU_SLACK < cpu
-                    or node.mem_free < memory
-                ):
-                    continue
-                picks.append(node)
-                if len(picks) == len(todo):
-                    break
-            for node in picks:
-                self.take(node, key, mode, placement(todo.pop()))
+            one_each(self.crowd)
         elif self.walks and not want.prefer_labels and mode == "shared" and spread:
             # The first round of a spread: open nodes without this service, least
             # loaded first, one replica each; the same picks the full ranking
             # below would make.
-            picks = []
-            for _, _, index in self.order:
-                if allowed is not None and index not in allowed:
-                    continue
-                node = self.nodes[index]
-                if (
-                    key in node.per_service
-                    or node.cpu_free + _CPU_SLACK < cpu
-                    or node.mem_free < memory
-                ):
-                    continue
-                picks.append(node)
-                if len(picks) == len(todo):
-                    break
-            for node in picks:
-                self.take(node, key, mode, placement(todo.pop()))
+            one_each(self.order)
         elif self.walks and not want.prefer_labels and mode == "shared":
             # Packing: the fullest open node that fits, filled before the next.
             for _, _, index in reversed(list(self.order)):
