@@ -136,32 +136,34 @@ UP_BACKGROUND = ReadCommand(
 )
 
 
-def parse_up_background(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
-    """``up -b [FILE]`` on this node's bus and its FILE, or None to leave ``argv`` to click:
-    no -b, a word click would read otherwise (``-bd``, ``--``, ``-``, a second FILE), or a
-    command that may go to a node's API (``ctl.deploy_cmd.up`` sends it there)."""
-    command = UP_BACKGROUND
+def _read_words(
+    command: ReadCommand, argv: list[str], positional: str
+) -> tuple[dict[str, Any], set[str]] | None:
+    """``argv``'s values after ``command.words`` over its defaults, and the parameters given;
+    or None to leave ``argv`` to click: a word it does not know, a value click would read
+    otherwise, an empty or a second ``positional``. A value whose parameter has no default
+    is checked but not kept: the command does not take it."""
     values = dict(command.defaults)
-    background = False
+    given: set[str] = set()
     rest = argv[len(command.words) :]
     index = 0
     while index < len(rest):
         word = rest[index]
         index += 1
         if not word.startswith("-"):
-            if not word or values["file"] is not None:
-                return None  # an empty FILE or an extra argument: click's messages
-            values["file"] = word
+            if not word or values[positional] is not None:
+                return None  # an empty one or an extra argument: click's messages
+            values[positional] = word
             continue
         option, equals, attached = word.partition("=") if word.startswith("--") else (word, "", "")
         spec = command.options.get(option)
         if spec is None:
             return None
         parameter, kind = spec
+        given.add(parameter)
         if kind == FLAG:
             if equals:
                 return None
-            background = background or parameter == "background"
             continue
         if equals:
             text = attached
@@ -170,11 +172,25 @@ def parse_up_background(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] |
             index += 1
         else:
             return None
-        if _value(kind, text) is None:
+        value = _value(kind, text)
+        if value is None:
             return None
-    if not background or _goes_to_an_api():
+        if parameter in values:
+            values[parameter] = value
+    return values, given
+
+
+def parse_up_background(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
+    """``up -b [FILE]`` on this node's bus and its FILE, or None to leave ``argv`` to click:
+    no -b, a word click would read otherwise (``-bd``, ``--``, ``-``, a second FILE), or a
+    command that may go to a node's API (``ctl.deploy_cmd.up`` sends it there)."""
+    read = _read_words(UP_BACKGROUND, argv, "file")
+    if read is None:
         return None
-    return command, values
+    values, given = read
+    if "background" not in given or _goes_to_an_api():
+        return None
+    return UP_BACKGROUND, values
 
 
 # ``pull IMAGE [--policy P] [--format F]``: ``ctl.registry_jobs.pull`` is the whole command
@@ -190,37 +206,10 @@ PULL = ReadCommand(
 def parse_pull(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
     """``pull IMAGE``'s options, or None to leave ``argv`` to click: no IMAGE or a second
     one, an empty one, ``--``, ``-h``/``--help`` or any other word it does not know."""
-    command = PULL
-    values = dict(command.defaults)
-    rest = argv[len(command.words) :]
-    index = 0
-    while index < len(rest):
-        word = rest[index]
-        index += 1
-        if not word.startswith("-"):
-            if not word or values["image_name"] is not None:
-                return None  # an empty IMAGE or an extra argument: click's messages
-            values["image_name"] = word
-            continue
-        option, equals, attached = word.partition("=") if word.startswith("--") else (word, "", "")
-        spec = command.options.get(option)
-        if spec is None:
-            return None
-        parameter, kind = spec
-        if equals:
-            text = attached
-        elif index < len(rest):
-            text = rest[index]
-            index += 1
-        else:
-            return None
-        value = _value(kind, text)
-        if value is None:
-            return None
-        values[parameter] = value
-    if values["image_name"] is None:
+    read = _read_words(PULL, argv, "image_name")
+    if read is None or read[0]["image_name"] is None:
         return None
-    return command, values
+    return PULL, read[0]
 
 
 def _goes_to_an_api() -> bool:
