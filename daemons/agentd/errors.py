@@ -21,3 +21,11 @@ class BundleError(ContainerError):
 
 class CgroupError(ContainerError):
     """The host's cgroups cannot run containers."""
+
+
+class SpecRefused(BundleError):
+    """The spec, with its image, can never become a container on this node.
+
+    Trying again cannot help until the spec changes, so a replica refused so
+    stays failed instead of backing off and retrying for ever.
+    """

@@ -27,6 +27,7 @@ import msgspec
 from prometheus_client import Counter
 
 from daemons.agentd import probes, wasm
+from daemons.agentd.errors import SpecRefused
 from shared.bus import NotFoundError, ZLayerError
 from shared.statefile import read_state, write_atomically
 from shared.views import HeldGeneration
@@ -158,6 +159,8 @@ class ReplicaRecord(msgspec.Struct, kw_only=True):
     message: str = ""
     job_run: str | None = None
     trigger: JobTrigger | Literal[""] = ""
+    # Failed because its spec can never run here: left alone until a deploy.
+    refused: bool = False
 
     def info(self) -> ReplicaInfo:
         return ReplicaInfo(
@@ -331,7 +334,7 @@ class Node:
             self.replicas[record.id] = replica
             if record.state in ("stopped", "failed", "exited") and record.rtype != "service":
                 continue
-            if record.state == "stopped":
+            if record.state == "stopped" or (record.state == "failed" and record.refused):
                 continue
             pid = await self.launcher.running_pid(record.id)
             if pid:
@@ -791,7 +794,7 @@ class Node:
             return
         # A stopped leftover of this replica's id from an earlier life: ours to clear.
         await self.launcher.remove(record.id)
-        self._update(replica, state="creating", message="", health="none")
+        self._update(replica, state="creating", message="", health="none", refused=False)
         # The network is attached while the image is found: neither needs the other.
         attaching: asyncio.Future[Attachment] | None = None
         if spec.network_mode != "host":
@@ -885,6 +888,11 @@ class Node:
                     await self._prepare_and_start(replica)
                 except asyncio.CancelledError:
                     raise
+                except SpecRefused as exc:
+                    # No retry can start it: failed once, until a deploy or a new revision.
+                    record.refused = True  # saved with the failure
+                    await self._after_failed_start(replica, str(exc), "fail")
+                    return
                 except probes.InitFailed as exc:
                     if not await self._after_failed_start(
                         replica, str(exc), spec.errors.on_init_failure.action

@@ -45,7 +45,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from daemons.agentd import bundle_files, cgroups, logs, oci
 from daemons.agentd.bundle import HostFacts, ReplicaIds, build_bundle
-from daemons.agentd.errors import BundleError, CgroupError, ContainerError, ContainerNotFound
+from daemons.agentd.errors import (
+    BundleError,
+    CgroupError,
+    ContainerError,
+    ContainerNotFound,
+    SpecRefused,
+)
 from shared.statefile import write_atomically
 from shared.wire.agent import ReplicaStats
 from shared.wire.overlay import Attachment
@@ -278,6 +284,8 @@ class ContainerRuntime:
                     args=args,
                     host_resolv=host_resolv,
                 )
+            except SpecRefused as exc:  # the type says no retry can help
+                raise SpecRefused(f"container {container_id} could not start: {exc}") from None
             except BundleError as exc:
                 raise ContainerError(f"container {container_id} could not start: {exc}") from None
             meta = {

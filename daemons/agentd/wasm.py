@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from daemons.agentd.errors import BundleError
+from daemons.agentd.errors import BundleError, SpecRefused
 from shared import wasm_limits
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
@@ -181,11 +181,11 @@ def preopen_mounts(spec: ServiceSpec) -> list[tuple[str, str, bool]]:
     found = []
     for item in spec.wasm.preopens:
         if not os.path.isabs(item.source) or not item.target.startswith("/"):
-            raise BundleError(
+            raise SpecRefused(
                 f'the preopen "{item.source}" -> "{item.target}" needs two absolute paths'
             )
         if ".." in Path(item.target).parts:
-            raise BundleError(f'the preopen target "{item.target}" may not hold ".."')
+            raise SpecRefused(f'the preopen target "{item.target}" may not hold ".."')
         found.append((item.source, item.target, item.readonly))
     return found
 
@@ -205,7 +205,7 @@ def codegen_flags(flags: list[str]) -> list[str]:
 def serve_port(spec: ServiceSpec) -> int:
     """The port ``wasmtime serve`` listens on: the first endpoint's target port."""
     if not spec.endpoints:
-        raise BundleError(
+        raise SpecRefused(
             "a wasm_http service needs an endpoint: its target port is where the component "
             "serves HTTP"
         )
@@ -391,7 +391,7 @@ def build_bundle(
 
     problem = refusal(spec)
     if problem:
-        raise BundleError(problem)
+        raise SpecRefused(problem)
     # agentd's state directory: bundles/<id> lives in it, beside volumes/.
     state_dir = volumes_dir.parent
     runtime = wasmtime(state_dir / "wasm" / "bin")

@@ -357,8 +357,28 @@ def test_a_command_health_check_in_a_wasm_service_is_refused_with_one_sentence(
             "the refusal in the replica's message",
         )
         assert replica["state"] == "failed" and not replica["pid"], replica
+        # No retry can start it: it stays failed, with no attempt after the first.
+        time.sleep(20)
+        (later,) = node.replicas("wasmhc")
+        assert later["state"] == "failed" and later["message"] == replica["message"], later
+        assert later["restarts"] == 0 and "retrying" not in str(later["message"]), later
+        attempts = agentd_log(node).count(f"{replica['id']} did not start")
+        assert attempts == 1, f"{attempts} start attempts"
+        # The spec fixed, a deploy starts it.
+        fixed = spec.read_text().replace('health: {check: {type: command, command: ["true"]}}', "")
+        spec.write_text(fixed)
+        node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+        wait_until(
+            lambda: [r for r in node.replicas("wasmhc") if r["state"] == "running"],
+            30,
+            "the fixed replica running",
+        )
     finally:
         node.ctl("down", "wasmhc")
+
+
+def agentd_log(node: Node) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in node.paths.log_dir.glob("agentd*.log"))
 
 
 def test_an_epoch_interval_wasmtime_cannot_tick_at_is_refused_at_deploy(node: Node) -> None:
