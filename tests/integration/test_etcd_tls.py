@@ -23,13 +23,10 @@ from shared.cluster import pki
 from shared.cluster.etcd import (
     ETCD_BINARY,
     Client,
-    EtcdMember,
     TLSFiles,
     client,
-    wait_healthy,
 )
-from tests.etcd_fixture import HEALTHY_WITHIN, STARTS, EtcdCluster
-from tests.registry_fixture import free_port
+from tests.etcd_fixture import EtcdCluster, etcd_cluster
 
 MEMBERS = ("m0", "m1", "m2")
 
@@ -47,40 +44,8 @@ def cluster_ca_etcd(root: Path, authority: pki.Authority) -> Iterator[EtcdCluste
     """Three members over HTTPS, client and peer certificates required, each its own node's."""
     tls = {name: node_tls(root / "pki", authority, name) for name in MEMBERS}
     schedd = node_tls(root / "pki", authority, "client-node")
-    cluster = EtcdCluster(root, [], schedd)
-    try:
-        for attempt in range(STARTS):
-            for member in cluster.members:
-                shutil.rmtree(member.data_dir, ignore_errors=True)
-            ports = {name: (free_port(), free_port()) for name in MEMBERS}
-            initial = {name: f"https://127.0.0.1:{peer}" for name, (_, peer) in ports.items()}
-            cluster.members = [
-                EtcdMember(
-                    name=name,
-                    data_dir=root / name,
-                    client_urls=(f"https://127.0.0.1:{ports[name][0]}",),
-                    peer_urls=(initial[name],),
-                    initial_cluster=initial,
-                    cluster_token=f"zlayer-test-{root.name}",
-                    client_tls=tls[name],
-                    peer_tls=tls[name],
-                )
-                for name in MEMBERS
-            ]
-            for member in cluster.members:
-                cluster.start(member)
-            try:
-                asyncio.run(wait_healthy(cluster.endpoints, HEALTHY_WITHIN, schedd))
-                break
-            except TimeoutError:
-                logs = cluster.logs()
-                cluster.stop()
-                if "address already in use" in logs and attempt + 1 < STARTS:
-                    continue
-                raise AssertionError(f"etcd did not become healthy:\n{logs}") from None
+    with etcd_cluster(len(MEMBERS), member_tls=tls.__getitem__, client_tls=schedd) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
