@@ -8,9 +8,6 @@ and ``tests/integration/test_ctl_pull_bus.py``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import click
@@ -18,16 +15,8 @@ import pytest
 
 from ctl import readargs, registry_jobs
 from ctl.main import cli
+from tests.ctl_runs import no_daemons, same_as_click
 from tests.fresh_interpreter import modules_after
-
-REPO = Path(__file__).resolve().parents[2]
-
-# the same command line, once as zlayerctl runs it and once straight through click
-FAST = "from ctl.main import main; main()"
-CLICK = (
-    "import sys\nfrom ctl.main import _main_click\nfrom ctl.readargs import take_host_option\n"
-    "_main_click(take_host_option(sys.argv[1:]))"
-)
 
 
 def _pull_click() -> click.Command:
@@ -97,25 +86,6 @@ def test_the_options_and_policies_are_those_of_the_click_command() -> None:
     assert defaults == {k: v for k, v in readargs.PULL.defaults.items() if k != "image_name"}
 
 
-def _run(code: str, argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    done = subprocess.run(
-        [sys.executable, "-c", code, *argv],
-        cwd=REPO,
-        env={**env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return done.returncode, done.stdout, done.stderr
-
-
-def _no_daemons(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != readargs.HOST_ENV}
-    env["ZLAYER_BUS_ADDRESS"] = f"unix:path={tmp_path}/no-bus"
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
-    return env
-
-
 CASES = {
     "no daemons": (["pull", "nginx"], 1),
     "no daemons, json": (["pull", "--format", "json", "nginx"], 1),
@@ -129,9 +99,8 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_pull_says_what_the_click_command_says(case: str, tmp_path: Path) -> None:
     argv, code = CASES[case]
-    env = _no_daemons(tmp_path)
-    fast = _run(FAST, argv, env)
-    assert fast == _run(CLICK, argv, env)
+    env = no_daemons(tmp_path)
+    fast = same_as_click(argv, env)
     assert fast[0] == code, fast
     assert fast[2].count("\n") == 1 or code == 2, fast  # one sentence, never a traceback
     assert "Traceback" not in fast[2]

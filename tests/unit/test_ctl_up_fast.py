@@ -7,9 +7,6 @@ The runs against schedd are in ``tests/integration/test_up_background.py``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import click
@@ -19,16 +16,8 @@ from hypothesis import strategies as st
 
 from ctl import readargs
 from ctl.main import cli
+from tests.ctl_runs import no_daemons, same_as_click
 from tests.fresh_interpreter import modules_after
-
-REPO = Path(__file__).resolve().parents[2]
-
-# the same command line, once as zlayerctl runs it and once straight through click
-FAST = "from ctl.main import main; main()"
-CLICK = (
-    "import sys\nfrom ctl.main import _main_click\nfrom ctl.readargs import take_host_option\n"
-    "_main_click(take_host_option(sys.argv[1:]))"
-)
 
 SPEC = """\
 version: v1
@@ -133,25 +122,6 @@ def test_up_b_for_a_nodes_api_is_left_to_click(
     assert readargs.parse(["up", "-b", "a.yml"]) is None
 
 
-def _run(code: str, argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
-    done = subprocess.run(
-        [sys.executable, "-c", code, *argv],
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return done.returncode, done.stdout, done.stderr
-
-
-def _no_daemons(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != readargs.HOST_ENV}
-    env["ZLAYER_BUS_ADDRESS"] = f"unix:path={tmp_path}/no-bus"
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
-    return env
-
-
 CASES = {
     "no daemons": (["up", "-b", "web.zlayer.yml"], 1),
     "no daemons, no FILE": (["up", "-b"], 1),
@@ -170,18 +140,16 @@ def test_up_b_says_what_the_click_command_says(case: str, tmp_path: Path) -> Non
     (tmp_path / "bad.zlayer.yml").write_text(INVALID)
     if case == "no daemons, no FILE":
         (tmp_path / "bad.zlayer.yml").unlink()
-    env = _no_daemons(tmp_path)
-    fast = _run(FAST, argv, tmp_path, env)
-    assert fast == _run(CLICK, argv, tmp_path, env)
+    env = no_daemons(tmp_path)
+    fast = same_as_click(argv, env, tmp_path)
     assert fast[0] == code, fast
     assert fast[2].count("\n") == 1 or code == 2, fast  # one sentence, never a traceback
     assert "Traceback" not in fast[2]
 
 
 def test_no_file_in_the_directory_is_said_as_click_says_it(tmp_path: Path) -> None:
-    env = _no_daemons(tmp_path)
-    fast = _run(FAST, ["up", "-b"], tmp_path, env)
-    assert fast == _run(CLICK, ["up", "-b"], tmp_path, env)
+    env = no_daemons(tmp_path)
+    fast = same_as_click(["up", "-b"], env, tmp_path)
     assert fast[0] == 2 and "no *.zlayer.yml" in fast[2]
 
 
@@ -217,9 +185,8 @@ def test_without_file_the_spec_in_the_directory_is_found_as_click_finds_it(
     for name in names:
         (tmp_path / name).write_text(SPEC)
     (tmp_path / "dir.zlayer.yml").mkdir()  # a directory is no spec file
-    env = _no_daemons(tmp_path)
-    fast = _run(FAST, ["up", "-b"], tmp_path, env)
-    assert fast == _run(CLICK, ["up", "-b"], tmp_path, env)
+    env = no_daemons(tmp_path)
+    fast = same_as_click(["up", "-b"], env, tmp_path)
     assert fast[0] == (1 if len(names) == 1 else 2), fast
     assert len(fast[2].splitlines()) == 1
 
