@@ -364,6 +364,14 @@ def test_a_command_health_check_in_a_wasm_service_is_refused_with_one_sentence(
         assert later["restarts"] == 0 and "retrying" not in str(later["message"]), later
         attempts = agentd_log(node).count(f"{replica['id']} did not start")
         assert attempts == 1, f"{attempts} start attempts"
+        # Deploying the same spec again tries once more, and is refused once more.
+        again = node.ctl("up", "-d", str(spec), "--timeout", "20")
+        assert again.returncode != 0 and sentence in again.stderr, again
+        wait_until(
+            lambda: agentd_log(node).count(f"{replica['id']} did not start") == 2,
+            30,
+            "a second start attempt after the deploy",
+        )
         # The spec fixed, a deploy starts it.
         fixed = spec.read_text().replace('health: {check: {type: command, command: ["true"]}}', "")
         spec.write_text(fixed)
