@@ -47,3 +47,16 @@ def no_daemons(tmp_path: Path) -> dict[str, str]:
     env["ZLAYER_BUS_ADDRESS"] = f"unix:path={tmp_path}/no-bus"
     env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
     return env
+
+
+def main_without_daemons(tmp_path: Path, *lines: str) -> str:
+    """Python that runs zlayerctl's main as :func:`no_daemons` sets it up, after ``lines``
+    (for :func:`tests.fresh_interpreter.modules_after`, which runs it in its own process)."""
+    return (
+        "import os\n"
+        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
+        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
+        "os.environ.pop('ZLAYER_HOST', None)\n"
+        + "".join(f"{line}\n" for line in lines)
+        + "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass"
+    )

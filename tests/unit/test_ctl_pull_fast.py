@@ -15,7 +15,7 @@ import pytest
 
 from ctl import readargs, registry_jobs
 from ctl.main import cli
-from tests.ctl_runs import no_daemons, same_as_click
+from tests.ctl_runs import main_without_daemons, no_daemons, same_as_click
 from tests.fresh_interpreter import modules_after
 
 
@@ -109,11 +109,7 @@ def test_pull_says_what_the_click_command_says(case: str, tmp_path: Path) -> Non
 def test_pull_imports_no_click(tmp_path: Path) -> None:
     """Up to the bus (here: none, so the daemons are said not to run) without click."""
     modules = modules_after(
-        "import os\n"
-        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
-        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
-        "os.environ.pop('ZLAYER_HOST', None)\n"
-        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        main_without_daemons(tmp_path),
         "pull",
         "busybox",
         "--format",
@@ -132,13 +128,11 @@ def test_pull_imports_no_inspect_or_dataclasses(tmp_path: Path) -> None:
     auth_file.parent.mkdir(parents=True)
     auth_file.write_text('{"auths": {"registry.example:5000": {"auth": "dTpw"}}}')  # u:p
     modules = modules_after(
-        "import os\n"
-        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
-        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
-        "os.environ.pop('ZLAYER_HOST', None)\n"
-        "os.environ.pop('REGISTRY_AUTH_FILE', None)\n"
-        "os.environ.pop('XDG_RUNTIME_DIR', None)\n"
-        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        main_without_daemons(
+            tmp_path,
+            "os.environ.pop('REGISTRY_AUTH_FILE', None)",
+            "os.environ.pop('XDG_RUNTIME_DIR', None)",
+        ),
         "pull",
         "registry.example:5000/a/b:1",
         "--format",

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from ctl import readargs
 from ctl.main import cli
-from tests.ctl_runs import no_daemons, same_as_click
+from tests.ctl_runs import main_without_daemons, no_daemons, same_as_click
 from tests.fresh_interpreter import modules_after
 
 SPEC = """\
@@ -158,11 +158,7 @@ def test_up_b_imports_no_click(tmp_path: Path) -> None:
     spec = tmp_path / "web.zlayer.yml"
     spec.write_text(SPEC)
     modules = modules_after(
-        "import os\n"
-        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
-        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
-        "os.environ.pop('ZLAYER_HOST', None)\n"
-        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        main_without_daemons(tmp_path),
         "up",
         "-b",
         str(spec),
@@ -194,12 +190,7 @@ def test_without_file_the_spec_in_the_directory_is_found_as_click_finds_it(
 def test_up_b_without_file_imports_no_click(tmp_path: Path) -> None:
     (tmp_path / "web.zlayer.yml").write_text(SPEC)
     modules = modules_after(
-        "import os\n"
-        f"os.chdir({str(tmp_path)!r})\n"
-        f"os.environ['ZLAYER_BUS_ADDRESS'] = 'unix:path={tmp_path}/no-bus'\n"
-        f"os.environ['XDG_CONFIG_HOME'] = {str(tmp_path / 'config')!r}\n"
-        "os.environ.pop('ZLAYER_HOST', None)\n"
-        "from ctl.main import main\ntry:\n    main()\nexcept SystemExit:\n    pass",
+        main_without_daemons(tmp_path, f"os.chdir({str(tmp_path)!r})"),
         "up",
         "-b",
     )
