@@ -62,6 +62,7 @@ from shared.cluster.etcd import Client, TLSFiles, client, retrying, wait_healthy
 from shared.logs import under_systemd
 from shared.nodekey import NodeKey, NodeKeyError
 from shared.paths import Paths
+from shared.tasks import cancel_all
 from shared.wire import WireError, decode, encode
 from shared.wire.cluster import KEYS, NodeCapacity, NodeList, NodeRecord, NodeSettings
 
@@ -272,12 +273,7 @@ class ClusterContext:
             raise
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await cancel_all(self._tasks)
         await self._leave()
         if self.peer is not None:
             await self.peer.stop(0.5)

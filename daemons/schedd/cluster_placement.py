@@ -33,6 +33,7 @@ import aetcd  # type: ignore[import-untyped]
 from daemons.schedd.membership import ETCD_ERRORS
 from daemons.schedd.placement import Demand, Pending, Plan, demand, place
 from daemons.schedd.status import desired_replicas
+from shared.tasks import cancel_all
 from shared.wire import WireError, decode, encode, replace
 from shared.wire.agent import ReplicaInfo
 from shared.wire.cluster import KEYS, NodePlacements, NodeRecord, Placement
@@ -224,12 +225,7 @@ class ClusterPlacement:
             self._tasks.append(asyncio.create_task(work(), name=f"placement-{work.__name__}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await cancel_all(self._tasks)
 
     def kick(self) -> None:
         """The desired state may have changed: the leader places again now."""

@@ -29,6 +29,7 @@ import aetcd  # type: ignore[import-untyped]
 
 from shared.bus import UnavailableError
 from shared.cluster.etcd import TLSFiles, client, retrying
+from shared.tasks import cancel_all
 from shared.wire import WireError, decode, encode
 from shared.wire.cluster import KEYS, NodeRecord
 
@@ -103,12 +104,7 @@ class Membership:
     async def stop(self) -> None:
         """Leave: stop leading, revoke the lease (the record and the election key
         go at once, so another node leads without waiting for it to lapse)."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await cancel_all(self._tasks)
         if self._deadline is not None:
             self._deadline.cancel()
         leases = {self.lease, self._stale} - {None}
