@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -425,9 +426,9 @@ class ClusterContext:
 
         async def run() -> None:
             await self._change_settings(node, lambda s: msgspec_replace(s, removed=True))
-            async for member in self.client.members():
-                if member.name == node:
-                    await self.client.remove_member(member.id)
+            ids = [member.id async for member in self.client.members() if member.name == node]
+            for member_id in ids:
+                await change_members(functools.partial(self.client.remove_member, member_id))
             found = await self.client.get((KEYS["nodes"] + node).encode())
             if found is not None and found.lease:
                 with contextlib.suppress(*ETCD_ERRORS):
@@ -435,6 +436,21 @@ class ClusterContext:
             await self.client.delete((KEYS["nodes"] + node).encode())
 
         await self._etcd(run)
+
+
+async def change_members(call: Callable[[], Awaitable[object]]) -> None:
+    """An etcd membership change (member add or remove). etcd refuses one while a member
+    is not yet connected long enough to count, as just after it was added or restarted
+    ("unhealthy cluster"): tried again until then."""
+    deadline = time.monotonic() + MEMBER_ADD_TIMEOUT
+    while True:
+        try:
+            await call()
+            return
+        except aetcd.ClientError as exc:
+            if "unhealthy" not in str(exc) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.5)
 
 
 def msgspec_replace(value: T, **changes: Any) -> T:
@@ -680,17 +696,7 @@ class NodeControl:
 
     @staticmethod
     async def _add_member(etcd: Client, peer_url: str) -> None:
-        """``member add``; etcd refuses one while a member it added is not yet connected
-        long enough to count ("unhealthy cluster"): tried again until then."""
-        deadline = time.monotonic() + MEMBER_ADD_TIMEOUT
-        while True:
-            try:
-                await etcd.add_member([peer_url])
-                return
-            except aetcd.ClientError as exc:
-                if "unhealthy" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(0.5)
+        await change_members(lambda: etcd.add_member([peer_url]))
 
     async def join_token(self, ttl: float) -> str:
         return await self._context().join_token(ttl)
