@@ -14,32 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, Node
+from tests.cluster.harness import SPREAD_WEB, Cluster, Node
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 SETTLE = 30.0
-
-WEB = """
-version: v1
-deployment: {name}
-services:
-  web:
-    image: zlayer/busybox:latest
-    command:
-      entrypoint: ["sh", "-c"]
-      args:
-        - mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www
-    endpoints: [{{name: http, protocol: http, port: 8080, expose: public}}]
-    scale: {{mode: fixed, replicas: 4}}
-    affinity: spread  # packed (the default), all four could land on one node
-    stop_grace_period: 1s
-    health:
-      interval: 1s
-      timeout: 1s
-      retries: 1
-      check: {{type: http, url: /index.html}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +55,7 @@ def local_replicas(node: Node, name: str) -> list[dict[str, Any]]:
 def test_four_replicas_spread_over_three_nodes(cluster: Cluster) -> None:
     n1 = cluster[0]
     name = n1.deployment_name("spread")
-    spec = n1.spec(name, WEB.format(name=name))
+    spec = n1.spec(name, SPREAD_WEB.format(name=name, replicas=4))
     try:
         # `up` on one node waits until all four run healthy, wherever they were placed.
         n1.run("up", "-d", str(spec), "--timeout", "120", check=True)
