@@ -867,6 +867,35 @@ class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
         """list[shared.traffic.DnsRecord]: every name the service DNS answers."""
         raise NotImplementedError
 
+    @dbus_method_async(
+        input_signature="q",
+        result_signature="s",
+        input_args_names=("listen_port",),
+        result_args_names=("mesh",),
+    )
+    async def enable_mesh(self, listen_port: int) -> str:
+        """Bring the node's WireGuard interface up on ``listen_port``; shared.wire.mesh.MeshStatus.
+
+        Makes the node's key pair (kept in overlayd's state) if it has none.
+        Idempotent; the mesh stays on across restarts until the network is removed.
+        """
+        raise NotImplementedError
+
+    @dbus_method_async(
+        result_signature="s", result_args_names=("mesh",), flags=DbusUnprivilegedFlag
+    )
+    async def get_mesh(self) -> str:
+        """shared.wire.mesh.MeshStatus: the interface, its public key and each peer's handshake."""
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", result_args_names=("mesh",))
+    async def rotate_mesh_key(self) -> str:
+        """A new key pair for the running interface; MeshStatus with the new public key.
+
+        Peers reach the node again once they are given the new key.
+        """
+        raise NotImplementedError
+
 
 class Proxy1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Proxy1"):
     """zlayer-proxyd: L4/L7 ingress and load balancing."""

@@ -41,6 +41,7 @@ from shared.bus import (
     DAEMONS_BY_NAME,
     ConflictError,
     InvalidArgumentError,
+    NotSupportedError,
     Overlay1,
     UnavailableError,
 )
@@ -125,6 +126,18 @@ class OverlayService(Overlay1):
     @dbus_method_async_override()
     async def list_records(self) -> str:
         return encode(self.daemon.zone.records())
+
+    @dbus_method_async_override()
+    async def enable_mesh(self, listen_port: int) -> str:
+        raise NotSupportedError("the mesh is not available in this overlayd yet")
+
+    @dbus_method_async_override()
+    async def get_mesh(self) -> str:
+        raise NotSupportedError("the mesh is not available in this overlayd yet")
+
+    @dbus_method_async_override()
+    async def rotate_mesh_key(self) -> str:
+        raise NotSupportedError("the mesh is not available in this overlayd yet")
 
 
 class OverlayDaemon(Daemon):

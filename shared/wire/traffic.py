@@ -48,6 +48,11 @@ class PeerBlock(Wire, frozen=True):
     node: str
     subnet: str  # "10.89.3.0/24"
     address: str  # the node's advertise address
+    # The mesh: a non-empty key means the block is reached through overlayd's
+    # WireGuard interface (peer with this public key), not via ``address``.
+    wireguard_key: str = ""  # the node's WireGuard public key (base64)
+    endpoint: str = ""  # "host:port" of its WireGuard listener; "" = learn from handshakes
+    keepalive: int = 0  # persistent keepalive in seconds (behind NAT); 0 = off
 
 
 class TrafficViews(Wire, frozen=True):
