@@ -31,6 +31,7 @@ KEYS = {
     # replicas/<node>/<replica id>: the ReplicaInfo of a replica that node runs, bound to
     # its lease, so every node routes to every node's healthy replicas
     "replicas": PREFIX + "replicas/",
+    "cluster": PREFIX + "cluster",  # ClusterSettings: the subnet, its block size, the voters
 }
 
 NodeState = Literal["ready", "draining", "down"]
@@ -131,3 +132,13 @@ class NodeList(Wire, frozen=True, kw_only=True):
     nodes: list[NodeRecord]
     leader: str = ""  # the id of the node that places replicas, "" while none does
     this_node: str = ""  # the answering node's id
+
+
+class ClusterSettings(Wire, frozen=True, kw_only=True):
+    """What holds for the whole cluster, written once at ``node init``
+    (``KEYS["cluster"]``): the replicas' range, cut into one block per node
+    (``KEYS["subnets"]``), and how many nodes are etcd voters at most."""
+
+    subnet: str  # the cluster's replica range, "10.213.0.0/16"
+    block_prefix: int = 24  # each node's block: a /24 of it
+    voters: int = 3  # etcd voters at most (odd, up to 7); later nodes are clients
