@@ -56,6 +56,13 @@ class NodeRecord(Wire, frozen=True, kw_only=True):
     subnet: str = ""  # its block of the cluster subnet, "10.89.3.0/24"
     state: NodeState = "ready"
     wireguard_key: str = ""  # its WireGuard public key (base64), once the mesh is on
+    mesh_port: int = 0  # the UDP port its WireGuard listens on (0: the mesh is off)
+    # seconds between keepalives on its mesh links; its peers use it toward it too, so a
+    # NAT mapping on either side stays open (0: none)
+    mesh_keepalive: int = 0
+    # False: the others cannot reach it first (behind NAT); they wait for its handshake
+    reachable: bool = True
+    reachability: str = ""  # why it is not reachable, one sentence ("" when it is)
     etcd_member: bool = False  # a voting etcd member, not only a client
     started_at: float = 0.0
 
