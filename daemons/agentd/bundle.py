@@ -12,6 +12,11 @@ and ``/etc/group`` (user names) and stat-ing host devices: every fact about
 the host arrives in :class:`HostFacts`, so unit tests can pin them. Writing
 the files and mounting the root file system is the runtime's job.
 
+What the spec with its image can never be (an unknown user, a relative
+path, s3 storage) raises :class:`SpecRefused`: the replica fails once with
+the sentence. What the node may yet provide (tini, a device) raises
+:class:`BundleError`, and the replica retries.
+
 Bundle layout (``<bundles>/<container id>/``)::
 
     config.json   rootfs/ (overlayfs mount point)   upper/ work/
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from daemons.agentd.errors import BundleError
+from daemons.agentd.errors import BundleError, SpecRefused
 from shared import netfiles
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
@@ -183,7 +188,7 @@ def process_args(
             cmd = rootfs.config.cmd
         args = [*entrypoint, *cmd]
     if not args:
-        raise BundleError(
+        raise SpecRefused(
             f"the image {rootfs.image.names[0] if rootfs.image.names else rootfs.image.id} "
             "has no entrypoint or cmd and the service gives no command"
         )
@@ -243,7 +248,7 @@ def resolve_user(user: str, lower_dirs: list[str]) -> ResolvedUser:
     else:
         entry = next((e for e in passwd if e and e[0] == name), None)
         if entry is None or len(entry) < 4 or not entry[2].isdigit():
-            raise BundleError(f'the user "{name}" is not in the image\'s /etc/passwd')
+            raise SpecRefused(f'the user "{name}" is not in the image\'s /etc/passwd')
         uid, gid = int(entry[2]), int(entry[3]) if entry[3].isdigit() else 0
         home = entry[5] if len(entry) > 5 else "/"
     if group:
@@ -252,7 +257,7 @@ def resolve_user(user: str, lower_dirs: list[str]) -> ResolvedUser:
         else:
             match = next((g for g in groups if g and g[0] == group), None)
             if match is None or len(match) < 3 or not match[2].isdigit():
-                raise BundleError(f'the group "{group}" is not in the image\'s /etc/group')
+                raise SpecRefused(f'the group "{group}" is not in the image\'s /etc/group')
             gid = int(match[2])
     member_of = sorted(
         {
@@ -276,7 +281,7 @@ def extra_gids(groups: list[str], lower_dirs: list[str]) -> list[int]:
             continue
         match = next((g for g in table if g and g[0] == group), None)
         if match is None or len(match) < 3 or not match[2].isdigit():
-            raise BundleError(f'the extra group "{group}" is not in the image\'s /etc/group')
+            raise SpecRefused(f'the extra group "{group}" is not in the image\'s /etc/group')
         found.append(int(match[2]))
     return found
 
@@ -304,7 +309,7 @@ def capabilities(spec: ServiceSpec, bounding: frozenset[str]) -> tuple[list[str]
     drops = [_cap_name(c) for c in spec.cap_drop]
     for name in (*adds, *drops):
         if name != "ALL" and name not in ALL_CAPS:
-            raise BundleError(f'"{name}" is not a Linux capability')
+            raise SpecRefused(f'"{name}" is not a Linux capability')
     if spec.privileged or "ALL" in adds:
         caps = set(ALL_CAPS)
     elif "ALL" in drops:
@@ -335,7 +340,7 @@ def rlimits(
     for name, value in sorted(ulimits.items()):
         oci = RLIMITS.get(name.lower().removeprefix("rlimit_"))
         if oci is None:
-            raise BundleError(f'"{name}" is not a resource limit ({", ".join(sorted(RLIMITS))})')
+            raise SpecRefused(f'"{name}" is not a resource limit ({", ".join(sorted(RLIMITS))})')
         soft, hard = (value, value) if isinstance(value, int) else (value.soft, value.hard)
         soft = RLIM_INFINITY if soft < 0 else soft
         hard = RLIM_INFINITY if hard < 0 else hard
@@ -405,7 +410,7 @@ def _base_mounts(has_netns: bool) -> list[dict[str, Any]]:
 def _check_target(target: str) -> str:
     path = PurePosixPath(target)
     if not path.is_absolute() or ".." in path.parts:
-        raise BundleError(f'the storage target "{target}" must be an absolute path without ".."')
+        raise SpecRefused(f'the storage target "{target}" must be an absolute path without ".."')
     return str(path)
 
 
@@ -427,12 +432,12 @@ def storage_mounts(
     for index, item in enumerate(spec.storage):
         if isinstance(item, BindStorage):
             if not os.path.isabs(item.source):
-                raise BundleError(f'the bind source "{item.source}" must be an absolute path')
+                raise SpecRefused(f'the bind source "{item.source}" must be an absolute path')
             options = ["rbind", "rprivate"] + (["ro"] if item.readonly else [])
             target, source = _check_target(item.target), item.source
         elif isinstance(item, NamedStorage):
             if not VOLUME_NAME.match(item.name):
-                raise BundleError(
+                raise SpecRefused(
                     f'the volume name "{item.name}" may hold only letters, digits, ".", "_" and "-"'
                 )
             path = volumes_dir / item.name
@@ -460,7 +465,7 @@ def storage_mounts(
             )
             continue
         elif isinstance(item, S3Storage):
-            raise BundleError(
+            raise SpecRefused(
                 f"s3 storage ({item.bucket} at {item.target}) is not supported on this node yet"
             )
         else:  # pragma: no cover - the spec's union is exhaustive
@@ -549,7 +554,7 @@ def build_bundle(
     warnings += limit_warnings
     cwd = spec.command.workdir or rootfs.config.workdir or "/"
     if not cwd.startswith("/"):
-        raise BundleError(f'the working directory "{cwd}" must be an absolute path')
+        raise SpecRefused(f'the working directory "{cwd}" must be an absolute path')
     argv = process_args(spec, rootfs, args)
     init = init_binary() if spec.init_container else None
     if init is not None:
@@ -684,7 +689,7 @@ def build_bundle(
             "hostname": hostname + "\n",
         }
     except netfiles.NetFileError as exc:
-        raise BundleError(str(exc)) from None
+        raise SpecRefused(str(exc)) from None  # the spec's hostname, extra_hosts or dns
     for warning in warnings:
         log.warning("%s: %s", ids.container_id, warning)
     return Bundle(config, files, directories, named)
