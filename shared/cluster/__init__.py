@@ -13,4 +13,6 @@
   endpoints, the etcd member it runs); absent on a lone node.
 - :mod:`shared.cluster.secretkey`: the key every node seals and opens secrets with,
   made at init and handed to each joining node in Join's reply.
+- :mod:`shared.cluster.blocks`: the cluster's settings (replica range, block size, etcd
+  voters) and each node's block of the range, taken and freed in etcd transactions.
 """
