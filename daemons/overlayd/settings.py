@@ -6,7 +6,9 @@ Keys (besides the ones every daemon has):
 ``subnet``          the replicas' IPv4 range, default ``10.213.0.0/16``; the
                     first address is the bridge's (the replicas' gateway).
                     Podman and buildah default to 10.88.0.0/16, so ZLayer
-                    stays clear of it.
+                    stays clear of it. In a cluster the node's block of the
+                    cluster's range (``block`` in cluster.toml, handed out
+                    at node init and join) is the subnet instead.
 ``nameservers``     resolvers the service DNS forwards names outside
                     ``service.local`` to (``address`` or ``address:port``);
                     unset means the host's, from /etc/resolv.conf
@@ -34,12 +36,16 @@ from __future__ import annotations
 
 import re
 from ipaddress import IPv4Network, IPv6Address, ip_address
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Self
 
 from msgspec import Meta
 
 from daemons.overlayd.dns import MAX_IN_FLIGHT, MAX_TCP_CONNECTIONS, parse_upstream
-from shared.config import DaemonSettings, invalid
+from shared.cluster import config as cluster_config
+from shared.config import ConfigError, DaemonSettings, invalid
+
+if TYPE_CHECKING:
+    from shared.paths import Paths
 
 DEFAULT_BRIDGE = "zlayer0"
 DEFAULT_SUBNET = IPv4Network("10.213.0.0/16")
@@ -90,6 +96,23 @@ class OverlaySettings(DaemonSettings, kw_only=True):
             raise invalid(
                 "nft_table", "a table name is letters, digits and '_', starting with a letter"
             )
+
+    @classmethod
+    def load(cls, daemon: str, paths: Paths) -> Self:
+        settings = super().load(daemon, paths)
+        try:
+            block = cluster_config.block_of(paths)
+        except cluster_config.ClusterConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        if block is not None:
+            try:
+                settings.subnet = IPv4Network(block)  # the cluster's block for this node
+            except ValueError:
+                raise ConfigError(
+                    f"{cluster_config.path_of(paths)}: `block`: {block!r} is not an IPv4 "
+                    "subnet; fix it, or join the node to its cluster again"
+                ) from None
+        return settings
 
     @property
     def table(self) -> str:

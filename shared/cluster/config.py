@@ -2,7 +2,8 @@
 
 Absent, the node is lone (schedd keeps its state in SQLite). ``zlayerctl node
 init`` and ``node join`` write it; schedd, the supervisor (``zlayerctl daemon
-run``) and ``python -m shared.cluster.etcd run`` read it::
+run``), ``python -m shared.cluster.etcd run`` and overlayd (its ``block`` is the
+replicas' subnet, see :func:`block_of`) read it::
 
     node_id = "web1-3f9a2c"
     name = "web1"
@@ -11,6 +12,7 @@ run``) and ``python -m shared.cluster.etcd run`` read it::
     files = "/var/lib/zlayer/cluster"       # ClusterFiles: ca.crt, node.crt, node.key
     peer_port = 9480
     join_port = 9481
+    block = "10.213.1.0/24"                 # its block of the cluster's replica range
 
     [labels]
     zone = "a"
@@ -84,6 +86,9 @@ class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     peer_port: Port = PEER_PORT
     join_port: Port = JOIN_PORT
     labels: dict[str, str] = {}
+    # this node's block of the cluster's replica range (shared.cluster.blocks), which
+    # overlayd takes for its subnet; "" in a cluster made before blocks were handed out
+    block: str = ""
     etcd: EtcdMemberConfig | None = None
 
 
@@ -153,6 +158,13 @@ def save(paths: Paths, config: ClusterConfig) -> None:
 
 def remove(paths: Paths) -> None:
     path_of(paths).unlink(missing_ok=True)
+
+
+def block_of(paths: Paths) -> str | None:
+    """This node's block of the cluster's replica range; None on a lone node or a
+    cluster made before blocks were handed out."""
+    found = load(paths)
+    return found.block if found is not None and found.block else None
 
 
 def member(config: ClusterConfig) -> EtcdMember | None:
