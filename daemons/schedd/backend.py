@@ -40,6 +40,14 @@ class ClusterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key_file: str = ""
     # seconds a store call waits for etcd before it fails with a sentence
     timeout: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    # In a cluster: the encrypted mesh between nodes (overlayd's WireGuard interface);
+    # false keeps plain routes via the nodes' addresses
+    mesh: bool = True
+    mesh_port: Annotated[int, Meta(ge=1, le=65535)] = 51820  # its UDP listener
+    mesh_keepalive: Annotated[int, Meta(ge=0, le=3600)] = 25  # seconds; 0: none
+    # Behind NAT: the other nodes cannot reach this one first, so it joins as an etcd
+    # client (never a voter they must reach) and they wait for its mesh handshake
+    behind_nat: bool = False
 
     def __post_init__(self) -> None:
         files = (self.ca_file, self.cert_file, self.key_file)

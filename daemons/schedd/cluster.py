@@ -20,6 +20,11 @@ client. The scheduler reads it as ``scheduler.cluster`` (None on a lone node).
   initial cluster state ``existing``); a client of the members after that.
   A lone node's own deployments are not carried into the cluster: it must
   have none.
+- The mesh: unless schedd's ``[cluster] mesh = false``, the node has overlayd
+  bring its WireGuard interface up (``EnableMesh``) at init, join and every
+  start, and keeps its public key and port current in its record (a rotated
+  key, an overlayd restart), so the other nodes reach its block through it. A
+  node ``behind_nat`` joins as an etcd client and says so in its record.
 - Labels, drain and removal are :class:`~shared.wire.cluster.NodeSettings`
   under ``KEYS["node_settings"]``, kept without a lease and written from any
   node; each node watches its own and applies it to its record.
@@ -46,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import aetcd  # type: ignore[import-untyped]
 import msgspec
 
+from daemons.schedd.backend import ClusterSettings, SchedSettings
 from daemons.schedd.etcdstore import EtcdStore, MoveRefusedError, move_to_etcd
 from daemons.schedd.membership import ETCD_ERRORS, Membership
 from daemons.schedd.secrets import SealingKey, reseal
@@ -60,15 +66,19 @@ from shared.cluster import config as cluster_config
 from shared.cluster import jointoken, peer, pki, secretkey
 from shared.cluster.config import ClusterConfig, EtcdMemberConfig
 from shared.cluster.etcd import Client, TLSFiles, client, retrying, wait_healthy
+from shared.cluster.remote import ReplicaCalls
+from shared.config import ConfigError
 from shared.logs import under_systemd
 from shared.nodekey import NodeKey, NodeKeyError
 from shared.paths import Paths
 from shared.tasks import cancel_all
 from shared.wire import WireError, decode, encode
 from shared.wire.cluster import KEYS, NodeCapacity, NodeList, NodeRecord, NodeSettings
+from shared.wire.mesh import MeshStatus
 
 if TYPE_CHECKING:
     from daemons.schedd.store import Store
+    from shared.clients import OverlayClient
 
 log = logging.getLogger("zlayer.schedd.cluster")
 T = TypeVar("T")
@@ -79,6 +89,11 @@ MEMBER_ADD_TIMEOUT = 30.0  # etcd counts a new member after it has been connecte
 CALL_TIMEOUT = 5.0
 ETCD_UNIT = "zlayer-etcd.service"
 SUPERVISOR_ENV = "ZLAYER_SUPERVISOR_PID"  # shared.daemon's: the supervisor's pid
+MESH_CHECK = 2.0  # seconds between looks at overlayd's mesh (a rotated key, a restart)
+BEHIND_NAT = (
+    "it is behind NAT (schedd's [cluster] behind_nat): the other nodes cannot reach it "
+    "first, so they wait for its mesh handshake and it is no etcd voter"
+)
 
 
 def _url(address: str, port: int) -> str:
@@ -128,6 +143,47 @@ def default_address() -> str:
     raise InvalidArgumentError(
         "this node has no IPv4 address other nodes could reach; give one with --advertise"
     )
+
+
+def schedd_settings(paths: Paths) -> ClusterSettings:
+    """Blocking: schedd's ``[cluster]`` section (the mesh's settings); its defaults when
+    the file does not read (schedd itself would not have started with it)."""
+    try:
+        return SchedSettings.load("schedd", paths).cluster
+    except ConfigError:
+        return ClusterSettings()
+
+
+def mesh_fields(settings: ClusterSettings, status: MeshStatus | None) -> dict[str, Any]:
+    """What a node's record says of its mesh, from overlayd's status (None: unknown yet)."""
+    on = settings.mesh and status is not None and status.enabled
+    return {
+        "wireguard_key": status.public_key if on and status is not None else "",
+        "mesh_port": status.listen_port if on and status is not None else 0,
+        "mesh_keepalive": settings.mesh_keepalive if settings.mesh else 0,
+        "reachable": not settings.behind_nat,
+        "reachability": BEHIND_NAT if settings.behind_nat else "",
+    }
+
+
+def _overlay() -> OverlayClient:
+    """overlayd on the daemon's bus (shared.daemon makes it the default)."""
+    import sdbus
+
+    from shared.clients import OverlayClient
+
+    return OverlayClient(sdbus.get_default_bus())
+
+
+async def mesh_status(overlay: OverlayClient, port: int) -> MeshStatus:
+    """overlayd's mesh, brought up on ``port`` first where it is off (EnableMesh is
+    idempotent and keeps the key overlayd holds)."""
+    raw = await asyncio.wait_for(overlay.proxy.get_mesh(), CALL_TIMEOUT)
+    status = decode(raw, MeshStatus)
+    if not status.enabled or status.listen_port != port:
+        raw = await asyncio.wait_for(overlay.proxy.enable_mesh(port), CALL_TIMEOUT)
+        status = decode(raw, MeshStatus)
+    return status
 
 
 def _settings_key(node_id: str) -> bytes:
@@ -200,6 +256,9 @@ class ClusterContext:
     paths: Paths | None = None
     # the daemon's: called once this node was removed from the cluster (it goes lone)
     on_removed: Callable[[], Coroutine[Any, Any, None]] | None = None
+    settings: ClusterSettings = field(default_factory=ClusterSettings)  # schedd's [cluster]
+    _overlay: OverlayClient | None = None
+    _mesh_said: str = ""  # the last mesh problem logged as a warning
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _leaving: asyncio.Task[None] | None = None
     _left: bool = False
@@ -229,6 +288,13 @@ class ClusterContext:
                 f"{exc or type(exc).__name__}; check that etcd runs and that this node reaches it"
             ) from None
         settings = _settings(found.value if found is not None else None)
+        schedd = await asyncio.to_thread(schedd_settings, paths)
+        status = None
+        if schedd.mesh:
+            # the key in the first record, so no peer routes this node's block in the
+            # clear meanwhile; overlayd not up yet (at boot): the mesh task sees to it
+            with contextlib.suppress(Exception):
+                status = await mesh_status(_overlay(), schedd.mesh_port)
         record = NodeRecord(
             id=config.node_id,
             name=config.name or socket.gethostname(),
@@ -239,9 +305,12 @@ class ClusterContext:
             state=settings.state if settings is not None else "ready",
             etcd_member=config.etcd is not None,
             started_at=time.time(),
+            **mesh_fields(schedd, status),
         )
         membership = Membership(record, endpoints, tls, on_change=on_change)
-        context = cls(config.node_id, config, files, etcd, store, membership, paths=paths)
+        context = cls(
+            config.node_id, config, files, etcd, store, membership, paths=paths, settings=schedd
+        )
         try:
             await membership.start()
             await context._serve()
@@ -249,6 +318,8 @@ class ClusterContext:
             await context.close()
             raise
         context._tasks.append(asyncio.create_task(context._watch_settings(), name="node-settings"))
+        if schedd.mesh:
+            context._tasks.append(asyncio.create_task(context._keep_mesh(), name="node-mesh"))
         return context
 
     async def _serve(self) -> None:
@@ -264,6 +335,8 @@ class ClusterContext:
             authority=authority,
             desk=peer.EtcdJoinDesk(self.client),
             secrets_key=key,
+            # logs, exec and stats of this node's replicas, for the other nodes
+            methods=ReplicaCalls().methods(),
         )
         try:
             await self.peer.start(
@@ -290,6 +363,42 @@ class ClusterContext:
         self._left = True
         with contextlib.suppress(*ETCD_ERRORS):
             await self.membership.stop()
+
+    # ------------------------------------------------------------ the mesh
+
+    async def _keep_mesh(self) -> None:
+        """Keep overlayd's mesh on and this node's record saying its key and port: a key
+        rotated (``zlayerctl node rotate-key``) or a mesh lost with overlayd is seen
+        within MESH_CHECK, and the other nodes take it from the record."""
+        while True:
+            try:
+                await self.refresh_mesh()
+            except Exception as exc:  # overlayd or etcd away: looked at again
+                said = str(exc) or type(exc).__name__
+                if said != self._mesh_said:
+                    self._mesh_said = said
+                    log.warning("cannot bring the mesh up or publish its key yet: %s", said)
+            await asyncio.sleep(MESH_CHECK)
+
+    async def refresh_mesh(self) -> MeshStatus:
+        """Once: the mesh on, its key and port in this node's record; overlayd's status."""
+        if self._overlay is None:
+            self._overlay = _overlay()
+        status = await mesh_status(self._overlay, self.settings.mesh_port)
+        if not status.enabled and status.reason != self._mesh_said:
+            self._mesh_said = status.reason
+            log.warning("overlayd's mesh is off: %s", status.reason)
+        record = self.membership.record
+        changed = msgspec_replace(record, **mesh_fields(self.settings, status))
+        if changed != record:
+            await self.membership.update(changed)
+            log.info(
+                "node %s's mesh key is %s (port %d)",
+                self.node_id,
+                changed.wireguard_key or "none",
+                changed.mesh_port,
+            )
+        return status
 
     # ------------------------------------------------------------ settings
 
@@ -671,7 +780,10 @@ class NodeControl:
         self, node_id: str, address: str, endpoints: list[str], tls: TLSFiles
     ) -> tuple[EtcdMemberConfig | None, list[str]]:
         """Add this node as an etcd member while the cluster has fewer than VOTERS:
-        its member config (None: a client only) and the endpoints to use."""
+        its member config (None: a client only) and the endpoints to use. A node
+        behind NAT is a client only: the members could not reach its peer URL."""
+        if (await asyncio.to_thread(schedd_settings, self.paths)).behind_nat:
+            return None, endpoints
         etcd = cluster_client(endpoints, tls, timeout=10.0)
         try:
             members = [m async for m in etcd.members()]

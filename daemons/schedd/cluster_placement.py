@@ -455,9 +455,11 @@ class ClusterPlacement:
             await asyncio.sleep(2.0)
 
     def peers(self) -> list[PeerBlock]:
-        """The other live nodes' blocks and addresses, for overlayd's routes."""
+        """The other live nodes' blocks and addresses, for overlayd's routes; through the
+        mesh (see :func:`peer_block`) where this node and the other have keys."""
+        own = self.membership.record
         return [
-            PeerBlock(node=r.id, subnet=r.subnet, address=r.address)
+            peer_block(own, r)
             for r in sorted(self.membership.live().values(), key=lambda r: r.id)
             if r.id != self.node_id and r.subnet
         ]
@@ -469,6 +471,27 @@ class ClusterPlacement:
     def node_of(self, key: str) -> str:
         """The node of a replica key (``/zlayer/replicas/<node>/<id>``)."""
         return key[len(KEYS["replicas"]) :].split("/", 1)[0]
+
+
+def peer_block(own: NodeRecord, other: NodeRecord) -> PeerBlock:
+    """How this node (``own``) reaches ``other``'s block: through the mesh when both
+    have a key (a node whose mesh is off, or not up yet, keeps the plain route), at its
+    advertised address and mesh port unless it is behind NAT (then overlayd learns its
+    endpoint from its handshakes), with the longer of the two keepalives."""
+    if not (own.wireguard_key and other.wireguard_key):
+        return PeerBlock(node=other.id, subnet=other.subnet, address=other.address)
+    endpoint = ""
+    if other.reachable and other.mesh_port:
+        host = f"[{other.address}]" if ":" in other.address else other.address
+        endpoint = f"{host}:{other.mesh_port}"
+    return PeerBlock(
+        node=other.id,
+        subnet=other.subnet,
+        address=other.address,
+        wireguard_key=other.wireguard_key,
+        endpoint=endpoint,
+        keepalive=max(own.mesh_keepalive, other.mesh_keepalive),
+    )
 
 
 async def claim_subnet(client: Any, node_id: str, block: str) -> bool:
