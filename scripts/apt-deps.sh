@@ -21,8 +21,10 @@ run_packages=(python3 python3-venv dbus-daemon busybox-static crun runc conmon i
 # etcd-server, wireguard-go: a cluster's store and its mesh (zlayerctl node init / join need them;
 #   not in the run set: Debian's etcd-server starts an etcd of its own on install, unwanted on a lone node)
 # etcd-client: etcdctl, to check from outside what the cluster tests' members hold
+# wireguard-tools: wg, to look at the mesh's devices from outside; tcpdump: the mesh tests
+#   capture the nodes' shared network and find only WireGuard packets there
 # clang, lld, wasi-libc, libclang-rt-dev-wasm32: `zlayerctl wasm build` of C sources to WASI
-test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container rpm cpio prometheus etcd-server wireguard-go etcd-client clang lld wasi-libc libclang-rt-dev-wasm32)
+test_packages=(systemd docker-registry apache2-utils skopeo debootstrap systemd-container rpm cpio prometheus etcd-server wireguard-go wireguard-tools tcpdump etcd-client clang lld wasi-libc libclang-rt-dev-wasm32)
 
 # The peers bench/ measures against (bench/README.md): wrk, nginx, podman, hyperfine.
 bench_packages=(wrk nginx-light podman hyperfine skopeo)
@@ -42,6 +44,12 @@ for pkg in "${wanted[@]}"; do
     case "$pkg" in python3|python3-venv) $have_python && [ "${1:-run}" = run ] && continue ;; esac
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# Suggested, as the package suggests it: a cluster's mesh runs on wireguard-go where the
+# kernel has no WireGuard module.
+if [ "${1:-run}" = run ] && [ ! -d /sys/module/wireguard ] \
+    && ! dpkg-query -W -f='${Status}' wireguard-go 2>/dev/null | grep -q "install ok installed"; then
+    echo "note: a cluster's encrypted mesh needs wireguard-go here (no kernel WireGuard): apt-get install wireguard-go" >&2
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then

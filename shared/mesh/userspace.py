@@ -1,0 +1,173 @@
+"""``wireguard-go``: WireGuard in userspace, where the kernel has no module.
+
+The process runs in the foreground (``WG_PROCESS_FOREGROUND=1``) as a child of
+the daemon that starts it, in a session of its own so that a signal meant for
+the daemon's group does not take the mesh down; its PID is kept in a file, so
+a restarted daemon finds it again (and a daemon killed outright leaves it
+serving). It is stopped by that PID, after checking the PID still names
+``wireguard-go`` for the interface. A socket left by a process that died is
+removed before a new one starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from shared.mesh.device import Changes, DeviceState, MeshError
+from shared.mesh.uapi import SOCKET_DIR, UapiClient, socket_path
+
+PROGRAM = "wireguard-go"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+def available() -> bool:
+    return shutil.which(PROGRAM) is not None
+
+
+def runs_for(pid: int, interface: str) -> bool:
+    """True if ``pid`` is a live ``wireguard-go <interface>``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    if state == "Z":
+        return False
+    return (
+        len(argv) >= 2
+        and os.path.basename(argv[0].decode(errors="replace")) == PROGRAM
+        and argv[1].decode(errors="replace") == interface
+    )
+
+
+class UserspaceDevice:
+    """One interface served by a ``wireguard-go`` process."""
+
+    implementation = "wireguard-go"
+
+    def __init__(
+        self, name: str, pid_file: Path, log_file: Path, socket_dir: Path = SOCKET_DIR
+    ) -> None:
+        self.name = name
+        self.pid_file = pid_file
+        self.log_file = log_file
+        self.socket = socket_path(name, socket_dir)
+        self.client = UapiClient(self.socket)
+        self._child: subprocess.Popen[bytes] | None = None
+
+    # ------------------------------------------------------------ the process
+
+    def pid(self) -> int | None:
+        """The recorded PID if it still runs ``wireguard-go`` for this interface."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if runs_for(pid, self.name) else None
+
+    def running(self) -> bool:
+        return self.pid() is not None and self.client.answers()
+
+    def start(self) -> str:
+        """Adopt the running process or start one; what was done, for the log."""
+        pid = self.pid()
+        if pid is not None:
+            if self.client.answers():
+                return f"found {PROGRAM} {self.name} running (pid {pid})"
+            self._kill(pid)  # alive but deaf: start afresh
+        if not available():
+            raise MeshError(
+                f"{PROGRAM} is missing and the kernel has no WireGuard; "
+                f"install it with: apt-get install {PROGRAM}"
+            )
+        if self.socket.exists() and not UapiClient(self.socket).answers():
+            # Left by a process that was killed: wireguard-go refuses to start over it.
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
+        elif self.socket.exists():
+            raise MeshError(
+                f"another {PROGRAM} already serves {self.name} ({self.socket}); "
+                "stop it or choose another bridge name"
+            )
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            child = subprocess.Popen(
+                [shutil.which(PROGRAM) or PROGRAM, self.name],
+                env={**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self._child = child
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write_text(f"{child.pid}\n")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.client.answers():
+            if child.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise MeshError(
+                    f"{PROGRAM} {self.name} exited with code {child.returncode}: "
+                    f"{self._log_tail() or 'no message'}"
+                )
+            if time.monotonic() > deadline:
+                self._kill(child.pid)
+                raise MeshError(f"{PROGRAM} {self.name} did not open {self.socket} in time")
+            time.sleep(0.02)
+        return f"started {PROGRAM} {self.name} (pid {child.pid})"
+
+    def stop(self) -> bool:
+        """Stop the process by its PID; False if none ran."""
+        pid = self.pid()
+        self.pid_file.unlink(missing_ok=True)
+        if pid is None:
+            return False
+        self._kill(pid)
+        return True
+
+    def _kill(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while runs_for(pid, self.name):
+            self._reap(pid)
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline += STOP_TIMEOUT
+            time.sleep(0.02)
+        self._reap(pid)
+        if not self.client.answers():
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
+
+    def _reap(self, pid: int) -> None:
+        # Our own child: collect it so it does not stay a zombie.
+        if self._child is not None and self._child.pid == pid:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._child.wait(timeout=0)
+
+    def _log_tail(self) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " ".join(text.strip().splitlines()[-3:])[-300:]
+
+    # ------------------------------------------------------------ configuration
+
+    def get(self) -> DeviceState:
+        return self.client.get()
+
+    def apply(self, changes: Changes) -> None:
+        if changes:
+            self.client.set(changes)

@@ -1,0 +1,146 @@
+"""shared.mesh: WireGuard keys, the userspace protocol's parser and writer, the peer plan."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.mesh import keys
+from shared.mesh.device import Changes, DeviceState, MeshError, PeerConfig, PeerState, plan
+from shared.mesh.uapi import format_set, parse_get
+
+A = keys.public_of(keys.generate_private())
+B = keys.public_of(keys.generate_private())
+
+# What wireguard-go answers to get=1 for a device with two peers (keys replaced).
+GET_ANSWER = (
+    "private_key={priv}\n"
+    "listen_port=51820\n"
+    "public_key={a}\n"
+    "preshared_key=0000000000000000000000000000000000000000000000000000000000000000\n"
+    "protocol_version=1\n"
+    "endpoint=192.0.2.7:51820\n"
+    "last_handshake_time_sec=1700000000\n"
+    "last_handshake_time_nsec=500000000\n"
+    "tx_bytes=148\n"
+    "rx_bytes=92\n"
+    "persistent_keepalive_interval=25\n"
+    "allowed_ip=10.89.3.0/24\n"
+    "allowed_ip=10.89.4.0/24\n"
+    "public_key={b}\n"
+    "protocol_version=1\n"
+    "last_handshake_time_sec=0\n"
+    "last_handshake_time_nsec=0\n"
+    "tx_bytes=0\n"
+    "rx_bytes=0\n"
+    "persistent_keepalive_interval=0\n"
+    "errno=0\n"
+    "\n"
+)
+
+
+def test_keys_are_what_wg_makes() -> None:
+    private = keys.generate_private()
+    raw = base64.b64decode(private)
+    assert len(private) == 44 and len(raw) == 32
+    assert raw[0] & 7 == 0 and raw[31] & 128 == 0 and raw[31] & 64  # clamped as wg genkey
+    assert keys.from_hex(keys.to_hex(private)) == private
+    if shutil.which("wg"):
+        made = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True)
+        assert made.stdout.strip() == keys.public_of(private)
+
+
+@pytest.mark.parametrize("bad", ["", "abc", base64.b64encode(b"x" * 31).decode(), "!" * 44])
+def test_a_bad_key_is_one_sentence(bad: str) -> None:
+    with pytest.raises(keys.InvalidKeyError, match="32 bytes in base64"):
+        keys.check(bad)
+
+
+def test_get_answer_is_parsed() -> None:
+    private = keys.generate_private()
+    text = GET_ANSWER.format(priv=keys.to_hex(private), a=keys.to_hex(A), b=keys.to_hex(B))
+    state = parse_get(text)
+    assert state.private_key == private and state.listen_port == 51820
+    first, second = state.peers
+    assert first == PeerState(
+        public_key=A,
+        endpoint="192.0.2.7:51820",
+        allowed_ips=("10.89.3.0/24", "10.89.4.0/24"),
+        keepalive=25,
+        last_handshake=1700000000.5,
+        rx_bytes=92,
+        tx_bytes=148,
+    )
+    assert second == PeerState(public_key=B)
+
+
+def test_get_error_and_garbage_are_mesh_errors() -> None:
+    with pytest.raises(MeshError, match="refused get"):
+        parse_get("errno=13\n\n")
+    with pytest.raises(MeshError, match="without an errno"):
+        parse_get("listen_port=1\n\n")
+    with pytest.raises(MeshError, match="unreadable"):
+        parse_get("public_key=zz\nerrno=0\n\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=400))
+def test_any_answer_parses_or_is_a_mesh_error(text: str) -> None:
+    with contextlib.suppress(MeshError):
+        parse_get(text)
+
+
+def test_set_names_only_what_changes() -> None:
+    private = keys.generate_private()
+    changes = Changes(
+        private_key=private,
+        listen_port=51820,
+        upsert=(PeerConfig(A, "192.0.2.7:51820", ("10.89.3.0/24",), 25),),
+        with_endpoint=frozenset({A}),
+        remove=(B,),
+    )
+    assert format_set(changes) == (
+        f"set=1\nprivate_key={keys.to_hex(private)}\nlisten_port=51820\n"
+        f"public_key={keys.to_hex(B)}\nremove=true\n"
+        f"public_key={keys.to_hex(A)}\nendpoint=192.0.2.7:51820\n"
+        "persistent_keepalive_interval=25\nreplace_allowed_ips=true\n"
+        "allowed_ip=10.89.3.0/24\n\n"
+    )
+    assert format_set(Changes()) == "set=1\n\n"
+
+
+def test_plan_leaves_unchanged_peers_and_roamed_endpoints_alone() -> None:
+    held = DeviceState(
+        peers=(
+            PeerState(A, "198.51.100.9:40000", ("10.89.3.0/24",), 25),  # roamed behind NAT
+            PeerState(B, "192.0.2.8:51820", ("10.89.4.0/24",), 0),
+        )
+    )
+    same = [
+        PeerConfig(A, "192.0.2.7:51820", ("10.89.3.0/24",), 25),
+        PeerConfig(B, "192.0.2.8:51820", ("10.89.4.0/24",), 0),
+    ]
+    configured = {A: "192.0.2.7:51820", B: "192.0.2.8:51820"}
+    assert not plan(held, same, configured)
+    # B's block grows, A goes, C is new.
+    c = keys.public_of(keys.generate_private())
+    changes = plan(
+        held,
+        [
+            PeerConfig(B, "192.0.2.8:51820", ("10.89.4.0/23",), 0),
+            PeerConfig(c, "192.0.2.9:51820", ("10.89.5.0/24",), 0),
+        ],
+        configured,
+    )
+    assert changes.remove == (A,)
+    assert [p.public_key for p in changes.upsert] == [B, c]
+    assert changes.with_endpoint == {c}
+    # A configured endpoint that changes is set again.
+    moved = plan(held, [PeerConfig(B, "192.0.2.99:51820", ("10.89.4.0/24",), 0)], configured)
+    assert moved.with_endpoint == {B}
