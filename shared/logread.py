@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Literal
 
 from shared.k8slog import LogLine, parse_lines
+from shared.wire.api import LogLine as WireLine
 
 FOLLOW_POLL = 0.2  # seconds between looks at a followed file
 
@@ -35,6 +37,20 @@ def read_lines(paths: Iterable[str], tail: int | None = None) -> list[LogLine]:
     if tail is None:
         return lines
     return lines[-tail:] if tail > 0 else []
+
+
+def history(paths: list[str], tail: int | None, follow: bool) -> tuple[int | None, list[LogLine]]:
+    """Blocking: where following the newest file starts (None: not followed) and the lines
+    so far. The start is taken first, so no line falls in between."""
+    start = end_offset(paths[-1]) if follow and paths else None
+    return start, read_lines(paths, tail)
+
+
+def wire_line(replica: str, line: LogLine) -> WireLine:
+    """A line as the REST API's logs stream and another node's ``Logs`` carry it."""
+    stream: Literal["stdout", "stderr"] = "stderr" if line.stream == "stderr" else "stdout"
+    when = line.time.timestamp() if line.time else None
+    return WireLine(replica=replica, stream=stream, time=when, line=line.text)
 
 
 def end_offset(path: str) -> int:

@@ -66,7 +66,6 @@ from shared.cluster import config as cluster_config
 from shared.cluster import jointoken, peer, pki, secretkey
 from shared.cluster.config import ClusterConfig, EtcdMemberConfig
 from shared.cluster.etcd import Client, TLSFiles, client, retrying, wait_healthy
-from shared.cluster.remote import ReplicaCalls
 from shared.config import ConfigError
 from shared.logs import under_systemd
 from shared.nodekey import NodeKey, NodeKeyError
@@ -335,8 +334,6 @@ class ClusterContext:
             authority=authority,
             desk=peer.EtcdJoinDesk(self.client),
             secrets_key=key,
-            # logs, exec and stats of this node's replicas, for the other nodes
-            methods=ReplicaCalls().methods(),
         )
         try:
             await self.peer.start(

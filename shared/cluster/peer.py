@@ -27,6 +27,12 @@ never leaves the server before the token's secret was checked.
 
 ``Ping`` answers the node's id and the caller's id as its certificate says.
 
+``Logs``, ``Exec`` and ``Stats`` reach a replica of the answering node
+(:mod:`shared.cluster.remote` serves and calls them): server streaming
+(:func:`streaming`) and bidirectional (:func:`duplex`) handlers, peer port
+only. A ZLayer error the answering node raises travels as its class name in
+the trailing metadata (``zlayer-error``) and comes back as the same class.
+
 Refusals are gRPC statuses whose details are one sentence; the clients here
 raise them as :class:`PeerError` with that sentence.
 """
@@ -39,7 +45,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -47,6 +53,7 @@ import grpc  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from shared.bus import ERRORS, ZLayerError
 from shared.cluster import jointoken, pki, secretkey
 from shared.cluster.jointoken import JoinToken, JoinTokenError
 from shared.wire import Wire, WireError, decode, encode
@@ -62,6 +69,10 @@ from shared.wire.cluster import (
 SERVICE = "zlayer.Node1"
 JOIN = f"/{SERVICE}/Join"
 PING = f"/{SERVICE}/Ping"
+LOGS = f"/{SERVICE}/Logs"
+EXEC = f"/{SERVICE}/Exec"
+STATS = f"/{SERVICE}/Stats"
+ERROR_KEY = "zlayer-error"  # trailing metadata: the class of the ZLayer error raised
 DEFAULT_TIMEOUT = 10.0
 
 Request = TypeVar("Request", bound=Wire)
@@ -191,6 +202,98 @@ def unary(
     return grpc.unary_unary_rpc_method_handler(method)
 
 
+_STATUS_OF: dict[str, Any] = {
+    "NotFoundError": grpc.StatusCode.NOT_FOUND,
+    "InvalidArgumentError": grpc.StatusCode.INVALID_ARGUMENT,
+    "InvalidSpecError": grpc.StatusCode.INVALID_ARGUMENT,
+    "AlreadyExistsError": grpc.StatusCode.ALREADY_EXISTS,
+    "ConflictError": grpc.StatusCode.FAILED_PRECONDITION,
+    "NotSupportedError": grpc.StatusCode.UNIMPLEMENTED,
+}
+_ERROR_NAMED = {kind.__name__: kind for kind in ERRORS}
+
+
+async def _abort_with(context: Any, exc: ZLayerError) -> None:
+    """A ZLayer error to the caller: its sentence, its class in the trailing metadata."""
+    name = type(exc).__name__
+    sentence = str(exc.args[0]) if exc.args else name
+    code = _STATUS_OF.get(name, grpc.StatusCode.ABORTED)
+    await context.abort(code, sentence, trailing_metadata=((ERROR_KEY, name),))
+
+
+async def _member_only(context: Any) -> str:
+    caller = _caller(context)
+    if not caller:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "this call needs a node certificate of the cluster: call the node's peer port "
+            "with the certificate the node got when it joined",
+        )
+    return caller
+
+
+def streaming(
+    request_type: type[Request],
+    handle: Callable[[Request, str, Any], AsyncIterator[Wire]],
+) -> Any:
+    """A server-streaming handler for nodes of the cluster only: one request, the replies
+    ``handle(request, caller, context)`` yields; a ZLayer error it raises ends the call."""
+
+    async def method(raw: bytes, context: Any) -> AsyncIterator[bytes]:
+        caller = await _member_only(context)
+        try:
+            request = decode(raw, request_type)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is {exc}")
+        try:
+            async for reply in handle(request, caller, context):
+                yield encode(reply).encode()
+        except ZLayerError as exc:
+            await _abort_with(context, exc)
+
+    return grpc.unary_stream_rpc_method_handler(method)
+
+
+def duplex(handle: Callable[[AsyncIterator[bytes], str, Any], AsyncIterator[Wire]]) -> Any:
+    """A bidirectional handler for nodes of the cluster only: ``handle(requests, caller,
+    context)`` reads the raw messages (:func:`decoded` reads one) and yields replies."""
+
+    async def method(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        caller = await _member_only(context)
+        try:
+            async for reply in handle(requests, caller, context):
+                yield encode(reply).encode()
+        except ZLayerError as exc:
+            await _abort_with(context, exc)
+
+    return grpc.stream_stream_rpc_method_handler(method)
+
+
+def decoded(raw: bytes, kind: type[Request]) -> Request:
+    """One message of a stream; InvalidArgumentError (back to the caller) if it is not one."""
+    from shared.bus import InvalidArgumentError
+
+    try:
+        return decode(raw, kind)
+    except WireError as exc:
+        raise InvalidArgumentError(f"the request is {exc}") from None
+
+
+def zlayer_unary(
+    request_type: type[Request], handle: Callable[[Request, str, Any], Awaitable[Wire]]
+) -> Any:
+    """:func:`unary` for nodes of the cluster only, a ZLayer error going back as itself."""
+
+    async def guarded(request: Request, caller: str, context: Any) -> Wire:
+        try:
+            return await handle(request, caller, context)
+        except ZLayerError as exc:
+            await _abort_with(context, exc)
+            raise
+
+    return unary(request_type, guarded)
+
+
 class PeerServer:
     """A node's ``zlayer.Node1`` server, on its peer port (mutual TLS) and join port."""
 
@@ -203,9 +306,12 @@ class PeerServer:
         desk: JoinDesk | None = None,
         methods: dict[str, Any] | None = None,
         secrets_key: bytes | None = None,
+        agent: Any = None,
     ) -> None:
         """``authority`` and ``desk`` make this node answer joins (the node that signs);
         ``methods`` adds handlers (from :func:`unary`) to the service by name;
+        ``agent`` answers Logs, Exec and Stats of this node's replicas (none: agentd
+        over the daemon's bus, at the first such call);
         ``secrets_key`` is the cluster's secrets key a joining node is handed (none:
         it gets none, and cannot open the cluster's secrets)."""
         self.node_id = node_id
@@ -215,9 +321,12 @@ class PeerServer:
         self._secrets_key = "" if secrets_key is None else secretkey.to_wire(secrets_key)
         self.peer_port = 0
         self.join_port = 0
+        from shared.cluster.remote import ReplicaCalls  # it calls this module's clients
+
         handlers = {
             "Join": unary(JoinRequest, self._join, needs_certificate=False),
             "Ping": unary(PingRequest, self._ping),
+            **ReplicaCalls(agent).methods(),
             **(methods or {}),
         }
         self._server = grpc.aio.server()
@@ -301,7 +410,7 @@ async def call(
     try:
         raw = await channel.unary_unary(method)(encode(request).encode(), timeout=timeout)
     except grpc.aio.AioRpcError as exc:
-        raise _peer_error(exc, where) from None
+        raise peer_error(exc, where) from None
     try:
         return decode(raw, reply_type)
     except WireError as exc:
@@ -337,6 +446,15 @@ class Peer:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
+
+
+def peer_error(exc: Any, where: str) -> Exception:
+    """A failed call as the ZLayer error the other node raised (its class and sentence), or
+    a :class:`PeerError` saying why ``where`` did not answer."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_KEY and value in _ERROR_NAMED:
+            return _ERROR_NAMED[value]((exc.details() or "").strip())
+    return _peer_error(exc, where)
 
 
 def _peer_error(exc: Any, where: str) -> PeerError:
