@@ -181,6 +181,7 @@ class ReplicaRecord(msgspec.Struct, kw_only=True):
             started_at=self.started_at,
             finished_at=self.finished_at,
             message=self.message,
+            refused=self.refused,
         )
 
 

@@ -233,7 +233,7 @@ class Scheduler:
         self.bus = bus
         self.agent = AgentClient(bus)
         self.replica_cache = ReplicaCache(self.agent, self._replicas_changed)
-        self.replica_cache.noted = self._wasm_limit_event
+        self.replica_cache.noted = self._replica_noted
         self.overlay = OverlayClient(bus)
         self.proxyd = ProxyClient(bus)
         self.emit_signal = emit
@@ -248,6 +248,7 @@ class Scheduler:
         self._gone_services: set[tuple[str, str]] = set()  # services left out of the spec
         self._waiting: dict[tuple[str, int, str], _Waiting] = {}
         self._failed: dict[tuple[str, int, str], str] = {}
+        self._refusals_said: dict[str, str] = {}  # replica id -> the refusal its event gave
         self._deploy_jobs_done: set[tuple[str, int, str]] = set()
         self._cron_next: dict[tuple[str, str], float] = {}
         self._previous_desired: dict[tuple[str, str], ServiceAssignment] = {}
@@ -862,6 +863,28 @@ class Scheduler:
                 service=info.service,
                 replica=info.id,
             )
+
+    def _replica_noted(self, info: ReplicaInfo) -> None:
+        self._wasm_limit_event(info)
+        self._refusal_event(info)
+
+    def _refusal_event(self, info: ReplicaInfo) -> None:
+        """A replica agentd refused to start (its spec can never run there): one event
+        with the sentence per refusal; a deploy that starts it again clears the mark."""
+        said = self._refusals_said
+        if not info.refused or info.state != "failed":  # started again, or removed
+            said.pop(info.id, None)
+            return
+        if said.get(info.id) == info.message:
+            return
+        said[info.id] = info.message
+        self.event(
+            info.deployment,
+            "refused",
+            f"{info.message}; it is not retried until the spec changes",
+            service=info.service,
+            replica=info.id,
+        )
 
     def _replicas_changed(self) -> None:
         self._wake.set()  # a replica's state is no placement's business: no kick

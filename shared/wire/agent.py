@@ -95,6 +95,7 @@ class ReplicaInfo(Wire, frozen=True, kw_only=True):
     finished_at: float | None = None
     message: str = ""  # why it is in this state, for people
     node: str = ""  # in a cluster, the id of the node that runs it
+    refused: bool = False  # failed because its spec can never run: not retried until a deploy
 
 
 class ReplicaStats(Wire, frozen=True):

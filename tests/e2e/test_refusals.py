@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from tests.e2e.node import IMAGE, Node, wait_until
@@ -43,3 +44,39 @@ def test_a_user_the_image_lacks_fails_once_without_retrying(node: Node) -> None:
         assert attempts == 1, f"{attempts} start attempts"
     finally:
         node.ctl("down", "nouser")
+
+
+def refusal_events(node: Node, deployment: str) -> list[dict[str, object]]:
+    out = node.ctl("events", "-d", deployment, "--format", "json", check=True).stdout
+    return [e for e in json.loads(out) if e["kind"] == "refused"]
+
+
+def test_a_refusal_is_one_event_with_its_sentence(node: Node) -> None:
+    body = f"""
+        version: v1
+        deployment: refusedev
+        services:
+          web:
+            image: {IMAGE}
+            command: {{entrypoint: ["sleep", "600"]}}
+            user: nosuchuser
+            scale: {{mode: fixed, replicas: 1}}
+            env: {{ROUND: "ROUND_NO"}}
+        """
+    sentence = 'the user "nosuchuser" is not in the image\'s /etc/passwd'
+    try:
+        node.ctl("up", "-b", str(node.spec("refusedev", body.replace("ROUND_NO", "1"))), check=True)
+        (event,) = wait_until(lambda: refusal_events(node, "refusedev"), 30, "the refusal's event")
+        assert sentence in str(event["message"]) and event["service"] == "web", event
+        assert str(event["replica"]).startswith("refusedev-web-1-"), event
+        time.sleep(5)  # where retries would have been: still one event
+        assert len(refusal_events(node, "refusedev")) == 1
+        # A new revision is tried once more, and refused once more: one more event.
+        node.ctl("up", "-b", str(node.spec("refusedev", body.replace("ROUND_NO", "2"))), check=True)
+        wait_until(
+            lambda: len(refusal_events(node, "refusedev")) == 2, 30, "the second refusal's event"
+        )
+        time.sleep(3)
+        assert len(refusal_events(node, "refusedev")) == 2
+    finally:
+        node.ctl("down", "refusedev")
