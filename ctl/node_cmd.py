@@ -1,4 +1,5 @@
-"""``zlayerctl node``: this node in a cluster: init, join-token, join, ls, label, drain, rm.
+"""``zlayerctl node``: this node in a cluster: init, join-token, join, ls, label, drain, rm,
+rotate-key.
 
 Each asks this node's schedd (Scheduler1's node methods, root only); schedd
 does the work (the cluster CA, cluster.toml, its etcd member, the move of its
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,12 +20,14 @@ from ctl.client import Client
 from ctl.output import err_console, fail, format_option, print_json, print_rows
 
 if TYPE_CHECKING:
-    from shared.wire.cluster import NodeRecord
+    from shared.wire.cluster import NodeList, NodeRecord
+    from shared.wire.mesh import MeshPeer, MeshStatus
 
 T = TypeVar("T")
 
 _TTL = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|h|d)?")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+ROTATE_PUBLISHED_WITHIN = 15.0  # seconds for schedd to put a rotated key in the record
 
 
 def _call(do: Callable[[Any], Awaitable[T]]) -> T:
@@ -35,6 +39,21 @@ def _call(do: Callable[[Any], Awaitable[T]]) -> T:
             if client.remote:
                 fail("node commands act on the node they run on: run them there, without --host")
             return await do(client.scheduler.proxy)  # type: ignore[attr-defined]
+        finally:
+            client.close()
+
+    return asyncio.run(run())
+
+
+def _with_client(do: Callable[[Client], Awaitable[T]]) -> T:
+    """``do(client)`` with this node's bus client (schedd and overlayd)."""
+
+    async def run() -> T:
+        client = Client()
+        try:
+            if client.remote:
+                fail("node commands act on the node they run on: run them there, without --host")
+            return await do(client)
         finally:
             client.close()
 
@@ -73,9 +92,76 @@ def _said(record: NodeRecord, what: str) -> None:
     err_console.print(f"node {record.id} ({record.name}, {record.address}) {what}", highlight=False)
 
 
+def _size(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _ago(when: float, now: float) -> str:
+    if not when:
+        return "never"
+    seconds = max(0, int(now - when))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def mesh_peer_of(record: NodeRecord, mesh: MeshStatus | None) -> MeshPeer | None:
+    """This node's WireGuard peer for ``record`` (by its key), if any."""
+    if mesh is None or not record.wireguard_key:
+        return None
+    return next((p for p in mesh.peers if p.public_key == record.wireguard_key), None)
+
+
+def _host(endpoint: str) -> str:
+    return endpoint.rpartition(":")[0].strip("[]")
+
+
+def unreachable_reason(
+    record: NodeRecord, this_node: str, mesh: MeshStatus | None, joined_since: float
+) -> str:
+    """Why the other nodes cannot reach ``record``'s node directly, as seen from this
+    node, in one sentence; "" when nothing says so. ``joined_since``: seconds the node
+    has been up, so a node just started is not reported before its first handshake."""
+    if record.id == this_node:
+        return record.reachability
+    if not record.reachable:
+        return record.reachability or "it says the other nodes cannot reach it first"
+    peer = mesh_peer_of(record, mesh)
+    if peer is None:
+        return ""
+    if peer.last_handshake and peer.endpoint and _host(peer.endpoint) != record.address:
+        return (
+            f"its mesh packets come from {_host(peer.endpoint)}, not its advertised address "
+            f"{record.address}: it is behind NAT; set [cluster] behind_nat = true in its "
+            "schedd settings so the others wait for it"
+        )
+    if not peer.last_handshake and peer.endpoint and joined_since > 30:
+        return (
+            f"no mesh handshake with it from this node; check that UDP port "
+            f"{record.mesh_port} on {record.address} is open to this node"
+        )
+    return ""
+
+
+async def _mesh_of(client: Client) -> MeshStatus | None:
+    """This node's mesh as overlayd reports it; None when overlayd cannot say."""
+    from shared.wire import decode
+    from shared.wire.mesh import MeshStatus
+
+    try:
+        return decode(await client.overlay.proxy.get_mesh(), MeshStatus)  # type: ignore[attr-defined]
+    except Exception:  # overlayd down, or one without the mesh: nothing to fill in
+        return None
+
+
 @click.group()
 def node() -> None:
-    """This node in a cluster: init, join-token, join, ls, label, drain, rm."""
+    """This node in a cluster: init, join-token, join, ls, label, drain, rm, rotate-key."""
 
 
 @node.command("init")
@@ -113,18 +199,44 @@ def join(token: str, advertise: str) -> None:
 @node.command("ls")
 @format_option
 def ls(output_format: str) -> None:
-    """List the cluster's nodes: state, role, labels, resources."""
+    """List the cluster's nodes: state, role, labels, resources, mesh handshakes."""
     from shared.wire import decode, to_builtins
     from shared.wire.cluster import NodeList
 
-    found = decode(_call(lambda p: p.list_nodes()), NodeList)
+    async def read(client: Client) -> tuple[NodeList, MeshStatus | None]:
+        listed = decode(await client.scheduler.proxy.list_nodes(), NodeList)  # type: ignore[attr-defined]
+        return listed, await _mesh_of(client)
+
+    found, mesh = _with_client(read)
+    now = time.time()
+    reasons = {
+        r.id: unreachable_reason(r, found.this_node, mesh, now - r.started_at) for r in found.nodes
+    }
     if output_format == "json":
-        print_json(to_builtins(found))
+        data = to_builtins(found)
+        for record, item in zip(found.nodes, data["nodes"], strict=True):
+            peer = mesh_peer_of(record, mesh)
+            item["mesh_peer"] = to_builtins(peer) if peer is not None else None
+            item["unreachable"] = reasons[record.id]
+        data["mesh"] = to_builtins(mesh) if mesh is not None else None
+        print_json(data)
         return
     print_rows(
         output_format,
         found.nodes,
-        ["ID", "NAME", "ADDRESS", "STATE", "ROLE", "ETCD", "LABELS", "CPU", "MEMORY"],
+        [
+            "ID",
+            "NAME",
+            "ADDRESS",
+            "STATE",
+            "ROLE",
+            "ETCD",
+            "LABELS",
+            "CPU",
+            "MEMORY",
+            "HANDSHAKE",
+            "TRANSFER",
+        ],
         lambda r: [
             r.id + (" *" if r.id == found.this_node else ""),
             r.name,
@@ -135,8 +247,30 @@ def ls(output_format: str) -> None:
             ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-",
             f"{r.capacity.cpu:g}",
             _gib(r.capacity.memory),
+            *_mesh_cells(r, found, mesh, now),
         ],
     )
+    for record in found.nodes:
+        if reasons[record.id]:
+            click.echo(
+                f"{record.name} ({record.id}) is not reachable directly: {reasons[record.id]}"
+            )
+
+
+def _mesh_cells(
+    record: NodeRecord, found: NodeList, mesh: MeshStatus | None, now: float
+) -> list[str]:
+    """HANDSHAKE and TRANSFER of this node's mesh peer for ``record``."""
+    if record.id == found.this_node:
+        on = mesh is not None and mesh.enabled
+        return ["(this node)" if on else "mesh off", "-"]
+    peer = mesh_peer_of(record, mesh)
+    if peer is None:
+        return ["plain" if not record.wireguard_key else "no peer", "-"]
+    return [
+        _ago(peer.last_handshake, now),
+        f"{_size(peer.rx_bytes)} in, {_size(peer.tx_bytes)} out",
+    ]
 
 
 @node.command("label")
@@ -155,6 +289,38 @@ def drain(node_id: str) -> None:
     """Mark node ID draining: its replicas move to other nodes."""
     _call(lambda p: p.drain_node(node_id))
     err_console.print(f"node {node_id} is draining", highlight=False)
+
+
+@node.command("rotate-key")
+def rotate_key() -> None:
+    """Give this node's mesh a new key pair; the other nodes take it from its record."""
+    from shared.wire import decode
+    from shared.wire.cluster import NodeList
+    from shared.wire.mesh import MeshStatus
+
+    async def run(client: Client) -> tuple[str, str]:
+        before = await _mesh_of(client)
+        if before is None or not before.enabled:
+            reason = before.reason if before is not None and before.reason else "overlayd says so"
+            fail(f"this node's mesh is off ({reason}); turn it on before rotating its key")
+        raw = await client.overlay.proxy.rotate_mesh_key()  # type: ignore[attr-defined]
+        key = decode(raw, MeshStatus).public_key
+        deadline = time.monotonic() + ROTATE_PUBLISHED_WITHIN
+        while time.monotonic() < deadline:
+            listed = decode(await client.scheduler.proxy.list_nodes(), NodeList)  # type: ignore[attr-defined]
+            if any(r.id == listed.this_node and r.wireguard_key == key for r in listed.nodes):
+                return listed.this_node, key
+            await asyncio.sleep(0.2)
+        fail(
+            f"the mesh has a new key but schedd did not publish it within "
+            f"{ROTATE_PUBLISHED_WITHIN:.0f}s; check that zlayer-schedd runs (zlayerctl status)"
+        )
+
+    node_id, key = _with_client(run)
+    err_console.print(
+        f"node {node_id} has a new mesh key {key}; the other nodes take it from its record",
+        highlight=False,
+    )
 
 
 @node.command("rm")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ctl.node_cmd import _mesh_cells, unreachable_reason
 from daemons.schedd.backend import ClusterSettings
 from daemons.schedd.cluster import BEHIND_NAT, mesh_fields, schedd_settings
 from daemons.schedd.cluster_placement import peer_block
 from shared.paths import Paths
-from shared.wire.cluster import NodeCapacity, NodeRecord
-from shared.wire.mesh import MeshStatus
+from shared.wire import replace
+from shared.wire.cluster import NodeCapacity, NodeList, NodeRecord
+from shared.wire.mesh import MeshPeer, MeshStatus
 
 KEY_A = "A" * 43 + "="
 KEY_B = "B" * 43 + "="
@@ -107,3 +109,40 @@ def test_schedd_reads_the_mesh_settings_from_its_cluster_section(tmp_path: Path)
     )
     paths.daemon_config("schedd").write_text("[cluster]\nmesh_port = 0\n")
     assert schedd_settings(paths) == ClusterSettings()  # refused: schedd says why at start
+
+
+def peer(key: str, endpoint: str, handshake: float) -> MeshPeer:
+    return MeshPeer(
+        public_key=key,
+        endpoint=endpoint,
+        allowed_ips=["10.90.2.0/24"],
+        last_handshake=handshake,
+        rx_bytes=2048,
+        tx_bytes=4096,
+        keepalive=25,
+    )
+
+
+def test_node_ls_says_why_a_node_is_not_reachable_directly() -> None:
+    mesh = replace(status(KEY_A), peers=[peer(KEY_B, "172.31.9.1:40001", 1000.0)])
+    nat = record("n3", "192.168.7.2", wireguard_key=KEY_B, mesh_port=51820)
+    # its handshakes come from another address than the one it advertises: NAT
+    assert "behind NAT" in unreachable_reason(nat, "n1", mesh, 60)
+    said = replace(nat, reachable=False, reachability=BEHIND_NAT)
+    assert unreachable_reason(said, "n1", mesh, 60) == BEHIND_NAT
+    assert unreachable_reason(said, "n3", None, 60) == BEHIND_NAT  # on itself too
+    direct = replace(status(KEY_A), peers=[peer(KEY_B, "192.168.7.2:51820", 1000.0)])
+    assert unreachable_reason(nat, "n1", direct, 60) == ""
+    silent = replace(status(KEY_A), peers=[peer(KEY_B, "192.168.7.2:51820", 0.0)])
+    assert "no mesh handshake" in unreachable_reason(nat, "n1", silent, 60)
+    assert unreachable_reason(nat, "n1", silent, 5) == ""  # just started: not yet
+
+
+def test_node_ls_shows_each_peers_handshake_and_transfer() -> None:
+    mesh = replace(status(KEY_A), peers=[peer(KEY_B, "172.31.2.11:51820", 1000.0)])
+    own = record("n1", "172.31.1.11", wireguard_key=KEY_A, mesh_port=51820)
+    other = record("n2", "172.31.2.11", wireguard_key=KEY_B, mesh_port=51820)
+    listed = NodeList(nodes=[own, other], leader="n1", this_node="n1")
+    assert _mesh_cells(other, listed, mesh, 1012.0) == ["12s ago", "2.0 KiB in, 4.0 KiB out"]
+    assert _mesh_cells(own, listed, mesh, 1012.0)[0] == "(this node)"
+    assert _mesh_cells(record("n4", "172.31.4.11"), listed, mesh, 1012.0)[0] == "plain"
