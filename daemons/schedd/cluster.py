@@ -15,9 +15,13 @@ client. The scheduler reads it as ``scheduler.cluster`` (None on a lone node).
   it answers, moves the SQLite state into it and switches schedd's store in
   place (the reconcile loop is stopped meanwhile; no restart).
 - ``NodeJoin`` joins through the node in the token (:func:`peer.join`), and
-  adds an etcd member for this node while the cluster has fewer than
-  :data:`VOTERS` (etcd's ``member add``, then the member starts with the
-  initial cluster state ``existing``); a client of the members after that.
+  adds an etcd member for this node while the cluster has fewer than its
+  settings' voters (``node init --etcd-voters``, 3 by default; etcd's ``member
+  add``, then the member starts with the initial cluster state ``existing``); a
+  client of the members after that, which writes the members' client URLs to
+  its cluster.toml as they change.
+- Addresses: init records the cluster's replica range and each node takes a
+  block of it (:mod:`daemons.schedd.cluster_blocks`); ``node rm`` frees it.
   A lone node's own deployments are not carried into the cluster: it must
   have none.
 - The mesh: unless schedd's ``[cluster] mesh = false``, the node has overlayd
@@ -51,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import aetcd  # type: ignore[import-untyped]
 import msgspec
 
+from daemons.schedd import cluster_blocks
 from daemons.schedd.backend import ClusterSettings, SchedSettings
 from daemons.schedd.etcdstore import EtcdStore, MoveRefusedError, move_to_etcd
 from daemons.schedd.membership import ETCD_ERRORS, Membership
@@ -62,8 +67,8 @@ from shared.bus import (
     UnavailableError,
     ZLayerError,
 )
+from shared.cluster import blocks, jointoken, peer, pki, secretkey
 from shared.cluster import config as cluster_config
-from shared.cluster import jointoken, peer, pki, secretkey
 from shared.cluster.config import ClusterConfig, EtcdMemberConfig
 from shared.cluster.etcd import Client, TLSFiles, client, retrying, wait_healthy
 from shared.config import ConfigError
@@ -82,7 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("zlayer.schedd.cluster")
 T = TypeVar("T")
 
-VOTERS = 3  # etcd members at most: a joining node is a voter while there are fewer
+ENDPOINTS_CHECK = 10.0  # seconds between looks at the etcd members' client URLs
 ETCD_START_TIMEOUT = 30.0
 MEMBER_ADD_TIMEOUT = 30.0  # etcd counts a new member after it has been connected 5 s
 CALL_TIMEOUT = 5.0
@@ -303,6 +308,7 @@ class ClusterContext:
             capacity=capacity(),
             state=settings.state if settings is not None else "ready",
             etcd_member=config.etcd is not None,
+            subnet=config.block,  # its block, if the cluster hands them out
             started_at=time.time(),
             **mesh_fields(schedd, status),
         )
@@ -317,6 +323,7 @@ class ClusterContext:
             await context.close()
             raise
         context._tasks.append(asyncio.create_task(context._watch_settings(), name="node-settings"))
+        context._tasks.append(asyncio.create_task(context._keep_endpoints(), name="etcd-urls"))
         if schedd.mesh:
             context._tasks.append(asyncio.create_task(context._keep_mesh(), name="node-mesh"))
         return context
@@ -396,6 +403,19 @@ class ClusterContext:
                 changed.mesh_port,
             )
         return status
+
+    async def _keep_endpoints(self) -> None:
+        """Keep cluster.toml's etcd endpoints the members' client URLs, so a node (a
+        client above all) reaches voters that joined after it when it starts again."""
+        while True:
+            await asyncio.sleep(ENDPOINTS_CHECK)
+            with contextlib.suppress(*ETCD_ERRORS):
+                urls = await cluster_blocks.member_endpoints(self.client)
+                if urls and sorted(urls) != sorted(self.config.etcd_endpoints):
+                    self.config = msgspec_replace(self.config, etcd_endpoints=urls)
+                    if self.paths is not None and not self._left:
+                        await asyncio.to_thread(cluster_config.save, self.paths, self.config)
+                    log.info("the cluster's etcd members answer at %s", ", ".join(urls))
 
     # ------------------------------------------------------------ settings
 
@@ -540,6 +560,7 @@ class ClusterContext:
                 with contextlib.suppress(*ETCD_ERRORS):
                     await self.client.revoke_lease(found.lease)
             await self.client.delete((KEYS["nodes"] + node).encode())
+            await blocks.release(self.client, node)
 
         await self._etcd(run)
 
@@ -649,10 +670,12 @@ class NodeControl:
     async def _address(self, advertise: str) -> str:
         return advertise.strip() or await asyncio.to_thread(default_address)
 
-    async def init(self, advertise: str) -> NodeRecord:
+    async def init(self, argument: str) -> NodeRecord:
         async with self._busy:
             self._lone()
-            address = await self._address(advertise)
+            options = cluster_blocks.parse_init(argument)
+            plan = await cluster_blocks.plan_init(_overlay(), options)
+            address = await self._address(options.advertise)
             node_id = new_node_id()
             member_dir = self.paths.state_dir / "etcd"
             files = self.files
@@ -674,12 +697,17 @@ class NodeControl:
                 advertise=address,
                 etcd_endpoints=[_url(address, cluster_config.ETCD_CLIENT_PORT)],
                 files=str(files.directory),
+                block=plan.block,
                 etcd=member,
             )
             await asyncio.to_thread(cluster_config.save, self.paths, config)
             paused = False
             try:
                 await self._start_member(config)
+                await cluster_blocks.record_init(
+                    config.etcd_endpoints, tls_of(files), node_id, plan
+                )
+                await cluster_blocks.move_network(self.paths, _overlay(), plan.block)
                 await self.daemon.pause()
                 paused = True
                 store = EtcdStore(config.etcd_endpoints, tls_of(files))
@@ -738,6 +766,7 @@ class NodeControl:
                     f"this node has deployments of its own ({', '.join(sorted(names))}); "
                     "a node that joins takes the cluster's: remove them (zlayerctl down) first"
                 )
+            await cluster_blocks.refuse_replicas(_overlay())
             address = await self._address(advertise)
             node_id = new_node_id()
             member_dir = self.paths.state_dir / "etcd"
@@ -752,6 +781,7 @@ class NodeControl:
             endpoints = list(joined.etcd_endpoints)
             paused = False
             try:
+                block = await cluster_blocks.join_block(endpoints, tls, node_id)
                 member, endpoints = await self._maybe_voter(node_id, address, endpoints, tls)
                 config = ClusterConfig(
                     node_id=node_id,
@@ -759,15 +789,19 @@ class NodeControl:
                     advertise=address,
                     etcd_endpoints=endpoints,
                     files=str(files.directory),
+                    block=block,
                     etcd=member,
                 )
                 await asyncio.to_thread(cluster_config.save, self.paths, config)
                 if member is not None:
                     await self._start_member(config)
+                if block:
+                    await cluster_blocks.move_network(self.paths, _overlay(), block)
                 await self.daemon.pause()
                 paused = True
                 context = await ClusterContext.open(config, self.paths)
             except BaseException:
+                await cluster_blocks.release_block(endpoints, tls, node_id)
                 await self._failed(paused)
                 raise
             await self.daemon.resume(context)
@@ -776,7 +810,7 @@ class NodeControl:
     async def _maybe_voter(
         self, node_id: str, address: str, endpoints: list[str], tls: TLSFiles
     ) -> tuple[EtcdMemberConfig | None, list[str]]:
-        """Add this node as an etcd member while the cluster has fewer than VOTERS:
+        """Add this node as an etcd member while the cluster has fewer than its voters:
         its member config (None: a client only) and the endpoints to use. A node
         behind NAT is a client only: the members could not reach its peer URL."""
         if (await asyncio.to_thread(schedd_settings, self.paths)).behind_nat:
@@ -784,8 +818,9 @@ class NodeControl:
         etcd = cluster_client(endpoints, tls, timeout=10.0)
         try:
             members = [m async for m in etcd.members()]
-            if len(members) >= VOTERS:
-                return None, endpoints
+            if not blocks.is_voter(len(members), await blocks.load_settings(etcd)):
+                # all the voters' client URLs: a client outlives any one voter's loss
+                return None, await cluster_blocks.member_endpoints(etcd) or endpoints
             peer_url = _url(address, cluster_config.ETCD_PEER_PORT)
             await self._add_member(etcd, peer_url)
             initial = {m.name: ",".join(m.peer_urls) for m in members if m.name}

@@ -63,3 +63,17 @@ def test_a_free_block_is_in_the_range_the_block_size_and_never_held(
     assert found is not None and found not in used
     block = IPv4Network(found)
     assert block.prefixlen == prefix + 6 and block.subnet_of(IPv4Network(wide.subnet))
+
+
+def test_node_inits_options_cross_in_its_one_argument() -> None:
+    from daemons.schedd.cluster_blocks import InitOptions, init_argument, parse_init
+    from shared.bus import InvalidArgumentError
+
+    assert init_argument("10.0.0.1") == "10.0.0.1"  # no option: the address alone, as before
+    assert parse_init("10.0.0.1") == InitOptions(advertise="10.0.0.1")
+    assert parse_init("") == InitOptions()
+    sent = init_argument("10.0.0.1", "10.90.0.0/16", 5)
+    assert parse_init(sent) == InitOptions("10.0.0.1", "10.90.0.0/16", 5)
+    assert parse_init(init_argument("", "", 7)).etcd_voters == 7
+    with pytest.raises(InvalidArgumentError, match="options do not read"):
+        parse_init('{"etcd_voters": "many"}')
