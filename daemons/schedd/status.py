@@ -26,11 +26,15 @@ if TYPE_CHECKING:
 
 
 def desired_replicas(service: ServiceSpec, hold: int | None, adaptive: int | None = None) -> int:
-    """How many replicas a service wants: a manual hold wins, then the scale mode."""
+    """How many replicas a service wants: its replica groups' counts when it has
+    groups (they set the count, as placement places them), else a manual hold, then
+    the scale mode."""
     from shared.spec.models import AdaptiveScale, FixedScale
 
     if service.rtype != "service":
         return 0  # jobs and cron jobs run on demand, not as standing replicas
+    if service.replica_groups:
+        return sum(group.count for group in service.replica_groups)
     if hold is not None:
         return hold
     scale = service.scale

@@ -1,0 +1,36 @@
+"""A service with replica groups wants the groups' counts, and status says so."""
+
+from __future__ import annotations
+
+from tests.e2e.node import IMAGE, Node, wait_until
+
+
+def test_a_service_with_replica_groups_wants_the_sum_of_their_counts(node: Node) -> None:
+    spec = node.spec(
+        "groups",
+        f"""
+        version: v1
+        deployment: groups
+        services:
+          web:
+            image: {IMAGE}
+            command: {{entrypoint: ["sleep", "600"]}}
+            stop_signal: SIGKILL
+            replica_groups:
+              - {{role: primary, count: 2}}
+              - {{role: backup, count: 1}}
+        """,
+    )
+    try:
+        node.ctl("up", "-d", str(spec), "--timeout", "60", check=True)
+        web = wait_until(
+            lambda: (s := node.services("groups")["web"])["running"] == 3 and s,
+            30,
+            "three replicas running",
+        )
+        assert web["desired"] == 3 and web["state"] == "running", web
+        assert len(node.replicas("groups")) == 3
+        shown = node.ctl("ps", "-d", "groups", check=True).stdout
+        assert "3/3" in shown, shown
+    finally:
+        node.ctl("down", "groups")
