@@ -166,12 +166,28 @@ def node() -> None:
 
 @node.command("init")
 @click.option("--advertise", default="", metavar="ADDR", help="the address other nodes reach")
-def init(advertise: str) -> None:
+@click.option(
+    "--cluster-subnet",
+    default="",
+    metavar="CIDR",
+    help="the replicas' range, one /24 of it a node (default: this node's overlayd subnet)",
+)
+@click.option(
+    "--etcd-voters",
+    type=click.Choice(["1", "3", "5", "7"]),
+    default="3",
+    show_default=True,
+    help="nodes that are etcd voters; later ones are its clients",
+)
+def init(advertise: str, cluster_subnet: str, etcd_voters: str) -> None:
     """Make this node a one-node cluster (its state moves into etcd)."""
+    from shared.cluster.blocks import init_argument
     from shared.wire import decode
     from shared.wire.cluster import NodeRecord
 
-    record = decode(_call(lambda p: p.node_init(advertise)), NodeRecord)
+    voters = int(etcd_voters)
+    argument = init_argument(advertise, cluster_subnet, 0 if voters == 3 else voters)
+    record = decode(_call(lambda p: p.node_init(argument)), NodeRecord)
     _said(record, "is a one-node cluster; add nodes with `zlayerctl node join-token`")
 
 
@@ -192,8 +208,9 @@ def join(token: str, advertise: str) -> None:
     from shared.wire.cluster import NodeRecord
 
     record = decode(_call(lambda p: p.node_join(token, advertise)), NodeRecord)
-    role = "an etcd member" if record.etcd_member else "a client of etcd"
-    _said(record, f"joined the cluster as {role}")
+    role = "an etcd voter" if record.etcd_member else "a client of etcd"
+    block = f"; its replicas' block is {record.subnet}" if record.subnet else ""
+    _said(record, f"joined the cluster as {role}{block}")
 
 
 @node.command("ls")

@@ -12,14 +12,13 @@
   SIGTERM; under systemd the units are restarted.
 
 ``node init`` passes its options through Scheduler1.NodeInit's one argument: a
-plain address (or ""), or a JSON object (:func:`init_argument`).
+plain address (or ""), or a JSON object (:func:`shared.cluster.blocks.init_argument`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -45,38 +44,12 @@ MOVE_TIMEOUT = 60.0  # seconds for overlayd to come back on the node's block
 CALL_TIMEOUT = 5.0
 
 
-@dataclass(frozen=True)
-class InitOptions:
-    advertise: str = ""
-    cluster_subnet: str = ""  # "" takes overlayd's subnet
-    etcd_voters: int = blocks.DEFAULT_VOTERS
-
-
-def init_argument(advertise: str, cluster_subnet: str = "", etcd_voters: int = 0) -> str:
-    """What ``zlayerctl node init`` sends: the address alone when no option is given."""
-    if not cluster_subnet and not etcd_voters:
-        return advertise
-    wanted: dict[str, object] = {"advertise": advertise, "cluster_subnet": cluster_subnet}
-    if etcd_voters:
-        wanted["etcd_voters"] = etcd_voters
-    return json.dumps(wanted)
-
-
-def parse_init(text: str) -> InitOptions:
+def parse_init(text: str) -> blocks.InitOptions:
     """NodeInit's argument, read; InvalidArgumentError when it is neither form."""
-    if not text.lstrip().startswith("{"):
-        return InitOptions(advertise=text)
     try:
-        found = json.loads(text)
-        return InitOptions(
-            advertise=str(found.get("advertise", "")),
-            cluster_subnet=str(found.get("cluster_subnet", "")),
-            etcd_voters=int(found.get("etcd_voters", blocks.DEFAULT_VOTERS)),
-        )
-    except (ValueError, TypeError, AttributeError):
-        raise InvalidArgumentError(
-            "node init's options do not read; run zlayerctl node init again"
-        ) from None
+        return blocks.parse_init(text)
+    except blocks.BlocksError as exc:
+        raise InvalidArgumentError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -85,7 +58,7 @@ class InitPlan:
     block: str  # the first node's
 
 
-async def plan_init(overlay: OverlayClient, options: InitOptions) -> InitPlan:
+async def plan_init(overlay: OverlayClient, options: blocks.InitOptions) -> InitPlan:
     """The cluster's settings and this node's block; refused with a sentence when the
     options do not fit or a replica here is outside the block."""
     network = await asyncio.wait_for(overlay.get_network(), CALL_TIMEOUT)

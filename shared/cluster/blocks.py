@@ -12,7 +12,9 @@ releases the removed node's block.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -81,6 +83,43 @@ def is_voter(members: int, settings: ClusterSettings | None) -> bool:
     """Whether a node joining a cluster of ``members`` etcd members becomes one."""
     voters = settings.voters if settings is not None else DEFAULT_VOTERS
     return members < voters
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    """``node init``'s options, which cross Scheduler1.NodeInit's one string argument:
+    the address alone, or a JSON object when an option is given (:func:`init_argument`)."""
+
+    advertise: str = ""
+    cluster_subnet: str = ""  # "" takes overlayd's subnet
+    etcd_voters: int = DEFAULT_VOTERS
+
+
+def init_argument(advertise: str, cluster_subnet: str = "", etcd_voters: int = 0) -> str:
+    """What ``zlayerctl node init`` sends: the address alone when no option is given."""
+    if not cluster_subnet and not etcd_voters:
+        return advertise
+    wanted: dict[str, object] = {"advertise": advertise, "cluster_subnet": cluster_subnet}
+    if etcd_voters:
+        wanted["etcd_voters"] = etcd_voters
+    return json.dumps(wanted)
+
+
+def parse_init(text: str) -> InitOptions:
+    """NodeInit's argument, read; :class:`BlocksError` when it is neither form."""
+    if not text.lstrip().startswith("{"):
+        return InitOptions(advertise=text)
+    try:
+        found = json.loads(text)
+        return InitOptions(
+            advertise=str(found.get("advertise", "")),
+            cluster_subnet=str(found.get("cluster_subnet", "")),
+            etcd_voters=int(found.get("etcd_voters", DEFAULT_VOTERS)),
+        )
+    except (ValueError, TypeError, AttributeError):
+        raise BlocksError(
+            "node init's options do not read; run zlayerctl node init again"
+        ) from None
 
 
 # ------------------------------------------------------------ over etcd

@@ -66,8 +66,9 @@ def test_a_free_block_is_in_the_range_the_block_size_and_never_held(
 
 
 def test_node_inits_options_cross_in_its_one_argument() -> None:
-    from daemons.schedd.cluster_blocks import InitOptions, init_argument, parse_init
+    from daemons.schedd.cluster_blocks import parse_init
     from shared.bus import InvalidArgumentError
+    from shared.cluster.blocks import InitOptions, init_argument
 
     assert init_argument("10.0.0.1") == "10.0.0.1"  # no option: the address alone, as before
     assert parse_init("10.0.0.1") == InitOptions(advertise="10.0.0.1")
