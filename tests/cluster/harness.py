@@ -30,6 +30,20 @@ the machine.
 
 Once ``zlayerctl node init``/``join`` start etcd themselves, ``Cluster(n,
 etcd=False)`` leaves the members to them.
+
+``Cluster(n, etcd=False, topology="routed")`` joins the nodes through a router
+instead of one bridge: each node's veth goes to a router namespace
+(``zlt-c<tag>-r``) on a /29 of its own (router ``.1``, node ``.2``), the router
+forwards between them, and the host reaches them through a link of its own to
+the router (``zltc<tag>h``). With ``nat=[2]`` node 3 sits behind a NAT
+namespace (``zlt-c<tag>-nat3``, nftables masquerade) in front of the router:
+its own address is a private one no other node has a route to, its schedd says
+``behind_nat`` (so it joins as an etcd client and the others wait for its mesh
+handshake), and only connections it opens cross. ``mesh_keepalive`` sets
+schedd's keepalive on every node (short, so a NAT mapping is kept within a
+test), ``mesh=False`` turns the mesh off; by default neither is written.
+:meth:`Cluster.in_router` runs a command in the router's namespace (a capture,
+nft counters).
 """
 
 from __future__ import annotations
@@ -74,6 +88,8 @@ RUNTIMES = ("crun", "runc")
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 ETCD_HEALTHY_WITHIN = 30.0
+ROUTED_LINK = 29  # the prefix of each link to the router in a routed cluster
+PRIVATE_BLOCKS = 16  # a node behind NAT: its private /29 is this many /29s further on
 
 _sequence = itertools.count()
 ROOTS = Path(tempfile.gettempdir())  # short: unix socket paths end at 108 bytes
@@ -124,6 +140,10 @@ class Node:
         self.netns = f"zlt-c{tag}-n{index}"
         self.host_veth = f"zltc{tag}v{index}"
         self.lan = IPv4Interface(f"{cluster.lan.network_address + 10 + index}/24")
+        # routed: behind a NAT namespace of its own (its address is then a private one)
+        self.behind_nat = index - 1 in cluster.nat
+        if cluster.topology == "routed":
+            self.lan = cluster.link_address(index + (PRIVATE_BLOCKS if self.behind_nat else 0))
         self.bridge = f"zlb{tag}n{index}"
         self.subnet = overlay_subnet(index)
         self.mac = f"02:5a:4c:00:00:{index:02x}"  # unique on its cluster's LAN
@@ -323,7 +343,12 @@ class Node:
         removed: list[str] = []
         failed: list[str] = []
         # Each step runs even when one before it failed: clean-up must go as far as it can.
-        for step in (self._kill_processes, self._remove_containers, self._unplug):
+        for step in (
+            self._kill_processes,
+            self._remove_containers,
+            self._unplug,
+            self._remove_mesh_socket,
+        ):
             try:
                 removed += step()
             except Exception as exc:
@@ -338,6 +363,9 @@ class Node:
 
     def _plug(self) -> None:
         """The namespace, its loopback up, and its veth on the cluster bridge with its address."""
+        if self.cluster.topology == "routed":
+            self._plug_routed()
+            return
         if not self.netns_path.exists():
             netns.create(self.netns)
         if str(self.uts_path) not in self.cluster.mounts_under(self.cluster.root):
@@ -367,8 +395,59 @@ class Node:
                 inner.addr("add", index=lan, address=str(self.lan.ip), prefixlen=24)
             inner.link("set", index=lan, state="up")
 
+    @property
+    def nat_netns(self) -> str:
+        """The NAT namespace in front of this node (routed, behind NAT)."""
+        return f"zlt-c{self.cluster.tag}-nat{self.index}"
+
+    def _uplink(self) -> str:
+        """The namespace the node's veth leads to: the router's, or its NAT's."""
+        return self.nat_netns if self.behind_nat else self.cluster.router_netns
+
+    def _plug_routed(self) -> None:
+        """The namespace and its UTS, its veth to the router (or its NAT) on a /29 of its
+        own with the far end as its default route."""
+        if not self.netns_path.exists():
+            netns.create(self.netns)
+        if str(self.uts_path) not in self.cluster.mounts_under(self.cluster.root):
+            self.uts_path.touch()
+            subprocess.run(
+                ["unshare", f"--uts={self.uts_path}", "hostname", self.name],
+                capture_output=True,
+                check=True,
+            )
+        uplink = self._uplink()
+        gateway = str(next(self.lan.network.hosts()))
+        with IPRoute(netns=uplink) as outer:
+            if not outer.link_lookup(ifname=self.host_veth):
+                outer.link(
+                    "add",
+                    ifname=self.host_veth,
+                    kind="veth",
+                    peer={"ifname": LAN_IFACE, "net_ns_fd": self.netns, "address": self.mac},
+                )
+            far = outer.link_lookup(ifname=self.host_veth)[0]
+            with contextlib.suppress(NetlinkError):
+                outer.addr("add", index=far, address=gateway, prefixlen=ROUTED_LINK)
+            outer.link("set", index=far, state="up")
+        with IPRoute(netns=self.netns) as inner:
+            inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
+            lan = inner.link_lookup(ifname=LAN_IFACE)[0]
+            with contextlib.suppress(NetlinkError):
+                inner.addr("add", index=lan, address=str(self.lan.ip), prefixlen=ROUTED_LINK)
+            inner.link("set", index=lan, state="up")
+            with contextlib.suppress(NetlinkError):
+                inner.route("add", dst="0.0.0.0/0", gateway=gateway)
+
     def _unplug(self) -> list[str]:
         removed: list[str] = []
+        uplink = NETNS_DIR / self._uplink()
+        if self.cluster.topology == "routed" and uplink.exists():
+            with IPRoute(netns=uplink.name) as outer:
+                for index in outer.link_lookup(ifname=self.host_veth):
+                    with contextlib.suppress(NetlinkError):
+                        outer.link("del", index=index)
+                        removed.append(f"link {self.host_veth}")
         with IPRoute() as ip:
             # Gone with the namespace too, but the kernel removes a namespace's
             # links lazily: delete the pair now so no check sees it linger.
@@ -387,6 +466,9 @@ class Node:
         self.paths.config_dir.mkdir(parents=True)
         for info in DAEMONS:
             self.paths.daemon_config(info.name).write_text("metrics_port = 0\n")
+        mesh = self.cluster.schedd_cluster_settings(self)
+        if mesh:
+            self.paths.daemon_config("schedd").write_text(f"metrics_port = 0\n[cluster]\n{mesh}")
         self.paths.daemon_config("overlayd").write_text(
             f'metrics_port = 0\nbridge = "{self.bridge}"\nsubnet = "{self.subnet}"\n'
         )
@@ -520,6 +602,20 @@ class Node:
             removed += plumbing.unplumb(plumbing.names_for(self.bridge, cid))
         return removed
 
+    def _remove_mesh_socket(self) -> list[str]:
+        """wireguard-go's control socket, which its killed process leaves on the host
+        (the socket directory is the machine's, not the namespace's)."""
+        try:
+            from daemons.overlayd.mesh import interface_name
+            from shared.mesh.uapi import socket_path
+        except ImportError:  # an overlayd without the mesh
+            return []
+        path = socket_path(interface_name(self.bridge))
+        if path.exists():
+            path.unlink(missing_ok=True)
+            return [f"socket {path}"]
+        return []
+
     def leftovers(self) -> list[str]:
         """What of this node is still on the machine (its prefix on disk aside)."""
         from daemons.overlayd import plumbing
@@ -560,8 +656,25 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> None:
 class Cluster:
     """N nodes on a shared test LAN; a context manager that always cleans up."""
 
-    def __init__(self, size: int, *, etcd: bool = True, tag: str = "") -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        etcd: bool = True,
+        tag: str = "",
+        topology: str = "bridge",
+        nat: tuple[int, ...] | list[int] = (),
+        mesh: bool = True,
+        mesh_keepalive: int | None = None,
+    ) -> None:
         assert 1 <= size <= 9, "the harness names nodes n1 to n9"
+        assert topology in ("bridge", "routed"), topology
+        assert not nat or topology == "routed", "only a routed cluster has nodes behind NAT"
+        assert topology == "bridge" or not etcd, "a routed cluster's etcd comes from node init"
+        self.topology = topology
+        self.nat = tuple(nat)
+        self.mesh = mesh
+        self.mesh_keepalive = mesh_keepalive
         # "<pid>x<n>": the x ends the pid, so no tag is the start of another.
         self.tag = tag or f"{os.getpid() % 100000}x{next(_sequence)}"
         self._named = re.compile(rf"(zltc|zlt-c|zlb){re.escape(self.tag)}(?![0-9x])")
@@ -570,6 +683,10 @@ class Cluster:
         self.lan = free_lan(self.tag)
         # The host's own address on the LAN: tests reach every node from here.
         self.host_address = IPv4Interface(f"{self.lan.network_address + 1}/24")
+        self.router_netns = f"zlt-c{self.tag}-r"
+        self.host_link = f"zltc{self.tag}h"
+        if topology == "routed":
+            self.host_address = IPv4Interface(f"{self.lan.network_address + 1}/{ROUTED_LINK}")
         self.etcd = etcd
         self.nodes = [Node(self, k) for k in range(1, size + 1)]
         self.up_seconds = 0.0
@@ -604,11 +721,14 @@ class Cluster:
         self.root.mkdir()
         me = psutil.Process()
         (self.root / OWNER).write_text(f"{me.pid} {me.create_time()}\n")
-        with IPRoute() as ip:
-            ip.link("add", ifname=self.bridge, kind="bridge")
-            index = ip.link_lookup(ifname=self.bridge)[0]
-            ip.addr("add", index=index, address=str(self.host_address.ip), prefixlen=24)
-            ip.link("set", index=index, state="up")
+        if self.topology == "routed":
+            self._make_router()
+        else:
+            with IPRoute() as ip:
+                ip.link("add", ifname=self.bridge, kind="bridge")
+                index = ip.link_lookup(ifname=self.bridge)[0]
+                ip.addr("add", index=index, address=str(self.host_address.ip), prefixlen=24)
+                ip.link("set", index=index, state="up")
         self.image_layout()
         # All at once: most of a node's start is its daemons' imports, spread over the cores.
         for node in self.nodes:
@@ -618,6 +738,123 @@ class Cluster:
         if self.etcd:
             self.wait_etcd()
         self.up_seconds = time.monotonic() - began
+
+    # ------------------------------------------------------------ the routed topology
+
+    def link_address(self, block: int) -> IPv4Interface:
+        """The second address of /29 number ``block`` of the LAN (the first is the router's,
+        or the NAT's): a node's, or a NAT namespace's outside one."""
+        link = list(self.lan.subnets(new_prefix=ROUTED_LINK))[block]
+        return IPv4Interface(f"{list(link.hosts())[1]}/{ROUTED_LINK}")
+
+    def schedd_cluster_settings(self, node: Node) -> str:
+        """The lines of a node's schedd ``[cluster]`` section ("" writes none)."""
+        lines = []
+        if not self.mesh:
+            lines.append("mesh = false")
+        if self.mesh_keepalive is not None:
+            lines.append(f"mesh_keepalive = {self.mesh_keepalive}")
+        if node.behind_nat:
+            lines.append("behind_nat = true")
+        return "".join(f"{line}\n" for line in lines)
+
+    def in_router(self, *command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``command`` in the router's network namespace (routed)."""
+        return subprocess.run(
+            ["nsenter", f"--net={NETNS_DIR / self.router_netns}", "--", *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def _in(self, namespace: str, *command: str, stdin: str | None = None) -> None:
+        done = subprocess.run(
+            ["nsenter", f"--net={NETNS_DIR / namespace}", "--", *command],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise NodeError(f"{' '.join(command)} in {namespace} failed: {done.stderr.strip()}")
+
+    def _make_router(self) -> None:
+        """The router namespace forwarding between the nodes' links, the host's link to
+        it (the host reaches the LAN through it), and a NAT namespace in front of each
+        node behind NAT (masquerading what leaves it, letting in only the replies)."""
+        netns.create(self.router_netns)
+        self._in(self.router_netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        router = self.host_address.network
+        router_ip = str(list(router.hosts())[1])
+        with IPRoute() as ip:
+            ip.link(
+                "add",
+                ifname=self.host_link,
+                kind="veth",
+                peer={"ifname": "host0", "net_ns_fd": self.router_netns},
+            )
+            index = ip.link_lookup(ifname=self.host_link)[0]
+            ip.addr("add", index=index, address=str(self.host_address.ip), prefixlen=ROUTED_LINK)
+            ip.link("set", index=index, state="up")
+            ip.route("add", dst=str(self.lan), gateway=router_ip)
+        with IPRoute(netns=self.router_netns) as inner:
+            inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
+            index = inner.link_lookup(ifname="host0")[0]
+            inner.addr("add", index=index, address=router_ip, prefixlen=ROUTED_LINK)
+            inner.link("set", index=index, state="up")
+        for node in self.nodes:
+            if node.behind_nat:
+                self._make_nat(node)
+
+    def _make_nat(self, node: Node) -> None:
+        name = node.nat_netns
+        outside = self.link_address(node.index)
+        netns.create(name)
+        self._in(name, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        link = f"zltc{self.tag}o{node.index}"
+        gateway = str(next(outside.network.hosts()))
+        with IPRoute(netns=self.router_netns) as router:
+            router.link("add", ifname=link, kind="veth", peer={"ifname": "out0", "net_ns_fd": name})
+            index = router.link_lookup(ifname=link)[0]
+            router.addr("add", index=index, address=gateway, prefixlen=ROUTED_LINK)
+            router.link("set", index=index, state="up")
+        with IPRoute(netns=name) as inner:
+            inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
+            index = inner.link_lookup(ifname="out0")[0]
+            inner.addr("add", index=index, address=str(outside.ip), prefixlen=ROUTED_LINK)
+            inner.link("set", index=index, state="up")
+            inner.route("add", dst="0.0.0.0/0", gateway=gateway)
+        self._in(
+            name,
+            "nft",
+            "-f",
+            "-",
+            stdin=(
+                "table ip nat {\n"
+                "  chain masq { type nat hook postrouting priority srcnat; "
+                'oifname "out0" masquerade; }\n'
+                "}\n"
+                "table ip filter {\n"
+                "  chain guard { type filter hook forward priority filter; policy drop;\n"
+                "    ct state established,related accept\n"
+                '    iifname != "out0" accept\n'
+                "  }\n"
+                "}\n"
+            ),
+        )
+
+    def _remove_router(self) -> None:
+        """The router, NAT namespaces and the host's link to the router, if any."""
+        with IPRoute() as ip:
+            for index in ip.link_lookup(ifname=self.host_link):
+                with contextlib.suppress(NetlinkError):
+                    ip.link("del", index=index)
+        if NETNS_DIR.is_dir():
+            for name in os.listdir(NETNS_DIR):
+                if name == self.router_netns or name.startswith(f"zlt-c{self.tag}-nat"):
+                    with contextlib.suppress(OSError):
+                        netns.remove(name)
 
     @property
     def etcd_endpoints(self) -> list[str]:
@@ -661,6 +898,10 @@ class Cluster:
             for index in ip.link_lookup(ifname=self.bridge):
                 with contextlib.suppress(NetlinkError):
                     ip.link("del", index=index)
+        try:
+            self._remove_router()
+        except Exception as exc:
+            errors.append(f"router: {exc}")
         for point in self.mounts_under(self.root):
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
         if errors and self.root.is_dir():
