@@ -26,7 +26,8 @@ component, served as ``service_type: wasm_http`` behind proxyd, under the same
 ``wrk`` load (``--duration``, ``--connections``) as
 
 - ``wasmtime serve`` of the same precompiled component on this host, hit
-  directly: the floor;
+  directly, with the flags agentd gives the replica (the same
+  ``--max-concurrent-requests``, so both sides are capped alike): the floor;
 - a busybox httpd container behind proxyd: the container peer;
 
 requests/s, p50 and p99 of each; and the time from ``zlayerctl up -b``
@@ -59,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _cluster import Cluster, percentile, print_table, running_daemons, timed_calls
 from proxy_http import free_port, wrk
 
+from daemons.agentd import wasm
 from daemons.agentd.wasm import wasmtime as wasmtime_binary
 from shared.busybox_image import busybox_image, write_oci_layout
 
@@ -112,6 +114,21 @@ def first_200(url: str, timeout: float = 120.0) -> float:
     raise SystemExit(f"{url} gave no 200 within {timeout:.0f}s")
 
 
+def direct_serve_argv(binary: str, spec: Path, compiled: Path, port: int) -> list[str]:
+    """``wasmtime serve`` of the precompiled component as agentd would run the spec's
+    service (its limits, its ``--max-concurrent-requests`` and idle timeout, its
+    capabilities), listening on ``127.0.0.1:port``, so the floor is capped alike."""
+    from shared.spec import parse_spec
+
+    (service,) = parse_spec(spec.read_text(), str(spec)).services.values()
+    flags = [*wasm.limit_flags(service), *wasm.serve_flags(service)]
+    flags[flags.index("--addr") + 1] = f"127.0.0.1:{port}"
+    capabilities = wasm.capability_flags(service)
+    capabilities[-1] += ",cli=y"
+    return [binary, "serve", "-C", "cache=n", "--allow-precompiled", *flags, *capabilities,
+            str(compiled)]  # fmt: skip
+
+
 def checked(cluster: Cluster, *args: str, timeout: float = 60.0) -> None:
     done = cluster.zlayerctl(*args, timeout=timeout)
     if done.returncode != 0:
@@ -163,10 +180,11 @@ def http_part(cluster: Cluster, work: Path, binary: str, options: argparse.Names
         )
         return path
 
+    served = wasm_spec("benchhttp", wasm_port)
     box = box_spec("benchbox", box_port)
     box_late_port = free_port()
     cold_started = time.monotonic()
-    checked(cluster, "up", "-d", str(wasm_spec("benchhttp", wasm_port)), "--timeout", "300",
+    checked(cluster, "up", "-d", str(served), "--timeout", "300",
             timeout=330)  # fmt: skip
     cold = time.monotonic() - cold_started
     checked(cluster, "up", "-d", str(box), "--timeout", "60")
@@ -190,8 +208,7 @@ def http_part(cluster: Cluster, work: Path, binary: str, options: argparse.Names
     subprocess.run([binary, "compile", "-W", "epoch-interruption=y", str(component),
                     "-o", str(compiled)], check=True)  # fmt: skip
     serve = subprocess.Popen(
-        [binary, "serve", "-C", "cache=n", "--allow-precompiled", "-W", "timeout=30000ms",
-         "-S", "tcp=n,udp=n,cli=y", "--addr", f"127.0.0.1:{direct_port}", str(compiled)],
+        direct_serve_argv(binary, served, compiled, direct_port),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
