@@ -4,11 +4,17 @@ A :class:`Cluster` of N nodes is a bridge on the host (the nodes' shared LAN,
 ``zltc<tag>``, a free /24 of 172.31.0.0/16 with the host on ``.1`` so tests
 reach every node) and, per node, a network namespace (``zlt-c<tag>-n<k>``)
 joined to it by a veth with a fixed MAC and the address ``.<10+k>``, a prefix
-of its own (config, state, run and log dirs), an overlayd bridge and subnet
-block of its own (``zlb<tag>n<k>``, ``10.90.<k>.0/24``), the six daemons with
-their private bus under ``zlayerctl daemon run``, and an etcd member (the
-members form one etcd on the LAN, ports 2379 and 2380), all started inside
-the namespace.
+of its own (config, state, run and log dirs), an overlayd bridge of its own
+(``zlb<tag>n<k>``), the six daemons with their private bus under ``zlayerctl
+daemon run``, and an etcd member (the members form one etcd on the LAN, ports
+2379 and 2380), all started inside the namespace.
+
+Replica subnets: with the harness's etcd each node's overlayd has a subnet of
+its own (``10.90.<k>.0/24``). A cluster formed by ``node init`` (``etcd=False``)
+starts every node on the same one (``10.90.0.0/16``), as every machine has
+overlayd's default: init makes it the cluster's range, and init and each join
+give the node a /24 block of it, which overlayd moves to. :attr:`Node.subnet`
+is the node's block once it has one.
 
 Each node also has a UTS namespace of its own, so its hostname is its name
 (``n1``). Only these two are entered (``nsenter --net --uts``), not the mount
@@ -120,8 +126,11 @@ def free_lan(tag: str) -> IPv4Network:
     raise NodeError(f"no /24 of {LANS} is free for a test LAN; remove stale zltc* bridges")
 
 
+SHARED_SUBNET = IPv4Network("10.90.0.0/16")  # every node's before node init (etcd=False)
+
+
 def overlay_subnet(index: int) -> IPv4Network:
-    """Node ``index``'s block for its replicas."""
+    """Node ``index``'s own subnet for its replicas, with the harness's etcd."""
     return IPv4Network(f"10.90.{index}.0/24")
 
 
@@ -145,7 +154,8 @@ class Node:
         if cluster.topology == "routed":
             self.lan = cluster.link_address(index + (PRIVATE_BLOCKS if self.behind_nat else 0))
         self.bridge = f"zlb{tag}n{index}"
-        self.subnet = overlay_subnet(index)
+        # overlayd's setting; its block of the cluster's range replaces it (``subnet``)
+        self.start_subnet = overlay_subnet(index) if cluster.etcd else SHARED_SUBNET
         self.mac = f"02:5a:4c:00:00:{index:02x}"  # unique on its cluster's LAN
         self.paths = Paths(cluster.root / self.name)
         self.workdir = cluster.root / f"{self.name}-work"
@@ -155,6 +165,18 @@ class Node:
         self.etcd_process: subprocess.Popen[bytes] | None = None
         self.image_imported = False
         self.seen_containers: set[str] = set()
+
+    @property
+    def subnet(self) -> IPv4Network:
+        """Its replicas' subnet: its block of the cluster's range once ``node init`` or
+        ``node join`` gave it one (its cluster.toml), else overlayd's setting."""
+        from shared.cluster import config as cluster_config
+
+        with contextlib.suppress(cluster_config.ClusterConfigError):
+            block = cluster_config.block_of(self.paths)
+            if block:
+                return IPv4Network(block)
+        return self.start_subnet
 
     @property
     def netns_path(self) -> Path:
@@ -470,7 +492,7 @@ class Node:
         if mesh:
             self.paths.daemon_config("schedd").write_text(f"metrics_port = 0\n[cluster]\n{mesh}")
         self.paths.daemon_config("overlayd").write_text(
-            f'metrics_port = 0\nbridge = "{self.bridge}"\nsubnet = "{self.subnet}"\n'
+            f'metrics_port = 0\nbridge = "{self.bridge}"\nsubnet = "{self.start_subnet}"\n'
         )
         self.paths.daemon_config("proxyd").write_text("metrics_port = 0\naccess_log = false\n")
 

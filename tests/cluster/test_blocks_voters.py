@@ -1,0 +1,86 @@
+"""Four nodes made one cluster on machines whose overlayd all start on the same
+subnet: each node's replicas get a block of the cluster's range of their own, the
+first three nodes are etcd voters and the fourth a client of them, and the cluster,
+the client included, keeps working when a voter dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from shared.cluster import config as cluster_config
+from tests.cluster.harness import SHARED_SUBNET, SPREAD_WEB, Cluster, Node, form, wait_healthy
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+SETTLE = 90.0
+FAILOVER_DEADLINE = 40.0  # generous: a voter's death also moves the etcd leader
+
+
+def records(node: Node) -> dict[str, dict[str, object]]:
+    """``node ls`` as ``node`` gives it, by node name."""
+    found = json.loads(node.run("node", "ls", "--format", "json", check=True).stdout)
+    return {r["name"]: r for r in found["nodes"]}
+
+
+def test_a_fourth_node_is_a_client_every_node_has_its_block_and_a_voter_may_die() -> None:
+    with Cluster(4, etcd=False) as cluster:
+        for node in cluster:
+            assert node.subnet == SHARED_SUBNET  # as every machine's overlayd default
+        form(cluster)
+        n1, n2, n3, n4 = cluster.nodes
+        listed = records(n4)
+        assert {name: r["etcd_member"] for name, r in listed.items()} == {
+            "n1": True,
+            "n2": True,
+            "n3": True,
+            "n4": False,
+        }
+        # Each node's block: a /24 of the range, no two alike, in its record, and its
+        # overlayd moved there (the bridge holds the block's gateway).
+        blocks = {node.name: node.subnet for node in cluster}
+        assert len(set(blocks.values())) == 4, blocks
+        for node in cluster:
+            block = blocks[node.name]
+            assert block.prefixlen == 24 and block.subnet_of(SHARED_SUBNET), blocks
+            assert listed[node.name]["subnet"] == str(block), listed
+            shown = node.sh("ip", "-o", "-4", "addr", "show", "dev", node.bridge, check=True)
+            assert f"{block.network_address + 1}/24" in shown.stdout, (node.name, shown.stdout)
+        assert blocks["n1"] == IPv4Network("10.90.0.0/24")  # init keeps its gateway's
+        # The client was given every voter's client URL, so it outlives any one of them.
+        client = cluster_config.load(n4.paths)
+        assert client is not None and client.etcd is None
+        voters = {f"https://{node.lan.ip}:2379" for node in (n1, n2, n3)}
+        assert set(client.etcd_endpoints) == voters, client.etcd_endpoints
+
+        name = n4.deployment_name("blocks")
+        spec = n4.spec(name, SPREAD_WEB.format(name=name, replicas=4))
+        n4.run("up", "-d", str(spec), "--timeout", "180", check=True)
+        rows = wait_healthy(cluster.nodes, name, 4, time.monotonic() + SETTLE)
+        assert sorted(len(found) for found in rows.values()) == [1, 1, 1, 1], rows
+        for node in cluster:
+            for row in rows[node.name]:
+                assert IPv4Address(row["address"]) in blocks[node.name], (node.name, row)
+
+        # A voter that does not lead dies: quorum (two of three) holds; the client still
+        # lists, places and runs, and n2's replica runs on a survivor.
+        leader = json.loads(n4.run("node", "ls", "--format", "json", check=True).stdout)
+        leader_id = leader["leader"]
+        killed = next(node for node in (n2, n3) if listed[node.name]["id"] != leader_id)
+        survivors = [node for node in cluster if node is not killed]
+        began = time.monotonic()
+        killed.kill()
+        after = wait_healthy(survivors, name, 4, began + FAILOVER_DEADLINE)
+        took = time.monotonic() - began
+        print(f"a voter killed: 4 replicas healthy on the survivors {took:.1f} s later")
+        assert len(after["n4"]) >= 1, after
+        deadline = time.monotonic() + 30
+        while killed.name in records(n4):
+            assert time.monotonic() < deadline, f"{killed.name} still listed"
+            time.sleep(0.5)
+        # a write through the client: the deployment goes
+        n4.run("down", name, timeout=120, check=True)
