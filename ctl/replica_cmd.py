@@ -2,17 +2,26 @@
 
 Logs are read straight from the files agentd names (``LogPaths``), so
 following a busy replica never floods the bus; ``exec`` hands agentd this
-terminal's file descriptors and exits with the command's exit code. Through a
-node's API (``--host``), logs come from its NDJSON logs stream and exec from
-its exec route (``ctl.remote``), with the same output and exit codes.
+terminal's file descriptors and exits with the command's exit code. In a
+cluster a replica another node runs is reached through that node
+(``shared.cluster.remote``: ``Node1.Logs`` and ``Node1.Exec``), with the same
+output and exit codes. Through a node's API (``--host``), logs come from its
+NDJSON logs stream and exec from its exec route (``ctl.remote``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import sys
+import termios
+import threading
+import tty as ttys
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,6 +32,10 @@ from shared.k8slog import LogLine
 from shared.replicas import first_running, select_replicas
 from shared.wire.agent import ReplicaInfo
 from shared.wire.api import LogLine as WireLogLine
+
+if TYPE_CHECKING:
+    from shared.cluster.remote import NodeReach, Placed
+    from shared.wire.peer import LogsChunk
 
 
 async def _chosen(
@@ -109,6 +122,67 @@ async def _remote_logs(
         await asyncio.gather(*(show(replica, 0, True) for replica in chosen))
 
 
+async def _located(
+    client: Client, deployment: str, service: str, instance: int | None
+) -> tuple[list[Placed], NodeReach]:
+    """The replicas meant, on whichever node of the cluster runs each (as the API's routes
+    find them: shared.cluster.remote.locate), and how to reach the other nodes."""
+    from ctl.client import LocalClient
+    from shared.cluster.remote import NodeReach, locate
+
+    assert isinstance(client, LocalClient)
+    placed = await locate(client.agent, client.scheduler, deployment, service, instance)
+    return placed, NodeReach(client.paths)
+
+
+async def _node_logs(
+    client: Client,
+    deployment: str,
+    service: str,
+    follow: bool,
+    tail: int | None,
+    instance: int | None,
+    timestamps: bool,
+) -> None:
+    """Each replica's lines, one replica after another, then with ``follow`` new lines from
+    all at once: this node's from their files, another node's through it."""
+    placed, reach = await _located(client, deployment, service, instance)
+    followers = []
+    try:
+        for one in placed:
+            replica = one.replica
+            prefix = f"{service}-{replica.instance} | " if len(placed) > 1 else ""
+            if not one.here:
+                lines = reach.logs(one, tail, follow)
+                async for chunk in lines:
+                    for sent in chunk.lines:
+                        _emit(_as_local(sent), prefix, timestamps)
+                    if chunk.caught_up:
+                        break
+                if follow:
+                    followers.append(_follow_remote(lines, prefix, timestamps))
+                else:
+                    await lines.aclose()
+                continue
+            paths = list(await client.agent.log_paths(replica.id))
+            for line in logread.read_lines(paths, tail):
+                _emit(line, prefix, timestamps)
+            if follow and paths:
+                current = paths[-1]
+                followers.append(_follow(current, prefix, timestamps, logread.end_offset(current)))
+        if followers:
+            await asyncio.gather(*followers)
+    finally:
+        for follower in followers:
+            follower.close()
+
+
+async def _follow_remote(chunks: AsyncIterator[LogsChunk], prefix: str, timestamps: bool) -> None:
+    async for chunk in chunks:
+        for line in chunk.lines:
+            _emit(_as_local(line), prefix, timestamps)
+
+
 def _as_local(line: WireLogLine) -> LogLine:
     """A line of the API's logs stream as the log files give it (its time in this zone)."""
     when = None if line.time is None else datetime.fromtimestamp(line.time).astimezone()
@@ -140,18 +214,7 @@ def logs(
             return
         if await _print_last_run(client, target, service, tail, timestamps):
             return
-        chosen = await _chosen(client, target, service, instance)
-        followers = []
-        for replica in chosen:
-            paths = list(await client.agent.log_paths(replica.id))
-            prefix = f"{service}-{replica.instance} | " if len(chosen) > 1 else ""
-            for line in logread.read_lines(paths, tail):
-                _emit(line, prefix, timestamps)
-            if follow and paths:
-                current = paths[-1]
-                followers.append(_follow(current, prefix, timestamps, logread.end_offset(current)))
-        if followers:
-            await asyncio.gather(*followers)
+        await _node_logs(client, target, service, follow, tail, instance, timestamps)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
@@ -173,12 +236,90 @@ def exec_(
     async def run() -> int:
         client = Client()
         target = await resolve_deployment(client, deployment)
-        replicas = await _chosen(client, target, service, instance)
-        running = first_running(replicas, service)
-        return await client.agent.exec(running.id, list(command), tty, 0, 1, 2)
+        if client.remote:
+            replicas = await _chosen(client, target, service, instance)
+            running = first_running(replicas, service)
+            return await client.agent.exec(running.id, list(command), tty, 0, 1, 2)
+        from shared.cluster import remote
+
+        placed, reach = await _located(client, target, service, instance)
+        where = remote.first_running(placed, service)
+        if not where.here:
+            return await _exec_on_node(reach, where, list(command), tty)
+        return await client.agent.exec(where.replica.id, list(command), tty, 0, 1, 2)
 
     sys.stdout.flush()
     raise SystemExit(asyncio.run(run()))
 
 
 exec_.name = "exec"
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) -> None:
+    """This process's stdin into ``queue`` (b"" at its end), in a thread of its own: a
+    terminal or a file cannot be watched by the event loop, and a daemon thread blocked in
+    read does not hold the exit."""
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(0, 64 * 1024)
+            except OSError:
+                data = b""
+            loop.call_soon_threadsafe(queue.put_nowait, data)
+            if not data:
+                return
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _raw_terminal(on: bool) -> Iterator[None]:
+    """This terminal raw while a command with a terminal of its own runs (its keys go to
+    it as typed, ^C included), as it was after."""
+    if not on:
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    ttys.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+async def _exec_on_node(reach: NodeReach, placed: Placed, command: list[str], tty: bool) -> int:
+    """The command in a replica another node runs: this stdin to it, its output here (with
+    ``tty`` this terminal's size and its changes too); its exit code."""
+    terminal = tty and os.isatty(0)
+    cols, rows = os.get_terminal_size(0) if terminal else (0, 0)
+    loop = asyncio.get_running_loop()
+    async with reach.exec(placed, command, tty=tty, cols=cols, rows=rows) as run:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        _read_stdin(loop, queue)
+
+        async def pump() -> None:
+            while data := await queue.get():
+                await run.write(data)
+            await run.end_input()
+
+        resizes: set[asyncio.Task[None]] = set()
+
+        def resized() -> None:
+            size = os.get_terminal_size(0)
+            task = loop.create_task(run.resize(size.columns, size.lines))
+            resizes.add(task)
+            task.add_done_callback(resizes.discard)
+
+        if terminal:
+            loop.add_signal_handler(signal.SIGWINCH, resized)
+        sending = asyncio.create_task(pump())
+        try:
+            with _raw_terminal(terminal):
+                async for stream, data in run.output():
+                    os.write(2 if stream == "stderr" else 1, data)
+        finally:
+            sending.cancel()
+            if terminal:
+                loop.remove_signal_handler(signal.SIGWINCH)
+        return run.exit_code if run.exit_code is not None else 1

@@ -6,20 +6,19 @@ Logs are read from the files agentd names (``LogPaths``) with the reader
 ``LogLine`` per line. Exec hands agentd pipes apid made and collects what
 comes out of them: bounded in size (``EXEC_OUTPUT_LIMIT``) and time
 (``?timeout=``) for the JSON route, relayed frame by frame over the
-WebSocket one.
+WebSocket one. In a cluster a replica another node runs is reached through
+that node (``shared.cluster.remote``), with the same bounds; the caller's
+token and role are checked here first, as for this node's replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
-import struct
-import termios
 from collections.abc import AsyncGenerator
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -28,12 +27,22 @@ from daemons.apid.problems import ApiProblem, problem_for, unexpected_problem
 from daemons.apid.routing import Role, route
 from shared import logread
 from shared.bus import NotFoundError
-from shared.clients import AgentClient
-from shared.k8slog import LogLine as FileLine
-from shared.replicas import first_running, select_replicas
+from shared.clients import AgentClient, SchedulerClient
+from shared.cluster.remote import NodeReach, Placed, first_running, locate
+from shared.execpipes import (
+    DRAIN_AFTER_EXIT,
+    MAX_TERMINAL_SIDE,
+    READ_CHUNK,
+    chunks,
+    pipe_writer,
+    set_size,
+)
+from shared.execpipes import close_fds as _close
+from shared.paths import Paths
 from shared.wire import encode
-from shared.wire.agent import JobRun, ReplicaInfo
+from shared.wire.agent import JobRun
 from shared.wire.api import ExecRequest, ExecResult, LogLine
+from shared.wire.peer import LogsChunk
 from shared.wire.scheduler import CronSchedule
 
 NDJSON = "application/x-ndjson"
@@ -46,10 +55,7 @@ LIVENESS_CHECK = 5.0  # seconds between checks that a follower of a quiet log is
 EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024  # bytes of stdout and stderr together
 EXEC_TIMEOUT = 60  # seconds, unless ?timeout= says otherwise
 EXEC_MAX_TIMEOUT = 3600
-DRAIN_AFTER_EXIT = 2.0  # a background child may keep the output open after the command ends
 WS_EXIT_GRACE = 10.0  # after the client closed: how long the command has to end on its EOF
-READ_CHUNK = 64 * 1024
-MAX_TERMINAL_SIDE = 65535  # a terminal's columns and rows are unsigned shorts
 WS_UNSUPPORTED = 1003  # the close code of a frame the route does not take
 BAD_TEXT_FRAME = (
     'a text frame must be {"resize": {"cols": C, "rows": R}} (1 to 65535 each); '
@@ -60,48 +66,57 @@ BAD_TEXT_FRAME = (
 # ---------------------------------------------------------------- replicas
 
 
-async def chosen_replicas(
-    agent: AgentClient, deployment: str, service: str, which: str
-) -> list[ReplicaInfo]:
-    """The replicas ``which`` names (every one for ""), as ``zlayerctl logs`` picks them."""
-    replicas = await agent.list_replicas(deployment, service)
-    return select_replicas(replicas, deployment, service, which)
+_reach: list[NodeReach] = []  # made at the first call to another node
 
 
-async def running_replica(
-    agent: AgentClient, deployment: str, service: str, which: str
-) -> ReplicaInfo:
-    return first_running(await chosen_replicas(agent, deployment, service, which), service)
+def node_reach() -> NodeReach:
+    """How apid reaches the replicas of the cluster's other nodes (this node's certificate)."""
+    if not _reach:
+        _reach.append(NodeReach(Paths.from_env()))
+    return _reach[0]
+
+
+async def running_placed(
+    agent: AgentClient, scheduler: SchedulerClient, deployment: str, service: str, which: str
+) -> Placed:
+    """The first running replica ``which`` names, on whichever node runs it."""
+    return first_running(await locate(agent, scheduler, deployment, service, which), service)
 
 
 # ---------------------------------------------------------------- logs
 
 
-def _wire_line(replica: str, line: FileLine) -> LogLine:
-    stream: Literal["stdout", "stderr"] = "stderr" if line.stream == "stderr" else "stdout"
-    when = line.time.timestamp() if line.time else None
-    return LogLine(replica=replica, stream=stream, time=when, line=line.text)
-
-
 async def _log_sources(
-    agent: AgentClient, deployment: str, service: str, which: str
-) -> list[tuple[str, list[str]]]:
-    """(replica id, its log files) to read: the chosen replicas, or a job's last run when
-    no run is going (what ``zlayerctl logs JOB`` prints)."""
+    agent: AgentClient, scheduler: SchedulerClient, deployment: str, service: str, which: str
+) -> list[tuple[str, list[str]] | Placed]:
+    """(replica id, its log files) to read, or a replica another node runs: the chosen
+    replicas, or a job's last run when no run is going (what ``zlayerctl logs JOB``
+    prints)."""
     if not which and not await agent.list_replicas(deployment, service):
         runs = await agent.list_job_runs(deployment, service)
         if runs:
             run_id = f"{deployment}-{service}-{runs[0].id}"  # newest first
             return [(run_id, list(await agent.log_paths(run_id)))]
-    chosen = await chosen_replicas(agent, deployment, service, which)
-    return [(r.id, list(await agent.log_paths(r.id))) for r in chosen]
+    placed = await locate(agent, scheduler, deployment, service, which)
+    return [
+        (p.replica.id, list(await agent.log_paths(p.replica.id))) if p.here else p for p in placed
+    ]
 
 
-def _history(paths: list[str], tail: int | None, follow: bool) -> tuple[int | None, list[FileLine]]:
-    """Where following the newest file starts (None: not followed) and the lines so far,
-    read off the event loop. The start is taken first, so no line falls in between."""
-    start = logread.end_offset(paths[-1]) if follow and paths else None
-    return start, logread.read_lines(paths, tail)
+async def _far_history(
+    placed: Placed, tail: int | None, follow: bool
+) -> tuple[list[LogLine], AsyncGenerator[LogsChunk, None] | None]:
+    """A replica of another node: its lines so far, and its stream of new ones to follow."""
+    stream = node_reach().logs(placed, tail, follow)
+    lines: list[LogLine] = []
+    async for chunk in stream:
+        lines += chunk.lines
+        if chunk.caught_up:
+            break
+    if follow:
+        return lines, stream
+    await stream.aclose()
+    return lines, None
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -110,16 +125,27 @@ def _client_gone(request: web.Request) -> bool:
 
 
 async def _follow_all(
-    request: web.Request, response: web.StreamResponse, followed: list[tuple[str, str, int]]
+    request: web.Request,
+    response: web.StreamResponse,
+    followed: list[tuple[str, str, int]],
+    far: list[AsyncGenerator[LogsChunk, None]],
 ) -> None:
-    """Write what is appended to each (replica, file, offset) until the client leaves."""
+    """Write what is appended to each (replica, file, offset), and what each stream of
+    another node's replica brings, until the client leaves."""
     queue: asyncio.Queue[LogLine] = asyncio.Queue(maxsize=10_000)
 
     async def one(replica: str, path: str, offset: int) -> None:
         async for line in logread.follow(path, offset):
-            await queue.put(_wire_line(replica, line))
+            await queue.put(logread.wire_line(replica, line))
+
+    async def far_one(stream: AsyncGenerator[LogsChunk, None]) -> None:
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                for line in chunk.lines:
+                    await queue.put(line)
 
     tasks = [asyncio.create_task(one(*item)) for item in followed]
+    tasks += [asyncio.create_task(far_one(stream)) for stream in far]
     try:
         while True:
             try:
@@ -159,27 +185,48 @@ async def service_logs(request: web.Request) -> web.StreamResponse:
     if request.query.get("tail", "") != "":
         tail = query_int(request, "tail", 0, 0, MAX_TAIL)
     follow = query_flag(request, "follow")
+    clients = api(request)
     sources = await _log_sources(
-        api(request).agent, deployment, service, request.query.get("replica", "")
+        clients.agent, clients.scheduler, deployment, service, request.query.get("replica", "")
     )
-    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
-    await response.prepare(request)
+    # Every replica's lines so far before the reply starts: another node that does not
+    # answer is a problem document, not a cut stream.
+    histories: list[list[LogLine]] = []
     followed: list[tuple[str, str, int]] = []
+    far: list[AsyncGenerator[LogsChunk, None]] = []
     try:
-        for replica, paths in sources:
-            start, lines = await asyncio.to_thread(_history, paths, tail, follow)
+        for source in sources:
+            if isinstance(source, Placed):
+                lines, stream = await _far_history(source, tail, follow)
+                histories.append(lines)
+                if stream is not None:
+                    far.append(stream)
+                continue
+            replica, paths = source
+            start, found = await asyncio.to_thread(logread.history, paths, tail, follow)
             if start is not None:
                 followed.append((replica, paths[-1], start))
+            histories.append([logread.wire_line(replica, line) for line in found])
+    except BaseException:
+        for stream in far:
+            await stream.aclose()
+        raise
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+    try:
+        await response.prepare(request)
+        for lines in histories:
             for start in range(0, len(lines), 1000):
                 chunk = lines[start : start + 1000]
-                await response.write(
-                    "".join(encode(_wire_line(replica, line)) + "\n" for line in chunk).encode()
-                )
-        if followed:
-            await _follow_all(request, response, followed)
+                await response.write("".join(encode(line) + "\n" for line in chunk).encode())
+        if followed or far:
+            await _follow_all(request, response, followed, far)
+            far = []
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client left
+    finally:
+        for stream in far:
+            await stream.aclose()
     return response
 
 
@@ -226,10 +273,43 @@ class _Collected:
                     await event.wait()
 
 
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+def _too_much(limit: int) -> ApiProblem:
+    return ApiProblem(
+        422,
+        f"the command wrote more than {limit // (1024 * 1024)} MiB; "
+        "use the exec WebSocket (exec/ws) for large output, or write it to a file",
+    )
+
+
+def _too_long(timeout: float) -> ApiProblem:
+    return ApiProblem(
+        504,
+        f"the command did not end within {timeout:g} s and its output was dropped; "
+        f"raise ?timeout= (at most {EXEC_MAX_TIMEOUT}) or use the exec WebSocket (exec/ws)",
+    )
+
+
+async def run_on_node(placed: Placed, command: list[str], timeout: float, limit: int) -> ExecResult:
+    """:func:`run_collected` for a replica another node runs, with the same bounds: the
+    command's stdin empty, its output kept up to ``limit`` for ``timeout`` at most."""
+    out = {"stdout": bytearray(), "stderr": bytearray()}
+    total = 0
+    async with node_reach().exec(placed, command) as run:
+        await run.end_input()
+        try:
+            async with asyncio.timeout(timeout):
+                async for stream, data in run.output():
+                    out[stream] += data
+                    total += len(data)
+                    if total > limit:
+                        raise _too_much(limit)
+        except TimeoutError:
+            raise _too_long(timeout) from None
+    return ExecResult(
+        exit_code=run.exit_code if run.exit_code is not None else -1,
+        stdout=out["stdout"].decode(errors="replace"),
+        stderr=out["stderr"].decode(errors="replace"),
+    )
 
 
 async def run_collected(
@@ -253,27 +333,15 @@ async def run_collected(
     try:
         done, _ = await asyncio.wait({call, over}, timeout=timeout, return_when="FIRST_COMPLETED")
         if collected.over.is_set():
-            raise ApiProblem(
-                422,
-                f"the command wrote more than {limit // (1024 * 1024)} MiB; "
-                "use the exec WebSocket (exec/ws) for large output, or write it to a file",
-            )
+            raise _too_much(limit)
         if call not in done:
-            raise ApiProblem(
-                504,
-                f"the command did not end within {timeout:g} s and its output was dropped; "
-                f"raise ?timeout= (at most {EXEC_MAX_TIMEOUT}) or use the exec WebSocket (exec/ws)",
-            )
+            raise _too_long(timeout)
         exit_code = call.result()
         _close(ours)
         ours = []
         await collected.until_ended(DRAIN_AFTER_EXIT)
         if collected.over.is_set():
-            raise ApiProblem(
-                422,
-                f"the command wrote more than {limit // (1024 * 1024)} MiB; "
-                "use the exec WebSocket (exec/ws) for large output, or write it to a file",
-            )
+            raise _too_much(limit)
         return ExecResult(
             exit_code=exit_code,
             stdout=collected.data[out_r].decode(errors="replace"),
@@ -310,53 +378,26 @@ async def service_exec(request: web.Request) -> web.StreamResponse:
     if not asked.command or not asked.command[0]:
         raise ApiProblem(400, "the command is empty; send at least the program to run")
     timeout = query_int(request, "timeout", EXEC_TIMEOUT, 1, EXEC_MAX_TIMEOUT)
-    agent = api(request).agent
-    replica = await running_replica(agent, deployment, service, asked.replica)
-    result = await run_collected(agent, replica.id, asked.command, timeout, EXEC_OUTPUT_LIMIT)
-    return reply(result)
-
-
-async def _pipe_writer(fd: int) -> asyncio.StreamWriter:
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", buffering=0)
+    clients = api(request)
+    placed = await running_placed(
+        clients.agent, clients.scheduler, deployment, service, asked.replica
     )
-    return asyncio.StreamWriter(transport, protocol, None, loop)
-
-
-async def _chunks(fd: int) -> AsyncGenerator[bytes, None]:
-    """What can be read from the pipe ``fd`` as it comes, to its end."""
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    readable = asyncio.Event()
-    loop.add_reader(fd, readable.set)
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                readable.clear()
-                await readable.wait()
-                continue
-            if not chunk:
-                return
-            yield chunk
-    finally:
-        loop.remove_reader(fd)
+    if not placed.here:
+        result = await run_on_node(placed, asked.command, timeout, EXEC_OUTPUT_LIMIT)
+    else:
+        result = await run_collected(
+            clients.agent, placed.replica.id, asked.command, timeout, EXEC_OUTPUT_LIMIT
+        )
+    return reply(result)
 
 
 async def _relay_output(fd: int, ws: web.WebSocketResponse) -> None:
     # aclosing: the reader is removed from the loop here, before the fd is closed
-    async with contextlib.aclosing(_chunks(fd)) as chunks:
-        async for chunk in chunks:
+    async with contextlib.aclosing(chunks(fd)) as found:
+        async for chunk in found:
             if ws.closed:
                 return
             await ws.send_bytes(chunk)
-
-
-def _set_size(terminal: int, cols: int, rows: int) -> None:
-    """The terminal's size as the command sees it (``stty size``, $COLUMNS, SIGWINCH)."""
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def _resize(text: str) -> tuple[int, int] | None:
@@ -391,7 +432,7 @@ async def _relay_input(
                     await ws.close(code=WS_UNSUPPORTED, message=BAD_TEXT_FRAME.encode())
                     break
                 if terminal is not None:
-                    _set_size(terminal, *size)
+                    set_size(terminal, *size)
                 continue
             else:
                 break
@@ -433,8 +474,14 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
     rows = query_int(request, "rows", 0, 1, MAX_TERMINAL_SIDE)
     if bool(cols) != bool(rows):
         raise ApiProblem(400, "give the terminal's size as both ?cols= and ?rows=, or neither")
-    agent = api(request).agent
-    replica = await running_replica(agent, deployment, service, request.query.get("replica", ""))
+    clients = api(request)
+    agent = clients.agent
+    placed = await running_placed(
+        agent, clients.scheduler, deployment, service, request.query.get("replica", "")
+    )
+    if not placed.here:
+        return await _exec_ws_on_node(request, placed, command, tty, cols, rows)
+    replica = placed.replica
     try:
         if tty:
             # The runtime wants a terminal as its stdin for --tty (it sets it raw) and
@@ -442,7 +489,7 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
             # the client's input goes to the near end; the output comes through a pipe.
             stdin_w, stdin_r = os.openpty()
             if cols:
-                _set_size(stdin_w, cols, rows)
+                set_size(stdin_w, cols, rows)
         else:
             stdin_r, stdin_w = os.pipe()
     except OSError as exc:
@@ -458,7 +505,7 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
         _close([*ours, stdin_w, out_r])
         raise
     call = asyncio.ensure_future(agent.exec(replica.id, command, tty, stdin_r, out_w, out_w))
-    writer = await _pipe_writer(stdin_w)
+    writer = await pipe_writer(stdin_w)
     output = asyncio.create_task(_relay_output(out_r, ws))
     relay_in = asyncio.create_task(_relay_input(ws, writer, stdin_w if tty else None))
     try:
@@ -486,6 +533,59 @@ async def service_exec_ws(request: web.Request) -> web.StreamResponse:
         await asyncio.gather(output, relay_in, call, return_exceptions=True)
         _close([*ours, out_r])
         await ws.close()
+    return ws
+
+
+async def _exec_ws_on_node(
+    request: web.Request, placed: Placed, command: list[str], tty: bool, cols: int, rows: int
+) -> web.WebSocketResponse:
+    """The exec WebSocket for a replica another node runs: its frames to and from that
+    node's Exec, stderr with stdout as here; the node not answering is a problem document
+    before the socket opens."""
+    async with node_reach().exec(placed, command, tty=tty, cols=cols, rows=rows, merge=True) as run:
+        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=READ_CHUNK * 16)
+        await ws.prepare(request)
+
+        async def relay_out() -> None:
+            async for _stream, data in run.output():
+                if ws.closed:
+                    return
+                await ws.send_bytes(data)
+
+        async def relay_in() -> None:
+            try:
+                async for message in ws:
+                    if message.type == WSMsgType.BINARY:
+                        await run.write(message.data)
+                    elif message.type == WSMsgType.TEXT:
+                        size = _resize(message.data)
+                        if size is None:
+                            await ws.close(code=WS_UNSUPPORTED, message=BAD_TEXT_FRAME.encode())
+                            break
+                        await run.resize(*size)
+                    else:
+                        break
+            finally:
+                await run.end_input()
+
+        output = asyncio.create_task(relay_out())
+        relay = asyncio.create_task(relay_in())
+        try:
+            await asyncio.wait({output, relay}, return_when="FIRST_COMPLETED")
+            if not output.done():  # the client closed: the command has its stdin's end
+                await asyncio.wait({output}, timeout=WS_EXIT_GRACE)
+            if output.done() and not ws.closed:
+                error = output.exception()
+                if error is None:
+                    await ws.send_str(json.dumps({"exit_code": run.exit_code}))
+                else:
+                    problem = problem_for(error) or unexpected_problem(request, error)
+                    await ws.send_str(problem.text or "{}")
+        finally:
+            for task in (output, relay):
+                task.cancel()
+            await asyncio.gather(output, relay, return_exceptions=True)
+            await ws.close()
     return ws
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc  # type: ignore[import-untyped]
 
-from shared import logread
+from shared import logread, replicas
 from shared.bus import InvalidArgumentError, UnavailableError
 from shared.cluster import pki
 from shared.cluster.peer import (
@@ -134,6 +134,12 @@ async def locate(
     ]
 
 
+def first_running(placed: list[Placed], service: str) -> Placed:
+    """Where exec goes: the first running one (``shared.replicas.first_running``)."""
+    running = replicas.first_running([p.replica for p in placed], service)
+    return next(p for p in placed if p.replica.id == running.id)
+
+
 # ---------------------------------------------------------------- the calling node
 
 
@@ -191,7 +197,7 @@ class NodeReach:
 
     async def logs(
         self, placed: Placed, tail: int | None = None, follow: bool = False
-    ) -> AsyncIterator[LogsChunk]:
+    ) -> AsyncGenerator[LogsChunk, None]:
         """The replica's lines (the last ``tail``), a chunk ``caught_up``, then with
         ``follow`` its new lines for as long as the caller reads."""
         chan, where = await self._channel(placed)
