@@ -163,7 +163,13 @@ class PipedExec:
             pass  # the command closed its stdin or ended
 
     def end_input(self) -> None:
-        """The command's stdin at its end (a terminal gets no EOF this way: ^D is input)."""
+        """The command's stdin at its end. Not a terminal's: closing it would hang the
+        terminal up (a terminal's end of input is a ^D the caller types)."""
+        if self.terminal is None:
+            self.hang_up()
+
+    def hang_up(self) -> None:
+        """The caller is gone: stdin at its end, a terminal hung up."""
         if self._writer is not None and not self._writer.is_closing():
             self._writer.close()
 

@@ -285,7 +285,8 @@ class RemoteExec:
         await self._send(ExecInput(cols=cols, rows=rows))
 
     async def end_input(self) -> None:
-        """The command's stdin at its end."""
+        """The command's stdin at its end, and this side's messages (with a terminal the
+        command's terminal hangs up: leave it open while the command should read)."""
         if self._input_done:
             return
         await self._send(ExecInput(eof=True))
@@ -411,8 +412,8 @@ class ReplicaCalls:
                 if message.cols and message.rows:
                     session.resize(message.cols, message.rows)
                 if message.eof:
-                    break
-            session.end_input()  # the caller's side ended: so does the command's stdin
+                    session.end_input()
+            session.hang_up()  # the caller's side ended: a terminal hangs up
 
         async def relay() -> None:
             async for stream, data in session.output():

@@ -1,0 +1,227 @@
+"""logs and exec across a three-node cluster: from n1, `zlayerctl logs` of a replica n2
+runs shows its output (and `-f` follows it), `zlayerctl exec` in a replica n3 runs runs
+there (its hostname, environment, stdin and exit code), the REST API's routes do the
+same through n1's apid, and a node that died gives one sentence naming it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ctl.supervisor import find_executable
+from tests.cluster.harness import Cluster, Node, form, wait_healthy
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+SETTLE = 90.0
+API = "http://127.0.0.1:3669"  # apid's default, inside each node's namespace
+
+# Every replica counts its lines, each naming its hostname (<deployment>-talk-<instance>).
+TALK = """
+version: v1
+deployment: {name}
+services:
+  talk:
+    image: zlayer/busybox:latest
+    env:
+      GREETING: hello-from-the-spec
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - i=0; while true; do i=$((i+1)); echo "line $i of $(hostname)"; sleep 0.2; done
+    scale: {{mode: fixed, replicas: 3}}
+    affinity: spread
+    stop_grace_period: 1s
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: command, command: "true"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """Three nodes made one cluster by node init on n1 and node join on the others."""
+    with Cluster(3, etcd=False) as started:
+        form(started)
+        yield started
+    left = started.leftovers()
+    assert not left, f"the cluster left these behind: {left}"
+
+
+def ctl(
+    node: Node, *args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """zlayerctl on ``node`` with ``stdin`` as its standard input."""
+    result = subprocess.run(
+        node.inside(find_executable("zlayerctl"), *args),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or node.env,
+        cwd=node.workdir,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def instance_on(rows: dict[str, list[dict[str, Any]]], node: Node) -> int:
+    (row,) = rows[node.name]
+    return int(row["instance"])
+
+
+def follow_for(node: Node, seconds: float, *args: str) -> str:
+    """What ``zlayerctl logs -f ARGS`` prints on ``node`` in ``seconds``, then it is stopped
+    (SIGINT, as a person's ^C)."""
+    process = subprocess.Popen(
+        node.inside(find_executable("zlayerctl"), "logs", "-f", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=node.env,
+        cwd=node.workdir,
+    )
+    try:
+        time.sleep(seconds)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Traceback" not in err, err
+    return out
+
+
+def numbers(out: str, host: str) -> list[int]:
+    """The counters of the lines ``host`` wrote, in the order printed."""
+    found = []
+    for line in out.splitlines():
+        words = line.split()
+        if words[-1:] == [host] and "line" in words:
+            found.append(int(words[words.index("line") + 1]))
+    return found
+
+
+def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
+    n1, n2, n3 = cluster
+    name = n1.deployment_name("talk")
+    spec = n1.spec(name, TALK.format(name=name))
+    try:
+        n1.run("up", "-d", str(spec), "--timeout", "120", check=True)
+        rows = wait_healthy(cluster.nodes, name, 3, time.monotonic() + SETTLE)
+        assert sorted(len(found) for found in rows.values()) == [1, 1, 1], rows
+        on_n2, on_n3 = instance_on(rows, n2), instance_on(rows, n3)
+        host2, host3 = f"{name}-talk-{on_n2}", f"{name}-talk-{on_n3}"
+
+        # logs of n2's replica, from n1: its own lines, in order
+        out = ctl(n1, "logs", "-d", name, "talk", "--instance", str(on_n2), "-n", "5")
+        assert out.returncode == 0, out.stderr
+        counted = numbers(out.stdout, host2)
+        assert len(counted) == 5 and counted == sorted(counted), out.stdout
+        assert all(line.endswith(host2) for line in out.stdout.splitlines()), out.stdout
+
+        # -f: lines written after the call come too
+        followed = numbers(
+            follow_for(n1, 3.0, "-d", name, "talk", "--instance", str(on_n2), "-n", "1"), host2
+        )
+        assert len(followed) >= 4 and followed == sorted(followed), followed
+        assert followed[-1] > counted[-1], (counted, followed)
+
+        # every replica at once: each node's lines, prefixed with its replica
+        out = ctl(n1, "logs", "-d", name, "talk", "-n", "2")
+        assert out.returncode == 0, out.stderr
+        for node in cluster:
+            instance = instance_on(rows, node)
+            prefix = f"talk-{instance} | "
+            mine = [line for line in out.stdout.splitlines() if line.startswith(prefix)]
+            assert len(mine) == 2, (node.name, out.stdout)
+            assert all(line.endswith(f"{name}-talk-{instance}") for line in mine), out.stdout
+
+        # exec in n3's replica, from n1: it runs there, with the spec's environment,
+        # this stdin, and its exit code comes back
+        script = 'hostname; echo "$GREETING"; cat; echo oops >&2; exit 7'
+        out = ctl(
+            n1,
+            "exec",
+            "-d",
+            name,
+            "--replica",
+            str(on_n3),
+            "talk",
+            "--",
+            "sh",
+            "-c",
+            script,
+            stdin="from-n1-stdin\n",
+        )
+        assert out.returncode == 7, out.stderr
+        assert out.stdout.splitlines() == [host3, "hello-from-the-spec", "from-n1-stdin"], out
+        assert out.stderr.strip() == "oops", out.stderr
+
+        # the REST API on n1 reaches them too (zlayerctl --host: its logs and exec routes)
+        token = n1.run("token", "create", "remote-test", "--role", "operator", check=True)
+        api_env = dict(n1.env, ZLAYER_TOKEN=token.stdout.strip())
+        api_env["XDG_CONFIG_HOME"] = str(n1.workdir / "config")
+        out = ctl(
+            n1,
+            "--host",
+            API,
+            "logs",
+            "-d",
+            name,
+            "talk",
+            "--instance",
+            str(on_n2),
+            "-n",
+            "3",
+            env=api_env,
+        )
+        assert out.returncode == 0, out.stderr
+        assert len(numbers(out.stdout, host2)) == 3, out.stdout
+        out = ctl(
+            n1,
+            "--host",
+            API,
+            "exec",
+            "-d",
+            name,
+            "--replica",
+            str(on_n3),
+            "talk",
+            "--",
+            "sh",
+            "-c",
+            'hostname; echo "$GREETING"; echo bad >&2; exit 3',
+            env=api_env,
+        )
+        assert out.returncode == 3, out.stderr
+        assert out.stdout.splitlines() == [host3, "hello-from-the-spec"], out.stdout
+        assert out.stderr.strip() == "bad", out.stderr
+
+        # a node that died: one sentence naming it (before its lease lapses), or its
+        # replica already gone from the listing; never a traceback
+        listing = json.loads(
+            n1.run("ps", "--containers", "-d", name, "--format", "json", check=True).stdout
+        )
+        n3_id = next(r["node"] for r in listing if r["instance"] == on_n3)
+        n3.kill()
+        out = ctl(n1, "exec", "-d", name, "--replica", str(on_n3), "talk", "--", "true")
+        assert out.returncode != 0, out
+        said = out.stderr.strip()
+        assert said.count("\n") == 0, said
+        assert f"node {n3.name} (" in said and "does not answer" in said, (said, n3_id)
+    finally:
+        if not n3.alive:
+            n3.restart()
+        n1.run("down", name, timeout=120)
