@@ -15,6 +15,19 @@
   the one held is ignored; until the first one is read the node sends agentd
   nothing, so a node that comes back neither starts nor keeps anything
   before it knows what it owns.
+- **Draining** (``node drain``): a replica on a draining node is placed again
+  on a ready node, and stays placed on the draining node too
+  (:class:`Handover`) until its new copy has been published healthy for
+  :data:`HANDOVER_SETTLE` seconds, time for every node's reconcile pass to put
+  it in its proxyd's routes; only then does the draining node's document lose
+  it. A replica that fits nowhere else stays where it is.
+- **Leaving**: a replica taken off this node while it is in the cluster is
+  unpublished first (every other node's proxyd drops it), kept running for
+  :data:`LEAVE_DRAIN` seconds (as a rollout drains an old replica), then
+  stopped. A node cut off from etcd for longer than its lease
+  (:attr:`Membership.fenced`) owns nothing and stops its replicas through
+  agentd at once (its reconcile pass cannot read the desired state then); back
+  in the cluster it takes only a document of a newer generation than it held.
 - **Status**: each node publishes its replicas (``KEYS["replicas"]``, bound
   to its lease, so they go with it) and reads every other node's, which the
   traffic views carry as backends at their own addresses.
@@ -25,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +63,11 @@ log = logging.getLogger("zlayer.schedd.placement")
 PLACE_INTERVAL = 2.0  # seconds: the leader places again at least this often
 RETRY = 0.5  # seconds before a broken watch is made again
 CHECK = 0.25  # seconds: how often the leader looks whether the node set changed
+HOLDING_INTERVAL = 0.5  # seconds: the leader places this often while a handover waits
+HANDOVER_SETTLE = 2.0  # seconds a moved replica is healthy before its old copy leaves
+LEAVE_DRAIN = 2.0  # seconds a replica leaving this node runs unpublished before it stops
+FENCE_GRACE = 5.0  # seconds agentd gives a fenced node's replicas to stop
+IN_ROTATION = ("healthy", "none")
 
 
 class NotLeaderError(RuntimeError):
@@ -164,20 +183,92 @@ async def write_plan(
     return generation
 
 
+async def in_rotation(client: Any) -> set[tuple[str, str, str, int, int]]:
+    """The replicas every node published running and in rotation, as (node, deployment,
+    service, instance, revision)."""
+    found: set[tuple[str, str, str, int, int]] = set()
+    prefix = KEYS["replicas"]
+    for kv in await client.get_prefix(prefix.encode()):
+        info = _replica(kv.value)
+        if info is None or info.state != "running" or info.health not in IN_ROTATION:
+            continue
+        if not info.address:
+            continue
+        node = kv.key.decode()[len(prefix) :].split("/", 1)[0]
+        found.add((node, info.deployment, info.service, info.instance, info.revision))
+    return found
+
+
+class Handover:
+    """Replicas leaving a draining node by rollout: each stays placed on the draining
+    node until its new copy has been in rotation for ``settle`` seconds."""
+
+    def __init__(self, settle: float = HANDOVER_SETTLE) -> None:
+        self.settle = settle
+        self.holding = 0  # old copies the last pass kept on draining nodes
+        # (node, deployment, service, instance, revision) of a new copy -> seen in rotation since
+        self._since: dict[tuple[str, str, str, int, int], float] = {}
+
+    async def hold(
+        self,
+        client: Any,
+        plan: Plan,
+        current: Mapping[str, NodePlacements],
+        nodes: Mapping[str, NodeRecord],
+    ) -> int:
+        """Put back into ``plan`` the draining nodes' replicas whose new copies are not yet
+        settled in rotation (or that fit nowhere else); how many."""
+        leaving = [
+            (node, placement)
+            for node, record in nodes.items()
+            if record.state == "draining" and node in current
+            for placement in current[node].replicas
+        ]
+        self.holding = 0
+        if not leaving:
+            self._since.clear()
+            return 0
+        where = {_key(p): (node, p) for node, placed in plan.nodes.items() for p in placed}
+        pending = {(p.deployment, p.service, p.replica) for p in plan.pending}
+        serving = await in_rotation(client)
+        now = time.monotonic()
+        seen: set[tuple[str, str, str, int, int]] = set()
+        for node, old in leaving:
+            found = where.get(_key(old))
+            if found is None:
+                if _key(old) not in pending:
+                    continue  # no longer wanted: it goes
+            else:
+                target, new = found
+                copy = (target, new.deployment, new.service, instance_of(new.replica), new.revision)
+                if copy in serving:
+                    seen.add(copy)
+                    if now - self._since.setdefault(copy, now) >= self.settle:
+                        continue  # its new copy serves everywhere: the old one may go
+            plan.nodes.setdefault(node, []).append(old)
+            self.holding += 1
+        self._since = {copy: at for copy, at in self._since.items() if copy in seen}
+        return self.holding
+
+
 async def placement_pass(
     client: Any,
     node_id: str,
     lease: int | None,
     nodes: Mapping[str, NodeRecord],
     wants: list[Demand],
+    handover: Handover | None = None,
 ) -> tuple[Plan, int | None]:
-    """One leader's pass: the plan, and the generation written (None: nothing changed)."""
+    """One leader's pass: the plan, and the generation written (None: nothing changed).
+    With ``handover``, a draining node keeps each replica until its new copy serves."""
     current = await current_placements(client)
     plan = place(
         nodes.values(),
         wants,
         {node: doc.replicas for node, doc in current.items()},
     )
+    if handover is not None:
+        await handover.hold(client, plan, current, nodes)
     if _same(plan, current, nodes):
         return plan, None
     return plan, await write_plan(client, node_id, lease, plan, current)
@@ -214,6 +305,10 @@ class ClusterPlacement:
         self._published_lease: int | None = None
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.handover = Handover()
+        # (deployment, service, instance) taken off this node -> when it stops (loop time)
+        self.leaving: dict[tuple[str, str, int], float] = {}
+        self._fenced: int | None = None  # the generation held when this node fenced itself
 
     # ------------------------------------------------------------ life
 
@@ -238,21 +333,66 @@ class ClusterPlacement:
         return self.owned is not None
 
     def instances(self, deployment: str, service: str) -> list[int]:
-        """The instance numbers of a service placed on this node (empty: none)."""
+        """The instance numbers of a service placed on this node (empty: none), with those
+        leaving it, which run until their drain is over."""
         if self.owned is None:
             return []
-        return sorted(
+        placed = {
             instance_of(p.replica)
             for p in self.owned.replicas
             if p.deployment == deployment and p.service == service
-        )
+        }
+        return sorted(placed | self._leaving_of(deployment, service))
+
+    def _leaving_of(self, deployment: str, service: str) -> set[int]:
+        now = asyncio.get_running_loop().time()
+        return {
+            instance
+            for (d, s, instance), until in self.leaving.items()
+            if d == deployment and s == service and until > now
+        }
+
+    def _note_leaving(self, held: NodePlacements | None, doc: NodePlacements) -> None:
+        """Replicas ``doc`` moves off this node leave by draining: unpublished at once,
+        stopped after LEAVE_DRAIN. Not while fenced, nor at the first read."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.leaving = {key: until for key, until in self.leaving.items() if until > now}
+        kept = {(p.deployment, p.service, instance_of(p.replica)) for p in doc.replicas}
+        for key in kept:
+            self.leaving.pop(key, None)  # placed here again
+        if held is None or self._fenced is not None or self.membership.lease is None:
+            return
+        gone = {(p.deployment, p.service, instance_of(p.replica)) for p in held.replicas} - kept
+        # Only a move: another node serves the same replica now. One scaled away or of a
+        # removed deployment stays published until it is gone, as `down` waits for that.
+        gone &= {
+            (r.deployment, r.service, r.instance)
+            for r in self.remote.values()
+            if r.state == "running" and r.health in IN_ROTATION
+        }
+        if not gone:
+            return
+        until = now + LEAVE_DRAIN
+        for key in gone:
+            self.leaving[key] = until
+        # the reconcile pass that stops them, once their drain is over
+        loop.call_at(until + 0.05, self._changed)
 
     def take(self, doc: NodePlacements | None) -> bool:
         """This node's placements as read (None: the key is gone, so it owns nothing);
-        whether they replace what it held (an older generation does not)."""
+        whether they replace what it held (an older generation does not; after a fence,
+        only a newer one or one that owns nothing does)."""
         held = self.owned
         if doc is None:
             doc = NodePlacements(node=self.node_id, generation=held.generation if held else 0)
+        elif self._fenced is not None and doc.replicas and doc.generation <= self._fenced:
+            log.info(
+                "placements of generation %d are from before this node was cut off; "
+                "it waits for a newer one",
+                doc.generation,
+            )
+            return False
         elif held is not None and doc.generation < held.generation:
             log.warning(
                 "placements of generation %d are older than the %d held; ignored",
@@ -260,8 +400,11 @@ class ClusterPlacement:
                 held.generation,
             )
             return False
+        if self._fenced is not None and (not doc.replicas or doc.generation > self._fenced):
+            self._fenced = None
         if doc == held:
             return False
+        self._note_leaving(held, doc)
         self.owned = doc
         log.info(
             "node %s runs %d replicas as of generation %d",
@@ -305,11 +448,14 @@ class ClusterPlacement:
             # Woken by a kick; otherwise a look every CHECK: did the node set change?
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), CHECK)
+            if self.membership.fenced and self._fenced is None:
+                await self.fence()
             nodes = self.membership.live()
             if not self.membership.is_leader:
                 last_nodes = {}
                 continue
-            due = loop.time() - last_at >= PLACE_INTERVAL
+            every = HOLDING_INTERVAL if self.handover.holding else PLACE_INTERVAL
+            due = loop.time() - last_at >= every
             if not (self._kick.is_set() or nodes != last_nodes or due):
                 continue
             self._kick.clear()
@@ -327,10 +473,50 @@ class ClusterPlacement:
         """One placement pass as the leader; the generation written (None: unchanged)."""
         wants = await asyncio.to_thread(self._wants)
         plan, generation = await placement_pass(
-            self.client, self.node_id, self.membership.lease, self.membership.live(), wants
+            self.client,
+            self.node_id,
+            self.membership.lease,
+            self.membership.live(),
+            wants,
+            self.handover,
         )
         self._note_pending(plan.pending)
         return generation
+
+    async def fence(self, agent: Any = None) -> None:
+        """Cut off from etcd for longer than the lease: the leader has placed this node's
+        replicas elsewhere. It owns nothing until a newer placement comes, and its service
+        replicas stop now, through agentd (the reconcile pass needs etcd to read the
+        desired state, so it cannot do it)."""
+        held = self.owned
+        self._fenced = held.generation if held is not None else 0
+        self.owned = NodePlacements(node=self.node_id, generation=self._fenced)
+        self.leaving.clear()
+        self._changed()
+        if agent is None:
+            import sdbus
+
+            from shared.clients import AgentClient
+
+            agent = AgentClient(sdbus.get_default_bus())
+        try:
+            replicas = await asyncio.wait_for(agent.list_replicas(), FENCE_GRACE)
+            services = sorted({(r.deployment, r.service) for r in replicas if r.rtype == "service"})
+            for deployment, service in services:
+                await asyncio.wait_for(
+                    agent.remove_service(deployment, service, FENCE_GRACE, False),
+                    FENCE_GRACE * 3,
+                )
+        except Exception as exc:  # agentd away: the reconcile pass stops them once it can
+            log.warning(
+                "node %s could not stop its replicas after losing etcd: %s", self.node_id, exc
+            )
+            return
+        log.warning(
+            "node %s stopped its %d services' replicas: it lost the cluster's store",
+            self.node_id,
+            len(services),
+        )
 
     def _note_pending(self, pending: list[Pending]) -> None:
         by_service: dict[tuple[str, str], list[Pending]] = {}
@@ -375,7 +561,12 @@ class ClusterPlacement:
             self._published, self._published_lease = {}, lease
         prefix = KEYS["replicas"] + self.node_id + "/"
         tx = self.client.transactions
-        now = {r.id: encode(replace(r, node=self.node_id)) for r in replicas}
+        # a leaving replica is unpublished first: every node's proxyd drops it before it stops
+        now = {
+            r.id: encode(replace(r, node=self.node_id))
+            for r in replicas
+            if r.instance not in self._leaving_of(r.deployment, r.service)
+        }
         ops = [
             tx.put((prefix + rid).encode(), body.encode(), lease=lease)
             for rid, body in now.items()

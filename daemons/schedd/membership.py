@@ -81,6 +81,9 @@ class Membership:
         self.lease: int | None = None  # the lease this node's keys are bound to now
         self._registered = asyncio.Event()
         self._deadline: asyncio.TimerHandle | None = None
+        # When the lease lapses unless a refresh is confirmed first: the node fences itself.
+        self._lapse: asyncio.TimerHandle | None = None
+        self.fenced = False  # cut off from etcd for longer than the lease: it owns nothing
         self._stale: int | None = None  # a lost lease etcd may still hold: revoked when it can be
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -105,8 +108,9 @@ class Membership:
         """Leave: stop leading, revoke the lease (the record and the election key
         go at once, so another node leads without waiting for it to lapse)."""
         await cancel_all(self._tasks)
-        if self._deadline is not None:
-            self._deadline.cancel()
+        for timer in (self._deadline, self._lapse):
+            if timer is not None:
+                timer.cancel()
         leases = {self.lease, self._stale} - {None}
         self.lease = self._stale = None
         self.is_leader = False
@@ -138,6 +142,10 @@ class Membership:
         self.lease = granted.id
         self._arm(sent + granted.ttl)
         self._registered.set()
+        if self.fenced:
+            self.fenced = False
+            log.info("node %s reaches etcd again with a new lease", self.record.id)
+            self._notify()
         log.info("node %s is in the cluster (lease %x, %s s)", self.record.id, granted.id, self.ttl)
 
     def _arm(self, lapses_at: float) -> None:
@@ -145,9 +153,31 @@ class Membership:
         if self._deadline is not None:
             self._deadline.cancel()
         margin = min(1.0, self.ttl * 0.2)
-        self._deadline = asyncio.get_running_loop().call_at(
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_at(
             lapses_at - margin, self._lost, "no refresh of the lease was confirmed in time"
         )
+        # Unlike the deadline, a loss does not cancel this: only a confirmed refresh or a
+        # new lease does.
+        if self._lapse is not None:
+            self._lapse.cancel()
+        self._lapse = loop.call_at(lapses_at, self._fence)
+
+    def _fence(self) -> None:
+        """No refresh confirmed for the lease's whole time: it has lapsed (or is about to)
+        and the others move this node's replicas; the node stops running them."""
+        self._lapse = None
+        if self.fenced:
+            return
+        self._lost("etcd did not answer for the lease's whole time")
+        self.fenced = True
+        log.warning(
+            "node %s has not reached etcd for %s s, longer than its lease: it stops its "
+            "replicas until it is back in the cluster",
+            self.record.id,
+            self.ttl,
+        )
+        self._notify()
 
     def _lost(self, why: str) -> None:
         """The lease can no longer be counted on: stop leading now, register again later."""
