@@ -19,15 +19,17 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sdbus import dbus_method_async_override
 
 from daemons.overlayd import nft
 from daemons.overlayd.dns import DnsServer, Zone
 from daemons.overlayd.ipam import IpamError
+from daemons.overlayd.mesh import Mesh
 from daemons.overlayd.network import AttachError, NodeNetwork, SetupError
 from daemons.overlayd.publish import (
     PortConflictError,
@@ -41,18 +43,20 @@ from shared.bus import (
     DAEMONS_BY_NAME,
     ConflictError,
     InvalidArgumentError,
-    NotSupportedError,
     Overlay1,
     UnavailableError,
 )
 from shared.config import ConfigError
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
 from shared.logs import setup_logging
+from shared.mesh.device import MeshError
 from shared.paths import Paths
+from shared.tasks import cancel_all
 from shared.traffic import TrafficError
 from shared.views import TrafficHolder
 from shared.wire import decode, encode
 from shared.wire.agent import SyncResult
+from shared.wire.mesh import MeshStatus
 from shared.wire.traffic import DeploymentTraffic, PeerBlock, TrafficViews
 
 ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
@@ -60,6 +64,60 @@ ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["resu
 DETACHES = Counter("zlayer_overlay_detaches", "Detach calls that removed a network.")
 PUBLISHED = Gauge("zlayer_overlay_published_ports", "Node ports on the kernel L4 path.")
 PUSHES = Counter("zlayer_overlay_traffic_pushes", "SetTraffic calls, by result.", ["result"])
+MESH_CHECK_INTERVAL = 5.0  # seconds between looks at the mesh interface
+
+
+class MeshCollector:
+    """The mesh's peers, read from the WireGuard device when Prometheus scrapes.
+
+    Scrapes are served in the metrics thread, so the device's answer (a
+    local socket or netlink round trip) never waits on the event loop.
+    """
+
+    def __init__(self) -> None:
+        self.mesh: Mesh | None = None
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        mesh = self.mesh
+        device = mesh.device if mesh is not None else None
+        peers = GaugeMetricFamily("zlayer_overlayd_mesh_peers", "WireGuard peers of the mesh.")
+        handshake = GaugeMetricFamily(
+            "zlayer_overlayd_mesh_peer_last_handshake_seconds",
+            "Unix time of a mesh peer's last handshake (0: never).",
+            labels=["peer"],
+        )
+        received = CounterMetricFamily(
+            "zlayer_overlayd_mesh_peer_received_bytes",
+            "Bytes received from a mesh peer (since its interface started).",
+            labels=["peer"],
+        )
+        sent = CounterMetricFamily(
+            "zlayer_overlayd_mesh_peer_transmitted_bytes",
+            "Bytes sent to a mesh peer (since its interface started).",
+            labels=["peer"],
+        )
+        if mesh is not None and device is not None:
+            try:
+                held = device.get()
+            except MeshError:
+                held = None
+            if held is not None:
+                peers.add_metric([], len(held.peers))
+                for peer in held.peers:
+                    name = mesh.node_of(peer.public_key)
+                    handshake.add_metric([name], peer.last_handshake)
+                    received.add_metric([name], peer.rx_bytes)
+                    sent.add_metric([name], peer.tx_bytes)
+        else:
+            peers.add_metric([], 0)
+        yield from (peers, handshake, received, sent)
+
+
+MESH_METRICS = MeshCollector()
+REGISTRY.register(MESH_METRICS)
 
 T = TypeVar("T")
 
@@ -129,15 +187,17 @@ class OverlayService(Overlay1):
 
     @dbus_method_async_override()
     async def enable_mesh(self, listen_port: int) -> str:
-        raise NotSupportedError("the mesh is not available in this overlayd yet")
+        if not 1 <= listen_port <= 65535:
+            raise InvalidArgumentError("the mesh's listen port is a number from 1 to 65535")
+        return encode(await self.daemon.enable_mesh(listen_port))
 
     @dbus_method_async_override()
     async def get_mesh(self) -> str:
-        raise NotSupportedError("the mesh is not available in this overlayd yet")
+        return encode(await self.daemon.mesh_status())
 
     @dbus_method_async_override()
     async def rotate_mesh_key(self) -> str:
-        raise NotSupportedError("the mesh is not available in this overlayd yet")
+        return encode(await self.daemon.rotate_mesh_key())
 
 
 class OverlayDaemon(Daemon):
@@ -158,6 +218,8 @@ class OverlayDaemon(Daemon):
         self.zone = Zone()
         self.dns_server: DnsServer | None = None
         self.prober = Prober(settings.stream_probe_interval, self._backends_changed)
+        self._tasks: list[asyncio.Task[None]] = []
+        MESH_METRICS.mesh = self.network.mesh
 
     def make_service(self) -> OverlayService:
         return OverlayService(self)
@@ -208,6 +270,7 @@ class OverlayDaemon(Daemon):
             )
             raise SystemExit(1) from None
         self.prober.start()
+        self._tasks.append(asyncio.create_task(self._watch_mesh(), name="mesh"))
         self.detail = (
             f"bridge {network.bridge} {network.gateway}/{network.subnet.prefixlen}, "
             f"{len(network.ipam)} attached"
@@ -275,6 +338,56 @@ class OverlayDaemon(Daemon):
         for line in changed:
             self.log.info("%s", line)
 
+    # ------------------------------------------------------------ the mesh
+
+    async def enable_mesh(self, listen_port: int) -> MeshStatus:
+        try:
+            done = await self.work(self.network.enable_mesh, listen_port)
+            status = await self.work(self.network.mesh.status)
+        except MeshError as exc:
+            raise UnavailableError(str(exc)) from None
+        except (nft.NftError, OSError) as exc:
+            self.log.exception("turning the mesh on failed")
+            raise UnavailableError(f"cannot turn the mesh on: {exc}") from None
+        for line in done:
+            self.log.info("%s", line)
+        self.log.info(
+            "mesh on: %s (%s), port %d, public key %s",
+            status.interface,
+            status.implementation,
+            status.listen_port,
+            status.public_key,
+        )
+        return status
+
+    async def mesh_status(self) -> MeshStatus:
+        try:
+            # Not under the work lock: a read of the device must not wait for a push.
+            return await asyncio.to_thread(self.network.mesh.status)
+        except MeshError as exc:
+            raise UnavailableError(str(exc)) from None
+
+    async def rotate_mesh_key(self) -> MeshStatus:
+        try:
+            public = await self.work(self.network.mesh.rotate)
+            status = await self.work(self.network.mesh.status)
+        except MeshError as exc:
+            raise UnavailableError(str(exc)) from None
+        self.log.info("mesh key rotated; the new public key is %s", public)
+        return status
+
+    async def _watch_mesh(self) -> None:
+        """Bring the mesh back if its interface goes (a killed wireguard-go)."""
+        while True:
+            await asyncio.sleep(MESH_CHECK_INTERVAL)
+            try:
+                done = await self.work(self.network.check_mesh)
+            except (MeshError, nft.NftError, OSError) as exc:
+                self.log.error("the mesh is down: %s", exc)
+                continue
+            for line in done:
+                self.log.warning("mesh repaired: %s", line)
+
     async def _apply_traffic(self, traffic: DeploymentTraffic) -> None:
         deployment = traffic.deployment
         ports = published_ports(traffic)
@@ -307,8 +420,10 @@ class OverlayDaemon(Daemon):
                 self.log.error("cannot update the published ports of %s: %s", deployment, exc)
 
     async def stop(self) -> None:
-        # Attachments, the bridge and the table stay: replicas keep their
-        # network (and published ports their rules) while overlayd restarts.
+        # Attachments, the bridge, the table and the mesh interface stay:
+        # replicas keep their network (and published ports their rules)
+        # while overlayd restarts.
+        await cancel_all(self._tasks)
         await self.prober.stop()
         if self.dns_server is not None:
             await self.dns_server.stop()

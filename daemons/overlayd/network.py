@@ -29,6 +29,7 @@ from pathlib import Path
 from daemons.overlayd import nft, plumbing
 from daemons.overlayd.dns import DOMAIN, Upstream, parse_upstream
 from daemons.overlayd.ipam import Allocation, ExhaustedError, Ipam
+from daemons.overlayd.mesh import Mesh
 from daemons.overlayd.plumbing import IFACE, Names
 from daemons.overlayd.publish import (
     ProbeKey,
@@ -37,6 +38,7 @@ from daemons.overlayd.publish import (
     published_ports,
 )
 from daemons.overlayd.settings import OverlaySettings, host_resolvers
+from shared.mesh.device import MeshError
 from shared.statefile import StateFormatError, read_state, remove_leftovers, write_atomically
 from shared.traffic import TrafficError
 from shared.wire import decode, encode
@@ -104,6 +106,8 @@ class NodeNetwork:
         # In a cluster: the other nodes' blocks, routed via those nodes (schedd's view).
         self.peer_blocks: list[PeerBlock] = []
         self.peers: nft.Peers = ((), ())
+        # The cluster's encrypted mesh: blocks with a WireGuard key go through it.
+        self.mesh = Mesh(self.bridge, self.gateway, self.subnet, state_dir)
         self._on_change = on_change or (lambda: None)
 
     # ------------------------------------------------------------ start
@@ -112,6 +116,7 @@ class NodeNetwork:
         """Read the persisted allocations, then the persisted traffic."""
         self.ipam = Ipam.load(self.subnet, self.state_path)
         self.load_traffic()
+        self.mesh.load()
 
     def load_traffic(self) -> list[str]:
         """Read each deployment's last pushed traffic; what was skipped, for the log."""
@@ -144,7 +149,7 @@ class NodeNetwork:
         """Bridge, forwarding and NAT; the resolvers replicas get. What was done, for the log."""
         done: list[str] = []
         self._read_resolvers()
-        conflicts = plumbing.conflicting_addresses(self.subnet, self.bridge)
+        conflicts = plumbing.conflicting_addresses(self.subnet, self.bridge, self.mesh.interface)
         if conflicts:
             raise SetupError(
                 f"the subnet {self.subnet} overlaps {', '.join(conflicts)}; "
@@ -170,10 +175,20 @@ class NodeNetwork:
         # services bound to the node's loopback (CVE-2020-8558).
         if self._set_sysctl(plumbing.route_localnet(self.bridge), "1"):
             done.append(f"let {self.bridge} carry 127.0.0.0/8 (published ports on localhost)")
+        if self.mesh.state is not None and not self.peer_blocks:
+            # Until schedd's next view: the blocks the mesh held stay let in.
+            held = sorted({b.subnet for b in self.mesh.state.peers})
+            self.peers = (tuple(held), tuple(held))
         try:
             self._apply_table()
         except nft.NftError as exc:
             raise SetupError(str(exc)) from None
+        if self.mesh.enabled:
+            try:
+                done += self.mesh.up()
+            except (MeshError, OSError) as exc:
+                # The node network works without it; GetMesh says why it is off.
+                log.error("the mesh is down: %s", exc)
         return done
 
     def _set_sysctl(self, key: str, value: str) -> bool:
@@ -228,6 +243,7 @@ class NodeNetwork:
             published=self.published,
             down=self.down,
             peers=self.peers,
+            mesh=self.mesh.interface if self.mesh.enabled else "",
         )
 
     def _read_resolvers(self) -> None:
@@ -472,6 +488,7 @@ class NodeNetwork:
                 published=published,
                 down=down,
                 peers=self.peers,
+                mesh=self.mesh.interface if self.mesh.enabled else "",
             )
 
     def _save_traffic(self, traffic: DeploymentTraffic) -> None:
@@ -513,6 +530,10 @@ class NodeNetwork:
         self.traffic.clear()
         self.published.clear()
         removed += plumbing.set_peer_routes({})
+        try:
+            removed += self.mesh.down()
+        except (MeshError, OSError) as exc:
+            log.warning("could not remove the mesh interface %s: %s", self.mesh.interface, exc)
         removed += self.restore_sysctls()
         if plumbing.remove_bridge(self.bridge):
             removed.append(f"bridge {self.bridge}")
@@ -521,22 +542,49 @@ class NodeNetwork:
 
     # ------------------------------------------------------------ the cluster's other nodes
 
-    def set_peers(self, blocks: list[PeerBlock]) -> list[str]:
-        """Blocking: route each other node's block via that node and let them into the
-        bridge (the ``peers`` sets); routes to blocks no longer named go. What changed."""
-        if blocks == self.peer_blocks:
+    def set_peers(self, blocks: list[PeerBlock], force: bool = False) -> list[str]:
+        """Blocking: route each other node's block (through the mesh when it is on and
+        the block carries a WireGuard key, via that node otherwise) and let them into
+        the bridge (the ``peers`` sets); routes to blocks no longer named go. What changed."""
+        if blocks == self.peer_blocks and not force:
             return []
-        wanted = {b.subnet: b.address for b in blocks if b.subnet != str(self.subnet)}
+        others = [b for b in blocks if b.subnet != str(self.subnet)]
+        meshed = {b.subnet for b in others if b.wireguard_key} if self.mesh.running else set()
+        plain = {b.subnet: b.address for b in others if b.subnet not in meshed}
         peers: nft.Peers = (
-            tuple(sorted({*wanted, *wanted.values()})),
-            tuple(sorted(wanted)),
+            tuple(sorted({*(b.subnet for b in others), *plain.values()})),
+            tuple(sorted({b.subnet for b in others})),
         )
         if peers != self.peers:
             nft.run_transaction(nft.peers_update(self.table, peers))
             self.peers = peers
-        changed = plumbing.set_peer_routes(wanted)
+        changed = plumbing.set_peer_routes(plain)
+        if self.mesh.running:
+            changed += self.mesh.set_peers(others, force=force)
         self.peer_blocks = list(blocks)
         return changed
+
+    # ------------------------------------------------------------ the mesh
+
+    def check_mesh(self) -> list[str]:
+        """Blocking: bring the mesh back if its interface went away (wireguard-go died)."""
+        device = self.mesh.device
+        if not self.mesh.enabled or (device is not None and device.running()):
+            return []
+        self.mesh.device = None
+        done = self.mesh.up()
+        done += self.set_peers(self.peer_blocks, force=True)
+        return done
+
+    def enable_mesh(self, listen_port: int) -> list[str]:
+        """Blocking: the mesh on (its rules in the table), then the blocks with keys
+        moved onto it. What was done; MeshError says why it could not be."""
+        was = self.mesh.enabled
+        done = self.mesh.enable(listen_port)
+        if not was:
+            self._apply_table()
+        done += self.set_peers(self.peer_blocks, force=True)
+        return done
 
 
 def _label(allocation: Allocation) -> str:

@@ -35,7 +35,9 @@ The table:
 - the sets ``peers`` (the other nodes of a cluster: their addresses and their
   replicas' blocks, let into the bridge) and ``peer_blocks`` (their blocks,
   reached unmasqueraded so a replica sees another node's replica's own
-  address): empty on a lone node, filled by :func:`peers_update`.
+  address): empty on a lone node, filled by :func:`peers_update`;
+- with the cluster's mesh, its WireGuard interface: TCP's MSS clamped to the
+  route's MTU on the way in, and other nodes' blocks let through it both ways.
 
 The table is rebuilt whole on start (:func:`ruleset`); a push rewrites one
 deployment's chain plus the small ``published`` and ``closed`` chains
@@ -73,9 +75,11 @@ def ruleset(
     published: Published | None = None,
     down: Down | None = None,
     peers: Peers = ((), ()),
+    mesh: str = "",
 ) -> str:
     """The whole table, as a file for ``nft -f``: declared, deleted, then filled."""
     published = published or {}
+    clamp, mesh_rules = _mesh_rules(bridge, mesh)
     down = down or {}
     gateway = gateway or next(subnet.hosts())
     objects = "".join(f"    {line}\n" for line in _timeout_objects(published))
@@ -102,13 +106,13 @@ table ip {table} {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
-        iifname != "{bridge}" oifname != "{bridge}" accept comment "not the node network"
+{clamp}        iifname != "{bridge}" oifname != "{bridge}" accept comment "not the node network"
         ct state established,related accept comment "answers"
         iifname "{bridge}" oifname "{bridge}" accept comment "replica to replica"
         iifname "{bridge}" ip saddr {subnet} accept comment "replicas reach out"
         oifname "{bridge}" ct status dnat accept comment "published ports"
         oifname "{bridge}" ip saddr @peers accept comment "other nodes of the cluster"
-    }}
+{mesh_rules}    }}
     chain localnet {{
         type filter hook input priority filter; policy accept;
         iifname "{bridge}" ip daddr 127.0.0.0/8 ct status dnat accept comment "published ports"
@@ -254,6 +258,30 @@ def _elements(items: tuple[str, ...] | list[str]) -> str:
     return f" elements = {{ {', '.join(items)} }};" if items else ""
 
 
+def _mesh_rules(bridge: str, mesh: str) -> tuple[str, str]:
+    """The forward chain's rules for the mesh interface: (first, last); empty without one.
+
+    First, before any accept: TCP SYNs into the mesh carry an MSS that fits the
+    route's MTU (the mesh interface's, below the underlay's), so a replica on
+    a 1500-byte bridge never sends a segment the tunnel would have to
+    fragment or drop. Last: the mesh carries other nodes' replicas both ways,
+    as the ``peers`` set lets them in over plain routes.
+    """
+    if not mesh:
+        return "", ""
+    clamp = (
+        f'        oifname "{mesh}" tcp flags syn / syn,rst tcp option maxseg size set rt mtu '
+        'comment "fits the mesh"\n'
+    )
+    rules = (
+        f'        iifname "{mesh}" oifname "{bridge}" ip saddr @peer_blocks accept '
+        'comment "the mesh: other nodes\' replicas in"\n'
+        f'        iifname "{bridge}" oifname "{mesh}" ip daddr @peer_blocks accept '
+        'comment "the mesh: to other nodes\' replicas"\n'
+    )
+    return clamp, rules
+
+
 def peers_update(table: str, peers: Peers) -> str:
     """A transaction that sets the two peer sets to ``peers`` (addresses, blocks)."""
     lines = []
@@ -274,6 +302,7 @@ def apply(
     published: Published | None = None,
     down: Down | None = None,
     peers: Peers = ((), ()),
+    mesh: str = "",
 ) -> None:
     text = ruleset(
         table,
@@ -284,6 +313,7 @@ def apply(
         published=published,
         down=down,
         peers=peers,
+        mesh=mesh,
     )
     _nft(["-f", "-"], text)
 

@@ -230,14 +230,15 @@ def zlayer_bridges(exclude: str = "") -> list[str]:
     return sorted(found)
 
 
-def conflicting_addresses(subnet: IPv4Network, bridge: str) -> list[str]:
-    """Addresses on other interfaces that overlap ``subnet``, as "addr/len on dev"."""
+def conflicting_addresses(subnet: IPv4Network, bridge: str, *own: str) -> list[str]:
+    """Addresses on other interfaces than the bridge and ``own`` (the mesh's, which
+    carries the gateway) that overlap ``subnet``, as "addr/len on dev"."""
     found: list[str] = []
     with IPRoute() as ip:
         names = {link["index"]: link.get("ifname") for link in ip.get_links()}
         for record in ip.get_addr(family=2):
             owner = names.get(record["index"], "?")
-            if owner == bridge:
+            if owner == bridge or owner in own:
                 continue
             iface = IPv4Interface(f"{record.get('address')}/{record['prefixlen']}")
             if iface.network.overlaps(subnet):

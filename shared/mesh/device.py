@@ -112,6 +112,18 @@ class Device(Protocol):
     name: str
     implementation: str  # "kernel" | "wireguard-go"
 
+    def start(self) -> str:
+        """Make the interface, or find it made; what was done, for the log."""
+        ...
+
+    def stop(self) -> bool:
+        """Remove the interface; False if there was none."""
+        ...
+
+    def running(self) -> bool:
+        """True if the interface is there and answers."""
+        ...
+
     def get(self) -> DeviceState:
         """What the device holds now."""
         ...
