@@ -5,11 +5,14 @@ The bus members translate between D-Bus and
 nft work in a worker thread, one operation at a time. The daemon also
 serves service DNS (:mod:`daemons.overlayd.dns`) on the gateway address and
 probes kernel-path backends that have a stream health check
-(:mod:`daemons.overlayd.publish`).
+(:mod:`daemons.overlayd.publish`). In a cluster it carries the encrypted mesh
+to the other nodes (:mod:`daemons.overlayd.mesh`: EnableMesh, GetMesh,
+RotateMeshKey, and the WireGuard keys in the traffic view's peer blocks).
 
 ``zlayer-overlayd --remove-network`` (with the daemon stopped) removes what
 overlayd made on this node: every attachment, the nft table with its
-published ports, the persisted traffic and the bridge, and puts back the
+published ports, the persisted traffic, the mesh interface (stopping its
+wireguard-go) with its key, and the bridge, and puts back the
 host settings it changed (IPv4 forwarding) to the values it found.
 """
 

@@ -344,6 +344,12 @@ def test_two_nodes_talk_through_the_mesh_and_only_wireguard_crosses(
         stderr=subprocess.PIPE,
         text=True,
     )
+    syns = tmp_path / "mesh.pcap"  # inside the tunnel, on a's mesh interface
+    inner = subprocess.Popen(
+        ["ip", "netns", "exec", a.netns, "tcpdump", "-i", a.interface, "-nn", "-U", "-w",
+         str(syns), "tcp[tcpflags] & tcp-syn != 0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     server = serve(netns_of(rb), 5001)
     try:
         time.sleep(1)  # tcpdump opens its socket
@@ -361,12 +367,13 @@ def test_two_nodes_talk_through_the_mesh_and_only_wireguard_crosses(
         server.kill()
         server.wait()
         time.sleep(0.5)
-        dump.send_signal(signal.SIGINT)
-        dump.wait(timeout=10)
+        for capturing in (dump, inner):
+            capturing.send_signal(signal.SIGINT)
+            capturing.wait(timeout=10)
 
-    def read(expression: str) -> list[str]:
+    def read(expression: str, pcap: Path = capture) -> list[str]:
         out = subprocess.run(
-            ["tcpdump", "-r", str(capture), "-nn", expression],
+            ["tcpdump", "-r", str(pcap), "-nn", expression],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         return out.stdout.splitlines()
@@ -379,6 +386,10 @@ def test_two_nodes_talk_through_the_mesh_and_only_wireguard_crosses(
     assert read("net 10.237.0.0/16") == []
     # No IP fragments: the MTU and the clamped MSS keep every packet whole.
     assert read("ip[6:2] & 0x3fff != 0") == []
+    # The replicas' veths are 1500 bytes: their SYNs (and the answers) enter the
+    # tunnel with the MSS of its 1420-byte MTU, not the 1460 they were sent with.
+    handshake = read("", syns)
+    assert len(handshake) >= 2 and all("mss 1380" in line for line in handshake), handshake
 
     seen = a.mesh()
     (peer,) = seen.peers

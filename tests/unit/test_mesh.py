@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daemons.overlayd import nft
+from daemons.overlayd.mesh import interface_name
 from shared.mesh import keys
 from shared.mesh.device import Changes, DeviceState, MeshError, PeerConfig, PeerState, plan
 from shared.mesh.uapi import format_set, parse_get
@@ -144,3 +146,23 @@ def test_plan_leaves_unchanged_peers_and_roamed_endpoints_alone() -> None:
     # A configured endpoint that changes is set again.
     moved = plan(held, [PeerConfig(B, "192.0.2.99:51820", ("10.89.4.0/24",), 0)], configured)
     assert moved.with_endpoint == {B}
+
+
+def test_mesh_interface_names_fit_and_differ() -> None:
+    assert interface_name("zlayer0") == "zlayer0-wg"
+    long_names = [interface_name(f"zlayer-bridge{n}") for n in range(50)]
+    assert all(len(name) <= 15 for name in long_names)
+    assert len(set(long_names)) == 50
+
+
+def test_the_table_clamps_mss_into_the_mesh_before_any_accept() -> None:
+    from ipaddress import IPv4Network
+
+    plain = nft.ruleset("t", "br0", IPv4Network("10.1.0.0/24"))
+    assert "maxseg" not in plain and "br0-wg" not in plain
+    text = nft.ruleset("t", "br0", IPv4Network("10.1.0.0/24"), mesh="br0-wg")
+    forward = text.split("chain forward {", 1)[1].split("}", 1)[0].splitlines()
+    rules = [line.strip() for line in forward if line.strip() and "hook" not in line]
+    assert rules[0].startswith('oifname "br0-wg" tcp flags syn / syn,rst tcp option maxseg')
+    assert 'iifname "br0-wg" oifname "br0" ip saddr @peer_blocks accept' in text
+    assert 'iifname "br0" oifname "br0-wg" ip daddr @peer_blocks accept' in text
