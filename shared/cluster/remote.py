@@ -48,6 +48,7 @@ from shared.paths import Paths
 from shared.replicas import select_replicas
 from shared.wire import decode, encode
 from shared.wire.agent import ReplicaInfo, ReplicaStats
+from shared.wire.api import LogLine
 from shared.wire.cluster import NodeList, NodeRecord
 from shared.wire.peer import (
     ExecInput,
@@ -61,6 +62,7 @@ from shared.wire.peer import (
 CONNECT_TIMEOUT = 5.0  # seconds to reach another node before saying it does not answer
 STATS_TIMEOUT = 10.0
 HISTORY_BATCH = 1000  # lines a Logs message carries at most
+HISTORY_BYTES = 1 << 20  # and about this much text: gRPC takes 4 MiB a message
 
 
 class AgentCalls(Protocol):
@@ -370,15 +372,21 @@ class ReplicaCalls:
             raise InvalidArgumentError("tail must be 0 or more lines")
         paths = list(await self.agent.log_paths(request.replica))
         start, lines = await asyncio.to_thread(logread.history, paths, request.tail, request.follow)
-        replica = request.replica
-        for first in range(0, len(lines), HISTORY_BATCH):
-            batch = lines[first : first + HISTORY_BATCH]
-            yield LogsChunk(lines=[logread.wire_line(replica, line) for line in batch])
+        batch: list[LogLine] = []
+        size = 0
+        for line in lines:
+            batch.append(logread.wire_line(request.replica, line))
+            size += len(line.text)
+            if len(batch) >= HISTORY_BATCH or size >= HISTORY_BYTES:
+                yield LogsChunk(lines=batch)
+                batch, size = [], 0
+        if batch:
+            yield LogsChunk(lines=batch)
         yield LogsChunk(caught_up=True)
         if start is None:
             return
         async for line in logread.follow(paths[-1], start):
-            yield LogsChunk(lines=[logread.wire_line(replica, line)])
+            yield LogsChunk(lines=[logread.wire_line(request.replica, line)])
 
     async def _stats(self, request: StatsRequest, _caller: str, _context: Any) -> ReplicaStats:
         return await self.agent.stats(request.replica)
