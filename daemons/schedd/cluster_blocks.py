@@ -1,8 +1,10 @@
 """A node's block of the cluster's replica range, at ``node init`` and ``node join``.
 
 - ``node init`` takes the cluster's range from ``--cluster-subnet`` or overlayd's
-  subnet, and its own block: the one its gateway is in, so the replicas it runs
-  keep their addresses (one outside it refuses the init with a sentence).
+  subnet, and its own block: the first one handed out
+  (:func:`shared.cluster.blocks.handed_out`), or, where it runs replicas, the one
+  its gateway is in, so they keep their addresses (a replica outside it refuses
+  the init with a sentence).
 - ``node join`` refuses a node whose network has replicas attached (it moves to
   another block: they would lose their addresses), then takes the lowest free block.
 - Either way the block goes into cluster.toml, and overlayd, which takes it for its
@@ -68,11 +70,13 @@ async def plan_init(overlay: OverlayClient, options: blocks.InitOptions) -> Init
         )
     except blocks.BlocksError as exc:
         raise InvalidArgumentError(str(exc)) from None
-    block = blocks.block_of(settings, network.gateway)
     attached = await asyncio.wait_for(overlay.list_attachments(), CALL_TIMEOUT)
-    outside = sorted(
-        a.address for a in attached if IPv4Address(a.address) not in IPv4Network(block)
-    )
+    # with replicas, the block they are in, if one is: they keep their addresses
+    block = blocks.block_of(settings, network.gateway) if attached else None
+    block = block or blocks.first_free(settings, [])
+    assert block is not None  # a range has two blocks at least
+    inside = IPv4Network(block)
+    outside = sorted(a.address for a in attached if IPv4Address(a.address) not in inside)
     if outside:
         raise InvalidArgumentError(
             f"replicas of this node have addresses outside its block {block} of the cluster "

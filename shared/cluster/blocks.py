@@ -62,21 +62,32 @@ def blocks(settings: ClusterSettings) -> Iterable[IPv4Network]:
     return IPv4Network(settings.subnet).subnets(new_prefix=settings.block_prefix)
 
 
+def handed_out(settings: ClusterSettings) -> Iterable[IPv4Network]:
+    """The blocks in the order they are handed out: the lowest first, but the first
+    block last. The range is mostly every lone node's overlayd subnet, whose gateway
+    (the range's first address) each joining node's bridge had: no node's gateway
+    should be an address the others may still hold."""
+    every = iter(blocks(settings))
+    first = next(every)
+    yield from every
+    yield first
+
+
 def first_free(settings: ClusterSettings, used: Iterable[str]) -> str | None:
-    """The lowest block no node holds, None when all are held."""
+    """The next block to hand out that no node holds, None when all are held."""
     taken = set(used)
-    for block in blocks(settings):
+    for block in handed_out(settings):
         if str(block) not in taken:
             return str(block)
     return None
 
 
-def block_of(settings: ClusterSettings, address: str) -> str:
-    """The block of the range that ``address`` is in (the first node's gateway: its replicas
-    keep their addresses); the lowest block when it is outside the range."""
+def block_of(settings: ClusterSettings, address: str) -> str | None:
+    """The block of the range that ``address`` is in (the first node's gateway, when it
+    runs replicas: they keep their addresses); None when it is outside the range."""
     network = IPv4Network(settings.subnet)
     found = IPv4Network(f"{address}/{settings.block_prefix}", strict=False)
-    return str(found) if found.subnet_of(network) else str(next(iter(blocks(settings))))
+    return str(found) if found.subnet_of(network) else None
 
 
 def is_voter(members: int, settings: ClusterSettings | None) -> bool:
@@ -166,9 +177,9 @@ async def held(client: Any) -> dict[str, str]:
 async def allocate(
     client: Any, settings: ClusterSettings, node_id: str, prefer: str | None = None
 ) -> str:
-    """``node_id``'s block: the one it holds, else ``prefer`` if free, else the lowest free
-    one, taken in a transaction that fails if another node took it first (then the next
-    is tried). :class:`BlocksError` when every block is held."""
+    """``node_id``'s block: the one it holds, else ``prefer`` if free, else the next free
+    one (:func:`handed_out`), taken in a transaction that fails if another node took it
+    first (then the next is tried). :class:`BlocksError` when every block is held."""
     tx = client.transactions
     for _ in range(TRIES):
         holders = await held(client)

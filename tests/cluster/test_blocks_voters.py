@@ -50,7 +50,9 @@ def test_a_fourth_node_is_a_client_every_node_has_its_block_and_a_voter_may_die(
             assert listed[node.name]["subnet"] == str(block), listed
             shown = node.sh("ip", "-o", "-4", "addr", "show", "dev", node.bridge, check=True)
             assert f"{block.network_address + 1}/24" in shown.stdout, (node.name, shown.stdout)
-        assert blocks["n1"] == IPv4Network("10.90.0.0/24")  # init keeps its gateway's
+        # handed out from the second block: the first holds every lone node's gateway
+        assert blocks["n1"] == IPv4Network("10.90.1.0/24")
+        assert IPv4Network("10.90.0.0/24") not in blocks.values()
         # The client was given every voter's client URL, so it outlives any one of them.
         client = cluster_config.load(n4.paths)
         assert client is not None and client.etcd is None
@@ -65,6 +67,12 @@ def test_a_fourth_node_is_a_client_every_node_has_its_block_and_a_voter_may_die(
         for node in cluster:
             for row in rows[node.name]:
                 assert IPv4Address(row["address"]) in blocks[node.name], (node.name, row)
+        # every node reaches every node's replica at its own address, across the blocks
+        for node in cluster:
+            for other in cluster:
+                address = rows[other.name][0]["address"]
+                got = node.sh("curl", "-s", "-m", "5", f"http://{address}:8080/index.html")
+                assert got.stdout.strip().startswith(name), (node.name, address, got)
 
         # A voter that does not lead dies: quorum (two of three) holds; the client still
         # lists, places and runs, and n2's replica runs on a survivor.

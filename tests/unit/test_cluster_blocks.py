@@ -24,19 +24,21 @@ def test_settings_are_checked_with_one_sentence() -> None:
             make_settings("10.213.0.0/16", voters=voters)
 
 
-def test_the_lowest_free_block_is_taken_and_none_when_all_are_held() -> None:
+def test_the_lowest_free_block_is_taken_the_first_last_and_none_when_all_are_held() -> None:
     wide = make_settings("10.90.0.0/22")
-    assert first_free(wide, []) == "10.90.0.0/24"
-    assert first_free(wide, ["10.90.0.0/24", "10.90.2.0/24"]) == "10.90.1.0/24"
+    # the first block holds every lone node's gateway (10.90.0.1): handed out last
+    assert first_free(wide, []) == "10.90.1.0/24"
+    assert first_free(wide, ["10.90.1.0/24", "10.90.3.0/24"]) == "10.90.2.0/24"
+    assert first_free(wide, ["10.90.1.0/24", "10.90.2.0/24", "10.90.3.0/24"]) == "10.90.0.0/24"
     full = [f"10.90.{k}.0/24" for k in range(4)]
     assert first_free(wide, full) is None
 
 
-def test_the_first_node_keeps_the_block_of_its_gateway() -> None:
+def test_a_first_node_with_replicas_keeps_the_block_of_its_gateway() -> None:
     wide = make_settings("10.213.0.0/16")
     assert block_of(wide, "10.213.0.1") == "10.213.0.0/24"
     assert block_of(wide, "10.213.7.1") == "10.213.7.0/24"
-    assert block_of(wide, "192.168.1.1") == "10.213.0.0/24"  # outside: the lowest
+    assert block_of(wide, "192.168.1.1") is None  # outside the range
 
 
 def test_a_joining_node_is_a_voter_while_there_are_fewer_than_the_cluster_wants() -> None:
