@@ -131,6 +131,8 @@ class NodeSettings(Wire, frozen=True, kw_only=True):
     labels: dict[str, str] = {}
     state: NodeState = "ready"
     removed: bool = False  # taken out of the cluster: the node leaves
+    # a client asked to become an etcd voter (a voter was removed): it adds its member
+    voter: bool = False
 
 
 class NodeList(Wire, frozen=True, kw_only=True):
