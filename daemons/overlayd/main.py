@@ -381,13 +381,17 @@ class OverlayDaemon(Daemon):
 
     async def _watch_mesh(self) -> None:
         """Bring the mesh back if its interface goes (a killed wireguard-go)."""
+        said = ""
         while True:
             await asyncio.sleep(MESH_CHECK_INTERVAL)
             try:
                 done = await self.work(self.network.check_mesh)
             except (MeshError, nft.NftError, OSError) as exc:
-                self.log.error("the mesh is down: %s", exc)
+                if str(exc) != said:  # once per reason, not every few seconds
+                    self.log.error("the mesh is down: %s", exc)
+                    said = str(exc)
                 continue
+            said = ""
             for line in done:
                 self.log.warning("mesh repaired: %s", line)
 

@@ -176,8 +176,9 @@ class NodeNetwork:
         if self._set_sysctl(plumbing.route_localnet(self.bridge), "1"):
             done.append(f"let {self.bridge} carry 127.0.0.0/8 (published ports on localhost)")
         if self.mesh.state is not None and not self.peer_blocks:
-            # Until schedd's next view: the blocks the mesh held stay let in.
-            held = sorted({b.subnet for b in self.mesh.state.peers})
+            # Until schedd's next view: the blocks the mesh held stay let in and routed.
+            self.peer_blocks = list(self.mesh.state.peers)
+            held = sorted({b.subnet for b in self.peer_blocks})
             self.peers = (tuple(held), tuple(held))
         try:
             self._apply_table()

@@ -466,6 +466,19 @@ def test_the_mesh_survives_restarts_and_goes_with_the_network(
     assert a.wireguard_pid() == first
     assert a.mesh().public_key == key
 
+    # wireguard-go killed under a running overlayd: it is started again.
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if a.wireguard_pid() != first and a.mesh().enabled:
+                break
+        time.sleep(0.2)
+    assert a.wireguard_pid() != first, "overlayd brings a killed wireguard-go back"
+    assert ping(ra, rb.address)
+    assert a.mesh().public_key == key
+    first = a.wireguard_pid()
+
     # overlayd and wireguard-go killed outright: a stale socket is left behind.
     a.stop(kill=True)
     os.kill(first, signal.SIGKILL)
