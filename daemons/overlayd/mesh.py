@@ -314,8 +314,16 @@ class Mesh:
     # ------------------------------------------------------------ reading
 
     def status(self) -> MeshStatus:
+        """What GetMesh answers; a device that stopped answering is reported off, with why."""
         state, device = self.state, self.device
-        if state is None or device is None:
+        reason = self.reason or "the mesh is off"
+        held = None
+        if state is not None and device is not None:
+            try:
+                held = device.get()
+            except MeshError as exc:
+                reason = f"{exc}; overlayd starts it again within seconds"
+        if state is None or device is None or held is None:
             return MeshStatus(
                 enabled=False,
                 interface=self.interface if state is not None else "",
@@ -324,9 +332,8 @@ class Mesh:
                 listen_port=state.listen_port if state is not None else 0,
                 mtu=0,
                 address="",
-                reason=self.reason or "the mesh is off",
+                reason=reason,
             )
-        held = device.get()
         return MeshStatus(
             enabled=True,
             interface=self.interface,

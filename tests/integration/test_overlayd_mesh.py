@@ -32,6 +32,7 @@ from daemons.overlayd.mesh import interface_name
 from shared.bus import open_bus
 from shared.busdaemon import PrivateBus
 from shared.clients import OverlayClient
+from shared.mesh import keys
 from shared.paths import PREFIX_ENV, Paths
 from shared.wire import decode
 from shared.wire.agent import SyncResult
@@ -396,6 +397,29 @@ def test_two_nodes_talk_through_the_mesh_and_only_wireguard_crosses(
     assert peer.public_key == b.mesh().public_key and peer.allowed_ips == ["10.237.2.0/24"]
     assert peer.endpoint == f"10.236.0.2:{PORT}"
     assert peer.last_handshake > time.time() - 120 and peer.tx_bytes > 4 << 20
+    # A block without a key keeps its plain route beside the mesh's; adding a peer
+    # leaves b's session alone.
+    routes = netns_run(a.netns, "ip", "route").stdout
+    assert f"10.237.2.0/24 dev {a.interface} proto 91 src 10.237.1.1" in routes
+    other = keys.public_of(keys.generate_private())
+    a.sync(
+        [
+            b.block(),
+            PeerBlock(node="c", subnet="10.237.3.0/24", address="10.236.0.2"),
+            PeerBlock(node="d", subnet="10.237.4.0/24", address="10.236.0.9", wireguard_key=other),
+        ]
+    )
+    routes = netns_run(a.netns, "ip", "route").stdout
+    assert "10.237.3.0/24 via 10.236.0.2 dev ul0 proto 90" in routes, routes
+    assert f"10.237.4.0/24 dev {a.interface} proto 91" in routes, routes
+    after = {p.public_key: p for p in a.mesh().peers}
+    assert set(after) == {peer.public_key, other}
+    assert after[peer.public_key].last_handshake == peer.last_handshake
+    assert after[other].endpoint == "" and after[other].allowed_ips == ["10.237.4.0/24"]
+    a.sync([b.block()])
+    assert [p.public_key for p in a.mesh().peers] == [peer.public_key]
+    assert "10.237.4.0/24" not in netns_run(a.netns, "ip", "route").stdout
+
     metrics = a.metrics()
     assert "zlayer_overlayd_mesh_peers 1.0" in metrics
     match = re.search(
