@@ -66,7 +66,9 @@ CHECK = 0.25  # seconds: how often the leader looks whether the node set changed
 HOLDING_INTERVAL = 0.5  # seconds: the leader places this often while a handover waits
 HANDOVER_SETTLE = 2.0  # seconds a moved replica is healthy before its old copy leaves
 LEAVE_DRAIN = 2.0  # seconds a replica leaving this node runs unpublished before it stops
-FENCE_GRACE = 5.0  # seconds agentd gives a fenced node's replicas to stop
+# seconds agentd gives a fenced node's replicas to stop: short, as their replacements
+# start elsewhere now
+FENCE_GRACE = 2.0
 IN_ROTATION = ("healthy", "none")
 
 
@@ -502,11 +504,12 @@ class ClusterPlacement:
         try:
             replicas = await asyncio.wait_for(agent.list_replicas(), FENCE_GRACE)
             services = sorted({(r.deployment, r.service) for r in replicas if r.rtype == "service"})
-            for deployment, service in services:
-                await asyncio.wait_for(
-                    agent.remove_service(deployment, service, FENCE_GRACE, False),
-                    FENCE_GRACE * 3,
-                )
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(agent.remove_service(d, s, FENCE_GRACE, False) for d, s in services)
+                ),
+                FENCE_GRACE * 5,
+            )
         except Exception as exc:  # agentd away: the reconcile pass stops them once it can
             log.warning(
                 "node %s could not stop its replicas after losing etcd: %s", self.node_id, exc
