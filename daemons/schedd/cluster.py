@@ -19,7 +19,8 @@ client. The scheduler reads it as ``scheduler.cluster`` (None on a lone node).
   settings' voters (``node init --etcd-voters``, 3 by default; etcd's ``member
   add``, then the member starts with the initial cluster state ``existing``); a
   client of the members after that, which writes the members' client URLs to
-  its cluster.toml as they change.
+  its cluster.toml as they change. ``node rm`` of a voter asks one client to
+  become a voter (``NodeSettings.voter``): it adds and starts its own member.
 - Addresses: init records the cluster's replica range and each node takes a
   block of it (:mod:`daemons.schedd.cluster_blocks`); ``node rm`` frees it.
   A lone node's own deployments are not carried into the cluster: it must
@@ -190,6 +191,27 @@ async def mesh_status(overlay: OverlayClient, port: int) -> MeshStatus:
     return status
 
 
+def member_config(
+    paths: Paths, node_id: str, advertise: str, initial: dict[str, str], state: str
+) -> EtcdMemberConfig:
+    """The etcd member this node runs: on its address and its loopback, its data in its
+    state dir; ``initial`` names the other members' peer URLs."""
+    peer_url = _url(advertise, cluster_config.ETCD_PEER_PORT)
+    local = "[::1]" if ":" in advertise else "127.0.0.1"
+    return EtcdMemberConfig(
+        name=node_id,
+        data_dir=str(paths.state_dir / "etcd"),
+        client_urls=[
+            _url(advertise, cluster_config.ETCD_CLIENT_PORT),
+            f"https://{local}:{cluster_config.ETCD_CLIENT_PORT}",
+        ],
+        advertise_client_urls=[_url(advertise, cluster_config.ETCD_CLIENT_PORT)],
+        peer_urls=[peer_url],
+        initial_cluster={**initial, node_id: peer_url},
+        initial_state="new" if state == "new" else "existing",
+    )
+
+
 def _settings_key(node_id: str) -> bytes:
     return (KEYS["node_settings"] + node_id).encode()
 
@@ -265,6 +287,7 @@ class ClusterContext:
     _mesh_said: str = ""  # the last mesh problem logged as a warning
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _leaving: asyncio.Task[None] | None = None
+    _promoting: asyncio.Task[None] | None = None
     _left: bool = False
 
     @classmethod
@@ -461,7 +484,44 @@ class ClusterContext:
         changed = msgspec_replace(record, labels=dict(settings.labels), state=settings.state)
         if changed != record:
             await self.membership.update(changed)
+        if settings.voter and self.config.etcd is None and self._promoting is None:
+            self._promoting = asyncio.create_task(self._become_voter(), name="become-voter")
         return False
+
+    async def _become_voter(self) -> None:
+        """Asked to (a voter was removed): add this node's etcd member, start it and say
+        so in its record. A failure is logged and the member it added taken out again."""
+        assert self.paths is not None
+        paths, address = self.paths, self.config.advertise
+        peer_url = _url(address, cluster_config.ETCD_PEER_PORT)
+        added: int | None = None
+
+        async def add() -> None:
+            nonlocal added
+            added = (await self.client.add_member([peer_url])).id
+
+        try:
+            members = [m async for m in self.client.members()]
+            initial = {m.name: ",".join(m.peer_urls) for m in members if m.name}
+            await change_members(add)
+            member = member_config(paths, self.node_id, address, initial, "existing")
+            await asyncio.to_thread(shutil.rmtree, member.data_dir, True)
+            own = _url(address, cluster_config.ETCD_CLIENT_PORT)
+            urls = [*self.config.etcd_endpoints, own]
+            self.config = msgspec_replace(self.config, etcd=member, etcd_endpoints=urls)
+            await asyncio.to_thread(cluster_config.save, paths, self.config)
+            await sync_member(paths)
+            await wait_healthy([_local_url(self.config)], ETCD_START_TIMEOUT, tls_of(self.files))
+            await self.membership.update(msgspec_replace(self.membership.record, etcd_member=True))
+            log.info("node %s is an etcd voter now", self.node_id)
+        except Exception as exc:
+            log.error("node %s could not become an etcd voter: %s", self.node_id, exc)
+            self.config = msgspec_replace(self.config, etcd=None)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(cluster_config.save, paths, self.config)
+                await sync_member(paths)
+                if added is not None:
+                    await self.client.remove_member(added)
 
     async def _change_settings(
         self, node: str, change: Callable[[NodeSettings], NodeSettings]
@@ -561,8 +621,29 @@ class ClusterContext:
                     await self.client.revoke_lease(found.lease)
             await self.client.delete((KEYS["nodes"] + node).encode())
             await blocks.release(self.client, node)
+            if ids:
+                await self._promote_a_client(node)
 
         await self._etcd(run)
+
+    async def _promote_a_client(self, removed: str) -> None:
+        """A voter was removed: while the members are fewer than the cluster's voters, ask
+        one client (reachable, the first by name) to become one."""
+        members = len([m async for m in self.client.members()])
+        if not blocks.is_voter(members, await blocks.load_settings(self.client)):
+            return
+        clients = sorted(
+            (
+                r
+                for r in self.membership.live().values()
+                if not r.etcd_member and r.reachable and r.id != removed
+            ),
+            key=lambda r: (r.name, r.id),
+        )
+        if clients:
+            chosen = clients[0].id
+            await self._change_settings(chosen, lambda s: msgspec_replace(s, voter=True))
+            log.info("node %s was a voter: node %s is asked to become one", removed, chosen)
 
 
 async def change_members(call: Callable[[], Awaitable[object]]) -> None:
@@ -640,20 +721,7 @@ class NodeControl:
     def _member(
         self, node_id: str, advertise: str, initial: dict[str, str], state: str
     ) -> EtcdMemberConfig:
-        peer_url = _url(advertise, cluster_config.ETCD_PEER_PORT)
-        local = "[::1]" if ":" in advertise else "127.0.0.1"
-        return EtcdMemberConfig(
-            name=node_id,
-            data_dir=str(self.paths.state_dir / "etcd"),
-            client_urls=[
-                _url(advertise, cluster_config.ETCD_CLIENT_PORT),
-                f"https://{local}:{cluster_config.ETCD_CLIENT_PORT}",
-            ],
-            advertise_client_urls=[_url(advertise, cluster_config.ETCD_CLIENT_PORT)],
-            peer_urls=[peer_url],
-            initial_cluster={**initial, node_id: peer_url},
-            initial_state="new" if state == "new" else "existing",
-        )
+        return member_config(self.paths, node_id, advertise, initial, state)
 
     async def _start_member(self, config: ClusterConfig) -> None:
         await sync_member(self.paths)
