@@ -30,11 +30,18 @@ machine, every node's six daemons and etcd member on its two cores:
   seconds until as many healthy replicas run on the survivors; the goal is
   10 s or less. The peer is Nomad's default heartbeat grace, 10 s, before a
   client that stopped answering is marked down: stated from its
-  documentation, not measured here.
+  documentation, not measured here;
+- crossing: one replica, pinned to node 2, and HTTP GETs of it from the host
+  through node 1's proxyd (the request crosses to node 2 over the nodes'
+  LAN) beside the same GETs through node 2's proxyd (served on its own node),
+  in turns of 200: the median and p99 latency of one client sending one
+  request after another on a kept-alive connection, and the requests a
+  second of four such clients at once, each with the crossing one's ratio
+  to the same-node one.
 
 Only the placement rows need nothing running. Run:
 ``.venv/bin/python bench/cluster.py`` (``--runs N``, ``--nodes N``,
-``--replicas N``, ``--seed N``; ``--live``, ``--failovers N``).
+``--replicas N``, ``--seed N``; ``--live``, ``--failovers N``, ``--requests N``).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -214,6 +222,134 @@ def placement(args: argparse.Namespace) -> None:
     )
 
 
+# One replica pinned to a node; it answers with its hostname.
+PINNED_WEB = """
+version: v1
+deployment: {name}
+services:
+  web:
+    image: zlayer/busybox:latest
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8090 -h /www
+    endpoints: [{{name: http, protocol: http, port: 8090, expose: public}}]
+    scale: {{mode: fixed, replicas: 1}}
+    affinity: {{pin: "id={node}"}}
+    stop_grace_period: 1s
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: http, url: /index.html}}
+"""
+TURN = 200  # requests of one way before the other's turn
+CLIENTS = 4  # clients at once for the requests a second
+THROUGHPUT_SECONDS = 3.0  # of each way, in turns of a second
+
+
+def _latencies(host: str, port: int, count: int) -> list[float]:
+    """Milliseconds of each of ``count`` GETs, one after another on one connection."""
+    import http.client
+
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    samples = []
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            connection.request("GET", "/index.html")
+            reply = connection.getresponse()
+            reply.read()
+            samples.append((time.perf_counter() - started) * 1000)
+            if reply.status != 200:
+                raise RuntimeError(f"{host}:{port} answered {reply.status}")
+    finally:
+        connection.close()
+    return samples
+
+
+def _throughput(host: str, port: int, seconds: float) -> int:
+    """Requests CLIENTS clients at once, each one request after another, complete in
+    ``seconds``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    deadline = time.perf_counter() + seconds
+
+    def client() -> int:
+        import http.client
+
+        done = 0
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            while time.perf_counter() < deadline:
+                connection.request("GET", "/index.html")
+                connection.getresponse().read()
+                done += 1
+        finally:
+            connection.close()
+        return done
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        return sum(pool.map(lambda _: client(), range(CLIENTS)))
+
+
+def crossing(cluster: Any, requests: int) -> None:
+    """A request crossing nodes beside one served on the same node, in one run."""
+    from tests.cluster.harness import wait_healthy
+
+    n1, n2 = cluster[0], cluster[1]
+    ids = {r["name"]: r["id"] for r in _node_list(n1)}
+    name = n1.deployment_name("crossing")
+    spec = n1.spec(name, PINNED_WEB.format(name=name, node=ids[n2.name]))
+    ways = {"crossing (n1's proxyd, replica on n2)": n1, "same node (n2's proxyd)": n2}
+    latency: dict[str, list[float]] = {way: [] for way in ways}
+    served: dict[str, int] = dict.fromkeys(ways, 0)
+    try:
+        n1.run("up", "-d", str(spec), "--timeout", "120", check=True)
+        found = wait_healthy(list(cluster), name, 1, time.monotonic() + 60)
+        assert [n for n, rows in found.items() if rows] == [n2.name], found
+        for node in ways.values():  # each path warm: pooled, routed, resolved
+            _latencies(str(node.lan.ip), 8090, 50)
+        while min(len(v) for v in latency.values()) < requests:
+            for way, node in ways.items():
+                latency[way] += _latencies(str(node.lan.ip), 8090, TURN)
+        for _ in range(int(THROUGHPUT_SECONDS)):
+            for way, node in ways.items():
+                served[way] += _throughput(str(node.lan.ip), 8090, 1.0)
+    finally:
+        n1.run("down", name, timeout=120)
+    same = "same node (n2's proxyd)"
+    print(
+        f"{'request through proxyd':<40} {'median ms':>10} {'p99 ms':>8} {'req/s':>8} "
+        f"{'vs same node':>14}"
+    )
+    for way in ways:
+        median = statistics.median(latency[way])
+        rate = served[way] / THROUGHPUT_SECONDS
+        ratio = median / statistics.median(latency[same])
+        print(
+            f"{way:<40} {median:>10.2f} {percentile(latency[way], 99):>8.2f} {rate:>8.0f} "
+            f"{f'{ratio:.2f}x median':>14}"
+        )
+    cross = next(way for way in ways if way != same)
+    median_ratio = statistics.median(latency[cross]) / statistics.median(latency[same])
+    p99_ratio = percentile(latency[cross], 99) / percentile(latency[same], 99)
+    print(
+        f"crossing / same node: median {median_ratio:.2f}x, p99 {p99_ratio:.2f}x, "
+        f"requests a second {served[cross] / max(served[same], 1):.2f}x "
+        f"({len(latency[cross])} requests each way, one client; {CLIENTS} clients for "
+        f"{THROUGHPUT_SECONDS:.0f} s each way)"
+    )
+
+
+def _node_list(node: Any) -> list[dict[str, Any]]:
+    import json
+
+    out = node.run("node", "ls", "--format", "json", check=True)
+    nodes: list[dict[str, Any]] = json.loads(out.stdout)["nodes"]
+    return nodes
+
+
 NOMAD_HEARTBEAT_GRACE = 10.0  # seconds: Nomad's default heartbeat_grace, from its docs
 FAILOVER_GOAL = 10.0
 FAILOVER_DEADLINE = 60.0
@@ -241,6 +377,7 @@ def live(args: argparse.Namespace) -> None:
         took = form(cluster)
         init = took.pop(cluster[0].name)
         joins += took.values()
+        crossing(cluster, args.requests)
         first = cluster[0]
         name = first.deployment_name("failover")
         spec = first.spec(name, SPREAD_WEB.format(name=name, replicas=3))
@@ -304,6 +441,9 @@ def main() -> None:
         "--live", action="store_true", help="also join and failover on a real 3-node cluster"
     )
     parser.add_argument("--failovers", type=int, default=3, help="nodes killed with --live")
+    parser.add_argument(
+        "--requests", type=int, default=2000, help="requests each way, crossing and not (--live)"
+    )
     args = parser.parse_args()
     for name in args.parts:
         if name not in PARTS:
