@@ -30,7 +30,7 @@ client. The scheduler reads it as ``scheduler.cluster`` (None on a lone node).
   start, and keeps its public key and port current in its record (a rotated
   key, an overlayd restart), so the other nodes reach its block through it. A
   node ``behind_nat`` joins as an etcd client and says so in its record.
-- Labels, drain and removal are :class:`~shared.wire.cluster.NodeSettings`
+- Labels, drain (and undrain) and removal are :class:`~shared.wire.cluster.NodeSettings`
   under ``KEYS["node_settings"]``, kept without a lease and written from any
   node; each node watches its own and applies it to its record.
 """
@@ -315,7 +315,9 @@ class ClusterContext:
                 f"{exc or type(exc).__name__}; check that etcd runs and that this node reaches it"
             ) from None
         settings = _settings(found.value if found is not None else None)
+        log.info("DBGMESH settings")  # DBGMESH
         schedd = await asyncio.to_thread(schedd_settings, paths)
+        log.info("DBGMESH mesh")  # DBGMESH
         status = None
         if schedd.mesh:
             # the key in the first record, so no peer routes this node's block in the
@@ -335,13 +337,16 @@ class ClusterContext:
             started_at=time.time(),
             **mesh_fields(schedd, status),
         )
+        log.info("DBGMESH membership")  # DBGMESH
         membership = Membership(record, endpoints, tls, on_change=on_change)
         context = cls(
             config.node_id, config, files, etcd, store, membership, paths=paths, settings=schedd
         )
         try:
             await membership.start()
+            log.info("DBGMESH serve")  # DBGMESH
             await context._serve()
+            log.info("DBGMESH served")  # DBGMESH
         except BaseException:
             await context.close()
             raise
@@ -524,15 +529,18 @@ class ClusterContext:
                     await self.client.remove_member(added)
 
     async def _change_settings(
-        self, node: str, change: Callable[[NodeSettings], NodeSettings]
+        self, node: str, change: Callable[[NodeSettings], NodeSettings], gone: bool = False
     ) -> NodeSettings:
-        """Read-modify-write a node's settings in one transaction (tried again on a race)."""
+        """Read-modify-write a node's settings in one transaction (tried again on a race).
+        ``gone``: the node may be down (its record lapsed), as one being removed."""
         live = self.membership.live()
         key = _settings_key(node)
         tx = self.client.transactions
         for _ in range(10):
             found = await self.client.get(key)
             current = _settings(found.value if found is not None else None)
+            if current is None and gone and node not in live:
+                current = NodeSettings()
             if current is None:
                 if node not in live:
                     raise NotFoundError(
@@ -604,6 +612,16 @@ class ClusterContext:
         result: NodeSettings = await self._etcd(lambda: self._change_settings(node, change))
         return result
 
+    async def undrain(self, node: str) -> NodeSettings:
+        """A drained node back in service (upstream's undrain): new placements may use it
+        again; the replicas that left it stay where they went."""
+
+        def change(settings: NodeSettings) -> NodeSettings:
+            return msgspec_replace(settings, state="ready")
+
+        result: NodeSettings = await self._etcd(lambda: self._change_settings(node, change))
+        return result
+
     async def remove(self, node: str) -> None:
         if node == self.node_id:
             raise InvalidArgumentError(
@@ -611,8 +629,15 @@ class ClusterContext:
             )
 
         async def run() -> None:
-            await self._change_settings(node, lambda s: msgspec_replace(s, removed=True))
-            ids = [member.id async for member in self.client.members() if member.name == node]
+            # a node that is down (its record lapsed) is removed too, if the cluster
+            # knows it: it holds a block or an etcd member
+            members = [m async for m in self.client.members()]
+            known = node in (await blocks.held(self.client)).values()
+            known = known or any(m.name == node for m in members)
+            await self._change_settings(
+                node, lambda s: msgspec_replace(s, removed=True), gone=known
+            )
+            ids = [member.id for member in members if member.name == node]
             for member_id in ids:
                 await change_members(functools.partial(self.client.remove_member, member_id))
             found = await self.client.get((KEYS["nodes"] + node).encode())
@@ -865,9 +890,12 @@ class NodeControl:
                     await self._start_member(config)
                 if block:
                     await cluster_blocks.move_network(self.paths, _overlay(), block)
+                log.info("DBGMESH pause")  # DBGMESH
                 await self.daemon.pause()
                 paused = True
+                log.info("DBGMESH open")  # DBGMESH
                 context = await ClusterContext.open(config, self.paths)
+                log.info("DBGMESH opened")  # DBGMESH
             except BaseException:
                 await cluster_blocks.release_block(endpoints, tls, node_id)
                 await self._failed(paused)
@@ -921,6 +949,9 @@ class NodeControl:
 
     async def drain(self, node: str) -> NodeSettings:
         return await self._context().drain(node)
+
+    async def undrain(self, node: str) -> NodeSettings:
+        return await self._context().undrain(node)
 
     async def remove(self, node: str) -> None:
         await self._context().remove(node)
