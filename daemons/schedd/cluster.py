@@ -30,7 +30,7 @@ client. The scheduler reads it as ``scheduler.cluster`` (None on a lone node).
   start, and keeps its public key and port current in its record (a rotated
   key, an overlayd restart), so the other nodes reach its block through it. A
   node ``behind_nat`` joins as an etcd client and says so in its record.
-- Labels, drain (and undrain) and removal are :class:`~shared.wire.cluster.NodeSettings`
+- Labels, drain and removal are :class:`~shared.wire.cluster.NodeSettings`
   under ``KEYS["node_settings"]``, kept without a lease and written from any
   node; each node watches its own and applies it to its record.
 """
@@ -315,9 +315,7 @@ class ClusterContext:
                 f"{exc or type(exc).__name__}; check that etcd runs and that this node reaches it"
             ) from None
         settings = _settings(found.value if found is not None else None)
-        log.info("DBGMESH settings")  # DBGMESH
         schedd = await asyncio.to_thread(schedd_settings, paths)
-        log.info("DBGMESH mesh")  # DBGMESH
         status = None
         if schedd.mesh:
             # the key in the first record, so no peer routes this node's block in the
@@ -337,16 +335,13 @@ class ClusterContext:
             started_at=time.time(),
             **mesh_fields(schedd, status),
         )
-        log.info("DBGMESH membership")  # DBGMESH
         membership = Membership(record, endpoints, tls, on_change=on_change)
         context = cls(
             config.node_id, config, files, etcd, store, membership, paths=paths, settings=schedd
         )
         try:
             await membership.start()
-            log.info("DBGMESH serve")  # DBGMESH
             await context._serve()
-            log.info("DBGMESH served")  # DBGMESH
         except BaseException:
             await context.close()
             raise
@@ -608,16 +603,6 @@ class ClusterContext:
     async def drain(self, node: str) -> NodeSettings:
         def change(settings: NodeSettings) -> NodeSettings:
             return msgspec_replace(settings, state="draining")
-
-        result: NodeSettings = await self._etcd(lambda: self._change_settings(node, change))
-        return result
-
-    async def undrain(self, node: str) -> NodeSettings:
-        """A drained node back in service (upstream's undrain): new placements may use it
-        again; the replicas that left it stay where they went."""
-
-        def change(settings: NodeSettings) -> NodeSettings:
-            return msgspec_replace(settings, state="ready")
 
         result: NodeSettings = await self._etcd(lambda: self._change_settings(node, change))
         return result
@@ -890,12 +875,9 @@ class NodeControl:
                     await self._start_member(config)
                 if block:
                     await cluster_blocks.move_network(self.paths, _overlay(), block)
-                log.info("DBGMESH pause")  # DBGMESH
                 await self.daemon.pause()
                 paused = True
-                log.info("DBGMESH open")  # DBGMESH
                 context = await ClusterContext.open(config, self.paths)
-                log.info("DBGMESH opened")  # DBGMESH
             except BaseException:
                 await cluster_blocks.release_block(endpoints, tls, node_id)
                 await self._failed(paused)
@@ -949,9 +931,6 @@ class NodeControl:
 
     async def drain(self, node: str) -> NodeSettings:
         return await self._context().drain(node)
-
-    async def undrain(self, node: str) -> NodeSettings:
-        return await self._context().undrain(node)
 
     async def remove(self, node: str) -> None:
         await self._context().remove(node)
