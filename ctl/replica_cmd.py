@@ -266,7 +266,10 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) ->
                 data = os.read(0, 64 * 1024)
             except OSError:
                 data = b""
-            loop.call_soon_threadsafe(queue.put_nowait, data)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, data)
+            except RuntimeError:  # the command ended and the loop with it
+                return
             if not data:
                 return
 

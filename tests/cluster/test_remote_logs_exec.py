@@ -5,10 +5,15 @@ same through n1's apid, and a node that died gives one sentence naming it."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import select
 import signal
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -103,6 +108,48 @@ def follow_for(node: Node, seconds: float, *args: str) -> str:
     return out
 
 
+def on_terminal(node: Node, cols: int, rows: int, *args: str) -> tuple[str, int]:
+    """What zlayerctl ARGS on ``node`` prints on a terminal of ``cols`` x ``rows`` that is
+    its stdin and stdout, and its exit code."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    process = subprocess.Popen(
+        node.inside(find_executable("zlayerctl"), *args),
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=node.env,
+        cwd=node.workdir,
+    )
+    os.close(slave)
+    shown = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: every holder of the terminal closed it
+                    break
+                if not data:
+                    break
+                shown += data
+            elif process.poll() is not None:
+                break
+        code = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    assert process.stderr is not None
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert "Traceback" not in err, err
+    return shown.decode(errors="replace"), code
+
+
 def numbers(out: str, host: str) -> list[int]:
     """The counters of the lines ``host`` wrote, in the order printed."""
     found = []
@@ -168,6 +215,17 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
         assert out.returncode == 7, out.stderr
         assert out.stdout.splitlines() == [host3, "hello-from-the-spec", "from-n1-stdin"], out
         assert out.stderr.strip() == "oops", out.stderr
+
+        # with -t: this terminal's size is the command's there, its output comes here (the
+        # command waits a moment first: the runtime sets its terminal up just after the
+        # start, and what was written before may go)
+        script = "sleep 1; until stty size 2>/dev/null; do sleep 0.05; done; hostname; sleep 1"
+        shown, code = on_terminal(
+            n1, 77, 19, "exec", "-t", "-d", name, "--replica", str(on_n3), "talk", "--",
+            "sh", "-c", script,
+        )  # fmt: skip
+        assert code == 0, shown
+        assert shown.split()[-3:] == ["19", "77", host3], shown
 
         # the REST API on n1 reaches them too (zlayerctl --host: its logs and exec routes)
         token = n1.run("token", "create", "remote-test", "--role", "operator", check=True)

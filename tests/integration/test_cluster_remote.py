@@ -137,9 +137,9 @@ def test_logs_exec_and_stats_of_a_replica_through_its_node(node: Node, tmp_path:
             assert out == {"stdout": b"hello-far\nthrough-the-peer\n", "stderr": b"oops\n"}
 
             # with a terminal of the given size (stderr comes with stdout, as on a terminal);
-            # crun exec --tty sizes it just after the start: asked until it has (and a
-            # moment before the end, as the runtime relays a terminal's last output late)
-            script = "until stty size 2>/dev/null; do sleep 0.05; done; sleep 1"
+            # crun exec --tty sets the terminal up just after the start (what was written
+            # before may go) and relays its last output late: a moment before and after
+            script = "sleep 1; until stty size 2>/dev/null; do sleep 0.05; done; sleep 1"
             async with reach.exec(placed, ["sh", "-c", script], tty=True, cols=91, rows=17) as run:
                 shown = b"".join([data async for _kind, data in run.output()])
             assert run.exit_code == 0 and shown.split() == [b"17", b"91"], shown
