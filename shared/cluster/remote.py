@@ -89,12 +89,6 @@ class Placed:
     here: bool = True
     node: NodeRecord | None = None
 
-    @property
-    def node_name(self) -> str:
-        if self.node is not None:
-            return self.node.name or self.node.id
-        return self.replica.node
-
 
 class _Scheduler(Protocol):
     proxy: Any
