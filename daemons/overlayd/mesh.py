@@ -177,6 +177,14 @@ class Mesh:
             device.apply(changes)
             self.device = device
             done += self._link_up()
+            if not self.configured:
+                # A restarted overlayd: what it gave the device before is what the
+                # kept blocks say, so an endpoint the device learned since stays.
+                for block in state.peers:
+                    with contextlib.suppress(keys.InvalidKeyError):
+                        endpoint = _resolve(block.endpoint) if block.endpoint else ""
+                        if endpoint:
+                            self.configured[keys.check(block.wireguard_key)] = endpoint
             done += self.set_peers(state.peers, force=True)
         except MeshError as exc:
             self.reason = str(exc)

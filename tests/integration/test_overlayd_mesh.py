@@ -33,6 +33,8 @@ from shared.bus import open_bus
 from shared.busdaemon import PrivateBus
 from shared.clients import OverlayClient
 from shared.mesh import keys
+from shared.mesh.device import Changes, PeerConfig
+from shared.mesh.uapi import UapiClient
 from shared.paths import PREFIX_ENV, Paths
 from shared.wire import decode
 from shared.wire.agent import SyncResult
@@ -482,6 +484,17 @@ def test_the_mesh_survives_restarts_and_goes_with_the_network(
     ra, rb = a.attach("ra"), b.attach("rb")
     assert ping(ra, rb.address)
 
+    # b is seen at another of its addresses (as handshakes from behind a NAT would
+    # show it): a restart must not put the configured endpoint back.
+    subprocess.run(
+        ["ip", "netns", "exec", b.netns, "ip", "addr", "add", "10.236.0.3/24", "dev", "ul0"],
+        check=True,
+    )
+    b_key = b.mesh().public_key
+    roamed = PeerConfig(b_key, f"10.236.0.3:{PORT}", ("10.237.2.0/24",), 0)
+    device = UapiClient(Path("/var/run/wireguard", f"{a.interface}.sock"))
+    device.set(Changes(upsert=(roamed,), with_endpoint=frozenset({b_key})))
+
     # A plain restart: wireguard-go keeps serving, and is found again.
     first = a.wireguard_pid()
     a.stop()
@@ -489,6 +502,7 @@ def test_the_mesh_survives_restarts_and_goes_with_the_network(
     a.start()
     assert a.wireguard_pid() == first
     assert a.mesh().public_key == key
+    assert [p.endpoint for p in a.mesh().peers] == [f"10.236.0.3:{PORT}"], "kept"
 
     # wireguard-go killed under a running overlayd: it is started again.
     os.kill(first, signal.SIGKILL)
