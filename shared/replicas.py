@@ -14,7 +14,7 @@ def select_replicas(
     names (its id or its instance number) when it is given. NotFoundError when the service
     has no replica here, or none is ``which``."""
     if not replicas:
-        raise NotFoundError(f"service {service} of {deployment} has no replicas on this node")
+        raise NotFoundError(f"service {service} of {deployment} has no replicas")
     newest = max(r.revision for r in replicas)
     current = sorted((r for r in replicas if r.revision == newest), key=lambda r: r.instance)
     if which is None or which == "":

@@ -145,7 +145,7 @@ def test_logs_of_a_replica_its_tail_and_the_sentences_of_zlayerctl_logs(
     detail = problem("GET", f"{logs}?replica=9", 404)
     assert detail == "web has no replica 9 (replicas: 1, 2)"
     detail = problem("GET", f"{base}/deployments/{DEPLOYMENT}/services/nope/logs", 404)
-    assert detail == f"service nope of {DEPLOYMENT} has no replicas on this node"
+    assert detail == f"service nope of {DEPLOYMENT} has no replicas"
     assert "tail" in problem("GET", f"{logs}?tail=many", 400)
 
 

@@ -32,7 +32,7 @@ def test_newest_revision_in_instance_order_then_by_id_or_instance() -> None:
 
 
 def test_the_sentences_when_nothing_fits() -> None:
-    with pytest.raises(NotFoundError, match=r"^service web of d has no replicas on this node$"):
+    with pytest.raises(NotFoundError, match=r"^service web of d has no replicas$"):
         select_replicas([], "d", "web")
     # the old revision's replica is not one to pick
     with pytest.raises(NotFoundError, match=r"^web has no replica d-web-1-r1 \(replicas: 1, 2\)$"):
