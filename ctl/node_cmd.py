@@ -1,5 +1,5 @@
-"""``zlayerctl node``: this node in a cluster: init, join-token, join, ls, label, drain, rm,
-rotate-key.
+"""``zlayerctl node``: this node in a cluster: init, join-token, join, ls, label, drain,
+undrain, rm, rotate-key.
 
 Each asks this node's schedd (Scheduler1's node methods, root only); schedd
 does the work (the cluster CA, cluster.toml, its etcd member, the move of its
@@ -161,7 +161,7 @@ async def _mesh_of(client: Client) -> MeshStatus | None:
 
 @click.group()
 def node() -> None:
-    """This node in a cluster: init, join-token, join, ls, label, drain, rm, rotate-key."""
+    """This node in a cluster: init, join-token, join, ls, label, drain, undrain, rm, rotate-key."""
 
 
 @node.command("init")
@@ -338,6 +338,14 @@ def rotate_key() -> None:
         f"node {node_id} has a new mesh key {key}; the other nodes take it from its record",
         highlight=False,
     )
+
+
+@node.command("undrain")
+@click.argument("node_id", metavar="ID")
+def undrain(node_id: str) -> None:
+    """Put drained node ID back in service: new replicas may be placed on it again."""
+    _call(lambda p: p.undrain_node(node_id))
+    err_console.print(f"node {node_id} is ready", highlight=False)
 
 
 @node.command("rm")

@@ -30,7 +30,7 @@ client. The scheduler reads it as ``scheduler.cluster`` (None on a lone node).
   start, and keeps its public key and port current in its record (a rotated
   key, an overlayd restart), so the other nodes reach its block through it. A
   node ``behind_nat`` joins as an etcd client and says so in its record.
-- Labels, drain and removal are :class:`~shared.wire.cluster.NodeSettings`
+- Labels, drain (and undrain) and removal are :class:`~shared.wire.cluster.NodeSettings`
   under ``KEYS["node_settings"]``, kept without a lease and written from any
   node; each node watches its own and applies it to its record.
 """
@@ -524,18 +524,15 @@ class ClusterContext:
                     await self.client.remove_member(added)
 
     async def _change_settings(
-        self, node: str, change: Callable[[NodeSettings], NodeSettings], gone: bool = False
+        self, node: str, change: Callable[[NodeSettings], NodeSettings]
     ) -> NodeSettings:
-        """Read-modify-write a node's settings in one transaction (tried again on a race).
-        ``gone``: the node may be down (its record lapsed), as one being removed."""
+        """Read-modify-write a node's settings in one transaction (tried again on a race)."""
         live = self.membership.live()
         key = _settings_key(node)
         tx = self.client.transactions
         for _ in range(10):
             found = await self.client.get(key)
             current = _settings(found.value if found is not None else None)
-            if current is None and gone and node not in live:
-                current = NodeSettings()
             if current is None:
                 if node not in live:
                     raise NotFoundError(
@@ -607,6 +604,16 @@ class ClusterContext:
         result: NodeSettings = await self._etcd(lambda: self._change_settings(node, change))
         return result
 
+    async def undrain(self, node: str) -> NodeSettings:
+        """A drained node back in service (upstream's undrain): new placements may use it
+        again; the replicas that left it stay where they went."""
+
+        def change(settings: NodeSettings) -> NodeSettings:
+            return msgspec_replace(settings, state="ready")
+
+        result: NodeSettings = await self._etcd(lambda: self._change_settings(node, change))
+        return result
+
     async def remove(self, node: str) -> None:
         if node == self.node_id:
             raise InvalidArgumentError(
@@ -614,15 +621,8 @@ class ClusterContext:
             )
 
         async def run() -> None:
-            # a node that is down (its record lapsed) is removed too, if the cluster
-            # knows it: it holds a block or an etcd member
-            members = [m async for m in self.client.members()]
-            known = node in (await blocks.held(self.client)).values()
-            known = known or any(m.name == node for m in members)
-            await self._change_settings(
-                node, lambda s: msgspec_replace(s, removed=True), gone=known
-            )
-            ids = [member.id for member in members if member.name == node]
+            await self._change_settings(node, lambda s: msgspec_replace(s, removed=True))
+            ids = [member.id async for member in self.client.members() if member.name == node]
             for member_id in ids:
                 await change_members(functools.partial(self.client.remove_member, member_id))
             found = await self.client.get((KEYS["nodes"] + node).encode())
@@ -931,6 +931,9 @@ class NodeControl:
 
     async def drain(self, node: str) -> NodeSettings:
         return await self._context().drain(node)
+
+    async def undrain(self, node: str) -> NodeSettings:
+        return await self._context().undrain(node)
 
     async def remove(self, node: str) -> None:
         await self._context().remove(node)

@@ -1,7 +1,7 @@
 """`node drain` on a three-node cluster: the drained node's replicas leave by rollout (their
 new copies serve on the other nodes before the old ones stop), so a client sending
 requests through another node's proxyd all the while sees none fail, even to a service
-whose one replica runs on the drained node."""
+whose one replica runs on the drained node. `node undrain` puts it back in service."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from shared.bus import Scheduler1
 from tests.cluster.harness import (
     SPREAD_WEB,
     Cluster,
@@ -180,5 +181,34 @@ def test_drain_moves_every_replica_off_the_node_and_loses_no_request(cluster: Cl
     finally:
         if client is not None:
             client.stop()
+        down = n1.run("down", name, timeout=120)
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.mark.skipif(
+    not hasattr(Scheduler1, "undrain_node"), reason="schedd has no UndrainNode method yet"
+)
+def test_undrain_puts_the_node_back_in_service(cluster: Cluster) -> None:
+    n1 = cluster[0]
+    listed = listed_nodes(n1)
+    drained = next((node for node in cluster if listed[node.name] == "draining"), None)
+    if drained is None:  # run on its own
+        drained = cluster[2]
+        n1.run("node", "drain", node_ids(n1)[drained.name], check=True)
+    entry = next(node for node in cluster if node is not drained)
+    entry.run("node", "undrain", node_ids(entry)[drained.name], check=True)
+    for node in cluster:
+        deadline = time.monotonic() + 10
+        while listed_nodes(node)[drained.name] != "ready":
+            assert time.monotonic() < deadline, f"{node.name} does not list it ready"
+            time.sleep(0.25)
+    # New placements use it again: a spread service gets a replica on each node.
+    name = n1.deployment_name("undrain")
+    spec = n1.spec(name, SPREAD_WEB.format(name=name, replicas=3))
+    try:
+        n1.run("up", "-d", str(spec), "--timeout", "120", check=True)
+        found = wait_healthy(cluster.nodes, name, 3, time.monotonic() + SETTLE)
+        assert sorted(len(rows) for rows in found.values()) == [1, 1, 1], found
+    finally:
         down = n1.run("down", name, timeout=120)
         assert down.returncode == 0, down.stderr
