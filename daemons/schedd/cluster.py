@@ -524,15 +524,18 @@ class ClusterContext:
                     await self.client.remove_member(added)
 
     async def _change_settings(
-        self, node: str, change: Callable[[NodeSettings], NodeSettings]
+        self, node: str, change: Callable[[NodeSettings], NodeSettings], gone: bool = False
     ) -> NodeSettings:
-        """Read-modify-write a node's settings in one transaction (tried again on a race)."""
+        """Read-modify-write a node's settings in one transaction (tried again on a race).
+        ``gone``: the node may be down (its record lapsed), as one being removed."""
         live = self.membership.live()
         key = _settings_key(node)
         tx = self.client.transactions
         for _ in range(10):
             found = await self.client.get(key)
             current = _settings(found.value if found is not None else None)
+            if current is None and gone and node not in live:
+                current = NodeSettings()
             if current is None:
                 if node not in live:
                     raise NotFoundError(
@@ -621,8 +624,15 @@ class ClusterContext:
             )
 
         async def run() -> None:
-            await self._change_settings(node, lambda s: msgspec_replace(s, removed=True))
-            ids = [member.id async for member in self.client.members() if member.name == node]
+            # a node that is down (its record lapsed) is removed too, if the cluster
+            # knows it: it holds a block or an etcd member
+            members = [m async for m in self.client.members()]
+            known = node in (await blocks.held(self.client)).values()
+            known = known or any(m.name == node for m in members)
+            await self._change_settings(
+                node, lambda s: msgspec_replace(s, removed=True), gone=known
+            )
+            ids = [member.id for member in members if member.name == node]
             for member_id in ids:
                 await change_members(functools.partial(self.client.remove_member, member_id))
             found = await self.client.get((KEYS["nodes"] + node).encode())
