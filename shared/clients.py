@@ -43,6 +43,7 @@ from shared.wire.agent import (
 from shared.wire.api import SecretInfo, SecretValue, TokenCreate, TokenInfo, TokenIssued
 from shared.wire.daemon import DaemonStatus
 from shared.wire.jobs import JobInfo, ProgressItem
+from shared.wire.mesh import MeshStatus
 from shared.wire.overlay import Attachment, NetworkInfo
 from shared.wire.registry import (
     BuildRequest,
@@ -414,6 +415,15 @@ class OverlayClient(DaemonClient[Overlay1]):
 
     async def list_records(self) -> list[DnsRecord]:
         return decode(await self.proxy.list_records(), list[DnsRecord])
+
+    async def enable_mesh(self, listen_port: int) -> MeshStatus:
+        return decode(await self.proxy.enable_mesh(listen_port), MeshStatus)
+
+    async def get_mesh(self) -> MeshStatus:
+        return decode(await self.proxy.get_mesh(), MeshStatus)
+
+    async def rotate_mesh_key(self) -> MeshStatus:
+        return decode(await self.proxy.rotate_mesh_key(), MeshStatus)
 
 
 class ProxyClient(DaemonClient[Proxy1]):

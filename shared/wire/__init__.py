@@ -12,7 +12,10 @@ typed and a malformed value fails at the boundary with :class:`WireError`.
 - :mod:`shared.wire.jobs`: long operations of any daemon;
 - :mod:`shared.wire.traffic`: the traffic views schedd sends overlayd and
   proxyd, and what they report back (DNS records, routes, counters);
-- :mod:`shared.wire.overlay`: overlayd (attachments, the node network).
+- :mod:`shared.wire.overlay`: overlayd (attachments, the node network);
+- :mod:`shared.wire.mesh`: overlayd's WireGuard mesh (MeshStatus, MeshPeer);
+- :mod:`shared.wire.cluster`: what a cluster keeps in etcd and sends between
+  nodes (node records, placements, the join handshake).
 
 Why msgspec and not pydantic here: these modules are imported by every
 process, zlayerctl's read commands included, and msgspec imports and builds
