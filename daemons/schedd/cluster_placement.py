@@ -626,22 +626,28 @@ class ClusterPlacement:
         """Claim this node's block in etcd (``KEYS["subnets"]``, one transaction: free or
         already this node's) and put it in the node's record, for the others' routes."""
         assert self._subnet is not None
+        given = self.membership.record.subnet  # the block init or join took, if any
         while True:
             try:
                 block = await self._subnet()
-                if await claim_subnet(self.client, self.node_id, block):
+                if given and block != given:
+                    # overlayd has not moved to it yet (restarting): its old subnet is
+                    # no block of this node's, so it is never claimed
+                    log.info("zlayer-overlayd is on %s, not yet on block %s", block, given)
+                elif await claim_subnet(self.client, self.node_id, block):
                     record = self.membership.record
                     if record.subnet != block:
                         await self.membership.update(replace(record, subnet=block))
                     log.info("node %s routes its replicas' block %s", self.node_id, block)
                     return
-                log.error(
-                    "the replicas' block %s of node %s is another node's; give this node's "
-                    "zlayer-overlayd another subnet",
-                    block,
-                    self.node_id,
-                )
-                return
+                else:
+                    log.error(
+                        "the replicas' block %s of node %s is another node's; give this "
+                        "node's zlayer-overlayd another subnet",
+                        block,
+                        self.node_id,
+                    )
+                    return
             except ETCD_ERRORS as exc:
                 log.warning("cannot claim this node's block yet (%s)", exc)
             except Exception as exc:  # overlayd not up yet: asked again
