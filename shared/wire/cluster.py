@@ -32,6 +32,11 @@ KEYS = {
     # its lease, so every node routes to every node's healthy replicas
     "replicas": PREFIX + "replicas/",
     "cluster": PREFIX + "cluster",  # ClusterSettings: the subnet, its block size, the voters
+    # SealedCaKey: the CA's key sealed with the cluster's secrets key, so any node signs
+    "ca_key": PREFIX + "ca-key",
+    # certificates/<node>/<serial hex>: IssuedCertificate, each node certificate signed
+    "certificates": PREFIX + "certificates/",
+    "revoked": PREFIX + "revoked/",  # revoked/<node>: RevokedNode, a removed node's
 }
 
 NodeState = Literal["ready", "draining", "down"]
@@ -151,3 +156,31 @@ class ClusterSettings(Wire, frozen=True, kw_only=True):
     subnet: str  # the cluster's replica range, "10.213.0.0/16"
     block_prefix: int = 24  # each node's block: a /24 of it
     voters: int = 3  # etcd voters at most (odd, up to 7); later nodes are clients
+
+
+class SealedCaKey(Wire, frozen=True, kw_only=True):
+    """The cluster CA's private key (PKCS#8 DER) sealed with AES-256-GCM under the
+    cluster's secrets key, the CA's fingerprint as associated data (``KEYS["ca_key"]``)."""
+
+    ca_sha256: str  # the CA it belongs to (lowercase hex)
+    nonce: str  # base64, 12 bytes
+    sealed: str  # base64: ciphertext and tag
+
+
+class IssuedCertificate(Wire, frozen=True, kw_only=True):
+    """A node certificate the CA signed (``KEYS["certificates"]<node>/<serial hex>``)."""
+
+    node: str
+    serial: str  # lowercase hex
+    not_after: float  # Unix time
+    issued_at: float = 0.0
+
+
+class RevokedNode(Wire, frozen=True, kw_only=True):
+    """A node taken out by ``node rm`` (``KEYS["revoked"]<node>``): its certificates are
+    refused by every node's peer port and by etcd's members (their CRL)."""
+
+    node: str
+    serials: list[str] = []  # its certificates' serials, lowercase hex
+    revoked_at: float
+    not_after: float = 0.0  # when the last of them expires (then the entry may go)
