@@ -21,7 +21,7 @@ from tests.conftest import (
     remove_test_network,
     write_test_config,
 )
-from tests.e2e.node import IMAGE, Node, free_port
+from tests.e2e.node import IMAGE, Node, free_port, wait_until
 from tests.wasm_components import wasm_components
 
 __all__ = ["wasm_components"]  # the session's componentize-py builds, for the wasm tests
@@ -121,6 +121,23 @@ def own_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         yield started
         for deployment in json.loads(started.ctl("ps", "--format", "json").stdout or "[]"):
             started.ctl("down", deployment["name"])
+
+
+@pytest.fixture
+def restarted_node(node: Node) -> Iterator[Node]:
+    """The module's node, for a test that stops and starts its daemons or kills one.
+
+    A node of the test's own would cost six daemons' start and stop; instead, after
+    the test the daemons run again (started anew if the test left them stopped or
+    failing) and nothing stays deployed, so the module's next test finds the node
+    as its other tests leave it."""
+    yield node
+    if node.ctl("status").returncode != 0:
+        node.ctl("daemon", "stop")
+        node.ctl("daemon", "run", "--detach")
+    wait_until(lambda: node.ctl("status").returncode == 0, 60, "all six daemons to run")
+    for deployment in json.loads(node.ctl("ps", "--format", "json").stdout or "[]"):
+        node.ctl("down", deployment["name"])
 
 
 @pytest.fixture

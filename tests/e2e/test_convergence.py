@@ -91,18 +91,29 @@ def restart_all(node: Node) -> None:
     wait_until(lambda: node.ctl("status").returncode == 0, 60, "all six daemons to run")
 
 
-def agentd_log(node: Node) -> str:
-    """What agentd wrote under the supervisor (its stderr goes to a file per daemon)."""
+def agentd_log(node: Node, since: int = 0) -> str:
+    """What agentd wrote under the supervisor (its stderr goes to a file per daemon),
+    from byte ``since`` on: the module's tests share the node and so the file."""
     path = node.paths.log_dir / "agentd.log"
-    return path.read_text(errors="replace") if path.exists() else ""
+    if not path.exists():
+        return ""
+    with path.open("rb") as handle:
+        handle.seek(since)
+        return handle.read().decode(errors="replace")
+
+
+def agentd_log_end(node: Node) -> int:
+    """Where agentd's log ends now: what a test reads of it starts there."""
+    path = node.paths.log_dir / "agentd.log"
+    return path.stat().st_size if path.exists() else 0
 
 
 def test_a_removed_deployment_leaves_no_name_or_route_and_its_route_is_free_again(
-    own_node: Node,
+    restarted_node: Node,
 ) -> None:
     """Observation 2: up, down, stop and start the daemons; no DNS name or route of the
     removed deployment is left, and a new deployment takes its host and path at once."""
-    node = own_node
+    node = restarted_node
     port = free_port()
     node.ctl("up", "-d", str(web(node, "web", port, page="old")), check=True)
     assert "web.service.local" in dns_names(node)
@@ -127,12 +138,13 @@ def test_a_removed_deployment_leaves_no_name_or_route_and_its_route_is_free_agai
 
 
 def test_replicas_running_across_a_stop_and_start_of_every_daemon_are_adopted(
-    own_node: Node,
+    restarted_node: Node,
 ) -> None:
     """Observations 4 and 7: replicas keep their containers, PIDs and restart counts
     across a stop and start of all six daemons, several times over, and serve throughout."""
-    node = own_node
+    node = restarted_node
     port = free_port()
+    log_from = agentd_log_end(node)
     node.ctl("up", "-d", str(web(node, "web", port, replicas=3)), check=True)
     before = {r["id"]: (r["pid"], r["restarts"]) for r in node.replicas("web")}
     assert len(before) == 3
@@ -144,7 +156,7 @@ def test_replicas_running_across_a_stop_and_start_of_every_daemon_are_adopted(
         assert after == before, "a running replica was started again instead of adopted"
         assert "hello-" in get(port)
 
-    log = agentd_log(node)
+    log = agentd_log(node, since=log_from)
     assert "already exists" not in log
     assert "did not start" not in log
     node.ctl("down", "web", check=True)
@@ -279,11 +291,11 @@ def test_job_trigger_wait_fails_when_the_run_cannot_start(node: Node) -> None:
     node.ctl("down", "jobs", check=True)
 
 
-def test_containers_no_replica_owns_are_removed_and_replaced(own_node: Node) -> None:
+def test_containers_no_replica_owns_are_removed_and_replaced(restarted_node: Node) -> None:
     """Garbage: agentd's records are lost while the daemons are stopped (a disk
     problem, a hand that cleaned up). At the next start the containers nothing
     owns are stopped and removed, saying so, and the replicas schedd wants run anew."""
-    node = own_node
+    node = restarted_node
     port = free_port()
     node.ctl("up", "-d", str(web(node, "web", port, replicas=2)), check=True)
     old = {r["id"]: r["pid"] for r in node.replicas("web")}

@@ -416,9 +416,9 @@ def test_an_epoch_interval_wasmtime_cannot_tick_at_is_refused_at_deploy(node: No
         node.ctl("down", "wasmepoch")
 
 
-def test_a_wasm_replica_keeps_running_while_agentd_restarts(own_node: Node) -> None:
-    node = own_node
-    image = wasm_image(node, "echo", ECHO)
+def test_a_wasm_replica_keeps_running_while_agentd_restarts(restarted_node: Node) -> None:
+    node = restarted_node
+    image = wasm_image(node, "echokeep", ECHO)
     spec = node.spec(
         "wasmkeep",
         f"""
