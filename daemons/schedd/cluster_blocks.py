@@ -25,11 +25,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from shared.bus import InvalidArgumentError, UnavailableError
+from shared.bus import InvalidArgumentError, UnavailableError, ZLayerError
 from shared.cluster import blocks
 from shared.cluster.etcd import TLSFiles, client
 from shared.daemon import SUPERVISOR_ENV
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zlayer.schedd.cluster")
 
+T = TypeVar("T")
 MOVE_TIMEOUT = 60.0  # seconds for overlayd to come back on the node's block
 CALL_TIMEOUT = 5.0
 
@@ -54,6 +56,19 @@ def parse_init(text: str) -> blocks.InitOptions:
         raise InvalidArgumentError(str(exc)) from None
 
 
+async def ask(call: Awaitable[T]) -> T:
+    """An answer of overlayd's, or the sentence that says it gives none."""
+    try:
+        return await asyncio.wait_for(call, CALL_TIMEOUT)
+    except ZLayerError:
+        raise
+    except Exception as exc:
+        raise UnavailableError(
+            f"zlayer-overlayd does not answer ({exc or type(exc).__name__}); the node's "
+            "network must move to its block of the cluster: start it, then try again"
+        ) from None
+
+
 @dataclass(frozen=True)
 class InitPlan:
     settings: ClusterSettings
@@ -63,14 +78,14 @@ class InitPlan:
 async def plan_init(overlay: OverlayClient, options: blocks.InitOptions) -> InitPlan:
     """The cluster's settings and this node's block; refused with a sentence when the
     options do not fit or a replica here is outside the block."""
-    network = await asyncio.wait_for(overlay.get_network(), CALL_TIMEOUT)
+    network = await ask(overlay.get_network())
     try:
         settings = blocks.make_settings(
             options.cluster_subnet or network.subnet, voters=options.etcd_voters
         )
     except blocks.BlocksError as exc:
         raise InvalidArgumentError(str(exc)) from None
-    attached = await asyncio.wait_for(overlay.list_attachments(), CALL_TIMEOUT)
+    attached = await ask(overlay.list_attachments())
     # with replicas, the block they are in, if one is: they keep their addresses
     block = blocks.block_of(settings, network.gateway) if attached else None
     block = block or blocks.first_free(settings, [])
@@ -88,7 +103,7 @@ async def plan_init(overlay: OverlayClient, options: blocks.InitOptions) -> Init
 
 async def refuse_replicas(overlay: OverlayClient) -> None:
     """A joining node moves its network to a block of the cluster's: none may be attached."""
-    attached = await asyncio.wait_for(overlay.list_attachments(), CALL_TIMEOUT)
+    attached = await ask(overlay.list_attachments())
     if attached:
         raise InvalidArgumentError(
             f"this node runs {len(attached)} replica{'s' if len(attached) != 1 else ''} on its "
@@ -166,7 +181,7 @@ async def move_network(paths: Paths, overlay: OverlayClient, block: str) -> None
     """Restart overlayd (and proxyd, if the gateway moves) on ``block``, and wait until
     overlayd says it is there; a warning (not a failure) if it is not in time: the
     node's placement waits for it before claiming the block."""
-    network = await asyncio.wait_for(overlay.get_network(), CALL_TIMEOUT)
+    network = await ask(overlay.get_network())
     if network.subnet == block:
         return
     wanted = IPv4Network(block)

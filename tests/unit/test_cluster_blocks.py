@@ -80,3 +80,21 @@ def test_node_inits_options_cross_in_its_one_argument() -> None:
     assert parse_init(init_argument("", "", 7)).etcd_voters == 7
     with pytest.raises(InvalidArgumentError, match="options do not read"):
         parse_init('{"etcd_voters": "many"}')
+
+
+def test_overlayd_not_answering_is_one_sentence_at_init_and_join() -> None:
+    import asyncio
+
+    from daemons.schedd.cluster_blocks import ask
+    from shared.bus import InvalidArgumentError, UnavailableError
+
+    async def gone() -> None:
+        raise ConnectionRefusedError("no zlayer-overlayd on the bus")
+
+    async def refused() -> None:
+        raise InvalidArgumentError("a sentence of its own")
+
+    with pytest.raises(UnavailableError, match=r"zlayer-overlayd does not answer \(no zlayer"):
+        asyncio.run(ask(gone()))
+    with pytest.raises(InvalidArgumentError, match="a sentence of its own"):
+        asyncio.run(ask(refused()))
