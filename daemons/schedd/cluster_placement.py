@@ -308,7 +308,8 @@ class ClusterPlacement:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.handover = Handover()
-        # (deployment, service, instance) taken off this node -> when it stops (loop time)
+        # (deployment, service, instance) taken off this node -> when it stops (loop time);
+        # kept (unpublished) until the replica is gone from agentd's list
         self.leaving: dict[tuple[str, str, int], float] = {}
         self._fenced: int | None = None  # the generation held when this node fenced itself
 
@@ -359,7 +360,6 @@ class ClusterPlacement:
         stopped after LEAVE_DRAIN. Not while fenced, nor at the first read."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self.leaving = {key: until for key, until in self.leaving.items() if until > now}
         kept = {(p.deployment, p.service, instance_of(p.replica)) for p in doc.replicas}
         for key in kept:
             self.leaving.pop(key, None)  # placed here again
@@ -564,11 +564,15 @@ class ClusterPlacement:
             self._published, self._published_lease = {}, lease
         prefix = KEYS["replicas"] + self.node_id + "/"
         tx = self.client.transactions
-        # a leaving replica is unpublished first: every node's proxyd drops it before it stops
+        # A leaving replica is unpublished first, so every node's proxyd drops it before it
+        # stops, and stays so while it stops; its entry goes once agentd no longer lists it.
+        here = {(r.deployment, r.service, r.instance) for r in replicas}
+        at = asyncio.get_running_loop().time()
+        self.leaving = {k: t for k, t in self.leaving.items() if t > at or k in here}
         now = {
             r.id: encode(replace(r, node=self.node_id))
             for r in replicas
-            if r.instance not in self._leaving_of(r.deployment, r.service)
+            if (r.deployment, r.service, r.instance) not in self.leaving
         }
         ops = [
             tx.put((prefix + rid).encode(), body.encode(), lease=lease)

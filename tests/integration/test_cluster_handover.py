@@ -153,6 +153,13 @@ def test_a_replica_moved_off_a_node_is_unpublished_first_and_stops_after_its_dra
             await asyncio.sleep(LEAVE_DRAIN + 0.2)
             assert placement.instances("app", "web") == []
             assert len(changes) > count  # a reconcile pass was woken to stop it
+            # While agentd still lists it (stopping), it stays unpublished; once gone,
+            # nothing of it is kept.
+            await placement.publish(mine)
+            published = {kv.key.decode() for kv in await a._client.get_prefix(prefix)}
+            assert published == {f"{KEYS['replicas']}a/app-web-2-r1"}
+            await placement.publish([copy_of("a", 2)])
+            assert placement.leaving == {}
         finally:
             await a.stop()
 
