@@ -4,8 +4,10 @@ With ``cluster.toml`` (:mod:`shared.cluster.config`) schedd keeps its desired
 state in etcd (:class:`~daemons.schedd.etcdstore.EtcdStore`) and opens a
 :class:`ClusterContext`: this node's record under a lease and the election
 (:class:`~daemons.schedd.membership.Membership`), its ``zlayer.Node1`` server
-(peer and join ports; it answers joins where it holds the CA key) and an etcd
-client. The scheduler reads it as ``scheduler.cluster`` (None on a lone node).
+(peer and join ports; it answers joins with the CA key sealed in etcd, which any
+node opens, :mod:`shared.cluster.trust`) and an etcd client. Its peer port refuses
+a node ``node rm`` revoked, or one the cluster has no record of. The scheduler
+reads it as ``scheduler.cluster`` (None on a lone node).
 
 :class:`NodeControl` answers Scheduler1's node methods:
 
@@ -68,7 +70,7 @@ from shared.bus import (
     UnavailableError,
     ZLayerError,
 )
-from shared.cluster import blocks, jointoken, peer, pki, secretkey
+from shared.cluster import blocks, jointoken, peer, pki, secretkey, trust
 from shared.cluster import config as cluster_config
 from shared.cluster.config import ClusterConfig, EtcdMemberConfig
 from shared.cluster.etcd import Client, TLSFiles, client, retrying, wait_healthy
@@ -289,6 +291,7 @@ class ClusterContext:
     _leaving: asyncio.Task[None] | None = None
     _promoting: asyncio.Task[None] | None = None
     _left: bool = False
+    gate: trust.Trust | None = None  # the revoked nodes, the peer port's gate
 
     @classmethod
     async def open(
@@ -353,17 +356,28 @@ class ClusterContext:
 
     async def _serve(self) -> None:
         node_tls = await asyncio.to_thread(peer.NodeTls.of, self.files)
-        authority = None
-        if self.files.ca_key.exists():
-            authority = await asyncio.to_thread(self.files.authority)
         # handed to each node that joins through this one
         key = await asyncio.to_thread(secretkey.read, self.files)
+        try:
+            # any node signs: its ca.key (init), else the key sealed in etcd
+            authority = await trust.authority_of(self.client, self.files, key)
+        except (pki.PkiError, *ETCD_ERRORS) as exc:
+            log.warning("node %s cannot sign joins: %s", self.node_id, exc)
+            authority = None
+        if authority is not None:
+            with contextlib.suppress(*ETCD_ERRORS):
+                await trust.record_issued(
+                    self.client, await asyncio.to_thread(self.files.node_certificate)
+                )
+        self.gate = trust.Trust(self.client, self.membership.live, self.files, authority)
+        await self.gate.start()
         self.peer = peer.PeerServer(
             self.node_id,
             node_tls,
             authority=authority,
             desk=peer.EtcdJoinDesk(self.client),
             secrets_key=key,
+            gate=self.gate.refusal,
         )
         try:
             await self.peer.start(
@@ -379,6 +393,8 @@ class ClusterContext:
         if self.peer is not None:
             await self.peer.stop(0.5)
             self.peer = None
+        if self.gate is not None:
+            await self.gate.stop()
         with contextlib.suppress(*ETCD_ERRORS):
             await self.client.close()
         await asyncio.to_thread(self.store.close)
@@ -572,8 +588,8 @@ class ClusterContext:
     async def join_token(self, ttl: float) -> str:
         if self.peer is None or self.peer.authority is None:
             raise InvalidArgumentError(
-                f"node {self.node_id} does not sign joins (it holds no cluster CA key); "
-                "make the token on the node that ran zlayerctl node init"
+                f"node {self.node_id} does not sign joins (the cluster's store holds no CA "
+                "key it can open); make the token on the node that ran zlayerctl node init"
             )
         token, record = jointoken.make(
             self.config.advertise,
@@ -632,6 +648,8 @@ class ClusterContext:
             await self._change_settings(
                 node, lambda s: msgspec_replace(s, removed=True), gone=known
             )
+            # its certificate refused from now on: peer ports at once, etcd by its CRL
+            await trust.revoke(self.client, node)
             ids = [member.id for member in members if member.name == node]
             for member_id in ids:
                 await change_members(functools.partial(self.client.remove_member, member_id))

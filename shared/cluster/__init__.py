@@ -17,4 +17,6 @@
   Node1's Logs, Exec and Stats of a replica on another node (both sides).
 - :mod:`shared.cluster.blocks`: the cluster's settings (replica range, block size, etcd
   voters) and each node's block of the range, taken and freed in etcd transactions.
+- :mod:`shared.cluster.trust`: the CA key sealed in etcd (any node signs joins), the
+  certificates issued, revoked nodes refused at the peer port, the CA's CRL for etcd.
 """

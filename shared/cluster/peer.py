@@ -25,6 +25,12 @@ endpoints and the cluster's secrets key (:mod:`shared.cluster.secretkey`).
 The secret never leaves before the server has proved itself, and the key
 never leaves the server before the token's secret was checked.
 
+A server given a ``gate`` (:class:`shared.cluster.trust.Trust`'s ``refusal``) asks
+it about each caller on the peer port before any method runs: a node removed
+from the cluster (its certificate revoked) or unknown to it is refused with
+PERMISSION_DENIED and the gate's sentence, though its certificate still
+verifies.
+
 ``Ping`` answers the node's id and the caller's id as its certificate says.
 
 ``Logs``, ``Exec`` and ``Stats`` reach a replica of the answering node
@@ -47,7 +53,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import grpc  # type: ignore[import-untyped]
 from cryptography import x509
@@ -99,6 +105,17 @@ class JoinDesk(Protocol):
         in the cluster); the etcd client URLs to give the new node."""
 
 
+@runtime_checkable
+class Ledger(Protocol):
+    """A desk that keeps each certificate it lets the CA sign (for revocation)."""
+
+    async def issued(self, certificate: x509.Certificate) -> None: ...
+
+
+# Asked about each caller on the peer port: why it is refused, or None.
+Gate = Callable[[str], Awaitable[str | None]]
+
+
 class EtcdJoinDesk:
     """A :class:`JoinDesk` over etcd (an aetcd client): tokens from ``KEYS["join_tokens"]``,
     an id already under ``KEYS["nodes"]`` refused, the members' client URLs given out."""
@@ -110,12 +127,21 @@ class EtcdJoinDesk:
         return await jointoken.load(self.client, secret_sha256)
 
     async def admit(self, node_id: str, request: JoinRequest) -> list[str]:
+        if await self.client.get((KEYS["revoked"] + node_id).encode()) is not None:
+            raise JoinRefusedError(
+                f"node {node_id} was removed from the cluster; join under another id"
+            )
         if await self.client.get((KEYS["nodes"] + node_id).encode()) is not None:
             raise JoinRefusedError(
                 f"a node with the id {node_id} is already in the cluster; remove it first "
                 f"(zlayerctl node rm {node_id}) or join under another id"
             )
         return [url async for member in self.client.members() for url in member.client_urls]
+
+    async def issued(self, certificate: x509.Certificate) -> None:
+        from shared.cluster import trust
+
+        await trust.record_issued(self.client, certificate)
 
 
 @dataclass(frozen=True)
@@ -294,6 +320,53 @@ def zlayer_unary(
     return unary(request_type, guarded)
 
 
+async def _pass(gate: Gate, context: Any) -> None:
+    """Abort the call if the gate refuses its caller (one without a certificate is the
+    handler's to refuse)."""
+    caller = _caller(context)
+    if caller:
+        refusal = await gate(caller)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+
+
+def _gated(handler: Any, gate: Gate) -> Any:
+    """``handler`` with the gate asked first, whatever its kind of streaming."""
+    if handler.unary_unary is not None:
+        unary_unary = handler.unary_unary
+
+        async def one(request: Any, context: Any) -> Any:
+            await _pass(gate, context)
+            return await unary_unary(request, context)
+
+        return handler._replace(unary_unary=one)
+    if handler.unary_stream is not None:
+        unary_stream = handler.unary_stream
+
+        async def many(request: Any, context: Any) -> AsyncIterator[Any]:
+            await _pass(gate, context)
+            async for reply in unary_stream(request, context):
+                yield reply
+
+        return handler._replace(unary_stream=many)
+    if handler.stream_stream is not None:
+        stream_stream = handler.stream_stream
+
+        async def both(requests: Any, context: Any) -> AsyncIterator[Any]:
+            await _pass(gate, context)
+            async for reply in stream_stream(requests, context):
+                yield reply
+
+        return handler._replace(stream_stream=both)
+    stream_unary = handler.stream_unary
+
+    async def gathered(requests: Any, context: Any) -> Any:
+        await _pass(gate, context)
+        return await stream_unary(requests, context)
+
+    return handler._replace(stream_unary=gathered)
+
+
 class PeerServer:
     """A node's ``zlayer.Node1`` server, on its peer port (mutual TLS) and join port."""
 
@@ -307,13 +380,15 @@ class PeerServer:
         methods: dict[str, Any] | None = None,
         secrets_key: bytes | None = None,
         agent: Any = None,
+        gate: Gate | None = None,
     ) -> None:
         """``authority`` and ``desk`` make this node answer joins (the node that signs);
         ``methods`` adds handlers (from :func:`unary`) to the service by name;
         ``agent`` answers Logs, Exec and Stats of this node's replicas (none: agentd
         over the daemon's bus, at the first such call);
         ``secrets_key`` is the cluster's secrets key a joining node is handed (none:
-        it gets none, and cannot open the cluster's secrets)."""
+        it gets none, and cannot open the cluster's secrets);
+        ``gate`` is asked about each caller of every method but Join."""
         self.node_id = node_id
         self.tls = tls
         self.authority = authority
@@ -329,6 +404,11 @@ class PeerServer:
             **ReplicaCalls(agent).methods(),
             **(methods or {}),
         }
+        if gate is not None:
+            handlers = {
+                name: handler if name == "Join" else _gated(handler, gate)
+                for name, handler in handlers.items()
+            }
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
@@ -385,6 +465,8 @@ class PeerServer:
             # signed (the request checked) before it is admitted: admitted means it gets one
             certificate = await asyncio.to_thread(self.authority.sign, csr)
             endpoints = await self.desk.admit(node_id, request)
+            if isinstance(self.desk, Ledger):
+                await self.desk.issued(certificate)
         except pki.PkiError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except JoinRefusedError as exc:

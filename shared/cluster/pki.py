@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.paths import Paths
@@ -356,6 +358,11 @@ class ClusterFiles:
         return self.directory / "node.key"
 
     @property
+    def crl(self) -> Path:
+        """The CA's revocation list (PEM), which this node's etcd member reads."""
+        return self.directory / "crl.pem"
+
+    @property
     def secrets_key(self) -> Path:
         """The cluster's secrets key (:mod:`shared.cluster.secretkey`), on every node."""
         return self.directory / "secrets.key"
@@ -367,6 +374,9 @@ class ClusterFiles:
     def write_authority(self, authority: Authority) -> None:
         self._write(self.ca_key, key_pem(authority.key))
         self._write(self.ca_cert, certificate_pem(authority.certificate))
+
+    def write_crl(self, crl: x509.CertificateRevocationList) -> None:
+        self._write(self.crl, crl.public_bytes(serialization.Encoding.PEM))
 
     def write_ca_certificate(self, certificate: x509.Certificate) -> None:
         self._write(self.ca_cert, certificate_pem(certificate))
@@ -424,3 +434,75 @@ def init_cluster(
     files.write_authority(authority)
     files.write_node(key, certificate)
     return authority
+
+
+def serial_hex(certificate: x509.Certificate) -> str:
+    return format(certificate.serial_number, "x")
+
+
+NONCE_BYTES = 12
+
+
+def _associated(ca: x509.Certificate) -> bytes:
+    # bound to its CA: a sealed key put under another cluster's CA does not open
+    return b"zlayer-ca-key\0" + fingerprint(ca).encode()
+
+
+def seal_key(authority: Authority, secrets_key: bytes) -> tuple[bytes, bytes]:
+    """The CA's key (PKCS#8 DER) sealed with AES-256-GCM under the cluster's secrets key:
+    (nonce, ciphertext with its tag)."""
+    nonce = os.urandom(NONCE_BYTES)
+    der = authority.key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return nonce, AESGCM(secrets_key).encrypt(nonce, der, _associated(authority.certificate))
+
+
+def open_key(ca: x509.Certificate, nonce: bytes, sealed: bytes, secrets_key: bytes) -> Authority:
+    """The authority whose key :func:`seal_key` sealed; PkiError if it does not open with
+    this secrets key or is not the key of ``ca``."""
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        der = AESGCM(secrets_key).decrypt(nonce, sealed, _associated(ca))
+    except (InvalidTag, ValueError):
+        raise PkiError(
+            "the cluster CA's key in the cluster's store does not open with this node's "
+            "secrets key; join this node to the cluster again"
+        ) from None
+    key = serialization.load_der_private_key(der, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != ca.public_key():
+        raise PkiError("the cluster CA's key in the cluster's store is not the CA's key")
+    return Authority(ca, key)
+
+
+CRL_VALID_DAYS = 3650
+
+
+def make_crl(
+    authority: Authority, revoked: list[tuple[str, datetime.datetime]]
+) -> x509.CertificateRevocationList:
+    """The CA's revocation list of ``revoked`` (serial in hex, when). Its next update is
+    far off: it is made again whenever a node is removed, not on a schedule."""
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(authority.certificate.subject)
+        .last_update(now - BACKDATE)
+        .next_update(
+            min(
+                now + datetime.timedelta(days=CRL_VALID_DAYS),
+                authority.certificate.not_valid_after_utc,
+            )
+        )
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(serial, 16))
+            .revocation_date(when)
+            .build()
+        )
+    return builder.sign(authority.key, hashes.SHA256())
