@@ -189,6 +189,9 @@ def make_overlayd(zlayer_prefix: Paths, private_bus: PrivateBus) -> Iterator[Any
             if nft_table_exists(daemon.table):
                 subprocess.run(["nft", "delete", "table", "ip", daemon.table], check=False)
             assert result.returncode == 0, result.stderr
+            # Removed: without its state the prefix's own clean-up need not start
+            # ``--remove-network`` a second time (a daemon's start-up per test).
+            shutil.rmtree(zlayer_prefix.daemon_state("overlayd"), ignore_errors=True)
         listener.close()
 
 
