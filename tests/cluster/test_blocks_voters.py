@@ -121,6 +121,16 @@ def test_a_fourth_node_is_a_client_every_node_has_its_block_and_a_voter_may_die(
             alive.name: True,
             "n4": True,
         }
+        # every node's cluster.toml comes to name the three voters (for its next start)
+        voters = {f"https://{node.lan.ip}:2379" for node in (n1, alive, n4)}
+        deadline = time.monotonic() + 40
+        for node in (n1, alive, n4):
+            while True:
+                found = cluster_config.load(node.paths)
+                if found is not None and set(found.etcd_endpoints) == voters:
+                    break
+                assert time.monotonic() < deadline, (node.name, found)
+                time.sleep(0.5)
         # its own member answers a linearizable read (a leader, a quorum behind it)
         tls = tls_of(pki.ClusterFiles(Path(promoted.files)))
         asyncio.run(wait_etcd([f"https://{n4.lan.ip}:2379"], 30, tls))
