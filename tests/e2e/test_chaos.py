@@ -518,7 +518,7 @@ def _one_line(text: str) -> str:
 
 
 @pytest.mark.timeout(_budget())
-def test_random_sequence_keeps_the_invariants(own_node: Node) -> None:
+def test_random_sequence_keeps_the_invariants(restarted_node: Node) -> None:
     seed = int(os.environ.get("ZLAYER_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
     steps = int(os.environ.get("ZLAYER_CHAOS_STEPS") or 0)
     seconds = float(os.environ.get("ZLAYER_CHAOS_SECONDS") or 0)
@@ -526,7 +526,7 @@ def test_random_sequence_keeps_the_invariants(own_node: Node) -> None:
         steps = DEFAULT_STEPS
     keep_going = os.environ.get("ZLAYER_CHAOS_KEEP_GOING") == "1"
     print(f"\nchaos seed {seed} (replay: ZLAYER_CHAOS_SEED={seed})", flush=True)
-    chaos = Chaos(own_node, seed, [deployment_name("chaosa"), deployment_name("chaosb")])
+    chaos = Chaos(restarted_node, seed, [deployment_name("chaosa"), deployment_name("chaosb")])
     chaos.loop.start()
     started = time.monotonic()
     number = 0
@@ -592,11 +592,11 @@ def _wait_running(node: Node) -> None:
     wait_until(lambda: node.ctl("status").returncode == 0, 60, "all six daemons to run")
 
 
-def test_down_then_stop_at_once_leaves_no_replica(own_node: Node) -> None:
+def test_down_then_stop_at_once_leaves_no_replica(restarted_node: Node) -> None:
     """Observation 1 (and 2): ``down --no-wait`` of replicas that ignore SIGTERM, the
     daemons stopped right after, then started: the removal is finished, no replica,
     DNS name, route or anything else of it is left."""
-    node = own_node
+    node = restarted_node
     name = deployment_name("sigterm")
     ports = Ports.free()
     invariants = Invariants(node)
@@ -612,10 +612,10 @@ def test_down_then_stop_at_once_leaves_no_replica(own_node: Node) -> None:
     assert node.ctl("ps", "--format", "json", check=True).stdout.strip() == "[]"
 
 
-def test_scale_up_down_then_down_and_restart_leaves_no_saved_backends(own_node: Node) -> None:
+def test_scale_up_down_then_down_and_restart_leaves_no_saved_backends(restarted_node: Node) -> None:
     """Observation 3: scale 23, then scale 3 and down without waiting, stop and start
     the daemons: nothing of the 23 is left, saved backends included."""
-    node = own_node
+    node = restarted_node
     name = deployment_name("many")
     ports = Ports.free()
     invariants = Invariants(node)
@@ -632,10 +632,10 @@ def test_scale_up_down_then_down_and_restart_leaves_no_saved_backends(own_node: 
     invariants.settle("scale 23, scale 3, down, daemon stop, daemon run")
 
 
-def test_down_with_daemons_running_then_restart_leaves_no_traffic(own_node: Node) -> None:
+def test_down_with_daemons_running_then_restart_leaves_no_traffic(restarted_node: Node) -> None:
     """Observation 8: after ``down`` (daemons left running) and after the next
     start, no DNS record, no nft chain and no route of the deployment is left."""
-    node = own_node
+    node = restarted_node
     name = deployment_name("gone")
     ports = Ports.free()
     invariants = Invariants(node)
