@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``run``: exec this node's etcd member as its cluster.toml says (the unit's
     ExecStart and the supervisor's child: etcd itself then tells either when it
     is ready, over NOTIFY_SOCKET). ``check``: exit 0 if this node runs a member,
-    1 if it runs none (the unit's ExecCondition)."""
+    1 if it runs none (the unit's ExecCondition), 255 if cluster.toml is broken."""
     import sys
 
     from shared.cluster import config
@@ -296,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = config.load(Paths.from_env())
     except config.ClusterConfigError as exc:
         print(exc, file=sys.stderr)
-        return 78  # EX_CONFIG: a restart will not help
+        # EX_CONFIG: a restart will not help. As the unit's ExecCondition, 255: systemd
+        # skips a unit quietly on 1 to 254, and a broken file must fail it, visibly.
+        return 255 if args == ["check"] else 78
     member = config.member(found) if found is not None else None
     if args == ["check"]:
         return 0 if member is not None else 1
