@@ -267,6 +267,11 @@ def ensure_bridge(bridge: str, gateway: IPv4Address, prefixlen: int) -> list[str
         if (str(gateway), prefixlen) not in have:
             ip.addr("add", index=index, address=str(gateway), prefixlen=prefixlen)
             done.append(f"gave {bridge} the address {gateway}/{prefixlen}")
+        # A node that joined a cluster moved to its block: the old gateway left on
+        # the bridge would answer for an address another node's block now holds.
+        for address, length in have - {(str(gateway), prefixlen)}:
+            ip.addr("del", index=index, address=address, prefixlen=length)
+            done.append(f"took {address}/{length} off {bridge} (the subnet changed)")
         if not _is_up(_link(ip, index)):
             ip.link("set", index=index, state="up")
             done.append(f"brought {bridge} up")
