@@ -184,3 +184,14 @@ class RevokedNode(Wire, frozen=True, kw_only=True):
     serials: list[str] = []  # its certificates' serials, lowercase hex
     revoked_at: float
     not_after: float = 0.0  # when the last of them expires (then the entry may go)
+
+
+class RenewRequest(Wire, frozen=True, kw_only=True):
+    """``zlayer.Node1/Renew``: a node's request for a new certificate of its own id (its
+    current one has less than a third of its life left), over mutual TLS."""
+
+    csr: str  # PEM; its common name must be the caller's node id
+
+
+class RenewReply(Wire, frozen=True, kw_only=True):
+    certificate: str  # PEM, signed by the CA
