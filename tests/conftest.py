@@ -6,6 +6,8 @@
 - ``private_bus``: a real dbus-daemon of the test's own.
 - ``leak_check``: fails an integration or end-to-end test that leaves a
   process, mount, link, network namespace, nft table or cgroup behind.
+- ``shared_node_of``: a node (six daemons) several modules share, started by the
+  first module that asks for it and stopped after the last.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -40,7 +44,7 @@ def write_test_config(paths: Paths, *, network_tag: str = "zlt") -> None:
             pid = os.getpid()
             # One second octet per tag: a test's own node ("zln") runs beside the
             # module's ("zle") in the same process, and must not share its subnet.
-            third = {"zle": 241, "zln": 243, "zlm": 244}.get(network_tag, 242)
+            third = {"zle": 241, "zln": 243, "zlm": 244, "zlh": 245}.get(network_tag, 242)
             extra = (
                 f'bridge = "{network_tag}{pid % 100000}"\nsubnet = "10.{third}.{pid % 250}.0/24"\n'
             )
@@ -167,3 +171,43 @@ def busybox_image() -> Iterator[dict[str, Path]]:
         yield builder.write_all(builder.busybox_image(), out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- nodes several modules share
+#
+# Six daemons take seconds to start and to stop: modules that leave a node as they
+# found it share one node of each kind. It starts with the first module that asks
+# for it (module-scoped, so before that test's leak check looks) and stops at the end
+# of the last such module of the run.
+
+
+@pytest.fixture(scope="session")
+def _shared_nodes() -> Iterator[dict[str, tuple[ExitStack, Any]]]:
+    started: dict[str, tuple[ExitStack, Any]] = {}
+    yield started
+    for stack, _ in started.values():  # a run cut short: whatever is still up
+        stack.close()
+
+
+def shared_node_of(
+    request: pytest.FixtureRequest,
+    started: dict[str, tuple[ExitStack, Any]],
+    kind: str,
+    start: Callable[[ExitStack], Any],
+) -> Iterator[Any]:
+    """The body of a module-scoped fixture yielding the node of ``kind``, started by
+    ``start`` (which enters what must be closed on ``ExitStack``) if it is not up yet."""
+    if kind not in started:
+        stack = ExitStack()
+        try:
+            started[kind] = (stack, start(stack))
+        except BaseException:
+            stack.close()
+            raise
+    yield started[kind][1]
+    items = request.session.items
+    mine = [i for i, item in enumerate(items) if item.getparent(pytest.Module) is request.node]
+    later = items[max(mine) + 1 :] if mine else []
+    if not any(request.fixturename in item.fixturenames for item in later):
+        stack, _ = started.pop(kind)
+        stack.close()

@@ -4,13 +4,14 @@ nodes the API modules share."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import shared_node_of
 from tests.e2e.conftest import running_node
 from tests.e2e.node import Node
 from tests.integration.test_apid_routes import Api, apid_port
@@ -35,40 +36,8 @@ def registry(busybox_image: dict[str, Path]) -> Iterator[Registry]:
 
 # ---------------------------------------------------------------- nodes several modules use
 #
-# Six daemons take seconds to start and to stop: the API modules that leave a node as
-# they found it share one node of each kind. It starts with the first module that asks
-# for it (module-scoped, so before that test's leak check looks) and stops at the end
-# of the last such module of the run.
-
-
-@pytest.fixture(scope="session")
-def _shared_nodes() -> Iterator[dict[str, tuple[ExitStack, Any]]]:
-    started: dict[str, tuple[ExitStack, Any]] = {}
-    yield started
-    for stack, _ in started.values():  # a run cut short: whatever is still up
-        stack.close()
-
-
-def _shared_node(
-    request: pytest.FixtureRequest,
-    started: dict[str, tuple[ExitStack, Any]],
-    kind: str,
-    start: Callable[[ExitStack], Any],
-) -> Iterator[Any]:
-    if kind not in started:
-        stack = ExitStack()
-        try:
-            started[kind] = (stack, start(stack))
-        except BaseException:
-            stack.close()
-            raise
-    yield started[kind][1]
-    items = request.session.items
-    mine = [i for i, item in enumerate(items) if item.getparent(pytest.Module) is request.node]
-    later = items[max(mine) + 1 :] if mine else []
-    if not any(request.fixturename in item.fixturenames for item in later):
-        stack, _ = started.pop(kind)
-        stack.close()
+# The API modules that leave a node as they found it share one node of each kind
+# (see ``shared_node_of`` in the tests' conftest).
 
 
 def _start_node(
@@ -93,7 +62,7 @@ def open_api_node(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Node, Api]]:
     """The six daemons, apid serving every caller as the admin "local" (auth = "none")."""
-    yield from _shared_node(
+    yield from shared_node_of(
         request,
         _shared_nodes,
         "open",
@@ -108,7 +77,7 @@ def token_api_node(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Node, Api]]:
     """The six daemons, apid checking bearer tokens; the Api carries none."""
-    yield from _shared_node(
+    yield from shared_node_of(
         request,
         _shared_nodes,
         "token",
