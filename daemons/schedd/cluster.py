@@ -97,6 +97,7 @@ CALL_TIMEOUT = 5.0
 ETCD_UNIT = "zlayer-etcd.service"
 SUPERVISOR_ENV = "ZLAYER_SUPERVISOR_PID"  # shared.daemon's: the supervisor's pid
 MESH_CHECK = 2.0  # seconds between looks at overlayd's mesh (a rotated key, a restart)
+CERTIFICATE_CHECK = 3600.0  # seconds between looks at the node certificate's end
 BEHIND_NAT = (
     "it is behind NAT (schedd's [cluster] behind_nat): the other nodes cannot reach it "
     "first, so they wait for its mesh handshake and it is no etcd voter"
@@ -350,6 +351,9 @@ class ClusterContext:
             raise
         context._tasks.append(asyncio.create_task(context._watch_settings(), name="node-settings"))
         context._tasks.append(asyncio.create_task(context._keep_endpoints(), name="etcd-urls"))
+        context._tasks.append(
+            asyncio.create_task(context._keep_certificate(), name="node-certificate")
+        )
         if schedd.mesh:
             context._tasks.append(asyncio.create_task(context._keep_mesh(), name="node-mesh"))
         return context
@@ -386,6 +390,27 @@ class ClusterContext:
         except peer.PeerError:
             self.peer = None
             raise
+
+    async def _keep_certificate(self) -> None:
+        """Renew the node certificate once a third of its life is left; the peer server
+        starts again with it (etcd reads its files at each handshake; the etcd clients
+        keep the old one, still valid, until schedd starts again)."""
+        while True:
+            try:
+                authority = self.peer.authority if self.peer is not None else None
+                live = self.membership.live()
+                renewed = await trust.renew_if_due(
+                    self.node_id, self.files, authority, self.client, live
+                )
+                if renewed is not None and self.peer is not None:
+                    await self.peer.stop(0.5)
+                    if self.gate is not None:
+                        await self.gate.stop()
+                    self.peer = None
+                    await self._serve()
+            except Exception as exc:  # tried again at the next look
+                log.warning("cannot renew node %s's certificate yet: %s", self.node_id, exc)
+            await asyncio.sleep(CERTIFICATE_CHECK)
 
     async def close(self) -> None:
         await cancel_all(self._tasks)

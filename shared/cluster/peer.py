@@ -31,6 +31,9 @@ from the cluster (its certificate revoked) or unknown to it is refused with
 PERMISSION_DENIED and the gate's sentence, though its certificate still
 verifies.
 
+``Renew`` signs a new certificate for the calling node, of its own id only (peer
+port, a node that holds the CA; :func:`renew` calls it).
+
 ``Ping`` answers the node's id and the caller's id as its certificate says.
 
 ``Logs``, ``Exec`` and ``Stats`` reach a replica of the answering node
@@ -70,6 +73,8 @@ from shared.wire.cluster import (
     JoinTokenRecord,
     PingReply,
     PingRequest,
+    RenewReply,
+    RenewRequest,
 )
 
 SERVICE = "zlayer.Node1"
@@ -78,6 +83,7 @@ PING = f"/{SERVICE}/Ping"
 LOGS = f"/{SERVICE}/Logs"
 EXEC = f"/{SERVICE}/Exec"
 STATS = f"/{SERVICE}/Stats"
+RENEW = f"/{SERVICE}/Renew"
 ERROR_KEY = "zlayer-error"  # trailing metadata: the class of the ZLayer error raised
 DEFAULT_TIMEOUT = 10.0
 
@@ -401,6 +407,7 @@ class PeerServer:
         handlers = {
             "Join": unary(JoinRequest, self._join, needs_certificate=False),
             "Ping": unary(PingRequest, self._ping),
+            "Renew": unary(RenewRequest, self._renew),
             **ReplicaCalls(agent).methods(),
             **(methods or {}),
         }
@@ -445,6 +452,27 @@ class PeerServer:
 
     async def _ping(self, _request: PingRequest, caller: str, _context: Any) -> PingReply:
         return PingReply(node=self.node_id, peer=caller, time=time.time())
+
+    async def _renew(self, request: RenewRequest, caller: str, context: Any) -> RenewReply:
+        if self.authority is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {self.node_id} does not sign certificates; ask another node",
+            )
+        assert self.authority is not None
+        try:
+            csr = pki.load_csr(request.csr.encode())
+            if pki.node_id_of_request(csr) != caller:
+                raise pki.PkiError(
+                    f"node {caller} asked for a certificate of another node id; "
+                    "a node renews only its own"
+                )
+            certificate = await asyncio.to_thread(self.authority.sign, csr)
+        except pki.PkiError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(self.desk, Ledger):
+            await self.desk.issued(certificate)
+        return RenewReply(certificate=pki.certificate_pem(certificate).decode())
 
     async def _join(self, request: JoinRequest, _caller: str, context: Any) -> JoinReply:
         if self.authority is None or self.desk is None:
@@ -528,6 +556,32 @@ class Peer:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
+
+
+async def renew(
+    address: str,
+    port: int,
+    tls: NodeTls,
+    csr: x509.CertificateSigningRequest,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> x509.Certificate:
+    """A new certificate for this node's request, from the node at address:port (mutual
+    TLS with the current certificate); PeerError if refused or not the CA's."""
+    async with Peer(address, port, tls) as node:
+        reply = await node.call(
+            RENEW, RenewRequest(csr=pki.csr_pem(csr).decode()), RenewReply, timeout
+        )
+    try:
+        certificate = pki.load_certificate(reply.certificate.encode())
+    except pki.PkiError as exc:
+        raise PeerError(f"{node.where} answered the renewal with {exc}") from None
+    ca = pki.load_certificate(tls.ca)
+    if certificate.public_key() != csr.public_key() or not pki.issued_by(certificate, ca):
+        raise PeerError(
+            f"{node.where} answered the renewal with a certificate that is not this node's "
+            "or not signed by the cluster CA"
+        )
+    return certificate
 
 
 def peer_error(exc: Any, where: str) -> Exception:

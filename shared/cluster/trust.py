@@ -19,6 +19,10 @@ it issued, the nodes it revoked, and the check every node's peer port makes.
   of, is refused. Where the node holds the CA it also writes the CA's CRL
   (``crl.pem``) for its etcd member, which reads the file at every new TLS
   connection (etcd's ``--client-crl-file``/``--peer-crl-file``).
+- **Renewal.** A node certificate lives ``pki.NODE_VALID_DAYS`` (two years), less
+  than a cluster may. A node whose certificate has less than a third of its life
+  left makes a new key and has it signed (:func:`renew_if_due`): by the CA it
+  holds, else by another node over the peer port (Node1 Renew, its own id only).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aetcd  # type: ignore[import-untyped]
+from cryptography import x509
 
-from shared.cluster import pki
+from shared.cluster import peer, pki
 from shared.wire import WireError, decode, encode
 from shared.wire.cluster import KEYS, IssuedCertificate, NodeRecord, RevokedNode, SealedCaKey
 
@@ -264,3 +269,60 @@ def _revoked(raw: bytes) -> RevokedNode | None:
         return decode(raw, RevokedNode)
     except WireError:
         return None
+
+
+def due(certificate: x509.Certificate, now: float | None = None) -> bool:
+    """Whether less than a third of the certificate's life is left."""
+    start = certificate.not_valid_before_utc.timestamp()
+    end = certificate.not_valid_after_utc.timestamp()
+    return end - (time.time() if now is None else now) < (end - start) / 3
+
+
+def names_of(certificate: x509.Certificate) -> list[str]:
+    """The IP addresses and host names a certificate names (its node's addresses)."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n.value) for n in names if isinstance(n, x509.IPAddress | x509.DNSName)]
+
+
+async def renew_if_due(
+    node_id: str,
+    files: pki.ClusterFiles,
+    authority: pki.Authority | None,
+    client: Any,
+    live: Mapping[str, NodeRecord],
+    now: float | None = None,
+) -> x509.Certificate | None:
+    """A new key and certificate (same id and names) written over the node's own, when
+    its certificate is due (:func:`due`); None when it is not. Signed by ``authority``
+    if this node holds it, else by the first live node that answers Node1 Renew."""
+    current = await asyncio.to_thread(files.node_certificate)
+    if not due(current, now):
+        return None
+    key = pki.make_key()
+    csr = pki.make_csr(key, node_id, names_of(current))
+    if authority is not None:
+        renewed = await asyncio.to_thread(authority.sign, csr)
+        await record_issued(client, renewed)
+    else:
+        tls = await asyncio.to_thread(peer.NodeTls.of, files)
+        failures: list[str] = []
+        for other in sorted(live.values(), key=lambda r: r.id):
+            if other.id == node_id:
+                continue
+            try:
+                renewed = await peer.renew(other.address, other.peer_port, tls, csr)
+                break
+            except peer.PeerError as exc:
+                failures.append(f"{other.id}: {exc}")
+        else:
+            raise pki.PkiError(
+                "no node renewed this node's certificate ("
+                + ("; ".join(failures) or "no other node is live")
+                + "); it is tried again later"
+            )
+    await asyncio.to_thread(files.write_node, key, renewed)
+    log.info("node %s's certificate renewed: valid until %s", node_id, renewed.not_valid_after_utc)
+    return renewed

@@ -18,7 +18,16 @@ from cryptography import x509
 
 from shared.cluster import jointoken, pki, trust
 from shared.cluster.etcd import Client, TLSFiles, client
-from shared.cluster.peer import LOGS, EtcdJoinDesk, NodeTls, Peer, PeerError, PeerServer, join
+from shared.cluster.peer import (
+    LOGS,
+    EtcdJoinDesk,
+    NodeTls,
+    Peer,
+    PeerError,
+    PeerServer,
+    join,
+    renew,
+)
 from shared.wire import encode
 from shared.wire.cluster import KEYS, NodeCapacity, NodeRecord
 from tests.etcd_fixture import EtcdCluster, etcd1, etcd_cluster  # noqa: F401  (a fixture)
@@ -208,3 +217,71 @@ def test_etcd_refuses_a_revoked_certificate_once_the_crl_names_it(tmp_path: Path
             assert await answers(etcd.endpoints, first)
 
         run(scenario)
+
+
+def test_a_certificate_near_its_end_is_renewed_by_another_node_for_its_own_id_only(
+    tmp_path: Path,
+    etcd1: EtcdCluster,  # noqa: F811
+) -> None:
+    first = pki.ClusterFiles(tmp_path / "a")
+    authority = pki.init_cluster(first, "node-a", LOCAL)
+    second = node_files(tmp_path, authority, "node-b")
+    old = second.node_certificate()
+    late = old.not_valid_after_utc.timestamp() - 3600  # less than a third of its life left
+
+    async def scenario() -> None:
+        async with client(etcd1.endpoints, timeout=10) as store:
+            await store.put((KEYS["nodes"] + "node-b").encode(), record("node-b"))
+            gate = trust.Trust(store, dict)
+            await gate.start()
+            server = PeerServer(
+                "node-a",
+                NodeTls.of(first),
+                authority=authority,
+                desk=EtcdJoinDesk(store),
+                gate=gate.refusal,
+            )
+            await server.start("127.0.0.1", join_port=None)
+            a = NodeRecord(
+                id="node-a",
+                name="a",
+                address="127.0.0.1",
+                peer_port=server.peer_port,
+                capacity=NodeCapacity(cpu=1, memory=1),
+            )
+            try:
+                assert (
+                    await trust.renew_if_due("node-b", second, None, store, {"node-a": a}) is None
+                )
+                renewed = await trust.renew_if_due(
+                    "node-b", second, None, store, {"node-a": a}, now=late
+                )
+                assert renewed is not None
+                assert second.node_certificate() == renewed  # written over the old one
+                assert pki.node_id_of(renewed) == "node-b"
+                assert renewed.public_key() != old.public_key()  # a new key
+                assert trust.names_of(renewed) == trust.names_of(old)
+                assert renewed.serial_number != old.serial_number
+                issued = await store.get_prefix(f"{KEYS['certificates']}node-b/".encode())
+                assert pki.serial_hex(renewed) in {k.key.decode().rsplit("/")[-1] for k in issued}
+                tls = NodeTls.of(second)
+                async with Peer("127.0.0.1", server.peer_port, tls, "node-a") as peer:
+                    assert (await peer.ping()).peer == "node-b"
+                # another node's id is never signed for it
+                other = pki.make_csr(pki.make_key(), "node-a", LOCAL)
+                with pytest.raises(PeerError, match=r"^node node-b asked for a certificate of"):
+                    await renew("127.0.0.1", server.peer_port, tls, other)
+                # a revoked node gets none
+                await trust.revoke(store, "node-b")
+                await until(lambda: "node-b" in gate.revoked)
+                own = pki.make_csr(pki.make_key(), "node-b", LOCAL)
+                with pytest.raises(PeerError, match=r"^node node-b was removed from the cluster"):
+                    await renew("127.0.0.1", server.peer_port, tls, own)
+                # the node that holds the CA signs its own
+                mine = await trust.renew_if_due("node-a", first, authority, store, {}, now=late)
+                assert mine is not None and pki.issued_by(mine, authority.certificate)
+            finally:
+                await server.stop(None)
+                await gate.stop()
+
+    run(scenario)
