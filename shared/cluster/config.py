@@ -176,6 +176,11 @@ def member(config: ClusterConfig) -> EtcdMember | None:
         return None
     files = Path(config.files)
     tls = TLSFiles(ca=files / "ca.crt", cert=files / "node.crt", key=files / "node.key")
+    # The CA's revocation list (removed nodes), read by etcd at every new TLS
+    # connection. Named only once it exists: etcd refuses every connection when
+    # the file it is given cannot be read.
+    crl = files / "crl.pem"
+    extra = ("--client-crl-file", str(crl), "--peer-crl-file", str(crl)) if crl.exists() else ()
     return EtcdMember(
         name=wanted.name,
         data_dir=Path(wanted.data_dir),
@@ -187,4 +192,5 @@ def member(config: ClusterConfig) -> EtcdMember | None:
         cluster_token=wanted.cluster_token,
         client_tls=tls,
         peer_tls=tls,
+        extra_args=extra,
     )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from shared.cluster import config
@@ -56,6 +57,21 @@ def test_the_member_runs_with_the_cluster_files_as_tls() -> None:
     assert argv[argv.index("--cert-file") + 1] == "/var/lib/zlayer/cluster/node.crt"
     assert argv[argv.index("--peer-trusted-ca-file") + 1] == "/var/lib/zlayer/cluster/ca.crt"
     assert "--client-cert-auth" in argv and "--peer-client-cert-auth" in argv
+
+
+def test_the_member_is_given_the_revocation_list_once_there_is_one(tmp_path: Path) -> None:
+    files = tmp_path / "cluster"
+    files.mkdir()
+    with_files = msgspec.structs.replace(node(MEMBER), files=str(files))
+    member = config.member(with_files)
+    assert member is not None and "--client-crl-file" not in member.argv()
+
+    (files / "crl.pem").write_text("-----BEGIN X509 CRL-----\n")
+    member = config.member(with_files)
+    assert member is not None
+    argv = member.argv()
+    assert argv[argv.index("--client-crl-file") + 1] == str(files / "crl.pem")
+    assert argv[argv.index("--peer-crl-file") + 1] == str(files / "crl.pem")
 
 
 def test_a_broken_file_is_one_sentence(tmp_path: Path) -> None:
