@@ -18,9 +18,10 @@
 - **Draining** (``node drain``): a replica on a draining node is placed again
   on a ready node, and stays placed on the draining node too
   (:class:`Handover`) until its new copy has been published healthy for
-  :data:`HANDOVER_SETTLE` seconds, time for every node's reconcile pass to put
-  it in its proxyd's routes; only then does the draining node's document lose
-  it. A replica that fits nowhere else stays where it is.
+  :data:`HANDOVER_SETTLE` seconds and every live node's proxyd routes it
+  (each node publishes the backends its proxyd routes, ``KEYS["routed"]``);
+  only then does the draining node's document lose it. A replica that fits
+  nowhere else stays where it is.
 - **Leaving**: a replica taken off this node while it is in the cluster is
   unpublished first (every other node's proxyd drops it), kept running for
   :data:`LEAVE_DRAIN` seconds (as a rollout drains an old replica), then
@@ -50,7 +51,7 @@ from daemons.schedd.status import desired_replicas
 from shared.tasks import cancel_all
 from shared.wire import WireError, decode, encode, replace
 from shared.wire.agent import ReplicaInfo
-from shared.wire.cluster import KEYS, NodePlacements, NodeRecord, Placement
+from shared.wire.cluster import KEYS, NodePlacements, NodeRecord, NodeRoutes, Placement
 from shared.wire.traffic import PeerBlock
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ LEAVE_DRAIN = 2.0  # seconds a replica leaving this node runs unpublished before
 # start elsewhere now
 FENCE_GRACE = 2.0
 IN_ROTATION = ("healthy", "none")
+ROUTES_INTERVAL = 0.5  # seconds between two looks at what this node's proxyd routes
 
 
 class NotLeaderError(RuntimeError):
@@ -185,10 +187,10 @@ async def write_plan(
     return generation
 
 
-async def in_rotation(client: Any) -> set[tuple[str, str, str, int, int]]:
+async def in_rotation(client: Any) -> dict[tuple[str, str, str, int, int], str]:
     """The replicas every node published running and in rotation, as (node, deployment,
-    service, instance, revision)."""
-    found: set[tuple[str, str, str, int, int]] = set()
+    service, instance, revision), with their addresses."""
+    found: dict[tuple[str, str, str, int, int], str] = {}
     prefix = KEYS["replicas"]
     for kv in await client.get_prefix(prefix.encode()):
         info = _replica(kv.value)
@@ -197,7 +199,20 @@ async def in_rotation(client: Any) -> set[tuple[str, str, str, int, int]]:
         if not info.address:
             continue
         node = kv.key.decode()[len(prefix) :].split("/", 1)[0]
-        found.add((node, info.deployment, info.service, info.instance, info.revision))
+        found[(node, info.deployment, info.service, info.instance, info.revision)] = info.address
+    return found
+
+
+async def routed(client: Any) -> dict[str, dict[str, list[str]]]:
+    """What each node's proxyd routes, as it published it: node -> "deployment/service" ->
+    backend addresses."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for kv in await client.get_prefix(KEYS["routed"].encode()):
+        try:
+            doc = decode(kv.value, NodeRoutes)
+        except WireError:
+            continue
+        found[doc.node] = doc.routes
     return found
 
 
@@ -233,6 +248,7 @@ class Handover:
         where = {_key(p): (node, p) for node, placed in plan.nodes.items() for p in placed}
         pending = {(p.deployment, p.service, p.replica) for p in plan.pending}
         serving = await in_rotation(client)
+        routers = [routes for node, routes in (await routed(client)).items() if node in nodes]
         now = time.monotonic()
         seen: set[tuple[str, str, str, int, int]] = set()
         for node, old in leaving:
@@ -245,12 +261,23 @@ class Handover:
                 copy = (target, new.deployment, new.service, instance_of(new.replica), new.revision)
                 if copy in serving:
                     seen.add(copy)
-                    if now - self._since.setdefault(copy, now) >= self.settle:
+                    since = self._since.setdefault(copy, now)
+                    if now - since >= self.settle and _routed_everywhere(
+                        routers, f"{new.deployment}/{new.service}", serving[copy]
+                    ):
                         continue  # its new copy serves everywhere: the old one may go
             plan.nodes.setdefault(node, []).append(old)
             self.holding += 1
         self._since = {copy: at for copy, at in self._since.items() if copy in seen}
         return self.holding
+
+
+def _routed_everywhere(routers: list[dict[str, list[str]]], service: str, address: str) -> bool:
+    """Whether every node's proxyd that routes ``service`` routes ``address`` too (a
+    service without endpoints is routed nowhere: nothing to wait for)."""
+    return all(address in routes.get(service, ()) for routes in routers) or not any(
+        service in routes for routes in routers
+    )
 
 
 async def placement_pass(
@@ -316,7 +343,7 @@ class ClusterPlacement:
     # ------------------------------------------------------------ life
 
     def start(self) -> None:
-        works = [self._watch_own, self._watch_replicas, self._lead]
+        works = [self._watch_own, self._watch_replicas, self._lead, self._publish_routes]
         if self._subnet is not None:
             works.append(self._claim_subnet)
         for work in works:
@@ -495,13 +522,13 @@ class ClusterPlacement:
         self.owned = NodePlacements(node=self.node_id, generation=self._fenced)
         self.leaving.clear()
         self._changed()
-        if agent is None:
-            import sdbus
-
-            from shared.clients import AgentClient
-
-            agent = AgentClient(sdbus.get_default_bus())
         try:
+            if agent is None:
+                import sdbus
+
+                from shared.clients import AgentClient
+
+                agent = AgentClient(sdbus.get_default_bus())
             replicas = await asyncio.wait_for(agent.list_replicas(), FENCE_GRACE)
             services = sorted({(r.deployment, r.service) for r in replicas if r.rtype == "service"})
             await asyncio.wait_for(
@@ -584,6 +611,44 @@ class ClusterPlacement:
             return
         await self.client.transaction(compare=[], success=ops, failure=[])
         self._published = now
+
+    async def _publish_routes(self) -> None:
+        """Publish the backends this node's proxyd routes (under its lease) whenever they
+        change, for the leader's handovers."""
+        import sdbus
+
+        from shared.clients import ProxyClient
+
+        proxyd: ProxyClient | None = None
+        key = (KEYS["routed"] + self.node_id).encode()
+        sent: tuple[int, NodeRoutes] | None = None
+        while True:
+            await asyncio.sleep(ROUTES_INTERVAL)
+            lease = self.membership.lease
+            if lease is None:
+                continue
+            try:
+                if proxyd is None:  # the daemon's bus (shared.daemon makes it the default)
+                    proxyd = ProxyClient(sdbus.get_default_bus())
+                infos = await asyncio.wait_for(proxyd.list_routes(), ROUTES_INTERVAL * 10)
+            except Exception as exc:  # proxyd not up yet, or restarting: asked again
+                log.debug("no routes from zlayer-proxyd yet: %s", exc)
+                continue
+            routes: dict[str, set[str]] = {}
+            for info in infos:
+                addresses = {b.rsplit(":", 1)[0].strip("[]") for b in info.backends}
+                routes.setdefault(f"{info.deployment}/{info.service}", set()).update(addresses)
+            doc = NodeRoutes(
+                node=self.node_id, routes={k: sorted(v) for k, v in sorted(routes.items())}
+            )
+            if sent == (lease, doc):
+                continue
+            try:
+                await self.client.put(key, encode(doc).encode(), lease=lease)
+            except ETCD_ERRORS as exc:
+                log.warning("publishing this node's routes failed (%s); trying again", exc)
+                continue
+            sent = (lease, doc)
 
     async def _watch_replicas(self) -> None:
         prefix = KEYS["replicas"].encode()

@@ -37,6 +37,8 @@ KEYS = {
     # certificates/<node>/<serial hex>: IssuedCertificate, each node certificate signed
     "certificates": PREFIX + "certificates/",
     "revoked": PREFIX + "revoked/",  # revoked/<node>: RevokedNode, a removed node's
+    # routed/<node>: NodeRoutes, the backends that node's proxyd routes, bound to its lease
+    "routed": PREFIX + "routed/",
 }
 
 NodeState = Literal["ready", "draining", "down"]
@@ -195,3 +197,12 @@ class RenewRequest(Wire, frozen=True, kw_only=True):
 
 class RenewReply(Wire, frozen=True, kw_only=True):
     certificate: str  # PEM, signed by the CA
+
+
+class NodeRoutes(Wire, frozen=True, kw_only=True):
+    """The backend addresses a node's proxyd routes now, by ``deployment/service``
+    (``KEYS["routed"]<node>``): a draining node's replica stops only once every node
+    routes its new copy."""
+
+    node: str
+    routes: dict[str, list[str]] = {}

@@ -16,7 +16,7 @@ from daemons.schedd.cluster_placement import (
 from daemons.schedd.membership import Membership
 from shared.wire import encode, replace
 from shared.wire.agent import ReplicaInfo
-from shared.wire.cluster import KEYS, NodePlacements, Placement
+from shared.wire.cluster import KEYS, NodePlacements, NodeRoutes, Placement
 from tests.etcd_fixture import EtcdCluster, etcd1  # noqa: F401  (a fixture)
 from tests.integration.test_cluster_placement import web
 from tests.integration.test_membership import record, until
@@ -83,8 +83,16 @@ def test_a_draining_node_keeps_its_replica_until_the_new_copy_serves(
                 f"{KEYS['replicas']}b/app-web-1-r1".encode(), encode(copy_of("b", 1)).encode()
             )
             assert await place() is None  # in rotation, not yet for the settle time
+            # Both nodes' proxyd route the old copy; b's does not yet route the new one.
+            old_address, new_address = copy_of("a", 1).address, copy_of("b", 1).address
+            for node, addresses in (("a", [old_address, new_address]), ("b", [old_address])):
+                routes = NodeRoutes(node=node, routes={"app/web": addresses})
+                await etcd.put(f"{KEYS['routed']}{node}".encode(), encode(routes).encode())
             await asyncio.sleep(0.4)
-            # It has served for the settle time: a lets it go.
+            assert await place() is None  # served for the settle time, not routed everywhere
+            routes = NodeRoutes(node="b", routes={"app/web": [old_address, new_address]})
+            await etcd.put(f"{KEYS['routed']}b".encode(), encode(routes).encode())
+            # It has served for the settle time and every proxyd routes it: a lets it go.
             assert await place() == 3
             assert where(await current_placements(etcd)) == {"a": [], "b": ["app-web-1"]}
             assert handover.holding == 0
