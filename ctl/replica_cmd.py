@@ -92,6 +92,8 @@ async def _remote_logs(
     """``logs`` through a node's API: each replica's lines as the local path prints them
     (one replica after another), then, with ``follow``, new lines from all at once."""
     from ctl.remote import RemoteClient
+    from shared.bus import UnavailableError
+    from shared.cluster.remote import Unread
 
     assert isinstance(client, RemoteClient)
     agent = client.agent
@@ -116,10 +118,27 @@ async def _remote_logs(
         ):
             _emit(_as_local(line), prefix, timestamps)
 
+    # As on the node: a replica whose node does not answer is left out with one warning
+    # per node, unless no replica could be read at all.
+    unread = Unread()
+    shown = []
     for replica in chosen:
-        await show(replica, tail, False)
+        if unread.failed(replica):
+            unread.add(replica, UnavailableError(""))
+            continue
+        try:
+            await show(replica, tail, False)
+        except UnavailableError as exc:
+            unread.add(replica, exc)
+            continue
+        unread.read += 1
+        shown.append(replica)
+    if unread.first is not None and not unread.read:
+        raise unread.first
+    for warning in unread.warnings():
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if follow:
-        await asyncio.gather(*(show(replica, 0, True) for replica in chosen))
+        await asyncio.gather(*(show(replica, 0, True) for replica in shown))
 
 
 async def _located(
@@ -146,19 +165,33 @@ async def _node_logs(
 ) -> None:
     """Each replica's lines, one replica after another, then with ``follow`` new lines from
     all at once: this node's from their files, another node's through it."""
+    from shared.bus import UnavailableError
+    from shared.cluster.remote import Unread
+
     placed, reach = await _located(client, deployment, service, instance)
     followers = []
+    # A node that does not answer (or left) costs only its replicas' lines: the others
+    # are shown, and one warning per such node says what is missing.
+    unread = Unread()
     try:
         for one in placed:
             replica = one.replica
             prefix = f"{service}-{replica.instance} | " if len(placed) > 1 else ""
             if not one.here:
+                if unread.failed(replica):
+                    unread.add(replica, UnavailableError(""))
+                    continue
                 lines = reach.logs(one, tail, follow)
-                async for chunk in lines:
-                    for sent in chunk.lines:
-                        _emit(_as_local(sent), prefix, timestamps)
-                    if chunk.caught_up:
-                        break
+                try:
+                    async for chunk in lines:
+                        for sent in chunk.lines:
+                            _emit(_as_local(sent), prefix, timestamps)
+                        if chunk.caught_up:
+                            break
+                except UnavailableError as exc:
+                    unread.add(replica, exc)
+                    continue
+                unread.read += 1
                 if follow:
                     followers.append(_follow_remote(lines, prefix, timestamps))
                 else:
@@ -167,9 +200,14 @@ async def _node_logs(
             paths = list(await client.agent.log_paths(replica.id))
             for line in logread.read_lines(paths, tail):
                 _emit(line, prefix, timestamps)
+            unread.read += 1
             if follow and paths:
                 current = paths[-1]
                 followers.append(_follow(current, prefix, timestamps, logread.end_offset(current)))
+        if unread.first is not None and not unread.read:
+            raise unread.first  # nothing could be read: that is an error, not a warning
+        for warning in unread.warnings():
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if followers:
             await asyncio.gather(*followers)
     finally:
@@ -178,9 +216,14 @@ async def _node_logs(
 
 
 async def _follow_remote(chunks: AsyncIterator[LogsChunk], prefix: str, timestamps: bool) -> None:
-    async for chunk in chunks:
-        for line in chunk.lines:
-            _emit(_as_local(line), prefix, timestamps)
+    from shared.bus import UnavailableError
+
+    try:
+        async for chunk in chunks:
+            for line in chunk.lines:
+                _emit(_as_local(line), prefix, timestamps)
+    except UnavailableError as exc:  # that node went away: the others are still followed
+        err_console.print(f"[yellow]warning:[/] {exc}", highlight=False)
 
 
 def _as_local(line: WireLogLine) -> LogLine:

@@ -26,9 +26,9 @@ from daemons.apid.base import api, body_as, query_flag, query_int, reply, visibl
 from daemons.apid.problems import ApiProblem, problem_for, unexpected_problem
 from daemons.apid.routing import Role, route
 from shared import logread
-from shared.bus import NotFoundError
+from shared.bus import NotFoundError, UnavailableError
 from shared.clients import AgentClient, SchedulerClient
-from shared.cluster.remote import NodeReach, Placed, first_running, locate
+from shared.cluster.remote import NodeReach, Placed, Unread, first_running, locate
 from shared.execpipes import (
     DRAIN_AFTER_EXIT,
     MAX_TERMINAL_SIDE,
@@ -119,6 +119,12 @@ async def _far_history(
     return lines, None
 
 
+def _quoted(text: str) -> str:
+    """``text`` as an HTTP quoted-string: one line, quotes and backslashes escaped."""
+    one_line = " ".join(text.split())
+    return one_line.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -189,29 +195,44 @@ async def service_logs(request: web.Request) -> web.StreamResponse:
     sources = await _log_sources(
         clients.agent, clients.scheduler, deployment, service, request.query.get("replica", "")
     )
-    # Every replica's lines so far before the reply starts: another node that does not
-    # answer is a problem document, not a cut stream.
+    # Every replica's lines so far before the reply starts. Another node that does not
+    # answer leaves out its replicas, named in a Warning header (199, one per node); when
+    # no replica could be read, it is a problem document, not an empty stream.
     histories: list[list[LogLine]] = []
     followed: list[tuple[str, str, int]] = []
     far: list[AsyncGenerator[LogsChunk, None]] = []
+    unread = Unread()
     try:
         for source in sources:
             if isinstance(source, Placed):
-                lines, stream = await _far_history(source, tail, follow)
+                if unread.failed(source.replica):
+                    unread.add(source.replica, UnavailableError(""))
+                    continue
+                try:
+                    lines, stream = await _far_history(source, tail, follow)
+                except UnavailableError as exc:
+                    unread.add(source.replica, exc)
+                    continue
+                unread.read += 1
                 histories.append(lines)
                 if stream is not None:
                     far.append(stream)
                 continue
             replica, paths = source
             start, found = await asyncio.to_thread(logread.history, paths, tail, follow)
+            unread.read += 1
             if start is not None:
                 followed.append((replica, paths[-1], start))
             histories.append([logread.wire_line(replica, line) for line in found])
+        if unread.first is not None and not unread.read:
+            raise unread.first
     except BaseException:
         for stream in far:
             await stream.aclose()
         raise
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
+    for warning in unread.warnings():
+        response.headers.add("Warning", f'199 - "{_quoted(warning)}"')
     try:
         await response.prepare(request)
         for lines in histories:

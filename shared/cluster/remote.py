@@ -139,6 +139,35 @@ def first_running(placed: list[Placed], service: str) -> Placed:
 # ---------------------------------------------------------------- the calling node
 
 
+class Unread:
+    """Replicas of other nodes whose logs could not be read, by node: a caller reading
+    several shows the others' and says once per node which were left out; a node that
+    failed once is not waited for again for its other replicas."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, tuple[Exception, list[str]]] = {}
+        self.read = 0  # replicas whose logs were read
+
+    def failed(self, replica: ReplicaInfo) -> bool:
+        """Whether the node of ``replica`` already failed: skip it (:meth:`add` it)."""
+        return replica.node in self._nodes
+
+    def add(self, replica: ReplicaInfo, error: Exception) -> None:
+        self._nodes.setdefault(replica.node, (error, []))[1].append(replica.id)
+
+    @property
+    def first(self) -> Exception | None:
+        """The first node's error: what to raise when no replica could be read."""
+        return next((error for error, _ in self._nodes.values()), None)
+
+    def warnings(self) -> list[str]:
+        """One sentence per node that could not be read."""
+        return [
+            f"the logs of {', '.join(ids)} are not shown: {error}"
+            for error, ids in self._nodes.values()
+        ]
+
+
 def _gone(placed: Placed) -> UnavailableError:
     return UnavailableError(
         f"replica {placed.replica.id} ran on node {placed.replica.node}, which is no longer "
