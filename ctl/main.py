@@ -84,7 +84,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "node": (
         "ctl.node_cmd:node",
-        "This node in a cluster: init, join-token, join, ls, label, drain, rm.",
+        "The cluster: init, join-token, join, ls, label, drain, undrain, rm, rotate-key.",
     ),
     "pipeline": (
         "ctl.build_cmd:pipeline",

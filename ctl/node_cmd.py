@@ -161,7 +161,7 @@ async def _mesh_of(client: Client) -> MeshStatus | None:
 
 @click.group()
 def node() -> None:
-    """This node in a cluster: init, join-token, join, ls, label, drain, rm, rotate-key."""
+    """The cluster: init, join-token, join, ls, label, drain, undrain, rm, rotate-key."""
 
 
 @node.command("init")

@@ -457,6 +457,16 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """Mark a node draining: placement moves its replicas away; NodeSettings."""
         raise NotImplementedError
 
+    @dbus_method_async(
+        input_signature="s",
+        result_signature="s",
+        input_args_names=("node",),
+        result_args_names=("settings",),
+    )
+    async def undrain_node(self, node: str) -> str:
+        """A drained node back in service: placement may use it again; NodeSettings."""
+        raise NotImplementedError
+
     @dbus_method_async(input_signature="s", input_args_names=("node",))
     async def remove_node(self, node: str) -> None:
         """Take another node out of the cluster: its record and its etcd member go."""

@@ -179,6 +179,10 @@ class SchedulerService(Scheduler1):
         return encode(await self.daemon.nodes.drain(node))
 
     @dbus_method_async_override()
+    async def undrain_node(self, node: str) -> str:
+        return encode(await self.daemon.nodes.undrain(node))
+
+    @dbus_method_async_override()
     async def remove_node(self, node: str) -> None:
         await self.daemon.nodes.remove(node)
 
