@@ -25,7 +25,9 @@ a floor). ``--no-podman`` skips it.
 ``--wasm`` times ``examples/wasm-http`` (built with componentize-py) as a
 ``service_type: wasm_http`` service instead; its first deployment, not
 counted, compiles the component into agentd's cache, so every timed run
-starts from precompiled code.
+starts from precompiled code. Beside it, the wasm floor: ``wasmtime serve``
+of that compiled component on this host, with the replica's flags, from its
+start to its first 200 (what wasmtime's own start costs, with none of ours).
 
 Needs root, crun, conmon, busctl, busybox-static; podman for the peer.
 
@@ -273,6 +275,33 @@ def import_wasm_http(cluster: Cluster, work: Path) -> None:
             raise RuntimeError(f"zlayerctl {args[0]} {args[1]}: {done.stderr.strip()}")
 
 
+def wasmtime_runs(cluster: Cluster, work: Path, runs: int) -> list[tuple[float, float, float]]:
+    """(started, started, answered) of ``wasmtime serve`` of the component agentd
+    compiled, run here as the replica would be, to its first 200."""
+    from wasm_run import direct_serve_argv
+
+    from daemons.agentd.wasm import cache_dir, wasmtime
+
+    state = cluster.paths.daemon_state("agentd")
+    compiled = max(cache_dir(state).glob("*.cwasm"), key=lambda path: path.stat().st_mtime)
+    binary = str(wasmtime(state / "wasm" / "bin").path)
+    spec = work / "floor.zlayer.yml"
+    times = []
+    for _ in range(runs):
+        port = free_port()
+        spec.write_text(WASM_SPEC.format(name="floor", image=WASM_IMAGE, port=port))
+        argv = direct_serve_argv(binary, spec, compiled, port)
+        started = time.time()
+        serve = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            answered = first_200(f"http://127.0.0.1:{port}/")
+        finally:
+            serve.terminate()
+            serve.wait(timeout=10)
+        times.append((started, started, answered))
+    return times
+
+
 def podman_runs(peers: Peers, runs: int) -> list[tuple[float, float, float]]:
     """(started, returned, answered) of each ``podman run -d`` and its first 200."""
     peers.prepare_podman()
@@ -298,13 +327,19 @@ def podman_runs(peers: Peers, runs: int) -> list[tuple[float, float, float]]:
 
 
 def report(
-    runs: list[Run], podman: list[tuple[float, float, float]], show_steps: bool, what: str
+    runs: list[Run],
+    podman: list[tuple[float, float, float]],
+    show_steps: bool,
+    what: str,
+    floor: list[tuple[float, float, float]],
 ) -> None:
     """Two tables: from the command's start and from its return to the first 200."""
     ours = [(r.deployed, r.returned, r.answered) for r in runs]
     rows = [(f"zlayerctl up -b, {what} through proxyd", ours)]
     if podman:
         rows.append(("podman run -d, busybox httpd at its address (peer)", podman))
+    if floor:
+        rows.append(("wasmtime serve of the compiled component, direct", floor))
     for since, index in (("command started", 0), ("command returned", 1)):
 
         def ms(times: list[tuple[float, float, float]], index: int = index) -> list[float]:
@@ -387,9 +422,10 @@ def main() -> None:
                 messages = watch.stop() if watch is not None else []
             for run in runs:
                 run.steps = timeline(run, messages)
+            floor = wasmtime_runs(cluster, work, options.runs) if options.wasm else []
         podman = [] if options.no_podman else podman_runs(peers, options.runs)
         what = "wasm_http hello" if options.wasm else "busybox httpd"
-        report(runs, podman, options.timeline, what)
+        report(runs, podman, options.timeline, what, floor)
     except KeyboardInterrupt:
         print("interrupted; cleaned up", file=sys.stderr)
         code = 130
