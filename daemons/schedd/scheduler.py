@@ -1205,7 +1205,7 @@ class Scheduler:
         if not stored.stopped:
             await self._autoscale(name, spec, states, holds, replicas)
         elsewhere = (
-            {r.id for r in self.placement.remote_replicas(name)}
+            {(r.node, r.id) for r in self.placement.remote_replicas(name)}
             if self.placement is not None
             else set()
         )

@@ -104,12 +104,14 @@ def deployment_traffic(
     replicas: list[ReplicaInfo],
     draining_now: dict[tuple[str, str], tuple[set[str], float]],
     desired: Assignments,
-    elsewhere: Container[str] = (),
+    elsewhere: Container[tuple[str, str]] = (),
 ) -> DeploymentTraffic:
     """Every service's endpoints and the replicas that may take traffic now.
 
     ``elsewhere`` names replicas other nodes of a cluster run (in ``replicas``, as
-    those nodes published them): their own node decides whether they stay."""
+    those nodes published them), as (node, replica id): their own node decides
+    whether they stay. By node too: a replica moving between nodes has one id on
+    both, and this node's leaving copy must not pass for the other's."""
     services = []
     for svc_name, svc in spec.services.items():
         if svc.rtype != "service":
@@ -132,7 +134,7 @@ def deployment_traffic(
             and r.address
             and r.revision in revisions
             and r.id not in draining
-            and (r.id in elsewhere or stays(desired, r))
+            and ((r.node, r.id) in elsewhere or stays(desired, r))
         ]
         interval = svc.health.interval.total_seconds() if svc.health.interval else 0.0
         services.append(
