@@ -12,6 +12,17 @@ async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
     tasks.clear()
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], every: float = 1.0) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every ``every``
+    seconds while it runs on: a cancellation can be lost (``asyncio.wait_for`` of
+    Python 3.11 swallows one that lands as its inner call completes), and a loop that
+    lost one would be awaited for ever. What the task raised was its own to report."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.jobs import JobTable
 from shared.paths import Paths
+from shared.tasks import cancel_and_wait
 from shared.wire import encode
 from shared.wire.jobs import JobInfo
 from shared.wire.scheduler import Deployed, Event
@@ -264,9 +264,7 @@ class SchedulerDaemon(Daemon):
     async def pause(self) -> None:
         """Stop the reconcile loop (node init and join change the store under it)."""
         for task in (self._watch_task, self._loop_task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def resume(self, cluster: ClusterContext | None) -> None:
         """Run the loop again: over the cluster's store once this node joined one."""

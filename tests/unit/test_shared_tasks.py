@@ -1,0 +1,41 @@
+"""shared.tasks: stopping a daemon's tasks ends even when a task loses a cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from shared.tasks import cancel_all, cancel_and_wait
+
+
+async def loses_one_cancellation(stopped: list[str]) -> None:
+    """A loop that, like one catching too much, survives its first cancellation."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(3600)
+    stopped.append("lost one")
+    await asyncio.sleep(3600)
+
+
+def test_a_task_that_lost_a_cancellation_is_cancelled_again_until_it_ends() -> None:
+    async def main() -> list[str]:
+        stopped: list[str] = []
+        task = asyncio.create_task(loses_one_cancellation(stopped))
+        await asyncio.sleep(0)
+        await asyncio.wait_for(cancel_and_wait(task, every=0.01), timeout=5)
+        assert task.cancelled()
+        return stopped
+
+    assert asyncio.run(main()) == ["lost one"]
+
+
+def test_cancel_all_ends_failed_and_running_tasks_and_empties_the_list() -> None:
+    async def fails() -> None:
+        raise RuntimeError("already reported by the task itself")
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(fails()), asyncio.create_task(asyncio.sleep(3600))]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(cancel_all(tasks), timeout=5)
+        assert tasks == []
+
+    asyncio.run(main())
