@@ -140,8 +140,10 @@ def _snapshot() -> dict[str, set[str]]:
         snap["nft tables"] = set(out.stdout.splitlines())
     cgroups: set[str] = set()
     for root in Path("/sys/fs/cgroup").glob("*"):
+        # A cgroup another process removes while this walks it is simply not there.
         if root.is_dir():
-            cgroups.update(str(p) for p in root.glob("**/*zlayer*") if p.is_dir())
+            with contextlib.suppress(FileNotFoundError):
+                cgroups.update(str(p) for p in root.glob("**/*zlayer*") if p.is_dir())
     snap["cgroups"] = cgroups
     return snap
 
