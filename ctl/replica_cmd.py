@@ -247,7 +247,11 @@ def logs(
     instance: int | None,
     timestamps: bool,
 ) -> None:
-    """Print a service's logs (every replica, or one with --instance)."""
+    """Print a service's logs (every replica, or one with --instance).
+
+    In a cluster, the replicas of a node that does not answer are left out with one
+    warning naming it; the command fails only when no replica could be read.
+    """
 
     async def run() -> None:
         client = Client()
