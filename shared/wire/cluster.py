@@ -119,6 +119,9 @@ class JoinReply(Wire, frozen=True, kw_only=True):
     etcd_endpoints: list[str]  # client URLs (https://HOST:PORT)
     # the cluster's secrets key (shared.cluster.secretkey), base64; "" from a node without one
     secrets_key: str = ""
+    # the address the join came from, as the answering node saw it ("" from an older
+    # node): another than the joining node's own means a NAT in between
+    source_address: str = ""
 
 
 class PingRequest(Wire, frozen=True, kw_only=True):
@@ -140,6 +143,9 @@ class NodeSettings(Wire, frozen=True, kw_only=True):
     removed: bool = False  # taken out of the cluster: the node leaves
     # a client asked to become an etcd voter (a voter was removed): it adds its member
     voter: bool = False
+    # why the others cannot reach it first, seen at its join (its join came from another
+    # address than its own: NAT); "" when nothing was seen
+    reachability: str = ""
 
 
 class NodeList(Wire, frozen=True, kw_only=True):
