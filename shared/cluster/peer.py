@@ -57,6 +57,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import unquote
 
 import grpc  # type: ignore[import-untyped]
 from cryptography import x509
@@ -504,7 +505,19 @@ class PeerServer:
             ca_certificate=pki.certificate_pem(self.authority.certificate).decode(),
             etcd_endpoints=endpoints,
             secrets_key=self._secrets_key,
+            source_address=peer_host(context.peer() or ""),
         )
+
+
+def peer_host(peer: str) -> str:
+    """The host of gRPC's ``context.peer()`` ("ipv4:10.0.0.7:41234",
+    "ipv6:[::1]:41234"), "" for another kind (a Unix socket)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return unquote(rest.rpartition(":")[0]).strip("[]")
+    return ""
 
 
 async def call(
@@ -642,6 +655,7 @@ class Joined:
     ca_certificate: x509.Certificate
     etcd_endpoints: list[str]
     secrets_key: bytes | None = field(default=None, repr=False)
+    source_address: str = ""  # where the answering node saw the join come from
 
     def write(self, files: pki.ClusterFiles) -> None:
         """Blocking: the CA certificate, the secrets key, then the node's key and
@@ -754,4 +768,11 @@ async def join(
             f"the node at {where} answered the join with a certificate that is not this "
             "node's or not signed by the cluster CA; make a new token and join again"
         )
-    return Joined(key, certificate, ca, list(reply.etcd_endpoints), secrets_key)
+    return Joined(
+        key,
+        certificate,
+        ca,
+        list(reply.etcd_endpoints),
+        secrets_key,
+        source_address=reply.source_address,
+    )
