@@ -279,10 +279,17 @@ def service_support(name: str, service: ServiceSpec) -> NodeSupport:
         ("node_mode", service.node_mode, "shared"),
         ("node_selector", service.node_selector, None),
         ("affinity", service.affinity, None),
-        ("replica_groups", service.replica_groups, None),
     ):
         if value not in (default, None, [], {}):
             warn((key,), f"{key} places replicas across a cluster; on one node it has no effect")
+    # The groups' counts make the service's (their sum, on one node too); their own
+    # image, env and command would make replicas of one service differ.
+    if any(g.image or g.env or g.command for g in service.replica_groups or ()):
+        warn(
+            ("replica_groups",),
+            "replica_groups: a group's own image, env and command are not applied by this "
+            "version of ZLayer; every replica runs the service's (the groups' counts apply)",
+        )
     for key in ("lifecycle", "isolation", "logs", "overlay", "localhost_reachability", "platform"):
         if getattr(service, key) is not None:
             warn((key,), f"{key} is accepted but not applied by this version of ZLayer")

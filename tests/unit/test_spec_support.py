@@ -196,3 +196,13 @@ def test_upstream_defaults_pass_quietly(tmp_path: Path) -> None:
     )
     result = validate(path)
     assert result.returncode == 0 and result.stderr == ""
+
+
+def test_replica_groups_count_and_their_overrides_are_named(tmp_path: Path) -> None:
+    counts = spec_file(tmp_path, "replica_groups:\n  - {role: a, count: 2}\n  - {role: b, count: 1}")
+    assert node_support(load_spec(counts)).warnings == []
+    overrides = spec_file(tmp_path, "replica_groups:\n  - {role: a, count: 2, env: {X: '1'}}")
+    assert node_support(load_spec(overrides)).warnings == [
+        "service web: replica_groups: a group's own image, env and command are not applied by "
+        "this version of ZLayer; every replica runs the service's (the groups' counts apply)"
+    ]
