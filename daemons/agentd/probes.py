@@ -41,7 +41,7 @@ STARTING_PACE = 0.5
 # seconds those probes are never more than QUICK_STEP apart. A command probe starts
 # a process in the replica each time, so it only doubles.
 QUICK_WINDOW = 1.0
-QUICK_STEP = 0.05
+QUICK_STEP = 0.02
 
 
 def _seconds(value: timedelta | None, default: float) -> float:
