@@ -199,7 +199,8 @@ def test_upstream_defaults_pass_quietly(tmp_path: Path) -> None:
 
 
 def test_replica_groups_count_and_their_overrides_are_named(tmp_path: Path) -> None:
-    counts = spec_file(tmp_path, "replica_groups:\n  - {role: a, count: 2}\n  - {role: b, count: 1}")
+    groups = "replica_groups:\n  - {role: a, count: 2}\n  - {role: b, count: 1}"
+    counts = spec_file(tmp_path, groups)
     assert node_support(load_spec(counts)).warnings == []
     overrides = spec_file(tmp_path, "replica_groups:\n  - {role: a, count: 2, env: {X: '1'}}")
     assert node_support(load_spec(overrides)).warnings == [
