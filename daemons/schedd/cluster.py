@@ -31,7 +31,9 @@ reads it as ``scheduler.cluster`` (None on a lone node).
   bring its WireGuard interface up (``EnableMesh``) at init, join and every
   start, and keeps its public key and port current in its record (a rotated
   key, an overlayd restart), so the other nodes reach its block through it. A
-  node ``behind_nat`` joins as an etcd client and says so in its record.
+  node ``behind_nat``, or whose join came from another address than its own
+  (the answering node saw a NAT), joins as an etcd client and says so in its
+  record.
 - Labels, drain (and undrain) and removal are :class:`~shared.wire.cluster.NodeSettings`
   under ``KEYS["node_settings"]``, kept without a lease and written from any
   node; each node watches its own and applies it to its record.
@@ -42,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -162,16 +165,38 @@ def schedd_settings(paths: Paths) -> ClusterSettings:
         return ClusterSettings()
 
 
-def mesh_fields(settings: ClusterSettings, status: MeshStatus | None) -> dict[str, Any]:
-    """What a node's record says of its mesh, from overlayd's status (None: unknown yet)."""
+def mesh_fields(
+    settings: ClusterSettings, status: MeshStatus | None, nat_seen: str = ""
+) -> dict[str, Any]:
+    """What a node's record says of its mesh, from overlayd's status (None: unknown yet);
+    ``nat_seen``: the NAT its join showed (NodeSettings.reachability), "" if none."""
     on = settings.mesh and status is not None and status.enabled
+    reason = BEHIND_NAT if settings.behind_nat else nat_seen
     return {
         "wireguard_key": status.public_key if on and status is not None else "",
         "mesh_port": status.listen_port if on and status is not None else 0,
         "mesh_keepalive": settings.mesh_keepalive if settings.mesh else 0,
-        "reachable": not settings.behind_nat,
-        "reachability": BEHIND_NAT if settings.behind_nat else "",
+        "reachable": not reason,
+        "reachability": reason,
     }
+
+
+def nat_seen(advertised: str, source: str) -> str:
+    """Why a joining node is behind NAT, when the node it joined through saw the join
+    come from another address than the one it advertises ("" when not: no source
+    known, the same address, or loopback, a node on the same host)."""
+    try:
+        seen = ipaddress.ip_address(source)
+        own = ipaddress.ip_address(advertised)
+    except ValueError:
+        return ""
+    if seen == own or seen.is_loopback:
+        return ""
+    return (
+        f"it is behind NAT (its join came from {seen}, not its address {own}): the other "
+        "nodes cannot reach it first, so they wait for its mesh handshake and it is no "
+        "etcd voter"
+    )
 
 
 def _overlay() -> OverlayClient:
@@ -288,6 +313,7 @@ class ClusterContext:
     settings: ClusterSettings = field(default_factory=ClusterSettings)  # schedd's [cluster]
     _overlay: OverlayClient | None = None
     _mesh_said: str = ""  # the last mesh problem logged as a warning
+    nat_seen: str = ""  # the NAT its join showed (NodeSettings.reachability)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _leaving: asyncio.Task[None] | None = None
     _promoting: asyncio.Task[None] | None = None
@@ -337,11 +363,19 @@ class ClusterContext:
             etcd_member=config.etcd is not None,
             subnet=config.block,  # its block, if the cluster hands them out
             started_at=time.time(),
-            **mesh_fields(schedd, status),
+            **mesh_fields(schedd, status, settings.reachability if settings else ""),
         )
         membership = Membership(record, endpoints, tls, on_change=on_change)
         context = cls(
-            config.node_id, config, files, etcd, store, membership, paths=paths, settings=schedd
+            config.node_id,
+            config,
+            files,
+            etcd,
+            store,
+            membership,
+            paths=paths,
+            settings=schedd,
+            nat_seen=settings.reachability if settings is not None else "",
         )
         try:
             await membership.start()
@@ -457,7 +491,7 @@ class ClusterContext:
             self._mesh_said = status.reason
             log.warning("overlayd's mesh is off: %s", status.reason)
         record = self.membership.record
-        changed = msgspec_replace(record, **mesh_fields(self.settings, status))
+        changed = msgspec_replace(record, **mesh_fields(self.settings, status, self.nat_seen))
         if changed != record:
             await self.membership.update(changed)
             log.info(
@@ -910,10 +944,16 @@ class NodeControl:
             await asyncio.to_thread(joined.write, files)
             tls = tls_of(files)
             endpoints = list(joined.etcd_endpoints)
+            nat = nat_seen(address, joined.source_address)
             paused = False
             try:
                 block = await cluster_blocks.join_block(endpoints, tls, node_id)
-                member, endpoints = await self._maybe_voter(node_id, address, endpoints, tls)
+                if nat:
+                    log.warning("node %s %s", node_id, nat)
+                    await _keep_nat_seen(endpoints, tls, node_id, nat)
+                member, endpoints = await self._maybe_voter(
+                    node_id, address, endpoints, tls, client_only=bool(nat)
+                )
                 config = ClusterConfig(
                     node_id=node_id,
                     name=socket.gethostname(),
@@ -939,12 +979,17 @@ class NodeControl:
             return context.membership.record
 
     async def _maybe_voter(
-        self, node_id: str, address: str, endpoints: list[str], tls: TLSFiles
+        self,
+        node_id: str,
+        address: str,
+        endpoints: list[str],
+        tls: TLSFiles,
+        client_only: bool = False,
     ) -> tuple[EtcdMemberConfig | None, list[str]]:
         """Add this node as an etcd member while the cluster has fewer than its voters:
         its member config (None: a client only) and the endpoints to use. A node
         behind NAT is a client only: the members could not reach its peer URL."""
-        if (await asyncio.to_thread(schedd_settings, self.paths)).behind_nat:
+        if client_only or (await asyncio.to_thread(schedd_settings, self.paths)).behind_nat:
             return None, endpoints
         etcd = cluster_client(endpoints, tls, timeout=10.0)
         try:
@@ -990,6 +1035,23 @@ class NodeControl:
 
     async def remove(self, node: str) -> None:
         await self._context().remove(node)
+
+
+async def _keep_nat_seen(endpoints: list[str], tls: TLSFiles, node_id: str, nat: str) -> None:
+    """The NAT a join showed, kept in the node's settings (no lease): its record says so
+    at every start, not only the first."""
+    etcd = cluster_client(endpoints, tls, timeout=10.0)
+    try:
+        wanted = NodeSettings(reachability=nat)
+        await etcd.put(_settings_key(node_id), encode(wanted).encode())
+    except ETCD_ERRORS as exc:
+        raise UnavailableError(
+            f"cannot reach the cluster's etcd at {', '.join(endpoints)} "
+            f"({exc or type(exc).__name__}); check that this node reaches those addresses"
+        ) from None
+    finally:
+        with contextlib.suppress(*ETCD_ERRORS):
+            await etcd.close()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
