@@ -547,6 +547,14 @@ class Scheduler:
             raise InvalidSpecError(
                 f"{service} is a {spec.services[service].rtype}; only services scale"
             )
+        groups = spec.services[service].replica_groups
+        if groups:
+            # The groups' counts are the service's; a held count would not be placed.
+            raise InvalidSpecError(
+                f"{service}'s replicas are set by its replica_groups "
+                f"({sum(g.count for g in groups)} in all); change their counts in the spec "
+                "and deploy it again"
+            )
         await asyncio.to_thread(self.store.hold_scale, name, service, replicas)
         if stored.stopped:
             # The whole deployment was stopped: scaling one service starts that

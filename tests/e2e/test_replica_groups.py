@@ -32,5 +32,10 @@ def test_a_service_with_replica_groups_wants_the_sum_of_their_counts(node: Node)
         assert len(node.replicas("groups")) == 3
         shown = node.ctl("ps", "-d", "groups", check=True).stdout
         assert "3/3" in shown, shown
+        scaled = node.ctl("scale", "-d", "groups", "web", "5")
+        assert scaled.returncode != 0 and scaled.stderr.strip() == (
+            "error: web's replicas are set by its replica_groups (3 in all); change their "
+            "counts in the spec and deploy it again"
+        ), scaled.stderr
     finally:
         node.ctl("down", "groups")
