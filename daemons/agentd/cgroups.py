@@ -7,8 +7,9 @@ Owns four things:
   :func:`ensure_ready` repairs by mounting hugetlb as a v1 hierarchy, or
   explains with the exact command to run when it cannot;
 - the choice of cgroup manager (systemd's where systemd is PID 1, cgroupfs
-  otherwise) and the cgroups path of a replica under a ``zlayer`` parent, so
-  everything ZLayer creates is findable and removable;
+  otherwise) and the cgroups path of a replica under the node's parent
+  (agentd's ``cgroup_parent``, ``zlayer`` by default), so everything ZLayer
+  creates is findable and removable;
 - a replica's resource use (:func:`read_stats` into ``ReplicaStats``);
 - whether a replica was OOM-killed, read before its cgroup is removed.
 """
@@ -164,24 +165,58 @@ def cgroup_manager(proc1_comm: Path = Path("/proc/1/comm")) -> CgroupManager:
 
 SLICE = re.compile(r"^[A-Za-z0-9_.@-]+\.slice$")
 CGROUP_PART = re.compile(r"^[A-Za-z0-9_.@:-]+$")
+# A part of agentd's own parent: also usable in a systemd slice or scope name.
+_PARENT_PART = re.compile(r"^[A-Za-z0-9_@][A-Za-z0-9_.@-]*$")
 
 
-def cgroups_path(container_id: str, manager: CgroupManager, parent: str | None = None) -> str:
-    """The OCI ``linux.cgroupsPath`` of a replica: under ``zlayer``, or ``cgroup_parent``.
+def parent_problem(name: str) -> str | None:
+    """Why ``name`` cannot be agentd's cgroup parent, or None when it can.
+
+    A relative cgroup name (``zlayer``, ``ops/zlayer``): under cgroupfs the
+    directory under each hierarchy's root, under systemd the slice
+    ``ops-zlayer.slice`` (which systemd nests in ``ops.slice``).
+    """
+    parts = name.split("/")
+    if all(_PARENT_PART.match(part) for part in parts) and not any(
+        part.endswith("-") or "--" in part for part in parts
+    ):
+        return None
+    return (
+        f'"{name}" is not a relative cgroup name like zlayer or ops/zlayer (letters, '
+        "digits, '_', '.', '@', and single '-' inside a part; no '..' and no leading '/')"
+    )
+
+
+def node_slice(node_parent: str) -> str:
+    """The systemd slice that holds the replicas under ``node_parent``."""
+    return node_parent.replace("/", "-") + ".slice"
+
+
+def cgroups_path(
+    container_id: str,
+    manager: CgroupManager,
+    parent: str | None = None,
+    *,
+    node_parent: str = PARENT,
+) -> str:
+    """The OCI ``linux.cgroupsPath`` of a replica: under the spec's ``cgroup_parent``, or
+    else under agentd's (``node_parent``, ``zlayer`` unless set).
 
     With systemd managing cgroups the parent is a slice (``batch.slice``,
-    ``zlayer-batch.slice``); with cgroupfs it is a path (``/batch``).
+    ``zlayer-batch.slice``); with cgroupfs it is a path (``/batch``). Under systemd
+    the scope is named after ``node_parent`` too, since scope names are unique per
+    machine, not per slice.
     """
     if manager == "systemd":
-        slice_ = parent or f"{PARENT}.slice"
+        slice_ = parent or node_slice(node_parent)
         if not SLICE.match(slice_) or slice_.startswith("-") or "--" in slice_:
             raise BundleError(
                 f'cgroup_parent "{parent}" is not a systemd slice name; systemd manages cgroups '
                 "on this node, so name a slice, like zlayer-batch.slice"
             )
-        return f"{slice_}:{PARENT}:{container_id}"
+        return f"{slice_}:{node_parent.replace('/', '-')}:{container_id}"
     if parent is None:
-        return f"/{PARENT}/{container_id}"
+        return f"/{node_parent}/{container_id}"
     parts = [part for part in parent.split("/") if part]
     if not parts or any(part in (".", "..") or not CGROUP_PART.match(part) for part in parts):
         raise BundleError(
@@ -328,8 +363,11 @@ def oom_killed(layout: CgroupLayout, rel: str) -> bool:
     return (_read_int(base / rel / "memory.failcnt") or 0) > 0
 
 
-def remove_empty_parents(layout: CgroupLayout, manager: CgroupManager) -> None:
-    """Remove the ``zlayer`` parent cgroup in every hierarchy once it holds no replica."""
+def remove_empty_parents(
+    layout: CgroupLayout, manager: CgroupManager, node_parent: str = PARENT
+) -> None:
+    """Remove agentd's parent cgroup (``node_parent``) in every hierarchy once it holds
+    no replica."""
     if manager == "systemd":
         return  # systemd owns its slices
     bases = [layout.unified] if layout.mode == "v2" else list({*layout.v1.values()})
@@ -338,7 +376,7 @@ def remove_empty_parents(layout: CgroupLayout, manager: CgroupManager) -> None:
     for base in bases:
         if base is None:
             continue
-        parent = base / PARENT
+        parent = base / node_parent
         try:
             os.rmdir(parent)
         except OSError:

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from daemons.agentd import cgroups
 from daemons.agentd.bundle import ReplicaIds
 from daemons.agentd.runtime import ContainerRuntime
 from shared.paths import Paths
@@ -46,8 +47,10 @@ def container_env(spec: ServiceSpec) -> dict[str, str]:
 class RuntimeLauncher:
     """``replicas.Launcher`` over conmon and crun."""
 
-    def __init__(self, paths: Paths) -> None:
-        self.runtime = ContainerRuntime(paths.daemon_state("agentd"), paths.run_dir / "agentd")
+    def __init__(self, paths: Paths, cgroup_parent: str = cgroups.PARENT) -> None:
+        self.runtime = ContainerRuntime(
+            paths.daemon_state("agentd"), paths.run_dir / "agentd", cgroup_parent=cgroup_parent
+        )
         self._rotation: asyncio.Task[None] | None = None
 
     async def prepare(self) -> None:

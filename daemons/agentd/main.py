@@ -17,9 +17,9 @@ from sdbus import SdBus, dbus_method_async_override
 from sdbus.dbus_exceptions import DbusNameHasNoOwnerError, DbusServiceUnknownError
 
 from daemons.agentd.replicas import Node
+from daemons.agentd.settings import AgentSettings
 from shared.bus import DAEMONS_BY_NAME, Agent1, DaemonInfo, InvalidArgumentError, UnavailableError
 from shared.clients import OverlayClient, RegistryClient
-from shared.config import DaemonSettings
 from shared.daemon import Daemon, daemon_members, main_for
 from shared.paths import Paths
 from shared.wire import WireError, decode, encode
@@ -222,9 +222,11 @@ def _job_trigger(text: str) -> JobTrigger:
 
 class AgentDaemon(Daemon):
     info = DAEMONS_BY_NAME["agentd"]
+    settings_class = AgentSettings
+    settings: AgentSettings
     holds_view = True
 
-    def __init__(self, settings: DaemonSettings, paths: Paths) -> None:
+    def __init__(self, settings: AgentSettings, paths: Paths) -> None:
         super().__init__(settings, paths)
         self.node_made = asyncio.Event()
         REPLICA_COLLECTOR.daemon = self
@@ -236,7 +238,7 @@ class AgentDaemon(Daemon):
     async def start(self) -> None:
         from daemons.agentd.launcher import RuntimeLauncher
 
-        self.runtime = RuntimeLauncher(self.paths)
+        self.runtime = RuntimeLauncher(self.paths, self.settings.cgroup_parent)
         await self.runtime.prepare()
         bus = self.bus
         assert bus is not None  # run() connects before start()

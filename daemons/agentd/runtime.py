@@ -105,6 +105,7 @@ class ContainerRuntime:
         log_size_max: int = 10 * 1024 * 1024,
         log_files_kept: int = 3,
         cgroup_root: Path = cgroups.CGROUP_ROOT,
+        cgroup_parent: str = cgroups.PARENT,
     ) -> None:
         # Absolute: conmon runs in the bundle, and gets these paths as arguments.
         state_dir = state_dir.absolute()
@@ -125,6 +126,8 @@ class ContainerRuntime:
         self.log_size_max = log_size_max
         self.log_files_kept = log_files_kept
         self.cgroup_root = cgroup_root
+        # Where replicas whose spec names no cgroup_parent go (agentd's setting).
+        self.cgroup_parent = cgroup_parent
         self.layout: cgroups.CgroupLayout | None = None
         self._cgroup_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -163,10 +166,11 @@ class ContainerRuntime:
         ):
             directory.mkdir(parents=True, exist_ok=True)
         log.info(
-            "container runtime: %s with conmon, %s cgroup manager, cgroups %s",
+            "container runtime: %s with conmon, %s cgroup manager, cgroups %s, under %s",
             self.runtime_path,
             self.manager,
             self.layout.mode,
+            self.cgroup_parent,
         )
 
     @property
@@ -268,7 +272,12 @@ class ContainerRuntime:
             layout = self._layout()
             try:
                 host = HostFacts.current(
-                    cgroups.cgroups_path(container_id, self.manager, spec.cgroup_parent or None),
+                    cgroups.cgroups_path(
+                        container_id,
+                        self.manager,
+                        spec.cgroup_parent or None,
+                        node_parent=self.cgroup_parent,
+                    ),
                     layout.has_file("memory", "memory.memsw.limit_in_bytes") or layout.mode == "v2",
                 )
                 plan = await asyncio.to_thread(
@@ -546,7 +555,9 @@ class ContainerRuntime:
         self._cpu.pop(container_id, None)
         self._locks.pop(container_id, None)
         async with self._cgroup_lock:
-            await asyncio.to_thread(cgroups.remove_empty_parents, self._layout(), self.manager)
+            await asyncio.to_thread(
+                cgroups.remove_empty_parents, self._layout(), self.manager, self.cgroup_parent
+            )
 
     # ------------------------------------------------------------ exec
 
