@@ -27,7 +27,6 @@ T = TypeVar("T")
 
 _TTL = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|h|d)?")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-ROTATE_PUBLISHED_WITHIN = 15.0  # seconds for schedd to put a rotated key in the record
 
 
 def _call(do: Callable[[Any], Awaitable[T]]) -> T:
@@ -312,30 +311,12 @@ def drain(node_id: str) -> None:
 def rotate_key() -> None:
     """Give this node's mesh a new key pair; the other nodes take it from its record."""
     from shared.wire import decode
-    from shared.wire.cluster import NodeList
-    from shared.wire.mesh import MeshStatus
+    from shared.wire.cluster import NodeRecord
 
-    async def run(client: Client) -> tuple[str, str]:
-        before = await _mesh_of(client)
-        if before is None or not before.enabled:
-            reason = before.reason if before is not None and before.reason else "overlayd says so"
-            fail(f"this node's mesh is off ({reason}); turn it on before rotating its key")
-        raw = await client.overlay.proxy.rotate_mesh_key()  # type: ignore[attr-defined]
-        key = decode(raw, MeshStatus).public_key
-        deadline = time.monotonic() + ROTATE_PUBLISHED_WITHIN
-        while time.monotonic() < deadline:
-            listed = decode(await client.scheduler.proxy.list_nodes(), NodeList)  # type: ignore[attr-defined]
-            if any(r.id == listed.this_node and r.wireguard_key == key for r in listed.nodes):
-                return listed.this_node, key
-            await asyncio.sleep(0.2)
-        fail(
-            f"the mesh has a new key but schedd did not publish it within "
-            f"{ROTATE_PUBLISHED_WITHIN:.0f}s; check that zlayer-schedd runs (zlayerctl status)"
-        )
-
-    node_id, key = _with_client(run)
+    record = decode(_call(lambda p: p.rotate_mesh_key()), NodeRecord)
     err_console.print(
-        f"node {node_id} has a new mesh key {key}; the other nodes take it from its record",
+        f"node {record.id} has a new mesh key {record.wireguard_key}; the other nodes take "
+        "it from its record",
         highlight=False,
     )
 

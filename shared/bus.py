@@ -472,6 +472,12 @@ class Scheduler1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Scheduler1
         """Take another node out of the cluster: its record and its etcd member go."""
         raise NotImplementedError
 
+    @dbus_method_async(result_signature="s", result_args_names=("node",))
+    async def rotate_mesh_key(self) -> str:
+        """A new mesh key pair for this node (overlayd's RotateMeshKey), published in
+        its record at once so the other nodes take it; returns its NodeRecord."""
+        raise NotImplementedError
+
     @dbus_method_async(
         input_signature="s",
         result_signature="s",

@@ -68,6 +68,7 @@ from daemons.schedd.membership import ETCD_ERRORS, Membership
 from daemons.schedd.secrets import SealingKey, reseal
 from shared.bus import (
     AlreadyExistsError,
+    ConflictError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
@@ -501,6 +502,39 @@ class ClusterContext:
                 changed.mesh_port,
             )
         return status
+
+    async def rotate_mesh_key(self) -> NodeRecord:
+        """A new key pair for this node's mesh (overlayd keeps the interface running),
+        in its record at once: the other nodes take the new key from there."""
+        if not self.settings.mesh:
+            raise ConflictError(
+                "this node's mesh is off (schedd's [cluster] mesh = false); turn it on "
+                "before rotating its key"
+            )
+        if self._overlay is None:
+            self._overlay = _overlay()
+        overlay = self._overlay
+        try:
+            before = await mesh_status(overlay, self.settings.mesh_port)
+            if not before.enabled:
+                raise ConflictError(
+                    f"this node's mesh is off ({before.reason or 'overlayd says so'}); "
+                    "turn it on before rotating its key"
+                )
+            raw = await asyncio.wait_for(overlay.proxy.rotate_mesh_key(), CALL_TIMEOUT)
+        except ZLayerError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(
+                f"zlayer-overlayd does not answer ({exc or type(exc).__name__}); start it, "
+                "then rotate the key again"
+            ) from None
+        status = decode(raw, MeshStatus)
+        record = self.membership.record
+        changed = msgspec_replace(record, **mesh_fields(self.settings, status, self.nat_seen))
+        await self._etcd(lambda: self.membership.update(changed))
+        log.info("node %s's mesh has a new key %s", self.node_id, changed.wireguard_key)
+        return self.membership.record
 
     async def _keep_endpoints(self) -> None:
         """Keep cluster.toml's etcd endpoints the members' client URLs, so a node (a
@@ -1035,6 +1069,9 @@ class NodeControl:
 
     async def remove(self, node: str) -> None:
         await self._context().remove(node)
+
+    async def rotate_mesh_key(self) -> NodeRecord:
+        return await self._context().rotate_mesh_key()
 
 
 async def _keep_nat_seen(endpoints: list[str], tls: TLSFiles, node_id: str, nat: str) -> None:

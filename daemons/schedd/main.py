@@ -186,6 +186,10 @@ class SchedulerService(Scheduler1):
     async def remove_node(self, node: str) -> None:
         await self.daemon.nodes.remove(node)
 
+    @dbus_method_async_override()
+    async def rotate_mesh_key(self) -> str:
+        return encode(await self.daemon.nodes.rotate_mesh_key())
+
     # --- jobs (shared/jobs.py): deploy, down, stop and scale wait for their deployment
 
     @dbus_method_async_override()
