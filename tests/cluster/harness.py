@@ -43,9 +43,10 @@ instead of one bridge: each node's veth goes to a router namespace
 forwards between them, and the host reaches them through a link of its own to
 the router (``zltc<tag>h``). With ``nat=[2]`` node 3 sits behind a NAT
 namespace (``zlt-c<tag>-nat3``, nftables masquerade) in front of the router:
-its own address is a private one no other node has a route to, its schedd says
-``behind_nat`` (so it joins as an etcd client and the others wait for its mesh
-handshake), and only connections it opens cross. ``mesh_keepalive`` sets
+its own address is a private one no other node has a route to, and only
+connections it opens cross; its schedd has no ``behind_nat``: its join, seen
+coming from the NAT's address, tells it (so it joins as an etcd client and the
+others wait for its mesh handshake). ``mesh_keepalive`` sets
 schedd's keepalive on every node (short, so a NAT mapping is kept within a
 test), ``mesh=False`` turns the mesh off; by default neither is written.
 :meth:`Cluster.in_router` runs a command in the router's namespace (a capture,
@@ -776,8 +777,6 @@ class Cluster:
             lines.append("mesh = false")
         if self.mesh_keepalive is not None:
             lines.append(f"mesh_keepalive = {self.mesh_keepalive}")
-        if node.behind_nat:
-            lines.append("behind_nat = true")
         return "".join(f"{line}\n" for line in lines)
 
     def in_router(self, *command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

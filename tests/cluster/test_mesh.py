@@ -158,6 +158,12 @@ def test_a_node_behind_nat_joins_as_an_etcd_client_and_node_ls_says_why(meshed: 
     records = by_name(node_list(n1))
     assert records["n3"]["etcd_member"] is False
     assert records["n3"]["reachable"] is False and "behind NAT" in records["n3"]["unreachable"]
+    # seen at its join (no behind_nat in its settings): the NAT's address, not its own
+    outside = meshed.cluster.link_address(n3.index).ip
+    assert (
+        f"its join came from {outside}, not its address {n3.lan.ip}"
+        in (records["n3"]["unreachable"])
+    ), records["n3"]
     assert records["n1"]["etcd_member"] and records["n2"]["etcd_member"]
     assert all(records[n]["unreachable"] == "" for n in ("n1", "n2"))
     table = n1.run("node", "ls", check=True).stdout
