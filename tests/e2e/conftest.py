@@ -1,4 +1,5 @@
-"""Fixtures of the end-to-end tests: the leak check around each, and one node per module."""
+"""Fixtures of the end-to-end tests: the leak check around each, one node per module, and
+one node the modules that leave it as they found it share."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +22,7 @@ from tests.conftest import (
     kill_prefix_processes,
     prefix_processes,
     remove_test_network,
+    shared_node_of,
     write_test_config,
 )
 from tests.e2e.node import IMAGE, Node, free_port, wait_until
@@ -111,6 +115,27 @@ def remove_leftover_containers(paths: Paths) -> list[str]:
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     with running_node(Path(f"/tmp/zle-{os.getpid()}"), tmp_path_factory) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def shared_node(
+    request: pytest.FixtureRequest,
+    _shared_nodes: dict[str, tuple[ExitStack, Any]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Node]:
+    """One node for the modules that leave it as they found it: their daemons running
+    and their settings untouched, nothing of theirs deployed, no secret, image or token
+    of theirs that another module's listing would show. Such a module names it its
+    ``node``; its first user starts it and its last stops it."""
+    prefix = Path(f"/tmp/zlh-{os.getpid()}")
+    yield from shared_node_of(
+        request,
+        _shared_nodes,
+        "e2e",
+        lambda stack: stack.enter_context(
+            running_node(prefix, tmp_path_factory, network_tag="zlh")
+        ),
+    )
 
 
 @pytest.fixture

@@ -13,6 +13,13 @@ import pytest
 from shared.busybox_image import busybox_image, write_oci_archive
 from tests.e2e.node import Node
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root"),
     pytest.mark.skipif(shutil.which("buildah") is None, reason="apt-get install buildah"),

@@ -27,6 +27,13 @@ from shared.wire.jobs import JobInfo
 from shared.wire.scheduler import Deployed, DeploymentStatus
 from tests.e2e.node import Node, free_port, http_get, wait_until
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 T = TypeVar("T")
 
 pytestmark = [

@@ -17,6 +17,13 @@ import pytest
 from ctl.supervisor import find_executable
 from tests.e2e.node import Node, wait_until
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root"),
     pytest.mark.usefixtures("down_everything"),

@@ -20,6 +20,13 @@ import pytest
 from tests.e2e.node import Node, http_get, wait_until
 from tests.wasm_components import HTTP_TEST, Component, WasmComponents
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 pytestmark = pytest.mark.timeout(400)
 
 

@@ -18,6 +18,13 @@ import wasmtime
 
 from tests.e2e.node import Node, wait_until
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 pytestmark = pytest.mark.timeout(300)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -24,6 +24,13 @@ from tests.e2e.node import Node
 from tests.e2e.test_wasm_http import import_component
 from tests.wasm_components import NET_CLIENT, WasmComponents
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 pytestmark = pytest.mark.timeout(400)
 
 
