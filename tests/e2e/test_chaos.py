@@ -51,6 +51,13 @@ import pytest
 from tests.e2e.invariants import Endpoint, Invariants, log_lines
 from tests.e2e.node import Node, free_port, wait_until
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 DEFAULT_STEPS = 18  # about 2.5 minutes on a quiet 2-core machine, 3-4 under load
 SETTLE = 90.0  # seconds a step may take to settle
 CHAINED = 0.35  # the share of steps the next one follows at once, unsettled

@@ -22,6 +22,13 @@ from shared.clients import SchedulerClient
 from shared.wire.jobs import JobInfo
 from tests.e2e.node import IMAGE, Node, free_port, wait_until
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
 
 WEB = """

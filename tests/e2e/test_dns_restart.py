@@ -26,6 +26,13 @@ from dnslib import QTYPE, DNSRecord
 from daemons.overlayd.settings import OverlaySettings
 from tests.e2e.node import Node, wait_until
 
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
+
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root")
 
 SPEC = """
@@ -88,8 +95,8 @@ class QueryLoop:
                 self.errors.append((asked, f"{'tcp' if tcp else 'udp'}: {exc!r}"))
 
 
-def test_service_dns_answers_across_a_kill_of_overlayd(own_node: Node) -> None:
-    node = own_node
+def test_service_dns_answers_across_a_kill_of_overlayd(restarted_node: Node) -> None:
+    node = restarted_node
     spec = node.spec("resolver", SPEC)
     node.ctl("up", "-d", str(spec), "--timeout", "90", check=True)
     address = node.replicas("resolver")[0]["address"]
