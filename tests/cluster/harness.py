@@ -16,6 +16,10 @@ overlayd's default: init makes it the cluster's range, and init and each join
 give the node a /24 block of it, which overlayd moves to. :attr:`Node.subnet`
 is the node's block once it has one.
 
+Each node's agentd puts its replicas' cgroups under a parent of the node's own
+(``cgroup_parent``, ``zlayer-c<tag>-n<k>``), as on separate machines: a replica's
+id is the same on every node, and a moved replica's two copies must not share one.
+
 Each node also has a UTS namespace of its own, so its hostname is its name
 (``n1``). Only these two are entered (``nsenter --net --uts``), not the mount
 namespace ``ip netns exec`` makes: that one remounts /sys and so hides
@@ -155,6 +159,11 @@ class Node:
         if cluster.topology == "routed":
             self.lan = cluster.link_address(index + (PRIVATE_BLOCKS if self.behind_nat else 0))
         self.bridge = f"zlb{tag}n{index}"
+        # agentd's cgroup_parent: a replica's id is the same on every node, so on one
+        # machine a shared parent would make a moved replica's two copies one cgroup
+        # (and removing the old copy would kill the new one). "zlayer" in it: the
+        # host's leak check still sees what a node leaves.
+        self.cgroup_parent = f"zlayer-c{tag}-n{index}"
         # overlayd's setting; its block of the cluster's range replaces it (``subnet``)
         self.start_subnet = overlay_subnet(index) if cluster.etcd else SHARED_SUBNET
         self.mac = f"02:5a:4c:00:00:{index:02x}"  # unique on its cluster's LAN
@@ -241,12 +250,9 @@ class Node:
         return self.sh(str(BUSYBOX), "ping", "-c1", "-W2", str(address)).returncode == 0
 
     def deployment_name(self, base: str) -> str:
-        """A deployment name no other node on this machine uses.
-
-        agentd puts a replica's cgroup at ``/zlayer/<container id>`` on every node,
-        and the id comes from the deployment's name: two nodes on one machine that
-        ran the same deployment would share its replicas' cgroups (and a forced
-        delete on one would kill the other's)."""
+        """A deployment name no other node on this machine uses, so no two clusters'
+        replicas have the same id (each node's replicas' cgroups are under a parent of
+        its own, see ``cgroup_parent``)."""
         return f"{base}-{self.cluster.tag}{self.name}"
 
     def spec(self, name: str, body: str) -> Path:
@@ -489,6 +495,9 @@ class Node:
         self.paths.config_dir.mkdir(parents=True)
         for info in DAEMONS:
             self.paths.daemon_config(info.name).write_text("metrics_port = 0\n")
+        self.paths.daemon_config("agentd").write_text(
+            f'metrics_port = 0\ncgroup_parent = "{self.cgroup_parent}"\n'
+        )
         mesh = self.cluster.schedd_cluster_settings(self)
         if mesh:
             self.paths.daemon_config("schedd").write_text(f"metrics_port = 0\n[cluster]\n{mesh}")
@@ -519,20 +528,21 @@ class Node:
         return ids
 
     def container_cgroups(self) -> list[Path]:
-        """The cgroup directories of this node's containers, in every hierarchy (by id
-        alone: see :meth:`deployment_name`)."""
+        """The cgroup directories under this node's cgroup parent in every hierarchy,
+        deepest first, then the parent itself (all of it is this node's)."""
         found: list[Path] = []
-        for cid in sorted(self.containers() | self.seen_containers):
-            found += [d for d in CGROUP_ROOT.glob(f"*/zlayer/{cid}") if d.is_dir()]
+        for parent in CGROUP_ROOT.glob(f"*/{self.cgroup_parent}"):
+            with contextlib.suppress(OSError):  # a cgroup removed while we look
+                inner = [d for d in parent.rglob("*") if d.is_dir()]
+                found += sorted(inner, key=lambda d: len(d.parts), reverse=True)
+            if parent.is_dir():
+                found.append(parent)
         return found
 
     def pids(self) -> set[int]:
         """Every process of this node: started by us, carrying its prefix in its
         environment (supervisor, bus, daemons, conmon), inside its namespace, inside
-        one of its replicas' namespaces, or under one of its replicas' init.
-
-        Never through a replica's cgroup: agentd names it by the container id alone
-        (``/zlayer/<id>``), which another node on this machine may use as well."""
+        one of its replicas' namespaces, or under one of its replicas' init."""
         from daemons.overlayd import plumbing
 
         pids: set[int] = set()
@@ -961,6 +971,8 @@ class Cluster:
         if self._named.search(item) or item.startswith(f"{self.root}/"):
             return True
         for node in self.nodes:
+            if f"/{node.cgroup_parent}/" in f"{item}/":  # its cgroup parent, or under it
+                return True
             for cid in node.seen_containers:
                 if item == plumbing.names_for(node.bridge, cid).netns or item.endswith(f"/{cid}"):
                     return True

@@ -157,17 +157,14 @@ def test_drain_moves_every_replica_off_the_node_and_loses_no_request(cluster: Cl
         time.sleep(2)  # and a little after, while every proxyd settles
         client.stop()
         assert client.sent > 50, client.sent
-        # Replicas on every node: not one request failed.
-        failed_web = [f for f in client.failed if f[1] == web]
-        assert failed_web == [], f"{len(failed_web)} of {client.sent // 2}: {failed_web}"
-        # One replica: its new copy served before the old one stopped, and no request
-        # failed until then. (Later, a few may: on one machine both copies share a cgroup,
-        # named by the replica's id, and removing the old one kills the new one once;
-        # separate machines do not.)
+        # Not one request failed, to either service: the spread one, and the one whose
+        # only replica moved (each node's replicas have cgroups of their own, so the old
+        # copy's removal leaves the new one alone, as on separate machines).
+        for url in (web, solo):
+            failed = [f for f in client.failed if f[1] == url]
+            assert failed == [], f"{url}: {len(failed)} of {client.sent // 2}: {failed}"
+        # The one replica's new copy served before the old one stopped.
         assert both, f"{drained.name}'s solo stopped before its new copy was healthy"
-        failed_solo = [f for f in client.failed if f[1] == solo and f[0] < both]
-        assert failed_solo == [], failed_solo
-        print(f"solo: {len(client.failed)} failed, after its new copy served")
 
         everything = sorted(r for found in rows.values() for r in found)
         assert everything == [("solo", 1), ("web", 1), ("web", 2), ("web", 3)], rows
