@@ -110,6 +110,7 @@ class Mesh:
         # The endpoint last given for each peer key: one learned from handshakes is
         # kept unless the configured one changes.
         self.configured: dict[str, str] = {}
+        self._widen_said = ""  # the last failure to widen wireguard-go's buffers, logged
 
     # ------------------------------------------------------------ state
 
@@ -186,6 +187,7 @@ class Mesh:
                         if endpoint:
                             self.configured[keys.check(block.wireguard_key)] = endpoint
             done += self.set_peers(state.peers, force=True)
+            done += self._widen()
         except MeshError as exc:
             self.reason = str(exc)
             raise
@@ -270,7 +272,24 @@ class Mesh:
         done += [f"mesh peer {k[:8]}… removed" for k in changes.remove]
         done += self._set_mtu([p.endpoint for p in wanted])
         done += self._set_routes([p.allowed_ips[0] for p in wanted])
+        done += self._widen()
         return done
+
+    def _widen(self) -> list[str]:
+        """wireguard-go's UDP buffers made wide enough for a burst (see
+        :mod:`shared.mesh.userspace`): looked at after each change, as it opens its
+        sockets anew when its link comes up or its port changes."""
+        device = self.device
+        if not isinstance(device, userspace.UserspaceDevice):
+            return []
+        try:
+            done = device.widen_buffers()
+        except MeshError as exc:
+            if str(exc) != self._widen_said:
+                self._widen_said = str(exc)
+                log.warning("%s", exc)
+            return []
+        return [done] if done else []
 
     def _set_mtu(self, endpoints: list[str]) -> list[str]:
         underlay = _underlay_mtu([e.rpartition(":")[0].strip("[]") for e in endpoints if e])
