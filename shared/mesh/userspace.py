@@ -33,6 +33,7 @@ from shared.mesh.uapi import SOCKET_DIR, UapiClient, socket_path
 PROGRAM = "wireguard-go"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+BIND_WAIT = 1.0  # seconds for wireguard-go to open its sockets once its link is up
 SOCKET_BUFFER = 4 << 20  # bytes each way (the kernel doubles it, for its bookkeeping)
 # The socket module names neither; asking for more than rmem_max needs CAP_NET_ADMIN.
 SO_SNDBUFFORCE = 32
@@ -70,11 +71,12 @@ def _take_fd(pidfd: int, fd: int) -> int:
     return got
 
 
-def widen_buffers(pid: int, size: int = SOCKET_BUFFER) -> int:
+def widen_buffers(pid: int, size: int = SOCKET_BUFFER) -> tuple[int, int]:
     """Blocking: ``pid``'s UDP sockets get ``size``-byte send and receive buffers where
-    theirs are smaller; how many sockets were changed. The sockets are the process's
-    own (duplicates of its descriptors), so the change holds until it binds anew."""
-    changed = 0
+    theirs are smaller; (UDP sockets found, how many were changed). The sockets are
+    the process's own (duplicates of its descriptors): the change holds until it
+    binds anew."""
+    seen = changed = 0
     pidfd = os.pidfd_open(pid)
     try:
         for entry in os.scandir(f"/proc/{pid}/fd"):
@@ -90,6 +92,7 @@ def widen_buffers(pid: int, size: int = SOCKET_BUFFER) -> int:
                     socket.AF_INET6,
                 ):
                     continue
+                seen += 1
                 if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * size:
                     continue
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
@@ -97,7 +100,7 @@ def widen_buffers(pid: int, size: int = SOCKET_BUFFER) -> int:
                 changed += 1
     finally:
         os.close(pidfd)
-    return changed
+    return seen, changed
 
 
 class UserspaceDevice:
@@ -225,7 +228,13 @@ class UserspaceDevice:
         if pid is None:
             return ""
         try:
-            changed = widen_buffers(pid)
+            # its sockets come a moment after the link is up (it reads the event)
+            deadline = time.monotonic() + BIND_WAIT
+            while True:
+                seen, changed = widen_buffers(pid)
+                if seen or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
         except OSError as exc:
             raise MeshError(
                 f"cannot widen the socket buffers of {PROGRAM} {self.name} (pid {pid}): "
