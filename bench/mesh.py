@@ -8,6 +8,10 @@
   over the plain route via the other node's address, in the clear;
 - raw: ``wireguard-go`` between two bare network namespaces on a veth pair,
   configured with ``wg`` (no ZLayer): what the userspace tunnel costs alone.
+  Its UDP sockets get the buffers overlayd gives the mesh's
+  (``shared.mesh.userspace.widen_buffers``; ``--raw-default-buffers`` leaves
+  the kernel's default, which drops a burst and retransmits), so the ratio is
+  the cost of the path, not of the buffers.
 
 Each figure comes from the same two programs run with the host's Python in
 the two network namespaces (the replicas' own, for mesh and plain): one
@@ -194,7 +198,7 @@ def across_replicas(
 
 
 @contextlib.contextmanager
-def raw_wireguard() -> Iterator[tuple[str, str, str]]:
+def raw_wireguard(wide: bool = True) -> Iterator[tuple[str, str, str]]:
     """Two bare namespaces on a veth pair, wireguard-go on each, peers of each other:
     (server namespace path, client namespace path, the server's tunnel address)."""
     tag = f"zlbm{os.getpid() % 100000}"
@@ -245,6 +249,13 @@ def raw_wireguard() -> Iterator[tuple[str, str, str]]:
             )  # fmt: skip
             run("ip", "addr", "add", f"10.99.0.{i + 1}/24", "dev", name, namespace=name)
             run("ip", "link", "set", name, "mtu", "1420", "up", namespace=name)
+        if wide:  # after the link is up: wireguard-go opens its sockets anew then
+            from shared.mesh.userspace import widen_buffers
+
+            for process in processes:  # nsenter executes wireguard-go: the same PID
+                deadline = time.monotonic() + 5
+                while widen_buffers(process.pid)[0] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)  # its IPv4 and IPv6 sockets come once the link is up
         yield f"/run/netns/{names[0]}", f"/run/netns/{names[1]}", "10.99.0.1"
     finally:
         for process in processes:
@@ -262,6 +273,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="transfers; the median is shown")
     parser.add_argument("--pings", type=int, default=2000, help="64-byte round trips")
     parser.add_argument("--rounds", type=int, default=2, help="turns with the raw tunnel")
+    parser.add_argument(
+        "--raw-default-buffers",
+        action="store_true",
+        help="leave the raw tunnel's UDP buffers at the kernel's default",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/mesh.py needs root: its nodes are network namespaces")
@@ -270,7 +286,7 @@ def main() -> None:
             raise SystemExit(
                 f"{tool} is not installed; apt-get install wireguard-go wireguard-tools"
             )
-    with raw_wireguard() as raw_ends:
+    with raw_wireguard(wide=not args.raw_default_buffers) as raw_ends:
         plain, raw_with_plain = across_replicas(False, args, raw_ends)
         mesh, raw = across_replicas(True, args, raw_ends)
     print(
