@@ -27,7 +27,7 @@ import pytest
 
 from ctl.main import LAZY_COMMANDS
 from tests.conftest import _snapshot
-from tests.packaging.machine import Machine, nspawn_cgroups, remove_cgroup_tree
+from tests.packaging.machine import MACHINE_ENV, Machine, nspawn_cgroups, remove_cgroup_tree
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("schedd", "agentd", "registryd", "overlayd", "proxyd", "apid")
@@ -38,6 +38,7 @@ HOST_STATE = (
     "ls /sys/class/net; nft list tables"
 )
 BEFORE_INSTALL: dict[str, str] = {}
+LAN = "192.168.77.10"  # the machine's address on its network card
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="booting a machine needs root"),
@@ -69,6 +70,14 @@ def machine(deb: Path) -> Iterator[Machine]:
         shutil.copy(deb, machine.root / "var" / "tmp" / "zlayer-node.deb")
         # Forwarding off, as on a fresh host: the package turns it on, removal turns it off.
         machine.run("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
+        # A network card with an address, as a server has (the machine's own network is
+        # its loopback alone): what node init advertises to other nodes. A veth pair, as
+        # this kernel has no dummy devices.
+        machine.run(
+            "sh", "-c",
+            "ip link add lan0 type veth peer name lan0peer && ip link set lan0peer up && "
+            f"ip addr add {LAN}/24 dev lan0 && ip link set lan0 up",
+        )  # fmt: skip
         BEFORE_INSTALL["host"] = machine.run("sh", "-c", HOST_STATE).stdout
         yield machine
     finally:
@@ -673,6 +682,72 @@ def test_a_daemon_that_fails_for_good_shows_in_the_target(machine: Machine) -> N
     assert is_active(machine, "zlayer-apid") == "active"
 
 
+# ---------------------------------------------------------------- the cluster
+# etcd-server is only suggested by the package: installed here from the host into the
+# machine's root (the machine has no network), as an administrator would with apt-get.
+
+
+def install_etcd_server(machine: Machine) -> None:
+    if machine.run("test", "-x", "/usr/bin/etcd", check=False).returncode == 0:
+        return
+    installed = subprocess.run(
+        ["chroot", str(machine.root), "apt-get", "install", "-y", "-q",
+         "--no-install-recommends", "etcd-server"],
+        capture_output=True, text=True, timeout=600,
+        env={**MACHINE_ENV, "DEBIAN_FRONTEND": "noninteractive"},
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    # Debian's own etcd.service (enabled by the package) would take the ports of ours.
+    machine.run("systemctl", "daemon-reload")
+    machine.run("systemctl", "disable", "--now", "etcd.service")
+
+
+def test_node_init_under_systemd_runs_the_etcd_unit(machine: Machine) -> None:
+    """zlayerctl node init on the packaged node: schedd has systemd start
+    zlayer-etcd.service, moves its state into etcd and goes on there; the cluster
+    outlives a restart of zlayer.target, and etcd's log is in the journal."""
+    if machine.run("dpkg-query", "-W", "zlayer-node", check=False).returncode != 0:
+        machine.run("dpkg", "-i", "/var/tmp/zlayer-node.deb")  # run alone (-k)
+    install_etcd_server(machine)
+    wait_until("schedd active", lambda: is_active(machine, "zlayer-schedd") == "active", 60)
+    # Before init it is skipped (no cluster.toml), not failed.
+    assert is_active(machine, "zlayer-etcd") == "inactive"
+    machine.run("sh", "-c", "printf %s kept-through-init | zlayerctl secret set before-init")
+
+    def secret() -> str:
+        return machine.run("zlayerctl", "secret", "get", "before-init").stdout
+
+    try:
+        inited = machine.run(
+            "zlayerctl", "node", "init", "--advertise", LAN, check=False, timeout=240
+        )
+        assert inited.returncode == 0, inited.stderr + inited.stdout
+        assert is_active(machine, "zlayer-etcd") == "active"
+        pid = main_pid(machine, "zlayer-etcd")
+        assert machine.run("cat", f"/proc/{pid}/comm").stdout.strip() == "etcd"
+
+        def one_ready_node() -> bool:
+            listed = machine.run("zlayerctl", "node", "ls", "--format", "json", check=False)
+            if listed.returncode != 0:
+                return False
+            nodes = json.loads(listed.stdout)["nodes"]
+            return len(nodes) == 1 and nodes[0]["state"] == "ready" and nodes[0]["address"] == LAN
+
+        wait_until("node ls to show this node ready", one_ready_node, 60)
+        # The lone node's secret moved into etcd with the rest of its state, and opens.
+        assert secret() == "kept-through-init"
+        machine.run("systemctl", "restart", "zlayer.target", timeout=300)
+        assert is_active(machine, "zlayer-etcd") == "active"
+        wait_until("the cluster back after the restart", one_ready_node, 90)
+        assert secret() == "kept-through-init"
+        journal = machine.run(
+            "journalctl", "--no-pager", "-q", "-u", "zlayer-etcd", "-o", "cat"
+        ).stdout
+        assert "serving client traffic securely" in journal, journal[-2000:]
+    finally:
+        machine.run("zlayerctl", "secret", "rm", "before-init", check=False)
+
+
 def test_remove_stops_everything_and_purge_leaves_no_state(machine: Machine) -> None:
     # A stop whose grace outlasts the bus's 25 s default call timeout (httpd as PID 1
     # ignores SIGTERM, so each replica waits out the grace, then gets KILL).
@@ -690,6 +765,9 @@ def test_remove_stops_everything_and_purge_leaves_no_state(machine: Machine) -> 
     ).stdout
     assert units.strip() == ""
     assert machine.run("sh", "-c", "command -v zlayerctl", check=False).returncode != 0
+    # Every unit disabled, zlayer-etcd's too: no link of the package's left to dangle.
+    links = machine.run("find", "/etc/systemd/system", "-name", "zlayer*").stdout
+    assert links == "", links
     # The replicas were stopped cleanly: no overlay mounts, no network namespaces left.
     mounts = machine.run("sh", "-c", "grep /var/lib/zlayer /proc/mounts", check=False).stdout
     assert mounts == "", said
