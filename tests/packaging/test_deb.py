@@ -9,8 +9,9 @@ import from a directory registryd cannot see, three replicas, the proxy) works u
 them, overlayd's service DNS refuses no query while systemd restarts it (the file
 descriptor store), five restarts of zlayer.target in a row end healthy, a daemon
 that fails for good shows in zlayer.target, apid and schedd get the node key as an
-encrypted credential, and removing the package stops everything and purging leaves
-no state.
+encrypted credential, node init runs the cluster's etcd member as zlayer-etcd.service
+(etcd-server installed beside the package), and removing the package stops everything
+and purging leaves no state.
 """
 
 from __future__ import annotations
