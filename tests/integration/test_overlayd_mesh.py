@@ -342,15 +342,14 @@ def test_two_nodes_talk_through_the_mesh_and_only_wireguard_crosses(
     ra, rb = a.attach("ra"), b.attach("rb")
     capture = tmp_path / "underlay.pcap"
     dump = subprocess.Popen(
-        ["ip", "netns", "exec", a.netns, "tcpdump", "-i", "ul0", "-nn", "-U", "-w", str(capture)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        ["ip", "netns", "exec", a.netns, "tcpdump", "-i", "ul0", "-nn", "-U", "--immediate-mode",
+         "-w", str(capture)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     syns = tmp_path / "mesh.pcap"  # inside the tunnel, on a's mesh interface
     inner = subprocess.Popen(
-        ["ip", "netns", "exec", a.netns, "tcpdump", "-i", a.interface, "-nn", "-U", "-w",
-         str(syns), "tcp[tcpflags] & tcp-syn != 0"],
+        ["ip", "netns", "exec", a.netns, "tcpdump", "-i", a.interface, "-nn", "-U",
+         "--immediate-mode", "-w", str(syns), "tcp[tcpflags] & tcp-syn != 0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     server = serve(netns_of(rb), 5001)
