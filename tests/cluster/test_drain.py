@@ -54,8 +54,9 @@ DRAIN_DEADLINE = 60.0  # generous: new copies start, settle 2 s, old ones drain 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """Three nodes made one cluster by node init on n1 and node join on the others."""
-    with Cluster(3, etcd=False) as started:
+    """Three nodes made one cluster by node init on n1 and node join on the others, joined
+    only through a router: a drain's handover runs over the mesh."""
+    with Cluster(3, etcd=False, topology="routed") as started:
         form(started)
         yield started
     left = started.leftovers()
