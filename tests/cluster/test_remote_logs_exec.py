@@ -55,8 +55,9 @@ services:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """Three nodes made one cluster by node init on n1 and node join on the others."""
-    with Cluster(3, etcd=False) as started:
+    """Three nodes made one cluster by node init on n1 and node join on the others, joined
+    only through a router (replica traffic through the mesh)."""
+    with Cluster(3, etcd=False, topology="routed") as started:
         form(started)
         yield started
     left = started.leftovers()

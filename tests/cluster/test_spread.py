@@ -23,8 +23,9 @@ SETTLE = 30.0
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """Three nodes made one cluster by node init on n1 and node join on the others."""
-    with Cluster(3, etcd=False) as started:
+    """Three nodes made one cluster by node init on n1 and node join on the others, joined
+    only through a router (replica traffic through the mesh)."""
+    with Cluster(3, etcd=False, topology="routed") as started:
         n1, n2, n3 = started
         n1.run("node", "init", "--advertise", str(n1.lan.ip), check=True)
         token = n1.run("node", "join-token", "--ttl", "10m", check=True).stdout.strip()
