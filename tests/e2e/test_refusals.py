@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from tests.e2e.node import IMAGE, Node, wait_until
+
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
 
 
 def agentd_log(node: Node) -> str:

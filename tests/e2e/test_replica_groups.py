@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.e2e.node import IMAGE, Node, wait_until
+
+
+@pytest.fixture(scope="module")
+def node(shared_node: Node) -> Node:
+    """The node the modules that leave it as they found it share (the end-to-end conftest)."""
+    return shared_node
 
 
 def test_a_service_with_replica_groups_wants_the_sum_of_their_counts(node: Node) -> None:
