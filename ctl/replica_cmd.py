@@ -263,8 +263,9 @@ def logs(
             return
         await _node_logs(client, target, service, follow, tail, instance, timestamps)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    from ctl.interrupt import run_following
+
+    run_following(run())
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
