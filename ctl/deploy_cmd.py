@@ -519,7 +519,6 @@ def deploy(file: str | None, dry_run: bool, output_format: str) -> None:
 @format_option
 def events(deployment: str | None, limit: int, follow: bool, output_format: str) -> None:
     """What happened to deployments: deploys, rollouts, scaling decisions, failures."""
-    import asyncio
 
     from ctl.client import Client
 
@@ -547,8 +546,9 @@ def events(deployment: str | None, limit: int, follow: bool, output_format: str)
                     highlight=False,
                 )
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    from ctl.interrupt import run_following
+
+    run_following(run())
 
 
 @click.command()
