@@ -208,9 +208,15 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
         host2, host3 = f"{name}-talk-{on_n2}", f"{name}-talk-{on_n3}"
 
         # logs of n2's replica, from n1: its own lines, in order
-        out = ctl(n1, "logs", "-d", name, "talk", "--instance", str(on_n2), "-n", "5")
-        assert out.returncode == 0, out.stderr
-        counted = numbers(out.stdout, host2)
+        # (the replica writes a line every 0.2 s: it may not have five yet when healthy)
+        until = time.monotonic() + 30
+        while True:
+            out = ctl(n1, "logs", "-d", name, "talk", "--instance", str(on_n2), "-n", "5")
+            assert out.returncode == 0, out.stderr
+            counted = numbers(out.stdout, host2)
+            if len(counted) >= 5 or time.monotonic() > until:
+                break
+            time.sleep(1)
         assert len(counted) == 5 and counted == sorted(counted), out.stdout
         assert all(line.endswith(host2) for line in out.stdout.splitlines()), out.stdout
 
