@@ -28,8 +28,10 @@ print("ended", flush=True)
 """
 
 
-@pytest.mark.parametrize(("kind", "code", "last"), [("plain", 0, "ended"), ("stubborn", 130, "")])
-def test_sigint_ends_a_follow(kind: str, code: int, last: str) -> None:
+@pytest.mark.parametrize(("kind", "codes"), [("plain", {0}), ("stubborn", {0, 130})])
+def test_sigint_ends_a_follow(kind: str, codes: set[int]) -> None:
+    """A stubborn follow ends either way: the interrupt lands in its coroutine (which
+    then ends), or in the idle loop, when its clean-up stalls and the process exits 130."""
     process = subprocess.Popen(
         [sys.executable, "-c", PROGRAM, kind], stdout=subprocess.PIPE, text=True
     )
@@ -38,6 +40,9 @@ def test_sigint_ends_a_follow(kind: str, code: int, last: str) -> None:
     started = time.monotonic()
     process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=20)
-    assert process.returncode == code, out
+    assert process.returncode in codes, out
     assert time.monotonic() - started < 10
-    assert out.strip().splitlines()[-1:] == ([last] if last else ["clean-up stalls"]), out
+    if process.returncode == 130:
+        assert out.strip().splitlines()[-1:] == ["clean-up stalls"], out
+    else:
+        assert out.strip().splitlines()[-1:] == ["ended"], out
