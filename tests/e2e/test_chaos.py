@@ -21,7 +21,7 @@ at the start and in every failure, so a run replays exactly::
 
     ZLAYER_CHAOS_SEED=1234 pytest tests/e2e/test_chaos.py -k random -s
 
-``ZLAYER_CHAOS_STEPS`` (default 18, about three minutes) or
+``ZLAYER_CHAOS_STEPS`` (default 10, about a minute and a half) or
 ``ZLAYER_CHAOS_SECONDS`` run it longer; ``ZLAYER_CHAOS_KEEP_GOING=1`` goes on
 after a step that does not settle and reports every one at the end.
 
@@ -58,7 +58,7 @@ def node(shared_node: Node) -> Node:
     return shared_node
 
 
-DEFAULT_STEPS = 18  # about 2.5 minutes on a quiet 2-core machine, 3-4 under load
+DEFAULT_STEPS = 10  # about 1.5 minutes on a quiet 2-core machine; a new seed every run
 SETTLE = 90.0  # seconds a step may take to settle
 CHAINED = 0.35  # the share of steps the next one follows at once, unsettled
 
