@@ -1044,10 +1044,7 @@ class NodeControl:
             own = _url(address, cluster_config.ETCD_CLIENT_PORT)
             return member, [*endpoints, own] if own not in endpoints else endpoints
         except (aetcd.ClientError, OSError, TimeoutError) as exc:
-            raise UnavailableError(
-                f"cannot reach the cluster's etcd at {', '.join(endpoints)} "
-                f"({exc or type(exc).__name__}); check that this node reaches those addresses"
-            ) from None
+            raise _etcd_unreachable(endpoints, exc) from None
         finally:
             with contextlib.suppress(*ETCD_ERRORS):
                 await etcd.close()
@@ -1086,13 +1083,17 @@ async def _keep_nat_seen(endpoints: list[str], tls: TLSFiles, node_id: str, nat:
         wanted = NodeSettings(reachability=nat)
         await etcd.put(_settings_key(node_id), encode(wanted).encode())
     except ETCD_ERRORS as exc:
-        raise UnavailableError(
-            f"cannot reach the cluster's etcd at {', '.join(endpoints)} "
-            f"({exc or type(exc).__name__}); check that this node reaches those addresses"
-        ) from None
+        raise _etcd_unreachable(endpoints, exc) from None
     finally:
         with contextlib.suppress(*ETCD_ERRORS):
             await etcd.close()
+
+
+def _etcd_unreachable(endpoints: list[str], exc: BaseException) -> UnavailableError:
+    return UnavailableError(
+        f"cannot reach the cluster's etcd at {', '.join(endpoints)} "
+        f"({exc or type(exc).__name__}); check that this node reaches those addresses"
+    )
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
