@@ -429,6 +429,23 @@ class Node:
         """The NAT namespace in front of this node (routed, behind NAT)."""
         return f"zlt-c{self.cluster.tag}-nat{self.index}"
 
+    def rebind_nat(self) -> IPv4Interface:
+        """The NAT in front of this node takes another outside address of its /29 (the
+        second and third by turns), as a home router given a new address: the kernel
+        drops every mapping masqueraded to the old one with it, so each flow of the
+        node leaves from the new address (a new mapping). The outside address now."""
+        with IPRoute(netns=self.nat_netns) as nat:
+            index = nat.link_lookup(ifname="out0")[0]
+            (held,) = [a for a in nat.get_addr(family=2, index=index)]
+            old = IPv4Interface(f"{held.get_attr('IFA_ADDRESS')}/{held['prefixlen']}")
+            hosts = list(old.network.hosts())
+            new = IPv4Interface(f"{hosts[2] if old.ip == hosts[1] else hosts[1]}/{ROUTED_LINK}")
+            nat.addr("del", index=index, address=str(old.ip), prefixlen=ROUTED_LINK)
+            nat.addr("add", index=index, address=str(new.ip), prefixlen=ROUTED_LINK)
+            # the default route went with the old address's subnet route
+            nat.route("replace", dst="0.0.0.0/0", gateway=str(hosts[0]))
+        return new
+
     def _uplink(self) -> str:
         """The namespace the node's veth leads to: the router's, or its NAT's."""
         return self.nat_netns if self.behind_nat else self.cluster.router_netns
@@ -1075,3 +1092,21 @@ services:
       retries: 1
       check: {{type: http, url: /index.html}}
 """
+
+
+def remove_deployment(node: Node, name: str, timeout: float = 120) -> None:
+    """``zlayerctl down name`` from ``node``, then until no live node of its cluster has
+    a container of it left: a test on a shared cluster leaves it as it found it."""
+    down = node.run("down", name, timeout=timeout)
+    assert down.returncode == 0, f"down {name}: {down.stderr}"
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {
+            other.name: sorted(cid for cid in other.containers() if cid.startswith(f"{name}-"))
+            for other in node.cluster
+            if other.alive
+        }
+        if not any(left.values()):
+            return
+        assert time.monotonic() < deadline, f"{name} still has containers: {left}"
+        time.sleep(0.25)

@@ -1,9 +1,9 @@
 """The encrypted mesh across a routed network, one node behind NAT (issue 14).
 
-Three nodes joined only through a router namespace (no shared bridge), n3
-behind a NAT namespace in front of it; node init and join turn the mesh on.
-One cluster for the module: a spread web service with one replica a node,
-whose replicas also serve a 4 MiB file. nft counters in the router's
+On the shared cluster (``meshed_cluster``): three nodes joined only through a
+router namespace (no shared bridge), n3 behind a NAT namespace in front of it;
+node init and join turn the mesh on. For the module: a spread web service with
+one replica a node, whose replicas also serve a 4 MiB file. nft counters in the router's
 prerouting hook count every packet that crosses it with a replica block's
 address in the clear, and every UDP packet (WireGuard's) between nodes.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,11 +22,10 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, Node, form, wait_healthy
+from tests.cluster.harness import Cluster, Node, remove_deployment, wait_healthy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
-KEEPALIVE = 2  # seconds: the NAT'd node's mapping stays open within a test
 SETTLE = 60.0
 BIG = 4 * 1024 * 1024
 
@@ -121,36 +119,28 @@ def get_from_replica(node: Node, name: str, address: str, path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def meshed() -> Iterator[Meshed]:
-    if shutil.which("wireguard-go") is None:
-        pytest.skip("wireguard-go is not installed (apt-get install wireguard-go)")
-    with Cluster(3, etcd=False, topology="routed", nat=[2], mesh_keepalive=KEEPALIVE) as cluster:
-        form(cluster)
-        n1 = cluster[0]
-        deadline = time.monotonic() + SETTLE
-        while True:  # every node's record carries its key (the mesh is on everywhere)
-            records = by_name(node_list(n1))
-            if len(records) == 3 and all(r["wireguard_key"] for r in records.values()):
-                break
-            assert time.monotonic() < deadline, f"not every node has a mesh key: {records}"
-            time.sleep(0.5)
-        # From here on, nothing of a replica block may cross the router in the clear.
-        loaded = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{cluster.router_netns}", "nft", "-f", "-"],
-            input=COUNTERS.format(blocks=", ".join(str(node.subnet) for node in cluster)),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert loaded.returncode == 0, loaded.stderr
-        name = n1.deployment_name("mesh")
+def meshed(meshed_cluster: Cluster) -> Iterator[Meshed]:
+    cluster = meshed_cluster
+    n1 = cluster[0]
+    # From here on, nothing of a replica block may cross the router in the clear.
+    loaded = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{cluster.router_netns}", "nft", "-f", "-"],
+        input=COUNTERS.format(blocks=", ".join(str(node.subnet) for node in cluster)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    name = n1.deployment_name("mesh")
+    try:
         spec = n1.spec(name, WEB.format(name=name))
         n1.run("up", "-d", str(spec), "--timeout", "150", check=True)
         rows = wait_healthy(cluster.nodes, name, 3, time.monotonic() + SETTLE)
         assert all(len(found) == 1 for found in rows.values()), rows
         yield Meshed(cluster, name, {node: found[0] for node, found in rows.items()})
-    left = cluster.leftovers()
-    assert not left, f"the cluster left these behind: {left}"
+    finally:
+        remove_deployment(n1, name)
+        cluster.in_router("nft", "delete", "table", "inet", "meshcapture")
 
 
 def test_a_node_behind_nat_joins_as_an_etcd_client_and_node_ls_says_why(meshed: Meshed) -> None:
