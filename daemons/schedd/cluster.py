@@ -423,8 +423,13 @@ class ClusterContext:
             gate=self.gate.refusal,
         )
         try:
+            # the peer port on every address: a node behind NAT is called at its mesh
+            # address (shared.cluster.peer.peer_address); mutual TLS and the gate guard all
             await self.peer.start(
-                self.config.advertise, self.config.peer_port, self.config.join_port
+                self.config.advertise,
+                self.config.peer_port,
+                self.config.join_port,
+                peer_host=peer.wildcard(self.config.advertise),
             )
         except peer.PeerError:
             self.peer = None

@@ -36,6 +36,20 @@ port, a node that holds the CA; :func:`renew` calls it).
 
 ``Ping`` answers the node's id and the caller's id as its certificate says.
 
+Where a node is dialled (:func:`peer_address`): at its advertised address, or,
+for a node the others cannot reach first (behind NAT, its record not
+``reachable``), at its mesh address, the gateway of its block, which its
+WireGuard interface holds: the call goes through the caller's mesh interface
+and the tunnel the NAT'd node keeps open with its keepalives. Either way the
+server's certificate must name the node's id (``expect_node``), not the
+address. schedd's server listens on the peer port on every address of the
+node (:func:`wildcard`), so calls through the mesh arrive: the mesh address
+may not exist yet when the server starts and moves with the node's block,
+and gRPC takes no new port on a running server. That widens nothing: mutual
+TLS refuses a caller without a certificate of the cluster's CA and the gate a
+removed or unknown node, on every address alike. The join port stays on the
+advertised address.
+
 ``Logs``, ``Exec`` and ``Stats`` reach a replica of the answering node
 (:mod:`shared.cluster.remote` serves and calls them): server streaming
 (:func:`streaming`) and bidirectional (:func:`duplex`) handlers, peer port
@@ -72,6 +86,7 @@ from shared.wire.cluster import (
     JoinReply,
     JoinRequest,
     JoinTokenRecord,
+    NodeRecord,
     PingReply,
     PingRequest,
     RenewReply,
@@ -175,6 +190,47 @@ def target(address: str, port: int) -> str:
     except ValueError:
         pass
     return f"{host}:{port}"
+
+
+def wildcard(address: str) -> str:
+    """Every address of the node, of ``address``'s family (IPv6's takes IPv4 too)."""
+    try:
+        return "::" if ipaddress.ip_address(address.strip("[]")).version == 6 else "0.0.0.0"
+    except ValueError:
+        return "0.0.0.0"
+
+
+def mesh_address(node: NodeRecord) -> str:
+    """The node's address on the mesh: its block's gateway, which its WireGuard
+    interface holds; "" for a node without a block."""
+    try:
+        block = ipaddress.ip_network(node.subnet)
+    except ValueError:
+        return ""
+    return str(block.network_address + 1) if block.num_addresses > 2 else ""
+
+
+def peer_address(node: NodeRecord, caller: NodeRecord | None) -> str:
+    """Where ``caller`` (this node's record; None: unknown) dials ``node``'s peer port:
+    its advertised address, or its mesh address when the others cannot reach it first
+    (behind NAT) and both have the mesh on. Call it with ``expect_node=node.id``: the
+    mesh address is not in the node's certificate."""
+    if node.reachable or not node.wireguard_key:
+        return node.address
+    if caller is None or not caller.wireguard_key:
+        return node.address  # no mesh here: the call fails, saying why
+    return mesh_address(node) or node.address
+
+
+def node_channel(
+    node: NodeRecord,
+    caller: NodeRecord | None,
+    tls: NodeTls,
+    options: list[tuple[str, Any]] | None = None,
+) -> Any:
+    """:func:`channel` to ``node``'s peer port from ``caller``, at :func:`peer_address`,
+    its certificate checked for the node's id."""
+    return channel(peer_address(node, caller), node.peer_port, tls, node.id, options)
 
 
 def channel(
@@ -422,15 +478,23 @@ class PeerServer:
             (grpc.method_handlers_generic_handler(SERVICE, handlers),)
         )
 
-    async def start(self, host: str, peer_port: int = 0, join_port: int | None = 0) -> None:
+    async def start(
+        self,
+        host: str,
+        peer_port: int = 0,
+        join_port: int | None = 0,
+        *,
+        peer_host: str | None = None,
+    ) -> None:
         """Listen (port 0: a free one, then read ``peer_port``/``join_port``); no join
-        port if ``join_port`` is None."""
+        port if ``join_port`` is None. The peer port on ``peer_host`` if given
+        (:func:`wildcard`: calls through the mesh too), else on ``host``."""
         mutual = grpc.ssl_server_credentials(
             [(self.tls.key, self.tls.cert)],
             root_certificates=self.tls.ca,
             require_client_auth=True,
         )
-        self.peer_port = self._listen(host, peer_port, mutual)
+        self.peer_port = self._listen(peer_host or host, peer_port, mutual)
         if join_port is not None:
             # the CA after the node's certificate: what a joining node checks its token against
             chain = self.tls.cert.rstrip(b"\n") + b"\n" + self.tls.ca
@@ -577,10 +641,12 @@ async def renew(
     tls: NodeTls,
     csr: x509.CertificateSigningRequest,
     timeout: float = DEFAULT_TIMEOUT,
+    expect_node: str | None = None,
 ) -> x509.Certificate:
     """A new certificate for this node's request, from the node at address:port (mutual
-    TLS with the current certificate); PeerError if refused or not the CA's."""
-    async with Peer(address, port, tls) as node:
+    TLS with the current certificate; its certificate must name ``expect_node`` if
+    given, see :func:`peer_address`); PeerError if refused or not the CA's."""
+    async with Peer(address, port, tls, expect_node) as node:
         reply = await node.call(
             RENEW, RenewRequest(csr=pki.csr_pem(csr).decode()), RenewReply, timeout
         )

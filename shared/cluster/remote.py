@@ -6,7 +6,9 @@ schedd's list of every node's replicas (``ListReplicas``), each with its node's
 record (``ListNodes``) when another node runs it. A :class:`Placed` replica of
 another node is reached over gRPC with this node's certificate
 (:class:`NodeReach`): ``Node1.Logs`` (its lines, then new ones), ``Node1.Exec``
-(stdin in, output and the exit code out) and ``Node1.Stats``.
+(stdin in, output and the exit code out) and ``Node1.Stats``, at the address
+:func:`shared.cluster.peer.peer_address` picks (a node behind NAT through the
+mesh).
 
 The answering node serves them (:class:`ReplicaCalls`) through its own agentd
 and log files, as a call on that node would: the same reader
@@ -35,9 +37,10 @@ from shared.cluster.peer import (
     STATS,
     NodeTls,
     PeerError,
-    channel,
     decoded,
     duplex,
+    node_channel,
+    peer_address,
     peer_error,
     streaming,
     target,
@@ -83,11 +86,12 @@ class AgentCalls(Protocol):
 @dataclass(frozen=True)
 class Placed:
     """A replica and where it runs: here, or on ``node`` (None there: a node no longer
-    in the cluster)."""
+    in the cluster); ``caller`` is this node's record (how it reaches ``node``)."""
 
     replica: ReplicaInfo
     here: bool = True
     node: NodeRecord | None = None
+    caller: NodeRecord | None = None
 
 
 class _Scheduler(Protocol):
@@ -122,10 +126,11 @@ async def locate(
         return [Placed(r) for r in select_replicas(local, deployment, service, which)]
     found = [r for r in await scheduler.cluster_replicas(deployment) if r.service == service]
     records = {record.id: record for record in nodes.nodes}
+    own = records.get(nodes.this_node)
     return [
         Placed(r)
         if r.node in ("", nodes.this_node)
-        else Placed(r, here=False, node=records.get(r.node))
+        else Placed(r, here=False, node=records.get(r.node), caller=own)
         for r in select_replicas(found, deployment, service, which)
     ]
 
@@ -200,13 +205,23 @@ class NodeReach:
         node = placed.node
         if node is None:
             raise _gone(placed)
-        where = f"node {node.name or node.id} ({target(node.address, node.peer_port)})"
+        address = peer_address(node, placed.caller)
+        where = f"node {node.name or node.id} ({target(address, node.peer_port)})"
         where = where.replace("ipv6:", "")
-        chan = channel(node.address, node.peer_port, await self.tls(), expect_node=node.id)
+        if address != node.address:
+            where += " through the mesh"
+        chan = node_channel(node, placed.caller, await self.tls())
         try:
             await asyncio.wait_for(chan.channel_ready(), CONNECT_TIMEOUT)
         except (TimeoutError, grpc.aio.AioRpcError):
             await chan.close()
+            if not node.reachable and address == node.address:
+                raise UnavailableError(
+                    f"{where} cannot be reached from other nodes (it is behind NAT) and this "
+                    "node has no mesh to reach it through, so its replica "
+                    f"{placed.replica.id} cannot be reached; turn the mesh on (schedd's "
+                    "[cluster] mesh) or pick a replica on another node"
+                ) from None
             raise UnavailableError(
                 f"{where} does not answer within {CONNECT_TIMEOUT:g} s, so its replica "
                 f"{placed.replica.id} cannot be reached; check that the node runs "
