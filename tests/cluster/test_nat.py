@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,11 +21,10 @@ from typing import Any
 import pytest
 
 from ctl.supervisor import find_executable
-from tests.cluster.harness import Cluster, Node, form, wait_healthy
+from tests.cluster.harness import Cluster, Node, remove_deployment, wait_healthy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
-KEEPALIVE = 2  # seconds: the NAT'd node's mapping stays open within a test
 SETTLE = 90.0
 API = "http://127.0.0.1:3669"  # apid's default, inside each node's namespace
 # After the NAT's address changed: the NAT'd node's next keepalive (2 s) reaches each
@@ -69,33 +67,19 @@ def node_list(node: Node) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def nat_cluster() -> Iterator[Cluster]:
-    if shutil.which("wireguard-go") is None:
-        pytest.skip("wireguard-go is not installed (apt-get install wireguard-go)")
-    with Cluster(3, etcd=False, topology="routed", nat=[2], mesh_keepalive=KEEPALIVE) as cluster:
-        form(cluster)
-        deadline = time.monotonic() + SETTLE
-        while True:  # every node's record carries its key (the mesh is on everywhere)
-            records = node_list(cluster[0])
-            if len(records) == 3 and all(r["wireguard_key"] for r in records.values()):
-                break
-            assert time.monotonic() < deadline, f"not every node has a mesh key: {records}"
-            time.sleep(0.5)
-        yield cluster
-    left = cluster.leftovers()
-    assert not left, f"the cluster left these behind: {left}"
-
-
-@pytest.fixture(scope="module")
-def talking(nat_cluster: Cluster) -> Iterator[Talking]:
-    n1 = nat_cluster[0]
+def talking(meshed_cluster: Cluster) -> Iterator[Talking]:
+    """On the shared cluster (conftest's: routed, n3 behind NAT, the mesh on with a 2 s
+    keepalive): one replica a node, removed from every node at the end."""
+    n1 = meshed_cluster[0]
     name = n1.deployment_name("nat")
     spec = n1.spec(name, TALK.format(name=name))
-    n1.run("up", "-d", str(spec), "--timeout", "150", check=True)
-    rows = wait_healthy(nat_cluster.nodes, name, 3, time.monotonic() + SETTLE)
-    assert sorted(len(found) for found in rows.values()) == [1, 1, 1], rows
-    yield Talking(nat_cluster, name, {node: found[0] for node, found in rows.items()})
-    n1.run("down", name, timeout=120)
+    try:
+        n1.run("up", "-d", str(spec), "--timeout", "150", check=True)
+        rows = wait_healthy(meshed_cluster.nodes, name, 3, time.monotonic() + SETTLE)
+        assert sorted(len(found) for found in rows.values()) == [1, 1, 1], rows
+        yield Talking(meshed_cluster, name, {node: found[0] for node, found in rows.items()})
+    finally:
+        remove_deployment(n1, name)
 
 
 def ctl(
@@ -154,12 +138,15 @@ def test_logs_and_exec_of_a_replica_behind_nat_from_the_other_nodes(talking: Tal
         assert out.stdout.splitlines() == [host, f"from-{caller.name}"], out.stdout
     # n1's REST API reaches it too (its logs route, as zlayerctl --host reads it)
     token = n1.run("token", "create", "nat-test", "--role", "operator", check=True)
-    api_env = dict(n1.env, ZLAYER_TOKEN=token.stdout.strip())
-    api_env["XDG_CONFIG_HOME"] = str(n1.workdir / "config")
-    out = ctl(
-        n1, "--host", API, "logs", "-d", name, "talk", "--instance", instance, "-n", "2",
-        env=api_env,
-    )  # fmt: skip
+    try:
+        api_env = dict(n1.env, ZLAYER_TOKEN=token.stdout.strip())
+        api_env["XDG_CONFIG_HOME"] = str(n1.workdir / "config")
+        out = ctl(
+            n1, "--host", API, "logs", "-d", name, "talk", "--instance", instance, "-n", "2",
+            env=api_env,
+        )  # fmt: skip
+    finally:
+        n1.run("token", "revoke", "nat-test", check=True)
     assert out.returncode == 0, out.stderr
     assert len(numbered(out.stdout, host)) == 2, out.stdout
 
