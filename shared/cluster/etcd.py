@@ -3,8 +3,12 @@
 - :class:`EtcdMember` describes one member (name, data directory, client and
   peer URLs, the initial cluster, optional TLS files) and gives the ``etcd``
   command line and environment that run it.
-- :func:`client` is an aetcd client over every given endpoint (gRPC tries the
-  next address when one stops answering), with mutual TLS when given files.
+- :func:`client` is an aetcd client over every given endpoint, with mutual TLS
+  when given files. It uses one member at a time and moves to the next when a
+  call is not answered within ATTEMPT_TIMEOUT (a member gone without closing its
+  connections holds a call until keepalive, 15 s, otherwise), and it follows the
+  members' client URLs as etcd lists them (a running node reaches voters that
+  joined after it started).
 - :func:`wait_healthy` waits until every endpoint answers a linearizable read,
   which needs an elected leader and a quorum behind it.
 """
@@ -12,11 +16,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
+import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -31,6 +38,24 @@ HEALTH_KEY = b"health"
 # What a call may meet while members come and go (no leader yet, one stopped):
 # worth another try on the same or another member until the caller's deadline.
 TRANSIENT = (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError)
+# One try of a call waits this long for one member before the next is tried: etcd
+# answers in milliseconds, and a member that stopped answering without closing its
+# connections (a host cut off, a frozen process) would otherwise hold each call until
+# its deadline, and gRPC's channel would keep choosing it (pick_first) after that.
+ATTEMPT_TIMEOUT = 2.0
+# Seconds between looks at the members' client URLs (MemberList), so a running client
+# reaches members that joined after it started and forgets removed ones; each look is
+# also a call, so a member gone quiet under a client that only watches is left.
+FOLLOW_EVERY = 5.0
+# A call ending so on a member is tried on the next one.
+MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Changes of the cluster's members are not sent twice when the first try's fate is
+# unknown (a member that did not answer in time may still make it).
+ONCE = frozenset({"MemberAdd", "MemberRemove", "MemberUpdate", "MemberPromote"})
+# Streaming methods: each is sent to the member in use, once.
+STREAMS = frozenset({"LeaseKeepAlive", "Snapshot"})
+
+log = logging.getLogger("zlayer.cluster.etcd")
 
 T = TypeVar("T")
 
@@ -156,72 +181,337 @@ def _target(endpoints: Sequence[str]) -> str:
     return f"dns:{host}:{port}" if ":" not in host else f"dns:[{host}]:{port}"
 
 
+class _Stub:
+    """One etcd service's stub (KV, Lease, Cluster, Maintenance) whose calls go to the
+    member the client uses now, and on to the next member when it does not answer."""
+
+    def __init__(self, owner: Client, service: str) -> None:
+        self._owner = owner
+        self._service = service
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method in STREAMS:
+            return functools.partial(self._owner._stream, self._service, method)
+        return functools.partial(self._owner._unary, self._service, method)
+
+
 class Client(aetcd.Client):  # type: ignore[misc]
-    """An aetcd client over several endpoints, with mutual TLS when given files."""
+    """An aetcd client over several members, with mutual TLS when given files.
+
+    Calls go to one member at a time (the first given, at the start). A call that
+    member does not answer within ATTEMPT_TIMEOUT, or refuses as unavailable, is
+    tried on the next member (within the call's own timeout), and the client stays
+    there; watches on the member left end with an error, so their owners watch
+    again. With ``follow`` (seconds) the client takes the members' client URLs
+    from etcd at that interval, so it reaches members added after it started.
+    """
 
     def __init__(
         self,
         endpoints: Sequence[str],
         tls: TLSFiles | None = None,
         timeout: float | None = None,
+        *,
+        follow: float | None = FOLLOW_EVERY,
+        attempt_timeout: float = ATTEMPT_TIMEOUT,
     ) -> None:
         super().__init__(timeout=timeout)
-        self._target = _target(endpoints)
+        for endpoint in endpoints:
+            _target([endpoint])  # a sentence for a malformed one, now
+        if not endpoints:
+            _target(endpoints)
+        self._urls = list(dict.fromkeys(endpoints))
+        self._current = 0
         self._tls = tls
+        self._follow = follow
+        self._attempt = attempt_timeout
+        self._channels: dict[str, Any] = {}
+        self._stubs: dict[tuple[str, str], Any] = {}
+        self._follower: asyncio.Task[None] | None = None
+        self._ending: set[asyncio.Task[None]] = set()  # watchers being ended, channels closed
 
-    _is_connecting: bool  # aetcd's, set in its __init__
+    @property
+    def endpoints(self) -> list[str]:
+        """The members' client URLs as the client knows them now; the one in use first."""
+        return self._urls[self._current :] + self._urls[: self._current]
 
     async def connect(self) -> None:
-        # aetcd opens only an insecure channel to one host: the same, over our
-        # target. Opening a channel makes no call yet, so it raises no RPC error.
+        # Opening a channel makes no call, so this waits for nothing and raises no
+        # RPC error: a member that does not answer is found by the first call.
         if self._connected.is_set():
             return
-        if self._is_connecting:
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
-            return
-        try:
-            self._is_connecting = True
-            # Pings find a member that vanished without closing the connection (a
-            # node cut off), so calls move on; etcd refuses pings under 5 s apart.
-            # gRPC waits up to 2 minutes between reconnects to a member that was
-            # away: a member back after a restart is tried again within 2 s.
-            options: list[tuple[str, Any]] = [
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2_000),
-                *self._options.items(),
-            ]
-            if self._tls is not None and self._tls.server_name:
+        self.kvstub = _Stub(self, "KV")
+        self.clusterstub = _Stub(self, "Cluster")
+        self.leasestub = _Stub(self, "Lease")
+        self.maintenancestub = _Stub(self, "Maintenance")
+        self._watcher = self._new_watcher()
+        if self._follow:
+            self._follower = asyncio.create_task(self._keep_following(), name="etcd-members")
+        self._connected.set()
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        if self._watcher is not None:
+            await self._watcher.shutdown()
+        for task in list(self._ending):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+        channels = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        for channel in channels:
+            await channel.close()
+        self._init_channel_attrs()
+        self._connected.clear()
+
+    # ------------------------------------------------------------ members
+
+    def _channel(self, url: str) -> Any:
+        found = self._channels.get(url)
+        if found is not None:
+            return found
+        # Pings find a member that vanished under a stream the client holds (a watch);
+        # etcd refuses pings under 5 s apart. gRPC waits up to 2 minutes between
+        # reconnects to a member that was away: a member back after a restart is
+        # tried again within 2 s.
+        options: list[tuple[str, Any]] = [
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+            *self._options.items(),
+        ]
+        target = _target([url])
+        if self._tls is None:
+            found = grpc.aio.insecure_channel(target, options=options)
+        else:
+            if self._tls.server_name:
                 options.append(("grpc.ssl_target_name_override", self._tls.server_name))
-            if self._tls is None:
-                self.channel = grpc.aio.insecure_channel(self._target, options=options)
-            else:
-                credentials = grpc.ssl_channel_credentials(
-                    root_certificates=self._tls.ca.read_bytes(),
-                    private_key=self._tls.key.read_bytes(),
-                    certificate_chain=self._tls.cert.read_bytes(),
-                )
-                self.channel = grpc.aio.secure_channel(self._target, credentials, options=options)
-            rpc = aetcd.rpc
-            self.kvstub = rpc.KVStub(self.channel)
-            self.clusterstub = rpc.ClusterStub(self.channel)
-            self.leasestub = rpc.LeaseStub(self.channel)
-            self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = aetcd.watcher.Watcher(
-                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self._tls.ca.read_bytes(),
+                private_key=self._tls.key.read_bytes(),
+                certificate_chain=self._tls.cert.read_bytes(),
             )
-            self._connected.set()
+            found = grpc.aio.secure_channel(target, credentials, options=options)
+        self._channels[url] = found
+        return found
+
+    def _stub(self, url: str, service: str) -> Any:
+        found = self._stubs.get((url, service))
+        if found is None:
+            found = self._stubs[url, service] = getattr(aetcd.rpc, f"{service}Stub")(
+                self._channel(url)
+            )
+        return found
+
+    def _new_watcher(self) -> Any:
+        # A watch is created within one try's time too (etcd answers at once).
+        wait = self._attempt if self._timeout is None else min(self._timeout, self._attempt)
+        return aetcd.watcher.Watcher(
+            _WatchStub(self, self._urls[self._current]), timeout=wait, metadata=self.metadata
+        )
+
+    def _move_on(self, url: str, why: str) -> None:
+        """Leave the member at ``url`` for the next one, unless another call already
+        has; the watches on it end, so their owners watch again on the next."""
+        if len(self._urls) < 2 or self._urls[self._current] != url:
+            return
+        self._current = (self._current + 1) % len(self._urls)
+        log.info(
+            "etcd at %s does not answer (%s): calls go to %s", url, why, self._urls[self._current]
+        )
+        self._replace_watcher(url)
+
+    def _replace_watcher(self, url: str) -> None:
+        old, self._watcher = self._watcher, self._new_watcher()
+        if old is not None:
+            error = aetcd.ConnectionFailedError(f"etcd at {url} stopped answering; watch again")
+            self._later(old._terminate_stream(error))
+
+    def _later(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.create_task(run())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    def set_endpoints(self, urls: Sequence[str]) -> None:
+        """Take ``urls`` as the members' client URLs from now on (the one in use kept,
+        if listed); channels to members no longer listed close once their calls end."""
+        urls = list(dict.fromkeys(urls))
+        if not urls or urls == self._urls:
+            return
+        current = self._urls[self._current]
+        self._urls = urls
+        if current in urls:
+            self._current = urls.index(current)
+        else:
+            self._current = 0
+            self._replace_watcher(current)
+        for url in [u for u in self._channels if u not in urls]:
+            channel = self._channels.pop(url)
+            for key in [k for k in self._stubs if k[0] == url]:
+                del self._stubs[key]
+            # a call on it ends within its try's time: closing cancels what is left
+            self._later(channel.close(grace=self._attempt + 1))
+        log.info("etcd's members answer at %s", ", ".join(urls))
+
+    async def members_urls(self) -> list[str]:
+        """The members' client URLs, as etcd lists them (a member added but not yet
+        started has none)."""
+        return sorted({str(u) for m in [m async for m in self.members()] for u in m.client_urls})
+
+    async def _keep_following(self) -> None:
+        while True:
+            await asyncio.sleep(self._follow or FOLLOW_EVERY)
+            try:
+                self.set_endpoints(await self.members_urls())
+            except (aetcd.ClientError, OSError, TimeoutError) as exc:
+                log.debug("cannot list etcd's members now: %s", exc)
+
+    # ------------------------------------------------------------ calls
+
+    async def _unary(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        tried = 0
+        while True:
+            url = self._urls[self._current]
+            wait = self._attempt
+            if deadline is not None:
+                wait = max(0.001, min(wait, deadline - loop.time()))
+            call = getattr(self._stub(url, service), method)
+            try:
+                return await call(request, timeout=wait, metadata=metadata, **kwargs)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code not in MOVE_ON:
+                    raise
+                self._move_on(url, exc.details() or code.name)
+                tried += 1
+                if (
+                    tried >= len(self._urls)  # each member once
+                    or (deadline is not None and loop.time() >= deadline)
+                    or (code is grpc.StatusCode.DEADLINE_EXCEEDED and method in ONCE)
+                ):
+                    raise
+
+    def _stream(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        url = self._urls[self._current]
+        if method == "LeaseKeepAlive":  # one refresh: its answer comes at once
+            timeout = self._attempt if timeout is None else min(timeout, self._attempt)
+        call = getattr(self._stub(url, service), method)(
+            request, timeout=timeout, metadata=metadata, **kwargs
+        )
+        return self._replies(url, call)
+
+    async def _replies(self, url: str, call: Any) -> AsyncIterator[Any]:
+        try:
+            async for reply in call:
+                yield reply
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in MOVE_ON:
+                self._move_on(url, exc.details() or exc.code().name)
+            raise
         finally:
-            self._is_connecting = False
+            call.cancel()  # a caller that stops at the first reply ends the stream
+
+    async def watch(self, key: bytes, **kwargs: Any) -> Any:
+        """aetcd's watch, whose cancel goes to the stream that made it (watch ids
+        are a stream's own: another stream's same id is another watch); a watch
+        the member in use does not create in time is tried on the next one."""
+        await self.connect()
+        for tried in range(1, len(self._urls) + 1):
+            watcher, url = self._watcher, self._urls[self._current]
+            try:
+                return await self._watch_on(watcher, key, **kwargs)
+            except aetcd.WatchTimeoutError:
+                self._move_on(url, "no watch created in time")
+                if tried >= len(self._urls):
+                    raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in MOVE_ON:
+                    self._move_on(url, exc.details() or exc.code().name)
+                if exc.code() not in MOVE_ON or tried >= len(self._urls):
+                    aetcd.exceptions._handle_exception(exc)
+        raise AssertionError("not reached")
+
+    async def _watch_on(self, watcher: Any, key: bytes, **kwargs: Any) -> Any:
+        events: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def deliver(response: Any) -> None:
+            await events.put(response)
+
+        callback = await watcher.add_callback(key, deliver, **kwargs)
+        canceled = asyncio.Event()
+
+        async def cancel() -> None:
+            canceled.set()
+            await events.put(None)
+            await watcher.cancel(callback.watch_id)
+
+        async def iterator() -> AsyncIterator[Any]:
+            while not canceled.is_set():
+                event = await events.get()
+                if event is None:
+                    canceled.set()
+                if isinstance(event, grpc.aio.AioRpcError):
+                    canceled.set()
+                    aetcd.exceptions._handle_exception(event)
+                if isinstance(event, Exception):
+                    canceled.set()
+                    raise event
+                if not canceled.is_set():
+                    yield event
+
+        return aetcd.rtypes.Watch(iterator, cancel, callback.watch_id)
+
+
+class _WatchStub:
+    """The Watch service of one member (a watcher's stream stays on the member it
+    started on; the client makes a new watcher when it moves on)."""
+
+    def __init__(self, owner: Client, url: str) -> None:
+        self._owner = owner
+        self._url = url
+
+    def Watch(self, requests: Any, **kwargs: Any) -> Any:  # gRPC's name
+        return self._owner._stub(self._url, "Watch").Watch(requests, **kwargs)
 
 
 def client(
-    endpoints: Sequence[str], tls: TLSFiles | None = None, timeout: float | None = None
+    endpoints: Sequence[str],
+    tls: TLSFiles | None = None,
+    timeout: float | None = None,
+    *,
+    follow: float | None = FOLLOW_EVERY,
 ) -> Client:
-    """A client of the members at ``endpoints``; ``timeout`` bounds each call (seconds)."""
-    return Client(endpoints, tls, timeout)
+    """A client of the members at ``endpoints``; ``timeout`` bounds each call (seconds).
+    With ``follow`` it takes the members' URLs from etcd every so many seconds; None
+    keeps the ones given (a check of one given member)."""
+    return Client(endpoints, tls, timeout, follow=follow)
 
 
 class EtcdUnhealthyError(TimeoutError):
@@ -240,7 +530,8 @@ async def wait_healthy(
         for endpoint in list(pending):
             remaining = deadline - time.monotonic()
             try:
-                async with client([endpoint], tls, timeout=max(0.5, min(2.0, remaining))) as c:
+                limit = max(0.5, min(2.0, remaining))
+                async with client([endpoint], tls, timeout=limit, follow=None) as c:
                     await c.get(HEALTH_KEY)
             except (aetcd.ClientError, OSError) as exc:
                 last[endpoint] = str(exc) or type(exc).__name__

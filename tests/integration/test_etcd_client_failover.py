@@ -1,0 +1,158 @@
+"""The etcd client on real members: when the member it uses stops answering without
+closing its connections (a host cut off: here the member frozen with SIGSTOP), a call
+is answered by another member within seconds, not after keepalive gives the member up;
+and a running client follows the members, so it outlives the ones it was given."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Iterator
+
+import pytest
+
+from shared.cluster.etcd import Client, client, retrying
+from tests.etcd_fixture import EtcdCluster, etcd3  # noqa: F401  (a fixture)
+
+# Generous: one try waits ATTEMPT_TIMEOUT (2 s) on the frozen member; before the
+# fix the call waited for keepalive (10 s + 5 s) or its own timeout.
+BOUND = 8.0
+CALL_TIMEOUT = 20.0  # each call's own, longer than BOUND: the bound is the client's doing
+FOLLOW = 0.5  # seconds between the test client's looks at the members
+
+
+async def _leader_index(cluster: EtcdCluster) -> int:
+    async with client(cluster.endpoints, timeout=10, follow=None) as c:
+        leader = (await retrying(c.status, 10)).leader.id
+        names = {m.id: m.name async for m in c.members()}
+    return [m.name for m in cluster.members].index(names[leader])
+
+
+class _Frozen:
+    """A member stopped with SIGSTOP (its sockets stay open, it answers nothing)."""
+
+    def __init__(self, cluster: EtcdCluster, index: int) -> None:
+        self.pid = cluster.processes[cluster.members[index].name].pid
+
+    def __enter__(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def __exit__(self, *_: object) -> None:
+        os.kill(self.pid, signal.SIGCONT)  # the fixture kills it by PID at the end
+
+
+@pytest.fixture
+def frozen_first(etcd3: EtcdCluster) -> Iterator[tuple[EtcdCluster, list[str], int]]:  # noqa: F811
+    """The cluster, its endpoints with a member that does not lead first, and that member."""
+    leader = asyncio.run(_leader_index(etcd3))
+    first = next(i for i in range(3) if i != leader)
+    urls = [etcd3.endpoints[first], *(u for i, u in enumerate(etcd3.endpoints) if i != first)]
+    yield etcd3, urls, first
+
+
+async def _within(call: Awaitable[object], bound: float) -> float:
+    began = time.monotonic()
+    await asyncio.wait_for(call, bound)
+    return time.monotonic() - began
+
+
+def test_a_call_right_after_its_member_freezes_is_answered_by_another_within_seconds(
+    frozen_first: tuple[EtcdCluster, list[str], int],
+) -> None:
+    cluster, urls, first = frozen_first
+
+    async def run() -> None:
+        async with client(urls, timeout=CALL_TIMEOUT) as c:
+            await c.put(b"/zlayer/test/before", b"1")  # the channel is up, on the first member
+            with _Frozen(cluster, first):
+                took = await _within(c.put(b"/zlayer/test/after", b"2"), BOUND)
+                print(f"a put right after the member froze took {took:.1f} s")
+                got = await asyncio.wait_for(c.get(b"/zlayer/test/after"), BOUND)
+                assert got is not None and got.value == b"2"
+                # later calls go to the member that answered, at once
+                await _within(c.get(b"/zlayer/test/before"), 1.5)
+
+    asyncio.run(run())
+
+
+def test_a_watch_on_the_frozen_member_ends_and_a_new_one_sees_writes(
+    frozen_first: tuple[EtcdCluster, list[str], int],
+) -> None:
+    cluster, urls, first = frozen_first
+    key = b"/zlayer/test/watched"
+
+    async def run() -> None:
+        async with client(urls, timeout=CALL_TIMEOUT, follow=FOLLOW) as c:
+            watch = await c.watch(key)
+            with _Frozen(cluster, first):
+                # Nothing calls: the client's own look at the members finds the member
+                # gone, and the watch on it ends with an error, so its owner watches again.
+                async def ends() -> None:
+                    async for _ in watch:
+                        pass
+
+                with pytest.raises(Exception, match="stopped answering"):
+                    await _within(ends(), BOUND)
+                again = await asyncio.wait_for(c.watch(key), BOUND)
+                await asyncio.wait_for(c.put(key, b"seen"), BOUND)
+                event = await asyncio.wait_for(anext(aiter(again)), BOUND)
+                assert event.kv.value == b"seen"
+                await again.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_client_given_one_member_follows_the_members_and_outlives_it(
+    etcd3: EtcdCluster,  # noqa: F811
+) -> None:
+    """As a node that started when one voter existed: the voters that joined later are
+    reached once the one it was given is gone, without a restart."""
+
+    async def run() -> None:
+        async with client(etcd3.endpoints[:1], timeout=CALL_TIMEOUT, follow=FOLLOW) as c:
+            await c.put(b"/zlayer/test/k", b"1")
+            deadline = time.monotonic() + 10
+            while sorted(c.endpoints) != sorted(etcd3.endpoints):
+                assert time.monotonic() < deadline, c.endpoints
+                await asyncio.sleep(0.1)
+            # the member it was given dies (SIGKILL: its connections close)
+            await asyncio.to_thread(etcd3.kill, 0)
+            await _within(retrying(lambda: c.put(b"/zlayer/test/k", b"2"), BOUND), BOUND)
+            got = await asyncio.wait_for(c.get(b"/zlayer/test/k"), BOUND)
+            assert got is not None and got.value == b"2"
+            assert etcd3.endpoints[0] not in c.endpoints or len(c.endpoints) == 3
+
+    asyncio.run(run())
+
+
+def test_a_client_follows_a_member_removed_from_the_cluster(
+    etcd3: EtcdCluster,  # noqa: F811
+) -> None:
+    async def run() -> None:
+        async with client(etcd3.endpoints, timeout=CALL_TIMEOUT, follow=FOLLOW) as c:
+            name = etcd3.members[2].name
+            (gone,) = [m async for m in c.members() if m.name == name]
+            await retrying(lambda: c.remove_member(gone.id), 10)
+            deadline = time.monotonic() + 10
+            while etcd3.endpoints[2] in c.endpoints:
+                assert time.monotonic() < deadline, c.endpoints
+                await asyncio.sleep(0.1)
+            assert sorted(c.endpoints) == sorted(etcd3.endpoints[:2])
+            await asyncio.wait_for(c.put(b"/zlayer/test/k", b"1"), BOUND)
+
+    asyncio.run(run())
+
+
+def test_a_client_that_does_not_follow_keeps_the_members_it_was_given(
+    etcd3: EtcdCluster,  # noqa: F811
+) -> None:
+    async def run() -> None:
+        c: Client
+        async with client(etcd3.endpoints[:1], timeout=CALL_TIMEOUT, follow=None) as c:
+            await c.put(b"/zlayer/test/k", b"1")
+            await asyncio.sleep(3 * FOLLOW)
+            assert c.endpoints == etcd3.endpoints[:1]
+
+    asyncio.run(run())
