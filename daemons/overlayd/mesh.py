@@ -90,6 +90,16 @@ def _resolve(endpoint: str) -> str:
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
+def new_device(
+    interface: str, pid_path: Path, log_path: Path, kernel_module: Path = kernel.MODULE
+) -> Device:
+    """The kernel's WireGuard where the kernel has it (``kernel_module`` is there: faster,
+    no process to keep), ``wireguard-go`` otherwise (its PID and log files given)."""
+    if kernel.available(kernel_module):
+        return kernel.KernelDevice(interface)
+    return userspace.UserspaceDevice(interface, pid_path, log_path)
+
+
 class Mesh:
     """The node's WireGuard interface, its key, peers and routes."""
 
@@ -149,9 +159,7 @@ class Mesh:
     # ------------------------------------------------------------ up and down
 
     def _new_device(self) -> Device:
-        if kernel.available():
-            return kernel.KernelDevice(self.interface)
-        return userspace.UserspaceDevice(self.interface, self.pid_path, self.log_path)
+        return new_device(self.interface, self.pid_path, self.log_path)
 
     def enable(self, listen_port: int) -> list[str]:
         """Turn the mesh on (or move it to another port); what was done, for the log."""
