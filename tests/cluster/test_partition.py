@@ -1,25 +1,26 @@
-"""A node cut off from the LAN (its cable pulled) on a three-node cluster: its lease
+"""A node cut off from the network (its cable pulled) on a four-node cluster: its lease
 lapses and the others run its replica, while the cut-off node, unable to reach etcd for
 longer than its lease, stops its own; plugged back, it rejoins without a second copy of
-anything."""
+anything. The nodes are joined only through a router; the node cut off (n4) is behind
+NAT, so plugged back it comes in again through its NAT and the mesh."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from pyroute2 import IPRoute
 
 from tests.cluster.harness import (
+    NETNS_DIR,
     SPREAD_WEB,
     Cluster,
     Node,
-    form,
     healthy_replicas,
     listed_nodes,
+    remove_deployment,
     wait_healthy,
 )
 
@@ -31,18 +32,17 @@ REJOIN_DEADLINE = 60.0
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    """Three nodes made one cluster by node init on n1 and node join on the others."""
-    with Cluster(3, etcd=False) as started:
-        form(started)
-        yield started
-    left = started.leftovers()
-    assert not left, f"the cluster left these behind: {left}"
+def cluster(failover_cluster: Cluster) -> Cluster:
+    """Four nodes joined only through a router, n4 behind NAT (an etcd client of the
+    voters n1 to n3): n4 is the node cut off, so the others keep etcd's quorum."""
+    return failover_cluster
 
 
 def cable(node: Node, plugged: bool) -> None:
-    """Pull (or plug back) the node's LAN cable: the host's end of its veth down (up)."""
-    with IPRoute() as ip:
+    """Pull (or plug back) the node's cable: the far end of its veth (on the router, or
+    on its NAT) down (up)."""
+    far = NETNS_DIR / node._uplink()
+    with IPRoute(netns=far.name) as ip:
         index = ip.link_lookup(ifname=node.host_veth)[0]
         ip.link("set", index=index, state="up" if plugged else "down")
 
@@ -55,51 +55,54 @@ def running_here(node: Node, name: str) -> set[str]:
 def test_a_cut_off_node_stops_its_replicas_and_rejoins_without_duplicates(
     cluster: Cluster,
 ) -> None:
-    n1, n2, n3 = cluster
+    n1, n2, n3, cut = cluster
     name = n1.deployment_name("partition")
-    spec = n1.spec(name, SPREAD_WEB.format(name=name, replicas=3))
+    spec = n1.spec(name, SPREAD_WEB.format(name=name, replicas=4))
     plugged = True
     try:
         n1.run("up", "-d", str(spec), "--timeout", "120", check=True)
-        before = wait_healthy(cluster.nodes, name, 3, time.monotonic() + SETTLE)
-        assert sorted(len(found) for found in before.values()) == [1, 1, 1], before
-        assert running_here(n3, name), "n3 runs no replica"
+        before = wait_healthy(cluster.nodes, name, 4, time.monotonic() + SETTLE)
+        assert sorted(len(found) for found in before.values()) == [1, 1, 1, 1], before
+        assert running_here(cut, name), f"{cut.name} runs no replica"
 
         began = time.monotonic()
-        cable(n3, plugged=False)
+        cable(cut, plugged=False)
         plugged = False
-        # Cut off, n3 stops its replica once its lease must have lapsed ...
-        while running_here(n3, name):
-            assert time.monotonic() - began < FENCE_DEADLINE, running_here(n3, name)
+        # Cut off, the node stops its replica once its lease must have lapsed ...
+        while running_here(cut, name):
+            assert time.monotonic() - began < FENCE_DEADLINE, running_here(cut, name)
             time.sleep(0.2)
         fenced = time.monotonic() - began
-        # ... and the other two run all three.
-        after = wait_healthy([n1, n2], name, 3, began + FENCE_DEADLINE + 10)
+        # ... and the other three run all four.
+        after = wait_healthy([n1, n2, n3], name, 4, began + FENCE_DEADLINE + 10)
         moved = time.monotonic() - began
         print(
-            f"partition: n3 stopped its replica {fenced:.1f} s after its cable was pulled; "
-            f"the other two ran all three {moved:.1f} s after"
+            f"partition: {cut.name} stopped its replica {fenced:.1f} s after its cable was "
+            f"pulled; the other three ran all four {moved:.1f} s after"
         )
-        assert {r["instance"] for found in after.values() for r in found} == {1, 2, 3}
-        assert "n3" not in listed_nodes(n1)
+        assert {r["instance"] for found in after.values() for r in found} == {1, 2, 3, 4}
+        assert cut.name not in listed_nodes(n1)
 
-        cable(n3, plugged=True)
+        cable(cut, plugged=True)
         plugged = True
         deadline = time.monotonic() + REJOIN_DEADLINE
-        while listed_nodes(n1).get("n3") != "ready":
-            assert time.monotonic() < deadline, "n3 did not rejoin"
+        while listed_nodes(n1).get(cut.name) != "ready":
+            assert time.monotonic() < deadline, f"{cut.name} did not rejoin"
             time.sleep(0.5)
         # Back: a few placement passes, and never two copies of one replica.
         for _ in range(12):
             rows = {node.name: healthy_replicas(node, name) for node in cluster}
             count = Counter(r["instance"] for found in rows.values() for r in found)
             assert all(n == 1 for n in count.values()), rows
-            assert running_here(n3, name) == set(), rows  # nothing started, nothing kept
+            assert running_here(cut, name) == set(), rows  # nothing started, nothing kept
             time.sleep(0.5)
-        final = wait_healthy(cluster.nodes, name, 3, time.monotonic() + 10)
-        assert sorted(r["instance"] for f in final.values() for r in f) == [1, 2, 3], final
-        assert final["n3"] == [], f"n3 runs {final['n3']} again"
+        final = wait_healthy(cluster.nodes, name, 4, time.monotonic() + 10)
+        assert sorted(r["instance"] for f in final.values() for r in f) == [1, 2, 3, 4], final
+        assert final[cut.name] == [], f"{cut.name} runs {final[cut.name]} again"
     finally:
         if not plugged:
-            cable(n3, plugged=True)
-        n1.run("down", name, timeout=120)
+            cable(cut, plugged=True)
+            deadline = time.monotonic() + REJOIN_DEADLINE
+            while listed_nodes(n1).get(cut.name) != "ready" and time.monotonic() < deadline:
+                time.sleep(0.5)
+        remove_deployment(n1, name)
