@@ -112,7 +112,6 @@ class EtcdStore:
         timeout: float = DEFAULT_TIMEOUT,
         prefix: str = KEYS["state"],
     ) -> None:
-        self.endpoints = list(endpoints)
         self.timeout = timeout
         self.prefix = prefix.encode()
         self._closed = False
@@ -123,7 +122,13 @@ class EtcdStore:
             target=self._loop.run_forever, name="etcd-store", daemon=True
         )
         self._thread.start()
-        self._client = client(self.endpoints, tls, timeout=timeout)
+        # follows the members: a running schedd reaches voters added after it started
+        self._client = client(list(endpoints), tls, timeout=timeout)
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The members' client URLs as the store's client knows them now."""
+        return self._client.endpoints
 
     # ------------------------------------------------------------ plumbing
 

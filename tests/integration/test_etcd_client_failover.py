@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Iterator
 
 import pytest
 
-from shared.cluster.etcd import Client, client, retrying
+from daemons.schedd.etcdstore import EtcdStore
+from shared.cluster.etcd import FOLLOW_EVERY, Client, client, retrying
 from tests.etcd_fixture import EtcdCluster, etcd3  # noqa: F401  (a fixture)
 
 # Generous: one try waits ATTEMPT_TIMEOUT (2 s) on the frozen member; before the
@@ -125,6 +126,28 @@ def test_a_client_given_one_member_follows_the_members_and_outlives_it(
             assert etcd3.endpoints[0] not in c.endpoints or len(c.endpoints) == 3
 
     asyncio.run(run())
+
+
+def test_schedds_store_given_one_member_follows_the_members_and_outlives_it(
+    etcd3: EtcdCluster,  # noqa: F811
+) -> None:
+    """A running schedd's store (its client as schedd makes it): the voters that joined
+    after it started are reached once the one in its cluster.toml is gone."""
+    store = EtcdStore(etcd3.endpoints[:1], timeout=10)
+    try:
+        store.add_revision("web", "{}", "", "web.toml")
+        deadline = time.monotonic() + 3 * FOLLOW_EVERY
+        while sorted(store.endpoints) != sorted(etcd3.endpoints):
+            assert time.monotonic() < deadline, store.endpoints
+            time.sleep(0.2)
+        etcd3.kill(0)
+        began = time.monotonic()
+        found = store.get("web")
+        assert found is not None and found.revision == 1
+        assert store.add_revision("web", "{}", "", "web.toml") == 2
+        assert time.monotonic() - began < BOUND
+    finally:
+        store.close()
 
 
 def test_a_client_follows_a_member_removed_from_the_cluster(
