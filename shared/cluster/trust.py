@@ -18,7 +18,9 @@ it issued, the nodes it revoked, and the check every node's peer port makes.
   (:meth:`Trust.refusal`): a revoked node, or a node id the cluster has no record
   of, is refused. Where the node holds the CA it also writes the CA's CRL
   (``crl.pem``) for its etcd member, which reads the file at every new TLS
-  connection (etcd's ``--client-crl-file``/``--peer-crl-file``).
+  connection (etcd's ``--client-crl-file``/``--peer-crl-file``). Once all of a
+  revoked node's certificates have expired its record goes (:func:`prune`, every
+  PRUNE_EVERY from each node's :class:`Trust`): TLS refuses them anyway.
 - **Renewal.** A node certificate lives ``pki.NODE_VALID_DAYS`` (two years), less
   than a cluster may. A node whose certificate has less than a third of its life
   left makes a new key and has it signed (:func:`renew_if_due`): by the CA it
@@ -48,6 +50,7 @@ log = logging.getLogger("zlayer.cluster.trust")
 
 ETCD_ERRORS = (aetcd.ClientError, OSError, TimeoutError)
 RETRY = 1.0
+PRUNE_EVERY = 6 * 3600.0  # seconds between looks for revocations whose certificates ended
 
 
 def _b64(data: bytes) -> str:
@@ -137,6 +140,36 @@ async def revoke(client: Any, node: str) -> RevokedNode:
     return record
 
 
+async def prune(client: Any, now: float | None = None) -> list[str]:
+    """Forget the revocations whose certificates have all expired (and those
+    certificates' records): TLS refuses an expired certificate anyway, and a node id
+    with no record is refused as unknown. Each goes in one transaction, only if
+    unchanged since it was read. The nodes forgotten."""
+    when = time.time() if now is None else now
+    prefix = KEYS["revoked"].encode()
+    tx = client.transactions
+    pruned: list[str] = []
+    for kv in await client.get_prefix(prefix):
+        record = _revoked(kv.value)
+        # not_after 0: no certificate of it was recorded, so none is known to have ended
+        if record is None or not 0 < record.not_after < when:
+            continue
+        issued = f"{KEYS['certificates']}{record.node}/".encode()
+        done, _ = await client.transaction(
+            compare=[tx.mod(bytes(kv.key)) == kv.mod_revision],
+            success=[
+                tx.delete(bytes(kv.key)),
+                tx.delete(issued, aetcd.utils.prefix_range_end(issued)),
+            ],
+            failure=[],
+        )
+        if done:
+            pruned.append(record.node)
+    if pruned:
+        log.info("revocations of expired certificates forgotten: %s", ", ".join(sorted(pruned)))
+    return pruned
+
+
 def removed(node: str) -> str:
     return (
         f"node {node} was removed from the cluster and its certificate revoked; "
@@ -170,19 +203,32 @@ class Trust:
         self.loaded = asyncio.Event()
         self._crl_entries: list[tuple[str, datetime.datetime]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pruning: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Watch the revocations; returns once they were read (or after a first try)."""
         self._task = asyncio.create_task(self._watch(), name="revocations")
+        self._pruning = asyncio.create_task(self._prune(), name="revocations-prune")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.loaded.wait(), 10.0)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._pruning):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._pruning = None
+
+    async def _prune(self) -> None:
+        """Forget revocations of expired certificates now and then (every node does:
+        each deletion is guarded, so two nodes at once do no harm)."""
+        while True:
+            try:
+                await prune(self.client)
+            except ETCD_ERRORS as exc:
+                log.warning("cannot forget expired revocations yet: %s", exc)
+            await asyncio.sleep(PRUNE_EVERY)
 
     async def refusal(self, caller: str) -> str | None:
         """Why a call from the node certificate of ``caller`` is refused; None if it is not."""
