@@ -359,7 +359,13 @@ async def renew_if_due(
             if other.id == node_id:
                 continue
             try:
-                renewed = await peer.renew(other.address, other.peer_port, tls, csr)
+                renewed = await peer.renew(
+                    peer.peer_address(other, live.get(node_id)),
+                    other.peer_port,
+                    tls,
+                    csr,
+                    expect_node=other.id,
+                )
                 break
             except peer.PeerError as exc:
                 failures.append(f"{other.id}: {exc}")
