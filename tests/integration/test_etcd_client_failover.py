@@ -94,8 +94,12 @@ def test_a_watch_on_the_frozen_member_ends_and_a_new_one_sees_writes(
                     async for _ in watch:
                         pass
 
+                began = time.monotonic()
                 with pytest.raises(Exception, match="stopped answering"):
                     await _within(ends(), BOUND)
+                print(
+                    f"the watch on the frozen member ended {time.monotonic() - began:.1f} s later"
+                )
                 again = await asyncio.wait_for(c.watch(key), BOUND)
                 await asyncio.wait_for(c.put(key, b"seen"), BOUND)
                 event = await asyncio.wait_for(anext(aiter(again)), BOUND)
