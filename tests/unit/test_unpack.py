@@ -4,6 +4,7 @@ blobs unpacked as they stream in (digest first, resumes, abandoned downloads).""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import os
 import stat
@@ -278,6 +279,64 @@ def test_a_streamed_blob_is_stored_and_unpacked_like_a_stored_one(
     stored.write_bytes(blob)
     unpack_layer(stored, workdir / "unpacked", "sha256:test", sha256(data))
     assert tree(workdir / "streamed") == tree(workdir / "unpacked")
+
+
+def gzip_members(data: bytes) -> bytes:
+    """``data`` as two gzip members and zero padding, as pigz or a concatenation leaves it."""
+    cut = len(data) // 3
+    return gzip.compress(data[:cut], 1) + gzip.compress(data[cut:], 9) + b"\0" * 7
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_gzip_blob_of_several_members_unpacks_whole(workdir: Path, streamed: bool) -> None:
+    data = make_tar(LAYER)
+    blob = gzip_members(data)
+    if streamed:
+        received = stream(blob, workdir / "partial", workdir / "layer", sha256(data))
+        assert received == Received(sha256(blob), len(blob), True)
+    else:
+        (workdir / "blob").write_bytes(blob)
+        unpack_layer(workdir / "blob", workdir / "layer", "sha256:test", sha256(data))
+    assert (workdir / "layer/bin/tool").read_bytes() == LAYER[1].data
+    assert (workdir / "layer/etc/conf").read_bytes() == b"a=1\n"
+
+
+def damaged_gzip(data: bytes, damage: str) -> bytes:
+    blob = bytearray(gzip.compress(data))
+    if damage == "cut short":
+        return bytes(blob[: len(blob) // 2])
+    if damage == "trailer cut off":
+        return bytes(blob[:-8])
+    if damage == "wrong checksum":
+        blob[-8] ^= 1  # the CRC-32 of the trailer
+    elif damage == "wrong size":
+        blob[-1] ^= 1  # the size of the trailer
+    elif damage == "garbage after it":
+        blob += b"not gzip at all" * 4
+    return bytes(blob)
+
+
+GZIP_DAMAGE = ["cut short", "trailer cut off", "wrong checksum", "wrong size", "garbage after it"]
+
+
+@pytest.mark.parametrize("damage", GZIP_DAMAGE)
+def test_a_damaged_gzip_layer_is_refused(workdir: Path, damage: str) -> None:
+    blob = workdir / "blob"
+    blob.write_bytes(damaged_gzip(make_tar(LAYER), damage))
+    with pytest.raises(InvalidArgumentError, match="not a readable tar") as caught:
+        unpack_layer(blob, workdir / "layer", "sha256:test", None)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", GZIP_DAMAGE)
+def test_a_damaged_gzip_blob_that_is_its_digest_is_refused_as_it_streams(
+    workdir: Path, damage: str
+) -> None:
+    blob = damaged_gzip(make_tar(LAYER), damage)  # the registry's own blob, digest and all
+    partial = workdir / "partial"
+    with pytest.raises(InvalidArgumentError, match="not a readable tar"):
+        stream(blob, partial, workdir / "layer", None)
+    assert not partial.exists() and not (workdir / "layer").exists()
 
 
 def test_a_resumed_blob_reads_what_the_partial_file_holds_first(workdir: Path) -> None:
