@@ -13,7 +13,11 @@ run, in two groups. Without daemons:
   ``zlayerctl up -b IDLE`` there too: the command's own cost (a spec of one
   service of 0 replicas: each run stores a revision and nothing starts);
 - the peer, ``podman --version`` (``docker --version`` where podman is not
-  installed): a Go binary doing the least a CLI can do.
+  installed): a Go binary doing the least a CLI can do;
+- the interpreter's floor, in both groups: ``python -S -c pass`` (no site),
+  ``python -c pass`` (the installed environment's site) and ``python -I -c
+  "import jeepney"`` (the bus library every read command loads), with the
+  Python zlayerctl runs on: what no change to zlayerctl can cut.
 
 With the six daemons running (started by this benchmark under a throwaway
 prefix, see ``_cluster.py``), the read commands, each one bus round trip or a
@@ -138,6 +142,16 @@ def packaged_zlayerctl() -> Iterator[str]:
         yield str(venv / "bin" / "zlayerctl")
 
 
+def floor_commands(zlayerctl: str) -> dict[str, list[str]]:
+    """The interpreter zlayerctl runs on, doing nothing, then importing the bus library."""
+    python = str(Path(zlayerctl).parent / "python")
+    return {
+        "python -S -c pass (floor)": [python, "-S", "-c", "pass"],
+        "python -c pass (floor)": [python, "-c", "pass"],
+        'python -I -c "import jeepney"': [python, "-I", "-c", "import jeepney"],
+    }
+
+
 def peer_executable() -> str:
     """podman, else docker."""
     for name in ("podman", "docker"):
@@ -251,6 +265,7 @@ def run_all(
         "zlayerctl --help": [zlayerctl, "--help"],
         "zlayerctl validate FILE": [zlayerctl, "validate", args.file],
         peer_name: [peer, "--version"],
+        **floor_commands(zlayerctl),
     }
     samples = measure(commands, args)
 
@@ -262,6 +277,7 @@ def run_all(
             with running_daemons() as cluster:
                 reads = {name: [zlayerctl, *argv] for name, argv in READ_COMMANDS}
                 reads[read_peer_name] = [peer, "ps"]
+                reads.update(floor_commands(zlayerctl))
                 read_samples = measure(reads, args, cluster.env)
                 # validate where schedd answers (root: it checks the spec), beside the
                 # same command checking the file itself (no bus), and the peer
