@@ -15,7 +15,6 @@ the same format (``daemons/registryd/auth.py``).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from shared.reference import DEFAULT_DOMAIN
@@ -123,10 +122,11 @@ def _entry_credential(entry: Any) -> Credential | None:
     return None
 
 
-def entry_from_file(path: Path, registry: str) -> Credential | None:
+def entry_from_file(path: str | os.PathLike[str], registry: str) -> Credential | None:
     """The credential for ``registry`` in the auth file at ``path``; None if it has none."""
     try:
-        text = path.read_text()
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
     except (OSError, UnicodeDecodeError):
         return None
     import json  # only for a file that is there: many users have none of the four
@@ -153,27 +153,32 @@ def entry_from_file(path: Path, registry: str) -> Credential | None:
     return None
 
 
-def user_auth_files(environ: dict[str, str] | None = None, uid: int | None = None) -> list[Path]:
-    """The auth files of the user running zlayerctl, in the order Podman reads them."""
+def user_auth_files(environ: dict[str, str] | None = None, uid: int | None = None) -> list[str]:
+    """The auth files of the user running zlayerctl, in the order Podman reads them.
+
+    Paths as strings: pathlib (and the urllib.parse and ipaddress it imports)
+    was a good part of what a warm ``zlayerctl pull`` imported for nothing else.
+    """
     env = os.environ if environ is None else environ
     user = os.getuid() if uid is None else uid
-    files: list[Path] = []
+    join = os.path.join
+    files: list[str] = []
     if env.get("REGISTRY_AUTH_FILE"):
-        files.append(Path(env["REGISTRY_AUTH_FILE"]))
+        files.append(env["REGISTRY_AUTH_FILE"])
     if env.get("XDG_RUNTIME_DIR"):
-        files.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+        files.append(join(env["XDG_RUNTIME_DIR"], "containers", "auth.json"))
     elif user == 0:
         # `podman login` as root without a runtime directory writes here.
-        files.append(Path(f"/run/containers/{user}/auth.json"))
+        files.append(f"/run/containers/{user}/auth.json")
     if env.get("XDG_CONFIG_HOME"):
-        files.append(Path(env["XDG_CONFIG_HOME"]) / "containers" / "auth.json")
+        files.append(join(env["XDG_CONFIG_HOME"], "containers", "auth.json"))
     elif env.get("HOME"):
-        files.append(Path(env["HOME"]) / ".config" / "containers" / "auth.json")
+        files.append(join(env["HOME"], ".config", "containers", "auth.json"))
     docker_config = env.get("DOCKER_CONFIG")
     if docker_config:
-        files.append(Path(docker_config) / "config.json")
+        files.append(join(docker_config, "config.json"))
     elif env.get("HOME"):
-        files.append(Path(env["HOME"]) / ".docker" / "config.json")
+        files.append(join(env["HOME"], ".docker", "config.json"))
     return files
 
 

@@ -8,6 +8,7 @@ and ``tests/integration/test_ctl_pull_bus.py``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -140,6 +141,39 @@ def test_pull_imports_no_inspect_or_dataclasses(tmp_path: Path) -> None:
     )
     assert {"shared.credentials", "shared.reference", "json", "base64"} <= modules
     assert sorted({"inspect", "dataclasses", "ast", "dis"} & modules) == []
+
+
+def test_pull_reads_credentials_without_pathlib(tmp_path: Path) -> None:
+    """The user's auth files are found as path strings: pathlib, and the urllib.parse and
+    ipaddress it imports, are not loaded for them. Run as an installed zlayerctl runs (the
+    packages on the path, no site: a checkout's editable-install finder loads pathlib)."""
+    import json
+    import subprocess
+    import sys
+    import sysconfig
+
+    auth_file = tmp_path / "config" / "containers" / "auth.json"
+    auth_file.parent.mkdir(parents=True)
+    auth_file.write_text('{"auths": {"registry.example:5000": {"auth": "dTpw"}}}')  # u:p
+    code = (
+        "import sys\n"
+        "sys.argv = ['zlayerctl', 'pull', 'registry.example:5000/a/b:1', '--format', 'json']\n"
+        + main_without_daemons(tmp_path, "os.environ.pop('REGISTRY_AUTH_FILE', None)")
+        + "\nimport json\nprint('MODULES', json.dumps(sorted(sys.modules)))"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={**os.environ, "PYTHONPATH": f"{repo}:{sysconfig.get_paths()['purelib']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    modules = set(json.loads(result.stdout.rsplit("MODULES ", 1)[1]))
+    assert {"shared.credentials", "json", "base64"} <= modules
+    assert sorted({"pathlib", "urllib.parse", "ipaddress"} & modules) == []
 
 
 def test_auth_for_reads_the_users_credential_for_the_images_registry(

@@ -298,16 +298,16 @@ def test_which_user_files_are_read_and_in_what_order(tmp_path: Path) -> None:
         "DOCKER_CONFIG": "/d",
     }
     assert user_auth_files(env, uid=1000) == [
-        Path("/a/auth.json"),
-        Path("/run/user/1000/containers/auth.json"),
-        Path("/home/u/.config/containers/auth.json"),
-        Path("/d/config.json"),
+        "/a/auth.json",
+        "/run/user/1000/containers/auth.json",
+        "/home/u/.config/containers/auth.json",
+        "/d/config.json",
     ]
     # Root without a runtime directory: where `podman login` puts it.
     assert user_auth_files({"HOME": "/root"}, uid=0) == [
-        Path("/run/containers/0/auth.json"),
-        Path("/root/.config/containers/auth.json"),
-        Path("/root/.docker/config.json"),
+        "/run/containers/0/auth.json",
+        "/root/.config/containers/auth.json",
+        "/root/.docker/config.json",
     ]
 
 
