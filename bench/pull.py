@@ -15,10 +15,11 @@ warm   ZLayer: the same ``zlayerctl pull`` again with the image stored: the
        skopeo: the same copy again into the DIR that already holds every blob
        (skopeo reuses blobs the destination has).
 
-Both are timed as whole processes, as a user runs them: zlayerctl's modules
-byte-compiled first, as an installed package has them (with
-PYTHONDONTWRITEBYTECODE set, each run would compile every module changed
-since its last .pyc). The figure is the
+Both are timed as whole processes, as a user runs them: zlayerctl installed
+from this tree's wheel, its modules byte-compiled, as ``startup.py`` times it
+(``--editable``: the checkout's own, whose editable-install finder costs
+every start about 20 ms more; its modules are byte-compiled first). The
+daemons are the checkout's. The figure is the
 median; the ratio is ZLayer's over skopeo's (below 1: ZLayer is faster).
 Two more rows say where ZLayer's time goes: registryd's part alone (each
 pull job's start to end, as the daemon recorded it) beside the same skopeo
@@ -28,13 +29,14 @@ A second table gives the CPU time each pull cost (user + system: zlayerctl's
 process and registryd's share, against skopeo's process), which other work
 on a busy machine moves far less than the wall time.
 
-    .venv/bin/python bench/pull.py [--runs N] [--layers N] [--layer-mb MB]
+    .venv/bin/python bench/pull.py [--runs N] [--layers N] [--layer-mb MB] [--editable]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -48,6 +50,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._cluster import Cluster, print_table, running_daemons
+from bench.startup import packaged_zlayerctl
+from ctl.supervisor import find_executable
 from shared import busybox_image as builder
 from shared.bus import open_bus, resolve_bus_address
 from shared.clients import RegistryClient
@@ -93,17 +97,12 @@ def make_layers(count: int, size_mb: int) -> list[bytes]:
     return layers
 
 
-def measure(cluster: Cluster, image: str, work: Path, runs: int) -> None:
-    ctl = [shutil.which("zlayerctl") or str(Path(sys.executable).parent / "zlayerctl")]
+def measure(cluster: Cluster, zlayerctl: str, image: str, work: Path, runs: int) -> None:
+    ctl = [zlayerctl]
     skopeo = ["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "--quiet"]
     results: dict[str, list[float]] = {k: [] for k in ("zc", "sc", "zw", "sw")}
     cpu: dict[str, list[float]] = {k: [] for k in results}
     registryd = cluster.state.daemons["registryd"].pid
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(root / "ctl"), str(root / "shared")],
-        check=True,
-    )
     for run in range(runs):
         cluster.zlayerctl("image", "rm", "--force", image)
         target = work / f"oci-{run}"
@@ -166,13 +165,30 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--layer-mb", type=int, default=4)
+    parser.add_argument(
+        "--editable",
+        action="store_true",
+        help="time the checkout's editable zlayerctl, not one installed from its wheel",
+    )
     args = parser.parse_args()
     for tool in ("skopeo", "docker-registry"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (apt-get install {tool})")
     work = Path(tempfile.mkdtemp(prefix="zlbench-pull-"))
     registry = None
+    stack = contextlib.ExitStack()
     try:
+        if args.editable:
+            zlayerctl = find_executable("zlayerctl")
+            # as an installed package has them: with PYTHONDONTWRITEBYTECODE set, each run
+            # would compile every module changed since its last .pyc
+            root = Path(__file__).resolve().parent.parent
+            subprocess.run(
+                [sys.executable, "-m", "compileall", "-q", str(root / "ctl"), str(root / "shared")],
+                check=True,
+            )
+        else:
+            zlayerctl = stack.enter_context(packaged_zlayerctl())
         layers = make_layers(args.layers, args.layer_mb)
         layout = builder.write_oci_layout(
             builder.make_image(layers, "localhost/bench:1"), work / "layout"
@@ -183,11 +199,13 @@ def main() -> None:
         total = sum(len(layer) for layer in layers) / 1e6
         print(
             f"image: {len(layers)} layers, {total:.0f} MB uncompressed, "
-            f"from a local docker-registry; {args.runs} runs each",
+            f"from a local docker-registry; {args.runs} runs each; zlayerctl "
+            + ("the checkout's editable install" if args.editable else "installed from its wheel"),
         )
         with running_daemons() as cluster:
-            measure(cluster, image, work, args.runs)
+            measure(cluster, zlayerctl, image, work, args.runs)
     finally:
+        stack.close()
         if registry is not None:
             registry.stop()
         shutil.rmtree(work, ignore_errors=True)
