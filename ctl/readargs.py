@@ -9,7 +9,8 @@ such as ``-dweb``, shell completion) returns None and click runs the command
 as always, with its own messages. ``tests/unit/test_ctl_reads.py`` holds the
 table to the click commands' options. ``up -b [FILE]`` (``ctl.up_background``) is read
 here too, when it goes to this node's bus: ``tests/unit/test_ctl_up_fast.py``; so is
-``pull IMAGE`` (``ctl.registry_jobs``): ``tests/unit/test_ctl_pull_fast.py``.
+``pull IMAGE`` (``ctl.registry_jobs``): ``tests/unit/test_ctl_pull_fast.py``; so is
+``validate FILE`` (``ctl.spec_check``): ``tests/unit/test_ctl_validate_fast.py``.
 
 Importing this module imports nothing but ``os``, ``sys`` and ``typing`` (which click and
 the read path load anyway): not dataclasses, whose ``inspect`` the read path does not need.
@@ -212,6 +213,27 @@ def parse_pull(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
     return PULL, read[0]
 
 
+# ``validate FILE [--format F]``: ``ctl.spec_check.validate`` is the click command's whole body.
+# It reads the file on this machine wherever other commands go (a node's API has no part in
+# it), so --host and contexts change nothing. Without FILE (the one spec file here) it goes
+# to click, as the rarer form.
+VALIDATE = ReadCommand(
+    ("validate",),
+    "ctl.spec_check:validate",
+    dict(_FORMAT_OPTION),
+    {"file": None, "output_format": "table"},
+)
+
+
+def parse_validate(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
+    """``validate FILE``'s options, or None to leave ``argv`` to click: no FILE or a second
+    one, an empty one, ``--``, ``-h``/``--help`` or any other word it does not know."""
+    read = _read_words(VALIDATE, argv, "file")
+    if read is None or read[0]["file"] is None:
+        return None
+    return VALIDATE, read[0]
+
+
 def _goes_to_an_api() -> bool:
     """Whether the command may go to a node's API; a context that cannot be read is left to
     click too, which reads the file first, as before."""
@@ -289,6 +311,8 @@ def parse(argv: list[str]) -> tuple[ReadCommand, dict[str, Any]] | None:
         return parse_up_background(argv)
     if argv[:1] == list(PULL.words):
         return parse_pull(argv)
+    if argv[:1] == list(VALIDATE.words):
+        return parse_validate(argv)
     for command in READ_COMMANDS:
         if tuple(argv[: len(command.words)]) == command.words:
             break

@@ -120,7 +120,8 @@ def test_validate_imports_the_spec_and_nothing_for_images_or_the_bus(tmp_path: P
         "examples/static-web.zlayer.yml",
     )
     assert "shared.spec" in modules
-    assert "ctl.spec_cmd" in modules
+    # validate FILE runs without click (ctl.spec_check; tests/unit/test_ctl_validate_fast.py)
+    assert "ctl.spec_check" in modules
     assert _heavy(modules) == ["pydantic", "shared.spec"]
     assert not {"ctl.build_cmd", "ctl.deploy_cmd", "ctl.wasm_cmd"} & modules
     # a spec without a cron job needs no croniter; a valid one printed to a pipe, no rich
