@@ -391,26 +391,40 @@ class Client(aetcd.Client):  # type: ignore[misc]
         tried = 0
         while True:
             url = self._urls[self._current]
-            wait = self._attempt
-            if deadline is not None:
-                wait = max(0.001, min(wait, deadline - loop.time()))
             call = getattr(self._stub(url, service), method)
             try:
+                wait = self._try_time(timeout, deadline, tried)
                 return await call(request, timeout=wait, metadata=metadata, **kwargs)
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code not in MOVE_ON:
-                    raise
-                self._move_on(url, exc.details() or code.name)
                 tried += 1
-                if (
-                    tried >= len(self._urls)  # each member once
-                    or (deadline is not None and loop.time() >= deadline)
-                    or (code is grpc.StatusCode.DEADLINE_EXCEEDED and method in ONCE)
-                ):
+                if not self._again(url, method, exc, tried, deadline):
                     raise
 
-    def _stream(
+    def _try_time(self, timeout: float | None, deadline: float | None, tried: int) -> float:
+        """How long one try waits: ATTEMPT_TIMEOUT, within the call's deadline; the
+        first try at most half the call's time when another member could answer, so
+        a short call (a lease's refresh) still has time for the next member."""
+        if deadline is None or timeout is None:
+            return self._attempt
+        wait = min(self._attempt, deadline - asyncio.get_running_loop().time())
+        if tried == 0 and len(self._urls) > 1:
+            wait = min(wait, timeout / 2)
+        return max(0.001, wait)
+
+    def _again(self, url: str, method: str, exc: Any, tried: int, deadline: float | None) -> bool:
+        """After a failed try on ``url``: move on if the member did not answer, and
+        whether to try the call on the next member."""
+        code = exc.code()
+        if code not in MOVE_ON:
+            return False
+        self._move_on(url, exc.details() or code.name)
+        return not (
+            tried >= len(self._urls)  # each member once
+            or (deadline is not None and asyncio.get_running_loop().time() >= deadline)
+            or (code is grpc.StatusCode.DEADLINE_EXCEEDED and method in ONCE)
+        )
+
+    async def _stream(
         self,
         service: str,
         method: str,
@@ -419,24 +433,31 @@ class Client(aetcd.Client):  # type: ignore[misc]
         metadata: Any = None,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
-        url = self._urls[self._current]
-        if method == "LeaseKeepAlive":  # one refresh: its answer comes at once
-            timeout = self._attempt if timeout is None else min(timeout, self._attempt)
-        call = getattr(self._stub(url, service), method)(
-            request, timeout=timeout, metadata=metadata, **kwargs
-        )
-        return self._replies(url, call)
-
-    async def _replies(self, url: str, call: Any) -> AsyncIterator[Any]:
-        try:
-            async for reply in call:
-                yield reply
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in MOVE_ON:
-                self._move_on(url, exc.details() or exc.code().name)
-            raise
-        finally:
-            call.cancel()  # a caller that stops at the first reply ends the stream
+        """A streaming call on the member in use. A lease's refresh (one request, its
+        answer at once) is tried like a unary call; a snapshot is sent once."""
+        refresh = method == "LeaseKeepAlive"
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        tried = 0
+        while True:
+            url = self._urls[self._current]
+            wait = self._try_time(timeout, deadline, tried) if refresh else timeout
+            call = getattr(self._stub(url, service), method)(
+                request, timeout=wait, metadata=metadata, **kwargs
+            )
+            answered = False
+            try:
+                async for reply in call:
+                    answered = True
+                    yield reply
+                return
+            except grpc.aio.AioRpcError as exc:
+                tried += 1
+                again = self._again(url, method, exc, tried, deadline)
+                if answered or not refresh or not again:
+                    raise
+            finally:
+                call.cancel()  # a caller that stops at the first reply ends the stream
 
     async def watch(self, key: bytes, **kwargs: Any) -> Any:
         """aetcd's watch, whose cancel goes to the stream that made it (watch ids

@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Iterator
 import pytest
 
 from daemons.schedd.etcdstore import EtcdStore
+from daemons.schedd.membership import DEFAULT_TTL, Membership
 from shared.cluster.etcd import FOLLOW_EVERY, Client, client, retrying
+from shared.wire.cluster import NodeCapacity, NodeRecord
 from tests.etcd_fixture import EtcdCluster, etcd3  # noqa: F401  (a fixture)
 
 # Generous: one try waits ATTEMPT_TIMEOUT (2 s) on the frozen member; before the
@@ -152,6 +154,55 @@ def test_schedds_store_given_one_member_follows_the_members_and_outlives_it(
         assert time.monotonic() - began < BOUND
     finally:
         store.close()
+
+
+def test_schedds_membership_given_one_member_keeps_its_lease_when_that_member_freezes(
+    frozen_first: tuple[EtcdCluster, list[str], int],
+) -> None:
+    """Two nodes that started when one member (not the leader) existed: when it
+    freezes, their leases are refreshed through the members that joined later in
+    time, and neither loses its lease nor the leadership moves."""
+    cluster, urls, first = frozen_first
+
+    def record(node_id: str) -> NodeRecord:
+        return NodeRecord(
+            id=node_id,
+            name=node_id,
+            address="127.0.0.1",
+            peer_port=7443,
+            capacity=NodeCapacity(cpu=1.0, memory=1 << 30),
+        )
+
+    async def run() -> None:
+        nodes = [Membership(record(name), urls[:1]) for name in ("a", "b")]
+        for node in nodes:
+            await node.start()
+        try:
+            deadline = time.monotonic() + 3 * FOLLOW_EVERY
+            while any(len(n._client.endpoints) < 3 for n in nodes) or not any(
+                n.is_leader for n in nodes
+            ):
+                assert time.monotonic() < deadline, [n._client.endpoints for n in nodes]
+                await asyncio.sleep(0.1)
+            leader = [n.record.id for n in nodes if n.is_leader]
+            leases = [n.lease for n in nodes]
+            lost: list[str] = []
+
+            def seen() -> None:
+                lost.extend(n.record.id for n in nodes if n.lease is None or n.fenced)
+
+            for node in nodes:
+                node._on_change = seen
+            with _Frozen(cluster, first):
+                await asyncio.sleep(2 * DEFAULT_TTL)
+                assert lost == [] and [n.lease for n in nodes] == leases
+                assert [n.record.id for n in nodes if n.is_leader] == leader
+                assert all(set(n.nodes) == {"a", "b"} for n in nodes)
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(run())
 
 
 def test_a_client_follows_a_member_removed_from_the_cluster(
