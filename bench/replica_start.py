@@ -55,7 +55,18 @@ during this run (and only those), its CNI IPAM directory, podman's root
 directories, the previous ``net.ipv4.ip_forward``, temporary directories.
 Nothing is ever killed by name.
 
-Needs root (containers), crun, conmon, podman and Debian's busybox-static.
+3. **Timeline** (``--timeline N``, before the rest; ``--runs 0 --big-runs 0``
+   for it alone): N Deploys on the bus per network, with ``perf trace`` of
+   the machine (exec, fork, exit, fsync, mount, unlink) and ``busctl
+   monitor`` of the bus running, and each step's median in ms after the
+   Deploy call: the reply, SyncAssignments sent, creating, EnsureImageJob and
+   Attach answered, the root file system mounted, conmon and ``crun create``
+   exec'd, ``crun create`` ended, ``exec.fifo`` released, the container's
+   process exec'd, running, SyncAssignments answered, the Deploy job's end;
+   and the fsyncs of the last run. Nothing is added to the daemons.
+
+Needs root (containers), crun, conmon, podman and Debian's busybox-static;
+perf and busctl for ``--timeline``.
 
 Run: ``.venv/bin/python bench/replica_start.py`` (about 2 minutes);
 ``--big-runs 0`` measures part 1 only.
@@ -71,8 +82,10 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -87,7 +100,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cluster import Cluster, percentile, print_table, running_daemons
 
-from ctl.supervisor import find_executable
+from ctl.supervisor import SupervisorState, find_executable
 from shared.bus import open_bus
 from shared.busybox_image import busybox_image, write_docker_archive, write_oci_layout
 from shared.clients import AgentClient, SchedulerClient
@@ -636,6 +649,242 @@ class Zlayer:
                 await self.down(name)
 
 
+# ---------------------------------------------------------------- the timeline
+
+PERF_EVENTS = (
+    "sched:sched_process_exec,sched:sched_process_fork,sched:sched_process_exit,"
+    "fsync,fdatasync,mount,unlink,unlinkat"
+)
+PERF_LINE = re.compile(
+    r"^\s*(?P<at>\d+\.\d+) \(\s*(?P<took>[\d.]+)?\s*(?:ms)?\): (?P<comm>.*?)/(?P<tid>\d+) "
+    r"(?P<rest>.*)$"
+)
+# The steps of one Deploy, in the order they happen; each in ms after the Deploy call.
+TIMELINE = (
+    "Deploy reply (revision stored)",
+    "SyncAssignments sent to agentd",
+    "replica creating (ReplicaChanged)",
+    "EnsureImageJob answered",
+    "Attach answered (netns, veth)",
+    "rootfs mounted (bundle written)",
+    "conmon exec'd",
+    "crun create exec'd",
+    "crun create ended",
+    "exec.fifo released (start)",
+    "container process exec'd",
+    "replica running (ReplicaChanged)",
+    "SyncAssignments answered",
+    "Deploy job done (JobRemoved)",
+)
+
+
+class Tracer:
+    """``perf trace`` of the whole machine (exec, fork, exit, fsync, mount, unlink) and
+    ``busctl monitor`` of the daemons' bus, each into a file, read once stopped.
+
+    Nothing is added to the daemons: what they do is read from the kernel and the bus.
+    perf's clock is CLOCK_MONOTONIC; the bus's timestamps are wall clock.
+    """
+
+    def __init__(self, cluster: Cluster, work: Path) -> None:
+        for tool in ("perf", "busctl"):
+            if shutil.which(tool) is None:
+                raise FileNotFoundError(
+                    f"--timeline needs {tool}; install it (apt-get install "
+                    f"{'linux-perf' if tool == 'perf' else 'systemd'})"
+                )
+        self.perf_path = work / "perf.txt"
+        self.bus_path = work / "bus.json"
+        self.bus_out = self.bus_path.open("w")
+        state = SupervisorState.read(cluster.paths) or cluster.state
+        self.pids = {name: child.pid for name, child in state.daemons.items()}
+        self.wall_offset = time.time() - time.monotonic()
+        self.perf = subprocess.Popen(
+            ["perf", "trace", "-T", "--comm", "-o", str(self.perf_path), "-e", PERF_EVENTS],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.busctl = subprocess.Popen(
+            ["busctl", f"--address={cluster.bus_address}", "monitor", "--json=short"],
+            stdout=self.bus_out,
+            stderr=subprocess.DEVNULL,
+        )
+        # The daemons' threads now; those made later are seen forking.
+        self.tasks: dict[int, str] = {}
+        for name in ("schedd", "agentd"):
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{self.pids[name]}/task"):
+                    self.tasks[int(task)] = name
+        time.sleep(1.0)  # both subscribed
+
+    def stop(self) -> tuple[list[tuple[float, float, str, int, str, str]], list[dict[str, Any]]]:
+        """(perf events as (monotonic s, took ms, comm, tid, daemon, event), bus messages)."""
+        for process in (self.perf, self.busctl):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.bus_out.close()
+        messages = []
+        for line in self.bus_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                messages.append(json.loads(line))
+        events = []
+        started: dict[tuple[int, str], float] = {}
+        for line in self.perf_path.read_text(errors="replace").splitlines():
+            found = PERF_LINE.match(line)
+            if found is None:
+                continue
+            at, tid, rest = float(found["at"]) / 1000, int(found["tid"]), found["rest"]
+            took = float(found["took"]) if found["took"] else 0.0
+            if rest.startswith("sched:sched_process_fork"):
+                child = re.search(r"child_pid: (\d+)", rest)
+                if child and tid in self.tasks:
+                    self.tasks[int(child.group(1))] = self.tasks[tid]
+                continue
+            if tid not in self.tasks:
+                continue
+            name = rest.split("(", 1)[0].strip()
+            if name.startswith("..."):  # a syscall cut in two: "... [continued]: fsync()"
+                call = re.search(r"\[continued\]: (\w+)", rest)
+                if call is None:
+                    continue
+                name = call.group(1)
+                at = started.pop((tid, name), at)
+            elif not found["took"] and not name.startswith("sched:"):
+                started[(tid, name)] = at
+                continue
+            if name == "sched:sched_process_exec":
+                exe = re.search(r'filename: "([^"]*)"', rest)
+                name = f"exec {Path(exe.group(1)).name if exe else '?'}"
+            elif name == "sched:sched_process_exit":
+                name = "exit"
+            events.append((at, took, found["comm"].strip(), tid, self.tasks[tid], name))
+        return events, messages
+
+
+@dataclass
+class TracedRun:
+    name: str
+    network: str
+    called: float  # time.monotonic() just before Deploy was called
+    until: float  # ... the end of the run's window
+
+
+def run_steps(
+    run: TracedRun,
+    events: list[tuple[float, float, str, int, str, str]],
+    messages: list[dict[str, Any]],
+    wall_offset: float,
+    pids: dict[str, int],
+) -> tuple[dict[str, float], list[str]]:
+    """The run's steps in ms after the Deploy call, and its fsyncs ("schedd 3.1 ms at 12.0")."""
+    steps: dict[str, float] = {}
+
+    def ms_after(monotonic: float) -> float:
+        return (monotonic - run.called) * 1000
+
+    def bus_at(message: dict[str, Any]) -> float:
+        return float(message["timestamp-realtime"]) / 1e6 - wall_offset
+
+    calls = {(m.get("sender"), m.get("cookie")): m for m in messages if m["type"] == "method_call"}
+    for message in messages:
+        at = bus_at(message)
+        if not run.called - 0.01 <= at <= run.until:
+            continue
+        member, kind = message.get("member", ""), message["type"]
+        payload = json.dumps(message.get("payload", {}))
+        if kind == "signal" and member == "ReplicaChanged" and f'\\"{run.name}\\"' in payload:
+            if '\\"state\\":\\"creating\\"' in payload:
+                steps.setdefault(TIMELINE[2], ms_after(at))
+            if '\\"state\\":\\"running\\"' in payload:
+                steps.setdefault(TIMELINE[11], ms_after(at))
+        elif kind == "signal" and member == "JobRemoved" and run.name in payload:
+            steps.setdefault(TIMELINE[13], ms_after(at))
+        elif kind == "method_call" and member == "SyncAssignments" and run.name in payload:
+            steps.setdefault(TIMELINE[1], ms_after(at))
+        elif kind == "method_return":
+            call = calls.get((message.get("destination"), message.get("reply_cookie")))
+            if call is None:
+                continue
+            called = json.dumps(call.get("payload", {}))
+            what = call.get("member")
+            if what == "Deploy" and run.name in called:
+                steps.setdefault(TIMELINE[0], ms_after(at))
+            elif what == "EnsureImageJob" and TIMELINE[2] in steps:
+                steps.setdefault(TIMELINE[3], ms_after(at))
+            elif what == "Attach" and f'"{run.name}-' in called:
+                steps.setdefault(TIMELINE[4], ms_after(at))
+            elif what == "SyncAssignments" and run.name in called:
+                steps.setdefault(TIMELINE[12], ms_after(at))
+    syncs = []
+    crun_tid = 0
+    for at, took, comm, tid, daemon, name in events:
+        if not run.called <= at <= run.until:
+            continue
+        if name in ("fsync", "fdatasync") and comm not in ("conmon", "crun"):
+            syncs.append(f"{daemon} {name} {took:.1f} ms at {ms_after(at):.1f}")
+        elif name == "mount" and daemon == "agentd":
+            steps.setdefault(TIMELINE[5], ms_after(at))
+        elif name == "exec conmon":
+            steps.setdefault(TIMELINE[6], ms_after(at))
+        elif name == "exec crun" and TIMELINE[6] in steps:
+            if TIMELINE[7] not in steps:
+                crun_tid = tid
+            steps.setdefault(TIMELINE[7], ms_after(at))
+        elif name == "exit" and tid == crun_tid:
+            steps.setdefault(TIMELINE[8], ms_after(at))
+        elif name in ("unlink", "unlinkat") and tid == pids.get("agentd") and TIMELINE[8] in steps:
+            steps.setdefault(TIMELINE[9], ms_after(at))
+        elif name == "exec sleep" and TIMELINE[7] in steps:
+            steps.setdefault(TIMELINE[10], ms_after(at))
+    return steps, syncs
+
+
+async def timeline(cluster: Cluster, zl: Zlayer, work: Path, runs: int) -> None:
+    """``runs`` Deploys on the bus per network, traced; each step's median."""
+    tracer = Tracer(cluster, work)
+    traced: list[TracedRun] = []
+    try:
+        for _ in range(runs):
+            for network in ("host", "bridge"):
+                zl.seq += 1
+                name = f"rst{network[0]}{zl.seq}"
+                line = "    network_mode: host\n" if network == "host" else ""
+                text = SLEEPER.format(name=name, image=IMAGE, network=line)
+                path = zl.write(name, text)
+                zl.deployed.add(name)
+                running = lambda rs: any(r.state == "running" for r in rs)  # noqa: E731
+                called = time.monotonic()
+                await zl.agent.schedd.deploy(text, str(path), {})
+                await zl.agent.wait_for(name, running, START_TIMEOUT)
+                await asyncio.sleep(0.5)  # the job's end and the last replies
+                traced.append(TracedRun(name, network, called, time.monotonic()))
+                await zl.down(name)
+    finally:
+        events, messages = tracer.stop()
+    for network in ("host", "bridge"):
+        mine = [r for r in traced if r.network == network]
+        found = [run_steps(r, events, messages, tracer.wall_offset, tracer.pids) for r in mine]
+        print()
+        print(
+            "timeline of a Deploy on the bus, "
+            f"{'network_mode: host' if network == 'host' else 'node network'}"
+            f" ({len(mine)} runs; ms after the Deploy call, median)"
+        )
+        rows = []
+        for step in TIMELINE:
+            seen = [steps[step] for steps, _ in found if step in steps]
+            if seen:
+                rows.append([step, str(len(seen)), f"{statistics.median(seen):.1f}",
+                             f"{min(seen):.1f}", f"{max(seen):.1f}"])  # fmt: skip
+        print_table(["step", "runs", "median", "min", "max"], rows)
+        if found:
+            print("fsyncs of the last run:", "; ".join(found[-1][1]) or "none")
+
+
 def zlayer_leftovers(paths: Paths, env: dict[str, str]) -> None:
     """After the daemons stopped: containers agentd's runtimes still hold, mounts, network."""
     for runtime in ("crun", "runc"):
@@ -667,14 +916,17 @@ def row(what: str, samples: list[float], crun: float, podman: float | None) -> l
     ]
 
 
-async def measure(cluster: Cluster, peers: Peers, work: Path, runs: int, big_runs: int) -> None:
+async def measure(
+    cluster: Cluster, peers: Peers, work: Path, runs: int, big_runs: int, timeline_runs: int = 0
+) -> None:
     image = busybox_image()
     oci = write_oci_layout(image, work / "oci")
     imported = cluster.zlayerctl("image", "import", str(oci), "--name", IMAGE)
     if imported.returncode != 0:
         raise RuntimeError(f"zlayerctl image import: {imported.stderr.strip()}")
-    peers.prepare_crun(image.layers[0])
-    peers.prepare_podman()
+    if runs > 0:
+        peers.prepare_crun(image.layers[0])
+        peers.prepare_podman()
     agent = Agent(cluster.bus_address)
     await agent.start()
     specs = work / "specs"
@@ -699,6 +951,11 @@ async def measure(cluster: Cluster, peers: Peers, work: Path, runs: int, big_run
         "zlayer bridge bus": lambda: zl.one_replica("bridge", via_bus=True),
     }
     try:
+        if timeline_runs:
+            print(f"timeline: {timeline_runs} traced Deploys per network", file=sys.stderr)
+            await timeline(cluster, zl, work, timeline_runs)
+        if runs < 1:
+            return
         print(f"part 1: {runs} runs of each way, taking turns (plus one warm-up)", file=sys.stderr)
         for attempt in range(runs + 1):
             for what, way in ways.items():
@@ -822,6 +1079,14 @@ def main() -> None:
     parser.add_argument(
         "--big-runs", type=int, default=3, help=f"{BIG_REPLICAS}-replica runs (0: none)"
     )
+    parser.add_argument(
+        "--timeline",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first, N Deploys on the bus per network traced (perf trace, busctl monitor): "
+        "each step's time",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("running containers needs root")
@@ -836,7 +1101,7 @@ def main() -> None:
     try:
         with running_daemons({"overlayd": overlay}, zlayer_leftovers) as cluster:
             try:
-                asyncio.run(measure(cluster, peers, work, args.runs, args.big_runs))
+                asyncio.run(measure(cluster, peers, work, args.runs, args.big_runs, args.timeline))
             finally:
                 with signals_ignored():
                     for what in peers.cleanup():
