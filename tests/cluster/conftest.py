@@ -69,7 +69,10 @@ SHARED_FIXTURES = ("meshed_cluster", "failover_cluster")
 
 
 def _shared(
-    name: str, make: Callable[[], Cluster], check: Callable[[Cluster], None]
+    request: pytest.FixtureRequest,
+    name: str,
+    make: Callable[[], Cluster],
+    check: Callable[[Cluster], None],
 ) -> Iterator[Cluster]:
     """The shared cluster ``name`` (``make`` starts and forms it) for one module; after
     the last module of its run, ``check`` that it was left as found, and close it."""
@@ -83,7 +86,8 @@ def _shared(
         _SHARED[name] = cluster
     yield cluster
     following = _NEXT[0]
-    if following is not None and name in getattr(following, "fixturenames", ()):
+    stopping = request.session.shouldstop or request.session.shouldfail
+    if following is not None and name in getattr(following, "fixturenames", ()) and not stopping:
         return
     del _SHARED[name]
     try:
@@ -98,7 +102,8 @@ def _formed(cluster: Cluster) -> Cluster:
     """``cluster`` started and formed (node init, joins), each node's mesh key published."""
     try:
         cluster.start()
-        form(cluster)
+        took = form(cluster)
+        print(f"shared cluster: up in {cluster.up_seconds:.1f} s, formed in {took}")
         first = cluster[0]
         deadline = time.monotonic() + MESH_SETTLE
         while True:  # every node's record carries its key (the mesh is on everywhere)
@@ -124,7 +129,7 @@ def _as_found(cluster: Cluster) -> None:
 
 
 @pytest.fixture(scope="module")
-def meshed_cluster() -> Iterator[Cluster]:
+def meshed_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Three nodes joined only through a router namespace (no shared LAN), n3 behind a
     NAT namespace in front of it (a private address no other node has a route to: the
     host reaches n1 and n2, not n3), made one cluster by ``node init`` on n1 and ``node
@@ -144,6 +149,7 @@ def meshed_cluster() -> Iterator[Cluster]:
     ready, no deployment left) and closed.
     """
     yield from _shared(
+        request,
         "meshed_cluster",
         lambda: _formed(
             Cluster(3, etcd=False, topology="routed", nat=[2], mesh_keepalive=MESH_KEEPALIVE)
@@ -153,7 +159,7 @@ def meshed_cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def failover_cluster() -> Iterator[Cluster]:
+def failover_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Four nodes joined only through a router namespace, n4 behind NAT (an etcd client;
     n1 to n3 are the etcd voters, so one of them may die and etcd keeps its quorum),
     formed by node init and joins (the mesh on, keepalive 2 s), for the tests that kill
@@ -161,6 +167,7 @@ def failover_cluster() -> Iterator[Cluster]:
     test puts back what it broke (boots a killed node again, plugs a cut one back in,
     waits until it is listed ready) and removes its deployments."""
     yield from _shared(
+        request,
         "failover_cluster",
         lambda: _formed(
             Cluster(4, etcd=False, topology="routed", nat=[3], mesh_keepalive=MESH_KEEPALIVE)
@@ -176,6 +183,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     return (yield)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish() -> None:
     """A shared cluster a failed run left open is closed (its test already failed)."""
     while _SHARED:
