@@ -158,13 +158,17 @@ def wait_bus_job(
             # before the job starts: an end that comes at once (a warm pull) is not missed
             signals = bus.subscribe(JOB_REMOVED)
             job_id = start(bus)
-            info = bus.get_job(job_id)
-            if draw is not None and info.state == "running":
+            # Without bars only the end matters, and JobRemoved (subscribed to before the
+            # start) brings it: no GetJob round trip while a warm pull's job runs.
+            info: JobInfo | None = None
+            if draw is not None:
+                info = bus.get_job(job_id)
+            if draw is not None and info is not None and info.state == "running":
                 path = f"{object_path(BUS_NAMES[JOB_REMOVED.daemon])}/job/{job_id}"
                 changed = Read(JOB_REMOVED.daemon, "PropertiesChanged", "sa{sv}as", "")
                 bus.subscribe(changed, path=path, interface=PROPERTIES, queue=signals)
                 draw(bus.get_job(job_id))  # what happened before the match
-            while info.state == "running":
+            while info is None or info.state == "running":
                 try:
                     member, body = bus.wait(signals, FALLBACK_SECONDS)
                 except TimeoutError:
@@ -173,7 +177,7 @@ def wait_bus_job(
                 if member == JOB_REMOVED.member:
                     if body[0] == job_id:
                         info = decode(body[2], JobInfo)
-                elif draw is not None and "Progress" in body[1]:
+                elif draw is not None and info is not None and "Progress" in body[1]:
                     info.items = decode(body[1]["Progress"][1], list[ProgressItem])
                     draw(info)
             if draw is not None:
