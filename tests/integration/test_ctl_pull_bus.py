@@ -1,25 +1,32 @@
 """zlayerctl pull on this node's bus: the blocking connection, not sdbus, asyncio or rich.
 
 The pull goes to a real zlayer-registryd on a private bus, from a real
-docker-registry (behind the fault proxy where it must be slow). What a user
-sees is the same as through the typed clients: the lines, the JSON, Ctrl-C
-cancelling the job; ``--host`` still sends the pull to a node's API.
+docker-registry (behind a proxy that holds a layer where the pull must still be
+running). What a user sees is the same as through the typed clients: the lines,
+the JSON, Ctrl-C cancelling the job; ``--host`` still sends the pull to a node's API.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from aiohttp import ClientSession, web
 
 from ctl.supervisor import find_executable
 from tests.integration.test_registryd import Registryd
 from tests.integration.test_registryd import registryd as registryd
-from tests.registry_fixture import Registry, fault_proxy, free_port
+from tests.registry_fixture import FaultProxy, Registry, free_port
 
 # What the pull must not load: sdbus and asyncio (the typed clients) and rich.progress
 # (the bars, only for a terminal).
@@ -79,11 +86,67 @@ def test_a_cold_and_a_warm_pull_and_an_export_load_no_sdbus_asyncio_or_progress_
     assert registryd.import_(archive).id == cold["id"]
 
 
+@dataclass
+class HeldProxy(FaultProxy):
+    """A proxy that sends each layer's first 32 KiB, then holds the rest until the test
+    calls :meth:`release`: the pull is still running when ^C comes, however fast the
+    machine (a blob that only trickled out could be whole before the signal arrived)."""
+
+    holding: threading.Event = field(default_factory=threading.Event)  # a blob is held
+    released: threading.Event = field(default_factory=threading.Event)
+    seen: list[str] = field(default_factory=list)  # each request, for a failure's message
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(f"{request.method} {request.path}")
+        if "/blobs/sha256:" not in request.path or request.method != "GET":
+            return await super()._forward(request)
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+        }
+        async with (
+            ClientSession(auto_decompress=False) as session,
+            session.get(self.upstream + request.path_qs, headers=headers) as upstream,
+        ):
+            data = await upstream.read()
+            out_headers = {
+                k: v
+                for k, v in upstream.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            }
+            status = upstream.status
+        if status not in (200, 206) or len(data) <= 32 << 10:  # an error, or a config
+            return web.Response(status=status, body=data, headers=out_headers)
+        response = web.StreamResponse(status=status, headers=out_headers)
+        response.content_length = len(data)
+        await response.prepare(request)
+        await response.write(data[: 32 << 10])
+        self.holding.set()
+        while not self.released.is_set():
+            await asyncio.sleep(0.02)
+        if request.transport is None or request.transport.is_closing():
+            return response  # the client went away (its pull was cancelled)
+        await response.write(data[32 << 10 :])
+        await response.write_eof()
+        return response
+
+
+@contextmanager
+def held_proxy(upstream: str) -> Iterator[HeldProxy]:
+    proxy = HeldProxy(upstream)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.release()
+        proxy.close()
+
+
 def test_ctrl_c_during_a_pull_cancels_its_job(registryd: Registryd, registry: Registry) -> None:
-    with fault_proxy(registry.url) as proxy:
-        proxy.slow = True
+    with held_proxy(registry.url) as proxy:
         image = f"{proxy.host}/busybox:1"
-        partial = registryd.store / "partial"
         puller = subprocess.Popen(
             [find_executable("zlayerctl"), "pull", image],
             env=dict(os.environ, ZLAYER_BUS_ADDRESS=registryd.bus.address),
@@ -92,18 +155,19 @@ def test_ctrl_c_during_a_pull_cancels_its_job(registryd: Registryd, registry: Re
             text=True,
         )
         try:
-            deadline = time.monotonic() + 30
-            while not any(f.stat().st_size > 0 for f in partial.iterdir()):
-                assert time.monotonic() < deadline, puller.poll()
-                time.sleep(0.02)
+            # A layer has begun to arrive and the rest of it is held: the pull runs on.
+            assert proxy.holding.wait(60), (puller.poll(), proxy.seen)
+            assert puller.poll() is None
             puller.send_signal(signal.SIGINT)
             out, err = puller.communicate(timeout=30)
         finally:
             if puller.poll() is None:
                 puller.kill()
                 puller.communicate()
+        # What the user sees at ^C: nothing pulled, the blank line that closes the
+        # terminal's ^C, and the shell's 130.
         assert puller.returncode == 130, err
-        assert "Traceback" not in err and out == ""
+        assert "Traceback" not in err and out == "" and err.strip() == "", err
         deadline = time.monotonic() + 30
         while (jobs := json.loads(registryd.call("list_jobs")))[-1]["state"] == "running":
             assert time.monotonic() < deadline, jobs
