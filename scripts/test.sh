@@ -30,5 +30,6 @@ fi
 # them; the integration and end-to-end tests share the machine's network and run in order.
 status=0
 .venv/bin/python -m pytest -n 2 tests/unit || status=$?
-.venv/bin/python -m pytest --ignore=tests/unit || status=$?
+# --durations: every log shows where the time of the slow layers goes.
+.venv/bin/python -m pytest --durations=30 --ignore=tests/unit || status=$?
 exit "$status"
