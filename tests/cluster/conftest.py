@@ -1,5 +1,5 @@
 """Fixtures of the cluster tests: a leak check around each, one cluster per module,
-and one routed cluster with a node behind NAT that several modules share.
+and routed clusters with a node behind NAT that several modules share.
 
 A three-node cluster costs about 12 to 16 s to bring up (its nodes start at
 once: most of it is the daemons' start on two cores), 1 s to take down, and
@@ -7,8 +7,10 @@ about 185 MB of memory per node (the proportional set size of its supervisor,
 bus, six daemons and etcd member): a module shares one, and a test that breaks
 a node puts it back before it ends. Forming it (node init and joins, the mesh
 coming up on every node) costs as much again: the modules that leave a cluster
-as they found it share :func:`meshed_cluster`, and run one after the other at the
-end of this directory, so it is up only while they run.
+as they found it share :func:`meshed_cluster`, those that kill or cut off a node
+and put it back share :func:`failover_cluster`. Each shared cluster's modules run
+one after the other at the end of this directory, and it is closed right after
+the last of them, so it is up only while they run.
 """
 
 from __future__ import annotations
