@@ -363,18 +363,54 @@ def runner(command: ReadCommand) -> Callable[..., None]:
 
 
 def _import_msgspec_without_typing_extensions() -> None:
-    """Import msgspec as it runs where typing_extensions is not installed.
+    """Import msgspec as it runs where typing_extensions is not installed, and without
+    the ``platform`` module.
 
     msgspec imports typing_extensions when it finds it (pydantic installs
     it), an optional import it does without; typing_extensions imports
     ``inspect`` (ast, dis, tokenize): about 15 ms of a read command's start,
     for nothing the wire Structs use. The module is hidden only while msgspec
     imports; anything imported later finds it as usual.
+
+    msgspec imports ``uuid``, which imports ``platform`` (a dozen regular
+    expressions compiled, a named tuple made: about 7% of a read command's
+    start) for one value, ``platform.system()``; while msgspec imports, uuid
+    finds a stand-in that answers it as platform does on Linux, ``os.uname()``'s
+    sysname. The stand-in is gone afterwards: ``import platform`` later loads
+    the real one. ``tests/unit/test_ctl_reads.py`` holds uuid's answers to
+    what the real module gives.
     """
     if "msgspec" in sys.modules or "typing_extensions" in sys.modules:
         return
-    sys.modules["typing_extensions"] = None  # type: ignore[assignment]  # import fails
+    hidden: dict[str, Any] = {"typing_extensions": None}  # None: the import fails
+    if "platform" not in sys.modules and "uuid" not in sys.modules and sys.platform == "linux":
+        hidden["platform"] = _PlatformStandIn()
+    sys.modules.update(hidden)
     try:
         import msgspec  # noqa: F401
     finally:
-        del sys.modules["typing_extensions"]
+        for name, module in hidden.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+
+
+class _PlatformStandIn:
+    """What ``uuid`` asks of ``platform`` as it imports (``system()``), on Linux."""
+
+    __name__ = "platform"
+
+    @staticmethod
+    def system() -> str:
+        return os.uname().sysname
+
+    __spec__ = None  # what the import system asks of a module it finds in sys.modules
+
+    def __getattr__(self, name: str) -> Any:
+        """Anything else (a later msgspec asking more of it): the real module's."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if sys.modules.get("platform") is self:  # type: ignore[comparison-overlap]
+            del sys.modules["platform"]
+        import platform
+
+        return getattr(platform, name)

@@ -10,6 +10,7 @@ error mapping) and run the commands against a real dbus-daemon.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -33,7 +34,17 @@ from shared.paths import PREFIX_ENV, Paths
 from tests.fresh_interpreter import modules_after
 
 REPO = Path(__file__).resolve().parents[2]
-SLOW_IMPORTS = {"click", "asyncio", "sdbus", "shared.bus", "pydantic", "rich", "typing_extensions"}
+SLOW_IMPORTS = {
+    "click",
+    "asyncio",
+    "sdbus",
+    "shared.bus",
+    "pydantic",
+    "rich",
+    "typing_extensions",
+    # uuid's, as msgspec imports it: ctl.readargs stands in for it (and its answer is checked)
+    "platform",
+}
 
 
 # ---------------------------------------------------------------- the tables
@@ -365,3 +376,39 @@ def test_other_commands_still_go_through_click(tmp_path: Path) -> None:
         "--help",
     )
     assert "click" in modules
+
+
+def test_uuid_imported_with_the_platform_stand_in_knows_the_platform_as_it_would() -> None:
+    """The read path imports msgspec (and so uuid) with a stand-in for ``platform``; uuid
+    decides as with the real module, and a later ``import platform`` gets the real one."""
+    probe = (
+        "import json, sys\n"
+        "from ctl.readargs import _import_msgspec_without_typing_extensions\n"
+        "_import_msgspec_without_typing_extensions()\n"
+        "import uuid\n"
+        "seen = {'platform': 'platform' in sys.modules, 'linux': uuid._LINUX, 'aix': uuid._AIX}\n"
+        "import platform\n"
+        "seen['real'] = platform.__file__ is not None and platform.machine() != ''\n"
+        "seen['system'] = platform.system()\n"
+        "print(json.dumps(seen))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    import platform
+    import uuid
+
+    seen = json.loads(done.stdout)
+    assert seen == {
+        "platform": False,
+        "linux": uuid._LINUX,  # type: ignore[attr-defined]
+        "aix": uuid._AIX,  # type: ignore[attr-defined]
+        "real": True,
+        "system": platform.system(),
+    }
