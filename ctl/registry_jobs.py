@@ -155,8 +155,9 @@ def wait_bus_job(
     job_id: int | None = None
     with display:
         try:
-            # before the job starts: an end that comes at once (a warm pull) is not missed
-            signals = bus.subscribe(JOB_REMOVED)
+            # before the job starts: an end that comes at once (a warm pull) is not missed;
+            # the bus takes the match before the start, which it handles next
+            signals = bus.subscribe(JOB_REMOVED, confirm=False)
             job_id = start(bus)
             # Without bars only the end matters, and JobRemoved (subscribed to before the
             # start) brings it: no GetJob round trip while a warm pull's job runs.

@@ -335,12 +335,19 @@ class BusReader:
         return job_id
 
     def subscribe(
-        self, signal: Read, path: str = "", interface: str = "", queue: Any = None
+        self,
+        signal: Read,
+        path: str = "",
+        interface: str = "",
+        queue: Any = None,
+        confirm: bool = True,
     ) -> Any:
         """A deque (``queue``, or a new one) that the messages of ``signal`` (from its
         daemon, at its object or ``path``, of its interface or ``interface``) land in while
         :meth:`wait` or any call reads the connection; the bus sends them from when this
-        returns."""
+        returns. Without ``confirm`` the bus's answer is not waited for: it handles this
+        connection's messages in order, so the match holds for anything a later call
+        makes the daemon send (one round trip fewer; a refused match goes unseen)."""
         from collections import deque
 
         from jeepney import MatchRule
@@ -360,6 +367,9 @@ class BusReader:
             queue = deque()
         self._connection.filter(MatchRule(**fields), queue=queue)
         try:
+            if not confirm:
+                self._connection.send(message_bus.AddMatch(rule))
+                return queue
             _body(self._connection.send_and_get_reply(message_bus.AddMatch(rule), timeout=10.0))
         except TimeoutError:
             raise BusError(NO_REPLY, "Method call timed out") from None
