@@ -41,7 +41,9 @@ trap 'rm -rf "$tools"' EXIT
 PYTHONPATH=$tools PYTHONDONTWRITEBYTECODE=1 \
     "$root$prefix/bin/python" "$here/packaging/shelldocs.py" "$root" --zsh-dir "$zshdir"
 
-"$root$prefix/bin/pip" uninstall --quiet --yes pip
+# setuptools too (Python 3.11's venv installs it): nothing runs it, and its .pth file
+# imports a module and adds an import hook to every start, zlayerctl's included.
+"$root$prefix/bin/pip" uninstall --quiet --yes setuptools pip
 # The environment was made under ROOT: point every script at where it will live.
 grep -rlI --null "$root" "$root$prefix/bin" "$root$prefix/pyvenv.cfg" | xargs -0 -r sed -i "s#$root##g"
 find "$root$prefix" -name '__pycache__' -type d -prune -exec rm -rf {} +
