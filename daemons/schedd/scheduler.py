@@ -365,10 +365,12 @@ class Scheduler:
             states, events = self.rollouts.plan(name, spec, revision, replicas, roll)
             for svc_name, state in states.items():
                 state.secrets = digests[svc_name]
-            await asyncio.to_thread(
+            stored_as = await asyncio.to_thread(
                 self.store.add_revision, name, spec_json, spec_text, filename, states
             )
             self._deployed_at[name] = time.monotonic()
+            # The pass and status() take it from here, not parsed again from the store.
+            self._specs[(name, stored_as)] = spec
         for svc_name, state in states.items():
             if state.rollout != "running":
                 self.rollouts.draining.pop((name, svc_name), None)
@@ -816,7 +818,9 @@ class Scheduler:
         from shared.spec import DeploymentSpec
 
         stored = self._require(name, removing_ok=True)
-        spec = DeploymentSpec.model_validate_json(stored.spec_json)
+        spec = self._specs.get((name, stored.revision)) or DeploymentSpec.model_validate_json(
+            stored.spec_json
+        )
         try:
             replicas = await self._replicas(name)
         except UnavailableError:
