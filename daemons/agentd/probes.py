@@ -38,10 +38,14 @@ FIRST_RETRY = 0.01
 STARTING_PACE = 0.5
 # A TCP or HTTP probe costs next to nothing, and most servers open their port within
 # a second of starting (wasmtime serve in 50-200 ms): in the first QUICK_WINDOW
-# seconds those probes are never more than QUICK_STEP apart. A command probe starts
+# seconds those probes are never more than QUICK_STEP apart, and in the first
+# FAST_WINDOW (where a precompiled wasmtime serve opens its port) never more than
+# FAST_STEP, so the port is seen open at most a few ms late. A command probe starts
 # a process in the replica each time, so it only doubles.
 QUICK_WINDOW = 1.0
 QUICK_STEP = 0.02
+FAST_WINDOW = 0.3
+FAST_STEP = 0.004
 
 
 def _seconds(value: timedelta | None, default: float) -> float:
@@ -151,7 +155,8 @@ async def monitor(
 
     The first probe runs at once. Until the first success the next ones come
     quickly (FIRST_RETRY, doubling up to STARTING_PACE; TCP and HTTP probes
-    at most QUICK_STEP apart in the first QUICK_WINDOW), then every
+    at most FAST_STEP apart in the first FAST_WINDOW and QUICK_STEP apart in
+    the first QUICK_WINDOW), then every
     ``interval``. A failure counts toward ``retries`` at most once per
     STARTING_PACE (or per interval, if shorter), so the quick probes give a
     slow starter no less time than probes at that pace would.
@@ -161,9 +166,9 @@ async def monitor(
     health = service.health
     interval = _seconds(health.interval, DEFAULT_INTERVAL)
     pace = min(interval, STARTING_PACE)
-    quick_until = time.monotonic() + (
-        0.0 if isinstance(health.check, CommandCheck) else QUICK_WINDOW
-    )
+    quick = not isinstance(health.check, CommandCheck)
+    quick_until = time.monotonic() + (QUICK_WINDOW if quick else 0.0)
+    fast_until = time.monotonic() + (FAST_WINDOW if quick else 0.0)
     grace_until = time.monotonic() + _seconds(health.start_grace, 0.0)
     failures = 0
     counted_at = -math.inf  # when a failure last counted toward retries
@@ -191,7 +196,9 @@ async def monitor(
         else:
             pause = min(retry, pace)
             retry *= 2
-            if now < quick_until:
+            if now < fast_until:
+                pause = min(pause, FAST_STEP)
+            elif now < quick_until:
                 pause = min(pause, QUICK_STEP)
         await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))
 

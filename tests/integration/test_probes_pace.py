@@ -139,3 +139,26 @@ def test_a_replica_that_never_answers_is_unhealthy_after_its_retries() -> None:
     assert reports == [False]
     assert took >= 1.0, f"unhealthy after {took:.2f}s"
     assert probed > 3, "no quick probes before the first success"
+
+
+def test_probes_in_the_first_moments_come_a_few_ms_apart() -> None:
+    """In its first FAST_WINDOW a starting replica is probed every few ms (a precompiled
+    wasmtime serve opens its port then), so an open port is seen at once: more probes
+    than the 20 ms pace of the rest of the first second can give (16 in 0.3 s)."""
+
+    async def scenario() -> int:
+        runner, port, seen = await ready_after(1_000_000)
+        svc = service(
+            endpoints=[{"name": "web", "protocol": "http", "port": port}],
+            health={"interval": "10s", "retries": 100, "check": {"type": "http", "url": "/health"}},
+        )
+        started = time.monotonic()
+        task = asyncio.create_task(probes.monitor(svc, "127.0.0.1", never_run, lambda _r: None))
+        try:
+            await asyncio.sleep(probes.FAST_WINDOW + 0.2)
+        finally:
+            task.cancel()
+            await runner.cleanup()
+        return sum(1 for at in seen if at - started < probes.FAST_WINDOW)
+
+    assert asyncio.run(scenario()) > 20
