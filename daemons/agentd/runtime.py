@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -221,24 +222,25 @@ class ContainerRuntime:
     ) -> tuple[int, str, str]:
         """Run the container's OCI runtime with ``args``: (exit code, stdout, stderr)."""
         runtime = self._runtime_of(container_id)
-        proc = await asyncio.create_subprocess_exec(
-            runtime,
-            *self._runtime_args(runtime),
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=oci.child_env(),
-        )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            # In a worker thread: subprocess spawns with vfork (about 1 ms), where the
+            # event loop's spawn forks agentd's whole memory (10-20 ms) at every stop,
+            # kill and delete. On the timeout subprocess kills it and reaps it.
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [runtime, *self._runtime_args(runtime), *args],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env=oci.child_env(),
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
             raise ContainerError(
                 f"{Path(runtime).name} {args[0]} did not answer within {timeout:.0f}s"
             ) from None
-        return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+        out, err = done.stdout, done.stderr
+        return done.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
     # ------------------------------------------------------------ create and start
 
