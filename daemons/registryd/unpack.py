@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
-from isal import isal_zlib
 
 from shared.bus import InvalidArgumentError
 
@@ -53,8 +52,6 @@ _WORKING = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
 GZIP_MAGIC = b"\x1f\x8b"
 GZIP_WBITS = 31  # the inflater reads a gzip member's header and checks its trailer
-# what the inflater raises for a corrupt stream (its stub types it as an instance)
-INFLATE_ERROR = cast("type[Exception]", isal_zlib.error)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WASM_MAGIC = b"\x00asm"  # a WebAssembly binary: stored as it is, never untarred
 DEFAULT_MAX_UNPACKED = 50 << 30  # bytes a layer's tar may hold: max_layer_unpacked_size
@@ -130,6 +127,9 @@ class _Gunzip:
     """
 
     def __init__(self, source: _Readable) -> None:
+        from isal import isal_zlib  # with the first gzip layer, not at registryd's start
+
+        self.isal_zlib = isal_zlib
         self.source = source
         self.inflater = isal_zlib.decompressobj(GZIP_WBITS)
         self.pending = b""  # input read but not inflated yet
@@ -151,7 +151,7 @@ class _Gunzip:
                     if self.source_ended:
                         return b""
                     continue
-                self.inflater = isal_zlib.decompressobj(GZIP_WBITS)
+                self.inflater = self.isal_zlib.decompressobj(GZIP_WBITS)
                 self.in_member = True
             data, self.pending = self.pending, b""
             out = self.inflater.decompress(data, size) if data else self.inflater.flush(size)
@@ -166,6 +166,13 @@ class _Gunzip:
                     )
             if out:
                 return out
+
+
+def _inflate_error() -> type[Exception]:
+    """What the inflater raises for a corrupt stream (its stub types it as an instance)."""
+    from isal import isal_zlib
+
+    return cast("type[Exception]", isal_zlib.error)
 
 
 def open_decompressed(handle: BinaryIO) -> _Readable:
@@ -545,7 +552,7 @@ def _unpack_tar(
         tarfile.TarError,
         EOFError,
         zstandard.ZstdError,
-        INFLATE_ERROR,
+        _inflate_error(),
         # tarfile's parsing of hostile PAX and sparse headers (numbers that are not,
         # a sparse map cut short)
         ValueError,

@@ -26,10 +26,19 @@ from tests.fresh_interpreter import import_all, modules_after
         # proxyd reads its certificates with its first TLS listener
         (["daemons.proxyd.main"], {"pydantic", "shared.spec", "yaml", "croniter", "cryptography"}),
         (["daemons.apid.main"], {"pydantic", "shared.spec"}),
-        # registryd: aiohttp is bound lazily (its package runs with the first pull or push)
+        # registryd: aiohttp is bound lazily (its package runs with the first pull or push),
+        # the gzip inflater comes with the first gzip layer
         (
             ["daemons.registryd.main"],
-            {"aiohttp.client", "pydantic", "shared.spec", "shared.buildfile", "yaml", "croniter"},
+            {
+                "aiohttp.client",
+                "pydantic",
+                "shared.spec",
+                "shared.buildfile",
+                "yaml",
+                "croniter",
+                "isal",
+            },
         ),
         # schedd validates specs, with the first deploy; croniter with the first cron job
         (["daemons.schedd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
