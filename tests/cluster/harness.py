@@ -367,6 +367,34 @@ class Node:
                 )
             time.sleep(0.5)
 
+    def daemon(self, name: str, timeout: float = 30) -> psutil.Process:
+        """One of its daemons (``schedd``) by the PID ``zlayerctl status`` tells, once it
+        runs (one being restarted has none yet)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = json.loads(self.run("status", "--format", "json").stdout or "[]")
+            pid = int(next((r.get("pid") or 0 for r in rows if r["name"] == name), 0))
+            if pid > 0 and _running(pid):
+                return psutil.Process(pid)
+            assert time.monotonic() < deadline, f"{self.name}'s {name} does not run: {rows}"
+            time.sleep(0.2)
+
+    def signal_daemons(self, names: list[str], sig: signal.Signals) -> list[psutil.Process]:
+        """Send ``sig`` to some of its daemons (SIGKILL: its supervisor starts them again;
+        SIGSTOP: they hang until killed); its etcd member is left alone. The processes."""
+        procs = [self.daemon(name) for name in names]
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):  # checks it is still that one
+                proc.send_signal(sig)
+        return procs
+
+    def stop(self, timeout: float = 60) -> None:
+        """``zlayerctl daemon stop``: its daemons and etcd member stop, its replicas run
+        on (as across an upgrade), its namespace stays; :meth:`start` starts it again."""
+        self.run("daemon", "stop", timeout=timeout, check=True)
+        assert self.process is not None
+        self.process.wait(timeout=timeout)
+
     def kill(self) -> list[str]:
         """Kill the node outright and remove what it held on the machine; what was removed."""
         removed: list[str] = []
