@@ -1,5 +1,5 @@
 """logs and exec across a three-node cluster: from n1, `zlayerctl logs` of a replica n2
-runs shows its output (and `-f` follows it), `zlayerctl exec` in a replica n2 runs runs
+runs shows its output (and `-f` follows it), `zlayerctl exec` in a replica n3 runs runs
 there (its hostname, environment, stdin and exit code), the REST API's routes do the
 same through n1's apid, and a node that died gives one sentence naming it to exec, while
 logs show the other nodes' replicas and warn once that the dead node's are missing."""
@@ -233,9 +233,9 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
             assert len(mine) == 2, (node.name, out.stdout)
             assert all(line.endswith(f"{name}-talk-{instance}") for line in mine), out.stdout
 
-        # exec in n2's replica, from n1: it runs there, with the spec's environment,
-        # this stdin, and its exit code comes back (n2: a node the others reach
-        # directly)
+        # exec in n3's replica, from n1: it runs there, with the spec's environment,
+        # this stdin, and its exit code comes back (n3 is behind NAT: the call goes
+        # to its mesh address)
         script = 'hostname; echo "$GREETING"; cat; echo oops >&2; exit 7'
         out = ctl(
             n1,
@@ -243,7 +243,7 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
             "-d",
             name,
             "--replica",
-            str(on_n2),
+            str(on_n3),
             "talk",
             "--",
             "sh",
@@ -252,7 +252,7 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
             stdin="from-n1-stdin\n",
         )
         assert out.returncode == 7, out.stderr
-        assert out.stdout.splitlines() == [host2, "hello-from-the-spec", "from-n1-stdin"], out
+        assert out.stdout.splitlines() == [host3, "hello-from-the-spec", "from-n1-stdin"], out
         assert out.stderr.strip() == "oops", out.stderr
 
         # with -t: this terminal's size is the command's there, its output comes here (the
@@ -260,11 +260,11 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
         # start, and what was written before may go)
         script = "sleep 1; until stty size 2>/dev/null; do sleep 0.05; done; hostname; sleep 1"
         shown, code = on_terminal(
-            n1, 77, 19, "exec", "-t", "-d", name, "--replica", str(on_n2), "talk", "--",
+            n1, 77, 19, "exec", "-t", "-d", name, "--replica", str(on_n3), "talk", "--",
             "sh", "-c", script,
         )  # fmt: skip
         assert code == 0, shown
-        assert shown.split()[-3:] == ["19", "77", host2], shown
+        assert shown.split()[-3:] == ["19", "77", host3], shown
 
         # the REST API on n1 reaches them too (zlayerctl --host: its logs and exec routes)
         token = n1.run("token", "create", "remote-test", "--role", "operator", check=True)
@@ -294,7 +294,7 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
             "-d",
             name,
             "--replica",
-            str(on_n2),
+            str(on_n3),
             "talk",
             "--",
             "sh",
@@ -303,7 +303,7 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
             env=api_env,
         )
         assert out.returncode == 3, out.stderr
-        assert out.stdout.splitlines() == [host2, "hello-from-the-spec"], out.stdout
+        assert out.stdout.splitlines() == [host3, "hello-from-the-spec"], out.stdout
         assert out.stderr.strip() == "bad", out.stderr
 
         # a node that died: one sentence naming it (before its lease lapses), or its
