@@ -155,6 +155,15 @@ def memory_limit(pid: int) -> int:
     raise AssertionError(f"no memory cgroup for {pid}")
 
 
+def mount_types(pid: int) -> dict[str, str]:
+    """Each mount point of ``pid``'s mount namespace and its file system type."""
+    found = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields, _sep, after = line.partition(" - ")
+        found[fields.split()[4]] = after.split()[0]
+    return found
+
+
 def replica_of(node: Node, deployment: str, service: str) -> dict[str, object] | None:
     return next((r for r in node.replicas(deployment) if r["service"] == service), None)
 
@@ -273,6 +282,12 @@ def test_a_wasi_service_gets_its_args_env_and_restarts_by_policy(node: Node) -> 
         wait_until(printed, 15, "the module's line in its logs")
         # wasmtime runs in the replica's own memory cgroup, limited as the spec says.
         assert memory_limit(int(str(first["pid"]))) == 64 * 1024 * 1024
+        # wasmtime's root is an empty read-only directory, not an overlay of the
+        # artifact's layer, and it goes without sysfs, devpts, shm and mqueue.
+        mounts = mount_types(int(str(first["pid"])))
+        assert mounts["/"] != "overlay", mounts
+        assert {"/sys", "/dev/pts", "/dev/shm", "/dev/mqueue"}.isdisjoint(mounts), mounts
+        assert mounts["/proc"] == "proc", mounts
         # Its process is wasmtime; killed, the policy starts it again.
         os.kill(int(str(first["pid"])), signal.SIGKILL)
         wait_until(
