@@ -26,9 +26,26 @@ from tests.conftest import (
     write_test_config,
 )
 from tests.e2e.node import IMAGE, Node, free_port, wait_until
-from tests.wasm_components import wasm_components
+from tests.wasm_components import Component, WasmComponents, wasm_components
 
 __all__ = ["wasm_components"]  # the session's componentize-py builds, for the wasm tests
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _wasm_components_ahead(request: pytest.FixtureRequest) -> None:
+    """With the first end-to-end test, the components this run's WebAssembly modules (the
+    last ones) will ask for start building and packing in a thread: a minute of a core
+    each, done while the earlier modules mostly wait on their daemons. A module names
+    what it will ask for in ``WASM_COMPONENTS``: (component, image name) pairs."""
+    wanted: list[tuple[Component, str]] = []
+    for item in request.session.items:
+        if "wasm_components" in item.fixturenames:
+            for pair in getattr(item.module, "WASM_COMPONENTS", ()):
+                if pair not in wanted:
+                    wanted.append(pair)
+    if wanted:
+        components: WasmComponents = request.getfixturevalue("wasm_components")
+        components.prepare(wanted)
 
 
 @pytest.fixture(autouse=True)

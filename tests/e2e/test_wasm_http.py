@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.e2e.node import Node, http_get, wait_until
-from tests.wasm_components import HTTP_TEST, Component, WasmComponents
+from tests.wasm_components import HTTP_TEST, HTTP_TEST_IMAGE, Component, WasmComponents
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,9 @@ def node(shared_node: Node) -> Node:
 
 
 pytestmark = pytest.mark.timeout(400)
+
+# What this module asks the session's wasm_components for (built ahead: the e2e conftest).
+WASM_COMPONENTS = [(HTTP_TEST, HTTP_TEST_IMAGE)]
 
 
 def import_component(
@@ -43,7 +46,7 @@ def import_component(
 def http_image(node: Node, wasm_components: WasmComponents) -> str:
     """The tests' handler, imported once: every test here runs the same image, which
     agentd compiles once."""
-    return import_component(node, wasm_components, HTTP_TEST, "localhost/wasm-http-test:1")
+    return import_component(node, wasm_components, HTTP_TEST, HTTP_TEST_IMAGE)
 
 
 def test_a_wasi_http_service_answers_through_proxyd_and_by_its_name(

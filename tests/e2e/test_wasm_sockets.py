@@ -22,7 +22,10 @@ import pytest
 from daemons.overlayd.settings import OverlaySettings
 from tests.e2e.node import Node
 from tests.e2e.test_wasm_http import import_component
-from tests.wasm_components import NET_CLIENT, WasmComponents
+from tests.wasm_components import NET_CLIENT, NET_CLIENT_IMAGE, WasmComponents
+
+# What this module asks the session's wasm_components for (built ahead: the e2e conftest).
+WASM_COMPONENTS = [(NET_CLIENT, NET_CLIENT_IMAGE)]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def listeners(node: Node) -> Iterator[Listeners]:
 @pytest.fixture(scope="module")
 def net_client(node: Node, wasm_components: WasmComponents) -> str:
     """The client component, imported once; its image name."""
-    return import_component(node, wasm_components, NET_CLIENT, "localhost/wasm-netclient:1")
+    return import_component(node, wasm_components, NET_CLIENT, NET_CLIENT_IMAGE)
 
 
 def run_job(node: Node, service: str) -> tuple[int, str, dict[str, object]]:
