@@ -391,9 +391,14 @@ class Node:
     def stop(self, timeout: float = 60) -> None:
         """``zlayerctl daemon stop``: its daemons and etcd member stop, its replicas run
         on (as across an upgrade), its namespace stays; :meth:`start` starts it again."""
-        self.run("daemon", "stop", timeout=timeout, check=True)
         assert self.process is not None
-        self.process.wait(timeout=timeout)
+        # daemon stop gives up waiting after 30 s; the supervisor goes on stopping
+        self.run("daemon", "stop", timeout=timeout)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log = (self.paths.log_dir / "supervisor.log").read_text(errors="replace")
+            raise NodeError(f"{self.name} did not stop in {timeout:.0f}s: {log[-3000:]}") from None
 
     def kill(self) -> list[str]:
         """Kill the node outright and remove what it held on the machine; what was removed."""

@@ -1,0 +1,124 @@
+"""Daemons of cluster nodes killed and stopped in sequences, in the middle of what a
+user does; after each, every live node converges to the leader's placements, with
+nothing orphaned (:mod:`tests.cluster.invariants`, checked on each node).
+
+On the shared :func:`meshed_cluster`: n1 and n2 are the etcd voters, so only their
+daemons other than etcd die here (killed by PID, their supervisor starts them again);
+n3, behind NAT and an etcd client only, is stopped whole (``daemon stop``) and
+started again. One spread web service goes through all four sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.cluster.harness import SPREAD_WEB, Cluster, Node, listed_nodes, remove_deployment
+from tests.cluster.invariants import ClusterInvariants
+
+SETTLE = 60.0
+
+
+def _ready(cluster: Cluster) -> None:
+    """Until the first node lists every node ready (one started again rejoins)."""
+    deadline = time.monotonic() + SETTLE
+    while True:
+        listed = listed_nodes(cluster[0])
+        if all(listed.get(node.name) == "ready" for node in cluster):
+            return
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.3)
+
+
+def _up(node: Node, name: str, replicas: int) -> None:
+    spec = node.spec(name, SPREAD_WEB.format(name=name, replicas=replicas))
+    node.run("up", "-d", str(spec), "--timeout", "120", check=True)
+
+
+@pytest.fixture
+def checker(meshed_cluster: Cluster) -> ClusterInvariants:
+    found = ClusterInvariants(meshed_cluster)
+    found.verbose = True
+    return found
+
+
+def test_kill_schedd_and_agentd_in_a_scale_up(
+    meshed_cluster: Cluster, checker: ClusterInvariants
+) -> None:
+    """(a) schedd and agentd of n2 killed while a spread service scales up; then (d) a
+    scale down while n2's proxyd and overlayd hang, then are killed and come back."""
+    n1, n2, _n3 = meshed_cluster
+    name = n1.deployment_name("chaos")
+    checker.expect(name)
+    try:
+        _up(n1, name, 2)
+        checker.settle("up of 2 replicas")
+        n1.run("scale", "web", "5", "-d", name, "--no-wait", check=True)
+        n2.signal_daemons(["schedd", "agentd"], signal.SIGKILL)
+        took = checker.settle("schedd and agentd of n2 killed in a scale up to 5")
+        print(f"settled {took:.1f}s after the kill in a scale up")
+        hung = n2.signal_daemons(["proxyd", "overlayd"], signal.SIGSTOP)
+        try:
+            n1.run("scale", "web", "1", "-d", name, check=True)
+        finally:
+            for proc in hung:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+        took = checker.settle("scale down to 1 while n2's proxyd and overlayd were down")
+        print(f"settled {took:.1f}s after the scale down with n2's proxyd and overlayd down")
+    finally:
+        remove_deployment(n1, name)
+    checker.settle("down")
+
+
+def test_down_while_a_node_is_stopped(meshed_cluster: Cluster, checker: ClusterInvariants) -> None:
+    """(b) ``down`` while n3's daemons are all stopped: once it starts, its replicas go."""
+    n1, _n2, n3 = meshed_cluster
+    name = n1.deployment_name("chaosdown")
+    checker.expect(name)
+    try:
+        _up(n1, name, 3)
+        checker.settle("up of 3 spread replicas")
+        assert any(cid.startswith(f"{name}-") for cid in n3.containers())
+        n3.stop()
+        try:
+            n1.run("down", name, "--no-wait", check=True)
+        finally:
+            n3.start()
+        _ready(meshed_cluster)
+        took = checker.settle("down while n3 was stopped, n3 started again")
+        print(f"settled {took:.1f}s after n3 came back")
+        assert not any(cid.startswith(f"{name}-") for cid in n3.containers())
+    finally:
+        if not n3.alive:
+            n3.start()
+        if name in n1.run("ps", "--format", "json").stdout:
+            remove_deployment(n1, name)
+
+
+def test_stop_and_start_the_nat_node(meshed_cluster: Cluster, checker: ClusterInvariants) -> None:
+    """(c) all of n3 (behind NAT) stopped and started again, with replicas placed on it."""
+    n1, _n2, n3 = meshed_cluster
+    name = n1.deployment_name("chaosnat")
+    checker.expect(name)
+    try:
+        _up(n1, name, 3)
+        checker.settle("up of 3 spread replicas")
+        n3.stop()
+        try:
+            took = checker.settle("n3 stopped")
+            print(f"settled {took:.1f}s after n3 stopped")
+        finally:
+            n3.start()
+        _ready(meshed_cluster)
+        took = checker.settle("n3 started again")
+        print(f"settled {took:.1f}s after n3 started again")
+    finally:
+        if not n3.alive:
+            n3.start()
+        remove_deployment(n1, name)
+    checker.settle("down")
