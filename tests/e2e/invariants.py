@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -90,9 +91,15 @@ class Invariants:
     its spec declares (tests pass what they deployed); without it, routes and
     published ports are checked only for the backends they hold."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(
+        self, node: Node, *, netns: Path | None = None, cgroup_parent: str = CGROUP_PARENT
+    ) -> None:
         self.node = node
         self.paths = node.paths
+        # A node in a network namespace of its own (a cluster's): its bridge, links,
+        # nft table and service DNS are read from inside it.
+        self.netns = netns
+        self.cgroup_parent = cgroup_parent
         self.endpoints: dict[str, list[Endpoint]] = {}
         # Every deployment and container id this checker has seen, so that
         # what they leave behind is found even when no daemon names them any more.
@@ -141,9 +148,13 @@ class Invariants:
                 found.append(item)
         return found
 
+    def _inside(self, *command: str) -> list[str]:
+        """``command`` as run in the node's network namespace."""
+        return [*(["nsenter", f"--net={self.netns}", "--"] if self.netns else []), *command]
+
     def _nft(self) -> str:
         out = subprocess.run(
-            ["nft", "list", "table", "ip", self.table],
+            self._inside("nft", "list", "table", "ip", self.table),
             capture_output=True,
             text=True,
             timeout=30,
@@ -377,10 +388,11 @@ class Invariants:
         services = {svc for services in desired.values() for svc in services}
         services |= {e.service for endpoints in self.endpoints.values() for e in endpoints}
         found = []
+        answers = self._resolve_all([f"{service}.{DOMAIN}" for service in sorted(services)])
         for service in sorted(services):
             name = f"{service}.{DOMAIN}"
             want = {a for k, a in healthy.items() if k[1] == service}
-            have = _resolve(self.dns_server, name)
+            have = answers.get(name)
             if have is None:
                 found.append(f"the service DNS on {self.dns_server[0]} did not answer {name}")
             elif have != want:
@@ -389,6 +401,46 @@ class Invariants:
                     f"the healthy replicas are {_list(want)}"
                 )
         return found
+
+    def _resolve_all(self, names: list[str]) -> dict[str, set[str] | None]:
+        """What the service DNS answers for each name (None: no answer); in the node's
+        namespace, all names in one process."""
+        if self.netns is None or not names:
+            return {name: _resolve(self.dns_server, name) for name in names}
+        code = (
+            "import json, sys; from tests.e2e.invariants import _resolve; "
+            "server = (sys.argv[1], int(sys.argv[2])); "
+            "found = {n: _resolve(server, n) for n in sys.argv[3:]}; "
+            "print(json.dumps({n: None if a is None else sorted(a) for n, a in found.items()}))"
+        )
+        server, port = self.dns_server
+        done = subprocess.run(
+            self._inside(sys.executable, "-c", code, server, str(port), *names),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=Path(__file__).resolve().parents[2],  # where ``tests`` imports from
+        )
+        with contextlib.suppress(ValueError):
+            answers = json.loads(done.stdout)
+            return {n: None if answers.get(n) is None else set(answers[n]) for n in names}
+        return dict.fromkeys(names)
+
+    def _links(self) -> tuple[set[str], set[str]]:
+        """The node's links, and those of them on its bridge."""
+        if self.netns is None:
+            return set(os.listdir("/sys/class/net")), _bridge_ports(self.bridge)
+        done = subprocess.run(
+            self._inside("ip", "-j", "link", "show"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        links = json.loads(done.stdout or "[]")
+        names = {link["ifname"] for link in links}
+        return names, {link["ifname"] for link in links if link.get("master") == self.bridge}
 
     def _healthy_of(self, healthy: dict[Key, str], deployment: str, service: str) -> set[str]:
         return {a for k, a in healthy.items() if k[0] == deployment and k[1] == service}
@@ -546,7 +598,7 @@ class Invariants:
             if key in healthy and held and held != healthy[key]:
                 found.append(f"{cid}: agentd says {healthy[key]}, overlayd allocated {held}")
         # Network namespaces and veths, by the names overlayd derives from an id.
-        ports = _bridge_ports(self.bridge)
+        links, ports = self._links()
         expected_veths = {names_for(self.bridge, cid).host_veth for cid in ids}
         for port in sorted(ports - expected_veths):
             owner = next(
@@ -560,11 +612,10 @@ class Invariants:
             names = names_for(self.bridge, cid)
             if (NETNS_DIR / names.netns).exists():
                 found.append(f"network namespace {names.netns} of {cid} is left")
-            veth = Path(f"/sys/class/net/{names.host_veth}")
-            if veth.exists() and names.host_veth not in ports:
+            if names.host_veth in links and names.host_veth not in ports:
                 found.append(f"veth {names.host_veth} of {cid} is left (off the bridge)")
         # Cgroups and the processes in them.
-        for cgroup in _cgroups(self._ours):
+        for cgroup in _cgroups(self._ours, self.cgroup_parent):
             cid = cgroup.name
             if cid in ids:
                 continue
@@ -660,10 +711,10 @@ def _bridge_ports(bridge: str) -> set[str]:
     return {p.name for p in brif.iterdir()} if brif.is_dir() else set()
 
 
-def _cgroups(ours: Any) -> list[Path]:
+def _cgroups(ours: Any, parent_name: str = CGROUP_PARENT) -> list[Path]:
     found = []
     for controller in CGROUP_ROOT.iterdir():
-        parent = controller / CGROUP_PARENT
+        parent = controller / parent_name
         if not parent.is_dir():
             continue
         found += [d for d in parent.iterdir() if d.is_dir() and ours(d.name)]
