@@ -26,10 +26,11 @@ import base64
 import json
 import subprocess
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from tests.cluster.harness import Cluster, Node
-from tests.e2e.invariants import Invariants, Key, Snapshot, Unreadable, _key_name, _list
+from tests.e2e.invariants import Endpoint, Invariants, Key, Snapshot, Unreadable, _key_name, _list
 
 
 class NodeInvariants(Invariants):
@@ -244,7 +245,9 @@ class ClusterInvariants:
                 )
             time.sleep(0.3)
 
-    def expect(self, deployment: str) -> None:
-        """A deployment the checkers must know of even once no daemon names it."""
+    def expect(self, deployment: str, endpoints: Iterable[Endpoint]) -> None:
+        """The endpoints ``deployment``'s spec declares: every node must route them (and
+        know the deployment even once no daemon names it)."""
+        wanted = list(endpoints)
         for checker in self.nodes.values():
-            checker.deployments_seen.add(deployment)
+            checker.expect(deployment, wanted)

@@ -19,8 +19,10 @@ import pytest
 
 from tests.cluster.harness import SPREAD_WEB, Cluster, Node, listed_nodes, remove_deployment
 from tests.cluster.invariants import ClusterInvariants
+from tests.e2e.invariants import Endpoint
 
 SETTLE = 60.0
+WEB = [Endpoint("web", "http", 8080, 8080)]  # SPREAD_WEB's endpoint, public through proxyd
 
 
 def _ready(cluster: Cluster) -> None:
@@ -53,7 +55,7 @@ def test_kill_schedd_and_agentd_in_a_scale_up(
     scale down while n2's proxyd and overlayd hang, then are killed and come back."""
     n1, n2, _n3 = meshed_cluster
     name = n1.deployment_name("chaos")
-    checker.expect(name)
+    checker.expect(name, WEB)
     try:
         _up(n1, name, 2)
         checker.settle("up of 2 replicas")
@@ -79,7 +81,7 @@ def test_down_while_a_node_is_stopped(meshed_cluster: Cluster, checker: ClusterI
     """(b) ``down`` while n3's daemons are all stopped: once it starts, its replicas go."""
     n1, _n2, n3 = meshed_cluster
     name = n1.deployment_name("chaosdown")
-    checker.expect(name)
+    checker.expect(name, WEB)
     try:
         _up(n1, name, 3)
         checker.settle("up of 3 spread replicas")
@@ -104,7 +106,7 @@ def test_stop_and_start_the_nat_node(meshed_cluster: Cluster, checker: ClusterIn
     """(c) all of n3 (behind NAT) stopped and started again, with replicas placed on it."""
     n1, _n2, n3 = meshed_cluster
     name = n1.deployment_name("chaosnat")
-    checker.expect(name)
+    checker.expect(name, WEB)
     try:
         _up(n1, name, 3)
         checker.settle("up of 3 spread replicas")
