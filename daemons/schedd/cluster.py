@@ -837,6 +837,13 @@ class NodeControl:
 
     def _context(self) -> ClusterContext:
         if self.daemon.cluster is None:
+            with contextlib.suppress(cluster_config.ClusterConfigError):
+                if cluster_config.load(self.paths) is not None:
+                    # a member whose schedd is still reaching its cluster (after a restart)
+                    raise UnavailableError(
+                        "schedd is still reaching this node's cluster (it waits for etcd); "
+                        "try again shortly"
+                    )
             raise InvalidArgumentError(
                 "this node is not in a cluster; zlayerctl node init makes one, node join joins one"
             )
