@@ -1,13 +1,37 @@
 """On a failing test in a booted machine, the report carries what systemd and the
 daemons said: the failed units and the last journal lines of every zlayer unit, so a
 failure in CI shows its cause (a crash's Python stack, a start limit) and not only
-its symptom."""
+its symptom.
+
+The .rpm starts building with the first packaging test (``rpm_build``), so it is
+done by the time its own test, after the .deb's, asks for it."""
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import shutil
+from collections.abc import Generator, Iterator
 
 import pytest
+
+from tests.packaging.builds import Build
+
+
+@pytest.fixture(scope="session")
+def rpm_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
+    """packaging/build-rpm.sh (no BuildRequires: this is not an rpm-based host), started."""
+    build = Build("build-rpm.sh", tmp_path_factory.mktemp("rpm"), ZLAYER_RPM_NODEPS="1")
+    yield build
+    build.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rpm_ahead(request: pytest.FixtureRequest) -> None:
+    """Start the .rpm's build now if a test of this run will want it."""
+    if shutil.which("rpmbuild") and any(
+        "rpm_build" in item.fixturenames for item in request.session.items
+    ):
+        request.getfixturevalue("rpm_build")
+
 
 JOURNAL = (
     "systemctl --no-pager --failed; "

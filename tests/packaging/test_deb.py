@@ -28,6 +28,7 @@ import pytest
 
 from ctl.main import LAZY_COMMANDS
 from tests.conftest import _snapshot
+from tests.packaging.builds import Build
 from tests.packaging.machine import MACHINE_ENV, Machine, nspawn_cgroups, remove_cgroup_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +43,8 @@ BEFORE_INSTALL: dict[str, str] = {}
 LAN = "192.168.77.10"  # the machine's address on its network card
 
 pytestmark = [
+    # The first test's setup bootstraps and boots the machine while the .deb builds.
+    pytest.mark.timeout(900),
     pytest.mark.skipif(os.geteuid() != 0, reason="booting a machine needs root"),
     pytest.mark.skipif(
         any(shutil.which(t) is None for t in ("debootstrap", "systemd-nspawn", "dpkg-deb")),
@@ -51,24 +54,26 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    built = subprocess.run(
-        [str(REPO / "packaging" / "build-deb.sh"), str(out)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
-    return Path(built.stdout.strip().splitlines()[-1])
+def deb_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
+    """packaging/build-deb.sh, started: it runs while the machine is made and booted."""
+    build = Build("build-deb.sh", tmp_path_factory.mktemp("dist"))
+    yield build
+    build.stop()
 
 
 @pytest.fixture(scope="module")
-def machine(deb: Path) -> Iterator[Machine]:
+def deb(deb_build: Build) -> Path:
+    return deb_build.package()
+
+
+@pytest.fixture(scope="module")
+def machine(deb_build: Build) -> Iterator[Machine]:
     before = _snapshot()
     cgroups_before = nspawn_cgroups()
     machine = None
     try:
-        machine = Machine.create(CACHE)
-        shutil.copy(deb, machine.root / "var" / "tmp" / "zlayer-node.deb")
+        machine = Machine.create(CACHE)  # while the .deb builds
+        shutil.copy(deb_build.package(), machine.root / "var" / "tmp" / "zlayer-node.deb")
         # Forwarding off, as on a fresh host: the package turns it on, removal turns it off.
         machine.run("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward")
         # A network card with an address, as a server has (the machine's own network is
@@ -94,16 +99,6 @@ def machine(deb: Path) -> Iterator[Machine]:
         leaks = {kind: sorted(after[kind] - before.get(kind, set())) for kind in after}
         leaks = {kind: items for kind, items in leaks.items() if items}
         assert not leaks, f"the machine left these behind: {leaks}"
-
-
-def test_the_deb_ships_completions_and_man_pages(deb: Path) -> None:
-    files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True).stdout
-    paths = {line.split()[-1].removeprefix(".") for line in files.splitlines()}
-    assert "/usr/share/bash-completion/completions/zlayerctl" in paths
-    assert "/usr/share/zsh/vendor-completions/_zlayerctl" in paths
-    assert "/usr/share/fish/vendor_completions.d/zlayerctl.fish" in paths
-    for name in ("zlayerctl", *(f"zlayerctl-{command}" for command in LAZY_COMMANDS)):
-        assert f"/usr/share/man/man1/{name}.1.gz" in paths
 
 
 def status(machine: Machine) -> dict[str, dict[str, object]]:
@@ -783,3 +778,14 @@ def test_remove_stops_everything_and_purge_leaves_no_state(machine: Machine) -> 
     left = machine.run("sh", "-c", "find /opt/zlayer 2>/dev/null | head", check=False).stdout
     assert left == "", f"left in /opt/zlayer: {left}"
     assert machine.run("sh", "-c", HOST_STATE).stdout == BEFORE_INSTALL["host"]
+
+
+# Last: it reads the .deb alone, so the machine boots while the .deb builds.
+def test_the_deb_ships_completions_and_man_pages(deb: Path) -> None:
+    files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True).stdout
+    paths = {line.split()[-1].removeprefix(".") for line in files.splitlines()}
+    assert "/usr/share/bash-completion/completions/zlayerctl" in paths
+    assert "/usr/share/zsh/vendor-completions/_zlayerctl" in paths
+    assert "/usr/share/fish/vendor_completions.d/zlayerctl.fish" in paths
+    for name in ("zlayerctl", *(f"zlayerctl-{command}" for command in LAZY_COMMANDS)):
+        assert f"/usr/share/man/man1/{name}.1.gz" in paths

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from ctl.main import LAZY_COMMANDS
+from tests.packaging.builds import Build
 
-REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("schedd", "agentd", "registryd", "overlayd", "proxyd", "apid")
 
 pytestmark = pytest.mark.skipif(
@@ -32,12 +32,10 @@ def rpm_query(package: Path, *args: str) -> str:
     ).stdout
 
 
-def test_the_rpm_holds_what_the_deb_holds(tmp_path: Path) -> None:
-    built = subprocess.run(
-        [str(REPO / "packaging" / "build-rpm.sh"), str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
-        env=dict(os.environ, ZLAYER_RPM_NODEPS="1"),
-    )  # fmt: skip
+def test_the_rpm_holds_what_the_deb_holds(tmp_path: Path, rpm_build: Build) -> None:
+    # Built by packaging/build-rpm.sh with ZLAYER_RPM_NODEPS=1, started with the first
+    # packaging test (the packaging conftest).
+    built = rpm_build.wait()
     assert built.returncode == 0, built.stderr
     package = Path(built.stdout.strip().splitlines()[-1])
     assert package.name.startswith("zlayer-node-") and package.suffix == ".rpm"
