@@ -6,11 +6,17 @@ On the shared :func:`meshed_cluster`: n1 and n2 are the etcd voters, so only the
 daemons other than etcd die here (killed by PID, their supervisor starts them again);
 n3, behind NAT and an etcd client only, is stopped whole (``daemon stop``) and
 started again. One spread web service goes through all four sequences.
+
+The kill in a scale up and the scale down with proxyd and overlayd down take a
+few minutes together on two cores, so they run with ``ZLAYER_CLUSTER_CHAOS=1``
+(the suite's budget is tight; the one-node chaos tests kill in a scale on every
+run); the stop-whole-node sequences run always.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 
@@ -48,6 +54,10 @@ def checker(meshed_cluster: Cluster) -> ClusterInvariants:
     return found
 
 
+@pytest.mark.skipif(
+    not os.environ.get("ZLAYER_CLUSTER_CHAOS"),
+    reason="a few minutes: ZLAYER_CLUSTER_CHAOS=1 runs it",
+)
 def test_kill_schedd_and_agentd_in_a_scale_up(
     meshed_cluster: Cluster, checker: ClusterInvariants
 ) -> None:
