@@ -56,7 +56,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def deb_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Build]:
     """packaging/build-deb.sh, started: it runs while the machine is made and booted."""
-    build = Build("build-deb.sh", tmp_path_factory.mktemp("dist"))
+    build = Build("build-deb.sh", tmp_path_factory.mktemp("dist"), ZLAYER_DEB_COMPRESSION="gzip")
     yield build
     build.stop()
 
