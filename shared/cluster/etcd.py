@@ -47,6 +47,11 @@ ATTEMPT_TIMEOUT = 2.0
 # reaches members that joined after it started and forgets removed ones; each look is
 # also a call, so a member gone quiet under a client that only watches is left.
 FOLLOW_EVERY = 5.0
+# A call every member failed goes round them again after ROUND_PAUSE seconds (up to
+# its deadline, or ROUNDS times without one): a leader election after a member left
+# holds every member's answer for a second or two.
+ROUNDS = 3
+ROUND_PAUSE = 0.25
 # A call ending so on a member is tried on the next one.
 MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Changes of the cluster's members are not sent twice when the first try's fate is
@@ -399,6 +404,10 @@ class Client(aetcd.Client):  # type: ignore[misc]
                 tried += 1
                 if not self._again(url, method, exc, tried, deadline):
                     raise
+                if tried % len(self._urls) == 0:
+                    # every member refused or kept quiet (an election under way, a member
+                    # on its way out): a pause before the next round, within the deadline
+                    await asyncio.sleep(ROUND_PAUSE)
 
     def _try_time(self, timeout: float | None, deadline: float | None, tried: int) -> float:
         """How long one try waits: ATTEMPT_TIMEOUT, within the call's deadline; the
@@ -419,7 +428,8 @@ class Client(aetcd.Client):  # type: ignore[misc]
             return False
         self._move_on(url, exc.details() or code.name)
         return not (
-            tried >= len(self._urls)  # each member once
+            # without a deadline of its own, each member a few times; with one, until it
+            (deadline is None and tried >= ROUNDS * len(self._urls))
             or (deadline is not None and asyncio.get_running_loop().time() >= deadline)
             or (code is grpc.StatusCode.DEADLINE_EXCEEDED and method in ONCE)
         )
