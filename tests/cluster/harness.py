@@ -212,15 +212,22 @@ class Node:
         return ["nsenter", f"--net={self.netns_path}", f"--uts={self.uts_path}", "--", *command]
 
     def sh(
-        self, *command: str, timeout: float = 60, check: bool = False
+        self,
+        *command: str,
+        timeout: float = 60,
+        check: bool = False,
+        stdin: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Any command in this node's network namespace, with its prefix in the environment."""
+        """Any command in this node's network namespace, with its prefix in the environment
+        (or ``env``), ``stdin`` as its standard input."""
         result = subprocess.run(
             self.inside(*command),
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=self.env,
+            env=env or self.env,
             cwd=self.workdir,
             check=False,
         )
@@ -229,10 +236,16 @@ class Node:
         return result
 
     def run(
-        self, *args: str, timeout: float = 120, check: bool = False
+        self,
+        *args: str,
+        timeout: float = 120,
+        check: bool = False,
+        stdin: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """``zlayerctl ARGS`` against this node (its prefix, so its bus), from inside it."""
-        result = self.sh(find_executable("zlayerctl"), *args, timeout=timeout)
+        """``zlayerctl ARGS`` against this node (its prefix, so its bus, or ``env``), from
+        inside it, ``stdin`` as its standard input."""
+        result = self.sh(find_executable("zlayerctl"), *args, timeout=timeout, stdin=stdin, env=env)
         assert "Traceback" not in result.stderr, result.stderr
         if check:
             assert result.returncode == 0, (
@@ -1125,6 +1138,41 @@ services:
       retries: 1
       check: {{type: http, url: /index.html}}
 """
+
+
+# A service whose replicas, one a node, each count lines naming their hostname
+# (<deployment>-talk-<instance>): what logs and exec across nodes read.
+TALK = """
+version: v1
+deployment: {name}
+services:
+  talk:
+    image: zlayer/busybox:latest
+    env:
+      GREETING: hello-from-the-spec
+    command:
+      entrypoint: ["sh", "-c"]
+      args:
+        - i=0; while true; do i=$((i+1)); echo "line $i of $(hostname)"; sleep 0.2; done
+    scale: {{mode: fixed, replicas: 3}}
+    affinity: spread
+    stop_grace_period: 1s
+    health:
+      interval: 1s
+      timeout: 1s
+      retries: 1
+      check: {{type: command, command: "true"}}
+"""
+
+
+def talk_lines(out: str, host: str) -> list[int]:
+    """The numbers of the lines TALK's replica ``host`` wrote, in the order printed."""
+    found = []
+    for line in out.splitlines():
+        words = line.split()
+        if words[-1:] == [host] and "line" in words:
+            found.append(int(words[words.index("line") + 1]))
+    return found
 
 
 def remove_deployment(node: Node, name: str, timeout: float = 120) -> None:

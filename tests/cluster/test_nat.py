@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from ctl.supervisor import find_executable
-from tests.cluster.harness import Cluster, Node, remove_deployment, wait_healthy
+from tests.cluster.harness import TALK, Cluster, Node, remove_deployment, talk_lines, wait_healthy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -31,26 +30,6 @@ API = "http://127.0.0.1:3669"  # apid's default, inside each node's namespace
 # peer from the new address and the peer answers there; a TCP retransmission after
 # that gets through. Generous, for two loaded cores.
 REBOUND_WITHIN = 30.0
-
-TALK = """
-version: v1
-deployment: {name}
-services:
-  talk:
-    image: zlayer/busybox:latest
-    command:
-      entrypoint: ["sh", "-c"]
-      args:
-        - i=0; while true; do i=$((i+1)); echo "line $i of $(hostname)"; sleep 0.2; done
-    scale: {{mode: fixed, replicas: 3}}
-    affinity: spread
-    stop_grace_period: 1s
-    health:
-      interval: 1s
-      timeout: 1s
-      retries: 1
-      check: {{type: command, command: "true"}}
-"""
 
 
 @dataclass
@@ -82,33 +61,6 @@ def talking(meshed_cluster: Cluster) -> Iterator[Talking]:
         remove_deployment(n1, name)
 
 
-def ctl(
-    node: Node, *args: str, stdin: str = "", env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        node.inside(find_executable("zlayerctl"), *args),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env or node.env,
-        cwd=node.workdir,
-        check=False,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
-
-def numbered(out: str, host: str) -> list[int]:
-    """The numbers of the lines ``host`` wrote, in the order shown."""
-    found = []
-    for line in out.splitlines():
-        words = line.split()
-        if words[-1:] == [host] and "line" in words:
-            found.append(int(words[words.index("line") + 1]))
-    return found
-
-
 def test_logs_and_exec_of_a_replica_behind_nat_from_the_other_nodes(talking: Talking) -> None:
     n1, n2, n3 = talking.cluster
     name = talking.name
@@ -116,12 +68,11 @@ def test_logs_and_exec_of_a_replica_behind_nat_from_the_other_nodes(talking: Tal
     host = f"{name}-talk-{instance}"
     assert not n1.ping(n3.lan.ip), "n1 reaches n3's own address: n3 is not behind NAT"
     for caller in (n1, n2):
-        out = ctl(caller, "logs", "-d", name, "talk", "--instance", instance, "-n", "3")
+        out = caller.run("logs", "-d", name, "talk", "--instance", instance, "-n", "3")
         assert out.returncode == 0, (caller.name, out.stderr)
-        lines = numbered(out.stdout, host)
+        lines = talk_lines(out.stdout, host)
         assert len(lines) == 3 and lines == sorted(lines), (caller.name, out.stdout)
-        out = ctl(
-            caller,
+        out = caller.run(
             "exec",
             "-d",
             name,
@@ -141,14 +92,13 @@ def test_logs_and_exec_of_a_replica_behind_nat_from_the_other_nodes(talking: Tal
     try:
         api_env = dict(n1.env, ZLAYER_TOKEN=token.stdout.strip())
         api_env["XDG_CONFIG_HOME"] = str(n1.workdir / "config")
-        out = ctl(
-            n1, "--host", API, "logs", "-d", name, "talk", "--instance", instance, "-n", "2",
+        out = n1.run("--host", API, "logs", "-d", name, "talk", "--instance", instance, "-n", "2",
             env=api_env,
         )  # fmt: skip
     finally:
         n1.run("token", "revoke", "nat-test", check=True)
     assert out.returncode == 0, out.stderr
-    assert len(numbered(out.stdout, host)) == 2, out.stdout
+    assert len(talk_lines(out.stdout, host)) == 2, out.stdout
 
 
 # An echo server in the NAT'd node's replica (the host's Python in its namespace): each

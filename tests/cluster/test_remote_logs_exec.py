@@ -21,35 +21,20 @@ from typing import Any
 import pytest
 
 from ctl.supervisor import find_executable
-from tests.cluster.harness import Cluster, Node, listed_nodes, remove_deployment, wait_healthy
+from tests.cluster.harness import (
+    TALK,
+    Cluster,
+    Node,
+    listed_nodes,
+    remove_deployment,
+    talk_lines,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 SETTLE = 90.0
 API = "http://127.0.0.1:3669"  # apid's default, inside each node's namespace
-
-# Every replica counts its lines, each naming its hostname (<deployment>-talk-<instance>).
-TALK = """
-version: v1
-deployment: {name}
-services:
-  talk:
-    image: zlayer/busybox:latest
-    env:
-      GREETING: hello-from-the-spec
-    command:
-      entrypoint: ["sh", "-c"]
-      args:
-        - i=0; while true; do i=$((i+1)); echo "line $i of $(hostname)"; sleep 0.2; done
-    scale: {{mode: fixed, replicas: 3}}
-    affinity: spread
-    stop_grace_period: 1s
-    health:
-      interval: 1s
-      timeout: 1s
-      retries: 1
-      check: {{type: command, command: "true"}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +43,6 @@ def cluster(meshed_cluster: Cluster) -> Cluster:
     through the mesh), n3 behind NAT (an etcd client only: the one node whose death
     leaves etcd its quorum)."""
     return meshed_cluster
-
-
-def ctl(
-    node: Node, *args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """zlayerctl on ``node`` with ``stdin`` as its standard input."""
-    result = subprocess.run(
-        node.inside(find_executable("zlayerctl"), *args),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or node.env,
-        cwd=node.workdir,
-        check=False,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 def started(node: Node, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -182,16 +149,6 @@ def on_terminal(node: Node, cols: int, rows: int, *args: str) -> tuple[str, int]
     return shown.decode(errors="replace"), code
 
 
-def numbers(out: str, host: str) -> list[int]:
-    """The counters of the lines ``host`` wrote, in the order printed."""
-    found = []
-    for line in out.splitlines():
-        words = line.split()
-        if words[-1:] == [host] and "line" in words:
-            found.append(int(words[words.index("line") + 1]))
-    return found
-
-
 def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
     n1, n2, n3 = cluster
     name = n1.deployment_name("talk")
@@ -207,9 +164,9 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
         # (the replica writes a line every 0.2 s: it may not have five yet when healthy)
         until = time.monotonic() + 30
         while True:
-            out = ctl(n1, "logs", "-d", name, "talk", "--instance", str(on_n2), "-n", "5")
+            out = n1.run("logs", "-d", name, "talk", "--instance", str(on_n2), "-n", "5")
             assert out.returncode == 0, out.stderr
-            counted = numbers(out.stdout, host2)
+            counted = talk_lines(out.stdout, host2)
             if len(counted) >= 5 or time.monotonic() > until:
                 break
             time.sleep(1)
@@ -217,14 +174,14 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
         assert all(line.endswith(host2) for line in out.stdout.splitlines()), out.stdout
 
         # -f: lines written after the call come too
-        followed = numbers(
+        followed = talk_lines(
             follow_until(n1, 5, "-d", name, "talk", "--instance", str(on_n2), "-n", "1"), host2
         )
         assert len(followed) >= 4 and followed == sorted(followed), followed
         assert followed[-1] > counted[-1], (counted, followed)
 
         # every replica at once: each node's lines, prefixed with its replica
-        out = ctl(n1, "logs", "-d", name, "talk", "-n", "2")
+        out = n1.run("logs", "-d", name, "talk", "-n", "2")
         assert out.returncode == 0, out.stderr
         for node in cluster:
             instance = instance_on(rows, node)
@@ -237,8 +194,7 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
         # this stdin, and its exit code comes back (n3 is behind NAT: the call goes
         # to its mesh address)
         script = 'hostname; echo "$GREETING"; cat; echo oops >&2; exit 7'
-        out = ctl(
-            n1,
+        out = n1.run(
             "exec",
             "-d",
             name,
@@ -270,8 +226,7 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
         token = n1.run("token", "create", "remote-test", "--role", "operator", check=True)
         api_env = dict(n1.env, ZLAYER_TOKEN=token.stdout.strip())
         api_env["XDG_CONFIG_HOME"] = str(n1.workdir / "config")
-        out = ctl(
-            n1,
+        out = n1.run(
             "--host",
             API,
             "logs",
@@ -285,9 +240,8 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
             env=api_env,
         )
         assert out.returncode == 0, out.stderr
-        assert len(numbers(out.stdout, host2)) == 3, out.stdout
-        out = ctl(
-            n1,
+        assert len(talk_lines(out.stdout, host2)) == 3, out.stdout
+        out = n1.run(
             "--host",
             API,
             "exec",
@@ -357,12 +311,12 @@ def test_logs_and_exec_reach_replicas_on_other_nodes(cluster: Cluster) -> None:
                 assert code == 0, (what, err)
                 warned = [line for line in err.splitlines() if line.startswith("warning:")]
             for host in alive:
-                assert len(numbers(out, host)) == 2, (what, out)
+                assert len(talk_lines(out, host)) == 2, (what, out)
             if not warned:
                 assert moved, (what, out, err)
                 continue
             warnings += 1
-            assert numbers(out, host3) == [], (what, out)
+            assert talk_lines(out, host3) == [], (what, out)
             assert len(warned) == 1 and f"node {n3.name} (" in warned[0], (what, err)
             assert "does not answer" in warned[0] and host3 in warned[0], (what, err)
         assert warnings, "every logs call ran after n3's replica had moved: none saw it dead"
