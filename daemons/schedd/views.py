@@ -71,14 +71,19 @@ class Generations:
         self.store = store
         self.value = 0  # the last one handed out
         self._top = 0  # the last one reserved
+        # one reservation at a time: two views sent at once (overlayd's and proxyd's)
+        # would otherwise each reserve a block, and the one finishing last could hand
+        # out a generation below the other's
+        self._lock = asyncio.Lock()
 
     async def next(self, above: int = 0) -> int:
         """A new generation, above the last one and above ``above``."""
-        wanted = max(self.value, above) + 1
-        if self._top == 0 or wanted > self._top:
-            wanted, self._top = await asyncio.to_thread(self._reserve, wanted)
-        self.value = wanted
-        return wanted
+        async with self._lock:
+            wanted = max(self.value, above) + 1
+            if wanted > self._top:
+                wanted, self._top = await asyncio.to_thread(self._reserve, wanted)
+            self.value = wanted
+            return wanted
 
     def _reserve(self, wanted: int) -> tuple[int, int]:
         """Blocking: (the first generation of a new block, its last), stored first."""
