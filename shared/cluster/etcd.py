@@ -54,9 +54,12 @@ ROUNDS = 3
 ROUND_PAUSE = 0.25
 # A call ending so on a member is tried on the next one.
 MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# Changes of the cluster's members are not sent twice when the first try's fate is
-# unknown (a member that did not answer in time may still make it).
-ONCE = frozenset({"MemberAdd", "MemberRemove", "MemberUpdate", "MemberPromote"})
+# Calls not sent twice when the first try's fate is unknown (a member that did not
+# answer in time may still make it): changes of the cluster's members, and
+# transactions, whose guard would fail on the second try of one that was applied
+# (the caller would read that as a conflict and apply its change again). They wait
+# their whole deadline on one member; a refused one still goes to the next.
+ONCE = frozenset({"MemberAdd", "MemberRemove", "MemberUpdate", "MemberPromote", "Txn"})
 # Streaming methods: each is sent to the member in use, once.
 STREAMS = frozenset({"LeaseKeepAlive", "Snapshot"})
 
@@ -398,7 +401,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
             url = self._urls[self._current]
             call = getattr(self._stub(url, service), method)
             try:
-                wait = self._try_time(timeout, deadline, tried)
+                wait = timeout if method in ONCE else self._try_time(timeout, deadline, tried)
                 return await call(request, timeout=wait, metadata=metadata, **kwargs)
             except grpc.aio.AioRpcError as exc:
                 tried += 1
