@@ -475,15 +475,21 @@ class Node:
         """The NAT namespace in front of this node (routed, behind NAT)."""
         return f"zlt-c{self.cluster.tag}-nat{self.index}"
 
+    def nat_outside(self) -> IPv4Interface:
+        """The outside address of the NAT in front of this node."""
+        with IPRoute(netns=self.nat_netns) as nat:
+            index = nat.link_lookup(ifname="out0")[0]
+            (held,) = [a for a in nat.get_addr(family=2, index=index)]
+            return IPv4Interface(f"{held.get_attr('IFA_ADDRESS')}/{held['prefixlen']}")
+
     def rebind_nat(self) -> IPv4Interface:
         """The NAT in front of this node takes another outside address of its /29 (the
         second and third by turns), as a home router given a new address: the kernel
         drops every mapping masqueraded to the old one with it, so each flow of the
         node leaves from the new address (a new mapping). The outside address now."""
+        old = self.nat_outside()
         with IPRoute(netns=self.nat_netns) as nat:
             index = nat.link_lookup(ifname="out0")[0]
-            (held,) = [a for a in nat.get_addr(family=2, index=index)]
-            old = IPv4Interface(f"{held.get_attr('IFA_ADDRESS')}/{held['prefixlen']}")
             hosts = list(old.network.hosts())
             new = IPv4Interface(f"{hosts[2] if old.ip == hosts[1] else hosts[1]}/{ROUTED_LINK}")
             nat.addr("del", index=index, address=str(old.ip), prefixlen=ROUTED_LINK)
@@ -1180,6 +1186,12 @@ def remove_deployment(node: Node, name: str, timeout: float = 120) -> None:
     a container of it left: a test on a shared cluster leaves it as it found it."""
     down = node.run("down", name, timeout=timeout)
     assert down.returncode == 0, f"down {name}: {down.stderr}"
+    wait_gone(node, name, timeout)
+
+
+def wait_gone(node: Node, name: str, timeout: float = 120) -> None:
+    """Until no live node of ``node``'s cluster has a container of deployment ``name``
+    (one already taken down, whose replicas a node stopped meanwhile still has)."""
     deadline = time.monotonic() + timeout
     while True:
         left = {

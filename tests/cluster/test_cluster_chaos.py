@@ -25,11 +25,19 @@ import time
 import psutil
 import pytest
 
-from tests.cluster.harness import SPREAD_WEB, Cluster, Node, listed_nodes, remove_deployment
+from tests.cluster.harness import (
+    SPREAD_WEB,
+    Cluster,
+    Node,
+    listed_nodes,
+    remove_deployment,
+    wait_gone,
+)
 from tests.cluster.invariants import ClusterInvariants
 from tests.e2e.invariants import Endpoint
 
 SETTLE = 60.0
+RUNS_LAST = True  # it stops n3 whole: the other modules on the shared cluster go first
 LONGER = pytest.mark.skipif(
     not os.environ.get("ZLAYER_CLUSTER_CHAOS"),
     reason="a longer sequence: ZLAYER_CLUSTER_CHAOS=1 runs it",
@@ -113,6 +121,8 @@ def test_down_while_a_node_is_stopped(meshed_cluster: Cluster, checker: ClusterI
             n3.start()
         if name in n1.run("ps", "--format", "json").stdout:
             remove_deployment(n1, name)
+        else:  # down already: what n3 still runs goes now, or the shared cluster is dirty
+            wait_gone(n1, name)
 
 
 @LONGER

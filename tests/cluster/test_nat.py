@@ -9,6 +9,7 @@ a node of a service that writes a numbered line every 0.2 s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -169,7 +170,7 @@ def test_a_node_whose_nat_address_changes_keeps_its_peers(talking: Talking) -> N
         [*in_replica(n3, rows[n3.name]), "-c", SERVER, "9098"], stdout=subprocess.PIPE, text=True
     )
     client = None
-    moved = None
+    passed = False
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         client = subprocess.Popen(
@@ -212,12 +213,17 @@ def test_a_node_whose_nat_address_changes_keeps_its_peers(talking: Talking) -> N
             assert time.monotonic() < deadline, "n3 no longer lists n1"
             time.sleep(0.5)
         print(f"rebinding: connection resumed in {resumed:.1f} s, peers moved in {learned:.1f} s")
+        passed = True
     finally:
         for process in (client, server):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
-        if moved is not None:  # as it was: back to the first address
-            back = n3.rebind_nat()
-            assert back.ip == first.ip
+        # as it was, even after a failure (rebind_nat may have stopped half way): the
+        # first address back, and the peers on it (checked only when nothing failed
+        # before, so as not to hide what did)
+        if n3.nat_outside().ip != first.ip:
+            n3.rebind_nat()
+        with contextlib.nullcontext() if passed else contextlib.suppress(AssertionError):
+            assert n3.nat_outside().ip == first.ip
             wait_endpoint_host([n1, n2], n3, str(first.ip), REBOUND_WITHIN)
