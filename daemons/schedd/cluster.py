@@ -98,6 +98,9 @@ ENDPOINTS_CHECK = 10.0  # seconds between looks at the etcd members' client URLs
 ETCD_START_TIMEOUT = 30.0
 MEMBER_ADD_TIMEOUT = 30.0  # etcd counts a new member after it has been connected 5 s
 CALL_TIMEOUT = 5.0
+# node rm is tried again while etcd answers that it cannot now (its members just lost
+# one, a leader is being elected); each of its steps is safe to take twice.
+REMOVE_TIMEOUT = 20.0
 ETCD_UNIT = "zlayer-etcd.service"
 SUPERVISOR_ENV = "ZLAYER_SUPERVISOR_PID"  # shared.daemon's: the supervisor's pid
 MESH_CHECK = 2.0  # seconds between looks at overlayd's mesh (a rotated key, a restart)
@@ -761,13 +764,15 @@ class ClusterContext:
                     await self.client.revoke_lease(found.lease)
             await self.client.delete((KEYS["nodes"] + node).encode())
             await blocks.release(self.client, node)
-            if ids:
-                await self._promote_a_client(node)
+            # a voter gone (by this try or an earlier one): a client may be asked to become one
+            await self._promote_a_client(node)
 
-        await self._etcd(run)
+        # a second try finds what the first did done: the settings already say removed,
+        # the member already gone from the list it reads again
+        await self._etcd(lambda: retrying(run, REMOVE_TIMEOUT))
 
     async def _promote_a_client(self, removed: str) -> None:
-        """A voter was removed: while the members are fewer than the cluster's voters, ask
+        """After a removal: while the members are fewer than the cluster's voters, ask
         one client (reachable, the first by name) to become one."""
         members = len([m async for m in self.client.members()])
         if not blocks.is_voter(members, await blocks.load_settings(self.client)):

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -183,6 +183,19 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     """Tells a shared cluster's fixture, as it is torn down, which test comes next."""
     _NEXT[0] = nextitem
     return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed cluster test's report carries the tails of its nodes' logs."""
+    report = yield
+    if report.failed and item.path.parent == _HERE:
+        text = "\n".join(cluster.log_tails() for cluster in CLUSTERS).strip()
+        if text:
+            report.sections.append(("the nodes' logs", text))
+    return report
 
 
 @pytest.hookimpl(trylast=True)

@@ -109,6 +109,17 @@ OWNER = "owner"  # in a cluster's directory: "<pid> <start time>" of the process
 UNCLEAN = "unclean"  # in a cluster's directory: its clean-up failed, sweep it again
 # Every cluster this process made, closed or not: the leak check asks each what is its.
 CLUSTERS: list[Cluster] = []
+# What a failed test shows of each node's logs (Cluster.log_tails): the last lines of
+# the daemons that decide, and etcd's last warnings.
+LOG_TAIL = {"schedd.log": 15, "agentd.log": 6, "overlayd.log": 6}
+ETCD_WARNINGS = 8
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 def free_lan(tag: str) -> IPv4Network:
@@ -809,7 +820,29 @@ class Cluster:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        if isinstance(error, Exception):
+            # the logs go with the cluster: what the test's report shows of them
+            print(self.log_tails())
         self.close()
+
+    def log_tails(self) -> str:
+        """The last lines of each node's deciding daemons' logs and etcd's warnings, for a
+        failed test's report: a failure seen only in CI is read without the cluster."""
+        parts: list[str] = []
+        for node in self.nodes:
+            logs = node.paths.log_dir
+            if not logs.is_dir():
+                continue
+            for name, count in LOG_TAIL.items():
+                parts += [f"-- {node.name} {name}", *_read_lines(logs / name)[-count:]]
+            warned = [
+                line[:400]
+                for line in _read_lines(logs / "etcd.log")
+                if '"level":"warn"' in line or '"level":"error"' in line
+            ]
+            if warned:
+                parts += [f"-- {node.name} etcd.log (warnings)", *warned[-ETCD_WARNINGS:]]
+        return "\n".join(parts)
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)
