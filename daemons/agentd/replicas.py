@@ -255,6 +255,11 @@ class Node:
         self.removed_notes: list[tuple[str, str]] = []
         self._collecting: dict[str, asyncio.Task[None]] = {}  # ids being removed as garbage
         self._lock = asyncio.Lock()
+        # A replica record's next content (None: remove the file), by replica id, and
+        # the one task per id that writes it off the event loop: one write of a file
+        # at a time, so an older record never lands over a newer one.
+        self._record_pending: dict[str, str | None] = {}
+        self._record_writers: dict[str, asyncio.Task[None]] = {}
         # Nothing that changes replicas runs before the containers that are
         # there have been adopted: a start of an id that runs would fail and
         # its clean-up would kill the running container.
@@ -267,20 +272,64 @@ class Node:
         write_atomically(path, text, durable=durable)
 
     def _save(self, replica: Replica) -> None:
-        # Not fsynced: a record says what runs here, and a power cut stops it all;
-        # load() takes what is left, and schedd sends the assignments again.
-        self._write(
-            self.record_dir / f"{replica.record.id}.json", encode(replica.record), durable=False
-        )
+        self._queue_record(replica.record.id, encode(replica.record))
+
+    def _queue_record(self, replica_id: str, text: str | None) -> asyncio.Task[None]:
+        """Have a replica's record file written (``text``) or removed (None), in call order.
+
+        Only the newest content waiting matters: a write still under way is
+        followed by the last one asked for since, never by each in between.
+        """
+        self._record_pending[replica_id] = text
+        writer = self._record_writers.get(replica_id)
+        if writer is None:
+            writer = asyncio.create_task(
+                self._write_records(replica_id), name=f"record-{replica_id}"
+            )
+            self._record_writers[replica_id] = writer
+        return writer
+
+    async def _write_records(self, replica_id: str) -> None:
+        path = self.record_dir / f"{replica_id}.json"
+        try:
+            while replica_id in self._record_pending:
+                text = self._record_pending.pop(replica_id)
+                try:
+                    if text is None:
+                        await asyncio.to_thread(path.unlink, missing_ok=True)
+                    else:
+                        # Not fsynced: a record says what runs here, and a power cut stops
+                        # it all; load() takes what is left, and schedd sends the
+                        # assignments again.
+                        await asyncio.to_thread(write_atomically, path, text, durable=False)
+                except OSError as exc:
+                    log.error("could not write the record of %s: %s", replica_id, exc)
+        finally:
+            # No await between the last look at the pending content and this: a
+            # record asked for after it starts a new writer.
+            del self._record_writers[replica_id]
+
+    async def _records_written(self, replica_id: str) -> None:
+        """Wait until what was asked for a replica's record file is on disk."""
+        writer = self._record_writers.get(replica_id)
+        if writer is not None:
+            # Shielded: a caller cancelled must not cut the writes short.
+            await asyncio.shield(writer)
+
+    async def _remove_record(self, replica_id: str) -> None:
+        """Remove a replica's record file, after the writes asked for before."""
+        self._queue_record(replica_id, None)
+        await self._records_written(replica_id)
 
     def _update(self, replica: Replica, **changes: Any) -> None:
         record = replica.record
         before = (record.state, record.health, record.message)
         for key, value in changes.items():
             setattr(record, key, value)
-        # Told first: the record's rename over the old one can wait on the disk (ext4
-        # flushes a file renamed over another), about 10 ms under load, and nobody
-        # reads the file but agentd's next start, which checks what runs anyway.
+        # Told first, and the record written in a thread: the rename over the old one
+        # can wait on the disk (ext4 flushes a file renamed over another), about 10 ms
+        # under load, and nobody reads the file but agentd's next start, which checks
+        # what runs anyway.
         if (record.state, record.health, record.message) != before:
             self.changed(record.info())
         self._save(replica)
@@ -640,7 +689,7 @@ class Node:
                 await replica.task
         await self._teardown(replica, grace)
         self.replicas.pop(replica.record.id, None)
-        (self.record_dir / f"{replica.record.id}.json").unlink(missing_ok=True)
+        await self._remove_record(replica.record.id)
         replica.record.state = "stopped"
         self.changed(replica.record.info())
 
@@ -656,7 +705,7 @@ class Node:
             await self.neighbours.detach(cid)
         except Exception as exc:
             log.error("could not release the network of %s: %s", cid, exc)
-        (self.record_dir / f"{cid}.json").unlink(missing_ok=True)
+        await self._remove_record(cid)
 
     async def shutdown(self) -> None:
         """agentd is stopping: leave containers running (conmon holds them).
@@ -672,6 +721,9 @@ class Node:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # The records asked for last, also by the tasks as they ended, reach the disk.
+        for replica_id in list(self._record_writers):
+            await self._records_written(replica_id)
 
     # ------------------------------------------------------------ queries
 
@@ -827,6 +879,9 @@ class Node:
                 lambda argv, timeout: self._one_shot(replica, rootfs, attachment, argv, timeout),
                 lambda note: log.info("%s: %s", record.id, note),
             )
+        # A container never runs without its record on disk: a restarted agentd adopts
+        # what a record names and removes any other container as garbage.
+        await self._records_written(record.id)
         pid = await self.launcher.start(record.id, spec, rootfs, attachment, None)
         self._update(
             replica,

@@ -1,52 +1,128 @@
-"""agentd tells of a replica's new state before it rewrites the replica's record file.
+"""agentd tells of a replica's new state before it rewrites the replica's record file,
+and rewrites it in a thread, one write of a record at a time.
 
 The record's rename over the old file can wait on the disk (ext4 flushes a file
 renamed over another), which held back every ``ReplicaChanged`` by about 10 ms
-on a busy node; the record is only read at agentd's next start.
+on a busy node, and the event loop with it; the record is only read at
+agentd's next start. Two writes of one record never land out of order, and a
+record removed stays removed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
+from daemons.agentd import replicas
 from daemons.agentd.replicas import Node, Replica, ReplicaRecord
 from shared.spec import ServiceSpec
 from shared.wire.agent import ReplicaInfo
+
+REPLICA_ID = "shop-web-1-r1"
 
 
 def on_disk(path: Path) -> str:
     return str(msgspec.json.decode(path.read_bytes())["state"])
 
 
-def test_the_new_state_is_told_before_the_record_is_rewritten(tmp_path: Path) -> None:
-    told: list[tuple[str, str]] = []
-    record_file = tmp_path / "replicas" / "shop-web-1-r1.json"
-
-    def changed(info: ReplicaInfo) -> None:
-        told.append((info.state, on_disk(record_file)))
-
-    launcher: Any = None  # _update never starts anything
+def make_node(tmp_path: Path, changed: Any = lambda info: None) -> Node:
+    launcher: Any = None  # records are written; nothing is started
     neighbours: Any = None
-    node = Node(tmp_path, launcher, neighbours, changed)
+    return Node(tmp_path, launcher, neighbours, changed)
+
+
+def make_replica() -> Replica:
     record = ReplicaRecord(
-        id="shop-web-1-r1",
+        id=REPLICA_ID,
         deployment="shop",
         service="web",
         instance=1,
         revision=1,
         image="zlayer/busybox:latest",
     )
-    replica = Replica(record, ServiceSpec.model_validate({"image": "zlayer/busybox:latest"}))
-    node._save(replica)
+    return Replica(record, ServiceSpec.model_validate({"image": "zlayer/busybox:latest"}))
 
-    node._update(replica, state="running", pid=4242)
 
-    assert told == [("running", "creating")]  # told while the file still said creating
-    assert on_disk(record_file) == "running"  # and the file follows at once
+def test_the_new_state_is_told_before_the_record_is_rewritten(tmp_path: Path) -> None:
+    told: list[tuple[str, str]] = []
+    record_file = tmp_path / "replicas" / f"{REPLICA_ID}.json"
 
-    node._update(replica, pid=4243)  # nothing a subscriber sees changed: nobody is told
-    assert told == [("running", "creating")]
-    assert msgspec.json.decode(record_file.read_bytes())["pid"] == 4243
+    def changed(info: ReplicaInfo) -> None:
+        told.append((info.state, on_disk(record_file)))
+
+    async def run() -> None:
+        node = make_node(tmp_path, changed)
+        replica = make_replica()
+        node._save(replica)
+        await node._records_written(REPLICA_ID)
+
+        node._update(replica, state="running", pid=4242)
+        assert told == [("running", "creating")]  # told while the file still said creating
+        await node._records_written(REPLICA_ID)
+        assert on_disk(record_file) == "running"  # and the file follows
+
+        node._update(replica, pid=4243)  # nothing a subscriber sees changed: nobody is told
+        await node._records_written(REPLICA_ID)
+        assert told == [("running", "creating")]
+        assert msgspec.json.decode(record_file.read_bytes())["pid"] == 4243
+
+    asyncio.run(run())
+
+
+def test_records_are_written_off_the_event_loop_in_the_order_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record_file = tmp_path / "replicas" / f"{REPLICA_ID}.json"
+    first_write_may_end = threading.Event()
+    written: list[tuple[str, bool]] = []  # (state, written on the event loop's thread)
+    loop_thread = threading.get_ident()
+    real_write = replicas.write_atomically
+
+    def slow_write(path: Path, data: str | bytes, *args: Any, **kwargs: Any) -> None:
+        if not written:
+            assert first_write_may_end.wait(5)  # the first write hangs on a slow disk
+        state = str(msgspec.json.decode(data)["state"])
+        written.append((state, threading.get_ident() == loop_thread))
+        real_write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(replicas, "write_atomically", slow_write)
+
+    async def run() -> None:
+        node = make_node(tmp_path)
+        replica = make_replica()
+        node._save(replica)  # creating: its write hangs
+        await asyncio.sleep(0.05)  # the loop went on meanwhile
+        for state in ("initializing", "running", "exited"):
+            node._update(replica, state=state)
+        first_write_may_end.set()
+        await node._records_written(REPLICA_ID)
+
+    asyncio.run(run())
+    # The states in between were replaced before their turn; the last one lands last.
+    assert written == [("creating", False), ("exited", False)]
+    assert on_disk(record_file) == "exited"
+
+
+def test_a_removed_record_stays_removed_and_its_id_can_be_used_again(tmp_path: Path) -> None:
+    record_file = tmp_path / "replicas" / f"{REPLICA_ID}.json"
+
+    async def run() -> None:
+        node = make_node(tmp_path)
+        replica = make_replica()
+        node._save(replica)
+        node._update(replica, state="running")
+        await node._remove_record(REPLICA_ID)  # asked while the writes are still waiting
+        assert not record_file.exists()
+
+        again = make_replica()  # a replica of the same id takes its place
+        node._save(again)
+        await node._records_written(REPLICA_ID)
+        assert on_disk(record_file) == "creating"
+        assert node._record_writers == {}
+
+    asyncio.run(run())
