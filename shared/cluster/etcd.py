@@ -8,7 +8,9 @@
   call is not answered within ATTEMPT_TIMEOUT (a member gone without closing its
   connections holds a call until keepalive, 15 s, otherwise), and it follows the
   members' client URLs as etcd lists them (a running node reaches voters that
-  joined after it started).
+  joined after it started). Its TLS files are read in a thread at connect() and
+  kept for every member's channel; a channel made later reads them again only
+  when their modification times changed (certificates are renewed in place).
 - :func:`wait_healthy` waits until every endpoint answers a linearizable read,
   which needs an elected leader and a quorum behind it.
 """
@@ -79,6 +81,40 @@ class TLSFiles:
     # target's: a target of several addresses is no one host name, so a name
     # every member's certificate carries (the cluster's, see shared.cluster.pki).
     server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class _TLSRead:
+    """A client's TLS files as read, with their modification times when they were."""
+
+    stamp: tuple[int, int, int]  # st_mtime_ns of the CA, the certificate, the key
+    credentials: Any  # grpc.ChannelCredentials, made once for every channel
+
+
+def _tls_stamp(files: TLSFiles) -> tuple[int, int, int]:
+    return (
+        files.ca.stat().st_mtime_ns,
+        files.cert.stat().st_mtime_ns,
+        files.key.stat().st_mtime_ns,
+    )
+
+
+def _read_tls(files: TLSFiles, known: _TLSRead | None) -> _TLSRead:
+    """The files' credentials: ``known`` while no file changed since, else read again.
+
+    Blocking; in a thread from async code. A certificate renewed in place changes
+    its file's modification time; one file of the three replaced before the others
+    is read again once the others follow, as their times change too.
+    """
+    stamp = _tls_stamp(files)
+    if known is not None and known.stamp == stamp:
+        return known
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=files.ca.read_bytes(),
+        private_key=files.key.read_bytes(),
+        certificate_chain=files.cert.read_bytes(),
+    )
+    return _TLSRead(stamp, credentials)
 
 
 @dataclass(frozen=True)
@@ -231,6 +267,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
         self._urls = list(dict.fromkeys(endpoints))
         self._current = 0
         self._tls = tls
+        self._tls_read: _TLSRead | None = None  # read at connect(), again when they change
         self._follow = follow
         self._attempt = attempt_timeout
         self._channels: dict[str, Any] = {}
@@ -248,6 +285,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
         # RPC error: a member that does not answer is found by the first call.
         if self._connected.is_set():
             return
+        await self._fresh_tls()
         self.kvstub = _Stub(self, "KV")
         self.clusterstub = _Stub(self, "Cluster")
         self.leasestub = _Stub(self, "Lease")
@@ -278,6 +316,17 @@ class Client(aetcd.Client):  # type: ignore[misc]
 
     # ------------------------------------------------------------ members
 
+    async def _fresh_tls(self) -> None:
+        """The TLS files read again if they changed (renewed in place), off the event loop."""
+        if self._tls is not None:
+            self._tls_read = await asyncio.to_thread(_read_tls, self._tls, self._tls_read)
+
+    async def _before_channel(self) -> None:
+        """Before a call on the member in use: its channel, if it has none yet, is made
+        with the TLS files as they are now."""
+        if self._tls is not None and self._urls[self._current] not in self._channels:
+            await self._fresh_tls()
+
     def _channel(self, url: str) -> Any:
         found = self._channels.get(url)
         if found is not None:
@@ -300,12 +349,9 @@ class Client(aetcd.Client):  # type: ignore[misc]
         else:
             if self._tls.server_name:
                 options.append(("grpc.ssl_target_name_override", self._tls.server_name))
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=self._tls.ca.read_bytes(),
-                private_key=self._tls.key.read_bytes(),
-                certificate_chain=self._tls.cert.read_bytes(),
-            )
-            found = grpc.aio.secure_channel(target, credentials, options=options)
+            if self._tls_read is None:  # not connected yet: connect() reads them in a thread
+                self._tls_read = _read_tls(self._tls, None)
+            found = grpc.aio.secure_channel(target, self._tls_read.credentials, options=options)
         self._channels[url] = found
         return found
 
@@ -398,6 +444,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
         deadline = None if timeout is None else loop.time() + timeout
         tried = 0
         while True:
+            await self._before_channel()
             url = self._urls[self._current]
             call = getattr(self._stub(url, service), method)
             try:
@@ -453,6 +500,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
         deadline = None if timeout is None else loop.time() + timeout
         tried = 0
         while True:
+            await self._before_channel()
             url = self._urls[self._current]
             wait = self._try_time(timeout, deadline, tried) if refresh else timeout
             call = getattr(self._stub(url, service), method)(
@@ -478,6 +526,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
         the member in use does not create in time is tried on the next one."""
         await self.connect()
         for tried in range(1, len(self._urls) + 1):
+            await self._before_channel()
             watcher, url = self._watcher, self._urls[self._current]
             try:
                 return await self._watch_on(watcher, key, **kwargs)

@@ -1,11 +1,17 @@
-"""shared.cluster.etcd without a running etcd: a member's command line, the client's target."""
+"""shared.cluster.etcd without a running etcd: a member's command line, the client's target,
+how the client reads its TLS files."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from shared.cluster import etcd
 from shared.cluster.etcd import EtcdMember, TLSFiles, _target
 
 
@@ -81,3 +87,55 @@ def test_endpoints_become_one_grpc_target(endpoints: list[str], target: str) -> 
 def test_no_endpoint_is_a_sentence() -> None:
     with pytest.raises(ValueError, match="no etcd endpoint was given"):
         _target([])
+
+
+def test_the_tls_files_are_read_once_in_a_thread_and_again_when_renewed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = TLSFiles(tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key")
+    for path in (files.ca, files.cert, files.key):
+        path.write_bytes(f"{path.name} 1".encode())
+    read: list[tuple[bytes, bytes, bytes]] = []  # what each credentials were made of
+    on_the_loop: list[bool] = []
+    loop_thread = threading.get_ident()
+    real_credentials = etcd.grpc.ssl_channel_credentials
+
+    def credentials(
+        *, root_certificates: bytes, private_key: bytes, certificate_chain: bytes
+    ) -> Any:
+        read.append((root_certificates, certificate_chain, private_key))
+        on_the_loop.append(threading.get_ident() == loop_thread)
+        return real_credentials(
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
+
+    monkeypatch.setattr(etcd.grpc, "ssl_channel_credentials", credentials)
+
+    async def run() -> None:
+        members = ["https://10.0.0.1:2379", "https://10.0.0.2:2379", "https://10.0.0.3:2379"]
+        client = etcd.Client(members, files, follow=None)
+        await client.connect()
+        try:
+            client._channel(members[0])
+            await client._before_channel()  # the member in use has its channel: no look
+            client._current = 1
+            await client._before_channel()  # a new member, the files unchanged
+            client._channel(members[1])
+            assert read == [(b"ca.pem 1", b"node.pem 1", b"node.key 1")]
+
+            # The node's certificate and key renewed in place.
+            for path in (files.cert, files.key):
+                path.write_bytes(f"{path.name} 2".encode())
+                stat = path.stat()
+                os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+            client._current = 2
+            await client._before_channel()
+            client._channel(members[2])
+            assert read[1:] == [(b"ca.pem 1", b"node.pem 2", b"node.key 2")]
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+    assert on_the_loop == [False, False]
