@@ -17,19 +17,42 @@ fi
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e '.[test]'
 
-echo "==> ruff"
-.venv/bin/ruff check .
-.venv/bin/ruff format --check --quiet .
-echo "==> mypy --strict shared daemons ctl"
-.venv/bin/mypy --strict shared daemons ctl
-echo "==> pytest"
-if [ "$#" -gt 0 ] || ! .venv/bin/python -c "import xdist" 2>/dev/null; then
+if [ "$#" -gt 0 ]; then
+    echo "==> ruff"
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check --quiet .
+    echo "==> mypy --strict shared daemons ctl"
+    .venv/bin/mypy --strict shared daemons ctl
+    echo "==> pytest"
     exec .venv/bin/python -m pytest "$@"
 fi
-# The unit tests are pure and independent of each other: two workers (pytest-xdist) take
-# them; the integration and end-to-end tests share the machine's network and run in order.
+# Two lanes, so the whole run stays within CI's time on two cores. The cluster tests
+# spend most of their time waiting on their nodes, and read only what their own
+# clusters made; beside them run the lint, the type check, the unit tests (pure) and
+# the package tests (their machine has namespaces of its own). The end-to-end and
+# integration tests read the whole machine's links, mounts and cgroups, so they run
+# after, alone. --durations: each log shows where the time of the slow layers goes.
+lane_log=$(mktemp)
+trap 'rm -f "$lane_log"' EXIT
+(
+    status=0
+    echo "==> pytest tests/packaging"
+    .venv/bin/python -m pytest --durations=10 tests/packaging || status=1
+    echo "==> pytest tests/unit"
+    .venv/bin/python -m pytest -n 2 tests/unit || status=1
+    echo "==> ruff"
+    { .venv/bin/ruff check . && .venv/bin/ruff format --check --quiet .; } || status=1
+    echo "==> mypy --strict shared daemons ctl"
+    .venv/bin/mypy --strict shared daemons ctl || status=1
+    exit "$status"
+) >"$lane_log" 2>&1 &
+lane=$!
 status=0
-.venv/bin/python -m pytest -n 2 tests/unit || status=$?
-# --durations: every log shows where the time of the slow layers goes.
-.venv/bin/python -m pytest --durations=30 --ignore=tests/unit || status=$?
+echo "==> pytest tests/cluster (beside it: packaging, unit, ruff, mypy)"
+.venv/bin/python -m pytest --durations=20 tests/cluster || status=$?
+wait "$lane" || status=1
+cat "$lane_log"
+echo "==> pytest tests/e2e tests/integration"
+.venv/bin/python -m pytest --durations=30 --ignore=tests/unit --ignore=tests/cluster \
+    --ignore=tests/packaging || status=$?
 exit "$status"

@@ -840,10 +840,11 @@ class NodeControl:
     def files(self) -> pki.ClusterFiles:
         return pki.ClusterFiles.of(self.paths)
 
-    def _context(self) -> ClusterContext:
+    async def _context(self) -> ClusterContext:
         if self.daemon.cluster is None:
             with contextlib.suppress(cluster_config.ClusterConfigError):
-                if cluster_config.load(self.paths) is not None:
+                # In a thread: a node command may come while schedd waits for etcd.
+                if await asyncio.to_thread(cluster_config.load, self.paths) is not None:
                     # a member whose schedd is still reaching its cluster (after a restart)
                     raise UnavailableError(
                         "schedd is still reaching this node's cluster (it waits for etcd); "
@@ -854,8 +855,8 @@ class NodeControl:
             )
         return self.daemon.cluster
 
-    def _lone(self) -> None:
-        found = cluster_config.load(self.paths)
+    async def _lone(self) -> None:
+        found = await asyncio.to_thread(cluster_config.load, self.paths)
         if found is not None or self.daemon.cluster is not None:
             node = found.node_id if found is not None else self.daemon.cluster.node_id  # type: ignore[union-attr]
             raise AlreadyExistsError(
@@ -892,7 +893,7 @@ class NodeControl:
 
     async def init(self, argument: str) -> NodeRecord:
         async with self._busy:
-            self._lone()
+            await self._lone()
             options = cluster_blocks.parse_init(argument)
             plan = await cluster_blocks.plan_init(_overlay(), options)
             address = await self._address(options.advertise)
@@ -974,7 +975,7 @@ class NodeControl:
 
     async def join(self, token_text: str, advertise: str) -> NodeRecord:
         async with self._busy:
-            self._lone()
+            await self._lone()
             try:
                 token = jointoken.parse(token_text)
             except jointoken.JoinTokenError as exc:
@@ -1071,25 +1072,32 @@ class NodeControl:
         await change_members(lambda: etcd.add_member([peer_url]))
 
     async def join_token(self, ttl: float) -> str:
-        return await self._context().join_token(ttl)
+        cluster = await self._context()
+        return await cluster.join_token(ttl)
 
-    def list_nodes(self) -> NodeList:
-        return self._context().list_nodes()
+    async def list_nodes(self) -> NodeList:
+        cluster = await self._context()
+        return cluster.list_nodes()
 
     async def label(self, node: str, labels: dict[str, str], remove: list[str]) -> NodeSettings:
-        return await self._context().label(node, labels, remove)
+        cluster = await self._context()
+        return await cluster.label(node, labels, remove)
 
     async def drain(self, node: str) -> NodeSettings:
-        return await self._context().drain(node)
+        cluster = await self._context()
+        return await cluster.drain(node)
 
     async def undrain(self, node: str) -> NodeSettings:
-        return await self._context().undrain(node)
+        cluster = await self._context()
+        return await cluster.undrain(node)
 
     async def remove(self, node: str) -> None:
-        await self._context().remove(node)
+        cluster = await self._context()
+        await cluster.remove(node)
 
     async def rotate_mesh_key(self) -> NodeRecord:
-        return await self._context().rotate_mesh_key()
+        cluster = await self._context()
+        return await cluster.rotate_mesh_key()
 
 
 async def _keep_nat_seen(endpoints: list[str], tls: TLSFiles, node_id: str, nat: str) -> None:

@@ -168,7 +168,7 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def list_nodes(self) -> str:
-        return encode(self.daemon.nodes.list_nodes())
+        return encode(await self.daemon.nodes.list_nodes())
 
     @dbus_method_async_override()
     async def label_node(self, node: str, labels: dict[str, str], remove: list[str]) -> str:

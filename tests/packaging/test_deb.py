@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests.packaging.machine import MACHINE_ENV, Machine, nspawn_cgroups, remove
 
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("schedd", "agentd", "registryd", "overlayd", "proxyd", "apid")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 CACHE = Path("/var/cache/zlayer-tests/debootstrap")  # packages kept between local runs
 # What removal must leave as it found it: the machine's network, before the first install.
 HOST_STATE = (
@@ -94,11 +96,31 @@ def machine(deb_build: Build) -> Iterator[Machine]:
         # The v1 hierarchies nspawn shares with the machine (cpuset, freezer, ...) keep
         # the empty zlayer.slice its replicas were in: the machine's, not a leak of ours.
         for path in sorted(_snapshot()["cgroups"] - before["cgroups"], reverse=True):
-            remove_cgroup_tree(Path(path))
+            if _the_machines("cgroups", path):
+                remove_cgroup_tree(Path(path))
         after = _snapshot()
-        leaks = {kind: sorted(after[kind] - before.get(kind, set())) for kind in after}
+        leaks = {
+            kind: sorted(
+                item for item in after[kind] - before.get(kind, set()) if _the_machines(kind, item)
+            )
+            for kind in after
+        }
         leaks = {kind: items for kind, items in leaks.items() if items}
         assert not leaks, f"the machine left these behind: {leaks}"
+
+
+def _the_machines(kind: str, item: str) -> bool:
+    """Whether a new mount or cgroup on the host can be the machine's: what debootstrap
+    mounted under its root, and the cgroups of the v1 hierarchies it shares (nspawn's
+    payload, and the machine's zlayer.slice at their root). Its links, network namespaces and nft tables are in its
+    own namespaces (a private network), so the host's are another test's, running beside
+    this module (scripts/test.sh runs the cluster tests meanwhile), and left alone."""
+    if kind == "mounts":
+        return item.startswith(f"{tempfile.gettempdir()}/zlmachine-")
+    if kind == "cgroups":
+        parts = Path(item).relative_to(CGROUP_ROOT).parts
+        return len(parts) >= 2 and parts[1] in ("zlayer.slice", "payload")
+    return False
 
 
 def status(machine: Machine) -> dict[str, dict[str, object]]:

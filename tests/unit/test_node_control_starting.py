@@ -1,10 +1,14 @@
 """Node commands asked of a cluster member's schedd before it has reached its cluster
 (right after a restart) say it is starting, not that the node is in no cluster: the
-latter sends a user to ``node init`` on a member."""
+latter sends a user to ``node init`` on a member. cluster.toml, looked at to tell
+the two apart, is read off the event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,11 +31,23 @@ class _Starting:
         return None
 
 
-def test_a_member_still_reaching_its_cluster_says_so(tmp_path: Path) -> None:
+def test_a_member_still_reaching_its_cluster_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     paths = Paths(tmp_path)
     control = NodeControl(paths, _Starting())  # type: ignore[arg-type]
+    read_on_the_loop: list[bool] = []
+    real_load = cluster_config.load
+
+    def load(given: Paths) -> Any:
+        read_on_the_loop.append(threading.get_ident() == loop_thread)
+        return real_load(given)
+
+    monkeypatch.setattr(cluster_config, "load", load)
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
+
     with pytest.raises(InvalidArgumentError, match="not in a cluster"):
-        control.list_nodes()
+        asyncio.run(control.list_nodes())
     cluster_config.save(
         paths,
         cluster_config.ClusterConfig(
@@ -42,6 +58,7 @@ def test_a_member_still_reaching_its_cluster_says_so(tmp_path: Path) -> None:
         ),
     )
     with pytest.raises(UnavailableError) as raised:
-        control.list_nodes()
+        asyncio.run(control.drain("n2-abcdef"))
     assert "waits for etcd" in str(raised.value)
     assert "node init" not in str(raised.value)
+    assert read_on_the_loop == [False, False]
