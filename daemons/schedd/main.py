@@ -24,9 +24,21 @@ from shared.wire.scheduler import Deployed, Event
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from daemons.schedd.cluster import ClusterContext
+    from daemons.schedd.cluster import ClusterContext, NodeControl
+    from shared.cluster.config import ClusterConfig
 
 OUTBOUND_CALL_USEC = 30 * 60 * 1_000_000
+
+
+def load_cluster_config(paths: Paths) -> ClusterConfig | None:
+    """cluster.toml; a bad one stops schedd with its sentence. Here, not in
+    :mod:`daemons.schedd.cluster`, which a lone node does not load."""
+    from shared.cluster import config as cluster_config
+
+    try:
+        return cluster_config.load(paths)
+    except cluster_config.ClusterConfigError as exc:
+        raise UnavailableError(str(exc)) from None
 
 
 class SchedulerService(Scheduler1):
@@ -224,19 +236,26 @@ class SchedulerDaemon(Daemon):
         # JobRemoved's path is an object path: "/" when the job was never exported.
         self.service.job_removed.emit((info.id, path or "/", encode(info)))
 
+    @functools.cached_property
+    def nodes(self) -> NodeControl:
+        """The node commands (init, join, ls, rm, ...), loaded at the first: a lone node
+        that is given none never loads gRPC, etcd's client and the PKI (~30 MB)."""
+        from daemons.schedd.cluster import NodeControl
+
+        return NodeControl(self.paths, self)
+
     async def start(self) -> None:
         # Every call schedd makes carries its own asyncio timeout (a down waits for
         # each replica's stop grace); the bus's 25 s default would cut those short.
         assert self.bus is not None  # start() runs once the bus is open
         self.bus.method_call_timeout_usec = OUTBOUND_CALL_USEC
         assert isinstance(self.settings, SchedSettings)
-        from daemons.schedd.cluster import ClusterContext, NodeControl, load_config
-
-        self.nodes = NodeControl(self.paths, self)
         self.cluster: ClusterContext | None = None
         self.sqlite: Store | None = None
-        config = load_config(self.paths)  # a small file: read before anything is served
+        config = load_cluster_config(self.paths)  # small: read before anything is served
         if config is not None:  # cluster.toml: etcd, this node's record, its peer server
+            from daemons.schedd.cluster import ClusterContext
+
             self.cluster = await ClusterContext.open(config, self.paths)
             self.store: DesiredStore = self.cluster.store
         else:  # SQLite on a lone node; etcd when the [cluster] section names endpoints.
