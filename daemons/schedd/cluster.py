@@ -1133,11 +1133,3 @@ def set_aside(path: Path) -> None:
         found = path.with_name(path.name + suffix)
         with contextlib.suppress(FileNotFoundError):
             found.rename(found.with_name(f"{found.name}.before-cluster-{stamp}"))
-
-
-def load_config(paths: Paths) -> ClusterConfig | None:
-    """cluster.toml; a bad one stops schedd with its sentence."""
-    try:
-        return cluster_config.load(paths)
-    except cluster_config.ClusterConfigError as exc:
-        raise UnavailableError(str(exc)) from None
