@@ -227,10 +227,15 @@ def node_channel(
     caller: NodeRecord | None,
     tls: NodeTls,
     options: list[tuple[str, Any]] | None = None,
+    *,
+    address: str | None = None,
 ) -> Any:
-    """:func:`channel` to ``node``'s peer port from ``caller``, at :func:`peer_address`,
-    its certificate checked for the node's id."""
-    return channel(peer_address(node, caller), node.peer_port, tls, node.id, options)
+    """:func:`channel` to ``node``'s peer port from ``caller``, at :func:`peer_address`
+    (``address``: the one the caller already worked out for the two), its certificate
+    checked for the node's id."""
+    if address is None:
+        address = peer_address(node, caller)
+    return channel(address, node.peer_port, tls, node.id, options)
 
 
 def channel(

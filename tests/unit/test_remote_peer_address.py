@@ -1,0 +1,83 @@
+"""A call to a replica of another node works out where to dial that node once: the
+address it names to people and the one its channel dials are the same."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.cluster import peer, remote
+from shared.cluster.peer import NodeTls
+from shared.cluster.remote import NodeReach, Placed
+from shared.paths import Paths
+from shared.wire.agent import ReplicaInfo
+from shared.wire.cluster import NodeCapacity, NodeRecord
+
+KEY = "x" * 43 + "="  # a WireGuard key's shape: only its presence matters here
+
+
+def record(node_id: str, *, reachable: bool = True, subnet: str = "") -> NodeRecord:
+    return NodeRecord(
+        id=node_id,
+        name=node_id.removeprefix("node-"),
+        address="192.0.2.10" if node_id == "node-a" else "192.0.2.20",
+        peer_port=9480,
+        capacity=NodeCapacity(cpu=1.0, memory=1 << 30),
+        subnet=subnet,
+        wireguard_key=KEY,
+        reachable=reachable,
+    )
+
+
+class _ReadyChannel:
+    async def channel_ready(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def test_the_peer_address_is_worked_out_once_per_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+    dialled: list[tuple[str, int, str | None]] = []
+    real_peer_address = peer.peer_address
+
+    def peer_address(node: NodeRecord, caller: NodeRecord | None) -> str:
+        asked.append(node.id)
+        return real_peer_address(node, caller)
+
+    def channel(
+        address: str, port: int, tls: NodeTls, expect_node: str | None = None, options: Any = None
+    ) -> _ReadyChannel:
+        dialled.append((address, port, expect_node))
+        return _ReadyChannel()
+
+    monkeypatch.setattr(peer, "peer_address", peer_address)
+    monkeypatch.setattr(remote, "peer_address", peer_address)
+    monkeypatch.setattr(peer, "channel", channel)
+
+    behind = record("node-a", reachable=False, subnet="10.89.3.0/24")  # behind NAT
+    replica = ReplicaInfo(
+        id="shop-web-1-r1",
+        deployment="shop",
+        service="web",
+        instance=1,
+        revision=1,
+        image="zlayer/busybox:latest",
+        state="running",
+        node="node-a",
+    )
+    placed = Placed(replica, here=False, node=behind, caller=record("node-b"))
+    reach = NodeReach(Paths(tmp_path))
+    reach._tls = NodeTls(ca=b"", key=b"", cert=b"")
+
+    _chan, where = asyncio.run(reach._channel(placed))
+
+    assert asked == ["node-a"]
+    assert dialled == [("10.89.3.1", 9480, "node-a")]
+    assert where == "node a (10.89.3.1:9480) through the mesh"
