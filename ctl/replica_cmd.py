@@ -34,7 +34,8 @@ from shared.wire.agent import ReplicaInfo
 from shared.wire.api import LogLine as WireLogLine
 
 if TYPE_CHECKING:
-    from shared.cluster.remote import NodeReach, Placed
+    from shared.cluster.locate import Placed
+    from shared.cluster.remote import NodeReach
     from shared.wire.peer import LogsChunk
 
 
@@ -93,7 +94,7 @@ async def _remote_logs(
     (one replica after another), then, with ``follow``, new lines from all at once."""
     from ctl.remote import RemoteClient
     from shared.bus import UnavailableError
-    from shared.cluster.remote import Unread
+    from shared.cluster.locate import Unread
 
     assert isinstance(client, RemoteClient)
     agent = client.agent
@@ -145,9 +146,10 @@ async def _located(
     client: Client, deployment: str, service: str, instance: int | None
 ) -> tuple[list[Placed], NodeReach]:
     """The replicas meant, on whichever node of the cluster runs each (as the API's routes
-    find them: shared.cluster.remote.locate), and how to reach the other nodes."""
+    find them: shared.cluster.locate.locate), and how to reach the other nodes."""
     from ctl.client import LocalClient
-    from shared.cluster.remote import NodeReach, locate
+    from shared.cluster.locate import locate
+    from shared.cluster.remote import NodeReach
 
     assert isinstance(client, LocalClient)
     placed = await locate(client.agent, client.scheduler, deployment, service, instance)
@@ -166,7 +168,7 @@ async def _node_logs(
     """Each replica's lines, one replica after another, then with ``follow`` new lines from
     all at once: this node's from their files, another node's through it."""
     from shared.bus import UnavailableError
-    from shared.cluster.remote import Unread
+    from shared.cluster.locate import Unread
 
     placed, reach = await _located(client, deployment, service, instance)
     followers = []
@@ -288,10 +290,10 @@ def exec_(
             replicas = await _chosen(client, target, service, instance)
             running = first_running(replicas, service)
             return await client.agent.exec(running.id, list(command), tty, 0, 1, 2)
-        from shared.cluster import remote
+        from shared.cluster import locate
 
         placed, reach = await _located(client, target, service, instance)
-        where = remote.first_running(placed, service)
+        where = locate.first_running(placed, service)
         if not where.here:
             return await _exec_on_node(reach, where, list(command), tty)
         return await client.agent.exec(where.replica.id, list(command), tty, 0, 1, 2)

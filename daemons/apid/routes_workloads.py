@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
@@ -28,7 +28,7 @@ from daemons.apid.routing import Role, route
 from shared import logread
 from shared.bus import NotFoundError, UnavailableError
 from shared.clients import AgentClient, SchedulerClient
-from shared.cluster.remote import NodeReach, Placed, Unread, first_running, locate
+from shared.cluster.locate import Placed, Unread, first_running, locate
 from shared.execpipes import (
     DRAIN_AFTER_EXIT,
     MAX_TERMINAL_SIDE,
@@ -44,6 +44,9 @@ from shared.wire.agent import JobRun
 from shared.wire.api import ExecRequest, ExecResult, LogLine
 from shared.wire.peer import LogsChunk
 from shared.wire.scheduler import CronSchedule
+
+if TYPE_CHECKING:
+    from shared.cluster.remote import NodeReach
 
 NDJSON = "application/x-ndjson"
 WORKLOAD_TAGS = ("workloads",)
@@ -70,7 +73,10 @@ _reach: list[NodeReach] = []  # made at the first call to another node
 
 
 def node_reach() -> NodeReach:
-    """How apid reaches the replicas of the cluster's other nodes (this node's certificate)."""
+    """How apid reaches the replicas of the cluster's other nodes (this node's certificate);
+    gRPC and the PKI load here, at the first call to another node."""
+    from shared.cluster.remote import NodeReach
+
     if not _reach:
         _reach.append(NodeReach(Paths.from_env()))
     return _reach[0]

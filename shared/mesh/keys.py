@@ -10,9 +10,6 @@ import base64
 import binascii
 import os
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 KEY_BYTES = 32
 
 
@@ -45,6 +42,10 @@ def generate_private() -> str:
 
 def public_of(private: str) -> str:
     """The public key of a private key (``wg pubkey``)."""
+    # Loaded here: overlayd without the mesh on does not carry cryptography (~8 MB).
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     key = X25519PrivateKey.from_private_bytes(_raw(private))
     raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     return base64.b64encode(raw).decode()

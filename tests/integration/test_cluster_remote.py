@@ -19,8 +19,9 @@ import pytest
 from shared.bus import NotFoundError, UnavailableError, open_bus, resolve_bus_address
 from shared.clients import AgentClient
 from shared.cluster import pki
+from shared.cluster.locate import Placed
 from shared.cluster.peer import LOGS, NodeTls, PeerServer
-from shared.cluster.remote import CONNECT_TIMEOUT, NodeReach, Placed
+from shared.cluster.remote import CONNECT_TIMEOUT, NodeReach
 from shared.paths import Paths
 from shared.wire import encode
 from shared.wire.agent import ReplicaInfo

@@ -16,6 +16,7 @@ import pytest
 
 from shared.bus import UnavailableError
 from shared.cluster import pki
+from shared.cluster.locate import Placed
 from shared.cluster.peer import (
     PING,
     NodeTls,
@@ -27,7 +28,7 @@ from shared.cluster.peer import (
     peer_address,
     wildcard,
 )
-from shared.cluster.remote import CONNECT_TIMEOUT, NodeReach, Placed
+from shared.cluster.remote import CONNECT_TIMEOUT, NodeReach
 from shared.paths import Paths
 from shared.wire.agent import ReplicaInfo
 from shared.wire.cluster import NodeCapacity, NodeRecord, PingReply, PingRequest

@@ -112,9 +112,10 @@ def machine(deb_build: Build) -> Iterator[Machine]:
 def _the_machines(kind: str, item: str) -> bool:
     """Whether a new mount or cgroup on the host can be the machine's: what debootstrap
     mounted under its root, and the cgroups of the v1 hierarchies it shares (nspawn's
-    payload, and the machine's zlayer.slice at their root). Its links, network namespaces and nft tables are in its
-    own namespaces (a private network), so the host's are another test's, running beside
-    this module (scripts/test.sh runs the cluster tests meanwhile), and left alone."""
+    payload, and the machine's zlayer.slice at their root). Its links, network
+    namespaces and nft tables are in its own namespaces (a private network), so the
+    host's are another test's, running beside this module (scripts/test.sh runs the
+    cluster tests meanwhile), and left alone."""
     if kind == "mounts":
         return item.startswith(f"{tempfile.gettempdir()}/zlmachine-")
     if kind == "cgroups":
