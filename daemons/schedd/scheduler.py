@@ -818,9 +818,11 @@ class Scheduler:
         from shared.spec import DeploymentSpec
 
         stored = self._require(name, removing_ok=True)
-        spec = self._specs.get((name, stored.revision)) or DeploymentSpec.model_validate_json(
-            stored.spec_json
-        )
+        key = (name, stored.revision)
+        spec = self._specs.get(key)
+        if spec is None:
+            # Kept, as a deploy keeps its spec: the next status and the pass take it from here.
+            spec = self._specs[key] = DeploymentSpec.model_validate_json(stored.spec_json)
         try:
             replicas = await self._replicas(name)
         except UnavailableError:
