@@ -10,6 +10,9 @@ WireGuard key becomes a peer (allowed-ips = its block, its endpoint and
 keepalive) and its block is routed through the interface
 (:data:`MESH_ROUTE_PROTO`); changed peers are updated, unchanged ones left
 alone (their session, and an endpoint learned from handshakes behind NAT).
+A device found running when overlayd starts renews its sessions with every
+peer it has an endpoint for (a handshake each, at once): the other nodes may
+have dropped this node's peer while its daemons were down.
 
 The kernel's WireGuard is used where the kernel has it, ``wireguard-go``
 otherwise (:mod:`shared.mesh`). ``wireguard-go`` outlives an overlayd restart,
@@ -34,7 +37,7 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetlinkError
 
 from shared.mesh import kernel, keys, userspace
-from shared.mesh.device import Changes, Device, MeshError, PeerConfig, plan
+from shared.mesh.device import Changes, Device, MeshError, PeerConfig, plan, renewal
 from shared.statefile import read_state, write_atomically
 from shared.wire import Wire, decode, encode
 from shared.wire.mesh import MeshPeer, MeshStatus
@@ -179,6 +182,8 @@ class Mesh:
             done: list[str] = [device.start()]
             private = self._private_key()
             held = device.get()
+            # Peers already there: a device that outlived the daemon, found again.
+            adopted = self.device is None and bool(held.peers)
             changes = Changes(
                 private_key=private if held.private_key != private else None,
                 listen_port=state.listen_port if held.listen_port != state.listen_port else None,
@@ -195,6 +200,8 @@ class Mesh:
                         if endpoint:
                             self.configured[keys.check(block.wireguard_key)] = endpoint
             done += self.set_peers(state.peers, force=True)
+            if adopted:
+                done += self._renew_sessions()
             done += self._widen()
         except MeshError as exc:
             self.reason = str(exc)
@@ -282,6 +289,21 @@ class Mesh:
         done += self._set_routes([p.allowed_ips[0] for p in wanted])
         done += self._widen()
         return done
+
+    def _renew_sessions(self) -> list[str]:
+        """Every peer with an endpoint handshakes afresh (:func:`~shared.mesh.device.renewal`):
+        while this node's daemons were down its record may have lapsed, and the other
+        nodes dropped its peer and added it back without the session this device kept
+        (and, for a node behind NAT, without an endpoint: only its handshake gives
+        them one). What was done, for the log."""
+        if self.device is None:
+            return []
+        removal, again = renewal(self.device.get())
+        if not again.upsert:
+            return []
+        self.device.apply(removal)
+        self.device.apply(again)
+        return [f"mesh sessions renewed with {len(again.upsert)} peers (a handshake each)"]
 
     def _widen(self) -> list[str]:
         """wireguard-go's UDP buffers made wide enough for a burst (see

@@ -2,7 +2,8 @@
 
 :class:`Device` is what both implementations offer; :func:`plan` says which
 peers to add, change and remove so that a device holds exactly the wanted
-ones, leaving an unchanged peer (its session, its roamed endpoint) alone.
+ones, leaving an unchanged peer (its session, its roamed endpoint) alone;
+:func:`renewal` makes it drop its sessions and handshake afresh.
 """
 
 from __future__ import annotations
@@ -104,6 +105,36 @@ def plan(
             if endpoint_changed:
                 endpoints.add(peer.public_key)
     return Changes(upsert=tuple(upsert), with_endpoint=frozenset(endpoints), remove=remove)
+
+
+def renewal(current: DeviceState) -> tuple[Changes, Changes]:
+    """The two steps that make ``current`` drop its session with each peer it has an
+    endpoint for and handshake afresh: remove them, then add them back as they are
+    (endpoint, allowed IPs, keepalive).
+
+    A device that outlived its daemon (``wireguard-go``, the kernel's link) keeps its
+    sessions, while the other side may have dropped its peer meanwhile (the node's
+    record lapsed) and added it back without a session or, for a node behind NAT,
+    an endpoint. The kept session then looks current to this side, which sends its
+    keepalives on it (never a handshake: keepalives are not data, so no reply is
+    awaited) and the other side drops them, until the session ages out after two
+    to three minutes. A peer added back with a keepalive sends one at once, which
+    starts a handshake, retried every 5 s until it is answered; one without a
+    keepalive handshakes on its next packet."""
+    again = tuple(
+        PeerConfig(
+            public_key=peer.public_key,
+            endpoint=peer.endpoint,
+            allowed_ips=peer.allowed_ips,
+            keepalive=peer.keepalive,
+        )
+        for peer in current.peers
+        if peer.endpoint
+    )
+    return (
+        Changes(remove=tuple(peer.public_key for peer in again)),
+        Changes(upsert=again, with_endpoint=frozenset(peer.public_key for peer in again)),
+    )
 
 
 class Device(Protocol):

@@ -6,16 +6,27 @@ import base64
 import contextlib
 import shutil
 import subprocess
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemons.overlayd import nft
-from daemons.overlayd.mesh import interface_name
+from daemons.overlayd.mesh import Mesh, MeshState, interface_name
 from shared.mesh import keys
-from shared.mesh.device import Changes, DeviceState, MeshError, PeerConfig, PeerState, plan
+from shared.mesh.device import (
+    Changes,
+    DeviceState,
+    MeshError,
+    PeerConfig,
+    PeerState,
+    plan,
+    renewal,
+)
 from shared.mesh.uapi import format_set, parse_get
+from shared.wire.traffic import PeerBlock
 
 A = keys.public_of(keys.generate_private())
 B = keys.public_of(keys.generate_private())
@@ -166,3 +177,86 @@ def test_the_table_clamps_mss_into_the_mesh_before_any_accept() -> None:
     assert rules[0].startswith('oifname "br0-wg" tcp flags syn / syn,rst tcp option maxseg')
     assert 'iifname "br0-wg" oifname "br0" ip saddr @peer_blocks accept' in text
     assert 'iifname "br0" oifname "br0-wg" ip daddr @peer_blocks accept' in text
+
+
+def test_renewal_drops_and_adds_back_each_peer_with_an_endpoint_as_it_is() -> None:
+    held = DeviceState(
+        peers=(
+            PeerState(A, "198.51.100.9:40000", ("10.89.3.0/24",), 2, last_handshake=1.0),
+            PeerState(B, "", ("10.89.4.0/24",), 2),  # behind NAT, not heard from: kept
+        )
+    )
+    removal, again = renewal(held)
+    assert removal == Changes(remove=(A,))
+    assert again == Changes(
+        upsert=(PeerConfig(A, "198.51.100.9:40000", ("10.89.3.0/24",), 2),),
+        with_endpoint=frozenset({A}),
+    )
+    assert not any(renewal(DeviceState(peers=(PeerState(B),))))
+
+
+class FakeDevice:
+    """A device holding peers (one that outlived overlayd) or none (started now)."""
+
+    implementation = "fake"
+
+    def __init__(self, peers: tuple[PeerState, ...]) -> None:
+        self.name = "fake-wg"
+        self.state = DeviceState(private_key="", listen_port=0, peers=peers)
+        self.applied: list[Changes] = []
+
+    def start(self) -> str:
+        return "found"
+
+    def stop(self) -> bool:
+        return True
+
+    def running(self) -> bool:
+        return True
+
+    def get(self) -> DeviceState:
+        return self.state
+
+    def apply(self, changes: Changes) -> None:
+        self.applied.append(changes)
+        kept = [p for p in self.state.peers if p.public_key not in changes.remove]
+        kept = [p for p in kept if p.public_key not in {u.public_key for u in changes.upsert}]
+        kept += [
+            PeerState(u.public_key, u.endpoint, u.allowed_ips, u.keepalive) for u in changes.upsert
+        ]
+        self.state = DeviceState(
+            private_key=changes.private_key or self.state.private_key,
+            listen_port=changes.listen_port or self.state.listen_port,
+            peers=tuple(kept),
+        )
+
+
+@pytest.mark.parametrize("outlived", [True, False])
+def test_a_device_that_outlived_overlayd_handshakes_afresh_with_its_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outlived: bool
+) -> None:
+    """Its sessions may be ones the other nodes dropped while this node was down."""
+    mesh = Mesh("zlb0", IPv4Address("10.89.2.1"), IPv4Network("10.89.2.0/24"), tmp_path)
+    block = PeerBlock(
+        node="n1",
+        subnet="10.89.1.0/24",
+        address="192.0.2.7",
+        wireguard_key=A,
+        endpoint="192.0.2.7:51820",
+        keepalive=2,
+    )
+    mesh.state = MeshState(listen_port=51820, peers=[block])
+    held = (PeerState(A, "192.0.2.7:51820", ("10.89.1.0/24",), 2, last_handshake=1.0),)
+    device = FakeDevice(held if outlived else ())
+    monkeypatch.setattr(mesh, "_new_device", lambda: device)
+    for step in ("_link_up", "_set_mtu", "_set_routes", "_widen"):
+        monkeypatch.setattr(mesh, step, lambda *args: [])
+    done = mesh.up()
+    removed = [c.remove for c in device.applied if c.remove]
+    assert removed == ([(A,)] if outlived else [])
+    assert device.state.peers == (PeerState(A, "192.0.2.7:51820", ("10.89.1.0/24",), 2),)
+    assert any("renewed" in line for line in done) == outlived
+    # overlayd's later looks at its own device renew nothing
+    device.applied.clear()
+    mesh.up()
+    assert not any(c.remove for c in device.applied)
