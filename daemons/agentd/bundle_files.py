@@ -80,9 +80,7 @@ def lay_out(bundle_dir: Path, meta: dict[str, Any], plan: Bundle, lower_dirs: li
             # non-root process can write to it (as Docker does).
             os.chown(directory, user["uid"], user["gid"])
     (bundle_dir / "config.json").write_text(json.dumps(plan.config, indent=1))
-    if plan.config.get("annotations", {}).get("org.zlayer.runtime") == "wasm":
-        # wasmtime and the compiled module are bound in read-only and the artifact's
-        # layer holds nothing it reads: an empty read-only root, no overlay to mount.
+    if not plan.overlay_root:
         return
     _mount_overlay(lower_dirs, bundle_dir / "upper", bundle_dir / "work", bundle_dir / "rootfs")
 

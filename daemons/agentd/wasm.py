@@ -363,20 +363,6 @@ def guest_args(spec: ServiceSpec, rootfs: ImageRootfs, override: list[str] | Non
     return args
 
 
-# The container mounts (destination, source) a WebAssembly replica goes without.
-UNNEEDED_MOUNTS = {
-    ("/dev/pts", "devpts"),
-    ("/dev/shm", "shm"),
-    ("/dev/mqueue", "mqueue"),
-    ("/sys", "sysfs"),
-    ("/sys", "/sys"),
-}
-
-
-def _unneeded(mount: dict[str, Any]) -> bool:
-    return (mount.get("destination"), mount.get("source")) in UNNEEDED_MOUNTS
-
-
 def _ro_bind(source: str, target: str) -> dict[str, Any]:
     return {
         "destination": target,
@@ -447,16 +433,14 @@ def build_bundle(
         host,
         args=argv,
         host_resolv=host_resolv,
+        minimal=True,  # wasmtime needs no terminal, shared memory, message queues or sysfs
     )
+    # wasmtime and the compiled module are bound in read-only and the artifact's layer
+    # holds nothing it reads: an empty read-only root, no overlay to mount.
+    plan.overlay_root = False
     config = plan.config
     config["root"]["readonly"] = True
     config["process"]["cwd"] = "/"
-    # wasmtime needs no terminal, shared memory, message queues or sysfs: each mount
-    # left out is one less step of crun's create, on every replica's start.
-    config["mounts"] = [m for m in config["mounts"] if not _unneeded(m)]
-    linux = config["linux"]
-    if "maskedPaths" in linux:  # no sysfs: nothing of it to mask
-        linux["maskedPaths"] = [p for p in linux["maskedPaths"] if not p.startswith("/sys/")]
     mounts: list[dict[str, Any]] = config["mounts"]
     mounts.append(_ro_bind(str(runtime.path), WASMTIME_TARGET))
     mounts.append(_ro_bind(str(compiled), MODULE_TARGET))

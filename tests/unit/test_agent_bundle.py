@@ -274,6 +274,30 @@ def test_base_mounts_and_etc_files(layers: list[str]) -> None:
     assert result.config["hostname"] == "shop-web"
 
 
+def test_a_minimal_bundle_has_no_terminals_shared_memory_queues_or_sysfs(
+    layers: list[str],
+) -> None:
+    full = build(layers, spec())
+    minimal = build_bundle(
+        spec(),
+        image(layers, cmd=["serve"]),
+        None,
+        {},
+        ReplicaIds("web-1", "shop", "web", 1, 3),
+        Path("/b/web-1"),
+        Path("/v"),
+        HOST,
+        minimal=True,
+    )
+    left_out = set(mounts_by_target(full)) - set(mounts_by_target(minimal))
+    assert left_out == {"/dev/pts", "/dev/shm", "/dev/mqueue", "/sys"}
+    assert {"/proc", "/dev", "/etc/hosts"} <= set(mounts_by_target(minimal))
+    masked = minimal.config["linux"]["maskedPaths"]
+    assert "/proc/kcore" in masked and not any(p.startswith("/sys/") for p in masked)
+    # the root is the image's overlay either way: only a WebAssembly replica's is not
+    assert full.overlay_root and minimal.overlay_root
+
+
 def test_storage_kinds(layers: list[str]) -> None:
     service = spec(
         storage=[
