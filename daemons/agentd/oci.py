@@ -15,7 +15,9 @@ Nothing here knows about bundles or the runtime's state; that is
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import re
@@ -23,13 +25,23 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from daemons.agentd import cgroups
 from daemons.agentd.errors import ContainerError
 
 CREATE_TIMEOUT = 60.0
+# The runtime's processes (crun, conmon) are waited for in threads of their own: a burst
+# of starts and stops, each up to its timeout, must not hold the default pool that
+# agentd's record writes and file reads wait in.
+RUNTIME_THREADS = 8
+_runtime_pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=RUNTIME_THREADS, thread_name_prefix="runtime"
+)
+P = ParamSpec("P")
+T = TypeVar("T")
 UNKNOWN_EXIT = 255  # the code reported when a container ended with nobody to record it
 
 # Variables of agentd's own supervisor: crun would take NOTIFY_SOCKET as a
@@ -222,13 +234,19 @@ def _run_conmon(argv: list[str], bundle_dir: Path) -> bytes:
     return raw
 
 
+async def in_runtime_thread(call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``call`` (a wait on crun or conmon) in one of the runtime's own threads."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_runtime_pool, functools.partial(call, *args, **kwargs))
+
+
 async def launch_conmon(argv: list[str], bundle_dir: Path) -> str | None:
     """Run conmon (``argv``) until it has created the container: None when it did,
     else why not (conmon's message, its stderr, or that it gave no answer).
     Its stderr goes to ``<bundle>/conmon.err``. conmon runs in the bundle
     because it writes an empty file ``oom`` into its working directory when the
     container hits its memory limit."""
-    raw = await asyncio.to_thread(_run_conmon, argv, bundle_dir)
+    raw = await in_runtime_thread(_run_conmon, argv, bundle_dir)
     try:
         answer = json.loads(raw) if raw else {}
     except ValueError:

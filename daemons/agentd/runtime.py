@@ -226,7 +226,7 @@ class ContainerRuntime:
             # In a worker thread: subprocess spawns with vfork (about 1 ms), where the
             # event loop's spawn forks agentd's whole memory (10-20 ms) at every stop,
             # kill and delete. On the timeout subprocess kills it and reaps it.
-            done = await asyncio.to_thread(
+            done = await oci.in_runtime_thread(
                 subprocess.run,
                 [runtime, *self._runtime_args(runtime), *args],
                 stdin=subprocess.DEVNULL,
