@@ -68,10 +68,11 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from types import TracebackType
@@ -1212,6 +1213,96 @@ def talk_lines(out: str, host: str) -> list[int]:
         if words[-1:] == [host] and "line" in words:
             found.append(int(words[words.index("line") + 1]))
     return found
+
+
+# An echo server in a replica's network namespace (the host's Python there): each
+# connection's lines come back.
+ECHO_SERVER = """
+import socketserver, sys
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+server = socketserver.ThreadingTCPServer(("0.0.0.0", int(sys.argv[1])), Echo)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+# One connection from another replica: for each number read on stdin, that many lines
+# sent and echoed (0.2 s apart); the total so far printed after each.
+ECHO_CLIENT = """
+import socket, sys, time
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+conn.settimeout(60)
+reader = conn.makefile("rb")
+sent = 0
+for line in sys.stdin:
+    for _ in range(int(line)):
+        sent += 1
+        conn.sendall(b"%d\\n" % sent)
+        assert reader.readline() == b"%d\\n" % sent, sent
+        time.sleep(0.2)
+    print(sent, flush=True)
+"""
+
+
+def in_replica(node: Node, row: dict[str, Any]) -> list[str]:
+    """The host's Python in the network namespace of ``node``'s replica ``row``."""
+    from daemons.overlayd import plumbing
+
+    netns = plumbing.names_for(node.bridge, row["id"]).netns_path
+    return ["nsenter", f"--net={netns}", sys.executable]
+
+
+@contextlib.contextmanager
+def long_connection(
+    server: tuple[Node, dict[str, Any]], client: tuple[Node, dict[str, Any]], port: int
+) -> Iterator[Callable[[int], int]]:
+    """An echo server in one replica and one connection to it from another replica,
+    kept open: yields ``exchange(count)``, which sends ``count`` more lines over it
+    and returns how many were echoed in all. Both processes are killed at the end."""
+    listening = subprocess.Popen(
+        [*in_replica(*server), "-c", ECHO_SERVER, str(port)], stdout=subprocess.PIPE, text=True
+    )
+    connected = None
+    try:
+        assert listening.stdout is not None and listening.stdout.readline().strip() == "ready"
+        connected = subprocess.Popen(
+            [*in_replica(*client), "-c", ECHO_CLIENT, server[1]["address"], str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        pipes = (connected.stdin, connected.stdout)
+
+        def exchange(count: int) -> int:
+            writer, reader = pipes
+            assert writer is not None and reader is not None
+            writer.write(f"{count}\n")
+            writer.flush()
+            return int(reader.readline() or 0)
+
+        yield exchange
+    finally:
+        for process in (connected, listening):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def echo_once(client: tuple[Node, dict[str, Any]], address: str, port: int, count: int) -> str:
+    """A new connection from replica ``client`` to the echo server at ``address``:
+    ``count`` lines sent and echoed; what the client printed (``count`` when all came back)."""
+    done = subprocess.run(
+        [*in_replica(*client), "-c", ECHO_CLIENT, address, str(port)],
+        input=f"{count}\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.stdout.strip() or done.stderr.strip()
 
 
 def remove_deployment(node: Node, name: str, timeout: float = 120) -> None:

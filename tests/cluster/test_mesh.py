@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import Cluster, Node, remove_deployment, wait_healthy
+from tests.cluster.harness import Cluster, Node, long_connection, remove_deployment, wait_healthy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -209,63 +208,10 @@ def test_proxyd_on_any_node_reaches_every_nodes_replica(meshed: Meshed) -> None:
         assert answered == want, (node.name, answered)
 
 
-# Runs in n1's replica's network namespace (the host's Python): one connection to the
-# echo server in n2's replica, a line every 0.2 s until told to stop, each echoed back.
-CLIENT = """
-import socket, sys, time
-conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
-conn.settimeout(60)
-reader = conn.makefile("rb")
-sent = 0
-while True:
-    line = sys.stdin.readline()
-    if not line or line.strip() == "stop":
-        break
-    for _ in range(int(line)):
-        sent += 1
-        conn.sendall(b"%d\\n" % sent)
-        assert reader.readline() == b"%d\\n" % sent, sent
-        time.sleep(0.2)
-    print(sent, flush=True)
-"""
-
-SERVER = """
-import socket, sys
-server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-conn, _ = server.accept()
-for line in conn.makefile("rb"):
-    conn.sendall(line)
-"""
-
-
-def replica_netns(node: Node, row: dict[str, Any]) -> str:
-    from daemons.overlayd import plumbing
-
-    return str(plumbing.names_for(node.bridge, row["id"]).netns_path)
-
-
 def test_rotate_key_keeps_a_long_running_connection(meshed: Meshed) -> None:
     n1, n2, _ = meshed.cluster
-    in_n1 = ["nsenter", f"--net={replica_netns(n1, meshed.replicas['n1'])}", sys.executable]
-    in_n2 = ["nsenter", f"--net={replica_netns(n2, meshed.replicas['n2'])}", sys.executable]
-    server = subprocess.Popen([*in_n2, "-c", SERVER, "9099"], stdout=subprocess.PIPE, text=True)
-    client = None
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        client = subprocess.Popen(
-            [*in_n1, "-c", CLIENT, meshed.replicas["n2"]["address"], "9099"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert client.stdin is not None and client.stdout is not None
-
-        def exchange(count: int) -> int:
-            client.stdin.write(f"{count}\n")  # type: ignore[union-attr]
-            client.stdin.flush()  # type: ignore[union-attr]
-            return int(client.stdout.readline() or 0)  # type: ignore[union-attr]
-
+    ends = ((n2, meshed.replicas["n2"]), (n1, meshed.replicas["n1"]))
+    with long_connection(*ends, 9099) as exchange:
         assert exchange(5) == 5
         before = by_name(node_list(n1))["n2"]["wireguard_key"]
         rotated = n2.run("node", "rotate-key", check=True)
@@ -278,8 +224,3 @@ def test_rotate_key_keeps_a_long_running_connection(meshed: Meshed) -> None:
         assert exchange(50) == 55
         peer = by_name(node_list(n1))["n2"]["mesh_peer"]
         assert peer is not None and peer["public_key"] != before
-    finally:
-        for process in (client, server):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +19,16 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.harness import TALK, Cluster, Node, remove_deployment, talk_lines, wait_healthy
+from tests.cluster.harness import (
+    TALK,
+    Cluster,
+    Node,
+    echo_once,
+    long_connection,
+    remove_deployment,
+    talk_lines,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -102,46 +109,6 @@ def test_logs_and_exec_of_a_replica_behind_nat_from_the_other_nodes(talking: Tal
     assert len(talk_lines(out.stdout, host)) == 2, out.stdout
 
 
-# An echo server in the NAT'd node's replica (the host's Python in its namespace): each
-# connection's lines come back.
-SERVER = """
-import socketserver, sys
-class Echo(socketserver.StreamRequestHandler):
-    def handle(self):
-        for line in self.rfile:
-            self.wfile.write(line)
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-server = socketserver.ThreadingTCPServer(("0.0.0.0", int(sys.argv[1])), Echo)
-print("ready", flush=True)
-server.serve_forever()
-"""
-
-# One connection from another node's replica: for each number read on stdin, that many
-# lines sent and echoed (0.2 s apart); the total so far printed after each.
-CLIENT = """
-import socket, sys, time
-conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
-conn.settimeout(60)
-reader = conn.makefile("rb")
-sent = 0
-for line in sys.stdin:
-    for _ in range(int(line)):
-        sent += 1
-        conn.sendall(b"%d\\n" % sent)
-        assert reader.readline() == b"%d\\n" % sent, sent
-        time.sleep(0.2)
-    print(sent, flush=True)
-"""
-
-
-def in_replica(node: Node, row: dict[str, Any]) -> list[str]:
-    """The host's Python in ``node``'s replica's network namespace."""
-    from daemons.overlayd import plumbing
-
-    netns = plumbing.names_for(node.bridge, row["id"]).netns_path
-    return ["nsenter", f"--net={netns}", sys.executable]
-
-
 def peer_endpoint(viewer: Node, of: Node) -> str:
     """The endpoint ``viewer``'s mesh has for ``of`` (node ls), "" if none."""
     peer = node_list(viewer)[of.name]["mesh_peer"]
@@ -166,48 +133,23 @@ def test_a_node_whose_nat_address_changes_keeps_its_peers(talking: Talking) -> N
     target = rows[n3.name]["address"]
     first = cluster.link_address(n3.index)
     wait_endpoint_host([n1, n2], n3, str(first.ip), 30)
-    server = subprocess.Popen(
-        [*in_replica(n3, rows[n3.name]), "-c", SERVER, "9098"], stdout=subprocess.PIPE, text=True
-    )
-    client = None
     passed = False
     try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        client = subprocess.Popen(
-            [*in_replica(n1, rows[n1.name]), "-c", CLIENT, target, "9098"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert client.stdin is not None and client.stdout is not None
-
-        def exchange(count: int) -> int:
-            client.stdin.write(f"{count}\n")  # type: ignore[union-attr]
-            client.stdin.flush()  # type: ignore[union-attr]
-            return int(client.stdout.readline() or 0)  # type: ignore[union-attr]
-
-        assert exchange(5) == 5
-        moved = n3.rebind_nat()
-        assert moved.ip != first.ip
-        began = time.monotonic()
-        # the connection n1's replica holds goes on (its next line waits for the new path)
-        assert exchange(1) == 6
-        resumed = time.monotonic() - began
-        assert resumed < REBOUND_WITHIN, resumed
-        # both public nodes send to n3 at the new address: learned from its handshakes
-        # and packets, not from its record (which names no endpoint)
-        learned = wait_endpoint_host([n1, n2], n3, str(moved.ip), REBOUND_WITHIN)
-        assert exchange(20) == 26
-        # a new connection from n2's replica, and n3's own calls out (etcd, node ls)
-        fresh = subprocess.run(
-            [*in_replica(n2, rows[n2.name]), "-c", CLIENT, target, "9098"],
-            input="3\n",
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert fresh.stdout.strip() == "3", fresh.stderr
+        with long_connection((n3, rows[n3.name]), (n1, rows[n1.name]), 9098) as exchange:
+            assert exchange(5) == 5
+            moved = n3.rebind_nat()
+            assert moved.ip != first.ip
+            began = time.monotonic()
+            # the connection n1's replica holds goes on (its next line waits for the new path)
+            assert exchange(1) == 6
+            resumed = time.monotonic() - began
+            assert resumed < REBOUND_WITHIN, resumed
+            # both public nodes send to n3 at the new address: learned from its handshakes
+            # and packets, not from its record (which names no endpoint)
+            learned = wait_endpoint_host([n1, n2], n3, str(moved.ip), REBOUND_WITHIN)
+            assert exchange(20) == 26
+            # a new connection from n2's replica, and n3's own calls out (etcd, node ls)
+            assert echo_once((n2, rows[n2.name]), target, 9098, 3) == "3"
         deadline = time.monotonic() + REBOUND_WITHIN
         while node_list(n3).get(n1.name, {}).get("state") != "ready":
             assert time.monotonic() < deadline, "n3 no longer lists n1"
@@ -215,10 +157,6 @@ def test_a_node_whose_nat_address_changes_keeps_its_peers(talking: Talking) -> N
         print(f"rebinding: connection resumed in {resumed:.1f} s, peers moved in {learned:.1f} s")
         passed = True
     finally:
-        for process in (client, server):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
         # as it was, even after a failure (rebind_nat may have stopped half way): the
         # first address back, and the peers on it (checked only when nothing failed
         # before, so as not to hide what did)
