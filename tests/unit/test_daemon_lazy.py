@@ -22,10 +22,18 @@ from tests.fresh_interpreter import import_all, modules_after
             ["daemons.agentd.main", "daemons.agentd.launcher"],
             {"pydantic", "shared.spec", "aiohttp", "yaml", "croniter"},
         ),
-        (["daemons.overlayd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
+        # overlayd: cryptography (X25519) with the mesh's first key, gRPC never
+        (
+            ["daemons.overlayd.main", "daemons.overlayd.mesh"],
+            {"pydantic", "shared.spec", "yaml", "croniter", "cryptography", "grpc"},
+        ),
         # proxyd reads its certificates with its first TLS listener
         (["daemons.proxyd.main"], {"pydantic", "shared.spec", "yaml", "croniter", "cryptography"}),
-        (["daemons.apid.main"], {"pydantic", "shared.spec"}),
+        # apid: gRPC (another node's replicas) with the first call to another node
+        (
+            ["daemons.apid.main", "daemons.apid.app", "daemons.apid.routes_workloads"],
+            {"pydantic", "shared.spec", "grpc", "aetcd"},
+        ),
         # registryd: aiohttp is bound lazily (its package runs with the first pull or push),
         # the gzip inflater comes with the first gzip layer
         (
@@ -41,7 +49,12 @@ from tests.fresh_interpreter import import_all, modules_after
             },
         ),
         # schedd validates specs, with the first deploy; croniter with the first cron job
-        (["daemons.schedd.main"], {"pydantic", "shared.spec", "yaml", "croniter"}),
+        # and loads the cluster's code (gRPC, etcd's client, the PKI) only in a cluster or
+        # with the first node command
+        (
+            ["daemons.schedd.main"],
+            {"pydantic", "shared.spec", "yaml", "croniter", "grpc", "aetcd", "cryptography"},
+        ),
     ],
     ids=lambda value: "+".join(value) if isinstance(value, list) else None,
 )
