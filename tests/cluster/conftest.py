@@ -224,8 +224,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             group.setdefault(item.module.__name__ if item.module else "", used)
 
     def order(item: pytest.Item) -> tuple[int, bool]:
-        # a module that stops whole nodes (RUNS_LAST) runs last on its cluster: a node
-        # behind NAT started again is not reached through the mesh for a while after
+        # a module that stops whole nodes (RUNS_LAST) runs last on its cluster: the
+        # others find its nodes as they were formed, never one started again
         module = item.module.__name__ if item.module else ""
         last = bool(getattr(item.module, "RUNS_LAST", False))
         return (1 + SHARED_FIXTURES.index(group[module]) if module in group else 0), last

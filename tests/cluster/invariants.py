@@ -12,7 +12,9 @@ with what a node must run taken from the leader's placements in etcd
 - every node's proxyd routes every healthy replica of the cluster, and the
   routes it publishes (``KEYS["routed"]<node>``) are those;
 - each node's mesh peers are the other live nodes, each with its block as its
-  allowed IPs;
+  allowed IPs and, where it keeps the tunnel open (a keepalive), a session: a
+  handshake within :data:`SESSION_WITHIN` (a peer dropped and added back on one
+  side while the other kept its session has none, and nothing reaches it);
 - nothing is orphaned on a node: no container, bundle, mount, namespace, veth,
   cgroup, conmon, IPAM allocation or saved view of a replica it is not given.
 
@@ -31,6 +33,11 @@ from typing import Any
 
 from tests.cluster.harness import Cluster, Node
 from tests.e2e.invariants import Endpoint, Invariants, Key, Snapshot, Unreadable, _key_name, _list
+
+# WireGuard's Reject-After-Time: a session older than this carries nothing. A healthy
+# one is renewed every 2 min (Rekey-After-Time, by its initiator) or a little later,
+# so the age of the last handshake says nothing finer than this.
+SESSION_WITHIN = 180.0
 
 
 class NodeInvariants(Invariants):
@@ -201,7 +208,8 @@ class ClusterInvariants:
         ids: dict[str, str],
         records: dict[str, Any],
     ) -> list[str]:
-        """Its mesh peers are the other live nodes, each with its block as allowed IPs."""
+        """Its mesh peers are the other live nodes, each with its block as allowed IPs and,
+        with a keepalive, a handshake within :data:`SESSION_WITHIN`."""
         mesh = listing.get("mesh") or {}
         if not mesh.get("enabled"):
             return [f"its mesh is off: {mesh.get('reason', '')}"]
@@ -212,6 +220,7 @@ class ClusterInvariants:
             if other is not node and other.name in ids
         }
         found = []
+        now = time.time()  # the handshakes are Unix times, read on this machine
         for key, record in sorted(want.items(), key=lambda item: item[1]["name"]):
             peer = peers.get(key)
             if peer is None:
@@ -220,6 +229,16 @@ class ClusterInvariants:
                 found.append(
                     f"its mesh peer {record['name']} allows {_list(peer['allowed_ips'])}, "
                     f"not its block {record['subnet']}"
+                )
+            elif peer["keepalive"] and now - peer["last_handshake"] > SESSION_WITHIN:
+                said = (
+                    f"{now - peer['last_handshake']:.0f} s ago"
+                    if peer["last_handshake"]
+                    else "never"
+                )
+                found.append(
+                    f"its mesh peer {record['name']} has no session: last handshake {said} "
+                    f"(endpoint {peer['endpoint'] or 'none'})"
                 )
         for key in sorted(set(peers) - set(want)):
             found.append(f"its mesh keeps a peer {key[:8]}… that is no live node of the cluster")
