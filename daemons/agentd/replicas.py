@@ -255,11 +255,12 @@ class Node:
         self.removed_notes: list[tuple[str, str]] = []
         self._collecting: dict[str, asyncio.Task[None]] = {}  # ids being removed as garbage
         self._lock = asyncio.Lock()
-        # A replica record's next content (None: remove the file), by replica id, and
-        # the one task per id that writes it off the event loop: one write of a file
-        # at a time, so an older record never lands over a newer one.
-        self._record_pending: dict[str, str | None] = {}
-        self._record_writers: dict[str, asyncio.Task[None]] = {}
+        # A state file's next content (None: remove the file), by path, and the one
+        # task per file that writes it off the event loop: one write of a file at a
+        # time, so an older content never lands over a newer one. Replica records and
+        # assignments go this way.
+        self._pending: dict[Path, str | None] = {}
+        self._writers: dict[Path, asyncio.Task[None]] = {}
         # Nothing that changes replicas runs before the containers that are
         # there have been adopted: a start of an id that runs would fail and
         # its clean-up would kill the running container.
@@ -274,47 +275,55 @@ class Node:
     def _save(self, replica: Replica) -> None:
         self._queue_record(replica.record.id, encode(replica.record))
 
+    def _record_path(self, replica_id: str) -> Path:
+        return self.record_dir / f"{replica_id}.json"
+
     def _queue_record(self, replica_id: str, text: str | None) -> asyncio.Task[None]:
-        """Have a replica's record file written (``text``) or removed (None), in call order.
+        """Have a replica's record file written (``text``) or removed (None), in call order."""
+        return self._queue_file(self._record_path(replica_id), text)
+
+    def _queue_file(self, path: Path, text: str | None) -> asyncio.Task[None]:
+        """Have a state file written (``text``) or removed (None), in call order.
 
         Only the newest content waiting matters: a write still under way is
         followed by the last one asked for since, never by each in between.
         """
-        self._record_pending[replica_id] = text
-        writer = self._record_writers.get(replica_id)
+        self._pending[path] = text
+        writer = self._writers.get(path)
         if writer is None:
-            writer = asyncio.create_task(
-                self._write_records(replica_id), name=f"record-{replica_id}"
-            )
-            self._record_writers[replica_id] = writer
+            writer = asyncio.create_task(self._write_file(path), name=f"write-{path.name}")
+            self._writers[path] = writer
         return writer
 
-    async def _write_records(self, replica_id: str) -> None:
-        path = self.record_dir / f"{replica_id}.json"
+    async def _write_file(self, path: Path) -> None:
         try:
-            while replica_id in self._record_pending:
-                text = self._record_pending.pop(replica_id)
+            while path in self._pending:
+                text = self._pending.pop(path)
                 try:
                     if text is None:
                         await asyncio.to_thread(path.unlink, missing_ok=True)
                     else:
                         # Not fsynced: a record says what runs here, and a power cut stops
-                        # it all; load() takes what is left, and schedd sends the
-                        # assignments again.
+                        # it all; load() takes what is left, and schedd sends its complete
+                        # view (the assignments) again when agentd starts.
                         await asyncio.to_thread(write_atomically, path, text, durable=False)
                 except OSError as exc:
-                    log.error("could not write the record of %s: %s", replica_id, exc)
+                    log.error("could not write %s: %s", path, exc)
         finally:
             # No await between the last look at the pending content and this: a
-            # record asked for after it starts a new writer.
-            del self._record_writers[replica_id]
+            # write asked for after it starts a new writer.
+            del self._writers[path]
 
-    async def _records_written(self, replica_id: str) -> None:
-        """Wait until what was asked for a replica's record file is on disk."""
-        writer = self._record_writers.get(replica_id)
+    async def _file_written(self, path: Path) -> None:
+        """Wait until what was asked for a state file is on disk."""
+        writer = self._writers.get(path)
         if writer is not None:
             # Shielded: a caller cancelled must not cut the writes short.
             await asyncio.shield(writer)
+
+    async def _records_written(self, replica_id: str) -> None:
+        """Wait until what was asked for a replica's record file is on disk."""
+        await self._file_written(self._record_path(replica_id))
 
     async def _remove_record(self, replica_id: str) -> None:
         """Remove a replica's record file, after the writes asked for before."""
@@ -492,8 +501,7 @@ class Node:
         if before is not None and before == assignment:
             return
         name = f"{assignment.deployment}--{assignment.service}.json"
-        # Not fsynced either: schedd sends its complete view again when agentd starts.
-        self._write(self.assign_dir / name, encode(assignment), durable=False)
+        self._queue_file(self.assign_dir / name, encode(assignment))
         if before is not None and assignment.retry > before.retry:
             self._retry_failed(assignment)
 
@@ -540,7 +548,7 @@ class Node:
     def _unassign(self, deployment: str, service: str) -> None:
         """Forget an assignment and the job history of its service."""
         del self.assignments[(deployment, service)]
-        (self.assign_dir / f"{deployment}--{service}.json").unlink(missing_ok=True)
+        self._queue_file(self.assign_dir / f"{deployment}--{service}.json", None)
         self._runs_file(deployment, service).unlink(missing_ok=True)
         for path in self.run_logs_dir.glob(f"{deployment}-{service}-run*.log"):
             path.unlink(missing_ok=True)
@@ -721,9 +729,9 @@ class Node:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        # The records asked for last, also by the tasks as they ended, reach the disk.
-        for replica_id in list(self._record_writers):
-            await self._records_written(replica_id)
+        # The files asked for last, also by the tasks as they ended, reach the disk.
+        for path in list(self._writers):
+            await self._file_written(path)
 
     # ------------------------------------------------------------ queries
 

@@ -123,6 +123,6 @@ def test_a_removed_record_stays_removed_and_its_id_can_be_used_again(tmp_path: P
         node._save(again)
         await node._records_written(REPLICA_ID)
         assert on_disk(record_file) == "creating"
-        assert node._record_writers == {}
+        assert node._writers == {}
 
     asyncio.run(run())
