@@ -208,7 +208,8 @@ class AgentService(Agent1):
 
     @dbus_method_async_override()
     async def list_job_runs(self, deployment: str, service: str) -> str:
-        return encode(self._node.job_runs(deployment, service))
+        node = await self._ready_node()  # the runs are read as it loads
+        return encode(node.job_runs(deployment, service))
 
 
 def _job_trigger(text: str) -> JobTrigger:

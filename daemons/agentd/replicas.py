@@ -259,18 +259,16 @@ class Node:
         # task per file that writes it off the event loop: one write of a file at a
         # time, so an older content never lands over a newer one. Replica records and
         # assignments go this way.
-        self._pending: dict[Path, str | None] = {}
+        self._pending: dict[Path, tuple[str | None, bool]] = {}  # (content, fsynced)
         self._writers: dict[Path, asyncio.Task[None]] = {}
+        # Each job service's runs, newest first (its runs file's content), read by load().
+        self._runs: dict[tuple[str, str], list[JobRun]] = {}
         # Nothing that changes replicas runs before the containers that are
         # there have been adopted: a start of an id that runs would fail and
         # its clean-up would kill the running container.
         self.loaded = asyncio.Event()
 
     # ------------------------------------------------------------ persistence
-
-    @staticmethod
-    def _write(path: Path, text: str, durable: bool = True) -> None:
-        write_atomically(path, text, durable=durable)
 
     def _save(self, replica: Replica) -> None:
         self._queue_record(replica.record.id, encode(replica.record))
@@ -282,13 +280,16 @@ class Node:
         """Have a replica's record file written (``text``) or removed (None), in call order."""
         return self._queue_file(self._record_path(replica_id), text)
 
-    def _queue_file(self, path: Path, text: str | None) -> asyncio.Task[None]:
-        """Have a state file written (``text``) or removed (None), in call order.
+    def _queue_file(
+        self, path: Path, text: str | None, durable: bool = False
+    ) -> asyncio.Task[None]:
+        """Have a state file written (``text``, fsynced if ``durable``) or removed (None),
+        in call order.
 
         Only the newest content waiting matters: a write still under way is
         followed by the last one asked for since, never by each in between.
         """
-        self._pending[path] = text
+        self._pending[path] = (text, durable)
         writer = self._writers.get(path)
         if writer is None:
             writer = asyncio.create_task(self._write_file(path), name=f"write-{path.name}")
@@ -298,15 +299,16 @@ class Node:
     async def _write_file(self, path: Path) -> None:
         try:
             while path in self._pending:
-                text = self._pending.pop(path)
+                text, durable = self._pending.pop(path)
                 try:
                     if text is None:
                         await asyncio.to_thread(path.unlink, missing_ok=True)
                     else:
-                        # Not fsynced: a record says what runs here, and a power cut stops
-                        # it all; load() takes what is left, and schedd sends its complete
-                        # view (the assignments) again when agentd starts.
-                        await asyncio.to_thread(write_atomically, path, text, durable=False)
+                        # Records and assignments are not fsynced: a record says what runs
+                        # here, and a power cut stops it all; load() takes what is left,
+                        # and schedd sends its complete view (the assignments) again when
+                        # agentd starts. A job's runs are its history: fsynced.
+                        await asyncio.to_thread(write_atomically, path, text, durable=durable)
                 except OSError as exc:
                     log.error("could not write %s: %s", path, exc)
         finally:
@@ -359,6 +361,7 @@ class Node:
         await self._collect_attachments()
 
     async def _load(self) -> None:
+        self._runs = await asyncio.to_thread(self._read_runs)
         for path in sorted(self.assign_dir.glob("*.json")):
             assignment = read_state(
                 path,
@@ -549,7 +552,8 @@ class Node:
         """Forget an assignment and the job history of its service."""
         del self.assignments[(deployment, service)]
         self._queue_file(self.assign_dir / f"{deployment}--{service}.json", None)
-        self._runs_file(deployment, service).unlink(missing_ok=True)
+        self._runs.pop((deployment, service), None)
+        self._queue_file(self._runs_file(deployment, service), None)
         for path in self.run_logs_dir.glob(f"{deployment}-{service}-run*.log"):
             path.unlink(missing_ok=True)
         log.info("%s of %s is no longer assigned to this node", service, deployment)
@@ -759,11 +763,26 @@ class Node:
     def _runs_file(self, deployment: str, service: str) -> Path:
         return self.runs_dir / f"{deployment}--{service}.json"
 
+    def _read_runs(self) -> dict[tuple[str, str], list[JobRun]]:
+        """Every job service's runs from their files (blocking: load() reads in a thread)."""
+        runs: dict[tuple[str, str], list[JobRun]] = {}
+        for path in self.runs_dir.glob("*--*.json"):
+            deployment, _, service = path.stem.partition("--")
+            found = read_state(
+                path, lambda text: decode(text, list[JobRun]), "without those runs' history", log
+            )
+            if found is not None:
+                runs[(deployment, service)] = found
+        return runs
+
     def job_runs(self, deployment: str, service: str) -> list[JobRun]:
-        runs: list[JobRun] = []
-        pattern = f"{deployment}--{service}.json" if service else f"{deployment}--*.json"
-        for path in self.runs_dir.glob(pattern):
-            runs += decode(path.read_text(), list[JobRun])
+        """The runs of ``service`` of ``deployment`` (every job service's for ""), newest first."""
+        runs = [
+            run
+            for (owner, name), kept in self._runs.items()
+            if owner == deployment and service in ("", name)
+            for run in kept
+        ]
         return sorted(runs, key=lambda r: r.started_at, reverse=True)
 
     @property
@@ -796,10 +815,11 @@ class Node:
         raise NotFoundError(f"there is no replica or job run {replica_id} on this node")
 
     def _record_run(self, run: JobRun) -> None:
-        path = self._runs_file(run.deployment, run.service)
-        runs = [r for r in self.job_runs(run.deployment, run.service) if r.id != run.id]
-        runs = [run, *runs][:JOB_RUNS_KEPT]
-        self._write(path, encode(runs))
+        key = (run.deployment, run.service)
+        runs = [r for r in self._runs.get(key, []) if r.id != run.id]
+        runs = sorted([run, *runs], key=lambda r: r.started_at, reverse=True)[:JOB_RUNS_KEPT]
+        self._runs[key] = runs
+        self._queue_file(self._runs_file(*key), encode(runs), durable=True)
 
     async def run_job(self, deployment: str, service: str, trigger: JobTrigger) -> JobRun:
         await self.loaded.wait()

@@ -126,3 +126,35 @@ def test_a_removed_record_stays_removed_and_its_id_can_be_used_again(tmp_path: P
         assert node._writers == {}
 
     asyncio.run(run())
+
+
+def test_job_runs_are_kept_in_order_and_read_again_at_the_next_start(tmp_path: Path) -> None:
+    from shared.wire.agent import JobRun
+
+    def run_of(number: int, state: str = "succeeded") -> JobRun:
+        return JobRun(
+            id=f"run{number}",
+            deployment="shop",
+            service="nightly",
+            trigger="manual",
+            state=state,
+            started_at=float(number),
+        )
+
+    async def first_life() -> list[str]:
+        node = make_node(tmp_path)
+        for number in range(1, replicas.JOB_RUNS_KEPT + 3):
+            node._record_run(run_of(number, "running"))
+            node._record_run(run_of(number))  # the same run, finished
+        await node._file_written(node._runs_file("shop", "nightly"))
+        return [run.id for run in node.job_runs("shop", "")]
+
+    async def next_life() -> list[tuple[str, str]]:
+        node = make_node(tmp_path)
+        await node._load()
+        return [(run.id, run.state) for run in node.job_runs("shop", "nightly")]
+
+    kept = asyncio.run(first_life())
+    newest = [f"run{n}" for n in range(replicas.JOB_RUNS_KEPT + 2, 2, -1)]
+    assert kept == newest  # the newest first, no more than JOB_RUNS_KEPT, each run once
+    assert asyncio.run(next_life()) == [(run_id, "succeeded") for run_id in newest]
