@@ -107,10 +107,20 @@ def stop() -> None:
     os.kill(state.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT
     while time.monotonic() < deadline:
-        try:
-            os.kill(state.pid, 0)
-        except ProcessLookupError:
+        if not _alive(state.pid):
             err_console.print("ZLayer stopped", highlight=False)
             return
         time.sleep(0.05)
     fail(f"the supervisor (pid {state.pid}) did not stop within {STOP_WAIT:.0f}s")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: one that has exited is gone, or a zombie until its
+    parent reaps it (a supervisor run in the foreground by a program that waits for
+    this command before it reaps)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            # the state follows the command's name, in parentheses that may hold ") "
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
