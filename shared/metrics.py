@@ -2,13 +2,25 @@
 
 Process metrics (CPU, memory, open fds) come from prometheus-client's
 default collectors; ``zlayer_build_info`` says what runs.
+
+The endpoint is prometheus-client's WSGI app on a server of our own that
+binds without looking up the host's name: ``http.server.HTTPServer`` asks
+for its FQDN at bind (``socket.getfqdn``, a reverse DNS query when the host
+name is not in /etc/hosts), and with the resolver unreachable that holds
+a daemon's start, before it serves its bus calls, for the resolver's
+timeout (5 s a try).
 """
 
 from __future__ import annotations
 
 import platform
+import socket
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import Gauge, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 BUILD_INFO = Gauge(
     "zlayer_build_info",
@@ -17,9 +29,40 @@ BUILD_INFO = Gauge(
 )
 
 
+class _MetricsServer(ThreadingWSGIServer):
+    """A threading WSGI server whose name is its bind address, not a DNS answer."""
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+        self.setup_environ()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """A scrape is no event for the daemon's log."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def metrics_server(bind: str, port: int) -> WSGIServer:
+    """The metrics endpoint bound to ``bind``:``port`` (0: any free port), not serving yet."""
+    # the family of the bind address: an IPv6 one needs AF_INET6
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_MetricsServer):
+        address_family = family
+
+    return make_server(str(sockaddr[0]), port, make_wsgi_app(), Server, handler_class=_QuietHandler)
+
+
 def serve_metrics(daemon: str, version: str, bind: str, port: int) -> int:
     """Start the metrics endpoint in a background thread; return the bound port."""
     BUILD_INFO.labels(daemon=daemon, version=version, python=platform.python_version()).set(1)
-    server, _thread = start_http_server(port, addr=bind)
-    bound: int = server.server_port
-    return bound
+    server = metrics_server(bind, port)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return int(server.server_port)
