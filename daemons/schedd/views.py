@@ -229,6 +229,10 @@ class ViewSync:
                 f"{daemon} holds no view; the daemons that do: {', '.join(VIEW_HOLDERS)}"
             )
         self._resync.update([daemon] if daemon else VIEW_HOLDERS)
+        if daemon == "overlayd":
+            # agentd releases the networks it could not while overlayd was away (stopped
+            # replicas' attachments) when it takes a view: now, not at the periodic resync
+            self._resync.add("agentd")
         if daemon in ("agentd", ""):
             self.replica_cache.invalidate("resync")
         self.wake()
