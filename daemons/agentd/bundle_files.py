@@ -64,7 +64,9 @@ def _is_mounted(target: Path) -> bool:
 
 
 def lay_out(bundle_dir: Path, meta: dict[str, Any], plan: Bundle, lower_dirs: list[str]) -> None:
-    """Write the bundle (which must not exist yet) and mount its root file system."""
+    """Write the bundle (which must not exist yet) and mount its root file system: the
+    image's layers as overlayfs, or, where the plan says so (``overlay_root`` False),
+    nothing: the root is the empty ``rootfs`` directory."""
     bundle_dir.mkdir(parents=True)
     # Not fsynced: the bundle's mount and container do not outlive a power cut.
     write_atomically(bundle_dir / META, json.dumps(meta), durable=False)

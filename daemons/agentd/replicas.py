@@ -18,7 +18,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -27,7 +27,7 @@ import msgspec
 from prometheus_client import Counter
 
 from daemons.agentd import probes, wasm
-from daemons.agentd.errors import SpecRefused
+from daemons.agentd.errors import ContainerError, SpecRefused
 from shared.bus import NotFoundError, ZLayerError
 from shared.statefile import read_state, write_atomically
 from shared.views import HeldGeneration
@@ -261,6 +261,8 @@ class Node:
         # assignments go this way.
         self._pending: dict[Path, tuple[str | None, bool]] = {}  # (content, fsynced)
         self._writers: dict[Path, asyncio.Task[None]] = {}
+        self._write_errors: dict[Path, OSError] = {}  # the last write of a file that failed
+        self._background: set[asyncio.Task[None]] = set()  # clean-ups nobody waits for
         # Each job service's runs, newest first (its runs file's content), read by load().
         self._runs: dict[tuple[str, str], list[JobRun]] = {}
         # Nothing that changes replicas runs before the containers that are
@@ -309,12 +311,20 @@ class Node:
                         # and schedd sends its complete view (the assignments) again when
                         # agentd starts. A job's runs are its history: fsynced.
                         await asyncio.to_thread(write_atomically, path, text, durable=durable)
+                    self._write_errors.pop(path, None)
                 except OSError as exc:
                     log.error("could not write %s: %s", path, exc)
+                    self._write_errors[path] = exc
         finally:
             # No await between the last look at the pending content and this: a
             # write asked for after it starts a new writer.
             del self._writers[path]
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """``work`` in the background, kept referenced until it ends."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _file_written(self, path: Path) -> None:
         """Wait until what was asked for a state file is on disk."""
@@ -324,8 +334,17 @@ class Node:
             await asyncio.shield(writer)
 
     async def _records_written(self, replica_id: str) -> None:
-        """Wait until what was asked for a replica's record file is on disk."""
-        await self._file_written(self._record_path(replica_id))
+        """Wait until what was asked for a replica's record file is on disk; ContainerError
+        (one sentence) when the last write of it failed: a replica does not start with no
+        record a restarted agentd could adopt it by."""
+        path = self._record_path(replica_id)
+        await self._file_written(path)
+        failed = self._write_errors.get(path)
+        if failed is not None:
+            raise ContainerError(
+                f"its record could not be written ({failed.strerror or failed}); "
+                f"free space under {self.record_dir.parent} or fix its permissions"
+            )
 
     async def _remove_record(self, replica_id: str) -> None:
         """Remove a replica's record file, after the writes asked for before."""
@@ -550,13 +569,18 @@ class Node:
 
     def _unassign(self, deployment: str, service: str) -> None:
         """Forget an assignment and the job history of its service."""
-        del self.assignments[(deployment, service)]
+        self._forget(deployment, service)
+        log.info("%s of %s is no longer assigned to this node", service, deployment)
+
+    def _forget(self, deployment: str, service: str) -> None:
+        """Drop a service's assignment and job runs, and have their files and kept run
+        logs removed, in order with the writes asked for before (none of it on the loop)."""
+        self.assignments.pop((deployment, service), None)
         self._queue_file(self.assign_dir / f"{deployment}--{service}.json", None)
         self._runs.pop((deployment, service), None)
         self._queue_file(self._runs_file(deployment, service), None)
-        for path in self.run_logs_dir.glob(f"{deployment}-{service}-run*.log"):
-            path.unlink(missing_ok=True)
-        log.info("%s of %s is no longer assigned to this node", service, deployment)
+        pattern = f"{deployment}-{service}-run*.log"
+        self._later(asyncio.to_thread(_remove_matching, self.run_logs_dir, pattern))
 
     async def _converge(self, assignment: ServiceAssignment) -> None:
         from shared.spec import ServiceSpec
@@ -679,19 +703,12 @@ class Node:
                     for r in victims
                 )
             )
-            for key in [
-                k
-                for k in self.assignments
-                if k[0] == deployment and (not service or k[1] == service)
-            ]:
-                del self.assignments[key]
-                (self.assign_dir / f"{key[0]}--{key[1]}.json").unlink(missing_ok=True)
-            for path in self.runs_dir.glob(f"{deployment}--*.json"):
-                if not service or path.name == f"{deployment}--{service}.json":
-                    path.unlink(missing_ok=True)
-            kept = f"{deployment}-{service}-run*.log" if service else f"{deployment}-*-run*.log"
-            for path in self.run_logs_dir.glob(kept):
-                path.unlink(missing_ok=True)
+            known = {*self.assignments, *self._runs}
+            if service:
+                known.add((deployment, service))
+            for owner, name in sorted(known):
+                if owner == deployment and (not service or name == service):
+                    self._forget(owner, name)
 
     async def _remove(self, replica: Replica, grace: float) -> None:
         replica.stopping = True
@@ -699,9 +716,8 @@ class Node:
             replica.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await replica.task
-        await self._teardown(replica, grace)
+        await self._teardown(replica, grace)  # the record goes with it
         self.replicas.pop(replica.record.id, None)
-        await self._remove_record(replica.record.id)
         replica.record.state = "stopped"
         self.changed(replica.record.info())
 
@@ -733,9 +749,15 @@ class Node:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        # The files asked for last, also by the tasks as they ended, reach the disk.
-        for path in list(self._writers):
-            await self._file_written(path)
+        # The files asked for last, also by the tasks as they ended (and by any call
+        # answered meanwhile), reach the disk.
+        while self._writers:
+            path = next(iter(self._writers))
+            try:
+                await self._file_written(path)
+            except Exception as exc:  # the others are still written
+                log.error("could not write %s as agentd stopped: %s", path, exc)
+                self._writers.pop(path, None)
 
     # ------------------------------------------------------------ queries
 
@@ -767,12 +789,12 @@ class Node:
         """Every job service's runs from their files (blocking: load() reads in a thread)."""
         runs: dict[tuple[str, str], list[JobRun]] = {}
         for path in self.runs_dir.glob("*--*.json"):
-            deployment, _, service = path.stem.partition("--")
             found = read_state(
                 path, lambda text: decode(text, list[JobRun]), "without those runs' history", log
             )
-            if found is not None:
-                runs[(deployment, service)] = found
+            # keyed by what the runs say: a name may hold "--" itself
+            for run in found or []:
+                runs.setdefault((run.deployment, run.service), []).append(run)
         return runs
 
     def job_runs(self, deployment: str, service: str) -> list[JobRun]:
@@ -907,9 +929,11 @@ class Node:
                 lambda argv, timeout: self._one_shot(replica, rootfs, attachment, argv, timeout),
                 lambda note: log.info("%s: %s", record.id, note),
             )
-        # A container never runs without its record on disk: a restarted agentd adopts
-        # what a record names and removes any other container as garbage.
+        # A container never runs without its record, and its service's assignment, on
+        # disk: a restarted agentd adopts what a record of an assigned service names and
+        # removes any other container as garbage.
         await self._records_written(record.id)
+        await self._file_written(self.assign_dir / f"{record.deployment}--{record.service}.json")
         pid = await self.launcher.start(record.id, spec, rootfs, attachment, None)
         self._update(
             replica,
@@ -1029,9 +1053,10 @@ class Node:
                 spec, code, attempts, bool(unhealthy)
             ):
                 if record.job_run is not None:
-                    # The run's outcome lives on in the job history, its output in
-                    # the kept log; the container goes.
+                    # The run's outcome lives on in the job history (on disk before the
+                    # container and its record go), its output in the kept log.
                     await asyncio.to_thread(self._keep_run_log, record.id)
+                    await self._file_written(self._runs_file(record.deployment, record.service))
                     await self._teardown(replica, 0.0)
                     self.replicas.pop(record.id, None)
                 return
@@ -1057,6 +1082,8 @@ class Node:
             if replica.record.job_run is not None:
                 self._finish_run(replica)
                 await asyncio.to_thread(self._keep_run_log, replica.record.id)
+                record = replica.record
+                await self._file_written(self._runs_file(record.deployment, record.service))
                 await self._teardown(replica, 0.0)
                 self.replicas.pop(replica.record.id, None)
             return False
@@ -1083,3 +1110,9 @@ class Node:
 
 def _grace(spec: ServiceSpec) -> float:
     return spec.stop_grace_period.total_seconds() if spec.stop_grace_period else DEFAULT_GRACE
+
+
+def _remove_matching(directory: Path, pattern: str) -> None:
+    """Remove the files of ``directory`` that match ``pattern`` (blocking)."""
+    for path in directory.glob(pattern):
+        path.unlink(missing_ok=True)

@@ -525,3 +525,24 @@ def test_cgroup_parent_per_manager() -> None:
         cgroups.cgroups_path("w-1", "systemd", "/batch")
     with pytest.raises(BundleError, match="not a cgroup path"):
         cgroups.cgroups_path("w-1", "cgroupfs", "/../etc")
+
+
+def test_a_bundle_without_an_overlay_root_is_laid_out_with_an_empty_unmounted_root(
+    tmp_path: Path,
+) -> None:
+    from daemons.agentd import bundle_files
+
+    plan = bundle.Bundle(
+        config={"process": {"user": {"uid": 0, "gid": 0}}},
+        files={"hostname": "web-1\n"},
+        directories=[],
+        named_volumes=[],
+        overlay_root=False,
+    )
+    bundle_dir = tmp_path / "web-1"
+    # no layers to mount: an overlay mount would fail on these, and is not tried
+    bundle_files.lay_out(bundle_dir, {}, plan, ["/nonexistent/layer"])
+    rootfs = bundle_dir / "rootfs"
+    assert rootfs.is_dir() and list(rootfs.iterdir()) == []
+    assert not bundle_files._is_mounted(rootfs)
+    assert (bundle_dir / "hostname").read_text() == "web-1\n"

@@ -48,7 +48,7 @@ def make_replica() -> Replica:
     return Replica(record, ServiceSpec.model_validate({"image": "zlayer/busybox:latest"}))
 
 
-def test_the_new_state_is_told_before_the_record_is_rewritten(tmp_path: Path) -> None:
+def test_the_new_state_is_told_at_once_and_the_record_file_follows(tmp_path: Path) -> None:
     told: list[tuple[str, str]] = []
     record_file = tmp_path / "replicas" / f"{REPLICA_ID}.json"
 
@@ -62,7 +62,7 @@ def test_the_new_state_is_told_before_the_record_is_rewritten(tmp_path: Path) ->
         await node._records_written(REPLICA_ID)
 
         node._update(replica, state="running", pid=4242)
-        assert told == [("running", "creating")]  # told while the file still said creating
+        assert told == [("running", "creating")]  # told at once, the file not yet rewritten
         await node._records_written(REPLICA_ID)
         assert on_disk(record_file) == "running"  # and the file follows
 
