@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from ctl.output import err_console, fail
 from ctl.supervisor import Supervisor, SupervisorState, find_executable
 from shared.logs import setup_logging
 from shared.paths import Paths
+from shared.proc import alive
 
 DETACH_READY_TIMEOUT = 60.0
 STOP_WAIT = 30.0
@@ -104,23 +106,12 @@ def stop() -> None:
             "`systemctl stop zlayer.target`"
         )
         return
-    os.kill(state.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile: stopped below
+        os.kill(state.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT
     while time.monotonic() < deadline:
-        if not _alive(state.pid):
+        if not alive(state.pid):
             err_console.print("ZLayer stopped", highlight=False)
             return
         time.sleep(0.05)
     fail(f"the supervisor (pid {state.pid}) did not stop within {STOP_WAIT:.0f}s")
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs: one that has exited is gone, or a zombie until its
-    parent reaps it (a supervisor run in the foreground by a program that waits for
-    this command before it reaps)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            # the state follows the command's name, in parentheses that may hold ") "
-            return handle.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False

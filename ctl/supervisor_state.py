@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from shared.busread import PREFIX_ENV  # as shared.paths, without its pathlib
+from shared.proc import alive
 
 if TYPE_CHECKING:
     from shared.paths import Paths
@@ -53,20 +54,10 @@ class SupervisorState(msgspec.Struct, kw_only=True):
                 state = msgspec.json.decode(handle.read(), type=cls)
         except (OSError, ValueError, msgspec.DecodeError):
             return None
-        return state if _alive(state.pid) else None
+        return state if alive(state.pid) else None
 
 
 def state_file(environ: dict[str, str] | None = None) -> str:
     """``Paths.from_env().supervisor_state``, without pathlib."""
     env = os.environ if environ is None else environ
     return os.path.join(env.get(PREFIX_ENV) or "/", "run", "zlayer", "supervisor.json")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

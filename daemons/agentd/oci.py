@@ -31,6 +31,7 @@ from typing import ParamSpec, TypeVar
 
 from daemons.agentd import cgroups
 from daemons.agentd.errors import ContainerError
+from shared.proc import alive
 
 CREATE_TIMEOUT = 60.0
 # The runtime's processes (crun, conmon) are waited for in threads of their own: a burst
@@ -61,17 +62,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_VARS}
     env.update(extra)
     return env
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            # A zombie has ended; only its parent's wait() is missing.
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def read_pidfile(path: Path) -> int:
@@ -106,7 +96,7 @@ def release_created(state_root: Path, container_id: str) -> bool:
 
 def is_conmon(pid: int, container_id: str) -> bool:
     """Whether ``pid`` is still the running conmon of this container (pids get reused)."""
-    if not _pid_alive(pid):
+    if not alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

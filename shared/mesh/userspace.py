@@ -29,6 +29,7 @@ from pathlib import Path
 
 from shared.mesh.device import Changes, DeviceState, MeshError
 from shared.mesh.uapi import SOCKET_DIR, UapiClient, socket_path
+from shared.proc import alive
 
 PROGRAM = "wireguard-go"
 START_TIMEOUT = 10.0
@@ -47,12 +48,11 @@ def available() -> bool:
 
 def runs_for(pid: int, interface: str) -> bool:
     """True if ``pid`` is a live ``wireguard-go <interface>``."""
+    if not alive(pid):
+        return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state == "Z":
+    except OSError:
         return False
     return (
         len(argv) >= 2

@@ -40,6 +40,7 @@ import psutil
 
 from daemons.overlayd.plumbing import NETNS_DIR, names_for
 from daemons.overlayd.settings import OverlaySettings
+from shared.proc import alive
 from tests.e2e.node import Node
 
 DOMAIN = "service.local"
@@ -280,7 +281,7 @@ class Invariants:
             if row["state"] != "running":
                 found.append(f"{what} is {row['state']}: {row.get('message', '')}")
                 continue
-            if not _pid_alive(int(row.get("pid") or 0)):
+            if not alive(int(row.get("pid") or 0)):
                 found.append(f"{what} ({row['id']}) has pid {row.get('pid')}, which does not run")
             if row.get("health") not in IN_ROTATION:
                 found.append(f"{what} ({row['id']}) is running but {row.get('health')}")
@@ -330,7 +331,7 @@ class Invariants:
                 )
             elif item.get("status") != "running":
                 found.append(f"container {cid} is {item.get('status')} under the runtime root")
-            elif not _pid_alive(int(item.get("pid") or 0)):
+            elif not alive(int(item.get("pid") or 0)):
                 found.append(f"container {cid}: the runtime's pid {item.get('pid')} does not run")
         agent_pids = {r["id"]: r.get("pid") for r in snap.replicas if r.get("state") == "running"}
         for cid, pid in sorted(agent_pids.items()):
@@ -657,15 +658,6 @@ class Invariants:
 
 
 # ---------------------------------------------------------------- node readers
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _resolve(server: tuple[str, int], name: str) -> set[str] | None:

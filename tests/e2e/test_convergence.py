@@ -19,6 +19,7 @@ import pytest
 from shared.bus import open_bus, resolve_bus_address
 from shared.busybox_image import busybox_image, write_oci_layout
 from shared.clients import SchedulerClient
+from shared.proc import alive
 from shared.wire.jobs import JobInfo
 from tests.e2e.node import IMAGE, Node, free_port, wait_until
 
@@ -322,18 +323,9 @@ def test_containers_no_replica_owns_are_removed_and_replaced(restarted_node: Nod
         )
 
     wait_until(replaced, 90, "the unowned containers to be replaced by new replicas")
-    assert not any(_pid_alive(pid) for pid in old.values())
+    assert not any(alive(pid) for pid in old.values())
     log = agentd_log(node)
     for cid in old:
         assert f"removed container {cid}: no replica of this node owns it" in log
     assert "hello-" in get(port)
     node.ctl("down", "web", check=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as handle:
-        return handle.read().split()[2] != "Z"
