@@ -788,7 +788,12 @@ class ClusterContext:
         if clients:
             chosen = clients[0].id
             await self._change_settings(chosen, lambda s: msgspec_replace(s, voter=True))
-            log.info("node %s was a voter: node %s is asked to become one", removed, chosen)
+            log.info(
+                "the members are fewer than the voters after node %s left: node %s is asked "
+                "to become one",
+                removed,
+                chosen,
+            )
 
 
 async def change_members(call: Callable[[], Awaitable[object]]) -> None:
@@ -842,17 +847,8 @@ class NodeControl:
 
     async def _context(self) -> ClusterContext:
         if self.daemon.cluster is None:
-            with contextlib.suppress(cluster_config.ClusterConfigError):
-                # In a thread: a node command may come while schedd waits for etcd.
-                if await asyncio.to_thread(cluster_config.load, self.paths) is not None:
-                    # a member whose schedd is still reaching its cluster (after a restart)
-                    raise UnavailableError(
-                        "schedd is still reaching this node's cluster (it waits for etcd); "
-                        "try again shortly"
-                    )
-            raise InvalidArgumentError(
-                "this node is not in a cluster; zlayerctl node init makes one, node join joins one"
-            )
+            # In a thread: a node command may come while schedd waits for etcd.
+            raise await asyncio.to_thread(cluster_config.why_no_cluster, self.paths)
         return self.daemon.cluster
 
     async def _lone(self) -> None:

@@ -180,6 +180,12 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def list_nodes(self) -> str:
+        if getattr(self.daemon, "cluster", None) is None:  # (set as start() begins)
+            # answered without NodeControl: every logs and exec asks this first, and a
+            # lone node's schedd is not to load the cluster's code for it
+            from shared.cluster.config import why_no_cluster
+
+            raise await asyncio.to_thread(why_no_cluster, self.daemon.paths)
         return encode(await self.daemon.nodes.list_nodes())
 
     @dbus_method_async_override()

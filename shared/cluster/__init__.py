@@ -13,8 +13,10 @@
   endpoints, the etcd member it runs); absent on a lone node.
 - :mod:`shared.cluster.secretkey`: the key every node seals and opens secrets with,
   made at init and handed to each joining node in Join's reply.
-- :mod:`shared.cluster.remote`: which node runs each replica (``locate``) and
-  Node1's Logs, Exec and Stats of a replica on another node (both sides).
+- :mod:`shared.cluster.locate`: which node runs each replica a command means (bus and
+  wire only: a lone node never loads gRPC for it).
+- :mod:`shared.cluster.remote`: Node1's Logs, Exec and Stats of a replica on another
+  node (both sides).
 - :mod:`shared.cluster.blocks`: the cluster's settings (replica range, block size, etcd
   voters) and each node's block of the range, taken and freed in etcd transactions.
 - :mod:`shared.cluster.trust`: the CA key sealed in etcd (any node signs joins), the

@@ -114,6 +114,25 @@ def load(paths: Paths) -> ClusterConfig | None:
         raise ClusterConfigError(f"{path} is not a cluster configuration ({exc}); fix it") from None
 
 
+def why_no_cluster(paths: Paths) -> Exception:
+    """Why a node command finds no cluster here (blocking: it reads cluster.toml), as the
+    bus error to raise: a member whose schedd is still reaching its cluster (the file
+    names one), or a node in none."""
+    from shared.bus import InvalidArgumentError, UnavailableError
+
+    try:
+        member = load(paths) is not None
+    except ClusterConfigError:
+        member = False
+    if member:
+        return UnavailableError(
+            "schedd is still reaching this node's cluster (it waits for etcd); try again shortly"
+        )
+    return InvalidArgumentError(
+        "this node is not in a cluster; zlayerctl node init makes one, node join joins one"
+    )
+
+
 def _value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -139,6 +139,9 @@ NOT_LOADED_ALONE = {
 
 
 def test_a_lone_nodes_daemons_do_not_load_the_cluster_libraries(looked_at: Paths) -> None:
+    # nor for the question every logs and exec asks schedd first: which nodes there are
+    listed = zlayerctl("node", "ls")
+    assert listed.returncode != 0 and "this node is not in a cluster" in listed.stderr, listed
     rows = status_rows()
     for name, libraries in NOT_LOADED_ALONE.items():
         maps = Path(f"/proc/{rows[name]['pid']}/maps").read_text()

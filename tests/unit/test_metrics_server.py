@@ -29,7 +29,7 @@ def test_binds_without_a_lookup_and_serves(
     except OSError as exc:  # a host without IPv6
         pytest.skip(f"cannot bind {bind}: {exc}")
     try:
-        scrape = threading.Thread(target=server.handle_request)
+        scrape = threading.Thread(target=server.handle_request, daemon=True)
         scrape.start()
         url = f"http://{host}:{server.server_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as answer:

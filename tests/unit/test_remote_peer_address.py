@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from shared.cluster import peer, remote
+from shared.cluster.locate import Placed
 from shared.cluster.peer import NodeTls
-from shared.cluster.remote import NodeReach, Placed
+from shared.cluster.remote import NodeReach
 from shared.paths import Paths
 from shared.wire.agent import ReplicaInfo
 from shared.wire.cluster import NodeCapacity, NodeRecord
