@@ -32,14 +32,29 @@ fi
 # the package tests (their machine has namespaces of its own). The end-to-end and
 # integration tests read the whole machine's links, mounts and cgroups, so they run
 # after, alone. --durations: each log shows where the time of the slow layers goes.
+# The second lane's output is printed when it ends, and on any exit before that (a
+# failure, ^C, CI's time limit), so what it found is never lost.
 lane_log=$(mktemp)
-trap 'rm -f "$lane_log"' EXIT
+lane=""
+finish() {
+    if [ -n "$lane" ]; then
+        # the lane's running step, by its PID, then the lane (a background job ignores ^C)
+        kill $(cat "/proc/$lane/task/$lane/children" 2>/dev/null) "$lane" 2>/dev/null || true
+        echo "==> the second lane's output (packaging, unit, ruff, mypy)"
+        cat "$lane_log"
+    fi
+    rm -f "$lane_log"
+}
+trap finish EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
 (
     status=0
     echo "==> pytest tests/packaging"
-    .venv/bin/python -m pytest --durations=10 tests/packaging || status=1
+    # no cache: the two lanes would each write pytest's last-failed list over the other's
+    .venv/bin/python -m pytest -p no:cacheprovider --durations=10 tests/packaging || status=1
     echo "==> pytest tests/unit"
-    .venv/bin/python -m pytest -n 2 tests/unit || status=1
+    .venv/bin/python -m pytest -p no:cacheprovider -n 2 tests/unit || status=1
     echo "==> ruff"
     { .venv/bin/ruff check . && .venv/bin/ruff format --check --quiet .; } || status=1
     echo "==> mypy --strict shared daemons ctl"
@@ -51,7 +66,9 @@ status=0
 echo "==> pytest tests/cluster (beside it: packaging, unit, ruff, mypy)"
 .venv/bin/python -m pytest --durations=20 tests/cluster || status=$?
 wait "$lane" || status=1
+echo "==> the second lane's output (packaging, unit, ruff, mypy)"
 cat "$lane_log"
+lane=""
 echo "==> pytest tests/e2e tests/integration"
 .venv/bin/python -m pytest --durations=30 --ignore=tests/unit --ignore=tests/cluster \
     --ignore=tests/packaging || status=$?

@@ -821,7 +821,7 @@ class Cluster:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if isinstance(error, Exception):
+        if error is not None and not isinstance(error, KeyboardInterrupt):
             # the logs go with the cluster: what the test's report shows of them
             print(self.log_tails())
         self.close()
@@ -835,14 +835,16 @@ class Cluster:
             if not logs.is_dir():
                 continue
             for name, count in LOG_TAIL.items():
-                parts += [f"-- {node.name} {name}", *_read_lines(logs / name)[-count:]]
+                header = f"-- {self.tag} {node.name} {name}"
+                parts += [header, *_read_lines(logs / name)[-count:]]
             warned = [
                 line[:400]
                 for line in _read_lines(logs / "etcd.log")
                 if '"level":"warn"' in line or '"level":"error"' in line
             ]
             if warned:
-                parts += [f"-- {node.name} etcd.log (warnings)", *warned[-ETCD_WARNINGS:]]
+                header = f"-- {self.tag} {node.name} etcd.log (warnings)"
+                parts += [header, *warned[-ETCD_WARNINGS:]]
         return "\n".join(parts)
 
     def __iter__(self) -> Iterator[Node]:

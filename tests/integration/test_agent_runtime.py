@@ -440,7 +440,10 @@ def test_log_rotation_keeps_the_size_bounded(rt: Harness) -> None:
             rotations += runtime.log_paths("t-logs") != before
             await asyncio.sleep(0.05)
         paths = runtime.log_paths("t-logs")
-        assert [p.name for p in paths] == ["ctr.log.2", "ctr.log.1", "ctr.log"]
+        # ctr.log itself is absent when the last rotation came after the container's
+        # last line and conmon, ending, did not open a new one
+        names = [p.name for p in paths]
+        assert names in (["ctr.log.2", "ctr.log.1", "ctr.log"], ["ctr.log.2", "ctr.log.1"])
         assert sum(p.stat().st_size for p in paths) <= 3 * 16 * 1024
         lines = [line.text for line in runtime.read_log(paths)]
         assert lines[-1] == "last"

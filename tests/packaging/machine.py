@@ -76,11 +76,11 @@ class Machine:
                 check=True, capture_output=True, timeout=600,
             )  # fmt: skip
         except subprocess.CalledProcessError as exc:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_root(root)
             tail = exc.stdout.decode(errors="replace")[-2000:]
             raise RuntimeError(f"debootstrap failed: {tail}") from None
         except BaseException:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_root(root)
             raise
         later = subprocess.run(
             ["chroot", str(root), "apt-get", "install", "-y", "-q", "--no-install-recommends",
@@ -89,7 +89,7 @@ class Machine:
             env={**MACHINE_ENV, "DEBIAN_FRONTEND": "noninteractive"},
         )  # fmt: skip
         if later.returncode != 0:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_root(root)
             wanted = " ".join(LATER_PACKAGES)
             raise RuntimeError(f"apt-get install {wanted}: {later.stderr[-2000:]}")
         log = root.parent / f"{root.name}.log"
@@ -161,8 +161,20 @@ class Machine:
                         os.kill(self.leader, signal.SIGKILL)
                 self.nspawn.kill()
                 self.nspawn.wait()
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_root(self.root)
         self.log.unlink(missing_ok=True)
+
+
+def remove_root(root: Path) -> None:
+    """Remove a machine's root, unmounting first what is mounted under it: debootstrap
+    killed at its timeout leaves the host's /proc and /sys mounted there, and removing
+    the tree would walk into them (rmdir empties the host's cgroups)."""
+    prefix = f"{root}/"
+    with open("/proc/self/mountinfo") as handle:
+        mounted = [line.split()[4] for line in handle if line.split()[4].startswith(prefix)]
+    for target in sorted(mounted, key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", target], capture_output=True, check=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def nspawn_cgroups() -> set[Path]:
