@@ -1,7 +1,8 @@
 """This node in its cluster: its record under a lease, the live node set, one leader.
 
 - The node's :class:`NodeRecord` lives at ``/zlayer/nodes/<id>`` bound to a
-  lease of ``ttl`` seconds (5 by default) that is refreshed every third of it.
+  lease of ``ttl`` seconds (5 by default) that is refreshed every quarter of it
+  (and again soon after a refresh fails).
   A node that dies stops refreshing; etcd drops the lease and the record with
   it, and every other node's watch sees the node go, within ``ttl``.
 - :attr:`Membership.nodes` is the live node set: one read of the prefix, then a
@@ -194,10 +195,14 @@ class Membership:
             self._notify()
 
     async def _keep(self) -> None:
-        """Refresh the lease every third of its time; after a loss, register anew."""
+        """Refresh the lease every quarter of its time, and again soon after a refresh
+        that failed (an etcd election holds answers for a second or two); after a loss,
+        register anew."""
         loop = asyncio.get_running_loop()
+        delay = self.ttl / 4
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            await asyncio.sleep(delay)
+            delay = self.ttl / 4
             lease = self.lease
             if lease is None:
                 try:
@@ -216,6 +221,9 @@ class Membership:
                 reply = await self._client.refresh_lease(lease)
             except ETCD_ERRORS as exc:
                 log.warning("refreshing lease %x failed: %s", lease, exc)
+                # A whole period after a try that took its whole time (a third of the
+                # lease) came past the step-down: one refresh lost to an election lost it.
+                delay = RETRY
                 continue  # the deadline steps down if this goes on
             if lease != self.lease:
                 continue  # lost meanwhile
