@@ -245,8 +245,15 @@ class AgentDaemon(Daemon):
         assert bus is not None  # run() connects before start()
         # EnsureImage may pull a large image; the bus default (25 s) would cut it short.
         bus.method_call_timeout_usec = NEIGHBOUR_CALL_USEC
+        from shared.cluster.config import path_of as cluster_config_path
+
+        in_cluster = await asyncio.to_thread(cluster_config_path(self.paths).exists)
         self.node = Node(
-            self.paths.daemon_state("agentd"), self.runtime, BusNeighbours(bus), self._changed
+            self.paths.daemon_state("agentd"),
+            self.runtime,
+            BusNeighbours(bus),
+            self._changed,
+            in_cluster=in_cluster,
         )
         self.node_made.set()
         await self.node.load()

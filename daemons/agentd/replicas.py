@@ -238,6 +238,8 @@ class Node:
         launcher: Launcher,
         neighbours: Neighbours,
         changed: Callable[[ReplicaInfo], None],
+        *,
+        in_cluster: bool = False,
     ) -> None:
         self.state_dir = state_dir
         self.assign_dir = state_dir / "assignments"
@@ -269,6 +271,13 @@ class Node:
         # there have been adopted: a start of an id that runs would fail and
         # its clean-up would kill the running container.
         self.loaded = asyncio.Event()
+        # In a cluster, what this node kept from before it stopped may have moved to
+        # another node while it was down (its lease lapsed): nothing is started from it
+        # (a replica whose container ended, an instance missing) until schedd's first
+        # complete view says what is still placed here. A lone node's schedd is this
+        # node's only source of placements, so its kept assignments stand.
+        self.awaiting_view = in_cluster
+        self._held_back: list[Replica] = []  # adopted, ended, not restarted until that view
 
     # ------------------------------------------------------------ persistence
 
@@ -426,6 +435,21 @@ class Node:
                 if record.state != "running" or record.pid != pid:
                     # It was starting when agentd stopped, and it started.
                     self._update(replica, state="running", pid=pid, message="")
+            elif self.awaiting_view:
+                log.info(
+                    "%s ended while agentd was down; it waits for schedd's placements",
+                    record.id,
+                )
+                if record.state != "exited":
+                    self._update(
+                        replica,
+                        state="exited",
+                        pid=0,
+                        message="ended while zlayer-agentd was down; "
+                        "waits for schedd's placements for this node",
+                    )
+                self._held_back.append(replica)
+                continue
             else:
                 log.info("adopting %s (ended while agentd was down)", record.id)
             replica.task = asyncio.create_task(self._lifecycle(replica, adopt=True))
@@ -436,6 +460,9 @@ class Node:
                 "its service is no longer assigned to this node",
             )
             self._remove_later(replica, DEFAULT_GRACE, "its service is no longer assigned")
+        if self.awaiting_view:
+            log.info("in a cluster: nothing starts before schedd's placements for this node")
+            return
         for assignment in list(self.assignments.values()):
             await self._converge(assignment)
 
@@ -562,10 +589,23 @@ class Node:
             for assignment in view.assignments:
                 self._assign(assignment)
                 await self._converge(assignment)
+            if self.awaiting_view:
+                self._release_held_back()
             await asyncio.to_thread(self.held.hold, view.generation)
         await self.collect_garbage()
         notes, self.removed_notes = self.removed_notes, []
         return SyncResult(generation=view.generation, accepted=True, removed=notes)
+
+    def _release_held_back(self) -> None:
+        """schedd's first view came: the replicas held back at load that it still places
+        here go through their ended run (a restart, by their policy); the others are
+        being removed by now."""
+        self.awaiting_view = False
+        held, self._held_back = self._held_back, []
+        for replica in held:
+            if replica.removal is None and replica.task is None:
+                log.info("adopting %s (ended while agentd was down)", replica.record.id)
+                replica.task = asyncio.create_task(self._lifecycle(replica, adopt=True))
 
     def _unassign(self, deployment: str, service: str) -> None:
         """Forget an assignment and the job history of its service."""

@@ -73,6 +73,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from types import TracebackType
@@ -607,6 +608,26 @@ class Node:
             ids.update(p.name for p in bundles.iterdir())
         self.seen_containers |= ids
         return ids
+
+    def containers_created(self) -> dict[str, float]:
+        """When each container this node's runtime holds was created (epoch seconds): a
+        container started again after a moment has a later time."""
+        created: dict[str, float] = {}
+        for runtime in RUNTIMES:
+            root = self.paths.run_dir / "agentd" / runtime
+            if root.is_dir() and shutil.which(runtime):
+                listed = subprocess.run(
+                    [runtime, f"--root={root}", "list", "--format=json"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                for row in json.loads(listed.stdout or "[]") or []:
+                    stamp = row["created"].replace("Z", "+00:00")
+                    # nanoseconds: datetime takes microseconds at most
+                    stamp = re.sub(r"(\.\d{6})\d+", r"\1", stamp)
+                    created[row["id"]] = datetime.fromisoformat(stamp).timestamp()
+        return created
 
     def container_cgroups(self) -> list[Path]:
         """The cgroup directories under this node's cgroup parent in every hierarchy,
