@@ -26,6 +26,7 @@ and the peer. Never the token nor the Authorization header.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -133,17 +134,22 @@ class Authenticator:
 
     def __init__(
         self,
-        verifying_key: Ed25519PublicKey,
+        verifying_key: Callable[[], Ed25519PublicKey],
         store: TokenLookup,
         *,
         rate_per_second: float = 50.0,
         burst: int = 100,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.verifying_key = verifying_key
+        self._make_verifying_key = verifying_key
         self.store = store
         self.limiter = RateLimiter(rate_per_second, burst)
         self.clock = clock
+
+    @functools.cached_property
+    def verifying_key(self) -> Ed25519PublicKey:
+        """Made with the first token checked (cryptography loads then)."""
+        return self._make_verifying_key()
 
     def authenticate(self, header: str | None) -> tuple[Principal, str]:
         """(the caller, the token's jti) for a valid, current, unrevoked token."""

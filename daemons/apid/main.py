@@ -120,7 +120,7 @@ class ApiDaemon(Daemon):
             from daemons.apid import auth
 
             authenticator = auth.Authenticator(
-                store.signing_key.public_key(),
+                lambda: store.signing_key.public_key(),
                 store,
                 rate_per_second=settings.rate_per_second,
                 burst=settings.rate_burst,
@@ -155,7 +155,7 @@ class ApiDaemon(Daemon):
         key = NodeKey.load(self.paths)
         state_dir = self.paths.daemon_state("apid")
         state_dir.mkdir(parents=True, exist_ok=True)
-        return TokenStore.open(state_dir, key.signing_key())
+        return TokenStore.open(state_dir, key.signing_key)
 
     @staticmethod
     def _tls_context(settings: ApiSettings) -> ssl.SSLContext:

@@ -13,9 +13,11 @@ the file is written after the change, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -76,15 +78,21 @@ class TokenFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
 class TokenStore:
     """The tokens of this node, in memory and in ``path``."""
 
-    def __init__(self, path: Path, signing_key: Ed25519PrivateKey) -> None:
+    def __init__(self, path: Path, signing_key: Callable[[], Ed25519PrivateKey]) -> None:
         self.path = path
-        self.signing_key = signing_key
+        self._make_signing_key = signing_key
         self._by_name: dict[str, StoredToken] = {}
         self._by_jti: dict[str, StoredToken] = {}
         self._write_lock = asyncio.Lock()
 
+    @functools.cached_property
+    def signing_key(self) -> Ed25519PrivateKey:
+        """Made with the first token made or checked: cryptography is not loaded before
+        (an idle apid does without its 6 MiB)."""
+        return self._make_signing_key()
+
     @classmethod
-    def open(cls, state_dir: Path, signing_key: Ed25519PrivateKey) -> TokenStore:
+    def open(cls, state_dir: Path, signing_key: Callable[[], Ed25519PrivateKey]) -> TokenStore:
         """The store of ``state_dir`` as last written (empty if none, or if unusable)."""
         store = cls(state_dir / STATE_FILE, signing_key)
         saved = read_state(

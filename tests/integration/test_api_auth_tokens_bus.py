@@ -35,9 +35,9 @@ def test_create_list_revoke_over_the_bus(private_bus: PrivateBus, tmp_path: Path
         try:
             with pytest.raises(zbus.UnavailableError, match="starting"):
                 await client.list_tokens()
-            store = TokenStore.open(tmp_path, key.signing_key())
+            store = TokenStore.open(tmp_path, key.signing_key)
             service.token_store = store
-            authenticator = Authenticator(key.verifying_key(), store)
+            authenticator = Authenticator(key.verifying_key, store)
 
             issued = await client.create_token(
                 TokenCreate(name="deployer", role="operator", deployments=["web"])
@@ -62,7 +62,7 @@ def test_create_list_revoke_over_the_bus(private_bus: PrivateBus, tmp_path: Path
             with pytest.raises(zbus.NotFoundError, match="no token named ghost"):
                 await client.revoke_token("ghost")
             # the revocation is on disk for the next start
-            again = TokenStore.open(tmp_path, key.signing_key())
+            again = TokenStore.open(tmp_path, key.signing_key)
             assert [(t.name, t.revoked) for t in again.list()] == [("deployer", True)]
         finally:
             client_bus.close()

@@ -63,9 +63,9 @@ def _declare(app: web.Application) -> None:
 async def served(
     tmp_path: Path, rate: float = 0, burst: int = 100
 ) -> AsyncIterator[tuple[str, TokenStore]]:
-    store = TokenStore.open(tmp_path, KEY.signing_key())
+    store = TokenStore.open(tmp_path, KEY.signing_key)
     app = web.Application()
-    auth.install(app, Authenticator(KEY.verifying_key(), store, rate_per_second=rate, burst=burst))
+    auth.install(app, Authenticator(KEY.verifying_key, store, rate_per_second=rate, burst=burst))
 
     async def live(_request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
@@ -146,7 +146,7 @@ def test_bad_tokens_are_refused_with_a_sentence(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with served(tmp_path) as (base, store):
             good = (await store.create(TokenCreate(name="v", role="viewer"))).token
-            other_node = TokenStore(tmp_path / "other", NodeKey(b"o" * 32).signing_key())
+            other_node = TokenStore(tmp_path / "other", NodeKey(b"o" * 32).signing_key)
             foreign = other_node.issue(TokenCreate(name="v", role="admin")).token
             expired = store.issue(
                 TokenCreate(name="old", role="viewer", ttl_seconds=60), now=1000.0
@@ -217,7 +217,7 @@ def test_access_log_names_the_token_never_its_text(
 
 def test_store_keeps_records_but_never_the_token(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = TokenStore.open(tmp_path, KEY.signing_key())
+        store = TokenStore.open(tmp_path, KEY.signing_key)
         issued = await store.create(
             TokenCreate(name="ci", role="operator", deployments=["web", "api"], ttl_seconds=3600)
         )
@@ -239,7 +239,7 @@ def test_store_keeps_records_but_never_the_token(tmp_path: Path) -> None:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         text = path.read_text()
         assert issued.token not in text and again.token not in text
-        reopened = TokenStore.open(tmp_path, KEY.signing_key())
+        reopened = TokenStore.open(tmp_path, KEY.signing_key)
         assert [(t.name, t.role, t.revoked) for t in reopened.list()] == [("ci", "viewer", False)]
 
     run(scenario())
@@ -247,7 +247,7 @@ def test_store_keeps_records_but_never_the_token(tmp_path: Path) -> None:
 
 def test_corrupt_store_is_moved_aside(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE).write_text("{not json")
-    store = TokenStore.open(tmp_path, KEY.signing_key())
+    store = TokenStore.open(tmp_path, KEY.signing_key)
     assert store.list() == []
     assert any(p.name.startswith(STATE_FILE + ".corrupt-") for p in tmp_path.iterdir())
 
@@ -264,11 +264,11 @@ def test_bucket_refills_over_time() -> None:
 
 def test_tokens_outlive_a_restart(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = TokenStore.open(tmp_path, KEY.signing_key())
+        store = TokenStore.open(tmp_path, KEY.signing_key)
         issued = await store.create(TokenCreate(name="a", role="admin"))
         # a restart: the store read back, the same node key
-        again = TokenStore.open(tmp_path, KEY.signing_key())
-        caller, _ = Authenticator(KEY.verifying_key(), again).authenticate(f"Bearer {issued.token}")
+        again = TokenStore.open(tmp_path, KEY.signing_key)
+        caller, _ = Authenticator(KEY.verifying_key, again).authenticate(f"Bearer {issued.token}")
         assert caller == routing.Principal("a", routing.Role.ADMIN)
 
     run(scenario())
