@@ -50,8 +50,11 @@ class _QuietHandler(WSGIRequestHandler):
 def metrics_server(bind: str, port: int) -> WSGIServer:
     """The metrics endpoint bound to ``bind``:``port`` (0: any free port), not serving yet."""
     # the family of the bind address: an IPv6 one needs AF_INET6
+    # as bytes: getaddrinfo encodes a str with the idna codec, whose import (unicodedata,
+    # stringprep) costs each daemon 0.4 MiB for an address that is ASCII
+    host = bind.encode() if bind.isascii() else bind.encode("idna")
     family, _, _, _, sockaddr = socket.getaddrinfo(
-        bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
 
     class Server(_MetricsServer):

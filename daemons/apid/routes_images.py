@@ -18,7 +18,6 @@ import asyncio
 import ipaddress
 import posixpath
 import re
-import tarfile
 import tempfile
 from typing import IO
 
@@ -218,6 +217,8 @@ def wrap_context(upload: IO[bytes], out: IO[bytes], limit: int) -> None:
     ``Registry1.Receive`` reads it (ended by SEND_COMPLETE); _Refused for a member that is
     a device or a named pipe, or whose name or hard link leaves the context, or when the
     files hold more than ``limit`` bytes."""
+    import tarfile  # with the first build sent (with bz2 and lzma), not at apid's start
+
     total = 0
     try:
         with (

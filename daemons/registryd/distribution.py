@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from yarl import URL
-
 from daemons.registryd.auth import Challenge, TokenCache, parse_challenge
 from shared.bus import (
     InvalidArgumentError,
@@ -44,9 +42,12 @@ from shared.reference import DEFAULT_DOMAIN
 
 if TYPE_CHECKING:
     import aiohttp
+    import yarl
+    from yarl import URL
 else:
     # with the first pull or push, not at start
     aiohttp = lazy_module("aiohttp")
+    yarl = lazy_module("yarl")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -282,7 +283,7 @@ class Repository:
     ) -> None:
         self.http = http
         self.registry = registry  # the name people use, for messages and credentials
-        self.base = URL(base_url)
+        self.base = yarl.URL(base_url)
         self.path = path
         self.actions = actions
         self.credential = credential
@@ -385,7 +386,7 @@ class Repository:
             query.append(("service", challenge.service))
         query.extend(("scope", s) for s in self.scopes)
         headers = {"User-Agent": USER_AGENT}
-        realm = URL(challenge.realm)
+        realm = yarl.URL(challenge.realm)
         withheld = self._unsafe_realm(realm)
         if self.credential is not None and not withheld:
             headers["Authorization"] = self.credential.basic()
@@ -448,7 +449,7 @@ class Repository:
         if self.challenge is None:
             return
         if self.challenge.scheme == "bearer":
-            realm = URL(self.challenge.realm)
+            realm = yarl.URL(self.challenge.realm)
             withheld = self._unsafe_realm(realm) if realm.absolute else ""
             if withheld:  # an anonymous token would prove nothing about the credentials
                 raise self._withheld(realm, withheld)
@@ -525,7 +526,7 @@ class Repository:
                 response.release()
                 if hops > MAX_REDIRECTS or not location:
                     raise UnavailableError(f"the registry {self.registry} redirects in circles")
-                target = url.join(URL(location))
+                target = url.join(yarl.URL(location))
                 forward = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
                 if target.origin() == url.origin():
                     authorization = await self._authorization()
@@ -747,7 +748,7 @@ class Repository:
                 f"the registry {self.registry} would not start an upload to {self.path} "
                 f"(HTTP {response.status})"
             )
-        return url.join(URL(location))
+        return url.join(yarl.URL(location))
 
     async def upload_blob(
         self,
@@ -799,7 +800,9 @@ class Repository:
                             f"the registry {self.registry} refused a chunk of blob {digest} "
                             f"(HTTP {response.status})"
                         )
-                    location = location.join(URL(response.headers.get("Location", str(location))))
+                    location = location.join(
+                        yarl.URL(response.headers.get("Location", str(location)))
+                    )
                 offset = end + 1
                 on_progress(offset)
         finally:

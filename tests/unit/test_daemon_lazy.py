@@ -20,7 +20,17 @@ from tests.fresh_interpreter import import_all, modules_after
         # agentd, with what it imports to start (the launcher and the runtime)
         (
             ["daemons.agentd.main", "daemons.agentd.launcher"],
-            {"pydantic", "shared.spec", "aiohttp", "yaml", "croniter"},
+            # ctypes with the first root file system, importlib.metadata with the first
+            # WebAssembly replica
+            {
+                "pydantic",
+                "shared.spec",
+                "aiohttp",
+                "yaml",
+                "croniter",
+                "ctypes",
+                "importlib.metadata",
+            },
         ),
         # overlayd: cryptography (X25519) with the mesh's first key, gRPC never
         (
@@ -32,14 +42,15 @@ from tests.fresh_interpreter import import_all, modules_after
         # apid: gRPC (another node's replicas) with the first call to another node
         (
             ["daemons.apid.main", "daemons.apid.app", "daemons.apid.routes_workloads"],
-            {"pydantic", "shared.spec", "grpc", "aetcd"},
+            {"pydantic", "shared.spec", "grpc", "aetcd", "tarfile"},
         ),
-        # registryd: aiohttp is bound lazily (its package runs with the first pull or push),
+        # registryd: aiohttp and yarl are bound lazily (they run with the first pull or push),
         # the gzip inflater comes with the first gzip layer
         (
             ["daemons.registryd.main"],
             {
                 "aiohttp.client",
+                "yarl._url",
                 "pydantic",
                 "shared.spec",
                 "shared.buildfile",
