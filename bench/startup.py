@@ -68,9 +68,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import percentile, print_table, running_daemons
+from _cluster import Cluster, percentile, print_table, running_daemons
 
 from ctl.supervisor import find_executable
+from shared.busybox_image import BUSYBOX, busybox_image, write_all
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = REPO / "examples" / "static-web.zlayer.yml"
@@ -254,6 +255,28 @@ def report(title: str, samples: dict[str, list[float]], peer_name: str) -> None:
     print_table(["what", "runs", "median ms", "p90 ms", "vs peer"], rows)
 
 
+# What the read commands find: an image named as pulled from a registry, and a deployment
+# (of no replica: nothing runs, the table has its rows)
+STOCK_IMAGE = "127.0.0.1:5000/bench/busybox:1"
+
+
+def stock(cluster: Cluster) -> None:
+    """Give the read commands something to print (a store with nothing in it would let a
+    command skip its table's rendering): a deployment, and with busybox-static an image."""
+    idle = cluster.paths.prefix / "stock.zlayer.yml"
+    idle.write_text(IDLE_SPEC.replace("deployment: idle", "deployment: stock"))
+    steps = [["up", "-b", str(idle)]]
+    if BUSYBOX.exists():
+        written = write_all(busybox_image(STOCK_IMAGE), cluster.paths.prefix / "stock-image")
+        steps.append(["image", "import", str(written["oci"])])
+    for step in steps:
+        done = cluster.zlayerctl(*step)
+        if done.returncode != 0:
+            sys.exit(f"zlayerctl {shlex.join(step)} failed: {done.stderr.strip()}")
+    if not BUSYBOX.exists():
+        print("no /bin/busybox (apt-get install busybox-static): image ls lists none")
+
+
 def run_all(
     zlayerctl: str, args: argparse.Namespace
 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]], str, str]:
@@ -275,6 +298,7 @@ def run_all(
     if not args.no_daemons:
         try:
             with running_daemons() as cluster:
+                stock(cluster)
                 reads = {name: [zlayerctl, *argv] for name, argv in READ_COMMANDS}
                 reads[read_peer_name] = [peer, "ps"]
                 reads.update(floor_commands(zlayerctl))

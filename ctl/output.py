@@ -56,6 +56,9 @@ _TAG = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")
 _EMOJI = re.compile(r":(\S*?)(?:-(?:emoji|text))?:")
 # The codes in rich's table without a letter (the rest all have one).
 _EMOJI_WITHOUT_LETTER = frozenset({"100", "1234", "+1", "-1", "__1"})
+# Every character of the codes in rich's table (it looks a code up lowercased): a name
+# with another (an image reference's "host:5000/app:1") names no emoji.
+_EMOJI_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_+-.!#&()*\u2019ãåçéíô")
 # rich's width for output that is not a terminal, unless COLUMNS says otherwise.
 _DEFAULT_WIDTH = 80
 
@@ -78,7 +81,9 @@ def escape(text: str) -> str:
 
 def _may_be_emoji(text: str) -> bool:
     for match in _EMOJI.finditer(text):
-        name = match.group(1)
+        name = match.group(1).lower()
+        if not _EMOJI_NAME_CHARACTERS.issuperset(name):
+            continue
         if name in _EMOJI_WITHOUT_LETTER or any(c.isalpha() for c in name):
             return True
     return False

@@ -209,6 +209,7 @@ def test_plain_tables_and_lines_to_a_pipe_do_not_import_rich() -> None:
         "x [/] y",
         "[/bold]",
         "a :smile: b",
+        "a :SMILE: b",
     ],
 )
 def test_plain_reads_markup_as_rich_does(markup: str) -> None:
@@ -224,3 +225,23 @@ def test_plain_reads_markup_as_rich_does(markup: str) -> None:
     got = plain(markup)
     # None: left to rich (an error to raise, an emoji to draw)
     assert got == expected or got is None
+
+
+@pytest.mark.parametrize(
+    "markup",
+    ["127.0.0.1:5000/bench/layers:1", "registry.example:443/team/app:v1.2", "10.0.0.1:80/x:y"],
+)
+def test_an_image_reference_is_read_without_rich(markup: str) -> None:
+    from rich.text import Text
+
+    from ctl.output import plain
+
+    assert plain(markup) == Text.from_markup(markup).plain == markup
+
+
+def test_the_emoji_name_characters_cover_richs_table() -> None:
+    from rich._emoji_codes import EMOJI
+
+    from ctl.output import _EMOJI_NAME_CHARACTERS
+
+    assert set("".join(EMOJI)) <= _EMOJI_NAME_CHARACTERS
