@@ -92,12 +92,13 @@ class _Readable(Protocol):
 
 
 class _HashingReader:
-    """Passes reads through, hashes what it passed (the layer's diff id) and
-    stops at ``limit`` bytes (a decompression bomb)."""
+    """Passes reads through, hashes what it passed (the layer's diff id; unless ``hashed``
+    is False) and stops at ``limit`` bytes (a decompression bomb)."""
 
-    def __init__(self, inner: _Readable, layer: str, limit: int) -> None:
+    def __init__(self, inner: _Readable, layer: str, limit: int, *, hashed: bool = True) -> None:
         self.inner = inner
         self.hash = hashlib.sha256()
+        self.hashed = hashed
         self.layer = layer
         self.limit = limit
         self.count = 0
@@ -107,7 +108,8 @@ class _HashingReader:
         self.count += len(data)
         if self.count > self.limit:
             raise _too_large(self.layer, self.limit)
-        self.hash.update(data)
+        if self.hashed:
+            self.hash.update(data)
         return data
 
     def drain(self) -> None:
@@ -532,7 +534,7 @@ def _unpack_tar(
     max_unpacked: int = DEFAULT_MAX_UNPACKED,
 ) -> None:
     """Untar the uncompressed ``stream`` into ``dest``, reading it to its end, and check it."""
-    hashing = _HashingReader(stream, layer, max_unpacked)
+    hashing = _HashingReader(stream, layer, max_unpacked, hashed=diff_id is not None)
     unpacker = _Unpacker(dest, layer, max_unpacked)
     try:
         # a stream is only read, which is all tarfile asks of it in "r|" mode
@@ -826,8 +828,12 @@ def _receive_blob(
             head = intake.head(len(WASM_MAGIC))
             if dest is not None and head != WASM_MAGIC:
                 os.mkdir(dest, 0o755)
+                stream = _decompressed(intake, head)
+                # A plain tar's diff id is its digest: the blob's own hash, checked below
+                # before anything is kept, covers it (a second SHA-256 pass saved).
+                unpacked_id = None if stream is intake and diff_id == digest else diff_id
                 try:
-                    _unpack_tar(_decompressed(intake, head), dest, digest, diff_id, max_unpacked)
+                    _unpack_tar(stream, dest, digest, unpacked_id, max_unpacked)
                     unpacked = True
                 except PipeAbortedError:
                     raise
