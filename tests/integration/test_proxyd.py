@@ -276,7 +276,14 @@ class Proxyd:
 
     def start(self) -> None:
         self.process = self.notify.start("proxyd", self.bus)
-        self.notify.wait_for("READY=1")
+        try:
+            self.notify.wait_for("READY=1")
+        except AssertionError as exc:
+            # what held it (seen once in a full run, under load): its log says
+            process, self.process = self.process, None
+            process.kill()
+            _out, err = process.communicate(timeout=10)
+            raise AssertionError(f"{exc}\nzlayer-proxyd's log:\n{err[-4000:]}") from None
 
     def stop(self) -> None:
         if self.process is not None:
