@@ -7,6 +7,7 @@ zlayerctl, as a user would run it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import wasmtime
 
+from shared.bus import open_bus, resolve_bus_address
+from shared.clients import SchedulerClient
 from tests.e2e.node import Node, wait_until
 
 
@@ -387,6 +390,14 @@ def test_a_command_health_check_in_a_wasm_service_is_refused_with_one_sentence(
         assert later["restarts"] == 0 and "retrying" not in str(later["message"]), later
         attempts = agentd_log(node).count(f"{replica['id']} did not start")
         assert attempts == 1, f"{attempts} start attempts"
+        # Nor does schedd's resend of agentd's whole view (every 15 s, asked for here):
+        # the assignment it carries is the same, so the failed replica is left failed.
+        resync_agentd(node)
+        time.sleep(2)  # a restart would come within agentd's first backoff, 1 s
+        (resynced,) = node.replicas("wasmhc")
+        assert resynced["state"] == "failed" and resynced["restarts"] == 0, resynced
+        attempts = agentd_log(node).count(f"{replica['id']} did not start")
+        assert attempts == 1, f"{attempts} start attempts after a resync"
         # Deploying the same spec again tries once more, and is refused once more.
         again = node.ctl("up", "-d", str(spec), "--timeout", "20")
         assert again.returncode != 0 and sentence in again.stderr, again
@@ -406,6 +417,19 @@ def test_a_command_health_check_in_a_wasm_service_is_refused_with_one_sentence(
         )
     finally:
         node.ctl("down", "wasmhc")
+
+
+def resync_agentd(node: Node) -> None:
+    """Have schedd send agentd its whole view now (``Resync``, as a restarted agentd asks)."""
+
+    async def ask() -> None:
+        bus = open_bus(resolve_bus_address(node.paths))
+        try:
+            await SchedulerClient(bus).resync("agentd")
+        finally:
+            bus.close()
+
+    asyncio.run(ask())
 
 
 def agentd_log(node: Node) -> str:
