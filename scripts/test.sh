@@ -36,10 +36,32 @@ fi
 # failure, ^C, CI's time limit), so what it found is never lost.
 lane_log=$(mktemp)
 lane=""
+# A process that runs: /proc has it and it is no zombie.
+running() {
+    local state
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
 finish() {
     if [ -n "$lane" ]; then
-        # the lane's running step, by its PID, then the lane (a background job ignores ^C)
-        kill $(cat "/proc/$lane/task/$lane/children" 2>/dev/null) "$lane" 2>/dev/null || true
+        # The lane first, so it starts no next step, then its running step, by their PIDs
+        # (a background job ignores ^C): SIGTERM, which the tests' conftest turns into an
+        # interrupt, so the step's fixtures clean up (a package machine is powered off);
+        # what still runs a minute later is killed.
+        step=$(cat "/proc/$lane/task/$lane/children" 2>/dev/null || true)
+        kill "$lane" 2>/dev/null || true
+        if [ -n "$step" ]; then
+            kill $step 2>/dev/null || true
+            for _ in $(seq 120); do
+                left=""
+                for pid in $step; do
+                    if running "$pid"; then left="$left $pid"; fi
+                done
+                [ -z "$left" ] && break
+                sleep 0.5
+            done
+            if [ -n "$left" ]; then kill -KILL $left 2>/dev/null || true; fi
+        fi
         echo "==> the second lane's output (packaging, unit, ruff, mypy)"
         cat "$lane_log"
     fi

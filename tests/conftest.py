@@ -30,6 +30,20 @@ from shared.bus import DAEMONS
 from shared.busdaemon import PrivateBus
 from shared.paths import PREFIX_ENV, Paths
 
+
+def _terminated(_signum: int, _frame: object) -> None:
+    # Once: a second SIGTERM must not cut the clean-up the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped with SIGTERM (CI's time limit, scripts/test.sh ending a lane) ends as
+    Ctrl-C does: pytest runs every fixture's teardown, so the daemons, clusters and
+    package machines the tests started are stopped and removed, not left running."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 
