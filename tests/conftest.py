@@ -30,8 +30,16 @@ from shared.bus import DAEMONS
 from shared.busdaemon import PrivateBus
 from shared.paths import PREFIX_ENV, Paths
 
+_RUN_PID = os.getpid()
+
 
 def _terminated(_signum: int, _frame: object) -> None:
+    if os.getpid() != _RUN_PID:
+        # A fork of the run (pyroute2's namespace helpers, multiprocessing) inherits the
+        # handler: it ends as SIGTERM ends it, not by running the tests' teardown itself.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     # Once: a second SIGTERM must not cut the clean-up the first one started.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt

@@ -590,19 +590,24 @@ class Node:
 
     # ------------------------------------------------------------ processes
 
-    def containers(self) -> set[str]:
-        """Ids of the containers this node's agentd made, by its runtime root and bundles."""
-        ids: set[str] = set()
+    def _runtime_lists(self, *flags: str) -> Iterator[str]:
+        """``RUNTIME list FLAGS``'s output for each OCI runtime this node's agentd used."""
         for runtime in RUNTIMES:
             root = self.paths.run_dir / "agentd" / runtime
             if root.is_dir() and shutil.which(runtime):
                 listed = subprocess.run(
-                    [runtime, f"--root={root}", "list", "-q"],
+                    [runtime, f"--root={root}", "list", *flags],
                     capture_output=True,
                     text=True,
                     check=False,
                 )
-                ids.update(listed.stdout.split())
+                yield listed.stdout
+
+    def containers(self) -> set[str]:
+        """Ids of the containers this node's agentd made, by its runtime root and bundles."""
+        ids: set[str] = set()
+        for listed in self._runtime_lists("-q"):
+            ids.update(listed.split())
         bundles = self.paths.daemon_state("agentd") / "bundles"
         if bundles.is_dir():
             ids.update(p.name for p in bundles.iterdir())
@@ -613,20 +618,12 @@ class Node:
         """When each container this node's runtime holds was created (epoch seconds): a
         container started again after a moment has a later time."""
         created: dict[str, float] = {}
-        for runtime in RUNTIMES:
-            root = self.paths.run_dir / "agentd" / runtime
-            if root.is_dir() and shutil.which(runtime):
-                listed = subprocess.run(
-                    [runtime, f"--root={root}", "list", "--format=json"],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                for row in json.loads(listed.stdout or "[]") or []:
-                    stamp = row["created"].replace("Z", "+00:00")
-                    # nanoseconds: datetime takes microseconds at most
-                    stamp = re.sub(r"(\.\d{6})\d+", r"\1", stamp)
-                    created[row["id"]] = datetime.fromisoformat(stamp).timestamp()
+        for listed in self._runtime_lists("--format=json"):
+            for row in json.loads(listed or "[]") or []:
+                stamp = row["created"].replace("Z", "+00:00")
+                # nanoseconds: datetime takes microseconds at most
+                stamp = re.sub(r"(\.\d{6})\d+", r"\1", stamp)
+                created[row["id"]] = datetime.fromisoformat(stamp).timestamp()
         return created
 
     def container_cgroups(self) -> list[Path]:
