@@ -274,7 +274,8 @@ class Node:
         # In a cluster, what this node kept from before it stopped may have moved to
         # another node while it was down (its lease lapsed): nothing is started from it
         # (a replica whose container ended, an instance missing) until schedd's first
-        # complete view says what is still placed here. A lone node's schedd is this
+        # complete view says what is still placed here (an ApplyService before it carries
+        # schedd's placements of its service, and is followed). A lone node's schedd is this
         # node's only source of placements, so its kept assignments stand.
         self.awaiting_view = in_cluster
         self._held_back: list[Replica] = []  # adopted, ended, not restarted until that view
@@ -603,7 +604,9 @@ class Node:
         self.awaiting_view = False
         held, self._held_back = self._held_back, []
         for replica in held:
-            if replica.removal is None and replica.task is None:
+            # not removed meanwhile (a removal, a RemoveService, a fence of the node)
+            live = self.replicas.get(replica.record.id) is replica and not replica.stopping
+            if live and replica.removal is None and replica.task is None:
                 log.info("adopting %s (ended while agentd was down)", replica.record.id)
                 replica.task = asyncio.create_task(self._lifecycle(replica, adopt=True))
 
@@ -752,6 +755,8 @@ class Node:
 
     async def _remove(self, replica: Replica, grace: float) -> None:
         replica.stopping = True
+        # removed before schedd's first view: never released
+        self._held_back = [r for r in self._held_back if r is not replica]
         if replica.task is not None and not replica.task.done():
             replica.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -85,13 +85,21 @@ def starts_watched(node: Node, moment: float) -> Iterator[set[str]]:
     while the block runs (a container started and removed again lives a second)."""
     seen: set[str] = set()
     done = threading.Event()
+    looks = 0  # listings made while the node's runtime directory was there
+    failed: list[BaseException] = []
 
     def look() -> None:
-        while not done.is_set():
-            # the runtime's root comes and goes with the node; a listing cut short
-            with contextlib.suppress(OSError, ValueError):
-                seen.update(started_since(node, moment))
-            done.wait(0.1)
+        nonlocal looks
+        try:
+            while not done.is_set():
+                # the runtime's root comes and goes with the node; a listing cut short
+                with contextlib.suppress(OSError, ValueError):
+                    there = (node.paths.run_dir / "agentd").is_dir()
+                    seen.update(started_since(node, moment))
+                    looks += there
+                done.wait(0.1)
+        except BaseException as exc:
+            failed.append(exc)
 
     watcher = threading.Thread(target=look, name=f"starts-{node.name}", daemon=True)
     watcher.start()
@@ -100,6 +108,9 @@ def starts_watched(node: Node, moment: float) -> Iterator[set[str]]:
     finally:
         done.set()
         watcher.join()
+    if failed:
+        raise failed[0]
+    assert looks, f"{node.name}'s runtime was never listed while it ran"
 
 
 def test_a_dead_nodes_replica_moves_to_the_survivors(cluster: Cluster) -> None:
