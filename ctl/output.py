@@ -80,9 +80,12 @@ def escape(text: str) -> str:
 
 
 def _may_be_emoji(text: str) -> bool:
+    # rich looks for codes in each piece of text between tags: across a tag, a colon this
+    # scan passes over can open a code there, so names are ruled out only without tags
+    tagless = "[" not in text
     for match in _EMOJI.finditer(text):
         name = match.group(1).lower()
-        if not _EMOJI_NAME_CHARACTERS.issuperset(name):
+        if tagless and not _EMOJI_NAME_CHARACTERS.issuperset(name):
             continue
         if name in _EMOJI_WITHOUT_LETTER or any(c.isalpha() for c in name):
             return True

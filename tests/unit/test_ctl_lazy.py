@@ -210,6 +210,10 @@ def test_plain_tables_and_lines_to_a_pipe_do_not_import_rich() -> None:
         "[/bold]",
         "a :smile: b",
         "a :SMILE: b",
+        "x:[b]y:smile:[/b]",
+        "x:[b]:smile:[/b]",
+        "ref:[bold]a:+1:[/bold]",
+        "[green]10.0.0.1:5000/app:1[/]",
     ],
 )
 def test_plain_reads_markup_as_rich_does(markup: str) -> None:
