@@ -33,16 +33,28 @@ from shared.paths import PREFIX_ENV, Paths
 _RUN_PID = os.getpid()
 
 
+def _ended_if_a_fork() -> bool:
+    """A fork of the run (pyroute2's namespace helpers, multiprocessing) inherits the
+    handlers below: it ends as SIGTERM ends it, not by running the tests' teardown."""
+    if os.getpid() == _RUN_PID:
+        return False
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def _terminated(_signum: int, _frame: object) -> None:
-    if os.getpid() != _RUN_PID:
-        # A fork of the run (pyroute2's namespace helpers, multiprocessing) inherits the
-        # handler: it ends as SIGTERM ends it, not by running the tests' teardown itself.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+    if _ended_if_a_fork():
         return
-    # Once: a second SIGTERM must not cut the clean-up the first one started.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Once: a second SIGTERM must not cut the clean-up the first one started. A handler
+    # that does nothing, not SIG_IGN: an ignored signal stays ignored across exec, in every
+    # process the clean-up starts, which then could not be stopped with SIGTERM.
+    signal.signal(signal.SIGTERM, _already_stopping)
     raise KeyboardInterrupt
+
+
+def _already_stopping(_signum: int, _frame: object) -> None:
+    _ended_if_a_fork()
 
 
 def pytest_configure(config: pytest.Config) -> None:
