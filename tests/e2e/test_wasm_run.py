@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -392,7 +393,9 @@ def test_a_command_health_check_in_a_wasm_service_is_refused_with_one_sentence(
         assert attempts == 1, f"{attempts} start attempts"
         # Nor does schedd's resend of agentd's whole view (every 15 s, asked for here):
         # the assignment it carries is the same, so the failed replica is left failed.
+        accepted = views_agentd_took(node)
         resync_agentd(node)
+        wait_until(lambda: views_agentd_took(node) > accepted, 10, "agentd to take the view")
         time.sleep(2)  # a restart would come within agentd's first backoff, 1 s
         (resynced,) = node.replicas("wasmhc")
         assert resynced["state"] == "failed" and resynced["restarts"] == 0, resynced
@@ -430,6 +433,16 @@ def resync_agentd(node: Node) -> None:
             bus.close()
 
     asyncio.run(ask())
+
+
+def views_agentd_took(node: Node) -> float:
+    """How many complete views schedd has sent agentd that it accepted (schedd's metric)."""
+    rows = json.loads(node.ctl("status", "--format", "json", check=True).stdout)
+    url = next(row["metrics_url"] for row in rows if row["name"] == "schedd")
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    line = 'zlayer_scheduler_views_sent_total{daemon="agentd",result="accepted"}'
+    return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
 
 
 def agentd_log(node: Node) -> str:
