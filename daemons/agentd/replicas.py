@@ -278,7 +278,9 @@ class Node:
         # schedd's placements of its service, and is followed). A lone node's schedd is this
         # node's only source of placements, so its kept assignments stand.
         self.awaiting_view = in_cluster
-        self._held_back: list[Replica] = []  # adopted, ended, not restarted until that view
+        # adopted, not running, not started again until that view; with whether its
+        # container was made (False: agentd stopped while it started it)
+        self._held_back: list[tuple[Replica, bool]] = []
 
     # ------------------------------------------------------------ persistence
 
@@ -401,6 +403,7 @@ class Node:
             if assignment is not None:
                 self.assignments[(assignment.deployment, assignment.service)] = assignment
         orphans: list[Replica] = []
+        made = set(await self.launcher.container_ids())  # containers with a bundle
         for path in sorted(self.record_dir.glob("*.json")):
             record = read_state(
                 path,
@@ -437,19 +440,24 @@ class Node:
                     # It was starting when agentd stopped, and it started.
                     self._update(replica, state="running", pid=pid, message="")
             elif self.awaiting_view:
-                log.info(
-                    "%s ended while agentd was down; it waits for schedd's placements",
-                    record.id,
-                )
+                log.info("%s does not run; it waits for schedd's placements", record.id)
                 if record.state != "exited":
                     self._update(
                         replica,
                         state="exited",
                         pid=0,
-                        message="ended while zlayer-agentd was down; "
+                        message="not running after zlayer-agentd stopped; "
                         "waits for schedd's placements for this node",
                     )
-                self._held_back.append(replica)
+                self._held_back.append((replica, record.id in made))
+                continue
+            elif record.id not in made:
+                # agentd stopped while it started the replica (its image pulling, its
+                # network attaching): no container to adopt, so it is started again
+                log.info(
+                    "starting %s again: agentd stopped before its container was made", record.id
+                )
+                replica.task = asyncio.create_task(self._lifecycle(replica, adopt=False))
                 continue
             else:
                 log.info("adopting %s (ended while agentd was down)", record.id)
@@ -599,16 +607,16 @@ class Node:
 
     def _release_held_back(self) -> None:
         """schedd's first view came: the replicas held back at load that it still places
-        here go through their ended run (a restart, by their policy); the others are
-        being removed by now."""
+        here go through their ended run (a restart, by their policy), or start again if
+        their container was never made; the others are being removed by now."""
         self.awaiting_view = False
         held, self._held_back = self._held_back, []
-        for replica in held:
+        for replica, container_made in held:
             # not removed meanwhile (a removal, a RemoveService, a fence of the node)
             live = self.replicas.get(replica.record.id) is replica and not replica.stopping
             if live and replica.removal is None and replica.task is None:
-                log.info("adopting %s (ended while agentd was down)", replica.record.id)
-                replica.task = asyncio.create_task(self._lifecycle(replica, adopt=True))
+                log.info("%s is still placed here; its run goes on", replica.record.id)
+                replica.task = asyncio.create_task(self._lifecycle(replica, adopt=container_made))
 
     def _unassign(self, deployment: str, service: str) -> None:
         """Forget an assignment and the job history of its service."""
@@ -756,7 +764,7 @@ class Node:
     async def _remove(self, replica: Replica, grace: float) -> None:
         replica.stopping = True
         # removed before schedd's first view: never released
-        self._held_back = [r for r in self._held_back if r is not replica]
+        self._held_back = [h for h in self._held_back if h[0] is not replica]
         if replica.task is not None and not replica.task.done():
             replica.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

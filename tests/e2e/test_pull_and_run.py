@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,14 @@ from shared.bus import open_bus, resolve_bus_address
 from shared.busybox_image import busybox_image, write_oci_layout
 from shared.clients import RegistryClient
 from shared.wire.jobs import JobInfo
-from tests.e2e.node import Node
-from tests.registry_fixture import Registry, need_tools, skopeo_copy, start_registry
+from tests.e2e.node import Node, wait_until
+from tests.registry_fixture import (
+    Registry,
+    fault_proxy,
+    need_tools,
+    skopeo_copy,
+    start_registry,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="running containers needs root"),
@@ -111,3 +118,39 @@ def test_a_pulled_image_runs_and_prune_keeps_it_only_while_used(
     gone = node.ctl("image", "inspect", reference)
     assert gone.returncode != 0
     assert f"image {reference} is not on this node" in gone.stderr
+
+
+def test_a_replica_agentd_was_killed_while_its_image_pulled_starts_when_it_is_back(
+    node: Node, registry: Registry, tmp_path: Path
+) -> None:
+    # The replica's record says "creating" and no container was made yet: the restarted
+    # agentd has nothing to adopt and starts it again (it used to wait on a container
+    # that would never exist, and the replica stayed "creating").
+    image = busybox_image()
+    image.config["config"]["Labels"]["pulled.from"] = "a slow registry"
+    layout = write_oci_layout(image, tmp_path / "oci")
+    skopeo_copy(f"oci:{layout}", f"docker://{registry.host}/e2e/slow:1")
+    with fault_proxy(registry.url) as proxy:
+        proxy.slow = True  # the pull takes seconds: time to kill agentd in it
+        reference = f"{proxy.host}/e2e/slow:1"
+        node.ctl("up", "-b", str(node.spec("pulled", SPEC.format(image=reference))), check=True)
+        wait_until(
+            lambda: [r for r in node.replicas("pulled") if r["state"] == "creating"],
+            20,
+            "the replica creating while its image pulls",
+        )
+        killed = node.daemon_pid("agentd")
+        os.kill(killed, signal.SIGKILL)
+        wait_until(
+            lambda: node.daemon_pid("agentd") not in (0, killed),
+            30,
+            "zlayer-agentd restarted by its supervisor",
+        )
+        (replica,) = wait_until(
+            lambda: [r for r in node.replicas("pulled") if r["state"] == "running"],
+            60,
+            "the replica running after agentd came back",
+        )
+    with urllib.request.urlopen(f"http://{replica['address']}:8080/index.html", timeout=5) as page:
+        assert page.read().decode() == "pulled\n"
+    node.ctl("down", "pulled", check=True)
