@@ -134,10 +134,11 @@ def test_a_replica_agentd_was_killed_while_its_image_pulled_starts_when_it_is_ba
         proxy.slow = True  # the pull takes seconds: time to kill agentd in it
         reference = f"{proxy.host}/e2e/slow:1"
         node.ctl("up", "-b", str(node.spec("pulled", SPEC.format(image=reference))), check=True)
+        record = node.paths.daemon_state("agentd") / "replicas" / "pulled-web-1-r1.json"
         wait_until(
-            lambda: [r for r in node.replicas("pulled") if r["state"] == "creating"],
+            lambda: record.is_file() and json.loads(record.read_text())["state"] == "creating",
             20,
-            "the replica creating while its image pulls",
+            "the replica's record saying creating while its image pulls",
         )
         killed = node.daemon_pid("agentd")
         os.kill(killed, signal.SIGKILL)
