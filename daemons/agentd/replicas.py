@@ -278,8 +278,9 @@ class Node:
         # schedd's placements of its service, and is followed). A lone node's schedd is this
         # node's only source of placements, so its kept assignments stand.
         self.awaiting_view = in_cluster
-        # adopted, not running, not started again until that view; with whether its
-        # container was made (False: agentd stopped while it started it)
+        # adopted, not running, not started again until that view (or, on a lone node,
+        # until converged); with whether its container was made (False: agentd stopped
+        # while it started it)
         self._held_back: list[tuple[Replica, bool]] = []
 
     # ------------------------------------------------------------ persistence
@@ -403,7 +404,7 @@ class Node:
             if assignment is not None:
                 self.assignments[(assignment.deployment, assignment.service)] = assignment
         orphans: list[Replica] = []
-        made = set(await self.launcher.container_ids())  # containers with a bundle
+        made: set[str] | None = None  # the containers with a bundle, listed when needed
         for path in sorted(self.record_dir.glob("*.json")):
             record = read_state(
                 path,
@@ -434,6 +435,9 @@ class Node:
             if record.state == "stopped" or (record.state == "failed" and record.refused):
                 continue
             pid = await self.launcher.running_pid(record.id)
+            if made is None and not pid:
+                made = set(await self.launcher.container_ids())
+            container_made = made is not None and record.id in made
             if pid:
                 log.info("adopting %s (running, pid %d)", record.id, pid)
                 if record.state != "running" or record.pid != pid:
@@ -449,15 +453,14 @@ class Node:
                         message="not running after zlayer-agentd stopped; "
                         "waits for schedd's placements for this node",
                     )
-                self._held_back.append((replica, record.id in made))
+                self._held_back.append((replica, container_made))
                 continue
-            elif record.id not in made:
+            elif not container_made:
                 # agentd stopped while it started the replica (its image pulling, its
-                # network attaching): no container to adopt, so it is started again
-                log.info(
-                    "starting %s again: agentd stopped before its container was made", record.id
-                )
-                replica.task = asyncio.create_task(self._lifecycle(replica, adopt=False))
+                # network attaching) or removed it: no container to adopt. It is started
+                # again below if its service still wants it.
+                log.info("%s has no container (agentd stopped while it started it)", record.id)
+                self._held_back.append((replica, False))
                 continue
             else:
                 log.info("adopting %s (ended while agentd was down)", record.id)
@@ -474,6 +477,7 @@ class Node:
             return
         for assignment in list(self.assignments.values()):
             await self._converge(assignment)
+        self._release_held_back()  # what converging did not remove
 
     def _note(self, deployment: str, sentence: str) -> None:
         """Log a removal of garbage and keep it for schedd, which makes it an event."""
@@ -606,9 +610,10 @@ class Node:
         return SyncResult(generation=view.generation, accepted=True, removed=notes)
 
     def _release_held_back(self) -> None:
-        """schedd's first view came: the replicas held back at load that it still places
-        here go through their ended run (a restart, by their policy), or start again if
-        their container was never made; the others are being removed by now."""
+        """The replicas held back at load that are still wanted here (on a lone node once
+        converged, in a cluster at schedd's first view) go through their ended run (a
+        restart, by their policy), or start again if their container was never made; the
+        others are being removed by now."""
         self.awaiting_view = False
         held, self._held_back = self._held_back, []
         for replica, container_made in held:
