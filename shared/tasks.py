@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
@@ -26,3 +29,17 @@ async def cancel_and_wait(task: asyncio.Task[Any], every: float = 1.0) -> None:
         await asyncio.wait({task}, timeout=every)
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+
+
+async def ended_before_cancel(work: Awaitable[T]) -> T:
+    """``work``'s result; if the caller is cancelled meanwhile, ``work`` still runs to its
+    end before the cancellation goes on. For work in a thread (which cannot be stopped)
+    that makes what the caller's clean-up removes: cleaning up while the thread still
+    makes it leaves behind what the thread made after (a mount, a container)."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):  # its own failure is the caller's no more
+            await future
+        raise

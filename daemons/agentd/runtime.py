@@ -54,6 +54,7 @@ from daemons.agentd.errors import (
     SpecRefused,
 )
 from shared.statefile import write_atomically
+from shared.tasks import ended_before_cancel
 from shared.wire.agent import ReplicaStats
 from shared.wire.overlay import Attachment
 from shared.wire.registry import ImageRootfs
@@ -310,11 +311,16 @@ class ContainerRuntime:
             }
 
             try:
-                await asyncio.to_thread(
-                    bundle_files.lay_out, bundle_dir, meta, plan, rootfs.lower_dirs
+                # A removal that cancels this start waits for the thread laying out the
+                # bundle, and for conmon's create, to end: the clean-up below must come
+                # after them, or the mount or the container they make after it stays.
+                await ended_before_cancel(
+                    asyncio.to_thread(
+                        bundle_files.lay_out, bundle_dir, meta, plan, rootfs.lower_dirs
+                    )
                 )
                 async with self._cgroup_lock:
-                    await self._spawn_conmon(container_id, bundle_dir)
+                    await ended_before_cancel(self._spawn_conmon(container_id, bundle_dir))
             except BaseException:
                 await self._cleanup(container_id)
                 raise

@@ -1,11 +1,14 @@
-"""shared.tasks: stopping a daemon's tasks ends even when a task loses a cancellation."""
+"""shared.tasks: stopping a daemon's tasks ends even when a task loses a cancellation, and
+work in a thread ends before a cancelled caller cleans up after it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 
-from shared.tasks import cancel_all, cancel_and_wait
+from shared.tasks import cancel_all, cancel_and_wait, ended_before_cancel
 
 
 async def loses_one_cancellation(stopped: list[str]) -> None:
@@ -39,3 +42,40 @@ def test_cancel_all_ends_failed_and_running_tasks_and_empties_the_list() -> None
         assert tasks == []
 
     asyncio.run(main())
+
+
+def test_a_cancelled_caller_goes_on_only_once_its_thread_has_ended() -> None:
+    made: list[str] = []
+    started = threading.Event()
+
+    def lay_out() -> str:
+        started.set()
+        time.sleep(0.3)  # a mount, a conmon create
+        made.append("bundle")
+        return "done"
+
+    async def start() -> None:
+        try:
+            await ended_before_cancel(asyncio.to_thread(lay_out))
+        except asyncio.CancelledError:
+            made.append("clean-up")  # what the caller removes comes after what it made
+            raise
+
+    async def main() -> None:
+        task = asyncio.create_task(start())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    asyncio.run(main())
+    assert made == ["bundle", "clean-up"]
+
+
+def test_work_that_is_not_cancelled_gives_its_result() -> None:
+    async def main() -> str:
+        return await ended_before_cancel(asyncio.to_thread(lambda: "laid out"))
+
+    assert asyncio.run(main()) == "laid out"
