@@ -37,9 +37,14 @@ async def ended_before_cancel(work: Awaitable[T]) -> T:
     that makes what the caller's clean-up removes: cleaning up while the thread still
     makes it leaves behind what the thread made after (a mount, a container)."""
     future = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait({future})  # a cancellation of this wait leaves the work be
+        except asyncio.CancelledError:
+            cancelled = True  # and again, as often as it comes: the work ends first
+    if cancelled:
         with contextlib.suppress(BaseException):  # its own failure is the caller's no more
-            await future
-        raise
+            future.result()
+        raise asyncio.CancelledError
+    return future.result()

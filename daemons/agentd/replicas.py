@@ -437,7 +437,13 @@ class Node:
             pid = await self.launcher.running_pid(record.id)
             if made is None and not pid:
                 made = set(await self.launcher.container_ids())
-            container_made = made is not None and record.id in made
+            # A container is adopted only once it was started: one left "created" (agentd
+            # stopped while conmon created it) never ran, and its start is made again.
+            container_made = (
+                made is not None
+                and record.id in made
+                and record.state not in ("creating", "initializing")
+            )
             if pid:
                 log.info("adopting %s (running, pid %d)", record.id, pid)
                 if record.state != "running" or record.pid != pid:
@@ -450,6 +456,7 @@ class Node:
                         replica,
                         state="exited",
                         pid=0,
+                        exit_code=record.exit_code if container_made else None,
                         message="not running after zlayer-agentd stopped; "
                         "waits for schedd's placements for this node",
                     )
@@ -459,7 +466,10 @@ class Node:
                 # agentd stopped while it started the replica (its image pulling, its
                 # network attaching) or removed it: no container to adopt. It is started
                 # again below if its service still wants it.
-                log.info("%s has no container (agentd stopped while it started it)", record.id)
+                log.info(
+                    "%s has no container that ran; it starts again if its service still wants it",
+                    record.id,
+                )
                 self._held_back.append((replica, False))
                 continue
             else:
@@ -620,7 +630,10 @@ class Node:
             # not removed meanwhile (a removal, a RemoveService, a fence of the node)
             live = self.replicas.get(replica.record.id) is replica and not replica.stopping
             if live and replica.removal is None and replica.task is None:
-                log.info("%s is still placed here; its run goes on", replica.record.id)
+                if container_made:
+                    log.info("adopting %s (ended while agentd was down)", replica.record.id)
+                else:
+                    log.info("starting %s again", replica.record.id)
                 replica.task = asyncio.create_task(self._lifecycle(replica, adopt=container_made))
 
     def _unassign(self, deployment: str, service: str) -> None:
@@ -753,13 +766,24 @@ class Node:
                 if r.record.deployment == deployment
                 and (not service or r.record.service == service)
             ]
+            # The assignments go first, on disk too: a removal cut short by agentd's stop
+            # leaves records of a service no longer assigned, removed as garbage at the
+            # next start, not replicas of an assigned one that would be started again.
+            unassigned = [
+                k for k in self.assignments if k[0] == deployment and service in ("", k[1])
+            ]
+            for key in unassigned:
+                del self.assignments[key]
+                path = self.assign_dir / f"{key[0]}--{key[1]}.json"
+                self._queue_file(path, None)
+                await self._file_written(path)
             await asyncio.gather(
                 *(
                     r.removed.wait() if r.removal is not None else self._remove(r, grace)
                     for r in victims
                 )
             )
-            known = {*self.assignments, *self._runs}
+            known = {*self.assignments, *self._runs, *unassigned}
             if service:
                 known.add((deployment, service))
             for owner, name in sorted(known):

@@ -322,7 +322,7 @@ class ContainerRuntime:
                 async with self._cgroup_lock:
                     await ended_before_cancel(self._spawn_conmon(container_id, bundle_dir))
             except BaseException:
-                await self._cleanup(container_id)
+                await ended_before_cancel(self._cleanup(container_id))
                 raise
             # conmon answered with the pid: created, waiting for start. Said from
             # its files, without one more run of the OCI runtime to ask.

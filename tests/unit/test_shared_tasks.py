@@ -8,6 +8,8 @@ import contextlib
 import threading
 import time
 
+import pytest
+
 from shared.tasks import cancel_all, cancel_and_wait, ended_before_cancel
 
 
@@ -66,6 +68,8 @@ def test_a_cancelled_caller_goes_on_only_once_its_thread_has_ended() -> None:
         while not started.is_set():
             await asyncio.sleep(0.01)
         task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()  # again (a removal, then agentd's stop): the thread still ends first
         with contextlib.suppress(asyncio.CancelledError):
             await task
         assert task.cancelled()
@@ -79,3 +83,14 @@ def test_work_that_is_not_cancelled_gives_its_result() -> None:
         return await ended_before_cancel(asyncio.to_thread(lambda: "laid out"))
 
     assert asyncio.run(main()) == "laid out"
+
+
+def test_work_that_fails_gives_its_error() -> None:
+    def broken() -> None:
+        raise OSError("the disk is full")
+
+    async def main() -> None:
+        await ended_before_cancel(asyncio.to_thread(broken))
+
+    with pytest.raises(OSError, match="the disk is full"):
+        asyncio.run(main())
