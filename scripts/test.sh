@@ -66,6 +66,7 @@ stop_steps() {
 # output is printed, so what it found is never lost.
 finish() {
     local steps=()
+    set +m  # no job notices ("Terminated") in the output
     if [ -n "$lane" ]; then
         kill "$lane" 2>/dev/null || true  # first, so it starts no next step
         steps+=($(cat "$lane_step" 2>/dev/null || true))
@@ -82,9 +83,15 @@ trap finish EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
 # Each test step runs in the background and is waited for: the shell then takes a
-# signal at once (not after the step), and finish() knows the step's PID. A background
-# step ignores ^C; ^C reaches it as SIGTERM, from finish().
+# signal at once (not after the step), and finish() knows the step's PID. With job
+# control on (set -m), each step has a process group of its own, so ^C and a SIGTERM
+# to this script's group reach only the script, and finish() stops the steps; without
+# it a background step would ignore SIGINT, and so would every process it starts (the
+# tests that interrupt a zlayerctl with SIGINT could not).
+set -m
 (
+    set -m
+
     status=0
     step() {
         "$@" &
