@@ -147,10 +147,11 @@ def test_a_replica_agentd_was_killed_while_its_image_pulled_starts_when_it_is_ba
             30,
             "zlayer-agentd restarted by its supervisor",
         )
+        # healthy, not only running: its httpd listens a moment after the process starts
         (replica,) = wait_until(
-            lambda: [r for r in node.replicas("pulled") if r["state"] == "running"],
+            lambda: [r for r in node.replicas("pulled") if r["health"] == "healthy"],
             60,
-            "the replica running after agentd came back",
+            "the replica healthy after agentd came back",
         )
     with urllib.request.urlopen(f"http://{replica['address']}:8080/index.html", timeout=5) as page:
         assert page.read().decode() == "pulled\n"
