@@ -59,9 +59,9 @@ Nothing is ever killed by name.
    for it alone): N Deploys on the bus per network, with ``perf trace`` of
    the machine (exec, fork, exit, fsync, mount, unlink) and ``busctl
    monitor`` of the bus running, and each step's median in ms after the
-   Deploy call: the reply, SyncAssignments sent, creating, EnsureImageJob and
-   Attach answered, the root file system mounted, conmon and ``crun create``
-   exec'd, ``crun create`` ended, ``exec.fifo`` released, the container's
+   Deploy call: the reply, SyncAssignments sent, creating, EnsureImageJob,
+   Reserve and Attach answered, the root file system mounted, conmon and
+   ``crun create`` exec'd, ``crun create`` ended, ``exec.fifo`` released, the container's
    process exec'd, running, SyncAssignments answered, the Deploy job's end;
    and the fsyncs of the last run. Nothing is added to the daemons.
 
@@ -665,7 +665,8 @@ TIMELINE = (
     "SyncAssignments sent to agentd",
     "replica creating (ReplicaChanged)",
     "EnsureImageJob answered",
-    "Attach answered (netns, veth)",
+    "Reserve answered (address, empty netns)",
+    "Attach answered (veth, address, route)",
     "rootfs mounted (bundle written)",
     "conmon exec'd",
     "crun create exec'd",
@@ -818,9 +819,9 @@ def run_steps(
             if '\\"state\\":\\"creating\\"' in payload:
                 steps.setdefault(TIMELINE[2], ms_after(at))
             if '\\"state\\":\\"running\\"' in payload:
-                steps.setdefault(TIMELINE[11], ms_after(at))
+                steps.setdefault(TIMELINE[12], ms_after(at))
         elif kind == "signal" and member == "JobRemoved" and run.name in payload:
-            steps.setdefault(TIMELINE[13], ms_after(at))
+            steps.setdefault(TIMELINE[14], ms_after(at))
         elif kind == "method_call" and member == "SyncAssignments" and run.name in payload:
             steps.setdefault(TIMELINE[1], ms_after(at))
         elif kind == "method_return":
@@ -833,10 +834,12 @@ def run_steps(
                 steps.setdefault(TIMELINE[0], ms_after(at))
             elif what == "EnsureImageJob" and TIMELINE[2] in steps:
                 steps.setdefault(TIMELINE[3], ms_after(at))
-            elif what == "Attach" and f'"{run.name}-' in called:
+            elif what == "Reserve" and f'"{run.name}-' in called:
                 steps.setdefault(TIMELINE[4], ms_after(at))
+            elif what == "Attach" and f'"{run.name}-' in called:
+                steps.setdefault(TIMELINE[5], ms_after(at))
             elif what == "SyncAssignments" and run.name in called:
-                steps.setdefault(TIMELINE[12], ms_after(at))
+                steps.setdefault(TIMELINE[13], ms_after(at))
     syncs = []
     crun_tid = 0
     for at, took, comm, tid, daemon, name in events:
@@ -847,19 +850,19 @@ def run_steps(
             took_text = f"{took:.1f} ms" if took < 1e6 else "?"
             syncs.append(f"{daemon} {name} {took_text} at {ms_after(at):.1f}")
         elif name == "mount" and daemon == "agentd":
-            steps.setdefault(TIMELINE[5], ms_after(at))
-        elif name == "exec conmon":
             steps.setdefault(TIMELINE[6], ms_after(at))
-        elif name == "exec crun" and TIMELINE[6] in steps:
-            if TIMELINE[7] not in steps:
-                crun_tid = tid
+        elif name == "exec conmon":
             steps.setdefault(TIMELINE[7], ms_after(at))
-        elif name == "exit" and tid == crun_tid:
+        elif name == "exec crun" and TIMELINE[7] in steps:
+            if TIMELINE[8] not in steps:
+                crun_tid = tid
             steps.setdefault(TIMELINE[8], ms_after(at))
-        elif name in ("unlink", "unlinkat") and tid == pids.get("agentd") and TIMELINE[8] in steps:
+        elif name == "exit" and tid == crun_tid:
             steps.setdefault(TIMELINE[9], ms_after(at))
-        elif name == "exec sleep" and TIMELINE[7] in steps:
+        elif name in ("unlink", "unlinkat") and tid == pids.get("agentd") and TIMELINE[9] in steps:
             steps.setdefault(TIMELINE[10], ms_after(at))
+        elif name == "exec sleep" and TIMELINE[8] in steps:
+            steps.setdefault(TIMELINE[11], ms_after(at))
     return steps, syncs
 
 

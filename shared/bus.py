@@ -846,6 +846,19 @@ class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
         """
         raise NotImplementedError
 
+    @dbus_method_async(
+        input_signature="ss",
+        result_signature="s",
+        input_args_names=("container_id", "hostname"),
+        result_args_names=("attachment",),
+    )
+    async def reserve(self, container_id: str, hostname: str) -> str:
+        """The container's address and its network namespace, still empty; the Attachment
+        that Attach will answer. A container can be created in the namespace while Attach
+        makes the rest; it starts once Attach has answered. Idempotent, as Attach is.
+        """
+        raise NotImplementedError
+
     @dbus_method_async(input_signature="s", input_args_names=("container_id",))
     async def detach(self, container_id: str) -> None:
         """Remove the namespace, veth and address of a container; no error if gone."""

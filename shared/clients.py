@@ -398,6 +398,9 @@ class OverlayClient(DaemonClient[Overlay1]):
     async def attach(self, container_id: str, hostname: str) -> Attachment:
         return decode(await self.proxy.attach(container_id, hostname), Attachment)
 
+    async def reserve(self, container_id: str, hostname: str) -> Attachment:
+        return decode(await self.proxy.reserve(container_id, hostname), Attachment)
+
     async def detach(self, container_id: str) -> None:
         await self.proxy.detach(container_id)
 

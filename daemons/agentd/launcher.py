@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,7 @@ class RuntimeLauncher:
         rootfs: ImageRootfs,
         attachment: Attachment | None,
         args: list[str] | None,
+        network_ready: Awaitable[object] | None = None,
     ) -> int:
         host_resolv = ""
         if attachment is None:
@@ -93,6 +95,7 @@ class RuntimeLauncher:
             ids=replica_ids(container_id, service),
             args=args,
             host_resolv=host_resolv,
+            before_start=network_ready,
         )
 
     async def wait(self, container_id: str) -> tuple[int, bool]:

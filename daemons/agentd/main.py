@@ -79,6 +79,10 @@ class BusNeighbours:
             registry.info, lambda: registry.ensure_image_job(reference, pull_policy, progress)
         )
 
+    async def reserve(self, container_id: str, hostname: str) -> Attachment:
+        overlay = self.overlay
+        return await self._call(overlay.info, lambda: overlay.reserve(container_id, hostname))
+
     async def attach(self, container_id: str, hostname: str) -> Attachment:
         overlay = self.overlay
         return await self._call(overlay.info, lambda: overlay.attach(container_id, hostname))

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -84,8 +84,12 @@ class Launcher(Protocol):
         rootfs: ImageRootfs,
         attachment: Attachment | None,
         args: list[str] | None,
+        network_ready: Awaitable[object] | None = None,
     ) -> int:
-        """Create and start a container; return its pid. ``args`` overrides the command."""
+        """Create and start a container; return its pid. ``args`` overrides the command.
+        ``network_ready``, awaited between the create and the start: the rest of the
+        network of a namespace that was only reserved (its failure removes the container).
+        """
 
     async def wait(self, container_id: str) -> tuple[int, bool]:
         """Until the container ends: (exit code, OOM-killed)."""
@@ -122,6 +126,10 @@ class Neighbours(Protocol):
     ) -> ImageRootfs:
         """The image's root file system, pulled first if need be; ``on_progress``
         gets a sentence on how a pull goes."""
+        ...
+
+    async def reserve(self, container_id: str, hostname: str) -> Attachment:
+        """The address and the empty namespace; ``attach`` makes the rest."""
         ...
 
     async def attach(self, container_id: str, hostname: str) -> Attachment: ...
@@ -983,11 +991,13 @@ class Node:
         # A stopped leftover of this replica's id from an earlier life: ours to clear.
         await self.launcher.remove(record.id)
         self._update(replica, state="creating", message="", health="none", refused=False)
-        # The network is attached while the image is found: neither needs the other.
-        attaching: asyncio.Future[Attachment] | None = None
+        # The network is reserved while the image is found (neither needs the other),
+        # then made while the container is created in its namespace; it starts once
+        # both are done. Init steps run in a container of their own: they wait for it.
+        reserving: asyncio.Future[Attachment] | None = None
+        hostname = spec.hostname or f"{record.service}-{record.instance}"
         if spec.network_mode != "host":
-            hostname = spec.hostname or f"{record.service}-{record.instance}"
-            attaching = asyncio.ensure_future(self.neighbours.attach(record.id, hostname))
+            reserving = asyncio.ensure_future(self.neighbours.reserve(record.id, hostname))
         try:
             rootfs = await self.neighbours.ensure_image(
                 spec.image.name,
@@ -995,14 +1005,34 @@ class Node:
                 lambda note: self._update(replica, message=note),
             )
         except BaseException:
-            if attaching is not None:  # a retry or the removal deals with what it made
-                attaching.cancel()
-                await asyncio.gather(attaching, return_exceptions=True)
+            if reserving is not None:  # a retry or the removal deals with what it made
+                reserving.cancel()
+                await asyncio.gather(reserving, return_exceptions=True)
             raise
         attachment = None
-        if attaching is not None:
-            attachment = await attaching
+        attaching: asyncio.Future[Attachment] | None = None
+        if reserving is not None:
+            attachment = await reserving
             self._update(replica, address=attachment.address)
+            attaching = asyncio.ensure_future(self.neighbours.attach(record.id, hostname))
+        try:
+            await self._start_in(replica, rootfs, attachment, attaching)
+        finally:
+            if attaching is not None:  # ended, or not needed any more: its outcome taken
+                attaching.cancel()
+                await asyncio.gather(attaching, return_exceptions=True)
+
+    async def _start_in(
+        self,
+        replica: Replica,
+        rootfs: ImageRootfs,
+        attachment: Attachment | None,
+        attaching: asyncio.Future[Attachment] | None,
+    ) -> None:
+        """Init steps, then the container, in the network ``attaching`` completes."""
+        record, spec = replica.record, replica.spec
+        if spec.init.steps and attaching is not None:
+            await attaching
         if spec.init.steps:
             self._update(replica, state="initializing", message="running init steps")
             await probes.run_init(
@@ -1016,7 +1046,9 @@ class Node:
         # removes any other container as garbage.
         await self._records_written(record.id)
         await self._file_written(self.assign_dir / f"{record.deployment}--{record.service}.json")
-        pid = await self.launcher.start(record.id, spec, rootfs, attachment, None)
+        pid = await self.launcher.start(
+            record.id, spec, rootfs, attachment, None, network_ready=attaching
+        )
         self._update(
             replica,
             state="running",

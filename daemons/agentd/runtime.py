@@ -39,7 +39,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -401,11 +401,16 @@ class ContainerRuntime:
         rootfs: ImageRootfs,
         attachment: Attachment | None,
         env: Mapping[str, str],
+        *,
+        before_start: Awaitable[object] | None = None,
         **options: Any,
     ) -> int:
-        """Create and start; the pid. A container that cannot start is removed again."""
+        """Create and start; the pid. ``before_start`` is awaited in between (a network
+        still being made). A container that cannot start is removed again."""
         await self.create(container_id, spec, rootfs, attachment, env, **options)
         try:
+            if before_start is not None:
+                await before_start
             return await self.start(container_id)
         except BaseException:
             await self.delete(container_id)

@@ -158,6 +158,21 @@ class OverlayService(Overlay1):
         return encode(attachment)
 
     @dbus_method_async_override()
+    async def reserve(self, container_id: str, hostname: str) -> str:
+        if not container_id:
+            raise InvalidArgumentError("a container id is needed to attach a network")
+        try:
+            attachment = await self.daemon.work(self.daemon.network.reserve, container_id, hostname)
+        except AttachError as exc:
+            ATTACHES.labels(result="failed").inc()
+            raise UnavailableError(str(exc)) from None
+        except Exception as exc:
+            ATTACHES.labels(result="failed").inc()
+            self.daemon.log.exception("reserving a network for %s failed", container_id)
+            raise UnavailableError(f"cannot attach {container_id} to the network: {exc}") from None
+        return encode(attachment)
+
+    @dbus_method_async_override()
     async def detach(self, container_id: str) -> None:
         try:
             removed = await self.daemon.work(self.daemon.network.detach, container_id)

@@ -109,6 +109,8 @@ class NodeNetwork:
         # The cluster's encrypted mesh: blocks with a WireGuard key go through it.
         self.mesh = Mesh(self.bridge, self.gateway, self.subnet, state_dir)
         self._on_change = on_change or (lambda: None)
+        # Namespaces reserve() made that attach() has not filled yet (this run's only).
+        self._empty_netns: set[str] = set()
 
     # ------------------------------------------------------------ start
 
@@ -333,29 +335,25 @@ class NodeNetwork:
 
     # ------------------------------------------------------------ attachments
 
-    def attach(self, container_id: str, hostname: str) -> Attachment:
-        if not container_id or "\n" in container_id:
-            raise AttachError("a container id is needed to attach a network")
-        allocation = self.ipam.get(container_id)
-        fresh = allocation is None
-        if allocation is None:
-            names = plumbing.names_for(self.bridge, container_id)
-            # Its network outlived a lost allocation: it keeps its address.
-            found = plumbing.address_inside(names) if names.netns_path.exists() else None
-            if found is not None:
-                live = Allocation(container_id, found, hostname, names.netns, names.host_veth)
-                if self.ipam.adopt(live):
-                    allocation = live
-        if allocation is None:
-            names = plumbing.names_for(self.bridge, container_id)
+    def reserve(self, container_id: str, hostname: str) -> Attachment:
+        """The container's address and its (empty) network namespace, made now; what
+        :meth:`attach` would answer. The container can be created in the namespace
+        while :meth:`attach` makes the rest (veth, address, route), before it starts."""
+        allocation, fresh = self._allocation(container_id, hostname)
+        names = names_of(allocation, self.bridge)
+        if not names.netns_path.exists():
             try:
-                # Recorded before anything is created, so a crash in between
-                # leaves a record that the next start repairs or releases.
-                allocation = self.ipam.allocate(
-                    container_id, hostname, names.netns, names.host_veth
-                )
-            except ExhaustedError as exc:
-                raise AttachError(str(exc)) from None
+                plumbing.create_netns(names.netns_path)
+            except Exception:
+                if fresh:
+                    self.ipam.release(container_id)
+                raise
+            self._empty_netns.add(container_id)
+            self._on_change()
+        return self._attachment(allocation)
+
+    def attach(self, container_id: str, hostname: str) -> Attachment:
+        allocation, fresh = self._allocation(container_id, hostname)
         names = names_of(allocation, self.bridge)
         try:
             plumbing.plumb(
@@ -365,14 +363,39 @@ class NodeNetwork:
                 self.subnet.prefixlen,
                 self.gateway,
                 _label(allocation),
+                # A namespace reserve() made and nothing has touched: no leftovers to seek.
+                empty_netns=container_id in self._empty_netns,
             )
         except Exception:
             if fresh:
                 plumbing.unplumb(names)
                 self.ipam.release(container_id)
+                self._empty_netns.discard(container_id)
             raise
+        self._empty_netns.discard(container_id)
         self._on_change()
         return self._attachment(allocation)
+
+    def _allocation(self, container_id: str, hostname: str) -> tuple[Allocation, bool]:
+        """The container's allocation, and whether it was made by this call."""
+        if not container_id or "\n" in container_id:
+            raise AttachError("a container id is needed to attach a network")
+        allocation = self.ipam.get(container_id)
+        if allocation is not None:
+            return allocation, False
+        names = plumbing.names_for(self.bridge, container_id)
+        # Its network outlived a lost allocation: it keeps its address.
+        found = plumbing.address_inside(names) if names.netns_path.exists() else None
+        if found is not None:
+            live = Allocation(container_id, found, hostname, names.netns, names.host_veth)
+            if self.ipam.adopt(live):
+                return live, False
+        try:
+            # Recorded before anything is created, so a crash in between
+            # leaves a record that the next start repairs or releases.
+            return self.ipam.allocate(container_id, hostname, names.netns, names.host_veth), True
+        except ExhaustedError as exc:
+            raise AttachError(str(exc)) from None
 
     def detach(self, container_id: str) -> bool:
         """Remove a container's network; False if it had none."""
@@ -383,6 +406,7 @@ class NodeNetwork:
             names = names_of(allocation, self.bridge)
         removed = plumbing.unplumb(names)
         self.ipam.release(container_id)
+        self._empty_netns.discard(container_id)
         self._on_change()
         return allocation is not None or bool(removed)
 

@@ -364,19 +364,24 @@ def plumb(
     prefixlen: int,
     gateway: IPv4Address,
     alias: str = "",
+    *,
+    empty_netns: bool = False,
 ) -> list[str]:
     """Namespace, veth pair, addresses and route for one container; what was done.
 
-    ``alias`` (:func:`label`) is set on the host veth.
+    ``alias`` (:func:`label`) is set on the host veth. ``empty_netns``: the
+    namespace exists and holds nothing yet (made by :func:`create_netns` just
+    before), so it is not searched for leftovers.
     """
     # Each netlink request through pyroute2 costs milliseconds: names in this
     # namespace are looked up with if_nametoindex, a fresh namespace is not
     # searched for leftovers, and settings go together where the kernel takes them so.
     done: list[str] = []
-    fresh = not names.netns_path.exists()
-    if fresh:
+    created = not names.netns_path.exists()
+    if created:
         create_netns(names.netns_path)
         done.append(f"created the namespace {names.netns}")
+    fresh = created or empty_netns
     with IPRoute() as ip:
         bridge_index = _index(bridge)
         if bridge_index is None:
@@ -433,7 +438,7 @@ def plumb(
                     done.append(f"put {names.host_veth} back on {bridge}")
         if not _hairpin(names.host_veth):
             # A replica reaching a published port whose backend is itself.
-            ip.link("set", index=index, kind="bridge_slave", mode=1)
+            _set_hairpin(ip, names.host_veth, index)
             if not done:
                 done.append(f"turned hairpin on for {names.host_veth}")
     return done
@@ -456,6 +461,15 @@ def _hairpin(port: str) -> bool:
         return Path(f"/sys/class/net/{port}/brport/hairpin_mode").read_text().strip() == "1"
     except OSError:
         return False
+
+
+def _set_hairpin(ip: IPRoute, port: str, index: int) -> None:
+    # sysfs takes it in microseconds; a netlink request through pyroute2 costs about
+    # a millisecond, and is the way where sysfs is read-only.
+    try:
+        Path(f"/sys/class/net/{port}/brport/hairpin_mode").write_text("1")
+    except OSError:
+        ip.link("set", index=index, kind="bridge_slave", mode=1)
 
 
 def unplumb(names: Names) -> list[str]:

@@ -175,6 +175,38 @@ def test_memory_limit_is_enforced(node: Node) -> None:
     node.ctl("down", "oom", check=True)
 
 
+def test_a_replicas_network_is_whole_at_its_first_instruction(node: Node) -> None:
+    """agentd creates the container while overlayd is still making its network (veth,
+    address, route) and starts it only once that is done: the command's first act
+    finds its address and its default route."""
+    body = """
+    version: v1
+    deployment: firstnet
+    services:
+      probe:
+        image: zlayer/busybox:latest
+        command:
+          entrypoint: ["sh", "-c"]
+          args: ["ip -o -4 addr show dev eth0 && ip route | grep '^default via'"]
+        restart_policy: {kind: "no"}
+        scale: {mode: fixed, replicas: 3}
+    """
+    node.ctl("up", "-b", str(node.spec("firstnet", body)), check=True)
+    ended = wait_until(
+        lambda: (lambda rs: rs if all(r["exit_code"] is not None for r in rs) else None)(
+            node.replicas("firstnet")
+        ),
+        60,
+        "the three probes to end",
+    )
+    assert len(ended) == 3
+    for replica in ended:
+        logs = node.ctl("logs", "probe", "-d", "firstnet", "--instance", str(replica["instance"]))
+        assert replica["exit_code"] == 0, logs.stdout + logs.stderr
+        assert f"inet {replica['address']}/" in logs.stdout, logs.stdout
+    node.ctl("down", "firstnet", check=True)
+
+
 def test_depends_order_and_jobs(node: Node) -> None:
     body = """
     version: v1

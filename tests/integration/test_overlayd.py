@@ -129,6 +129,9 @@ class Overlayd:
     def attach(self, container_id: str, hostname: str = "") -> Attachment:
         return self.ask(lambda client: client.attach(container_id, hostname))
 
+    def reserve(self, container_id: str, hostname: str = "") -> Attachment:
+        return self.ask(lambda client: client.reserve(container_id, hostname))
+
     def detach(self, container_id: str) -> None:
         self.ask(lambda client: client.detach(container_id))
 
@@ -350,6 +353,39 @@ def test_allocations_survive_a_restart_and_are_repaired(overlayd: Overlayd) -> N
     overlayd.detach("keep-2")
 
 
+def test_reserve_makes_an_empty_namespace_that_attach_fills(overlayd: Overlayd) -> None:
+    """agentd creates a replica's container in the namespace Reserve made while Attach
+    makes the rest, and starts it once Attach has answered."""
+    reserved = overlayd.reserve("early-1", "early-1")
+    assert Path(reserved.netns).exists() and not link_exists(reserved.host_veth)
+    links = in_netns(reserved, "ip", "-o", "link").stdout
+    assert "lo:" in links and "eth0" not in links, links
+    assert overlayd.reserve("early-1", "early-1") == reserved  # asked again: the same
+
+    attached = overlayd.attach("early-1", "early-1")
+    assert attached == reserved
+    gateway = str(overlayd.subnet.network_address + 1)
+    assert f"{attached.address}/24" in in_netns(attached, "ip", "-o", "addr").stdout
+    assert ping(attached, gateway), "the reserved namespace cannot reach the gateway"
+    hairpin = Path(f"/sys/class/net/{attached.host_veth}/brport/hairpin_mode")
+    assert hairpin.read_text().strip() == "1"
+
+    # Reserved, then overlayd stops before Attach: its start makes the rest.
+    second = overlayd.reserve("early-2", "early-2")
+    overlayd.stop()
+    overlayd.start()
+    assert ping(second, attached.address), "a reserved namespace was not repaired at start"
+    assert overlayd.attach("early-2", "early-2") == second
+
+    # Reserved and never attached: Detach takes the namespace and the address back.
+    third = overlayd.reserve("early-3", "early-3")
+    overlayd.detach("early-3")
+    assert not Path(third.netns).exists()
+    assert {a.container_id for a in overlayd.attachments()} == {"early-1", "early-2"}
+    overlayd.detach("early-1")
+    overlayd.detach("early-2")
+
+
 def test_detach_removes_veth_namespace_and_allocation(overlayd: Overlayd) -> None:
     a = overlayd.attach("short-1")
     assert Path(a.netns).exists() and link_exists(a.host_veth)
@@ -375,6 +411,9 @@ def test_full_subnet_is_one_clear_sentence(make_overlayd: Any) -> None:
     message = str(caught.value)
     assert tiny in message and "no free address" in message
     assert message.count(". ") == 0 and "\n" not in message, message
+    with pytest.raises(UnavailableError) as reserving:
+        overlayd.reserve("one-too-many")
+    assert str(reserving.value) == message
     # Nothing of the refused attach is left.
     names = plumbing.names_for(overlayd.bridge, "one-too-many")
     assert not names.netns_path.exists() and not link_exists(names.host_veth)
