@@ -80,7 +80,7 @@ class RuntimeLauncher:
         rootfs: ImageRootfs,
         attachment: Attachment | None,
         args: list[str] | None,
-        network_ready: Awaitable[object] | None = None,
+        before_start: Awaitable[object] | None = None,
     ) -> int:
         host_resolv = ""
         if attachment is None:
@@ -95,7 +95,7 @@ class RuntimeLauncher:
             ids=replica_ids(container_id, service),
             args=args,
             host_resolv=host_resolv,
-            before_start=network_ready,
+            before_start=before_start,
         )
 
     async def wait(self, container_id: str) -> tuple[int, bool]:

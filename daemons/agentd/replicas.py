@@ -84,11 +84,11 @@ class Launcher(Protocol):
         rootfs: ImageRootfs,
         attachment: Attachment | None,
         args: list[str] | None,
-        network_ready: Awaitable[object] | None = None,
+        before_start: Awaitable[object] | None = None,
     ) -> int:
         """Create and start a container; return its pid. ``args`` overrides the command.
-        ``network_ready``, awaited between the create and the start: the rest of the
-        network of a namespace that was only reserved (its failure removes the container).
+        ``before_start`` is awaited between the create and the start (the rest of a
+        reserved network, the records on disk); its failure removes the container.
         """
 
     async def wait(self, container_id: str) -> tuple[int, bool]:
@@ -1041,14 +1041,27 @@ class Node:
                 lambda argv, timeout: self._one_shot(replica, rootfs, attachment, argv, timeout),
                 lambda note: log.info("%s: %s", record.id, note),
             )
-        # A container never runs without its record, and its service's assignment, on
-        # disk: a restarted agentd adopts what a record of an assigned service names and
-        # removes any other container as garbage.
-        await self._records_written(record.id)
-        await self._file_written(self.assign_dir / f"{record.deployment}--{record.service}.json")
-        pid = await self.launcher.start(
-            record.id, spec, rootfs, attachment, None, network_ready=attaching
-        )
+
+        async def ready_to_run() -> None:
+            # A container never runs without its record, and its service's assignment,
+            # on disk: a restarted agentd adopts what a record of an assigned service
+            # names and removes any other container (one only created, too) as garbage.
+            await self._records_written(record.id)
+            await self._file_written(
+                self.assign_dir / f"{record.deployment}--{record.service}.json"
+            )
+            if attaching is not None:
+                await attaching
+
+        # Both are waited for while the container is created.
+        ready = asyncio.ensure_future(ready_to_run())
+        try:
+            pid = await self.launcher.start(
+                record.id, spec, rootfs, attachment, None, before_start=ready
+            )
+        finally:
+            ready.cancel()  # ended, or the start failed before it was needed
+            await asyncio.gather(ready, return_exceptions=True)
         self._update(
             replica,
             state="running",
