@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -38,6 +37,7 @@ from ctl.supervisor_state import ChildState as ChildState  # re-exported
 from ctl.supervisor_state import SupervisorState as SupervisorState
 from shared.bus import BUS_ADDRESS_ENV, DAEMONS, DaemonInfo
 from shared.busdaemon import PrivateBus
+from shared.libc import libc
 from shared.paths import Paths
 from shared.statefile import write_atomically
 
@@ -69,8 +69,7 @@ _NOT_INHERITED = ("INVOCATION_ID", "JOURNAL_STREAM", "WATCHDOG_PID", "NOTIFY_SOC
 
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if the supervisor itself dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def find_executable(name: str) -> str:
@@ -212,6 +211,7 @@ class Supervisor:
     async def _spawn(self, child: _Child) -> None:
         from shared.daemon import SUPERVISOR_ENV  # the daemons' scaffold: not for `status`
 
+        libc()  # loaded here: the child calls it between fork and exec, where no import may run
         log_file = self._log_file(child.info)
         if log_file.exists() and log_file.stat().st_size > LOG_ROTATE_BYTES:
             log_file.replace(log_file.with_suffix(".log.1"))

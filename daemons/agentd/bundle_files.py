@@ -13,36 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from daemons.agentd.bundle import Bundle
 from daemons.agentd.errors import BundleError, ContainerError
+from shared.libc import last_errno, libc
 from shared.statefile import write_atomically
-
-if TYPE_CHECKING:
-    import ctypes
 
 META = "meta.json"
 MAX_OVERLAY_OPTIONS = 4000  # the kernel takes one page of mount options
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """libc's mount calls (ctypes loads with the first replica's root file system)."""
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _errno() -> int:
-    import ctypes
-
-    return ctypes.get_errno()
 
 
 def _mount_overlay(lower_dirs: list[str], upper: Path, work: Path, target: Path) -> None:
@@ -54,20 +37,20 @@ def _mount_overlay(lower_dirs: list[str], upper: Path, work: Path, target: Path)
     for lower in lower_dirs:
         if not os.path.isdir(lower):
             raise BundleError(f"the image layer directory {lower} is missing; pull the image again")
-    if _libc().mount(b"overlay", str(target).encode(), b"overlay", 0, options.encode()) != 0:
-        err = _errno()
+    if libc().mount(b"overlay", str(target).encode(), b"overlay", 0, options.encode()) != 0:
+        err = last_errno()
         raise ContainerError(f"the root file system could not be mounted: {os.strerror(err)}")
 
 
 def _unmount(target: Path) -> None:
-    if _libc().umount2(str(target).encode(), 0) == 0:
+    if libc().umount2(str(target).encode(), 0) == 0:
         return
-    err = _errno()
+    err = last_errno()
     if err in (errno.EINVAL, errno.ENOENT):
         return  # not mounted
     # Busy: something still holds it open; detach now, the kernel frees it after.
-    if _libc().umount2(str(target).encode(), 2) != 0:  # MNT_DETACH
-        err = _errno()
+    if libc().umount2(str(target).encode(), 2) != 0:  # MNT_DETACH
+        err = last_errno()
         if err not in (errno.EINVAL, errno.ENOENT):
             raise ContainerError(f"{target} could not be unmounted: {os.strerror(err)}")
 

@@ -19,8 +19,6 @@ allocations back from them when its state file is lost.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError
+
+from shared.libc import check, last_errno, libc
 
 NETNS_DIR = Path("/run/netns")
 SYSCTL_DIR = Path("/proc/sys")
@@ -47,8 +47,6 @@ MS_SHARED = 1 << 20
 MNT_DETACH = 2
 CLONE_NEWNET = 0x40000000
 THREAD_NETNS = "/proc/thread-self/ns/net"
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 class PlumbingError(Exception):
@@ -184,14 +182,14 @@ def prepare_netns_dir() -> None:
     """
     NETNS_DIR.mkdir(parents=True, exist_ok=True)
     target = str(NETNS_DIR).encode()
-    if _libc.mount(b"none", target, b"none", MS_SHARED | MS_REC, None) == 0:
+    if libc().mount(b"none", target, b"none", MS_SHARED | MS_REC, None) == 0:
         return
     # Not a mount point yet: bind it onto itself, then share it.
-    if _libc.mount(target, target, b"none", MS_BIND | MS_REC, None) != 0:
-        err = ctypes.get_errno()
+    if libc().mount(target, target, b"none", MS_BIND | MS_REC, None) != 0:
+        err = last_errno()
         raise PlumbingError(f"cannot bind-mount {NETNS_DIR} ({os.strerror(err)})")
-    if _libc.mount(b"none", target, b"none", MS_SHARED | MS_REC, None) != 0:
-        err = ctypes.get_errno()
+    if libc().mount(b"none", target, b"none", MS_SHARED | MS_REC, None) != 0:
+        err = last_errno()
         raise PlumbingError(f"cannot make {NETNS_DIR} a shared mount ({os.strerror(err)})")
 
 
@@ -503,10 +501,10 @@ def create_netns(path: Path) -> None:
     try:
         home = os.open(THREAD_NETNS, os.O_RDONLY)
         try:
-            _call(_libc.unshare(CLONE_NEWNET), "unshare")
+            check(libc().unshare(CLONE_NEWNET), "unshare")
             try:
-                _call(
-                    _libc.mount(THREAD_NETNS.encode(), str(path).encode(), b"none", MS_BIND, None),
+                check(
+                    libc().mount(THREAD_NETNS.encode(), str(path).encode(), b"none", MS_BIND, None),
                     f"mount {path}",
                 )
             finally:
@@ -521,8 +519,8 @@ def create_netns(path: Path) -> None:
 
 def remove_netns(path: Path) -> None:
     """Unmount and delete a named namespace (it lives on while processes are in it)."""
-    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
+    if libc().umount2(str(path).encode(), MNT_DETACH) != 0:
+        err = last_errno()
         if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not mounted any more
             raise OSError(err, f"umount {path}: {os.strerror(err)}")
     with contextlib.suppress(FileNotFoundError):
@@ -537,7 +535,7 @@ def _in_netns(name: str) -> Iterator[IPRoute]:
     try:
         home = os.open(THREAD_NETNS, os.O_RDONLY)
         try:
-            _call(_libc.setns(target, CLONE_NEWNET), f"setns {name}")
+            check(libc().setns(target, CLONE_NEWNET), f"setns {name}")
             try:
                 inner = IPRoute()
             finally:
@@ -553,17 +551,11 @@ def _in_netns(name: str) -> Iterator[IPRoute]:
 
 
 def _return_home(home: int) -> None:
-    if _libc.setns(home, CLONE_NEWNET) != 0:
+    if libc().setns(home, CLONE_NEWNET) != 0:
         # A worker thread left in a replica's namespace would do the next
         # job in the wrong place: better to stop and be restarted.
         os.write(2, b"zlayer-overlayd: cannot return a thread to its network namespace\n")
         os._exit(70)
-
-
-def _call(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 # ---------------------------------------------------------------- helpers

@@ -18,7 +18,6 @@ nodes lost one packet in five and half its throughput that way).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -27,6 +26,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from shared.libc import last_errno, libc
 from shared.mesh.device import Changes, DeviceState, MeshError
 from shared.mesh.uapi import SOCKET_DIR, UapiClient, socket_path
 from shared.proc import alive
@@ -63,10 +63,9 @@ def runs_for(pid: int, interface: str) -> bool:
 
 def _take_fd(pidfd: int, fd: int) -> int:
     """A duplicate of another process's descriptor (pidfd_getfd(2))."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    got = int(libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0))
+    got = int(libc().syscall(SYS_PIDFD_GETFD, pidfd, fd, 0))
     if got < 0:
-        errno = ctypes.get_errno()
+        errno = last_errno()
         raise OSError(errno, os.strerror(errno))
     return got
 
