@@ -211,7 +211,8 @@ class Supervisor:
     async def _spawn(self, child: _Child) -> None:
         from shared.daemon import SUPERVISOR_ENV  # the daemons' scaffold: not for `status`
 
-        libc()  # loaded here: the child calls it between fork and exec, where no import may run
+        # Loaded and looked up here: the child calls it between fork and exec.
+        libc().prctl  # noqa: B018
         log_file = self._log_file(child.info)
         if log_file.exists() and log_file.stat().st_size > LOG_ROTATE_BYTES:
             log_file.replace(log_file.with_suffix(".log.1"))

@@ -853,9 +853,9 @@ class Overlay1(DbusInterfaceCommonAsync, interface_name="org.zlayer.Overlay1"):
         result_args_names=("attachment",),
     )
     async def reserve(self, container_id: str, hostname: str) -> str:
-        """The container's address and its network namespace, still empty; the Attachment
-        that Attach will answer. A container can be created in the namespace while Attach
-        makes the rest; it starts once Attach has answered. Idempotent, as Attach is.
+        """The container's address and its network namespace (empty when made now); the
+        Attachment that Attach will answer. A container can be created in the namespace
+        while Attach makes the rest; it starts once Attach has answered. Idempotent.
         """
         raise NotImplementedError
 

@@ -1031,8 +1031,12 @@ class Node:
     ) -> None:
         """Init steps, then the container, in the network ``attaching`` completes."""
         record, spec = replica.record, replica.spec
-        if spec.init.steps and attaching is not None:
-            await attaching
+        # Init steps run in a container of their own, and crun sets net.* sysctls at
+        # the create, where eth0's own (net.ipv4.conf.eth0.*) need it: both wait.
+        if attaching is not None and (
+            spec.init.steps or any(key.startswith("net.") for key in spec.sysctls)
+        ):
+            _check_same_network(attachment, await attaching)
         if spec.init.steps:
             self._update(replica, state="initializing", message="running init steps")
             await probes.run_init(
@@ -1051,7 +1055,7 @@ class Node:
                 self.assign_dir / f"{record.deployment}--{record.service}.json"
             )
             if attaching is not None:
-                await attaching
+                _check_same_network(attachment, await attaching)
 
         # Both are waited for while the container is created.
         ready = asyncio.ensure_future(ready_to_run())
@@ -1243,3 +1247,14 @@ def _remove_matching(directory: Path, pattern: str) -> None:
     """Remove the files of ``directory`` that match ``pattern`` (blocking)."""
     for path in directory.glob(pattern):
         path.unlink(missing_ok=True)
+
+
+def _check_same_network(reserved: Attachment | None, attached: Attachment) -> None:
+    """ContainerError when Attach answered another address than Reserve (overlayd lost
+    its allocations and restarted in between): the start fails and is tried again, so
+    the replica never runs with a record and /etc/hosts that name another address."""
+    if reserved is not None and reserved.address != attached.address:
+        raise ContainerError(
+            f"its network changed while it started ({reserved.address}, then "
+            f"{attached.address}); it is started again"
+        )

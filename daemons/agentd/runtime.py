@@ -413,7 +413,8 @@ class ContainerRuntime:
                 await before_start
             return await self.start(container_id)
         except BaseException:
-            await self.delete(container_id)
+            # A second cancellation (a removal, then agentd's stop) must not cut it short.
+            await ended_before_cancel(self.delete(container_id))
             raise
 
     # ------------------------------------------------------------ state

@@ -164,10 +164,8 @@ class OverlayService(Overlay1):
         try:
             attachment = await self.daemon.work(self.daemon.network.reserve, container_id, hostname)
         except AttachError as exc:
-            ATTACHES.labels(result="failed").inc()
             raise UnavailableError(str(exc)) from None
         except Exception as exc:
-            ATTACHES.labels(result="failed").inc()
             self.daemon.log.exception("reserving a network for %s failed", container_id)
             raise UnavailableError(f"cannot attach {container_id} to the network: {exc}") from None
         return encode(attachment)

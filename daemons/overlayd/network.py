@@ -355,6 +355,10 @@ class NodeNetwork:
     def attach(self, container_id: str, hostname: str) -> Attachment:
         allocation, fresh = self._allocation(container_id, hostname)
         names = names_of(allocation, self.bridge)
+        # A namespace reserve() made and nothing has touched yet: no leftovers to seek.
+        # Taken now: a failed attempt may have left something in it.
+        empty_netns = container_id in self._empty_netns
+        self._empty_netns.discard(container_id)
         try:
             plumbing.plumb(
                 names,
@@ -363,16 +367,13 @@ class NodeNetwork:
                 self.subnet.prefixlen,
                 self.gateway,
                 _label(allocation),
-                # A namespace reserve() made and nothing has touched: no leftovers to seek.
-                empty_netns=container_id in self._empty_netns,
+                empty_netns=empty_netns,
             )
         except Exception:
             if fresh:
                 plumbing.unplumb(names)
                 self.ipam.release(container_id)
-                self._empty_netns.discard(container_id)
             raise
-        self._empty_netns.discard(container_id)
         self._on_change()
         return self._attachment(allocation)
 
