@@ -23,7 +23,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -61,6 +61,9 @@ from shared.wire import decode, encode
 from shared.wire.agent import SyncResult
 from shared.wire.mesh import MeshStatus
 from shared.wire.traffic import DeploymentTraffic, PeerBlock, TrafficViews
+
+if TYPE_CHECKING:
+    from shared.wire.overlay import Attachment
 
 ALLOCATIONS = Gauge("zlayer_overlay_allocations", "Addresses of the node subnet in use.")
 ATTACHES = Counter("zlayer_overlay_attaches", "Attach calls, by result.", ["result"])
@@ -143,32 +146,32 @@ class OverlayService(Overlay1):
 
     @dbus_method_async_override()
     async def attach(self, container_id: str, hostname: str) -> str:
-        if not container_id:
-            raise InvalidArgumentError("a container id is needed to attach a network")
         try:
-            attachment = await self.daemon.work(self.daemon.network.attach, container_id, hostname)
-        except AttachError as exc:
+            attachment = await self._network_of(self.daemon.network.attach, container_id, hostname)
+        except UnavailableError:
             ATTACHES.labels(result="failed").inc()
-            raise UnavailableError(str(exc)) from None
-        except Exception as exc:
-            ATTACHES.labels(result="failed").inc()
-            self.daemon.log.exception("attaching %s failed", container_id)
-            raise UnavailableError(f"cannot attach {container_id} to the network: {exc}") from None
+            raise
         ATTACHES.labels(result="ok").inc()
         return encode(attachment)
 
     @dbus_method_async_override()
     async def reserve(self, container_id: str, hostname: str) -> str:
+        return encode(await self._network_of(self.daemon.network.reserve, container_id, hostname))
+
+    async def _network_of(
+        self, make: Callable[[str, str], Attachment], container_id: str, hostname: str
+    ) -> Attachment:
+        """``make`` (the network's attach or reserve) in overlayd's worker; its failure
+        as one sentence on the bus."""
         if not container_id:
             raise InvalidArgumentError("a container id is needed to attach a network")
         try:
-            attachment = await self.daemon.work(self.daemon.network.reserve, container_id, hostname)
+            return await self.daemon.work(make, container_id, hostname)
         except AttachError as exc:
             raise UnavailableError(str(exc)) from None
         except Exception as exc:
-            self.daemon.log.exception("reserving a network for %s failed", container_id)
+            self.daemon.log.exception("attaching %s failed", container_id)
             raise UnavailableError(f"cannot attach {container_id} to the network: {exc}") from None
-        return encode(attachment)
 
     @dbus_method_async_override()
     async def detach(self, container_id: str) -> None:
