@@ -113,8 +113,11 @@ UNCLEAN = "unclean"  # in a cluster's directory: its clean-up failed, sweep it a
 CLUSTERS: list[Cluster] = []
 # What a failed test shows of each node's logs (Cluster.log_tails): the last lines of
 # the daemons that decide, and etcd's last warnings.
-LOG_TAIL = {"schedd.log": 15, "agentd.log": 6, "overlayd.log": 6}
+# the supervisor's: when it started, stopped or restarted etcd (a promoted client's member)
+LOG_TAIL = {"schedd.log": 15, "agentd.log": 6, "overlayd.log": 6, "supervisor.log": 6}
 ETCD_WARNINGS = 8
+# fatal and panic too: an etcd that ends at its start says why only so
+ETCD_LEVELS = ("warn", "error", "fatal", "panic")
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -858,7 +861,7 @@ class Cluster:
             warned = [
                 line[:400]
                 for line in _read_lines(logs / "etcd.log")
-                if '"level":"warn"' in line or '"level":"error"' in line
+                if any(f'"level":"{level}"' in line for level in ETCD_LEVELS)
             ]
             if warned:
                 header = f"-- {self.tag} {node.name} etcd.log (warnings)"
