@@ -30,6 +30,13 @@ from shared.bus import DAEMONS
 from shared.busdaemon import PrivateBus
 from shared.paths import PREFIX_ENV, Paths
 
+# gRPC's fork handlers (on by default in grpcio) run at every fork of this
+# process once an etcd test has loaded it: a fork made while its threads are
+# busy can leave the child stuck before exec (a daemon that never said
+# READY=1, its log one "epoll_wait error: Bad file descriptor") and can break
+# the parent's open streams. The tests fork only to exec, which needs none of it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 _RUN_PID = os.getpid()
 
 
