@@ -37,7 +37,7 @@ LINES_RANGE = (1, 2000)  # events -n: click.IntRange(1, 2000)
 class ReadCommand:
     """One read command: its words, options and defaults, and where its body lives."""
 
-    __slots__ = ("defaults", "options", "remote_target", "target", "words")
+    __slots__ = ("defaults", "options", "preload_wire", "remote_target", "target", "words")
 
     def __init__(
         self,
@@ -46,6 +46,7 @@ class ReadCommand:
         options: dict[str, tuple[str, str]],
         defaults: dict[str, Any],
         remote_target: str = "",
+        preload_wire: bool = True,
     ) -> None:
         self.words = words
         self.target = target  # "module:function", called with the parsed options as keywords
@@ -53,6 +54,9 @@ class ReadCommand:
         self.defaults = defaults
         # the body when the command goes to a node's API, if not ``target`` itself
         self.remote_target = remote_target
+        # msgspec imported before the body's module, as it wants it; False for a body that
+        # imports it itself, later (pull: once its job is started)
+        self.preload_wire = preload_wire
 
 
 _FORMAT_OPTION = {"--format": ("output_format", FORMAT)}
@@ -201,6 +205,7 @@ PULL = ReadCommand(
     "ctl.registry_jobs:pull",
     {"--policy": ("policy", POLICY), **_FORMAT_OPTION},
     {"image_name": None, "policy": "always", "output_format": "table"},
+    preload_wire=False,
 )
 
 
@@ -353,7 +358,8 @@ def runner(command: ReadCommand) -> Callable[..., None]:
     """The function that runs ``command``'s body."""
     import importlib
 
-    _import_msgspec_without_typing_extensions()
+    if command.preload_wire:
+        _import_msgspec_without_typing_extensions()
     target = command.target
     if command.remote_target and is_remote():
         target = command.remote_target

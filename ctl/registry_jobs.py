@@ -27,11 +27,6 @@ from ctl.output import err_console, fail, print_json
 from ctl.readargs import POLICIES as POLICIES
 from ctl.readargs import _import_msgspec_without_typing_extensions
 
-# msgspec without typing_extensions (and its inspect), as the read commands load it
-_import_msgspec_without_typing_extensions()
-
-from shared.wire import decode, to_builtins  # noqa: E402
-
 if TYPE_CHECKING:
     from ctl.client import Client
     from shared.busread import BusReader
@@ -52,6 +47,16 @@ def auth_for(reference: str) -> str:
     except InvalidReferenceError as exc:
         fail(str(exc))
     return user_credential(registry)
+
+
+def load_wire() -> None:
+    """msgspec (without typing_extensions and its inspect, as the read commands load it),
+    for the wire types imported after it.
+
+    Called once the job is started, not at import: its ~20 ms then pass while
+    registryd works (a cold pull's job runs meanwhile) instead of before it starts.
+    """
+    _import_msgspec_without_typing_extensions()
 
 
 def bars(
@@ -149,7 +154,6 @@ def wait_bus_job(
     wait for its end (GetJob after FALLBACK_SECONDS without a signal, as
     ``RegistryClient.run_job``), following its Progress while a bar is shown."""
     from shared.busread import BUS_NAMES, JOB_REMOVED, BusError, Read, object_path
-    from shared.wire.jobs import JobInfo, ProgressItem
 
     display, draw = bars(show)
     job_id: int | None = None
@@ -159,6 +163,10 @@ def wait_bus_job(
             # the bus takes the match before the start, which it handles next
             signals = bus.subscribe(JOB_REMOVED, confirm=False)
             job_id = start(bus)
+            load_wire()
+            from shared.wire import decode
+            from shared.wire.jobs import JobInfo, ProgressItem
+
             # Without bars only the end matters, and JobRemoved (subscribed to before the
             # start) brings it: no GetJob round trip while a warm pull's job runs.
             info: JobInfo | None = None
@@ -231,8 +239,6 @@ def run_bus_job(start: Callable[[BusReader], int], what: str, show: bool, fds: b
 
 def pull(image_name: str, policy: str = "always", output_format: str = "table") -> None:
     """``zlayerctl pull IMAGE [--policy P] [--format F]``: the image's line, or its JSON."""
-    from shared.wire.registry import ImageInfo
-
     auth = auth_for(image_name)
     show = output_format != "json"
     if on_bus():
@@ -244,6 +250,10 @@ def pull(image_name: str, policy: str = "always", output_format: str = "table") 
             return await client.registry.pull(image_name, policy, auth)
 
         result = asyncio.run(run_job(start, "pull", show))
+    load_wire()
+    from shared.wire import decode, to_builtins
+    from shared.wire.registry import ImageInfo
+
     info = decode(result, ImageInfo)
     if output_format == "json":
         print_json(to_builtins(info))
@@ -254,8 +264,6 @@ def pull(image_name: str, policy: str = "always", output_format: str = "table") 
 
 def push(image_name: str, destination: str = "", output_format: str = "table") -> None:
     """``zlayerctl image push NAME [DEST] [--format F]``."""
-    from shared.wire.registry import PushResult
-
     auth = auth_for(destination or image_name) if (destination or "/" in image_name) else ""
     show = output_format != "json"
     if on_bus():
@@ -267,6 +275,10 @@ def push(image_name: str, destination: str = "", output_format: str = "table") -
             return await client.registry.push(image_name, destination, auth)
 
         text = asyncio.run(run_job(start, "push", show))
+    load_wire()
+    from shared.wire import decode, to_builtins
+    from shared.wire.registry import PushResult
+
     result = decode(text, PushResult)
     if output_format == "json":
         print_json(to_builtins(result))

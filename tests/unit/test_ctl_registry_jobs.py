@@ -19,6 +19,16 @@ def test_the_job_bodies_import_no_click_asyncio_sdbus_or_rich() -> None:
     assert not SLOW & modules, sorted(SLOW & modules)
 
 
+def test_msgspec_and_the_wire_types_wait_until_a_job_is_started() -> None:
+    """They are imported while registryd works on the pull (a cold one overlaps them),
+    not before zlayerctl sends it."""
+    modules = modules_after(
+        "from ctl.readargs import parse, runner; runner(parse(['pull', 'nginx'])[0])"
+    )
+    assert "ctl.registry_jobs" in modules
+    assert not {"msgspec", "shared.wire"} & modules, sorted({"msgspec", "shared.wire"} & modules)
+
+
 def test_the_constants_are_those_of_the_typed_clients_and_the_commands() -> None:
     assert registry_jobs.FALLBACK_SECONDS == clients.FALLBACK_SECONDS
     assert NotFoundError.dbus_error_name == registry_jobs.NOT_FOUND
