@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import os
 import stat
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,6 +194,56 @@ def test_a_blob_that_is_not_a_tar_is_refused(workdir: Path) -> None:
     blob.write_bytes(b"\x1f\x8b" + b"not really gzip" * 40)
     with pytest.raises(InvalidArgumentError, match="not a readable tar"):
         unpack_layer(blob, workdir / "layer", "sha256:test", None)
+
+
+def _old_gnu_sparse(name: str, hole: int, data: bytes) -> bytes:
+    """An old GNU sparse member, its header made by hand (tarfile cannot write one): a hole
+    of ``hole`` bytes, then ``data`` (one block)."""
+    assert len(data) == tarfile.BLOCKSIZE
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    info.size = len(data)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:398] = b"%011o\0" % hole  # the map's one entry: its offset and size
+    header[398:410] = b"%011o\0" % len(data)
+    header[483:495] = b"%011o\0" % (hole + len(data))  # the file's real size
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + data
+
+
+def test_contents_unpack_as_tarfile_extracts_them(workdir: Path) -> None:
+    """Files spanning the reader's pieces, PAX long names, a sparse file and empty files come
+    out byte for byte as Python's own extraction writes them."""
+    members = [
+        ("big", os.urandom((3 << 20) + 7)),
+        ("d/" + "long-name-" * 20, os.urandom(70_001)),
+        ("empty", b""),
+    ]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, content in members[:2]:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+        buffer.write(_old_gnu_sparse("sparse", 1 << 20, b"s" * tarfile.BLOCKSIZE))
+        name, content = members[2]
+        info = tarfile.TarInfo(name)
+        archive.addfile(info, io.BytesIO(content))
+        info = tarfile.TarInfo("after")
+        info.size = 5
+        archive.addfile(info, io.BytesIO(b"after"))
+    data = buffer.getvalue()
+    blob = workdir / "blob"
+    blob.write_bytes(data)
+    unpack_layer(blob, workdir / "layer", "sha256:test", sha256(data))
+    with tarfile.open(blob) as archive:
+        archive.extractall(workdir / "reference", filter="data")
+    assert {p: c for p, (_m, c) in tree(workdir / "layer").items()} == {
+        p: c for p, (_m, c) in tree(workdir / "reference").items()
+    }
+    assert (workdir / "layer" / "sparse").read_bytes() == bytes(1 << 20) + b"s" * 512
+    assert len(tree(workdir / "layer")) == 6  # big, d, the long name, sparse, empty, after
 
 
 # ---------------------------------------------------------------- blobs received as they stream
