@@ -1,5 +1,5 @@
 """libc's calls that Python's ``os`` lacks (mount, umount2, unshare, setns, prctl,
-raw syscalls), through one ctypes handle loaded with its first use.
+syncfs, raw syscalls), through one ctypes handle loaded with its first use.
 
 ctypes costs a daemon that never needs it about half a MiB, so nothing is loaded
 at import. A caller that forks and calls in the child before exec loads the
@@ -36,3 +36,16 @@ def check(result: int, what: str) -> None:
     if result != 0:
         err = last_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Write the file system that holds ``path`` to disk (syncfs(2), blocking).
+
+    The durability of ``os.sync()`` for that one file system, without
+    waiting for every other file system's writeback on the machine.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        check(libc().syncfs(fd), f"syncfs of {os.fspath(path)}")
+    finally:
+        os.close(fd)

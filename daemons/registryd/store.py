@@ -64,6 +64,7 @@ from shared.bus import (
     NotFoundError,
     UnavailableError,
 )
+from shared.libc import syncfs
 from shared.reference import InvalidReferenceError, parse_reference
 from shared.statefile import read_state, write_atomically
 from shared.wire import decode
@@ -683,7 +684,7 @@ class ImageStore:
                         unpack_layer(blob, work, digest, diff_id, self.max_unpacked)
                     log.info("unpacked layer %s in %.2fs", diff_id, time.monotonic() - started)
                 if pending:
-                    os.sync()
+                    self.sync()
                     for final, work in pending.items():
                         os.rename(work, final)
             finally:
@@ -792,8 +793,13 @@ class ImageStore:
 
     def sync(self) -> None:
         """Write everything the store holds to disk (blocking): what a pull received is
-        durable before it is linked into blobs/ or renamed into layers/."""
-        os.sync()
+        durable before it is linked into blobs/ or renamed into layers/.
+
+        One syncfs of the store's file system (blobs, layers, partial and tmp
+        are on one: they are linked and renamed into each other), not a sync
+        of every file system on the machine.
+        """
+        syncfs(self.root)
 
     def adopt_layers(self, layers: list[tuple[str, Path]]) -> None:
         """Make layers unpacked under tmp/ trusted: (diff id, work directory) pairs.

@@ -517,18 +517,20 @@ def test_layers_a_killed_pull_finished_are_not_fetched_again(
 
 
 def _traced_writes_and_syncs(trace: str) -> list[tuple[str, str]]:
-    """strace -f -y output as (event, path) in order: ("write", file), ("sync start", ""),
-    ("sync end", ""), ("fsync", file), ("link", new name), ("rename", (old, new) joined)."""
+    """strace -f -y output as (event, path) in order: ("write", file), ("sync start", what
+    it syncs: "" for every file system, a directory for the one holding it), ("sync end", ""),
+    ("fsync", file), ("link", new name), ("rename", (old, new) joined)."""
     events: list[tuple[str, str]] = []
     for line in trace.splitlines():
         call = line.split(" ", 1)[1].strip() if " " in line else line
         if call.startswith(("write(", "pwrite64(")):
             events.append(("write", call.split("<", 1)[1].split(">", 1)[0]))
-        elif call.startswith("sync("):
-            events.append(("sync start", ""))
+        elif call.startswith(("sync(", "syncfs(")):
+            synced = call.split("<", 1)[1].split(">", 1)[0] if call.startswith("syncfs(") else ""
+            events.append(("sync start", synced))
             if "<unfinished" not in call:
                 events.append(("sync end", ""))
-        elif call.startswith("<... sync resumed>"):
+        elif call.startswith(("<... sync resumed>", "<... syncfs resumed>")):
             events.append(("sync end", ""))
         elif call.startswith(("fsync(", "fdatasync(")):
             events.append(("fsync", call.split("<", 1)[1].split(">", 1)[0]))
@@ -555,7 +557,7 @@ def test_a_pulled_blob_and_its_tree_are_on_disk_before_they_count_as_stored(
     skopeo_copy(f"oci:{layout}", f"docker://{name}")
     assert registryd.process is not None
     trace = workdir / "trace"
-    syscalls = "write,pwrite64,fsync,fdatasync,sync,link,linkat,rename,renameat,renameat2"
+    syscalls = "write,pwrite64,fsync,fdatasync,sync,syncfs,link,linkat,rename,renameat,renameat2"
     pid = str(registryd.process.pid)
     tracer = subprocess.Popen(
         ["strace", "-f", "-y", "-e", f"trace={syscalls}", "-o", str(trace), "-p", pid],
@@ -585,6 +587,8 @@ def test_a_pulled_blob_and_its_tree_are_on_disk_before_they_count_as_stored(
 
     links = [(i, p) for i, (e, p) in enumerate(events) if e == "link" and "/blobs/" in p]
     assert len(links) == 6, events
+    # the store's own file system, not every one on the machine
+    assert {p for e, p in events if e == "sync start"} == {store}, events
     for index, blob in links:
         partial = f"{store}/partial/{Path(blob).name}"
         assert synced_before(index, partial), blob
