@@ -14,7 +14,11 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sdbus import SdBus, dbus_method_async_override
-from sdbus.dbus_exceptions import DbusNameHasNoOwnerError, DbusServiceUnknownError
+from sdbus.dbus_exceptions import (
+    DbusNameHasNoOwnerError,
+    DbusServiceUnknownError,
+    DbusUnknownMethodError,
+)
 
 from daemons.agentd.replicas import Node
 from daemons.agentd.settings import AgentSettings
@@ -81,7 +85,13 @@ class BusNeighbours:
 
     async def reserve(self, container_id: str, hostname: str) -> Attachment:
         overlay = self.overlay
-        return await self._call(overlay.info, lambda: overlay.reserve(container_id, hostname))
+        try:
+            return await self._call(overlay.info, lambda: overlay.reserve(container_id, hostname))
+        except DbusUnknownMethodError:
+            # An overlayd from before Reserve (a node midway through an upgrade, agentd
+            # restarted first): Attach makes the whole network now, and the Attach that
+            # follows finds it made.
+            return await self.attach(container_id, hostname)
 
     async def attach(self, container_id: str, hostname: str) -> Attachment:
         overlay = self.overlay
