@@ -299,7 +299,12 @@ def exec_(
         return await client.agent.exec(where.replica.id, list(command), tty, 0, 1, 2)
 
     sys.stdout.flush()
-    raise SystemExit(asyncio.run(run()))
+    # Raw before the call, not only once the runtime sets it: keys typed meanwhile are
+    # not echoed twice. ^C still stops zlayerctl until the runtime takes the terminal;
+    # the runtime restores what it found, this what was before.
+    with _raw_terminal(tty and os.isatty(0), keep_signals=True):
+        code = asyncio.run(run())
+    raise SystemExit(code)
 
 
 exec_.name = "exec"
@@ -327,14 +332,19 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) ->
 
 
 @contextlib.contextmanager
-def _raw_terminal(on: bool) -> Iterator[None]:
+def _raw_terminal(on: bool, keep_signals: bool = False) -> Iterator[None]:
     """This terminal raw while a command with a terminal of its own runs (its keys go to
-    it as typed, ^C included), as it was after."""
+    it as typed, ^C included), as it was after. ``keep_signals``: ^C still interrupts
+    zlayerctl, until whatever takes the terminal over next makes it fully raw."""
     if not on:
         yield
         return
     saved = termios.tcgetattr(0)
     ttys.setraw(0)
+    if keep_signals:
+        mode = termios.tcgetattr(0)
+        mode[3] |= termios.ISIG  # the local modes
+        termios.tcsetattr(0, termios.TCSANOW, mode)
     try:
         yield
     finally:

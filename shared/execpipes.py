@@ -16,6 +16,7 @@ import fcntl
 import os
 import struct
 import termios
+import tty as ttys
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Literal, Protocol
 
@@ -112,6 +113,10 @@ class PipedExec:
         try:
             if tty:
                 stdin_w, stdin_r = os.openpty()
+                # Raw from the start, as the runtime sets it once it runs: what is typed
+                # before then is neither echoed a second time nor held for a whole line,
+                # and ^C reaches the command as the byte a terminal sends.
+                ttys.setraw(stdin_r)
                 self.terminal = stdin_w
                 if cols and rows:
                     set_size(stdin_w, cols, rows)
