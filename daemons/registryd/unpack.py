@@ -158,7 +158,9 @@ class _TarReader:
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence != os.SEEK_SET or offset < self.position:
-            raise OSError(errno.ESPIPE, "a layer is read once, front to back")
+            # a header that points back into what was read (a sparse map longer than
+            # its data): the layer's fault, told as a tar that cannot be read
+            raise tarfile.StreamError("seeking backwards is not allowed")
         while self.position < offset and self._fill():
             step = min(offset - self.position, len(self.pending))
             self.pending = self.pending[step:]

@@ -144,6 +144,28 @@ def test_a_sparse_file_counts_its_holes(store_tmp: Path) -> None:
         unpack_blob(store_tmp, blob, limit=1 << 20)
 
 
+def test_a_sparse_map_longer_than_its_data_is_a_tar_that_cannot_be_read(
+    store_tmp: Path,
+) -> None:
+    """Its map points past the member's data into the next header: reading it would go
+    back over what was read. The layer's fault, not the store's."""
+    info = tarfile.TarInfo("sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    info.size = 512
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:398] = b"%011o\0" % 0  # one map entry: 2048 bytes of data at offset 0
+    header[398:410] = b"%011o\0" % 2048
+    header[483:495] = b"%011o\0" % 2048
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    after = make_tar([Entry(name, "file", b"xyz") for name in ("a", "b", "c", "d")])
+    blob = bytes(header) + b"s" * 512 + after
+    before = siblings(store_tmp)
+    with pytest.raises(LayerError, match="is not a readable tar"):
+        unpack_blob(store_tmp, blob)
+    assert siblings(store_tmp) == before
+
+
 def test_a_huge_pax_header_is_refused_before_it_is_read(store_tmp: Path) -> None:
     info = tarfile.TarInfo("big")
     info.pax_headers = {"comment": "x" * (MAX_SPECIAL_HEADER + 10)}
