@@ -795,11 +795,19 @@ class ImageStore:
         """Write everything the store holds to disk (blocking): what a pull received is
         durable before it is linked into blobs/ or renamed into layers/.
 
-        One syncfs of the store's file system (blobs, layers, partial and tmp
-        are on one: they are linked and renamed into each other), not a sync
-        of every file system on the machine.
+        A syncfs of the store's file system, not a sync of every file system on
+        the machine; of each, where blobs/ or layers/ is mounted apart (what is
+        linked or renamed into them comes from partial/ and tmp/ beside them).
         """
-        syncfs(self.root)
+        synced: set[int] = set()
+        for directory in (self.root, self.blob_dir, self.layer_dir, self.partial_dir, self.tmp_dir):
+            try:
+                device = os.stat(directory).st_dev
+            except FileNotFoundError:
+                continue
+            if device not in synced:
+                synced.add(device)
+                syncfs(directory)
 
     def adopt_layers(self, layers: list[tuple[str, Path]]) -> None:
         """Make layers unpacked under tmp/ trusted: (diff id, work directory) pairs.
