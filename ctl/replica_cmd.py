@@ -289,22 +289,19 @@ def exec_(
         if client.remote:
             replicas = await _chosen(client, target, service, instance)
             running = first_running(replicas, service)
-            return await client.agent.exec(running.id, list(command), tty, 0, 1, 2)
+            with _handed_over(tty):
+                return await client.agent.exec(running.id, list(command), tty, 0, 1, 2)
         from shared.cluster import locate
 
         placed, reach = await _located(client, target, service, instance)
         where = locate.first_running(placed, service)
         if not where.here:
             return await _exec_on_node(reach, where, list(command), tty)
-        return await client.agent.exec(where.replica.id, list(command), tty, 0, 1, 2)
+        with _handed_over(tty):
+            return await client.agent.exec(where.replica.id, list(command), tty, 0, 1, 2)
 
     sys.stdout.flush()
-    # Raw before the call, not only once the runtime sets it: keys typed meanwhile are
-    # not echoed twice. ^C still stops zlayerctl until the runtime takes the terminal;
-    # the runtime restores what it found, this what was before.
-    with _raw_terminal(tty and os.isatty(0), keep_signals=True):
-        code = asyncio.run(run())
-    raise SystemExit(code)
+    raise SystemExit(asyncio.run(run()))
 
 
 exec_.name = "exec"
@@ -332,19 +329,38 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) ->
 
 
 @contextlib.contextmanager
-def _raw_terminal(on: bool, keep_signals: bool = False) -> Iterator[None]:
+def _handed_over(tty: bool) -> Iterator[None]:
+    """This terminal, handed to the runtime for a command with a terminal (``tty``), set
+    as the runtime sets it from the start: keys typed before the runtime has it are
+    neither echoed twice nor held for a line. Until then ^C still stops zlayerctl (the
+    other signal keys do nothing) and output lines still end as usual; the runtime
+    restores what it found, this what was before."""
+    if not (tty and os.isatty(0)):
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    mode = termios.tcgetattr(0)  # iflag, oflag, cflag, lflag, ispeed, ospeed, cc
+    mode[0] &= ~(termios.BRKINT | termios.ICRNL | termios.INPCK | termios.ISTRIP | termios.IXON)
+    mode[2] = mode[2] & ~(termios.CSIZE | termios.PARENB) | termios.CS8
+    mode[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)  # ISIG kept
+    mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+    mode[6][termios.VQUIT] = mode[6][termios.VSUSP] = b"\0"  # only ^C signals
+    termios.tcsetattr(0, termios.TCSANOW, mode)  # NOW: what was typed ahead is kept
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _raw_terminal(on: bool) -> Iterator[None]:
     """This terminal raw while a command with a terminal of its own runs (its keys go to
-    it as typed, ^C included), as it was after. ``keep_signals``: ^C still interrupts
-    zlayerctl, until whatever takes the terminal over next makes it fully raw."""
+    it as typed, ^C included), as it was after."""
     if not on:
         yield
         return
     saved = termios.tcgetattr(0)
     ttys.setraw(0)
-    if keep_signals:
-        mode = termios.tcgetattr(0)
-        mode[3] |= termios.ISIG  # the local modes
-        termios.tcsetattr(0, termios.TCSANOW, mode)
     try:
         yield
     finally:

@@ -113,11 +113,15 @@ class PipedExec:
         try:
             if tty:
                 stdin_w, stdin_r = os.openpty()
-                # Raw from the start, as the runtime sets it once it runs: what is typed
-                # before then is neither echoed a second time nor held for a whole line,
-                # and ^C reaches the command as the byte a terminal sends.
-                ttys.setraw(stdin_r)
                 self.terminal = stdin_w
+                try:
+                    # Raw from the start, as the runtime sets it once it runs: what is
+                    # typed before then is neither echoed a second time nor held for a
+                    # whole line, and ^C reaches the command as the byte a terminal sends.
+                    ttys.setraw(stdin_r, termios.TCSANOW)
+                except termios.error as exc:
+                    close_fds([stdin_w, stdin_r])
+                    raise OSError(exc.args[0], exc.args[-1]) from None
                 if cols and rows:
                     set_size(stdin_w, cols, rows)
             else:
