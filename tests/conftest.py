@@ -34,7 +34,10 @@ from shared.paths import PREFIX_ENV, Paths
 # process once an etcd test has loaded it: a fork made while its threads are
 # busy can leave the child stuck before exec (a daemon that never said
 # READY=1, its log one "epoll_wait error: Bad file descriptor") and can break
-# the parent's open streams. The tests fork only to exec, which needs none of it.
+# the parent's open streams. No fork of the tests uses gRPC: most exec at once,
+# and those that go on in Python (pyroute2's, multiprocessing's) never touch it.
+# The daemons the tests start inherit the setting; it changes nothing for them,
+# as they start their tools with vfork, which runs no fork handlers.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 _RUN_PID = os.getpid()
