@@ -163,7 +163,10 @@ class Rollouts:
         fresh = [r for r in mine if r.revision == state.target and r.instance <= state.new_count]
         in_rotation = [r for r in fresh if r.state == "running" and r.health in IN_ROTATION]
         changed = False
-        if state.new_count == 0:
+        # The first step starts the first batch. With no replicas wanted (a spec of
+        # replicas: 0) there is none: the old ones leave as usual and the rollout ends
+        # (counting that step as a change would start it again at every pass).
+        if state.new_count == 0 and want > 0:
             state.new_count, state.step_at, changed = min(batch, want), now, True
         failure = _rollout_failure(fresh, new_spec, now - state.step_at)
         if failure:

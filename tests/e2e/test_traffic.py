@@ -261,6 +261,27 @@ def test_rollout_under_load_loses_nothing_and_a_broken_one_keeps_the_old(node: N
     node.ctl("down", "shop", check=True)
 
 
+def test_a_rollout_to_no_replicas_ends_and_stops_the_old_ones(node: Node) -> None:
+    """A new spec of ``replicas: 0`` while the old revision serves (a deploy, or a rollback
+    to such a revision): the old replicas leave and stop, and the rollout ends."""
+    tcp_port = free_port()
+    node.ctl("up", "-d", str(shop(node, "1", 2, tcp_port)), "--timeout", "90", check=True)
+    try:
+        node.ctl("deploy", str(shop(node, "2", 0, tcp_port)), check=True)
+        wait_until(
+            lambda: service(node)["rollout"] == "" and service(node)["revision"] == 2,
+            30,
+            "the rollout to revision 2, of no replicas, to end",
+        )
+        wait_until(lambda: not node.replicas("shop"), 30, "revision 1's replicas to stop")
+        status = service(node)
+        assert (status["desired"], status["running"], status["message"]) == (0, 0, ""), status
+        rolled = node.ctl("events", "-d", "shop", "--format", "json", check=True)
+        assert "rolled-out" in [e["kind"] for e in json.loads(rolled.stdout)]
+    finally:
+        node.ctl("down", "shop", check=True)
+
+
 BURNER = """
 version: v1
 deployment: burn
