@@ -18,7 +18,6 @@ import signal
 import sys
 import termios
 import threading
-import tty as ttys
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -289,7 +288,7 @@ def exec_(
         if client.remote:
             replicas = await _chosen(client, target, service, instance)
             running = first_running(replicas, service)
-            with _handed_over(tty):
+            with _raw_terminal(tty, keep_interrupt=True):
                 return await client.agent.exec(running.id, list(command), tty, 0, 1, 2)
         from shared.cluster import locate
 
@@ -297,7 +296,7 @@ def exec_(
         where = locate.first_running(placed, service)
         if not where.here:
             return await _exec_on_node(reach, where, list(command), tty)
-        with _handed_over(tty):
+        with _raw_terminal(tty, keep_interrupt=True):
             return await client.agent.exec(where.replica.id, list(command), tty, 0, 1, 2)
 
     sys.stdout.flush()
@@ -329,38 +328,32 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) ->
 
 
 @contextlib.contextmanager
-def _handed_over(tty: bool) -> Iterator[None]:
-    """This terminal, handed to the runtime for a command with a terminal (``tty``), set
-    as the runtime sets it from the start: keys typed before the runtime has it are
-    neither echoed twice nor held for a line. Until then ^C still stops zlayerctl (the
-    other signal keys do nothing) and output lines still end as usual; the runtime
-    restores what it found, this what was before."""
-    if not (tty and os.isatty(0)):
+def _raw_terminal(on: bool, *, keep_interrupt: bool = False) -> Iterator[None]:
+    """This terminal raw while a command with a terminal of its own runs (``on``), as it
+    was afterwards.
+
+    Set with TCSANOW, so keys typed before the command has the terminal are kept and go to
+    it once, not flushed or echoed twice. ``keep_interrupt`` is for the hand-over to the
+    runtime (a replica on this node), which sets the terminal raw itself once it has it:
+    until then ^C still stops zlayerctl (the other signal keys do nothing) and zlayerctl's
+    output lines still end as usual. Without it (a replica on another node) every key,
+    ^C included, goes to the command, and its output comes already translated by its own
+    terminal."""
+    if not (on and os.isatty(0)):
         yield
         return
     saved = termios.tcgetattr(0)
     mode = termios.tcgetattr(0)  # iflag, oflag, cflag, lflag, ispeed, ospeed, cc
     mode[0] &= ~(termios.BRKINT | termios.ICRNL | termios.INPCK | termios.ISTRIP | termios.IXON)
     mode[2] = mode[2] & ~(termios.CSIZE | termios.PARENB) | termios.CS8
-    mode[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)  # ISIG kept
+    mode[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)
+    if keep_interrupt:
+        mode[6][termios.VQUIT] = mode[6][termios.VSUSP] = b"\0"  # only ^C signals
+    else:
+        mode[1] &= ~termios.OPOST
+        mode[3] &= ~termios.ISIG
     mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
-    mode[6][termios.VQUIT] = mode[6][termios.VSUSP] = b"\0"  # only ^C signals
-    termios.tcsetattr(0, termios.TCSANOW, mode)  # NOW: what was typed ahead is kept
-    try:
-        yield
-    finally:
-        termios.tcsetattr(0, termios.TCSADRAIN, saved)
-
-
-@contextlib.contextmanager
-def _raw_terminal(on: bool) -> Iterator[None]:
-    """This terminal raw while a command with a terminal of its own runs (its keys go to
-    it as typed, ^C included), as it was after."""
-    if not on:
-        yield
-        return
-    saved = termios.tcgetattr(0)
-    ttys.setraw(0)
+    termios.tcsetattr(0, termios.TCSANOW, mode)
     try:
         yield
     finally:
