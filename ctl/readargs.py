@@ -359,7 +359,7 @@ def runner(command: ReadCommand) -> Callable[..., None]:
     import importlib
 
     if command.preload_wire:
-        _import_msgspec_without_typing_extensions()
+        import_msgspec_lean()
     target = command.target
     if command.remote_target and is_remote():
         target = command.remote_target
@@ -368,7 +368,7 @@ def runner(command: ReadCommand) -> Callable[..., None]:
     return found
 
 
-def _import_msgspec_without_typing_extensions() -> None:
+def import_msgspec_lean() -> None:
     """Import msgspec as it runs where typing_extensions is not installed, and without
     the ``platform`` module.
 

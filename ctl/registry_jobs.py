@@ -13,6 +13,10 @@ click can run it too.
 zlayerctl runs as the user, so it is what can read the user's Docker and
 Podman auth files; it passes registryd only the entry for the registry at
 hand (see shared/credentials.py).
+
+msgspec and the wire types are imported once a job has started, not at import
+(:func:`ctl.readargs.import_msgspec_lean`): their ~20 ms then pass while
+registryd works, a cold pull's job among it, instead of before it starts.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ctl.output import err_console, fail, print_json
 from ctl.readargs import POLICIES as POLICIES
-from ctl.readargs import _import_msgspec_without_typing_extensions
+from ctl.readargs import import_msgspec_lean
 
 if TYPE_CHECKING:
     from ctl.client import Client
@@ -47,16 +51,6 @@ def auth_for(reference: str) -> str:
     except InvalidReferenceError as exc:
         fail(str(exc))
     return user_credential(registry)
-
-
-def load_wire() -> None:
-    """msgspec (without typing_extensions and its inspect, as the read commands load it),
-    for the wire types imported after it.
-
-    Called once the job is started, not at import: its ~20 ms then pass while
-    registryd works (a cold pull's job runs meanwhile) instead of before it starts.
-    """
-    _import_msgspec_without_typing_extensions()
 
 
 def bars(
@@ -163,7 +157,7 @@ def wait_bus_job(
             # the bus takes the match before the start, which it handles next
             signals = bus.subscribe(JOB_REMOVED, confirm=False)
             job_id = start(bus)
-            load_wire()
+            import_msgspec_lean()
             from shared.wire import decode
             from shared.wire.jobs import JobInfo, ProgressItem
 
@@ -250,7 +244,7 @@ def pull(image_name: str, policy: str = "always", output_format: str = "table") 
             return await client.registry.pull(image_name, policy, auth)
 
         result = asyncio.run(run_job(start, "pull", show))
-    load_wire()
+    import_msgspec_lean()
     from shared.wire import decode, to_builtins
     from shared.wire.registry import ImageInfo
 
@@ -275,7 +269,7 @@ def push(image_name: str, destination: str = "", output_format: str = "table") -
             return await client.registry.push(image_name, destination, auth)
 
         text = asyncio.run(run_job(start, "push", show))
-    load_wire()
+    import_msgspec_lean()
     from shared.wire import decode, to_builtins
     from shared.wire.registry import PushResult
 

@@ -383,8 +383,8 @@ def test_uuid_imported_with_the_platform_stand_in_knows_the_platform_as_it_would
     decides as with the real module, and a later ``import platform`` gets the real one."""
     probe = (
         "import json, sys\n"
-        "from ctl.readargs import _import_msgspec_without_typing_extensions\n"
-        "_import_msgspec_without_typing_extensions()\n"
+        "from ctl.readargs import import_msgspec_lean\n"
+        "import_msgspec_lean()\n"
         "import uuid\n"
         "seen = {'platform': 'platform' in sys.modules, 'linux': uuid._LINUX, 'aix': uuid._AIX}\n"
         "import platform\n"
