@@ -155,15 +155,30 @@ def object_path(bus_name: str) -> str:
     return "/" + bus_name.replace(".", "/")
 
 
+def _missing_socket(address: str) -> str:
+    """The socket path of a plain ``unix:path=`` address when nothing is there, else ""
+    (an abstract socket, another transport or several addresses: the connection tells)."""
+    if ";" in address or not address.startswith("unix:"):
+        return ""
+    for part in address[len("unix:") :].split(","):
+        key, _, value = part.partition("=")
+        if key == "path" and value and "%" not in value:  # % escapes: left to jeepney
+            return "" if os.path.exists(value) else value
+    return ""
+
+
 class BusReader:
     """One blocking bus connection for the read methods in :data:`READS`."""
 
     def __init__(self, address: str | None = None, enable_fds: bool = False) -> None:
         """``enable_fds`` for a call that hands the daemon a file descriptor (ExportImage)."""
-        from jeepney.io.blocking import open_dbus_connection
-
         if address is None:
             address = os.environ.get(SYSTEM_BUS_ENV) or SYSTEM_BUS_ADDRESS
+        missing = _missing_socket(address)
+        if missing:  # said before importing jeepney (~15 ms), as the connection would say it
+            raise NoBusError(f"no bus socket at {missing}")
+        from jeepney.io.blocking import open_dbus_connection
+
         try:
             self._connection: DBusConnection = open_dbus_connection(
                 address, enable_fds=enable_fds, auth_timeout=AUTH_TIMEOUT

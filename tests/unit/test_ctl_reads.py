@@ -314,6 +314,32 @@ def test_reads_with_no_bus_say_the_daemons_are_not_running(tmp_path: Path) -> No
         assert (result.returncode, result.stderr) == (code, f"error: {NOT_RUNNING}\n"), argv
 
 
+def test_a_missing_bus_socket_is_said_without_loading_jeepney(tmp_path: Path) -> None:
+    """No socket where a plain unix address points (no daemons running): NoBusError at once,
+    jeepney never imported; other addresses are left to the connection to judge."""
+    code = (
+        "import sys\n"
+        "from shared.busread import BusReader, NoBusError\n"
+        "try:\n"
+        f"    BusReader('unix:path={tmp_path}/no.sock,guid=0123')\n"
+        "except NoBusError as exc:\n"
+        "    print(exc)\n"
+        "print('jeepney' in sys.modules)\n"
+        "try:\n"
+        f"    BusReader('unix:abstract={tmp_path}/no.sock')\n"
+        "except NoBusError:\n"
+        "    print('abstract refused by the connection', 'jeepney' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.splitlines() == [
+        f"no bus socket at {tmp_path}/no.sock",
+        "False",
+        "abstract refused by the connection True",
+    ], result.stderr
+
+
 def test_the_bus_round_trip_works_against_a_real_dbus_daemon(private_bus: PrivateBus) -> None:
     """What the daemons' replies travel through: a call the bus itself answers, and an error."""
     with BusReader(private_bus.address) as bus:
