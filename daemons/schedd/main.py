@@ -116,7 +116,7 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def get_spec(self, deployment: str) -> str:
-        return self._scheduler.spec_text(deployment)
+        return await self._scheduler.spec_text(deployment)
 
     @dbus_method_async_override()
     async def trigger_job(self, deployment: str, service: str) -> str:
@@ -124,7 +124,7 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def list_cron(self, deployment: str) -> str:
-        return encode(self._scheduler.cron_schedules(deployment))
+        return encode(await self._scheduler.cron_schedules(deployment))
 
     @dbus_method_async_override()
     async def rollback(self, deployment: str) -> int:
@@ -150,7 +150,7 @@ class SchedulerService(Scheduler1):
 
     @dbus_method_async_override()
     async def list_secrets(self) -> str:
-        return encode(self._scheduler.list_secrets())
+        return encode(await self._scheduler.list_secrets())
 
     @dbus_method_async_override()
     async def get_secret(self, name: str, deployment: str) -> str:
@@ -294,6 +294,8 @@ class SchedulerDaemon(Daemon):
         """Stop the reconcile loop (node init and join change the store under it)."""
         for task in (self._watch_task, self._loop_task):
             await cancel_and_wait(task)
+        # The writes it posted (events) reach the store before the store changes or closes.
+        await self.scheduler.io.drain()
 
     async def resume(self, cluster: ClusterContext | None) -> None:
         """Run the loop again: over the cluster's store once this node joined one."""

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from daemons.schedd.store import DesiredStore, ServiceState
+from daemons.schedd.store import DesiredStore, ServiceState, StoreThread
 from daemons.schedd.views import IN_ROTATION
 from shared.wire.agent import ReplicaInfo, RevisionReplicas
 
@@ -53,11 +53,13 @@ class Rollouts:
     def __init__(
         self,
         store: DesiredStore,
+        io: StoreThread,
         service_spec: Callable[[str, int, str], ServiceSpec | None],
         event: Callable[..., None],
         apply: Callable[..., Awaitable[None]],
     ) -> None:
         self.store = store
+        self.io = io  # where the store's calls run
         self.service_spec = service_spec  # (deployment, revision, service) -> its spec
         self.event = event
         self.apply = apply  # makes replicas of a revision part of this pass's assignments
@@ -75,9 +77,12 @@ class Rollouts:
         spec: DeploymentSpec,
         revision: int,
         replicas: list[ReplicaInfo],
+        current: dict[str, ServiceState],
         roll: frozenset[str] = frozenset(),
     ) -> tuple[dict[str, ServiceState], list[tuple[str, str, str]]]:
         """Per service: keep its serving revision if unchanged, else roll out ``revision``.
+        ``current`` is the services' stored states (changed in place). Blocking: it
+        reads the specs of the revisions they serve (schedd runs it in the store's thread).
 
         The services in ``roll`` roll out even with an unchanged spec: a secret
         their env reads changed, and only new replicas get the new value.
@@ -87,7 +92,6 @@ class Rollouts:
         states to store (every service of ``spec``, no other) and the events
         to emit once they are stored, as (kind, service, message).
         """
-        current = self.store.service_states(name)
         planned: dict[str, ServiceState] = {}
         events: list[tuple[str, str, str]] = []
         now = time.time()
@@ -155,7 +159,7 @@ class Rollouts:
         old_spec = self.service_spec(name, state.serving, svc_name)
         if new_spec is None or old_spec is None:  # pragma: no cover - revisions are kept
             state.serving, state.rollout = state.target, ""
-            self.store.put_service_state(name, svc_name, state)
+            await self.io.call(self.store.put_service_state, name, svc_name, state)
             return
         now = time.time()
         batch = max(1, math.ceil(want / 4))
@@ -176,7 +180,7 @@ class Rollouts:
                 f"revision {state.serving} keeps serving"
             )
             state.new_count = state.old_count = 0
-            self.store.put_service_state(name, svc_name, state)
+            await self.io.call(self.store.put_service_state, name, svc_name, state)
             self.draining.pop((name, svc_name), None)
             self.event(name, "rollout-failed", f"{svc_name}: {state.message}", service=svc_name)
             await self.apply(name, state.serving, svc_name, old_spec, want)
@@ -199,7 +203,7 @@ class Rollouts:
                     True,
                 )
             else:
-                self.end(
+                await self.end(
                     name,
                     svc_name,
                     state,
@@ -209,7 +213,7 @@ class Rollouts:
                 await self.apply(name, state.target, svc_name, new_spec, want)
                 return
         if changed:
-            self.store.put_service_state(name, svc_name, state)
+            await self.io.call(self.store.put_service_state, name, svc_name, state)
         await self.apply(
             name,
             state.target,
@@ -225,10 +229,12 @@ class Rollouts:
             ],
         )
 
-    def end(self, name: str, svc_name: str, state: ServiceState, kind: str, message: str) -> None:
+    async def end(
+        self, name: str, svc_name: str, state: ServiceState, kind: str, message: str
+    ) -> None:
         """The target revision is now the serving one: store it, stop draining, say so."""
         state.serving, state.rollout, state.message = state.target, "", ""
         state.new_count = state.old_count = 0
-        self.store.put_service_state(name, svc_name, state)
+        await self.io.call(self.store.put_service_state, name, svc_name, state)
         self.draining.pop((name, svc_name), None)
         self.event(name, kind, message, service=svc_name)

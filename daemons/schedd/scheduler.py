@@ -40,7 +40,7 @@ from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache, agent_call
 from daemons.schedd.rollouts import Rollouts
 from daemons.schedd.secrets import Secrets, SecretUnreadableError, info, missing, spec_references
 from daemons.schedd.status import deployment_status, desired_replicas, start_order
-from daemons.schedd.store import DesiredStore, ServiceState, StoredDeployment
+from daemons.schedd.store import DesiredStore, ServiceState, StoredDeployment, StoreThread
 from daemons.schedd.views import (
     IN_ROTATION,
     TRAFFIC_TIMEOUT,
@@ -207,6 +207,12 @@ class _Reads:
     states: dict[str, ServiceState]
 
 
+def _reads_secrets(dumped: dict[str, Any]) -> bool:
+    """Whether a dumped ServiceSpec's env reads a secret (``$S:``)."""
+    env = dumped.get("env")
+    return isinstance(env, dict) and any("$S:" in str(v) for v in env.values())
+
+
 @dataclass
 class _Waiting:
     since: float
@@ -229,6 +235,8 @@ class Scheduler:
         cluster_secrets_key: Callable[[], bytes] | None = None,
     ) -> None:
         self.store = store
+        # Every call of the store runs here, off the event loop and in the loop's order.
+        self.io = StoreThread()
         self.secrets = Secrets(store, secrets_key, cluster_secrets_key)
         self.bus = bus
         self.agent = AgentClient(bus)
@@ -262,9 +270,16 @@ class Scheduler:
         self._sampler = Sampler()
         self._sampled_at: dict[str, float] = {}
         self._deployed_at: dict[str, float] = {}  # deployment -> its last deploy (monotonic)
-        self.rollouts = Rollouts(store, self._service_spec, self.event, self._apply)
+        self.rollouts = Rollouts(store, self.io, self._service_spec, self.event, self._apply)
         self.views = ViewSync(
-            store, self.agent, self.overlay, self.proxyd, self.replica_cache, self.event, self.wake
+            store,
+            self.io,
+            self.agent,
+            self.overlay,
+            self.proxyd,
+            self.replica_cache,
+            self.event,
+            self.wake,
         )
 
     # ------------------------------------------------------------ events
@@ -281,7 +296,8 @@ class Scheduler:
             message=message,
         )
         log.info("%s: %s", deployment, message)
-        self.store.add_event(event)
+        # Not waited for: the store's thread writes it before any later read of events.
+        self.io.post(self.store.add_event, event)
         self.emit_signal(event)
 
     # ------------------------------------------------------------ requests
@@ -317,8 +333,7 @@ class Scheduler:
         from shared.spec.support import node_support
 
         spec = await self._parse(spec_text, filename, host_env)
-        self._check_ports(spec)
-        self._check_secrets(spec)
+        await self.io.call(self._check_deployable, spec)
         # A deploy is a fresh start for what failed: services that gave up on
         # their dependencies wait again, and failed replicas retry at once
         # (the assignment's ``retry`` changes with the revision).
@@ -344,28 +359,27 @@ class Scheduler:
         name = spec.deployment
         spec_json = spec.model_dump_json(by_alias=True)
         replicas: list[ReplicaInfo] = []
-        if await asyncio.to_thread(self.store.get, name) is not None:
+        if await self.io.call(self.store.get, name) is not None:
             with contextlib.suppress(UnavailableError):
                 replicas = await self._replicas(name)
         async with self._deploy_lock:
 
-            def read() -> tuple[int, dict[str, str], dict[str, ServiceState]]:
+            def plan() -> tuple[int, dict[str, ServiceState], list[tuple[str, str, str]]]:
+                revision = self.store.next_revision(name)
+                digests = {svc: self._secrets_digest(name, s) for svc, s in spec.services.items()}
+                before = self.store.service_states(name)
                 # A service whose secrets changed since its last roll rolls too, even
                 # with the same spec.
-                return (
-                    self.store.next_revision(name),
-                    {svc: self._secrets_digest(name, s) for svc, s in spec.services.items()},
-                    self.store.service_states(name),
-                )
+                rolled = roll | {
+                    svc for svc, d in digests.items() if svc in before and before[svc].secrets != d
+                }
+                states, events = self.rollouts.plan(name, spec, revision, replicas, before, rolled)
+                for svc_name, state in states.items():
+                    state.secrets = digests[svc_name]
+                return revision, states, events
 
-            revision, digests, before = await asyncio.to_thread(read)
-            roll |= {
-                svc for svc, d in digests.items() if svc in before and before[svc].secrets != d
-            }
-            states, events = self.rollouts.plan(name, spec, revision, replicas, roll)
-            for svc_name, state in states.items():
-                state.secrets = digests[svc_name]
-            stored_as = await asyncio.to_thread(
+            revision, states, events = await self.io.call(plan)
+            stored_as = await self.io.call(
                 self.store.add_revision, name, spec_json, spec_text, filename, states
             )
             self._deployed_at[name] = time.monotonic()
@@ -381,6 +395,8 @@ class Scheduler:
         return await self.status(name)
 
     def _spec(self, name: str, revision: int) -> DeploymentSpec | None:
+        """The spec of a revision, parsed once. Blocking the first time (the store's
+        thread reads each revision a pass needs before the loop asks for it)."""
         from shared.spec import DeploymentSpec
 
         key = (name, revision)
@@ -397,6 +413,15 @@ class Scheduler:
 
     async def rollback(self, name: str) -> int:
         """Deploy the revision before the current one again, as a new revision."""
+        spec, (text, filename), previous = await self.io.call(self._rollback_source, name)
+        status = await self._store_revision(
+            spec, text, filename, f"rolled back to revision {previous}"
+        )
+        return status.revision
+
+    def _rollback_source(self, name: str) -> tuple[DeploymentSpec, tuple[str, str], int]:
+        """Blocking: the revision before ``name``'s current one, checked as a deploy is:
+        its spec, its source (text, file name) and its number."""
         stored = self._require(name)
         earlier = [r for r in self.store.revisions(name) if r < stored.revision]
         if not earlier:
@@ -408,15 +433,17 @@ class Scheduler:
         source = self.store.revision_source(name, previous)
         if spec is None or source is None:  # pragma: no cover - listed above
             raise NotFoundError(f"revision {previous} of {name} is gone")
+        self._check_deployable(spec)
+        return spec, source, previous
+
+    def _check_deployable(self, spec: DeploymentSpec) -> None:
+        """Blocking: a conflict with another deployment's public ports, or a secret it
+        reads that is not set, refused in one sentence each."""
         self._check_ports(spec)
         self._check_secrets(spec)
-        status = await self._store_revision(
-            spec, source[0], source[1], f"rolled back to revision {previous}"
-        )
-        return status.revision
 
     def _check_ports(self, spec: DeploymentSpec) -> None:
-        """A public port belongs to one deployment on this node."""
+        """Blocking: a public port belongs to one deployment on this node."""
         from shared.spec import DeploymentSpec
 
         mine = _public_ports(spec)
@@ -440,13 +467,14 @@ class Scheduler:
         from shared.spec import DeploymentSpec
 
         spec = await self._parse(spec_text, filename, host_env)
-        self._check_secrets(spec)
-        current = self.store.get(spec.deployment)
-        old = (
-            await asyncio.to_thread(DeploymentSpec.model_validate_json, current.spec_json)
-            if current
-            else None
-        )
+
+        def read() -> tuple[DeploymentSpec | None, int]:
+            self._check_secrets(spec)
+            current = self.store.get(spec.deployment)
+            old = DeploymentSpec.model_validate_json(current.spec_json) if current else None
+            return old, self.store.next_revision(spec.deployment)
+
+        old, revision = await self.io.call(read)
         actions: list[str] = []
         for name in start_order(spec):
             service = spec.services[name]
@@ -469,10 +497,15 @@ class Scheduler:
             actions.append(f"{verb} {what}{count}{after}")
         if old is not None:
             actions += [f"remove {name}" for name in old.services if name not in spec.services]
-        revision = self.store.next_revision(spec.deployment)
         return DeployPlan(deployment=spec.deployment, revision=revision, actions=actions)
 
+    async def _stored(self, name: str, removing_ok: bool = False) -> StoredDeployment:
+        """Deployment ``name`` as stored, read in the store's thread (see _require)."""
+        return await self.io.call(self._require, name, removing_ok)
+
     def _require(self, name: str, removing_ok: bool = False) -> StoredDeployment:
+        """Blocking: deployment ``name`` as stored; NotFoundError naming those there are
+        when it is not (or is being removed, unless ``removing_ok``)."""
         stored = self.store.get(name)
         if stored is None:
             known = ", ".join(self.store.names()) or "none"
@@ -492,16 +525,16 @@ class Scheduler:
         and forgets it once no replica is left. A stop of the daemons in
         between changes nothing: the intent is in the store.
         """
-        stored = self._require(name, removing_ok=True)
+        stored = await self._stored(name, removing_ok=True)
         if stored.removing:
             return
-        await asyncio.to_thread(self.store.set_removing, name)
+        await self.io.call(self.store.set_removing, name)
         self.event(name, "removing", f"removing {name}: its replicas stop, then it is gone")
         self.wake()
 
     async def _finish_removal(self, name: str) -> None:
         """Every replica of a deployment being removed is gone: forget it."""
-        await asyncio.to_thread(self.store.remove, name)
+        await self.io.call(self.store.remove, name)
         for key in [k for k in self._desired if k[0] == name]:
             del self._desired[key]
         self.rollouts.forget(name)
@@ -523,13 +556,13 @@ class Scheduler:
         """Keep a stop of ``service`` (or every service) and let the loop carry it out."""
         from shared.spec import DeploymentSpec
 
-        stored = self._require(name)
+        stored = await self._stored(name)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         if service and service not in spec.services:
             raise NotFoundError(
                 f"deployment {name} has no service {service} (services: {', '.join(spec.services)})"
             )
-        await asyncio.to_thread(self.store.set_stopped, name, service, True)
+        await self.io.call(self.store.set_stopped, name, service, True)
         grace = 0.0 if force else timeout_sec
         for svc_name in [service] if service else list(spec.services):
             self._stop_grace[(name, svc_name)] = grace
@@ -539,7 +572,7 @@ class Scheduler:
     async def scale(self, name: str, service: str, replicas: int) -> None:
         from shared.spec import DeploymentSpec
 
-        stored = self._require(name)
+        stored = await self._stored(name)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         if service not in spec.services:
             raise NotFoundError(
@@ -557,15 +590,15 @@ class Scheduler:
                 f"({sum(g.count for g in groups)} in all); change their counts in the spec "
                 "and deploy it again"
             )
-        await asyncio.to_thread(self.store.hold_scale, name, service, replicas)
+        await self.io.call(self.store.hold_scale, name, service, replicas)
         if stored.stopped:
             # The whole deployment was stopped: scaling one service starts that
             # service alone, the others stay stopped.
             for other in spec.services:
                 if other != service:
-                    await asyncio.to_thread(self.store.set_stopped, name, other, True)
-            await asyncio.to_thread(self.store.set_stopped, name, "", False)
-        await asyncio.to_thread(self.store.set_stopped, name, service, False)
+                    await self.io.call(self.store.set_stopped, name, other, True)
+            await self.io.call(self.store.set_stopped, name, "", False)
+        await self.io.call(self.store.set_stopped, name, service, False)
         self.event(
             name,
             "scaled",
@@ -577,7 +610,7 @@ class Scheduler:
     async def trigger_job(self, name: str, service: str, trigger: str = "manual") -> JobRun:
         from shared.spec import DeploymentSpec
 
-        stored = self._require(name)
+        stored = await self._stored(name)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         svc = spec.services.get(service)
         if svc is None or svc.rtype == "service":
@@ -594,13 +627,22 @@ class Scheduler:
         return run
 
     async def events(self, name: str, limit: int) -> list[Event]:
-        names = [self._require(name, removing_ok=True).name] if name else self.store.names()
-        found: list[Event] = []
-        for dep in names:
-            found += await asyncio.to_thread(self.store.events, dep, limit)
+        def read() -> list[Event]:
+            names = [self._require(name, removing_ok=True).name] if name else self.store.names()
+            found: list[Event] = []
+            for dep in names:
+                found += self.store.events(dep, limit)
+            return found
+
+        # After every event posted before it: the store's thread runs calls in order.
+        found = await self.io.call(read)
         return sorted(found, key=lambda e: e.time)[-limit:]
 
-    def cron_schedules(self, name: str) -> list[CronSchedule]:
+    async def cron_schedules(self, name: str) -> list[CronSchedule]:
+        return await self.io.call(self._cron_rows, name)
+
+    def _cron_rows(self, name: str) -> list[CronSchedule]:
+        """Blocking: the cron services of ``name`` (every deployment for ""), one row each."""
         from shared.spec import DeploymentSpec
 
         names = [name] if name else self.store.names()
@@ -631,7 +673,7 @@ class Scheduler:
         """Turn a cron service's schedule off or on; kept in the store across restarts."""
         from shared.spec import DeploymentSpec
 
-        stored = self._require(name)
+        stored = await self._stored(name)
         spec = DeploymentSpec.model_validate_json(stored.spec_json)
         svc = spec.services.get(service)
         if svc is None or svc.rtype != "cron":
@@ -640,11 +682,11 @@ class Scheduler:
                 f"deployment {name} has no cron job named {service} "
                 f"(cron jobs: {', '.join(crons) or 'none'})"
             )
-        await asyncio.to_thread(self.store.set_cron_enabled, name, service, enabled)
+        await self.io.call(self.store.set_cron_enabled, name, service, enabled)
         # Enabled again: the next run is counted from now, not from before it was off.
         self._cron_next.pop((name, service), None)
         if enabled:
-            await asyncio.to_thread(self.store.record_cron_run, name, service, time.time())
+            await self.io.call(self.store.record_cron_run, name, service, time.time())
         word = "enabled" if enabled else "disabled: it does not fire until enabled again"
         self.event(name, "cron", f"cron job {service} {word}", service=service)
         self.wake()
@@ -657,10 +699,11 @@ class Scheduler:
             raise InvalidSpecError("\n".join(problems))
 
     def _with_secrets(self, name: str, svc_name: str, dumped: dict[str, Any]) -> dict[str, Any]:
-        """A dumped ServiceSpec with its env's ``$S:`` references replaced by their values."""
-        env = dumped.get("env")
-        if not env or not any("$S:" in str(v) for v in env.values()):
+        """Blocking when it reads a secret: a dumped ServiceSpec with its env's ``$S:``
+        references replaced by their values."""
+        if not _reads_secrets(dumped):
             return dumped
+        env = dumped["env"]
         from shared.spec.refs import resolve_secrets
 
         lookup = self.secrets.lookup(name)
@@ -672,7 +715,7 @@ class Scheduler:
         }
 
     def _users(self, secret: str, scope: str) -> dict[str, frozenset[str]]:
-        """Deployment -> its services whose ``$S:secret`` reads the one of ``scope``
+        """Blocking: deployment -> its services whose ``$S:secret`` reads the one of ``scope``
         (a deployment, or "" for node-wide: read where the deployment has none of its own)."""
         from shared.spec import DeploymentSpec
 
@@ -695,11 +738,10 @@ class Scheduler:
         """Roll each deployment's services that read a changed secret, as a deploy does:
         the same spec as a new revision, those services replaced start-first."""
         for dep, services in sorted(users.items()):
-            stored = self.store.get(dep)
-            spec = self._spec(dep, stored.revision) if stored else None
-            source = self.store.revision_source(dep, stored.revision) if stored else None
-            if stored is None or spec is None or source is None:
+            found = await self.io.call(self._current_source, dep)
+            if found is None:
                 continue
+            spec, source = found
             for key in [k for k in self._failed if k[0] == dep and k[2] in services]:
                 del self._failed[key]
             status = await self._store_revision(
@@ -715,8 +757,17 @@ class Scheduler:
                 if svc.rtype == "job" and svc_name not in services:
                     self._deploy_jobs_done.add((dep, status.revision, svc_name))
 
+    def _current_source(self, name: str) -> tuple[DeploymentSpec, tuple[str, str]] | None:
+        """Blocking: the spec and source (text, file name) of ``name``'s current revision."""
+        stored = self.store.get(name)
+        spec = self._spec(name, stored.revision) if stored else None
+        source = self.store.revision_source(name, stored.revision) if stored else None
+        if spec is None or source is None:
+            return None
+        return spec, source
+
     def _secrets_digest(self, name: str, svc: ServiceSpec) -> str:
-        """Which stored version of each secret ``svc``'s env reads, as a short digest
+        """Blocking: which stored version of each secret ``svc``'s env reads, as a short digest
         ("" when it reads none): it changes with every set or removal that matters."""
         from shared.spec.refs import secret_names
 
@@ -734,7 +785,7 @@ class Scheduler:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def _still_drifted(self, drifted: dict[str, set[str]]) -> dict[str, frozenset[str]]:
-        """Those of ``drifted`` (deployment -> services) whose stored digest is still not
+        """Blocking: those of ``drifted`` (deployment -> services) whose stored digest is still not
         what their secrets give now (a set or removal may have rolled them meanwhile)."""
         found: dict[str, frozenset[str]] = {}
         for dep, services in drifted.items():
@@ -756,18 +807,23 @@ class Scheduler:
 
     async def set_secret(self, name: str, deployment: str, value: str) -> SecretInfo:
         async with self._secrets_lock:
-            secret = await asyncio.to_thread(self.secrets.set, name, deployment, value)
+            secret = await self.io.call(self.secrets.set, name, deployment, value)
             what = "set" if secret.version == 1 else f"changed (version {secret.version})"
             scope = f"deployment {deployment}" if deployment else "node-wide"
             log.info("secret %s (%s) %s", name, scope, what)
-            await self._roll(self._users(name, deployment), f"secret {name} {what}")
+            users = await self.io.call(self._users, name, deployment)
+            await self._roll(users, f"secret {name} {what}")
         return info(secret)
 
     async def remove_secret(self, name: str, deployment: str) -> None:
-        self.secrets.require(name, deployment)
-        users = self._users(name, deployment)
-        # Without this one, do they still find a value (a deployment's own -> node-wide)?
-        stranded = sorted(dep for dep in users if not deployment or not self.secrets.find(name, ""))
+        def read() -> tuple[dict[str, frozenset[str]], list[str]]:
+            self.secrets.require(name, deployment)
+            users = self._users(name, deployment)
+            # Without this one, do they still find a value (a deployment's own -> node-wide)?
+            fallback = bool(deployment) and self.secrets.find(name, "") is not None
+            return users, sorted(dep for dep in users if not fallback)
+
+        users, stranded = await self.io.call(read)
         if stranded:
             raise ConflictError(
                 f"secret {name} is used by deployment {stranded[0]} "
@@ -775,7 +831,7 @@ class Scheduler:
                 f"and deploy, or `zlayerctl down {stranded[0]}`, first"
             )
         async with self._secrets_lock:
-            await asyncio.to_thread(self.store.remove_secret, name, deployment)
+            await self.io.call(self.store.remove_secret, name, deployment)
             await self._roll(users, f"secret {name} of deployment {deployment} removed")
         log.info(
             "secret %s (%s) removed",
@@ -783,11 +839,11 @@ class Scheduler:
             f"deployment {deployment}" if deployment else "node-wide",
         )
 
-    def list_secrets(self) -> list[SecretInfo]:
-        return [info(s) for s in self.store.secrets()]
+    async def list_secrets(self) -> list[SecretInfo]:
+        return [info(s) for s in await self.io.call(self.store.secrets)]
 
     async def get_secret(self, name: str, deployment: str) -> SecretValue:
-        secret = self.secrets.require(name, deployment)
+        secret = await self.io.call(self.secrets.require, name, deployment)
         value = await asyncio.to_thread(self.secrets.open, secret)
         return SecretValue(name=name, deployment=deployment, value=value)
 
@@ -810,19 +866,16 @@ class Scheduler:
     async def _job_runs(self, name: str, service: str) -> list[JobRun]:
         return await self._agent_call(self.agent.list_job_runs(name, service))
 
-    def spec_text(self, name: str) -> str:
+    async def spec_text(self, name: str) -> str:
         """The spec text of ``name``'s current revision, as it was deployed."""
-        return self._require(name, removing_ok=True).spec_text
+        return (await self._stored(name, removing_ok=True)).spec_text
 
     async def status(self, name: str) -> DeploymentStatus:
-        from shared.spec import DeploymentSpec
-
-        stored = self._require(name, removing_ok=True)
-        key = (name, stored.revision)
-        spec = self._specs.get(key)
-        if spec is None:
-            # Kept, as a deploy keeps its spec: the next status and the pass take it from here.
-            spec = self._specs[key] = DeploymentSpec.model_validate_json(stored.spec_json)
+        reads = await self.io.call(self._status_reads, name)
+        stored = reads.stored
+        spec = self._spec(name, stored.revision)  # parsed with the reads
+        if spec is None:  # pragma: no cover - a stored deployment has its revision
+            raise NotFoundError(f"there is no deployment named {name}")
         try:
             replicas = await self._replicas(name)
         except UnavailableError:
@@ -831,10 +884,12 @@ class Scheduler:
             replicas = replicas + self.placement.remote_replicas(name)
         status = deployment_status(
             name,
-            self.store,
             stored,
             spec,
             replicas,
+            holds=reads.holds,
+            stopped=reads.stopped,
+            states=reads.states,
             failed=self._failed,
             waiting=self._waiting,
             deployed_at=self._deployed_at.get(name, -math.inf),
@@ -857,8 +912,16 @@ class Scheduler:
             services.append(svc)
         return msgspec.structs.replace(status, services=services)
 
+    def _status_reads(self, name: str) -> _Reads:
+        """Blocking: what status() reads of deployment ``name``, its spec parsed."""
+        reads = self._read_deployment(name)
+        if reads is None:
+            self._require(name, removing_ok=True)  # NotFoundError, naming those there are
+            return self._status_reads(name)  # stored again in between
+        return reads
+
     async def list_status(self) -> list[DeploymentStatus]:
-        return [await self.status(name) for name in self.store.names()]
+        return [await self.status(name) for name in await self.io.call(self.store.names)]
 
     # ------------------------------------------------------------ the loop
 
@@ -1013,7 +1076,8 @@ class Scheduler:
         return wanted(self.store, self._spec)
 
     def _pending_event(self, deployment: str, kind: str, message: str, service: str) -> None:
-        if self.store.get(deployment) is not None:
+        # Said of a deployment still stored: placement parsed its spec, kept until removal.
+        if any(key[0] == deployment for key in self._specs):
             self.event(deployment, kind, message, service=service)
 
     async def _overlay_subnet(self) -> str:
@@ -1082,10 +1146,10 @@ class Scheduler:
         previous, self._desired = self._desired, {}
         self._previous_desired = previous
         views: list[DeploymentTraffic] = []
-        for name in await asyncio.to_thread(self.store.names):
-            # One thread hop per deployment for its reads: on etcd each read is a
+        for name in await self.io.call(self.store.names):
+            # One call in the store's thread per deployment for its reads: on etcd each read is a
             # round trip, which must not hold the event loop.
-            reads = await asyncio.to_thread(self._read_deployment, name)
+            reads = await self.io.call(self._read_deployment, name)
             if reads is None:
                 continue
             stored = reads.stored
@@ -1108,23 +1172,26 @@ class Scheduler:
         if drifted:
             # A secret changed and its roll was not stored (schedd stopped in between).
             async with self._secrets_lock:
-                await self._roll(
-                    self._still_drifted(drifted), "secrets changed since the last roll"
-                )
+                left = await self.io.call(self._still_drifted, drifted)
+                await self._roll(left, "secrets changed since the last roll")
 
     def _read_deployment(self, name: str) -> _Reads | None:
-        """Blocking: what a pass reads of one deployment (None: it is gone)."""
+        """Blocking: what a pass reads of one deployment (None: it is gone), with the
+        specs of its current revision and of those its services serve and roll out
+        parsed, so the loop finds them without reading the store."""
         stored = self.store.get(name)
         if stored is None:
             return None
-        if (name, stored.revision) not in self._specs:
-            self._spec(name, stored.revision)
+        states = self.store.service_states(name)
+        revisions = {stored.revision} | {r for s in states.values() for r in (s.serving, s.target)}
+        for revision in revisions:
+            self._spec(name, revision)
         return _Reads(
             stored,
             self.store.scale_holds(name),
             self.store.stopped_services(name),
             self.store.cron_disabled(name),
-            self.store.service_states(name),
+            states,
         )
 
     async def _reconcile(
@@ -1154,12 +1221,12 @@ class Scheduler:
             state = states.get(svc_name)
             if state is None:  # a deployment stored before per-service revisions
                 state = ServiceState(stored.revision, stored.revision)
-                self.store.put_service_state(name, svc_name, state)
+                await self.io.call(self.store.put_service_state, name, svc_name, state)
                 states[svc_name] = state
             key = (name, stored.revision, svc_name)
             if (stored.stopped or svc_name in stopped) and state.rollout == "running":
                 # Nothing of it runs any more: the new revision is what starts next time.
-                self.rollouts.end(
+                await self.rollouts.end(
                     name,
                     svc_name,
                     state,
@@ -1285,13 +1352,13 @@ class Scheduler:
             if decision.replicas == current:
                 if state.adaptive is None:
                     state.adaptive = current
-                    self.store.put_service_state(name, svc_name, state)
+                    await self.io.call(self.store.put_service_state, name, svc_name, state)
                 continue
             cooldown = svc.scale.cooldown.total_seconds()
             if state.scaled_at and time.time() - state.scaled_at < cooldown:
                 continue
             state.adaptive, state.scaled_at = decision.replicas, time.time()
-            self.store.put_service_state(name, svc_name, state)
+            await self.io.call(self.store.put_service_state, name, svc_name, state)
             self.event(
                 name,
                 "scaled",
@@ -1378,15 +1445,20 @@ class Scheduler:
         """
         from shared.spec.refs import UnresolvedReferenceError
 
-        stored = self._pass_stored.get(name) or self.store.get(name)
-        try:
-            resolved = self._with_secrets(
-                name, svc_name, svc.model_dump(mode="json", by_alias=True, exclude_none=True)
-            )
-            older = [
+        stored = self._pass_stored.get(name) or await self.io.call(self.store.get, name)
+        dumped = svc.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+        def resolve() -> tuple[dict[str, Any], list[RevisionReplicas]]:
+            return self._with_secrets(name, svc_name, dumped), [
                 msgspec.structs.replace(old, spec=self._with_secrets(name, svc_name, old.spec))
                 for old in previous or []
             ]
+
+        try:
+            if _reads_secrets(dumped) or any(_reads_secrets(old.spec) for old in previous or []):
+                resolved, older = await self.io.call(resolve)  # the secrets are in the store
+            else:
+                resolved, older = resolve()
         except (UnresolvedReferenceError, SecretUnreadableError) as exc:
             if force:  # a job run asked for now: its caller hears why it cannot start
                 raise InvalidSpecError(str(exc)) from None
@@ -1427,11 +1499,13 @@ class Scheduler:
         key = (name, svc_name)
         now = time.time()
         if key not in self._cron_next:
-            last = self.store.last_cron_run(name, svc_name) or max(created_at, now)
+            last = await self.io.call(self.store.last_cron_run, name, svc_name) or max(
+                created_at, now
+            )
             self._cron_next[key] = next_cron_time(schedule, last)
         if now >= self._cron_next[key]:
             fired = self._cron_next[key]
-            await asyncio.to_thread(self.store.record_cron_run, name, svc_name, fired)
+            await self.io.call(self.store.record_cron_run, name, svc_name, fired)
             self._cron_next[key] = next_cron_time(schedule, max(fired, now))
             await self.trigger_job(name, svc_name, "schedule")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Mapping
 from typing import TYPE_CHECKING
 
-from daemons.schedd.store import DesiredStore, ServiceState, StoredDeployment
+from daemons.schedd.store import ServiceState, StoredDeployment
 from daemons.schedd.views import IN_ROTATION
 from shared.wire.agent import ReplicaInfo
 from shared.wire.scheduler import DeploymentState, DeploymentStatus, ServiceStatus
@@ -82,11 +82,13 @@ def failed_since_deploy(
 
 def deployment_status(
     name: str,
-    store: DesiredStore,
     stored: StoredDeployment,
     spec: DeploymentSpec,
     replicas: list[ReplicaInfo],
     *,
+    holds: Mapping[str, int],
+    stopped: Container[str],
+    states: Mapping[str, ServiceState],
     failed: Mapping[tuple[str, int, str], str],
     waiting: Container[tuple[str, int, str]],
     deployed_at: float,
@@ -94,7 +96,8 @@ def deployment_status(
     refusal: str,
     unrouted: Callable[[], bool],
 ) -> DeploymentStatus:
-    """The status of deployment ``name`` (``stored``, its ``spec`` parsed) and its
+    """The status of deployment ``name`` (``stored``, its ``spec`` parsed, its
+    scale ``holds``, ``stopped`` services and their rollout ``states``) and its
     ``replicas`` on the node.
 
     ``failed`` and ``waiting`` are the reconcile loop's services that gave up
@@ -102,9 +105,6 @@ def deployment_status(
     refused the deployment's traffic (""), ``unrouted`` whether a replica in
     rotation is not yet in the traffic the holders hold.
     """
-    holds = store.scale_holds(name)
-    stopped = store.stopped_services(name)
-    states = store.service_states(name)
     services = []
     for svc_name in start_order(spec):
         svc = spec.services[svc_name]

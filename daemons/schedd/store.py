@@ -5,27 +5,32 @@ Every write is one transaction in WAL mode with ``synchronous=FULL``, so a
 schedd killed at any moment (or a power cut) restarts with either the old or
 the new desired state, never a mix. A file that is not a usable database is
 moved aside (logged) and schedd starts with an empty store instead of failing
-at every start. Calls are synchronous and quick; the daemon runs them in a
-thread.
+at every start. Calls are synchronous; schedd makes every one of them in a
+thread of their own, in the order its event loop made them (:class:`StoreThread`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, TypeVarTuple
 
 from shared.statefile import move_aside
 from shared.wire.scheduler import Event
 
 log = logging.getLogger("zlayer.schedd.store")
+
+T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 
 class StoreClosedError(RuntimeError):
@@ -179,8 +184,9 @@ class DesiredStore(Protocol):
     """What schedd reads and writes of its desired state, whichever backend keeps it:
     :class:`Store` (SQLite, a lone node) or ``EtcdStore`` (etcd, a cluster).
 
-    Calls are synchronous; schedd runs the slow ones in a thread. Every write is
-    all or nothing. After :meth:`close`, calls raise :class:`StoreClosedError`.
+    Calls are synchronous; schedd makes them in :class:`StoreThread`, never on
+    its event loop. Every write is all or nothing. After :meth:`close`, calls raise
+    :class:`StoreClosedError`.
     """
 
     # The backing state was unusable and the store started empty.
@@ -248,6 +254,50 @@ class DesiredStore(Protocol):
     def add_event(self, event: Event) -> None: ...
 
     def events(self, name: str, limit: int = 50) -> list[Event]: ...
+
+
+class StoreThread:
+    """Where schedd's store calls run: off the event loop, one at a time, in the order
+    the loop made them.
+
+    A SQLite commit waits for its fsync and an etcd call is a round trip (up to
+    its timeout when etcd is away): on the event loop either holds every bus
+    call and replica signal behind it. One worker thread, first in first out,
+    keeps the loop's order, so a write posted and not waited for (an event)
+    is in the store before any later read asks for it, and two writes of one
+    row land as they were made. A function run here calls the store directly,
+    never :meth:`call` (it would wait on itself).
+    """
+
+    def __init__(self) -> None:
+        self._worker = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="schedd-store"
+        )
+
+    async def call(self, fn: Callable[[*Args], T], *args: *Args) -> T:
+        """``fn(*args)`` run in the store's thread, after every call made before it."""
+        return await asyncio.wrap_future(self._worker.submit(fn, *args))
+
+    def post(self, fn: Callable[[*Args], object], *args: *Args) -> None:
+        """``fn(*args)`` run in the store's thread without waiting for it; a failure
+        is logged (an event lost while etcd is away is the one thing posted)."""
+        self._worker.submit(fn, *args).add_done_callback(_log_posted_failure)
+
+    async def drain(self) -> None:
+        """Wait until every call made so far has run."""
+        await self.call(_nothing)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _log_posted_failure(future: concurrent.futures.Future[object]) -> None:
+    exc = future.exception()
+    if isinstance(exc, StoreClosedError):
+        return  # schedd is stopping
+    if exc is not None:
+        log.warning("a store write not waited for failed: %s", exc)
 
 
 class Store:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 
 from daemons.schedd.replicas import AGENT_TIMEOUT, ReplicaCache
-from daemons.schedd.store import DesiredStore, ServiceState
+from daemons.schedd.store import DesiredStore, ServiceState, StoreThread
 from shared.bus import InvalidArgumentError
 from shared.clients import AgentClient, OverlayClient, ProxyClient
 from shared.wire import encode, replace
@@ -67,8 +67,9 @@ class Generations:
     until the block is used up; a restarted schedd starts above the stored block.
     """
 
-    def __init__(self, store: DesiredStore) -> None:
+    def __init__(self, store: DesiredStore, io: StoreThread) -> None:
         self.store = store
+        self.io = io  # where the store's calls run
         self.value = 0  # the last one handed out
         self._top = 0  # the last one reserved
         # one reservation at a time: two views sent at once (overlayd's and proxyd's)
@@ -81,7 +82,7 @@ class Generations:
         async with self._lock:
             wanted = max(self.value, above) + 1
             if wanted > self._top:
-                wanted, self._top = await asyncio.to_thread(self._reserve, wanted)
+                wanted, self._top = await self.io.call(self._reserve, wanted)
             self.value = wanted
             return wanted
 
@@ -194,6 +195,7 @@ class ViewSync:
     def __init__(
         self,
         store: DesiredStore,
+        io: StoreThread,
         agent: AgentClient,
         overlay: OverlayClient,
         proxyd: ProxyClient,
@@ -202,6 +204,7 @@ class ViewSync:
         wake: Callable[[], None],
     ) -> None:
         self.store = store
+        self.io = io  # where the store's calls run
         self.agent = agent
         self.overlay = overlay
         self.proxyd = proxyd
@@ -213,7 +216,7 @@ class ViewSync:
         # The assignments agentd last took, by (deployment, service).
         self._taken: dict[tuple[str, str], ServiceAssignment] = {}
         self._resync: set[str] = set(VIEW_HOLDERS)  # holders owed a full view now
-        self._generations = Generations(store)
+        self._generations = Generations(store, io)
         self._generation = 0
         # Per traffic holder: deployment -> why it refused that deployment's view.
         self._refused: dict[str, dict[str, str]] = {}
@@ -278,7 +281,7 @@ class ViewSync:
         One generation stamps every view sent together; it only grows, so a
         holder never takes a view computed before one it already has.
         """
-        if self.store.recovered and not self.store.names():
+        if self.store.recovered and not await self.io.call(self.store.names):
             # An empty store after an unreadable one is not "run nothing": leave
             # what runs alone until the user deploys again.
             if not self._held_back:
@@ -334,7 +337,7 @@ class ViewSync:
             if daemon == "agentd":
                 self._taken = {(a.deployment, a.service): a for a in assignments}
             self._resync.discard(daemon)
-            self._take_result(daemon, result)
+            await self._take_result(daemon, result)
 
         # Traffic before assignments, so a replica leaves rotation before it is
         # stopped. When agentd is only to start more, it goes first: the networks
@@ -388,7 +391,7 @@ class ViewSync:
         self._unreachable.discard(daemon)
         return result
 
-    def _take_result(self, daemon: str, result: SyncResult) -> None:
+    async def _take_result(self, daemon: str, result: SyncResult) -> None:
         """Events for what a holder refused or removed; refusals show in the status."""
         held = self._refused.setdefault(daemon, {})
         for deployment, sentence in result.refusals.items():
@@ -403,7 +406,7 @@ class ViewSync:
             log.info("zlayer-%s now takes the traffic of %s", daemon, deployment)
         self._refused[daemon] = dict(result.refusals)
         for deployment, sentence in result.removed:
-            if deployment and self.store.get(deployment) is not None:
+            if deployment and await self.io.call(self.store.get, deployment) is not None:
                 self.event(deployment, "garbage", sentence)
             else:
                 log.info("zlayer-%s: %s", daemon, sentence)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from daemons.schedd.store import Store
+from daemons.schedd.store import Store, StoreThread
 from daemons.schedd.views import GENERATION_BLOCK, Generations
 
 
 def test_generations_grow_across_restarts_with_one_store_write_per_block(tmp_path: Path) -> None:
     async def run() -> None:
         store = Store(tmp_path / "state.db")
-        generations = Generations(store)
+        generations = Generations(store, StoreThread())
         handed = [await generations.next() for _ in range(5)]
         assert handed == sorted(set(handed)) and handed[0] >= 1
         reserved = store.generation()
@@ -40,7 +40,7 @@ def test_generations_grow_across_restarts_with_one_store_write_per_block(tmp_pat
 
         # a restarted schedd never hands out one its predecessor did
         reopened = Store(tmp_path / "state.db")
-        after = await Generations(reopened).next()
+        after = await Generations(reopened, StoreThread()).next()
         assert after > max(handed) and after > GENERATION_BLOCK
         reopened.close()
 

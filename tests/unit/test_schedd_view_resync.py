@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from daemons.schedd.store import StoreThread
 from daemons.schedd.views import ViewSync
 from shared.wire.agent import NodeAssignments, SyncResult
 from shared.wire.traffic import TrafficViews
@@ -48,6 +49,7 @@ def _sent_after_resync(daemon: str) -> dict[str, int]:
     holders = {"agentd": _Holder(), "overlayd": _Holder(), "proxyd": _Holder()}
     views = ViewSync(
         _Store(),  # type: ignore[arg-type]
+        StoreThread(),
         holders["agentd"],  # type: ignore[arg-type]
         holders["overlayd"],  # type: ignore[arg-type]
         holders["proxyd"],  # type: ignore[arg-type]
