@@ -729,6 +729,61 @@ def test_schedd_with_a_cluster_section_keeps_its_deployments_in_etcd(
         print(log.read_text(errors="replace")[-3000:] if log.exists() else "")
 
 
+def test_schedd_answers_on_the_bus_while_etcd_does_not(
+    private_bus: PrivateBus, zlayer_prefix: Paths
+) -> None:
+    """etcd frozen (SIGSTOP: its connections open, nothing answered): a deployment's
+    status waits for the store in schedd's store thread while schedd goes on
+    answering what needs no store (its own status); once etcd answers again, the
+    deployment's status comes, and the deploy's event (posted, not waited for) is
+    in the store."""
+    import signal
+
+    with etcd_cluster(1) as cluster:
+        config = zlayer_prefix.daemon_config("schedd")
+        endpoints = ", ".join(f'"{e}"' for e in cluster.endpoints)
+        config.write_text(config.read_text() + f"\n[cluster]\netcd_endpoints = [{endpoints}]\n")
+        name = f"frozen-{uuid.uuid4().hex[:8]}"
+        spec = f"version: v1\ndeployment: {name}\nservices: {{}}\n"
+        etcd_pid = cluster.processes[cluster.members[0].name].pid
+
+        async def scenario() -> None:
+            bus = open_bus(private_bus.address)
+            client = SchedulerClient(bus)
+            try:
+                deadline = asyncio.get_running_loop().time() + 30
+                while True:  # until schedd answers
+                    try:
+                        await client.status()
+                        break
+                    except Exception:
+                        if asyncio.get_running_loop().time() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
+                await client.deploy(spec, "frozen.zlayer.yml", {})
+                os.kill(etcd_pid, signal.SIGSTOP)
+                try:
+                    waiting = asyncio.ensure_future(client.get_deployment(name))
+                    await asyncio.sleep(0.5)  # schedd's store call now waits on etcd
+                    await client.status()
+                    # Answered before the store call ended: it never held schedd's loop.
+                    assert not waiting.done()
+                finally:
+                    os.kill(etcd_pid, signal.SIGCONT)
+                assert (await waiting).name == name
+                events = await client.list_events(name, 10)
+                assert any(e.kind == "deploy" for e in events)
+            finally:
+                bus.close()
+
+        try:
+            with daemon_process("schedd", private_bus, zlayer_prefix):
+                asyncio.run(scenario())
+        finally:
+            log = zlayer_prefix.prefix / "schedd.log"
+            print(log.read_text(errors="replace")[-3000:] if log.exists() else "")
+
+
 def test_a_spec_as_large_as_schedd_takes_fits_and_a_larger_change_is_a_sentence(
     etcd_store: EtcdStore,
 ) -> None:
