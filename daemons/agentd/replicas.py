@@ -765,9 +765,16 @@ class Node:
     async def remove_service(
         self, deployment: str, service: str, timeout: float, force: bool
     ) -> None:
+        """Unassign ``service`` of ``deployment`` ("" for all) and remove its replicas,
+        each stopped within ``timeout`` seconds (at once with ``force``).
+
+        The node's lock is held while the assignments go and the removals start,
+        not through the replicas' grace periods: the node's other services change
+        meanwhile (a fenced node removes all of its services at once).
+        """
         await self.loaded.wait()
+        grace = 0.0 if force else timeout
         async with self._lock:
-            grace = 0.0 if force else timeout
             victims = [
                 r
                 for r in self.replicas.values()
@@ -785,17 +792,17 @@ class Node:
                 path = self.assign_dir / f"{key[0]}--{key[1]}.json"
                 self._queue_file(path, None)
                 await self._file_written(path)
-            await asyncio.gather(
-                *(
-                    r.removed.wait() if r.removal is not None else self._remove(r, grace)
-                    for r in victims
-                )
-            )
-            known = {*self.assignments, *self._runs, *unassigned}
+            for replica in victims:  # one removing already is waited for
+                self._remove_later(replica, grace, "its service is removed")
+        await asyncio.gather(*(r.removed.wait() for r in victims))
+        async with self._lock:
+            known = {*self._runs, *unassigned}
             if service:
                 known.add((deployment, service))
             for owner, name in sorted(known):
-                if owner == deployment and (not service or name == service):
+                mine = owner == deployment and (not service or name == service)
+                # One assigned again meanwhile (schedd deployed it again) stays.
+                if mine and (owner, name) not in self.assignments:
                     self._forget(owner, name)
 
     async def _remove(self, replica: Replica, grace: float) -> None:

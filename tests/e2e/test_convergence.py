@@ -329,3 +329,69 @@ def test_containers_no_replica_owns_are_removed_and_replaced(restarted_node: Nod
         assert f"removed container {cid}: no replica of this node owns it" in log
     assert "hello-" in get(port)
     node.ctl("down", "web", check=True)
+
+
+FENCED = """
+version: v1
+deployment: {name}
+services:
+  slow:
+    image: {image}
+    command: {{entrypoint: ["sh", "-c"], args: ["trap '' TERM; sleep 1000"]}}
+    stop_grace_period: 30s
+    scale: {{mode: fixed, replicas: 1}}
+  quick:
+    image: {image}
+    command: {{entrypoint: ["sleep", "1000"]}}
+    scale: {{mode: fixed, replicas: 1}}
+"""
+
+
+def test_a_service_removal_waiting_out_its_grace_period_holds_up_no_other(node: Node) -> None:
+    """A node cut off from its cluster removes each of its services through agentd
+    at once (RemoveService each, as schedd's fence does): one whose replica takes its
+    whole grace period to stop (it ignores SIGTERM) does not hold up
+    the removal of the others. schedd is frozen meanwhile, as a fenced node's
+    reconcile pass is, so nothing assigns them again under the test."""
+    import signal
+
+    from shared.clients import AgentClient
+    from shared.wire.agent import ReplicaInfo
+
+    name = "fenced"
+    spec = node.spec(name, FENCED.format(name=name, image=IMAGE))
+    node.ctl("up", "-b", str(spec), check=True)
+    wait_until(
+        lambda: sorted(r["service"] for r in node.replicas(name) if r["state"] == "running")
+        == ["quick", "slow"],
+        60,
+        f"{name}'s replicas running",
+    )
+    schedd = node.daemon_pid("schedd")
+
+    async def remove() -> tuple[bool, list[ReplicaInfo]]:
+        bus = open_bus(resolve_bus_address(node.paths))
+        agent = AgentClient(bus)
+        try:
+            slow = asyncio.ensure_future(agent.remove_service(name, "slow", 6.0, False))
+            await asyncio.sleep(0.5)  # its replica now waits out the 6 s
+            await agent.remove_service(name, "quick", 0.0, True)
+            quick_first = not slow.done()
+            left = await agent.list_replicas(name)
+            await slow
+            return quick_first, left
+        finally:
+            bus.close()
+
+    os.kill(schedd, signal.SIGSTOP)
+    try:
+        quick_first, left = asyncio.run(remove())
+    finally:
+        os.kill(schedd, signal.SIGCONT)
+    try:
+        assert quick_first, "quick's removal waited for slow's grace period"
+        assert [r.service for r in left] == ["slow"]
+        assert left[0].state == "stopping"
+    finally:
+        node.ctl("down", name, check=True)
+        wait_until(lambda: not node.replicas(name), 60, f"{name}'s replicas gone")
