@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
+from collections.abc import Callable
+from logging.handlers import QueueHandler, QueueListener
 
 
 def under_systemd(environ: dict[str, str] | None = None) -> bool:
@@ -32,3 +35,25 @@ def setup_logging(identifier: str, level: str = "info") -> None:
         )
     )
     root.addHandler(handler)
+
+
+def logged_off_the_loop(name: str) -> Callable[[], None]:
+    """Have logger ``name``'s records written by a thread of their own, to the root
+    logger's handlers: a record a request (proxyd's access log) must not hold the
+    event loop while the journal, or a pipe nobody reads fast enough, is slow to take
+    it. The message is formatted where it is logged. The caller calls the function
+    returned on its way out: it writes what is still queued and ends the thread."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = QueueListener(records, *logging.getLogger().handlers, respect_handler_level=True)
+    logger = logging.getLogger(name)
+    handler = QueueHandler(records)
+    logger.addHandler(handler)
+    logger.propagate = False
+    listener.start()
+
+    def stop() -> None:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        listener.stop()
+
+    return stop

@@ -279,8 +279,15 @@ async def _spool_body(request: web.Request, limit: int) -> IO[bytes]:
         await asyncio.to_thread(spool.seek, 0)
         return spool
     except BaseException:
-        spool.close()
+        await _close(spool)
         raise
+
+
+async def _close(spooled: IO[bytes]) -> None:
+    """Close a spooled file in a thread: the last close of an unlinked file of up to
+    the context limit frees its blocks and pages in the call. Shielded, so a second
+    cancellation does not leave it open."""
+    await asyncio.shield(asyncio.to_thread(spooled.close))
 
 
 def _inside_context(relative: str, what: str) -> str:
@@ -368,13 +375,13 @@ async def build_start(request: web.Request) -> web.StreamResponse:
                 await asyncio.to_thread(wrap_context, upload, wrapped, limit)
             except _Refused as exc:
                 raise ApiProblem(400, str(exc)) from None
-            upload.close()
+            await _close(upload)
             await asyncio.to_thread(wrapped.seek, 0)
             context = await registry.receive(wrapped.fileno())
         finally:
-            wrapped.close()
+            await _close(wrapped)
     finally:
-        upload.close()
+        await _close(upload)
     sendable = structs.replace(
         build,
         context=context,

@@ -23,6 +23,7 @@ import logging
 import resource
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sdbus import dbus_method_async_override
@@ -44,6 +45,7 @@ from shared.bus import (
 )
 from shared.clients import OverlayClient
 from shared.daemon import EX_CONFIG, Daemon, daemon_members, main_for
+from shared.logs import logged_off_the_loop
 from shared.paths import Paths
 from shared.views import TrafficHolder
 from shared.wire import encode
@@ -116,6 +118,7 @@ class ProxyDaemon(Daemon):
         self.tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
         self.core: ProxyCore | None = None
+        self._stop_access_writer: Callable[[], None] | None = None  # the access log's thread
         self.l7_tls: ServerTls | None = None
         self.l4_tls: ServerTls | None = None
         self._tls_lock = asyncio.Lock()
@@ -138,6 +141,8 @@ class ProxyDaemon(Daemon):
             self.log.warning("%s", warning)
         if not settings.access_log:
             logging.getLogger("zlayer.proxyd.access").disabled = True
+        elif self._stop_access_writer is None:
+            self._stop_access_writer = logged_off_the_loop("zlayer.proxyd.access")
         for key in ("http_port", "https_port"):
             if key in settings.model_fields_set:
                 self.log.warning(
@@ -192,6 +197,9 @@ class ProxyDaemon(Daemon):
             for task in list(self.core.tasks):
                 task.cancel()
         await asyncio.sleep(0)
+        if self._stop_access_writer is not None:  # what is queued is written, then it ends
+            await asyncio.to_thread(self._stop_access_writer)
+            self._stop_access_writer = None
 
     def _raise_fd_limit(self) -> None:
         """Take the hard limit of open files as the soft one, and say if it is still low.

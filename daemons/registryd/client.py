@@ -270,7 +270,10 @@ class RegistryClient:
                 progress.set(_label(number, digest), done=size, total=size, state="exists")
             return existing
         config_digest = str(config.get("digest"))
-        pinned = self.store.pin(resolved.digest, config_digest, *(d for d, _ in descriptors))
+        # In a thread, as every store call: a pin waits for a clean-up holding the store.
+        pinned = await self.work(
+            self.store.pin, resolved.digest, config_digest, *(d for d, _ in descriptors)
+        )
         unpacked: list[tuple[str, Path]] = []  # (diff id, work directory) not yet adopted
         try:
             for number, (digest, size) in enumerate(descriptors, start=1):
@@ -281,7 +284,7 @@ class RegistryClient:
                 config_bytes = await resolved.repository.get_small_blob(config_digest, MAX_CONFIG)
             diff_ids = _stream_diff_ids(manifest, config_bytes)
             if diff_ids is not None:
-                pinned.extend(self.store.pin(*diff_ids))
+                pinned.extend(await self.work(self.store.pin, *diff_ids))
             limit = asyncio.Semaphore(self.settings.max_concurrent_downloads)
             labels: dict[str, list[str]] = {}  # a blob listed twice is fetched once
             diff_of: dict[str, str | None] = {}
@@ -316,7 +319,7 @@ class RegistryClient:
         finally:
             if unpacked:
                 await asyncio.shield(asyncio.to_thread(_remove_trees, [w for _, w in unpacked]))
-            self.store.unpin(pinned)
+            await asyncio.shield(asyncio.to_thread(self.store.unpin, pinned))
         for number, (digest, size) in enumerate(descriptors, start=1):
             progress.set(_label(number, digest), done=size, state="done")
         log.info("pulled %s (%s) in %.2fs", name, info.id, time.monotonic() - started)
@@ -599,7 +602,7 @@ class RegistryClient:
             for parsed in map(parse_reference, record.names)
             if parsed.domain == dest.domain and parsed.path != dest.path
         ]
-        pinned = self.store.pin(record.manifest_digest, *(d for d, _, _ in blobs))
+        pinned = await self.work(self.store.pin, record.manifest_digest, *(d for d, _, _ in blobs))
         try:
             await self.upload(
                 job,
@@ -612,7 +615,7 @@ class RegistryClient:
                 mount_from=mount_from,
             )
         finally:
-            self.store.unpin(pinned)
+            await asyncio.shield(asyncio.to_thread(self.store.unpin, pinned))
         log.info("pushed %s as %s", record.id, dest)
         return encode(PushResult(reference=str(dest), digest=record.manifest_digest, id=record.id))
 

@@ -347,7 +347,7 @@ class ClusterContext:
             found = await retrying(lambda: etcd.get(_settings_key(config.node_id)), 10.0)
         except ETCD_ERRORS as exc:
             await etcd.close()
-            store.close()
+            await asyncio.to_thread(store.close)
             raise UnavailableError(
                 f"the cluster's store (etcd at {', '.join(endpoints)}) does not answer: "
                 f"{exc or type(exc).__name__}; check that etcd runs and that this node reaches it"

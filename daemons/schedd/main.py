@@ -317,7 +317,7 @@ class SchedulerDaemon(Daemon):
             self.cluster = None
         path = self.paths.daemon_state("schedd") / "state.db"
         await asyncio.to_thread(set_aside, path)
-        self.store = self.sqlite = Store(path)
+        self.store = self.sqlite = await asyncio.to_thread(Store, path)
         self._run_scheduler()
 
     def _secrets_key(self) -> bytes:
@@ -338,7 +338,7 @@ class SchedulerDaemon(Daemon):
         if self.cluster is not None:
             await self.cluster.close()  # leaves: its record and leadership go at once
         else:
-            self.store.close()
+            await asyncio.to_thread(self.store.close)
 
 
 def main() -> None:

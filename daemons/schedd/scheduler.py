@@ -205,6 +205,8 @@ class _Reads:
     stopped: set[str]
     cron_off: set[str]
     states: dict[str, ServiceState]
+    # service -> which versions of the secrets its env reads (see _secrets_digest)
+    digests: dict[str, str]
 
 
 def _reads_secrets(dumped: dict[str, Any]) -> bool:
@@ -304,13 +306,15 @@ class Scheduler:
 
     async def _parse(
         self, spec_text: str, filename: str, host_env: dict[str, str]
-    ) -> DeploymentSpec:
-        """The checked spec. Parsed in a worker thread: a large spec takes
-        seconds, and the event loop must keep answering the bus and the watchdog."""
+    ) -> tuple[DeploymentSpec, list[str]]:
+        """The checked spec and its warnings. Parsed in a worker thread: a large spec
+        takes seconds, and the event loop must keep answering the bus and the watchdog."""
         return await asyncio.to_thread(self._parse_now, spec_text, filename, host_env)
 
     @staticmethod
-    def _parse_now(spec_text: str, filename: str, host_env: dict[str, str]) -> DeploymentSpec:
+    def _parse_now(
+        spec_text: str, filename: str, host_env: dict[str, str]
+    ) -> tuple[DeploymentSpec, list[str]]:
         check_spec_size(spec_text)
         from shared.spec import SpecError, parse_spec
         from shared.spec.refs import resolve_env
@@ -321,18 +325,18 @@ class Scheduler:
         except SpecError as exc:
             raise InvalidSpecError("\n".join(str(i) for i in exc.issues)) from None
         problems = resolve_env(spec, host_env)
-        # Each refusal names the file, line and column of its key, as validate does.
-        problems += node_support(spec, spec_text, filename or "<spec>").refusals
+        # Each refusal and warning names the file, line and column of its key, as
+        # validate does.
+        support = node_support(spec, spec_text, filename or "<spec>")
+        problems += support.refusals
         if problems:
             raise InvalidSpecError("\n".join(problems))
-        return spec
+        return spec, list(support.warnings)
 
     async def deploy(
         self, spec_text: str, filename: str, host_env: dict[str, str]
     ) -> DeploymentStatus:
-        from shared.spec.support import node_support
-
-        spec = await self._parse(spec_text, filename, host_env)
+        spec, warnings = await self._parse(spec_text, filename, host_env)
         await self.io.call(self._check_deployable, spec)
         # A deploy is a fresh start for what failed: services that gave up on
         # their dependencies wait again, and failed replicas retry at once
@@ -342,7 +346,7 @@ class Scheduler:
         for waiting in [k for k in self._waiting if k[0] == spec.deployment]:
             del self._waiting[waiting]
         status = await self._store_revision(spec, spec_text, filename, "deployed")
-        for text in node_support(spec, spec_text, filename or "<spec>").warnings:
+        for text in warnings:
             self.event(spec.deployment, "warning", text)
         return status
 
@@ -466,7 +470,7 @@ class Scheduler:
     async def plan(self, spec_text: str, filename: str, host_env: dict[str, str]) -> DeployPlan:
         from shared.spec import DeploymentSpec
 
-        spec = await self._parse(spec_text, filename, host_env)
+        spec, _warnings = await self._parse(spec_text, filename, host_env)
 
         def read() -> tuple[DeploymentSpec | None, int]:
             self._check_secrets(spec)
@@ -502,6 +506,19 @@ class Scheduler:
     async def _stored(self, name: str, removing_ok: bool = False) -> StoredDeployment:
         """Deployment ``name`` as stored, read in the store's thread (see _require)."""
         return await self.io.call(self._require, name, removing_ok)
+
+    async def _stored_spec(self, name: str) -> tuple[StoredDeployment, DeploymentSpec]:
+        """Deployment ``name`` as stored and its current spec (parsed once, then kept),
+        read in the store's thread."""
+
+        def read() -> tuple[StoredDeployment, DeploymentSpec]:
+            stored = self._require(name)
+            spec = self._spec(name, stored.revision)
+            if spec is None:  # pragma: no cover - a stored deployment has its revision
+                raise NotFoundError(f"there is no deployment named {name}")
+            return stored, spec
+
+        return await self.io.call(read)
 
     def _require(self, name: str, removing_ok: bool = False) -> StoredDeployment:
         """Blocking: deployment ``name`` as stored; NotFoundError naming those there are
@@ -554,10 +571,7 @@ class Scheduler:
 
     async def stop(self, name: str, service: str, timeout_sec: float, force: bool) -> None:
         """Keep a stop of ``service`` (or every service) and let the loop carry it out."""
-        from shared.spec import DeploymentSpec
-
-        stored = await self._stored(name)
-        spec = DeploymentSpec.model_validate_json(stored.spec_json)
+        _, spec = await self._stored_spec(name)
         if service and service not in spec.services:
             raise NotFoundError(
                 f"deployment {name} has no service {service} (services: {', '.join(spec.services)})"
@@ -570,10 +584,7 @@ class Scheduler:
         self.wake()
 
     async def scale(self, name: str, service: str, replicas: int) -> None:
-        from shared.spec import DeploymentSpec
-
-        stored = await self._stored(name)
-        spec = DeploymentSpec.model_validate_json(stored.spec_json)
+        stored, spec = await self._stored_spec(name)
         if service not in spec.services:
             raise NotFoundError(
                 f"deployment {name} has no service {service} (services: {', '.join(spec.services)})"
@@ -608,10 +619,7 @@ class Scheduler:
         self.wake()
 
     async def trigger_job(self, name: str, service: str, trigger: str = "manual") -> JobRun:
-        from shared.spec import DeploymentSpec
-
-        stored = await self._stored(name)
-        spec = DeploymentSpec.model_validate_json(stored.spec_json)
+        stored, spec = await self._stored_spec(name)
         svc = spec.services.get(service)
         if svc is None or svc.rtype == "service":
             jobs = [n for n, s in spec.services.items() if s.rtype != "service"]
@@ -671,10 +679,7 @@ class Scheduler:
 
     async def set_cron_enabled(self, name: str, service: str, enabled: bool) -> None:
         """Turn a cron service's schedule off or on; kept in the store across restarts."""
-        from shared.spec import DeploymentSpec
-
-        stored = await self._stored(name)
-        spec = DeploymentSpec.model_validate_json(stored.spec_json)
+        _, spec = await self._stored_spec(name)
         svc = spec.services.get(service)
         if svc is None or svc.rtype != "cron":
             crons = [n for n, s in spec.services.items() if s.rtype == "cron"]
@@ -1178,7 +1183,8 @@ class Scheduler:
     def _read_deployment(self, name: str) -> _Reads | None:
         """Blocking: what a pass reads of one deployment (None: it is gone), with the
         specs of its current revision and of those its services serve and roll out
-        parsed, so the loop finds them without reading the store."""
+        parsed, so the loop finds them without reading the store, and the digest of
+        the secrets each service reads."""
         stored = self.store.get(name)
         if stored is None:
             return None
@@ -1186,12 +1192,15 @@ class Scheduler:
         revisions = {stored.revision} | {r for s in states.values() for r in (s.serving, s.target)}
         for revision in revisions:
             self._spec(name, revision)
+        spec = self._spec(name, stored.revision)
+        services = spec.services if spec is not None else {}
         return _Reads(
             stored,
             self.store.scale_holds(name),
             self.store.stopped_services(name),
             self.store.cron_disabled(name),
             states,
+            {svc_name: self._secrets_digest(name, svc) for svc_name, svc in services.items()},
         )
 
     async def _reconcile(
@@ -1261,7 +1270,7 @@ class Scheduler:
             if (
                 state.rollout == ""
                 and not self._secrets_lock.locked()
-                and state.secrets != self._secrets_digest(name, svc)
+                and state.secrets != reads.digests.get(svc_name, "")
             ):
                 self._drifted.setdefault(name, set()).add(svc_name)
             want = desired_replicas(svc, holds.get(svc_name), state.adaptive)
