@@ -32,6 +32,7 @@ from daemons.proxyd import sockets
 from daemons.proxyd.exchange import ProxyCore
 from daemons.proxyd.http1 import ClientConnection, Listener
 from daemons.proxyd.limits import FD_RESERVE, connections_that_fit
+from daemons.proxyd.metrics import ACCESS_LOG_DROPPED
 from daemons.proxyd.routes import Route, RouteError, Routes
 from daemons.proxyd.settings import ProxySettings
 from daemons.proxyd.stream import TcpEndpoint, UdpEndpoint, UdpSessions, health_loop
@@ -142,7 +143,9 @@ class ProxyDaemon(Daemon):
         if not settings.access_log:
             logging.getLogger("zlayer.proxyd.access").disabled = True
         elif self._stop_access_writer is None:
-            self._stop_access_writer = logged_off_the_loop("zlayer.proxyd.access")
+            self._stop_access_writer = logged_off_the_loop(
+                "zlayer.proxyd.access", ACCESS_LOG_DROPPED.inc
+            )
         for key in ("http_port", "https_port"):
             if key in settings.model_fields_set:
                 self.log.warning(

@@ -42,6 +42,10 @@ REQUESTS_REFUSED = Counter(
     "Requests answered with an error before routing (400, 408, 414, 431), by listener and reason.",
     ["listener", "reason"],
 )
+ACCESS_LOG_DROPPED = Counter(
+    "zlayer_proxy_access_log_dropped",
+    "Access log lines dropped because the log was written slower than requests came.",
+)
 UDP_SESSIONS_EVICTED = Counter(
     "zlayer_proxy_udp_sessions_evicted",
     "udp sessions ended early to make room for a new client (udp_max_sessions), by route.",

@@ -434,6 +434,34 @@ def test_round_robin_keep_alive_forwarded_headers_stats_and_metrics(
     assert 'zlayer_proxy_request_duration_seconds_count{deployment="demo"' in metrics
 
 
+def test_an_access_log_nobody_reads_holds_no_request_up_and_loses_none_it_kept(
+    proxyd: Proxyd, backends: Backends
+) -> None:
+    """proxyd's stderr here is a pipe read only when it stops: 2,000 access log lines
+    are about five times what the pipe holds. Every request is answered while the
+    log waits (its lines queue in proxyd), and at the stop every line is written."""
+    proxyd.configure(access_log=True)
+    proxyd.start()
+    proxyd.push("demo", [service("web", [proxyd.http(backends.port)], BACKENDS[:2])])
+    count = 2000
+
+    async def scenario() -> list[int]:
+        async with one_connection() as session:
+            statuses = []
+            for i in range(count):
+                got = await fetch(session, f"{proxyd.base}/n{i}", headers={"Host": "web.test"})
+                statuses.append(got[0])
+            return statuses
+
+    # A proxyd whose loop waited for the pipe would answer none after the first few
+    # hundred: the bound turns that into a failure, not a test that never ends.
+    statuses = run(lambda: asyncio.wait_for(scenario(), 120))
+    assert statuses == [200] * count
+    proxyd.stop()
+    logged = re.findall(r'"GET /n(\d+)" 200 ', proxyd.logs)
+    assert sorted(map(int, logged)) == list(range(count))
+
+
 def test_least_connections_prefers_the_idle_backend(proxyd: Proxyd, backends: Backends) -> None:
     proxyd.configure(balancing="least_connections")
     proxyd.start()
