@@ -555,7 +555,8 @@ class Scheduler:
         for key in [k for k in self._desired if k[0] == name]:
             del self._desired[key]
         self.rollouts.forget(name)
-        for cached in [k for k in self._specs if k[0] == name]:
+        # list(): a copy taken at once, as the store's thread may add to it meanwhile
+        for cached in [k for k in list(self._specs) if k[0] == name]:
             del self._specs[cached]
         self._deployed_at.pop(name, None)
         for table in (self._failed, self._waiting):
@@ -1082,7 +1083,7 @@ class Scheduler:
 
     def _pending_event(self, deployment: str, kind: str, message: str, service: str) -> None:
         # Said of a deployment still stored: placement parsed its spec, kept until removal.
-        if any(key[0] == deployment for key in self._specs):
+        if any(key[0] == deployment for key in list(self._specs)):
             self.event(deployment, kind, message, service=service)
 
     async def _overlay_subnet(self) -> str:

@@ -677,6 +677,19 @@ def test_a_cluster_section_with_tls_files_reaches_etcd_over_mutual_tls(tmp_path:
         assert not (tmp_path / "state.db").exists()
 
 
+async def _until_answering(client: SchedulerClient) -> None:
+    """Wait (up to 30 s) until the schedd just started answers on the bus."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            await client.status()
+            return
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 def test_schedd_with_a_cluster_section_keeps_its_deployments_in_etcd(
     private_bus: PrivateBus, zlayer_prefix: Paths, etcd_once: EtcdCluster
 ) -> None:
@@ -692,15 +705,7 @@ def test_schedd_with_a_cluster_section_keeps_its_deployments_in_etcd(
         bus = open_bus(private_bus.address)
         client = SchedulerClient(bus)
         try:
-            deadline = asyncio.get_running_loop().time() + 30
-            while True:  # until schedd answers
-                try:
-                    await client.status()
-                    break
-                except Exception:
-                    if asyncio.get_running_loop().time() > deadline:
-                        raise
-                    await asyncio.sleep(0.1)
+            await _until_answering(client)
             return await scenario(client)
         finally:
             bus.close()
@@ -751,15 +756,7 @@ def test_schedd_answers_on_the_bus_while_etcd_does_not(
             bus = open_bus(private_bus.address)
             client = SchedulerClient(bus)
             try:
-                deadline = asyncio.get_running_loop().time() + 30
-                while True:  # until schedd answers
-                    try:
-                        await client.status()
-                        break
-                    except Exception:
-                        if asyncio.get_running_loop().time() > deadline:
-                            raise
-                        await asyncio.sleep(0.1)
+                await _until_answering(client)
                 await client.deploy(spec, "frozen.zlayer.yml", {})
                 os.kill(etcd_pid, signal.SIGSTOP)
                 try:
