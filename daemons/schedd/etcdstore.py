@@ -3,7 +3,7 @@
 Everything lives under ``KEYS["state"]`` (``/zlayer/state/``), one key per row,
 names percent-quoted so a key's parts never contain ``/``::
 
-    deployments/<name>                 {revision, stopped, removing, times, write id}
+    deployments/<name>                 {revision, first_revision, stopped, removing, times, write}
     revisions/<name>/<revision:012d>   {spec_json, spec_text, filename, created_at}, zstd
     services/<name>/<service>          a ServiceState
     holds/<name>/<service>             replicas held by `scale`
@@ -281,6 +281,8 @@ class EtcdStore:
                 return int(doc["revision"])
             revision = await self._next_revision(name, header)
             rev_key = self._key("revisions", _q(name), f"{revision:012d}")
+            if dep is None or doc.get("removing"):  # deployed anew: its history starts here
+                doc["first_revision"] = revision
             doc.update(
                 revision=revision, stopped=False, removing=False, updated_at=now, write=write
             )
@@ -437,7 +439,14 @@ class EtcdStore:
         return (str(doc["spec_text"]), str(doc["filename"])) if doc is not None else None
 
     def revisions(self, name: str) -> list[int]:
-        return sorted(int(r) for r in self._call(lambda: self._members("revisions", name)))
+        async def read() -> list[int]:
+            header, dep = await self._get(self._key("deployments", _q(name)))
+            first = int(_loads(dep.value).get("first_revision", 1)) if dep is not None else 1
+            prefix = self._key("revisions", _q(name), "")
+            _, kvs = await self._prefix(prefix, header, keys_only=True)
+            return sorted(r for r in (int(self._tail(kv, prefix)[0]) for kv in kvs) if r >= first)
+
+        return self._call(read)
 
     # ------------------------------------------------------------ per-service state
 
@@ -642,8 +651,9 @@ def _sqlite_state(store: Store) -> dict[str, bytes]:
     interface names no cron service nor orphaned rows, and a move takes all."""
     rows = store._rows  # same package: the tables are this module's to copy
     state: dict[str, bytes] = {}
-    for name, revision, stopped, created, updated, removing in rows(
-        "SELECT name, revision, stopped, created_at, updated_at, removing FROM deployments"
+    for name, revision, stopped, created, updated, removing, first in rows(
+        "SELECT name, revision, stopped, created_at, updated_at, removing, first_revision "
+        "FROM deployments"
     ):
         state[f"deployments/{_q(name)}"] = _dumps(
             {
@@ -651,6 +661,7 @@ def _sqlite_state(store: Store) -> dict[str, bytes]:
                 "revision": revision,
                 "stopped": bool(stopped),
                 "removing": bool(removing),
+                "first_revision": first,
                 "updated_at": updated,
             }
         )

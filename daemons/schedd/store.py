@@ -225,7 +225,10 @@ class DesiredStore(Protocol):
 
     def revision_source(self, name: str, revision: int) -> tuple[str, str] | None: ...
 
-    def revisions(self, name: str) -> list[int]: ...
+    def revisions(self, name: str) -> list[int]:
+        """The revisions of ``name`` since it was last deployed anew (none before a
+        deploy that ended its removal): those a rollback can go back to."""
+        ...
 
     def service_states(self, name: str) -> dict[str, ServiceState]: ...
 
@@ -332,6 +335,10 @@ class Store:
             self._db.execute(
                 "ALTER TABLE deployments ADD COLUMN removing INTEGER NOT NULL DEFAULT 0"
             )
+        if "first_revision" not in columns:  # a store made before a deploy could end a removal
+            self._db.execute(
+                "ALTER TABLE deployments ADD COLUMN first_revision INTEGER NOT NULL DEFAULT 1"
+            )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(services)")}
         if "secrets" not in columns:  # a store made before secrets
             self._db.execute("ALTER TABLE services ADD COLUMN secrets TEXT NOT NULL DEFAULT ''")
@@ -388,7 +395,9 @@ class Store:
         """Store a new revision and make it current, with its services' states, at once.
 
         Clears scale holds and stops; ``states`` replaces every service's
-        rollout state (services it does not name are forgotten).
+        rollout state (services it does not name are forgotten). A deployment
+        being removed is deployed anew: its history starts again at this revision
+        (:meth:`revisions`), as after a removal that ended.
         """
         now = time.time()
         with self._tx() as db:
@@ -400,12 +409,14 @@ class Store:
                 "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
                 (name, revision, spec_json, spec_text, filename, now),
             )
+            # SET's expressions read the row as it was: ``removing`` before this write.
             db.execute(
-                "INSERT INTO deployments (name, revision, stopped, created_at, updated_at) "
-                "VALUES (?, ?, 0, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "INSERT INTO deployments (name, revision, stopped, created_at, updated_at, "
+                "first_revision) VALUES (?, ?, 0, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                 "revision = excluded.revision, stopped = 0, removing = 0, "
-                "updated_at = excluded.updated_at",
-                (name, revision, now, now),
+                "first_revision = CASE WHEN removing THEN excluded.revision "
+                "ELSE first_revision END, updated_at = excluded.updated_at",
+                (name, revision, now, now, revision),
             )
             db.execute("DELETE FROM scale_holds WHERE deployment = ?", (name,))
             db.execute("DELETE FROM stopped_services WHERE deployment = ?", (name,))
@@ -525,7 +536,9 @@ class Store:
 
     def revisions(self, name: str) -> list[int]:
         rows = self._rows(
-            "SELECT revision FROM revisions WHERE deployment = ? ORDER BY revision", (name,)
+            "SELECT r.revision FROM revisions r JOIN deployments d ON d.name = r.deployment "
+            "WHERE r.deployment = ? AND r.revision >= d.first_revision ORDER BY r.revision",
+            (name,),
         )
         return [int(r[0]) for r in rows]
 

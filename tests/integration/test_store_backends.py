@@ -179,6 +179,24 @@ def test_deployments_and_revisions_round_trip(store: DesiredStore) -> None:
     assert store.revisions("app") == [1, 2] and store.revisions("odd/name%") == [1]
 
 
+def test_a_deploy_that_ends_a_removal_starts_the_history_a_rollback_sees_again(
+    store: DesiredStore,
+) -> None:
+    """``down`` and then ``up`` before the replicas were gone: the deployment is deployed
+    anew, so a rollback finds nothing from before the ``down``, as after a removal that
+    ended; the revision numbers go on (replicas of the old ones may still run)."""
+    store.add_revision("app", '{"v": 1}', "", "a.yml")
+    store.add_revision("app", '{"v": 2}', "", "a.yml")
+    store.set_removing("app")
+    assert store.add_revision("app", '{"v": 3}', "", "a.yml") == 3
+    stored = store.get("app")
+    assert stored is not None and not stored.removing
+    assert store.revisions("app") == [3]
+    assert store.revision_spec("app", 2) == '{"v": 2}'  # kept while its replicas may run
+    store.add_revision("app", '{"v": 4}', "", "a.yml")
+    assert store.revisions("app") == [3, 4]
+
+
 def test_a_new_revision_clears_holds_and_stops_and_replaces_service_states(
     store: DesiredStore,
 ) -> None:
@@ -584,7 +602,9 @@ def test_a_lone_nodes_state_moves_whole_and_a_second_move_changes_nothing(
         etcd_store.add_event(Event(time=9.0, deployment="web", kind="k", message="after"))
         assert [e.message for e in etcd_store.events("web", 2)] == ["web 2", "after"]
         assert move_to_etcd(lone, etcd_store) == 0
-        assert etcd_store.revisions("web") == [1, 2, 3]
+        # web was being removed: revision 3 deployed it anew, a rollback sees from there.
+        assert etcd_store.revisions("web") == [3]
+        assert etcd_store.revision_spec("web", 1) == '{"v": 1}'
     finally:
         lone.close()
 
