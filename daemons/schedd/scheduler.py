@@ -429,8 +429,13 @@ class Scheduler:
         stored = self._require(name)
         earlier = [r for r in self.store.revisions(name) if r < stored.revision]
         if not earlier:
+            anew = (
+                f" (it was deployed anew at revision {stored.revision}, after `zlayerctl down`)"
+                if stored.revision > 1
+                else ""
+            )
             raise NotFoundError(
-                f"deployment {name} has no revision before {stored.revision} to roll back to"
+                f"deployment {name} has no revision before {stored.revision} to roll back to" + anew
             )
         previous = earlier[-1]
         spec = self._spec(name, previous)
