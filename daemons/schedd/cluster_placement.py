@@ -448,10 +448,12 @@ class ClusterPlacement:
         key = (KEYS["assignments"] + self.node_id).encode()
         while True:
             try:
-                found = await self.client.get(key)
+                # The watch starts right after this read's revision: a document written
+                # in between (the first one too, none being there yet) is not missed.
+                read = await self.client.get_range(key, key + b"\0")
+                found = read[0] if read else None
                 self.take(_decode_placements(found.value) if found is not None else None)
-                start = found.mod_revision + 1 if found is not None else None
-                watch = await self.client.watch(key, start_revision=start)
+                watch = await self.client.watch(key, start_revision=read.header.revision + 1)
                 try:
                     async for event in watch:
                         if event.kind == "DELETE":

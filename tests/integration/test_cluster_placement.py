@@ -206,6 +206,38 @@ def test_a_node_follows_its_own_placements_by_generation_and_sees_the_others_rep
     asyncio.run(scenario())
 
 
+def test_placements_written_between_the_read_and_the_watch_are_not_missed(
+    etcd1: EtcdCluster,  # noqa: F811
+) -> None:
+    """The leader writes a node's first placements after the node read that it has
+    none and before its watch is made (here: each time a watch is made): the node
+    runs them all the same, not once a later write or a broken watch comes."""
+
+    async def scenario() -> None:
+        b = Membership(record("b"), etcd1.endpoints)
+        await b.start()
+        key = (KEYS["assignments"] + "b").encode()
+        written: list[int] = []
+        make_watch = b._client.watch
+
+        async def watch_after_a_write(watched: bytes, **options: Any) -> Any:
+            if watched == key and not written:
+                written.append(1)
+                await b._client.put(key, encode(placed("b", 5, 2, 4)).encode())
+            return await make_watch(watched, **options)
+
+        b._client.watch = watch_after_a_write
+        placement = ClusterPlacement(b._client, b, list, lambda: None, lambda *_: None)
+        placement.start()
+        try:
+            await until(lambda: placement.instances("app", "web") == [2, 4], 5, "gen 5")
+        finally:
+            await placement.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
 def replica(
     rid: str, instance: int, address: str, service: str = "web", **extra: Any
 ) -> ReplicaInfo:
