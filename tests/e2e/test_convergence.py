@@ -362,8 +362,10 @@ def test_a_service_removal_waiting_out_its_grace_period_holds_up_no_other(node: 
     spec = node.spec(name, FENCED.format(name=name, image=IMAGE))
     node.ctl("up", "-b", str(spec), check=True)
     wait_until(
-        lambda: sorted(r["service"] for r in node.replicas(name) if r["state"] == "running")
-        == ["quick", "slow"],
+        lambda: (
+            sorted(r["service"] for r in node.replicas(name) if r["state"] == "running")
+            == ["quick", "slow"]
+        ),
         60,
         f"{name}'s replicas running",
     )
