@@ -360,16 +360,6 @@ def test_a_service_removal_waiting_out_its_grace_period_holds_up_no_other(node: 
 
     name = "fenced"
     spec = node.spec(name, FENCED.format(name=name, image=IMAGE))
-    node.ctl("up", "-b", str(spec), check=True)
-    wait_until(
-        lambda: (
-            sorted(r["service"] for r in node.replicas(name) if r["state"] == "running")
-            == ["quick", "slow"]
-        ),
-        60,
-        f"{name}'s replicas running",
-    )
-    schedd = node.daemon_pid("schedd")
 
     async def remove() -> tuple[bool, list[ReplicaInfo]]:
         bus = open_bus(resolve_bus_address(node.paths))
@@ -385,15 +375,26 @@ def test_a_service_removal_waiting_out_its_grace_period_holds_up_no_other(node: 
         finally:
             bus.close()
 
-    os.kill(schedd, signal.SIGSTOP)
+    # The node is shared: the deployment goes whatever fails, from the `up` on.
     try:
-        quick_first, left = asyncio.run(remove())
-    finally:
-        os.kill(schedd, signal.SIGCONT)
-    try:
+        node.ctl("up", "-b", str(spec), check=True)
+        wait_until(
+            lambda: (
+                sorted(r["service"] for r in node.replicas(name) if r["state"] == "running")
+                == ["quick", "slow"]
+            ),
+            60,
+            f"{name}'s replicas running",
+        )
+        schedd = node.daemon_pid("schedd")
+        os.kill(schedd, signal.SIGSTOP)
+        try:
+            quick_first, left = asyncio.run(remove())
+        finally:
+            os.kill(schedd, signal.SIGCONT)
         assert quick_first, "quick's removal waited for slow's grace period"
         assert [r.service for r in left] == ["slow"]
         assert left[0].state == "stopping"
     finally:
-        node.ctl("down", name, check=True)
+        node.ctl("down", name)
         wait_until(lambda: not node.replicas(name), 60, f"{name}'s replicas gone")
