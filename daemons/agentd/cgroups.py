@@ -11,7 +11,9 @@ Owns four things:
   (agentd's ``cgroup_parent``, ``zlayer`` by default), so everything ZLayer
   creates is findable and removable;
 - a replica's resource use (:func:`read_stats` into ``ReplicaStats``);
-- whether a replica was OOM-killed, read before its cgroup is removed.
+- whether a replica was OOM-killed, read before its cgroup is removed;
+- keeping the kernel's cgroup-move lock warm while containers are created
+  (:class:`MoveLockWarmer`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from daemons.agentd.errors import BundleError, CgroupError
 from shared.wire.agent import ReplicaStats
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 log = logging.getLogger("zlayer.agentd.cgroups")
 
@@ -381,3 +387,94 @@ def remove_empty_parents(
             os.rmdir(parent)
         except OSError:
             continue  # absent, or still holding a replica
+
+
+def own_procs_file(
+    layout: CgroupLayout, self_cgroup: Path = Path("/proc/self/cgroup")
+) -> Path | None:
+    """The ``cgroup.procs`` of the cgroup this process is in, in one hierarchy of ``layout``
+    (the unified one where mounted), or None when none is found."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _hierarchy, controllers, path = line.split(":", 2)
+        if not controllers and layout.unified is not None:
+            return layout.unified / path.lstrip("/") / "cgroup.procs"
+    for line in lines:
+        _hierarchy, controllers, path = line.split(":", 2)
+        for name in controllers.split(","):
+            if name in layout.v1 and not name.startswith("name="):
+                return layout.v1[name] / path.lstrip("/") / "cgroup.procs"
+    return None
+
+
+class MoveLockWarmer:
+    """Keeps the kernel's lock on moving tasks between cgroups warm while containers
+    are created.
+
+    Every move of a task into a cgroup (at each create the OCI runtime writes the
+    container's pid into ``cgroup.procs``) takes the kernel's cgroup threadgroup
+    lock for writing. When no writer took it for a while, the first one waits a
+    whole RCU grace period, 5 to 20 ms (bench/README.md), the largest single
+    part of a Deploy; a writer within a grace period of the last one does not
+    wait. So while a create is under way, a thread of agentd moves agentd into the
+    cgroup it is already in (a move that changes nothing) every few milliseconds.
+    The thread does the waiting, never the event loop; with no create under way
+    it sleeps. (The ``favordynmods`` cgroup mount option does this for the whole
+    host, at a cost to every fork; hosts seldom set it.)
+    """
+
+    INTERVAL = 0.003  # well under a grace period
+
+    def __init__(self) -> None:
+        self._procs: Path | None = None
+        self._wanted = threading.Condition()
+        self._users = 0
+        self._thread: threading.Thread | None = None
+        self.moves = 0  # moves made, for tests
+
+    def use(self, procs: Path | None) -> None:
+        """Warm by moving this process into ``procs``'s cgroup (None: do nothing)."""
+        self._procs = procs
+
+    @contextlib.contextmanager
+    def warm(self) -> Iterator[None]:
+        """The lock kept warm for the body's length (the body may nest or overlap others)."""
+        with self._wanted:
+            self._users += 1
+            if self._thread is None and self._procs is not None:
+                self._thread = threading.Thread(
+                    target=self._keep_warm,
+                    args=(self._procs,),
+                    name="cgroup-move-warmer",
+                    daemon=True,
+                )
+                self._thread.start()
+            self._wanted.notify()
+        try:
+            yield
+        finally:
+            with self._wanted:
+                self._users -= 1
+
+    def _keep_warm(self, procs: Path) -> None:
+        pid = str(os.getpid()).encode()
+        try:
+            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.info("container creates wait for the kernel's cgroup lock: %s", exc)
+            return
+        try:
+            while True:
+                with self._wanted:
+                    while self._users == 0:
+                        self._wanted.wait()
+                os.write(fd, pid)
+                self.moves += 1
+                time.sleep(self.INTERVAL)
+        except OSError as exc:
+            log.info("container creates wait for the kernel's cgroup lock: %s", exc)
+        finally:
+            os.close(fd)

@@ -39,7 +39,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -132,6 +132,7 @@ class ContainerRuntime:
         self.cgroup_parent = cgroup_parent
         self.layout: cgroups.CgroupLayout | None = None
         self._cgroup_lock = asyncio.Lock()
+        self.move_warmer = cgroups.MoveLockWarmer()
         self._locks: dict[str, asyncio.Lock] = {}
         self._cpu: dict[str, cgroups.CpuSample] = {}
 
@@ -160,6 +161,7 @@ class ContainerRuntime:
             log.warning("falling back to runc: crun cannot run in this cgroup layout")
             self.runtime_path = runc
             self.layout = cgroups.detect_layout(self.cgroup_root)
+        self.move_warmer.use(cgroups.own_procs_file(self.layout))
         for directory in (
             self.bundles_dir,
             self.volumes_dir,
@@ -268,7 +270,7 @@ class ContainerRuntime:
                 "(letters, digits, '.', '_' and '-', at most 128)"
             )
         ids = ids or ReplicaIds(container_id)
-        async with self._lock(container_id):
+        async with self._creating(container_id):
             bundle_dir = self.bundle_dir(container_id)
             if bundle_dir.exists():
                 raise ContainerError(f"container {container_id} already exists on this node")
@@ -334,6 +336,14 @@ class ContainerRuntime:
                 bundle=bundle_dir,
                 exit=None,
             )
+
+    @contextlib.asynccontextmanager
+    async def _creating(self, container_id: str) -> AsyncIterator[None]:
+        """The container's lock, with the kernel's cgroup-move lock kept warm for the
+        runtime's move of the container's pid (``cgroups.MoveLockWarmer``)."""
+        with self.move_warmer.warm():
+            async with self._lock(container_id):
+                yield
 
     async def _spawn_conmon(self, container_id: str, bundle_dir: Path) -> None:
         argv = [

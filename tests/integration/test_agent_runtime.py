@@ -459,6 +459,30 @@ def test_cgroups_are_ready_for_crun() -> None:
     assert cgroups.cgroup_manager() in ("cgroupfs", "systemd")
 
 
+def test_a_create_keeps_the_cgroup_move_lock_warm_and_leaves_agentd_where_it_was(
+    rt: Harness,
+) -> None:
+    """The warmer moves this process into the cgroup it is in while a create runs
+    (cgroups.MoveLockWarmer), and only then: afterwards its thread makes no move,
+    and the process's cgroups are what they were."""
+    before = Path("/proc/self/cgroup").read_text()
+
+    async def scenario() -> None:
+        runtime = await rt.ready()
+        procs = cgroups.own_procs_file(runtime._layout())
+        assert procs is not None and str(os.getpid()) in procs.read_text().split()
+        code, _oom, text = await run_to_end(runtime, rt.rootfs, "t-warm", sh("echo warm"))
+        assert (code, text) == (0, "warm")
+        await asyncio.sleep(0.1)  # a move begun as the create ended has ended
+        moves = runtime.move_warmer.moves
+        assert moves > 0
+        await asyncio.sleep(0.3)
+        assert runtime.move_warmer.moves == moves
+
+    asyncio.run(scenario())
+    assert Path("/proc/self/cgroup").read_text() == before
+
+
 @pytest.mark.skipif(not shutil.which("runc"), reason="runc is not installed")
 def test_runc_as_the_fallback_runtime(rt: Harness, tmp_path: Path) -> None:
     async def scenario() -> None:

@@ -74,3 +74,37 @@ def test_only_the_node_parent_is_removed_once_empty(tmp_path: Path) -> None:
     assert not (tmp_path / "memory" / "zlayer-x").exists()
     assert (tmp_path / "pids" / "zlayer-x" / "still-running").is_dir()
     assert (tmp_path / "memory" / "zlayer" / "other-node-replica").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("mode", "self_cgroup", "expected"),
+    [
+        (
+            "v2",
+            "0::/system.slice/zlayer-agentd.service\n",
+            "unified/system.slice/zlayer-agentd.service",
+        ),
+        (
+            "v1",
+            "3:pids:/system.slice/zlayer-agentd.service\n1:name=systemd:/system.slice/x\n",
+            "pids/system.slice/zlayer-agentd.service",
+        ),
+        (
+            "hybrid",
+            "4:memory:/m\n1:name=systemd:/s\n0::/system.slice/zlayer-agentd.service\n",
+            "unified/system.slice/zlayer-agentd.service",
+        ),
+        ("v1", "1:name=systemd:/s\n", None),
+    ],
+)
+def test_the_move_warmer_moves_agentd_into_its_own_cgroup(
+    tmp_path: Path, mode: str, self_cgroup: str, expected: str | None
+) -> None:
+    """Its own cgroup's procs file, in the unified hierarchy where there is one, never in
+    systemd's named hierarchy (the kernel's lock is the same for all)."""
+    v1 = {} if mode == "v2" else {n: tmp_path / n for n in ("memory", "pids", "name=systemd")}
+    unified = None if mode == "v1" else tmp_path / "unified"
+    layout = cgroups.CgroupLayout(mode, v1, unified)  # type: ignore[arg-type]
+    (tmp_path / "self-cgroup").write_text(self_cgroup)
+    found = cgroups.own_procs_file(layout, tmp_path / "self-cgroup")
+    assert found == (None if expected is None else tmp_path / expected / "cgroup.procs")
