@@ -27,8 +27,8 @@ from shared import __version__, notify
 from shared.bus import DaemonInfo, open_bus, resolve_bus_address
 from shared.clients import DaemonClient, SchedulerClient
 from shared.config import ConfigError, DaemonSettings
-from shared.logs import setup_logging, under_systemd
-from shared.metrics import serve_metrics
+from shared.logs import setup_logging, under_systemd, write_logs_off_the_loop
+from shared.metrics import LOG_RECORDS_DROPPED, serve_metrics
 from shared.paths import Paths
 from shared.wire.daemon import DaemonState, DaemonStatus, StatusTuple, Supervisor
 
@@ -255,8 +255,13 @@ def main_for(daemon_class: type[Daemon]) -> None:
         logging.getLogger("zlayer.daemon").error("%s", exc)
         sys.exit(EX_CONFIG)
     setup_logging(identifier, settings.log_level)
+    stop_log_writer = write_logs_off_the_loop(LOG_RECORDS_DROPPED.inc)
 
     import uvloop
 
-    daemon = daemon_class(settings, paths)
-    sys.exit(uvloop.run(daemon.run()))
+    try:
+        daemon = daemon_class(settings, paths)
+        code = uvloop.run(daemon.run())
+    finally:
+        stop_log_writer()  # what is queued is written before the process ends
+    sys.exit(code)

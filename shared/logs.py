@@ -42,6 +42,10 @@ def setup_logging(identifier: str, level: str = "info") -> None:
 QUEUED_RECORDS = 10_000  # records waiting for the writer before new ones are dropped
 STOP_WAIT = 5.0  # seconds the writer is given to write what is queued at the end
 
+# The root logger's own handlers once write_logs_off_the_loop has put its queue in
+# their place: where every writer thread writes.
+_root_targets: list[logging.Handler] | None = None
+
 
 class _DroppingQueueHandler(QueueHandler):
     """Queues a record, or drops it (counted) when the writer is QUEUED_RECORDS behind:
@@ -52,46 +56,118 @@ class _DroppingQueueHandler(QueueHandler):
     ) -> None:
         super().__init__(records)
         self._dropped = dropped
+        self._lost = 0  # dropped since the writer last said so
+        self._lost_lock = threading.Lock()
 
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
             self.queue.put_nowait(record)
         except queue.Full:
+            with self._lost_lock:
+                self._lost += 1
             self._dropped()
+
+    def take_lost(self) -> int:
+        with self._lost_lock:
+            lost, self._lost = self._lost, 0
+        return lost
+
+
+def _write_off_the_loop(
+    logger: logging.Logger, targets: list[logging.Handler], dropped: Callable[[], None]
+) -> tuple[_DroppingQueueHandler, Callable[[], None]]:
+    """``logger``'s records queued for a thread of their own, which writes them to
+    ``targets``; (the queue's handler, the function that stops the thread)."""
+    records: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUED_RECORDS)
+    handler = _DroppingQueueHandler(records, dropped)
+
+    def write(record: logging.LogRecord) -> None:
+        for target in targets:
+            if record.levelno >= target.level:
+                target.handle(record)
+
+    def run() -> None:
+        while (record := records.get()) is not None:
+            if lost := handler.take_lost():
+                write(_lost_record(logger.name, lost, record.created))
+            write(record)
+
+    writer = threading.Thread(target=run, name=f"log {logger.name or 'root'}", daemon=True)
+    writer.start()
+
+    def stop() -> None:
+        with contextlib.suppress(queue.Full):
+            records.put(None, timeout=STOP_WAIT)
+        writer.join(STOP_WAIT)
+
+    return handler, stop
+
+
+def _lost_record(name: str, lost: int, created: float) -> logging.LogRecord:
+    record = logging.LogRecord(
+        "zlayer.logs",
+        logging.WARNING,
+        __file__,
+        0,
+        "dropped %d log records%s: %d were already waiting for the log to take them",
+        (lost, f" of {name}" if name else "", QUEUED_RECORDS),
+        None,
+    )
+    record.created = created
+    return record
+
+
+def write_logs_off_the_loop(dropped: Callable[[], None]) -> Callable[[], None]:
+    """Have every record of this process written by a thread of its own, to the root
+    logger's handlers (call it after :func:`setup_logging`): a daemon's event loop
+    must not wait while the journal, or a pipe nobody reads, is slow to take a line.
+    A record that finds the writer QUEUED_RECORDS behind is dropped, ``dropped()``
+    called, and the writer says how many it lost once it takes records again.
+
+    The caller calls the function returned on its way out: the writer writes what
+    is queued and ends, given STOP_WAIT seconds.
+    """
+    global _root_targets
+    root = logging.getLogger()
+    targets = list(root.handlers)
+    handler, stop_writer = _write_off_the_loop(root, targets, dropped)
+    for target in targets:
+        root.removeHandler(target)
+    root.addHandler(handler)
+    _root_targets = targets
+
+    def stop() -> None:
+        global _root_targets
+        root.removeHandler(handler)
+        stop_writer()
+        for target in targets:
+            root.addHandler(target)
+        _root_targets = None
+
+    return stop
 
 
 def logged_off_the_loop(name: str, dropped: Callable[[], None]) -> Callable[[], None]:
     """Have logger ``name``'s records written by a thread of their own, to the root
-    logger's handlers: a record a request (proxyd's access log) must not hold the
-    event loop while the journal, or a pipe nobody reads fast enough, is slow to take
-    it. The message is formatted where it is logged; a record that finds the writer
-    QUEUED_RECORDS behind is dropped and ``dropped()`` called.
+    logger's handlers, through a queue of their own: a record a request (proxyd's
+    access log) must not hold the event loop while the journal is slow to take it,
+    and a flood of them must not crowd the daemon's own lines out of the root's
+    queue (:func:`write_logs_off_the_loop`). As there, a record that finds the
+    writer QUEUED_RECORDS behind is dropped and ``dropped()`` called.
 
     The caller calls the function returned on its way out: the writer writes what
     is queued and ends, given STOP_WAIT seconds (a writer stuck on a reader that
     never reads is left behind; it does not keep the process from ending).
     """
-    records: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUED_RECORDS)
-    handlers = list(logging.getLogger().handlers)
-
-    def write() -> None:
-        while (record := records.get()) is not None:
-            for handler in handlers:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
-
-    writer = threading.Thread(target=write, name=f"log {name}", daemon=True)
     logger = logging.getLogger(name)
-    handler = _DroppingQueueHandler(records, dropped)
+    targets = list(_root_targets if _root_targets is not None else logging.getLogger().handlers)
+    handler, stop_writer = _write_off_the_loop(logger, targets, dropped)
     logger.addHandler(handler)
     logger.propagate = False
-    writer.start()
 
     def stop() -> None:
         logger.removeHandler(handler)
         logger.propagate = True
-        with contextlib.suppress(queue.Full):
-            records.put(None, timeout=STOP_WAIT)
-        writer.join(STOP_WAIT)
+        stop_writer()
 
     return stop

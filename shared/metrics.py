@@ -1,7 +1,8 @@
 """Prometheus metrics every daemon serves on its own port.
 
 Process metrics (CPU, memory, open fds) come from prometheus-client's
-default collectors; ``zlayer_build_info`` says what runs.
+default collectors; ``zlayer_build_info`` says what runs;
+``zlayer_log_records_dropped_total`` counts log lines a stuck journal cost.
 
 The endpoint is prometheus-client's WSGI app on a server of our own that
 binds without looking up the host's name: ``http.server.HTTPServer`` asks
@@ -19,13 +20,19 @@ import socketserver
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Gauge, make_wsgi_app
+from prometheus_client import Counter, Gauge, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 BUILD_INFO = Gauge(
     "zlayer_build_info",
     "Always 1; the labels say which daemon and version run.",
     ["daemon", "version", "python"],
+)
+
+LOG_RECORDS_DROPPED = Counter(
+    "zlayer_log_records_dropped",
+    "Log records dropped because the journal (or the reader of stderr) had not taken "
+    "the ones before them (shared.logs.QUEUED_RECORDS were waiting).",
 )
 
 

@@ -298,3 +298,53 @@ def test_udp_sessions_with_proxy_protocol(proxyd: Proxyd, echo: EchoServers) -> 
     while proxyd.notify.names() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proxyd.notify.names() == []
+
+
+def test_a_flood_of_connections_it_cannot_serve_holds_up_no_other_service(
+    proxyd: Proxyd, echo: EchoServers
+) -> None:
+    """Every connection to a tcp endpoint whose one backend cannot be reached (nothing
+    listens at 127.0.0.9) is closed with a warning in the log. proxyd's stderr here
+    is a pipe read only when it stops: 3,000 such lines are about five times what it
+    holds. The other service still answers while they
+    wait (the lines queue in proxyd), and at the stop every one is written."""
+    proxyd.start()
+    empty_port, echo_port = free_port(), free_port()
+
+    def tcp(name: str, port: int) -> dict[str, Any]:
+        return {
+            "name": name,
+            "protocol": "tcp",
+            "port": port,
+            "target_port": echo.port,
+            "expose": "public",
+            "stream": {"proxy_protocol": True},  # proxyd's (plain tcp is the kernel's)
+        }
+
+    proxyd.push(
+        "demo",
+        [
+            service("empty", [tcp("db", empty_port)], ["127.0.0.9"]),
+            service("echo", [tcp("echo", echo_port)], ["127.0.0.2"]),
+        ],
+    )
+    count = 3000
+
+    async def flood() -> bytes:
+        assert await asyncio.to_thread(tcp_exchange, echo_port, b"first")
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection("127.0.0.1", empty_port)
+            assert await reader.read() == b""  # closed by proxyd, nothing sent
+            writer.close()
+        return await asyncio.to_thread(tcp_exchange, echo_port, b"still here")
+
+    loops = LoopThread()
+    try:
+        # A proxyd whose loop waited for the pipe would close no more connections after
+        # the first few hundred: the bound makes that a failure, not a test that hangs.
+        answer = loops.run(flood(), timeout=60)
+        assert answer.startswith(b"127.0.0.2 ") and answer.endswith(b"still here")
+    finally:
+        loops.close()
+    proxyd.stop()
+    assert proxyd.logs.count("demo/empty db: ") == count

@@ -55,6 +55,31 @@ def test_records_past_the_bound_are_dropped_and_counted_and_the_rest_written_at_
     assert len(dropped) == 3
     sink.go_on.set()
     stop()
-    assert sink.written == [f"line {n}" for n in range(11)]
+    # The writer says what it dropped before the first record it writes after.
+    lost = "dropped 3 log records of zlayer.test.offloop: 10 were already waiting for the log"
+    assert sink.written[:2] == ["line 0", f"{lost} to take them"]
+    assert sink.written[2:] == [f"line {n}" for n in range(1, 11)]
     # Stopped: the logger is as it was, its records go to the root's handlers again.
     assert log.propagate and not log.handlers
+
+
+def test_the_whole_log_goes_through_one_writer_and_its_handlers_come_back_at_the_stop(
+    sink: _StuckHandler,
+) -> None:
+    """write_logs_off_the_loop puts a queue in the root's handlers' place; a logger with
+    a writer of its own (proxyd's access log) writes to those handlers, not the queue."""
+    sink.go_on.set()  # a sink that keeps up
+    root = logging.getLogger()
+    dropped: list[int] = []
+    stop = logs.write_logs_off_the_loop(lambda: dropped.append(1))
+    try:
+        assert sink not in root.handlers
+        stop_access = logs.logged_off_the_loop("zlayer.test.access", lambda: dropped.append(2))
+        logging.getLogger("zlayer.test.daemon").warning("from the daemon")
+        logging.getLogger("zlayer.test.access").warning("from a request")
+        stop_access()
+    finally:
+        stop()
+    assert sink in root.handlers and len(root.handlers) == len(set(root.handlers))
+    assert sorted(sink.written) == ["from a request", "from the daemon"]
+    assert dropped == []
