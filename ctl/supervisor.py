@@ -209,7 +209,10 @@ class Supervisor:
     # ------------------------------------------------------------ children
 
     async def _spawn(self, child: _Child) -> None:
-        from shared.daemon import SUPERVISOR_ENV  # the daemons' scaffold: not for `status`
+        from shared.daemon import (  # the daemons' scaffold: not for `status`
+            MALLOC_ARENA_MAX,
+            SUPERVISOR_ENV,
+        )
 
         # Loaded and looked up here: the child calls it between fork and exec.
         libc().prctl  # noqa: B018
@@ -222,6 +225,7 @@ class Supervisor:
                 "NOTIFY_SOCKET": str(self.notify_path),
                 "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1_000_000)),
                 SUPERVISOR_ENV: str(os.getpid()),
+                "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX),
             },
             unset=_NOT_INHERITED,
             passed=child.fd_store.passed(),

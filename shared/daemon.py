@@ -33,6 +33,10 @@ from shared.paths import Paths
 from shared.wire.daemon import DaemonState, DaemonStatus, StatusTuple, Supervisor
 
 SUPERVISOR_ENV = "ZLAYER_SUPERVISOR_PID"
+# glibc's malloc arenas for a daemon, set in its environment by the units and the
+# supervisor: by default each thread that allocates gets an arena of its own (up to
+# 8 per core), and an idle daemon's worker threads kept up to 2 MiB in them.
+MALLOC_ARENA_MAX = "2"
 EX_CONFIG = 78  # sysexits.h: the configuration is wrong; restarting will not help
 BUS_LIVENESS_INTERVAL = 5.0
 RESYNC_ASK_TIMEOUT = 5.0

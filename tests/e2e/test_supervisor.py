@@ -18,6 +18,7 @@ import pytest
 
 from ctl.supervisor import SupervisorState, find_executable
 from shared.bus import DAEMONS
+from shared.daemon import MALLOC_ARENA_MAX
 from shared.paths import PREFIX_ENV, Paths
 from tests.conftest import (
     kill_prefix_processes,
@@ -126,6 +127,19 @@ def test_six_daemons_run_and_answer(looked_at: Paths) -> None:
     code, body = http_get(f"http://127.0.0.1:{port}/health/ready")
     assert code == 200, body
     assert json.loads(body)["status"] == "ready"
+
+
+def test_each_daemon_has_two_malloc_arenas_and_counts_its_dropped_log_lines(
+    looked_at: Paths,
+) -> None:
+    """As under the units: the supervisor limits the daemons' malloc arenas, and every
+    daemon's metrics say how many log lines a stuck log cost it (none here)."""
+    wanted = os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)
+    for name, row in status_rows().items():
+        environ = Path(f"/proc/{row['pid']}/environ").read_bytes().split(b"\0")
+        assert f"MALLOC_ARENA_MAX={wanted}".encode() in environ, name
+        code, body = http_get(row["metrics_url"])
+        assert code == 200 and "\nzlayer_log_records_dropped_total 0.0\n" in body, name
 
 
 # Native libraries a lone node's daemons have no use for until the node joins a

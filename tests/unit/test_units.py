@@ -31,6 +31,7 @@ import pytest
 from ctl.fdstore import FD_STORE_MAX
 from ctl.supervisor import START_AFTER
 from shared.bus import DAEMONS, DAEMONS_BY_NAME, DaemonInfo, Job1
+from shared.daemon import MALLOC_ARENA_MAX
 from shared.paths import Paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,6 +335,13 @@ def percent(value: str) -> int:
     match = re.fullmatch(r"(\d+)%", value)
     assert match, f"not a percentage: {value}"
     return int(match.group(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_malloc_arenas_are_the_supervisors(name: str) -> None:
+    """The units limit glibc's malloc arenas as the supervisor does for its children."""
+    environment = parse_unit(unit_path(name))["Service"]["Environment"]
+    assert f"MALLOC_ARENA_MAX={MALLOC_ARENA_MAX}" in words(environment)
 
 
 @pytest.mark.parametrize("name", NAMES)
