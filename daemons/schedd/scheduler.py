@@ -518,12 +518,16 @@ class Scheduler:
 
         def read() -> tuple[StoredDeployment, DeploymentSpec]:
             stored = self._require(name)
-            spec = self._spec(name, stored.revision)
-            if spec is None:  # pragma: no cover - a stored deployment has its revision
-                raise NotFoundError(f"there is no deployment named {name}")
-            return stored, spec
+            return stored, self._current_spec(stored)
 
         return await self.io.call(read)
+
+    def _current_spec(self, stored: StoredDeployment) -> DeploymentSpec:
+        """The spec of ``stored``'s current revision (blocking the first time, see _spec)."""
+        spec = self._spec(stored.name, stored.revision)
+        if spec is None:  # pragma: no cover - a stored deployment has its revision
+            raise NotFoundError(f"there is no deployment named {stored.name}")
+        return spec
 
     def _require(self, name: str, removing_ok: bool = False) -> StoredDeployment:
         """Blocking: deployment ``name`` as stored; NotFoundError naming those there are
@@ -884,9 +888,7 @@ class Scheduler:
     async def status(self, name: str) -> DeploymentStatus:
         reads = await self.io.call(self._status_reads, name)
         stored = reads.stored
-        spec = self._spec(name, stored.revision)  # parsed with the reads
-        if spec is None:  # pragma: no cover - a stored deployment has its revision
-            raise NotFoundError(f"there is no deployment named {name}")
+        spec = self._current_spec(stored)  # parsed with the reads: no blocking here
         try:
             replicas = await self._replicas(name)
         except UnavailableError:
@@ -932,7 +934,11 @@ class Scheduler:
         return reads
 
     async def list_status(self) -> list[DeploymentStatus]:
-        return [await self.status(name) for name in await self.io.call(self.store.names)]
+        found = []
+        for name in await self.io.call(self.store.names):
+            with contextlib.suppress(NotFoundError):  # its removal ended meanwhile
+                found.append(await self.status(name))
+        return found
 
     # ------------------------------------------------------------ the loop
 

@@ -65,3 +65,34 @@ def test_a_spec_parsed_for_status_is_kept_in_the_cache(
     finally:
         store.close()
     assert parsed == ["stored spec"]  # once: the second status and the pass found it kept
+
+
+def test_a_deployment_gone_between_the_listing_and_its_read_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``zlayerctl ps`` while a removal ends: the deployment listed, then gone before its
+    status is read, is not in the answer, and the others are (no 'no deployment' error)."""
+    for client in ("AgentClient", "OverlayClient", "ProxyClient"):
+        monkeypatch.setattr(scheduler_module, client, _NoBus)
+    store = Store(tmp_path / "state.db")
+    spec = parse_spec(SPEC, "shop.yml")
+    store.add_revision("shop", spec.model_dump_json(), SPEC, "shop.yml")
+    listed = store.names
+
+    def names_then_gone() -> list[str]:
+        return ["gone", *listed()]  # "gone" was listed; its removal ended right after
+
+    monkeypatch.setattr(store, "names", names_then_gone)
+
+    async def no_replicas(name: str) -> list[ReplicaInfo]:
+        return []
+
+    async def run() -> list[str]:
+        scheduler = Scheduler(store, None, lambda event: None)  # type: ignore[arg-type]
+        monkeypatch.setattr(scheduler, "_replicas", no_replicas)
+        return [status.name for status in await scheduler.list_status()]
+
+    try:
+        assert asyncio.run(run()) == ["shop"]
+    finally:
+        store.close()
