@@ -555,18 +555,29 @@ class EtcdStore:
 
     # ------------------------------------------------------------ events
 
-    def add_event(self, event: Event) -> None:
-        """Keep ``event``; a deployment keeps its newest EVENTS_KEPT."""
-        name = event.deployment
+    def add_events(self, events: Sequence[Event]) -> None:
+        """Keep ``events``, in their order: one transaction per deployment (and per
+        TXN_OPS of its events); a deployment keeps its newest EVENTS_KEPT."""
+        by_deployment: dict[str, list[Event]] = {}
+        for event in events:
+            by_deployment.setdefault(event.deployment, []).append(event)
+        for name, theirs in by_deployment.items():
+            step = TXN_OPS - 2  # with the sequence's put and the trim
+            for start in range(0, len(theirs), step):
+                self._add_events_of(name, theirs[start : start + step])
+
+    def _add_events_of(self, name: str, events: list[Event]) -> None:
         seq_key = self._key("eventseq", _q(name))
         prefix = self._key("events", _q(name), "")
 
         async def attempt() -> bool | None:
             _, kv = await self._get(seq_key)
-            seq = int(kv.value) + 1 if kv is not None else 1
-            ops = [
-                _tx.Put(seq_key, str(seq).encode()),
-                _tx.Put(self._key("events", _q(name), f"{seq:020d}"), msgspec.json.encode(event)),
+            last = int(kv.value) if kv is not None else 0
+            seq = last + len(events)
+            ops = [_tx.Put(seq_key, str(seq).encode())]
+            ops += [
+                _tx.Put(self._key("events", _q(name), f"{n:020d}"), msgspec.json.encode(event))
+                for n, event in enumerate(events, start=last + 1)
             ]
             if seq > EVENTS_KEPT:
                 oldest_kept = self._key("events", _q(name), f"{seq - EVENTS_KEPT + 1:020d}")

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -239,6 +240,10 @@ class Scheduler:
         self.store = store
         # Every call of the store runs here, off the event loop and in the loop's order.
         self.io = StoreThread()
+        # Events made on the loop and not yet in the store: written together, one
+        # transaction (one fsync) for all the store's thread finds waiting.
+        self._unwritten_events: list[Event] = []
+        self._unwritten_lock = threading.Lock()
         self.secrets = Secrets(store, secrets_key, cluster_secrets_key)
         self.bus = bus
         self.agent = AgentClient(bus)
@@ -298,9 +303,20 @@ class Scheduler:
             message=message,
         )
         log.info("%s: %s", deployment, message)
-        # Not waited for: the store's thread writes it before any later read of events.
-        self.io.post(self.store.add_event, event)
+        with self._unwritten_lock:
+            self._unwritten_events.append(event)
+            first = len(self._unwritten_events) == 1
+        if first:
+            # Not waited for: the store's thread writes it, with every event made until
+            # then, in one transaction, and before any later read of events.
+            self.io.post(self._write_events)
         self.emit_signal(event)
+
+    def _write_events(self) -> None:
+        """In the store's thread: every event made and not yet written."""
+        with self._unwritten_lock:
+            events, self._unwritten_events = self._unwritten_events, []
+        self.store.add_events(events)
 
     # ------------------------------------------------------------ requests
 

@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,7 +254,7 @@ class DesiredStore(Protocol):
 
     def remove_secret(self, name: str, deployment: str) -> bool: ...
 
-    def add_event(self, event: Event) -> None: ...
+    def add_events(self, events: Sequence[Event]) -> None: ...
 
     def events(self, name: str, limit: int = 50) -> list[Event]: ...
 
@@ -650,25 +650,23 @@ class Store:
 
     # ------------------------------------------------------------ events
 
-    def add_event(self, event: Event) -> None:
+    def add_events(self, events: Sequence[Event]) -> None:
+        """Keep ``events``, in their order, in one transaction (one fsync for all);
+        a deployment keeps its newest EVENTS_KEPT."""
+        if not events:
+            return
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO events (time, deployment, service, replica, kind, message) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    event.time,
-                    event.deployment,
-                    event.service,
-                    event.replica,
-                    event.kind,
-                    event.message,
-                ),
+                [(e.time, e.deployment, e.service, e.replica, e.kind, e.message) for e in events],
             )
-            db.execute(
-                "DELETE FROM events WHERE deployment = ? AND id <= (SELECT MAX(id) FROM events "
-                "WHERE deployment = ?) - ?",
-                (event.deployment, event.deployment, EVENTS_KEPT),
-            )
+            for name in dict.fromkeys(e.deployment for e in events):
+                db.execute(
+                    "DELETE FROM events WHERE deployment = ? AND id <= (SELECT MAX(id) "
+                    "FROM events WHERE deployment = ?) - ?",
+                    (name, name, EVENTS_KEPT),
+                )
 
     def events(self, name: str, limit: int = 50) -> list[Event]:
         rows = self._rows(

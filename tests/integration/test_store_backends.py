@@ -271,7 +271,7 @@ def test_remove_forgets_a_deployment_but_not_its_secrets(store: DesiredStore) ->
         store.set_stopped(name, "web", True)
         store.record_cron_run(name, "job", 5.0)
         store.set_cron_enabled(name, "job", False)
-        store.add_event(Event(time=1.0, deployment=name, kind="deploy", message="hi"))
+        store.add_events([Event(time=1.0, deployment=name, kind="deploy", message="hi")])
     store.put_secret("token", "app", b"n" * 12, b"sealed")
     store.remove("app")
     assert store.names() == ["app2"] and store.get("app") is None
@@ -310,11 +310,17 @@ def test_events_keep_order_limit_and_bound(
 ) -> None:
     monkeypatch.setattr("daemons.schedd.store.EVENTS_KEPT", 5)
     monkeypatch.setattr("daemons.schedd.etcdstore.EVENTS_KEPT", 5)
-    for n in range(12):
-        store.add_event(
-            Event(time=float(n), deployment="app", service="web", kind="k", message=f"m{n}")
-        )
-    store.add_event(Event(time=0.5, deployment="other", replica="r1", kind="k", message="x"))
+    app = [
+        Event(time=float(n), deployment="app", service="web", kind="k", message=f"m{n}")
+        for n in range(12)
+    ]
+    other = Event(time=0.5, deployment="other", replica="r1", kind="k", message="x")
+    store.add_events(app[:1])
+    # schedd writes what was made since its last write in one call: two deployments
+    # mixed, past the bound within the call
+    store.add_events([*app[1:4], other, *app[4:11]])
+    store.add_events(app[11:])
+    store.add_events([])
     kept = store.events("app", 100)
     assert [e.message for e in kept] == [f"m{n}" for n in range(7, 12)]
     assert kept[-1] == Event(time=11.0, deployment="app", service="web", kind="k", message="m11")
@@ -323,6 +329,15 @@ def test_events_keep_order_limit_and_bound(
     assert store.events("other") == [
         Event(time=0.5, deployment="other", replica="r1", kind="k", message="x")
     ]
+
+
+def test_more_events_in_one_call_than_one_transaction_takes_are_all_kept(
+    store: DesiredStore,
+) -> None:
+    """etcd takes at most 128 operations in a transaction: a long write is split."""
+    events = [Event(time=float(n), deployment="app", kind="k", message=f"m{n}") for n in range(250)]
+    store.add_events(events)
+    assert store.events("app", -1) == events
 
 
 def test_generations_rise_and_follow_at_least(store: DesiredStore) -> None:
@@ -366,7 +381,7 @@ def test_one_store_called_from_several_threads_at_once(store: DesiredStore) -> N
             for n in range(10):
                 got.append(store.next_generation())
                 store.put_service_state("app", f"s{index}", state(n))
-                store.add_event(Event(time=float(n), deployment="app", kind="k", message="m"))
+                store.add_events([Event(time=float(n), deployment="app", kind="k", message="m")])
         except BaseException as exc:  # reported below, not lost in the thread
             errors.append(exc)
 
@@ -551,7 +566,9 @@ def _filled_sqlite(path: Path, tag: str = "") -> Store:
         lone.record_cron_run(name, "job", 1700000000.5)
         lone.set_cron_enabled(name, "job", False)
         for n in range(3):
-            lone.add_event(Event(time=float(n), deployment=name, kind="k", message=f"{name} {n}"))
+            lone.add_events(
+                [Event(time=float(n), deployment=name, kind="k", message=f"{name} {n}")]
+            )
     lone.set_stopped("odd/name%", "", True)
     lone.set_removing(f"web{tag}")
     lone.put_secret("token", "", b"1" * 12, b"sealed-node-wide")
@@ -599,7 +616,7 @@ def test_a_lone_nodes_state_moves_whole_and_a_second_move_changes_nothing(
         assert etcd_store.add_revision("web", "{}", "", "c.yml") == 3
         assert etcd_store.next_generation() == 43
         assert len(etcd_store.events("web", -1)) == 3
-        etcd_store.add_event(Event(time=9.0, deployment="web", kind="k", message="after"))
+        etcd_store.add_events([Event(time=9.0, deployment="web", kind="k", message="after")])
         assert [e.message for e in etcd_store.events("web", 2)] == ["web 2", "after"]
         assert move_to_etcd(lone, etcd_store) == 0
         # web was being removed: revision 3 deployed it anew, a rollback sees from there.

@@ -115,7 +115,7 @@ def test_store_revisions_holds_and_events(tmp_path: Path) -> None:
     assert store.stopped_services("shop") == set()
     stored = store.get("shop")
     assert stored is not None and stored.revision == 2 and stored.spec_text == "text2"
-    store.add_event(Event(time=time.time(), deployment="shop", kind="deploy", message="hi"))
+    store.add_events([Event(time=time.time(), deployment="shop", kind="deploy", message="hi")])
     assert [e.message for e in store.events("shop")] == ["hi"]
     store.close()
     reopened = Store(tmp_path / "state.db")
