@@ -574,14 +574,16 @@ class EtcdStore:
             _, kv = await self._get(seq_key)
             last = int(kv.value) if kv is not None else 0
             seq = last + len(events)
+            first_kept = max(seq - EVENTS_KEPT + 1, 1)
             ops = [_tx.Put(seq_key, str(seq).encode())]
+            # Only the events kept are put: etcd refuses a put inside the range deleted.
             ops += [
                 _tx.Put(self._key("events", _q(name), f"{n:020d}"), msgspec.json.encode(event))
                 for n, event in enumerate(events, start=last + 1)
+                if n >= first_kept
             ]
-            if seq > EVENTS_KEPT:
-                oldest_kept = self._key("events", _q(name), f"{seq - EVENTS_KEPT + 1:020d}")
-                ops.append(_tx.Delete(prefix, oldest_kept))
+            if first_kept > 1:
+                ops.append(_tx.Delete(prefix, self._key("events", _q(name), f"{first_kept:020d}")))
             seen = kv.mod_revision if kv is not None else 0
             return True if await self._txn([_tx.Mod(seq_key) == seen], ops) else None
 
