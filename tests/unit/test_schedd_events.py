@@ -7,28 +7,20 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from daemons.schedd import scheduler as scheduler_module
 from daemons.schedd.scheduler import Scheduler
 from daemons.schedd.store import Store
 from shared.wire.scheduler import Event
-
-
-class _NoBus:
-    """A daemon's client that is never called: events ask no daemon."""
-
-    def __init__(self, bus: Any) -> None:
-        self.bus = bus
+from tests.unit.test_schedd_status_spec import (
+    no_daemon_clients as no_daemon_clients,  # the fixture, for this module
+)
 
 
 def test_events_made_while_the_store_is_busy_are_written_together_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_daemon_clients: None
 ) -> None:
-    for client in ("AgentClient", "OverlayClient", "ProxyClient"):
-        monkeypatch.setattr(scheduler_module, client, _NoBus)
     store = Store(tmp_path / "state.db")
     writes: list[int] = []
     add_events = store.add_events

@@ -31,11 +31,16 @@ class _NoBus:
         self.bus = bus
 
 
-def test_a_spec_parsed_for_status_is_kept_in_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def no_daemon_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Scheduler made without a bus: its clients of the other daemons are never called."""
     for client in ("AgentClient", "OverlayClient", "ProxyClient"):
         monkeypatch.setattr(scheduler_module, client, _NoBus)
+
+
+def test_a_spec_parsed_for_status_is_kept_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_daemon_clients: None
+) -> None:
     parsed: list[str] = []
     real_validate = DeploymentSpec.model_validate_json
 
@@ -68,12 +73,10 @@ def test_a_spec_parsed_for_status_is_kept_in_the_cache(
 
 
 def test_a_deployment_gone_between_the_listing_and_its_read_is_left_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_daemon_clients: None
 ) -> None:
     """``zlayerctl ps`` while a removal ends: the deployment listed, then gone before its
     status is read, is not in the answer, and the others are (no 'no deployment' error)."""
-    for client in ("AgentClient", "OverlayClient", "ProxyClient"):
-        monkeypatch.setattr(scheduler_module, client, _NoBus)
     store = Store(tmp_path / "state.db")
     spec = parse_spec(SPEC, "shop.yml")
     store.add_revision("shop", spec.model_dump_json(), SPEC, "shop.yml")
