@@ -272,7 +272,10 @@ def test_zlayerctl_build_of_a_wasm_zimagefile_stores_the_module_as_an_image(
     other.write_text("wasm:\n  language: c\n  output: out/hello.wasm\n")
     text = build(str(context), "-z", str(other), "-t", "localhost/wasm-c:2")
     assert text.returncode == 0, text.stderr
-    assert text.stdout.splitlines()[-1].startswith("built localhost/wasm-c:2: ")
+    # A build of the same module can make the very image of the first build (the same
+    # id): the line then names every name the image has.
+    names = text.stdout.splitlines()[-1].removeprefix("built ").split(": ")[0].split(", ")
+    assert "localhost/wasm-c:2" in names, text.stdout
     assert (context / "out" / "hello.wasm").is_file()
     assert one_sentence(build(str(context), "-t", "x:1", "--build-arg", "A=1")) == (
         "--build-arg and --target do not apply to a `wasm:` ZImagefile; leave them out"
