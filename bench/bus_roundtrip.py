@@ -5,7 +5,7 @@ temporary prefix (free ports, its own private dbus-daemon), then times the
 same method call, client -> dbus-daemon -> zlayer-schedd -> back, four ways:
 
 - zlayer client: ``await SchedulerClient(bus).status()`` from asyncio, the way
-  zlayerctl calls it (sdbus, shared.bus.proxy); the figure under test.
+  zlayerctl calls it (sdbus, shared.clients); the figure under test.
 - raw sd-bus, async: ``bus.new_method_call_message`` + ``await
   bus.call_async(msg)`` + ``get_contents()`` on the same asyncio loop; sdbus's
   low-level API without the proxy layer.

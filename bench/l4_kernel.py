@@ -139,7 +139,7 @@ def call(bus_address: str, method: str, *args: Any) -> Any:
     async def run() -> Any:
         bus = open_bus(bus_address)
         try:
-            return await getattr(OverlayClient(bus).proxy, method)(*args)
+            return await getattr(OverlayClient(bus)._proxy, method)(*args)
         finally:
             bus.close()
 

@@ -150,7 +150,7 @@ def call(bus: PrivateBus, method: str, *args: object, wait: float = 0.0) -> obje
     async def once() -> object:
         connection = open_bus(bus.address)
         try:
-            return await getattr(ProxyClient(connection).proxy, method)(*args)
+            return await getattr(ProxyClient(connection)._proxy, method)(*args)
         finally:
             connection.close()
 

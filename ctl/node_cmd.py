@@ -12,14 +12,15 @@ import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from ctl.client import Client
+from ctl.client import Client, LocalClient
 from ctl.output import err_console, fail, format_option, print_json, print_rows
 
 if TYPE_CHECKING:
+    from shared.clients import SchedulerClient
     from shared.wire.cluster import NodeList, NodeRecord
     from shared.wire.mesh import MeshPeer, MeshStatus
 
@@ -29,34 +30,24 @@ _TTL = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|h|d)?")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _call(do: Callable[[Any], Awaitable[T]]) -> T:
-    """``do(proxy)`` with schedd's Scheduler1 proxy on this node's bus."""
-
-    async def run() -> T:
-        client = Client()
-        try:
-            if client.remote:
-                fail("node commands act on the node they run on: run them there, without --host")
-            return await do(client.scheduler.proxy)  # type: ignore[attr-defined]
-        finally:
-            client.close()
-
-    return asyncio.run(run())
-
-
-def _with_client(do: Callable[[Client], Awaitable[T]]) -> T:
+def _with_client(do: Callable[[LocalClient], Awaitable[T]]) -> T:
     """``do(client)`` with this node's bus client (schedd and overlayd)."""
 
     async def run() -> T:
         client = Client()
         try:
-            if client.remote:
+            if not isinstance(client, LocalClient):
                 fail("node commands act on the node they run on: run them there, without --host")
             return await do(client)
         finally:
             client.close()
 
     return asyncio.run(run())
+
+
+def _call(do: Callable[[SchedulerClient], Awaitable[T]]) -> T:
+    """``do(scheduler)`` with schedd's typed client on this node's bus."""
+    return _with_client(lambda client: do(client.scheduler))
 
 
 def parse_ttl(text: str) -> float:
@@ -147,13 +138,10 @@ def unreachable_reason(
     return ""
 
 
-async def _mesh_of(client: Client) -> MeshStatus | None:
+async def _mesh_of(client: LocalClient) -> MeshStatus | None:
     """This node's mesh as overlayd reports it; None when overlayd cannot say."""
-    from shared.wire import decode
-    from shared.wire.mesh import MeshStatus
-
     try:
-        return decode(await client.overlay.proxy.get_mesh(), MeshStatus)  # type: ignore[attr-defined]
+        return await client.overlay.get_mesh()
     except Exception:  # overlayd down, or one without the mesh: nothing to fill in
         return None
 
@@ -181,12 +169,10 @@ def node() -> None:
 def init(advertise: str, cluster_subnet: str, etcd_voters: str) -> None:
     """Make this node a one-node cluster (its state moves into etcd)."""
     from shared.cluster.blocks import init_argument
-    from shared.wire import decode
-    from shared.wire.cluster import NodeRecord
 
     voters = int(etcd_voters)
     argument = init_argument(advertise, cluster_subnet, 0 if voters == 3 else voters)
-    record = decode(_call(lambda p: p.node_init(argument)), NodeRecord)
+    record = _call(lambda scheduler: scheduler.node_init(argument))
     _said(record, "is a one-node cluster; add nodes with `zlayerctl node join-token`")
 
 
@@ -195,7 +181,7 @@ def init(advertise: str, cluster_subnet: str, etcd_voters: str) -> None:
 def join_token(ttl: str) -> None:
     """Print a token another node joins this cluster with."""
     seconds = parse_ttl(ttl)
-    click.echo(_call(lambda p: p.node_join_token(seconds)))
+    click.echo(_call(lambda scheduler: scheduler.node_join_token(seconds)))
 
 
 @node.command("join")
@@ -203,10 +189,7 @@ def join_token(ttl: str) -> None:
 @click.option("--advertise", default="", metavar="ADDR", help="the address other nodes reach")
 def join(token: str, advertise: str) -> None:
     """Join the cluster of TOKEN (from `zlayerctl node join-token`)."""
-    from shared.wire import decode
-    from shared.wire.cluster import NodeRecord
-
-    record = decode(_call(lambda p: p.node_join(token, advertise)), NodeRecord)
+    record = _call(lambda scheduler: scheduler.node_join(token, advertise))
     role = "an etcd voter" if record.etcd_member else "a client of etcd"
     block = f"; its replicas' block is {record.subnet}" if record.subnet else ""
     _said(record, f"joined the cluster as {role}{block}")
@@ -216,12 +199,10 @@ def join(token: str, advertise: str) -> None:
 @format_option
 def ls(output_format: str) -> None:
     """List the cluster's nodes: state, role, labels, resources, mesh handshakes."""
-    from shared.wire import decode, to_builtins
-    from shared.wire.cluster import NodeList
+    from shared.wire import to_builtins
 
-    async def read(client: Client) -> tuple[NodeList, MeshStatus | None]:
-        listed = decode(await client.scheduler.proxy.list_nodes(), NodeList)  # type: ignore[attr-defined]
-        return listed, await _mesh_of(client)
+    async def read(client: LocalClient) -> tuple[NodeList, MeshStatus | None]:
+        return await client.scheduler.list_nodes(), await _mesh_of(client)
 
     found, mesh = _with_client(read)
     now = time.time()
@@ -295,7 +276,7 @@ def _mesh_cells(
 def label(node_id: str, changes: tuple[str, ...]) -> None:
     """Set (KEY=VALUE) or remove (KEY-) labels of node ID."""
     labels, remove = parse_labels(changes)
-    _call(lambda p: p.label_node(node_id, labels, remove))
+    _call(lambda scheduler: scheduler.label_node(node_id, labels, remove))
     err_console.print(f"node {node_id} labelled", highlight=False)
 
 
@@ -303,17 +284,14 @@ def label(node_id: str, changes: tuple[str, ...]) -> None:
 @click.argument("node_id", metavar="ID")
 def drain(node_id: str) -> None:
     """Mark node ID draining: its replicas move to other nodes."""
-    _call(lambda p: p.drain_node(node_id))
+    _call(lambda scheduler: scheduler.drain_node(node_id))
     err_console.print(f"node {node_id} is draining", highlight=False)
 
 
 @node.command("rotate-key")
 def rotate_key() -> None:
     """Give this node's mesh a new key pair; the other nodes take it from its record."""
-    from shared.wire import decode
-    from shared.wire.cluster import NodeRecord
-
-    record = decode(_call(lambda p: p.rotate_mesh_key()), NodeRecord)
+    record = _call(lambda scheduler: scheduler.rotate_mesh_key())
     err_console.print(
         f"node {record.id} has a new mesh key {record.wireguard_key}; the other nodes take "
         "it from its record",
@@ -325,7 +303,7 @@ def rotate_key() -> None:
 @click.argument("node_id", metavar="ID")
 def undrain(node_id: str) -> None:
     """Put drained node ID back in service: new replicas may be placed on it again."""
-    _call(lambda p: p.undrain_node(node_id))
+    _call(lambda scheduler: scheduler.undrain_node(node_id))
     err_console.print(f"node {node_id} is ready", highlight=False)
 
 
@@ -333,5 +311,5 @@ def undrain(node_id: str) -> None:
 @click.argument("node_id", metavar="ID")
 def rm(node_id: str) -> None:
     """Remove node ID from the cluster (its record and its etcd member)."""
-    _call(lambda p: p.remove_node(node_id))
+    _call(lambda scheduler: scheduler.remove_node(node_id))
     err_console.print(f"node {node_id} removed from the cluster", highlight=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from sdbus import DbusInterfaceCommonAsync, SdBus
 from sdbus.sd_bus_internals import SdBusMessage
@@ -62,6 +62,10 @@ from shared.wire.scheduler import (
 )
 from shared.wire.traffic import DeploymentTraffic, DnsRecord, RouteInfo, ServiceStats, TrafficViews
 
+if TYPE_CHECKING:
+    # loaded by the cluster calls themselves: a lone node's daemons never need them
+    from shared.wire.cluster import NodeList, NodeRecord, NodeSettings
+
 I = TypeVar("I", bound=DbusInterfaceCommonAsync)  # noqa: E741  # the interface
 
 FALLBACK_SECONDS = 2.0  # run_job asks GetJob after this long without a signal
@@ -73,16 +77,18 @@ class DaemonClient(Generic[I]):
     def __init__(self, info: DaemonInfo, bus: SdBus) -> None:
         self.info = info
         self._bus = bus
-        self.proxy: I = info.interface.new_proxy(  # type: ignore[assignment]
+        # The raw sdbus proxy: private, so every call from outside goes through a typed
+        # method of this module (tests/unit/test_wire.py holds it so).
+        self._proxy: I = info.interface.new_proxy(  # type: ignore[assignment]
             info.bus_name, info.object_path, bus
         )
 
     async def status(self) -> DaemonStatus:
-        return DaemonStatus.from_dbus(await self.proxy.status())  # type: ignore[attr-defined]
+        return DaemonStatus.from_dbus(await self._proxy.status())  # type: ignore[attr-defined]
 
     async def ping(self) -> None:
         """Return when the daemon's bus connection answers (org.freedesktop.DBus.Peer.Ping)."""
-        await self.proxy.dbus_ping()
+        await self._proxy.dbus_ping()
 
 
 class JobClient:
@@ -90,13 +96,13 @@ class JobClient:
 
     def __init__(self, bus_name: str, path: str, bus: SdBus) -> None:
         self.path = path
-        self.proxy = Job1.new_proxy(bus_name, path, bus)
+        self._proxy = Job1.new_proxy(bus_name, path, bus)
 
     async def info(self) -> JobInfo:
-        return decode(await self.proxy.get_info(), JobInfo)
+        return decode(await self._proxy.get_info(), JobInfo)
 
     async def cancel(self) -> None:
-        await self.proxy.cancel()
+        await self._proxy.cancel()
 
 
 class JobsDaemonClient(DaemonClient[I]):
@@ -104,15 +110,15 @@ class JobsDaemonClient(DaemonClient[I]):
     JobRemoved, and waiting for a job's end."""
 
     async def get_job(self, job_id: int) -> JobInfo:
-        reply = await self.proxy.get_job(job_id)  # type: ignore[attr-defined]
+        reply = await self._proxy.get_job(job_id)  # type: ignore[attr-defined]
         return decode(reply, JobInfo)
 
     async def cancel_job(self, job_id: int) -> None:
-        await self.proxy.cancel_job(job_id)  # type: ignore[attr-defined]
+        await self._proxy.cancel_job(job_id)  # type: ignore[attr-defined]
 
     async def jobs_removed(self) -> AsyncIterator[JobInfo]:
         """The final JobInfo of every job that ends from now on."""
-        async for _job_id, _path, text in self.proxy.job_removed:  # type: ignore[attr-defined]
+        async for _job_id, _path, text in self._proxy.job_removed:  # type: ignore[attr-defined]
             yield decode(text, JobInfo)
 
     def job(self, job_id: int) -> JobClient:
@@ -190,76 +196,126 @@ class SchedulerClient(JobsDaemonClient[Scheduler1]):
 
     async def deploy(self, spec_text: str, filename: str, host_env: Mapping[str, str]) -> Deployed:
         """The stored revision's status and the job that ends once it has converged."""
-        reply = await self.proxy.deploy(spec_text, filename, dict(host_env))
+        reply = await self._proxy.deploy(spec_text, filename, dict(host_env))
         return decode(reply, Deployed)
 
     async def plan(self, spec_text: str, filename: str, host_env: Mapping[str, str]) -> DeployPlan:
-        return decode(await self.proxy.plan(spec_text, filename, dict(host_env)), DeployPlan)
+        return decode(await self._proxy.plan(spec_text, filename, dict(host_env)), DeployPlan)
 
     async def validate(
         self, spec_text: str, filename: str, host_env: Mapping[str, str]
     ) -> SpecCheck:
-        return decode(await self.proxy.validate(spec_text, filename, dict(host_env)), SpecCheck)
+        return decode(await self._proxy.validate(spec_text, filename, dict(host_env)), SpecCheck)
 
     async def down(self, deployment: str) -> int:
         """The id of the job that ends when the deployment is gone."""
-        return await self.proxy.down(deployment)
+        return await self._proxy.down(deployment)
 
     async def stop(self, deployment: str, service: str, timeout_sec: float, force: bool) -> int:
         """The id of the job that ends when the services' replicas have stopped."""
-        return await self.proxy.stop(deployment, service, timeout_sec, force)
+        return await self._proxy.stop(deployment, service, timeout_sec, force)
 
     async def scale(self, deployment: str, service: str, replicas: int) -> int:
         """The id of the job that ends when the service runs ``replicas`` at most."""
-        return await self.proxy.scale(deployment, service, replicas)
+        return await self._proxy.scale(deployment, service, replicas)
 
     async def list_deployments(self) -> list[DeploymentStatus]:
-        return decode(await self.proxy.list_deployments(), list[DeploymentStatus])
+        return decode(await self._proxy.list_deployments(), list[DeploymentStatus])
 
     async def get_deployment(self, deployment: str) -> DeploymentStatus:
-        return decode(await self.proxy.get_deployment(deployment), DeploymentStatus)
+        return decode(await self._proxy.get_deployment(deployment), DeploymentStatus)
 
     async def get_spec(self, deployment: str) -> str:
-        return await self.proxy.get_spec(deployment)
+        return await self._proxy.get_spec(deployment)
 
     async def trigger_job(self, deployment: str, service: str) -> JobRun:
-        return decode(await self.proxy.trigger_job(deployment, service), JobRun)
+        return decode(await self._proxy.trigger_job(deployment, service), JobRun)
 
     async def list_cron(self, deployment: str) -> list[CronSchedule]:
-        return decode(await self.proxy.list_cron(deployment), list[CronSchedule])
+        return decode(await self._proxy.list_cron(deployment), list[CronSchedule])
 
     async def rollback(self, deployment: str) -> int:
-        return await self.proxy.rollback(deployment)
+        return await self._proxy.rollback(deployment)
 
     async def list_events(self, deployment: str, limit: int) -> list[Event]:
-        return decode(await self.proxy.list_events(deployment, limit), list[Event])
+        return decode(await self._proxy.list_events(deployment, limit), list[Event])
 
     async def resync(self, daemon: str) -> None:
-        await self.proxy.resync(daemon)
+        await self._proxy.resync(daemon)
 
     async def events(self) -> AsyncIterator[Event]:
         """Every Event schedd emits from now on."""
-        async for text in self.proxy.event_emitted:
+        async for text in self._proxy.event_emitted:
             yield decode(text, Event)
 
     async def set_secret(self, name: str, deployment: str, value: str) -> SecretInfo:
-        return decode(await self.proxy.set_secret(name, deployment, value), SecretInfo)
+        return decode(await self._proxy.set_secret(name, deployment, value), SecretInfo)
 
     async def list_secrets(self) -> list[SecretInfo]:
-        return decode(await self.proxy.list_secrets(), list[SecretInfo])
+        return decode(await self._proxy.list_secrets(), list[SecretInfo])
 
     async def get_secret(self, name: str, deployment: str) -> SecretValue:
-        return decode(await self.proxy.get_secret(name, deployment), SecretValue)
+        return decode(await self._proxy.get_secret(name, deployment), SecretValue)
 
     async def remove_secret(self, name: str, deployment: str) -> None:
-        await self.proxy.remove_secret(name, deployment)
+        await self._proxy.remove_secret(name, deployment)
 
     async def set_cron_enabled(self, deployment: str, service: str, enabled: bool) -> None:
-        await self.proxy.set_cron_enabled(deployment, service, enabled)
+        await self._proxy.set_cron_enabled(deployment, service, enabled)
 
     async def cluster_replicas(self, deployment: str = "") -> list[ReplicaInfo]:
         """Every replica of ``deployment`` ("" for all) on every node of the cluster."""
-        return decode(await self.proxy.list_replicas(deployment), list[ReplicaInfo])
+        return decode(await self._proxy.list_replicas(deployment), list[ReplicaInfo])
+
+    # --- this node in a cluster (root only)
+
+    async def node_init(self, argument: str) -> NodeRecord:
+        """Make this lone node a one-node cluster; ``argument`` is
+        ``shared.cluster.blocks.init_argument``'s (the advertised address and options)."""
+        from shared.wire.cluster import NodeRecord
+
+        return decode(await self._proxy.node_init(argument), NodeRecord)
+
+    async def node_join_token(self, ttl_sec: float) -> str:
+        """A join token (one line) valid for ``ttl_sec`` seconds."""
+        return await self._proxy.node_join_token(ttl_sec)
+
+    async def node_join(self, token: str, advertise: str) -> NodeRecord:
+        from shared.wire.cluster import NodeRecord
+
+        return decode(await self._proxy.node_join(token, advertise), NodeRecord)
+
+    async def list_nodes(self) -> NodeList:
+        """The cluster's live nodes and its leader (InvalidArgumentError on a lone node)."""
+        from shared.wire.cluster import NodeList
+
+        return decode(await self._proxy.list_nodes(), NodeList)
+
+    async def label_node(
+        self, node: str, labels: Mapping[str, str], remove: list[str]
+    ) -> NodeSettings:
+        from shared.wire.cluster import NodeSettings
+
+        return decode(await self._proxy.label_node(node, dict(labels), remove), NodeSettings)
+
+    async def drain_node(self, node: str) -> NodeSettings:
+        from shared.wire.cluster import NodeSettings
+
+        return decode(await self._proxy.drain_node(node), NodeSettings)
+
+    async def undrain_node(self, node: str) -> NodeSettings:
+        from shared.wire.cluster import NodeSettings
+
+        return decode(await self._proxy.undrain_node(node), NodeSettings)
+
+    async def remove_node(self, node: str) -> None:
+        await self._proxy.remove_node(node)
+
+    async def rotate_mesh_key(self) -> NodeRecord:
+        """A new mesh key pair for this node, published in its record."""
+        from shared.wire.cluster import NodeRecord
+
+        return decode(await self._proxy.rotate_mesh_key(), NodeRecord)
 
 
 class AgentClient(DaemonClient[Agent1]):
@@ -269,39 +325,39 @@ class AgentClient(DaemonClient[Agent1]):
         super().__init__(DAEMONS_BY_NAME["agentd"], bus)
 
     async def apply_service(self, assignment: ServiceAssignment) -> None:
-        await self.proxy.apply_service(encode(assignment))
+        await self._proxy.apply_service(encode(assignment))
 
     async def sync_assignments(self, assignments: NodeAssignments) -> SyncResult:
-        return decode(await self.proxy.sync_assignments(encode(assignments)), SyncResult)
+        return decode(await self._proxy.sync_assignments(encode(assignments)), SyncResult)
 
     async def remove_service(
         self, deployment: str, service: str, timeout_sec: float, force: bool
     ) -> None:
-        await self.proxy.remove_service(deployment, service, timeout_sec, force)
+        await self._proxy.remove_service(deployment, service, timeout_sec, force)
 
     async def list_replicas(self, deployment: str = "", service: str = "") -> list[ReplicaInfo]:
-        return decode(await self.proxy.list_replicas(deployment, service), list[ReplicaInfo])
+        return decode(await self._proxy.list_replicas(deployment, service), list[ReplicaInfo])
 
     async def log_paths(self, replica: str) -> list[str]:
-        return await self.proxy.log_paths(replica)
+        return await self._proxy.log_paths(replica)
 
     async def exec(
         self, replica: str, argv: list[str], tty: bool, stdin: int, stdout: int, stderr: int
     ) -> int:
-        return await self.proxy.exec(replica, argv, tty, stdin, stdout, stderr)
+        return await self._proxy.exec(replica, argv, tty, stdin, stdout, stderr)
 
     async def stats(self, replica: str) -> ReplicaStats:
-        return decode(await self.proxy.stats(replica), ReplicaStats)
+        return decode(await self._proxy.stats(replica), ReplicaStats)
 
     async def run_job(self, deployment: str, service: str, trigger: str) -> JobRun:
-        return decode(await self.proxy.run_job(deployment, service, trigger), JobRun)
+        return decode(await self._proxy.run_job(deployment, service, trigger), JobRun)
 
     async def list_job_runs(self, deployment: str, service: str) -> list[JobRun]:
-        return decode(await self.proxy.list_job_runs(deployment, service), list[JobRun])
+        return decode(await self._proxy.list_job_runs(deployment, service), list[JobRun])
 
     async def replica_changes(self) -> AsyncIterator[ReplicaInfo]:
         """Every replica whose state or health changes from now on."""
-        async for text in self.proxy.replica_changed:
+        async for text in self._proxy.replica_changed:
             yield decode(text, ReplicaInfo)
 
 
@@ -312,30 +368,30 @@ class RegistryClient(JobsDaemonClient[Registry1]):
         super().__init__(DAEMONS_BY_NAME["registryd"], bus)
 
     async def import_image(self, path: str, name: str) -> ImageInfo:
-        return decode(await self.proxy.import_image(path, name), ImageInfo)
+        return decode(await self._proxy.import_image(path, name), ImageInfo)
 
     async def images_stored(self) -> AsyncIterator[ImageInfo]:
         """Every image registryd stores or names from now on (its ImageStored signal)."""
-        async for text in self.proxy.image_stored:
+        async for text in self._proxy.image_stored:
             yield decode(text, ImageInfo)
 
     async def path_visible(self, path: str, device: int, inode: int) -> bool:
-        return await self.proxy.path_visible(path, device, inode)
+        return await self._proxy.path_visible(path, device, inode)
 
     async def receive(self, fd: int) -> str:
-        return await self.proxy.receive(fd)
+        return await self._proxy.receive(fd)
 
     async def list_images(self) -> list[ImageInfo]:
-        return decode(await self.proxy.list_images(), list[ImageInfo])
+        return decode(await self._proxy.list_images(), list[ImageInfo])
 
     async def inspect_image(self, reference: str) -> ImageDetail:
-        return decode(await self.proxy.inspect_image(reference), ImageDetail)
+        return decode(await self._proxy.inspect_image(reference), ImageDetail)
 
     async def remove_image(self, reference: str, force: bool) -> list[str]:
-        return await self.proxy.remove_image(reference, force)
+        return await self._proxy.remove_image(reference, force)
 
     async def ensure_image(self, reference: str, pull_policy: str) -> ImageRootfs:
-        return decode(await self.proxy.ensure_image(reference, pull_policy), ImageRootfs)
+        return decode(await self._proxy.ensure_image(reference, pull_policy), ImageRootfs)
 
     async def ensure_image_job(
         self,
@@ -347,7 +403,7 @@ class RegistryClient(JobsDaemonClient[Registry1]):
         pull job ends, waited for by its signal; a failed job raises its bus error."""
         from shared.bus import ERRORS, ZLayerError
 
-        job_id, rootfs = await self.proxy.ensure_image_job(reference, pull_policy)
+        job_id, rootfs = await self._proxy.ensure_image_job(reference, pull_policy)
         if job_id:
 
             async def started() -> int:
@@ -362,31 +418,31 @@ class RegistryClient(JobsDaemonClient[Registry1]):
         return decode(rootfs, ImageRootfs)
 
     async def list_jobs(self) -> list[JobInfo]:
-        return decode(await self.proxy.list_jobs(), list[JobInfo])
+        return decode(await self._proxy.list_jobs(), list[JobInfo])
 
     async def pull(self, reference: str, pull_policy: str, auth: str) -> int:
-        return await self.proxy.pull(reference, pull_policy, auth)
+        return await self._proxy.pull(reference, pull_policy, auth)
 
     async def push(self, reference: str, destination: str, auth: str) -> int:
-        return await self.proxy.push(reference, destination, auth)
+        return await self._proxy.push(reference, destination, auth)
 
     async def login(self, registry: str, username: str, password: str) -> str:
-        return await self.proxy.login(registry, username, password)
+        return await self._proxy.login(registry, username, password)
 
     async def logout(self, registry: str) -> bool:
-        return await self.proxy.logout(registry)
+        return await self._proxy.logout(registry)
 
     async def prune(self) -> PruneResult:
-        return decode(await self.proxy.prune(), PruneResult)
+        return decode(await self._proxy.prune(), PruneResult)
 
     async def export_image(self, reference: str, fd: int, gzip: bool) -> int:
-        return await self.proxy.export_image(reference, fd, gzip)
+        return await self._proxy.export_image(reference, fd, gzip)
 
     async def build(self, request: BuildRequest) -> int:
-        return await self.proxy.build(encode(request))
+        return await self._proxy.build(encode(request))
 
     async def push_wasm(self, path: str, reference: str, auth: str, tls_verify: bool) -> int:
-        return await self.proxy.push_wasm(path, reference, auth, tls_verify)
+        return await self._proxy.push_wasm(path, reference, auth, tls_verify)
 
 
 class OverlayClient(DaemonClient[Overlay1]):
@@ -396,37 +452,37 @@ class OverlayClient(DaemonClient[Overlay1]):
         super().__init__(DAEMONS_BY_NAME["overlayd"], bus)
 
     async def attach(self, container_id: str, hostname: str) -> Attachment:
-        return decode(await self.proxy.attach(container_id, hostname), Attachment)
+        return decode(await self._proxy.attach(container_id, hostname), Attachment)
 
     async def reserve(self, container_id: str, hostname: str) -> Attachment:
-        return decode(await self.proxy.reserve(container_id, hostname), Attachment)
+        return decode(await self._proxy.reserve(container_id, hostname), Attachment)
 
     async def detach(self, container_id: str) -> None:
-        await self.proxy.detach(container_id)
+        await self._proxy.detach(container_id)
 
     async def list_attachments(self) -> list[Attachment]:
-        return decode(await self.proxy.list_attachments(), list[Attachment])
+        return decode(await self._proxy.list_attachments(), list[Attachment])
 
     async def get_network(self) -> NetworkInfo:
-        return decode(await self.proxy.get_network(), NetworkInfo)
+        return decode(await self._proxy.get_network(), NetworkInfo)
 
     async def sync_traffic(self, views: TrafficViews) -> SyncResult:
-        return decode(await self.proxy.sync_traffic(encode(views)), SyncResult)
+        return decode(await self._proxy.sync_traffic(encode(views)), SyncResult)
 
     async def set_traffic(self, deployment: str, traffic: DeploymentTraffic) -> None:
-        await self.proxy.set_traffic(deployment, encode(traffic))
+        await self._proxy.set_traffic(deployment, encode(traffic))
 
     async def list_records(self) -> list[DnsRecord]:
-        return decode(await self.proxy.list_records(), list[DnsRecord])
+        return decode(await self._proxy.list_records(), list[DnsRecord])
 
     async def enable_mesh(self, listen_port: int) -> MeshStatus:
-        return decode(await self.proxy.enable_mesh(listen_port), MeshStatus)
+        return decode(await self._proxy.enable_mesh(listen_port), MeshStatus)
 
     async def get_mesh(self) -> MeshStatus:
-        return decode(await self.proxy.get_mesh(), MeshStatus)
+        return decode(await self._proxy.get_mesh(), MeshStatus)
 
     async def rotate_mesh_key(self) -> MeshStatus:
-        return decode(await self.proxy.rotate_mesh_key(), MeshStatus)
+        return decode(await self._proxy.rotate_mesh_key(), MeshStatus)
 
 
 class ProxyClient(DaemonClient[Proxy1]):
@@ -436,16 +492,16 @@ class ProxyClient(DaemonClient[Proxy1]):
         super().__init__(DAEMONS_BY_NAME["proxyd"], bus)
 
     async def sync_traffic(self, views: TrafficViews) -> SyncResult:
-        return decode(await self.proxy.sync_traffic(encode(views)), SyncResult)
+        return decode(await self._proxy.sync_traffic(encode(views)), SyncResult)
 
     async def set_traffic(self, deployment: str, traffic: DeploymentTraffic) -> None:
-        await self.proxy.set_traffic(deployment, encode(traffic))
+        await self._proxy.set_traffic(deployment, encode(traffic))
 
     async def list_routes(self) -> list[RouteInfo]:
-        return decode(await self.proxy.list_routes(), list[RouteInfo])
+        return decode(await self._proxy.list_routes(), list[RouteInfo])
 
     async def service_stats(self) -> list[ServiceStats]:
-        return decode(await self.proxy.service_stats(), list[ServiceStats])
+        return decode(await self._proxy.service_stats(), list[ServiceStats])
 
 
 class ApiClient(DaemonClient[Api1]):
@@ -455,13 +511,13 @@ class ApiClient(DaemonClient[Api1]):
         super().__init__(DAEMONS_BY_NAME["apid"], bus)
 
     async def create_token(self, request: TokenCreate) -> TokenIssued:
-        return decode(await self.proxy.create_token(encode(request)), TokenIssued)
+        return decode(await self._proxy.create_token(encode(request)), TokenIssued)
 
     async def list_tokens(self) -> list[TokenInfo]:
-        return decode(await self.proxy.list_tokens(), list[TokenInfo])
+        return decode(await self._proxy.list_tokens(), list[TokenInfo])
 
     async def revoke_token(self, name: str) -> TokenInfo:
-        return decode(await self.proxy.revoke_token(name), TokenInfo)
+        return decode(await self._proxy.revoke_token(name), TokenInfo)
 
 
 def daemon_client(name: str, bus: SdBus) -> DaemonClient[DbusInterfaceCommonAsync]:

@@ -219,11 +219,9 @@ def _overlay() -> OverlayClient:
 async def mesh_status(overlay: OverlayClient, port: int) -> MeshStatus:
     """overlayd's mesh, brought up on ``port`` first where it is off (EnableMesh is
     idempotent and keeps the key overlayd holds)."""
-    raw = await asyncio.wait_for(overlay.proxy.get_mesh(), CALL_TIMEOUT)
-    status = decode(raw, MeshStatus)
+    status = await asyncio.wait_for(overlay.get_mesh(), CALL_TIMEOUT)
     if not status.enabled or status.listen_port != port:
-        raw = await asyncio.wait_for(overlay.proxy.enable_mesh(port), CALL_TIMEOUT)
-        status = decode(raw, MeshStatus)
+        status = await asyncio.wait_for(overlay.enable_mesh(port), CALL_TIMEOUT)
     return status
 
 
@@ -533,7 +531,7 @@ class ClusterContext:
                     f"this node's mesh is off ({before.reason or 'overlayd says so'}); "
                     "turn it on before rotating its key"
                 )
-            raw = await asyncio.wait_for(overlay.proxy.rotate_mesh_key(), CALL_TIMEOUT)
+            status = await asyncio.wait_for(overlay.rotate_mesh_key(), CALL_TIMEOUT)
         except ZLayerError:
             raise
         except Exception as exc:
@@ -541,7 +539,6 @@ class ClusterContext:
                 f"zlayer-overlayd does not answer ({exc or type(exc).__name__}); start it, "
                 "then rotate the key again"
             ) from None
-        status = decode(raw, MeshStatus)
         record = self.membership.record
         changed = msgspec_replace(record, **mesh_fields(self.settings, status, self.nat_seen))
         await self._etcd(lambda: self.membership.update(changed))

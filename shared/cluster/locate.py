@@ -10,12 +10,11 @@ node (apid carries about 16 MB less for it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from shared import replicas
 from shared.bus import InvalidArgumentError
 from shared.replicas import select_replicas
-from shared.wire import decode
 from shared.wire.agent import ReplicaInfo
 from shared.wire.cluster import NodeList, NodeRecord
 
@@ -32,7 +31,7 @@ class Placed:
 
 
 class _Scheduler(Protocol):
-    proxy: Any
+    async def list_nodes(self) -> NodeList: ...
 
     async def cluster_replicas(self, deployment: str = "") -> list[ReplicaInfo]: ...
 
@@ -47,7 +46,7 @@ async def cluster_nodes(scheduler: _Scheduler) -> NodeList | None:
     from sdbus import DbusFailedError
 
     try:
-        return decode(await scheduler.proxy.list_nodes(), NodeList)
+        return await scheduler.list_nodes()
     except (InvalidArgumentError, DbusFailedError):
         return None
 

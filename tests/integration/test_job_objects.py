@@ -82,7 +82,7 @@ def test_a_job_object_exists_while_it_runs_and_cancel_on_it_ends_the_job(
             job_id = await client.pull(f"{proxy.host}/busybox:1", "always", "")
             job = client.job(job_id)
             running = await job.info()
-            state = await job.proxy.state
+            state = await job._proxy.state
             waiter = asyncio.ensure_future(client.run_job(_started(job_id)))
             await asyncio.sleep(0.2)
             await job.cancel()
@@ -126,12 +126,12 @@ def test_ensure_image_pulls_as_a_job_and_answers_at_once_once_the_image_is_here(
     image = f"{registry.host}/busybox:1"
 
     async def body(client: RegistryClient) -> tuple[tuple[int, str], list[JobInfo], str, int]:
-        first = await client.proxy.ensure_image_job(image, "if_not_present")
+        first = await client._proxy.ensure_image_job(image, "if_not_present")
         seen: list[JobInfo] = []
         pulled = await client.ensure_image_job(
             image, "if_not_present", lambda job: seen.append(decode(_encode(job), JobInfo))
         )
-        again_id, again = await client.proxy.ensure_image_job(image, "if_not_present")
+        again_id, again = await client._proxy.ensure_image_job(image, "if_not_present")
         assert decode(again, ImageRootfs).image.id == pulled.image.id
         return first, seen, pulled.image.id, again_id
 
@@ -152,7 +152,7 @@ def test_an_ensure_image_job_is_cancelled_and_a_failed_one_raises_its_sentence(
         proxy.slow = True
 
         async def cancelled(client: RegistryClient) -> tuple[JobInfo, JobInfo]:
-            job_id, _ = await client.proxy.ensure_image_job(f"{proxy.host}/busybox:1", "always")
+            job_id, _ = await client._proxy.ensure_image_job(f"{proxy.host}/busybox:1", "always")
             waiter = asyncio.ensure_future(client.run_job(_started(job_id)))
             await asyncio.sleep(0.2)
             running = await client.job(job_id).info()

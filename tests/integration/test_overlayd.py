@@ -124,7 +124,7 @@ class Overlayd:
     def call(self, method: str, *args: Any) -> Any:
         """A member of Overlay1 with any arguments, malformed ones too (the typed client
         sends only Structs)."""
-        return self.ask(lambda client: getattr(client.proxy, method)(*args))
+        return self.ask(lambda client: getattr(client._proxy, method)(*args))
 
     def attach(self, container_id: str, hostname: str = "") -> Attachment:
         return self.ask(lambda client: client.attach(container_id, hostname))

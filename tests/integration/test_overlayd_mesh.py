@@ -36,7 +36,6 @@ from shared.mesh import keys
 from shared.mesh.device import Changes, PeerConfig
 from shared.mesh.uapi import UapiClient
 from shared.paths import PREFIX_ENV, Paths
-from shared.wire import decode
 from shared.wire.agent import SyncResult
 from shared.wire.mesh import MeshStatus
 from shared.wire.overlay import Attachment
@@ -191,14 +190,13 @@ class MeshNode:
         return asyncio.run(run())
 
     def enable_mesh(self) -> MeshStatus:
-        text = self.ask(lambda c: c.proxy.enable_mesh(PORT))
-        return decode(text, MeshStatus)
+        return self.ask(lambda c: c.enable_mesh(PORT))
 
     def mesh(self) -> MeshStatus:
-        return decode(self.ask(lambda c: c.proxy.get_mesh()), MeshStatus)
+        return self.ask(lambda c: c.get_mesh())
 
     def rotate(self) -> MeshStatus:
-        return decode(self.ask(lambda c: c.proxy.rotate_mesh_key()), MeshStatus)
+        return self.ask(lambda c: c.rotate_mesh_key())
 
     def block(self) -> PeerBlock:
         """This node as the other is told of it (schedd's PeerBlock)."""

@@ -307,7 +307,7 @@ class Proxyd:
 
     def push_text(self, deployment: str, text: str) -> None:
         """SetTraffic with any text, a malformed one too (the typed client sends only Structs)."""
-        self.ask(lambda client: client.proxy.set_traffic(deployment, text))
+        self.ask(lambda client: client._proxy.set_traffic(deployment, text))
 
     def network(self) -> NetworkInfo:
         """overlayd's GetNetwork."""

@@ -105,7 +105,7 @@ class Registryd:
         async def run() -> Any:
             bus = open_bus(self.bus.address)
             try:
-                return await getattr(RegistryClient(bus).proxy, method)(*args)
+                return await getattr(RegistryClient(bus)._proxy, method)(*args)
             finally:
                 bus.close()
 
