@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sdbus import DbusInterfaceCommonAsync, SdBus
+from sdbus import SdBus
 
 from ctl.errors import NOT_RUNNING
 from ctl.output import fail
@@ -32,6 +32,7 @@ from shared.clients import (
     AgentClient,
     ApiClient,
     DaemonClient,
+    DaemonInterface,
     OverlayClient,
     ProxyClient,
     RegistryClient,
@@ -127,13 +128,13 @@ class LocalClient(Client):
         except Exception:  # no system bus and no private bus
             fail(NOT_RUNNING, 1)
         self._bus.method_call_timeout_usec = LONG_CALL_USEC
-        self._daemons: dict[str, DaemonClient[DbusInterfaceCommonAsync]] = {}
+        self._daemons: dict[str, DaemonClient[DaemonInterface]] = {}
 
     @property
     def bus(self) -> SdBus:
         return self._bus
 
-    def daemon(self, name: str) -> DaemonClient[DbusInterfaceCommonAsync]:
+    def daemon(self, name: str) -> DaemonClient[DaemonInterface]:
         found = self._daemons.get(name)
         if found is None:
             found = self._daemons[name] = daemon_client(name, self._bus)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-from sdbus import DbusInterfaceCommonAsync, SdBus
+from sdbus import SdBus
 from sdbus.sd_bus_internals import SdBusMessage
 
 from shared.bus import (
@@ -41,7 +41,7 @@ from shared.wire.agent import (
     SyncResult,
 )
 from shared.wire.api import SecretInfo, SecretValue, TokenCreate, TokenInfo, TokenIssued
-from shared.wire.daemon import DaemonStatus
+from shared.wire.daemon import DaemonStatus, StatusTuple
 from shared.wire.jobs import JobInfo, ProgressItem
 from shared.wire.mesh import MeshStatus
 from shared.wire.overlay import Attachment, NetworkInfo
@@ -66,7 +66,28 @@ if TYPE_CHECKING:
     # loaded by the cluster calls themselves: a lone node's daemons never need them
     from shared.wire.cluster import NodeList, NodeRecord, NodeSettings
 
-I = TypeVar("I", bound=DbusInterfaceCommonAsync)  # noqa: E741  # the interface
+
+class DaemonInterface(Protocol):
+    """What every daemon's interface in shared.bus declares and the base client calls."""
+
+    async def status(self) -> StatusTuple: ...
+
+    async def dbus_ping(self) -> None: ...
+
+
+class JobsInterface(DaemonInterface, Protocol):
+    """What the interface of a daemon that runs jobs (schedd, registryd) declares too."""
+
+    async def get_job(self, job_id: int) -> str: ...
+
+    async def cancel_job(self, job_id: int) -> None: ...
+
+    # JobRemoved is not declared here: sdbus's signal descriptor, bound through a
+    # Protocol, has no type mypy can check (jobs_removed says what it yields)
+
+
+I = TypeVar("I", bound=DaemonInterface)  # noqa: E741  # the interface
+J = TypeVar("J", bound=JobsInterface)  # the interface of a daemon that runs jobs
 
 FALLBACK_SECONDS = 2.0  # run_job asks GetJob after this long without a signal
 
@@ -84,7 +105,7 @@ class DaemonClient(Generic[I]):
         )
 
     async def status(self) -> DaemonStatus:
-        return DaemonStatus.from_dbus(await self._proxy.status())  # type: ignore[attr-defined]
+        return DaemonStatus.from_dbus(await self._proxy.status())
 
     async def ping(self) -> None:
         """Return when the daemon's bus connection answers (org.freedesktop.DBus.Peer.Ping)."""
@@ -105,20 +126,21 @@ class JobClient:
         await self._proxy.cancel()
 
 
-class JobsDaemonClient(DaemonClient[I]):
+class JobsDaemonClient(DaemonClient[J]):
     """What a daemon that runs jobs (shared/jobs.py) answers: GetJob, CancelJob,
     JobRemoved, and waiting for a job's end."""
 
     async def get_job(self, job_id: int) -> JobInfo:
-        reply = await self._proxy.get_job(job_id)  # type: ignore[attr-defined]
+        reply = await self._proxy.get_job(job_id)
         return decode(reply, JobInfo)
 
     async def cancel_job(self, job_id: int) -> None:
-        await self._proxy.cancel_job(job_id)  # type: ignore[attr-defined]
+        await self._proxy.cancel_job(job_id)
 
     async def jobs_removed(self) -> AsyncIterator[JobInfo]:
         """The final JobInfo of every job that ends from now on."""
-        async for _job_id, _path, text in self._proxy.job_removed:  # type: ignore[attr-defined]
+        signal: AsyncIterator[tuple[int, str, str]] = self._proxy.job_removed  # type: ignore[attr-defined]
+        async for _job_id, _path, text in signal:
             yield decode(text, JobInfo)
 
     def job(self, job_id: int) -> JobClient:
@@ -520,6 +542,6 @@ class ApiClient(DaemonClient[Api1]):
         return decode(await self._proxy.revoke_token(name), TokenInfo)
 
 
-def daemon_client(name: str, bus: SdBus) -> DaemonClient[DbusInterfaceCommonAsync]:
+def daemon_client(name: str, bus: SdBus) -> DaemonClient[DaemonInterface]:
     """A client of any daemon by short name, for what every daemon answers (status, ping)."""
     return DaemonClient(DAEMONS_BY_NAME[name], bus)

@@ -25,7 +25,7 @@ from sdbus import DbusInterfaceCommonAsync, dbus_method_async_override, dbus_pro
 
 from shared import __version__, notify
 from shared.bus import DaemonInfo, open_bus, resolve_bus_address
-from shared.clients import DaemonClient, SchedulerClient
+from shared.clients import DaemonClient, DaemonInterface, SchedulerClient
 from shared.config import ConfigError, DaemonSettings
 from shared.logs import setup_logging, under_systemd, write_logs_off_the_loop
 from shared.metrics import LOG_RECORDS_DROPPED, serve_metrics
@@ -234,7 +234,7 @@ class Daemon(ABC):
 
     async def _bus_liveness(self) -> None:
         """Return when the bus stops answering, so the supervisor restarts us."""
-        own: DaemonClient[DbusInterfaceCommonAsync] | None = (
+        own: DaemonClient[DaemonInterface] | None = (
             DaemonClient(self.info, self.bus) if self.bus else None
         )
         while own is not None:
