@@ -438,8 +438,8 @@ class ClusterContext:
 
     async def _keep_certificate(self) -> None:
         """Renew the node certificate once a third of its life is left; the peer server
-        starts again with it (etcd reads its files at each handshake; the etcd clients
-        keep the old one, still valid, until schedd starts again)."""
+        starts again with it (etcd reads its files at each handshake; schedd's etcd
+        clients and apid's calls to other nodes take the new files within a minute)."""
         while True:
             try:
                 authority = self.peer.authority if self.peer is not None else None

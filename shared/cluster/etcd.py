@@ -54,6 +54,11 @@ FOLLOW_EVERY = 5.0
 # holds every member's answer for a second or two.
 ROUNDS = 3
 ROUND_PAUSE = 0.25
+# Seconds between looks whether the TLS files changed (the node's certificate renewed
+# in place): the channels made with the old ones are then retired, because a channel
+# keeps its credentials for every reconnect, and the old certificate expires months
+# after a renewal while a client may run longer.
+TLS_LOOK_EVERY = 60.0
 # A call ending so on a member is tried on the next one.
 MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Calls not sent twice when the first try's fate is unknown (a member that did not
@@ -258,6 +263,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
         *,
         follow: float | None = FOLLOW_EVERY,
         attempt_timeout: float = ATTEMPT_TIMEOUT,
+        tls_look: float = TLS_LOOK_EVERY,
     ) -> None:
         super().__init__(timeout=timeout)
         for endpoint in endpoints:
@@ -268,6 +274,8 @@ class Client(aetcd.Client):  # type: ignore[misc]
         self._current = 0
         self._tls = tls
         self._tls_read: _TLSRead | None = None  # read at connect(), again when they change
+        self._tls_look = tls_look
+        self._tls_look_at = 0.0  # loop time of the next look whether they changed (connect)
         self._follow = follow
         self._attempt = attempt_timeout
         self._channels: dict[str, Any] = {}
@@ -286,6 +294,7 @@ class Client(aetcd.Client):  # type: ignore[misc]
         if self._connected.is_set():
             return
         await self._fresh_tls()
+        self._tls_look_at = asyncio.get_running_loop().time() + self._tls_look
         self.kvstub = _Stub(self, "KV")
         self.clusterstub = _Stub(self, "Cluster")
         self.leasestub = _Stub(self, "Lease")
@@ -323,9 +332,34 @@ class Client(aetcd.Client):  # type: ignore[misc]
 
     async def _before_channel(self) -> None:
         """Before a call on the member in use: its channel, if it has none yet, is made
-        with the TLS files as they are now."""
-        if self._tls is not None and self._urls[self._current] not in self._channels:
-            await self._fresh_tls()
+        with the TLS files as they are now; and every ``tls_look`` seconds a look whether
+        they changed, which retires the channels made with the old ones."""
+        if self._tls is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._urls[self._current] in self._channels and now < self._tls_look_at:
+            return
+        self._tls_look_at = now + self._tls_look
+        before = self._tls_read
+        await self._fresh_tls()
+        if before is not None and self._tls_read is not before:
+            self._retire_channels()
+
+    def _retire_channels(self) -> None:
+        """New channels for every call from now on (the TLS files changed): the old ones
+        close once their calls end, and the watches on them end, so their owners watch
+        again on a new one."""
+        if not self._channels:
+            return
+        log.info("the TLS files changed (a renewed certificate): new connections to etcd")
+        channels = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        for channel in channels:
+            self._later(channel.close(grace=self._attempt + 1))
+        self._replace_watcher(
+            self._urls[self._current], "the TLS files changed (a renewed certificate)"
+        )
 
     def _channel(self, url: str) -> Any:
         found = self._channels.get(url)
@@ -381,10 +415,12 @@ class Client(aetcd.Client):  # type: ignore[misc]
         )
         self._replace_watcher(url)
 
-    def _replace_watcher(self, url: str) -> None:
+    def _replace_watcher(self, url: str, why: str = "it stopped answering") -> None:
         old, self._watcher = self._watcher, self._new_watcher()
         if old is not None:
-            error = aetcd.ConnectionFailedError(f"etcd at {url} stopped answering; watch again")
+            error = aetcd.ConnectionFailedError(
+                f"a watch on etcd at {url} ended ({why}); watch again"
+            )
             self._later(old._terminate_stream(error))
 
     def _later(self, work: Awaitable[None]) -> None:

@@ -173,12 +173,31 @@ class NodeTls:
     ca: bytes
     key: bytes
     cert: bytes
+    # the files' modification times (ns) when read; () for PEM from elsewhere (a Join)
+    stamp: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, files: pki.ClusterFiles) -> NodeTls:
         """Blocking: reads the files."""
-        ca, key, cert = files.pems()
-        return cls(ca, key, cert)
+        # the times before the contents: a renewal that comes between is read next time
+        stamp = _stamp(files)
+        ca, key, cert = files.pems()  # says in a sentence what is missing or unreadable
+        return cls(ca, key, cert, stamp)
+
+    @classmethod
+    def current(cls, files: pki.ClusterFiles, known: NodeTls | None) -> NodeTls:
+        """Blocking: ``known`` while none of the files changed since it was read, else the
+        files read again (the node's certificate renewed in place)."""
+        if known is not None and known.stamp and known.stamp == _stamp(files):
+            return known
+        return cls.of(files)
+
+
+def _stamp(files: pki.ClusterFiles) -> tuple[int, ...]:
+    try:
+        return files.stamp()
+    except OSError:  # gone or unreadable: pems() says which
+        return ()
 
 
 def target(address: str, port: int) -> str:

@@ -410,6 +410,15 @@ class ClusterFiles:
         key = load_key(self._read(self.ca_key, "the cluster CA key"), str(self.ca_key))
         return Authority(self.ca_certificate(), key)
 
+    def stamp(self) -> tuple[int, int, int]:
+        """Blocking: the modification times (ns) of the CA certificate, the node key and
+        the node certificate; a renewal in place changes them."""
+        return (
+            self.ca_cert.stat().st_mtime_ns,
+            self.node_key.stat().st_mtime_ns,
+            self.node_cert.stat().st_mtime_ns,
+        )
+
     def pems(self) -> tuple[bytes, bytes, bytes]:
         """The CA certificate, the node's key and the node's certificate, as PEM (for TLS)."""
         return (

@@ -88,21 +88,20 @@ def _gone(placed: Placed) -> UnavailableError:
 
 class NodeReach:
     """Calls from this node to the replicas of others, with this node's certificate
-    (read once, at the first call: it is root's alone)."""
+    (root's alone; read at the first call, and again once schedd has renewed it)."""
 
     def __init__(self, paths: Paths) -> None:
         self.files = pki.ClusterFiles.of(paths)
         self._tls: NodeTls | None = None
 
     async def tls(self) -> NodeTls:
-        if self._tls is None:
-            try:
-                self._tls = await asyncio.to_thread(NodeTls.of, self.files)
-            except (pki.PkiError, OSError) as exc:
-                raise UnavailableError(
-                    f"this node's cluster certificate cannot be read ({exc}), so a replica on "
-                    "another node cannot be reached from here; run this as root"
-                ) from None
+        try:
+            self._tls = await asyncio.to_thread(NodeTls.current, self.files, self._tls)
+        except (pki.PkiError, OSError) as exc:
+            raise UnavailableError(
+                f"this node's cluster certificate cannot be read ({exc}), so a replica on "
+                "another node cannot be reached from here; run this as root"
+            ) from None
         return self._tls
 
     async def _channel(self, placed: Placed) -> tuple[Any, str]:

@@ -146,3 +146,52 @@ def test_members_with_the_cluster_ca_answer_node_certificates_only(root: Path) -
         assert '"name":"m1"' in tls_answer(peer_url, node.ca, node, b"GET /members HTTP/1.1")
         with pytest.raises((ssl.SSLError, ConnectionError)):
             tls_answer(peer_url, node.ca, None, b"GET /members HTTP/1.1")
+
+
+OLD_CERTIFICATE_LIFE = 6.0  # seconds: the certificate the client starts with
+
+
+@pytest.mark.skipif(shutil.which(ETCD_BINARY) is None, reason="etcd-server is not installed")
+def test_a_client_reconnects_with_the_certificate_renewed_under_it(root: Path) -> None:
+    """schedd's etcd clients run for months, and a node's certificate is renewed in place
+    long before it ends. A connection made after the old one expired (etcd restarted)
+    must show the renewed certificate, or etcd refuses the node for good."""
+    authority = pki.Authority.make()
+    member = node_tls(root / "pki", authority, "m0")
+    fixture = node_tls(root / "pki", authority, "fixture-node")
+    # one member: with more, a client refused by one would move on to another, made anew
+    with etcd_cluster(1, member_tls=lambda _name: member, client_tls=fixture) as cluster:
+        files = pki.ClusterFiles(root / "pki" / "renewing-node")
+        files.write_ca_certificate(authority.certificate)
+        files.write_node(
+            *authority.issue(
+                "renewing-node",
+                ["127.0.0.1"],
+                valid_days=OLD_CERTIFICATE_LIFE / 86400,  # type: ignore[arg-type]
+            )
+        )
+        tls = TLSFiles(ca=files.ca_cert, cert=files.node_cert, key=files.node_key)
+
+        async def run() -> None:
+            c = Client(cluster.endpoints, tls, timeout=5, follow=None, tls_look=0.5)
+            c._options["grpc.ssl_target_name_override"] = pki.ANY_NODE
+            async with c:
+                await c.put(b"/zlayer/test/renewed", b"before")
+                # renewed in place, as trust.renew_if_due writes it; then the old one ends
+                files.write_node(*authority.issue("renewing-node", ["127.0.0.1"]))
+                await asyncio.sleep(OLD_CERTIFICATE_LIFE + 1)
+                # every connection to etcd drops; the next one shows a certificate again
+                await asyncio.to_thread(cluster.restart, 0)
+                deadline = asyncio.get_running_loop().time() + 20
+                while True:
+                    try:
+                        await c.put(b"/zlayer/test/renewed", b"after")
+                        break
+                    except aetcd.ClientError:
+                        if asyncio.get_running_loop().time() > deadline:
+                            raise
+                        await asyncio.sleep(0.5)
+                got = await c.get(b"/zlayer/test/renewed")
+                assert got is not None and got.value == b"after"
+
+        asyncio.run(run())

@@ -4,12 +4,14 @@ address it names to people and the one its channel dials are the same."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.cluster import peer, remote
+from shared.bus import UnavailableError
+from shared.cluster import peer, pki, remote
 from shared.cluster.locate import Placed
 from shared.cluster.peer import NodeTls
 from shared.cluster.remote import NodeReach
@@ -31,6 +33,14 @@ def record(node_id: str, *, reachable: bool = True, subnet: str = "") -> NodeRec
         wireguard_key=KEY,
         reachable=reachable,
     )
+
+
+def node_files(files: pki.ClusterFiles, node_id: str = "node-b") -> pki.Authority:
+    """A node's cluster files as init writes them; the authority that signed them."""
+    authority = pki.Authority.make()
+    files.write_ca_certificate(authority.certificate)
+    files.write_node(*authority.issue(node_id, ["192.0.2.20"]))
+    return authority
 
 
 class _ReadyChannel:
@@ -75,10 +85,37 @@ def test_the_peer_address_is_worked_out_once_per_call(
     )
     placed = Placed(replica, here=False, node=behind, caller=record("node-b"))
     reach = NodeReach(Paths(tmp_path))
-    reach._tls = NodeTls(ca=b"", key=b"", cert=b"")
+    node_files(reach.files)
 
     _chan, where = asyncio.run(reach._channel(placed))
 
     assert asked == ["node-a"]
     assert dialled == [("10.89.3.1", 9480, "node-a")]
     assert where == "node a (10.89.3.1:9480) through the mesh"
+
+
+def test_a_call_after_the_certificate_was_renewed_in_place_shows_the_new_one(
+    tmp_path: Path,
+) -> None:
+    """apid reaches other nodes' replicas for months; schedd renews the node's certificate
+    in place long before it ends, and the next call must not show the old one."""
+    reach = NodeReach(Paths(tmp_path))
+    authority = node_files(reach.files)
+
+    first = asyncio.run(reach.tls())
+    assert asyncio.run(reach.tls()) is first  # unchanged files: not read again
+    assert first.cert == reach.files.node_cert.read_bytes()
+
+    reach.files.write_node(*authority.issue("node-b", ["192.0.2.20"]))
+    for path in (reach.files.node_key, reach.files.node_cert):  # a clock tick later, surely
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    renewed = asyncio.run(reach.tls())
+    assert renewed.cert == reach.files.node_cert.read_bytes() != first.cert
+    assert renewed.key == reach.files.node_key.read_bytes() != first.key
+
+
+def test_a_node_without_its_certificate_is_told_in_a_sentence(tmp_path: Path) -> None:
+    reach = NodeReach(Paths(tmp_path))
+    with pytest.raises(UnavailableError, match=r"does not exist; this node is not in a cluster"):
+        asyncio.run(reach.tls())
