@@ -211,6 +211,8 @@ class Supervisor:
     async def _spawn(self, child: _Child) -> None:
         from shared.daemon import (  # the daemons' scaffold: not for `status`
             MALLOC_ARENA_MAX,
+            OPTIMIZED_DAEMONS,
+            PYTHON_OPTIMIZE,
             SUPERVISOR_ENV,
         )
 
@@ -219,14 +221,17 @@ class Supervisor:
         log_file = self._log_file(child.info)
         if log_file.exists() and log_file.stat().st_size > LOG_ROTATE_BYTES:
             log_file.replace(log_file.with_suffix(".log.1"))
+        env = {
+            BUS_ADDRESS_ENV: self.bus.address,
+            "NOTIFY_SOCKET": str(self.notify_path),
+            "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1_000_000)),
+            SUPERVISOR_ENV: str(os.getpid()),
+            "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX),
+        }
+        if child.info.name in OPTIMIZED_DAEMONS:
+            env["PYTHONOPTIMIZE"] = PYTHON_OPTIMIZE
         start = ChildStart(
-            env={
-                BUS_ADDRESS_ENV: self.bus.address,
-                "NOTIFY_SOCKET": str(self.notify_path),
-                "WATCHDOG_USEC": str(int(WATCHDOG_SEC * 1_000_000)),
-                SUPERVISOR_ENV: str(os.getpid()),
-                "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX),
-            },
+            env=env,
             unset=_NOT_INHERITED,
             passed=child.fd_store.passed(),
             before=_die_with_parent,

@@ -43,6 +43,9 @@ sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
 for script in postinst prerm postrm; do
     install -m 0755 "$here/packaging/deb/$script" "$root/DEBIAN/$script"
 done
+# The daemons' bytecode of the standard library is made again when it changes (postinst).
+stdlib=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+echo "interest-noawait $stdlib" > "$root/DEBIAN/triggers"
 
 deb="$out/zlayer-node_${version}_${arch}.deb"
 dpkg-deb --root-owner-group -Z"${ZLAYER_DEB_COMPRESSION:-xz}" --build "$root" "$deb" >/dev/null

@@ -14,7 +14,7 @@
 # ZLayer goes into a virtual environment in /opt/zlayer made with PYTHON;
 # zlayerctl and the daemons are linked into /usr/bin, where the units expect
 # them; the units, the D-Bus policy and interface XML, the README and the
-# helper the maintainer scripts share (stop-deployments) go where the
+# helpers the maintainer scripts share (stop-deployments, compile-bytecode) go where the
 # distribution looks for them, with zlayerctl's shell completions (bash, zsh,
 # fish) and a man page per command, made from its click commands
 # (packaging/shelldocs.py).
@@ -55,6 +55,7 @@ for name in zlayerctl "${daemons[@]/#/zlayer-}"; do
     ln -s "$prefix/bin/$name" "$root/usr/bin/$name"
 done
 install -m 0755 "$here/packaging/stop-deployments" "$root$prefix/libexec/stop-deployments"
+install -m 0755 "$here/packaging/compile-bytecode" "$root$prefix/libexec/compile-bytecode"
 install -d "$root$unitdir"
 install -m 0644 "$here"/units/*.service "$here/units/zlayer.target" "$root$unitdir/"
 install -d "$root/usr/share/dbus-1/system.d" "$root/usr/share/dbus-1/interfaces"

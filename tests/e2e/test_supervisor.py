@@ -18,7 +18,7 @@ import pytest
 
 from ctl.supervisor import SupervisorState, find_executable
 from shared.bus import DAEMONS
-from shared.daemon import MALLOC_ARENA_MAX
+from shared.daemon import MALLOC_ARENA_MAX, OPTIMIZED_DAEMONS, PYTHON_OPTIMIZE
 from shared.paths import PREFIX_ENV, Paths
 from tests.conftest import (
     kill_prefix_processes,
@@ -132,12 +132,17 @@ def test_six_daemons_run_and_answer(looked_at: Paths) -> None:
 def test_each_daemon_has_two_malloc_arenas_and_counts_its_dropped_log_lines(
     looked_at: Paths,
 ) -> None:
-    """As under the units: the supervisor limits the daemons' malloc arenas, and every
-    daemon's metrics say how many log lines a stuck log cost it (none here)."""
+    """As under the units: the supervisor limits the daemons' malloc arenas and runs the
+    optimized ones with -OO, and every daemon's metrics say how many log lines a stuck
+    log cost it (none here)."""
     wanted = os.environ.get("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)
-    for name, row in status_rows().items():
+    rows = status_rows()
+    assert set(rows) >= OPTIMIZED_DAEMONS
+    for name, row in rows.items():
         environ = Path(f"/proc/{row['pid']}/environ").read_bytes().split(b"\0")
         assert f"MALLOC_ARENA_MAX={wanted}".encode() in environ, name
+        optimized = f"PYTHONOPTIMIZE={PYTHON_OPTIMIZE}".encode() in environ
+        assert optimized == (name in OPTIMIZED_DAEMONS), name
         code, body = http_get(row["metrics_url"])
         assert code == 200 and "\nzlayer_log_records_dropped_total 0.0\n" in body, name
 

@@ -163,6 +163,17 @@ def test_installed_daemons_run_under_systemd_and_come_back(machine: Machine) -> 
         "find", "/opt/zlayer/lib", "-path", "*/ctl/__pycache__/main.*.pyc"
     ).stdout
     assert compiled.strip(), "zlayerctl's modules were not byte-compiled at install"
+    # The -OO daemons' bytecode, of ZLayer and of the standard library, in the package's
+    # cache; none written beside the distribution's own files.
+    cache = "/var/cache/zlayer/python"
+    for pattern in (
+        "*/shared/daemon.*.opt-2.pyc",
+        "*/asyncio/events.*.opt-2.pyc",
+    ):
+        found = machine.run("find", cache, "-path", pattern).stdout
+        assert found.strip(), f"no {pattern} in {cache}"
+    stray = machine.run("find", "/usr/lib", "-name", "*.opt-2.pyc").stdout
+    assert stray == "", f"-OO bytecode beside the distribution's files: {stray}"
     assert machine.run("systemctl", "is-enabled", "zlayer.target").stdout.strip() == "enabled"
 
     def six_running() -> bool:
@@ -184,6 +195,12 @@ def test_installed_daemons_run_under_systemd_and_come_back(machine: Machine) -> 
     for port in range(9301, 9307):
         metrics = machine.run("curl", "-sf", f"http://127.0.0.1:{port}/metrics").stdout
         assert "zlayer_build_info" in metrics
+    # The five -OO daemons run so (shared.daemon.OPTIMIZED_DAEMONS), apid does not.
+    for name, row in daemons.items():
+        environ = machine.run("cat", f"/proc/{row['pid']}/environ").stdout.split("\0")
+        assert ("PYTHONOPTIMIZE=2" in environ) == (name != "apid"), name
+    stray = machine.run("find", "/usr/lib", "/opt/zlayer", "-name", "*.opt-2.pyc").stdout
+    assert stray == "", f"the daemons wrote -OO bytecode beside the sources: {stray}"
     # Nothing logged at warning or worse while starting.
     warnings = machine.run(
         "journalctl", "--no-pager", "-q", "-p", "warning", "-u", "zlayer-*"
@@ -818,6 +835,7 @@ def test_remove_stops_everything_and_purge_leaves_no_state(machine: Machine) -> 
     assert machine.run("test", "-e", "/etc/zlayer", check=False).returncode != 0
     left = machine.run("sh", "-c", "find /opt/zlayer 2>/dev/null | head", check=False).stdout
     assert left == "", f"left in /opt/zlayer: {left}"
+    assert machine.run("test", "-e", "/var/cache/zlayer", check=False).returncode != 0
     assert machine.run("sh", "-c", HOST_STATE).stdout == BEFORE_INSTALL["host"]
 
 

@@ -31,7 +31,7 @@ import pytest
 from ctl.fdstore import FD_STORE_MAX
 from ctl.supervisor import START_AFTER
 from shared.bus import DAEMONS, DAEMONS_BY_NAME, DaemonInfo, Job1
-from shared.daemon import MALLOC_ARENA_MAX
+from shared.daemon import MALLOC_ARENA_MAX, OPTIMIZED_DAEMONS, PYTHON_OPTIMIZE
 from shared.paths import Paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -342,6 +342,23 @@ def test_malloc_arenas_are_the_supervisors(name: str) -> None:
     """The units limit glibc's malloc arenas as the supervisor does for its children."""
     environment = parse_unit(unit_path(name))["Service"]["Environment"]
     assert f"MALLOC_ARENA_MAX={MALLOC_ARENA_MAX}" in words(environment)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_optimized_daemons_read_their_bytecode_from_the_packages_cache(name: str) -> None:
+    """-OO in the units of the daemons the supervisor runs so, and bytecode from the
+    cache packaging/compile-bytecode fills; apid keeps its docstrings (its OpenAPI)."""
+    environment = dict(
+        w.split("=", 1) for w in words(parse_unit(unit_path(name))["Service"]["Environment"])
+    )
+    script = (REPO / "packaging" / "compile-bytecode").read_text()
+    cache = re.search(r"^cache=(\S+)$", script, re.MULTILINE)
+    assert cache is not None
+    if name in OPTIMIZED_DAEMONS:
+        assert environment["PYTHONOPTIMIZE"] == PYTHON_OPTIMIZE
+        assert environment["PYTHONPYCACHEPREFIX"] == cache.group(1)
+    else:
+        assert "PYTHONOPTIMIZE" not in environment and "PYTHONPYCACHEPREFIX" not in environment
 
 
 @pytest.mark.parametrize("name", NAMES)
