@@ -21,4 +21,6 @@
   voters) and each node's block of the range, taken and freed in etcd transactions.
 - :mod:`shared.cluster.trust`: the CA key sealed in etcd (any node signs joins), the
   certificates issued, revoked nodes refused at the peer port, the CA's CRL for etcd.
+- :mod:`shared.cluster.filestamp`: whether a node's TLS files changed (a renewal in
+  place), and whether the change has settled, for the readers that keep them.
 """

@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 import aetcd  # type: ignore[import-untyped]
 import grpc  # type: ignore[import-untyped]
 
+from shared.cluster import filestamp
+
 ETCD_BINARY = "etcd"
 # Read by wait_healthy; etcd's own health check reads a key of this name too.
 HEALTH_KEY = b"health"
@@ -92,27 +94,19 @@ class TLSFiles:
 class _TLSRead:
     """A client's TLS files as read, with their modification times when they were."""
 
-    stamp: tuple[int, int, int]  # st_mtime_ns of the CA, the certificate, the key
+    stamp: tuple[int, ...]  # st_mtime_ns of the CA, the certificate, the key
     credentials: Any  # grpc.ChannelCredentials, made once for every channel
 
 
-def _tls_stamp(files: TLSFiles) -> tuple[int, int, int]:
-    return (
-        files.ca.stat().st_mtime_ns,
-        files.cert.stat().st_mtime_ns,
-        files.key.stat().st_mtime_ns,
-    )
-
-
 def _read_tls(files: TLSFiles, known: _TLSRead | None) -> _TLSRead:
-    """The files' credentials: ``known`` while no file changed since, else read again.
+    """The files' credentials: ``known`` while no file changed since, or while one
+    changed too recently to be sure a renewal has written both key and certificate
+    (:mod:`shared.cluster.filestamp`); else read again.
 
-    Blocking; in a thread from async code. A certificate renewed in place changes
-    its file's modification time; one file of the three replaced before the others
-    is read again once the others follow, as their times change too.
+    Blocking; in a thread from async code.
     """
-    stamp = _tls_stamp(files)
-    if known is not None and known.stamp == stamp:
+    stamp = filestamp.stamp(files.ca, files.cert, files.key)
+    if known is not None and (known.stamp == stamp or not filestamp.settled(stamp)):
         return known
     credentials = grpc.ssl_channel_credentials(
         root_certificates=files.ca.read_bytes(),

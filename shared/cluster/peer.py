@@ -78,7 +78,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.bus import ERRORS, ZLayerError
-from shared.cluster import jointoken, pki, secretkey
+from shared.cluster import filestamp, jointoken, pki, secretkey
 from shared.cluster.jointoken import JoinToken, JoinTokenError
 from shared.wire import Wire, WireError, decode, encode
 from shared.wire.cluster import (
@@ -188,8 +188,11 @@ class NodeTls:
     def current(cls, files: pki.ClusterFiles, known: NodeTls | None) -> NodeTls:
         """Blocking: ``known`` while none of the files changed since it was read, else the
         files read again (the node's certificate renewed in place)."""
-        if known is not None and known.stamp and known.stamp == _stamp(files):
-            return known
+        if known is not None and known.stamp:
+            now = _stamp(files)
+            # one changed a moment ago may be half of a renewal: read it at the next call
+            if now == known.stamp or (now and not filestamp.settled(now)):
+                return known
         return cls.of(files)
 
 

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.cluster import filestamp
 from shared.paths import Paths
 from shared.statefile import write_atomically
 
@@ -410,14 +411,10 @@ class ClusterFiles:
         key = load_key(self._read(self.ca_key, "the cluster CA key"), str(self.ca_key))
         return Authority(self.ca_certificate(), key)
 
-    def stamp(self) -> tuple[int, int, int]:
+    def stamp(self) -> tuple[int, ...]:
         """Blocking: the modification times (ns) of the CA certificate, the node key and
-        the node certificate; a renewal in place changes them."""
-        return (
-            self.ca_cert.stat().st_mtime_ns,
-            self.node_key.stat().st_mtime_ns,
-            self.node_cert.stat().st_mtime_ns,
-        )
+        the node certificate (:mod:`shared.cluster.filestamp`); a renewal changes them."""
+        return filestamp.stamp(self.ca_cert, self.node_key, self.node_cert)
 
     def pems(self) -> tuple[bytes, bytes, bytes]:
         """The CA certificate, the node's key and the node's certificate, as PEM (for TLS)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,12 @@ def test_the_tls_files_are_read_once_in_a_thread_and_again_when_renewed(
             client._channel(members[1])
             assert read == [(b"ca.pem 1", b"node.pem 1", b"node.key 1")]
 
-            # The node's certificate and key renewed in place.
+            # The node's certificate and key renewed in place, settled since (the CA too).
             for path in (files.cert, files.key):
                 path.write_bytes(f"{path.name} 2".encode())
-                stat = path.stat()
-                os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+            settled = time.time_ns() - 2_000_000_000
+            for path in (files.ca, files.cert, files.key):
+                os.utime(path, ns=(settled, settled))
             client._current = 2
             await client._before_channel()
             client._channel(members[2])
@@ -139,3 +141,24 @@ def test_the_tls_files_are_read_once_in_a_thread_and_again_when_renewed(
 
     asyncio.run(run())
     assert on_the_loop == [False, False]
+
+
+def test_a_renewal_half_written_is_not_read_until_it_has_settled(tmp_path: Path) -> None:
+    """A renewal writes the key, then the certificate: a look between the two would pair
+    the new key with the old certificate, so files changed a moment ago wait."""
+    files = TLSFiles(tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key")
+    long_ago = time.time_ns() - 60_000_000_000
+    for path in (files.ca, files.cert, files.key):
+        path.write_bytes(f"{path.name} 1".encode())
+        os.utime(path, ns=(long_ago, long_ago))
+    known = etcd._read_tls(files, None)
+
+    files.key.write_bytes(b"node.key 2")  # the new key, a moment ago; the old certificate
+    assert etcd._read_tls(files, known) is known
+
+    files.cert.write_bytes(b"node.pem 2")
+    settled = time.time_ns() - 2_000_000_000
+    for path in (files.key, files.cert):
+        os.utime(path, ns=(settled, settled))
+    renewed = etcd._read_tls(files, known)
+    assert renewed is not known and renewed.stamp != known.stamp
