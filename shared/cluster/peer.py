@@ -191,7 +191,7 @@ class NodeTls:
         if known is not None and known.stamp:
             now = _stamp(files)
             # one changed a moment ago may be half of a renewal: read it at the next call
-            if now == known.stamp or (now and not filestamp.settled(now)):
+            if now == known.stamp or not filestamp.settled(now):
                 return known
         return cls.of(files)
 
